@@ -1,0 +1,219 @@
+//! The one place where domain errors become gRPC statuses.
+//!
+//! Handlers return `Result<_, ServiceError>`; `From<ServiceError> for Status` attaches the
+//! rich error details callers act on: a `BadRequest` with one field violation per problem for
+//! INVALID_ARGUMENT, and one `ErrorInfo` (reason, domain, metadata) on every error. Internal
+//! errors are logged once, with their whole chain, and reach callers as a generic message.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
+
+/// `ErrorInfo.domain` of every error the mall services return.
+pub const ERROR_DOMAIN: &str = "platform.mall";
+
+/// One problem with one field of a request, such as `updates[3].product.prices["USD"]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// Path of the field, in the request's own field names (`updates[3].product.code`).
+    pub field: String,
+    /// What is wrong and what is allowed, in lowercase words.
+    pub description: String,
+}
+
+/// An error a gRPC handler returns; the variants are what a caller can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The request is malformed; nothing was changed. One violation per problem found.
+    #[error("invalid argument: {} problem(s)", .0.len())]
+    InvalidArgument(Vec<FieldViolation>),
+    /// The named resource does not exist.
+    #[error("{resource} {name:?} not found")]
+    NotFound {
+        /// Kind of resource, such as `product`.
+        resource: &'static str,
+        /// Its name or key.
+        name: String,
+    },
+    /// The system is not in a state that allows the call (for example, replay without Kinesis).
+    #[error("{message}")]
+    FailedPrecondition {
+        /// Machine-readable reason, UPPER_SNAKE_CASE.
+        reason: &'static str,
+        /// What is wrong, for a person.
+        message: String,
+    },
+    /// A position (cursor, timestamp) is outside what is retained.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// A limit was exceeded (message size, items per request).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A dependency is temporarily unreachable; the call can be retried with backoff.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The caller's deadline passed before the work finished; nothing was committed.
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+    /// Anything else: a bug or an unexpected failure. Logged; callers see a generic message.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ServiceError {
+    /// An INVALID_ARGUMENT with a single violation.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }])
+    }
+
+    /// The gRPC code this error is sent as.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::NotFound { .. } => Code::NotFound,
+            Self::FailedPrecondition { .. } => Code::FailedPrecondition,
+            Self::OutOfRange(_) => Code::OutOfRange,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::DeadlineExceeded => Code::DeadlineExceeded,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Self::NotFound { .. } => "NOT_FOUND",
+            Self::FailedPrecondition { reason, .. } => reason,
+            Self::OutOfRange(_) => "OUT_OF_RANGE",
+            Self::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+            Self::Unavailable(_) => "UNAVAILABLE",
+            Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(error: ServiceError) -> Self {
+        let code = error.code();
+        let mut metadata = HashMap::new();
+        let mut details = ErrorDetails::new();
+        let message = match &error {
+            ServiceError::InvalidArgument(violations) => {
+                for v in violations {
+                    details.add_bad_request_violation(v.field.clone(), v.description.clone());
+                }
+                let first = violations
+                    .first()
+                    .map(|v| format!(": {}: {}", v.field, v.description))
+                    .unwrap_or_default();
+                format!("invalid request, {} problem(s){first}", violations.len())
+            }
+            ServiceError::NotFound { resource, name } => {
+                metadata.insert("resource".to_owned(), (*resource).to_owned());
+                metadata.insert("name".to_owned(), name.clone());
+                error.to_string()
+            }
+            ServiceError::Internal(cause) => {
+                tracing::error!(error = ?cause, "internal error");
+                "internal error; the cause was logged by the server".to_owned()
+            }
+            _ => error.to_string(),
+        };
+        details.set_error_info(error.reason(), ERROR_DOMAIN, metadata);
+        Status::with_error_details(code, message, details)
+    }
+}
+
+/// Collects field violations while validating a request, so a caller learns every problem at
+/// once instead of one per round trip.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<FieldViolation>);
+
+/// More violations than this are not reported individually; a request that bad is clear enough.
+const MAX_VIOLATIONS: usize = 100;
+
+impl Violations {
+    /// Records a violation of `field`.
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        if self.0.len() < MAX_VIOLATIONS {
+            self.0.push(FieldViolation {
+                field: field.into(),
+                description: description.into(),
+            });
+        }
+    }
+
+    /// Whether nothing has been recorded.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `Ok(())` when nothing was recorded, otherwise the INVALID_ARGUMENT error.
+    ///
+    /// # Errors
+    /// [`ServiceError::InvalidArgument`] with every recorded violation.
+    pub fn into_result(self) -> Result<(), ServiceError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ServiceError::InvalidArgument(self.0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_carries_every_field_violation_and_error_info() {
+        let mut violations = Violations::default();
+        violations.add("updates[0].code", "must not be empty");
+        violations.add("updates[2].prices[\"XYZ\"]", "unknown currency");
+        let status = Status::from(violations.into_result().expect_err("has violations"));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let details = status.get_error_details();
+        let bad_request = details.bad_request().expect("bad request details");
+        assert_eq!(bad_request.field_violations.len(), 2);
+        assert_eq!(
+            bad_request.field_violations[1].field,
+            "updates[2].prices[\"XYZ\"]"
+        );
+        let info = details.error_info().expect("error info");
+        assert_eq!(info.reason, "INVALID_ARGUMENT");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+    }
+
+    #[test]
+    fn internal_errors_do_not_leak_their_cause_to_callers() {
+        let error = ServiceError::Internal(anyhow::anyhow!("password=hunter2 connection refused"));
+        let status = Status::from(error);
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("hunter2"));
+    }
+
+    #[test]
+    fn not_found_names_the_resource() {
+        let status = Status::from(ServiceError::NotFound {
+            resource: "product",
+            name: "P-1".into(),
+        });
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().contains("P-1"));
+        let info = status
+            .get_error_details()
+            .error_info()
+            .cloned()
+            .expect("info");
+        assert_eq!(
+            info.metadata.get("resource").map(String::as_str),
+            Some("product")
+        );
+    }
+}

@@ -1,0 +1,36 @@
+//! Server bootstrap shared by every mall service.
+//!
+//! Every service builds a [`GrpcServer`], adds its gRPC services, a readiness probe and its
+//! background workers, and runs it until a shutdown signal. The server brings what every pod
+//! needs, so a service's own code is only its domain:
+//!
+//! - `grpc.health.v1` (SERVING only while the readiness probe passes) and server reflection
+//!   (v1 and v1alpha, listing only the services actually served);
+//! - a tower stack around every call: W3C trace-context extraction and a span, Prometheus
+//!   request counts and latency by method and status code, a deadline, load shedding above a
+//!   global concurrency limit;
+//! - an admin HTTP server with `/metrics`, `/healthz` and `/readyz`;
+//! - graceful shutdown on SIGTERM/SIGINT: stop accepting, drain calls and background work
+//!   within a timeout.
+//!
+//! # Layout
+//! - [`settings`]: the `server` section of a service's settings.
+//! - [`error`]: [`ServiceError`], the one mapping from domain errors to `tonic::Status`.
+//! - [`observe`]: the tracing/metrics/deadline layer.
+//! - [`server`]: [`GrpcServer`], wiring and the run loop.
+//! - [`admin`]: the admin HTTP server.
+//! - [`client`]: trace-context propagation for outgoing calls.
+//! - [`shutdown`]: the SIGTERM/SIGINT future, [`shutdown_signal`].
+
+pub mod admin;
+pub mod client;
+pub mod error;
+pub mod observe;
+pub mod server;
+pub mod settings;
+pub mod shutdown;
+
+pub use error::{FieldViolation, ServiceError, Violations};
+pub use server::{GrpcServer, Readiness};
+pub use settings::ServerSettings;
+pub use shutdown::shutdown_signal;

@@ -1,0 +1,368 @@
+//! [`GrpcServer`]: binds the listeners, wires health, reflection, the tower stack and the
+//! admin server around a service's own gRPC services, and runs until shutdown.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::Context as _;
+use futures::future::BoxFuture;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::Server};
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::ServiceBuilder;
+
+use crate::{
+    admin,
+    observe::{GrpcMetrics, ObserveLayer},
+    settings::ServerSettings,
+};
+
+/// A check of the dependencies a service needs to do useful work (database, queue).
+/// Returns `Err` with the reason when one is unreachable.
+pub type Readiness = Arc<dyn Fn() -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
+
+/// A gRPC server with its listeners already bound; see the crate docs.
+pub struct GrpcServer {
+    name: &'static str,
+    settings: ServerSettings,
+    grpc_listener: TcpListener,
+    admin_listener: TcpListener,
+    registry: Registry,
+    routes: RoutesBuilder,
+    service_names: Vec<String>,
+    advertised: Vec<String>,
+    readiness: Option<Readiness>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for GrpcServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcServer")
+            .field("name", &self.name)
+            .field("services", &self.service_names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcServer {
+    /// Binds the gRPC and admin listeners of service `name` (such as `product-catalog`).
+    /// Port 0 picks a free port; [`GrpcServer::grpc_addr`] tells which.
+    ///
+    /// # Errors
+    /// When a listener cannot be bound (port taken, address not local).
+    pub async fn bind(name: &'static str, settings: &ServerSettings) -> anyhow::Result<Self> {
+        let grpc_listener = TcpListener::bind(settings.listen_addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "failed to bind the grpc listener on {}",
+                    settings.listen_addr
+                )
+            })?;
+        let admin_listener = TcpListener::bind(settings.admin_addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "failed to bind the admin listener on {}",
+                    settings.admin_addr
+                )
+            })?;
+        let prefix = format!("mall_{}", name.replace('-', "_"));
+        let registry = Registry::new_custom(Some(prefix), None)
+            .context("failed to create the metrics registry")?;
+        Ok(Self {
+            name,
+            settings: settings.clone(),
+            grpc_listener,
+            admin_listener,
+            registry,
+            routes: RoutesBuilder::default(),
+            service_names: Vec::new(),
+            advertised: Vec::new(),
+            readiness: None,
+            tasks: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// The address the gRPC server listens on.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_listener
+            .local_addr()
+            .expect("a bound tcp listener has a local address")
+    }
+
+    /// The address the admin HTTP server listens on.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener
+            .local_addr()
+            .expect("a bound tcp listener has a local address")
+    }
+
+    /// The registry served on `/metrics`; metric names get the `mall_<service>_` prefix.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Cancelled when shutdown starts: long-running streams and workers watch it to finish.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// The settings this server was bound with.
+    pub fn settings(&self) -> &ServerSettings {
+        &self.settings
+    }
+
+    /// Serves a gRPC service; it is listed by reflection and reported by health checks.
+    pub fn add_service<S>(&mut self, service: S) -> &mut Self
+    where
+        S: tower::Service<http::Request<Body>, Error = Infallible, Response = http::Response<Body>>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.service_names.push(S::NAME.to_owned());
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Lists a contract (`mall.sync.v1.SyncRelayService`) in reflection before it is
+    /// implemented, so callers can review it; its calls answer UNIMPLEMENTED, honestly, until
+    /// a later change serves it with [`GrpcServer::add_service`].
+    pub fn advertise_unimplemented(&mut self, service_name: &str) -> &mut Self {
+        self.advertised.push(service_name.to_owned());
+        self
+    }
+
+    /// Sets the readiness probe: health is NOT_SERVING until it passes and whenever it fails.
+    /// Without one the server is SERVING as soon as it runs.
+    pub fn set_readiness<F, Fut>(&mut self, probe: F) -> &mut Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.readiness = Some(Arc::new(move || Box::pin(probe())));
+        self
+    }
+
+    /// Runs background work (a queue consumer, a stream reader) for the server's lifetime.
+    /// It must finish soon after [`GrpcServer::shutdown_token`] is cancelled; shutdown waits
+    /// for it up to the drain timeout. An error is logged; the server keeps running.
+    pub fn spawn<F>(&self, task: &'static str, work: F)
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.tasks.spawn(async move {
+            if let Err(error) = work.await {
+                tracing::error!(task, error = ?error, "background task failed");
+            }
+        });
+    }
+
+    /// Serves until `signal` completes, then drains: health goes NOT_SERVING, listeners stop
+    /// accepting, in-flight calls and background tasks get up to `drain_timeout` to finish.
+    ///
+    /// # Errors
+    /// When the gRPC server fails (not on a slow drain, which is logged).
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            name,
+            settings,
+            grpc_listener,
+            admin_listener,
+            registry,
+            mut routes,
+            mut service_names,
+            advertised,
+            readiness,
+            tasks,
+            shutdown,
+        } = self;
+        let grpc_addr = grpc_listener
+            .local_addr()
+            .context("grpc listener has no address")?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .context("admin listener has no address")?;
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let ready = Arc::new(AtomicBool::new(false));
+        set_health(&health, &service_names, false).await;
+        service_names.push(<tonic_health::pb::health_server::HealthServer<
+            tonic_health::server::HealthService,
+        > as NamedService>::NAME
+            .to_owned());
+        routes.add_service(health_service);
+        let reflection = [
+            "grpc.reflection.v1.ServerReflection".to_owned(),
+            "grpc.reflection.v1alpha.ServerReflection".to_owned(),
+        ];
+        let listed: Vec<String> = service_names
+            .iter()
+            .chain(&advertised)
+            .chain(&reflection)
+            .cloned()
+            .collect();
+        add_reflection(&mut routes, &listed)?;
+
+        let metrics =
+            GrpcMetrics::register(&registry).context("failed to register grpc metrics")?;
+        let stack = ServiceBuilder::new()
+            // Traces, deadlines and metrics see every call, shed ones included.
+            .layer(ObserveLayer::new(metrics, listed, settings.request_timeout))
+            // Refuse at once rather than queue when the limit below has no permit free.
+            .load_shed()
+            // One limit shared by all connections, so many clients cannot multiply it.
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                settings.concurrency_limit,
+            ))
+            .into_inner();
+
+        let grpc = Server::builder().layer(stack).serve_with_incoming_shutdown(
+            routes.routes(),
+            TcpListenerStream::new(grpc_listener),
+            shutdown.clone().cancelled_owned(),
+        );
+        let admin_router = admin::router(admin::AdminState {
+            registry,
+            ready: ready.clone(),
+        });
+        let admin = axum::serve(admin_listener, admin_router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+
+        tasks.spawn(watch_readiness(
+            readiness,
+            settings.readiness_interval,
+            health.clone(),
+            service_names.clone(),
+            ready,
+            shutdown.clone(),
+        ));
+        tracing::info!(service = name, %grpc_addr, %admin_addr, "serving");
+
+        let mut grpc = std::pin::pin!(grpc);
+        let mut admin = std::pin::pin!(admin.into_future());
+        tokio::select! {
+            () = signal => {}
+            result = &mut grpc => {
+                shutdown.cancel();
+                return result.context("grpc server failed");
+            }
+            result = &mut admin => {
+                shutdown.cancel();
+                return result.context("admin server failed");
+            }
+        }
+
+        tracing::info!(drain_timeout = ?settings.drain_timeout, "draining");
+        set_health(&health, &service_names, false).await;
+        shutdown.cancel();
+        tasks.close();
+        let drained = tokio::time::timeout(settings.drain_timeout, async {
+            let (grpc, admin, ()) = tokio::join!(grpc, admin, tasks.wait());
+            grpc.context("grpc server failed while draining")?;
+            admin.context("admin server failed while draining")
+        })
+        .await;
+        match drained {
+            Ok(result) => result?,
+            // Nothing is acknowledged before it is durable, so abandoning work is safe: it is
+            // redelivered to a replica. Say so and exit cleanly.
+            Err(_) => tracing::warn!(
+                drain_timeout = ?settings.drain_timeout,
+                "drain timeout passed; abandoning the calls and tasks still running"
+            ),
+        }
+        tracing::info!(service = name, "stopped");
+        Ok(())
+    }
+}
+
+fn add_reflection(routes: &mut RoutesBuilder, service_names: &[String]) -> anyhow::Result<()> {
+    let mut v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    let mut v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    for descriptor in mall_descriptor_sets() {
+        v1 = v1.register_encoded_file_descriptor_set(descriptor);
+        v1alpha = v1alpha.register_encoded_file_descriptor_set(descriptor);
+    }
+    // List only what this server serves, not every service in the shared descriptor set.
+    for name in service_names {
+        v1 = v1.with_service_name(name.clone());
+        v1alpha = v1alpha.with_service_name(name.clone());
+    }
+    routes.add_service(v1.build_v1().context("failed to build reflection v1")?);
+    routes.add_service(
+        v1alpha
+            .build_v1alpha()
+            .context("failed to build reflection v1alpha")?,
+    );
+    Ok(())
+}
+
+fn mall_descriptor_sets() -> [&'static [u8]; 1] {
+    [mall_proto::FILE_DESCRIPTOR_SET]
+}
+
+async fn set_health(health: &HealthReporter, services: &[String], serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    // "" is the whole server, which is what Kubernetes' gRPC probe asks about by default.
+    health.set_service_status("", status).await;
+    for name in services {
+        health.set_service_status(name, status).await;
+    }
+}
+
+/// Keeps health and `/readyz` in line with the readiness probe until shutdown.
+async fn watch_readiness(
+    probe: Option<Readiness>,
+    interval: std::time::Duration,
+    health: HealthReporter,
+    services: Vec<String>,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let mut last: Option<bool> = None;
+    loop {
+        let result = match &probe {
+            Some(probe) => probe().await,
+            None => Ok(()),
+        };
+        let serving = result.is_ok();
+        if last != Some(serving) {
+            match &result {
+                Ok(()) => tracing::info!("dependencies reachable; health is SERVING"),
+                Err(error) => {
+                    tracing::warn!(error = ?error, "a dependency is unreachable; health is NOT_SERVING");
+                }
+            }
+            set_health(&health, &services, serving).await;
+            ready.store(serving, Ordering::Relaxed);
+            last = Some(serving);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
