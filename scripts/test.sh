@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The one command that runs every quality gate and every test, as CI does:
+#   cargo fmt --check · buf lint (and buf breaking on a branch) · cargo clippy -D warnings · cargo nextest
+# It installs what the tests need when it is missing (buf, cargo-nextest, PostgreSQL) and fails
+# with a clear message for anything it cannot provide. Tests are never skipped.
+#
+# Usage: scripts/test.sh [extra nextest arguments, such as a test name filter]
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+started=$SECONDS
+
+"$ROOT/scripts/tools.sh"
+BUF="$TOOLS/node_modules/.bin/buf"
+
+say "cargo fmt --check"
+cargo fmt --all -- --check || die "formatting differs: run 'cargo fmt --all'"
+
+say "buf lint"
+"$BUF" lint || die "buf lint found problems in proto/"
+# Compare contracts with main when working on another branch; on main itself there is nothing
+# to compare with.
+against="${MALL_BUF_BREAKING_AGAINST:-}"
+if [ -z "$against" ] && git rev-parse --verify -q origin/main >/dev/null \
+   && [ "$(git rev-parse HEAD)" != "$(git rev-parse origin/main)" ]; then
+  against=".git#ref=origin/main"
+fi
+if [ -n "$against" ]; then
+  say "buf breaking --against $against"
+  "$BUF" breaking --against "$against" || die "proto changes break compatibility with $against"
+fi
+
+say "PostgreSQL for the tests"
+MALL_TEST_POSTGRES_URL="$("$ROOT/scripts/postgres.sh")"
+export MALL_TEST_POSTGRES_URL
+
+# The tests build first: clippy then reuses the dependency metadata and adds about a minute.
+say "cargo nextest run"
+cargo nextest run --workspace --profile "${NEXTEST_PROFILE:-default}" "$@"
+
+say "cargo clippy --all-targets -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+say "all gates passed in $((SECONDS - started))s"

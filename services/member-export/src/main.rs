@@ -1,0 +1,14 @@
+//! The `member-export` binary: settings, telemetry, app, run until SIGTERM, flush.
+
+use member_export::{App, Settings};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    let telemetry = mall_telemetry::init(member_export::SERVICE, &settings.telemetry)?;
+    App::build(settings)
+        .await?
+        .run_until(mall_grpc::shutdown_signal())
+        .await?;
+    telemetry.shutdown()
+}

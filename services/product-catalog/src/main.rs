@@ -1,0 +1,14 @@
+//! The `product-catalog` binary: settings, telemetry, app, run until SIGTERM, flush.
+
+use product_catalog::{App, Settings};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    let telemetry = mall_telemetry::init(product_catalog::SERVICE, &settings.telemetry)?;
+    App::build(settings)
+        .await?
+        .run_until(mall_grpc::shutdown_signal())
+        .await?;
+    telemetry.shutdown()
+}

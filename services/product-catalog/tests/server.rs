@@ -1,0 +1,110 @@
+//! The server every pod runs: health, reflection, metrics, configuration errors, SIGTERM.
+
+use std::time::Duration;
+
+use mall_test_support::{TestDatabase, probe, process, wait_until};
+use product_catalog::{App, Settings};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_product-catalog");
+const CONTRACT: &str = "mall.catalog.v1.ProductCatalogService";
+
+#[tokio::test]
+async fn serves_health_reflection_and_metrics() {
+    mall_test_support::init_logging();
+    let database = TestDatabase::sqlite();
+    let mut settings = Settings::default();
+    settings.server.listen_addr = "127.0.0.1:0".parse().expect("valid address");
+    settings.server.admin_addr = "127.0.0.1:0".parse().expect("valid address");
+    settings.database.url = database.url().to_owned().into();
+    let app = App::build(settings).await.expect("app builds");
+    let (grpc, admin) = (app.grpc_addr(), app.admin_addr());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
+
+    wait_until("health is SERVING", Duration::from_secs(10), || async {
+        (probe::health(grpc, "").await == Some(ServingStatus::Serving)).then_some(())
+    })
+    .await;
+
+    let services = probe::reflection_services(grpc).await;
+    assert!(
+        services.iter().any(|s| s == CONTRACT),
+        "reflection lists {CONTRACT}: {services:?}"
+    );
+    assert!(
+        services.iter().any(|s| s == "grpc.health.v1.Health"),
+        "{services:?}"
+    );
+
+    let (status, body) = probe::http_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("mall_product_catalog_grpc_requests_total{code=\"OK\",method=\"/grpc.health.v1.Health/Check\"}"),
+        "health checks are counted by method and code:\n{body}"
+    );
+    assert_eq!(probe::http_get(admin, "/readyz").await.0, 200);
+
+    shutdown.cancel();
+    running
+        .await
+        .expect("task joins")
+        .expect("server stops cleanly");
+}
+
+#[tokio::test]
+async fn sigterm_ends_the_process_with_exit_code_zero_within_the_drain_timeout() {
+    let database = TestDatabase::sqlite();
+    let url = database.url().to_owned();
+    let mut service = process::ServiceProcess::start(
+        BINARY,
+        "PRODUCT_CATALOG",
+        &[
+            ("PRODUCT_CATALOG__DATABASE__URL", &url),
+            ("PRODUCT_CATALOG__SERVER__DRAIN_TIMEOUT", "5s"),
+        ],
+    );
+    let listening = service.wait_until_serving(Duration::from_secs(30)).await;
+    assert_eq!(
+        probe::http_get(listening.admin_addr, "/healthz").await.0,
+        200
+    );
+
+    service.terminate().await;
+    let status = service.wait_for_exit(Duration::from_secs(10)).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status}"
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_setting_fails_start_up_naming_the_key() {
+    let (status, stderr) = process::run_to_exit(
+        BINARY,
+        &[("PRODUCT_CATALOG__SERVER__LISTEN_ADDR", "not-an-address")],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(!status.success(), "start-up must fail");
+    assert!(
+        stderr.contains("PRODUCT_CATALOG__SERVER__LISTEN_ADDR"),
+        "the error names the key: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_setting_fails_start_up_naming_the_key() {
+    let (status, stderr) = process::run_to_exit(
+        BINARY,
+        &[("PRODUCT_CATALOG__SERVER__LISTEN_PORT", "1")],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(!status.success(), "start-up must fail");
+    assert!(
+        stderr.contains("listen_port"),
+        "the error names the key: {stderr}"
+    );
+}

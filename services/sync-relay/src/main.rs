@@ -1,0 +1,14 @@
+//! The `sync-relay` binary: settings, telemetry, app, run until SIGTERM, flush.
+
+use sync_relay::{App, Settings};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    let telemetry = mall_telemetry::init(sync_relay::SERVICE, &settings.telemetry)?;
+    App::build(settings)
+        .await?
+        .run_until(mall_grpc::shutdown_signal())
+        .await?;
+    telemetry.shutdown()
+}
