@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command that runs every quality gate and every test, as CI does:
-#   cargo fmt --check · buf lint (and buf breaking on a branch) · cargo clippy -D warnings · cargo nextest
+#   cargo fmt --check · buf lint (and buf breaking on a branch) · cargo nextest · a Python gRPC
+#   client against every service (interop) · cargo clippy -D warnings
 # It installs what the tests need when it is missing (buf, cargo-nextest, PostgreSQL) and fails
 # with a clear message for anything it cannot provide. Tests are never skipped.
 #
@@ -37,6 +38,9 @@ export MALL_TEST_POSTGRES_URL
 # The tests build first: clippy then reuses the dependency metadata and adds about a minute.
 say "cargo nextest run"
 cargo nextest run --workspace --profile "${NEXTEST_PROFILE:-default}" "$@"
+
+say "interop: a Python gRPC client lists and health-checks every service through reflection"
+"$ROOT/scripts/interop.sh"
 
 say "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
