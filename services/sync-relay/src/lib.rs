@@ -4,10 +4,12 @@
 //! - [`config`]: [`Settings`], every knob with its default.
 //! - [`app`]: [`App`], wiring dependencies and the gRPC server.
 //! - [`migration`]: the database schema.
+//! - [`source`]: where product changes come from ([`source::kinesis`]).
 
 pub mod app;
 pub mod config;
 pub mod migration;
+pub mod source;
 
 pub use app::App;
 pub use config::Settings;
