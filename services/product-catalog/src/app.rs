@@ -1,34 +1,85 @@
 //! Wiring: connect dependencies, bind listeners, register services.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
+use anyhow::Context as _;
 use mall_grpc::GrpcServer;
+use mall_proto::catalog::v1::product_catalog_service_server::ProductCatalogServiceServer;
 
-use crate::migration::Migrator;
-use crate::{SERVICE, config::Settings};
+use crate::{
+    SERVICE, api::CatalogApi, config::Settings, maintenance::Maintenance, metrics::CatalogMetrics,
+    migration::Migrator, store::Store, watch::Watcher,
+};
 
 /// A built `product-catalog`, listeners bound, ready to run.
 #[derive(Debug)]
 pub struct App {
     server: GrpcServer,
+    maintenance: Maintenance,
 }
 
 impl App {
-    /// Connects dependencies, runs migrations and binds the listeners.
+    /// Checks the settings, connects and migrates the database and binds the listeners.
     ///
     /// # Errors
-    /// When a dependency is unreachable or a listener cannot be bound.
+    /// When the product type registry is invalid, the database is unreachable or a listener
+    /// cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let catalog = settings.catalog;
+        catalog
+            .product_types
+            .check()
+            .map_err(|problem| anyhow::anyhow!("invalid catalog.product_types: {problem}"))?;
         let db = mall_db::connect::<Migrator>(&settings.database).await?;
         let mut server = GrpcServer::bind(SERVICE, &settings.server).await?;
-        // The contract is listed by reflection for review; its calls answer UNIMPLEMENTED
-        // until issue 3 builds them.
-        server.advertise_unimplemented("mall.catalog.v1.ProductCatalogService");
+        let metrics = CatalogMetrics::register(server.registry())
+            .context("failed to register catalog metrics")?;
+
+        let store = Store::new(db, catalog.write_retries);
+        let types = Arc::new(catalog.product_types);
+        let (commits, commits_seen) = tokio::sync::watch::channel(0u64);
+        let watcher = Watcher {
+            store: store.clone(),
+            types: types.clone(),
+            commits: commits_seen,
+            poll_interval: catalog.watch_poll_interval,
+            metrics: metrics.clone(),
+            shutdown: server.shutdown_token(),
+        };
+        let api = CatalogApi::new(
+            store.clone(),
+            types,
+            metrics.clone(),
+            Arc::new(commits),
+            watcher,
+        );
+        let max_message = settings.server.max_message_bytes;
+        server.add_service(
+            ProductCatalogServiceServer::new(api)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        );
+
+        let maintenance = Maintenance {
+            store: store.clone(),
+            metrics,
+            change_retention: catalog.change_retention,
+            request_id_retention: catalog.request_id_retention,
+        };
+        server.spawn(
+            "maintenance",
+            maintenance
+                .clone()
+                .run(catalog.maintenance_interval, server.shutdown_token()),
+        );
         server.set_readiness(move || {
-            let db = db.clone();
+            let db = store.connection().clone();
             async move { mall_db::ping(&db).await }
         });
-        Ok(Self { server })
+        Ok(Self {
+            server,
+            maintenance,
+        })
     }
 
     /// Where gRPC listens (the real port when configured with port 0).
@@ -39,6 +90,11 @@ impl App {
     /// Where the admin HTTP server listens.
     pub fn admin_addr(&self) -> SocketAddr {
         self.server.admin_addr()
+    }
+
+    /// The upkeep task (pruning), to run a round on demand.
+    pub fn maintenance(&self) -> Maintenance {
+        self.maintenance.clone()
     }
 
     /// Serves until `shutdown` completes, then drains.

@@ -1,7 +1,10 @@
 //! Settings of `product-catalog`: defaults < TOML file (`--config`) < `PRODUCT_CATALOG__*` environment.
 
+use std::time::Duration;
+
 use mall_db::DatabaseSettings;
 use mall_grpc::ServerSettings;
+use mall_product::ProductTypes;
 use mall_telemetry::TelemetrySettings;
 use serde::Deserialize;
 
@@ -18,6 +21,8 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     /// Where state is kept. Default: an SQLite file at `.data/product-catalog.sqlite`.
     pub database: DatabaseSettings,
+    /// The catalog itself: product types, change-log retention, watch polling.
+    pub catalog: CatalogSettings,
 }
 
 impl Default for Settings {
@@ -26,6 +31,7 @@ impl Default for Settings {
             server: ServerSettings::with_ports(50051, 9091),
             telemetry: TelemetrySettings::default(),
             database: DatabaseSettings::sqlite_file(".data/product-catalog.sqlite"),
+            catalog: CatalogSettings::default(),
         }
     }
 }
@@ -37,5 +43,46 @@ impl Settings {
     /// When a key is unknown or a value is malformed; the error names the key.
     pub fn load() -> Result<Self, mall_config::ConfigError> {
         mall_config::load(ENV_PREFIX)
+    }
+}
+
+/// The `catalog` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CatalogSettings {
+    /// Registered product types and the attributes each allows. Setting it replaces the
+    /// default set (apparel, shoes, bags, accessories, golf, outdoor, kids, living). sync-relay
+    /// must be given the same registry.
+    pub product_types: ProductTypes,
+    /// How long applied changes stay in the change log for WatchProductChanges. A watcher
+    /// that falls further behind gets OUT_OF_RANGE. Default 7 days.
+    #[serde(with = "humantime_serde")]
+    pub change_retention: Duration,
+    /// How long a BulkUpdateProducts `request_id` is remembered. Default 24 hours (the
+    /// contract promises at least that).
+    #[serde(with = "humantime_serde")]
+    pub request_id_retention: Duration,
+    /// How often expired change-log entries and request ids are deleted. Default 1 minute.
+    #[serde(with = "humantime_serde")]
+    pub maintenance_interval: Duration,
+    /// How often an idle WatchProductChanges stream looks for changes committed by other
+    /// replicas; changes committed by this replica wake it at once. Default 200ms.
+    #[serde(with = "humantime_serde")]
+    pub watch_poll_interval: Duration,
+    /// How many times a write is retried after a serialization failure or deadlock before
+    /// the call fails with UNAVAILABLE. Default 10.
+    pub write_retries: u32,
+}
+
+impl Default for CatalogSettings {
+    fn default() -> Self {
+        Self {
+            product_types: ProductTypes::default(),
+            change_retention: Duration::from_secs(7 * 24 * 3600),
+            request_id_retention: Duration::from_secs(24 * 3600),
+            maintenance_interval: Duration::from_secs(60),
+            watch_poll_interval: Duration::from_millis(200),
+            write_retries: 10,
+        }
     }
 }

@@ -130,6 +130,28 @@ impl From<ServiceError> for Status {
     }
 }
 
+/// The status for a request message above the server's maximum message size.
+pub fn oversized_message() -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info("MESSAGE_TOO_LARGE", ERROR_DOMAIN, HashMap::new());
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        "the request message exceeds the server's maximum message size \
+         (server.max_message_bytes); split it into smaller messages",
+        details,
+    )
+}
+
+/// Maps an error met while reading a client stream: an oversized message becomes
+/// RESOURCE_EXHAUSTED (see [`oversized_message`]); anything else is returned as it is.
+pub fn stream_read_error(status: Status) -> Status {
+    if status.code() == Code::OutOfRange && status.message().contains("message length too large") {
+        oversized_message()
+    } else {
+        status
+    }
+}
+
 /// Collects field violations while validating a request, so a caller learns every problem at
 /// once instead of one per round trip.
 #[derive(Debug, Default)]
@@ -147,6 +169,16 @@ impl Violations {
                 description: description.into(),
             });
         }
+    }
+
+    /// How many violations were recorded.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The recorded violations.
+    pub fn into_vec(self) -> Vec<FieldViolation> {
+        self.0
     }
 
     /// Whether nothing has been recorded.

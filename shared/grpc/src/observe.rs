@@ -165,6 +165,7 @@ where
                     ))
                     .into_http(),
                 };
+                let response = oversized_as_resource_exhausted(response);
                 let (parts, body) = response.into_parts();
                 let recorder = match code_in(&parts.headers) {
                     // Trailers-only response (an error): the status is already known.
@@ -196,6 +197,25 @@ impl<S> Observe<S> {
             "unknown".to_owned()
         }
     }
+}
+
+/// tonic refuses a request message above the service's `max_decoding_message_size` with
+/// OUT_OF_RANGE; the contracts promise RESOURCE_EXHAUSTED, the code gRPC itself uses for size
+/// limits, so the refusal is rewritten here, once, for every service.
+fn oversized_as_resource_exhausted<B: Default>(response: http::Response<B>) -> http::Response<B> {
+    if code_in(response.headers()) == Some(Code::OutOfRange)
+        && response
+            .headers()
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("message%20length%20too%20large")
+                    || m.contains("message length too large")
+            })
+    {
+        return crate::error::oversized_message().into_http();
+    }
+    response
 }
 
 /// Maps an error raised by a layer below (not by a handler) to a status.

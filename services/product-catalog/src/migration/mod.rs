@@ -1,13 +1,17 @@
 //! Schema migrations of `product-catalog`, applied at start-up by `mall_db::connect`.
+//!
+//! Migrations are append-only: a released one is never edited, a change is a new one.
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
-/// The ordered list of migrations; none yet: the service keeps no state until issue 3.
+mod m20261125_000001_catalog;
+
+/// The ordered list of migrations.
 #[derive(Debug)]
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        Vec::new()
+        vec![Box::new(m20261125_000001_catalog::Migration)]
     }
 }

@@ -1,0 +1,125 @@
+//! ImportProducts: the initial load of the whole catalog from the legacy platform, streamed.
+//!
+//! Each message is validated product by product and its valid products are committed in one
+//! transaction before the next message is read, so a broken stream keeps what it committed
+//! and the client's pace is the database's pace. Every product is a full replacement under
+//! the version guard, so re-running an import is safe: stored versions come back STALE.
+
+use std::sync::Arc;
+
+use mall_grpc::{ServiceError, Violations, error::stream_read_error};
+use mall_product::{ProductTypes, UpdateMask, limits::MAX_ITEMS_PER_REQUEST};
+use mall_proto::catalog::v1::{
+    ImportError, ImportProductsRequest, ImportProductsResponse, UpdateOutcome,
+};
+use tonic::{Status, Streaming};
+
+use crate::{
+    bulk::{Write, normalized},
+    metrics::CatalogMetrics,
+    store::{Store, WriteOutcome},
+};
+
+/// Most invalid products described in the response; `invalid_count` has the total.
+const MAX_REPORTED_ERRORS: usize = 1_000;
+
+/// What an import needs.
+#[derive(Debug, Clone)]
+pub struct Importer {
+    /// Where products go.
+    pub store: Store,
+    /// Registered types.
+    pub types: Arc<ProductTypes>,
+    /// Import counters.
+    pub metrics: CatalogMetrics,
+}
+
+impl Importer {
+    /// Reads the whole stream, committing each message's valid products.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT when a message holds more than 1,000 products (earlier messages stay
+    /// committed); RESOURCE_EXHAUSTED for an oversized message; the store's errors.
+    pub async fn run(
+        &self,
+        mut stream: Streaming<ImportProductsRequest>,
+    ) -> Result<ImportProductsResponse, Status> {
+        let mut response = ImportProductsResponse::default();
+        let mut index: i64 = 0;
+        let mut message = 0usize;
+        while let Some(request) = stream.message().await.map_err(stream_read_error)? {
+            if request.products.len() > MAX_ITEMS_PER_REQUEST {
+                return Err(ServiceError::invalid(
+                    "products",
+                    format!(
+                        "message {message} holds {} products; at most {MAX_ITEMS_PER_REQUEST} \
+                         per message (the {} products before it are committed)",
+                        request.products.len(),
+                        index
+                    ),
+                )
+                .into());
+            }
+            message += 1;
+            let mut writes = Vec::with_capacity(request.products.len());
+            for product in request.products {
+                let mut violations = Violations::default();
+                mall_product::validate_product(
+                    &product,
+                    UpdateMask::full(),
+                    &self.types,
+                    "product",
+                    &mut violations,
+                );
+                if violations.is_empty() {
+                    writes.push(Write {
+                        product: normalized(product),
+                        mask: UpdateMask::full(),
+                    });
+                } else {
+                    response.invalid_count += 1;
+                    if response.errors.len() < MAX_REPORTED_ERRORS {
+                        response.errors.push(ImportError {
+                            index,
+                            code: product.code,
+                            reason: violations
+                                .into_vec()
+                                .into_iter()
+                                .map(|v| format!("{}: {}", v.field, v.description))
+                                .collect::<Vec<_>>()
+                                .join("; "),
+                        });
+                    }
+                }
+                index += 1;
+            }
+            if writes.is_empty() {
+                continue;
+            }
+            let WriteOutcome::Applied { results, retries } =
+                self.store.bulk_write(None, &writes).await?
+            else {
+                unreachable!("a write without a request id is never a replay");
+            };
+            self.metrics.retries.inc_by(u64::from(retries));
+            for result in results {
+                if result.outcome == UpdateOutcome::Applied {
+                    response.applied_count += 1;
+                } else {
+                    response.stale_count += 1;
+                }
+            }
+        }
+        let items = &self.metrics.items;
+        items
+            .with_label_values(&["import", "applied"])
+            .inc_by(response.applied_count.unsigned_abs());
+        items
+            .with_label_values(&["import", "stale"])
+            .inc_by(response.stale_count.unsigned_abs());
+        items
+            .with_label_values(&["import", "invalid"])
+            .inc_by(response.invalid_count.unsigned_abs());
+        Ok(response)
+    }
+}

@@ -1,0 +1,259 @@
+//! The catalog's storage: products, their change log and remembered request ids, on SQLite or
+//! PostgreSQL through sea-orm.
+//!
+//! # Layout
+//! - [`entity`]: the sea-orm entities.
+//! - `write`: [`Store::bulk_write`], one version-guarded, set-based transaction per request.
+//! - `read`: [`Store::get`], [`Store::batch_get`], [`Store::list`].
+//! - `changes`: the change log: [`Store::read_changes`], [`Store::prune_changes`].
+//!
+//! # Concurrency
+//! On PostgreSQL, writers lock the rows they update in code order (`SELECT ... FOR UPDATE`),
+//! so overlapping requests queue instead of deadlocking; the rare conflict that remains (two
+//! requests creating the same new product) is retried inside the store. Change-log rows are
+//! appended under a transaction-scoped advisory lock, so sequence numbers become visible in
+//! commit order and a watcher that has read up to N never later finds a change below N.
+//! SQLite has one writer at a time: writes take an in-process lock, so they queue fairly
+//! instead of polling the busy timeout, and `BEGIN IMMEDIATE`, so another process cannot
+//! slip in between a write's read and its update.
+
+pub mod entity;
+
+mod changes;
+mod read;
+mod write;
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use mall_db::Backend;
+use mall_grpc::ServiceError;
+use mall_proto::catalog::v1::Product;
+use prost_types::Timestamp;
+use sea_orm::{
+    DatabaseConnection, DatabaseTransaction, DbErr, RuntimeErr, SqliteTransactionMode,
+    TransactionOptions, TransactionTrait as _,
+};
+use tokio::sync::{Mutex, MutexGuard};
+
+pub use changes::{ChangeBatch, ChangeLogPosition};
+pub use read::ListFilter;
+pub use write::WriteOutcome;
+
+use self::entity::products;
+
+/// Handle on the catalog's tables; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+    backend: Backend,
+    /// SQLite only: one writer at a time, in arrival order.
+    write_lock: Option<Arc<Mutex<()>>>,
+    /// Attempts of a write after serialization failures and deadlocks.
+    write_retries: u32,
+}
+
+/// A write transaction, holding the SQLite write lock while it lives.
+struct WriteTxn<'a> {
+    txn: DatabaseTransaction,
+    _guard: Option<MutexGuard<'a, ()>>,
+}
+
+impl Store {
+    /// A store on `db`, which must have the catalog's migrations applied.
+    pub fn new(db: DatabaseConnection, write_retries: u32) -> Self {
+        let backend = Backend::of(&db);
+        let write_lock = (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(())));
+        Self {
+            db,
+            backend,
+            write_lock,
+            write_retries: write_retries.max(1),
+        }
+    }
+
+    /// The connection, for readiness checks.
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    async fn begin_write(&self) -> Result<WriteTxn<'_>, DbErr> {
+        let guard = match &self.write_lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
+        let txn = self
+            .db
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: (self.backend == Backend::Sqlite)
+                    .then_some(SqliteTransactionMode::Immediate),
+                ..TransactionOptions::default()
+            })
+            .await?;
+        Ok(WriteTxn { txn, _guard: guard })
+    }
+}
+
+/// Whether `error` is a transient conflict that a new attempt of the same transaction
+/// resolves: PostgreSQL serialization failures and deadlocks, SQLite busy and locked.
+fn is_retryable(error: &DbErr) -> bool {
+    let (DbErr::Exec(RuntimeErr::SqlxError(e))
+    | DbErr::Query(RuntimeErr::SqlxError(e))
+    | DbErr::Conn(RuntimeErr::SqlxError(e))) = error
+    else {
+        return false;
+    };
+    let sea_orm::sqlx::Error::Database(db) = e.as_ref() else {
+        return false;
+    };
+    let Some(code) = db.code() else {
+        return false;
+    };
+    match code.as_ref() {
+        // serialization_failure, deadlock_detected
+        "40001" | "40P01" => true,
+        // SQLite extended result codes: the primary code is the low byte (5 BUSY, 6 LOCKED).
+        other => other
+            .parse::<i32>()
+            .is_ok_and(|c| matches!(c & 0xff, 5 | 6)),
+    }
+}
+
+/// Maps a database error to what a caller can act on: unreachable or exhausted pools are
+/// UNAVAILABLE (retry later), anything else INTERNAL (logged with its cause).
+fn db_error(error: DbErr, action: &'static str) -> ServiceError {
+    match error {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => {
+            tracing::warn!(%error, action, "database unavailable");
+            ServiceError::Unavailable(
+                "the catalog database is unavailable; retry with backoff".into(),
+            )
+        }
+        other => ServiceError::Internal(anyhow::Error::new(other).context(action)),
+    }
+}
+
+/// How long to wait before attempt `attempt` (1-based) of a conflicted write: exponential
+/// from 5 ms, capped at 500 ms, with full jitter so retrying writers spread out.
+fn backoff(attempt: u32) -> Duration {
+    let cap = 5u64.saturating_mul(1 << attempt.min(7)).min(500);
+    Duration::from_millis(fastrand::u64(1..=cap))
+}
+
+/// Microseconds since the Unix epoch.
+pub fn micros(t: Timestamp) -> i64 {
+    t.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(t.nanos / 1_000))
+}
+
+/// The timestamp `us` microseconds after the Unix epoch.
+pub fn timestamp(us: i64) -> Timestamp {
+    Timestamp {
+        seconds: us.div_euclid(1_000_000),
+        nanos: i32::try_from(us.rem_euclid(1_000_000) * 1_000).unwrap_or_default(),
+    }
+}
+
+/// Now, at microsecond precision (what the database keeps).
+pub fn now() -> Timestamp {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    timestamp(i64::try_from(now.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// The row of `product`.
+fn to_model(product: &Product) -> products::Model {
+    products::Model {
+        code: product.code.clone(),
+        product_type: product.product_type.clone(),
+        brand: product.brand.clone(),
+        category_path: json(&product.category_path),
+        status: i16::try_from(product.status).unwrap_or_default(),
+        names: json(&product.names),
+        descriptions: json(&product.descriptions),
+        prices: json(&product.prices),
+        attributes: serde_json::Value::Object(
+            product
+                .attributes
+                .as_ref()
+                .map(mall_product::attributes::to_json)
+                .unwrap_or_default(),
+        )
+        .to_string(),
+        version: i64::try_from(product.version).unwrap_or(i64::MAX),
+        create_time: product.create_time.map(micros).unwrap_or_default(),
+        update_time: product.update_time.map(micros).unwrap_or_default(),
+    }
+}
+
+/// The product in `row`.
+///
+/// # Errors
+/// When a JSON column does not parse: the row was not written by this service.
+fn from_model(row: products::Model) -> anyhow::Result<Product> {
+    fn parse<T: serde::de::DeserializeOwned>(
+        text: &str,
+        column: &str,
+        code: &str,
+    ) -> anyhow::Result<T> {
+        serde_json::from_str(text)
+            .with_context(|| format!("column {column} of product {code:?} is not valid json"))
+    }
+    let attributes: serde_json::Map<String, serde_json::Value> =
+        parse(&row.attributes, "attributes", &row.code)?;
+    Ok(Product {
+        category_path: parse(&row.category_path, "category_path", &row.code)?,
+        names: parse::<BTreeMap<_, _>>(&row.names, "names", &row.code)?,
+        descriptions: parse::<BTreeMap<_, _>>(&row.descriptions, "descriptions", &row.code)?,
+        prices: parse::<BTreeMap<_, _>>(&row.prices, "prices", &row.code)?,
+        attributes: (!attributes.is_empty())
+            .then(|| mall_product::attributes::from_json(&attributes)),
+        status: i32::from(row.status),
+        version: u64::try_from(row.version).unwrap_or_default(),
+        create_time: Some(timestamp(row.create_time)),
+        update_time: Some(timestamp(row.update_time)),
+        code: row.code,
+        product_type: row.product_type,
+        brand: row.brand,
+    })
+}
+
+/// JSON text of a list or map of a product.
+fn json<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string(value).expect("lists and maps of strings and numbers always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_survive_microseconds() {
+        for us in [0, 1, 1_800_000_000_123_456, -1] {
+            assert_eq!(micros(timestamp(us)), us);
+        }
+    }
+
+    #[test]
+    fn a_product_survives_its_row() {
+        let product = Product {
+            code: "AP-1".into(),
+            product_type: "apparel".into(),
+            brand: "Maison".into(),
+            category_path: vec!["women".into(), "coats".into()],
+            status: 1,
+            names: [("ko".to_owned(), "코트".to_owned())].into(),
+            descriptions: [("ko".to_owned(), String::new())].into(),
+            prices: [("KRW".to_owned(), 129_000)].into(),
+            attributes: Some(mall_product::attributes::from_json(
+                &serde_json::from_str(r#"{"sizes":["S"]}"#).expect("json"),
+            )),
+            version: 7,
+            create_time: Some(timestamp(1)),
+            update_time: Some(timestamp(2)),
+        };
+        assert_eq!(from_model(to_model(&product)).expect("parses"), product);
+    }
+}

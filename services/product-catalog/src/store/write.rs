@@ -1,0 +1,315 @@
+//! Bulk writes: one transaction per request, a handful of set-based statements whatever the
+//! number of items.
+//!
+//! 1. remember the request id (or find the first response and stop);
+//! 2. read (and on PostgreSQL lock, in code order) the stored rows of every code;
+//! 3. plan in memory ([`crate::bulk::plan`]): outcomes, final rows, change-log entries;
+//! 4. insert the new products, update the existing ones (one multi-row statement each);
+//! 5. append the change log (one statement) under the change-log lock;
+//! 6. store the response for the request id; commit.
+
+use mall_grpc::ServiceError;
+use mall_proto::catalog::v1::{BulkUpdateProductsResponse, ProductUpdateResult};
+use prost::Message as _;
+use sea_orm::{
+    ColumnTrait as _, ConnectionTrait as _, DbErr, EntityTrait as _, QueryFilter as _,
+    QueryOrder as _, QuerySelect as _,
+    sea_query::{Alias, Expr, ExprTrait as _, OnConflict, Query},
+};
+
+use super::{
+    Store, backoff, db_error, entity::bulk_requests, entity::product_changes, entity::products,
+    from_model, is_retryable, micros, now, to_model,
+};
+use crate::bulk::{ItemResult, Plan, Write, plan};
+use mall_db::Backend;
+
+/// Key of the PostgreSQL advisory lock that orders change-log appends (ASCII "mallchng").
+const CHANGE_LOG_LOCK: i64 = 0x6d61_6c6c_6368_6e67;
+
+/// How a bulk write ended.
+#[derive(Debug)]
+pub enum WriteOutcome {
+    /// Committed now.
+    Applied {
+        /// One result per write, in request order.
+        results: Vec<ItemResult>,
+        /// Transaction attempts that conflicted and were retried.
+        retries: u32,
+    },
+    /// The request id was seen before; nothing was applied. The first response.
+    Replayed(BulkUpdateProductsResponse),
+}
+
+enum Attempt {
+    Done(WriteOutcome),
+    /// A conflict a new attempt resolves.
+    Conflict(&'static str),
+}
+
+impl Store {
+    /// Applies `writes` in one transaction under the version guard; see the module docs.
+    /// With a `request_id`, a repeated request returns the first response instead.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT for a write only the stored state shows to be invalid (nothing is
+    /// applied then); UNAVAILABLE when the database is unreachable or conflicts persist past
+    /// the retry budget; INTERNAL for anything else.
+    #[tracing::instrument(skip_all, fields(items = writes.len(), request_id = request_id.is_some()), err)]
+    pub async fn bulk_write(
+        &self,
+        request_id: Option<&str>,
+        writes: &[Write],
+    ) -> Result<WriteOutcome, ServiceError> {
+        let mut retries = 0;
+        loop {
+            let error = match self.attempt_bulk_write(request_id, writes).await {
+                Ok(Attempt::Done(WriteOutcome::Applied { results, .. })) => {
+                    return Ok(WriteOutcome::Applied { results, retries });
+                }
+                Ok(Attempt::Done(replayed)) => return Ok(replayed),
+                Ok(Attempt::Conflict(reason)) => reason.to_owned(),
+                Err(AttemptError::Fatal(error)) => return Err(error),
+                Err(AttemptError::Db(error)) if is_retryable(&error) => error.to_string(),
+                Err(AttemptError::Db(error)) => return Err(db_error(error, "bulk update")),
+            };
+            retries += 1;
+            if retries >= self.write_retries {
+                tracing::warn!(retries, %error, "write conflicts persisted; giving up");
+                return Err(ServiceError::Unavailable(
+                    "conflicting writes to the same products persisted; retry with backoff \
+                     (with the same request_id)"
+                        .into(),
+                ));
+            }
+            tracing::debug!(retries, %error, "write conflicted; retrying");
+            tokio::time::sleep(backoff(retries)).await;
+        }
+    }
+
+    async fn attempt_bulk_write(
+        &self,
+        request_id: Option<&str>,
+        writes: &[Write],
+    ) -> Result<Attempt, AttemptError> {
+        let write = self.begin_write().await?;
+        let txn = &write.txn;
+        let now = now();
+
+        if let Some(id) = request_id {
+            let remembered = txn
+                .execute(
+                    Query::insert()
+                        .into_table(bulk_requests::Entity)
+                        .columns([
+                            bulk_requests::Column::RequestId,
+                            bulk_requests::Column::CreateTime,
+                        ])
+                        .values_panic([id.into(), micros(now).into()])
+                        .on_conflict(
+                            OnConflict::column(bulk_requests::Column::RequestId)
+                                .do_nothing()
+                                .to_owned(),
+                        ),
+                )
+                .await?
+                .rows_affected();
+            if remembered == 0 {
+                // Seen before. On PostgreSQL a concurrent first attempt has committed by now:
+                // the insert waited for it.
+                let first = bulk_requests::Entity::find_by_id(id.to_owned())
+                    .one(txn)
+                    .await?
+                    .and_then(|r| r.response)
+                    .ok_or(AttemptError::Db(DbErr::RecordNotFound(
+                        "the response of a remembered request id".into(),
+                    )))?;
+                let response = BulkUpdateProductsResponse::decode(first.as_slice())
+                    .map_err(|e| AttemptError::Db(DbErr::Custom(e.to_string())))?;
+                return Ok(Attempt::Done(WriteOutcome::Replayed(response)));
+            }
+        }
+
+        let mut codes: Vec<&str> = writes.iter().map(|w| w.product.code.as_str()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        let mut select = products::Entity::find()
+            .filter(products::Column::Code.is_in(codes))
+            .order_by_asc(products::Column::Code);
+        if self.backend == Backend::Postgres {
+            // Row locks in code order: overlapping requests queue rather than deadlock.
+            select = select.lock_exclusive();
+        }
+        let stored = select
+            .all(txn)
+            .await?
+            .into_iter()
+            .map(|row| from_model(row).map(|p| (p.code.clone(), p)))
+            .collect::<anyhow::Result<_>>()
+            .map_err(|e| AttemptError::Fatal(ServiceError::Internal(e)))?;
+
+        let plan = plan(writes, stored, now).map_err(AttemptError::Fatal)?;
+        if let Some(conflict) = self.store_rows(txn, &plan).await? {
+            return Ok(Attempt::Conflict(conflict));
+        }
+        self.append_changes(txn, &plan).await?;
+
+        let response = BulkUpdateProductsResponse {
+            results: plan
+                .results
+                .iter()
+                .map(|r| ProductUpdateResult {
+                    code: r.code.clone(),
+                    outcome: r.outcome as i32,
+                    stored_version: r.stored_version,
+                })
+                .collect(),
+        };
+        if let Some(id) = request_id {
+            txn.execute(
+                Query::update()
+                    .table(bulk_requests::Entity)
+                    .value(bulk_requests::Column::Response, response.encode_to_vec())
+                    .and_where(Expr::col(bulk_requests::Column::RequestId).eq(id)),
+            )
+            .await?;
+        }
+        write.txn.commit().await?;
+        Ok(Attempt::Done(WriteOutcome::Applied {
+            results: plan.results,
+            retries: 0,
+        }))
+    }
+
+    /// Inserts the new rows and updates the existing ones. Returns a conflict when another
+    /// transaction created one of the "new" products since it was read.
+    async fn store_rows(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        plan: &Plan,
+    ) -> Result<Option<&'static str>, DbErr> {
+        use products::Column as C;
+        const COLUMNS: [C; 12] = [
+            C::Code,
+            C::ProductType,
+            C::Brand,
+            C::CategoryPath,
+            C::Status,
+            C::Names,
+            C::Descriptions,
+            C::Prices,
+            C::Attributes,
+            C::Version,
+            C::CreateTime,
+            C::UpdateTime,
+        ];
+        for existed in [false, true] {
+            let rows: Vec<_> = plan
+                .rows
+                .values()
+                .filter(|r| r.existed == existed)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let mut insert = Query::insert();
+            insert.into_table(products::Entity).columns(COLUMNS);
+            for row in &rows {
+                let m = to_model(&row.product);
+                insert.values_panic([
+                    m.code.into(),
+                    m.product_type.into(),
+                    m.brand.into(),
+                    m.category_path.into(),
+                    m.status.into(),
+                    m.names.into(),
+                    m.descriptions.into(),
+                    m.prices.into(),
+                    m.attributes.into(),
+                    m.version.into(),
+                    m.create_time.into(),
+                    m.update_time.into(),
+                ]);
+            }
+            let on_conflict = if existed {
+                // The rows are locked (or SQLite's single writer is us): the guard is a
+                // second line of defence, never expected to skip a row.
+                OnConflict::column(C::Code)
+                    .update_columns(
+                        COLUMNS
+                            .into_iter()
+                            .filter(|c| !matches!(c, C::Code | C::CreateTime)),
+                    )
+                    .action_and_where(
+                        Expr::col((products::Entity, C::Version))
+                            .lt(Expr::col((Alias::new("excluded"), C::Version))),
+                    )
+                    .to_owned()
+            } else {
+                OnConflict::column(C::Code).do_nothing().to_owned()
+            };
+            insert.on_conflict(on_conflict);
+            let written = txn.execute(&insert).await?.rows_affected();
+            if written != rows.len() as u64 {
+                return Ok(Some(if existed {
+                    "a stored product changed while it was locked"
+                } else {
+                    "a concurrent request created one of the products"
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn append_changes(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        plan: &Plan,
+    ) -> Result<(), DbErr> {
+        use product_changes::Column as C;
+        if plan.changes.is_empty() {
+            return Ok(());
+        }
+        if self.backend == Backend::Postgres {
+            // Held to commit: sequence numbers become visible in the order they were taken.
+            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({CHANGE_LOG_LOCK})"))
+                .await?;
+        }
+        let mut insert = Query::insert();
+        insert.into_table(product_changes::Entity).columns([
+            C::Code,
+            C::ProductType,
+            C::Version,
+            C::PreviousVersion,
+            C::CommitTime,
+            C::Product,
+        ]);
+        for change in &plan.changes {
+            let p = &change.product;
+            insert.values_panic([
+                p.code.clone().into(),
+                p.product_type.clone().into(),
+                i64::try_from(p.version).unwrap_or(i64::MAX).into(),
+                i64::try_from(change.previous_version)
+                    .unwrap_or(i64::MAX)
+                    .into(),
+                p.update_time.map(micros).unwrap_or_default().into(),
+                p.encode_to_vec().into(),
+            ]);
+        }
+        txn.execute(&insert).await?;
+        Ok(())
+    }
+}
+
+enum AttemptError {
+    Db(DbErr),
+    /// Ends the call with this error; no retry helps.
+    Fatal(ServiceError),
+}
+
+impl From<DbErr> for AttemptError {
+    fn from(error: DbErr) -> Self {
+        Self::Db(error)
+    }
+}

@@ -1,0 +1,230 @@
+//! WatchProductChanges: stream the change log from a cursor, then follow it.
+//!
+//! A stream is a task that reads the log in sequence order and sends what it read into a
+//! small channel, so a slow client slows only its own task (the channel is bounded). The
+//! task wakes when this replica commits a change and, for changes committed by other
+//! replicas, every `watch_poll_interval`. Sequence numbers become visible in commit order
+//! (see the store), so reading `(position, head]` never skips a change that commits later.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use futures::Stream;
+use mall_grpc::ServiceError;
+use mall_product::ProductTypes;
+use mall_proto::catalog::v1::{
+    Product, ProductChangeRecord, WatchProductChangesRequest, WatchProductChangesResponse,
+};
+use prost::Message as _;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::{
+    metrics::CatalogMetrics,
+    store::{ChangeBatch, Store, timestamp},
+    tokens,
+};
+
+/// Changes read from the database per round trip.
+const READ_BATCH: u64 = 500;
+/// Largest response message: below the 4 MiB a default gRPC client accepts, with room for a
+/// product at its largest.
+const MAX_RESPONSE_BYTES: usize = 3 * 1024 * 1024;
+/// Responses buffered per stream before its task waits for the client.
+const STREAM_BUFFER: usize = 2;
+
+/// The stream a WatchProductChanges call returns.
+pub type ChangeStream =
+    Pin<Box<dyn Stream<Item = Result<WatchProductChangesResponse, Status>> + Send>>;
+
+/// What every watch stream shares.
+#[derive(Debug, Clone)]
+pub struct Watcher {
+    /// The change log.
+    pub store: Store,
+    /// Registered types, to check the filter.
+    pub types: Arc<ProductTypes>,
+    /// Bumped after each commit on this replica.
+    pub commits: watch::Receiver<u64>,
+    /// How often to look for other replicas' commits.
+    pub poll_interval: Duration,
+    /// Lag and stream counts.
+    pub metrics: CatalogMetrics,
+    /// Cancelled when the server shuts down: streams end with UNAVAILABLE.
+    pub shutdown: CancellationToken,
+}
+
+impl Watcher {
+    /// Checks the request, finds the start position and starts the stream.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT for a malformed request or a cursor ahead of the log; OUT_OF_RANGE for
+    /// a cursor older than the retained changes.
+    pub async fn start(
+        &self,
+        request: WatchProductChangesRequest,
+    ) -> Result<ChangeStream, ServiceError> {
+        let mut violations = mall_grpc::Violations::default();
+        if !request.start_cursor.is_empty() && request.from_oldest {
+            violations.add(
+                "from_oldest",
+                "must be false when start_cursor is set; choose one start",
+            );
+        }
+        if !request.product_type.is_empty() && !self.types.contains(&request.product_type) {
+            violations.add(
+                "product_type",
+                format!(
+                    "{:?} is not a registered product type; registered: {}",
+                    request.product_type,
+                    self.types.names().join(", ")
+                ),
+            );
+        }
+        violations.into_result()?;
+        let cursor = (!request.start_cursor.is_empty())
+            .then(|| tokens::parse_cursor(&request.start_cursor))
+            .transpose()?;
+
+        let log = self.store.change_log_position().await?;
+        let start = match cursor {
+            Some(seq) if seq < log.pruned_through => return Err(out_of_range()),
+            Some(seq) if seq > log.head => {
+                return Err(ServiceError::invalid(
+                    "start_cursor",
+                    "is ahead of the change log; it was not issued by this catalog",
+                ));
+            }
+            Some(seq) => seq,
+            None if request.from_oldest => log.pruned_through,
+            None => log.head,
+        };
+        let product_type = (!request.product_type.is_empty()).then_some(request.product_type);
+
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(self.clone().follow(start, product_type, sender));
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+            receiver,
+        )))
+    }
+
+    async fn follow(
+        mut self,
+        mut position: i64,
+        product_type: Option<String>,
+        sender: mpsc::Sender<Result<WatchProductChangesResponse, Status>>,
+    ) {
+        self.metrics.watchers.inc();
+        let _open = scopeguard(self.metrics.watchers.clone());
+        loop {
+            let log = match self.store.change_log_position().await {
+                Ok(log) => log,
+                Err(error) => {
+                    let _ = sender.send(Err(error.into())).await;
+                    return;
+                }
+            };
+            if position < log.pruned_through {
+                // The client fell behind the retention while this stream was open.
+                let _ = sender.send(Err(out_of_range().into())).await;
+                return;
+            }
+            self.metrics.watch_lag.observe((log.head - position) as f64);
+            if log.head > position {
+                let batch = match self
+                    .store
+                    .read_changes(position, log.head, product_type.as_deref(), READ_BATCH)
+                    .await
+                {
+                    Ok(batch) => batch,
+                    Err(error) => {
+                        let _ = sender.send(Err(error.into())).await;
+                        return;
+                    }
+                };
+                let (response, next) = match respond(batch) {
+                    Ok(answer) => answer,
+                    Err(error) => {
+                        let _ = sender.send(Err(ServiceError::Internal(error).into())).await;
+                        return;
+                    }
+                };
+                position = next;
+                if sender.send(Ok(response)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            tokio::select! {
+                changed = self.commits.changed() => {
+                    if changed.is_err() {
+                        // The server is going away.
+                        let _ = sender.send(Err(shutting_down())).await;
+                        return;
+                    }
+                }
+                () = tokio::time::sleep(self.poll_interval) => {}
+                () = self.shutdown.cancelled() => {
+                    let _ = sender.send(Err(shutting_down())).await;
+                    return;
+                }
+                () = sender.closed() => return,
+            }
+        }
+    }
+}
+
+/// Turns what was read into one response within the size limit, and the position after it.
+fn respond(batch: ChangeBatch) -> anyhow::Result<(WatchProductChangesResponse, i64)> {
+    let mut response = WatchProductChangesResponse::default();
+    let mut size = 0;
+    let mut position = batch.scanned_through;
+    for change in batch.changes {
+        let product = Product::decode(change.product.as_slice()).map_err(|e| {
+            anyhow::anyhow!("change {} holds an undecodable product: {e}", change.seq)
+        })?;
+        let record = ProductChangeRecord {
+            cursor: tokens::cursor(change.seq),
+            product: Some(product),
+            previous_version: u64::try_from(change.previous_version).unwrap_or_default(),
+            commit_time: Some(timestamp(change.commit_time)),
+        };
+        let len = record.encoded_len();
+        if !response.changes.is_empty() && size + len > MAX_RESPONSE_BYTES {
+            // The rest comes in the next response, read again from here.
+            position = response
+                .changes
+                .last()
+                .and_then(|c| tokens::parse_cursor(&c.cursor).ok())
+                .unwrap_or(position);
+            break;
+        }
+        size += len;
+        response.changes.push(record);
+    }
+    response.resume_cursor = tokens::cursor(position);
+    Ok((response, position))
+}
+
+fn out_of_range() -> ServiceError {
+    ServiceError::OutOfRange(
+        "the cursor is older than the retained changes; start again with from_oldest, or \
+         re-read the catalog with ListProducts"
+            .into(),
+    )
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("the server is shutting down; reconnect with the last received cursor")
+}
+
+/// Decrements the open-streams gauge when the stream's task ends, however it ends.
+fn scopeguard(gauge: prometheus::IntGauge) -> impl Drop {
+    struct Guard(prometheus::IntGauge);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    Guard(gauge)
+}

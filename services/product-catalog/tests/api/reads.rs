@@ -1,0 +1,94 @@
+//! GetProduct and BatchGetProducts.
+
+use mall_proto::catalog::v1::{BatchGetProductsRequest, GetProductRequest};
+use mall_test_support::Engine;
+use tonic::Code;
+
+use crate::both_engines;
+use crate::helpers::{TestCatalog, bulk_of, shoe, violations};
+
+async fn get_returns_the_product_or_not_found(engine: Engine) {
+    let catalog = TestCatalog::spawn(engine).await;
+    catalog.bulk(bulk_of("shoes", vec![shoe("S-1", 2)])).await;
+    let mut client = catalog.client.clone();
+    let product = client
+        .get_product(GetProductRequest { code: "S-1".into() })
+        .await
+        .expect("found")
+        .into_inner()
+        .product
+        .expect("set");
+    assert_eq!(product.version, 2);
+
+    let missing = client
+        .get_product(GetProductRequest {
+            code: "S-404".into(),
+        })
+        .await
+        .expect_err("absent");
+    assert_eq!(missing.code(), Code::NotFound);
+    assert!(missing.message().contains("S-404"));
+
+    let malformed = client
+        .get_product(GetProductRequest {
+            code: "no spaces".into(),
+        })
+        .await
+        .expect_err("malformed");
+    assert_eq!(violations(&malformed), ["code"]);
+}
+
+async fn batch_get_keeps_request_order_and_reports_missing_codes(engine: Engine) {
+    let catalog = TestCatalog::spawn(engine).await;
+    catalog
+        .bulk(bulk_of("shoes", vec![shoe("S-1", 1), shoe("S-2", 2)]))
+        .await;
+    let mut client = catalog.client.clone();
+    let results = client
+        .batch_get_products(BatchGetProductsRequest {
+            codes: vec!["S-2".into(), "S-9".into(), "S-1".into(), "S-2".into()],
+        })
+        .await
+        .expect("batch get")
+        .into_inner()
+        .results;
+    let summary: Vec<_> = results
+        .iter()
+        .map(|r| {
+            (
+                r.code.as_str(),
+                r.found,
+                r.product.as_ref().map(|p| p.version),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("S-2", true, Some(2)),
+            ("S-9", false, None),
+            ("S-1", true, Some(1)),
+            ("S-2", true, Some(2))
+        ]
+    );
+
+    let too_many = client
+        .batch_get_products(BatchGetProductsRequest {
+            codes: (0..1001).map(|i| format!("S-{i}")).collect(),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(violations(&too_many), ["codes"]);
+    let malformed = client
+        .batch_get_products(BatchGetProductsRequest {
+            codes: vec!["S-1".into(), String::new()],
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(violations(&malformed), ["codes[1]"]);
+}
+
+both_engines!(
+    get_returns_the_product_or_not_found,
+    batch_get_keeps_request_order_and_reports_missing_codes,
+);

@@ -1,0 +1,289 @@
+//! WatchProductChanges: order, resume, filters, retention.
+
+use std::time::Duration;
+
+use mall_proto::catalog::v1::{
+    ProductChangeRecord, WatchProductChangesRequest, WatchProductChangesResponse,
+};
+use mall_test_support::Engine;
+use tonic::{Code, Streaming};
+
+use crate::both_engines;
+use crate::helpers::{TestCatalog, bag, bulk_of, shoe, violations};
+
+async fn watch(
+    catalog: &TestCatalog,
+    request: WatchProductChangesRequest,
+) -> Streaming<WatchProductChangesResponse> {
+    catalog
+        .client
+        .clone()
+        .watch_product_changes(request)
+        .await
+        .expect("watch starts")
+        .into_inner()
+}
+
+/// Reads from `stream` until `count` changes arrived; returns them and the last resume cursor.
+async fn take(
+    stream: &mut Streaming<WatchProductChangesResponse>,
+    count: usize,
+) -> (Vec<ProductChangeRecord>, String) {
+    let mut changes = Vec::new();
+    let mut resume = String::new();
+    while changes.len() < count {
+        let message = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .expect("changes arrive in time")
+            .expect("stream healthy")
+            .expect("stream open");
+        changes.extend(message.changes);
+        resume = message.resume_cursor;
+    }
+    (changes, resume)
+}
+
+fn versions(changes: &[ProductChangeRecord]) -> Vec<(String, u64, u64)> {
+    changes
+        .iter()
+        .map(|c| {
+            let p = c.product.as_ref().expect("product");
+            (p.code.clone(), p.version, c.previous_version)
+        })
+        .collect()
+}
+
+async fn from_oldest_streams_every_change_in_commit_order(engine: Engine) {
+    let catalog = TestCatalog::spawn(engine).await;
+    catalog
+        .bulk(bulk_of("shoes", vec![shoe("S-1", 1), shoe("S-2", 1)]))
+        .await;
+    catalog
+        .bulk(bulk_of("shoes", vec![shoe("S-1", 2), shoe("S-1", 1)]))
+        .await;
+    let mut stream = watch(
+        &catalog,
+        WatchProductChangesRequest {
+            from_oldest: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (changes, _) = take(&mut stream, 3).await;
+    assert_eq!(
+        versions(&changes),
+        [
+            ("S-1".to_owned(), 1, 0),
+            ("S-2".to_owned(), 1, 0),
+            ("S-1".to_owned(), 2, 1)
+        ],
+        "stale writes are not changes"
+    );
+    // The stream follows new commits.
+    catalog.bulk(bulk_of("shoes", vec![shoe("S-3", 5)])).await;
+    let (more, _) = take(&mut stream, 1).await;
+    assert_eq!(versions(&more), [("S-3".to_owned(), 5, 0)]);
+    assert!(more[0].commit_time.is_some());
+}
+
+async fn a_resumed_watch_misses_nothing_and_repeats_nothing(engine: Engine) {
+    let catalog = TestCatalog::spawn(engine).await;
+    let writer = {
+        let client = catalog.client.clone();
+        tokio::spawn(async move {
+            for round in 1..=40u64 {
+                let products = (0..25).map(|i| shoe(&format!("S-{i:02}"), round)).collect();
+                client
+                    .clone()
+                    .bulk_update_products(bulk_of("shoes", products))
+                    .await
+                    .expect("write");
+            }
+        })
+    };
+    let mut received = Vec::new();
+    let mut cursor = String::new();
+    // Disconnect and reconnect several times while the writer runs.
+    for _ in 0..5 {
+        let mut stream = watch(
+            &catalog,
+            WatchProductChangesRequest {
+                start_cursor: cursor.clone(),
+                from_oldest: cursor.is_empty(),
+                ..Default::default()
+            },
+        )
+        .await;
+        let (changes, _) = take(&mut stream, 100).await;
+        cursor = changes.last().expect("some").cursor.clone();
+        received.extend(changes);
+        drop(stream);
+    }
+    writer.await.expect("writer done");
+    let mut stream = watch(
+        &catalog,
+        WatchProductChangesRequest {
+            start_cursor: cursor,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (rest, _) = take(&mut stream, 1000 - received.len()).await;
+    received.extend(rest);
+    let mut expected = Vec::new();
+    for round in 1..=40u64 {
+        for i in 0..25 {
+            expected.push((format!("S-{i:02}"), round, round - 1));
+        }
+    }
+    assert_eq!(versions(&received), expected);
+}
+
+async fn from_now_sees_only_later_changes(engine: Engine) {
+    let catalog = TestCatalog::spawn(engine).await;
+    catalog.bulk(bulk_of("shoes", vec![shoe("S-1", 1)])).await;
+    let mut stream = watch(&catalog, WatchProductChangesRequest::default()).await;
+    catalog.bulk(bulk_of("shoes", vec![shoe("S-2", 1)])).await;
+    let (changes, _) = take(&mut stream, 1).await;
+    assert_eq!(versions(&changes), [("S-2".to_owned(), 1, 0)]);
+}
+
+async fn a_type_filter_skips_other_types_but_still_advances_the_resume_cursor(engine: Engine) {
+    let catalog = TestCatalog::spawn(engine).await;
+    catalog.bulk(bulk_of("shoes", vec![shoe("S-1", 1)])).await;
+    catalog.bulk(bulk_of("bags", vec![bag("B-1", 1)])).await;
+    let mut bags = watch(
+        &catalog,
+        WatchProductChangesRequest {
+            from_oldest: true,
+            product_type: "bags".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (changes, _) = take(&mut bags, 1).await;
+    assert_eq!(versions(&changes), [("B-1".to_owned(), 1, 0)]);
+
+    // Only shoes change now: the bags watcher gets no change, but its resume cursor moves.
+    catalog.bulk(bulk_of("shoes", vec![shoe("S-1", 2)])).await;
+    let message = tokio::time::timeout(Duration::from_secs(20), bags.message())
+        .await
+        .expect("in time")
+        .expect("healthy")
+        .expect("open");
+    assert!(message.changes.is_empty());
+    let mut after = watch(
+        &catalog,
+        WatchProductChangesRequest {
+            start_cursor: message.resume_cursor,
+            ..Default::default()
+        },
+    )
+    .await;
+    catalog.bulk(bulk_of("shoes", vec![shoe("S-9", 1)])).await;
+    let (next, _) = take(&mut after, 1).await;
+    assert_eq!(
+        versions(&next),
+        [("S-9".to_owned(), 1, 0)],
+        "the skipped change is behind the cursor"
+    );
+}
+
+async fn a_cursor_older_than_the_retention_is_out_of_range(engine: Engine) {
+    let catalog = TestCatalog::spawn_with(engine, |settings| {
+        settings.catalog.change_retention = Duration::from_millis(1);
+        // Only explicit rounds prune in this test.
+        settings.catalog.maintenance_interval = Duration::from_secs(3600);
+    })
+    .await;
+    catalog.bulk(bulk_of("shoes", vec![shoe("S-1", 1)])).await;
+    let mut stream = watch(
+        &catalog,
+        WatchProductChangesRequest {
+            from_oldest: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (changes, _) = take(&mut stream, 1).await;
+    let old_cursor = changes[0].cursor.clone();
+    catalog.bulk(bulk_of("shoes", vec![shoe("S-1", 2)])).await;
+    let (_, _) = take(&mut stream, 1).await;
+    drop(stream);
+
+    // Everything is past a 1 ms retention once a round runs.
+    let status = mall_test_support::wait_until(
+        "the old changes are pruned",
+        Duration::from_secs(10),
+        || async {
+            catalog.maintenance.run_once().await.expect("maintenance");
+            catalog
+                .client
+                .clone()
+                .watch_product_changes(WatchProductChangesRequest {
+                    start_cursor: old_cursor.clone(),
+                    ..Default::default()
+                })
+                .await
+                .err()
+        },
+    )
+    .await;
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    // from_oldest still works, and the log keeps sequence numbers after pruning.
+    let mut fresh = watch(
+        &catalog,
+        WatchProductChangesRequest {
+            from_oldest: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    catalog.bulk(bulk_of("shoes", vec![shoe("S-1", 3)])).await;
+    let (after, _) = take(&mut fresh, 1).await;
+    assert_eq!(versions(&after), [("S-1".to_owned(), 3, 2)]);
+}
+
+async fn malformed_watch_requests_are_refused(engine: Engine) {
+    let catalog = TestCatalog::spawn(engine).await;
+    let mut client = catalog.client.clone();
+    for (request, field) in [
+        (
+            WatchProductChangesRequest {
+                start_cursor: "YzF8MA".into(),
+                from_oldest: true,
+                ..Default::default()
+            },
+            "from_oldest",
+        ),
+        (
+            WatchProductChangesRequest {
+                start_cursor: "garbage".into(),
+                ..Default::default()
+            },
+            "start_cursor",
+        ),
+        (
+            WatchProductChangesRequest {
+                product_type: "spaceships".into(),
+                ..Default::default()
+            },
+            "product_type",
+        ),
+    ] {
+        let status = client
+            .watch_product_changes(request)
+            .await
+            .expect_err("refused");
+        assert_eq!(violations(&status), [field]);
+    }
+}
+
+both_engines!(
+    from_oldest_streams_every_change_in_commit_order,
+    a_resumed_watch_misses_nothing_and_repeats_nothing,
+    from_now_sees_only_later_changes,
+    a_type_filter_skips_other_types_but_still_advances_the_resume_cursor,
+    a_cursor_older_than_the_retention_is_out_of_range,
+    malformed_watch_requests_are_refused,
+);
