@@ -35,6 +35,15 @@ say "PostgreSQL for the tests"
 MALL_TEST_POSTGRES_URL="$("$ROOT/scripts/postgres.sh")"
 export MALL_TEST_POSTGRES_URL
 
+say "kinesalite (a local Kinesis) for the tests"
+kinesalite_pid="$(cat "$RUN/kinesalite.pid" 2>/dev/null || true)"
+MALL_TEST_KINESIS_ENDPOINT="$("$ROOT/scripts/kinesalite.sh")"
+export MALL_TEST_KINESIS_ENDPOINT
+# Stop it at exit only if this run started it (a new pid); one that was already running stays.
+if [ "$(cat "$RUN/kinesalite.pid" 2>/dev/null || true)" != "$kinesalite_pid" ]; then
+  trap '"$ROOT/scripts/kinesalite.sh" stop >/dev/null 2>&1 || true' EXIT
+fi
+
 # The tests build first: clippy then reuses the dependency metadata and adds about a minute.
 say "cargo nextest run"
 cargo nextest run --workspace --profile "${NEXTEST_PROFILE:-default}" "$@"
