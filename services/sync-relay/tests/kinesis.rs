@@ -7,7 +7,7 @@
 //! per-key order by replaying deliveries through a version guard, like the catalog's.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -22,7 +22,12 @@ use sync_relay::{
         ShardInfo, ShardState, replay_from, status,
     },
 };
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 
 const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4567";
@@ -372,6 +377,143 @@ fn span_of(accepted: &[KinesisRecord], shard_id: &str) -> (usize, usize) {
 /// A pause switch that stays off (a dropped sender keeps its last value).
 fn not_paused() -> watch::Receiver<bool> {
     watch::channel(false).1
+}
+
+// ---------------------------------------------------------------------------------------------
+// A proxy in front of kinesalite that answers chosen calls with a Kinesis error
+
+/// Per operation (`GetRecords`, ...), what its next calls get: `None` forwards the call to
+/// kinesalite, `Some(code)` answers it with that Kinesis error instead.
+type Faults = Arc<Mutex<HashMap<String, VecDeque<Option<&'static str>>>>>;
+
+/// kinesalite never throttles and its iterators expire only after 5 minutes; this proxy makes
+/// both happen on cue, over the real wire protocol, so the reader's handling is tested as is.
+struct FaultProxy {
+    endpoint: String,
+    faults: Faults,
+}
+
+impl FaultProxy {
+    async fn start(upstream: &str) -> Self {
+        let url: url::Url = upstream.parse().expect("a valid endpoint url");
+        let upstream = format!(
+            "{}:{}",
+            url.host_str().expect("the endpoint has a host"),
+            url.port_or_known_default()
+                .expect("the endpoint has a port")
+        );
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("the proxy binds");
+        let endpoint = format!(
+            "http://{}",
+            listener
+                .local_addr()
+                .expect("a bound listener has an address")
+        );
+        let faults = Faults::default();
+        let shared = faults.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (upstream, faults) = (upstream.clone(), shared.clone());
+                tokio::spawn(async move {
+                    let _ = proxy_connection(client, &upstream, &faults).await;
+                });
+            }
+        });
+        Self { endpoint, faults }
+    }
+
+    /// The next calls of `operation` get `plan` (then are forwarded again).
+    fn inject(&self, operation: &str, plan: &[Option<&'static str>]) {
+        self.faults
+            .lock()
+            .expect("the lock is not poisoned")
+            .insert(operation.to_owned(), plan.iter().copied().collect());
+    }
+
+    fn pending(&self, operation: &str) -> usize {
+        self.faults
+            .lock()
+            .expect("the lock is not poisoned")
+            .get(operation)
+            .map_or(0, VecDeque::len)
+    }
+}
+
+/// Relays HTTP/1.1 requests of one client connection (keep-alive) to kinesalite, one at a time,
+/// answering faulted calls itself. Bodies are Content-Length framed on both sides.
+async fn proxy_connection(
+    client: TcpStream,
+    upstream: &str,
+    faults: &Faults,
+) -> std::io::Result<()> {
+    let mut client = BufReader::new(client);
+    let mut server: Option<BufReader<TcpStream>> = None;
+    while let Some((head, body)) = read_http_message(&mut client).await? {
+        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let operation = text
+            .lines()
+            .find_map(|line| line.strip_prefix("x-amz-target:"))
+            .and_then(|target| target.trim().rsplit('.').next())
+            .unwrap_or_default()
+            .to_owned();
+        let fault = faults
+            .lock()
+            .expect("the lock is not poisoned")
+            .iter_mut()
+            .find(|(name, _)| name.to_ascii_lowercase() == operation)
+            .and_then(|(_, plan)| plan.pop_front())
+            .flatten();
+        if let Some(code) = fault {
+            let body = format!(r#"{{"__type":"{code}","message":"injected by the test proxy"}}"#);
+            let response = format!(
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            client.get_mut().write_all(response.as_bytes()).await?;
+            continue;
+        }
+        let server = match &mut server {
+            Some(server) => server,
+            None => server.insert(BufReader::new(TcpStream::connect(upstream).await?)),
+        };
+        server.get_mut().write_all(&head).await?;
+        server.get_mut().write_all(&body).await?;
+        let Some((head, body)) = read_http_message(server).await? else {
+            return Ok(());
+        };
+        client.get_mut().write_all(&head).await?;
+        client.get_mut().write_all(&body).await?;
+    }
+    Ok(())
+}
+
+/// Reads one HTTP/1.1 message (head and Content-Length body); `None` when the peer closed.
+async fn read_http_message(
+    reader: &mut BufReader<TcpStream>,
+) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        if reader.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(None);
+        }
+        head.extend_from_slice(&line);
+        if line == b"\r\n" {
+            break;
+        }
+    }
+    let length = String::from_utf8_lossy(&head)
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).await?;
+    Ok(Some((head, body)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -826,5 +968,74 @@ async fn pause_stops_reading_and_resume_continues() {
         .wait_for("round 2 is delivered after resume", &expected(&keys, 2..=2))
         .await;
     assert_applied_in_order(&queue.accepted(), &keys, 2);
+    source.stop().await;
+}
+
+/// Throttling (ProvisionedThroughputExceeded on GetRecords, LimitExceeded on GetShardIterator)
+/// is backed off and retried; an expired iterator is reopened right after the checkpoint. Every
+/// record is delivered exactly once, in order.
+#[tokio::test]
+async fn throttling_and_expired_iterators_lose_and_repeat_nothing() {
+    let mut harness = Harness::new(Engine::Sqlite, 1).await;
+    let keys = keys(10);
+    harness.put(&keys, 1..=4).await;
+    let upstream = harness
+        .settings
+        .endpoint_url
+        .as_ref()
+        .map(ToString::to_string)
+        .expect("the harness sets an endpoint");
+    let proxy = FaultProxy::start(&upstream).await;
+    harness.settings.endpoint_url = Some(proxy.endpoint.parse().expect("a valid url"));
+    // Ten records per call: the 40 records take four calls, so faults land mid-stream.
+    harness.settings.max_records_per_call = 10;
+    const THROTTLED: Option<&str> = Some("ProvisionedThroughputExceededException");
+    const EXPIRED: Option<&str> = Some("ExpiredIteratorException");
+    proxy.inject(
+        "GetShardIterator",
+        &[
+            Some("LimitExceededException"),
+            None,
+            Some("LimitExceededException"),
+        ],
+    );
+    proxy.inject(
+        "GetRecords",
+        &[
+            None, THROTTLED, THROTTLED, None, EXPIRED, None, THROTTLED, EXPIRED,
+        ],
+    );
+
+    let queue = Collector::default();
+    let source = harness.start("replica-a", &queue, not_paused());
+    queue
+        .wait_for("every record is delivered", &expected(&keys, 1..=4))
+        .await;
+    assert_eq!(
+        proxy.pending("GetRecords"),
+        0,
+        "every GetRecords fault was served"
+    );
+    assert_eq!(proxy.pending("GetShardIterator"), 0);
+    let accepted = queue.accepted();
+    assert_eq!(
+        accepted.len(),
+        40,
+        "nothing skipped and nothing read twice around the faults"
+    );
+    assert_applied_in_order(&accepted, &keys, 4);
+    let calls = |operation: &str, outcome: &str| {
+        source.metric(
+            "kinesis_calls_total",
+            &[("operation", operation), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(calls("GetRecords", "throttled"), 3.0);
+    assert_eq!(calls("GetRecords", "expired_iterator"), 2.0);
+    assert_eq!(calls("GetShardIterator", "throttled"), 2.0);
+    assert!(
+        calls("GetShardIterator", "ok") >= 3.0,
+        "the iterator was opened once and reopened after each expiry"
+    );
     source.stop().await;
 }
