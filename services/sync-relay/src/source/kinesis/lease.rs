@@ -6,7 +6,7 @@
 //! transaction across replicas:
 //!
 //! - **take**: `SET owner = me, counter = counter + 1 WHERE counter = <seen> AND (owner IS NULL
-//!   OR expires < now)`; **steal** is the same with `owner = <victim>` instead of the expiry.
+//!   OR expires <= now)`; **steal** is the same with `owner = <victim>` instead of the expiry.
 //!   Two replicas racing for one shard cannot both match: the first bumps the counter.
 //! - **renew**: `SET expires = now + duration WHERE owner = me`, every renew interval.
 //! - **checkpoint** (after the sink accepted a batch), **finish** (closed shard read to its
@@ -285,9 +285,10 @@ pub(crate) async fn take(
     update = match (&row.lease_owner, steal) {
         (Some(victim), true) => update.filter(Column::LeaseOwner.eq(victim)),
         _ => update.filter(
+            // Expired at `expires` itself, as `is_leased` sees it.
             Column::LeaseOwner
                 .is_null()
-                .or(Column::LeaseExpiresMs.lt(now))
+                .or(Column::LeaseExpiresMs.lte(now))
                 .or(Column::LeaseExpiresMs.is_null()),
         ),
     };
