@@ -654,6 +654,39 @@ mod tests {
         lease_rules_hold(Engine::Postgres).await;
     }
 
+    /// Replicas racing for one free shard, each from the row as it saw it: exactly one wins.
+    async fn only_one_of_racing_replicas_takes_a_lease(engine: Engine) {
+        let (_guard, db) = database(engine).await;
+        sync_shards(&db, "s", &[shard("a", &[])])
+            .await
+            .expect("recorded");
+        let seen = row(&db, "a").await;
+        let racers = (0..8).map(|i| {
+            let (db, seen) = (db.clone(), seen.clone());
+            tokio::spawn(
+                async move { take(&db, &seen, &format!("replica-{i}"), LEASE, false).await },
+            )
+        });
+        let mut winners = Vec::new();
+        for racer in racers {
+            if let Some(token) = racer.await.expect("no panic").expect("take runs") {
+                winners.push(token.owner);
+            }
+        }
+        assert_eq!(winners.len(), 1, "winners: {winners:?}");
+        assert_eq!(row(&db, "a").await.lease_owner.as_ref(), winners.first());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_one_of_racing_replicas_takes_a_lease_on_sqlite() {
+        only_one_of_racing_replicas_takes_a_lease(Engine::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_one_of_racing_replicas_takes_a_lease_on_postgres() {
+        only_one_of_racing_replicas_takes_a_lease(Engine::Postgres).await;
+    }
+
     #[tokio::test]
     async fn an_expired_lease_is_taken_over() {
         let (_guard, db) = database(Engine::Sqlite).await;
