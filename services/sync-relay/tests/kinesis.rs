@@ -1039,3 +1039,43 @@ async fn throttling_and_expired_iterators_lose_and_repeat_nothing() {
     );
     source.stop().await;
 }
+
+/// `create_stream` (for local runs) makes a missing stream and waits until it is ACTIVE; a
+/// stream that already exists is read as it is.
+#[tokio::test]
+async fn create_stream_makes_a_missing_stream_and_keeps_an_existing_one() {
+    let mut harness = Harness::new(Engine::Sqlite, 1).await;
+    harness.settings.stream_name = format!("{}-created", harness.settings.stream_name);
+    harness.settings.create_stream = Some(2);
+    let keys = keys(10);
+    let queue = Collector::default();
+    let first = harness.start("replica-a", &queue, not_paused());
+    harness
+        .wait_for_owners("both shards of the new stream are leased", |infos| {
+            infos.len() == 2
+                && infos
+                    .iter()
+                    .all(|i| i.lease_owner.as_deref() == Some("replica-a"))
+        })
+        .await;
+    harness.put(&keys, 1..=1).await;
+    queue
+        .wait_for("round 1 is delivered", &expected(&keys, 1..=1))
+        .await;
+    first.stop().await;
+
+    let second = harness.start("replica-b", &queue, not_paused());
+    harness.put(&keys, 2..=2).await;
+    queue
+        .wait_for("round 2 is delivered", &expected(&keys, 2..=2))
+        .await;
+    assert_eq!(queue.accepted().len(), 20, "the existing stream was kept");
+    assert_eq!(
+        second.metric(
+            "kinesis_calls_total",
+            &[("operation", "CreateStream"), ("outcome", "in_use")]
+        ),
+        1.0
+    );
+    second.stop().await;
+}
