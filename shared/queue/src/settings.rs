@@ -3,13 +3,13 @@
 use std::time::Duration;
 
 use secrecy::SecretString;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use url::Url;
 
 use crate::limits;
 
 /// Which engine holds the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// Tables in the service's own database (SQLite or PostgreSQL): nothing to install.
@@ -23,7 +23,7 @@ pub enum BackendKind {
 ///
 /// The same settings mean the same behaviour on both backends; where an engine cannot follow
 /// a setting the field says so.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueSettings {
     /// `embedded` or `sqs`. Default `embedded`.
@@ -71,7 +71,7 @@ impl Default for QueueSettings {
 }
 
 /// The `queue.embedded` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EmbeddedSettings {
     /// How often a long-polling receive looks at the table again while it waits. Sends,
@@ -91,7 +91,7 @@ impl Default for EmbeddedSettings {
 }
 
 /// The `queue.sqs` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SqsSettings {
     /// Endpoint to call instead of AWS's, for LocalStack: `http://127.0.0.1:4566`.
@@ -103,6 +103,7 @@ pub struct SqsSettings {
     /// profile, web identity, container or instance role). Both keys or neither.
     pub access_key_id: Option<String>,
     /// Static secret access key, paired with `access_key_id`. Default none.
+    #[serde(serialize_with = "mall_config::serialize_optional_secret")]
     pub secret_access_key: Option<SecretString>,
     /// Create the queue and its dead-letter queue when missing, and set the queue's
     /// visibility timeout and redrive policy (`max_receives`) on every start. Off in

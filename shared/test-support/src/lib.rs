@@ -5,6 +5,7 @@
 //! - [`init_logging`]: tests are silent unless `TEST_LOG=1`.
 //! - [`probe`]: what a client sees of a running server: health, reflection, `/metrics`.
 //! - [`process`]: a service binary run as a child process, for signal and start-up tests.
+//! - [`sqs_endpoint`]: the LocalStack (SQS) endpoint for queue tests.
 //!
 //! PostgreSQL comes from `MALL_TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), which `scripts/test.sh` provides. When it is
@@ -106,6 +107,36 @@ impl TestDatabase {
 
 fn postgres_server_url() -> String {
     std::env::var("MALL_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned())
+}
+
+/// Default SQS endpoint for tests: the LocalStack `scripts/test.sh` starts.
+pub const DEFAULT_SQS_ENDPOINT: &str = "http://127.0.0.1:4566";
+
+/// The SQS endpoint for tests: `MALL_TEST_SQS_ENDPOINT`, default [`DEFAULT_SQS_ENDPOINT`].
+///
+/// # Panics
+/// When nothing accepts connections there, with instructions to start LocalStack.
+pub async fn sqs_endpoint() -> String {
+    let endpoint =
+        std::env::var("MALL_TEST_SQS_ENDPOINT").unwrap_or_else(|_| DEFAULT_SQS_ENDPOINT.to_owned());
+    let authority = endpoint
+        .split_once("://")
+        .map_or(endpoint.as_str(), |(_, rest)| rest)
+        .trim_end_matches('/')
+        .to_owned();
+    let reachable = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect(authority.as_str()),
+    )
+    .await;
+    if !matches!(reachable, Ok(Ok(_))) {
+        panic!(
+            "LocalStack (SQS) is not reachable at {endpoint}. Run the tests with scripts/test.sh, \
+             which installs and starts it, or start it with 'scripts/localstack.sh start' (and set \
+             MALL_TEST_SQS_ENDPOINT when it listens elsewhere)"
+        );
+    }
+    endpoint
 }
 
 /// Polls `condition` every 20 ms until it returns `Some`, and returns that value.

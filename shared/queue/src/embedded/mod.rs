@@ -7,10 +7,13 @@
 //!   lowest id; only heads are delivered, so a group has at most one message in flight and
 //!   the next one waits until the head is deleted or dead-lettered. Visibility is a timestamp:
 //!   a row with `visible_at` in the future is in flight.
-//! - A receive is one `UPDATE ... RETURNING` that picks the oldest visible heads and stamps
-//!   them with a new visibility and receipt token, so two consumers can never take the same
-//!   row. On PostgreSQL the pick runs `FOR UPDATE SKIP LOCKED`, so concurrent consumers pass
-//!   each other instead of waiting; a row taken meanwhile fails the re-checked conditions.
+//! - A receive reads the head of every group (one index scan of the live rows), then stamps
+//!   the oldest visible heads with a new visibility and receipt token in one
+//!   `UPDATE ... RETURNING` that checks again that each is live and visible, so two consumers
+//!   never take the same row. A head stays the head until deleted or dead-lettered (later
+//!   sends and redrives only append), so a stale read can skip a group but never deliver out
+//!   of order. On PostgreSQL the pick runs `FOR UPDATE SKIP LOCKED`: concurrent consumers
+//!   pass each other instead of waiting. Standard queues pick the oldest visible rows.
 //! - Sends are one transaction each. On PostgreSQL they take a per-queue advisory lock, so
 //!   ids commit in order and a consumer never sees a later message of a group before an
 //!   earlier one; SQLite has a single writer anyway, and writes start `BEGIN IMMEDIATE`.
@@ -365,63 +368,45 @@ impl EmbeddedQueue {
         let token = format!("{:016x}", fastrand::u64(..));
         let visible_at = now.saturating_add(millis(self.shared.visibility_timeout));
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        let returning =
-            " RETURNING id, message_id, group_id, body, attributes, sent_at, receive_count";
         let mut sql = self.sql();
-        match (self.shared.backend, self.shared.fifo) {
-            (DbBackend::Postgres, fifo) => {
-                sql.push("WITH ");
-                if fifo {
-                    sql.push(
-                        "heads AS (SELECT min(id) AS id FROM mall_queue_messages WHERE queue = ",
-                    )
-                    .bind(name.clone())
-                    .push(" AND dead = 0 GROUP BY group_id), ")
-                    .push(
-                        "picked AS (SELECT m.id FROM mall_queue_messages m \
-                         JOIN heads h ON m.id = h.id WHERE m.queue = ",
-                    );
-                } else {
-                    sql.push("picked AS (SELECT m.id FROM mall_queue_messages m WHERE m.queue = ");
-                }
-                sql.bind(name.clone())
-                    .push(" AND m.dead = 0 AND m.visible_at <= ")
-                    .bind(now)
-                    .push(" ORDER BY m.id LIMIT ")
-                    .bind(limit)
-                    .push(" FOR UPDATE OF m SKIP LOCKED) ")
-                    .push("UPDATE mall_queue_messages u SET visible_at = ")
-                    .bind(visible_at)
-                    .push(", receive_count = u.receive_count + 1, receipt = ")
-                    .bind(token.clone())
-                    .push(" FROM picked WHERE u.id = picked.id")
-                    .push(
-                        " RETURNING u.id, u.message_id, u.group_id, u.body, u.attributes, \
-                         u.sent_at, u.receive_count",
-                    );
+        if self.shared.fifo {
+            // Two steps, because planners turn "the heads, joined back" into a loop over
+            // every row: first the head of every group, then the oldest visible of them.
+            let candidates = self.visible_heads(now, max).await?;
+            if candidates.is_empty() {
+                return Ok(Vec::new());
             }
-            (_, fifo) => {
-                sql.push("UPDATE mall_queue_messages SET visible_at = ")
-                    .bind(visible_at)
-                    .push(", receive_count = receive_count + 1, receipt = ")
-                    .bind(token.clone())
-                    .push(" WHERE id IN (SELECT m.id FROM mall_queue_messages m ");
-                if fifo {
-                    sql.push(
-                        "JOIN (SELECT min(id) AS head FROM mall_queue_messages WHERE queue = ",
-                    )
-                    .bind(name.clone())
-                    .push(" AND dead = 0 GROUP BY group_id) h ON m.id = h.head ");
-                }
-                sql.push("WHERE m.queue = ")
-                    .bind(name.clone())
-                    .push(" AND m.dead = 0 AND m.visible_at <= ")
-                    .bind(now)
-                    .push(" ORDER BY m.id LIMIT ")
-                    .bind(limit)
-                    .push(")")
-                    .push(returning);
-            }
+            self.pick_sql(&mut sql, visible_at, &token);
+            sql.push("SELECT id FROM mall_queue_messages WHERE id IN ")
+                .bind_list(candidates);
+        } else {
+            self.pick_sql(&mut sql, visible_at, &token);
+            sql.push("SELECT id FROM mall_queue_messages WHERE queue = ")
+                .bind(name.clone());
+        }
+        // The conditions are checked again at the pick: a row another consumer took or
+        // deleted meanwhile no longer qualifies.
+        sql.push(" AND dead = 0 AND visible_at <= ")
+            .bind(now)
+            .push(if self.shared.fifo {
+                " ORDER BY id LIMIT "
+            } else {
+                " ORDER BY visible_at, id LIMIT "
+            })
+            .bind(limit);
+        if self.shared.backend == DbBackend::Postgres {
+            sql.push(" FOR UPDATE SKIP LOCKED) UPDATE mall_queue_messages u SET visible_at = ")
+                .bind(visible_at)
+                .push(", receive_count = u.receive_count + 1, receipt = ")
+                .bind(token.clone())
+                .push(
+                    " FROM picked WHERE u.id = picked.id RETURNING u.id, u.message_id, \
+                 u.group_id, u.body, u.attributes, u.sent_at, u.receive_count",
+                );
+        } else {
+            sql.push(
+                ") RETURNING id, message_id, group_id, body, attributes, sent_at, receive_count",
+            );
         }
         let rows = self
             .shared
@@ -437,6 +422,61 @@ impl EmbeddedQueue {
         // RETURNING promises no order; the pick was oldest first.
         messages.sort_by_key(|(id, _)| *id);
         Ok(messages.into_iter().map(|(_, m)| m).collect())
+    }
+
+    /// The ids of the oldest visible group heads, at most a few times `max` (some may be
+    /// taken by other consumers before the pick).
+    async fn visible_heads(&self, now: i64, max: usize) -> Result<Vec<i64>, QueueError> {
+        let mut sql = self.sql();
+        match self.shared.backend {
+            // SQLite fills bare columns from the row holding min(id).
+            DbBackend::Sqlite => {
+                sql.push("SELECT min(id) AS id, visible_at FROM mall_queue_messages WHERE queue = ")
+            }
+            _ => sql.push(
+                "SELECT DISTINCT ON (group_id) id, visible_at FROM mall_queue_messages \
+                 WHERE queue = ",
+            ),
+        };
+        sql.bind(self.shared.name.clone()).push(" AND dead = 0");
+        match self.shared.backend {
+            DbBackend::Sqlite => sql.push(" GROUP BY group_id"),
+            _ => sql.push(" ORDER BY group_id, id"),
+        };
+        let rows = self
+            .shared
+            .db
+            .query_all_raw(sql.build())
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let mut heads = Vec::new();
+        for row in &rows {
+            let read = || -> Result<(i64, i64), DbErr> {
+                Ok((row.try_get("", "id")?, row.try_get("", "visible_at")?))
+            };
+            let (id, visible_at) = read().map_err(|e| self.unavailable(e))?;
+            if visible_at <= now {
+                heads.push(id);
+            }
+        }
+        heads.sort_unstable();
+        heads.truncate(max.saturating_mul(3).max(16));
+        Ok(heads)
+    }
+
+    /// Starts the statement that stamps the picked rows with a new visibility and receipt;
+    /// the caller appends the `SELECT id ...` that picks them, then the end.
+    fn pick_sql(&self, sql: &mut Sql, visible_at: i64, token: &str) {
+        if self.shared.backend == DbBackend::Postgres {
+            // Placeholders are numbered: the values are bound where the text ends.
+            sql.push("WITH picked AS (");
+        } else {
+            sql.push("UPDATE mall_queue_messages SET visible_at = ")
+                .bind(visible_at)
+                .push(", receive_count = receive_count + 1, receipt = ")
+                .bind(token.to_owned())
+                .push(" WHERE id IN (");
+        }
     }
 
     fn received(&self, row: &QueryResult, token: &str) -> Result<(i64, ReceivedMessage), DbErr> {
