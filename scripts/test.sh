@@ -44,6 +44,16 @@ if [ "$(cat "$RUN/kinesalite.pid" 2>/dev/null || true)" != "$kinesalite_pid" ]; 
   trap '"$ROOT/scripts/kinesalite.sh" stop >/dev/null 2>&1 || true' EXIT
 fi
 
+say "LocalStack (SQS) for the queue tests"
+localstack_pid="$(cat "$RUN/localstack/localstack.pid" 2>/dev/null || true)"
+MALL_TEST_SQS_ENDPOINT="$("$ROOT/scripts/localstack.sh" start)"
+export MALL_TEST_SQS_ENDPOINT
+# Stop it at exit only if this run started it, in addition to what the EXIT trap already does.
+if [ "$(cat "$RUN/localstack/localstack.pid" 2>/dev/null || true)" != "$localstack_pid" ]; then
+  eval "exit_trap=$(trap -p EXIT | sed -E 's/^trap -- (.*) EXIT$/\1/')"
+  trap "${exit_trap:+$exit_trap; }\"\$ROOT/scripts/localstack.sh\" stop >/dev/null 2>&1 || true" EXIT
+fi
+
 # The tests build first: clippy then reuses the dependency metadata and adds about a minute.
 say "cargo nextest run"
 cargo nextest run --workspace --profile "${NEXTEST_PROFILE:-default}" "$@"

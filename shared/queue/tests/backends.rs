@@ -1,0 +1,332 @@
+//! Behaviour particular to one backend: what the embedded queue promises beyond SQS (counts
+//! by group, several queues in one database, strict receipts, its migration living beside a
+//! service's own), and how the SQS backend handles missing queues.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Harness, Target, receive_n};
+use mall_queue::{OutgoingMessage, Queue, QueueError, QueueSettings};
+use sea_orm_migration::{
+    MigrationName, MigrationTrait, MigratorTrait, SchemaManager, async_trait,
+    sea_orm::{ConnectionTrait as _, DbErr},
+};
+
+macro_rules! embedded {
+    ($($name:ident),* $(,)?) => {
+        mod embedded_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Target::Sqlite).await;
+                }
+            )*
+        }
+        mod embedded_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Target::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+embedded!(
+    counts_by_group_show_where_the_backlog_is,
+    queues_sharing_a_database_stay_apart,
+    a_stale_receipt_can_neither_delete_nor_extend_a_redelivered_message,
+    dead_letters_page_in_order,
+    the_queue_migration_runs_beside_a_services_own,
+);
+
+async fn counts_by_group_show_where_the_backlog_is(target: Target) {
+    let harness = Harness::new(target).await;
+    let (queue, _) = harness.queue(|s| s.max_receives = 1).await;
+    queue
+        .send(vec![
+            OutgoingMessage::new("1").with_group("busy"),
+            OutgoingMessage::new("2").with_group("busy"),
+            OutgoingMessage::new("3").with_group("busy"),
+            OutgoingMessage::new("4").with_group("quiet"),
+        ])
+        .await
+        .expect("send works");
+    let first = receive_n(&queue, 1, false, Duration::from_secs(10))
+        .await
+        .remove(0);
+    let groups = queue
+        .counts_by_group()
+        .await
+        .expect("counts work")
+        .expect("embedded counts by group");
+    let held = first.group_id.clone().expect("grouped");
+    let busy = groups["busy"];
+    let quiet = groups["quiet"];
+    if held == "busy" {
+        assert_eq!((busy.visible, busy.in_flight, busy.dead), (2, 1, 0));
+        assert_eq!((quiet.visible, quiet.in_flight), (1, 0));
+    } else {
+        assert_eq!((busy.visible, busy.in_flight), (3, 0));
+        assert_eq!((quiet.visible, quiet.in_flight), (0, 1));
+    }
+}
+
+async fn queues_sharing_a_database_stay_apart(target: Target) {
+    let harness = Harness::new(target).await;
+    let (orders, _) = harness.queue(|_| {}).await;
+    let (exports, _) = harness.queue(|s| s.fifo = false).await;
+    orders
+        .send(vec![OutgoingMessage::new("order").with_group("g")])
+        .await
+        .expect("send works");
+    exports
+        .send(vec![OutgoingMessage::new("export")])
+        .await
+        .expect("send works");
+    let from_exports = receive_n(&exports, 1, true, Duration::from_secs(10)).await;
+    assert_eq!(from_exports[0].body, "export");
+    let nothing = exports
+        .receive(10, Duration::from_millis(300))
+        .await
+        .expect("receive works");
+    assert!(nothing.is_empty(), "a queue saw another queue's message");
+    let from_orders = receive_n(&orders, 1, true, Duration::from_secs(10)).await;
+    assert_eq!(from_orders[0].body, "order");
+}
+
+async fn a_stale_receipt_can_neither_delete_nor_extend_a_redelivered_message(target: Target) {
+    let harness = Harness::new(target).await;
+    let (queue, _) = harness
+        .queue(|s| s.visibility_timeout = Duration::from_secs(1))
+        .await;
+    queue
+        .send(vec![OutgoingMessage::new("m").with_group("g")])
+        .await
+        .expect("send works");
+    let first = receive_n(&queue, 1, false, Duration::from_secs(10))
+        .await
+        .remove(0);
+    let second = receive_n(&queue, 1, false, Duration::from_secs(10))
+        .await
+        .remove(0);
+    assert_eq!(second.receive_count, 2);
+    queue
+        .change_visibility(&second.receipt, Duration::from_secs(60))
+        .await
+        .expect("the current receipt works");
+
+    let error = queue
+        .delete(std::slice::from_ref(&first.receipt))
+        .await
+        .expect_err("stale receipt");
+    assert!(
+        matches!(error, QueueError::ReceiptExpired { count: 1, .. }),
+        "{error:?}"
+    );
+    let error = queue
+        .change_visibility(&first.receipt, Duration::ZERO)
+        .await
+        .expect_err("stale receipt");
+    assert!(matches!(error, QueueError::ReceiptExpired { .. }));
+    let error = queue
+        .delete(&[mall_queue::Receipt::from_string("garbage".to_owned())])
+        .await
+        .expect_err("malformed receipt");
+    assert!(matches!(error, QueueError::ReceiptExpired { .. }));
+
+    queue
+        .delete(std::slice::from_ref(&second.receipt))
+        .await
+        .expect("the current receipt deletes");
+    queue
+        .delete(std::slice::from_ref(&second.receipt))
+        .await
+        .expect("deleting twice is not an error");
+}
+
+async fn dead_letters_page_in_order(target: Target) {
+    let harness = Harness::new(target).await;
+    let (queue, _) = harness.queue(|s| s.max_receives = 1).await;
+    let groups = 7;
+    queue
+        .send(
+            (0..groups)
+                .map(|i| OutgoingMessage::new(i.to_string()).with_group(format!("g{i}")))
+                .collect(),
+        )
+        .await
+        .expect("send works");
+    mall_test_support::wait_until("every message is dead", Duration::from_secs(20), || async {
+        for m in queue
+            .receive(10, Duration::from_millis(100))
+            .await
+            .expect("receive works")
+        {
+            queue
+                .change_visibility(&m.receipt, Duration::ZERO)
+                .await
+                .expect("released");
+        }
+        (queue.counts().await.expect("counts").dead == groups).then_some(())
+    })
+    .await;
+
+    let mut bodies = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let (page, next) = queue
+            .list_dead_letters(3, token.as_deref())
+            .await
+            .expect("listing works");
+        pages += 1;
+        bodies.extend(page.into_iter().map(|m| m.body));
+        match next {
+            Some(next) => token = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(
+        bodies,
+        (0..groups).map(|i| i.to_string()).collect::<Vec<_>>()
+    );
+    let error = queue
+        .list_dead_letters(3, Some("not-a-token"))
+        .await
+        .expect_err("bad token");
+    assert!(matches!(error, QueueError::InvalidArgument { .. }));
+}
+
+/// A service's own table, to show the queue's migration runs beside it.
+struct ServiceTable;
+
+impl MigrationName for ServiceTable {
+    fn name(&self) -> &str {
+        "m20261125_000001_service_table"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ServiceTable {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared("CREATE TABLE service_things (id integer PRIMARY KEY)")
+            .await
+            .map(|_| ())
+    }
+}
+
+struct ServiceMigrator;
+
+impl MigratorTrait for ServiceMigrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        let mut all: Vec<Box<dyn MigrationTrait>> = vec![Box::new(ServiceTable)];
+        all.extend(mall_queue::embedded::migrations());
+        all
+    }
+}
+
+async fn the_queue_migration_runs_beside_a_services_own(target: Target) {
+    let engine = match target {
+        Target::Sqlite => mall_test_support::Engine::Sqlite,
+        _ => mall_test_support::Engine::Postgres,
+    };
+    let database = mall_test_support::TestDatabase::new(engine).await;
+    let settings = mall_db::DatabaseSettings {
+        url: secrecy::SecretString::from(database.url().to_owned()),
+        ..mall_db::DatabaseSettings::default()
+    };
+    // Without the queue's migration, opening says what is missing.
+    struct NoQueue;
+    impl MigratorTrait for NoQueue {
+        fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+            vec![Box::new(ServiceTable)]
+        }
+    }
+    let db = mall_db::connect::<NoQueue>(&settings)
+        .await
+        .expect("connects");
+    let error = Queue::open(&QueueSettings::default(), Some(db.clone()))
+        .await
+        .expect_err("tables missing");
+    assert!(
+        format!("{error:#}").contains("mall_queue::embedded::migrations()"),
+        "{error:#}"
+    );
+    db.close().await.expect("closes");
+
+    // With it, both tables are there and the migration is applied once, under its name.
+    let db = mall_db::connect::<ServiceMigrator>(&settings)
+        .await
+        .expect("connects");
+    db.close().await.expect("closes");
+    let db = mall_db::connect::<ServiceMigrator>(&settings)
+        .await
+        .expect("running the migrations again is a no-op");
+    let applied = ServiceMigrator::get_applied_migrations(&db)
+        .await
+        .expect("applied migrations");
+    let names: Vec<String> = applied.iter().map(|m| m.name().to_owned()).collect();
+    assert_eq!(
+        names,
+        [
+            "m20261125_000001_service_table",
+            mall_queue::embedded::MIGRATION_NAME
+        ]
+    );
+    let queue = Queue::open(&QueueSettings::default(), Some(db.clone()))
+        .await
+        .expect("opens");
+    queue
+        .send(vec![OutgoingMessage::new("x").with_group("g")])
+        .await
+        .expect("send works");
+    db.execute_unprepared("INSERT INTO service_things (id) VALUES (1)")
+        .await
+        .expect("the service's table is there too");
+}
+
+#[tokio::test]
+async fn an_sqs_queue_that_does_not_exist_is_named_unless_created() {
+    let harness = Harness::new(Target::LocalStack).await;
+    let mut settings = harness.settings();
+    settings.sqs.create_queues = false;
+    let error = Queue::open(&settings, None)
+        .await
+        .expect_err("no such queue");
+    let text = format!("{error:#}");
+    assert!(text.contains("create_queues"), "{text}");
+    assert!(
+        text.contains(&format!("{}-dlq.fifo", settings.name)),
+        "{text}"
+    );
+
+    settings.sqs.create_queues = true;
+    let queue = Queue::open(&settings, None).await.expect("created");
+    assert_eq!(
+        queue.counts_by_group().await.expect("answers"),
+        None,
+        "SQS cannot count by group"
+    );
+    // Opening again with create_queues finds them and updates their attributes.
+    settings.max_receives = 3;
+    Queue::open(&settings, None)
+        .await
+        .expect("reopened")
+        .ping()
+        .await
+        .expect("answers");
+}
+
+#[tokio::test]
+async fn an_embedded_queue_without_a_database_is_refused_plainly() {
+    let error = Queue::open(&QueueSettings::default(), None)
+        .await
+        .expect_err("no database");
+    assert!(error.to_string().contains("database"), "{error}");
+}
