@@ -2,13 +2,13 @@
 
 use mall_grpc::ServerSettings;
 use mall_telemetry::TelemetrySettings;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Environment variable prefix: `LOG_INGEST__SERVER__LISTEN_ADDR=0.0.0.0:50054`.
 pub const ENV_PREFIX: &str = "LOG_INGEST";
 
 /// Everything `log-ingest` can be configured with; every field has a working default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// gRPC and admin listeners, limits, timeouts. Default ports 50054 (gRPC) and 9094 (admin).

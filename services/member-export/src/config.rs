@@ -3,13 +3,13 @@
 use mall_db::DatabaseSettings;
 use mall_grpc::ServerSettings;
 use mall_telemetry::TelemetrySettings;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Environment variable prefix: `MEMBER_EXPORT__SERVER__LISTEN_ADDR=0.0.0.0:50053`.
 pub const ENV_PREFIX: &str = "MEMBER_EXPORT";
 
 /// Everything `member-export` can be configured with; every field has a working default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// gRPC and admin listeners, limits, timeouts. Default ports 50053 (gRPC) and 9093 (admin).

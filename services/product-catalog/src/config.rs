@@ -6,13 +6,13 @@ use mall_db::DatabaseSettings;
 use mall_grpc::ServerSettings;
 use mall_product::ProductTypes;
 use mall_telemetry::TelemetrySettings;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Environment variable prefix: `PRODUCT_CATALOG__SERVER__LISTEN_ADDR=0.0.0.0:50051`.
 pub const ENV_PREFIX: &str = "PRODUCT_CATALOG";
 
 /// Everything `product-catalog` can be configured with; every field has a working default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// gRPC and admin listeners, limits, timeouts. Default ports 50051 (gRPC) and 9091 (admin).
@@ -47,7 +47,7 @@ impl Settings {
 }
 
 /// The `catalog` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CatalogSettings {
     /// Registered product types and the attributes each allows. Setting it replaces the

@@ -5,6 +5,9 @@
 //!
 //! - every field has a documented default (the struct's `Default`), and a service starts with
 //!   no configuration at all;
+//! - sources are merged key by key over the serialized defaults, so setting one key of a
+//!   section (`PRODUCT_CATALOG__SERVER__REQUEST_TIMEOUT`) keeps the service's defaults for the
+//!   section's other keys (its listen port), not the section type's generic ones;
 //! - a TOML file named by `--config <path>` or `<PREFIX>_CONFIG` overrides the defaults;
 //! - environment variables `<PREFIX>__SECTION__KEY=value` override both (`__` separates
 //!   levels, names are case-insensitive, values are parsed as TOML-ish scalars);
@@ -20,10 +23,10 @@ use std::path::{Path, PathBuf};
 
 use figment::{
     Figment, Metadata, Profile, Provider,
-    providers::{Format, Toml},
+    providers::{Format, Serialized, Toml},
     value::{Dict, Map, Value},
 };
-use serde::de::DeserializeOwned;
+use serde::{Serialize, Serializer, de::DeserializeOwned};
 
 pub use secrecy::{ExposeSecret, SecretString};
 
@@ -87,7 +90,7 @@ impl Sources {
 ///
 /// # Errors
 /// See [`load_from`].
-pub fn load<T: DeserializeOwned>(prefix: &str) -> Result<T, ConfigError> {
+pub fn load<T: DeserializeOwned + Serialize + Default>(prefix: &str) -> Result<T, ConfigError> {
     load_from(prefix, Sources::from_process(prefix)?)
 }
 
@@ -96,8 +99,11 @@ pub fn load<T: DeserializeOwned>(prefix: &str) -> Result<T, ConfigError> {
 /// # Errors
 /// [`ConfigError::FileNotFound`] when the file is named but absent; [`ConfigError::Invalid`]
 /// naming the key for an unknown key, a malformed value or a malformed file.
-pub fn load_from<T: DeserializeOwned>(prefix: &str, sources: Sources) -> Result<T, ConfigError> {
-    let mut figment = Figment::new();
+pub fn load_from<T: DeserializeOwned + Serialize + Default>(
+    prefix: &str,
+    sources: Sources,
+) -> Result<T, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
     if let Some(file) = &sources.file {
         if !Path::new(file).is_file() {
             return Err(ConfigError::FileNotFound(file.clone()));
@@ -108,6 +114,30 @@ pub fn load_from<T: DeserializeOwned>(prefix: &str, sources: Sources) -> Result<
     figment
         .extract::<T>()
         .map_err(|error| ConfigError::Invalid(describe(error)))
+}
+
+/// Serializes a secret setting into the defaults the sources are merged over. Use it as
+/// `#[serde(serialize_with = "mall_config::serialize_secret")]`: the value only goes into the
+/// in-memory merge, never to a log or a message.
+///
+/// # Errors
+/// Those of the serializer.
+pub fn serialize_secret<S: Serializer>(secret: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(secret.expose_secret())
+}
+
+/// [`serialize_secret`] for an optional secret.
+///
+/// # Errors
+/// Those of the serializer.
+pub fn serialize_optional_secret<S: Serializer>(
+    secret: &Option<SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(secret) => serializer.serialize_some(secret.expose_secret()),
+        None => serializer.serialize_none(),
+    }
 }
 
 /// Renders every error figment collected, one per line, each naming its key and source.
@@ -194,11 +224,11 @@ impl Provider for EnvProvider {
 mod tests {
     use std::{io::Write, net::SocketAddr, time::Duration};
 
-    use serde::Deserialize;
+    use serde::{Deserialize, Serialize};
 
     use super::*;
 
-    #[derive(Debug, Deserialize, PartialEq)]
+    #[derive(Debug, Deserialize, Serialize, PartialEq)]
     #[serde(default, deny_unknown_fields)]
     struct Settings {
         server: Server,
@@ -214,7 +244,7 @@ mod tests {
         }
     }
 
-    #[derive(Debug, Deserialize, PartialEq)]
+    #[derive(Debug, Deserialize, Serialize, PartialEq)]
     #[serde(default, deny_unknown_fields)]
     struct Server {
         listen_addr: SocketAddr,
@@ -238,6 +268,35 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn one_key_of_a_section_keeps_the_services_defaults_for_the_others() {
+        #[derive(Debug, Deserialize, Serialize)]
+        #[serde(default, deny_unknown_fields)]
+        struct Service {
+            server: Server,
+        }
+        impl Default for Service {
+            fn default() -> Self {
+                Self {
+                    server: Server {
+                        listen_addr: "127.0.0.1:50051".parse().expect("valid literal"),
+                        ..Server::default()
+                    },
+                }
+            }
+        }
+        let settings: Service = load_from(
+            "APP",
+            Sources {
+                file: None,
+                env: env(&[("APP__SERVER__LIMIT", "3")]),
+            },
+        )
+        .expect("loads");
+        assert_eq!(settings.server.limit, 3);
+        assert_eq!(settings.server.listen_addr.port(), 50051);
     }
 
     #[test]

@@ -12,17 +12,18 @@ use anyhow::Context as _;
 use sea_orm::{ConnectOptions, ConnectionTrait as _, Database, DatabaseConnection, DbBackend};
 use sea_orm_migration::MigratorTrait;
 use secrecy::{ExposeSecret as _, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use sea_orm;
 
 /// The `database` section of a service's settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseSettings {
     /// `sqlite://<path>` (file created if missing) or `postgres://user:password@host/db`.
     /// Secret because it may hold a password; printed as `[REDACTED]`.
     /// Default: `sqlite://.data/<service>.sqlite`, relative to the working directory.
+    #[serde(serialize_with = "mall_config::serialize_secret")]
     pub url: SecretString,
     /// Most connections in the pool. Default 10 (SQLite serializes writers anyway).
     pub max_connections: u32,

@@ -2,10 +2,10 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Listeners, limits and timeouts of a service's gRPC and admin servers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSettings {
     /// Address the gRPC server listens on. Each service has its own default port

@@ -6,10 +6,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The type of an attribute value in `Product.attributes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AttributeType {
     /// A JSON string.
@@ -38,7 +38,7 @@ impl AttributeType {
 }
 
 /// One registered product type.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProductTypeSpec {
     /// Allowed attribute keys and the type of each value. Any other key is refused.
@@ -49,7 +49,7 @@ pub struct ProductTypeSpec {
 ///
 /// Default: apparel, shoes, bags, accessories, golf, outdoor, kids and living, each with the
 /// attributes the mall's product team sends for it (see [`ProductTypes::default`]).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(transparent)]
 pub struct ProductTypes(BTreeMap<String, ProductTypeSpec>);
 
@@ -225,9 +225,16 @@ mod tests {
 
     #[test]
     fn a_registry_is_read_from_settings() {
-        #[derive(Deserialize)]
+        #[derive(Deserialize, Serialize)]
         struct Settings {
             product_types: ProductTypes,
+        }
+        impl Default for Settings {
+            fn default() -> Self {
+                Self {
+                    product_types: ProductTypes::new(BTreeMap::new()),
+                }
+            }
         }
         let settings: Settings = mall_config::load_from(
             "TEST",

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use aws_config::{BehaviorVersion, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_kinesis::config::{Credentials, Region};
 use secrecy::{ExposeSecret as _, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use url::Url;
 
 /// Kinesis allows at most 10,000 records per GetRecords call.
@@ -16,7 +16,7 @@ pub const MAX_RECORDS_PER_CALL: u32 = 10_000;
 pub const MIN_GET_RECORDS_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The Kinesis source of `sync-relay` (the `kinesis` section the relay's settings embed).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KinesisSettings {
     /// Name of the stream the product team writes product changes to. Default `product-changes`.
@@ -30,8 +30,10 @@ pub struct KinesisSettings {
     /// Static access key id, for emulators and places without an AWS role. Default: none, the
     /// AWS default credential chain (environment, profile, web identity, container or instance
     /// role). Set both keys or neither.
+    #[serde(serialize_with = "mall_config::serialize_optional_secret")]
     pub access_key_id: Option<SecretString>,
     /// Static secret access key that goes with `access_key_id`. Default: none.
+    #[serde(serialize_with = "mall_config::serialize_optional_secret")]
     pub secret_access_key: Option<SecretString>,
     /// Creates the stream with this many shards when it does not exist: a convenience for local
     /// runs and tests; production streams are made by their owners. Default: none (never create).
@@ -184,7 +186,7 @@ mod tests {
 
     /// Loads the settings the way the relay does, from `SYNC_RELAY__KINESIS__*` variables.
     fn load(env: &[(&str, &str)]) -> Result<KinesisSettings, String> {
-        #[derive(Debug, Default, Deserialize)]
+        #[derive(Debug, Default, Deserialize, Serialize)]
         #[serde(default, deny_unknown_fields)]
         struct Relay {
             kinesis: KinesisSettings,
