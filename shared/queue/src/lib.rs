@@ -156,7 +156,7 @@ impl Queue {
     ///
     /// # Errors
     /// [`QueueError::Unavailable`] or [`QueueError::Throttled`] when the engine fails.
-    #[tracing::instrument(skip_all, fields(queue = %self.name(), max, received), err)]
+    #[tracing::instrument(skip_all, fields(queue = %self.name(), max = max, received = tracing::field::Empty), err)]
     pub async fn receive(
         &self,
         max: usize,

@@ -194,7 +194,12 @@ impl EmbeddedQueue {
             .filter(|(_, keep)| *keep)
             .map(|(m, _)| NewRow {
                 message_id: uuid::Uuid::new_v4().to_string(),
-                group_id: m.group_id.unwrap_or_default(),
+                // Standard queues have no groups, as on SQS.
+                group_id: if fifo {
+                    m.group_id.unwrap_or_default()
+                } else {
+                    String::new()
+                },
                 dedup_id: if fifo { m.dedup_id } else { None },
                 attributes: attributes_json(&m.attributes),
                 body: m.body,
