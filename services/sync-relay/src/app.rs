@@ -1,32 +1,145 @@
-//! Wiring: connect dependencies, bind listeners, register services.
+//! Wiring: connect dependencies, bind listeners, start the stages, register services.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
+use anyhow::Context as _;
 use mall_grpc::GrpcServer;
+use mall_proto::sync::v1::sync_relay_service_server::SyncRelayServiceServer;
+use mall_queue::Queue;
 
-use crate::migration::Migrator;
-use crate::{SERVICE, config::Settings};
+use crate::{
+    SERVICE,
+    api::RelayApi,
+    apply::{Applier, connect_catalog},
+    config::{Settings, SourceKind},
+    control::Control,
+    ingest::{Ingest, KinesisSink},
+    metrics::RelayMetrics,
+    migration::Migrator,
+    source::kinesis::KinesisSource,
+    store::RelayStore,
+};
 
-/// A built `sync-relay`, listeners bound, ready to run.
+/// A built `sync-relay`, listeners bound, stages ready to start with [`App::run_until`].
 #[derive(Debug)]
 pub struct App {
     server: GrpcServer,
 }
 
 impl App {
-    /// Connects dependencies, runs migrations and binds the listeners.
+    /// Checks the settings, connects the database and the queue, binds the listeners and
+    /// starts stage 1 (the Kinesis source, if configured) and stage 2 (the consumers).
     ///
     /// # Errors
-    /// When a dependency is unreachable or a listener cannot be bound.
+    /// When a setting is invalid, a dependency is unreachable or a listener cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let relay = &settings.relay;
+        relay
+            .product_types
+            .check()
+            .map_err(|problem| anyhow::anyhow!("invalid relay.product_types: {problem}"))?;
+        anyhow::ensure!(
+            (1..=1024).contains(&relay.lanes),
+            "relay.lanes must be 1 to 1024, not {}",
+            relay.lanes
+        );
+        anyhow::ensure!(
+            (4 * 1024..=mall_queue::limits::MAX_MESSAGE_BYTES - 1024)
+                .contains(&relay.max_message_bytes),
+            "relay.max_message_bytes must be 4 KiB to 1 MiB minus 1 KiB (room for attributes), not {}",
+            relay.max_message_bytes
+        );
+        anyhow::ensure!(
+            settings.apply.consumers >= 1,
+            "apply.consumers must be at least 1"
+        );
+        anyhow::ensure!(
+            settings.queue.fifo,
+            "queue.fifo must be true: lanes are FIFO message groups, and per-product order needs them"
+        );
+
         let db = mall_db::connect::<Migrator>(&settings.database).await?;
+        let queue = Queue::open(&settings.queue, Some(db.clone()))
+            .await
+            .context("failed to open the relay's queue")?;
         let mut server = GrpcServer::bind(SERVICE, &settings.server).await?;
-        // The contract is listed by reflection for review; its calls answer UNIMPLEMENTED
-        // until issue 5 builds them.
-        server.advertise_unimplemented("mall.sync.v1.SyncRelayService");
+        let metrics = RelayMetrics::register(server.registry())
+            .context("failed to register relay metrics")?;
+        let store = RelayStore::new(db.clone());
+        let control = Control::load(store.clone()).await?;
+        let types = Arc::new(relay.product_types.clone());
+        let ingest = Ingest::new(
+            queue.clone(),
+            store.clone(),
+            types.clone(),
+            relay.lanes,
+            relay.max_message_bytes,
+            metrics.clone(),
+            control.clone(),
+        );
+
+        let kinesis_stream = match settings.source.kind {
+            SourceKind::Grpc => None,
+            SourceKind::Kinesis => {
+                let replica = settings
+                    .source
+                    .replica_id
+                    .clone()
+                    .unwrap_or_else(default_replica_id);
+                let kinesis = settings.source.kinesis.clone();
+                let stream = kinesis.stream_name.clone();
+                let source = KinesisSource::new(kinesis, db.clone(), replica, server.registry())?;
+                server.spawn(
+                    "kinesis source",
+                    source.run(
+                        KinesisSink {
+                            ingest: ingest.clone(),
+                        },
+                        control.paused(),
+                        server.shutdown_token(),
+                    ),
+                );
+                Some(stream)
+            }
+        };
+
+        let catalog = connect_catalog(&settings.apply.catalog_url, settings.apply.catalog_timeout)?;
+        let applier = Applier::new(
+            queue.clone(),
+            catalog,
+            store.clone(),
+            settings.apply.clone(),
+            settings.queue.visibility_timeout,
+            metrics,
+            control.clone(),
+        );
+        for _ in 0..settings.apply.consumers {
+            server.spawn(
+                "apply consumer",
+                applier.clone().run(server.shutdown_token()),
+            );
+        }
+        server.spawn(
+            "pause switch",
+            control
+                .clone()
+                .follow(relay.control_poll_interval, server.shutdown_token()),
+        );
+
+        let api = RelayApi::new(ingest, queue.clone(), store, control, types, kinesis_stream);
+        let max_message = settings.server.max_message_bytes;
+        server.add_service(
+            SyncRelayServiceServer::new(api)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        );
         server.set_readiness(move || {
             let db = db.clone();
-            async move { mall_db::ping(&db).await }
+            let queue = queue.clone();
+            async move {
+                mall_db::ping(&db).await?;
+                queue.ping().await.context("the queue does not answer")
+            }
         });
         Ok(Self { server })
     }
@@ -48,4 +161,13 @@ impl App {
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         self.server.run_until(shutdown).await
     }
+}
+
+/// `<host name>-<process id>`: unique per replica without configuration (a pod's host name is
+/// its name).
+fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "relay".into());
+    format!("{host}-{}", std::process::id())
 }

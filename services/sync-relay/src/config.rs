@@ -1,23 +1,41 @@
 //! Settings of `sync-relay`: defaults < TOML file (`--config`) < `SYNC_RELAY__*` environment.
 
+use std::time::Duration;
+
 use mall_db::DatabaseSettings;
 use mall_grpc::ServerSettings;
+use mall_product::ProductTypes;
+use mall_queue::QueueSettings;
 use mall_telemetry::TelemetrySettings;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::source::kinesis::KinesisSettings;
 
 /// Environment variable prefix: `SYNC_RELAY__SERVER__LISTEN_ADDR=0.0.0.0:50052`.
 pub const ENV_PREFIX: &str = "SYNC_RELAY";
 
 /// Everything `sync-relay` can be configured with; every field has a working default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// gRPC and admin listeners, limits, timeouts. Default ports 50052 (gRPC) and 9092 (admin).
     pub server: ServerSettings,
     /// Logs and traces.
     pub telemetry: TelemetrySettings,
-    /// Where state is kept. Default: an SQLite file at `.data/sync-relay.sqlite`.
+    /// Where state is kept (quarantine, checkpoints, leases, and the embedded queue).
+    /// Default: an SQLite file at `.data/sync-relay.sqlite`.
     pub database: DatabaseSettings,
+    /// Where product changes come from.
+    pub source: SourceSettings,
+    /// The ordered queue between the stages. Default: the embedded queue
+    /// `product-changes.fifo` in the relay's database, FIFO, visibility 30s, dead-lettered
+    /// after 10 receives.
+    pub queue: QueueSettings,
+    /// Roll-up, lanes and validation (stage 1).
+    pub relay: RelaySettings,
+    /// Applying changes to the catalog (stage 2).
+    pub apply: ApplySettings,
 }
 
 impl Default for Settings {
@@ -26,6 +44,18 @@ impl Default for Settings {
             server: ServerSettings::with_ports(50052, 9092),
             telemetry: TelemetrySettings::default(),
             database: DatabaseSettings::sqlite_file(".data/sync-relay.sqlite"),
+            source: SourceSettings::default(),
+            queue: QueueSettings {
+                name: "product-changes.fifo".into(),
+                fifo: true,
+                // A relay killed mid-apply leaves its messages in flight; each such crash
+                // costs a receive. Ten leaves room for several crashes before a healthy
+                // message would be dead-lettered.
+                max_receives: 10,
+                ..QueueSettings::default()
+            },
+            relay: RelaySettings::default(),
+            apply: ApplySettings::default(),
         }
     }
 }
@@ -37,5 +67,100 @@ impl Settings {
     /// When a key is unknown or a value is malformed; the error names the key.
     pub fn load() -> Result<Self, mall_config::ConfigError> {
         mall_config::load(ENV_PREFIX)
+    }
+}
+
+/// Which source feeds stage 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// Only gRPC `PublishProductChanges` (the local default).
+    #[default]
+    Grpc,
+    /// The product team's Kinesis stream; `PublishProductChanges` stays open for backfills.
+    Kinesis,
+}
+
+/// The `source` section.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceSettings {
+    /// `grpc` (default) or `kinesis`.
+    pub kind: SourceKind,
+    /// The Kinesis stream, when `kind = "kinesis"`.
+    pub kinesis: KinesisSettings,
+    /// This replica's name in shard leases: unique per replica (the pod name). Default: the
+    /// host name and process id.
+    pub replica_id: Option<String>,
+}
+
+/// The `relay` section: stage 1.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelaySettings {
+    /// FIFO lanes (message groups): `hash(product code) mod lanes`. More lanes apply in
+    /// parallel; a product's changes always share one lane. Drain the queue before changing
+    /// it, or a product's old and new lanes could apply out of order. Default 16.
+    pub lanes: u32,
+    /// Largest queue message body, in bytes (base64 text). At most 1 MiB minus the
+    /// attributes (SQS); larger bodies carry more changes per message. Default 256 KiB.
+    pub max_message_bytes: usize,
+    /// Registered product types; must be the catalog's registry. Default: the catalog's
+    /// default set.
+    pub product_types: ProductTypes,
+    /// How often each replica re-reads the shared pause switch. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub control_poll_interval: Duration,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            lanes: 16,
+            max_message_bytes: 256 * 1024,
+            product_types: ProductTypes::default(),
+            control_poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The `apply` section: stage 2.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApplySettings {
+    /// product-catalog's gRPC endpoint. Default `http://127.0.0.1:50051`.
+    pub catalog_url: Url,
+    /// Deadline of one BulkUpdateProducts call. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub catalog_timeout: Duration,
+    /// Queue consumers in this replica; each receives a batch and applies its lanes in
+    /// parallel. Default 4.
+    pub consumers: usize,
+    /// Messages one consumer receives at once (SQS returns at most 10 per call and makes
+    /// several calls for more). Default 10.
+    pub receive_batch: usize,
+    /// Long-polling wait of a receive. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub receive_wait: Duration,
+    /// First wait before retrying an apply that failed; doubles up to `retry_backoff_max`.
+    /// Default 100ms.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_initial: Duration,
+    /// Longest wait between retries. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+}
+
+impl Default for ApplySettings {
+    fn default() -> Self {
+        Self {
+            catalog_url: Url::parse("http://127.0.0.1:50051").expect("a valid url"),
+            catalog_timeout: Duration::from_secs(10),
+            consumers: 4,
+            receive_batch: 10,
+            receive_wait: Duration::from_secs(1),
+            retry_backoff_initial: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(5),
+        }
     }
 }

@@ -83,6 +83,14 @@ impl UpdateMask {
         self.bits & other.bits == other.bits
     }
 
+    /// The fields of both masks.
+    #[must_use]
+    pub fn union(self, other: Self) -> Self {
+        Self {
+            bits: self.bits | other.bits,
+        }
+    }
+
     /// Whether the field at `path` (one of [`PATHS`]) is in the mask.
     pub fn contains(self, path: &str) -> bool {
         PATHS

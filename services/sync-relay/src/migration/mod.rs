@@ -6,6 +6,7 @@
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
 mod m20261125_000001_kinesis_shards;
+mod m20261125_000002_relay;
 
 /// The ordered list of migrations.
 #[derive(Debug)]
@@ -13,6 +14,12 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261125_000001_kinesis_shards::Migration)]
+        let mut migrations: Vec<Box<dyn MigrationTrait>> = vec![
+            Box::new(m20261125_000001_kinesis_shards::Migration),
+            Box::new(m20261125_000002_relay::Migration),
+        ];
+        // The embedded queue's tables live in the relay's database (unused with SQS).
+        migrations.extend(mall_queue::embedded::migrations());
+        migrations
     }
 }

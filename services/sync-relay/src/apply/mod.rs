@@ -1,0 +1,382 @@
+//! Stage 2: receive lane messages, merge them, apply them to the catalog, delete them.
+//!
+//! A consumer receives a batch, splits it by lane and applies the lanes in parallel; within a
+//! lane, messages are handled in the order received, and a lane whose apply fails gives all
+//! of its messages of this batch back, so no later change of a product overtakes an earlier
+//! one. A message is deleted only after the catalog committed its changes.
+//!
+//! Failures are sorted by what helps:
+//! - the catalog is unreachable or overloaded (UNAVAILABLE, DEADLINE_EXCEEDED, ...): retry
+//!   with backoff while keeping the messages in flight (their visibility is extended), so an
+//!   outage does not push healthy messages toward the dead-letter queue;
+//! - the catalog refuses some changes (INVALID_ARGUMENT naming `updates[i]`): quarantine
+//!   those changes and apply the rest;
+//! - anything else: record the error, give the messages back to the queue after a backoff;
+//!   after `queue.max_receives` deliveries the queue dead-letters them, while the other lanes
+//!   keep flowing.
+//!
+//! # Layout
+//! - [`merge`]: the changes of a lane into the fewest equivalent catalog writes.
+//! - `catalog`: the catalog client and how its errors are classified.
+
+pub mod merge;
+
+mod catalog;
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::{Duration, Instant, SystemTime},
+};
+
+use futures::future::join_all;
+use mall_proto::sync::v1::{ProductChange, ProductChangeBatch};
+use mall_queue::{Queue, Receipt, ReceivedMessage, decode_body};
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+pub use catalog::{CatalogClient, connect_catalog};
+
+use crate::{
+    config::ApplySettings,
+    control::Control,
+    metrics::RelayMetrics,
+    store::{NewQuarantined, RelayStore},
+};
+use catalog::{Failure, apply_batch};
+use merge::TypeBatch;
+
+/// Stage 2 of one replica; cheap to clone (one clone per consumer).
+#[derive(Debug, Clone)]
+pub struct Applier {
+    queue: Queue,
+    catalog: CatalogClient,
+    store: RelayStore,
+    settings: ApplySettings,
+    /// The queue's visibility timeout: how long a received message stays ours.
+    visibility: Duration,
+    metrics: RelayMetrics,
+    control: Control,
+}
+
+/// How one lane's messages ended.
+enum LaneOutcome {
+    Applied,
+    /// Given back to the queue (or left to expire at shutdown).
+    Returned,
+}
+
+impl Applier {
+    /// Stage 2 over `queue`, applying to `catalog`.
+    pub fn new(
+        queue: Queue,
+        catalog: CatalogClient,
+        store: RelayStore,
+        settings: ApplySettings,
+        visibility: Duration,
+        metrics: RelayMetrics,
+        control: Control,
+    ) -> Self {
+        Self {
+            queue,
+            catalog,
+            store,
+            settings,
+            visibility,
+            metrics,
+            control,
+        }
+    }
+
+    /// Receives and applies until `shutdown`; while paused, receives nothing.
+    ///
+    /// # Errors
+    /// Never; failures are logged, recorded and retried.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut paused = self.control.paused();
+        let mut backoff = self.settings.retry_backoff_initial;
+        loop {
+            if *paused.borrow_and_update() {
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    _ = paused.changed() => continue,
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                result = self.run_once(&shutdown) => match result {
+                    Ok(_) => backoff = self.settings.retry_backoff_initial,
+                    Err(error) => {
+                        tracing::warn!(error = %error, "failed to receive from the queue");
+                        self.control.record_error(format!("failed to receive from the queue: {error}"));
+                        tokio::select! {
+                            () = shutdown.cancelled() => return Ok(()),
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(self.settings.retry_backoff_max);
+                    }
+                },
+            }
+        }
+    }
+
+    /// One round: receive a batch (waiting up to the receive wait) and apply its lanes.
+    /// Returns how many messages were received.
+    ///
+    /// # Errors
+    /// When the queue cannot be read.
+    pub async fn run_once(&self, shutdown: &CancellationToken) -> anyhow::Result<usize> {
+        let messages = self
+            .queue
+            .receive(self.settings.receive_batch, self.settings.receive_wait)
+            .await?;
+        let received = messages.len();
+        let mut lanes: BTreeMap<String, Vec<ReceivedMessage>> = BTreeMap::new();
+        for message in messages {
+            lanes
+                .entry(message.group_id.clone().unwrap_or_default())
+                .or_default()
+                .push(message);
+        }
+        join_all(
+            lanes
+                .into_iter()
+                .map(|(lane, messages)| self.apply_lane(lane, messages, shutdown)),
+        )
+        .await;
+        Ok(received)
+    }
+
+    async fn apply_lane(
+        &self,
+        lane: String,
+        messages: Vec<ReceivedMessage>,
+        shutdown: &CancellationToken,
+    ) -> LaneOutcome {
+        let span = tracing::info_span!("relay.apply", lane = %lane, messages = messages.len());
+        if let Some(traceparent) = messages
+            .first()
+            .and_then(|m| m.attributes.get(mall_telemetry::propagation::TRACEPARENT))
+        {
+            mall_telemetry::propagation::set_parent_from_headers(&span, traceparent, "");
+        }
+        self.apply_lane_in_span(&lane, messages, shutdown)
+            .instrument(span)
+            .await
+    }
+
+    async fn apply_lane_in_span(
+        &self,
+        lane: &str,
+        messages: Vec<ReceivedMessage>,
+        shutdown: &CancellationToken,
+    ) -> LaneOutcome {
+        let receipts: Vec<Receipt> = messages.iter().map(|m| m.receipt.clone()).collect();
+        let ids: Vec<String> = messages.iter().map(|m| m.message_id.clone()).collect();
+        let mut changes = Vec::new();
+        for message in &messages {
+            match decode_batch(&message.body) {
+                Ok(batch) => changes.extend(batch.changes),
+                Err(reason) => {
+                    let error = format!(
+                        "queue message {} is not a ProductChangeBatch: {reason}",
+                        message.message_id
+                    );
+                    return self
+                        .give_back(&ids, &receipts, &error, messages_attempt(&messages))
+                        .await;
+                }
+            }
+        }
+        let event_times: Vec<SystemTime> = changes
+            .iter()
+            .filter_map(|c| c.event_time.and_then(|t| SystemTime::try_from(t).ok()))
+            .collect();
+        let count = changes.len();
+
+        let mut visible_until = Instant::now() + self.visibility;
+        let mut pending: VecDeque<TypeBatch> = merge::merge(changes).into();
+        while let Some(mut batch) = pending.pop_front() {
+            let mut backoff = self.settings.retry_backoff_initial;
+            loop {
+                match apply_batch(
+                    &self.catalog,
+                    &batch,
+                    self.settings.catalog_timeout,
+                    &self.metrics,
+                )
+                .await
+                {
+                    Ok(()) => break,
+                    Err(Failure::TooLarge) if batch.changes.len() > 1 => {
+                        // Halves, in order: each product's changes stay in version order.
+                        let second = batch.changes.split_off(batch.changes.len() / 2);
+                        pending.push_front(TypeBatch {
+                            product_type: batch.product_type.clone(),
+                            changes: second,
+                        });
+                        pending.push_front(batch);
+                        break;
+                    }
+                    Err(Failure::TooLarge) => {
+                        return self
+                            .give_back(
+                                &ids,
+                                &receipts,
+                                "one change exceeds the catalog's maximum message size",
+                                messages_attempt(&messages),
+                            )
+                            .await;
+                    }
+                    Err(Failure::Refused(refused)) => {
+                        let (bad, rest): (Vec<_>, Vec<_>) = batch
+                            .changes
+                            .into_iter()
+                            .enumerate()
+                            .partition(|(i, _)| refused.contains_key(i));
+                        self.quarantine_refused(lane, &ids, bad, &refused).await;
+                        batch.changes = rest.into_iter().map(|(_, c)| c).collect();
+                        if batch.changes.is_empty() {
+                            break;
+                        }
+                    }
+                    Err(Failure::Transient(error)) => {
+                        self.metrics
+                            .apply_retries
+                            .with_label_values(&["transient"])
+                            .inc();
+                        self.control
+                            .record_error(format!("catalog unavailable: {error}"));
+                        tracing::warn!(lane, error = %error, "catalog unavailable; retrying");
+                        tokio::select! {
+                            () = shutdown.cancelled() => return LaneOutcome::Returned,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(self.settings.retry_backoff_max);
+                        // Keep the messages ours while the outage lasts.
+                        if visible_until.saturating_duration_since(Instant::now())
+                            < self.visibility / 2
+                        {
+                            for receipt in &receipts {
+                                if let Err(error) =
+                                    self.queue.change_visibility(receipt, self.visibility).await
+                                {
+                                    tracing::warn!(lane, error = %error, "failed to extend visibility");
+                                }
+                            }
+                            visible_until = Instant::now() + self.visibility;
+                        }
+                    }
+                    Err(Failure::Permanent(error)) => {
+                        return self
+                            .give_back(
+                                &ids,
+                                &receipts,
+                                &format!("catalog refused the batch: {error}"),
+                                messages_attempt(&messages),
+                            )
+                            .await;
+                    }
+                }
+            }
+        }
+
+        if let Err(error) = self.queue.delete(&receipts).await {
+            // The catalog has the changes; a redelivery is a no-op under the version guard.
+            tracing::warn!(lane, error = %error, "failed to delete applied messages");
+        }
+        if messages.iter().any(|m| m.receive_count > 1)
+            && let Err(error) = self.store.clear_apply_failures(&ids).await
+        {
+            tracing::warn!(lane, error = %error, "failed to clear recorded apply failures");
+        }
+        self.control.record_applied(count);
+        let now = SystemTime::now();
+        for time in event_times {
+            self.metrics
+                .latency
+                .observe(now.duration_since(time).unwrap_or_default().as_secs_f64());
+        }
+        LaneOutcome::Applied
+    }
+
+    /// Records `error` for the messages and gives them back to the queue after a backoff
+    /// that grows with their deliveries; the queue dead-letters them after `max_receives`.
+    async fn give_back(
+        &self,
+        ids: &[String],
+        receipts: &[Receipt],
+        error: &str,
+        attempt: u32,
+    ) -> LaneOutcome {
+        tracing::warn!(error, "apply failed; giving the messages back to the queue");
+        self.metrics
+            .apply_retries
+            .with_label_values(&["released"])
+            .inc();
+        self.control.record_error(error);
+        if let Err(failure) = self.store.record_apply_failure(ids, error).await {
+            tracing::warn!(error = %failure, "failed to record an apply failure");
+        }
+        let delay = (self.settings.retry_backoff_initial * 2u32.saturating_pow(attempt.min(16)))
+            .min(self.settings.retry_backoff_max);
+        for receipt in receipts {
+            if let Err(error) = self.queue.change_visibility(receipt, delay).await {
+                tracing::warn!(error = %error, "failed to give a message back; it returns when its visibility expires");
+            }
+        }
+        LaneOutcome::Returned
+    }
+
+    async fn quarantine_refused(
+        &self,
+        lane: &str,
+        message_ids: &[String],
+        refused: Vec<(usize, ProductChange)>,
+        reasons: &BTreeMap<usize, String>,
+    ) {
+        let records: Vec<NewQuarantined> = refused
+            .into_iter()
+            .map(|(i, change)| {
+                let raw = change.encode_to_vec();
+                NewQuarantined {
+                    dedup_key: format!("apply:{:016x}", crate::rollup::fnv64(&raw)),
+                    source: format!("apply:{lane}"),
+                    position: message_ids.first().cloned().unwrap_or_default(),
+                    reason: format!(
+                        "refused by the catalog: {}",
+                        reasons.get(&i).cloned().unwrap_or_default()
+                    ),
+                    raw_payload: raw,
+                }
+            })
+            .collect();
+        tracing::warn!(
+            lane,
+            refused = records.len(),
+            "the catalog refused changes; quarantining them"
+        );
+        self.metrics
+            .quarantined
+            .with_label_values(&["apply"])
+            .inc_by(records.len() as u64);
+        // Retried until it works: the refused changes must not vanish.
+        let mut backoff = self.settings.retry_backoff_initial;
+        while let Err(error) = self.store.quarantine(&records).await {
+            tracing::warn!(error = %error, "failed to quarantine refused changes; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.settings.retry_backoff_max);
+        }
+    }
+}
+
+/// The highest delivery count among `messages`: how many times this lane was tried.
+fn messages_attempt(messages: &[ReceivedMessage]) -> u32 {
+    messages.iter().map(|m| m.receive_count).max().unwrap_or(1)
+}
+
+/// Decodes a queue body: base64 of an encoded `ProductChangeBatch`.
+fn decode_batch(body: &str) -> Result<ProductChangeBatch, String> {
+    let bytes = decode_body(body).map_err(|e| e.to_string())?;
+    ProductChangeBatch::decode(bytes.as_slice()).map_err(|e| e.to_string())
+}

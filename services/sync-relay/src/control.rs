@@ -1,0 +1,167 @@
+//! What every part of a replica shares about the relay's state: the pause switch (kept in
+//! the database, so every replica and every restart follows it), the last error, and the
+//! apply rate.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::RelayStore;
+
+/// The shared state of one replica; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Control {
+    store: RelayStore,
+    paused: Arc<watch::Sender<bool>>,
+    last_error: Arc<Mutex<Option<(String, SystemTime)>>>,
+    rate: Arc<Mutex<RateMeter>>,
+}
+
+impl Control {
+    /// Reads the pause switch once; the state starts from it.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn load(store: RelayStore) -> anyhow::Result<Self> {
+        let (paused, _) = store.pause_state().await?;
+        Ok(Self {
+            store,
+            paused: Arc::new(watch::channel(paused).0),
+            last_error: Arc::default(),
+            rate: Arc::default(),
+        })
+    }
+
+    /// Follows the pause switch, as it changes, until the receiver is dropped.
+    pub fn paused(&self) -> watch::Receiver<bool> {
+        self.paused.subscribe()
+    }
+
+    /// Whether this replica is paused now.
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Sets the switch for every replica; this one follows at once, others within their
+    /// poll interval.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn set_paused(&self, paused: bool, reason: &str) -> anyhow::Result<()> {
+        self.store.set_paused(paused, reason).await?;
+        self.paused.send_replace(paused);
+        Ok(())
+    }
+
+    /// Re-reads the switch every `interval` until `shutdown`, so a pause set through another
+    /// replica reaches this one.
+    ///
+    /// # Errors
+    /// Never; failures are logged and retried.
+    pub async fn follow(
+        self,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(interval) => {}
+            }
+            match self.store.pause_state().await {
+                Ok((paused, _)) => {
+                    self.paused.send_if_modified(|current| {
+                        let changed = *current != paused;
+                        *current = paused;
+                        changed
+                    });
+                }
+                Err(error) => tracing::warn!(error = %error, "failed to read the pause switch"),
+            }
+        }
+    }
+
+    /// Remembers an error that stopped a read, send or apply (no payloads in it).
+    pub fn record_error(&self, error: impl std::fmt::Display) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some((error.to_string(), SystemTime::now()));
+        }
+    }
+
+    /// The last recorded error and when it happened.
+    pub fn last_error(&self) -> Option<(String, SystemTime)> {
+        self.last_error.lock().ok().and_then(|last| last.clone())
+    }
+
+    /// Counts `changes` as applied now, for [`Control::changes_per_second`].
+    pub fn record_applied(&self, changes: usize) {
+        if let Ok(mut rate) = self.rate.lock() {
+            rate.add(Instant::now(), changes);
+        }
+    }
+
+    /// Changes applied per second over the last minute.
+    pub fn changes_per_second(&self) -> f64 {
+        self.rate
+            .lock()
+            .map(|mut rate| rate.per_second(Instant::now()))
+            .unwrap_or_default()
+    }
+}
+
+/// Counts per second over a sliding minute.
+#[derive(Debug, Default)]
+struct RateMeter {
+    /// (second, count) pairs, oldest first.
+    seconds: VecDeque<(Instant, usize)>,
+}
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+impl RateMeter {
+    fn add(&mut self, now: Instant, count: usize) {
+        match self.seconds.back_mut() {
+            Some((start, total)) if now.duration_since(*start) < Duration::from_secs(1) => {
+                *total += count;
+            }
+            _ => self.seconds.push_back((now, count)),
+        }
+        self.trim(now);
+    }
+
+    fn per_second(&mut self, now: Instant) -> f64 {
+        self.trim(now);
+        let total: usize = self.seconds.iter().map(|(_, c)| c).sum();
+        total as f64 / WINDOW.as_secs_f64()
+    }
+
+    fn trim(&mut self, now: Instant) {
+        while self
+            .seconds
+            .front()
+            .is_some_and(|(start, _)| now.duration_since(*start) > WINDOW)
+        {
+            self.seconds.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_covers_the_last_minute_only() {
+        let start = Instant::now();
+        let mut meter = RateMeter::default();
+        meter.add(start, 600);
+        meter.add(start + Duration::from_millis(500), 600);
+        assert!((meter.per_second(start + Duration::from_secs(1)) - 20.0).abs() < 1e-9);
+        assert!(meter.per_second(start + Duration::from_secs(62)).abs() < 1e-9);
+    }
+}
