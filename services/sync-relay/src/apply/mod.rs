@@ -131,6 +131,19 @@ impl Applier {
             .receive(self.settings.receive_batch, self.settings.receive_wait)
             .await?;
         let received = messages.len();
+        if self.control.is_paused() {
+            // Paused while this receive waited: give the messages back untouched.
+            for message in &messages {
+                if let Err(error) = self
+                    .queue
+                    .change_visibility(&message.receipt, Duration::ZERO)
+                    .await
+                {
+                    tracing::warn!(error = %error, "failed to give a message back at pause; it returns when its visibility expires");
+                }
+            }
+            return Ok(received);
+        }
         let mut lanes: BTreeMap<String, Vec<ReceivedMessage>> = BTreeMap::new();
         for message in messages {
             lanes

@@ -1,0 +1,310 @@
+//! The admin API: pause, dead letters, quarantine redrive, status, and its refusals.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use mall_product::{AttributeType, ProductTypeSpec, ProductTypes};
+use mall_proto::sync::v1::{
+    GetRelayStatusRequest, ListDeadLettersRequest, ListQuarantinedRequest, PauseRelayRequest,
+    ProductChange, RedriveDeadLettersRequest, RedriveQuarantinedRequest, ReplayFromRequest,
+    ResumeRelayRequest,
+};
+use mall_test_support::{Engine, wait_until};
+use sync_relay::change::lane_of;
+use tonic::Code;
+
+use crate::both_engines;
+use crate::helpers::{Catalog, Relay, change, database};
+
+/// The default types plus `beauty`.
+fn with_beauty() -> ProductTypes {
+    let mut types: BTreeMap<String, ProductTypeSpec> = ProductTypes::default()
+        .names()
+        .into_iter()
+        .map(|name| {
+            (
+                name.to_owned(),
+                ProductTypes::default()
+                    .get(name)
+                    .cloned()
+                    .expect("registered"),
+            )
+        })
+        .collect();
+    types.insert(
+        "beauty".into(),
+        ProductTypeSpec {
+            attributes: [("shade".to_owned(), AttributeType::String)].into(),
+        },
+    );
+    ProductTypes::new(types)
+}
+
+fn beauty(code: &str, version: u64) -> ProductChange {
+    let mut change = change(code, version);
+    change.product_type = "beauty".into();
+    change.product.as_mut().expect("set").product_type = "beauty".into();
+    change
+}
+
+/// `count` codes with `prefix` whose lanes (of 16) differ from `avoid`'s.
+fn codes_in_other_lanes(prefix: &str, avoid: &str, count: usize) -> Vec<String> {
+    let blocked = lane_of(avoid, 16);
+    (0..)
+        .map(|i| format!("{prefix}-{i:03}"))
+        .filter(|code| lane_of(code, 16) != blocked)
+        .take(count)
+        .collect()
+}
+
+async fn pausing_holds_changes_and_resuming_applies_them(engine: Engine) {
+    let catalog = Catalog::start(database(engine).await, None, |_| {}).await;
+    let relay_db = database(engine).await;
+    let relay = Relay::start(&relay_db, catalog.addr, |_| {}).await;
+    let paused = relay
+        .client()
+        .pause_relay(PauseRelayRequest {
+            reason: "catalog maintenance".into(),
+        })
+        .await
+        .expect("pause")
+        .into_inner()
+        .status
+        .expect("set");
+    assert!(paused.paused);
+    assert_eq!(paused.pause_reason, "catalog maintenance");
+
+    assert_eq!(
+        relay.publish(vec![change("P-1", 1)]).await.accepted_count,
+        1
+    );
+    // Accepted and waiting in its lane, not applied.
+    let lane = i32::try_from(lane_of("P-1", 16)).expect("small");
+    wait_until(
+        "the change waits in its lane",
+        Duration::from_secs(10),
+        || async {
+            let status = relay
+                .client()
+                .get_relay_status(GetRelayStatusRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .status?;
+            status
+                .lanes
+                .iter()
+                .any(|l| l.lane == lane && l.visible_messages == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(catalog.version("P-1").await, 0);
+
+    let resumed = relay
+        .client()
+        .resume_relay(ResumeRelayRequest {})
+        .await
+        .expect("resume")
+        .into_inner()
+        .status
+        .expect("set");
+    assert!(!resumed.paused);
+    catalog
+        .wait_for(&[("P-1".into(), 1)], Duration::from_secs(30))
+        .await;
+}
+
+async fn a_lane_the_catalog_keeps_refusing_is_dead_lettered_while_others_flow(engine: Engine) {
+    // The relay knows `beauty`; the catalog does not (yet): it refuses those requests whole.
+    let catalog = Catalog::start(database(engine).await, None, |_| {}).await;
+    let relay_db = database(engine).await;
+    let relay = Relay::start(&relay_db, catalog.addr, |settings| {
+        settings.relay.product_types = with_beauty();
+        settings.queue.max_receives = 3;
+    })
+    .await;
+
+    assert_eq!(
+        relay.publish(vec![beauty("B-1", 1)]).await.accepted_count,
+        1
+    );
+    let others = codes_in_other_lanes("P", "B-1", 50);
+    let shoes: Vec<_> = others.iter().map(|code| change(code, 1)).collect();
+    relay.publish(shoes).await;
+    let expected: Vec<(String, u64)> = others.iter().map(|c| (c.clone(), 1)).collect();
+    catalog.wait_for(&expected, Duration::from_secs(30)).await;
+
+    let dead = wait_until(
+        "the refused lane is dead-lettered",
+        Duration::from_secs(60),
+        || async {
+            let page = relay
+                .client()
+                .list_dead_letters(ListDeadLettersRequest::default())
+                .await
+                .ok()?
+                .into_inner();
+            (!page.dead_letters.is_empty()).then_some(page.dead_letters)
+        },
+    )
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].product_codes, ["B-1"]);
+    assert_eq!(dead[0].change_count, 1);
+    assert_eq!(
+        dead[0].lane,
+        i32::try_from(lane_of("B-1", 16)).expect("small")
+    );
+    assert!(
+        dead[0].last_error.contains("product_type"),
+        "{}",
+        dead[0].last_error
+    );
+
+    // The catalog learns the type; the dead letter is redriven and applied.
+    let (catalog_db, catalog_addr) = catalog.stop().await;
+    let catalog = Catalog::start(catalog_db, Some(catalog_addr), |settings| {
+        settings.catalog.product_types = with_beauty();
+    })
+    .await;
+    let redriven = relay
+        .client()
+        .redrive_dead_letters(RedriveDeadLettersRequest {
+            request_id: "redrive-1".into(),
+            all: true,
+            ..Default::default()
+        })
+        .await
+        .expect("redrive")
+        .into_inner();
+    assert_eq!(redriven.redriven_count, 1);
+    catalog
+        .wait_for(&[("B-1".into(), 1)], Duration::from_secs(30))
+        .await;
+    // The same request id returns the first response and redrives nothing more.
+    let again = relay
+        .client()
+        .redrive_dead_letters(RedriveDeadLettersRequest {
+            request_id: "redrive-1".into(),
+            all: true,
+            ..Default::default()
+        })
+        .await
+        .expect("redrive")
+        .into_inner();
+    assert_eq!(again, redriven);
+}
+
+async fn quarantined_records_that_became_valid_are_redriven(engine: Engine) {
+    let catalog = Catalog::start(database(engine).await, None, |settings| {
+        settings.catalog.product_types = with_beauty();
+    })
+    .await;
+    let relay_db = database(engine).await;
+    let relay = Relay::start(&relay_db, catalog.addr, |_| {}).await;
+    let response = relay
+        .publish(vec![
+            beauty("B-1", 1),
+            beauty("B-2", 1),
+            ProductChange::default(),
+        ])
+        .await;
+    assert_eq!(response.quarantined_count, 3);
+    relay.stop().await;
+
+    // The relay learns `beauty`: two records now pass, the empty one never will.
+    let relay = Relay::start(&relay_db, catalog.addr, |settings| {
+        settings.relay.product_types = with_beauty();
+    })
+    .await;
+    let redriven = relay
+        .client()
+        .redrive_quarantined(RedriveQuarantinedRequest {
+            all: true,
+            ..Default::default()
+        })
+        .await
+        .expect("redrive")
+        .into_inner();
+    assert_eq!(
+        (redriven.redriven_count, redriven.still_invalid_count),
+        (2, 1)
+    );
+    catalog
+        .wait_for(
+            &[("B-1".into(), 1), ("B-2".into(), 1)],
+            Duration::from_secs(30),
+        )
+        .await;
+    let left = relay
+        .client()
+        .list_quarantined(ListQuarantinedRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .quarantined_records;
+    assert_eq!(left.len(), 1);
+    assert!(left[0].reason.contains("product_code"));
+}
+
+async fn malformed_admin_requests_are_refused(engine: Engine) {
+    let catalog = Catalog::start(database(engine).await, None, |_| {}).await;
+    let relay_db = database(engine).await;
+    let relay = Relay::start(&relay_db, catalog.addr, |_| {}).await;
+    let mut client = relay.client();
+    let fields = |status: tonic::Status| {
+        use tonic_types::StatusExt as _;
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        status
+            .get_error_details()
+            .bad_request()
+            .map(|b| {
+                b.field_violations
+                    .iter()
+                    .map(|v| v.field.clone())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let neither = client
+        .redrive_dead_letters(RedriveDeadLettersRequest::default())
+        .await
+        .expect_err("refused");
+    assert_eq!(fields(neither), ["ids"]);
+    let both = client
+        .redrive_quarantined(RedriveQuarantinedRequest {
+            ids: vec!["1".into()],
+            all: true,
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(fields(both), ["all"]);
+    let long = client
+        .pause_relay(PauseRelayRequest {
+            reason: "x".repeat(1025),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(fields(long), ["reason"]);
+    let negative = client
+        .list_quarantined(ListQuarantinedRequest {
+            page_size: -1,
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(fields(negative), ["page_size"]);
+    let replay = client
+        .replay_from(ReplayFromRequest::default())
+        .await
+        .expect_err("no kinesis");
+    assert_eq!(replay.code(), Code::FailedPrecondition);
+}
+
+both_engines!(
+    pausing_holds_changes_and_resuming_applies_them,
+    a_lane_the_catalog_keeps_refusing_is_dead_lettered_while_others_flow,
+    quarantined_records_that_became_valid_are_redriven,
+    malformed_admin_requests_are_refused,
+);

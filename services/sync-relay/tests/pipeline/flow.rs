@@ -1,0 +1,178 @@
+//! Changes flowing from PublishProductChanges to the catalog.
+
+use std::time::Duration;
+
+use mall_proto::sync::v1::{GetRelayStatusRequest, ListQuarantinedRequest, ProductChange};
+use mall_test_support::{Engine, wait_until};
+
+use crate::both_engines;
+use crate::helpers::{Catalog, Relay, change, database};
+
+async fn published_changes_reach_the_catalog_at_their_highest_version(engine: Engine) {
+    let catalog = Catalog::start(database(engine).await, None, |_| {}).await;
+    let relay_db = database(engine).await;
+    let relay = Relay::start(&relay_db, catalog.addr, |_| {}).await;
+
+    // 300 products, 5 versions each, every product's versions in a shuffled order.
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut changes: Vec<ProductChange> = Vec::new();
+    for p in 0..300 {
+        let mut versions: Vec<u64> = (1..=5).collect();
+        rng.shuffle(&mut versions);
+        changes.extend(
+            versions
+                .into_iter()
+                .map(|v| change(&format!("P-{p:03}"), v)),
+        );
+    }
+    rng.shuffle(&mut changes);
+    let response = relay.publish(changes).await;
+    assert_eq!(response.accepted_count, 1500);
+    assert_eq!(response.quarantined_count, 0);
+
+    let expected: Vec<(String, u64)> = (0..300).map(|p| (format!("P-{p:03}"), 5)).collect();
+    catalog.wait_for(&expected, Duration::from_secs(60)).await;
+    let status = relay
+        .client()
+        .get_relay_status(GetRelayStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .status
+        .expect("set");
+    assert_eq!(status.dead_letter_count, 0);
+    assert!(!status.paused);
+}
+
+async fn invalid_changes_are_quarantined_and_reported_and_the_rest_applied(engine: Engine) {
+    let catalog = Catalog::start(database(engine).await, None, |_| {}).await;
+    let relay_db = database(engine).await;
+    let relay = Relay::start(&relay_db, catalog.addr, |_| {}).await;
+
+    let mut wrong_version = change("P-2", 3);
+    wrong_version.version = 4;
+    let mut bad_currency = change("P-3", 1);
+    bad_currency
+        .product
+        .as_mut()
+        .expect("set")
+        .prices
+        .insert("XYZ".into(), 10);
+    let response = relay
+        .publish(vec![
+            change("P-1", 1),
+            wrong_version,
+            ProductChange::default(),
+            bad_currency,
+            change("P-4", 1),
+        ])
+        .await;
+    assert_eq!(response.accepted_count, 2);
+    assert_eq!(response.quarantined_count, 3);
+    let notices: Vec<_> = response
+        .quarantined
+        .iter()
+        .map(|n| (n.index, n.product_code.as_str()))
+        .collect();
+    assert_eq!(notices, [(1, "P-2"), (2, ""), (3, "P-3")]);
+    assert!(response.quarantined[0].reason.contains("product.version"));
+    assert!(response.quarantined[2].reason.contains("prices[\"XYZ\"]"));
+
+    catalog
+        .wait_for(
+            &[("P-1".into(), 1), ("P-4".into(), 1)],
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(catalog.version("P-3").await, 0);
+
+    let listed = relay
+        .client()
+        .list_quarantined(ListQuarantinedRequest {
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.quarantined_records.len(), 2);
+    assert!(!listed.next_page_token.is_empty());
+    let first = &listed.quarantined_records[0];
+    assert_eq!(
+        (first.source.as_str(), first.position.as_str()),
+        ("grpc", "1")
+    );
+    let raw = <ProductChange as prost::Message>::decode(first.raw_payload.as_slice())
+        .expect("the raw payload is the change as sent");
+    assert_eq!(raw.version, 4);
+    let rest = relay
+        .client()
+        .list_quarantined(ListQuarantinedRequest {
+            page_size: 2,
+            page_token: listed.next_page_token,
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(rest.quarantined_records.len(), 1);
+    assert!(rest.next_page_token.is_empty());
+
+    // Publishing the same invalid change again does not quarantine it twice.
+    let again = relay.publish(vec![ProductChange::default()]).await;
+    assert_eq!(
+        again.quarantined[0].quarantine_id,
+        response.quarantined[1].quarantine_id
+    );
+}
+
+async fn a_catalog_outage_delays_changes_but_loses_none(engine: Engine) {
+    let catalog = Catalog::start(database(engine).await, None, |_| {}).await;
+    let relay_db = database(engine).await;
+    let relay = Relay::start(&relay_db, catalog.addr, |settings| {
+        // Far more receives than the outage would take if it counted them.
+        settings.queue.max_receives = 2;
+    })
+    .await;
+    let (catalog_db, catalog_addr) = catalog.stop().await;
+
+    let changes: Vec<_> = (0..200).map(|p| change(&format!("P-{p:03}"), 1)).collect();
+    assert_eq!(relay.publish(changes).await.accepted_count, 200);
+    // The relay notices the outage and keeps retrying.
+    wait_until(
+        "the relay reports the outage",
+        Duration::from_secs(30),
+        || async {
+            let status = relay
+                .client()
+                .get_relay_status(GetRelayStatusRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .status?;
+            status.last_error.contains("unavailable").then_some(())
+        },
+    )
+    .await;
+
+    let catalog = Catalog::start(catalog_db, Some(catalog_addr), |_| {}).await;
+    let expected: Vec<(String, u64)> = (0..200).map(|p| (format!("P-{p:03}"), 1)).collect();
+    catalog.wait_for(&expected, Duration::from_secs(60)).await;
+    let status = relay
+        .client()
+        .get_relay_status(GetRelayStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .status
+        .expect("set");
+    assert_eq!(
+        status.dead_letter_count, 0,
+        "an outage dead-letters nothing"
+    );
+}
+
+both_engines!(
+    published_changes_reach_the_catalog_at_their_highest_version,
+    invalid_changes_are_quarantined_and_reported_and_the_rest_applied,
+    a_catalog_outage_delays_changes_but_loses_none,
+);

@@ -1,0 +1,7 @@
+//! The relay end to end, in one process: a real product-catalog and a real relay (embedded
+//! queue) on fresh databases, driven through their gRPC APIs.
+
+mod helpers;
+
+mod admin;
+mod flow;
