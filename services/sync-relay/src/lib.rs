@@ -20,12 +20,14 @@
 //! - [`control`]: pause switch, last error, apply rate.
 //! - [`store`] and [`entity`]: the relay's own tables.
 //! - [`metrics`]: the relay's Prometheus metrics.
+//! - [`cli`]: `relayctl`, the admin API from a terminal.
 //! - [`migration`]: the database schema.
 
 pub mod api;
 pub mod app;
 pub mod apply;
 pub mod change;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod entity;

@@ -302,7 +302,69 @@ async fn malformed_admin_requests_are_refused(engine: Engine) {
     assert_eq!(replay.code(), Code::FailedPrecondition);
 }
 
+/// Runs `relayctl` with `args` against `relay`; its stdout, or a panic with its stderr.
+async fn relayctl(relay: &Relay, args: &[&str]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_relayctl"))
+        .arg("--addr")
+        .arg(format!("http://{}", relay.addr))
+        .args(args)
+        .output()
+        .await
+        .expect("relayctl runs");
+    assert!(
+        output.status.success(),
+        "relayctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8 output")
+}
+
+async fn relayctl_drives_the_admin_api_with_progress(engine: Engine) {
+    let catalog = Catalog::start(database(engine).await, None, |settings| {
+        settings.catalog.product_types = with_beauty();
+    })
+    .await;
+    let relay_db = database(engine).await;
+    let relay = Relay::start(&relay_db, catalog.addr, |_| {}).await;
+    relay
+        .publish(vec![beauty("B-1", 1), beauty("B-2", 1)])
+        .await;
+
+    let paused = relayctl(&relay, &["pause", "nightly", "import"]).await;
+    assert!(paused.contains("paused: nightly import"), "{paused}");
+    let status = relayctl(&relay, &["status"]).await;
+    assert!(
+        status.contains("state: paused (nightly import)"),
+        "{status}"
+    );
+    assert!(status.contains("quarantined: 2"), "{status}");
+    let listed = relayctl(&relay, &["quarantined"]).await;
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(listed.contains("product_type"), "{listed}");
+    assert!(relayctl(&relay, &["resume"]).await.contains("resumed"));
+    relay.stop().await;
+
+    let relay = Relay::start(&relay_db, catalog.addr, |settings| {
+        settings.relay.product_types = with_beauty();
+    })
+    .await;
+    let redriven = relayctl(&relay, &["redrive-quarantined", "--all"]).await;
+    assert!(
+        redriven.contains("checked 2 of 2 records: 2 redriven, 0 still invalid"),
+        "{redriven}"
+    );
+    catalog
+        .wait_for(
+            &[("B-1".into(), 1), ("B-2".into(), 1)],
+            Duration::from_secs(30),
+        )
+        .await;
+    let dead = relayctl(&relay, &["redrive-dead-letters", "--all"]).await;
+    assert!(dead.contains("done: 0 dead letters redriven"), "{dead}");
+}
+
 both_engines!(
+    relayctl_drives_the_admin_api_with_progress,
     pausing_holds_changes_and_resuming_applies_them,
     a_lane_the_catalog_keeps_refusing_is_dead_lettered_while_others_flow,
     quarantined_records_that_became_valid_are_redriven,

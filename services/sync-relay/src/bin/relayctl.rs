@@ -1,0 +1,8 @@
+//! `relayctl`: the sync-relay admin API from a terminal; see `sync_relay::cli`.
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let invocation = sync_relay::cli::parse(&args, std::env::var("RELAYCTL_ADDR").ok())?;
+    sync_relay::cli::run(invocation, &mut std::io::stdout()).await
+}
