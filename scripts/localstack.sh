@@ -45,6 +45,11 @@ find_python() {
       echo "$(pyenv root)/versions/$version/bin/python3.13"; return
     fi
   fi
+  # pyenv installed but not on PATH (a non-login shell, CI).
+  local candidate
+  for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.13*/bin/python3.13; do
+    [ -x "$candidate" ] && { echo "$candidate"; return; }
+  done
   return 1
 }
 
