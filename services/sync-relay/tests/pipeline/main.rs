@@ -5,3 +5,4 @@ mod helpers;
 
 mod admin;
 mod flow;
+mod kinesis_source;
