@@ -35,7 +35,13 @@ impl App {
         let metrics = CatalogMetrics::register(server.registry())
             .context("failed to register catalog metrics")?;
 
-        let store = Store::new(db, catalog.write_retries);
+        let store = Store::new(db, catalog.write_retries, catalog.read_cache_entries);
+        server.spawn(
+            "read cache follower",
+            store
+                .clone()
+                .follow_for_cache(catalog.watch_poll_interval, server.shutdown_token()),
+        );
         let types = Arc::new(catalog.product_types);
         let (commits, commits_seen) = tokio::sync::watch::channel(0u64);
         let watcher = Watcher {

@@ -50,9 +50,9 @@ impl Settings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CatalogSettings {
-    /// Registered product types and the attributes each allows. Setting it replaces the
-    /// default set (apparel, shoes, bags, accessories, golf, outdoor, kids, living). sync-relay
-    /// must be given the same registry.
+    /// Registered product types and the attributes each allows: the default set (apparel,
+    /// shoes, bags, accessories, golf, outdoor, kids, living) plus what is configured, merged
+    /// key by key. sync-relay must be given the same registry.
     pub product_types: ProductTypes,
     /// How long applied changes stay in the change log for WatchProductChanges. A watcher
     /// that falls further behind gets OUT_OF_RANGE. Default 7 days.
@@ -69,6 +69,10 @@ pub struct CatalogSettings {
     /// replicas; changes committed by this replica wake it at once. Default 200ms.
     #[serde(with = "humantime_serde")]
     pub watch_poll_interval: Duration,
+    /// Products kept in memory for GetProduct and BatchGetProducts (about 1–2 KiB each);
+    /// 0 reads every product from the database. A write through this replica is visible at
+    /// once; through another replica within `watch_poll_interval`. Default 20,000.
+    pub read_cache_entries: usize,
     /// How many times a write is retried after a serialization failure or deadlock before
     /// the call fails with UNAVAILABLE. Default 10.
     pub write_retries: u32,
@@ -82,6 +86,7 @@ impl Default for CatalogSettings {
             request_id_retention: Duration::from_secs(24 * 3600),
             maintenance_interval: Duration::from_secs(60),
             watch_poll_interval: Duration::from_millis(200),
+            read_cache_entries: 20_000,
             write_retries: 10,
         }
     }

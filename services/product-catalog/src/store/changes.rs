@@ -93,6 +93,65 @@ impl Store {
         })
     }
 
+    /// Keeps the read cache in step with writes made through other replicas: reads the
+    /// codes of new changes every `interval` and forgets those products, until `shutdown`.
+    /// When the log cannot be read, or this follower fell behind its retention, the cache is
+    /// emptied instead.
+    ///
+    /// # Errors
+    /// Never; failures are logged and retried.
+    pub async fn follow_for_cache(
+        self,
+        interval: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut position = None;
+        loop {
+            match self.invalidate_changed(position).await {
+                Ok(next) => position = Some(next),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot follow the change log; emptying the read cache");
+                    self.cache.clear();
+                    position = None;
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// Forgets the products changed after `after` (from the head when `None`, emptying the
+    /// cache: nothing is known about what changed before). Returns the new position.
+    async fn invalidate_changed(&self, after: Option<i64>) -> Result<i64, ServiceError> {
+        let log = self.change_log_position().await?;
+        let Some(mut position) = after.filter(|p| *p >= log.pruned_through) else {
+            self.cache.clear();
+            return Ok(log.head);
+        };
+        while position < log.head {
+            let rows: Vec<(i64, String)> = product_changes::Entity::find()
+                .select_only()
+                .columns([product_changes::Column::Seq, product_changes::Column::Code])
+                .filter(product_changes::Column::Seq.gt(position))
+                .filter(product_changes::Column::Seq.lte(log.head))
+                .order_by_asc(product_changes::Column::Seq)
+                .limit(5_000)
+                .into_tuple()
+                .all(&self.db)
+                .await
+                .map_err(|e| db_error(e, "read changed codes"))?;
+            let Some(last) = rows.last().map(|(seq, _)| *seq) else {
+                break;
+            };
+            self.cache
+                .invalidate(rows.iter().map(|(_, code)| code.as_str()));
+            position = last;
+        }
+        Ok(log.head)
+    }
+
     /// The commit time of the oldest retained change, in microseconds since the epoch.
     ///
     /// # Errors

@@ -17,6 +17,7 @@
 //! instead of polling the busy timeout, and `BEGIN IMMEDIATE`, so another process cannot
 //! slip in between a write's read and its update.
 
+pub mod cache;
 pub mod entity;
 
 mod changes;
@@ -36,6 +37,7 @@ use sea_orm::{
 };
 use tokio::sync::{Mutex, MutexGuard};
 
+pub use cache::ProductCache;
 pub use changes::{ChangeBatch, ChangeLogPosition};
 pub use read::ListFilter;
 pub use write::WriteOutcome;
@@ -51,6 +53,8 @@ pub struct Store {
     write_lock: Option<Arc<Mutex<()>>>,
     /// Attempts of a write after serialization failures and deadlocks.
     write_retries: u32,
+    /// Products by code for the read path; see [`cache`].
+    cache: ProductCache,
 }
 
 /// A write transaction, holding the SQLite write lock while it lives.
@@ -60,8 +64,9 @@ struct WriteTxn<'a> {
 }
 
 impl Store {
-    /// A store on `db`, which must have the catalog's migrations applied.
-    pub fn new(db: DatabaseConnection, write_retries: u32) -> Self {
+    /// A store on `db`, which must have the catalog's migrations applied, caching up to
+    /// `cache_entries` products for reads (0: no cache).
+    pub fn new(db: DatabaseConnection, write_retries: u32, cache_entries: usize) -> Self {
         let backend = Backend::of(&db);
         let write_lock = (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(())));
         Self {
@@ -69,7 +74,13 @@ impl Store {
             backend,
             write_lock,
             write_retries: write_retries.max(1),
+            cache: ProductCache::new(cache_entries),
         }
+    }
+
+    /// The read cache.
+    pub fn cache(&self) -> &ProductCache {
+        &self.cache
     }
 
     /// The connection, for readiness checks.

@@ -30,13 +30,22 @@ impl Store {
     /// # Errors
     /// UNAVAILABLE or INTERNAL when the database fails.
     pub async fn get(&self, code: &str) -> Result<Option<Product>, ServiceError> {
+        if let Some(product) = self.cache.get(code) {
+            return Ok(Some(Product::clone(&product)));
+        }
+        let ticket = self.cache.ticket();
         let row = products::Entity::find_by_id(code.to_owned())
             .one(&self.db)
             .await
             .map_err(|e| db_error(e, "get product"))?;
-        row.map(from_model)
+        let product = row
+            .map(from_model)
             .transpose()
-            .map_err(ServiceError::Internal)
+            .map_err(ServiceError::Internal)?;
+        if let Some(product) = &product {
+            self.cache.insert(ticket, [product.clone()]);
+        }
+        Ok(product)
     }
 
     /// The stored products among `codes`, by code.
@@ -47,21 +56,34 @@ impl Store {
         &self,
         codes: &[String],
     ) -> Result<BTreeMap<String, Product>, ServiceError> {
-        if codes.is_empty() {
-            return Ok(BTreeMap::new());
+        let mut found = BTreeMap::new();
+        let mut missing: Vec<&str> = Vec::new();
+        for code in codes {
+            match self.cache.get(code) {
+                Some(product) => {
+                    found.insert(code.clone(), Product::clone(&product));
+                }
+                None => missing.push(code),
+            }
         }
-        let mut distinct: Vec<&str> = codes.iter().map(String::as_str).collect();
-        distinct.sort_unstable();
-        distinct.dedup();
-        products::Entity::find()
-            .filter(products::Column::Code.is_in(distinct))
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        let ticket = self.cache.ticket();
+        let read: Vec<Product> = products::Entity::find()
+            .filter(products::Column::Code.is_in(missing))
             .all(&self.db)
             .await
             .map_err(|e| db_error(e, "batch get products"))?
             .into_iter()
-            .map(|row| from_model(row).map(|p| (p.code.clone(), p)))
+            .map(from_model)
             .collect::<anyhow::Result<_>>()
-            .map_err(ServiceError::Internal)
+            .map_err(ServiceError::Internal)?;
+        self.cache.insert(ticket, read.iter().cloned());
+        found.extend(read.into_iter().map(|p| (p.code.clone(), p)));
+        Ok(found)
     }
 
     /// Up to `limit` products matching `filter` with codes after `after`, in code order.

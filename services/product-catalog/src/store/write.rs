@@ -2,14 +2,17 @@
 //! number of items.
 //!
 //! 1. remember the request id (or find the first response and stop);
-//! 2. read (and on PostgreSQL lock, in code order) the stored rows of every code;
+//! 2. read (and on PostgreSQL lock, in code order) the stored versions of every code, and the
+//!    whole rows of those a partial update touches;
 //! 3. plan in memory ([`crate::bulk::plan`]): outcomes, final rows, change-log entries;
 //! 4. insert the new products, update the existing ones (one multi-row statement each);
 //! 5. append the change log (one statement) under the change-log lock;
 //! 6. store the response for the request id; commit.
 
+use std::collections::BTreeMap;
+
 use mall_grpc::ServiceError;
-use mall_proto::catalog::v1::{BulkUpdateProductsResponse, ProductUpdateResult};
+use mall_proto::catalog::v1::{BulkUpdateProductsResponse, Product, ProductUpdateResult};
 use prost::Message as _;
 use sea_orm::{
     ColumnTrait as _, ConnectionTrait as _, DbErr, EntityTrait as _, QueryFilter as _,
@@ -19,7 +22,7 @@ use sea_orm::{
 
 use super::{
     Store, backoff, db_error, entity::bulk_requests, entity::product_changes, entity::products,
-    from_model, is_retryable, micros, now, to_model,
+    from_model, is_retryable, micros, now, timestamp, to_model,
 };
 use crate::bulk::{ItemResult, Plan, Write, plan};
 use mall_db::Backend;
@@ -130,24 +133,7 @@ impl Store {
             }
         }
 
-        let mut codes: Vec<&str> = writes.iter().map(|w| w.product.code.as_str()).collect();
-        codes.sort_unstable();
-        codes.dedup();
-        let mut select = products::Entity::find()
-            .filter(products::Column::Code.is_in(codes))
-            .order_by_asc(products::Column::Code);
-        if self.backend == Backend::Postgres {
-            // Row locks in code order: overlapping requests queue rather than deadlock.
-            select = select.lock_exclusive();
-        }
-        let stored = select
-            .all(txn)
-            .await?
-            .into_iter()
-            .map(|row| from_model(row).map(|p| (p.code.clone(), p)))
-            .collect::<anyhow::Result<_>>()
-            .map_err(|e| AttemptError::Fatal(ServiceError::Internal(e)))?;
-
+        let stored = self.read_for_write(txn, writes).await?;
         let plan = plan(writes, stored, now).map_err(AttemptError::Fatal)?;
         if let Some(conflict) = self.store_rows(txn, &plan).await? {
             return Ok(Attempt::Conflict(conflict));
@@ -175,10 +161,73 @@ impl Store {
             .await?;
         }
         write.txn.commit().await?;
+        // Read-your-writes on this replica; other replicas learn it from the change log.
+        self.cache.invalidate(plan.rows.keys().map(String::as_str));
         Ok(Attempt::Done(WriteOutcome::Applied {
             results: plan.results,
             retries: 0,
         }))
+    }
+
+    /// The stored state the plan needs, locked on PostgreSQL (in code order, so overlapping
+    /// requests queue instead of deadlocking). A full replacement only needs a product's
+    /// version, type and creation time, so whole rows (and their JSON) are read only for the
+    /// products a partial update touches.
+    async fn read_for_write(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        writes: &[Write],
+    ) -> Result<BTreeMap<String, Product>, AttemptError> {
+        use products::Column as C;
+        let mut codes: Vec<&str> = writes.iter().map(|w| w.product.code.as_str()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        let mut thin = products::Entity::find()
+            .select_only()
+            .columns([C::Code, C::ProductType, C::Version, C::CreateTime])
+            .filter(C::Code.is_in(codes))
+            .order_by_asc(C::Code);
+        if self.backend == Backend::Postgres {
+            thin = thin.lock_exclusive();
+        }
+        let mut stored: BTreeMap<String, Product> = thin
+            .into_tuple::<(String, String, i64, i64)>()
+            .all(txn)
+            .await?
+            .into_iter()
+            .map(|(code, product_type, version, create_time)| {
+                (
+                    code.clone(),
+                    Product {
+                        code,
+                        product_type,
+                        version: u64::try_from(version).unwrap_or_default(),
+                        create_time: Some(timestamp(create_time)),
+                        ..Product::default()
+                    },
+                )
+            })
+            .collect();
+        let mut partial: Vec<&str> = writes
+            .iter()
+            .filter(|w| !w.mask.is_full() && stored.contains_key(&w.product.code))
+            .map(|w| w.product.code.as_str())
+            .collect();
+        if !partial.is_empty() {
+            partial.sort_unstable();
+            partial.dedup();
+            // Already locked above: a plain read sees them as they are.
+            for row in products::Entity::find()
+                .filter(C::Code.is_in(partial))
+                .all(txn)
+                .await?
+            {
+                let product =
+                    from_model(row).map_err(|e| AttemptError::Fatal(ServiceError::Internal(e)))?;
+                stored.insert(product.code.clone(), product);
+            }
+        }
+        Ok(stored)
     }
 
     /// Inserts the new rows and updates the existing ones. Returns a conflict when another

@@ -88,7 +88,49 @@ async fn batch_get_keeps_request_order_and_reports_missing_codes(engine: Engine)
     assert_eq!(violations(&malformed), ["codes[1]"]);
 }
 
+/// Two replicas on one database: each serves reads from its cache, a write through one is
+/// visible through it at once and through the other once its change-log follower ran.
+async fn a_write_through_another_replica_reaches_this_replicas_cache(engine: Engine) {
+    let first = TestCatalog::spawn(engine).await;
+    let url = first.database.url().to_owned();
+    let second = TestCatalog::spawn_with(engine, |settings| {
+        settings.database.url = url.into();
+    })
+    .await;
+    first.bulk(bulk_of("shoes", vec![shoe("S-1", 1)])).await;
+    // Both replicas now cache version 1.
+    assert_eq!(first.get("S-1").await.map(|p| p.version), Some(1));
+    assert_eq!(second.get("S-1").await.map(|p| p.version), Some(1));
+
+    second.bulk(bulk_of("shoes", vec![shoe("S-1", 2)])).await;
+    assert_eq!(
+        second.get("S-1").await.map(|p| p.version),
+        Some(2),
+        "a replica reads its own writes"
+    );
+    mall_test_support::wait_until(
+        "the other replica's cache follows the change log",
+        std::time::Duration::from_secs(10),
+        || async { (first.get("S-1").await.map(|p| p.version) == Some(2)).then_some(()) },
+    )
+    .await;
+    let batch = first
+        .client
+        .clone()
+        .batch_get_products(BatchGetProductsRequest {
+            codes: vec!["S-1".into()],
+        })
+        .await
+        .expect("batch get")
+        .into_inner();
+    assert_eq!(
+        batch.results[0].product.as_ref().map(|p| p.version),
+        Some(2)
+    );
+}
+
 both_engines!(
+    a_write_through_another_replica_reaches_this_replicas_cache,
     get_returns_the_product_or_not_found,
     batch_get_keeps_request_order_and_reports_missing_codes,
 );

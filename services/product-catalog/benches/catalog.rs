@@ -1,0 +1,513 @@
+//! Benchmark of the catalog on PostgreSQL, each figure next to a baseline measured in the
+//! same run, so the ratio means something on a noisy machine:
+//!
+//! 1. BulkUpdateProducts with 1,000-item requests (rows/s), next to the same rows upserted by
+//!    one hand-written multi-row `INSERT ... ON CONFLICT DO UPDATE` statement through the
+//!    same driver (sqlx via sea-orm) into a table of the same shape;
+//! 2. GetProduct requests/s and p50/p99 latency at several concurrency levels, next to the
+//!    trivial RPC of the same server (grpc.health.v1 Check).
+//!
+//! Run with `scripts/bench.sh catalog` (it provides PostgreSQL); the results replace the
+//! product-catalog section of BENCHMARKS.md.
+
+use std::{
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
+
+use mall_proto::catalog::v1::{
+    BulkUpdateProductsRequest, GetProductRequest, Product, ProductStatus, ProductUpdate,
+    product_catalog_service_client::ProductCatalogServiceClient,
+};
+use mall_test_support::{TestDatabase, probe, wait_until};
+use product_catalog::{App, Settings};
+use prost_types::{ListValue, Struct, Value, value::Kind};
+use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, Statement, Value as SqlValue};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// Products in the catalog while measuring.
+const PRODUCTS: usize = 20_000;
+/// Items per BulkUpdateProducts request (the contract's maximum).
+const BATCH: usize = 1_000;
+/// Rounds of bulk writes (each round rewrites every product with a newer version).
+const ROUNDS: u64 = 5;
+/// How long each read measurement runs.
+const READ_WINDOW: Duration = Duration::from_secs(4);
+/// Concurrent callers for the read measurements.
+const CONCURRENCY: [usize; 4] = [1, 8, 32, 128];
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
+    let database = TestDatabase::postgres().await;
+    let mut settings = Settings::default();
+    settings.server.listen_addr = "127.0.0.1:0".parse()?;
+    settings.server.admin_addr = "127.0.0.1:0".parse()?;
+    settings.database.url = database.url().to_owned().into();
+    settings.database.max_connections = 16;
+    settings.telemetry.log_filter = "warn".into();
+    // A second replica on the same database without the read cache, to show the database
+    // read path next to the cached one.
+    let mut uncached_settings = settings.clone();
+    uncached_settings.catalog.read_cache_entries = 0;
+    let app = App::build(settings).await?;
+    let addr = app.grpc_addr();
+    let uncached_app = App::build(uncached_settings).await?;
+    let uncached_addr = uncached_app.grpc_addr();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
+    let uncached_server = tokio::spawn(uncached_app.run_until(shutdown.clone().cancelled_owned()));
+    for addr in [addr, uncached_addr] {
+        wait_until("the catalog serves", Duration::from_secs(30), || async {
+            probe::health(addr, "").await.map(|_| ())
+        })
+        .await;
+    }
+
+    let baseline = Database::connect(database.url()).await?;
+    baseline
+        .execute_unprepared("CREATE TABLE baseline_products (LIKE products INCLUDING ALL)")
+        .await?;
+
+    let channel = probe::channel(addr);
+    let catalog = ProductCatalogServiceClient::new(channel.clone())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let uncached = ProductCatalogServiceClient::new(probe::channel(uncached_addr));
+
+    eprintln!("bulk: {ROUNDS} rounds of {PRODUCTS} products in requests of {BATCH}");
+    let mut bulk_rates = Vec::new();
+    let mut sql_rates = Vec::new();
+    for round in 1..=ROUNDS {
+        let products: Vec<Product> = (0..PRODUCTS).map(|i| product(i, round)).collect();
+        // Alternate which goes first, so neither always meets a warmer cache.
+        let (bulk, sql) = if round % 2 == 0 {
+            let sql = hand_written(&baseline, &products).await?;
+            (bulk_update(&catalog, &products).await?, sql)
+        } else {
+            let bulk = bulk_update(&catalog, &products).await?;
+            (bulk, hand_written(&baseline, &products).await?)
+        };
+        eprintln!(
+            "  round {round}: BulkUpdateProducts {bulk:.0} rows/s, hand-written upsert {sql:.0} rows/s"
+        );
+        bulk_rates.push(bulk);
+        sql_rates.push(sql);
+    }
+    // Round 1 inserts; the others update: report both.
+    let insert = (bulk_rates[0], sql_rates[0]);
+    let update = (median(&bulk_rates[1..]), median(&sql_rates[1..]));
+
+    let mut reads = Vec::new();
+    for concurrency in CONCURRENCY {
+        let get_client = catalog.clone();
+        let get = measure(concurrency, move || {
+            let mut client = get_client.clone();
+            async move {
+                let code = format!("P-{:06}", fastrand::usize(..PRODUCTS));
+                client
+                    .get_product(GetProductRequest { code })
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .await;
+        let uncached_client = uncached.clone();
+        let from_database = measure(concurrency, move || {
+            let mut client = uncached_client.clone();
+            async move {
+                let code = format!("P-{:06}", fastrand::usize(..PRODUCTS));
+                client
+                    .get_product(GetProductRequest { code })
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .await;
+        let health_channel = channel.clone();
+        let health = measure(concurrency, move || {
+            let mut client = HealthClient::new(health_channel.clone());
+            async move {
+                client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .await;
+        eprintln!(
+            "  concurrency {concurrency}: GetProduct {:.0}/s p50 {:?} p99 {:?}; uncached {:.0}/s p50 {:?} p99 {:?}; Check {:.0}/s p50 {:?} p99 {:?}",
+            get.rate,
+            get.p50,
+            get.p99,
+            from_database.rate,
+            from_database.p50,
+            from_database.p99,
+            health.rate,
+            health.p50,
+            health.p99
+        );
+        reads.push((concurrency, get, from_database, health));
+    }
+
+    shutdown.cancel();
+    server.await??;
+    uncached_server.await??;
+    write_report(insert, update, &bulk_rates, &sql_rates, &reads)
+}
+
+/// Sends every product in requests of [`BATCH`], one at a time; rows/s.
+async fn bulk_update(
+    client: &ProductCatalogServiceClient<Channel>,
+    products: &[Product],
+) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    for chunk in products.chunks(BATCH) {
+        let request = BulkUpdateProductsRequest {
+            request_id: String::new(),
+            product_type: "apparel".into(),
+            updates: chunk
+                .iter()
+                .map(|p| ProductUpdate {
+                    product: Some(p.clone()),
+                    update_mask: None,
+                })
+                .collect(),
+        };
+        client.clone().bulk_update_products(request).await?;
+    }
+    Ok(products.len() as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Upserts the same rows with one hand-written statement per [`BATCH`]; rows/s. The rows are
+/// encoded exactly as the catalog stores them (JSON text columns), and encoding is timed too.
+async fn hand_written(db: &DatabaseConnection, products: &[Product]) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    for chunk in products.chunks(BATCH) {
+        let mut sql = String::from(
+            "INSERT INTO baseline_products (code, product_type, brand, category_path, status, \
+             names, descriptions, prices, attributes, version, create_time, update_time) VALUES ",
+        );
+        let mut values: Vec<SqlValue> = Vec::with_capacity(chunk.len() * 12);
+        for (i, p) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            let base = i * 12;
+            sql.push('(');
+            for column in 1..=12 {
+                if column > 1 {
+                    sql.push(',');
+                }
+                write!(sql, "${}", base + column)?;
+            }
+            sql.push(')');
+            let now = 1_800_000_000_000_000i64;
+            values.extend([
+                p.code.clone().into(),
+                p.product_type.clone().into(),
+                p.brand.clone().into(),
+                serde_json::to_string(&p.category_path)?.into(),
+                (p.status as i16).into(),
+                serde_json::to_string(&p.names)?.into(),
+                serde_json::to_string(&p.descriptions)?.into(),
+                serde_json::to_string(&p.prices)?.into(),
+                serde_json::Value::Object(mall_product::attributes::to_json(
+                    p.attributes.as_ref().expect("set"),
+                ))
+                .to_string()
+                .into(),
+                (p.version as i64).into(),
+                now.into(),
+                now.into(),
+            ]);
+        }
+        sql.push_str(
+            " ON CONFLICT (code) DO UPDATE SET product_type = excluded.product_type, \
+             brand = excluded.brand, category_path = excluded.category_path, \
+             status = excluded.status, names = excluded.names, \
+             descriptions = excluded.descriptions, prices = excluded.prices, \
+             attributes = excluded.attributes, version = excluded.version, \
+             update_time = excluded.update_time \
+             WHERE baseline_products.version < excluded.version",
+        );
+        db.execute_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            sql,
+            values,
+        ))
+        .await?;
+    }
+    Ok(products.len() as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Product `i` at `version`: an apparel item as the mall sends them (two languages, two
+/// currencies, a few attributes), about 700 bytes encoded.
+fn product(i: usize, version: u64) -> Product {
+    let strings = |values: &[&str]| Value {
+        kind: Some(Kind::ListValue(ListValue {
+            values: values
+                .iter()
+                .map(|v| Value {
+                    kind: Some(Kind::StringValue((*v).to_owned())),
+                })
+                .collect(),
+        })),
+    };
+    Product {
+        code: format!("P-{i:06}"),
+        product_type: "apparel".into(),
+        brand: format!("Brand {}", i % 300),
+        category_path: vec!["women".into(), "outerwear".into(), "coats".into()],
+        status: ProductStatus::OnSale as i32,
+        names: [
+            ("ko".to_owned(), format!("울 블렌드 코트 {i} ({version})")),
+            ("en".to_owned(), format!("Wool blend coat {i} ({version})")),
+        ]
+        .into(),
+        descriptions: [
+            (
+                "ko".to_owned(),
+                "부드러운 울 블렌드 소재의 싱글 브레스티드 코트입니다. ".repeat(3),
+            ),
+            (
+                "en".to_owned(),
+                "A single-breasted coat in a soft wool blend. ".repeat(3),
+            ),
+        ]
+        .into(),
+        prices: [
+            ("KRW".to_owned(), 259_000 + version as i64),
+            ("USD".to_owned(), 19_900),
+        ]
+        .into(),
+        attributes: Some(Struct {
+            fields: [
+                ("sizes".to_owned(), strings(&["S", "M", "L", "XL"])),
+                ("colors".to_owned(), strings(&["camel", "charcoal"])),
+                ("materials".to_owned(), strings(&["wool", "polyester"])),
+                (
+                    "fit".to_owned(),
+                    Value {
+                        kind: Some(Kind::StringValue("regular".into())),
+                    },
+                ),
+            ]
+            .into(),
+        }),
+        version,
+        ..Product::default()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Reads {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// Runs `call` from `concurrency` tasks for [`READ_WINDOW`]; throughput and latency.
+async fn measure<F, Fut>(concurrency: usize, call: F) -> Reads
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
+{
+    // Warm up connections and caches.
+    for _ in 0..50 {
+        call().await.expect("call succeeds");
+    }
+    let end = Instant::now() + READ_WINDOW;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while Instant::now() < end {
+                    let start = Instant::now();
+                    call().await.expect("call succeeds");
+                    latencies.push(start.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.expect("task joins"));
+    }
+    let elapsed = start.elapsed().max(READ_WINDOW);
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    Reads {
+        rate: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+fn write_report(
+    insert: (f64, f64),
+    update: (f64, f64),
+    bulk_rates: &[f64],
+    sql_rates: &[f64],
+    reads: &[(usize, Reads, Reads, Reads)],
+) -> anyhow::Result<()> {
+    let mut section = String::new();
+    writeln!(section, "## product-catalog\n")?;
+    writeln!(section, "{}\n", machine())?;
+    writeln!(
+        section,
+        "Command: `scripts/bench.sh catalog` (PostgreSQL {} on the same machine, catalog \
+         server and load generator in one process, release build).\n",
+        postgres_version()
+    )?;
+    writeln!(
+        section,
+        "### BulkUpdateProducts vs one hand-written upsert statement\n\n\
+         {PRODUCTS} apparel products (about 700 bytes each) in requests of {BATCH}, {ROUNDS} rounds; \
+         round 1 inserts, rounds 2-{ROUNDS} update every product to a newer version (median \
+         shown). The baseline is one `INSERT ... VALUES (1,000 rows) ON CONFLICT DO UPDATE \
+         WHERE version < excluded.version` per {BATCH} rows, through the same driver, into a \
+         table of the same shape, rows encoded the same way. BulkUpdateProducts also \
+         decodes and validates the gRPC request, locks and reads the stored rows, plans \
+         each item under the version guard and appends every applied change to the change \
+         log (a second row per item), all in one transaction.\n"
+    )?;
+    writeln!(
+        section,
+        "| phase | BulkUpdateProducts rows/s | hand-written upsert rows/s | ratio (target ≥ 0.5) |\n|---|---|---|---|"
+    )?;
+    for (name, (bulk, sql)) in [("insert (round 1)", insert), ("update (median)", update)] {
+        writeln!(
+            section,
+            "| {name} | {bulk:.0} | {sql:.0} | {:.2} |",
+            bulk / sql
+        )?;
+    }
+    writeln!(
+        section,
+        "\nEvery round (BulkUpdateProducts / hand-written): {}\n",
+        bulk_rates
+            .iter()
+            .zip(sql_rates)
+            .map(|(b, s)| format!("{b:.0} / {s:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
+    writeln!(
+        section,
+        "### GetProduct vs the trivial RPC (health Check) on the same server\n\n\
+         Random codes among {PRODUCTS}; each level runs {}s per RPC, one HTTP/2 connection per \
+         server. GetProduct is served by the read cache (`catalog.read_cache_entries`, default \
+         20,000, warm after the first pass); \"from the database\" is a second replica on the \
+         same database with the cache off (`read_cache_entries = 0`), for comparison. The \
+         ratio is cached GetProduct over Check.\n",
+        READ_WINDOW.as_secs()
+    )?;
+    writeln!(
+        section,
+        "| callers | GetProduct /s | p50 | p99 | from the database /s | p50 | p99 | Check /s | p50 | p99 | ratio (target ≥ 0.6) |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )?;
+    for (concurrency, get, from_database, health) in reads {
+        writeln!(
+            section,
+            "| {concurrency} | {:.0} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} |",
+            get.rate,
+            ms(get.p50),
+            ms(get.p99),
+            from_database.rate,
+            ms(from_database.p50),
+            ms(from_database.p99),
+            health.rate,
+            ms(health.p50),
+            ms(health.p99),
+            get.rate / health.rate
+        )?;
+    }
+    replace_section("product-catalog", &section)
+}
+
+fn ms(duration: Duration) -> String {
+    format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
+}
+
+/// Replaces the text between `<!-- name:begin -->` and `<!-- name:end -->` in BENCHMARKS.md
+/// (appending it when absent), leaving other sections alone.
+fn replace_section(name: &str, section: &str) -> anyhow::Result<()> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../BENCHMARKS.md");
+    let current = std::fs::read_to_string(path).unwrap_or_else(|_| {
+        "# Benchmarks\n\nEach section is written by its benchmark; see the command in it.\n".into()
+    });
+    let (begin, end) = (
+        format!("<!-- {name}:begin -->"),
+        format!("<!-- {name}:end -->"),
+    );
+    let block = format!("{begin}\n{section}{end}");
+    let updated = match (current.find(&begin), current.find(&end)) {
+        (Some(b), Some(e)) if b < e => {
+            format!("{}{block}{}", &current[..b], &current[e + end.len()..])
+        }
+        _ => format!("{}\n{block}\n", current.trim_end()),
+    };
+    std::fs::write(path, updated)?;
+    eprintln!("wrote the {name} section of BENCHMARKS.md");
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or_else(String::new, |kb| format!(", {} GiB", kb / 1024 / 1024));
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    format!("Measured {date} on {cores} cores ({cpu}){memory}.")
+}
+
+fn postgres_version() -> String {
+    std::process::Command::new("psql")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.split_whitespace().nth(2).map(str::to_owned))
+        .unwrap_or_else(|| "(version unknown)".into())
+}
