@@ -76,7 +76,8 @@ impl RelayApi {
     }
 
     async fn status(&self) -> Result<RelayStatus, ServiceError> {
-        let (paused, pause_reason) = self.store.pause_state().await?;
+        let switch = self.store.pause_state().await?;
+        let (paused, pause_reason) = (switch.paused, switch.pause_reason);
         let shards = match &self.kinesis_stream {
             Some(stream) => kinesis::status(self.store.connection(), stream)
                 .await
@@ -334,38 +335,24 @@ impl SyncRelayService for RelayApi {
             &mut violations,
         );
         violations.into_result()?;
-        if !request.request_id.is_empty()
-            && let Some(first) = self
-                .store
-                .claim_request(&request.request_id)
-                .await
-                .map_err(ServiceError::from)?
-        {
-            return Ok(Response::new(
-                RedriveDeadLettersResponse::decode(first.as_slice())
-                    .map_err(|e| ServiceError::Internal(e.into()))?,
-            ));
-        }
         let selection = if request.all {
             DeadLetterSelection::All
         } else {
             DeadLetterSelection::Ids(request.ids)
         };
-        let redriven = self
-            .queue
-            .redrive_dead_letters(selection)
-            .await
-            .map_err(unavailable)?;
-        let response = RedriveDeadLettersResponse {
-            redriven_count: i64::try_from(redriven).unwrap_or(i64::MAX),
-        };
-        if !request.request_id.is_empty() {
-            self.store
-                .finish_request(&request.request_id, response.encode_to_vec())
-                .await
-                .map_err(ServiceError::from)?;
-        }
-        tracing::info!(redriven, "dead letters redriven");
+        let response = self
+            .once(&request.request_id, async {
+                let redriven = self
+                    .queue
+                    .redrive_dead_letters(selection)
+                    .await
+                    .map_err(unavailable)?;
+                tracing::info!(redriven, "dead letters redriven");
+                Ok(RedriveDeadLettersResponse {
+                    redriven_count: i64::try_from(redriven).unwrap_or(i64::MAX),
+                })
+            })
+            .await?;
         Ok(Response::new(response))
     }
 
@@ -446,62 +433,37 @@ impl SyncRelayService for RelayApi {
             }
         }
         violations.into_result()?;
-        if !request.request_id.is_empty()
-            && let Some(first) = self
-                .store
-                .claim_request(&request.request_id)
-                .await
-                .map_err(ServiceError::from)?
-        {
-            return Ok(Response::new(
-                RedriveQuarantinedResponse::decode(first.as_slice())
-                    .map_err(|e| ServiceError::Internal(e.into()))?,
-            ));
-        }
-        let mut response = RedriveQuarantinedResponse::default();
-        if request.all {
-            // Every record present now, oldest first, a page at a time.
-            let mut after = 0;
-            let through = self
-                .store
-                .last_quarantined()
-                .await
-                .map_err(ServiceError::from)?;
-            loop {
-                let page = self
-                    .store
-                    .list_quarantined(after, MAX_ITEMS_PER_REQUEST as u64)
-                    .await
-                    .map_err(ServiceError::from)?;
-                let Some(last) = page.last().map(|r| r.seq) else {
-                    break;
-                };
-                let page: Vec<_> = page.into_iter().filter(|r| r.seq <= through).collect();
-                if page.is_empty() {
-                    break;
+        let response = self
+            .once(&request.request_id, async {
+                let mut response = RedriveQuarantinedResponse::default();
+                if request.all {
+                    // Every record present now, oldest first, a page at a time.
+                    let through = self.store.last_quarantined().await?;
+                    let mut after = 0;
+                    loop {
+                        let page = self
+                            .store
+                            .list_quarantined(after, MAX_ITEMS_PER_REQUEST as u64)
+                            .await?;
+                        let page: Vec<_> = page.into_iter().filter(|r| r.seq <= through).collect();
+                        let Some(last) = page.last().map(|r| r.seq) else {
+                            break;
+                        };
+                        self.redrive_records(page, &mut response).await?;
+                        after = last;
+                    }
+                } else {
+                    let records = self.store.quarantined_by_ids(&ids).await?;
+                    self.redrive_records(records, &mut response).await?;
                 }
-                self.redrive_records(page, &mut response).await?;
-                after = last;
-            }
-        } else {
-            let records = self
-                .store
-                .quarantined_by_ids(&ids)
-                .await
-                .map_err(ServiceError::from)?;
-            self.redrive_records(records, &mut response).await?;
-        }
-        if !request.request_id.is_empty() {
-            self.store
-                .finish_request(&request.request_id, response.encode_to_vec())
-                .await
-                .map_err(ServiceError::from)?;
-        }
-        tracing::info!(
-            redriven = response.redriven_count,
-            still_invalid = response.still_invalid_count,
-            "quarantined records redriven"
-        );
+                tracing::info!(
+                    redriven = response.redriven_count,
+                    still_invalid = response.still_invalid_count,
+                    "quarantined records redriven"
+                );
+                Ok(response)
+            })
+            .await?;
         Ok(Response::new(response))
     }
 
@@ -587,6 +549,27 @@ impl SyncRelayService for RelayApi {
 }
 
 impl RelayApi {
+    /// Runs `work` once per `request_id` (when given): a repeated id gets the first call's
+    /// response without running `work` again. Two calls racing with one id may both run;
+    /// redrives tolerate that (what is no longer dead or quarantined is skipped).
+    async fn once<T, F>(&self, request_id: &str, work: F) -> Result<T, ServiceError>
+    where
+        T: prost::Message + Default,
+        F: std::future::Future<Output = Result<T, ServiceError>>,
+    {
+        if request_id.is_empty() {
+            return work.await;
+        }
+        if let Some(first) = self.store.claim_request(request_id).await? {
+            return T::decode(first.as_slice()).map_err(|e| ServiceError::Internal(e.into()));
+        }
+        let response = work.await?;
+        self.store
+            .finish_request(request_id, response.encode_to_vec())
+            .await?;
+        Ok(response)
+    }
+
     /// Validates `records` again; enqueues those that pass, in order, and releases them from
     /// the quarantine; records the new reason of the others.
     async fn redrive_records(

@@ -126,6 +126,10 @@ impl App {
                 .follow(relay.control_poll_interval, server.shutdown_token()),
         );
 
+        server.spawn(
+            "admin request retention",
+            store.clone().expire_requests(server.shutdown_token()),
+        );
         let api = RelayApi::new(ingest, queue.clone(), store, control, types, kinesis_stream);
         let max_message = settings.server.max_message_bytes;
         server.add_service(

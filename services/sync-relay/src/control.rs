@@ -4,7 +4,10 @@
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -18,6 +21,9 @@ use crate::store::RelayStore;
 pub struct Control {
     store: RelayStore,
     paused: Arc<watch::Sender<bool>>,
+    /// Counts this replica's own changes of the switch: a read of the database that overlapped
+    /// one must not undo it (compared as counters, not clocks, which differ across replicas).
+    local_changes: Arc<AtomicU64>,
     last_error: Arc<Mutex<Option<(String, SystemTime)>>>,
     rate: Arc<Mutex<RateMeter>>,
 }
@@ -28,10 +34,11 @@ impl Control {
     /// # Errors
     /// When the database fails.
     pub async fn load(store: RelayStore) -> anyhow::Result<Self> {
-        let (paused, _) = store.pause_state().await?;
+        let switch = store.pause_state().await?;
         Ok(Self {
             store,
-            paused: Arc::new(watch::channel(paused).0),
+            paused: Arc::new(watch::channel(switch.paused).0),
+            local_changes: Arc::default(),
             last_error: Arc::default(),
             rate: Arc::default(),
         })
@@ -55,6 +62,7 @@ impl Control {
     pub async fn set_paused(&self, paused: bool, reason: &str) -> anyhow::Result<()> {
         self.store.set_paused(paused, reason).await?;
         self.paused.send_replace(paused);
+        self.local_changes.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -73,11 +81,14 @@ impl Control {
                 () = shutdown.cancelled() => return Ok(()),
                 () = tokio::time::sleep(interval) => {}
             }
+            let before = self.local_changes.load(Ordering::Acquire);
             match self.store.pause_state().await {
-                Ok((paused, _)) => {
+                // A change made here while this read ran is newer than what it read.
+                Ok(_) if self.local_changes.load(Ordering::Acquire) != before => {}
+                Ok(switch) => {
                     self.paused.send_if_modified(|current| {
-                        let changed = *current != paused;
-                        *current = paused;
+                        let changed = *current != switch.paused;
+                        *current = switch.paused;
                         changed
                     });
                 }

@@ -209,17 +209,17 @@ impl RelayStore {
         Ok(())
     }
 
-    /// Whether the relay is paused, and why.
+    /// The pause switch: whether the relay is paused, why, and when it was last set
+    /// (microseconds since the epoch).
     ///
     /// # Errors
     /// When the database fails.
-    pub async fn pause_state(&self) -> anyhow::Result<(bool, String)> {
-        let row = relay_state::Entity::find_by_id(1)
+    pub async fn pause_state(&self) -> anyhow::Result<relay_state::Model> {
+        relay_state::Entity::find_by_id(1)
             .one(&self.db)
             .await
             .context("failed to read the pause switch")?
-            .context("relay_state has no row")?;
-        Ok((row.paused, row.pause_reason))
+            .context("relay_state has no row")
     }
 
     /// Sets the pause switch every replica follows.
@@ -228,13 +228,14 @@ impl RelayStore {
     /// When the database fails.
     pub async fn set_paused(&self, paused: bool, reason: &str) -> anyhow::Result<()> {
         use relay_state::Column as C;
+        let at = now_micros();
         self.db
             .execute(
                 Query::update()
                     .table(relay_state::Entity)
                     .value(C::Paused, paused)
                     .value(C::PauseReason, reason)
-                    .value(C::UpdateTime, now_micros())
+                    .value(C::UpdateTime, at)
                     .and_where(Expr::col(C::Id).eq(1)),
             )
             .await
@@ -347,6 +348,27 @@ impl RelayStore {
             .await
             .context("failed to remember an admin request id")?;
         Ok(())
+    }
+
+    /// Forgets admin request ids once they are a day old, checking every hour, until
+    /// `shutdown`: the contract remembers them for 24 hours.
+    ///
+    /// # Errors
+    /// Never; failures are logged and retried.
+    pub async fn expire_requests(
+        self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<()> {
+        const DAY_MICROS: i64 = 24 * 3600 * 1_000_000;
+        loop {
+            if let Err(error) = self.prune_requests(now_micros() - DAY_MICROS).await {
+                tracing::warn!(error = %error, "failed to forget old admin request ids");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+            }
+        }
     }
 
     /// Forgets admin request ids older than `cutoff` (microseconds since the epoch).
