@@ -1,8 +1,9 @@
 //! The registry of product types: which types exist and which attributes each one allows.
 //!
 //! It is configuration, not code: a new type (or attribute) is a settings change in
-//! `product-catalog` and `sync-relay`, which must be given the same registry. Setting
-//! `product_types` replaces the whole default set below.
+//! `product-catalog` and `sync-relay`, which must be given the same registry. Settings are
+//! merged over the default set below: a configured type is added (or, with a default's
+//! name, gets the configured attributes added to its own).
 
 use std::collections::BTreeMap;
 
