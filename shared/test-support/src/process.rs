@@ -2,21 +2,29 @@
 //! signals, which only a real process shows.
 
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
     process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use tokio::{
-    io::{AsyncBufReadExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncRead, BufReader},
     process::{Child, Command},
 };
+
+/// Lines of output kept by [`ServiceProcess::drain_output`] for failure messages.
+const KEPT_LINES: usize = 200;
 
 /// A running service process whose JSON log lines are read from stdout.
 #[derive(Debug)]
 pub struct ServiceProcess {
     child: Child,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    /// Stdout, until [`ServiceProcess::drain_output`] hands it to a background reader.
+    lines: Option<tokio::io::Lines<BufReader<tokio::process::ChildStdout>>>,
+    /// The last lines of stdout and stderr once they are drained in the background.
+    recent: Arc<Mutex<VecDeque<String>>>,
 }
 
 /// Where a started service listens, read from its `serving` log line.
@@ -55,7 +63,8 @@ impl ServiceProcess {
         let stdout = child.stdout.take().expect("stdout is piped");
         Self {
             child,
-            lines: BufReader::new(stdout).lines(),
+            lines: Some(BufReader::new(stdout).lines()),
+            recent: Arc::default(),
         }
     }
 
@@ -64,8 +73,12 @@ impl ServiceProcess {
     /// # Panics
     /// When the process exits or stays silent for `timeout`.
     pub async fn wait_until_serving(&mut self, timeout: Duration) -> Listening {
+        let lines = self
+            .lines
+            .as_mut()
+            .expect("stdout is read here until drain_output is called");
         let read = async {
-            while let Some(line) = self.lines.next_line().await.expect("stdout readable") {
+            while let Some(line) = lines.next_line().await.expect("stdout readable") {
                 let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
                     continue;
                 };
@@ -109,12 +122,85 @@ impl ServiceProcess {
     /// When it has not exited within `timeout`.
     pub async fn wait_for_exit(&mut self, timeout: Duration) -> ExitStatus {
         let wait = async {
-            while let Ok(Some(_)) = self.lines.next_line().await {}
+            if let Some(lines) = self.lines.as_mut() {
+                while let Ok(Some(_)) = lines.next_line().await {}
+            }
             self.child.wait().await.expect("wait on child")
         };
         tokio::time::timeout(timeout, wait)
             .await
             .unwrap_or_else(|_| panic!("the process did not exit within {timeout:?}"))
+    }
+
+    /// Ends the process with SIGKILL, as a crash, an OOM kill or a lost node does: no
+    /// shutdown code runs. Returns its exit status once it is gone.
+    ///
+    /// # Panics
+    /// When the signal cannot be sent or the process cannot be waited on.
+    pub async fn kill(&mut self) -> ExitStatus {
+        self.child.kill().await.expect("SIGKILL is sent");
+        self.child.wait().await.expect("wait on child")
+    }
+
+    /// The exit status if the process has ended, `None` while it runs.
+    ///
+    /// # Panics
+    /// When the process cannot be waited on.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait on child")
+    }
+
+    /// From now on reads stdout and stderr in background tasks, so a process that logs for
+    /// a long time never blocks on a full pipe. The last lines stay available through
+    /// [`ServiceProcess::recent_output`]; with `TEST_LOG=1` every line is also printed,
+    /// prefixed with `name`. Call it after [`ServiceProcess::wait_until_serving`].
+    pub fn drain_output(&mut self, name: &str) {
+        let echo = std::env::var_os("TEST_LOG").is_some_and(|v| v == "1");
+        if let Some(lines) = self.lines.take() {
+            tokio::spawn(keep_lines(
+                lines.into_inner(),
+                self.recent.clone(),
+                format!("{name} stdout"),
+                echo,
+            ));
+        }
+        if let Some(stderr) = self.child.stderr.take() {
+            tokio::spawn(keep_lines(
+                BufReader::new(stderr),
+                self.recent.clone(),
+                format!("{name} stderr"),
+                echo,
+            ));
+        }
+    }
+
+    /// The last lines of output read since [`ServiceProcess::drain_output`], oldest first.
+    pub fn recent_output(&self) -> Vec<String> {
+        self.recent
+            .lock()
+            .map(|recent| recent.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Reads `reader` to its end, keeping the last [`KEPT_LINES`] lines in `recent`.
+async fn keep_lines(
+    reader: BufReader<impl AsyncRead + Unpin>,
+    recent: Arc<Mutex<VecDeque<String>>>,
+    label: String,
+    echo: bool,
+) {
+    let mut lines = reader.lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if echo {
+            println!("[{label}] {line}");
+        }
+        if let Ok(mut recent) = recent.lock() {
+            if recent.len() == KEPT_LINES {
+                recent.pop_front();
+            }
+            recent.push_back(format!("[{label}] {line}"));
+        }
     }
 }
 
