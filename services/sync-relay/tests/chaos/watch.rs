@@ -1,0 +1,209 @@
+//! A WatchProductChanges follower: opened from the oldest change before anything is
+//! published, it resumes from its last cursor whenever the catalog goes away, and checks each
+//! product's history as it goes: versions strictly increase, and every change starts from the
+//! version the previous one left (nothing missing from the stream).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use mall_proto::catalog::v1::WatchProductChangesRequest;
+use mall_test_support::wait_until;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+/// Problems reported, at most (the first ones tell the story).
+const MAX_PROBLEMS: usize = 50;
+
+#[derive(Debug, Default)]
+struct Seen {
+    /// The last version seen per product.
+    last: HashMap<String, u64>,
+    /// Sum of `last`: progress towards the sum of the highest versions.
+    version_sum: u64,
+    /// Change records read.
+    records: u64,
+    /// Streams opened (1 + reconnects).
+    streams: u64,
+    /// Regressions, gaps and stream errors that are not outages.
+    problems: Vec<String>,
+}
+
+/// A running watch; stops when dropped.
+pub struct Watch {
+    seen: Arc<Mutex<Seen>>,
+    stop: CancellationToken,
+}
+
+impl Watch {
+    /// Opens WatchProductChanges from the oldest change at `addr` and returns once the first
+    /// stream is open, so nothing published afterwards can be missed.
+    pub async fn start(addr: SocketAddr) -> Self {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let stop = CancellationToken::new();
+        let (opened, first_open) = tokio::sync::oneshot::channel();
+        tokio::spawn(follow(addr, seen.clone(), stop.clone(), opened));
+        tokio::time::timeout(Duration::from_secs(30), first_open)
+            .await
+            .expect("the watch opens within 30s")
+            .expect("the watch task reports its first stream");
+        Self { seen, stop }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Seen) -> T) -> T {
+        f(&self.seen.lock().expect("the lock is not poisoned"))
+    }
+
+    /// Sum over products of the last version seen: progress towards the sum of the highest
+    /// versions.
+    pub fn version_sum(&self) -> u64 {
+        self.with(|s| s.version_sum)
+    }
+
+    /// (change records read, streams opened).
+    pub fn counts(&self) -> (u64, u64) {
+        self.with(|s| (s.records, s.streams))
+    }
+
+    /// Waits until every product of `expected` was seen at its version, or a problem shows.
+    pub async fn wait_for(
+        &self,
+        expected: &std::collections::BTreeMap<String, u64>,
+        timeout: Duration,
+    ) {
+        let total: u64 = expected.values().sum();
+        wait_until(
+            "the change stream shows every product at its highest version",
+            timeout,
+            || async {
+                self.with(|s| {
+                    (!s.problems.is_empty()
+                        || (s.version_sum >= total
+                            && expected.iter().all(|(code, v)| s.last.get(code) == Some(v))))
+                    .then_some(())
+                })
+            },
+        )
+        .await;
+    }
+
+    /// What the stream showed: the last version of every product, and every problem.
+    pub fn result(&self) -> (HashMap<String, u64>, Vec<String>) {
+        self.with(|s| (s.last.clone(), s.problems.clone()))
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn follow(
+    addr: SocketAddr,
+    seen: Arc<Mutex<Seen>>,
+    stop: CancellationToken,
+    opened: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut opened = Some(opened);
+    let mut cursor = String::new();
+    let problem = |text: String| {
+        let mut seen = seen.lock().expect("the lock is not poisoned");
+        if seen.problems.len() < MAX_PROBLEMS {
+            seen.problems.push(text);
+        }
+    };
+    while !stop.is_cancelled() {
+        let request = WatchProductChangesRequest {
+            from_oldest: cursor.is_empty(),
+            start_cursor: cursor.clone(),
+            product_type: String::new(),
+        };
+        let mut client = super::catalog::client(addr);
+        let call = tokio::select! {
+            () = stop.cancelled() => return,
+            call = client.watch_product_changes(request) => call,
+        };
+        let mut stream = match call {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                if !is_outage(&status) {
+                    problem(format!("WatchProductChanges failed: {status}"));
+                    return;
+                }
+                // The catalog is down (the outage): ask again shortly.
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        seen.lock().expect("the lock is not poisoned").streams += 1;
+        if let Some(opened) = opened.take() {
+            let _ = opened.send(());
+        }
+        loop {
+            let message = tokio::select! {
+                () = stop.cancelled() => return,
+                message = stream.message() => message,
+            };
+            let response = match message {
+                Ok(Some(response)) => response,
+                Ok(None) => break,
+                Err(status) if is_outage(&status) => break,
+                Err(status) => {
+                    problem(format!("the change stream failed: {status}"));
+                    return;
+                }
+            };
+            let mut seen = seen.lock().expect("the lock is not poisoned");
+            for record in &response.changes {
+                seen.records += 1;
+                let Some(product) = &record.product else {
+                    drop(seen);
+                    problem(format!("change record {} has no product", record.cursor));
+                    return;
+                };
+                let last = seen.last.get(&product.code).copied().unwrap_or(0);
+                let complaint = if product.version <= last {
+                    Some(format!(
+                        "{} went back from version {last} to {}",
+                        product.code, product.version
+                    ))
+                } else if record.previous_version != last {
+                    Some(format!(
+                        "{} changed from version {} to {}, but the stream last showed {last}",
+                        product.code, record.previous_version, product.version
+                    ))
+                } else {
+                    None
+                };
+                if let Some(complaint) = complaint
+                    && seen.problems.len() < MAX_PROBLEMS
+                {
+                    seen.problems.push(complaint);
+                }
+                if product.version > last {
+                    seen.version_sum += product.version - last;
+                    seen.last.insert(product.code.clone(), product.version);
+                }
+            }
+            if !response.resume_cursor.is_empty() {
+                cursor = response.resume_cursor.clone();
+            } else if let Some(record) = response.changes.last() {
+                cursor = record.cursor.clone();
+            }
+        }
+    }
+}
+
+/// Whether a failed call means the catalog is away (stopped for the outage), not a bug.
+fn is_outage(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
+}
