@@ -212,13 +212,15 @@ impl Applier {
         while let Some(mut batch) = pending.pop_front() {
             let mut backoff = self.settings.retry_backoff_initial;
             loop {
-                match apply_batch(
+                let applied = apply_batch(
                     &self.catalog,
                     &batch,
                     self.settings.catalog_timeout,
                     &self.metrics,
-                )
-                .await
+                );
+                match self
+                    .keep_visible(lane, &receipts, &mut visible_until, applied)
+                    .await
                 {
                     Ok(()) => break,
                     Err(Failure::TooLarge) if batch.changes.len() > 1 => {
@@ -261,24 +263,13 @@ impl Applier {
                         self.control
                             .record_error(format!("catalog unavailable: {error}"));
                         tracing::warn!(lane, error = %error, "catalog unavailable; retrying");
+                        // The messages stay ours while the outage lasts.
+                        let wait = tokio::time::sleep(backoff);
                         tokio::select! {
                             () = shutdown.cancelled() => return LaneOutcome::Returned,
-                            () = tokio::time::sleep(backoff) => {}
+                            () = self.keep_visible(lane, &receipts, &mut visible_until, wait) => {}
                         }
                         backoff = (backoff * 2).min(self.settings.retry_backoff_max);
-                        // Keep the messages ours while the outage lasts.
-                        if visible_until.saturating_duration_since(Instant::now())
-                            < self.visibility / 2
-                        {
-                            for receipt in &receipts {
-                                if let Err(error) =
-                                    self.queue.change_visibility(receipt, self.visibility).await
-                                {
-                                    tracing::warn!(lane, error = %error, "failed to extend visibility");
-                                }
-                            }
-                            visible_until = Instant::now() + self.visibility;
-                        }
                     }
                     Err(Failure::Permanent(error)) => {
                         return self
@@ -311,6 +302,44 @@ impl Applier {
                 .observe(now.duration_since(time).unwrap_or_default().as_secs_f64());
         }
         LaneOutcome::Applied
+    }
+
+    /// Runs `work` while keeping the lane's messages hidden from other consumers: whenever
+    /// less than half of the visibility timeout is left, it is extended. A lane can take
+    /// longer than the timeout (several type batches, a slow or unavailable catalog); if a
+    /// message became visible meanwhile it would be delivered again while still being applied,
+    /// its receipt here would expire so it could not be deleted, and every such delivery would
+    /// count towards dead-lettering a message that was applied each time.
+    async fn keep_visible<T>(
+        &self,
+        lane: &str,
+        receipts: &[Receipt],
+        visible_until: &mut Instant,
+        work: impl Future<Output = T>,
+    ) -> T {
+        if self.visibility.is_zero() {
+            // Nothing to keep: a zero timeout hides nothing.
+            return work.await;
+        }
+        tokio::pin!(work);
+        loop {
+            let renew_at = *visible_until - self.visibility / 2;
+            tokio::select! {
+                biased;
+                output = &mut work => return output,
+                () = tokio::time::sleep_until(renew_at.into()) => {
+                    let renewed = Instant::now() + self.visibility;
+                    for receipt in receipts {
+                        if let Err(error) =
+                            self.queue.change_visibility(receipt, self.visibility).await
+                        {
+                            tracing::warn!(lane, error = %error, "failed to extend visibility");
+                        }
+                    }
+                    *visible_until = renewed;
+                }
+            }
+        }
     }
 
     /// Records `error` for the messages and gives them back to the queue after a backoff

@@ -176,3 +176,62 @@ both_engines!(
     invalid_changes_are_quarantined_and_reported_and_the_rest_applied,
     a_catalog_outage_delays_changes_but_loses_none,
 );
+
+/// A catalog so slow that applying a lane outlasts the visibility timeout: the consumer keeps
+/// its messages hidden while it waits, so they are not delivered again meanwhile, their
+/// deletion works, and they are not dead-lettered although they were applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_slower_than_the_visibility_timeout_keeps_its_messages() {
+    use sea_orm::{SqliteTransactionMode, TransactionOptions, TransactionTrait as _};
+
+    let catalog_db = database(Engine::Sqlite).await;
+    let catalog_url = catalog_db.url().to_owned();
+    let catalog = Catalog::start(catalog_db, None, |_| {}).await;
+    let relay_db = database(Engine::Sqlite).await;
+    let relay = Relay::start(&relay_db, catalog.addr, |settings| {
+        settings.queue.visibility_timeout = Duration::from_secs(1);
+        // A second delivery, then one more receive, would dead-letter the message.
+        settings.queue.max_receives = 2;
+    })
+    .await;
+
+    // Another writer holds the catalog's database: every catalog write waits for it (up to
+    // the catalog's SQLite busy timeout of 10s), as long as 4 visibility timeouts.
+    let blocker = sea_orm::Database::connect(catalog_url.as_str())
+        .await
+        .expect("the catalog's database opens");
+    let held = blocker
+        .begin_with_options(TransactionOptions {
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..TransactionOptions::default()
+        })
+        .await
+        .expect("the write lock is taken");
+    let response = relay.publish(vec![change("SLOW-1", 1)]).await;
+    assert_eq!(response.accepted_count, 1);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    held.rollback().await.expect("the write lock is released");
+
+    catalog
+        .wait_for(&[("SLOW-1".into(), 1)], Duration::from_secs(30))
+        .await;
+    let status = wait_until("the queue is empty", Duration::from_secs(30), || async {
+        let status = relay
+            .client()
+            .get_relay_status(GetRelayStatusRequest {})
+            .await
+            .ok()?
+            .into_inner()
+            .status?;
+        status
+            .lanes
+            .iter()
+            .all(|l| l.visible_messages == 0 && l.in_flight_messages == 0)
+            .then_some(status)
+    })
+    .await;
+    assert_eq!(
+        status.dead_letter_count, 0,
+        "a slow apply dead-letters nothing: {status:?}"
+    );
+}
