@@ -4,14 +4,13 @@
 //! version the previous one left (nothing missing from the stream).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use mall_proto::catalog::v1::WatchProductChangesRequest;
-use mall_test_support::wait_until;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
@@ -69,25 +68,39 @@ impl Watch {
     }
 
     /// Waits until every product of `expected` was seen at its version, or a problem shows.
-    pub async fn wait_for(
-        &self,
-        expected: &std::collections::BTreeMap<String, u64>,
-        timeout: Duration,
-    ) {
-        let total: u64 = expected.values().sum();
-        wait_until(
-            "the change stream shows every product at its highest version",
-            timeout,
-            || async {
-                self.with(|s| {
-                    (!s.problems.is_empty()
-                        || (s.version_sum >= total
-                            && expected.iter().all(|(code, v)| s.last.get(code) == Some(v))))
-                    .then_some(())
-                })
-            },
-        )
-        .await;
+    ///
+    /// # Panics
+    /// After `timeout`, naming the products still behind.
+    pub async fn wait_for(&self, expected: &BTreeMap<String, u64>, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let behind: Vec<String> = self.with(|s| {
+                if !s.problems.is_empty() {
+                    return Vec::new();
+                }
+                expected
+                    .iter()
+                    .filter(|(code, v)| s.last.get(*code) != Some(v))
+                    .map(|(code, v)| {
+                        format!(
+                            "{code} at {} of {v}",
+                            s.last.get(code).copied().unwrap_or(0)
+                        )
+                    })
+                    .collect()
+            });
+            if behind.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "after {timeout:?}, the change stream shows {} products not at their highest \
+                 version (changes lost?), e.g. {:?}",
+                behind.len(),
+                &behind[..behind.len().min(10)]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// What the stream showed: the last version of every product, and every problem.
