@@ -2,6 +2,11 @@
 
 use log_ingest::{App, Settings};
 
+/// mimalloc: glibc's malloc spent a large share of a bulk request in consolidating freed
+/// chunks (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load()?;
