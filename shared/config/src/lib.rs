@@ -122,7 +122,10 @@ pub fn load_from<T: DeserializeOwned + Serialize + Default>(
 ///
 /// # Errors
 /// Those of the serializer.
-pub fn serialize_secret<S: Serializer>(secret: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
+pub fn serialize_secret<S: Serializer>(
+    secret: &SecretString,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(secret.expose_secret())
 }
 
