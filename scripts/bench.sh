@@ -3,6 +3,13 @@
 #
 #   scripts/bench.sh catalog    product-catalog on PostgreSQL: BulkUpdateProducts vs a
 #                               hand-written upsert; GetProduct vs health Check
+#   scripts/bench.sh relay      sync-relay end to end: 10,000 and 100,000 changes from publish to
+#                               visible in the catalog, (a) embedded queue + SQLite and (b) Kinesis
+#                               (kinesalite) + SQS (LocalStack) + PostgreSQL, next to the catalog's
+#                               raw BulkUpdateProducts rate; then a paced run at 5,000 changes/s.
+#                               Starts PostgreSQL, LocalStack and kinesalite when they are not
+#                               running, and stops at exit what it started. Extra arguments go to
+#                               the benchmark (e.g. 'embedded', 'quick'; see benches/relay.rs).
 #
 # Release build (a few minutes the first time). Run it on a quiet machine: every figure is
 # reported next to a baseline measured in the same run, but a busy machine still adds noise.
@@ -18,7 +25,29 @@ case "$target" in
     say "benchmark: product-catalog (release build)"
     cargo bench -p product-catalog --bench catalog
     ;;
+  relay)
+    shift
+    MALL_TEST_POSTGRES_URL="$("$ROOT/scripts/postgres.sh")"
+    export MALL_TEST_POSTGRES_URL
+    # As scripts/test.sh does: stop at exit only what this run started (a new pid).
+    kinesalite_pid="$(cat "$RUN/kinesalite.pid" 2>/dev/null || true)"
+    MALL_TEST_KINESIS_ENDPOINT="$("$ROOT/scripts/kinesalite.sh")"
+    export MALL_TEST_KINESIS_ENDPOINT
+    stop_started=""
+    if [ "$(cat "$RUN/kinesalite.pid" 2>/dev/null || true)" != "$kinesalite_pid" ]; then
+      stop_started='"$ROOT/scripts/kinesalite.sh" stop >/dev/null 2>&1 || true'
+    fi
+    localstack_pid="$(cat "$RUN/localstack/localstack.pid" 2>/dev/null || true)"
+    MALL_TEST_SQS_ENDPOINT="$("$ROOT/scripts/localstack.sh" start)"
+    export MALL_TEST_SQS_ENDPOINT
+    if [ "$(cat "$RUN/localstack/localstack.pid" 2>/dev/null || true)" != "$localstack_pid" ]; then
+      stop_started="${stop_started:+$stop_started; }\"\$ROOT/scripts/localstack.sh\" stop >/dev/null 2>&1 || true"
+    fi
+    [ -z "$stop_started" ] || trap "$stop_started" EXIT
+    say "benchmark: sync-relay end to end (release build)"
+    cargo bench -p sync-relay --bench relay -- "$@"
+    ;;
   *)
-    die "usage: scripts/bench.sh catalog"
+    die "usage: scripts/bench.sh catalog|relay"
     ;;
 esac
