@@ -1,9 +1,17 @@
 //! Stage 2: receive lane messages, merge them, apply them to the catalog, delete them.
 //!
-//! A consumer receives a batch, splits it by lane and applies the lanes in parallel; within a
-//! lane, messages are handled in the order received, and a lane whose apply fails gives all
-//! of its messages of this batch back, so no later change of a product overtakes an earlier
-//! one. A message is deleted only after the catalog committed its changes.
+//! A consumer receives a batch and splits it by lane; within a lane, messages are handled in
+//! the order received, and a lane whose apply fails gives all of its messages of this batch
+//! back, so no later change of a product overtakes an earlier one. A message is deleted only
+//! after the catalog committed its changes.
+//!
+//! The lanes of one batch are first applied together: their changes are merged into one
+//! BulkUpdateProducts per product type (lanes hold disjoint products, so this is the same as
+//! applying them one lane after another), and their messages are deleted with one call. The
+//! catalog writes a few large transactions instead of one small one per lane, which is where
+//! most of stage 2's time went. If that fails for a reason other than an outage, each lane is
+//! applied on its own, so one failing lane never holds the others back; the writes that did
+//! commit are harmless to repeat under the version guard.
 //!
 //! Failures are sorted by what helps:
 //! - the catalog is unreachable or overloaded (UNAVAILABLE, DEADLINE_EXCEEDED, ...): retry
@@ -24,7 +32,7 @@ pub mod merge;
 mod catalog;
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -65,6 +73,21 @@ enum LaneOutcome {
     /// Given back to the queue (or left to expire at shutdown).
     Returned,
 }
+
+/// Why applying a set of changes stopped before all were committed.
+enum Stopped {
+    /// The catalog cannot take them as they are; the message says why.
+    Failed(String),
+    /// The relay is shutting down; the messages return when their visibility runs out.
+    Shutdown,
+}
+
+/// Where a change came from, for the quarantine: its lane and the id of the lane's first
+/// message in this batch.
+type Origin<'a> = &'a (dyn Fn(&ProductChange) -> (String, String) + Sync);
+
+/// Links from a combined apply's span to the traces of the lanes it applies, at most.
+const MAX_TRACE_LINKS: usize = 32;
 
 impl Applier {
     /// Stage 2 over `queue`, applying to `catalog`.
@@ -151,13 +174,114 @@ impl Applier {
                 .or_default()
                 .push(message);
         }
+        if lanes.len() == 1 {
+            for (lane, messages) in lanes {
+                self.apply_lane(lane, messages, shutdown).await;
+            }
+        } else {
+            self.apply_lanes(lanes, shutdown).await;
+        }
+        Ok(received)
+    }
+
+    /// Applies several lanes' messages together (see the module docs); lanes whose messages
+    /// do not decode, and every lane if the combined apply fails, go through
+    /// [`Applier::apply_lane`] one by one.
+    async fn apply_lanes(
+        &self,
+        lanes: BTreeMap<String, Vec<ReceivedMessage>>,
+        shutdown: &CancellationToken,
+    ) {
+        let mut together: Vec<(String, Vec<ReceivedMessage>, Vec<ProductChange>)> = Vec::new();
+        let mut alone = Vec::new();
+        for (lane, messages) in lanes {
+            match decode_all(&messages) {
+                Ok(changes) => together.push((lane, messages, changes)),
+                // Gives the lane's messages back with the reason.
+                Err(_) => alone.push((lane, messages)),
+            }
+        }
+        let outcome = if together.len() < 2 {
+            alone.extend(
+                together
+                    .drain(..)
+                    .map(|(lane, messages, _)| (lane, messages)),
+            );
+            None
+        } else {
+            let span = tracing::info_span!(
+                "relay.apply",
+                lanes = together.len(),
+                messages = together.iter().map(|(_, m, _)| m.len()).sum::<usize>()
+            );
+            link_traces(&span, together.iter().flat_map(|(_, m, _)| m));
+            Some(
+                self.apply_together(&mut together, shutdown)
+                    .instrument(span)
+                    .await,
+            )
+        };
+        match outcome {
+            Some(Err(Stopped::Failed(error))) => {
+                tracing::warn!(
+                    error,
+                    lanes = together.len(),
+                    "applying lanes together failed; applying each lane on its own"
+                );
+                alone.extend(
+                    together
+                        .into_iter()
+                        .map(|(lane, messages, _)| (lane, messages)),
+                );
+            }
+            Some(Err(Stopped::Shutdown)) => return,
+            Some(Ok(())) | None => {}
+        }
         join_all(
-            lanes
+            alone
                 .into_iter()
                 .map(|(lane, messages)| self.apply_lane(lane, messages, shutdown)),
         )
         .await;
-        Ok(received)
+    }
+
+    async fn apply_together(
+        &self,
+        lanes: &mut [(String, Vec<ReceivedMessage>, Vec<ProductChange>)],
+        shutdown: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        // Lane and first message of each product, for the quarantine of refused changes.
+        let mut origins: HashMap<String, (String, String)> = HashMap::new();
+        let mut changes = Vec::new();
+        for (lane, messages, decoded) in lanes.iter_mut() {
+            let first = messages
+                .first()
+                .map(|m| m.message_id.clone())
+                .unwrap_or_default();
+            for change in decoded.iter() {
+                origins
+                    .entry(change.product_code.clone())
+                    .or_insert_with(|| (lane.clone(), first.clone()));
+            }
+            changes.append(decoded);
+        }
+        let messages: Vec<&ReceivedMessage> =
+            lanes.iter().flat_map(|(_, messages, _)| messages).collect();
+        let receipts: Vec<Receipt> = messages.iter().map(|m| m.receipt.clone()).collect();
+        let origin = |change: &ProductChange| {
+            origins
+                .get(&change.product_code)
+                .map(|(lane, id)| (format!("apply:{lane}"), id.clone()))
+                .unwrap_or_else(|| ("apply".to_owned(), String::new()))
+        };
+        let applied = Applied::of(&changes);
+        self.apply_changes("lanes", &receipts, changes, &origin, shutdown)
+            .await?;
+        let ids: Vec<String> = messages.iter().map(|m| m.message_id.clone()).collect();
+        let retried = messages.iter().any(|m| m.receive_count > 1);
+        self.finish("lanes", &receipts, &ids, retried, applied)
+            .await;
+        Ok(())
     }
 
     async fn apply_lane(
@@ -186,27 +310,45 @@ impl Applier {
     ) -> LaneOutcome {
         let receipts: Vec<Receipt> = messages.iter().map(|m| m.receipt.clone()).collect();
         let ids: Vec<String> = messages.iter().map(|m| m.message_id.clone()).collect();
-        let mut changes = Vec::new();
-        for message in &messages {
-            match decode_batch(&message.body) {
-                Ok(batch) => changes.extend(batch.changes),
-                Err(reason) => {
-                    let error = format!(
-                        "queue message {} is not a ProductChangeBatch: {reason}",
-                        message.message_id
-                    );
-                    return self
-                        .give_back(&ids, &receipts, &error, messages_attempt(&messages))
-                        .await;
-                }
+        let changes = match decode_all(&messages) {
+            Ok(changes) => changes,
+            Err(error) => {
+                return self
+                    .give_back(&ids, &receipts, &error, messages_attempt(&messages))
+                    .await;
+            }
+        };
+        let first = ids.first().cloned().unwrap_or_default();
+        let origin = |_: &ProductChange| (format!("apply:{lane}"), first.clone());
+        let applied = Applied::of(&changes);
+        match self
+            .apply_changes(lane, &receipts, changes, &origin, shutdown)
+            .await
+        {
+            Ok(()) => {}
+            Err(Stopped::Shutdown) => return LaneOutcome::Returned,
+            Err(Stopped::Failed(error)) => {
+                return self
+                    .give_back(&ids, &receipts, &error, messages_attempt(&messages))
+                    .await;
             }
         }
-        let event_times: Vec<SystemTime> = changes
-            .iter()
-            .filter_map(|c| c.event_time.and_then(|t| SystemTime::try_from(t).ok()))
-            .collect();
-        let count = changes.len();
+        let retried = messages.iter().any(|m| m.receive_count > 1);
+        self.finish(lane, &receipts, &ids, retried, applied).await;
+        LaneOutcome::Applied
+    }
 
+    /// Applies `changes`, decoded from the messages of `receipts` (kept hidden meanwhile):
+    /// merged into the fewest catalog writes, retried through outages, refused ones
+    /// quarantined. `Ok` once every change is committed or quarantined.
+    async fn apply_changes(
+        &self,
+        label: &str,
+        receipts: &[Receipt],
+        changes: Vec<ProductChange>,
+        origin: Origin<'_>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Stopped> {
         let mut visible_until = Instant::now() + self.visibility;
         let mut pending: VecDeque<TypeBatch> = merge::merge(changes).into();
         while let Some(mut batch) = pending.pop_front() {
@@ -219,7 +361,7 @@ impl Applier {
                     &self.metrics,
                 );
                 match self
-                    .keep_visible(lane, &receipts, &mut visible_until, applied)
+                    .keep_visible(label, receipts, &mut visible_until, applied)
                     .await
                 {
                     Ok(()) => break,
@@ -234,14 +376,9 @@ impl Applier {
                         break;
                     }
                     Err(Failure::TooLarge) => {
-                        return self
-                            .give_back(
-                                &ids,
-                                &receipts,
-                                "one change exceeds the catalog's maximum message size",
-                                messages_attempt(&messages),
-                            )
-                            .await;
+                        return Err(Stopped::Failed(
+                            "one change exceeds the catalog's maximum message size".into(),
+                        ));
                     }
                     Err(Failure::Refused(refused)) => {
                         let (bad, rest): (Vec<_>, Vec<_>) = batch
@@ -249,7 +386,7 @@ impl Applier {
                             .into_iter()
                             .enumerate()
                             .partition(|(i, _)| refused.contains_key(i));
-                        self.quarantine_refused(lane, &ids, bad, &refused).await;
+                        self.quarantine_refused(label, origin, bad, &refused).await;
                         batch.changes = rest.into_iter().map(|(_, c)| c).collect();
                         if batch.changes.is_empty() {
                             break;
@@ -262,46 +399,50 @@ impl Applier {
                             .inc();
                         self.control
                             .record_error(format!("catalog unavailable: {error}"));
-                        tracing::warn!(lane, error = %error, "catalog unavailable; retrying");
+                        tracing::warn!(lane = label, error = %error, "catalog unavailable; retrying");
                         // The messages stay ours while the outage lasts.
                         let wait = tokio::time::sleep(backoff);
                         tokio::select! {
-                            () = shutdown.cancelled() => return LaneOutcome::Returned,
-                            () = self.keep_visible(lane, &receipts, &mut visible_until, wait) => {}
+                            () = shutdown.cancelled() => return Err(Stopped::Shutdown),
+                            () = self.keep_visible(label, receipts, &mut visible_until, wait) => {}
                         }
                         backoff = (backoff * 2).min(self.settings.retry_backoff_max);
                     }
                     Err(Failure::Permanent(error)) => {
-                        return self
-                            .give_back(
-                                &ids,
-                                &receipts,
-                                &format!("catalog refused the batch: {error}"),
-                                messages_attempt(&messages),
-                            )
-                            .await;
+                        return Err(Stopped::Failed(format!(
+                            "catalog refused the batch: {error}"
+                        )));
                     }
                 }
             }
         }
+        Ok(())
+    }
 
-        if let Err(error) = self.queue.delete(&receipts).await {
+    /// After the catalog committed: deletes the messages, clears their recorded failures
+    /// (when they were delivered before), counts and observes the latency of `applied`.
+    async fn finish(
+        &self,
+        label: &str,
+        receipts: &[Receipt],
+        ids: &[String],
+        retried: bool,
+        applied: Applied,
+    ) {
+        if let Err(error) = self.queue.delete(receipts).await {
             // The catalog has the changes; a redelivery is a no-op under the version guard.
-            tracing::warn!(lane, error = %error, "failed to delete applied messages");
+            tracing::warn!(lane = label, error = %error, "failed to delete applied messages");
         }
-        if messages.iter().any(|m| m.receive_count > 1)
-            && let Err(error) = self.store.clear_apply_failures(&ids).await
-        {
-            tracing::warn!(lane, error = %error, "failed to clear recorded apply failures");
+        if retried && let Err(error) = self.store.clear_apply_failures(ids).await {
+            tracing::warn!(lane = label, error = %error, "failed to clear recorded apply failures");
         }
-        self.control.record_applied(count);
+        self.control.record_applied(applied.count);
         let now = SystemTime::now();
-        for time in event_times {
+        for time in applied.event_times {
             self.metrics
                 .latency
                 .observe(now.duration_since(time).unwrap_or_default().as_secs_f64());
         }
-        LaneOutcome::Applied
     }
 
     /// Runs `work` while keeping the lane's messages hidden from other consumers: whenever
@@ -373,7 +514,7 @@ impl Applier {
     async fn quarantine_refused(
         &self,
         lane: &str,
-        message_ids: &[String],
+        origin: Origin<'_>,
         refused: Vec<(usize, ProductChange)>,
         reasons: &BTreeMap<usize, String>,
     ) {
@@ -381,10 +522,11 @@ impl Applier {
             .into_iter()
             .map(|(i, change)| {
                 let raw = change.encode_to_vec();
+                let (source, position) = origin(&change);
                 NewQuarantined {
                     dedup_key: format!("apply:{:016x}", crate::rollup::fnv64(&raw)),
-                    source: format!("apply:{lane}"),
-                    position: message_ids.first().cloned().unwrap_or_default(),
+                    source,
+                    position,
                     reason: format!(
                         "refused by the catalog: {}",
                         reasons.get(&i).cloned().unwrap_or_default()
@@ -415,6 +557,67 @@ impl Applier {
 /// The highest delivery count among `messages`: how many times this lane was tried.
 fn messages_attempt(messages: &[ReceivedMessage]) -> u32 {
     messages.iter().map(|m| m.receive_count).max().unwrap_or(1)
+}
+
+/// Makes the first message's trace the parent of `span` and links the others' (at most
+/// [`MAX_TRACE_LINKS`]), so each lane's trace leads to the combined apply.
+fn link_traces<'a>(span: &tracing::Span, messages: impl Iterator<Item = &'a ReceivedMessage>) {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let mut parents =
+        messages.filter_map(|m| m.attributes.get(mall_telemetry::propagation::TRACEPARENT));
+    if let Some(traceparent) = parents.next() {
+        mall_telemetry::propagation::set_parent_from_headers(span, traceparent, "");
+    }
+    for traceparent in parents.take(MAX_TRACE_LINKS) {
+        let carrier = HashMap::from([(
+            mall_telemetry::propagation::TRACEPARENT.to_owned(),
+            traceparent.clone(),
+        )]);
+        let linked = mall_telemetry::propagation::extract(&carrier)
+            .span()
+            .span_context()
+            .clone();
+        if linked.is_valid() {
+            span.add_link(linked);
+        }
+    }
+}
+
+/// The changes of `messages`, in order.
+///
+/// # Errors
+/// Which message is not a `ProductChangeBatch`, and why.
+fn decode_all(messages: &[ReceivedMessage]) -> Result<Vec<ProductChange>, String> {
+    let mut changes = Vec::new();
+    for message in messages {
+        let batch = decode_batch(&message.body).map_err(|reason| {
+            format!(
+                "queue message {} is not a ProductChangeBatch: {reason}",
+                message.message_id
+            )
+        })?;
+        changes.extend(batch.changes);
+    }
+    Ok(changes)
+}
+
+/// What an apply reports once committed: how many changes, and their event times.
+struct Applied {
+    count: usize,
+    event_times: Vec<SystemTime>,
+}
+
+impl Applied {
+    fn of(changes: &[ProductChange]) -> Self {
+        Self {
+            count: changes.len(),
+            event_times: changes
+                .iter()
+                .filter_map(|c| c.event_time.and_then(|t| SystemTime::try_from(t).ok()))
+                .collect(),
+        }
+    }
 }
 
 /// Decodes a queue body: base64 of an encoded `ProductChangeBatch`.
