@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::{StreamExt as _, TryStreamExt as _};
 use mall_proto::catalog::v1::{
     BulkUpdateProductsRequest, GetProductRequest, Product, ProductStatus, ProductUpdate,
     product_catalog_service_client::ProductCatalogServiceClient,
@@ -33,6 +34,9 @@ const PRODUCTS: usize = 20_000;
 const BATCH: usize = 1_000;
 /// Rounds of bulk writes (each round rewrites every product with a newer version).
 const ROUNDS: u64 = 5;
+/// Requests in flight at once in the bulk comparison, for both paths: one after another, and
+/// as many as the machine has cores (how the relay and the importer call it).
+const IN_FLIGHT: [usize; 2] = [1, 2];
 /// How long each read measurement runs.
 const READ_WINDOW: Duration = Duration::from_secs(4);
 /// Concurrent callers for the read measurements.
@@ -89,27 +93,29 @@ async fn run() -> anyhow::Result<()> {
     let uncached = ProductCatalogServiceClient::new(probe::channel(uncached_addr));
 
     eprintln!("bulk: {ROUNDS} rounds of {PRODUCTS} products in requests of {BATCH}");
-    let mut bulk_rates = Vec::new();
-    let mut sql_rates = Vec::new();
-    for round in 1..=ROUNDS {
-        let products: Vec<Product> = (0..PRODUCTS).map(|i| product(i, round)).collect();
-        // Alternate which goes first, so neither always meets a warmer cache.
-        let (bulk, sql) = if round % 2 == 0 {
-            let sql = hand_written(&baseline, &products).await?;
-            (bulk_update(&catalog, &products).await?, sql)
-        } else {
-            let bulk = bulk_update(&catalog, &products).await?;
-            (bulk, hand_written(&baseline, &products).await?)
-        };
-        eprintln!(
-            "  round {round}: BulkUpdateProducts {bulk:.0} rows/s, hand-written upsert {sql:.0} rows/s"
-        );
-        bulk_rates.push(bulk);
-        sql_rates.push(sql);
+    let mut bulk_rounds = Vec::new();
+    let mut version = 0;
+    for in_flight in IN_FLIGHT {
+        let mut rounds = Vec::new();
+        for round in 1..=ROUNDS {
+            version += 1;
+            let products: Vec<Product> = (0..PRODUCTS).map(|i| product(i, version)).collect();
+            // Alternate which goes first, so neither always meets a warmer cache.
+            let (bulk, sql) = if round % 2 == 0 {
+                let sql = hand_written(&baseline, &products, in_flight).await?;
+                (bulk_update(&catalog, &products, in_flight).await?, sql)
+            } else {
+                let bulk = bulk_update(&catalog, &products, in_flight).await?;
+                (bulk, hand_written(&baseline, &products, in_flight).await?)
+            };
+            eprintln!(
+                "  {in_flight} in flight, round {round}: BulkUpdateProducts {bulk:.0} rows/s, \
+                 hand-written upsert {sql:.0} rows/s"
+            );
+            rounds.push((bulk, sql));
+        }
+        bulk_rounds.push((in_flight, rounds));
     }
-    // Round 1 inserts; the others update: report both.
-    let insert = (bulk_rates[0], sql_rates[0]);
-    let update = (median(&bulk_rates[1..]), median(&sql_rates[1..]));
 
     // Warm the read cache (BatchGetProducts fills it too), as a running catalog would be.
     let codes: Vec<String> = (0..PRODUCTS).map(|i| format!("P-{i:06}")).collect();
@@ -179,16 +185,18 @@ async fn run() -> anyhow::Result<()> {
     shutdown.cancel();
     server.await??;
     uncached_server.await??;
-    write_report(insert, update, &bulk_rates, &sql_rates, &reads)
+    write_report(&bulk_rounds, &reads)
 }
 
 /// Sends every product in requests of [`BATCH`], one at a time; rows/s.
 async fn bulk_update(
     client: &ProductCatalogServiceClient<Channel>,
     products: &[Product],
+    in_flight: usize,
 ) -> anyhow::Result<f64> {
     let start = Instant::now();
-    for chunk in products.chunks(BATCH) {
+    let requests = products.chunks(BATCH).map(|chunk| {
+        let mut client = client.clone();
         let request = BulkUpdateProductsRequest {
             request_id: String::new(),
             product_type: "apparel".into(),
@@ -200,16 +208,32 @@ async fn bulk_update(
                 })
                 .collect(),
         };
-        client.clone().bulk_update_products(request).await?;
-    }
+        async move { client.bulk_update_products(request).await.map(drop) }
+    });
+    futures::stream::iter(requests)
+        .buffer_unordered(in_flight)
+        .try_collect::<()>()
+        .await?;
     Ok(products.len() as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Upserts the same rows with one hand-written statement per [`BATCH`]; rows/s. The rows are
 /// encoded exactly as the catalog stores them (JSON text columns), and encoding is timed too.
-async fn hand_written(db: &DatabaseConnection, products: &[Product]) -> anyhow::Result<f64> {
+async fn hand_written(
+    db: &DatabaseConnection,
+    products: &[Product],
+    in_flight: usize,
+) -> anyhow::Result<f64> {
     let start = Instant::now();
-    for chunk in products.chunks(BATCH) {
+    futures::stream::iter(products.chunks(BATCH).map(Ok))
+        .try_for_each_concurrent(in_flight, |chunk| upsert(db, chunk))
+        .await?;
+    Ok(products.len() as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The hand-written statement for one chunk of rows.
+async fn upsert(db: &DatabaseConnection, chunk: &[Product]) -> anyhow::Result<()> {
+    {
         let mut sql = String::from(
             "INSERT INTO baseline_products (code, product_type, brand, category_path, status, \
              names, descriptions, prices, attributes, version, create_time, update_time) VALUES ",
@@ -264,7 +288,7 @@ async fn hand_written(db: &DatabaseConnection, products: &[Product]) -> anyhow::
         ))
         .await?;
     }
-    Ok(products.len() as f64 / start.elapsed().as_secs_f64())
+    Ok(())
 }
 
 /// Product `i` at `version`: an apparel item as the mall sends them (two languages, two
@@ -380,10 +404,7 @@ fn median(values: &[f64]) -> f64 {
 }
 
 fn write_report(
-    insert: (f64, f64),
-    update: (f64, f64),
-    bulk_rates: &[f64],
-    sql_rates: &[f64],
+    bulk_rounds: &[(usize, Vec<(f64, f64)>)],
     reads: &[(usize, Reads, Reads, Reads)],
 ) -> anyhow::Result<()> {
     let mut section = String::new();
@@ -398,36 +419,55 @@ fn write_report(
     writeln!(
         section,
         "### BulkUpdateProducts vs one hand-written upsert statement\n\n\
-         {PRODUCTS} apparel products (about 700 bytes each) in requests of {BATCH}, {ROUNDS} rounds; \
-         round 1 inserts, rounds 2-{ROUNDS} update every product to a newer version (median \
-         shown). The baseline is one `INSERT ... VALUES (1,000 rows) ON CONFLICT DO UPDATE \
+         {PRODUCTS} apparel products (about 700 bytes each) in requests of {BATCH}, {ROUNDS} rounds \
+         per level of requests in flight (both paths at the same level); the very first round \
+         inserts, every other round updates every product to a newer version (median shown). \
+         The baseline is one `INSERT ... VALUES (1,000 rows) ON CONFLICT DO UPDATE \
          WHERE version < excluded.version` per {BATCH} rows, through the same driver, into a \
          table of the same shape, rows encoded the same way. BulkUpdateProducts also \
-         decodes and validates the gRPC request, locks and reads the stored rows, plans \
-         each item under the version guard and appends every applied change to the change \
-         log (a second row per item), all in one transaction.\n"
+         encodes, sends and decodes the gRPC request, validates it, locks and reads the stored \
+         rows, plans each item under the version guard and appends every applied change to \
+         the change log (a second row per item), all in one transaction.\n"
     )?;
     writeln!(
         section,
-        "| phase | BulkUpdateProducts rows/s | hand-written upsert rows/s | ratio (target ≥ 0.5) |\n|---|---|---|---|"
+        "| requests in flight | phase | BulkUpdateProducts rows/s | hand-written upsert rows/s | ratio (target ≥ 0.5) |\n|---|---|---|---|---|"
     )?;
-    for (name, (bulk, sql)) in [("insert (round 1)", insert), ("update (median)", update)] {
-        writeln!(
-            section,
-            "| {name} | {bulk:.0} | {sql:.0} | {:.2} |",
-            bulk / sql
-        )?;
+    for (index, (in_flight, rounds)) in bulk_rounds.iter().enumerate() {
+        let mut phases = Vec::new();
+        let updates = if index == 0 {
+            phases.push(("insert (first round)", rounds[0]));
+            &rounds[1..]
+        } else {
+            &rounds[..]
+        };
+        let bulk: Vec<f64> = updates.iter().map(|r| r.0).collect();
+        let sql: Vec<f64> = updates.iter().map(|r| r.1).collect();
+        phases.push(("update (median)", (median(&bulk), median(&sql))));
+        for (name, (bulk, sql)) in phases {
+            writeln!(
+                section,
+                "| {in_flight} | {name} | {bulk:.0} | {sql:.0} | {:.2} |",
+                bulk / sql
+            )?;
+        }
     }
     writeln!(
         section,
-        "\nEvery round (BulkUpdateProducts / hand-written): {}\n",
-        bulk_rates
-            .iter()
-            .zip(sql_rates)
-            .map(|(b, s)| format!("{b:.0} / {s:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "\nEvery round (BulkUpdateProducts / hand-written):\n"
     )?;
+    for (in_flight, rounds) in bulk_rounds {
+        writeln!(
+            section,
+            "- {in_flight} in flight: {}",
+            rounds
+                .iter()
+                .map(|(b, s)| format!("{b:.0} / {s:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+    }
+    writeln!(section)?;
     writeln!(
         section,
         "### GetProduct vs the trivial RPC (health Check) on the same server\n\n\

@@ -78,6 +78,8 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(900);
 /// Shards of the benchmark's Kinesis stream. Real Kinesis takes 1,000 records/s per shard, so
 /// 20,000 changes/s needs at least 20 shards; kinesalite enforces no such limit.
 const DEFAULT_SHARDS: i32 = 8;
+/// How often a relay run samples the relay's counters for [`read_by_relay`].
+const READ_SAMPLE: Duration = Duration::from_millis(50);
 /// Records per PutRecords call (the Kinesis maximum is 500).
 const PUT_BATCH: usize = 500;
 
@@ -235,6 +237,8 @@ struct Measured {
     published: Duration,
     /// Publish start until the watcher received the last change.
     visible: Duration,
+    /// Run start until the relay's source had read every change (relay runs only).
+    read: Option<Duration>,
     /// Event time to the change-log record's commit time, sorted.
     to_commit: Vec<Duration>,
     /// Event time to the watcher receiving the record, sorted.
@@ -319,10 +323,11 @@ async fn bench_stack(stack: Stack, options: &Options, report: &mut Report) -> an
         version += 1;
         let raw_after = raw_bulk(&running, &times, size, version).await?;
         eprintln!(
-            "  {size}: relay {:.0}/s (accepted at {:.0}/s) p50 {} p99 {}; raw {:.0} / {:.0} rows/s; \
+            "  {size}: relay {:.0}/s (accepted at {:.0}/s, all read by the relay after {}) p50 {} p99 {}; raw {:.0} / {:.0} rows/s; \
              {:.0} changes per catalog call, {:.0} per queue message\n    cpu (relay run): {}\n    cpu (raw run): {}",
             relay.rate(),
             relay.published_rate(),
+            relay.read.map_or_else(|| "-".to_owned(), ms),
             ms(percentile(&relay.to_commit, 0.5)),
             ms(percentile(&relay.to_commit, 0.99)),
             raw_before.rate(),
@@ -472,18 +477,11 @@ impl Running {
 
     /// The relay's counters from its `/metrics`.
     async fn relay_counters(&self) -> Counters {
-        let (_, text) = probe::http_get(self.relay_admin, "/metrics").await;
-        let sum = |name: &str, filter: &str| -> f64 {
-            text.lines()
-                .filter(|l| l.starts_with(name) && l.contains(filter))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
-        };
-        Counters {
-            calls: sum("mall_sync_relay_catalog_calls_total", "code=\"OK\""),
-            messages: sum("mall_sync_relay_queue_messages_sent_total", ""),
-            applied: sum("mall_sync_relay_changes_applied_total", ""),
-        }
+        self.admin_client().counters().await
+    }
+
+    fn admin_client(&self) -> Admin {
+        Admin(self.relay_admin)
     }
 
     async fn dead_letters(&self) -> anyhow::Result<i64> {
@@ -504,8 +502,32 @@ impl Running {
     }
 }
 
+/// The relay's admin port.
+#[derive(Debug, Clone, Copy)]
+struct Admin(SocketAddr);
+
+impl Admin {
+    /// The relay's counters from its `/metrics`.
+    async fn counters(self) -> Counters {
+        let (_, text) = probe::http_get(self.0, "/metrics").await;
+        let sum = |name: &str, filter: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(name) && l.contains(filter))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        Counters {
+            received: sum("mall_sync_relay_changes_received_total", ""),
+            calls: sum("mall_sync_relay_catalog_calls_total", "code=\"OK\""),
+            messages: sum("mall_sync_relay_queue_messages_sent_total", ""),
+            applied: sum("mall_sync_relay_changes_applied_total", ""),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Counters {
+    received: f64,
     calls: f64,
     messages: f64,
     applied: f64,
@@ -514,6 +536,7 @@ struct Counters {
 impl Counters {
     fn since(self, before: &Self) -> Self {
         Self {
+            received: self.received - before.received,
             calls: self.calls - before.calls,
             messages: self.messages - before.messages,
             applied: self.applied - before.applied,
@@ -773,6 +796,7 @@ fn measured(
         changes: seen.len(),
         published: published - start,
         visible: visible - start,
+        read: None,
         to_commit,
         to_visible,
         cpu,
@@ -967,6 +991,7 @@ async fn relay_run(
     let changes: Vec<ProductChange> = (0..count).map(|i| change(i, version)).collect();
     let watcher = watch(&running.catalog, count, version).await?;
     let start = running.cpu_sample();
+    let read = read_by_relay(running, count).await;
     match running.stack {
         Stack::Embedded => publish_grpc(running, times, changes).await?,
         Stack::Kinesis => put_records(running, times, changes).await?,
@@ -975,13 +1000,27 @@ async fn relay_run(
     let seen = tokio::time::timeout(RUN_TIMEOUT, watcher)
         .await
         .map_err(|_| anyhow::anyhow!("the run did not finish in {RUN_TIMEOUT:?}"))???;
-    Ok(measured(
-        seen,
-        times,
-        start,
-        published,
-        running.cpu_sample(),
-    ))
+    let mut measured = measured(seen, times, start, published, running.cpu_sample());
+    measured.read = read.await?.map(|at| at - start.0);
+    Ok(measured)
+}
+
+/// When the relay's source had read `count` more changes than now (for gRPC: accepted them
+/// into the queue), sampled every [`READ_SAMPLE`]: stage 1's share of a run. `None` if the
+/// run ended first.
+async fn read_by_relay(running: &Running, count: usize) -> JoinHandle<Option<Instant>> {
+    let client = running.admin_client();
+    let before = client.counters().await.received;
+    tokio::spawn(async move {
+        let deadline = Instant::now() + RUN_TIMEOUT;
+        while Instant::now() < deadline {
+            if client.counters().await.received - before >= count as f64 {
+                return Some(Instant::now());
+            }
+            tokio::time::sleep(READ_SAMPLE).await;
+        }
+        None
+    })
 }
 
 /// PublishProductChanges from `running.publishers` concurrent calls, each streaming messages
@@ -1086,6 +1125,7 @@ async fn put_batch(
         times.set(*index, now);
         data.extend_from_slice(&event);
     }
+    let mut last_error = String::from("records refused");
     for _attempt in 0..10 {
         let entries = batch
             .iter()
@@ -1097,13 +1137,21 @@ async fn put_batch(
                     .expect("partition key and data are set")
             })
             .collect();
-        let output = client
+        let output = match client
             .put_records()
             .stream_name(stream)
             .set_records(Some(entries))
             .send()
             .await
-            .map_err(|e| anyhow::anyhow!("{}", aws_sdk_kinesis::error::DisplayErrorContext(&e)))?;
+        {
+            Ok(output) => output,
+            Err(error) => {
+                // kinesalite, busy with the relay's reads, sometimes drops a call: send again.
+                last_error = aws_sdk_kinesis::error::DisplayErrorContext(&error).to_string();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         if output.failed_record_count.unwrap_or(0) == 0 {
             return Ok(());
         }
@@ -1115,7 +1163,10 @@ async fn put_batch(
             .collect();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    anyhow::bail!("kinesis kept refusing {} records", batch.len())
+    anyhow::bail!(
+        "kinesis kept refusing {} records: {last_error}",
+        batch.len()
+    )
 }
 
 /// Offers [`PACED_RATE`] changes/s for `options.paced`: every [`PACED_TICK`], the next
@@ -1295,17 +1346,18 @@ fn table(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| stack | changes | end to end changes/s | accepted by the relay /s | event→commit p50 | p99 | raw BulkUpdate rows/s (before / after) | ratio | changes per queue message / catalog call | cores used (relay run) |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| stack | changes | end to end changes/s | published /s | all read by the relay after | event→commit p50 | p99 | raw BulkUpdate rows/s (before / after) | ratio | changes per queue message / catalog call | cores used (relay run) |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for run in &report.runs {
         let raw = (run.raw_before.rate() + run.raw_after.rate()) / 2.0;
         let _ = writeln!(
             out,
-            "| {} | {} | **{:.0}** | {:.0} | {} | {} | {:.0} ({:.0} / {:.0}) | **{:.2}** | {:.0} / {:.0} | {:.2} |",
+            "| {} | {} | **{:.0}** | {:.0} | {} | {} | {} | {:.0} ({:.0} / {:.0}) | **{:.2}** | {:.0} / {:.0} | {:.2} |",
             short(run.stack),
             run.changes,
             run.relay.rate(),
             run.relay.published_rate(),
+            run.relay.read.map_or_else(|| "-".to_owned(), ms),
             ms(percentile(&run.relay.to_commit, 0.5)),
             ms(percentile(&run.relay.to_commit, 0.99)),
             raw,
