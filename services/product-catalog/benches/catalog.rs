@@ -17,12 +17,11 @@ use std::{
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use mall_proto::catalog::v1::{
-    BulkUpdateProductsRequest, GetProductRequest, Product, ProductStatus, ProductUpdate,
+    BulkUpdateProductsRequest, GetProductRequest, Product, ProductUpdate,
     product_catalog_service_client::ProductCatalogServiceClient,
 };
-use mall_test_support::{TestDatabase, probe, wait_until};
+use mall_test_support::{TestDatabase, bench, probe, wait_until};
 use product_catalog::{App, Settings};
-use prost_types::{ListValue, Struct, Value, value::Kind};
 use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, Statement, Value as SqlValue};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -99,7 +98,8 @@ async fn run() -> anyhow::Result<()> {
         let mut rounds = Vec::new();
         for round in 1..=ROUNDS {
             version += 1;
-            let products: Vec<Product> = (0..PRODUCTS).map(|i| product(i, version)).collect();
+            let products: Vec<Product> =
+                (0..PRODUCTS).map(|i| bench::product(i, version)).collect();
             // Alternate which goes first, so neither always meets a warmer cache.
             let (bulk, sql) = if round % 2 == 0 {
                 let sql = hand_written(&baseline, &products, in_flight).await?;
@@ -118,7 +118,7 @@ async fn run() -> anyhow::Result<()> {
     }
 
     // Warm the read cache (BatchGetProducts fills it too), as a running catalog would be.
-    let codes: Vec<String> = (0..PRODUCTS).map(|i| format!("P-{i:06}")).collect();
+    let codes: Vec<String> = (0..PRODUCTS).map(bench::code).collect();
     for chunk in codes.chunks(BATCH) {
         catalog
             .clone()
@@ -134,7 +134,7 @@ async fn run() -> anyhow::Result<()> {
         let get = measure(concurrency, move || {
             let mut client = get_client.clone();
             async move {
-                let code = format!("P-{:06}", fastrand::usize(..PRODUCTS));
+                let code = bench::code(fastrand::usize(..PRODUCTS));
                 client
                     .get_product(GetProductRequest { code })
                     .await
@@ -146,7 +146,7 @@ async fn run() -> anyhow::Result<()> {
         let from_database = measure(concurrency, move || {
             let mut client = uncached_client.clone();
             async move {
-                let code = format!("P-{:06}", fastrand::usize(..PRODUCTS));
+                let code = bench::code(fastrand::usize(..PRODUCTS));
                 client
                     .get_product(GetProductRequest { code })
                     .await
@@ -291,65 +291,6 @@ async fn upsert(db: &DatabaseConnection, chunk: &[Product]) -> anyhow::Result<()
     Ok(())
 }
 
-/// Product `i` at `version`: an apparel item as the mall sends them (two languages, two
-/// currencies, a few attributes), about 700 bytes encoded.
-fn product(i: usize, version: u64) -> Product {
-    let strings = |values: &[&str]| Value {
-        kind: Some(Kind::ListValue(ListValue {
-            values: values
-                .iter()
-                .map(|v| Value {
-                    kind: Some(Kind::StringValue((*v).to_owned())),
-                })
-                .collect(),
-        })),
-    };
-    Product {
-        code: format!("P-{i:06}"),
-        product_type: "apparel".into(),
-        brand: format!("Brand {}", i % 300),
-        category_path: vec!["women".into(), "outerwear".into(), "coats".into()],
-        status: ProductStatus::OnSale as i32,
-        names: [
-            ("ko".to_owned(), format!("울 블렌드 코트 {i} ({version})")),
-            ("en".to_owned(), format!("Wool blend coat {i} ({version})")),
-        ]
-        .into(),
-        descriptions: [
-            (
-                "ko".to_owned(),
-                "부드러운 울 블렌드 소재의 싱글 브레스티드 코트입니다. ".repeat(3),
-            ),
-            (
-                "en".to_owned(),
-                "A single-breasted coat in a soft wool blend. ".repeat(3),
-            ),
-        ]
-        .into(),
-        prices: [
-            ("KRW".to_owned(), 259_000 + version as i64),
-            ("USD".to_owned(), 19_900),
-        ]
-        .into(),
-        attributes: Some(Struct {
-            fields: [
-                ("sizes".to_owned(), strings(&["S", "M", "L", "XL"])),
-                ("colors".to_owned(), strings(&["camel", "charcoal"])),
-                ("materials".to_owned(), strings(&["wool", "polyester"])),
-                (
-                    "fit".to_owned(),
-                    Value {
-                        kind: Some(Kind::StringValue("regular".into())),
-                    },
-                ),
-            ]
-            .into(),
-        }),
-        version,
-        ..Product::default()
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Reads {
     rate: f64,
@@ -409,12 +350,12 @@ fn write_report(
 ) -> anyhow::Result<()> {
     let mut section = String::new();
     writeln!(section, "## product-catalog\n")?;
-    writeln!(section, "{}\n", machine())?;
+    writeln!(section, "{}\n", bench::machine())?;
     writeln!(
         section,
         "Command: `scripts/bench.sh catalog` (PostgreSQL {} on the same machine, catalog \
          server and load generator in one process, release build).\n",
-        postgres_version()
+        bench::postgres_version()
     )?;
     writeln!(
         section,
@@ -499,73 +440,9 @@ fn write_report(
             get.rate / health.rate
         )?;
     }
-    replace_section("product-catalog", &section)
+    bench::replace_section("product-catalog", &section)
 }
 
 fn ms(duration: Duration) -> String {
     format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
-}
-
-/// Replaces the text between `<!-- name:begin -->` and `<!-- name:end -->` in BENCHMARKS.md
-/// (appending it when absent), leaving other sections alone.
-fn replace_section(name: &str, section: &str) -> anyhow::Result<()> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../BENCHMARKS.md");
-    let current = std::fs::read_to_string(path).unwrap_or_else(|_| {
-        "# Benchmarks\n\nEach section is written by its benchmark; see the command in it.\n".into()
-    });
-    let (begin, end) = (
-        format!("<!-- {name}:begin -->"),
-        format!("<!-- {name}:end -->"),
-    );
-    let block = format!("{begin}\n{section}{end}");
-    let updated = match (current.find(&begin), current.find(&end)) {
-        (Some(b), Some(e)) if b < e => {
-            format!("{}{block}{}", &current[..b], &current[e + end.len()..])
-        }
-        _ => format!("{}\n{block}\n", current.trim_end()),
-    };
-    std::fs::write(path, updated)?;
-    eprintln!("wrote the {name} section of BENCHMARKS.md");
-    Ok(())
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or_else(String::new, |kb| format!(", {} GiB", kb / 1024 / 1024));
-    let cores = std::thread::available_parallelism().map_or(0, usize::from);
-    let date = std::process::Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d %H:%M UTC")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
-    format!("Measured {date} on {cores} cores ({cpu}){memory}.")
-}
-
-fn postgres_version() -> String {
-    std::process::Command::new("psql")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.split_whitespace().nth(2).map(str::to_owned))
-        .unwrap_or_else(|| "(version unknown)".into())
 }

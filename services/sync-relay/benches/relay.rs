@@ -46,8 +46,8 @@ use aws_sdk_kinesis::{primitives::Blob, types::PutRecordsRequestEntry};
 use futures::StreamExt as _;
 use mall_proto::{
     catalog::v1::{
-        BulkUpdateProductsRequest, Product, ProductStatus, ProductUpdate,
-        WatchProductChangesRequest, product_catalog_service_client::ProductCatalogServiceClient,
+        BulkUpdateProductsRequest, ProductUpdate, WatchProductChangesRequest,
+        product_catalog_service_client::ProductCatalogServiceClient,
     },
     sync::v1::{
         ProductChange, PublishProductChangesRequest,
@@ -55,9 +55,9 @@ use mall_proto::{
     },
 };
 use mall_queue::BackendKind;
-use mall_test_support::{TestDatabase, probe, wait_until};
+use mall_test_support::{TestDatabase, bench, probe, wait_until};
 use prost::Message as _;
-use prost_types::{ListValue, Struct, Timestamp, Value, value::Kind};
+use prost_types::Timestamp;
 use sync_relay::{config::SourceKind, source::kinesis::KinesisSettings};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -273,13 +273,13 @@ async fn run(options: Options) -> anyhow::Result<()> {
             ..mall_telemetry::TelemetrySettings::default()
         },
     )?;
-    let load_before = load_average();
+    let load_before = bench::load_average();
     let started = Instant::now();
     let mut report = Report::default();
     for &stack in &options.stacks {
         bench_stack(stack, &options, &mut report).await?;
     }
-    let load_after = load_average();
+    let load_after = bench::load_average();
     eprintln!("\n{}", table(&report));
     if options.write_report {
         write_report(&report, &load_before, &load_after, started.elapsed())?;
@@ -948,7 +948,7 @@ async fn raw_bulk(
 ) -> anyhow::Result<Measured> {
     let changes: Vec<ProductUpdate> = (0..count)
         .map(|i| ProductUpdate {
-            product: Some(product(i, version)),
+            product: Some(bench::product(i, version)),
             update_mask: None,
         })
         .collect();
@@ -1248,10 +1248,6 @@ async fn paced_run(
 // ---------------------------------------------------------------------------------------------
 // Workload
 
-fn code(i: usize) -> String {
-    format!("P-{i:06}")
-}
-
 fn index_of(code: &str) -> anyhow::Result<usize> {
     code.strip_prefix("P-")
         .and_then(|n| n.parse().ok())
@@ -1260,73 +1256,13 @@ fn index_of(code: &str) -> anyhow::Result<usize> {
 
 /// A full replacement of product `i` at `version`.
 fn change(i: usize, version: u64) -> ProductChange {
-    let product = product(i, version);
+    let product = bench::product(i, version);
     ProductChange {
         product_code: product.code.clone(),
         product_type: product.product_type.clone(),
         version,
         product: Some(product),
         ..ProductChange::default()
-    }
-}
-
-/// Product `i` at `version`: an apparel item as the mall sends them (two languages, two
-/// currencies, a few attributes), about 700 bytes encoded; the shape of the catalog's own
-/// benchmark.
-fn product(i: usize, version: u64) -> Product {
-    let strings = |values: &[&str]| Value {
-        kind: Some(Kind::ListValue(ListValue {
-            values: values
-                .iter()
-                .map(|v| Value {
-                    kind: Some(Kind::StringValue((*v).to_owned())),
-                })
-                .collect(),
-        })),
-    };
-    Product {
-        code: code(i),
-        product_type: "apparel".into(),
-        brand: format!("Brand {}", i % 300),
-        category_path: vec!["women".into(), "outerwear".into(), "coats".into()],
-        status: ProductStatus::OnSale as i32,
-        names: [
-            ("ko".to_owned(), format!("울 블렌드 코트 {i} ({version})")),
-            ("en".to_owned(), format!("Wool blend coat {i} ({version})")),
-        ]
-        .into(),
-        descriptions: [
-            (
-                "ko".to_owned(),
-                "부드러운 울 블렌드 소재의 싱글 브레스티드 코트입니다. ".repeat(3),
-            ),
-            (
-                "en".to_owned(),
-                "A single-breasted coat in a soft wool blend. ".repeat(3),
-            ),
-        ]
-        .into(),
-        prices: [
-            ("KRW".to_owned(), 259_000 + version as i64),
-            ("USD".to_owned(), 19_900),
-        ]
-        .into(),
-        attributes: Some(Struct {
-            fields: [
-                ("sizes".to_owned(), strings(&["S", "M", "L", "XL"])),
-                ("colors".to_owned(), strings(&["camel", "charcoal"])),
-                ("materials".to_owned(), strings(&["wool", "polyester"])),
-                (
-                    "fit".to_owned(),
-                    Value {
-                        kind: Some(Kind::StringValue("regular".into())),
-                    },
-                ),
-            ]
-            .into(),
-        }),
-        version,
-        ..Product::default()
     }
 }
 
@@ -1406,13 +1342,13 @@ fn write_report(
 ) -> anyhow::Result<()> {
     let mut section = String::new();
     writeln!(section, "## sync-relay\n")?;
-    writeln!(section, "{}\n", machine())?;
+    writeln!(section, "{}\n", bench::machine())?;
     writeln!(
         section,
         "Command: `scripts/bench.sh relay` (release build; catalog, relay and load generator in \
          one process, PostgreSQL {}, LocalStack and kinesalite on the same machine). Load \
          average before / after: {load_before} / {load_after}; the run took {:.0} s.\n",
-        postgres_version(),
+        bench::postgres_version(),
         took.as_secs_f64()
     )?;
     writeln!(section, "{}", table(report))?;
@@ -1433,67 +1369,5 @@ fn write_report(
             writeln!(section)?;
         }
     }
-    replace_section("sync-relay", &section)
-}
-
-/// Replaces the text between `<!-- name:begin -->` and `<!-- name:end -->` in BENCHMARKS.md
-/// (appending it when absent), leaving other sections alone.
-fn replace_section(name: &str, section: &str) -> anyhow::Result<()> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../BENCHMARKS.md");
-    let current = std::fs::read_to_string(path).unwrap_or_else(|_| {
-        "# Benchmarks\n\nEach section is written by its benchmark; see the command in it.\n".into()
-    });
-    let (begin, end) = (
-        format!("<!-- {name}:begin -->"),
-        format!("<!-- {name}:end -->"),
-    );
-    let block = format!("{begin}\n{section}{end}");
-    let updated = match (current.find(&begin), current.find(&end)) {
-        (Some(b), Some(e)) if b < e => {
-            format!("{}{block}{}", &current[..b], &current[e + end.len()..])
-        }
-        _ => format!("{}\n\n{block}\n", current.trim_end()),
-    };
-    std::fs::write(path, updated)?;
-    eprintln!("wrote the {name} section of BENCHMARKS.md");
-    Ok(())
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism().map_or(0, usize::from);
-    let date = std::process::Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d %H:%M UTC")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
-    format!("Measured {date} on {cores} cores ({cpu}).")
-}
-
-fn postgres_version() -> String {
-    std::process::Command::new("psql")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.split_whitespace().nth(2).map(str::to_owned))
-        .unwrap_or_else(|| "(version unknown)".into())
+    bench::replace_section("sync-relay", &section)
 }

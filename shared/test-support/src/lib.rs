@@ -6,12 +6,14 @@
 //! - [`probe`]: what a client sees of a running server: health, reflection, `/metrics`.
 //! - [`process`]: a service binary run as a child process, for signal and start-up tests.
 //! - [`sqs_endpoint`]: the LocalStack (SQS) endpoint for queue tests.
+//! - [`bench`]: the benchmarks' sample product and BENCHMARKS.md sections.
 //!
 //! PostgreSQL comes from `MALL_TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), which `scripts/test.sh` provides. When it is
 //! unreachable the test fails with a message that says how to start it: tests are never
 //! silently skipped.
 
+pub mod bench;
 pub mod probe;
 pub mod process;
 
