@@ -31,6 +31,9 @@
 //! (`scripts/bench.sh relay` starts them); a stack that is asked for and unreachable fails the
 //! run rather than being skipped.
 
+#[path = "../tests/support/kinesalite.rs"]
+mod kinesalite;
+
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -58,7 +61,7 @@ use mall_queue::BackendKind;
 use mall_test_support::{TestDatabase, bench, probe, wait_until};
 use prost::Message as _;
 use prost_types::Timestamp;
-use sync_relay::{config::SourceKind, source::kinesis::KinesisSettings};
+use sync_relay::config::SourceKind;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -423,7 +426,8 @@ impl Running {
         settings.apply.catalog_url = format!("http://{catalog_addr}").parse()?;
         if stack == Stack::Kinesis {
             let shards = options.get("kinesis.shards", DEFAULT_SHARDS)?;
-            let (client, stream) = create_stream(&settings.source.kinesis, shards).await?;
+            let stream = format!("relay-bench-{:08x}", fastrand::u32(..));
+            let client = kinesalite::create_stream(&settings.source.kinesis, &stream, shards).await;
             settings.source.kinesis.stream_name = stream.clone();
             kinesis = Some((client, stream));
             settings.queue.sqs.endpoint_url =
@@ -575,7 +579,7 @@ fn relay_settings(stack: Stack, options: &Options) -> anyhow::Result<sync_relay:
     if stack == Stack::Kinesis {
         settings.source.kind = SourceKind::Kinesis;
         let kinesis = &mut settings.source.kinesis;
-        kinesis.endpoint_url = Some(kinesis_endpoint().parse()?);
+        kinesis.endpoint_url = Some(kinesalite::endpoint().parse()?);
         kinesis.region = Some("us-east-1".into());
         kinesis.access_key_id = Some("test".to_owned().into());
         kinesis.secret_access_key = Some("test".to_owned().into());
@@ -631,46 +635,6 @@ fn tuning(stack: Stack) -> Vec<(&'static str, String, &'static str)> {
         "",
     );
     changed
-}
-
-fn kinesis_endpoint() -> String {
-    std::env::var("MALL_TEST_KINESIS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4567".into())
-}
-
-/// Creates a fresh stream of `shards` shards on kinesalite and waits until it is active.
-async fn create_stream(
-    settings: &KinesisSettings,
-    shards: i32,
-) -> anyhow::Result<(aws_sdk_kinesis::Client, String)> {
-    let client = settings.client().await?;
-    let stream = format!("relay-bench-{:08x}", fastrand::u32(..));
-    client
-        .create_stream()
-        .stream_name(&stream)
-        .shard_count(shards)
-        .send()
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "kinesalite did not create the stream at {} ({}); start it with \
-                 scripts/kinesalite.sh or run scripts/bench.sh relay",
-                kinesis_endpoint(),
-                aws_sdk_kinesis::error::DisplayErrorContext(&e)
-            )
-        })?;
-    wait_until("the stream is active", Duration::from_secs(30), || async {
-        let summary = client
-            .describe_stream_summary()
-            .stream_name(&stream)
-            .send()
-            .await
-            .ok()?;
-        (summary.stream_description_summary()?.stream_status()
-            == &aws_sdk_kinesis::types::StreamStatus::Active)
-            .then_some(())
-    })
-    .await;
-    Ok((client, stream))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,8 +14,11 @@
 //! Needs PostgreSQL, LocalStack (SQS) and kinesalite for the second and third tests:
 //! `scripts/test.sh` starts them.
 
-#[path = "chaos/catalog.rs"]
-mod catalog;
+#[path = "support/kinesalite.rs"]
+mod kinesalite;
+#[allow(dead_code)]
+#[path = "pipeline/helpers.rs"]
+mod pipeline_helpers;
 #[path = "chaos/publish.rs"]
 mod publish;
 #[path = "chaos/relay.rs"]
@@ -32,7 +35,7 @@ use std::{collections::BTreeSet, time::Duration};
 use mall_test_support::{Engine, TestDatabase, wait_until};
 use tokio::sync::watch as channel;
 
-use catalog::Catalog;
+use pipeline_helpers::Catalog;
 use relay::RelayProcess;
 use stream::Stream;
 use watch::Watch;
@@ -40,6 +43,11 @@ use workload::{CHAOS, Size, Style, Workload};
 
 /// How long the relay may take to drain after the chaos, at most.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(150);
+
+/// The catalog's settings for these tests: an outage starts within seconds of asking.
+fn quick_drain(settings: &mut product_catalog::Settings) {
+    settings.server.drain_timeout = Duration::from_secs(5);
+}
 
 /// The seed of this run: `CHAOS_SEED`, or a fresh one, printed so a failure can be replayed.
 fn seed() -> u64 {
@@ -147,7 +155,7 @@ async fn run_chaos(
                 relay.kill().await;
                 relay.restart().await;
                 tokio::time::sleep(Duration::from_millis(rng.u64(1_500..2_500))).await;
-                *catalog = Some(Catalog::start(database, Some(addr)).await);
+                *catalog = Some(Catalog::start(database, Some(addr), quick_drain).await);
             }
         }
     }
@@ -174,7 +182,10 @@ async fn verify(
     }
 
     let codes: Vec<String> = workload.max_versions.keys().cloned().collect();
-    let stored = catalog.products(&codes).await;
+    let stored = catalog
+        .stored(&codes)
+        .await
+        .expect("BatchGetProducts answers");
     let wrong: Vec<String> = workload
         .max_versions
         .iter()
@@ -228,6 +239,39 @@ async fn verify(
     assert_eq!(relay.dead_letters().await, 0, "ListDeadLetters is empty");
 }
 
+/// The end of a chaos run: the relay was killed often enough; once the catalog caught up,
+/// [`verify`] holds and SIGTERM still stops the relay cleanly. Returns the kills and the
+/// change records and streams the watcher saw.
+async fn drain_and_verify(
+    workload: &Workload,
+    catalog: Option<Catalog>,
+    mut relay: RelayProcess,
+    watch: &Watch,
+    source_prefix: &str,
+) -> (usize, u64, u64) {
+    assert!(
+        relay.kills >= 5,
+        "the relay was killed {} times",
+        relay.kills
+    );
+    let catalog = catalog.expect("the catalog runs again");
+    let drain = std::time::Instant::now();
+    watch.wait_for(&workload.max_versions, DRAIN_TIMEOUT).await;
+    println!(
+        "drained in {:.1}s after the chaos",
+        drain.elapsed().as_secs_f64()
+    );
+    verify(workload, &catalog, &relay, watch, source_prefix).await;
+    let (records, streams) = watch.counts();
+    let kills = relay.kills;
+    let status = relay.terminate().await;
+    assert!(
+        status.success(),
+        "after the chaos, SIGTERM still stops the relay cleanly: {status}"
+    );
+    (kills, records, streams)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_on_embedded_queue_and_sqlite() {
     mall_test_support::init_logging();
@@ -236,7 +280,7 @@ async fn chaos_on_embedded_queue_and_sqlite() {
     let workload = Workload::generate(seed, Style::Grpc, CHAOS);
     assert!(workload.valid_count() >= 50_000);
 
-    let mut catalog = Some(Catalog::start(TestDatabase::sqlite(), None).await);
+    let mut catalog = Some(Catalog::start(TestDatabase::sqlite(), None, quick_drain).await);
     let catalog_ref = catalog.as_ref().expect("started");
     let relay_database = TestDatabase::sqlite();
     let mut relay = RelayProcess::start(
@@ -267,29 +311,11 @@ async fn chaos_on_embedded_queue_and_sqlite() {
     )
     .await;
     let failed_calls = publisher.await.expect("the publisher completes");
-    assert!(
-        relay.kills >= 5,
-        "the relay was killed {} times",
-        relay.kills
-    );
-
-    let catalog = catalog.expect("the catalog runs again");
-    let drain = std::time::Instant::now();
-    watch.wait_for(&workload.max_versions, DRAIN_TIMEOUT).await;
+    let (kills, records, streams) =
+        drain_and_verify(&workload, catalog, relay, &watch, "grpc").await;
     println!(
-        "drained in {:.1}s after the chaos",
-        drain.elapsed().as_secs_f64()
-    );
-    verify(&workload, &catalog, &relay, &watch, "grpc").await;
-    let (records, streams) = watch.counts();
-    println!(
-        "{} kills, {failed_calls} publish calls resent, {records} changes watched over {streams} streams",
-        relay.kills
-    );
-    let status = relay.terminate().await;
-    assert!(
-        status.success(),
-        "after the chaos, SIGTERM still stops the relay cleanly: {status}"
+        "{kills} kills, {failed_calls} publish calls resent, {records} changes watched over \
+         {streams} streams"
     );
 }
 
@@ -303,7 +329,8 @@ async fn chaos_on_sqs_kinesis_and_postgres() {
     let sqs = mall_test_support::sqs_endpoint().await;
     let stream = Stream::create(4).await;
 
-    let mut catalog = Some(Catalog::start(TestDatabase::new(Engine::Postgres).await, None).await);
+    let mut catalog =
+        Some(Catalog::start(TestDatabase::new(Engine::Postgres).await, None, quick_drain).await);
     let catalog_ref = catalog.as_ref().expect("started");
     let relay_database = TestDatabase::new(Engine::Postgres).await;
     let mut settings = base_settings(&relay_database, catalog_ref);
@@ -334,30 +361,12 @@ async fn chaos_on_sqs_kinesis_and_postgres() {
     )
     .await;
     let put_again = producer.await.expect("the producer completes");
-    assert!(
-        relay.kills >= 5,
-        "the relay was killed {} times",
-        relay.kills
-    );
-
-    let catalog = catalog.expect("the catalog runs again");
-    let drain = std::time::Instant::now();
-    watch.wait_for(&workload.max_versions, DRAIN_TIMEOUT).await;
+    let (kills, changes, streams) =
+        drain_and_verify(&workload, catalog, relay, &watch, "kinesis:").await;
     println!(
-        "drained in {:.1}s after the chaos",
-        drain.elapsed().as_secs_f64()
-    );
-    verify(&workload, &catalog, &relay, &watch, "kinesis:").await;
-    let (changes, streams) = watch.counts();
-    println!(
-        "{} kills, {put_again} records put again, {} valid JSON records, {changes} changes \
+        "{kills} kills, {put_again} records put again, {} valid JSON records, {changes} changes \
          watched over {streams} streams",
-        relay.kills, workload.json_changes
-    );
-    let status = relay.terminate().await;
-    assert!(
-        status.success(),
-        "after the chaos, SIGTERM still stops the relay cleanly: {status}"
+        workload.json_changes
     );
 }
 
@@ -420,7 +429,8 @@ async fn two_replicas_split_the_shards_and_one_takes_over_when_the_other_stops()
         },
     );
     let stream = Stream::create(4).await;
-    let catalog = Catalog::start(TestDatabase::new(Engine::Postgres).await, None).await;
+    let catalog =
+        Catalog::start(TestDatabase::new(Engine::Postgres).await, None, quick_drain).await;
     let relay_database = TestDatabase::new(Engine::Postgres).await;
     let settings = |replica: &str| {
         let mut settings = base_settings(&relay_database, &catalog);

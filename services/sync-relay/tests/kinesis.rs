@@ -6,6 +6,9 @@
 //! payloads are `key:version` text: the source treats them as opaque bytes, and the tests check
 //! per-key order by replaying deliveries through a version guard, like the catalog's.
 
+#[path = "support/kinesalite.rs"]
+mod kinesalite;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     sync::{Arc, Mutex},
@@ -30,7 +33,6 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4567";
 const WAIT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
@@ -49,8 +51,7 @@ impl Harness {
     /// A fresh stream of `shards` shards on kinesalite and a fresh database on `engine`.
     async fn new(engine: Engine, shards: i32) -> Self {
         mall_test_support::init_logging();
-        let endpoint = std::env::var("MALL_TEST_KINESIS_ENDPOINT")
-            .unwrap_or_else(|_| DEFAULT_ENDPOINT.to_owned());
+        let endpoint = kinesalite::endpoint();
         let settings = KinesisSettings {
             stream_name: format!("relay-test-{:016x}", fastrand::u64(..)),
             endpoint_url: Some(endpoint.parse().expect("a valid endpoint url")),
@@ -68,22 +69,7 @@ impl Harness {
             backoff_max: Duration::from_millis(300),
             request_timeout: Duration::from_secs(3),
         };
-        let client = settings.client().await.expect("a kinesis client builds");
-        if let Err(error) = client.list_streams().send().await {
-            panic!(
-                "kinesalite is not reachable at {endpoint} ({}). Run the tests with \
-                 scripts/test.sh, which starts it, or start it with scripts/kinesalite.sh \
-                 (and set MALL_TEST_KINESIS_ENDPOINT if it is not at {DEFAULT_ENDPOINT})",
-                aws_sdk_kinesis::error::DisplayErrorContext(&error)
-            );
-        }
-        client
-            .create_stream()
-            .stream_name(&settings.stream_name)
-            .shard_count(shards)
-            .send()
-            .await
-            .expect("the test stream is created");
+        let client = kinesalite::create_stream(&settings, &settings.stream_name, shards).await;
         let database = TestDatabase::new(engine).await;
         let db = mall_db::connect::<Migrator>(&mall_db::DatabaseSettings {
             url: database.url().to_owned().into(),
@@ -91,14 +77,12 @@ impl Harness {
         })
         .await
         .expect("the test database connects and migrates");
-        let harness = Self {
+        Self {
             _database: database,
             db,
             client,
             settings,
-        };
-        harness.wait_active().await;
-        harness
+        }
     }
 
     fn stream(&self) -> &str {

@@ -3,10 +3,9 @@
 use std::time::Duration;
 
 use aws_sdk_kinesis::Client;
-use mall_test_support::wait_until;
 use sync_relay::source::kinesis::KinesisSettings;
 
-const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4567";
+use super::kinesalite;
 
 /// A stream a test made, and how to reach it.
 pub struct Stream {
@@ -22,8 +21,7 @@ impl Stream {
     /// # Panics
     /// When kinesalite does not answer, saying how to start it.
     pub async fn create(shards: i32) -> Self {
-        let endpoint = std::env::var("MALL_TEST_KINESIS_ENDPOINT")
-            .unwrap_or_else(|_| DEFAULT_ENDPOINT.to_owned());
+        let endpoint = kinesalite::endpoint();
         let settings = KinesisSettings {
             endpoint_url: Some(endpoint.parse().expect("a valid endpoint url")),
             region: Some("us-east-1".into()),
@@ -33,35 +31,8 @@ impl Stream {
             request_timeout: Duration::from_secs(60),
             ..KinesisSettings::default()
         };
-        let client = settings.client().await.expect("a kinesis client builds");
-        if let Err(error) = client.list_streams().send().await {
-            panic!(
-                "kinesalite is not reachable at {endpoint} ({}). Run the tests with \
-                 scripts/test.sh, which starts it, or start it with scripts/kinesalite.sh \
-                 (and set MALL_TEST_KINESIS_ENDPOINT if it is not at {DEFAULT_ENDPOINT})",
-                aws_sdk_kinesis::error::DisplayErrorContext(&error)
-            );
-        }
         let name = format!("chaos-{:016x}", fastrand::u64(..));
-        client
-            .create_stream()
-            .stream_name(&name)
-            .shard_count(shards)
-            .send()
-            .await
-            .expect("the test stream is created");
-        wait_until("the stream is ACTIVE", Duration::from_secs(30), || async {
-            let summary = client
-                .describe_stream_summary()
-                .stream_name(&name)
-                .send()
-                .await
-                .ok()?;
-            (summary.stream_description_summary()?.stream_status()
-                == &aws_sdk_kinesis::types::StreamStatus::Active)
-                .then_some(())
-        })
-        .await;
+        let client = kinesalite::create_stream(&settings, &name, shards).await;
         Self {
             endpoint,
             name,

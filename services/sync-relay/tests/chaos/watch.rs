@@ -10,9 +10,12 @@ use std::{
     time::Duration,
 };
 
-use mall_proto::catalog::v1::WatchProductChangesRequest;
+use mall_proto::catalog::v1::{
+    WatchProductChangesRequest, product_catalog_service_client::ProductCatalogServiceClient,
+};
+use mall_test_support::probe;
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
+use tonic::{Code, transport::Channel};
 
 /// Problems reported, at most (the first ones tell the story).
 const MAX_PROBLEMS: usize = 50;
@@ -135,7 +138,7 @@ async fn follow(
             start_cursor: cursor.clone(),
             product_type: String::new(),
         };
-        let mut client = super::catalog::client(addr);
+        let mut client = client(addr);
         let call = tokio::select! {
             () = stop.cancelled() => return,
             call = client.watch_product_changes(request) => call,
@@ -219,4 +222,9 @@ fn is_outage(status: &tonic::Status) -> bool {
         status.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled
     )
+}
+
+/// A catalog client for `addr`, with room for large watch responses.
+fn client(addr: SocketAddr) -> ProductCatalogServiceClient<Channel> {
+    ProductCatalogServiceClient::new(probe::channel(addr)).max_decoding_message_size(64 << 20)
 }

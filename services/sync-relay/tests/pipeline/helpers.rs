@@ -1,6 +1,6 @@
 //! A catalog and a relay on fresh databases, and builders for changes.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use mall_proto::{
     catalog::v1::{
@@ -14,7 +14,7 @@ use mall_proto::{
 };
 use mall_test_support::{Engine, TestDatabase, probe, wait_until};
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, transport::Channel};
+use tonic::{Code, Status, transport::Channel};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// A running product-catalog; stopped when dropped, or with [`Catalog::stop`].
@@ -43,7 +43,7 @@ impl Catalog {
         let addr = app.grpc_addr();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
-        wait_until("the catalog serves", Duration::from_secs(10), || async {
+        wait_until("the catalog serves", Duration::from_secs(30), || async {
             (probe::health(addr, "").await == Some(ServingStatus::Serving)).then_some(())
         })
         .await;
@@ -82,31 +82,36 @@ impl Catalog {
         }
     }
 
+    /// Every product among `codes` that exists, by code (BatchGetProducts, 1,000 at a time).
+    pub async fn stored(&self, codes: &[String]) -> Result<BTreeMap<String, Product>, Status> {
+        let mut found = BTreeMap::new();
+        for chunk in codes.chunks(1_000) {
+            let results = self
+                .client()
+                .batch_get_products(mall_proto::catalog::v1::BatchGetProductsRequest {
+                    codes: chunk.to_vec(),
+                })
+                .await?
+                .into_inner()
+                .results;
+            for lookup in results {
+                if let Some(product) = lookup.product {
+                    found.insert(lookup.code, product);
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Waits until every `(code, version)` is stored at least at that version.
     pub async fn wait_for(&self, expected: &[(String, u64)], timeout: Duration) {
         let codes: Vec<String> = expected.iter().map(|(c, _)| c.clone()).collect();
         wait_until("the catalog has every change", timeout, || async {
-            for chunk in codes.chunks(1000) {
-                let found = self
-                    .client()
-                    .batch_get_products(mall_proto::catalog::v1::BatchGetProductsRequest {
-                        codes: chunk.to_vec(),
-                    })
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .results;
-                for lookup in found {
-                    let want = expected
-                        .iter()
-                        .find(|(c, _)| *c == lookup.code)
-                        .map_or(0, |(_, v)| *v);
-                    if lookup.product.map_or(0, |p| p.version) < want {
-                        return None;
-                    }
-                }
-            }
-            Some(())
+            let stored = self.stored(&codes).await.ok()?;
+            expected
+                .iter()
+                .all(|(code, want)| stored.get(code).map_or(0, |p| p.version) >= *want)
+                .then_some(())
         })
         .await;
     }
@@ -121,6 +126,8 @@ impl Drop for Catalog {
 /// A running relay on the embedded queue; stopped when dropped.
 pub struct Relay {
     pub addr: SocketAddr,
+    /// The admin port (`/metrics`).
+    pub admin: SocketAddr,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -148,6 +155,7 @@ impl Relay {
             .await
             .expect("relay builds");
         let addr = app.grpc_addr();
+        let admin = app.admin_addr();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
         wait_until("the relay serves", Duration::from_secs(10), || async {
@@ -156,6 +164,7 @@ impl Relay {
         .await;
         Self {
             addr,
+            admin,
             shutdown,
             task: Some(task),
         }

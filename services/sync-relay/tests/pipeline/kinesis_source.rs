@@ -8,18 +8,16 @@ use aws_sdk_kinesis::{Client, primitives::Blob, types::PutRecordsRequestEntry};
 use mall_proto::sync::v1::{
     GetRelayStatusRequest, ListQuarantinedRequest, ReplayFromRequest, ShardState,
 };
-use mall_test_support::{Engine, wait_until};
+use mall_test_support::Engine;
 use prost::Message as _;
 use sync_relay::{config::SourceKind, source::kinesis::KinesisSettings};
 
 use crate::both_engines;
 use crate::helpers::{Catalog, Relay, change, database};
-
-const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4567";
+use crate::kinesalite;
 
 fn kinesis_settings() -> KinesisSettings {
-    let endpoint =
-        std::env::var("MALL_TEST_KINESIS_ENDPOINT").unwrap_or_else(|_| DEFAULT_ENDPOINT.to_owned());
+    let endpoint = kinesalite::endpoint();
     KinesisSettings {
         stream_name: format!("relay-pipeline-{:016x}", fastrand::u64(..)),
         endpoint_url: Some(endpoint.parse().expect("a valid endpoint url")),
@@ -34,34 +32,7 @@ fn kinesis_settings() -> KinesisSettings {
 }
 
 async fn stream(settings: &KinesisSettings, shards: i32) -> Client {
-    let client = settings.client().await.expect("a kinesis client builds");
-    if let Err(error) = client.list_streams().send().await {
-        panic!(
-            "kinesalite is not reachable ({}). Run the tests with scripts/test.sh, which starts \
-             it, or start it with scripts/kinesalite.sh (and set MALL_TEST_KINESIS_ENDPOINT)",
-            aws_sdk_kinesis::error::DisplayErrorContext(&error)
-        );
-    }
-    client
-        .create_stream()
-        .stream_name(&settings.stream_name)
-        .shard_count(shards)
-        .send()
-        .await
-        .expect("the stream is created");
-    wait_until("the stream is ACTIVE", Duration::from_secs(30), || async {
-        let summary = client
-            .describe_stream_summary()
-            .stream_name(&settings.stream_name)
-            .send()
-            .await
-            .ok()?;
-        (summary.stream_description_summary()?.stream_status()
-            == &aws_sdk_kinesis::types::StreamStatus::Active)
-            .then_some(())
-    })
-    .await;
-    client
+    kinesalite::create_stream(settings, &settings.stream_name, shards).await
 }
 
 async fn put(client: &Client, stream: &str, records: Vec<(String, Vec<u8>)>) {

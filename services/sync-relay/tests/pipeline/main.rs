@@ -2,6 +2,8 @@
 //! queue) on fresh databases, driven through their gRPC APIs.
 
 mod helpers;
+#[path = "../support/kinesalite.rs"]
+mod kinesalite;
 
 mod admin;
 mod flow;

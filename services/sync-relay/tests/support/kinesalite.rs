@@ -1,0 +1,53 @@
+//! kinesalite (a local Kinesis) for the relay's Kinesis tests and its benchmark: where it is,
+//! and a fresh stream on it. Included with `#[path]` by each test binary that needs it.
+
+use std::time::Duration;
+
+use aws_sdk_kinesis::{Client, types::StreamStatus};
+use mall_test_support::wait_until;
+use sync_relay::source::kinesis::KinesisSettings;
+
+/// Where `scripts/kinesalite.sh` starts it.
+const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4567";
+
+/// `MALL_TEST_KINESIS_ENDPOINT`, or [`DEFAULT_ENDPOINT`].
+pub fn endpoint() -> String {
+    std::env::var("MALL_TEST_KINESIS_ENDPOINT").unwrap_or_else(|_| DEFAULT_ENDPOINT.to_owned())
+}
+
+/// Creates `stream` with `shards` shards on the kinesalite `settings` point at, and waits
+/// until it is ACTIVE.
+///
+/// # Panics
+/// When kinesalite does not answer, saying how to start it.
+pub async fn create_stream(settings: &KinesisSettings, stream: &str, shards: i32) -> Client {
+    let client = settings.client().await.expect("a kinesis client builds");
+    if let Err(error) = client.list_streams().send().await {
+        panic!(
+            "kinesalite is not reachable at {} ({}). scripts/test.sh and scripts/bench.sh relay \
+             start it; or start it with scripts/kinesalite.sh (and set \
+             MALL_TEST_KINESIS_ENDPOINT if it is not at {DEFAULT_ENDPOINT})",
+            endpoint(),
+            aws_sdk_kinesis::error::DisplayErrorContext(&error)
+        );
+    }
+    client
+        .create_stream()
+        .stream_name(stream)
+        .shard_count(shards)
+        .send()
+        .await
+        .expect("the stream is created");
+    wait_until("the stream is ACTIVE", Duration::from_secs(30), || async {
+        let summary = client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .ok()?;
+        (summary.stream_description_summary()?.stream_status() == &StreamStatus::Active)
+            .then_some(())
+    })
+    .await;
+    client
+}
