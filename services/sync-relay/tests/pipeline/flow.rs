@@ -1,9 +1,13 @@
 //! Changes flowing from PublishProductChanges to the catalog.
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
-use mall_proto::sync::v1::{GetRelayStatusRequest, ListQuarantinedRequest, ProductChange};
-use mall_test_support::{Engine, wait_until};
+use mall_proto::sync::v1::{
+    GetRelayStatusRequest, ListQuarantinedRequest, PauseRelayRequest, ProductChange,
+    ResumeRelayRequest,
+};
+use mall_test_support::{Engine, probe, wait_until};
+use sync_relay::change::lane_of;
 
 use crate::both_engines;
 use crate::helpers::{Catalog, Relay, change, database};
@@ -233,5 +237,52 @@ async fn a_lane_slower_than_the_visibility_timeout_keeps_its_messages() {
     assert_eq!(
         status.dead_letter_count, 0,
         "a slow apply dead-letters nothing: {status:?}"
+    );
+}
+
+/// The lanes of one receive go to the catalog together, one BulkUpdateProducts per product
+/// type, instead of one call per lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lanes_of_one_receive_are_applied_in_one_catalog_call() {
+    let catalog = Catalog::start(database(Engine::Sqlite).await, None, |_| {}).await;
+    let relay_db = database(Engine::Sqlite).await;
+    // One consumer, receiving up to 10 lane messages at a time.
+    let relay = Relay::start(&relay_db, catalog.addr, |settings| {
+        settings.apply.consumers = 1;
+    })
+    .await;
+    // Paused while publishing, so that every lane's message waits in the queue.
+    relay
+        .client()
+        .pause_relay(PauseRelayRequest {
+            reason: "filling the lanes".into(),
+        })
+        .await
+        .expect("pause");
+    let codes: Vec<String> = (0..40).map(|i| format!("L-{i}")).collect();
+    let lanes: BTreeSet<u32> = codes.iter().map(|code| lane_of(code, 16)).collect();
+    assert!(lanes.len() >= 10, "the products span {} lanes", lanes.len());
+    let response = relay
+        .publish(codes.iter().map(|code| change(code, 1)).collect())
+        .await;
+    assert_eq!(response.accepted_count, 40);
+    relay
+        .client()
+        .resume_relay(ResumeRelayRequest {})
+        .await
+        .expect("resume");
+
+    let expected: Vec<(String, u64)> = codes.iter().map(|code| (code.clone(), 1)).collect();
+    catalog.wait_for(&expected, Duration::from_secs(30)).await;
+    let (_, metrics) = probe::http_get(relay.admin, "/metrics").await;
+    let calls: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("mall_sync_relay_catalog_calls_total"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        calls >= 1.0 && calls < lanes.len() as f64,
+        "{calls} catalog calls for {} lanes",
+        lanes.len()
     );
 }
