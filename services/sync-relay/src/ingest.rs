@@ -7,10 +7,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use mall_product::ProductTypes;
-use mall_proto::sync::v1::{ProductChange, TraceContext};
+use mall_proto::sync::v1::ProductChange;
 use mall_queue::{OutgoingMessage, PackBudget, Queue, encode_body};
 use prost::Message as _;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{
     change::{self, lane_group},
@@ -222,30 +221,11 @@ impl Ingest {
 /// Makes the first change's trace the parent of `span` and links the others, so each
 /// producer's trace leads to the relay's handling of its change.
 fn trace_from_changes(span: &tracing::Span, changes: &[ProductChange]) {
-    use opentelemetry::trace::TraceContextExt as _;
-    let mut contexts = changes
+    let traces = changes
         .iter()
         .filter_map(|c| c.trace_context.as_ref())
-        .filter(|t| !t.traceparent.is_empty());
-    if let Some(TraceContext {
-        traceparent,
-        tracestate,
-    }) = contexts.next()
-    {
-        mall_telemetry::propagation::set_parent_from_headers(span, traceparent, tracestate);
-    }
-    for trace in contexts.take(MAX_TRACE_LINKS) {
-        let mut carrier = std::collections::HashMap::new();
-        carrier.insert(
-            mall_telemetry::propagation::TRACEPARENT.to_owned(),
-            trace.traceparent.clone(),
-        );
-        let context = mall_telemetry::propagation::extract(&carrier);
-        let linked = context.span().span_context().clone();
-        if linked.is_valid() {
-            span.add_link(linked);
-        }
-    }
+        .map(|t| (t.traceparent.as_str(), t.tracestate.as_str()));
+    mall_telemetry::propagation::follow(span, traces, MAX_TRACE_LINKS);
 }
 
 /// Stage 1 as the Kinesis source's sink: a shard batch becomes durable in the quarantine and

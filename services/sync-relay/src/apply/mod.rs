@@ -562,26 +562,10 @@ fn messages_attempt(messages: &[ReceivedMessage]) -> u32 {
 /// Makes the first message's trace the parent of `span` and links the others' (at most
 /// [`MAX_TRACE_LINKS`]), so each lane's trace leads to the combined apply.
 fn link_traces<'a>(span: &tracing::Span, messages: impl Iterator<Item = &'a ReceivedMessage>) {
-    use opentelemetry::trace::TraceContextExt as _;
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    let mut parents =
-        messages.filter_map(|m| m.attributes.get(mall_telemetry::propagation::TRACEPARENT));
-    if let Some(traceparent) = parents.next() {
-        mall_telemetry::propagation::set_parent_from_headers(span, traceparent, "");
-    }
-    for traceparent in parents.take(MAX_TRACE_LINKS) {
-        let carrier = HashMap::from([(
-            mall_telemetry::propagation::TRACEPARENT.to_owned(),
-            traceparent.clone(),
-        )]);
-        let linked = mall_telemetry::propagation::extract(&carrier)
-            .span()
-            .span_context()
-            .clone();
-        if linked.is_valid() {
-            span.add_link(linked);
-        }
-    }
+    let traces = messages
+        .filter_map(|m| m.attributes.get(mall_telemetry::propagation::TRACEPARENT))
+        .map(|traceparent| (traceparent.as_str(), ""));
+    mall_telemetry::propagation::follow(span, traces, MAX_TRACE_LINKS);
 }
 
 /// The changes of `messages`, in order.
