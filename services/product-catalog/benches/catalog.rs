@@ -130,30 +130,8 @@ async fn run() -> anyhow::Result<()> {
 
     let mut reads = Vec::new();
     for concurrency in CONCURRENCY {
-        let get_client = catalog.clone();
-        let get = measure(concurrency, move || {
-            let mut client = get_client.clone();
-            async move {
-                let code = bench::code(fastrand::usize(..PRODUCTS));
-                client
-                    .get_product(GetProductRequest { code })
-                    .await
-                    .map(|_| ())
-            }
-        })
-        .await;
-        let uncached_client = uncached.clone();
-        let from_database = measure(concurrency, move || {
-            let mut client = uncached_client.clone();
-            async move {
-                let code = bench::code(fastrand::usize(..PRODUCTS));
-                client
-                    .get_product(GetProductRequest { code })
-                    .await
-                    .map(|_| ())
-            }
-        })
-        .await;
+        let get = get_products(concurrency, &catalog).await;
+        let from_database = get_products(concurrency, &uncached).await;
         let health_channel = channel.clone();
         let health = measure(concurrency, move || {
             let mut client = HealthClient::new(health_channel.clone());
@@ -296,6 +274,22 @@ struct Reads {
     rate: f64,
     p50: Duration,
     p99: Duration,
+}
+
+/// GetProduct of random products from `concurrency` tasks, through [`measure`].
+async fn get_products(concurrency: usize, client: &ProductCatalogServiceClient<Channel>) -> Reads {
+    let client = client.clone();
+    measure(concurrency, move || {
+        let mut client = client.clone();
+        async move {
+            let code = bench::code(fastrand::usize(..PRODUCTS));
+            client
+                .get_product(GetProductRequest { code })
+                .await
+                .map(|_| ())
+        }
+    })
+    .await
 }
 
 /// Runs `call` from `concurrency` tasks for [`READ_WINDOW`]; throughput and latency.
