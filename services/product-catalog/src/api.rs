@@ -8,8 +8,9 @@ use mall_product::{ProductTypes, limits::MAX_ITEMS_PER_REQUEST, validate::check_
 use mall_proto::catalog::v1::{
     BatchGetProductsRequest, BatchGetProductsResponse, BulkUpdateProductsRequest,
     BulkUpdateProductsResponse, GetProductRequest, GetProductResponse, ImportProductsRequest,
-    ImportProductsResponse, ListProductsRequest, ListProductsResponse, ProductLookup,
-    ProductStatus, ProductUpdateResult, UpdateOutcome, WatchProductChangesRequest,
+    ImportProductsResponse, ListPendingProductsRequest, ListPendingProductsResponse,
+    ListProductsRequest, ListProductsResponse, PendingProduct, ProductLookup, ProductStatus,
+    ProductUpdateResult, WatchProductChangesRequest,
     product_catalog_service_server::ProductCatalogService,
 };
 use tokio::sync::watch;
@@ -19,7 +20,7 @@ use crate::{
     bulk::check_bulk_request,
     import::Importer,
     metrics::CatalogMetrics,
-    store::{ListFilter, Store, WriteOutcome, micros},
+    store::{ListFilter, OnRefusal, Store, WriteOutcome, micros},
     tokens,
     watch::{ChangeStream, Watcher},
 };
@@ -132,14 +133,7 @@ impl ProductCatalogService for CatalogApi {
     ) -> Result<Response<ListProductsResponse>, Status> {
         let request = request.into_inner();
         let mut violations = Violations::default();
-        let page_size = match request.page_size {
-            n if n < 0 => {
-                violations.add("page_size", "must not be negative");
-                0
-            }
-            0 => DEFAULT_PAGE_SIZE,
-            n => u64::try_from(n).unwrap_or(MAX_PAGE_SIZE).min(MAX_PAGE_SIZE),
-        };
+        let page_size = page_size(request.page_size, &mut violations);
         if !request.product_type.is_empty() && !self.types.contains(&request.product_type) {
             violations.add(
                 "product_type",
@@ -197,24 +191,22 @@ impl ProductCatalogService for CatalogApi {
         let request = check_bulk_request(request.into_inner(), &self.types)?;
         let outcome = self
             .store
-            .bulk_write(request.request_id.as_deref(), &request.writes)
+            .bulk_write(
+                request.request_id.as_deref(),
+                &request.writes,
+                OnRefusal::RejectRequest,
+            )
             .await?;
         let response = match outcome {
             WriteOutcome::Replayed(first) => first,
-            WriteOutcome::Applied { results, retries } => {
+            WriteOutcome::Applied {
+                results, retries, ..
+            } => {
                 self.committed();
                 self.metrics.retries.inc_by(u64::from(retries));
-                let applied = results
-                    .iter()
-                    .filter(|r| r.outcome == UpdateOutcome::Applied)
-                    .count() as u64;
-                let items = &self.metrics.items;
-                items
-                    .with_label_values(&["bulk", "applied"])
-                    .inc_by(applied);
-                items
-                    .with_label_values(&["bulk", "stale"])
-                    .inc_by(results.len() as u64 - applied);
+                for result in &results {
+                    self.metrics.count_item("bulk", result.outcome);
+                }
                 BulkUpdateProductsResponse {
                     results: results
                         .into_iter()
@@ -250,5 +242,58 @@ impl ProductCatalogService for CatalogApi {
     ) -> Result<Response<Self::WatchProductChangesStream>, Status> {
         let stream = self.watcher.start(request.into_inner()).await?;
         Ok(Response::new(stream))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_pending_products(
+        &self,
+        request: Request<ListPendingProductsRequest>,
+    ) -> Result<Response<ListPendingProductsResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::default();
+        let page_size = page_size(request.page_size, &mut violations);
+        violations.into_result()?;
+        let after = (!request.page_token.is_empty())
+            .then(|| tokens::parse_pending_page_token(&request.page_token))
+            .transpose()?;
+        let mut rows = self
+            .store
+            .list_pending(after.as_deref(), page_size + 1)
+            .await?;
+        let next_page_token = if rows.len() as u64 > page_size {
+            rows.truncate(usize::try_from(page_size).unwrap_or(usize::MAX));
+            rows.last()
+                .map(|r| tokens::pending_page_token(&r.code))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListPendingProductsResponse {
+            pending_products: rows
+                .into_iter()
+                .map(|row| PendingProduct {
+                    code: row.code,
+                    product_type: row.product_type,
+                    waiting_fields: Some(row.waiting.to_listed_field_mask()),
+                    version: row.version,
+                    first_seen_time: Some(row.first_seen),
+                    update_time: Some(row.update_time),
+                })
+                .collect(),
+            next_page_token,
+        }))
+    }
+}
+
+/// A list request's page size: 0 is the default, larger than the maximum is clamped,
+/// negative is a violation.
+fn page_size(requested: i32, violations: &mut Violations) -> u64 {
+    match requested {
+        n if n < 0 => {
+            violations.add("page_size", "must not be negative");
+            0
+        }
+        0 => DEFAULT_PAGE_SIZE,
+        n => u64::try_from(n).unwrap_or(MAX_PAGE_SIZE).min(MAX_PAGE_SIZE),
     }
 }

@@ -71,6 +71,7 @@ impl App {
             metrics,
             change_retention: catalog.change_retention,
             request_id_retention: catalog.request_id_retention,
+            pending_retention: catalog.pending_retention,
         };
         server.spawn(
             "maintenance",

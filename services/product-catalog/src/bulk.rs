@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use mall_grpc::{ServiceError, Violations};
-use mall_product::{ProductTypes, UpdateMask, limits::MAX_ITEMS_PER_REQUEST, validate};
+use mall_product::{
+    FieldVersions, ProductTypes, UpdateMask, limits::MAX_ITEMS_PER_REQUEST, validate,
+};
 use mall_proto::catalog::v1::{BulkUpdateProductsRequest, Product, UpdateOutcome};
 use prost_types::Timestamp;
 
@@ -132,26 +134,72 @@ pub fn normalized(mut product: Product) -> Product {
 pub struct ItemResult {
     /// The product the write addressed.
     pub code: String,
-    /// APPLIED or STALE.
+    /// APPLIED, PENDING or STALE; UNSPECIFIED for a refused write (see [`Plan::refused`]).
     pub outcome: UpdateOutcome,
-    /// The version stored after the write.
+    /// The product's version after the write: its newest field's version.
     pub stored_version: u64,
 }
 
-/// One applied write, for the change log.
+/// A write that only the stored state shows to be wrong: the item's fault, never retried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Index of the write in the request.
+    pub index: usize,
+    /// The offending field, relative to the item (`product.product_type`).
+    pub field: &'static str,
+    /// Why, in the caller's terms.
+    pub reason: String,
+}
+
+/// One write that changed a visible product, for the change log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
     /// The product after the write, timestamps included.
     pub product: Product,
-    /// The version stored before; 0 when the write created the product.
+    /// The product's version before; 0 when the write made it visible (created it).
     pub previous_version: u64,
+    /// The fields this write made visible: those it wrote, or every field the product has
+    /// when it created the product (fields that waited in a pending row included).
+    pub written: UpdateMask,
+    /// The source version of the write.
+    pub change_version: u64,
+}
+
+/// A product as stored: its values and the version of the change that wrote each field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    /// The values; `version` is the highest field version.
+    pub product: Product,
+    /// Per field, the version of the change that last wrote it.
+    pub versions: FieldVersions,
+}
+
+impl Stored {
+    /// A row that no field has been written to yet.
+    fn empty(code: &str, product_type: &str, now: Timestamp) -> Self {
+        Self {
+            product: Product {
+                code: code.to_owned(),
+                product_type: product_type.to_owned(),
+                create_time: Some(now),
+                ..Product::default()
+            },
+            versions: FieldVersions::default(),
+        }
+    }
+
+    /// Whether the product still waits for the change that creates it: no change has set its
+    /// `status` yet. A pending product is invisible to readers.
+    pub fn is_pending(&self) -> bool {
+        self.versions.status() == 0
+    }
 }
 
 /// The final state of one product touched by a plan.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
-    /// The product to store.
-    pub product: Product,
+    /// What to store.
+    pub stored: Stored,
     /// Whether it was stored before the plan (an update) or not (an insert).
     pub existed: bool,
 }
@@ -161,112 +209,125 @@ pub struct Row {
 pub struct Plan {
     /// One result per write, in request order.
     pub results: Vec<ItemResult>,
+    /// Writes refused for what the stored state shows; they change nothing.
+    pub refused: Vec<Refusal>,
     /// The products to store, by code (so rows are written, and locked, in code order).
     pub rows: BTreeMap<String, Row>,
-    /// Applied writes in request order.
+    /// Writes that changed a visible product, in request order.
     pub changes: Vec<Change>,
 }
 
-/// Decides each write in order against `stored` (the products as read in the transaction),
-/// as if they were applied one after another: a write applies only when its version is newer
-/// than the current one, so a later write of the same code is compared with the result of an
-/// earlier one.
+/// Decides each write in request order against `stored` (the products as read in the
+/// transaction), as if they were applied one after another.
 ///
-/// # Errors
-/// The violations only the stored state reveals, named `updates[<index>]...`: a partial
-/// update of an absent product whose mask lacks `status`, or a partial update of a product
-/// stored with another type. Stale writes are never violations.
-pub fn plan(
-    writes: &[Write],
-    mut stored: BTreeMap<String, Product>,
-    now: Timestamp,
-) -> Result<Plan, ServiceError> {
-    let mut violations = Violations::default();
+/// A write stores each field of its mask whose stored version is older than its own
+/// ([`UpdateMask::apply_newer`]): APPLIED when it wrote a field of a visible product, PENDING
+/// when the product still lacks a `status` (a partial change that arrived before the change
+/// creating its product), STALE when every field it carries is already newer or equal. The
+/// result does not depend on the order of the writes, within a request or across requests.
+///
+/// A write naming another product type than the stored product's is refused: a product's
+/// type is set by the change that creates it.
+pub fn plan(writes: &[Write], mut stored: BTreeMap<String, Stored>, now: Timestamp) -> Plan {
     let mut plan = Plan::default();
     let existed: Vec<String> = stored.keys().cloned().collect();
-    for (i, write) in writes.iter().enumerate() {
+    for (index, write) in writes.iter().enumerate() {
         let code = &write.product.code;
         let current = stored.get(code);
         if let Some(current) = current
-            && write.product.version <= current.version
+            && current.product.product_type != write.product.product_type
         {
+            plan.refused.push(Refusal {
+                index,
+                field: "product.product_type",
+                reason: format!(
+                    "product {code:?} is stored as type {:?}; a product's type is set by the \
+                     change that creates it and never changes",
+                    current.product.product_type
+                ),
+            });
             plan.results.push(ItemResult {
                 code: code.clone(),
-                outcome: UpdateOutcome::Stale,
-                stored_version: current.version,
+                outcome: UpdateOutcome::Unspecified,
+                stored_version: current.product.version,
             });
             continue;
         }
-        let next = match (current, write.mask.is_full()) {
-            (_, true) => Product {
-                create_time: current.and_then(|c| c.create_time).or(Some(now)),
-                update_time: Some(now),
-                ..write.product.clone()
-            },
-            (None, false) if write.mask.has_status() => {
-                let mut next = Product {
-                    code: code.clone(),
-                    product_type: write.product.product_type.clone(),
-                    create_time: Some(now),
-                    ..Product::default()
-                };
-                write.mask.apply(&mut next, &write.product);
-                next.update_time = Some(now);
-                next
-            }
-            (None, false) => {
-                violations.add(
-                    format!("updates[{i}].update_mask"),
-                    format!(
-                        "product {code:?} does not exist; a partial update creates a product \
-                         only when its mask includes \"status\""
-                    ),
-                );
-                continue;
-            }
-            (Some(current), false) => {
-                if current.product_type != write.product.product_type {
-                    violations.add(
-                        format!("updates[{i}].product.product_type"),
-                        format!(
-                            "product {code:?} is stored as type {:?}; only a full replacement \
-                             changes a product's type",
-                            current.product_type
-                        ),
-                    );
-                    continue;
-                }
-                let mut next = current.clone();
-                write.mask.apply(&mut next, &write.product);
-                next.update_time = Some(now);
-                next
-            }
-        };
+        let was_visible = current.is_some_and(|c| !c.is_pending());
+        let previous_version = current
+            .filter(|_| was_visible)
+            .map_or(0, |c| c.product.version);
+        let mut next = current
+            .cloned()
+            .unwrap_or_else(|| Stored::empty(code, &write.product.product_type, now));
+        let written = write
+            .mask
+            .apply_newer(&mut next.product, &mut next.versions, &write.product);
+        if written.is_empty() {
+            plan.results.push(ItemResult {
+                code: code.clone(),
+                outcome: UpdateOutcome::Stale,
+                stored_version: next.product.version,
+            });
+            continue;
+        }
+        next.product.update_time = Some(now);
+        let visible = !next.is_pending();
+        if visible && !was_visible {
+            // Created now: a pending row's first-seen time is not the product's.
+            next.product.create_time = Some(now);
+        }
         plan.results.push(ItemResult {
             code: code.clone(),
-            outcome: UpdateOutcome::Applied,
-            stored_version: next.version,
+            outcome: if visible {
+                UpdateOutcome::Applied
+            } else {
+                UpdateOutcome::Pending
+            },
+            stored_version: next.product.version,
         });
-        plan.changes.push(Change {
-            previous_version: current.map_or(0, |c| c.version),
-            product: next.clone(),
-        });
+        if visible {
+            plan.changes.push(Change {
+                product: next.product.clone(),
+                previous_version,
+                written: if was_visible {
+                    written
+                } else {
+                    next.versions.written()
+                },
+                change_version: write.product.version,
+            });
+        }
         stored.insert(code.clone(), next);
     }
-    violations.into_result()?;
-    for change in &plan.changes {
-        let code = &change.product.code;
-        if let Some(product) = stored.remove(code) {
+    let touched: Vec<&String> = plan
+        .results
+        .iter()
+        .filter(|r| matches!(r.outcome, UpdateOutcome::Applied | UpdateOutcome::Pending))
+        .map(|r| &r.code)
+        .collect();
+    for code in touched {
+        if let Some(final_state) = stored.remove(code) {
             plan.rows.insert(
                 code.clone(),
                 Row {
-                    product,
+                    stored: final_state,
                     existed: existed.binary_search(code).is_ok(),
                 },
             );
         }
     }
-    Ok(plan)
+    plan
+}
+
+/// Whether the plan needs the stored values of `code`, not only its versions: unless the
+/// first write of the code in `writes` is a full replacement newer than every stored field,
+/// some stored value can survive into a row or a change-log entry.
+pub fn needs_values(writes: &[Write], code: &str, stored_version: u64) -> bool {
+    writes
+        .iter()
+        .find(|w| w.product.code == code)
+        .is_none_or(|first| !(first.mask.is_full() && first.product.version > stored_version))
 }
 
 #[cfg(test)]
@@ -311,7 +372,8 @@ mod tests {
         }
     }
 
-    fn stored(products: &[Product]) -> BTreeMap<String, Product> {
+    /// Stored rows whose every field has the row's version.
+    fn stored(products: &[Product]) -> BTreeMap<String, Stored> {
         products
             .iter()
             .map(|p| {
@@ -320,7 +382,14 @@ mod tests {
                     seconds: 1,
                     nanos: 0,
                 });
-                (p.code.clone(), p)
+                let versions = FieldVersions::all(p.version);
+                (
+                    p.code.clone(),
+                    Stored {
+                        product: p,
+                        versions,
+                    },
+                )
             })
             .collect()
     }
@@ -332,21 +401,22 @@ mod tests {
         }
     }
 
+    fn outcomes(plan: &Plan) -> Vec<(&str, UpdateOutcome, u64)> {
+        plan.results
+            .iter()
+            .map(|r| (r.code.as_str(), r.outcome, r.stored_version))
+            .collect()
+    }
+
     #[test]
     fn newer_versions_apply_and_older_or_equal_ones_are_stale() {
         let plan = plan(
             &[full("A", 5), full("B", 2), full("C", 1)],
             stored(&[product("A", 4), product("B", 2)]),
             NOW,
-        )
-        .expect("valid");
-        let outcomes: Vec<_> = plan
-            .results
-            .iter()
-            .map(|r| (r.code.as_str(), r.outcome, r.stored_version))
-            .collect();
+        );
         assert_eq!(
-            outcomes,
+            outcomes(&plan),
             [
                 ("A", UpdateOutcome::Applied, 5),
                 ("B", UpdateOutcome::Stale, 2),
@@ -360,10 +430,10 @@ mod tests {
         assert_eq!(plan.changes[1].previous_version, 0);
         // A kept its creation time; C was created now.
         assert_eq!(
-            plan.rows["A"].product.create_time.map(|t| t.seconds),
+            plan.rows["A"].stored.product.create_time.map(|t| t.seconds),
             Some(1)
         );
-        assert_eq!(plan.rows["C"].product.create_time, Some(NOW));
+        assert_eq!(plan.rows["C"].stored.product.create_time, Some(NOW));
     }
 
     #[test]
@@ -372,11 +442,10 @@ mod tests {
             &[full("A", 3), full("A", 2), full("A", 7), full("A", 7)],
             BTreeMap::new(),
             NOW,
-        )
-        .expect("valid");
-        let outcomes: Vec<_> = plan.results.iter().map(|r| r.outcome).collect();
+        );
+        let kinds: Vec<_> = plan.results.iter().map(|r| r.outcome).collect();
         assert_eq!(
-            outcomes,
+            kinds,
             [
                 UpdateOutcome::Applied,
                 UpdateOutcome::Stale,
@@ -385,7 +454,7 @@ mod tests {
             ]
         );
         assert_eq!(plan.results[1].stored_version, 3);
-        assert_eq!(plan.rows["A"].product.version, 7);
+        assert_eq!(plan.rows["A"].stored.product.version, 7);
         assert!(!plan.rows["A"].existed);
         assert_eq!(plan.changes.len(), 2);
         assert_eq!(plan.changes[1].previous_version, 3);
@@ -397,50 +466,287 @@ mod tests {
             &[partial("A", 9, &["prices"])],
             stored(&[product("A", 4)]),
             NOW,
-        )
-        .expect("valid");
-        let row = &plan.rows["A"].product;
+        );
+        let row = &plan.rows["A"].stored.product;
         assert_eq!(row.brand, "brand v4");
         assert_eq!(row.prices.get("KRW"), Some(&9000));
         assert_eq!(row.version, 9);
+        assert_eq!(plan.changes[0].written, partial("A", 9, &["prices"]).mask);
+        assert_eq!(plan.changes[0].change_version, 9);
     }
 
     #[test]
-    fn a_partial_update_creates_a_product_only_with_status_in_the_mask() {
-        let error =
-            plan(&[partial("A", 1, &["prices"])], BTreeMap::new(), NOW).expect_err("cannot create");
-        assert_eq!(field_names(error), ["updates[0].update_mask"]);
+    fn a_late_partial_update_still_writes_the_fields_nobody_newer_wrote() {
+        // v6 (names) committed first; v5 (prices) arrives late and must not be lost.
+        let first = plan(
+            &[full("A", 4), partial("A", 6, &["names"])],
+            BTreeMap::new(),
+            NOW,
+        );
+        let stored_now: BTreeMap<_, _> = first
+            .rows
+            .into_iter()
+            .map(|(code, row)| (code, row.stored))
+            .collect();
+        let late = plan(&[partial("A", 5, &["prices", "names"])], stored_now, NOW);
+        assert_eq!(outcomes(&late), [("A", UpdateOutcome::Applied, 6)]);
+        let row = &late.rows["A"].stored;
+        assert_eq!(row.product.prices.get("KRW"), Some(&5000));
+        assert_eq!(row.product.names["en"], "A v6", "the newer names stay");
+        assert_eq!(
+            late.changes[0].written,
+            partial("A", 5, &["prices"]).mask,
+            "the change log says only prices were written"
+        );
+        assert_eq!(late.changes[0].previous_version, 6);
+        assert_eq!(late.changes[0].change_version, 5);
+    }
 
+    #[test]
+    fn a_partial_update_before_its_creation_waits_in_a_pending_row() {
+        let early = plan(&[partial("A", 5, &["prices"])], BTreeMap::new(), NOW);
+        assert_eq!(outcomes(&early), [("A", UpdateOutcome::Pending, 5)]);
+        assert!(
+            early.changes.is_empty(),
+            "a pending product is not in the change log"
+        );
+        let row = &early.rows["A"].stored;
+        assert!(row.is_pending());
+
+        let later = Timestamp {
+            seconds: NOW.seconds + 60,
+            nanos: 0,
+        };
+        let creation = plan(
+            &[full("A", 3)],
+            [("A".to_owned(), row.clone())].into(),
+            later,
+        );
+        assert_eq!(outcomes(&creation), [("A", UpdateOutcome::Applied, 5)]);
+        let created = &creation.rows["A"].stored.product;
+        assert_eq!(
+            created.prices.get("KRW"),
+            Some(&5000),
+            "the newer pending price stays"
+        );
+        assert_eq!(created.brand, "brand v3");
+        assert_eq!(created.create_time, Some(later));
+        assert_eq!(creation.changes[0].previous_version, 0);
+        assert!(creation.changes[0].written.is_full());
+    }
+
+    #[test]
+    fn a_partial_update_with_status_creates_the_product() {
         let plan = plan(
             &[partial("A", 1, &["status", "prices"])],
             BTreeMap::new(),
             NOW,
-        )
-        .expect("creates");
-        let row = &plan.rows["A"].product;
+        );
+        assert_eq!(outcomes(&plan), [("A", UpdateOutcome::Applied, 1)]);
+        let row = &plan.rows["A"].stored.product;
         assert_eq!(row.status, ProductStatus::OnSale as i32);
         assert_eq!(row.brand, "", "fields outside the mask start empty");
         assert_eq!(row.product_type, "shoes");
     }
 
     #[test]
-    fn only_a_full_replacement_changes_the_type_and_stale_items_are_never_invalid() {
+    fn a_write_of_another_type_is_refused_whatever_its_version() {
         let mut bag = product("A", 4);
         bag.product_type = "bags".into();
-        let error = plan(
-            &[partial("A", 5, &["prices"])],
-            stored(std::slice::from_ref(&bag)),
-            NOW,
-        )
-        .expect_err("type differs");
-        assert_eq!(field_names(error), ["updates[0].product.product_type"]);
+        for write in [partial("A", 5, &["prices"]), full("A", 5), full("A", 3)] {
+            let plan = plan(
+                &[full("B", 1), write],
+                stored(std::slice::from_ref(&bag)),
+                NOW,
+            );
+            assert_eq!(plan.refused.len(), 1);
+            assert_eq!(plan.refused[0].index, 1);
+            assert_eq!(plan.refused[0].field, "product.product_type");
+            assert!(
+                !plan.rows.contains_key("A"),
+                "a refused write changes nothing"
+            );
+            assert!(plan.rows.contains_key("B"));
+        }
+    }
 
-        let stale = plan(&[partial("A", 3, &["prices"])], stored(&[bag.clone()]), NOW)
-            .expect("stale is not an error");
-        assert_eq!(stale.results[0].outcome, UpdateOutcome::Stale);
+    #[test]
+    fn the_first_full_replacement_newer_than_every_field_needs_no_stored_values() {
+        let writes = [full("A", 5), partial("B", 5, &["prices"]), full("C", 2)];
+        assert!(!needs_values(&writes, "A", 4));
+        assert!(
+            needs_values(&writes, "A", 5),
+            "an equal field version may survive"
+        );
+        assert!(needs_values(&writes, "B", 1));
+        assert!(needs_values(&writes, "C", 3));
+        assert!(needs_values(
+            &[partial("A", 9, &["names"]), full("A", 10)],
+            "A",
+            1
+        ));
+    }
 
-        let replaced = plan(&[full("A", 5)], stored(&[bag]), NOW).expect("valid");
-        assert_eq!(replaced.rows["A"].product.product_type, "shoes");
+    /// Property tests: applying changes commutes.
+    mod commutes {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// One change of product "P": its version, the mask's bits (0 is a full
+        /// replacement) and a seed for its values.
+        fn change(version: u64, bits: u8, seed: u64) -> Write {
+            let mask = if bits == 0 {
+                UpdateMask::full()
+            } else {
+                UpdateMask::from_bits(bits)
+            };
+            let mut product = product("P", version);
+            product.brand = format!("brand {seed}");
+            product.category_path = vec![format!("c{seed}")];
+            product.status = [1, 2, 3, 4][(seed % 4) as usize];
+            product.descriptions = [("ko".to_owned(), format!("d{seed}"))].into();
+            product.prices = [("KRW".to_owned(), seed as i64)].into();
+            Write { product, mask }
+        }
+
+        /// The reference: every change applied whole, in version order, to an empty product;
+        /// `None` while no change has set the status (the product would be pending).
+        fn in_version_order(changes: &[Write]) -> Option<Product> {
+            let mut sorted: Vec<&Write> = changes.iter().collect();
+            sorted.sort_by_key(|w| w.product.version);
+            sorted.dedup_by_key(|w| w.product.version);
+            let mut product = Product {
+                code: "P".into(),
+                product_type: "shoes".into(),
+                ..Product::default()
+            };
+            let mut has_status = false;
+            for write in sorted {
+                write.mask.apply(&mut product, &write.product);
+                has_status |= write.mask.has_status();
+            }
+            has_status.then_some(product)
+        }
+
+        /// Applies `requests` one after another, as separate transactions would.
+        fn apply(requests: &[Vec<Write>]) -> Option<Stored> {
+            let mut stored = BTreeMap::new();
+            for writes in requests {
+                let plan = plan(writes, stored.clone(), NOW);
+                assert!(plan.refused.is_empty());
+                for (code, row) in plan.rows {
+                    stored.insert(code, row.stored);
+                }
+            }
+            stored.remove("P")
+        }
+
+        fn values(mut product: Product) -> Product {
+            product.create_time = None;
+            product.update_time = None;
+            product
+        }
+
+        /// Up to 12 changes with distinct versions (a version names one change), each full or
+        /// partial; then the same changes with duplicates, shuffled and cut into requests.
+        fn scenario() -> impl Strategy<Value = (Vec<Write>, Vec<Vec<Write>>)> {
+            prop::collection::btree_map(1u64..40, (0u8..128, any::<u64>()), 1..12)
+                .prop_map(|by_version| {
+                    by_version
+                        .into_iter()
+                        .map(|(version, (bits, seed))| change(version, bits, seed))
+                        .collect::<Vec<_>>()
+                })
+                .prop_flat_map(|changes| {
+                    let n = changes.len();
+                    let deliveries = prop::collection::vec(0..n, n..n * 3)
+                        .prop_map({
+                            let changes = changes.clone();
+                            move |extra| {
+                                let mut all = changes.clone();
+                                all.extend(extra.into_iter().map(|i| changes[i].clone()));
+                                all
+                            }
+                        })
+                        .prop_shuffle();
+                    (
+                        Just(changes),
+                        deliveries,
+                        prop::collection::vec(1usize..5, 1..20),
+                    )
+                })
+                .prop_map(|(changes, deliveries, cuts)| {
+                    let mut requests = Vec::new();
+                    let mut rest = deliveries.as_slice();
+                    for cut in cuts.into_iter().cycle() {
+                        if rest.is_empty() {
+                            break;
+                        }
+                        let (head, tail) = rest.split_at(cut.min(rest.len()));
+                        requests.push(head.to_vec());
+                        rest = tail;
+                    }
+                    (changes, requests)
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn any_order_batching_and_duplicates_end_in_the_version_order_state(
+                (changes, requests) in scenario()
+            ) {
+                let expected = in_version_order(&changes);
+                let got = apply(&requests).expect("some change was applied");
+                match expected {
+                    Some(expected) => {
+                        prop_assert!(!got.is_pending());
+                        prop_assert_eq!(values(got.product), values(expected));
+                    }
+                    None => prop_assert!(got.is_pending(), "no change set a status"),
+                }
+            }
+
+            #[test]
+            fn applying_any_change_again_changes_nothing(
+                (changes, requests) in scenario(), pick in any::<prop::sample::Index>()
+            ) {
+                let stored = apply(&requests).expect("some change was applied");
+                let again = &changes[pick.index(changes.len())];
+                let plan = plan(
+                    std::slice::from_ref(again),
+                    [("P".to_owned(), stored.clone())].into(),
+                    NOW,
+                );
+                prop_assert_eq!(plan.results[0].outcome, UpdateOutcome::Stale);
+                prop_assert!(plan.rows.is_empty() && plan.changes.is_empty());
+            }
+
+            #[test]
+            fn replaying_the_change_log_rebuilds_the_product(
+                (_changes, requests) in scenario()
+            ) {
+                // A watcher keeps the last record's product; it must equal the stored one.
+                let mut stored = BTreeMap::new();
+                let mut watched: Option<Product> = None;
+                for writes in &requests {
+                    let plan = plan(writes, stored.clone(), NOW);
+                    for change in plan.changes {
+                        prop_assert!(!change.written.is_empty());
+                        watched = Some(change.product);
+                    }
+                    for (code, row) in plan.rows {
+                        stored.insert(code, row.stored);
+                    }
+                }
+                let stored = stored.remove("P").expect("some change was applied");
+                if stored.is_pending() {
+                    prop_assert!(watched.is_none());
+                } else {
+                    prop_assert_eq!(watched, Some(stored.product));
+                }
+            }
+        }
     }
 
     #[test]

@@ -76,6 +76,11 @@ pub struct CatalogSettings {
     /// How many times a write is retried after a serialization failure or deadlock before
     /// the call fails with UNAVAILABLE. Default 10.
     pub write_retries: u32,
+    /// How long a pending product (partial changes whose product was never created, usually
+    /// a producer's typo in a code) is kept before maintenance deletes it with a log line.
+    /// Default 30 days.
+    #[serde(with = "humantime_serde")]
+    pub pending_retention: Duration,
 }
 
 impl Default for CatalogSettings {
@@ -88,6 +93,7 @@ impl Default for CatalogSettings {
             watch_poll_interval: Duration::from_millis(200),
             read_cache_entries: 20_000,
             write_retries: 10,
+            pending_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

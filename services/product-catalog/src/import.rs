@@ -3,7 +3,8 @@
 //! Each message is validated product by product and its valid products are committed in one
 //! transaction before the next message is read, so a broken stream keeps what it committed
 //! and the client's pace is the database's pace. Every product is a full replacement under
-//! the version guard, so re-running an import is safe: stored versions come back STALE.
+//! the per-field version guard, so re-running an import is safe: stored versions come back
+//! STALE. A product stored with another type is counted invalid, like a malformed one.
 
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use tonic::{Status, Streaming};
 use crate::{
     bulk::{Write, normalized},
     metrics::CatalogMetrics,
-    store::{Store, WriteOutcome},
+    store::{OnRefusal, Store, WriteOutcome},
 };
 
 /// Most invalid products described in the response; `invalid_count` has the total.
@@ -62,6 +63,8 @@ impl Importer {
             }
             message += 1;
             let mut writes = Vec::with_capacity(request.products.len());
+            // Stream index of each write, for refusals.
+            let mut indexes = Vec::with_capacity(request.products.len());
             for product in request.products {
                 let mut violations = Violations::default();
                 mall_product::validate_product(
@@ -72,42 +75,53 @@ impl Importer {
                     &mut violations,
                 );
                 if violations.is_empty() {
+                    indexes.push(index);
                     writes.push(Write {
                         product: normalized(product),
                         mask: UpdateMask::full(),
                     });
                 } else {
-                    response.invalid_count += 1;
-                    if response.errors.len() < MAX_REPORTED_ERRORS {
-                        response.errors.push(ImportError {
-                            index,
-                            code: product.code,
-                            reason: violations
-                                .into_vec()
-                                .into_iter()
-                                .map(|v| format!("{}: {}", v.field, v.description))
-                                .collect::<Vec<_>>()
-                                .join("; "),
-                        });
-                    }
+                    let reason = violations
+                        .into_vec()
+                        .into_iter()
+                        .map(|v| format!("{}: {}", v.field, v.description))
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    record_invalid(&mut response, index, product.code, reason);
                 }
                 index += 1;
             }
             if writes.is_empty() {
                 continue;
             }
-            let WriteOutcome::Applied { results, retries } =
-                self.store.bulk_write(None, &writes).await?
+            let WriteOutcome::Applied {
+                results,
+                refused,
+                retries,
+            } = self
+                .store
+                .bulk_write(None, &writes, OnRefusal::SkipItems)
+                .await?
             else {
                 unreachable!("a write without a request id is never a replay");
             };
             self.metrics.retries.inc_by(u64::from(retries));
-            for result in results {
-                if result.outcome == UpdateOutcome::Applied {
-                    response.applied_count += 1;
-                } else {
-                    response.stale_count += 1;
+            for result in &results {
+                match result.outcome {
+                    UpdateOutcome::Applied => response.applied_count += 1,
+                    UpdateOutcome::Stale => response.stale_count += 1,
+                    // A full replacement carries a status, so it is never pending; refusals
+                    // are counted below.
+                    UpdateOutcome::Pending | UpdateOutcome::Unspecified => {}
                 }
+            }
+            for refusal in refused {
+                record_invalid(
+                    &mut response,
+                    indexes[refusal.index],
+                    writes[refusal.index].product.code.clone(),
+                    format!("{}: {}", refusal.field, refusal.reason),
+                );
             }
         }
         let items = &self.metrics.items;
@@ -121,5 +135,17 @@ impl Importer {
             .with_label_values(&["import", "invalid"])
             .inc_by(response.invalid_count.unsigned_abs());
         Ok(response)
+    }
+}
+
+/// Counts an invalid product in `response` and describes it while there is room.
+fn record_invalid(response: &mut ImportProductsResponse, index: i64, code: String, reason: String) {
+    response.invalid_count += 1;
+    if response.errors.len() < MAX_REPORTED_ERRORS {
+        response.errors.push(ImportError {
+            index,
+            code,
+            reason,
+        });
     }
 }

@@ -1,5 +1,5 @@
-//! Background upkeep: delete changes past their retention and forgotten request ids, and
-//! keep the change-log gauges current.
+//! Background upkeep: delete changes past their retention, forgotten request ids and pending
+//! products whose creation never came, and keep the change-log and pending gauges current.
 
 use std::time::Duration;
 
@@ -13,6 +13,10 @@ use crate::{
 
 /// Changes deleted per transaction, so writers wait at most a moment for a prune.
 const PRUNE_BATCH: i64 = 5_000;
+/// Pending products expired per round; the rest wait for the next round.
+const EXPIRE_BATCH: u64 = 1_000;
+/// Codes of expired pending products named in the log line; the count has the total.
+const LOGGED_CODES: usize = 20;
 
 /// The upkeep task; [`Maintenance::run_once`] is one round, for tests and the loop.
 #[derive(Debug, Clone)]
@@ -25,6 +29,8 @@ pub struct Maintenance {
     pub change_retention: Duration,
     /// How long request ids are remembered.
     pub request_id_retention: Duration,
+    /// How long pending products are kept.
+    pub pending_retention: Duration,
 }
 
 impl Maintenance {
@@ -62,6 +68,23 @@ impl Maintenance {
         if changes > 0 || requests > 0 {
             tracing::info!(changes, requests, "pruned expired changes and request ids");
         }
+        let expired = self
+            .store
+            .expire_pending(now - as_micros(self.pending_retention), EXPIRE_BATCH)
+            .await?;
+        if !expired.is_empty() {
+            self.metrics.pending_expired.inc_by(expired.len() as u64);
+            // Product codes are not personal data; they let the producer find its typo.
+            tracing::warn!(
+                count = expired.len(),
+                codes = ?&expired[..expired.len().min(LOGGED_CODES)],
+                retention_secs = self.pending_retention.as_secs(),
+                "deleted pending products whose creating change never arrived"
+            );
+        }
+        self.metrics
+            .pending
+            .set(i64::try_from(self.store.count_pending().await?).unwrap_or(i64::MAX));
         let position = self.store.change_log_position().await?;
         self.metrics.head.set(position.head);
         let oldest = self.store.oldest_change_time().await?;

@@ -1,14 +1,21 @@
 //! The catalog's own metrics (the gRPC server adds request counts and latency by method and
 //! code). Names get the `mall_product_catalog_` prefix from the registry.
 
+use mall_proto::catalog::v1::UpdateOutcome;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Counters and gauges of the catalog; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct CatalogMetrics {
     /// `write_items_total{source, outcome}`: items written by BulkUpdateProducts (`bulk`) and
-    /// ImportProducts (`import`), by APPLIED / STALE / INVALID (import only).
+    /// ImportProducts (`import`), by applied / pending / stale / invalid (import only).
     pub items: IntCounterVec,
+    /// `pending_products`: products whose partial changes wait for the change that creates
+    /// them (refreshed by maintenance).
+    pub pending: IntGauge,
+    /// `pending_products_expired_total`: pending products deleted because their creation
+    /// never arrived.
+    pub pending_expired: IntCounter,
     /// `write_retries_total`: write transactions retried after a conflict.
     pub retries: IntCounter,
     /// `change_log_head`: highest change-log sequence number committed.
@@ -32,9 +39,17 @@ impl CatalogMetrics {
             items: IntCounterVec::new(
                 Opts::new(
                     "write_items_total",
-                    "Product writes by source (bulk, import) and outcome (applied, stale, invalid)",
+                    "Product writes by source (bulk, import) and outcome (applied, pending, stale, invalid)",
                 ),
                 &["source", "outcome"],
+            )?,
+            pending: IntGauge::new(
+                "pending_products",
+                "Products whose partial changes wait for the change that creates them",
+            )?,
+            pending_expired: IntCounter::new(
+                "pending_products_expired_total",
+                "Pending products deleted because the change creating them never arrived",
             )?,
             retries: IntCounter::new(
                 "write_retries_total",
@@ -58,11 +73,32 @@ impl CatalogMetrics {
             )?,
         };
         registry.register(Box::new(metrics.items.clone()))?;
+        registry.register(Box::new(metrics.pending.clone()))?;
+        registry.register(Box::new(metrics.pending_expired.clone()))?;
+        for source in ["bulk", "import"] {
+            for outcome in ["applied", "pending", "stale", "invalid"] {
+                metrics.items.with_label_values(&[source, outcome]);
+            }
+        }
         registry.register(Box::new(metrics.retries.clone()))?;
         registry.register(Box::new(metrics.head.clone()))?;
         registry.register(Box::new(metrics.oldest_age.clone()))?;
         registry.register(Box::new(metrics.watchers.clone()))?;
         registry.register(Box::new(metrics.watch_lag.clone()))?;
         Ok(metrics)
+    }
+}
+
+impl CatalogMetrics {
+    /// Counts one item of `source` (`bulk` or `import`) with `outcome`; UNSPECIFIED is a
+    /// refused (invalid) item.
+    pub fn count_item(&self, source: &str, outcome: UpdateOutcome) {
+        let label = match outcome {
+            UpdateOutcome::Applied => "applied",
+            UpdateOutcome::Pending => "pending",
+            UpdateOutcome::Stale => "stale",
+            UpdateOutcome::Unspecified => "invalid",
+        };
+        self.items.with_label_values(&[source, label]).inc();
     }
 }

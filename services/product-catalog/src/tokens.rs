@@ -41,6 +41,27 @@ pub fn parse_page_token(token: &str, filter: &ListFilter) -> Result<String, Serv
     Ok(code.to_owned())
 }
 
+/// The ListPendingProducts token of the page after `last_code`.
+pub fn pending_page_token(last_code: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("q1|{last_code}"))
+}
+
+/// The code a ListPendingProducts page token continues after.
+///
+/// # Errors
+/// INVALID_ARGUMENT (`page_token`) when it is malformed.
+pub fn parse_pending_page_token(token: &str) -> Result<String, ServiceError> {
+    decode(token)
+        .and_then(|text| text.strip_prefix("q1|").map(str::to_owned))
+        .ok_or_else(|| {
+            ServiceError::invalid(
+                "page_token",
+                "is not a token returned by ListPendingProducts; start again with an empty \
+                 page_token",
+            )
+        })
+}
+
 /// The cursor of change-log sequence number `seq`.
 pub fn cursor(seq: i64) -> String {
     URL_SAFE_NO_PAD.encode(format!("c1|{seq}"))
@@ -99,6 +120,14 @@ mod tests {
         assert!(parse_page_token(&token, &other).is_err());
         assert!(parse_page_token("garbage!", &filter).is_err());
         assert!(parse_page_token(&cursor(3), &filter).is_err());
+    }
+
+    #[test]
+    fn a_pending_page_token_is_not_a_list_token() {
+        let token = pending_page_token("AP-1");
+        assert_eq!(parse_pending_page_token(&token).expect("valid"), "AP-1");
+        assert!(parse_pending_page_token(&page_token("AP-1", &ListFilter::default())).is_err());
+        assert!(parse_page_token(&token, &ListFilter::default()).is_err());
     }
 
     #[test]

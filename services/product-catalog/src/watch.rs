@@ -10,7 +10,7 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::Stream;
 use mall_grpc::ServiceError;
-use mall_product::ProductTypes;
+use mall_product::{ProductTypes, UpdateMask};
 use mall_proto::catalog::v1::{
     Product, ProductChangeRecord, WatchProductChangesRequest, WatchProductChangesResponse,
 };
@@ -188,6 +188,11 @@ fn respond(batch: ChangeBatch) -> anyhow::Result<(WatchProductChangesResponse, i
             product: Some(product),
             previous_version: u64::try_from(change.previous_version).unwrap_or_default(),
             commit_time: Some(timestamp(change.commit_time)),
+            written_fields: Some(
+                UpdateMask::from_bits(u8::try_from(change.written_fields).unwrap_or(u8::MAX))
+                    .to_listed_field_mask(),
+            ),
+            change_version: u64::try_from(change.change_version).unwrap_or_default(),
         };
         let len = record.encoded_len();
         if !response.changes.is_empty() && size + len > MAX_RESPONSE_BYTES {

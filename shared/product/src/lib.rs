@@ -19,6 +19,6 @@ pub mod mask;
 pub mod types;
 pub mod validate;
 
-pub use mask::UpdateMask;
+pub use mask::{FieldVersions, UpdateMask};
 pub use types::{AttributeType, ProductTypeSpec, ProductTypes};
 pub use validate::validate_product;

@@ -1,8 +1,14 @@
-//! Update masks: which fields of a product a write replaces.
+//! Update masks: which fields of a product a write replaces, and the per-field version guard.
 //!
 //! A mask is a set of the seven writable fields. An empty `google.protobuf.FieldMask` means a
 //! full replacement, which is the mask with every field. Each field is replaced whole: a map
 //! in the mask replaces the stored map, it is not merged key by key.
+//!
+//! Every stored field keeps the version of the change that last wrote it ([`FieldVersions`]).
+//! A change writes each field of its mask whose stored version is older than its own
+//! ([`UpdateMask::apply_newer`]). Applying changes therefore commutes: any order, any
+//! batching and any duplicates end in the state of applying them in version order, because
+//! each field ends with the value of the newest change that carries it.
 
 use mall_proto::catalog::v1::Product;
 use prost_types::FieldMask;
@@ -62,14 +68,15 @@ impl UpdateMask {
         if self.is_full() {
             return None;
         }
-        Some(FieldMask {
-            paths: PATHS
-                .iter()
-                .enumerate()
-                .filter(|(bit, _)| self.bits & (1 << bit) != 0)
-                .map(|(_, p)| (*p).to_owned())
-                .collect(),
-        })
+        Some(self.to_listed_field_mask())
+    }
+
+    /// The mask as a `FieldMask` that lists every field, a full one included: how records
+    /// of what was written show it.
+    pub fn to_listed_field_mask(self) -> FieldMask {
+        FieldMask {
+            paths: self.fields().map(|bit| PATHS[bit].to_owned()).collect(),
+        }
     }
 
     /// Whether this is a full replacement.
@@ -99,39 +106,111 @@ impl UpdateMask {
             .is_some_and(|bit| self.bits & (1 << bit) != 0)
     }
 
-    /// Whether `status` is in the mask: a partial update can create a product only then.
+    /// Whether `status` is in the mask.
     pub fn has_status(self) -> bool {
         self.contains("status")
     }
 
-    /// Copies the masked fields of `update`, and its version, onto `base`. `code`,
-    /// `product_type` and the timestamps of `base` are kept.
+    /// Whether no field is in the mask.
+    pub fn is_empty(self) -> bool {
+        self.bits == 0
+    }
+
+    /// The mask as bits, bit `i` for `PATHS[i]`: how the change log stores it.
+    pub fn bits(self) -> u8 {
+        self.bits
+    }
+
+    /// The mask of `bits` (bit `i` for `PATHS[i]`); bits past the seventh are ignored.
+    pub fn from_bits(bits: u8) -> Self {
+        Self { bits: bits & FULL }
+    }
+
+    /// Copies the masked fields of `update`, and its version, onto `base`, whatever their
+    /// stored versions. `code`, `product_type` and the timestamps of `base` are kept.
     pub fn apply(self, base: &mut Product, update: &Product) {
-        let has = |path| self.contains(path);
-        if has("brand") {
-            base.brand.clone_from(&update.brand);
-        }
-        if has("category_path") {
-            base.category_path.clone_from(&update.category_path);
-        }
-        if has("status") {
-            base.status = update.status;
-        }
-        if has("names") {
-            base.names.clone_from(&update.names);
-        }
-        if has("descriptions") {
-            base.descriptions.clone_from(&update.descriptions);
-        }
-        if has("prices") {
-            base.prices.clone_from(&update.prices);
-        }
-        if has("attributes") {
-            base.attributes.clone_from(&update.attributes);
+        for bit in self.fields() {
+            copy_field(bit, base, update);
         }
         base.version = update.version;
     }
+
+    /// Writes each field of the mask whose version in `versions` is older than
+    /// `update.version`, records the new versions, and sets `base.version` to the highest
+    /// field version. Returns the fields written (empty: the change is stale everywhere).
+    pub fn apply_newer(
+        self,
+        base: &mut Product,
+        versions: &mut FieldVersions,
+        update: &Product,
+    ) -> UpdateMask {
+        let mut written = 0;
+        for bit in self.fields() {
+            if versions.0[bit] < update.version {
+                copy_field(bit, base, update);
+                versions.0[bit] = update.version;
+                written |= 1 << bit;
+            }
+        }
+        base.version = versions.max();
+        Self { bits: written }
+    }
+
+    /// Indexes into [`PATHS`] of the fields in the mask.
+    fn fields(self) -> impl Iterator<Item = usize> {
+        (0..PATHS.len()).filter(move |bit| self.bits & (1 << bit) != 0)
+    }
 }
+
+/// Copies field `PATHS[bit]` of `from` onto `to`.
+fn copy_field(bit: usize, to: &mut Product, from: &Product) {
+    match PATHS[bit] {
+        "brand" => to.brand.clone_from(&from.brand),
+        "category_path" => to.category_path.clone_from(&from.category_path),
+        "status" => to.status = from.status,
+        "names" => to.names.clone_from(&from.names),
+        "descriptions" => to.descriptions.clone_from(&from.descriptions),
+        "prices" => to.prices.clone_from(&from.prices),
+        "attributes" => to.attributes.clone_from(&from.attributes),
+        other => unreachable!("{other} is not a writable field"),
+    }
+}
+
+/// The version of the change that last wrote each writable field, in [`PATHS`] order; 0 for
+/// a field never written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FieldVersions(pub [u64; PATHS.len()]);
+
+impl FieldVersions {
+    /// Every field at `version`: a product written whole by one change.
+    pub const fn all(version: u64) -> Self {
+        Self([version; PATHS.len()])
+    }
+
+    /// The highest field version: the product's `version`.
+    pub fn max(&self) -> u64 {
+        self.0.iter().copied().max().unwrap_or_default()
+    }
+
+    /// The fields written at least once.
+    pub fn written(&self) -> UpdateMask {
+        let mut bits = 0;
+        for (bit, version) in self.0.iter().enumerate() {
+            if *version > 0 {
+                bits |= 1 << bit;
+            }
+        }
+        UpdateMask { bits }
+    }
+
+    /// The version of `status`: 0 while no change has set it, which keeps a product pending.
+    pub fn status(&self) -> u64 {
+        self.0[STATUS]
+    }
+}
+
+/// Index of `status` in [`PATHS`].
+const STATUS: usize = 2;
 
 #[cfg(test)]
 mod tests {
@@ -184,6 +263,57 @@ mod tests {
         assert_eq!(base.names, [("en".to_owned(), "new".to_owned())].into());
         assert_eq!(base.prices.get("KRW"), Some(&1000));
         assert_eq!(base.version, 2);
+    }
+
+    #[test]
+    fn apply_newer_writes_only_fields_older_than_the_change() {
+        let mut base = Product {
+            code: "P1".into(),
+            brand: "B7".into(),
+            prices: [("KRW".to_owned(), 7)].into(),
+            version: 7,
+            ..Product::default()
+        };
+        let mut versions = FieldVersions::all(3);
+        versions.0[0] = 7; // brand
+        versions.0[5] = 7; // prices
+        let late = Product {
+            code: "P1".into(),
+            brand: "B5".into(),
+            names: [("en".to_owned(), "five".to_owned())].into(),
+            prices: [("KRW".to_owned(), 5)].into(),
+            version: 5,
+            ..Product::default()
+        };
+        let written = mask(&["brand", "names", "prices"])
+            .expect("valid")
+            .apply_newer(&mut base, &mut versions, &late);
+        assert_eq!(written, mask(&["names"]).expect("valid"));
+        assert_eq!(base.brand, "B7");
+        assert_eq!(base.prices.get("KRW"), Some(&7));
+        assert_eq!(base.names.get("en").map(String::as_str), Some("five"));
+        assert_eq!(versions.0[3], 5);
+        assert_eq!(
+            base.version, 7,
+            "the product's version is its newest field's"
+        );
+
+        let again = mask(&["names"])
+            .expect("valid")
+            .apply_newer(&mut base, &mut versions, &late);
+        assert!(again.is_empty(), "a repeated change writes nothing");
+    }
+
+    #[test]
+    fn bits_round_trip_and_status_index_is_right() {
+        let m = mask(&["status", "prices"]).expect("valid");
+        assert_eq!(UpdateMask::from_bits(m.bits()), m);
+        assert_eq!(PATHS[STATUS], "status");
+        let mut versions = FieldVersions::default();
+        assert_eq!(versions.status(), 0);
+        versions.0[STATUS] = 4;
+        assert_eq!(versions.status(), 4);
+        assert_eq!(versions.written(), mask(&["status"]).expect("valid"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
 mod m20261125_000001_catalog;
+pub mod m20261130_000001_field_versions;
 
 /// The ordered list of migrations.
 #[derive(Debug)]
@@ -12,6 +13,9 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261125_000001_catalog::Migration)]
+        vec![
+            Box::new(m20261125_000001_catalog::Migration),
+            Box::new(m20261130_000001_field_versions::Migration),
+        ]
     }
 }

@@ -5,6 +5,8 @@ pub mod products {
     use sea_orm::entity::prelude::*;
 
     /// A stored product. Maps and lists are JSON text; times are microseconds since the epoch.
+    /// `version` is the highest of the `*_version` columns, each the version of the change
+    /// that last wrote that field (0: never written). `status` 0 marks a pending product.
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "products")]
     pub struct Model {
@@ -21,6 +23,13 @@ pub mod products {
         pub version: i64,
         pub create_time: i64,
         pub update_time: i64,
+        pub brand_version: i64,
+        pub category_path_version: i64,
+        pub status_version: i64,
+        pub names_version: i64,
+        pub descriptions_version: i64,
+        pub prices_version: i64,
+        pub attributes_version: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -33,7 +42,9 @@ pub mod products {
 pub mod product_changes {
     use sea_orm::entity::prelude::*;
 
-    /// One applied change; `product` is the encoded `mall.catalog.v1.Product` after it.
+    /// One applied change; `product` is the encoded `mall.catalog.v1.Product` after it,
+    /// `written_fields` the bits of the fields it wrote (`UpdateMask::bits`), `version` the
+    /// product's version after it and `change_version` the change's own.
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "product_changes")]
     pub struct Model {
@@ -45,6 +56,8 @@ pub mod product_changes {
         pub previous_version: i64,
         pub commit_time: i64,
         pub product: Vec<u8>,
+        pub written_fields: i16,
+        pub change_version: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

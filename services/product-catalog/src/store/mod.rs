@@ -29,6 +29,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use mall_db::Backend;
 use mall_grpc::ServiceError;
+use mall_product::FieldVersions;
 use mall_proto::catalog::v1::Product;
 use prost_types::Timestamp;
 use sea_orm::{
@@ -39,10 +40,11 @@ use tokio::sync::{Mutex, MutexGuard};
 
 pub use cache::ProductCache;
 pub use changes::{ChangeBatch, ChangeLogPosition};
-pub use read::ListFilter;
-pub use write::WriteOutcome;
+pub use read::{ListFilter, PendingRow};
+pub use write::{OnRefusal, WriteOutcome};
 
 use self::entity::products;
+use crate::bulk::Stored;
 
 /// Handle on the catalog's tables; cheap to clone.
 #[derive(Debug, Clone)]
@@ -174,8 +176,18 @@ pub fn now() -> Timestamp {
     timestamp(i64::try_from(now.as_micros()).unwrap_or(i64::MAX))
 }
 
-/// The row of `product`.
-fn to_model(product: &Product) -> products::Model {
+/// The row of `stored`.
+fn to_model(stored: &Stored) -> products::Model {
+    let product = &stored.product;
+    let [
+        brand_version,
+        category_path_version,
+        status_version,
+        names_version,
+        descriptions_version,
+        prices_version,
+        attributes_version,
+    ] = stored.versions.0.map(to_i64);
     products::Model {
         code: product.code.clone(),
         product_type: product.product_type.clone(),
@@ -193,10 +205,50 @@ fn to_model(product: &Product) -> products::Model {
                 .unwrap_or_default(),
         )
         .to_string(),
-        version: i64::try_from(product.version).unwrap_or(i64::MAX),
+        version: to_i64(product.version),
         create_time: product.create_time.map(micros).unwrap_or_default(),
         update_time: product.update_time.map(micros).unwrap_or_default(),
+        brand_version,
+        category_path_version,
+        status_version,
+        names_version,
+        descriptions_version,
+        prices_version,
+        attributes_version,
     }
+}
+
+/// A version as the database keeps it (validation caps versions far below `i64::MAX`).
+fn to_i64(version: u64) -> i64 {
+    i64::try_from(version).unwrap_or(i64::MAX)
+}
+
+/// The field versions of `row`.
+fn field_versions(row: &products::Model) -> FieldVersions {
+    FieldVersions(
+        [
+            row.brand_version,
+            row.category_path_version,
+            row.status_version,
+            row.names_version,
+            row.descriptions_version,
+            row.prices_version,
+            row.attributes_version,
+        ]
+        .map(|v| u64::try_from(v).unwrap_or_default()),
+    )
+}
+
+/// The product and field versions in `row`.
+///
+/// # Errors
+/// When a JSON column does not parse: the row was not written by this service.
+fn stored_from_model(row: products::Model) -> anyhow::Result<Stored> {
+    let versions = field_versions(&row);
+    Ok(Stored {
+        product: from_model(row)?,
+        versions,
+    })
 }
 
 /// The product in `row`.
@@ -265,6 +317,15 @@ mod tests {
             create_time: Some(timestamp(1)),
             update_time: Some(timestamp(2)),
         };
-        assert_eq!(from_model(to_model(&product)).expect("parses"), product);
+        let mut versions = FieldVersions::all(7);
+        versions.0[4] = 3;
+        let stored = Stored {
+            product: product.clone(),
+            versions,
+        };
+        assert_eq!(
+            stored_from_model(to_model(&stored)).expect("parses"),
+            stored
+        );
     }
 }

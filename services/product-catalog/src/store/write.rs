@@ -2,16 +2,21 @@
 //! number of items.
 //!
 //! 1. remember the request id (or find the first response and stop);
-//! 2. read (and on PostgreSQL lock, in code order) the stored versions of every code, and the
-//!    whole rows of those a partial update touches;
-//! 3. plan in memory ([`crate::bulk::plan`]): outcomes, final rows, change-log entries;
-//! 4. insert the new products, update the existing ones (one multi-row statement each);
+//! 2. read (and on PostgreSQL lock, in code order) the stored field versions of every code,
+//!    and the whole rows of those whose stored values can survive the request
+//!    ([`crate::bulk::needs_values`]);
+//! 3. plan in memory ([`crate::bulk::plan`]): outcomes, refusals, final rows, change-log
+//!    entries;
+//! 4. insert the new products, update the existing ones (one multi-row statement each), with
+//!    their field versions;
 //! 5. append the change log (one statement) under the change-log lock;
 //! 6. store the response for the request id; commit.
 
 use std::collections::BTreeMap;
 
 use mall_grpc::ServiceError;
+use mall_grpc::Violations;
+use mall_product::FieldVersions;
 use mall_proto::catalog::v1::{BulkUpdateProductsResponse, Product, ProductUpdateResult};
 use prost::Message as _;
 use sea_orm::{
@@ -21,22 +26,33 @@ use sea_orm::{
 };
 
 use super::{
-    Store, backoff, db_error, entity::bulk_requests, entity::products, from_model, is_retryable,
-    micros, now, timestamp, to_model,
+    Store, backoff, db_error, entity::bulk_requests, entity::products, is_retryable, micros, now,
+    stored_from_model, timestamp, to_i64, to_model,
 };
-use crate::bulk::{ItemResult, Plan, Write, plan};
+use crate::bulk::{ItemResult, Plan, Refusal, Stored, Write, needs_values, plan};
 use mall_db::Backend;
 
 /// Key of the PostgreSQL advisory lock that orders change-log appends (ASCII "mallchng").
 const CHANGE_LOG_LOCK: i64 = 0x6d61_6c6c_6368_6e67;
+
+/// What a bulk write does with writes the stored state refuses (a product of another type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRefusal {
+    /// Apply nothing and fail with INVALID_ARGUMENT naming each (BulkUpdateProducts).
+    RejectRequest,
+    /// Apply the others and report the refused ones (ImportProducts).
+    SkipItems,
+}
 
 /// How a bulk write ended.
 #[derive(Debug)]
 pub enum WriteOutcome {
     /// Committed now.
     Applied {
-        /// One result per write, in request order.
+        /// One result per write, in request order (UNSPECIFIED for a refused one).
         results: Vec<ItemResult>,
+        /// Writes refused and skipped ([`OnRefusal::SkipItems`] only).
+        refused: Vec<Refusal>,
         /// Transaction attempts that conflicted and were retried.
         retries: u32,
     },
@@ -51,24 +67,34 @@ enum Attempt {
 }
 
 impl Store {
-    /// Applies `writes` in one transaction under the version guard; see the module docs.
-    /// With a `request_id`, a repeated request returns the first response instead.
+    /// Applies `writes` in one transaction under the per-field version guard; see the module
+    /// docs. With a `request_id`, a repeated request returns the first response instead.
     ///
     /// # Errors
-    /// INVALID_ARGUMENT for a write only the stored state shows to be invalid (nothing is
-    /// applied then); UNAVAILABLE when the database is unreachable or conflicts persist past
-    /// the retry budget; INTERNAL for anything else.
-    #[tracing::instrument(skip_all, fields(items = writes.len(), request_id = request_id.is_some()), err)]
+    /// INVALID_ARGUMENT for a write only the stored state shows to be invalid, with
+    /// [`OnRefusal::RejectRequest`] (nothing is applied then); UNAVAILABLE when the database
+    /// is unreachable or conflicts persist past the retry budget; INTERNAL for anything else.
+    #[tracing::instrument(skip_all, fields(items = writes.len(), request_id = request_id.is_some()), err(level = "debug"))]
     pub async fn bulk_write(
         &self,
         request_id: Option<&str>,
         writes: &[Write],
+        on_refusal: OnRefusal,
     ) -> Result<WriteOutcome, ServiceError> {
         let mut retries = 0;
         loop {
-            let error = match self.attempt_bulk_write(request_id, writes).await {
-                Ok(Attempt::Done(WriteOutcome::Applied { results, .. })) => {
-                    return Ok(WriteOutcome::Applied { results, retries });
+            let error = match self
+                .attempt_bulk_write(request_id, writes, on_refusal)
+                .await
+            {
+                Ok(Attempt::Done(WriteOutcome::Applied {
+                    results, refused, ..
+                })) => {
+                    return Ok(WriteOutcome::Applied {
+                        results,
+                        refused,
+                        retries,
+                    });
                 }
                 Ok(Attempt::Done(replayed)) => return Ok(replayed),
                 Ok(Attempt::Conflict(reason)) => reason.to_owned(),
@@ -94,6 +120,7 @@ impl Store {
         &self,
         request_id: Option<&str>,
         writes: &[Write],
+        on_refusal: OnRefusal,
     ) -> Result<Attempt, AttemptError> {
         let write = self.begin_write().await?;
         let txn = &write.txn;
@@ -134,7 +161,19 @@ impl Store {
         }
 
         let stored = self.read_for_write(txn, writes).await?;
-        let plan = plan(writes, stored, now).map_err(AttemptError::Fatal)?;
+        let plan = plan(writes, stored, now);
+        if on_refusal == OnRefusal::RejectRequest && !plan.refused.is_empty() {
+            let mut violations = Violations::default();
+            for refusal in &plan.refused {
+                violations.add(
+                    format!("updates[{}].{}", refusal.index, refusal.field),
+                    refusal.reason.clone(),
+                );
+            }
+            return Err(AttemptError::Fatal(ServiceError::InvalidArgument(
+                violations.into_vec(),
+            )));
+        }
         if let Some(conflict) = self.store_rows(txn, &plan).await? {
             return Ok(Attempt::Conflict(conflict));
         }
@@ -165,66 +204,81 @@ impl Store {
         self.cache.invalidate(plan.rows.keys().map(String::as_str));
         Ok(Attempt::Done(WriteOutcome::Applied {
             results: plan.results,
+            refused: plan.refused,
             retries: 0,
         }))
     }
 
     /// The stored state the plan needs, locked on PostgreSQL (in code order, so overlapping
-    /// requests queue instead of deadlocking). A full replacement only needs a product's
-    /// version, type and creation time, so whole rows (and their JSON) are read only for the
-    /// products a partial update touches.
+    /// requests queue instead of deadlocking). Every code's field versions, type and
+    /// creation time are read; whole rows (and their JSON) only where a stored value can
+    /// survive the request ([`needs_values`]), which a bulk of full replacements avoids.
     async fn read_for_write(
         &self,
         txn: &sea_orm::DatabaseTransaction,
         writes: &[Write],
-    ) -> Result<BTreeMap<String, Product>, AttemptError> {
+    ) -> Result<BTreeMap<String, Stored>, AttemptError> {
         use products::Column as C;
         let mut codes: Vec<&str> = writes.iter().map(|w| w.product.code.as_str()).collect();
         codes.sort_unstable();
         codes.dedup();
         let mut thin = products::Entity::find()
             .select_only()
-            .columns([C::Code, C::ProductType, C::Version, C::CreateTime])
+            .columns([
+                C::Code,
+                C::ProductType,
+                C::CreateTime,
+                C::BrandVersion,
+                C::CategoryPathVersion,
+                C::StatusVersion,
+                C::NamesVersion,
+                C::DescriptionsVersion,
+                C::PricesVersion,
+                C::AttributesVersion,
+            ])
             .filter(C::Code.is_in(codes))
             .order_by_asc(C::Code);
         if self.backend == Backend::Postgres {
             thin = thin.lock_exclusive();
         }
-        let mut stored: BTreeMap<String, Product> = thin
-            .into_tuple::<(String, String, i64, i64)>()
+        type ThinRow = (String, String, i64, i64, i64, i64, i64, i64, i64, i64);
+        let mut stored: BTreeMap<String, Stored> = thin
+            .into_tuple::<ThinRow>()
             .all(txn)
             .await?
             .into_iter()
-            .map(|(code, product_type, version, create_time)| {
-                (
-                    code.clone(),
-                    Product {
-                        code,
+            .map(
+                |(code, product_type, create_time, v0, v1, v2, v3, v4, v5, v6)| {
+                    let versions = FieldVersions(
+                        [v0, v1, v2, v3, v4, v5, v6].map(|v| u64::try_from(v).unwrap_or_default()),
+                    );
+                    let product = Product {
+                        code: code.clone(),
                         product_type,
-                        version: u64::try_from(version).unwrap_or_default(),
+                        version: versions.max(),
                         create_time: Some(timestamp(create_time)),
                         ..Product::default()
-                    },
-                )
-            })
+                    };
+                    (code, Stored { product, versions })
+                },
+            )
             .collect();
-        let mut partial: Vec<&str> = writes
+        let mut whole: Vec<&str> = stored
             .iter()
-            .filter(|w| !w.mask.is_full() && stored.contains_key(&w.product.code))
-            .map(|w| w.product.code.as_str())
+            .filter(|(code, s)| needs_values(writes, code, s.product.version))
+            .map(|(code, _)| code.as_str())
             .collect();
-        if !partial.is_empty() {
-            partial.sort_unstable();
-            partial.dedup();
+        if !whole.is_empty() {
+            whole.sort_unstable();
             // Already locked above: a plain read sees them as they are.
-            for row in products::Entity::find()
-                .filter(C::Code.is_in(partial))
+            let rows = products::Entity::find()
+                .filter(C::Code.is_in(whole.drain(..).map(str::to_owned).collect::<Vec<_>>()))
                 .all(txn)
-                .await?
-            {
-                let product =
-                    from_model(row).map_err(|e| AttemptError::Fatal(ServiceError::Internal(e)))?;
-                stored.insert(product.code.clone(), product);
+                .await?;
+            for row in rows {
+                let row = stored_from_model(row)
+                    .map_err(|e| AttemptError::Fatal(ServiceError::Internal(e)))?;
+                stored.insert(row.product.code.clone(), row);
             }
         }
         Ok(stored)
@@ -238,7 +292,11 @@ impl Store {
         plan: &Plan,
     ) -> Result<Option<&'static str>, DbErr> {
         const COLUMNS: &str = "code, product_type, brand, category_path, status, names, \
-                               descriptions, prices, attributes, version, create_time, update_time";
+                               descriptions, prices, attributes, version, create_time, \
+                               update_time, brand_version, category_path_version, \
+                               status_version, names_version, descriptions_version, \
+                               prices_version, attributes_version";
+        const WIDTH: usize = 19;
         for existed in [false, true] {
             let rows: Vec<_> = plan
                 .rows
@@ -248,9 +306,9 @@ impl Store {
             if rows.is_empty() {
                 continue;
             }
-            let mut values: Vec<Value> = Vec::with_capacity(rows.len() * 12);
+            let mut values: Vec<Value> = Vec::with_capacity(rows.len() * WIDTH);
             for row in &rows {
-                let m = to_model(&row.product);
+                let m = to_model(&row.stored);
                 values.extend([
                     m.code.into(),
                     m.product_type.into(),
@@ -264,27 +322,43 @@ impl Store {
                     m.version.into(),
                     m.create_time.into(),
                     m.update_time.into(),
+                    m.brand_version.into(),
+                    m.category_path_version.into(),
+                    m.status_version.into(),
+                    m.names_version.into(),
+                    m.descriptions_version.into(),
+                    m.prices_version.into(),
+                    m.attributes_version.into(),
                 ]);
             }
             // Written by hand rather than with the query builder: these are the largest
-            // statements the catalog sends (12 values a row, up to 1,000 rows), and building
+            // statements the catalog sends (19 values a row, up to 1,000 rows), and building
             // them through expression trees cost a noticeable share of a bulk write.
             let on_conflict = if existed {
                 // The rows are locked (or SQLite's single writer is us): the guard is a
-                // second line of defence, never expected to skip a row.
-                "ON CONFLICT (code) DO UPDATE SET product_type = excluded.product_type, \
+                // second line of defence, never expected to skip a row. A product's
+                // version never goes down, and a write can leave it unchanged (a late
+                // change of fields nobody newer wrote).
+                "ON CONFLICT (code) DO UPDATE SET \
                  brand = excluded.brand, category_path = excluded.category_path, \
                  status = excluded.status, names = excluded.names, \
                  descriptions = excluded.descriptions, prices = excluded.prices, \
                  attributes = excluded.attributes, version = excluded.version, \
-                 update_time = excluded.update_time \
-                 WHERE products.version < excluded.version"
+                 create_time = excluded.create_time, update_time = excluded.update_time, \
+                 brand_version = excluded.brand_version, \
+                 category_path_version = excluded.category_path_version, \
+                 status_version = excluded.status_version, \
+                 names_version = excluded.names_version, \
+                 descriptions_version = excluded.descriptions_version, \
+                 prices_version = excluded.prices_version, \
+                 attributes_version = excluded.attributes_version \
+                 WHERE products.version <= excluded.version"
             } else {
                 "ON CONFLICT (code) DO NOTHING"
             };
             let sql = format!(
                 "INSERT INTO products ({COLUMNS}) VALUES {} {on_conflict}",
-                placeholders(self.backend, rows.len(), 12)
+                placeholders(self.backend, rows.len(), WIDTH)
             );
             let written = txn
                 .execute_raw(Statement::from_sql_and_values(
@@ -318,24 +392,24 @@ impl Store {
             txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({CHANGE_LOG_LOCK})"))
                 .await?;
         }
-        let mut values: Vec<Value> = Vec::with_capacity(plan.changes.len() * 6);
+        let mut values: Vec<Value> = Vec::with_capacity(plan.changes.len() * 8);
         for change in &plan.changes {
             let p = &change.product;
             values.extend([
                 p.code.clone().into(),
                 p.product_type.clone().into(),
-                i64::try_from(p.version).unwrap_or(i64::MAX).into(),
-                i64::try_from(change.previous_version)
-                    .unwrap_or(i64::MAX)
-                    .into(),
+                to_i64(p.version).into(),
+                to_i64(change.previous_version).into(),
                 p.update_time.map(micros).unwrap_or_default().into(),
                 p.encode_to_vec().into(),
+                i16::from(change.written.bits()).into(),
+                to_i64(change.change_version).into(),
             ]);
         }
         let sql = format!(
             "INSERT INTO product_changes (code, product_type, version, previous_version, \
-             commit_time, product) VALUES {}",
-            placeholders(self.backend, plan.changes.len(), 6)
+             commit_time, product, written_fields, change_version) VALUES {}",
+            placeholders(self.backend, plan.changes.len(), 8)
         );
         txn.execute_raw(Statement::from_sql_and_values(
             txn.get_database_backend(),

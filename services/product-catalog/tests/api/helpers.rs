@@ -54,8 +54,16 @@ impl TestCatalog {
 
     /// A catalog whose settings `configure` adjusted.
     pub async fn spawn_with(engine: Engine, configure: impl FnOnce(&mut Settings)) -> Self {
+        Self::start(TestDatabase::new(engine).await, configure).await
+    }
+
+    /// A catalog with default settings on `database`, which may hold data already.
+    pub async fn spawn_on(database: TestDatabase) -> Self {
+        Self::start(database, |_| {}).await
+    }
+
+    async fn start(database: TestDatabase, configure: impl FnOnce(&mut Settings)) -> Self {
         mall_test_support::init_logging();
-        let database = TestDatabase::new(engine).await;
         let mut settings = Settings::default();
         settings.server.listen_addr = "127.0.0.1:0".parse().expect("valid address");
         settings.server.admin_addr = "127.0.0.1:0".parse().expect("valid address");

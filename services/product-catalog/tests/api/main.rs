@@ -4,6 +4,7 @@
 mod helpers;
 
 mod bulk;
+mod commute;
 mod concurrency;
 mod import;
 mod limits;
