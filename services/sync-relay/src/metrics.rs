@@ -13,12 +13,14 @@ pub struct RelayMetrics {
     pub quarantined: IntCounterVec,
     /// `queue_messages_sent_total`: lane messages the queue accepted.
     pub messages_sent: IntCounter,
-    /// `changes_applied_total{outcome}`: catalog items APPLIED or STALE.
+    /// `changes_applied_total{outcome}`: catalog items APPLIED, PENDING (waiting for their
+    /// product's creation) or STALE.
     pub applied: IntCounterVec,
     /// `catalog_calls_total{code}`: BulkUpdateProducts calls by gRPC status code.
     pub catalog_calls: IntCounterVec,
-    /// `apply_retries_total{kind}`: `transient` retries (kept in flight) and `released`
-    /// messages (given back to the queue, counting toward dead-lettering).
+    /// `apply_retries_total{kind}`: `transient` retries (the catalog is unavailable; kept in
+    /// flight), `operator` retries (the catalog refuses requests as a whole; kept in flight)
+    /// and `released` messages (given back to the queue, counting toward dead-lettering).
     pub apply_retries: IntCounterVec,
     /// `change_latency_seconds`: from a change's event time to its lane being applied.
     pub latency: Histogram,
@@ -49,7 +51,7 @@ impl RelayMetrics {
             applied: IntCounterVec::new(
                 Opts::new(
                     "changes_applied_total",
-                    "Catalog writes by outcome (applied, stale)",
+                    "Catalog writes by outcome (applied, pending, stale)",
                 ),
                 &["outcome"],
             )?,
@@ -63,7 +65,7 @@ impl RelayMetrics {
             apply_retries: IntCounterVec::new(
                 Opts::new(
                     "apply_retries_total",
-                    "Apply retries: transient (messages kept in flight) or released (back to the queue)",
+                    "Apply retries: transient or operator (messages kept in flight) or released (back to the queue)",
                 ),
                 &["kind"],
             )?,

@@ -36,17 +36,22 @@ pub fn connect_catalog(url: &url::Url, connect_timeout: Duration) -> anyhow::Res
     ))
 }
 
-/// Why a batch was not applied.
+/// Why a batch was not applied. Only [`Failure::Refused`] (and a single change too large for
+/// the catalog) is a change's fault; every other failure keeps the messages in flight and
+/// waits, so healthy changes never use up their receives toward the dead-letter queue.
 #[derive(Debug)]
 pub enum Failure {
-    /// The catalog could not take it now (down, overloaded, slow): retry the same batch.
+    /// The environment: the catalog is down, overloaded, slow, failing inside (INTERNAL), or
+    /// the connection broke. Wait with backoff and retry the same batch.
     Transient(String),
+    /// The catalog refuses the request as a whole for a reason no change is at fault for (a
+    /// product type the relay knows and the catalog does not, a permission, a method it does
+    /// not serve): an operator must act. The lane waits and retries; nothing is dead-lettered.
+    Operator(String),
     /// The catalog refused these items (index in the batch → reason); nothing was applied.
     Refused(BTreeMap<usize, String>),
     /// The request exceeds the catalog's message size: send it in smaller parts.
     TooLarge,
-    /// Anything else: retrying the same request at once will not help.
-    Permanent(String),
 }
 
 /// Sends `batch` as one BulkUpdateProducts with `deadline`.
@@ -72,19 +77,14 @@ pub async fn apply_batch(
         .inc();
     match result {
         Ok(response) => {
-            let results = response.into_inner().results;
-            let applied = results
-                .iter()
-                .filter(|r| r.outcome == UpdateOutcome::Applied as i32)
-                .count() as u64;
-            metrics
-                .applied
-                .with_label_values(&["applied"])
-                .inc_by(applied);
-            metrics
-                .applied
-                .with_label_values(&["stale"])
-                .inc_by(results.len() as u64 - applied);
+            for result in response.into_inner().results {
+                let outcome = match UpdateOutcome::try_from(result.outcome) {
+                    Ok(UpdateOutcome::Applied) => "applied",
+                    Ok(UpdateOutcome::Pending) => "pending",
+                    _ => "stale",
+                };
+                metrics.applied.with_label_values(&[outcome]).inc();
+            }
             Ok(())
         }
         Err(status) => Err(classify(&status)),
@@ -92,12 +92,18 @@ pub async fn apply_batch(
 }
 
 fn classify(status: &Status) -> Failure {
+    let described = || format!("{:?}: {}", status.code(), status.message());
     match status.code() {
+        // Unknown is what a broken connection or a reset stream looks like; Internal is a
+        // catalog failing inside (a bug, a lost database connection): neither is the
+        // change's fault.
         Code::Unavailable
         | Code::DeadlineExceeded
         | Code::Cancelled
         | Code::Aborted
-        | Code::Unknown => Failure::Transient(format!("{:?}: {}", status.code(), status.message())),
+        | Code::Unknown
+        | Code::Internal
+        | Code::DataLoss => Failure::Transient(described()),
         Code::ResourceExhausted => {
             let too_large = status
                 .get_error_details()
@@ -106,19 +112,33 @@ fn classify(status: &Status) -> Failure {
             if too_large {
                 Failure::TooLarge
             } else {
-                Failure::Transient(format!("ResourceExhausted: {}", status.message()))
+                Failure::Transient(described())
             }
         }
         Code::InvalidArgument => {
             let refused = refused_items(status);
             if refused.is_empty() {
-                Failure::Permanent(format!("InvalidArgument: {}", status.message()))
+                Failure::Operator(request_problems(status).unwrap_or_else(described))
             } else {
                 Failure::Refused(refused)
             }
         }
-        other => Failure::Permanent(format!("{other:?}: {}", status.message())),
+        // NotFound, PermissionDenied, Unauthenticated, Unimplemented, FailedPrecondition,
+        // OutOfRange, AlreadyExists: about the deployment, not a change.
+        _ => Failure::Operator(described()),
     }
+}
+
+/// The request-level violations of an INVALID_ARGUMENT (`product_type: ...`), if any.
+fn request_problems(status: &Status) -> Option<String> {
+    let details = status.get_error_details();
+    let problems: Vec<String> = details
+        .bad_request()?
+        .field_violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect();
+    (!problems.is_empty()).then(|| format!("InvalidArgument: {}", problems.join("; ")))
 }
 
 /// The items an INVALID_ARGUMENT names (`updates[<index>]...`), with their problems.
@@ -172,23 +192,40 @@ mod tests {
     }
 
     #[test]
-    fn outages_are_transient_and_the_rest_permanent() {
-        assert!(matches!(
-            classify(&Status::unavailable("down")),
-            Failure::Transient(_)
-        ));
-        assert!(matches!(
-            classify(&Status::deadline_exceeded("slow")),
-            Failure::Transient(_)
-        ));
-        assert!(matches!(
-            classify(&Status::internal("bug")),
-            Failure::Permanent(_)
-        ));
-        assert!(matches!(
-            classify(&Status::invalid_argument("no details")),
-            Failure::Permanent(_)
-        ));
+    fn only_items_are_refused_and_the_rest_waits() {
+        for status in [
+            Status::unavailable("down"),
+            Status::deadline_exceeded("slow"),
+            Status::internal("bug"),
+            Status::unknown("connection reset"),
+        ] {
+            assert!(
+                matches!(classify(&status), Failure::Transient(_)),
+                "{status:?}"
+            );
+        }
+        for status in [
+            Status::invalid_argument("no details"),
+            Status::permission_denied("who are you"),
+            Status::unimplemented("no such method"),
+        ] {
+            assert!(
+                matches!(classify(&status), Failure::Operator(_)),
+                "{status:?}"
+            );
+        }
+        let unknown_type = Status::with_error_details(
+            Code::InvalidArgument,
+            "invalid",
+            ErrorDetails::with_bad_request(vec![FieldViolation::new(
+                "product_type",
+                "\"beauty\" is not a registered product type",
+            )]),
+        );
+        let Failure::Operator(reason) = classify(&unknown_type) else {
+            panic!("a request-level refusal is the operator's");
+        };
+        assert!(reason.contains("product_type"), "{reason}");
         assert!(matches!(
             classify(&mall_grpc::error::oversized_message()),
             Failure::TooLarge

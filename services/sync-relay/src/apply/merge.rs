@@ -1,19 +1,19 @@
-//! Merge (stage 2): the changes of one lane, in queue order, become the fewest catalog writes
-//! that end in the same state as applying every change one by one.
+//! Merge (stage 2): the changes of one lane, in queue order, become catalog requests that end
+//! in the same state as applying every change one by one.
 //!
 //! Per product, changes are put in version order (the producer's order may be shuffled) and
-//! a change is dropped when later changes of the product write every field it writes: when
-//! it would apply, so would they, and they overwrite all of it. A full replacement thus drops
-//! everything before it, and a run of price updates collapses into the newest. Partial updates
-//! that write different fields are not merged into one: if the catalog already holds a version
-//! between them, a merged write would put the older one's fields back over it. They go to
-//! the catalog as separate items of one request, in version order, and its version guard
-//! decides each. The result is one write list per product type (BulkUpdateProducts takes one
-//! type per request), each at most [`MAX_ITEMS_PER_REQUEST`] items.
+//! exact duplicates (the same version: a version names one change) are dropped. Nothing
+//! else is: each change goes to the catalog as its own item, and the catalog's per-field
+//! version guard decides each field. Folding changes together would be wrong two ways. An
+//! item has one version, so folding v3{prices} into v8{names} would store the price at v8 and
+//! wrongly refuse a late v5{prices}. And dropping a change that a newer one covers loses it
+//! when the newer one is then refused and quarantined. The result is one write list per
+//! product type (BulkUpdateProducts takes one type per request), each at most
+//! [`MAX_ITEMS_PER_REQUEST`] items.
 
 use std::collections::BTreeMap;
 
-use mall_product::{UpdateMask, limits::MAX_ITEMS_PER_REQUEST};
+use mall_product::limits::MAX_ITEMS_PER_REQUEST;
 use mall_proto::{
     catalog::v1::{BulkUpdateProductsRequest, ProductUpdate},
     sync::v1::ProductChange,
@@ -64,23 +64,10 @@ pub fn merge(changes: Vec<ProductChange>) -> Vec<TypeBatch> {
         let Some(mut changes) = by_product.remove(&code) else {
             continue;
         };
-        // Stable: equal versions keep queue order, and the first of them is kept below.
+        // Stable: equal versions keep queue order, and the first of them is kept.
         changes.sort_by_key(|c| c.version);
         changes.dedup_by_key(|c| c.version);
-        let mut covered = UpdateMask::default();
-        let mut kept = Vec::new();
-        for mut change in changes.into_iter().rev() {
-            let mask = UpdateMask::from_field_mask(change.update_mask.as_ref())
-                .unwrap_or_else(|_| UpdateMask::full());
-            if covered.covers(mask) && !kept.is_empty() {
-                continue;
-            }
-            covered = covered.union(mask);
-            change.update_mask = mask.to_field_mask();
-            kept.push(change);
-        }
-        kept.reverse();
-        for change in kept {
+        for change in changes {
             by_type
                 .entry(change.product_type.clone())
                 .or_insert_with(|| TypeBatch {
@@ -145,53 +132,40 @@ mod tests {
     }
 
     #[test]
-    fn a_full_replacement_drops_everything_before_it() {
+    fn every_version_stays_its_own_item_in_version_order() {
         let batches = merge(vec![
-            change("A", "shoes", 1, &[]),
+            change("A", "shoes", 5, &["prices"]),
             change("A", "shoes", 2, &["prices"]),
+            change("A", "shoes", 4, &["names"]),
             change("A", "shoes", 3, &[]),
-            change("A", "shoes", 4, &["names"]),
+            change("A", "shoes", 5, &["prices"]),
         ]);
+        // v2 and v3 are covered by newer changes but are kept: if v4 or v5 were refused,
+        // dropping them would lose their fields.
         assert_eq!(
             written(&batches),
             [
+                ("shoes".into(), "A".into(), 2),
                 ("shoes".into(), "A".into(), 3),
-                ("shoes".into(), "A".into(), 4)
-            ]
-        );
-    }
-
-    #[test]
-    fn shuffled_versions_are_put_in_order_and_covered_ones_collapse() {
-        let batches = merge(vec![
-            change("A", "shoes", 5, &["prices"]),
-            change("A", "shoes", 2, &["prices"]),
-            change("A", "shoes", 4, &["names"]),
-            change("A", "shoes", 3, &["prices", "names"]),
-            change("A", "shoes", 5, &["prices"]),
-        ]);
-        // v2 and v3 are covered by v4 (names) + v5 (prices); v4 and v5 write different fields.
-        assert_eq!(
-            written(&batches),
-            [
                 ("shoes".into(), "A".into(), 4),
                 ("shoes".into(), "A".into(), 5)
             ]
         );
-    }
-
-    #[test]
-    fn disjoint_partial_updates_stay_separate_items() {
-        let batches = merge(vec![
-            change("A", "shoes", 1, &["prices"]),
-            change("A", "shoes", 2, &["names"]),
-        ]);
-        assert_eq!(batches[0].changes.len(), 2);
+        let masks: Vec<_> = batches[0]
+            .request()
+            .updates
+            .into_iter()
+            .map(|u| u.update_mask.map(|m| m.paths))
+            .collect();
         assert_eq!(
-            batches[0].request().updates[0].update_mask,
-            Some(FieldMask {
-                paths: vec!["prices".into()]
-            })
+            masks,
+            [
+                Some(vec!["prices".to_owned()]),
+                None,
+                Some(vec!["names".to_owned()]),
+                Some(vec!["prices".to_owned()])
+            ],
+            "each item keeps its own mask"
         );
     }
 
@@ -206,9 +180,10 @@ mod tests {
             written(&batches),
             [
                 ("bags".into(), "A".into(), 2),
-                ("bags".into(), "B".into(), 1)
+                ("bags".into(), "B".into(), 1),
+                ("shoes".into(), "A".into(), 1)
             ],
-            "A's v1 is replaced by its v2, of another type; products in first-seen order"
+            "products in first-seen order within a type; the catalog decides which type stands"
         );
     }
 

@@ -13,15 +13,19 @@
 //! applied on its own, so one failing lane never holds the others back; the writes that did
 //! commit are harmless to repeat under the version guard.
 //!
-//! Failures are sorted by what helps:
-//! - the catalog is unreachable or overloaded (UNAVAILABLE, DEADLINE_EXCEEDED, ...): retry
-//!   with backoff while keeping the messages in flight (their visibility is extended), so an
-//!   outage does not push healthy messages toward the dead-letter queue;
-//! - the catalog refuses some changes (INVALID_ARGUMENT naming `updates[i]`): quarantine
-//!   those changes and apply the rest;
-//! - anything else: record the error, give the messages back to the queue after a backoff;
-//!   after `queue.max_receives` deliveries the queue dead-letters them, while the other lanes
-//!   keep flowing.
+//! Failures are sorted by whose fault they are; only a change's own fault uses up receives:
+//! - the environment (the catalog is unreachable, overloaded, slow or failing inside:
+//!   UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, a broken connection): retry with jittered
+//!   backoff while keeping the messages in flight (their visibility is extended), so an
+//!   outage never pushes healthy messages toward the dead-letter queue;
+//! - the operator (the catalog refuses the request as a whole: a product type it does not
+//!   know, a permission): the same wait, logged at ERROR and shown in GetRelayStatus as
+//!   needing an operator; nothing is dead-lettered, and the lane resumes once it is fixed;
+//! - the change (INVALID_ARGUMENT naming `updates[i]`): quarantine those changes and apply
+//!   the rest;
+//! - the message (it does not decode, or one change exceeds the catalog's message size):
+//!   record the error, give the messages back after a backoff; after `queue.max_receives`
+//!   deliveries the queue dead-letters them, while the other lanes keep flowing.
 //!
 //! # Layout
 //! - [`merge`]: the changes of a lane into the fewest equivalent catalog writes.
@@ -392,31 +396,51 @@ impl Applier {
                             break;
                         }
                     }
-                    Err(Failure::Transient(error)) => {
-                        self.metrics
-                            .apply_retries
-                            .with_label_values(&["transient"])
-                            .inc();
-                        self.control
-                            .record_error(format!("catalog unavailable: {error}"));
-                        tracing::warn!(lane = label, error = %error, "catalog unavailable; retrying");
-                        // The messages stay ours while the outage lasts.
-                        let wait = tokio::time::sleep(backoff);
+                    Err(failure @ (Failure::Transient(_) | Failure::Operator(_))) => {
+                        self.record_wait(label, &failure);
+                        // The messages stay ours while the outage or misconfiguration lasts.
+                        let wait = tokio::time::sleep(jittered(backoff));
                         tokio::select! {
                             () = shutdown.cancelled() => return Err(Stopped::Shutdown),
                             () = self.keep_visible(label, receipts, &mut visible_until, wait) => {}
                         }
                         backoff = (backoff * 2).min(self.settings.retry_backoff_max);
                     }
-                    Err(Failure::Permanent(error)) => {
-                        return Err(Stopped::Failed(format!(
-                            "catalog refused the batch: {error}"
-                        )));
-                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Counts, logs and shows in the relay's status why a batch waits.
+    fn record_wait(&self, label: &str, failure: &Failure) {
+        match failure {
+            Failure::Operator(error) => {
+                self.metrics
+                    .apply_retries
+                    .with_label_values(&["operator"])
+                    .inc();
+                self.control.record_error(format!(
+                    "the catalog refuses the lane's requests as a whole; an operator must act \
+                     (the lane waits, nothing is dead-lettered): {error}"
+                ));
+                tracing::error!(
+                    lane = label,
+                    error = %error,
+                    "the catalog refuses requests as a whole; waiting for an operator"
+                );
+            }
+            Failure::Transient(error) => {
+                self.metrics
+                    .apply_retries
+                    .with_label_values(&["transient"])
+                    .inc();
+                self.control
+                    .record_error(format!("catalog unavailable: {error}"));
+                tracing::warn!(lane = label, error = %error, "catalog unavailable; retrying");
+            }
+            Failure::Refused(_) | Failure::TooLarge => {}
+        }
     }
 
     /// After the catalog committed: deletes the messages, clears their recorded failures
@@ -552,6 +576,13 @@ impl Applier {
             backoff = (backoff * 2).min(self.settings.retry_backoff_max);
         }
     }
+}
+
+/// `backoff` with jitter, between half and all of it, so replicas waiting on the same outage
+/// do not retry in step.
+fn jittered(backoff: Duration) -> Duration {
+    let half = backoff / 2;
+    half + half.mul_f64(fastrand::f64())
 }
 
 /// The highest delivery count among `messages`: how many times this lane was tried.

@@ -114,13 +114,15 @@ async fn pausing_holds_changes_and_resuming_applies_them(engine: Engine) {
         .await;
 }
 
-async fn a_lane_the_catalog_keeps_refusing_is_dead_lettered_while_others_flow(engine: Engine) {
+async fn a_lane_the_catalog_refuses_whole_waits_for_the_operator_while_others_flow(engine: Engine) {
     // The relay knows `beauty`; the catalog does not (yet): it refuses those requests whole.
+    // That is no change's fault: the lane waits, nothing is dead-lettered.
     let catalog = Catalog::start(database(engine).await, None, |_| {}).await;
     let relay_db = database(engine).await;
     let relay = Relay::start(&relay_db, catalog.addr, |settings| {
         settings.relay.product_types = with_beauty();
-        settings.queue.max_receives = 3;
+        settings.queue.max_receives = 2;
+        settings.queue.visibility_timeout = Duration::from_secs(1);
     })
     .await;
 
@@ -134,8 +136,79 @@ async fn a_lane_the_catalog_keeps_refusing_is_dead_lettered_while_others_flow(en
     let expected: Vec<(String, u64)> = others.iter().map(|c| (c.clone(), 1)).collect();
     catalog.wait_for(&expected, Duration::from_secs(30)).await;
 
+    let status = wait_until(
+        "the relay says an operator must act",
+        Duration::from_secs(30),
+        || async {
+            let status = relay
+                .client()
+                .get_relay_status(GetRelayStatusRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .status?;
+            status
+                .last_error
+                .contains("an operator must act")
+                .then_some(status)
+        },
+    )
+    .await;
+    assert!(status.last_error.contains("product_type"), "{status:?}");
+    // Several visibility timeouts later, more than max_receives deliveries' worth: the lane's
+    // message is still in flight, never dead-lettered.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let dead = relay
+        .client()
+        .list_dead_letters(ListDeadLettersRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .dead_letters;
+    assert!(dead.is_empty(), "{dead:?}");
+
+    // The catalog learns the type; the waiting lane goes through without a redrive.
+    let (catalog_db, catalog_addr) = catalog.stop().await;
+    let catalog = Catalog::start(catalog_db, Some(catalog_addr), |settings| {
+        settings.catalog.product_types = with_beauty();
+    })
+    .await;
+    catalog
+        .wait_for(&[("B-1".into(), 1)], Duration::from_secs(30))
+        .await;
+}
+
+async fn a_change_too_large_for_the_catalog_is_dead_lettered_and_redriven(engine: Engine) {
+    // A change larger than the catalog's message limit is the one thing about a message the
+    // catalog cannot take at all: it is given back until it is dead-lettered, while the other
+    // lanes flow. After the operator raises the limit, a redrive applies it.
+    let catalog = Catalog::start(database(engine).await, None, |settings| {
+        settings.server.max_message_bytes = 32 * 1024;
+    })
+    .await;
+    let relay_db = database(engine).await;
+    let relay = Relay::start(&relay_db, catalog.addr, |settings| {
+        settings.queue.max_receives = 2;
+    })
+    .await;
+    let mut big = change("BIG-1", 1);
+    if let Some(product) = big.product.as_mut() {
+        for language in ["en", "ko", "ja"] {
+            product
+                .descriptions
+                .insert(language.into(), "a long description ".repeat(800));
+        }
+    }
+    assert_eq!(relay.publish(vec![big]).await.accepted_count, 1);
+    let others = codes_in_other_lanes("P", "BIG-1", 20);
+    relay
+        .publish(others.iter().map(|code| change(code, 1)).collect())
+        .await;
+    let expected: Vec<(String, u64)> = others.iter().map(|c| (c.clone(), 1)).collect();
+    catalog.wait_for(&expected, Duration::from_secs(30)).await;
+
     let dead = wait_until(
-        "the refused lane is dead-lettered",
+        "the oversized change is dead-lettered",
         Duration::from_secs(60),
         || async {
             let page = relay
@@ -149,24 +222,20 @@ async fn a_lane_the_catalog_keeps_refusing_is_dead_lettered_while_others_flow(en
     )
     .await;
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].product_codes, ["B-1"]);
+    assert_eq!(dead[0].product_codes, ["BIG-1"]);
     assert_eq!(dead[0].change_count, 1);
     assert_eq!(
         dead[0].lane,
-        i32::try_from(lane_of("B-1", 16)).expect("small")
+        i32::try_from(lane_of("BIG-1", 16)).expect("small")
     );
     assert!(
-        dead[0].last_error.contains("product_type"),
+        dead[0].last_error.contains("maximum message size"),
         "{}",
         dead[0].last_error
     );
 
-    // The catalog learns the type; the dead letter is redriven and applied.
     let (catalog_db, catalog_addr) = catalog.stop().await;
-    let catalog = Catalog::start(catalog_db, Some(catalog_addr), |settings| {
-        settings.catalog.product_types = with_beauty();
-    })
-    .await;
+    let catalog = Catalog::start(catalog_db, Some(catalog_addr), |_| {}).await;
     let redriven = relay
         .client()
         .redrive_dead_letters(RedriveDeadLettersRequest {
@@ -179,7 +248,7 @@ async fn a_lane_the_catalog_keeps_refusing_is_dead_lettered_while_others_flow(en
         .into_inner();
     assert_eq!(redriven.redriven_count, 1);
     catalog
-        .wait_for(&[("B-1".into(), 1)], Duration::from_secs(30))
+        .wait_for(&[("BIG-1".into(), 1)], Duration::from_secs(30))
         .await;
     // The same request id returns the first response and redrives nothing more.
     let again = relay
@@ -366,7 +435,8 @@ async fn relayctl_drives_the_admin_api_with_progress(engine: Engine) {
 both_engines!(
     relayctl_drives_the_admin_api_with_progress,
     pausing_holds_changes_and_resuming_applies_them,
-    a_lane_the_catalog_keeps_refusing_is_dead_lettered_while_others_flow,
+    a_lane_the_catalog_refuses_whole_waits_for_the_operator_while_others_flow,
+    a_change_too_large_for_the_catalog_is_dead_lettered_and_redriven,
     quarantined_records_that_became_valid_are_redriven,
     malformed_admin_requests_are_refused,
 );
