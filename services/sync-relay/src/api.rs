@@ -1,7 +1,10 @@
 //! gRPC handlers of `mall.sync.v1.SyncRelayService`: check the request, call stage 1, the
 //! queue, the quarantine or the Kinesis source, map errors; nothing else.
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use mall_grpc::{ServiceError, Violations, error::stream_read_error};
@@ -53,6 +56,8 @@ pub struct RelayApi {
     types: Arc<ProductTypes>,
     /// The Kinesis stream, when it is the source.
     kinesis_stream: Option<String>,
+    /// `relay.lanes`: every lane is listed in the status, empty ones included.
+    lanes: u32,
 }
 
 impl RelayApi {
@@ -64,6 +69,7 @@ impl RelayApi {
         control: Control,
         types: Arc<ProductTypes>,
         kinesis_stream: Option<String>,
+        lanes: u32,
     ) -> Self {
         Self {
             ingest,
@@ -72,6 +78,7 @@ impl RelayApi {
             control,
             types,
             kinesis_stream,
+            lanes,
         }
     }
 
@@ -98,22 +105,23 @@ impl RelayApi {
             None => Vec::new(),
         };
         let counts = self.queue.counts().await.map_err(unavailable)?;
-        // SQS cannot count per message group: lanes are listed only where the queue knows.
-        let lanes = self
-            .queue
-            .counts_by_group()
-            .await
-            .map_err(unavailable)?
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|(group, counts)| {
-                Some(LaneStatus {
-                    lane: i32::try_from(group_lane(&group)?).ok()?,
-                    visible_messages: i64::try_from(counts.visible).unwrap_or(i64::MAX),
-                    in_flight_messages: i64::try_from(counts.in_flight).unwrap_or(i64::MAX),
-                })
-            })
-            .collect();
+        // SQS cannot count per message group: lanes are listed only where the queue knows,
+        // and then every lane, so "16 empty lanes" differs from "no information".
+        let lanes = match self.queue.counts_by_group().await.map_err(unavailable)? {
+            None => Vec::new(),
+            Some(groups) => {
+                let mut lanes: BTreeMap<u32, LaneStatus> = (0..self.lanes)
+                    .map(|lane| (lane, lane_status(lane, 0, 0)))
+                    .collect();
+                // Groups of another lane count (before `relay.lanes` changed) are shown too.
+                for (group, counts) in groups {
+                    if let Some(lane) = group_lane(&group) {
+                        lanes.insert(lane, lane_status(lane, counts.visible, counts.in_flight));
+                    }
+                }
+                lanes.into_values().collect()
+            }
+        };
         let (last_error, last_error_time) = self
             .control
             .last_error()
@@ -577,12 +585,6 @@ impl RelayApi {
         records: Vec<crate::entity::quarantined_records::Model>,
         response: &mut RedriveQuarantinedResponse,
     ) -> Result<(), ServiceError> {
-        let (Some(first), Some(last)) = (
-            records.first().map(|r| r.seq),
-            records.last().map(|r| r.seq),
-        ) else {
-            return Ok(());
-        };
         let mut valid = Vec::new();
         let mut released = Vec::new();
         for record in records {
@@ -599,7 +601,14 @@ impl RelayApi {
                 }
             }
         }
-        let key = rollup::dedup_key('q', &[&first.to_string(), &last.to_string()]);
+        if released.is_empty() {
+            return Ok(());
+        }
+        // From exactly what is sent: a later redrive of the same range that sends more (a
+        // record became valid meanwhile) is new to the queue's deduplication; a retry of this
+        // one (the enqueue failed) is not.
+        let seqs: Vec<String> = released.iter().map(i64::to_string).collect();
+        let key = rollup::dedup_key('q', &seqs.iter().map(String::as_str).collect::<Vec<_>>());
         self.ingest.enqueue(valid, &key).await.map_err(|error| {
             tracing::warn!(error = %error, "failed to enqueue redriven records");
             ServiceError::Unavailable("the queue did not accept the redriven records; retry".into())
@@ -617,4 +626,13 @@ fn encode_token(seq: i64) -> String {
 fn decode_token(token: &str) -> Option<i64> {
     let text = String::from_utf8(URL_SAFE_NO_PAD.decode(token).ok()?).ok()?;
     text.strip_prefix("q1|")?.parse().ok()
+}
+
+/// A lane's status from its message counts.
+fn lane_status(lane: u32, visible: u64, in_flight: u64) -> LaneStatus {
+    LaneStatus {
+        lane: i32::try_from(lane).unwrap_or(i32::MAX),
+        visible_messages: i64::try_from(visible).unwrap_or(i64::MAX),
+        in_flight_messages: i64::try_from(in_flight).unwrap_or(i64::MAX),
+    }
 }

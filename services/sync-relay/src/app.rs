@@ -130,7 +130,15 @@ impl App {
             "admin request retention",
             store.clone().expire_requests(server.shutdown_token()),
         );
-        let api = RelayApi::new(ingest, queue.clone(), store, control, types, kinesis_stream);
+        let api = RelayApi::new(
+            ingest,
+            queue.clone(),
+            store,
+            control,
+            types,
+            kinesis_stream,
+            relay.lanes,
+        );
         let max_message = settings.server.max_message_bytes;
         server.add_service(
             SyncRelayServiceServer::new(api)

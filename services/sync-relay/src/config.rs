@@ -99,8 +99,9 @@ pub struct SourceSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct RelaySettings {
     /// FIFO lanes (message groups): `hash(product code) mod lanes`. More lanes apply in
-    /// parallel; a product's changes always share one lane. Drain the queue before changing
-    /// it, or a product's old and new lanes could apply out of order. Default 16.
+    /// parallel; a product's changes always share one lane. Safe to change with messages
+    /// queued: a product's old and new lanes may then apply out of order, which the catalog's
+    /// commuting writes make harmless (freshness suffers for a moment). Default 16.
     pub lanes: u32,
     /// Largest queue message body, in bytes (base64 text). At most 1 MiB minus the
     /// attributes (SQS); larger bodies carry more changes per message. Default 256 KiB.

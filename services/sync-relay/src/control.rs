@@ -40,7 +40,7 @@ impl Control {
             paused: Arc::new(watch::channel(switch.paused).0),
             local_changes: Arc::default(),
             last_error: Arc::default(),
-            rate: Arc::default(),
+            rate: Arc::new(Mutex::new(RateMeter::starting(Instant::now()))),
         })
     }
 
@@ -116,7 +116,7 @@ impl Control {
         }
     }
 
-    /// Changes applied per second over the last minute.
+    /// Changes applied per second, averaged over the last min(60 s, uptime).
     pub fn changes_per_second(&self) -> f64 {
         self.rate
             .lock()
@@ -125,9 +125,12 @@ impl Control {
     }
 }
 
-/// Counts per second over a sliding minute.
-#[derive(Debug, Default)]
+/// Counts per second over a sliding minute, or over the uptime while it is shorter (so a
+/// replica that just started does not report a fraction of its real rate).
+#[derive(Debug)]
 struct RateMeter {
+    /// When counting began.
+    started: Instant,
     /// (second, count) pairs, oldest first.
     seconds: VecDeque<(Instant, usize)>,
 }
@@ -135,6 +138,13 @@ struct RateMeter {
 const WINDOW: Duration = Duration::from_secs(60);
 
 impl RateMeter {
+    fn starting(now: Instant) -> Self {
+        Self {
+            started: now,
+            seconds: VecDeque::new(),
+        }
+    }
+
     fn add(&mut self, now: Instant, count: usize) {
         match self.seconds.back_mut() {
             Some((start, total)) if now.duration_since(*start) < Duration::from_secs(1) => {
@@ -148,7 +158,11 @@ impl RateMeter {
     fn per_second(&mut self, now: Instant) -> f64 {
         self.trim(now);
         let total: usize = self.seconds.iter().map(|(_, c)| c).sum();
-        total as f64 / WINDOW.as_secs_f64()
+        // At least a second, so the first moments do not divide by almost nothing.
+        let span = now
+            .duration_since(self.started)
+            .clamp(Duration::from_secs(1), WINDOW);
+        total as f64 / span.as_secs_f64()
     }
 
     fn trim(&mut self, now: Instant) {
@@ -169,10 +183,20 @@ mod tests {
     #[test]
     fn the_rate_covers_the_last_minute_only() {
         let start = Instant::now();
-        let mut meter = RateMeter::default();
+        let mut meter = RateMeter::starting(start - Duration::from_secs(600));
         meter.add(start, 600);
         meter.add(start + Duration::from_millis(500), 600);
         assert!((meter.per_second(start + Duration::from_secs(1)) - 20.0).abs() < 1e-9);
         assert!(meter.per_second(start + Duration::from_secs(62)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_young_replica_averages_over_its_uptime() {
+        let start = Instant::now();
+        let mut meter = RateMeter::starting(start);
+        meter.add(start + Duration::from_secs(1), 1_000);
+        meter.add(start + Duration::from_secs(3), 1_000);
+        let rate = meter.per_second(start + Duration::from_secs(4));
+        assert!((rate - 500.0).abs() < 1e-9, "{rate}");
     }
 }

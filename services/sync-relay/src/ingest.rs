@@ -239,16 +239,10 @@ pub struct KinesisSink {
 impl RecordSink for KinesisSink {
     async fn deliver(&self, batch: &ShardBatch) -> anyhow::Result<()> {
         let source = format!("kinesis:{}/{}", batch.stream, batch.shard_id);
-        // Equal on every redelivery of these records: the queue drops the resend.
-        let batch_key = rollup::dedup_key(
-            'k',
-            &[
-                &batch.stream,
-                &batch.shard_id,
-                batch.first_sequence_number(),
-                batch.last_sequence_number(),
-            ],
-        );
+        // Equal on every redelivery of these records (the queue drops the resend), new after
+        // a replay (the queue takes it).
+        let parts = batch.dedup_parts();
+        let batch_key = rollup::dedup_key('k', &parts.each_ref().map(String::as_str));
         let records = batch
             .records
             .iter()

@@ -5,11 +5,16 @@
 //! - [`DatabaseSettings`]: the `database` section of a service's settings.
 //! - [`connect`]: open the pool, tune SQLite, run the service's migrations.
 //! - [`Backend`]: which engine a connection talks to, for the few places SQL differs.
+//! - [`is_unavailable`]: whether an error is the database's absence (retry later) rather
+//!   than a problem with the statement.
 
 use std::{path::Path, time::Duration};
 
 use anyhow::Context as _;
-use sea_orm::{ConnectOptions, ConnectionTrait as _, Database, DatabaseConnection, DbBackend};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait as _, Database, DatabaseConnection, DbBackend, DbErr,
+    RuntimeErr,
+};
 use sea_orm_migration::MigratorTrait;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
@@ -38,6 +43,20 @@ pub struct DatabaseSettings {
     /// SQLite only: how long a writer waits for the write lock before failing. Default 10s.
     #[serde(with = "humantime_serde")]
     pub sqlite_busy_timeout: Duration,
+    /// PostgreSQL only: the server cancels a statement running longer than this
+    /// (`statement_timeout`); the caller sees UNAVAILABLE and retries. 0 turns it off.
+    /// Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// PostgreSQL only: the server fails a statement that waits longer than this for a lock
+    /// (`lock_timeout`). 0 turns it off. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub lock_timeout: Duration,
+    /// PostgreSQL only: TCP keepalive idle time the server uses on our connections
+    /// (`tcp_keepalives_idle`, probes every 10s, 3 lost probes end the session), so a
+    /// vanished replica's session and its locks go within about a minute. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
 }
 
 impl DatabaseSettings {
@@ -59,6 +78,9 @@ impl Default for DatabaseSettings {
             connect_timeout: Duration::from_secs(10),
             acquire_timeout: Duration::from_secs(10),
             sqlite_busy_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(10),
+            tcp_keepalive: Duration::from_secs(30),
         }
     }
 }
@@ -119,7 +141,10 @@ pub async fn connect<M: MigratorTrait>(
                     .foreign_keys(true)
             });
         }
-        "postgres" | "postgresql" => {}
+        "postgres" | "postgresql" => {
+            let parameters = postgres_parameters(settings);
+            options.map_sqlx_postgres_opts(move |o| o.options(parameters.clone()));
+        }
         other => {
             anyhow::bail!("database.url has scheme {other:?}; expected sqlite:// or postgres://")
         }
@@ -134,6 +159,58 @@ pub async fn connect<M: MigratorTrait>(
         .with_context(|| format!("failed to run migrations on the {scheme} database"))?;
     tracing::info!(engine = scheme, "database ready");
     Ok(db)
+}
+
+/// Session settings every PostgreSQL connection starts with.
+fn postgres_parameters(settings: &DatabaseSettings) -> Vec<(&'static str, String)> {
+    let millis = |d: Duration| d.as_millis().to_string();
+    vec![
+        ("statement_timeout", millis(settings.statement_timeout)),
+        ("lock_timeout", millis(settings.lock_timeout)),
+        (
+            "tcp_keepalives_idle",
+            settings.tcp_keepalive.as_secs().max(1).to_string(),
+        ),
+        ("tcp_keepalives_interval", "10".to_owned()),
+        ("tcp_keepalives_count", "3".to_owned()),
+    ]
+}
+
+/// Whether `error` means the database cannot serve now, so the same work succeeds later: no
+/// connection (refused, reset, lost, pool exhausted or closed), the server shutting down or
+/// failing over (SQLSTATE class 08, 57P01-57P03), out of connections or resources (class
+/// 53), a statement or lock timeout (57014, 55P03), or a read-only standby after a failover
+/// (25006). Everything else is about the statement and is not retried blindly.
+pub fn is_unavailable(error: &DbErr) -> bool {
+    let sqlx = match error {
+        DbErr::ConnectionAcquire(_) => return true,
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => e.as_ref(),
+        DbErr::Conn(_) => return true,
+        _ => return false,
+    };
+    use sea_orm::sqlx::Error;
+    match sqlx {
+        Error::Io(_)
+        | Error::Tls(_)
+        | Error::PoolTimedOut
+        | Error::PoolClosed
+        | Error::WorkerCrashed
+        | Error::Protocol(_) => true,
+        Error::Database(db) => db.code().is_some_and(|code| is_unavailable_sqlstate(&code)),
+        _ => false,
+    }
+}
+
+/// The SQLSTATEs of [`is_unavailable`].
+fn is_unavailable_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "57014" | "55P03" | "25006"
+        )
 }
 
 /// Checks that the database answers; used by readiness probes.
@@ -191,6 +268,31 @@ mod tests {
         ping(&db).await.expect("answers");
         assert_eq!(Backend::of(&db), Backend::Sqlite);
         assert!(path.exists());
+    }
+
+    #[test]
+    fn lost_connections_and_timeouts_are_unavailable_and_statement_errors_are_not() {
+        for code in [
+            "08006", "08001", "57P01", "57P03", "57014", "55P03", "53300", "25006",
+        ] {
+            assert!(is_unavailable_sqlstate(code), "{code}");
+        }
+        for code in ["23505", "42P01", "40001", "22001"] {
+            assert!(!is_unavailable_sqlstate(code), "{code}");
+        }
+        let io = DbErr::Exec(RuntimeErr::SqlxError(std::sync::Arc::new(
+            sea_orm::sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        )));
+        assert!(is_unavailable(&io));
+        assert!(!is_unavailable(&DbErr::Custom("bad".into())));
+    }
+
+    #[test]
+    fn postgres_sessions_get_the_configured_timeouts() {
+        let parameters = postgres_parameters(&DatabaseSettings::default());
+        assert!(parameters.contains(&("statement_timeout", "30000".to_owned())));
+        assert!(parameters.contains(&("lock_timeout", "10000".to_owned())));
+        assert!(parameters.contains(&("tcp_keepalives_idle", "30".to_owned())));
     }
 
     #[tokio::test]

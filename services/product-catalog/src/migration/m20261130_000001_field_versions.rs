@@ -48,6 +48,14 @@ enum ProductChanges {
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        if manager.get_database_backend() == sea_orm::DbBackend::Postgres {
+            // Runs in the migration's transaction: rewriting every row of a large catalog
+            // may take longer than the pool's statement timeout.
+            manager
+                .get_connection()
+                .execute_unprepared("SET LOCAL statement_timeout = 0")
+                .await?;
+        }
         // One column per statement: SQLite's ALTER TABLE adds one at a time.
         for column in FIELD_VERSION_COLUMNS {
             manager

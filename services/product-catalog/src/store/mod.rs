@@ -132,18 +132,18 @@ fn is_retryable(error: &DbErr) -> bool {
     }
 }
 
-/// Maps a database error to what a caller can act on: unreachable or exhausted pools are
-/// UNAVAILABLE (retry later), anything else INTERNAL (logged with its cause).
+/// Maps a database error to what a caller can act on: the database's absence (lost or reset
+/// connections, failover, shutdown, exhausted pools, statement and lock timeouts; see
+/// [`mall_db::is_unavailable`]) is UNAVAILABLE (retry later), anything else INTERNAL (logged
+/// with its cause).
 fn db_error(error: DbErr, action: &'static str) -> ServiceError {
-    match error {
-        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => {
-            tracing::warn!(%error, action, "database unavailable");
-            ServiceError::Unavailable(
-                "the catalog database is unavailable; retry with backoff".into(),
-            )
-        }
-        other => ServiceError::Internal(anyhow::Error::new(other).context(action)),
+    if mall_db::is_unavailable(&error) {
+        tracing::warn!(%error, action, "database unavailable");
+        return ServiceError::Unavailable(
+            "the catalog database is unavailable; retry with backoff".into(),
+        );
     }
+    ServiceError::Internal(anyhow::Error::new(error).context(action))
 }
 
 /// How long to wait before attempt `attempt` (1-based) of a conflicted write: exponential

@@ -82,6 +82,10 @@ enum LaneOutcome {
 enum Stopped {
     /// The catalog cannot take them as they are; the message says why.
     Failed(String),
+    /// The catalog refuses a request as a whole (an operator must act), and the caller asked
+    /// not to wait for that here: several lanes applied together fall back to one lane at a
+    /// time, so only the lane at fault waits.
+    NeedsOperator(String),
     /// The relay is shutting down; the messages return when their visibility runs out.
     Shutdown,
 }
@@ -226,7 +230,7 @@ impl Applier {
             )
         };
         match outcome {
-            Some(Err(Stopped::Failed(error))) => {
+            Some(Err(Stopped::Failed(error) | Stopped::NeedsOperator(error))) => {
                 tracing::warn!(
                     error,
                     lanes = together.len(),
@@ -279,7 +283,7 @@ impl Applier {
                 .unwrap_or_else(|| ("apply".to_owned(), String::new()))
         };
         let applied = Applied::of(&changes);
-        self.apply_changes("lanes", &receipts, changes, &origin, shutdown)
+        self.apply_changes("lanes", &receipts, changes, &origin, false, shutdown)
             .await?;
         let ids: Vec<String> = messages.iter().map(|m| m.message_id.clone()).collect();
         let retried = messages.iter().any(|m| m.receive_count > 1);
@@ -326,12 +330,12 @@ impl Applier {
         let origin = |_: &ProductChange| (format!("apply:{lane}"), first.clone());
         let applied = Applied::of(&changes);
         match self
-            .apply_changes(lane, &receipts, changes, &origin, shutdown)
+            .apply_changes(lane, &receipts, changes, &origin, true, shutdown)
             .await
         {
             Ok(()) => {}
             Err(Stopped::Shutdown) => return LaneOutcome::Returned,
-            Err(Stopped::Failed(error)) => {
+            Err(Stopped::Failed(error) | Stopped::NeedsOperator(error)) => {
                 return self
                     .give_back(&ids, &receipts, &error, messages_attempt(&messages))
                     .await;
@@ -344,13 +348,16 @@ impl Applier {
 
     /// Applies `changes`, decoded from the messages of `receipts` (kept hidden meanwhile):
     /// merged into the fewest catalog writes, retried through outages, refused ones
-    /// quarantined. `Ok` once every change is committed or quarantined.
+    /// quarantined. With `hold_for_operator`, a request refused as a whole is retried until
+    /// an operator fixes the cause; without, it ends the call with
+    /// [`Stopped::NeedsOperator`]. `Ok` once every change is committed or quarantined.
     async fn apply_changes(
         &self,
         label: &str,
         receipts: &[Receipt],
         changes: Vec<ProductChange>,
         origin: Origin<'_>,
+        hold_for_operator: bool,
         shutdown: &CancellationToken,
     ) -> Result<(), Stopped> {
         let mut visible_until = Instant::now() + self.visibility;
@@ -395,6 +402,9 @@ impl Applier {
                         if batch.changes.is_empty() {
                             break;
                         }
+                    }
+                    Err(Failure::Operator(error)) if !hold_for_operator => {
+                        return Err(Stopped::NeedsOperator(error));
                     }
                     Err(failure @ (Failure::Transient(_) | Failure::Operator(_))) => {
                         self.record_wait(label, &failure);

@@ -1,7 +1,9 @@
 //! A WatchProductChanges follower: opened from the oldest change before anything is
 //! published, it resumes from its last cursor whenever the catalog goes away, and checks each
-//! product's history as it goes: versions strictly increase, and every change starts from the
-//! version the previous one left (nothing missing from the stream).
+//! product's history as it goes: a product's version never goes back, every change starts
+//! from the version the previous one left (nothing missing from the stream), and a change
+//! that leaves the version as it was is a late change of older fields. It keeps each
+//! product's last state, which must equal the catalog's.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -11,7 +13,8 @@ use std::{
 };
 
 use mall_proto::catalog::v1::{
-    WatchProductChangesRequest, product_catalog_service_client::ProductCatalogServiceClient,
+    Product, WatchProductChangesRequest,
+    product_catalog_service_client::ProductCatalogServiceClient,
 };
 use mall_test_support::probe;
 use tokio_util::sync::CancellationToken;
@@ -22,8 +25,8 @@ const MAX_PROBLEMS: usize = 50;
 
 #[derive(Debug, Default)]
 struct Seen {
-    /// The last version seen per product.
-    last: HashMap<String, u64>,
+    /// The last state seen per product.
+    last: HashMap<String, Product>,
     /// Sum of `last`: progress towards the sum of the highest versions.
     version_sum: u64,
     /// Change records read.
@@ -83,11 +86,11 @@ impl Watch {
                 }
                 expected
                     .iter()
-                    .filter(|(code, v)| s.last.get(*code) != Some(v))
+                    .filter(|(code, v)| s.last.get(*code).map(|p| p.version) != Some(**v))
                     .map(|(code, v)| {
                         format!(
                             "{code} at {} of {v}",
-                            s.last.get(code).copied().unwrap_or(0)
+                            s.last.get(code).map_or(0, |p| p.version)
                         )
                     })
                     .collect()
@@ -106,8 +109,8 @@ impl Watch {
         }
     }
 
-    /// What the stream showed: the last version of every product, and every problem.
-    pub fn result(&self) -> (HashMap<String, u64>, Vec<String>) {
+    /// What the stream showed: the last state of every product, and every problem.
+    pub fn result(&self) -> (HashMap<String, Product>, Vec<String>) {
         self.with(|s| (s.last.clone(), s.problems.clone()))
     }
 }
@@ -183,11 +186,17 @@ async fn follow(
                     problem(format!("change record {} has no product", record.cursor));
                     return;
                 };
-                let last = seen.last.get(&product.code).copied().unwrap_or(0);
-                let complaint = if product.version <= last {
+                let last = seen.last.get(&product.code).map_or(0, |p| p.version);
+                let complaint = if product.version < last {
                     Some(format!(
                         "{} went back from version {last} to {}",
                         product.code, product.version
+                    ))
+                } else if product.version == last && record.change_version >= last {
+                    Some(format!(
+                        "{} stayed at version {last} after a change of version {}, which is \
+                         not older",
+                        product.code, record.change_version
                     ))
                 } else if record.previous_version != last {
                     Some(format!(
@@ -202,10 +211,8 @@ async fn follow(
                 {
                     seen.problems.push(complaint);
                 }
-                if product.version > last {
-                    seen.version_sum += product.version - last;
-                    seen.last.insert(product.code.clone(), product.version);
-                }
+                seen.version_sum += product.version.saturating_sub(last);
+                seen.last.insert(product.code.clone(), product.clone());
             }
             if !response.resume_cursor.is_empty() {
                 cursor = response.resume_cursor.clone();

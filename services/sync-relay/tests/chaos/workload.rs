@@ -1,9 +1,16 @@
 //! What the chaos tests publish: 50,000 valid changes of 5,000 products, each product's
 //! versions in a shuffled order, products interleaved at random, and a few hundred malformed
 //! records mixed in, every one of them distinct so the quarantine can be compared with them.
+//!
+//! Two thirds of the changes after a product's first are partial updates of a few fields
+//! (several disjoint sets), and every field's value names the version that wrote it, so the
+//! final state checks that each field holds the newest change that carried it, whatever
+//! order the changes arrived in. A partial change that arrives before version 1 (the
+//! creation) waits in the catalog as a pending product.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use mall_product::UpdateMask;
 use mall_proto::{
     catalog::v1::{Product, ProductStatus},
     sync::v1::ProductChange,
@@ -44,6 +51,16 @@ pub fn code(index: usize) -> String {
 pub fn price(version: u64) -> i64 {
     10_000 + i64::try_from(version).expect("small versions") * 100
 }
+
+/// The field sets partial changes write: disjoint ones, and overlapping ones.
+const PARTIAL_MASKS: [&[&str]; 6] = [
+    &["prices"],
+    &["names"],
+    &["brand", "category_path"],
+    &["status", "prices"],
+    &["descriptions"],
+    &["status"],
+];
 
 /// How records reach the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +118,9 @@ pub struct Workload {
     pub items: Vec<Item>,
     /// Highest published version of every product.
     pub max_versions: BTreeMap<String, u64>,
+    /// Every product as applying its valid changes in version order leaves it (timestamps
+    /// unset): what the catalog must hold, field for field.
+    pub expected: BTreeMap<String, Product>,
     /// The raw payloads of the malformed records: exactly what the quarantine must hold.
     pub malformed: BTreeSet<Vec<u8>>,
     /// Valid changes sent as proto3 JSON (Kinesis only).
@@ -111,17 +131,26 @@ impl Workload {
     /// A workload from `seed`: same seed, same records in the same order.
     pub fn generate(seed: u64, style: Style, size: Size) -> Self {
         let mut rng = fastrand::Rng::with_seed(seed);
-        // Each product's versions in a shuffled order; about a third are partial updates
-        // (status and prices), which may also create a product.
+        // Each product's versions in a shuffled order: version 1 creates it (a full
+        // replacement); of the others a third are full, the rest partial.
         let mut per_product: Vec<std::collections::VecDeque<ProductChange>> = (0..size.products)
             .map(|p| {
                 let mut versions: Vec<u64> = (1..=VERSIONS).collect();
                 rng.shuffle(&mut versions);
                 versions
                     .into_iter()
-                    .map(|v| valid_change(p, v, rng.u8(..3) == 0))
+                    .map(|v| {
+                        let mask = (v > 1 && rng.u8(..3) != 0)
+                            .then(|| PARTIAL_MASKS[rng.usize(..PARTIAL_MASKS.len())]);
+                        valid_change(p, v, mask)
+                    })
                     .collect()
             })
+            .collect();
+        let expected = per_product
+            .iter()
+            .map(|changes| in_version_order(changes.iter()))
+            .map(|product| (product.code.clone(), product))
             .collect();
         // A uniformly random interleaving that keeps each product's own order.
         let mut slots: Vec<usize> = (0..size.products)
@@ -165,6 +194,7 @@ impl Workload {
         Self {
             items,
             max_versions,
+            expected,
             malformed,
             json_changes,
         }
@@ -176,11 +206,16 @@ impl Workload {
     }
 }
 
-/// A valid change of product `p` at `version`: a full replacement, or with `partial` an
-/// update of status and prices only.
-pub fn valid_change(p: usize, version: u64, partial: bool) -> ProductChange {
+/// A valid change of product `p` at `version`: a full replacement, or a partial update of
+/// the fields in `mask`. Every field's value names the version.
+pub fn valid_change(p: usize, version: u64, mask: Option<&[&str]>) -> ProductChange {
     let code = code(p);
     let product_type = TYPES[p % TYPES.len()].to_owned();
+    let statuses = [
+        ProductStatus::OnSale,
+        ProductStatus::SoldOut,
+        ProductStatus::Hidden,
+    ];
     ProductChange {
         product_code: code.clone(),
         product_type: product_type.clone(),
@@ -188,18 +223,40 @@ pub fn valid_change(p: usize, version: u64, partial: bool) -> ProductChange {
         product: Some(Product {
             code: code.clone(),
             product_type,
-            brand: "Chaos".into(),
-            status: ProductStatus::OnSale as i32,
+            brand: format!("Chaos v{version}"),
+            category_path: vec!["chaos".into(), format!("v{version}")],
+            status: statuses[usize::try_from(version).expect("small") % statuses.len()] as i32,
             names: [("ko".to_owned(), format!("카오스 {code} v{version}"))].into(),
+            descriptions: [("ko".to_owned(), format!("설명 v{version}"))].into(),
             prices: [("KRW".to_owned(), price(version))].into(),
             version,
             ..Product::default()
         }),
-        update_mask: partial.then(|| FieldMask {
-            paths: vec!["status".into(), "prices".into()],
+        update_mask: mask.map(|paths| FieldMask {
+            paths: paths.iter().map(|p| (*p).to_owned()).collect(),
         }),
         ..ProductChange::default()
     }
+}
+
+/// The product that applying `changes` (of one product) in version order leaves: each
+/// change replaces the fields of its mask.
+fn in_version_order<'a>(changes: impl Iterator<Item = &'a ProductChange>) -> Product {
+    let mut sorted: Vec<&ProductChange> = changes.collect();
+    sorted.sort_by_key(|c| c.version);
+    let mut product = Product::default();
+    for change in sorted {
+        let update = change
+            .product
+            .as_ref()
+            .expect("valid changes carry a product");
+        product.code.clone_from(&update.code);
+        product.product_type.clone_from(&update.product_type);
+        UpdateMask::from_field_mask(change.update_mask.as_ref())
+            .expect("valid masks")
+            .apply(&mut product, update);
+    }
+    product
 }
 
 /// Malformed record `i`: one of several kinds of invalid change (with a real product's code
@@ -210,7 +267,7 @@ fn malformed(i: usize, style: Style, products: usize, rng: &mut fastrand::Rng) -
     let p = rng.usize(..products);
     let high = 1_000 + i as u64;
     let kinds = if style == Style::Kinesis { 9 } else { 7 };
-    let mut change = valid_change(p, high, false);
+    let mut change = valid_change(p, high, None);
     let product = change.product.as_mut().expect("set");
     product.names = [("ko".to_owned(), format!("불량 레코드 {i}"))].into();
     match i % kinds {

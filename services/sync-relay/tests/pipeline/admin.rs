@@ -60,6 +60,24 @@ async fn pausing_holds_changes_and_resuming_applies_them(engine: Engine) {
     let catalog = Catalog::start(database(engine).await, None, |_| {}).await;
     let relay_db = database(engine).await;
     let relay = Relay::start(&relay_db, catalog.addr, |_| {}).await;
+    let idle = relay
+        .client()
+        .get_relay_status(GetRelayStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .status
+        .expect("set");
+    let lanes: Vec<(i32, i64, i64)> = idle
+        .lanes
+        .iter()
+        .map(|l| (l.lane, l.visible_messages, l.in_flight_messages))
+        .collect();
+    assert_eq!(
+        lanes,
+        (0..16).map(|lane| (lane, 0, 0)).collect::<Vec<_>>(),
+        "every lane is listed, empty ones included"
+    );
     let paused = relay
         .client()
         .pause_relay(PauseRelayRequest {

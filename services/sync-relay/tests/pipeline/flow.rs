@@ -175,10 +175,81 @@ async fn a_catalog_outage_delays_changes_but_loses_none(engine: Engine) {
     );
 }
 
+/// A change of shoe `code` at `version` writing only `paths` (all fields when empty).
+fn partial_change(code: &str, version: u64, paths: &[&str]) -> ProductChange {
+    let mut change = change(code, version);
+    if let Some(product) = change.product.as_mut() {
+        product.brand = format!("Pedala v{version}");
+    }
+    change.update_mask = (!paths.is_empty()).then(|| prost_types::FieldMask {
+        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+    });
+    change
+}
+
+async fn changing_the_lane_count_with_changes_queued_loses_nothing(engine: Engine) {
+    // Writes commute, so changes of one product split over two lane layouts (queued under
+    // 16 lanes, more published under 5) still end in the version-order state.
+    let catalog = Catalog::start(database(engine).await, None, |_| {}).await;
+    let relay_db = database(engine).await;
+    let relay = Relay::start(&relay_db, catalog.addr, |s| s.relay.lanes = 16).await;
+    relay
+        .client()
+        .pause_relay(PauseRelayRequest {
+            reason: "change relay.lanes".into(),
+        })
+        .await
+        .expect("pause");
+    let codes: Vec<String> = (0..40).map(|p| format!("L-{p:02}")).collect();
+    let first: Vec<ProductChange> = codes
+        .iter()
+        .flat_map(|code| {
+            [
+                partial_change(code, 1, &[]),
+                partial_change(code, 4, &["prices"]),
+                partial_change(code, 5, &["names"]),
+            ]
+        })
+        .collect();
+    assert_eq!(relay.publish(first).await.accepted_count, 120);
+    relay.stop().await;
+
+    // Still paused (the switch is shared); the queue holds the 16-lane messages.
+    let relay = Relay::start(&relay_db, catalog.addr, |s| s.relay.lanes = 5).await;
+    let second: Vec<ProductChange> = codes
+        .iter()
+        .flat_map(|code| {
+            [
+                partial_change(code, 2, &["names", "prices"]),
+                partial_change(code, 3, &["brand"]),
+                partial_change(code, 6, &["status"]),
+            ]
+        })
+        .collect();
+    assert_eq!(relay.publish(second).await.accepted_count, 120);
+    relay
+        .client()
+        .resume_relay(ResumeRelayRequest {})
+        .await
+        .expect("resume");
+
+    let expected: Vec<(String, u64)> = codes.iter().map(|c| (c.clone(), 6)).collect();
+    catalog.wait_for(&expected, Duration::from_secs(60)).await;
+    let stored = catalog.stored(&codes).await.expect("read back");
+    for code in &codes {
+        let product = &stored[code];
+        let newest = |v: u64| change(code, v).product.expect("set");
+        assert_eq!(product.prices, newest(4).prices, "{code}: prices of v4");
+        assert_eq!(product.names, newest(5).names, "{code}: names of v5");
+        assert_eq!(product.brand, "Pedala v3", "{code}: brand of v3");
+    }
+}
+
 both_engines!(
     published_changes_reach_the_catalog_at_their_highest_version,
     invalid_changes_are_quarantined_and_reported_and_the_rest_applied,
     a_catalog_outage_delays_changes_but_loses_none,
+    changing_the_lane_count_with_changes_queued_loses_nothing,
 );
 
 /// A catalog so slow that applying a lane outlasts the visibility timeout: the consumer keeps

@@ -70,6 +70,10 @@ pub struct ShardBatch {
     pub stream: String,
     /// Shard the records come from.
     pub shard_id: String,
+    /// The shard's replay epoch when the records were read: raised by every ReplayFrom, so a
+    /// replay's deliveries are new to the queue's deduplication while a crash's resend of the
+    /// same read is not.
+    pub epoch: i64,
     /// The records, in the shard's order.
     pub records: Vec<KinesisRecord>,
 }
@@ -81,6 +85,19 @@ impl ShardBatch {
         self.records
             .first()
             .map_or("", |r| r.sequence_number.as_str())
+    }
+
+    /// The parts a deduplication key of this batch is made from: stream, shard, replay epoch,
+    /// first and last sequence number. Equal on every redelivery of the same read; different
+    /// after a replay.
+    pub fn dedup_parts(&self) -> [String; 5] {
+        [
+            self.stream.clone(),
+            self.shard_id.clone(),
+            format!("e{}", self.epoch),
+            self.first_sequence_number().to_owned(),
+            self.last_sequence_number().to_owned(),
+        ]
     }
 
     /// Sequence number of the last record: where the checkpoint moves once the batch is accepted.

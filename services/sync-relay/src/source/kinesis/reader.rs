@@ -308,6 +308,7 @@ impl<S: RecordSink> Reader<S> {
         ShardBatch {
             stream: self.token.stream.clone(),
             shard_id: self.token.shard_id.clone(),
+            epoch: self.token.epoch,
             records,
         }
     }
