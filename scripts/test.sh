@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command that runs every quality gate and every test, as CI does:
-#   cargo fmt --check · buf lint (and buf breaking on a branch) · cargo nextest · a Python gRPC
+#   cargo fmt --check · buf lint and buf breaking (scripts/contracts.sh) · cargo nextest · a Python gRPC
 #   client against every service (interop) · cargo clippy -D warnings
 # It installs what the tests need when it is missing (buf, cargo-nextest, PostgreSQL) and fails
 # with a clear message for anything it cannot provide. Tests are never skipped.
@@ -17,15 +17,9 @@ BUF="$TOOLS/node_modules/.bin/buf"
 say "cargo fmt --check"
 cargo fmt --all -- --check || die "formatting differs: run 'cargo fmt --all'"
 
-say "buf lint"
-"$BUF" lint || die "buf lint found problems in proto/"
-# Compare contracts with main when working on another branch; on main itself there is nothing
-# to compare with.
+say "contracts: buf lint, buf breaking against the committed baseline"
+"$ROOT/scripts/contracts.sh" check
 against="${MALL_BUF_BREAKING_AGAINST:-}"
-if [ -z "$against" ] && git rev-parse --verify -q origin/main >/dev/null \
-   && [ "$(git rev-parse HEAD)" != "$(git rev-parse origin/main)" ]; then
-  against=".git#ref=origin/main"
-fi
 if [ -n "$against" ]; then
   say "buf breaking --against $against"
   "$BUF" breaking --against "$against" || die "proto changes break compatibility with $against"
