@@ -17,6 +17,11 @@ use crate::helpers::{Catalog, Relay, change, database};
 
 /// The default types plus `beauty`.
 fn with_beauty() -> ProductTypes {
+    with_types(&["beauty"])
+}
+
+/// The default types plus `extra` (each with one string attribute, `shade`).
+fn with_types(extra: &[&str]) -> ProductTypes {
     let mut types: BTreeMap<String, ProductTypeSpec> = ProductTypes::default()
         .names()
         .into_iter()
@@ -30,19 +35,26 @@ fn with_beauty() -> ProductTypes {
             )
         })
         .collect();
-    types.insert(
-        "beauty".into(),
-        ProductTypeSpec {
-            attributes: [("shade".to_owned(), AttributeType::String)].into(),
-        },
-    );
+    for name in extra {
+        types.insert(
+            (*name).to_owned(),
+            ProductTypeSpec {
+                attributes: [("shade".to_owned(), AttributeType::String)].into(),
+            },
+        );
+    }
     ProductTypes::new(types)
 }
 
 fn beauty(code: &str, version: u64) -> ProductChange {
+    of_type("beauty", code, version)
+}
+
+/// A valid change of `code` as a product of type `product_type`.
+fn of_type(product_type: &str, code: &str, version: u64) -> ProductChange {
     let mut change = change(code, version);
-    change.product_type = "beauty".into();
-    change.product.as_mut().expect("set").product_type = "beauty".into();
+    change.product_type = product_type.into();
+    change.product.as_mut().expect("set").product_type = product_type.into();
     change
 }
 
@@ -282,6 +294,63 @@ async fn a_change_too_large_for_the_catalog_is_dead_lettered_and_redriven(engine
     assert_eq!(again, redriven);
 }
 
+async fn a_second_redrive_of_the_same_page_is_not_dropped_as_a_resend(engine: Engine) {
+    // Records 1-4: never valid, beauty, spa, never valid. The first redrive (the relay knows
+    // beauty) sends record 2; the second (it knows spa too) sends record 3, from a page with
+    // the same first and last record. Its messages must not be deduplicated away as a resend
+    // of the first redrive's, or record 3 leaves the quarantine without reaching the queue.
+    let catalog = Catalog::start(database(engine).await, None, |settings| {
+        settings.catalog.product_types = with_types(&["beauty", "spa"]);
+    })
+    .await;
+    let relay_db = database(engine).await;
+    let relay = Relay::start(&relay_db, catalog.addr, |_| {}).await;
+    let never = ProductChange {
+        product_code: "nothing-else".into(),
+        ..ProductChange::default()
+    };
+    // In B-1's lane, so both redrives' messages would carry the same deduplication id if it
+    // came from the page rather than from what is sent.
+    let spa = (0..)
+        .map(|i| format!("S-{i}"))
+        .find(|code| lane_of(code, 16) == lane_of("B-1", 16))
+        .expect("some code shares the lane");
+    let response = relay
+        .publish(vec![
+            ProductChange::default(),
+            beauty("B-1", 1),
+            of_type("spa", &spa, 1),
+            never,
+        ])
+        .await;
+    assert_eq!(response.quarantined_count, 4);
+    relay.stop().await;
+
+    for (known, code) in [
+        (vec!["beauty"], "B-1"),
+        (vec!["beauty", "spa"], spa.as_str()),
+    ] {
+        let relay = Relay::start(&relay_db, catalog.addr, |settings| {
+            settings.relay.product_types = with_types(&known);
+        })
+        .await;
+        let redriven = relay
+            .client()
+            .redrive_quarantined(RedriveQuarantinedRequest {
+                all: true,
+                ..Default::default()
+            })
+            .await
+            .expect("redrive")
+            .into_inner();
+        assert_eq!(redriven.redriven_count, 1, "{code}");
+        catalog
+            .wait_for(&[(code.into(), 1)], Duration::from_secs(30))
+            .await;
+        relay.stop().await;
+    }
+}
+
 async fn quarantined_records_that_became_valid_are_redriven(engine: Engine) {
     let catalog = Catalog::start(database(engine).await, None, |settings| {
         settings.catalog.product_types = with_beauty();
@@ -456,5 +525,6 @@ both_engines!(
     a_lane_the_catalog_refuses_whole_waits_for_the_operator_while_others_flow,
     a_change_too_large_for_the_catalog_is_dead_lettered_and_redriven,
     quarantined_records_that_became_valid_are_redriven,
+    a_second_redrive_of_the_same_page_is_not_dropped_as_a_resend,
     malformed_admin_requests_are_refused,
 );
