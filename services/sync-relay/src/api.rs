@@ -10,10 +10,11 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use mall_grpc::{ServiceError, Violations, error::stream_read_error};
 use mall_product::{ProductTypes, limits::MAX_ITEMS_PER_REQUEST};
 use mall_proto::sync::v1::{
-    DeadLetter, GetRelayStatusRequest, GetRelayStatusResponse, LaneStatus, ListDeadLettersRequest,
-    ListDeadLettersResponse, ListQuarantinedRequest, ListQuarantinedResponse, PauseRelayRequest,
-    PauseRelayResponse, ProductChange, PublishProductChangesRequest, PublishProductChangesResponse,
-    QuarantineNotice, QuarantinedRecord, RedriveDeadLettersRequest, RedriveDeadLettersResponse,
+    ChangeOrigin, DeadLetter, GetRelayStatusRequest, GetRelayStatusResponse, LaneStatus,
+    ListDeadLettersRequest, ListDeadLettersResponse, ListQuarantinedRequest,
+    ListQuarantinedResponse, PauseRelayRequest, PauseRelayResponse, ProductChange,
+    PublishProductChangesRequest, PublishProductChangesResponse, QuarantineNotice,
+    QuarantinedRecord, RedriveDeadLettersRequest, RedriveDeadLettersResponse,
     RedriveQuarantinedRequest, RedriveQuarantinedResponse, RelayStatus, ReplayFromRequest,
     ReplayFromResponse, ResumeRelayRequest, ResumeRelayResponse, ShardStatus,
     sync_relay_service_server::SyncRelayService,
@@ -592,7 +593,12 @@ impl RelayApi {
                 .and_then(|mut change| change::validate(&mut change, &self.types).map(|()| change));
             match checked {
                 Ok(change) => {
-                    valid.push(change);
+                    // The producer's coordinates stay the record's own.
+                    let origin = ChangeOrigin {
+                        source: record.source,
+                        position: record.position,
+                    };
+                    valid.push((change, origin));
                     released.push(record.seq);
                 }
                 Err(reason) => {

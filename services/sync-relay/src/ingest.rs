@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use mall_product::ProductTypes;
-use mall_proto::sync::v1::ProductChange;
+use mall_proto::sync::v1::{ChangeOrigin, ProductChange};
 use mall_queue::{OutgoingMessage, PackBudget, Queue, encode_body};
 use prost::Message as _;
 
@@ -115,10 +115,14 @@ impl Ingest {
                     String::new(),
                 ),
                 Ok(mut change) => {
+                    let origin = ChangeOrigin {
+                        source: source.to_owned(),
+                        position: record.position.clone(),
+                    };
                     let checked = change::validate(&mut change, &self.types).and_then(|()| {
                         // One change must fit one queue message; validation allows products
                         // of a few MiB, messages carry at most `relay.max_message_bytes`.
-                        let size = change.encoded_len() + 6;
+                        let size = change.encoded_len() + origin.encoded_len() + 12;
                         if size > capacity {
                             Err(format!(
                                 "the change is {size} bytes encoded; one queue message carries at \
@@ -133,7 +137,7 @@ impl Ingest {
                             if change.event_time.is_none() {
                                 change.event_time = Some(received);
                             }
-                            valid.push(change);
+                            valid.push((change, origin));
                             continue;
                         }
                         Err(reason) => {
@@ -172,14 +176,14 @@ impl Ingest {
         })
     }
 
-    /// Rolls valid changes up into lane messages and sends them; `Ok` once the queue
-    /// accepted every one.
+    /// Rolls valid changes (each with where it came from) up into lane messages and sends
+    /// them; `Ok` once the queue accepted every one.
     ///
     /// # Errors
     /// When the queue fails (the whole batch may be resent with the same `batch_key`).
     pub async fn enqueue(
         &self,
-        changes: Vec<ProductChange>,
+        changes: Vec<(ProductChange, ChangeOrigin)>,
         batch_key: &str,
     ) -> anyhow::Result<()> {
         if changes.is_empty() {

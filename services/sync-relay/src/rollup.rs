@@ -7,7 +7,7 @@
 //! batch (`dedup_key`), never from time or chance, so a resend after a crash is dropped by
 //! the queue within its window (and by the catalog's version guard after it).
 
-use mall_proto::sync::v1::{ProductChange, ProductChangeBatch};
+use mall_proto::sync::v1::{ChangeOrigin, ProductChange, ProductChangeBatch};
 use mall_queue::{PackBudget, RecordTooLarge, pack_items};
 use prost::Message as _;
 
@@ -24,33 +24,37 @@ pub struct LaneMessage {
     pub batch: ProductChangeBatch,
 }
 
-/// Splits `changes` by lane and packs each lane's run into messages within `budget` (the
-/// base64 body size: see [`budget`]).
+/// Splits `changes` (each with where it came from) by lane and packs each lane's run into
+/// messages within `budget` (the base64 body size: see [`budget`]).
 ///
 /// # Errors
 /// When one change alone does not fit the budget (validation keeps changes far smaller).
 pub fn roll_up(
-    changes: Vec<ProductChange>,
+    changes: Vec<(ProductChange, ChangeOrigin)>,
     lanes: u32,
     budget: PackBudget,
     dedup_key: &str,
 ) -> Result<Vec<LaneMessage>, RecordTooLarge> {
-    let mut by_lane: std::collections::BTreeMap<u32, Vec<ProductChange>> =
+    let mut by_lane: std::collections::BTreeMap<u32, Vec<(ProductChange, ChangeOrigin)>> =
         std::collections::BTreeMap::new();
-    for change in changes {
+    for (change, origin) in changes {
         by_lane
             .entry(lane_of(&change.product_code, lanes))
             .or_default()
-            .push(change);
+            .push((change, origin));
     }
     let mut messages = Vec::new();
     for (lane, changes) in by_lane {
-        let parts = pack_items(changes, ProductChange::encoded_len, budget)?;
-        for (part, changes) in parts.into_iter().enumerate() {
+        let size = |(change, origin): &(ProductChange, ChangeOrigin)| {
+            change.encoded_len() + origin.encoded_len()
+        };
+        let parts = pack_items(changes, size, budget)?;
+        for (part, pairs) in parts.into_iter().enumerate() {
+            let (changes, origins) = pairs.into_iter().unzip();
             messages.push(LaneMessage {
                 lane,
                 dedup_id: format!("{dedup_key}-l{lane}-p{part}"),
-                batch: ProductChangeBatch { changes },
+                batch: ProductChangeBatch { changes, origins },
             });
         }
     }
@@ -58,10 +62,10 @@ pub fn roll_up(
 }
 
 /// The packing budget for message bodies of at most `max_body_bytes`: base64 of a
-/// `ProductChangeBatch`, whose every change costs its encoding plus a field tag and a length
-/// prefix (at most 1 + 5 bytes).
+/// `ProductChangeBatch`, whose every change costs its encoding and its origin's, each with a
+/// field tag and a length prefix (at most 1 + 5 bytes).
 pub fn budget(max_body_bytes: usize) -> PackBudget {
-    PackBudget::base64(max_body_bytes).with_overheads(6, 0)
+    PackBudget::base64(max_body_bytes).with_overheads(12, 0)
 }
 
 /// FNV-1a (64 bit) of `parts` joined by `|`, as 16 hex digits: short, stable deduplication
@@ -83,13 +87,19 @@ mod tests {
 
     use super::*;
 
-    fn change(code: &str, version: u64) -> ProductChange {
-        ProductChange {
-            product_code: code.into(),
-            product_type: "shoes".into(),
-            version,
-            ..ProductChange::default()
-        }
+    fn change(code: &str, version: u64) -> (ProductChange, ChangeOrigin) {
+        (
+            ProductChange {
+                product_code: code.into(),
+                product_type: "shoes".into(),
+                version,
+                ..ProductChange::default()
+            },
+            ChangeOrigin {
+                source: "kinesis:product-changes/shardId-000000000001".into(),
+                position: format!("49{version:056}"),
+            },
+        )
     }
 
     #[test]
@@ -102,11 +112,17 @@ mod tests {
             let in_lane: Vec<_> = messages
                 .iter()
                 .filter(|m| m.lane == lane)
-                .flat_map(|m| m.batch.changes.clone())
+                .flat_map(|m| {
+                    m.batch
+                        .changes
+                        .clone()
+                        .into_iter()
+                        .zip(m.batch.origins.clone())
+                })
                 .collect();
             let expected: Vec<_> = changes
                 .iter()
-                .filter(|c| lane_of(&c.product_code, 4) == lane)
+                .filter(|(c, _)| lane_of(&c.product_code, 4) == lane)
                 .cloned()
                 .collect();
             assert_eq!(in_lane, expected, "lane {lane}");

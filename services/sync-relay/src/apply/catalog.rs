@@ -150,17 +150,20 @@ fn refused_items(status: &Status) -> BTreeMap<usize, String> {
         .map(|b| b.field_violations.as_slice())
         .unwrap_or_default()
     {
-        let index = violation
+        // `updates[3].product.product_type` names the relay's request to the catalog; the
+        // producer knows its change, so the reason names `product.product_type`.
+        let item = violation
             .field
             .strip_prefix("updates[")
-            .and_then(|rest| rest.split(']').next())
-            .and_then(|i| i.parse().ok());
-        if let Some(index) = index {
+            .and_then(|rest| rest.split_once(']'))
+            .and_then(|(i, field)| Some((i.parse::<usize>().ok()?, field)));
+        if let Some((index, field)) = item {
+            let field = field.strip_prefix('.').unwrap_or(field);
             let reason = refused.entry(index).or_default();
             if !reason.is_empty() {
                 reason.push_str("; ");
             }
-            reason.push_str(&format!("{}: {}", violation.field, violation.description));
+            reason.push_str(&format!("{field}: {}", violation.description));
         }
     }
     refused
@@ -188,7 +191,10 @@ mod tests {
             panic!("expected Refused");
         };
         assert_eq!(refused.keys().copied().collect::<Vec<_>>(), [3, 7]);
-        assert!(refused[&3].contains("cannot create") && refused[&3].contains("differs"));
+        assert_eq!(
+            refused[&3], "update_mask: cannot create; product.product_type: differs",
+            "in the producer's terms, without the relay's request index"
+        );
     }
 
     #[test]

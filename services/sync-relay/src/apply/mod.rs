@@ -200,11 +200,11 @@ impl Applier {
         lanes: BTreeMap<String, Vec<ReceivedMessage>>,
         shutdown: &CancellationToken,
     ) {
-        let mut together: Vec<(String, Vec<ReceivedMessage>, Vec<ProductChange>)> = Vec::new();
+        let mut together: Vec<(String, Vec<ReceivedMessage>, Decoded)> = Vec::new();
         let mut alone = Vec::new();
         for (lane, messages) in lanes {
-            match decode_all(&messages) {
-                Ok(changes) => together.push((lane, messages, changes)),
+            match decode_all(&lane, &messages) {
+                Ok(decoded) => together.push((lane, messages, decoded)),
                 // Gives the lane's messages back with the reason.
                 Err(_) => alone.push((lane, messages)),
             }
@@ -255,33 +255,19 @@ impl Applier {
 
     async fn apply_together(
         &self,
-        lanes: &mut [(String, Vec<ReceivedMessage>, Vec<ProductChange>)],
+        lanes: &mut [(String, Vec<ReceivedMessage>, Decoded)],
         shutdown: &CancellationToken,
     ) -> Result<(), Stopped> {
-        // Lane and first message of each product, for the quarantine of refused changes.
-        let mut origins: HashMap<String, (String, String)> = HashMap::new();
+        let mut origins = Origins::default();
         let mut changes = Vec::new();
-        for (lane, messages, decoded) in lanes.iter_mut() {
-            let first = messages
-                .first()
-                .map(|m| m.message_id.clone())
-                .unwrap_or_default();
-            for change in decoded.iter() {
-                origins
-                    .entry(change.product_code.clone())
-                    .or_insert_with(|| (lane.clone(), first.clone()));
-            }
-            changes.append(decoded);
+        for (_, _, decoded) in lanes.iter_mut() {
+            changes.append(&mut decoded.changes);
+            origins.extend(std::mem::take(&mut decoded.origins));
         }
         let messages: Vec<&ReceivedMessage> =
             lanes.iter().flat_map(|(_, messages, _)| messages).collect();
         let receipts: Vec<Receipt> = messages.iter().map(|m| m.receipt.clone()).collect();
-        let origin = |change: &ProductChange| {
-            origins
-                .get(&change.product_code)
-                .map(|(lane, id)| (format!("apply:{lane}"), id.clone()))
-                .unwrap_or_else(|| ("apply".to_owned(), String::new()))
-        };
+        let origin = |change: &ProductChange| origins.of(change);
         let applied = Applied::of(&changes);
         self.apply_changes("lanes", &receipts, changes, &origin, false, shutdown)
             .await?;
@@ -318,16 +304,15 @@ impl Applier {
     ) -> LaneOutcome {
         let receipts: Vec<Receipt> = messages.iter().map(|m| m.receipt.clone()).collect();
         let ids: Vec<String> = messages.iter().map(|m| m.message_id.clone()).collect();
-        let changes = match decode_all(&messages) {
-            Ok(changes) => changes,
+        let Decoded { changes, origins } = match decode_all(lane, &messages) {
+            Ok(decoded) => decoded,
             Err(error) => {
                 return self
                     .give_back(&ids, &receipts, &error, messages_attempt(&messages))
                     .await;
             }
         };
-        let first = ids.first().cloned().unwrap_or_default();
-        let origin = |_: &ProductChange| (format!("apply:{lane}"), first.clone());
+        let origin = |change: &ProductChange| origins.of(change);
         let applied = Applied::of(&changes);
         match self
             .apply_changes(lane, &receipts, changes, &origin, true, shutdown)
@@ -609,12 +594,59 @@ fn link_traces<'a>(span: &tracing::Span, messages: impl Iterator<Item = &'a Rece
     mall_telemetry::propagation::follow(span, traces, MAX_TRACE_LINKS);
 }
 
-/// The changes of `messages`, in order.
+/// The changes of a lane's messages, and where each came from.
+struct Decoded {
+    /// In queue order.
+    changes: Vec<ProductChange>,
+    origins: Origins,
+}
+
+/// Where changes came from, for the quarantine of those the catalog refuses: the producer's
+/// coordinates carried in the batch, or, for batches written without them, the lane and the
+/// queue message.
+#[derive(Debug, Default)]
+struct Origins {
+    /// By product code and version.
+    by_change: HashMap<(String, u64), (String, String)>,
+}
+
+impl Origins {
+    fn add(&mut self, lane: &str, message_id: &str, batch: &ProductChangeBatch) {
+        for (i, change) in batch.changes.iter().enumerate() {
+            let origin = batch.origins.get(i).map_or_else(
+                || (format!("apply:{lane}"), message_id.to_owned()),
+                |o| (o.source.clone(), o.position.clone()),
+            );
+            self.by_change
+                .entry((change.product_code.clone(), change.version))
+                .or_insert(origin);
+        }
+    }
+
+    fn extend(&mut self, other: Self) {
+        for (key, origin) in other.by_change {
+            self.by_change.entry(key).or_insert(origin);
+        }
+    }
+
+    /// (source, position) of `change`.
+    fn of(&self, change: &ProductChange) -> (String, String) {
+        self.by_change
+            .get(&(change.product_code.clone(), change.version))
+            .cloned()
+            .unwrap_or_else(|| ("apply".to_owned(), String::new()))
+    }
+}
+
+/// The changes of `messages` (of `lane`), in order, with their origins.
 ///
 /// # Errors
 /// Which message is not a `ProductChangeBatch`, and why.
-fn decode_all(messages: &[ReceivedMessage]) -> Result<Vec<ProductChange>, String> {
-    let mut changes = Vec::new();
+fn decode_all(lane: &str, messages: &[ReceivedMessage]) -> Result<Decoded, String> {
+    let mut decoded = Decoded {
+        changes: Vec::new(),
+        origins: Origins::default(),
+    };
     for message in messages {
         let batch = decode_batch(&message.body).map_err(|reason| {
             format!(
@@ -622,9 +654,10 @@ fn decode_all(messages: &[ReceivedMessage]) -> Result<Vec<ProductChange>, String
                 message.message_id
             )
         })?;
-        changes.extend(batch.changes);
+        decoded.origins.add(lane, &message.message_id, &batch);
+        decoded.changes.extend(batch.changes);
     }
-    Ok(changes)
+    Ok(decoded)
 }
 
 /// What an apply reports once committed: how many changes, and their event times.

@@ -245,7 +245,63 @@ async fn changing_the_lane_count_with_changes_queued_loses_nothing(engine: Engin
     }
 }
 
+async fn a_change_the_catalog_refuses_is_quarantined_with_the_producers_coordinates(
+    engine: Engine,
+) {
+    let catalog = Catalog::start(database(engine).await, None, |_| {}).await;
+    let relay_db = database(engine).await;
+    let relay = Relay::start(&relay_db, catalog.addr, |_| {}).await;
+    let mut bag = change("B-1", 1);
+    bag.product_type = "bags".into();
+    bag.product.as_mut().expect("set").product_type = "bags".into();
+    relay.publish(vec![bag]).await;
+    catalog
+        .wait_for(&[("B-1".into(), 1)], Duration::from_secs(30))
+        .await;
+
+    // Valid for the relay, refused by the catalog: B-1 is stored as a bag.
+    let response = relay
+        .publish(vec![change("S-1", 1), change("B-1", 2), change("S-2", 1)])
+        .await;
+    assert_eq!(response.accepted_count, 3);
+    catalog
+        .wait_for(
+            &[("S-1".into(), 1), ("S-2".into(), 1)],
+            Duration::from_secs(30),
+        )
+        .await;
+    let quarantined = wait_until(
+        "the refused change is quarantined",
+        Duration::from_secs(30),
+        || async {
+            let records = relay
+                .client()
+                .list_quarantined(ListQuarantinedRequest::default())
+                .await
+                .ok()?
+                .into_inner()
+                .quarantined_records;
+            (!records.is_empty()).then_some(records)
+        },
+    )
+    .await;
+    assert_eq!(quarantined.len(), 1);
+    let record = &quarantined[0];
+    assert_eq!(
+        (record.source.as_str(), record.position.as_str()),
+        ("grpc", "1"),
+        "the index in the producer's PublishProductChanges stream"
+    );
+    assert!(
+        record.reason.contains("product.product_type") && !record.reason.contains("updates["),
+        "in the producer's terms: {}",
+        record.reason
+    );
+    assert_eq!(catalog.version("B-1").await, 1);
+}
+
 both_engines!(
+    a_change_the_catalog_refuses_is_quarantined_with_the_producers_coordinates,
     published_changes_reach_the_catalog_at_their_highest_version,
     invalid_changes_are_quarantined_and_reported_and_the_rest_applied,
     a_catalog_outage_delays_changes_but_loses_none,
