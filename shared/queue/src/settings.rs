@@ -118,6 +118,15 @@ pub struct SqsSettings {
     /// Send calls in flight at once for one `send`. Messages of one group always go through
     /// the same lane, one call after another, so their order holds. Default 4.
     pub send_concurrency: usize,
+    /// Longest one HTTP attempt of a call may take (connecting included; a receive's
+    /// long-poll wait comes on top), so a hung endpoint costs an attempt, not the caller's
+    /// whole run. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    /// Longest a call may take with all its attempts and backoffs (a receive's wait comes on
+    /// top); then it fails and the caller's own retry takes over. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub operation_timeout: Duration,
 }
 
 impl Default for SqsSettings {
@@ -131,6 +140,8 @@ impl Default for SqsSettings {
             dead_letter_queue: None,
             max_attempts: 8,
             send_concurrency: 4,
+            attempt_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -168,6 +179,12 @@ impl QueueSettings {
         anyhow::ensure!(
             !self.embedded.poll_interval.is_zero(),
             "queue.embedded.poll_interval must be longer than 0s"
+        );
+        anyhow::ensure!(
+            !self.sqs.attempt_timeout.is_zero()
+                && self.sqs.operation_timeout >= self.sqs.attempt_timeout,
+            "queue.sqs.attempt_timeout must be longer than 0s and queue.sqs.operation_timeout at \
+             least as long"
         );
         anyhow::ensure!(
             self.sqs.access_key_id.is_some() == self.sqs.secret_access_key.is_some(),

@@ -20,7 +20,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aws_config::{BehaviorVersion, Region, retry::RetryConfig};
+use aws_config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_sqs::{
     Client,
     config::Credentials,
@@ -84,17 +84,36 @@ struct Shared {
     visibility_secs: i32,
     max_attempts: u32,
     send_concurrency: usize,
+    /// `queue.sqs` attempt and operation timeouts, for receives' own (longer) ones.
+    attempt_timeout: Duration,
+    operation_timeout: Duration,
+}
+
+/// The SDK's timeouts for calls that may wait `wait` on the server (a long poll) on top of
+/// the configured attempt and operation timeouts.
+fn timeouts(attempt: Duration, operation: Duration, wait: Duration) -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(attempt.min(Duration::from_secs(3)))
+        .operation_attempt_timeout(attempt + wait)
+        .operation_timeout(operation + wait)
+        .build()
 }
 
 impl SqsQueue {
     pub(crate) async fn open(settings: &QueueSettings) -> anyhow::Result<Self> {
         let sqs = &settings.sqs;
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).retry_config(
-            RetryConfig::standard()
-                .with_max_attempts(sqs.max_attempts)
-                .with_initial_backoff(Duration::from_millis(50))
-                .with_max_backoff(Duration::from_secs(5)),
-        );
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(sqs.max_attempts)
+                    .with_initial_backoff(Duration::from_millis(50))
+                    .with_max_backoff(Duration::from_secs(5)),
+            )
+            .timeout_config(timeouts(
+                sqs.attempt_timeout,
+                sqs.operation_timeout,
+                Duration::ZERO,
+            ));
         if let Some(region) = &sqs.region {
             loader = loader.region(Region::new(region.clone()));
         }
@@ -180,6 +199,8 @@ impl SqsQueue {
                 visibility_secs,
                 max_attempts: sqs.max_attempts,
                 send_concurrency: sqs.send_concurrency,
+                attempt_timeout: sqs.attempt_timeout,
+                operation_timeout: sqs.operation_timeout,
             }),
         })
     }
@@ -427,6 +448,14 @@ impl SqsQueue {
             .visibility_timeout(visibility_secs)
             .message_system_attribute_names(MessageSystemAttributeName::All)
             .message_attribute_names("All")
+            .customize()
+            .config_override(
+                aws_sdk_sqs::config::Builder::default().timeout_config(timeouts(
+                    self.shared.attempt_timeout,
+                    self.shared.operation_timeout,
+                    Duration::from_secs(wait_secs.unsigned_abs().into()),
+                )),
+            )
             .send()
             .await
             .map_err(|e| self.error(e))?;

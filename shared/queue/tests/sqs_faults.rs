@@ -2,7 +2,8 @@
 //! while the call succeeds. A scripted SQS speaking the SDK's JSON protocol on 127.0.0.1
 //! answers each call from a script, so the SQS backend's retries can be watched: failed
 //! entries are sent again (alone), throttling is retried with backoff, an entry refused for
-//! its content fails the send by index, and nothing is lost or dropped silently.
+//! its content fails the send by index, a hung endpoint costs an attempt timeout rather than
+//! the caller's whole run, and nothing is lost or dropped silently.
 
 use std::{
     collections::VecDeque,
@@ -25,6 +26,8 @@ enum Reply {
     Throttle,
     /// Success, except the entries at these positions fail with this sender-fault flag.
     FailEntries(Vec<usize>, bool),
+    /// Read the request and never answer, keeping the connection open: a hung endpoint.
+    Hang,
 }
 
 #[derive(Default)]
@@ -59,6 +62,10 @@ impl ScriptedSqs {
     }
 
     async fn queue(&self) -> Queue {
+        self.queue_with(|_| {}).await
+    }
+
+    async fn queue_with(&self, configure: impl FnOnce(&mut QueueSettings)) -> Queue {
         let mut settings = QueueSettings {
             backend: BackendKind::Sqs,
             name: "faults".to_owned(),
@@ -73,6 +80,7 @@ impl ScriptedSqs {
         settings.sqs.access_key_id = Some("test".to_owned());
         settings.sqs.secret_access_key = Some(SecretString::from("test"));
         settings.sqs.max_attempts = 4;
+        configure(&mut settings);
         Queue::open(&settings, None).await.expect("opens")
     }
 
@@ -110,7 +118,12 @@ async fn serve(stream: TcpStream, addr: SocketAddr, state: Arc<Mutex<State>>) {
             return;
         }
         let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let (status, reply) = answer(&target, &request, addr, &state);
+        let Some((status, reply)) = answer(&target, &request, addr, &state) else {
+            // Hung: hold the connection and say nothing until the client gives up on it.
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest).await;
+            return;
+        };
         let reply = reply.to_string();
         let response = format!(
             "HTTP/1.1 {status}\r\ncontent-type: application/x-amz-json-1.0\r\n\
@@ -128,14 +141,15 @@ async fn serve(stream: TcpStream, addr: SocketAddr, state: Arc<Mutex<State>>) {
     }
 }
 
+/// The reply to one call; `None` for no reply at all (a hung endpoint).
 fn answer(
     target: &str,
     request: &Value,
     addr: SocketAddr,
     state: &Mutex<State>,
-) -> (&'static str, Value) {
+) -> Option<(&'static str, Value)> {
     let mut state = state.lock().expect("not poisoned");
-    match target {
+    Some(match target {
         "AmazonSQS.GetQueueUrl" => {
             let name = request["QueueName"].as_str().unwrap_or_default();
             (
@@ -152,15 +166,16 @@ fn answer(
             state.calls.push(bodies.clone());
             let (failing, sender_fault) = match state.script.pop_front() {
                 Some(Reply::Throttle) => {
-                    return (
+                    return Some((
                         "400 Bad Request",
                         json!({
                             "__type": "com.amazonaws.sqs#ThrottlingException",
                             "message": "Rate exceeded"
                         }),
-                    );
+                    ));
                 }
                 Some(Reply::FailEntries(positions, sender_fault)) => (positions, sender_fault),
+                Some(Reply::Hang) => return None,
                 None => (Vec::new(), false),
             };
             let mut successful = Vec::new();
@@ -192,7 +207,7 @@ fn answer(
             "400 Bad Request",
             json!({ "__type": "com.amazonaws.sqs#InvalidAction", "message": other }),
         ),
-    }
+    })
 }
 
 fn messages(count: usize) -> Vec<OutgoingMessage> {
@@ -278,4 +293,40 @@ async fn entries_still_failing_after_every_attempt_make_the_send_unavailable() {
     let error = queue.send(messages(1)).await.expect_err("never accepted");
     assert!(matches!(error, QueueError::Unavailable { .. }), "{error:?}");
     assert_eq!(sqs.state().calls.len(), 4);
+}
+
+#[tokio::test]
+async fn a_hung_endpoint_costs_an_attempt_timeout_and_the_retry_goes_through() {
+    let sqs = ScriptedSqs::start(vec![Reply::Hang, Reply::Hang]).await;
+    let queue = sqs
+        .queue_with(|settings| {
+            settings.sqs.attempt_timeout = std::time::Duration::from_millis(300);
+            settings.sqs.operation_timeout = std::time::Duration::from_secs(10);
+        })
+        .await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(std::time::Duration::from_secs(8), queue.send(messages(3)))
+        .await
+        .expect("the send does not hang with its endpoint")
+        .expect("the third attempt is answered");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(600));
+    assert_eq!(sqs.state().accepted.len(), 3);
+}
+
+#[tokio::test]
+async fn an_endpoint_that_never_answers_fails_the_call_within_its_operation_timeout() {
+    let sqs = ScriptedSqs::start(vec![Reply::Hang; 100]).await;
+    let queue = sqs
+        .queue_with(|settings| {
+            settings.sqs.attempt_timeout = std::time::Duration::from_millis(200);
+            settings.sqs.operation_timeout = std::time::Duration::from_secs(1);
+            settings.sqs.max_attempts = 100;
+        })
+        .await;
+    let error = tokio::time::timeout(std::time::Duration::from_secs(5), queue.send(messages(1)))
+        .await
+        .expect("the send gives up by itself")
+        .expect_err("nothing answered");
+    assert!(matches!(error, QueueError::Unavailable { .. }), "{error:?}");
+    assert!(sqs.state().accepted.is_empty());
 }
