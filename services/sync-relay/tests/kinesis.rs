@@ -68,6 +68,7 @@ impl Harness {
             backoff_initial: Duration::from_millis(20),
             backoff_max: Duration::from_millis(300),
             request_timeout: Duration::from_secs(3),
+            reader_stall_timeout: Duration::from_secs(20),
         };
         let client = kinesalite::create_stream(&settings, &settings.stream_name, shards).await;
         let database = TestDatabase::new(engine).await;
@@ -138,14 +139,27 @@ impl Harness {
     }
 
     /// Starts a source as `replica` delivering into `sink`.
-    fn start(
+    fn start<S: RecordSink + Clone>(
         &self,
         replica: &str,
-        sink: &Collector,
+        sink: &S,
         paused: watch::Receiver<bool>,
     ) -> RunningSource {
+        self.start_with(replica, sink, paused, |_| {})
+    }
+
+    /// Starts a source as `replica` with settings `configure` adjusted.
+    fn start_with<S: RecordSink + Clone>(
+        &self,
+        replica: &str,
+        sink: &S,
+        paused: watch::Receiver<bool>,
+        configure: impl FnOnce(&mut KinesisSettings),
+    ) -> RunningSource {
         let registry = prometheus::Registry::new();
-        let source = KinesisSource::new(self.settings.clone(), self.db.clone(), replica, &registry)
+        let mut settings = self.settings.clone();
+        configure(&mut settings);
+        let source = KinesisSource::new(settings, self.db.clone(), replica, &registry)
             .expect("the source builds");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(source.run(sink.clone(), paused, shutdown.clone()));
@@ -291,6 +305,16 @@ impl RecordSink for Collector {
 
 fn payload(record: &KinesisRecord) -> String {
     String::from_utf8(record.data.to_vec()).expect("test payloads are text")
+}
+
+/// A sink whose deliveries never return: a reader stuck in a call that hangs.
+#[derive(Clone, Default)]
+struct HangingSink;
+
+impl RecordSink for HangingSink {
+    async fn deliver(&self, _batch: &ShardBatch) -> anyhow::Result<()> {
+        std::future::pending().await
+    }
 }
 
 fn keys(count: usize) -> Vec<String> {
@@ -1062,4 +1086,49 @@ async fn create_stream_makes_a_missing_stream_and_keeps_an_existing_one() {
         1.0
     );
     second.stop().await;
+}
+
+async fn a_stuck_reader_loses_its_shard_to_another_replica(engine: Engine) {
+    let harness = Harness::new(engine, 1).await;
+    let stuck = harness.start_with("replica-a", &HangingSink, not_paused(), |settings| {
+        settings.reader_stall_timeout = Duration::from_secs(1);
+    });
+    harness
+        .wait_for_owners("replica-a takes the shard", |infos| {
+            !infos.is_empty()
+                && infos
+                    .iter()
+                    .all(|i| i.lease_owner.as_deref() == Some("replica-a"))
+        })
+        .await;
+    let keys = keys(10);
+    harness.put(&keys, 1..=1).await;
+    // replica-a's delivery hangs; it stops renewing the lease, which expires, and replica-b
+    // takes the shard and delivers what replica-a could not.
+    let queue = Collector::default();
+    let healthy = harness.start("replica-b", &queue, not_paused());
+    queue
+        .wait_for("replica-b delivers the records", &expected(&keys, 1..=1))
+        .await;
+    harness
+        .wait_for_owners("replica-b holds the shard", |infos| {
+            infos
+                .iter()
+                .all(|i| i.lease_owner.as_deref() == Some("replica-b"))
+        })
+        .await;
+    assert!(stuck.metric("kinesis_lease_events_total", &[("kind", "stalled")]) >= 1.0);
+    healthy.stop().await;
+    // Its reader never returns from the delivery: end it as a crash would.
+    stuck.crash().await;
+}
+
+#[tokio::test]
+async fn a_stuck_reader_loses_its_shard_to_another_replica_on_sqlite() {
+    a_stuck_reader_loses_its_shard_to_another_replica(Engine::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_stuck_reader_loses_its_shard_to_another_replica_on_postgres() {
+    a_stuck_reader_loses_its_shard_to_another_replica(Engine::Postgres).await;
 }

@@ -31,13 +31,32 @@ pub async fn create_stream(settings: &KinesisSettings, stream: &str, shards: i32
             aws_sdk_kinesis::error::DisplayErrorContext(&error)
         );
     }
-    client
-        .create_stream()
-        .stream_name(stream)
-        .shard_count(shards)
-        .send()
-        .await
-        .expect("the stream is created");
+    // kinesalite, like Kinesis, refuses a create while too many streams are being created
+    // (LimitExceededException); tests running in parallel can hit that, so try again.
+    wait_until("the stream is created", Duration::from_secs(30), || async {
+        match client
+            .create_stream()
+            .stream_name(stream)
+            .shard_count(shards)
+            .send()
+            .await
+        {
+            Ok(_) => Some(()),
+            Err(error) => {
+                let limited = error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_limit_exceeded_exception());
+                assert!(
+                    limited,
+                    "the stream is created: {}",
+                    aws_sdk_kinesis::error::DisplayErrorContext(&error)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                None
+            }
+        }
+    })
+    .await;
     wait_until("the stream is ACTIVE", Duration::from_secs(30), || async {
         let summary = client
             .describe_stream_summary()

@@ -70,6 +70,12 @@ pub struct KinesisSettings {
     /// Longest a single Kinesis call may take before it is abandoned and retried. Default 10s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// A shard reader that has not finished a step (a read, a delivery attempt, a checkpoint
+    /// write, a backoff) for this long is stuck: its lease is no longer renewed and it is
+    /// told to stop, so another replica takes the shard once the lease expires. Must exceed
+    /// the longest delivery attempt (the queue's operation timeout). Default 2m.
+    #[serde(with = "humantime_serde")]
+    pub reader_stall_timeout: Duration,
 }
 
 impl Default for KinesisSettings {
@@ -89,6 +95,7 @@ impl Default for KinesisSettings {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
+            reader_stall_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -135,6 +142,9 @@ impl KinesisSettings {
             return Err(
                 "kinesis.backoff_initial must be above zero and at most kinesis.backoff_max".into(),
             );
+        }
+        if self.reader_stall_timeout <= self.lease_renew_interval {
+            return Err("kinesis.reader_stall_timeout must exceed lease_renew_interval".into());
         }
         if self.request_timeout.is_zero() {
             return Err("kinesis.request_timeout must be above zero".into());

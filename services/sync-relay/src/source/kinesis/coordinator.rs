@@ -8,6 +8,12 @@
 //! While the relay is paused the readers wait and this loop keeps renewing: leases stay where
 //! they are, and a resume continues at once on the same replicas. A replica that stops while
 //! paused releases its leases as always, and another replica takes them (to read after resume).
+//!
+//! A lease is renewed only while its reader makes progress: a reader that has not finished a
+//! step for `reader_stall_timeout` (stuck in a call that never returns) is told to stop and
+//! its lease left to expire, so another replica takes the shard; this replica does not take
+//! it back while the stuck reader is still there. Its late checkpoint, if it ever wakes, is
+//! fenced off by the lease counter.
 
 use std::{
     collections::HashMap,
@@ -19,7 +25,7 @@ use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    RecordSink, Shared,
+    Heartbeat, RecordSink, Shared,
     backoff::Backoff,
     call::{CallError, Operation},
     lease::{self, LeaseToken, entity::Model, is_leased, now_ms},
@@ -31,6 +37,7 @@ use super::{
 struct Running {
     token: LeaseToken,
     cancel: CancellationToken,
+    heartbeat: Heartbeat,
 }
 
 pub(crate) struct Coordinator<S> {
@@ -129,12 +136,14 @@ impl<S: RecordSink> Coordinator<S> {
 
     async fn renew(&mut self) {
         let started = Instant::now();
+        let stuck = self.stuck_readers();
         let settings = &self.shared.settings;
         match lease::renew(
             &self.shared.db,
             &settings.stream_name,
             &self.shared.replica_id,
             settings.lease_duration,
+            &stuck,
         )
         .await
         {
@@ -154,6 +163,36 @@ impl<S: RecordSink> Coordinator<S> {
                 }
             }
         }
+    }
+
+    /// Shards whose reader has made no progress for `reader_stall_timeout` (never while the
+    /// relay is paused: paused readers wait on purpose). Each is told to stop, once.
+    fn stuck_readers(&mut self) -> Vec<String> {
+        if *self.paused.borrow() {
+            for running in self.readers.values() {
+                running.heartbeat.beat();
+            }
+            return Vec::new();
+        }
+        let limit = self.shared.settings.reader_stall_timeout;
+        let mut stuck = Vec::new();
+        for (shard_id, running) in &self.readers {
+            let age = running.heartbeat.age();
+            if age < limit {
+                continue;
+            }
+            if !running.cancel.is_cancelled() {
+                tracing::warn!(
+                    %shard_id,
+                    stalled_secs = age.as_secs(),
+                    "kinesis shard reader made no progress; giving its lease up to other replicas"
+                );
+                self.shared.metrics.lease_event("stalled");
+                running.cancel.cancel();
+            }
+            stuck.push(shard_id.clone());
+        }
+        stuck
     }
 
     async fn load(&self) -> Option<Vec<Model>> {
@@ -234,6 +273,11 @@ impl<S: RecordSink> Coordinator<S> {
             let Some(row) = by_id.get(shard_id.as_str()) else {
                 continue;
             };
+            if self.readers.contains_key(shard_id) {
+                // A reader of ours is still there (stuck, or stopping): leave the shard to
+                // other replicas rather than hand it back to a reader that cannot read.
+                continue;
+            }
             match lease::take(&self.shared.db, row, &me, duration, steal).await {
                 Ok(Some(_)) => {
                     changed = true;
@@ -279,6 +323,7 @@ impl<S: RecordSink> Coordinator<S> {
                 epoch: row.epoch,
             };
             let cancel = CancellationToken::new();
+            let heartbeat = Heartbeat::new();
             let reader = Reader::new(
                 self.shared.clone(),
                 self.sink.clone(),
@@ -286,11 +331,18 @@ impl<S: RecordSink> Coordinator<S> {
                 Position::of(row),
                 self.paused.clone(),
                 cancel.clone(),
+                heartbeat.clone(),
             );
             let handle = self.tasks.spawn(reader.run());
             self.task_shards.insert(handle.id(), row.shard_id.clone());
-            self.readers
-                .insert(row.shard_id.clone(), Running { token, cancel });
+            self.readers.insert(
+                row.shard_id.clone(),
+                Running {
+                    token,
+                    cancel,
+                    heartbeat,
+                },
+            );
         }
         self.shared.metrics.set_leases_held(held);
     }

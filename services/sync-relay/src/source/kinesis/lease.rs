@@ -302,7 +302,8 @@ pub(crate) async fn take(
     }))
 }
 
-/// Extends every lease `owner` holds on `stream` by `duration` from now; returns how many.
+/// Extends every lease `owner` holds on `stream`, except those of shards in `except` (their
+/// readers are stuck), by `duration` from now; returns how many.
 ///
 /// # Errors
 /// When the database fails.
@@ -312,15 +313,17 @@ pub(crate) async fn renew(
     stream: &str,
     owner: &str,
     duration: std::time::Duration,
+    except: &[String],
 ) -> Result<u64, DbErr> {
     let expires = now_ms().saturating_add(millis(duration));
-    Ok(Entity::update_many()
+    let mut update = Entity::update_many()
         .col_expr(Column::LeaseExpiresMs, Expr::value(expires))
         .filter(Column::StreamName.eq(stream))
-        .filter(Column::LeaseOwner.eq(owner))
-        .exec(db)
-        .await?
-        .rows_affected)
+        .filter(Column::LeaseOwner.eq(owner));
+    if !except.is_empty() {
+        update = update.filter(Column::ShardId.is_not_in(except.iter().map(String::as_str)));
+    }
+    Ok(update.exec(db).await?.rows_affected)
 }
 
 /// Gives up every lease `owner` holds on `stream`, so another replica takes over at once.

@@ -66,7 +66,7 @@ impl KinesisMetrics {
             lease_events: IntCounterVec::new(
                 Opts::new(
                     "kinesis_lease_events_total",
-                    "Shard lease changes of this replica, by kind (taken, stolen, lost, released, finished)",
+                    "Shard lease changes of this replica, by kind (taken, stolen, lost, released, finished, stalled)",
                 ),
                 &["kind"],
             )?,

@@ -127,6 +127,37 @@ pub trait RecordSink: Send + Sync + 'static {
     fn deliver(&self, batch: &ShardBatch) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
 
+/// When a shard reader last finished a step; the coordinator renews the lease of a reader
+/// only while this is recent, so a reader stuck in a call that never returns loses its shard.
+#[derive(Debug, Clone)]
+pub(crate) struct Heartbeat {
+    base: std::time::Instant,
+    /// Milliseconds after `base` of the last step.
+    last: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Heartbeat {
+    pub(crate) fn new() -> Self {
+        Self {
+            base: std::time::Instant::now(),
+            last: Arc::default(),
+        }
+    }
+
+    /// Records a finished step.
+    pub(crate) fn beat(&self) {
+        let now = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long ago the last step finished.
+    pub(crate) fn age(&self) -> std::time::Duration {
+        let last =
+            std::time::Duration::from_millis(self.last.load(std::sync::atomic::Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(last)
+    }
+}
+
 /// What readers and the coordinator share.
 #[derive(Debug)]
 pub(crate) struct Shared {

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::{
-    KinesisRecord, RecordSink, ShardBatch, Shared,
+    Heartbeat, KinesisRecord, RecordSink, ShardBatch, Shared,
     backoff::Backoff,
     call::{CallError, Operation},
     config::MIN_GET_RECORDS_INTERVAL,
@@ -80,6 +80,8 @@ pub(crate) struct Reader<S> {
     backoff: Backoff,
     /// Lag last written to the database, so an idle shard does not write on every poll.
     stored_lag: Option<i64>,
+    /// Beaten after every finished step; see [`Heartbeat`].
+    heartbeat: Heartbeat,
 }
 
 impl<S: RecordSink> Reader<S> {
@@ -90,6 +92,7 @@ impl<S: RecordSink> Reader<S> {
         position: Position,
         paused: watch::Receiver<bool>,
         cancel: CancellationToken,
+        heartbeat: Heartbeat,
     ) -> Self {
         let backoff = Backoff::new(shared.settings.backoff_initial, shared.settings.backoff_max);
         Self {
@@ -101,6 +104,7 @@ impl<S: RecordSink> Reader<S> {
             cancel,
             backoff,
             stored_lag: None,
+            heartbeat,
         }
     }
 
@@ -127,6 +131,7 @@ impl<S: RecordSink> Reader<S> {
         let mut iterator: Option<String> = None;
         let mut last_call: Option<Instant> = None;
         loop {
+            self.heartbeat.beat();
             if *self.paused.borrow() {
                 if !self.wait_while_paused().await {
                     return Exit::Cancelled;
@@ -323,7 +328,9 @@ impl<S: RecordSink> Reader<S> {
                 first_sequence_number = %batch.first_sequence_number(),
                 last_sequence_number = %batch.last_sequence_number(),
             );
-            match self.sink.deliver(batch).instrument(span).await {
+            let delivered = self.sink.deliver(batch).instrument(span).await;
+            self.heartbeat.beat();
+            match delivered {
                 Ok(()) => {
                     self.shared.metrics.delivered(true);
                     self.backoff.reset();
@@ -357,6 +364,7 @@ impl<S: RecordSink> Reader<S> {
                 } => lease::checkpoint(&self.shared.db, &self.token, sequence_number, lag).await,
                 Write::Finish => lease::finish(&self.shared.db, &self.token).await,
             };
+            self.heartbeat.beat();
             match result {
                 Ok(held) => return Some(held),
                 Err(error) => {
@@ -409,12 +417,14 @@ impl<S: RecordSink> Reader<S> {
         resumed
     }
 
-    /// Sleeps until `deadline`; `false` when cancelled first.
+    /// Sleeps until `deadline`; `false` when cancelled first. A wait is a step: it ends.
     async fn sleep_until(&self, deadline: Instant) -> bool {
-        tokio::select! {
+        let slept = tokio::select! {
             () = self.cancel.cancelled() => false,
             () = tokio::time::sleep_until(deadline) => true,
-        }
+        };
+        self.heartbeat.beat();
+        slept
     }
 }
 
