@@ -11,9 +11,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load()?;
     let telemetry = mall_telemetry::init(sync_relay::SERVICE, &settings.telemetry)?;
-    App::build(settings)
-        .await?
-        .run_until(mall_grpc::shutdown_signal())
-        .await?;
+    // Before the listeners exist: a SIGTERM as soon as they answer is a clean shutdown.
+    let shutdown = mall_grpc::shutdown_signal();
+    App::build(settings).await?.run_until(shutdown).await?;
     telemetry.shutdown()
 }
