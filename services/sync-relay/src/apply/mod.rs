@@ -269,12 +269,12 @@ impl Applier {
         let receipts: Vec<Receipt> = messages.iter().map(|m| m.receipt.clone()).collect();
         let origin = |change: &ProductChange| origins.of(change);
         let applied = Applied::of(&changes);
-        self.apply_changes("lanes", &receipts, changes, &origin, false, shutdown)
+        let label = lane_numbers(lanes.iter().map(|(lane, _, _)| lane.as_str()));
+        self.apply_changes(&label, &receipts, changes, &origin, false, shutdown)
             .await?;
         let ids: Vec<String> = messages.iter().map(|m| m.message_id.clone()).collect();
         let retried = messages.iter().any(|m| m.receive_count > 1);
-        self.finish("lanes", &receipts, &ids, retried, applied)
-            .await;
+        self.finish(&label, &receipts, &ids, retried, applied).await;
         Ok(())
     }
 
@@ -284,7 +284,11 @@ impl Applier {
         messages: Vec<ReceivedMessage>,
         shutdown: &CancellationToken,
     ) -> LaneOutcome {
-        let span = tracing::info_span!("relay.apply", lane = %lane, messages = messages.len());
+        let span = tracing::info_span!(
+            "relay.apply",
+            lanes = %lane_numbers([lane.as_str()]),
+            messages = messages.len()
+        );
         if let Some(traceparent) = messages
             .first()
             .and_then(|m| m.attributes.get(mall_telemetry::propagation::TRACEPARENT))
@@ -304,6 +308,7 @@ impl Applier {
     ) -> LaneOutcome {
         let receipts: Vec<Receipt> = messages.iter().map(|m| m.receipt.clone()).collect();
         let ids: Vec<String> = messages.iter().map(|m| m.message_id.clone()).collect();
+        let label = lane_numbers([lane]);
         let Decoded { changes, origins } = match decode_all(lane, &messages) {
             Ok(decoded) => decoded,
             Err(error) => {
@@ -315,7 +320,7 @@ impl Applier {
         let origin = |change: &ProductChange| origins.of(change);
         let applied = Applied::of(&changes);
         match self
-            .apply_changes(lane, &receipts, changes, &origin, true, shutdown)
+            .apply_changes(&label, &receipts, changes, &origin, true, shutdown)
             .await
         {
             Ok(()) => {}
@@ -327,7 +332,7 @@ impl Applier {
             }
         }
         let retried = messages.iter().any(|m| m.receive_count > 1);
-        self.finish(lane, &receipts, &ids, retried, applied).await;
+        self.finish(&label, &receipts, &ids, retried, applied).await;
         LaneOutcome::Applied
     }
 
@@ -420,7 +425,7 @@ impl Applier {
                      (the lane waits, nothing is dead-lettered): {error}"
                 ));
                 tracing::error!(
-                    lane = label,
+                    lanes = label,
                     error = %error,
                     "the catalog refuses requests as a whole; waiting for an operator"
                 );
@@ -432,7 +437,7 @@ impl Applier {
                     .inc();
                 self.control
                     .record_error(format!("catalog unavailable: {error}"));
-                tracing::warn!(lane = label, error = %error, "catalog unavailable; retrying");
+                tracing::warn!(lanes = label, error = %error, "catalog unavailable; retrying");
             }
             Failure::Refused(_) | Failure::TooLarge => {}
         }
@@ -450,10 +455,10 @@ impl Applier {
     ) {
         if let Err(error) = self.queue.delete(receipts).await {
             // The catalog has the changes; a redelivery is a no-op under the version guard.
-            tracing::warn!(lane = label, error = %error, "failed to delete applied messages");
+            tracing::warn!(lanes = label, error = %error, "failed to delete applied messages");
         }
         if retried && let Err(error) = self.store.clear_apply_failures(ids).await {
-            tracing::warn!(lane = label, error = %error, "failed to clear recorded apply failures");
+            tracing::warn!(lanes = label, error = %error, "failed to clear recorded apply failures");
         }
         self.control.record_applied(applied.count);
         let now = SystemTime::now();
@@ -472,7 +477,7 @@ impl Applier {
     /// count towards dead-lettering a message that was applied each time.
     async fn keep_visible<T>(
         &self,
-        lane: &str,
+        lanes: &str,
         receipts: &[Receipt],
         visible_until: &mut Instant,
         work: impl Future<Output = T>,
@@ -493,7 +498,7 @@ impl Applier {
                         if let Err(error) =
                             self.queue.change_visibility(receipt, self.visibility).await
                         {
-                            tracing::warn!(lane, error = %error, "failed to extend visibility");
+                            tracing::warn!(lanes, error = %error, "failed to extend visibility");
                         }
                     }
                     *visible_until = renewed;
@@ -532,7 +537,7 @@ impl Applier {
 
     async fn quarantine_refused(
         &self,
-        lane: &str,
+        lanes: &str,
         origin: Origin<'_>,
         refused: Vec<(usize, ProductChange)>,
         reasons: &BTreeMap<usize, String>,
@@ -555,7 +560,7 @@ impl Applier {
             })
             .collect();
         tracing::warn!(
-            lane,
+            lanes,
             refused = records.len(),
             "the catalog refused changes; quarantining them"
         );
@@ -571,6 +576,15 @@ impl Applier {
             backoff = (backoff * 2).min(self.settings.retry_backoff_max);
         }
     }
+}
+
+/// The lane numbers of queue groups (`lane-3`), comma-separated, for logs: `3` or `1,3,7`.
+fn lane_numbers<'a>(groups: impl IntoIterator<Item = &'a str>) -> String {
+    groups
+        .into_iter()
+        .map(|group| group.strip_prefix("lane-").unwrap_or(group))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `backoff` with jitter, between half and all of it, so replicas waiting on the same outage
