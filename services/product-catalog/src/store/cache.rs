@@ -1,14 +1,21 @@
 //! A bounded in-memory cache of products for GetProduct and BatchGetProducts, so the read
 //! path other teams hit all day is a map lookup rather than a database round trip.
 //!
-//! Consistency:
+//! Storage and eviction are quick_cache's (a concurrent S3-FIFO cache: recently and often
+//! read products stay, one-off reads do not push them out). What is ours is consistency:
 //! - a write on this replica removes its products from the cache when it commits, so a
 //!   caller reads its own writes;
 //! - writes on other replicas reach the cache through the change log, which a follower task
 //!   reads every `catalog.watch_poll_interval`: another replica's write is visible here
 //!   within that interval (plus the time to read the log);
-//! - a read that raced a write is not cached: entries are stored only when no invalidation
-//!   happened between the start of the database read and the insert (a generation counter);
+//! - a read that raced a write of the *same* product is not cached. Every invalidation
+//!   records, per product, the generation it happened at; a database read takes a ticket (the
+//!   generation before it started) and its products are cached only where no invalidation of
+//!   that product came after the ticket. Invalidation and insertion of one product hold the
+//!   same stripe lock, so one always sees the other. A steady stream of writes to other
+//!   products does not stop anything from being cached;
+//! - invalidations are remembered for [`RACE_WINDOW`]; a read that took longer than that
+//!   is not cached at all;
 //! - when the follower cannot read the change log (database down, fell behind retention),
 //!   the cache is emptied rather than left to go stale.
 
@@ -19,12 +26,18 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use mall_proto::catalog::v1::Product;
 
-/// Shards: callers on different products rarely wait on one another's lock.
-const SHARDS: usize = 16;
+/// Stripes of the per-product invalidation record: writers and readers of different products
+/// rarely share a lock.
+const STRIPES: usize = 64;
+
+/// How long an invalidation is remembered, and so the longest database read whose products
+/// are still cached (reads take milliseconds; the statement timeout is 30 s).
+pub const RACE_WINDOW: Duration = Duration::from_secs(10);
 
 /// The cache; cheap to clone (clones share entries).
 #[derive(Debug, Clone)]
@@ -34,16 +47,28 @@ pub struct ProductCache {
 
 #[derive(Debug)]
 struct Inner {
-    shards: Vec<Mutex<HashMap<String, Arc<Product>>>>,
-    per_shard: usize,
+    products: quick_cache::sync::Cache<String, Arc<Product>>,
+    stripes: Vec<Mutex<Stripe>>,
     hasher: RandomState,
-    /// Bumped by every invalidation; see the module docs.
+    /// Bumped by every invalidation.
     generation: AtomicU64,
+}
+
+/// The invalidations of one stripe's products.
+#[derive(Debug, Default)]
+struct Stripe {
+    /// Product code → generation and time of its last invalidation.
+    invalidated: HashMap<String, (u64, Instant)>,
+    /// Generation of the last [`ProductCache::clear`]: tickets before it cache nothing.
+    cleared: u64,
 }
 
 /// Taken before a database read, handed to [`ProductCache::insert`] after it.
 #[derive(Debug, Clone, Copy)]
-pub struct Ticket(u64);
+pub struct Ticket {
+    generation: u64,
+    taken: Instant,
+}
 
 impl ProductCache {
     /// A cache of at most `capacity` products; 0 disables caching.
@@ -53,8 +78,8 @@ impl ProductCache {
         }
         Self {
             inner: Some(Arc::new(Inner {
-                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-                per_shard: capacity.div_ceil(SHARDS),
+                products: quick_cache::sync::Cache::new(capacity),
+                stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
                 hasher: RandomState::new(),
                 generation: AtomicU64::new(0),
             })),
@@ -63,43 +88,43 @@ impl ProductCache {
 
     /// The cached product with `code`.
     pub fn get(&self, code: &str) -> Option<Arc<Product>> {
-        let inner = self.inner.as_ref()?;
-        inner.shard(code).lock().ok()?.get(code).cloned()
+        self.inner.as_ref()?.products.get(code)
     }
 
     /// Call before reading products from the database, to cache what the read returns.
     pub fn ticket(&self) -> Ticket {
-        Ticket(
-            self.inner
+        Ticket {
+            generation: self
+                .inner
                 .as_ref()
                 .map_or(0, |i| i.generation.load(Ordering::Acquire)),
-        )
+            taken: Instant::now(),
+        }
     }
 
-    /// Caches `products` read under `ticket`, unless an invalidation happened since.
+    /// Caches `products` read under `ticket`, except those invalidated since it was taken.
     pub fn insert(&self, ticket: Ticket, products: impl IntoIterator<Item = Product>) {
         let Some(inner) = &self.inner else {
             return;
         };
+        if ticket.taken.elapsed() >= RACE_WINDOW {
+            // Invalidations that old may be forgotten: nothing proves the read is current.
+            return;
+        }
         for product in products {
-            let Ok(mut shard) = inner.shard(&product.code).lock() else {
+            let Ok(stripe) = inner.stripe(&product.code).lock() else {
                 return;
             };
-            // Checked under the shard lock: an invalidation of this code either happened
-            // before (generation moved: skip) or waits for the lock and removes it after.
-            if inner.generation.load(Ordering::Acquire) != ticket.0 {
-                return;
+            let invalidated_since = ticket.generation < stripe.cleared
+                || stripe
+                    .invalidated
+                    .get(&product.code)
+                    .is_some_and(|(generation, _)| *generation > ticket.generation);
+            if !invalidated_since {
+                inner
+                    .products
+                    .insert(product.code.clone(), Arc::new(product));
             }
-            if shard.len() >= inner.per_shard && !shard.contains_key(&product.code) {
-                // Full: forget an arbitrary half. Simple, bounded, and a miss only costs a read.
-                let keep = inner.per_shard / 2;
-                let mut seen = 0;
-                shard.retain(|_, _| {
-                    seen += 1;
-                    seen <= keep
-                });
-            }
-            shard.insert(product.code.clone(), Arc::new(product));
         }
     }
 
@@ -108,11 +133,17 @@ impl ProductCache {
         let Some(inner) = &self.inner else {
             return;
         };
-        inner.generation.fetch_add(1, Ordering::AcqRel);
+        let generation = inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let now = Instant::now();
         for code in codes {
-            if let Ok(mut shard) = inner.shard(code).lock() {
-                shard.remove(code);
-            }
+            let Ok(mut stripe) = inner.stripe(code).lock() else {
+                continue;
+            };
+            stripe.forget_expired(now);
+            stripe
+                .invalidated
+                .insert(code.to_owned(), (generation, now));
+            inner.products.remove(code);
         }
     }
 
@@ -121,23 +152,19 @@ impl ProductCache {
         let Some(inner) = &self.inner else {
             return;
         };
-        inner.generation.fetch_add(1, Ordering::AcqRel);
-        for shard in &inner.shards {
-            if let Ok(mut shard) = shard.lock() {
-                shard.clear();
-            }
+        let generation = inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        // Every stripe is locked while clearing: no insert of an older read slips in after.
+        let mut stripes: Vec<_> = inner.stripes.iter().filter_map(|s| s.lock().ok()).collect();
+        for stripe in &mut stripes {
+            stripe.cleared = generation;
+            stripe.invalidated.clear();
         }
+        inner.products.clear();
     }
 
     /// Products cached now.
     pub fn len(&self) -> usize {
-        self.inner.as_ref().map_or(0, |inner| {
-            inner
-                .shards
-                .iter()
-                .map(|s| s.lock().map_or(0, |s| s.len()))
-                .sum()
-        })
+        self.inner.as_ref().map_or(0, |inner| inner.products.len())
     }
 
     /// Whether nothing is cached.
@@ -147,10 +174,22 @@ impl ProductCache {
 }
 
 impl Inner {
-    fn shard(&self, code: &str) -> &Mutex<HashMap<String, Arc<Product>>> {
-        let index = usize::try_from(self.hasher.hash_one(code) % SHARDS as u64)
-            .expect("a remainder of 16 fits a usize");
-        &self.shards[index]
+    fn stripe(&self, code: &str) -> &Mutex<Stripe> {
+        let index = usize::try_from(self.hasher.hash_one(code) % STRIPES as u64)
+            .expect("a remainder of 64 fits a usize");
+        &self.stripes[index]
+    }
+}
+
+impl Stripe {
+    /// Drops invalidations older than [`RACE_WINDOW`]; a ticket that old caches nothing.
+    /// Amortized: only when the record has grown since the last sweep.
+    fn forget_expired(&mut self, now: Instant) {
+        if self.invalidated.len() < 1_024 || !self.invalidated.len().is_multiple_of(256) {
+            return;
+        }
+        self.invalidated
+            .retain(|_, (_, at)| now.duration_since(*at) < RACE_WINDOW);
     }
 }
 
@@ -167,7 +206,7 @@ mod tests {
     }
 
     #[test]
-    fn a_read_that_raced_a_write_is_not_cached() {
+    fn a_read_that_raced_a_write_of_its_product_is_not_cached() {
         let cache = ProductCache::new(100);
         let ticket = cache.ticket();
         cache.invalidate(["A"]);
@@ -178,6 +217,28 @@ mod tests {
         assert_eq!(cache.get("A").map(|p| p.version), Some(2));
         cache.invalidate(["A"]);
         assert!(cache.get("A").is_none());
+    }
+
+    #[test]
+    fn writes_to_other_products_do_not_stop_caching() {
+        let cache = ProductCache::new(100);
+        let ticket = cache.ticket();
+        for i in 0..1_000 {
+            cache.invalidate([format!("OTHER-{i}").as_str()]);
+        }
+        cache.insert(ticket, [product("A", 1)]);
+        assert_eq!(cache.get("A").map(|p| p.version), Some(1));
+    }
+
+    #[test]
+    fn a_clear_refuses_reads_from_before_it() {
+        let cache = ProductCache::new(100);
+        let ticket = cache.ticket();
+        cache.clear();
+        cache.insert(ticket, [product("A", 1)]);
+        assert!(cache.is_empty());
+        cache.insert(cache.ticket(), [product("A", 2)]);
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]
