@@ -1,8 +1,9 @@
 //! Chaos tests of issue 5: the relay as a real process, killed with SIGKILL again and again
 //! while tens of thousands of shuffled changes and a few hundred malformed records flow
-//! through it, with the catalog away for a while; then every product must be at its highest
-//! version, the catalog's change stream must never have shown a product going back, and the
-//! quarantine must hold exactly the malformed records. And two replicas on one Kinesis stream
+//! through it, with the catalog away for a while (and, on PostgreSQL, every catalog database
+//! connection terminated three times); then every field of every product must equal its
+//! changes applied in version order, the catalog's change stream must never have shown a
+//! product going back, and the quarantine must hold exactly the malformed records. And two replicas on one Kinesis stream
 //! splitting its shards and taking over from each other.
 //!
 //! The relay runs from its binary with `SYNC_RELAY__*` settings and JSON logs; the catalog runs
@@ -99,6 +100,10 @@ enum Event {
     Kill,
     /// Stop the catalog for a few seconds, killing the relay once meanwhile.
     Outage,
+    /// Terminate every PostgreSQL connection of the catalog's database
+    /// (`pg_terminate_backend`), as a failover or a network cut would: in-flight statements
+    /// fail, the pool reconnects, and callers must see UNAVAILABLE, never INTERNAL.
+    CutDatabase,
 }
 
 /// When each event happens: once the producer's progress reaches a threshold (chunks sent or
@@ -117,6 +122,33 @@ fn schedule(total: usize, rng: &mut fastrand::Rng) -> Vec<(usize, Event)> {
         (at(0.68, rng), Event::Kill),
         (at(0.82, rng), Event::Kill),
     ]
+}
+
+/// [`schedule`] plus three cuts of the catalog's database connections (PostgreSQL only).
+fn schedule_with_database_cuts(total: usize, rng: &mut fastrand::Rng) -> Vec<(usize, Event)> {
+    let mut events = schedule(total, rng);
+    for share in [0.17, 0.45, 0.75] {
+        events.push(((share * total as f64) as usize, Event::CutDatabase));
+    }
+    events.sort_by_key(|(at, _)| *at);
+    events
+}
+
+/// Terminates every other connection to the database at `url`; returns how many.
+async fn terminate_connections(url: &str) -> u64 {
+    use sea_orm::ConnectionTrait as _;
+    let db = sea_orm::Database::connect(url)
+        .await
+        .expect("the test PostgreSQL answers");
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        ))
+        .await
+        .expect("pg_terminate_backend runs");
+    rows.len() as u64
 }
 
 /// Runs `events` as the producer's `progress` reaches each one, each after a random delay
@@ -149,6 +181,11 @@ async fn run_chaos(
             Event::Kill => {
                 relay.kill().await;
                 relay.restart().await;
+            }
+            Event::CutDatabase => {
+                let url = catalog.as_ref().expect("the catalog runs").database.url();
+                let cut = terminate_connections(url).await;
+                println!("        terminated {cut} catalog database connections");
             }
             Event::Outage => {
                 let (database, addr) = catalog.take().expect("the catalog runs").stop().await;
@@ -365,7 +402,7 @@ async fn chaos_on_sqs_kinesis_and_postgres() {
         put,
     ));
     run_chaos(
-        schedule(records, &mut rng),
+        schedule_with_database_cuts(records, &mut rng),
         Duration::from_millis(400),
         progress,
         &mut relay,
