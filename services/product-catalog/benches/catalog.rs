@@ -5,7 +5,9 @@
 //!    one hand-written multi-row `INSERT ... ON CONFLICT DO UPDATE` statement through the
 //!    same driver (sqlx via sea-orm) into a table of the same shape;
 //! 2. GetProduct requests/s and p50/p99 latency at several concurrency levels, next to the
-//!    trivial RPC of the same server (grpc.health.v1 Check).
+//!    trivial RPC of the same server (grpc.health.v1 Check);
+//! 3. the same at 32 callers while BulkUpdateProducts writes 5,000 partial changes/s to
+//!    random products (the relay's steady load), so the read cache's invalidation shows.
 //!
 //! Run with `scripts/bench.sh catalog` (it provides PostgreSQL); the results replace the
 //! product-catalog section of BENCHMARKS.md.
@@ -40,6 +42,11 @@ const IN_FLIGHT: [usize; 2] = [1, 2];
 const READ_WINDOW: Duration = Duration::from_secs(4);
 /// Concurrent callers for the read measurements.
 const CONCURRENCY: [usize; 4] = [1, 8, 32, 128];
+/// Changes per second written during the read-under-write measurement, and per request.
+const WRITE_LOAD: usize = 5_000;
+const WRITE_BATCH: usize = 100;
+/// Callers of the read-under-write measurement.
+const UNDER_WRITE_CONCURRENCY: usize = 32;
 
 /// The allocator the service binary uses, so the benchmark measures what runs in production.
 #[global_allocator]
@@ -132,19 +139,7 @@ async fn run() -> anyhow::Result<()> {
     for concurrency in CONCURRENCY {
         let get = get_products(concurrency, &catalog).await;
         let from_database = get_products(concurrency, &uncached).await;
-        let health_channel = channel.clone();
-        let health = measure(concurrency, move || {
-            let mut client = HealthClient::new(health_channel.clone());
-            async move {
-                client
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .map(|_| ())
-            }
-        })
-        .await;
+        let health = health_checks(concurrency, &channel).await;
         eprintln!(
             "  concurrency {concurrency}: GetProduct {:.0}/s p50 {:?} p99 {:?}; uncached {:.0}/s p50 {:?} p99 {:?}; Check {:.0}/s p50 {:?} p99 {:?}",
             get.rate,
@@ -160,10 +155,91 @@ async fn run() -> anyhow::Result<()> {
         reads.push((concurrency, get, from_database, health));
     }
 
+    eprintln!("reads while {WRITE_LOAD} changes/s are written");
+    let stop_writing = CancellationToken::new();
+    let writer = tokio::spawn(write_load(
+        catalog.clone(),
+        version + 1,
+        stop_writing.clone(),
+    ));
+    let get = get_products(UNDER_WRITE_CONCURRENCY, &catalog).await;
+    let health = health_checks(UNDER_WRITE_CONCURRENCY, &channel).await;
+    stop_writing.cancel();
+    let written = writer.await??;
+    eprintln!(
+        "  GetProduct {:.0}/s p99 {:?}; Check {:.0}/s p99 {:?}; {written:.0} changes/s written",
+        get.rate, get.p99, health.rate, health.p99
+    );
+    let under_write = (get, health, written);
+
     shutdown.cancel();
     server.await??;
     uncached_server.await??;
-    write_report(&bulk_rounds, &reads)
+    write_report(&bulk_rounds, &reads, under_write)
+}
+
+/// Writes [`WRITE_LOAD`] partial changes (prices) per second to random products, in requests
+/// of [`WRITE_BATCH`], from `first_version` up, until `stop`; the rate achieved.
+async fn write_load(
+    client: ProductCatalogServiceClient<Channel>,
+    first_version: u64,
+    stop: CancellationToken,
+) -> anyhow::Result<f64> {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(
+        WRITE_BATCH as f64 / WRITE_LOAD as f64,
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let start = Instant::now();
+    let mut written = 0usize;
+    let mut version = first_version;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        version += 1;
+        let mut codes: Vec<usize> = (0..WRITE_BATCH)
+            .map(|_| fastrand::usize(..PRODUCTS))
+            .collect();
+        codes.sort_unstable();
+        codes.dedup();
+        let updates = codes
+            .iter()
+            .map(|&i| ProductUpdate {
+                product: Some(bench::product(i, version)),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["prices".into()],
+                }),
+            })
+            .collect::<Vec<_>>();
+        written += updates.len();
+        client
+            .clone()
+            .bulk_update_products(BulkUpdateProductsRequest {
+                request_id: String::new(),
+                product_type: "apparel".into(),
+                updates,
+            })
+            .await?;
+    }
+    Ok(written as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Health Check from `concurrency` tasks, through [`measure`].
+async fn health_checks(concurrency: usize, channel: &Channel) -> Reads {
+    let channel = channel.clone();
+    measure(concurrency, move || {
+        let mut client = HealthClient::new(channel.clone());
+        async move {
+            client
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|_| ())
+        }
+    })
+    .await
 }
 
 /// Sends every product in requests of [`BATCH`], one at a time; rows/s.
@@ -341,6 +417,7 @@ fn median(values: &[f64]) -> f64 {
 fn write_report(
     bulk_rounds: &[(usize, Vec<(f64, f64)>)],
     reads: &[(usize, Reads, Reads, Reads)],
+    (get, health, written): (Reads, Reads, f64),
 ) -> anyhow::Result<()> {
     let mut section = String::new();
     writeln!(section, "## product-catalog\n")?;
@@ -362,7 +439,8 @@ fn write_report(
          table of the same shape, rows encoded the same way. BulkUpdateProducts also \
          encodes, sends and decodes the gRPC request, validates it, locks and reads the stored \
          rows, plans each item under the version guard and appends every applied change to \
-         the change log (a second row per item), all in one transaction.\n"
+         the change log (a second row per item), all in one transaction. Since the per-field \
+         version guard, each row also carries seven field versions (19 values a row).\n"
     )?;
     writeln!(
         section,
@@ -434,6 +512,27 @@ fn write_report(
             get.rate / health.rate
         )?;
     }
+    writeln!(
+        section,
+        "\n### GetProduct while the relay's load is written\n\n\
+         {UNDER_WRITE_CONCURRENCY} callers for {}s each, GetProduct then Check, while \
+         BulkUpdateProducts writes partial changes (prices) of {WRITE_BATCH} random products \
+         per request, paced at {WRITE_LOAD} changes/s ({written:.0}/s achieved). Each write \
+         invalidates its products in the read cache; the others stay cached.\n",
+        READ_WINDOW.as_secs()
+    )?;
+    writeln!(
+        section,
+        "| GetProduct /s | p50 | p99 | Check /s | p50 | p99 | ratio (target ≥ 0.6) |\n|---|---|---|---|---|---|---|\n\
+         | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} |",
+        get.rate,
+        ms(get.p50),
+        ms(get.p99),
+        health.rate,
+        ms(health.p50),
+        ms(health.p99),
+        get.rate / health.rate
+    )?;
     bench::replace_section("product-catalog", &section)
 }
 
