@@ -842,11 +842,10 @@ fn whole_secs(duration: Duration) -> i32 {
     i32::try_from(secs).unwrap_or(i32::MAX)
 }
 
-/// Jittered exponential backoff: 50 ms doubling per attempt, at most 5 s, times 0.5 to 1.
+/// The wait before retrying failed entries after `attempt` attempts: the shared policy
+/// (`mall_retry`), from 50 ms doubling up to 5 s.
 fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(50).saturating_mul(1 << attempt.min(7));
-    base.min(Duration::from_secs(5))
-        .mul_f64(0.5 + fastrand::f64() / 2.0)
+    mall_retry::Backoff::after(Duration::from_millis(50), Duration::from_secs(5), attempt)
 }
 
 #[cfg(test)]

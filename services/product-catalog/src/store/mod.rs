@@ -146,11 +146,10 @@ fn db_error(error: DbErr, action: &'static str) -> ServiceError {
     ServiceError::Internal(anyhow::Error::new(error).context(action))
 }
 
-/// How long to wait before attempt `attempt` (1-based) of a conflicted write: exponential
-/// from 5 ms, capped at 500 ms, with full jitter so retrying writers spread out.
-fn backoff(attempt: u32) -> Duration {
-    let cap = 5u64.saturating_mul(1 << attempt.min(7)).min(500);
-    Duration::from_millis(fastrand::u64(1..=cap))
+/// The retries of a conflicted write: the shared policy (`mall_retry`) from 10 ms doubling up
+/// to 500 ms, jittered so retrying writers spread out.
+fn backoff() -> mall_retry::Backoff {
+    mall_retry::Backoff::new(Duration::from_millis(10), Duration::from_millis(500))
 }
 
 /// Microseconds since the Unix epoch.

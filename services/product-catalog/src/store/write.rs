@@ -82,6 +82,7 @@ impl Store {
         on_refusal: OnRefusal,
     ) -> Result<WriteOutcome, ServiceError> {
         let mut retries = 0;
+        let mut delays = backoff();
         loop {
             let error = match self
                 .attempt_bulk_write(request_id, writes, on_refusal)
@@ -112,7 +113,7 @@ impl Store {
                 ));
             }
             tracing::debug!(retries, %error, "write conflicted; retrying");
-            tokio::time::sleep(backoff(retries)).await;
+            tokio::time::sleep(delays.next_delay()).await;
         }
     }
 

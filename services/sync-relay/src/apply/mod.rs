@@ -43,6 +43,7 @@ use std::{
 use futures::future::join_all;
 use mall_proto::sync::v1::{ProductChange, ProductChangeBatch};
 use mall_queue::{Queue, Receipt, ReceivedMessage, decode_body};
+use mall_retry::Backoff;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -125,7 +126,7 @@ impl Applier {
     /// Never; failures are logged, recorded and retried.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut paused = self.control.paused();
-        let mut backoff = self.settings.retry_backoff_initial;
+        let mut backoff = self.backoff();
         loop {
             if *paused.borrow_and_update() {
                 tokio::select! {
@@ -136,15 +137,14 @@ impl Applier {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 result = self.run_once(&shutdown) => match result {
-                    Ok(_) => backoff = self.settings.retry_backoff_initial,
+                    Ok(_) => backoff.reset(),
                     Err(error) => {
                         tracing::warn!(error = %error, "failed to receive from the queue");
                         self.control.record_error(format!("failed to receive from the queue: {error}"));
                         tokio::select! {
                             () = shutdown.cancelled() => return Ok(()),
-                            () = tokio::time::sleep(backoff) => {}
+                            () = tokio::time::sleep(backoff.next_delay()) => {}
                         }
-                        backoff = (backoff * 2).min(self.settings.retry_backoff_max);
                     }
                 },
             }
@@ -353,7 +353,7 @@ impl Applier {
         let mut visible_until = Instant::now() + self.visibility;
         let mut pending: VecDeque<TypeBatch> = merge::merge(changes).into();
         while let Some(mut batch) = pending.pop_front() {
-            let mut backoff = self.settings.retry_backoff_initial;
+            let mut backoff = self.backoff();
             loop {
                 let applied = apply_batch(
                     &self.catalog,
@@ -399,17 +399,24 @@ impl Applier {
                     Err(failure @ (Failure::Transient(_) | Failure::Operator(_))) => {
                         self.record_wait(label, &failure);
                         // The messages stay ours while the outage or misconfiguration lasts.
-                        let wait = tokio::time::sleep(jittered(backoff));
+                        let wait = tokio::time::sleep(backoff.next_delay());
                         tokio::select! {
                             () = shutdown.cancelled() => return Err(Stopped::Shutdown),
                             () = self.keep_visible(label, receipts, &mut visible_until, wait) => {}
                         }
-                        backoff = (backoff * 2).min(self.settings.retry_backoff_max);
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// A retry sequence from `apply.retry_backoff_initial` to `retry_backoff_max`.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(
+            self.settings.retry_backoff_initial,
+            self.settings.retry_backoff_max,
+        )
     }
 
     /// Counts, logs and shows in the relay's status why a batch waits.
@@ -525,8 +532,11 @@ impl Applier {
         if let Err(failure) = self.store.record_apply_failure(ids, error).await {
             tracing::warn!(error = %failure, "failed to record an apply failure");
         }
-        let delay = (self.settings.retry_backoff_initial * 2u32.saturating_pow(attempt.min(16)))
-            .min(self.settings.retry_backoff_max);
+        let delay = Backoff::after(
+            self.settings.retry_backoff_initial,
+            self.settings.retry_backoff_max,
+            attempt,
+        );
         for receipt in receipts {
             if let Err(error) = self.queue.change_visibility(receipt, delay).await {
                 tracing::warn!(error = %error, "failed to give a message back; it returns when its visibility expires");
@@ -569,11 +579,10 @@ impl Applier {
             .with_label_values(&["apply"])
             .inc_by(records.len() as u64);
         // Retried until it works: the refused changes must not vanish.
-        let mut backoff = self.settings.retry_backoff_initial;
+        let mut backoff = self.backoff();
         while let Err(error) = self.store.quarantine(&records).await {
             tracing::warn!(error = %error, "failed to quarantine refused changes; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.settings.retry_backoff_max);
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 }
@@ -585,13 +594,6 @@ fn lane_numbers<'a>(groups: impl IntoIterator<Item = &'a str>) -> String {
         .map(|group| group.strip_prefix("lane-").unwrap_or(group))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// `backoff` with jitter, between half and all of it, so replicas waiting on the same outage
-/// do not retry in step.
-fn jittered(backoff: Duration) -> Duration {
-    let half = backoff / 2;
-    half + half.mul_f64(fastrand::f64())
 }
 
 /// The highest delivery count among `messages`: how many times this lane was tried.

@@ -21,12 +21,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use mall_retry::Backoff;
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::{
     Heartbeat, RecordSink, Shared,
-    backoff::Backoff,
     call::{CallError, Operation},
     lease::{self, LeaseToken, entity::Model, is_leased, now_ms},
     reader::{Exit, Position, Reader},

@@ -21,12 +21,11 @@
 //! - `shards`: shard listing and which leases a replica takes (the balance rule).
 //! - `reader`: the loop of one leased shard.
 //! - `coordinator`: a replica's lease loop, starting and stopping readers.
-//! - `call`, `backoff`, `metrics`: error classes of Kinesis calls, jittered backoff, Prometheus.
+//! - `call`, `metrics`: error classes of Kinesis calls, Prometheus (backoff: `mall_retry`).
 
 pub mod config;
 pub mod lease;
 
-mod backoff;
 mod call;
 mod coordinator;
 mod metrics;

@@ -19,13 +19,13 @@ use std::sync::Arc;
 use aws_sdk_kinesis::types::ShardIteratorType;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use mall_retry::Backoff;
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::{
     Heartbeat, KinesisRecord, RecordSink, ShardBatch, Shared,
-    backoff::Backoff,
     call::{CallError, Operation},
     config::MIN_GET_RECORDS_INTERVAL,
     lease::{self, LeaseToken, entity::Model},
