@@ -6,11 +6,13 @@ use std::time::Duration;
 use mall_proto::catalog::v1::{
     BulkUpdateProductsRequest, ListPendingProductsRequest, ListProductsRequest, Product,
     ProductStatus, ProductUpdate, UpdateOutcome, WatchProductChangesRequest,
+    WatchProductChangesResponse,
 };
 use mall_test_support::{Engine, TestDatabase};
 use product_catalog::migration::Migrator;
 use sea_orm::{ConnectionTrait as _, Database};
 use sea_orm_migration::MigratorTrait as _;
+use tonic::Streaming;
 
 use crate::both_engines;
 use crate::helpers::{TestCatalog, bag, bulk_of, partial, shoe, violations};
@@ -39,6 +41,28 @@ fn marked(code: &str, version: u64) -> Product {
     product.status = [1, 2, 3, 4][(version % 4) as usize];
     product.descriptions = [("en".to_owned(), format!("d{version}"))].into();
     product
+}
+
+/// A WatchProductChanges stream of changes committed from now on.
+async fn watch_from_now(catalog: &TestCatalog) -> Streaming<WatchProductChangesResponse> {
+    catalog
+        .client
+        .clone()
+        .watch_product_changes(WatchProductChangesRequest::default())
+        .await
+        .expect("watch starts")
+        .into_inner()
+}
+
+/// The next message of `stream`, within 20 s.
+async fn next_message(
+    stream: &mut Streaming<WatchProductChangesResponse>,
+) -> WatchProductChangesResponse {
+    tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("a change arrives")
+        .expect("stream healthy")
+        .expect("stream open")
 }
 
 async fn a_late_partial_change_lands_where_it_is_the_newest(engine: Engine) {
@@ -133,13 +157,7 @@ async fn changes_in_any_order_and_batching_end_in_the_version_order_state(engine
 
 async fn a_partial_change_before_the_creation_waits_unseen_and_then_fills_in(engine: Engine) {
     let catalog = TestCatalog::spawn(engine).await;
-    let mut watch = catalog
-        .client
-        .clone()
-        .watch_product_changes(WatchProductChangesRequest::default())
-        .await
-        .expect("watch starts")
-        .into_inner();
+    let mut watch = watch_from_now(&catalog).await;
 
     let early = catalog
         .bulk(request(vec![partial(marked("S-1", 7), &["prices"])]))
@@ -185,11 +203,7 @@ async fn a_partial_change_before_the_creation_waits_unseen_and_then_fills_in(eng
     );
 
     // The watcher saw nothing of the pending change, then the creation with every field.
-    let message = tokio::time::timeout(Duration::from_secs(20), watch.message())
-        .await
-        .expect("a change arrives")
-        .expect("stream healthy")
-        .expect("stream open");
+    let message = next_message(&mut watch).await;
     assert_eq!(message.changes.len(), 1);
     let record = &message.changes[0];
     assert_eq!(record.product.as_ref(), Some(&created));
@@ -215,24 +229,14 @@ async fn a_late_change_is_recorded_with_the_fields_it_wrote(engine: Engine) {
     catalog
         .bulk(request(vec![partial(marked("S-1", 9), &["names"])]))
         .await;
-    let mut watch = catalog
-        .client
-        .clone()
-        .watch_product_changes(WatchProductChangesRequest::default())
-        .await
-        .expect("watch starts")
-        .into_inner();
+    let mut watch = watch_from_now(&catalog).await;
     catalog
         .bulk(request(vec![partial(
             marked("S-1", 5),
             &["names", "prices"],
         )]))
         .await;
-    let message = tokio::time::timeout(Duration::from_secs(20), watch.message())
-        .await
-        .expect("a change arrives")
-        .expect("stream healthy")
-        .expect("stream open");
+    let message = next_message(&mut watch).await;
     let record = &message.changes[0];
     assert_eq!(
         record.written_fields.as_ref().map(|m| m.paths.clone()),

@@ -4,9 +4,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use mall_product::{AttributeType, ProductTypeSpec, ProductTypes};
 use mall_proto::sync::v1::{
-    GetRelayStatusRequest, ListDeadLettersRequest, ListQuarantinedRequest, PauseRelayRequest,
-    ProductChange, RedriveDeadLettersRequest, RedriveQuarantinedRequest, ReplayFromRequest,
-    ResumeRelayRequest,
+    ListDeadLettersRequest, ListQuarantinedRequest, PauseRelayRequest, ProductChange,
+    RedriveDeadLettersRequest, RedriveQuarantinedRequest, ReplayFromRequest, ResumeRelayRequest,
 };
 use mall_test_support::{Engine, wait_until};
 use sync_relay::change::lane_of;
@@ -72,14 +71,7 @@ async fn pausing_holds_changes_and_resuming_applies_them(engine: Engine) {
     let catalog = Catalog::start(database(engine).await, None, |_| {}).await;
     let relay_db = database(engine).await;
     let relay = Relay::start(&relay_db, catalog.addr, |_| {}).await;
-    let idle = relay
-        .client()
-        .get_relay_status(GetRelayStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner()
-        .status
-        .expect("set");
+    let idle = relay.status().await.expect("status");
     let lanes: Vec<(i32, i64, i64)> = idle
         .lanes
         .iter()
@@ -113,13 +105,7 @@ async fn pausing_holds_changes_and_resuming_applies_them(engine: Engine) {
         "the change waits in its lane",
         Duration::from_secs(10),
         || async {
-            let status = relay
-                .client()
-                .get_relay_status(GetRelayStatusRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .status?;
+            let status = relay.status().await?;
             status
                 .lanes
                 .iter()
@@ -170,13 +156,7 @@ async fn a_lane_the_catalog_refuses_whole_waits_for_the_operator_while_others_fl
         "the relay says an operator must act",
         Duration::from_secs(30),
         || async {
-            let status = relay
-                .client()
-                .get_relay_status(GetRelayStatusRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .status?;
+            let status = relay.status().await?;
             status
                 .last_error
                 .contains("an operator must act")

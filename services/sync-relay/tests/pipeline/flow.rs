@@ -3,8 +3,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use mall_proto::sync::v1::{
-    GetRelayStatusRequest, ListQuarantinedRequest, PauseRelayRequest, ProductChange,
-    ResumeRelayRequest,
+    ListQuarantinedRequest, PauseRelayRequest, ProductChange, ResumeRelayRequest,
 };
 use mall_test_support::{Engine, probe, wait_until};
 use sync_relay::change::lane_of;
@@ -36,14 +35,7 @@ async fn published_changes_reach_the_catalog_at_their_highest_version(engine: En
 
     let expected: Vec<(String, u64)> = (0..300).map(|p| (format!("P-{p:03}"), 5)).collect();
     catalog.wait_for(&expected, Duration::from_secs(60)).await;
-    let status = relay
-        .client()
-        .get_relay_status(GetRelayStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner()
-        .status
-        .expect("set");
+    let status = relay.status().await.expect("status");
     assert_eq!(status.dead_letter_count, 0);
     assert!(!status.paused);
 }
@@ -146,13 +138,7 @@ async fn a_catalog_outage_delays_changes_but_loses_none(engine: Engine) {
         "the relay reports the outage",
         Duration::from_secs(30),
         || async {
-            let status = relay
-                .client()
-                .get_relay_status(GetRelayStatusRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .status?;
+            let status = relay.status().await?;
             status.last_error.contains("unavailable").then_some(())
         },
     )
@@ -161,14 +147,7 @@ async fn a_catalog_outage_delays_changes_but_loses_none(engine: Engine) {
     let catalog = Catalog::start(catalog_db, Some(catalog_addr), |_| {}).await;
     let expected: Vec<(String, u64)> = (0..200).map(|p| (format!("P-{p:03}"), 1)).collect();
     catalog.wait_for(&expected, Duration::from_secs(60)).await;
-    let status = relay
-        .client()
-        .get_relay_status(GetRelayStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner()
-        .status
-        .expect("set");
+    let status = relay.status().await.expect("status");
     assert_eq!(
         status.dead_letter_count, 0,
         "an outage dead-letters nothing"
@@ -347,13 +326,7 @@ async fn a_lane_slower_than_the_visibility_timeout_keeps_its_messages() {
         .wait_for(&[("SLOW-1".into(), 1)], Duration::from_secs(30))
         .await;
     let status = wait_until("the queue is empty", Duration::from_secs(30), || async {
-        let status = relay
-            .client()
-            .get_relay_status(GetRelayStatusRequest {})
-            .await
-            .ok()?
-            .into_inner()
-            .status?;
+        let status = relay.status().await?;
         status
             .lanes
             .iter()

@@ -170,6 +170,16 @@ impl Relay {
         }
     }
 
+    /// GetRelayStatus's status, or `None` when the call fails.
+    pub async fn status(&self) -> Option<mall_proto::sync::v1::RelayStatus> {
+        self.client()
+            .get_relay_status(mall_proto::sync::v1::GetRelayStatusRequest {})
+            .await
+            .ok()?
+            .into_inner()
+            .status
+    }
+
     pub fn client(&self) -> SyncRelayServiceClient<Channel> {
         SyncRelayServiceClient::new(probe::channel(self.addr))
             .max_decoding_message_size(64 << 20)

@@ -5,9 +5,7 @@
 use std::time::Duration;
 
 use aws_sdk_kinesis::{Client, primitives::Blob, types::PutRecordsRequestEntry};
-use mall_proto::sync::v1::{
-    GetRelayStatusRequest, ListQuarantinedRequest, ReplayFromRequest, ShardState,
-};
+use mall_proto::sync::v1::{ListQuarantinedRequest, ReplayFromRequest, ShardState};
 use mall_test_support::Engine;
 use prost::Message as _;
 use sync_relay::{config::SourceKind, source::kinesis::KinesisSettings};
@@ -33,6 +31,20 @@ fn kinesis_settings() -> KinesisSettings {
 
 async fn stream(settings: &KinesisSettings, shards: i32) -> Client {
     kinesalite::create_stream(settings, &settings.stream_name, shards).await
+}
+
+/// A relay reading `kinesis` as replica-a.
+async fn kinesis_relay(
+    database: &mall_test_support::TestDatabase,
+    catalog: std::net::SocketAddr,
+    kinesis: &KinesisSettings,
+) -> Relay {
+    Relay::start(database, catalog, |settings| {
+        settings.source.kind = SourceKind::Kinesis;
+        settings.source.kinesis = kinesis.clone();
+        settings.source.replica_id = Some("replica-a".into());
+    })
+    .await
 }
 
 async fn put(client: &Client, stream: &str, records: Vec<(String, Vec<u8>)>) {
@@ -61,12 +73,7 @@ async fn kinesis_records_reach_the_catalog_and_bad_ones_are_quarantined_once(eng
     let kinesis = kinesis_settings();
     let client = stream(&kinesis, 2).await;
     let relay_db = database(engine).await;
-    let relay = Relay::start(&relay_db, catalog.addr, |settings| {
-        settings.source.kind = SourceKind::Kinesis;
-        settings.source.kinesis = kinesis.clone();
-        settings.source.replica_id = Some("replica-a".into());
-    })
-    .await;
+    let relay = kinesis_relay(&relay_db, catalog.addr, &kinesis).await;
 
     let json = r#"{"productCode":"J-1","productType":"shoes","version":"2",
         "product":{"code":"J-1","productType":"shoes","status":"PRODUCT_STATUS_ON_SALE",
@@ -91,14 +98,7 @@ async fn kinesis_records_reach_the_catalog_and_bad_ones_are_quarantined_once(eng
         )
         .await;
 
-    let status = relay
-        .client()
-        .get_relay_status(GetRelayStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner()
-        .status
-        .expect("set");
+    let status = relay.status().await.expect("status");
     assert_eq!(status.shards.len(), 2);
     assert!(
         status
@@ -207,12 +207,7 @@ async fn two_replays_within_the_dedup_window_both_take_effect(engine: Engine) {
     let kinesis = kinesis_settings();
     let client = stream(&kinesis, 1).await;
     let relay_db = database(engine).await;
-    let relay = Relay::start(&relay_db, catalog.addr, |settings| {
-        settings.source.kind = SourceKind::Kinesis;
-        settings.source.kinesis = kinesis.clone();
-        settings.source.replica_id = Some("replica-a".into());
-    })
-    .await;
+    let relay = kinesis_relay(&relay_db, catalog.addr, &kinesis).await;
     let codes: Vec<String> = (0..5).map(|i| format!("R-{i}")).collect();
     put(
         &client,
