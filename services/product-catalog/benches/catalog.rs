@@ -179,12 +179,15 @@ async fn run() -> anyhow::Result<()> {
 }
 
 /// Writes [`WRITE_LOAD`] partial changes (prices) per second to random products, in requests
-/// of [`WRITE_BATCH`], from `first_version` up, until `stop`; the rate achieved.
+/// of [`WRITE_BATCH`] (up to 8 in flight, as the relay's consumers send them), from
+/// `first_version` up, until `stop`; the rate achieved.
 async fn write_load(
     client: ProductCatalogServiceClient<Channel>,
     first_version: u64,
     stop: CancellationToken,
 ) -> anyhow::Result<f64> {
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+    let mut requests = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(
         WRITE_BATCH as f64 / WRITE_LOAD as f64,
     ));
@@ -213,16 +216,28 @@ async fn write_load(
             })
             .collect::<Vec<_>>();
         written += updates.len();
-        client
-            .clone()
-            .bulk_update_products(BulkUpdateProductsRequest {
-                request_id: String::new(),
-                product_type: "apparel".into(),
-                updates,
-            })
-            .await?;
+        let permit = in_flight.clone().acquire_owned().await?;
+        let mut client = client.clone();
+        requests.spawn(async move {
+            let _permit = permit;
+            client
+                .bulk_update_products(BulkUpdateProductsRequest {
+                    request_id: String::new(),
+                    product_type: "apparel".into(),
+                    updates,
+                })
+                .await
+                .map(drop)
+        });
+        while let Some(done) = requests.try_join_next() {
+            done??;
+        }
     }
-    Ok(written as f64 / start.elapsed().as_secs_f64())
+    let elapsed = start.elapsed();
+    while let Some(done) = requests.join_next().await {
+        done??;
+    }
+    Ok(written as f64 / elapsed.as_secs_f64())
 }
 
 /// Health Check from `concurrency` tasks, through [`measure`].
