@@ -134,17 +134,7 @@ impl ProductCache {
             return;
         };
         let generation = inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        let now = Instant::now();
-        for code in codes {
-            let Ok(mut stripe) = inner.stripe(code).lock() else {
-                continue;
-            };
-            stripe.forget_expired(now);
-            stripe
-                .invalidated
-                .insert(code.to_owned(), (generation, now));
-            inner.products.remove(code);
-        }
+        inner.invalidate_at(generation, codes);
     }
 
     /// Forgets everything (the change log could not be followed).
@@ -174,6 +164,25 @@ impl ProductCache {
 }
 
 impl Inner {
+    /// Records an invalidation of `codes` at `generation` and forgets the products.
+    fn invalidate_at<'a>(&self, generation: u64, codes: impl IntoIterator<Item = &'a str>) {
+        let now = Instant::now();
+        for code in codes {
+            let Ok(mut stripe) = self.stripe(code).lock() else {
+                continue;
+            };
+            stripe.forget_expired(now);
+            // Keep the newest: a slower invalidation that took its generation earlier (the
+            // change-log follower's, say) must not lower what a later one recorded.
+            let entry = stripe
+                .invalidated
+                .entry(code.to_owned())
+                .or_insert((generation, now));
+            *entry = (entry.0.max(generation), now);
+            self.products.remove(code);
+        }
+    }
+
     fn stripe(&self, code: &str) -> &Mutex<Stripe> {
         let index = usize::try_from(self.hasher.hash_one(code) % STRIPES as u64)
             .expect("a remainder of 64 fits a usize");
@@ -228,6 +237,23 @@ mod tests {
         }
         cache.insert(ticket, [product("A", 1)]);
         assert_eq!(cache.get("A").map(|p| p.version), Some(1));
+    }
+
+    #[test]
+    fn a_late_invalidation_with_an_older_generation_does_not_lower_the_record() {
+        let cache = ProductCache::new(100);
+        let inner = cache.inner.as_ref().expect("enabled");
+        // A follower takes its generation, a reader its ticket, a writer invalidates (a newer
+        // generation), then the follower records its older one.
+        let follower = inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let ticket = cache.ticket();
+        cache.invalidate(["A"]);
+        inner.invalidate_at(follower, ["A"]);
+        cache.insert(ticket, [product("A", 1)]);
+        assert!(
+            cache.get("A").is_none(),
+            "the read raced the writer's invalidation"
+        );
     }
 
     #[test]
