@@ -54,6 +54,14 @@ impl App {
             "apply.consumers must be at least 1"
         );
         anyhow::ensure!(
+            settings.source.kinesis.reader_stall_timeout > settings.queue.sqs.operation_timeout * 2,
+            "source.kinesis.reader_stall_timeout ({:?}) must exceed twice \
+             queue.sqs.operation_timeout ({:?}): one delivery may send several queue calls, \
+             and a reader still making progress must not lose its shard",
+            settings.source.kinesis.reader_stall_timeout,
+            settings.queue.sqs.operation_timeout
+        );
+        anyhow::ensure!(
             settings.queue.fifo,
             "queue.fifo must be true: lanes are FIFO message groups, and per-product order needs them"
         );

@@ -236,6 +236,20 @@ impl Applier {
                     lanes = together.len(),
                     "applying lanes together failed; applying each lane on its own"
                 );
+                // Each lane starts its own visibility clock at a full timeout: make it true,
+                // as the combined apply may have used up much of the last extension.
+                let to_extend = together.iter().filter(|_| !self.visibility.is_zero());
+                for (_, messages, _) in to_extend {
+                    for message in messages {
+                        if let Err(error) = self
+                            .queue
+                            .change_visibility(&message.receipt, self.visibility)
+                            .await
+                        {
+                            tracing::warn!(error = %error, "failed to extend visibility");
+                        }
+                    }
+                }
                 alone.extend(
                     together
                         .into_iter()
@@ -387,7 +401,12 @@ impl Applier {
                             .into_iter()
                             .enumerate()
                             .partition(|(i, _)| refused.contains_key(i));
-                        self.quarantine_refused(label, origin, bad, &refused).await;
+                        // Kept hidden while the relay's database takes the records: an outage
+                        // of it must not make the lane's messages visible and count receives.
+                        let quarantined =
+                            self.quarantine_refused(label, origin, bad, &refused, shutdown);
+                        self.keep_visible(label, receipts, &mut visible_until, quarantined)
+                            .await?;
                         batch.changes = rest.into_iter().map(|(_, c)| c).collect();
                         if batch.changes.is_empty() {
                             break;
@@ -551,7 +570,8 @@ impl Applier {
         origin: Origin<'_>,
         refused: Vec<(usize, ProductChange)>,
         reasons: &BTreeMap<usize, String>,
-    ) {
+        shutdown: &CancellationToken,
+    ) -> Result<(), Stopped> {
         let records: Vec<NewQuarantined> = refused
             .into_iter()
             .map(|(i, change)| {
@@ -578,12 +598,17 @@ impl Applier {
             .quarantined
             .with_label_values(&["apply"])
             .inc_by(records.len() as u64);
-        // Retried until it works: the refused changes must not vanish.
+        // Retried until it works (the refused changes must not vanish) or the relay stops
+        // (the messages return and are refused again).
         let mut backoff = self.backoff();
         while let Err(error) = self.store.quarantine(&records).await {
             tracing::warn!(error = %error, "failed to quarantine refused changes; retrying");
-            tokio::time::sleep(backoff.next_delay()).await;
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(Stopped::Shutdown),
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+            }
         }
+        Ok(())
     }
 }
 
