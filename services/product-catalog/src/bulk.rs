@@ -215,6 +215,9 @@ pub struct Plan {
     pub rows: BTreeMap<String, Row>,
     /// Writes that changed a visible product, in request order.
     pub changes: Vec<Change>,
+    /// Pending products replaced by a creation of another type: their waiting fields were
+    /// written under the wrong type and are gone.
+    pub dropped_pending: Vec<String>,
 }
 
 /// Decides each write in request order against `stored` (the products as read in the
@@ -227,12 +230,23 @@ pub struct Plan {
 /// result does not depend on the order of the writes, within a request or across requests.
 ///
 /// A write naming another product type than the stored product's is refused: a product's
-/// type is set by the change that creates it.
+/// type is set by the change that creates it. While a product is pending its type is only
+/// provisional: a write that creates it (with a status) under another type replaces the
+/// pending row, whose waiting fields were written under the wrong type and are dropped
+/// ([`Plan::dropped_pending`]); so a mistyped early change cannot block the real creation.
 pub fn plan(writes: &[Write], mut stored: BTreeMap<String, Stored>, now: Timestamp) -> Plan {
     let mut plan = Plan::default();
     let existed: Vec<String> = stored.keys().cloned().collect();
     for (index, write) in writes.iter().enumerate() {
         let code = &write.product.code;
+        if stored.get(code).is_some_and(|current| {
+            current.is_pending()
+                && write.mask.has_status()
+                && current.product.product_type != write.product.product_type
+        }) {
+            stored.remove(code);
+            plan.dropped_pending.push(code.clone());
+        }
         let current = stored.get(code);
         if let Some(current) = current
             && current.product.product_type != write.product.product_type
@@ -320,14 +334,19 @@ pub fn plan(writes: &[Write], mut stored: BTreeMap<String, Stored>, now: Timesta
     plan
 }
 
-/// Whether the plan needs the stored values of `code`, not only its versions: unless the
-/// first write of the code in `writes` is a full replacement newer than every stored field,
-/// some stored value can survive into a row or a change-log entry.
-pub fn needs_values(writes: &[Write], code: &str, stored_version: u64) -> bool {
+/// Whether the plan needs the stored values of `stored` (read with its versions and type
+/// only), not only its versions: unless the first write of its code in `writes` is a full
+/// replacement of its type newer than every stored field (so it applies and overwrites
+/// everything), some stored value can survive into a row or a change-log entry.
+pub fn needs_values(writes: &[Write], code: &str, stored: &Product) -> bool {
     writes
         .iter()
         .find(|w| w.product.code == code)
-        .is_none_or(|first| !(first.mask.is_full() && first.product.version > stored_version))
+        .is_none_or(|first| {
+            !(first.mask.is_full()
+                && first.product.version > stored.version
+                && first.product.product_type == stored.product_type)
+        })
 }
 
 #[cfg(test)]
@@ -572,19 +591,59 @@ mod tests {
 
     #[test]
     fn the_first_full_replacement_newer_than_every_field_needs_no_stored_values() {
+        let at = |version| product("A", version);
         let writes = [full("A", 5), partial("B", 5, &["prices"]), full("C", 2)];
-        assert!(!needs_values(&writes, "A", 4));
+        assert!(!needs_values(&writes, "A", &at(4)));
         assert!(
-            needs_values(&writes, "A", 5),
+            needs_values(&writes, "A", &at(5)),
             "an equal field version may survive"
         );
-        assert!(needs_values(&writes, "B", 1));
-        assert!(needs_values(&writes, "C", 3));
+        assert!(needs_values(&writes, "B", &product("B", 1)));
+        assert!(needs_values(&writes, "C", &product("C", 3)));
         assert!(needs_values(
             &[partial("A", 9, &["names"]), full("A", 10)],
             "A",
-            1
+            &at(1)
         ));
+        let mut bag = at(1);
+        bag.product_type = "bags".into();
+        assert!(
+            needs_values(&writes, "A", &bag),
+            "a first write of another type is refused; the next one builds on stored values"
+        );
+    }
+
+    #[test]
+    fn a_creation_of_another_type_replaces_a_pending_product() {
+        let mut typo = partial("A", 7, &["prices"]);
+        typo.product.product_type = "bags".into();
+        let pending = plan(&[typo], BTreeMap::new(), NOW);
+        assert_eq!(outcomes(&pending), [("A", UpdateOutcome::Pending, 7)]);
+        let stored: BTreeMap<_, _> = pending
+            .rows
+            .into_iter()
+            .map(|(code, row)| (code, row.stored))
+            .collect();
+
+        // A partial of another type still cannot touch it: it cannot create the product.
+        let other = plan(&[partial("A", 8, &["names"])], stored.clone(), NOW);
+        assert_eq!(other.refused.len(), 1);
+
+        let creation = plan(&[full("A", 3)], stored, NOW);
+        assert!(creation.refused.is_empty());
+        assert_eq!(creation.dropped_pending, ["A"]);
+        let created = &creation.rows["A"].stored.product;
+        assert_eq!(created.product_type, "shoes");
+        assert_eq!(
+            created.prices.get("KRW"),
+            Some(&3000),
+            "the mistyped price is gone"
+        );
+        assert_eq!(created.version, 3);
+        assert!(
+            creation.rows["A"].existed,
+            "the pending row is replaced in place"
+        );
     }
 
     /// Property tests: applying changes commutes.

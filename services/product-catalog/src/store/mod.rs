@@ -224,7 +224,7 @@ fn to_i64(version: u64) -> i64 {
 
 /// The field versions of `row`.
 fn field_versions(row: &products::Model) -> FieldVersions {
-    FieldVersions(
+    versions_of(
         [
             row.brand_version,
             row.category_path_version,
@@ -233,9 +233,24 @@ fn field_versions(row: &products::Model) -> FieldVersions {
             row.descriptions_version,
             row.prices_version,
             row.attributes_version,
-        ]
-        .map(|v| u64::try_from(v).unwrap_or_default()),
+        ],
+        row.version,
     )
+}
+
+/// Field versions from their columns and the row's `version`. This code keeps `version` the
+/// highest field version; a row whose `version` is higher was written by a catalog from
+/// before field versions (a replica not yet replaced during a rolling upgrade), under the
+/// row-level guard: every field counts as written at `version`, which is what that guard
+/// meant, so nothing written there moves back.
+fn versions_of(columns: [i64; 7], version: i64) -> FieldVersions {
+    let versions = FieldVersions(columns.map(|v| u64::try_from(v).unwrap_or_default()));
+    let version = u64::try_from(version).unwrap_or_default();
+    if version > versions.max() {
+        FieldVersions::all(version)
+    } else {
+        versions
+    }
 }
 
 /// The product and field versions in `row`.
@@ -290,6 +305,17 @@ fn json<T: serde::Serialize + ?Sized>(value: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_row_written_without_field_versions_counts_every_field_at_its_version() {
+        assert_eq!(versions_of([0; 7], 9), FieldVersions::all(9));
+        assert_eq!(
+            versions_of([5, 5, 5, 3, 5, 5, 5], 10),
+            FieldVersions::all(10)
+        );
+        let own = versions_of([5, 5, 5, 7, 5, 5, 5], 7);
+        assert_eq!(own, FieldVersions([5, 5, 5, 7, 5, 5, 5]));
+    }
 
     #[test]
     fn timestamps_survive_microseconds() {

@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 
 use mall_grpc::ServiceError;
 use mall_grpc::Violations;
-use mall_product::FieldVersions;
 use mall_proto::catalog::v1::{BulkUpdateProductsResponse, Product, ProductUpdateResult};
 use prost::Message as _;
 use sea_orm::{
@@ -27,7 +26,7 @@ use sea_orm::{
 
 use super::{
     Store, backoff, db_error, entity::bulk_requests, entity::products, is_retryable, micros, now,
-    stored_from_model, timestamp, to_i64, to_model,
+    stored_from_model, timestamp, to_i64, to_model, versions_of,
 };
 use crate::bulk::{ItemResult, Plan, Refusal, Stored, Write, needs_values, plan};
 use mall_db::Backend;
@@ -201,6 +200,14 @@ impl Store {
             .await?;
         }
         write.txn.commit().await?;
+        if !plan.dropped_pending.is_empty() {
+            // Product codes are not personal data; they let the producer find the mistake.
+            tracing::warn!(
+                codes = ?plan.dropped_pending,
+                "pending products were created under another type than their waiting changes \
+                 named; those changes' fields were dropped"
+            );
+        }
         // Read-your-writes on this replica; other replicas learn it from the change log.
         self.cache.invalidate(plan.rows.keys().map(String::as_str));
         Ok(Attempt::Done(WriteOutcome::Applied {
@@ -229,6 +236,7 @@ impl Store {
                 C::Code,
                 C::ProductType,
                 C::CreateTime,
+                C::Version,
                 C::BrandVersion,
                 C::CategoryPathVersion,
                 C::StatusVersion,
@@ -242,17 +250,15 @@ impl Store {
         if self.backend == Backend::Postgres {
             thin = thin.lock_exclusive();
         }
-        type ThinRow = (String, String, i64, i64, i64, i64, i64, i64, i64, i64);
+        type ThinRow = (String, String, i64, i64, i64, i64, i64, i64, i64, i64, i64);
         let mut stored: BTreeMap<String, Stored> = thin
             .into_tuple::<ThinRow>()
             .all(txn)
             .await?
             .into_iter()
             .map(
-                |(code, product_type, create_time, v0, v1, v2, v3, v4, v5, v6)| {
-                    let versions = FieldVersions(
-                        [v0, v1, v2, v3, v4, v5, v6].map(|v| u64::try_from(v).unwrap_or_default()),
-                    );
+                |(code, product_type, create_time, version, v0, v1, v2, v3, v4, v5, v6)| {
+                    let versions = versions_of([v0, v1, v2, v3, v4, v5, v6], version);
                     let product = Product {
                         code: code.clone(),
                         product_type,
@@ -266,7 +272,7 @@ impl Store {
             .collect();
         let mut whole: Vec<&str> = stored
             .iter()
-            .filter(|(code, s)| needs_values(writes, code, s.product.version))
+            .filter(|(code, s)| needs_values(writes, code, &s.product))
             .map(|(code, _)| code.as_str())
             .collect();
         if !whole.is_empty() {
@@ -341,6 +347,7 @@ impl Store {
                 // version never goes down, and a write can leave it unchanged (a late
                 // change of fields nobody newer wrote).
                 "ON CONFLICT (code) DO UPDATE SET \
+                 product_type = excluded.product_type, \
                  brand = excluded.brand, category_path = excluded.category_path, \
                  status = excluded.status, names = excluded.names, \
                  descriptions = excluded.descriptions, prices = excluded.prices, \
