@@ -5,7 +5,10 @@
 //!   BulkUpdateProducts → catalog on SQLite;
 //! - (b) **kinesis**: PutRecords into a multi-shard kinesalite stream → the relay's Kinesis
 //!   source (leases and checkpoints in PostgreSQL) → SQS FIFO on LocalStack →
-//!   BulkUpdateProducts → catalog on PostgreSQL.
+//!   BulkUpdateProducts → catalog on PostgreSQL;
+//! - (c) **postgres**: PublishProductChanges → embedded queue in the relay's PostgreSQL
+//!   database → BulkUpdateProducts → catalog on PostgreSQL (production's database without
+//!   the emulators' latency).
 //!
 //! Catalog and relay run in this process as their real `App`s (release build), talking gRPC
 //! over loopback. Each run changes distinct, already stored products once (one change per
@@ -21,7 +24,7 @@
 //!
 //! ```sh
 //! scripts/bench.sh relay                                 # both stacks; writes BENCHMARKS.md
-//! cargo bench -p sync-relay --bench relay -- embedded    # one stack, prints only
+//! cargo bench -p sync-relay --bench relay -- embedded    # one stack (or kinesis, postgres), prints only
 //! cargo bench -p sync-relay --bench relay -- quick       # 10,000 changes and a short paced run
 //! cargo bench -p sync-relay --bench relay -- --set apply.consumers=8   # try a setting
 //! ```
@@ -126,6 +129,7 @@ impl Options {
                 "--bench" => {}
                 "embedded" => options.stacks.push(Stack::Embedded),
                 "kinesis" => options.stacks.push(Stack::Kinesis),
+                "postgres" => options.stacks.push(Stack::Postgres),
                 "quick" => {
                     options.sizes = vec![SIZES[0]];
                     options.paced = Duration::from_secs(8);
@@ -142,12 +146,12 @@ impl Options {
                     options.write_report = false;
                 }
                 other => anyhow::bail!(
-                    "unknown argument {other:?}; expected embedded, kinesis, quick or --set key=value"
+                    "unknown argument {other:?}; expected embedded, kinesis, postgres, quick or --set key=value"
                 ),
             }
         }
         if options.stacks.is_empty() {
-            options.stacks = vec![Stack::Embedded, Stack::Kinesis];
+            options.stacks = vec![Stack::Embedded, Stack::Kinesis, Stack::Postgres];
         } else if options.stacks.len() < 2 {
             options.write_report = false;
         }
@@ -193,6 +197,7 @@ impl Options {
 enum Stack {
     Embedded,
     Kinesis,
+    Postgres,
 }
 
 impl Stack {
@@ -200,6 +205,7 @@ impl Stack {
         match self {
             Self::Embedded => "(a) gRPC publish, embedded queue, SQLite",
             Self::Kinesis => "(b) Kinesis (kinesalite), SQS (LocalStack), PostgreSQL",
+            Self::Postgres => "(c) gRPC publish, embedded queue, PostgreSQL",
         }
     }
 }
@@ -394,7 +400,7 @@ impl Running {
     async fn start(stack: Stack, options: &Options) -> anyhow::Result<Self> {
         let (catalog_db, relay_db) = match stack {
             Stack::Embedded => (TestDatabase::sqlite(), TestDatabase::sqlite()),
-            Stack::Kinesis => (
+            Stack::Kinesis | Stack::Postgres => (
                 TestDatabase::postgres().await,
                 TestDatabase::postgres().await,
             ),
@@ -406,7 +412,7 @@ impl Running {
         catalog.server.listen_addr = "127.0.0.1:0".parse()?;
         catalog.server.admin_addr = "127.0.0.1:0".parse()?;
         catalog.database.url = catalog_db.url().to_owned().into();
-        if stack == Stack::Kinesis {
+        if stack != Stack::Embedded {
             // Room for the relay's parallel lanes, the watcher and the baseline.
             catalog.database.max_connections = options.get("catalog.db_connections", 16)?;
         }
@@ -957,7 +963,7 @@ async fn relay_run(
     let start = running.cpu_sample();
     let read = read_by_relay(running, count).await;
     match running.stack {
-        Stack::Embedded => publish_grpc(running, times, changes).await?,
+        Stack::Embedded | Stack::Postgres => publish_grpc(running, times, changes).await?,
         Stack::Kinesis => put_records(running, times, changes).await?,
     }
     let published = Instant::now();
@@ -1149,7 +1155,7 @@ async fn paced_run(
     let mut interval = tokio::time::interval(PACED_TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     match running.stack {
-        Stack::Embedded => {
+        Stack::Embedded | Stack::Postgres => {
             // One publish call whose messages come from the pacer.
             let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
             let mut client = running.relay.clone();
@@ -1295,6 +1301,7 @@ fn short(stack: Stack) -> &'static str {
     match stack {
         Stack::Embedded => "(a) embedded + SQLite",
         Stack::Kinesis => "(b) Kinesis + SQS + PostgreSQL",
+        Stack::Postgres => "(c) embedded + PostgreSQL",
     }
 }
 
@@ -1319,7 +1326,7 @@ fn write_report(
     for note in &report.notes {
         writeln!(section, "{note}\n")?;
     }
-    for stack in [Stack::Embedded, Stack::Kinesis] {
+    for stack in [Stack::Embedded, Stack::Kinesis, Stack::Postgres] {
         let changed = tuning(stack);
         if !changed.is_empty() {
             writeln!(
