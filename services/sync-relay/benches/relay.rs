@@ -1156,20 +1156,14 @@ async fn paced_run(
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     match running.stack {
         Stack::Embedded | Stack::Postgres => {
-            // One publish call whose messages come from the pacer.
-            let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
-            let mut client = running.relay.clone();
-            let call = tokio::spawn(async move {
-                client
-                    .publish_product_changes(tokio_stream::wrappers::UnboundedReceiverStream::new(
-                        receiver,
-                    ))
-                    .await
-            });
+            // One publish call per tick, as producers call it: a single call streaming for
+            // the whole run would outlast the server's request timeout whenever stage 1
+            // falls behind the pace.
+            let mut calls = tokio::task::JoinSet::new();
             for tick in 0..ticks {
                 interval.tick().await;
                 let now = now_micros();
-                let changes = (tick * per_tick..(tick + 1) * per_tick)
+                let changes: Vec<ProductChange> = (tick * per_tick..(tick + 1) * per_tick)
                     .map(|i| {
                         times.set(i, now);
                         let mut c = change(i, version);
@@ -1177,11 +1171,21 @@ async fn paced_run(
                         c
                     })
                     .collect();
-                sender.send(PublishProductChangesRequest { changes })?;
+                let mut client = running.relay.clone();
+                calls.spawn(async move {
+                    client
+                        .publish_product_changes(tokio_stream::iter([
+                            PublishProductChangesRequest { changes },
+                        ]))
+                        .await
+                        .map(|r| r.into_inner().accepted_count)
+                });
             }
-            drop(sender);
-            let response = call.await??.into_inner();
-            anyhow::ensure!(response.accepted_count as usize == count);
+            let mut accepted = 0;
+            while let Some(result) = calls.join_next().await {
+                accepted += result??;
+            }
+            anyhow::ensure!(accepted as usize == count);
         }
         Stack::Kinesis => {
             let (client, stream) = running.kinesis.as_ref().expect("the kinesis stack");
