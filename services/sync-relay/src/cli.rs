@@ -1,5 +1,6 @@
-//! `relayctl`: the relay's admin API from a terminal. Long redrives go page by page and print
-//! their progress; a replay follows the shards' lag until they caught up.
+//! `relayctl`: the relay's admin API from a terminal (arguments parsed by clap; `relayctl
+//! --help` and `relayctl <command> --help` describe them). Long redrives go page by page and
+//! print their progress; a replay follows the shards' lag until they caught up.
 //!
 //! ```text
 //! relayctl [--addr URL] status
@@ -15,7 +16,7 @@
 
 use std::{io::Write, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use mall_proto::sync::v1::{
     GetRelayStatusRequest, ListDeadLettersRequest, ListQuarantinedRequest, PauseRelayRequest,
     RedriveDeadLettersRequest, RedriveQuarantinedRequest, RelayStatus, ReplayFromRequest,
@@ -72,74 +73,107 @@ pub struct Invocation {
     pub command: Command,
 }
 
+/// `relayctl`'s arguments, as clap reads them.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "relayctl",
+    about = "The sync-relay admin API from a terminal",
+    after_help = "--addr defaults to $RELAYCTL_ADDR, then http://127.0.0.1:50052."
+)]
+struct Cli {
+    /// gRPC endpoint of a relay replica.
+    #[arg(long, global = true, value_name = "URL")]
+    addr: Option<String>,
+    #[command(subcommand)]
+    command: CliCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum CliCommand {
+    /// Print the relay's state: pause, shards, lanes, counts, last error.
+    Status,
+    /// Pause every replica (kept across restarts).
+    Pause {
+        /// Why, shown in the status.
+        #[arg(trailing_var_arg = true)]
+        reason: Vec<String>,
+    },
+    /// Resume every replica.
+    Resume,
+    /// List every dead letter.
+    DeadLetters,
+    /// Redrive dead letters behind their lanes, 1,000 per call, with progress.
+    RedriveDeadLetters(SelectionArgs),
+    /// List every quarantined record.
+    Quarantined,
+    /// Validate quarantined records again and enqueue those that pass.
+    RedriveQuarantined(SelectionArgs),
+    /// Move the Kinesis checkpoints back to a time, then follow the lag.
+    Replay {
+        /// RFC 3339 start time, e.g. 2026-11-25T09:00:00Z.
+        #[arg(long, value_name = "RFC3339")]
+        from: String,
+        /// A shard to replay; repeat for several; none for all.
+        #[arg(long = "shard", value_name = "ID")]
+        shards: Vec<String>,
+        /// Return at once instead of following the lag.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+/// `--all` or ids, exactly one of them.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct SelectionArgs {
+    /// Everything present when the redrive starts.
+    #[arg(long)]
+    all: bool,
+    /// These ids.
+    ids: Vec<String>,
+}
+
+impl From<SelectionArgs> for Selection {
+    fn from(args: SelectionArgs) -> Self {
+        if args.all {
+            Self::All
+        } else {
+            Self::Ids(args.ids)
+        }
+    }
+}
+
 /// Parses the arguments after the program name; `env_addr` is `$RELAYCTL_ADDR`.
 ///
 /// # Errors
-/// A usage message naming what is wrong.
-pub fn parse(args: &[String], env_addr: Option<String>) -> anyhow::Result<Invocation> {
-    let mut addr = env_addr.unwrap_or_else(|| "http://127.0.0.1:50052".to_owned());
-    let mut rest = Vec::new();
-    let mut iter = args.iter();
-    while let Some(arg) = iter.next() {
-        if arg == "--addr" {
-            addr = iter.next().context("--addr needs a URL")?.clone();
-        } else if let Some(value) = arg.strip_prefix("--addr=") {
-            addr = value.to_owned();
-        } else {
-            rest.push(arg.clone());
-        }
-    }
-    let Some((verb, args)) = rest.split_first() else {
-        bail!("{}", usage());
-    };
-    let selection = |args: &[String]| -> anyhow::Result<Selection> {
-        match args {
-            [all] if all == "--all" => Ok(Selection::All),
-            [] => bail!("give --all or the ids to redrive\n{}", usage()),
-            ids if ids.iter().any(|i| i == "--all") => {
-                bail!("give either --all or ids, not both\n{}", usage())
-            }
-            ids => Ok(Selection::Ids(ids.to_vec())),
-        }
-    };
-    let command = match verb.as_str() {
-        "status" => Command::Status,
-        "pause" => Command::Pause(args.join(" ")),
-        "resume" => Command::Resume,
-        "dead-letters" => Command::DeadLetters,
-        "redrive-dead-letters" => Command::RedriveDeadLetters(selection(args)?),
-        "quarantined" => Command::Quarantined,
-        "redrive-quarantined" => Command::RedriveQuarantined(selection(args)?),
-        "replay" => {
-            let mut from = None;
-            let mut shards = Vec::new();
-            let mut wait = true;
-            let mut args = args.iter();
-            while let Some(arg) = args.next() {
-                match arg.as_str() {
-                    "--from" => from = Some(args.next().context("--from needs a time")?.clone()),
-                    "--shard" => shards.push(args.next().context("--shard needs an id")?.clone()),
-                    "--no-wait" => wait = false,
-                    other => bail!("unexpected argument {other:?}\n{}", usage()),
-                }
-            }
-            Command::Replay {
-                from: from.context("replay needs --from <RFC 3339 time>")?,
-                shards,
-                wait,
-            }
-        }
-        other => bail!("unknown command {other:?}\n{}", usage()),
+/// clap's error, with the usage: [`clap::Error::exit`] prints it (and `--help`) and exits.
+pub fn parse(args: &[String], env_addr: Option<String>) -> Result<Invocation, clap::Error> {
+    use clap::Parser as _;
+    let cli =
+        Cli::try_parse_from(std::iter::once("relayctl").chain(args.iter().map(String::as_str)))?;
+    let addr = cli
+        .addr
+        .or(env_addr)
+        .unwrap_or_else(|| "http://127.0.0.1:50052".to_owned());
+    let command = match cli.command {
+        CliCommand::Status => Command::Status,
+        CliCommand::Pause { reason } => Command::Pause(reason.join(" ")),
+        CliCommand::Resume => Command::Resume,
+        CliCommand::DeadLetters => Command::DeadLetters,
+        CliCommand::RedriveDeadLetters(selection) => Command::RedriveDeadLetters(selection.into()),
+        CliCommand::Quarantined => Command::Quarantined,
+        CliCommand::RedriveQuarantined(selection) => Command::RedriveQuarantined(selection.into()),
+        CliCommand::Replay {
+            from,
+            shards,
+            no_wait,
+        } => Command::Replay {
+            from,
+            shards,
+            wait: !no_wait,
+        },
     };
     Ok(Invocation { addr, command })
-}
-
-/// The usage text.
-pub fn usage() -> &'static str {
-    "usage: relayctl [--addr URL] <command>\n\
-     commands: status | pause [REASON] | resume | dead-letters | redrive-dead-letters (--all | ID...)\n\
-     \x20         | quarantined | redrive-quarantined (--all | ID...)\n\
-     \x20         | replay --from RFC3339 [--shard ID]... [--no-wait]"
 }
 
 /// Runs `invocation`, writing what it does to `out`.

@@ -3,6 +3,7 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let invocation = sync_relay::cli::parse(&args, std::env::var("RELAYCTL_ADDR").ok())?;
+    let invocation = sync_relay::cli::parse(&args, std::env::var("RELAYCTL_ADDR").ok())
+        .unwrap_or_else(|error| error.exit());
     sync_relay::cli::run(invocation, &mut std::io::stdout()).await
 }
