@@ -6,15 +6,13 @@ use std::{
     sync::Arc,
 };
 
-use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use mall_grpc::{ServiceError, Violations, error::stream_read_error};
 use mall_product::{ProductTypes, limits::MAX_ITEMS_PER_REQUEST};
 use mall_proto::sync::v1::{
-    ChangeOrigin, DeadLetter, GetRelayStatusRequest, GetRelayStatusResponse, LaneStatus,
-    ListDeadLettersRequest, ListDeadLettersResponse, ListQuarantinedRequest,
-    ListQuarantinedResponse, PauseRelayRequest, PauseRelayResponse, ProductChange,
-    PublishProductChangesRequest, PublishProductChangesResponse, QuarantineNotice,
-    QuarantinedRecord, RedriveDeadLettersRequest, RedriveDeadLettersResponse,
+    DeadLetter, GetRelayStatusRequest, GetRelayStatusResponse, LaneStatus, ListDeadLettersRequest,
+    ListDeadLettersResponse, ListQuarantinedRequest, ListQuarantinedResponse, PauseRelayRequest,
+    PauseRelayResponse, ProductChange, PublishProductChangesRequest, PublishProductChangesResponse,
+    QuarantineNotice, RedriveDeadLettersRequest, RedriveDeadLettersResponse,
     RedriveQuarantinedRequest, RedriveQuarantinedResponse, RelayStatus, ReplayFromRequest,
     ReplayFromResponse, ResumeRelayRequest, ResumeRelayResponse, ShardStatus,
     sync_relay_service_server::SyncRelayService,
@@ -24,10 +22,10 @@ use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    change::{self, group_lane},
+    change::group_lane,
     control::Control,
     ingest::{Incoming, Ingest},
-    rollup,
+    quarantine, rollup,
     source::kinesis,
     store::RelayStore,
 };
@@ -36,8 +34,6 @@ use crate::{
 const DEFAULT_PAGE_SIZE: usize = 50;
 /// Largest page size of the list calls.
 const MAX_PAGE_SIZE: usize = 1_000;
-/// ListQuarantined pages end early to stay under this many payload bytes.
-const MAX_QUARANTINE_PAGE_BYTES: usize = 4 * 1024 * 1024;
 /// QuarantineNotices in a PublishProductChanges response, at most.
 const MAX_NOTICES: usize = 100;
 /// Product codes listed per dead letter, at most.
@@ -376,7 +372,7 @@ impl SyncRelayService for RelayApi {
         let after = if request.page_token.is_empty() {
             0
         } else {
-            match decode_token(&request.page_token) {
+            match quarantine::parse_page_token(&request.page_token) {
                 Some(seq) => seq,
                 None => {
                     violations.add("page_token", "is not a token returned by ListQuarantined");
@@ -385,39 +381,10 @@ impl SyncRelayService for RelayApi {
             }
         };
         violations.into_result()?;
-        let rows = self
-            .store
-            .list_quarantined(after, page_size as u64 + 1)
-            .await
-            .map_err(ServiceError::from)?;
-        let more = rows.len() > page_size;
-        let mut records = Vec::new();
-        let mut bytes = 0;
-        let mut last = after;
-        for row in rows.into_iter().take(page_size) {
-            bytes += row.raw_payload.len();
-            if !records.is_empty() && bytes > MAX_QUARANTINE_PAGE_BYTES {
-                break;
-            }
-            last = row.seq;
-            records.push(QuarantinedRecord {
-                id: row.seq.to_string(),
-                source: row.source,
-                position: row.position,
-                reason: row.reason,
-                raw_payload: row.raw_payload,
-                quarantine_time: Some(crate::store::timestamp_of(row.quarantine_time)),
-            });
-        }
-        let cut_short = records.len() < page_size && more;
-        let next_page_token = if more || cut_short {
-            encode_token(last)
-        } else {
-            String::new()
-        };
+        let page = quarantine::page(&self.store, after, page_size).await?;
         Ok(Response::new(ListQuarantinedResponse {
-            quarantined_records: records,
-            next_page_token,
+            quarantined_records: page.records,
+            next_page_token: page.next_page_token,
         }))
     }
 
@@ -442,36 +409,16 @@ impl SyncRelayService for RelayApi {
             }
         }
         violations.into_result()?;
+        let selection = if request.all {
+            quarantine::Selection::All
+        } else {
+            quarantine::Selection::Ids(ids)
+        };
         let response = self
-            .once(&request.request_id, async {
-                let mut response = RedriveQuarantinedResponse::default();
-                if request.all {
-                    // Every record present now, oldest first, a page at a time.
-                    let through = self.store.last_quarantined().await?;
-                    let mut after = 0;
-                    loop {
-                        let page = self
-                            .store
-                            .list_quarantined(after, MAX_ITEMS_PER_REQUEST as u64)
-                            .await?;
-                        let page: Vec<_> = page.into_iter().filter(|r| r.seq <= through).collect();
-                        let Some(last) = page.last().map(|r| r.seq) else {
-                            break;
-                        };
-                        self.redrive_records(page, &mut response).await?;
-                        after = last;
-                    }
-                } else {
-                    let records = self.store.quarantined_by_ids(&ids).await?;
-                    self.redrive_records(records, &mut response).await?;
-                }
-                tracing::info!(
-                    redriven = response.redriven_count,
-                    still_invalid = response.still_invalid_count,
-                    "quarantined records redriven"
-                );
-                Ok(response)
-            })
+            .once(
+                &request.request_id,
+                quarantine::redrive(&self.store, &self.ingest, &self.types, selection),
+            )
             .await?;
         Ok(Response::new(response))
     }
@@ -578,60 +525,6 @@ impl RelayApi {
             .await?;
         Ok(response)
     }
-
-    /// Validates `records` again; enqueues those that pass, in order, and releases them from
-    /// the quarantine; records the new reason of the others.
-    async fn redrive_records(
-        &self,
-        records: Vec<crate::entity::quarantined_records::Model>,
-        response: &mut RedriveQuarantinedResponse,
-    ) -> Result<(), ServiceError> {
-        let mut valid = Vec::new();
-        let mut released = Vec::new();
-        for record in records {
-            let checked = change::decode(&record.raw_payload)
-                .and_then(|mut change| change::validate(&mut change, &self.types).map(|()| change));
-            match checked {
-                Ok(change) => {
-                    // The producer's coordinates stay the record's own.
-                    let origin = ChangeOrigin {
-                        source: record.source,
-                        position: record.position,
-                    };
-                    valid.push((change, origin));
-                    released.push(record.seq);
-                }
-                Err(reason) => {
-                    self.store.requarantine(record.seq, &reason).await?;
-                    response.still_invalid_count += 1;
-                }
-            }
-        }
-        if released.is_empty() {
-            return Ok(());
-        }
-        // From exactly what is sent: a later redrive of the same range that sends more (a
-        // record became valid meanwhile) is new to the queue's deduplication; a retry of this
-        // one (the enqueue failed) is not.
-        let seqs: Vec<String> = released.iter().map(i64::to_string).collect();
-        let key = rollup::dedup_key('q', &seqs.iter().map(String::as_str).collect::<Vec<_>>());
-        self.ingest.enqueue(valid, &key).await.map_err(|error| {
-            tracing::warn!(error = %error, "failed to enqueue redriven records");
-            ServiceError::Unavailable("the queue did not accept the redriven records; retry".into())
-        })?;
-        self.store.release_quarantined(&released).await?;
-        response.redriven_count += i64::try_from(released.len()).unwrap_or_default();
-        Ok(())
-    }
-}
-
-fn encode_token(seq: i64) -> String {
-    URL_SAFE_NO_PAD.encode(format!("q1|{seq}"))
-}
-
-fn decode_token(token: &str) -> Option<i64> {
-    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(token).ok()?).ok()?;
-    text.strip_prefix("q1|")?.parse().ok()
 }
 
 /// A lane's status from its message counts.

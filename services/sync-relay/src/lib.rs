@@ -11,7 +11,8 @@
 //! # Layout
 //! - [`config`]: [`Settings`], every knob with its default.
 //! - [`app`]: [`App`], wiring dependencies, stages and the gRPC server.
-//! - [`api`]: the admin and publish gRPC handlers.
+//! - [`api`]: the admin and publish gRPC handlers (check, call, map errors).
+//! - [`quarantine`]: quarantine pages and redrives, for the admin API.
 //! - [`source`]: where changes come from ([`source::kinesis`]).
 //! - [`change`]: decode and validate one change; its lane.
 //! - [`ingest`]: stage 1 (quarantine, roll-up, enqueue).
@@ -34,6 +35,7 @@ pub mod entity;
 pub mod ingest;
 pub mod metrics;
 pub mod migration;
+pub mod quarantine;
 pub mod rollup;
 pub mod source;
 pub mod store;
