@@ -314,15 +314,7 @@ async fn a_second_redrive_of_the_same_page_is_not_dropped_as_a_resend(engine: En
             settings.relay.product_types = with_types(&known);
         })
         .await;
-        let redriven = relay
-            .client()
-            .redrive_quarantined(RedriveQuarantinedRequest {
-                all: true,
-                ..Default::default()
-            })
-            .await
-            .expect("redrive")
-            .into_inner();
+        let redriven = relay.redrive_all_quarantined().await;
         assert_eq!(redriven.redriven_count, 1, "{code}");
         catalog
             .wait_for(&[(code.into(), 1)], Duration::from_secs(30))
@@ -353,15 +345,7 @@ async fn quarantined_records_that_became_valid_are_redriven(engine: Engine) {
         settings.relay.product_types = with_beauty();
     })
     .await;
-    let redriven = relay
-        .client()
-        .redrive_quarantined(RedriveQuarantinedRequest {
-            all: true,
-            ..Default::default()
-        })
-        .await
-        .expect("redrive")
-        .into_inner();
+    let redriven = relay.redrive_all_quarantined().await;
     assert_eq!(
         (redriven.redriven_count, redriven.still_invalid_count),
         (2, 1)

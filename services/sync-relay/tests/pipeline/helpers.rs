@@ -180,6 +180,20 @@ impl Relay {
             .status
     }
 
+    /// RedriveQuarantined of every record, expected to succeed.
+    pub async fn redrive_all_quarantined(
+        &self,
+    ) -> mall_proto::sync::v1::RedriveQuarantinedResponse {
+        self.client()
+            .redrive_quarantined(mall_proto::sync::v1::RedriveQuarantinedRequest {
+                all: true,
+                ..Default::default()
+            })
+            .await
+            .expect("redrive")
+            .into_inner()
+    }
+
     pub fn client(&self) -> SyncRelayServiceClient<Channel> {
         SyncRelayServiceClient::new(probe::channel(self.addr))
             .max_decoding_message_size(64 << 20)
