@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Changes deleted per transaction, so writers wait at most a moment for a prune.
-const PRUNE_BATCH: i64 = 5_000;
+const PRUNE_BATCH: u64 = 5_000;
 /// Pending products expired per round; the rest wait for the next round.
 const EXPIRE_BATCH: u64 = 1_000;
 /// Codes of expired pending products named in the log line; the count has the total.
@@ -86,7 +86,7 @@ impl Maintenance {
             .pending
             .set(i64::try_from(self.store.count_pending().await?).unwrap_or(i64::MAX));
         let position = self.store.change_log_position().await?;
-        self.metrics.head.set(position.head);
+        self.metrics.head.set(position.head.seq);
         let oldest = self.store.oldest_change_time().await?;
         self.metrics
             .oldest_age

@@ -3,12 +3,12 @@
 //! Both are URL-safe base64 of a short versioned text, so they can change form later without
 //! breaking a caller that stored one. A page token is a keyset position (the last code
 //! returned) plus a fingerprint of the filters it was issued for; a cursor is a change-log
-//! sequence number.
+//! position (transaction id and sequence number).
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use mall_grpc::ServiceError;
 
-use crate::store::ListFilter;
+use crate::store::{ListFilter, LogPosition};
 
 /// The token of the page after `last_code` under `filter`.
 pub fn page_token(last_code: &str, filter: &ListFilter) -> String {
@@ -62,19 +62,32 @@ pub fn parse_pending_page_token(token: &str) -> Result<String, ServiceError> {
         })
 }
 
-/// The cursor of change-log sequence number `seq`.
-pub fn cursor(seq: i64) -> String {
-    URL_SAFE_NO_PAD.encode(format!("c1|{seq}"))
+/// The cursor of change-log position `position`: `c2|xid|seq`.
+pub fn cursor(position: LogPosition) -> String {
+    URL_SAFE_NO_PAD.encode(format!("c2|{}|{}", position.xid, position.seq))
 }
 
-/// The sequence number in a cursor.
+/// The position in a cursor. Cursors issued before the log was ordered by transaction id
+/// (`c1|seq`) name entries whose `xid` is 0, and still resume where they were issued.
 ///
 /// # Errors
 /// INVALID_ARGUMENT (`start_cursor`) when it is malformed.
-pub fn parse_cursor(cursor: &str) -> Result<i64, ServiceError> {
+pub fn parse_cursor(cursor: &str) -> Result<LogPosition, ServiceError> {
+    let number = |s: &str| s.parse::<i64>().ok().filter(|n| *n >= 0);
     decode(cursor)
-        .and_then(|text| text.strip_prefix("c1|").and_then(|s| s.parse().ok()))
-        .filter(|seq: &i64| *seq >= 0)
+        .and_then(|text| {
+            if let Some(seq) = text.strip_prefix("c1|") {
+                return Some(LogPosition {
+                    xid: 0,
+                    seq: number(seq)?,
+                });
+            }
+            let (xid, seq) = text.strip_prefix("c2|")?.split_once('|')?;
+            Some(LogPosition {
+                xid: number(xid)?,
+                seq: number(seq)?,
+            })
+        })
         .ok_or_else(|| {
             ServiceError::invalid(
                 "start_cursor",
@@ -119,7 +132,7 @@ mod tests {
         let other = ListFilter::default();
         assert!(parse_page_token(&token, &other).is_err());
         assert!(parse_page_token("garbage!", &filter).is_err());
-        assert!(parse_page_token(&cursor(3), &filter).is_err());
+        assert!(parse_page_token(&cursor(LogPosition { xid: 0, seq: 3 }), &filter).is_err());
     }
 
     #[test]
@@ -131,10 +144,17 @@ mod tests {
     }
 
     #[test]
-    fn a_cursor_carries_a_sequence_number() {
-        assert_eq!(parse_cursor(&cursor(42)).expect("valid"), 42);
+    fn a_cursor_carries_a_log_position() {
+        let position = LogPosition { xid: 7, seq: 42 };
+        assert_eq!(parse_cursor(&cursor(position)).expect("valid"), position);
+        assert_eq!(
+            parse_cursor(&URL_SAFE_NO_PAD.encode("c1|42")).expect("an earlier cursor"),
+            LogPosition { xid: 0, seq: 42 }
+        );
         assert!(parse_cursor("").is_err());
         assert!(parse_cursor(&URL_SAFE_NO_PAD.encode("c1|-4")).is_err());
+        assert!(parse_cursor(&URL_SAFE_NO_PAD.encode("c2|4")).is_err());
+        assert!(parse_cursor(&URL_SAFE_NO_PAD.encode("c2|-1|4")).is_err());
         assert!(parse_cursor(&page_token("x", &ListFilter::default())).is_err());
     }
 }

@@ -1,10 +1,12 @@
 //! WatchProductChanges: stream the change log from a cursor, then follow it.
 //!
-//! A stream is a task that reads the log in sequence order and sends what it read into a
-//! small channel, so a slow client slows only its own task (the channel is bounded). The
-//! task wakes when this replica commits a change and, for changes committed by other
-//! replicas, every `watch_poll_interval`. Sequence numbers become visible in commit order
-//! (see the store), so reading `(position, head]` never skips a change that commits later.
+//! A stream is a task that reads the log in its `(xid, seq)` order and sends what it read
+//! into a small channel, so a slow client slows only its own task (the channel is bounded).
+//! The task wakes when this replica commits a change and, for changes committed by other
+//! replicas, every `watch_poll_interval`. The head only advances over entries that can no
+//! longer be preceded by a later commit (the commit-order watermark, see
+//! [`Store::change_log_position`]), so reading `(position, head]` never skips a change that
+//! commits later, and one product's changes come in the order they were written.
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -21,7 +23,7 @@ use tonic::Status;
 
 use crate::{
     metrics::CatalogMetrics,
-    store::{ChangeBatch, Store, timestamp},
+    store::{ChangeBatch, CommittedBefore, LogPosition, Store, timestamp},
     tokens,
 };
 
@@ -87,22 +89,25 @@ impl Watcher {
             .transpose()?;
 
         let log = self.store.change_log_position().await?;
-        let start = match cursor {
-            Some(seq) if seq < log.pruned_through => return Err(out_of_range()),
-            Some(seq) if seq > log.head => {
+        let (start, committed_before) = match cursor {
+            Some(position) if position < log.pruned_through => return Err(out_of_range()),
+            Some(position) if position > log.head => {
                 return Err(ServiceError::invalid(
                     "start_cursor",
                     "is ahead of the change log; it was not issued by this catalog",
                 ));
             }
-            Some(seq) => seq,
-            None if request.from_oldest => log.pruned_through,
-            None => log.head,
+            Some(position) => (position, None),
+            None if request.from_oldest => (log.pruned_through, None),
+            None => self.store.now_position().await?,
         };
         let product_type = (!request.product_type.is_empty()).then_some(request.product_type);
 
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(self.clone().follow(start, product_type, sender));
+        tokio::spawn(
+            self.clone()
+                .follow(start, committed_before, product_type, sender),
+        );
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
             receiver,
         )))
@@ -110,7 +115,8 @@ impl Watcher {
 
     async fn follow(
         mut self,
-        mut position: i64,
+        mut position: LogPosition,
+        mut committed_before: Option<CommittedBefore>,
         product_type: Option<String>,
         sender: mpsc::Sender<Result<WatchProductChangesResponse, Status>>,
     ) {
@@ -129,9 +135,13 @@ impl Watcher {
                 let _ = sender.send(Err(out_of_range().into())).await;
                 return;
             }
-            self.metrics.watch_lag.observe((log.head - position) as f64);
+            // Sequence numbers are taken in insert order, not commit order: close enough for a
+            // histogram of how far behind a stream is.
+            self.metrics
+                .watch_lag
+                .observe((log.head.seq - position.seq).max(0) as f64);
             if log.head > position {
-                let batch = match self
+                let mut batch = match self
                     .store
                     .read_changes(position, log.head, product_type.as_deref(), READ_BATCH)
                     .await
@@ -142,6 +152,13 @@ impl Watcher {
                         return;
                     }
                 };
+                if let Some(before) = &committed_before {
+                    // A watch from now: leave out what had committed before the call.
+                    batch.changes.retain(|c| !before.contains(c.xid));
+                    if !before.may_follow(batch.scanned_through) {
+                        committed_before = None;
+                    }
+                }
                 let (response, next) = match respond(batch) {
                     Ok(answer) => answer,
                     Err(error) => {
@@ -175,7 +192,7 @@ impl Watcher {
 }
 
 /// Turns what was read into one response within the size limit, and the position after it.
-fn respond(batch: ChangeBatch) -> anyhow::Result<(WatchProductChangesResponse, i64)> {
+fn respond(batch: ChangeBatch) -> anyhow::Result<(WatchProductChangesResponse, LogPosition)> {
     let mut response = WatchProductChangesResponse::default();
     let mut size = 0;
     let mut position = batch.scanned_through;
@@ -184,7 +201,7 @@ fn respond(batch: ChangeBatch) -> anyhow::Result<(WatchProductChangesResponse, i
             anyhow::anyhow!("change {} holds an undecodable product: {e}", change.seq)
         })?;
         let record = ProductChangeRecord {
-            cursor: tokens::cursor(change.seq),
+            cursor: tokens::cursor(LogPosition::of(&change)),
             product: Some(product),
             previous_version: u64::try_from(change.previous_version).unwrap_or_default(),
             commit_time: Some(timestamp(change.commit_time)),

@@ -6,6 +6,7 @@ use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
 mod m20261125_000001_catalog;
 pub mod m20261130_000001_field_versions;
+mod m20261202_000001_commit_order;
 
 /// The ordered list of migrations.
 #[derive(Debug)]
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261125_000001_catalog::Migration),
             Box::new(m20261130_000001_field_versions::Migration),
+            Box::new(m20261202_000001_commit_order::Migration),
         ]
     }
 }

@@ -2,60 +2,189 @@
 
 use mall_grpc::ServiceError;
 use sea_orm::{
-    ColumnTrait as _, ConnectionTrait as _, EntityTrait as _, QueryFilter as _, QueryOrder as _,
-    QuerySelect as _, Statement,
-    sea_query::{Expr, ExprTrait as _, Query},
+    ColumnTrait as _, ConnectionTrait as _, DbErr, EntityTrait as _, QueryFilter as _,
+    QueryOrder as _, QuerySelect as _, RuntimeErr, Statement,
+    sea_query::{Expr, ExprTrait as _, Query, SimpleExpr},
 };
 
+use mall_db::Backend;
+
 use super::{Store, db_error, entity::change_log_state, entity::product_changes};
+
+/// A place in the change log. Entries are ordered by `(xid, seq)`: on PostgreSQL `xid` is the
+/// writing transaction's id and entries become readable only below the commit-order
+/// watermark (see [`Store::change_log_position`]); on SQLite `xid` is 0 and `seq` alone is
+/// commit order (one writer at a time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LogPosition {
+    /// Transaction id of the entry (0 on SQLite and for entries older than the column).
+    pub xid: i64,
+    /// Sequence number of the entry.
+    pub seq: i64,
+}
+
+impl LogPosition {
+    /// The position of `change`.
+    pub fn of(change: &product_changes::Model) -> Self {
+        Self {
+            xid: change.xid,
+            seq: change.seq,
+        }
+    }
+}
+
+/// The transactions that had committed at one moment (a PostgreSQL snapshot): a watch
+/// "from now" leaves out their entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedBefore {
+    /// Every transaction below this id had ended.
+    xmin: i64,
+    /// Every transaction from this id on had not begun.
+    xmax: i64,
+    /// Between the two, the transactions still running.
+    running: Vec<i64>,
+}
+
+impl CommittedBefore {
+    /// Whether transaction `xid` had committed (or ended) at that moment.
+    pub fn contains(&self, xid: i64) -> bool {
+        xid < self.xmin || (xid < self.xmax && !self.running.contains(&xid))
+    }
+
+    /// Whether an entry at or after `position` may still be one of them.
+    pub fn may_follow(&self, position: LogPosition) -> bool {
+        position.xid < self.xmax
+    }
+}
 
 /// Where the change log stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChangeLogPosition {
-    /// Highest sequence number committed (0 before the first change).
-    pub head: i64,
-    /// Highest sequence number deleted by retention; a cursor below it is out of range.
-    pub pruned_through: i64,
+    /// Last entry that can be read: every entry up to it is committed, and no entry at or
+    /// before it can still commit. The zero position before the first change.
+    pub head: LogPosition,
+    /// Last entry deleted by retention; a cursor below it is out of range.
+    pub pruned_through: LogPosition,
 }
 
 /// Changes read from the log, and how far the read looked.
 #[derive(Debug, Clone, Default)]
 pub struct ChangeBatch {
-    /// Matching changes in sequence order.
+    /// Matching changes in log order.
     pub changes: Vec<product_changes::Model>,
-    /// Every change up to this sequence number has been looked at (including ones the
-    /// product type filter skipped).
-    pub scanned_through: i64,
+    /// Every change up to this position has been looked at (including ones the product type
+    /// filter skipped).
+    pub scanned_through: LogPosition,
 }
 
 impl Store {
     /// The head and the pruned-through mark of the change log.
     ///
+    /// On PostgreSQL, writers commit in parallel, so an entry with a lower `(xid, seq)` can
+    /// commit after one with a higher. The head therefore only counts entries whose
+    /// transaction id is below the oldest transaction still running
+    /// (`pg_snapshot_xmin(pg_current_snapshot())`): every such transaction has ended, and any
+    /// transaction that has not yet ended has a higher id, so its entries will sort after
+    /// the head. Reading up to the head in `(xid, seq)` order therefore misses nothing and
+    /// repeats nothing, without a lock that would make writers commit one at a time. (A
+    /// long-running transaction elsewhere on the server holds the watermark back: watchers
+    /// then lag, they never skip.)
+    ///
     /// # Errors
     /// UNAVAILABLE or INTERNAL when the database fails.
     pub async fn change_log_position(&self) -> Result<ChangeLogPosition, ServiceError> {
+        let last = |column: &str| {
+            format!(
+                "(SELECT {column} FROM product_changes WHERE xid < {} \
+                 ORDER BY xid DESC, seq DESC LIMIT 1)",
+                self.watermark()
+            )
+        };
         let row = self
             .db
             .query_one_raw(Statement::from_string(
                 self.db.get_database_backend(),
-                "SELECT (SELECT MAX(seq) FROM product_changes) AS head, pruned_through \
-                 FROM change_log_state WHERE id = 1",
+                format!(
+                    "SELECT {} AS head_xid, {} AS head_seq, pruned_xid, pruned_through \
+                     FROM change_log_state WHERE id = 1",
+                    last("xid"),
+                    last("seq")
+                ),
             ))
             .await
             .map_err(|e| db_error(e, "read change log position"))?
             .ok_or_else(|| {
                 ServiceError::Internal(anyhow::anyhow!("change_log_state has no row"))
             })?;
-        let head: Option<i64> = row
-            .try_get("", "head")
-            .map_err(|e| db_error(e, "read change log head"))?;
-        let pruned_through: i64 = row
-            .try_get("", "pruned_through")
-            .map_err(|e| db_error(e, "read change log prune mark"))?;
+        let get = |column: &str| -> Result<Option<i64>, ServiceError> {
+            row.try_get("", column)
+                .map_err(|e| db_error(e, "read change log position"))
+        };
+        let head = LogPosition {
+            xid: get("head_xid")?.unwrap_or(0),
+            seq: get("head_seq")?.unwrap_or(0),
+        };
+        let pruned_through = LogPosition {
+            xid: get("pruned_xid")?.unwrap_or(0),
+            seq: get("pruned_through")?.unwrap_or(0),
+        };
         Ok(ChangeLogPosition {
-            head: Ord::max(head.unwrap_or(0), pruned_through),
+            head: Ord::max(head, pruned_through),
             pruned_through,
         })
+    }
+
+    /// Where a watch "from now" starts, and the entries after it that it must leave out
+    /// because they committed before now.
+    ///
+    /// The head lags commits (see [`Self::change_log_position`]), and a transaction with a
+    /// lower id may still commit after now: starting at the head would repeat changes that
+    /// committed before the call, starting at the highest committed entry would skip ones
+    /// that commit after. So on PostgreSQL the start is the current snapshot's `xmin` and
+    /// the snapshot itself says which entries after it were already committed.
+    ///
+    /// # Errors
+    /// UNAVAILABLE or INTERNAL when the database fails.
+    pub async fn now_position(
+        &self,
+    ) -> Result<(LogPosition, Option<CommittedBefore>), ServiceError> {
+        let log = self.change_log_position().await?;
+        if self.backend == Backend::Sqlite {
+            return Ok((log.head, None));
+        }
+        use sea_orm::sqlx::Row as _;
+        let unavailable = |e| {
+            db_error(
+                DbErr::Query(RuntimeErr::SqlxError(std::sync::Arc::new(e))),
+                "read the current snapshot",
+            )
+        };
+        let row = sea_orm::sqlx::query(
+            "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint, \
+             ARRAY(SELECT pg_snapshot_xip(s)::text::bigint) FROM pg_current_snapshot() AS s",
+        )
+        .fetch_one(self.db.get_postgres_connection_pool())
+        .await
+        .map_err(unavailable)?;
+        let before = CommittedBefore {
+            xmin: row.try_get(0).map_err(unavailable)?,
+            xmax: row.try_get(1).map_err(unavailable)?,
+            running: row.try_get(2).map_err(unavailable)?,
+        };
+        let start = LogPosition {
+            xid: before.xmin,
+            seq: 0,
+        };
+        Ok((Ord::max(start, log.pruned_through), Some(before)))
+    }
+
+    /// The SQL of the commit-order watermark: entries with a lower `xid` can be read.
+    fn watermark(&self) -> &'static str {
+        match self.backend {
+            Backend::Postgres => "pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+            // One writer at a time: every committed entry can be read.
+            Backend::Sqlite => "9223372036854775807",
+        }
     }
 
     /// Changes after `after` up to `through`, of `product_type` if given, at most `limit`.
@@ -64,19 +193,18 @@ impl Store {
     /// UNAVAILABLE or INTERNAL when the database fails.
     pub async fn read_changes(
         &self,
-        after: i64,
-        through: i64,
+        after: LogPosition,
+        through: LogPosition,
         product_type: Option<&str>,
         limit: u64,
     ) -> Result<ChangeBatch, ServiceError> {
         use product_changes::Column as C;
-        let mut query = product_changes::Entity::find()
-            .filter(C::Seq.gt(after))
-            .filter(C::Seq.lte(through));
+        let mut query = product_changes::Entity::find().filter(between(after, through));
         if let Some(product_type) = product_type {
             query = query.filter(C::ProductType.eq(product_type));
         }
         let changes = query
+            .order_by_asc(C::Xid)
             .order_by_asc(C::Seq)
             .limit(limit)
             .all(&self.db)
@@ -85,7 +213,7 @@ impl Store {
         let scanned_through = if (changes.len() as u64) < limit {
             through
         } else {
-            changes.last().map_or(through, |c| c.seq)
+            changes.last().map_or(through, LogPosition::of)
         };
         Ok(ChangeBatch {
             changes,
@@ -124,29 +252,36 @@ impl Store {
 
     /// Forgets the products changed after `after` (from the head when `None`, emptying the
     /// cache: nothing is known about what changed before). Returns the new position.
-    async fn invalidate_changed(&self, after: Option<i64>) -> Result<i64, ServiceError> {
+    async fn invalidate_changed(
+        &self,
+        after: Option<LogPosition>,
+    ) -> Result<LogPosition, ServiceError> {
         let log = self.change_log_position().await?;
         let Some(mut position) = after.filter(|p| *p >= log.pruned_through) else {
             self.cache.clear();
             return Ok(log.head);
         };
         while position < log.head {
-            let rows: Vec<(i64, String)> = product_changes::Entity::find()
+            use product_changes::Column as C;
+            let rows: Vec<(i64, i64, String)> = product_changes::Entity::find()
                 .select_only()
-                .columns([product_changes::Column::Seq, product_changes::Column::Code])
-                .filter(product_changes::Column::Seq.gt(position))
-                .filter(product_changes::Column::Seq.lte(log.head))
-                .order_by_asc(product_changes::Column::Seq)
+                .columns([C::Xid, C::Seq, C::Code])
+                .filter(between(position, log.head))
+                .order_by_asc(C::Xid)
+                .order_by_asc(C::Seq)
                 .limit(5_000)
                 .into_tuple()
                 .all(&self.db)
                 .await
                 .map_err(|e| db_error(e, "read changed codes"))?;
-            let Some(last) = rows.last().map(|(seq, _)| *seq) else {
+            let Some(last) = rows.last().map(|(xid, seq, _)| LogPosition {
+                xid: *xid,
+                seq: *seq,
+            }) else {
                 break;
             };
             self.cache
-                .invalidate(rows.iter().map(|(_, code)| code.as_str()));
+                .invalidate(rows.iter().map(|(_, _, code)| code.as_str()));
             position = last;
         }
         Ok(log.head)
@@ -158,6 +293,7 @@ impl Store {
     /// UNAVAILABLE or INTERNAL when the database fails.
     pub async fn oldest_change_time(&self) -> Result<Option<i64>, ServiceError> {
         Ok(product_changes::Entity::find()
+            .order_by_asc(product_changes::Column::Xid)
             .order_by_asc(product_changes::Column::Seq)
             .one(&self.db)
             .await
@@ -166,26 +302,37 @@ impl Store {
     }
 
     /// Deletes changes committed before `cutoff` (microseconds since the epoch), at most
-    /// `batch` per transaction so writers are never held up long, and advances the
-    /// pruned-through mark. Returns how many were deleted.
+    /// `batch` per transaction so writers are never held up long, in log order up to the
+    /// first change that is not old enough, and advances the pruned-through mark. Returns how
+    /// many were deleted.
     ///
     /// # Errors
     /// UNAVAILABLE or INTERNAL when the database fails.
-    pub async fn prune_changes(&self, cutoff: i64, batch: i64) -> Result<u64, ServiceError> {
+    pub async fn prune_changes(&self, cutoff: i64, batch: u64) -> Result<u64, ServiceError> {
+        use product_changes::Column as C;
         let mut deleted = 0;
         loop {
-            let position = self.change_log_position().await?;
-            let last_old: Option<i64> = product_changes::Entity::find()
+            let log = self.change_log_position().await?;
+            let oldest: Vec<(i64, i64, i64)> = product_changes::Entity::find()
                 .select_only()
-                .column_as(product_changes::Column::Seq.max(), "seq")
-                .filter(product_changes::Column::CommitTime.lt(cutoff))
-                .filter(product_changes::Column::Seq.lte(position.pruned_through + batch))
+                .columns([C::Xid, C::Seq, C::CommitTime])
+                .filter(between(log.pruned_through, log.head))
+                .order_by_asc(C::Xid)
+                .order_by_asc(C::Seq)
+                .limit(batch)
                 .into_tuple()
-                .one(&self.db)
+                .all(&self.db)
                 .await
-                .map_err(|e| db_error(e, "find expired changes"))?
-                .flatten();
-            let Some(through) = last_old.filter(|s| *s > position.pruned_through) else {
+                .map_err(|e| db_error(e, "find expired changes"))?;
+            let Some(through) = oldest
+                .iter()
+                .take_while(|(_, _, commit_time)| *commit_time < cutoff)
+                .last()
+                .map(|(xid, seq, _)| LogPosition {
+                    xid: *xid,
+                    seq: *seq,
+                })
+            else {
                 return Ok(deleted);
             };
             let write = self
@@ -193,7 +340,7 @@ impl Store {
                 .await
                 .map_err(|e| db_error(e, "prune change log"))?;
             let removed = product_changes::Entity::delete_many()
-                .filter(product_changes::Column::Seq.lte(through))
+                .filter(between(LogPosition::default(), through))
                 .exec(&write.txn)
                 .await
                 .map_err(|e| db_error(e, "prune change log"))?
@@ -203,9 +350,16 @@ impl Store {
                 .execute(
                     Query::update()
                         .table(change_log_state::Entity)
-                        .value(change_log_state::Column::PrunedThrough, through)
+                        .value(change_log_state::Column::PrunedXid, through.xid)
+                        .value(change_log_state::Column::PrunedThrough, through.seq)
                         .and_where(Expr::col(change_log_state::Column::Id).eq(1))
-                        .and_where(Expr::col(change_log_state::Column::PrunedThrough).lt(through)),
+                        .and_where(
+                            Expr::tuple([
+                                Expr::col(change_log_state::Column::PrunedXid),
+                                Expr::col(change_log_state::Column::PrunedThrough),
+                            ])
+                            .lt(position(through)),
+                        ),
                 )
                 .await
                 .map_err(|e| db_error(e, "advance change log prune mark"))?;
@@ -241,4 +395,19 @@ impl Store {
             .map_err(|e| db_error(e, "prune request ids"))?;
         Ok(removed)
     }
+}
+
+/// Entries after `after` up to and including `through`, in `(xid, seq)` order. (The row
+/// comparison lets PostgreSQL scan the `(xid, seq)` index as one range.)
+fn between(after: LogPosition, through: LogPosition) -> SimpleExpr {
+    use product_changes::Column as C;
+    let entry = || Expr::tuple([Expr::col(C::Xid), Expr::col(C::Seq)]);
+    entry()
+        .gt(position(after))
+        .and(entry().lte(position(through)))
+}
+
+/// `position` as a row value, to compare with `(xid, seq)`.
+fn position(position: LogPosition) -> SimpleExpr {
+    Expr::tuple([Expr::val(position.xid), Expr::val(position.seq)])
 }

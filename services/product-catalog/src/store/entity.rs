@@ -44,12 +44,14 @@ pub mod product_changes {
 
     /// One applied change; `product` is the encoded `mall.catalog.v1.Product` after it,
     /// `written_fields` the bits of the fields it wrote (`UpdateMask::bits`), `version` the
-    /// product's version after it and `change_version` the change's own.
+    /// product's version after it and `change_version` the change's own. `xid` is the
+    /// writing transaction's id on PostgreSQL (0 on SQLite): the log's order is `(xid, seq)`.
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "product_changes")]
     pub struct Model {
         #[sea_orm(primary_key)]
         pub seq: i64,
+        pub xid: i64,
         pub code: String,
         pub product_type: String,
         pub version: i64,
@@ -70,13 +72,14 @@ pub mod product_changes {
 pub mod change_log_state {
     use sea_orm::entity::prelude::*;
 
-    /// `pruned_through`: highest sequence number deleted by retention.
+    /// `(pruned_xid, pruned_through)`: the highest `(xid, seq)` position deleted by retention.
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "change_log_state")]
     pub struct Model {
         #[sea_orm(primary_key, auto_increment = false)]
         pub id: i32,
         pub pruned_through: i64,
+        pub pruned_xid: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

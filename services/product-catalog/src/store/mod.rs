@@ -3,19 +3,21 @@
 //!
 //! # Layout
 //! - [`entity`]: the sea-orm entities.
-//! - `write`: [`Store::bulk_write`], one version-guarded, set-based transaction per request.
+//! - `write`, `write_pg`: [`Store::bulk_write`], one version-guarded, set-based transaction per
+//!   request (SQLite through sea-orm, PostgreSQL with array parameters through sqlx).
 //! - `read`: [`Store::get`], [`Store::batch_get`], [`Store::list`].
 //! - `changes`: the change log: [`Store::read_changes`], [`Store::prune_changes`].
 //!
 //! # Concurrency
-//! On PostgreSQL, writers lock the rows they update in code order (`SELECT ... FOR UPDATE`),
-//! so overlapping requests queue instead of deadlocking; the rare conflict that remains (two
-//! requests creating the same new product) is retried inside the store. Change-log rows are
-//! appended under a transaction-scoped advisory lock, so sequence numbers become visible in
-//! commit order and a watcher that has read up to N never later finds a change below N.
-//! SQLite has one writer at a time: writes take an in-process lock, so they queue fairly
-//! instead of polling the busy timeout, and `BEGIN IMMEDIATE`, so another process cannot
-//! slip in between a write's read and its update.
+//! On PostgreSQL (`write_pg`), writers lock the rows they update in code order
+//! (`SELECT ... FOR UPDATE`), so overlapping requests queue instead of deadlocking; the rare
+//! conflict that remains (two requests creating the same new product, or a product last
+//! written by a transaction with a higher id) is retried inside the store. Writers commit in
+//! parallel: the change log is ordered by `(xid, seq)` and read below a commit-order
+//! watermark (`changes`), so a watcher misses nothing and repeats nothing without a lock
+//! that orders commits. SQLite has one writer at a time: writes take an in-process lock, so
+//! they queue fairly instead of polling the busy timeout, and `BEGIN IMMEDIATE`, so another
+//! process cannot slip in between a write's read and its update.
 
 pub mod cache;
 pub mod entity;
@@ -23,6 +25,7 @@ pub mod entity;
 mod changes;
 mod read;
 mod write;
+mod write_pg;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -39,7 +42,7 @@ use sea_orm::{
 use tokio::sync::{Mutex, MutexGuard};
 
 pub use cache::ProductCache;
-pub use changes::{ChangeBatch, ChangeLogPosition};
+pub use changes::{ChangeBatch, ChangeLogPosition, CommittedBefore, LogPosition};
 pub use read::{ListFilter, PendingRow};
 pub use write::{OnRefusal, WriteOutcome};
 

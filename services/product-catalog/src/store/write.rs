@@ -1,15 +1,15 @@
 //! Bulk writes: one transaction per request, a handful of set-based statements whatever the
-//! number of items.
+//! number of items. This is the SQLite path (PostgreSQL has its own, `write_pg`, with the
+//! same steps in fewer statements).
 //!
 //! 1. remember the request id (or find the first response and stop);
-//! 2. read (and on PostgreSQL lock, in code order) the stored field versions of every code,
-//!    and the whole rows of those whose stored values can survive the request
-//!    ([`crate::bulk::needs_values`]);
+//! 2. read the stored field versions of every code, and the whole rows of those whose stored
+//!    values can survive the request ([`crate::bulk::needs_values`]);
 //! 3. plan in memory ([`crate::bulk::plan`]): outcomes, refusals, final rows, change-log
 //!    entries;
 //! 4. insert the new products, update the existing ones (one multi-row statement each), with
 //!    their field versions;
-//! 5. append the change log (one statement) under the change-log lock;
+//! 5. append the change log (one statement);
 //! 6. store the response for the request id; commit.
 
 use std::collections::BTreeMap;
@@ -30,9 +30,6 @@ use super::{
 };
 use crate::bulk::{ItemResult, Plan, Refusal, Stored, Write, needs_values, plan};
 use mall_db::Backend;
-
-/// Key of the PostgreSQL advisory lock that orders change-log appends (ASCII "mallchng").
-const CHANGE_LOG_LOCK: i64 = 0x6d61_6c6c_6368_6e67;
 
 /// What a bulk write does with writes the stored state refuses (a product of another type).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +56,7 @@ pub enum WriteOutcome {
     Replayed(BulkUpdateProductsResponse),
 }
 
-enum Attempt {
+pub(super) enum Attempt {
     Done(WriteOutcome),
     /// A conflict a new attempt resolves.
     Conflict(&'static str),
@@ -83,10 +80,18 @@ impl Store {
         let mut retries = 0;
         let mut delays = backoff();
         loop {
-            let error = match self
-                .attempt_bulk_write(request_id, writes, on_refusal)
-                .await
-            {
+            let attempt = match self.backend {
+                Backend::Postgres => {
+                    let pool = self.db.get_postgres_connection_pool();
+                    self.attempt_bulk_write_pg(pool, request_id, writes, on_refusal)
+                        .await
+                }
+                Backend::Sqlite => {
+                    self.attempt_bulk_write(request_id, writes, on_refusal)
+                        .await
+                }
+            };
+            let error = match attempt {
                 Ok(Attempt::Done(WriteOutcome::Applied {
                     results, refused, ..
                 })) => {
@@ -161,35 +166,11 @@ impl Store {
         }
 
         let stored = self.read_for_write(txn, writes).await?;
-        let plan = plan(writes, stored, now);
-        if on_refusal == OnRefusal::RejectRequest && !plan.refused.is_empty() {
-            let mut violations = Violations::default();
-            for refusal in &plan.refused {
-                violations.add(
-                    format!("updates[{}].{}", refusal.index, refusal.field),
-                    refusal.reason.clone(),
-                );
-            }
-            return Err(AttemptError::Fatal(ServiceError::InvalidArgument(
-                violations.into_vec(),
-            )));
-        }
+        let (plan, response) = decide(writes, stored, now, on_refusal)?;
         if let Some(conflict) = self.store_rows(txn, &plan).await? {
             return Ok(Attempt::Conflict(conflict));
         }
         self.append_changes(txn, &plan).await?;
-
-        let response = BulkUpdateProductsResponse {
-            results: plan
-                .results
-                .iter()
-                .map(|r| ProductUpdateResult {
-                    code: r.code.clone(),
-                    outcome: r.outcome as i32,
-                    stored_version: r.stored_version,
-                })
-                .collect(),
-        };
         if let Some(id) = request_id {
             txn.execute(
                 Query::update()
@@ -200,6 +181,13 @@ impl Store {
             .await?;
         }
         write.txn.commit().await?;
+        Ok(self.applied(plan))
+    }
+
+    /// After the commit of `plan`: says what was dropped, forgets the written products in
+    /// this replica's cache (read-your-writes here; other replicas learn it from the change
+    /// log), and reports the outcome.
+    pub(super) fn applied(&self, plan: Plan) -> Attempt {
         if !plan.dropped_pending.is_empty() {
             // Product codes are not personal data; they let the producer find the mistake.
             tracing::warn!(
@@ -208,13 +196,12 @@ impl Store {
                  named; those changes' fields were dropped"
             );
         }
-        // Read-your-writes on this replica; other replicas learn it from the change log.
         self.cache.invalidate(plan.rows.keys().map(String::as_str));
-        Ok(Attempt::Done(WriteOutcome::Applied {
+        Attempt::Done(WriteOutcome::Applied {
             results: plan.results,
             refused: plan.refused,
             retries: 0,
-        }))
+        })
     }
 
     /// The stored state the plan needs, locked on PostgreSQL (in code order, so overlapping
@@ -230,7 +217,7 @@ impl Store {
         let mut codes: Vec<&str> = writes.iter().map(|w| w.product.code.as_str()).collect();
         codes.sort_unstable();
         codes.dedup();
-        let mut thin = products::Entity::find()
+        let thin = products::Entity::find()
             .select_only()
             .columns([
                 C::Code,
@@ -247,9 +234,6 @@ impl Store {
             ])
             .filter(C::Code.is_in(codes))
             .order_by_asc(C::Code);
-        if self.backend == Backend::Postgres {
-            thin = thin.lock_exclusive();
-        }
         type ThinRow = (String, String, i64, i64, i64, i64, i64, i64, i64, i64, i64);
         let mut stored: BTreeMap<String, Stored> = thin
             .into_tuple::<ThinRow>()
@@ -277,7 +261,6 @@ impl Store {
             .collect();
         if !whole.is_empty() {
             whole.sort_unstable();
-            // Already locked above: a plain read sees them as they are.
             let rows = products::Entity::find()
                 .filter(C::Code.is_in(whole.drain(..).map(str::to_owned).collect::<Vec<_>>()))
                 .all(txn)
@@ -395,11 +378,6 @@ impl Store {
         if plan.changes.is_empty() {
             return Ok(());
         }
-        if self.backend == Backend::Postgres {
-            // Held to commit: sequence numbers become visible in the order they were taken.
-            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({CHANGE_LOG_LOCK})"))
-                .await?;
-        }
         let mut values: Vec<Value> = Vec::with_capacity(plan.changes.len() * 8);
         for change in &plan.changes {
             let p = &change.product;
@@ -452,7 +430,7 @@ fn placeholders(backend: Backend, rows: usize, columns: usize) -> String {
     sql
 }
 
-enum AttemptError {
+pub(super) enum AttemptError {
     Db(DbErr),
     /// Ends the call with this error; no retry helps.
     Fatal(ServiceError),
@@ -462,6 +440,41 @@ impl From<DbErr> for AttemptError {
     fn from(error: DbErr) -> Self {
         Self::Db(error)
     }
+}
+
+/// Plans `writes` against `stored` and builds the response; with
+/// [`OnRefusal::RejectRequest`], a refused write fails the whole request.
+pub(super) fn decide(
+    writes: &[Write],
+    stored: BTreeMap<String, Stored>,
+    now: prost_types::Timestamp,
+    on_refusal: OnRefusal,
+) -> Result<(Plan, BulkUpdateProductsResponse), AttemptError> {
+    let plan = plan(writes, stored, now);
+    if on_refusal == OnRefusal::RejectRequest && !plan.refused.is_empty() {
+        let mut violations = Violations::default();
+        for refusal in &plan.refused {
+            violations.add(
+                format!("updates[{}].{}", refusal.index, refusal.field),
+                refusal.reason.clone(),
+            );
+        }
+        return Err(AttemptError::Fatal(ServiceError::InvalidArgument(
+            violations.into_vec(),
+        )));
+    }
+    let response = BulkUpdateProductsResponse {
+        results: plan
+            .results
+            .iter()
+            .map(|r| ProductUpdateResult {
+                code: r.code.clone(),
+                outcome: r.outcome as i32,
+                stored_version: r.stored_version,
+            })
+            .collect(),
+    };
+    Ok((plan, response))
 }
 
 #[cfg(test)]

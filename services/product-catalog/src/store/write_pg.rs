@@ -1,0 +1,373 @@
+//! The PostgreSQL write path: constant SQL with array parameters, so a request of any size
+//! is three statements, each parsed and planned once per connection.
+//!
+//! 1. `LOCK`: lock the stored rows of the request's codes in code order and read their field
+//!    versions (and the transaction ids that last wrote them);
+//! 2. `ROWS`: only when a stored value can survive the request ([`needs_values`]), read
+//!    those rows whole;
+//! 3. plan in memory ([`crate::bulk::plan`]);
+//! 4. `WRITE`: one statement inserts the new products, updates the existing ones, appends
+//!    the change log and remembers the request id with its response, all from `unnest` of
+//!    arrays (binary parameters, no per-row SQL).
+//!
+//! # Commit order without a global lock
+//! Writers commit in parallel. The change log is read in `(xid, seq)` order below the
+//! commit-order watermark (see `changes`), which misses nothing and repeats nothing. One
+//! product's changes must also be in the order they were written: a transaction that locks
+//! a product last written by a transaction with a *higher* id (it took its id before that
+//! one and waited for it) gives up and runs again with a new, higher id. Overlapping writers
+//! of one product are rare (the relay's lanes partition products), so this retry is too.
+
+use mall_proto::catalog::v1::BulkUpdateProductsResponse;
+use prost::Message as _;
+use sea_orm::{
+    DbErr, RuntimeErr,
+    sqlx::{self, PgPool, Row as _, postgres::PgRow},
+};
+use std::{collections::BTreeMap, sync::Arc};
+
+use super::{
+    Store,
+    entity::products,
+    micros, stored_from_model, timestamp, to_i64, to_model, versions_of,
+    write::{Attempt, AttemptError, OnRefusal, WriteOutcome, decide},
+};
+use crate::bulk::{Plan, Stored, Write, needs_values};
+use mall_proto::catalog::v1::Product;
+
+/// Locks the request's stored products in code order; reads what the plan needs of each.
+const LOCK: &str = "SELECT code, product_type, create_time, version, brand_version, \
+    category_path_version, status_version, names_version, descriptions_version, \
+    prices_version, attributes_version, write_xid, pg_current_xact_id()::text::bigint AS me \
+    FROM products WHERE code = ANY($1) ORDER BY code FOR UPDATE";
+
+/// Whole rows (already locked by `LOCK`).
+const ROWS: &str = "SELECT code, product_type, brand, category_path, status, names, \
+    descriptions, prices, attributes, version, create_time, update_time, brand_version, \
+    category_path_version, status_version, names_version, descriptions_version, \
+    prices_version, attributes_version FROM products WHERE code = ANY($1)";
+
+/// A stored response, for a request id seen before.
+const REMEMBERED: &str = "SELECT response FROM bulk_requests WHERE request_id = $1";
+
+/// Every write of a request in one statement. Rows `$1..$20` (`$20`: whether the product was
+/// stored before); change-log entries `$21..$28`; the request id, its response and time
+/// `$29..$31` (`$29` NULL without a request id). Answers how many products were created and
+/// updated, and whether the request id was new.
+const WRITE: &str = "WITH input AS ( \
+      SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int2[], \
+        $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[], \
+        $12::int8[], $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], \
+        $18::int8[], $19::int8[], $20::bool[]) \
+      AS i(code, product_type, brand, category_path, status, names, descriptions, prices, \
+        attributes, version, create_time, update_time, brand_version, \
+        category_path_version, status_version, names_version, descriptions_version, \
+        prices_version, attributes_version, existed)), \
+    created AS ( \
+      INSERT INTO products (code, product_type, brand, category_path, status, names, \
+        descriptions, prices, attributes, version, create_time, update_time, brand_version, \
+        category_path_version, status_version, names_version, descriptions_version, \
+        prices_version, attributes_version, write_xid) \
+      SELECT code, product_type, brand, category_path, status, names, descriptions, prices, \
+        attributes, version, create_time, update_time, brand_version, \
+        category_path_version, status_version, names_version, descriptions_version, \
+        prices_version, attributes_version, pg_current_xact_id()::text::bigint \
+      FROM input WHERE NOT existed \
+      ON CONFLICT (code) DO NOTHING RETURNING 1), \
+    updated AS ( \
+      UPDATE products p SET product_type = i.product_type, brand = i.brand, \
+        category_path = i.category_path, status = i.status, names = i.names, \
+        descriptions = i.descriptions, prices = i.prices, attributes = i.attributes, \
+        version = i.version, create_time = i.create_time, update_time = i.update_time, \
+        brand_version = i.brand_version, category_path_version = i.category_path_version, \
+        status_version = i.status_version, names_version = i.names_version, \
+        descriptions_version = i.descriptions_version, prices_version = i.prices_version, \
+        attributes_version = i.attributes_version, \
+        write_xid = pg_current_xact_id()::text::bigint \
+      FROM input i WHERE i.existed AND p.code = i.code AND p.version <= i.version \
+      RETURNING 1), \
+    logged AS ( \
+      INSERT INTO product_changes (code, product_type, version, previous_version, \
+        commit_time, product, written_fields, change_version) \
+      SELECT code, product_type, version, previous_version, commit_time, product, \
+        written_fields, change_version \
+      FROM unnest($21::text[], $22::text[], $23::int8[], $24::int8[], $25::int8[], \
+        $26::bytea[], $27::int2[], $28::int8[]) WITH ORDINALITY \
+        AS c(code, product_type, version, previous_version, commit_time, product, \
+          written_fields, change_version, n) \
+      ORDER BY n), \
+    remembered AS ( \
+      INSERT INTO bulk_requests (request_id, response, create_time) \
+      SELECT $29::text, $30::bytea, $31::int8 WHERE $29::text IS NOT NULL \
+      ON CONFLICT (request_id) DO NOTHING RETURNING 1) \
+    SELECT (SELECT count(*) FROM created) AS created, (SELECT count(*) FROM updated) AS updated, \
+      (SELECT count(*) FROM remembered) AS remembered";
+
+impl Store {
+    /// One attempt of a bulk write on PostgreSQL; see the module docs.
+    pub(super) async fn attempt_bulk_write_pg(
+        &self,
+        pool: &PgPool,
+        request_id: Option<&str>,
+        writes: &[Write],
+        on_refusal: OnRefusal,
+    ) -> Result<Attempt, AttemptError> {
+        if let Some(id) = request_id
+            && let Some(first) = remembered(pool, id).await?
+        {
+            return Ok(Attempt::Done(WriteOutcome::Replayed(first)));
+        }
+        let now = super::now();
+        let mut txn = pool.begin().await.map_err(db)?;
+        let Some(stored) = read_for_write(&mut txn, writes).await? else {
+            return Ok(Attempt::Conflict(
+                "a product was last written by a transaction that began after this one",
+            ));
+        };
+        let (plan, response) = decide(writes, stored, now, on_refusal)?;
+        let (created, updated, new_request) =
+            write(&mut txn, &plan, request_id, &response, now).await?;
+        let existing = plan.rows.values().filter(|r| r.existed).count();
+        if created != plan.rows.len() - existing {
+            return Ok(Attempt::Conflict(
+                "a concurrent request created one of the products",
+            ));
+        }
+        if updated != existing {
+            return Ok(Attempt::Conflict(
+                "a stored product changed while it was locked",
+            ));
+        }
+        if request_id.is_some() && !new_request {
+            // A concurrent attempt of the same request committed first (this insert waited
+            // for it): roll back; the next attempt finds its response.
+            return Ok(Attempt::Conflict(
+                "the same request id committed concurrently",
+            ));
+        }
+        txn.commit().await.map_err(db)?;
+        Ok(self.applied(plan))
+    }
+}
+
+/// The first response to `request_id`, if it was seen before.
+async fn remembered(
+    pool: &PgPool,
+    request_id: &str,
+) -> Result<Option<BulkUpdateProductsResponse>, AttemptError> {
+    let Some(row) = sqlx::query(REMEMBERED)
+        .bind(request_id)
+        .fetch_optional(pool)
+        .await
+        .map_err(db)?
+    else {
+        return Ok(None);
+    };
+    let response: Option<Vec<u8>> = row.try_get(0).map_err(db)?;
+    let response = response.ok_or(AttemptError::Db(DbErr::RecordNotFound(
+        "the response of a remembered request id".into(),
+    )))?;
+    BulkUpdateProductsResponse::decode(response.as_slice())
+        .map(Some)
+        .map_err(|e| AttemptError::Db(DbErr::Custom(e.to_string())))
+}
+
+/// Locks and reads what the plan needs (see [`super::write`]); `None` when a product was
+/// last written by a transaction with a higher id than this one (retry).
+async fn read_for_write(
+    txn: &mut sqlx::PgConnection,
+    writes: &[Write],
+) -> Result<Option<BTreeMap<String, Stored>>, AttemptError> {
+    let mut codes: Vec<&str> = writes.iter().map(|w| w.product.code.as_str()).collect();
+    codes.sort_unstable();
+    codes.dedup();
+    let rows = sqlx::query(LOCK)
+        .bind(&codes)
+        .fetch_all(&mut *txn)
+        .await
+        .map_err(db)?;
+    let mut stored = BTreeMap::new();
+    for row in rows {
+        let write_xid: i64 = row.try_get(11).map_err(db)?;
+        let me: i64 = row.try_get(12).map_err(db)?;
+        if write_xid > me {
+            return Ok(None);
+        }
+        let code: String = row.try_get(0).map_err(db)?;
+        let mut columns = [0i64; 7];
+        for (i, column) in columns.iter_mut().enumerate() {
+            *column = row.try_get(4 + i).map_err(db)?;
+        }
+        let versions = versions_of(columns, row.try_get(3).map_err(db)?);
+        let product = Product {
+            code: code.clone(),
+            product_type: row.try_get(1).map_err(db)?,
+            version: versions.max(),
+            create_time: Some(timestamp(row.try_get(2).map_err(db)?)),
+            ..Product::default()
+        };
+        stored.insert(code, Stored { product, versions });
+    }
+    let whole: Vec<&str> = stored
+        .iter()
+        .filter(|(code, s)| needs_values(writes, code, &s.product))
+        .map(|(code, _)| code.as_str())
+        .collect();
+    if !whole.is_empty() {
+        let rows = sqlx::query(ROWS)
+            .bind(&whole)
+            .fetch_all(&mut *txn)
+            .await
+            .map_err(db)?;
+        for row in rows {
+            let row = stored_from_model(model(&row).map_err(db)?)
+                .map_err(|e| AttemptError::Fatal(mall_grpc::ServiceError::Internal(e)))?;
+            stored.insert(row.product.code.clone(), row);
+        }
+    }
+    Ok(Some(stored))
+}
+
+/// The row `ROWS` read.
+fn model(row: &PgRow) -> Result<products::Model, sqlx::Error> {
+    Ok(products::Model {
+        code: row.try_get(0)?,
+        product_type: row.try_get(1)?,
+        brand: row.try_get(2)?,
+        category_path: row.try_get(3)?,
+        status: row.try_get(4)?,
+        names: row.try_get(5)?,
+        descriptions: row.try_get(6)?,
+        prices: row.try_get(7)?,
+        attributes: row.try_get(8)?,
+        version: row.try_get(9)?,
+        create_time: row.try_get(10)?,
+        update_time: row.try_get(11)?,
+        brand_version: row.try_get(12)?,
+        category_path_version: row.try_get(13)?,
+        status_version: row.try_get(14)?,
+        names_version: row.try_get(15)?,
+        descriptions_version: row.try_get(16)?,
+        prices_version: row.try_get(17)?,
+        attributes_version: row.try_get(18)?,
+    })
+}
+
+/// Runs `WRITE` for `plan`: (products created, products updated, request id new).
+async fn write(
+    txn: &mut sqlx::PgConnection,
+    plan: &Plan,
+    request_id: Option<&str>,
+    response: &BulkUpdateProductsResponse,
+    now: prost_types::Timestamp,
+) -> Result<(usize, usize, bool), AttemptError> {
+    let n = plan.rows.len();
+    let mut code = Vec::with_capacity(n);
+    let mut product_type = Vec::with_capacity(n);
+    let mut brand = Vec::with_capacity(n);
+    let mut category_path = Vec::with_capacity(n);
+    let mut status = Vec::with_capacity(n);
+    let mut names = Vec::with_capacity(n);
+    let mut descriptions = Vec::with_capacity(n);
+    let mut prices = Vec::with_capacity(n);
+    let mut attributes = Vec::with_capacity(n);
+    let mut version = Vec::with_capacity(n);
+    let mut create_time = Vec::with_capacity(n);
+    let mut update_time = Vec::with_capacity(n);
+    let mut field_versions: [Vec<i64>; 7] = Default::default();
+    let mut existed = Vec::with_capacity(n);
+    for row in plan.rows.values() {
+        let m = to_model(&row.stored);
+        code.push(m.code);
+        product_type.push(m.product_type);
+        brand.push(m.brand);
+        category_path.push(m.category_path);
+        status.push(m.status);
+        names.push(m.names);
+        descriptions.push(m.descriptions);
+        prices.push(m.prices);
+        attributes.push(m.attributes);
+        version.push(m.version);
+        create_time.push(m.create_time);
+        update_time.push(m.update_time);
+        for (column, v) in field_versions.iter_mut().zip([
+            m.brand_version,
+            m.category_path_version,
+            m.status_version,
+            m.names_version,
+            m.descriptions_version,
+            m.prices_version,
+            m.attributes_version,
+        ]) {
+            column.push(v);
+        }
+        existed.push(row.existed);
+    }
+    let c = plan.changes.len();
+    let mut change_code = Vec::with_capacity(c);
+    let mut change_type = Vec::with_capacity(c);
+    let mut change_version_after = Vec::with_capacity(c);
+    let mut previous_version = Vec::with_capacity(c);
+    let mut commit_time = Vec::with_capacity(c);
+    let mut product = Vec::with_capacity(c);
+    let mut written_fields = Vec::with_capacity(c);
+    let mut change_version = Vec::with_capacity(c);
+    for change in &plan.changes {
+        let p = &change.product;
+        change_code.push(p.code.as_str());
+        change_type.push(p.product_type.as_str());
+        change_version_after.push(to_i64(p.version));
+        previous_version.push(to_i64(change.previous_version));
+        commit_time.push(p.update_time.map(micros).unwrap_or_default());
+        product.push(p.encode_to_vec());
+        written_fields.push(i16::from(change.written.bits()));
+        change_version.push(to_i64(change.change_version));
+    }
+    let [v0, v1, v2, v3, v4, v5, v6] = field_versions;
+    let row = sqlx::query(WRITE)
+        .bind(code)
+        .bind(product_type)
+        .bind(brand)
+        .bind(category_path)
+        .bind(status)
+        .bind(names)
+        .bind(descriptions)
+        .bind(prices)
+        .bind(attributes)
+        .bind(version)
+        .bind(create_time)
+        .bind(update_time)
+        .bind(v0)
+        .bind(v1)
+        .bind(v2)
+        .bind(v3)
+        .bind(v4)
+        .bind(v5)
+        .bind(v6)
+        .bind(existed)
+        .bind(change_code)
+        .bind(change_type)
+        .bind(change_version_after)
+        .bind(previous_version)
+        .bind(commit_time)
+        .bind(product)
+        .bind(written_fields)
+        .bind(change_version)
+        .bind(request_id)
+        .bind(request_id.map(|_| response.encode_to_vec()))
+        .bind(micros(now))
+        .fetch_one(&mut *txn)
+        .await
+        .map_err(db)?;
+    let count = |i: usize| -> Result<usize, AttemptError> {
+        let n: i64 = row.try_get(i).map_err(db)?;
+        Ok(usize::try_from(n).unwrap_or_default())
+    };
+    Ok((count(0)?, count(1)?, count(2)? == 1))
+}
+
+/// A driver error as the store's other paths see it (so retry and UNAVAILABLE
+/// classification stay in one place).
+fn db(error: sqlx::Error) -> AttemptError {
+    AttemptError::Db(DbErr::Exec(RuntimeErr::SqlxError(Arc::new(error))))
+}
