@@ -1,7 +1,9 @@
 //! Chaos tests of issue 5: the relay as a real process, killed with SIGKILL again and again
 //! while tens of thousands of shuffled changes and a few hundred malformed records flow
-//! through it, with the catalog away for a while (and, on PostgreSQL, every catalog database
-//! connection terminated three times); then every field of every product must equal its
+//! through it, with the catalog away for a while, answering INTERNAL for a while, refusing
+//! every other item for a second (those changes are quarantined and redriven mid-run, so they
+//! apply late, behind newer ones), and, on PostgreSQL, every catalog database connection
+//! terminated three times; then every field of every product must equal its
 //! changes applied in version order, the catalog's change stream must never have shown a
 //! product going back, and the quarantine must hold exactly the malformed records. And two replicas on one Kinesis stream
 //! splitting its shards and taking over from each other.
@@ -15,6 +17,8 @@
 //! Needs PostgreSQL, LocalStack (SQS) and kinesalite for the second and third tests:
 //! `scripts/test.sh` starts them.
 
+#[path = "chaos/front.rs"]
+mod front;
 #[path = "support/kinesalite.rs"]
 mod kinesalite;
 #[allow(dead_code)]
@@ -37,6 +41,7 @@ use mall_proto::catalog::v1::Product;
 use mall_test_support::{Engine, TestDatabase, wait_until};
 use tokio::sync::watch as channel;
 
+use front::{Fault, Front};
 use pipeline_helpers::Catalog;
 use relay::RelayProcess;
 use stream::Stream;
@@ -63,10 +68,10 @@ fn seed() -> u64 {
 
 /// Settings every relay of these tests shares: short waits and timeouts, so crashes and
 /// outages are recovered from in seconds.
-fn base_settings(database: &TestDatabase, catalog: &Catalog) -> Vec<(&'static str, String)> {
+fn base_settings(database: &TestDatabase, front: &Front) -> Vec<(&'static str, String)> {
     vec![
         ("database.url", database.url().to_owned()),
-        ("apply.catalog_url", format!("http://{}", catalog.addr)),
+        ("apply.catalog_url", format!("http://{}", front.addr)),
         ("apply.receive_wait", "200ms".into()),
         ("apply.retry_backoff_max", "500ms".into()),
         // A killed relay's messages come back 3s later.
@@ -104,24 +109,37 @@ enum Event {
     /// (`pg_terminate_backend`), as a failover or a network cut would: in-flight statements
     /// fail, the pool reconnects, and callers must see UNAVAILABLE, never INTERNAL.
     CutDatabase,
+    /// The catalog answers INTERNAL to every call for a few seconds: the relay keeps its
+    /// messages and retries; nothing is dead-lettered or quarantined.
+    Internal,
+    /// The catalog refuses every other item for a second (as a catalog deployed with a
+    /// wrong rule would): the relay quarantines those changes. A second after the catalog
+    /// is fixed, an operator redrives the whole quarantine: the refused changes apply late,
+    /// behind newer ones, and the malformed records stay.
+    RefuseThenRedrive,
 }
 
 /// When each event happens: once the producer's progress reaches a threshold (chunks sent or
 /// records put, out of `total`), then after a random delay. Five kills spread over the run,
-/// and the outage in the middle (with a sixth kill in it).
+/// and the outage in the middle (with a sixth kill in it); INTERNAL answers at a third, and a
+/// refusal window with its redrive at three fifths.
 fn schedule(total: usize, rng: &mut fastrand::Rng) -> Vec<(usize, Event)> {
     let at = |share: f64, rng: &mut fastrand::Rng| {
         let jitter = rng.f64() * 0.06 - 0.03;
         ((share + jitter) * total as f64) as usize
     };
-    vec![
+    let mut events = vec![
         (at(0.10, rng), Event::Kill),
         (at(0.24, rng), Event::Kill),
         (at(0.38, rng), Event::Kill),
         (at(0.52, rng), Event::Outage),
         (at(0.68, rng), Event::Kill),
         (at(0.82, rng), Event::Kill),
-    ]
+        (at(0.31, rng), Event::Internal),
+        (at(0.60, rng), Event::RefuseThenRedrive),
+    ];
+    events.sort_by_key(|(at, _)| *at);
+    events
 }
 
 /// [`schedule`] plus three cuts of the catalog's database connections (PostgreSQL only).
@@ -151,6 +169,12 @@ async fn terminate_connections(url: &str) -> u64 {
     rows.len() as u64
 }
 
+/// The catalog the chaos stops and starts, and the front it makes fail.
+struct CatalogSide<'a> {
+    catalog: &'a mut Option<Catalog>,
+    front: &'a Front,
+}
+
 /// Runs `events` as the producer's `progress` reaches each one, each after a random delay
 /// below `jitter`.
 async fn run_chaos(
@@ -158,7 +182,7 @@ async fn run_chaos(
     jitter: Duration,
     mut progress: channel::Receiver<usize>,
     relay: &mut RelayProcess,
-    catalog: &mut Option<Catalog>,
+    CatalogSide { catalog, front }: CatalogSide<'_>,
     watch: &Watch,
     rng: &mut fastrand::Rng,
 ) {
@@ -186,6 +210,34 @@ async fn run_chaos(
                 let url = catalog.as_ref().expect("the catalog runs").database.url();
                 let cut = terminate_connections(url).await;
                 println!("        terminated {cut} catalog database connections");
+            }
+            Event::Internal => {
+                front.set(Fault::Internal);
+                tokio::time::sleep(Duration::from_millis(rng.u64(2_000..4_000))).await;
+                front.set(Fault::None);
+            }
+            Event::RefuseThenRedrive => {
+                front.set(Fault::RefuseItems);
+                tokio::time::sleep(Duration::from_millis(rng.u64(700..1_300))).await;
+                front.set(Fault::None);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let redriven = relay
+                    .client()
+                    .redrive_quarantined(mall_proto::sync::v1::RedriveQuarantinedRequest {
+                        all: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("RedriveQuarantined answers")
+                    .into_inner();
+                println!(
+                    "        redrove {} refused changes ({} malformed records stay)",
+                    redriven.redriven_count, redriven.still_invalid_count
+                );
+                assert!(
+                    redriven.redriven_count > 0,
+                    "the refusals quarantined changes: {redriven:?}"
+                );
             }
             Event::Outage => {
                 let (database, addr) = catalog.take().expect("the catalog runs").stop().await;
@@ -334,11 +386,9 @@ async fn chaos_on_embedded_queue_and_sqlite() {
     let mut catalog = Some(Catalog::start(TestDatabase::sqlite(), None, quick_drain).await);
     let catalog_ref = catalog.as_ref().expect("started");
     let relay_database = TestDatabase::sqlite();
-    let mut relay = RelayProcess::start(
-        "relay",
-        relay::env(&base_settings(&relay_database, catalog_ref)),
-    )
-    .await;
+    let front = Front::start(catalog_ref.addr).await;
+    let mut relay =
+        RelayProcess::start("relay", relay::env(&base_settings(&relay_database, &front))).await;
     let watch = Watch::start(catalog_ref.addr).await;
 
     let chunks = workload.items.len().div_ceil(publish::CHUNK);
@@ -356,7 +406,10 @@ async fn chaos_on_embedded_queue_and_sqlite() {
         Duration::from_millis(100),
         progress,
         &mut relay,
-        &mut catalog,
+        CatalogSide {
+            catalog: &mut catalog,
+            front: &front,
+        },
         &watch,
         &mut rng,
     )
@@ -384,7 +437,8 @@ async fn chaos_on_sqs_kinesis_and_postgres() {
         Some(Catalog::start(TestDatabase::new(Engine::Postgres).await, None, quick_drain).await);
     let catalog_ref = catalog.as_ref().expect("started");
     let relay_database = TestDatabase::new(Engine::Postgres).await;
-    let mut settings = base_settings(&relay_database, catalog_ref);
+    let front = Front::start(catalog_ref.addr).await;
+    let mut settings = base_settings(&relay_database, &front);
     settings.extend(sqs_settings(&sqs));
     // One name across restarts, as a restarted container keeps its pod's name: the new process
     // picks up its own leases at once.
@@ -406,7 +460,10 @@ async fn chaos_on_sqs_kinesis_and_postgres() {
         Duration::from_millis(400),
         progress,
         &mut relay,
-        &mut catalog,
+        CatalogSide {
+            catalog: &mut catalog,
+            front: &front,
+        },
         &watch,
         &mut rng,
     )
@@ -483,8 +540,9 @@ async fn two_replicas_split_the_shards_and_one_takes_over_when_the_other_stops()
     let catalog =
         Catalog::start(TestDatabase::new(Engine::Postgres).await, None, quick_drain).await;
     let relay_database = TestDatabase::new(Engine::Postgres).await;
+    let front = Front::start(catalog.addr).await;
     let settings = |replica: &str| {
-        let mut settings = base_settings(&relay_database, &catalog);
+        let mut settings = base_settings(&relay_database, &front);
         settings.extend(stream.relay_settings(replica));
         relay::env(&settings)
     };
