@@ -88,8 +88,16 @@ impl Backend {
     }
 
     async fn queue(&self) -> Queue {
+        self.named_queue(&format!(
+            "bench{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ))
+        .await
+    }
+
+    async fn named_queue(&self, name: &str) -> Queue {
         let mut settings = QueueSettings {
-            name: format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+            name: name.to_owned(),
             visibility_timeout: Duration::from_secs(300),
             ..QueueSettings::default()
         };
@@ -182,6 +190,65 @@ async fn run(
     }
 }
 
+/// Fills queue `name` with `messages` one-record messages over `groups` groups in one
+/// statement (sending a million through the API would take minutes), as `send` stores them.
+async fn prefill(
+    db: &mall_db::sea_orm::DatabaseConnection,
+    name: &str,
+    messages: usize,
+    groups: usize,
+) {
+    use mall_db::sea_orm::ConnectionTrait as _;
+    let body = "x".repeat(RECORD_BYTES);
+    let sql = match db.get_database_backend() {
+        mall_db::sea_orm::DbBackend::Postgres => format!(
+            "INSERT INTO mall_queue_messages (queue, message_id, group_id, body, attributes, \
+             sent_at, visible_at, receive_count, dead) \
+             SELECT '{name}', 'm' || g, 'lane-' || (g % {groups}), '{body}', '{{}}', 0, 0, 0, 0 \
+             FROM generate_series(0, {messages} - 1) AS g; ANALYZE mall_queue_messages"
+        ),
+        _ => format!(
+            "WITH RECURSIVE n(g) AS (SELECT 0 UNION ALL SELECT g + 1 FROM n WHERE g + 1 < {messages}) \
+             INSERT INTO mall_queue_messages (queue, message_id, group_id, body, attributes, \
+             sent_at, visible_at, receive_count, dead) \
+             SELECT '{name}', 'm' || g, 'lane-' || (g % {groups}), '{body}', '{{}}', 0, 0, 0, 0 \
+             FROM n; ANALYZE"
+        ),
+    };
+    db.execute_unprepared(&sql).await.expect("prefill");
+}
+
+/// The cost of one receive of up to 10 (and the delete of what it got) from a queue that
+/// holds `backlog` messages over 1,024 groups: mean over [`BACKLOG_RECEIVES`] calls.
+async fn receive_with_backlog(backend: &Backend, backlog: usize) -> Duration {
+    let name = format!(
+        "backlog{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    prefill(
+        backend.db.as_ref().expect("an embedded backend"),
+        &name,
+        backlog,
+        1_024,
+    )
+    .await;
+    let queue = backend.named_queue(&name).await;
+    let start = Instant::now();
+    for _ in 0..BACKLOG_RECEIVES {
+        let batch = queue
+            .receive(10, Duration::ZERO)
+            .await
+            .expect("receive works");
+        assert_eq!(batch.len(), 10, "the backlog has ten visible group heads");
+        let receipts: Vec<_> = batch.iter().map(|m| m.receipt.clone()).collect();
+        queue.delete(&receipts).await.expect("delete works");
+    }
+    start.elapsed() / BACKLOG_RECEIVES
+}
+
+/// Receives measured per backlog size.
+const BACKLOG_RECEIVES: u32 = 300;
+
 /// Bodies of `records` records of [`RECORD_BYTES`], packed base64 into `budget` bytes.
 fn packed_bodies(records: usize, budget: usize) -> (Vec<String>, usize) {
     let runs = pack(
@@ -232,7 +299,7 @@ async fn main() {
         "| backend | scenario | groups | consumers | messages | records/message | messages/s | records/s |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    for target in targets {
+    for &target in &targets {
         let backend = Backend::new(target).await;
         // Small messages: the cost of the queue itself.
         let small = if target == Target::Sqs { 3_000 } else { 5_000 };
@@ -248,6 +315,27 @@ async fn main() {
             let queue = backend.queue().await;
             let r = run(&queue, bodies, per_message, 64, 4).await;
             row(target, &format!("packed, {} KiB bodies", budget / 1024), &r);
+        }
+    }
+    // Receive cost against backlog: the embedded queue finds group heads with an index, so a
+    // million queued messages should cost a receive about what a thousand do.
+    let embedded: Vec<Target> = targets.into_iter().filter(|t| *t != Target::Sqs).collect();
+    if !embedded.is_empty() {
+        println!(
+            "\n| backend | backlog (1,024 groups) | receive + delete of 10, mean | vs 1,000 queued |\n|---|---|---|---|"
+        );
+    }
+    for target in embedded {
+        let backend = Backend::new(target).await;
+        let small = receive_with_backlog(&backend, 1_000).await;
+        let large = receive_with_backlog(&backend, 1_000_000).await;
+        for (backlog, cost) in [(1_000, small), (1_000_000, large)] {
+            println!(
+                "| {} | {backlog} | {:.2} ms | {:.2}× |",
+                target.label(),
+                cost.as_secs_f64() * 1e3,
+                cost.as_secs_f64() / small.as_secs_f64()
+            );
         }
     }
 }
