@@ -3,11 +3,16 @@
 //!
 //! Storage and eviction are quick_cache's (a concurrent S3-FIFO cache: recently and often
 //! read products stay, one-off reads do not push them out). What is ours is consistency:
-//! - a write on this replica removes its products from the cache when it commits, so a
-//!   caller reads its own writes;
+//! - a write on this replica puts the products it committed into the cache (on PostgreSQL,
+//!   with its transaction id, which orders one product's writes; see `write_pg`), or
+//!   removes them (SQLite), so a caller reads its own writes and a steady stream of writes
+//!   does not turn reads of the written products into database reads. A put never replaces
+//!   an entry written by a later transaction, nor lands after a later write was seen;
 //! - writes on other replicas reach the cache through the change log, which a follower task
 //!   reads every `catalog.watch_poll_interval`: another replica's write is visible here
-//!   within that interval (plus the time to read the log);
+//!   within that interval (plus the time to read the log). A change the cached entry already
+//!   includes (its writer's id is not above the entry's) leaves the entry alone, so this
+//!   replica's own writes are not thrown out again when the follower reads them;
 //! - a read that raced a write of the *same* product is not cached. Every invalidation
 //!   records, per product, the generation it happened at; a database read takes a ticket (the
 //!   generation before it started) and its products are cached only where no invalidation of
@@ -47,20 +52,39 @@ pub struct ProductCache {
 
 #[derive(Debug)]
 struct Inner {
-    products: quick_cache::sync::Cache<String, Arc<Product>>,
+    products: quick_cache::sync::Cache<String, Entry>,
     stripes: Vec<Mutex<Stripe>>,
     hasher: RandomState,
     /// Bumped by every invalidation.
     generation: AtomicU64,
 }
 
+/// A cached product and the commit order of the write that produced it: the writing
+/// transaction's id on PostgreSQL; 0 when unknown (read from the database, or SQLite), which
+/// any change of the product replaces.
+#[derive(Debug, Clone)]
+struct Entry {
+    product: Arc<Product>,
+    order: i64,
+}
+
 /// The invalidations of one stripe's products.
 #[derive(Debug, Default)]
 struct Stripe {
-    /// Product code → generation and time of its last invalidation.
-    invalidated: HashMap<String, (u64, Instant)>,
+    /// Product code → generation, time and commit order of its last invalidation or write:
+    /// reads from before the generation are not cached, and writes ordered before it are not
+    /// put.
+    invalidated: HashMap<String, Mark>,
     /// Generation of the last [`ProductCache::clear`]: tickets before it cache nothing.
     cleared: u64,
+}
+
+/// The last invalidation or write of a product.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    generation: u64,
+    at: Instant,
+    order: i64,
 }
 
 /// Taken before a database read, handed to [`ProductCache::insert`] after it.
@@ -88,7 +112,7 @@ impl ProductCache {
 
     /// The cached product with `code`.
     pub fn get(&self, code: &str) -> Option<Arc<Product>> {
-        self.inner.as_ref()?.products.get(code)
+        Some(self.inner.as_ref()?.products.get(code)?.product)
     }
 
     /// Call before reading products from the database, to cache what the read returns.
@@ -119,11 +143,15 @@ impl ProductCache {
                 || stripe
                     .invalidated
                     .get(&product.code)
-                    .is_some_and(|(generation, _)| *generation > ticket.generation);
+                    .is_some_and(|mark| mark.generation > ticket.generation);
             if !invalidated_since {
-                inner
-                    .products
-                    .insert(product.code.clone(), Arc::new(product));
+                inner.products.insert(
+                    product.code.clone(),
+                    Entry {
+                        product: Arc::new(product),
+                        order: 0,
+                    },
+                );
             }
         }
     }
@@ -134,7 +162,62 @@ impl ProductCache {
             return;
         };
         let generation = inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        inner.invalidate_at(generation, codes);
+        inner.invalidate_at(generation, codes.into_iter().map(|code| (code, 0)));
+    }
+
+    /// Forgets products changed by the transactions named beside them, unless the cached
+    /// entry already holds that change (it was written by the same or a later transaction:
+    /// one product's writers have increasing ids). Id 0 (SQLite, or an entry older than
+    /// transaction ids) always forgets.
+    pub fn invalidate_changed<'a>(&self, changes: impl IntoIterator<Item = (&'a str, i64)>) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let generation = inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        inner.invalidate_at(generation, changes);
+    }
+
+    /// Caches `products` as the transaction `order` (> 0) committed them, after the commit:
+    /// reads from before are not cached over them, and an entry or a change of a later
+    /// transaction is not replaced.
+    pub fn put_written(&self, products: impl IntoIterator<Item = Product>, order: i64) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let generation = inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let now = Instant::now();
+        for product in products {
+            let Ok(mut stripe) = inner.stripe(&product.code).lock() else {
+                continue;
+            };
+            stripe.forget_expired(now);
+            let mark = stripe
+                .invalidated
+                .entry(product.code.clone())
+                .or_insert(Mark {
+                    generation,
+                    at: now,
+                    order,
+                });
+            let later_seen = mark.order > order;
+            *mark = Mark {
+                generation: mark.generation.max(generation),
+                at: now,
+                order: mark.order.max(order),
+            };
+            if later_seen {
+                // A later transaction's write or change of this product was seen first: what
+                // is cached (if anything) is at least as new.
+                continue;
+            }
+            inner.products.insert(
+                product.code.clone(),
+                Entry {
+                    product: Arc::new(product),
+                    order,
+                },
+            );
+        }
     }
 
     /// Forgets everything (the change log could not be followed).
@@ -164,21 +247,40 @@ impl ProductCache {
 }
 
 impl Inner {
-    /// Records an invalidation of `codes` at `generation` and forgets the products.
-    fn invalidate_at<'a>(&self, generation: u64, codes: impl IntoIterator<Item = &'a str>) {
+    /// Records an invalidation of each code at `generation` by a change of commit order
+    /// `order`, and forgets the product unless its entry is from that transaction or a later
+    /// one (`order` > 0).
+    fn invalidate_at<'a>(
+        &self,
+        generation: u64,
+        changes: impl IntoIterator<Item = (&'a str, i64)>,
+    ) {
         let now = Instant::now();
-        for code in codes {
+        for (code, order) in changes {
             let Ok(mut stripe) = self.stripe(code).lock() else {
                 continue;
             };
+            if order > 0
+                && self
+                    .products
+                    .get(code)
+                    .is_some_and(|entry| entry.order >= order)
+            {
+                continue;
+            }
             stripe.forget_expired(now);
             // Keep the newest: a slower invalidation that took its generation earlier (the
             // change-log follower's, say) must not lower what a later one recorded.
-            let entry = stripe
-                .invalidated
-                .entry(code.to_owned())
-                .or_insert((generation, now));
-            *entry = (entry.0.max(generation), now);
+            let mark = stripe.invalidated.entry(code.to_owned()).or_insert(Mark {
+                generation,
+                at: now,
+                order,
+            });
+            *mark = Mark {
+                generation: mark.generation.max(generation),
+                at: now,
+                order: mark.order.max(order),
+            };
             self.products.remove(code);
         }
     }
@@ -198,7 +300,7 @@ impl Stripe {
             return;
         }
         self.invalidated
-            .retain(|_, (_, at)| now.duration_since(*at) < RACE_WINDOW);
+            .retain(|_, mark| now.duration_since(mark.at) < RACE_WINDOW);
     }
 }
 
@@ -248,11 +350,50 @@ mod tests {
         let follower = inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let ticket = cache.ticket();
         cache.invalidate(["A"]);
-        inner.invalidate_at(follower, ["A"]);
+        inner.invalidate_at(follower, [("A", 0)]);
         cache.insert(ticket, [product("A", 1)]);
         assert!(
             cache.get("A").is_none(),
             "the read raced the writer's invalidation"
+        );
+    }
+
+    #[test]
+    fn writes_are_cached_in_their_commit_order() {
+        let cache = ProductCache::new(100);
+        let ticket = cache.ticket();
+        cache.put_written([product("A", 5)], 20);
+        cache.insert(ticket, [product("A", 4)]);
+        assert_eq!(
+            cache.get("A").map(|p| p.version),
+            Some(5),
+            "a read from before the write is not cached over it"
+        );
+        cache.put_written([product("A", 3)], 10);
+        assert_eq!(
+            cache.get("A").map(|p| p.version),
+            Some(5),
+            "an earlier transaction's put arriving late changes nothing"
+        );
+        cache.invalidate_changed([("A", 20), ("A", 15)]);
+        assert_eq!(
+            cache.get("A").map(|p| p.version),
+            Some(5),
+            "changes the entry already holds keep it"
+        );
+        cache.invalidate_changed([("A", 30)]);
+        assert!(cache.get("A").is_none(), "a later change forgets it");
+        cache.put_written([product("A", 6)], 25);
+        assert!(
+            cache.get("A").is_none(),
+            "a put of a transaction before a change already seen is not cached"
+        );
+        cache.put_written([product("A", 7)], 31);
+        assert_eq!(cache.get("A").map(|p| p.version), Some(7));
+        cache.invalidate_changed([("A", 0)]);
+        assert!(
+            cache.get("A").is_none(),
+            "an unordered change always forgets"
         );
     }
 

@@ -281,7 +281,7 @@ impl Store {
                 break;
             };
             self.cache
-                .invalidate(rows.iter().map(|(_, _, code)| code.as_str()));
+                .invalidate_changed(rows.iter().map(|(xid, _, code)| (code.as_str(), *xid)));
             position = last;
         }
         Ok(log.head)

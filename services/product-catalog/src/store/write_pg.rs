@@ -53,7 +53,7 @@ const REMEMBERED: &str = "SELECT response FROM bulk_requests WHERE request_id = 
 /// Every write of a request in one statement. Rows `$1..$20` (`$20`: whether the product was
 /// stored before); change-log entries `$21..$28`; the request id, its response and time
 /// `$29..$31` (`$29` NULL without a request id). Answers how many products were created and
-/// updated, and whether the request id was new.
+/// updated, whether the request id was new, and the transaction's id.
 const WRITE: &str = "WITH input AS ( \
       SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int2[], \
         $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[], \
@@ -101,7 +101,8 @@ const WRITE: &str = "WITH input AS ( \
       SELECT $29::text, $30::bytea, $31::int8 WHERE $29::text IS NOT NULL \
       ON CONFLICT (request_id) DO NOTHING RETURNING 1) \
     SELECT (SELECT count(*) FROM created) AS created, (SELECT count(*) FROM updated) AS updated, \
-      (SELECT count(*) FROM remembered) AS remembered";
+      (SELECT count(*) FROM remembered) AS remembered, \
+      pg_current_xact_id()::text::bigint AS xid";
 
 impl Store {
     /// One attempt of a bulk write on PostgreSQL; see the module docs.
@@ -125,8 +126,12 @@ impl Store {
             ));
         };
         let (plan, response) = decide(writes, stored, now, on_refusal)?;
-        let (created, updated, new_request) =
-            write(&mut txn, &plan, request_id, &response, now).await?;
+        let Written {
+            created,
+            updated,
+            new_request,
+            xid,
+        } = write(&mut txn, &plan, request_id, &response, now).await?;
         let existing = plan.rows.values().filter(|r| r.existed).count();
         if created != plan.rows.len() - existing {
             return Ok(Attempt::Conflict(
@@ -146,6 +151,18 @@ impl Store {
             ));
         }
         txn.commit().await.map_err(db)?;
+        // Read-your-writes here, and no database reads for what was just written; other
+        // replicas learn it from the change log. Pending rows are invisible: forgotten.
+        let (visible, pending): (Vec<_>, Vec<_>) = plan
+            .rows
+            .values()
+            .partition(|row| row.stored.product.status != 0);
+        self.cache
+            .invalidate(pending.iter().map(|row| row.stored.product.code.as_str()));
+        self.cache.put_written(
+            visible.into_iter().map(|row| row.stored.product.clone()),
+            xid,
+        );
         Ok(self.applied(plan))
     }
 }
@@ -253,14 +270,26 @@ fn model(row: &PgRow) -> Result<products::Model, sqlx::Error> {
     })
 }
 
-/// Runs `WRITE` for `plan`: (products created, products updated, request id new).
+/// What `WRITE` did.
+struct Written {
+    /// Products created.
+    created: usize,
+    /// Products updated.
+    updated: usize,
+    /// Whether the request id was new (false without one).
+    new_request: bool,
+    /// The transaction's id: the commit order of its products' writes.
+    xid: i64,
+}
+
+/// Runs `WRITE` for `plan`.
 async fn write(
     txn: &mut sqlx::PgConnection,
     plan: &Plan,
     request_id: Option<&str>,
     response: &BulkUpdateProductsResponse,
     now: prost_types::Timestamp,
-) -> Result<(usize, usize, bool), AttemptError> {
+) -> Result<Written, AttemptError> {
     let n = plan.rows.len();
     let mut code = Vec::with_capacity(n);
     let mut product_type = Vec::with_capacity(n);
@@ -363,7 +392,12 @@ async fn write(
         let n: i64 = row.try_get(i).map_err(db)?;
         Ok(usize::try_from(n).unwrap_or_default())
     };
-    Ok((count(0)?, count(1)?, count(2)? == 1))
+    Ok(Written {
+        created: count(0)?,
+        updated: count(1)?,
+        new_request: count(2)? == 1,
+        xid: row.try_get(3).map_err(db)?,
+    })
 }
 
 /// A driver error as the store's other paths see it (so retry and UNAVAILABLE
