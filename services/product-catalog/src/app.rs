@@ -35,7 +35,7 @@ impl App {
         let metrics = CatalogMetrics::register(server.registry())
             .context("failed to register catalog metrics")?;
 
-        let store = Store::new(db, catalog.write_retries, catalog.read_cache_entries);
+        let store = Store::new(db, catalog.write_retries, catalog.read_cache_entries)?;
         server.spawn(
             "read cache follower",
             store

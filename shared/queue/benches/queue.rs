@@ -200,22 +200,38 @@ async fn prefill(
 ) {
     use mall_db::sea_orm::ConnectionTrait as _;
     let body = "x".repeat(RECORD_BYTES);
+    // Sent now: older messages would be past the queue's retention.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis();
     let sql = match db.get_database_backend() {
         mall_db::sea_orm::DbBackend::Postgres => format!(
             "INSERT INTO mall_queue_messages (queue, message_id, group_id, body, attributes, \
              sent_at, visible_at, receive_count, dead) \
-             SELECT '{name}', 'm' || g, 'lane-' || (g % {groups}), '{body}', '{{}}', 0, 0, 0, 0 \
+             SELECT '{name}', 'm' || g, 'lane-' || (g % {groups}), '{body}', '{{}}', {now}, 0, 0, 0 \
              FROM generate_series(0, {messages} - 1) AS g; ANALYZE mall_queue_messages"
         ),
         _ => format!(
             "WITH RECURSIVE n(g) AS (SELECT 0 UNION ALL SELECT g + 1 FROM n WHERE g + 1 < {messages}) \
              INSERT INTO mall_queue_messages (queue, message_id, group_id, body, attributes, \
              sent_at, visible_at, receive_count, dead) \
-             SELECT '{name}', 'm' || g, 'lane-' || (g % {groups}), '{body}', '{{}}', 0, 0, 0, 0 \
+             SELECT '{name}', 'm' || g, 'lane-' || (g % {groups}), '{body}', '{{}}', {now}, 0, 0, 0 \
              FROM n; ANALYZE"
         ),
     };
     db.execute_unprepared(&sql).await.expect("prefill");
+    let stored = db
+        .query_one_raw(mall_db::sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            format!("SELECT count(*) AS n FROM mall_queue_messages WHERE queue = '{name}'"),
+        ))
+        .await
+        .expect("count")
+        .expect("a row")
+        .try_get::<i64>("", "n")
+        .expect("a count");
+    assert_eq!(stored, i64::try_from(messages).expect("small"), "prefilled");
 }
 
 /// The cost of one receive of up to 10 (and the delete of what it got) from a queue that
@@ -246,8 +262,8 @@ async fn receive_with_backlog(backend: &Backend, backlog: usize) -> Duration {
     start.elapsed() / BACKLOG_RECEIVES
 }
 
-/// Receives measured per backlog size.
-const BACKLOG_RECEIVES: u32 = 300;
+/// Receives measured per backlog size (they take 500 messages of the smaller backlog).
+const BACKLOG_RECEIVES: u32 = 50;
 
 /// Bodies of `records` records of [`RECORD_BYTES`], packed base64 into `budget` bytes.
 fn packed_bodies(records: usize, budget: usize) -> (Vec<String>, usize) {

@@ -26,6 +26,7 @@ mod changes;
 mod read;
 mod write;
 mod write_pg;
+mod write_sqlite;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -60,6 +61,8 @@ pub struct Store {
     write_retries: u32,
     /// Products by code for the read path; see [`cache`].
     cache: ProductCache,
+    /// SQLite only: the write connection (`write_sqlite`).
+    sqlite_writer: Option<Arc<write_sqlite::SqliteWriter>>,
 }
 
 /// A write transaction, holding the SQLite write lock while it lives.
@@ -71,16 +74,42 @@ struct WriteTxn<'a> {
 impl Store {
     /// A store on `db`, which must have the catalog's migrations applied, caching up to
     /// `cache_entries` products for reads (0: no cache).
-    pub fn new(db: DatabaseConnection, write_retries: u32, cache_entries: usize) -> Self {
+    ///
+    /// # Errors
+    /// For an in-memory SQLite database: the catalog writes through a connection of its own
+    /// (`write_sqlite`), which needs a file.
+    pub fn new(
+        db: DatabaseConnection,
+        write_retries: u32,
+        cache_entries: usize,
+    ) -> anyhow::Result<Self> {
         let backend = Backend::of(&db);
         let write_lock = (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(())));
-        Self {
+        let sqlite_writer = match backend {
+            Backend::Postgres => None,
+            Backend::Sqlite => {
+                let options = db.get_sqlite_connection_pool().connect_options();
+                let path = options.get_filename();
+                let name = path.to_string_lossy();
+                anyhow::ensure!(
+                    !name.is_empty()
+                        && name != ":memory:"
+                        && !name.starts_with("file:sqlx-in-memory"),
+                    "the catalog keeps its products in an SQLite file or in PostgreSQL; an \
+                     in-memory SQLite database is not supported (set database.url to \
+                     sqlite://<path>)"
+                );
+                Some(write_sqlite::SqliteWriter::new(path.to_owned()))
+            }
+        };
+        Ok(Self {
             db,
             backend,
             write_lock,
             write_retries: write_retries.max(1),
             cache: ProductCache::new(cache_entries),
-        }
+            sqlite_writer,
+        })
     }
 
     /// The read cache.
