@@ -34,6 +34,44 @@ macro_rules! embedded {
     };
 }
 
+/// PostgreSQL: sends commit in parallel, so a group's committed message can have an earlier
+/// send before it that has not committed yet. A receive waits for it instead of delivering
+/// the later one first (and then both at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_send_that_commits_late_still_comes_first_in_its_group() {
+    use sea_orm_migration::sea_orm::TransactionTrait as _;
+    let harness = Harness::new(Target::Postgres).await;
+    let (queue, settings) = harness.queue(|_| {}).await;
+    // A send that has stored its row and not committed yet, as a slow sender's would be.
+    let slow = harness.db().begin().await.expect("begin");
+    slow.execute_unprepared(&format!(
+        "INSERT INTO mall_queue_messages (queue, message_id, group_id, body, attributes, \
+         sent_at, visible_at) VALUES ('{}', 'slow-1', 'g', 'first', '{{}}', 0, 0)",
+        settings.name
+    ))
+    .await
+    .expect("the slow send stores its row");
+    queue
+        .send(vec![OutgoingMessage::new("second").with_group("g")])
+        .await
+        .expect("a later send commits first");
+    let early = queue
+        .receive(10, Duration::from_millis(300))
+        .await
+        .expect("receive works");
+    assert!(
+        early.is_empty(),
+        "nothing is delivered while an earlier send may still commit: {early:?}"
+    );
+    slow.commit().await.expect("the slow send commits");
+    let bodies: Vec<String> = receive_n(&queue, 2, true, Duration::from_secs(10))
+        .await
+        .into_iter()
+        .map(|m| m.body)
+        .collect();
+    assert_eq!(bodies, ["first", "second"], "the group in send order");
+}
+
 embedded!(
     counts_by_group_show_where_the_backlog_is,
     queues_sharing_a_database_stay_apart,
@@ -276,7 +314,8 @@ async fn the_queue_migration_runs_beside_a_services_own(target: Target) {
         names,
         [
             "m20261125_000001_service_table",
-            mall_queue::embedded::MIGRATION_NAME
+            mall_queue::embedded::MIGRATION_NAME,
+            "m20261202_100001_queue_commit_order",
         ]
     );
     let queue = Queue::open(&QueueSettings::default(), Some(db.clone()))

@@ -66,6 +66,7 @@ conformance!(
     counts_follow_messages_through_their_states,
     a_standard_queue_delivers_everything_and_dead_letters_too,
     a_burst_of_10000_messages_arrives_complete_and_in_group_order,
+    concurrent_senders_keep_each_senders_order_and_each_group_in_one_receive,
 );
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -743,4 +744,99 @@ async fn a_burst_of_10000_messages_arrives_complete_and_in_group_order(target: T
         );
     }
     wait_for_counts(&queue, QueueCounts::default()).await;
+}
+
+/// Eight senders send to the same four groups at once (on PostgreSQL their transactions
+/// commit in parallel, in any order) while four consumers receive: each sender's messages
+/// arrive in the order it sent them, every message once, and a group is never in flight in
+/// two receives at once.
+async fn concurrent_senders_keep_each_senders_order_and_each_group_in_one_receive(target: Target) {
+    const SENDERS: usize = 8;
+    const SENDS: usize = 25;
+    const GROUPS: usize = 4;
+    let harness = Harness::new(target).await;
+    let (queue, _) = harness.queue(|_| {}).await;
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|sender| {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                for i in 0..SENDS {
+                    let messages = (0..GROUPS)
+                        .map(|g| message(&format!("g{g}"), &format!("{sender}:{i}")))
+                        .collect();
+                    queue.send(messages).await.expect("send works");
+                }
+            })
+        })
+        .collect();
+    let total = SENDERS * SENDS * GROUPS;
+    let in_flight: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    // (group, sender) → the indexes received, in order.
+    type Seen = BTreeMap<(String, usize), Vec<usize>>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let done = Arc::new(AtomicUsize::new(0));
+    let consumers: Vec<_> = (0..4)
+        .map(|_| {
+            let (queue, in_flight, seen, done) =
+                (queue.clone(), in_flight.clone(), seen.clone(), done.clone());
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+                while done.load(Ordering::SeqCst) < total {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "every message arrives in time"
+                    );
+                    let batch = queue
+                        .receive(10, Duration::from_millis(200))
+                        .await
+                        .expect("receive works");
+                    // One receive may hold several messages of a group (SQS returns them in
+                    // order); no other receive may hold that group meanwhile.
+                    let groups: BTreeSet<String> = batch
+                        .iter()
+                        .map(|m| m.group_id.clone().expect("fifo messages have a group"))
+                        .collect();
+                    for group in &groups {
+                        assert!(
+                            in_flight.lock().await.insert(group.clone()),
+                            "group {group} was in flight in two receives at once"
+                        );
+                    }
+                    for m in &batch {
+                        let group = m.group_id.clone().expect("fifo messages have a group");
+                        let (sender, i) = m.body.split_once(':').expect("sender:index");
+                        seen.lock()
+                            .await
+                            .entry((group, sender.parse().expect("sender")))
+                            .or_default()
+                            .push(i.parse().expect("index"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    // Out of the in-flight set before the delete: once deleted, the group's
+                    // next message may go to another consumer at once.
+                    for group in &groups {
+                        in_flight.lock().await.remove(group);
+                    }
+                    let receipts: Vec<_> = batch.iter().map(|m| m.receipt.clone()).collect();
+                    queue.delete(&receipts).await.expect("delete works");
+                    done.fetch_add(batch.len(), Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.await.expect("sender finished");
+    }
+    for consumer in consumers {
+        consumer.await.expect("consumer finished");
+    }
+    let seen = seen.lock().await;
+    assert_eq!(seen.len(), SENDERS * GROUPS);
+    for ((group, sender), sequence) in seen.iter() {
+        assert_eq!(
+            *sequence,
+            (0..SENDS).collect::<Vec<_>>(),
+            "sender {sender}'s messages to {group} arrived out of order, twice or not at all"
+        );
+    }
 }

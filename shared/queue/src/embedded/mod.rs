@@ -3,20 +3,25 @@
 //!
 //! # How it works
 //! - Every message is a row of `mall_queue_messages` (see [`schema`] for the columns); its
-//!   autoincrement id is the order of sending. A FIFO group's *head* is its live row with the
-//!   lowest id; only heads are delivered, so a group has at most one message in flight and
+//!   `(xid, id)` is the order of sending (the sending transaction's id on PostgreSQL, 0 on
+//!   SQLite, then the autoincrement id). A FIFO group's *head* is its live row lowest in that
+//!   order; only heads are delivered, so a group has at most one message in flight and
 //!   the next one waits until the head is deleted or dead-lettered. Visibility is a timestamp:
 //!   a row with `visible_at` in the future is in flight.
-//! - A receive reads the head of every group (one index scan of the live rows), then stamps
+//! - A receive reads the head of every group (a loose index scan, one probe per group), then
+//!   stamps
 //!   the oldest visible heads with a new visibility and receipt token in one
 //!   `UPDATE ... RETURNING` that checks again that each is live and visible, so two consumers
 //!   never take the same row. A head stays the head until deleted or dead-lettered (later
 //!   sends and redrives only append), so a stale read can skip a group but never deliver out
 //!   of order. On PostgreSQL the pick runs `FOR UPDATE SKIP LOCKED`: concurrent consumers
 //!   pass each other instead of waiting. Standard queues pick the oldest visible rows.
-//! - Sends are one transaction each. On PostgreSQL they take a per-queue advisory lock, so
-//!   ids commit in order and a consumer never sees a later message of a group before an
-//!   earlier one; SQLite has a single writer anyway, and writes start `BEGIN IMMEDIATE`.
+//! - Sends are one transaction each. On PostgreSQL they commit in parallel (until 2026-12-02
+//!   they took a queue-wide advisory lock, which made each wait for the last one's commit):
+//!   a receive takes a head only when its transaction id is below the oldest still running
+//!   (`pg_snapshot_xmin`), so a send that commits late, with a lower id, can never be
+//!   overtaken. The price: a long-running transaction anywhere on the server holds deliveries
+//!   back until it ends. SQLite has a single writer anyway, and writes start `BEGIN IMMEDIATE`.
 //!   Within a process, writers of one queue take turns on an async mutex instead of spinning
 //!   on SQLite's busy handler.
 //! - Before each receive, rows received `max_receives` times whose visibility ran out are
@@ -153,28 +158,19 @@ impl EmbeddedQueue {
         }
     }
 
-    /// A write transaction that holds the queue's send order: `BEGIN IMMEDIATE` on SQLite,
-    /// the queue's advisory lock on PostgreSQL.
+    /// A write transaction that sends: `BEGIN IMMEDIATE` on SQLite (one writer, so ids are
+    /// in commit order). On PostgreSQL sends run in parallel: each row carries its
+    /// transaction's id, and a receive orders a group by `(xid, id)` and only takes a head
+    /// that no running transaction can still precede (see [`Self::visible_heads`]).
     async fn begin_ordered(&self) -> Result<DatabaseTransaction, QueueError> {
-        let txn = self
-            .shared
+        self.shared
             .db
             .begin_with_options(TransactionOptions {
                 sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
                 ..TransactionOptions::default()
             })
             .await
-            .map_err(|e| self.unavailable(e))?;
-        if self.shared.backend == DbBackend::Postgres {
-            let mut sql = self.sql();
-            sql.push("SELECT pg_advisory_xact_lock(hashtextextended(")
-                .bind(format!("mall_queue:{}", self.shared.name))
-                .push(", 0))");
-            txn.execute_raw(sql.build())
-                .await
-                .map_err(|e| self.unavailable(e))?;
-        }
-        Ok(txn)
+            .map_err(|e| self.unavailable(e))
     }
 
     pub(crate) async fn send(&self, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
@@ -243,6 +239,9 @@ impl EmbeddedQueue {
                 }
             }
         }
+        // Inserted in id order: two sends racing with the same ids (a retry beside the
+        // original) then wait for each other in one order instead of deadlocking.
+        candidates.sort_unstable_by(|a, b| a.1.cmp(b.1));
         let expires_at = now.saturating_add(millis(self.shared.dedup_window));
         for chunk in candidates.chunks(CHUNK) {
             let mut sql = self.sql();
@@ -462,23 +461,32 @@ impl EmbeddedQueue {
                 );
             }
             _ => {
-                // A loose index scan over the group-head index: one probe per group, so a
+                // A loose index scan over the group-order index: one probe per group, so a
                 // receive costs the same with a backlog of a million messages as with a
                 // thousand. (DISTINCT ON reads every queued row: PostgreSQL does not skip.)
+                //
+                // Sends commit in parallel, so a group's committed head may still be preceded
+                // by a send that has not committed. A head is taken only when its
+                // transaction id is below every running transaction's: anything that commits
+                // later has a higher id and so comes after it. (A long-running transaction
+                // elsewhere on the server holds heads back: deliveries wait, never reorder.)
                 sql.push(
-                    "WITH RECURSIVE heads AS ((SELECT group_id, id, visible_at \
+                    "WITH RECURSIVE heads AS ((SELECT group_id, xid, id, visible_at \
                      FROM mall_queue_messages WHERE queue = ",
                 )
                 .bind(self.shared.name.clone())
                 .push(
-                    " AND dead = 0 ORDER BY group_id, id LIMIT 1) UNION ALL \
-                     SELECT n.group_id, n.id, n.visible_at FROM heads h CROSS JOIN LATERAL \
-                     (SELECT group_id, id, visible_at FROM mall_queue_messages WHERE queue = ",
+                    " AND dead = 0 ORDER BY group_id, xid, id LIMIT 1) UNION ALL \
+                     SELECT n.group_id, n.xid, n.id, n.visible_at FROM heads h \
+                     CROSS JOIN LATERAL (SELECT group_id, xid, id, visible_at \
+                     FROM mall_queue_messages WHERE queue = ",
                 )
                 .bind(self.shared.name.clone())
                 .push(
-                    " AND dead = 0 AND group_id > h.group_id ORDER BY group_id, id LIMIT 1) n) \
-                     SELECT id, visible_at FROM heads",
+                    " AND dead = 0 AND group_id > h.group_id ORDER BY group_id, xid, id \
+                     LIMIT 1) n) \
+                     SELECT id, visible_at FROM heads \
+                     WHERE xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
                 );
             }
         };

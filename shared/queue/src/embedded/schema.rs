@@ -15,7 +15,10 @@
 //!   receipt        text?     token of the latest delivery; a receipt is "<id>.<token>"
 //!   dead           smallint  1 once dead-lettered
 //!   dead_at        bigint?   ms when dead-lettered
-//! indexes: (queue, dead, group_id, id) group heads and order;
+//!   xid            bigint    PostgreSQL: the sending transaction's id (0 on SQLite and for
+//!                            rows older than the column); a group's order is (xid, id)
+//! indexes: (queue, dead, group_id, xid, id) group heads and order;
+//!          (queue, dead, group_id, id) (before xid; kept for SQLite's order);
 //!          (queue, dead, visible_at)   standard receives and counts;
 //!          (queue, dead, receive_count) finding messages to dead-letter.
 //!
@@ -26,7 +29,7 @@
 use sea_orm_migration::{
     MigrationName, MigrationTrait, SchemaManager, async_trait,
     prelude::{ColumnDef, DeriveIden, Index, Table},
-    sea_orm::DbErr,
+    sea_orm::{ConnectionTrait as _, DbErr},
 };
 
 /// The migration's name: dated like the services' own but in a slot of its own
@@ -43,7 +46,79 @@ pub const MIGRATION_NAME: &str = "m20261125_100001_queue_messages";
 /// }
 /// ```
 pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-    vec![Box::new(CreateQueueTables)]
+    vec![Box::new(CreateQueueTables), Box::new(CommitOrder)]
+}
+
+/// Orders a group by the sending transaction's id on PostgreSQL, so sends need no lock that
+/// makes them commit one at a time (see `receive` in the module above).
+struct CommitOrder;
+
+impl MigrationName for CommitOrder {
+    fn name(&self) -> &str {
+        "m20261202_100001_queue_commit_order"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CommitOrder {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Messages::Table)
+                    .add_column(
+                        ColumnDef::new(Messages::Xid)
+                            .big_integer()
+                            .not_null()
+                            .default(0),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        if manager.get_database_backend() == sea_orm_migration::sea_orm::DbBackend::Postgres {
+            // Rows already queued keep 0 and so come first, in id order, as before.
+            manager
+                .get_connection()
+                .execute_unprepared(
+                    "ALTER TABLE mall_queue_messages \
+                     ALTER COLUMN xid SET DEFAULT (pg_current_xact_id()::text::bigint)",
+                )
+                .await?;
+        }
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_mall_queue_messages_group_order")
+                    .table(Messages::Table)
+                    .if_not_exists()
+                    .col(Messages::Queue)
+                    .col(Messages::Dead)
+                    .col(Messages::GroupId)
+                    .col(Messages::Xid)
+                    .col(Messages::Id)
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_index(
+                Index::drop()
+                    .name("idx_mall_queue_messages_group_order")
+                    .table(Messages::Table)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Messages::Table)
+                    .drop_column(Messages::Xid)
+                    .to_owned(),
+            )
+            .await
+    }
 }
 
 #[derive(DeriveIden)]
@@ -63,6 +138,7 @@ enum Messages {
     Receipt,
     Dead,
     DeadAt,
+    Xid,
 }
 
 #[derive(DeriveIden)]

@@ -76,6 +76,11 @@ impl Harness {
     }
 
     /// Settings of a new, uniquely named queue on this backend, FIFO unless changed.
+    /// The embedded queue's database connection (embedded targets only).
+    pub fn db(&self) -> &DatabaseConnection {
+        self.db.as_ref().expect("an embedded target has a database")
+    }
+
     pub fn settings(&self) -> QueueSettings {
         let name = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
         let mut settings = QueueSettings {
