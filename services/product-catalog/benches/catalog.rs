@@ -297,24 +297,7 @@ async fn prepared_statements(path: &str, products: &[Product]) -> anyhow::Result
     tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
         let mut db = rusqlite::Connection::open(path)?;
         db.busy_timeout(Duration::from_secs(10))?;
-        let guarded = |field: &str| {
-            format!(
-                "{field} = CASE WHEN excluded.{field}_version > copy_products.{field}_version \
-                 THEN excluded.{field} ELSE copy_products.{field} END, \
-                 {field}_version = MAX(excluded.{field}_version, copy_products.{field}_version)"
-            )
-        };
-        let set = [
-            "brand",
-            "category_path",
-            "status",
-            "names",
-            "descriptions",
-            "prices",
-            "attributes",
-        ]
-        .map(guarded)
-        .join(", ");
+        let set = guarded_set("copy_products", "MAX");
         let upsert = format!(
             "INSERT INTO copy_products ({COPY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
              ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (code) DO UPDATE SET {set}, \
@@ -425,6 +408,21 @@ async fn copy_baseline(
     Ok(products.len() as f64 / start.elapsed().as_secs_f64())
 }
 
+/// The `SET` list of an upsert with the per-field version guard: each field (the mask's
+/// paths) takes the incoming value only where the incoming field version is newer than the
+/// stored one in `table`; `max` is the dialect's greater-of-two function.
+fn guarded_set(table: &str, max: &str) -> String {
+    mall_product::mask::PATHS
+        .map(|field| {
+            format!(
+                "{field} = CASE WHEN excluded.{field}_version > {table}.{field}_version \
+                 THEN excluded.{field} ELSE {table}.{field} END, \
+                 {field}_version = {max}(excluded.{field}_version, {table}.{field}_version)"
+            )
+        })
+        .join(", ")
+}
+
 /// The columns the COPY baseline writes, in COPY order.
 const COPY_COLUMNS: &str = "code, product_type, brand, category_path, status, names, \
     descriptions, prices, attributes, version, create_time, update_time, brand_version, \
@@ -490,24 +488,7 @@ async fn copy_chunk(pool: &sea_orm::sqlx::PgPool, chunk: &[Product]) -> anyhow::
         .await?;
     copy.send(data).await?;
     copy.finish().await?;
-    let guarded = |field: &str| {
-        format!(
-            "{field} = CASE WHEN excluded.{field}_version > t.{field}_version \
-             THEN excluded.{field} ELSE t.{field} END, \
-             {field}_version = GREATEST(excluded.{field}_version, t.{field}_version)"
-        )
-    };
-    let set = [
-        "brand",
-        "category_path",
-        "status",
-        "names",
-        "descriptions",
-        "prices",
-        "attributes",
-    ]
-    .map(guarded)
-    .join(", ");
+    let set = guarded_set("t", "GREATEST");
     let upsert = format!(
         "WITH written AS ( \
                INSERT INTO copy_products AS t ({COPY_COLUMNS}) \
