@@ -155,9 +155,6 @@ impl Watcher {
                 if let Some(before) = &committed_before {
                     // A watch from now: leave out what had committed before the call.
                     batch.changes.retain(|c| !before.contains(c.xid));
-                    if !before.may_follow(batch.scanned_through) {
-                        committed_before = None;
-                    }
                 }
                 let (response, next) = match respond(batch) {
                     Ok(answer) => answer,
@@ -167,6 +164,14 @@ impl Watcher {
                     }
                 };
                 position = next;
+                // Decided on where the next read starts (a response cut at its size limit
+                // starts it earlier than what was read).
+                if committed_before
+                    .as_ref()
+                    .is_some_and(|before| !before.may_follow(position))
+                {
+                    committed_before = None;
+                }
                 if sender.send(Ok(response)).await.is_err() {
                     return;
                 }

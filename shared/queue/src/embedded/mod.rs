@@ -809,6 +809,11 @@ impl EmbeddedQueue {
         }
         sql.push(" ORDER BY id LIMIT ")
             .bind(i64::try_from(CHUNK).unwrap_or(i64::MAX));
+        if self.shared.backend == DbBackend::Postgres {
+            // Sends no longer serialize writers: a concurrent redrive of the same dead rows
+            // waits here, then finds them gone, instead of queueing a second copy.
+            sql.push(" FOR UPDATE");
+        }
         let rows = txn
             .query_all_raw(sql.build())
             .await
