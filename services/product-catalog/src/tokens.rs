@@ -3,12 +3,13 @@
 //! Both are URL-safe base64 of a short versioned text, so they can change form later without
 //! breaking a caller that stored one. A page token is a keyset position (the last code
 //! returned) plus a fingerprint of the filters it was issued for; a cursor is a change-log
-//! position (transaction id and sequence number).
+//! position (transaction id and sequence number), with the snapshot of a watch "from now"
+//! while that watch still leaves entries out.
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use mall_grpc::ServiceError;
 
-use crate::store::{ListFilter, LogPosition};
+use crate::store::{CommittedBefore, ListFilter, LogPosition};
 
 /// The token of the page after `last_code` under `filter`.
 pub fn page_token(last_code: &str, filter: &ListFilter) -> String {
@@ -62,31 +63,77 @@ pub fn parse_pending_page_token(token: &str) -> Result<String, ServiceError> {
         })
 }
 
-/// The cursor of change-log position `position`: `c2|xid|seq`.
-pub fn cursor(position: LogPosition) -> String {
-    URL_SAFE_NO_PAD.encode(format!("c2|{}|{}", position.xid, position.seq))
+/// Most running transactions a cursor's snapshot may name (PostgreSQL's `max_connections`
+/// bounds them; this bounds what a malformed cursor costs to parse).
+const MAX_SNAPSHOT_RUNNING: usize = 10_000;
+
+/// The cursor of change-log position `position`: `c2|xid|seq`. While a watch "from now" still
+/// leaves out entries that committed before its call (`filter`, when entries after `position`
+/// may be among them), the cursor carries that snapshot too, `c3|xid|seq|xmin|xmax|running`,
+/// so a watch resumed from it leaves out the same entries.
+pub fn cursor(position: LogPosition, filter: Option<&CommittedBefore>) -> String {
+    let text = match filter.filter(|before| before.may_follow(position)) {
+        Some(before) => {
+            let (xmin, xmax, running) = before.parts();
+            let running: Vec<String> = running.iter().map(i64::to_string).collect();
+            format!(
+                "c3|{}|{}|{xmin}|{xmax}|{}",
+                position.xid,
+                position.seq,
+                running.join(",")
+            )
+        }
+        None => format!("c2|{}|{}", position.xid, position.seq),
+    };
+    URL_SAFE_NO_PAD.encode(text)
 }
 
-/// The position in a cursor. Cursors issued before the log was ordered by transaction id
+/// The position in a cursor, and the snapshot of the watch it was issued by when that watch
+/// still left entries out. Cursors issued before the log was ordered by transaction id
 /// (`c1|seq`) name entries whose `xid` is 0, and still resume where they were issued.
 ///
 /// # Errors
 /// INVALID_ARGUMENT (`start_cursor`) when it is malformed.
-pub fn parse_cursor(cursor: &str) -> Result<LogPosition, ServiceError> {
+pub fn parse_cursor(cursor: &str) -> Result<(LogPosition, Option<CommittedBefore>), ServiceError> {
     let number = |s: &str| s.parse::<i64>().ok().filter(|n| *n >= 0);
     decode(cursor)
         .and_then(|text| {
             if let Some(seq) = text.strip_prefix("c1|") {
-                return Some(LogPosition {
+                let position = LogPosition {
                     xid: 0,
                     seq: number(seq)?,
-                });
+                };
+                return Some((position, None));
             }
-            let (xid, seq) = text.strip_prefix("c2|")?.split_once('|')?;
-            Some(LogPosition {
-                xid: number(xid)?,
-                seq: number(seq)?,
-            })
+            if let Some(rest) = text.strip_prefix("c2|") {
+                let (xid, seq) = rest.split_once('|')?;
+                let position = LogPosition {
+                    xid: number(xid)?,
+                    seq: number(seq)?,
+                };
+                return Some((position, None));
+            }
+            let mut parts = text.strip_prefix("c3|")?.split('|');
+            let mut next = || parts.next().and_then(number);
+            let position = LogPosition {
+                xid: next()?,
+                seq: next()?,
+            };
+            let (xmin, xmax) = (next()?, next()?);
+            let running = parts.next()?;
+            let running: Vec<i64> = if running.is_empty() {
+                Vec::new()
+            } else {
+                running
+                    .split(',')
+                    .take(MAX_SNAPSHOT_RUNNING + 1)
+                    .map(number)
+                    .collect::<Option<_>>()?
+            };
+            if parts.next().is_some() || running.len() > MAX_SNAPSHOT_RUNNING {
+                return None;
+            }
+            Some((position, Some(CommittedBefore::new(xmin, xmax, running)?)))
         })
         .ok_or_else(|| {
             ServiceError::invalid(
@@ -132,7 +179,7 @@ mod tests {
         let other = ListFilter::default();
         assert!(parse_page_token(&token, &other).is_err());
         assert!(parse_page_token("garbage!", &filter).is_err());
-        assert!(parse_page_token(&cursor(LogPosition { xid: 0, seq: 3 }), &filter).is_err());
+        assert!(parse_page_token(&cursor(LogPosition { xid: 0, seq: 3 }, None), &filter).is_err());
     }
 
     #[test]
@@ -146,15 +193,52 @@ mod tests {
     #[test]
     fn a_cursor_carries_a_log_position() {
         let position = LogPosition { xid: 7, seq: 42 };
-        assert_eq!(parse_cursor(&cursor(position)).expect("valid"), position);
+        assert_eq!(
+            parse_cursor(&cursor(position, None)).expect("valid"),
+            (position, None)
+        );
         assert_eq!(
             parse_cursor(&URL_SAFE_NO_PAD.encode("c1|42")).expect("an earlier cursor"),
-            LogPosition { xid: 0, seq: 42 }
+            (LogPosition { xid: 0, seq: 42 }, None)
         );
         assert!(parse_cursor("").is_err());
         assert!(parse_cursor(&URL_SAFE_NO_PAD.encode("c1|-4")).is_err());
         assert!(parse_cursor(&URL_SAFE_NO_PAD.encode("c2|4")).is_err());
         assert!(parse_cursor(&URL_SAFE_NO_PAD.encode("c2|-1|4")).is_err());
         assert!(parse_cursor(&page_token("x", &ListFilter::default())).is_err());
+    }
+
+    #[test]
+    fn a_cursor_carries_the_snapshot_of_a_watch_from_now_while_it_matters() {
+        let before = CommittedBefore::new(5, 12, vec![9, 6]).expect("a snapshot");
+        let early = LogPosition { xid: 7, seq: 42 };
+        let (position, filter) = parse_cursor(&cursor(early, Some(&before))).expect("valid");
+        assert_eq!(position, early);
+        let filter = filter.expect("entries after it may have committed before the call");
+        assert_eq!(filter, before);
+        assert!(filter.contains(8) && !filter.contains(9) && !filter.contains(12));
+        // Past the snapshot's xmax no entry can be one it leaves out: a plain cursor.
+        let late = LogPosition { xid: 12, seq: 50 };
+        assert_eq!(
+            parse_cursor(&cursor(late, Some(&before))).expect("valid"),
+            (late, None)
+        );
+        let none_running = CommittedBefore::new(5, 5, vec![]).expect("a snapshot");
+        let (_, filter) =
+            parse_cursor(&cursor(LogPosition { xid: 4, seq: 1 }, Some(&none_running)))
+                .expect("valid");
+        assert_eq!(filter, Some(none_running));
+        for bad in [
+            "c3|7|42|5|12",
+            "c3|7|42|12|5|",
+            "c3|7|42|5|12|13",
+            "c3|7|42|5|12|x",
+            "c3|7|42|5|12|6|",
+        ] {
+            assert!(
+                parse_cursor(&URL_SAFE_NO_PAD.encode(bad)).is_err(),
+                "{bad} is malformed"
+            );
+        }
     }
 }

@@ -90,14 +90,15 @@ impl Watcher {
 
         let log = self.store.change_log_position().await?;
         let (start, committed_before) = match cursor {
-            Some(position) if position < log.pruned_through => return Err(out_of_range()),
-            Some(position) if position > log.head => {
+            Some((position, _)) if position < log.pruned_through => return Err(out_of_range()),
+            Some((position, _)) if position > log.head => {
                 return Err(ServiceError::invalid(
                     "start_cursor",
                     "is ahead of the change log; it was not issued by this catalog",
                 ));
             }
-            Some(position) => (position, None),
+            // A cursor of a watch "from now" leaves out what that watch left out.
+            Some((position, committed_before)) => (position, committed_before),
             None if request.from_oldest => (log.pruned_through, None),
             None => self.store.now_position().await?,
         };
@@ -156,7 +157,7 @@ impl Watcher {
                     // A watch from now: leave out what had committed before the call.
                     batch.changes.retain(|c| !before.contains(c.xid));
                 }
-                let (response, next) = match respond(batch) {
+                let (response, next) = match respond(batch, committed_before.as_ref()) {
                     Ok(answer) => answer,
                     Err(error) => {
                         let _ = sender.send(Err(ServiceError::Internal(error).into())).await;
@@ -197,7 +198,11 @@ impl Watcher {
 }
 
 /// Turns what was read into one response within the size limit, and the position after it.
-fn respond(batch: ChangeBatch) -> anyhow::Result<(WatchProductChangesResponse, LogPosition)> {
+/// Cursors carry `committed_before` while entries after them may be ones it leaves out.
+fn respond(
+    batch: ChangeBatch,
+    committed_before: Option<&CommittedBefore>,
+) -> anyhow::Result<(WatchProductChangesResponse, LogPosition)> {
     let mut response = WatchProductChangesResponse::default();
     let mut size = 0;
     let mut position = batch.scanned_through;
@@ -206,7 +211,7 @@ fn respond(batch: ChangeBatch) -> anyhow::Result<(WatchProductChangesResponse, L
             anyhow::anyhow!("change {} holds an undecodable product: {e}", change.seq)
         })?;
         let record = ProductChangeRecord {
-            cursor: tokens::cursor(LogPosition::of(&change)),
+            cursor: tokens::cursor(LogPosition::of(&change), committed_before),
             product: Some(product),
             previous_version: u64::try_from(change.previous_version).unwrap_or_default(),
             commit_time: Some(timestamp(change.commit_time)),
@@ -223,13 +228,14 @@ fn respond(batch: ChangeBatch) -> anyhow::Result<(WatchProductChangesResponse, L
                 .changes
                 .last()
                 .and_then(|c| tokens::parse_cursor(&c.cursor).ok())
+                .map(|(position, _)| position)
                 .unwrap_or(position);
             break;
         }
         size += len;
         response.changes.push(record);
     }
-    response.resume_cursor = tokens::cursor(position);
+    response.resume_cursor = tokens::cursor(position, committed_before);
     Ok((response, position))
 }
 

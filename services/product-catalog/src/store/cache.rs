@@ -10,9 +10,12 @@
 //!   an entry written by a later transaction, nor lands after a later write was seen;
 //! - writes on other replicas reach the cache through the change log, which a follower task
 //!   reads every `catalog.watch_poll_interval`: another replica's write is visible here
-//!   within that interval (plus the time to read the log) once the log's commit-order
-//!   watermark has passed it, so on PostgreSQL a long-running transaction elsewhere on the
-//!   server delays it until that transaction ends. A change the cached entry already
+//!   within that interval (plus the time to read the log). The follower reads in log
+//!   order up to the commit-order watermark, and each poll also invalidates entries that
+//!   committed above it, so a long-running transaction elsewhere on the PostgreSQL server
+//!   (which holds the watermark back) does not hold back this replica's reads; only a change
+//!   committing above the watermark but below what an earlier poll read waits for it to
+//!   pass. A change the cached entry already
 //!   includes (its writer's id is not above the entry's) leaves the entry alone, so this
 //!   replica's own writes are not thrown out again when the follower reads them;
 //! - a read that raced a write of the *same* product is not cached. Every invalidation

@@ -33,6 +33,23 @@ impl LogPosition {
     }
 }
 
+/// The current snapshot: xmin, xmax and the transactions running between them.
+const SNAPSHOT: &str = "SELECT pg_snapshot_xmin(s)::text::bigint, \
+    pg_snapshot_xmax(s)::text::bigint, ARRAY(SELECT pg_snapshot_xip(s)::text::bigint) \
+    FROM pg_current_snapshot() AS s";
+
+/// Entries the cache follower reads per query.
+const FOLLOW_BATCH: u64 = 5_000;
+
+/// How far the cache follower has read: every entry up to `head` (the watermark when it last
+/// looked) and, on PostgreSQL, above it every entry of the transactions committed in `seen`
+/// (its snapshot when it last looked).
+#[derive(Debug, Clone)]
+struct Followed {
+    head: LogPosition,
+    seen: Option<CommittedBefore>,
+}
+
 /// The transactions that had committed at one moment (a PostgreSQL snapshot): a watch
 /// "from now" leaves out their entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,9 +63,26 @@ pub struct CommittedBefore {
 }
 
 impl CommittedBefore {
+    /// The snapshot of these parts ([`Self::parts`]); `None` when they do not make one.
+    pub fn new(xmin: i64, xmax: i64, mut running: Vec<i64>) -> Option<Self> {
+        running.sort_unstable();
+        running.dedup();
+        let inside = running.iter().all(|xid| (xmin..xmax).contains(xid));
+        (xmin <= xmax && inside).then_some(Self {
+            xmin,
+            xmax,
+            running,
+        })
+    }
+
+    /// `xmin`, `xmax` and the transactions running between them.
+    pub fn parts(&self) -> (i64, i64, &[i64]) {
+        (self.xmin, self.xmax, &self.running)
+    }
+
     /// Whether transaction `xid` had committed (or ended) at that moment.
     pub fn contains(&self, xid: i64) -> bool {
-        xid < self.xmin || (xid < self.xmax && !self.running.contains(&xid))
+        xid < self.xmin || (xid < self.xmax && self.running.binary_search(&xid).is_err())
     }
 
     /// Whether an entry at or after `position` may still be one of them.
@@ -159,18 +193,16 @@ impl Store {
                 "read the current snapshot",
             )
         };
-        let row = sea_orm::sqlx::query(
-            "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint, \
-             ARRAY(SELECT pg_snapshot_xip(s)::text::bigint) FROM pg_current_snapshot() AS s",
+        let row = sea_orm::sqlx::query(SNAPSHOT)
+            .fetch_one(self.db.get_postgres_connection_pool())
+            .await
+            .map_err(unavailable)?;
+        let before = CommittedBefore::new(
+            row.try_get(0).map_err(unavailable)?,
+            row.try_get(1).map_err(unavailable)?,
+            row.try_get(2).map_err(unavailable)?,
         )
-        .fetch_one(self.db.get_postgres_connection_pool())
-        .await
-        .map_err(unavailable)?;
-        let before = CommittedBefore {
-            xmin: row.try_get(0).map_err(unavailable)?,
-            xmax: row.try_get(1).map_err(unavailable)?,
-            running: row.try_get(2).map_err(unavailable)?,
-        };
+        .ok_or_else(|| ServiceError::Internal(anyhow::anyhow!("an inconsistent snapshot")))?;
         let start = LogPosition {
             xid: before.xmin,
             seq: 0,
@@ -233,14 +265,14 @@ impl Store {
         interval: std::time::Duration,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<()> {
-        let mut position = None;
+        let mut followed = None;
         loop {
-            match self.invalidate_changed(position).await {
-                Ok(next) => position = Some(next),
+            match self.invalidate_changed(followed).await {
+                Ok(next) => followed = Some(next),
                 Err(error) => {
                     tracing::warn!(%error, "cannot follow the change log; emptying the read cache");
                     self.cache.clear();
-                    position = None;
+                    followed = None;
                 }
             }
             tokio::select! {
@@ -249,42 +281,152 @@ impl Store {
             }
         }
     }
-
-    /// Forgets the products changed after `after` (from the head when `None`, emptying the
-    /// cache: nothing is known about what changed before). Returns the new position.
     async fn invalidate_changed(
         &self,
-        after: Option<LogPosition>,
-    ) -> Result<LogPosition, ServiceError> {
+        followed: Option<Followed>,
+    ) -> Result<Followed, ServiceError> {
         let log = self.change_log_position().await?;
-        let Some(mut position) = after.filter(|p| *p >= log.pruned_through) else {
+        let Some(Followed {
+            head: mut position,
+            seen,
+        }) = followed.filter(|f| f.head >= log.pruned_through)
+        else {
             self.cache.clear();
-            return Ok(log.head);
+            let seen = self.invalidate_committed_above(log.head, None).await?;
+            return Ok(Followed {
+                head: log.head,
+                seen,
+            });
         };
         while position < log.head {
-            use product_changes::Column as C;
-            let rows: Vec<(i64, i64, String)> = product_changes::Entity::find()
-                .select_only()
-                .columns([C::Xid, C::Seq, C::Code])
-                .filter(between(position, log.head))
-                .order_by_asc(C::Xid)
-                .order_by_asc(C::Seq)
-                .limit(5_000)
-                .into_tuple()
-                .all(&self.db)
-                .await
-                .map_err(|e| db_error(e, "read changed codes"))?;
-            let Some(last) = rows.last().map(|(xid, seq, _)| LogPosition {
-                xid: *xid,
-                seq: *seq,
-            }) else {
+            let Some(last) = self.invalidate_between(position, log.head).await? else {
                 break;
             };
-            self.cache
-                .invalidate_changed(rows.iter().map(|(xid, _, code)| (code.as_str(), *xid)));
             position = last;
         }
-        Ok(log.head)
+        let seen = self.invalidate_committed_above(log.head, seen).await?;
+        Ok(Followed {
+            head: log.head,
+            seen,
+        })
+    }
+
+    /// PostgreSQL: invalidates the entries above `head` (the watermark) whose transactions
+    /// have committed since the snapshot `seen` of the last poll, and returns this poll's
+    /// snapshot. A long-running transaction elsewhere on the server holds the watermark back;
+    /// this way it does not hold back other replicas' writes reaching this cache. Each such
+    /// entry is invalidated here once, and again when the watermark passes it.
+    async fn invalidate_committed_above(
+        &self,
+        head: LogPosition,
+        seen: Option<CommittedBefore>,
+    ) -> Result<Option<CommittedBefore>, ServiceError> {
+        use sea_orm::sqlx::Row as _;
+        if self.backend != Backend::Postgres {
+            return Ok(None);
+        }
+        let failed = |e| {
+            db_error(
+                DbErr::Query(RuntimeErr::SqlxError(std::sync::Arc::new(e))),
+                "read committed changes above the watermark",
+            )
+        };
+        let mut txn = self
+            .db
+            .get_postgres_connection_pool()
+            .begin()
+            .await
+            .map_err(failed)?;
+        // One snapshot for every statement: what this poll saw committed is exactly what the
+        // next poll leaves out.
+        sea_orm::sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *txn)
+            .await
+            .map_err(failed)?;
+        let row = sea_orm::sqlx::query(SNAPSHOT)
+            .fetch_one(&mut *txn)
+            .await
+            .map_err(failed)?;
+        let now = CommittedBefore::new(
+            row.try_get(0).map_err(failed)?,
+            row.try_get(1).map_err(failed)?,
+            row.try_get(2).map_err(failed)?,
+        )
+        .ok_or_else(|| ServiceError::Internal(anyhow::anyhow!("an inconsistent snapshot")))?;
+        // Transactions the last poll did not see committed: those running then, and those
+        // from its xmax on (every one, the first time).
+        let (running, from) = match &seen {
+            Some(seen) => {
+                let (_, xmax, running) = seen.parts();
+                (running.to_vec(), xmax)
+            }
+            None => (Vec::new(), 0),
+        };
+        let mut after = Ord::max(head, LogPosition { xid: from, seq: 0 });
+        let mut codes: Vec<(String, i64)> = sea_orm::sqlx::query_as(
+            "SELECT code, xid FROM product_changes \
+             WHERE xid = ANY($1) AND (xid, seq) > ($2, $3)",
+        )
+        .bind(&running)
+        .bind(head.xid)
+        .bind(head.seq)
+        .fetch_all(&mut *txn)
+        .await
+        .map_err(failed)?;
+        loop {
+            let rows: Vec<(String, i64, i64)> = sea_orm::sqlx::query_as(
+                "SELECT code, xid, seq FROM product_changes WHERE (xid, seq) > ($1, $2) \
+                 ORDER BY xid, seq LIMIT $3",
+            )
+            .bind(after.xid)
+            .bind(after.seq)
+            .bind(FOLLOW_BATCH as i64)
+            .fetch_all(&mut *txn)
+            .await
+            .map_err(failed)?;
+            let full = rows.len() as u64 == FOLLOW_BATCH;
+            if let Some((_, xid, seq)) = rows.last() {
+                after = LogPosition {
+                    xid: *xid,
+                    seq: *seq,
+                };
+            }
+            codes.extend(rows.into_iter().map(|(code, xid, _)| (code, xid)));
+            if !full {
+                break;
+            }
+        }
+        txn.commit().await.map_err(failed)?;
+        self.cache
+            .invalidate_changed(codes.iter().map(|(code, xid)| (code.as_str(), *xid)));
+        Ok(Some(now))
+    }
+
+    /// Invalidates the products of one batch of entries after `after` up to `through`; the
+    /// position of the last, `None` when there was none.
+    async fn invalidate_between(
+        &self,
+        after: LogPosition,
+        through: LogPosition,
+    ) -> Result<Option<LogPosition>, ServiceError> {
+        use product_changes::Column as C;
+        let rows: Vec<(i64, i64, String)> = product_changes::Entity::find()
+            .select_only()
+            .columns([C::Xid, C::Seq, C::Code])
+            .filter(between(after, through))
+            .order_by_asc(C::Xid)
+            .order_by_asc(C::Seq)
+            .limit(FOLLOW_BATCH)
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(|e| db_error(e, "read changed codes"))?;
+        self.cache
+            .invalidate_changed(rows.iter().map(|(xid, _, code)| (code.as_str(), *xid)));
+        Ok(rows.last().map(|(xid, seq, _)| LogPosition {
+            xid: *xid,
+            seq: *seq,
+        }))
     }
 
     /// The commit time of the oldest retained change, in microseconds since the epoch.

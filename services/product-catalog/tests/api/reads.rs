@@ -88,6 +88,41 @@ async fn batch_get_keeps_request_order_and_reports_missing_codes(engine: Engine)
     assert_eq!(violations(&malformed), ["codes[1]"]);
 }
 
+/// A transaction left open elsewhere on the PostgreSQL server holds the change log's
+/// commit-order watermark back; another replica's committed write still reaches this
+/// replica's cache within the follower's poll, not when that transaction ends.
+#[tokio::test]
+async fn a_long_transaction_elsewhere_does_not_hold_back_another_replicas_write() {
+    use sea_orm::{ConnectOptions, ConnectionTrait as _, Database};
+    let first = TestCatalog::spawn(Engine::Postgres).await;
+    let url = first.database.url().to_owned();
+    let second = TestCatalog::spawn_with(Engine::Postgres, |settings| {
+        settings.database.url = url.clone().into();
+    })
+    .await;
+    first.bulk(bulk_of("shoes", vec![shoe("S-1", 1)])).await;
+    assert_eq!(first.get("S-1").await.map(|p| p.version), Some(1));
+
+    let mut options = ConnectOptions::new(url);
+    options.max_connections(1).sqlx_logging(false);
+    let forgotten = Database::connect(options).await.expect("connects");
+    forgotten
+        .execute_unprepared("BEGIN; SELECT pg_current_xact_id()")
+        .await
+        .expect("a transaction with an id stays open");
+    second.bulk(bulk_of("shoes", vec![shoe("S-1", 2)])).await;
+    mall_test_support::wait_until(
+        "the other replica's write reaches this cache while the transaction is open",
+        std::time::Duration::from_secs(10),
+        || async { (first.get("S-1").await.map(|p| p.version) == Some(2)).then_some(()) },
+    )
+    .await;
+    forgotten
+        .execute_unprepared("ROLLBACK")
+        .await
+        .expect("ends");
+}
+
 /// Two replicas on one database: each serves reads from its cache, a write through one is
 /// visible through it at once and through the other once its change-log follower ran.
 async fn a_write_through_another_replica_reaches_this_replicas_cache(engine: Engine) {

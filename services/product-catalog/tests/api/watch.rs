@@ -148,6 +148,71 @@ async fn from_now_sees_only_later_changes(engine: Engine) {
     assert_eq!(versions(&changes), [("S-2".to_owned(), 1, 0)]);
 }
 
+/// On PostgreSQL a transaction with a lower id can commit after one with a higher: a watch
+/// "from now" leaves out an entry that committed before its call even when it sorts after one
+/// that committed later, and a watch resumed from a cursor of that stream leaves it out too.
+/// (The two entries are written to the log directly, as two other writers' transactions.)
+#[tokio::test]
+async fn a_watch_resumed_from_a_from_now_cursor_still_leaves_out_what_committed_before() {
+    use sea_orm::{ConnectOptions, ConnectionTrait as _, Database};
+    let catalog = TestCatalog::spawn(Engine::Postgres).await;
+    let connect = || async {
+        let mut options = ConnectOptions::new(catalog.database.url().to_owned());
+        options.max_connections(1).sqlx_logging(false);
+        Database::connect(options).await.expect("connects")
+    };
+    let entry = |code: &str| {
+        let product: String = prost::Message::encode_to_vec(&shoe(code, 1))
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!(
+            "INSERT INTO product_changes (code, product_type, version, previous_version, \
+             commit_time, product, written_fields, change_version) \
+             VALUES ('{code}', 'shoes', 1, 0, 0, '\\x{product}', 127, 1)"
+        )
+    };
+    let (lower, higher) = (connect().await, connect().await);
+    lower
+        .execute_unprepared("BEGIN; SELECT pg_current_xact_id()")
+        .await
+        .expect("the lower transaction id is taken");
+    higher
+        .execute_unprepared(&entry("S-BEFORE"))
+        .await
+        .expect("a higher transaction commits before the call");
+    let mut stream = watch(&catalog, WatchProductChangesRequest::default()).await;
+    lower
+        .execute_unprepared(&entry("S-AFTER"))
+        .await
+        .expect("insert");
+    lower
+        .execute_unprepared("COMMIT")
+        .await
+        .expect("commits after the call");
+    let (changes, _) = take(&mut stream, 1).await;
+    assert_eq!(versions(&changes), [("S-AFTER".to_owned(), 1, 0)]);
+    drop(stream);
+
+    catalog
+        .bulk(bulk_of("shoes", vec![shoe("S-LATER", 1)]))
+        .await;
+    let mut resumed = watch(
+        &catalog,
+        WatchProductChangesRequest {
+            start_cursor: changes[0].cursor.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (changes, _) = take(&mut resumed, 1).await;
+    assert_eq!(
+        versions(&changes),
+        [("S-LATER".to_owned(), 1, 0)],
+        "S-BEFORE committed before the first call"
+    );
+}
+
 async fn a_type_filter_skips_other_types_but_still_advances_the_resume_cursor(engine: Engine) {
     let catalog = TestCatalog::spawn(engine).await;
     catalog.bulk(bulk_of("shoes", vec![shoe("S-1", 1)])).await;
