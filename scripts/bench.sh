@@ -23,7 +23,8 @@ case "$target" in
     MALL_TEST_POSTGRES_URL="$("$ROOT/scripts/postgres.sh")"
     export MALL_TEST_POSTGRES_URL
     say "benchmark: product-catalog (release build)"
-    cargo bench -p product-catalog --bench catalog
+    shift
+    cargo bench -p product-catalog --bench catalog -- "$@"
     ;;
   relay)
     shift

@@ -154,8 +154,13 @@ pub struct Refusal {
 /// One write that changed a visible product, for the change log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
-    /// The product after the write, timestamps included.
-    pub product: Product,
+    /// The product's code.
+    pub code: String,
+    /// The product after the write, timestamps included, when a later write of the same
+    /// request changed it again; `None` for the last change of its code, whose product is its
+    /// final row in [`Plan::rows`] (a copy of every product saved). Read it with
+    /// [`Plan::product_after`].
+    product: Option<Product>,
     /// The product's version before; 0 when the write made it visible (created it).
     pub previous_version: u64,
     /// The fields this write made visible: those it wrote, or every field the product has
@@ -220,6 +225,19 @@ pub struct Plan {
     pub dropped_pending: Vec<String>,
 }
 
+impl Plan {
+    /// The product as `change` (one of [`Plan::changes`]) left it.
+    ///
+    /// # Panics
+    /// When `change` is not one of this plan's changes.
+    pub fn product_after<'a>(&'a self, change: &'a Change) -> &'a Product {
+        match &change.product {
+            Some(product) => product,
+            None => &self.rows[&change.code].stored.product,
+        }
+    }
+}
+
 /// Decides each write in request order against `stored` (the products as read in the
 /// transaction), as if they were applied one after another.
 ///
@@ -237,6 +255,8 @@ pub struct Plan {
 pub fn plan(writes: &[Write], mut stored: BTreeMap<String, Stored>, now: Timestamp) -> Plan {
     let mut plan = Plan::default();
     let existed: Vec<String> = stored.keys().cloned().collect();
+    // The latest change of each code whose product is not copied yet (see `Change::product`).
+    let mut last_change: BTreeMap<&str, usize> = BTreeMap::new();
     for (index, write) in writes.iter().enumerate() {
         let code = &write.product.code;
         if stored.get(code).is_some_and(|current| {
@@ -247,8 +267,7 @@ pub fn plan(writes: &[Write], mut stored: BTreeMap<String, Stored>, now: Timesta
             stored.remove(code);
             plan.dropped_pending.push(code.clone());
         }
-        let current = stored.get(code);
-        if let Some(current) = current
+        if let Some(current) = stored.get(code)
             && current.product.product_type != write.product.product_type
         {
             plan.refused.push(Refusal {
@@ -267,13 +286,19 @@ pub fn plan(writes: &[Write], mut stored: BTreeMap<String, Stored>, now: Timesta
             });
             continue;
         }
-        let was_visible = current.is_some_and(|c| !c.is_pending());
+        // Taken out (not copied) while this write is decided; put back below.
+        let current = stored.remove(code);
+        let was_visible = current.as_ref().is_some_and(|c| !c.is_pending());
         let previous_version = current
+            .as_ref()
             .filter(|_| was_visible)
             .map_or(0, |c| c.product.version);
-        let mut next = current
-            .cloned()
-            .unwrap_or_else(|| Stored::empty(code, &write.product.product_type, now));
+        let mut next =
+            current.unwrap_or_else(|| Stored::empty(code, &write.product.product_type, now));
+        // The product as the code's latest change left it, should this write change it again.
+        let before = last_change
+            .contains_key(code.as_str())
+            .then(|| next.product.clone());
         let written = write
             .mask
             .apply_newer(&mut next.product, &mut next.versions, &write.product);
@@ -283,7 +308,14 @@ pub fn plan(writes: &[Write], mut stored: BTreeMap<String, Stored>, now: Timesta
                 outcome: UpdateOutcome::Stale,
                 stored_version: next.product.version,
             });
+            stored.insert(code.clone(), next);
             continue;
+        }
+        if let Some(before) = before
+            && let Some(earlier) = last_change.remove(code.as_str())
+        {
+            // That change is no longer its code's last: keep the product it left.
+            plan.changes[earlier].product = Some(before);
         }
         next.product.update_time = Some(now);
         let visible = !next.is_pending();
@@ -301,8 +333,10 @@ pub fn plan(writes: &[Write], mut stored: BTreeMap<String, Stored>, now: Timesta
             stored_version: next.product.version,
         });
         if visible {
+            last_change.insert(code, plan.changes.len());
             plan.changes.push(Change {
-                product: next.product.clone(),
+                code: code.clone(),
+                product: None,
                 previous_version,
                 written: if was_visible {
                     written
@@ -790,9 +824,9 @@ mod tests {
                 let mut watched: Option<Product> = None;
                 for writes in &requests {
                     let plan = plan(writes, stored.clone(), NOW);
-                    for change in plan.changes {
+                    for change in &plan.changes {
                         prop_assert!(!change.written.is_empty());
-                        watched = Some(change.product);
+                        watched = Some(plan.product_after(change).clone());
                     }
                     for (code, row) in plan.rows {
                         stored.insert(code, row.stored);

@@ -1,13 +1,16 @@
 //! ImportProducts: the initial load of the whole catalog from the legacy platform, streamed.
 //!
 //! Each message is validated product by product and its valid products are committed in one
-//! transaction, message after message (the next one is read and validated meanwhile, at most
-//! one ahead), so a broken stream keeps what it committed and the client's pace is the
-//! database's pace. Every product is a full replacement under
-//! the per-field version guard, so re-running an import is safe: stored versions come back
-//! STALE. A product stored with another type is counted invalid, like a malformed one.
+//! transaction. The next message is read and validated while earlier ones commit, and up to
+//! [`WRITES_IN_FLIGHT`] messages commit at once, so the client's pace is the database's pace;
+//! a broken stream keeps every message committed before it (and possibly the one after, which
+//! was in flight). Every product is a full replacement under the per-field version guard, so
+//! messages commute and re-running an import is safe: stored versions come back STALE. A
+//! product stored with another type is counted invalid, like a malformed one.
 
 use std::sync::Arc;
+
+use futures::{StreamExt as _, stream::FuturesOrdered};
 
 use mall_grpc::{ServiceError, Violations, error::stream_read_error};
 use mall_product::{ProductTypes, UpdateMask, limits::MAX_ITEMS_PER_REQUEST};
@@ -24,6 +27,11 @@ use crate::{
 
 /// Most invalid products described in the response; `invalid_count` has the total.
 const MAX_REPORTED_ERRORS: usize = 1_000;
+
+/// Messages committed at once. Products are full replacements under the per-field version
+/// guard, so two messages commit in either order to the same result; with two, the database
+/// works on one while the server plans and encodes the other.
+const WRITES_IN_FLIGHT: usize = 2;
 
 /// What an import needs.
 #[derive(Debug, Clone)]
@@ -47,9 +55,9 @@ struct Prepared {
 impl Importer {
     /// Reads the whole stream, committing each message's valid products.
     ///
-    /// Reading and validating the next message overlaps the write of the one before (at most
-    /// one validated message waits), so the decoding and validation cost hides behind the
-    /// database's; messages are still committed one by one, in order.
+    /// Reading and validating the next message overlaps the writes of the ones before (at
+    /// most one validated message waits), so the decoding and validation cost hides behind
+    /// the database's; [`WRITES_IN_FLIGHT`] messages commit at once.
     ///
     /// # Errors
     /// INVALID_ARGUMENT when a message holds more than 1,000 products (earlier messages stay
@@ -62,8 +70,22 @@ impl Importer {
         let read = self.read(stream, sender);
         let write = async move {
             let mut response = ImportProductsResponse::default();
-            while let Some(prepared) = receiver.recv().await {
-                self.write(prepared, &mut response).await?;
+            // Results come back in message order, so errors are reported in stream order.
+            let mut writing = FuturesOrdered::new();
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(written) = writing.next() => merge(&mut response, written?),
+                    prepared = receiver.recv(), if writing.len() < WRITES_IN_FLIGHT => {
+                        match prepared {
+                            Some(prepared) => writing.push_back(self.write(prepared)),
+                            None => break,
+                        }
+                    }
+                }
+            }
+            while let Some(written) = writing.next().await {
+                merge(&mut response, written?);
             }
             Ok::<_, Status>(response)
         };
@@ -155,30 +177,28 @@ impl Importer {
         }
     }
 
-    /// Commits one validated message and counts its outcomes in `response`.
-    async fn write(
-        &self,
-        prepared: Prepared,
-        response: &mut ImportProductsResponse,
-    ) -> Result<(), Status> {
+    /// Commits one validated message; its outcomes, counted as a response of its own.
+    async fn write(&self, prepared: Prepared) -> Result<ImportProductsResponse, Status> {
         let Prepared {
             writes,
             indexes,
             invalid,
         } = prepared;
+        let mut response = ImportProductsResponse::default();
         for error in invalid {
-            record_invalid(response, error.index, error.code, error.reason);
+            record_invalid(&mut response, error.index, error.code, error.reason);
         }
         if writes.is_empty() {
-            return Ok(());
+            return Ok(response);
         }
+        let writes: Arc<[Write]> = writes.into();
         let WriteOutcome::Applied {
             results,
             refused,
             retries,
         } = self
             .store
-            .bulk_write(None, &writes, OnRefusal::SkipItems)
+            .bulk_write(None, writes.clone(), OnRefusal::SkipItems)
             .await?
         else {
             unreachable!("a write without a request id is never a replay");
@@ -195,14 +215,25 @@ impl Importer {
         }
         for refusal in refused {
             record_invalid(
-                response,
+                &mut response,
                 indexes[refusal.index],
                 writes[refusal.index].product.code.clone(),
                 format!("{}: {}", refusal.field, refusal.reason),
             );
         }
-        Ok(())
+        Ok(response)
     }
+}
+
+/// Adds one message's counts and errors to the stream's response.
+fn merge(response: &mut ImportProductsResponse, message: ImportProductsResponse) {
+    response.applied_count += message.applied_count;
+    response.stale_count += message.stale_count;
+    response.invalid_count += message.invalid_count;
+    let room = MAX_REPORTED_ERRORS.saturating_sub(response.errors.len());
+    response
+        .errors
+        .extend(message.errors.into_iter().take(room));
 }
 
 /// Counts an invalid product in `response` and describes it while there is room.

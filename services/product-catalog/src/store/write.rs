@@ -11,7 +11,7 @@
 //!    request id with its response; commit;
 //! 5. update this replica's read cache ([`Store::applied`] reports the outcome).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use mall_grpc::ServiceError;
 use mall_grpc::Violations;
@@ -64,7 +64,7 @@ impl Store {
     pub async fn bulk_write(
         &self,
         request_id: Option<&str>,
-        writes: &[Write],
+        writes: Arc<[Write]>,
         on_refusal: OnRefusal,
     ) -> Result<WriteOutcome, ServiceError> {
         let mut retries = 0;
@@ -73,11 +73,11 @@ impl Store {
             let attempt = match &self.sqlite_writer {
                 None => {
                     let pool = self.db.get_postgres_connection_pool();
-                    self.attempt_bulk_write_pg(pool, request_id, writes, on_refusal)
+                    self.attempt_bulk_write_pg(pool, request_id, &writes, on_refusal)
                         .await
                 }
                 Some(writer) => {
-                    self.attempt_bulk_write_sqlite(writer, request_id, writes, on_refusal)
+                    self.attempt_bulk_write_sqlite(writer, request_id, &writes, on_refusal)
                         .await
                 }
             };

@@ -153,16 +153,14 @@ impl Store {
         txn.commit().await.map_err(db)?;
         // Read-your-writes here, and no database reads for what was just written; other
         // replicas learn it from the change log. Pending rows are invisible: forgotten.
-        let (visible, pending): (Vec<_>, Vec<_>) = plan
-            .rows
-            .values()
+        let mut plan = plan;
+        let (visible, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut plan.rows)
+            .into_values()
             .partition(|row| row.stored.product.status != 0);
         self.cache
             .invalidate(pending.iter().map(|row| row.stored.product.code.as_str()));
-        self.cache.put_written(
-            visible.into_iter().map(|row| row.stored.product.clone()),
-            xid,
-        );
+        self.cache
+            .put_written(visible.into_iter().map(|row| row.stored.product), xid);
         Ok(self.applied(plan))
     }
 }
@@ -342,7 +340,7 @@ async fn write(
     let mut written_fields = Vec::with_capacity(c);
     let mut change_version = Vec::with_capacity(c);
     for change in &plan.changes {
-        let p = &change.product;
+        let p = plan.product_after(change);
         change_code.push(p.code.as_str());
         change_type.push(p.product_type.as_str());
         change_version_after.push(to_i64(p.version));

@@ -12,10 +12,11 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
+        mpsc::{Receiver, SyncSender},
     },
     time::Duration,
 };
@@ -33,12 +34,25 @@ use super::{
 };
 use crate::bulk::{Plan, Stored, Write, needs_values};
 
+/// The write connection's page cache, in KiB (SQLite's default is 2 MiB).
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
+
+/// The least time between two background checkpoints (each ends with an fsync).
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Log pages after which the writer checkpoints itself (SQLite's default is 1,000, about
+/// 4 MiB): only reached when the background checkpointer falls behind.
+const WAL_PAGES_BEFORE_WRITER_CHECKPOINTS: i64 = 20_000;
+
 /// How long a write waits for another process's write to finish.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Every code's row in one statement (the codes as a JSON array): a thousand lookups inside
+/// SQLite cost a fraction of a thousand statement executions.
 const THIN: &str = "SELECT code, product_type, create_time, version, brand_version, \
     category_path_version, status_version, names_version, descriptions_version, \
-    prices_version, attributes_version FROM products WHERE code = ?1";
+    prices_version, attributes_version FROM products \
+    WHERE code IN (SELECT value FROM json_each(?1))";
 
 const WHOLE: &str = "SELECT code, product_type, brand, category_path, status, names, \
     descriptions, prices, attributes, version, create_time, update_time, brand_version, \
@@ -71,7 +85,15 @@ const REMEMBER: &str =
 #[derive(Debug)]
 pub(super) struct SqliteWriter {
     path: PathBuf,
-    connection: Mutex<Option<Connection>>,
+    open: Mutex<Option<Open>>,
+}
+
+/// The open write connection and the thread that checkpoints behind it.
+#[derive(Debug)]
+struct Open {
+    connection: Connection,
+    /// Wakes the checkpointer after a commit (a full channel means it is already due).
+    checkpoint: SyncSender<()>,
 }
 
 impl SqliteWriter {
@@ -79,7 +101,7 @@ impl SqliteWriter {
     pub(super) fn new(path: PathBuf) -> Arc<Self> {
         Arc::new(Self {
             path,
-            connection: Mutex::new(None),
+            open: Mutex::new(None),
         })
     }
 }
@@ -109,7 +131,7 @@ impl Store {
         &self,
         writer: &Arc<SqliteWriter>,
         request_id: Option<&str>,
-        writes: &[Write],
+        writes: &Arc<[Write]>,
         on_refusal: OnRefusal,
     ) -> Result<Attempt, AttemptError> {
         let _guard = match &self.write_lock {
@@ -118,20 +140,26 @@ impl Store {
         };
         let writer = writer.clone();
         let request_id = request_id.map(str::to_owned);
-        // Owned for the blocking thread; a copy costs far less than the write.
-        let writes = writes.to_vec();
+        let writes = writes.clone();
         let now = super::now();
         let abandoned = Arc::new(AtomicBool::new(false));
         let _abandon_on_drop = SetOnDrop(abandoned.clone());
         let done = tokio::task::spawn_blocking(move || {
-            let mut connection = writer
-                .connection
-                .lock()
-                .map_err(|_| internal(anyhow::anyhow!("the SQLite writer panicked before")))?;
-            if connection.is_none() {
-                *connection = Some(open(&writer.path).map_err(internal)?);
+            // A panic during an earlier write (its transaction rolled back as it unwound)
+            // leaves the lock poisoned: start again from a fresh connection.
+            let mut open = writer.open.lock().unwrap_or_else(|poisoned| {
+                let mut open = poisoned.into_inner();
+                *open = None;
+                writer.open.clear_poison();
+                open
+            });
+            if open.is_none() {
+                *open = Some(Open::new(&writer.path).map_err(internal)?);
             }
-            let connection = connection.as_mut().expect("opened above");
+            let Open {
+                connection,
+                checkpoint,
+            } = open.as_mut().expect("opened above");
             let result = write(
                 connection,
                 request_id.as_deref(),
@@ -140,6 +168,9 @@ impl Store {
                 now,
                 &abandoned,
             );
+            if let Ok(Done::Committed(_)) = &result {
+                let _ = checkpoint.try_send(());
+            }
             match result {
                 Err(Failure::Sqlite(error)) if is_busy(&error) => Ok(Done::Busy),
                 Err(Failure::Sqlite(error)) => Err(internal(anyhow::Error::new(error))),
@@ -166,16 +197,61 @@ impl Store {
     }
 }
 
-/// Opens the write connection: waits for other processes' writes, caches enough prepared
-/// statements for every statement here.
-fn open(path: &std::path::Path) -> anyhow::Result<Connection> {
+impl Open {
+    /// Opens the write connection (waits for other processes' writes, caches enough prepared
+    /// statements for every statement here) and starts its checkpointer.
+    fn new(path: &Path) -> anyhow::Result<Self> {
+        let connection = connection(path)?;
+        // Commits append to the write-ahead log; copying it back into the database file (a
+        // checkpoint, with an fsync) is done by a thread of its own, so a write does not
+        // wait for it. Should that thread fall behind, the writer checkpoints itself at
+        // `WAL_PAGES_BEFORE_WRITER_CHECKPOINTS`, which bounds the log.
+        connection.pragma_update(
+            None,
+            "wal_autocheckpoint",
+            WAL_PAGES_BEFORE_WRITER_CHECKPOINTS,
+        )?;
+        let checkpointer = self::connection(path)?;
+        let (checkpoint, due) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("catalog-sqlite-checkpoint".into())
+            .spawn(move || checkpoints(&checkpointer, &due))?;
+        Ok(Self {
+            connection,
+            checkpoint,
+        })
+    }
+}
+
+/// A connection to the catalog's file as the writer uses it.
+fn connection(path: &Path) -> anyhow::Result<Connection> {
     let connection = Connection::open(path)?;
     connection.busy_timeout(BUSY_TIMEOUT)?;
     // The pool set WAL on the file; these are per connection.
     connection.pragma_update(None, "synchronous", "NORMAL")?;
     connection.pragma_update(None, "foreign_keys", "ON")?;
+    // The writer reads every row it writes first: keep the hot part of the catalog in its
+    // own page cache rather than going back to the kernel for each page.
+    connection.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
     connection.set_prepared_statement_cache_capacity(16);
     Ok(connection)
+}
+
+/// The checkpointer: after commits, at most every [`CHECKPOINT_INTERVAL`], copies what the
+/// log holds into the database file without blocking the writer or readers (`PASSIVE`).
+/// Ends when the writer is dropped.
+fn checkpoints(connection: &Connection, due: &Receiver<()>) {
+    while due.recv().is_ok() {
+        let result = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+        });
+        match result {
+            Ok((log, copied)) => tracing::trace!(log, copied, "SQLite checkpoint"),
+            // The next commit asks again; the writer's own checkpoints bound the log.
+            Err(error) => tracing::debug!(%error, "SQLite checkpoint failed"),
+        }
+        std::thread::sleep(CHECKPOINT_INTERVAL);
+    }
 }
 
 enum Failure {
@@ -276,7 +352,7 @@ fn write(
         }
         let mut log = txn.prepare_cached(LOG)?;
         for change in &plan.changes {
-            let p = &change.product;
+            let p = plan.product_after(change);
             log.execute(params![
                 p.code,
                 p.product_type,
@@ -313,34 +389,25 @@ fn read(
     let mut codes: Vec<&str> = writes.iter().map(|w| w.product.code.as_str()).collect();
     codes.sort_unstable();
     codes.dedup();
+    let codes = serde_json::to_string(&codes).map_err(|e| internal(anyhow::Error::new(e)))?;
     let mut stored = BTreeMap::new();
     let mut thin = txn.prepare_cached(THIN)?;
-    for code in codes {
-        let row = thin
-            .query_row([code], |row| {
-                let mut columns = [0i64; 7];
-                for (i, column) in columns.iter_mut().enumerate() {
-                    *column = row.get(4 + i)?;
-                }
-                Ok((
-                    row.get::<_, String>(1)?,
-                    row.get::<_, i64>(2)?,
-                    row.get::<_, i64>(3)?,
-                    columns,
-                ))
-            })
-            .optional()?;
-        if let Some((product_type, create_time, version, columns)) = row {
-            let versions = versions_of(columns, version);
-            let product = Product {
-                code: code.to_owned(),
-                product_type,
-                version: versions.max(),
-                create_time: Some(timestamp(create_time)),
-                ..Product::default()
-            };
-            stored.insert(code.to_owned(), Stored { product, versions });
+    let mut rows = thin.query([codes])?;
+    while let Some(row) = rows.next()? {
+        let mut columns = [0i64; 7];
+        for (i, column) in columns.iter_mut().enumerate() {
+            *column = row.get(4 + i)?;
         }
+        let code: String = row.get(0)?;
+        let versions = versions_of(columns, row.get(3)?);
+        let product = Product {
+            code: code.clone(),
+            product_type: row.get(1)?,
+            version: versions.max(),
+            create_time: Some(timestamp(row.get(2)?)),
+            ..Product::default()
+        };
+        stored.insert(code, Stored { product, versions });
     }
     let whole: Vec<String> = stored
         .iter()
