@@ -70,8 +70,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    // `scripts/bench.sh catalog sqlite`: only the SQLite comparison, printed, not reported
-    // (for profiling one path).
+    // `scripts/bench.sh catalog sqlite` (or `bulk`, below): one comparison, printed, not
+    // reported (for profiling one path).
     if std::env::args().any(|a| a == "sqlite") {
         sqlite_bulk().await?;
         return Ok(());
@@ -149,6 +149,11 @@ async fn run() -> anyhow::Result<()> {
             rounds.push(Figures { bulk, copy, sql });
         }
         bulk_rounds.push((in_flight, rounds));
+    }
+    // `scripts/bench.sh catalog bulk`: only the PostgreSQL bulk comparison, printed.
+    if std::env::args().any(|a| a == "bulk") {
+        shutdown.cancel();
+        return Ok(());
     }
     eprintln!("import: {ROUNDS} rounds of {PRODUCTS} products in one stream");
     let mut imports = Vec::new();
