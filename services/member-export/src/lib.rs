@@ -4,10 +4,12 @@
 //! - [`config`]: [`Settings`], every knob with its default.
 //! - [`app`]: [`App`], wiring dependencies and the gRPC server.
 //! - [`migration`]: the database schema.
+//! - [`partner`]: the marketing platform behind one trait, one adapter per dialect.
 
 pub mod app;
 pub mod config;
 pub mod migration;
+pub mod partner;
 
 pub use app::App;
 pub use config::Settings;
