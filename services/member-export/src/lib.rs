@@ -5,11 +5,13 @@
 //! - [`app`]: [`App`], wiring dependencies and the gRPC server.
 //! - [`migration`]: the database schema.
 //! - [`partner`]: the marketing platform behind one trait, one adapter per dialect.
+//! - [`simulator`]: a partner simulator for tests, benchmarks and local runs.
 
 pub mod app;
 pub mod config;
 pub mod migration;
 pub mod partner;
+pub mod simulator;
 
 pub use app::App;
 pub use config::Settings;
