@@ -74,12 +74,8 @@ pub fn dedup_key(prefix: char, parts: &[&str]) -> String {
     format!("{prefix}{:016x}", fnv64(parts.join("|").as_bytes()))
 }
 
-/// FNV-1a (64 bit): stable across processes, versions and platforms, unlike `std`'s hasher.
-pub fn fnv64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
+/// FNV-1a (64 bit), shared with the other users of the queue.
+pub use mall_queue::fnv64;
 
 #[cfg(test)]
 mod tests {

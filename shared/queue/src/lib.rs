@@ -47,6 +47,15 @@ pub use message::{
 pub use pack::{PackBudget, RecordTooLarge, decode_body, encode_body, pack, pack_items};
 pub use settings::{BackendKind, EmbeddedSettings, QueueSettings, SqsSettings};
 
+/// FNV-1a (64 bit): a stable hash for FIFO group and deduplication ids (stable across
+/// processes, versions and platforms, unlike `std`'s hasher). Written out because it is four
+/// lines; not for anything that needs resistance to chosen inputs.
+pub fn fnv64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// Limits of the engines. The embedded backend enforces the same ones, so a message that
 /// works locally works on SQS.
 pub mod limits {
