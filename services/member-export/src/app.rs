@@ -1,11 +1,17 @@
 //! Wiring: connect dependencies, bind listeners, register services.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
+use anyhow::Context as _;
 use mall_grpc::GrpcServer;
+use mall_proto::member::v1::member_export_service_server::MemberExportServiceServer;
+use mall_queue::Queue;
 
 use crate::migration::Migrator;
-use crate::{SERVICE, config::Settings};
+use crate::{
+    SERVICE, api::MemberApi, config::Settings, crypto::ProfileCipher, enqueue::Enqueuer,
+    store::Store,
+};
 
 /// A built `member-export`, listeners bound, ready to run.
 #[derive(Debug)]
@@ -19,11 +25,29 @@ impl App {
     /// # Errors
     /// When a dependency is unreachable or a listener cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            (1..=1_000).contains(&settings.enqueue.lanes),
+            "enqueue.lanes must be 1 to 1000, not {}",
+            settings.enqueue.lanes
+        );
+        let cipher = Arc::new(ProfileCipher::new(&settings.encryption)?);
         let db = mall_db::connect::<Migrator>(&settings.database).await?;
+        let queue = Queue::open(&settings.queue, Some(db.clone()))
+            .await
+            .context("failed to open the delivery queue")?;
         let mut server = GrpcServer::bind(SERVICE, &settings.server).await?;
-        // The contract is listed by reflection for review; its calls answer UNIMPLEMENTED
-        // until a later issue builds them.
-        server.advertise_unimplemented("mall.member.v1.MemberExportService");
+        let api = MemberApi {
+            enqueuer: Enqueuer {
+                store: Store::new(db.clone()),
+                queue,
+                cipher,
+                lanes: settings.enqueue.lanes,
+            },
+        };
+        server.add_service(
+            MemberExportServiceServer::new(api)
+                .max_decoding_message_size(settings.server.max_message_bytes),
+        );
         server.set_readiness(move || {
             let db = db.clone();
             async move { mall_db::ping(&db).await }

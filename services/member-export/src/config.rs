@@ -1,8 +1,12 @@
 //! Settings of `member-export`: defaults < TOML file (`--config`) < `MEMBER_EXPORT__*` environment.
 
+use std::collections::BTreeMap;
+
 use mall_db::DatabaseSettings;
 use mall_grpc::ServerSettings;
+use mall_queue::QueueSettings;
 use mall_telemetry::TelemetrySettings;
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 /// Environment variable prefix: `MEMBER_EXPORT__SERVER__LISTEN_ADDR=0.0.0.0:50053`.
@@ -16,8 +20,76 @@ pub struct Settings {
     pub server: ServerSettings,
     /// Logs and traces.
     pub telemetry: TelemetrySettings,
-    /// Where state is kept. Default: an SQLite file at `.data/member-export.sqlite`.
+    /// Where state is kept (the member table, and the embedded queue). Default: an SQLite
+    /// file at `.data/member-export.sqlite`.
     pub database: DatabaseSettings,
+    /// The delivery queue. Default: the embedded FIFO queue `member-deliveries.fifo`.
+    pub queue: QueueSettings,
+    /// How changes are queued.
+    pub enqueue: EnqueueSettings,
+    /// Encryption of profiles at rest.
+    pub encryption: EncryptionSettings,
+}
+
+/// How EnqueueMemberChanges queues deliveries.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnqueueSettings {
+    /// FIFO groups of the delivery queue: `hash(member id) mod lanes`, so one member's
+    /// deliveries stay in order. 1 to 1,000.
+    pub lanes: u32,
+}
+
+impl Default for EnqueueSettings {
+    fn default() -> Self {
+        Self { lanes: 64 }
+    }
+}
+
+/// Keys that encrypt profiles in the member table (AES-256-GCM). Each stored profile names
+/// the key it was encrypted with, so keys can rotate: add a key, make it `current`, keep the
+/// old ones until every row moved.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EncryptionSettings {
+    /// The key id new profiles are encrypted with; must be in `keys`.
+    pub current: String,
+    /// Key id → base64 of 32 random bytes (secrets: never printed). The default holds a
+    /// fixed development key, which the service warns about at start; production sets its
+    /// own from a Secret.
+    #[serde(serialize_with = "serialize_keys")]
+    pub keys: BTreeMap<String, SecretString>,
+}
+
+/// The built-in development key's id.
+pub const DEVELOPMENT_KEY_ID: &str = "development";
+
+impl Default for EncryptionSettings {
+    fn default() -> Self {
+        Self {
+            current: DEVELOPMENT_KEY_ID.into(),
+            keys: BTreeMap::from([(
+                DEVELOPMENT_KEY_ID.to_owned(),
+                // Base64 of 32 fixed bytes: local runs and tests only.
+                SecretString::from("bWFsbC1tZW1iZXItZXhwb3J0LWRldmVsb3BtZW50LWs="),
+            )]),
+        }
+    }
+}
+
+/// The keys into the defaults the configuration sources are merged over (as
+/// `mall_config::serialize_secret` does for one secret; `Debug` still redacts them).
+fn serialize_keys<S: serde::Serializer>(
+    keys: &BTreeMap<String, SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    use secrecy::ExposeSecret as _;
+    use serde::ser::SerializeMap as _;
+    let mut map = serializer.serialize_map(Some(keys.len()))?;
+    for (id, key) in keys {
+        map.serialize_entry(id, key.expose_secret())?;
+    }
+    map.end()
 }
 
 impl Default for Settings {
@@ -26,6 +98,13 @@ impl Default for Settings {
             server: ServerSettings::with_ports(50053, 9093),
             telemetry: TelemetrySettings::default(),
             database: DatabaseSettings::sqlite_file(".data/member-export.sqlite"),
+            queue: QueueSettings {
+                name: "member-deliveries.fifo".into(),
+                fifo: true,
+                ..QueueSettings::default()
+            },
+            enqueue: EnqueueSettings::default(),
+            encryption: EncryptionSettings::default(),
         }
     }
 }

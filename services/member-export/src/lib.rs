@@ -3,15 +3,25 @@
 //! # Layout
 //! - [`config`]: [`Settings`], every knob with its default.
 //! - [`app`]: [`App`], wiring dependencies and the gRPC server.
+//! - [`api`]: the gRPC handlers (only EnqueueMemberChanges is served so far).
+//! - [`enqueue`]: EnqueueMemberChanges: record in the member table, queue deliveries.
+//! - [`validate`]: request limits and their checks.
+//! - [`store`]: the member table and remembered request ids.
+//! - [`crypto`]: profiles encrypted at rest (AES-256-GCM).
 //! - [`migration`]: the database schema.
 //! - [`partner`]: the marketing platform behind one trait, one adapter per dialect.
 //! - [`simulator`]: a partner simulator for tests, benchmarks and local runs.
 
+pub mod api;
 pub mod app;
 pub mod config;
+pub mod crypto;
+pub mod enqueue;
 pub mod migration;
 pub mod partner;
 pub mod simulator;
+pub mod store;
+pub mod validate;
 
 pub use app::App;
 pub use config::Settings;

@@ -1,13 +1,21 @@
 //! Schema migrations of `member-export`, applied at start-up by `mall_db::connect`.
+//!
+//! Every migration runs on SQLite and PostgreSQL alike (sea-query's schema builder).
 
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
-/// The ordered list of migrations; none yet: the service keeps no state until a later issue.
+mod m20261202_000001_members;
+
+/// The ordered list of migrations.
 #[derive(Debug)]
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        Vec::new()
+        let mut migrations: Vec<Box<dyn MigrationTrait>> =
+            vec![Box::new(m20261202_000001_members::Migration)];
+        // The embedded queue's tables live in this database (unused with SQS).
+        migrations.extend(mall_queue::embedded::migrations());
+        migrations
     }
 }

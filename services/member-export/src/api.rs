@@ -1,0 +1,71 @@
+//! The gRPC handlers of `mall.member.v1.MemberExportService`: convert, call the domain, map
+//! errors (in `mall_grpc::ServiceError`).
+
+use std::pin::Pin;
+
+use futures::Stream;
+use mall_proto::member::v1::{
+    EnqueueMemberChangesRequest, EnqueueMemberChangesResponse, GetDeliveryStatsRequest,
+    GetDeliveryStatsResponse, GetJobRequest, GetJobResponse, StartFailoverJobRequest,
+    StartFailoverJobResponse, WatchJobRequest, WatchJobResponse,
+    member_export_service_server::MemberExportService,
+};
+use tonic::{Request, Response, Status};
+
+use crate::enqueue::Enqueuer;
+
+/// The service's handlers.
+#[derive(Debug, Clone)]
+pub struct MemberApi {
+    /// EnqueueMemberChanges.
+    pub enqueuer: Enqueuer,
+}
+
+/// What the RPCs not built yet answer: honestly UNIMPLEMENTED.
+fn not_built(rpc: &str) -> Status {
+    Status::unimplemented(format!(
+        "{rpc} is not built yet; EnqueueMemberChanges is the only call served so far"
+    ))
+}
+
+#[tonic::async_trait]
+impl MemberExportService for MemberApi {
+    async fn enqueue_member_changes(
+        &self,
+        request: Request<EnqueueMemberChangesRequest>,
+    ) -> Result<Response<EnqueueMemberChangesResponse>, Status> {
+        let response = self.enqueuer.enqueue(request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn start_failover_job(
+        &self,
+        _request: Request<StartFailoverJobRequest>,
+    ) -> Result<Response<StartFailoverJobResponse>, Status> {
+        Err(not_built("StartFailoverJob"))
+    }
+
+    async fn get_job(
+        &self,
+        _request: Request<GetJobRequest>,
+    ) -> Result<Response<GetJobResponse>, Status> {
+        Err(not_built("GetJob"))
+    }
+
+    type WatchJobStream =
+        Pin<Box<dyn Stream<Item = Result<WatchJobResponse, Status>> + Send + 'static>>;
+
+    async fn watch_job(
+        &self,
+        _request: Request<WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        Err(not_built("WatchJob"))
+    }
+
+    async fn get_delivery_stats(
+        &self,
+        _request: Request<GetDeliveryStatsRequest>,
+    ) -> Result<Response<GetDeliveryStatsResponse>, Status> {
+        Err(not_built("GetDeliveryStats"))
+    }
+}

@@ -1,0 +1,232 @@
+//! The member table: one row per member holding its newest recorded change (version,
+//! consent, times, the profile encrypted by [`crate::crypto`]) and how far it was queued and
+//! delivered; and the remembered EnqueueMemberChanges request ids.
+
+use std::collections::BTreeMap;
+
+use mall_db::Backend;
+use mall_grpc::ServiceError;
+use sea_orm::{
+    ColumnTrait as _, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait as _,
+    QueryFilter as _, QuerySelect as _, TransactionTrait as _,
+    sea_query::{Expr, ExprTrait as _, OnConflict},
+};
+
+/// `members`: see the module docs. Times are microseconds since the epoch (0: unset).
+pub mod members {
+    use sea_orm::entity::prelude::*;
+
+    /// A member's row. `profile` is `nonce ‖ AES-256-GCM(encoded MarketingProfile)` under
+    /// `key_id`; `queued_version` is the newest version queued for delivery (0: none) and
+    /// `delivered_version` the newest the partner accepted (0: never delivered).
+    #[derive(Clone, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "members")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub member_id: String,
+        pub version: i64,
+        pub consent_email: bool,
+        pub consent_sms: bool,
+        pub consent_push: bool,
+        pub consent_time: i64,
+        pub change_time: i64,
+        pub profile: Option<Vec<u8>>,
+        pub key_id: Option<String>,
+        pub queued_version: i64,
+        pub delivered_version: i64,
+        pub update_time: i64,
+    }
+
+    impl std::fmt::Debug for Model {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Member")
+                .field("member_id", &self.member_id)
+                .field("version", &self.version)
+                .field("queued_version", &self.queued_version)
+                .field("delivered_version", &self.delivered_version)
+                .finish_non_exhaustive()
+        }
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `enqueue_requests`: the first response to each request id.
+pub mod enqueue_requests {
+    use sea_orm::entity::prelude::*;
+
+    /// A remembered request: its encoded EnqueueMemberChangesResponse.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "enqueue_requests")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub request_id: String,
+        pub response: Vec<u8>,
+        pub create_time: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The member table and request ids, on the service's database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+    backend: Backend,
+    /// SQLite has one writer: this process's writers take turns here rather than fail with
+    /// SQLITE_BUSY when a read transaction needs the write lock.
+    write_lock: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl Store {
+    /// The store on `db`.
+    pub fn new(db: DatabaseConnection) -> Self {
+        let backend = Backend::of(&db);
+        Self {
+            write_lock: (backend == Backend::Sqlite)
+                .then(|| std::sync::Arc::new(tokio::sync::Mutex::new(()))),
+            db,
+            backend,
+        }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// The first response to `request_id`, if it was seen.
+    ///
+    /// # Errors
+    /// UNAVAILABLE or INTERNAL when the database fails.
+    pub async fn remembered(&self, request_id: &str) -> Result<Option<Vec<u8>>, ServiceError> {
+        Ok(enqueue_requests::Entity::find_by_id(request_id.to_owned())
+            .one(&self.db)
+            .await
+            .map_err(|e| db_error(e, "read a request id"))?
+            .map(|row| row.response))
+    }
+
+    /// Remembers the first response to `request_id` (a concurrent first one wins).
+    ///
+    /// # Errors
+    /// UNAVAILABLE or INTERNAL when the database fails.
+    pub async fn remember(
+        &self,
+        request_id: &str,
+        response: Vec<u8>,
+        now: i64,
+    ) -> Result<(), ServiceError> {
+        let row = enqueue_requests::ActiveModel {
+            request_id: sea_orm::Set(request_id.to_owned()),
+            response: sea_orm::Set(response),
+            create_time: sea_orm::Set(now),
+        };
+        enqueue_requests::Entity::insert(row)
+            .on_conflict(
+                OnConflict::column(enqueue_requests::Column::RequestId)
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&self.db)
+            .await
+            .map_err(|e| db_error(e, "remember a request id"))?;
+        Ok(())
+    }
+
+    /// Runs `decide` on the stored rows of `member_ids` (absent members are not in the map)
+    /// in one transaction, with the rows locked on PostgreSQL, and writes back the rows it
+    /// returns. A row is written only where its stored version is not newer, so a
+    /// concurrent writer of a newer version always wins.
+    ///
+    /// # Errors
+    /// UNAVAILABLE or INTERNAL when the database fails; `decide`'s error.
+    pub async fn update<T>(
+        &self,
+        member_ids: &[&str],
+        decide: impl FnOnce(
+            BTreeMap<String, members::Model>,
+        ) -> Result<(Vec<members::Model>, T), ServiceError>,
+    ) -> Result<T, ServiceError> {
+        let _turn = match &self.write_lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
+        let txn = self.db.begin().await.map_err(|e| db_error(e, "begin"))?;
+        let stored = read_locked(&txn, self.backend, member_ids).await?;
+        let (rows, result) = decide(stored)?;
+        for row in rows {
+            write(&txn, row).await?;
+        }
+        txn.commit()
+            .await
+            .map_err(|e| db_error(e, "commit member changes"))?;
+        Ok(result)
+    }
+}
+
+async fn read_locked(
+    txn: &DatabaseTransaction,
+    backend: Backend,
+    member_ids: &[&str],
+) -> Result<BTreeMap<String, members::Model>, ServiceError> {
+    let mut ids: Vec<&str> = member_ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut query = members::Entity::find().filter(members::Column::MemberId.is_in(ids));
+    if backend == Backend::Postgres {
+        // In member id order (the query's), so two requests never wait on each other.
+        query = query.lock_exclusive();
+    }
+    Ok(query
+        .all(txn)
+        .await
+        .map_err(|e| db_error(e, "read members"))?
+        .into_iter()
+        .map(|row| (row.member_id.clone(), row))
+        .collect())
+}
+
+async fn write(txn: &DatabaseTransaction, row: members::Model) -> Result<(), ServiceError> {
+    use members::Column as C;
+    let version = row.version;
+    let active: members::ActiveModel = row.into();
+    members::Entity::insert(active)
+        .on_conflict(
+            OnConflict::column(C::MemberId)
+                .update_columns([
+                    C::Version,
+                    C::ConsentEmail,
+                    C::ConsentSms,
+                    C::ConsentPush,
+                    C::ConsentTime,
+                    C::ChangeTime,
+                    C::Profile,
+                    C::KeyId,
+                    C::QueuedVersion,
+                    C::UpdateTime,
+                ])
+                .action_and_where(Expr::col((members::Entity, C::Version)).lte(version))
+                .to_owned(),
+        )
+        // A newer version written concurrently makes this write nothing: it lost.
+        .exec_without_returning(txn)
+        .await
+        .map_err(|e| db_error(e, "write a member"))?;
+    Ok(())
+}
+
+/// A database error as the caller should see it: UNAVAILABLE when retrying can help.
+pub fn db_error(error: DbErr, doing: &str) -> ServiceError {
+    if mall_db::is_unavailable(&error) {
+        ServiceError::Unavailable(format!("the database is unavailable ({doing}); retry"))
+    } else {
+        ServiceError::Internal(anyhow::Error::new(error).context(doing.to_owned()))
+    }
+}
