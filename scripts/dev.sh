@@ -6,6 +6,7 @@
 #   sync-relay       gRPC 127.0.0.1:50052  admin http://127.0.0.1:9092/metrics
 #   member-export    gRPC 127.0.0.1:50053  admin http://127.0.0.1:9093/metrics
 #   log-ingest       gRPC 127.0.0.1:50054  admin http://127.0.0.1:9094/metrics
+#   partner-simulator      http://127.0.0.1:8089 (member-export's marketing platform, locally)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -23,6 +24,9 @@ stop() {
 }
 trap stop INT TERM EXIT
 
+# member-export delivers to this stand-in for the marketing platform (its default partner).
+"$ROOT/target/debug/partner-simulator" > >(sed -u "s/^/[partner-simulator] /") 2>&1 &
+pids+=("$!")
 for service in "${services[@]}"; do
   # Each line is prefixed with its service, so four logs stay readable in one terminal.
   "$ROOT/target/debug/$service" > >(sed -u "s/^/[$service] /") 2>&1 &

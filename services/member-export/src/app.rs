@@ -1,6 +1,6 @@
 //! Wiring: connect dependencies, bind listeners, register services.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc};
 
 use anyhow::Context as _;
 use mall_grpc::GrpcServer;
@@ -9,7 +9,14 @@ use mall_queue::Queue;
 
 use crate::migration::Migrator;
 use crate::{
-    SERVICE, api::MemberApi, config::Settings, crypto::ProfileCipher, enqueue::Enqueuer,
+    SERVICE,
+    api::MemberApi,
+    config::Settings,
+    crypto::ProfileCipher,
+    deliver::Workers,
+    enqueue::Enqueuer,
+    outbound::{self, Limits},
+    partner::{AnyPartner, Partner as _},
     store::Store,
 };
 
@@ -35,10 +42,46 @@ impl App {
         let queue = Queue::open(&settings.queue, Some(db.clone()))
             .await
             .context("failed to open the delivery queue")?;
+        let partner = AnyPartner::new(&settings.partner)?;
+        let max_batch = partner.max_batch();
+        let delivery = &settings.delivery;
+        let outbound = outbound::outbound(
+            partner,
+            Limits {
+                rate_per_second: NonZeroU32::new(delivery.rate_limit_per_second).ok_or_else(
+                    || anyhow::anyhow!("delivery.rate_limit_per_second must be at least 1"),
+                )?,
+                max_concurrency: delivery.max_concurrency,
+                max_attempts: delivery.max_attempts,
+                retry_initial: delivery.retry_initial,
+                retry_max: delivery.retry_max,
+            },
+        );
+        let store = Store::new(db.clone());
         let mut server = GrpcServer::bind(SERVICE, &settings.server).await?;
+        let workers = Workers {
+            store: store.clone(),
+            queue: queue.clone(),
+            cipher: cipher.clone(),
+            outbound,
+            max_batch,
+            receive_batch: delivery.receive_batch,
+            receive_wait: delivery.receive_wait,
+            visibility_timeout: settings.queue.visibility_timeout,
+            retry_initial: delivery.retry_initial,
+            retry_max: delivery.retry_max,
+            configuration_pause: delivery.configuration_pause,
+            paused_until: Arc::default(),
+        };
+        let count = delivery.workers;
+        let shutdown = server.shutdown_token();
+        server.spawn("delivery workers", async move {
+            workers.run(count, shutdown).await;
+            Ok(())
+        });
         let api = MemberApi {
             enqueuer: Enqueuer {
-                store: Store::new(db.clone()),
+                store,
                 queue,
                 cipher,
                 lanes: settings.enqueue.lanes,

@@ -1,6 +1,6 @@
 //! Settings of `member-export`: defaults < TOML file (`--config`) < `MEMBER_EXPORT__*` environment.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use mall_db::DatabaseSettings;
 use mall_grpc::ServerSettings;
@@ -8,6 +8,8 @@ use mall_queue::QueueSettings;
 use mall_telemetry::TelemetrySettings;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
+
+use crate::partner::PartnerSettings;
 
 /// Environment variable prefix: `MEMBER_EXPORT__SERVER__LISTEN_ADDR=0.0.0.0:50053`.
 pub const ENV_PREFIX: &str = "MEMBER_EXPORT";
@@ -29,6 +31,58 @@ pub struct Settings {
     pub enqueue: EnqueueSettings,
     /// Encryption of profiles at rest.
     pub encryption: EncryptionSettings,
+    /// The marketing platform. Default: the `groobee` dialect of the local partner simulator
+    /// (`partner-simulator`, started by `scripts/dev.sh`).
+    pub partner: PartnerSettings,
+    /// Delivery workers and the outbound limits.
+    pub delivery: DeliverySettings,
+}
+
+/// Delivery workers and the outbound stack's limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliverySettings {
+    /// Workers in this replica; each receives a batch of messages and sends it. 0 stops
+    /// delivering (enqueueing goes on).
+    pub workers: usize,
+    /// Queue messages per receive (1–1000).
+    pub receive_batch: usize,
+    /// How long a receive waits for messages.
+    #[serde(with = "humantime_serde")]
+    pub receive_wait: Duration,
+    /// Requests per second to the partner from this replica (the partner's published or
+    /// agreed limit; a limit shared across replicas is not built yet).
+    pub rate_limit_per_second: u32,
+    /// Requests to the partner in flight at once.
+    pub max_concurrency: usize,
+    /// Attempts of one request (5xx, timeouts, 429) before the batch waits and starts over.
+    pub max_attempts: u32,
+    /// First wait after a failed attempt, doubling (jittered) up to `retry_max`.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest wait between attempts; also caps a `Retry-After`.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// How long deliveries stop after the partner refused our configuration (key, account,
+    /// contract) before trying again.
+    #[serde(with = "humantime_serde")]
+    pub configuration_pause: Duration,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            receive_batch: 10,
+            receive_wait: Duration::from_secs(1),
+            rate_limit_per_second: 400,
+            max_concurrency: 16,
+            max_attempts: 5,
+            retry_initial: Duration::from_millis(200),
+            retry_max: Duration::from_secs(10),
+            configuration_pause: Duration::from_secs(60),
+        }
+    }
 }
 
 /// How EnqueueMemberChanges queues deliveries.
@@ -101,10 +155,22 @@ impl Default for Settings {
             queue: QueueSettings {
                 name: "member-deliveries.fifo".into(),
                 fifo: true,
+                // Environment failures never give messages back (workers hold them), so
+                // receives are only used up by crashes: room for several.
+                max_receives: 10,
                 ..QueueSettings::default()
             },
             enqueue: EnqueueSettings::default(),
             encryption: EncryptionSettings::default(),
+            partner: PartnerSettings::Groobee {
+                url: "http://127.0.0.1:8089/groobee"
+                    .parse()
+                    .expect("a valid URL"),
+                api_key: SecretString::from("local-api-key"),
+                max_batch: 1_000,
+                request_timeout: Duration::from_secs(10),
+            },
+            delivery: DeliverySettings::default(),
         }
     }
 }

@@ -5,6 +5,8 @@
 //! - [`app`]: [`App`], wiring dependencies and the gRPC server.
 //! - [`api`]: the gRPC handlers (only EnqueueMemberChanges is served so far).
 //! - [`enqueue`]: EnqueueMemberChanges: record in the member table, queue deliveries.
+//! - [`deliver`]: delivery workers: member table → partner, consent checked at send time.
+//! - [`outbound`]: the tower stack to the partner (retry, rate limit, concurrency).
 //! - [`validate`]: request limits and their checks.
 //! - [`store`]: the member table and remembered request ids.
 //! - [`crypto`]: profiles encrypted at rest (AES-256-GCM).
@@ -16,8 +18,10 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod crypto;
+pub mod deliver;
 pub mod enqueue;
 pub mod migration;
+pub mod outbound;
 pub mod partner;
 pub mod simulator;
 pub mod store;

@@ -86,6 +86,10 @@ pub struct Accepted {
     pub consent: Channels,
     /// Whether that version was an opt-out.
     pub opt_out: bool,
+    /// Whether that version carried an e-mail address.
+    pub has_email: bool,
+    /// Whether that version carried a phone number.
+    pub has_phone: bool,
     /// How many times the member was accepted (any version).
     pub deliveries: u32,
     /// The idempotency key of each webhook delivery, in arrival order.
@@ -287,6 +291,8 @@ impl Shared {
             accepted.version = member.version;
             accepted.consent = member.opt_in;
             accepted.opt_out = member.opt_out;
+            accepted.has_email = member.email.is_some();
+            accepted.has_phone = member.phone.is_some();
         }
     }
 }

@@ -74,6 +74,28 @@ pub mod enqueue_requests {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+/// `failed_deliveries`: deliveries the partner refused for the member's own fault.
+pub mod failed_deliveries {
+    use sea_orm::entity::prelude::*;
+
+    /// One refusal: which member and version, why (a code, never personal data), when.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "failed_deliveries")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub seq: i64,
+        pub member_id: String,
+        pub version: i64,
+        pub reason: String,
+        pub fail_time: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 /// The member table and request ids, on the service's database.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -220,6 +242,68 @@ async fn write(txn: &DatabaseTransaction, row: members::Model) -> Result<(), Ser
         .await
         .map_err(|e| db_error(e, "write a member"))?;
     Ok(())
+}
+
+impl Store {
+    /// The rows of `member_ids` (absent members are left out).
+    ///
+    /// # Errors
+    /// UNAVAILABLE or INTERNAL when the database fails.
+    pub async fn members(&self, member_ids: &[&str]) -> Result<Vec<members::Model>, ServiceError> {
+        members::Entity::find()
+            .filter(members::Column::MemberId.is_in(member_ids.iter().copied()))
+            .all(&self.db)
+            .await
+            .map_err(|e| db_error(e, "read members"))
+    }
+
+    /// Records that the partner accepted each member at the version beside it (a version
+    /// below the recorded one changes nothing), and the members it refused, in one
+    /// transaction.
+    ///
+    /// # Errors
+    /// UNAVAILABLE or INTERNAL when the database fails.
+    pub async fn delivered(
+        &self,
+        accepted: &[(&str, i64)],
+        refused: &[(&str, i64, &str)],
+        now: i64,
+    ) -> Result<(), ServiceError> {
+        use members::Column as C;
+        let _turn = match &self.write_lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
+        let txn = self.db.begin().await.map_err(|e| db_error(e, "begin"))?;
+        for (member_id, version) in accepted {
+            members::Entity::update_many()
+                .col_expr(C::DeliveredVersion, Expr::value(*version))
+                .filter(C::MemberId.eq(*member_id))
+                .filter(C::DeliveredVersion.lt(*version))
+                .exec(&txn)
+                .await
+                .map_err(|e| db_error(e, "record a delivery"))?;
+        }
+        if !refused.is_empty() {
+            let rows =
+                refused.iter().map(
+                    |(member_id, version, reason)| failed_deliveries::ActiveModel {
+                        member_id: sea_orm::Set((*member_id).to_owned()),
+                        version: sea_orm::Set(*version),
+                        reason: sea_orm::Set((*reason).to_owned()),
+                        fail_time: sea_orm::Set(now),
+                        ..Default::default()
+                    },
+                );
+            failed_deliveries::Entity::insert_many(rows)
+                .exec_without_returning(&txn)
+                .await
+                .map_err(|e| db_error(e, "record refused deliveries"))?;
+        }
+        txn.commit()
+            .await
+            .map_err(|e| db_error(e, "commit deliveries"))
+    }
 }
 
 /// A database error as the caller should see it: UNAVAILABLE when retrying can help.

@@ -38,6 +38,8 @@ async fn start(engine: Engine) -> Running {
     settings.server.admin_addr = "127.0.0.1:0".parse().expect("valid address");
     settings.database.url = database.url().to_owned().into();
     settings.enqueue.lanes = 4;
+    // No delivery workers: the test reads the queue itself.
+    settings.delivery.workers = 0;
     let app = App::build(settings.clone()).await.expect("app builds");
     let grpc = app.grpc_addr();
     let shutdown = CancellationToken::new();

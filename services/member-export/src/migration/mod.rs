@@ -5,6 +5,7 @@
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
 mod m20261202_000001_members;
+mod m20261202_000002_failed_deliveries;
 
 /// The ordered list of migrations.
 #[derive(Debug)]
@@ -12,8 +13,10 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        let mut migrations: Vec<Box<dyn MigrationTrait>> =
-            vec![Box::new(m20261202_000001_members::Migration)];
+        let mut migrations: Vec<Box<dyn MigrationTrait>> = vec![
+            Box::new(m20261202_000001_members::Migration),
+            Box::new(m20261202_000002_failed_deliveries::Migration),
+        ];
         // The embedded queue's tables live in this database (unused with SQS).
         migrations.extend(mall_queue::embedded::migrations());
         migrations

@@ -1,0 +1,399 @@
+//! Delivery workers: receive queued deliveries, fold them into each member's newest state,
+//! re-check consent at send time, send through the outbound stack, record what the partner
+//! did, delete the messages.
+//!
+//! What a member is sent is read from the member table when it is sent, never from the
+//! queue: the newest version, its consent (a withdrawal that arrived after the delivery was
+//! queued wins) and its profile, with the contact data of channels without consent removed.
+//! A member without any consented channel is sent an opt-out (id and flags only) if the
+//! partner ever accepted it, and nothing otherwise. A member already delivered at its newest
+//! version is not sent again, so queue order and duplicate messages do not matter.
+//!
+//! Failures, by whose fault they are:
+//! - a member's own (the partner refused it): recorded in `failed_deliveries`, message deleted;
+//! - the environment's (5xx, timeouts, rate limits, after the stack's retries): the worker
+//!   keeps its messages in flight and tries again after a backoff, for as long as it takes;
+//!   only a crash hands them back, so healthy work is never dead-lettered;
+//! - our configuration (the partner refuses our key, account or contract): every worker of
+//!   this replica stops sending for `configuration_pause`, logged at ERROR; the messages wait.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use mall_grpc::ServiceError;
+use mall_proto::member::v1::{MarketingProfile, MemberDeliveryBatch};
+use mall_queue::{Queue, Receipt, ReceivedMessage, decode_body, fnv64};
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    crypto::ProfileCipher,
+    outbound::{Batch, Outbound, send},
+    partner::{Channels, Delivery, Outcome, Profile},
+    store::{Store, members},
+};
+
+/// How the workers run.
+#[derive(Debug, Clone)]
+pub struct Workers {
+    /// The member table.
+    pub store: Store,
+    /// The delivery queue.
+    pub queue: Queue,
+    /// Profiles at rest.
+    pub cipher: Arc<ProfileCipher>,
+    /// The outbound stack.
+    pub outbound: Outbound,
+    /// Members per request.
+    pub max_batch: usize,
+    /// Messages per receive.
+    pub receive_batch: usize,
+    /// How long a receive waits for messages.
+    pub receive_wait: Duration,
+    /// How long a message stays ours; a batch that keeps failing renews it.
+    pub visibility_timeout: Duration,
+    /// Waits between rounds of a batch the environment keeps failing.
+    pub retry_initial: Duration,
+    /// The longest of those waits.
+    pub retry_max: Duration,
+    /// How long every worker stops after the partner refused our configuration.
+    pub configuration_pause: Duration,
+    /// Until when (ms since the epoch) deliveries are stopped for a configuration error.
+    pub paused_until: Arc<AtomicU64>,
+}
+
+/// What one round did, for tests and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Round {
+    /// Messages received.
+    pub messages: usize,
+    /// Members the partner accepted.
+    pub delivered: usize,
+    /// Members the partner refused (recorded).
+    pub refused: usize,
+    /// Members not sent: already delivered at their newest version, or an opt-out of a
+    /// member the partner never accepted.
+    pub skipped: usize,
+}
+
+impl Workers {
+    /// Runs `count` workers until `shutdown`.
+    pub async fn run(self, count: usize, shutdown: CancellationToken) {
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            let this = self.clone();
+            let shutdown = shutdown.clone();
+            workers.spawn(async move { this.work(shutdown).await });
+        }
+        while workers.join_next().await.is_some() {}
+    }
+
+    async fn work(&self, shutdown: CancellationToken) {
+        let mut failures = 0;
+        while !shutdown.is_cancelled() {
+            let paused = self.paused_for();
+            if !paused.is_zero() {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(paused) => continue,
+                }
+            }
+            match self.round(&shutdown).await {
+                Ok(_) => failures = 0,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, "a delivery round failed; retrying");
+                    let wait =
+                        mall_retry::Backoff::after(self.retry_initial, self.retry_max, failures);
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn paused_for(&self) -> Duration {
+        let until = self.paused_until.load(Ordering::Acquire);
+        Duration::from_millis(until.saturating_sub(now_ms()))
+    }
+
+    /// One receive and everything it holds, to the end: delivered, refused or skipped, and
+    /// the messages deleted; or, on shutdown, left to come back.
+    ///
+    /// # Errors
+    /// When the queue or the database fails (the messages come back after their visibility
+    /// timeout).
+    pub async fn round(&self, shutdown: &CancellationToken) -> Result<Round, ServiceError> {
+        let messages = self
+            .queue
+            .receive(self.receive_batch, self.receive_wait)
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("cannot receive deliveries: {e}")))?;
+        if messages.is_empty() {
+            return Ok(Round::default());
+        }
+        let mut round = Round {
+            messages: messages.len(),
+            ..Round::default()
+        };
+        let wanted = wanted(&messages);
+        let ids: Vec<&str> = wanted.keys().map(String::as_str).collect();
+        let rows = self.store.members(&ids).await?;
+        let mut deliveries = Vec::new();
+        for row in rows {
+            match self.delivery(&row) {
+                Some(delivery) => deliveries.push(delivery),
+                None => round.skipped += 1,
+            }
+        }
+        let receipts: Vec<Receipt> = messages.iter().map(|m| m.receipt.clone()).collect();
+        let mut pending: Vec<Vec<Delivery>> = deliveries
+            .chunks(self.max_batch.max(1))
+            .map(<[Delivery]>::to_vec)
+            .collect();
+        let mut failures = 0;
+        while let Some(batch) = pending.pop() {
+            let key = idempotency_key(&batch);
+            let outcome = send(
+                &self.outbound,
+                Batch {
+                    deliveries: batch.clone().into(),
+                    idempotency_key: key,
+                },
+            )
+            .await;
+            match outcome {
+                Outcome::Accepted { refused } => {
+                    failures = 0;
+                    let refused_at: BTreeMap<usize, &str> = refused
+                        .iter()
+                        .map(|r| (r.index, r.reason.as_str()))
+                        .collect();
+                    let version = |d: &Delivery| i64::try_from(d.version).unwrap_or(i64::MAX);
+                    let accepted: Vec<(&str, i64)> = batch
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| !refused_at.contains_key(i))
+                        .map(|(_, d)| (d.member_id.as_str(), version(d)))
+                        .collect();
+                    let failed: Vec<(&str, i64, &str)> = refused_at
+                        .iter()
+                        .filter_map(|(i, reason)| {
+                            batch
+                                .get(*i)
+                                .map(|d| (d.member_id.as_str(), version(d), *reason))
+                        })
+                        .collect();
+                    if !failed.is_empty() {
+                        // Member ids and codes only: never what was sent.
+                        tracing::warn!(
+                            members = ?failed.iter().map(|f| f.0).collect::<Vec<_>>(),
+                            reasons = ?failed.iter().map(|f| f.2).collect::<Vec<_>>(),
+                            "the partner refused members; recorded in failed_deliveries"
+                        );
+                    }
+                    self.store
+                        .delivered(&accepted, &failed, now_micros())
+                        .await?;
+                    round.delivered += accepted.len();
+                    round.refused += failed.len();
+                }
+                Outcome::Split { reason } if batch.len() > 1 => {
+                    let mut first = batch;
+                    let second = first.split_off(first.len() / 2);
+                    tracing::debug!(%reason, "the partner refused a member of a batch; splitting");
+                    pending.push(second);
+                    pending.push(first);
+                }
+                Outcome::Split { reason } => {
+                    let delivery = &batch[0];
+                    let version = i64::try_from(delivery.version).unwrap_or(i64::MAX);
+                    self.store
+                        .delivered(
+                            &[],
+                            &[(&delivery.member_id, version, &reason)],
+                            now_micros(),
+                        )
+                        .await?;
+                    round.refused += 1;
+                }
+                Outcome::Configuration { reason } => {
+                    tracing::error!(
+                        %reason,
+                        pause = ?self.configuration_pause,
+                        "the partner refuses our configuration; deliveries stop until it is fixed"
+                    );
+                    let until = now_ms().saturating_add(
+                        u64::try_from(self.configuration_pause.as_millis()).unwrap_or(u64::MAX),
+                    );
+                    self.paused_until.fetch_max(until, Ordering::AcqRel);
+                    pending.push(batch);
+                    if !self
+                        .hold(&receipts, self.configuration_pause, shutdown)
+                        .await
+                    {
+                        return Ok(round);
+                    }
+                }
+                Outcome::Retry { reason, .. } => {
+                    failures += 1;
+                    tracing::warn!(%reason, failures, "the partner failed; the batch waits and is sent again");
+                    pending.push(batch);
+                    let wait =
+                        mall_retry::Backoff::after(self.retry_initial, self.retry_max, failures);
+                    if !self.hold(&receipts, wait, shutdown).await {
+                        return Ok(round);
+                    }
+                }
+                Outcome::RateLimited { .. } => {
+                    failures += 1;
+                    pending.push(batch);
+                    let wait =
+                        mall_retry::Backoff::after(self.retry_initial, self.retry_max, failures);
+                    if !self.hold(&receipts, wait, shutdown).await {
+                        return Ok(round);
+                    }
+                }
+            }
+        }
+        self.queue
+            .delete(&receipts)
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("cannot delete deliveries: {e}")))?;
+        Ok(round)
+    }
+
+    /// Waits `wait` while keeping `receipts` in flight; `false` when shutdown came first (the
+    /// messages then come back after their visibility timeout).
+    async fn hold(
+        &self,
+        receipts: &[Receipt],
+        wait: Duration,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let renew = self.visibility_timeout / 2;
+        let mut left = wait;
+        loop {
+            for receipt in receipts {
+                let _ = self
+                    .queue
+                    .change_visibility(receipt, self.visibility_timeout)
+                    .await;
+            }
+            let nap = left.min(renew.max(Duration::from_millis(10)));
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                () = tokio::time::sleep(nap) => {}
+            }
+            left = left.saturating_sub(nap);
+            if left.is_zero() {
+                return true;
+            }
+        }
+    }
+
+    /// What to send for `row` now, if anything (see the module docs).
+    fn delivery(&self, row: &members::Model) -> Option<Delivery> {
+        if row.delivered_version >= row.version {
+            return None;
+        }
+        let consent = Channels {
+            email: row.consent_email,
+            sms: row.consent_sms,
+            push: row.consent_push,
+        };
+        let version = u64::try_from(row.version).unwrap_or_default();
+        if !consent.any() {
+            // An opt-out tells the partner to stop: only for a member it has.
+            return (row.delivered_version > 0).then(|| Delivery {
+                member_id: row.member_id.clone(),
+                version,
+                consent,
+                profile: None,
+            });
+        }
+        let stored = match (&row.key_id, &row.profile) {
+            (Some(key_id), Some(sealed)) => {
+                match self.cipher.decrypt(&row.member_id, key_id, sealed) {
+                    Ok(plain) => MarketingProfile::decode(plain.as_slice()).unwrap_or_default(),
+                    Err(error) => {
+                        tracing::error!(member = %row.member_id, %error, "cannot read a stored profile; sending id and consent only");
+                        MarketingProfile::default()
+                    }
+                }
+            }
+            _ => MarketingProfile::default(),
+        };
+        let text = |s: String| (!s.is_empty()).then_some(s);
+        Some(Delivery {
+            member_id: row.member_id.clone(),
+            version,
+            consent,
+            profile: Some(Profile {
+                email: text(stored.email).filter(|_| consent.email),
+                phone: text(stored.phone).filter(|_| consent.sms),
+                display_name: stored.display_name,
+                preferred_language: stored.preferred_language,
+                grade: stored.grade,
+                interests: stored.interests,
+            }),
+        })
+    }
+}
+
+/// The members the messages name, each with the newest version queued for it. A message
+/// that does not decode is left alone: it is not ours to fix, and the queue dead-letters it
+/// after its receives.
+fn wanted(messages: &[ReceivedMessage]) -> BTreeMap<String, u64> {
+    let mut wanted = BTreeMap::new();
+    for message in messages {
+        let batch = decode_body(&message.body)
+            .ok()
+            .and_then(|bytes| MemberDeliveryBatch::decode(bytes.as_slice()).ok());
+        let Some(batch) = batch else {
+            tracing::error!(message = %message.message_id, "an undecodable delivery message; it will be dead-lettered");
+            continue;
+        };
+        for delivery in batch.deliveries {
+            let version = wanted.entry(delivery.member_id).or_insert(0);
+            *version = (*version).max(delivery.version);
+        }
+    }
+    wanted
+}
+
+/// The idempotency key of a batch: the same for the same members at the same versions.
+fn idempotency_key(batch: &[Delivery]) -> String {
+    match batch {
+        [one] => format!("{}:{}", one.member_id, one.version),
+        many => {
+            let text: Vec<String> = many
+                .iter()
+                .map(|d| format!("{}:{}", d.member_id, d.version))
+                .collect();
+            format!("b{:016x}", fnv64(text.join("|").as_bytes()))
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(now.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn now_micros() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,351 @@
+//! Delivery end to end: EnqueueMemberChanges → queue → workers → the partner simulator over
+//! HTTP, on SQLite and PostgreSQL. Consent is checked at send time, withdrawals become
+//! opt-outs, refused members are recorded, and neither partner failures nor a configuration
+//! error dead-letter anything.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use mall_proto::member::v1::{
+    Consent, EnqueueMemberChangesRequest, MarketingProfile, MemberChange,
+    member_export_service_client::MemberExportServiceClient,
+};
+use mall_queue::Queue;
+use mall_test_support::{Engine, TestDatabase, probe, wait_until};
+use member_export::{
+    App, Settings,
+    partner::PartnerSettings,
+    simulator::{Behaviour, Simulator},
+};
+use sea_orm::{ConnectionTrait as _, Database};
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+const KEY: &str = "test-api-key";
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+struct Running {
+    client: MemberExportServiceClient<Channel>,
+    simulator: Simulator,
+    queue: Queue,
+    database: TestDatabase,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Dialect {
+    Groobee,
+    Webhook,
+}
+
+async fn start(engine: Engine, dialect: Dialect, behaviour: Behaviour) -> Running {
+    mall_test_support::init_logging();
+    let simulator = Simulator::start("127.0.0.1:0".parse().expect("addr"), KEY, SECRET, behaviour)
+        .await
+        .expect("simulator starts");
+    let database = TestDatabase::new(engine).await;
+    let mut settings = Settings::default();
+    settings.server.listen_addr = "127.0.0.1:0".parse().expect("valid address");
+    settings.server.admin_addr = "127.0.0.1:0".parse().expect("valid address");
+    settings.database.url = database.url().to_owned().into();
+    settings.queue.visibility_timeout = Duration::from_secs(5);
+    settings.delivery.receive_wait = Duration::from_millis(100);
+    settings.delivery.retry_initial = Duration::from_millis(20);
+    settings.delivery.retry_max = Duration::from_millis(200);
+    settings.delivery.configuration_pause = Duration::from_millis(500);
+    settings.partner = match dialect {
+        Dialect::Groobee => PartnerSettings::Groobee {
+            url: simulator.groobee_url(),
+            api_key: SecretString::from(KEY),
+            max_batch: 1_000,
+            request_timeout: Duration::from_millis(500),
+        },
+        Dialect::Webhook => PartnerSettings::Webhook {
+            url: simulator.webhook_url(),
+            secret: SecretString::from(SECRET),
+            max_batch: 1,
+            request_timeout: Duration::from_millis(500),
+        },
+    };
+    let app = App::build(settings.clone()).await.expect("app builds");
+    let grpc = app.grpc_addr();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
+    let db = Database::connect(database.url()).await.expect("connects");
+    let queue = Queue::open(&settings.queue, Some(db))
+        .await
+        .expect("queue opens");
+    Running {
+        client: MemberExportServiceClient::new(probe::channel(grpc)),
+        simulator,
+        queue,
+        database,
+        shutdown,
+    }
+}
+
+fn change(id: &str, version: u64, email: bool, sms: bool) -> MemberChange {
+    MemberChange {
+        member_id: id.into(),
+        version,
+        consent: Some(Consent {
+            marketing_email: email,
+            marketing_sms: sms,
+            ..Consent::default()
+        }),
+        profile: Some(MarketingProfile {
+            email: "someone@example.com".into(),
+            phone: "+821012345678".into(),
+            display_name: "Kim Minji".into(),
+            ..MarketingProfile::default()
+        }),
+        ..MemberChange::default()
+    }
+}
+
+async fn enqueue(running: &mut Running, changes: Vec<MemberChange>) {
+    running
+        .client
+        .enqueue_member_changes(EnqueueMemberChangesRequest {
+            request_id: String::new(),
+            changes,
+        })
+        .await
+        .expect("accepted");
+}
+
+/// Waits until every queued message was handled (nothing visible or in flight).
+async fn drained(running: &Running) {
+    wait_until("the queue drains", Duration::from_secs(20), || async {
+        let counts = running.queue.counts().await.ok()?;
+        (counts.visible + counts.in_flight == 0).then_some(())
+    })
+    .await;
+}
+
+async fn delivered_at(running: &Running, member: &str, version: u64) {
+    wait_until(
+        "the partner accepted the member",
+        Duration::from_secs(20),
+        || async {
+            running
+                .simulator
+                .members()
+                .get(member)
+                .is_some_and(|m| m.version == version)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+async fn consented_members_are_sent_with_only_their_consented_contact_data(
+    engine: Engine,
+    dialect: Dialect,
+) {
+    let mut running = start(engine, dialect, Behaviour::default()).await;
+    enqueue(
+        &mut running,
+        vec![change("M-1", 1, true, true), change("M-2", 3, true, false)],
+    )
+    .await;
+    delivered_at(&running, "M-1", 1).await;
+    delivered_at(&running, "M-2", 3).await;
+    let members = running.simulator.members();
+    assert!(members["M-1"].has_email && members["M-1"].has_phone);
+    assert!(
+        members["M-2"].has_email && !members["M-2"].has_phone,
+        "no phone without SMS consent"
+    );
+    if let Dialect::Webhook = dialect {
+        assert_eq!(members["M-2"].idempotency_keys, ["M-2:3"]);
+    }
+    drained(&running).await;
+}
+
+async fn a_withdrawal_overtaking_its_queued_change_sends_nothing_and_a_later_one_an_opt_out(
+    engine: Engine,
+) {
+    let mut running = start(engine, Dialect::Groobee, Behaviour::default()).await;
+    // Queued with consent, withdrawn before any worker sent it: the partner never had the
+    // member, so it is told nothing.
+    enqueue(
+        &mut running,
+        vec![
+            change("M-W", 1, true, true),
+            change("M-W", 2, false, false),
+            change("M-OK", 1, true, false),
+        ],
+    )
+    .await;
+    delivered_at(&running, "M-OK", 1).await;
+    drained(&running).await;
+    assert!(!running.simulator.members().contains_key("M-W"));
+
+    // Delivered, then withdrawn: the partner gets an opt-out, without contact data.
+    enqueue(&mut running, vec![change("M-OK", 2, false, false)]).await;
+    delivered_at(&running, "M-OK", 2).await;
+    let member = &running.simulator.members()["M-OK"];
+    assert!(member.opt_out && !member.consent.any());
+    assert!(!member.has_email && !member.has_phone);
+}
+
+async fn refused_members_are_recorded_and_the_rest_delivered(engine: Engine) {
+    let behaviour = Behaviour {
+        refused_members: BTreeSet::from(["M-BAD".to_owned()]),
+        ..Behaviour::default()
+    };
+    let mut running = start(engine, Dialect::Groobee, behaviour).await;
+    enqueue(
+        &mut running,
+        vec![
+            change("M-BAD", 4, true, true),
+            change("M-OK", 1, true, true),
+        ],
+    )
+    .await;
+    delivered_at(&running, "M-OK", 1).await;
+    drained(&running).await;
+    let db = Database::connect(running.database.url())
+        .await
+        .expect("connects");
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT member_id, version, reason FROM failed_deliveries",
+        ))
+        .await
+        .expect("reads");
+    let failed: Vec<(String, i64, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.try_get("", "member_id").expect("member"),
+                r.try_get("", "version").expect("version"),
+                r.try_get("", "reason").expect("reason"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        [("M-BAD".to_owned(), 4, "groobee:-1007".to_owned())]
+    );
+    assert_eq!(running.queue.counts().await.expect("counts").dead, 0);
+}
+
+async fn partner_failures_and_a_configuration_error_dead_letter_nothing(engine: Engine) {
+    let failing = Behaviour {
+        error_rate: 1.0,
+        ..Behaviour::default()
+    };
+    let mut running = start(engine, Dialect::Groobee, failing).await;
+    enqueue(&mut running, vec![change("M-1", 1, true, true)]).await;
+    wait_until(
+        "the partner failed a few times",
+        Duration::from_secs(20),
+        || async { (running.simulator.counts().errors >= 6).then_some(()) },
+    )
+    .await;
+    // The partner refuses our contract now: deliveries stop instead of retrying at full pace.
+    running.simulator.set_behaviour(Behaviour {
+        configuration_error: true,
+        ..Behaviour::default()
+    });
+    wait_until(
+        "the configuration error is seen",
+        Duration::from_secs(20),
+        || async { (running.simulator.counts().refused_configuration >= 1).then_some(()) },
+    )
+    .await;
+    let refused = running.simulator.counts().refused_configuration;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        running.simulator.counts().refused_configuration <= refused + 1,
+        "deliveries pause after a configuration error"
+    );
+    running.simulator.set_behaviour(Behaviour::default());
+    delivered_at(&running, "M-1", 1).await;
+    drained(&running).await;
+    assert_eq!(
+        running.queue.counts().await.expect("counts").dead,
+        0,
+        "nothing was dead-lettered"
+    );
+}
+
+mod sqlite {
+    use super::*;
+
+    #[tokio::test]
+    async fn groobee_sends_consented_members_with_only_consented_contact_data() {
+        consented_members_are_sent_with_only_their_consented_contact_data(
+            Engine::Sqlite,
+            Dialect::Groobee,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn webhook_sends_consented_members_with_only_consented_contact_data() {
+        consented_members_are_sent_with_only_their_consented_contact_data(
+            Engine::Sqlite,
+            Dialect::Webhook,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn withdrawals() {
+        a_withdrawal_overtaking_its_queued_change_sends_nothing_and_a_later_one_an_opt_out(
+            Engine::Sqlite,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn refusals() {
+        refused_members_are_recorded_and_the_rest_delivered(Engine::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn failures() {
+        partner_failures_and_a_configuration_error_dead_letter_nothing(Engine::Sqlite).await;
+    }
+}
+
+mod postgres {
+    use super::*;
+
+    #[tokio::test]
+    async fn groobee_sends_consented_members_with_only_consented_contact_data() {
+        consented_members_are_sent_with_only_their_consented_contact_data(
+            Engine::Postgres,
+            Dialect::Groobee,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn withdrawals() {
+        a_withdrawal_overtaking_its_queued_change_sends_nothing_and_a_later_one_an_opt_out(
+            Engine::Postgres,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn refusals() {
+        refused_members_are_recorded_and_the_rest_delivered(Engine::Postgres).await;
+    }
+
+    #[tokio::test]
+    async fn failures() {
+        partner_failures_and_a_configuration_error_dead_letter_nothing(Engine::Postgres).await;
+    }
+}
