@@ -36,7 +36,7 @@ use crate::{
     crypto::ProfileCipher,
     outbound::{Batch, Outbound, send},
     partner::{Channels, Delivery, Outcome, Profile},
-    store::{Store, members},
+    store::{Store, members, now_micros},
 };
 
 /// How the workers run.
@@ -148,11 +148,26 @@ impl Workers {
         let ids: Vec<&str> = wanted.keys().map(String::as_str).collect();
         let rows = self.store.members(&ids).await?;
         let mut deliveries = Vec::new();
-        for row in rows {
-            match self.delivery(&row) {
-                Some(delivery) => deliveries.push(delivery),
-                None => round.skipped += 1,
+        let mut unreadable = Vec::new();
+        for row in &rows {
+            match self.delivery(row) {
+                Next::Send(delivery) => deliveries.push(delivery),
+                Next::Skip => round.skipped += 1,
+                Next::Unreadable => {
+                    unreadable.push((row.member_id.as_str(), row.version, UNREADABLE))
+                }
             }
+        }
+        if !unreadable.is_empty() {
+            // Not the member's fault, but no retry helps until the key is configured again;
+            // recorded, so the failed-deliveries job can resend them then.
+            tracing::error!(
+                members = ?unreadable.iter().map(|u| u.0).collect::<Vec<_>>(),
+                "stored profiles cannot be decrypted (is a key missing from encryption.keys?); \
+                 recorded in failed_deliveries"
+            );
+            self.store.delivered(&[], &unreadable, now_micros()).await?;
+            round.refused += unreadable.len();
         }
         let receipts: Vec<Receipt> = messages.iter().map(|m| m.receipt.clone()).collect();
         let mut pending: Vec<Vec<Delivery>> = deliveries
@@ -301,9 +316,9 @@ impl Workers {
     }
 
     /// What to send for `row` now, if anything (see the module docs).
-    fn delivery(&self, row: &members::Model) -> Option<Delivery> {
+    fn delivery(&self, row: &members::Model) -> Next {
         if row.delivered_version >= row.version {
-            return None;
+            return Next::Skip;
         }
         let consent = Channels {
             email: row.consent_email,
@@ -313,7 +328,10 @@ impl Workers {
         let version = u64::try_from(row.version).unwrap_or_default();
         if !consent.any() {
             // An opt-out tells the partner to stop: only for a member it has.
-            return (row.delivered_version > 0).then(|| Delivery {
+            if row.delivered_version == 0 {
+                return Next::Skip;
+            }
+            return Next::Send(Delivery {
                 member_id: row.member_id.clone(),
                 version,
                 consent,
@@ -322,18 +340,16 @@ impl Workers {
         }
         let stored = match (&row.key_id, &row.profile) {
             (Some(key_id), Some(sealed)) => {
-                match self.cipher.decrypt(&row.member_id, key_id, sealed) {
-                    Ok(plain) => MarketingProfile::decode(plain.as_slice()).unwrap_or_default(),
-                    Err(error) => {
-                        tracing::error!(member = %row.member_id, %error, "cannot read a stored profile; sending id and consent only");
-                        MarketingProfile::default()
-                    }
+                let plain = self.cipher.decrypt(&row.member_id, key_id, sealed);
+                match plain.map(|plain| MarketingProfile::decode(plain.as_slice())) {
+                    Ok(Ok(profile)) => profile,
+                    _ => return Next::Unreadable,
                 }
             }
             _ => MarketingProfile::default(),
         };
         let text = |s: String| (!s.is_empty()).then_some(s);
-        Some(Delivery {
+        Next::Send(Delivery {
             member_id: row.member_id.clone(),
             version,
             consent,
@@ -347,6 +363,19 @@ impl Workers {
             }),
         })
     }
+}
+
+/// The reason recorded for a profile that cannot be decrypted.
+const UNREADABLE: &str = "undecryptable";
+
+/// What to do for one member.
+enum Next {
+    Send(Delivery),
+    /// Nothing to send: delivered at its newest version, or an opt-out of a member the
+    /// partner never had.
+    Skip,
+    /// Its stored profile cannot be decrypted.
+    Unreadable,
 }
 
 /// The members the messages name, each with the newest version queued for it. A message
@@ -389,11 +418,4 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     u64::try_from(now.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn now_micros() -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
 }

@@ -32,7 +32,7 @@ use prost::Message as _;
 
 use crate::{
     crypto::ProfileCipher,
-    store::{Store, members},
+    store::{Store, members, now_micros},
     validate::check_request,
 };
 
@@ -239,13 +239,6 @@ fn micros(time: prost_types::Timestamp) -> i64 {
     time.seconds
         .saturating_mul(1_000_000)
         .saturating_add(i64::from(time.nanos / 1_000))
-}
-
-fn now_micros() -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -306,6 +306,14 @@ impl Store {
     }
 }
 
+/// Now, in microseconds since the epoch (the tables' time unit).
+pub fn now_micros() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
+}
+
 /// A database error as the caller should see it: UNAVAILABLE when retrying can help.
 pub fn db_error(error: DbErr, doing: &str) -> ServiceError {
     if mall_db::is_unavailable(&error) {

@@ -28,7 +28,9 @@ struct Running {
     client: MemberExportServiceClient<Channel>,
     simulator: Simulator,
     queue: Queue,
-    database: TestDatabase,
+    url: String,
+    /// The database, when this run created it (dropped with it).
+    _database: Option<TestDatabase>,
     shutdown: CancellationToken,
 }
 
@@ -45,15 +47,26 @@ enum Dialect {
 }
 
 async fn start(engine: Engine, dialect: Dialect, behaviour: Behaviour) -> Running {
+    let database = TestDatabase::new(engine).await;
+    let mut running = start_on(database.url(), dialect, behaviour, |_| {}).await;
+    running._database = Some(database);
+    running
+}
+
+async fn start_on(
+    url: &str,
+    dialect: Dialect,
+    behaviour: Behaviour,
+    configure: impl FnOnce(&mut Settings),
+) -> Running {
     mall_test_support::init_logging();
     let simulator = Simulator::start("127.0.0.1:0".parse().expect("addr"), KEY, SECRET, behaviour)
         .await
         .expect("simulator starts");
-    let database = TestDatabase::new(engine).await;
     let mut settings = Settings::default();
     settings.server.listen_addr = "127.0.0.1:0".parse().expect("valid address");
     settings.server.admin_addr = "127.0.0.1:0".parse().expect("valid address");
-    settings.database.url = database.url().to_owned().into();
+    settings.database.url = url.to_owned().into();
     settings.queue.visibility_timeout = Duration::from_secs(5);
     settings.delivery.receive_wait = Duration::from_millis(100);
     settings.delivery.retry_initial = Duration::from_millis(20);
@@ -73,11 +86,12 @@ async fn start(engine: Engine, dialect: Dialect, behaviour: Behaviour) -> Runnin
             request_timeout: Duration::from_millis(500),
         },
     };
+    configure(&mut settings);
     let app = App::build(settings.clone()).await.expect("app builds");
     let grpc = app.grpc_addr();
     let shutdown = CancellationToken::new();
     tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
-    let db = Database::connect(database.url()).await.expect("connects");
+    let db = Database::connect(url).await.expect("connects");
     let queue = Queue::open(&settings.queue, Some(db))
         .await
         .expect("queue opens");
@@ -85,7 +99,8 @@ async fn start(engine: Engine, dialect: Dialect, behaviour: Behaviour) -> Runnin
         client: MemberExportServiceClient::new(probe::channel(grpc)),
         simulator,
         queue,
-        database,
+        url: url.to_owned(),
+        _database: None,
         shutdown,
     }
 }
@@ -212,9 +227,7 @@ async fn refused_members_are_recorded_and_the_rest_delivered(engine: Engine) {
     .await;
     delivered_at(&running, "M-OK", 1).await;
     drained(&running).await;
-    let db = Database::connect(running.database.url())
-        .await
-        .expect("connects");
+    let db = Database::connect(&running.url).await.expect("connects");
     let rows = db
         .query_all_raw(sea_orm::Statement::from_string(
             db.get_database_backend(),
@@ -277,6 +290,51 @@ async fn partner_failures_and_a_configuration_error_dead_letter_nothing(engine: 
         0,
         "nothing was dead-lettered"
     );
+}
+
+/// A profile encrypted with a key that is no longer configured cannot be sent: the member is
+/// recorded as a failed delivery (to resend once the key is back), not sent without its data.
+#[tokio::test]
+async fn a_profile_whose_key_is_gone_is_recorded_not_sent() {
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let url = database.url();
+    fn key(settings: &mut Settings, id: &str, secret: &str) {
+        settings.encryption.current = id.to_owned();
+        settings.encryption.keys = [(id.to_owned(), SecretString::from(secret.to_owned()))].into();
+    }
+    {
+        let mut first = start_on(url, Dialect::Groobee, Behaviour::default(), |settings| {
+            key(
+                settings,
+                "k1",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+            );
+            settings.delivery.workers = 0;
+        })
+        .await;
+        enqueue(&mut first, vec![change("M-1", 1, true, true)]).await;
+    }
+    let running = start_on(url, Dialect::Groobee, Behaviour::default(), |settings| {
+        key(
+            settings,
+            "k2",
+            "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=",
+        )
+    })
+    .await;
+    drained(&running).await;
+    assert!(running.simulator.members().is_empty(), "nothing was sent");
+    let db = Database::connect(url).await.expect("connects");
+    let reasons = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT reason FROM failed_deliveries WHERE member_id = 'M-1'",
+        ))
+        .await
+        .expect("reads");
+    assert_eq!(reasons.len(), 1);
+    let reason: String = reasons[0].try_get("", "reason").expect("reason");
+    assert_eq!(reason, "undecryptable");
 }
 
 mod sqlite {

@@ -12,7 +12,8 @@ use std::time::Duration;
 use secrecy::{ExposeSecret as _, SecretString};
 
 use super::{
-    Delivery, Outcome, Partner, Refusal, by_status, http_client, retry_after, transport_failure,
+    Delivery, Outcome, Partner, Refusal, by_status, http_client, post_json, retry_after,
+    transport_failure,
 };
 
 /// The platform's largest batch.
@@ -174,17 +175,10 @@ impl Partner for Groobee {
                 };
             }
         };
-        let response = match self
-            .client
-            .post(self.url.clone())
-            .header("x-api-key", self.api_key.expose_secret())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await
-        {
+        let key = [("x-api-key", self.api_key.expose_secret())];
+        let response = match post_json(&self.client, &self.url, &key, body).await {
             Ok(response) => response,
-            Err(error) => return transport_failure(&error),
+            Err(outcome) => return outcome,
         };
         let status = response.status();
         if status != reqwest::StatusCode::OK {

@@ -332,6 +332,27 @@ fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
+/// Posts `body` as JSON with `headers`: the response, or the outcome of a request that got
+/// none (a transport failure or a timeout, to retry).
+async fn post_json(
+    client: &reqwest::Client,
+    url: &url::Url,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<reqwest::Response, Outcome> {
+    let mut request = client
+        .post(url.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request
+        .body(body)
+        .send()
+        .await
+        .map_err(|error| transport_failure(&error))
+}
+
 /// The wait a `Retry-After` header asks for, in its delay-seconds form (partners that send a
 /// date instead are treated as saying nothing).
 fn retry_after(response: &reqwest::Response) -> Option<Duration> {

@@ -20,7 +20,7 @@ use hmac::{KeyInit as _, Mac as _};
 use secrecy::{ExposeSecret as _, SecretString};
 
 use super::{
-    Delivery, Outcome, Partner, Refusal, by_status, http_client, json, retry_after,
+    Delivery, Outcome, Partner, Refusal, by_status, http_client, json, post_json, retry_after,
     transport_failure,
 };
 
@@ -224,20 +224,16 @@ impl Partner for Webhook {
                 };
             }
         };
-        let response = match self
-            .client
-            .post(self.url.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header("webhook-id", idempotency_key)
-            .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature)
-            .header("idempotency-key", idempotency_key)
-            .body(body)
-            .send()
-            .await
-        {
+        let timestamp = timestamp.to_string();
+        let headers = [
+            ("webhook-id", idempotency_key),
+            ("webhook-timestamp", timestamp.as_str()),
+            ("webhook-signature", signature.as_str()),
+            ("idempotency-key", idempotency_key),
+        ];
+        let response = match post_json(&self.client, &self.url, &headers, body).await {
             Ok(response) => response,
-            Err(error) => return transport_failure(&error),
+            Err(outcome) => return outcome,
         };
         let status = response.status();
         let after = retry_after(&response);
