@@ -12,19 +12,21 @@ use mall_proto::member::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::enqueue::Enqueuer;
+use crate::{enqueue::Enqueuer, stats::Stats};
 
 /// The service's handlers.
 #[derive(Debug, Clone)]
 pub struct MemberApi {
     /// EnqueueMemberChanges.
     pub enqueuer: Enqueuer,
+    /// GetDeliveryStats.
+    pub stats: Stats,
 }
 
 /// What the RPCs not built yet answer: honestly UNIMPLEMENTED.
 fn not_built(rpc: &str) -> Status {
     Status::unimplemented(format!(
-        "{rpc} is not built yet; EnqueueMemberChanges is the only call served so far"
+        "{rpc} is not built yet; EnqueueMemberChanges and GetDeliveryStats are served"
     ))
 }
 
@@ -66,6 +68,8 @@ impl MemberExportService for MemberApi {
         &self,
         _request: Request<GetDeliveryStatsRequest>,
     ) -> Result<Response<GetDeliveryStatsResponse>, Status> {
-        Err(not_built("GetDeliveryStats"))
+        Ok(Response::new(GetDeliveryStatsResponse {
+            stats: Some(self.stats.current().await?),
+        }))
     }
 }

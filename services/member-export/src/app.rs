@@ -15,8 +15,10 @@ use crate::{
     crypto::ProfileCipher,
     deliver::Workers,
     enqueue::Enqueuer,
+    metrics::MemberMetrics,
     outbound::{self, Limits},
     partner::{AnyPartner, Partner as _},
+    stats,
     store::Store,
 };
 
@@ -42,6 +44,8 @@ impl App {
         let queue = Queue::open(&settings.queue, Some(db.clone()))
             .await
             .context("failed to open the delivery queue")?;
+        let mut server = GrpcServer::bind(SERVICE, &settings.server).await?;
+        let metrics = MemberMetrics::register(server.registry())?;
         let partner = AnyPartner::new(&settings.partner)?;
         let max_batch = partner.max_batch();
         let delivery = &settings.delivery;
@@ -56,9 +60,9 @@ impl App {
                 retry_initial: delivery.retry_initial,
                 retry_max: delivery.retry_max,
             },
+            &metrics,
         );
         let store = Store::new(db.clone());
-        let mut server = GrpcServer::bind(SERVICE, &settings.server).await?;
         let workers = Workers {
             store: store.clone(),
             queue: queue.clone(),
@@ -72,6 +76,7 @@ impl App {
             retry_max: delivery.retry_max,
             configuration_pause: delivery.configuration_pause,
             paused_until: Arc::default(),
+            metrics: metrics.clone(),
         };
         let count = delivery.workers;
         let shutdown = server.shutdown_token();
@@ -79,12 +84,24 @@ impl App {
             workers.run(count, shutdown).await;
             Ok(())
         });
+        server.spawn(
+            "queue gauges",
+            stats::refresh_queue_gauges(queue.clone(), metrics.clone(), server.shutdown_token()),
+        );
         let api = MemberApi {
             enqueuer: Enqueuer {
                 store,
-                queue,
+                queue: queue.clone(),
                 cipher,
                 lanes: settings.enqueue.lanes,
+                metrics: metrics.clone(),
+            },
+            stats: stats::Stats {
+                queue,
+                metrics,
+                rate_limit_per_second: f64::from(delivery.rate_limit_per_second),
+                max_concurrency: i32::try_from(delivery.max_concurrency).unwrap_or(i32::MAX),
+                start_time: std::time::SystemTime::now(),
             },
         };
         server.add_service(

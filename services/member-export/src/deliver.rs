@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     crypto::ProfileCipher,
+    metrics::MemberMetrics,
     outbound::{Batch, Outbound, send},
     partner::{Channels, Delivery, Outcome, Profile},
     store::{Store, members, now_micros},
@@ -66,6 +67,8 @@ pub struct Workers {
     pub configuration_pause: Duration,
     /// Until when (ms since the epoch) deliveries are stopped for a configuration error.
     pub paused_until: Arc<AtomicU64>,
+    /// Counters.
+    pub metrics: MemberMetrics,
 }
 
 /// What one round did, for tests and logs.
@@ -104,8 +107,22 @@ impl Workers {
                     () = tokio::time::sleep(paused) => continue,
                 }
             }
+            self.metrics
+                .configuration_paused
+                .set(i64::from(!self.paused_for().is_zero()));
             match self.round(&shutdown).await {
-                Ok(_) => failures = 0,
+                Ok(round) => {
+                    failures = 0;
+                    let count = |outcome: &str, n: usize| {
+                        self.metrics
+                            .deliveries
+                            .with_label_values(&[outcome])
+                            .inc_by(n as u64);
+                    };
+                    count("delivered", round.delivered);
+                    count("refused", round.refused);
+                    count("skipped", round.skipped);
+                }
                 Err(error) => {
                     failures += 1;
                     tracing::warn!(%error, "a delivery round failed; retrying");

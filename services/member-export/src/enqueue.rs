@@ -32,6 +32,7 @@ use prost::Message as _;
 
 use crate::{
     crypto::ProfileCipher,
+    metrics::MemberMetrics,
     store::{Store, members, now_micros},
     validate::check_request,
 };
@@ -50,6 +51,8 @@ pub struct Enqueuer {
     pub cipher: Arc<ProfileCipher>,
     /// FIFO groups of the delivery queue.
     pub lanes: u32,
+    /// Counters.
+    pub metrics: MemberMetrics,
 }
 
 impl Enqueuer {
@@ -93,6 +96,14 @@ impl Enqueuer {
                 .remember(id, response.encode_to_vec(), now)
                 .await?;
         }
+        let metrics = &self.metrics;
+        metrics.count_enqueued("accepted", response.accepted_count);
+        metrics.count_enqueued("opt_out", response.opt_out_count);
+        metrics.count_enqueued(
+            "skipped_without_consent",
+            response.skipped_without_consent_count,
+        );
+        metrics.count_enqueued("stale", response.stale_count);
         Ok(response)
     }
 }

@@ -7,6 +7,7 @@
 //! - [`enqueue`]: EnqueueMemberChanges: record in the member table, queue deliveries.
 //! - [`deliver`]: delivery workers: member table → partner, consent checked at send time.
 //! - [`outbound`]: the tower stack to the partner (retry, rate limit, concurrency).
+//! - [`metrics`]: the service's Prometheus metrics; [`stats`]: GetDeliveryStats.
 //! - [`validate`]: request limits and their checks.
 //! - [`store`]: the member table and remembered request ids.
 //! - [`crypto`]: profiles encrypted at rest (AES-256-GCM).
@@ -20,10 +21,12 @@ pub mod config;
 pub mod crypto;
 pub mod deliver;
 pub mod enqueue;
+pub mod metrics;
 pub mod migration;
 pub mod outbound;
 pub mod partner;
 pub mod simulator;
+pub mod stats;
 pub mod store;
 pub mod validate;
 

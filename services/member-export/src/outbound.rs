@@ -22,7 +22,10 @@ use std::{
 use governor::{DefaultDirectRateLimiter, Quota};
 use tower::{Service, ServiceBuilder, ServiceExt as _, limit::ConcurrencyLimit, retry::Retry};
 
-use crate::partner::{AnyPartner, Delivery, Outcome, Partner};
+use crate::{
+    metrics::MemberMetrics,
+    partner::{AnyPartner, Delivery, Outcome, Partner},
+};
 
 /// One request to the partner: a batch and its idempotency key (the same on every attempt).
 #[derive(Debug, Clone)]
@@ -35,9 +38,12 @@ pub struct Batch {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// The stack's innermost service: the configured adapter.
+/// The stack's innermost service: the configured adapter, counted.
 #[derive(Debug, Clone)]
-pub struct PartnerService(Arc<AnyPartner>);
+pub struct PartnerService {
+    partner: Arc<AnyPartner>,
+    metrics: MemberMetrics,
+}
 
 impl Service<Batch> for PartnerService {
     type Response = Outcome;
@@ -49,11 +55,16 @@ impl Service<Batch> for PartnerService {
     }
 
     fn call(&mut self, batch: Batch) -> Self::Future {
-        let partner = self.0.clone();
+        let partner = self.partner.clone();
+        let metrics = self.metrics.clone();
         Box::pin(async move {
-            Ok(partner
+            metrics.in_flight.inc();
+            let outcome = partner
                 .send(&batch.deliveries, &batch.idempotency_key)
-                .await)
+                .await;
+            metrics.in_flight.dec();
+            metrics.count_request(&outcome);
+            Ok(outcome)
         })
     }
 }
@@ -63,6 +74,7 @@ impl Service<Batch> for PartnerService {
 pub struct RateLimit<S> {
     inner: S,
     limiter: Arc<DefaultDirectRateLimiter>,
+    metrics: MemberMetrics,
 }
 
 impl<S> Service<Batch> for RateLimit<S>
@@ -83,8 +95,13 @@ where
     fn call(&mut self, batch: Batch) -> Self::Future {
         let inner = self.inner.clone();
         let limiter = self.limiter.clone();
+        let metrics = self.metrics.clone();
         Box::pin(async move {
+            let waited = std::time::Instant::now();
             limiter.until_ready().await;
+            metrics
+                .rate_limit_wait
+                .observe(waited.elapsed().as_secs_f64());
             inner.oneshot(batch).await
         })
     }
@@ -143,7 +160,10 @@ pub struct Limits {
 pub type Outbound = Retry<RetryPolicy, RateLimit<ConcurrencyLimit<PartnerService>>>;
 
 /// Builds the stack for `partner`.
-pub fn outbound(partner: AnyPartner, limits: Limits) -> Outbound {
+pub fn outbound(partner: AnyPartner, limits: Limits, metrics: &MemberMetrics) -> Outbound {
+    metrics
+        .rate_limit
+        .set(i64::from(limits.rate_per_second.get()));
     let limiter = Arc::new(governor::RateLimiter::direct(
         // A burst of one: requests are spread evenly over each second, as a partner that
         // counts per second expects.
@@ -159,9 +179,13 @@ pub fn outbound(partner: AnyPartner, limits: Limits) -> Outbound {
         .layer_fn(|inner| RateLimit {
             inner,
             limiter: limiter.clone(),
+            metrics: metrics.clone(),
         })
         .concurrency_limit(limits.max_concurrency.max(1))
-        .service(PartnerService(Arc::new(partner)))
+        .service(PartnerService {
+            partner: Arc::new(partner),
+            metrics: metrics.clone(),
+        })
 }
 
 /// Sends `batch` through `outbound`.

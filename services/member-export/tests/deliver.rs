@@ -6,7 +6,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use mall_proto::member::v1::{
-    Consent, EnqueueMemberChangesRequest, MarketingProfile, MemberChange,
+    Consent, EnqueueMemberChangesRequest, GetDeliveryStatsRequest, MarketingProfile, MemberChange,
     member_export_service_client::MemberExportServiceClient,
 };
 use mall_queue::Queue;
@@ -26,6 +26,7 @@ const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 struct Running {
     client: MemberExportServiceClient<Channel>,
+    admin: std::net::SocketAddr,
     simulator: Simulator,
     queue: Queue,
     url: String,
@@ -88,7 +89,7 @@ async fn start_on(
     };
     configure(&mut settings);
     let app = App::build(settings.clone()).await.expect("app builds");
-    let grpc = app.grpc_addr();
+    let (grpc, admin) = (app.grpc_addr(), app.admin_addr());
     let shutdown = CancellationToken::new();
     tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
     let db = Database::connect(url).await.expect("connects");
@@ -97,6 +98,7 @@ async fn start_on(
         .expect("queue opens");
     Running {
         client: MemberExportServiceClient::new(probe::channel(grpc)),
+        admin,
         simulator,
         queue,
         url: url.to_owned(),
@@ -182,6 +184,29 @@ async fn consented_members_are_sent_with_only_their_consented_contact_data(
         assert_eq!(members["M-2"].idempotency_keys, ["M-2:3"]);
     }
     drained(&running).await;
+
+    // The replica's counters, in GetDeliveryStats and in /metrics, without personal data.
+    let stats = running
+        .client
+        .get_delivery_stats(GetDeliveryStatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner()
+        .stats
+        .expect("set");
+    assert_eq!(stats.delivered_count, 2);
+    assert_eq!((stats.queued_count, stats.dead_letter_count), (0, 0));
+    assert!((stats.rate_limit_per_second - 400.0).abs() < f64::EPSILON);
+    let (status, metrics) = probe::http_get(running.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("mall_member_export_deliveries_total{outcome=\"delivered\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mall_member_export_partner_requests_total{outcome=\"accepted\"}"));
+    for personal in ["someone@example.com", "+821012345678", "Kim Minji"] {
+        assert!(!metrics.contains(personal), "/metrics shows personal data");
+    }
 }
 
 async fn a_withdrawal_overtaking_its_queued_change_sends_nothing_and_a_later_one_an_opt_out(

@@ -1,0 +1,152 @@
+//! member-export's metrics (`mall_member_export_` prefix from the registry). Label values
+//! come from small fixed sets, every one registered at start so a series exists before its
+//! first event; no member id or other personal data is ever a label.
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// The service's counters and gauges; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct MemberMetrics {
+    /// `changes_enqueued_total{outcome}`: EnqueueMemberChanges items by `accepted`, `opt_out`,
+    /// `skipped_without_consent` and `stale`.
+    pub enqueued: IntCounterVec,
+    /// `deliveries_total{outcome}`: members `delivered` (the partner accepted), `refused` (its
+    /// refusal recorded in failed_deliveries) or `skipped` (already delivered at its newest
+    /// version, or an opt-out of a member the partner never had).
+    pub deliveries: IntCounterVec,
+    /// `partner_requests_total{outcome}`: requests to the partner, every attempt, by
+    /// `accepted`, `split`, `retry`, `rate_limited` or `configuration`.
+    pub requests: IntCounterVec,
+    /// `partner_requests_in_flight`: requests to the partner now.
+    pub in_flight: IntGauge,
+    /// `rate_limit_wait_seconds`: how long each attempt waited for a rate-limit token.
+    pub rate_limit_wait: Histogram,
+    /// `rate_limit_per_second`: the rate in force for this replica.
+    pub rate_limit: IntGauge,
+    /// `batches_retrying`: batches now waiting to be sent again after the partner failed.
+    pub retrying: IntGauge,
+    /// `configuration_paused`: 1 while deliveries stop after a configuration error.
+    pub configuration_paused: IntGauge,
+    /// `queue_messages{state}`: delivery queue messages `visible`, `in_flight` and `dead`
+    /// (refreshed every few seconds; approximate on SQS).
+    pub queue: IntGaugeVec,
+}
+
+const ENQUEUED: [&str; 4] = ["accepted", "opt_out", "skipped_without_consent", "stale"];
+const DELIVERIES: [&str; 3] = ["delivered", "refused", "skipped"];
+const REQUESTS: [&str; 5] = [
+    "accepted",
+    "split",
+    "retry",
+    "rate_limited",
+    "configuration",
+];
+const QUEUE: [&str; 3] = ["visible", "in_flight", "dead"];
+
+impl MemberMetrics {
+    /// Registers the metrics in `registry`.
+    ///
+    /// # Errors
+    /// When they are already registered there.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let metrics = Self {
+            enqueued: IntCounterVec::new(
+                Opts::new(
+                    "changes_enqueued_total",
+                    "EnqueueMemberChanges items by outcome",
+                ),
+                &["outcome"],
+            )?,
+            deliveries: IntCounterVec::new(
+                Opts::new(
+                    "deliveries_total",
+                    "Members handled by the delivery workers, by outcome",
+                ),
+                &["outcome"],
+            )?,
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "partner_requests_total",
+                    "Requests to the partner (every attempt), by outcome",
+                ),
+                &["outcome"],
+            )?,
+            in_flight: IntGauge::new("partner_requests_in_flight", "Requests to the partner now")?,
+            rate_limit_wait: Histogram::with_opts(
+                HistogramOpts::new(
+                    "rate_limit_wait_seconds",
+                    "How long each attempt waited for a rate-limit token",
+                )
+                .buckets(vec![0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            )?,
+            rate_limit: IntGauge::new(
+                "rate_limit_per_second",
+                "Requests per second to the partner in force for this replica",
+            )?,
+            retrying: IntGauge::new(
+                "batches_retrying",
+                "Batches waiting to be sent again after the partner failed",
+            )?,
+            configuration_paused: IntGauge::new(
+                "configuration_paused",
+                "1 while deliveries stop after the partner refused our configuration",
+            )?,
+            queue: IntGaugeVec::new(
+                Opts::new("queue_messages", "Delivery queue messages by state"),
+                &["state"],
+            )?,
+        };
+        registry.register(Box::new(metrics.enqueued.clone()))?;
+        registry.register(Box::new(metrics.deliveries.clone()))?;
+        registry.register(Box::new(metrics.requests.clone()))?;
+        registry.register(Box::new(metrics.in_flight.clone()))?;
+        registry.register(Box::new(metrics.rate_limit_wait.clone()))?;
+        registry.register(Box::new(metrics.rate_limit.clone()))?;
+        registry.register(Box::new(metrics.retrying.clone()))?;
+        registry.register(Box::new(metrics.configuration_paused.clone()))?;
+        registry.register(Box::new(metrics.queue.clone()))?;
+        for outcome in ENQUEUED {
+            metrics.enqueued.with_label_values(&[outcome]);
+        }
+        for outcome in DELIVERIES {
+            metrics.deliveries.with_label_values(&[outcome]);
+        }
+        for outcome in REQUESTS {
+            metrics.requests.with_label_values(&[outcome]);
+        }
+        for state in QUEUE {
+            metrics.queue.with_label_values(&[state]);
+        }
+        Ok(metrics)
+    }
+
+    /// Metrics in a registry of their own, for code run outside a server (tests, tools).
+    pub fn unregistered() -> Self {
+        Self::register(&Registry::new()).expect("a fresh registry takes every metric")
+    }
+
+    /// Counts one EnqueueMemberChanges item.
+    pub fn count_enqueued(&self, outcome: &str, count: i64) {
+        self.enqueued
+            .with_label_values(&[outcome])
+            .inc_by(count.unsigned_abs());
+    }
+
+    /// The counter value of an `outcome` of `vec`.
+    pub fn get(vec: &IntCounterVec, outcome: &str) -> i64 {
+        i64::try_from(vec.with_label_values(&[outcome]).get()).unwrap_or(i64::MAX)
+    }
+
+    /// Counts a request to the partner that ended with `outcome`.
+    pub fn count_request(&self, outcome: &crate::partner::Outcome) {
+        use crate::partner::Outcome;
+        let label = match outcome {
+            Outcome::Accepted { .. } => "accepted",
+            Outcome::Split { .. } => "split",
+            Outcome::Retry { .. } => "retry",
+            Outcome::RateLimited { .. } => "rate_limited",
+            Outcome::Configuration { .. } => "configuration",
+        };
+        self.requests.with_label_values(&[label]).inc();
+    }
+}
