@@ -6,13 +6,14 @@ use std::pin::Pin;
 use futures::Stream;
 use mall_proto::member::v1::{
     EnqueueMemberChangesRequest, EnqueueMemberChangesResponse, GetDeliveryStatsRequest,
-    GetDeliveryStatsResponse, GetJobRequest, GetJobResponse, StartFailoverJobRequest,
-    StartFailoverJobResponse, WatchJobRequest, WatchJobResponse,
+    GetDeliveryStatsResponse, GetJobRequest, GetJobResponse, GetMemberDeliveryStateRequest,
+    GetMemberDeliveryStateResponse, ListFailedDeliveriesRequest, ListFailedDeliveriesResponse,
+    StartFailoverJobRequest, StartFailoverJobResponse, WatchJobRequest, WatchJobResponse,
     member_export_service_server::MemberExportService,
 };
 use tonic::{Request, Response, Status};
 
-use crate::{enqueue::Enqueuer, stats::Stats};
+use crate::{enqueue::Enqueuer, state, stats::Stats};
 
 /// The service's handlers.
 #[derive(Debug, Clone)]
@@ -26,7 +27,7 @@ pub struct MemberApi {
 /// What the RPCs not built yet answer: honestly UNIMPLEMENTED.
 fn not_built(rpc: &str) -> Status {
     Status::unimplemented(format!(
-        "{rpc} is not built yet; EnqueueMemberChanges and GetDeliveryStats are served"
+        "{rpc} is not built yet; failover jobs come with a later change"
     ))
 }
 
@@ -70,6 +71,25 @@ impl MemberExportService for MemberApi {
     ) -> Result<Response<GetDeliveryStatsResponse>, Status> {
         Ok(Response::new(GetDeliveryStatsResponse {
             stats: Some(self.stats.current().await?),
+        }))
+    }
+
+    async fn list_failed_deliveries(
+        &self,
+        request: Request<ListFailedDeliveriesRequest>,
+    ) -> Result<Response<ListFailedDeliveriesResponse>, Status> {
+        let response = state::list_failed(&self.enqueuer.store, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_member_delivery_state(
+        &self,
+        request: Request<GetMemberDeliveryStateRequest>,
+    ) -> Result<Response<GetMemberDeliveryStateResponse>, Status> {
+        let member = request.into_inner().member_id;
+        let state = state::member_state(&self.enqueuer.store, &member).await?;
+        Ok(Response::new(GetMemberDeliveryStateResponse {
+            state: Some(state),
         }))
     }
 }

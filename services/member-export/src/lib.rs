@@ -8,6 +8,7 @@
 //! - [`deliver`]: delivery workers: member table → partner, consent checked at send time.
 //! - [`outbound`]: the tower stack to the partner (retry, rate limit, concurrency).
 //! - [`metrics`]: the service's Prometheus metrics; [`stats`]: GetDeliveryStats.
+//! - [`state`]: ListFailedDeliveries and GetMemberDeliveryState.
 //! - [`validate`]: request limits and their checks.
 //! - [`store`]: the member table and remembered request ids.
 //! - [`crypto`]: profiles encrypted at rest (AES-256-GCM).
@@ -26,6 +27,7 @@ pub mod migration;
 pub mod outbound;
 pub mod partner;
 pub mod simulator;
+pub mod state;
 pub mod stats;
 pub mod store;
 pub mod validate;

@@ -6,7 +6,8 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use mall_proto::member::v1::{
-    Consent, EnqueueMemberChangesRequest, GetDeliveryStatsRequest, MarketingProfile, MemberChange,
+    Consent, EnqueueMemberChangesRequest, GetDeliveryStatsRequest, GetMemberDeliveryStateRequest,
+    ListFailedDeliveriesRequest, MarketingProfile, MemberChange,
     member_export_service_client::MemberExportServiceClient,
 };
 use mall_queue::Queue;
@@ -275,6 +276,117 @@ async fn refused_members_are_recorded_and_the_rest_delivered(engine: Engine) {
         [("M-BAD".to_owned(), 4, "groobee:-1007".to_owned())]
     );
     assert_eq!(running.queue.counts().await.expect("counts").dead, 0);
+
+    // The same, for callers: listed, and in the member's delivery state.
+    let listed = running
+        .client
+        .list_failed_deliveries(ListFailedDeliveriesRequest::default())
+        .await
+        .expect("lists")
+        .into_inner();
+    let listed: Vec<(&str, u64, &str)> = listed
+        .failed_deliveries
+        .iter()
+        .map(|f| (f.member_id.as_str(), f.version, f.reason.as_str()))
+        .collect();
+    assert_eq!(listed, [("M-BAD", 4, "groobee:-1007")]);
+    let state = |member: &str| {
+        let mut client = running.client.clone();
+        let member = member.to_owned();
+        async move {
+            client
+                .get_member_delivery_state(GetMemberDeliveryStateRequest { member_id: member })
+                .await
+        }
+    };
+    let bad = state("M-BAD")
+        .await
+        .expect("found")
+        .into_inner()
+        .state
+        .expect("set");
+    assert_eq!(
+        (bad.version, bad.delivered_version, bad.pending),
+        (4, 0, true)
+    );
+    assert_eq!(bad.failures.len(), 1);
+    let ok = state("M-OK")
+        .await
+        .expect("found")
+        .into_inner()
+        .state
+        .expect("set");
+    assert_eq!(
+        (ok.version, ok.delivered_version, ok.pending),
+        (1, 1, false)
+    );
+    assert!(ok.consented && ok.failures.is_empty());
+    assert_eq!(
+        state("M-NEVER").await.expect_err("unknown").code(),
+        tonic::Code::NotFound
+    );
+    let refused = running
+        .client
+        .list_failed_deliveries(ListFailedDeliveriesRequest {
+            page_size: 1_001,
+            page_token: "not-a-token".into(),
+            member_id: String::new(),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+}
+
+/// Pages of failed deliveries: newest first, each once, a token bound to its filter.
+#[tokio::test]
+async fn failed_deliveries_come_in_pages_newest_first() {
+    let refused: BTreeSet<String> = (0..5).map(|i| format!("M-{i}")).collect();
+    let behaviour = Behaviour {
+        refused_members: refused,
+        ..Behaviour::default()
+    };
+    let mut running = start(Engine::Sqlite, Dialect::Groobee, behaviour).await;
+    for i in 0..5 {
+        enqueue(
+            &mut running,
+            vec![change(&format!("M-{i}"), 1, true, false)],
+        )
+        .await;
+        drained(&running).await;
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = running
+            .client
+            .list_failed_deliveries(ListFailedDeliveriesRequest {
+                page_size: 2,
+                page_token: token,
+                member_id: String::new(),
+            })
+            .await
+            .expect("a page")
+            .into_inner();
+        assert!(page.failed_deliveries.len() <= 2);
+        seen.extend(page.failed_deliveries.into_iter().map(|f| f.member_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, ["M-4", "M-3", "M-2", "M-1", "M-0"]);
+    let one = running
+        .client
+        .list_failed_deliveries(ListFailedDeliveriesRequest {
+            page_size: 0,
+            page_token: String::new(),
+            member_id: "M-2".into(),
+        })
+        .await
+        .expect("filtered")
+        .into_inner();
+    assert_eq!(one.failed_deliveries.len(), 1);
+    assert!(one.next_page_token.is_empty());
 }
 
 async fn partner_failures_and_a_configuration_error_dead_letter_nothing(engine: Engine) {
