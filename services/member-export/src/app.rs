@@ -10,6 +10,7 @@ use mall_queue::Queue;
 use crate::migration::Migrator;
 use crate::{
     SERVICE,
+    alerts::Alerts,
     api::MemberApi,
     config::Settings,
     crypto::ProfileCipher,
@@ -63,6 +64,11 @@ impl App {
             &metrics,
         );
         let store = Store::new(db.clone());
+        let alerts = Alerts::new(&settings.alerts, db.clone(), metrics.clone())?;
+        server.spawn(
+            "alert summaries",
+            alerts.clone().summarize(server.shutdown_token()),
+        );
         let workers = Workers {
             store: store.clone(),
             queue: queue.clone(),
@@ -77,6 +83,7 @@ impl App {
             configuration_pause: delivery.configuration_pause,
             paused_until: Arc::default(),
             metrics: metrics.clone(),
+            alerts: alerts.clone(),
         };
         let count = delivery.workers;
         let shutdown = server.shutdown_token();
@@ -102,6 +109,7 @@ impl App {
                 rate_limit_per_second: f64::from(delivery.rate_limit_per_second),
                 max_concurrency: i32::try_from(delivery.max_concurrency).unwrap_or(i32::MAX),
                 start_time: std::time::SystemTime::now(),
+                alerts,
             },
         };
         server.add_service(

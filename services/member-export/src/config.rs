@@ -9,7 +9,7 @@ use mall_telemetry::TelemetrySettings;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use crate::partner::PartnerSettings;
+use crate::{alerts::AlertSettings, partner::PartnerSettings};
 
 /// Environment variable prefix: `MEMBER_EXPORT__SERVER__LISTEN_ADDR=0.0.0.0:50053`.
 pub const ENV_PREFIX: &str = "MEMBER_EXPORT";
@@ -36,6 +36,8 @@ pub struct Settings {
     pub partner: PartnerSettings,
     /// Delivery workers and the outbound limits.
     pub delivery: DeliverySettings,
+    /// Failure alerts, capped across replicas.
+    pub alerts: AlertSettings,
 }
 
 /// Delivery workers and the outbound stack's limits.
@@ -171,6 +173,7 @@ impl Default for Settings {
                 request_timeout: Duration::from_secs(10),
             },
             delivery: DeliverySettings::default(),
+            alerts: AlertSettings::default(),
         }
     }
 }

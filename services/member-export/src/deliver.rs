@@ -33,6 +33,7 @@ use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    alerts::Alerts,
     crypto::ProfileCipher,
     metrics::MemberMetrics,
     outbound::{Batch, Outbound, send},
@@ -69,6 +70,8 @@ pub struct Workers {
     pub paused_until: Arc<AtomicU64>,
     /// Counters.
     pub metrics: MemberMetrics,
+    /// Failure alerts.
+    pub alerts: Alerts,
 }
 
 /// What one round did, for tests and logs.
@@ -263,10 +266,20 @@ impl Workers {
                         pause = ?self.configuration_pause,
                         "the partner refuses our configuration; deliveries stop until it is fixed"
                     );
-                    let until = now_ms().saturating_add(
+                    let now = now_ms();
+                    let until = now.saturating_add(
                         u64::try_from(self.configuration_pause.as_millis()).unwrap_or(u64::MAX),
                     );
-                    self.paused_until.fetch_max(until, Ordering::AcqRel);
+                    let before = self.paused_until.fetch_max(until, Ordering::AcqRel);
+                    if before <= now {
+                        // The first worker of this replica to see it (not paused yet) alerts.
+                        self.alert(&format!(
+                            "member-export: the partner refuses our configuration ({reason}); \
+                             deliveries stop and retry every {:?}",
+                            self.configuration_pause
+                        ))
+                        .await;
+                    }
                     pending.push(batch);
                     if !self
                         .hold(&receipts, self.configuration_pause, shutdown)
@@ -301,6 +314,13 @@ impl Workers {
             .await
             .map_err(|e| ServiceError::Unavailable(format!("cannot delete deliveries: {e}")))?;
         Ok(round)
+    }
+
+    /// Raises an alert; a database failure only costs the alert (logged).
+    async fn alert(&self, text: &str) {
+        if let Err(error) = self.alerts.raise(text).await {
+            tracing::warn!(%error, alert = %text, "cannot count an alert; not sent");
+        }
     }
 
     /// Waits `wait` while keeping `receipts` in flight; `false` when shutdown came first (the

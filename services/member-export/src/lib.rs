@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`config`]: [`Settings`], every knob with its default.
 //! - [`app`]: [`App`], wiring dependencies and the gRPC server.
+//! - [`alerts`]: failure alerts to a Slack-compatible webhook, capped across replicas.
 //! - [`api`]: the gRPC handlers (only EnqueueMemberChanges is served so far).
 //! - [`enqueue`]: EnqueueMemberChanges: record in the member table, queue deliveries.
 //! - [`deliver`]: delivery workers: member table → partner, consent checked at send time.
@@ -16,6 +17,7 @@
 //! - [`partner`]: the marketing platform behind one trait, one adapter per dialect.
 //! - [`simulator`]: a partner simulator for tests, benchmarks and local runs.
 
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod config;

@@ -30,6 +30,9 @@ pub struct MemberMetrics {
     /// `queue_messages{state}`: delivery queue messages `visible`, `in_flight` and `dead`
     /// (refreshed every few seconds; approximate on SQS).
     pub queue: IntGaugeVec,
+    /// `alerts_total{outcome}`: alerts this replica `sent` or `suppressed` (the cap is shared
+    /// by every replica).
+    pub alerts: IntCounterVec,
 }
 
 const ENQUEUED: [&str; 4] = ["accepted", "opt_out", "skipped_without_consent", "stale"];
@@ -95,6 +98,13 @@ impl MemberMetrics {
                 Opts::new("queue_messages", "Delivery queue messages by state"),
                 &["state"],
             )?,
+            alerts: IntCounterVec::new(
+                Opts::new(
+                    "alerts_total",
+                    "Alerts this replica sent or suppressed (capped)",
+                ),
+                &["outcome"],
+            )?,
         };
         registry.register(Box::new(metrics.enqueued.clone()))?;
         registry.register(Box::new(metrics.deliveries.clone()))?;
@@ -105,6 +115,7 @@ impl MemberMetrics {
         registry.register(Box::new(metrics.retrying.clone()))?;
         registry.register(Box::new(metrics.configuration_paused.clone()))?;
         registry.register(Box::new(metrics.queue.clone()))?;
+        registry.register(Box::new(metrics.alerts.clone()))?;
         for outcome in ENQUEUED {
             metrics.enqueued.with_label_values(&[outcome]);
         }
@@ -116,6 +127,9 @@ impl MemberMetrics {
         }
         for state in QUEUE {
             metrics.queue.with_label_values(&[state]);
+        }
+        for outcome in ["sent", "suppressed"] {
+            metrics.alerts.with_label_values(&[outcome]);
         }
         Ok(metrics)
     }

@@ -7,6 +7,8 @@
 //! - `POST /webhook`: a Standard Webhooks receiver ([`crate::partner::webhook`]): the
 //!   signature is verified (401 when it does not match or the timestamp is more than five
 //!   minutes off).
+//! - `POST /alerts`: a Slack-compatible incoming webhook (`{"text": ...}`) for member-export's
+//!   alerts, kept in order ([`Simulator::alerts`]).
 //!
 //! Its [`Behaviour`] can be changed while it runs: a rate limit (answered as HTTP 429 with
 //! `Retry-After`, or in the groobee dialect as −1004), a share of server errors (503, or
@@ -119,6 +121,7 @@ struct Shared {
     behaviour: RwLock<(Behaviour, Option<Arc<DefaultDirectRateLimiter>>)>,
     members: Mutex<BTreeMap<String, Accepted>>,
     counts: Mutex<Counts>,
+    alerts: Mutex<Vec<String>>,
 }
 
 /// A running simulator; stops when dropped.
@@ -156,10 +159,12 @@ impl Simulator {
             behaviour: RwLock::new((behaviour, limiter)),
             members: Mutex::new(BTreeMap::new()),
             counts: Mutex::new(Counts::default()),
+            alerts: Mutex::new(Vec::new()),
         });
         let router = Router::new()
             .route("/groobee", post(groobee_upsert))
             .route("/webhook", post(webhook_receive))
+            .route("/alerts", post(alert_receive))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
@@ -198,6 +203,16 @@ impl Simulator {
         format!("http://{}/webhook", self.addr)
             .parse()
             .expect("a valid URL")
+    }
+
+    /// The alert endpoint.
+    pub fn alerts_url(&self) -> String {
+        format!("http://{}/alerts", self.addr)
+    }
+
+    /// The texts of the alerts it received, in order.
+    pub fn alerts(&self) -> Vec<String> {
+        lock(&self.shared.alerts).clone()
     }
 
     /// Changes how it behaves from the next request on.
@@ -443,4 +458,17 @@ async fn webhook_receive(
         serde_json::to_vec(&answer).unwrap_or_default(),
     )
         .into_response()
+}
+
+async fn alert_receive(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let text = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|message| message["text"].as_str().map(str::to_owned));
+    match text {
+        Some(text) => {
+            lock(&shared.alerts).push(text);
+            (StatusCode::OK, "ok").into_response()
+        }
+        None => (StatusCode::BAD_REQUEST, "invalid_payload").into_response(),
+    }
 }

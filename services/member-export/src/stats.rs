@@ -1,5 +1,5 @@
-//! GetDeliveryStats: this replica's counters (from its metrics, since it started) and the
-//! queue's sizes, which every replica shares.
+//! GetDeliveryStats: this replica's counters (from its metrics, since it started), and the
+//! queue's sizes and the alert window's counts, which every replica shares.
 
 use std::time::{Duration, SystemTime};
 
@@ -8,7 +8,7 @@ use mall_proto::member::v1::DeliveryStats;
 use mall_queue::Queue;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::MemberMetrics;
+use crate::{alerts::Alerts, metrics::MemberMetrics};
 
 /// How often the queue-size gauges are refreshed.
 const QUEUE_GAUGE_INTERVAL: Duration = Duration::from_secs(10);
@@ -26,6 +26,8 @@ pub struct Stats {
     pub max_concurrency: i32,
     /// When this replica started.
     pub start_time: SystemTime,
+    /// The alert window shared by every replica.
+    pub alerts: Alerts,
 }
 
 impl Stats {
@@ -40,6 +42,7 @@ impl Stats {
             .await
             .map_err(|e| ServiceError::Unavailable(format!("cannot read the queue: {e}")))?;
         set_queue_gauges(&self.metrics, counts);
+        let window = self.alerts.current().await?;
         let m = &self.metrics;
         let requests = |outcome| MemberMetrics::get(&m.requests, outcome);
         let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -55,9 +58,8 @@ impl Stats {
                 &m.enqueued,
                 "skipped_without_consent",
             ),
-            // Alerts are not built yet: none are sent or suppressed.
-            alerts_sent_count: 0,
-            alerts_suppressed_count: 0,
+            alerts_sent_count: window.sent,
+            alerts_suppressed_count: window.suppressed,
             in_flight: m.in_flight.get(),
             rate_limit_per_second: self.rate_limit_per_second,
             max_concurrency: self.max_concurrency,

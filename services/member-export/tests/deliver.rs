@@ -74,6 +74,7 @@ async fn start_on(
     settings.delivery.retry_initial = Duration::from_millis(20);
     settings.delivery.retry_max = Duration::from_millis(200);
     settings.delivery.configuration_pause = Duration::from_millis(500);
+    settings.alerts.webhook_url = Some(SecretString::from(simulator.alerts_url()));
     settings.partner = match dialect {
         Dialect::Groobee => PartnerSettings::Groobee {
             url: simulator.groobee_url(),
@@ -394,7 +395,12 @@ async fn partner_failures_and_a_configuration_error_dead_letter_nothing(engine: 
         error_rate: 1.0,
         ..Behaviour::default()
     };
-    let mut running = start(engine, Dialect::Groobee, failing).await;
+    let database = TestDatabase::new(engine).await;
+    let mut running = start_on(database.url(), Dialect::Groobee, failing, |settings| {
+        // Long enough that the test fixes the partner before the first pause ends.
+        settings.delivery.configuration_pause = Duration::from_secs(2);
+    })
+    .await;
     enqueue(&mut running, vec![change("M-1", 1, true, true)]).await;
     wait_until(
         "the partner failed a few times",
@@ -427,6 +433,25 @@ async fn partner_failures_and_a_configuration_error_dead_letter_nothing(engine: 
         0,
         "nothing was dead-lettered"
     );
+    let alerts = running.simulator.alerts();
+    assert_eq!(
+        alerts.len(),
+        1,
+        "one alert for the configuration error: {alerts:?}"
+    );
+    assert!(
+        alerts[0].contains("refuses our configuration (groobee:-1003)"),
+        "{alerts:?}"
+    );
+    let stats = running
+        .client
+        .get_delivery_stats(GetDeliveryStatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner()
+        .stats
+        .expect("set");
+    assert_eq!(stats.alerts_sent_count, 1, "the shared window's count");
 }
 
 /// A profile encrypted with a key that is no longer configured cannot be sent: the member is

@@ -6,6 +6,7 @@ use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
 mod m20261202_000001_members;
 mod m20261202_000002_failed_deliveries;
+mod m20261202_000003_alert_windows;
 
 /// The ordered list of migrations.
 #[derive(Debug)]
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
         let mut migrations: Vec<Box<dyn MigrationTrait>> = vec![
             Box::new(m20261202_000001_members::Migration),
             Box::new(m20261202_000002_failed_deliveries::Migration),
+            Box::new(m20261202_000003_alert_windows::Migration),
         ];
         // The embedded queue's tables live in this database (unused with SQS).
         migrations.extend(mall_queue::embedded::migrations());
