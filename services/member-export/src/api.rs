@@ -5,10 +5,11 @@ use std::pin::Pin;
 
 use futures::Stream;
 use mall_proto::member::v1::{
-    EnqueueMemberChangesRequest, EnqueueMemberChangesResponse, GetDeliveryStatsRequest,
-    GetDeliveryStatsResponse, GetJobRequest, GetJobResponse, GetMemberDeliveryStateRequest,
-    GetMemberDeliveryStateResponse, ListFailedDeliveriesRequest, ListFailedDeliveriesResponse,
-    StartFailoverJobRequest, StartFailoverJobResponse, WatchJobRequest, WatchJobResponse,
+    EnqueueMemberChangesRequest, EnqueueMemberChangesResponse, EraseMemberRequest,
+    EraseMemberResponse, GetDeliveryStatsRequest, GetDeliveryStatsResponse, GetJobRequest,
+    GetJobResponse, GetMemberDeliveryStateRequest, GetMemberDeliveryStateResponse,
+    ListFailedDeliveriesRequest, ListFailedDeliveriesResponse, StartFailoverJobRequest,
+    StartFailoverJobResponse, WatchJobRequest, WatchJobResponse,
     member_export_service_server::MemberExportService,
 };
 use tonic::{Request, Response, Status};
@@ -79,6 +80,14 @@ impl MemberExportService for MemberApi {
         request: Request<ListFailedDeliveriesRequest>,
     ) -> Result<Response<ListFailedDeliveriesResponse>, Status> {
         let response = state::list_failed(&self.enqueuer.store, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn erase_member(
+        &self,
+        request: Request<EraseMemberRequest>,
+    ) -> Result<Response<EraseMemberResponse>, Status> {
+        let response = self.enqueuer.erase(request.into_inner()).await?;
         Ok(Response::new(response))
     }
 

@@ -6,7 +6,8 @@
 //! queue: the newest version, its consent (a withdrawal that arrived after the delivery was
 //! queued wins) and its profile, with the contact data of channels without consent removed.
 //! A member without any consented channel is sent an opt-out (id and flags only) if the
-//! partner ever accepted it, and nothing otherwise. A member already delivered at its newest
+//! partner ever accepted it, and nothing otherwise; an erased member (a tombstone) is sent an
+//! erasure on the same condition. A member already delivered at its newest
 //! version is not sent again, so queue order and duplicate messages do not matter.
 //!
 //! Failures, by whose fault they are:
@@ -363,6 +364,19 @@ impl Workers {
             push: row.consent_push,
         };
         let version = u64::try_from(row.version).unwrap_or_default();
+        if row.erased {
+            // Tell the partner to delete the member, if it ever had it.
+            if row.delivered_version == 0 {
+                return Next::Skip;
+            }
+            return Next::Send(Delivery {
+                member_id: row.member_id.clone(),
+                version,
+                consent,
+                profile: None,
+                erase: true,
+            });
+        }
         if !consent.any() {
             // An opt-out tells the partner to stop: only for a member it has.
             if row.delivered_version == 0 {
@@ -373,6 +387,7 @@ impl Workers {
                 version,
                 consent,
                 profile: None,
+                erase: false,
             });
         }
         let stored = match (&row.key_id, &row.profile) {
@@ -398,6 +413,7 @@ impl Workers {
                 grade: stored.grade,
                 interests: stored.interests,
             }),
+            erase: false,
         })
     }
 }

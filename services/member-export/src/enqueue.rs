@@ -24,8 +24,8 @@ use std::{
 
 use mall_grpc::ServiceError;
 use mall_proto::member::v1::{
-    EnqueueMemberChangesRequest, EnqueueMemberChangesResponse, MemberChange, MemberDelivery,
-    MemberDeliveryBatch,
+    EnqueueMemberChangesRequest, EnqueueMemberChangesResponse, EraseMemberRequest,
+    EraseMemberResponse, MemberChange, MemberDelivery, MemberDeliveryBatch,
 };
 use mall_queue::{OutgoingMessage, PackBudget, Queue, QueueError, encode_body, fnv64, pack_items};
 use prost::Message as _;
@@ -34,7 +34,7 @@ use crate::{
     crypto::ProfileCipher,
     metrics::MemberMetrics,
     store::{Store, members, now_micros},
-    validate::check_request,
+    validate::{check_erasure, check_request},
 };
 
 /// Largest delivery message body (base64 text), well under the queue's 1 MiB.
@@ -108,6 +108,94 @@ impl Enqueuer {
     }
 }
 
+impl Enqueuer {
+    /// Erases a member; see `EraseMember` in the contract.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming the bad field; UNAVAILABLE when the database or the queue is
+    /// unreachable (retry: the same erasure does the same again).
+    pub async fn erase(
+        &self,
+        request: EraseMemberRequest,
+    ) -> Result<EraseMemberResponse, ServiceError> {
+        check_erasure(&request)?;
+        // Request ids of erasures live beside those of enqueues, in their own namespace.
+        let request_id =
+            (!request.request_id.is_empty()).then(|| format!("erase:{}", request.request_id));
+        if let Some(id) = &request_id
+            && let Some(first) = self.store.remembered(id).await?
+        {
+            return EraseMemberResponse::decode(first.as_slice())
+                .map_err(|e| ServiceError::Internal(e.into()));
+        }
+        let now = now_micros();
+        let version = i64::try_from(request.version).unwrap_or(i64::MAX);
+        let member = request.member_id.as_str();
+        let response = self
+            .store
+            .update(&[member], |stored| {
+                Ok(erase(stored.get(member), member, version, now))
+            })
+            .await?;
+        if response.partner_erasure_queued {
+            let delivery = MemberDelivery {
+                member_id: request.member_id.clone(),
+                version: request.version,
+                trace_context: None,
+            };
+            let key = format!("e{:016x}", fnv64(format!("{member}:{version}").as_bytes()));
+            self.queue
+                .send(messages(vec![delivery], self.lanes, &key)?)
+                .await
+                .map_err(queue_error)?;
+        }
+        if let Some(id) = &request_id {
+            self.store
+                .remember(id, response.encode_to_vec(), now)
+                .await?;
+        }
+        tracing::info!(member = %member, erased = response.erased, "member erasure");
+        Ok(response)
+    }
+}
+
+/// The tombstone that erases `member` at `version`, unless a newer change is recorded.
+fn erase(
+    stored: Option<&members::Model>,
+    member: &str,
+    version: i64,
+    now: i64,
+) -> (Vec<members::Model>, EraseMemberResponse) {
+    if stored.is_some_and(|row| row.version > version) {
+        return (Vec::new(), EraseMemberResponse::default());
+    }
+    let (queued, delivered) = stored.map_or((0, 0), |r| (r.queued_version, r.delivered_version));
+    // The partner has (or is about to have) the member: it must be told to delete it.
+    let tell = delivered > 0 || queued > delivered;
+    let tombstone = members::Model {
+        member_id: member.to_owned(),
+        version,
+        consent_email: false,
+        consent_sms: false,
+        consent_push: false,
+        consent_time: 0,
+        change_time: 0,
+        profile: None,
+        key_id: None,
+        queued_version: if tell { queued.max(version) } else { queued },
+        delivered_version: delivered,
+        update_time: now,
+        erased: true,
+    };
+    (
+        vec![tombstone],
+        EraseMemberResponse {
+            erased: true,
+            partner_erasure_queued: tell,
+        },
+    )
+}
+
 /// Decides each change in request order against the stored rows: the rows to write, the
 /// response, and the deliveries to queue. A change older than the member's newest recorded
 /// version is stale; any other is recorded, and queued when its consent grants a channel, or
@@ -167,6 +255,8 @@ pub fn decide(
                 queued_version: if queue { queued.max(version) } else { queued },
                 delivered_version: delivered,
                 update_time: now,
+                // A change newer than an erasure records the member again.
+                erased: false,
             },
         );
         touched.insert(change.member_id.clone());

@@ -88,6 +88,8 @@ pub struct Accepted {
     pub consent: Channels,
     /// Whether that version was an opt-out.
     pub opt_out: bool,
+    /// Whether that version erased the member (its data deleted).
+    pub erased: bool,
     /// Whether that version carried an e-mail address.
     pub has_email: bool,
     /// Whether that version carried a phone number.
@@ -306,6 +308,7 @@ impl Shared {
             accepted.version = member.version;
             accepted.consent = member.opt_in;
             accepted.opt_out = member.opt_out;
+            accepted.erased = member.erased;
             accepted.has_email = member.email.is_some();
             accepted.has_phone = member.phone.is_some();
         }

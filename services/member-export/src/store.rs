@@ -18,7 +18,8 @@ pub mod members {
 
     /// A member's row. `profile` is `nonce ‖ AES-256-GCM(encoded MarketingProfile)` under
     /// `key_id`; `queued_version` is the newest version queued for delivery (0: none) and
-    /// `delivered_version` the newest the partner accepted (0: never delivered).
+    /// `delivered_version` the newest the partner accepted (0: never delivered). An `erased`
+    /// row is a tombstone: no consent, no profile, only the id and the version.
     #[derive(Clone, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "members")]
     pub struct Model {
@@ -35,6 +36,7 @@ pub mod members {
         pub queued_version: i64,
         pub delivered_version: i64,
         pub update_time: i64,
+        pub erased: bool,
     }
 
     impl std::fmt::Debug for Model {
@@ -233,6 +235,7 @@ async fn write(txn: &DatabaseTransaction, row: members::Model) -> Result<(), Ser
                     C::KeyId,
                     C::QueuedVersion,
                     C::UpdateTime,
+                    C::Erased,
                 ])
                 .action_and_where(Expr::col((members::Entity, C::Version)).lte(version))
                 .to_owned(),

@@ -2,7 +2,9 @@
 //! (`changes[3].profile.phone`) and the rule, never the value: values are personal data.
 
 use mall_grpc::{ServiceError, Violations};
-use mall_proto::member::v1::{EnqueueMemberChangesRequest, MarketingProfile, MemberChange};
+use mall_proto::member::v1::{
+    EnqueueMemberChangesRequest, EraseMemberRequest, MarketingProfile, MemberChange,
+};
 
 /// Changes per request.
 pub const MAX_CHANGES: usize = 1_000;
@@ -48,6 +50,31 @@ pub fn check_request(request: &EnqueueMemberChangesRequest) -> Result<(), Servic
                 check_change(change, &format!("changes[{index}]"), &mut violations);
             }
         }
+    }
+    violations.into_result()
+}
+
+/// Checks an EraseMember request.
+///
+/// # Errors
+/// INVALID_ARGUMENT with one field violation per problem.
+pub fn check_erasure(request: &EraseMemberRequest) -> Result<(), ServiceError> {
+    let mut violations = Violations::default();
+    if request.request_id.chars().count() > MAX_REQUEST_ID_CHARS {
+        violations.add(
+            "request_id",
+            format!("must be at most {MAX_REQUEST_ID_CHARS} characters"),
+        );
+    }
+    let id = request.member_id.chars().count();
+    if id == 0 || id > MAX_MEMBER_ID_CHARS {
+        violations.add(
+            "member_id",
+            format!("must be 1 to {MAX_MEMBER_ID_CHARS} characters"),
+        );
+    }
+    if request.version == 0 || i64::try_from(request.version).is_err() {
+        violations.add("version", format!("must be 1 to {}", i64::MAX));
     }
     violations.into_result()
 }

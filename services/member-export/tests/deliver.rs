@@ -6,8 +6,8 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use mall_proto::member::v1::{
-    Consent, EnqueueMemberChangesRequest, GetDeliveryStatsRequest, GetMemberDeliveryStateRequest,
-    ListFailedDeliveriesRequest, MarketingProfile, MemberChange,
+    Consent, EnqueueMemberChangesRequest, EraseMemberRequest, GetDeliveryStatsRequest,
+    GetMemberDeliveryStateRequest, ListFailedDeliveriesRequest, MarketingProfile, MemberChange,
     member_export_service_client::MemberExportServiceClient,
 };
 use mall_queue::Queue;
@@ -454,6 +454,67 @@ async fn partner_failures_and_a_configuration_error_dead_letter_nothing(engine: 
     assert_eq!(stats.alerts_sent_count, 1, "the shared window's count");
 }
 
+async fn erasure_deletes_here_tells_the_partner_and_keeps_older_changes_out(engine: Engine) {
+    let mut running = start(engine, Dialect::Groobee, Behaviour::default()).await;
+    enqueue(&mut running, vec![change("M-1", 1, true, true)]).await;
+    delivered_at(&running, "M-1", 1).await;
+    let client = running.client.clone();
+    let erase = |member: &str, version: u64| {
+        let mut client = client.clone();
+        let member = member.to_owned();
+        async move {
+            client
+                .erase_member(EraseMemberRequest {
+                    request_id: String::new(),
+                    member_id: member,
+                    version,
+                })
+                .await
+        }
+    };
+    let erased = erase("M-1", 2).await.expect("erased").into_inner();
+    assert!(erased.erased && erased.partner_erasure_queued);
+    delivered_at(&running, "M-1", 2).await;
+    let at_partner = &running.simulator.members()["M-1"];
+    assert!(at_partner.erased && !at_partner.has_email && !at_partner.consent.any());
+
+    // Here only the tombstone remains: no profile, no consent.
+    let db = Database::connect(&running.url).await.expect("connects");
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT profile, consent_email, version FROM members WHERE member_id = 'M-1'",
+        ))
+        .await
+        .expect("reads");
+    let profile: Option<Vec<u8>> = rows[0].try_get("", "profile").expect("profile");
+    let consent: bool = rows[0].try_get("", "consent_email").expect("consent");
+    assert!(profile.is_none() && !consent);
+
+    // An older change cannot bring the data back; nothing more reaches the partner.
+    let late = running
+        .client
+        .enqueue_member_changes(EnqueueMemberChangesRequest {
+            request_id: String::new(),
+            changes: vec![change("M-1", 1, true, true)],
+        })
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(late.stale_count, 1);
+    assert!(!erase("M-1", 1).await.expect("answered").into_inner().erased);
+
+    // A member the partner never had is erased here only.
+    let never = erase("M-NEW", 1).await.expect("erased").into_inner();
+    assert!(never.erased && !never.partner_erasure_queued);
+    drained(&running).await;
+    assert!(!running.simulator.members().contains_key("M-NEW"));
+    assert_eq!(
+        erase("", 0).await.expect_err("invalid").code(),
+        tonic::Code::InvalidArgument
+    );
+}
+
 /// A profile encrypted with a key that is no longer configured cannot be sent: the member is
 /// recorded as a failed delivery (to resend once the key is back), not sent without its data.
 #[tokio::test]
@@ -537,6 +598,11 @@ mod sqlite {
     async fn failures() {
         partner_failures_and_a_configuration_error_dead_letter_nothing(Engine::Sqlite).await;
     }
+
+    #[tokio::test]
+    async fn erasure() {
+        erasure_deletes_here_tells_the_partner_and_keeps_older_changes_out(Engine::Sqlite).await;
+    }
 }
 
 mod postgres {
@@ -567,5 +633,10 @@ mod postgres {
     #[tokio::test]
     async fn failures() {
         partner_failures_and_a_configuration_error_dead_letter_nothing(Engine::Postgres).await;
+    }
+
+    #[tokio::test]
+    async fn erasure() {
+        erasure_deletes_here_tells_the_partner_and_keeps_older_changes_out(Engine::Postgres).await;
     }
 }

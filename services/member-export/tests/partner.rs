@@ -54,6 +54,7 @@ fn member(id: &str, version: u64) -> Delivery {
             sms: false,
             push: true,
         },
+        erase: false,
         profile: Some(Profile {
             email: Some(format!("{id}@example.com")),
             phone: None,
@@ -71,6 +72,7 @@ fn opt_out(id: &str, version: u64) -> Delivery {
         version,
         consent: Channels::default(),
         profile: None,
+        erase: false,
     }
 }
 

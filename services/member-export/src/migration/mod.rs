@@ -7,6 +7,7 @@ use sea_orm_migration::{MigrationTrait, MigratorTrait};
 mod m20261202_000001_members;
 mod m20261202_000002_failed_deliveries;
 mod m20261202_000003_alert_windows;
+mod m20261202_000004_member_erasure;
 
 /// The ordered list of migrations.
 #[derive(Debug)]
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000001_members::Migration),
             Box::new(m20261202_000002_failed_deliveries::Migration),
             Box::new(m20261202_000003_alert_windows::Migration),
+            Box::new(m20261202_000004_member_erasure::Migration),
         ];
         // The embedded queue's tables live in this database (unused with SQS).
         migrations.extend(mall_queue::embedded::migrations());

@@ -5,7 +5,10 @@
 //! `processCode` ([`code`]); a partial success names the refused members in `failedMembers`
 //! ([`wire::Response::refused`], the one place that reads it; the simulator writes it with the
 //! same types). The platform publishes no rate limit, no `Retry-After` and no idempotency keys:
-//! a batch sent twice is upserted twice, which its keying by member makes harmless.
+//! a batch sent twice is upserted twice, which its keying by member makes harmless. Its API
+//! has no separate delete call that we know of: an erased member is sent in the upsert as
+//! `"erased": true` (with `optOut`) and no profile; this is the assumption to confirm with the
+//! platform before production.
 
 use std::time::Duration;
 

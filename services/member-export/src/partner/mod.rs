@@ -33,8 +33,10 @@ pub struct Delivery {
     pub consent: Channels,
     /// The profile, with the contact data of channels without consent already removed;
     /// `None` for an opt-out (a member who withdrew consent is told to the partner with its
-    /// id and channel flags only).
+    /// id and channel flags only) and an erasure.
     pub profile: Option<Profile>,
+    /// The member left the mall: the partner must delete it.
+    pub erase: bool,
 }
 
 impl fmt::Debug for Delivery {
@@ -44,6 +46,7 @@ impl fmt::Debug for Delivery {
             .field("version", &self.version)
             .field("consent", &self.consent)
             .field("profile", &self.profile.as_ref().map(|_| "<redacted>"))
+            .field("erase", &self.erase)
             .finish()
     }
 }
@@ -174,6 +177,9 @@ pub mod json {
         /// The member withdrew every consent: stop marketing to them.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         pub opt_out: bool,
+        /// The member left the mall: delete it (an erasure is also an opt-out).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub erased: bool,
         /// E-mail; only with e-mail consent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub email: Option<String>,
@@ -201,6 +207,7 @@ pub mod json {
                 .field("version", &self.version)
                 .field("opt_in", &self.opt_in)
                 .field("opt_out", &self.opt_out)
+                .field("erased", &self.erased)
                 .finish_non_exhaustive()
         }
     }
@@ -214,6 +221,7 @@ pub mod json {
             version: delivery.version,
             opt_in: delivery.consent,
             opt_out: profile.is_none(),
+            erased: delivery.erase,
             email: profile.and_then(|p| p.email.clone()),
             phone: profile.and_then(|p| p.phone.clone()),
             name: profile.and_then(|p| text(&p.display_name)),
@@ -416,6 +424,7 @@ mod tests {
                 sms: false,
                 push: false,
             },
+            erase: false,
             profile: Some(Profile {
                 email: Some("kim@example.com".into()),
                 phone: None,

@@ -6,8 +6,9 @@
 //! - `webhook-signature`: `v1,` and base64 of HMAC-SHA256 over `<id>.<timestamp>.<body>`,
 //!   keyed with the secret (`whsec_` and base64 of the key).
 //!
-//! The body is `{"type", "timestamp", "data"}`: `member.upserted` or `member.opted_out` with
-//! one member as `data`, or `members.upserted` with `{"members": [...]}`. A 2xx takes the
+//! The body is `{"type", "timestamp", "data"}`: `member.upserted`, `member.opted_out` or
+//! `member.erased` with one member as `data`, or `members.upserted` with `{"members": [...]}`
+//! (each member flagged `optOut` or `erased` where it applies). A 2xx takes the
 //! request; for a batch, its body may name refused members ([`wire::Answer::refused`], the one
 //! place that reads it, shared with the simulator). A 400, 409, 410 or 422 refuses a single
 //! member for its own fault (a batch is split to find which); 429 and `Retry-After` limit our
@@ -183,7 +184,9 @@ fn body(batch: &[Delivery], now: SystemTime) -> serde_json::Result<Vec<u8>> {
     let timestamp = chrono::DateTime::<chrono::Utc>::from(now).to_rfc3339();
     match batch {
         [one] => serde_json::to_vec(&wire::Event {
-            kind: if one.profile.is_some() {
+            kind: if one.erase {
+                "member.erased"
+            } else if one.profile.is_some() {
                 "member.upserted"
             } else {
                 "member.opted_out"
