@@ -28,7 +28,7 @@ use crate::{metrics::MemberMetrics, store::db_error};
 pub struct AlertSettings {
     /// The incoming webhook (Slack or compatible: a POST of `{"text": ...}`); a secret, never
     /// printed. Unset: alerts are only logged (and still counted against the cap).
-    #[serde(serialize_with = "serialize_optional_secret")]
+    #[serde(serialize_with = "mall_config::serialize_optional_secret")]
     pub webhook_url: Option<SecretString>,
     /// Most alerts per window across all replicas.
     pub max_per_window: u32,
@@ -48,16 +48,6 @@ impl Default for AlertSettings {
             window: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(5),
         }
-    }
-}
-
-fn serialize_optional_secret<S: serde::Serializer>(
-    secret: &Option<SecretString>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match secret {
-        Some(secret) => mall_config::serialize_secret(secret, serializer),
-        None => serializer.serialize_none(),
     }
 }
 

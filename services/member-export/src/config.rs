@@ -164,14 +164,7 @@ impl Default for Settings {
             },
             enqueue: EnqueueSettings::default(),
             encryption: EncryptionSettings::default(),
-            partner: PartnerSettings::Groobee {
-                url: "http://127.0.0.1:8089/groobee"
-                    .parse()
-                    .expect("a valid URL"),
-                api_key: SecretString::from("local-api-key"),
-                max_batch: 1_000,
-                request_timeout: Duration::from_secs(10),
-            },
+            partner: PartnerSettings::default(),
             delivery: DeliverySettings::default(),
             alerts: AlertSettings::default(),
         }
@@ -185,5 +178,56 @@ impl Settings {
     /// When a key is unknown or a value is malformed; the error names the key.
     pub fn load() -> Result<Self, mall_config::ConfigError> {
         mall_config::load(ENV_PREFIX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::ExposeSecret as _;
+
+    use super::*;
+    use crate::partner::PartnerKind;
+
+    fn load(env: &[(&str, &str)]) -> Result<Settings, mall_config::ConfigError> {
+        mall_config::load_from(
+            ENV_PREFIX,
+            mall_config::Sources {
+                file: None,
+                env: env
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            },
+        )
+    }
+
+    #[test]
+    fn the_environment_switches_the_partner_and_sets_keys_and_secrets() {
+        let settings = load(&[
+            ("MEMBER_EXPORT__PARTNER__KIND", "webhook"),
+            (
+                "MEMBER_EXPORT__PARTNER__URL",
+                "https://hooks.example.com/members",
+            ),
+            (
+                "MEMBER_EXPORT__PARTNER__SECRET",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            ),
+            ("MEMBER_EXPORT__ENCRYPTION__CURRENT", "k1"),
+            (
+                "MEMBER_EXPORT__ENCRYPTION__KEYS__K1",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+            ),
+        ])
+        .expect("valid settings");
+        assert_eq!(settings.partner.kind, PartnerKind::Webhook);
+        assert!(crate::partner::AnyPartner::new(&settings.partner).is_ok());
+        assert!(crate::crypto::ProfileCipher::new(&settings.encryption).is_ok());
+        assert_eq!(
+            settings.encryption.keys["k1"].expose_secret(),
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+        );
+        let error = load(&[("MEMBER_EXPORT__PARTNER__API_KY", "typo")]).expect_err("unknown key");
+        assert!(error.to_string().contains("api_ky"), "{error}");
     }
 }

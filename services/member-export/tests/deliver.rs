@@ -76,17 +76,13 @@ async fn start_on(
     settings.delivery.configuration_pause = Duration::from_millis(500);
     settings.alerts.webhook_url = Some(SecretString::from(simulator.alerts_url()));
     settings.partner = match dialect {
-        Dialect::Groobee => PartnerSettings::Groobee {
-            url: simulator.groobee_url(),
-            api_key: SecretString::from(KEY),
-            max_batch: 1_000,
+        Dialect::Groobee => PartnerSettings {
             request_timeout: Duration::from_millis(500),
+            ..PartnerSettings::groobee(simulator.groobee_url(), SecretString::from(KEY))
         },
-        Dialect::Webhook => PartnerSettings::Webhook {
-            url: simulator.webhook_url(),
-            secret: SecretString::from(SECRET),
-            max_batch: 1,
+        Dialect::Webhook => PartnerSettings {
             request_timeout: Duration::from_millis(500),
+            ..PartnerSettings::webhook(simulator.webhook_url(), SecretString::from(SECRET))
         },
     };
     configure(&mut settings);

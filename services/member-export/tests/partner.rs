@@ -26,21 +26,21 @@ async fn simulator() -> Simulator {
 }
 
 fn groobee(simulator: &Simulator, key: &str) -> AnyPartner {
-    AnyPartner::new(&PartnerSettings::Groobee {
-        url: simulator.groobee_url(),
-        api_key: SecretString::from(key.to_owned()),
-        max_batch: 1_000,
+    AnyPartner::new(&PartnerSettings {
         request_timeout: Duration::from_millis(500),
+        ..PartnerSettings::groobee(simulator.groobee_url(), SecretString::from(key.to_owned()))
     })
     .expect("adapter")
 }
 
 fn webhook(simulator: &Simulator, secret: &str, max_batch: usize) -> AnyPartner {
-    AnyPartner::new(&PartnerSettings::Webhook {
-        url: simulator.webhook_url(),
-        secret: SecretString::from(secret.to_owned()),
-        max_batch,
+    AnyPartner::new(&PartnerSettings {
+        max_batch: Some(max_batch),
         request_timeout: Duration::from_millis(500),
+        ..PartnerSettings::webhook(
+            simulator.webhook_url(),
+            SecretString::from(secret.to_owned()),
+        )
     })
     .expect("adapter")
 }

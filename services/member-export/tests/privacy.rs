@@ -103,11 +103,10 @@ async fn no_personal_data_reaches_logs_spans_metrics_or_errors() {
     settings.delivery.retry_max = Duration::from_millis(100);
     settings.delivery.configuration_pause = Duration::from_millis(300);
     settings.alerts.webhook_url = Some(SecretString::from(simulator.alerts_url()));
-    settings.partner = PartnerSettings::Groobee {
-        url: simulator.groobee_url(),
-        api_key: SecretString::from("key"),
-        max_batch: 2,
+    settings.partner = PartnerSettings {
+        max_batch: Some(2),
         request_timeout: Duration::from_millis(500),
+        ..PartnerSettings::groobee(simulator.groobee_url(), SecretString::from("key"))
     };
     let app = App::build(settings).await.expect("app builds");
     let (grpc, admin) = (app.grpc_addr(), app.admin_addr());

@@ -22,10 +22,6 @@ use super::{
 /// The platform's largest batch.
 pub const MAX_BATCH: usize = 1_000;
 
-pub(super) fn max_batch_default() -> usize {
-    MAX_BATCH
-}
-
 /// The platform's `processCode` values.
 pub mod code {
     /// Every member was taken.

@@ -232,44 +232,74 @@ pub mod json {
     }
 }
 
-/// Which partner to deliver to, and how to reach it.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum PartnerSettings {
+/// A partner dialect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartnerKind {
     /// The mall's marketing platform (see [`groobee`]).
-    Groobee {
-        /// The bulk upsert endpoint, e.g. `https://api.example.com/v1/members/bulk`.
-        url: url::Url,
-        /// The `x-api-key` value (a secret: never printed).
-        #[serde(serialize_with = "mall_config::serialize_secret")]
-        api_key: SecretString,
-        /// Members per request, 1 to 1,000 (the platform's maximum).
-        #[serde(default = "groobee::max_batch_default")]
-        max_batch: usize,
-        /// How long one request may take, connecting included.
-        #[serde(default = "request_timeout_default", with = "humantime_serde")]
-        request_timeout: Duration,
-    },
+    Groobee,
     /// A Standard Webhooks receiver (see [`webhook`]).
-    Webhook {
-        /// Where to POST.
-        url: url::Url,
-        /// The signing secret, `whsec_` followed by base64 of the key (a secret: never
-        /// printed).
-        #[serde(serialize_with = "mall_config::serialize_secret")]
-        secret: SecretString,
-        /// Members per request: 1 sends one member per POST (`member` events), more sends
-        /// batches (`members` events). At most 1,000.
-        #[serde(default = "webhook::max_batch_default")]
-        max_batch: usize,
-        /// How long one request may take, connecting included.
-        #[serde(default = "request_timeout_default", with = "humantime_serde")]
-        request_timeout: Duration,
-    },
+    Webhook,
 }
 
-fn request_timeout_default() -> Duration {
-    Duration::from_secs(10)
+/// Which partner to deliver to, and how to reach it. One flat section (rather than one per
+/// dialect) so that a file or the environment can switch `kind` over the defaults.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PartnerSettings {
+    /// The dialect.
+    pub kind: PartnerKind,
+    /// Where to POST, e.g. `https://api.example.com/v1/members/bulk`.
+    pub url: url::Url,
+    /// groobee: the `x-api-key` value (a secret: never printed). Required for groobee.
+    #[serde(serialize_with = "mall_config::serialize_optional_secret")]
+    pub api_key: Option<SecretString>,
+    /// webhook: the signing secret, `whsec_` and base64 of the key (never printed). Required
+    /// for webhook.
+    #[serde(serialize_with = "mall_config::serialize_optional_secret")]
+    pub secret: Option<SecretString>,
+    /// Members per request, 1 to 1,000; default 1,000 for groobee (its maximum) and 1 for
+    /// webhook (one `member` event per POST; more sends `members` events).
+    pub max_batch: Option<usize>,
+    /// How long one request may take, connecting included.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for PartnerSettings {
+    /// The local partner simulator's groobee endpoint (`partner-simulator`).
+    fn default() -> Self {
+        Self::groobee(
+            "http://127.0.0.1:8089/groobee"
+                .parse()
+                .expect("a valid URL"),
+            SecretString::from("local-api-key"),
+        )
+    }
+}
+
+impl PartnerSettings {
+    /// A groobee partner at `url` with `api_key`, other settings at their defaults.
+    pub fn groobee(url: url::Url, api_key: SecretString) -> Self {
+        Self {
+            kind: PartnerKind::Groobee,
+            url,
+            api_key: Some(api_key),
+            secret: None,
+            max_batch: None,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// A webhook partner at `url` signing with `secret`, other settings at their defaults.
+    pub fn webhook(url: url::Url, secret: SecretString) -> Self {
+        Self {
+            kind: PartnerKind::Webhook,
+            api_key: None,
+            secret: Some(secret),
+            ..Self::groobee(url, SecretString::from(""))
+        }
+    }
 }
 
 /// The configured partner.
@@ -288,29 +318,23 @@ impl AnyPartner {
     /// When a setting is out of range (the message names it) or the HTTP client cannot be
     /// built.
     pub fn new(settings: &PartnerSettings) -> anyhow::Result<Self> {
-        Ok(match settings {
-            PartnerSettings::Groobee {
-                url,
-                api_key,
-                max_batch,
-                request_timeout,
-            } => Self::Groobee(groobee::Groobee::new(
-                url.clone(),
-                api_key.clone(),
-                *max_batch,
-                *request_timeout,
-            )?),
-            PartnerSettings::Webhook {
-                url,
-                secret,
-                max_batch,
-                request_timeout,
-            } => Self::Webhook(webhook::Webhook::new(
-                url.clone(),
-                secret,
-                *max_batch,
-                *request_timeout,
-            )?),
+        let url = settings.url.clone();
+        let timeout = settings.request_timeout;
+        Ok(match settings.kind {
+            PartnerKind::Groobee => {
+                let key = settings.api_key.clone().ok_or_else(|| {
+                    anyhow::anyhow!("partner.api_key is required for partner.kind = groobee")
+                })?;
+                let max_batch = settings.max_batch.unwrap_or(groobee::MAX_BATCH);
+                Self::Groobee(groobee::Groobee::new(url, key, max_batch, timeout)?)
+            }
+            PartnerKind::Webhook => {
+                let secret = settings.secret.as_ref().ok_or_else(|| {
+                    anyhow::anyhow!("partner.secret is required for partner.kind = webhook")
+                })?;
+                let max_batch = settings.max_batch.unwrap_or(1);
+                Self::Webhook(webhook::Webhook::new(url, secret, max_batch, timeout)?)
+            }
         })
     }
 }
@@ -474,6 +498,16 @@ mod tests {
             "api_key": "very-secret-key",
         }))
         .expect("valid settings");
+        assert!(AnyPartner::new(&settings).is_ok());
+        let webhook_without_secret = PartnerSettings {
+            kind: PartnerKind::Webhook,
+            ..settings.clone()
+        };
+        let error = AnyPartner::new(&webhook_without_secret).expect_err("no secret");
+        assert!(
+            error.to_string().contains("partner.secret is required"),
+            "{error}"
+        );
         // Serialized only into the in-memory merge of configuration sources; printed
         // (Debug) it is redacted.
         let shown = format!("{settings:?}");

@@ -28,10 +28,6 @@ use super::{
 /// Most members one batch request may carry.
 pub const MAX_BATCH: usize = 1_000;
 
-pub(super) fn max_batch_default() -> usize {
-    1
-}
-
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
 /// The JSON a webhook receiver takes and answers, shared with the partner simulator.
