@@ -19,6 +19,7 @@ use crate::{
     metrics::MemberMetrics,
     outbound::{self, Limits},
     partner::{AnyPartner, Partner as _},
+    reencrypt::Reencrypt,
     stats,
     store::Store,
 };
@@ -64,6 +65,16 @@ impl App {
             &metrics,
         );
         let store = Store::new(db.clone());
+        server.spawn(
+            "re-encryption",
+            Reencrypt {
+                store: store.clone(),
+                cipher: cipher.clone(),
+                interval: settings.encryption.reencrypt_interval,
+                metrics: metrics.clone(),
+            }
+            .run(server.shutdown_token()),
+        );
         let alerts = Alerts::new(&settings.alerts, db.clone(), metrics.clone())?;
         server.spawn(
             "alert summaries",

@@ -115,6 +115,10 @@ pub struct EncryptionSettings {
     /// own from a Secret.
     #[serde(serialize_with = "serialize_keys")]
     pub keys: BTreeMap<String, SecretString>,
+    /// How often profiles sealed under another key than `current` are moved to it (after a
+    /// rotation; a pass with nothing to move costs one query).
+    #[serde(with = "humantime_serde")]
+    pub reencrypt_interval: Duration,
 }
 
 /// The built-in development key's id.
@@ -129,6 +133,7 @@ impl Default for EncryptionSettings {
                 // Base64 of 32 fixed bytes: local runs and tests only.
                 SecretString::from("bWFsbC1tZW1iZXItZXhwb3J0LWRldmVsb3BtZW50LWs="),
             )]),
+            reencrypt_interval: Duration::from_secs(60),
         }
     }
 }

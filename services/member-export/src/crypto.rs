@@ -75,6 +75,11 @@ impl ProfileCipher {
         })
     }
 
+    /// The key id new profiles are sealed under.
+    pub fn current(&self) -> &str {
+        &self.current
+    }
+
     /// Encrypts `plaintext` for `member_id` with the current key: (key id, stored value).
     pub fn encrypt(&self, member_id: &str, plaintext: &[u8]) -> (String, Vec<u8>) {
         let cipher = &self.keys[&self.current];

@@ -12,7 +12,8 @@
 //! - [`state`]: ListFailedDeliveries and GetMemberDeliveryState.
 //! - [`validate`]: request limits and their checks.
 //! - [`store`]: the member table and remembered request ids.
-//! - [`crypto`]: profiles encrypted at rest (AES-256-GCM).
+//! - [`crypto`]: profiles encrypted at rest (AES-256-GCM); [`reencrypt`]: moves them to the
+//!   current key after a rotation.
 //! - [`migration`]: the database schema.
 //! - [`partner`]: the marketing platform behind one trait, one adapter per dialect.
 //! - [`simulator`]: a partner simulator for tests, benchmarks and local runs.
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod migration;
 pub mod outbound;
 pub mod partner;
+pub mod reencrypt;
 pub mod simulator;
 pub mod state;
 pub mod stats;

@@ -2,7 +2,9 @@
 //! come from small fixed sets, every one registered at start so a series exists before its
 //! first event; no member id or other personal data is ever a label.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// The service's counters and gauges; cheap to clone.
 #[derive(Debug, Clone)]
@@ -33,6 +35,8 @@ pub struct MemberMetrics {
     /// `alerts_total{outcome}`: alerts this replica `sent` or `suppressed` (the cap is shared
     /// by every replica).
     pub alerts: IntCounterVec,
+    /// `profiles_reencrypted_total`: profiles moved to the current key after a rotation.
+    pub reencrypted: IntCounter,
 }
 
 const ENQUEUED: [&str; 4] = ["accepted", "opt_out", "skipped_without_consent", "stale"];
@@ -105,6 +109,10 @@ impl MemberMetrics {
                 ),
                 &["outcome"],
             )?,
+            reencrypted: IntCounter::new(
+                "profiles_reencrypted_total",
+                "Profiles moved to the current encryption key after a rotation",
+            )?,
         };
         registry.register(Box::new(metrics.enqueued.clone()))?;
         registry.register(Box::new(metrics.deliveries.clone()))?;
@@ -116,6 +124,7 @@ impl MemberMetrics {
         registry.register(Box::new(metrics.configuration_paused.clone()))?;
         registry.register(Box::new(metrics.queue.clone()))?;
         registry.register(Box::new(metrics.alerts.clone()))?;
+        registry.register(Box::new(metrics.reencrypted.clone()))?;
         for outcome in ENQUEUED {
             metrics.enqueued.with_label_values(&[outcome]);
         }

@@ -556,6 +556,71 @@ async fn a_profile_whose_key_is_gone_is_recorded_not_sent() {
     assert_eq!(reason, "undecryptable");
 }
 
+/// A key rotation: the old key stays configured beside the new current one, the service
+/// moves every profile to the new key, and then the old key can go: deliveries still work.
+#[tokio::test]
+async fn after_a_key_rotation_profiles_move_to_the_new_key_and_the_old_one_can_go() {
+    const OLD: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    const NEW: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let url = database.url();
+    {
+        let mut before = start_on(url, Dialect::Groobee, Behaviour::default(), |settings| {
+            settings.encryption.current = "k1".into();
+            settings.encryption.keys = [("k1".to_owned(), SecretString::from(OLD))].into();
+            settings.delivery.workers = 0;
+        })
+        .await;
+        let changes = (0..3)
+            .map(|i| change(&format!("M-{i}"), 1, true, true))
+            .collect();
+        enqueue(&mut before, changes).await;
+    }
+    let key_ids = || async {
+        let db = Database::connect(url).await.expect("connects");
+        let rows = db
+            .query_all_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT DISTINCT key_id FROM members",
+            ))
+            .await
+            .expect("reads");
+        rows.iter()
+            .map(|r| r.try_get::<String>("", "key_id").expect("key id"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(key_ids().await, ["k1"]);
+    {
+        let _rotating = start_on(url, Dialect::Groobee, Behaviour::default(), |settings| {
+            settings.encryption.current = "k2".into();
+            settings.encryption.keys = [
+                ("k1".to_owned(), SecretString::from(OLD)),
+                ("k2".to_owned(), SecretString::from(NEW)),
+            ]
+            .into();
+            settings.encryption.reencrypt_interval = Duration::from_millis(100);
+            settings.delivery.workers = 0;
+        })
+        .await;
+        wait_until(
+            "every profile is under k2",
+            Duration::from_secs(20),
+            || async { (key_ids().await == ["k2"]).then_some(()) },
+        )
+        .await;
+    }
+    // Only the new key now: the profiles still decrypt and are delivered with their data.
+    let after = start_on(url, Dialect::Groobee, Behaviour::default(), |settings| {
+        settings.encryption.current = "k2".into();
+        settings.encryption.keys = [("k2".to_owned(), SecretString::from(NEW))].into();
+    })
+    .await;
+    for i in 0..3 {
+        delivered_at(&after, &format!("M-{i}"), 1).await;
+    }
+    assert!(after.simulator.members().values().all(|m| m.has_email));
+}
+
 mod sqlite {
     use super::*;
 
