@@ -38,6 +38,14 @@ pub struct AlertSettings {
     /// How long one webhook call may take.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Share of failed partner requests (5xx, timeouts, rate limits) over one
+    /// `failure_rate_period` that raises an alert (at most once per `window` per replica).
+    pub failure_rate_threshold: f64,
+    /// The period the failure rate is measured over.
+    #[serde(with = "humantime_serde")]
+    pub failure_rate_period: Duration,
+    /// Fewest requests in a period for its rate to count.
+    pub failure_rate_min_requests: u64,
 }
 
 impl Default for AlertSettings {
@@ -47,6 +55,9 @@ impl Default for AlertSettings {
             max_per_window: 10,
             window: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(5),
+            failure_rate_threshold: 0.5,
+            failure_rate_period: Duration::from_secs(60),
+            failure_rate_min_requests: 20,
         }
     }
 }
@@ -244,6 +255,54 @@ impl Alerts {
                 timeout = error.is_timeout(),
                 "the alert webhook failed; the alert still counts against the cap"
             ),
+        }
+    }
+
+    /// Watches this replica's partner requests until `shutdown`: when failures reach
+    /// `failure_rate_threshold` of at least `failure_rate_min_requests` in one period, an
+    /// alert is raised, at most once per alert window.
+    ///
+    /// # Errors
+    /// Never.
+    pub async fn watch_failure_rate(
+        self,
+        settings: AlertSettings,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let counts = |metrics: &MemberMetrics| {
+            let get = |outcome| MemberMetrics::get(&metrics.requests, outcome).unsigned_abs();
+            (get("accepted"), get("retry") + get("rate_limited"))
+        };
+        let (mut ok_before, mut failed_before) = counts(&self.metrics);
+        let mut last_alert: Option<tokio::time::Instant> = None;
+        let quiet = Duration::from_millis(u64::try_from(self.window_ms).unwrap_or(u64::MAX));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(settings.failure_rate_period) => {}
+            }
+            let (ok, failed) = counts(&self.metrics);
+            let (ok_now, failed_now) = (ok - ok_before, failed - failed_before);
+            (ok_before, failed_before) = (ok, failed);
+            let total = ok_now + failed_now;
+            #[allow(clippy::cast_precision_loss)] // counts of one period
+            let rate = failed_now as f64 / total.max(1) as f64;
+            let due = last_alert.is_none_or(|at| at.elapsed() >= quiet);
+            if total >= settings.failure_rate_min_requests
+                && rate >= settings.failure_rate_threshold
+                && due
+            {
+                last_alert = Some(tokio::time::Instant::now());
+                let text = format!(
+                    "member-export: {failed_now} of {total} requests to the partner failed in \
+                     the last {:?} ({:.0} %); deliveries are retried and wait",
+                    settings.failure_rate_period,
+                    rate * 100.0
+                );
+                if let Err(error) = self.raise(&text).await {
+                    tracing::warn!(%error, "cannot count an alert; not sent");
+                }
+            }
         }
     }
 

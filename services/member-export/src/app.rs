@@ -80,6 +80,12 @@ impl App {
             "alert summaries",
             alerts.clone().summarize(server.shutdown_token()),
         );
+        server.spawn(
+            "failure-rate alerts",
+            alerts
+                .clone()
+                .watch_failure_rate(settings.alerts.clone(), server.shutdown_token()),
+        );
         let workers = Workers {
             store: store.clone(),
             queue: queue.clone(),

@@ -33,6 +33,7 @@ async fn at_most_the_cap_is_sent_across_replicas_and_the_rest_summed_up_once(eng
         max_per_window: 10,
         window: Duration::from_secs(2),
         request_timeout: Duration::from_secs(2),
+        ..AlertSettings::default()
     };
     let mut replicas = Vec::new();
     for _ in 0..2 {

@@ -556,6 +556,42 @@ async fn a_profile_whose_key_is_gone_is_recorded_not_sent() {
     assert_eq!(reason, "undecryptable");
 }
 
+/// A partner that fails every request: after a period with enough requests, one alert about
+/// the failure rate (and not another within the alert window).
+#[tokio::test]
+async fn a_high_failure_rate_raises_one_alert() {
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let failing = Behaviour {
+        error_rate: 1.0,
+        ..Behaviour::default()
+    };
+    let mut running = start_on(database.url(), Dialect::Groobee, failing, |settings| {
+        settings.alerts.failure_rate_period = Duration::from_millis(300);
+        settings.alerts.failure_rate_min_requests = 3;
+    })
+    .await;
+    enqueue(&mut running, vec![change("M-1", 1, true, true)]).await;
+    wait_until("a failure-rate alert", Duration::from_secs(20), || async {
+        running
+            .simulator
+            .alerts()
+            .iter()
+            .any(|a| a.contains("requests to the partner failed"))
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let alerts = running.simulator.alerts();
+    assert_eq!(
+        alerts
+            .iter()
+            .filter(|a| a.contains("requests to the partner failed"))
+            .count(),
+        1,
+        "{alerts:?}"
+    );
+}
+
 /// A key rotation: the old key stays configured beside the new current one, the service
 /// moves every profile to the new key, and then the old key can go: deliveries still work.
 #[tokio::test]
