@@ -657,83 +657,38 @@ async fn after_a_key_rotation_profiles_move_to_the_new_key_and_the_old_one_can_g
     assert!(after.simulator.members().values().all(|m| m.has_email));
 }
 
-mod sqlite {
-    use super::*;
-
-    #[tokio::test]
-    async fn groobee_sends_consented_members_with_only_consented_contact_data() {
-        consented_members_are_sent_with_only_their_consented_contact_data(
-            Engine::Sqlite,
-            Dialect::Groobee,
-        )
-        .await;
-    }
-
-    #[tokio::test]
-    async fn webhook_sends_consented_members_with_only_consented_contact_data() {
-        consented_members_are_sent_with_only_their_consented_contact_data(
-            Engine::Sqlite,
-            Dialect::Webhook,
-        )
-        .await;
-    }
-
-    #[tokio::test]
-    async fn withdrawals() {
-        a_withdrawal_overtaking_its_queued_change_sends_nothing_and_a_later_one_an_opt_out(
-            Engine::Sqlite,
-        )
-        .await;
-    }
-
-    #[tokio::test]
-    async fn refusals() {
-        refused_members_are_recorded_and_the_rest_delivered(Engine::Sqlite).await;
-    }
-
-    #[tokio::test]
-    async fn failures() {
-        partner_failures_and_a_configuration_error_dead_letter_nothing(Engine::Sqlite).await;
-    }
-
-    #[tokio::test]
-    async fn erasure() {
-        erasure_deletes_here_tells_the_partner_and_keeps_older_changes_out(Engine::Sqlite).await;
-    }
+/// The engine-parameterized tests, once per engine.
+macro_rules! on_both_engines {
+    ($($name:ident => $test:ident $(, $extra:expr)?;)*) => {
+        mod sqlite {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    $test(Engine::Sqlite $(, $extra)?).await;
+                }
+            )*
+        }
+        mod postgres {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    $test(Engine::Postgres $(, $extra)?).await;
+                }
+            )*
+        }
+    };
 }
 
-mod postgres {
-    use super::*;
-
-    #[tokio::test]
-    async fn groobee_sends_consented_members_with_only_consented_contact_data() {
-        consented_members_are_sent_with_only_their_consented_contact_data(
-            Engine::Postgres,
-            Dialect::Groobee,
-        )
-        .await;
-    }
-
-    #[tokio::test]
-    async fn withdrawals() {
-        a_withdrawal_overtaking_its_queued_change_sends_nothing_and_a_later_one_an_opt_out(
-            Engine::Postgres,
-        )
-        .await;
-    }
-
-    #[tokio::test]
-    async fn refusals() {
-        refused_members_are_recorded_and_the_rest_delivered(Engine::Postgres).await;
-    }
-
-    #[tokio::test]
-    async fn failures() {
-        partner_failures_and_a_configuration_error_dead_letter_nothing(Engine::Postgres).await;
-    }
-
-    #[tokio::test]
-    async fn erasure() {
-        erasure_deletes_here_tells_the_partner_and_keeps_older_changes_out(Engine::Postgres).await;
-    }
+on_both_engines! {
+    groobee_sends_consented_members_with_only_consented_contact_data =>
+        consented_members_are_sent_with_only_their_consented_contact_data, Dialect::Groobee;
+    webhook_sends_consented_members_with_only_consented_contact_data =>
+        consented_members_are_sent_with_only_their_consented_contact_data, Dialect::Webhook;
+    withdrawals =>
+        a_withdrawal_overtaking_its_queued_change_sends_nothing_and_a_later_one_an_opt_out;
+    refusals => refused_members_are_recorded_and_the_rest_delivered;
+    failures => partner_failures_and_a_configuration_error_dead_letter_nothing;
+    erasure => erasure_deletes_here_tells_the_partner_and_keeps_older_changes_out;
 }
