@@ -167,37 +167,20 @@ impl Workers {
         };
         let wanted = wanted(&messages);
         let ids: Vec<&str> = wanted.keys().map(String::as_str).collect();
-        let rows = self.store.members(&ids).await?;
-        let mut deliveries = Vec::new();
-        let mut unreadable = Vec::new();
-        for row in &rows {
-            match self.delivery(row) {
-                Next::Send(delivery) => deliveries.push(delivery),
-                Next::Skip => round.skipped += 1,
-                Next::Unreadable => {
-                    unreadable.push((row.member_id.as_str(), row.version, UNREADABLE))
-                }
-            }
-        }
-        if !unreadable.is_empty() {
-            // Not the member's fault, but no retry helps until the key is configured again;
-            // recorded, so the failed-deliveries job can resend them then.
-            tracing::error!(
-                members = ?unreadable.iter().map(|u| u.0).collect::<Vec<_>>(),
-                "stored profiles cannot be decrypted (is a key missing from encryption.keys?); \
-                 recorded in failed_deliveries"
-            );
-            self.store.delivered(&[], &unreadable, now_micros()).await?;
-            round.refused += unreadable.len();
-        }
+        let deliveries = self.prepare(&ids, &mut round).await?;
         let receipts: Vec<Receipt> = messages.iter().map(|m| m.receipt.clone()).collect();
-        let mut pending: Vec<Vec<Delivery>> = deliveries
-            .chunks(self.max_batch.max(1))
-            .map(<[Delivery]>::to_vec)
-            .collect();
+        // The messages stay ours for the whole round, however long the partner takes.
+        let _heartbeat = self.heartbeat(receipts.clone());
+        let mut pending: Vec<Vec<Delivery>> = self.batches(deliveries);
         let mut failures = 0;
         while let Some(batch) = pending.pop() {
             let key = idempotency_key(&batch);
+            let version = |d: &Delivery| i64::try_from(d.version).unwrap_or(i64::MAX);
+            let attempt: Vec<(&str, i64)> = batch
+                .iter()
+                .map(|d| (d.member_id.as_str(), version(d)))
+                .collect();
+            self.store.attempted(&attempt).await?;
             let outcome = send(
                 &self.outbound,
                 Batch {
@@ -213,12 +196,11 @@ impl Workers {
                         .iter()
                         .map(|r| (r.index, r.reason.as_str()))
                         .collect();
-                    let version = |d: &Delivery| i64::try_from(d.version).unwrap_or(i64::MAX);
-                    let accepted: Vec<(&str, i64)> = batch
+                    let accepted: Vec<(&str, i64, bool)> = batch
                         .iter()
                         .enumerate()
                         .filter(|(i, _)| !refused_at.contains_key(i))
-                        .map(|(_, d)| (d.member_id.as_str(), version(d)))
+                        .map(|(_, d)| (d.member_id.as_str(), version(d), d.erase))
                         .collect();
                     let failed: Vec<(&str, i64, &str)> = refused_at
                         .iter()
@@ -281,32 +263,29 @@ impl Workers {
                         ))
                         .await;
                     }
-                    pending.push(batch);
-                    if !self
-                        .hold(&receipts, self.configuration_pause, shutdown)
-                        .await
-                    {
+                    if !self.hold(self.configuration_pause, shutdown).await {
                         return Ok(round);
                     }
+                    pending.extend(self.refresh(&batch, &mut round).await?);
                 }
                 Outcome::Retry { reason, .. } => {
                     failures += 1;
                     tracing::warn!(%reason, failures, "the partner failed; the batch waits and is sent again");
-                    pending.push(batch);
                     let wait =
                         mall_retry::Backoff::after(self.retry_initial, self.retry_max, failures);
-                    if !self.hold(&receipts, wait, shutdown).await {
+                    if !self.hold(wait, shutdown).await {
                         return Ok(round);
                     }
+                    pending.extend(self.refresh(&batch, &mut round).await?);
                 }
                 Outcome::RateLimited { .. } => {
                     failures += 1;
-                    pending.push(batch);
                     let wait =
                         mall_retry::Backoff::after(self.retry_initial, self.retry_max, failures);
-                    if !self.hold(&receipts, wait, shutdown).await {
+                    if !self.hold(wait, shutdown).await {
                         return Ok(round);
                     }
+                    pending.extend(self.refresh(&batch, &mut round).await?);
                 }
             }
         }
@@ -324,49 +303,102 @@ impl Workers {
         }
     }
 
-    /// Waits `wait` while keeping `receipts` in flight; `false` when shutdown came first (the
-    /// messages then come back after their visibility timeout).
-    async fn hold(
+    /// Waits `wait` before a batch is sent again (the round's heartbeat keeps its messages in
+    /// flight); `false` when shutdown came first (the messages then come back after their
+    /// visibility timeout).
+    async fn hold(&self, wait: Duration, shutdown: &CancellationToken) -> bool {
+        self.metrics.retrying.inc();
+        let waited = tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = tokio::time::sleep(wait) => true,
+        };
+        self.metrics.retrying.dec();
+        waited
+    }
+
+    /// Renews the visibility of `receipts` every half visibility timeout until dropped.
+    fn heartbeat(&self, receipts: Vec<Receipt>) -> AbortOnDrop {
+        let queue = self.queue.clone();
+        let visibility = self.visibility_timeout;
+        AbortOnDrop(tokio::spawn(async move {
+            let every = (visibility / 2).max(Duration::from_millis(10));
+            loop {
+                tokio::time::sleep(every).await;
+                for receipt in &receipts {
+                    if let Err(error) = queue.change_visibility(receipt, visibility).await {
+                        tracing::warn!(%error, "cannot keep a delivery message in flight");
+                    }
+                }
+            }
+        }))
+    }
+
+    /// What to send now for `member_ids`, from their rows (consent and data as they are now);
+    /// undecryptable profiles are recorded as failed.
+    async fn prepare(
         &self,
-        receipts: &[Receipt],
-        wait: Duration,
-        shutdown: &CancellationToken,
-    ) -> bool {
-        let renew = self.visibility_timeout / 2;
-        let mut left = wait;
-        loop {
-            for receipt in receipts {
-                let _ = self
-                    .queue
-                    .change_visibility(receipt, self.visibility_timeout)
-                    .await;
-            }
-            let nap = left.min(renew.max(Duration::from_millis(10)));
-            tokio::select! {
-                () = shutdown.cancelled() => return false,
-                () = tokio::time::sleep(nap) => {}
-            }
-            left = left.saturating_sub(nap);
-            if left.is_zero() {
-                return true;
+        member_ids: &[&str],
+        round: &mut Round,
+    ) -> Result<Vec<Delivery>, ServiceError> {
+        let rows = self.store.members(member_ids).await?;
+        let mut deliveries = Vec::new();
+        let mut unreadable = Vec::new();
+        for row in &rows {
+            match self.delivery(row) {
+                Next::Send(delivery) => deliveries.push(delivery),
+                Next::Skip => round.skipped += 1,
+                Next::Unreadable => {
+                    unreadable.push((row.member_id.as_str(), row.version, UNREADABLE));
+                }
             }
         }
+        if !unreadable.is_empty() {
+            // Not the member's fault, but no retry helps until the key is configured again;
+            // recorded, so the failed-deliveries job can resend them then.
+            tracing::error!(
+                members = ?unreadable.iter().map(|u| u.0).collect::<Vec<_>>(),
+                "stored profiles cannot be decrypted (is a key missing from encryption.keys?); \
+                 recorded in failed_deliveries"
+            );
+            self.store.delivered(&[], &unreadable, now_micros()).await?;
+            round.refused += unreadable.len();
+        }
+        Ok(deliveries)
+    }
+
+    /// A batch about to be sent again, rebuilt from the member table: a withdrawal, an
+    /// erasure or a newer change recorded while it waited wins.
+    async fn refresh(
+        &self,
+        batch: &[Delivery],
+        round: &mut Round,
+    ) -> Result<Vec<Vec<Delivery>>, ServiceError> {
+        let ids: Vec<&str> = batch.iter().map(|d| d.member_id.as_str()).collect();
+        let deliveries = self.prepare(&ids, round).await?;
+        Ok(self.batches(deliveries))
+    }
+
+    fn batches(&self, deliveries: Vec<Delivery>) -> Vec<Vec<Delivery>> {
+        deliveries
+            .chunks(self.max_batch.max(1))
+            .map(<[Delivery]>::to_vec)
+            .collect()
     }
 
     /// What to send for `row` now, if anything (see the module docs).
     fn delivery(&self, row: &members::Model) -> Next {
-        if row.delivered_version >= row.version {
-            return Next::Skip;
-        }
         let consent = Channels {
             email: row.consent_email,
             sms: row.consent_sms,
             push: row.consent_push,
         };
         let version = u64::try_from(row.version).unwrap_or_default();
+        // Whether the partner has, or may have, the member: it accepted it, or it was sent
+        // (recorded before the request, so a crash before our record of the answer counts).
+        let known = row.delivered_version > 0 || row.attempted_version > 0;
         if row.erased {
-            // Tell the partner to delete the member, if it ever had it.
-            if row.delivered_version == 0 {
+            // Tell the partner to delete the member, once, if it may have it.
+            if row.erase_delivered || !known {
                 return Next::Skip;
             }
             return Next::Send(Delivery {
@@ -377,9 +409,12 @@ impl Workers {
                 erase: true,
             });
         }
+        if row.delivered_version >= row.version {
+            return Next::Skip;
+        }
         if !consent.any() {
-            // An opt-out tells the partner to stop: only for a member it has.
-            if row.delivered_version == 0 {
+            // An opt-out tells the partner to stop: only for a member it may have.
+            if !known {
                 return Next::Skip;
             }
             return Next::Send(Delivery {
@@ -415,6 +450,15 @@ impl Workers {
             }),
             erase: false,
         })
+    }
+}
+
+/// Aborts a task when dropped (the round's heartbeat ends with the round, however it ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -455,11 +499,12 @@ fn wanted(messages: &[ReceivedMessage]) -> BTreeMap<String, u64> {
 /// The idempotency key of a batch: the same for the same members at the same versions.
 fn idempotency_key(batch: &[Delivery]) -> String {
     match batch {
+        [one] if one.erase => format!("{}:{}:erase", one.member_id, one.version),
         [one] => format!("{}:{}", one.member_id, one.version),
         many => {
             let text: Vec<String> = many
                 .iter()
-                .map(|d| format!("{}:{}", d.member_id, d.version))
+                .map(|d| format!("{}:{}:{}", d.member_id, d.version, d.erase))
                 .collect();
             format!("b{:016x}", fnv64(text.join("|").as_bytes()))
         }

@@ -170,8 +170,9 @@ fn erase(
         return (Vec::new(), EraseMemberResponse::default());
     }
     let (queued, delivered) = stored.map_or((0, 0), |r| (r.queued_version, r.delivered_version));
-    // The partner has (or is about to have) the member: it must be told to delete it.
-    let tell = delivered > 0 || queued > delivered;
+    let attempted = stored.map_or(0, |r| r.attempted_version);
+    // The partner has (or may have, or is about to have) the member: it must be told.
+    let tell = delivered > 0 || attempted > 0 || queued > delivered;
     let tombstone = members::Model {
         member_id: member.to_owned(),
         version,
@@ -186,6 +187,8 @@ fn erase(
         delivered_version: delivered,
         update_time: now,
         erased: true,
+        attempted_version: stored.map_or(0, |r| r.attempted_version),
+        erase_delivered: false,
     };
     (
         vec![tombstone],
@@ -216,17 +219,20 @@ pub fn decide(
         // Validated: 1 to i64::MAX.
         let version = i64::try_from(change.version).unwrap_or(i64::MAX);
         let row = stored.get(&change.member_id);
-        if row.is_some_and(|r| r.version > version) {
+        // After an erasure, a change of the erasure's own version is stale too: it must not
+        // bring the data back.
+        if row.is_some_and(|r| r.version > version || (r.erased && r.version >= version)) {
             response.stale_count += 1;
             continue;
         }
         let consent = change.consent.unwrap_or_default();
         let (queued, delivered) = row.map_or((0, 0), |r| (r.queued_version, r.delivered_version));
+        let attempted = row.map_or(0, |r| r.attempted_version);
         let any = consent.marketing_email || consent.marketing_sms || consent.marketing_push;
         let queue = if any {
             response.accepted_count += 1;
             true
-        } else if delivered > 0 || queued > delivered {
+        } else if delivered > 0 || attempted > 0 || queued > delivered {
             response.opt_out_count += 1;
             true
         } else {
@@ -257,6 +263,8 @@ pub fn decide(
                 update_time: now,
                 // A change newer than an erasure records the member again.
                 erased: false,
+                attempted_version: row.map_or(0, |r| r.attempted_version),
+                erase_delivered: false,
             },
         );
         touched.insert(change.member_id.clone());

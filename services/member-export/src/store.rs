@@ -8,7 +8,7 @@ use mall_db::Backend;
 use mall_grpc::ServiceError;
 use sea_orm::{
     ColumnTrait as _, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait as _,
-    QueryFilter as _, QuerySelect as _, TransactionTrait as _,
+    QueryFilter as _, QueryOrder as _, QuerySelect as _, TransactionTrait as _,
     sea_query::{Expr, ExprTrait as _, OnConflict},
 };
 
@@ -18,8 +18,10 @@ pub mod members {
 
     /// A member's row. `profile` is `nonce ‖ AES-256-GCM(encoded MarketingProfile)` under
     /// `key_id`; `queued_version` is the newest version queued for delivery (0: none) and
-    /// `delivered_version` the newest the partner accepted (0: never delivered). An `erased`
-    /// row is a tombstone: no consent, no profile, only the id and the version.
+    /// `delivered_version` the newest the partner accepted (0: never delivered);
+    /// `attempted_version` the newest ever sent (recorded before the request). An `erased`
+    /// row is a tombstone: no consent, no profile, only the id and the version;
+    /// `erase_delivered` says the partner accepted the erasure.
     #[derive(Clone, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "members")]
     pub struct Model {
@@ -37,6 +39,8 @@ pub mod members {
         pub delivered_version: i64,
         pub update_time: i64,
         pub erased: bool,
+        pub attempted_version: i64,
+        pub erase_delivered: bool,
     }
 
     impl std::fmt::Debug for Model {
@@ -186,7 +190,7 @@ impl Store {
         let stored = read_locked(&txn, self.backend, member_ids).await?;
         let (rows, result) = decide(stored)?;
         for row in rows {
-            write(&txn, row).await?;
+            write(&txn, self.backend, row).await?;
         }
         txn.commit()
             .await
@@ -203,9 +207,11 @@ async fn read_locked(
     let mut ids: Vec<&str> = member_ids.to_vec();
     ids.sort_unstable();
     ids.dedup();
-    let mut query = members::Entity::find().filter(members::Column::MemberId.is_in(ids));
+    let mut query = members::Entity::find()
+        .filter(members::Column::MemberId.is_in(ids))
+        .order_by_asc(members::Column::MemberId);
     if backend == Backend::Postgres {
-        // In member id order (the query's), so two requests never wait on each other.
+        // Locked in member id order, so two requests cannot deadlock on each other.
         query = query.lock_exclusive();
     }
     Ok(query
@@ -217,10 +223,20 @@ async fn read_locked(
         .collect())
 }
 
-async fn write(txn: &DatabaseTransaction, row: members::Model) -> Result<(), ServiceError> {
+async fn write(
+    txn: &DatabaseTransaction,
+    backend: Backend,
+    row: members::Model,
+) -> Result<(), ServiceError> {
     use members::Column as C;
     let version = row.version;
     let active: members::ActiveModel = row.into();
+    // A new member is not locked while a request decides (there is no row yet): of two
+    // requests creating it at once, the later write must not lower what the earlier queued.
+    let greatest = match backend {
+        Backend::Postgres => "GREATEST",
+        Backend::Sqlite => "MAX",
+    };
     members::Entity::insert(active)
         .on_conflict(
             OnConflict::column(C::MemberId)
@@ -233,10 +249,16 @@ async fn write(txn: &DatabaseTransaction, row: members::Model) -> Result<(), Ser
                     C::ChangeTime,
                     C::Profile,
                     C::KeyId,
-                    C::QueuedVersion,
                     C::UpdateTime,
                     C::Erased,
+                    C::EraseDelivered,
                 ])
+                .value(
+                    C::QueuedVersion,
+                    Expr::cust(format!(
+                        "{greatest}(members.queued_version, excluded.queued_version)"
+                    )),
+                )
                 .action_and_where(Expr::col((members::Entity, C::Version)).lte(version))
                 .to_owned(),
         )
@@ -260,15 +282,39 @@ impl Store {
             .map_err(|e| db_error(e, "read members"))
     }
 
+    /// Records that each member is about to be sent at the version beside it (before the
+    /// request, so that a crash after the partner accepted cannot hide that it may have the
+    /// member).
+    ///
+    /// # Errors
+    /// UNAVAILABLE or INTERNAL when the database fails.
+    pub async fn attempted(&self, members: &[(&str, i64)]) -> Result<(), ServiceError> {
+        use members::Column as C;
+        let _turn = match &self.write_lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
+        for (member_id, version) in members {
+            members::Entity::update_many()
+                .col_expr(C::AttemptedVersion, Expr::value(*version))
+                .filter(C::MemberId.eq(*member_id))
+                .filter(C::AttemptedVersion.lt(*version))
+                .exec(&self.db)
+                .await
+                .map_err(|e| db_error(e, "record a delivery attempt"))?;
+        }
+        Ok(())
+    }
+
     /// Records that the partner accepted each member at the version beside it (a version
-    /// below the recorded one changes nothing), and the members it refused, in one
-    /// transaction.
+    /// below the recorded one changes nothing; `true` marks an accepted erasure), and the
+    /// members it refused, in one transaction.
     ///
     /// # Errors
     /// UNAVAILABLE or INTERNAL when the database fails.
     pub async fn delivered(
         &self,
-        accepted: &[(&str, i64)],
+        accepted: &[(&str, i64, bool)],
         refused: &[(&str, i64, &str)],
         now: i64,
     ) -> Result<(), ServiceError> {
@@ -278,7 +324,7 @@ impl Store {
             None => None,
         };
         let txn = self.db.begin().await.map_err(|e| db_error(e, "begin"))?;
-        for (member_id, version) in accepted {
+        for (member_id, version, erasure) in accepted {
             members::Entity::update_many()
                 .col_expr(C::DeliveredVersion, Expr::value(*version))
                 .filter(C::MemberId.eq(*member_id))
@@ -286,6 +332,17 @@ impl Store {
                 .exec(&txn)
                 .await
                 .map_err(|e| db_error(e, "record a delivery"))?;
+            if *erasure {
+                // Only the erasure of this version: a newer change recorded meanwhile stays.
+                members::Entity::update_many()
+                    .col_expr(C::EraseDelivered, Expr::value(true))
+                    .filter(C::MemberId.eq(*member_id))
+                    .filter(C::Version.eq(*version))
+                    .filter(C::Erased.eq(true))
+                    .exec(&txn)
+                    .await
+                    .map_err(|e| db_error(e, "record an erasure"))?;
+            }
         }
         if !refused.is_empty() {
             let rows =

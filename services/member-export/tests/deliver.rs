@@ -499,6 +499,37 @@ async fn erasure_deletes_here_tells_the_partner_and_keeps_older_changes_out(engi
         .into_inner();
     assert_eq!(late.stale_count, 1);
     assert!(!erase("M-1", 1).await.expect("answered").into_inner().erased);
+    // Not even a retry of a change of the erasure's own version.
+    let same = running
+        .client
+        .enqueue_member_changes(EnqueueMemberChangesRequest {
+            request_id: String::new(),
+            changes: vec![change("M-1", 2, true, true)],
+        })
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(
+        same.stale_count, 1,
+        "an erasure's version cannot bring the data back"
+    );
+
+    // An erasure of the very version the partner has is still sent.
+    enqueue(&mut running, vec![change("M-2", 3, true, false)]).await;
+    delivered_at(&running, "M-2", 3).await;
+    assert!(
+        erase("M-2", 3)
+            .await
+            .expect("erased")
+            .into_inner()
+            .partner_erasure_queued
+    );
+    wait_until(
+        "the erasure reaches the partner",
+        Duration::from_secs(20),
+        || async { running.simulator.members()["M-2"].erased.then_some(()) },
+    )
+    .await;
 
     // A member the partner never had is erased here only.
     let never = erase("M-NEW", 1).await.expect("erased").into_inner();
@@ -590,6 +621,47 @@ async fn a_high_failure_rate_raises_one_alert() {
         1,
         "{alerts:?}"
     );
+}
+
+/// The partner accepted a member but the service crashed before recording it: the attempt
+/// was recorded before the request, so a later withdrawal is still sent as an opt-out.
+#[tokio::test]
+async fn a_withdrawal_after_an_unrecorded_acceptance_is_still_an_opt_out() {
+    let mut running = start(Engine::Sqlite, Dialect::Groobee, Behaviour::default()).await;
+    enqueue(&mut running, vec![change("M-1", 1, true, true)]).await;
+    delivered_at(&running, "M-1", 1).await;
+    drained(&running).await;
+    // What a crash between the partner's answer and our record leaves behind.
+    let db = Database::connect(&running.url).await.expect("connects");
+    db.execute_unprepared("UPDATE members SET delivered_version = 0, queued_version = 0")
+        .await
+        .expect("forgets the delivery");
+    enqueue(&mut running, vec![change("M-1", 2, false, false)]).await;
+    delivered_at(&running, "M-1", 2).await;
+    assert!(running.simulator.members()["M-1"].opt_out);
+}
+
+/// A partner slower than the visibility timeout: the round keeps its messages in flight, so
+/// no other worker sends the same member again meanwhile.
+#[tokio::test]
+async fn a_slow_partner_does_not_make_messages_visible_mid_send() {
+    let slow = Behaviour {
+        latency: (Duration::from_millis(2_500), Duration::from_millis(2_500)),
+        ..Behaviour::default()
+    };
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let mut running = start_on(database.url(), Dialect::Groobee, slow, |settings| {
+        settings.queue.visibility_timeout = Duration::from_secs(1);
+        settings.partner.request_timeout = Duration::from_secs(10);
+    })
+    .await;
+    enqueue(&mut running, vec![change("M-1", 1, true, true)]).await;
+    delivered_at(&running, "M-1", 1).await;
+    drained(&running).await;
+    // Long enough for a second send, had the message come back mid-send, to finish.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(running.simulator.members()["M-1"].deliveries, 1);
+    assert_eq!(running.queue.counts().await.expect("counts").dead, 0);
 }
 
 /// A key rotation: the old key stays configured beside the new current one, the service

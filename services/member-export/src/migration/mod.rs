@@ -8,6 +8,7 @@ mod m20261202_000001_members;
 mod m20261202_000002_failed_deliveries;
 mod m20261202_000003_alert_windows;
 mod m20261202_000004_member_erasure;
+mod m20261202_000005_delivery_attempts;
 
 /// The ordered list of migrations.
 #[derive(Debug)]
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000002_failed_deliveries::Migration),
             Box::new(m20261202_000003_alert_windows::Migration),
             Box::new(m20261202_000004_member_erasure::Migration),
+            Box::new(m20261202_000005_delivery_attempts::Migration),
         ];
         // The embedded queue's tables live in this database (unused with SQS).
         migrations.extend(mall_queue::embedded::migrations());

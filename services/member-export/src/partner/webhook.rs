@@ -254,7 +254,7 @@ impl Partner for Webhook {
                     .into_iter()
                     .map(|(index, reason)| Refusal {
                         index,
-                        reason: format!("webhook:{reason}"),
+                        reason: format!("webhook:{}", reason_code(&reason)),
                     })
                     .collect(),
             };
@@ -274,9 +274,27 @@ impl Partner for Webhook {
     }
 }
 
+/// A receiver's reason as we keep it: a short code, or `refused` when it is anything else (a
+/// free-text reason could carry the member's data into our logs, table and API).
+fn reason_code(reason: &str) -> &str {
+    let code = !reason.is_empty()
+        && reason.len() <= 64
+        && reason
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if code { reason } else { "refused" }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_short_codes_of_a_receiver_are_kept() {
+        assert_eq!(reason_code("invalid_phone"), "invalid_phone");
+        assert_eq!(reason_code("invalid email kim@example.com"), "refused");
+        assert_eq!(reason_code(&"x".repeat(65)), "refused");
+    }
 
     #[test]
     fn signs_as_the_standard_webhooks_reference_does() {
