@@ -129,6 +129,14 @@ impl Store {
         &self.db
     }
 
+    /// This process's turn to write, on SQLite (one writer); nothing to wait for otherwise.
+    async fn turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.write_lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        }
+    }
+
     /// The first response to `request_id`, if it was seen.
     ///
     /// # Errors
@@ -182,10 +190,7 @@ impl Store {
             BTreeMap<String, members::Model>,
         ) -> Result<(Vec<members::Model>, T), ServiceError>,
     ) -> Result<T, ServiceError> {
-        let _turn = match &self.write_lock {
-            Some(lock) => Some(lock.lock().await),
-            None => None,
-        };
+        let _turn = self.turn().await;
         let txn = self.db.begin().await.map_err(|e| db_error(e, "begin"))?;
         let stored = read_locked(&txn, self.backend, member_ids).await?;
         let (rows, result) = decide(stored)?;
@@ -290,10 +295,7 @@ impl Store {
     /// UNAVAILABLE or INTERNAL when the database fails.
     pub async fn attempted(&self, members: &[(&str, i64)]) -> Result<(), ServiceError> {
         use members::Column as C;
-        let _turn = match &self.write_lock {
-            Some(lock) => Some(lock.lock().await),
-            None => None,
-        };
+        let _turn = self.turn().await;
         for (member_id, version) in members {
             members::Entity::update_many()
                 .col_expr(C::AttemptedVersion, Expr::value(*version))
@@ -319,10 +321,7 @@ impl Store {
         now: i64,
     ) -> Result<(), ServiceError> {
         use members::Column as C;
-        let _turn = match &self.write_lock {
-            Some(lock) => Some(lock.lock().await),
-            None => None,
-        };
+        let _turn = self.turn().await;
         let txn = self.db.begin().await.map_err(|e| db_error(e, "begin"))?;
         for (member_id, version, erasure) in accepted {
             members::Entity::update_many()
