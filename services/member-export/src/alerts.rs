@@ -20,7 +20,10 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::{metrics::MemberMetrics, store::db_error};
+use crate::{
+    metrics::MemberMetrics,
+    store::{db_error, now_millis},
+};
 
 /// Where alerts go and how many.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -117,7 +120,7 @@ impl Alerts {
     /// # Errors
     /// UNAVAILABLE or INTERNAL when the database fails (nothing was sent).
     pub async fn raise(&self, text: &str) -> Result<bool, ServiceError> {
-        let window = self.window_start(now_ms());
+        let window = self.window_start(now_millis());
         self.exec(
             "INSERT INTO alert_windows (window_start, sent, suppressed, summarized) \
              VALUES ($1, 0, 0, false) ON CONFLICT (window_start) DO NOTHING",
@@ -154,7 +157,7 @@ impl Alerts {
             .db
             .query_one_raw(self.statement(
                 "SELECT sent, suppressed FROM alert_windows WHERE window_start = $1",
-                vec![self.window_start(now_ms()).into()],
+                vec![self.window_start(now_millis()).into()],
             ))
             .await
             .map_err(|e| db_error(e, "read the alert window"))?;
@@ -191,7 +194,7 @@ impl Alerts {
     }
 
     async fn summarize_ended(&self) -> Result<(), ServiceError> {
-        let current = self.window_start(now_ms());
+        let current = self.window_start(now_millis());
         let ended = self
             .db
             .query_all_raw(self.statement(
@@ -326,11 +329,4 @@ impl Alerts {
             .map(|result| result.rows_affected())
             .map_err(|e| db_error(e, "count an alert"))
     }
-}
-
-fn now_ms() -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }

@@ -39,7 +39,7 @@ use crate::{
     metrics::MemberMetrics,
     outbound::{Batch, Outbound, send},
     partner::{Channels, Delivery, Outcome, Profile},
-    store::{Store, members, now_micros},
+    store::{Store, members, now_micros, now_millis},
 };
 
 /// How the workers run.
@@ -143,7 +143,7 @@ impl Workers {
 
     fn paused_for(&self) -> Duration {
         let until = self.paused_until.load(Ordering::Acquire);
-        Duration::from_millis(until.saturating_sub(now_ms()))
+        Duration::from_millis(until.saturating_sub(now_millis().unsigned_abs()))
     }
 
     /// One receive and everything it holds, to the end: delivered, refused or skipped, and
@@ -249,7 +249,7 @@ impl Workers {
                         pause = ?self.configuration_pause,
                         "the partner refuses our configuration; deliveries stop until it is fixed"
                     );
-                    let now = now_ms();
+                    let now = now_millis().unsigned_abs();
                     let until = now.saturating_add(
                         u64::try_from(self.configuration_pause.as_millis()).unwrap_or(u64::MAX),
                     );
@@ -401,13 +401,7 @@ impl Workers {
             if row.erase_delivered || !known {
                 return Next::Skip;
             }
-            return Next::Send(Delivery {
-                member_id: row.member_id.clone(),
-                version,
-                consent,
-                profile: None,
-                erase: true,
-            });
+            return Next::Send(bare(row, version, consent, true));
         }
         if row.delivered_version >= row.version {
             return Next::Skip;
@@ -417,13 +411,7 @@ impl Workers {
             if !known {
                 return Next::Skip;
             }
-            return Next::Send(Delivery {
-                member_id: row.member_id.clone(),
-                version,
-                consent,
-                profile: None,
-                erase: false,
-            });
+            return Next::Send(bare(row, version, consent, false));
         }
         let stored = match (&row.key_id, &row.profile) {
             (Some(key_id), Some(sealed)) => {
@@ -450,6 +438,17 @@ impl Workers {
             }),
             erase: false,
         })
+    }
+}
+
+/// A delivery without profile data: an erasure, or an opt-out.
+fn bare(row: &members::Model, version: u64, consent: Channels, erase: bool) -> Delivery {
+    Delivery {
+        member_id: row.member_id.clone(),
+        version,
+        consent,
+        profile: None,
+        erase,
     }
 }
 
@@ -509,11 +508,4 @@ fn idempotency_key(batch: &[Delivery]) -> String {
             format!("b{:016x}", fnv64(text.join("|").as_bytes()))
         }
     }
-}
-
-fn now_ms() -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    u64::try_from(now.as_millis()).unwrap_or(u64::MAX)
 }

@@ -367,10 +367,18 @@ impl Store {
 
 /// Now, in microseconds since the epoch (the tables' time unit).
 pub fn now_micros() -> i64 {
-    let now = std::time::SystemTime::now()
+    i64::try_from(since_epoch().as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Now, in milliseconds since the epoch (alert windows, pauses).
+pub fn now_millis() -> i64 {
+    i64::try_from(since_epoch().as_millis()).unwrap_or(i64::MAX)
+}
+
+fn since_epoch() -> std::time::Duration {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
+        .unwrap_or_default()
 }
 
 /// A database error as the caller should see it: UNAVAILABLE when retrying can help.
