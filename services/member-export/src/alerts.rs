@@ -314,12 +314,7 @@ impl Alerts {
     }
 
     fn statement(&self, sql: &str, values: Vec<Value>) -> Statement {
-        let sql = match self.backend {
-            Backend::Postgres => sql.to_owned(),
-            // SQLite numbers its parameters with `?N`.
-            Backend::Sqlite => sql.replace('$', "?"),
-        };
-        Statement::from_sql_and_values(self.db.get_database_backend(), sql, values)
+        self.backend.statement(sql, values)
     }
 
     async fn exec(&self, sql: &str, values: Vec<Value>) -> Result<u64, ServiceError> {

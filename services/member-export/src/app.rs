@@ -1,6 +1,6 @@
 //! Wiring: connect dependencies, bind listeners, register services.
 
-use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
 use mall_grpc::GrpcServer;
@@ -19,6 +19,7 @@ use crate::{
     metrics::MemberMetrics,
     outbound::{self, Limits},
     partner::{AnyPartner, Partner as _},
+    ratelimit::{RateLimiter, RateSettings},
     reencrypt::Reencrypt,
     stats,
     store::Store,
@@ -51,12 +52,22 @@ impl App {
         let partner = AnyPartner::new(&settings.partner)?;
         let max_batch = partner.max_batch();
         let delivery = &settings.delivery;
+        anyhow::ensure!(
+            delivery.rate_limit_per_second >= 1,
+            "delivery.rate_limit_per_second must be at least 1"
+        );
+        let limiter = RateLimiter::new(
+            &db,
+            RateSettings {
+                per_second: f64::from(delivery.rate_limit_per_second),
+                recovery: delivery.rate_limit_recovery,
+            },
+            metrics.clone(),
+        );
         let outbound = outbound::outbound(
             partner,
+            limiter,
             Limits {
-                rate_per_second: NonZeroU32::new(delivery.rate_limit_per_second).ok_or_else(
-                    || anyhow::anyhow!("delivery.rate_limit_per_second must be at least 1"),
-                )?,
                 max_concurrency: delivery.max_concurrency,
                 max_attempts: delivery.max_attempts,
                 retry_initial: delivery.retry_initial,

@@ -52,9 +52,14 @@ pub struct DeliverySettings {
     /// How long a receive waits for messages.
     #[serde(with = "humantime_serde")]
     pub receive_wait: Duration,
-    /// Requests per second to the partner from this replica (the partner's published or
-    /// agreed limit; a limit shared across replicas is not built yet).
+    /// Requests per second to the partner (its published or agreed limit), for the whole
+    /// Deployment: replicas on one PostgreSQL database share it; on SQLite the one replica
+    /// keeps it. A 429 or −1004 halves it for every replica.
     pub rate_limit_per_second: u32,
+    /// How long the rate takes to climb back to `rate_limit_per_second` after the partner
+    /// refused for rate (linearly, from wherever backoff left it).
+    #[serde(with = "humantime_serde")]
+    pub rate_limit_recovery: Duration,
     /// Requests to the partner in flight at once.
     pub max_concurrency: usize,
     /// Attempts of one request (5xx, timeouts, 429) before the batch waits and starts over.
@@ -78,6 +83,7 @@ impl Default for DeliverySettings {
             receive_batch: 10,
             receive_wait: Duration::from_secs(1),
             rate_limit_per_second: 400,
+            rate_limit_recovery: Duration::from_secs(30),
             max_concurrency: 16,
             max_attempts: 5,
             retry_initial: Duration::from_millis(200),

@@ -4,10 +4,11 @@
 //! - [`config`]: [`Settings`], every knob with its default.
 //! - [`app`]: [`App`], wiring dependencies and the gRPC server.
 //! - [`alerts`]: failure alerts to a Slack-compatible webhook, capped across replicas.
-//! - [`api`]: the gRPC handlers (only EnqueueMemberChanges is served so far).
+//! - [`api`]: the gRPC handlers.
 //! - [`enqueue`]: EnqueueMemberChanges: record in the member table, queue deliveries.
 //! - [`deliver`]: delivery workers: member table → partner, consent checked at send time.
 //! - [`outbound`]: the tower stack to the partner (retry, rate limit, concurrency).
+//! - [`ratelimit`]: the partner's rate, one limit for every replica, backing off on refusals.
 //! - [`metrics`]: the service's Prometheus metrics; [`stats`]: GetDeliveryStats.
 //! - [`state`]: ListFailedDeliveries and GetMemberDeliveryState.
 //! - [`validate`]: request limits and their checks.
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod migration;
 pub mod outbound;
 pub mod partner;
+pub mod ratelimit;
 pub mod reencrypt;
 pub mod simulator;
 pub mod state;

@@ -3,7 +3,8 @@
 //! first event; no member id or other personal data is ever a label.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// The service's counters and gauges; cheap to clone.
@@ -23,8 +24,9 @@ pub struct MemberMetrics {
     pub in_flight: IntGauge,
     /// `rate_limit_wait_seconds`: how long each attempt waited for a rate-limit token.
     pub rate_limit_wait: Histogram,
-    /// `rate_limit_per_second`: the rate in force for this replica.
-    pub rate_limit: IntGauge,
+    /// `rate_limit_per_second`: the partner's rate in force, shared by every replica (the
+    /// configured one, or less after the partner refused for rate).
+    pub rate_limit: Gauge,
     /// `batches_retrying`: batches now waiting to be sent again after the partner failed.
     pub retrying: IntGauge,
     /// `configuration_paused`: 1 while deliveries stop after a configuration error.
@@ -86,9 +88,9 @@ impl MemberMetrics {
                 )
                 .buckets(vec![0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
             )?,
-            rate_limit: IntGauge::new(
+            rate_limit: Gauge::new(
                 "rate_limit_per_second",
-                "Requests per second to the partner in force for this replica",
+                "Requests per second to the partner in force, shared by every replica",
             )?,
             retrying: IntGauge::new(
                 "batches_retrying",
@@ -158,6 +160,11 @@ impl MemberMetrics {
     /// The counter value of an `outcome` of `vec`.
     pub fn get(vec: &IntCounterVec, outcome: &str) -> i64 {
         i64::try_from(vec.with_label_values(&[outcome]).get()).unwrap_or(i64::MAX)
+    }
+
+    /// The partner's rate in force, requests per second.
+    pub fn rate_in_force(&self, rate: f64) {
+        self.rate_limit.set(rate);
     }
 
     /// Counts a request to the partner that ended with `outcome`.

@@ -2,9 +2,10 @@
 //! token:
 //!
 //! retry (only [`Outcome::Retry`] and [`Outcome::RateLimited`]; jittered exponential backoff
-//! from `mall-retry`, or the partner's `Retry-After` when it gave one) → rate limit (GCRA,
-//! governor) → concurrency limit (tower) → the adapter (whose HTTP client bounds each request
-//! with the configured timeout).
+//! from `mall-retry`, or the partner's `Retry-After` when it gave one) → rate limit (the
+//! Deployment-wide [`RateLimiter`], which a rate refusal slows down for every replica) →
+//! concurrency limit (tower) → the adapter (whose HTTP client bounds each request with the
+//! configured timeout).
 //!
 //! The retry gives up after `max_attempts` with the last outcome; the caller then keeps its
 //! queue messages and tries again later (an environment failure never uses up a message's
@@ -12,19 +13,18 @@
 
 use std::{
     convert::Infallible,
-    num::NonZeroU32,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
-use governor::{DefaultDirectRateLimiter, Quota};
 use tower::{Service, ServiceBuilder, ServiceExt as _, limit::ConcurrencyLimit, retry::Retry};
 
 use crate::{
     metrics::MemberMetrics,
     partner::{AnyPartner, Delivery, Outcome, Partner},
+    ratelimit::RateLimiter,
 };
 
 /// One request to the partner: a batch and its idempotency key (the same on every attempt).
@@ -69,11 +69,11 @@ impl Service<Batch> for PartnerService {
     }
 }
 
-/// Waits for a token of the shared limiter before each call.
+/// Waits for a slot of the shared limit before each call; slows it down on a rate refusal.
 #[derive(Debug, Clone)]
 pub struct RateLimit<S> {
     inner: S,
-    limiter: Arc<DefaultDirectRateLimiter>,
+    limiter: RateLimiter,
     metrics: MemberMetrics,
 }
 
@@ -98,11 +98,15 @@ where
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let waited = std::time::Instant::now();
-            limiter.until_ready().await;
+            limiter.acquire().await;
             metrics
                 .rate_limit_wait
                 .observe(waited.elapsed().as_secs_f64());
-            inner.oneshot(batch).await
+            let outcome = inner.oneshot(batch).await;
+            if let Ok(Outcome::RateLimited { after }) = &outcome {
+                limiter.back_off(*after).await;
+            }
+            outcome
         })
     }
 }
@@ -144,8 +148,6 @@ impl tower::retry::Policy<Batch, Outcome, Infallible> for RetryPolicy {
 /// How the stack is shaped.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Requests per second to the partner, across this process's workers.
-    pub rate_per_second: NonZeroU32,
     /// Requests in flight at once.
     pub max_concurrency: usize,
     /// Attempts per batch before the caller takes over.
@@ -159,16 +161,13 @@ pub struct Limits {
 /// The outbound stack; clones share the rate limit and the concurrency limit.
 pub type Outbound = Retry<RetryPolicy, RateLimit<ConcurrencyLimit<PartnerService>>>;
 
-/// Builds the stack for `partner`.
-pub fn outbound(partner: AnyPartner, limits: Limits, metrics: &MemberMetrics) -> Outbound {
-    metrics
-        .rate_limit
-        .set(i64::from(limits.rate_per_second.get()));
-    let limiter = Arc::new(governor::RateLimiter::direct(
-        // A burst of one: requests are spread evenly over each second, as a partner that
-        // counts per second expects.
-        Quota::per_second(limits.rate_per_second).allow_burst(NonZeroU32::MIN),
-    ));
+/// Builds the stack for `partner`, limited by `limiter`.
+pub fn outbound(
+    partner: AnyPartner,
+    limiter: RateLimiter,
+    limits: Limits,
+    metrics: &MemberMetrics,
+) -> Outbound {
     ServiceBuilder::new()
         .retry(RetryPolicy {
             attempts: 0,

@@ -106,6 +106,25 @@ impl Backend {
             other => unreachable!("connect() only accepts sqlite and postgres, not {other:?}"),
         }
     }
+
+    /// A raw statement for this engine from SQL written with PostgreSQL's `$N` parameters
+    /// (SQLite numbers them `?N`). Only for SQL both engines understand.
+    pub fn statement(
+        self,
+        sql: &str,
+        values: impl IntoIterator<Item = sea_orm::Value>,
+    ) -> sea_orm::Statement {
+        match self {
+            Self::Postgres => {
+                sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+            }
+            Self::Sqlite => sea_orm::Statement::from_sql_and_values(
+                DbBackend::Sqlite,
+                sql.replace('$', "?"),
+                values,
+            ),
+        }
+    }
 }
 
 /// Opens a pool for `settings.url` and applies migrator `M`.

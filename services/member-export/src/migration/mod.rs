@@ -9,6 +9,7 @@ mod m20261202_000002_failed_deliveries;
 mod m20261202_000003_alert_windows;
 mod m20261202_000004_member_erasure;
 mod m20261202_000005_delivery_attempts;
+mod m20261203_000006_rate_limit_and_jobs;
 
 /// The ordered list of migrations.
 #[derive(Debug)]
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000003_alert_windows::Migration),
             Box::new(m20261202_000004_member_erasure::Migration),
             Box::new(m20261202_000005_delivery_attempts::Migration),
+            Box::new(m20261203_000006_rate_limit_and_jobs::Migration),
         ];
         // The embedded queue's tables live in this database (unused with SQS).
         migrations.extend(mall_queue::embedded::migrations());
