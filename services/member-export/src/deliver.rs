@@ -10,6 +10,13 @@
 //! erasure on the same condition. A member already delivered at its newest
 //! version is not sent again, so queue order and duplicate messages do not matter.
 //!
+//! A member is never in two requests at once: FIFO groups keep one member's messages in one
+//! worker, but a failover job, a change of `enqueue.lanes` or a redrive can put it in two
+//! places, and an older version landing after a newer one would leave the partner stale. So
+//! a batch first claims its members in the member table ([`Store::claim`], renewed while the
+//! request is in flight, ended by the recorded answer; [`CLAIM`] after a crash) and members
+//! another sender holds wait until it is done, then go with what is current.
+//!
 //! Failures, by whose fault they are:
 //! - a member's own (the partner refused it): recorded in `failed_deliveries`, message deleted;
 //! - the environment's (5xx, timeouts, rate limits, after the stack's retries): the worker
@@ -167,28 +174,79 @@ impl Workers {
         };
         let wanted = wanted(&messages);
         let ids: Vec<&str> = wanted.keys().map(String::as_str).collect();
-        let deliveries = self.prepare(&ids, &mut round).await?;
+        let deliveries = self.prepare(&ids, Mode::Queued, &mut round).await?;
         let receipts: Vec<Receipt> = messages.iter().map(|m| m.receipt.clone()).collect();
         // The messages stay ours for the whole round, however long the partner takes.
         let _heartbeat = self.heartbeat(receipts.clone());
+        if !self
+            .send_all(deliveries, Mode::Queued, &mut round, shutdown)
+            .await?
+        {
+            return Ok(round);
+        }
+        self.queue
+            .delete(&receipts)
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("cannot delete deliveries: {e}")))?;
+        Ok(round)
+    }
+
+    /// Sends `deliveries` in batches until each was accepted, refused or skipped (counted in
+    /// `round`): the partner's failures are waited out and the batch rebuilt from the member
+    /// table before it goes again; members another sender holds wait until it is done.
+    /// `false` when `shutdown` came first.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn send_all(
+        &self,
+        deliveries: Vec<Delivery>,
+        mode: Mode,
+        round: &mut Round,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ServiceError> {
         let mut pending: Vec<Vec<Delivery>> = self.batches(deliveries);
+        let mut deferred: Vec<Delivery> = Vec::new();
         let mut failures = 0;
-        while let Some(batch) = pending.pop() {
-            let key = idempotency_key(&batch);
+        let mut busy = 0;
+        loop {
+            let Some(batch) = pending.pop() else {
+                if deferred.is_empty() {
+                    return Ok(true);
+                }
+                // Members another sender holds: wait for it, then send what is current.
+                busy += 1;
+                let wait = mall_retry::Backoff::after(BUSY_WAIT, self.retry_max, busy);
+                if !self.hold(wait, shutdown).await {
+                    return Ok(false);
+                }
+                pending = self
+                    .refresh(&std::mem::take(&mut deferred), mode, round)
+                    .await?;
+                continue;
+            };
+            let owner = fastrand::i64(1..);
+            let batch = self.claim(owner, batch, &mut deferred).await?;
+            if batch.is_empty() {
+                continue;
+            }
+            let outcome = {
+                let _lease = self.keep_claim(owner, &batch);
+                send(
+                    &self.outbound,
+                    Batch {
+                        idempotency_key: idempotency_key(&batch),
+                        deliveries: batch.clone().into(),
+                    },
+                )
+                .await
+            };
             let version = |d: &Delivery| i64::try_from(d.version).unwrap_or(i64::MAX);
-            let attempt: Vec<(&str, i64)> = batch
-                .iter()
-                .map(|d| (d.member_id.as_str(), version(d)))
-                .collect();
-            self.store.attempted(&attempt).await?;
-            let outcome = send(
-                &self.outbound,
-                Batch {
-                    deliveries: batch.clone().into(),
-                    idempotency_key: key,
-                },
-            )
-            .await;
+            if !matches!(outcome, Outcome::Accepted { .. }) {
+                // Nothing of the batch is in flight any more.
+                let ids: Vec<&str> = batch.iter().map(|d| d.member_id.as_str()).collect();
+                self.store.release(owner, &ids).await?;
+            }
             match outcome {
                 Outcome::Accepted { refused } => {
                     failures = 0;
@@ -219,7 +277,7 @@ impl Workers {
                         );
                     }
                     self.store
-                        .delivered(&accepted, &failed, now_micros())
+                        .delivered(owner, &accepted, &failed, now_micros())
                         .await?;
                     round.delivered += accepted.len();
                     round.refused += failed.len();
@@ -233,11 +291,11 @@ impl Workers {
                 }
                 Outcome::Split { reason } => {
                     let delivery = &batch[0];
-                    let version = i64::try_from(delivery.version).unwrap_or(i64::MAX);
                     self.store
                         .delivered(
+                            owner,
                             &[],
-                            &[(&delivery.member_id, version, &reason)],
+                            &[(&delivery.member_id, version(delivery), &reason)],
                             now_micros(),
                         )
                         .await?;
@@ -264,36 +322,66 @@ impl Workers {
                         .await;
                     }
                     if !self.hold(self.configuration_pause, shutdown).await {
-                        return Ok(round);
+                        return Ok(false);
                     }
-                    pending.extend(self.refresh(&batch, &mut round).await?);
+                    pending.extend(self.refresh(&batch, mode, round).await?);
                 }
-                Outcome::Retry { reason, .. } => {
+                Outcome::Retry { .. } | Outcome::RateLimited { .. } => {
                     failures += 1;
-                    tracing::warn!(%reason, failures, "the partner failed; the batch waits and is sent again");
+                    if let Outcome::Retry { reason, .. } = &outcome {
+                        tracing::warn!(%reason, failures, "the partner failed; the batch waits and is sent again");
+                    }
                     let wait =
                         mall_retry::Backoff::after(self.retry_initial, self.retry_max, failures);
                     if !self.hold(wait, shutdown).await {
-                        return Ok(round);
+                        return Ok(false);
                     }
-                    pending.extend(self.refresh(&batch, &mut round).await?);
-                }
-                Outcome::RateLimited { .. } => {
-                    failures += 1;
-                    let wait =
-                        mall_retry::Backoff::after(self.retry_initial, self.retry_max, failures);
-                    if !self.hold(wait, shutdown).await {
-                        return Ok(round);
-                    }
-                    pending.extend(self.refresh(&batch, &mut round).await?);
+                    pending.extend(self.refresh(&batch, mode, round).await?);
                 }
             }
         }
-        self.queue
-            .delete(&receipts)
-            .await
-            .map_err(|e| ServiceError::Unavailable(format!("cannot delete deliveries: {e}")))?;
-        Ok(round)
+    }
+
+    /// The part of `batch` that `owner` could claim; the rest goes to `deferred`.
+    async fn claim(
+        &self,
+        owner: i64,
+        batch: Vec<Delivery>,
+        deferred: &mut Vec<Delivery>,
+    ) -> Result<Vec<Delivery>, ServiceError> {
+        let attempt: Vec<(&str, i64)> = batch
+            .iter()
+            .map(|d| {
+                let version = i64::try_from(d.version).unwrap_or(i64::MAX);
+                (d.member_id.as_str(), version)
+            })
+            .collect();
+        let now = now_micros();
+        let claimed = self
+            .store
+            .claim(owner, &attempt, now, now.saturating_add(micros(CLAIM)))
+            .await?;
+        let (mine, others): (Vec<Delivery>, Vec<Delivery>) = batch
+            .into_iter()
+            .partition(|d| claimed.contains(&d.member_id));
+        deferred.extend(others);
+        Ok(mine)
+    }
+
+    /// Renews `owner`'s claim on `batch` while the request is in flight; dropped with it.
+    fn keep_claim(&self, owner: i64, batch: &[Delivery]) -> AbortOnDrop {
+        let store = self.store.clone();
+        let ids: Vec<String> = batch.iter().map(|d| d.member_id.clone()).collect();
+        AbortOnDrop(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CLAIM / 3).await;
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                let until = now_micros().saturating_add(micros(CLAIM));
+                if let Err(error) = store.renew(owner, &ids, until).await {
+                    tracing::warn!(%error, "cannot renew the claim on members being sent");
+                }
+            }
+        }))
     }
 
     /// Raises an alert; a database failure only costs the alert (logged).
@@ -335,16 +423,30 @@ impl Workers {
 
     /// What to send now for `member_ids`, from their rows (consent and data as they are now);
     /// undecryptable profiles are recorded as failed.
-    async fn prepare(
+    pub async fn prepare(
         &self,
         member_ids: &[&str],
+        mode: Mode,
         round: &mut Round,
     ) -> Result<Vec<Delivery>, ServiceError> {
         let rows = self.store.members(member_ids).await?;
+        self.prepare_rows(&rows, mode, round).await
+    }
+
+    /// What to send now for `rows`, read from the member table; see [`Self::prepare`].
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn prepare_rows(
+        &self,
+        rows: &[members::Model],
+        mode: Mode,
+        round: &mut Round,
+    ) -> Result<Vec<Delivery>, ServiceError> {
         let mut deliveries = Vec::new();
         let mut unreadable = Vec::new();
-        for row in &rows {
-            match self.delivery(row) {
+        for row in rows {
+            match self.delivery(row, mode) {
                 Next::Send(delivery) => deliveries.push(delivery),
                 Next::Skip => round.skipped += 1,
                 Next::Unreadable => {
@@ -360,7 +462,9 @@ impl Workers {
                 "stored profiles cannot be decrypted (is a key missing from encryption.keys?); \
                  recorded in failed_deliveries"
             );
-            self.store.delivered(&[], &unreadable, now_micros()).await?;
+            self.store
+                .delivered(0, &[], &unreadable, now_micros())
+                .await?;
             round.refused += unreadable.len();
         }
         Ok(deliveries)
@@ -371,10 +475,11 @@ impl Workers {
     async fn refresh(
         &self,
         batch: &[Delivery],
+        mode: Mode,
         round: &mut Round,
     ) -> Result<Vec<Vec<Delivery>>, ServiceError> {
         let ids: Vec<&str> = batch.iter().map(|d| d.member_id.as_str()).collect();
-        let deliveries = self.prepare(&ids, round).await?;
+        let deliveries = self.prepare(&ids, mode, round).await?;
         Ok(self.batches(deliveries))
     }
 
@@ -386,7 +491,7 @@ impl Workers {
     }
 
     /// What to send for `row` now, if anything (see the module docs).
-    fn delivery(&self, row: &members::Model) -> Next {
+    fn delivery(&self, row: &members::Model, mode: Mode) -> Next {
         let consent = Channels {
             email: row.consent_email,
             sms: row.consent_sms,
@@ -398,12 +503,12 @@ impl Workers {
         let known = row.delivered_version > 0 || row.attempted_version > 0;
         if row.erased {
             // Tell the partner to delete the member, once, if it may have it.
-            if row.erase_delivered || !known {
+            if (row.erase_delivered && mode == Mode::Queued) || !known {
                 return Next::Skip;
             }
             return Next::Send(bare(row, version, consent, true));
         }
-        if row.delivered_version >= row.version {
+        if row.delivered_version >= row.version && mode == Mode::Queued {
             return Next::Skip;
         }
         if !consent.any() {
@@ -450,6 +555,27 @@ fn bare(row: &members::Model, version: u64, consent: Channels, erase: bool) -> D
         profile: None,
         erase,
     }
+}
+
+/// Why members are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A queued delivery: a member already delivered at its newest version is skipped.
+    Queued,
+    /// A failover job: the member's current state is sent even if the partner accepted it
+    /// before (it may have lost it); consent and erasure rules are the same.
+    Resend,
+}
+
+/// How long a claim on members being sent lasts unless renewed (every third of it while the
+/// request is in flight): after a crash, the members wait this long for another sender.
+pub const CLAIM: Duration = Duration::from_secs(30);
+
+/// The first wait for members another sender holds.
+const BUSY_WAIT: Duration = Duration::from_millis(50);
+
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
 
 /// Aborts a task when dropped (the round's heartbeat ends with the round, however it ends).

@@ -189,6 +189,9 @@ fn erase(
         erased: true,
         attempted_version: stored.map_or(0, |r| r.attempted_version),
         erase_delivered: false,
+        // Not written by the upsert: a claim in force stays.
+        send_owner: 0,
+        send_until: 0,
     };
     (
         vec![tombstone],
@@ -265,6 +268,9 @@ pub fn decide(
                 erased: false,
                 attempted_version: row.map_or(0, |r| r.attempted_version),
                 erase_delivered: false,
+                // Not written by the upsert: a claim in force stays.
+                send_owner: 0,
+                send_until: 0,
             },
         );
         touched.insert(change.member_id.clone());

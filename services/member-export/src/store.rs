@@ -2,13 +2,14 @@
 //! consent, times, the profile encrypted by [`crate::crypto`]) and how far it was queued and
 //! delivered; and the remembered EnqueueMemberChanges request ids.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use mall_db::Backend;
 use mall_grpc::ServiceError;
 use sea_orm::{
-    ColumnTrait as _, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait as _,
-    QueryFilter as _, QueryOrder as _, QuerySelect as _, TransactionTrait as _,
+    ColumnTrait as _, ConnectionTrait as _, DatabaseConnection, DatabaseTransaction, DbErr,
+    EntityTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, TransactionTrait as _,
+    Value,
     sea_query::{Expr, ExprTrait as _, OnConflict},
 };
 
@@ -21,7 +22,8 @@ pub mod members {
     /// `delivered_version` the newest the partner accepted (0: never delivered);
     /// `attempted_version` the newest ever sent (recorded before the request). An `erased`
     /// row is a tombstone: no consent, no profile, only the id and the version;
-    /// `erase_delivered` says the partner accepted the erasure.
+    /// `erase_delivered` says the partner accepted the erasure. `send_owner` holds the member
+    /// while one of its requests may be in flight, until `send_until` (0: nobody).
     #[derive(Clone, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "members")]
     pub struct Model {
@@ -41,6 +43,8 @@ pub mod members {
         pub erased: bool,
         pub attempted_version: i64,
         pub erase_delivered: bool,
+        pub send_owner: i64,
+        pub send_until: i64,
     }
 
     impl std::fmt::Debug for Model {
@@ -287,63 +291,150 @@ impl Store {
             .map_err(|e| db_error(e, "read members"))
     }
 
-    /// Records that each member is about to be sent at the version beside it (before the
-    /// request, so that a crash after the partner accepted cannot hide that it may have the
-    /// member).
+    /// Claims `members` for sending by `owner` until `until` (µs) and records that each is
+    /// about to be sent at the version beside it (before the request, so that a crash after
+    /// the partner accepted cannot hide that it may have the member). A member another
+    /// sender holds (its claim not expired at `now`) is left out: one member is never in two
+    /// requests at once, or an older version could land after a newer one. Returns the
+    /// members claimed.
     ///
     /// # Errors
     /// UNAVAILABLE or INTERNAL when the database fails.
-    pub async fn attempted(&self, members: &[(&str, i64)]) -> Result<(), ServiceError> {
+    pub async fn claim(
+        &self,
+        owner: i64,
+        members: &[(&str, i64)],
+        now: i64,
+        until: i64,
+    ) -> Result<HashSet<String>, ServiceError> {
+        if members.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let mut values: Vec<Value> = vec![owner.into(), until.into(), now.into()];
+        let rows = tuples(
+            &mut values,
+            members
+                .iter()
+                .map(|(id, version)| [Value::from(*id), Value::from(*version)]),
+        );
+        let sql = format!(
+            "UPDATE members SET \
+               attempted_version = CASE WHEN members.attempted_version < v.column2 \
+                 THEN v.column2 ELSE members.attempted_version END, \
+               send_owner = $1, send_until = $2 \
+             FROM (VALUES {rows}) AS v \
+             WHERE members.member_id = v.column1 \
+               AND (members.send_until < $3 OR members.send_owner = $1) \
+             RETURNING members.member_id"
+        );
+        let _turn = self.turn().await;
+        let claimed = self
+            .db
+            .query_all_raw(self.backend.statement(&sql, values))
+            .await
+            .map_err(|e| db_error(e, "claim members for sending"))?;
+        claimed
+            .iter()
+            .map(|row| row.try_get::<String>("", "member_id"))
+            .collect::<Result<_, _>>()
+            .map_err(|e| db_error(e, "claim members for sending"))
+    }
+
+    /// Extends `owner`'s claim on `member_ids` until `until` (µs), while its request is in
+    /// flight.
+    ///
+    /// # Errors
+    /// UNAVAILABLE or INTERNAL when the database fails.
+    pub async fn renew(
+        &self,
+        owner: i64,
+        member_ids: &[&str],
+        until: i64,
+    ) -> Result<(), ServiceError> {
         use members::Column as C;
         let _turn = self.turn().await;
-        for (member_id, version) in members {
-            members::Entity::update_many()
-                .col_expr(C::AttemptedVersion, Expr::value(*version))
-                .filter(C::MemberId.eq(*member_id))
-                .filter(C::AttemptedVersion.lt(*version))
-                .exec(&self.db)
-                .await
-                .map_err(|e| db_error(e, "record a delivery attempt"))?;
-        }
-        Ok(())
+        members::Entity::update_many()
+            .col_expr(C::SendUntil, Expr::value(until))
+            .filter(C::SendOwner.eq(owner))
+            .filter(C::MemberId.is_in(member_ids.iter().copied()))
+            .exec(&self.db)
+            .await
+            .map(|_| ())
+            .map_err(|e| db_error(e, "renew a claim"))
+    }
+
+    /// Ends `owner`'s claim on `member_ids` (nothing of theirs is in flight any more).
+    ///
+    /// # Errors
+    /// UNAVAILABLE or INTERNAL when the database fails.
+    pub async fn release(&self, owner: i64, member_ids: &[&str]) -> Result<(), ServiceError> {
+        use members::Column as C;
+        let _turn = self.turn().await;
+        members::Entity::update_many()
+            .col_expr(C::SendOwner, Expr::value(0_i64))
+            .col_expr(C::SendUntil, Expr::value(0_i64))
+            .filter(C::SendOwner.eq(owner))
+            .filter(C::MemberId.is_in(member_ids.iter().copied()))
+            .exec(&self.db)
+            .await
+            .map(|_| ())
+            .map_err(|e| db_error(e, "release a claim"))
     }
 
     /// Records that the partner accepted each member at the version beside it (a version
     /// below the recorded one changes nothing; `true` marks an accepted erasure), and the
-    /// members it refused, in one transaction.
+    /// members it refused, in one transaction; ends `owner`'s claim on all of them.
     ///
     /// # Errors
     /// UNAVAILABLE or INTERNAL when the database fails.
     pub async fn delivered(
         &self,
+        owner: i64,
         accepted: &[(&str, i64, bool)],
         refused: &[(&str, i64, &str)],
         now: i64,
     ) -> Result<(), ServiceError> {
-        use members::Column as C;
         let _turn = self.turn().await;
         let txn = self.db.begin().await.map_err(|e| db_error(e, "begin"))?;
-        for (member_id, version, erasure) in accepted {
-            members::Entity::update_many()
-                .col_expr(C::DeliveredVersion, Expr::value(*version))
-                .filter(C::MemberId.eq(*member_id))
-                .filter(C::DeliveredVersion.lt(*version))
-                .exec(&txn)
+        if !accepted.is_empty() {
+            let mut values: Vec<Value> = vec![owner.into()];
+            let rows = tuples(
+                &mut values,
+                accepted.iter().map(|(id, version, erasure)| {
+                    [
+                        Value::from(*id),
+                        Value::from(*version),
+                        Value::from(*erasure),
+                    ]
+                }),
+            );
+            // The erasure of this version only: a newer change recorded meanwhile stays.
+            let sql = format!(
+                "UPDATE members SET \
+                   delivered_version = CASE WHEN members.delivered_version < v.column2 \
+                     THEN v.column2 ELSE members.delivered_version END, \
+                   erase_delivered = CASE WHEN v.column3 AND members.erased \
+                     AND members.version = v.column2 THEN true ELSE members.erase_delivered END, \
+                   send_until = CASE WHEN members.send_owner = $1 THEN 0 ELSE members.send_until END, \
+                   send_owner = CASE WHEN members.send_owner = $1 THEN 0 ELSE members.send_owner END \
+                 FROM (VALUES {rows}) AS v \
+                 WHERE members.member_id = v.column1"
+            );
+            txn.execute_raw(self.backend.statement(&sql, values))
                 .await
-                .map_err(|e| db_error(e, "record a delivery"))?;
-            if *erasure {
-                // Only the erasure of this version: a newer change recorded meanwhile stays.
-                members::Entity::update_many()
-                    .col_expr(C::EraseDelivered, Expr::value(true))
-                    .filter(C::MemberId.eq(*member_id))
-                    .filter(C::Version.eq(*version))
-                    .filter(C::Erased.eq(true))
-                    .exec(&txn)
-                    .await
-                    .map_err(|e| db_error(e, "record an erasure"))?;
-            }
+                .map_err(|e| db_error(e, "record deliveries"))?;
         }
         if !refused.is_empty() {
+            let ids: Vec<&str> = refused.iter().map(|r| r.0).collect();
+            use members::Column as C;
+            members::Entity::update_many()
+                .col_expr(C::SendOwner, Expr::value(0_i64))
+                .col_expr(C::SendUntil, Expr::value(0_i64))
+                .filter(C::SendOwner.eq(owner))
+                .filter(C::MemberId.is_in(ids))
+                .exec(&txn)
+                .await
+                .map_err(|e| db_error(e, "release refused members"))?;
             let rows =
                 refused.iter().map(
                     |(member_id, version, reason)| failed_deliveries::ActiveModel {
@@ -363,6 +454,30 @@ impl Store {
             .await
             .map_err(|e| db_error(e, "commit deliveries"))
     }
+}
+
+/// `($n, $n+1, …), (…)` for each tuple of `rows`, numbering after the `values` already
+/// there, which take the tuples' values.
+fn tuples<const N: usize>(
+    values: &mut Vec<Value>,
+    rows: impl Iterator<Item = [Value; N]>,
+) -> String {
+    let mut sql = String::new();
+    for row in rows {
+        if !sql.is_empty() {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for (i, value) in row.into_iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            values.push(value);
+            sql.push_str(&format!("${}", values.len()));
+        }
+        sql.push(')');
+    }
+    sql
 }
 
 /// Now, in microseconds since the epoch (the tables' time unit).
