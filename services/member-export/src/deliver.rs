@@ -14,8 +14,9 @@
 //! worker, but a failover job, a change of `enqueue.lanes` or a redrive can put it in two
 //! places, and an older version landing after a newer one would leave the partner stale. So
 //! a batch first claims its members in the member table ([`Store::claim`], renewed while the
-//! request is in flight, ended by the recorded answer; [`CLAIM`] after a crash) and members
-//! another sender holds wait until it is done, then go with what is current.
+//! request is in flight, ended by the recorded answer; [`CLAIM`] after a crash) at the
+//! version it read; members another sender holds, or whose row moved on since it was read,
+//! wait and are read again.
 //!
 //! Failures, by whose fault they are:
 //! - a member's own (the partner refused it): recorded in `failed_deliveries`, message deleted;
@@ -342,18 +343,19 @@ impl Workers {
         }
     }
 
-    /// The part of `batch` that `owner` could claim; the rest goes to `deferred`.
+    /// The part of `batch` that `owner` could claim; the rest (held by another sender, or
+    /// changed since it was read) goes to `deferred`, to be read again.
     async fn claim(
         &self,
         owner: i64,
         batch: Vec<Delivery>,
         deferred: &mut Vec<Delivery>,
     ) -> Result<Vec<Delivery>, ServiceError> {
-        let attempt: Vec<(&str, i64)> = batch
+        let attempt: Vec<(&str, i64, bool)> = batch
             .iter()
             .map(|d| {
                 let version = i64::try_from(d.version).unwrap_or(i64::MAX);
-                (d.member_id.as_str(), version)
+                (d.member_id.as_str(), version, d.erase)
             })
             .collect();
         let now = now_micros();

@@ -293,17 +293,18 @@ impl Store {
 
     /// Claims `members` for sending by `owner` until `until` (µs) and records that each is
     /// about to be sent at the version beside it (before the request, so that a crash after
-    /// the partner accepted cannot hide that it may have the member). A member another
-    /// sender holds (its claim not expired at `now`) is left out: one member is never in two
-    /// requests at once, or an older version could land after a newer one. Returns the
-    /// members claimed.
+    /// the partner accepted cannot hide that it may have the member). Left out: a member
+    /// another sender holds (its claim not expired at `now`), so one member is never in two
+    /// requests at once; and a member whose row is no longer at the version (and erasure)
+    /// beside it, so what is sent is what the row said when the claim was taken, and any
+    /// sender after us sends something at least as new. Returns the members claimed.
     ///
     /// # Errors
     /// UNAVAILABLE or INTERNAL when the database fails.
     pub async fn claim(
         &self,
         owner: i64,
-        members: &[(&str, i64)],
+        members: &[(&str, i64, bool)],
         now: i64,
         until: i64,
     ) -> Result<HashSet<String>, ServiceError> {
@@ -313,9 +314,13 @@ impl Store {
         let mut values: Vec<Value> = vec![owner.into(), until.into(), now.into()];
         let rows = tuples(
             &mut values,
-            members
-                .iter()
-                .map(|(id, version)| [Value::from(*id), Value::from(*version)]),
+            members.iter().map(|(id, version, erased)| {
+                [
+                    Value::from(*id),
+                    Value::from(*version),
+                    Value::from(*erased),
+                ]
+            }),
         );
         let sql = format!(
             "UPDATE members SET \
@@ -324,6 +329,7 @@ impl Store {
                send_owner = $1, send_until = $2 \
              FROM (VALUES {rows}) AS v \
              WHERE members.member_id = v.column1 \
+               AND members.version = v.column2 AND members.erased = v.column3 \
                AND (members.send_until < $3 OR members.send_owner = $1) \
              RETURNING members.member_id"
         );

@@ -33,18 +33,23 @@ async fn claims_are_exclusive_until_released_or_expired(engine: Engine) {
     let now = now_micros();
     let until = now + 30_000_000;
     let first = store
-        .claim(1, &[("m-1", 3), ("m-2", 3)], now, until)
+        .claim(1, &[("m-1", 3, false), ("m-2", 3, false)], now, until)
         .await
         .expect("claims");
     assert_eq!(first.len(), 2);
     // Another sender gets only what nobody holds; the holder may claim again (a retry).
     let second = store
-        .claim(2, &[("m-1", 3), ("m-2", 3), ("m-3", 3)], now, until)
+        .claim(
+            2,
+            &[("m-1", 3, false), ("m-2", 3, false), ("m-3", 3, false)],
+            now,
+            until,
+        )
         .await
         .expect("claims");
     assert_eq!(second, ["m-3".to_owned()].into());
     let again = store
-        .claim(1, &[("m-1", 3)], now, until)
+        .claim(1, &[("m-1", 3, false)], now, until)
         .await
         .expect("claims");
     assert_eq!(again.len(), 1);
@@ -54,23 +59,25 @@ async fn claims_are_exclusive_until_released_or_expired(engine: Engine) {
         .await
         .expect("records");
     let after_delivery = store
-        .claim(2, &[("m-1", 3), ("m-2", 3)], now, until)
+        .claim(2, &[("m-1", 3, false), ("m-2", 3, false)], now, until)
         .await
         .expect("claims");
     assert_eq!(after_delivery, ["m-1".to_owned()].into());
     // An expired claim (its holder crashed) is taken over.
     let later = until + 1;
     let taken_over = store
-        .claim(3, &[("m-2", 3)], later, later + 30_000_000)
+        .claim(3, &[("m-2", 3, false)], later, later + 30_000_000)
         .await
         .expect("claims");
     assert_eq!(taken_over, ["m-2".to_owned()].into());
-    // And the version being sent is recorded as attempted, never lowered.
-    store
-        .claim(3, &[("m-2", 2)], later, later + 30_000_000)
+    // A version the row has moved past is not claimed: the sender must read it again.
+    let moved_on = store
+        .claim(4, &[("m-3", 2, false)], later, later + 30_000_000)
         .await
         .expect("claims");
-    let rows = store.members(&["m-1", "m-2"]).await.expect("reads");
+    assert!(moved_on.is_empty(), "{moved_on:?}");
+    // And the version being sent is recorded as attempted.
+    let rows = store.members(&["m-1", "m-2", "m-3"]).await.expect("reads");
     for row in rows {
         assert_eq!(row.attempted_version, 3, "{row:?}");
     }
