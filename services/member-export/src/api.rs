@@ -1,20 +1,21 @@
 //! The gRPC handlers of `mall.member.v1.MemberExportService`: convert, call the domain, map
 //! errors (in `mall_grpc::ServiceError`).
 
-use std::pin::Pin;
-
-use futures::Stream;
 use mall_proto::member::v1::{
-    EnqueueMemberChangesRequest, EnqueueMemberChangesResponse, EraseMemberRequest,
-    EraseMemberResponse, GetDeliveryStatsRequest, GetDeliveryStatsResponse, GetJobRequest,
-    GetJobResponse, GetMemberDeliveryStateRequest, GetMemberDeliveryStateResponse,
+    CancelJobRequest, CancelJobResponse, EnqueueMemberChangesRequest, EnqueueMemberChangesResponse,
+    EraseMemberRequest, EraseMemberResponse, GetDeliveryStatsRequest, GetDeliveryStatsResponse,
+    GetJobRequest, GetJobResponse, GetMemberDeliveryStateRequest, GetMemberDeliveryStateResponse,
     ListFailedDeliveriesRequest, ListFailedDeliveriesResponse, StartFailoverJobRequest,
-    StartFailoverJobResponse, WatchJobRequest, WatchJobResponse,
-    member_export_service_server::MemberExportService,
+    StartFailoverJobResponse, WatchJobRequest, member_export_service_server::MemberExportService,
 };
 use tonic::{Request, Response, Status};
 
-use crate::{enqueue::Enqueuer, state, stats::Stats};
+use crate::{
+    enqueue::Enqueuer,
+    jobs::{JobStream, JobsApi},
+    state,
+    stats::Stats,
+};
 
 /// The service's handlers.
 #[derive(Debug, Clone)]
@@ -23,13 +24,8 @@ pub struct MemberApi {
     pub enqueuer: Enqueuer,
     /// GetDeliveryStats.
     pub stats: Stats,
-}
-
-/// What the RPCs not built yet answer: honestly UNIMPLEMENTED.
-fn not_built(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc} is not built yet; failover jobs come with a later change"
-    ))
+    /// The failover jobs' RPCs.
+    pub jobs: JobsApi,
 }
 
 #[tonic::async_trait]
@@ -44,26 +40,36 @@ impl MemberExportService for MemberApi {
 
     async fn start_failover_job(
         &self,
-        _request: Request<StartFailoverJobRequest>,
+        request: Request<StartFailoverJobRequest>,
     ) -> Result<Response<StartFailoverJobResponse>, Status> {
-        Err(not_built("StartFailoverJob"))
+        let job = self.jobs.start(request.into_inner()).await?;
+        Ok(Response::new(StartFailoverJobResponse { job: Some(job) }))
     }
 
     async fn get_job(
         &self,
-        _request: Request<GetJobRequest>,
+        request: Request<GetJobRequest>,
     ) -> Result<Response<GetJobResponse>, Status> {
-        Err(not_built("GetJob"))
+        let job = self.jobs.get(&request.into_inner().job_id).await?;
+        Ok(Response::new(GetJobResponse { job: Some(job) }))
     }
 
-    type WatchJobStream =
-        Pin<Box<dyn Stream<Item = Result<WatchJobResponse, Status>> + Send + 'static>>;
+    type WatchJobStream = JobStream;
 
     async fn watch_job(
         &self,
-        _request: Request<WatchJobRequest>,
+        request: Request<WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        Err(not_built("WatchJob"))
+        let stream = self.jobs.watch(&request.into_inner().job_id).await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<CancelJobRequest>,
+    ) -> Result<Response<CancelJobResponse>, Status> {
+        let job = self.jobs.cancel(&request.into_inner().job_id).await?;
+        Ok(Response::new(CancelJobResponse { job: Some(job) }))
     }
 
     async fn get_delivery_stats(

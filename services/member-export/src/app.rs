@@ -16,6 +16,7 @@ use crate::{
     crypto::ProfileCipher,
     deliver::Workers,
     enqueue::Enqueuer,
+    jobs::{JobsApi, Runner},
     metrics::MemberMetrics,
     outbound::{self, Limits},
     partner::{AnyPartner, Partner as _},
@@ -41,6 +42,15 @@ impl App {
             (1..=1_000).contains(&settings.enqueue.lanes),
             "enqueue.lanes must be 1 to 1000, not {}",
             settings.enqueue.lanes
+        );
+        anyhow::ensure!(
+            (1..=1_000).contains(&settings.jobs.page_size),
+            "jobs.page_size must be 1 to 1000, not {}",
+            settings.jobs.page_size
+        );
+        anyhow::ensure!(
+            settings.jobs.lease >= std::time::Duration::from_secs(3),
+            "jobs.lease must be at least 3s (it is renewed every second)"
         );
         let cipher = Arc::new(ProfileCipher::new(&settings.encryption)?);
         let db = mall_db::connect::<Migrator>(&settings.database).await?;
@@ -110,9 +120,25 @@ impl App {
             retry_max: delivery.retry_max,
             configuration_pause: delivery.configuration_pause,
             paused_until: Arc::default(),
+            claim: delivery
+                .claim_timeout
+                .max(std::time::Duration::from_secs(1)),
             metrics: metrics.clone(),
             alerts: alerts.clone(),
         };
+        server.spawn(
+            "failover jobs",
+            Runner {
+                store: store.clone(),
+                workers: workers.clone(),
+                metrics: metrics.clone(),
+                owner: fastrand::i64(1..),
+                poll: settings.jobs.poll_interval,
+                page_size: settings.jobs.page_size,
+                lease: settings.jobs.lease,
+            }
+            .run(server.shutdown_token()),
+        );
         let count = delivery.workers;
         let shutdown = server.shutdown_token();
         server.spawn("delivery workers", async move {
@@ -124,6 +150,9 @@ impl App {
             stats::refresh_queue_gauges(queue.clone(), metrics.clone(), server.shutdown_token()),
         );
         let api = MemberApi {
+            jobs: JobsApi {
+                store: store.clone(),
+            },
             enqueuer: Enqueuer {
                 store,
                 queue: queue.clone(),

@@ -38,6 +38,34 @@ pub struct Settings {
     pub delivery: DeliverySettings,
     /// Failure alerts, capped across replicas.
     pub alerts: AlertSettings,
+    /// Failover jobs.
+    pub jobs: JobSettings,
+}
+
+/// Failover jobs (StartFailoverJob).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobSettings {
+    /// How often an idle replica looks for a job to run (or to resume after a crash).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Members a job reads per page, and checkpoints after (1–1000). Up to 4 pages are in
+    /// flight at once; after a crash, those not checkpointed are sent again.
+    pub page_size: u64,
+    /// How long a replica holds the running job without renewing it (it renews every
+    /// second): after a crash, another replica resumes the job this much later.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for JobSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(2),
+            page_size: 1_000,
+            lease: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Delivery workers and the outbound stack's limits.
@@ -74,6 +102,11 @@ pub struct DeliverySettings {
     /// contract) before trying again.
     #[serde(with = "humantime_serde")]
     pub configuration_pause: Duration,
+    /// How long a member being sent stays claimed by its sender without renewal (renewed
+    /// every third of it while the request is in flight): after a crash, its members wait
+    /// this long before another replica or a failover job may send them.
+    #[serde(with = "humantime_serde")]
+    pub claim_timeout: Duration,
 }
 
 impl Default for DeliverySettings {
@@ -89,6 +122,7 @@ impl Default for DeliverySettings {
             retry_initial: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
             configuration_pause: Duration::from_secs(60),
+            claim_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -178,6 +212,7 @@ impl Default for Settings {
             partner: PartnerSettings::default(),
             delivery: DeliverySettings::default(),
             alerts: AlertSettings::default(),
+            jobs: JobSettings::default(),
         }
     }
 }

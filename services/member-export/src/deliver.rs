@@ -14,7 +14,7 @@
 //! worker, but a failover job, a change of `enqueue.lanes` or a redrive can put it in two
 //! places, and an older version landing after a newer one would leave the partner stale. So
 //! a batch first claims its members in the member table ([`Store::claim`], renewed while the
-//! request is in flight, ended by the recorded answer; [`CLAIM`] after a crash) at the
+//! request is in flight, ended by the recorded answer; `delivery.claim_timeout` after a crash) at the
 //! version it read; members another sender holds, or whose row moved on since it was read,
 //! wait and are read again.
 //!
@@ -77,6 +77,9 @@ pub struct Workers {
     pub configuration_pause: Duration,
     /// Until when (ms since the epoch) deliveries are stopped for a configuration error.
     pub paused_until: Arc<AtomicU64>,
+    /// How long a claim on members being sent lasts unless renewed (every third of it while
+    /// the request is in flight): after a crash, those members wait this long.
+    pub claim: Duration,
     /// Counters.
     pub metrics: MemberMetrics,
     /// Failure alerts.
@@ -361,7 +364,7 @@ impl Workers {
         let now = now_micros();
         let claimed = self
             .store
-            .claim(owner, &attempt, now, now.saturating_add(micros(CLAIM)))
+            .claim(owner, &attempt, now, now.saturating_add(micros(self.claim)))
             .await?;
         let (mine, others): (Vec<Delivery>, Vec<Delivery>) = batch
             .into_iter()
@@ -371,14 +374,15 @@ impl Workers {
     }
 
     /// Renews `owner`'s claim on `batch` while the request is in flight; dropped with it.
-    fn keep_claim(&self, owner: i64, batch: &[Delivery]) -> AbortOnDrop {
+    fn keep_claim(&self, owner: i64, batch: &[Delivery]) -> AbortOnDrop<()> {
         let store = self.store.clone();
+        let claim = self.claim;
         let ids: Vec<String> = batch.iter().map(|d| d.member_id.clone()).collect();
         AbortOnDrop(tokio::spawn(async move {
             loop {
-                tokio::time::sleep(CLAIM / 3).await;
+                tokio::time::sleep(claim / 3).await;
                 let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                let until = now_micros().saturating_add(micros(CLAIM));
+                let until = now_micros().saturating_add(micros(claim));
                 if let Err(error) = store.renew(owner, &ids, until).await {
                     tracing::warn!(%error, "cannot renew the claim on members being sent");
                 }
@@ -407,7 +411,7 @@ impl Workers {
     }
 
     /// Renews the visibility of `receipts` every half visibility timeout until dropped.
-    fn heartbeat(&self, receipts: Vec<Receipt>) -> AbortOnDrop {
+    fn heartbeat(&self, receipts: Vec<Receipt>) -> AbortOnDrop<()> {
         let queue = self.queue.clone();
         let visibility = self.visibility_timeout;
         AbortOnDrop(tokio::spawn(async move {
@@ -569,10 +573,6 @@ pub enum Mode {
     Resend,
 }
 
-/// How long a claim on members being sent lasts unless renewed (every third of it while the
-/// request is in flight): after a crash, the members wait this long for another sender.
-pub const CLAIM: Duration = Duration::from_secs(30);
-
 /// The first wait for members another sender holds.
 const BUSY_WAIT: Duration = Duration::from_millis(50);
 
@@ -580,12 +580,25 @@ fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// Aborts a task when dropped (the round's heartbeat ends with the round, however it ends).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Aborts a task when dropped (a round's heartbeat ends with the round, however it ends);
+/// awaiting it awaits the task.
+#[derive(Debug)]
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
     }
 }
 

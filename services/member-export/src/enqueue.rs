@@ -33,7 +33,7 @@ use prost::Message as _;
 use crate::{
     crypto::ProfileCipher,
     metrics::MemberMetrics,
-    store::{Store, members, now_micros},
+    store::{Store, members, micros_of, now_micros},
     validate::{check_erasure, check_request},
 };
 
@@ -257,8 +257,8 @@ pub fn decide(
                 consent_email: consent.marketing_email,
                 consent_sms: consent.marketing_sms,
                 consent_push: consent.marketing_push,
-                consent_time: consent.consent_time.map_or(0, micros),
-                change_time: change.change_time.map_or(0, micros),
+                consent_time: consent.consent_time.map_or(0, micros_of),
+                change_time: change.change_time.map_or(0, micros_of),
                 profile,
                 key_id,
                 queued_version: if queue { queued.max(version) } else { queued },
@@ -348,12 +348,6 @@ fn queue_error(error: QueueError) -> ServiceError {
     // same versions, so the retry queues them again.
     tracing::warn!(%error, "cannot queue member deliveries");
     ServiceError::Unavailable("the delivery queue is unavailable; retry with backoff".into())
-}
-
-fn micros(time: prost_types::Timestamp) -> i64 {
-    time.seconds
-        .saturating_mul(1_000_000)
-        .saturating_add(i64::from(time.nanos / 1_000))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! - [`api`]: the gRPC handlers.
 //! - [`enqueue`]: EnqueueMemberChanges: record in the member table, queue deliveries.
 //! - [`deliver`]: delivery workers: member table → partner, consent checked at send time.
+//! - [`jobs`]: failover jobs: resend a time range or the failed deliveries, checkpointed.
 //! - [`outbound`]: the tower stack to the partner (retry, rate limit, concurrency).
 //! - [`ratelimit`]: the partner's rate, one limit for every replica, backing off on refusals.
 //! - [`metrics`]: the service's Prometheus metrics; [`stats`]: GetDeliveryStats.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod crypto;
 pub mod deliver;
 pub mod enqueue;
+pub mod jobs;
 pub mod metrics;
 pub mod migration;
 pub mod outbound;

@@ -39,6 +39,12 @@ pub struct MemberMetrics {
     pub alerts: IntCounterVec,
     /// `profiles_reencrypted_total`: profiles moved to the current key after a rotation.
     pub reencrypted: IntCounter,
+    /// `failover_jobs_total{state}`: failover jobs this replica finished, by `succeeded` or
+    /// `failed` (cancellations are counted by nobody: they happen in the API).
+    pub failover_jobs: IntCounterVec,
+    /// `failover_job_members_total{outcome}`: members failover jobs handled on this replica,
+    /// by `delivered`, `refused` or `skipped`.
+    pub failover_job_members: IntCounterVec,
 }
 
 const ENQUEUED: [&str; 4] = ["accepted", "opt_out", "skipped_without_consent", "stale"];
@@ -115,6 +121,20 @@ impl MemberMetrics {
                 "profiles_reencrypted_total",
                 "Profiles moved to the current encryption key after a rotation",
             )?,
+            failover_jobs: IntCounterVec::new(
+                Opts::new(
+                    "failover_jobs_total",
+                    "Failover jobs finished on this replica, by state",
+                ),
+                &["state"],
+            )?,
+            failover_job_members: IntCounterVec::new(
+                Opts::new(
+                    "failover_job_members_total",
+                    "Members handled by failover jobs on this replica, by outcome",
+                ),
+                &["outcome"],
+            )?,
         };
         registry.register(Box::new(metrics.enqueued.clone()))?;
         registry.register(Box::new(metrics.deliveries.clone()))?;
@@ -127,11 +147,17 @@ impl MemberMetrics {
         registry.register(Box::new(metrics.queue.clone()))?;
         registry.register(Box::new(metrics.alerts.clone()))?;
         registry.register(Box::new(metrics.reencrypted.clone()))?;
+        registry.register(Box::new(metrics.failover_jobs.clone()))?;
+        registry.register(Box::new(metrics.failover_job_members.clone()))?;
+        for state in ["succeeded", "failed"] {
+            metrics.failover_jobs.with_label_values(&[state]);
+        }
         for outcome in ENQUEUED {
             metrics.enqueued.with_label_values(&[outcome]);
         }
         for outcome in DELIVERIES {
             metrics.deliveries.with_label_values(&[outcome]);
+            metrics.failover_job_members.with_label_values(&[outcome]);
         }
         for outcome in REQUESTS {
             metrics.requests.with_label_values(&[outcome]);

@@ -11,7 +11,7 @@ use sea_orm::{
 };
 
 use crate::{
-    store::{Store, db_error, failed_deliveries, members},
+    store::{Store, db_error, failed_deliveries, members, timestamp},
     validate::MAX_MEMBER_ID_CHARS,
 };
 
@@ -136,10 +136,7 @@ fn failed(row: failed_deliveries::Model) -> FailedDelivery {
         member_id: row.member_id,
         version: u64::try_from(row.version).unwrap_or_default(),
         reason: row.reason,
-        fail_time: Some(prost_types::Timestamp {
-            seconds: row.fail_time.div_euclid(1_000_000),
-            nanos: i32::try_from(row.fail_time.rem_euclid(1_000_000) * 1_000).unwrap_or(0),
-        }),
+        fail_time: Some(timestamp(row.fail_time)),
     }
 }
 

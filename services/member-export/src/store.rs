@@ -491,6 +491,21 @@ pub fn now_micros() -> i64 {
     i64::try_from(since_epoch().as_micros()).unwrap_or(i64::MAX)
 }
 
+/// A protobuf timestamp in microseconds since the epoch (the tables' time unit).
+pub fn micros_of(time: prost_types::Timestamp) -> i64 {
+    time.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(time.nanos / 1_000))
+}
+
+/// Microseconds since the epoch as a protobuf timestamp.
+pub fn timestamp(micros: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1_000).unwrap_or(0),
+    }
+}
+
 /// Now, in milliseconds since the epoch (alert windows, pauses).
 pub fn now_millis() -> i64 {
     i64::try_from(since_epoch().as_millis()).unwrap_or(i64::MAX)

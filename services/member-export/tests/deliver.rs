@@ -3,162 +3,20 @@
 //! opt-outs, refused members are recorded, and neither partner failures nor a configuration
 //! error dead-letter anything.
 
+mod common;
+
 use std::{collections::BTreeSet, time::Duration};
 
+use common::{Dialect, change, delivered_at, drained, enqueue, start, start_on};
+
 use mall_proto::member::v1::{
-    Consent, EnqueueMemberChangesRequest, EraseMemberRequest, GetDeliveryStatsRequest,
-    GetMemberDeliveryStateRequest, ListFailedDeliveriesRequest, MarketingProfile, MemberChange,
-    member_export_service_client::MemberExportServiceClient,
+    EnqueueMemberChangesRequest, EraseMemberRequest, GetDeliveryStatsRequest,
+    GetMemberDeliveryStateRequest, ListFailedDeliveriesRequest,
 };
-use mall_queue::Queue;
 use mall_test_support::{Engine, TestDatabase, probe, wait_until};
-use member_export::{
-    App, Settings,
-    partner::PartnerSettings,
-    simulator::{Behaviour, Simulator},
-};
+use member_export::{Settings, simulator::Behaviour};
 use sea_orm::{ConnectionTrait as _, Database};
 use secrecy::SecretString;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
-
-const KEY: &str = "test-api-key";
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-
-struct Running {
-    client: MemberExportServiceClient<Channel>,
-    admin: std::net::SocketAddr,
-    simulator: Simulator,
-    queue: Queue,
-    url: String,
-    /// The database, when this run created it (dropped with it).
-    _database: Option<TestDatabase>,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Dialect {
-    Groobee,
-    Webhook,
-}
-
-async fn start(engine: Engine, dialect: Dialect, behaviour: Behaviour) -> Running {
-    let database = TestDatabase::new(engine).await;
-    let mut running = start_on(database.url(), dialect, behaviour, |_| {}).await;
-    running._database = Some(database);
-    running
-}
-
-async fn start_on(
-    url: &str,
-    dialect: Dialect,
-    behaviour: Behaviour,
-    configure: impl FnOnce(&mut Settings),
-) -> Running {
-    mall_test_support::init_logging();
-    let simulator = Simulator::start("127.0.0.1:0".parse().expect("addr"), KEY, SECRET, behaviour)
-        .await
-        .expect("simulator starts");
-    let mut settings = Settings::default();
-    settings.server.listen_addr = "127.0.0.1:0".parse().expect("valid address");
-    settings.server.admin_addr = "127.0.0.1:0".parse().expect("valid address");
-    settings.database.url = url.to_owned().into();
-    settings.queue.visibility_timeout = Duration::from_secs(5);
-    settings.delivery.receive_wait = Duration::from_millis(100);
-    settings.delivery.retry_initial = Duration::from_millis(20);
-    settings.delivery.retry_max = Duration::from_millis(200);
-    settings.delivery.configuration_pause = Duration::from_millis(500);
-    settings.alerts.webhook_url = Some(SecretString::from(simulator.alerts_url()));
-    settings.partner = match dialect {
-        Dialect::Groobee => PartnerSettings {
-            request_timeout: Duration::from_millis(500),
-            ..PartnerSettings::groobee(simulator.groobee_url(), SecretString::from(KEY))
-        },
-        Dialect::Webhook => PartnerSettings {
-            request_timeout: Duration::from_millis(500),
-            ..PartnerSettings::webhook(simulator.webhook_url(), SecretString::from(SECRET))
-        },
-    };
-    configure(&mut settings);
-    let app = App::build(settings.clone()).await.expect("app builds");
-    let (grpc, admin) = (app.grpc_addr(), app.admin_addr());
-    let shutdown = CancellationToken::new();
-    tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
-    let db = Database::connect(url).await.expect("connects");
-    let queue = Queue::open(&settings.queue, Some(db))
-        .await
-        .expect("queue opens");
-    Running {
-        client: MemberExportServiceClient::new(probe::channel(grpc)),
-        admin,
-        simulator,
-        queue,
-        url: url.to_owned(),
-        _database: None,
-        shutdown,
-    }
-}
-
-fn change(id: &str, version: u64, email: bool, sms: bool) -> MemberChange {
-    MemberChange {
-        member_id: id.into(),
-        version,
-        consent: Some(Consent {
-            marketing_email: email,
-            marketing_sms: sms,
-            ..Consent::default()
-        }),
-        profile: Some(MarketingProfile {
-            email: "someone@example.com".into(),
-            phone: "+821012345678".into(),
-            display_name: "Kim Minji".into(),
-            ..MarketingProfile::default()
-        }),
-        ..MemberChange::default()
-    }
-}
-
-async fn enqueue(running: &mut Running, changes: Vec<MemberChange>) {
-    running
-        .client
-        .enqueue_member_changes(EnqueueMemberChangesRequest {
-            request_id: String::new(),
-            changes,
-        })
-        .await
-        .expect("accepted");
-}
-
-/// Waits until every queued message was handled (nothing visible or in flight).
-async fn drained(running: &Running) {
-    wait_until("the queue drains", Duration::from_secs(20), || async {
-        let counts = running.queue.counts().await.ok()?;
-        (counts.visible + counts.in_flight == 0).then_some(())
-    })
-    .await;
-}
-
-async fn delivered_at(running: &Running, member: &str, version: u64) {
-    wait_until(
-        "the partner accepted the member",
-        Duration::from_secs(20),
-        || async {
-            running
-                .simulator
-                .members()
-                .get(member)
-                .is_some_and(|m| m.version == version)
-                .then_some(())
-        },
-    )
-    .await;
-}
 
 async fn consented_members_are_sent_with_only_their_consented_contact_data(
     engine: Engine,
