@@ -300,7 +300,8 @@ fn is_finished(state: i32) -> bool {
     matches!(state, SUCCEEDED | FAILED | CANCELLED)
 }
 
-fn state_name(state: i32) -> &'static str {
+/// A job state's name in messages, logs and metric labels.
+pub fn state_name(state: i32) -> &'static str {
     JobState::try_from(state).map_or("unknown", |s| match s {
         JobState::Succeeded => "succeeded",
         JobState::Failed => "failed",

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`config`]: [`Settings`], every knob with its default.
 //! - [`app`]: [`App`], wiring dependencies and the gRPC server.
+//! - [`cli`]: `memberctl`, failover jobs and stats from a terminal.
 //! - [`alerts`]: failure alerts to a Slack-compatible webhook, capped across replicas.
 //! - [`api`]: the gRPC handlers.
 //! - [`enqueue`]: EnqueueMemberChanges: record in the member table, queue deliveries.
@@ -23,6 +24,7 @@
 pub mod alerts;
 pub mod api;
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod deliver;

@@ -574,3 +574,73 @@ async fn a_job_whose_replica_dies_resumes_from_its_checkpoint_on_another() {
         "{twice} members sent twice (the first replica had {checkpoint} requests accepted)"
     );
 }
+
+#[tokio::test]
+async fn memberctl_starts_follows_cancels_and_shows_stats() {
+    use member_export::cli::{Command, Invocation, JobScope, run};
+    let mut running = start(Engine::Sqlite, Dialect::Groobee, Behaviour::default()).await;
+    let now = now_seconds();
+    enqueue(
+        &mut running,
+        vec![changed_at(change("M-CLI", 1, true, false), now - HOUR)],
+    )
+    .await;
+    delivered_at(&running, "M-CLI", 1).await;
+    let addr = format!("http://{}", running.grpc);
+    let mut out = Vec::new();
+    let from = chrono::DateTime::from_timestamp(now - 2 * HOUR, 0)
+        .expect("a time")
+        .to_rfc3339();
+    run(
+        Invocation {
+            addr: addr.clone(),
+            command: Command::Start {
+                scope: JobScope::TimeRange { from, to: None },
+                request_id: "cli-1".into(),
+                wait: true,
+            },
+        },
+        &mut out,
+    )
+    .await
+    .expect("the job succeeds");
+    let text = String::from_utf8(out).expect("text");
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.contains("succeeded, 1 of 1 members processed, 0 failed")),
+        "{text}"
+    );
+    assert_eq!(running.simulator.members()["M-CLI"].deliveries, 2);
+    let id = text
+        .split_whitespace()
+        .nth(1)
+        .expect("job <id> ...")
+        .to_owned();
+    // A finished job cannot be cancelled: the service's refusal is the command's error.
+    let error = run(
+        Invocation {
+            addr: addr.clone(),
+            command: Command::Cancel(id),
+        },
+        &mut Vec::new(),
+    )
+    .await
+    .expect_err("finished");
+    assert!(
+        format!("{error:#}").contains("already finished"),
+        "{error:#}"
+    );
+    let mut out = Vec::new();
+    run(
+        Invocation {
+            addr,
+            command: Command::Stats,
+        },
+        &mut out,
+    )
+    .await
+    .expect("stats");
+    let text = String::from_utf8(out).expect("text");
+    assert!(text.contains("rate limit 400.0/s"), "{text}");
+}

@@ -26,6 +26,7 @@ pub const KEY: &str = "test-api-key";
 pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 pub struct Running {
+    pub grpc: std::net::SocketAddr,
     pub client: MemberExportServiceClient<Channel>,
     pub admin: std::net::SocketAddr,
     pub simulator: Simulator,
@@ -95,6 +96,7 @@ pub async fn start_on(
         .await
         .expect("queue opens");
     Running {
+        grpc,
         client: MemberExportServiceClient::new(probe::channel(grpc)),
         admin,
         simulator,
