@@ -120,6 +120,7 @@ impl App {
             retry_max: delivery.retry_max,
             configuration_pause: delivery.configuration_pause,
             paused_until: Arc::default(),
+            parallel: delivery.max_concurrency.max(1),
             claim: delivery
                 .claim_timeout
                 .max(std::time::Duration::from_secs(1)),

@@ -27,7 +27,7 @@
 //!   this replica stops sending for `configuration_pause`, logged at ERROR; the messages wait.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -35,6 +35,7 @@ use std::{
     time::Duration,
 };
 
+use futures::StreamExt as _;
 use mall_grpc::ServiceError;
 use mall_proto::member::v1::{MarketingProfile, MemberDeliveryBatch};
 use mall_queue::{Queue, Receipt, ReceivedMessage, decode_body, fnv64};
@@ -77,6 +78,8 @@ pub struct Workers {
     pub configuration_pause: Duration,
     /// Until when (ms since the epoch) deliveries are stopped for a configuration error.
     pub paused_until: Arc<AtomicU64>,
+    /// Requests one round (or one page of a job) sends at once.
+    pub parallel: usize,
     /// How long a claim on members being sent lasts unless renewed (every third of it while
     /// the request is in flight): after a crash, those members wait this long.
     pub claim: Duration,
@@ -84,6 +87,32 @@ pub struct Workers {
     pub metrics: MemberMetrics,
     /// Failure alerts.
     pub alerts: Alerts,
+}
+
+/// A batch waiting to be sent: how many times it failed in a row, whether its members are
+/// claimed at the versions it holds.
+#[derive(Debug)]
+struct Pending {
+    batch: Vec<Delivery>,
+    failures: u32,
+    claimed: bool,
+}
+
+/// What became of a batch sent.
+#[derive(Debug)]
+enum Step {
+    /// Recorded: accepted or refused.
+    Done,
+    /// To be sent again (split, or rebuilt after a wait).
+    Again(Vec<Pending>),
+    /// Shutdown came during a wait.
+    Stopped,
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What one round did, for tests and logs.
@@ -98,6 +127,15 @@ pub struct Round {
     /// Members not sent: already delivered at their newest version, or an opt-out of a
     /// member the partner never accepted.
     pub skipped: usize,
+}
+
+impl Round {
+    /// Adds `other`'s counts (not its messages) to this one's.
+    pub fn add(&mut self, other: Self) {
+        self.delivered += other.delivered;
+        self.refused += other.refused;
+        self.skipped += other.skipped;
+    }
 }
 
 impl Workers {
@@ -195,13 +233,19 @@ impl Workers {
         Ok(round)
     }
 
-    /// Sends `deliveries` in batches until each was accepted, refused or skipped (counted in
-    /// `round`): the partner's failures are waited out and the batch rebuilt from the member
-    /// table before it goes again; members another sender holds wait until it is done.
-    /// `false` when `shutdown` came first.
+    /// Sends `deliveries` in batches, up to `parallel` requests at once, until each was
+    /// accepted, refused or skipped (counted in `round`): the partner's failures are waited
+    /// out and the batch rebuilt from the member table before it goes again; members another
+    /// sender holds wait until it is done. `false` when `shutdown` came first (the requests
+    /// in flight end first, so no claim is left behind).
+    ///
+    /// Claims: one statement claims every member at the start, a task renews them while
+    /// anything is in flight, each recorded answer ends its batch's claims, and whatever is
+    /// left is released at the end. A batch rebuilt after a wait is claimed again (its row
+    /// may have moved on).
     ///
     /// # Errors
-    /// When the database fails.
+    /// When the database fails (after the requests in flight ended).
     pub async fn send_all(
         &self,
         deliveries: Vec<Delivery>,
@@ -209,151 +253,236 @@ impl Workers {
         round: &mut Round,
         shutdown: &CancellationToken,
     ) -> Result<bool, ServiceError> {
-        let mut pending: Vec<Vec<Delivery>> = self.batches(deliveries);
+        let owner = fastrand::i64(1..);
+        let claimed = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+        let _renewal = self.keep_claims(owner, claimed.clone());
         let mut deferred: Vec<Delivery> = Vec::new();
-        let mut failures = 0;
+        let mut pending: Vec<Pending> = Vec::new();
+        let mine = self
+            .claim(owner, deliveries, &mut deferred, &claimed)
+            .await?;
+        pending.extend(self.batches(mine).into_iter().map(|batch| Pending {
+            batch,
+            failures: 0,
+            claimed: true,
+        }));
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut stopping = false;
+        let mut error = None;
         let mut busy = 0;
         loop {
-            let Some(batch) = pending.pop() else {
-                if deferred.is_empty() {
-                    return Ok(true);
+            while !stopping && running.len() < self.parallel.max(1) {
+                let Some(next) = pending.pop() else { break };
+                let batch = if next.claimed {
+                    next.batch
+                } else {
+                    match self.claim(owner, next.batch, &mut deferred, &claimed).await {
+                        Ok(batch) => batch,
+                        Err(e) => {
+                            error = Some(e);
+                            stopping = true;
+                            break;
+                        }
+                    }
+                };
+                if !batch.is_empty() {
+                    running.push(self.send_batch(owner, batch, next.failures, mode, shutdown));
                 }
-                // Members another sender holds: wait for it, then send what is current.
-                busy += 1;
-                let wait = mall_retry::Backoff::after(BUSY_WAIT, self.retry_max, busy);
-                if !self.hold(wait, shutdown).await {
-                    return Ok(false);
-                }
-                pending = self
-                    .refresh(&std::mem::take(&mut deferred), mode, round)
-                    .await?;
-                continue;
-            };
-            let owner = fastrand::i64(1..);
-            let batch = self.claim(owner, batch, &mut deferred).await?;
-            if batch.is_empty() {
-                continue;
             }
-            let outcome = {
-                let _lease = self.keep_claim(owner, &batch);
-                send(
-                    &self.outbound,
-                    Batch {
-                        idempotency_key: idempotency_key(&batch),
-                        deliveries: batch.clone().into(),
-                    },
-                )
-                .await
-            };
-            let version = |d: &Delivery| i64::try_from(d.version).unwrap_or(i64::MAX);
-            if !matches!(outcome, Outcome::Accepted { .. }) {
-                // Nothing of the batch is in flight any more.
-                let ids: Vec<&str> = batch.iter().map(|d| d.member_id.as_str()).collect();
-                self.store.release(owner, &ids).await?;
-            }
-            match outcome {
-                Outcome::Accepted { refused } => {
-                    failures = 0;
-                    let refused_at: BTreeMap<usize, &str> = refused
-                        .iter()
-                        .map(|r| (r.index, r.reason.as_str()))
-                        .collect();
-                    let accepted: Vec<(&str, i64, bool)> = batch
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| !refused_at.contains_key(i))
-                        .map(|(_, d)| (d.member_id.as_str(), version(d), d.erase))
-                        .collect();
-                    let failed: Vec<(&str, i64, &str)> = refused_at
-                        .iter()
-                        .filter_map(|(i, reason)| {
-                            batch
-                                .get(*i)
-                                .map(|d| (d.member_id.as_str(), version(d), *reason))
-                        })
-                        .collect();
-                    if !failed.is_empty() {
-                        // Member ids and codes only: never what was sent.
-                        tracing::warn!(
-                            members = ?failed.iter().map(|f| f.0).collect::<Vec<_>>(),
-                            reasons = ?failed.iter().map(|f| f.2).collect::<Vec<_>>(),
-                            "the partner refused members; recorded in failed_deliveries"
-                        );
+            match running.next().await {
+                Some(Ok((step, done))) => {
+                    round.add(done);
+                    match step {
+                        Step::Done => {}
+                        Step::Again(again) => pending.extend(again),
+                        Step::Stopped => stopping = true,
                     }
-                    self.store
-                        .delivered(owner, &accepted, &failed, now_micros())
-                        .await?;
-                    round.delivered += accepted.len();
-                    round.refused += failed.len();
                 }
-                Outcome::Split { reason } if batch.len() > 1 => {
-                    let mut first = batch;
-                    let second = first.split_off(first.len() / 2);
-                    tracing::debug!(%reason, "the partner refused a member of a batch; splitting");
-                    pending.push(second);
-                    pending.push(first);
+                Some(Err(e)) => {
+                    error = Some(e);
+                    stopping = true;
                 }
-                Outcome::Split { reason } => {
-                    let delivery = &batch[0];
-                    self.store
-                        .delivered(
-                            owner,
-                            &[],
-                            &[(&delivery.member_id, version(delivery), &reason)],
-                            now_micros(),
-                        )
-                        .await?;
-                    round.refused += 1;
-                }
-                Outcome::Configuration { reason } => {
-                    tracing::error!(
-                        %reason,
-                        pause = ?self.configuration_pause,
-                        "the partner refuses our configuration; deliveries stop until it is fixed"
-                    );
-                    let now = now_millis().unsigned_abs();
-                    let until = now.saturating_add(
-                        u64::try_from(self.configuration_pause.as_millis()).unwrap_or(u64::MAX),
-                    );
-                    let before = self.paused_until.fetch_max(until, Ordering::AcqRel);
-                    if before <= now {
-                        // The first worker of this replica to see it (not paused yet) alerts.
-                        self.alert(&format!(
-                            "member-export: the partner refuses our configuration ({reason}); \
-                             deliveries stop and retry every {:?}",
-                            self.configuration_pause
-                        ))
-                        .await;
-                    }
-                    if !self.hold(self.configuration_pause, shutdown).await {
-                        return Ok(false);
-                    }
-                    pending.extend(self.refresh(&batch, mode, round).await?);
-                }
-                Outcome::Retry { .. } | Outcome::RateLimited { .. } => {
-                    failures += 1;
-                    if let Outcome::Retry { reason, .. } = &outcome {
-                        tracing::warn!(%reason, failures, "the partner failed; the batch waits and is sent again");
-                    }
-                    let wait =
-                        mall_retry::Backoff::after(self.retry_initial, self.retry_max, failures);
+                None if stopping => break,
+                None if !pending.is_empty() => {}
+                None if deferred.is_empty() => break,
+                None => {
+                    // Members another sender holds: wait for it, then send what is current.
+                    busy += 1;
+                    let wait = mall_retry::Backoff::after(BUSY_WAIT, self.retry_max, busy);
                     if !self.hold(wait, shutdown).await {
-                        return Ok(false);
+                        stopping = true;
+                        continue;
                     }
-                    pending.extend(self.refresh(&batch, mode, round).await?);
+                    match self
+                        .refresh(&std::mem::take(&mut deferred), mode, round)
+                        .await
+                    {
+                        Ok(batches) => pending.extend(batches.into_iter().map(|batch| Pending {
+                            batch,
+                            failures: 0,
+                            claimed: false,
+                        })),
+                        Err(e) => {
+                            error = Some(e);
+                            stopping = true;
+                        }
+                    }
                 }
+            }
+        }
+        // What is still claimed (skipped on a rebuild, or stopped) is nobody's any more.
+        let left: Vec<String> = lock(&claimed).iter().cloned().collect();
+        if !left.is_empty() {
+            let ids: Vec<&str> = left.iter().map(String::as_str).collect();
+            if let Err(e) = self.store.release(owner, &ids).await {
+                tracing::warn!(error = %e, "cannot release claims; they expire by themselves");
+            }
+        }
+        match error {
+            Some(error) => Err(error),
+            None => Ok(!stopping),
+        }
+    }
+
+    /// Sends one claimed batch and records what the partner did; after a failure, waits and
+    /// hands back the batch rebuilt from the member table.
+    async fn send_batch(
+        &self,
+        owner: i64,
+        batch: Vec<Delivery>,
+        failures: u32,
+        mode: Mode,
+        shutdown: &CancellationToken,
+    ) -> Result<(Step, Round), ServiceError> {
+        let mut round = Round::default();
+        let outcome = send(
+            &self.outbound,
+            Batch {
+                idempotency_key: idempotency_key(&batch),
+                deliveries: batch.clone().into(),
+            },
+        )
+        .await;
+        let version = |d: &Delivery| i64::try_from(d.version).unwrap_or(i64::MAX);
+        let again = |batches: Vec<Vec<Delivery>>, failures, claimed| {
+            Step::Again(
+                batches
+                    .into_iter()
+                    .map(|batch| Pending {
+                        batch,
+                        failures,
+                        claimed,
+                    })
+                    .collect(),
+            )
+        };
+        match outcome {
+            Outcome::Accepted { refused } => {
+                let refused_at: BTreeMap<usize, &str> = refused
+                    .iter()
+                    .map(|r| (r.index, r.reason.as_str()))
+                    .collect();
+                let accepted: Vec<(&str, i64, bool)> = batch
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !refused_at.contains_key(i))
+                    .map(|(_, d)| (d.member_id.as_str(), version(d), d.erase))
+                    .collect();
+                let failed: Vec<(&str, i64, &str)> = refused_at
+                    .iter()
+                    .filter_map(|(i, reason)| {
+                        batch
+                            .get(*i)
+                            .map(|d| (d.member_id.as_str(), version(d), *reason))
+                    })
+                    .collect();
+                if !failed.is_empty() {
+                    // Member ids and codes only: never what was sent.
+                    tracing::warn!(
+                        members = ?failed.iter().map(|f| f.0).collect::<Vec<_>>(),
+                        reasons = ?failed.iter().map(|f| f.2).collect::<Vec<_>>(),
+                        "the partner refused members; recorded in failed_deliveries"
+                    );
+                }
+                self.store
+                    .delivered(owner, &accepted, &failed, now_micros())
+                    .await?;
+                round.delivered += accepted.len();
+                round.refused += failed.len();
+                Ok((Step::Done, round))
+            }
+            Outcome::Split { reason } if batch.len() > 1 => {
+                let mut first = batch;
+                let second = first.split_off(first.len() / 2);
+                tracing::debug!(%reason, "the partner refused a member of a batch; splitting");
+                Ok((again(vec![second, first], failures, true), round))
+            }
+            Outcome::Split { reason } => {
+                let delivery = &batch[0];
+                self.store
+                    .delivered(
+                        owner,
+                        &[],
+                        &[(&delivery.member_id, version(delivery), &reason)],
+                        now_micros(),
+                    )
+                    .await?;
+                round.refused += 1;
+                Ok((Step::Done, round))
+            }
+            Outcome::Configuration { reason } => {
+                tracing::error!(
+                    %reason,
+                    pause = ?self.configuration_pause,
+                    "the partner refuses our configuration; deliveries stop until it is fixed"
+                );
+                let now = now_millis().unsigned_abs();
+                let until = now.saturating_add(
+                    u64::try_from(self.configuration_pause.as_millis()).unwrap_or(u64::MAX),
+                );
+                let before = self.paused_until.fetch_max(until, Ordering::AcqRel);
+                if before <= now {
+                    // The first worker of this replica to see it (not paused yet) alerts.
+                    self.alert(&format!(
+                        "member-export: the partner refuses our configuration ({reason}); \
+                         deliveries stop and retry every {:?}",
+                        self.configuration_pause
+                    ))
+                    .await;
+                }
+                if !self.hold(self.configuration_pause, shutdown).await {
+                    return Ok((Step::Stopped, round));
+                }
+                let batches = self.refresh(&batch, mode, &mut round).await?;
+                Ok((again(batches, failures, false), round))
+            }
+            Outcome::Retry { .. } | Outcome::RateLimited { .. } => {
+                let failures = failures + 1;
+                if let Outcome::Retry { reason, .. } = &outcome {
+                    tracing::warn!(%reason, failures, "the partner failed; the batch waits and is sent again");
+                }
+                let wait = mall_retry::Backoff::after(self.retry_initial, self.retry_max, failures);
+                if !self.hold(wait, shutdown).await {
+                    return Ok((Step::Stopped, round));
+                }
+                let batches = self.refresh(&batch, mode, &mut round).await?;
+                Ok((again(batches, failures, false), round))
             }
         }
     }
 
-    /// The part of `batch` that `owner` could claim; the rest (held by another sender, or
-    /// changed since it was read) goes to `deferred`, to be read again.
+    /// The part of `batch` that `owner` could claim (added to `claimed`); the rest (held by
+    /// another sender, or changed since it was read) goes to `deferred`, to be read again.
     async fn claim(
         &self,
         owner: i64,
         batch: Vec<Delivery>,
         deferred: &mut Vec<Delivery>,
+        claimed: &std::sync::Mutex<BTreeSet<String>>,
     ) -> Result<Vec<Delivery>, ServiceError> {
+        if batch.is_empty() {
+            return Ok(batch);
+        }
         let attempt: Vec<(&str, i64, bool)> = batch
             .iter()
             .map(|d| {
@@ -362,25 +491,29 @@ impl Workers {
             })
             .collect();
         let now = now_micros();
-        let claimed = self
+        let got = self
             .store
             .claim(owner, &attempt, now, now.saturating_add(micros(self.claim)))
             .await?;
-        let (mine, others): (Vec<Delivery>, Vec<Delivery>) = batch
-            .into_iter()
-            .partition(|d| claimed.contains(&d.member_id));
+        lock(claimed).extend(got.iter().cloned());
+        let (mine, others): (Vec<Delivery>, Vec<Delivery>) =
+            batch.into_iter().partition(|d| got.contains(&d.member_id));
         deferred.extend(others);
         Ok(mine)
     }
 
-    /// Renews `owner`'s claim on `batch` while the request is in flight; dropped with it.
-    fn keep_claim(&self, owner: i64, batch: &[Delivery]) -> AbortOnDrop<()> {
+    /// Renews `owner`'s claims every third of their timeout until dropped.
+    fn keep_claims(
+        &self,
+        owner: i64,
+        claimed: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    ) -> AbortOnDrop<()> {
         let store = self.store.clone();
         let claim = self.claim;
-        let ids: Vec<String> = batch.iter().map(|d| d.member_id.clone()).collect();
         AbortOnDrop(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(claim / 3).await;
+                let ids: Vec<String> = lock(&claimed).iter().cloned().collect();
                 let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
                 let until = now_micros().saturating_add(micros(claim));
                 if let Err(error) = store.renew(owner, &ids, until).await {
