@@ -10,6 +10,11 @@
 #                               Starts PostgreSQL, LocalStack and kinesalite when they are not
 #                               running, and stops at exit what it started. Extra arguments go to
 #                               the benchmark (e.g. 'embedded', 'quick'; see benches/relay.rs).
+#   scripts/bench.sh member     member-export: a partner limited to 400 requests/s (one replica;
+#                               two replicas sharing it on PostgreSQL), an unlimited partner at 20
+#                               ms (groobee batches, webhook one per request, EnqueueMemberChanges),
+#                               and a failover job over 1,000,000 members with its peak RSS.
+#                               Extra arguments go to the benchmark (e.g. 'limited', 'quick').
 #
 # Release build (a few minutes the first time). Run it on a quiet machine: every figure is
 # reported next to a baseline measured in the same run, but a busy machine still adds noise.
@@ -48,7 +53,14 @@ case "$target" in
     say "benchmark: sync-relay end to end (release build)"
     cargo bench -p sync-relay --bench relay -- "$@"
     ;;
+  member)
+    shift
+    MALL_TEST_POSTGRES_URL="$("$ROOT/scripts/postgres.sh")"
+    export MALL_TEST_POSTGRES_URL
+    say "benchmark: member-export (release build)"
+    cargo bench -p member-export --bench member -- "$@"
+    ;;
   *)
-    die "usage: scripts/bench.sh catalog|relay"
+    die "usage: scripts/bench.sh catalog|relay|member"
     ;;
 esac

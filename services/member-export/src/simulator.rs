@@ -113,6 +113,8 @@ pub struct Counts {
     pub errors: u64,
     /// Requests left without an answer.
     pub hung: u64,
+    /// Member records taken, over all requests (a member taken twice counts twice).
+    pub members_accepted: u64,
     /// Requests refused for the configuration (key, signature, contract).
     pub refused_configuration: u64,
 }
@@ -298,6 +300,7 @@ impl Shared {
     }
 
     fn accept(&self, member: &Member, idempotency_key: Option<&str>) {
+        lock(&self.counts).members_accepted += 1;
         let mut members = lock(&self.members);
         let accepted = members.entry(member.member_id.clone()).or_default();
         accepted.deliveries += 1;
