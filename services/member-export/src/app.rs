@@ -52,6 +52,13 @@ impl App {
             settings.jobs.lease >= std::time::Duration::from_secs(3),
             "jobs.lease must be at least 3s (it is renewed every second)"
         );
+        anyhow::ensure!(
+            settings.delivery.claim_timeout >= settings.partner.request_timeout * 2,
+            "delivery.claim_timeout ({:?}) must be at least twice partner.request_timeout ({:?}): \
+             a request is only made while its members' claims outlast it",
+            settings.delivery.claim_timeout,
+            settings.partner.request_timeout
+        );
         let cipher = Arc::new(ProfileCipher::new(&settings.encryption)?);
         let db = mall_db::connect::<Migrator>(&settings.database).await?;
         let queue = Queue::open(&settings.queue, Some(db.clone()))
@@ -71,6 +78,7 @@ impl App {
             RateSettings {
                 per_second: f64::from(delivery.rate_limit_per_second),
                 recovery: delivery.rate_limit_recovery,
+                max_pause: delivery.retry_max,
             },
             metrics.clone(),
         );
@@ -82,6 +90,7 @@ impl App {
                 max_attempts: delivery.max_attempts,
                 retry_initial: delivery.retry_initial,
                 retry_max: delivery.retry_max,
+                request_timeout: settings.partner.request_timeout,
             },
             &metrics,
         );

@@ -295,7 +295,8 @@ async fn follow(
     let mut last = None;
     while let Some(message) = stream.message().await? {
         let job = message.job.unwrap_or_default();
-        bar.set_length(u64::try_from(job.total_count).unwrap_or_default());
+        // Members that moved into the range while the job ran can take it past the total.
+        bar.set_length(u64::try_from(job.total_count.max(job.processed_count)).unwrap_or_default());
         bar.set_position(u64::try_from(job.processed_count).unwrap_or_default());
         bar.set_message(format!(
             "{} failed, {}",

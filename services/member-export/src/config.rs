@@ -104,7 +104,8 @@ pub struct DeliverySettings {
     pub configuration_pause: Duration,
     /// How long a member being sent stays claimed by its sender without renewal (renewed
     /// every third of it while the request is in flight): after a crash, its members wait
-    /// this long before another replica or a failover job may send them.
+    /// this long before another replica or a failover job may send them. At least twice
+    /// `partner.request_timeout`: a request is only made while its claims outlast it.
     #[serde(with = "humantime_serde")]
     pub claim_timeout: Duration,
 }

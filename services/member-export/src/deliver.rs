@@ -30,7 +30,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -98,15 +98,36 @@ struct Pending {
     claimed: bool,
 }
 
-/// What became of a batch sent.
-#[derive(Debug)]
-enum Step {
-    /// Recorded: accepted or refused.
-    Done,
-    /// To be sent again (split, or rebuilt after a wait).
-    Again(Vec<Pending>),
+/// What a batch sent leaves to do.
+#[derive(Debug, Default)]
+struct After {
+    /// To be sent again (split halves, or rebuilt after a wait).
+    again: Vec<Pending>,
+    /// Members another sender held, or that changed since they were read.
+    deferred: Vec<Delivery>,
     /// Shutdown came during a wait.
-    Stopped,
+    stopped: bool,
+}
+
+/// The claims of one [`Workers::send_all`]: their owner id, the members held, and until
+/// when (µs since the epoch, this process's clock, conservatively) all of them are known to
+/// be held.
+#[derive(Debug)]
+struct Claims {
+    owner: i64,
+    held: std::sync::Mutex<BTreeSet<String>>,
+    valid_until: Arc<AtomicI64>,
+}
+
+impl Claims {
+    /// `batch`'s members are about to be released by the recorded answer: no longer
+    /// renewed (so a renewal racing the record does not look like a lost claim).
+    fn forget(&self, batch: &[Delivery]) {
+        let mut held = lock(&self.held);
+        for delivery in batch {
+            held.remove(&delivery.member_id);
+        }
+    }
 }
 
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -236,13 +257,18 @@ impl Workers {
     /// Sends `deliveries` in batches, up to `parallel` requests at once, until each was
     /// accepted, refused or skipped (counted in `round`): the partner's failures are waited
     /// out and the batch rebuilt from the member table before it goes again; members another
-    /// sender holds wait until it is done. `false` when `shutdown` came first (the requests
-    /// in flight end first, so no claim is left behind).
+    /// sender holds wait until it is done. `false` when `shutdown` came first: no new batch
+    /// starts, and the requests in flight end before this returns, so no claim is left
+    /// behind.
     ///
-    /// Claims: one statement claims every member at the start, a task renews them while
-    /// anything is in flight, each recorded answer ends its batch's claims, and whatever is
-    /// left is released at the end. A batch rebuilt after a wait is claimed again (its row
-    /// may have moved on).
+    /// Claims: each batch claims its members just before it is sent (recording the version
+    /// attempted), one task renews what is held while anything is in flight, each recorded
+    /// answer ends its batch's claims, and whatever is left is released at the end. A batch
+    /// is not sent once its claims may have lapsed (a renewal did not cover them): it waits
+    /// and is claimed again.
+    ///
+    /// Everything that touches the database happens inside the batches' futures or while
+    /// none is running: a batch holding SQLite's write turn is always polled to the end.
     ///
     /// # Errors
     /// When the database fails (after the requests in flight ended).
@@ -253,50 +279,38 @@ impl Workers {
         round: &mut Round,
         shutdown: &CancellationToken,
     ) -> Result<bool, ServiceError> {
-        let owner = fastrand::i64(1..);
-        let claimed = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
-        let _renewal = self.keep_claims(owner, claimed.clone());
+        let claims = Arc::new(Claims {
+            owner: fastrand::i64(1..),
+            held: std::sync::Mutex::default(),
+            valid_until: Arc::new(AtomicI64::new(0)),
+        });
+        let _renewal = self.keep_claims(claims.clone());
+        let mut pending: Vec<Pending> = self
+            .batches(deliveries)
+            .into_iter()
+            .map(|batch| Pending {
+                batch,
+                failures: 0,
+                claimed: false,
+            })
+            .collect();
         let mut deferred: Vec<Delivery> = Vec::new();
-        let mut pending: Vec<Pending> = Vec::new();
-        let mine = self
-            .claim(owner, deliveries, &mut deferred, &claimed)
-            .await?;
-        pending.extend(self.batches(mine).into_iter().map(|batch| Pending {
-            batch,
-            failures: 0,
-            claimed: true,
-        }));
         let mut running = futures::stream::FuturesUnordered::new();
         let mut stopping = false;
         let mut error = None;
         let mut busy = 0;
         loop {
+            stopping |= shutdown.is_cancelled();
             while !stopping && running.len() < self.parallel.max(1) {
                 let Some(next) = pending.pop() else { break };
-                let batch = if next.claimed {
-                    next.batch
-                } else {
-                    match self.claim(owner, next.batch, &mut deferred, &claimed).await {
-                        Ok(batch) => batch,
-                        Err(e) => {
-                            error = Some(e);
-                            stopping = true;
-                            break;
-                        }
-                    }
-                };
-                if !batch.is_empty() {
-                    running.push(self.send_batch(owner, batch, next.failures, mode, shutdown));
-                }
+                running.push(self.send_batch(&claims, next, mode, shutdown));
             }
             match running.next().await {
-                Some(Ok((step, done))) => {
+                Some(Ok((after, done))) => {
                     round.add(done);
-                    match step {
-                        Step::Done => {}
-                        Step::Again(again) => pending.extend(again),
-                        Step::Stopped => stopping = true,
-                    }
+                    pending.extend(after.again);
+                    deferred.extend(after.deferred);
+                    stopping |= after.stopped;
                 }
                 Some(Err(e)) => {
                     error = Some(e);
@@ -331,10 +345,10 @@ impl Workers {
             }
         }
         // What is still claimed (skipped on a rebuild, or stopped) is nobody's any more.
-        let left: Vec<String> = lock(&claimed).iter().cloned().collect();
+        let left: Vec<String> = lock(&claims.held).iter().cloned().collect();
         if !left.is_empty() {
             let ids: Vec<&str> = left.iter().map(String::as_str).collect();
-            if let Err(e) = self.store.release(owner, &ids).await {
+            if let Err(e) = self.store.release(claims.owner, &ids).await {
                 tracing::warn!(error = %e, "cannot release claims; they expire by themselves");
             }
         }
@@ -344,37 +358,51 @@ impl Workers {
         }
     }
 
-    /// Sends one claimed batch and records what the partner did; after a failure, waits and
-    /// hands back the batch rebuilt from the member table.
+    /// Claims (unless held already), sends one batch and records what the partner did;
+    /// after a failure, waits and hands back the batch rebuilt from the member table.
     async fn send_batch(
         &self,
-        owner: i64,
-        batch: Vec<Delivery>,
-        failures: u32,
+        claims: &Claims,
+        next: Pending,
         mode: Mode,
         shutdown: &CancellationToken,
-    ) -> Result<(Step, Round), ServiceError> {
+    ) -> Result<(After, Round), ServiceError> {
         let mut round = Round::default();
+        let mut after = After::default();
+        let Pending {
+            batch,
+            failures,
+            claimed,
+        } = next;
+        let batch = if claimed {
+            batch
+        } else {
+            let (mine, others) = self.claim(claims, batch).await?;
+            after.deferred = others;
+            mine
+        };
+        if batch.is_empty() {
+            return Ok((after, round));
+        }
         let outcome = send(
             &self.outbound,
             Batch {
                 idempotency_key: idempotency_key(&batch),
                 deliveries: batch.clone().into(),
+                claimed_until: Some(claims.valid_until.clone()),
             },
         )
         .await;
         let version = |d: &Delivery| i64::try_from(d.version).unwrap_or(i64::MAX);
         let again = |batches: Vec<Vec<Delivery>>, failures, claimed| {
-            Step::Again(
-                batches
-                    .into_iter()
-                    .map(|batch| Pending {
-                        batch,
-                        failures,
-                        claimed,
-                    })
-                    .collect(),
-            )
+            batches
+                .into_iter()
+                .map(|batch| Pending {
+                    batch,
+                    failures,
+                    claimed,
+                })
+                .collect()
         };
         match outcome {
             Outcome::Accepted { refused } => {
@@ -404,31 +432,31 @@ impl Workers {
                         "the partner refused members; recorded in failed_deliveries"
                     );
                 }
+                claims.forget(&batch);
                 self.store
-                    .delivered(owner, &accepted, &failed, now_micros())
+                    .delivered(claims.owner, &accepted, &failed, now_micros())
                     .await?;
                 round.delivered += accepted.len();
                 round.refused += failed.len();
-                Ok((Step::Done, round))
             }
             Outcome::Split { reason } if batch.len() > 1 => {
                 let mut first = batch;
                 let second = first.split_off(first.len() / 2);
                 tracing::debug!(%reason, "the partner refused a member of a batch; splitting");
-                Ok((again(vec![second, first], failures, true), round))
+                after.again = again(vec![second, first], failures, true);
             }
             Outcome::Split { reason } => {
                 let delivery = &batch[0];
+                claims.forget(&batch);
                 self.store
                     .delivered(
-                        owner,
+                        claims.owner,
                         &[],
                         &[(&delivery.member_id, version(delivery), &reason)],
                         now_micros(),
                     )
                     .await?;
                 round.refused += 1;
-                Ok((Step::Done, round))
             }
             Outcome::Configuration { reason } => {
                 tracing::error!(
@@ -451,10 +479,11 @@ impl Workers {
                     .await;
                 }
                 if !self.hold(self.configuration_pause, shutdown).await {
-                    return Ok((Step::Stopped, round));
+                    after.stopped = true;
+                    return Ok((after, round));
                 }
                 let batches = self.refresh(&batch, mode, &mut round).await?;
-                Ok((again(batches, failures, false), round))
+                after.again = again(batches, failures, false);
             }
             Outcome::Retry { .. } | Outcome::RateLimited { .. } => {
                 let failures = failures + 1;
@@ -463,26 +492,23 @@ impl Workers {
                 }
                 let wait = mall_retry::Backoff::after(self.retry_initial, self.retry_max, failures);
                 if !self.hold(wait, shutdown).await {
-                    return Ok((Step::Stopped, round));
+                    after.stopped = true;
+                    return Ok((after, round));
                 }
                 let batches = self.refresh(&batch, mode, &mut round).await?;
-                Ok((again(batches, failures, false), round))
+                after.again = again(batches, failures, false);
             }
         }
+        Ok((after, round))
     }
 
-    /// The part of `batch` that `owner` could claim (added to `claimed`); the rest (held by
-    /// another sender, or changed since it was read) goes to `deferred`, to be read again.
+    /// The part of `batch` that could be claimed (now held), and the rest (held by another
+    /// sender, or changed since it was read: to be read again).
     async fn claim(
         &self,
-        owner: i64,
+        claims: &Claims,
         batch: Vec<Delivery>,
-        deferred: &mut Vec<Delivery>,
-        claimed: &std::sync::Mutex<BTreeSet<String>>,
-    ) -> Result<Vec<Delivery>, ServiceError> {
-        if batch.is_empty() {
-            return Ok(batch);
-        }
+    ) -> Result<(Vec<Delivery>, Vec<Delivery>), ServiceError> {
         let attempt: Vec<(&str, i64, bool)> = batch
             .iter()
             .map(|d| {
@@ -490,34 +516,51 @@ impl Workers {
                 (d.member_id.as_str(), version, d.erase)
             })
             .collect();
-        let now = now_micros();
-        let got = self
-            .store
-            .claim(owner, &attempt, now, now.saturating_add(micros(self.claim)))
-            .await?;
-        lock(claimed).extend(got.iter().cloned());
-        let (mine, others): (Vec<Delivery>, Vec<Delivery>) =
-            batch.into_iter().partition(|d| got.contains(&d.member_id));
-        deferred.extend(others);
-        Ok(mine)
+        let started = now_micros();
+        let got = self.store.claim(claims.owner, &attempt, self.claim).await?;
+        {
+            let mut held = lock(&claims.held);
+            if held.is_empty() {
+                // Nothing older to vouch for: these claims last their lease from before
+                // the statement ran.
+                claims.valid_until.store(
+                    started.saturating_add(micros(self.claim)),
+                    Ordering::Release,
+                );
+            }
+            held.extend(got.iter().cloned());
+        }
+        Ok(batch.into_iter().partition(|d| got.contains(&d.member_id)))
     }
 
-    /// Renews `owner`'s claims every third of their timeout until dropped.
-    fn keep_claims(
-        &self,
-        owner: i64,
-        claimed: Arc<std::sync::Mutex<BTreeSet<String>>>,
-    ) -> AbortOnDrop<()> {
+    /// Renews the held claims every third of their lease until dropped; their validity
+    /// moves on only when a renewal covered every one of them.
+    fn keep_claims(&self, claims: Arc<Claims>) -> AbortOnDrop<()> {
         let store = self.store.clone();
-        let claim = self.claim;
+        let lease = self.claim;
         AbortOnDrop(tokio::spawn(async move {
             loop {
-                tokio::time::sleep(claim / 3).await;
-                let ids: Vec<String> = lock(&claimed).iter().cloned().collect();
-                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                let until = now_micros().saturating_add(micros(claim));
-                if let Err(error) = store.renew(owner, &ids, until).await {
-                    tracing::warn!(%error, "cannot renew the claim on members being sent");
+                tokio::time::sleep(lease / 3).await;
+                let ids: Vec<String> = lock(&claims.held).iter().cloned().collect();
+                if ids.is_empty() {
+                    continue;
+                }
+                let started = now_micros();
+                let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+                match store.renew(claims.owner, &refs, lease).await {
+                    Ok(renewed) if renewed >= ids.len() as u64 => {
+                        claims
+                            .valid_until
+                            .store(started.saturating_add(micros(lease)), Ordering::Release);
+                    }
+                    Ok(renewed) => tracing::warn!(
+                        renewed,
+                        held = ids.len(),
+                        "claims on members being sent were lost; those batches wait and claim again"
+                    ),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot renew the claims on members being sent");
+                    }
                 }
             }
         }))

@@ -130,6 +130,7 @@ impl JobsApi {
             lease_owner: 0,
             lease_until: 0,
         };
+        let turn = self.store.turn().await;
         let insert = Jobs::insert(failover_jobs::ActiveModel::from(row.clone()))
             .on_conflict(
                 sea_orm::sea_query::OnConflict::column(J::RequestId)
@@ -139,6 +140,7 @@ impl JobsApi {
             .exec_without_returning(self.store.db())
             .await
             .map_err(|e| db_error(e, "record a job"))?;
+        drop(turn);
         if insert == 0 {
             // The same request id, recorded concurrently: its job is the answer.
             if let Some(id) = &request_id
@@ -166,6 +168,7 @@ impl JobsApi {
     pub async fn cancel(&self, job_id: &str) -> Result<Job, ServiceError> {
         let row = self.row(job_id).await?;
         let now = now_micros();
+        let turn = self.store.turn().await;
         let changed = Jobs::update_many()
             .col_expr(J::State, Expr::value(CANCELLED))
             .col_expr(J::UpdateTime, Expr::value(now))
@@ -175,6 +178,7 @@ impl JobsApi {
             .await
             .map_err(|e| db_error(e, "cancel a job"))?
             .rows_affected;
+        drop(turn);
         if changed == 0 {
             let row = self.row(job_id).await?;
             return Err(ServiceError::FailedPrecondition {
@@ -209,11 +213,20 @@ impl JobsApi {
                         return None;
                     }
                     let mut next = first;
+                    let mut failures = 0;
                     while next.is_none() {
                         tokio::time::sleep(TICK).await;
                         match this.row(&job_id).await {
-                            Ok(row) if Some(&row) != last.as_ref() => next = Some(row),
-                            Ok(_) => {}
+                            // What a caller sees changed (not the lease's renewals).
+                            Ok(row)
+                                if last.as_ref().is_none_or(|l| to_proto(l) != to_proto(&row)) =>
+                            {
+                                next = Some(row);
+                            }
+                            Ok(_) => failures = 0,
+                            // The database is away for a moment: the job goes on, and so
+                            // does the watch (for a while).
+                            Err(ServiceError::Unavailable(_)) if failures < 30 => failures += 1,
                             Err(error) => {
                                 return Some((Err(tonic::Status::from(error)), (None, last, true)));
                             }
@@ -416,26 +429,25 @@ impl Runner {
             return Ok(None);
         };
         let now = now_micros();
-        if job.lease_owner != self.owner && job.lease_until > now {
-            return Ok(None);
-        }
         let end = if job.kind == TIME_RANGE && job.scope_end == 0 {
             // An open range ends when the job starts running.
             now
         } else {
             job.scope_end
         };
+        // Whether the lease expired is decided on the database's clock, in the update.
+        let _turn = self.store.turn().await;
         let taken = Jobs::update_many()
             .col_expr(J::State, Expr::value(RUNNING))
             .col_expr(J::LeaseOwner, Expr::value(self.owner))
-            .col_expr(J::LeaseUntil, Expr::value(now + micros(self.lease)))
+            .col_expr(J::LeaseUntil, self.store.later(self.lease))
             .col_expr(J::ScopeEnd, Expr::value(end))
             .col_expr(J::UpdateTime, Expr::value(now))
             .filter(J::JobId.eq(&job.job_id))
             .filter(J::State.is_in([PENDING, RUNNING]))
             .filter(
                 Condition::any()
-                    .add(J::LeaseUntil.lte(now))
+                    .add(Expr::col(J::LeaseUntil).lte(self.store.later(Duration::ZERO)))
                     .add(J::LeaseOwner.eq(self.owner)),
             )
             .exec(self.store.db())
@@ -469,10 +481,17 @@ impl Runner {
         let _stop_on_exit = stop.clone().drop_guard();
         if job.total_count == 0 {
             job.total_count = self.count(&job).await?;
-            self.update(&job.job_id, true, |update| {
-                update.col_expr(J::TotalCount, Expr::value(job.total_count))
-            })
-            .await?;
+            let counted = self
+                .update(&job.job_id, true, |update| {
+                    update
+                        .col_expr(J::TotalCount, Expr::value(job.total_count))
+                        .col_expr(J::UpdateTime, Expr::value(now_micros()))
+                })
+                .await?;
+            if !counted {
+                tracing::info!(job = %job.job_id, "failover job stopped before it began: cancelled or taken over");
+                return Ok(());
+            }
         }
         match self.pages(&job, &stop).await {
             Ok(true) => self.finish(&job, SUCCEEDED, "").await,
@@ -527,6 +546,9 @@ impl Runner {
         let mut exhausted = false;
         loop {
             while !exhausted && in_flight.len() < PAGES_IN_FLIGHT {
+                if stop.is_cancelled() {
+                    return Ok(false);
+                }
                 let Some((rows, end)) = self.page(job, &cursor).await? else {
                     exhausted = true;
                     break;
@@ -564,6 +586,7 @@ impl Runner {
             let saved = self
                 .update(&job.job_id, true, |update| {
                     update
+                        .col_expr(J::UpdateTime, Expr::value(now_micros()))
                         .col_expr(J::CursorTime, Expr::value(sent.cursor.time))
                         .col_expr(J::CursorMember, Expr::value(sent.cursor.member.clone()))
                         .col_expr(
@@ -667,18 +690,21 @@ impl Runner {
     }
 
     /// Updates our running job, renewing the lease (or handing it over: `keep` false);
-    /// `false` when it is no longer ours and running.
+    /// `false` when it is no longer ours and running. `set` adds what changes (and
+    /// `update_time` when the state or the counts change).
     async fn update(
         &self,
         job_id: &str,
         keep: bool,
         set: impl FnOnce(sea_orm::UpdateMany<Jobs>) -> sea_orm::UpdateMany<Jobs>,
     ) -> Result<bool, ServiceError> {
-        let now = now_micros();
-        let until = if keep { now + micros(self.lease) } else { 0 };
-        let update = Jobs::update_many()
-            .col_expr(J::UpdateTime, Expr::value(now))
-            .col_expr(J::LeaseUntil, Expr::value(until));
+        let until = if keep {
+            self.store.later(self.lease)
+        } else {
+            Expr::value(0_i64)
+        };
+        let update = Jobs::update_many().col_expr(J::LeaseUntil, until);
+        let _turn = self.store.turn().await;
         let changed = set(update)
             .filter(J::JobId.eq(job_id))
             .filter(J::LeaseOwner.eq(self.owner))
@@ -696,6 +722,7 @@ impl Runner {
                 update
                     .col_expr(J::State, Expr::value(state))
                     .col_expr(J::Error, Expr::value(error.to_owned()))
+                    .col_expr(J::UpdateTime, Expr::value(now_micros()))
             })
             .await?;
         if finished {
@@ -729,6 +756,7 @@ impl Runner {
 
     /// Deletes jobs that finished more than [`RETENTION`] ago.
     async fn expire(&self) -> Result<(), ServiceError> {
+        let _turn = self.store.turn().await;
         Jobs::delete_many()
             .filter(J::State.is_in([SUCCEEDED, FAILED, CANCELLED]))
             .filter(J::UpdateTime.lt(now_micros() - micros(RETENTION)))

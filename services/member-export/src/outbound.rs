@@ -14,7 +14,10 @@
 use std::{
     convert::Infallible,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -25,6 +28,7 @@ use crate::{
     metrics::MemberMetrics,
     partner::{AnyPartner, Delivery, Outcome, Partner},
     ratelimit::RateLimiter,
+    store::now_micros,
 };
 
 /// One request to the partner: a batch and its idempotency key (the same on every attempt).
@@ -34,14 +38,22 @@ pub struct Batch {
     pub deliveries: Arc<[Delivery]>,
     /// Stable across attempts and redeliveries of the same batch.
     pub idempotency_key: String,
+    /// Until when (µs since the epoch) the sender's claims on the members are known to hold;
+    /// an attempt that could outlast them is not made (see [`PartnerService`]).
+    pub claimed_until: Option<Arc<AtomicI64>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// The stack's innermost service: the configured adapter, counted.
+/// The stack's innermost service: the configured adapter, counted. An attempt whose
+/// request could outlast the sender's claims on its members (they were not renewed: the
+/// database was unreachable, or another sender took them over) is not made: it answers
+/// [`Outcome::Retry`] without a request, and the sender claims again after its wait.
 #[derive(Debug, Clone)]
 pub struct PartnerService {
     partner: Arc<AnyPartner>,
+    /// The longest a request may take (the adapter's timeout).
+    request_timeout: Duration,
     metrics: MemberMetrics,
 }
 
@@ -57,7 +69,16 @@ impl Service<Batch> for PartnerService {
     fn call(&mut self, batch: Batch) -> Self::Future {
         let partner = self.partner.clone();
         let metrics = self.metrics.clone();
+        let timeout = i64::try_from(self.request_timeout.as_micros()).unwrap_or(i64::MAX);
         Box::pin(async move {
+            if let Some(until) = &batch.claimed_until
+                && until.load(Ordering::Acquire) < now_micros().saturating_add(timeout)
+            {
+                return Ok(Outcome::Retry {
+                    reason: "the claims on the batch's members may have lapsed".into(),
+                    after: None,
+                });
+            }
             metrics.in_flight.inc();
             let outcome = partner
                 .send(&batch.deliveries, &batch.idempotency_key)
@@ -87,22 +108,27 @@ where
     type Future = BoxFuture<Result<Outcome, Infallible>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Readiness is awaited in the call, after the token: a token is taken per attempt,
-        // and the concurrency permit only once the attempt may go.
+        // Readiness (the concurrency permit) is awaited in the call, per attempt.
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, batch: Batch) -> Self::Future {
-        let inner = self.inner.clone();
+        let mut inner = self.inner.clone();
         let limiter = self.limiter.clone();
         let metrics = self.metrics.clone();
         Box::pin(async move {
+            // The concurrency permit first, then the slot: a slot taken while waiting for a
+            // permit would be used late, and late slots go out in bursts.
+            let ready = match inner.ready().await {
+                Ok(ready) => ready,
+                Err(never) => match never {},
+            };
             let waited = std::time::Instant::now();
             limiter.acquire().await;
             metrics
                 .rate_limit_wait
                 .observe(waited.elapsed().as_secs_f64());
-            let outcome = inner.oneshot(batch).await;
+            let outcome = ready.call(batch).await;
             if let Ok(Outcome::RateLimited { after }) = &outcome {
                 limiter.back_off(*after).await;
             }
@@ -156,6 +182,8 @@ pub struct Limits {
     pub retry_initial: Duration,
     /// Longest retry wait (and the longest `Retry-After` honoured).
     pub retry_max: Duration,
+    /// The adapter's per-request timeout.
+    pub request_timeout: Duration,
 }
 
 /// The outbound stack; clones share the rate limit and the concurrency limit.
@@ -182,6 +210,7 @@ pub fn outbound(
         })
         .concurrency_limit(limits.max_concurrency.max(1))
         .service(PartnerService {
+            request_timeout: limits.request_timeout,
             partner: Arc::new(partner),
             metrics: metrics.clone(),
         })

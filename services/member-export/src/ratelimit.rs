@@ -5,13 +5,15 @@
 //! from `max(next, now)`, so slots never overlap, whichever replica took them, and the rate
 //! holds however many replicas run. On PostgreSQL the state is a row of `rate_limits`,
 //! updated under its row lock on the database's clock; on SQLite (one replica) it lives in
-//! memory. A replica takes slots in blocks of about [`BLOCK`] (one round trip per block, not
-//! per request) and hands them to its requests one interval apart; slots it could not use in
-//! time are dropped, never sent late in a burst.
+//! memory. A replica takes as many slots as it has requests waiting, at most [`BLOCK`]'s
+//! worth (one round trip per block, not per request; slots nobody waits for are not taken
+//! from the other replicas), and hands them to its requests one interval apart; slots it
+//! could not use in time are dropped, never sent late in a burst. Requests wait for their
+//! concurrency permit before their slot (see `outbound`), so a slot is used when it comes.
 //!
 //! Backoff: a 429 or a −1004 halves the rate for every replica (at most once per
 //! [`BACKOFF_COOLDOWN`], so one burst of refusals counts once) and pushes `next` past the
-//! partner's `Retry-After`; the rate then climbs back linearly to the configured one over
+//! partner's `Retry-After` (capped at `max_pause`); the rate then climbs back linearly to the configured one over
 //! `rate_limit_recovery` (additive increase, multiplicative decrease).
 //!
 //! Written here rather than with `governor` (still a dependency of the tests' simulator):
@@ -49,6 +51,8 @@ pub struct RateSettings {
     pub per_second: f64,
     /// How long the rate takes to climb back from the floor to `per_second`.
     pub recovery: Duration,
+    /// The longest pause a `Retry-After` may impose on every replica.
+    pub max_pause: Duration,
 }
 
 /// The shared state; times in microseconds on the clock of whoever holds it.
@@ -98,12 +102,21 @@ impl State {
         }
     }
 
-    /// Takes the slots of about `block` of time (at least one) at `now`.
-    pub fn reserve(&mut self, now: i64, block: Duration, settings: &RateSettings) -> Reservation {
+    /// Takes `wanted` slots, at most `block`'s worth of time (at least one), at `now`.
+    pub fn reserve(
+        &mut self,
+        now: i64,
+        block: Duration,
+        wanted: u32,
+        settings: &RateSettings,
+    ) -> Reservation {
         let rate = self.rate(now, settings);
         let interval = 1e6 / rate;
-        // Rounded, so a rate of 400/s takes 40 slots per 100 ms.
-        let count = (block.as_secs_f64() * rate).round().clamp(1.0, 10_000.0);
+        // Rounded, so a rate of 400/s takes at most 40 slots per 100 ms.
+        let count = (block.as_secs_f64() * rate)
+            .round()
+            .min(f64::from(wanted))
+            .clamp(1.0, 10_000.0);
         let start = self.next.max(now);
         #[expect(
             clippy::cast_possible_truncation,
@@ -130,7 +143,8 @@ impl State {
             self.backoff_at = now;
         }
         if let Some(after) = after {
-            let after = i64::try_from(after.as_micros()).unwrap_or(i64::MAX);
+            let after =
+                i64::try_from(after.min(settings.max_pause).as_micros()).unwrap_or(i64::MAX);
             self.next = self.next.max(now.saturating_add(after));
         }
     }
@@ -159,6 +173,8 @@ pub struct RateLimiter {
     shared: Arc<Shared>,
     settings: RateSettings,
     block: Arc<tokio::sync::Mutex<Option<Block>>>,
+    /// Requests of this replica waiting for a slot.
+    waiting: Arc<std::sync::atomic::AtomicU32>,
     metrics: MemberMetrics,
 }
 
@@ -174,6 +190,7 @@ impl RateLimiter {
             shared: Arc::new(shared),
             settings,
             block: Arc::default(),
+            waiting: Arc::default(),
             metrics,
         }
     }
@@ -181,6 +198,7 @@ impl RateLimiter {
     /// Waits for this request's slot. While the database cannot be reached nobody sends:
     /// the wait goes on (logged) rather than exceed the partner's limit.
     pub async fn acquire(&self) {
+        let _waiting = Waiting::enter(&self.waiting);
         let mut failures = 0;
         loop {
             let mut block = self.block.lock().await;
@@ -197,12 +215,18 @@ impl RateLimiter {
                     return;
                 }
             }
-            match self.reserve().await {
+            let wanted = self
+                .waiting
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(1);
+            match self.reserve(wanted).await {
                 Ok(reservation) => {
                     failures = 0;
                     self.metrics.rate_in_force(reservation.rate);
+                    // From when the answer came: the database's `now` was before it, so the
+                    // slots start late rather than early.
                     *block = Some(Block {
-                        next: now + reservation.delay,
+                        next: Instant::now() + reservation.delay,
                         interval: Duration::from_secs_f64(reservation.interval / 1e6),
                         remaining: reservation.count,
                     });
@@ -245,20 +269,20 @@ impl RateLimiter {
         }
     }
 
-    async fn reserve(&self) -> Result<Local, ServiceError> {
+    async fn reserve(&self, wanted: u32) -> Result<Local, ServiceError> {
         let (reservation, now) = match &*self.shared {
             Shared::Memory(state) => {
                 let mut state = state
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let now = now_micros();
-                (state.reserve(now, BLOCK, &self.settings), now)
+                (state.reserve(now, BLOCK, wanted, &self.settings), now)
             }
             Shared::Postgres(db) => {
                 let mut taken = None;
                 let now = self
                     .locked(db, |state, now| {
-                        taken = Some(state.reserve(now, BLOCK, &self.settings));
+                        taken = Some(state.reserve(now, BLOCK, wanted, &self.settings));
                     })
                     .await?;
                 (taken.expect("locked() calls its closure"), now)
@@ -283,25 +307,35 @@ impl RateLimiter {
     ) -> Result<i64, ServiceError> {
         let backend = Backend::Postgres;
         let txn = db.begin().await.map_err(|e| db_error(e, "begin"))?;
-        txn.execute_raw(backend.statement(
-            "INSERT INTO rate_limits (name, next_micros, backoff_rate, backoff_micros) \
-             VALUES ($1, 0, NULL, 0) ON CONFLICT (name) DO NOTHING",
-            [ROW.into()],
-        ))
-        .await
-        .map_err(|e| db_error(e, "create the rate limit"))?;
-        let row = txn
-            .query_one_raw(backend.statement(
+        let select = || {
+            backend.statement(
                 "SELECT next_micros, backoff_rate, backoff_micros, \
                  (extract(epoch from clock_timestamp()) * 1000000)::bigint AS now \
                  FROM rate_limits WHERE name = $1 FOR UPDATE",
                 [ROW.into()],
+            )
+        };
+        let mut row = txn
+            .query_one_raw(select())
+            .await
+            .map_err(|e| db_error(e, "read the rate limit"))?;
+        if row.is_none() {
+            // The first use on this database.
+            txn.execute_raw(backend.statement(
+                "INSERT INTO rate_limits (name, next_micros, backoff_rate, backoff_micros) \
+                 VALUES ($1, 0, NULL, 0) ON CONFLICT (name) DO NOTHING",
+                [ROW.into()],
             ))
             .await
-            .map_err(|e| db_error(e, "read the rate limit"))?
-            .ok_or_else(|| {
-                ServiceError::Unavailable("the rate limit row vanished; retry".into())
-            })?;
+            .map_err(|e| db_error(e, "create the rate limit"))?;
+            row = txn
+                .query_one_raw(select())
+                .await
+                .map_err(|e| db_error(e, "read the rate limit"))?;
+        }
+        let row = row.ok_or_else(|| {
+            ServiceError::Unavailable("the rate limit row is missing; retry".into())
+        })?;
         let read = |e| db_error(e, "read the rate limit");
         let now: i64 = row.try_get("", "now").map_err(read)?;
         let mut state = State {
@@ -327,6 +361,22 @@ impl RateLimiter {
     }
 }
 
+/// Counts a request waiting for a slot while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a std::sync::atomic::AtomicU32) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A reservation as this replica's clock sees it.
 #[derive(Debug, Clone, Copy)]
 struct Local {
@@ -343,6 +393,7 @@ mod tests {
     const SETTINGS: RateSettings = RateSettings {
         per_second: 400.0,
         recovery: Duration::from_secs(10),
+        max_pause: Duration::from_secs(10),
     };
 
     #[test]
@@ -353,7 +404,7 @@ mod tests {
         // Two replicas asking in turns, sometimes late, sometimes early.
         for i in 0..200 {
             now += if i % 3 == 0 { 30_000 } else { 70_000 };
-            let r = state.reserve(now, BLOCK, &SETTINGS);
+            let r = state.reserve(now, BLOCK, 1_000, &SETTINGS);
             assert_eq!(r.count, 40);
             assert!(r.start >= now);
             for k in 0..r.count {
@@ -372,8 +423,8 @@ mod tests {
     #[test]
     fn an_idle_limit_does_not_save_up_a_burst() {
         let mut state = State::NEW;
-        state.reserve(0, BLOCK, &SETTINGS);
-        let r = state.reserve(60_000_000, BLOCK, &SETTINGS);
+        state.reserve(0, BLOCK, 1_000, &SETTINGS);
+        let r = state.reserve(60_000_000, BLOCK, 1_000, &SETTINGS);
         assert_eq!(r.start, 60_000_000);
         assert_eq!(state.next, 60_100_000);
     }
@@ -403,7 +454,24 @@ mod tests {
     fn retry_after_pushes_every_slot_past_it() {
         let mut state = State::NEW;
         state.back_off(5_000_000, Some(Duration::from_secs(2)), &SETTINGS);
-        let r = state.reserve(5_000_000, BLOCK, &SETTINGS);
+        let r = state.reserve(5_000_000, BLOCK, 1_000, &SETTINGS);
         assert_eq!(r.start, 7_000_000);
+        // A Retry-After beyond the longest pause is capped: one answer cannot stop every
+        // replica for hours (or for good).
+        state.back_off(
+            8_000_000,
+            Some(Duration::from_secs(u64::MAX / 4)),
+            &SETTINGS,
+        );
+        assert!(state.next <= 18_000_000, "{}", state.next);
+    }
+
+    #[test]
+    fn only_the_slots_wanted_are_taken() {
+        let mut state = State::NEW;
+        let r = state.reserve(1_000_000, BLOCK, 3, &SETTINGS);
+        assert_eq!(r.count, 3);
+        // The next replica's slots start right after those three, not 100 ms later.
+        assert_eq!(state.next, 1_007_500);
     }
 }

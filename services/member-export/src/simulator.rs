@@ -98,6 +98,9 @@ pub struct Accepted {
     pub deliveries: u32,
     /// The idempotency key of each webhook delivery, in arrival order.
     pub idempotency_keys: Vec<String>,
+    /// The version of each delivery, in arrival order (beside `idempotency_keys` for the
+    /// webhook dialect).
+    pub versions: Vec<u64>,
 }
 
 /// What the simulator answered, by kind.
@@ -304,6 +307,7 @@ impl Shared {
         let mut members = lock(&self.members);
         let accepted = members.entry(member.member_id.clone()).or_default();
         accepted.deliveries += 1;
+        accepted.versions.push(member.version);
         if let Some(key) = idempotency_key {
             accepted.idempotency_keys.push(key.to_owned());
         }

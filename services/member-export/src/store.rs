@@ -134,7 +134,9 @@ impl Store {
     }
 
     /// This process's turn to write, on SQLite (one writer); nothing to wait for otherwise.
-    async fn turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+    /// Every write to this database takes it (the failover jobs' too): with SQLite, a
+    /// transaction that read before another connection committed cannot write.
+    pub async fn turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         match &self.write_lock {
             Some(lock) => Some(lock.lock().await),
             None => None,
@@ -291,13 +293,17 @@ impl Store {
             .map_err(|e| db_error(e, "read members"))
     }
 
-    /// Claims `members` for sending by `owner` until `until` (µs) and records that each is
-    /// about to be sent at the version beside it (before the request, so that a crash after
-    /// the partner accepted cannot hide that it may have the member). Left out: a member
-    /// another sender holds (its claim not expired at `now`), so one member is never in two
-    /// requests at once; and a member whose row is no longer at the version (and erasure)
-    /// beside it, so what is sent is what the row said when the claim was taken, and any
-    /// sender after us sends something at least as new. Returns the members claimed.
+    /// Claims `members` for sending by `owner` for `lease` and records that each is about
+    /// to be sent at the version beside it (before the request, so that a crash after the
+    /// partner accepted cannot hide that it may have the member). Left out: a member another
+    /// sender holds (its claim not expired), so one member is never in two requests at
+    /// once; and a member whose row is no longer at the version (and erasure) beside it, so
+    /// what is sent is what the row said when the claim was taken, and any sender after us
+    /// sends something at least as new. Returns the members claimed.
+    ///
+    /// Expiry is on the database's clock on PostgreSQL (replicas' clocks may differ), and
+    /// rows are locked in member id order first, as every other writer of `members` does,
+    /// so writers cannot deadlock.
     ///
     /// # Errors
     /// UNAVAILABLE or INTERNAL when the database fails.
@@ -305,13 +311,14 @@ impl Store {
         &self,
         owner: i64,
         members: &[(&str, i64, bool)],
-        now: i64,
-        until: i64,
+        lease: std::time::Duration,
     ) -> Result<HashSet<String>, ServiceError> {
         if members.is_empty() {
             return Ok(HashSet::new());
         }
-        let mut values: Vec<Value> = vec![owner.into(), until.into(), now.into()];
+        let lease = i64::try_from(lease.as_micros()).unwrap_or(i64::MAX);
+        let mut values: Vec<Value> = vec![owner.into(), lease.into()];
+        let now = self.now_sql(&mut values);
         let rows = tuples(
             &mut values,
             members.iter().map(|(id, version, erased)| {
@@ -326,19 +333,24 @@ impl Store {
             "UPDATE members SET \
                attempted_version = CASE WHEN members.attempted_version < v.column2 \
                  THEN v.column2 ELSE members.attempted_version END, \
-               send_owner = $1, send_until = $2 \
+               send_owner = $1, send_until = {now} + $2 \
              FROM (VALUES {rows}) AS v \
              WHERE members.member_id = v.column1 \
                AND members.version = v.column2 AND members.erased = v.column3 \
-               AND (members.send_until < $3 OR members.send_owner = $1) \
+               AND (members.send_until < {now} OR members.send_owner = $1) \
              RETURNING members.member_id"
         );
+        let ids: Vec<&str> = members.iter().map(|m| m.0).collect();
         let _turn = self.turn().await;
-        let claimed = self
-            .db
+        let txn = self.db.begin().await.map_err(|e| db_error(e, "begin"))?;
+        self.lock_in_order(&txn, &ids).await?;
+        let claimed = txn
             .query_all_raw(self.backend.statement(&sql, values))
             .await
             .map_err(|e| db_error(e, "claim members for sending"))?;
+        txn.commit()
+            .await
+            .map_err(|e| db_error(e, "commit a claim"))?;
         claimed
             .iter()
             .map(|row| row.try_get::<String>("", "member_id"))
@@ -346,8 +358,8 @@ impl Store {
             .map_err(|e| db_error(e, "claim members for sending"))
     }
 
-    /// Extends `owner`'s claim on `member_ids` until `until` (µs), while its request is in
-    /// flight.
+    /// Extends `owner`'s claim on `member_ids` for `lease` from now, while requests are in
+    /// flight; how many of them it still held.
     ///
     /// # Errors
     /// UNAVAILABLE or INTERNAL when the database fails.
@@ -355,17 +367,25 @@ impl Store {
         &self,
         owner: i64,
         member_ids: &[&str],
-        until: i64,
-    ) -> Result<(), ServiceError> {
-        use members::Column as C;
+        lease: std::time::Duration,
+    ) -> Result<u64, ServiceError> {
+        if member_ids.is_empty() {
+            return Ok(0);
+        }
+        let lease = i64::try_from(lease.as_micros()).unwrap_or(i64::MAX);
+        let mut values: Vec<Value> = vec![owner.into(), lease.into()];
+        let now = self.now_sql(&mut values);
+        let list = tuples(&mut values, member_ids.iter().map(|id| [Value::from(*id)]));
+        let sql = format!(
+            "UPDATE members SET send_until = {now} + $2 \
+             WHERE send_owner = $1 AND member_id IN ({list})",
+            list = list.replace(['(', ')'], "")
+        );
         let _turn = self.turn().await;
-        members::Entity::update_many()
-            .col_expr(C::SendUntil, Expr::value(until))
-            .filter(C::SendOwner.eq(owner))
-            .filter(C::MemberId.is_in(member_ids.iter().copied()))
-            .exec(&self.db)
+        self.db
+            .execute_raw(self.backend.statement(&sql, values))
             .await
-            .map(|_| ())
+            .map(|result| result.rows_affected())
             .map_err(|e| db_error(e, "renew a claim"))
     }
 
@@ -387,6 +407,45 @@ impl Store {
             .map_err(|e| db_error(e, "release a claim"))
     }
 
+    /// `offset` from now, in microseconds, as an SQL expression: on the database's clock on
+    /// PostgreSQL (replicas' clocks may differ), on this process's on SQLite (one replica).
+    pub fn later(&self, offset: std::time::Duration) -> sea_orm::sea_query::SimpleExpr {
+        let offset = i64::try_from(offset.as_micros()).unwrap_or(i64::MAX);
+        match self.backend {
+            Backend::Postgres => Expr::cust(format!(
+                "(extract(epoch from clock_timestamp()) * 1000000)::bigint + {offset}"
+            )),
+            Backend::Sqlite => Expr::value(now_micros().saturating_add(offset)),
+        }
+    }
+
+    /// Now, in SQL: the database's clock on PostgreSQL, this process's on SQLite (one
+    /// replica), as a parameter pushed onto `values`.
+    fn now_sql(&self, values: &mut Vec<Value>) -> String {
+        match self.backend {
+            Backend::Postgres => {
+                "(extract(epoch from clock_timestamp()) * 1000000)::bigint".to_owned()
+            }
+            Backend::Sqlite => {
+                values.push(now_micros().into());
+                format!("${}", values.len())
+            }
+        }
+    }
+
+    /// Locks the rows of `member_ids` in member id order (PostgreSQL; SQLite has one
+    /// writer).
+    async fn lock_in_order(
+        &self,
+        txn: &DatabaseTransaction,
+        member_ids: &[&str],
+    ) -> Result<(), ServiceError> {
+        if self.backend == Backend::Postgres {
+            read_locked(txn, self.backend, member_ids).await?;
+        }
+        Ok(())
+    }
+
     /// Records that the partner accepted each member at the version beside it (a version
     /// below the recorded one changes nothing; `true` marks an accepted erasure), and the
     /// members it refused, in one transaction; ends `owner`'s claim on all of them.
@@ -402,6 +461,12 @@ impl Store {
     ) -> Result<(), ServiceError> {
         let _turn = self.turn().await;
         let txn = self.db.begin().await.map_err(|e| db_error(e, "begin"))?;
+        let ids: Vec<&str> = accepted
+            .iter()
+            .map(|a| a.0)
+            .chain(refused.iter().map(|r| r.0))
+            .collect();
+        self.lock_in_order(&txn, &ids).await?;
         if !accepted.is_empty() {
             let mut values: Vec<Value> = vec![owner.into()];
             let rows = tuples(
@@ -521,6 +586,10 @@ fn since_epoch() -> std::time::Duration {
 pub fn db_error(error: DbErr, doing: &str) -> ServiceError {
     if mall_db::is_unavailable(&error) {
         ServiceError::Unavailable(format!("the database is unavailable ({doing}); retry"))
+    } else if mall_db::is_retryable(&error) {
+        // A deadlock, a serialization failure, SQLite busy: rolled back, and trying again
+        // succeeds.
+        ServiceError::Unavailable(format!("a write conflicted ({doing}); retry"))
     } else {
         ServiceError::Internal(anyhow::Error::new(error).context(doing.to_owned()))
     }

@@ -2,6 +2,8 @@
 //! (recording the version it sends) and other senders' claims leave them out until released
 //! or expired. On SQLite and PostgreSQL.
 
+use std::time::Duration;
+
 use mall_test_support::{Engine, TestDatabase};
 use member_export::{
     migration::Migrator,
@@ -17,7 +19,7 @@ async fn claims_are_exclusive_until_released_or_expired(engine: Engine) {
     })
     .await
     .expect("connects and migrates");
-    for id in ["m-1", "m-2", "m-3"] {
+    for id in ["m-1", "m-2", "m-3", "m-4", "m-5"] {
         db.execute_raw(Statement::from_string(
             db.get_database_backend(),
             format!(
@@ -30,10 +32,9 @@ async fn claims_are_exclusive_until_released_or_expired(engine: Engine) {
         .expect("a member");
     }
     let store = Store::new(db);
-    let now = now_micros();
-    let until = now + 30_000_000;
+    let lease = Duration::from_secs(30);
     let first = store
-        .claim(1, &[("m-1", 3, false), ("m-2", 3, false)], now, until)
+        .claim(1, &[("m-1", 3, false), ("m-2", 3, false)], lease)
         .await
         .expect("claims");
     assert_eq!(first.len(), 2);
@@ -42,42 +43,63 @@ async fn claims_are_exclusive_until_released_or_expired(engine: Engine) {
         .claim(
             2,
             &[("m-1", 3, false), ("m-2", 3, false), ("m-3", 3, false)],
-            now,
-            until,
+            lease,
         )
         .await
         .expect("claims");
     assert_eq!(second, ["m-3".to_owned()].into());
     let again = store
-        .claim(1, &[("m-1", 3, false)], now, until)
+        .claim(1, &[("m-1", 3, false)], lease)
         .await
         .expect("claims");
     assert_eq!(again.len(), 1);
+    // A renewal says how many it still held.
+    assert_eq!(
+        store
+            .renew(1, &["m-1", "m-2"], lease)
+            .await
+            .expect("renews"),
+        2
+    );
+    assert_eq!(
+        store
+            .renew(2, &["m-1", "m-2"], lease)
+            .await
+            .expect("renews"),
+        0
+    );
     // Released by the partner's answer, recorded.
     store
-        .delivered(1, &[("m-1", 3, false)], &[], now)
+        .delivered(1, &[("m-1", 3, false)], &[], now_micros())
         .await
         .expect("records");
     let after_delivery = store
-        .claim(2, &[("m-1", 3, false), ("m-2", 3, false)], now, until)
+        .claim(2, &[("m-1", 3, false), ("m-2", 3, false)], lease)
         .await
         .expect("claims");
     assert_eq!(after_delivery, ["m-1".to_owned()].into());
     // An expired claim (its holder crashed) is taken over.
-    let later = until + 1;
-    let taken_over = store
-        .claim(3, &[("m-2", 3, false)], later, later + 30_000_000)
+    store
+        .claim(5, &[("m-4", 3, false)], Duration::from_millis(200))
         .await
         .expect("claims");
-    assert_eq!(taken_over, ["m-2".to_owned()].into());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let taken_over = store
+        .claim(6, &[("m-4", 3, false)], lease)
+        .await
+        .expect("claims");
+    assert_eq!(taken_over, ["m-4".to_owned()].into());
     // A version the row has moved past is not claimed: the sender must read it again.
     let moved_on = store
-        .claim(4, &[("m-3", 2, false)], later, later + 30_000_000)
+        .claim(7, &[("m-5", 2, false)], lease)
         .await
         .expect("claims");
     assert!(moved_on.is_empty(), "{moved_on:?}");
-    // And the version being sent is recorded as attempted.
-    let rows = store.members(&["m-1", "m-2", "m-3"]).await.expect("reads");
+    // The version being sent is recorded as attempted.
+    let rows = store
+        .members(&["m-1", "m-2", "m-3", "m-4"])
+        .await
+        .expect("reads");
     for row in rows {
         assert_eq!(row.attempted_version, 3, "{row:?}");
     }

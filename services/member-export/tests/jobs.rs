@@ -279,7 +279,6 @@ async fn jobs_run_one_at_a_time_and_cancel() {
     // 30 pages at 10 requests/s: the first job runs for seconds.
     let first = start_job(&mut running, "", time_range(now - 2 * HOUR, None)).await;
     let second = start_job(&mut running, "", time_range(now - 2 * HOUR, None)).await;
-    let third = start_job(&mut running, "", time_range(now - 2 * HOUR, None)).await;
     assert_eq!(first.state, JobState::Pending as i32);
     let mut client = running.client.clone();
     wait_until("the first job runs", Duration::from_secs(10), || {
@@ -308,7 +307,7 @@ async fn jobs_run_one_at_a_time_and_cancel() {
         .job
         .expect("set");
     assert_eq!(cancelled.state, JobState::Cancelled as i32);
-    // A running job cancelled stops after the page in flight.
+    // A running job cancelled stops after the requests in flight: nothing is sent after.
     let stopped = running
         .client
         .cancel_job(CancelJobRequest {
@@ -320,11 +319,28 @@ async fn jobs_run_one_at_a_time_and_cancel() {
         .job
         .expect("set");
     assert_eq!(stopped.state, JobState::Cancelled as i32);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let settled = running.simulator.counts().requests;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        running.simulator.counts().requests,
+        settled,
+        "a cancelled job kept sending"
+    );
+    assert!(
+        settled < 30,
+        "{settled} requests: the job was not stopped midway"
+    );
+    let third = start_job(&mut running, "", time_range(now - 2 * HOUR, None)).await;
     let seen = watch(&mut running, &third.job_id).await;
     assert_eq!(
         seen.last().expect("a state").state,
         JobState::Succeeded as i32
     );
+    // Between the first message and the last, only real changes (no lease renewals).
+    for pair in seen.windows(2) {
+        assert_ne!(pair[0], pair[1], "a message that changed nothing");
+    }
     let first = get_job(&mut client, &first.job_id).await;
     assert_eq!(first.state, JobState::Cancelled as i32);
     assert!(first.processed_count < 300, "{first:?}");
@@ -498,8 +514,10 @@ async fn a_job_whose_replica_dies_resumes_from_its_checkpoint_on_another() {
         settings.jobs.page_size = 50;
         settings.jobs.lease = Duration::from_secs(3);
         settings.jobs.poll_interval = Duration::from_millis(200);
-        settings.partner =
-            PartnerSettings::groobee(simulator.groobee_url(), SecretString::from(common::KEY));
+        settings.partner = PartnerSettings {
+            request_timeout: Duration::from_millis(500),
+            ..PartnerSettings::groobee(simulator.groobee_url(), SecretString::from(common::KEY))
+        };
         settings
     };
     let first = Replica::start(settings.clone());

@@ -22,6 +22,14 @@ async fn replicas(
     engine: Engine,
     count: usize,
 ) -> (TestDatabase, Vec<(RateLimiter, MemberMetrics)>) {
+    replicas_at(engine, count, RATE).await
+}
+
+async fn replicas_at(
+    engine: Engine,
+    count: usize,
+    rate: f64,
+) -> (TestDatabase, Vec<(RateLimiter, MemberMetrics)>) {
     let database = TestDatabase::new(engine).await;
     let settings = mall_db::DatabaseSettings {
         url: database.url().to_owned().into(),
@@ -36,8 +44,9 @@ async fn replicas(
         let limiter = RateLimiter::new(
             &db,
             RateSettings {
-                per_second: RATE,
+                per_second: rate,
                 recovery: Duration::from_secs(60),
+                max_pause: Duration::from_secs(10),
             },
             metrics.clone(),
         );
@@ -141,4 +150,50 @@ async fn sqlite_keeps_the_rate_in_memory() {
         );
     }
     assert!(taken.len() > 10, "{} slots in 2 s", taken.len());
+}
+
+/// Slots taken by `callers` tasks per replica, each busy `work` after its slot, for `run`.
+async fn take_slots_working(
+    replicas: &[(RateLimiter, MemberMetrics)],
+    callers: usize,
+    work: Duration,
+    run: Duration,
+) -> usize {
+    let until = Instant::now() + run;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (limiter, _) in replicas {
+        for _ in 0..callers {
+            let limiter = limiter.clone();
+            tasks.spawn(async move {
+                let mut taken = 0;
+                while Instant::now() < until {
+                    limiter.acquire().await;
+                    taken += 1;
+                    tokio::time::sleep(work).await;
+                }
+                taken
+            });
+        }
+    }
+    let mut total = 0;
+    while let Some(taken) = tasks.join_next().await {
+        total += taken.expect("a task");
+    }
+    total
+}
+
+#[tokio::test]
+async fn replicas_with_little_demand_take_only_the_slots_they_use() {
+    // Two replicas, three requests each, 20 ms per request: together they want about
+    // 300 requests/s, below the 400/s limit. Slots reserved and left unused would be
+    // counted against both (a replica reserving 100 ms of slots while using a third of
+    // them leaves the pair far below what they want).
+    let (_database, replicas) = replicas_at(Engine::Postgres, 2, 400.0).await;
+    let run = Duration::from_secs(3);
+    let taken = take_slots_working(&replicas, 3, Duration::from_millis(20), run).await;
+    let per_second = taken as f64 / run.as_secs_f64();
+    assert!(
+        per_second >= 300.0 * 0.6,
+        "{per_second:.0} requests/s for a demand of about 300/s under a 400/s limit"
+    );
 }

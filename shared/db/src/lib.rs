@@ -195,6 +195,31 @@ fn postgres_parameters(settings: &DatabaseSettings) -> Vec<(&'static str, String
     ]
 }
 
+/// Whether `error` is a transient conflict that a new attempt of the same transaction
+/// resolves: PostgreSQL serialization failures and deadlocks, SQLite busy and locked.
+pub fn is_retryable(error: &DbErr) -> bool {
+    let (DbErr::Exec(RuntimeErr::SqlxError(e))
+    | DbErr::Query(RuntimeErr::SqlxError(e))
+    | DbErr::Conn(RuntimeErr::SqlxError(e))) = error
+    else {
+        return false;
+    };
+    let sea_orm::sqlx::Error::Database(db) = e.as_ref() else {
+        return false;
+    };
+    let Some(code) = db.code() else {
+        return false;
+    };
+    match code.as_ref() {
+        // serialization_failure, deadlock_detected
+        "40001" | "40P01" => true,
+        // SQLite extended result codes: the primary code is the low byte (5 BUSY, 6 LOCKED).
+        other => other
+            .parse::<i32>()
+            .is_ok_and(|c| matches!(c & 0xff, 5 | 6)),
+    }
+}
+
 /// Whether `error` means the database cannot serve now, so the same work succeeds later: no
 /// connection (refused, reset, lost, pool exhausted or closed), the server shutting down or
 /// failing over (SQLSTATE class 08, 57P01-57P03), out of connections or resources (class

@@ -37,8 +37,8 @@ use mall_product::FieldVersions;
 use mall_proto::catalog::v1::Product;
 use prost_types::Timestamp;
 use sea_orm::{
-    DatabaseConnection, DatabaseTransaction, DbErr, RuntimeErr, SqliteTransactionMode,
-    TransactionOptions, TransactionTrait as _,
+    DatabaseConnection, DatabaseTransaction, DbErr, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait as _,
 };
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -136,31 +136,6 @@ impl Store {
             })
             .await?;
         Ok(WriteTxn { txn, _guard: guard })
-    }
-}
-
-/// Whether `error` is a transient conflict that a new attempt of the same transaction
-/// resolves: PostgreSQL serialization failures and deadlocks, SQLite busy and locked.
-fn is_retryable(error: &DbErr) -> bool {
-    let (DbErr::Exec(RuntimeErr::SqlxError(e))
-    | DbErr::Query(RuntimeErr::SqlxError(e))
-    | DbErr::Conn(RuntimeErr::SqlxError(e))) = error
-    else {
-        return false;
-    };
-    let sea_orm::sqlx::Error::Database(db) = e.as_ref() else {
-        return false;
-    };
-    let Some(code) = db.code() else {
-        return false;
-    };
-    match code.as_ref() {
-        // serialization_failure, deadlock_detected
-        "40001" | "40P01" => true,
-        // SQLite extended result codes: the primary code is the low byte (5 BUSY, 6 LOCKED).
-        other => other
-            .parse::<i32>()
-            .is_ok_and(|c| matches!(c & 0xff, 5 | 6)),
     }
 }
 

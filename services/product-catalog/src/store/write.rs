@@ -18,7 +18,9 @@ use mall_grpc::Violations;
 use mall_proto::catalog::v1::{BulkUpdateProductsResponse, ProductUpdateResult};
 use sea_orm::DbErr;
 
-use super::{Store, backoff, db_error, is_retryable};
+use mall_db::is_retryable;
+
+use super::{Store, backoff, db_error};
 use crate::bulk::{ItemResult, Plan, Refusal, Stored, Write, plan};
 
 /// What a bulk write does with writes the stored state refuses (a product of another type).
