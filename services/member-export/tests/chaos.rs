@@ -256,7 +256,7 @@ async fn two_replicas_killed_three_times_under_partner_faults_lose_nothing_and_l
         ("ALERTS__WEBHOOK_URL", simulator.alerts_url()),
         ("ALERTS__MAX_PER_WINDOW", ALERT_CAP.to_string()),
         ("TELEMETRY__LOG_FORMAT", "json".into()),
-        ("TELEMETRY__LOG_FILTER", "info".into()),
+        ("TELEMETRY__LOG_FILTER", "info,member_export=debug".into()),
     ]
     .into_iter()
     .map(|(k, v)| (format!("MEMBER_EXPORT__{k}"), v))
