@@ -143,6 +143,20 @@ impl Store {
         }
     }
 
+    /// A write transaction. On SQLite it takes the write lock when it begins (`BEGIN
+    /// IMMEDIATE`, waiting up to the busy timeout): a deferred transaction that read before
+    /// another connection (the embedded queue's) committed could not write at all.
+    async fn begin_write(&self) -> Result<DatabaseTransaction, ServiceError> {
+        self.db
+            .begin_with_options(sea_orm::TransactionOptions {
+                sqlite_transaction_mode: (self.backend == Backend::Sqlite)
+                    .then_some(sea_orm::SqliteTransactionMode::Immediate),
+                ..sea_orm::TransactionOptions::default()
+            })
+            .await
+            .map_err(|e| db_error(e, "begin"))
+    }
+
     /// The first response to `request_id`, if it was seen.
     ///
     /// # Errors
@@ -197,7 +211,7 @@ impl Store {
         ) -> Result<(Vec<members::Model>, T), ServiceError>,
     ) -> Result<T, ServiceError> {
         let _turn = self.turn().await;
-        let txn = self.db.begin().await.map_err(|e| db_error(e, "begin"))?;
+        let txn = self.begin_write().await?;
         let stored = read_locked(&txn, self.backend, member_ids).await?;
         let (rows, result) = decide(stored)?;
         for row in rows {
@@ -342,7 +356,7 @@ impl Store {
         );
         let ids: Vec<&str> = members.iter().map(|m| m.0).collect();
         let _turn = self.turn().await;
-        let txn = self.db.begin().await.map_err(|e| db_error(e, "begin"))?;
+        let txn = self.begin_write().await?;
         self.lock_in_order(&txn, &ids).await?;
         let claimed = txn
             .query_all_raw(self.backend.statement(&sql, values))
@@ -460,7 +474,7 @@ impl Store {
         now: i64,
     ) -> Result<(), ServiceError> {
         let _turn = self.turn().await;
-        let txn = self.db.begin().await.map_err(|e| db_error(e, "begin"))?;
+        let txn = self.begin_write().await?;
         let ids: Vec<&str> = accepted
             .iter()
             .map(|a| a.0)

@@ -94,9 +94,23 @@ async fn postgres_replicas_share_one_rate() {
             "replica {replica} never got a slot"
         );
     }
-    // Every one-second window holds at most the rate, plus one slot for the window's edges
-    // and a little for timer jitter: slots are one interval apart across both replicas.
-    let most = RATE as usize + 2;
+    // Slots are one interval apart across both replicas on the database's clock; each
+    // replica places them on its own clock from when the database answered, so two
+    // replicas' slots can drift closer by the difference of their round trips, and timers
+    // add their jitter. Every window of one second holds at most the rate and 10 %, and
+    // the whole run at most its span's worth and one.
+    assert_rate(&taken, 1.10);
+    let span = taken[taken.len() - 1].1 - taken[0].1;
+    assert!(
+        taken.len() as f64 <= RATE * span.as_secs_f64() * 1.02 + 1.0,
+        "{} slots in {span:?} at {RATE}/s",
+        taken.len()
+    );
+}
+
+/// No one-second window of `taken` holds more than `RATE` × `slack`, plus one for its edges.
+fn assert_rate(taken: &[(usize, Instant)], slack: f64) {
+    let most = (RATE * slack) as usize + 1;
     for (i, (_, start)) in taken.iter().enumerate() {
         let within = taken[i..]
             .iter()
@@ -138,17 +152,8 @@ async fn a_rate_refusal_on_one_replica_slows_every_replica() {
 async fn sqlite_keeps_the_rate_in_memory() {
     let (_database, replicas) = replicas(Engine::Sqlite, 1).await;
     let taken = take_slots(&replicas, Duration::from_secs(2)).await;
-    let most = RATE as usize + 2;
-    for (i, (_, start)) in taken.iter().enumerate() {
-        let within = taken[i..]
-            .iter()
-            .take_while(|(_, at)| *at < *start + Duration::from_secs(1))
-            .count();
-        assert!(
-            within <= most,
-            "{within} requests within a second; the limit is {RATE}/s"
-        );
-    }
+    // One replica, one clock: only timer jitter.
+    assert_rate(&taken, 1.02);
     assert!(taken.len() > 10, "{} slots in 2 s", taken.len());
 }
 
