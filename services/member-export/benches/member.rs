@@ -415,7 +415,15 @@ async fn unlimited(members: usize) -> anyhow::Result<String> {
         let mut busy = settings(&url, partner.clone());
         busy.delivery.rate_limit_per_second = 1_000_000;
         busy.delivery.max_concurrency = concurrency;
-        busy.delivery.receive_batch = 100;
+        // A receive takes at most one message per FIFO group (64 lanes), so workers ×
+        // receive_batch stays within the lanes and the rounds overlap: one waits for the
+        // partner while another is in the database. Measured best on this machine: two
+        // rounds of 32 messages for batches of ~500, four of 16 for one member per request.
+        (busy.delivery.workers, busy.delivery.receive_batch) = if dialect == "groobee" {
+            (2, 32)
+        } else {
+            (4, 16)
+        };
         let started = Instant::now();
         let replica = Replica::start(busy).await?;
         loop {
@@ -434,12 +442,12 @@ async fn unlimited(members: usize) -> anyhow::Result<String> {
         let alone = adapter_alone(partner, batch, concurrency, requests).await?;
         let (what, target) = if dialect == "groobee" {
             (
-                "delivered, `groobee`, batches up to 1,000, 16 in flight",
+                "delivered, `groobee`, batches up to 1,000 (a round of 32 messages holds ~500), 2 workers, 16 in flight",
                 "≥ 20,000/s",
             )
         } else {
             (
-                "delivered, `webhook`, one member per request, 128 in flight",
+                "delivered, `webhook`, one member per request, 4 workers, 128 in flight",
                 "≥ 5,000/s",
             )
         };

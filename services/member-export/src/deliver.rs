@@ -261,11 +261,12 @@ impl Workers {
     /// starts, and the requests in flight end before this returns, so no claim is left
     /// behind.
     ///
-    /// Claims: each batch claims its members just before it is sent (recording the version
-    /// attempted), one task renews what is held while anything is in flight, each recorded
-    /// answer ends its batch's claims, and whatever is left is released at the end. A batch
-    /// is not sent once its claims may have lapsed (a renewal did not cover them): it waits
-    /// and is claimed again.
+    /// Claims: every member is claimed before the first batch starts (recording the
+    /// version attempted; a batch rebuilt after a failure claims again), one task renews
+    /// what is held while anything is in flight, each recorded answer ends its batch's
+    /// claims (answers that arrive together are written together), and whatever is left is
+    /// released at the end. A batch is not sent once its claims may have lapsed (a renewal
+    /// did not cover them): it waits and is claimed again.
     ///
     /// Everything that touches the database happens inside the batches' futures or while
     /// none is running: a batch holding SQLite's write turn is always polled to the end.
@@ -285,25 +286,45 @@ impl Workers {
             valid_until: Arc::new(AtomicI64::new(0)),
         });
         let _renewal = self.keep_claims(claims.clone());
-        let mut pending: Vec<Pending> = self
-            .batches(deliveries)
-            .into_iter()
-            .map(|batch| Pending {
-                batch,
-                failures: 0,
-                claimed: false,
-            })
-            .collect();
+        let (recorder, _recording) = self.recorder(claims.owner);
+        // The whole round is claimed before any batch runs (nothing else then waits for
+        // SQLite's write turn), a statement per thousand members rather than one per batch:
+        // with one member per request, a claim per request made the writer the limit.
+        // Batches rebuilt after a failure claim again inside their futures.
+        let mut pending: Vec<Pending> = Vec::new();
         let mut deferred: Vec<Delivery> = Vec::new();
-        let mut running = futures::stream::FuturesUnordered::new();
         let mut stopping = false;
         let mut error = None;
+        let mut rest = deliveries;
+        while !rest.is_empty() {
+            let later = rest.split_off(rest.len().min(CLAIM_CHUNK));
+            match self
+                .claim(&claims, std::mem::replace(&mut rest, later))
+                .await
+            {
+                Ok((mine, others)) => {
+                    deferred.extend(others);
+                    pending.extend(self.batches(mine).into_iter().map(|batch| Pending {
+                        batch,
+                        failures: 0,
+                        claimed: true,
+                    }));
+                }
+                Err(e) => {
+                    // What was claimed is released below.
+                    error = Some(e);
+                    stopping = true;
+                    break;
+                }
+            }
+        }
+        let mut running = futures::stream::FuturesUnordered::new();
         let mut busy = 0;
         loop {
             stopping |= shutdown.is_cancelled();
             while !stopping && running.len() < self.parallel.max(1) {
                 let Some(next) = pending.pop() else { break };
-                running.push(self.send_batch(&claims, next, mode, shutdown));
+                running.push(self.send_batch(&claims, &recorder, next, mode, shutdown));
             }
             match running.next().await {
                 Some(Ok((after, done))) => {
@@ -363,6 +384,7 @@ impl Workers {
     async fn send_batch(
         &self,
         claims: &Claims,
+        recorder: &Recorder,
         next: Pending,
         mode: Mode,
         shutdown: &CancellationToken,
@@ -433,9 +455,7 @@ impl Workers {
                     );
                 }
                 claims.forget(&batch);
-                self.store
-                    .delivered(claims.owner, &accepted, &failed, now_micros())
-                    .await?;
+                recorder.record(&accepted, &failed).await?;
                 round.delivered += accepted.len();
                 round.refused += failed.len();
             }
@@ -448,13 +468,8 @@ impl Workers {
             Outcome::Split { reason } => {
                 let delivery = &batch[0];
                 claims.forget(&batch);
-                self.store
-                    .delivered(
-                        claims.owner,
-                        &[],
-                        &[(&delivery.member_id, version(delivery), &reason)],
-                        now_micros(),
-                    )
+                recorder
+                    .record(&[], &[(&delivery.member_id, version(delivery), &reason)])
                     .await?;
                 round.refused += 1;
             }
@@ -531,6 +546,60 @@ impl Workers {
             held.extend(got.iter().cloned());
         }
         Ok(batch.into_iter().partition(|d| got.contains(&d.member_id)))
+    }
+
+    /// The task that writes the answers of one [`Self::send_all`]'s batches (owner
+    /// `owner`), until dropped: everything that arrived while the last write ran goes in
+    /// one transaction, up to [`CLAIM_CHUNK`] members (group commit). With one member per
+    /// request, a transaction per answer made SQLite's single writer the limit.
+    fn recorder(&self, owner: i64) -> (Recorder, AbortOnDrop<()>) {
+        let (sender, mut answers) = tokio::sync::mpsc::unbounded_channel::<Answer>();
+        let store = self.store.clone();
+        let task = tokio::spawn(async move {
+            let mut carried: Option<Answer> = None;
+            loop {
+                let first = match carried.take() {
+                    Some(answer) => answer,
+                    None => match answers.recv().await {
+                        Some(answer) => answer,
+                        None => return,
+                    },
+                };
+                let mut members = first.len();
+                let mut group = vec![first];
+                while let Ok(next) = answers.try_recv() {
+                    if members + next.len() > CLAIM_CHUNK {
+                        carried = Some(next);
+                        break;
+                    }
+                    members += next.len();
+                    group.push(next);
+                }
+                let accepted: Vec<(&str, i64, bool)> = group
+                    .iter()
+                    .flat_map(|a| a.accepted.iter().map(|(id, v, e)| (id.as_str(), *v, *e)))
+                    .collect();
+                let refused: Vec<(&str, i64, &str)> = group
+                    .iter()
+                    .flat_map(|a| {
+                        a.refused
+                            .iter()
+                            .map(|(id, v, reason)| (id.as_str(), *v, reason.as_str()))
+                    })
+                    .collect();
+                let result = store
+                    .delivered(owner, &accepted, &refused, now_micros())
+                    .await;
+                for answer in group {
+                    // A batch that went away (its round was dropped) needs no answer.
+                    let _ = answer.written.send(match &result {
+                        Ok(()) => Ok(()),
+                        Err(error) => Err(copy_error(error)),
+                    });
+                }
+            }
+        });
+        (Recorder(sender), AbortOnDrop(task))
     }
 
     /// Renews the held claims every third of their lease until dropped; their validity
@@ -751,6 +820,64 @@ pub enum Mode {
 
 /// The first wait for members another sender holds.
 const BUSY_WAIT: Duration = Duration::from_millis(50);
+
+/// Members per claim statement and per group of recorded answers: three bound values each,
+/// well inside SQLite's 32,766 and PostgreSQL's 65,535.
+const CLAIM_CHUNK: usize = 1_000;
+
+/// One batch's answer on its way to the [`Workers::recorder`].
+#[derive(Debug)]
+struct Answer {
+    accepted: Vec<(String, i64, bool)>,
+    refused: Vec<(String, i64, String)>,
+    written: tokio::sync::oneshot::Sender<Result<(), ServiceError>>,
+}
+
+impl Answer {
+    fn len(&self) -> usize {
+        self.accepted.len() + self.refused.len()
+    }
+}
+
+/// Where the batches of one [`Workers::send_all`] hand their answers to be written. The
+/// channel holds at most one answer per batch in flight (each waits for its own).
+#[derive(Debug, Clone)]
+struct Recorder(tokio::sync::mpsc::UnboundedSender<Answer>);
+
+impl Recorder {
+    /// Records what the partner accepted and refused, ending the claims on them; returns
+    /// once it is committed.
+    async fn record(
+        &self,
+        accepted: &[(&str, i64, bool)],
+        refused: &[(&str, i64, &str)],
+    ) -> Result<(), ServiceError> {
+        let (written, done) = tokio::sync::oneshot::channel();
+        let answer = Answer {
+            accepted: accepted
+                .iter()
+                .map(|(id, v, e)| ((*id).to_owned(), *v, *e))
+                .collect(),
+            refused: refused
+                .iter()
+                .map(|(id, v, reason)| ((*id).to_owned(), *v, (*reason).to_owned()))
+                .collect(),
+            written,
+        };
+        let gone = || ServiceError::Unavailable("the delivery recorder stopped".to_owned());
+        self.0.send(answer).map_err(|_| gone())?;
+        done.await.map_err(|_| gone())?
+    }
+}
+
+/// The same failure for every batch of a group whose write failed (the error is not
+/// `Clone`): still UNAVAILABLE when it was, so the round is retried the same way.
+fn copy_error(error: &ServiceError) -> ServiceError {
+    match error {
+        ServiceError::Unavailable(message) => ServiceError::Unavailable(message.clone()),
+        other => ServiceError::Internal(anyhow::anyhow!("{other:#}")),
+    }
+}
 
 fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
