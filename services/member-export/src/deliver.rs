@@ -27,7 +27,7 @@
 //!   this replica stops sending for `configuration_pause`, logged at ERROR; the messages wait.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     sync::{
         Arc,
         atomic::{AtomicI64, AtomicU64, Ordering},
@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     alerts::Alerts,
     crypto::ProfileCipher,
+    group::{self, Group},
     metrics::MemberMetrics,
     outbound::{Batch, Outbound, send},
     partner::{Channels, Delivery, Outcome, Profile},
@@ -109,13 +110,15 @@ struct After {
     stopped: bool,
 }
 
-/// The claims of one [`Workers::send_all`]: their owner id, the members held, and until
-/// when (µs since the epoch, this process's clock, conservatively) all of them are known to
-/// be held.
+/// The claims of one [`Workers::send_all`]: their owner id, the members held (renewed), the
+/// members claimed and not yet released by a recorded answer (released at the end), and
+/// until when (µs since the epoch, this process's clock, conservatively) all of the held
+/// ones are known to be held.
 #[derive(Debug)]
 struct Claims {
     owner: i64,
     held: std::sync::Mutex<BTreeSet<String>>,
+    unreleased: std::sync::Mutex<BTreeSet<String>>,
     valid_until: Arc<AtomicI64>,
 }
 
@@ -123,9 +126,20 @@ impl Claims {
     /// `batch`'s members are about to be released by the recorded answer: no longer
     /// renewed (so a renewal racing the record does not look like a lost claim).
     fn forget(&self, batch: &[Delivery]) {
-        let mut held = lock(&self.held);
+        let (mut held, mut unreleased) = (lock(&self.held), lock(&self.unreleased));
         for delivery in batch {
             held.remove(&delivery.member_id);
+            unreleased.remove(&delivery.member_id);
+        }
+    }
+
+    /// The answer of `batch` could not be recorded: its members are still ours, renewed
+    /// and released at the end like any other.
+    fn keep(&self, batch: &[Delivery]) {
+        let (mut held, mut unreleased) = (lock(&self.held), lock(&self.unreleased));
+        for delivery in batch {
+            held.insert(delivery.member_id.clone());
+            unreleased.insert(delivery.member_id.clone());
         }
     }
 }
@@ -283,48 +297,33 @@ impl Workers {
         let claims = Arc::new(Claims {
             owner: fastrand::i64(1..),
             held: std::sync::Mutex::default(),
+            unreleased: std::sync::Mutex::default(),
             valid_until: Arc::new(AtomicI64::new(0)),
         });
         let _renewal = self.keep_claims(claims.clone());
-        let (recorder, _recording) = self.recorder(claims.owner);
-        // The whole round is claimed before any batch runs (nothing else then waits for
-        // SQLite's write turn), a statement per thousand members rather than one per batch:
-        // with one member per request, a claim per request made the writer the limit.
-        // Batches rebuilt after a failure claim again inside their futures.
-        let mut pending: Vec<Pending> = Vec::new();
+        let writes = Writes {
+            claims: self.claimer(claims.owner),
+            answers: self.recorder(claims.owner),
+        };
+        let mut pending: Vec<Pending> = self
+            .batches(deliveries)
+            .into_iter()
+            .map(|batch| Pending {
+                batch,
+                failures: 0,
+                claimed: false,
+            })
+            .collect();
         let mut deferred: Vec<Delivery> = Vec::new();
+        let mut running = futures::stream::FuturesUnordered::new();
         let mut stopping = false;
         let mut error = None;
-        let mut rest = deliveries;
-        while !rest.is_empty() {
-            let later = rest.split_off(rest.len().min(CLAIM_CHUNK));
-            match self
-                .claim(&claims, std::mem::replace(&mut rest, later))
-                .await
-            {
-                Ok((mine, others)) => {
-                    deferred.extend(others);
-                    pending.extend(self.batches(mine).into_iter().map(|batch| Pending {
-                        batch,
-                        failures: 0,
-                        claimed: true,
-                    }));
-                }
-                Err(e) => {
-                    // What was claimed is released below.
-                    error = Some(e);
-                    stopping = true;
-                    break;
-                }
-            }
-        }
-        let mut running = futures::stream::FuturesUnordered::new();
         let mut busy = 0;
         loop {
             stopping |= shutdown.is_cancelled();
             while !stopping && running.len() < self.parallel.max(1) {
                 let Some(next) = pending.pop() else { break };
-                running.push(self.send_batch(&claims, &recorder, next, mode, shutdown));
+                running.push(self.send_batch(&claims, &writes, next, mode, shutdown));
             }
             match running.next().await {
                 Some(Ok((after, done))) => {
@@ -366,7 +365,7 @@ impl Workers {
             }
         }
         // What is still claimed (skipped on a rebuild, or stopped) is nobody's any more.
-        let left: Vec<String> = lock(&claims.held).iter().cloned().collect();
+        let left: Vec<String> = lock(&claims.unreleased).iter().cloned().collect();
         if !left.is_empty() {
             let ids: Vec<&str> = left.iter().map(String::as_str).collect();
             if let Err(e) = self.store.release(claims.owner, &ids).await {
@@ -384,7 +383,7 @@ impl Workers {
     async fn send_batch(
         &self,
         claims: &Claims,
-        recorder: &Recorder,
+        writes: &Writes,
         next: Pending,
         mode: Mode,
         shutdown: &CancellationToken,
@@ -399,7 +398,7 @@ impl Workers {
         let batch = if claimed {
             batch
         } else {
-            let (mine, others) = self.claim(claims, batch).await?;
+            let (mine, others) = self.claim(claims, &writes.claims, batch).await?;
             after.deferred = others;
             mine
         };
@@ -455,7 +454,11 @@ impl Workers {
                     );
                 }
                 claims.forget(&batch);
-                recorder.record(&accepted, &failed).await?;
+                let answer = Answer::new(&accepted, &failed);
+                if let Err(e) = writes.answers.call(answer).await {
+                    claims.keep(&batch);
+                    return Err(e);
+                }
                 round.delivered += accepted.len();
                 round.refused += failed.len();
             }
@@ -468,9 +471,11 @@ impl Workers {
             Outcome::Split { reason } => {
                 let delivery = &batch[0];
                 claims.forget(&batch);
-                recorder
-                    .record(&[], &[(&delivery.member_id, version(delivery), &reason)])
-                    .await?;
+                let answer = Answer::new(&[], &[(&delivery.member_id, version(delivery), &reason)]);
+                if let Err(e) = writes.answers.call(answer).await {
+                    claims.keep(&batch);
+                    return Err(e);
+                }
                 round.refused += 1;
             }
             Outcome::Configuration { reason } => {
@@ -518,23 +523,34 @@ impl Workers {
     }
 
     /// The part of `batch` that could be claimed (now held), and the rest (held by another
-    /// sender, or changed since it was read: to be read again).
+    /// sender, or changed since it was read: to be read again). Claimed with whatever other
+    /// batches claim at the same moment, just before the batch is sent, so what it sends is
+    /// the member's row as it is then (a withdrawal recorded meanwhile wins).
     async fn claim(
         &self,
         claims: &Claims,
+        claimer: &Group<ToClaim, Claimed>,
         batch: Vec<Delivery>,
     ) -> Result<(Vec<Delivery>, Vec<Delivery>), ServiceError> {
-        let attempt: Vec<(&str, i64, bool)> = batch
-            .iter()
-            .map(|d| {
-                let version = i64::try_from(d.version).unwrap_or(i64::MAX);
-                (d.member_id.as_str(), version, d.erase)
-            })
-            .collect();
-        let started = now_micros();
-        let got = self.store.claim(claims.owner, &attempt, self.claim).await?;
+        let attempt = ToClaim(
+            batch
+                .iter()
+                .map(|d| {
+                    let version = i64::try_from(d.version).unwrap_or(i64::MAX);
+                    (d.member_id.clone(), version, d.erase)
+                })
+                .collect(),
+        );
+        let (got, started) = claimer.call(attempt).await?;
         {
-            let mut held = lock(&claims.held);
+            let (mut held, mut unreleased) = (lock(&claims.held), lock(&claims.unreleased));
+            // A member not got is not held, even if it was (its claim lapsed while renewals
+            // failed and another sender took it): renewals then cover what is held again.
+            for delivery in &batch {
+                if !got.contains(&delivery.member_id) {
+                    held.remove(&delivery.member_id);
+                }
+            }
             if held.is_empty() {
                 // Nothing older to vouch for: these claims last their lease from before
                 // the statement ran.
@@ -544,42 +560,45 @@ impl Workers {
                 );
             }
             held.extend(got.iter().cloned());
+            unreleased.extend(got.iter().cloned());
         }
         Ok(batch.into_iter().partition(|d| got.contains(&d.member_id)))
     }
 
-    /// The task that writes the answers of one [`Self::send_all`]'s batches (owner
-    /// `owner`), until dropped: everything that arrived while the last write ran goes in
-    /// one transaction, up to [`CLAIM_CHUNK`] members (group commit). With one member per
-    /// request, a transaction per answer made SQLite's single writer the limit.
-    fn recorder(&self, owner: i64) -> (Recorder, AbortOnDrop<()>) {
-        let (sender, mut answers) = tokio::sync::mpsc::unbounded_channel::<Answer>();
+    /// Claims of one [`Self::send_all`]'s batches (owner `owner`), grouped.
+    fn claimer(&self, owner: i64) -> Group<ToClaim, Claimed> {
+        let (store, lease) = (self.store.clone(), self.claim);
+        Group::spawn(move |requests: Vec<ToClaim>| {
+            let store = store.clone();
+            async move {
+                let started = now_micros();
+                let all: Vec<(&str, i64, bool)> = requests
+                    .iter()
+                    .flat_map(|r| r.0.iter().map(|(id, v, e)| (id.as_str(), *v, *e)))
+                    .collect();
+                let got = store.claim(owner, &all, lease).await?;
+                Ok(requests
+                    .iter()
+                    .map(|r| {
+                        let mine = r.0.iter().filter(|m| got.contains(&m.0));
+                        (mine.map(|m| m.0.clone()).collect(), started)
+                    })
+                    .collect())
+            }
+        })
+    }
+
+    /// Answers of one [`Self::send_all`]'s batches (owner `owner`), recorded in groups.
+    fn recorder(&self, owner: i64) -> Group<Answer, ()> {
         let store = self.store.clone();
-        let task = tokio::spawn(async move {
-            let mut carried: Option<Answer> = None;
-            loop {
-                let first = match carried.take() {
-                    Some(answer) => answer,
-                    None => match answers.recv().await {
-                        Some(answer) => answer,
-                        None => return,
-                    },
-                };
-                let mut members = first.len();
-                let mut group = vec![first];
-                while let Ok(next) = answers.try_recv() {
-                    if members + next.len() > CLAIM_CHUNK {
-                        carried = Some(next);
-                        break;
-                    }
-                    members += next.len();
-                    group.push(next);
-                }
-                let accepted: Vec<(&str, i64, bool)> = group
+        Group::spawn(move |answers: Vec<Answer>| {
+            let store = store.clone();
+            async move {
+                let accepted: Vec<(&str, i64, bool)> = answers
                     .iter()
                     .flat_map(|a| a.accepted.iter().map(|(id, v, e)| (id.as_str(), *v, *e)))
                     .collect();
-                let refused: Vec<(&str, i64, &str)> = group
+                let refused: Vec<(&str, i64, &str)> = answers
                     .iter()
                     .flat_map(|a| {
                         a.refused
@@ -587,19 +606,12 @@ impl Workers {
                             .map(|(id, v, reason)| (id.as_str(), *v, reason.as_str()))
                     })
                     .collect();
-                let result = store
+                store
                     .delivered(owner, &accepted, &refused, now_micros())
-                    .await;
-                for answer in group {
-                    // A batch that went away (its round was dropped) needs no answer.
-                    let _ = answer.written.send(match &result {
-                        Ok(()) => Ok(()),
-                        Err(error) => Err(copy_error(error)),
-                    });
-                }
+                    .await?;
+                Ok(vec![(); answers.len()])
             }
-        });
-        (Recorder(sender), AbortOnDrop(task))
+        })
     }
 
     /// Renews the held claims every third of their lease until dropped; their validity
@@ -821,39 +833,37 @@ pub enum Mode {
 /// The first wait for members another sender holds.
 const BUSY_WAIT: Duration = Duration::from_millis(50);
 
-/// Members per claim statement and per group of recorded answers: three bound values each,
-/// well inside SQLite's 32,766 and PostgreSQL's 65,535.
-const CLAIM_CHUNK: usize = 1_000;
+/// The grouped writes of one [`Workers::send_all`].
+#[derive(Debug)]
+struct Writes {
+    claims: Group<ToClaim, Claimed>,
+    answers: Group<Answer, ()>,
+}
 
-/// One batch's answer on its way to the [`Workers::recorder`].
+/// Members one batch claims: (id, version, erasure).
+#[derive(Debug)]
+struct ToClaim(Vec<(String, i64, bool)>);
+
+impl group::Members for ToClaim {
+    fn members(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// What a claim got: the members now held, and when its statement started (µs since the
+/// epoch, this process's clock).
+type Claimed = (HashSet<String>, i64);
+
+/// One batch's answer: accepted (id, version, erasure) and refused (id, version, reason).
 #[derive(Debug)]
 struct Answer {
     accepted: Vec<(String, i64, bool)>,
     refused: Vec<(String, i64, String)>,
-    written: tokio::sync::oneshot::Sender<Result<(), ServiceError>>,
 }
 
 impl Answer {
-    fn len(&self) -> usize {
-        self.accepted.len() + self.refused.len()
-    }
-}
-
-/// Where the batches of one [`Workers::send_all`] hand their answers to be written. The
-/// channel holds at most one answer per batch in flight (each waits for its own).
-#[derive(Debug, Clone)]
-struct Recorder(tokio::sync::mpsc::UnboundedSender<Answer>);
-
-impl Recorder {
-    /// Records what the partner accepted and refused, ending the claims on them; returns
-    /// once it is committed.
-    async fn record(
-        &self,
-        accepted: &[(&str, i64, bool)],
-        refused: &[(&str, i64, &str)],
-    ) -> Result<(), ServiceError> {
-        let (written, done) = tokio::sync::oneshot::channel();
-        let answer = Answer {
+    fn new(accepted: &[(&str, i64, bool)], refused: &[(&str, i64, &str)]) -> Self {
+        Self {
             accepted: accepted
                 .iter()
                 .map(|(id, v, e)| ((*id).to_owned(), *v, *e))
@@ -862,20 +872,13 @@ impl Recorder {
                 .iter()
                 .map(|(id, v, reason)| ((*id).to_owned(), *v, (*reason).to_owned()))
                 .collect(),
-            written,
-        };
-        let gone = || ServiceError::Unavailable("the delivery recorder stopped".to_owned());
-        self.0.send(answer).map_err(|_| gone())?;
-        done.await.map_err(|_| gone())?
+        }
     }
 }
 
-/// The same failure for every batch of a group whose write failed (the error is not
-/// `Clone`): still UNAVAILABLE when it was, so the round is retried the same way.
-fn copy_error(error: &ServiceError) -> ServiceError {
-    match error {
-        ServiceError::Unavailable(message) => ServiceError::Unavailable(message.clone()),
-        other => ServiceError::Internal(anyhow::anyhow!("{other:#}")),
+impl group::Members for Answer {
+    fn members(&self) -> usize {
+        self.accepted.len() + self.refused.len()
     }
 }
 

@@ -29,6 +29,7 @@ pub mod config;
 pub mod crypto;
 pub mod deliver;
 pub mod enqueue;
+pub mod group;
 pub mod jobs;
 pub mod metrics;
 pub mod migration;

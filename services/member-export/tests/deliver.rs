@@ -502,6 +502,63 @@ async fn a_withdrawal_after_an_unrecorded_acceptance_is_still_an_opt_out() {
 /// A partner slower than the visibility timeout: the round keeps its messages in flight, so
 /// no other worker sends the same member again meanwhile.
 #[tokio::test]
+async fn a_withdrawal_recorded_while_a_round_is_being_sent_wins_for_members_not_yet_sent() {
+    // One request at a time, 300 ms each: a round of six members takes about two seconds.
+    // Each member is claimed (and its row read) just before its own request, so a
+    // withdrawal recorded meanwhile keeps every member not yet sent from being sent with
+    // its contact data; only the one in flight then may have been (and gets an opt-out).
+    let slow = Behaviour {
+        latency: (Duration::from_millis(300), Duration::from_millis(300)),
+        ..Behaviour::default()
+    };
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let mut running = start_on(database.url(), Dialect::Webhook, slow, |settings| {
+        settings.delivery.workers = 1;
+        settings.delivery.max_concurrency = 1;
+    })
+    .await;
+    let ids: Vec<String> = (1..=6).map(|i| format!("M-{i}")).collect();
+    enqueue(
+        &mut running,
+        ids.iter().map(|id| change(id, 1, true, true)).collect(),
+    )
+    .await;
+    wait_until(
+        "the partner accepted a first member",
+        Duration::from_secs(20),
+        || async { (!running.simulator.members().is_empty()).then_some(()) },
+    )
+    .await;
+    let sent_before: BTreeSet<String> = running.simulator.members().into_keys().collect();
+    let withdrawn: Vec<&String> = ids.iter().filter(|id| !sent_before.contains(*id)).collect();
+    enqueue(
+        &mut running,
+        withdrawn
+            .iter()
+            .map(|id| change(id, 2, false, false))
+            .collect(),
+    )
+    .await;
+    drained(&running).await;
+    let members = running.simulator.members();
+    let reached: Vec<&&String> = withdrawn
+        .iter()
+        .filter(|id| members.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        reached.len() <= 1,
+        "only the member in flight may have reached the partner, not {reached:?}"
+    );
+    for id in reached {
+        let member = &members[id.as_str()];
+        assert!(
+            member.opt_out && !member.has_email,
+            "{id} was told of the withdrawal"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_slow_partner_does_not_make_messages_visible_mid_send() {
     let slow = Behaviour {
         latency: (Duration::from_millis(2_500), Duration::from_millis(2_500)),

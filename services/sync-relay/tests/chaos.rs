@@ -359,7 +359,7 @@ async fn drain_and_verify(
     );
     let catalog = catalog.expect("the catalog runs again");
     let drain = std::time::Instant::now();
-    watch.wait_for(&workload.max_versions, DRAIN_TIMEOUT).await;
+    watch.wait_for(&workload.expected, DRAIN_TIMEOUT).await;
     println!(
         "drained in {:.1}s after the chaos",
         drain.elapsed().as_secs_f64()
@@ -607,7 +607,7 @@ async fn two_replicas_split_the_shards_and_one_takes_over_when_the_other_stops()
         wave.await.expect("a wave is put");
     }
     assert!(items.next().is_none(), "every record was put");
-    watch.wait_for(&workload.max_versions, DRAIN_TIMEOUT).await;
+    watch.wait_for(&workload.expected, DRAIN_TIMEOUT).await;
     println!("{} drained", elapsed());
     verify(&workload, &catalog, &a, &watch, "kinesis:").await;
     let status = a.terminate().await;

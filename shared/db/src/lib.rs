@@ -132,7 +132,10 @@ impl Backend {
 }
 
 /// `sql` with each `$N` replaced by `?`, and the values in the order the `?`s take them.
-/// A number out of range stays numbered (`?N`), so the statement fails as it would have.
+///
+/// # Panics
+/// On a `$` that is not a placeholder of one of `values` (a bug in the statement: SQLite's
+/// driver would bind NULL to it silently).
 fn anonymous_placeholders(sql: &str, values: Vec<sea_orm::Value>) -> (String, Vec<sea_orm::Value>) {
     let mut text = String::with_capacity(sql.len());
     let mut ordered = Vec::with_capacity(values.len());
@@ -147,10 +150,14 @@ fn anonymous_placeholders(sql: &str, values: Vec<sea_orm::Value>) -> (String, Ve
             .ok()
             .and_then(|n| n.checked_sub(1))
             .and_then(|i| values.get(i));
-        match value {
-            Some(value) => ordered.push(value.clone()),
-            None => text.push_str(&after[..digits]),
-        }
+        let Some(value) = value else {
+            panic!(
+                "`${}` is not a placeholder of the {} values of: {sql}",
+                &after[..digits],
+                values.len()
+            );
+        };
+        ordered.push(value.clone());
         rest = &after[digits..];
     }
     text.push_str(rest);
@@ -327,21 +334,27 @@ mod tests {
 
     #[test]
     fn sqlite_statements_take_anonymous_placeholders_in_order() {
+        let values: Vec<sea_orm::Value> = (1..=10_i64).map(sea_orm::Value::from).collect();
         let statement = Backend::Sqlite.statement(
             "UPDATE t SET a = $2, b = $1 WHERE c = $2 AND d IN ($3, $10)",
-            [1_i64, 2, 3].map(sea_orm::Value::from),
+            values,
         );
-        // $10 is out of range: left numbered, so the statement fails when executed.
         assert_eq!(
             statement.sql,
-            "UPDATE t SET a = ?, b = ? WHERE c = ? AND d IN (?, ?10)"
+            "UPDATE t SET a = ?, b = ? WHERE c = ? AND d IN (?, ?)"
         );
         assert_eq!(
             statement.values.map(|v| v.0),
-            Some([2_i64, 1, 2, 3].map(sea_orm::Value::from).to_vec())
+            Some([2_i64, 1, 2, 3, 10].map(sea_orm::Value::from).to_vec())
         );
         let postgres = Backend::Postgres.statement("a = $1", [sea_orm::Value::from(1_i64)]);
         assert_eq!(postgres.sql, "a = $1");
+    }
+
+    #[test]
+    #[should_panic(expected = "`$3` is not a placeholder of the 2 values")]
+    fn a_placeholder_without_a_value_is_a_bug_caught_at_once() {
+        Backend::Sqlite.statement("a = $1 AND b = $3", [1_i64, 2].map(sea_orm::Value::from));
     }
 
     struct NoMigrations;

@@ -73,11 +73,15 @@ impl Watch {
         self.with(|s| (s.records, s.streams))
     }
 
-    /// Waits until every product of `expected` was seen at its version, or a problem shows.
+    /// Waits until the stream last showed every product of `expected` exactly as expected
+    /// (timestamps aside), or a problem shows.
     ///
     /// # Panics
     /// After `timeout`, naming the products still behind.
-    pub async fn wait_for(&self, expected: &BTreeMap<String, u64>, timeout: Duration) {
+    pub async fn wait_for(&self, expected: &BTreeMap<String, Product>, timeout: Duration) {
+        // The whole state, not the versions: writes commute, so a late change of a lower
+        // version (a message redelivered after a kill) still writes the fields it is the
+        // newest for after every product reached its highest version.
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let behind: Vec<String> = self.with(|s| {
@@ -86,11 +90,18 @@ impl Watch {
                 }
                 expected
                     .iter()
-                    .filter(|(code, v)| s.last.get(*code).map(|p| p.version) != Some(**v))
-                    .map(|(code, v)| {
+                    .filter(|(code, want)| {
+                        s.last.get(*code).map(|p| Product {
+                            create_time: None,
+                            update_time: None,
+                            ..p.clone()
+                        }) != Some((*want).clone())
+                    })
+                    .map(|(code, want)| {
                         format!(
-                            "{code} at {} of {v}",
-                            s.last.get(code).map_or(0, |p| p.version)
+                            "{code} at {} of {}",
+                            s.last.get(code).map_or(0, |p| p.version),
+                            want.version
                         )
                     })
                     .collect()
@@ -100,8 +111,8 @@ impl Watch {
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "after {timeout:?}, the change stream shows {} products not at their highest \
-                 version (changes lost?), e.g. {:?}",
+                "after {timeout:?}, the change stream shows {} products not in the state their \
+                 changes give (changes lost?), e.g. {:?}",
                 behind.len(),
                 &behind[..behind.len().min(10)]
             );
