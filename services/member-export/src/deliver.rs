@@ -275,15 +275,16 @@ impl Workers {
     /// starts, and the requests in flight end before this returns, so no claim is left
     /// behind.
     ///
-    /// Claims: every member is claimed before the first batch starts (recording the
-    /// version attempted; a batch rebuilt after a failure claims again), one task renews
-    /// what is held while anything is in flight, each recorded answer ends its batch's
-    /// claims (answers that arrive together are written together), and whatever is left is
-    /// released at the end. A batch is not sent once its claims may have lapsed (a renewal
-    /// did not cover them): it waits and is claimed again.
+    /// Claims: each batch claims its members just before it is sent (recording the version
+    /// attempted), one task renews what is held while anything is in flight, each recorded
+    /// answer ends its batch's claims, and whatever is left is released at the end; claims
+    /// and answers that arrive together are written together ([`crate::group`]). A batch is
+    /// not sent once its claims may have lapsed (a renewal did not cover them): it waits and
+    /// is claimed again.
     ///
-    /// Everything that touches the database happens inside the batches' futures or while
-    /// none is running: a batch holding SQLite's write turn is always polled to the end.
+    /// Everything that touches the database happens in tasks of its own, inside the
+    /// batches' futures, or while none is running: a batch holding SQLite's write turn is
+    /// always polled to the end.
     ///
     /// # Errors
     /// When the database fails (after the requests in flight ended).
