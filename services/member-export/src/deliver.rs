@@ -133,6 +133,16 @@ impl Claims {
         }
     }
 
+    /// `batch` waits to be rebuilt and claimed again: its members are no longer renewed
+    /// (a claim that lapsed meanwhile, or a member the rebuild leaves out, must not keep
+    /// every renewal short), but still released at the end unless claimed and answered.
+    fn pause(&self, batch: &[Delivery]) {
+        let mut held = lock(&self.held);
+        for delivery in batch {
+            held.remove(&delivery.member_id);
+        }
+    }
+
     /// The answer of `batch` could not be recorded: its members are still ours, renewed
     /// and released at the end like any other.
     fn keep(&self, batch: &[Delivery]) {
@@ -503,6 +513,7 @@ impl Workers {
                     after.stopped = true;
                     return Ok((after, round));
                 }
+                claims.pause(&batch);
                 let batches = self.refresh(&batch, mode, &mut round).await?;
                 after.again = again(batches, failures, false);
             }
@@ -516,6 +527,7 @@ impl Workers {
                     after.stopped = true;
                     return Ok((after, round));
                 }
+                claims.pause(&batch);
                 let batches = self.refresh(&batch, mode, &mut round).await?;
                 after.again = again(batches, failures, false);
             }

@@ -73,6 +73,7 @@ where
                 let (items, answers): (Vec<T>, Vec<_>) = group.into_iter().unzip();
                 match write(items).await {
                     Ok(results) => {
+                        debug_assert_eq!(results.len(), answers.len(), "one result per request");
                         for (answer, result) in answers.into_iter().zip(results) {
                             // A caller that went away needs no answer.
                             let _ = answer.send(Ok(result));

@@ -499,22 +499,22 @@ async fn a_withdrawal_after_an_unrecorded_acceptance_is_still_an_opt_out() {
     assert!(running.simulator.members()["M-1"].opt_out);
 }
 
-/// A partner slower than the visibility timeout: the round keeps its messages in flight, so
-/// no other worker sends the same member again meanwhile.
 #[tokio::test]
 async fn a_withdrawal_recorded_while_a_round_is_being_sent_wins_for_members_not_yet_sent() {
-    // One request at a time, 300 ms each: a round of six members takes about two seconds.
+    // One request at a time, a second each: a round of six members takes about six.
     // Each member is claimed (and its row read) just before its own request, so a
     // withdrawal recorded meanwhile keeps every member not yet sent from being sent with
     // its contact data; only the one in flight then may have been (and gets an opt-out).
     let slow = Behaviour {
-        latency: (Duration::from_millis(300), Duration::from_millis(300)),
+        latency: (Duration::from_secs(1), Duration::from_secs(1)),
         ..Behaviour::default()
     };
     let database = TestDatabase::new(Engine::Sqlite).await;
     let mut running = start_on(database.url(), Dialect::Webhook, slow, |settings| {
         settings.delivery.workers = 1;
         settings.delivery.max_concurrency = 1;
+        settings.partner.request_timeout = Duration::from_secs(5);
+        settings.delivery.claim_timeout = Duration::from_secs(10);
     })
     .await;
     let ids: Vec<String> = (1..=6).map(|i| format!("M-{i}")).collect();
@@ -558,6 +558,8 @@ async fn a_withdrawal_recorded_while_a_round_is_being_sent_wins_for_members_not_
     }
 }
 
+/// A partner slower than the visibility timeout: the round keeps its messages in flight, so
+/// no other worker sends the same member again meanwhile.
 #[tokio::test]
 async fn a_slow_partner_does_not_make_messages_visible_mid_send() {
     let slow = Behaviour {
