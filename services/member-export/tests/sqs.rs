@@ -9,37 +9,27 @@ mod common;
 use std::time::Duration;
 
 use common::{Dialect, change, delivered_at, drained, enqueue, start_on};
-use mall_queue::{BackendKind, QueueSettings};
+use mall_queue::BackendKind;
 use mall_test_support::{Engine, TestDatabase, wait_until};
 use member_export::simulator::Behaviour;
 
-/// The delivery queue on LocalStack: a FIFO queue of its own (and its dead-letter queue,
-/// which the queue's counts include).
-async fn on_sqs(settings: &mut member_export::Settings) {
-    let endpoint = mall_test_support::sqs_endpoint().await;
-    let queue = &mut settings.queue;
-    queue.backend = BackendKind::Sqs;
-    queue.name = format!("member-deliveries-{:016x}", fastrand::u64(..));
-    queue.sqs.endpoint_url = Some(endpoint.parse().expect("an endpoint URL"));
-    queue.sqs.region = Some("us-east-1".to_owned());
-    queue.sqs.access_key_id = Some("test".to_owned());
-    queue.sqs.secret_access_key = Some("test".to_owned().into());
-    queue.sqs.create_queues = true;
-}
-
+/// The service on `database` with its delivery queue on LocalStack: a FIFO queue of its own
+/// (and its dead-letter queue, which the queue's counts include).
 async fn start_on_sqs(
     database: &TestDatabase,
     dialect: Dialect,
     behaviour: Behaviour,
 ) -> common::Running {
-    let mut settings = member_export::Settings::default();
-    on_sqs(&mut settings).await;
-    let queue = settings.queue;
+    let endpoint = mall_test_support::sqs_endpoint().await;
     start_on(database.url(), dialect, behaviour, move |settings| {
-        settings.queue = QueueSettings {
-            visibility_timeout: settings.queue.visibility_timeout,
-            ..queue
-        };
+        let queue = &mut settings.queue;
+        queue.backend = BackendKind::Sqs;
+        queue.name = format!("member-deliveries-{:016x}", fastrand::u64(..));
+        queue.sqs.endpoint_url = Some(endpoint.parse().expect("an endpoint URL"));
+        queue.sqs.region = Some("us-east-1".to_owned());
+        queue.sqs.access_key_id = Some("test".to_owned());
+        queue.sqs.secret_access_key = Some("test".to_owned().into());
+        queue.sqs.create_queues = true;
     })
     .await
 }
