@@ -18,6 +18,7 @@
 //! ```sh
 //! scripts/bench.sh member                                   # everything; writes BENCHMARKS.md
 //! cargo bench -p member-export --bench member -- limited    # one part (shared, unlimited, failover), prints only
+//! cargo bench -p member-export --bench member -- unlimited groobee   # part 3, one dialect
 //! cargo bench -p member-export --bench member -- quick      # shorter windows, 100,000 failover members
 //! ```
 //!
@@ -66,7 +67,17 @@ fn main() -> anyhow::Result<()> {
     let parts: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| ["limited", "shared", "unlimited", "failover"].contains(a))
+        .filter(|a| {
+            [
+                "limited",
+                "shared",
+                "unlimited",
+                "failover",
+                "groobee",
+                "webhook",
+            ]
+            .contains(a)
+        })
         .collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -89,8 +100,12 @@ async fn run(parts: Vec<&str>, quick: bool) -> anyhow::Result<()> {
     if wants("shared") {
         report += &shared(window).await?;
     }
-    if wants("unlimited") {
-        report += &unlimited(if quick { 50_000 } else { 200_000 }).await?;
+    if wants("unlimited") || args_name_dialect(&parts) {
+        let dialects: Vec<&str> = ["groobee", "webhook"]
+            .into_iter()
+            .filter(|d| !args_name_dialect(&parts) || parts.contains(d))
+            .collect();
+        report += &unlimited(if quick { 50_000 } else { 200_000 }, &dialects).await?;
     }
     if wants("failover") {
         report += &failover(if quick { 100_000 } else { 1_000_000 }).await?;
@@ -373,7 +388,12 @@ async fn adapter_alone(
     Ok((requests * batch) as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn unlimited(members: usize) -> anyhow::Result<String> {
+/// Whether the arguments name one dialect of part 3 (`unlimited groobee`).
+fn args_name_dialect(parts: &[&str]) -> bool {
+    parts.iter().any(|p| ["groobee", "webhook"].contains(p))
+}
+
+async fn unlimited(members: usize, dialects: &[&str]) -> anyhow::Result<String> {
     let behaviour = Behaviour {
         latency: (Duration::from_millis(20), Duration::from_millis(20)),
         ..Behaviour::default()
@@ -387,7 +407,7 @@ async fn unlimited(members: usize) -> anyhow::Result<String> {
         out,
         "| what | members/s | baseline, same run | ratio | target |\n|---|---|---|---|---|"
     )?;
-    for dialect in ["groobee", "webhook"] {
+    for &dialect in dialects {
         let dir = tempfile::tempdir()?;
         let url = sqlite_url(dir.path(), dialect);
         let simulator = simulator(behaviour.clone()).await?;
