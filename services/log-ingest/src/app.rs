@@ -3,8 +3,9 @@
 use std::{future::Future, net::SocketAddr};
 
 use mall_grpc::GrpcServer;
+use mall_proto::logs::v1::log_ingest_service_server::LogIngestServiceServer;
 
-use crate::{SERVICE, config::Settings};
+use crate::{SERVICE, api::LogsApi, config::Settings, parsing::Parsing};
 
 /// A built `log-ingest`, listeners bound, ready to run.
 #[derive(Debug)]
@@ -18,10 +19,12 @@ impl App {
     /// # Errors
     /// When a dependency is unreachable or a listener cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let parsing = Parsing::new(&settings.parsing, &settings.masking)?;
         let mut server = GrpcServer::bind(SERVICE, &settings.server).await?;
-        // The contract is listed by reflection for review; its calls answer UNIMPLEMENTED
-        // until a later issue builds them.
-        server.advertise_unimplemented("mall.logs.v1.LogIngestService");
+        server.add_service(
+            LogIngestServiceServer::new(LogsApi { parsing })
+                .max_decoding_message_size(settings.server.max_message_bytes),
+        );
         Ok(Self { server })
     }
 

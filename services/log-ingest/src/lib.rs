@@ -3,9 +3,21 @@
 //! # Layout
 //! - [`config`]: [`Settings`], every knob with its default.
 //! - [`app`]: [`App`], wiring dependencies and the gRPC server.
+//! - [`api`]: the gRPC handlers.
+//! - [`record`]: the structured record every stage passes on.
+//! - [`parse`]: parsers, one line at a time (the legacy formats, JSON).
+//! - [`multiline`]: multi-line grouping per stream, stack traces kept whole.
+//! - [`mask`]: personal data masked out of every record.
+//! - [`parsing`]: TestParse, lines parsed as ingestion would.
 
+pub mod api;
 pub mod app;
 pub mod config;
+pub mod mask;
+pub mod multiline;
+pub mod parse;
+pub mod parsing;
+pub mod record;
 
 pub use app::App;
 pub use config::Settings;

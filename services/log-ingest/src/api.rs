@@ -1,0 +1,86 @@
+//! The gRPC handlers of `mall.logs.v1.LogIngestService`: convert, call the domain, map
+//! errors (in `mall_grpc::ServiceError`).
+
+use mall_proto::logs::v1::{
+    GetPipelineStatsRequest, GetPipelineStatsResponse, ParsedRecord, TailLogsRequest,
+    TailLogsResponse, TestParseRequest, TestParseResponse,
+    log_ingest_service_server::LogIngestService,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{parsing::Parsing, record::Record};
+
+/// The service's handlers.
+#[derive(Debug, Clone)]
+pub struct LogsApi {
+    /// TestParse.
+    pub parsing: Parsing,
+}
+
+#[tonic::async_trait]
+impl LogIngestService for LogsApi {
+    async fn get_pipeline_stats(
+        &self,
+        _request: Request<GetPipelineStatsRequest>,
+    ) -> Result<Response<GetPipelineStatsResponse>, Status> {
+        Err(Status::unimplemented(
+            "log ingestion (forward, OTLP, Loki) is not built yet; only TestParse is served",
+        ))
+    }
+
+    async fn test_parse(
+        &self,
+        request: Request<TestParseRequest>,
+    ) -> Result<Response<TestParseResponse>, Status> {
+        let request = request.into_inner();
+        let records = self.parsing.test(&request.parser, &request.lines)?;
+        Ok(Response::new(TestParseResponse {
+            records: records.into_iter().map(|r| parsed(r, "")).collect(),
+        }))
+    }
+
+    type TailLogsStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<TailLogsResponse, Status>> + Send>>;
+
+    async fn tail_logs(
+        &self,
+        _request: Request<TailLogsRequest>,
+    ) -> Result<Response<Self::TailLogsStream>, Status> {
+        Err(Status::unimplemented(
+            "log ingestion (forward, OTLP, Loki) is not built yet; only TestParse is served",
+        ))
+    }
+}
+
+/// The contract's record of `record`, emitted by `service`.
+pub fn parsed(record: Record, service: &str) -> ParsedRecord {
+    ParsedRecord {
+        time: record.time_micros.map(|micros| prost_types::Timestamp {
+            seconds: micros.div_euclid(1_000_000),
+            nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1_000).unwrap_or_default(),
+        }),
+        level: record
+            .level
+            .map(|l| l.as_str().to_owned())
+            .unwrap_or_default(),
+        logger: record.logger,
+        thread: record.thread,
+        message: record.message,
+        stack_trace: record.stack_trace,
+        fields: {
+            let mut fields = record.fields;
+            if record.truncated_bytes > 0 {
+                // The record reached its cap (parsing.max_record_*): say what is missing.
+                fields.insert(
+                    "truncated_bytes".to_owned(),
+                    record.truncated_bytes.to_string(),
+                );
+            }
+            fields
+        },
+        trace_id: record.trace_id,
+        first_line: i32::try_from(record.first_line).unwrap_or(i32::MAX),
+        line_count: i32::try_from(record.line_count).unwrap_or(i32::MAX),
+        service: service.to_owned(),
+    }
+}

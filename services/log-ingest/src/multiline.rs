@@ -1,0 +1,244 @@
+//! Multi-line grouping: a record starts at a line its parser recognises as a start; every
+//! line after it that is not a start joins it (stack trace lines to `stack_trace`, others
+//! to `message`), so a Java stack trace stays whole in one record.
+//!
+//! One [`Grouper`] per stream (a source and host, or file): its state outlives chunks and
+//! connections, so a trace split across them is still one record. The record in progress
+//! is complete when the next start arrives, or when its stream has been quiet for a while
+//! (the caller calls [`Grouper::flush`]). A record is capped in lines and bytes: what comes
+//! after the cap is counted in `line_count` and `truncated_bytes`, not kept, so one runaway
+//! trace cannot exhaust memory or exceed what Loki takes for one line.
+
+use crate::{
+    parse::{Line, Parser},
+    record::Record,
+};
+
+/// Caps on one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Most lines kept in one record.
+    pub lines: usize,
+    /// Most bytes of text (message and stack trace) kept in one record.
+    pub bytes: usize,
+}
+
+/// The record in progress of one stream.
+#[derive(Debug, Default)]
+pub struct Grouper {
+    pending: Option<Record>,
+}
+
+impl Grouper {
+    /// Feeds one line at `index`: a record it completes goes to `out`.
+    pub fn push(
+        &mut self,
+        parser: &Parser,
+        caps: Caps,
+        line: &str,
+        index: usize,
+        out: &mut Vec<Record>,
+    ) {
+        match parser.line(line, index) {
+            Line::Start(record) => {
+                out.extend(self.pending.replace(record));
+            }
+            Line::Continue { text, stack } => match &mut self.pending {
+                Some(record) => join(record, caps, text, stack),
+                None => {
+                    // Nothing to join: a line of its own (a stream that began mid-trace).
+                    let mut record = Record::raw(line, index);
+                    record.parse_error = false;
+                    if stack {
+                        record.stack_trace = std::mem::take(&mut record.message);
+                    }
+                    self.pending = Some(record);
+                }
+            },
+        }
+    }
+
+    /// The record in progress, now complete (the stream went quiet, or its input ended).
+    pub fn flush(&mut self) -> Option<Record> {
+        self.pending.take()
+    }
+
+    /// Whether a record is in progress.
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+}
+
+/// Appends a continuation line to `record`: to the stack trace when it is stack trace or
+/// a trace has begun (an exception's message may span lines), else to the message.
+fn join(record: &mut Record, caps: Caps, text: &str, stack: bool) {
+    record.line_count += 1;
+    if record.line_count > caps.lines || record.text_len() + text.len() + 1 > caps.bytes {
+        record.truncated_bytes += text.len() + 1;
+        return;
+    }
+    let to = if stack || !record.stack_trace.is_empty() {
+        &mut record.stack_trace
+    } else {
+        &mut record.message
+    };
+    if !to.is_empty() {
+        to.push('\n');
+    }
+    to.push_str(text);
+}
+
+/// Groups `lines` as one stream and completes the last record: what TestParse returns.
+pub fn group_all<'a>(
+    parser: &Parser,
+    caps: Caps,
+    lines: impl IntoIterator<Item = &'a str>,
+) -> Vec<Record> {
+    let mut grouper = Grouper::default();
+    let mut out = Vec::new();
+    for (index, line) in lines.into_iter().enumerate() {
+        grouper.push(parser, caps, line, index, &mut out);
+    }
+    out.extend(grouper.flush());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::parse::Format;
+
+    const CAPS: Caps = Caps {
+        lines: 1_000,
+        bytes: 256 * 1024,
+    };
+
+    fn parser() -> Parser {
+        Parser::new(Format::Wrapper, chrono_tz::Asia::Seoul)
+    }
+
+    const P: &str = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ";
+
+    #[test]
+    fn a_header_and_its_wrapper_prefixed_trace_are_one_record() {
+        let lines = [
+            format!("{P}ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed"),
+            format!("{P}java.lang.IllegalStateException: Cart 8812 is in an inconsistent state"),
+            format!(
+                "{P}\tat de.hybris.platform.order.impl.DefaultCalculationService.recalculate(DefaultCalculationService.java:120)"
+            ),
+            format!("{P}Caused by: java.io.IOException: Broken pipe"),
+            format!("{P}\tat java.lang.Thread.run(Thread.java:840)"),
+            format!("{P}\t... 12 more"),
+            format!("{P}INFO  [main] [X] next"),
+        ];
+        let records = group_all(&parser(), CAPS, lines.iter().map(String::as_str));
+        assert_eq!(records.len(), 2);
+        let first = &records[0];
+        assert_eq!(first.message, "cart 8812 failed");
+        assert_eq!(
+            first.stack_trace,
+            "java.lang.IllegalStateException: Cart 8812 is in an inconsistent state\n\
+             \tat de.hybris.platform.order.impl.DefaultCalculationService.recalculate(DefaultCalculationService.java:120)\n\
+             Caused by: java.io.IOException: Broken pipe\n\
+             \tat java.lang.Thread.run(Thread.java:840)\n\
+             \t... 12 more"
+        );
+        assert_eq!((first.first_line, first.line_count), (0, 6));
+        assert_eq!((records[1].first_line, records[1].line_count), (6, 1));
+    }
+
+    #[test]
+    fn text_that_is_not_trace_joins_the_message() {
+        let lines = [
+            format!("{P}INFO  [main] [X] first"),
+            format!("{P}second line"),
+        ];
+        let records = group_all(&parser(), CAPS, lines.iter().map(String::as_str));
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].message, "first\nsecond line");
+        assert_eq!(records[0].stack_trace, "");
+    }
+
+    #[test]
+    fn a_stream_that_begins_mid_trace_keeps_those_lines_as_a_record() {
+        let lines = ["\tat a.B.c(B.java:1)", "\tat a.B.d(B.java:2)"];
+        let records = group_all(&parser(), CAPS, lines);
+        assert_eq!(records.len(), 1);
+        assert_eq!(
+            records[0].stack_trace,
+            "\tat a.B.c(B.java:1)\n\tat a.B.d(B.java:2)"
+        );
+        assert_eq!(records[0].line_count, 2);
+    }
+
+    #[test]
+    fn a_record_past_its_caps_keeps_counting_but_stops_growing() {
+        let caps = Caps {
+            lines: 3,
+            bytes: 1_000,
+        };
+        let mut lines = vec![format!("{P}ERROR [main] [X] boom")];
+        lines.extend((0..10).map(|i| format!("\tat a.B.c{i}(B.java:1)")));
+        let records = group_all(&parser(), caps, lines.iter().map(String::as_str));
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].line_count, 11);
+        assert_eq!(records[0].stack_trace.lines().count(), 2);
+        assert_eq!(
+            records[0].truncated_bytes,
+            8 * "\tat a.B.c0(B.java:1)\n".len()
+        );
+        let small = Caps {
+            lines: 100,
+            bytes: 30,
+        };
+        let records = group_all(&parser(), small, lines.iter().map(String::as_str));
+        assert!(records[0].text_len() <= 30, "{}", records[0].text_len());
+    }
+
+    /// Lines of the legacy format: headers, trace lines with and without the wrapper's
+    /// prefix, plain continuation text.
+    fn line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => (0_u32..5).prop_map(|n| format!("{P}INFO  [t{n}] [L] message {n}")),
+            1 => Just(format!("{P}ERROR [main] [DefaultCartService] failed")),
+            2 => Just("java.lang.IllegalStateException: broken".to_owned()),
+            3 => (0_u32..50).prop_map(|n| format!("{P}\tat a.B.c(B.java:{n})")),
+            2 => (0_u32..50).prop_map(|n| format!("\tat a.B.d(B.java:{n})")),
+            1 => Just(format!("{P}Caused by: java.io.IOException: x")),
+            1 => (1_u32..40).prop_map(|n| format!("\t... {n} more")),
+            1 => Just("plain continuation".to_owned()),
+        ]
+    }
+
+    proptest! {
+        /// However the lines are split into chunks (a grouper per stream that outlives
+        /// them), the records are the same as from the whole input at once.
+        #[test]
+        fn grouping_does_not_depend_on_how_the_input_is_split(
+            lines in proptest::collection::vec(line(), 0..200),
+            cuts in proptest::collection::vec(0_usize..200, 0..20),
+        ) {
+            let parser = parser();
+            let whole = group_all(&parser, CAPS, lines.iter().map(String::as_str));
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|c| *c <= lines.len()).collect();
+            cuts.push(lines.len());
+            cuts.sort_unstable();
+            let mut grouper = Grouper::default();
+            let mut split = Vec::new();
+            let mut from = 0;
+            for cut in cuts {
+                for (index, line) in lines[from..cut].iter().enumerate() {
+                    grouper.push(&parser, CAPS, line, from + index, &mut split);
+                }
+                from = cut;
+            }
+            split.extend(grouper.flush());
+            prop_assert_eq!(&split, &whole);
+            // Every line is in exactly one record.
+            prop_assert_eq!(whole.iter().map(|r| r.line_count).sum::<usize>(), lines.len());
+        }
+    }
+}

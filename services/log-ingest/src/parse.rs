@@ -1,0 +1,550 @@
+//! Parsers: one line in, either the start of a record or a line that joins the record
+//! before it (see [`crate::multiline`]).
+//!
+//! Built in, by name:
+//! - `hybris-wrapper`: the Tanuki service wrapper's console line around a log4j line,
+//!   `INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ERROR [thread] [Logger] text`.
+//!   A record starts where the part after the wrapper's prefix is a log4j header (the stack
+//!   lines carry the wrapper's prefix and time too, so the prefix alone says nothing), or
+//!   at the wrapper's own lines (`STATUS | wrapper | …`).
+//! - `log4j`: the bare log4j line, `LEVEL [thread] [Logger] text`, optionally after an
+//!   ISO-8601 time (`2024-10-28 17:12:00,040`).
+//! - `json`: one JSON object per line, as our own services (tracing's JSON format) and most
+//!   structured loggers write: time, level, message, logger, thread and trace id under
+//!   their usual names, every other scalar in `fields`.
+//!
+//! An empty name chooses per line: JSON when the line starts with `{`, else the wrapper's
+//! line, else a log4j header, else a continuation.
+//!
+//! Hand-written rather than regular expressions: these formats are fixed, and this is the
+//! hot path (every line of every legacy server).
+
+use std::str::FromStr as _;
+
+use chrono::{NaiveDate, NaiveDateTime, TimeZone as _};
+use chrono_tz::Tz;
+
+use crate::record::{self, Level, Record};
+
+/// Names of the built-in parsers.
+pub const BUILT_IN: [&str; 3] = ["hybris-wrapper", "log4j", "json"];
+
+/// A parser, chosen by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `hybris-wrapper`.
+    Wrapper,
+    /// `log4j`.
+    Log4j,
+    /// `json`.
+    Json,
+    /// Chosen per line (the empty name).
+    Auto,
+}
+
+impl Format {
+    /// The parser named `name` (empty: [`Format::Auto`]); `None` when there is no such
+    /// parser.
+    pub fn named(name: &str) -> Option<Self> {
+        Some(match name {
+            "" => Self::Auto,
+            "hybris-wrapper" => Self::Wrapper,
+            "log4j" => Self::Log4j,
+            "json" => Self::Json,
+            _ => return None,
+        })
+    }
+}
+
+/// What one line is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line<'a> {
+    /// It starts a record.
+    Start(Record),
+    /// It joins the record before it: its text (after a wrapper's prefix), and whether it
+    /// is stack trace (an exception line, a frame, `Caused by:`, `Suppressed:`, `... N
+    /// more`).
+    Continue {
+        /// The text to append.
+        text: &'a str,
+        /// Whether it is stack trace.
+        stack: bool,
+    },
+}
+
+/// Parses lines in one source time zone (timestamps without an offset are read in it).
+#[derive(Debug, Clone, Copy)]
+pub struct Parser {
+    format: Format,
+    zone: Tz,
+}
+
+impl Parser {
+    /// A parser of `format` reading times without an offset in `zone`.
+    pub fn new(format: Format, zone: Tz) -> Self {
+        Self { format, zone }
+    }
+
+    /// What `line` (without its terminator) is; `index` is its position, for the record's
+    /// `first_line`.
+    pub fn line<'a>(&self, line: &'a str, index: usize) -> Line<'a> {
+        match self.format {
+            Format::Wrapper => self.wrapper(line, index),
+            Format::Log4j => self.log4j(line, None, index),
+            Format::Json => Line::Start(self.json(line, index)),
+            Format::Auto if line.starts_with('{') => Line::Start(self.json(line, index)),
+            Format::Auto => self.wrapper(line, index),
+        }
+    }
+
+    fn wrapper<'a>(&self, line: &'a str, index: usize) -> Line<'a> {
+        let Some(prefix) = wrapper_prefix(line) else {
+            return if self.format == Format::Auto {
+                self.log4j(line, None, index)
+            } else {
+                continuation(line)
+            };
+        };
+        let time = self
+            .local_time(prefix.time, b'/')
+            .map(|seconds| seconds + fraction(&prefix.time[19..]).0 * 1_000);
+        if prefix.source == "wrapper" {
+            // The wrapper's own lines (start, stop, restarts): records of their own.
+            return Line::Start(Record {
+                time_micros: time,
+                level: Level::parse(prefix.level),
+                logger: "wrapper".to_owned(),
+                message: prefix.rest.to_owned(),
+                first_line: index,
+                line_count: 1,
+                ..Record::default()
+            });
+        }
+        self.log4j(prefix.rest, time, index)
+    }
+
+    /// `text` is the log4j part of a line (all of it without a wrapper); `time` the
+    /// wrapper's, used when the log4j part has none.
+    fn log4j<'a>(&self, text: &'a str, time: Option<i64>, index: usize) -> Line<'a> {
+        let (own_time, after_time) = match text.get(..19).and_then(|t| self.local_time(t, b'-')) {
+            Some(micros) => {
+                // `,SSS` or `.SSS` milliseconds after the seconds.
+                let rest = &text[19..];
+                let (millis, rest) = fraction(rest);
+                (Some(micros + millis * 1_000), rest.trim_start())
+            }
+            None => (None, text),
+        };
+        let Some(header) = log4j_header(after_time) else {
+            return continuation(text);
+        };
+        Line::Start(Record {
+            time_micros: own_time.or(time),
+            level: Some(header.level),
+            logger: header.logger.to_owned(),
+            thread: header.thread.to_owned(),
+            message: header.message.to_owned(),
+            first_line: index,
+            line_count: 1,
+            ..Record::default()
+        })
+    }
+
+    fn json(&self, line: &str, index: usize) -> Record {
+        let Ok(serde_json::Value::Object(object)) = serde_json::from_str(line) else {
+            return Record::raw(line, index);
+        };
+        let mut record = Record {
+            first_line: index,
+            line_count: 1,
+            ..Record::default()
+        };
+        let mut fields = Vec::new();
+        for (key, value) in object {
+            match value {
+                // tracing's JSON without `flatten_event`: the event's fields nested.
+                serde_json::Value::Object(inner) if key == "fields" => {
+                    fields.extend(inner);
+                }
+                value => fields.push((key, value)),
+            }
+        }
+        for (key, value) in fields {
+            let text = match value {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Null => continue,
+                // Nested values (span lists, objects) stay JSON text.
+                other => other.to_string(),
+            };
+            match key.as_str() {
+                "timestamp" | "time" | "ts" | "@timestamp" => {
+                    record.time_micros = chrono::DateTime::parse_from_rfc3339(&text)
+                        .ok()
+                        .map(|t| t.timestamp_micros());
+                    if record.time_micros.is_none() {
+                        record.fields.insert(key, text);
+                    }
+                }
+                "level" | "severity" | "lvl" => match Level::parse(&text) {
+                    Some(level) => record.level = Some(level),
+                    None => {
+                        record.fields.insert(key, text);
+                    }
+                },
+                "message" | "msg" => record.message = text,
+                "target" | "logger" | "logger_name" => record.logger = text,
+                "threadName" | "thread" | "thread_name" => record.thread = text,
+                "stack_trace" | "stacktrace" | "exception" => record.stack_trace = text,
+                "trace_id" | "traceId" | "traceid" => match record::trace_id(&text) {
+                    Some(id) => record.trace_id = id,
+                    None => {
+                        record.fields.insert(key, text);
+                    }
+                },
+                _ => {
+                    record.fields.insert(key, text);
+                }
+            }
+        }
+        record
+    }
+
+    /// Microseconds since the epoch of `yyyy<sep>MM<sep>dd HH:mm:ss` (the first 19 bytes
+    /// of `text`; milliseconds after them are the caller's, see [`fraction`]) in this
+    /// parser's zone.
+    fn local_time(&self, text: &str, separator: u8) -> Option<i64> {
+        let b = text.as_bytes();
+        if b.len() < 19
+            || b[4] != separator
+            || b[7] != separator
+            || (b[10] != b' ' && b[10] != b'T')
+            || b[13] != b':'
+            || b[16] != b':'
+        {
+            return None;
+        }
+        let number = |range: std::ops::Range<usize>| -> Option<u32> {
+            b[range].iter().try_fold(0_u32, |n, d| {
+                d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+            })
+        };
+        let date = NaiveDate::from_ymd_opt(
+            i32::try_from(number(0..4)?).ok()?,
+            number(5..7)?,
+            number(8..10)?,
+        )?;
+        let naive: NaiveDateTime =
+            date.and_hms_opt(number(11..13)?, number(14..16)?, number(17..19)?)?;
+        let utc = match self.zone.from_local_datetime(&naive).earliest() {
+            Some(t) => t.timestamp_micros(),
+            // A time in a daylight-saving gap did not happen: read it with the offset in
+            // force just before the gap.
+            // (Gaps are an hour or less everywhere but in historic corner cases, which
+            // fall back to UTC.)
+            None => {
+                let hour = chrono::TimeDelta::hours(1);
+                match self.zone.from_local_datetime(&(naive - hour)).earliest() {
+                    Some(before) => (before + hour).timestamp_micros(),
+                    None => naive.and_utc().timestamp_micros(),
+                }
+            }
+        };
+        Some(utc)
+    }
+}
+
+/// The source time zone named `name` (IANA, such as `Asia/Seoul`).
+///
+/// # Errors
+/// When no zone has that name.
+pub fn zone(name: &str) -> Result<Tz, String> {
+    Tz::from_str(name).map_err(|_| format!("{name:?} is not an IANA time zone name"))
+}
+
+/// Milliseconds in `.SSS` or `,SSS` at the start of `text` (0 without), and what follows.
+fn fraction(text: &str) -> (i64, &str) {
+    let b = text.as_bytes();
+    if b.len() >= 4 && (b[0] == b'.' || b[0] == b',') && b[1..4].iter().all(u8::is_ascii_digit) {
+        let millis = b[1..4]
+            .iter()
+            .fold(0_i64, |n, d| n * 10 + i64::from(d - b'0'));
+        (millis, &text[4..])
+    } else {
+        (0, text)
+    }
+}
+
+/// The Tanuki wrapper's columns before the logged text.
+#[derive(Debug)]
+struct WrapperPrefix<'a> {
+    level: &'a str,
+    source: &'a str,
+    time: &'a str,
+    rest: &'a str,
+}
+
+/// `LEVEL | source | [thread |] yyyy/MM/dd HH:mm:ss.SSS | rest`: the level column names a
+/// level, the time column is the first that looks like a time (wrapper formats with and
+/// without the thread column), and `rest` loses the one space after its bar.
+fn wrapper_prefix(line: &str) -> Option<WrapperPrefix<'_>> {
+    let (level, rest) = line.split_once('|')?;
+    let level = level.trim();
+    Level::parse(level)?;
+    let (source, mut rest) = rest.split_once('|')?;
+    for _ in 0..2 {
+        let (column, after) = rest.split_once('|')?;
+        let column = column.trim();
+        if column.len() >= 19 && column.as_bytes()[4] == b'/' {
+            return Some(WrapperPrefix {
+                level,
+                source: source.trim(),
+                time: column,
+                rest: after.strip_prefix(' ').unwrap_or(after),
+            });
+        }
+        rest = after;
+    }
+    None
+}
+
+/// A log4j header's parts.
+#[derive(Debug)]
+struct Log4jHeader<'a> {
+    level: Level,
+    thread: &'a str,
+    logger: &'a str,
+    message: &'a str,
+}
+
+/// `LEVEL [thread] [Logger] message` (the level padded with spaces; the logger optional).
+fn log4j_header(text: &str) -> Option<Log4jHeader<'_>> {
+    let word_end = text.find(|c: char| !c.is_ascii_alphabetic())?;
+    let level = Level::parse(&text[..word_end])?;
+    let after = text[word_end..].trim_start_matches(' ');
+    if after.len() == text.len() - word_end {
+        return None; // no space after the level
+    }
+    let after = after.strip_prefix('[')?;
+    let thread_end = after
+        .find("] ")
+        .or_else(|| after.strip_suffix(']').map(str::len))?;
+    let thread = &after[..thread_end];
+    let after = after.get(thread_end + 2..).unwrap_or_default();
+    let (logger, message) = match after.strip_prefix('[').and_then(|l| {
+        let end = l.find(']')?;
+        Some((
+            &l[..end],
+            l[end + 1..].strip_prefix(' ').unwrap_or(&l[end + 1..]),
+        ))
+    }) {
+        Some(parts) => parts,
+        None => ("", after),
+    };
+    Some(Log4jHeader {
+        level,
+        thread,
+        logger,
+        message,
+    })
+}
+
+/// A line that joins the record before it; stack trace or not.
+fn continuation(text: &str) -> Line<'_> {
+    Line::Continue {
+        text,
+        stack: is_stack(text),
+    }
+}
+
+/// Whether `text` is a line of a Java stack trace: a frame (`\tat …`), `Caused by:`,
+/// `Suppressed:`, `... N more` (or logback's `... N common frames omitted`), or an
+/// exception line (`java.lang.IllegalStateException: …`).
+pub fn is_stack(text: &str) -> bool {
+    let trimmed = text.trim_start();
+    let indented = trimmed.len() < text.len();
+    (indented && trimmed.starts_with("at "))
+        || trimmed.starts_with("Caused by:")
+        || trimmed.starts_with("Suppressed:")
+        || (trimmed.starts_with("... ")
+            && trimmed[4..].starts_with(|c: char| c.is_ascii_digit())
+            && (trimmed.ends_with(" more") || trimmed.ends_with("frames omitted")))
+        || is_exception_line(trimmed)
+}
+
+/// `qualified.ClassName` alone or followed by `: message`, where the class is a Java
+/// name with at least one package and its simple name says Exception, Error or Throwable
+/// (or a message follows).
+fn is_exception_line(text: &str) -> bool {
+    let name_end = text
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '$'))
+        .unwrap_or(text.len());
+    let name = &text[..name_end];
+    let rest = &text[name_end..];
+    let Some(dot) = name.rfind('.') else {
+        return false;
+    };
+    if dot == 0 || name.ends_with('.') || !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return false;
+    }
+    let simple = &name[dot + 1..];
+    let throwable = ["Exception", "Error", "Throwable"]
+        .iter()
+        .any(|word| simple.contains(word));
+    (rest.is_empty() && throwable)
+        || (rest.starts_with(": ")
+            && (throwable || simple.starts_with(|c: char| c.is_ascii_uppercase())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEOUL: Tz = chrono_tz::Asia::Seoul;
+
+    fn start(line: Line<'_>) -> Record {
+        match line {
+            Line::Start(record) => record,
+            other => panic!("not a record start: {other:?}"),
+        }
+    }
+
+    /// 2024-10-28 17:12:00.040 in Seoul (UTC+9) is 08:12:00.040 UTC.
+    const SEOUL_MICROS: i64 = 1_730_103_120_040_000;
+
+    #[test]
+    fn a_wrapper_line_is_read_with_its_log4j_part_in_the_source_zone() {
+        let parser = Parser::new(Format::Wrapper, SEOUL);
+        let record = start(parser.line(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+            3,
+        ));
+        assert_eq!(record.time_micros, Some(SEOUL_MICROS));
+        assert_eq!(record.level, Some(Level::Error));
+        assert_eq!(record.thread, "hybrisHTTP12");
+        assert_eq!(record.logger, "DefaultCartService");
+        assert_eq!(record.message, "cart 8812 failed");
+        assert_eq!((record.first_line, record.line_count), (3, 1));
+        assert!(!record.parse_error);
+    }
+
+    #[test]
+    fn a_wrapper_line_without_the_thread_column_is_read_too() {
+        let parser = Parser::new(Format::Wrapper, chrono_tz::UTC);
+        let record = start(parser.line(
+            "INFO   | jvm 1    | 2024/10/28 17:12:00.040 | WARN  [main] [X] slow",
+            0,
+        ));
+        assert_eq!(record.level, Some(Level::Warn));
+        assert_eq!(record.time_micros, Some(SEOUL_MICROS + 9 * 3_600_000_000));
+    }
+
+    #[test]
+    fn stack_lines_with_the_wrapper_prefix_continue_the_record() {
+        let parser = Parser::new(Format::Wrapper, SEOUL);
+        let prefix = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ";
+        for (text, stack) in [
+            (
+                "java.lang.IllegalStateException: Cart 1 is in an inconsistent state",
+                true,
+            ),
+            (
+                "\tat de.hybris.platform.core.PK.fromLong(PK.java:120)",
+                true,
+            ),
+            ("Caused by: java.io.IOException: Broken pipe", true),
+            ("\t... 12 more", true),
+            ("\tSuppressed: java.lang.RuntimeException: x", true),
+            ("a message printed with System.out", false),
+        ] {
+            assert_eq!(
+                parser.line(&format!("{prefix}{text}"), 1),
+                Line::Continue { text, stack },
+                "{text:?}"
+            );
+            // Without the prefix (Fluent Bit's default java multiline input) as well.
+            assert_eq!(
+                parser.line(text, 1),
+                Line::Continue { text, stack },
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_wrappers_own_lines_are_records_of_their_own() {
+        let parser = Parser::new(Format::Wrapper, SEOUL);
+        let record = start(parser.line(
+            "STATUS | wrapper  | 2024/10/28 17:12:00 | --> Wrapper Started as Daemon",
+            0,
+        ));
+        assert_eq!(record.logger, "wrapper");
+        assert_eq!(record.level, Some(Level::Info));
+        assert_eq!(record.message, "--> Wrapper Started as Daemon");
+    }
+
+    #[test]
+    fn a_bare_log4j_line_with_and_without_its_own_time() {
+        let parser = Parser::new(Format::Log4j, SEOUL);
+        let record = start(parser.line(
+            "2024-10-28 17:12:00,040 INFO  [main] [de.hybris.Foo] started",
+            0,
+        ));
+        assert_eq!(record.time_micros, Some(SEOUL_MICROS));
+        assert_eq!(record.logger, "de.hybris.Foo");
+        assert_eq!(record.message, "started");
+        let record = start(parser.line("DEBUG [main] no logger here", 0));
+        assert_eq!(record.time_micros, None);
+        assert_eq!(
+            (record.thread.as_str(), record.logger.as_str()),
+            ("main", "")
+        );
+        assert_eq!(record.message, "no logger here");
+        assert!(matches!(
+            parser.line("INFO has no thread", 0),
+            Line::Continue { stack: false, .. }
+        ));
+    }
+
+    #[test]
+    fn json_lines_of_our_own_services() {
+        let parser = Parser::new(Format::Auto, SEOUL);
+        let record = start(parser.line(
+            r#"{"timestamp":"2026-12-03T08:00:12.345678Z","level":"WARN","message":"a delivery round failed; retrying","target":"member_export::deliver","error":"timeout","trace_id":"4BF92F3577B34DA6A3CE929D0E0E4736","attempt":3,"threadName":"tokio-runtime-worker"}"#,
+            0,
+        ));
+        assert_eq!(record.time_micros, Some(1_796_284_812_345_678));
+        assert_eq!(record.level, Some(Level::Warn));
+        assert_eq!(record.message, "a delivery round failed; retrying");
+        assert_eq!(record.logger, "member_export::deliver");
+        assert_eq!(record.thread, "tokio-runtime-worker");
+        assert_eq!(record.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(record.fields["error"], "timeout");
+        assert_eq!(record.fields["attempt"], "3");
+        let broken = start(parser.line("{not json", 4));
+        assert!(broken.parse_error);
+        assert_eq!(broken.message, "{not json");
+    }
+
+    #[test]
+    fn a_local_time_in_a_daylight_saving_gap_is_read_with_the_offset_before_it() {
+        let parser = Parser::new(Format::Log4j, chrono_tz::Europe::Berlin);
+        // 2024-03-31 02:30 did not happen in Berlin (02:00 CET became 03:00 CEST).
+        let record = start(parser.line("2024-03-31 02:30:00,000 INFO  [main] x", 0));
+        assert_eq!(record.time_micros, Some(1_711_848_600_000_000)); // 01:30 UTC
+    }
+
+    #[test]
+    fn exception_lines_are_told_from_ordinary_text() {
+        assert!(is_stack("java.lang.NullPointerException"));
+        assert!(is_stack(
+            "de.hybris.platform.servicelayer.exceptions.ModelSavingException: [x]: missing"
+        ));
+        assert!(is_stack(
+            "org.apache.solr.client.solrj.SolrServerException: IOException occurred"
+        ));
+        assert!(!is_stack("Note: something"));
+        assert!(!is_stack("cart 8812 recalculated in 12 ms"));
+        assert!(!is_stack("at the end of the day"));
+        assert!(!is_stack("www.example.com is down"));
+    }
+}

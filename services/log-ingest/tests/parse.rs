@@ -1,0 +1,163 @@
+//! TestParse over gRPC on a corpus of the legacy format (`tests/fixtures/hybris-wrapper.log`,
+//! written by `../shared/bench/gen_hybris_log.py --lines 900 --trace-pct 8 --prefix-stack
+//! --seed 7`; its counts are in the `.stats.json` beside it).
+
+use std::time::Duration;
+
+use log_ingest::{App, Settings};
+use mall_proto::logs::v1::{TestParseRequest, log_ingest_service_client::LogIngestServiceClient};
+use tonic::{Code, transport::Channel};
+use tonic_types::StatusExt as _;
+
+const CORPUS: &str = include_str!("fixtures/hybris-wrapper.log");
+const STATS: &str = include_str!("fixtures/hybris-wrapper.log.stats.json");
+
+async fn client() -> (
+    LogIngestServiceClient<Channel>,
+    tokio_util::sync::CancellationToken,
+) {
+    mall_test_support::init_logging();
+    let mut settings = Settings::default();
+    settings.server.listen_addr = "127.0.0.1:0".parse().expect("valid address");
+    settings.server.admin_addr = "127.0.0.1:0".parse().expect("valid address");
+    let app = App::build(settings).await.expect("app builds");
+    let grpc = app.grpc_addr();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
+    let channel = Channel::from_shared(format!("http://{grpc}"))
+        .expect("valid uri")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connects");
+    (LogIngestServiceClient::new(channel), shutdown)
+}
+
+fn stat(name: &str) -> usize {
+    let stats: serde_json::Value = serde_json::from_str(STATS).expect("stats are JSON");
+    usize::try_from(stats[name].as_u64().expect("a count")).expect("fits")
+}
+
+#[tokio::test]
+async fn the_legacy_corpus_is_one_record_per_entry_with_every_stack_trace_whole() {
+    let (mut client, _shutdown) = client().await;
+    let lines: Vec<String> = CORPUS.lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), stat("lines"));
+    for parser in ["hybris-wrapper", ""] {
+        let records = client
+            .test_parse(TestParseRequest {
+                parser: parser.to_owned(),
+                lines: lines.clone(),
+            })
+            .await
+            .expect("parses")
+            .into_inner()
+            .records;
+        // One record per entry: each ERROR with a trace is one record with it.
+        assert_eq!(records.len(), stat("entries"), "parser {parser:?}");
+        assert_eq!(
+            records.iter().map(|r| r.line_count).sum::<i32>(),
+            i32::try_from(lines.len()).expect("fits")
+        );
+        let traces: Vec<_> = records
+            .iter()
+            .filter(|r| !r.stack_trace.is_empty())
+            .collect();
+        assert_eq!(traces.len(), stat("traces"), "parser {parser:?}");
+        for record in &records {
+            let first = record.first_line as usize;
+            let count = record.line_count as usize;
+            // Every line after the header is in the stack trace, without the wrapper's
+            // prefix, in order.
+            let expected: Vec<&str> = lines[first + 1..first + count]
+                .iter()
+                .map(|l| l.splitn(5, " | ").nth(4).expect("wrapper prefix"))
+                .collect();
+            let got: Vec<&str> = if record.stack_trace.is_empty() {
+                Vec::new()
+            } else {
+                record.stack_trace.split('\n').collect()
+            };
+            let masked: Vec<String> = expected.iter().map(|l| mask_emails(l)).collect();
+            assert_eq!(got, masked, "record at line {first}");
+            assert!(!record.level.is_empty());
+            assert!(!record.thread.is_empty() && !record.logger.is_empty());
+            assert!(
+                !record.message.contains("@example.com"),
+                "masked: {}",
+                record.message
+            );
+            assert!(
+                !record.stack_trace.contains("@example.com"),
+                "masked: {}",
+                record.stack_trace
+            );
+        }
+        // The first line, 2024/10/28 17:12:00.041 in Seoul, is 08:12:00.041 UTC.
+        let time = records[0].time.expect("a time");
+        assert_eq!((time.seconds, time.nanos), (1_730_103_120, 41_000_000));
+        assert_eq!(records[0].first_line, 0);
+    }
+}
+
+/// What the default e-mail pattern leaves of `line` (the corpus's addresses are
+/// `customerN@example.com`).
+fn mask_emails(line: &str) -> String {
+    let mut out = String::new();
+    for (i, word) in line.split(' ').enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        if word.contains("@example.com") {
+            out.push_str(&word.replace(
+                word.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()),
+                "<email>",
+            ));
+        } else {
+            out.push_str(word);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn bad_requests_name_every_problem() {
+    let (mut client, _shutdown) = client().await;
+    let mut lines = vec!["x".to_owned(); 1_001];
+    lines[3] = "y".repeat(64 * 1024 + 1);
+    let status = client
+        .test_parse(TestParseRequest {
+            parser: "nginx".to_owned(),
+            lines,
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let details = status.get_error_details();
+    let fields: Vec<String> = details
+        .bad_request()
+        .expect("field violations")
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert_eq!(fields, ["parser", "lines", "lines[3]"]);
+    // An empty request is no error: no lines, no records.
+    let records = client
+        .test_parse(TestParseRequest::default())
+        .await
+        .expect("empty is fine")
+        .into_inner()
+        .records;
+    assert!(records.is_empty());
+}
+
+#[tokio::test]
+async fn the_calls_ingestion_serves_say_they_are_not_built_yet() {
+    let (mut client, _shutdown) = client().await;
+    let status = client
+        .get_pipeline_stats(mall_proto::logs::v1::GetPipelineStatsRequest {})
+        .await
+        .expect_err("not built");
+    assert_eq!(status.code(), Code::Unimplemented);
+}
