@@ -33,7 +33,14 @@ impl LogIngestService for LogsApi {
         request: Request<TestParseRequest>,
     ) -> Result<Response<TestParseResponse>, Status> {
         let request = request.into_inner();
-        let records = self.parsing.test(&request.parser, &request.lines)?;
+        // Up to 16 MiB of parsing and masking: off the async workers.
+        let parsing = self.parsing.clone();
+        let records =
+            tokio::task::spawn_blocking(move || parsing.test(&request.parser, &request.lines))
+                .await
+                .map_err(|e| {
+                    mall_grpc::ServiceError::Internal(anyhow::anyhow!("TestParse panicked: {e}"))
+                })??;
         Ok(Response::new(TestParseResponse {
             records: records.into_iter().map(|r| parsed(r, "")).collect(),
         }))

@@ -9,10 +9,12 @@
 //! - [`multiline`]: multi-line grouping per stream, stack traces kept whole.
 //! - [`mask`]: personal data masked out of every record.
 //! - [`parsing`]: TestParse, lines parsed as ingestion would.
+//! - [`forward`]: the Fluent forward protocol's messages (decoding, acks).
 
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod forward;
 pub mod mask;
 pub mod multiline;
 pub mod parse;

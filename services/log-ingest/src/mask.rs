@@ -4,8 +4,9 @@
 //! counted per pattern.
 //!
 //! The patterns are regular expressions (the `regex` crate: linear time, no catastrophic
-//! backtracking on hostile lines); each has a cheap required literal (`@` for e-mail
-//! addresses) checked first, so most lines cost one `memchr` per pattern.
+//! backtracking on hostile lines); each may name literals one of which every match
+//! contains (`@` or `%40` for e-mail addresses), checked first, so most texts cost a
+//! substring search per pattern.
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
@@ -22,10 +23,14 @@ pub struct PatternSettings {
     pub regex: String,
     /// What replaces each match.
     pub replacement: String,
-    /// Text every match contains, checked before the regular expression runs (a speed-up;
-    /// empty: always run it).
+    /// Literals one of which every match contains, checked before the regular expression
+    /// runs (a speed-up; empty: always run it).
     #[serde(default)]
-    pub requires: String,
+    pub requires: Vec<String>,
+    /// A match with a digit right before or after it is part of a longer number and left
+    /// alone (what `\b` cannot say for numbers next to letters: `고객01012345678님`).
+    #[serde(default)]
+    pub digit_bounded: bool,
 }
 
 /// The default patterns: e-mail addresses and Korean mobile numbers.
@@ -33,18 +38,21 @@ pub fn default_patterns() -> Vec<PatternSettings> {
     vec![
         PatternSettings {
             name: "email".to_owned(),
-            regex: r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
+            // Also URL-encoded (`%40`, in query strings) and with non-ASCII letters.
+            regex: r"[\p{L}\p{N}._%+\-]+(?:@|%40)[\p{L}\p{N}\-]+(?:\.[\p{L}\p{N}\-]+)*\.\p{L}{2,}"
                 .to_owned(),
             replacement: "<email>".to_owned(),
-            requires: "@".to_owned(),
+            requires: vec!["@".to_owned(), "%40".to_owned()],
+            digit_bounded: false,
         },
         PatternSettings {
             name: "kr_mobile".to_owned(),
-            // 010-1234-5678, 010 1234 5678, 01012345678, +82 10-1234-5678; not inside a
-            // longer number.
-            regex: r"(?:\+82[ \-]?|\b0)1[016789][ \-.]?\d{3,4}[ \-.]?\d{4}\b".to_owned(),
+            // 010-1234-5678, 010 1234 5678, 01012345678, +82 10-1234-5678, next to letters
+            // or Hangul too; not inside a longer number (`digit_bounded`).
+            regex: r"(?:\+82[ .\-]?|0)1[016789][ .\-]?[0-9]{3,4}[ .\-]?[0-9]{4}".to_owned(),
             replacement: "<phone>".to_owned(),
-            requires: String::new(),
+            requires: Vec::new(),
+            digit_bounded: true,
         },
     ]
 }
@@ -59,7 +67,8 @@ pub struct Masker {
 struct Pattern {
     regex: Regex,
     replacement: String,
-    requires: String,
+    requires: Vec<String>,
+    digit_bounded: bool,
 }
 
 impl Masker {
@@ -76,6 +85,7 @@ impl Masker {
                         .map_err(|e| format!("masking pattern {:?}: {e}", p.name))?,
                     replacement: p.replacement.clone(),
                     requires: p.requires.clone(),
+                    digit_bounded: p.digit_bounded,
                 })
             })
             .collect::<Result<_, String>>()?;
@@ -96,29 +106,50 @@ impl Masker {
     /// pattern, in configured order).
     pub fn text(&self, text: &mut String, counts: &mut [u64]) {
         for (pattern, count) in self.patterns.iter().zip(counts.iter_mut()) {
-            if !pattern.requires.is_empty() && !text.contains(pattern.requires.as_str()) {
+            if !pattern.requires.is_empty()
+                && !pattern.requires.iter().any(|r| text.contains(r.as_str()))
+            {
                 continue;
             }
-            let mut found = 0;
-            let masked = pattern.regex.replace_all(text, |_: &regex::Captures<'_>| {
-                found += 1;
-                pattern.replacement.as_str()
-            });
-            if let std::borrow::Cow::Owned(masked) = masked {
+            let mut masked = String::new();
+            let mut kept = 0;
+            for found in pattern.regex.find_iter(text) {
+                let bytes = text.as_bytes();
+                if pattern.digit_bounded
+                    && (bytes[..found.start()]
+                        .last()
+                        .is_some_and(u8::is_ascii_digit)
+                        || bytes.get(found.end()).is_some_and(u8::is_ascii_digit))
+                {
+                    continue;
+                }
+                masked.push_str(&text[kept..found.start()]);
+                masked.push_str(&pattern.replacement);
+                kept = found.end();
+                *count += 1;
+            }
+            if kept > 0 {
+                masked.push_str(&text[kept..]);
                 *text = masked;
-                *count += found;
             }
         }
     }
 
-    /// Masks every text of `record` (message, stack trace, field values, logger, thread).
+    /// Masks every text of `record`: message, stack trace, logger, thread, and the keys and
+    /// values of its fields.
     pub fn record(&self, record: &mut Record, counts: &mut [u64]) {
         self.text(&mut record.message, counts);
         self.text(&mut record.stack_trace, counts);
         self.text(&mut record.logger, counts);
         self.text(&mut record.thread, counts);
-        for value in record.fields.values_mut() {
-            self.text(value, counts);
+        if record.fields.is_empty() {
+            return;
+        }
+        let fields = std::mem::take(&mut record.fields);
+        for (mut key, mut value) in fields {
+            self.text(&mut key, counts);
+            self.text(&mut value, counts);
+            record.fields.insert(key, value);
         }
     }
 }
@@ -149,6 +180,19 @@ mod tests {
             ("<email> and <email>".to_owned(), vec![2, 0])
         );
         assert_eq!(masked("no address @ here").1, vec![0, 0]);
+        assert_eq!(
+            masked("GET /acme-de/en/login?email=customer4711%40example.com 200"),
+            (
+                "GET /acme-de/en/login?email=<email> 200".to_owned(),
+                vec![1, 0]
+            )
+        );
+        assert_eq!(
+            masked("jöhn@example.com, 홍길동@회사.kr").0,
+            "<email>, <email>"
+        );
+        // A Java object's identity is not an address.
+        assert_eq!(masked("Validator@5bf508a0]: missing").1, vec![0, 0]);
     }
 
     #[test]
@@ -177,12 +221,28 @@ mod tests {
     }
 
     #[test]
-    fn every_text_of_a_record_is_masked() {
+    fn numbers_next_to_hangul_and_letters_are_masked_and_lists_of_them_too() {
+        for (text, want) in [
+            ("고객01012345678님", "고객<phone>님"),
+            ("010-1234-5678로 발송", "<phone>로 발송"),
+            ("tel_01012345678", "tel_<phone>"),
+            ("010-1234-5678,010-2222-3333", "<phone>,<phone>"),
+        ] {
+            assert_eq!(masked(text).0, want, "{text}");
+        }
+    }
+
+    #[test]
+    fn every_text_of_a_record_is_masked_field_keys_too() {
         let masker = Masker::new(&default_patterns()).expect("defaults compile");
         let mut record = Record {
             message: "user a@b.com".to_owned(),
             stack_trace: "java.lang.IllegalStateException: no user c@d.org".to_owned(),
-            fields: [("phone".to_owned(), "010-9999-8888".to_owned())].into(),
+            fields: [
+                ("phone".to_owned(), "010-9999-8888".to_owned()),
+                ("e@mail.com".to_owned(), "bounced".to_owned()),
+            ]
+            .into(),
             ..Record::default()
         };
         let mut counts = vec![0; 2];
@@ -193,7 +253,8 @@ mod tests {
             "java.lang.IllegalStateException: no user <email>"
         );
         assert_eq!(record.fields["phone"], "<phone>");
-        assert_eq!(counts, vec![2, 1]);
+        assert_eq!(record.fields["<email>"], "bounced");
+        assert_eq!(counts, vec![3, 1]);
     }
 
     #[test]
@@ -202,7 +263,8 @@ mod tests {
             name: "broken".to_owned(),
             regex: "(".to_owned(),
             replacement: String::new(),
-            requires: String::new(),
+            requires: Vec::new(),
+            digit_bounded: false,
         }])
         .expect_err("does not compile");
         assert!(error.contains("\"broken\""), "{error}");

@@ -5,9 +5,10 @@
 //! One [`Grouper`] per stream (a source and host, or file): its state outlives chunks and
 //! connections, so a trace split across them is still one record. The record in progress
 //! is complete when the next start arrives, or when its stream has been quiet for a while
-//! (the caller calls [`Grouper::flush`]). A record is capped in lines and bytes: what comes
-//! after the cap is counted in `line_count` and `truncated_bytes`, not kept, so one runaway
-//! trace cannot exhaust memory or exceed what Loki takes for one line.
+//! (the caller calls [`Grouper::flush`]). A record is capped in lines and bytes: from the
+//! first line that does not fit, what follows is counted in `line_count` and
+//! `truncated_bytes`, not kept (so a kept trace has no holes), and one runaway trace cannot
+//! exhaust memory or exceed what Loki takes for one line.
 
 use crate::{
     parse::{Line, Parser},
@@ -40,18 +41,21 @@ impl Grouper {
         out: &mut Vec<Record>,
     ) {
         match parser.line(line, index) {
-            Line::Start(record) => {
+            Line::Start(mut record) => {
+                cap_first(&mut record, caps);
                 out.extend(self.pending.replace(record));
             }
             Line::Continue { text, stack } => match &mut self.pending {
                 Some(record) => join(record, caps, text, stack),
                 None => {
-                    // Nothing to join: a line of its own (a stream that began mid-trace).
-                    let mut record = Record::raw(line, index);
+                    // Nothing to join: a record without a header (a stream that began
+                    // mid-trace, or a trace that went quiet longer than the flush delay).
+                    let mut record = Record::raw(text, index);
                     record.parse_error = false;
                     if stack {
                         record.stack_trace = std::mem::take(&mut record.message);
                     }
+                    cap_first(&mut record, caps);
                     self.pending = Some(record);
                 }
             },
@@ -69,15 +73,19 @@ impl Grouper {
     }
 }
 
-/// Appends a continuation line to `record`: to the stack trace when it is stack trace or
-/// a trace has begun (an exception's message may span lines), else to the message.
+/// Appends a continuation line to `record`: to the stack trace when it is stack trace,
+/// else to the message (as the contract says). Once a line did not fit, no later one is
+/// kept either.
 fn join(record: &mut Record, caps: Caps, text: &str, stack: bool) {
     record.line_count += 1;
-    if record.line_count > caps.lines || record.text_len() + text.len() + 1 > caps.bytes {
+    if record.truncated_bytes > 0
+        || record.line_count > caps.lines
+        || record.text_len() + text.len() + 1 > caps.bytes
+    {
         record.truncated_bytes += text.len() + 1;
         return;
     }
-    let to = if stack || !record.stack_trace.is_empty() {
+    let to = if stack {
         &mut record.stack_trace
     } else {
         &mut record.message
@@ -86,6 +94,20 @@ fn join(record: &mut Record, caps: Caps, text: &str, stack: bool) {
         to.push('\n');
     }
     to.push_str(text);
+}
+
+/// Cuts a record's first line to the byte cap (at a character boundary).
+fn cap_first(record: &mut Record, caps: Caps) {
+    for text in [&mut record.message, &mut record.stack_trace] {
+        if text.len() > caps.bytes {
+            let mut cut = caps.bytes;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            record.truncated_bytes += text.len() - cut;
+            text.truncate(cut);
+        }
+    }
 }
 
 /// Groups `lines` as one stream and completes the last record: what TestParse returns.
@@ -198,47 +220,69 @@ mod tests {
         assert!(records[0].text_len() <= 30, "{}", records[0].text_len());
     }
 
-    /// Lines of the legacy format: headers, trace lines with and without the wrapper's
-    /// prefix, plain continuation text.
-    fn line() -> impl Strategy<Value = String> {
+    /// What a generated line is, as the test knows it (not as the parser decides).
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Kind {
+        Header,
+        Stack,
+        Text,
+    }
+
+    /// Lines of the legacy format with what each is: headers, trace lines with and
+    /// without the wrapper's prefix, plain continuation text (with and without it).
+    fn line() -> impl Strategy<Value = (String, Kind, String)> {
+        // (line, kind, the text the record keeps of it)
         prop_oneof![
-            4 => (0_u32..5).prop_map(|n| format!("{P}INFO  [t{n}] [L] message {n}")),
-            1 => Just(format!("{P}ERROR [main] [DefaultCartService] failed")),
-            2 => Just("java.lang.IllegalStateException: broken".to_owned()),
-            3 => (0_u32..50).prop_map(|n| format!("{P}\tat a.B.c(B.java:{n})")),
-            2 => (0_u32..50).prop_map(|n| format!("\tat a.B.d(B.java:{n})")),
-            1 => Just(format!("{P}Caused by: java.io.IOException: x")),
-            1 => (1_u32..40).prop_map(|n| format!("\t... {n} more")),
-            1 => Just("plain continuation".to_owned()),
+            4 => (0_u32..5).prop_map(|n| (format!("{P}INFO  [t{n}] [L] message {n}"), Kind::Header, format!("message {n}"))),
+            1 => Just((format!("{P}ERROR [main] [DefaultCartService] failed"), Kind::Header, "failed".to_owned())),
+            2 => Just(("java.lang.IllegalStateException: broken".to_owned(), Kind::Stack, "java.lang.IllegalStateException: broken".to_owned())),
+            3 => (0_u32..50).prop_map(|n| (format!("{P}\tat a.B.c(B.java:{n})"), Kind::Stack, format!("\tat a.B.c(B.java:{n})"))),
+            2 => (0_u32..50).prop_map(|n| (format!("\tat a.B.d(B.java:{n})"), Kind::Stack, format!("\tat a.B.d(B.java:{n})"))),
+            1 => Just((format!("{P}Caused by: java.io.IOException: x"), Kind::Stack, "Caused by: java.io.IOException: x".to_owned())),
+            1 => (1_u32..40).prop_map(|n| (format!("\t... {n} more"), Kind::Stack, format!("\t... {n} more"))),
+            1 => Just((format!("{P}Status [200] OK from the gateway"), Kind::Text, "Status [200] OK from the gateway".to_owned())),
+            1 => Just(("plain continuation".to_owned(), Kind::Text, "plain continuation".to_owned())),
         ]
     }
 
     proptest! {
-        /// However the lines are split into chunks (a grouper per stream that outlives
-        /// them), the records are the same as from the whole input at once.
+        /// Records start exactly at the header lines (and at the first line), cover every
+        /// line once and in order, and keep each continuation line's text in the stack
+        /// trace or the message as the test's own model says.
         #[test]
-        fn grouping_does_not_depend_on_how_the_input_is_split(
+        fn records_are_what_a_model_of_the_format_says(
             lines in proptest::collection::vec(line(), 0..200),
-            cuts in proptest::collection::vec(0_usize..200, 0..20),
         ) {
-            let parser = parser();
-            let whole = group_all(&parser, CAPS, lines.iter().map(String::as_str));
-            let mut cuts: Vec<usize> = cuts.into_iter().filter(|c| *c <= lines.len()).collect();
-            cuts.push(lines.len());
-            cuts.sort_unstable();
-            let mut grouper = Grouper::default();
-            let mut split = Vec::new();
-            let mut from = 0;
-            for cut in cuts {
-                for (index, line) in lines[from..cut].iter().enumerate() {
-                    grouper.push(&parser, CAPS, line, from + index, &mut split);
+            let records = group_all(&parser(), CAPS, lines.iter().map(|l| l.0.as_str()));
+            let mut expected: Vec<Record> = Vec::new();
+            for (index, (_, kind, text)) in lines.iter().enumerate() {
+                if *kind == Kind::Header || expected.is_empty() {
+                    let mut record = Record { first_line: index, line_count: 1, ..Record::default() };
+                    match kind {
+                        Kind::Header => record.message.clone_from(text),
+                        Kind::Stack => record.stack_trace.clone_from(text),
+                        Kind::Text => record.message.clone_from(text),
+                    }
+                    expected.push(record);
+                    continue;
                 }
-                from = cut;
+                let record = expected.last_mut().expect("one");
+                record.line_count += 1;
+                let to = if *kind == Kind::Stack { &mut record.stack_trace } else { &mut record.message };
+                if !to.is_empty() {
+                    to.push('\n');
+                }
+                to.push_str(text);
             }
-            split.extend(grouper.flush());
-            prop_assert_eq!(&split, &whole);
-            // Every line is in exactly one record.
-            prop_assert_eq!(whole.iter().map(|r| r.line_count).sum::<usize>(), lines.len());
+            let got: Vec<(usize, usize, &str, &str)> = records
+                .iter()
+                .map(|r| (r.first_line, r.line_count, r.message.as_str(), r.stack_trace.as_str()))
+                .collect();
+            let want: Vec<(usize, usize, &str, &str)> = expected
+                .iter()
+                .map(|r| (r.first_line, r.line_count, r.message.as_str(), r.stack_trace.as_str()))
+                .collect();
+            prop_assert_eq!(got, want);
         }
     }
 }

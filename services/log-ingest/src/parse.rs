@@ -91,9 +91,26 @@ impl Parser {
         match self.format {
             Format::Wrapper => self.wrapper(line, index),
             Format::Log4j => self.log4j(line, None, index),
-            Format::Json => Line::Start(self.json(line, index)),
-            Format::Auto if line.starts_with('{') => Line::Start(self.json(line, index)),
-            Format::Auto => self.wrapper(line, index),
+            Format::Json => Line::Start(
+                self.json(line, index)
+                    .unwrap_or_else(|| Record::raw(line, index)),
+            ),
+            // A line that merely starts with `{` (a request body printed after a header)
+            // is JSON only when it parses as a log record.
+            Format::Auto => match line
+                .starts_with('{')
+                .then(|| self.json(line, index))
+                .flatten()
+            {
+                Some(record)
+                    if record.level.is_some()
+                        || record.time_micros.is_some()
+                        || !record.message.is_empty() =>
+                {
+                    Line::Start(record)
+                }
+                _ => self.wrapper(line, index),
+            },
         }
     }
 
@@ -105,13 +122,10 @@ impl Parser {
                 continuation(line)
             };
         };
-        let time = self
-            .local_time(prefix.time, b'/')
-            .map(|seconds| seconds + fraction(&prefix.time[19..]).0 * 1_000);
         if prefix.source == "wrapper" {
             // The wrapper's own lines (start, stop, restarts): records of their own.
             return Line::Start(Record {
-                time_micros: time,
+                time_micros: self.timestamp(prefix.time, b'/').map(|(t, _)| t),
                 level: Level::parse(prefix.level),
                 logger: "wrapper".to_owned(),
                 message: prefix.rest.to_owned(),
@@ -120,26 +134,31 @@ impl Parser {
                 ..Record::default()
             });
         }
-        self.log4j(prefix.rest, time, index)
+        self.log4j(prefix.rest, Some(prefix.time), index)
     }
 
-    /// `text` is the log4j part of a line (all of it without a wrapper); `time` the
-    /// wrapper's, used when the log4j part has none.
-    fn log4j<'a>(&self, text: &'a str, time: Option<i64>, index: usize) -> Line<'a> {
-        let (own_time, after_time) = match text.get(..19).and_then(|t| self.local_time(t, b'-')) {
-            Some(micros) => {
-                // `,SSS` or `.SSS` milliseconds after the seconds.
-                let rest = &text[19..];
-                let (millis, rest) = fraction(rest);
-                (Some(micros + millis * 1_000), rest.trim_start())
-            }
+    /// `text` is the log4j part of a line (all of it without a wrapper); `wrapper_time` the
+    /// wrapper's time column, used when the log4j part has no time of its own. Times are
+    /// read only for a record's first line (most lines of a trace are not).
+    fn log4j<'a>(&self, text: &'a str, wrapper_time: Option<&str>, index: usize) -> Line<'a> {
+        let (own_time, after_time) = match text
+            .starts_with(|c: char| c.is_ascii_digit())
+            .then(|| self.timestamp(text, b'-'))
+            .flatten()
+        {
+            Some((micros, used)) => (Some(micros), text[used..].trim_start()),
             None => (None, text),
         };
         let Some(header) = log4j_header(after_time) else {
             return continuation(text);
         };
+        let time = own_time.or_else(|| {
+            wrapper_time
+                .and_then(|t| self.timestamp(t, b'/'))
+                .map(|(t, _)| t)
+        });
         Line::Start(Record {
-            time_micros: own_time.or(time),
+            time_micros: time,
             level: Some(header.level),
             logger: header.logger.to_owned(),
             thread: header.thread.to_owned(),
@@ -150,9 +169,10 @@ impl Parser {
         })
     }
 
-    fn json(&self, line: &str, index: usize) -> Record {
+    /// A JSON object as a record; `None` when the line is not a JSON object.
+    fn json(&self, line: &str, index: usize) -> Option<Record> {
         let Ok(serde_json::Value::Object(object)) = serde_json::from_str(line) else {
-            return Record::raw(line, index);
+            return None;
         };
         let mut record = Record {
             first_line: index,
@@ -170,6 +190,30 @@ impl Parser {
             }
         }
         for (key, value) in fields {
+            let time = match (key.as_str(), &value) {
+                ("timestamp" | "time" | "ts" | "@timestamp", serde_json::Value::String(s)) => {
+                    chrono::DateTime::parse_from_rfc3339(s)
+                        .ok()
+                        .map(|t| t.timestamp_micros())
+                        .or_else(|| self.timestamp(s, b'-').map(|(t, _)| t))
+                }
+                // Seconds (zap, pino's `time` in ms when above 10^11).
+                ("timestamp" | "time" | "ts" | "@timestamp", serde_json::Value::Number(n)) => {
+                    n.as_f64().filter(|f| f.is_finite() && *f > 0.0).map(|f| {
+                        if f > 1e11 {
+                            (f * 1e3) as i64
+                        } else {
+                            (f * 1e6) as i64
+                        }
+                    })
+                }
+                _ => None,
+            };
+            if let Some(time) = time {
+                // The first time that reads wins; one that does not stays a field.
+                record.time_micros.get_or_insert(time);
+                continue;
+            }
             let text = match value {
                 serde_json::Value::String(s) => s,
                 serde_json::Value::Null => continue,
@@ -177,42 +221,29 @@ impl Parser {
                 other => other.to_string(),
             };
             match key.as_str() {
-                "timestamp" | "time" | "ts" | "@timestamp" => {
-                    record.time_micros = chrono::DateTime::parse_from_rfc3339(&text)
-                        .ok()
-                        .map(|t| t.timestamp_micros());
-                    if record.time_micros.is_none() {
-                        record.fields.insert(key, text);
-                    }
+                "level" | "severity" | "lvl" if Level::parse(&text).is_some() => {
+                    record.level = Level::parse(&text);
                 }
-                "level" | "severity" | "lvl" => match Level::parse(&text) {
-                    Some(level) => record.level = Some(level),
-                    None => {
-                        record.fields.insert(key, text);
-                    }
-                },
                 "message" | "msg" => record.message = text,
                 "target" | "logger" | "logger_name" => record.logger = text,
                 "threadName" | "thread" | "thread_name" => record.thread = text,
                 "stack_trace" | "stacktrace" | "exception" => record.stack_trace = text,
-                "trace_id" | "traceId" | "traceid" => match record::trace_id(&text) {
-                    Some(id) => record.trace_id = id,
-                    None => {
-                        record.fields.insert(key, text);
-                    }
-                },
+                "trace_id" | "traceId" | "traceid" if record::trace_id(&text).is_some() => {
+                    record.trace_id = record::trace_id(&text).unwrap_or_default();
+                }
                 _ => {
                     record.fields.insert(key, text);
                 }
             }
         }
-        record
+        Some(record)
     }
 
-    /// Microseconds since the epoch of `yyyy<sep>MM<sep>dd HH:mm:ss` (the first 19 bytes
-    /// of `text`; milliseconds after them are the caller's, see [`fraction`]) in this
-    /// parser's zone.
-    fn local_time(&self, text: &str, separator: u8) -> Option<i64> {
+    /// `yyyy<sep>MM<sep>dd[ T]HH:mm:ss`, then optionally a fraction (`.` or `,`, up to 9
+    /// digits, kept to the microsecond) and an offset (`Z`, `±hh:mm`, `±hhmm`): microseconds
+    /// since the epoch, and the bytes read. Without an offset the time is read in this
+    /// parser's zone. A leap second (`:60`) is read as `:59`.
+    fn timestamp(&self, text: &str, separator: u8) -> Option<(i64, usize)> {
         let b = text.as_bytes();
         if b.len() < 19
             || b[4] != separator
@@ -224,7 +255,7 @@ impl Parser {
             return None;
         }
         let number = |range: std::ops::Range<usize>| -> Option<u32> {
-            b[range].iter().try_fold(0_u32, |n, d| {
+            b.get(range)?.iter().try_fold(0_u32, |n, d| {
                 d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
             })
         };
@@ -234,22 +265,55 @@ impl Parser {
             number(8..10)?,
         )?;
         let naive: NaiveDateTime =
-            date.and_hms_opt(number(11..13)?, number(14..16)?, number(17..19)?)?;
-        let utc = match self.zone.from_local_datetime(&naive).earliest() {
-            Some(t) => t.timestamp_micros(),
-            // A time in a daylight-saving gap did not happen: read it with the offset in
-            // force just before the gap.
-            // (Gaps are an hour or less everywhere but in historic corner cases, which
-            // fall back to UTC.)
-            None => {
-                let hour = chrono::TimeDelta::hours(1);
-                match self.zone.from_local_datetime(&(naive - hour)).earliest() {
-                    Some(before) => (before + hour).timestamp_micros(),
-                    None => naive.and_utc().timestamp_micros(),
+            date.and_hms_opt(number(11..13)?, number(14..16)?, number(17..19)?.min(59))?;
+        let mut used = 19;
+        let mut micros = 0_i64;
+        if matches!(b.get(19), Some(b'.' | b',')) && b.get(20).is_some_and(u8::is_ascii_digit) {
+            used = 20;
+            let mut scale = 100_000;
+            while let Some(d) = b.get(used).filter(|d| d.is_ascii_digit()) {
+                micros += i64::from(d - b'0') * scale;
+                scale /= 10;
+                used += 1;
+            }
+        }
+        let offset_seconds = match b.get(used) {
+            Some(b'Z') => {
+                used += 1;
+                Some(0)
+            }
+            Some(sign @ (b'+' | b'-')) => {
+                let hours = number(used + 1..used + 3);
+                let colon = usize::from(b.get(used + 3) == Some(&b':'));
+                let minutes = number(used + 3 + colon..used + 5 + colon);
+                match (hours, minutes) {
+                    (Some(h), Some(m)) if h < 24 && m < 60 => {
+                        used += 5 + colon;
+                        let seconds = i64::from(h * 3_600 + m * 60);
+                        Some(if *sign == b'-' { -seconds } else { seconds })
+                    }
+                    _ => None,
                 }
             }
+            _ => None,
         };
-        Some(utc)
+        let seconds = match offset_seconds {
+            Some(offset) => naive.and_utc().timestamp() - offset,
+            None => match self.zone.from_local_datetime(&naive).earliest() {
+                Some(t) => t.timestamp(),
+                // A time in a daylight-saving gap did not happen: read it with the offset
+                // in force just before the gap. (Gaps are an hour or less everywhere but in
+                // historic corner cases, which fall back to UTC.)
+                None => {
+                    let hour = chrono::TimeDelta::hours(1);
+                    match self.zone.from_local_datetime(&(naive - hour)).earliest() {
+                        Some(before) => (before + hour).timestamp(),
+                        None => naive.and_utc().timestamp(),
+                    }
+                }
+            },
+        };
+        Some((seconds * 1_000_000 + micros, used))
     }
 }
 
@@ -259,19 +323,6 @@ impl Parser {
 /// When no zone has that name.
 pub fn zone(name: &str) -> Result<Tz, String> {
     Tz::from_str(name).map_err(|_| format!("{name:?} is not an IANA time zone name"))
-}
-
-/// Milliseconds in `.SSS` or `,SSS` at the start of `text` (0 without), and what follows.
-fn fraction(text: &str) -> (i64, &str) {
-    let b = text.as_bytes();
-    if b.len() >= 4 && (b[0] == b'.' || b[0] == b',') && b[1..4].iter().all(u8::is_ascii_digit) {
-        let millis = b[1..4]
-            .iter()
-            .fold(0_i64, |n, d| n * 10 + i64::from(d - b'0'));
-        (millis, &text[4..])
-    } else {
-        (0, text)
-    }
 }
 
 /// The Tanuki wrapper's columns before the logged text.
@@ -294,7 +345,7 @@ fn wrapper_prefix(line: &str) -> Option<WrapperPrefix<'_>> {
     for _ in 0..2 {
         let (column, after) = rest.split_once('|')?;
         let column = column.trim();
-        if column.len() >= 19 && column.as_bytes()[4] == b'/' {
+        if column.len() >= 19 && column.as_bytes()[4] == b'/' && column.is_char_boundary(19) {
             return Some(WrapperPrefix {
                 level,
                 source: source.trim(),
@@ -319,7 +370,7 @@ struct Log4jHeader<'a> {
 /// `LEVEL [thread] [Logger] message` (the level padded with spaces; the logger optional).
 fn log4j_header(text: &str) -> Option<Log4jHeader<'_>> {
     let word_end = text.find(|c: char| !c.is_ascii_alphabetic())?;
-    let level = Level::parse(&text[..word_end])?;
+    let level = Level::parse_strict(&text[..word_end])?;
     let after = text[word_end..].trim_start_matches(' ');
     if after.len() == text.len() - word_end {
         return None; // no space after the level
@@ -358,12 +409,14 @@ fn continuation(text: &str) -> Line<'_> {
 
 /// Whether `text` is a line of a Java stack trace: a frame (`\tat …`), `Caused by:`,
 /// `Suppressed:`, `... N more` (or logback's `... N common frames omitted`), or an
-/// exception line (`java.lang.IllegalStateException: …`).
+/// exception line (`java.lang.IllegalStateException: …`, or the JVM's `Exception in thread
+/// "main" java.lang.…` for an uncaught one).
 pub fn is_stack(text: &str) -> bool {
     let trimmed = text.trim_start();
     let indented = trimmed.len() < text.len();
     (indented && trimmed.starts_with("at "))
         || trimmed.starts_with("Caused by:")
+        || trimmed.starts_with("Exception in thread \"")
         || trimmed.starts_with("Suppressed:")
         || (trimmed.starts_with("... ")
             && trimmed[4..].starts_with(|c: char| c.is_ascii_digit())
@@ -520,7 +573,14 @@ mod tests {
         assert_eq!(record.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(record.fields["error"], "timeout");
         assert_eq!(record.fields["attempt"], "3");
-        let broken = start(parser.line("{not json", 4));
+        // In auto mode a line that only starts with `{` is not a record of its own.
+        assert!(matches!(parser.line("{not json", 4), Line::Continue { .. }));
+        assert!(matches!(
+            parser.line(r#"{"orderId":1}"#, 4),
+            Line::Continue { .. }
+        ));
+        let json = Parser::new(Format::Json, SEOUL);
+        let broken = start(json.line("{not json", 4));
         assert!(broken.parse_error);
         assert_eq!(broken.message, "{not json");
     }
@@ -534,7 +594,72 @@ mod tests {
     }
 
     #[test]
+    fn json_times_the_first_that_reads_wins_and_numbers_are_epoch_seconds() {
+        let parser = Parser::new(Format::Json, SEOUL);
+        let record = start(parser.line(
+            r#"{"time":"2024-10-28T08:12:00Z","ts":"soon","msg":"x"}"#,
+            0,
+        ));
+        assert_eq!(record.time_micros, Some(1_730_103_120_000_000));
+        assert_eq!(record.fields["ts"], "soon");
+        let record = start(parser.line(r#"{"ts":1730103120.04,"msg":"x"}"#, 0));
+        assert_eq!(record.time_micros, Some(SEOUL_MICROS));
+        let record = start(parser.line(r#"{"time":1730103120040,"msg":"x"}"#, 0));
+        assert_eq!(record.time_micros, Some(SEOUL_MICROS));
+    }
+
+    #[test]
+    fn log4j_times_with_more_digits_an_offset_or_a_leap_second() {
+        let parser = Parser::new(Format::Log4j, SEOUL);
+        for (line, micros) in [
+            (
+                "2024-10-28 17:12:00,040123 INFO  [main] x",
+                SEOUL_MICROS + 123,
+            ),
+            ("2024-10-28T17:12:00.040+09:00 INFO  [main] x", SEOUL_MICROS),
+            ("2024-10-28T08:12:00.040Z INFO  [main] x", SEOUL_MICROS),
+            ("2024-10-28T09:12:00.040+0100 INFO  [main] x", SEOUL_MICROS),
+            (
+                "2024-10-28 17:11:60,040 INFO  [main] x",
+                SEOUL_MICROS - 1_000_000,
+            ),
+        ] {
+            let record = start(parser.line(line, 0));
+            assert_eq!(record.time_micros, Some(micros), "{line}");
+            assert_eq!(record.message, "x", "{line}");
+        }
+    }
+
+    #[test]
+    fn only_the_six_upper_case_levels_start_a_log4j_record() {
+        let parser = Parser::new(Format::Wrapper, SEOUL);
+        let prefix = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ";
+        for text in [
+            "Status [200] OK from payment gateway",
+            "error [code=42] declined",
+            "Warning [x] y",
+        ] {
+            assert!(
+                matches!(
+                    parser.line(&format!("{prefix}{text}"), 0),
+                    Line::Continue { stack: false, .. }
+                ),
+                "{text}"
+            );
+        }
+        // The wrapper's ADVICE level is a level of its column.
+        let record = start(parser.line(
+            "ADVICE | wrapper  | 2024/10/28 17:12:00 | restart advised",
+            0,
+        ));
+        assert_eq!(record.level, Some(Level::Info));
+    }
+
+    #[test]
     fn exception_lines_are_told_from_ordinary_text() {
+        assert!(is_stack(
+            "Exception in thread \"main\" java.lang.OutOfMemoryError: Java heap space"
+        ));
         assert!(is_stack("java.lang.NullPointerException"));
         assert!(is_stack(
             "de.hybris.platform.servicelayer.exceptions.ModelSavingException: [x]: missing"

@@ -9,7 +9,7 @@ pub enum Level {
     Trace,
     /// DEBUG (also FINE).
     Debug,
-    /// INFO (also NOTICE, STATUS).
+    /// INFO (also NOTICE, and the Tanuki wrapper's STATUS and ADVICE).
     Info,
     /// WARN (also WARNING).
     Warn,
@@ -44,10 +44,24 @@ impl Level {
         Some(match &upper[..bytes.len()] {
             b"TRACE" | b"FINEST" | b"FINER" => Self::Trace,
             b"DEBUG" | b"FINE" => Self::Debug,
-            b"INFO" | b"NOTICE" | b"STATUS" => Self::Info,
+            b"INFO" | b"NOTICE" | b"STATUS" | b"ADVICE" => Self::Info,
             b"WARN" | b"WARNING" => Self::Warn,
             b"ERROR" | b"SEVERE" | b"CRITICAL" | b"ERR" => Self::Error,
             b"FATAL" | b"ALERT" | b"EMERGENCY" | b"PANIC" => Self::Fatal,
+            _ => return None,
+        })
+    }
+
+    /// The level a log4j header names: exactly one of the six names in upper case (so a
+    /// continuation line such as `Status [200] OK` is not taken for a header).
+    pub fn parse_strict(word: &str) -> Option<Self> {
+        Some(match word {
+            "TRACE" => Self::Trace,
+            "DEBUG" => Self::Debug,
+            "INFO" => Self::Info,
+            "WARN" => Self::Warn,
+            "ERROR" => Self::Error,
+            "FATAL" => Self::Fatal,
             _ => return None,
         })
     }

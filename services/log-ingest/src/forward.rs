@@ -1,0 +1,638 @@
+//! The Fluent forward protocol (v1), as Fluent Bit's `forward` output and the fluent-logger
+//! libraries send it: decoding of one message, and the answers we write.
+//!
+//! A connection carries a sequence of MessagePack values. [`frame_len`] finds where the
+//! next one ends without decoding it (so a slow sender costs one scan per read, not one
+//! decode, and a declared length can never make us allocate more than what arrived); then
+//! [`decode`] reads it as one of the protocol's modes:
+//! - Message: `[tag, time, record]` or `[tag, time, record, options]`;
+//! - Forward: `[tag, [[time, record], …], options?]`;
+//! - PackedForward: `[tag, bin or str of concatenated [time, record], options?]`;
+//! - CompressedPackedForward: the same with `options.compressed = "gzip"` (one or more
+//!   concatenated gzip members).
+//!
+//! A time is an integer (seconds), EventTime (MessagePack extension 0: seconds and
+//! nanoseconds, big-endian u32 each, as fixext8 or ext8), or `[time, {metadata}]` (Fluent
+//! Bit's event format with metadata). A `nil` value is a TCP heartbeat. With a `chunk`
+//! option the sender wants `{"ack": chunk}` back ([`ack`]), the chunk echoed byte for byte.
+//!
+//! The scanner is ours (no MessagePack crate answers "is a whole value here yet?" without
+//! decoding it); values are decoded with `rmpv`, gzip with `flate2`.
+
+use std::io::Read as _;
+
+use rmpv::Value;
+
+/// Why a frame is refused (the connection is closed, with this in a log line).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Garbage {
+    /// Bytes that are not MessagePack (0xc1), or nesting deeper than logs ever need.
+    #[error("not MessagePack: {0}")]
+    NotMessagePack(&'static str),
+    /// A value larger than the configured limit.
+    #[error("a message of more than {0} bytes")]
+    TooLarge(usize),
+    /// MessagePack, but not a forward-protocol message.
+    #[error("not a forward protocol message: {0}")]
+    NotForward(&'static str),
+    /// A compressed entry stream that does not inflate.
+    #[error("compressed entries do not inflate: {0}")]
+    Compression(String),
+}
+
+/// Deepest nesting of arrays and maps accepted (a log record is rarely deeper than 4).
+pub const MAX_DEPTH: usize = 32;
+
+/// The length of the MessagePack value at the start of `buf`: `Ok(None)` while it is
+/// incomplete (read more); an error for bytes that are not MessagePack, nesting past
+/// [`MAX_DEPTH`], or a value that is, or declares itself, longer than `max` bytes.
+///
+/// # Errors
+/// [`Garbage::NotMessagePack`] or [`Garbage::TooLarge`].
+pub fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, Garbage> {
+    // Items still to read at each open level (innermost last).
+    let mut open: Vec<u64> = Vec::with_capacity(8);
+    let mut pos = 0_usize;
+    let mut pending: u64 = 1;
+    loop {
+        if pending == 0 {
+            match open.pop() {
+                Some(outer) => {
+                    pending = outer;
+                    continue;
+                }
+                None => return Ok(Some(pos)),
+            }
+        }
+        let Some(&byte) = buf.get(pos) else {
+            return Ok(None);
+        };
+        pending -= 1;
+        let need = |n: usize| -> Option<u64> {
+            buf.get(pos + 1..pos + 1 + n)
+                .map(|b| b.iter().fold(0_u64, |acc, x| acc << 8 | u64::from(*x)))
+        };
+        // (bytes of header, bytes of payload, items it contains)
+        let (header, payload, items): (usize, u64, u64) = match byte {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (1, 0, 0),
+            0x80..=0x8f => (1, 0, u64::from(byte & 0x0f) * 2),
+            0x90..=0x9f => (1, 0, u64::from(byte & 0x0f)),
+            0xa0..=0xbf => (1, u64::from(byte & 0x1f), 0),
+            0xc1 => return Err(Garbage::NotMessagePack("byte 0xc1 is never used")),
+            0xc4 | 0xd9 => match need(1) {
+                Some(n) => (2, n, 0),
+                None => return Ok(None),
+            },
+            0xc5 | 0xda => match need(2) {
+                Some(n) => (3, n, 0),
+                None => return Ok(None),
+            },
+            0xc6 | 0xdb => match need(4) {
+                Some(n) => (5, n, 0),
+                None => return Ok(None),
+            },
+            // ext 8/16/32: length, then a type byte.
+            0xc7 => match need(1) {
+                Some(n) => (3, n, 0),
+                None => return Ok(None),
+            },
+            0xc8 => match need(2) {
+                Some(n) => (4, n, 0),
+                None => return Ok(None),
+            },
+            0xc9 => match need(4) {
+                Some(n) => (6, n, 0),
+                None => return Ok(None),
+            },
+            0xca => (1, 4, 0),
+            0xcb => (1, 8, 0),
+            0xcc | 0xd0 => (1, 1, 0),
+            0xcd | 0xd1 => (1, 2, 0),
+            0xce | 0xd2 => (1, 4, 0),
+            0xcf | 0xd3 => (1, 8, 0),
+            // fixext 1/2/4/8/16: a type byte, then the data.
+            0xd4 => (2, 1, 0),
+            0xd5 => (2, 2, 0),
+            0xd6 => (2, 4, 0),
+            0xd7 => (2, 8, 0),
+            0xd8 => (2, 16, 0),
+            0xdc => match need(2) {
+                Some(n) => (3, 0, n),
+                None => return Ok(None),
+            },
+            0xdd => match need(4) {
+                Some(n) => (5, 0, n),
+                None => return Ok(None),
+            },
+            0xde => match need(2) {
+                Some(n) => (3, 0, n * 2),
+                None => return Ok(None),
+            },
+            0xdf => match need(4) {
+                Some(n) => (5, 0, n * 2),
+                None => return Ok(None),
+            },
+        };
+        let end = (pos as u64)
+            .saturating_add(header as u64)
+            .saturating_add(payload);
+        // Every item takes at least a byte: a declared count past the limit is refused now.
+        if end.saturating_add(items) > max as u64 {
+            return Err(Garbage::TooLarge(max));
+        }
+        pos = usize::try_from(end).map_err(|_| Garbage::TooLarge(max))?;
+        if pos > buf.len() {
+            return Ok(None);
+        }
+        if items > 0 {
+            if open.len() >= MAX_DEPTH {
+                return Err(Garbage::NotMessagePack("nested too deeply"));
+            }
+            open.push(pending);
+            pending = items;
+        }
+    }
+}
+
+/// One decoded forward message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Its tag (Fluent Bit's `Tag`: the source, such as `hybris.wrapper`).
+    pub tag: String,
+    /// Its events, in order.
+    pub events: Vec<Event>,
+    /// The `chunk` option as it was encoded (a MessagePack value), to echo in the ack.
+    pub chunk: Option<Vec<u8>>,
+}
+
+/// One event: a time and a record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Nanoseconds since the Unix epoch.
+    pub time_nanos: i64,
+    /// The record's keys and values (a `log` line, a host, a file, …).
+    pub record: Vec<(Value, Value)>,
+}
+
+impl Event {
+    /// The value of `key` as text (str, or bin read as UTF-8 with bad bytes replaced).
+    pub fn text(&self, key: &str) -> Option<std::borrow::Cow<'_, str>> {
+        self.record
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(key))
+            .and_then(|(_, v)| text(v))
+    }
+}
+
+/// A str or bin value as text.
+pub fn text(value: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    match value {
+        Value::String(s) => Some(String::from_utf8_lossy(s.as_bytes())),
+        Value::Binary(b) => Some(String::from_utf8_lossy(b)),
+        _ => None,
+    }
+}
+
+/// What one frame is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// `nil`: a TCP heartbeat; nothing to do.
+    Heartbeat,
+    /// A message of events.
+    Message(Message),
+}
+
+/// Decodes the frame `bytes` (exactly one value, as [`frame_len`] found it); compressed
+/// entries may inflate to at most `max_inflated` bytes.
+///
+/// # Errors
+/// [`Garbage`] when it is not a forward protocol message.
+pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
+    let value = read(bytes)?;
+    let Value::Array(mut parts) = value else {
+        return match value {
+            Value::Nil => Ok(Frame::Heartbeat),
+            _ => Err(Garbage::NotForward("a message is an array")),
+        };
+    };
+    if parts.len() < 2 || parts.len() > 4 {
+        return Err(Garbage::NotForward("a message has 2 to 4 elements"));
+    }
+    let tag = match &parts[0] {
+        Value::String(s) => s
+            .as_str()
+            .ok_or(Garbage::NotForward("the tag is not UTF-8"))?
+            .to_owned(),
+        _ => return Err(Garbage::NotForward("the tag is not a string")),
+    };
+    // Message mode's third element is the record; the forward modes' is the options (a
+    // map too), so the second tells them apart: entries (an array of arrays, empty, bin
+    // or str), or a time (which may itself be `[time, metadata]`).
+    let is_time = match &parts[1] {
+        Value::Integer(_) | Value::F32(_) | Value::F64(_) | Value::Ext(..) => true,
+        Value::Array(a) => a.first().is_some_and(|t| !t.is_array()),
+        _ => false,
+    };
+    let message_mode = parts.len() >= 3 && parts[2].is_map() && is_time;
+    let (events, options) = if message_mode {
+        // [tag, time, record, options?]
+        let options = (parts.len() == 4).then(|| parts.pop()).flatten();
+        let record = parts.pop().expect("three parts");
+        let time = parts.pop().expect("two parts");
+        (vec![event(time, record)?], options)
+    } else {
+        if parts.len() > 3 {
+            return Err(Garbage::NotForward("forward modes have 2 or 3 elements"));
+        }
+        let options = (parts.len() == 3).then(|| parts.pop()).flatten();
+        let entries = parts.pop().expect("two parts");
+        let events = match entries {
+            Value::Array(entries) => entries.into_iter().map(entry).collect::<Result<_, _>>()?,
+            Value::Binary(bytes) => packed(&bytes, options.as_ref(), max_inflated)?,
+            Value::String(s) => packed(s.as_bytes(), options.as_ref(), max_inflated)?,
+            _ => return Err(Garbage::NotForward("entries are an array, bin or str")),
+        };
+        (events, options)
+    };
+    let chunk = match options {
+        None | Some(Value::Nil) => None,
+        Some(Value::Map(options)) => options
+            .into_iter()
+            .find(|(k, _)| k.as_str() == Some("chunk"))
+            .map(|(_, chunk)| {
+                let mut raw = Vec::new();
+                rmpv::encode::write_value(&mut raw, &chunk).map(|()| raw)
+            })
+            .transpose()
+            .map_err(|_| Garbage::NotForward("the chunk option does not encode"))?,
+        Some(_) => return Err(Garbage::NotForward("options are a map")),
+    };
+    Ok(Frame::Message(Message { tag, events, chunk }))
+}
+
+/// `{"ack": chunk}`, the answer to a message that carried `chunk` (`raw`, as it was
+/// encoded).
+pub fn ack(raw_chunk: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + raw_chunk.len());
+    out.push(0x81); // a map of one pair
+    out.extend_from_slice(&[0xa3, b'a', b'c', b'k']);
+    out.extend_from_slice(raw_chunk);
+    out
+}
+
+fn read(bytes: &[u8]) -> Result<Value, Garbage> {
+    let mut reader = bytes;
+    rmpv::decode::read_value_with_max_depth(&mut reader, MAX_DEPTH + 1)
+        .map_err(|_| Garbage::NotMessagePack("a value does not decode"))
+}
+
+/// The events of a PackedForward entry stream, inflated first when the options say gzip.
+fn packed(
+    bytes: &[u8],
+    options: Option<&Value>,
+    max_inflated: usize,
+) -> Result<Vec<Event>, Garbage> {
+    let compressed = options
+        .and_then(Value::as_map)
+        .and_then(|o| o.iter().find(|(k, _)| k.as_str() == Some("compressed")))
+        .map(|(_, v)| v.as_str().unwrap_or_default());
+    let inflated;
+    let mut stream = match compressed {
+        None => bytes,
+        Some("gzip") => {
+            // Several gzip members may follow each other (Fluent Bit appends them).
+            let mut out = Vec::new();
+            flate2::read::MultiGzDecoder::new(bytes)
+                .take(max_inflated as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| Garbage::Compression(e.to_string()))?;
+            if out.len() > max_inflated {
+                return Err(Garbage::TooLarge(max_inflated));
+            }
+            inflated = out;
+            &inflated[..]
+        }
+        Some(_) => return Err(Garbage::NotForward("compressed is not \"gzip\"")),
+    };
+    let mut events = Vec::new();
+    while !stream.is_empty() {
+        let len =
+            frame_len(stream, stream.len())?.ok_or(Garbage::NotForward("an entry is cut short"))?;
+        events.push(entry(read(&stream[..len])?)?);
+        stream = &stream[len..];
+    }
+    Ok(events)
+}
+
+/// `[time, record]`.
+fn entry(value: Value) -> Result<Event, Garbage> {
+    let Value::Array(mut pair) = value else {
+        return Err(Garbage::NotForward("an entry is [time, record]"));
+    };
+    if pair.len() != 2 {
+        return Err(Garbage::NotForward("an entry is [time, record]"));
+    }
+    let record = pair.pop().expect("two");
+    let time = pair.pop().expect("two");
+    event(time, record)
+}
+
+fn event(time: Value, record: Value) -> Result<Event, Garbage> {
+    let Value::Map(record) = record else {
+        return Err(Garbage::NotForward("a record is a map"));
+    };
+    Ok(Event {
+        time_nanos: time_nanos(&time)?,
+        record,
+    })
+}
+
+/// An integer, a float, EventTime, or `[any of those, {metadata}]`.
+fn time_nanos(time: &Value) -> Result<i64, Garbage> {
+    const BILLION: i64 = 1_000_000_000;
+    match time {
+        Value::Integer(i) => i
+            .as_i64()
+            .and_then(|s| s.checked_mul(BILLION))
+            .ok_or(Garbage::NotForward("a time out of range")),
+        Value::F64(f) if f.is_finite() && f.abs() < 1e10 => Ok((f * 1e9) as i64),
+        Value::F32(f) if f.is_finite() && f.abs() < 1e10 => Ok((f64::from(*f) * 1e9) as i64),
+        Value::Ext(0, data) if data.len() == 8 => {
+            let seconds = i64::from(u32::from_be_bytes([data[0], data[1], data[2], data[3]]));
+            let nanos = i64::from(u32::from_be_bytes([data[4], data[5], data[6], data[7]]));
+            Ok(seconds * BILLION + nanos.min(BILLION - 1))
+        }
+        Value::Array(pair) if pair.len() == 2 && pair[1].is_map() && !pair[0].is_array() => {
+            time_nanos(&pair[0])
+        }
+        _ => Err(Garbage::NotForward(
+            "a time is an integer, EventTime or [time, metadata]",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use proptest::prelude::*;
+    use rmpv::Value;
+
+    use super::*;
+
+    const MAX: usize = 1 << 20;
+
+    fn encode(value: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, value).expect("encodes");
+        out
+    }
+
+    fn s(text: &str) -> Value {
+        Value::from(text)
+    }
+
+    fn record(line: &str) -> Value {
+        Value::Map(vec![(s("log"), s(line)), (s("host"), s("hybris-1"))])
+    }
+
+    /// EventTime 1730103120.040000000 as fixext8.
+    fn event_time() -> Value {
+        let mut data = 1_730_103_120_u32.to_be_bytes().to_vec();
+        data.extend_from_slice(&40_000_000_u32.to_be_bytes());
+        Value::Ext(0, data)
+    }
+
+    const NANOS: i64 = 1_730_103_120_040_000_000;
+
+    fn message(frame: &[u8]) -> Message {
+        assert_eq!(frame_len(frame, MAX), Ok(Some(frame.len())));
+        match decode(frame, MAX).expect("decodes") {
+            Frame::Message(message) => message,
+            Frame::Heartbeat => panic!("not a heartbeat"),
+        }
+    }
+
+    fn lines(message: &Message) -> Vec<String> {
+        message
+            .events
+            .iter()
+            .map(|e| e.text("log").expect("a log").into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn message_mode_with_an_integer_time_and_options() {
+        let chunk = s("p8n9gmxTQVC8/nh2wlKKeQ==");
+        let frame = encode(&Value::Array(vec![
+            s("hybris.wrapper"),
+            Value::from(1_730_103_120_u32),
+            record("a line"),
+            Value::Map(vec![(s("chunk"), chunk.clone())]),
+        ]));
+        let message = message(&frame);
+        assert_eq!(message.tag, "hybris.wrapper");
+        assert_eq!(message.events[0].time_nanos, 1_730_103_120 * 1_000_000_000);
+        assert_eq!(lines(&message), ["a line"]);
+        assert_eq!(message.chunk.as_deref(), Some(&encode(&chunk)[..]));
+        assert_eq!(message.events[0].text("host").as_deref(), Some("hybris-1"));
+    }
+
+    #[test]
+    fn forward_mode_with_event_time_as_fixext8_and_ext8_and_with_metadata() {
+        let fixext = encode(&event_time());
+        assert_eq!(fixext[0], 0xd7);
+        // The same time as ext8 (0xc7, length 8, type 0).
+        let mut ext8 = vec![0xc7, 8, 0];
+        ext8.extend_from_slice(&fixext[2..]);
+        // [tag, [[t, r], [t, r], [[t, {meta}], r]], {chunk}] by hand, to hold the ext8.
+        let mut frame = vec![0x93];
+        frame.extend(encode(&s("app")));
+        frame.push(0x93);
+        frame.push(0x92);
+        frame.extend(&fixext);
+        frame.extend(encode(&record("one")));
+        frame.push(0x92);
+        frame.extend(&ext8);
+        frame.extend(encode(&record("two")));
+        frame.push(0x92);
+        frame.push(0x92);
+        frame.extend(&fixext);
+        frame.extend(encode(&Value::Map(vec![(s("otlp"), Value::Map(vec![]))])));
+        frame.extend(encode(&record("three")));
+        let chunk = "0123456789abcdef0123456789abcdef";
+        frame.extend(encode(&Value::Map(vec![
+            (s("chunk"), s(chunk)),
+            (s("size"), Value::from(3)),
+        ])));
+        let message = message(&frame);
+        assert_eq!(lines(&message), ["one", "two", "three"]);
+        assert!(message.events.iter().all(|e| e.time_nanos == NANOS));
+        assert_eq!(message.chunk.as_deref(), Some(&encode(&s(chunk))[..]));
+        let ack = ack(message.chunk.as_deref().expect("a chunk"));
+        assert_eq!(
+            rmpv::decode::read_value(&mut &ack[..]).expect("decodes"),
+            Value::Map(vec![(s("ack"), s(chunk))])
+        );
+    }
+
+    fn entries(lines: &[&str]) -> Vec<u8> {
+        lines
+            .iter()
+            .flat_map(|l| encode(&Value::Array(vec![event_time(), record(l)])))
+            .collect()
+    }
+
+    #[test]
+    fn packed_forward_as_bin_and_as_old_raw_str() {
+        let packed = entries(&["a", "b"]);
+        let frame = encode(&Value::Array(vec![s("t"), Value::Binary(packed.clone())]));
+        assert_eq!(lines(&message(&frame)), ["a", "b"]);
+        // Clients of MessagePack before bin existed send the entries as str 32 of raw bytes
+        // (not UTF-8).
+        let mut frame = vec![0x92];
+        frame.extend(encode(&s("t")));
+        frame.push(0xdb);
+        frame.extend(u32::try_from(packed.len()).expect("small").to_be_bytes());
+        frame.extend(&packed);
+        assert_eq!(lines(&message(&frame)), ["a", "b"]);
+    }
+
+    #[test]
+    fn compressed_packed_forward_with_several_gzip_members() {
+        let mut gz = Vec::new();
+        for part in [&["a", "b"][..], &["c"][..]] {
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            encoder.write_all(&entries(part)).expect("compresses");
+            gz.extend(encoder.finish().expect("finishes"));
+        }
+        let frame = encode(&Value::Array(vec![
+            s("t"),
+            Value::Binary(gz),
+            Value::Map(vec![(s("compressed"), s("gzip")), (s("chunk"), s("c1"))]),
+        ]));
+        let message = message(&frame);
+        assert_eq!(lines(&message), ["a", "b", "c"]);
+        // Inflating past the limit is refused, not buffered.
+        assert_eq!(decode(&frame, 10), Err(Garbage::TooLarge(10)));
+    }
+
+    #[test]
+    fn nil_is_a_heartbeat_and_empty_forward_is_no_events() {
+        assert_eq!(frame_len(&[0xc0], MAX), Ok(Some(1)));
+        assert_eq!(decode(&[0xc0], MAX), Ok(Frame::Heartbeat));
+        let frame = encode(&Value::Array(vec![
+            s("t"),
+            Value::Array(vec![]),
+            Value::Map(vec![]),
+        ]));
+        assert!(message(&frame).events.is_empty());
+    }
+
+    #[test]
+    fn a_value_is_found_only_once_it_is_whole() {
+        let frame = encode(&Value::Array(vec![
+            s("t"),
+            Value::Binary(entries(&["x"; 50])),
+        ]));
+        for cut in 0..frame.len() {
+            assert_eq!(frame_len(&frame[..cut], MAX), Ok(None), "cut at {cut}");
+        }
+        let mut two = frame.clone();
+        two.extend(&frame);
+        assert_eq!(frame_len(&two, MAX), Ok(Some(frame.len())));
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_reason() {
+        assert!(matches!(
+            frame_len(&[0xc1], MAX),
+            Err(Garbage::NotMessagePack(_))
+        ));
+        // An array claiming 2^32-1 elements, or a bin of 4 GiB: refused before any arrives.
+        assert_eq!(
+            frame_len(&[0xdd, 0xff, 0xff, 0xff, 0xff], MAX),
+            Err(Garbage::TooLarge(MAX))
+        );
+        assert_eq!(
+            frame_len(&[0xc6, 0xff, 0xff, 0xff, 0xff], MAX),
+            Err(Garbage::TooLarge(MAX))
+        );
+        let deep = vec![0x91; MAX_DEPTH + 2];
+        assert!(matches!(
+            frame_len(&deep, MAX),
+            Err(Garbage::NotMessagePack(_))
+        ));
+        for (value, why) in [
+            (Value::from(3), "not an array"),
+            (
+                Value::Array(vec![Value::from(1), Value::Array(vec![])]),
+                "tag not a string",
+            ),
+            (
+                Value::Array(vec![s("t"), Value::from(1), s("not a map")]),
+                "record not a map",
+            ),
+            (
+                Value::Array(vec![
+                    s("t"),
+                    Value::Array(vec![Value::Array(vec![Value::from(1)])]),
+                ]),
+                "entry of one",
+            ),
+            (
+                Value::Array(vec![s("t"), Value::Binary(vec![0x92, 0x01])]),
+                "cut short entry",
+            ),
+            (
+                Value::Array(vec![
+                    s("t"),
+                    Value::Binary(vec![1]),
+                    Value::Map(vec![(s("compressed"), s("zstd"))]),
+                ]),
+                "unknown compression",
+            ),
+            (
+                Value::Array(vec![
+                    s("t"),
+                    Value::Binary(vec![1, 2, 3]),
+                    Value::Map(vec![(s("compressed"), s("gzip"))]),
+                ]),
+                "not gzip",
+            ),
+        ] {
+            assert!(decode(&encode(&value), MAX).is_err(), "{why}");
+        }
+    }
+
+    proptest! {
+        /// Mutated and cut frames never panic or loop: each is a value, incomplete, or
+        /// refused.
+        #[test]
+        fn mutated_frames_never_panic(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+            cut in any::<prop::sample::Index>(),
+            gzip in any::<bool>(),
+        ) {
+            let packed = entries(&["first line", "second line", "third"]);
+            let (stream, options) = if gzip {
+                let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                encoder.write_all(&packed).expect("compresses");
+                (encoder.finish().expect("finishes"), Value::Map(vec![(s("compressed"), s("gzip")), (s("chunk"), s("c"))]))
+            } else {
+                (packed, Value::Map(vec![(s("chunk"), s("c"))]))
+            };
+            let mut frame = encode(&Value::Array(vec![s("tag"), Value::Binary(stream), options]));
+            for (at, byte) in flips {
+                let i = at.index(frame.len());
+                frame[i] = byte;
+            }
+            let frame = &frame[..cut.index(frame.len() + 1)];
+            if let Ok(Some(len)) = frame_len(frame, 4096) {
+                prop_assert!(len <= frame.len());
+                let _ = decode(&frame[..len], 4096);
+            }
+        }
+    }
+}
