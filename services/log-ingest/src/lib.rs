@@ -10,9 +10,11 @@
 //! - [`mask`]: personal data masked out of every record.
 //! - [`parsing`]: TestParse, lines parsed as ingestion would.
 //! - [`forward`]: the Fluent forward protocol's messages (decoding, acks).
+//! - [`buffer`]: the durable buffer between inputs and Loki (acknowledge after sync).
 
 pub mod api;
 pub mod app;
+pub mod buffer;
 pub mod config;
 pub mod forward;
 pub mod mask;
