@@ -48,6 +48,10 @@ if [ "$(cat "$RUN/localstack/localstack.pid" 2>/dev/null || true)" != "$localsta
   trap "${exit_trap:+$exit_trap; }\"\$ROOT/scripts/localstack.sh\" stop >/dev/null 2>&1 || true" EXIT
 fi
 
+say "Node.js clients for log-ingest's tests (fluent-logger)"
+MALL_TEST_NODE_MODULES="$("$ROOT/scripts/node-peers.sh")"
+export MALL_TEST_NODE_MODULES
+
 # The tests build first: clippy then reuses the dependency metadata and adds about a minute.
 say "cargo nextest run"
 cargo nextest run --workspace --profile "${NEXTEST_PROFILE:-default}" "$@"

@@ -9,7 +9,7 @@
 //! - Forward: `[tag, [[time, record], …], options?]`;
 //! - PackedForward: `[tag, bin or str of concatenated [time, record], options?]`;
 //! - CompressedPackedForward: the same with `options.compressed = "gzip"` (one or more
-//!   concatenated gzip members).
+//!   concatenated gzip members; `"text"`, as fluent-logger sends, means not compressed).
 //!
 //! A time is an integer (seconds), EventTime (MessagePack extension 0: seconds and
 //! nanoseconds, big-endian u32 each, as fixext8 or ext8), or `[time, {metadata}]` (Fluent
@@ -298,7 +298,8 @@ fn packed(
         .map(|(_, v)| v.as_str().unwrap_or_default());
     let inflated;
     let mut stream = match compressed {
-        None => bytes,
+        // fluent-logger says "text" for entries that are not compressed.
+        None | Some("text") => bytes,
         Some("gzip") => {
             // Several gzip members may follow each other (Fluent Bit appends them).
             let mut out = Vec::new();
@@ -312,7 +313,11 @@ fn packed(
             inflated = out;
             &inflated[..]
         }
-        Some(_) => return Err(Garbage::NotForward("compressed is not \"gzip\"")),
+        Some(_) => {
+            return Err(Garbage::NotForward(
+                "compressed is not \"gzip\" or \"text\"",
+            ));
+        }
     };
     let mut events = Vec::new();
     while !stream.is_empty() {

@@ -11,12 +11,16 @@
 //! - [`parsing`]: TestParse, lines parsed as ingestion would.
 //! - [`forward`]: the Fluent forward protocol's messages (decoding, acks).
 //! - [`buffer`]: the durable buffer between inputs and Loki (acknowledge after sync).
+//! - [`batch`]: what an input puts in the buffer.
+//! - [`forward_input`]: the forward protocol's listener (acks after the buffer synced).
 
 pub mod api;
 pub mod app;
+pub mod batch;
 pub mod buffer;
 pub mod config;
 pub mod forward;
+pub mod forward_input;
 pub mod mask;
 pub mod multiline;
 pub mod parse;

@@ -1,0 +1,303 @@
+//! The forward protocol's TCP listener: messages in, batches into the durable buffer, and
+//! `{"ack": chunk}` back only once a message's batch is on disk.
+//!
+//! - With `shared_key` set, every connection starts with the protocol's handshake (HELO
+//!   from us with a fresh nonce; PING with the client's SHA-512 digest; PONG with ours);
+//!   a wrong key gets a PONG saying so and the connection is closed.
+//! - Bounded: connections (`max_connections`; one more is closed at once), one message's
+//!   bytes (`max_message_bytes`; a compressed one's inflated bytes too), and a quiet
+//!   connection (`idle_timeout`).
+//! - Garbage (not MessagePack, not the protocol) closes its connection with one WARN line
+//!   naming the peer and why; it never stops the listener.
+//! - A full buffer: the message is not acknowledged and the connection is closed, so the
+//!   sender retries it, and everything after it, in order, on a new connection.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use rmpv::Value;
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha512};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    batch::{Batch, Source},
+    buffer::{Buffer, BufferError},
+    forward::{self, Frame, Garbage},
+};
+
+/// The forward input's settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForwardSettings {
+    /// Where to listen. Default `127.0.0.1:24224` (the protocol's port).
+    pub listen_addr: SocketAddr,
+    /// The shared key clients must prove they know (a secret); none: no handshake.
+    #[serde(serialize_with = "mall_config::serialize_optional_secret")]
+    pub shared_key: Option<SecretString>,
+    /// Our name in the handshake's PONG.
+    pub self_hostname: String,
+    /// Connections at once. Default 1,024.
+    pub max_connections: usize,
+    /// Largest message, bytes (and largest a compressed message may inflate to, times 4).
+    /// Default 32 MiB (Fluent Bit's chunks are about 2 MB).
+    pub max_message_bytes: usize,
+    /// A connection that sends nothing for this long is closed. Default 5 minutes.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for ForwardSettings {
+    fn default() -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 24224)),
+            shared_key: None,
+            self_hostname: "log-ingest".to_owned(),
+            max_connections: 1_024,
+            max_message_bytes: 32 * 1024 * 1024,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A bound forward listener.
+#[derive(Debug)]
+pub struct ForwardInput {
+    listener: TcpListener,
+    settings: Arc<ForwardSettings>,
+    buffer: Buffer,
+}
+
+impl ForwardInput {
+    /// Binds the listener.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn bind(settings: ForwardSettings, buffer: Buffer) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(settings.listen_addr).await?;
+        Ok(Self {
+            listener,
+            settings: Arc::new(settings),
+            buffer,
+        })
+    }
+
+    /// Where it listens.
+    ///
+    /// # Errors
+    /// When the socket has no address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts connections until `shutdown`; then stops accepting and ends each connection
+    /// after the message it is handling.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(self.settings.max_connections));
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => accepted,
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    tracing::warn!(%error, "forward: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, limit = self.settings.max_connections, "forward: too many connections; closed");
+                continue;
+            };
+            let (settings, buffer, shutdown) =
+                (self.settings.clone(), self.buffer.clone(), shutdown.clone());
+            connections.spawn(async move {
+                let _slot = slot;
+                if let Err(why) = connection(stream, &settings, &buffer, &shutdown).await {
+                    tracing::warn!(%peer, %why, "forward: connection closed");
+                }
+            });
+        }
+        while connections.join_next().await.is_some() {}
+    }
+}
+
+/// Why a connection was closed by us.
+#[derive(Debug, thiserror::Error)]
+enum Closed {
+    #[error("{0}")]
+    Garbage(#[from] Garbage),
+    #[error("no message for {0:?}")]
+    Idle(Duration),
+    #[error("the shared key handshake failed: {0}")]
+    Handshake(&'static str),
+    #[error("the buffer is full; the message was not acknowledged")]
+    Full,
+    #[error("the buffer failed: {0}")]
+    Buffer(BufferError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves one connection until the peer closes it (`Ok`) or we do (why).
+async fn connection(
+    mut stream: TcpStream,
+    settings: &ForwardSettings,
+    buffer: &Buffer,
+    shutdown: &CancellationToken,
+) -> Result<(), Closed> {
+    stream.set_nodelay(true)?;
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    if let Some(key) = &settings.shared_key {
+        handshake(&mut stream, &mut buf, settings, key.expose_secret()).await?;
+    }
+    let max_inflated = settings.max_message_bytes.saturating_mul(4);
+    loop {
+        let Some(frame) = next_frame(&mut stream, &mut buf, settings, shutdown).await? else {
+            return Ok(());
+        };
+        let message = match forward::decode(&frame, max_inflated)? {
+            Frame::Heartbeat => continue,
+            Frame::Message(message) => message,
+        };
+        if !message.events.is_empty() {
+            let batch = Batch {
+                source: Source::Forward,
+                tag: message.tag,
+                events: message.events,
+            };
+            match buffer.append(batch.encode()).await {
+                Ok(_) => {}
+                Err(BufferError::Full(_)) => return Err(Closed::Full),
+                Err(e) => return Err(Closed::Buffer(e)),
+            }
+        }
+        if let Some(chunk) = message.chunk {
+            stream.write_all(&forward::ack(&chunk)).await?;
+        }
+    }
+}
+
+/// The next whole frame, reading as needed; `None` when the peer closed between frames
+/// or we are shutting down.
+async fn next_frame(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    settings: &ForwardSettings,
+    shutdown: &CancellationToken,
+) -> Result<Option<Vec<u8>>, Closed> {
+    loop {
+        if let Some(len) = forward::frame_len(buf, settings.max_message_bytes)? {
+            let rest = buf.split_off(len);
+            return Ok(Some(std::mem::replace(buf, rest)));
+        }
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        let read = tokio::select! {
+            () = shutdown.cancelled(), if buf.is_empty() => return Ok(None),
+            read = tokio::time::timeout(settings.idle_timeout, stream.read_buf(buf)) => read,
+        };
+        let Ok(read) = read else {
+            return Err(Closed::Idle(settings.idle_timeout));
+        };
+        if read? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(Garbage::NotForward("the peer closed in the middle of a message").into())
+            };
+        }
+    }
+}
+
+/// The shared-key handshake: HELO, the client's PING, our PONG.
+async fn handshake(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    settings: &ForwardSettings,
+    key: &str,
+) -> Result<(), Closed> {
+    let nonce: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+    let helo = Value::Array(vec![
+        Value::from("HELO"),
+        Value::Map(vec![
+            (Value::from("nonce"), Value::Binary(nonce.to_vec())),
+            (Value::from("auth"), Value::Binary(Vec::new())),
+            (Value::from("keepalive"), Value::Boolean(true)),
+        ]),
+    ]);
+    write_value(stream, &helo).await?;
+    let never = CancellationToken::new();
+    let Some(frame) = next_frame(stream, buf, settings, &never).await? else {
+        return Err(Closed::Handshake("closed before PING"));
+    };
+    let ping = rmpv::decode::read_value(&mut &frame[..])
+        .map_err(|_| Closed::Handshake("PING is not MessagePack"))?;
+    let text = |v: &Value| forward::text(v).map(|t| t.into_owned());
+    let parts = match &ping {
+        Value::Array(parts) if parts.len() == 6 && parts[0].as_str() == Some("PING") => parts,
+        _ => return Err(Closed::Handshake("not a PING")),
+    };
+    let (Some(hostname), Some(salt), Some(digest)) =
+        (text(&parts[1]), text(&parts[2]), text(&parts[3]))
+    else {
+        return Err(Closed::Handshake("a PING field is not a string"));
+    };
+    let expected = sha512_hex(&[salt.as_bytes(), hostname.as_bytes(), &nonce, key.as_bytes()]);
+    let ok = constant_time_eq(expected.as_bytes(), digest.as_bytes());
+    let pong = Value::Array(vec![
+        Value::from("PONG"),
+        Value::Boolean(ok),
+        Value::from(if ok { "" } else { "shared key mismatch" }),
+        Value::from(settings.self_hostname.as_str()),
+        Value::from(sha512_hex(&[
+            salt.as_bytes(),
+            settings.self_hostname.as_bytes(),
+            &nonce,
+            key.as_bytes(),
+        ])),
+    ]);
+    write_value(stream, &pong).await?;
+    if ok {
+        Ok(())
+    } else {
+        Err(Closed::Handshake("shared key mismatch"))
+    }
+}
+
+async fn write_value(stream: &mut TcpStream, value: &Value) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, value).expect("writing to a Vec cannot fail");
+    stream.write_all(&out).await
+}
+
+fn sha512_hex(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha512::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .fold(String::with_capacity(128), |mut hex, byte| {
+            use std::fmt::Write as _;
+            let _ = write!(hex, "{byte:02x}");
+            hex
+        })
+}
+
+/// Compares without stopping at the first difference (the digest is a credential).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,296 @@
+//! The forward listener against a client written by others (the npm package fluent-logger,
+//! acknowledgements required) and against frames as Fluent Bit sends them: everything
+//! acknowledged is in the buffer, and garbage closes only its own connection.
+//!
+//! Needs Node.js and fluent-logger: `scripts/test.sh` installs it and sets
+//! `MALL_TEST_NODE_MODULES` (or run `scripts/node-peers.sh` and export what it prints).
+
+use std::{path::Path, time::Duration};
+
+use log_ingest::{
+    batch::Batch,
+    buffer::{Buffer, Limits, Position},
+    forward_input::{ForwardInput, ForwardSettings},
+};
+use rmpv::Value;
+use secrecy::SecretString;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
+
+const CLIENT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/peers/fluent_logger_client.js"
+);
+
+struct Listener {
+    addr: std::net::SocketAddr,
+    buffer: Buffer,
+    start: Position,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+async fn listener(shared_key: Option<&str>, limits: Limits) -> Listener {
+    mall_test_support::init_logging();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (buffer, start) = Buffer::open(dir.path(), limits).expect("opens");
+    let settings = ForwardSettings {
+        listen_addr: "127.0.0.1:0".parse().expect("an address"),
+        shared_key: shared_key.map(SecretString::from),
+        idle_timeout: Duration::from_secs(10),
+        max_message_bytes: 1 << 20,
+        ..ForwardSettings::default()
+    };
+    let input = ForwardInput::bind(settings, buffer.clone())
+        .await
+        .expect("binds");
+    let addr = input.local_addr().expect("an address");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(input.run(shutdown.clone()));
+    Listener {
+        addr,
+        buffer,
+        start,
+        shutdown,
+        _dir: dir,
+    }
+}
+
+const LIMITS: Limits = Limits {
+    max_bytes: 64 << 20,
+    segment_bytes: 8 << 20,
+};
+
+/// Every buffered event as (tag, log line, time).
+fn buffered(listener: &Listener) -> Vec<(String, String, i64)> {
+    let mut reader = listener.buffer.reader(listener.start);
+    let mut out = Vec::new();
+    while let Some((bytes, _)) = reader.try_next().expect("reads") {
+        let batch = Batch::decode(&bytes).expect("a batch");
+        for event in batch.events {
+            out.push((
+                batch.tag.clone(),
+                event.text("log").expect("a log").into_owned(),
+                event.time_nanos,
+            ));
+        }
+    }
+    out
+}
+
+fn node_modules() -> String {
+    std::env::var("MALL_TEST_NODE_MODULES").unwrap_or_else(|_| {
+        panic!(
+            "MALL_TEST_NODE_MODULES is not set: run `scripts/node-peers.sh` (it installs the npm \
+             package fluent-logger) and export what it prints, or run scripts/test.sh"
+        )
+    })
+}
+
+async fn fluent_logger(
+    addr: std::net::SocketAddr,
+    mode: &str,
+    count: usize,
+    key: Option<&str>,
+) -> std::process::Output {
+    let modules = node_modules();
+    assert!(
+        Path::new(&modules).join("fluent-logger").is_dir(),
+        "no fluent-logger in {modules}"
+    );
+    let mut command = tokio::process::Command::new("node");
+    command
+        .env("NODE_PATH", &modules)
+        .arg(CLIENT)
+        .arg(addr.port().to_string())
+        .arg(mode)
+        .arg(count.to_string())
+        .arg(format!("legacy.{mode}"));
+    if let Some(key) = key {
+        command.arg(key);
+    }
+    tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("the client finishes")
+        .expect("node runs")
+}
+
+#[tokio::test]
+async fn fluent_logger_in_every_mode_gets_acks_only_for_what_is_in_the_buffer() {
+    let listener = listener(None, LIMITS).await;
+    for mode in ["Message", "PackedForward", "CompressedPackedForward"] {
+        let output = fluent_logger(listener.addr, mode, 300, None).await;
+        assert!(
+            output.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let events = buffered(&listener);
+    for mode in ["Message", "PackedForward", "CompressedPackedForward"] {
+        let lines: Vec<(&str, i64)> = events
+            .iter()
+            .filter(|(tag, _, _)| *tag == format!("legacy.{mode}"))
+            .map(|(_, line, time)| (line.as_str(), *time))
+            .collect();
+        let want: Vec<String> = (0..300).map(|i| format!("line {i}")).collect();
+        assert_eq!(
+            lines.iter().map(|l| l.0).collect::<Vec<_>>(),
+            want,
+            "{mode}: every acknowledged line, once, in order"
+        );
+        // EventTime with nanoseconds, as sent.
+        assert_eq!(lines[7].1, 1_730_103_120 * 1_000_000_000 + 7, "{mode}");
+    }
+    listener.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn the_shared_key_handshake_admits_the_right_key_only() {
+    let listener = listener(Some("secure-communication-is-awesome"), LIMITS).await;
+    let output = fluent_logger(
+        listener.addr,
+        "PackedForward",
+        50,
+        Some("secure-communication-is-awesome"),
+    )
+    .await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = fluent_logger(listener.addr, "PackedForward", 5, Some("a-wrong-key")).await;
+    assert!(!output.status.success(), "a wrong key is refused");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("shared key mismatch"),
+        "the PONG says why: {stderr}"
+    );
+    assert_eq!(buffered(&listener).len(), 50);
+}
+
+fn encode(value: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, value).expect("encodes");
+    out
+}
+
+/// Forward mode as Fluent Bit sends it: `[[EventTime, {}], record]` entries and a
+/// 32-hex-digit chunk.
+fn fluent_bit_frame(chunk: &str, lines: &[&str]) -> Vec<u8> {
+    let mut time = 1_730_103_120_u32.to_be_bytes().to_vec();
+    time.extend_from_slice(&5_u32.to_be_bytes());
+    let entries = lines
+        .iter()
+        .map(|line| {
+            Value::Array(vec![
+                Value::Array(vec![Value::Ext(0, time.clone()), Value::Map(vec![])]),
+                Value::Map(vec![(Value::from("log"), Value::from(*line))]),
+            ])
+        })
+        .collect();
+    encode(&Value::Array(vec![
+        Value::from("hybris.wrapper"),
+        Value::Array(entries),
+        Value::Map(vec![(Value::from("chunk"), Value::from(chunk))]),
+    ]))
+}
+
+async fn read_ack(stream: &mut tokio::net::TcpStream) -> Value {
+    let mut buf = vec![0; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("an answer in time")
+        .expect("reads");
+    rmpv::decode::read_value(&mut &buf[..n]).expect("msgpack")
+}
+
+#[tokio::test]
+async fn a_fluent_bit_chunk_is_acked_byte_for_byte_and_garbage_closes_only_its_connection() {
+    let listener = listener(None, LIMITS).await;
+    let chunk = "0123456789abcdef0123456789abcdef";
+    let mut good = tokio::net::TcpStream::connect(listener.addr)
+        .await
+        .expect("connects");
+    // Sent in two pieces, the first cut inside the frame.
+    let frame = fluent_bit_frame(chunk, &["first", "second"]);
+    good.write_all(&frame[..10]).await.expect("writes");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    good.write_all(&frame[10..]).await.expect("writes");
+    assert_eq!(
+        read_ack(&mut good).await,
+        Value::Map(vec![(Value::from("ack"), Value::from(chunk))])
+    );
+    // Garbage on another connection: it is closed; the first one still works.
+    let mut bad = tokio::net::TcpStream::connect(listener.addr)
+        .await
+        .expect("connects");
+    bad.write_all(&[0xc1, 0x00, 0x01]).await.expect("writes");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "garbage closes its connection: {closed:?}"
+    );
+    // A TCP heartbeat (nil), then a message without a chunk (no answer), then one with.
+    good.write_all(&[0xc0]).await.expect("writes");
+    good.write_all(&encode(&Value::Array(vec![
+        Value::from("hybris.wrapper"),
+        Value::from(1_730_103_120_u32),
+        Value::Map(vec![(Value::from("log"), Value::from("third"))]),
+    ])))
+    .await
+    .expect("writes");
+    good.write_all(&fluent_bit_frame("c2", &["fourth"]))
+        .await
+        .expect("writes");
+    assert_eq!(
+        read_ack(&mut good).await,
+        Value::Map(vec![(Value::from("ack"), Value::from("c2"))])
+    );
+    let lines: Vec<String> = buffered(&listener).into_iter().map(|e| e.1).collect();
+    assert_eq!(lines, ["first", "second", "third", "fourth"]);
+}
+
+#[tokio::test]
+async fn a_full_buffer_is_not_acknowledged_and_the_connection_closes() {
+    let limits = Limits {
+        max_bytes: 600,
+        segment_bytes: 600,
+    };
+    let listener = listener(None, limits).await;
+    let mut stream = tokio::net::TcpStream::connect(listener.addr)
+        .await
+        .expect("connects");
+    let line = "x".repeat(100);
+    let mut acked = 0;
+    for i in 0..10 {
+        let chunk = format!("chunk-{i}");
+        if stream
+            .write_all(&fluent_bit_frame(&chunk, &[&line]))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        let mut buf = vec![0; 64];
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                let ack = rmpv::decode::read_value(&mut &buf[..n]).expect("msgpack");
+                assert_eq!(
+                    ack,
+                    Value::Map(vec![(Value::from("ack"), Value::from(chunk.as_str()))])
+                );
+                acked += 1;
+            }
+            _ => break,
+        }
+    }
+    assert!(
+        (1..10).contains(&acked),
+        "some acknowledged, then refused: {acked}"
+    );
+    // What was acknowledged is exactly what the buffer holds.
+    assert_eq!(buffered(&listener).len(), acked);
+}
