@@ -8,13 +8,21 @@ use mall_proto::logs::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{parsing::Parsing, record::Record};
+use std::sync::{Arc, atomic::Ordering};
+
+use mall_proto::logs::v1::SourceStats;
+
+use crate::{parsing::Parsing, pipeline::Stats, record::Record};
 
 /// The service's handlers.
 #[derive(Debug, Clone)]
 pub struct LogsApi {
     /// TestParse.
     pub parsing: Parsing,
+    /// The pipeline's counters.
+    pub stats: Arc<Stats>,
+    /// When this replica started (the counters' start).
+    pub started: chrono::DateTime<chrono::Utc>,
 }
 
 #[tonic::async_trait]
@@ -23,9 +31,29 @@ impl LogIngestService for LogsApi {
         &self,
         _request: Request<GetPipelineStatsRequest>,
     ) -> Result<Response<GetPipelineStatsResponse>, Status> {
-        Err(Status::unimplemented(
-            "log ingestion (forward, OTLP, Loki) is not built yet; only TestParse is served",
-        ))
+        let s = &self.stats;
+        let count = |c: &std::sync::atomic::AtomicU64| {
+            i64::try_from(c.load(Ordering::Relaxed)).unwrap_or(i64::MAX)
+        };
+        let sources = ["forward", "otlp"]
+            .iter()
+            .enumerate()
+            .map(|(i, source)| SourceStats {
+                source: (*source).to_owned(),
+                received_records: count(&s.received[i]),
+                parse_errors: count(&s.parse_errors[i]),
+                dropped_records: count(&s.dropped[i]),
+            })
+            .collect();
+        let last = s.last_push_micros.load(Ordering::Relaxed);
+        Ok(Response::new(GetPipelineStatsResponse {
+            sources,
+            loki_pushed_records: count(&s.pushed),
+            loki_failed_pushes: count(&s.failed_pushes),
+            buffered_records: count(&s.waiting),
+            last_push_time: (last > 0).then(|| timestamp(last)),
+            stats_start_time: Some(timestamp(self.started.timestamp_micros())),
+        }))
     }
 
     async fn test_parse(
@@ -54,18 +82,22 @@ impl LogIngestService for LogsApi {
         _request: Request<TailLogsRequest>,
     ) -> Result<Response<Self::TailLogsStream>, Status> {
         Err(Status::unimplemented(
-            "log ingestion (forward, OTLP, Loki) is not built yet; only TestParse is served",
+            "TailLogs is not built yet; GetPipelineStats and TestParse are served",
         ))
+    }
+}
+
+fn timestamp(micros: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1_000).unwrap_or_default(),
     }
 }
 
 /// The contract's record of `record`, emitted by `service`.
 pub fn parsed(record: Record, service: &str) -> ParsedRecord {
     ParsedRecord {
-        time: record.time_micros.map(|micros| prost_types::Timestamp {
-            seconds: micros.div_euclid(1_000_000),
-            nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1_000).unwrap_or_default(),
-        }),
+        time: record.time_micros.map(timestamp),
         level: record
             .level
             .map(|l| l.as_str().to_owned())

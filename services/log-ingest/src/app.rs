@@ -1,16 +1,28 @@
 //! Wiring: connect dependencies, bind listeners, register services.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use anyhow::Context as _;
 
 use mall_grpc::GrpcServer;
 use mall_proto::logs::v1::log_ingest_service_server::LogIngestServiceServer;
 
-use crate::{SERVICE, api::LogsApi, config::Settings, parsing::Parsing};
+use crate::{
+    SERVICE,
+    api::LogsApi,
+    buffer::{Buffer, Limits},
+    config::Settings,
+    forward_input::ForwardInput,
+    loki::LokiClient,
+    parsing::Parsing,
+    pipeline::{Pipeline, Stats},
+};
 
 /// A built `log-ingest`, listeners bound, ready to run.
 #[derive(Debug)]
 pub struct App {
     server: GrpcServer,
+    forward_addr: SocketAddr,
 }
 
 impl App {
@@ -20,17 +32,78 @@ impl App {
     /// When a dependency is unreachable or a listener cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let parsing = Parsing::new(&settings.parsing, &settings.masking)?;
-        let mut server = GrpcServer::bind(SERVICE, &settings.server).await?;
-        server.add_service(
-            LogIngestServiceServer::new(LogsApi { parsing })
-                .max_decoding_message_size(settings.server.max_message_bytes),
+        let limits = Limits {
+            max_bytes: settings.buffer.max_bytes,
+            segment_bytes: settings.buffer.segment_bytes,
+        };
+        anyhow::ensure!(
+            limits.segment_bytes >= 1 << 20 && limits.max_bytes >= limits.segment_bytes,
+            "buffer.segment_bytes must be at least 1 MiB and buffer.max_bytes at least one segment"
         );
-        Ok(Self { server })
+        let (buffer, start) = Buffer::open(&settings.buffer.dir, limits).with_context(|| {
+            format!(
+                "cannot open the buffer in {}",
+                settings.buffer.dir.display()
+            )
+        })?;
+        let loki = LokiClient::new(
+            &settings.loki.url,
+            settings.loki.tenant.clone(),
+            settings.loki.request_timeout,
+            (settings.loki.retry_initial, settings.loki.retry_max),
+        )?;
+        let stats = Arc::new(Stats::new(parsing.masker.len()));
+        let mut server = GrpcServer::bind(SERVICE, &settings.server).await?;
+        let forward = ForwardInput::bind(settings.forward.clone(), buffer.clone())
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen for forward on {}",
+                    settings.forward.listen_addr
+                )
+            })?;
+        let forward_addr = forward.local_addr()?;
+        let shutdown = server.shutdown_token();
+        let pipeline = Pipeline {
+            settings: settings.pipeline.clone(),
+            zone: parsing.zone,
+            caps: parsing.caps,
+            masker: parsing.masker.clone(),
+            buffer,
+            loki,
+            stats: stats.clone(),
+        };
+        let until = shutdown.clone();
+        server.spawn("forward input", async move {
+            forward.run(until).await;
+            Ok(())
+        });
+        server.spawn("pipeline to Loki", async move {
+            pipeline.run(start, shutdown).await;
+            Ok(())
+        });
+        server.add_service(
+            LogIngestServiceServer::new(LogsApi {
+                parsing,
+                stats,
+                started: chrono::Utc::now(),
+            })
+            .max_decoding_message_size(settings.server.max_message_bytes),
+        );
+        Ok(Self {
+            server,
+            forward_addr,
+        })
     }
 
     /// Where gRPC listens (the real port when configured with port 0).
     pub fn grpc_addr(&self) -> SocketAddr {
         self.server.grpc_addr()
+    }
+
+    /// Where the forward listener listens.
+    pub fn forward_addr(&self) -> SocketAddr {
+        self.forward_addr
     }
 
     /// Where the admin HTTP server listens.

@@ -4,7 +4,13 @@ use mall_grpc::ServerSettings;
 use mall_telemetry::TelemetrySettings;
 use serde::{Deserialize, Serialize};
 
-use crate::mask::{self, PatternSettings};
+use std::{path::PathBuf, time::Duration};
+
+use crate::{
+    forward_input::ForwardSettings,
+    mask::{self, PatternSettings},
+    pipeline::PipelineSettings,
+};
 
 /// Environment variable prefix: `LOG_INGEST__SERVER__LISTEN_ADDR=0.0.0.0:50054`.
 pub const ENV_PREFIX: &str = "LOG_INGEST";
@@ -21,6 +27,14 @@ pub struct Settings {
     pub parsing: ParsingSettings,
     /// Personal data masked out of every record.
     pub masking: MaskingSettings,
+    /// The Fluent forward protocol's listener.
+    pub forward: ForwardSettings,
+    /// The durable buffer between the inputs and Loki.
+    pub buffer: BufferSettings,
+    /// Where records go.
+    pub loki: LokiSettings,
+    /// From the buffer to Loki: streams, parsers per source, batching.
+    pub pipeline: PipelineSettings,
 }
 
 impl Default for Settings {
@@ -30,6 +44,10 @@ impl Default for Settings {
             telemetry: TelemetrySettings::default(),
             parsing: ParsingSettings::default(),
             masking: MaskingSettings::default(),
+            forward: ForwardSettings::default(),
+            buffer: BufferSettings::default(),
+            loki: LokiSettings::default(),
+            pipeline: PipelineSettings::default(),
         }
     }
 }
@@ -81,6 +99,60 @@ impl Default for MaskingSettings {
     fn default() -> Self {
         Self {
             patterns: mask::default_patterns(),
+        }
+    }
+}
+
+/// The durable buffer.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BufferSettings {
+    /// Its directory (a persistent volume in Kubernetes: acknowledged data lives here).
+    /// Default `.data/log-ingest/buffer`.
+    pub dir: PathBuf,
+    /// Most unacknowledged bytes; beyond it inputs stop acknowledging. Default 1 GiB.
+    pub max_bytes: u64,
+    /// Largest segment file. Default 64 MiB.
+    pub segment_bytes: u64,
+}
+
+impl Default for BufferSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from(".data/log-ingest/buffer"),
+            max_bytes: 1 << 30,
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Loki.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LokiSettings {
+    /// Its base URL. Default `http://127.0.0.1:3100`.
+    pub url: String,
+    /// `X-Scope-OrgID` for a multi-tenant Loki; none: no header.
+    pub tenant: Option<String>,
+    /// Longest one push may take, connecting included. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// First wait after a failed push (doubling, jittered). Default 200 ms.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest wait between attempts (and the most of a `Retry-After` honoured). Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+impl Default for LokiSettings {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:3100".to_owned(),
+            tenant: None,
+            request_timeout: Duration::from_secs(10),
+            retry_initial: Duration::from_millis(200),
+            retry_max: Duration::from_secs(30),
         }
     }
 }

@@ -13,6 +13,9 @@
 //! - [`buffer`]: the durable buffer between inputs and Loki (acknowledge after sync).
 //! - [`batch`]: what an input puts in the buffer.
 //! - [`forward_input`]: the forward protocol's listener (acks after the buffer synced).
+//! - [`pipeline`]: from the buffer to Loki (grouping, masking, batching, acknowledging).
+//! - [`loki`]: Loki's push API and the client; [`loki_receiver`]: a Loki-compatible
+//!   receiver for tests, benchmarks and local runs.
 
 pub mod api;
 pub mod app;
@@ -21,10 +24,13 @@ pub mod buffer;
 pub mod config;
 pub mod forward;
 pub mod forward_input;
+pub mod loki;
+pub mod loki_receiver;
 pub mod mask;
 pub mod multiline;
 pub mod parse;
 pub mod parsing;
+pub mod pipeline;
 pub mod record;
 
 pub use app::App;

@@ -71,6 +71,11 @@ impl Grouper {
     pub fn is_pending(&self) -> bool {
         self.pending.is_some()
     }
+
+    /// The first line of the record in progress, if any.
+    pub fn pending_first_line(&self) -> Option<usize> {
+        self.pending.as_ref().map(|r| r.first_line)
+    }
 }
 
 /// Appends a continuation line to `record`: to the stack trace when it is stack trace,

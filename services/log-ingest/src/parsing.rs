@@ -19,9 +19,12 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024;
 /// The configured parsing: source zone, caps, masking.
 #[derive(Debug, Clone)]
 pub struct Parsing {
-    zone: Tz,
-    caps: Caps,
-    masker: Masker,
+    /// Source time zone.
+    pub zone: Tz,
+    /// Caps on one record.
+    pub caps: Caps,
+    /// Masking.
+    pub masker: Masker,
 }
 
 impl Parsing {

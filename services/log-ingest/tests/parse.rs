@@ -15,11 +15,15 @@ const STATS: &str = include_str!("fixtures/hybris-wrapper.log.stats.json");
 async fn client() -> (
     LogIngestServiceClient<Channel>,
     tokio_util::sync::CancellationToken,
+    tempfile::TempDir,
 ) {
     mall_test_support::init_logging();
+    let dir = tempfile::tempdir().expect("a temporary directory");
     let mut settings = Settings::default();
     settings.server.listen_addr = "127.0.0.1:0".parse().expect("valid address");
     settings.server.admin_addr = "127.0.0.1:0".parse().expect("valid address");
+    settings.forward.listen_addr = "127.0.0.1:0".parse().expect("valid address");
+    settings.buffer.dir = dir.path().to_owned();
     let app = App::build(settings).await.expect("app builds");
     let grpc = app.grpc_addr();
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -30,7 +34,7 @@ async fn client() -> (
         .connect()
         .await
         .expect("connects");
-    (LogIngestServiceClient::new(channel), shutdown)
+    (LogIngestServiceClient::new(channel), shutdown, dir)
 }
 
 fn stat(name: &str) -> usize {
@@ -40,7 +44,7 @@ fn stat(name: &str) -> usize {
 
 #[tokio::test]
 async fn the_legacy_corpus_is_one_record_per_entry_with_every_stack_trace_whole() {
-    let (mut client, _shutdown) = client().await;
+    let (mut client, _shutdown, _dir) = client().await;
     let lines: Vec<String> = CORPUS.lines().map(str::to_owned).collect();
     assert_eq!(lines.len(), stat("lines"));
     for parser in ["hybris-wrapper", ""] {
@@ -122,7 +126,7 @@ fn mask_emails(line: &str) -> String {
 
 #[tokio::test]
 async fn bad_requests_name_every_problem() {
-    let (mut client, _shutdown) = client().await;
+    let (mut client, _shutdown, _dir) = client().await;
     let mut lines = vec!["x".to_owned(); 1_001];
     lines[3] = "y".repeat(64 * 1024 + 1);
     let status = client
@@ -153,10 +157,10 @@ async fn bad_requests_name_every_problem() {
 }
 
 #[tokio::test]
-async fn the_calls_ingestion_serves_say_they_are_not_built_yet() {
-    let (mut client, _shutdown) = client().await;
+async fn tail_logs_says_it_is_not_built_yet() {
+    let (mut client, _shutdown, _dir) = client().await;
     let status = client
-        .get_pipeline_stats(mall_proto::logs::v1::GetPipelineStatsRequest {})
+        .tail_logs(mall_proto::logs::v1::TailLogsRequest::default())
         .await
         .expect_err("not built");
     assert_eq!(status.code(), Code::Unimplemented);

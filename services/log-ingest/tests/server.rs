@@ -12,9 +12,12 @@ const CONTRACT: &str = "mall.logs.v1.LogIngestService";
 #[tokio::test]
 async fn serves_health_reflection_and_metrics() {
     mall_test_support::init_logging();
+    let dir = tempfile::tempdir().expect("a temporary directory");
     let mut settings = Settings::default();
     settings.server.listen_addr = "127.0.0.1:0".parse().expect("valid address");
     settings.server.admin_addr = "127.0.0.1:0".parse().expect("valid address");
+    settings.forward.listen_addr = "127.0.0.1:0".parse().expect("valid address");
+    settings.buffer.dir = dir.path().to_owned();
     let app = App::build(settings).await.expect("app builds");
     let (grpc, admin) = (app.grpc_addr(), app.admin_addr());
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -52,10 +55,16 @@ async fn serves_health_reflection_and_metrics() {
 
 #[tokio::test]
 async fn sigterm_ends_the_process_with_exit_code_zero_within_the_drain_timeout() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let buffer = dir.path().display().to_string();
     let mut service = process::ServiceProcess::start(
         BINARY,
         "LOG_INGEST",
-        &[("LOG_INGEST__SERVER__DRAIN_TIMEOUT", "5s")],
+        &[
+            ("LOG_INGEST__SERVER__DRAIN_TIMEOUT", "5s"),
+            ("LOG_INGEST__FORWARD__LISTEN_ADDR", "127.0.0.1:0"),
+            ("LOG_INGEST__BUFFER__DIR", &buffer),
+        ],
     );
     let listening = service.wait_until_serving(Duration::from_secs(30)).await;
     assert_eq!(

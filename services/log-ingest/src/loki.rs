@@ -1,0 +1,215 @@
+//! Loki's push API: `POST /loki/api/v1/push` with a protobuf `PushRequest` compressed with
+//! raw (block) snappy; the client that sends our records, with retries.
+//!
+//! The messages are Loki's `logproto` push types (`pkg/push/push.proto` in grafana/loki),
+//! declared here with prost's derive from their published field numbers: four small
+//! messages are not worth a code generator or a crate pinned to another prost.
+//!
+//! Failures, classified: 429, 5xx and connection errors or timeouts are the environment's
+//! (retried with jittered backoff, `Retry-After` honoured, until they pass: the buffer
+//! holds the records meanwhile); 400 is the records' fault (Loki refuses them for good:
+//! dropped, counted by reason, one sample line logged without their text); anything else
+//! (401, 403, 404) is the operator's (retried slowly and logged at ERROR: fixing the
+//! configuration must not lose what waited).
+
+use std::time::Duration;
+
+use prost::Message as _;
+
+/// `logproto.PushRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PushRequest {
+    /// The streams.
+    #[prost(message, repeated, tag = "1")]
+    pub streams: Vec<Stream>,
+}
+
+/// `logproto.StreamAdapter`: one label set and its entries.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Stream {
+    /// Labels in Prometheus' text form: `{service="hybris", level="ERROR"}`.
+    #[prost(string, tag = "1")]
+    pub labels: String,
+    /// Entries, oldest first.
+    #[prost(message, repeated, tag = "2")]
+    pub entries: Vec<Entry>,
+    /// Unused by pushes.
+    #[prost(uint64, tag = "3")]
+    pub hash: u64,
+}
+
+/// `logproto.EntryAdapter`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Entry {
+    /// When it was written.
+    #[prost(message, optional, tag = "1")]
+    pub timestamp: Option<prost_types::Timestamp>,
+    /// The line.
+    #[prost(string, tag = "2")]
+    pub line: String,
+    /// Structured metadata (not labels): trace id, logger, thread.
+    #[prost(message, repeated, tag = "3")]
+    pub structured_metadata: Vec<LabelPair>,
+}
+
+/// `logproto.LabelPairAdapter`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LabelPair {
+    /// Name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Value.
+    #[prost(string, tag = "2")]
+    pub value: String,
+}
+
+/// The body of a push: the request, protobuf, snappy (raw block format).
+pub fn encode(request: &PushRequest) -> Vec<u8> {
+    let bytes = request.encode_to_vec();
+    snap::raw::Encoder::new()
+        .compress_vec(&bytes)
+        .expect("snappy compresses any input that fits in memory")
+}
+
+/// A push body back into its request (the receiver's side).
+///
+/// # Errors
+/// When it is not snappy, or not a `PushRequest`.
+pub fn decode(body: &[u8]) -> Result<PushRequest, String> {
+    let bytes = snap::raw::Decoder::new()
+        .decompress_vec(body)
+        .map_err(|e| format!("not snappy: {e}"))?;
+    PushRequest::decode(&bytes[..]).map_err(|e| format!("not a PushRequest: {e}"))
+}
+
+/// What became of one push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pushed {
+    /// Loki took it.
+    Accepted,
+    /// Loki refused it for good (400): its reason, without the records' text.
+    Refused(String),
+}
+
+/// Sends pushes to Loki.
+#[derive(Debug, Clone)]
+pub struct LokiClient {
+    client: reqwest::Client,
+    url: String,
+    tenant: Option<String>,
+    retry_initial: Duration,
+    retry_max: Duration,
+}
+
+impl LokiClient {
+    /// A client of the Loki at `base_url` (`http://loki:3100`), sending `X-Scope-OrgID:
+    /// tenant` when set; each request may take `timeout`.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn new(
+        base_url: &str,
+        tenant: Option<String>,
+        timeout: Duration,
+        retry: (Duration, Duration),
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(timeout)
+                .build()?,
+            url: format!("{}/loki/api/v1/push", base_url.trim_end_matches('/')),
+            tenant,
+            retry_initial: retry.0,
+            retry_max: retry.1,
+        })
+    }
+
+    /// Pushes `body` (from [`encode`]) until Loki accepts or refuses it for good; waits out
+    /// everything else. `None` when `stop` fired first.
+    pub async fn push(
+        &self,
+        body: Vec<u8>,
+        stop: &tokio_util::sync::CancellationToken,
+        mut on_failure: impl FnMut(&str),
+    ) -> Option<Pushed> {
+        let mut failures = 0;
+        loop {
+            let mut request = self
+                .client
+                .post(&self.url)
+                .header("content-type", "application/x-protobuf")
+                .body(body.clone());
+            if let Some(tenant) = &self.tenant {
+                request = request.header("x-scope-orgid", tenant);
+            }
+            let (wait, why) = match request.send().await {
+                Ok(response) if response.status().is_success() => return Some(Pushed::Accepted),
+                Ok(response) if response.status() == reqwest::StatusCode::BAD_REQUEST => {
+                    let reason = response.text().await.unwrap_or_default();
+                    return Some(Pushed::Refused(reason.chars().take(200).collect()));
+                }
+                Ok(response) => {
+                    let status = response.status();
+                    let after = response
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let transient = status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                        || status.is_server_error();
+                    if !transient {
+                        tracing::error!(%status, "Loki refuses our pushes (authentication or URL?); retrying until it is fixed");
+                    }
+                    (after, format!("status {}", status.as_u16()))
+                }
+                Err(error) => (
+                    None,
+                    if error.is_timeout() {
+                        "timeout".to_owned()
+                    } else {
+                        "connection".to_owned()
+                    },
+                ),
+            };
+            failures += 1;
+            on_failure(&why);
+            let backoff = mall_retry::Backoff::after(self.retry_initial, self.retry_max, failures);
+            let wait = wait.map_or(backoff, |after| after.min(self.retry_max).max(backoff));
+            tracing::warn!(why, failures, ?wait, "a push to Loki failed; retrying");
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_push_body_decodes_to_the_request() {
+        let request = PushRequest {
+            streams: vec![Stream {
+                labels: r#"{service="hybris"}"#.to_owned(),
+                entries: vec![Entry {
+                    timestamp: Some(prost_types::Timestamp {
+                        seconds: 1_730_103_120,
+                        nanos: 40_000_000,
+                    }),
+                    line: "cart 8812 failed".to_owned(),
+                    structured_metadata: vec![LabelPair {
+                        name: "logger".to_owned(),
+                        value: "DefaultCartService".to_owned(),
+                    }],
+                }],
+                hash: 0,
+            }],
+        };
+        assert_eq!(decode(&encode(&request)), Ok(request));
+        assert!(decode(b"not snappy").is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! A Loki-compatible push receiver for tests, benchmarks and local runs (Loki itself is not
+//! installable here): it decodes snappy protobuf pushes as Loki does, refuses what Loki
+//! refuses with Loki's status codes, can be told to fail, and keeps what it accepted.
+//!
+//! Refused with 400, as Loki's defaults do: labels that do not parse, more than 15 labels
+//! in a stream, a line over 256 KB, an entry without a timestamp. Fault injection: refuse
+//! every push with 429 (and `Retry-After: 1`) or 500 for a while, or be down (the listener
+//! closed).
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::loki::{self, Entry};
+
+/// Loki's default `max_line_size`.
+pub const MAX_LINE_BYTES: usize = 256 * 1024;
+/// Loki's default `max_label_names_per_series`.
+pub const MAX_LABELS: usize = 15;
+
+/// One accepted entry with its stream's labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    /// The stream's labels, parsed.
+    pub labels: Vec<(String, String)>,
+    /// The entry.
+    pub entry: Entry,
+    /// The tenant header, if any.
+    pub tenant: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    received: Vec<Received>,
+    pushes: u64,
+    refused: u64,
+    failing: Option<(StatusCode, Instant)>,
+}
+
+/// A running receiver.
+#[derive(Debug, Clone)]
+pub struct LokiReceiver {
+    addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+    stop: CancellationToken,
+}
+
+impl LokiReceiver {
+    /// Starts a receiver on `addr` (port 0 for any).
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn start(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let stop = CancellationToken::new();
+        let app = Router::new()
+            .route("/loki/api/v1/push", post(push))
+            .with_state(inner.clone());
+        let until = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(until.cancelled_owned())
+                .await;
+        });
+        Ok(Self { addr, inner, stop })
+    }
+
+    /// Its base URL, `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Everything accepted so far, in arrival order.
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.inner).received.clone()
+    }
+
+    /// (pushes answered, pushes refused with 400).
+    pub fn counts(&self) -> (u64, u64) {
+        let inner = lock(&self.inner);
+        (inner.pushes, inner.refused)
+    }
+
+    /// Answers every push with `status` for `period` (429 comes with `Retry-After: 1`).
+    pub fn fail(&self, status: StatusCode, period: Duration) {
+        lock(&self.inner).failing = Some((status, Instant::now() + period));
+    }
+
+    /// Stops listening (a Loki that is down).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Bytes) -> Response {
+    let mut inner = lock(&inner);
+    inner.pushes += 1;
+    if let Some((status, until)) = inner.failing {
+        if Instant::now() < until {
+            let mut response = (status, "injected failure").into_response();
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                response
+                    .headers_mut()
+                    .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+            }
+            return response;
+        }
+        inner.failing = None;
+    }
+    let refuse = |inner: &mut Inner, why: String| {
+        inner.refused += 1;
+        (StatusCode::BAD_REQUEST, why).into_response()
+    };
+    let request = match loki::decode(&body) {
+        Ok(request) => request,
+        Err(why) => return refuse(&mut inner, why),
+    };
+    let tenant = headers
+        .get("x-scope-orgid")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut accepted = Vec::new();
+    for stream in request.streams {
+        let Some(labels) = parse_labels(&stream.labels) else {
+            return refuse(
+                &mut inner,
+                format!("error parsing labels {:?}", stream.labels),
+            );
+        };
+        if labels.len() > MAX_LABELS {
+            return refuse(
+                &mut inner,
+                format!("stream has {} labels, more than {MAX_LABELS}", labels.len()),
+            );
+        }
+        for entry in stream.entries {
+            if entry.line.len() > MAX_LINE_BYTES {
+                return refuse(
+                    &mut inner,
+                    format!("line too long: {} bytes", entry.line.len()),
+                );
+            }
+            if entry.timestamp.is_none() {
+                return refuse(&mut inner, "entry without a timestamp".to_owned());
+            }
+            accepted.push(Received {
+                labels: labels.clone(),
+                entry,
+                tenant: tenant.clone(),
+            });
+        }
+    }
+    inner.received.extend(accepted);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// `{name="value", …}` with Prometheus' label name rules and escapes; `None` when it does
+/// not parse (or is empty, which Loki refuses too).
+pub fn parse_labels(text: &str) -> Option<Vec<(String, String)>> {
+    let inner = text.trim().strip_prefix('{')?.strip_suffix('}')?;
+    let mut labels = Vec::new();
+    let mut rest = inner.trim_start();
+    while !rest.is_empty() {
+        let eq = rest.find('=')?;
+        let name = rest[..eq].trim();
+        let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return None;
+        }
+        let after = rest[eq + 1..].trim_start().strip_prefix('"')?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '\\' => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                '"' => break i,
+                other => value.push(other),
+            }
+        };
+        labels.push((name.to_owned(), value));
+        rest = after[end + 1..].trim_start();
+        if let Some(next) = rest.strip_prefix(',') {
+            rest = next.trim_start();
+        } else if !rest.is_empty() {
+            return None;
+        }
+    }
+    (!labels.is_empty()).then_some(labels)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_parse_as_loki_reads_them() {
+        assert_eq!(
+            parse_labels(r#"{service="hybris", level="ERROR",host="a\"b"}"#),
+            Some(vec![
+                ("service".to_owned(), "hybris".to_owned()),
+                ("level".to_owned(), "ERROR".to_owned()),
+                ("host".to_owned(), "a\"b".to_owned()),
+            ])
+        );
+        for bad in [
+            "{}",
+            "service=\"x\"",
+            "{1a=\"x\"}",
+            "{a=\"x\" b=\"y\"}",
+            "{a=\"x}",
+        ] {
+            assert_eq!(parse_labels(bad), None, "{bad}");
+        }
+    }
+}

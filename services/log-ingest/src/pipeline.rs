@@ -1,0 +1,454 @@
+//! From the buffer to Loki: batches read in order, their lines parsed and grouped per
+//! stream (multi-line records whole), masked, pushed to Loki in batches bounded by bytes
+//! and time, and the buffer acknowledged only as far as nothing before it is still needed.
+//!
+//! What may be acknowledged after a push: the position after the last batch read, or the
+//! start of the batch where a record still in progress began, whichever is earlier. After
+//! a crash the pipeline re-reads from there: records in progress are rebuilt whole; records
+//! pushed already may be pushed again, which Loki ignores (it drops an entry identical in
+//! stream, time and line to one it has).
+//!
+//! A stream is a forward tag (or OTLP service) plus the value of a configured record field
+//! naming the host (`host`): each has its own multi-line state, flushed after it has been
+//! quiet for `flush_after`.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    batch::{Batch, Source},
+    buffer::{Buffer, Position, Reader},
+    forward::{self, Event},
+    loki::{self, LokiClient, Pushed},
+    mask::Masker,
+    multiline::{Caps, Grouper},
+    parse::{Format, Parser},
+    record::Record,
+};
+
+/// How the pipeline reads events and batches pushes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// The record field holding the line (Fluent Bit's `log`).
+    pub line_field: String,
+    /// The record field naming the host (or file): part of the stream, and the `host`
+    /// label.
+    pub host_field: String,
+    /// Parser per forward tag or OTLP service (`hybris.wrapper = "hybris-wrapper"`; a key
+    /// ending in `*` matches a prefix); unlisted sources are parsed per line.
+    pub parsers: std::collections::BTreeMap<String, String>,
+    /// A stream's record in progress is complete after this long without a line.
+    #[serde(with = "humantime_serde")]
+    pub flush_after: Duration,
+    /// The `environment` label of every stream.
+    pub environment: String,
+    /// A push holds at most this many bytes of lines (well under Loki's 6 MB burst).
+    pub batch_bytes: usize,
+    /// A record waits at most this long for its push.
+    #[serde(with = "humantime_serde")]
+    pub batch_wait: Duration,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self {
+            line_field: "log".to_owned(),
+            host_field: "host".to_owned(),
+            parsers: std::collections::BTreeMap::new(),
+            flush_after: Duration::from_secs(2),
+            environment: "local".to_owned(),
+            batch_bytes: 1024 * 1024,
+            batch_wait: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Counters the pipeline keeps for GetPipelineStats and `/metrics`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Events read from the buffer, per source: forward, otlp.
+    pub received: [AtomicU64; 2],
+    /// Records with a parse error, per source.
+    pub parse_errors: [AtomicU64; 2],
+    /// Records Loki refused for good, per source.
+    pub dropped: [AtomicU64; 2],
+    /// Records Loki accepted.
+    pub pushed: AtomicU64,
+    /// Pushes that failed (each retry).
+    pub failed_pushes: AtomicU64,
+    /// Records parsed and waiting for a push.
+    pub waiting: AtomicU64,
+    /// When Loki last accepted a push, microseconds since the epoch (0: never).
+    pub last_push_micros: AtomicI64,
+    /// Masked matches per pattern, in configured order.
+    pub masked: Vec<AtomicU64>,
+}
+
+impl Stats {
+    /// Counters for `patterns` masking patterns.
+    pub fn new(patterns: usize) -> Self {
+        Self {
+            masked: (0..patterns).map(|_| AtomicU64::new(0)).collect(),
+            ..Self::default()
+        }
+    }
+}
+
+fn slot(source: Source) -> usize {
+    match source {
+        Source::Forward => 0,
+        Source::Otlp => 1,
+    }
+}
+
+/// The pipeline's parts.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// Settings.
+    pub settings: PipelineSettings,
+    /// Source time zone and caps.
+    pub zone: chrono_tz::Tz,
+    /// Caps on a record.
+    pub caps: Caps,
+    /// Masking.
+    pub masker: Masker,
+    /// Where batches come from.
+    pub buffer: Buffer,
+    /// Where records go.
+    pub loki: LokiClient,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+/// One stream's state.
+#[derive(Debug)]
+struct StreamState {
+    grouper: Grouper,
+    parser: Parser,
+    source: Source,
+    tag: String,
+    host: String,
+    lines: usize,
+    last_line: Instant,
+    /// Where the batch holding the first line of the record in progress starts.
+    pending_from: Option<(usize, Position)>,
+    /// The time of the event of each pending record's first line, for records without one.
+    pending_event_time: i64,
+}
+
+/// A record ready for Loki, with its stream.
+#[derive(Debug)]
+struct Ready {
+    record: Record,
+    source: Source,
+    tag: String,
+    host: String,
+    fallback_nanos: i64,
+}
+
+impl Pipeline {
+    /// Runs from `start` until `shutdown`.
+    pub async fn run(self, start: Position, shutdown: CancellationToken) {
+        let mut reader: Reader = self.buffer.reader(start);
+        let mut streams: HashMap<(String, String), StreamState> = HashMap::new();
+        let mut ready: Vec<Ready> = Vec::new();
+        let mut ready_bytes = 0_usize;
+        let mut oldest: Option<Instant> = None;
+        let mut cursor = start;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                next = reader.next() => match next {
+                    Ok((bytes, after)) => {
+                        match Batch::decode(&bytes) {
+                            Ok(batch) => self.feed(batch, cursor, &mut streams, &mut ready),
+                            Err(why) => tracing::error!(%why, "a buffered batch does not decode; skipped"),
+                        }
+                        cursor = after;
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "cannot read the buffer; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        reader = self.buffer.reader(cursor);
+                        continue;
+                    }
+                },
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    for state in streams.values_mut() {
+                        if state.grouper.is_pending() && now.duration_since(state.last_line) >= self.settings.flush_after {
+                            let fallback = state.pending_event_time;
+                            if let Some(record) = state.grouper.flush() {
+                                ready.push(Ready { record, source: state.source, tag: state.tag.clone(), host: state.host.clone(), fallback_nanos: fallback });
+                            }
+                            state.pending_from = None;
+                        }
+                    }
+                    streams.retain(|_, s| s.grouper.is_pending() || now.duration_since(s.last_line) < Duration::from_secs(600));
+                }
+            }
+            if !ready.is_empty() {
+                oldest.get_or_insert_with(Instant::now);
+                ready_bytes = ready.iter().map(|r| r.record.text_len() + 64).sum();
+            }
+            self.stats
+                .waiting
+                .store(ready.len() as u64, Ordering::Relaxed);
+            let due = oldest.is_some_and(|t| t.elapsed() >= self.settings.batch_wait)
+                || ready_bytes >= self.settings.batch_bytes;
+            if ready.is_empty() || !due {
+                continue;
+            }
+            // Everything read is in `ready` or in a record in progress.
+            let acknowledge = streams
+                .values()
+                .filter_map(|s| s.pending_from.map(|(_, at)| at))
+                .fold(cursor, std::cmp::min);
+            let records = std::mem::take(&mut ready);
+            (oldest, ready_bytes) = (None, 0);
+            if !self.push(records, &shutdown).await {
+                return;
+            }
+            if let Err(error) = self.buffer.acknowledge(acknowledge) {
+                tracing::error!(%error, "cannot record the buffer's position; records after it may be pushed again after a restart");
+            }
+            self.stats.waiting.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Parses and groups one batch (which starts at `at`) into `ready`.
+    fn feed(
+        &self,
+        batch: Batch,
+        at: Position,
+        streams: &mut HashMap<(String, String), StreamState>,
+        ready: &mut Vec<Ready>,
+    ) {
+        let source = batch.source;
+        self.stats.received[slot(source)].fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+        let parser = Parser::new(self.format_of(&batch.tag), self.zone);
+        let mut out = Vec::new();
+        for event in &batch.events {
+            let host = event
+                .text(&self.settings.host_field)
+                .map(|h| h.into_owned())
+                .unwrap_or_default();
+            let state = streams
+                .entry((batch.tag.clone(), host.clone()))
+                .or_insert_with(|| StreamState {
+                    grouper: Grouper::default(),
+                    parser,
+                    source,
+                    tag: batch.tag.clone(),
+                    host,
+                    lines: 0,
+                    last_line: Instant::now(),
+                    pending_from: None,
+                    pending_event_time: 0,
+                });
+            let line = line_of(event, &self.settings.line_field);
+            for text in line.split('\n') {
+                let text = text.strip_suffix('\r').unwrap_or(text);
+                let before = state.grouper.pending_first_line();
+                let fallback = state.pending_event_time;
+                state
+                    .grouper
+                    .push(&state.parser, self.caps, text, state.lines, &mut out);
+                for record in out.drain(..) {
+                    ready.push(Ready {
+                        record,
+                        source,
+                        tag: state.tag.clone(),
+                        host: state.host.clone(),
+                        fallback_nanos: fallback,
+                    });
+                }
+                let now_pending = state.grouper.pending_first_line();
+                if now_pending != before {
+                    state.pending_from = now_pending.map(|line| (line, at));
+                    state.pending_event_time = event.time_nanos;
+                }
+                state.lines += 1;
+            }
+            state.last_line = Instant::now();
+        }
+    }
+
+    fn format_of(&self, tag: &str) -> Format {
+        let name = self.settings.parsers.get(tag).or_else(|| {
+            self.settings
+                .parsers
+                .iter()
+                .find(|(k, _)| k.strip_suffix('*').is_some_and(|p| tag.starts_with(p)))
+                .map(|(_, v)| v)
+        });
+        name.and_then(|n| Format::named(n)).unwrap_or(Format::Auto)
+    }
+
+    /// Masks `records`, pushes them (retrying until Loki answers for good) and counts;
+    /// `false` when shutdown came first.
+    async fn push(&self, records: Vec<Ready>, shutdown: &CancellationToken) -> bool {
+        let mut counts = vec![0; self.masker.len()];
+        let mut streams: HashMap<String, loki::Stream> = HashMap::new();
+        let mut sources = [0_u64; 2];
+        for mut ready in records {
+            self.masker.record(&mut ready.record, &mut counts);
+            if ready.record.parse_error {
+                self.stats.parse_errors[slot(ready.source)].fetch_add(1, Ordering::Relaxed);
+            }
+            sources[slot(ready.source)] += 1;
+            let record = ready.record;
+            let labels = labels(&[
+                ("service", ready.tag.as_str()),
+                ("level", record.level.map_or("unknown", |l| l.as_str())),
+                ("host", ready.host.as_str()),
+                ("environment", self.settings.environment.as_str()),
+            ]);
+            let nanos = record
+                .time_micros
+                .map_or(ready.fallback_nanos, |m| m.saturating_mul(1_000));
+            let mut metadata = Vec::new();
+            for (name, value) in [
+                ("trace_id", &record.trace_id),
+                ("logger", &record.logger),
+                ("thread", &record.thread),
+            ] {
+                if !value.is_empty() {
+                    metadata.push(loki::LabelPair {
+                        name: name.to_owned(),
+                        value: value.clone(),
+                    });
+                }
+            }
+            let mut line = record.message;
+            if !record.stack_trace.is_empty() {
+                line.push('\n');
+                line.push_str(&record.stack_trace);
+            }
+            streams
+                .entry(labels.clone())
+                .or_insert_with(|| loki::Stream {
+                    labels,
+                    entries: Vec::new(),
+                    hash: 0,
+                })
+                .entries
+                .push(loki::Entry {
+                    timestamp: Some(prost_types::Timestamp {
+                        seconds: nanos.div_euclid(1_000_000_000),
+                        nanos: i32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or(0),
+                    }),
+                    line,
+                    structured_metadata: metadata,
+                });
+        }
+        for (stat, count) in self.stats.masked.iter().zip(counts) {
+            stat.fetch_add(count, Ordering::Relaxed);
+        }
+        let request = loki::PushRequest {
+            streams: streams.into_values().collect(),
+        };
+        let failed = &self.stats.failed_pushes;
+        match self
+            .loki
+            .push(loki::encode(&request), shutdown, |_| {
+                failed.fetch_add(1, Ordering::Relaxed);
+            })
+            .await
+        {
+            None => false,
+            Some(Pushed::Accepted) => {
+                let total: u64 = sources.iter().sum();
+                self.stats.pushed.fetch_add(total, Ordering::Relaxed);
+                self.stats
+                    .last_push_micros
+                    .store(chrono::Utc::now().timestamp_micros(), Ordering::Relaxed);
+                true
+            }
+            Some(Pushed::Refused(reason)) => {
+                // One line per refused push, with Loki's reason but none of the records'
+                // text (Loki's reason can quote a label value, never a line).
+                tracing::warn!(records = sources.iter().sum::<u64>(), reason = %reason.lines().next().unwrap_or_default(), "Loki refused a push for good; its records are dropped");
+                for (i, count) in sources.iter().enumerate() {
+                    self.stats.dropped[i].fetch_add(*count, Ordering::Relaxed);
+                }
+                true
+            }
+        }
+    }
+}
+
+/// The line of an event: its line field, or (without one) the whole record as JSON so
+/// nothing is lost.
+fn line_of(event: &Event, field: &str) -> String {
+    if let Some(line) = event.text(field) {
+        return line.into_owned();
+    }
+    let object: serde_json::Map<String, serde_json::Value> = event
+        .record
+        .iter()
+        .filter_map(|(k, v)| {
+            let key = forward::text(k)?.into_owned();
+            let value = match forward::text(v) {
+                Some(text) => serde_json::Value::String(text.into_owned()),
+                None => serde_json::Value::String(v.to_string()),
+            };
+            Some((key, value))
+        })
+        .collect();
+    serde_json::Value::Object(object).to_string()
+}
+
+/// `{name="value", …}` with Loki's escaping, empty values left out.
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let mut out = String::from("{");
+    for (name, value) in pairs {
+        if value.is_empty() {
+            continue;
+        }
+        if out.len() > 1 {
+            out.push_str(", ");
+        }
+        out.push_str(name);
+        out.push_str("=\"");
+        for c in value.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_escape_and_leave_out_empty_values() {
+        assert_eq!(
+            labels(&[("service", "a\"b"), ("host", ""), ("level", "INFO")]),
+            r#"{service="a\"b", level="INFO"}"#
+        );
+        assert_eq!(
+            crate::loki_receiver::parse_labels(&labels(&[("service", "a\"b\\c")])),
+            Some(vec![("service".to_owned(), "a\"b\\c".to_owned())])
+        );
+    }
+}

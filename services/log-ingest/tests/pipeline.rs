@@ -1,0 +1,246 @@
+//! End to end: the legacy corpus over the forward protocol (as Fluent Bit sends it, in
+//! chunks that cut stack traces apart, acks required) → log-ingest → the Loki-compatible
+//! receiver; every entry compared with a model of the corpus built here (records split at
+//! the generator's header lines, e-mail addresses masked), through a Loki outage.
+
+use std::time::Duration;
+
+use log_ingest::{App, Settings, loki_receiver::LokiReceiver};
+use rmpv::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const CORPUS: &str = include_str!("fixtures/hybris-wrapper.log");
+
+struct Running {
+    app_forward: std::net::SocketAddr,
+    grpc: std::net::SocketAddr,
+    loki: LokiReceiver,
+    _shutdown: tokio_util::sync::CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Running {
+    mall_test_support::init_logging();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+        .await
+        .expect("starts");
+    let mut settings = Settings::default();
+    settings.server.listen_addr = "127.0.0.1:0".parse().expect("an address");
+    settings.server.admin_addr = "127.0.0.1:0".parse().expect("an address");
+    settings.forward.listen_addr = "127.0.0.1:0".parse().expect("an address");
+    settings.buffer.dir = dir.path().to_owned();
+    settings.loki.url = loki.url();
+    settings.loki.retry_initial = Duration::from_millis(50);
+    settings.loki.retry_max = Duration::from_millis(500);
+    settings
+        .pipeline
+        .parsers
+        .insert("hybris.*".to_owned(), "hybris-wrapper".to_owned());
+    settings.pipeline.flush_after = Duration::from_millis(300);
+    settings.pipeline.batch_wait = Duration::from_millis(100);
+    settings.pipeline.environment = "test".to_owned();
+    let app = App::build(settings).await.expect("builds");
+    let (app_forward, grpc) = (app.forward_addr(), app.grpc_addr());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
+    Running {
+        app_forward,
+        grpc,
+        loki,
+        _shutdown: shutdown,
+        _dir: dir,
+    }
+}
+
+/// Sends `lines` in Forward mode chunks of `per_chunk` entries, each acknowledged.
+async fn send(addr: std::net::SocketAddr, lines: &[&str], per_chunk: usize) {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    for (n, chunk) in lines.chunks(per_chunk).enumerate() {
+        let id = format!("{n:032x}");
+        let entries = chunk
+            .iter()
+            .map(|line| {
+                Value::Array(vec![
+                    Value::from(1_730_103_120_u32),
+                    Value::Map(vec![
+                        (Value::from("log"), Value::from(*line)),
+                        (Value::from("host"), Value::from("hybris-1")),
+                    ]),
+                ])
+            })
+            .collect();
+        let mut frame = Vec::new();
+        rmpv::encode::write_value(
+            &mut frame,
+            &Value::Array(vec![
+                Value::from("hybris.wrapper"),
+                Value::Array(entries),
+                Value::Map(vec![(Value::from("chunk"), Value::from(id.as_str()))]),
+            ]),
+        )
+        .expect("encodes");
+        stream.write_all(&frame).await.expect("writes");
+        let mut ack = vec![0; 128];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut ack))
+            .await
+            .expect("an ack in time")
+            .expect("reads");
+        let ack = rmpv::decode::read_value(&mut &ack[..n]).expect("msgpack");
+        assert_eq!(
+            ack,
+            Value::Map(vec![(Value::from("ack"), Value::from(id.as_str()))])
+        );
+    }
+}
+
+/// The corpus as the test understands it: a record starts at a line whose text after the
+/// wrapper's prefix starts with the generator's levels; every other line joins it. The
+/// Loki line is the header's message, then each joined line; addresses masked.
+fn model(lines: &[&str]) -> Vec<(String, String)> {
+    let mut records: Vec<(String, String)> = Vec::new();
+    for line in lines {
+        let text = line.splitn(5, " | ").nth(4).expect("a wrapper prefix");
+        let header = ["INFO  [", "WARN  [", "DEBUG [", "ERROR ["]
+            .iter()
+            .find(|h| text.starts_with(*h));
+        match header {
+            Some(h) => {
+                // `LEVEL [thread] [Logger] message`
+                let after_thread = &text[text.find("] [").expect("a logger") + 3..];
+                let message = &after_thread[after_thread.find("] ").expect("a message") + 2..];
+                records.push((h[..5].trim().to_owned(), mask(message)));
+            }
+            None => {
+                let last = records.last_mut().expect("a header first");
+                last.1.push('\n');
+                last.1.push_str(&mask(text));
+            }
+        }
+    }
+    records
+}
+
+fn mask(text: &str) -> String {
+    text.split(' ')
+        .map(|word| match word.find("@example.com") {
+            Some(at) => {
+                let start = word[..at]
+                    .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '.'))
+                    .map_or(0, |i| i + 1);
+                format!(
+                    "{}<email>{}",
+                    &word[..start],
+                    &word[at + "@example.com".len()..]
+                )
+            }
+            None => word.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn wait_for(loki: &LokiReceiver, count: usize) {
+    mall_test_support::wait_until("Loki has every record", Duration::from_secs(30), || async {
+        (loki.received().len() >= count).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_corpus_arrives_in_loki_record_by_record_with_traces_whole_and_addresses_masked() {
+    let running = start().await;
+    let lines: Vec<&str> = CORPUS.lines().collect();
+    let want = model(&lines);
+    // Chunks of 37 lines cut many traces apart.
+    send(running.app_forward, &lines, 37).await;
+    wait_for(&running.loki, want.len()).await;
+    let received = running.loki.received();
+    let got: Vec<(String, String)> = received
+        .iter()
+        .map(|r| {
+            let level = r
+                .labels
+                .iter()
+                .find(|(k, _)| k == "level")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            (level, r.entry.line.clone())
+        })
+        .collect();
+    // Streams of one push may come in any order; within a level they keep their order.
+    for level in ["INFO", "WARN", "DEBUG", "ERROR"] {
+        let of = |v: &[(String, String)]| -> Vec<String> {
+            v.iter()
+                .filter(|(l, _)| l == level)
+                .map(|(_, line)| line.clone())
+                .collect()
+        };
+        assert_eq!(of(&got), of(&want), "{level} records");
+    }
+    assert_eq!(got.len(), want.len());
+    for r in &received {
+        let labels: std::collections::BTreeMap<_, _> = r.labels.iter().cloned().collect();
+        assert_eq!(labels["service"], "hybris.wrapper");
+        assert_eq!(labels["host"], "hybris-1");
+        assert_eq!(labels["environment"], "test");
+        let names: Vec<&str> = r
+            .entry
+            .structured_metadata
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(names, ["logger", "thread"]);
+        assert!(!r.entry.line.contains("@example.com"));
+    }
+    // The first record's time: 2024/10/28 17:12:00.041 in Seoul.
+    let first = received
+        .iter()
+        .map(|r| r.entry.timestamp.expect("a time"))
+        .min_by_key(|t| (t.seconds, t.nanos))
+        .expect("some");
+    assert_eq!((first.seconds, first.nanos), (1_730_103_120, 41_000_000));
+}
+
+#[tokio::test]
+async fn a_loki_outage_is_waited_out_and_counted() {
+    let running = start().await;
+    running.loki.fail(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(2),
+    );
+    let lines: Vec<&str> = CORPUS.lines().take(200).collect();
+    let want = model(&lines);
+    send(running.app_forward, &lines, 50).await;
+    wait_for(&running.loki, want.len()).await;
+    assert_eq!(
+        running.loki.received().len(),
+        want.len(),
+        "nothing twice, nothing lost"
+    );
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", running.grpc))
+        .expect("a uri")
+        .connect()
+        .await
+        .expect("connects");
+    let stats =
+        mall_proto::logs::v1::log_ingest_service_client::LogIngestServiceClient::new(channel)
+            .get_pipeline_stats(mall_proto::logs::v1::GetPipelineStatsRequest {})
+            .await
+            .expect("stats")
+            .into_inner();
+    assert!(stats.loki_failed_pushes > 0, "{stats:?}");
+    assert_eq!(
+        stats.loki_pushed_records,
+        i64::try_from(want.len()).expect("fits")
+    );
+    let forward = stats
+        .sources
+        .iter()
+        .find(|s| s.source == "forward")
+        .expect("forward");
+    assert_eq!(forward.received_records, 200);
+    assert_eq!(forward.dropped_records, 0);
+}
