@@ -16,6 +16,7 @@ use crate::{
     loki::LokiClient,
     parsing::Parsing,
     pipeline::{Pipeline, Stats},
+    recent::Recent,
 };
 
 /// A built `log-ingest`, listeners bound, ready to run.
@@ -40,6 +41,14 @@ impl App {
             limits.segment_bytes >= 1 << 20 && limits.max_bytes >= limits.segment_bytes,
             "buffer.segment_bytes must be at least 1 MiB and buffer.max_bytes at least one segment"
         );
+        // A message that could never be stored would be retried by its sender forever.
+        let largest = (settings.forward.max_message_bytes as u64).saturating_mul(4) + (1 << 20);
+        anyhow::ensure!(
+            limits.segment_bytes >= largest,
+            "buffer.segment_bytes ({}) must hold the largest batch a forward message can make: \
+             4 × forward.max_message_bytes + 1 MiB = {largest}",
+            limits.segment_bytes
+        );
         let (buffer, start) = Buffer::open(&settings.buffer.dir, limits).with_context(|| {
             format!(
                 "cannot open the buffer in {}",
@@ -54,7 +63,8 @@ impl App {
         )?;
         let stats = Arc::new(Stats::new(parsing.masker.len()));
         let mut server = GrpcServer::bind(SERVICE, &settings.server).await?;
-        let forward = ForwardInput::bind(settings.forward.clone(), buffer.clone())
+        let recent = Recent::seed(&buffer, start).context("cannot read the buffer")?;
+        let forward = ForwardInput::bind(settings.forward.clone(), buffer.clone(), recent)
             .await
             .with_context(|| {
                 format!(

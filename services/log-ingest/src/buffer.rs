@@ -85,6 +85,8 @@ struct Shared {
     end: watch::Sender<Position>,
     /// Sizes of the segments on disk, and the last acknowledged position.
     books: Mutex<Books>,
+    /// The note left with the acknowledgement found at open.
+    note: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -118,7 +120,7 @@ impl Buffer {
     /// When the directory cannot be created or read.
     pub fn open(dir: &Path, limits: Limits) -> io::Result<(Self, Position)> {
         fs::create_dir_all(dir)?;
-        let acknowledged = read_checkpoint(dir)?;
+        let (acknowledged, note) = read_checkpoint(dir)?;
         let mut sizes = BTreeMap::new();
         for entry in fs::read_dir(dir)? {
             let name = entry?.file_name();
@@ -180,12 +182,14 @@ impl Buffer {
                 sizes,
                 acknowledged: start,
             }),
+            note,
         });
         let (appends, receiver) = mpsc::channel(QUEUE);
         let writer = Writer {
             shared: shared.clone(),
             file,
             position: end,
+            broken: false,
         };
         std::thread::Builder::new()
             .name("log-buffer-writer".to_owned())
@@ -218,23 +222,50 @@ impl Buffer {
     ///
     /// # Errors
     /// When the checkpoint cannot be written.
+    ///
+    /// Blocking (two syncs): call it from a blocking thread, one call at a time.
     pub fn acknowledge(&self, position: Position) -> io::Result<()> {
-        let mut books = lock(&self.shared.books);
-        if position <= books.acknowledged {
+        self.acknowledge_with(position, &[])
+    }
+
+    /// [`Buffer::acknowledge`], leaving `note` with it: what the reader needs to know to
+    /// resume there (returned by [`Buffer::note`] after a restart).
+    ///
+    /// # Errors
+    /// When the checkpoint cannot be written.
+    pub fn acknowledge_with(&self, position: Position, note: &[u8]) -> io::Result<()> {
+        if position < lock(&self.shared.books).acknowledged {
             return Ok(());
         }
-        write_checkpoint(&self.shared.dir, position)?;
-        let old: Vec<u64> = books
-            .sizes
-            .range(..position.segment)
-            .map(|(n, _)| *n)
-            .collect();
+        // Outside the lock: the writer takes it after every sync.
+        write_checkpoint(&self.shared.dir, position, note)?;
+        let old: Vec<u64> = {
+            let mut books = lock(&self.shared.books);
+            books.acknowledged = position;
+            let old: Vec<u64> = books
+                .sizes
+                .range(..position.segment)
+                .map(|(n, _)| *n)
+                .collect();
+            for number in &old {
+                books.sizes.remove(number);
+            }
+            old
+        };
         for number in old {
             fs::remove_file(segment_path(&self.shared.dir, number))?;
-            books.sizes.remove(&number);
         }
-        books.acknowledged = position;
         Ok(())
+    }
+
+    /// Where durable data ends now.
+    pub fn end(&self) -> Position {
+        *self.shared.end.borrow()
+    }
+
+    /// The note left with the acknowledgement this buffer was opened at (empty if none).
+    pub fn note(&self) -> &[u8] {
+        &self.shared.note
     }
 
     /// Unacknowledged bytes on disk.
@@ -258,6 +289,10 @@ struct Writer {
     shared: Arc<Shared>,
     file: File,
     position: Position,
+    /// Set after a write or sync failed: from then on every append is refused (after a
+    /// failed fsync the kernel may have dropped pages it said were written, so nothing
+    /// after it can be trusted until a restart rescans the segment).
+    broken: bool,
 }
 
 impl Writer {
@@ -281,6 +316,14 @@ impl Writer {
     /// Writes and syncs what fits, then answers everyone: refused ones at once, written
     /// ones after the sync.
     fn write(&mut self, group: Vec<Append>) {
+        if self.broken {
+            for append in group {
+                let refused =
+                    io::Error::other("the buffer's disk failed earlier; restart to recover");
+                let _ = append.done.send(Err(refused.into()));
+            }
+            return;
+        }
         let mut written: Vec<(oneshot::Sender<Result<Position, BufferError>>, Position)> =
             Vec::new();
         let mut out = Vec::new();
@@ -325,7 +368,8 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "the log buffer cannot write to its disk");
+                self.broken = true;
+                tracing::error!(error = %e, "the log buffer cannot write to its disk; every append is refused until a restart");
                 for (done, _) in written {
                     let _ = done.send(Err(io::Error::new(e.kind(), e.to_string()).into()));
                 }
@@ -343,8 +387,8 @@ impl Writer {
             .write_all(out)
             .and_then(|()| self.file.sync_data());
         if let Err(e) = result {
-            // Cut what may have been half written, so the next frame starts clean.
-            let _ = self.file.set_len(self.position.offset);
+            // Nothing of this group was acknowledged; the writer stops (see `broken`), and
+            // reopening cuts whatever of it reached the file.
             out.clear();
             return Err(e);
         }
@@ -360,11 +404,12 @@ impl Writer {
     /// Starts the next segment (the current one is synced whole).
     fn roll(&mut self) -> io::Result<()> {
         let next = self.position.segment + 1;
-        self.file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(segment_path(&self.shared.dir, next))?;
         sync_dir(&self.shared.dir)?;
+        self.file = file;
         lock(&self.shared.books).sizes.insert(next, 0);
         self.position = Position {
             segment: next,
@@ -372,6 +417,25 @@ impl Writer {
         };
         self.shared.end.send_replace(self.position);
         Ok(())
+    }
+}
+
+impl Reader {
+    /// Whether everything durable has been read.
+    pub fn at_end(&self) -> bool {
+        self.position >= *self.end.borrow()
+    }
+
+    /// Gives up on the rest of the current segment (its data is corrupt): reading goes on
+    /// at the next one. Returns the position skipped from.
+    pub fn skip_segment(&mut self) -> Position {
+        let from = self.position;
+        self.position = Position {
+            segment: from.segment + 1,
+            offset: 0,
+        };
+        self.file = None;
+        from
     }
 }
 
@@ -450,6 +514,19 @@ impl Reader {
         file.read_exact(&mut header)?;
         let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let room = file
+            .metadata()?
+            .len()
+            .saturating_sub(self.position.offset + HEADER);
+        if length == 0 || u64::from(length) > room {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "buffer segment {segment} is corrupt at byte {} (a frame of {length} bytes)",
+                    self.position.offset
+                ),
+            ));
+        }
         let mut bytes = vec![0; length as usize];
         file.read_exact(&mut bytes)?;
         if crc32fast::hash(&bytes) != crc {
@@ -484,7 +561,9 @@ fn valid_length(path: &Path) -> io::Result<u64> {
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         let start = at + HEADER as usize;
         match bytes.get(start..start + length) {
-            Some(payload) if crc32fast::hash(payload) == crc => at = start + length,
+            Some(payload) if length > 0 && crc32fast::hash(payload) == crc => {
+                at = start + length;
+            }
             _ => break,
         }
     }
@@ -493,31 +572,42 @@ fn valid_length(path: &Path) -> io::Result<u64> {
 
 const CHECKPOINT: &str = "acknowledged";
 
-fn read_checkpoint(dir: &Path) -> io::Result<Position> {
-    match fs::read_to_string(dir.join(CHECKPOINT)) {
-        Ok(text) => {
-            let mut parts = text.trim().split(' ').map(str::parse::<u64>);
-            match (parts.next(), parts.next()) {
-                (Some(Ok(segment)), Some(Ok(offset))) => Ok(Position { segment, offset }),
-                _ => Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{} is not `<segment> <offset>`",
-                        dir.join(CHECKPOINT).display()
-                    ),
-                )),
-            }
+/// The checkpoint: `<segment> <offset>\n`, then the note its writer left (any bytes).
+fn read_checkpoint(dir: &Path) -> io::Result<(Position, Vec<u8>)> {
+    let bytes = match fs::read(dir.join(CHECKPOINT)) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok((Position::default(), Vec::new()));
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Position::default()),
-        Err(e) => Err(e),
+        Err(e) => return Err(e),
+    };
+    let end = bytes
+        .iter()
+        .position(|b| *b == b'\n')
+        .unwrap_or(bytes.len());
+    let text = String::from_utf8_lossy(&bytes[..end]);
+    let mut parts = text.trim().split(' ').map(str::parse::<u64>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(segment)), Some(Ok(offset))) => Ok((
+            Position { segment, offset },
+            bytes.get(end + 1..).unwrap_or_default().to_vec(),
+        )),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is not `<segment> <offset>`",
+                dir.join(CHECKPOINT).display()
+            ),
+        )),
     }
 }
 
 /// Writes the checkpoint atomically: a synced temporary file renamed over the old one.
-fn write_checkpoint(dir: &Path, position: Position) -> io::Result<()> {
+fn write_checkpoint(dir: &Path, position: Position, note: &[u8]) -> io::Result<()> {
     let temporary = dir.join(format!("{CHECKPOINT}.tmp"));
     let mut file = File::create(&temporary)?;
     file.write_all(format!("{} {}\n", position.segment, position.offset).as_bytes())?;
+    file.write_all(note)?;
     file.sync_all()?;
     fs::rename(&temporary, dir.join(CHECKPOINT))?;
     sync_dir(dir)

@@ -10,7 +10,10 @@
 //! - Garbage (not MessagePack, not the protocol) closes its connection with one WARN line
 //!   naming the peer and why; it never stops the listener.
 //! - A full buffer: the message is not acknowledged and the connection is closed, so the
-//!   sender retries it, and everything after it, in order, on a new connection.
+//!   sender retries it. (Fluent Bit may retry chunks out of order; grouping then sees the
+//!   lines of a trace out of order and may split it, which loses nothing.) A message
+//!   without `chunk` cannot be retried by its sender: with a full buffer it is refused too,
+//!   and the sender learns it only from the closed connection.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -29,6 +32,7 @@ use crate::{
     batch::{Batch, Source},
     buffer::{Buffer, BufferError},
     forward::{self, Frame, Garbage},
+    recent::{self, Recent},
 };
 
 /// The forward input's settings.
@@ -44,10 +48,12 @@ pub struct ForwardSettings {
     pub self_hostname: String,
     /// Connections at once. Default 1,024.
     pub max_connections: usize,
-    /// Largest message, bytes (and largest a compressed message may inflate to, times 4).
-    /// Default 32 MiB (Fluent Bit's chunks are about 2 MB).
+    /// Largest message, bytes (and largest a compressed message may inflate to, times 4;
+    /// `buffer.segment_bytes` must hold that). Default 8 MiB (Fluent Bit's chunks are about
+    /// 2 MB).
     pub max_message_bytes: usize,
-    /// A connection that sends nothing for this long is closed. Default 5 minutes.
+    /// A connection whose next message has not wholly arrived this long after the previous
+    /// one is closed. Default 5 minutes.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
 }
@@ -59,7 +65,7 @@ impl Default for ForwardSettings {
             shared_key: None,
             self_hostname: "log-ingest".to_owned(),
             max_connections: 1_024,
-            max_message_bytes: 32 * 1024 * 1024,
+            max_message_bytes: 8 * 1024 * 1024,
             idle_timeout: Duration::from_secs(300),
         }
     }
@@ -71,6 +77,7 @@ pub struct ForwardInput {
     listener: TcpListener,
     settings: Arc<ForwardSettings>,
     buffer: Buffer,
+    recent: Recent,
 }
 
 impl ForwardInput {
@@ -78,12 +85,22 @@ impl ForwardInput {
     ///
     /// # Errors
     /// When the address cannot be bound.
-    pub async fn bind(settings: ForwardSettings, buffer: Buffer) -> std::io::Result<Self> {
+    /// Binds the listener; `recent` remembers the batches stored lately (see
+    /// [`crate::recent`]).
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn bind(
+        settings: ForwardSettings,
+        buffer: Buffer,
+        recent: Recent,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(settings.listen_addr).await?;
         Ok(Self {
             listener,
             settings: Arc::new(settings),
             buffer,
+            recent,
         })
     }
 
@@ -119,11 +136,15 @@ impl ForwardInput {
                 tracing::warn!(%peer, limit = self.settings.max_connections, "forward: too many connections; closed");
                 continue;
             };
-            let (settings, buffer, shutdown) =
-                (self.settings.clone(), self.buffer.clone(), shutdown.clone());
+            let (settings, buffer, recent, shutdown) = (
+                self.settings.clone(),
+                self.buffer.clone(),
+                self.recent.clone(),
+                shutdown.clone(),
+            );
             connections.spawn(async move {
                 let _slot = slot;
-                if let Err(why) = connection(stream, &settings, &buffer, &shutdown).await {
+                if let Err(why) = connection(stream, &settings, &buffer, &recent, &shutdown).await {
                     tracing::warn!(%peer, %why, "forward: connection closed");
                 }
             });
@@ -132,12 +153,15 @@ impl ForwardInput {
     }
 }
 
+/// Largest PING accepted in the handshake.
+const MAX_PING_BYTES: usize = 4 * 1024;
+
 /// Why a connection was closed by us.
 #[derive(Debug, thiserror::Error)]
 enum Closed {
     #[error("{0}")]
     Garbage(#[from] Garbage),
-    #[error("no message for {0:?}")]
+    #[error("no whole message within {0:?}")]
     Idle(Duration),
     #[error("the shared key handshake failed: {0}")]
     Handshake(&'static str),
@@ -154,6 +178,7 @@ async fn connection(
     mut stream: TcpStream,
     settings: &ForwardSettings,
     buffer: &Buffer,
+    recent: &Recent,
     shutdown: &CancellationToken,
 ) -> Result<(), Closed> {
     stream.set_nodelay(true)?;
@@ -176,10 +201,20 @@ async fn connection(
                 tag: message.tag,
                 events: message.events,
             };
-            match buffer.append(batch.encode()).await {
-                Ok(_) => {}
-                Err(BufferError::Full(_)) => return Err(Closed::Full),
-                Err(e) => return Err(Closed::Buffer(e)),
+            let bytes = batch.encode();
+            let digest = recent::digest(&bytes);
+            // Stored already (sent again after a lost ack): acknowledged, not stored twice.
+            if recent.insert(digest) {
+                match buffer.append(bytes).await {
+                    Ok(_) => {}
+                    Err(e) => {
+                        recent.forget(&digest);
+                        return Err(match e {
+                            BufferError::Full(_) => Closed::Full,
+                            e => Closed::Buffer(e),
+                        });
+                    }
+                }
             }
         }
         if let Some(chunk) = message.chunk {
@@ -189,13 +224,15 @@ async fn connection(
 }
 
 /// The next whole frame, reading as needed; `None` when the peer closed between frames
-/// or we are shutting down.
+/// or we are shutting down. The whole frame must arrive within `idle_timeout` of the wait
+/// starting (not each read: a byte every few minutes does not keep a slot).
 async fn next_frame(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     settings: &ForwardSettings,
     shutdown: &CancellationToken,
 ) -> Result<Option<Vec<u8>>, Closed> {
+    let deadline = tokio::time::Instant::now() + settings.idle_timeout;
     loop {
         if let Some(len) = forward::frame_len(buf, settings.max_message_bytes)? {
             let rest = buf.split_off(len);
@@ -206,7 +243,7 @@ async fn next_frame(
         }
         let read = tokio::select! {
             () = shutdown.cancelled(), if buf.is_empty() => return Ok(None),
-            read = tokio::time::timeout(settings.idle_timeout, stream.read_buf(buf)) => read,
+            read = tokio::time::timeout_at(deadline, stream.read_buf(buf)) => read,
         };
         let Ok(read) = read else {
             return Err(Closed::Idle(settings.idle_timeout));
@@ -228,7 +265,10 @@ async fn handshake(
     settings: &ForwardSettings,
     key: &str,
 ) -> Result<(), Closed> {
-    let nonce: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+    // From the operating system's CSPRNG (a predictable nonce would let a recorded PING be
+    // replayed).
+    let mut nonce = [0_u8; 16];
+    getrandom::fill(&mut nonce).map_err(|_| Closed::Handshake("no random bytes for a nonce"))?;
     let helo = Value::Array(vec![
         Value::from("HELO"),
         Value::Map(vec![
@@ -239,30 +279,41 @@ async fn handshake(
     ]);
     write_value(stream, &helo).await?;
     let never = CancellationToken::new();
-    let Some(frame) = next_frame(stream, buf, settings, &never).await? else {
+    // A PING is a few hundred bytes: nothing larger is read before the peer is known.
+    let small = ForwardSettings {
+        max_message_bytes: MAX_PING_BYTES,
+        ..settings.clone()
+    };
+    let Some(frame) = next_frame(stream, buf, &small, &never).await? else {
         return Err(Closed::Handshake("closed before PING"));
     };
     let ping = rmpv::decode::read_value(&mut &frame[..])
         .map_err(|_| Closed::Handshake("PING is not MessagePack"))?;
-    let text = |v: &Value| forward::text(v).map(|t| t.into_owned());
+    // Hashed as the raw bytes sent: Fluent Bit's salt is 16 random bytes in a str, not
+    // UTF-8 text.
+    let raw = |v: &Value| match v {
+        Value::String(s) => Some(s.as_bytes().to_vec()),
+        Value::Binary(b) => Some(b.clone()),
+        _ => None,
+    };
     let parts = match &ping {
         Value::Array(parts) if parts.len() == 6 && parts[0].as_str() == Some("PING") => parts,
         _ => return Err(Closed::Handshake("not a PING")),
     };
     let (Some(hostname), Some(salt), Some(digest)) =
-        (text(&parts[1]), text(&parts[2]), text(&parts[3]))
+        (raw(&parts[1]), raw(&parts[2]), raw(&parts[3]))
     else {
         return Err(Closed::Handshake("a PING field is not a string"));
     };
-    let expected = sha512_hex(&[salt.as_bytes(), hostname.as_bytes(), &nonce, key.as_bytes()]);
-    let ok = constant_time_eq(expected.as_bytes(), digest.as_bytes());
+    let expected = sha512_hex(&[&salt, &hostname, &nonce, key.as_bytes()]);
+    let ok = constant_time_eq(expected.as_bytes(), &digest);
     let pong = Value::Array(vec![
         Value::from("PONG"),
         Value::Boolean(ok),
         Value::from(if ok { "" } else { "shared key mismatch" }),
         Value::from(settings.self_hostname.as_str()),
         Value::from(sha512_hex(&[
-            salt.as_bytes(),
+            &salt,
             settings.self_hostname.as_bytes(),
             &nonce,
             key.as_bytes(),

@@ -11,7 +11,8 @@
 //! - [`parsing`]: TestParse, lines parsed as ingestion would.
 //! - [`forward`]: the Fluent forward protocol's messages (decoding, acks).
 //! - [`buffer`]: the durable buffer between inputs and Loki (acknowledge after sync).
-//! - [`batch`]: what an input puts in the buffer.
+//! - [`batch`]: what an input puts in the buffer; [`recent`]: batches sent again are not
+//!   stored twice.
 //! - [`forward_input`]: the forward protocol's listener (acks after the buffer synced).
 //! - [`pipeline`]: from the buffer to Loki (grouping, masking, batching, acknowledging).
 //! - [`loki`]: Loki's push API and the client; [`loki_receiver`]: a Loki-compatible
@@ -31,6 +32,7 @@ pub mod multiline;
 pub mod parse;
 pub mod parsing;
 pub mod pipeline;
+pub mod recent;
 pub mod record;
 
 pub use app::App;

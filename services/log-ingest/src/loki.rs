@@ -7,10 +7,10 @@
 //!
 //! Failures, classified: 429, 5xx and connection errors or timeouts are the environment's
 //! (retried with jittered backoff, `Retry-After` honoured, until they pass: the buffer
-//! holds the records meanwhile); 400 is the records' fault (Loki refuses them for good:
-//! dropped, counted by reason, one sample line logged without their text); anything else
-//! (401, 403, 404) is the operator's (retried slowly and logged at ERROR: fixing the
-//! configuration must not lose what waited).
+//! holds the records meanwhile); 400 is the records' fault (Loki refuses them for good; the
+//! caller narrows it down to the records at fault); 413 says the push is too large (the
+//! caller splits it); anything else (401, 403, 404) is the operator's (retried with the
+//! same backoff and logged at ERROR: fixing the configuration must not lose what waited).
 
 use std::time::Duration;
 
@@ -89,6 +89,8 @@ pub enum Pushed {
     Accepted,
     /// Loki refused it for good (400): its reason, without the records' text.
     Refused(String),
+    /// Too large for Loki or a proxy before it (413): send it in smaller pieces.
+    TooLarge,
 }
 
 /// Sends pushes to Loki.
@@ -145,6 +147,9 @@ impl LokiClient {
             }
             let (wait, why) = match request.send().await {
                 Ok(response) if response.status().is_success() => return Some(Pushed::Accepted),
+                Ok(response) if response.status() == reqwest::StatusCode::PAYLOAD_TOO_LARGE => {
+                    return Some(Pushed::TooLarge);
+                }
                 Ok(response) if response.status() == reqwest::StatusCode::BAD_REQUEST => {
                     let reason = response.text().await.unwrap_or_default();
                     return Some(Pushed::Refused(reason.chars().take(200).collect()));

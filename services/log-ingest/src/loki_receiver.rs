@@ -3,9 +3,11 @@
 //! refuses with Loki's status codes, can be told to fail, and keeps what it accepted.
 //!
 //! Refused with 400, as Loki's defaults do: labels that do not parse, more than 15 labels
-//! in a stream, a line over 256 KB, an entry without a timestamp. Fault injection: refuse
-//! every push with 429 (and `Retry-After: 1`) or 500 for a while, or be down (the listener
-//! closed).
+//! in a stream, a line over 256 KB, an entry without a timestamp. Like Loki, the valid
+//! entries of a push are kept even when others are refused, and an entry identical to one
+//! already kept (same stream, time and line) is dropped silently (counted here, so tests
+//! see redeliveries). Fault injection: refuse every push with 429 (and `Retry-After: 1`) or
+//! a 5xx for a while, or be down (the listener closed).
 
 use std::{
     net::SocketAddr,
@@ -44,6 +46,8 @@ pub struct Received {
 #[derive(Debug, Default)]
 struct Inner {
     received: Vec<Received>,
+    seen: std::collections::HashSet<(String, i64, i32, String)>,
+    duplicates: u64,
     pushes: u64,
     refused: u64,
     failing: Option<(StatusCode, Instant)>,
@@ -89,10 +93,10 @@ impl LokiReceiver {
         lock(&self.inner).received.clone()
     }
 
-    /// (pushes answered, pushes refused with 400).
-    pub fn counts(&self) -> (u64, u64) {
+    /// (pushes answered, pushes answered 400, identical entries dropped).
+    pub fn counts(&self) -> (u64, u64, u64) {
         let inner = lock(&self.inner);
-        (inner.pushes, inner.refused)
+        (inner.pushes, inner.refused, inner.duplicates)
     }
 
     /// Answers every push with `status` for `period` (429 comes with `Retry-After: 1`).
@@ -121,51 +125,70 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
         }
         inner.failing = None;
     }
-    let refuse = |inner: &mut Inner, why: String| {
-        inner.refused += 1;
-        (StatusCode::BAD_REQUEST, why).into_response()
-    };
     let request = match loki::decode(&body) {
         Ok(request) => request,
-        Err(why) => return refuse(&mut inner, why),
+        Err(why) => {
+            inner.refused += 1;
+            return (StatusCode::BAD_REQUEST, why).into_response();
+        }
     };
     let tenant = headers
         .get("x-scope-orgid")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let mut accepted = Vec::new();
+    let mut problems = Vec::new();
     for stream in request.streams {
         let Some(labels) = parse_labels(&stream.labels) else {
-            return refuse(
-                &mut inner,
-                format!("error parsing labels {:?}", stream.labels),
-            );
+            problems.push(format!("error parsing labels {:?}", stream.labels));
+            continue;
         };
         if labels.len() > MAX_LABELS {
-            return refuse(
-                &mut inner,
-                format!("stream has {} labels, more than {MAX_LABELS}", labels.len()),
-            );
+            problems.push(format!(
+                "stream {} has {} labels, more than {MAX_LABELS}",
+                stream.labels,
+                labels.len()
+            ));
+            continue;
         }
         for entry in stream.entries {
+            let Some(time) = entry.timestamp else {
+                problems.push(format!(
+                    "stream {}: an entry without a timestamp",
+                    stream.labels
+                ));
+                continue;
+            };
             if entry.line.len() > MAX_LINE_BYTES {
-                return refuse(
-                    &mut inner,
-                    format!("line too long: {} bytes", entry.line.len()),
-                );
+                problems.push(format!(
+                    "stream {}: line too long ({} bytes)",
+                    stream.labels,
+                    entry.line.len()
+                ));
+                continue;
             }
-            if entry.timestamp.is_none() {
-                return refuse(&mut inner, "entry without a timestamp".to_owned());
+            let key = (
+                stream.labels.clone(),
+                time.seconds,
+                time.nanos,
+                entry.line.clone(),
+            );
+            if !inner.seen.insert(key) {
+                inner.duplicates += 1;
+                continue;
             }
-            accepted.push(Received {
+            inner.received.push(Received {
                 labels: labels.clone(),
                 entry,
                 tenant: tenant.clone(),
             });
         }
     }
-    inner.received.extend(accepted);
-    StatusCode::NO_CONTENT.into_response()
+    if problems.is_empty() {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        inner.refused += 1;
+        (StatusCode::BAD_REQUEST, problems.join("\n")).into_response()
+    }
 }
 
 /// `{name="value", …}` with Prometheus' label name rules and escapes; `None` when it does

@@ -5,10 +5,11 @@
 //! One [`Grouper`] per stream (a source and host, or file): its state outlives chunks and
 //! connections, so a trace split across them is still one record. The record in progress
 //! is complete when the next start arrives, or when its stream has been quiet for a while
-//! (the caller calls [`Grouper::flush`]). A record is capped in lines and bytes: from the
-//! first line that does not fit, what follows is counted in `line_count` and
-//! `truncated_bytes`, not kept (so a kept trace has no holes), and one runaway trace cannot
-//! exhaust memory or exceed what Loki takes for one line.
+//! (the caller calls [`Grouper::flush`]). A record is capped in lines and bytes: one that
+//! reaches a cap is complete, and the line that did not fit starts the next record (without
+//! a header), so a runaway trace or a stream of lines no parser recognises cannot exhaust
+//! memory, exceed what Loki takes for one line, or lose a line. Only a single line longer
+//! than the byte cap is cut (the cut is counted in `truncated_bytes`).
 
 use crate::{
     parse::{Line, Parser},
@@ -46,10 +47,12 @@ impl Grouper {
                 out.extend(self.pending.replace(record));
             }
             Line::Continue { text, stack } => match &mut self.pending {
-                Some(record) => join(record, caps, text, stack),
-                None => {
-                    // Nothing to join: a record without a header (a stream that began
-                    // mid-trace, or a trace that went quiet longer than the flush delay).
+                Some(record) if fits(record, caps, text) => join(record, text, stack),
+                _ => {
+                    // Nothing to join (a stream that began mid-trace, a trace that went
+                    // quiet longer than the flush delay), or the record is full: a record
+                    // without a header.
+                    out.extend(self.pending.take());
                     let mut record = Record::raw(text, index);
                     record.parse_error = false;
                     if stack {
@@ -78,18 +81,15 @@ impl Grouper {
     }
 }
 
+/// Whether one more line of `text` keeps `record` within the caps.
+fn fits(record: &Record, caps: Caps, text: &str) -> bool {
+    record.line_count < caps.lines && record.text_len() + text.len() < caps.bytes
+}
+
 /// Appends a continuation line to `record`: to the stack trace when it is stack trace,
-/// else to the message (as the contract says). Once a line did not fit, no later one is
-/// kept either.
-fn join(record: &mut Record, caps: Caps, text: &str, stack: bool) {
+/// else to the message (as the contract says).
+fn join(record: &mut Record, text: &str, stack: bool) {
     record.line_count += 1;
-    if record.truncated_bytes > 0
-        || record.line_count > caps.lines
-        || record.text_len() + text.len() + 1 > caps.bytes
-    {
-        record.truncated_bytes += text.len() + 1;
-        return;
-    }
     let to = if stack {
         &mut record.stack_trace
     } else {
@@ -202,7 +202,7 @@ mod tests {
     }
 
     #[test]
-    fn a_record_past_its_caps_keeps_counting_but_stops_growing() {
+    fn a_record_at_its_caps_is_complete_and_the_next_line_starts_another() {
         let caps = Caps {
             lines: 3,
             bytes: 1_000,
@@ -210,19 +210,30 @@ mod tests {
         let mut lines = vec![format!("{P}ERROR [main] [X] boom")];
         lines.extend((0..10).map(|i| format!("\tat a.B.c{i}(B.java:1)")));
         let records = group_all(&parser(), caps, lines.iter().map(String::as_str));
-        assert_eq!(records.len(), 1);
-        assert_eq!(records[0].line_count, 11);
-        assert_eq!(records[0].stack_trace.lines().count(), 2);
+        let counts: Vec<usize> = records.iter().map(|r| r.line_count).collect();
         assert_eq!(
-            records[0].truncated_bytes,
-            8 * "\tat a.B.c0(B.java:1)\n".len()
+            counts,
+            [3, 3, 3, 2],
+            "every line kept, in records of at most 3"
+        );
+        assert_eq!(
+            records[1].stack_trace.lines().next(),
+            Some("\tat a.B.c2(B.java:1)")
         );
         let small = Caps {
             lines: 100,
             bytes: 30,
         };
         let records = group_all(&parser(), small, lines.iter().map(String::as_str));
-        assert!(records[0].text_len() <= 30, "{}", records[0].text_len());
+        assert_eq!(records.iter().map(|r| r.line_count).sum::<usize>(), 11);
+        assert!(records.iter().all(|r| r.text_len() <= 30));
+        // One line longer than the cap is cut, and says so.
+        let long = format!("{P}ERROR [main] [X] {}", "y".repeat(100));
+        let records = group_all(&parser(), small, [long.as_str()]);
+        assert_eq!(
+            (records[0].text_len(), records[0].truncated_bytes),
+            (30, 70)
+        );
     }
 
     /// What a generated line is, as the test knows it (not as the parser decides).

@@ -13,6 +13,8 @@
 //!   structured loggers write: time, level, message, logger, thread and trace id under
 //!   their usual names, every other scalar in `fields`.
 //!
+//! - `line`: every line a record of its own, unparsed.
+//!
 //! An empty name chooses per line: JSON when the line starts with `{`, else the wrapper's
 //! line, else a log4j header, else a continuation.
 //!
@@ -27,7 +29,7 @@ use chrono_tz::Tz;
 use crate::record::{self, Level, Record};
 
 /// Names of the built-in parsers.
-pub const BUILT_IN: [&str; 3] = ["hybris-wrapper", "log4j", "json"];
+pub const BUILT_IN: [&str; 4] = ["hybris-wrapper", "log4j", "json", "line"];
 
 /// A parser, chosen by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +40,9 @@ pub enum Format {
     Log4j,
     /// `json`.
     Json,
+    /// `line`: every line is a record of its own, unparsed (access logs until their parser
+    /// exists, anything without multi-line records).
+    Line,
     /// Chosen per line (the empty name).
     Auto,
 }
@@ -51,6 +56,7 @@ impl Format {
             "hybris-wrapper" => Self::Wrapper,
             "log4j" => Self::Log4j,
             "json" => Self::Json,
+            "line" => Self::Line,
             _ => return None,
         })
     }
@@ -91,6 +97,11 @@ impl Parser {
         match self.format {
             Format::Wrapper => self.wrapper(line, index),
             Format::Log4j => self.log4j(line, None, index),
+            Format::Line => {
+                let mut record = Record::raw(line, index);
+                record.parse_error = false;
+                Line::Start(record)
+            }
             Format::Json => Line::Start(
                 self.json(line, index)
                     .unwrap_or_else(|| Record::raw(line, index)),

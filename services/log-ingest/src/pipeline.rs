@@ -50,6 +50,11 @@ pub struct PipelineSettings {
     /// A stream's record in progress is complete after this long without a line.
     #[serde(with = "humantime_serde")]
     pub flush_after: Duration,
+    /// After a restart, a record in progress rebuilt from the buffer waits for its stream's
+    /// input to resume (its sender retries what was not acknowledged) rather than
+    /// `flush_after`, but at most this long: a trace cut by the restart stays whole.
+    #[serde(with = "humantime_serde")]
+    pub restart_grace: Duration,
     /// The `environment` label of every stream.
     pub environment: String,
     /// A push holds at most this many bytes of lines (well under Loki's 6 MB burst).
@@ -66,6 +71,7 @@ impl Default for PipelineSettings {
             host_field: "host".to_owned(),
             parsers: std::collections::BTreeMap::new(),
             flush_after: Duration::from_secs(2),
+            restart_grace: Duration::from_secs(60),
             environment: "local".to_owned(),
             batch_bytes: 1024 * 1024,
             batch_wait: Duration::from_secs(1),
@@ -111,6 +117,9 @@ fn slot(source: Source) -> usize {
     }
 }
 
+/// How long a shutdown waits for the last push.
+const DRAIN: Duration = Duration::from_secs(5);
+
 /// The pipeline's parts.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -142,6 +151,12 @@ struct StreamState {
     last_line: Instant,
     /// Where the batch holding the first line of the record in progress starts.
     pending_from: Option<(usize, Position)>,
+    /// Whether a line arrived since this replica started (not only lines read again from
+    /// the buffer).
+    resumed: bool,
+    /// Per batch not yet acknowledged (by where it starts): this stream's first line in it
+    /// and how many it has there, for the note left with an acknowledgement.
+    batches: std::collections::BTreeMap<Position, (usize, usize)>,
     /// The time of the event of each pending record's first line, for records without one.
     pending_event_time: i64,
 }
@@ -160,6 +175,10 @@ impl Pipeline {
     /// Runs from `start` until `shutdown`.
     pub async fn run(self, start: Position, shutdown: CancellationToken) {
         let mut reader: Reader = self.buffer.reader(start);
+        // Lines of the first batch that belong to records pushed before a restart.
+        let mut skips = read_note(self.buffer.note());
+        // What was durable at start is read again; lines after it are new.
+        let (replayed, started) = (self.buffer.end(), Instant::now());
         let mut streams: HashMap<(String, String), StreamState> = HashMap::new();
         let mut ready: Vec<Ready> = Vec::new();
         let mut ready_bytes = 0_usize;
@@ -168,14 +187,27 @@ impl Pipeline {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    self.drain(streams, ready, cursor).await;
+                    return;
+                }
                 next = reader.next() => match next {
                     Ok((bytes, after)) => {
                         match Batch::decode(&bytes) {
-                            Ok(batch) => self.feed(batch, cursor, &mut streams, &mut ready),
+                            Ok(batch) => {
+                                let new = cursor >= replayed;
+                                self.feed(batch, cursor, new, &mut streams, &mut ready, &mut skips);
+                            }
                             Err(why) => tracing::error!(%why, "a buffered batch does not decode; skipped"),
                         }
                         cursor = after;
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                        // Synced data the disk corrupted: retrying would stall every input
+                        // behind it. Its batches are lost; say so loudly.
+                        let from = reader.skip_segment();
+                        tracing::error!(%error, segment = from.segment, offset = from.offset, "the buffer is corrupt; the rest of this segment is skipped");
+                        cursor = Position { segment: from.segment + 1, offset: 0 };
                     }
                     Err(error) => {
                         tracing::error!(%error, "cannot read the buffer; retrying");
@@ -184,10 +216,13 @@ impl Pipeline {
                         continue;
                     }
                 },
-                _ = tick.tick() => {
+                // Quiet is judged only once everything durable has been read: lines waiting
+                // in the buffer (behind a slow push) are not quiet.
+                _ = tick.tick(), if reader.at_end() => {
                     let now = Instant::now();
                     for state in streams.values_mut() {
-                        if state.grouper.is_pending() && now.duration_since(state.last_line) >= self.settings.flush_after {
+                        let waited = state.resumed || now.duration_since(started) >= self.settings.restart_grace;
+                        if waited && state.grouper.is_pending() && now.duration_since(state.last_line) >= self.settings.flush_after {
                             let fallback = state.pending_event_time;
                             if let Some(record) = state.grouper.flush() {
                                 ready.push(Ready { record, source: state.source, tag: state.tag.clone(), host: state.host.clone(), fallback_nanos: fallback });
@@ -220,10 +255,56 @@ impl Pipeline {
             if !self.push(records, &shutdown).await {
                 return;
             }
-            if let Err(error) = self.buffer.acknowledge(acknowledge) {
-                tracing::error!(%error, "cannot record the buffer's position; records after it may be pushed again after a restart");
-            }
+            let note = note(&mut streams, acknowledge);
+            self.acknowledge(acknowledge, note).await;
             self.stats.waiting.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records that everything before `position` reached Loki (two syncs, off the async
+    /// workers).
+    async fn acknowledge(&self, position: Position, note: Vec<u8>) {
+        let buffer = self.buffer.clone();
+        let done = tokio::task::spawn_blocking(move || buffer.acknowledge_with(position, &note))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        if let Err(error) = done {
+            tracing::error!(%error, "cannot record the buffer's position; records after it may be pushed again after a restart");
+        }
+    }
+
+    /// On shutdown: completes every record in progress and pushes what is ready, for a
+    /// few seconds at most, so a restart does not rebuild records from the middle of
+    /// batches already pushed. Whatever is not pushed stays in the buffer.
+    async fn drain(
+        &self,
+        streams: HashMap<(String, String), StreamState>,
+        mut ready: Vec<Ready>,
+        cursor: Position,
+    ) {
+        for (_, mut state) in streams {
+            if let Some(record) = state.grouper.flush() {
+                ready.push(Ready {
+                    record,
+                    source: state.source,
+                    tag: state.tag,
+                    host: state.host,
+                    fallback_nanos: state.pending_event_time,
+                });
+            }
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let stop = CancellationToken::new();
+        let timer = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(DRAIN).await;
+            timer.cancel();
+        });
+        if self.push(ready, &stop).await {
+            self.acknowledge(cursor, Vec::new()).await;
         }
     }
 
@@ -232,8 +313,10 @@ impl Pipeline {
         &self,
         batch: Batch,
         at: Position,
+        new: bool,
         streams: &mut HashMap<(String, String), StreamState>,
         ready: &mut Vec<Ready>,
+        skips: &mut HashMap<(String, String), usize>,
     ) {
         let source = batch.source;
         self.stats.received[slot(source)].fetch_add(batch.events.len() as u64, Ordering::Relaxed);
@@ -256,10 +339,20 @@ impl Pipeline {
                     last_line: Instant::now(),
                     pending_from: None,
                     pending_event_time: 0,
+                    batches: std::collections::BTreeMap::new(),
+                    resumed: false,
                 });
             let line = line_of(event, &self.settings.line_field);
+            let key = (state.tag.clone(), state.host.clone());
             for text in line.split('\n') {
                 let text = text.strip_suffix('\r').unwrap_or(text);
+                state.batches.entry(at).or_insert((state.lines, 0)).1 += 1;
+                if let Some(skip) = skips.get_mut(&key).filter(|n| **n > 0) {
+                    // Pushed before the restart, as part of a record that began earlier.
+                    *skip -= 1;
+                    state.lines += 1;
+                    continue;
+                }
                 let before = state.grouper.pending_first_line();
                 let fallback = state.pending_event_time;
                 state
@@ -282,7 +375,10 @@ impl Pipeline {
                 state.lines += 1;
             }
             state.last_line = Instant::now();
+            state.resumed |= new;
         }
+        // The note's skips are for the first batch read only.
+        skips.clear();
     }
 
     fn format_of(&self, tag: &str) -> Format {
@@ -296,97 +392,202 @@ impl Pipeline {
         name.and_then(|n| Format::named(n)).unwrap_or(Format::Auto)
     }
 
-    /// Masks `records`, pushes them (retrying until Loki answers for good) and counts;
-    /// `false` when shutdown came first.
-    async fn push(&self, records: Vec<Ready>, shutdown: &CancellationToken) -> bool {
+    /// Masks `records`, pushes them in pieces of at most `batch_bytes` (retrying each
+    /// until Loki answers for good) and counts; `false` when `stop` came first.
+    async fn push(&self, records: Vec<Ready>, stop: &CancellationToken) -> bool {
         let mut counts = vec![0; self.masker.len()];
-        let mut streams: HashMap<String, loki::Stream> = HashMap::new();
-        let mut sources = [0_u64; 2];
+        let mut items: Vec<Item> = Vec::with_capacity(records.len());
         for mut ready in records {
             self.masker.record(&mut ready.record, &mut counts);
             if ready.record.parse_error {
                 self.stats.parse_errors[slot(ready.source)].fetch_add(1, Ordering::Relaxed);
             }
-            sources[slot(ready.source)] += 1;
-            let record = ready.record;
-            let labels = labels(&[
-                ("service", ready.tag.as_str()),
-                ("level", record.level.map_or("unknown", |l| l.as_str())),
-                ("host", ready.host.as_str()),
-                ("environment", self.settings.environment.as_str()),
-            ]);
-            let nanos = record
-                .time_micros
-                .map_or(ready.fallback_nanos, |m| m.saturating_mul(1_000));
-            let mut metadata = Vec::new();
-            for (name, value) in [
-                ("trace_id", &record.trace_id),
-                ("logger", &record.logger),
-                ("thread", &record.thread),
-            ] {
-                if !value.is_empty() {
-                    metadata.push(loki::LabelPair {
-                        name: name.to_owned(),
-                        value: value.clone(),
-                    });
+            items.push(self.item(ready));
+        }
+        for (stat, count) in self.stats.masked.iter().zip(counts) {
+            stat.fetch_add(count, Ordering::Relaxed);
+        }
+        // Pieces of at most `batch_bytes`; a piece Loki refuses (400) or finds too large
+        // (413) is halved until the record at fault is alone, and only that one is dropped.
+        let mut pieces: Vec<Vec<Item>> = Vec::new();
+        let mut piece = Vec::new();
+        let mut bytes = 0;
+        for item in items {
+            let size = item.size();
+            if !piece.is_empty() && bytes + size > self.settings.batch_bytes {
+                pieces.push(std::mem::take(&mut piece));
+                bytes = 0;
+            }
+            bytes += size;
+            piece.push(item);
+        }
+        if !piece.is_empty() {
+            pieces.push(piece);
+        }
+        pieces.reverse();
+        while let Some(mut piece) = pieces.pop() {
+            match self.send(&piece, stop).await {
+                None => return false,
+                Some(Pushed::Accepted) => {
+                    self.stats
+                        .pushed
+                        .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                    self.stats
+                        .last_push_micros
+                        .store(chrono::Utc::now().timestamp_micros(), Ordering::Relaxed);
+                }
+                Some(Pushed::Refused(_) | Pushed::TooLarge) if piece.len() > 1 => {
+                    let second = piece.split_off(piece.len() / 2);
+                    pieces.push(second);
+                    pieces.push(piece);
+                }
+                Some(Pushed::Refused(reason)) => {
+                    // One line per refused record, with Loki's reason and the record's
+                    // stream, never its text (Loki's reason quotes labels, not lines).
+                    tracing::warn!(
+                        labels = %piece[0].labels,
+                        reason = %reason.lines().next().unwrap_or_default(),
+                        "Loki refused a record for good; it is dropped"
+                    );
+                    self.stats.dropped[slot(piece[0].source)].fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Pushed::TooLarge) => {
+                    tracing::warn!(
+                        labels = %piece[0].labels,
+                        bytes = piece[0].size(),
+                        "one record is too large for Loki; it is dropped"
+                    );
+                    self.stats.dropped[slot(piece[0].source)].fetch_add(1, Ordering::Relaxed);
                 }
             }
-            let mut line = record.message;
-            if !record.stack_trace.is_empty() {
-                line.push('\n');
-                line.push_str(&record.stack_trace);
-            }
+        }
+        true
+    }
+
+    /// One push of `items`, grouped into streams.
+    async fn send(&self, items: &[Item], stop: &CancellationToken) -> Option<Pushed> {
+        let mut streams: HashMap<&str, loki::Stream> = HashMap::new();
+        for item in items {
             streams
-                .entry(labels.clone())
+                .entry(item.labels.as_str())
                 .or_insert_with(|| loki::Stream {
-                    labels,
+                    labels: item.labels.clone(),
                     entries: Vec::new(),
                     hash: 0,
                 })
                 .entries
-                .push(loki::Entry {
-                    timestamp: Some(prost_types::Timestamp {
-                        seconds: nanos.div_euclid(1_000_000_000),
-                        nanos: i32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or(0),
-                    }),
-                    line,
-                    structured_metadata: metadata,
-                });
-        }
-        for (stat, count) in self.stats.masked.iter().zip(counts) {
-            stat.fetch_add(count, Ordering::Relaxed);
+                .push(item.entry.clone());
         }
         let request = loki::PushRequest {
             streams: streams.into_values().collect(),
         };
         let failed = &self.stats.failed_pushes;
-        match self
-            .loki
-            .push(loki::encode(&request), shutdown, |_| {
+        self.loki
+            .push(loki::encode(&request), stop, |_| {
                 failed.fetch_add(1, Ordering::Relaxed);
             })
             .await
-        {
-            None => false,
-            Some(Pushed::Accepted) => {
-                let total: u64 = sources.iter().sum();
-                self.stats.pushed.fetch_add(total, Ordering::Relaxed);
-                self.stats
-                    .last_push_micros
-                    .store(chrono::Utc::now().timestamp_micros(), Ordering::Relaxed);
-                true
-            }
-            Some(Pushed::Refused(reason)) => {
-                // One line per refused push, with Loki's reason but none of the records'
-                // text (Loki's reason can quote a label value, never a line).
-                tracing::warn!(records = sources.iter().sum::<u64>(), reason = %reason.lines().next().unwrap_or_default(), "Loki refused a push for good; its records are dropped");
-                for (i, count) in sources.iter().enumerate() {
-                    self.stats.dropped[i].fetch_add(*count, Ordering::Relaxed);
-                }
-                true
+    }
+
+    /// A record as a Loki entry with its stream's labels.
+    fn item(&self, ready: Ready) -> Item {
+        let record = ready.record;
+        let labels = labels(&[
+            ("service", ready.tag.as_str()),
+            ("level", record.level.map_or("unknown", |l| l.as_str())),
+            ("host", ready.host.as_str()),
+            ("environment", self.settings.environment.as_str()),
+        ]);
+        let nanos = record
+            .time_micros
+            .map_or(ready.fallback_nanos, |m| m.saturating_mul(1_000));
+        let mut metadata = Vec::new();
+        for (name, value) in [
+            ("trace_id", &record.trace_id),
+            ("logger", &record.logger),
+            ("thread", &record.thread),
+        ] {
+            if !value.is_empty() {
+                metadata.push(loki::LabelPair {
+                    name: name.to_owned(),
+                    value: value.clone(),
+                });
             }
         }
+        let mut line = record.message;
+        if !record.stack_trace.is_empty() {
+            line.push('\n');
+            line.push_str(&record.stack_trace);
+        }
+        Item {
+            labels,
+            source: ready.source,
+            entry: loki::Entry {
+                timestamp: Some(prost_types::Timestamp {
+                    seconds: nanos.div_euclid(1_000_000_000),
+                    nanos: i32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or(0),
+                }),
+                line,
+                structured_metadata: metadata,
+            },
+        }
     }
+}
+
+/// One Loki entry with its stream.
+#[derive(Debug)]
+struct Item {
+    labels: String,
+    source: Source,
+    entry: loki::Entry,
+}
+
+impl Item {
+    /// About the bytes it adds to a push.
+    fn size(&self) -> usize {
+        self.labels.len()
+            + self.entry.line.len()
+            + self
+                .entry
+                .structured_metadata
+                .iter()
+                .map(|p| p.name.len() + p.value.len())
+                .sum::<usize>()
+            + 16
+    }
+}
+
+/// What to leave with an acknowledgement at `position`: per stream, how many of its lines
+/// in the batch there belong to records already pushed (so a restart does not push their
+/// tails as records of their own). Forgets what is before `position`.
+fn note(streams: &mut HashMap<(String, String), StreamState>, position: Position) -> Vec<u8> {
+    let mut skips = Vec::new();
+    for state in streams.values_mut() {
+        state.batches = state.batches.split_off(&position);
+        let Some(&(first, count)) = state.batches.get(&position) else {
+            continue;
+        };
+        let skip = match state.pending_from {
+            Some((line, at)) if at == position => line - first,
+            _ => count,
+        };
+        if skip > 0 {
+            skips.push((state.tag.clone(), state.host.clone(), skip));
+        }
+    }
+    serde_json::to_vec(&skips).unwrap_or_default()
+}
+
+/// The skips a note holds (none when it is empty or unreadable).
+fn read_note(note: &[u8]) -> HashMap<(String, String), usize> {
+    serde_json::from_slice::<Vec<(String, String, usize)>>(note)
+        .map(|skips| {
+            skips
+                .into_iter()
+                .map(|(tag, host, skip)| ((tag, host), skip))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The line of an event: its line field, or (without one) the whole record as JSON so

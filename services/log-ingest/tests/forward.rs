@@ -11,6 +11,7 @@ use log_ingest::{
     batch::Batch,
     buffer::{Buffer, Limits, Position},
     forward_input::{ForwardInput, ForwardSettings},
+    recent::Recent,
 };
 use rmpv::Value;
 use secrecy::SecretString;
@@ -41,7 +42,7 @@ async fn listener(shared_key: Option<&str>, limits: Limits) -> Listener {
         max_message_bytes: 1 << 20,
         ..ForwardSettings::default()
     };
-    let input = ForwardInput::bind(settings, buffer.clone())
+    let input = ForwardInput::bind(settings, buffer.clone(), Recent::default())
         .await
         .expect("binds");
     let addr = input.local_addr().expect("an address");
@@ -267,6 +268,7 @@ async fn a_full_buffer_is_not_acknowledged_and_the_connection_closes() {
     let mut acked = 0;
     for i in 0..10 {
         let chunk = format!("chunk-{i}");
+        let line = format!("{i} {line}");
         if stream
             .write_all(&fluent_bit_frame(&chunk, &[&line]))
             .await
@@ -291,6 +293,109 @@ async fn a_full_buffer_is_not_acknowledged_and_the_connection_closes() {
         (1..10).contains(&acked),
         "some acknowledged, then refused: {acked}"
     );
+    // Refused means closed, not left hanging: the sender learns it at once and retries.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the connection is closed, not left open: {closed:?}"
+    );
     // What was acknowledged is exactly what the buffer holds.
     assert_eq!(buffered(&listener).len(), acked);
+}
+
+/// Fluent Bit's PING: its salt is 16 random bytes in a msgpack str (not UTF-8), and the
+/// digest is SHA-512 over the raw bytes (computed here independently of the server).
+#[tokio::test]
+async fn a_handshake_with_a_binary_salt_as_fluent_bit_sends_it() {
+    use sha2::{Digest as _, Sha512};
+    let key = "secure-communication-is-awesome";
+    let listener = listener(Some(key), LIMITS).await;
+    let mut stream = tokio::net::TcpStream::connect(listener.addr)
+        .await
+        .expect("connects");
+    let mut buf = vec![0; 512];
+    let n = stream.read(&mut buf).await.expect("reads HELO");
+    let helo = rmpv::decode::read_value(&mut &buf[..n]).expect("msgpack");
+    let nonce = match &helo {
+        Value::Array(parts) if parts[0].as_str() == Some("HELO") => parts[1]
+            .as_map()
+            .expect("options")
+            .iter()
+            .find(|(k, _)| k.as_str() == Some("nonce"))
+            .map(|(_, v)| match v {
+                Value::Binary(b) => b.clone(),
+                Value::String(s) => s.as_bytes().to_vec(),
+                other => panic!("nonce {other:?}"),
+            })
+            .expect("a nonce"),
+        other => panic!("not a HELO: {other:?}"),
+    };
+    let salt: Vec<u8> = (0..16_u8).map(|i| 0x80 | i.wrapping_mul(37)).collect();
+    assert!(std::str::from_utf8(&salt).is_err(), "the salt is not UTF-8");
+    let hex = |parts: &[&[u8]]| {
+        let mut h = Sha512::new();
+        for p in parts {
+            h.update(p);
+        }
+        h.finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let digest = hex(&[&salt, b"fluent-bit-host", &nonce, key.as_bytes()]);
+    // The salt as a str of raw bytes (msgpack str 8), the rest as ordinary values.
+    let mut ping = vec![0x96];
+    ping.extend(encode(&Value::from("PING")));
+    ping.extend(encode(&Value::from("fluent-bit-host")));
+    ping.push(0xd9);
+    ping.push(16);
+    ping.extend(&salt);
+    ping.extend(encode(&Value::from(digest.as_str())));
+    ping.extend(encode(&Value::from("")));
+    ping.extend(encode(&Value::from("")));
+    stream.write_all(&ping).await.expect("writes PING");
+    let n = stream.read(&mut buf).await.expect("reads PONG");
+    let pong = rmpv::decode::read_value(&mut &buf[..n]).expect("msgpack");
+    let Value::Array(parts) = pong else {
+        panic!("not a PONG")
+    };
+    assert_eq!(parts[0].as_str(), Some("PONG"));
+    assert_eq!(parts[1], Value::Boolean(true), "accepted: {parts:?}");
+    let server = parts[3].as_str().expect("a hostname");
+    assert_eq!(
+        parts[4].as_str(),
+        Some(hex(&[&salt, server.as_bytes(), &nonce, key.as_bytes()]).as_str()),
+        "the server proves it knows the key"
+    );
+    stream
+        .write_all(&fluent_bit_frame("c1", &["after the handshake"]))
+        .await
+        .expect("writes");
+    assert_eq!(
+        read_ack(&mut stream).await,
+        Value::Map(vec![(Value::from("ack"), Value::from("c1"))])
+    );
+}
+
+/// A chunk sent again after its ack was lost (with a new chunk id, as Fluent Bit does) is
+/// acknowledged again but stored once.
+#[tokio::test]
+async fn a_chunk_sent_again_is_acknowledged_and_stored_once() {
+    let listener = listener(None, LIMITS).await;
+    for id in ["first-attempt", "second-attempt"] {
+        let mut stream = tokio::net::TcpStream::connect(listener.addr)
+            .await
+            .expect("connects");
+        stream
+            .write_all(&fluent_bit_frame(id, &["one", "two"]))
+            .await
+            .expect("writes");
+        assert_eq!(
+            read_ack(&mut stream).await,
+            Value::Map(vec![(Value::from("ack"), Value::from(id))])
+        );
+    }
+    let lines: Vec<String> = buffered(&listener).into_iter().map(|e| e.1).collect();
+    assert_eq!(lines, ["one", "two"]);
 }

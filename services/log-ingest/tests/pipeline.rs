@@ -20,6 +20,10 @@ struct Running {
 }
 
 async fn start() -> Running {
+    start_with(|_| {}).await
+}
+
+async fn start_with(change: impl FnOnce(&mut Settings)) -> Running {
     mall_test_support::init_logging();
     let dir = tempfile::tempdir().expect("a temporary directory");
     let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
@@ -40,6 +44,7 @@ async fn start() -> Running {
     settings.pipeline.flush_after = Duration::from_millis(300);
     settings.pipeline.batch_wait = Duration::from_millis(100);
     settings.pipeline.environment = "test".to_owned();
+    change(&mut settings);
     let app = App::build(settings).await.expect("builds");
     let (app_forward, grpc) = (app.forward_addr(), app.grpc_addr());
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -215,11 +220,13 @@ async fn a_loki_outage_is_waited_out_and_counted() {
     let want = model(&lines);
     send(running.app_forward, &lines, 50).await;
     wait_for(&running.loki, want.len()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         running.loki.received().len(),
         want.len(),
-        "nothing twice, nothing lost"
+        "nothing lost, nothing else"
     );
+    assert_eq!(running.loki.counts().2, 0, "nothing pushed twice");
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", running.grpc))
         .expect("a uri")
         .connect()
@@ -243,4 +250,59 @@ async fn a_loki_outage_is_waited_out_and_counted() {
         .expect("forward");
     assert_eq!(forward.received_records, 200);
     assert_eq!(forward.dropped_records, 0);
+}
+
+#[tokio::test]
+async fn a_record_loki_refuses_is_dropped_alone_and_counted() {
+    let running = start_with(|settings| {
+        // Records larger than Loki takes for one line (256 KB) are possible here.
+        settings.parsing.max_record_bytes = 1 << 20;
+    })
+    .await;
+    let lines: Vec<String> = CORPUS.lines().take(100).map(str::to_owned).collect();
+    let mut with_huge = lines.clone();
+    // Before a header, so no trace is cut by it.
+    let at = (50..lines.len())
+        .find(|i| lines[*i].contains("| INFO  ["))
+        .expect("a header");
+    with_huge.insert(
+        at,
+        format!(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:01.000 | INFO  [main] [Big] {}",
+            "z".repeat(300 * 1024)
+        ),
+    );
+    let sent: Vec<&str> = with_huge.iter().map(String::as_str).collect();
+    send(running.app_forward, &sent, 40).await;
+    let want = model(&lines.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_for(&running.loki, want.len()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got: std::collections::BTreeSet<String> = running
+        .loki
+        .received()
+        .into_iter()
+        .map(|r| r.entry.line)
+        .collect();
+    let wanted: std::collections::BTreeSet<String> = want.into_iter().map(|r| r.1).collect();
+    assert_eq!(
+        got, wanted,
+        "every other record arrived; the huge one did not"
+    );
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", running.grpc))
+        .expect("a uri")
+        .connect()
+        .await
+        .expect("connects");
+    let stats =
+        mall_proto::logs::v1::log_ingest_service_client::LogIngestServiceClient::new(channel)
+            .get_pipeline_stats(mall_proto::logs::v1::GetPipelineStatsRequest {})
+            .await
+            .expect("stats")
+            .into_inner();
+    let forward = stats
+        .sources
+        .iter()
+        .find(|s| s.source == "forward")
+        .expect("forward");
+    assert_eq!(forward.dropped_records, 1, "{stats:?}");
 }
