@@ -8,11 +8,13 @@ use mall_proto::logs::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use std::sync::{Arc, atomic::Ordering};
-
 use mall_proto::logs::v1::SourceStats;
 
-use crate::{parsing::Parsing, pipeline::Stats, record::Record};
+use crate::{
+    metrics::{DROP_REASONS, LogMetrics, SOURCES},
+    parsing::Parsing,
+    record::Record,
+};
 
 /// The service's handlers.
 #[derive(Debug, Clone)]
@@ -20,7 +22,7 @@ pub struct LogsApi {
     /// TestParse.
     pub parsing: Parsing,
     /// The pipeline's counters.
-    pub stats: Arc<Stats>,
+    pub metrics: LogMetrics,
     /// When this replica started (the counters' start).
     pub started: chrono::DateTime<chrono::Utc>,
 }
@@ -31,27 +33,32 @@ impl LogIngestService for LogsApi {
         &self,
         _request: Request<GetPipelineStatsRequest>,
     ) -> Result<Response<GetPipelineStatsResponse>, Status> {
-        let s = &self.stats;
-        let count = |c: &std::sync::atomic::AtomicU64| {
-            i64::try_from(c.load(Ordering::Relaxed)).unwrap_or(i64::MAX)
-        };
-        let sources = ["forward", "otlp"]
+        let m = &self.metrics;
+        let count = |c: u64| i64::try_from(c).unwrap_or(i64::MAX);
+        let sources = SOURCES
             .iter()
-            .enumerate()
-            .map(|(i, source)| SourceStats {
+            .map(|source| SourceStats {
                 source: (*source).to_owned(),
-                received_records: count(&s.received[i]),
-                parse_errors: count(&s.parse_errors[i]),
-                dropped_records: count(&s.dropped[i]),
+                received_records: count(m.received.with_label_values(&[source]).get()),
+                parse_errors: count(m.parse_errors.with_label_values(&[source]).get()),
+                dropped_records: count(
+                    DROP_REASONS
+                        .iter()
+                        .map(|reason| m.dropped.with_label_values(&[source, reason]).get())
+                        .sum(),
+                ),
             })
             .collect();
-        let last = s.last_push_micros.load(Ordering::Relaxed);
+        let last = m.last_push.get();
         Ok(Response::new(GetPipelineStatsResponse {
             sources,
-            loki_pushed_records: count(&s.pushed),
-            loki_failed_pushes: count(&s.failed_pushes),
-            buffered_records: count(&s.waiting),
-            last_push_time: (last > 0).then(|| timestamp(last)),
+            loki_pushed_records: count(m.pushed.get()),
+            loki_failed_pushes: count(m.pushes.with_label_values(&["failed"]).get()),
+            buffered_records: m.waiting.get(),
+            last_push_time: (last > 0).then_some(prost_types::Timestamp {
+                seconds: last,
+                nanos: 0,
+            }),
             stats_start_time: Some(timestamp(self.started.timestamp_micros())),
         }))
     }

@@ -1,6 +1,6 @@
 //! Wiring: connect dependencies, bind listeners, register services.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr};
 
 use anyhow::Context as _;
 
@@ -14,8 +14,9 @@ use crate::{
     config::Settings,
     forward_input::ForwardInput,
     loki::LokiClient,
+    metrics::LogMetrics,
     parsing::Parsing,
-    pipeline::{Pipeline, Stats},
+    pipeline::Pipeline,
     recent::Recent,
 };
 
@@ -61,17 +62,28 @@ impl App {
             settings.loki.request_timeout,
             (settings.loki.retry_initial, settings.loki.retry_max),
         )?;
-        let stats = Arc::new(Stats::new(parsing.masker.len()));
         let mut server = GrpcServer::bind(SERVICE, &settings.server).await?;
+        let patterns: Vec<String> = settings
+            .masking
+            .patterns
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        let metrics = LogMetrics::register(server.registry(), &patterns)?;
         let recent = Recent::seed(&buffer, start).context("cannot read the buffer")?;
-        let forward = ForwardInput::bind(settings.forward.clone(), buffer.clone(), recent)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen for forward on {}",
-                    settings.forward.listen_addr
-                )
-            })?;
+        let forward = ForwardInput::bind(
+            settings.forward.clone(),
+            buffer.clone(),
+            recent,
+            metrics.clone(),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for forward on {}",
+                settings.forward.listen_addr
+            )
+        })?;
         let forward_addr = forward.local_addr()?;
         let shutdown = server.shutdown_token();
         let pipeline = Pipeline {
@@ -81,7 +93,7 @@ impl App {
             masker: parsing.masker.clone(),
             buffer,
             loki,
-            stats: stats.clone(),
+            metrics: metrics.clone(),
         };
         let until = shutdown.clone();
         server.spawn("forward input", async move {
@@ -95,7 +107,7 @@ impl App {
         server.add_service(
             LogIngestServiceServer::new(LogsApi {
                 parsing,
-                stats,
+                metrics: metrics.clone(),
                 started: chrono::Utc::now(),
             })
             .max_decoding_message_size(settings.server.max_message_bytes),

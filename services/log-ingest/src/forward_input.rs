@@ -32,6 +32,7 @@ use crate::{
     batch::{Batch, Source},
     buffer::{Buffer, BufferError},
     forward::{self, Frame, Garbage},
+    metrics::LogMetrics,
     recent::{self, Recent},
 };
 
@@ -78,6 +79,7 @@ pub struct ForwardInput {
     settings: Arc<ForwardSettings>,
     buffer: Buffer,
     recent: Recent,
+    metrics: LogMetrics,
 }
 
 impl ForwardInput {
@@ -94,6 +96,7 @@ impl ForwardInput {
         settings: ForwardSettings,
         buffer: Buffer,
         recent: Recent,
+        metrics: LogMetrics,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(settings.listen_addr).await?;
         Ok(Self {
@@ -101,6 +104,7 @@ impl ForwardInput {
             settings: Arc::new(settings),
             buffer,
             recent,
+            metrics,
         })
     }
 
@@ -136,15 +140,20 @@ impl ForwardInput {
                 tracing::warn!(%peer, limit = self.settings.max_connections, "forward: too many connections; closed");
                 continue;
             };
-            let (settings, buffer, recent, shutdown) = (
+            let (settings, buffer, recent, metrics, shutdown) = (
                 self.settings.clone(),
                 self.buffer.clone(),
                 self.recent.clone(),
+                self.metrics.clone(),
                 shutdown.clone(),
             );
             connections.spawn(async move {
                 let _slot = slot;
-                if let Err(why) = connection(stream, &settings, &buffer, &recent, &shutdown).await {
+                metrics.connections.inc();
+                let closed =
+                    connection(stream, &settings, &buffer, &recent, &metrics, &shutdown).await;
+                metrics.connections.dec();
+                if let Err(why) = closed {
                     tracing::warn!(%peer, %why, "forward: connection closed");
                 }
             });
@@ -179,6 +188,7 @@ async fn connection(
     settings: &ForwardSettings,
     buffer: &Buffer,
     recent: &Recent,
+    metrics: &LogMetrics,
     shutdown: &CancellationToken,
 ) -> Result<(), Closed> {
     stream.set_nodelay(true)?;
@@ -204,18 +214,23 @@ async fn connection(
             let bytes = batch.encode();
             let digest = recent::digest(&bytes);
             // Stored already (sent again after a lost ack): acknowledged, not stored twice.
-            if recent.insert(digest) {
+            let outcome = if recent.insert(digest) {
                 match buffer.append(bytes).await {
-                    Ok(_) => {}
+                    Ok(_) => "stored",
                     Err(e) => {
                         recent.forget(&digest);
-                        return Err(match e {
-                            BufferError::Full(_) => Closed::Full,
-                            e => Closed::Buffer(e),
-                        });
+                        let (outcome, closed) = match e {
+                            BufferError::Full(_) => ("refused_full", Closed::Full),
+                            e => ("refused_error", Closed::Buffer(e)),
+                        };
+                        metrics.chunks.with_label_values(&[outcome]).inc();
+                        return Err(closed);
                     }
                 }
-            }
+            } else {
+                "sent_again"
+            };
+            metrics.chunks.with_label_values(&[outcome]).inc();
         }
         if let Some(chunk) = message.chunk {
             stream.write_all(&forward::ack(&chunk)).await?;

@@ -9,6 +9,7 @@
 //! - [`multiline`]: multi-line grouping per stream, stack traces kept whole.
 //! - [`mask`]: personal data masked out of every record.
 //! - [`parsing`]: TestParse, lines parsed as ingestion would.
+//! - [`metrics`]: the service's Prometheus metrics (and GetPipelineStats' counters).
 //! - [`forward`]: the Fluent forward protocol's messages (decoding, acks).
 //! - [`buffer`]: the durable buffer between inputs and Loki (acknowledge after sync).
 //! - [`batch`]: what an input puts in the buffer; [`recent`]: batches sent again are not
@@ -28,6 +29,7 @@ pub mod forward_input;
 pub mod loki;
 pub mod loki_receiver;
 pub mod mask;
+pub mod metrics;
 pub mod multiline;
 pub mod parse;
 pub mod parsing;

@@ -14,10 +14,6 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicI64, AtomicU64, Ordering},
-    },
     time::{Duration, Instant},
 };
 
@@ -30,6 +26,7 @@ use crate::{
     forward::{self, Event},
     loki::{self, LokiClient, Pushed},
     mask::Masker,
+    metrics::LogMetrics,
     multiline::{Caps, Grouper},
     parse::{Format, Parser},
     record::Record,
@@ -79,41 +76,10 @@ impl Default for PipelineSettings {
     }
 }
 
-/// Counters the pipeline keeps for GetPipelineStats and `/metrics`.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Events read from the buffer, per source: forward, otlp.
-    pub received: [AtomicU64; 2],
-    /// Records with a parse error, per source.
-    pub parse_errors: [AtomicU64; 2],
-    /// Records Loki refused for good, per source.
-    pub dropped: [AtomicU64; 2],
-    /// Records Loki accepted.
-    pub pushed: AtomicU64,
-    /// Pushes that failed (each retry).
-    pub failed_pushes: AtomicU64,
-    /// Records parsed and waiting for a push.
-    pub waiting: AtomicU64,
-    /// When Loki last accepted a push, microseconds since the epoch (0: never).
-    pub last_push_micros: AtomicI64,
-    /// Masked matches per pattern, in configured order.
-    pub masked: Vec<AtomicU64>,
-}
-
-impl Stats {
-    /// Counters for `patterns` masking patterns.
-    pub fn new(patterns: usize) -> Self {
-        Self {
-            masked: (0..patterns).map(|_| AtomicU64::new(0)).collect(),
-            ..Self::default()
-        }
-    }
-}
-
-fn slot(source: Source) -> usize {
+fn source_label(source: Source) -> &'static str {
     match source {
-        Source::Forward => 0,
-        Source::Otlp => 1,
+        Source::Forward => "forward",
+        Source::Otlp => "otlp",
     }
 }
 
@@ -135,8 +101,8 @@ pub struct Pipeline {
     pub buffer: Buffer,
     /// Where records go.
     pub loki: LokiClient,
-    /// Counters.
-    pub stats: Arc<Stats>,
+    /// Counters and gauges.
+    pub metrics: LogMetrics,
 }
 
 /// One stream's state.
@@ -237,9 +203,9 @@ impl Pipeline {
                 oldest.get_or_insert_with(Instant::now);
                 ready_bytes = ready.iter().map(|r| r.record.text_len() + 64).sum();
             }
-            self.stats
+            self.metrics
                 .waiting
-                .store(ready.len() as u64, Ordering::Relaxed);
+                .set(i64::try_from(ready.len()).unwrap_or(i64::MAX));
             let due = oldest.is_some_and(|t| t.elapsed() >= self.settings.batch_wait)
                 || ready_bytes >= self.settings.batch_bytes;
             if ready.is_empty() || !due {
@@ -257,7 +223,10 @@ impl Pipeline {
             }
             let note = note(&mut streams, acknowledge);
             self.acknowledge(acknowledge, note).await;
-            self.stats.waiting.store(0, Ordering::Relaxed);
+            self.metrics.waiting.set(0);
+            self.metrics
+                .buffer_bytes
+                .set(i64::try_from(self.buffer.used_bytes()).unwrap_or(i64::MAX));
         }
     }
 
@@ -319,7 +288,10 @@ impl Pipeline {
         skips: &mut HashMap<(String, String), usize>,
     ) {
         let source = batch.source;
-        self.stats.received[slot(source)].fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .received
+            .with_label_values(&[source_label(source)])
+            .inc_by(batch.events.len() as u64);
         let parser = Parser::new(self.format_of(&batch.tag), self.zone);
         let mut out = Vec::new();
         for event in &batch.events {
@@ -400,13 +372,14 @@ impl Pipeline {
         for mut ready in records {
             self.masker.record(&mut ready.record, &mut counts);
             if ready.record.parse_error {
-                self.stats.parse_errors[slot(ready.source)].fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .parse_errors
+                    .with_label_values(&[source_label(ready.source)])
+                    .inc();
             }
             items.push(self.item(ready));
         }
-        for (stat, count) in self.stats.masked.iter().zip(counts) {
-            stat.fetch_add(count, Ordering::Relaxed);
-        }
+        self.metrics.add_masked(&counts);
         // Pieces of at most `batch_bytes`; a piece Loki refuses (400) or finds too large
         // (413) is halved until the record at fault is alone, and only that one is dropped.
         let mut pieces: Vec<Vec<Item>> = Vec::new();
@@ -429,12 +402,8 @@ impl Pipeline {
             match self.send(&piece, stop).await {
                 None => return false,
                 Some(Pushed::Accepted) => {
-                    self.stats
-                        .pushed
-                        .fetch_add(piece.len() as u64, Ordering::Relaxed);
-                    self.stats
-                        .last_push_micros
-                        .store(chrono::Utc::now().timestamp_micros(), Ordering::Relaxed);
+                    self.metrics.pushed.inc_by(piece.len() as u64);
+                    self.metrics.last_push.set(chrono::Utc::now().timestamp());
                 }
                 Some(Pushed::Refused(_) | Pushed::TooLarge) if piece.len() > 1 => {
                     let second = piece.split_off(piece.len() / 2);
@@ -449,7 +418,10 @@ impl Pipeline {
                         reason = %reason.lines().next().unwrap_or_default(),
                         "Loki refused a record for good; it is dropped"
                     );
-                    self.stats.dropped[slot(piece[0].source)].fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .dropped
+                        .with_label_values(&[source_label(piece[0].source), "loki_refused"])
+                        .inc();
                 }
                 Some(Pushed::TooLarge) => {
                     tracing::warn!(
@@ -457,7 +429,10 @@ impl Pipeline {
                         bytes = piece[0].size(),
                         "one record is too large for Loki; it is dropped"
                     );
-                    self.stats.dropped[slot(piece[0].source)].fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .dropped
+                        .with_label_values(&[source_label(piece[0].source), "too_large"])
+                        .inc();
                 }
             }
         }
@@ -481,12 +456,21 @@ impl Pipeline {
         let request = loki::PushRequest {
             streams: streams.into_values().collect(),
         };
-        let failed = &self.stats.failed_pushes;
-        self.loki
+        let pushes = &self.metrics.pushes;
+        let outcome = self
+            .loki
             .push(loki::encode(&request), stop, |_| {
-                failed.fetch_add(1, Ordering::Relaxed);
+                pushes.with_label_values(&["failed"]).inc();
             })
-            .await
+            .await;
+        let label = match &outcome {
+            Some(Pushed::Accepted) => "accepted",
+            Some(Pushed::Refused(_)) => "refused",
+            Some(Pushed::TooLarge) => "too_large",
+            None => return None,
+        };
+        pushes.with_label_values(&[label]).inc();
+        outcome
     }
 
     /// A record as a Loki entry with its stream's labels.

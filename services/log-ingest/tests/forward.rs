@@ -11,6 +11,7 @@ use log_ingest::{
     batch::Batch,
     buffer::{Buffer, Limits, Position},
     forward_input::{ForwardInput, ForwardSettings},
+    metrics::LogMetrics,
     recent::Recent,
 };
 use rmpv::Value;
@@ -42,9 +43,14 @@ async fn listener(shared_key: Option<&str>, limits: Limits) -> Listener {
         max_message_bytes: 1 << 20,
         ..ForwardSettings::default()
     };
-    let input = ForwardInput::bind(settings, buffer.clone(), Recent::default())
-        .await
-        .expect("binds");
+    let input = ForwardInput::bind(
+        settings,
+        buffer.clone(),
+        Recent::default(),
+        LogMetrics::unregistered(&[]),
+    )
+    .await
+    .expect("binds");
     let addr = input.local_addr().expect("an address");
     let shutdown = CancellationToken::new();
     tokio::spawn(input.run(shutdown.clone()));

@@ -14,6 +14,7 @@ const CORPUS: &str = include_str!("fixtures/hybris-wrapper.log");
 struct Running {
     app_forward: std::net::SocketAddr,
     grpc: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
     loki: LokiReceiver,
     _shutdown: tokio_util::sync::CancellationToken,
     _dir: tempfile::TempDir,
@@ -46,12 +47,13 @@ async fn start_with(change: impl FnOnce(&mut Settings)) -> Running {
     settings.pipeline.environment = "test".to_owned();
     change(&mut settings);
     let app = App::build(settings).await.expect("builds");
-    let (app_forward, grpc) = (app.forward_addr(), app.grpc_addr());
+    let (app_forward, grpc, admin) = (app.forward_addr(), app.grpc_addr(), app.admin_addr());
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
     Running {
         app_forward,
         grpc,
+        admin,
         loki,
         _shutdown: shutdown,
         _dir: dir,
@@ -250,6 +252,32 @@ async fn a_loki_outage_is_waited_out_and_counted() {
         .expect("forward");
     assert_eq!(forward.received_records, 200);
     assert_eq!(forward.dropped_records, 0);
+    // The same counters on /metrics, for Prometheus.
+    let (status, body) = mall_test_support::probe::http_get(running.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let value = |series: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{series} on /metrics:\n{body}"))
+    };
+    assert_eq!(
+        value("mall_log_ingest_records_received_total{source=\"forward\"}"),
+        200.0
+    );
+    assert!(value("mall_log_ingest_loki_pushes_total{outcome=\"failed\"}") > 0.0);
+    assert_eq!(
+        value("mall_log_ingest_loki_records_pushed_total"),
+        want.len() as f64
+    );
+    assert_eq!(
+        value("mall_log_ingest_forward_messages_total{outcome=\"stored\"}"),
+        4.0
+    );
+    assert_eq!(
+        value("mall_log_ingest_records_dropped_total{reason=\"loki_refused\",source=\"forward\"}"),
+        0.0
+    );
+    assert!(value("mall_log_ingest_masked_total{pattern=\"email\"}") > 0.0);
 }
 
 #[tokio::test]

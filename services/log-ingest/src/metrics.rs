@@ -1,0 +1,141 @@
+//! log-ingest's metrics (`mall_log_ingest_` prefix from the registry), the one source of the
+//! pipeline's counters (GetPipelineStats reads them too). Label values come from small fixed
+//! sets, each registered at start so a series exists before its first event; no record text
+//! is ever a label.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Sources of records.
+pub const SOURCES: [&str; 2] = ["forward", "otlp"];
+/// Why records were dropped.
+pub const DROP_REASONS: [&str; 2] = ["loki_refused", "too_large"];
+/// What became of each push attempt.
+const PUSHES: [&str; 4] = ["accepted", "failed", "refused", "too_large"];
+/// What became of each forward message.
+pub const CHUNKS: [&str; 4] = ["stored", "sent_again", "refused_full", "refused_error"];
+
+/// The service's counters and gauges; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct LogMetrics {
+    /// `records_received_total{source}`: events read from the buffer (lines before grouping).
+    pub received: IntCounterVec,
+    /// `parse_errors_total{source}`: records shipped with their raw text as the parser could
+    /// not read them.
+    pub parse_errors: IntCounterVec,
+    /// `records_dropped_total{source,reason}`: records Loki refused for good.
+    pub dropped: IntCounterVec,
+    /// `loki_pushes_total{outcome}`: push attempts by `accepted`, `failed` (retried),
+    /// `refused` (400) and `too_large` (413).
+    pub pushes: IntCounterVec,
+    /// `loki_records_pushed_total`: records Loki accepted.
+    pub pushed: IntCounter,
+    /// `loki_last_push_timestamp_seconds`: when Loki last accepted a push (0: never).
+    pub last_push: IntGauge,
+    /// `records_waiting`: records parsed and waiting for a push.
+    pub waiting: IntGauge,
+    /// `masked_total{pattern}`: matches masked, per configured pattern.
+    pub masked: IntCounterVec,
+    /// `buffer_bytes`: unacknowledged bytes in the durable buffer.
+    pub buffer_bytes: IntGauge,
+    /// `forward_messages_total{outcome}`: forward messages with events, by `stored`,
+    /// `sent_again` (already stored: acknowledged again), `refused_full` and `refused_error`.
+    pub chunks: IntCounterVec,
+    /// `forward_connections`: forward connections open now.
+    pub connections: IntGauge,
+    /// Names of the masking patterns, in configured order.
+    patterns: Vec<String>,
+}
+
+impl LogMetrics {
+    /// Registers the metrics in `registry`, with a series per masking pattern in `patterns`.
+    ///
+    /// # Errors
+    /// When they are already registered there.
+    pub fn register(registry: &Registry, patterns: &[String]) -> prometheus::Result<Self> {
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        let metrics = Self {
+            received: counter_vec(
+                "records_received_total",
+                "Events read from the buffer, by source",
+                &["source"],
+            )?,
+            parse_errors: counter_vec(
+                "parse_errors_total",
+                "Records the parser could not read, by source",
+                &["source"],
+            )?,
+            dropped: counter_vec(
+                "records_dropped_total",
+                "Records Loki refused for good, by source and reason",
+                &["source", "reason"],
+            )?,
+            pushes: counter_vec(
+                "loki_pushes_total",
+                "Push attempts to Loki, by outcome",
+                &["outcome"],
+            )?,
+            pushed: IntCounter::new("loki_records_pushed_total", "Records Loki accepted")?,
+            last_push: IntGauge::new(
+                "loki_last_push_timestamp_seconds",
+                "When Loki last accepted a push",
+            )?,
+            waiting: IntGauge::new("records_waiting", "Records parsed and waiting for a push")?,
+            masked: counter_vec("masked_total", "Matches masked, by pattern", &["pattern"])?,
+            buffer_bytes: IntGauge::new(
+                "buffer_bytes",
+                "Unacknowledged bytes in the durable buffer",
+            )?,
+            chunks: counter_vec(
+                "forward_messages_total",
+                "Forward messages with events, by outcome",
+                &["outcome"],
+            )?,
+            connections: IntGauge::new("forward_connections", "Forward connections open now")?,
+            patterns: patterns.to_vec(),
+        };
+        registry.register(Box::new(metrics.received.clone()))?;
+        registry.register(Box::new(metrics.parse_errors.clone()))?;
+        registry.register(Box::new(metrics.dropped.clone()))?;
+        registry.register(Box::new(metrics.pushes.clone()))?;
+        registry.register(Box::new(metrics.pushed.clone()))?;
+        registry.register(Box::new(metrics.last_push.clone()))?;
+        registry.register(Box::new(metrics.waiting.clone()))?;
+        registry.register(Box::new(metrics.masked.clone()))?;
+        registry.register(Box::new(metrics.buffer_bytes.clone()))?;
+        registry.register(Box::new(metrics.chunks.clone()))?;
+        registry.register(Box::new(metrics.connections.clone()))?;
+        for source in SOURCES {
+            metrics.received.with_label_values(&[source]);
+            metrics.parse_errors.with_label_values(&[source]);
+            for reason in DROP_REASONS {
+                metrics.dropped.with_label_values(&[source, reason]);
+            }
+        }
+        for outcome in PUSHES {
+            metrics.pushes.with_label_values(&[outcome]);
+        }
+        for outcome in CHUNKS {
+            metrics.chunks.with_label_values(&[outcome]);
+        }
+        for pattern in patterns {
+            metrics.masked.with_label_values(&[pattern]);
+        }
+        Ok(metrics)
+    }
+
+    /// Metrics in a registry of their own (tests, benchmarks).
+    pub fn unregistered(patterns: &[String]) -> Self {
+        Self::register(&Registry::new(), patterns).expect("a fresh registry takes them")
+    }
+
+    /// Adds masking counts (one per pattern, in configured order).
+    pub fn add_masked(&self, counts: &[u64]) {
+        for (pattern, count) in self.patterns.iter().zip(counts) {
+            if *count > 0 {
+                self.masked.with_label_values(&[pattern]).inc_by(*count);
+            }
+        }
+    }
+}
