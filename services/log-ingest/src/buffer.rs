@@ -31,6 +31,8 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::lock;
+
 /// Bytes of a frame's header: length and checksum.
 const HEADER: u64 = 8;
 /// Bytes written in one group before syncing, at most.
@@ -616,12 +618,6 @@ fn write_checkpoint(dir: &Path, position: Position, note: &[u8]) -> io::Result<(
 /// Syncs a directory, so files created or renamed in it survive a crash.
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

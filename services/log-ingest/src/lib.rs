@@ -42,3 +42,11 @@ pub use config::Settings;
 
 /// Name of this service in logs, traces, metrics (`mall_log_ingest_*`) and Kubernetes.
 pub const SERVICE: &str = "log-ingest";
+
+/// A mutex's guard, even after a panic while it was held (the data it guards stays
+/// consistent step by step; a poisoned lock must not stop the pipeline).
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -25,7 +25,10 @@ use axum::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::loki::{self, Entry};
+use crate::{
+    lock,
+    loki::{self, Entry},
+};
 
 /// Loki's default `max_line_size`.
 pub const MAX_LINE_BYTES: usize = 256 * 1024;
@@ -228,12 +231,6 @@ pub fn parse_labels(text: &str) -> Option<Vec<(String, String)>> {
         }
     }
     (!labels.is_empty()).then_some(labels)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -15,10 +15,13 @@ use std::{
     time::Duration,
 };
 
+use corpus::{frame, is_header, model};
 use log_ingest::loki_receiver::LokiReceiver;
 use mall_test_support::process::ServiceProcess;
 use rmpv::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+mod corpus;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_log-ingest");
 const FIXTURE: &str = include_str!("fixtures/hybris-wrapper.log");
@@ -41,77 +44,6 @@ fn corpus() -> Vec<String> {
         }
     }
     lines
-}
-
-fn is_header(text: &str) -> bool {
-    ["INFO  [", "WARN  [", "DEBUG [", "ERROR ["]
-        .iter()
-        .any(|h| text.starts_with(h))
-}
-
-/// What Loki must hold: one line per record, the header's message then each joined line,
-/// addresses masked.
-fn model(lines: &[String]) -> Vec<String> {
-    let mut records: Vec<String> = Vec::new();
-    for line in lines {
-        let text = line.splitn(5, " | ").nth(4).expect("a wrapper prefix");
-        if is_header(text) {
-            let after_thread = &text[text.find("] [").expect("a logger") + 3..];
-            records.push(mask(
-                &after_thread[after_thread.find("] ").expect("a message") + 2..],
-            ));
-        } else {
-            let last = records.last_mut().expect("a header first");
-            last.push('\n');
-            last.push_str(&mask(text));
-        }
-    }
-    records
-}
-
-fn mask(text: &str) -> String {
-    text.split(' ')
-        .map(|word| match word.find("@example.com") {
-            Some(at) => {
-                let start = word[..at]
-                    .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '.'))
-                    .map_or(0, |i| i + 1);
-                format!(
-                    "{}<email>{}",
-                    &word[..start],
-                    &word[at + "@example.com".len()..]
-                )
-            }
-            None => word.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn frame(chunk_id: &str, lines: &[String]) -> Vec<u8> {
-    let entries = lines
-        .iter()
-        .map(|line| {
-            Value::Array(vec![
-                Value::from(1_730_103_120_u32),
-                Value::Map(vec![
-                    (Value::from("log"), Value::from(line.as_str())),
-                    (Value::from("host"), Value::from("hybris-1")),
-                ]),
-            ])
-        })
-        .collect();
-    let mut out = Vec::new();
-    rmpv::encode::write_value(
-        &mut out,
-        &Value::Array(vec![
-            Value::from("hybris.wrapper"),
-            Value::Array(entries),
-            Value::Map(vec![(Value::from("chunk"), Value::from(chunk_id))]),
-        ]),
-    )
-    .expect("encodes");
-    out
 }
 
 /// Sends one chunk and waits for its ack on `stream`; an error means "send it again".
@@ -254,7 +186,7 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
         assert_eq!(labels["environment"], "chaos");
         assert!(!r.entry.line.contains("@example.com"), "masked");
     }
-    let wanted: BTreeSet<&str> = want.iter().map(String::as_str).collect();
+    let wanted: BTreeSet<&str> = want.iter().map(|r| r.1.as_str()).collect();
     assert_eq!(wanted.len(), want.len(), "the model's records are unique");
     let missing: Vec<&&str> = wanted
         .iter()

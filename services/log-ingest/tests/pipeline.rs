@@ -5,9 +5,12 @@
 
 use std::time::Duration;
 
+use corpus::model;
 use log_ingest::{App, Settings, loki_receiver::LokiReceiver};
 use rmpv::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+mod corpus;
 
 const CORPUS: &str = include_str!("fixtures/hybris-wrapper.log");
 
@@ -67,28 +70,7 @@ async fn send(addr: std::net::SocketAddr, lines: &[&str], per_chunk: usize) {
         .expect("connects");
     for (n, chunk) in lines.chunks(per_chunk).enumerate() {
         let id = format!("{n:032x}");
-        let entries = chunk
-            .iter()
-            .map(|line| {
-                Value::Array(vec![
-                    Value::from(1_730_103_120_u32),
-                    Value::Map(vec![
-                        (Value::from("log"), Value::from(*line)),
-                        (Value::from("host"), Value::from("hybris-1")),
-                    ]),
-                ])
-            })
-            .collect();
-        let mut frame = Vec::new();
-        rmpv::encode::write_value(
-            &mut frame,
-            &Value::Array(vec![
-                Value::from("hybris.wrapper"),
-                Value::Array(entries),
-                Value::Map(vec![(Value::from("chunk"), Value::from(id.as_str()))]),
-            ]),
-        )
-        .expect("encodes");
+        let frame = corpus::frame(&id, chunk);
         stream.write_all(&frame).await.expect("writes");
         let mut ack = vec![0; 128];
         let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut ack))
@@ -103,50 +85,17 @@ async fn send(addr: std::net::SocketAddr, lines: &[&str], per_chunk: usize) {
     }
 }
 
-/// The corpus as the test understands it: a record starts at a line whose text after the
-/// wrapper's prefix starts with the generator's levels; every other line joins it. The
-/// Loki line is the header's message, then each joined line; addresses masked.
-fn model(lines: &[&str]) -> Vec<(String, String)> {
-    let mut records: Vec<(String, String)> = Vec::new();
-    for line in lines {
-        let text = line.splitn(5, " | ").nth(4).expect("a wrapper prefix");
-        let header = ["INFO  [", "WARN  [", "DEBUG [", "ERROR ["]
-            .iter()
-            .find(|h| text.starts_with(*h));
-        match header {
-            Some(h) => {
-                // `LEVEL [thread] [Logger] message`
-                let after_thread = &text[text.find("] [").expect("a logger") + 3..];
-                let message = &after_thread[after_thread.find("] ").expect("a message") + 2..];
-                records.push((h[..5].trim().to_owned(), mask(message)));
-            }
-            None => {
-                let last = records.last_mut().expect("a header first");
-                last.1.push('\n');
-                last.1.push_str(&mask(text));
-            }
-        }
-    }
-    records
-}
-
-fn mask(text: &str) -> String {
-    text.split(' ')
-        .map(|word| match word.find("@example.com") {
-            Some(at) => {
-                let start = word[..at]
-                    .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '.'))
-                    .map_or(0, |i| i + 1);
-                format!(
-                    "{}<email>{}",
-                    &word[..start],
-                    &word[at + "@example.com".len()..]
-                )
-            }
-            None => word.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+async fn stats(grpc: std::net::SocketAddr) -> mall_proto::logs::v1::GetPipelineStatsResponse {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .expect("a uri")
+        .connect()
+        .await
+        .expect("connects");
+    mall_proto::logs::v1::log_ingest_service_client::LogIngestServiceClient::new(channel)
+        .get_pipeline_stats(mall_proto::logs::v1::GetPipelineStatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner()
 }
 
 async fn wait_for(loki: &LokiReceiver, count: usize) {
@@ -229,17 +178,7 @@ async fn a_loki_outage_is_waited_out_and_counted() {
         "nothing lost, nothing else"
     );
     assert_eq!(running.loki.counts().2, 0, "nothing pushed twice");
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", running.grpc))
-        .expect("a uri")
-        .connect()
-        .await
-        .expect("connects");
-    let stats =
-        mall_proto::logs::v1::log_ingest_service_client::LogIngestServiceClient::new(channel)
-            .get_pipeline_stats(mall_proto::logs::v1::GetPipelineStatsRequest {})
-            .await
-            .expect("stats")
-            .into_inner();
+    let stats = stats(running.grpc).await;
     assert!(stats.loki_failed_pushes > 0, "{stats:?}");
     assert_eq!(
         stats.loki_pushed_records,
@@ -316,17 +255,7 @@ async fn a_record_loki_refuses_is_dropped_alone_and_counted() {
         got, wanted,
         "every other record arrived; the huge one did not"
     );
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", running.grpc))
-        .expect("a uri")
-        .connect()
-        .await
-        .expect("connects");
-    let stats =
-        mall_proto::logs::v1::log_ingest_service_client::LogIngestServiceClient::new(channel)
-            .get_pipeline_stats(mall_proto::logs::v1::GetPipelineStatsRequest {})
-            .await
-            .expect("stats")
-            .into_inner();
+    let stats = stats(running.grpc).await;
     let forward = stats
         .sources
         .iter()
