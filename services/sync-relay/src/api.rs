@@ -459,6 +459,12 @@ impl SyncRelayService for RelayApi {
                             name: shard_ids.join(", "),
                         }
                     }
+                    // Still conflicting after retries, or the database away: try again later.
+                    kinesis::ReplayError::Database(error)
+                        if mall_db::is_retryable(&error) || mall_db::is_unavailable(&error) =>
+                    {
+                        ServiceError::Unavailable("the relay's database is busy; retry".into())
+                    }
                     kinesis::ReplayError::Database(error) => ServiceError::Internal(error.into()),
                 })?;
         tracing::info!(shards = shard_ids.len(), "replay requested");

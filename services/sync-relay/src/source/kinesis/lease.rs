@@ -477,6 +477,34 @@ pub async fn replay_from(
     if start_time > Utc::now() {
         return Err(ReplayError::StartInFuture(start_time));
     }
+    // The transaction reads, then writes: on SQLite a writer that committed in between makes
+    // the upgrade fail at once (SQLITE_BUSY, which the busy timeout does not wait out), on
+    // PostgreSQL a deadlock or serialization failure can end it. All of these pass when the
+    // whole transaction runs again.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match replay_once(db, stream, start_time, shard_ids).await {
+            Err(ReplayError::Database(error))
+                if attempt < REPLAY_ATTEMPTS && mall_db::is_retryable(&error) =>
+            {
+                tracing::debug!(%error, attempt, "replay conflicted with another writer; again");
+                tokio::time::sleep(std::time::Duration::from_millis(20 * u64::from(attempt))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Attempts of a replay's transaction before its conflict is reported.
+const REPLAY_ATTEMPTS: u32 = 10;
+
+async fn replay_once(
+    db: &DatabaseConnection,
+    stream: &str,
+    start_time: DateTime<Utc>,
+    shard_ids: &[String],
+) -> Result<Vec<String>, ReplayError> {
     let txn = db.begin().await?;
     let rows = load(&txn, stream).await?;
     let known: BTreeSet<&str> = rows.iter().map(|r| r.shard_id.as_str()).collect();
