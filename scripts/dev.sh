@@ -5,7 +5,8 @@
 #   product-catalog  gRPC 127.0.0.1:50051  admin http://127.0.0.1:9091/metrics
 #   sync-relay       gRPC 127.0.0.1:50052  admin http://127.0.0.1:9092/metrics
 #   member-export    gRPC 127.0.0.1:50053  admin http://127.0.0.1:9093/metrics
-#   log-ingest       gRPC 127.0.0.1:50054  admin http://127.0.0.1:9094/metrics
+#   log-ingest       gRPC 127.0.0.1:50054  admin http://127.0.0.1:9094/metrics  forward 127.0.0.1:24224
+#                    (no Loki locally: accepted logs wait in .data/log-ingest/buffer, retried)
 #   partner-simulator      http://127.0.0.1:8089 (member-export's marketing platform, locally)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
