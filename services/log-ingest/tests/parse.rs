@@ -4,10 +4,12 @@
 
 use std::time::Duration;
 
-use log_ingest::{App, Settings};
+use log_ingest::App;
 use mall_proto::logs::v1::{TestParseRequest, log_ingest_service_client::LogIngestServiceClient};
 use tonic::{Code, transport::Channel};
 use tonic_types::StatusExt as _;
+
+mod corpus;
 
 const CORPUS: &str = include_str!("fixtures/hybris-wrapper.log");
 const STATS: &str = include_str!("fixtures/hybris-wrapper.log.stats.json");
@@ -19,11 +21,7 @@ async fn client() -> (
 ) {
     mall_test_support::init_logging();
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut settings = Settings::default();
-    settings.server.listen_addr = "127.0.0.1:0".parse().expect("valid address");
-    settings.server.admin_addr = "127.0.0.1:0".parse().expect("valid address");
-    settings.forward.listen_addr = "127.0.0.1:0".parse().expect("valid address");
-    settings.buffer.dir = dir.path().to_owned();
+    let settings = corpus::local_settings(dir.path());
     let app = App::build(settings).await.expect("app builds");
     let grpc = app.grpc_addr();
     let shutdown = tokio_util::sync::CancellationToken::new();

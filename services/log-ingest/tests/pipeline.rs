@@ -33,11 +33,7 @@ async fn start_with(change: impl FnOnce(&mut Settings)) -> Running {
     let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
         .await
         .expect("starts");
-    let mut settings = Settings::default();
-    settings.server.listen_addr = "127.0.0.1:0".parse().expect("an address");
-    settings.server.admin_addr = "127.0.0.1:0".parse().expect("an address");
-    settings.forward.listen_addr = "127.0.0.1:0".parse().expect("an address");
-    settings.buffer.dir = dir.path().to_owned();
+    let mut settings = corpus::local_settings(dir.path());
     settings.loki.url = loki.url();
     settings.loki.retry_initial = Duration::from_millis(50);
     settings.loki.retry_max = Duration::from_millis(500);

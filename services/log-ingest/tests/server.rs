@@ -2,9 +2,11 @@
 
 use std::time::Duration;
 
-use log_ingest::{App, Settings};
+use log_ingest::App;
 use mall_test_support::{probe, process, wait_until};
 use tonic_health::pb::health_check_response::ServingStatus;
+
+mod corpus;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_log-ingest");
 const CONTRACT: &str = "mall.logs.v1.LogIngestService";
@@ -13,11 +15,7 @@ const CONTRACT: &str = "mall.logs.v1.LogIngestService";
 async fn serves_health_reflection_and_metrics() {
     mall_test_support::init_logging();
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut settings = Settings::default();
-    settings.server.listen_addr = "127.0.0.1:0".parse().expect("valid address");
-    settings.server.admin_addr = "127.0.0.1:0".parse().expect("valid address");
-    settings.forward.listen_addr = "127.0.0.1:0".parse().expect("valid address");
-    settings.buffer.dir = dir.path().to_owned();
+    let settings = corpus::local_settings(dir.path());
     let app = App::build(settings).await.expect("app builds");
     let (grpc, admin) = (app.grpc_addr(), app.admin_addr());
     let shutdown = tokio_util::sync::CancellationToken::new();

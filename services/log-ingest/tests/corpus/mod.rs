@@ -6,6 +6,18 @@
 
 use rmpv::Value;
 
+/// Settings of an in-process log-ingest for a test: every listener on a free loopback port,
+/// the buffer in `dir`.
+pub fn local_settings(dir: &std::path::Path) -> log_ingest::Settings {
+    let mut settings = log_ingest::Settings::default();
+    let any = || "127.0.0.1:0".parse().expect("an address");
+    settings.server.listen_addr = any();
+    settings.server.admin_addr = any();
+    settings.forward.listen_addr = any();
+    settings.buffer.dir = dir.to_owned();
+    settings
+}
+
 /// Whether the text after the wrapper's prefix is one of the generator's header lines.
 pub fn is_header(text: &str) -> bool {
     ["INFO  [", "WARN  [", "DEBUG [", "ERROR ["]
