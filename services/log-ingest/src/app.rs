@@ -6,6 +6,8 @@ use anyhow::Context as _;
 
 use mall_grpc::GrpcServer;
 use mall_proto::logs::v1::log_ingest_service_server::LogIngestServiceServer;
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsServiceServer;
+use tonic::codec::CompressionEncoding;
 
 use crate::{
     SERVICE,
@@ -15,6 +17,7 @@ use crate::{
     forward_input::ForwardInput,
     loki::LokiClient,
     metrics::LogMetrics,
+    otlp_input::OtlpInput,
     parsing::Parsing,
     pipeline::Pipeline,
     recent::Recent,
@@ -34,6 +37,14 @@ impl App {
     /// When a dependency is unreachable or a listener cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let parsing = Parsing::new(&settings.parsing, &settings.masking)?;
+        for (source, name) in &settings.pipeline.parsers {
+            anyhow::ensure!(
+                crate::parse::Format::named(name).is_some(),
+                "pipeline.parsers.{source:?} names parser {name:?}, which does not exist; \
+                 the parsers are {}",
+                crate::parse::BUILT_IN.join(", ")
+            );
+        }
         let limits = Limits {
             max_bytes: settings.buffer.max_bytes,
             segment_bytes: settings.buffer.segment_bytes,
@@ -71,6 +82,11 @@ impl App {
             .collect();
         let metrics = LogMetrics::register(server.registry(), &patterns)?;
         let recent = Recent::seed(&buffer, start).context("cannot read the buffer")?;
+        let otlp = OtlpInput {
+            buffer: buffer.clone(),
+            recent: recent.clone(),
+            metrics: metrics.clone(),
+        };
         let forward = ForwardInput::bind(
             settings.forward.clone(),
             buffer.clone(),
@@ -112,6 +128,13 @@ impl App {
             })
             .max_decoding_message_size(settings.server.max_message_bytes),
         );
+        server
+            .add_service(
+                LogsServiceServer::new(otlp)
+                    .max_decoding_message_size(settings.server.max_message_bytes)
+                    .accept_compressed(CompressionEncoding::Gzip),
+            )
+            .add_descriptor_set(opentelemetry_proto::DESCRIPTORS);
         Ok(Self {
             server,
             forward_addr,

@@ -15,6 +15,7 @@
 //! - [`batch`]: what an input puts in the buffer; [`recent`]: batches sent again are not
 //!   stored twice.
 //! - [`forward_input`]: the forward protocol's listener (acks after the buffer synced).
+//! - [`otlp_input`]: OTLP logs over gRPC (answered after the buffer synced).
 //! - [`pipeline`]: from the buffer to Loki (grouping, masking, batching, acknowledging).
 //! - [`loki`]: Loki's push API and the client; [`loki_receiver`]: a Loki-compatible
 //!   receiver for tests, benchmarks and local runs.
@@ -31,6 +32,7 @@ pub mod loki_receiver;
 pub mod mask;
 pub mod metrics;
 pub mod multiline;
+pub mod otlp_input;
 pub mod parse;
 pub mod parsing;
 pub mod pipeline;

@@ -13,6 +13,14 @@ pub const DROP_REASONS: [&str; 2] = ["loki_refused", "too_large"];
 const PUSHES: [&str; 4] = ["accepted", "failed", "refused", "too_large"];
 /// What became of each forward message.
 pub const CHUNKS: [&str; 4] = ["stored", "sent_again", "refused_full", "refused_error"];
+/// What became of each OTLP log record.
+pub const OTLP_OUTCOMES: [&str; 5] = [
+    "stored",
+    "sent_again",
+    "rejected",
+    "refused_full",
+    "refused_error",
+];
 
 /// The service's counters and gauges; cheap to clone.
 #[derive(Debug, Clone)]
@@ -42,6 +50,10 @@ pub struct LogMetrics {
     pub chunks: IntCounterVec,
     /// `forward_connections`: forward connections open now.
     pub connections: IntGauge,
+    /// `otlp_records_total{outcome}`: OTLP log records by `stored`, `sent_again` (an
+    /// export already stored), `rejected` (malformed: `partial_success`), `refused_full`
+    /// and `refused_error` (the exporter retries those).
+    pub otlp: IntCounterVec,
     /// Names of the masking patterns, in configured order.
     patterns: Vec<String>,
 }
@@ -93,6 +105,11 @@ impl LogMetrics {
                 &["outcome"],
             )?,
             connections: IntGauge::new("forward_connections", "Forward connections open now")?,
+            otlp: counter_vec(
+                "otlp_records_total",
+                "OTLP log records, by outcome",
+                &["outcome"],
+            )?,
             patterns: patterns.to_vec(),
         };
         registry.register(Box::new(metrics.received.clone()))?;
@@ -106,6 +123,7 @@ impl LogMetrics {
         registry.register(Box::new(metrics.buffer_bytes.clone()))?;
         registry.register(Box::new(metrics.chunks.clone()))?;
         registry.register(Box::new(metrics.connections.clone()))?;
+        registry.register(Box::new(metrics.otlp.clone()))?;
         for source in SOURCES {
             metrics.received.with_label_values(&[source]);
             metrics.parse_errors.with_label_values(&[source]);
@@ -118,6 +136,9 @@ impl LogMetrics {
         }
         for outcome in CHUNKS {
             metrics.chunks.with_label_values(&[outcome]);
+        }
+        for outcome in OTLP_OUTCOMES {
+            metrics.otlp.with_label_values(&[outcome]);
         }
         for pattern in patterns {
             metrics.masked.with_label_values(&[pattern]);

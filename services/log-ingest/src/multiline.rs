@@ -101,8 +101,9 @@ fn join(record: &mut Record, text: &str, stack: bool) {
     to.push_str(text);
 }
 
-/// Cuts a record's first line to the byte cap (at a character boundary).
-fn cap_first(record: &mut Record, caps: Caps) {
+/// Cuts a record's message and stack trace to the byte cap (at a character boundary),
+/// counting what was cut.
+pub fn cap_first(record: &mut Record, caps: Caps) {
     for text in [&mut record.message, &mut record.stack_trace] {
         if text.len() > caps.bytes {
             let mut cut = caps.bytes;

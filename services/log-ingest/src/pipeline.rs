@@ -27,7 +27,8 @@ use crate::{
     loki::{self, LokiClient, Pushed},
     mask::Masker,
     metrics::LogMetrics,
-    multiline::{Caps, Grouper},
+    multiline::{self, Caps, Grouper},
+    otlp_input,
     parse::{Format, Parser},
     record::Record,
 };
@@ -292,6 +293,10 @@ impl Pipeline {
             .received
             .with_label_values(&[source_label(source)])
             .inc_by(batch.events.len() as u64);
+        if source == Source::Otlp {
+            self.feed_otlp(batch, ready);
+            return;
+        }
         let parser = Parser::new(self.format_of(&batch.tag), self.zone);
         let mut out = Vec::new();
         for event in &batch.events {
@@ -353,7 +358,53 @@ impl Pipeline {
         skips.clear();
     }
 
+    /// An OTLP batch's records: each is whole already (no grouping across records), so
+    /// it is ready at once. A service with a parser configured has its bodies parsed (a
+    /// log4j line, a stack trace); the record's OTLP severity, trace id, logger, thread
+    /// and attributes fill in what the body does not say.
+    fn feed_otlp(&self, batch: Batch, ready: &mut Vec<Ready>) {
+        let parser = self
+            .configured_format(&batch.tag)
+            .map(|format| Parser::new(format, self.zone));
+        for event in &batch.events {
+            let otlp = otlp_input::record(event);
+            let records = match &parser {
+                None => {
+                    let mut record = otlp.record;
+                    record.message = otlp.body;
+                    multiline::cap_first(&mut record, self.caps);
+                    vec![record]
+                }
+                Some(parser) => {
+                    let lines = otlp
+                        .body
+                        .split('\n')
+                        .map(|l| l.strip_suffix('\r').unwrap_or(l));
+                    let mut records = multiline::group_all(parser, self.caps, lines);
+                    for record in &mut records {
+                        merge(record, &otlp.record);
+                    }
+                    records
+                }
+            };
+            for record in records {
+                ready.push(Ready {
+                    record,
+                    source: Source::Otlp,
+                    tag: batch.tag.clone(),
+                    host: otlp.host.clone(),
+                    fallback_nanos: event.time_nanos,
+                });
+            }
+        }
+    }
+
     fn format_of(&self, tag: &str) -> Format {
+        self.configured_format(tag).unwrap_or(Format::Auto)
+    }
+
+    /// The parser configured for a forward tag or OTLP service, if any.
+    fn configured_format(&self, tag: &str) -> Option<Format> {
         let name = self.settings.parsers.get(tag).or_else(|| {
             self.settings
                 .parsers
@@ -361,7 +412,7 @@ impl Pipeline {
                 .find(|(k, _)| k.strip_suffix('*').is_some_and(|p| tag.starts_with(p)))
                 .map(|(_, v)| v)
         });
-        name.and_then(|n| Format::named(n)).unwrap_or(Format::Auto)
+        name.and_then(|n| Format::named(n))
     }
 
     /// Masks `records`, pushes them in pieces of at most `batch_bytes` (retrying each
@@ -515,6 +566,32 @@ impl Pipeline {
                 structured_metadata: metadata,
             },
         }
+    }
+}
+
+/// Fills in what a record parsed from an OTLP body does not say from the OTLP record
+/// around it (`otlp`: its severity, time, trace id, logger, thread, attributes).
+fn merge(record: &mut Record, otlp: &Record) {
+    if record.level.is_none() {
+        record.level = otlp.level;
+    }
+    if record.time_micros.is_none() {
+        record.time_micros = otlp.time_micros;
+    }
+    for (to, from) in [
+        (&mut record.trace_id, &otlp.trace_id),
+        (&mut record.logger, &otlp.logger),
+        (&mut record.thread, &otlp.thread),
+    ] {
+        if to.is_empty() {
+            to.clone_from(from);
+        }
+    }
+    for (key, value) in &otlp.fields {
+        record
+            .fields
+            .entry(key.clone())
+            .or_insert_with(|| value.clone());
     }
 }
 

@@ -35,6 +35,22 @@ async fn serves_health_reflection_and_metrics() {
         services.iter().any(|s| s == "grpc.health.v1.Health"),
         "{services:?}"
     );
+    // OTLP's logs service is served on the same port and described by reflection, with the
+    // files it imports, so grpcurl can call it.
+    let otlp = "opentelemetry.proto.collector.logs.v1.LogsService";
+    assert!(services.iter().any(|s| s == otlp), "{services:?}");
+    for symbol in [
+        otlp,
+        "opentelemetry.proto.logs.v1.LogRecord",
+        "opentelemetry.proto.common.v1.AnyValue",
+        "opentelemetry.proto.resource.v1.Resource",
+    ] {
+        assert_eq!(
+            probe::reflection_files_for(grpc, symbol).await,
+            1,
+            "reflection describes {symbol}"
+        );
+    }
 
     let (status, body) = probe::http_get(admin, "/metrics").await;
     assert_eq!(status, 200);

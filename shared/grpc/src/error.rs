@@ -53,6 +53,18 @@ pub enum ServiceError {
     /// A dependency is temporarily unreachable; the call can be retried with backoff.
     #[error("{0}")]
     Unavailable(String),
+    /// This server cannot take the work now (a full buffer) but will soon: UNAVAILABLE with
+    /// a `RetryInfo` saying how long to wait, which OTLP exporters and gRPC retry policies
+    /// honour.
+    #[error("{message}")]
+    RetryLater {
+        /// Machine-readable reason, UPPER_SNAKE_CASE.
+        reason: &'static str,
+        /// What is wrong, for a person.
+        message: String,
+        /// How long to wait before trying again.
+        retry_after: std::time::Duration,
+    },
     /// The caller's deadline passed before the work finished; nothing was committed.
     #[error("deadline exceeded")]
     DeadlineExceeded,
@@ -78,7 +90,7 @@ impl ServiceError {
             Self::FailedPrecondition { .. } => Code::FailedPrecondition,
             Self::OutOfRange(_) => Code::OutOfRange,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
-            Self::Unavailable(_) => Code::Unavailable,
+            Self::Unavailable(_) | Self::RetryLater { .. } => Code::Unavailable,
             Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::Internal(_) => Code::Internal,
         }
@@ -88,7 +100,7 @@ impl ServiceError {
         match self {
             Self::InvalidArgument(_) => "INVALID_ARGUMENT",
             Self::NotFound { .. } => "NOT_FOUND",
-            Self::FailedPrecondition { reason, .. } => reason,
+            Self::FailedPrecondition { reason, .. } | Self::RetryLater { reason, .. } => reason,
             Self::OutOfRange(_) => "OUT_OF_RANGE",
             Self::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
             Self::Unavailable(_) => "UNAVAILABLE",
@@ -117,6 +129,10 @@ impl From<ServiceError> for Status {
             ServiceError::NotFound { resource, name } => {
                 metadata.insert("resource".to_owned(), (*resource).to_owned());
                 metadata.insert("name".to_owned(), name.clone());
+                error.to_string()
+            }
+            ServiceError::RetryLater { retry_after, .. } => {
+                details.set_retry_info(Some(*retry_after));
                 error.to_string()
             }
             ServiceError::Internal(cause) => {
@@ -220,6 +236,23 @@ mod tests {
         let info = details.error_info().expect("error info");
         assert_eq!(info.reason, "INVALID_ARGUMENT");
         assert_eq!(info.domain, ERROR_DOMAIN);
+    }
+
+    #[test]
+    fn retry_later_is_unavailable_with_how_long_to_wait() {
+        let status = Status::from(ServiceError::RetryLater {
+            reason: "BUFFER_FULL",
+            message: "full".to_owned(),
+            retry_after: std::time::Duration::from_secs(5),
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        let details = status.get_error_details();
+        let retry = details.retry_info().expect("retry info");
+        assert_eq!(retry.retry_delay, Some(std::time::Duration::from_secs(5)));
+        assert_eq!(
+            details.error_info().expect("error info").reason,
+            "BUFFER_FULL"
+        );
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub struct GrpcServer {
     routes: RoutesBuilder,
     service_names: Vec<String>,
     advertised: Vec<String>,
+    descriptors: Vec<&'static [u8]>,
     readiness: Option<Readiness>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -90,6 +91,7 @@ impl GrpcServer {
             routes: RoutesBuilder::default(),
             service_names: Vec::new(),
             advertised: Vec::new(),
+            descriptors: vec![mall_proto::FILE_DESCRIPTOR_SET],
             readiness: None,
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -141,6 +143,13 @@ impl GrpcServer {
         self
     }
 
+    /// Describes a service from outside `mall-proto` (such as OTLP's `LogsService`) in
+    /// reflection: an encoded `FileDescriptorSet` holding its files.
+    pub fn add_descriptor_set(&mut self, encoded: &'static [u8]) -> &mut Self {
+        self.descriptors.push(encoded);
+        self
+    }
+
     /// Lists a contract (`mall.sync.v1.SyncRelayService`) in reflection before it is
     /// implemented, so callers can review it; its calls answer UNIMPLEMENTED, honestly, until
     /// a later change serves it with [`GrpcServer::add_service`].
@@ -189,6 +198,7 @@ impl GrpcServer {
             mut routes,
             mut service_names,
             advertised,
+            descriptors,
             readiness,
             tasks,
             shutdown,
@@ -218,7 +228,7 @@ impl GrpcServer {
             .chain(&reflection)
             .cloned()
             .collect();
-        add_reflection(&mut routes, &listed)?;
+        add_reflection(&mut routes, &descriptors, &listed)?;
 
         let metrics =
             GrpcMetrics::register(&registry).context("failed to register grpc metrics")?;
@@ -302,12 +312,16 @@ impl GrpcServer {
     }
 }
 
-fn add_reflection(routes: &mut RoutesBuilder, service_names: &[String]) -> anyhow::Result<()> {
+fn add_reflection(
+    routes: &mut RoutesBuilder,
+    descriptors: &[&'static [u8]],
+    service_names: &[String],
+) -> anyhow::Result<()> {
     let mut v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
     let mut v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-    for descriptor in mall_descriptor_sets() {
+    for &descriptor in descriptors {
         v1 = v1.register_encoded_file_descriptor_set(descriptor);
         v1alpha = v1alpha.register_encoded_file_descriptor_set(descriptor);
     }
@@ -323,10 +337,6 @@ fn add_reflection(routes: &mut RoutesBuilder, service_names: &[String]) -> anyho
             .context("failed to build reflection v1alpha")?,
     );
     Ok(())
-}
-
-fn mall_descriptor_sets() -> [&'static [u8]; 1] {
-    [mall_proto::FILE_DESCRIPTOR_SET]
 }
 
 async fn set_health(health: &HealthReporter, services: &[String], serving: bool) {

@@ -62,6 +62,33 @@ pub async fn reflection_services(addr: SocketAddr) -> Vec<String> {
     }
 }
 
+/// How many file descriptors server reflection v1 returns for the file defining `symbol`
+/// (a service or message name): 1, or 0 when it cannot describe it.
+///
+/// # Panics
+/// When reflection does not answer.
+pub async fn reflection_files_for(addr: SocketAddr, symbol: &str) -> usize {
+    let mut client = ServerReflectionClient::new(channel(addr));
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(symbol.to_owned())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection answers")
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .expect("reflection stream works")
+        .expect("reflection sends a response");
+    match response.message_response {
+        Some(MessageResponse::FileDescriptorResponse(files)) => files.file_descriptor_proto.len(),
+        _ => 0,
+    }
+}
+
 /// Sends `GET path` over HTTP/1.1 and returns the status code and body.
 ///
 /// # Panics

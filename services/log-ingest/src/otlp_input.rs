@@ -1,0 +1,518 @@
+//! OTLP logs over gRPC (`opentelemetry.proto.collector.logs.v1.LogsService/Export`) on the
+//! service's gRPC port: each export's records go into the durable buffer, one batch per
+//! resource's `service.name`, and the export is answered only once every batch is synced.
+//!
+//! What a record becomes (the pipeline reads it back in [`record`]): its body (a string, or
+//! any other value as JSON), severity, attributes (values as text, structured ones as
+//! JSON), trace and span ids, its scope's name (the logger, as OpenTelemetry's Java
+//! appenders set it) and the resource's `host.name`.
+//!
+//! Failures: a record with a malformed trace or span id (not 16 or 8 bytes) is the
+//! record's fault: it is rejected and counted in `partial_success`, the rest stored. A full
+//! buffer is the environment's: the whole export gets UNAVAILABLE with RetryInfo and
+//! nothing is acknowledged (the exporter retries; batches stored before the buffer filled
+//! are recognised when they come again, see [`crate::recent`]).
+
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::{
+    collector::logs::v1::{
+        ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
+        logs_service_server::LogsService,
+    },
+    common::v1::{AnyValue, KeyValue, any_value},
+    logs::v1::LogRecord,
+};
+use rmpv::Value;
+use tonic::{Request, Response, Status};
+
+use mall_grpc::ServiceError;
+
+use crate::{
+    batch::{Batch, Source},
+    buffer::{Buffer, BufferError},
+    forward::Event,
+    metrics::LogMetrics,
+    recent::{self, Recent},
+    record::{self, Level, Record},
+};
+
+/// `service.name` of a resource without one, as the OpenTelemetry specification says.
+pub const UNKNOWN_SERVICE: &str = "unknown_service";
+
+/// How long an exporter is asked to wait before sending again when the buffer is full.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+// The keys of an OTLP event in the buffer. Ours, not OTLP attribute names: an attribute
+// cannot collide with them (attributes are kept in a map of their own).
+const BODY: &str = "body";
+const SEVERITY_NUMBER: &str = "severity_number";
+const SEVERITY_TEXT: &str = "severity_text";
+const TRACE_ID: &str = "trace_id";
+const SPAN_ID: &str = "span_id";
+const SCOPE: &str = "scope";
+const HOST: &str = "host";
+const ATTRIBUTES: &str = "attributes";
+
+/// The `LogsService` handler.
+#[derive(Debug, Clone)]
+pub struct OtlpInput {
+    /// Where exports go.
+    pub buffer: Buffer,
+    /// Batches stored already (an export sent again after a lost answer).
+    pub recent: Recent,
+    /// Counters.
+    pub metrics: LogMetrics,
+}
+
+#[tonic::async_trait]
+impl LogsService for OtlpInput {
+    async fn export(
+        &self,
+        request: Request<ExportLogsServiceRequest>,
+    ) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        let received = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+        let (batches, rejected) = batches(request.into_inner(), received);
+        let count = |outcome: &str, n: usize| {
+            self.metrics
+                .otlp
+                .with_label_values(&[outcome])
+                .inc_by(n as u64);
+        };
+        count("rejected", rejected.count);
+        for batch in batches {
+            let records = batch.events.len();
+            let bytes = batch.encode();
+            let digest = recent::digest(&bytes);
+            if !self.recent.insert(digest) {
+                count("sent_again", records);
+                continue;
+            }
+            if let Err(error) = self.buffer.append(bytes).await {
+                self.recent.forget(&digest);
+                return Err(match error {
+                    BufferError::Full(_) => {
+                        count("refused_full", records);
+                        ServiceError::RetryLater {
+                            reason: "BUFFER_FULL",
+                            message: "log-ingest's buffer is full until Loki catches up; \
+                                      nothing of this export was acknowledged"
+                                .to_owned(),
+                            retry_after: RETRY_AFTER,
+                        }
+                    }
+                    BufferError::TooLarge(bytes) => {
+                        count("refused_error", records);
+                        ServiceError::ResourceExhausted(format!(
+                            "one service's records in this export take {bytes} bytes \
+                             buffered, more than a buffer segment holds; send smaller exports"
+                        ))
+                    }
+                    BufferError::Io(error) => {
+                        count("refused_error", records);
+                        tracing::error!(%error, "cannot store an OTLP export");
+                        ServiceError::Unavailable(
+                            "log-ingest cannot write its buffer; retry later".to_owned(),
+                        )
+                    }
+                }
+                .into());
+            }
+            count("stored", records);
+        }
+        Ok(Response::new(ExportLogsServiceResponse {
+            partial_success: (rejected.count > 0).then(|| ExportLogsPartialSuccess {
+                rejected_log_records: i64::try_from(rejected.count).unwrap_or(i64::MAX),
+                error_message: rejected.message(),
+            }),
+        }))
+    }
+}
+
+/// Records an export rejected, and why (the first reason, with how many others).
+#[derive(Debug, Default)]
+struct Rejected {
+    count: usize,
+    first: Option<String>,
+}
+
+impl Rejected {
+    fn add(&mut self, why: String) {
+        self.count += 1;
+        self.first.get_or_insert(why);
+    }
+
+    fn message(&self) -> String {
+        let first = self.first.clone().unwrap_or_default();
+        match self.count {
+            0 | 1 => first,
+            n => format!("{first} (and {} more)", n - 1),
+        }
+    }
+}
+
+/// An export's records as one batch per `service.name` (in order of first appearance),
+/// and what was rejected.
+fn batches(request: ExportLogsServiceRequest, received_nanos: i64) -> (Vec<Batch>, Rejected) {
+    let mut batches: Vec<Batch> = Vec::new();
+    let mut rejected = Rejected::default();
+    for (r, resource_logs) in request.resource_logs.into_iter().enumerate() {
+        let resource = resource_logs.resource.unwrap_or_default().attributes;
+        let service = attribute(&resource, "service.name")
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| UNKNOWN_SERVICE.to_owned());
+        let host = attribute(&resource, "host.name").unwrap_or_default();
+        let at = match batches.iter().position(|b| b.tag == service) {
+            Some(at) => at,
+            None => {
+                batches.push(Batch {
+                    source: Source::Otlp,
+                    tag: service,
+                    events: Vec::new(),
+                });
+                batches.len() - 1
+            }
+        };
+        for (s, scope_logs) in resource_logs.scope_logs.into_iter().enumerate() {
+            let scope = scope_logs.scope.map(|s| s.name).unwrap_or_default();
+            for (l, log) in scope_logs.log_records.into_iter().enumerate() {
+                let path = format!("resource_logs[{r}].scope_logs[{s}].log_records[{l}]");
+                match event(log, &scope, &host, received_nanos) {
+                    Ok(event) => batches[at].events.push(event),
+                    Err(why) => rejected.add(format!("{path}: {why}")),
+                }
+            }
+        }
+    }
+    batches.retain(|b| !b.events.is_empty());
+    (batches, rejected)
+}
+
+/// One record as a buffered event; the reason when it is malformed.
+fn event(log: LogRecord, scope: &str, host: &str, received_nanos: i64) -> Result<Event, String> {
+    if !matches!(log.trace_id.len(), 0 | 16) {
+        return Err(format!(
+            "trace_id has {} bytes; it must have 16 or none",
+            log.trace_id.len()
+        ));
+    }
+    if !matches!(log.span_id.len(), 0 | 8) {
+        return Err(format!(
+            "span_id has {} bytes; it must have 8 or none",
+            log.span_id.len()
+        ));
+    }
+    // The time it happened, else when it was observed, else when it arrived here.
+    let time_nanos = [log.time_unix_nano, log.observed_time_unix_nano]
+        .into_iter()
+        .find(|t| *t > 0)
+        .and_then(|t| i64::try_from(t).ok())
+        .unwrap_or(received_nanos);
+    let mut fields = vec![(
+        Value::from(BODY),
+        Value::from(log.body.as_ref().map(text).unwrap_or_default()),
+    )];
+    let mut put = |key: &str, value: Value| fields.push((Value::from(key), value));
+    if log.severity_number != 0 {
+        put(SEVERITY_NUMBER, Value::from(log.severity_number));
+    }
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    for (key, value) in [
+        (SEVERITY_TEXT, log.severity_text),
+        (TRACE_ID, hex(&log.trace_id)),
+        (SPAN_ID, hex(&log.span_id)),
+        (SCOPE, scope.to_owned()),
+        (HOST, host.to_owned()),
+    ] {
+        if !value.is_empty() {
+            put(key, Value::from(value));
+        }
+    }
+    if !log.attributes.is_empty() {
+        let attributes = log
+            .attributes
+            .iter()
+            .map(|kv| {
+                (
+                    Value::from(kv.key.as_str()),
+                    Value::from(kv.value.as_ref().map(text).unwrap_or_default()),
+                )
+            })
+            .collect();
+        put(ATTRIBUTES, Value::Map(attributes));
+    }
+    Ok(Event {
+        time_nanos,
+        record: fields,
+    })
+}
+
+/// The text of a string attribute of `attributes`.
+fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
+    attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .map(text)
+}
+
+/// A value as text: strings as they are, everything else as JSON.
+fn text(value: &AnyValue) -> String {
+    match &value.value {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        None => String::new(),
+        Some(_) => json(value).to_string(),
+    }
+}
+
+fn json(value: &AnyValue) -> serde_json::Value {
+    use serde_json::Value as J;
+    match &value.value {
+        None | Some(any_value::Value::StringValueStrindex(_)) => J::Null,
+        Some(any_value::Value::StringValue(s)) => J::from(s.as_str()),
+        Some(any_value::Value::BoolValue(b)) => J::from(*b),
+        Some(any_value::Value::IntValue(i)) => J::from(*i),
+        Some(any_value::Value::DoubleValue(d)) => J::from(*d),
+        Some(any_value::Value::BytesValue(b)) => {
+            use base64::Engine as _;
+            J::from(base64::engine::general_purpose::STANDARD.encode(b))
+        }
+        Some(any_value::Value::ArrayValue(a)) => J::Array(a.values.iter().map(json).collect()),
+        Some(any_value::Value::KvlistValue(kv)) => J::Object(
+            kv.values
+                .iter()
+                .map(|kv| (kv.key.clone(), kv.value.as_ref().map_or(J::Null, json)))
+                .collect(),
+        ),
+    }
+}
+
+/// The level an OTLP severity number names (1–4 TRACE … 21–24 FATAL), else its text's.
+fn level(number: i64, text: Option<&str>) -> Option<Level> {
+    match number {
+        1..=4 => Some(Level::Trace),
+        5..=8 => Some(Level::Debug),
+        9..=12 => Some(Level::Info),
+        13..=16 => Some(Level::Warn),
+        17..=20 => Some(Level::Error),
+        21..=24 => Some(Level::Fatal),
+        _ => text.and_then(Level::parse),
+    }
+}
+
+/// What the pipeline knows of a buffered OTLP event besides its body.
+#[derive(Debug)]
+pub struct Otlp {
+    /// Its body.
+    pub body: String,
+    /// The resource's `host.name`.
+    pub host: String,
+    /// The record, with everything but the body's text (level, logger, trace id, fields).
+    pub record: Record,
+}
+
+/// A buffered OTLP event as a record: body as the message, scope as the logger, the
+/// `thread.name` attribute as the thread, other attributes (and the span id) as fields.
+pub fn record(event: &Event) -> Otlp {
+    let mut out = Otlp {
+        body: String::new(),
+        host: String::new(),
+        record: Record {
+            time_micros: Some(event.time_nanos.div_euclid(1_000)),
+            line_count: 1,
+            ..Record::default()
+        },
+    };
+    let mut severity: (i64, Option<String>) = (0, None);
+    for (key, value) in &event.record {
+        let text = || {
+            crate::forward::text(value)
+                .map(|t| t.into_owned())
+                .unwrap_or_default()
+        };
+        match key.as_str() {
+            Some(BODY) => out.body = text(),
+            Some(HOST) => out.host = text(),
+            Some(SEVERITY_NUMBER) => severity.0 = value.as_i64().unwrap_or_default(),
+            Some(SEVERITY_TEXT) => severity.1 = Some(text()),
+            Some(TRACE_ID) => out.record.trace_id = record::trace_id(&text()).unwrap_or_default(),
+            Some(SPAN_ID) => {
+                out.record.fields.insert("span_id".to_owned(), text());
+            }
+            Some(SCOPE) => out.record.logger = text(),
+            Some(ATTRIBUTES) => {
+                let Value::Map(attributes) = value else {
+                    continue;
+                };
+                for (k, v) in attributes {
+                    let (Some(k), Some(v)) = (crate::forward::text(k), crate::forward::text(v))
+                    else {
+                        continue;
+                    };
+                    if k == "thread.name" {
+                        out.record.thread = v.into_owned();
+                    } else {
+                        out.record.fields.insert(k.into_owned(), v.into_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out.record.level = level(severity.0, severity.1.as_deref());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::{
+        common::v1::{InstrumentationScope, KeyValueList},
+        logs::v1::{ResourceLogs, ScopeLogs},
+        resource::v1::Resource,
+    };
+
+    use super::*;
+
+    fn string(s: &str) -> Option<AnyValue> {
+        Some(AnyValue {
+            value: Some(any_value::Value::StringValue(s.to_owned())),
+        })
+    }
+
+    fn kv(key: &str, value: Option<AnyValue>) -> KeyValue {
+        KeyValue {
+            key: key.to_owned(),
+            value,
+            ..KeyValue::default()
+        }
+    }
+
+    fn export(records: Vec<LogRecord>, service: Option<&str>) -> ResourceLogs {
+        ResourceLogs {
+            resource: Some(Resource {
+                attributes: service
+                    .map(|s| {
+                        vec![
+                            kv("service.name", string(s)),
+                            kv("host.name", string("web-1")),
+                        ]
+                    })
+                    .unwrap_or_default(),
+                ..Resource::default()
+            }),
+            scope_logs: vec![ScopeLogs {
+                scope: Some(InstrumentationScope {
+                    name: "com.mall.Cart".to_owned(),
+                    ..InstrumentationScope::default()
+                }),
+                log_records: records,
+                ..ScopeLogs::default()
+            }],
+            ..ResourceLogs::default()
+        }
+    }
+
+    #[test]
+    fn records_keep_body_severity_ids_scope_and_attributes() {
+        let log = LogRecord {
+            time_unix_nano: 1_730_103_120_040_000_000,
+            severity_number: 17,
+            severity_text: "oops".to_owned(),
+            body: string("cart 8812 failed"),
+            attributes: vec![
+                kv("thread.name", string("hybrisHTTP12")),
+                kv(
+                    "order",
+                    Some(AnyValue {
+                        value: Some(any_value::Value::KvlistValue(KeyValueList {
+                            values: vec![kv(
+                                "id",
+                                Some(AnyValue {
+                                    value: Some(any_value::Value::IntValue(7)),
+                                }),
+                            )],
+                        })),
+                    }),
+                ),
+            ],
+            trace_id: vec![0x4b; 16],
+            span_id: vec![0x01; 8],
+            ..LogRecord::default()
+        };
+        let request = ExportLogsServiceRequest {
+            resource_logs: vec![export(vec![log], Some("storefront"))],
+        };
+        let (batches, rejected) = batches(request, 5);
+        assert_eq!(rejected.count, 0);
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].tag, "storefront");
+        // Through the buffer's encoding and back, as the pipeline reads it.
+        let batch = Batch::decode(&batches[0].encode()).expect("decodes");
+        let otlp = record(&batch.events[0]);
+        assert_eq!(otlp.body, "cart 8812 failed");
+        assert_eq!(otlp.host, "web-1");
+        let r = otlp.record;
+        assert_eq!(r.time_micros, Some(1_730_103_120_040_000));
+        assert_eq!(r.level, Some(Level::Error), "the number wins over the text");
+        assert_eq!(r.trace_id, "4b".repeat(16));
+        assert_eq!(r.fields["span_id"], "01".repeat(8));
+        assert_eq!(r.logger, "com.mall.Cart");
+        assert_eq!(r.thread, "hybrisHTTP12");
+        assert_eq!(r.fields["order"], r#"{"id":7}"#);
+    }
+
+    #[test]
+    fn malformed_ids_are_rejected_one_by_one_and_the_rest_kept() {
+        let good = LogRecord {
+            body: string("fine"),
+            severity_text: "warning".to_owned(),
+            observed_time_unix_nano: 42,
+            ..LogRecord::default()
+        };
+        let bad_trace = LogRecord {
+            trace_id: vec![1; 15],
+            ..good.clone()
+        };
+        let bad_span = LogRecord {
+            span_id: vec![1; 9],
+            ..good.clone()
+        };
+        let request = ExportLogsServiceRequest {
+            resource_logs: vec![
+                export(vec![bad_trace, good.clone()], None),
+                export(vec![bad_span], Some("storefront")),
+            ],
+        };
+        let (batches, rejected) = batches(request, 5);
+        assert_eq!(rejected.count, 2);
+        assert_eq!(
+            rejected.message(),
+            "resource_logs[0].scope_logs[0].log_records[0]: trace_id has 15 bytes; \
+             it must have 16 or none (and 1 more)"
+        );
+        // The storefront batch lost its only record and is not stored at all.
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].tag, UNKNOWN_SERVICE);
+        let r = record(&batches[0].events[0]).record;
+        assert_eq!(
+            r.time_micros,
+            Some(0),
+            "observed time when there is no time"
+        );
+        assert_eq!(
+            r.level,
+            Some(Level::Warn),
+            "the text when there is no number"
+        );
+    }
+
+    #[test]
+    fn a_record_without_any_time_has_the_time_it_arrived() {
+        let log = LogRecord {
+            body: string("x"),
+            ..LogRecord::default()
+        };
+        let event = event(log, "", "", 1_000_000).expect("valid");
+        assert_eq!(event.time_nanos, 1_000_000);
+    }
+}

@@ -1,0 +1,352 @@
+//! OTLP logs over gRPC: opentelemetry-otlp's log exporter (a client written by others,
+//! gzip on) → log-ingest → the Loki-compatible receiver, every entry compared whole;
+//! `partial_success` for malformed records; UNAVAILABLE with RetryInfo while the buffer is
+//! full, and every record stored before or after it in Loki once Loki is back.
+
+use std::time::{Duration, SystemTime};
+
+use log_ingest::{App, Settings, loki_receiver::LokiReceiver};
+use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity};
+use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
+use opentelemetry_proto::tonic::{
+    collector::logs::v1::{ExportLogsServiceRequest, logs_service_client::LogsServiceClient},
+    common::v1::{AnyValue as ProtoValue, KeyValue, any_value},
+    logs::v1::{LogRecord, ResourceLogs, ScopeLogs},
+    resource::v1::Resource,
+};
+
+mod corpus;
+
+struct Running {
+    grpc: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    loki: LokiReceiver,
+    _shutdown: tokio_util::sync::CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_with(change: impl FnOnce(&mut Settings)) -> Running {
+    mall_test_support::init_logging();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+        .await
+        .expect("starts");
+    let mut settings = corpus::local_settings(dir.path());
+    settings.loki.url = loki.url();
+    settings.loki.retry_initial = Duration::from_millis(50);
+    settings.loki.retry_max = Duration::from_millis(300);
+    settings.pipeline.batch_wait = Duration::from_millis(100);
+    settings.pipeline.environment = "test".to_owned();
+    change(&mut settings);
+    let app = App::build(settings).await.expect("builds");
+    let (grpc, admin) = (app.grpc_addr(), app.admin_addr());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
+    Running {
+        grpc,
+        admin,
+        loki,
+        _shutdown: shutdown,
+        _dir: dir,
+    }
+}
+
+async fn wait_for(loki: &LokiReceiver, count: usize) {
+    mall_test_support::wait_until("Loki has every record", Duration::from_secs(30), || async {
+        (loki.received().len() >= count).then_some(())
+    })
+    .await;
+}
+
+fn label<'a>(labels: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    labels
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+fn metadata(entry: &log_ingest::loki::Entry) -> Vec<(&str, &str)> {
+    entry
+        .structured_metadata
+        .iter()
+        .map(|p| (p.name.as_str(), p.value.as_str()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_from_opentelemetry_otlps_exporter_reach_loki_whole_and_masked() {
+    let app = start_with(|s| {
+        // This service sends raw log4j lines as bodies: parsed, the OTLP fields fill in.
+        s.pipeline
+            .parsers
+            .insert("hybris-otlp".to_owned(), "log4j".to_owned());
+    })
+    .await;
+    let endpoint = format!("http://{}", app.grpc);
+    let provider = |service: &str| {
+        let exporter = opentelemetry_otlp::LogExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .with_compression(opentelemetry_otlp::Compression::Gzip)
+            .with_timeout(Duration::from_secs(10))
+            .build()
+            .expect("an exporter");
+        opentelemetry_sdk::logs::SdkLoggerProvider::builder()
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(service.to_owned())
+                    .with_attribute(opentelemetry::KeyValue::new("host.name", "web-1"))
+                    .build(),
+            )
+            .with_batch_exporter(exporter)
+            .build()
+    };
+    let (storefront, hybris) = (provider("storefront"), provider("hybris-otlp"));
+    let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_730_103_120_040_123);
+    let trace = opentelemetry::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("hex");
+    let span = opentelemetry::SpanId::from_hex("00f067aa0ba902b7").expect("hex");
+
+    let logger = storefront.logger("com.mall.cart.CartService");
+    let mut record = logger.create_log_record();
+    record.set_timestamp(at);
+    record.set_severity_number(Severity::Error);
+    record.set_severity_text("ERROR");
+    record.set_body(AnyValue::from("checkout failed for kim@example.com"));
+    record.add_attribute("thread.name", "hybrisHTTP12");
+    record.add_attribute("cart", 8812_i64);
+    record.set_trace_context(trace, span, None);
+    logger.emit(record);
+
+    let logger = hybris.logger("wrapper");
+    let mut record = logger.create_log_record();
+    record.set_timestamp(at);
+    record.set_severity_number(Severity::Info);
+    record.set_body(AnyValue::from(
+        "2024-10-28 17:12:00,040 WARN  [hybrisHTTP3] [StockService] low stock\n\
+         java.lang.IllegalStateException: none left\n\tat com.mall.Stock.take(Stock.java:42)",
+    ));
+    record.set_trace_context(trace, span, None);
+    logger.emit(record);
+
+    // The SDK's batch processor blocks its caller while it exports.
+    tokio::task::spawn_blocking(move || {
+        storefront.force_flush().expect("storefront's export");
+        hybris.force_flush().expect("hybris' export");
+    })
+    .await
+    .expect("flushed");
+    wait_for(&app.loki, 2).await;
+    let mut received = app.loki.received();
+    received.sort_by_key(|r| label(&r.labels, "service").map(str::to_owned));
+    assert_eq!(received.len(), 2, "{received:?}");
+
+    let hybris = &received[0];
+    assert_eq!(
+        hybris.labels,
+        [
+            ("service", "hybris-otlp"),
+            ("level", "WARN"),
+            ("host", "web-1"),
+            ("environment", "test")
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+    );
+    assert_eq!(
+        hybris.entry.line,
+        "low stock\njava.lang.IllegalStateException: none left\n\tat com.mall.Stock.take(Stock.java:42)"
+    );
+    assert_eq!(
+        metadata(&hybris.entry),
+        [
+            ("trace_id", "4bf92f3577b34da6a3ce929d0e0e4736"),
+            ("logger", "StockService"),
+            ("thread", "hybrisHTTP3")
+        ]
+    );
+    // Its own time (17:12:00,040 in Asia/Seoul is 08:12:00.040 UTC), not the OTLP
+    // record's (which is 123 µs later).
+    let time = hybris.entry.timestamp.expect("a time");
+    assert_eq!((time.seconds, time.nanos), (1_730_103_120, 40_000_000));
+
+    let store = &received[1];
+    assert_eq!(
+        store.labels,
+        [
+            ("service", "storefront"),
+            ("level", "ERROR"),
+            ("host", "web-1"),
+            ("environment", "test")
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+    );
+    assert_eq!(store.entry.line, "checkout failed for <email>");
+    assert_eq!(
+        metadata(&store.entry),
+        [
+            ("trace_id", "4bf92f3577b34da6a3ce929d0e0e4736"),
+            ("logger", "com.mall.cart.CartService"),
+            ("thread", "hybrisHTTP12")
+        ]
+    );
+    let time = store.entry.timestamp.expect("a time");
+    assert_eq!((time.seconds, time.nanos), (1_730_103_120, 40_123_000));
+
+    let metrics = reqwest_text(format!("http://{}/metrics", app.admin)).await;
+    for line in [
+        "mall_log_ingest_otlp_records_total{outcome=\"stored\"} 2",
+        "mall_log_ingest_records_received_total{source=\"otlp\"} 2",
+        "mall_log_ingest_masked_total{pattern=\"email\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+}
+
+async fn reqwest_text(url: String) -> String {
+    let response = reqwest::get(url).await.expect("metrics answer");
+    response.text().await.expect("a body")
+}
+
+fn string(s: &str) -> Option<ProtoValue> {
+    Some(ProtoValue {
+        value: Some(any_value::Value::StringValue(s.to_owned())),
+    })
+}
+
+fn export(service: &str, records: Vec<LogRecord>) -> ExportLogsServiceRequest {
+    ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            resource: Some(Resource {
+                attributes: vec![KeyValue {
+                    key: "service.name".to_owned(),
+                    value: string(service),
+                    ..KeyValue::default()
+                }],
+                ..Resource::default()
+            }),
+            scope_logs: vec![ScopeLogs {
+                log_records: records,
+                ..ScopeLogs::default()
+            }],
+            ..ResourceLogs::default()
+        }],
+    }
+}
+
+fn log(body: &str, nanos: u64) -> LogRecord {
+    LogRecord {
+        time_unix_nano: nanos,
+        body: string(body),
+        ..LogRecord::default()
+    }
+}
+
+async fn client(grpc: std::net::SocketAddr) -> LogsServiceClient<tonic::transport::Channel> {
+    LogsServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connects")
+}
+
+#[tokio::test]
+async fn malformed_records_are_rejected_in_partial_success_and_the_rest_stored() {
+    let app = start_with(|_| {}).await;
+    let mut client = client(app.grpc).await;
+    let bad = LogRecord {
+        span_id: vec![7; 3],
+        ..log("bad", 1)
+    };
+    let answer = client
+        .export(export("storefront", vec![log("good", 2), bad]))
+        .await
+        .expect("answered")
+        .into_inner();
+    let partial = answer.partial_success.expect("a partial success");
+    assert_eq!(partial.rejected_log_records, 1);
+    assert_eq!(
+        partial.error_message,
+        "resource_logs[0].scope_logs[0].log_records[1]: span_id has 3 bytes; it must have 8 or none"
+    );
+    wait_for(&app.loki, 1).await;
+    let received = app.loki.received();
+    assert_eq!(
+        received
+            .iter()
+            .map(|r| r.entry.line.as_str())
+            .collect::<Vec<_>>(),
+        ["good"]
+    );
+    assert_eq!(label(&received[0].labels, "level"), Some("unknown"));
+
+    // A whole export that is fine has no partial success at all.
+    let answer = client
+        .export(export("storefront", vec![log("fine", 3)]))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(answer.partial_success, None);
+}
+
+#[tokio::test]
+async fn a_full_buffer_answers_unavailable_with_retry_info_and_loses_nothing_stored() {
+    use tonic_types::StatusExt as _;
+    let app = start_with(|s| {
+        s.forward.max_message_bytes = 64 * 1024;
+        s.buffer.segment_bytes = 2 << 20;
+        s.buffer.max_bytes = 2 << 20;
+    })
+    .await;
+    // Loki refuses (503) until told otherwise: nothing leaves the buffer.
+    app.loki.fail(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(600),
+    );
+    let mut client = client(app.grpc).await;
+    let body = "x".repeat(100 * 1024);
+    let mut stored = Vec::new();
+    let mut refused = None;
+    for i in 0..40_u64 {
+        let line = format!("{i} {body}");
+        match client
+            .export(export("storefront", vec![log(&line, 1_000 + i)]))
+            .await
+        {
+            Ok(_) => stored.push(line),
+            Err(status) => {
+                refused = Some((i, status));
+                break;
+            }
+        }
+    }
+    let (i, status) = refused.expect("the buffer filled up");
+    assert!(!stored.is_empty(), "some stored before it filled");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let details = status.get_error_details();
+    assert_eq!(
+        details.retry_info().and_then(|r| r.retry_delay),
+        Some(Duration::from_secs(5))
+    );
+    assert_eq!(
+        details.error_info().map(|e| e.reason.as_str()),
+        Some("BUFFER_FULL")
+    );
+
+    // Loki back: the buffer drains, the refused export is taken when sent again.
+    app.loki
+        .fail(axum::http::StatusCode::SERVICE_UNAVAILABLE, Duration::ZERO);
+    let line = format!("{i} {body}");
+    mall_test_support::wait_until("the export is taken", Duration::from_secs(30), || {
+        let mut client = client.clone();
+        let request = export("storefront", vec![log(&line, 1_000 + i)]);
+        async move { client.export(request).await.ok() }
+    })
+    .await;
+    stored.push(line);
+    wait_for(&app.loki, stored.len()).await;
+    let mut lines: Vec<String> = app
+        .loki
+        .received()
+        .into_iter()
+        .map(|r| r.entry.line)
+        .collect();
+    lines.sort_by_key(|l| l.split(' ').next().and_then(|n| n.parse::<u64>().ok()));
+    assert_eq!(lines, stored, "every stored record once, none other");
+}
