@@ -15,6 +15,12 @@
 #                               ms (groobee batches, webhook one per request, EnqueueMemberChanges),
 #                               and a failover job over 1,000,000 members with its peak RSS.
 #                               Extra arguments go to the benchmark (e.g. 'limited', 'quick').
+#   scripts/bench.sh logs       log-ingest end to end: the 2,000,000-line legacy corpus over the
+#                               forward protocol (acks on) → buffer → parse, group, mask → a
+#                               Loki-compatible receiver, next to a receive-and-decode-only
+#                               baseline; peak RSS of the log-ingest process. Needs python3 and
+#                               ../shared/bench/gen_hybris_log.py (or MALL_HYBRIS_LOG_GENERATOR).
+#                               Extra arguments go to the benchmark ('quick', 'lines=N').
 #
 # Release build (a few minutes the first time). Run it on a quiet machine: every figure is
 # reported next to a baseline measured in the same run, but a busy machine still adds noise.
@@ -60,7 +66,12 @@ case "$target" in
     say "benchmark: member-export (release build)"
     cargo bench -p member-export --bench member -- "$@"
     ;;
+  logs)
+    shift
+    say "benchmark: log-ingest (release build)"
+    cargo bench -p log-ingest --bench logs -- "$@"
+    ;;
   *)
-    die "usage: scripts/bench.sh catalog|relay|member"
+    die "usage: scripts/bench.sh catalog|relay|member|logs"
     ;;
 esac

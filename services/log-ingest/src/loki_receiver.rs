@@ -54,6 +54,17 @@ struct Inner {
     pushes: u64,
     refused: u64,
     failing: Option<(StatusCode, Instant)>,
+    /// Whether entries are kept (and duplicates found); else only counted.
+    keep: bool,
+    entries: u64,
+    lines: u64,
+}
+
+impl Inner {
+    fn count(&mut self, entry: &Entry) {
+        self.entries += 1;
+        self.lines += 1 + entry.line.bytes().filter(|b| *b == b'\n').count() as u64;
+    }
 }
 
 /// A running receiver.
@@ -70,9 +81,26 @@ impl LokiReceiver {
     /// # Errors
     /// When the address cannot be bound.
     pub async fn start(addr: SocketAddr) -> std::io::Result<Self> {
+        Self::start_keeping(addr, true).await
+    }
+
+    /// Starts a receiver that checks and counts what it accepts but keeps none of it
+    /// (no [`LokiReceiver::received`], no duplicate detection): for a benchmark's millions
+    /// of entries.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn start_counting(addr: SocketAddr) -> std::io::Result<Self> {
+        Self::start_keeping(addr, false).await
+    }
+
+    async fn start_keeping(addr: SocketAddr, keep: bool) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let inner = Arc::new(Mutex::new(Inner::default()));
+        let inner = Arc::new(Mutex::new(Inner {
+            keep,
+            ..Inner::default()
+        }));
         let stop = CancellationToken::new();
         let app = Router::new()
             .route("/loki/api/v1/push", post(push))
@@ -100,6 +128,12 @@ impl LokiReceiver {
     pub fn counts(&self) -> (u64, u64, u64) {
         let inner = lock(&self.inner);
         (inner.pushes, inner.refused, inner.duplicates)
+    }
+
+    /// (entries accepted, lines in them: each entry's newlines + 1).
+    pub fn accepted(&self) -> (u64, u64) {
+        let inner = lock(&self.inner);
+        (inner.entries, inner.lines)
     }
 
     /// Answers every push with `status` for `period` (429 comes with `Retry-After: 1`).
@@ -169,6 +203,10 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
                 ));
                 continue;
             }
+            if !inner.keep {
+                inner.count(&entry);
+                continue;
+            }
             let key = (
                 stream.labels.clone(),
                 time.seconds,
@@ -179,6 +217,7 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
                 inner.duplicates += 1;
                 continue;
             }
+            inner.count(&entry);
             inner.received.push(Received {
                 labels: labels.clone(),
                 entry,
