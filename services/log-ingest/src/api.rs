@@ -3,8 +3,7 @@
 
 use mall_proto::logs::v1::{
     GetPipelineStatsRequest, GetPipelineStatsResponse, ParsedRecord, TailLogsRequest,
-    TailLogsResponse, TestParseRequest, TestParseResponse,
-    log_ingest_service_server::LogIngestService,
+    TestParseRequest, TestParseResponse, log_ingest_service_server::LogIngestService,
 };
 use tonic::{Request, Response, Status};
 
@@ -14,6 +13,7 @@ use crate::{
     metrics::{DROP_REASONS, LogMetrics, SOURCES},
     parsing::Parsing,
     record::Record,
+    tail::{TailStream, Tails},
 };
 
 /// The service's handlers.
@@ -25,6 +25,8 @@ pub struct LogsApi {
     pub metrics: LogMetrics,
     /// When this replica started (the counters' start).
     pub started: chrono::DateTime<chrono::Utc>,
+    /// TailLogs.
+    pub tails: Tails,
 }
 
 #[tonic::async_trait]
@@ -81,16 +83,13 @@ impl LogIngestService for LogsApi {
         }))
     }
 
-    type TailLogsStream =
-        std::pin::Pin<Box<dyn futures::Stream<Item = Result<TailLogsResponse, Status>> + Send>>;
+    type TailLogsStream = TailStream;
 
     async fn tail_logs(
         &self,
-        _request: Request<TailLogsRequest>,
+        request: Request<TailLogsRequest>,
     ) -> Result<Response<Self::TailLogsStream>, Status> {
-        Err(Status::unimplemented(
-            "TailLogs is not built yet; GetPipelineStats and TestParse are served",
-        ))
+        Ok(Response::new(self.tails.open(request.into_inner())?))
     }
 }
 

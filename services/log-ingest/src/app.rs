@@ -21,6 +21,7 @@ use crate::{
     parsing::Parsing,
     pipeline::Pipeline,
     recent::Recent,
+    tail::Tails,
 };
 
 /// A built `log-ingest`, listeners bound, ready to run.
@@ -102,6 +103,7 @@ impl App {
         })?;
         let forward_addr = forward.local_addr()?;
         let shutdown = server.shutdown_token();
+        let tails = Tails::new(settings.tail.clone(), metrics.clone(), shutdown.clone());
         let pipeline = Pipeline {
             settings: settings.pipeline.clone(),
             zone: parsing.zone,
@@ -110,6 +112,10 @@ impl App {
             buffer,
             loki,
             metrics: metrics.clone(),
+            tails: tails.clone(),
+            streams: std::sync::Mutex::new(crate::labels::Guard::new(
+                settings.pipeline.max_streams,
+            )),
         };
         let until = shutdown.clone();
         server.spawn("forward input", async move {
@@ -125,6 +131,7 @@ impl App {
                 parsing,
                 metrics: metrics.clone(),
                 started: chrono::Utc::now(),
+                tails,
             })
             .max_decoding_message_size(settings.server.max_message_bytes),
         );

@@ -10,6 +10,7 @@ use crate::{
     forward_input::ForwardSettings,
     mask::{self, PatternSettings},
     pipeline::PipelineSettings,
+    tail::TailSettings,
 };
 
 /// Environment variable prefix: `LOG_INGEST__SERVER__LISTEN_ADDR=0.0.0.0:50054`.
@@ -35,6 +36,8 @@ pub struct Settings {
     pub loki: LokiSettings,
     /// From the buffer to Loki: streams, parsers per source, batching.
     pub pipeline: PipelineSettings,
+    /// TailLogs' limits.
+    pub tail: TailSettings,
 }
 
 impl Default for Settings {
@@ -48,6 +51,7 @@ impl Default for Settings {
             buffer: BufferSettings::default(),
             loki: LokiSettings::default(),
             pipeline: PipelineSettings::default(),
+            tail: TailSettings::default(),
         }
     }
 }

@@ -17,6 +17,8 @@
 //! - [`forward_input`]: the forward protocol's listener (acks after the buffer synced).
 //! - [`otlp_input`]: OTLP logs over gRPC (answered after the buffer synced).
 //! - [`pipeline`]: from the buffer to Loki (grouping, masking, batching, acknowledging).
+//! - [`labels`]: Loki labels from a fixed set, and the guard on how many streams they make.
+//! - [`tail`]: TailLogs, records as they are ingested, never slowing ingestion.
 //! - [`loki`]: Loki's push API and the client; [`loki_receiver`]: a Loki-compatible
 //!   receiver for tests, benchmarks and local runs.
 
@@ -27,6 +29,7 @@ pub mod buffer;
 pub mod config;
 pub mod forward;
 pub mod forward_input;
+pub mod labels;
 pub mod loki;
 pub mod loki_receiver;
 pub mod mask;
@@ -38,6 +41,7 @@ pub mod parsing;
 pub mod pipeline;
 pub mod recent;
 pub mod record;
+pub mod tail;
 
 pub use app::App;
 pub use config::Settings;

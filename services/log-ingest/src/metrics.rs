@@ -54,6 +54,16 @@ pub struct LogMetrics {
     /// export already stored), `rejected` (malformed: `partial_success`), `refused_full`
     /// and `refused_error` (the exporter retries those).
     pub otlp: IntCounterVec,
+    /// `streams`: (service, host) pairs with Loki streams of their own.
+    pub streams: IntGauge,
+    /// `streams_folded_total`: records whose service or host label became `other` (the
+    /// stream limit was reached; the values are in structured metadata).
+    pub streams_folded: IntCounter,
+    /// `tails_open`: TailLogs streams open now.
+    pub tails: IntGauge,
+    /// `tail_records_dropped_total`: records skipped for TailLogs clients reading too slowly
+    /// (summed over tails).
+    pub tail_dropped: IntCounter,
     /// Names of the masking patterns, in configured order.
     patterns: Vec<String>,
 }
@@ -110,6 +120,19 @@ impl LogMetrics {
                 "OTLP log records, by outcome",
                 &["outcome"],
             )?,
+            streams: IntGauge::new(
+                "streams",
+                "(service, host) pairs with Loki streams of their own",
+            )?,
+            streams_folded: IntCounter::new(
+                "streams_folded_total",
+                "Records whose service or host label became other (stream limit reached)",
+            )?,
+            tails: IntGauge::new("tails_open", "TailLogs streams open now")?,
+            tail_dropped: IntCounter::new(
+                "tail_records_dropped_total",
+                "Records skipped for TailLogs clients reading too slowly",
+            )?,
             patterns: patterns.to_vec(),
         };
         registry.register(Box::new(metrics.received.clone()))?;
@@ -124,6 +147,10 @@ impl LogMetrics {
         registry.register(Box::new(metrics.chunks.clone()))?;
         registry.register(Box::new(metrics.connections.clone()))?;
         registry.register(Box::new(metrics.otlp.clone()))?;
+        registry.register(Box::new(metrics.streams.clone()))?;
+        registry.register(Box::new(metrics.streams_folded.clone()))?;
+        registry.register(Box::new(metrics.tails.clone()))?;
+        registry.register(Box::new(metrics.tail_dropped.clone()))?;
         for source in SOURCES {
             metrics.received.with_label_values(&[source]);
             metrics.parse_errors.with_label_values(&[source]);

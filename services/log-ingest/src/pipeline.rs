@@ -24,6 +24,7 @@ use crate::{
     batch::{Batch, Source},
     buffer::{Buffer, Position, Reader},
     forward::{self, Event},
+    labels,
     loki::{self, LokiClient, Pushed},
     mask::Masker,
     metrics::LogMetrics,
@@ -31,6 +32,7 @@ use crate::{
     otlp_input,
     parse::{Format, Parser},
     record::Record,
+    tail::Tails,
 };
 
 /// How the pipeline reads events and batches pushes.
@@ -57,6 +59,9 @@ pub struct PipelineSettings {
     pub environment: String,
     /// A push holds at most this many bytes of lines (well under Loki's 6 MB burst).
     pub batch_bytes: usize,
+    /// Most (service, host) pairs that get streams of their own; records of others get
+    /// `other` (see [`crate::labels`]).
+    pub max_streams: usize,
     /// A record waits at most this long for its push.
     #[serde(with = "humantime_serde")]
     pub batch_wait: Duration,
@@ -72,6 +77,7 @@ impl Default for PipelineSettings {
             restart_grace: Duration::from_secs(60),
             environment: "local".to_owned(),
             batch_bytes: 1024 * 1024,
+            max_streams: 1_000,
             batch_wait: Duration::from_secs(1),
         }
     }
@@ -104,6 +110,10 @@ pub struct Pipeline {
     pub loki: LokiClient,
     /// Counters and gauges.
     pub metrics: LogMetrics,
+    /// TailLogs' open tails, offered every record pushed.
+    pub tails: Tails,
+    /// The streams admitted (only the pipeline's task takes it).
+    pub streams: std::sync::Mutex<labels::Guard>,
 }
 
 /// One stream's state.
@@ -415,22 +425,37 @@ impl Pipeline {
         name.and_then(|n| Format::named(n))
     }
 
-    /// Masks `records`, pushes them in pieces of at most `batch_bytes` (retrying each
-    /// until Loki answers for good) and counts; `false` when `stop` came first.
-    async fn push(&self, records: Vec<Ready>, stop: &CancellationToken) -> bool {
+    /// Masks `records`, offers them to TailLogs and makes them Loki entries with their
+    /// streams' labels.
+    fn prepare(&self, records: Vec<Ready>) -> Vec<Item> {
         let mut counts = vec![0; self.masker.len()];
         let mut items: Vec<Item> = Vec::with_capacity(records.len());
+        let mut tap = self.tails.tap();
+        let mut streams = crate::lock(&self.streams);
         for mut ready in records {
             self.masker.record(&mut ready.record, &mut counts);
+            if let Some(tap) = &mut tap {
+                tap.offer(&ready.record, &ready.tag);
+            }
             if ready.record.parse_error {
                 self.metrics
                     .parse_errors
                     .with_label_values(&[source_label(ready.source)])
                     .inc();
             }
-            items.push(self.item(ready));
+            items.push(self.item(ready, &mut streams));
         }
+        self.metrics
+            .streams
+            .set(i64::try_from(streams.admitted()).unwrap_or(i64::MAX));
         self.metrics.add_masked(&counts);
+        items
+    }
+
+    /// Masks `records`, pushes them in pieces of at most `batch_bytes` (retrying each
+    /// until Loki answers for good) and counts; `false` when `stop` came first.
+    async fn push(&self, records: Vec<Ready>, stop: &CancellationToken) -> bool {
+        let items = self.prepare(records);
         // Pieces of at most `batch_bytes`; a piece Loki refuses (400) or finds too large
         // (413) is halved until the record at fault is alone, and only that one is dropped.
         let mut pieces: Vec<Vec<Item>> = Vec::new();
@@ -525,18 +550,29 @@ impl Pipeline {
     }
 
     /// A record as a Loki entry with its stream's labels.
-    fn item(&self, ready: Ready) -> Item {
+    fn item(&self, ready: Ready, streams: &mut labels::Guard) -> Item {
         let record = ready.record;
-        let labels = labels(&[
-            ("service", ready.tag.as_str()),
-            ("level", record.level.map_or("unknown", |l| l.as_str())),
-            ("host", ready.host.as_str()),
-            ("environment", self.settings.environment.as_str()),
-        ]);
+        let labels = streams.labels(
+            &ready.tag,
+            record.level.map_or("unknown", |l| l.as_str()),
+            &ready.host,
+            &self.settings.environment,
+        );
+        if !labels.folded.is_empty() {
+            self.metrics.streams_folded.inc();
+        }
         let nanos = record
             .time_micros
             .map_or(ready.fallback_nanos, |m| m.saturating_mul(1_000));
-        let mut metadata = Vec::new();
+        let mut metadata: Vec<loki::LabelPair> = labels
+            .folded
+            .into_iter()
+            .map(|(name, value)| loki::LabelPair {
+                name: name.to_owned(),
+                value,
+            })
+            .collect();
+        let labels = labels.selector;
         for (name, value) in [
             ("trace_id", &record.trace_id),
             ("logger", &record.logger),
@@ -670,47 +706,4 @@ fn line_of(event: &Event, field: &str) -> String {
         })
         .collect();
     serde_json::Value::Object(object).to_string()
-}
-
-/// `{name="value", …}` with Loki's escaping, empty values left out.
-fn labels(pairs: &[(&str, &str)]) -> String {
-    let mut out = String::from("{");
-    for (name, value) in pairs {
-        if value.is_empty() {
-            continue;
-        }
-        if out.len() > 1 {
-            out.push_str(", ");
-        }
-        out.push_str(name);
-        out.push_str("=\"");
-        for c in value.chars() {
-            match c {
-                '"' => out.push_str("\\\""),
-                '\\' => out.push_str("\\\\"),
-                '\n' => out.push_str("\\n"),
-                c => out.push(c),
-            }
-        }
-        out.push('"');
-    }
-    out.push('}');
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn labels_escape_and_leave_out_empty_values() {
-        assert_eq!(
-            labels(&[("service", "a\"b"), ("host", ""), ("level", "INFO")]),
-            r#"{service="a\"b", level="INFO"}"#
-        );
-        assert_eq!(
-            crate::loki_receiver::parse_labels(&labels(&[("service", "a\"b\\c")])),
-            Some(vec![("service".to_owned(), "a\"b\\c".to_owned())])
-        );
-    }
 }

@@ -259,3 +259,178 @@ async fn a_record_loki_refuses_is_dropped_alone_and_counted() {
         .expect("forward");
     assert_eq!(forward.dropped_records, 1, "{stats:?}");
 }
+
+/// TailLogs while the corpus is ingested: a tail reading as records come gets exactly the
+/// matching records, masked, in order; a tail whose client reads nothing (a 1 KiB HTTP/2
+/// window) does not hold ingestion back, and what it missed is counted to the record; a
+/// shutdown ends the tails with UNAVAILABLE.
+#[tokio::test]
+async fn tails_get_matching_records_and_a_stalled_tail_never_slows_ingestion() {
+    use mall_proto::logs::v1::{
+        TailLogsRequest, log_ingest_service_client::LogIngestServiceClient,
+    };
+    // Room for the matching records of a push (the reading tail), not for the whole corpus
+    // (the stalled one).
+    let running = start_with(|s| s.tail.buffer_records = 50).await;
+    let url = format!("http://{}", running.grpc);
+    let mut client = LogIngestServiceClient::new(
+        tonic::transport::Endpoint::from_shared(url.clone())
+            .expect("a uri")
+            .connect()
+            .await
+            .expect("connects"),
+    );
+    let mut errors = client
+        .tail_logs(TailLogsRequest {
+            service: "hybris.wrapper".to_owned(),
+            min_level: "ERROR".to_owned(),
+            contains: "Exception".to_owned(),
+        })
+        .await
+        .expect("a tail")
+        .into_inner();
+    let stalled_channel = tonic::transport::Endpoint::from_shared(url)
+        .expect("a uri")
+        .initial_stream_window_size(Some(1024))
+        .connect()
+        .await
+        .expect("connects");
+    let mut stalled = LogIngestServiceClient::new(stalled_channel)
+        .tail_logs(TailLogsRequest::default())
+        .await
+        .expect("a tail")
+        .into_inner();
+
+    let lines: Vec<&str> = CORPUS.lines().collect();
+    let want = model(&lines);
+    let want_errors: Vec<String> = want
+        .iter()
+        .filter(|(level, line)| level == "ERROR" && line.contains("Exception"))
+        .map(|(_, line)| line.clone())
+        .collect();
+    assert!(want_errors.len() > 10, "the corpus has traces");
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < want_errors.len() {
+            let message = errors.message().await.expect("ok").expect("a message");
+            assert_eq!(message.dropped_count, 0, "this tail keeps up");
+            for r in message.records {
+                assert_eq!(
+                    (r.service.as_str(), r.level.as_str()),
+                    ("hybris.wrapper", "ERROR")
+                );
+                got.push(format!("{}\n{}", r.message, r.stack_trace));
+            }
+        }
+        assert_eq!(got, want_errors);
+        errors
+    });
+    send(running.app_forward, &lines, 37).await;
+    wait_for(&running.loki, want.len()).await;
+    let mut errors = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the reader is done in time")
+        .expect("the reader's checks pass");
+
+    // Everything is in Loki while the stalled tail has read nothing: now read it.
+    let (mut records, mut dropped) = (0, 0);
+    while records + dropped < want.len() {
+        let message = tokio::time::timeout(Duration::from_secs(10), stalled.message())
+            .await
+            .expect("a message in time")
+            .expect("ok")
+            .expect("a message");
+        for r in &message.records {
+            assert!(!r.message.contains("@example.com"), "masked: {}", r.message);
+        }
+        records += message.records.len();
+        dropped += usize::try_from(message.dropped_count).expect("not negative");
+    }
+    assert_eq!(
+        records + dropped,
+        want.len(),
+        "every record sent or counted"
+    );
+    assert!(dropped > 0, "the stalled tail missed records");
+    let metrics = probe_metrics(running.admin).await;
+    assert!(
+        metrics.contains(&format!(
+            "mall_log_ingest_tail_records_dropped_total {dropped}"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mall_log_ingest_tails_open 2"),
+        "{metrics}"
+    );
+
+    running._shutdown.cancel();
+    let status = tokio::time::timeout(Duration::from_secs(10), errors.message())
+        .await
+        .expect("ends in time")
+        .expect_err("ends with a status");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+}
+
+async fn probe_metrics(admin: std::net::SocketAddr) -> String {
+    let (status, body) = mall_test_support::probe::http_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    body
+}
+
+/// Past `pipeline.max_streams` (service, host) pairs, a record's host label is `other` and
+/// its host moves to structured metadata: nothing lost, streams bounded.
+#[tokio::test]
+async fn hosts_past_the_stream_limit_fold_into_other_with_their_name_kept() {
+    let running = start_with(|s| s.pipeline.max_streams = 1).await;
+    let mut stream = tokio::net::TcpStream::connect(running.app_forward)
+        .await
+        .expect("connects");
+    for (n, host) in ["web-1", "web-2"].into_iter().enumerate() {
+        let entry = Value::Array(vec![
+            Value::from(1_730_103_120_u32),
+            Value::Map(vec![
+                (Value::from("log"), Value::from(format!("line from {host}"))),
+                (Value::from("host"), Value::from(host)),
+            ]),
+        ]);
+        let mut frame = Vec::new();
+        rmpv::encode::write_value(
+            &mut frame,
+            &Value::Array(vec![
+                Value::from("shop"),
+                Value::Array(vec![entry]),
+                Value::Map(vec![(Value::from("chunk"), Value::from(format!("c{n}")))]),
+            ]),
+        )
+        .expect("encodes");
+        stream.write_all(&frame).await.expect("writes");
+        let mut ack = vec![0; 64];
+        let _ = stream.read(&mut ack).await.expect("an ack");
+        // One at a time: web-1 is the pair admitted first.
+        wait_for(&running.loki, n + 1).await;
+    }
+    let mut received = running.loki.received();
+    received.sort_by(|a, b| a.entry.line.cmp(&b.entry.line));
+    let host = |r: &log_ingest::loki_receiver::Received| {
+        r.labels
+            .iter()
+            .find(|(k, _)| k == "host")
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(host(&received[0]).as_deref(), Some("web-1"));
+    assert_eq!(host(&received[1]).as_deref(), Some("other"));
+    let metadata: Vec<(&str, &str)> = received[1]
+        .entry
+        .structured_metadata
+        .iter()
+        .map(|p| (p.name.as_str(), p.value.as_str()))
+        .collect();
+    assert_eq!(metadata, [("host", "web-2")]);
+    let metrics = probe_metrics(running.admin).await;
+    assert!(metrics.contains("mall_log_ingest_streams 1"), "{metrics}");
+    assert!(
+        metrics.contains("mall_log_ingest_streams_folded_total 1"),
+        "{metrics}"
+    );
+}

@@ -1,0 +1,184 @@
+//! Loki labels from a small fixed set (`service`, `level`, `host`, `environment`), never
+//! from a record's text, and a guard on how many streams they make.
+//!
+//! `service` (a forward tag or OTLP `service.name`) and `host` (a record field) come from
+//! senders, so their values are not ours to bound: a misconfigured Fluent Bit that puts a
+//! file path or a pod name in `host` would make a stream per value, and Loki slows down (or
+//! refuses, with `max_streams_per_user`) long before that is noticed. The guard admits the
+//! first `max_streams` (service, host) pairs it sees; a record of any other pair keeps its
+//! service when that service was admitted with some host, else becomes service `other`, and
+//! always gets host `other`; the real values go to structured metadata (`service`, `host`),
+//! so nothing is lost and a query can still find them. Streams are then at most
+//! (`max_streams` + admitted services + 1) × levels.
+//!
+//! The admitted pairs live in memory: after a restart they are admitted again in the order
+//! they arrive.
+
+use std::collections::HashSet;
+
+/// Stands for every value past the guard's limit.
+pub const OTHER: &str = "other";
+
+/// A record's labels and what the guard moved out of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Labels {
+    /// Loki's stream selector, `{service="…", level="…", …}`.
+    pub selector: String,
+    /// (name, real value) of each label folded into `other`.
+    pub folded: Vec<(&'static str, String)>,
+}
+
+/// The streams admitted so far.
+#[derive(Debug)]
+pub struct Guard {
+    max_streams: usize,
+    admitted: HashSet<(String, String)>,
+    services: HashSet<String>,
+}
+
+impl Guard {
+    /// A guard admitting at most `max_streams` (service, host) pairs.
+    pub fn new(max_streams: usize) -> Self {
+        Self {
+            max_streams,
+            admitted: HashSet::new(),
+            services: HashSet::new(),
+        }
+    }
+
+    /// Labels of a record of `service` on `host` at `level` in `environment`.
+    pub fn labels(&mut self, service: &str, level: &str, host: &str, environment: &str) -> Labels {
+        let key = (service.to_owned(), host.to_owned());
+        let admitted = self.admitted.contains(&key)
+            || (self.admitted.len() < self.max_streams && {
+                self.services.insert(key.0.clone());
+                self.admitted.insert(key);
+                true
+            });
+        let mut folded = Vec::new();
+        let (service_label, host_label) = if admitted {
+            (service, host)
+        } else {
+            let service_label = if self.services.contains(service) {
+                service
+            } else {
+                folded.push(("service", service.to_owned()));
+                OTHER
+            };
+            if !host.is_empty() {
+                folded.push(("host", host.to_owned()));
+            }
+            (service_label, OTHER)
+        };
+        Labels {
+            selector: selector(&[
+                ("service", service_label),
+                ("level", level),
+                ("host", host_label),
+                ("environment", environment),
+            ]),
+            folded,
+        }
+    }
+
+    /// How many (service, host) pairs are admitted.
+    pub fn admitted(&self) -> usize {
+        self.admitted.len()
+    }
+}
+
+/// `{name="value", …}` with Loki's escaping, empty values left out.
+pub fn selector(pairs: &[(&str, &str)]) -> String {
+    let mut out = String::from("{");
+    for (name, value) in pairs {
+        if value.is_empty() {
+            continue;
+        }
+        if out.len() > 1 {
+            out.push_str(", ");
+        }
+        out.push_str(name);
+        out.push_str("=\"");
+        for c in value.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_escape_and_leave_out_empty_values() {
+        assert_eq!(
+            selector(&[("service", "a\"b\\c"), ("host", ""), ("level", "INFO")]),
+            r#"{service="a\"b\\c", level="INFO"}"#
+        );
+        // What Loki (our receiver, checked against winston-loki) reads back.
+        assert_eq!(
+            crate::loki_receiver::parse_labels(&selector(&[("service", "a\"b\\c")])),
+            Some(vec![("service".to_owned(), "a\"b\\c".to_owned())])
+        );
+    }
+
+    #[test]
+    fn pairs_past_the_limit_fold_into_other_with_their_values_kept() {
+        let mut guard = Guard::new(2);
+        let plain = guard.labels("shop", "INFO", "web-1", "prod");
+        assert_eq!(
+            plain.selector,
+            r#"{service="shop", level="INFO", host="web-1", environment="prod"}"#
+        );
+        assert!(plain.folded.is_empty());
+        guard.labels("shop", "INFO", "web-2", "prod");
+        // Admitted pairs stay as they are at any level.
+        assert!(
+            guard
+                .labels("shop", "ERROR", "web-2", "prod")
+                .folded
+                .is_empty()
+        );
+        // A new host of an admitted service keeps the service.
+        let new_host = guard.labels("shop", "INFO", "web-3", "prod");
+        assert_eq!(
+            new_host.selector,
+            r#"{service="shop", level="INFO", host="other", environment="prod"}"#
+        );
+        assert_eq!(new_host.folded, [("host", "web-3".to_owned())]);
+        // A new service folds too.
+        let new_service = guard.labels("/var/log/x.log", "WARN", "", "prod");
+        assert_eq!(
+            new_service.selector,
+            r#"{service="other", level="WARN", host="other", environment="prod"}"#
+        );
+        assert_eq!(
+            new_service.folded,
+            [("service", "/var/log/x.log".to_owned())]
+        );
+        assert_eq!(guard.admitted(), 2);
+    }
+
+    proptest::proptest! {
+        /// However many pairs arrive, the distinct selectors stay within the bound.
+        #[test]
+        fn streams_stay_bounded(pairs in proptest::collection::vec((0_u8..20, 0_u8..50), 0..500)) {
+            let max = 10;
+            let mut guard = Guard::new(max);
+            let mut selectors = HashSet::new();
+            for (service, host) in pairs {
+                let labels = guard.labels(&format!("s{service}"), "INFO", &format!("h{host}"), "e");
+                selectors.insert(labels.selector);
+            }
+            proptest::prop_assert!(selectors.len() <= max + max + 1);
+        }
+    }
+}

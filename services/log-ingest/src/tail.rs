@@ -1,0 +1,395 @@
+//! TailLogs: records as they are ingested (parsed, grouped, masked), to any number of
+//! watchers up to a configured maximum, without ever slowing ingestion.
+//!
+//! The pipeline offers each record it pushes (masked) to every open tail whose filter it
+//! matches, with `try_send` into that tail's bounded channel: when a client reads too slowly its
+//! channel is full and the record is counted as dropped for that tail (reported in the next
+//! message's `dropped_count`), never waited for. When no tail is open the pipeline pays one
+//! atomic load per batch.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+};
+
+use futures::Stream;
+use mall_grpc::ServiceError;
+use mall_proto::logs::v1::{ParsedRecord, TailLogsRequest, TailLogsResponse};
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::{api::parsed, lock, metrics::LogMetrics, record::Level, record::Record};
+
+/// Longest `contains` filter, in characters (the contract's limit).
+pub const MAX_CONTAINS_CHARS: usize = 1_024;
+/// A response holds records up to about this many bytes (under the 4 MiB a default gRPC
+/// client accepts, with room for one record at its cap).
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+/// Limits of TailLogs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TailSettings {
+    /// Most tails open at once on a replica; one more gets RESOURCE_EXHAUSTED. Default 16.
+    pub max_tails: usize,
+    /// Records waiting per tail for its client; beyond it records are dropped for that
+    /// tail (and counted). Default 1,000.
+    pub buffer_records: usize,
+}
+
+impl Default for TailSettings {
+    fn default() -> Self {
+        Self {
+            max_tails: 16,
+            buffer_records: 1_000,
+        }
+    }
+}
+
+/// The stream a TailLogs call returns.
+pub type TailStream = Pin<Box<dyn Stream<Item = Result<TailLogsResponse, Status>> + Send>>;
+
+/// The open tails; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Tails {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    settings: TailSettings,
+    open: Mutex<Vec<Arc<Tail>>>,
+    /// `open.len()`, read without the lock on the hot path.
+    count: AtomicUsize,
+    metrics: LogMetrics,
+    shutdown: CancellationToken,
+}
+
+#[derive(Debug)]
+struct Tail {
+    filter: Filter,
+    sender: mpsc::Sender<ParsedRecord>,
+    dropped: AtomicU64,
+}
+
+/// What a tail wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Filter {
+    service: String,
+    min_level: Option<Level>,
+    contains: String,
+}
+
+impl Filter {
+    fn matches(&self, record: &Record, service: &str) -> bool {
+        (self.service.is_empty() || self.service == service)
+            && self
+                .min_level
+                .is_none_or(|min| record.level.is_some_and(|l| l >= min))
+            && (self.contains.is_empty()
+                || record.message.contains(&self.contains)
+                || record.stack_trace.contains(&self.contains))
+    }
+}
+
+impl Tails {
+    /// No tail open yet; streams end with UNAVAILABLE when `shutdown` is cancelled.
+    pub fn new(settings: TailSettings, metrics: LogMetrics, shutdown: CancellationToken) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                settings,
+                open: Mutex::new(Vec::new()),
+                count: AtomicUsize::new(0),
+                metrics,
+                shutdown,
+            }),
+        }
+    }
+
+    /// Opens a tail.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT for an unknown `min_level` or a `contains` over 1,024 characters;
+    /// RESOURCE_EXHAUSTED when `max_tails` are open.
+    pub fn open(&self, request: TailLogsRequest) -> Result<TailStream, ServiceError> {
+        let mut violations = mall_grpc::Violations::default();
+        let min_level = if request.min_level.is_empty() {
+            None
+        } else {
+            let level = Level::parse(&request.min_level);
+            if level.is_none() {
+                violations.add(
+                    "min_level",
+                    "must be one of TRACE, DEBUG, INFO, WARN, ERROR, FATAL, or empty for all",
+                );
+            }
+            level
+        };
+        if request.contains.chars().count() > MAX_CONTAINS_CHARS {
+            violations.add(
+                "contains",
+                format!("must be at most {MAX_CONTAINS_CHARS} characters"),
+            );
+        }
+        violations.into_result()?;
+        let (sender, receiver) = mpsc::channel(self.shared.settings.buffer_records.max(1));
+        let tail = Arc::new(Tail {
+            filter: Filter {
+                service: request.service,
+                min_level,
+                contains: request.contains,
+            },
+            sender,
+            dropped: AtomicU64::new(0),
+        });
+        {
+            let mut open = lock(&self.shared.open);
+            if open.len() >= self.shared.settings.max_tails {
+                return Err(ServiceError::ResourceExhausted(format!(
+                    "{} tails are open, the most this replica serves at once \
+                     (tail.max_tails); close one or try later",
+                    open.len()
+                )));
+            }
+            open.push(tail.clone());
+            self.shared.count.store(open.len(), Ordering::Release);
+            self.shared.metrics.tails.set(open.len() as i64);
+        }
+        let state = Reading {
+            receiver,
+            guard: Guard {
+                shared: self.shared.clone(),
+                tail,
+            },
+            shutdown: self.shared.shutdown.clone(),
+            ended: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(state, Reading::next)))
+    }
+
+    /// The tails open now, to offer records to; `None` (one atomic load) when there are
+    /// none.
+    pub fn tap(&self) -> Option<Tap> {
+        if self.shared.count.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        Some(Tap {
+            open: lock(&self.shared.open).clone(),
+            dropped: 0,
+            metrics: self.shared.metrics.clone(),
+        })
+    }
+}
+
+/// The tails open when a batch of records began; counts its drops when dropped.
+#[derive(Debug)]
+pub struct Tap {
+    open: Vec<Arc<Tail>>,
+    dropped: u64,
+    metrics: LogMetrics,
+}
+
+impl Tap {
+    /// Offers a record (masked already) of `service` to every tail it matches; never waits.
+    pub fn offer(&mut self, record: &Record, service: &str) {
+        for tail in &self.open {
+            if !tail.filter.matches(record, service) {
+                continue;
+            }
+            match tail.sender.try_send(parsed(record.clone(), service)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tail.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.dropped += 1;
+                }
+                // Its client went away; its guard is removing it.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        if self.dropped > 0 {
+            self.metrics.tail_dropped.inc_by(self.dropped);
+        }
+    }
+}
+
+/// Removes its tail from the open ones when the stream is dropped (the client cancelled,
+/// the connection closed, the server stopped).
+#[derive(Debug)]
+struct Guard {
+    shared: Arc<Shared>,
+    tail: Arc<Tail>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let mut open = lock(&self.shared.open);
+        open.retain(|t| !Arc::ptr_eq(t, &self.tail));
+        self.shared.count.store(open.len(), Ordering::Release);
+        self.shared.metrics.tails.set(open.len() as i64);
+    }
+}
+
+/// One tail's stream state.
+struct Reading {
+    receiver: mpsc::Receiver<ParsedRecord>,
+    guard: Guard,
+    shutdown: CancellationToken,
+    ended: bool,
+}
+
+impl Reading {
+    /// The next response: the records waiting now (at least one, up to about 1 MiB) and
+    /// the drops since the previous one; UNAVAILABLE once when the server shuts down.
+    async fn next(mut self) -> Option<(Result<TailLogsResponse, Status>, Self)> {
+        if self.ended {
+            return None;
+        }
+        let first = tokio::select! {
+            record = self.receiver.recv() => record?,
+            () = self.shutdown.cancelled() => {
+                self.ended = true;
+                let status = ServiceError::Unavailable(
+                    "log-ingest is shutting down; open the tail again on another replica".to_owned(),
+                );
+                return Some((Err(status.into()), self));
+            }
+        };
+        let mut size = first.encoded_len();
+        let mut records = vec![first];
+        while size < MAX_RESPONSE_BYTES {
+            let Ok(record) = self.receiver.try_recv() else {
+                break;
+            };
+            size += record.encoded_len();
+            records.push(record);
+        }
+        let dropped = self.guard.tail.dropped.swap(0, Ordering::Relaxed);
+        let response = TailLogsResponse {
+            records,
+            dropped_count: i64::try_from(dropped).unwrap_or(i64::MAX),
+        };
+        Some((Ok(response), self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt as _;
+
+    use super::*;
+
+    fn tails(buffer_records: usize) -> Tails {
+        Tails::new(
+            TailSettings {
+                max_tails: 2,
+                buffer_records,
+            },
+            LogMetrics::unregistered(&[]),
+            CancellationToken::new(),
+        )
+    }
+
+    fn record(level: Option<Level>, message: &str) -> Record {
+        Record {
+            level,
+            message: message.to_owned(),
+            line_count: 1,
+            ..Record::default()
+        }
+    }
+
+    fn request(service: &str, min_level: &str, contains: &str) -> TailLogsRequest {
+        TailLogsRequest {
+            service: service.to_owned(),
+            min_level: min_level.to_owned(),
+            contains: contains.to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn filters_combine_and_a_slow_reader_loses_records_counted_not_ingestion() {
+        let tails = tails(1);
+        let mut errors = tails.open(request("shop", "warn", "cart")).expect("opens");
+        assert!(tails.tap().is_some());
+        let records = [
+            record(Some(Level::Error), "cart 1 failed"),
+            record(Some(Level::Info), "cart 2 fine"),
+            record(None, "cart 3 no level"),
+            record(Some(Level::Warn), "stock low"),
+            record(Some(Level::Warn), "cart 4 slow"),
+            record(Some(Level::Fatal), "cart 5 gone"),
+        ];
+        // Two match (the 2nd-last is another service's); the channel holds one: the second
+        // is dropped and counted.
+        let services = ["shop", "shop", "shop", "shop", "other", "shop"];
+        let mut tap = tails.tap().expect("a tail is open");
+        for (record, service) in records.iter().zip(services) {
+            tap.offer(record, service);
+        }
+        let first = errors.next().await.expect("a message").expect("ok");
+        let messages: Vec<&str> = first.records.iter().map(|r| r.message.as_str()).collect();
+        assert_eq!(messages, ["cart 1 failed"]);
+        assert_eq!(first.dropped_count, 1);
+        assert_eq!(first.records[0].service, "shop");
+        assert_eq!(first.records[0].level, "ERROR");
+        tap.offer(&records[5], "shop");
+        let second = errors.next().await.expect("a message").expect("ok");
+        let messages: Vec<&str> = second.records.iter().map(|r| r.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            ["cart 5 gone"],
+            "the dropped one is not sent late"
+        );
+        assert_eq!(second.dropped_count, 0);
+    }
+
+    #[tokio::test]
+    async fn bad_filters_and_one_tail_too_many_are_refused_and_a_closed_tail_frees_its_slot() {
+        let tails = tails(10);
+        let error = tails
+            .open(request("", "LOUD", &"x".repeat(1_025)))
+            .err()
+            .expect("refused");
+        match error {
+            ServiceError::InvalidArgument(violations) => {
+                let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
+                assert_eq!(fields, ["min_level", "contains"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let first = tails.open(request("", "", "")).expect("one");
+        let _second = tails.open(request("", "", "")).expect("two");
+        assert!(matches!(
+            tails.open(request("", "", "")),
+            Err(ServiceError::ResourceExhausted(_))
+        ));
+        drop(first);
+        let _third = tails.open(request("", "", "")).expect("a slot again");
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_ends_every_tail_with_unavailable() {
+        let shutdown = CancellationToken::new();
+        let tails = Tails::new(
+            TailSettings::default(),
+            LogMetrics::unregistered(&[]),
+            shutdown.clone(),
+        );
+        let mut tail = tails.open(request("", "", "")).expect("opens");
+        shutdown.cancel();
+        let status = tail.next().await.expect("a status").expect_err("an error");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(tail.next().await.is_none(), "then the stream ends");
+    }
+}
