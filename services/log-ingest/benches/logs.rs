@@ -11,7 +11,8 @@
 //! 3. **log-ingest**: the release binary as a child process (its memory its own), buffer on
 //!    disk (every ack after `fdatasync`), `hybris-wrapper` parsing with multi-line grouping,
 //!    masking, pushes to the Loki-compatible receiver (in this process, counting, keeping
-//!    nothing). Lines/s from the first send until the receiver holds every line (each
+//!    nothing); `pipeline.flush_after = 250ms` and `batch_wait = 200ms` (the defaults, 2 s
+//!    and 1 s, would add their wait for the last record of each stream to the clock). Lines/s from the first send until the receiver holds every line (each
 //!    entry's newlines + 1), the peak RSS (`VmHWM`) of the log-ingest process, and the
 //!    ratio to the baseline.
 //!
@@ -23,6 +24,9 @@
 //! cargo bench -p log-ingest --bench logs -- quick         # 200,000 lines, prints only
 //! cargo bench -p log-ingest --bench logs -- lines=1000000 # another size, prints only
 //! ```
+//!
+//! `MALL_BENCH_WRAPPER` runs log-ingest under a profiler (`heaptrack`, `perf record -g`); the
+//! figures are then the profiler's, not the service's.
 //!
 //! The generator is `../shared/bench/gen_hybris_log.py` beside the repository, or the file
 //! `MALL_HYBRIS_LOG_GENERATOR` names.
@@ -339,14 +343,25 @@ impl LogIngest {
                  [forward]\nlisten_addr = \"{forward}\"\n\
                  [buffer]\ndir = \"{}\"\n\
                  [loki]\nurl = \"{loki}\"\n\
-                 [pipeline]\nenvironment = \"bench\"\n\
+                 [pipeline]\nenvironment = \"bench\"\nflush_after = \"250ms\"\nbatch_wait = \"200ms\"\n\
                  [pipeline.parsers]\n\"hybris.*\" = \"hybris-wrapper\"\n",
                 free_port()?,
                 free_port()?,
                 dir.join("buffer").display(),
             ),
         )?;
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_log-ingest"))
+        // A profiler around the binary, for investigations: `MALL_BENCH_WRAPPER="heaptrack"`.
+        let wrapper = std::env::var("MALL_BENCH_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut command = tokio::process::Command::new(program);
+                command.args(words).arg(env!("CARGO_BIN_EXE_log-ingest"));
+                command
+            }
+            None => tokio::process::Command::new(env!("CARGO_BIN_EXE_log-ingest")),
+        };
+        let mut child = command
             .arg("--config")
             .arg(&config)
             .kill_on_drop(true)

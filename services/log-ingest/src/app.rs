@@ -115,6 +115,7 @@ impl App {
             tails: tails.clone(),
             streams: std::sync::Mutex::new(crate::labels::Guard::new(
                 settings.pipeline.max_streams,
+                &settings.pipeline.environment,
             )),
         };
         let until = shutdown.clone();

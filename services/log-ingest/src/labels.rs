@@ -14,7 +14,12 @@
 //! The admitted pairs live in memory: after a restart they are admitted again in the order
 //! they arrive.
 
-use std::collections::HashSet;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use crate::record::Level;
 
 /// Stands for every value past the guard's limit.
 pub const OTHER: &str = "other";
@@ -23,42 +28,66 @@ pub const OTHER: &str = "other";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Labels {
     /// Loki's stream selector, `{service="…", level="…", …}`.
-    pub selector: String,
+    pub selector: Arc<str>,
     /// (name, real value) of each label folded into `other`.
     pub folded: Vec<(&'static str, String)>,
 }
 
-/// The streams admitted so far.
+/// The streams admitted so far, with their selectors per level (built once).
 #[derive(Debug)]
 pub struct Guard {
     max_streams: usize,
-    admitted: HashSet<(String, String)>,
+    environment: String,
+    admitted: HashMap<(String, String), [Option<Arc<str>>; 7]>,
     services: HashSet<String>,
+    /// Reused for lookups, so a record of an admitted pair allocates nothing.
+    key: (String, String),
 }
 
 impl Guard {
-    /// A guard admitting at most `max_streams` (service, host) pairs.
-    pub fn new(max_streams: usize) -> Self {
+    /// A guard admitting at most `max_streams` (service, host) pairs, for streams of
+    /// `environment`.
+    pub fn new(max_streams: usize, environment: &str) -> Self {
         Self {
             max_streams,
-            admitted: HashSet::new(),
+            environment: environment.to_owned(),
+            admitted: HashMap::new(),
             services: HashSet::new(),
+            key: (String::new(), String::new()),
         }
     }
 
-    /// Labels of a record of `service` on `host` at `level` in `environment`.
-    pub fn labels(&mut self, service: &str, level: &str, host: &str, environment: &str) -> Labels {
-        let key = (service.to_owned(), host.to_owned());
-        let admitted = self.admitted.contains(&key)
-            || (self.admitted.len() < self.max_streams && {
-                self.services.insert(key.0.clone());
-                self.admitted.insert(key);
-                true
-            });
-        let mut folded = Vec::new();
-        let (service_label, host_label) = if admitted {
-            (service, host)
+    /// Labels of a record of `service` on `host` at `level`.
+    pub fn labels(&mut self, service: &str, level: Option<Level>, host: &str) -> Labels {
+        let level_name = level.map_or("unknown", Level::as_str);
+        let slot = level.map_or(6, |l| l as usize);
+        let mut key = std::mem::take(&mut self.key);
+        key.0.clear();
+        key.0.push_str(service);
+        key.1.clear();
+        key.1.push_str(host);
+        if !self.admitted.contains_key(&key) && self.admitted.len() < self.max_streams {
+            self.services.insert(key.0.clone());
+            self.admitted.insert(key.clone(), Default::default());
+        }
+        let labels = if let Some(slots) = self.admitted.get_mut(&key) {
+            let selector = slots[slot]
+                .get_or_insert_with(|| {
+                    selector(&[
+                        ("service", service),
+                        ("level", level_name),
+                        ("host", host),
+                        ("environment", &self.environment),
+                    ])
+                    .into()
+                })
+                .clone();
+            Labels {
+                selector,
+                folded: Vec::new(),
+            }
         } else {
+            let mut folded = Vec::new();
             let service_label = if self.services.contains(service) {
                 service
             } else {
@@ -68,17 +97,19 @@ impl Guard {
             if !host.is_empty() {
                 folded.push(("host", host.to_owned()));
             }
-            (service_label, OTHER)
+            Labels {
+                selector: selector(&[
+                    ("service", service_label),
+                    ("level", level_name),
+                    ("host", OTHER),
+                    ("environment", &self.environment),
+                ])
+                .into(),
+                folded,
+            }
         };
-        Labels {
-            selector: selector(&[
-                ("service", service_label),
-                ("level", level),
-                ("host", host_label),
-                ("environment", environment),
-            ]),
-            folded,
-        }
+        self.key = key;
+        labels
     }
 
     /// How many (service, host) pairs are admitted.
@@ -132,32 +163,32 @@ mod tests {
 
     #[test]
     fn pairs_past_the_limit_fold_into_other_with_their_values_kept() {
-        let mut guard = Guard::new(2);
-        let plain = guard.labels("shop", "INFO", "web-1", "prod");
+        let mut guard = Guard::new(2, "prod");
+        let plain = guard.labels("shop", Some(Level::Info), "web-1");
         assert_eq!(
-            plain.selector,
+            &*plain.selector,
             r#"{service="shop", level="INFO", host="web-1", environment="prod"}"#
         );
         assert!(plain.folded.is_empty());
-        guard.labels("shop", "INFO", "web-2", "prod");
+        guard.labels("shop", Some(Level::Info), "web-2");
         // Admitted pairs stay as they are at any level.
         assert!(
             guard
-                .labels("shop", "ERROR", "web-2", "prod")
+                .labels("shop", Some(Level::Error), "web-2")
                 .folded
                 .is_empty()
         );
         // A new host of an admitted service keeps the service.
-        let new_host = guard.labels("shop", "INFO", "web-3", "prod");
+        let new_host = guard.labels("shop", Some(Level::Info), "web-3");
         assert_eq!(
-            new_host.selector,
+            &*new_host.selector,
             r#"{service="shop", level="INFO", host="other", environment="prod"}"#
         );
         assert_eq!(new_host.folded, [("host", "web-3".to_owned())]);
         // A new service folds too.
-        let new_service = guard.labels("/var/log/x.log", "WARN", "", "prod");
+        let new_service = guard.labels("/var/log/x.log", Some(Level::Warn), "");
         assert_eq!(
-            new_service.selector,
+            &*new_service.selector,
             r#"{service="other", level="WARN", host="other", environment="prod"}"#
         );
         assert_eq!(
@@ -172,10 +203,10 @@ mod tests {
         #[test]
         fn streams_stay_bounded(pairs in proptest::collection::vec((0_u8..20, 0_u8..50), 0..500)) {
             let max = 10;
-            let mut guard = Guard::new(max);
+            let mut guard = Guard::new(max, "e");
             let mut selectors = HashSet::new();
             for (service, host) in pairs {
-                let labels = guard.labels(&format!("s{service}"), "INFO", &format!("h{host}"), "e");
+                let labels = guard.labels(&format!("s{service}"), None, &format!("h{host}"));
                 selectors.insert(labels.selector);
             }
             proptest::prop_assert!(selectors.len() <= max + max + 1);

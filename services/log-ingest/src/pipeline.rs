@@ -90,6 +90,9 @@ fn source_label(source: Source) -> &'static str {
     }
 }
 
+/// A push running: its task, and the position (with its note) to acknowledge after it.
+type InFlight = (tokio::task::JoinHandle<bool>, Position, Vec<u8>);
+
 /// How long a shutdown waits for the last push.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -161,11 +164,12 @@ impl Pipeline {
         let mut ready_bytes = 0_usize;
         let mut oldest: Option<Instant> = None;
         let mut cursor = start;
+        let mut in_flight: Option<InFlight> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
-                    self.drain(streams, ready, cursor).await;
+                    self.drain(streams, ready, cursor, in_flight).await;
                     return;
                 }
                 next = reader.next() => match next {
@@ -210,6 +214,13 @@ impl Pipeline {
                     streams.retain(|_, s| s.grouper.is_pending() || now.duration_since(s.last_line) < Duration::from_secs(600));
                 }
             }
+            if in_flight
+                .as_ref()
+                .is_some_and(|(push, _, _)| push.is_finished())
+                && !self.finish(in_flight.take()).await
+            {
+                return;
+            }
             if !ready.is_empty() {
                 oldest.get_or_insert_with(Instant::now);
                 ready_bytes = ready.iter().map(|r| r.record.text_len() + 64).sum();
@@ -227,18 +238,46 @@ impl Pipeline {
                 .values()
                 .filter_map(|s| s.pending_from.map(|(_, at)| at))
                 .fold(cursor, std::cmp::min);
-            let records = std::mem::take(&mut ready);
+            let items = self.prepare(std::mem::take(&mut ready));
             (oldest, ready_bytes) = (None, 0);
-            if !self.push(records, &shutdown).await {
+            let note = note(&mut streams, acknowledge);
+            // One push at a time (a stream's entries stay in order, acknowledgements too);
+            // it runs while the next records are read and parsed.
+            if !self.finish(in_flight.take()).await {
                 return;
             }
-            let note = note(&mut streams, acknowledge);
-            self.acknowledge(acknowledge, note).await;
-            self.metrics.waiting.set(0);
-            self.metrics
-                .buffer_bytes
-                .set(i64::try_from(self.buffer.used_bytes()).unwrap_or(i64::MAX));
+            let push = tokio::spawn(self.pusher().push(items, shutdown.clone()));
+            in_flight = Some((push, acknowledge, note));
         }
+    }
+
+    fn pusher(&self) -> Pusher {
+        Pusher {
+            loki: self.loki.clone(),
+            metrics: self.metrics.clone(),
+            batch_bytes: self.settings.batch_bytes,
+        }
+    }
+
+    /// Waits for the push in flight, if any, and acknowledges what it made safe; `false`
+    /// when it stopped (shutdown) before Loki had everything.
+    async fn finish(&self, in_flight: Option<InFlight>) -> bool {
+        let Some((push, position, note)) = in_flight else {
+            return true;
+        };
+        match push.await {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(error) => {
+                tracing::error!(%error, "a push to Loki panicked; its records stay in the buffer");
+                return false;
+            }
+        }
+        self.acknowledge(position, note).await;
+        self.metrics
+            .buffer_bytes
+            .set(i64::try_from(self.buffer.used_bytes()).unwrap_or(i64::MAX));
+        true
     }
 
     /// Records that everything before `position` reached Loki (two syncs, off the async
@@ -262,7 +301,11 @@ impl Pipeline {
         streams: HashMap<(String, String), StreamState>,
         mut ready: Vec<Ready>,
         cursor: Position,
+        in_flight: Option<InFlight>,
     ) {
+        // The push in flight stops with the shutdown too; what it did not finish stays in
+        // the buffer and is pushed below or after the restart.
+        let finished = self.finish(in_flight).await;
         for (_, mut state) in streams {
             if let Some(record) = state.grouper.flush() {
                 ready.push(Ready {
@@ -283,7 +326,8 @@ impl Pipeline {
             tokio::time::sleep(DRAIN).await;
             timer.cancel();
         });
-        if self.push(ready, &stop).await {
+        let items = self.prepare(ready);
+        if self.pusher().push(items, stop).await && finished {
             self.acknowledge(cursor, Vec::new()).await;
         }
     }
@@ -309,28 +353,33 @@ impl Pipeline {
         }
         let parser = Parser::new(self.format_of(&batch.tag), self.zone);
         let mut out = Vec::new();
+        // One key reused for every event's lookup (no allocation unless a stream is new).
+        let mut key = (batch.tag.clone(), String::new());
         for event in &batch.events {
-            let host = event
-                .text(&self.settings.host_field)
-                .map(|h| h.into_owned())
-                .unwrap_or_default();
-            let state = streams
-                .entry((batch.tag.clone(), host.clone()))
-                .or_insert_with(|| StreamState {
-                    grouper: Grouper::default(),
-                    parser,
-                    source,
-                    tag: batch.tag.clone(),
-                    host,
-                    lines: 0,
-                    last_line: Instant::now(),
-                    pending_from: None,
-                    pending_event_time: 0,
-                    batches: std::collections::BTreeMap::new(),
-                    resumed: false,
-                });
+            key.1.clear();
+            if let Some(host) = event.text(&self.settings.host_field) {
+                key.1.push_str(&host);
+            }
+            if !streams.contains_key(&key) {
+                streams.insert(
+                    key.clone(),
+                    StreamState {
+                        grouper: Grouper::default(),
+                        parser,
+                        source,
+                        tag: batch.tag.clone(),
+                        host: key.1.clone(),
+                        lines: 0,
+                        last_line: Instant::now(),
+                        pending_from: None,
+                        pending_event_time: 0,
+                        batches: std::collections::BTreeMap::new(),
+                        resumed: false,
+                    },
+                );
+            }
+            let state = streams.get_mut(&key).expect("inserted above");
             let line = line_of(event, &self.settings.line_field);
-            let key = (state.tag.clone(), state.host.clone());
             for text in line.split('\n') {
                 let text = text.strip_suffix('\r').unwrap_or(text);
                 state.batches.entry(at).or_insert((state.lines, 0)).1 += 1;
@@ -452,112 +501,10 @@ impl Pipeline {
         items
     }
 
-    /// Masks `records`, pushes them in pieces of at most `batch_bytes` (retrying each
-    /// until Loki answers for good) and counts; `false` when `stop` came first.
-    async fn push(&self, records: Vec<Ready>, stop: &CancellationToken) -> bool {
-        let items = self.prepare(records);
-        // Pieces of at most `batch_bytes`; a piece Loki refuses (400) or finds too large
-        // (413) is halved until the record at fault is alone, and only that one is dropped.
-        let mut pieces: Vec<Vec<Item>> = Vec::new();
-        let mut piece = Vec::new();
-        let mut bytes = 0;
-        for item in items {
-            let size = item.size();
-            if !piece.is_empty() && bytes + size > self.settings.batch_bytes {
-                pieces.push(std::mem::take(&mut piece));
-                bytes = 0;
-            }
-            bytes += size;
-            piece.push(item);
-        }
-        if !piece.is_empty() {
-            pieces.push(piece);
-        }
-        pieces.reverse();
-        while let Some(mut piece) = pieces.pop() {
-            match self.send(&piece, stop).await {
-                None => return false,
-                Some(Pushed::Accepted) => {
-                    self.metrics.pushed.inc_by(piece.len() as u64);
-                    self.metrics.last_push.set(chrono::Utc::now().timestamp());
-                }
-                Some(Pushed::Refused(_) | Pushed::TooLarge) if piece.len() > 1 => {
-                    let second = piece.split_off(piece.len() / 2);
-                    pieces.push(second);
-                    pieces.push(piece);
-                }
-                Some(Pushed::Refused(reason)) => {
-                    // One line per refused record, with Loki's reason and the record's
-                    // stream, never its text (Loki's reason quotes labels, not lines).
-                    tracing::warn!(
-                        labels = %piece[0].labels,
-                        reason = %reason.lines().next().unwrap_or_default(),
-                        "Loki refused a record for good; it is dropped"
-                    );
-                    self.metrics
-                        .dropped
-                        .with_label_values(&[source_label(piece[0].source), "loki_refused"])
-                        .inc();
-                }
-                Some(Pushed::TooLarge) => {
-                    tracing::warn!(
-                        labels = %piece[0].labels,
-                        bytes = piece[0].size(),
-                        "one record is too large for Loki; it is dropped"
-                    );
-                    self.metrics
-                        .dropped
-                        .with_label_values(&[source_label(piece[0].source), "too_large"])
-                        .inc();
-                }
-            }
-        }
-        true
-    }
-
-    /// One push of `items`, grouped into streams.
-    async fn send(&self, items: &[Item], stop: &CancellationToken) -> Option<Pushed> {
-        let mut streams: HashMap<&str, loki::Stream> = HashMap::new();
-        for item in items {
-            streams
-                .entry(item.labels.as_str())
-                .or_insert_with(|| loki::Stream {
-                    labels: item.labels.clone(),
-                    entries: Vec::new(),
-                    hash: 0,
-                })
-                .entries
-                .push(item.entry.clone());
-        }
-        let request = loki::PushRequest {
-            streams: streams.into_values().collect(),
-        };
-        let pushes = &self.metrics.pushes;
-        let outcome = self
-            .loki
-            .push(loki::encode(&request), stop, |_| {
-                pushes.with_label_values(&["failed"]).inc();
-            })
-            .await;
-        let label = match &outcome {
-            Some(Pushed::Accepted) => "accepted",
-            Some(Pushed::Refused(_)) => "refused",
-            Some(Pushed::TooLarge) => "too_large",
-            None => return None,
-        };
-        pushes.with_label_values(&[label]).inc();
-        outcome
-    }
-
     /// A record as a Loki entry with its stream's labels.
     fn item(&self, ready: Ready, streams: &mut labels::Guard) -> Item {
         let record = ready.record;
-        let labels = streams.labels(
-            &ready.tag,
-            record.level.map_or("unknown", |l| l.as_str()),
-            &ready.host,
-            &self.settings.environment,
-        );
+        let labels = streams.labels(&ready.tag, record.level, &ready.host);
         if !labels.folded.is_empty() {
             self.metrics.streams_folded.inc();
         }
@@ -631,10 +578,129 @@ fn merge(record: &mut Record, otlp: &Record) {
     }
 }
 
+/// What a push needs, apart from the pipeline (it runs while the next records are parsed).
+#[derive(Debug, Clone)]
+struct Pusher {
+    loki: LokiClient,
+    metrics: LogMetrics,
+    batch_bytes: usize,
+}
+
+impl Pusher {
+    /// Pushes `items` in pieces of at most `batch_bytes` (retrying each until Loki
+    /// answers for good) and counts; `false` when `stop` came first.
+    async fn push(self, items: Vec<Item>, stop: CancellationToken) -> bool {
+        let stop = &stop;
+        // Pieces of at most `batch_bytes`; a piece Loki refuses (400) or finds too large
+        // (413) is halved until the record at fault is alone, and only that one is dropped.
+        let mut pieces: Vec<Vec<Item>> = Vec::new();
+        let mut piece = Vec::new();
+        let mut bytes = 0;
+        for item in items {
+            let size = item.size();
+            if !piece.is_empty() && bytes + size > self.batch_bytes {
+                pieces.push(std::mem::take(&mut piece));
+                bytes = 0;
+            }
+            bytes += size;
+            piece.push(item);
+        }
+        if !piece.is_empty() {
+            pieces.push(piece);
+        }
+        pieces.reverse();
+        while let Some(mut piece) = pieces.pop() {
+            match self.send(&mut piece, stop).await {
+                None => return false,
+                Some(Pushed::Accepted) => {
+                    self.metrics.pushed.inc_by(piece.len() as u64);
+                    self.metrics.last_push.set(chrono::Utc::now().timestamp());
+                }
+                Some(Pushed::Refused(_) | Pushed::TooLarge) if piece.len() > 1 => {
+                    let second = piece.split_off(piece.len() / 2);
+                    pieces.push(second);
+                    pieces.push(piece);
+                }
+                Some(Pushed::Refused(reason)) => {
+                    // One line per refused record, with Loki's reason and the record's
+                    // stream, never its text (Loki's reason quotes labels, not lines).
+                    tracing::warn!(
+                        labels = %piece[0].labels,
+                        reason = %reason.lines().next().unwrap_or_default(),
+                        "Loki refused a record for good; it is dropped"
+                    );
+                    self.metrics
+                        .dropped
+                        .with_label_values(&[source_label(piece[0].source), "loki_refused"])
+                        .inc();
+                }
+                Some(Pushed::TooLarge) => {
+                    tracing::warn!(
+                        labels = %piece[0].labels,
+                        bytes = piece[0].size(),
+                        "one record is too large for Loki; it is dropped"
+                    );
+                    self.metrics
+                        .dropped
+                        .with_label_values(&[source_label(piece[0].source), "too_large"])
+                        .inc();
+                }
+            }
+        }
+        true
+    }
+
+    /// One push of `items`, grouped into streams. Their entries are moved into the request
+    /// to encode it and moved back after (a piece may be sent again, halved).
+    async fn send(&self, items: &mut [Item], stop: &CancellationToken) -> Option<Pushed> {
+        let mut at: HashMap<&str, usize> = HashMap::new();
+        let mut streams: Vec<(loki::Stream, Vec<usize>)> = Vec::new();
+        for (i, item) in items.iter_mut().enumerate() {
+            let s = *at.entry(&item.labels).or_insert_with(|| {
+                streams.push((
+                    loki::Stream {
+                        labels: item.labels.to_string(),
+                        entries: Vec::new(),
+                        hash: 0,
+                    },
+                    Vec::new(),
+                ));
+                streams.len() - 1
+            });
+            streams[s].0.entries.push(std::mem::take(&mut item.entry));
+            streams[s].1.push(i);
+        }
+        drop(at);
+        let (streams, owners): (Vec<loki::Stream>, Vec<Vec<usize>>) = streams.into_iter().unzip();
+        let mut request = loki::PushRequest { streams };
+        let body = loki::encode(&request);
+        for (stream, owners) in request.streams.iter_mut().zip(owners) {
+            for (entry, i) in stream.entries.drain(..).zip(owners) {
+                items[i].entry = entry;
+            }
+        }
+        let pushes = &self.metrics.pushes;
+        let outcome = self
+            .loki
+            .push(body, stop, |_| {
+                pushes.with_label_values(&["failed"]).inc();
+            })
+            .await;
+        let label = match &outcome {
+            Some(Pushed::Accepted) => "accepted",
+            Some(Pushed::Refused(_)) => "refused",
+            Some(Pushed::TooLarge) => "too_large",
+            None => return None,
+        };
+        pushes.with_label_values(&[label]).inc();
+        outcome
+    }
+}
+
 /// One Loki entry with its stream.
 #[derive(Debug)]
 struct Item {
-    labels: String,
+    labels: std::sync::Arc<str>,
     source: Source,
     entry: loki::Entry,
 }
@@ -689,9 +755,9 @@ fn read_note(note: &[u8]) -> HashMap<(String, String), usize> {
 
 /// The line of an event: its line field, or (without one) the whole record as JSON so
 /// nothing is lost.
-fn line_of(event: &Event, field: &str) -> String {
+fn line_of<'a>(event: &'a Event, field: &str) -> std::borrow::Cow<'a, str> {
     if let Some(line) = event.text(field) {
-        return line.into_owned();
+        return line;
     }
     let object: serde_json::Map<String, serde_json::Value> = event
         .record
@@ -705,5 +771,5 @@ fn line_of(event: &Event, field: &str) -> String {
             Some((key, value))
         })
         .collect();
-    serde_json::Value::Object(object).to_string()
+    serde_json::Value::Object(object).to_string().into()
 }
