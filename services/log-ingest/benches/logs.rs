@@ -385,9 +385,19 @@ impl LogIngest {
         })
     }
 
+    /// SIGTERM (a profiler wrapping it writes its data), then SIGKILL after 10 s.
     async fn stop(mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
+        use nix::{sys::signal, unistd::Pid};
+        if let Ok(pid) = i32::try_from(self.pid) {
+            let _ = signal::kill(Pid::from_raw(pid), signal::Signal::SIGTERM);
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
     }
 }
 
