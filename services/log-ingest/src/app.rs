@@ -40,10 +40,10 @@ impl App {
         let parsing = Parsing::new(&settings.parsing, &settings.masking)?;
         for (source, name) in &settings.pipeline.parsers {
             anyhow::ensure!(
-                crate::parse::Format::named(name).is_some(),
+                parsing.formats.named(name).is_some(),
                 "pipeline.parsers.{source:?} names parser {name:?}, which does not exist; \
                  the parsers are {}",
-                crate::parse::BUILT_IN.join(", ")
+                parsing.formats.names().join(", ")
             );
         }
         let limits = Limits {
@@ -109,6 +109,7 @@ impl App {
             zone: parsing.zone,
             caps: parsing.caps,
             masker: parsing.masker.clone(),
+            formats: parsing.formats.clone(),
             buffer,
             loki,
             metrics: metrics.clone(),

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::{path::PathBuf, time::Duration};
 
 use crate::{
+    formats::RegexParserSettings,
     forward_input::ForwardSettings,
     mask::{self, PatternSettings},
     pipeline::PipelineSettings,
@@ -78,6 +79,9 @@ pub struct ParsingSettings {
     /// Most bytes of text kept in one record (message and stack trace). Default 192 KiB,
     /// under Loki's default 256 KB line limit with room for the record's other parts.
     pub max_record_bytes: usize,
+    /// Parsers of regular expressions with named captures, by name (besides the built-in
+    /// ones); none by default.
+    pub parsers: Vec<RegexParserSettings>,
 }
 
 impl Default for ParsingSettings {
@@ -86,6 +90,7 @@ impl Default for ParsingSettings {
             time_zone: "Asia/Seoul".to_owned(),
             max_record_lines: 5_000,
             max_record_bytes: 192 * 1024,
+            parsers: Vec::new(),
         }
     }
 }

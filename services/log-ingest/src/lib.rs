@@ -5,7 +5,8 @@
 //! - [`app`]: [`App`], wiring dependencies and the gRPC server.
 //! - [`api`]: the gRPC handlers.
 //! - [`record`]: the structured record every stage passes on.
-//! - [`parse`]: parsers, one line at a time (the legacy formats, JSON).
+//! - [`parse`]: parsers, one line at a time (the legacy formats, JSON); [`formats`]: access
+//!   logs, logfmt and configured regular expressions.
 //! - [`multiline`]: multi-line grouping per stream, stack traces kept whole.
 //! - [`mask`]: personal data masked out of every record.
 //! - [`parsing`]: TestParse, lines parsed as ingestion would.
@@ -27,6 +28,7 @@ pub mod app;
 pub mod batch;
 pub mod buffer;
 pub mod config;
+pub mod formats;
 pub mod forward;
 pub mod forward_input;
 pub mod labels;

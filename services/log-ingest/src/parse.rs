@@ -26,13 +26,25 @@ use std::str::FromStr as _;
 use chrono::{NaiveDate, NaiveDateTime, TimeZone as _};
 use chrono_tz::Tz;
 
-use crate::record::{self, Level, Record};
+use std::sync::Arc;
+
+use crate::{
+    formats::{self, RegexParser, RegexParserSettings},
+    record::{self, Level, Record},
+};
 
 /// Names of the built-in parsers.
-pub const BUILT_IN: [&str; 4] = ["hybris-wrapper", "log4j", "json", "line"];
+pub const BUILT_IN: [&str; 6] = [
+    "hybris-wrapper",
+    "log4j",
+    "json",
+    "logfmt",
+    "access-log",
+    "line",
+];
 
 /// A parser, chosen by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Format {
     /// `hybris-wrapper`.
     Wrapper,
@@ -40,9 +52,15 @@ pub enum Format {
     Log4j,
     /// `json`.
     Json,
-    /// `line`: every line is a record of its own, unparsed (access logs until their parser
-    /// exists, anything without multi-line records).
+    /// `logfmt`: `key=value` pairs, every line a record.
+    Logfmt,
+    /// `access-log`: Tomcat's (and Apache's) common and combined access log formats.
+    AccessLog,
+    /// `line`: every line is a record of its own, unparsed (anything without multi-line
+    /// records).
     Line,
+    /// One configured in `parsing.parsers`: a regular expression with named captures.
+    Regex(Arc<RegexParser>),
     /// Chosen per line (the empty name).
     Auto,
 }
@@ -56,9 +74,67 @@ impl Format {
             "hybris-wrapper" => Self::Wrapper,
             "log4j" => Self::Log4j,
             "json" => Self::Json,
+            "logfmt" => Self::Logfmt,
+            "access-log" => Self::AccessLog,
             "line" => Self::Line,
             _ => return None,
         })
+    }
+}
+
+/// The parsers by name: the built-in ones and those configured.
+#[derive(Debug, Clone, Default)]
+pub struct Formats {
+    configured: Vec<Arc<RegexParser>>,
+}
+
+impl Formats {
+    /// The built-in parsers and `configured`.
+    ///
+    /// # Errors
+    /// When an expression does not compile, or a name is empty, taken twice or a built-in
+    /// one's.
+    pub fn new(configured: &[RegexParserSettings]) -> Result<Self, String> {
+        let mut parsers: Vec<Arc<RegexParser>> = Vec::new();
+        for (i, settings) in configured.iter().enumerate() {
+            let name = &settings.name;
+            if name.is_empty()
+                || BUILT_IN.contains(&name.as_str())
+                || parsers.iter().any(|p| &p.name == name)
+            {
+                return Err(format!(
+                    "parsing.parsers[{i}].name {name:?} must be non-empty, unique and not one \
+                     of the built-in parsers ({})",
+                    BUILT_IN.join(", ")
+                ));
+            }
+            parsers.push(
+                RegexParser::new(settings)
+                    .map_err(|e| format!("parsing.parsers[{i}] ({name}): {e}"))?,
+            );
+        }
+        Ok(Self {
+            configured: parsers,
+        })
+    }
+
+    /// The parser named `name` (empty: [`Format::Auto`]); `None` when there is none.
+    pub fn named(&self, name: &str) -> Option<Format> {
+        Format::named(name).or_else(|| {
+            self.configured
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| Format::Regex(p.clone()))
+        })
+    }
+
+    /// Every parser's name.
+    pub fn names(&self) -> Vec<&str> {
+        BUILT_IN
+            .iter()
+            .copied()
+            .chain(self.configured.iter().map(|p| p.name.as_str()))
+            .collect()
     }
 }
 
@@ -79,7 +155,7 @@ pub enum Line<'a> {
 }
 
 /// Parses lines in one source time zone (timestamps without an offset are read in it).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Parser {
     format: Format,
     zone: Tz,
@@ -94,7 +170,7 @@ impl Parser {
     /// What `line` (without its terminator) is; `index` is its position, for the record's
     /// `first_line`.
     pub fn line<'a>(&self, line: &'a str, index: usize) -> Line<'a> {
-        match self.format {
+        match &self.format {
             Format::Wrapper => self.wrapper(line, index),
             Format::Log4j => self.log4j(line, None, index),
             Format::Line => {
@@ -102,6 +178,17 @@ impl Parser {
                 record.parse_error = false;
                 Line::Start(record)
             }
+            Format::AccessLog => Line::Start(
+                formats::access_log(line, index).unwrap_or_else(|| Record::raw(line, index)),
+            ),
+            Format::Logfmt => Line::Start(
+                formats::logfmt(line, index, |t| self.any_time(t))
+                    .unwrap_or_else(|| Record::raw(line, index)),
+            ),
+            Format::Regex(parser) => match parser.start(line, index, |t| self.any_time(t)) {
+                Some(record) => Line::Start(record),
+                None => continuation(line),
+            },
             Format::Json => Line::Start(
                 self.json(line, index)
                     .unwrap_or_else(|| Record::raw(line, index)),
@@ -127,7 +214,7 @@ impl Parser {
 
     fn wrapper<'a>(&self, line: &'a str, index: usize) -> Line<'a> {
         let Some(prefix) = wrapper_prefix(line) else {
-            return if self.format == Format::Auto {
+            return if matches!(self.format, Format::Auto) {
                 self.log4j(line, None, index)
             } else {
                 continuation(line)
@@ -248,6 +335,35 @@ impl Parser {
             }
         }
         Some(record)
+    }
+
+    /// A time in any form a configured parser's or logfmt's time may take: log4j's and the
+    /// wrapper's (`-` or `/` separators, an offset or this parser's zone), RFC 3339, an
+    /// access log's `28/Oct/2024:17:12:00 +0900`, or epoch seconds (milliseconds above
+    /// 10^11) with an optional fraction.
+    fn any_time(&self, text: &str) -> Option<i64> {
+        let text = text.trim();
+        if let Some((micros, _)) = self
+            .timestamp(text, b'-')
+            .or_else(|| self.timestamp(text, b'/'))
+        {
+            return Some(micros);
+        }
+        if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+            return Some(t.timestamp_micros());
+        }
+        if let Ok(t) = chrono::DateTime::parse_from_str(text, "%d/%b/%Y:%H:%M:%S %z") {
+            return Some(t.timestamp_micros());
+        }
+        let number: f64 = text
+            .parse()
+            .ok()
+            .filter(|f: &f64| f.is_finite() && *f > 0.0)?;
+        Some(if number > 1e11 {
+            (number * 1e3) as i64
+        } else {
+            (number * 1e6) as i64
+        })
     }
 
     /// `yyyy<sep>MM<sep>dd[ T]HH:mm:ss`, then optionally a fraction (`.` or `,`, up to 9

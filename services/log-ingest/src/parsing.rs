@@ -7,7 +7,7 @@ use crate::{
     config::{MaskingSettings, ParsingSettings},
     mask::Masker,
     multiline::{self, Caps},
-    parse::{self, Format, Parser},
+    parse::{self, Format, Formats, Parser},
     record::Record,
 };
 
@@ -25,6 +25,8 @@ pub struct Parsing {
     pub caps: Caps,
     /// Masking.
     pub masker: Masker,
+    /// The parsers by name.
+    pub formats: Formats,
 }
 
 impl Parsing {
@@ -41,7 +43,9 @@ impl Parsing {
         );
         let masker =
             Masker::new(&masking.patterns).map_err(|e| anyhow::anyhow!("masking.patterns: {e}"))?;
+        let formats = Formats::new(&parsing.parsers).map_err(|e| anyhow::anyhow!(e))?;
         Ok(Self {
+            formats,
             zone,
             caps: Caps {
                 lines: parsing.max_record_lines,
@@ -59,13 +63,13 @@ impl Parsing {
     /// long.
     pub fn test(&self, parser: &str, lines: &[String]) -> Result<Vec<Record>, ServiceError> {
         let mut violations = Violations::default();
-        let format = Format::named(parser);
+        let format = self.formats.named(parser);
         if format.is_none() {
             violations.add(
                 "parser",
                 format!(
                     "not a configured parser; use one of {} or leave it empty",
-                    parse::BUILT_IN.join(", ")
+                    self.formats.names().join(", ")
                 ),
             );
         }

@@ -30,7 +30,7 @@ use crate::{
     metrics::LogMetrics,
     multiline::{self, Caps, Grouper},
     otlp_input,
-    parse::{Format, Parser},
+    parse::{Format, Formats, Parser},
     record::Record,
     tail::Tails,
 };
@@ -107,6 +107,8 @@ pub struct Pipeline {
     pub caps: Caps,
     /// Masking.
     pub masker: Masker,
+    /// The parsers by name.
+    pub formats: Formats,
     /// Where batches come from.
     pub buffer: Buffer,
     /// Where records go.
@@ -365,7 +367,7 @@ impl Pipeline {
                     key.clone(),
                     StreamState {
                         grouper: Grouper::default(),
-                        parser,
+                        parser: parser.clone(),
                         source,
                         tag: batch.tag.clone(),
                         host: key.1.clone(),
@@ -471,7 +473,7 @@ impl Pipeline {
                 .find(|(k, _)| k.strip_suffix('*').is_some_and(|p| tag.starts_with(p)))
                 .map(|(_, v)| v)
         });
-        name.and_then(|n| Format::named(n))
+        name.and_then(|n| self.formats.named(n))
     }
 
     /// Masks `records`, offers them to TailLogs and makes them Loki entries with their

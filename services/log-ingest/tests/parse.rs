@@ -21,7 +21,16 @@ async fn client() -> (
 ) {
     mall_test_support::init_logging();
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let settings = corpus::local_settings(dir.path());
+    let mut settings = corpus::local_settings(dir.path());
+    // Another Java layout: `2024-10-28T17:12:00.040+09:00 ERROR [thread] Logger - text`.
+    settings
+        .parsing
+        .parsers
+        .push(log_ingest::formats::RegexParserSettings {
+            name: "pipe-java".to_owned(),
+            regex: r"^(?P<time>\S+) (?P<level>[A-Z]+) +\[(?P<thread>[^\]]+)\] (?P<logger>\S+) - (?P<message>.*)$"
+                .to_owned(),
+        });
     let app = App::build(settings).await.expect("app builds");
     let grpc = app.grpc_addr();
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -175,4 +184,60 @@ async fn a_tail_with_bad_filters_is_refused_with_field_violations() {
         .map(|v| v.field.clone())
         .collect();
     assert_eq!(fields, ["min_level", "contains"]);
+}
+
+#[tokio::test]
+async fn access_logs_logfmt_and_a_configured_expression_with_its_traces_whole() {
+    let (mut client, _shutdown, _dir) = client().await;
+    let mut parse = async |parser: &str, lines: &[&str]| {
+        client
+            .test_parse(TestParseRequest {
+                parser: parser.to_owned(),
+                lines: lines.iter().map(|l| (*l).to_owned()).collect(),
+            })
+            .await
+            .expect("parsed")
+            .into_inner()
+            .records
+    };
+    let access = parse(
+        "access-log",
+        &[r#"10.0.3.7 - - [28/Oct/2024:17:12:00 +0900] "GET /cart?mail=kim@example.com HTTP/1.1" 502 12 "-" "curl/8" 41"#],
+    )
+    .await;
+    assert_eq!(access.len(), 1);
+    assert_eq!(access[0].level, "ERROR");
+    assert_eq!(access[0].fields["status"], "502");
+    assert_eq!(access[0].fields["duration"], "41");
+    // Masked like any record, in the message and in the fields.
+    assert_eq!(access[0].fields["path"], "/cart?mail=<email>");
+    assert!(!access[0].message.contains("kim@"), "{}", access[0].message);
+
+    let logfmt = parse("logfmt", &["level=error msg=\"pay failed\" order=9"]).await;
+    assert_eq!(
+        (logfmt[0].level.as_str(), logfmt[0].message.as_str()),
+        ("ERROR", "pay failed")
+    );
+    assert_eq!(logfmt[0].fields["order"], "9");
+
+    let java = parse(
+        "pipe-java",
+        &[
+            "2024-10-28T17:12:00.040+09:00 ERROR [http-12] com.mall.Cart - cart 8812 failed",
+            "java.lang.IllegalStateException: broken",
+            "\tat com.mall.Cart.add(Cart.java:42)",
+            "2024-10-28T17:12:01.000+09:00 INFO  [http-3] com.mall.Cart - fine",
+        ],
+    )
+    .await;
+    assert_eq!(java.len(), 2);
+    assert_eq!(java[0].logger, "com.mall.Cart");
+    assert_eq!(java[0].thread, "http-12");
+    assert_eq!(java[0].message, "cart 8812 failed");
+    assert_eq!(
+        java[0].stack_trace,
+        "java.lang.IllegalStateException: broken\n\tat com.mall.Cart.add(Cart.java:42)"
+    );
+    assert_eq!(java[0].time.expect("a time").seconds, 1_730_103_120);
+    assert_eq!(java[1].level, "INFO");
 }
