@@ -10,7 +10,7 @@
 //!    limit of receiving the work, with nothing stored, parsed or shipped.
 //! 3. **log-ingest**: the release binary as a child process (its memory its own), buffer on
 //!    disk (every ack after `fdatasync`), `hybris-wrapper` parsing with multi-line grouping,
-//!    masking, pushes to the Loki-compatible receiver (in this process, counting, keeping
+//!    masking, metrics derived from the records, pushes to the Loki-compatible receiver (in this process, counting, keeping
 //!    nothing); `pipeline.flush_after = 250ms` and `batch_wait = 200ms` (the defaults, 2 s
 //!    and 1 s, would add their wait for the last record of each stream to the clock). Lines/s from the first send until the receiver holds every line (each
 //!    entry's newlines + 1), the peak RSS (`VmHWM`) of the log-ingest process, and the
@@ -141,6 +141,12 @@ async fn run(lines: usize) -> anyhow::Result<String> {
     }
     let secs = started.elapsed().as_secs_f64();
     let peak_kib = rss_kib(child.pid, "VmHWM");
+    let (_, metrics) = mall_test_support::probe::http_get(child.admin, "/metrics").await;
+    let derived: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("mall_log_ingest_log_records_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
     let (records, lines_in_loki) = loki.accepted();
     child.stop().await;
     let rate = all.len() as f64 / secs;
@@ -149,7 +155,7 @@ async fn run(lines: usize) -> anyhow::Result<String> {
         report,
         "| run | lines/s | time | note |\n|---|---|---|---|\n\
          | baseline: receive + decode only (acks at once) | {base_rate:.0} | {base_secs:.2} s | the same messages and connections |\n\
-         | log-ingest end to end (forward → buffer → parse, group, mask → Loki) | {rate:.0} | {secs:.2} s | all acknowledged after {acked:.2} s |\n"
+         | log-ingest end to end (forward → buffer → parse, group, mask, derive metrics → Loki) | {rate:.0} | {secs:.2} s | all acknowledged after {acked:.2} s |\n"
     )?;
     writeln!(
         report,
@@ -158,7 +164,7 @@ async fn run(lines: usize) -> anyhow::Result<String> {
          - Peak RSS of the log-ingest process: **{:.1} MB** (target ≤ 100 MB).\n\
          - Loki received {records} records holding {lines_in_loki} lines (the generator wrote \
          {entries} records, {} lines).\n\
-         - Not in this figure yet: metrics derived from logs (not built).",
+         - The derived metrics counted {derived} records (`mall_log_ingest_log_records_total`).",
         rate / base_rate,
         peak_kib as f64 / 1024.0,
         all.len(),
@@ -329,11 +335,13 @@ struct LogIngest {
     child: tokio::process::Child,
     pid: u32,
     forward: SocketAddr,
+    admin: SocketAddr,
 }
 
 impl LogIngest {
     async fn start(dir: &Path, loki: &str) -> anyhow::Result<Self> {
         let forward = free_port()?;
+        let admin = free_port()?;
         let config = dir.join("log-ingest.toml");
         std::fs::write(
             &config,
@@ -346,7 +354,7 @@ impl LogIngest {
                  [pipeline]\nenvironment = \"bench\"\nflush_after = \"250ms\"\nbatch_wait = \"200ms\"\n\
                  [pipeline.parsers]\n\"hybris.*\" = \"hybris-wrapper\"\n",
                 free_port()?,
-                free_port()?,
+                admin,
                 dir.join("buffer").display(),
             ),
         )?;
@@ -382,6 +390,7 @@ impl LogIngest {
             child,
             pid,
             forward,
+            admin,
         })
     }
 

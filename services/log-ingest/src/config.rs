@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::{path::PathBuf, time::Duration};
 
 use crate::{
+    derive::DerivedSettings,
     formats::RegexParserSettings,
     forward_input::ForwardSettings,
     mask::{self, PatternSettings},
@@ -39,6 +40,8 @@ pub struct Settings {
     pub pipeline: PipelineSettings,
     /// TailLogs' limits.
     pub tail: TailSettings,
+    /// Metrics derived from the records.
+    pub derived: DerivedSettings,
 }
 
 impl Default for Settings {
@@ -53,6 +56,7 @@ impl Default for Settings {
             loki: LokiSettings::default(),
             pipeline: PipelineSettings::default(),
             tail: TailSettings::default(),
+            derived: DerivedSettings::default(),
         }
     }
 }

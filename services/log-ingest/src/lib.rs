@@ -10,7 +10,8 @@
 //! - [`multiline`]: multi-line grouping per stream, stack traces kept whole.
 //! - [`mask`]: personal data masked out of every record.
 //! - [`parsing`]: TestParse, lines parsed as ingestion would.
-//! - [`metrics`]: the service's Prometheus metrics (and GetPipelineStats' counters).
+//! - [`metrics`]: the service's Prometheus metrics (and GetPipelineStats' counters);
+//!   [`derive`]: metrics derived from the records (levels, exceptions, access logs).
 //! - [`forward`]: the Fluent forward protocol's messages (decoding, acks).
 //! - [`buffer`]: the durable buffer between inputs and Loki (acknowledge after sync).
 //! - [`batch`]: what an input puts in the buffer; [`recent`]: batches sent again are not
@@ -28,6 +29,7 @@ pub mod app;
 pub mod batch;
 pub mod buffer;
 pub mod config;
+pub mod derive;
 pub mod formats;
 pub mod forward;
 pub mod forward_input;

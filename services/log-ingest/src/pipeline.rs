@@ -119,6 +119,8 @@ pub struct Pipeline {
     pub tails: Tails,
     /// The streams admitted (only the pipeline's task takes it).
     pub streams: std::sync::Mutex<labels::Guard>,
+    /// Metrics derived from the records (only the pipeline's task takes it).
+    pub derived: std::sync::Mutex<crate::derive::Deriver>,
 }
 
 /// One stream's state.
@@ -483,8 +485,10 @@ impl Pipeline {
         let mut items: Vec<Item> = Vec::with_capacity(records.len());
         let mut tap = self.tails.tap();
         let mut streams = crate::lock(&self.streams);
+        let mut derived = crate::lock(&self.derived);
         for mut ready in records {
             self.masker.record(&mut ready.record, &mut counts);
+            derived.observe(&ready.record, &ready.tag);
             if let Some(tap) = &mut tap {
                 tap.offer(&ready.record, &ready.tag);
             }

@@ -147,6 +147,31 @@ async fn the_corpus_arrives_in_loki_record_by_record_with_traces_whole_and_addre
         assert_eq!(names, ["logger", "thread"]);
         assert!(!r.entry.line.contains("@example.com"));
     }
+    // Metrics derived from the records: per level, and one exception per trace.
+    let metrics = probe_metrics(running.admin).await;
+    for level in ["INFO", "WARN", "DEBUG", "ERROR"] {
+        let records = want.iter().filter(|(l, _)| l == level).count();
+        assert_eq!(
+            sample(
+                &metrics,
+                "mall_log_ingest_log_records_total",
+                &[("service", "hybris.wrapper"), ("level", level)]
+            ),
+            records as f64,
+            "{level}"
+        );
+    }
+    let traces = want
+        .iter()
+        .filter(|(_, line)| line.lines().nth(1).is_some_and(|l| l.contains("Exception")))
+        .count();
+    assert!(traces > 10);
+    let exceptions: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("mall_log_ingest_log_exceptions_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(exceptions, traces as f64);
     // The first record's time: 2024/10/28 17:12:00.041 in Seoul.
     let first = received
         .iter()
@@ -370,6 +395,20 @@ async fn tails_get_matching_records_and_a_stalled_tail_never_slows_ingestion() {
         .expect("ends in time")
         .expect_err("ends with a status");
     assert_eq!(status.code(), tonic::Code::Unavailable);
+}
+
+/// The value of the series of `name` with all of `labels` in a /metrics text (0 without).
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 async fn probe_metrics(admin: std::net::SocketAddr) -> String {
