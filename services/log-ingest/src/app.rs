@@ -114,14 +114,14 @@ impl App {
             loki,
             metrics: metrics.clone(),
             tails: tails.clone(),
-            derived: std::sync::Mutex::new(
+            derived: std::sync::Arc::new(std::sync::Mutex::new(
                 crate::derive::Deriver::register(server.registry(), settings.derived.clone())
                     .context("cannot register the derived metrics")?,
-            ),
-            streams: std::sync::Mutex::new(crate::labels::Guard::new(
+            )),
+            streams: std::sync::Arc::new(std::sync::Mutex::new(crate::labels::Guard::new(
                 settings.pipeline.max_streams,
                 &settings.pipeline.environment,
-            )),
+            ))),
         };
         let until = shutdown.clone();
         server.spawn("forward input", async move {

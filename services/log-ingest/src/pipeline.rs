@@ -14,6 +14,7 @@
 
 use std::{
     collections::HashMap,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     batch::{Batch, Source},
     buffer::{Buffer, Position, Reader},
+    derive::Deriver,
     forward::{self, Event},
     labels,
     loki::{self, LokiClient, Pushed},
@@ -117,10 +119,10 @@ pub struct Pipeline {
     pub metrics: LogMetrics,
     /// TailLogs' open tails, offered every record pushed.
     pub tails: Tails,
-    /// The streams admitted (only the pipeline's task takes it).
-    pub streams: std::sync::Mutex<labels::Guard>,
-    /// Metrics derived from the records (only the pipeline's task takes it).
-    pub derived: std::sync::Mutex<crate::derive::Deriver>,
+    /// The streams admitted (one push at a time takes it).
+    pub streams: Arc<Mutex<labels::Guard>>,
+    /// Metrics derived from the records (one push at a time takes it).
+    pub derived: Arc<Mutex<Deriver>>,
 }
 
 /// One stream's state.
@@ -242,7 +244,7 @@ impl Pipeline {
                 .values()
                 .filter_map(|s| s.pending_from.map(|(_, at)| at))
                 .fold(cursor, std::cmp::min);
-            let items = self.prepare(std::mem::take(&mut ready));
+            let records = std::mem::take(&mut ready);
             (oldest, ready_bytes) = (None, 0);
             let note = note(&mut streams, acknowledge);
             // One push at a time (a stream's entries stay in order, acknowledgements too);
@@ -250,7 +252,7 @@ impl Pipeline {
             if !self.finish(in_flight.take()).await {
                 return;
             }
-            let push = tokio::spawn(self.pusher().push(items, shutdown.clone()));
+            let push = tokio::spawn(self.pusher().push(records, shutdown.clone()));
             in_flight = Some((push, acknowledge, note));
         }
     }
@@ -260,6 +262,10 @@ impl Pipeline {
             loki: self.loki.clone(),
             metrics: self.metrics.clone(),
             batch_bytes: self.settings.batch_bytes,
+            masker: self.masker.clone(),
+            tails: self.tails.clone(),
+            streams: self.streams.clone(),
+            derived: self.derived.clone(),
         }
     }
 
@@ -330,8 +336,7 @@ impl Pipeline {
             tokio::time::sleep(DRAIN).await;
             timer.cancel();
         });
-        let items = self.prepare(ready);
-        if self.pusher().push(items, stop).await && finished {
+        if self.pusher().push(ready, stop).await && finished {
             self.acknowledge(cursor, Vec::new()).await;
         }
     }
@@ -477,7 +482,48 @@ impl Pipeline {
         });
         name.and_then(|n| self.formats.named(n))
     }
+}
 
+/// Fills in what a record parsed from an OTLP body does not say from the OTLP record
+/// around it (`otlp`: its severity, time, trace id, logger, thread, attributes).
+fn merge(record: &mut Record, otlp: &Record) {
+    if record.level.is_none() {
+        record.level = otlp.level;
+    }
+    if record.time_micros.is_none() {
+        record.time_micros = otlp.time_micros;
+    }
+    for (to, from) in [
+        (&mut record.trace_id, &otlp.trace_id),
+        (&mut record.logger, &otlp.logger),
+        (&mut record.thread, &otlp.thread),
+    ] {
+        if to.is_empty() {
+            to.clone_from(from);
+        }
+    }
+    for (key, value) in &otlp.fields {
+        record
+            .fields
+            .entry(key.clone())
+            .or_insert_with(|| value.clone());
+    }
+}
+
+/// What a push needs, apart from the pipeline: it masks, derives metrics, labels, encodes
+/// and sends on a task of its own while the pipeline reads and groups the next records.
+#[derive(Debug, Clone)]
+struct Pusher {
+    loki: LokiClient,
+    metrics: LogMetrics,
+    batch_bytes: usize,
+    masker: Masker,
+    tails: Tails,
+    streams: Arc<Mutex<labels::Guard>>,
+    derived: Arc<Mutex<Deriver>>,
+}
+
+impl Pusher {
     /// Masks `records`, offers them to TailLogs and makes them Loki entries with their
     /// streams' labels.
     fn prepare(&self, records: Vec<Ready>) -> Vec<Item> {
@@ -556,46 +602,11 @@ impl Pipeline {
             },
         }
     }
-}
 
-/// Fills in what a record parsed from an OTLP body does not say from the OTLP record
-/// around it (`otlp`: its severity, time, trace id, logger, thread, attributes).
-fn merge(record: &mut Record, otlp: &Record) {
-    if record.level.is_none() {
-        record.level = otlp.level;
-    }
-    if record.time_micros.is_none() {
-        record.time_micros = otlp.time_micros;
-    }
-    for (to, from) in [
-        (&mut record.trace_id, &otlp.trace_id),
-        (&mut record.logger, &otlp.logger),
-        (&mut record.thread, &otlp.thread),
-    ] {
-        if to.is_empty() {
-            to.clone_from(from);
-        }
-    }
-    for (key, value) in &otlp.fields {
-        record
-            .fields
-            .entry(key.clone())
-            .or_insert_with(|| value.clone());
-    }
-}
-
-/// What a push needs, apart from the pipeline (it runs while the next records are parsed).
-#[derive(Debug, Clone)]
-struct Pusher {
-    loki: LokiClient,
-    metrics: LogMetrics,
-    batch_bytes: usize,
-}
-
-impl Pusher {
-    /// Pushes `items` in pieces of at most `batch_bytes` (retrying each until Loki
-    /// answers for good) and counts; `false` when `stop` came first.
-    async fn push(self, items: Vec<Item>, stop: CancellationToken) -> bool {
+    /// Prepares `records` and pushes them in pieces of at most `batch_bytes` (retrying
+    /// each until Loki answers for good) and counts; `false` when `stop` came first.
+    async fn push(self, records: Vec<Ready>, stop: CancellationToken) -> bool {
+        let items = self.prepare(records);
         let stop = &stop;
         // Pieces of at most `batch_bytes`; a piece Loki refuses (400) or finds too large
         // (413) is halved until the record at fault is alone, and only that one is dropped.
