@@ -3,14 +3,14 @@
 //! response-time histogram. Every label value comes from a bounded set: services and
 //! exception classes past their limits count under `other`; statuses are three digits.
 //!
-//! Not yet: exemplars (a record's trace id on the sample it incremented). The `prometheus`
-//! crate the services share cannot expose them; that needs the whole workspace on
-//! `prometheus-client` (OpenMetrics), which is a change of its own.
+//! A record with a trace id leaves it as the exemplar of the series (or histogram bucket)
+//! it incremented, so a spike on a Grafana panel links to a trace that caused it.
 
 use std::collections::{HashMap, HashSet};
 
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+use mall_telemetry::metrics::{
+    ExemplarCounter, ExemplarCounterVec, ExemplarHistogram, ExemplarHistogramVec, HistogramOpts,
+    Opts, Registry,
 };
 use serde::{Deserialize, Serialize};
 
@@ -63,16 +63,16 @@ impl Default for DerivedSettings {
 #[derive(Debug)]
 pub struct Deriver {
     settings: DerivedSettings,
-    records: IntCounterVec,
-    exceptions: IntCounterVec,
-    requests: IntCounterVec,
-    durations: HistogramVec,
+    records: ExemplarCounterVec,
+    exceptions: ExemplarCounterVec,
+    requests: ExemplarCounterVec,
+    durations: ExemplarHistogramVec,
     services: HashSet<String>,
     classes: HashSet<(String, String)>,
     /// Counters already looked up, by service and level (unknown last): the hot path
     /// hashes one name and allocates nothing.
-    record_counters: HashMap<String, [Option<IntCounter>; 7]>,
-    duration_histograms: HashMap<String, Histogram>,
+    record_counters: HashMap<String, [Option<ExemplarCounter>; 7]>,
+    duration_histograms: HashMap<String, ExemplarHistogram>,
 }
 
 impl Deriver {
@@ -80,26 +80,29 @@ impl Deriver {
     ///
     /// # Errors
     /// When they are registered already or a setting is unusable.
-    pub fn register(registry: &Registry, settings: DerivedSettings) -> prometheus::Result<Self> {
-        let records = IntCounterVec::new(
+    pub fn register(
+        registry: &Registry,
+        settings: DerivedSettings,
+    ) -> mall_telemetry::metrics::Result<Self> {
+        let records = ExemplarCounterVec::new(
             Opts::new("log_records_total", "Records shipped, by service and level"),
             &["service", "level"],
         )?;
-        let exceptions = IntCounterVec::new(
+        let exceptions = ExemplarCounterVec::new(
             Opts::new(
                 "log_exceptions_total",
                 "Records with a stack trace, by service and exception class",
             ),
             &["service", "exception"],
         )?;
-        let requests = IntCounterVec::new(
+        let requests = ExemplarCounterVec::new(
             Opts::new(
                 "http_requests_total",
                 "Requests in access logs, by service and status",
             ),
             &["service", "status"],
         )?;
-        let durations = HistogramVec::new(
+        let durations = ExemplarHistogramVec::new(
             HistogramOpts::new(
                 "http_request_duration_seconds",
                 "Time taken per request in access logs, by service",
@@ -139,7 +142,7 @@ impl Deriver {
             .expect("inserted above");
         counters[slot]
             .get_or_insert_with(|| self.records.with_label_values(&[service, level]))
-            .inc();
+            .inc(&record.trace_id);
         if let Some(class) = exception_class(&record.stack_trace) {
             let key = (service.to_owned(), class.to_owned());
             let class = if self.classes.contains(&key) {
@@ -150,7 +153,9 @@ impl Deriver {
             } else {
                 OTHER
             };
-            self.exceptions.with_label_values(&[service, class]).inc();
+            self.exceptions
+                .with_label_values(&[service, class])
+                .inc(&record.trace_id);
         }
         if let Some(status) = record
             .fields
@@ -158,7 +163,9 @@ impl Deriver {
             .filter(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit()))
             && record.fields.contains_key("method")
         {
-            self.requests.with_label_values(&[service, status]).inc();
+            self.requests
+                .with_label_values(&[service, status])
+                .inc(&record.trace_id);
             if let Some(seconds) = record
                 .fields
                 .get("duration")
@@ -173,7 +180,7 @@ impl Deriver {
                 self.duration_histograms
                     .entry(service.to_owned())
                     .or_insert_with(|| self.durations.with_label_values(&[service]))
-                    .observe(seconds);
+                    .observe(seconds, &record.trace_id);
             }
         }
     }
@@ -212,6 +219,8 @@ mod tests {
     use super::*;
     use crate::record::Level;
 
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
     #[test]
     fn exception_classes_from_the_first_line() {
         assert_eq!(
@@ -230,31 +239,24 @@ mod tests {
         assert_eq!(exception_class("\tat x.Y.z(Y.java:1)"), None);
     }
 
-    fn value(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
-        registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| {
-                labels.iter().all(|(k, v)| {
-                    m.get_label()
-                        .iter()
-                        .any(|l| l.name() == *k && l.value() == *v)
-                })
+    /// The sample `name{labels…}` in the exposition, with its exemplar's text if any.
+    fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<(f64, String)> {
+        text.lines()
+            .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with('{')))
+            .find(|l| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
             })
-            .map(|m| {
-                if m.get_counter().get_value() > 0.0 {
-                    m.get_counter().get_value()
-                } else {
-                    m.get_histogram().get_sample_count() as f64
-                }
+            .map(|l| {
+                let (sample, exemplar) = l.split_once(" # ").unwrap_or((l, ""));
+                let value = sample.rsplit(' ').next().and_then(|v| v.parse().ok());
+                (value.unwrap_or(f64::NAN), exemplar.to_owned())
             })
-            .sum()
     }
 
     #[test]
-    fn records_exceptions_and_requests_are_counted_with_bounded_labels() {
+    fn records_exceptions_and_requests_are_counted_with_bounded_labels_and_exemplars() {
         let registry = Registry::new();
         let mut deriver = Deriver::register(
             &registry,
@@ -268,6 +270,7 @@ mod tests {
         let error = Record {
             level: Some(Level::Error),
             stack_trace: "java.lang.IllegalStateException: broken".to_owned(),
+            trace_id: TRACE.to_owned(),
             ..Record::default()
         };
         deriver.observe(&error, "hybris");
@@ -287,56 +290,65 @@ mod tests {
         deriver.observe(&access, "tomcat");
         deriver.observe(&access, "third-service");
 
-        let v = |name, labels: &[(&str, &str)]| value(&registry, name, labels);
+        let text = registry.encode();
+        let v = |name, labels: &[(&str, &str)]| sample(&text, name, labels).map(|s| s.0);
         assert_eq!(
             v(
                 "log_records_total",
                 &[("service", "hybris"), ("level", "ERROR")]
             ),
-            3.0
+            Some(3.0)
         );
-        assert_eq!(
-            v(
-                "log_exceptions_total",
-                &[
-                    ("service", "hybris"),
-                    ("exception", "java.lang.IllegalStateException")
-                ]
-            ),
-            2.0
-        );
+        let (count, exemplar) = sample(
+            &text,
+            "log_exceptions_total",
+            &[
+                ("service", "hybris"),
+                ("exception", "java.lang.IllegalStateException"),
+            ],
+        )
+        .expect("a series");
+        assert_eq!(count, 2.0);
+        assert_eq!(exemplar, format!("{{trace_id=\"{TRACE}\"}} 1.0"));
         assert_eq!(
             v(
                 "log_exceptions_total",
                 &[("service", "hybris"), ("exception", "other")]
             ),
-            1.0
+            Some(1.0)
         );
         assert_eq!(
             v(
                 "http_requests_total",
                 &[("service", "tomcat"), ("status", "200")]
             ),
-            1.0
+            Some(1.0)
         );
         assert_eq!(
             v(
                 "http_requests_total",
                 &[("service", "other"), ("status", "200")]
             ),
-            1.0
+            Some(1.0)
         );
         assert_eq!(
-            v("http_request_duration_seconds", &[("service", "tomcat")]),
-            1.0
+            v(
+                "http_request_duration_seconds_count",
+                &[("service", "tomcat")]
+            ),
+            Some(1.0)
         );
-        let sum: f64 = registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == "http_request_duration_seconds")
-            .flat_map(|f| f.get_metric().iter())
-            .map(|m| m.get_histogram().get_sample_sum())
-            .sum();
-        assert!((sum - 0.5).abs() < 1e-9, "250 ms twice: {sum}");
+        assert_eq!(
+            v(
+                "http_request_duration_seconds_sum",
+                &[("service", "tomcat")]
+            ),
+            Some(0.25),
+            "250 ms"
+        );
+        // Untraced records leave no exemplar.
+        let (_, none) =
+            sample(&text, "http_requests_total", &[("service", "tomcat")]).expect("a series");
+        assert_eq!(none, "");
     }
 }

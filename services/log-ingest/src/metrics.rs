@@ -3,7 +3,7 @@
 //! sets, each registered at start so a series exists before its first event; no record text
 //! is ever a label.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use mall_telemetry::metrics::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Sources of records.
 pub const SOURCES: [&str; 2] = ["forward", "otlp"];
@@ -73,7 +73,10 @@ impl LogMetrics {
     ///
     /// # Errors
     /// When they are already registered there.
-    pub fn register(registry: &Registry, patterns: &[String]) -> prometheus::Result<Self> {
+    pub fn register(
+        registry: &Registry,
+        patterns: &[String],
+    ) -> mall_telemetry::metrics::Result<Self> {
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             IntCounterVec::new(Opts::new(name, help), labels)
         };

@@ -2,7 +2,7 @@
 //! come from small fixed sets, every one registered at start so a series exists before its
 //! first event; no member id or other personal data is ever a label.
 
-use prometheus::{
+use mall_telemetry::metrics::{
     Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
 };
@@ -63,7 +63,7 @@ impl MemberMetrics {
     ///
     /// # Errors
     /// When they are already registered there.
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+    pub fn register(registry: &Registry) -> mall_telemetry::metrics::Result<Self> {
         let metrics = Self {
             enqueued: IntCounterVec::new(
                 Opts::new(

@@ -2,7 +2,9 @@
 //! code). Names get the `mall_product_catalog_` prefix from the registry.
 
 use mall_proto::catalog::v1::UpdateOutcome;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use mall_telemetry::metrics::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 /// Counters and gauges of the catalog; cheap to clone.
 #[derive(Debug, Clone)]
@@ -34,7 +36,7 @@ impl CatalogMetrics {
     ///
     /// # Errors
     /// When they are already registered there.
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+    pub fn register(registry: &Registry) -> mall_telemetry::metrics::Result<Self> {
         let metrics = Self {
             items: IntCounterVec::new(
                 Opts::new(

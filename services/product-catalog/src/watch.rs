@@ -252,8 +252,8 @@ fn shutting_down() -> Status {
 }
 
 /// Decrements the open-streams gauge when the stream's task ends, however it ends.
-fn scopeguard(gauge: prometheus::IntGauge) -> impl Drop {
-    struct Guard(prometheus::IntGauge);
+fn scopeguard(gauge: mall_telemetry::metrics::IntGauge) -> impl Drop {
+    struct Guard(mall_telemetry::metrics::IntGauge);
     impl Drop for Guard {
         fn drop(&mut self) {
             self.0.dec();

@@ -1,7 +1,9 @@
 //! The relay's own metrics (the Kinesis source and the gRPC server add theirs). Names get the
 //! `mall_sync_relay_` prefix from the registry; label values come from bounded sets.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use mall_telemetry::metrics::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry,
+};
 
 /// Counters of both stages; cheap to clone.
 #[derive(Debug, Clone)]
@@ -31,7 +33,7 @@ impl RelayMetrics {
     ///
     /// # Errors
     /// When they are already registered there.
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+    pub fn register(registry: &Registry) -> mall_telemetry::metrics::Result<Self> {
         let metrics = Self {
             received: IntCounterVec::new(
                 Opts::new("changes_received_total", "Product changes read, by source"),

@@ -156,7 +156,7 @@ impl Harness {
         paused: watch::Receiver<bool>,
         configure: impl FnOnce(&mut KinesisSettings),
     ) -> RunningSource {
-        let registry = prometheus::Registry::new();
+        let registry = mall_telemetry::metrics::Registry::new();
         let mut settings = self.settings.clone();
         configure(&mut settings);
         let source = KinesisSource::new(settings, self.db.clone(), replica, &registry)
@@ -189,7 +189,7 @@ impl Harness {
 struct RunningSource {
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
-    registry: prometheus::Registry,
+    registry: mall_telemetry::metrics::Registry,
 }
 
 impl RunningSource {
@@ -209,34 +209,22 @@ impl RunningSource {
         let _ = self.task.await;
     }
 
-    /// Sum of the samples of metric `name` whose labels include all of `labels`.
+    /// Sum of the samples named `name` whose labels include all of `labels`, read from
+    /// the exposition as Prometheus reads it.
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.registry
-            .gather()
-            .iter()
-            .filter(|family| family.name() == name)
-            .flat_map(|family| {
-                let gauge = family.get_field_type() == prometheus::proto::MetricType::GAUGE;
-                family
-                    .get_metric()
+            .encode()
+            .lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
+            .filter(|line| {
+                labels
                     .iter()
-                    .map(move |metric| (gauge, metric))
+                    .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
             })
-            .filter(|(_, metric)| {
-                labels.iter().all(|(key, value)| {
-                    metric
-                        .get_label()
-                        .iter()
-                        .any(|l| l.name() == *key && l.value() == *value)
-                })
-            })
-            .map(|(gauge, metric)| {
-                if gauge {
-                    metric.get_gauge().get_value()
-                } else {
-                    metric.get_counter().get_value()
-                }
-            })
+            .filter_map(|line| line.split(' ').nth(1)?.parse::<f64>().ok())
             .sum()
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{
 use axum::{
     Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get,
 };
-use prometheus::{Encoder as _, Registry, TextEncoder};
+use mall_telemetry::metrics::{CONTENT_TYPE, Registry};
 
 /// What the admin handlers read.
 #[derive(Debug, Clone)]
@@ -29,20 +29,13 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// OpenMetrics text (Prometheus asks for it first; it is the format that carries exemplars).
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
-    let mut buffer = Vec::with_capacity(16 * 1024);
-    match TextEncoder::new().encode(&state.registry.gather(), &mut buffer) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-            buffer,
-        )
-            .into_response(),
-        Err(error) => {
-            tracing::error!(%error, "failed to encode metrics");
-            StatusCode::INTERNAL_SERVER_ERROR.into_response()
-        }
-    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        state.registry.encode(),
+    )
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {

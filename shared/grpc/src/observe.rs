@@ -23,8 +23,8 @@ use std::{
 use futures::future::BoxFuture;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use mall_telemetry::metrics::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use opentelemetry::propagation::Extractor;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use tonic::{Code, Status};
 use tower::{BoxError, Layer, Service};
 use tracing::Instrument as _;
@@ -42,7 +42,7 @@ impl GrpcMetrics {
     ///
     /// # Errors
     /// When the metrics are already registered in `registry`.
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+    pub fn register(registry: &Registry) -> mall_telemetry::metrics::Result<Self> {
         let requests = IntCounterVec::new(
             Opts::new(
                 "grpc_requests_total",

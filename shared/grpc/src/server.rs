@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use futures::future::BoxFuture;
-use prometheus::Registry;
+use mall_telemetry::metrics::Registry;
 use tokio::net::TcpListener;
 use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -80,8 +80,8 @@ impl GrpcServer {
                 )
             })?;
         let prefix = format!("mall_{}", name.replace('-', "_"));
-        let registry = Registry::new_custom(Some(prefix), None)
-            .context("failed to create the metrics registry")?;
+        let registry =
+            Registry::with_prefix(&prefix).context("failed to create the metrics registry")?;
         Ok(Self {
             name,
             settings: settings.clone(),

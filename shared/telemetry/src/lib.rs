@@ -5,14 +5,17 @@
 //! - Spans are OpenTelemetry spans. They are exported over OTLP/gRPC when an endpoint is
 //!   configured; without one they still carry W3C trace ids, so a trace that enters a service
 //!   (gRPC metadata, queue attribute, stream envelope) leaves it with the same trace id.
-//! - Prometheus metrics live in a `prometheus::Registry` owned by each app, not a global one,
-//!   so several apps can run in one test process; `mall-grpc` serves it on `/metrics`.
+//! - Prometheus metrics live in a [`metrics::Registry`] owned by each app, not a global one,
+//!   so several apps can run in one test process; `mall-grpc` serves it on `/metrics` in the
+//!   OpenMetrics format (exemplars included).
 //!
 //! # Layout
 //! - [`TelemetrySettings`]: the `telemetry` section of every service's settings.
 //! - [`init`] / [`Telemetry::shutdown`]: install the subscriber; flush spans at exit.
 //! - [`propagation`]: W3C `traceparent` in and out of carriers (metadata, attributes, envelopes).
+//! - [`metrics`]: counters, gauges and histograms (exemplars where asked) and their registry.
 
+pub mod metrics;
 pub mod propagation;
 
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! the `mall_sync_relay_` prefix). Shard ids are label values: a stream has a bounded number
 //! of shards, and series of shards this replica no longer reads are removed.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use mall_telemetry::metrics::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use super::call::Operation;
 
@@ -33,7 +33,7 @@ impl KinesisMetrics {
     ///
     /// # Errors
     /// When they are already registered there.
-    pub(crate) fn register(registry: &Registry) -> prometheus::Result<Self> {
+    pub(crate) fn register(registry: &Registry) -> mall_telemetry::metrics::Result<Self> {
         let metrics = Self {
             calls: IntCounterVec::new(
                 Opts::new(

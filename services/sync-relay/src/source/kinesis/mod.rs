@@ -187,7 +187,7 @@ impl KinesisSource {
         settings: KinesisSettings,
         db: DatabaseConnection,
         replica_id: impl Into<String>,
-        registry: &prometheus::Registry,
+        registry: &mall_telemetry::metrics::Registry,
     ) -> anyhow::Result<Self> {
         settings.validate().map_err(anyhow::Error::msg)?;
         let replica_id = replica_id.into();
