@@ -124,6 +124,7 @@ async fn run(lines: usize) -> anyhow::Result<String> {
     let loki = LokiReceiver::start_counting("127.0.0.1:0".parse()?).await?;
     let dir = tempfile::tempdir()?;
     let child = LogIngest::start(dir.path(), &loki.url()).await?;
+    let bench_cpu_before = cpu_seconds("self");
     let started = Instant::now();
     send_all(child.forward, &frames).await?;
     let acked = started.elapsed().as_secs_f64();
@@ -141,6 +142,8 @@ async fn run(lines: usize) -> anyhow::Result<String> {
     }
     let secs = started.elapsed().as_secs_f64();
     let peak_kib = rss_kib(child.pid, "VmHWM");
+    let service_cpu = cpu_seconds(&child.pid.to_string());
+    let bench_cpu = cpu_seconds("self") - bench_cpu_before;
     let (_, metrics) = mall_test_support::probe::http_get(child.admin, "/metrics").await;
     let derived: f64 = metrics
         .lines()
@@ -164,10 +167,14 @@ async fn run(lines: usize) -> anyhow::Result<String> {
          - Peak RSS of the log-ingest process: **{:.1} MB** (target ≤ 100 MB).\n\
          - Loki received {records} records holding {lines_in_loki} lines (the generator wrote \
          {entries} records, {} lines).\n\
-         - The derived metrics counted {derived} records (`mall_log_ingest_log_records_total`).",
+         - The derived metrics counted {derived} records (`mall_log_ingest_log_records_total`).\n\
+         - CPU time during the run: log-ingest {service_cpu:.1} s ({:.2} cores), the \
+         benchmark's client and Loki receiver {bench_cpu:.1} s ({:.2} cores), of 2 cores.",
         rate / base_rate,
         peak_kib as f64 / 1024.0,
         all.len(),
+        service_cpu / secs,
+        bench_cpu / secs,
     )?;
     Ok(report)
 }
@@ -412,6 +419,21 @@ impl LogIngest {
 
 fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// User and system CPU seconds a process (`self` or a pid) has used, from `/proc`.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name in parentheses: utime and stime are fields 14 and 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: f64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse::<f64>().ok())
+        .sum();
+    // Linux reports these in USER_HZ, 100 per second on every architecture it runs here.
+    ticks / 100.0
 }
 
 /// A `/proc/<pid>/status` memory line, KiB.

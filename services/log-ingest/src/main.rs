@@ -2,8 +2,8 @@
 
 use log_ingest::{App, Settings};
 
-/// mimalloc: glibc's malloc spent a large share of a bulk request in consolidating freed
-/// chunks (see BENCHMARKS.md).
+/// mimalloc (version 2 here, see Cargo.toml): glibc's malloc spent a large share of a bulk
+/// request in consolidating freed chunks (see BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -93,7 +93,73 @@ fn source_label(source: Source) -> &'static str {
 }
 
 /// A push running: its task, and the position (with its note) to acknowledge after it.
-type InFlight = (tokio::task::JoinHandle<bool>, Position, Vec<u8>);
+type InFlight = std::collections::VecDeque<tokio::task::JoinHandle<bool>>;
+
+/// Pushes at most in flight: one sending while the next masks, labels and encodes.
+const PUSHES_IN_FLIGHT: usize = 2;
+
+/// Acknowledgements waiting to be written at most (the acker coalesces them).
+const ACKS_WAITING: usize = 64;
+
+/// A push's place in the order: it sends after `after` said its push went through, then
+/// tells `done`, and hands its position to the acker.
+#[derive(Debug)]
+struct Turn {
+    after: Option<tokio::sync::oneshot::Receiver<bool>>,
+    done: tokio::sync::oneshot::Sender<bool>,
+    acks: tokio::sync::mpsc::Sender<(Position, Vec<u8>)>,
+    acknowledge: (Position, Vec<u8>),
+}
+
+/// Writes acknowledgements off the pipeline's path: each push that went through hands its
+/// position here, and it is written (two syncs) while the next records are read and
+/// pushed; positions arriving during a write are coalesced into the latest (a later
+/// position covers an earlier one).
+#[derive(Debug)]
+struct Acker {
+    sender: tokio::sync::mpsc::Sender<(Position, Vec<u8>)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Acker {
+    fn spawn(buffer: Buffer, metrics: LogMetrics) -> Self {
+        let (sender, mut receiver) = tokio::sync::mpsc::channel(ACKS_WAITING);
+        let task = tokio::spawn(async move {
+            while let Some(mut latest) = receiver.recv().await {
+                while let Ok(newer) = receiver.try_recv() {
+                    latest = newer;
+                }
+                let (position, note): (Position, Vec<u8>) = latest;
+                let buffer = buffer.clone();
+                let written = tokio::task::spawn_blocking(move || {
+                    buffer.acknowledge_with(position, &note)?;
+                    Ok::<_, std::io::Error>(buffer.used_bytes())
+                })
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+                match written {
+                    Ok(used) => metrics
+                        .buffer_bytes
+                        .set(i64::try_from(used).unwrap_or(i64::MAX)),
+                    Err(error) => tracing::error!(
+                        %error,
+                        "cannot record the buffer's position; records after it may be pushed again after a restart"
+                    ),
+                }
+            }
+        });
+        Self { sender, task }
+    }
+
+    /// Writes what was handed over and stops.
+    async fn close(self) {
+        drop(self.sender);
+        if let Err(error) = self.task.await {
+            tracing::error!(%error, "the acknowledging task failed");
+        }
+    }
+}
 
 /// How long a shutdown waits for the last push.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -170,12 +236,14 @@ impl Pipeline {
         let mut ready_bytes = 0_usize;
         let mut oldest: Option<Instant> = None;
         let mut cursor = start;
-        let mut in_flight: Option<InFlight> = None;
+        let mut in_flight = InFlight::new();
+        let mut previous: Option<tokio::sync::oneshot::Receiver<bool>> = None;
+        let acker = Acker::spawn(self.buffer.clone(), self.metrics.clone());
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
-                    self.drain(streams, ready, cursor, in_flight).await;
+                    self.drain(streams, ready, cursor, in_flight, acker).await;
                     return;
                 }
                 next = reader.next() => match next {
@@ -220,12 +288,14 @@ impl Pipeline {
                     streams.retain(|_, s| s.grouper.is_pending() || now.duration_since(s.last_line) < Duration::from_secs(600));
                 }
             }
-            if in_flight
-                .as_ref()
-                .is_some_and(|(push, _, _)| push.is_finished())
-                && !self.finish(in_flight.take()).await
+            while in_flight
+                .front()
+                .is_some_and(tokio::task::JoinHandle::is_finished)
             {
-                return;
+                if !finish(&mut in_flight).await {
+                    acker.close().await;
+                    return;
+                }
             }
             if !ready.is_empty() {
                 oldest.get_or_insert_with(Instant::now);
@@ -247,13 +317,27 @@ impl Pipeline {
             let records = std::mem::take(&mut ready);
             (oldest, ready_bytes) = (None, 0);
             let note = note(&mut streams, acknowledge);
-            // One push at a time (a stream's entries stay in order, acknowledgements too);
-            // it runs while the next records are read and parsed.
-            if !self.finish(in_flight.take()).await {
-                return;
+            // Pushes prepare at once and send one after another (a stream's entries reach
+            // Loki in order, acknowledgements are written in order); they run while the
+            // next records are read and grouped.
+            while in_flight.len() >= PUSHES_IN_FLIGHT {
+                if !finish(&mut in_flight).await {
+                    acker.close().await;
+                    return;
+                }
             }
-            let push = tokio::spawn(self.pusher().push(records, shutdown.clone()));
-            in_flight = Some((push, acknowledge, note));
+            let (done, next) = tokio::sync::oneshot::channel();
+            let turn = Turn {
+                after: previous.replace(next),
+                done,
+                acks: acker.sender.clone(),
+                acknowledge: (acknowledge, note),
+            };
+            in_flight.push_back(tokio::spawn(self.pusher().push(
+                records,
+                shutdown.clone(),
+                turn,
+            )));
         }
     }
 
@@ -269,40 +353,6 @@ impl Pipeline {
         }
     }
 
-    /// Waits for the push in flight, if any, and acknowledges what it made safe; `false`
-    /// when it stopped (shutdown) before Loki had everything.
-    async fn finish(&self, in_flight: Option<InFlight>) -> bool {
-        let Some((push, position, note)) = in_flight else {
-            return true;
-        };
-        match push.await {
-            Ok(true) => {}
-            Ok(false) => return false,
-            Err(error) => {
-                tracing::error!(%error, "a push to Loki panicked; its records stay in the buffer");
-                return false;
-            }
-        }
-        self.acknowledge(position, note).await;
-        self.metrics
-            .buffer_bytes
-            .set(i64::try_from(self.buffer.used_bytes()).unwrap_or(i64::MAX));
-        true
-    }
-
-    /// Records that everything before `position` reached Loki (two syncs, off the async
-    /// workers).
-    async fn acknowledge(&self, position: Position, note: Vec<u8>) {
-        let buffer = self.buffer.clone();
-        let done = tokio::task::spawn_blocking(move || buffer.acknowledge_with(position, &note))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r);
-        if let Err(error) = done {
-            tracing::error!(%error, "cannot record the buffer's position; records after it may be pushed again after a restart");
-        }
-    }
-
     /// On shutdown: completes every record in progress and pushes what is ready, for a
     /// few seconds at most, so a restart does not rebuild records from the middle of
     /// batches already pushed. Whatever is not pushed stays in the buffer.
@@ -311,11 +361,15 @@ impl Pipeline {
         streams: HashMap<(String, String), StreamState>,
         mut ready: Vec<Ready>,
         cursor: Position,
-        in_flight: Option<InFlight>,
+        mut in_flight: InFlight,
+        acker: Acker,
     ) {
-        // The push in flight stops with the shutdown too; what it did not finish stays in
+        // The pushes in flight stop with the shutdown too; what they did not finish stays in
         // the buffer and is pushed below or after the restart.
-        let finished = self.finish(in_flight).await;
+        let mut finished = true;
+        while !in_flight.is_empty() {
+            finished &= finish(&mut in_flight).await;
+        }
         for (_, mut state) in streams {
             if let Some(record) = state.grouper.flush() {
                 ready.push(Ready {
@@ -327,18 +381,23 @@ impl Pipeline {
                 });
             }
         }
-        if ready.is_empty() {
-            return;
+        if !ready.is_empty() && finished {
+            let stop = CancellationToken::new();
+            let timer = stop.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(DRAIN).await;
+                timer.cancel();
+            });
+            let (done, _) = tokio::sync::oneshot::channel();
+            let turn = Turn {
+                after: None,
+                done,
+                acks: acker.sender.clone(),
+                acknowledge: (cursor, Vec::new()),
+            };
+            self.pusher().push(ready, stop, turn).await;
         }
-        let stop = CancellationToken::new();
-        let timer = stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(DRAIN).await;
-            timer.cancel();
-        });
-        if self.pusher().push(ready, stop).await && finished {
-            self.acknowledge(cursor, Vec::new()).await;
-        }
+        acker.close().await;
     }
 
     /// Parses and groups one batch (which starts at `at`) into `ready`.
@@ -603,11 +662,25 @@ impl Pusher {
         }
     }
 
-    /// Prepares `records` and pushes them in pieces of at most `batch_bytes` (retrying
-    /// each until Loki answers for good) and counts; `false` when `stop` came first.
-    async fn push(self, records: Vec<Ready>, stop: CancellationToken) -> bool {
+    /// Prepares `records` at once, then, in its turn, pushes them in pieces of at most
+    /// `batch_bytes` (retrying each until Loki answers for good), counts, and hands its
+    /// position to the acker; `false` when `stop` came first (or a push before it stopped).
+    async fn push(self, records: Vec<Ready>, stop: CancellationToken, turn: Turn) -> bool {
         let items = self.prepare(records);
-        let stop = &stop;
+        let ours = match turn.after {
+            Some(before) => before.await.unwrap_or(false) && self.send_all(items, &stop).await,
+            None => self.send_all(items, &stop).await,
+        };
+        if ours {
+            // The acker ends only after every push did: a failed send cannot happen here.
+            let _ = turn.acks.send(turn.acknowledge).await;
+        }
+        let _ = turn.done.send(ours);
+        ours
+    }
+
+    /// Pushes `items` in pieces; see [`Pusher::push`].
+    async fn send_all(&self, items: Vec<Item>, stop: &CancellationToken) -> bool {
         // Pieces of at most `batch_bytes`; a piece Loki refuses (400) or finds too large
         // (413) is halved until the record at fault is alone, and only that one is dropped.
         let mut pieces: Vec<Vec<Item>> = Vec::new();
@@ -711,6 +784,20 @@ impl Pusher {
         };
         pushes.with_label_values(&[label]).inc();
         outcome
+    }
+}
+
+/// Waits for the oldest push in flight; whether it went through.
+async fn finish(in_flight: &mut InFlight) -> bool {
+    let Some(push) = in_flight.pop_front() else {
+        return true;
+    };
+    match push.await {
+        Ok(through) => through,
+        Err(error) => {
+            tracing::error!(%error, "a push to Loki panicked; its records stay in the buffer");
+            false
+        }
     }
 }
 
