@@ -20,7 +20,8 @@
 #                               Loki-compatible receiver, next to a receive-and-decode-only
 #                               baseline; peak RSS of the log-ingest process. Needs python3 and
 #                               ../shared/bench/gen_hybris_log.py (or MALL_HYBRIS_LOG_GENERATOR).
-#                               Extra arguments go to the benchmark ('quick', 'lines=N').
+#                               Extra arguments go to the benchmark ('quick', 'lines=N'). Then
+#                               the chaos test (tests/chaos.rs) with 1,000,000 lines.
 #
 # Release build (a few minutes the first time). Run it on a quiet machine: every figure is
 # reported next to a baseline measured in the same run, but a busy machine still adds noise.
@@ -70,6 +71,9 @@ case "$target" in
     shift
     say "benchmark: log-ingest (release build)"
     cargo bench -p log-ingest --bench logs -- "$@"
+    say "chaos at 1,000,000 lines: three SIGKILLs and a 20 s Loki outage (release build)"
+    MALL_CHAOS_LINES=1000000 cargo test --release -p log-ingest --test chaos -- --nocapture 2>&1 \
+      | grep -E "lines, .* records|test result"
     ;;
   *)
     die "usage: scripts/bench.sh catalog|relay|member|logs"
