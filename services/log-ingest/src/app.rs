@@ -129,8 +129,15 @@ impl App {
             Ok(())
         });
         server.spawn("pipeline to Loki", async move {
-            pipeline.run(start, shutdown).await;
-            Ok(())
+            pipeline.run(start, shutdown.clone()).await;
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            // Only a bug (a panicking push) stops it otherwise. Inputs would go on
+            // acknowledging into a buffer nobody reads: stop the process instead, so it
+            // restarts and resumes from the buffer.
+            shutdown.cancel();
+            anyhow::bail!("the pipeline to Loki stopped; shutting down so the process restarts from its buffer")
         });
         server.add_service(
             LogIngestServiceServer::new(LogsApi {

@@ -33,7 +33,7 @@ use crate::{
     buffer::{Buffer, BufferError},
     forward::{self, Frame, Garbage},
     metrics::LogMetrics,
-    recent::{self, Recent},
+    recent::{Recent, Stored},
 };
 
 /// The forward input's settings.
@@ -211,24 +211,18 @@ async fn connection(
                 tag: message.tag,
                 events: message.events,
             };
-            let bytes = batch.encode();
-            let digest = recent::digest(&bytes);
-            // Stored already (sent again after a lost ack): acknowledged, not stored twice.
-            let outcome = if recent.insert(digest) {
-                match buffer.append(bytes).await {
-                    Ok(_) => "stored",
-                    Err(e) => {
-                        recent.forget(&digest);
-                        let (outcome, closed) = match e {
-                            BufferError::Full(_) => ("refused_full", Closed::Full),
-                            e => ("refused_error", Closed::Buffer(e)),
-                        };
-                        metrics.chunks.with_label_values(&[outcome]).inc();
-                        return Err(closed);
-                    }
+            let outcome = match recent.store(buffer, batch.encode()).await {
+                // Stored already (sent again after a lost ack): acknowledged, not stored twice.
+                Ok(Stored::SentAgain) => "sent_again",
+                Ok(Stored::New) => "stored",
+                Err(e) => {
+                    let (outcome, closed) = match e {
+                        BufferError::Full(_) => ("refused_full", Closed::Full),
+                        e => ("refused_error", Closed::Buffer(e)),
+                    };
+                    metrics.chunks.with_label_values(&[outcome]).inc();
+                    return Err(closed);
                 }
-            } else {
-                "sent_again"
             };
             metrics.chunks.with_label_values(&[outcome]).inc();
         }

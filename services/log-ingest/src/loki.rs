@@ -145,7 +145,12 @@ impl LokiClient {
             if let Some(tenant) = &self.tenant {
                 request = request.header("x-scope-orgid", tenant);
             }
-            let (wait, why) = match request.send().await {
+            // A shutdown does not wait out a slow request (the records stay in the buffer).
+            let sent = tokio::select! {
+                sent = request.send() => sent,
+                () = stop.cancelled() => return None,
+            };
+            let (wait, why) = match sent {
                 Ok(response) if response.status().is_success() => return Some(Pushed::Accepted),
                 Ok(response) if response.status() == reqwest::StatusCode::PAYLOAD_TOO_LARGE => {
                     return Some(Pushed::TooLarge);

@@ -33,7 +33,7 @@ use crate::{
     buffer::{Buffer, BufferError},
     forward::Event,
     metrics::LogMetrics,
-    recent::{self, Recent},
+    recent::{Recent, Stored},
     record::{self, Level, Record},
 };
 
@@ -82,43 +82,44 @@ impl LogsService for OtlpInput {
         count("rejected", rejected.count);
         for batch in batches {
             let records = batch.events.len();
-            let bytes = batch.encode();
-            let digest = recent::digest(&bytes);
-            if !self.recent.insert(digest) {
-                count("sent_again", records);
-                continue;
-            }
-            if let Err(error) = self.buffer.append(bytes).await {
-                self.recent.forget(&digest);
-                return Err(match error {
-                    BufferError::Full(_) => {
-                        count("refused_full", records);
-                        ServiceError::RetryLater {
-                            reason: "BUFFER_FULL",
-                            message: "log-ingest's buffer is full until Loki catches up; \
-                                      nothing of this export was acknowledged"
-                                .to_owned(),
-                            retry_after: RETRY_AFTER,
-                        }
-                    }
-                    BufferError::TooLarge(bytes) => {
-                        count("refused_error", records);
-                        ServiceError::ResourceExhausted(format!(
-                            "one service's records in this export take {bytes} bytes \
-                             buffered, more than a buffer segment holds; send smaller exports"
-                        ))
-                    }
-                    BufferError::Io(error) => {
-                        count("refused_error", records);
-                        tracing::error!(%error, "cannot store an OTLP export");
-                        ServiceError::Unavailable(
-                            "log-ingest cannot write its buffer; retry later".to_owned(),
-                        )
+            let error = match self.recent.store(&self.buffer, batch.encode()).await {
+                Ok(Stored::New) => {
+                    count("stored", records);
+                    continue;
+                }
+                Ok(Stored::SentAgain) => {
+                    count("sent_again", records);
+                    continue;
+                }
+                Err(error) => error,
+            };
+            return Err(match error {
+                BufferError::Full(_) => {
+                    count("refused_full", records);
+                    ServiceError::RetryLater {
+                        reason: "BUFFER_FULL",
+                        message: "log-ingest's buffer is full until Loki catches up; \
+                                  nothing of this export was acknowledged"
+                            .to_owned(),
+                        retry_after: RETRY_AFTER,
                     }
                 }
-                .into());
+                BufferError::TooLarge(bytes) => {
+                    count("refused_error", records);
+                    ServiceError::ResourceExhausted(format!(
+                        "one service's records in this export take {bytes} bytes \
+                         buffered, more than a buffer segment holds; send smaller exports"
+                    ))
+                }
+                BufferError::Io(error) => {
+                    count("refused_error", records);
+                    tracing::error!(%error, "cannot store an OTLP export");
+                    ServiceError::Unavailable(
+                        "log-ingest cannot write its buffer; retry later".to_owned(),
+                    )
+                }
             }
-            count("stored", records);
+            .into());
         }
         Ok(Response::new(ExportLogsServiceResponse {
             partial_success: (rejected.count > 0).then(|| ExportLogsPartialSuccess {
@@ -185,7 +186,66 @@ fn batches(request: ExportLogsServiceRequest, received_nanos: i64) -> (Vec<Batch
         }
     }
     batches.retain(|b| !b.events.is_empty());
-    (batches, rejected)
+    (batches.into_iter().flat_map(split).collect(), rejected)
+}
+
+/// A buffered batch holds about this many bytes of an export at most: an export of up to
+/// `server.max_message_bytes` (16 MiB) becomes several batches, each far under a segment,
+/// so the buffer never refuses an export as too large.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// `batch` in consecutive pieces of about [`MAX_BATCH_BYTES`] at most (one event each at
+/// least).
+fn split(batch: Batch) -> Vec<Batch> {
+    let mut pieces = Vec::new();
+    let mut events = Vec::new();
+    let mut bytes = 0;
+    for event in batch.events {
+        let size = event_bytes(&event);
+        if !events.is_empty() && bytes + size > MAX_BATCH_BYTES {
+            pieces.push(Batch {
+                source: batch.source,
+                tag: batch.tag.clone(),
+                events: std::mem::take(&mut events),
+            });
+            bytes = 0;
+        }
+        bytes += size;
+        events.push(event);
+    }
+    if !events.is_empty() {
+        pieces.push(Batch {
+            source: batch.source,
+            tag: batch.tag,
+            events,
+        });
+    }
+    pieces
+}
+
+/// About the bytes an event takes buffered: its texts and a little for each value.
+fn event_bytes(event: &Event) -> usize {
+    fn value(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.as_bytes().len() + 5,
+            Value::Binary(b) => b.len() + 5,
+            Value::Map(pairs) => {
+                pairs
+                    .iter()
+                    .map(|(k, v)| value(k) + value(v))
+                    .sum::<usize>()
+                    + 5
+            }
+            Value::Array(items) => items.iter().map(value).sum::<usize>() + 5,
+            _ => 9,
+        }
+    }
+    event
+        .record
+        .iter()
+        .map(|(k, v)| value(k) + value(v))
+        .sum::<usize>()
+        + 16
 }
 
 /// One record as a buffered event; the reason when it is malformed.
@@ -503,6 +563,38 @@ mod tests {
             r.level,
             Some(Level::Warn),
             "the text when there is no number"
+        );
+    }
+
+    #[test]
+    fn a_large_export_is_buffered_in_pieces_in_order() {
+        let body = "x".repeat(1 << 20);
+        let records = (0..10)
+            .map(|i| LogRecord {
+                body: string(&format!("{i} {body}")),
+                ..LogRecord::default()
+            })
+            .collect();
+        let request = ExportLogsServiceRequest {
+            resource_logs: vec![export(records, Some("storefront"))],
+        };
+        let (batches, _) = batches(request, 5);
+        assert_eq!(
+            batches.len(),
+            4,
+            "three records of 1 MiB and a little fit under 4 MiB"
+        );
+        let bodies: Vec<String> = batches
+            .iter()
+            .flat_map(|b| b.events.iter())
+            .map(|e| record(e).body[..2].to_owned())
+            .collect();
+        let want: Vec<String> = (0..10).map(|i| format!("{i} ")).collect();
+        assert_eq!(bodies, want);
+        assert!(
+            batches
+                .iter()
+                .all(|b| b.encode().len() <= MAX_BATCH_BYTES + (2 << 20))
         );
     }
 

@@ -295,15 +295,9 @@ impl Parser {
                         .map(|t| t.timestamp_micros())
                         .or_else(|| self.timestamp(s, b'-').map(|(t, _)| t))
                 }
-                // Seconds (zap, pino's `time` in ms when above 10^11).
+                // Epoch seconds (zap), milliseconds (pino), micro- or nanoseconds.
                 ("timestamp" | "time" | "ts" | "@timestamp", serde_json::Value::Number(n)) => {
-                    n.as_f64().filter(|f| f.is_finite() && *f > 0.0).map(|f| {
-                        if f > 1e11 {
-                            (f * 1e3) as i64
-                        } else {
-                            (f * 1e6) as i64
-                        }
-                    })
+                    n.as_f64().and_then(epoch_micros)
                 }
                 _ => None,
             };
@@ -355,15 +349,7 @@ impl Parser {
         if let Ok(t) = chrono::DateTime::parse_from_str(text, "%d/%b/%Y:%H:%M:%S %z") {
             return Some(t.timestamp_micros());
         }
-        let number: f64 = text
-            .parse()
-            .ok()
-            .filter(|f: &f64| f.is_finite() && *f > 0.0)?;
-        Some(if number > 1e11 {
-            (number * 1e3) as i64
-        } else {
-            (number * 1e6) as i64
-        })
+        epoch_micros(text.parse().ok()?)
     }
 
     /// `yyyy<sep>MM<sep>dd[ T]HH:mm:ss`, then optionally a fraction (`.` or `,`, up to 9
@@ -442,6 +428,24 @@ impl Parser {
         };
         Some((seconds * 1_000_000 + micros, used))
     }
+}
+
+/// An epoch time in microseconds from a number in seconds, milliseconds, microseconds or
+/// nanoseconds, told apart by size (any of them is above the next unit's range for dates
+/// after 1973 and before 5138); `None` for zero, negative or not finite.
+fn epoch_micros(number: f64) -> Option<i64> {
+    if !number.is_finite() || number <= 0.0 {
+        return None;
+    }
+    Some(if number > 1e17 {
+        (number / 1e3) as i64
+    } else if number > 1e14 {
+        number as i64
+    } else if number > 1e11 {
+        (number * 1e3) as i64
+    } else {
+        (number * 1e6) as i64
+    })
 }
 
 /// The source time zone named `name` (IANA, such as `Asia/Seoul`).
@@ -718,6 +722,17 @@ mod tests {
         // 2024-03-31 02:30 did not happen in Berlin (02:00 CET became 03:00 CEST).
         let record = start(parser.line("2024-03-31 02:30:00,000 INFO  [main] x", 0));
         assert_eq!(record.time_micros, Some(1_711_848_600_000_000)); // 01:30 UTC
+    }
+
+    #[test]
+    fn epoch_numbers_in_any_unit() {
+        let micros = 1_730_103_120_123_456;
+        assert_eq!(epoch_micros(1_730_103_120.123_456), Some(micros));
+        assert_eq!(epoch_micros(1_730_103_120_123.0), Some(micros - 456));
+        assert_eq!(epoch_micros(1_730_103_120_123_456.0), Some(micros));
+        assert_eq!(epoch_micros(1_730_103_120_123_456_789.0), Some(micros));
+        assert_eq!(epoch_micros(0.0), None);
+        assert_eq!(epoch_micros(f64::NAN), None);
     }
 
     #[test]

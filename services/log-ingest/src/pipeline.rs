@@ -101,10 +101,14 @@ const PUSHES_IN_FLIGHT: usize = 2;
 /// Acknowledgements waiting to be written at most (the acker coalesces them).
 const ACKS_WAITING: usize = 64;
 
-/// A push's place in the order: it sends after `after` said its push went through, then
-/// tells `done`, and hands its position to the acker.
+/// A push's place in the order: it prepares after `prepared_after` (so TailLogs, derived
+/// metrics and stream admission see records in order, and the two pushes never contend
+/// for their locks), sends after `after` said its push went through, then tells `done`,
+/// and hands its position to the acker.
 #[derive(Debug)]
 struct Turn {
+    prepared_after: Option<tokio::sync::oneshot::Receiver<()>>,
+    prepared: tokio::sync::oneshot::Sender<()>,
     after: Option<tokio::sync::oneshot::Receiver<bool>>,
     done: tokio::sync::oneshot::Sender<bool>,
     acks: tokio::sync::mpsc::Sender<(Position, Vec<u8>)>,
@@ -238,6 +242,7 @@ impl Pipeline {
         let mut cursor = start;
         let mut in_flight = InFlight::new();
         let mut previous: Option<tokio::sync::oneshot::Receiver<bool>> = None;
+        let mut previous_prepared: Option<tokio::sync::oneshot::Receiver<()>> = None;
         let acker = Acker::spawn(self.buffer.clone(), self.metrics.clone());
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
@@ -255,6 +260,8 @@ impl Pipeline {
                             }
                             Err(why) => tracing::error!(%why, "a buffered batch does not decode; skipped"),
                         }
+                        // The note's skips are for the first batch read only.
+                        skips.clear();
                         cursor = after;
                     }
                     Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
@@ -327,7 +334,10 @@ impl Pipeline {
                 }
             }
             let (done, next) = tokio::sync::oneshot::channel();
+            let (prepared, next_prepared) = tokio::sync::oneshot::channel();
             let turn = Turn {
+                prepared_after: previous_prepared.replace(next_prepared),
+                prepared,
                 after: previous.replace(next),
                 done,
                 acks: acker.sender.clone(),
@@ -389,7 +399,10 @@ impl Pipeline {
                 timer.cancel();
             });
             let (done, _) = tokio::sync::oneshot::channel();
+            let (prepared, _) = tokio::sync::oneshot::channel();
             let turn = Turn {
+                prepared_after: None,
+                prepared,
                 after: None,
                 done,
                 acks: acker.sender.clone(),
@@ -481,8 +494,6 @@ impl Pipeline {
             state.last_line = Instant::now();
             state.resumed |= new;
         }
-        // The note's skips are for the first batch read only.
-        skips.clear();
     }
 
     /// An OTLP batch's records: each is whole already (no grouping across records), so
@@ -666,7 +677,12 @@ impl Pusher {
     /// `batch_bytes` (retrying each until Loki answers for good), counts, and hands its
     /// position to the acker; `false` when `stop` came first (or a push before it stopped).
     async fn push(self, records: Vec<Ready>, stop: CancellationToken, turn: Turn) -> bool {
+        if let Some(before) = turn.prepared_after {
+            // Err: the push before it panicked; its records were never offered.
+            let _ = before.await;
+        }
         let items = self.prepare(records);
+        let _ = turn.prepared.send(());
         let ours = match turn.after {
             Some(before) => before.await.unwrap_or(false) && self.send_all(items, &stop).await,
             None => self.send_all(items, &stop).await,

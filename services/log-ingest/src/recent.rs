@@ -2,8 +2,9 @@
 //! syncing a chunk and answering it, a connection cut) sends the same chunk again. Stored
 //! twice, its lines would reach the multi-line grouping twice, and the lines at its start
 //! would join whatever record was in progress at its end (a stack trace glued to another).
-//! So the forward input remembers the digests of the last batches it stored and answers a
-//! batch it has already stored without storing it again.
+//! So the inputs (forward and OTLP) remember the digests of the last batches they stored
+//! and answer a batch stored already without storing it again; a batch arriving while the
+//! same one is being stored waits for that store's outcome.
 //!
 //! By content (SHA-256 of the batch as stored), not by chunk id: Fluent Bit does not keep a
 //! chunk's id across retries. A batch identical to a recent one in every line, time and
@@ -13,18 +14,28 @@
 //! pipeline acknowledges the buffer only after a push, long after the sender's ack).
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
 };
 
 use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
 
-use crate::buffer::{Buffer, Position};
+use crate::buffer::{Buffer, BufferError, Position};
 
 /// How many batches are remembered.
 pub const REMEMBERED: usize = 4_096;
 
-/// Digests of the last [`REMEMBERED`] batches stored.
+/// What became of a batch handed to [`Recent::store`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// It is in the buffer now, synced.
+    New,
+    /// It was stored (and synced) before: sent again.
+    SentAgain,
+}
+
+/// Digests of the last [`REMEMBERED`] batches stored, and of those being stored.
 #[derive(Debug, Clone, Default)]
 pub struct Recent {
     inner: Arc<Mutex<Inner>>,
@@ -32,8 +43,16 @@ pub struct Recent {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Stored digests, oldest first (what is forgotten first).
     order: VecDeque<[u8; 32]>,
-    set: HashSet<[u8; 32]>,
+    /// Every digest known: stored, or being stored (its watch turns `true` when settled).
+    states: HashMap<[u8; 32], State>,
+}
+
+#[derive(Debug)]
+enum State {
+    Stored,
+    Pending(watch::Receiver<bool>),
 }
 
 /// A batch's digest.
@@ -50,38 +69,101 @@ impl Recent {
         let recent = Self::default();
         let mut reader = buffer.reader(start);
         while let Some((bytes, _)) = reader.try_next()? {
-            recent.insert(digest(&bytes));
+            recent.settle(digest(&bytes), true);
         }
         Ok(recent)
     }
 
-    /// Remembers `digest`; `false` when it was remembered already (a batch sent again).
-    pub fn insert(&self, digest: [u8; 32]) -> bool {
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !inner.set.insert(digest) {
-            return false;
+    /// Stores `bytes` in `buffer` unless the same batch is stored already; answers only
+    /// once it is synced (or was). The same batch arriving while it is being stored waits
+    /// for that store's outcome (and stores it itself if that failed), so a batch is never
+    /// answered as stored before it is. The append runs on a task of its own: a caller
+    /// that goes away (a gRPC deadline) cannot leave it half done or remembered unstored.
+    ///
+    /// # Errors
+    /// As [`Buffer::append`]: full, too large, or the disk failed.
+    pub async fn store(&self, buffer: &Buffer, bytes: Vec<u8>) -> Result<Stored, BufferError> {
+        let digest = digest(&bytes);
+        let mut bytes = Some(bytes);
+        loop {
+            let next = {
+                let mut inner = crate::lock(&self.inner);
+                match inner.states.get(&digest) {
+                    Some(State::Stored) => Next::SentAgain,
+                    Some(State::Pending(settled)) => Next::Wait(settled.clone()),
+                    None => {
+                        let (settled, pending) = watch::channel(false);
+                        inner.states.insert(digest, State::Pending(pending));
+                        Next::Store(settled)
+                    }
+                }
+            };
+            match next {
+                Next::SentAgain => return Ok(Stored::SentAgain),
+                // Another store of the same batch is under way: its outcome decides.
+                Next::Wait(mut pending) => {
+                    let _ = pending.wait_for(|settled| *settled).await;
+                }
+                Next::Store(settled) => {
+                    let recent = self.clone();
+                    let buffer = buffer.clone();
+                    let bytes = bytes.take().unwrap_or_default();
+                    let append = tokio::spawn(async move {
+                        let mut settle = Settle {
+                            recent,
+                            digest,
+                            stored: false,
+                            settled,
+                        };
+                        let result = buffer.append(bytes).await;
+                        settle.stored = result.is_ok();
+                        result
+                    });
+                    return match append.await {
+                        Ok(result) => result.map(|_| Stored::New),
+                        Err(error) => Err(BufferError::Io(std::io::Error::other(error))),
+                    };
+                }
+            }
         }
+    }
+
+    /// Records the outcome of a store of `digest`.
+    fn settle(&self, digest: [u8; 32], stored: bool) {
+        let mut inner = crate::lock(&self.inner);
+        if !stored {
+            inner.states.remove(&digest);
+            return;
+        }
+        inner.states.insert(digest, State::Stored);
         inner.order.push_back(digest);
         if inner.order.len() > REMEMBERED
             && let Some(old) = inner.order.pop_front()
         {
-            inner.set.remove(&old);
+            inner.states.remove(&old);
         }
-        true
     }
+}
 
-    /// Forgets `digest` (its batch could not be stored after all).
-    pub fn forget(&self, digest: &[u8; 32]) {
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if inner.set.remove(digest) {
-            inner.order.retain(|d| d != digest);
-        }
+/// What a store does after looking at what is known.
+enum Next {
+    SentAgain,
+    Wait(watch::Receiver<bool>),
+    Store(watch::Sender<bool>),
+}
+
+/// Settles a store when its task ends, however it ends (a panic included).
+struct Settle {
+    recent: Recent,
+    digest: [u8; 32],
+    stored: bool,
+    settled: watch::Sender<bool>,
+}
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        self.recent.settle(self.digest, self.stored);
+        let _ = self.settled.send(true);
     }
 }
 
@@ -89,16 +171,88 @@ impl Recent {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_batch_is_new_once_and_forgotten_after_enough_others() {
+    use crate::buffer::Limits;
+
+    fn buffer(max_bytes: u64) -> (Buffer, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let limits = Limits {
+            max_bytes,
+            segment_bytes: max_bytes,
+        };
+        let (buffer, _) = Buffer::open(dir.path(), limits).expect("opens");
+        (buffer, dir)
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_stored_once_and_forgotten_after_enough_others() {
+        let (buffer, _dir) = buffer(64 << 20);
         let recent = Recent::default();
-        assert!(recent.insert(digest(b"a")));
-        assert!(!recent.insert(digest(b"a")));
-        recent.forget(&digest(b"a"));
-        assert!(recent.insert(digest(b"a")));
+        assert_eq!(
+            recent.store(&buffer, b"a".to_vec()).await.ok(),
+            Some(Stored::New)
+        );
+        assert_eq!(
+            recent.store(&buffer, b"a".to_vec()).await.ok(),
+            Some(Stored::SentAgain)
+        );
         for i in 0..REMEMBERED {
-            recent.insert(digest(&i.to_le_bytes()));
+            recent.settle(digest(&i.to_le_bytes()), true);
         }
-        assert!(recent.insert(digest(b"a")), "pushed out by newer ones");
+        assert_eq!(
+            recent.store(&buffer, b"a".to_vec()).await.ok(),
+            Some(Stored::New),
+            "pushed out by newer ones"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_could_not_be_stored_is_not_remembered() {
+        let (buffer, _dir) = buffer(1 << 20);
+        let recent = Recent::default();
+        let big = vec![7_u8; 2 << 20];
+        assert!(recent.store(&buffer, big.clone()).await.is_err());
+        assert!(
+            recent.store(&buffer, big).await.is_err(),
+            "refused again, not SentAgain"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_same_batch_twice_at_once_is_stored_once_and_both_answered_after_it() {
+        let (buffer, _dir) = buffer(64 << 20);
+        let recent = Recent::default();
+        let (a, b) = tokio::join!(
+            recent.store(&buffer, b"same".to_vec()),
+            recent.store(&buffer, b"same".to_vec())
+        );
+        let mut outcomes = [a.expect("stored"), b.expect("stored")];
+        outcomes.sort_by_key(|o| *o == Stored::SentAgain);
+        assert_eq!(outcomes, [Stored::New, Stored::SentAgain]);
+        let mut reader = buffer.reader(Position::default());
+        assert!(reader.try_next().expect("reads").is_some());
+        assert!(reader.try_next().expect("reads").is_none(), "stored once");
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_goes_away_does_not_leave_its_batch_half_remembered() {
+        let (buffer, _dir) = buffer(64 << 20);
+        let recent = Recent::default();
+        // Dropped at once: the append goes on without it and settles.
+        drop(
+            tokio::time::timeout(
+                std::time::Duration::ZERO,
+                recent.store(&buffer, b"x".to_vec()),
+            )
+            .await,
+        );
+        let outcome = recent.store(&buffer, b"x".to_vec()).await.expect("stored");
+        let mut reader = buffer.reader(Position::default());
+        let mut count = 0;
+        while reader.try_next().expect("reads").is_some() {
+            count += 1;
+        }
+        // Either the first store finished (sent again) or it never started (new): never
+        // answered as stored without being in the buffer.
+        assert_eq!(count, 1, "{outcome:?}");
     }
 }

@@ -41,6 +41,9 @@ pub struct TailSettings {
     /// Records waiting per tail for its client; beyond it records are dropped for that
     /// tail (and counted). Default 1,000.
     pub buffer_records: usize,
+    /// Bytes of records (message and stack trace, plus 256 per record) waiting per tail
+    /// at most, whatever their count: records reach 192 KiB each. Default 8 MiB.
+    pub buffer_bytes: usize,
 }
 
 impl Default for TailSettings {
@@ -48,6 +51,7 @@ impl Default for TailSettings {
         Self {
             max_tails: 16,
             buffer_records: 1_000,
+            buffer_bytes: 8 << 20,
         }
     }
 }
@@ -76,6 +80,14 @@ struct Tail {
     filter: Filter,
     sender: mpsc::Sender<ParsedRecord>,
     dropped: AtomicU64,
+    /// Bytes of the records waiting (see [`weight`]).
+    queued: AtomicUsize,
+    max_bytes: usize,
+}
+
+/// What a waiting record counts against a tail's byte budget.
+fn weight(message: &str, stack_trace: &str) -> usize {
+    message.len() + stack_trace.len() + 256
 }
 
 /// What a tail wants.
@@ -147,6 +159,8 @@ impl Tails {
             },
             sender,
             dropped: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
+            max_bytes: self.shared.settings.buffer_bytes,
         });
         {
             let mut open = lock(&self.shared.open);
@@ -202,9 +216,20 @@ impl Tap {
             if !tail.filter.matches(record, service) {
                 continue;
             }
+            // No room (by count or bytes): dropped for this tail, without copying it.
+            let size = weight(&record.message, &record.stack_trace);
+            if tail.sender.capacity() == 0
+                || tail.queued.load(Ordering::Relaxed) + size > tail.max_bytes
+            {
+                tail.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropped += 1;
+                continue;
+            }
+            tail.queued.fetch_add(size, Ordering::Relaxed);
             match tail.sender.try_send(parsed(record.clone(), service)) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
+                    tail.queued.fetch_sub(size, Ordering::Relaxed);
                     tail.dropped.fetch_add(1, Ordering::Relaxed);
                     self.dropped += 1;
                 }
@@ -274,6 +299,11 @@ impl Reading {
             size += record.encoded_len();
             records.push(record);
         }
+        let taken: usize = records
+            .iter()
+            .map(|r| weight(&r.message, &r.stack_trace))
+            .sum();
+        self.guard.tail.queued.fetch_sub(taken, Ordering::Relaxed);
         let dropped = self.guard.tail.dropped.swap(0, Ordering::Relaxed);
         let response = TailLogsResponse {
             records,
@@ -294,6 +324,7 @@ mod tests {
             TailSettings {
                 max_tails: 2,
                 buffer_records,
+                buffer_bytes: 1 << 20,
             },
             LogMetrics::unregistered(&[]),
             CancellationToken::new(),
@@ -352,6 +383,27 @@ mod tests {
             "the dropped one is not sent late"
         );
         assert_eq!(second.dropped_count, 0);
+    }
+
+    #[tokio::test]
+    async fn large_records_are_bounded_by_bytes_not_only_by_count() {
+        let tails = tails(1_000);
+        let mut tail = tails.open(request("", "", "")).expect("opens");
+        let big = record(Some(Level::Error), &"x".repeat(300 * 1024));
+        let mut tap = tails.tap().expect("a tail is open");
+        for _ in 0..5 {
+            tap.offer(&big, "shop");
+        }
+        drop(tap);
+        // 1 MiB holds three of them; two are dropped and counted.
+        let message = tail.next().await.expect("a message").expect("ok");
+        assert_eq!((message.records.len(), message.dropped_count), (3, 2));
+        // Read, they free their room.
+        let mut tap = tails.tap().expect("a tail is open");
+        tap.offer(&big, "shop");
+        drop(tap);
+        let message = tail.next().await.expect("a message").expect("ok");
+        assert_eq!((message.records.len(), message.dropped_count), (1, 0));
     }
 
     #[tokio::test]

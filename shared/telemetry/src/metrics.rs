@@ -213,10 +213,29 @@ fn labels(names: &[String], values: &[&str]) -> Labels {
     let mut pairs: Labels = names
         .iter()
         .zip(values)
-        .map(|(n, v)| (n.clone(), (*v).to_owned()))
+        .map(|(n, v)| (n.clone(), escape(v)))
         .collect();
     pairs.sort();
     pairs
+}
+
+/// A label value as the text format needs it: `prometheus-client` writes values as they
+/// are, so a `"`, `\` or newline from a sender (an OTLP `service.name`) would otherwise end
+/// the value early and break the whole scrape.
+fn escape(value: &str) -> String {
+    if !value.contains(['"', '\\', '\n']) {
+        return value.to_owned();
+    }
+    let mut out = String::with_capacity(value.len() + 2);
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn label_names(names: &[&str]) -> Result<Vec<String>> {
@@ -593,7 +612,7 @@ impl Collector for HistogramVec {
 
 /// The exemplar of a trace: `trace_id="…"`, or none without one.
 fn exemplar(trace_id: &str) -> Option<ExemplarLabels> {
-    (!trace_id.is_empty()).then(|| vec![("trace_id".to_owned(), trace_id.to_owned())])
+    (!trace_id.is_empty()).then(|| vec![("trace_id".to_owned(), escape(trace_id))])
 }
 
 /// A counter whose series keep the trace id of their latest traced increment.
@@ -603,9 +622,19 @@ pub struct ExemplarCounter {
 }
 
 impl ExemplarCounter {
-    /// Adds one; `trace_id` (32 hex digits, or empty) becomes the series' exemplar.
+    /// Adds one; `trace_id` (32 hex digits) becomes the series' exemplar. Without one the
+    /// exemplar of the latest traced increment stays (`inc_by` would clear it).
     pub fn inc(&self, trace_id: &str) {
-        self.inner.inc_by(1, exemplar(trace_id), None);
+        match exemplar(trace_id) {
+            Some(labels) => {
+                self.inner.inc_by(1, Some(labels), None);
+            }
+            None => {
+                self.inner
+                    .inner()
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
     }
 
     /// Its value.
@@ -756,6 +785,12 @@ mod tests {
         errors
             .with_label_values(&["shop"])
             .inc("4bf92f3577b34da6a3ce929d0e0e4736");
+        // An untraced increment keeps the traced one's exemplar.
+        errors.with_label_values(&["shop"]).inc("");
+        // A value a sender chose cannot break the format.
+        requests
+            .with_label_values(&["Get", "bad\"} 1\nfake 9"])
+            .inc();
         let text = registry.encode();
         for line in [
             "# TYPE mall_test_requests counter",
@@ -763,12 +798,14 @@ mod tests {
             "mall_test_waiting -3",
             r#"mall_test_latency_seconds_bucket{le="1.0",method="Get"} 1"#,
             r#"mall_test_latency_seconds_count{method="Get"} 1"#,
-            r#"mall_test_errors_total{service="shop"} 1 # {trace_id="4bf92f3577b34da6a3ce929d0e0e4736"} 1.0"#,
+            r#"mall_test_errors_total{service="shop"} 2 # {trace_id="4bf92f3577b34da6a3ce929d0e0e4736"} 1.0"#,
+            r#"mall_test_requests_total{code="bad\"} 1\nfake 9",method="Get"} 1"#,
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} in\n{text}");
         }
         assert_eq!(requests.with_label_values(&["Get", "OK"]).get(), 2);
+        assert!(!text.lines().any(|l| l.starts_with("fake")), "{text}");
         assert!(IntGauge::new("bad name", "x").is_err());
         assert!(
             HistogramOpts::new("h", "x")
