@@ -141,7 +141,7 @@ async fn run(lines: usize) -> anyhow::Result<String> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let secs = started.elapsed().as_secs_f64();
-    let peak_kib = rss_kib(child.pid, "VmHWM");
+    let peak_kib = bench::rss_kib(child.pid, "VmHWM");
     let service_cpu = cpu_seconds(&child.pid.to_string());
     let bench_cpu = cpu_seconds("self") - bench_cpu_before;
     let (_, metrics) = mall_test_support::probe::http_get(child.admin, "/metrics").await;
@@ -437,18 +437,4 @@ fn cpu_seconds(pid: &str) -> f64 {
         .sum();
     // Linux reports these in USER_HZ, 100 per second on every architecture it runs here.
     ticks / 100.0
-}
-
-/// A `/proc/<pid>/status` memory line, KiB.
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kib| kib.parse().ok())
-        })
-        .unwrap_or_default()
 }

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use log_ingest::{App, Settings, loki_receiver::LokiReceiver};
+use log_ingest::loki_receiver::LokiReceiver;
 use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity};
 use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
 use opentelemetry_proto::tonic::{
@@ -17,39 +17,7 @@ use opentelemetry_proto::tonic::{
 
 mod corpus;
 
-struct Running {
-    grpc: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
-    loki: LokiReceiver,
-    _shutdown: tokio_util::sync::CancellationToken,
-    _dir: tempfile::TempDir,
-}
-
-async fn start_with(change: impl FnOnce(&mut Settings)) -> Running {
-    mall_test_support::init_logging();
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
-        .await
-        .expect("starts");
-    let mut settings = corpus::local_settings(dir.path());
-    settings.loki.url = loki.url();
-    settings.loki.retry_initial = Duration::from_millis(50);
-    settings.loki.retry_max = Duration::from_millis(300);
-    settings.pipeline.batch_wait = Duration::from_millis(100);
-    settings.pipeline.environment = "test".to_owned();
-    change(&mut settings);
-    let app = App::build(settings).await.expect("builds");
-    let (grpc, admin) = (app.grpc_addr(), app.admin_addr());
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
-    Running {
-        grpc,
-        admin,
-        loki,
-        _shutdown: shutdown,
-        _dir: dir,
-    }
-}
+use corpus::start_with;
 
 async fn wait_for(loki: &LokiReceiver, count: usize) {
     mall_test_support::wait_until("Loki has every record", Duration::from_secs(30), || async {

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use corpus::model;
-use log_ingest::{App, Settings, loki_receiver::LokiReceiver};
+use corpus::{Running, model, start_with};
+use log_ingest::loki_receiver::LokiReceiver;
 use rmpv::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -14,49 +14,8 @@ mod corpus;
 
 const CORPUS: &str = include_str!("fixtures/hybris-wrapper.log");
 
-struct Running {
-    app_forward: std::net::SocketAddr,
-    grpc: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
-    loki: LokiReceiver,
-    _shutdown: tokio_util::sync::CancellationToken,
-    _dir: tempfile::TempDir,
-}
-
 async fn start() -> Running {
     start_with(|_| {}).await
-}
-
-async fn start_with(change: impl FnOnce(&mut Settings)) -> Running {
-    mall_test_support::init_logging();
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
-        .await
-        .expect("starts");
-    let mut settings = corpus::local_settings(dir.path());
-    settings.loki.url = loki.url();
-    settings.loki.retry_initial = Duration::from_millis(50);
-    settings.loki.retry_max = Duration::from_millis(500);
-    settings
-        .pipeline
-        .parsers
-        .insert("hybris.*".to_owned(), "hybris-wrapper".to_owned());
-    settings.pipeline.flush_after = Duration::from_millis(300);
-    settings.pipeline.batch_wait = Duration::from_millis(100);
-    settings.pipeline.environment = "test".to_owned();
-    change(&mut settings);
-    let app = App::build(settings).await.expect("builds");
-    let (app_forward, grpc, admin) = (app.forward_addr(), app.grpc_addr(), app.admin_addr());
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
-    Running {
-        app_forward,
-        grpc,
-        admin,
-        loki,
-        _shutdown: shutdown,
-        _dir: dir,
-    }
 }
 
 /// Sends `lines` in Forward mode chunks of `per_chunk` entries, each acknowledged.
@@ -107,7 +66,7 @@ async fn the_corpus_arrives_in_loki_record_by_record_with_traces_whole_and_addre
     let lines: Vec<&str> = CORPUS.lines().collect();
     let want = model(&lines);
     // Chunks of 37 lines cut many traces apart.
-    send(running.app_forward, &lines, 37).await;
+    send(running.forward, &lines, 37).await;
     wait_for(&running.loki, want.len()).await;
     let received = running.loki.received();
     let got: Vec<(String, String)> = received
@@ -190,7 +149,7 @@ async fn a_loki_outage_is_waited_out_and_counted() {
     );
     let lines: Vec<&str> = CORPUS.lines().take(200).collect();
     let want = model(&lines);
-    send(running.app_forward, &lines, 50).await;
+    send(running.forward, &lines, 50).await;
     wait_for(&running.loki, want.len()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -261,7 +220,7 @@ async fn a_record_loki_refuses_is_dropped_alone_and_counted() {
         ),
     );
     let sent: Vec<&str> = with_huge.iter().map(String::as_str).collect();
-    send(running.app_forward, &sent, 40).await;
+    send(running.forward, &sent, 40).await;
     let want = model(&lines.iter().map(String::as_str).collect::<Vec<_>>());
     wait_for(&running.loki, want.len()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -350,7 +309,7 @@ async fn tails_get_matching_records_and_a_stalled_tail_never_slows_ingestion() {
         assert_eq!(got, want_errors);
         errors
     });
-    send(running.app_forward, &lines, 37).await;
+    send(running.forward, &lines, 37).await;
     wait_for(&running.loki, want.len()).await;
     let mut errors = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
@@ -389,7 +348,7 @@ async fn tails_get_matching_records_and_a_stalled_tail_never_slows_ingestion() {
         "{metrics}"
     );
 
-    running._shutdown.cancel();
+    running.shutdown.cancel();
     let status = tokio::time::timeout(Duration::from_secs(10), errors.message())
         .await
         .expect("ends in time")
@@ -422,7 +381,7 @@ async fn probe_metrics(admin: std::net::SocketAddr) -> String {
 #[tokio::test]
 async fn hosts_past_the_stream_limit_fold_into_other_with_their_name_kept() {
     let running = start_with(|s| s.pipeline.max_streams = 1).await;
-    let mut stream = tokio::net::TcpStream::connect(running.app_forward)
+    let mut stream = tokio::net::TcpStream::connect(running.forward)
         .await
         .expect("connects");
     for (n, host) in ["web-1", "web-2"].into_iter().enumerate() {

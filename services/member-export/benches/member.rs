@@ -525,7 +525,7 @@ async fn failover(members: usize) -> anyhow::Result<String> {
         anyhow::ensure!(child.try_wait()?.is_none(), "member-export exited at start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let idle_rss = rss_kib(pid, "VmRSS");
+    let idle_rss = bench::rss_kib(pid, "VmRSS");
     let started = Instant::now();
     let job = client
         .start_failover_job(StartFailoverJobRequest {
@@ -561,7 +561,7 @@ async fn failover(members: usize) -> anyhow::Result<String> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let elapsed = started.elapsed();
-    let peak = rss_kib(pid, "VmHWM");
+    let peak = bench::rss_kib(pid, "VmHWM");
     child.kill().await?;
     anyhow::ensure!(
         done.state == JobState::Succeeded as i32 && done.processed_count == members as i64,
@@ -644,18 +644,4 @@ fn sqlite_url(dir: &Path, name: &str) -> String {
 
 fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-/// A `/proc/<pid>/status` memory line, KiB.
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kib| kib.parse().ok())
-        })
-        .unwrap_or_default()
 }

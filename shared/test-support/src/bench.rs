@@ -144,3 +144,17 @@ pub fn postgres_version() -> String {
         .and_then(|s| s.split_whitespace().nth(2).map(str::to_owned))
         .unwrap_or_else(|| "(version unknown)".into())
 }
+
+/// A memory line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), KiB; 0 when unreadable.
+pub fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse().ok())
+        })
+        .unwrap_or_default()
+}

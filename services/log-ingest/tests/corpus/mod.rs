@@ -18,6 +18,58 @@ pub fn local_settings(dir: &std::path::Path) -> log_ingest::Settings {
     settings
 }
 
+/// An in-process log-ingest with its own Loki receiver.
+pub struct Running {
+    /// The forward listener.
+    pub forward: std::net::SocketAddr,
+    /// The gRPC port.
+    pub grpc: std::net::SocketAddr,
+    /// The admin port (`/metrics`).
+    pub admin: std::net::SocketAddr,
+    /// Where its records go.
+    pub loki: log_ingest::loki_receiver::LokiReceiver,
+    /// Cancelled: the app shuts down.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts log-ingest in this process with [`local_settings`], a Loki receiver, short
+/// retries and waits, environment `test`, `hybris.*` parsed as `hybris-wrapper`, then
+/// `change`.
+pub async fn start_with(change: impl FnOnce(&mut log_ingest::Settings)) -> Running {
+    use std::time::Duration;
+    mall_test_support::init_logging();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let loki =
+        log_ingest::loki_receiver::LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+            .await
+            .expect("starts");
+    let mut settings = local_settings(dir.path());
+    settings.loki.url = loki.url();
+    settings.loki.retry_initial = Duration::from_millis(50);
+    settings.loki.retry_max = Duration::from_millis(500);
+    settings
+        .pipeline
+        .parsers
+        .insert("hybris.*".to_owned(), "hybris-wrapper".to_owned());
+    settings.pipeline.flush_after = Duration::from_millis(300);
+    settings.pipeline.batch_wait = Duration::from_millis(100);
+    settings.pipeline.environment = "test".to_owned();
+    change(&mut settings);
+    let app = log_ingest::App::build(settings).await.expect("builds");
+    let (forward, grpc, admin) = (app.forward_addr(), app.grpc_addr(), app.admin_addr());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
+    Running {
+        forward,
+        grpc,
+        admin,
+        loki,
+        shutdown,
+        _dir: dir,
+    }
+}
+
 /// Whether the text after the wrapper's prefix is one of the generator's header lines.
 pub fn is_header(text: &str) -> bool {
     ["INFO  [", "WARN  [", "DEBUG [", "ERROR ["]
