@@ -14,7 +14,7 @@ use mall_telemetry::metrics::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::record::Record;
+use crate::record::{Level, Record};
 
 /// Stands for label values past a limit.
 const OTHER: &str = "other";
@@ -127,11 +127,11 @@ impl Deriver {
         })
     }
 
-    /// Counts one record (masked already) of `service`.
-    pub fn observe(&mut self, record: &Record, service: &str) {
+    /// Counts one record of `service` that Loki accepted.
+    pub fn observe(&mut self, seen: &Observation, service: &str) {
         let service = self.service(service);
-        let level = record.level.map_or("unknown", |l| l.as_str());
-        let slot = record.level.map_or(6, |l| l as usize);
+        let level = seen.level.map_or("unknown", |l| l.as_str());
+        let slot = seen.level.map_or(6, |l| l as usize);
         if !self.record_counters.contains_key(service) {
             self.record_counters
                 .insert(service.to_owned(), Default::default());
@@ -142,8 +142,8 @@ impl Deriver {
             .expect("inserted above");
         counters[slot]
             .get_or_insert_with(|| self.records.with_label_values(&[service, level]))
-            .inc(&record.trace_id);
-        if let Some(class) = exception_class(&record.stack_trace) {
+            .inc(&seen.trace_id);
+        if let Some(class) = seen.exception.as_deref() {
             let key = (service.to_owned(), class.to_owned());
             let class = if self.classes.contains(&key) {
                 class
@@ -155,32 +155,21 @@ impl Deriver {
             };
             self.exceptions
                 .with_label_values(&[service, class])
-                .inc(&record.trace_id);
+                .inc(&seen.trace_id);
         }
-        if let Some(status) = record
-            .fields
-            .get("status")
-            .filter(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit()))
-            && record.fields.contains_key("method")
-        {
+        if let Some((status, duration)) = &seen.request {
             self.requests
                 .with_label_values(&[service, status])
-                .inc(&record.trace_id);
-            if let Some(seconds) = record
-                .fields
-                .get("duration")
-                .and_then(|d| d.parse::<f64>().ok())
-                .filter(|d| d.is_finite() && *d >= 0.0)
-                .map(|d| match self.settings.duration_unit {
-                    DurationUnit::S => d,
-                    DurationUnit::Ms => d / 1e3,
-                    DurationUnit::Us => d / 1e6,
-                })
-            {
+                .inc(&seen.trace_id);
+            if let Some(seconds) = duration.map(|d| match self.settings.duration_unit {
+                DurationUnit::S => d,
+                DurationUnit::Ms => d / 1e3,
+                DurationUnit::Us => d / 1e6,
+            }) {
                 self.duration_histograms
                     .entry(service.to_owned())
                     .or_insert_with(|| self.durations.with_label_values(&[service]))
-                    .observe(seconds, &record.trace_id);
+                    .observe(seconds, &seen.trace_id);
             }
         }
     }
@@ -195,6 +184,43 @@ impl Deriver {
             return service;
         }
         OTHER
+    }
+}
+
+/// What a record adds to the derived metrics: taken when its push is prepared (after
+/// masking), counted once Loki has accepted it, so a push cancelled by a shutdown, replayed
+/// after a crash or refused by Loki is not counted as shipped.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    level: Option<Level>,
+    exception: Option<String>,
+    /// An access log's status and time taken (in the valve's unit).
+    request: Option<(String, Option<f64>)>,
+    trace_id: String,
+}
+
+impl Observation {
+    /// What `record` adds.
+    pub fn of(record: &Record) -> Self {
+        let request = record
+            .fields
+            .get("status")
+            .filter(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit()))
+            .filter(|_| record.fields.contains_key("method"))
+            .map(|status| {
+                let duration = record
+                    .fields
+                    .get("duration")
+                    .and_then(|d| d.parse::<f64>().ok())
+                    .filter(|d| d.is_finite() && *d >= 0.0);
+                (status.clone(), duration)
+            });
+        Self {
+            level: record.level,
+            exception: exception_class(&record.stack_trace).map(str::to_owned),
+            request,
+            trace_id: record.trace_id.clone(),
+        }
     }
 }
 
@@ -217,7 +243,6 @@ pub fn exception_class(stack_trace: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Level;
 
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
@@ -273,13 +298,13 @@ mod tests {
             trace_id: TRACE.to_owned(),
             ..Record::default()
         };
-        deriver.observe(&error, "hybris");
-        deriver.observe(&error, "hybris");
+        deriver.observe(&Observation::of(&error), "hybris");
+        deriver.observe(&Observation::of(&error), "hybris");
         let other_class = Record {
             stack_trace: "java.io.IOException: gone".to_owned(),
             ..error.clone()
         };
-        deriver.observe(&other_class, "hybris");
+        deriver.observe(&Observation::of(&other_class), "hybris");
         let mut access = Record {
             level: Some(Level::Info),
             ..Record::default()
@@ -287,8 +312,8 @@ mod tests {
         for (k, v) in [("method", "GET"), ("status", "200"), ("duration", "250")] {
             access.fields.insert(k.to_owned(), v.to_owned());
         }
-        deriver.observe(&access, "tomcat");
-        deriver.observe(&access, "third-service");
+        deriver.observe(&Observation::of(&access), "tomcat");
+        deriver.observe(&Observation::of(&access), "third-service");
 
         let text = registry.encode();
         let v = |name, labels: &[(&str, &str)]| sample(&text, name, labels).map(|s| s.0);

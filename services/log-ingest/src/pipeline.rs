@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     batch::{Batch, Source},
     buffer::{Buffer, Position, Reader},
-    derive::Deriver,
+    derive::{Deriver, Observation},
     forward::{self, Event},
     labels,
     loki::{self, LokiClient, Pushed},
@@ -101,8 +101,8 @@ const PUSHES_IN_FLIGHT: usize = 2;
 /// Acknowledgements waiting to be written at most (the acker coalesces them).
 const ACKS_WAITING: usize = 64;
 
-/// A push's place in the order: it prepares after `prepared_after` (so TailLogs, derived
-/// metrics and stream admission see records in order, and the two pushes never contend
+/// A push's place in the order: it prepares after `prepared_after` (so TailLogs and stream
+/// admission see records in order, and the two pushes never contend
 /// for their locks), sends after `after` said its push went through, then tells `done`,
 /// and hands its position to the acker.
 #[derive(Debug)]
@@ -601,10 +601,8 @@ impl Pusher {
         let mut items: Vec<Item> = Vec::with_capacity(records.len());
         let mut tap = self.tails.tap();
         let mut streams = crate::lock(&self.streams);
-        let mut derived = crate::lock(&self.derived);
         for mut ready in records {
             self.masker.record(&mut ready.record, &mut counts);
-            derived.observe(&ready.record, &ready.tag);
             if let Some(tap) = &mut tap {
                 tap.offer(&ready.record, &ready.tag);
             }
@@ -625,6 +623,7 @@ impl Pusher {
 
     /// A record as a Loki entry with its stream's labels.
     fn item(&self, ready: Ready, streams: &mut labels::Guard) -> Item {
+        let observation = Observation::of(&ready.record);
         let record = ready.record;
         let labels = streams.labels(&ready.tag, record.level, &ready.host);
         if !labels.folded.is_empty() {
@@ -662,6 +661,8 @@ impl Pusher {
         Item {
             labels,
             source: ready.source,
+            service: ready.tag,
+            observation,
             entry: loki::Entry {
                 timestamp: Some(prost_types::Timestamp {
                     seconds: nanos.div_euclid(1_000_000_000),
@@ -721,6 +722,10 @@ impl Pusher {
                 Some(Pushed::Accepted) => {
                     self.metrics.pushed.inc_by(piece.len() as u64);
                     self.metrics.last_push.set(chrono::Utc::now().timestamp());
+                    let mut derived = crate::lock(&self.derived);
+                    for item in &piece {
+                        derived.observe(&item.observation, &item.service);
+                    }
                 }
                 Some(Pushed::Refused(_) | Pushed::TooLarge) if piece.len() > 1 => {
                     let second = piece.split_off(piece.len() / 2);
@@ -822,6 +827,10 @@ async fn finish(in_flight: &mut InFlight) -> bool {
 struct Item {
     labels: std::sync::Arc<str>,
     source: Source,
+    /// The forward tag or OTLP service (for the derived metrics).
+    service: String,
+    /// What it adds to the derived metrics once Loki accepted it.
+    observation: Observation,
     entry: loki::Entry,
 }
 

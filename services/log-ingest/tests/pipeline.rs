@@ -222,6 +222,7 @@ async fn a_record_loki_refuses_is_dropped_alone_and_counted() {
     let sent: Vec<&str> = with_huge.iter().map(String::as_str).collect();
     send(running.forward, &sent, 40).await;
     let want = model(&lines.iter().map(String::as_str).collect::<Vec<_>>());
+    let records = want.len();
     wait_for(&running.loki, want.len()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got: std::collections::BTreeSet<String> = running
@@ -242,6 +243,14 @@ async fn a_record_loki_refuses_is_dropped_alone_and_counted() {
         .find(|s| s.source == "forward")
         .expect("forward");
     assert_eq!(forward.dropped_records, 1, "{stats:?}");
+    // The derived metrics count what Loki accepted, not the refused record.
+    let metrics = probe_metrics(running.admin).await;
+    let shipped: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("mall_log_ingest_log_records_total{"))
+        .filter_map(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(shipped, records as f64, "{metrics}");
 }
 
 /// TailLogs while the corpus is ingested: a tail reading as records come gets exactly the
