@@ -34,27 +34,35 @@ pub async fn health(addr: SocketAddr, service: &str) -> Option<ServingStatus> {
     ServingStatus::try_from(response.into_inner().status).ok()
 }
 
-/// The services listed by server reflection v1.
+/// Server reflection v1's answer to one request.
 ///
 /// # Panics
 /// When reflection does not answer.
-pub async fn reflection_services(addr: SocketAddr) -> Vec<String> {
+async fn reflection(addr: SocketAddr, request: MessageRequest) -> Option<MessageResponse> {
     let mut client = ServerReflectionClient::new(channel(addr));
     let request = ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+        message_request: Some(request),
     };
     let mut responses = client
         .server_reflection_info(tokio_stream::iter([request]))
         .await
         .expect("reflection answers")
         .into_inner();
-    let response = responses
+    responses
         .message()
         .await
         .expect("reflection stream works")
-        .expect("reflection sends a response");
-    match response.message_response {
+        .expect("reflection sends a response")
+        .message_response
+}
+
+/// The services listed by server reflection v1.
+///
+/// # Panics
+/// When reflection does not answer.
+pub async fn reflection_services(addr: SocketAddr) -> Vec<String> {
+    match reflection(addr, MessageRequest::ListServices(String::new())).await {
         Some(MessageResponse::ListServicesResponse(list)) => {
             list.service.into_iter().map(|s| s.name).collect()
         }
@@ -68,22 +76,12 @@ pub async fn reflection_services(addr: SocketAddr) -> Vec<String> {
 /// # Panics
 /// When reflection does not answer.
 pub async fn reflection_files_for(addr: SocketAddr, symbol: &str) -> usize {
-    let mut client = ServerReflectionClient::new(channel(addr));
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::FileContainingSymbol(symbol.to_owned())),
-    };
-    let mut responses = client
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .expect("reflection answers")
-        .into_inner();
-    let response = responses
-        .message()
-        .await
-        .expect("reflection stream works")
-        .expect("reflection sends a response");
-    match response.message_response {
+    match reflection(
+        addr,
+        MessageRequest::FileContainingSymbol(symbol.to_owned()),
+    )
+    .await
+    {
         Some(MessageResponse::FileDescriptorResponse(files)) => files.file_descriptor_proto.len(),
         _ => 0,
     }
