@@ -1,6 +1,7 @@
 //! OTLP logs over gRPC (`opentelemetry.proto.collector.logs.v1.LogsService/Export`) on the
-//! service's gRPC port: each export's records go into the durable buffer, one batch per
-//! resource's `service.name`, and the export is answered only once every batch is synced.
+//! service's gRPC port: each export's records go into the durable buffer, in batches per
+//! resource's `service.name` of about 4 MiB at most, and the export is answered only once
+//! every batch is synced.
 //!
 //! What a record becomes (the pipeline reads it back in [`record`]): its body (a string, or
 //! any other value as JSON), severity, attributes (values as text, structured ones as
@@ -152,8 +153,8 @@ impl Rejected {
     }
 }
 
-/// An export's records as one batch per `service.name` (in order of first appearance),
-/// and what was rejected.
+/// An export's records as batches per `service.name` (in order of first appearance, split
+/// at about [`MAX_BATCH_BYTES`]), and what was rejected.
 fn batches(request: ExportLogsServiceRequest, received_nanos: i64) -> (Vec<Batch>, Rejected) {
     let mut batches: Vec<Batch> = Vec::new();
     let mut rejected = Rejected::default();
