@@ -11,7 +11,7 @@
 //! - [`mask`]: personal data masked out of every record.
 //! - [`parsing`]: TestParse, lines parsed as ingestion would.
 //! - [`metrics`]: the service's Prometheus metrics (and GetPipelineStats' counters);
-//!   [`derive`]: metrics derived from the records (levels, exceptions, access logs).
+//!   [`derive`](mod@derive): metrics derived from the records (levels, exceptions, access logs).
 //! - [`forward`]: the Fluent forward protocol's messages (decoding, acks).
 //! - [`buffer`]: the durable buffer between inputs and Loki (acknowledge after sync).
 //! - [`batch`]: what an input puts in the buffer; [`recent`]: batches sent again are not

@@ -3,7 +3,7 @@
 //! resource's `service.name` of about 4 MiB at most, and the export is answered only once
 //! every batch is synced.
 //!
-//! What a record becomes (the pipeline reads it back in [`record`]): its body (a string, or
+//! What a record becomes (the pipeline reads it back in [`record`](fn@record)): its body (a string, or
 //! any other value as JSON), severity, attributes (values as text, structured ones as
 //! JSON), trace and span ids, its scope's name (the logger, as OpenTelemetry's Java
 //! appenders set it) and the resource's `host.name`.
