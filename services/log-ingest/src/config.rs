@@ -1,6 +1,9 @@
 //! Settings of `log-ingest`: defaults < TOML file (`--config`) < `LOG_INGEST__*` environment.
 
-use mall_grpc::ServerSettings;
+use mall_grpc::{
+    ServerSettings,
+    authz::{ANY_AUTHENTICATED, AuthzRule, identities},
+};
 use mall_telemetry::TelemetrySettings;
 use serde::{Deserialize, Serialize};
 
@@ -47,7 +50,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            server: ServerSettings::with_ports(50054, 9094),
+            server: ServerSettings::with_ports(50054, 9094).with_rules(default_rules()),
             telemetry: TelemetrySettings::default(),
             parsing: ParsingSettings::default(),
             masking: MaskingSettings::default(),
@@ -59,6 +62,26 @@ impl Default for Settings {
             derived: DerivedSettings::default(),
         }
     }
+}
+
+/// Who may call what with TLS on, unless `[server.authz]` says otherwise: the log shippers
+/// export OTLP logs, any authenticated caller reads the pipeline's statistics and tries the
+/// parser; tailing live (masked) logs is for the admins only.
+pub fn default_rules() -> Vec<AuthzRule> {
+    const SERVICE: &str = "mall.logs.v1.LogIngestService";
+    vec![
+        AuthzRule::new(
+            &["opentelemetry.proto.collector.logs.v1.LogsService/Export"],
+            &[identities::LOG_SHIPPER],
+        ),
+        AuthzRule::new(
+            &[
+                &format!("{SERVICE}/GetPipelineStats"),
+                &format!("{SERVICE}/TestParse"),
+            ],
+            &[ANY_AUTHENTICATED],
+        ),
+    ]
 }
 
 impl Settings {

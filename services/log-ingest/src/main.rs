@@ -17,6 +17,8 @@ async fn main() -> anyhow::Result<()> {
     if let Err(error) = nix::sys::prctl::set_thp_disable(true) {
         eprintln!("cannot turn transparent huge pages off ({error}); memory use will be higher");
     }
+    // rustls needs its crypto provider chosen before any TLS (ours, AWS's, the partner's).
+    mall_grpc::tls::install_crypto_provider();
     let settings = Settings::load()?;
     let telemetry = mall_telemetry::init(log_ingest::SERVICE, &settings.telemetry)?;
     // Before the listeners exist: a SIGTERM as soon as they answer is a clean shutdown.

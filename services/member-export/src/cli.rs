@@ -13,9 +13,10 @@
 //! `--addr` defaults to `$MEMBERCTL_ADDR`, then `http://127.0.0.1:50053`. A followed job
 //! that ends FAILED or CANCELLED makes the command fail (exit code 1).
 
-use std::io::Write;
+use std::{io::Write, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
+use mall_grpc::tls::TlsPaths;
 use mall_proto::member::v1::{
     CancelJobRequest, FailedDeliveriesScope, GetDeliveryStatsRequest, GetJobRequest, Job, JobKind,
     JobState, StartFailoverJobRequest, TimeRangeScope, WatchJobRequest,
@@ -69,6 +70,8 @@ pub enum JobScope {
 pub struct Invocation {
     /// gRPC endpoint of a member-export replica.
     pub addr: String,
+    /// TLS files from the flags (the binary adds `MALL_TLS_*` for those not given).
+    pub tls: TlsPaths,
     /// What to do.
     pub command: Command,
 }
@@ -84,6 +87,16 @@ struct Cli {
     /// gRPC endpoint of a member-export replica.
     #[arg(long, global = true, value_name = "URL")]
     addr: Option<String>,
+    /// PEM CA certificate the server's certificate must chain to: turns TLS on (use an
+    /// https:// address). Default $MALL_TLS_CA.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate (the admin identity's). Default $MALL_TLS_CERT.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM key of --tls-cert. Default $MALL_TLS_KEY.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: CliCommand,
 }
@@ -167,7 +180,12 @@ pub fn parse(args: &[String], env_addr: Option<String>) -> Result<Invocation, cl
         CliCommand::Cancel { id } => Command::Cancel(id),
         CliCommand::Stats => Command::Stats,
     };
-    Ok(Invocation { addr, command })
+    let tls = TlsPaths {
+        ca: cli.tls_ca,
+        cert: cli.tls_cert,
+        key: cli.tls_key,
+    };
+    Ok(Invocation { addr, tls, command })
 }
 
 /// Runs `invocation`, writing what it does to `out` (and a progress bar to the terminal,
@@ -177,11 +195,11 @@ pub fn parse(args: &[String], env_addr: Option<String>) -> Result<Invocation, cl
 /// When the service cannot be reached or refuses the call (its message is shown), or a
 /// followed job ends FAILED or CANCELLED.
 pub async fn run(invocation: Invocation, out: &mut dyn Write) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(invocation.addr.clone())
-        .context("--addr is not a valid URL")?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach member-export at {}", invocation.addr))?;
+    let tls = invocation.tls.client_tls()?;
+    let channel =
+        mall_grpc::client::connect(&invocation.addr, tls.as_ref(), Duration::from_secs(10))
+            .await
+            .with_context(|| format!("cannot reach member-export at {}", invocation.addr))?;
     let mut client = MemberExportServiceClient::new(channel);
     match invocation.command {
         Command::Start {

@@ -3,7 +3,10 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use mall_db::DatabaseSettings;
-use mall_grpc::ServerSettings;
+use mall_grpc::{
+    ServerSettings,
+    authz::{ANY_AUTHENTICATED, AuthzRule, identities},
+};
 use mall_queue::QueueSettings;
 use mall_telemetry::TelemetrySettings;
 use secrecy::SecretString;
@@ -197,7 +200,7 @@ fn serialize_keys<S: serde::Serializer>(
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            server: ServerSettings::with_ports(50053, 9093),
+            server: ServerSettings::with_ports(50053, 9093).with_rules(default_rules()),
             telemetry: TelemetrySettings::default(),
             database: DatabaseSettings::sqlite_file(".data/member-export.sqlite"),
             queue: QueueSettings {
@@ -216,6 +219,27 @@ impl Default for Settings {
             jobs: JobSettings::default(),
         }
     }
+}
+
+/// Who may call what with TLS on, unless `[server.authz]` says otherwise: the member system
+/// enqueues changes and erases members, any authenticated caller reads the delivery
+/// statistics; failover jobs, failed deliveries and one member's delivery state are for the
+/// admins only.
+pub fn default_rules() -> Vec<AuthzRule> {
+    const SERVICE: &str = "mall.member.v1.MemberExportService";
+    vec![
+        AuthzRule::new(
+            &[
+                &format!("{SERVICE}/EnqueueMemberChanges"),
+                &format!("{SERVICE}/EraseMember"),
+            ],
+            &[identities::MEMBER_SYSTEM],
+        ),
+        AuthzRule::new(
+            &[&format!("{SERVICE}/GetDeliveryStats")],
+            &[ANY_AUTHENTICATED],
+        ),
+    ]
 }
 
 impl Settings {

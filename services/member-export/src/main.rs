@@ -9,6 +9,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // rustls needs its crypto provider chosen before any TLS (ours, AWS's, the partner's).
+    mall_grpc::tls::install_crypto_provider();
     let settings = Settings::load()?;
     let telemetry = mall_telemetry::init(member_export::SERVICE, &settings.telemetry)?;
     // Before the listeners exist: a SIGTERM as soon as they answer is a clean shutdown.

@@ -612,6 +612,7 @@ async fn memberctl_starts_follows_cancels_and_shows_stats() {
     run(
         Invocation {
             addr: addr.clone(),
+            tls: Default::default(),
             command: Command::Start {
                 scope: JobScope::TimeRange { from, to: None },
                 request_id: "cli-1".into(),
@@ -639,6 +640,7 @@ async fn memberctl_starts_follows_cancels_and_shows_stats() {
     let error = run(
         Invocation {
             addr: addr.clone(),
+            tls: Default::default(),
             command: Command::Cancel(id),
         },
         &mut Vec::new(),
@@ -653,6 +655,7 @@ async fn memberctl_starts_follows_cancels_and_shows_stats() {
     run(
         Invocation {
             addr,
+            tls: Default::default(),
             command: Command::Stats,
         },
         &mut out,

@@ -3,7 +3,10 @@
 use std::time::Duration;
 
 use mall_db::DatabaseSettings;
-use mall_grpc::ServerSettings;
+use mall_grpc::{
+    ServerSettings,
+    authz::{ANY_AUTHENTICATED, AuthzRule, identities},
+};
 use mall_product::ProductTypes;
 use mall_telemetry::TelemetrySettings;
 use serde::{Deserialize, Serialize};
@@ -28,12 +31,37 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            server: ServerSettings::with_ports(50051, 9091),
+            server: ServerSettings::with_ports(50051, 9091).with_rules(default_rules()),
             telemetry: TelemetrySettings::default(),
             database: DatabaseSettings::sqlite_file(".data/product-catalog.sqlite"),
             catalog: CatalogSettings::default(),
         }
     }
+}
+
+/// Who may call what with TLS on, unless `[server.authz]` says otherwise: reads for any
+/// authenticated caller, writes and imports for the relay (and the admins, who may call
+/// everything, ListPendingProducts included).
+pub fn default_rules() -> Vec<AuthzRule> {
+    const SERVICE: &str = "mall.catalog.v1.ProductCatalogService";
+    vec![
+        AuthzRule::new(
+            &[
+                &format!("{SERVICE}/GetProduct"),
+                &format!("{SERVICE}/BatchGetProducts"),
+                &format!("{SERVICE}/ListProducts"),
+                &format!("{SERVICE}/WatchProductChanges"),
+            ],
+            &[ANY_AUTHENTICATED],
+        ),
+        AuthzRule::new(
+            &[
+                &format!("{SERVICE}/BulkUpdateProducts"),
+                &format!("{SERVICE}/ImportProducts"),
+            ],
+            &[identities::SYNC_RELAY],
+        ),
+    ]
 }
 
 impl Settings {

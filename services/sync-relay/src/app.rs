@@ -111,7 +111,11 @@ impl App {
             }
         };
 
-        let catalog = connect_catalog(&settings.apply.catalog_url, settings.apply.catalog_timeout)?;
+        let catalog = connect_catalog(
+            &settings.apply.catalog_url,
+            settings.apply.catalog_tls.as_ref(),
+            settings.apply.catalog_timeout,
+        )?;
         let applier = Applier::new(
             queue.clone(),
             catalog,

@@ -14,9 +14,10 @@
 //! ```
 //! `--addr` defaults to `$RELAYCTL_ADDR`, then `http://127.0.0.1:50052`.
 
-use std::{io::Write, time::Duration};
+use std::{io::Write, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
+use mall_grpc::tls::TlsPaths;
 use mall_proto::sync::v1::{
     GetRelayStatusRequest, ListDeadLettersRequest, ListQuarantinedRequest, PauseRelayRequest,
     RedriveDeadLettersRequest, RedriveQuarantinedRequest, RelayStatus, ReplayFromRequest,
@@ -69,6 +70,8 @@ pub enum Selection {
 pub struct Invocation {
     /// gRPC endpoint of a relay replica.
     pub addr: String,
+    /// TLS files from the flags (the binary adds `MALL_TLS_*` for those not given).
+    pub tls: TlsPaths,
     /// What to do.
     pub command: Command,
 }
@@ -84,6 +87,16 @@ struct Cli {
     /// gRPC endpoint of a relay replica.
     #[arg(long, global = true, value_name = "URL")]
     addr: Option<String>,
+    /// PEM CA certificate the server's certificate must chain to: turns TLS on (use an
+    /// https:// address). Default $MALL_TLS_CA.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate (the admin identity's). Default $MALL_TLS_CERT.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM key of --tls-cert. Default $MALL_TLS_KEY.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: CliCommand,
 }
@@ -173,7 +186,12 @@ pub fn parse(args: &[String], env_addr: Option<String>) -> Result<Invocation, cl
             wait: !no_wait,
         },
     };
-    Ok(Invocation { addr, command })
+    let tls = TlsPaths {
+        ca: cli.tls_ca,
+        cert: cli.tls_cert,
+        key: cli.tls_key,
+    };
+    Ok(Invocation { addr, tls, command })
 }
 
 /// Runs `invocation`, writing what it does to `out`.
@@ -181,11 +199,11 @@ pub fn parse(args: &[String], env_addr: Option<String>) -> Result<Invocation, cl
 /// # Errors
 /// When the relay cannot be reached or refuses the call (its message is shown).
 pub async fn run(invocation: Invocation, out: &mut dyn Write) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(invocation.addr.clone())
-        .context("--addr is not a valid URL")?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the relay at {}", invocation.addr))?;
+    let tls = invocation.tls.client_tls()?;
+    let channel =
+        mall_grpc::client::connect(&invocation.addr, tls.as_ref(), Duration::from_secs(10))
+            .await
+            .with_context(|| format!("cannot reach the relay at {}", invocation.addr))?;
     let mut client = SyncRelayServiceClient::new(channel).max_decoding_message_size(64 << 20);
     match invocation.command {
         Command::Status => {
@@ -465,6 +483,32 @@ mod tests {
     }
 
     #[test]
+    fn tls_flags_are_global_and_go_together() {
+        let parsed = parse(
+            &args("status --tls-ca ca.crt --tls-cert admin.crt --tls-key admin.key"),
+            None,
+        )
+        .expect("valid");
+        let tls = parsed.tls.client_tls().expect("complete").expect("on");
+        assert_eq!(tls.ca_file, PathBuf::from("ca.crt"));
+        assert_eq!(tls.cert_file, Some(PathBuf::from("admin.crt")));
+        let half =
+            parse(&args("status --tls-ca ca.crt --tls-cert admin.crt"), None).expect("parses");
+        assert!(
+            half.tls.client_tls().is_err(),
+            "a certificate needs its key"
+        );
+        assert_eq!(
+            parse(&args("status"), None)
+                .expect("valid")
+                .tls
+                .client_tls()
+                .expect("ok"),
+            None
+        );
+    }
+
+    #[test]
     fn commands_parse_with_their_arguments() {
         let parsed = parse(
             &args("--addr http://relay:50052 pause catalog upgrade"),
@@ -477,6 +521,7 @@ mod tests {
             parse(&args("redrive-quarantined 3 4"), Some("http://x:1".into())).expect("valid"),
             Invocation {
                 addr: "http://x:1".into(),
+                tls: TlsPaths::default(),
                 command: Command::RedriveQuarantined(Selection::Ids(vec!["3".into(), "4".into()]))
             }
         );

@@ -3,7 +3,11 @@
 use std::time::Duration;
 
 use mall_db::DatabaseSettings;
-use mall_grpc::ServerSettings;
+use mall_grpc::{
+    ServerSettings,
+    authz::{ANY_AUTHENTICATED, AuthzRule, identities},
+    tls::ClientTls,
+};
 use mall_product::ProductTypes;
 use mall_queue::QueueSettings;
 use mall_telemetry::TelemetrySettings;
@@ -41,7 +45,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            server: ServerSettings::with_ports(50052, 9092),
+            server: ServerSettings::with_ports(50052, 9092).with_rules(default_rules()),
             telemetry: TelemetrySettings::default(),
             database: DatabaseSettings::sqlite_file(".data/sync-relay.sqlite"),
             source: SourceSettings::default(),
@@ -58,6 +62,23 @@ impl Default for Settings {
             apply: ApplySettings::default(),
         }
     }
+}
+
+/// Who may call what with TLS on, unless `[server.authz]` says otherwise: the product
+/// producer publishes, any authenticated caller reads the status; pausing, resuming,
+/// replaying, the dead letters and the quarantine are for the admins only.
+pub fn default_rules() -> Vec<AuthzRule> {
+    const SERVICE: &str = "mall.sync.v1.SyncRelayService";
+    vec![
+        AuthzRule::new(
+            &[&format!("{SERVICE}/PublishProductChanges")],
+            &[identities::PRODUCT_PRODUCER],
+        ),
+        AuthzRule::new(
+            &[&format!("{SERVICE}/GetRelayStatus")],
+            &[ANY_AUTHENTICATED],
+        ),
+    ]
 }
 
 impl Settings {
@@ -129,8 +150,14 @@ impl Default for RelaySettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApplySettings {
-    /// product-catalog's gRPC endpoint. Default `http://127.0.0.1:50051`.
+    /// product-catalog's gRPC endpoint. Default `http://127.0.0.1:50051`; `https://...` with
+    /// `catalog_tls`.
     pub catalog_url: Url,
+    /// Mutual TLS to the catalog (`[apply.catalog_tls]`: `ca_file`, `cert_file`, `key_file`,
+    /// optional `server_name`): the relay presents its certificate, whose identity the
+    /// catalog's policy allows to write. Files are re-read when they change. Default: none
+    /// (plaintext).
+    pub catalog_tls: Option<ClientTls>,
     /// Deadline of one BulkUpdateProducts call. Default 10s.
     #[serde(with = "humantime_serde")]
     pub catalog_timeout: Duration,
@@ -156,6 +183,7 @@ impl Default for ApplySettings {
     fn default() -> Self {
         Self {
             catalog_url: Url::parse("http://127.0.0.1:50051").expect("a valid url"),
+            catalog_tls: None,
             catalog_timeout: Duration::from_secs(10),
             consumers: 4,
             receive_batch: 10,

@@ -9,6 +9,8 @@
 //! - a tower stack around every call: W3C trace-context extraction and a span, Prometheus
 //!   request counts and latency by method and status code, a deadline, load shedding above a
 //!   global concurrency limit;
+//! - mutual TLS when configured (certificates reloaded when they change) and a per-method
+//!   authorization policy over the callers' certificate identities;
 //! - an admin HTTP server with `/metrics`, `/healthz` and `/readyz`;
 //! - graceful shutdown on SIGTERM/SIGINT: stop accepting, drain calls and background work
 //!   within a timeout.
@@ -19,16 +21,24 @@
 //! - [`observe`]: the tracing/metrics/deadline layer.
 //! - [`server`]: [`GrpcServer`], wiring and the run loop.
 //! - [`admin`]: the admin HTTP server.
-//! - [`client`]: trace-context propagation for outgoing calls.
+//! - [`tls`]: certificate files (reloaded when they change) and identities in certificates.
+//! - [`listen`]: accepting connections: a connection bound, TLS handshakes with a deadline.
+//! - [`authz`]: the per-method policy and the per-caller limit.
+//! - [`client`]: channels to other services (TLS when configured) and trace-context
+//!   propagation for outgoing calls.
 //! - [`shutdown`]: the SIGTERM/SIGINT future, [`shutdown_signal`].
 
 pub mod admin;
+pub mod authz;
 pub mod client;
 pub mod error;
+pub mod listen;
 pub mod observe;
 pub mod server;
 pub mod settings;
 pub mod shutdown;
+mod throttle;
+pub mod tls;
 
 pub use error::{FieldViolation, ServiceError, Violations};
 pub use server::{GrpcServer, Readiness};

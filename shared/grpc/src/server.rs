@@ -14,8 +14,8 @@ use std::{
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use mall_telemetry::metrics::Registry;
-use tokio::net::TcpListener;
-use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
+use rustls::ServerConfig;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -23,9 +23,16 @@ use tower::ServiceBuilder;
 
 use crate::{
     admin,
+    authz::{AuthzLayer, AuthzMetrics, Policy},
+    listen::{self, ConnMetrics, Limits},
     observe::{GrpcMetrics, ObserveLayer},
     settings::ServerSettings,
+    tls::{self, Reloading},
 };
+
+/// Largest header block (gRPC metadata) a call may send: oversized metadata is refused by
+/// HTTP/2 itself before it reaches a handler.
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
 /// A check of the dependencies a service needs to do useful work (database, queue).
 /// Returns `Err` with the reason when one is unreachable.
@@ -37,6 +44,7 @@ pub struct GrpcServer {
     settings: ServerSettings,
     grpc_listener: TcpListener,
     admin_listener: TcpListener,
+    tls: Option<Reloading<ServerConfig>>,
     registry: Registry,
     routes: RoutesBuilder,
     service_names: Vec<String>,
@@ -61,8 +69,22 @@ impl GrpcServer {
     /// Port 0 picks a free port; [`GrpcServer::grpc_addr`] tells which.
     ///
     /// # Errors
-    /// When a listener cannot be bound (port taken, address not local).
+    /// When a listener cannot be bound (port taken, address not local), when the TLS files
+    /// cannot be loaded, or when the gRPC listener would serve plaintext on an address other
+    /// than loopback without `server.insecure = true`.
     pub async fn bind(name: &'static str, settings: &ServerSettings) -> anyhow::Result<Self> {
+        tls::install_crypto_provider();
+        let tls = match &settings.tls {
+            Some(files) => Some(tls::server_config(files).context("server.tls")?),
+            None => {
+                refuse_plaintext(
+                    "server.listen_addr",
+                    settings.listen_addr,
+                    settings.insecure,
+                )?;
+                None
+            }
+        };
         let grpc_listener = TcpListener::bind(settings.listen_addr)
             .await
             .with_context(|| {
@@ -87,6 +109,7 @@ impl GrpcServer {
             settings: settings.clone(),
             grpc_listener,
             admin_listener,
+            tls,
             registry,
             routes: RoutesBuilder::default(),
             service_names: Vec::new(),
@@ -194,6 +217,7 @@ impl GrpcServer {
             settings,
             grpc_listener,
             admin_listener,
+            tls,
             registry,
             mut routes,
             mut service_names,
@@ -230,11 +254,33 @@ impl GrpcServer {
             .collect();
         add_reflection(&mut routes, &descriptors, &listed)?;
 
+        let policy = Policy::compile(&settings.authz, &listed)?;
+        if tls.is_none() {
+            tracing::warn!(
+                %grpc_addr,
+                "gRPC is plaintext: no caller identities, the authorization policy is not applied"
+            );
+        }
         let metrics =
             GrpcMetrics::register(&registry).context("failed to register grpc metrics")?;
+        let authz_metrics =
+            AuthzMetrics::register(&registry).context("failed to register authz metrics")?;
+        let conn_metrics =
+            ConnMetrics::register(&registry).context("failed to register connection metrics")?;
         let stack = ServiceBuilder::new()
-            // Traces, deadlines and metrics see every call, shed ones included.
-            .layer(ObserveLayer::new(metrics, listed, settings.request_timeout))
+            // Traces, deadlines and metrics see every call, shed and refused ones included.
+            .layer(ObserveLayer::new(
+                metrics,
+                listed.clone(),
+                settings.request_timeout,
+            ))
+            // Who may call what, and each caller's own bound, before the shared limit below.
+            .layer(AuthzLayer::new(
+                policy,
+                listed,
+                authz_metrics,
+                settings.per_caller_concurrency,
+            ))
             // Refuse at once rather than queue when the limit below has no permit free.
             .load_shed()
             // One limit shared by all connections, so many clients cannot multiply it.
@@ -243,20 +289,29 @@ impl GrpcServer {
             ))
             .into_inner();
 
-        let grpc = Server::builder().layer(stack).serve_with_incoming_shutdown(
-            routes.routes(),
-            // Nagle's algorithm would hold a response's last small frame until the client's
-            // delayed ACK (40 ms) whenever a response spans two writes: disable it, as tonic
-            // does for the listeners it binds itself.
-            TcpListenerStream::new(grpc_listener).map(|stream| {
-                stream.inspect(|s| {
-                    if let Err(error) = s.set_nodelay(true) {
-                        tracing::debug!(%error, "failed to set TCP_NODELAY");
-                    }
-                })
-            }),
-            shutdown.clone().cancelled_owned(),
+        let limits = Limits {
+            max_connections: settings.max_connections,
+            handshake_timeout: settings.handshake_timeout,
+        };
+        let incoming = listen::incoming(
+            grpc_listener,
+            tls,
+            Arc::new(Semaphore::new(settings.max_connections)),
+            limits,
+            conn_metrics,
+            shutdown.clone(),
         );
+        let grpc = Server::builder()
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            // Find connections whose peer vanished without closing them.
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+            .layer(stack)
+            .serve_with_incoming_shutdown(
+                routes.routes(),
+                incoming,
+                shutdown.clone().cancelled_owned(),
+            );
         let admin_router = admin::router(admin::AdminState {
             registry,
             ready: ready.clone(),
@@ -310,6 +365,21 @@ impl GrpcServer {
         tracing::info!(service = name, "stopped");
         Ok(())
     }
+}
+
+/// Refuses a plaintext listener on `addr` unless it is loopback or `insecure` is set.
+///
+/// # Errors
+/// The refusal, naming the setting and how to change it.
+pub fn refuse_plaintext(setting: &str, addr: SocketAddr, insecure: bool) -> anyhow::Result<()> {
+    if addr.ip().is_loopback() || insecure {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{setting} = {addr} is not a loopback address and no TLS is configured: configure \
+         [server.tls] (cert_file, key_file, client_ca_file), or set server.insecure = true to \
+         serve plaintext to the whole network on purpose"
+    )
 }
 
 fn add_reflection(

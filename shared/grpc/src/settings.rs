@@ -4,6 +4,11 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
+use crate::{
+    authz::{AuthzRule, AuthzSettings},
+    tls::ServerTls,
+};
+
 /// Listeners, limits and timeouts of a service's gRPC and admin servers.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -12,6 +17,25 @@ pub struct ServerSettings {
     /// (product-catalog 50051, sync-relay 50052, member-export 50053, log-ingest 50054) on
     /// 127.0.0.1; pods set `0.0.0.0:<port>`.
     pub listen_addr: SocketAddr,
+    /// Mutual TLS on the gRPC listener: this server's certificate and the CA of its callers'
+    /// certificates (`[server.tls]`, see [`ServerTls`]). Without it the listener is plaintext,
+    /// which it refuses on an address other than loopback unless `insecure` is set.
+    pub tls: Option<ServerTls>,
+    /// Serve plaintext gRPC on a non-loopback address (no TLS, no identities, no
+    /// authorization): only for a network that is trusted as a whole. Default false.
+    pub insecure: bool,
+    /// Who may call which methods when TLS is on (`[server.authz]`, see [`AuthzSettings`]).
+    /// Each service has its own default rules; the admins may call everything.
+    pub authz: AuthzSettings,
+    /// Connections open at once; a new one beyond it is closed at once. Default 1024.
+    pub max_connections: usize,
+    /// Longest time a TLS handshake may take before its connection is closed. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Calls in flight at once from one caller identity (TLS on); beyond it the caller gets
+    /// RESOURCE_EXHAUSTED (`CALLER_CONCURRENCY_LIMIT`), so one flooding caller cannot take
+    /// the whole `concurrency_limit` from the others. Default 256.
+    pub per_caller_concurrency: usize,
     /// Address of the admin HTTP server (`/metrics`, `/healthz`, `/readyz`). Each service has
     /// its own default port (9091 to 9094, in the same order) on 127.0.0.1.
     pub admin_addr: SocketAddr,
@@ -43,6 +67,13 @@ impl ServerSettings {
             ..Self::default()
         }
     }
+
+    /// These settings with `rules` as the authorization rules (the admins keep every method).
+    #[must_use]
+    pub fn with_rules(mut self, rules: Vec<AuthzRule>) -> Self {
+        self.authz.rules = rules;
+        self
+    }
 }
 
 impl Default for ServerSettings {
@@ -50,6 +81,12 @@ impl Default for ServerSettings {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: None,
+            insecure: false,
+            authz: AuthzSettings::with_rules(Vec::new()),
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            per_caller_concurrency: 256,
             request_timeout: Duration::from_secs(30),
             concurrency_limit: 1024,
             max_message_bytes: 16 * 1024 * 1024,

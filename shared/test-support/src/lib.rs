@@ -7,6 +7,7 @@
 //! - [`process`]: a service binary run as a child process, for signal and start-up tests.
 //! - [`sqs_endpoint`]: the LocalStack (SQS) endpoint for queue tests.
 //! - [`bench`]: the benchmarks' sample product and BENCHMARKS.md sections.
+//! - [`certs`]: a local CA and certificates for the mutual TLS tests and `scripts/certs.sh`.
 //!
 //! PostgreSQL comes from `MALL_TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), which `scripts/test.sh` provides. When it is
@@ -14,6 +15,7 @@
 //! silently skipped.
 
 pub mod bench;
+pub mod certs;
 pub mod probe;
 pub mod process;
 

@@ -10,4 +10,5 @@ mod import;
 mod limits;
 mod list;
 mod reads;
+mod tls;
 mod watch;

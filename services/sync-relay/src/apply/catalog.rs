@@ -3,15 +3,11 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use mall_grpc::client::TraceContextInterceptor;
+use mall_grpc::{client::TraceContextInterceptor, tls::ClientTls};
 use mall_proto::catalog::v1::{
     UpdateOutcome, product_catalog_service_client::ProductCatalogServiceClient,
 };
-use tonic::{
-    Code, Status,
-    service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Code, Status, service::interceptor::InterceptedService, transport::Channel};
 use tonic_types::StatusExt as _;
 
 use super::merge::TypeBatch;
@@ -21,15 +17,17 @@ use crate::metrics::RelayMetrics;
 pub type CatalogClient =
     ProductCatalogServiceClient<InterceptedService<Channel, TraceContextInterceptor>>;
 
-/// A client of the catalog at `url`; connects on first use and reconnects after failures.
+/// A client of the catalog at `url`, over mutual TLS with `tls`; connects on first use and
+/// reconnects after failures.
 ///
 /// # Errors
-/// When `url` is not a valid endpoint.
-pub fn connect_catalog(url: &url::Url, connect_timeout: Duration) -> anyhow::Result<CatalogClient> {
-    let channel = Endpoint::from_shared(url.to_string())?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .connect_lazy();
+/// When `url` is not a valid endpoint or the TLS files cannot be loaded.
+pub fn connect_catalog(
+    url: &url::Url,
+    tls: Option<&ClientTls>,
+    connect_timeout: Duration,
+) -> anyhow::Result<CatalogClient> {
+    let channel = mall_grpc::client::lazy_channel(url.as_str(), tls, connect_timeout)?;
     Ok(ProductCatalogServiceClient::with_interceptor(
         channel,
         TraceContextInterceptor,

@@ -3,7 +3,13 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let invocation = sync_relay::cli::parse(&args, std::env::var("RELAYCTL_ADDR").ok())
+    mall_grpc::tls::install_crypto_provider();
+    let mut invocation = sync_relay::cli::parse(&args, std::env::var("RELAYCTL_ADDR").ok())
         .unwrap_or_else(|error| error.exit());
+    invocation.tls = invocation.tls.or(mall_grpc::tls::TlsPaths {
+        ca: std::env::var_os("MALL_TLS_CA").map(Into::into),
+        cert: std::env::var_os("MALL_TLS_CERT").map(Into::into),
+        key: std::env::var_os("MALL_TLS_KEY").map(Into::into),
+    });
     sync_relay::cli::run(invocation, &mut std::io::stdout()).await
 }

@@ -1,0 +1,564 @@
+//! Who may call what: the per-method policy, checked for every call before it reaches a
+//! handler, and a bound on each caller's calls in flight.
+//!
+//! With TLS on, a caller is the identity in its client certificate ([`crate::listen::Peer`]).
+//! Health checks need no identity. Server reflection needs one. Every other method is allowed
+//! to the admins and to the callers a rule lists for it (`*` in `callers`: any authenticated
+//! caller); a method no rule lists is for the admins only. Refusals are UNAUTHENTICATED
+//! (no certificate, or one that names no identity) and PERMISSION_DENIED, each with an
+//! `ErrorInfo` carrying the reason and the method, and nothing about the policy itself.
+//!
+//! Without TLS (the local default on 127.0.0.1, or `server.insecure = true`) there are no
+//! identities and the policy is not applied.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use futures::future::BoxFuture;
+use mall_telemetry::metrics::{IntCounterVec, Opts, Registry};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
+use tower::{Layer, Service};
+
+use crate::{error::ERROR_DOMAIN, listen::Peer, throttle::Throttle};
+
+/// In a rule's `callers`: any caller with a certificate from the configured CA.
+pub const ANY_AUTHENTICATED: &str = "*";
+
+/// The identities the default policies name. A deployment with other service accounts or
+/// another trust domain sets `server.authz` itself.
+pub mod identities {
+    /// The operators' identity (relayctl, memberctl, on-call): every method.
+    pub const ADMIN: &str = "spiffe://mall.internal/ns/mall-ops/sa/mall-admin";
+    /// sync-relay: writes to the catalog.
+    pub const SYNC_RELAY: &str = "spiffe://mall.internal/ns/mall/sa/sync-relay";
+    /// The legacy commerce platform's product publisher: PublishProductChanges.
+    pub const PRODUCT_PRODUCER: &str = "spiffe://mall.internal/ns/commerce/sa/product-producer";
+    /// The member system: EnqueueMemberChanges and EraseMember.
+    pub const MEMBER_SYSTEM: &str = "spiffe://mall.internal/ns/commerce/sa/member-system";
+    /// The log shippers (Fluent Bit, OpenTelemetry collectors): OTLP log export.
+    pub const LOG_SHIPPER: &str = "spiffe://mall.internal/ns/logging/sa/log-shipper";
+}
+
+/// `[server.authz]`: who may call which methods when TLS is on.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthzSettings {
+    /// Identities that may call every method. Default: [`identities::ADMIN`].
+    pub admins: Vec<String>,
+    /// Who else may call what. Setting `rules` in a configuration file replaces the service's
+    /// default rules as a whole (each service documents its defaults).
+    pub rules: Vec<AuthzRule>,
+}
+
+/// One rule: these callers may call these methods.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzRule {
+    /// `package.Service/Method` or `package.Service/*`, of a service this server serves.
+    pub methods: Vec<String>,
+    /// Identities (`spiffe://...` or a DNS name), or `*` for any authenticated caller.
+    pub callers: Vec<String>,
+}
+
+impl AuthzRule {
+    /// A rule allowing `callers` to call `methods`.
+    pub fn new(methods: &[&str], callers: &[&str]) -> Self {
+        Self {
+            methods: methods.iter().map(|&m| m.to_owned()).collect(),
+            callers: callers.iter().map(|&c| c.to_owned()).collect(),
+        }
+    }
+}
+
+impl AuthzSettings {
+    /// The admin identity and `rules`.
+    pub fn with_rules(rules: Vec<AuthzRule>) -> Self {
+        Self {
+            admins: vec![identities::ADMIN.to_owned()],
+            rules,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Allowed {
+    anyone: bool,
+    identities: HashSet<Arc<str>>,
+}
+
+impl Allowed {
+    fn add(&mut self, callers: &[Arc<str>]) {
+        for caller in callers {
+            if &**caller == ANY_AUTHENTICATED {
+                self.anyone = true;
+            } else {
+                self.identities.insert(caller.clone());
+            }
+        }
+    }
+
+    fn allows(&self, identity: &str) -> bool {
+        self.anyone || self.identities.contains(identity)
+    }
+}
+
+/// What the policy says about one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The call may proceed.
+    Allow,
+    /// No identity: no certificate, or one naming none.
+    Unauthenticated,
+    /// An identity the policy does not allow for this method.
+    Denied,
+}
+
+/// The compiled `[server.authz]` of one server.
+#[derive(Debug)]
+pub struct Policy {
+    admins: HashSet<Arc<str>>,
+    /// By full path, `/package.Service/Method`.
+    methods: HashMap<String, Allowed>,
+    /// By service, for `package.Service/*` rules.
+    services: HashMap<String, Allowed>,
+}
+
+const HEALTH: &str = "grpc.health.v1.Health";
+const REFLECTION: [&str; 2] = [
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+impl Policy {
+    /// Checks `settings` against the services this server serves and compiles it.
+    ///
+    /// # Errors
+    /// A method pattern that is malformed or names a service not served here, or an empty
+    /// caller, named by its place in the settings.
+    pub fn compile(settings: &AuthzSettings, served: &[String]) -> anyhow::Result<Self> {
+        let mut policy = Self {
+            admins: settings
+                .admins
+                .iter()
+                .map(|a| Arc::from(a.as_str()))
+                .collect(),
+            methods: HashMap::new(),
+            services: HashMap::new(),
+        };
+        for (i, rule) in settings.rules.iter().enumerate() {
+            let callers: Vec<Arc<str>> = rule.callers.iter().map(|c| Arc::from(c.trim())).collect();
+            if let Some(j) = callers.iter().position(|c| c.is_empty()) {
+                anyhow::bail!("server.authz.rules[{i}].callers[{j}] is empty");
+            }
+            for (j, pattern) in rule.methods.iter().enumerate() {
+                let field = format!("server.authz.rules[{i}].methods[{j}]");
+                let (service, method) = pattern.split_once('/').ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{field}: {pattern:?} is not package.Service/Method or package.Service/*"
+                    )
+                })?;
+                if !served.iter().any(|s| s == service) {
+                    anyhow::bail!("{field}: {service:?} is not a service this server serves");
+                }
+                if method.is_empty() || method.contains('/') {
+                    anyhow::bail!(
+                        "{field}: {pattern:?} is not package.Service/Method or package.Service/*"
+                    );
+                }
+                let allowed = if method == "*" {
+                    policy.services.entry(service.to_owned()).or_default()
+                } else {
+                    policy.methods.entry(format!("/{pattern}")).or_default()
+                };
+                allowed.add(&callers);
+            }
+        }
+        Ok(policy)
+    }
+
+    /// What the policy says about a call of `path` (`/package.Service/Method`) from `peer`.
+    pub fn decide(&self, path: &str, peer: Option<&Peer>) -> Decision {
+        let service = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        if service == HEALTH {
+            return Decision::Allow;
+        }
+        let Some(peer) = peer.filter(|p| p.tls) else {
+            // Plaintext: no identities exist, so there is nothing to check (see module docs).
+            return Decision::Allow;
+        };
+        let Some(identity) = peer.identity.as_deref() else {
+            return Decision::Unauthenticated;
+        };
+        let allowed = REFLECTION.contains(&service)
+            || self.admins.contains(identity)
+            || self.methods.get(path).is_some_and(|a| a.allows(identity))
+            || self
+                .services
+                .get(service)
+                .is_some_and(|a| a.allows(identity));
+        if allowed {
+            Decision::Allow
+        } else {
+            Decision::Denied
+        }
+    }
+
+    /// Whether the policy names `identity`, so it may be a metric label value.
+    fn names(&self, identity: &str) -> bool {
+        self.admins.contains(identity)
+            || self
+                .methods
+                .values()
+                .chain(self.services.values())
+                .any(|a| a.identities.contains(identity))
+    }
+}
+
+/// Authorization metrics of one server.
+#[derive(Debug, Clone)]
+pub(crate) struct AuthzMetrics {
+    decisions: IntCounterVec,
+}
+
+impl AuthzMetrics {
+    pub(crate) fn register(registry: &Registry) -> mall_telemetry::metrics::Result<Self> {
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "grpc_authz_decisions_total",
+                "Authorization decisions on calls with TLS on, by method, caller (an identity \
+                 the policy names, else other; none without a certificate) and outcome \
+                 (allowed, unauthenticated, permission_denied, caller_limit)",
+            ),
+            &["method", "caller", "outcome"],
+        )?;
+        registry.register(Box::new(decisions.clone()))?;
+        Ok(Self { decisions })
+    }
+}
+
+struct Shared {
+    policy: Policy,
+    services: Vec<String>,
+    metrics: AuthzMetrics,
+    per_caller: usize,
+    /// One semaphore per identity seen. Identities come only from certificates our CA
+    /// issued, so the map is bounded by what the CA issues.
+    callers: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
+    refusals: Throttle,
+}
+
+/// Applies the [`Policy`] and the per-caller limit to every call.
+#[derive(Clone)]
+pub(crate) struct AuthzLayer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AuthzLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthzLayer").finish_non_exhaustive()
+    }
+}
+
+impl AuthzLayer {
+    pub(crate) fn new(
+        policy: Policy,
+        services: Vec<String>,
+        metrics: AuthzMetrics,
+        per_caller: usize,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                policy,
+                services,
+                metrics,
+                per_caller,
+                callers: Mutex::new(HashMap::new()),
+                refusals: Throttle::per_minute(20),
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthzLayer {
+    type Service = Authorize<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authorize {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// The service built by [`AuthzLayer`].
+#[derive(Clone)]
+pub(crate) struct Authorize<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> std::fmt::Debug for Authorize<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorize").finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Authorize<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let path = request.uri().path();
+        let peer = request.extensions().get::<Peer>();
+        let decision = self.shared.policy.decide(path, peer);
+        let identity = peer.and_then(|p| p.identity.clone());
+        let tls = peer.is_some_and(|p| p.tls);
+        // The service polled ready is the one that must be called; leave a fresh clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if !tls || path.starts_with("/grpc.health.v1.Health/") {
+            return Box::pin(inner.call(request));
+        }
+        let method = self.shared.method_label(path);
+        let refusal = match decision {
+            Decision::Allow => match &identity {
+                Some(identity) => match self.shared.permit(identity) {
+                    Some(permit) => {
+                        self.shared.count(&method, Some(identity), "allowed");
+                        return Box::pin(async move {
+                            let response = inner.call(request).await;
+                            drop(permit);
+                            response
+                        });
+                    }
+                    None => Refusal::CallerLimit,
+                },
+                None => Refusal::Unauthenticated,
+            },
+            Decision::Unauthenticated => Refusal::Unauthenticated,
+            Decision::Denied => Refusal::Denied,
+        };
+        self.shared
+            .count(&method, identity.as_deref(), refusal.outcome());
+        if let Some(suppressed) = self.shared.refusals.allow() {
+            let remote_addr = peer.map(|p| p.remote_addr);
+            tracing::warn!(
+                caller = identity.as_deref().unwrap_or("none"),
+                remote_addr = ?remote_addr,
+                method = %method,
+                outcome = refusal.outcome(),
+                suppressed,
+                "call refused"
+            );
+        }
+        let status = refusal.status(&method, self.shared.per_caller);
+        Box::pin(async move { Ok(status.into_http()) })
+    }
+}
+
+impl Shared {
+    fn method_label(&self, path: &str) -> String {
+        let service = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        if self.services.iter().any(|s| s == service) {
+            path.to_owned()
+        } else {
+            "unknown".to_owned()
+        }
+    }
+
+    fn count(&self, method: &str, identity: Option<&str>, outcome: &str) {
+        let caller = match identity {
+            None => "none",
+            Some(identity) if self.policy.names(identity) => identity,
+            Some(_) => "other",
+        };
+        self.metrics
+            .decisions
+            .with_label_values(&[method, caller, outcome])
+            .inc();
+    }
+
+    fn permit(&self, identity: &Arc<str>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let semaphore = {
+            let mut callers = self.callers.lock().unwrap_or_else(|e| e.into_inner());
+            callers
+                .entry(identity.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_caller)))
+                .clone()
+        };
+        semaphore.try_acquire_owned().ok()
+    }
+}
+
+enum Refusal {
+    Unauthenticated,
+    Denied,
+    CallerLimit,
+}
+
+impl Refusal {
+    fn outcome(&self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "unauthenticated",
+            Self::Denied => "permission_denied",
+            Self::CallerLimit => "caller_limit",
+        }
+    }
+
+    fn status(&self, method: &str, per_caller: usize) -> Status {
+        let (code, reason, message) = match self {
+            Self::Unauthenticated => (
+                Code::Unauthenticated,
+                "CLIENT_CERTIFICATE_REQUIRED",
+                "this method needs a client certificate naming the caller".to_owned(),
+            ),
+            Self::Denied => (
+                Code::PermissionDenied,
+                "PERMISSION_DENIED",
+                "the caller is not allowed to call this method".to_owned(),
+            ),
+            Self::CallerLimit => (
+                Code::ResourceExhausted,
+                "CALLER_CONCURRENCY_LIMIT",
+                format!(
+                    "the caller has {per_caller} calls in flight (server.per_caller_concurrency); \
+                     retry with backoff"
+                ),
+            ),
+        };
+        let mut details = ErrorDetails::new();
+        details.set_error_info(
+            reason,
+            ERROR_DOMAIN,
+            HashMap::from([(
+                "method".to_owned(),
+                method.trim_start_matches('/').to_owned(),
+            )]),
+        );
+        Status::with_error_details(code, message, details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(identity: Option<&str>) -> Peer {
+        Peer {
+            remote_addr: "127.0.0.1:1".parse().expect("an address"),
+            tls: true,
+            identity: identity.map(Arc::from),
+        }
+    }
+
+    fn policy() -> Policy {
+        let settings = AuthzSettings {
+            admins: vec!["spiffe://t/ns/ops/sa/admin".to_owned()],
+            rules: vec![
+                AuthzRule::new(&["a.v1.Svc/Get"], &[ANY_AUTHENTICATED]),
+                AuthzRule::new(&["a.v1.Svc/Put"], &["spiffe://t/ns/x/sa/writer"]),
+                AuthzRule::new(&["b.v1.Other/*"], &["reader.example"]),
+            ],
+        };
+        Policy::compile(&settings, &["a.v1.Svc".to_owned(), "b.v1.Other".to_owned()])
+            .expect("a valid policy")
+    }
+
+    #[test]
+    fn rules_admins_and_unlisted_methods() {
+        let p = policy();
+        let reader = peer(Some("spiffe://t/ns/x/sa/reader"));
+        let writer = peer(Some("spiffe://t/ns/x/sa/writer"));
+        let admin = peer(Some("spiffe://t/ns/ops/sa/admin"));
+        let dns = peer(Some("reader.example"));
+        assert_eq!(p.decide("/a.v1.Svc/Get", Some(&reader)), Decision::Allow);
+        assert_eq!(p.decide("/a.v1.Svc/Put", Some(&reader)), Decision::Denied);
+        assert_eq!(p.decide("/a.v1.Svc/Put", Some(&writer)), Decision::Allow);
+        // Not listed: admins only.
+        assert_eq!(p.decide("/a.v1.Svc/Pause", Some(&writer)), Decision::Denied);
+        assert_eq!(p.decide("/a.v1.Svc/Pause", Some(&admin)), Decision::Allow);
+        assert_eq!(
+            p.decide("/b.v1.Other/Anything", Some(&dns)),
+            Decision::Allow
+        );
+        assert_eq!(
+            p.decide("/b.v1.Other/Anything", Some(&reader)),
+            Decision::Denied
+        );
+        // Without a certificate only health; reflection needs one.
+        let anonymous = peer(None);
+        assert_eq!(
+            p.decide("/a.v1.Svc/Get", Some(&anonymous)),
+            Decision::Unauthenticated
+        );
+        assert_eq!(
+            p.decide("/grpc.health.v1.Health/Check", Some(&anonymous)),
+            Decision::Allow
+        );
+        assert_eq!(
+            p.decide(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                Some(&anonymous)
+            ),
+            Decision::Unauthenticated
+        );
+        assert_eq!(
+            p.decide(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                Some(&reader)
+            ),
+            Decision::Allow
+        );
+        // Plaintext: no policy.
+        let plain = Peer {
+            tls: false,
+            ..peer(None)
+        };
+        assert_eq!(p.decide("/a.v1.Svc/Put", Some(&plain)), Decision::Allow);
+    }
+
+    #[test]
+    fn malformed_rules_fail_naming_the_field() {
+        let served = ["a.v1.Svc".to_owned()];
+        for (pattern, expected) in [
+            ("a.v1.Svc", "rules[0].methods[0]"),
+            ("a.v1.Nope/Get", "not a service this server serves"),
+            ("a.v1.Svc/", "rules[0].methods[0]"),
+            ("a.v1.Svc/Get/More", "rules[0].methods[0]"),
+        ] {
+            let settings = AuthzSettings::with_rules(vec![AuthzRule::new(&[pattern], &["x"])]);
+            let error = Policy::compile(&settings, &served)
+                .expect_err(pattern)
+                .to_string();
+            assert!(error.contains(expected), "{pattern}: {error}");
+        }
+        let settings = AuthzSettings::with_rules(vec![AuthzRule::new(&["a.v1.Svc/Get"], &[" "])]);
+        let error = Policy::compile(&settings, &served).expect_err("empty caller");
+        assert!(error.to_string().contains("callers[0] is empty"), "{error}");
+    }
+
+    #[test]
+    fn only_named_identities_become_label_values() {
+        let p = policy();
+        assert!(p.names("spiffe://t/ns/x/sa/writer"));
+        assert!(p.names("spiffe://t/ns/ops/sa/admin"));
+        assert!(!p.names("spiffe://t/ns/x/sa/reader"));
+    }
+}
