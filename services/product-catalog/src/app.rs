@@ -35,7 +35,8 @@ impl App {
         let metrics = CatalogMetrics::register(server.registry())
             .context("failed to register catalog metrics")?;
 
-        let store = Store::new(db, catalog.write_retries, catalog.read_cache_entries)?;
+        let store = Store::new(db, catalog.write_retries, catalog.read_cache_entries)?
+            .with_max_version_jump(catalog.max_version_jump);
         server.spawn(
             "read cache follower",
             store

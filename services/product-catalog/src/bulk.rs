@@ -252,7 +252,17 @@ impl Plan {
 /// provisional: a write that creates it (with a status) under another type replaces the
 /// pending row, whose waiting fields were written under the wrong type and are dropped
 /// ([`Plan::dropped_pending`]); so a mistyped early change cannot block the real creation.
-pub fn plan(writes: &[Write], mut stored: BTreeMap<String, Stored>, now: Timestamp) -> Plan {
+///
+/// With `max_version_jump`, a write whose version is more than that far ahead of its visible
+/// product's version is refused (`product.version`): a runaway producer's version near 2^63
+/// would otherwise freeze the product for good, as no later change could ever be newer. A
+/// product that does not exist yet (or is still pending) is not guarded.
+pub fn plan(
+    writes: &[Write],
+    mut stored: BTreeMap<String, Stored>,
+    now: Timestamp,
+    max_version_jump: Option<u64>,
+) -> Plan {
     let mut plan = Plan::default();
     let existed: Vec<String> = stored.keys().cloned().collect();
     // The latest change of each code whose product is not copied yet (see `Change::product`).
@@ -277,6 +287,27 @@ pub fn plan(writes: &[Write], mut stored: BTreeMap<String, Stored>, now: Timesta
                     "product {code:?} is stored as type {:?}; a product's type is set by the \
                      change that creates it and never changes",
                     current.product.product_type
+                ),
+            });
+            plan.results.push(ItemResult {
+                code: code.clone(),
+                outcome: UpdateOutcome::Unspecified,
+                stored_version: current.product.version,
+            });
+            continue;
+        }
+        if let (Some(jump), Some(current)) = (max_version_jump, stored.get(code))
+            && !current.is_pending()
+            && write.product.version > current.product.version.saturating_add(jump)
+        {
+            plan.refused.push(Refusal {
+                index,
+                field: "product.version",
+                reason: format!(
+                    "version {} is more than {jump} ahead of the stored version {} \
+                     (catalog.max_version_jump); a version that far ahead is taken for a \
+                     producer's mistake",
+                    write.product.version, current.product.version
                 ),
             });
             plan.results.push(ItemResult {
@@ -467,6 +498,7 @@ mod tests {
             &[full("A", 5), full("B", 2), full("C", 1)],
             stored(&[product("A", 4), product("B", 2)]),
             NOW,
+            None,
         );
         assert_eq!(
             outcomes(&plan),
@@ -495,6 +527,7 @@ mod tests {
             &[full("A", 3), full("A", 2), full("A", 7), full("A", 7)],
             BTreeMap::new(),
             NOW,
+            None,
         );
         let kinds: Vec<_> = plan.results.iter().map(|r| r.outcome).collect();
         assert_eq!(
@@ -519,6 +552,7 @@ mod tests {
             &[partial("A", 9, &["prices"])],
             stored(&[product("A", 4)]),
             NOW,
+            None,
         );
         let row = &plan.rows["A"].stored.product;
         assert_eq!(row.brand, "brand v4");
@@ -535,13 +569,19 @@ mod tests {
             &[full("A", 4), partial("A", 6, &["names"])],
             BTreeMap::new(),
             NOW,
+            None,
         );
         let stored_now: BTreeMap<_, _> = first
             .rows
             .into_iter()
             .map(|(code, row)| (code, row.stored))
             .collect();
-        let late = plan(&[partial("A", 5, &["prices", "names"])], stored_now, NOW);
+        let late = plan(
+            &[partial("A", 5, &["prices", "names"])],
+            stored_now,
+            NOW,
+            None,
+        );
         assert_eq!(outcomes(&late), [("A", UpdateOutcome::Applied, 6)]);
         let row = &late.rows["A"].stored;
         assert_eq!(row.product.prices.get("KRW"), Some(&5000));
@@ -557,7 +597,7 @@ mod tests {
 
     #[test]
     fn a_partial_update_before_its_creation_waits_in_a_pending_row() {
-        let early = plan(&[partial("A", 5, &["prices"])], BTreeMap::new(), NOW);
+        let early = plan(&[partial("A", 5, &["prices"])], BTreeMap::new(), NOW, None);
         assert_eq!(outcomes(&early), [("A", UpdateOutcome::Pending, 5)]);
         assert!(
             early.changes.is_empty(),
@@ -574,6 +614,7 @@ mod tests {
             &[full("A", 3)],
             [("A".to_owned(), row.clone())].into(),
             later,
+            None,
         );
         assert_eq!(outcomes(&creation), [("A", UpdateOutcome::Applied, 5)]);
         let created = &creation.rows["A"].stored.product;
@@ -594,6 +635,7 @@ mod tests {
             &[partial("A", 1, &["status", "prices"])],
             BTreeMap::new(),
             NOW,
+            None,
         );
         assert_eq!(outcomes(&plan), [("A", UpdateOutcome::Applied, 1)]);
         let row = &plan.rows["A"].stored.product;
@@ -611,6 +653,7 @@ mod tests {
                 &[full("B", 1), write],
                 stored(std::slice::from_ref(&bag)),
                 NOW,
+                None,
             );
             assert_eq!(plan.refused.len(), 1);
             assert_eq!(plan.refused[0].index, 1);
@@ -651,7 +694,7 @@ mod tests {
     fn a_creation_of_another_type_replaces_a_pending_product() {
         let mut typo = partial("A", 7, &["prices"]);
         typo.product.product_type = "bags".into();
-        let pending = plan(&[typo], BTreeMap::new(), NOW);
+        let pending = plan(&[typo], BTreeMap::new(), NOW, None);
         assert_eq!(outcomes(&pending), [("A", UpdateOutcome::Pending, 7)]);
         let stored: BTreeMap<_, _> = pending
             .rows
@@ -660,10 +703,10 @@ mod tests {
             .collect();
 
         // A partial of another type still cannot touch it: it cannot create the product.
-        let other = plan(&[partial("A", 8, &["names"])], stored.clone(), NOW);
+        let other = plan(&[partial("A", 8, &["names"])], stored.clone(), NOW, None);
         assert_eq!(other.refused.len(), 1);
 
-        let creation = plan(&[full("A", 3)], stored, NOW);
+        let creation = plan(&[full("A", 3)], stored, NOW, None);
         assert!(creation.refused.is_empty());
         assert_eq!(creation.dropped_pending, ["A"]);
         let created = &creation.rows["A"].stored.product;
@@ -726,7 +769,7 @@ mod tests {
         fn apply(requests: &[Vec<Write>]) -> Option<Stored> {
             let mut stored = BTreeMap::new();
             for writes in requests {
-                let plan = plan(writes, stored.clone(), NOW);
+                let plan = plan(writes, stored.clone(), NOW, None);
                 assert!(plan.refused.is_empty());
                 for (code, row) in plan.rows {
                     stored.insert(code, row.stored);
@@ -810,6 +853,7 @@ mod tests {
                     std::slice::from_ref(again),
                     [("P".to_owned(), stored.clone())].into(),
                     NOW,
+                    None,
                 );
                 prop_assert_eq!(plan.results[0].outcome, UpdateOutcome::Stale);
                 prop_assert!(plan.rows.is_empty() && plan.changes.is_empty());
@@ -823,7 +867,7 @@ mod tests {
                 let mut stored = BTreeMap::new();
                 let mut watched: Option<Product> = None;
                 for writes in &requests {
-                    let plan = plan(writes, stored.clone(), NOW);
+                    let plan = plan(writes, stored.clone(), NOW, None);
                     for change in &plan.changes {
                         prop_assert!(!change.written.is_empty());
                         watched = Some(plan.product_after(change).clone());
@@ -903,5 +947,34 @@ mod tests {
         };
         let error = check_bulk_request(unknown, &ProductTypes::default()).expect_err("invalid");
         assert_eq!(field_names(error), ["product_type", "updates"]);
+    }
+
+    #[test]
+    fn the_version_guard_refuses_runaway_versions_of_existing_products_only() {
+        let stored_a = stored(&[full("A", 10).product]);
+        // At the limit: applied. One past it: refused, naming the field; nothing written.
+        let at = plan(&[full("A", 110)], stored_a.clone(), NOW, Some(100));
+        assert_eq!(outcomes(&at), [("A", UpdateOutcome::Applied, 110)]);
+        let past = plan(&[full("A", 111)], stored_a.clone(), NOW, Some(100));
+        assert_eq!(outcomes(&past), [("A", UpdateOutcome::Unspecified, 10)]);
+        assert_eq!(past.refused.len(), 1);
+        assert_eq!(past.refused[0].field, "product.version");
+        assert!(
+            past.refused[0].reason.contains("more than 100 ahead"),
+            "{:?}",
+            past.refused
+        );
+        assert!(past.rows.is_empty() && past.changes.is_empty());
+        // Off: anything newer applies.
+        let off = plan(&[full("A", 1 << 40)], stored_a, NOW, None);
+        assert_eq!(off.refused.len(), 0);
+        // A product that does not exist yet is not guarded, nor is a pending one.
+        let new = plan(&[full("B", 1_000_000)], BTreeMap::new(), NOW, Some(100));
+        assert_eq!(new.refused.len(), 0);
+        let early = plan(&[partial("C", 5, &["prices"])], BTreeMap::new(), NOW, None);
+        let pending = [("C".to_owned(), early.rows["C"].stored.clone())].into();
+        let creation = plan(&[full("C", 5_000)], pending, NOW, Some(100));
+        assert_eq!(creation.refused.len(), 0);
+        assert_eq!(outcomes(&creation), [("C", UpdateOutcome::Applied, 5_000)]);
     }
 }

@@ -109,6 +109,12 @@ pub struct CatalogSettings {
     /// Default 30 days.
     #[serde(with = "humantime_serde")]
     pub pending_retention: Duration,
+    /// The version guard against runaway producers: a write whose version is more than this
+    /// far ahead of its product's stored version is refused as that item's fault (INVALID_
+    /// ARGUMENT naming `updates[i].product.version`; the relay quarantines it for an operator).
+    /// A product that does not exist yet is not guarded. There is no version reset: a
+    /// product's version never moves back. Default: off (unset).
+    pub max_version_jump: Option<u64>,
 }
 
 impl Default for CatalogSettings {
@@ -122,6 +128,7 @@ impl Default for CatalogSettings {
             read_cache_entries: 20_000,
             write_retries: 10,
             pending_retention: Duration::from_secs(30 * 24 * 3600),
+            max_version_jump: None,
         }
     }
 }

@@ -59,6 +59,8 @@ pub struct Store {
     write_lock: Option<Arc<Mutex<()>>>,
     /// Attempts of a write after serialization failures and deadlocks.
     write_retries: u32,
+    /// `catalog.max_version_jump`; `None`: off.
+    max_version_jump: Option<u64>,
     /// Products by code for the read path; see [`cache`].
     cache: ProductCache,
     /// SQLite only: the write connection (`write_sqlite`).
@@ -107,9 +109,18 @@ impl Store {
             backend,
             write_lock,
             write_retries: write_retries.max(1),
+            max_version_jump: None,
             cache: ProductCache::new(cache_entries),
             sqlite_writer,
         })
+    }
+
+    /// This store with the version guard on: a write whose version is more than `jump` ahead
+    /// of its product's stored version is refused (see [`crate::bulk::plan`]).
+    #[must_use]
+    pub fn with_max_version_jump(mut self, jump: Option<u64>) -> Self {
+        self.max_version_jump = jump;
+        self
     }
 
     /// The read cache.

@@ -32,6 +32,14 @@ pub enum OnRefusal {
     SkipItems,
 }
 
+/// What a write attempt decides by, besides the stored state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Rules {
+    pub on_refusal: OnRefusal,
+    /// `catalog.max_version_jump`: see [`crate::bulk::plan`].
+    pub max_version_jump: Option<u64>,
+}
+
 /// How a bulk write ended.
 #[derive(Debug)]
 pub enum WriteOutcome {
@@ -69,17 +77,21 @@ impl Store {
         writes: Arc<[Write]>,
         on_refusal: OnRefusal,
     ) -> Result<WriteOutcome, ServiceError> {
+        let rules = Rules {
+            on_refusal,
+            max_version_jump: self.max_version_jump,
+        };
         let mut retries = 0;
         let mut delays = backoff();
         loop {
             let attempt = match &self.sqlite_writer {
                 None => {
                     let pool = self.db.get_postgres_connection_pool();
-                    self.attempt_bulk_write_pg(pool, request_id, &writes, on_refusal)
+                    self.attempt_bulk_write_pg(pool, request_id, &writes, rules)
                         .await
                 }
                 Some(writer) => {
-                    self.attempt_bulk_write_sqlite(writer, request_id, &writes, on_refusal)
+                    self.attempt_bulk_write_sqlite(writer, request_id, &writes, rules)
                         .await
                 }
             };
@@ -150,10 +162,10 @@ pub(super) fn decide(
     writes: &[Write],
     stored: BTreeMap<String, Stored>,
     now: prost_types::Timestamp,
-    on_refusal: OnRefusal,
+    rules: Rules,
 ) -> Result<(Plan, BulkUpdateProductsResponse), AttemptError> {
-    let plan = plan(writes, stored, now);
-    if on_refusal == OnRefusal::RejectRequest && !plan.refused.is_empty() {
+    let plan = plan(writes, stored, now, rules.max_version_jump);
+    if rules.on_refusal == OnRefusal::RejectRequest && !plan.refused.is_empty() {
         let mut violations = Violations::default();
         for refusal in &plan.refused {
             violations.add(

@@ -30,7 +30,7 @@ use super::{
     Store,
     entity::products,
     micros, stored_from_model, timestamp, to_i64, to_model, versions_of,
-    write::{Attempt, AttemptError, OnRefusal, WriteOutcome, decide},
+    write::{Attempt, AttemptError, Rules, WriteOutcome, decide},
 };
 use crate::bulk::{Plan, Stored, Write, needs_values};
 use mall_proto::catalog::v1::Product;
@@ -111,7 +111,7 @@ impl Store {
         pool: &PgPool,
         request_id: Option<&str>,
         writes: &[Write],
-        on_refusal: OnRefusal,
+        rules: Rules,
     ) -> Result<Attempt, AttemptError> {
         if let Some(id) = request_id
             && let Some(first) = remembered(pool, id).await?
@@ -125,7 +125,7 @@ impl Store {
                 "a product was last written by a transaction that began after this one",
             ));
         };
-        let (plan, response) = decide(writes, stored, now, on_refusal)?;
+        let (plan, response) = decide(writes, stored, now, rules)?;
         let Written {
             created,
             updated,

@@ -30,7 +30,7 @@ use super::{
     Store,
     entity::products,
     micros, stored_from_model, timestamp, to_i64, to_model, versions_of,
-    write::{Attempt, AttemptError, OnRefusal, WriteOutcome, decide},
+    write::{Attempt, AttemptError, Rules, WriteOutcome, decide},
 };
 use crate::bulk::{Plan, Stored, Write, needs_values};
 
@@ -132,7 +132,7 @@ impl Store {
         writer: &Arc<SqliteWriter>,
         request_id: Option<&str>,
         writes: &Arc<[Write]>,
-        on_refusal: OnRefusal,
+        rules: Rules,
     ) -> Result<Attempt, AttemptError> {
         let _guard = match &self.write_lock {
             Some(lock) => Some(lock.lock().await),
@@ -164,7 +164,7 @@ impl Store {
                 connection,
                 request_id.as_deref(),
                 &writes,
-                on_refusal,
+                rules,
                 now,
                 &abandoned,
             );
@@ -287,7 +287,7 @@ fn write(
     connection: &mut Connection,
     request_id: Option<&str>,
     writes: &[Write],
-    on_refusal: OnRefusal,
+    rules: Rules,
     now: prost_types::Timestamp,
     abandoned: &AtomicBool,
 ) -> Result<Done, Failure> {
@@ -310,7 +310,7 @@ fn write(
         }
     }
     let stored = read(&txn, writes)?;
-    let (plan, response) = decide(writes, stored, now, on_refusal)?;
+    let (plan, response) = decide(writes, stored, now, rules)?;
     {
         let mut insert = txn.prepare_cached(INSERT)?;
         let mut update = txn.prepare_cached(UPDATE)?;

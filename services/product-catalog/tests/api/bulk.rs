@@ -120,6 +120,37 @@ async fn an_item_of_another_type_is_refused_naming_its_index(engine: Engine) {
     );
 }
 
+async fn a_runaway_version_is_refused_when_the_guard_is_on(engine: Engine) {
+    let catalog = TestCatalog::spawn_with(engine, |settings| {
+        settings.catalog.max_version_jump = Some(1_000);
+    })
+    .await;
+    // A new product is not guarded, whatever its version.
+    catalog
+        .bulk(bulk_of("shoes", vec![shoe("S-1", 5_000)]))
+        .await;
+    catalog
+        .bulk(bulk_of("shoes", vec![shoe("S-1", 6_000)]))
+        .await;
+    let mut runaway = shoe("S-1", 7_000);
+    runaway.version = i64::MAX as u64;
+    let status = catalog
+        .client
+        .clone()
+        .bulk_update_products(bulk_of("shoes", vec![runaway]))
+        .await
+        .expect_err("2^63-1 is refused");
+    assert_eq!(violations(&status), ["updates[0].product.version"]);
+    assert_eq!(
+        catalog.get("S-1").await.map(|p| p.version),
+        Some(6_000),
+        "the product is not frozen: it keeps its version and takes the next change"
+    );
+    catalog
+        .bulk(bulk_of("shoes", vec![shoe("S-1", 6_001)]))
+        .await;
+}
+
 async fn every_invalid_field_is_reported_as_a_field_violation(engine: Engine) {
     let catalog = TestCatalog::spawn(engine).await;
     let mut bad = shoe("S-1", 1);
@@ -246,6 +277,7 @@ both_engines!(
     a_partial_update_writes_only_its_masked_fields,
     a_full_replacement_clears_what_it_leaves_unset,
     an_item_of_another_type_is_refused_naming_its_index,
+    a_runaway_version_is_refused_when_the_guard_is_on,
     every_invalid_field_is_reported_as_a_field_violation,
     more_than_a_thousand_items_or_none_are_refused,
     a_partial_update_with_status_in_its_mask_creates_a_product,
