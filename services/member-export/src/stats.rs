@@ -36,11 +36,11 @@ impl Stats {
     /// # Errors
     /// UNAVAILABLE when the queue cannot be read.
     pub async fn current(&self) -> Result<DeliveryStats, ServiceError> {
-        let counts = self
-            .queue
-            .counts()
-            .await
-            .map_err(|e| ServiceError::Unavailable(format!("cannot read the queue: {e}")))?;
+        let counts = self.queue.counts().await.map_err(|error| {
+            // The queue's own message stays in the log: callers get a message of ours.
+            tracing::warn!(%error, "cannot read the queue's counts");
+            ServiceError::Unavailable("cannot read the delivery queue; retry with backoff".into())
+        })?;
         set_queue_gauges(&self.metrics, counts);
         let window = self.alerts.current().await?;
         let m = &self.metrics;

@@ -140,7 +140,9 @@ impl RelayApi {
 
 fn unavailable(error: mall_queue::QueueError) -> ServiceError {
     tracing::warn!(error = %error, "queue call failed");
-    ServiceError::Unavailable(format!("the queue is unavailable: {error}"))
+    // The queue's own message (endpoints, request ids) stays in the log: callers get a
+    // message of ours.
+    ServiceError::Unavailable("the queue is unavailable; retry with backoff".into())
 }
 
 fn page_size(requested: i32, violations: &mut Violations) -> usize {

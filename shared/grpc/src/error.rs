@@ -3,7 +3,9 @@
 //! Handlers return `Result<_, ServiceError>`; `From<ServiceError> for Status` attaches the
 //! rich error details callers act on: a `BadRequest` with one field violation per problem for
 //! INVALID_ARGUMENT, and one `ErrorInfo` (reason, domain, metadata) on every error. Internal
-//! errors are logged once, with their whole chain, and reach callers as a generic message.
+//! errors are logged once, with their whole chain, and reach callers as a generic message with
+//! the trace id that finds the log line (also in `ErrorInfo.metadata["trace_id"]`); a database's
+//! or a queue's own error text never reaches a caller.
 
 use std::collections::HashMap;
 
@@ -136,14 +138,37 @@ impl From<ServiceError> for Status {
                 error.to_string()
             }
             ServiceError::Internal(cause) => {
+                // The cause (a database's or a queue's own message) stays in the log; the
+                // caller gets the trace id to quote, which finds that log line.
                 tracing::error!(error = ?cause, "internal error");
-                "internal error; the cause was logged by the server".to_owned()
+                match current_trace_id() {
+                    Some(trace_id) => {
+                        let message = format!(
+                            "internal error; the server logged the cause under trace id {trace_id}"
+                        );
+                        metadata.insert("trace_id".to_owned(), trace_id);
+                        message
+                    }
+                    None => "internal error; the cause was logged by the server".to_owned(),
+                }
             }
             _ => error.to_string(),
         };
         details.set_error_info(error.reason(), ERROR_DOMAIN, metadata);
         Status::with_error_details(code, message, details)
     }
+}
+
+/// The current span's trace id, when it belongs to a trace.
+fn current_trace_id() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let span_context = span.span_context();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
 }
 
 /// The status for a request message above the server's maximum message size.
@@ -261,6 +286,33 @@ mod tests {
         let status = Status::from(error);
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("hunter2"));
+    }
+
+    #[test]
+    fn internal_errors_name_the_trace_that_finds_their_cause() {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let (status, trace_id) = tracing::subscriber::with_default(subscriber, || {
+            use opentelemetry::trace::TraceContextExt as _;
+            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+            let span = tracing::info_span!("call");
+            let _entered = span.enter();
+            let trace_id = span.context().span().span_context().trace_id().to_string();
+            let error = ServiceError::Internal(anyhow::anyhow!("relation \"products\" is locked"));
+            (Status::from(error), trace_id)
+        });
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("products"), "{status:?}");
+        assert!(status.message().contains(&trace_id), "{status:?}");
+        let info = status
+            .get_error_details()
+            .error_info()
+            .cloned()
+            .expect("info");
+        assert_eq!(info.metadata.get("trace_id"), Some(&trace_id));
     }
 
     #[test]
