@@ -90,17 +90,12 @@ impl App {
         };
         let forward = ForwardInput::bind(
             settings.forward.clone(),
+            settings.server.insecure,
             buffer.clone(),
             recent,
             metrics.clone(),
         )
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for forward on {}",
-                settings.forward.listen_addr
-            )
-        })?;
+        .await?;
         let forward_addr = forward.local_addr()?;
         let shutdown = server.shutdown_token();
         let tails = Tails::new(settings.tail.clone(), metrics.clone(), shutdown.clone());

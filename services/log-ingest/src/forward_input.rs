@@ -17,13 +17,16 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use anyhow::Context as _;
+use mall_grpc::tls::{Reloading, ServerTls};
 use rmpv::Value;
+use rustls::ServerConfig;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha512};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpListener,
     sync::Semaphore,
 };
 use tokio_util::sync::CancellationToken;
@@ -57,6 +60,14 @@ pub struct ForwardSettings {
     /// one is closed. Default 5 minutes.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// TLS on this listener (`[forward.tls]`: `cert_file`, `key_file`, `client_ca_file`,
+    /// reloaded when they change, as the gRPC server's). Client certificates are optional
+    /// here: the shared key authenticates a shipper. Without it the listener is plaintext,
+    /// which it refuses on an address other than loopback unless `server.insecure = true`.
+    pub tls: Option<ServerTls>,
+    /// Longest time a TLS handshake may take. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ForwardSettings {
@@ -68,6 +79,8 @@ impl Default for ForwardSettings {
             max_connections: 1_024,
             max_message_bytes: 8 * 1024 * 1024,
             idle_timeout: Duration::from_secs(300),
+            tls: None,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -76,6 +89,7 @@ impl Default for ForwardSettings {
 #[derive(Debug)]
 pub struct ForwardInput {
     listener: TcpListener,
+    tls: Option<Reloading<ServerConfig>>,
     settings: Arc<ForwardSettings>,
     buffer: Buffer,
     recent: Recent,
@@ -83,24 +97,37 @@ pub struct ForwardInput {
 }
 
 impl ForwardInput {
-    /// Binds the listener.
-    ///
-    /// # Errors
-    /// When the address cannot be bound.
     /// Binds the listener; `recent` remembers the batches stored lately (see
-    /// [`crate::recent`]).
+    /// [`crate::recent`]). `insecure` is `server.insecure`: whether plaintext may be served
+    /// beyond loopback.
     ///
     /// # Errors
-    /// When the address cannot be bound.
+    /// When the address cannot be bound, the TLS files cannot be loaded, or the listener
+    /// would be plaintext beyond loopback without `insecure`.
     pub async fn bind(
         settings: ForwardSettings,
+        insecure: bool,
         buffer: Buffer,
         recent: Recent,
         metrics: LogMetrics,
-    ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(settings.listen_addr).await?;
+    ) -> anyhow::Result<Self> {
+        let tls = match &settings.tls {
+            Some(files) => Some(mall_grpc::tls::server_config(files).context("forward.tls")?),
+            None => {
+                mall_grpc::server::refuse_plaintext(
+                    "forward.listen_addr",
+                    settings.listen_addr,
+                    insecure,
+                )?;
+                None
+            }
+        };
+        let listener = TcpListener::bind(settings.listen_addr)
+            .await
+            .with_context(|| format!("cannot listen for forward on {}", settings.listen_addr))?;
         Ok(Self {
             listener,
+            tls,
             settings: Arc::new(settings),
             buffer,
             recent,
@@ -140,6 +167,7 @@ impl ForwardInput {
                 tracing::warn!(%peer, limit = self.settings.max_connections, "forward: too many connections; closed");
                 continue;
             };
+            let tls = self.tls.clone();
             let (settings, buffer, recent, metrics, shutdown) = (
                 self.settings.clone(),
                 self.buffer.clone(),
@@ -149,9 +177,34 @@ impl ForwardInput {
             );
             connections.spawn(async move {
                 let _slot = slot;
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(%error, "forward: failed to set TCP_NODELAY");
+                }
                 metrics.connections.inc();
-                let closed =
-                    connection(stream, &settings, &buffer, &recent, &metrics, &shutdown).await;
+                let closed = match tls {
+                    None => {
+                        connection(stream, &settings, &buffer, &recent, &metrics, &shutdown).await
+                    }
+                    Some(tls) => {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                        match tokio::time::timeout(
+                            settings.handshake_timeout,
+                            acceptor.accept(stream),
+                        )
+                        .await
+                        {
+                            Ok(Ok(stream)) => {
+                                connection(stream, &settings, &buffer, &recent, &metrics, &shutdown)
+                                    .await
+                            }
+                            Ok(Err(error)) => Err(Closed::Tls(error.to_string())),
+                            Err(_) => Err(Closed::Tls(format!(
+                                "no TLS handshake within {:?}",
+                                settings.handshake_timeout
+                            ))),
+                        }
+                    }
+                };
                 metrics.connections.dec();
                 if let Err(why) = closed {
                     tracing::warn!(%peer, %why, "forward: connection closed");
@@ -174,6 +227,8 @@ enum Closed {
     Idle(Duration),
     #[error("the shared key handshake failed: {0}")]
     Handshake(&'static str),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("the buffer is full; the message was not acknowledged")]
     Full,
     #[error("the buffer failed: {0}")]
@@ -183,15 +238,14 @@ enum Closed {
 }
 
 /// Serves one connection until the peer closes it (`Ok`) or we do (why).
-async fn connection(
-    mut stream: TcpStream,
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     settings: &ForwardSettings,
     buffer: &Buffer,
     recent: &Recent,
     metrics: &LogMetrics,
     shutdown: &CancellationToken,
 ) -> Result<(), Closed> {
-    stream.set_nodelay(true)?;
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     if let Some(key) = &settings.shared_key {
         handshake(&mut stream, &mut buf, settings, key.expose_secret()).await?;
@@ -228,6 +282,8 @@ async fn connection(
         }
         if let Some(chunk) = message.chunk {
             stream.write_all(&forward::ack(&chunk)).await?;
+            // A TLS stream holds written records until flushed; a TCP stream sends at once.
+            stream.flush().await?;
         }
     }
 }
@@ -235,8 +291,8 @@ async fn connection(
 /// The next whole frame, reading as needed; `None` when the peer closed between frames
 /// or we are shutting down. The whole frame must arrive within `idle_timeout` of the wait
 /// starting (not each read: a byte every few minutes does not keep a slot).
-async fn next_frame(
-    stream: &mut TcpStream,
+async fn next_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut Vec<u8>,
     settings: &ForwardSettings,
     shutdown: &CancellationToken,
@@ -268,8 +324,8 @@ async fn next_frame(
 }
 
 /// The shared-key handshake: HELO, the client's PING, our PONG.
-async fn handshake(
-    stream: &mut TcpStream,
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     buf: &mut Vec<u8>,
     settings: &ForwardSettings,
     key: &str,
@@ -336,10 +392,11 @@ async fn handshake(
     }
 }
 
-async fn write_value(stream: &mut TcpStream, value: &Value) -> std::io::Result<()> {
+async fn write_value<S: AsyncWrite + Unpin>(stream: &mut S, value: &Value) -> std::io::Result<()> {
     let mut out = Vec::new();
     rmpv::encode::write_value(&mut out, value).expect("writing to a Vec cannot fail");
-    stream.write_all(&out).await
+    stream.write_all(&out).await?;
+    stream.flush().await
 }
 
 fn sha512_hex(parts: &[&[u8]]) -> String {

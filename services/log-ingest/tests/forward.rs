@@ -45,6 +45,7 @@ async fn listener(shared_key: Option<&str>, limits: Limits) -> Listener {
     };
     let input = ForwardInput::bind(
         settings,
+        false,
         buffer.clone(),
         Recent::default(),
         LogMetrics::unregistered(&[]),
@@ -404,4 +405,131 @@ async fn a_chunk_sent_again_is_acknowledged_and_stored_once() {
     }
     let lines: Vec<String> = buffered(&listener).into_iter().map(|e| e.1).collect();
     assert_eq!(lines, ["one", "two"]);
+}
+
+#[tokio::test]
+async fn over_tls_a_chunk_is_acknowledged_and_plaintext_is_not_served() {
+    mall_test_support::init_logging();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let ca = mall_test_support::certs::Authority::new(dir.path(), "mall").expect("a CA");
+    let server = ca
+        .issue(
+            "log-ingest",
+            None,
+            &[],
+            mall_test_support::certs::Validity::Current,
+        )
+        .expect("a certificate");
+    let (buffer, start) = Buffer::open(dir.path(), LIMITS).expect("opens");
+    let settings = ForwardSettings {
+        listen_addr: "127.0.0.1:0".parse().expect("an address"),
+        tls: Some(mall_grpc::tls::ServerTls {
+            cert_file: server.cert.clone(),
+            key_file: server.key.clone(),
+            client_ca_file: ca.ca_file().to_owned(),
+            reload_interval: Duration::from_secs(10),
+        }),
+        handshake_timeout: Duration::from_secs(1),
+        ..ForwardSettings::default()
+    };
+    let input = ForwardInput::bind(
+        settings,
+        false,
+        buffer.clone(),
+        Recent::default(),
+        LogMetrics::unregistered(&[]),
+    )
+    .await
+    .expect("binds");
+    let addr = input.local_addr().expect("an address");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(input.run(shutdown.clone()));
+    let listener = Listener {
+        addr,
+        buffer,
+        start,
+        shutdown,
+        _dir: dir,
+    };
+
+    // A shipper trusting our CA, without a client certificate (the shared key, when set,
+    // authenticates it).
+    let mut roots = rustls::RootCertStore::empty();
+    let ca_pem = std::fs::read(ca.ca_file()).expect("the CA");
+    for cert in
+        <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::pem_slice_iter(
+            &ca_pem,
+        )
+    {
+        roots.add(cert.expect("a certificate")).expect("usable");
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").expect("a name"),
+            tcp,
+        )
+        .await
+        .expect("the TLS handshake");
+    let chunk = "0123456789abcdef0123456789abcdef";
+    tls.write_all(&fluent_bit_frame(chunk, &["over tls"]))
+        .await
+        .expect("writes");
+    tls.flush().await.expect("flushes");
+    let mut buf = vec![0; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf))
+        .await
+        .expect("an ack in time")
+        .expect("reads");
+    assert_eq!(
+        rmpv::decode::read_value(&mut &buf[..n]).expect("msgpack"),
+        Value::Map(vec![(Value::from("ack"), Value::from(chunk))])
+    );
+    let lines: Vec<String> = buffered(&listener).into_iter().map(|e| e.1).collect();
+    assert_eq!(lines, ["over tls"]);
+
+    // A plaintext message is not a TLS handshake: the connection closes, nothing is stored.
+    let mut plain = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    plain
+        .write_all(&fluent_bit_frame("c2", &["plaintext"]))
+        .await
+        .expect("writes");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(_))), "closed: {closed:?}");
+    assert!(!String::from_utf8_lossy(&rest).contains("ack"));
+    assert_eq!(buffered(&listener).len(), 1);
+    listener.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn plaintext_beyond_loopback_is_refused_unless_insecure() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (buffer, _) = Buffer::open(dir.path(), LIMITS).expect("opens");
+    let settings = ForwardSettings {
+        listen_addr: "0.0.0.0:0".parse().expect("an address"),
+        ..ForwardSettings::default()
+    };
+    let bind = |insecure| {
+        ForwardInput::bind(
+            settings.clone(),
+            insecure,
+            buffer.clone(),
+            Recent::default(),
+            LogMetrics::unregistered(&[]),
+        )
+    };
+    let error = bind(false).await.expect_err("refused").to_string();
+    assert!(
+        error.contains("forward.listen_addr") && error.contains("server.insecure"),
+        "{error}"
+    );
+    bind(true).await.expect("insecure = true binds");
 }
