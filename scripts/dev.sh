@@ -8,12 +8,42 @@
 #   log-ingest       gRPC 127.0.0.1:50054  admin http://127.0.0.1:9094/metrics  forward 127.0.0.1:24224
 #                    (no Loki locally: accepted logs wait in .data/log-ingest/buffer, retried)
 #   partner-simulator      http://127.0.0.1:8089 (member-export's marketing platform, locally)
+#
+# `scripts/dev.sh --tls` runs the same with mutual TLS on every gRPC and forward listener and
+# on the relay's calls to the catalog, with certificates from `scripts/certs.sh` (made in
+# .data/certs when missing); the README shows calls with grpcurl and relayctl.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 services=(product-catalog sync-relay member-export log-ingest)
+tls=false
+case "${1:-}" in
+  --tls) tls=true ;;
+  "") ;;
+  *) die "usage: scripts/dev.sh [--tls]" ;;
+esac
 have cargo || die "cargo is missing: install Rust with rustup (https://rustup.rs)"
+certs="$ROOT/.data/certs"
+if $tls; then
+  [ -f "$certs/mall-ca.crt" ] || "$ROOT/scripts/certs.sh" "$certs"
+  # Each service serves its own certificate and trusts the local CA for its callers.
+  for service in "${services[@]}"; do
+    prefix="$(echo "$service" | tr 'a-z-' 'A-Z_')"
+    export "${prefix}__SERVER__TLS__CERT_FILE=$certs/$service.crt"
+    export "${prefix}__SERVER__TLS__KEY_FILE=$certs/$service.key"
+    export "${prefix}__SERVER__TLS__CLIENT_CA_FILE=$certs/mall-ca.crt"
+  done
+  # The relay calls the catalog as itself; log-ingest's forward listener is TLS too.
+  export SYNC_RELAY__APPLY__CATALOG_URL="https://localhost:50051"
+  export SYNC_RELAY__APPLY__CATALOG_TLS__CA_FILE="$certs/mall-ca.crt"
+  export SYNC_RELAY__APPLY__CATALOG_TLS__CERT_FILE="$certs/sync-relay.crt"
+  export SYNC_RELAY__APPLY__CATALOG_TLS__KEY_FILE="$certs/sync-relay.key"
+  export LOG_INGEST__FORWARD__TLS__CERT_FILE="$certs/log-ingest.crt"
+  export LOG_INGEST__FORWARD__TLS__KEY_FILE="$certs/log-ingest.key"
+  export LOG_INGEST__FORWARD__TLS__CLIENT_CA_FILE="$certs/mall-ca.crt"
+  say "mutual TLS on; certificates in $certs (admin: admin.crt, a reader: reader.crt)"
+fi
 say "building ${services[*]}"
 cargo build --quiet $(printf -- '-p %s ' "${services[@]}")
 

@@ -58,7 +58,7 @@ pub async fn connect(
         Some(connector) => endpoint.connect_with_connector(connector.service()).await,
         None => endpoint.connect().await,
     };
-    channel.with_context(|| format!("cannot reach {url}"))
+    Ok(channel?)
 }
 
 fn endpoint(

@@ -124,7 +124,7 @@ impl Authority {
             key: self.dir.join(format!("{file_name}.key")),
         };
         write(&files.cert, &cert.pem())?;
-        write(&files.key, &key.serialize_pem())?;
+        write_private(&files.key, &key.serialize_pem())?;
         Ok(files)
     }
 
@@ -141,6 +141,20 @@ fn set_validity(params: &mut CertificateParams, validity: Validity) {
     };
     params.not_before = rcgen::date_time_ymd(from, 1, 1);
     params.not_after = rcgen::date_time_ymd(to, 1, 1);
+}
+
+/// Writes a private key readable by its owner only.
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("failed to create {}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .with_context(|| format!("failed to write {}", path.display()))
 }
 
 fn write(path: &Path, contents: &str) -> anyhow::Result<()> {
