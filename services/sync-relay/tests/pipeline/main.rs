@@ -8,3 +8,4 @@ mod kinesalite;
 mod admin;
 mod flow;
 mod kinesis_source;
+mod tls;

@@ -14,7 +14,12 @@ fn main() -> anyhow::Result<()> {
         None => anyhow::bail!("usage: mall-certs <output directory>"),
     };
     let ca = Authority::new(&dir, "mall")?;
-    let services = ["product-catalog", "sync-relay", "member-export", "log-ingest"];
+    let services = [
+        "product-catalog",
+        "sync-relay",
+        "member-export",
+        "log-ingest",
+    ];
     let mut issued = Vec::new();
     for service in services {
         // The relay's identity is the one the catalog's default policy lets write.
