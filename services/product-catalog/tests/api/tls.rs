@@ -463,3 +463,157 @@ async fn certificates_rotate_under_load_without_a_failed_call() {
         "no call failed across the rotation: {failures:?}"
     );
 }
+
+/// A TLS connection as `who`, opened by hand (no HTTP/2 on top).
+async fn raw_tls(
+    url: &str,
+    pki: &Pki,
+    who: &CertFiles,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject as _;
+    let port: u16 = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(pki.ca.ca_file()).expect("a CA") {
+        roots.add(cert.expect("a certificate")).expect("usable");
+    }
+    let chain = rustls_pki_types::CertificateDer::pem_file_iter(&who.cert)
+        .expect("a certificate")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("PEM");
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&who.key).expect("a key");
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("a client config");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connects");
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").expect("a name"),
+            tcp,
+        )
+        .await
+        .expect("handshake")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_do_not_stop_a_normal_caller() {
+    use tokio::io::AsyncWriteExt as _;
+    let pki = Pki::new();
+    let flooder = pki
+        .ca
+        .issue(
+            "flooder",
+            Some(&Authority::spiffe_id("shop", "flooder")),
+            &[],
+            Validity::Current,
+        )
+        .expect("a certificate");
+    let catalog = start(&pki, |settings| {
+        settings.server.handshake_timeout = Duration::from_millis(500);
+        settings.server.per_caller_concurrency = 4;
+    })
+    .await;
+    let port: u16 = catalog
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port");
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // 200 connections that open TCP and never start the TLS handshake.
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connects"),
+        );
+    }
+    // Connections that finish TLS, then send HTTP/2 a byte at a time and never a whole request.
+    let mut trickles = Vec::new();
+    for _ in 0..10 {
+        let mut conn = raw_tls(&catalog.url, &pki, &flooder).await;
+        let stop = stop.clone();
+        trickles.push(tokio::spawn(async move {
+            for byte in b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".iter().cycle() {
+                if stop.load(Ordering::Relaxed) || conn.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }));
+    }
+    // Oversized metadata: refused by HTTP/2 itself, the server goes on.
+    let mut big = client(&catalog.url, &pki.client_tls(Some(&flooder))).await;
+    let mut request = tonic::Request::new(GetProductRequest {
+        code: "P-1".into(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-padding", "x".repeat(200 * 1024).parse().expect("ascii"));
+    assert!(big.get_product(request).await.is_err(), "oversized metadata is refused");
+    // One caller flooding with 32 calls at a time; its 4 allowed in flight get through.
+    let limited = Arc::new(AtomicU64::new(0));
+    let mut flood = Vec::new();
+    for _ in 0..32 {
+        let (url, tls) = (catalog.url.clone(), pki.client_tls(Some(&flooder)));
+        let (stop, limited) = (stop.clone(), limited.clone());
+        flood.push(tokio::spawn(async move {
+            let mut caller = client(&url, &tls).await;
+            while !stop.load(Ordering::Relaxed) {
+                if let Err(status) = get(&mut caller).await
+                    && status.code() == Code::ResourceExhausted
+                {
+                    limited.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+
+    // Meanwhile a normal caller: every call succeeds, within a generous deadline.
+    let mut reader = client(&catalog.url, &pki.client_tls(Some(&pki.reader))).await;
+    let mut latencies = Vec::new();
+    for _ in 0..200 {
+        let started = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), get(&mut reader))
+            .await
+            .expect("answered within 5 s")
+            .expect("succeeds");
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    eprintln!("normal caller under attack: p50 {:?}, p99 {:?}", latencies[100], latencies[197]);
+    // And a new caller can still connect and call.
+    let mut newcomer = client(&catalog.url, &pki.client_tls(Some(&pki.admin))).await;
+    get(&mut newcomer).await.expect("a new connection is served");
+
+    stop.store(true, Ordering::Relaxed);
+    for task in flood.into_iter().chain(trickles) {
+        task.await.expect("joins");
+    }
+    assert!(
+        limited.load(Ordering::Relaxed) > 0,
+        "the flooding caller met its own limit"
+    );
+    // The silent connections were closed at the handshake deadline.
+    let (_, metrics) = probe::http_get(catalog.admin, "/metrics").await;
+    let timeouts: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"mall_product_catalog_grpc_tls_handshake_failures_total{reason="timeout"} "#,
+            )
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the timeout counter");
+    assert!(timeouts >= 200, "{timeouts} handshakes timed out:\n{metrics}");
+    drop(silent);
+}
