@@ -195,6 +195,12 @@ impl App {
         self.server.grpc_addr()
     }
 
+    /// Where the admin-only methods' gRPC listener listens, when `server.admin_grpc_addr` is
+    /// set.
+    pub fn admin_grpc_addr(&self) -> Option<SocketAddr> {
+        self.server.admin_grpc_addr()
+    }
+
     /// Where the admin HTTP server listens.
     pub fn admin_addr(&self) -> SocketAddr {
         self.server.admin_addr()

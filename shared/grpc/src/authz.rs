@@ -25,7 +25,11 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 use tower::{Layer, Service};
 
-use crate::{error::ERROR_DOMAIN, listen::Peer, throttle::Throttle};
+use crate::{
+    error::ERROR_DOMAIN,
+    listen::{Listener, Peer},
+    throttle::Throttle,
+};
 
 /// In a rule's `callers`: any caller with a certificate from the configured CA.
 pub const ANY_AUTHENTICATED: &str = "*";
@@ -36,7 +40,7 @@ pub mod identities {
     /// The operators' identity (relayctl, memberctl, on-call): every method.
     pub const ADMIN: &str = "spiffe://mall.internal/ns/mall-ops/sa/mall-admin";
     /// sync-relay: writes to the catalog.
-    pub const SYNC_RELAY: &str = "spiffe://mall.internal/ns/mall/sa/sync-relay";
+    pub const SYNC_RELAY: &str = "spiffe://mall.internal/ns/mall-platform/sa/sync-relay";
     /// The legacy commerce platform's product publisher: PublishProductChanges.
     pub const PRODUCT_PRODUCER: &str = "spiffe://mall.internal/ns/commerce/sa/product-producer";
     /// The member system: EnqueueMemberChanges and EraseMember.
@@ -209,6 +213,15 @@ impl Policy {
         }
     }
 
+    /// Whether `path` is for the admins only: not health or reflection, and no rule lists it.
+    pub fn admin_only(&self, path: &str) -> bool {
+        let service = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        service != HEALTH
+            && !REFLECTION.contains(&service)
+            && !self.methods.contains_key(path)
+            && !self.services.contains_key(service)
+    }
+
     /// Whether the policy names `identity`, so it may be a metric label value.
     fn names(&self, identity: &str) -> bool {
         self.admins.contains(identity)
@@ -233,7 +246,8 @@ impl AuthzMetrics {
                 "grpc_authz_decisions_total",
                 "Authorization decisions on calls with TLS on, by method, caller (an identity \
                  the policy names, else other; none without a certificate) and outcome \
-                 (allowed, unauthenticated, permission_denied, caller_limit)",
+                 (allowed, unauthenticated, permission_denied, caller_limit, \
+                 admin_listener_only)",
             ),
             &["method", "caller", "outcome"],
         )?;
@@ -247,6 +261,9 @@ struct Shared {
     services: Vec<String>,
     metrics: AuthzMetrics,
     per_caller: usize,
+    /// Whether `server.admin_grpc_addr` is set: admin-only methods are then refused on the
+    /// main listener.
+    admin_listener: bool,
     /// One semaphore per identity seen. Identities come only from certificates our CA
     /// issued, so the map is bounded by what the CA issues.
     callers: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
@@ -271,6 +288,7 @@ impl AuthzLayer {
         services: Vec<String>,
         metrics: AuthzMetrics,
         per_caller: usize,
+        admin_listener: bool,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -278,6 +296,7 @@ impl AuthzLayer {
                 services,
                 metrics,
                 per_caller,
+                admin_listener,
                 callers: Mutex::new(HashMap::new()),
                 refusals: Throttle::per_minute(20),
             }),
@@ -333,11 +352,15 @@ where
         // The service polled ready is the one that must be called; leave a fresh clone behind.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        if !tls || path.starts_with("/grpc.health.v1.Health/") {
+        let on_main_listener = peer.is_none_or(|p| p.listener == Listener::Main);
+        let wrong_listener =
+            self.shared.admin_listener && on_main_listener && self.shared.policy.admin_only(path);
+        if !wrong_listener && (!tls || path.starts_with("/grpc.health.v1.Health/")) {
             return Box::pin(inner.call(request));
         }
         let method = self.shared.method_label(path);
         let refusal = match decision {
+            _ if wrong_listener => Refusal::AdminListener,
             Decision::Allow => match &identity {
                 Some(identity) => match self.shared.permit(identity) {
                     Some(permit) => {
@@ -408,6 +431,7 @@ impl Shared {
 }
 
 enum Refusal {
+    AdminListener,
     Unauthenticated,
     Denied,
     CallerLimit,
@@ -416,6 +440,7 @@ enum Refusal {
 impl Refusal {
     fn outcome(&self) -> &'static str {
         match self {
+            Self::AdminListener => "admin_listener_only",
             Self::Unauthenticated => "unauthenticated",
             Self::Denied => "permission_denied",
             Self::CallerLimit => "caller_limit",
@@ -424,6 +449,11 @@ impl Refusal {
 
     fn status(&self, method: &str, per_caller: usize) -> Status {
         let (code, reason, message) = match self {
+            Self::AdminListener => (
+                Code::PermissionDenied,
+                "ADMIN_LISTENER_ONLY",
+                "this method is served on the admin gRPC listener only".to_owned(),
+            ),
             Self::Unauthenticated => (
                 Code::Unauthenticated,
                 "CLIENT_CERTIFICATE_REQUIRED",
@@ -463,6 +493,7 @@ mod tests {
     fn peer(identity: Option<&str>) -> Peer {
         Peer {
             remote_addr: "127.0.0.1:1".parse().expect("an address"),
+            listener: Listener::Main,
             tls: true,
             identity: identity.map(Arc::from),
         }
@@ -552,6 +583,16 @@ mod tests {
         let settings = AuthzSettings::with_rules(vec![AuthzRule::new(&["a.v1.Svc/Get"], &[" "])]);
         let error = Policy::compile(&settings, &served).expect_err("empty caller");
         assert!(error.to_string().contains("callers[0] is empty"), "{error}");
+    }
+
+    #[test]
+    fn admin_only_methods_are_those_no_rule_lists() {
+        let p = policy();
+        assert!(p.admin_only("/a.v1.Svc/Pause"));
+        assert!(!p.admin_only("/a.v1.Svc/Get"));
+        assert!(!p.admin_only("/b.v1.Other/Anything"));
+        assert!(!p.admin_only("/grpc.health.v1.Health/Check"));
+        assert!(!p.admin_only("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"));
     }
 
     #[test]

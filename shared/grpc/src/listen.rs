@@ -31,12 +31,23 @@ use tonic::transport::server::Connected;
 
 use crate::{throttle::Throttle, tls::Reloading};
 
+/// Which gRPC listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `server.listen_addr`.
+    Main,
+    /// `server.admin_grpc_addr`: where the admin-only methods are served when it is set.
+    Admin,
+}
+
 /// Who is on the other end of a connection; every request carries it in its extensions
 /// (`request.extensions().get::<Peer>()`).
 #[derive(Debug, Clone)]
 pub struct Peer {
     /// The caller's address.
     pub remote_addr: SocketAddr,
+    /// The listener the connection came in on.
+    pub listener: Listener,
     /// Whether the connection is TLS; without it there is no identity and no authorization.
     pub tls: bool,
     /// The identity in the caller's verified certificate (see [`crate::tls::identity_of`]);
@@ -189,6 +200,7 @@ impl AsyncWrite for Conn {
 /// at `shutdown` or when the stream is dropped.
 pub(crate) fn incoming(
     listener: TcpListener,
+    side: Listener,
     tls: Option<Reloading<ServerConfig>>,
     permits: Arc<Semaphore>,
     limits: Limits,
@@ -236,6 +248,7 @@ pub(crate) fn incoming(
                         Io::Plain(tcp),
                         Peer {
                             remote_addr,
+                            listener: side,
                             tls: false,
                             identity: None,
                         },
@@ -278,6 +291,7 @@ pub(crate) fn incoming(
                             Io::Tls(Box::new(stream)),
                             Peer {
                                 remote_addr,
+                                listener: side,
                                 tls: true,
                                 identity,
                             },

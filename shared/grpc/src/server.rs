@@ -24,7 +24,7 @@ use tower::ServiceBuilder;
 use crate::{
     admin,
     authz::{AuthzLayer, AuthzMetrics, Policy},
-    listen::{self, ConnMetrics, Limits},
+    listen::{self, ConnMetrics, Limits, Listener},
     observe::{GrpcMetrics, ObserveLayer},
     settings::ServerSettings,
     tls::{self, Reloading},
@@ -43,6 +43,8 @@ pub struct GrpcServer {
     name: &'static str,
     settings: ServerSettings,
     grpc_listener: TcpListener,
+    /// `server.admin_grpc_addr`: the admin-only methods' own listener, when configured.
+    admin_grpc_listener: Option<TcpListener>,
     admin_listener: TcpListener,
     tls: Option<Reloading<ServerConfig>>,
     registry: Registry,
@@ -93,6 +95,18 @@ impl GrpcServer {
                     settings.listen_addr
                 )
             })?;
+        let admin_grpc_listener =
+            match settings.admin_grpc_addr {
+                None => None,
+                Some(addr) => {
+                    if tls.is_none() {
+                        refuse_plaintext("server.admin_grpc_addr", addr, settings.insecure)?;
+                    }
+                    Some(TcpListener::bind(addr).await.with_context(|| {
+                        format!("failed to bind the admin grpc listener on {addr}")
+                    })?)
+                }
+            };
         let admin_listener = TcpListener::bind(settings.admin_addr)
             .await
             .with_context(|| {
@@ -108,6 +122,7 @@ impl GrpcServer {
             name,
             settings: settings.clone(),
             grpc_listener,
+            admin_grpc_listener,
             admin_listener,
             tls,
             registry,
@@ -126,6 +141,14 @@ impl GrpcServer {
         self.grpc_listener
             .local_addr()
             .expect("a bound tcp listener has a local address")
+    }
+
+    /// The address of the admin-only methods' gRPC listener, when `server.admin_grpc_addr` is
+    /// set.
+    pub fn admin_grpc_addr(&self) -> Option<SocketAddr> {
+        self.admin_grpc_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The address the admin HTTP server listens on.
@@ -216,6 +239,7 @@ impl GrpcServer {
             name,
             settings,
             grpc_listener,
+            admin_grpc_listener,
             admin_listener,
             tls,
             registry,
@@ -280,6 +304,7 @@ impl GrpcServer {
                 listed,
                 authz_metrics,
                 settings.per_caller_concurrency,
+                admin_grpc_listener.is_some(),
             ))
             // Refuse at once rather than queue when the limit below has no permit free.
             .load_shed()
@@ -293,25 +318,42 @@ impl GrpcServer {
             max_connections: settings.max_connections,
             handshake_timeout: settings.handshake_timeout,
         };
-        let incoming = listen::incoming(
-            grpc_listener,
-            tls,
-            Arc::new(Semaphore::new(settings.max_connections)),
-            limits,
-            conn_metrics,
-            shutdown.clone(),
-        );
-        let grpc = Server::builder()
-            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-            // Find connections whose peer vanished without closing them.
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-            .layer(stack)
-            .serve_with_incoming_shutdown(
-                routes.routes(),
-                incoming,
-                shutdown.clone().cancelled_owned(),
+        // One bound on connections across both gRPC listeners.
+        let permits = Arc::new(Semaphore::new(settings.max_connections));
+        let routes = routes.routes();
+        let serve = |listener, side| {
+            let incoming = listen::incoming(
+                listener,
+                side,
+                tls.clone(),
+                permits.clone(),
+                limits,
+                conn_metrics.clone(),
+                shutdown.clone(),
             );
+            Server::builder()
+                .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+                // Find connections whose peer vanished without closing them.
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+                .layer(stack.clone())
+                .serve_with_incoming_shutdown(
+                    routes.clone(),
+                    incoming,
+                    shutdown.clone().cancelled_owned(),
+                )
+        };
+        let main_grpc = serve(grpc_listener, Listener::Main);
+        let admin_grpc = admin_grpc_listener.map(|listener| serve(listener, Listener::Admin));
+        let grpc = async move {
+            match admin_grpc {
+                Some(admin_grpc) => {
+                    let (main, admin) = tokio::join!(main_grpc, admin_grpc);
+                    main.and(admin)
+                }
+                None => main_grpc.await,
+            }
+        };
         let admin_router = admin::router(admin::AdminState {
             registry,
             ready: ready.clone(),

@@ -17,6 +17,12 @@ pub struct ServerSettings {
     /// (product-catalog 50051, sync-relay 50052, member-export 50053, log-ingest 50054) on
     /// 127.0.0.1; pods set `0.0.0.0:<port>`.
     pub listen_addr: SocketAddr,
+    /// A second gRPC listener for the admin-only methods (those no `authz` rule lists:
+    /// pause, redrives, failover jobs, ...). When set, the same services are served on both
+    /// listeners, and the main one refuses admin-only methods (PERMISSION_DENIED, reason
+    /// `ADMIN_LISTENER_ONLY`), so a NetworkPolicy can keep them inside the operations
+    /// namespace. Default: none (everything on `listen_addr`).
+    pub admin_grpc_addr: Option<SocketAddr>,
     /// Mutual TLS on the gRPC listener: this server's certificate and the CA of its callers'
     /// certificates (`[server.tls]`, see [`ServerTls`]). Without it the listener is plaintext,
     /// which it refuses on an address other than loopback unless `insecure` is set.
@@ -81,6 +87,7 @@ impl Default for ServerSettings {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_grpc_addr: None,
             tls: None,
             insecure: false,
             authz: AuthzSettings::with_rules(Vec::new()),

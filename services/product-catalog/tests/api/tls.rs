@@ -58,7 +58,7 @@ impl Pki {
         let server = issue(
             &ca,
             "product-catalog",
-            &Authority::spiffe_id("mall", "product-catalog"),
+            &Authority::spiffe_id("mall-platform", "product-catalog"),
             Validity::Current,
         );
         Self {
@@ -97,6 +97,8 @@ impl Pki {
 
 struct Catalog {
     url: String,
+    /// The admin gRPC listener's URL, when configured.
+    admin_url: Option<String>,
     admin: std::net::SocketAddr,
     shutdown: CancellationToken,
     _database: TestDatabase,
@@ -119,11 +121,15 @@ async fn start(pki: &Pki, configure: impl FnOnce(&mut Settings)) -> Catalog {
     configure(&mut settings);
     let app = App::build(settings).await.expect("the catalog builds");
     let url = format!("https://localhost:{}", app.grpc_addr().port());
+    let admin_url = app
+        .admin_grpc_addr()
+        .map(|addr| format!("https://localhost:{}", addr.port()));
     let admin = app.admin_addr();
     let shutdown = CancellationToken::new();
     tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
     let catalog = Catalog {
         url,
+        admin_url,
         admin,
         shutdown,
         _database: database,
@@ -435,7 +441,7 @@ async fn certificates_rotate_under_load_without_a_failed_call() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let server_id = Authority::spiffe_id("mall", "product-catalog");
+    let server_id = Authority::spiffe_id("mall-platform", "product-catalog");
     let rotated = rotate(&pki.ca, "product-catalog", &server_id, &pki.server);
     rotate(&pki.ca, "sync-relay", identities::SYNC_RELAY, &pki.relay);
     wait_until(
@@ -553,13 +559,14 @@ async fn hostile_clients_do_not_stop_a_normal_caller() {
     }
     // Oversized metadata: refused by HTTP/2 itself, the server goes on.
     let mut big = client(&catalog.url, &pki.client_tls(Some(&flooder))).await;
-    let mut request = tonic::Request::new(GetProductRequest {
-        code: "P-1".into(),
-    });
+    let mut request = tonic::Request::new(GetProductRequest { code: "P-1".into() });
     request
         .metadata_mut()
         .insert("x-padding", "x".repeat(200 * 1024).parse().expect("ascii"));
-    assert!(big.get_product(request).await.is_err(), "oversized metadata is refused");
+    assert!(
+        big.get_product(request).await.is_err(),
+        "oversized metadata is refused"
+    );
     // One caller flooding with 32 calls at a time; its 4 allowed in flight get through.
     let limited = Arc::new(AtomicU64::new(0));
     let mut flood = Vec::new();
@@ -590,10 +597,15 @@ async fn hostile_clients_do_not_stop_a_normal_caller() {
         latencies.push(started.elapsed());
     }
     latencies.sort();
-    eprintln!("normal caller under attack: p50 {:?}, p99 {:?}", latencies[100], latencies[197]);
+    eprintln!(
+        "normal caller under attack: p50 {:?}, p99 {:?}",
+        latencies[100], latencies[197]
+    );
     // And a new caller can still connect and call.
     let mut newcomer = client(&catalog.url, &pki.client_tls(Some(&pki.admin))).await;
-    get(&mut newcomer).await.expect("a new connection is served");
+    get(&mut newcomer)
+        .await
+        .expect("a new connection is served");
 
     stop.store(true, Ordering::Relaxed);
     for task in flood.into_iter().chain(trickles) {
@@ -614,6 +626,51 @@ async fn hostile_clients_do_not_stop_a_normal_caller() {
         })
         .and_then(|v| v.trim().parse().ok())
         .expect("the timeout counter");
-    assert!(timeouts >= 200, "{timeouts} handshakes timed out:\n{metrics}");
+    assert!(
+        timeouts >= 200,
+        "{timeouts} handshakes timed out:\n{metrics}"
+    );
     drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_admin_listener_admin_methods_are_served_there_only() {
+    let pki = Pki::new();
+    let catalog = start(&pki, |settings| {
+        settings.server.admin_grpc_addr = Some("127.0.0.1:0".parse().expect("an address"));
+    })
+    .await;
+    let admin_url = catalog.admin_url.clone().expect("an admin listener");
+    let admin_tls = pki.client_tls(Some(&pki.admin));
+    // On the main listener even the admin is sent to the admin listener.
+    let status = client(&catalog.url, &admin_tls)
+        .await
+        .list_pending_products(ListPendingProductsRequest::default())
+        .await
+        .expect_err("not on the main listener");
+    assert_refused(
+        &status,
+        Code::PermissionDenied,
+        "ADMIN_LISTENER_ONLY",
+        "mall.catalog.v1.ProductCatalogService/ListPendingProducts",
+    );
+    // There it is served, to the admin only; other methods are served on both.
+    client(&admin_url, &admin_tls)
+        .await
+        .list_pending_products(ListPendingProductsRequest::default())
+        .await
+        .expect("the admin listener serves it");
+    let reader_tls = pki.client_tls(Some(&pki.reader));
+    let status = client(&admin_url, &reader_tls)
+        .await
+        .list_pending_products(ListPendingProductsRequest::default())
+        .await
+        .expect_err("still the admin's");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    get(&mut client(&catalog.url, &reader_tls).await)
+        .await
+        .expect("reads on the main listener");
+    get(&mut client(&admin_url, &reader_tls).await)
+        .await
+        .expect("and on the admin listener");
 }

@@ -60,7 +60,7 @@ async fn the_relay_writes_as_itself_and_only_the_admin_pauses_it() {
     };
     let catalog_cert = issue(
         "product-catalog",
-        &Authority::spiffe_id("mall", "product-catalog"),
+        &Authority::spiffe_id("mall-platform", "product-catalog"),
     );
     let relay_cert = issue("sync-relay", identities::SYNC_RELAY);
     let admin = issue("admin", identities::ADMIN);

@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
         let id = if service == "sync-relay" {
             identities::SYNC_RELAY.to_owned()
         } else {
-            Authority::spiffe_id("mall", service)
+            Authority::spiffe_id("mall-platform", service)
         };
         ca.issue(service, Some(&id), &[service], Validity::Current)?;
         issued.push((service.to_owned(), id));
