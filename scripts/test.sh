@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The one command that runs every quality gate and every test, as CI does:
-#   cargo fmt --check · buf lint and buf breaking (scripts/contracts.sh) · cargo nextest · a Python gRPC
+#   cargo fmt --check · buf lint and buf breaking (scripts/contracts.sh) · the Kubernetes manifests
+#   (scripts/manifests.sh) · cargo nextest · a Python gRPC
 #   client against every service (interop) · cargo clippy -D warnings
-# It installs what the tests need when it is missing (buf, cargo-nextest, PostgreSQL) and fails
+# It installs what the tests need when it is missing (buf, cargo-nextest, PostgreSQL, the
+# manifest validators) and fails
 # with a clear message for anything it cannot provide. Tests are never skipped.
 #
 # Usage: scripts/test.sh [extra nextest arguments, such as a test name filter]
@@ -24,6 +26,9 @@ if [ -n "$against" ]; then
   say "buf breaking --against $against"
   "$BUF" breaking --against "$against" || die "proto changes break compatibility with $against"
 fi
+
+say "manifests: kubectl kustomize deploy/k8s (base, production overlay), every object validated"
+"$ROOT/scripts/manifests.sh"
 
 say "PostgreSQL for the tests"
 MALL_TEST_POSTGRES_URL="$("$ROOT/scripts/postgres.sh")"

@@ -73,6 +73,7 @@ impl App {
             settings.loki.tenant.clone(),
             settings.loki.request_timeout,
             (settings.loki.retry_initial, settings.loki.retry_max),
+            settings.loki.ca_file.as_deref(),
         )?;
         let mut server = GrpcServer::bind(SERVICE, &settings.server).await?;
         let patterns: Vec<String> = settings

@@ -179,6 +179,9 @@ pub struct LokiSettings {
     /// Longest wait between attempts (and the most of a `Retry-After` honoured). Default 30 s.
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
+    /// A PEM CA file trusted for an `https://` Loki in addition to the system's roots (a
+    /// private CA). Default: none.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for LokiSettings {
@@ -189,6 +192,7 @@ impl Default for LokiSettings {
             request_timeout: Duration::from_secs(10),
             retry_initial: Duration::from_millis(200),
             retry_max: Duration::from_secs(30),
+            ca_file: None,
         }
     }
 }

@@ -14,6 +14,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use prost::Message as _;
 
 /// `logproto.PushRequest`.
@@ -105,21 +107,28 @@ pub struct LokiClient {
 
 impl LokiClient {
     /// A client of the Loki at `base_url` (`http://loki:3100`), sending `X-Scope-OrgID:
-    /// tenant` when set; each request may take `timeout`.
+    /// tenant` when set; each request may take `timeout`. An `https://` Loki is trusted by
+    /// the system's roots and the certificates of `ca_file`.
     ///
     /// # Errors
-    /// When the HTTP client cannot be built.
+    /// When the HTTP client cannot be built or `ca_file` cannot be read.
     pub fn new(
         base_url: &str,
         tenant: Option<String>,
         timeout: Duration,
         retry: (Duration, Duration),
+        ca_file: Option<&std::path::Path>,
     ) -> anyhow::Result<Self> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout);
+        if let Some(ca_file) = ca_file {
+            for cert in mall_grpc::tls::extra_roots(ca_file).context("loki.ca_file")? {
+                builder = builder.add_root_certificate(reqwest::Certificate::from_der(&cert)?);
+            }
+        }
         Ok(Self {
-            client: reqwest::Client::builder()
-                .timeout(timeout)
-                .connect_timeout(timeout)
-                .build()?,
+            client: builder.build()?,
             url: format!("{}/loki/api/v1/push", base_url.trim_end_matches('/')),
             tenant,
             retry_initial: retry.0,

@@ -366,7 +366,7 @@ impl GrpcServer {
             settings.readiness_interval,
             health.clone(),
             service_names.clone(),
-            ready,
+            ready.clone(),
             shutdown.clone(),
         ));
         tracing::info!(service = name, %grpc_addr, %admin_addr, "serving");
@@ -387,6 +387,10 @@ impl GrpcServer {
 
         tracing::info!(drain_timeout = ?settings.drain_timeout, "draining");
         set_health(&health, &service_names, false).await;
+        // /readyz too, from the first moment of the drain: readiness probes go to /readyz
+        // (kubelet's gRPC probes present no client certificate), and the pod must leave the
+        // Service's endpoints while it finishes its calls.
+        ready.store(false, Ordering::Relaxed);
         shutdown.cancel();
         tasks.close();
         let drained = tokio::time::timeout(settings.drain_timeout, async {

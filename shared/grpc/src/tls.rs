@@ -358,3 +358,23 @@ impl TlsPaths {
         }
     }
 }
+
+/// The CA certificates in `ca_file` (PEM), for an outbound HTTPS client (the partner, Loki)
+/// that trusts them in addition to the system's roots: a private CA in front of an internal
+/// endpoint.
+///
+/// # Errors
+/// When the file cannot be read or holds no PEM certificate.
+pub fn extra_roots(ca_file: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem =
+        std::fs::read(ca_file).with_context(|| format!("failed to read {}", ca_file.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{} is not PEM", ca_file.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{} holds no certificate",
+        ca_file.display()
+    );
+    Ok(certs)
+}

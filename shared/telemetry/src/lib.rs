@@ -53,6 +53,9 @@ pub struct TelemetrySettings {
     /// OTLP/gRPC collector endpoint for spans, such as `http://otel-collector:4317`.
     /// Default: none, spans are not exported (trace ids still propagate).
     pub otlp_endpoint: Option<url::Url>,
+    /// A PEM CA file trusted for an `https://` collector in addition to the system's roots.
+    /// Default: none.
+    pub otlp_ca_file: Option<std::path::PathBuf>,
     /// Share of new traces (those without a sampled parent) that are recorded, 0.0 to 1.0.
     /// Default 1.0. A parent's sampling decision is always followed.
     pub trace_sample_ratio: f64,
@@ -64,6 +67,7 @@ impl Default for TelemetrySettings {
             log_format: LogFormat::Text,
             log_filter: "info".to_owned(),
             otlp_endpoint: None,
+            otlp_ca_file: None,
             trace_sample_ratio: 1.0,
         }
     }
@@ -100,9 +104,24 @@ pub fn init(service_name: &'static str, settings: &TelemetrySettings) -> anyhow:
         .with_resource(resource)
         .with_sampler(sampler);
     if let Some(endpoint) = &settings.otlp_endpoint {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
+        use opentelemetry_otlp::WithTonicConfig as _;
+        let mut builder = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
-            .with_endpoint(endpoint.as_str())
+            .with_endpoint(endpoint.as_str());
+        if endpoint.scheme() == "https" {
+            let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+            if let Some(ca_file) = &settings.otlp_ca_file {
+                let pem = std::fs::read(ca_file).with_context(|| {
+                    format!(
+                        "telemetry.otlp_ca_file: failed to read {}",
+                        ca_file.display()
+                    )
+                })?;
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            builder = builder.with_tls_config(tls);
+        }
+        let exporter = builder
             .build()
             .context("failed to build the otlp span exporter")?;
         provider = provider.with_batch_exporter(exporter);

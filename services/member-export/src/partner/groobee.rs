@@ -10,13 +10,10 @@
 //! `"erased": true` (with `optOut`) and no profile; this is the assumption to confirm with the
 //! platform before production.
 
-use std::time::Duration;
-
 use secrecy::{ExposeSecret as _, SecretString};
 
 use super::{
-    Delivery, Outcome, Partner, Refusal, by_status, http_client, post_json, retry_after,
-    transport_failure,
+    Delivery, Outcome, Partner, Refusal, by_status, post_json, retry_after, transport_failure,
 };
 
 /// The platform's largest batch.
@@ -142,14 +139,14 @@ impl Groobee {
         url: url::Url,
         api_key: SecretString,
         max_batch: usize,
-        timeout: Duration,
+        client: reqwest::Client,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(
             (1..=MAX_BATCH).contains(&max_batch),
             "partner.max_batch must be 1 to {MAX_BATCH} for groobee, not {max_batch}"
         );
         Ok(Self {
-            client: http_client(timeout)?,
+            client,
             url,
             api_key,
             max_batch,

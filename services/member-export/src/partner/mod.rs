@@ -264,6 +264,9 @@ pub struct PartnerSettings {
     /// How long one request may take, connecting included.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// A PEM CA file trusted for an `https://` partner in addition to the system's roots.
+    /// Default: none.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for PartnerSettings {
@@ -288,6 +291,7 @@ impl PartnerSettings {
             secret: None,
             max_batch: None,
             request_timeout: Duration::from_secs(10),
+            ca_file: None,
         }
     }
 
@@ -319,21 +323,21 @@ impl AnyPartner {
     /// built.
     pub fn new(settings: &PartnerSettings) -> anyhow::Result<Self> {
         let url = settings.url.clone();
-        let timeout = settings.request_timeout;
+        let client = http_client(settings.request_timeout, settings.ca_file.as_deref())?;
         Ok(match settings.kind {
             PartnerKind::Groobee => {
                 let key = settings.api_key.clone().ok_or_else(|| {
                     anyhow::anyhow!("partner.api_key is required for partner.kind = groobee")
                 })?;
                 let max_batch = settings.max_batch.unwrap_or(groobee::MAX_BATCH);
-                Self::Groobee(groobee::Groobee::new(url, key, max_batch, timeout)?)
+                Self::Groobee(groobee::Groobee::new(url, key, max_batch, client)?)
             }
             PartnerKind::Webhook => {
                 let secret = settings.secret.as_ref().ok_or_else(|| {
                     anyhow::anyhow!("partner.secret is required for partner.kind = webhook")
                 })?;
                 let max_batch = settings.max_batch.unwrap_or(1);
-                Self::Webhook(webhook::Webhook::new(url, secret, max_batch, timeout)?)
+                Self::Webhook(webhook::Webhook::new(url, secret, max_batch, client)?)
             }
         })
     }
@@ -355,13 +359,27 @@ impl Partner for AnyPartner {
     }
 }
 
-/// The HTTP client of an adapter: `timeout` bounds each request, connecting included.
-fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
+/// The HTTP client of an adapter: `timeout` bounds each request, connecting included; an
+/// `https://` partner is trusted by the system's roots and the certificates of `ca_file`.
+///
+/// # Errors
+/// When `ca_file` cannot be read or the client cannot be built.
+pub fn http_client(
+    timeout: Duration,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)
-        .user_agent(concat!("mall-member-export/", env!("CARGO_PKG_VERSION")))
-        .build()?)
+        .user_agent(concat!("mall-member-export/", env!("CARGO_PKG_VERSION")));
+    if let Some(ca_file) = ca_file {
+        for cert in
+            anyhow::Context::context(mall_grpc::tls::extra_roots(ca_file), "partner.ca_file")?
+        {
+            builder = builder.add_root_certificate(reqwest::Certificate::from_der(&cert)?);
+        }
+    }
+    Ok(builder.build()?)
 }
 
 /// Posts `body` as JSON with `headers`: the response, or the outcome of a request that got

@@ -14,15 +14,14 @@
 //! member for its own fault (a batch is split to find which); 429 and `Retry-After` limit our
 //! rate; 408 and 5xx are the environment's; 401, 403 and 404 are our configuration.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use hmac::{KeyInit as _, Mac as _};
 use secrecy::{ExposeSecret as _, SecretString};
 
 use super::{
-    Delivery, Outcome, Partner, Refusal, by_status, http_client, json, post_json, retry_after,
-    transport_failure,
+    Delivery, Outcome, Partner, Refusal, by_status, json, post_json, retry_after, transport_failure,
 };
 
 /// Most members one batch request may carry.
@@ -124,7 +123,7 @@ impl Webhook {
         url: url::Url,
         secret: &SecretString,
         max_batch: usize,
-        timeout: Duration,
+        client: reqwest::Client,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(
             (1..=MAX_BATCH).contains(&max_batch),
@@ -133,7 +132,7 @@ impl Webhook {
         // Check it once here rather than on every request.
         signing_key(secret)?;
         Ok(Self {
-            client: http_client(timeout)?,
+            client,
             url,
             key: Key(secret.clone()),
             max_batch,
@@ -314,7 +313,7 @@ mod tests {
             "http://127.0.0.1:1/hook".parse().expect("url"),
             &SecretString::from("whsec_not base64 at all!"),
             1,
-            Duration::from_secs(1),
+            reqwest::Client::new(),
         )
         .expect_err("malformed");
         assert!(!error.to_string().contains("not base64 at all"), "{error}");
