@@ -3,6 +3,10 @@
 #
 #   scripts/bench.sh catalog    product-catalog on PostgreSQL: BulkUpdateProducts vs a
 #                               hand-written upsert; GetProduct vs health Check
+#   scripts/bench.sh tls        product-catalog's GetProduct with mutual TLS next to plaintext in
+#                               the same run, and a normal caller's latency while hostile
+#                               clients attack (never-finished handshakes, trickled HTTP/2, one
+#                               caller flooding). SQLite; nothing to start.
 #   scripts/bench.sh relay      sync-relay end to end: 10,000 and 100,000 changes from publish to
 #                               visible in the catalog, (a) embedded queue + SQLite and (b) Kinesis
 #                               (kinesalite) + SQS (LocalStack) + PostgreSQL, next to the catalog's
@@ -37,6 +41,11 @@ case "$target" in
     say "benchmark: product-catalog (release build)"
     shift
     cargo bench -p product-catalog --bench catalog -- "$@"
+    ;;
+  tls)
+    say "benchmark: mutual TLS and hostile clients (release build)"
+    shift
+    cargo bench -p product-catalog --bench tls -- "$@"
     ;;
   relay)
     shift
@@ -76,6 +85,6 @@ case "$target" in
       | grep -E "lines, .* records|test result"
     ;;
   *)
-    die "usage: scripts/bench.sh catalog|relay|member|logs"
+    die "usage: scripts/bench.sh catalog|tls|relay|member|logs"
     ;;
 esac

@@ -97,6 +97,11 @@ struct Cli {
     /// PEM key of --tls-cert. Default $MALL_TLS_KEY.
     #[arg(long, global = true, value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// The name the server's certificate must carry when the address does not say it (after
+    /// `kubectl port-forward`, e.g. sync-relay.mall-platform.svc). Default
+    /// $MALL_TLS_SERVER_NAME, else the address's host.
+    #[arg(long, global = true, value_name = "NAME")]
+    tls_server_name: Option<String>,
     #[command(subcommand)]
     command: CliCommand,
 }
@@ -184,6 +189,7 @@ pub fn parse(args: &[String], env_addr: Option<String>) -> Result<Invocation, cl
         ca: cli.tls_ca,
         cert: cli.tls_cert,
         key: cli.tls_key,
+        server_name: cli.tls_server_name,
     };
     Ok(Invocation { addr, tls, command })
 }

@@ -173,7 +173,15 @@ pub async fn connect<M: MigratorTrait>(
     settings: &DatabaseSettings,
 ) -> anyhow::Result<DatabaseConnection> {
     let url = settings.url.expose_secret();
-    let mut options = ConnectOptions::new(url.to_owned());
+    let scheme = url.split(':').next().unwrap_or_default();
+    // sea-orm's connect span records its options, URL included, and a trace-level filter
+    // would log or export it: the password is taken out of the URL and handed to the driver
+    // on its own.
+    let (url, password) = match scheme {
+        "postgres" | "postgresql" => without_password(url)?,
+        _ => (url.to_owned(), None),
+    };
+    let mut options = ConnectOptions::new(url.clone());
     options
         .max_connections(settings.max_connections)
         .min_connections(settings.min_connections)
@@ -182,10 +190,9 @@ pub async fn connect<M: MigratorTrait>(
         // Statements are traced by our own spans; sqlx's per-statement logs are noise.
         .sqlx_logging(false);
 
-    let scheme = url.split(':').next().unwrap_or_default();
     match scheme {
         "sqlite" => {
-            ensure_sqlite_directory(url)?;
+            ensure_sqlite_directory(&url)?;
             let busy = settings.sqlite_busy_timeout;
             options.map_sqlx_sqlite_opts(move |o| {
                 o.create_if_missing(true)
@@ -199,7 +206,13 @@ pub async fn connect<M: MigratorTrait>(
         }
         "postgres" | "postgresql" => {
             let parameters = postgres_parameters(settings);
-            options.map_sqlx_postgres_opts(move |o| o.options(parameters.clone()));
+            options.map_sqlx_postgres_opts(move |o| {
+                let o = o.options(parameters.clone());
+                match &password {
+                    Some(password) => o.password(password),
+                    None => o,
+                }
+            });
         }
         other => {
             anyhow::bail!("database.url has scheme {other:?}; expected sqlite:// or postgres://")
@@ -215,6 +228,24 @@ pub async fn connect<M: MigratorTrait>(
         .with_context(|| format!("failed to run migrations on the {scheme} database"))?;
     tracing::info!(engine = scheme, "database ready");
     Ok(db)
+}
+
+/// `url` without its password, and the password (percent-decoded), if it had one.
+fn without_password(url: &str) -> anyhow::Result<(String, Option<String>)> {
+    // Not `{url}` in the message: it may hold the password.
+    let mut parsed = url::Url::parse(url)
+        .map_err(|e| anyhow::anyhow!("database.url is not a valid URL: {e}"))?;
+    let Some(password) = parsed.password() else {
+        return Ok((url.to_owned(), None));
+    };
+    let password = percent_encoding::percent_decode_str(password)
+        .decode_utf8()
+        .map_err(|_| anyhow::anyhow!("database.url's password is not UTF-8"))?
+        .into_owned();
+    parsed
+        .set_password(None)
+        .map_err(|()| anyhow::anyhow!("database.url cannot drop its password"))?;
+    Ok((parsed.to_string(), Some(password)))
 }
 
 /// Session settings every PostgreSQL connection starts with.
@@ -331,6 +362,26 @@ mod tests {
     use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
     use super::*;
+
+    #[test]
+    fn the_password_leaves_the_url_decoded_and_the_rest_stays() {
+        let (url, password) = without_password(
+            "postgres://app:p%40ss%2Fword@db.internal:5432/catalog?sslmode=require",
+        )
+        .expect("a valid URL");
+        assert_eq!(
+            url,
+            "postgres://app@db.internal:5432/catalog?sslmode=require"
+        );
+        assert_eq!(password.as_deref(), Some("p@ss/word"));
+        let (url, password) = without_password("postgres://app@db/catalog").expect("valid");
+        assert_eq!(
+            (url.as_str(), password),
+            ("postgres://app@db/catalog", None)
+        );
+        let error = without_password("postgres://app:secret@[bad").expect_err("invalid");
+        assert!(!error.to_string().contains("secret"), "{error}");
+    }
 
     #[test]
     fn sqlite_statements_take_anonymous_placeholders_in_order() {

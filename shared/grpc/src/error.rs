@@ -12,6 +12,9 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
+/// Bytes of field violations listed in one error (see `From<ServiceError> for Status`).
+const MAX_VIOLATION_BYTES: usize = 8 * 1024;
+
 /// `ErrorInfo.domain` of every error the mall services return.
 pub const ERROR_DOMAIN: &str = "platform.mall";
 
@@ -119,8 +122,29 @@ impl From<ServiceError> for Status {
         let mut details = ErrorDetails::new();
         let message = match &error {
             ServiceError::InvalidArgument(violations) => {
+                // The details travel base64-encoded in a trailer, and HTTP/2 clients refuse
+                // header blocks above 16 KiB by default (the whole call then fails with
+                // PROTOCOL_ERROR instead of this error): list violations up to a budget, then
+                // say how many more there are.
+                let mut budget = MAX_VIOLATION_BYTES;
+                let mut listed = 0;
                 for v in violations {
+                    let size = v.field.len() + v.description.len() + 8;
+                    if size > budget {
+                        break;
+                    }
+                    budget -= size;
+                    listed += 1;
                     details.add_bad_request_violation(v.field.clone(), v.description.clone());
+                }
+                if listed < violations.len() {
+                    details.add_bad_request_violation(
+                        String::new(),
+                        format!(
+                            "{} more problem(s) not listed; fix these and send again",
+                            violations.len() - listed
+                        ),
+                    );
                 }
                 let first = violations
                     .first()
@@ -277,6 +301,44 @@ mod tests {
         assert_eq!(
             details.error_info().expect("error info").reason,
             "BUFFER_FULL"
+        );
+    }
+
+    #[test]
+    fn many_long_violations_stay_within_an_http2_header_block() {
+        let violations = (0..100)
+            .map(|i| FieldViolation {
+                field: format!("updates[{i}].product.product_type"),
+                description: format!(
+                    "product \"P-{i:06}\" is stored as type \"apparel\"; a product's type is set \
+                     by the change that creates it and never changes"
+                ),
+            })
+            .collect();
+        let status = Status::from(ServiceError::InvalidArgument(violations));
+        let encoded = status.into_http::<tonic::body::Body>();
+        let header_bytes: usize = encoded
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .sum();
+        assert!(header_bytes < 16 * 1024, "{header_bytes} bytes of headers");
+        let status = Status::from_header_map(encoded.headers()).expect("a status");
+        let listed = status
+            .get_error_details()
+            .bad_request()
+            .expect("a bad request")
+            .field_violations
+            .clone();
+        assert!(listed.len() > 10, "{}", listed.len());
+        let last = listed.last().expect("one");
+        assert!(
+            last.description.contains("more problem(s) not listed"),
+            "{last:?}"
+        );
+        assert_eq!(
+            listed[0].field, "updates[0].product.product_type",
+            "the first ones are listed as they came"
         );
     }
 

@@ -319,7 +319,7 @@ pub fn identity_of(certificate: &[u8]) -> Option<Arc<str>> {
 }
 
 /// The TLS files of a command line tool (`relayctl`, `memberctl`), from its flags or the
-/// environment (`MALL_TLS_CA`, `MALL_TLS_CERT`, `MALL_TLS_KEY`).
+/// environment (`MALL_TLS_CA`, `MALL_TLS_CERT`, `MALL_TLS_KEY`, `MALL_TLS_SERVER_NAME`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsPaths {
     /// CA certificate the server's certificate must chain to; TLS is on when set.
@@ -328,6 +328,9 @@ pub struct TlsPaths {
     pub cert: Option<PathBuf>,
     /// The caller's key.
     pub key: Option<PathBuf>,
+    /// The name the server's certificate must carry, when the address does not say it (a
+    /// `kubectl port-forward` to `localhost`).
+    pub server_name: Option<String>,
 }
 
 impl TlsPaths {
@@ -338,6 +341,7 @@ impl TlsPaths {
             ca: self.ca.or(fallback.ca),
             cert: self.cert.or(fallback.cert),
             key: self.key.or(fallback.key),
+            server_name: self.server_name.or(fallback.server_name),
         }
     }
 
@@ -352,7 +356,10 @@ impl TlsPaths {
             _ => anyhow::bail!("--tls-cert and --tls-key go together"),
         };
         match &self.ca {
-            Some(ca) => Ok(Some(ClientTls::new(ca.clone(), pair))),
+            Some(ca) => Ok(Some(ClientTls {
+                server_name: self.server_name.clone(),
+                ..ClientTls::new(ca.clone(), pair)
+            })),
             None if pair.is_some() => anyhow::bail!("--tls-cert needs --tls-ca as well"),
             None => Ok(None),
         }

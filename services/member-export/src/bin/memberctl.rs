@@ -11,6 +11,7 @@ async fn main() -> anyhow::Result<()> {
         ca: std::env::var_os("MALL_TLS_CA").map(Into::into),
         cert: std::env::var_os("MALL_TLS_CERT").map(Into::into),
         key: std::env::var_os("MALL_TLS_KEY").map(Into::into),
+        server_name: std::env::var("MALL_TLS_SERVER_NAME").ok(),
     });
     member_export::cli::run(invocation, &mut std::io::stdout()).await
 }
