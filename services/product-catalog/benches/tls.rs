@@ -336,8 +336,8 @@ fn write_report(
     s.push_str(&format!(
         "Under attack (the hostile-client test's attack: 200 connections that never start the \
          handshake, 10 that trickle HTTP/2 a byte every 100 ms, one caller flooding with 32 calls \
-         at a time against its limit of `per_caller_concurrency`), a normal caller's {calls} \
-         GetProducts one after another on a connection of its own, next to the same caller \
+         at a time, under the default `per_caller_concurrency` of 256, so load rather than \
+         refusals), a normal caller's {calls} GetProducts one after another on a connection of its own, next to the same caller \
          without the attack (target p99 < 50 ms):\n\n"
     ));
     s.push_str("| | calls/s | p50 | p99 |\n|---|---|---|---|\n");

@@ -5,7 +5,7 @@ use std::time::Duration;
 use mall_db::DatabaseSettings;
 use mall_grpc::{
     ServerSettings,
-    authz::{ANY_AUTHENTICATED, AuthzRule, identities},
+    authz::{AuthzRule, identities},
     tls::ClientTls,
 };
 use mall_product::ProductTypes;
@@ -65,20 +65,15 @@ impl Default for Settings {
 }
 
 /// Who may call what with TLS on, unless `[server.authz]` says otherwise: the product
-/// producer publishes, any authenticated caller reads the status; pausing, resuming,
-/// replaying, the dead letters and the quarantine are for the admins only.
+/// producer publishes; the status (whose last error quotes the queue's and the catalog's own
+/// messages), pausing, resuming, replaying, the dead letters and the quarantine are for the
+/// admins only.
 pub fn default_rules() -> Vec<AuthzRule> {
     const SERVICE: &str = "mall.sync.v1.SyncRelayService";
-    vec![
-        AuthzRule::new(
-            &[&format!("{SERVICE}/PublishProductChanges")],
-            &[identities::PRODUCT_PRODUCER],
-        ),
-        AuthzRule::new(
-            &[&format!("{SERVICE}/GetRelayStatus")],
-            &[ANY_AUTHENTICATED],
-        ),
-    ]
+    vec![AuthzRule::new(
+        &[&format!("{SERVICE}/PublishProductChanges")],
+        &[identities::PRODUCT_PRODUCER],
+    )]
 }
 
 impl Settings {

@@ -52,7 +52,6 @@ impl Write for Captured {
     }
 }
 
-const DB_PASSWORD: &str = "db-pass-7f3a9c";
 const API_KEY: &str = "partner-key-41d8e2";
 
 fn server_tls(ca: &Authority, files: &CertFiles) -> ServerTls {
@@ -94,6 +93,10 @@ fn member(i: usize) -> MemberChange {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_key_password_or_personal_data_in_logs_spans_metrics_or_errors() {
+    // The catalog's database and a role of its own with a random password, made before any
+    // capture starts (the test server's own URL may hold the cluster's password).
+    let catalog_db = TestDatabase::postgres().await;
+    let (db_url, password) = own_role(&catalog_db).await;
     let captured = Captured::default();
     let writer = captured.clone();
     tracing_subscriber::fmt()
@@ -121,17 +124,7 @@ async fn no_key_password_or_personal_data_in_logs_spans_metrics_or_errors() {
     let reader = issue("reader", &Authority::spiffe_id("shop", "storefront"));
     let shutdown = CancellationToken::new();
 
-    // The catalog on PostgreSQL, through a URL with a password (the test server trusts local
-    // connections, so any password is accepted: it is here to be looked for).
-    let catalog_db = TestDatabase::postgres().await;
-    let mut db_url = url::Url::parse(catalog_db.url()).expect("a URL");
-    let password = match db_url.password() {
-        Some(password) => password.to_owned(),
-        None => {
-            db_url.set_password(Some(DB_PASSWORD)).expect("settable");
-            DB_PASSWORD.to_owned()
-        }
-    };
+    // The catalog on PostgreSQL, as its own role, through a URL with its password.
     let mut settings = product_catalog::Settings::default();
     settings.server.listen_addr = "127.0.0.1:0".parse().expect("valid");
     settings.server.admin_addr = "127.0.0.1:0".parse().expect("valid");
@@ -333,6 +326,33 @@ async fn no_key_password_or_personal_data_in_logs_spans_metrics_or_errors() {
             }
         }
     }
+}
+
+/// A login role owning `database`, with a random password: the URL to connect as it, and the
+/// password (to look for). The role is named like the test databases (`mall_test_…`).
+async fn own_role(database: &TestDatabase) -> (url::Url, String) {
+    use sea_orm::ConnectionTrait as _;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let (role, password) = (format!("mall_test_role_{suffix}"), format!("pw-{suffix}"));
+    let admin = sea_orm::Database::connect(database.url())
+        .await
+        .expect("the test database");
+    let name = database.url().rsplit('/').next().expect("a database name");
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'"),
+        format!("ALTER DATABASE {name} OWNER TO {role}"),
+        format!("ALTER SCHEMA public OWNER TO {role}"),
+    ] {
+        admin
+            .execute_unprepared(&statement)
+            .await
+            .unwrap_or_else(|error| panic!("{statement}: {error}"));
+    }
+    admin.close().await.ok();
+    let mut url = url::Url::parse(database.url()).expect("a URL");
+    url.set_username(&role).expect("settable");
+    url.set_password(Some(&password)).expect("settable");
+    (url, password)
 }
 
 fn sync_relay_change(code: &str, version: u64) -> ProductChange {

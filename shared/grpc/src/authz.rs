@@ -20,7 +20,7 @@ use std::{
 use futures::future::BoxFuture;
 use mall_telemetry::metrics::{IntCounterVec, Opts, Registry};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 use tower::{Layer, Service};
@@ -28,6 +28,7 @@ use tower::{Layer, Service};
 use crate::{
     error::ERROR_DOMAIN,
     listen::{Listener, Peer},
+    methods::Methods,
     throttle::Throttle,
 };
 
@@ -140,12 +141,17 @@ const REFLECTION: [&str; 2] = [
 ];
 
 impl Policy {
-    /// Checks `settings` against the services this server serves and compiles it.
+    /// Checks `settings` against the services (`served`) and methods (`methods`) this server
+    /// serves and compiles it.
     ///
     /// # Errors
-    /// A method pattern that is malformed or names a service not served here, or an empty
-    /// caller, named by its place in the settings.
-    pub fn compile(settings: &AuthzSettings, served: &[String]) -> anyhow::Result<Self> {
+    /// A method pattern that is malformed or names a service or method not served here, or an
+    /// empty caller, named by its place in the settings.
+    pub fn compile(
+        settings: &AuthzSettings,
+        served: &[String],
+        methods: &Methods,
+    ) -> anyhow::Result<Self> {
         let mut policy = Self {
             admins: settings
                 .admins
@@ -174,6 +180,9 @@ impl Policy {
                     anyhow::bail!(
                         "{field}: {pattern:?} is not package.Service/Method or package.Service/*"
                     );
+                }
+                if method != "*" && !methods.contains(&format!("/{pattern}")) {
+                    anyhow::bail!("{field}: {service} has no method {method:?}");
                 }
                 let allowed = if method == "*" {
                     policy.services.entry(service.to_owned()).or_default()
@@ -258,7 +267,9 @@ impl AuthzMetrics {
 
 struct Shared {
     policy: Policy,
-    services: Vec<String>,
+    methods: Arc<Methods>,
+    /// Whether the gRPC listeners speak TLS: a request without a [`Peer`] is then refused.
+    tls_on: bool,
     metrics: AuthzMetrics,
     per_caller: usize,
     /// Whether `server.admin_grpc_addr` is set: admin-only methods are then refused on the
@@ -285,7 +296,8 @@ impl std::fmt::Debug for AuthzLayer {
 impl AuthzLayer {
     pub(crate) fn new(
         policy: Policy,
-        services: Vec<String>,
+        methods: Arc<Methods>,
+        tls_on: bool,
         metrics: AuthzMetrics,
         per_caller: usize,
         admin_listener: bool,
@@ -293,7 +305,8 @@ impl AuthzLayer {
         Self {
             shared: Arc::new(Shared {
                 policy,
-                services,
+                methods,
+                tls_on,
                 metrics,
                 per_caller,
                 admin_listener,
@@ -335,7 +348,7 @@ where
     ReqBody: Send + 'static,
     ResBody: Default + Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<PermitBody<ResBody>>;
     type Error = S::Error;
     type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
@@ -344,31 +357,48 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let shared = &self.shared;
         let path = request.uri().path();
         let peer = request.extensions().get::<Peer>();
-        let decision = self.shared.policy.decide(path, peer);
         let identity = peer.and_then(|p| p.identity.clone());
-        let tls = peer.is_some_and(|p| p.tls);
+        // Without connect info (no path of ours serves so) a TLS server knows no caller.
+        let tls = peer.map_or(shared.tls_on, |p| p.tls);
+        let health = path.starts_with("/grpc.health.v1.Health/");
+        let decision = if !tls || health {
+            Decision::Allow
+        } else if peer.is_none() {
+            Decision::Unauthenticated
+        } else {
+            shared.policy.decide(path, peer)
+        };
+        // The admin listener's methods are refused on the main one only to callers the policy
+        // lets call them: the others get the policy's own answer, and learn nothing more.
+        let on_main_listener = peer.is_none_or(|p| p.listener == Listener::Main);
+        let wrong_listener = decision == Decision::Allow
+            && shared.admin_listener
+            && on_main_listener
+            && shared.methods.contains(path)
+            && shared.policy.admin_only(path);
         // The service polled ready is the one that must be called; leave a fresh clone behind.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let on_main_listener = peer.is_none_or(|p| p.listener == Listener::Main);
-        let wrong_listener =
-            self.shared.admin_listener && on_main_listener && self.shared.policy.admin_only(path);
-        if !wrong_listener && (!tls || path.starts_with("/grpc.health.v1.Health/")) {
-            return Box::pin(inner.call(request));
+        if !wrong_listener && (!tls || health) {
+            return Box::pin(
+                async move { Ok(inner.call(request).await?.map(PermitBody::without)) },
+            );
         }
-        let method = self.shared.method_label(path);
+        let method = shared.methods.label(path).to_owned();
         let refusal = match decision {
             _ if wrong_listener => Refusal::AdminListener,
             Decision::Allow => match &identity {
-                Some(identity) => match self.shared.permit(identity) {
+                Some(identity) => match shared.permit(identity) {
                     Some(permit) => {
-                        self.shared.count(&method, Some(identity), "allowed");
+                        shared.count(&method, Some(identity), "allowed");
+                        // Held until the response's last frame: a stream counts as long as it
+                        // is open.
                         return Box::pin(async move {
-                            let response = inner.call(request).await;
-                            drop(permit);
-                            response
+                            let response = inner.call(request).await?;
+                            Ok(response.map(|body| PermitBody::with(body, permit)))
                         });
                     }
                     None => Refusal::CallerLimit,
@@ -378,9 +408,8 @@ where
             Decision::Unauthenticated => Refusal::Unauthenticated,
             Decision::Denied => Refusal::Denied,
         };
-        self.shared
-            .count(&method, identity.as_deref(), refusal.outcome());
-        if let Some(suppressed) = self.shared.refusals.allow() {
+        shared.count(&method, identity.as_deref(), refusal.outcome());
+        if let Some(suppressed) = shared.refusals.allow() {
             let remote_addr = peer.map(|p| p.remote_addr);
             tracing::warn!(
                 caller = identity.as_deref().unwrap_or("none"),
@@ -391,21 +420,69 @@ where
                 "call refused"
             );
         }
-        let status = refusal.status(&method, self.shared.per_caller);
+        let status = refusal.status(&method, shared.per_caller);
         Box::pin(async move { Ok(status.into_http()) })
     }
 }
 
-impl Shared {
-    fn method_label(&self, path: &str) -> String {
-        let service = path.trim_start_matches('/').split('/').next().unwrap_or("");
-        if self.services.iter().any(|s| s == service) {
-            path.to_owned()
-        } else {
-            "unknown".to_owned()
+pin_project_lite::pin_project! {
+    /// A response body holding its caller's permit until the last frame is sent (or the
+    /// stream is dropped).
+    pub(crate) struct PermitBody<B> {
+        #[pin]
+        inner: B,
+        permit: Option<OwnedSemaphorePermit>,
+    }
+}
+
+impl<B> PermitBody<B> {
+    fn with(inner: B, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            inner,
+            permit: Some(permit),
         }
     }
 
+    fn without(inner: B) -> Self {
+        Self {
+            inner,
+            permit: None,
+        }
+    }
+}
+
+impl<B: Default> Default for PermitBody<B> {
+    fn default() -> Self {
+        Self::without(B::default())
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for PermitBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let Poll::Ready(None) = &frame {
+            this.permit.take();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Shared {
     fn count(&self, method: &str, identity: Option<&str>, outcome: &str) {
         let caller = match identity {
             None => "none",
@@ -418,7 +495,7 @@ impl Shared {
             .inc();
     }
 
-    fn permit(&self, identity: &Arc<str>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    fn permit(&self, identity: &Arc<str>) -> Option<OwnedSemaphorePermit> {
         let semaphore = {
             let mut callers = self.callers.lock().unwrap_or_else(|e| e.into_inner());
             callers
@@ -508,8 +585,12 @@ mod tests {
                 AuthzRule::new(&["b.v1.Other/*"], &["reader.example"]),
             ],
         };
-        Policy::compile(&settings, &["a.v1.Svc".to_owned(), "b.v1.Other".to_owned()])
-            .expect("a valid policy")
+        Policy::compile(
+            &settings,
+            &["a.v1.Svc".to_owned(), "b.v1.Other".to_owned()],
+            &Methods::from_paths(["/a.v1.Svc/Get", "/a.v1.Svc/Put", "/a.v1.Svc/Pause"]),
+        )
+        .expect("a valid policy")
     }
 
     #[test]
@@ -568,20 +649,22 @@ mod tests {
     #[test]
     fn malformed_rules_fail_naming_the_field() {
         let served = ["a.v1.Svc".to_owned()];
+        let methods = Methods::from_paths(["/a.v1.Svc/Get"]);
         for (pattern, expected) in [
             ("a.v1.Svc", "rules[0].methods[0]"),
             ("a.v1.Nope/Get", "not a service this server serves"),
+            ("a.v1.Svc/Gte", "has no method \"Gte\""),
             ("a.v1.Svc/", "rules[0].methods[0]"),
             ("a.v1.Svc/Get/More", "rules[0].methods[0]"),
         ] {
             let settings = AuthzSettings::with_rules(vec![AuthzRule::new(&[pattern], &["x"])]);
-            let error = Policy::compile(&settings, &served)
+            let error = Policy::compile(&settings, &served, &methods)
                 .expect_err(pattern)
                 .to_string();
             assert!(error.contains(expected), "{pattern}: {error}");
         }
         let settings = AuthzSettings::with_rules(vec![AuthzRule::new(&["a.v1.Svc/Get"], &[" "])]);
-        let error = Policy::compile(&settings, &served).expect_err("empty caller");
+        let error = Policy::compile(&settings, &served, &methods).expect_err("empty caller");
         assert!(error.to_string().contains("callers[0] is empty"), "{error}");
     }
 

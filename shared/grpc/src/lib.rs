@@ -24,6 +24,7 @@
 //! - [`tls`]: certificate files (reloaded when they change) and identities in certificates.
 //! - [`listen`]: accepting connections: a connection bound, TLS handshakes with a deadline.
 //! - [`authz`]: the per-method policy and the per-caller limit.
+//! - [`methods`]: the methods a server serves, the only method label values.
 //! - [`client`]: channels to other services (TLS when configured) and trace-context
 //!   propagation for outgoing calls.
 //! - [`shutdown`]: the SIGTERM/SIGINT future, [`shutdown_signal`].
@@ -33,6 +34,7 @@ pub mod authz;
 pub mod client;
 pub mod error;
 pub mod listen;
+pub mod methods;
 pub mod observe;
 pub mod server;
 pub mod settings;

@@ -9,6 +9,7 @@
 //! connection.
 
 use std::{
+    future::Future as _,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -109,7 +110,16 @@ pub(crate) struct Conn {
     io: Io,
     peer: Peer,
     _open: OpenGuard,
+    /// Until the client's HTTP/2 preface has arrived: when it passes, the connection is
+    /// closed. hyper waits for a preface without a deadline of its own, so a client that
+    /// finishes TLS (no certificate needed) and then says nothing, or a byte at a time,
+    /// would hold a connection slot for good.
+    preface_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    read: usize,
 }
+
+/// The HTTP/2 client connection preface's length (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
+const PREFACE_BYTES: usize = 24;
 
 #[derive(Debug)]
 enum Io {
@@ -144,10 +154,26 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.io {
+        if let Some(deadline) = self.preface_deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no HTTP/2 preface within server.handshake_timeout",
+            )));
+        }
+        let before = buf.filled().len();
+        let result = match &mut self.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if self.preface_deadline.is_some() && matches!(result, Poll::Ready(Ok(()))) {
+            self.read += buf.filled().len() - before;
+            if self.read >= PREFACE_BYTES {
+                self.preface_deadline = None;
+            }
         }
+        result
     }
 }
 
@@ -242,6 +268,7 @@ pub(crate) fn incoming(
             let tls = tls.clone();
             let metrics = metrics.clone();
             let failures = failures.clone();
+            let preface_deadline = Box::pin(tokio::time::sleep(limits.handshake_timeout));
             tokio::spawn(async move {
                 let (io, peer) = match tls {
                     None => (
@@ -302,6 +329,8 @@ pub(crate) fn incoming(
                 let conn = Conn {
                     io,
                     peer,
+                    preface_deadline: Some(preface_deadline),
+                    read: 0,
                     _open: OpenGuard {
                         _permit: permit,
                         open: metrics.open.clone(),

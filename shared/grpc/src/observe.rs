@@ -29,6 +29,8 @@ use tonic::{Code, Status};
 use tower::{BoxError, Layer, Service};
 use tracing::Instrument as _;
 
+use crate::methods::Methods;
+
 /// Request counters and latency histograms, registered once per server.
 #[derive(Debug, Clone)]
 pub struct GrpcMetrics {
@@ -76,19 +78,19 @@ pub struct ObserveLayer {
 #[derive(Debug)]
 struct Shared {
     metrics: GrpcMetrics,
-    /// Fully qualified names of the services this server serves, for the method label.
-    services: Vec<String>,
+    /// The methods this server serves, the only method label values.
+    methods: Arc<Methods>,
     request_timeout: Duration,
 }
 
 impl ObserveLayer {
-    /// A layer recording into `metrics`, labelling methods of `services`, and bounding calls by
-    /// `request_timeout`.
-    pub fn new(metrics: GrpcMetrics, services: Vec<String>, request_timeout: Duration) -> Self {
+    /// A layer recording into `metrics`, labelling the served `methods` (others `unknown`),
+    /// and bounding calls by `request_timeout`.
+    pub fn new(metrics: GrpcMetrics, methods: Arc<Methods>, request_timeout: Duration) -> Self {
         Self {
             shared: Arc::new(Shared {
                 metrics,
-                services,
+                methods,
                 request_timeout,
             }),
         }
@@ -190,12 +192,7 @@ where
 
 impl<S> Observe<S> {
     fn method_label(&self, path: &str) -> String {
-        let service = path.trim_start_matches('/').split('/').next().unwrap_or("");
-        if self.shared.services.iter().any(|s| s == service) {
-            path.to_owned()
-        } else {
-            "unknown".to_owned()
-        }
+        self.shared.methods.label(path).to_owned()
     }
 }
 

@@ -25,6 +25,7 @@ use crate::{
     admin,
     authz::{AuthzLayer, AuthzMetrics, Policy},
     listen::{self, ConnMetrics, Limits, Listener},
+    methods::Methods,
     observe::{GrpcMetrics, ObserveLayer},
     settings::ServerSettings,
     tls::{self, Reloading},
@@ -33,6 +34,12 @@ use crate::{
 /// Largest header block (gRPC metadata) a call may send: oversized metadata is refused by
 /// HTTP/2 itself before it reaches a handler.
 const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
+/// Calls open at once on one HTTP/2 connection (the shared and per-caller limits still apply).
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// Connections open at once on the admin gRPC listener, a pool apart from the main one's.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// A check of the dependencies a service needs to do useful work (database, queue).
 /// Returns `Err` with the reason when one is unreachable.
@@ -278,7 +285,14 @@ impl GrpcServer {
             .collect();
         add_reflection(&mut routes, &descriptors, &listed)?;
 
-        let policy = Policy::compile(&settings.authz, &listed)?;
+        let mut all_descriptors = descriptors.clone();
+        all_descriptors.extend([
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ]);
+        let methods = Arc::new(Methods::from_descriptors(&all_descriptors, &listed)?);
+        let policy = Policy::compile(&settings.authz, &listed, &methods)?;
         if tls.is_none() {
             tracing::warn!(
                 %grpc_addr,
@@ -295,13 +309,14 @@ impl GrpcServer {
             // Traces, deadlines and metrics see every call, shed and refused ones included.
             .layer(ObserveLayer::new(
                 metrics,
-                listed.clone(),
+                methods.clone(),
                 settings.request_timeout,
             ))
             // Who may call what, and each caller's own bound, before the shared limit below.
             .layer(AuthzLayer::new(
                 policy,
-                listed,
+                methods,
+                tls.is_some(),
                 authz_metrics,
                 settings.per_caller_concurrency,
                 admin_grpc_listener.is_some(),
@@ -318,21 +333,28 @@ impl GrpcServer {
             max_connections: settings.max_connections,
             handshake_timeout: settings.handshake_timeout,
         };
-        // One bound on connections across both gRPC listeners.
+        // The main listener's connections are bounded by `max_connections`; the admin listener
+        // has a small pool of its own, so a flood of connections to the main one cannot lock
+        // the operators out.
         let permits = Arc::new(Semaphore::new(settings.max_connections));
+        let admin_permits = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
         let routes = routes.routes();
         let serve = |listener, side| {
             let incoming = listen::incoming(
                 listener,
                 side,
                 tls.clone(),
-                permits.clone(),
+                match side {
+                    Listener::Main => permits.clone(),
+                    Listener::Admin => admin_permits.clone(),
+                },
                 limits,
                 conn_metrics.clone(),
                 shutdown.clone(),
             );
             Server::builder()
                 .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+                .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
                 // Find connections whose peer vanished without closing them.
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
@@ -492,6 +514,10 @@ async fn watch_readiness(
                 }
             }
             set_health(&health, &services, serving).await;
+            // A probe that finished after the drain began must not mark the pod ready again.
+            if shutdown.is_cancelled() {
+                return;
+            }
             ready.store(serving, Ordering::Relaxed);
             last = Some(serving);
         }

@@ -180,6 +180,8 @@ async fn watch<T>(
             Err(_) => return,
         };
         if contents == loaded {
+            // Readable again and unchanged: a later failure is worth a line of its own.
+            failing = false;
             continue;
         }
         match build(&contents) {

@@ -673,4 +673,92 @@ async fn with_an_admin_listener_admin_methods_are_served_there_only() {
     get(&mut client(&admin_url, &reader_tls).await)
         .await
         .expect("and on the admin listener");
+    // Callers the policy does not allow get the policy's answer on the main listener, not a
+    // hint that the method exists elsewhere.
+    let status = client(&catalog.url, &reader_tls)
+        .await
+        .list_pending_products(ListPendingProductsRequest::default())
+        .await
+        .expect_err("a reader");
+    assert_refused(
+        &status,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+        "mall.catalog.v1.ProductCatalogService/ListPendingProducts",
+    );
+    let status = client(&catalog.url, &pki.client_tls(None))
+        .await
+        .list_pending_products(ListPendingProductsRequest::default())
+        .await
+        .expect_err("no certificate");
+    assert_eq!(status.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_open_streams_count_against_its_limit_until_they_end() {
+    let pki = Pki::new();
+    let catalog = start(&pki, |settings| {
+        settings.server.per_caller_concurrency = 2;
+    })
+    .await;
+    let mut reader = client(&catalog.url, &pki.client_tls(Some(&pki.reader))).await;
+    let watch = || {
+        let mut reader = reader.clone();
+        async move {
+            reader
+                .watch_product_changes(
+                    mall_proto::catalog::v1::WatchProductChangesRequest::default(),
+                )
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let first = watch().await.expect("a first stream");
+    let second = watch().await.expect("a second stream");
+    // Two streams open: a third call of any kind is over the limit.
+    let status = get(&mut reader).await.expect_err("over the limit");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // Another caller is not affected.
+    get(&mut client(&catalog.url, &pki.client_tls(Some(&pki.admin))).await)
+        .await
+        .expect("another caller");
+    // A stream that ends gives its slot back.
+    drop(first);
+    wait_until(
+        "the ended stream's slot is free",
+        Duration::from_secs(5),
+        || {
+            let mut reader = reader.clone();
+            async move { get(&mut reader).await.ok() }
+        },
+    )
+    .await;
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_no_http2_preface_is_closed_at_the_deadline() {
+    use tokio::io::AsyncReadExt as _;
+    let pki = Pki::new();
+    let catalog = start(&pki, |settings| {
+        settings.server.handshake_timeout = Duration::from_millis(500);
+    })
+    .await;
+    // TLS finishes (a certificate is not needed for that), then nothing more is sent.
+    let mut silent = raw_tls(&catalog.url, &pki, &pki.reader).await;
+    let mut buf = vec![0; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                // The server's SETTINGS and session tickets.
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the silent connection was closed by the server"
+    );
 }
