@@ -4,12 +4,7 @@
 //! `/metrics`, the error messages and the queue are searched for the test's e-mail addresses,
 //! phone numbers and names.
 
-use std::{
-    collections::BTreeSet,
-    io::Write,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeSet, time::Duration};
 
 use mall_proto::member::v1::{
     Consent, EnqueueMemberChangesRequest, EraseMemberRequest, GetMemberDeliveryStateRequest,
@@ -24,24 +19,6 @@ use member_export::{
 };
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
-
-/// Everything logged, by every crate, at every level.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn person(i: usize) -> (String, String, String) {
     (
@@ -73,13 +50,7 @@ fn change(i: usize, version: u64, consented: bool) -> MemberChange {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_personal_data_reaches_logs_spans_metrics_or_errors() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::FULL)
-        .with_writer(move || writer.clone())
-        .init();
+    let captured = mall_test_support::capture::Captured::install_at_trace();
 
     let simulator = Simulator::start(
         "127.0.0.1:0".parse().expect("addr"),
@@ -199,13 +170,7 @@ async fn no_personal_data_reaches_logs_spans_metrics_or_errors() {
     shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let logs = String::from_utf8_lossy(
-        &captured
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    )
-    .into_owned();
+    let logs = captured.text();
     assert!(logs.len() > 10_000, "the paths ran and logged");
     assert!(
         logs.contains("refuses our configuration"),

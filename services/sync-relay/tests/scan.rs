@@ -5,11 +5,7 @@
 //! for the certificates' private keys, the database password, the API key and the members'
 //! personal data.
 
-use std::{
-    io::Write,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
 use mall_grpc::{
     authz::identities,
@@ -34,23 +30,6 @@ use mall_test_support::{
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 const API_KEY: &str = "partner-key-41d8e2";
 
@@ -97,13 +76,7 @@ async fn no_key_password_or_personal_data_in_logs_spans_metrics_or_errors() {
     // capture starts (the test server's own URL may hold the cluster's password).
     let catalog_db = TestDatabase::postgres().await;
     let (db_url, password) = own_role(&catalog_db).await;
-    let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::FULL)
-        .with_writer(move || writer.clone())
-        .init();
+    let captured = mall_test_support::capture::Captured::install_at_trace();
     let dir = tempfile::tempdir().expect("a temporary directory");
     let ca = Authority::new(dir.path(), "mall").expect("a CA");
     let issue = |name: &str, id: &str| {
@@ -277,13 +250,7 @@ async fn no_key_password_or_personal_data_in_logs_spans_metrics_or_errors() {
     }
     shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let logs = String::from_utf8_lossy(
-        &captured
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    )
-    .into_owned();
+    let logs = captured.text();
     assert!(logs.len() > 20_000, "the paths ran and logged");
     assert!(logs.contains("call refused"), "the refusals were logged");
 

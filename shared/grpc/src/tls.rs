@@ -336,6 +336,17 @@ pub struct TlsPaths {
 }
 
 impl TlsPaths {
+    /// The files named by `MALL_TLS_CA`, `MALL_TLS_CERT`, `MALL_TLS_KEY` and
+    /// `MALL_TLS_SERVER_NAME`: a command line tool's defaults for its flags.
+    pub fn from_env() -> Self {
+        Self {
+            ca: std::env::var_os("MALL_TLS_CA").map(Into::into),
+            cert: std::env::var_os("MALL_TLS_CERT").map(Into::into),
+            key: std::env::var_os("MALL_TLS_KEY").map(Into::into),
+            server_name: std::env::var("MALL_TLS_SERVER_NAME").ok(),
+        }
+    }
+
     /// Each file from `self`, else from `fallback` (flags over the environment).
     #[must_use]
     pub fn or(self, fallback: Self) -> Self {

@@ -7,6 +7,7 @@
 //! - [`process`]: a service binary run as a child process, for signal and start-up tests.
 //! - [`sqs_endpoint`]: the LocalStack (SQS) endpoint for queue tests.
 //! - [`bench`]: the benchmarks' sample product and BENCHMARKS.md sections.
+//! - [`capture`]: everything a process logs, kept for tests that search it.
 //! - [`certs`]: a local CA and certificates for the mutual TLS tests and `scripts/certs.sh`.
 //!
 //! PostgreSQL comes from `MALL_TEST_POSTGRES_URL` (default
@@ -15,6 +16,7 @@
 //! silently skipped.
 
 pub mod bench;
+pub mod capture;
 pub mod certs;
 pub mod probe;
 pub mod process;

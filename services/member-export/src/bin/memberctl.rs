@@ -7,11 +7,6 @@ async fn main() -> anyhow::Result<()> {
     mall_grpc::tls::install_crypto_provider();
     let mut invocation = member_export::cli::parse(&args, std::env::var("MEMBERCTL_ADDR").ok())
         .unwrap_or_else(|error| error.exit());
-    invocation.tls = invocation.tls.or(mall_grpc::tls::TlsPaths {
-        ca: std::env::var_os("MALL_TLS_CA").map(Into::into),
-        cert: std::env::var_os("MALL_TLS_CERT").map(Into::into),
-        key: std::env::var_os("MALL_TLS_KEY").map(Into::into),
-        server_name: std::env::var("MALL_TLS_SERVER_NAME").ok(),
-    });
+    invocation.tls = invocation.tls.or(mall_grpc::tls::TlsPaths::from_env());
     member_export::cli::run(invocation, &mut std::io::stdout()).await
 }

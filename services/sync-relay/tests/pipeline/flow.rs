@@ -212,16 +212,42 @@ async fn changing_the_lane_count_with_changes_queued_loses_nothing(engine: Engin
         .await
         .expect("resume");
 
-    let expected: Vec<(String, u64)> = codes.iter().map(|c| (c.clone(), 6)).collect();
-    catalog.wait_for(&expected, Duration::from_secs(60)).await;
+    // Version 6 (the status) may be reached before the 16-lane messages (v4's prices among
+    // them) are applied: wait for the whole state, not for the version.
+    let newest = |code: &str, v: u64| change(code, v).product.expect("set");
+    let settled =
+        |stored: &std::collections::BTreeMap<String, mall_proto::catalog::v1::Product>| {
+            codes.iter().all(|code| {
+                stored.get(code).is_some_and(|p| {
+                    p.version == 6
+                        && p.prices == newest(code, 4).prices
+                        && p.names == newest(code, 5).names
+                        && p.brand == "Pedala v3"
+                })
+            })
+        };
+    let waited = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if catalog.stored(&codes).await.is_ok_and(|s| settled(&s)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     let stored = catalog.stored(&codes).await.expect("read back");
     for code in &codes {
         let product = &stored[code];
-        let newest = |v: u64| change(code, v).product.expect("set");
-        assert_eq!(product.prices, newest(4).prices, "{code}: prices of v4");
-        assert_eq!(product.names, newest(5).names, "{code}: names of v5");
+        assert_eq!(product.version, 6, "{code}: version");
+        assert_eq!(
+            product.prices,
+            newest(code, 4).prices,
+            "{code}: prices of v4"
+        );
+        assert_eq!(product.names, newest(code, 5).names, "{code}: names of v5");
         assert_eq!(product.brand, "Pedala v3", "{code}: brand of v3");
     }
+    assert!(waited.is_ok(), "the state settled within 60 s");
 }
 
 async fn a_change_the_catalog_refuses_is_quarantined_with_the_producers_coordinates(
