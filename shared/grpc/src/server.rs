@@ -83,6 +83,17 @@ impl GrpcServer {
     /// than loopback without `server.insecure = true`.
     pub async fn bind(name: &'static str, settings: &ServerSettings) -> anyhow::Result<Self> {
         tls::install_crypto_provider();
+        // A zero limit would refuse every connection or call: a typo, not a choice.
+        for (key, value) in [
+            ("server.max_connections", settings.max_connections),
+            (
+                "server.per_caller_concurrency",
+                settings.per_caller_concurrency,
+            ),
+            ("server.concurrency_limit", settings.concurrency_limit),
+        ] {
+            anyhow::ensure!(value > 0, "{key} must be at least 1");
+        }
         let tls = match &settings.tls {
             Some(files) => Some(tls::server_config(files).context("server.tls")?),
             None => {
@@ -525,5 +536,46 @@ async fn watch_readiness(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn zero_limits_and_plaintext_beyond_loopback_stop_start_up_naming_the_key() {
+        for (key, settings) in [
+            (
+                "server.max_connections",
+                ServerSettings {
+                    max_connections: 0,
+                    ..ServerSettings::default()
+                },
+            ),
+            (
+                "server.per_caller_concurrency",
+                ServerSettings {
+                    per_caller_concurrency: 0,
+                    ..ServerSettings::default()
+                },
+            ),
+            (
+                "server.listen_addr",
+                ServerSettings {
+                    listen_addr: "0.0.0.0:0".parse().expect("an address"),
+                    ..ServerSettings::default()
+                },
+            ),
+        ] {
+            let error = GrpcServer::bind("test", &settings)
+                .await
+                .expect_err(key)
+                .to_string();
+            assert!(error.contains(key), "{key}: {error}");
+        }
+        GrpcServer::bind("test", &ServerSettings::default())
+            .await
+            .expect("the defaults bind");
     }
 }

@@ -398,3 +398,43 @@ pub fn extra_roots(ca_file: &std::path::Path) -> anyhow::Result<Vec<CertificateD
     );
     Ok(certs)
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    use super::*;
+
+    fn certificate(sans: Vec<SanType>) -> Vec<u8> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.subject_alt_names = sans;
+        let key = KeyPair::generate().expect("a key");
+        params.self_signed(&key).expect("signed").der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().expect("ia5"))
+    }
+
+    fn dns(s: &str) -> SanType {
+        SanType::DnsName(s.try_into().expect("ia5"))
+    }
+
+    #[test]
+    fn the_identity_is_the_spiffe_uri_else_the_first_dns_name() {
+        let spiffe = "spiffe://mall.internal/ns/mall-platform/sa/sync-relay";
+        // The SPIFFE id wins wherever it stands among the names.
+        let cert = certificate(vec![dns("relay.internal"), uri(spiffe)]);
+        assert_eq!(identity_of(&cert).as_deref(), Some(spiffe));
+        // Without one, the first DNS name; a URI of another scheme is not an identity.
+        let cert = certificate(vec![
+            uri("https://example.org/x"),
+            dns("a.internal"),
+            dns("b.internal"),
+        ]);
+        assert_eq!(identity_of(&cert).as_deref(), Some("a.internal"));
+        // No name at all: no identity (the caller is unauthenticated).
+        assert_eq!(identity_of(&certificate(Vec::new())), None);
+        assert_eq!(identity_of(b"not a certificate"), None);
+    }
+}
