@@ -1,11 +1,6 @@
 //! The admin HTTP server: `/metrics` for Prometheus, `/healthz` and `/readyz` for probes and
 //! people with curl.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
-};
-
 use axum::{
     Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get,
 };
@@ -17,7 +12,7 @@ pub struct AdminState {
     /// Metrics rendered on `/metrics`.
     pub registry: Registry,
     /// Whether the readiness probe last passed; `/readyz` answers 200 or 503 from it.
-    pub ready: Arc<AtomicBool>,
+    pub(crate) ready: crate::server::Ready,
 }
 
 /// The admin routes.
@@ -39,7 +34,7 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    if state.ready.load(Ordering::Relaxed) {
+    if state.ready.get() {
         (StatusCode::OK, "ready\n")
     } else {
         (

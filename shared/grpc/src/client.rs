@@ -225,6 +225,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
     }
 }
 
+/// An RPC client span (OpenTelemetry semantic conventions) for a call of `path`
+/// (`package.Service/Method`); run the call in it so [`TraceContextInterceptor`] sends its
+/// context and the server's span becomes its child.
+pub fn call_span(path: &'static str) -> tracing::Span {
+    let (service, method) = path.split_once('/').unwrap_or((path, ""));
+    tracing::info_span!(
+        "grpc.call",
+        otel.name = path,
+        otel.kind = "client",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+    )
+}
+
 /// Interceptor that writes the current span's W3C `traceparent`/`tracestate` into every
 /// outgoing request, so the callee's spans join the caller's trace.
 #[derive(Debug, Clone, Copy, Default)]

@@ -56,6 +56,11 @@ impl Methods {
         self.paths.contains(path)
     }
 
+    /// Every served path, in no particular order.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.paths.iter().map(String::as_str)
+    }
+
     /// `path` when it is a served method, else `unknown`: a bounded label value.
     pub fn label<'a>(&self, path: &'a str) -> &'a str {
         if self.contains(path) { path } else { "unknown" }

@@ -67,6 +67,16 @@ impl GrpcMetrics {
         registry.register(Box::new(latency.clone()))?;
         Ok(Self { requests, latency })
     }
+
+    /// Creates the `OK` series of every served method at zero, so a dashboard or an alert on
+    /// a method's error ratio finds its series before the first call.
+    pub fn preinit(&self, methods: &Methods) {
+        for method in methods.paths() {
+            let labels = [method, code_label(Code::Ok)];
+            self.requests.with_label_values(&labels);
+            self.latency.with_label_values(&labels);
+        }
+    }
 }
 
 /// Builds [`Observe`] services; see the module docs.
@@ -134,12 +144,17 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let path = request.uri().path();
         let method = self.method_label(path);
+        let (rpc_service, rpc_method) = method
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or((method.as_str(), ""));
         let span = tracing::info_span!(
             "grpc.request",
             otel.name = %path.trim_start_matches('/'),
             otel.kind = "server",
             rpc.system = "grpc",
-            rpc.method = %method,
+            rpc.service = %rpc_service,
+            rpc.method = %rpc_method,
             rpc.grpc.status_code = tracing::field::Empty,
         );
         mall_telemetry::propagation::set_parent_from(&span, &HeaderExtractor(request.headers()));

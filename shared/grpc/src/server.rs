@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use futures::future::BoxFuture;
-use mall_telemetry::metrics::Registry;
+use mall_telemetry::metrics::{IntGauge, Registry};
 use rustls::ServerConfig;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -277,7 +277,7 @@ impl GrpcServer {
             .context("admin listener has no address")?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        let ready = Arc::new(AtomicBool::new(false));
+        let ready = Ready::register(&registry)?;
         set_health(&health, &service_names, false).await;
         service_names.push(<tonic_health::pb::health_server::HealthServer<
             tonic_health::server::HealthService,
@@ -312,6 +312,7 @@ impl GrpcServer {
         }
         let metrics =
             GrpcMetrics::register(&registry).context("failed to register grpc metrics")?;
+        metrics.preinit(&methods);
         let authz_metrics =
             AuthzMetrics::register(&registry).context("failed to register authz metrics")?;
         let conn_metrics =
@@ -423,7 +424,7 @@ impl GrpcServer {
         // /readyz too, from the first moment of the drain: readiness probes go to /readyz
         // (kubelet's gRPC probes present no client certificate), and the pod must leave the
         // Service's endpoints while it finishes its calls.
-        ready.store(false, Ordering::Relaxed);
+        ready.set(false);
         shutdown.cancel();
         tasks.close();
         let drained = tokio::time::timeout(settings.drain_timeout, async {
@@ -501,13 +502,46 @@ async fn set_health(health: &HealthReporter, services: &[String], serving: bool)
     }
 }
 
+/// Whether the service takes traffic: `/readyz` answers from it and `mall_<service>_ready`
+/// (1 or 0) reports it to Prometheus, so the "not ready" alert sees what Kubernetes sees.
+#[derive(Debug, Clone)]
+pub(crate) struct Ready {
+    flag: Arc<AtomicBool>,
+    gauge: IntGauge,
+}
+
+impl Ready {
+    fn register(registry: &Registry) -> anyhow::Result<Self> {
+        let gauge = IntGauge::new(
+            "ready",
+            "1 while the service is ready for traffic (dependencies reachable, not draining), else 0",
+        )?;
+        registry
+            .register(Box::new(gauge.clone()))
+            .context("failed to register the readiness gauge")?;
+        Ok(Self {
+            flag: Arc::new(AtomicBool::new(false)),
+            gauge,
+        })
+    }
+
+    fn set(&self, ready: bool) {
+        self.flag.store(ready, Ordering::Relaxed);
+        self.gauge.set(i64::from(ready));
+    }
+
+    pub(crate) fn get(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+}
+
 /// Keeps health and `/readyz` in line with the readiness probe until shutdown.
 async fn watch_readiness(
     probe: Option<Readiness>,
     interval: std::time::Duration,
     health: HealthReporter,
     services: Vec<String>,
-    ready: Arc<AtomicBool>,
+    ready: Ready,
     shutdown: CancellationToken,
 ) {
     let mut last: Option<bool> = None;
@@ -529,7 +563,7 @@ async fn watch_readiness(
             if shutdown.is_cancelled() {
                 return;
             }
-            ready.store(serving, Ordering::Relaxed);
+            ready.set(serving);
             last = Some(serving);
         }
         tokio::select! {

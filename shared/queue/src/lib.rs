@@ -130,6 +130,15 @@ impl Queue {
         }
     }
 
+    /// The OpenTelemetry `messaging.system` of its backend: `aws_sqs`, or `mall_embedded` for
+    /// the queue in the service's own database.
+    pub fn messaging_system(&self) -> &'static str {
+        match self.backend() {
+            BackendKind::Embedded => "mall_embedded",
+            BackendKind::Sqs => "aws_sqs",
+        }
+    }
+
     /// Which backend serves it.
     pub fn backend(&self) -> BackendKind {
         match &self.inner {
@@ -301,5 +310,28 @@ impl Queue {
     /// As [`Queue::counts`].
     pub async fn ping(&self) -> Result<(), QueueError> {
         self.counts().await.map(|_| ())
+    }
+}
+
+/// Hands the queue's sizes to `report` every `interval` until `shutdown` completes (for the
+/// `queue_messages{state}` gauges); a failed read is logged at debug and tried again.
+pub async fn watch_counts(
+    queue: Queue,
+    interval: std::time::Duration,
+    shutdown: impl Future<Output = ()>,
+    report: impl Fn(QueueCounts),
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        match queue.counts().await {
+            Ok(counts) => report(counts),
+            Err(error) => {
+                tracing::debug!(%error, queue = queue.name(), "cannot read the queue's sizes")
+            }
+        }
+        tokio::select! {
+            () = &mut shutdown => return,
+            () = tokio::time::sleep(interval) => {}
+        }
     }
 }

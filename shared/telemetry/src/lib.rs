@@ -136,18 +136,71 @@ pub fn init(service_name: &'static str, settings: &TelemetrySettings) -> anyhow:
     match settings.log_format {
         LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init(),
         LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_span_list(false),
-            )
+            .with(tracing_subscriber::fmt::layer().event_format(json_format()))
             .try_init(),
     }
     .context("a tracing subscriber is already installed")?;
 
     Ok(Telemetry { provider })
+}
+
+/// The JSON line format: tracing-subscriber's flattened JSON plus `trace_id` and `span_id`.
+fn json_format()
+-> WithTraceIds<tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Json>> {
+    WithTraceIds(
+        tracing_subscriber::fmt::format()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false),
+    )
+}
+
+/// Adds `"trace_id"` and `"span_id"` of the span an event happens in to a JSON line, so log-ingest
+/// puts the trace id into Loki's structured metadata and Grafana links the line to its trace.
+///
+/// Written here because tracing-subscriber's JSON format has no hook for extra keys; the ids
+/// come from the OpenTelemetry context that tracing-opentelemetry activates on span entry.
+#[derive(Debug, Clone)]
+struct WithTraceIds<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use opentelemetry::trace::TraceContextExt as _;
+        let mut line = String::with_capacity(256);
+        self.0.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        let context = opentelemetry::Context::current();
+        let span = context.span();
+        let ids = span.span_context();
+        // The inner format ends the object with `}` and a newline.
+        if ids.is_valid()
+            && let Some(end) = line.rfind('}')
+        {
+            line.insert_str(
+                end,
+                &format!(
+                    ",\"trace_id\":\"{}\",\"span_id\":\"{}\"",
+                    ids.trace_id(),
+                    ids.span_id()
+                ),
+            );
+        }
+        writer.write_str(&line)
+    }
 }
 
 impl Telemetry {
@@ -159,5 +212,68 @@ impl Telemetry {
         self.provider
             .shutdown_with_timeout(FLUSH_TIMEOUT)
             .context("failed to flush spans at shutdown")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Write,
+        sync::{Arc, Mutex},
+    };
+
+    use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    /// Lines written by the formatter.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("not poisoned").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_carry_the_trace_and_span_of_their_span_and_none_outside() {
+        let lines = Lines::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(super::json_format())
+                    .with_writer(move || writer.clone()),
+            );
+        let (trace_id, span_id) = tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("outside");
+            let span = tracing::info_span!("work");
+            let _entered = span.enter();
+            tracing::info!(member = 3, "inside \"quoted\" }}");
+            let context = span.context();
+            let ids = context.span().span_context().clone();
+            (ids.trace_id().to_string(), ids.span_id().to_string())
+        });
+
+        let text = String::from_utf8(lines.0.lock().expect("not poisoned").clone()).expect("utf-8");
+        let parsed: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is one JSON object"))
+            .collect();
+        assert_eq!(parsed.len(), 2, "{text}");
+        assert_eq!(parsed[0]["message"], "outside");
+        assert!(parsed[0].get("trace_id").is_none(), "{text}");
+        assert_eq!(parsed[1]["message"], "inside \"quoted\" }");
+        assert_eq!(parsed[1]["member"], 3);
+        assert_eq!(parsed[1]["trace_id"], trace_id.as_str());
+        assert_eq!(parsed[1]["span_id"], span_id.as_str());
+        assert_ne!(trace_id, "00000000000000000000000000000000");
     }
 }
