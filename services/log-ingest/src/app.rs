@@ -83,6 +83,9 @@ impl App {
             .map(|p| p.name.clone())
             .collect();
         let metrics = LogMetrics::register(server.registry(), &patterns)?;
+        metrics
+            .buffer_max_bytes
+            .set(i64::try_from(settings.buffer.max_bytes).unwrap_or(i64::MAX));
         let recent = Recent::seed(&buffer, start).context("cannot read the buffer")?;
         let otlp = OtlpInput {
             buffer: buffer.clone(),

@@ -45,6 +45,9 @@ pub struct LogMetrics {
     pub masked: IntCounterVec,
     /// `buffer_bytes`: unacknowledged bytes in the durable buffer.
     pub buffer_bytes: IntGauge,
+    /// `buffer_max_bytes`: the buffer's bound (`buffer.max_bytes`); inputs stop acknowledging
+    /// when `buffer_bytes` reaches it (the "buffer filling" alert divides by it).
+    pub buffer_max_bytes: IntGauge,
     /// `forward_messages_total{outcome}`: forward messages with events, by `stored`,
     /// `sent_again` (already stored: acknowledged again), `refused_full` and `refused_error`.
     pub chunks: IntCounterVec,
@@ -112,6 +115,10 @@ impl LogMetrics {
                 "buffer_bytes",
                 "Unacknowledged bytes in the durable buffer",
             )?,
+            buffer_max_bytes: IntGauge::new(
+                "buffer_max_bytes",
+                "The durable buffer's bound; inputs stop acknowledging at it",
+            )?,
             chunks: counter_vec(
                 "forward_messages_total",
                 "Forward messages with events, by outcome",
@@ -147,6 +154,7 @@ impl LogMetrics {
         registry.register(Box::new(metrics.waiting.clone()))?;
         registry.register(Box::new(metrics.masked.clone()))?;
         registry.register(Box::new(metrics.buffer_bytes.clone()))?;
+        registry.register(Box::new(metrics.buffer_max_bytes.clone()))?;
         registry.register(Box::new(metrics.chunks.clone()))?;
         registry.register(Box::new(metrics.connections.clone()))?;
         registry.register(Box::new(metrics.otlp.clone()))?;

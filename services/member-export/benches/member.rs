@@ -371,6 +371,7 @@ async fn adapter_alone(
                     interests: p.interests,
                 }),
                 erase: false,
+                recorded_micros: 0,
             }
         })
         .collect();

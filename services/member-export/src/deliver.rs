@@ -41,6 +41,7 @@ use mall_proto::member::v1::{MarketingProfile, MemberDeliveryBatch};
 use mall_queue::{Queue, Receipt, ReceivedMessage, decode_body, fnv64};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{
     alerts::Alerts,
@@ -255,6 +256,32 @@ impl Workers {
         if messages.is_empty() {
             return Ok(Round::default());
         }
+        // Messaging semantic conventions: a consumer span per receive, in the first message's
+        // trace (the EnqueueMemberChanges that queued it), linked to the others'.
+        let span = tracing::info_span!(
+            "member.deliver",
+            otel.kind = "consumer",
+            messaging.system = self.queue.messaging_system(),
+            messaging.operation.type = "process",
+            messaging.destination.name = self.queue.name(),
+            messaging.batch.message_count = messages.len(),
+        );
+        let traces = messages
+            .iter()
+            .filter_map(|m| m.attributes.get(mall_telemetry::propagation::TRACEPARENT))
+            .map(|traceparent| (traceparent.as_str(), ""));
+        mall_telemetry::propagation::follow(&span, traces, MAX_TRACE_LINKS);
+        self.deliver_received(messages, shutdown)
+            .instrument(span)
+            .await
+    }
+
+    /// [`Workers::round`] once its messages are received, in the round's span.
+    async fn deliver_received(
+        &self,
+        messages: Vec<ReceivedMessage>,
+        shutdown: &CancellationToken,
+    ) -> Result<Round, ServiceError> {
         let mut round = Round {
             messages: messages.len(),
             ..Round::default()
@@ -469,6 +496,16 @@ impl Workers {
                 if let Err(e) = writes.answers.call(answer).await {
                     claims.keep(&batch);
                     return Err(e);
+                }
+                if mode == Mode::Queued {
+                    let now = now_micros();
+                    for (i, delivery) in batch.iter().enumerate() {
+                        if !refused_at.contains_key(&i) {
+                            let micros = now.saturating_sub(delivery.recorded_micros).max(0);
+                            #[allow(clippy::cast_precision_loss)]
+                            self.metrics.freshness.observe(micros as f64 / 1e6);
+                        }
+                    }
                 }
                 round.delivered += accepted.len();
                 round.refused += failed.len();
@@ -818,6 +855,7 @@ impl Workers {
                 interests: stored.interests,
             }),
             erase: false,
+            recorded_micros: row.update_time,
         })
     }
 }
@@ -830,6 +868,7 @@ fn bare(row: &members::Model, version: u64, consent: Channels, erase: bool) -> D
         consent,
         profile: None,
         erase,
+        recorded_micros: row.update_time,
     }
 }
 
@@ -842,6 +881,9 @@ pub enum Mode {
     /// before (it may have lost it); consent and erasure rules are the same.
     Resend,
 }
+
+/// Traces a delivery round links besides its parent's.
+const MAX_TRACE_LINKS: usize = 32;
 
 /// The first wait for members another sender holds.
 const BUSY_WAIT: Duration = Duration::from_millis(50);

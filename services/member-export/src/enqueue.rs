@@ -319,7 +319,11 @@ fn messages(
                 .iter()
                 .filter_map(|d| d.trace_context.as_ref())
                 .map(|t| t.traceparent.clone())
-                .find(|t| !t.is_empty());
+                .find(|t| !t.is_empty())
+                // Else the trace of the call that enqueued them (its server span).
+                .or_else(|| {
+                    mall_telemetry::propagation::current_trace_headers(&tracing::Span::current()).0
+                });
             let mut message = OutgoingMessage::new(encode_body(
                 &MemberDeliveryBatch { deliveries }.encode_to_vec(),
             ));

@@ -45,6 +45,9 @@ pub struct MemberMetrics {
     /// `failover_job_members_total{outcome}`: members failover jobs handled on this replica,
     /// by `delivered`, `refused` or `skipped`.
     pub failover_job_members: IntCounterVec,
+    /// `delivery_freshness_seconds`: from recording a member's version (EnqueueMemberChanges
+    /// answered) to the partner accepting it, for queued deliveries; the delivery SLO's input.
+    pub freshness: Histogram,
 }
 
 const ENQUEUED: [&str; 4] = ["accepted", "opt_out", "skipped_without_consent", "stale"];
@@ -93,6 +96,15 @@ impl MemberMetrics {
                     "How long each attempt waited for a rate-limit token",
                 )
                 .buckets(vec![0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            )?,
+            freshness: Histogram::with_opts(
+                HistogramOpts::new(
+                    "delivery_freshness_seconds",
+                    "From recording a member change to the partner accepting it (queued deliveries)",
+                )
+                .buckets(vec![
+                    0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+                ]),
             )?,
             rate_limit: Gauge::new(
                 "rate_limit_per_second",
@@ -149,6 +161,7 @@ impl MemberMetrics {
         registry.register(Box::new(metrics.reencrypted.clone()))?;
         registry.register(Box::new(metrics.failover_jobs.clone()))?;
         registry.register(Box::new(metrics.failover_job_members.clone()))?;
+        registry.register(Box::new(metrics.freshness.clone()))?;
         for state in ["succeeded", "failed"] {
             metrics.failover_jobs.with_label_values(&[state]);
         }

@@ -91,14 +91,12 @@ pub async fn refresh_queue_gauges(
     metrics: MemberMetrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    loop {
-        match queue.counts().await {
-            Ok(counts) => set_queue_gauges(&metrics, counts),
-            Err(error) => tracing::debug!(%error, "cannot read the delivery queue's sizes"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(QUEUE_GAUGE_INTERVAL) => {}
-        }
-    }
+    mall_queue::watch_counts(
+        queue,
+        QUEUE_GAUGE_INTERVAL,
+        shutdown.cancelled_owned(),
+        |counts| set_queue_gauges(&metrics, counts),
+    )
+    .await;
+    Ok(())
 }

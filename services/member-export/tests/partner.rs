@@ -55,6 +55,7 @@ fn member(id: &str, version: u64) -> Delivery {
             push: true,
         },
         erase: false,
+        recorded_micros: 0,
         profile: Some(Profile {
             email: Some(format!("{id}@example.com")),
             phone: None,
@@ -73,6 +74,7 @@ fn opt_out(id: &str, version: u64) -> Delivery {
         consent: Channels::default(),
         profile: None,
         erase: false,
+        recorded_micros: 0,
     }
 }
 

@@ -7,6 +7,9 @@ use mall_grpc::GrpcServer;
 use mall_proto::sync::v1::sync_relay_service_server::SyncRelayServiceServer;
 use mall_queue::Queue;
 
+/// How often the lane queue's size gauges are refreshed.
+const QUEUE_GAUGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 use crate::{
     SERVICE,
     api::RelayApi,
@@ -73,6 +76,7 @@ impl App {
         let mut server = GrpcServer::bind(SERVICE, &settings.server).await?;
         let metrics = RelayMetrics::register(server.registry())
             .context("failed to register relay metrics")?;
+        let gauges = metrics.queue.clone();
         let store = RelayStore::new(db.clone());
         let control = Control::load(store.clone()).await?;
         let types = Arc::new(relay.product_types.clone());
@@ -157,6 +161,28 @@ impl App {
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
         );
+        let shutdown = server.shutdown_token();
+        let watched = queue.clone();
+        server.spawn("lane queue gauges", async move {
+            mall_queue::watch_counts(
+                watched,
+                QUEUE_GAUGE_INTERVAL,
+                shutdown.cancelled_owned(),
+                move |counts| {
+                    for (state, n) in [
+                        ("visible", counts.visible),
+                        ("in_flight", counts.in_flight),
+                        ("dead", counts.dead),
+                    ] {
+                        gauges
+                            .with_label_values(&[state])
+                            .set(i64::try_from(n).unwrap_or(i64::MAX));
+                    }
+                },
+            )
+            .await;
+            Ok(())
+        });
         server.set_readiness(move || {
             let db = db.clone();
             let queue = queue.clone();

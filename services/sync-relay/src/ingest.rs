@@ -195,6 +195,10 @@ impl Ingest {
             .map(|message| {
                 let span = tracing::info_span!(
                     "relay.enqueue",
+                    otel.kind = "producer",
+                    messaging.system = self.queue.messaging_system(),
+                    messaging.operation.type = "send",
+                    messaging.destination.name = self.queue.name(),
                     lane = message.lane,
                     changes = message.batch.changes.len()
                 );

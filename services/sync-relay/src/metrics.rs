@@ -2,7 +2,7 @@
 //! `mall_sync_relay_` prefix from the registry; label values come from bounded sets.
 
 use mall_telemetry::metrics::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 /// Counters of both stages; cheap to clone.
@@ -26,6 +26,9 @@ pub struct RelayMetrics {
     pub apply_retries: IntCounterVec,
     /// `change_latency_seconds`: from a change's event time to its lane being applied.
     pub latency: Histogram,
+    /// `queue_messages{state}`: lane messages `visible` (the backlog), `in_flight` and `dead`
+    /// (refreshed every 10 s; approximate on SQS).
+    pub queue: IntGaugeVec,
 }
 
 impl RelayMetrics {
@@ -80,6 +83,10 @@ impl RelayMetrics {
                     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
                 ]),
             )?,
+            queue: IntGaugeVec::new(
+                Opts::new("queue_messages", "Lane queue messages by state"),
+                &["state"],
+            )?,
         };
         registry.register(Box::new(metrics.received.clone()))?;
         registry.register(Box::new(metrics.quarantined.clone()))?;
@@ -88,6 +95,27 @@ impl RelayMetrics {
         registry.register(Box::new(metrics.catalog_calls.clone()))?;
         registry.register(Box::new(metrics.apply_retries.clone()))?;
         registry.register(Box::new(metrics.latency.clone()))?;
+        registry.register(Box::new(metrics.queue.clone()))?;
+        // Every label set exists from the start, so dashboards and alerts see a zero, not
+        // nothing, before the first event.
+        let preset: [(&IntCounterVec, &[&str]); 5] = [
+            (&metrics.received, &["kinesis", "grpc"]),
+            (&metrics.quarantined, &["ingest", "apply"]),
+            (&metrics.applied, &["applied", "pending", "stale"]),
+            (&metrics.catalog_calls, &["OK"]),
+            (
+                &metrics.apply_retries,
+                &["transient", "operator", "released"],
+            ),
+        ];
+        for (counter, values) in preset {
+            for value in values {
+                counter.with_label_values(&[value]);
+            }
+        }
+        for state in ["visible", "in_flight", "dead"] {
+            metrics.queue.with_label_values(&[state]);
+        }
         Ok(metrics)
     }
 }

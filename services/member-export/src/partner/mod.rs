@@ -19,6 +19,8 @@ pub mod webhook;
 
 use std::{fmt, time::Duration};
 
+use tracing::Instrument as _;
+
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +39,8 @@ pub struct Delivery {
     pub profile: Option<Profile>,
     /// The member left the mall: the partner must delete it.
     pub erase: bool,
+    /// When the service recorded this version (µs since the epoch), for the freshness metric.
+    pub recorded_micros: i64,
 }
 
 impl fmt::Debug for Delivery {
@@ -47,6 +51,7 @@ impl fmt::Debug for Delivery {
             .field("consent", &self.consent)
             .field("profile", &self.profile.as_ref().map(|_| "<redacted>"))
             .field("erase", &self.erase)
+            .field("recorded_micros", &self.recorded_micros)
             .finish()
     }
 }
@@ -390,17 +395,58 @@ async fn post_json(
     headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> Result<reqwest::Response, Outcome> {
+    // An HTTP client span (semantic conventions), whose context goes out as W3C
+    // `traceparent`: the partner's request is the last step of the member change's trace.
+    let span = tracing::info_span!(
+        "POST",
+        otel.kind = "client",
+        http.request.method = "POST",
+        server.address = url.host_str().unwrap_or_default(),
+        server.port = url.port_or_known_default(),
+        url.full = %without_query(url),
+        http.response.status_code = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+    );
     let mut request = client
         .post(url.clone())
         .header(reqwest::header::CONTENT_TYPE, "application/json");
+    let (traceparent, tracestate) = mall_telemetry::propagation::current_trace_headers(&span);
+    for (name, value) in [
+        (mall_telemetry::propagation::TRACEPARENT, traceparent),
+        (mall_telemetry::propagation::TRACESTATE, tracestate),
+    ] {
+        if let Some(value) = value {
+            request = request.header(name, value);
+        }
+    }
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    request
-        .body(body)
-        .send()
-        .await
-        .map_err(|error| transport_failure(&error))
+    let sent = request.body(body).send().instrument(span.clone()).await;
+    match &sent {
+        Ok(response) => {
+            span.record("http.response.status_code", response.status().as_u16());
+        }
+        Err(error) => {
+            let kind = if error.is_timeout() {
+                "timeout"
+            } else {
+                "transport"
+            };
+            span.record("error.type", kind);
+        }
+    }
+    sent.map_err(|error| transport_failure(&error))
+}
+
+/// `url` without its query and fragment, for a span attribute (a query could hold a secret).
+fn without_query(url: &url::Url) -> url::Url {
+    let mut url = url.clone();
+    url.set_query(None);
+    url.set_fragment(None);
+    let _ = url.set_password(None);
+    let _ = url.set_username("");
+    url
 }
 
 /// The wait a `Retry-After` header asks for, in its delay-seconds form (partners that send a
@@ -467,6 +513,7 @@ mod tests {
                 push: false,
             },
             erase: false,
+            recorded_micros: 0,
             profile: Some(Profile {
                 email: Some("kim@example.com".into()),
                 phone: None,

@@ -9,6 +9,7 @@ use mall_proto::catalog::v1::{
 };
 use tonic::{Code, Status, service::interceptor::InterceptedService, transport::Channel};
 use tonic_types::StatusExt as _;
+use tracing::Instrument as _;
 
 use super::merge::TypeBatch;
 use crate::metrics::RelayMetrics;
@@ -64,11 +65,18 @@ pub async fn apply_batch(
 ) -> Result<(), Failure> {
     let mut request = tonic::Request::new(batch.request());
     request.set_timeout(deadline);
-    let result = client.clone().bulk_update_products(request).await;
+    let span =
+        mall_grpc::client::call_span("mall.catalog.v1.ProductCatalogService/BulkUpdateProducts");
+    let result = client
+        .clone()
+        .bulk_update_products(request)
+        .instrument(span.clone())
+        .await;
     let code = match &result {
         Ok(_) => Code::Ok,
         Err(status) => status.code(),
     };
+    span.record("rpc.grpc.status_code", code as i32);
     metrics
         .catalog_calls
         .with_label_values(&[mall_grpc::observe::code_label(code)])

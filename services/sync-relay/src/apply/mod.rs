@@ -219,6 +219,12 @@ impl Applier {
         } else {
             let span = tracing::info_span!(
                 "relay.apply",
+                otel.kind = "consumer",
+                messaging.system = self.queue.messaging_system(),
+                messaging.operation.type = "process",
+                messaging.destination.name = self.queue.name(),
+                messaging.batch.message_count =
+                    together.iter().map(|(_, m, _)| m.len()).sum::<usize>(),
                 lanes = together.len(),
                 messages = together.iter().map(|(_, m, _)| m.len()).sum::<usize>()
             );
@@ -300,6 +306,11 @@ impl Applier {
     ) -> LaneOutcome {
         let span = tracing::info_span!(
             "relay.apply",
+            otel.kind = "consumer",
+            messaging.system = self.queue.messaging_system(),
+            messaging.operation.type = "process",
+            messaging.destination.name = self.queue.name(),
+            messaging.batch.message_count = messages.len(),
             lanes = %lane_numbers([lane.as_str()]),
             messages = messages.len()
         );
