@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod capture;
 pub mod certs;
+pub mod otlp;
 pub mod probe;
 pub mod process;
 
