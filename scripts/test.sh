@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The one command that runs every quality gate and every test, as CI does:
 #   cargo fmt --check · buf lint and buf breaking (scripts/contracts.sh) · the Kubernetes manifests
-#   (scripts/manifests.sh) · cargo nextest · a Python gRPC
+#   (scripts/manifests.sh) · dashboards, rules, alert tests and compose (scripts/observability.sh)
+#   · cargo nextest (with tests/e2e: the four services as processes, traces and Prometheus) · a Python gRPC
 #   client against every service (interop) · cargo clippy -D warnings
 # It installs what the tests need when it is missing (buf, cargo-nextest, PostgreSQL, the
-# manifest validators) and fails
+# manifest validators, Prometheus, docker-compose, grafanalib) and fails
 # with a clear message for anything it cannot provide. Tests are never skipped.
 #
 # Usage: scripts/test.sh [extra nextest arguments, such as a test name filter]
@@ -27,8 +28,11 @@ if [ -n "$against" ]; then
   "$BUF" breaking --against "$against" || die "proto changes break compatibility with $against"
 fi
 
-say "manifests: kubectl kustomize deploy/k8s (base, production overlay), every object validated"
+say "manifests: kubectl kustomize deploy/k8s (base, production overlay, logging), every object validated"
 "$ROOT/scripts/manifests.sh"
+
+say "observability: generated dashboards and SLO rules, promtool, alert tests and runbooks, compose"
+"$ROOT/scripts/observability.sh"
 
 say "PostgreSQL for the tests"
 MALL_TEST_POSTGRES_URL="$("$ROOT/scripts/postgres.sh")"
