@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Renders the Kubernetes manifests and validates every object they hold:
-#   kubectl kustomize deploy/k8s/base, deploy/k8s/overlays/production   (into .run/manifests/)
+#   kubectl kustomize deploy/k8s/base, deploy/k8s/overlays/production, deploy/k8s/logging
+#   (into .run/manifests/)
 #
 # - Kubernetes' own kinds against the API's OpenAPI schemas (kubernetes-validate, strict: an
 #   unknown field is an error, as `kubectl apply --validate=strict` would say), for the oldest
@@ -26,7 +27,7 @@ KUBERNETES_VERSIONS="1.30 1.37"
 VENV="$TOOLS/manifests-venv"
 OUT="$RUN/manifests"
 # What this script renders: a name for its output file, and the kustomization.
-RENDERINGS=("base deploy/k8s/base" "production deploy/k8s/overlays/production")
+RENDERINGS=("base deploy/k8s/base" "production deploy/k8s/overlays/production" "logging deploy/k8s/logging")
 
 have kubectl || die "kubectl is missing: it renders the manifests (kubectl kustomize).
 Install kubectl 1.27 or later (https://kubernetes.io/docs/tasks/tools/#kubectl: the Kubernetes
