@@ -238,7 +238,17 @@ pub fn call_span(path: &'static str) -> tracing::Span {
         rpc.service = service,
         rpc.method = method,
         rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
     )
+}
+
+/// Records a call's outcome on its [`call_span`]: the status code, and an error status for
+/// the codes that are the server's fault.
+pub fn record_call(span: &tracing::Span, code: tonic::Code) {
+    span.record("rpc.grpc.status_code", code as i32);
+    if crate::observe::is_server_error(code) {
+        span.record("otel.status_code", "error");
+    }
 }
 
 /// Interceptor that writes the current span's W3C `traceparent`/`tracestate` into every

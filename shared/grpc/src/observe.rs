@@ -68,13 +68,17 @@ impl GrpcMetrics {
         Ok(Self { requests, latency })
     }
 
-    /// Creates the `OK` series of every served method at zero, so a dashboard or an alert on
-    /// a method's error ratio finds its series before the first call.
+    /// Creates the series of every served method at zero: `OK` (count and latency) and the
+    /// server-error codes (count), so a dashboard or an alert on a method's error ratio finds
+    /// its series before the first call, and `rate()` counts the first error after a start.
     pub fn preinit(&self, methods: &Methods) {
         for method in methods.paths() {
             let labels = [method, code_label(Code::Ok)];
             self.requests.with_label_values(&labels);
             self.latency.with_label_values(&labels);
+            for code in SERVER_ERRORS {
+                self.requests.with_label_values(&[method, code_label(code)]);
+            }
         }
     }
 }
@@ -156,6 +160,7 @@ where
             rpc.service = %rpc_service,
             rpc.method = %rpc_method,
             rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
         );
         mall_telemetry::propagation::set_parent_from(&span, &HeaderExtractor(request.headers()));
         let timeout = client_timeout(request.headers()).map_or(self.shared.request_timeout, |t| {
@@ -271,7 +276,25 @@ impl Drop for Recorder {
             .with_label_values(&labels)
             .observe(self.start.elapsed().as_secs_f64());
         self.span.record("rpc.grpc.status_code", code as i32);
+        if is_server_error(code) {
+            self.span.record("otel.status_code", "error");
+        }
     }
+}
+
+/// The codes that are the server's fault (semantic conventions for a gRPC server span: its
+/// status is an error only for these), the same set the error-ratio alerts count.
+pub const SERVER_ERRORS: [Code; 5] = [
+    Code::Unknown,
+    Code::Internal,
+    Code::Unavailable,
+    Code::DeadlineExceeded,
+    Code::DataLoss,
+];
+
+/// Whether `code` is one of [`SERVER_ERRORS`].
+pub fn is_server_error(code: Code) -> bool {
+    SERVER_ERRORS.contains(&code)
 }
 
 pin_project_lite::pin_project! {

@@ -226,12 +226,24 @@ impl Prometheus {
         );
         let config_file = dir.join("prometheus.yml");
         std::fs::write(&config_file, config).expect("config written");
+        // A free port is only free until someone else takes it (tests run in parallel): a
+        // Prometheus that exits at once is started again on another.
+        for _ in 0..5 {
+            let prometheus = Self::spawn(&binary, &config_file, dir);
+            if let Some(prometheus) = prometheus.ready().await {
+                return prometheus;
+            }
+        }
+        panic!("Prometheus did not start on any of five ports");
+    }
+
+    fn spawn(binary: &str, config_file: &Path, dir: &Path) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
         let addr = format!("127.0.0.1:{port}");
-        let child = tokio::process::Command::new(&binary)
+        let child = tokio::process::Command::new(binary)
             .arg(format!("--config.file={}", config_file.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
@@ -249,27 +261,35 @@ impl Prometheus {
                      (scripts/observability.sh does), or set MALL_TEST_PROMETHEUS to its path"
                 )
             });
-        let prometheus = Self {
+        Self {
             child,
             addr,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
                 .expect("a client"),
-        };
-        prometheus
-            .wait_for("Prometheus is ready", |p| async move {
-                p.http
-                    .get(format!("http://{}/-/ready", p.addr))
-                    .send()
-                    .await
-                    .ok()?
-                    .status()
-                    .is_success()
-                    .then_some(())
-            })
-            .await;
-        prometheus
+        }
+    }
+
+    /// Itself once it answers `/-/ready`; `None` when the process exited first.
+    async fn ready(mut self) -> Option<Self> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while tokio::time::Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
+            let ready = self
+                .http
+                .get(format!("http://{}/-/ready", self.addr))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ready {
+                return Some(self);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("Prometheus did not become ready within a minute");
     }
 
     async fn get(&self, path: &str) -> Option<Value> {

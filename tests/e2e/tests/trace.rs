@@ -69,78 +69,90 @@ async fn one_trace_follows_a_product_change_and_a_member_change_across_the_servi
 
     // The product change: enqueue (parented by the record's trace) → apply (through the queue
     // message's attribute) → the relay's call → the catalog's BulkUpdateProducts → its write.
+    // Walked up from the call that succeeded: a retry (the catalog not ready for the first
+    // call, a redelivered message) may add spans, each of which must still be in the tree.
     let product = tree(&spans, PRODUCT_TRACE);
-    let enqueue = product.one("sync-relay", "relay.enqueue");
-    assert_eq!(enqueue.parent_id(), PRODUCER_SPAN, "{}", product.describe());
+    let path = "mall.catalog.v1.ProductCatalogService/BulkUpdateProducts";
+    let served = product.find("the catalog's successful BulkUpdateProducts", |s| {
+        s.service == "product-catalog"
+            && s.span.name == path
+            && s.attribute("rpc.grpc.status_code").as_deref() == Some("0")
+    });
+    let call = product.parent_of(served);
     assert_eq!(
-        enqueue.attribute("messaging.operation.type").as_deref(),
-        Some("send")
+        (call.service.as_str(), call.span.name.as_str()),
+        ("sync-relay", path)
     );
-    let apply = product.one("sync-relay", "relay.apply");
+    assert_eq!(call.attribute("rpc.system").as_deref(), Some("grpc"));
     assert_eq!(
-        apply.parent_id(),
-        enqueue.span_id(),
-        "{}",
-        product.describe()
+        call.attribute("rpc.service").as_deref(),
+        Some("mall.catalog.v1.ProductCatalogService")
+    );
+    assert_eq!(
+        call.attribute("rpc.method").as_deref(),
+        Some("BulkUpdateProducts")
+    );
+    let apply = product.parent_of(call);
+    assert_eq!(
+        (apply.service.as_str(), apply.span.name.as_str()),
+        ("sync-relay", "relay.apply")
     );
     assert_eq!(
         apply.attribute("messaging.operation.type").as_deref(),
         Some("process")
     );
-    let path = "mall.catalog.v1.ProductCatalogService/BulkUpdateProducts";
-    let call = product.one("sync-relay", path);
-    assert_eq!(call.parent_id(), apply.span_id(), "{}", product.describe());
-    assert_eq!(call.attribute("rpc.system").as_deref(), Some("grpc"));
+    let enqueue = product.parent_of(apply);
     assert_eq!(
-        call.attribute("rpc.method").as_deref(),
-        Some("BulkUpdateProducts")
+        (enqueue.service.as_str(), enqueue.span.name.as_str()),
+        ("sync-relay", "relay.enqueue")
     );
-    let served = product.one("product-catalog", path);
-    assert_eq!(served.parent_id(), call.span_id(), "{}", product.describe());
+    assert_eq!(enqueue.parent_id(), PRODUCER_SPAN, "{}", product.describe());
     assert_eq!(
-        served.attribute("rpc.grpc.status_code").as_deref(),
-        Some("0")
+        enqueue.attribute("messaging.operation.type").as_deref(),
+        Some("send")
     );
-    let write = product.one("product-catalog", "bulk_write");
-    assert!(
-        product.descends_from(write, served),
-        "the database write is inside the catalog's call: {}",
-        product.describe()
-    );
+    product.find("the catalog's database write inside that call", |s| {
+        s.service == "product-catalog"
+            && s.span.name == "bulk_write"
+            && product.descends_from(s, served)
+    });
     product.assert_no_orphans();
 
     // The member change: EnqueueMemberChanges → the delivery round (through the queue
     // message's attribute) → the partner's HTTP request, whose traceparent names that span.
     let member = tree(&spans, MEMBER_TRACE);
-    let enqueued = member.one(
-        "member-export",
-        "mall.member.v1.MemberExportService/EnqueueMemberChanges",
-    );
-    assert_eq!(enqueued.parent_id(), PRODUCER_SPAN, "{}", member.describe());
-    let deliver = member.one("member-export", "member.deliver");
-    assert!(
-        member.descends_from(deliver, enqueued),
-        "the delivery continues the enqueue's trace: {}",
-        member.describe()
-    );
-    assert_eq!(
-        deliver.attribute("messaging.operation.type").as_deref(),
-        Some("process")
-    );
-    let post = member.one("member-export", "POST");
-    assert!(member.descends_from(post, deliver), "{}", member.describe());
+    let post = member.find("the partner's accepted HTTP request", |s| {
+        s.service == "member-export"
+            && s.span.name == "POST"
+            && s.attribute("http.response.status_code").as_deref() == Some("200")
+    });
     assert_eq!(
         post.attribute("http.request.method").as_deref(),
         Some("POST")
     );
     assert_eq!(
-        post.attribute("http.response.status_code").as_deref(),
-        Some("200")
-    );
-    assert_eq!(
         traceparent,
         format!("00-{MEMBER_TRACE}-{}-01", post.span_id()),
         "the partner's request names the HTTP client span as its parent"
+    );
+    let deliver = member.parent_of(post);
+    assert_eq!(
+        (deliver.service.as_str(), deliver.span.name.as_str()),
+        ("member-export", "member.deliver")
+    );
+    assert_eq!(
+        deliver.attribute("messaging.operation.type").as_deref(),
+        Some("process")
+    );
+    let enqueued = member.find("the EnqueueMemberChanges call", |s| {
+        s.span.name == "mall.member.v1.MemberExportService/EnqueueMemberChanges"
+    });
+    assert_eq!(enqueued.service, "member-export");
+    assert_eq!(enqueued.parent_id(), PRODUCER_SPAN, "{}", member.describe());
+    assert!(
+        member.descends_from(deliver, enqueued),
+        "the delivery continues the enqueue's trace: {}",
+        member.describe()
     );
     member.assert_no_orphans();
 }
@@ -181,21 +193,27 @@ fn tree<'a>(spans: &'a [ReceivedSpan], trace: &'a str) -> Tree<'a> {
 }
 
 impl<'a> Tree<'a> {
-    /// The one span named `name` that `service` sent.
-    fn one(&self, service: &str, name: &str) -> &'a ReceivedSpan {
-        let found: Vec<&&ReceivedSpan> = self
-            .spans
-            .iter()
-            .filter(|s| s.service == service && s.span.name == name)
-            .collect();
-        assert_eq!(
-            found.len(),
-            1,
-            "one {name} span from {service} in trace {}: {}",
-            self.trace,
-            self.describe()
-        );
+    /// The one span that matches `what`.
+    fn find(&self, what: &str, matches: impl Fn(&ReceivedSpan) -> bool) -> &'a ReceivedSpan {
+        let found: Vec<&&ReceivedSpan> = self.spans.iter().filter(|s| matches(s)).collect();
+        assert_eq!(found.len(), 1, "one span: {what}; {}", self.describe());
         found[0]
+    }
+
+    /// `span`'s parent, which must be in the trace.
+    fn parent_of(&self, span: &ReceivedSpan) -> &'a ReceivedSpan {
+        let parent = span.parent_id();
+        self.spans
+            .iter()
+            .find(|s| s.span_id() == parent)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} {} has no parent in the trace: {}",
+                    span.service,
+                    span.span.name,
+                    self.describe()
+                )
+            })
     }
 
     /// Whether `span`'s chain of parents reaches `ancestor`.

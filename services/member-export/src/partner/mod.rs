@@ -406,6 +406,7 @@ async fn post_json(
         url.full = %without_query(url),
         http.response.status_code = tracing::field::Empty,
         "error.type" = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
     );
     let mut request = client
         .post(url.clone())
@@ -425,7 +426,13 @@ async fn post_json(
     let sent = request.body(body).send().instrument(span.clone()).await;
     match &sent {
         Ok(response) => {
-            span.record("http.response.status_code", response.status().as_u16());
+            let status = response.status();
+            span.record("http.response.status_code", status.as_u16());
+            // HTTP client conventions: 4xx and 5xx are errors of the client span.
+            if status.is_client_error() || status.is_server_error() {
+                span.record("error.type", status.as_str());
+                span.record("otel.status_code", "error");
+            }
         }
         Err(error) => {
             let kind = if error.is_timeout() {
@@ -434,6 +441,7 @@ async fn post_json(
                 "transport"
             };
             span.record("error.type", kind);
+            span.record("otel.status_code", "error");
         }
     }
     sent.map_err(|error| transport_failure(&error))

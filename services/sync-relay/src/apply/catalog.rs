@@ -76,7 +76,7 @@ pub async fn apply_batch(
         Ok(_) => Code::Ok,
         Err(status) => status.code(),
     };
-    span.record("rpc.grpc.status_code", code as i32);
+    mall_grpc::client::record_call(&span, code);
     metrics
         .catalog_calls
         .with_label_values(&[mall_grpc::observe::code_label(code)])
