@@ -441,3 +441,37 @@ async fn hosts_past_the_stream_limit_fold_into_other_with_their_name_kept() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_services_own_json_line_reaches_loki_with_its_trace_id_in_structured_metadata() {
+    // Lines parsed per line: JSON when they start with `{`, as the platform's own services'
+    // lines arrive from the cluster's Fluent Bit (deploy/k8s/logging).
+    let running = start_with(|settings| settings.pipeline.parsers.clear()).await;
+    // A line exactly as mall-telemetry writes it (its unit test pins the shape): tracing's
+    // flattened JSON with the span's trace_id and span_id at the end.
+    let line = r#"{"timestamp":"2026-12-03T17:14:54.463872Z","level":"WARN","message":"the partner failed; the batch waits and is sent again","reason":"HTTP 503","failures":1,"target":"member_export::deliver","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","span_id":"00f067aa0ba902b7"}"#;
+    send(running.forward, &[line], 1).await;
+    wait_for(&running.loki, 1).await;
+
+    let received = running.loki.received();
+    let record = &received[0];
+    let labels: std::collections::BTreeMap<_, _> = record.labels.iter().cloned().collect();
+    assert_eq!(labels["level"], "WARN");
+    let metadata: std::collections::BTreeMap<&str, &str> = record
+        .entry
+        .structured_metadata
+        .iter()
+        .map(|p| (p.name.as_str(), p.value.as_str()))
+        .collect();
+    assert_eq!(
+        metadata.get("trace_id"),
+        Some(&"4bf92f3577b34da6a3ce929d0e0e4736"),
+        "Grafana's Loki → Tempo link reads the trace id from here: {metadata:?}"
+    );
+    assert!(
+        record.entry.line.contains("the partner failed"),
+        "{}",
+        record.entry.line
+    );
+    running.shutdown.cancel();
+}

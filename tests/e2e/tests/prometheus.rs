@@ -293,28 +293,16 @@ impl Prometheus {
     }
 
     async fn get(&self, path: &str) -> Option<Value> {
-        self.http
-            .get(format!("http://{}{path}", self.addr))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()
-            .and_then(|body| serde_json::from_str(&body).ok())
+        json(self.http.get(format!("http://{}{path}", self.addr))).await
     }
 
     async fn query(&self, query: &str) -> Option<Value> {
-        self.http
-            .post(format!("http://{}/api/v1/query", self.addr))
-            .form(&[("query", query)])
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()
-            .and_then(|body| serde_json::from_str(&body).ok())
+        json(
+            self.http
+                .post(format!("http://{}/api/v1/query", self.addr))
+                .form(&[("query", query)]),
+        )
+        .await
     }
 
     async fn wait_for<'a, T, F, Fut>(&'a self, what: &str, condition: F) -> T
@@ -324,6 +312,12 @@ impl Prometheus {
     {
         mall_test_support::wait_until(what, Duration::from_secs(60), || condition(self)).await
     }
+}
+
+/// The JSON answer to `request`, if it gets one.
+async fn json(request: reqwest::RequestBuilder) -> Option<Value> {
+    let body = request.send().await.ok()?.text().await.ok()?;
+    serde_json::from_str(&body).ok()
 }
 
 impl Drop for Prometheus {
