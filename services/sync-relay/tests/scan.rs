@@ -161,7 +161,7 @@ async fn no_key_password_or_personal_data_in_logs_spans_metrics_or_errors() {
     let mut errors = Vec::new();
     let publisher = SyncRelayServiceClient::new(channel(&relay_url, &ca, &producer));
     let changes: Vec<ProductChange> = (0..20)
-        .map(|i| sync_relay_change(&format!("S-{i}"), 2))
+        .map(|i| mall_test_support::shoe_change(&format!("S-{i}"), 2))
         .collect();
     wait_until("the relay takes publishes", Duration::from_secs(30), || {
         let (mut publisher, changes) = (publisher.clone(), changes.clone());
@@ -320,24 +320,4 @@ async fn own_role(database: &TestDatabase) -> (url::Url, String) {
     url.set_username(&role).expect("settable");
     url.set_password(Some(&password)).expect("settable");
     (url, password)
-}
-
-fn sync_relay_change(code: &str, version: u64) -> ProductChange {
-    use mall_proto::catalog::v1::{Product, ProductStatus};
-    ProductChange {
-        product_code: code.into(),
-        product_type: "shoes".into(),
-        version,
-        product: Some(Product {
-            code: code.into(),
-            product_type: "shoes".into(),
-            brand: "Pedala".into(),
-            status: ProductStatus::OnSale as i32,
-            names: [("ko".to_owned(), format!("운동화 {code}"))].into(),
-            prices: [("KRW".to_owned(), 79_000)].into(),
-            version,
-            ..Product::default()
-        }),
-        ..ProductChange::default()
-    }
 }

@@ -9,6 +9,9 @@
 //! - [`bench`]: the benchmarks' sample product and BENCHMARKS.md sections.
 //! - [`capture`]: everything a process logs, kept for tests that search it.
 //! - [`certs`]: a local CA and certificates for the mutual TLS tests and `scripts/certs.sh`.
+//! - [`kinesalite`]: the local Kinesis and a fresh stream on it; [`shoe_change`]: a valid
+//!   product change, as a producer writes it.
+//! - [`otlp`]: an OTLP trace receiver, for tests of whole span trees.
 //!
 //! PostgreSQL comes from `MALL_TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), which `scripts/test.sh` provides. When it is
@@ -18,6 +21,7 @@
 pub mod bench;
 pub mod capture;
 pub mod certs;
+pub mod kinesalite;
 pub mod otlp;
 pub mod probe;
 pub mod process;
@@ -181,5 +185,31 @@ pub fn init_logging() {
             )
             .with_test_writer()
             .try_init();
+    }
+}
+
+/// A valid full-replacement change of shoe `code` at `version` (its name and price differ by
+/// version), as a producer writes it to the stream or PublishProductChanges.
+pub fn shoe_change(code: &str, version: u64) -> mall_proto::sync::v1::ProductChange {
+    use mall_proto::catalog::v1::{Product, ProductStatus};
+    mall_proto::sync::v1::ProductChange {
+        product_code: code.into(),
+        product_type: "shoes".into(),
+        version,
+        product: Some(Product {
+            code: code.into(),
+            product_type: "shoes".into(),
+            brand: "Pedala".into(),
+            status: ProductStatus::OnSale as i32,
+            names: [("ko".to_owned(), format!("운동화 {code} v{version}"))].into(),
+            prices: [(
+                "KRW".to_owned(),
+                79_000 + i64::try_from(version).unwrap_or(i64::MAX - 79_000),
+            )]
+            .into(),
+            version,
+            ..Product::default()
+        }),
+        ..mall_proto::sync::v1::ProductChange::default()
     }
 }

@@ -17,16 +17,11 @@ use aws_sdk_kinesis::{
     primitives::Blob,
 };
 use mall_proto::{
-    catalog::v1::{
-        GetProductRequest, Product, ProductStatus,
-        product_catalog_service_client::ProductCatalogServiceClient,
-    },
+    catalog::v1::{GetProductRequest, product_catalog_service_client::ProductCatalogServiceClient},
     sync::v1::ProductChange,
 };
 use mall_test_support::process::{Listening, ServiceProcess};
 
-/// Where `scripts/kinesalite.sh` starts kinesalite unless `MALL_TEST_KINESIS_ENDPOINT` says.
-const KINESIS_ENDPOINT: &str = "http://127.0.0.1:4567";
 /// How long a service may take to start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -113,11 +108,10 @@ impl Platform {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let db = |name: &str| format!("sqlite://{}/{name}.sqlite", dir.path().display());
         let (partner, partner_addr, partner_server) = start_partner().await;
-        let kinesis_endpoint =
-            std::env::var("MALL_TEST_KINESIS_ENDPOINT").unwrap_or_else(|_| KINESIS_ENDPOINT.into());
+        let kinesis_endpoint = mall_test_support::kinesalite::endpoint();
         let stream = format!("e2e-{:016x}", fastrand::u64(..));
         let kinesis = kinesis_client(&kinesis_endpoint);
-        create_stream(&kinesis, &stream, &kinesis_endpoint).await;
+        mall_test_support::kinesalite::create_stream(&kinesis, &stream, 1).await;
 
         let telemetry = |prefix: &str| -> Vec<(String, String)> {
             let mut env = vec![(
@@ -299,26 +293,6 @@ impl Platform {
     }
 }
 
-/// A product change as a producer writes it to the stream.
-pub fn product_change(code: &str, version: u64) -> ProductChange {
-    ProductChange {
-        product_code: code.into(),
-        product_type: "shoes".into(),
-        version,
-        product: Some(Product {
-            code: code.into(),
-            product_type: "shoes".into(),
-            brand: "Pedala".into(),
-            status: ProductStatus::OnSale as i32,
-            names: [("ko".to_owned(), format!("운동화 {code}"))].into(),
-            prices: [("KRW".to_owned(), 79_000)].into(),
-            version,
-            ..Product::default()
-        }),
-        ..ProductChange::default()
-    }
-}
-
 fn kinesis_client(endpoint: &str) -> aws_sdk_kinesis::Client {
     let config = aws_sdk_kinesis::Config::builder()
         .endpoint_url(endpoint)
@@ -327,38 +301,6 @@ fn kinesis_client(endpoint: &str) -> aws_sdk_kinesis::Client {
         .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
         .build();
     aws_sdk_kinesis::Client::from_conf(config)
-}
-
-async fn create_stream(client: &aws_sdk_kinesis::Client, stream: &str, endpoint: &str) {
-    if let Err(error) = client.list_streams().send().await {
-        panic!(
-            "kinesalite is not reachable at {endpoint} ({}): scripts/test.sh starts it; or start \
-             it with scripts/kinesalite.sh and set MALL_TEST_KINESIS_ENDPOINT",
-            aws_sdk_kinesis::error::DisplayErrorContext(&error)
-        );
-    }
-    mall_test_support::wait_until("the stream is created", Duration::from_secs(30), || async {
-        client
-            .create_stream()
-            .stream_name(stream)
-            .shard_count(1)
-            .send()
-            .await
-            .ok()
-    })
-    .await;
-    mall_test_support::wait_until("the stream is ACTIVE", Duration::from_secs(30), || async {
-        let summary = client
-            .describe_stream_summary()
-            .stream_name(stream)
-            .send()
-            .await
-            .ok()?;
-        (summary.stream_description_summary()?.stream_status()
-            == &aws_sdk_kinesis::types::StreamStatus::Active)
-            .then_some(())
-    })
-    .await;
 }
 
 /// A webhook receiver that accepts everything and records each request's `traceparent`.

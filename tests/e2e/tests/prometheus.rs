@@ -15,7 +15,8 @@ use std::{
     time::Duration,
 };
 
-use mall_e2e::{Platform, product_change};
+use mall_e2e::Platform;
+use mall_test_support::shoe_change;
 use promql_parser::{
     label::MatchOp,
     parser::Expr,
@@ -31,7 +32,7 @@ fn repository() -> PathBuf {
 async fn prometheus_evaluates_every_rule_and_dashboard_query_against_the_running_services() {
     let platform = Platform::start(None).await;
     // One change through Kinesis, so the source's per-shard series exist too.
-    platform.put_change(&product_change("E2E-PROM-1", 1)).await;
+    platform.put_change(&shoe_change("E2E-PROM-1", 1)).await;
     platform.wait_for_product("E2E-PROM-1", 1).await;
 
     let dir = tempfile::tempdir().expect("a temporary directory");

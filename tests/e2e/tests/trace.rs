@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use mall_e2e::{Platform, product_change};
+use mall_e2e::Platform;
 use mall_proto::{
     member::v1::{
         Consent, EnqueueMemberChangesRequest, MarketingProfile, MemberChange,
@@ -14,6 +14,7 @@ use mall_proto::{
     sync::v1::TraceContext,
 };
 use mall_test_support::otlp::{ReceivedSpan, SpanReceiver};
+use mall_test_support::shoe_change;
 
 /// The producers' traces and the span id that stands for each producer's own span.
 const PRODUCT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
@@ -26,7 +27,7 @@ async fn one_trace_follows_a_product_change_and_a_member_change_across_the_servi
     let mut platform = Platform::start(Some(&receiver.endpoint())).await;
 
     // A product change from its producer, through Kinesis, with the trace in its envelope.
-    let mut change = product_change("E2E-TRACE-1", 1);
+    let mut change = shoe_change("E2E-TRACE-1", 1);
     change.trace_context = Some(TraceContext {
         traceparent: format!("00-{PRODUCT_TRACE}-{PRODUCER_SPAN}-01"),
         tracestate: String::new(),

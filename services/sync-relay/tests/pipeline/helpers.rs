@@ -4,8 +4,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use mall_proto::{
     catalog::v1::{
-        GetProductRequest, Product, ProductStatus,
-        product_catalog_service_client::ProductCatalogServiceClient,
+        GetProductRequest, Product, product_catalog_service_client::ProductCatalogServiceClient,
     },
     sync::v1::{
         ProductChange, PublishProductChangesRequest, PublishProductChangesResponse,
@@ -237,22 +236,7 @@ pub async fn database(engine: Engine) -> TestDatabase {
 
 /// A valid full-replacement change of shoe `code` at `version`.
 pub fn change(code: &str, version: u64) -> ProductChange {
-    ProductChange {
-        product_code: code.into(),
-        product_type: "shoes".into(),
-        version,
-        product: Some(Product {
-            code: code.into(),
-            product_type: "shoes".into(),
-            brand: "Pedala".into(),
-            status: ProductStatus::OnSale as i32,
-            names: [("ko".to_owned(), format!("운동화 {code} v{version}"))].into(),
-            prices: [("KRW".to_owned(), 79_000 + version as i64)].into(),
-            version,
-            ..Product::default()
-        }),
-        ..ProductChange::default()
-    }
+    mall_test_support::shoe_change(code, version)
 }
 
 /// Runs each listed `async fn name(engine: Engine)` on SQLite and PostgreSQL.

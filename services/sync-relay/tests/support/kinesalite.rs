@@ -1,19 +1,9 @@
 //! kinesalite (a local Kinesis) for the relay's Kinesis tests and its benchmark: where it is,
 //! and a fresh stream on it. Included with `#[path]` by each test binary that needs it.
 
-use std::time::Duration;
-
-use aws_sdk_kinesis::{Client, types::StreamStatus};
-use mall_test_support::wait_until;
+use aws_sdk_kinesis::Client;
+pub use mall_test_support::kinesalite::endpoint;
 use sync_relay::source::kinesis::KinesisSettings;
-
-/// Where `scripts/kinesalite.sh` starts it.
-const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4567";
-
-/// `MALL_TEST_KINESIS_ENDPOINT`, or [`DEFAULT_ENDPOINT`].
-pub fn endpoint() -> String {
-    std::env::var("MALL_TEST_KINESIS_ENDPOINT").unwrap_or_else(|_| DEFAULT_ENDPOINT.to_owned())
-}
 
 /// Creates `stream` with `shards` shards on the kinesalite `settings` point at, and waits
 /// until it is ACTIVE.
@@ -22,51 +12,6 @@ pub fn endpoint() -> String {
 /// When kinesalite does not answer, saying how to start it.
 pub async fn create_stream(settings: &KinesisSettings, stream: &str, shards: i32) -> Client {
     let client = settings.client().await.expect("a kinesis client builds");
-    if let Err(error) = client.list_streams().send().await {
-        panic!(
-            "kinesalite is not reachable at {} ({}). scripts/test.sh and scripts/bench.sh relay \
-             start it; or start it with scripts/kinesalite.sh (and set \
-             MALL_TEST_KINESIS_ENDPOINT if it is not at {DEFAULT_ENDPOINT})",
-            endpoint(),
-            aws_sdk_kinesis::error::DisplayErrorContext(&error)
-        );
-    }
-    // kinesalite, like Kinesis, refuses a create while too many streams are being created
-    // (LimitExceededException); tests running in parallel can hit that, so try again.
-    wait_until("the stream is created", Duration::from_secs(30), || async {
-        match client
-            .create_stream()
-            .stream_name(stream)
-            .shard_count(shards)
-            .send()
-            .await
-        {
-            Ok(_) => Some(()),
-            Err(error) => {
-                let limited = error
-                    .as_service_error()
-                    .is_some_and(|e| e.is_limit_exceeded_exception());
-                assert!(
-                    limited,
-                    "the stream is created: {}",
-                    aws_sdk_kinesis::error::DisplayErrorContext(&error)
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                None
-            }
-        }
-    })
-    .await;
-    wait_until("the stream is ACTIVE", Duration::from_secs(30), || async {
-        let summary = client
-            .describe_stream_summary()
-            .stream_name(stream)
-            .send()
-            .await
-            .ok()?;
-        (summary.stream_description_summary()?.stream_status() == &StreamStatus::Active)
-            .then_some(())
-    })
-    .await;
+    mall_test_support::kinesalite::create_stream(&client, stream, shards).await;
     client
 }
