@@ -217,27 +217,47 @@ async fn run_chaos(
                 front.set(Fault::None);
             }
             Event::RefuseThenRedrive => {
+                // A window of refusals that refuses at least one call: right after an
+                // outage or a kill, every lane may still be held by the killed replica's
+                // receive until its visibility runs out, and no call comes for a while.
+                let before = front.refused_calls();
                 front.set(Fault::RefuseItems);
                 tokio::time::sleep(Duration::from_millis(rng.u64(700..1_300))).await;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+                while front.refused_calls() == before {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "the relay made no catalog call in 20 s of refusals"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 front.set(Fault::None);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let redriven = relay
-                    .client()
-                    .redrive_quarantined(mall_proto::sync::v1::RedriveQuarantinedRequest {
-                        all: true,
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("RedriveQuarantined answers")
-                    .into_inner();
-                println!(
-                    "        redrove {} refused changes ({} malformed records stay)",
-                    redriven.redriven_count, redriven.still_invalid_count
-                );
-                assert!(
-                    redriven.redriven_count > 0,
-                    "the refusals quarantined changes: {redriven:?}"
-                );
+                // The refused changes reach the quarantine once the relay's database took
+                // them; then an operator redrives them, behind newer ones.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+                loop {
+                    let redriven = relay
+                        .client()
+                        .redrive_quarantined(mall_proto::sync::v1::RedriveQuarantinedRequest {
+                            all: true,
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("RedriveQuarantined answers")
+                        .into_inner();
+                    if redriven.redriven_count > 0 {
+                        println!(
+                            "        redrove {} refused changes ({} malformed records stay)",
+                            redriven.redriven_count, redriven.still_invalid_count
+                        );
+                        break;
+                    }
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "the refusals quarantined changes: {redriven:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
             Event::Outage => {
                 let (database, addr) = catalog.take().expect("the catalog runs").stop().await;

@@ -11,7 +11,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicU8, AtomicU64, Ordering},
     },
 };
 
@@ -25,8 +25,7 @@ use mall_proto::catalog::v1::{
     product_catalog_service_server::{ProductCatalogService, ProductCatalogServiceServer},
 };
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Request, Response, Status, Streaming, transport::Channel};
-use tonic_types::{ErrorDetails, FieldViolation, StatusExt as _};
+use tonic::{Request, Response, Status, Streaming, transport::Channel};
 
 /// What the front does with a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +44,7 @@ pub struct Front {
     /// Where the relay sends its calls.
     pub addr: SocketAddr,
     fault: Arc<AtomicU8>,
+    refused: Arc<AtomicU64>,
     shutdown: CancellationToken,
 }
 
@@ -59,6 +59,7 @@ impl Front {
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
         let fault = Arc::new(AtomicU8::new(Fault::None as u8));
+        let refused = Arc::new(AtomicU64::new(0));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a free port");
@@ -67,6 +68,7 @@ impl Front {
         let service = ProductCatalogServiceServer::new(Forward {
             upstream,
             fault: fault.clone(),
+            refused: refused.clone(),
         })
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
@@ -82,6 +84,7 @@ impl Front {
         Self {
             addr,
             fault,
+            refused,
             shutdown,
         }
     }
@@ -89,6 +92,11 @@ impl Front {
     /// From now on, answer calls with `fault`.
     pub fn set(&self, fault: Fault) {
         self.fault.store(fault as u8, Ordering::SeqCst);
+    }
+
+    /// Calls answered with [`Fault::RefuseItems`] so far.
+    pub fn refused_calls(&self) -> u64 {
+        self.refused.load(Ordering::SeqCst)
     }
 }
 
@@ -101,6 +109,7 @@ impl Drop for Front {
 struct Forward {
     upstream: ProductCatalogServiceClient<Channel>,
     fault: Arc<AtomicU8>,
+    refused: Arc<AtomicU64>,
 }
 
 fn unimplemented<T>() -> Result<T, Status> {
@@ -119,20 +128,19 @@ impl ProductCatalogService for Forward {
         match self.fault.load(Ordering::SeqCst) {
             1 => Err(Status::internal("the chaos front fails inside")),
             2 => {
-                let violations: Vec<FieldViolation> = (0..request.updates.len())
+                self.refused.fetch_add(1, Ordering::SeqCst);
+                // Through the services' own error mapping, so the details are capped as the
+                // catalog's are (a status's details travel in an HTTP/2 trailer, which the
+                // client limits: 500 violations of a 1,000-item call would not fit).
+                let violations = (0..request.updates.len())
                     .step_by(2)
-                    .map(|i| {
-                        FieldViolation::new(
-                            format!("updates[{i}].product.brand"),
-                            "refused by a catalog deployed with a wrong rule (chaos)",
-                        )
+                    .map(|i| mall_grpc::FieldViolation {
+                        field: format!("updates[{i}].product.brand"),
+                        description: "refused by a catalog deployed with a wrong rule (chaos)"
+                            .into(),
                     })
                     .collect();
-                Err(Status::with_error_details(
-                    Code::InvalidArgument,
-                    "invalid updates",
-                    ErrorDetails::with_bad_request(violations),
-                ))
+                Err(mall_grpc::ServiceError::InvalidArgument(violations).into())
             }
             _ => self.upstream.clone().bulk_update_products(request).await,
         }
