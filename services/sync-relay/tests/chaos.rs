@@ -378,6 +378,22 @@ async fn drain_and_verify(
         relay.kills
     );
     let catalog = catalog.expect("the catalog runs again");
+    // As an operator would after fixing the catalog: changes a refusal window quarantined
+    // after the mid-run redrive (a consumer records its refusals once its call returns, which
+    // may be after that redrive ran) go back too; malformed records stay.
+    let redriven = relay
+        .client()
+        .redrive_quarantined(mall_proto::sync::v1::RedriveQuarantinedRequest {
+            all: true,
+            ..Default::default()
+        })
+        .await
+        .expect("RedriveQuarantined answers")
+        .into_inner();
+    println!(
+        "        after the chaos, redrove {} refused changes quarantined late",
+        redriven.redriven_count
+    );
     let drain = std::time::Instant::now();
     watch.wait_for(&workload.expected, DRAIN_TIMEOUT).await;
     println!(
