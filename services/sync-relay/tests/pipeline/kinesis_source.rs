@@ -220,7 +220,16 @@ async fn two_replays_within_the_dedup_window_both_take_effect(engine: Engine) {
     .await;
     let expected: Vec<(String, u64)> = codes.iter().map(|c| (c.clone(), 1)).collect();
     catalog.wait_for(&expected, Duration::from_secs(30)).await;
-    let mut applied = items_applied(&relay).await;
+    // The relay counts a lane's changes after the catalog committed them: wait for it.
+    let mut applied = mall_test_support::wait_until(
+        "the first read is counted as applied",
+        Duration::from_secs(30),
+        || async {
+            let now = items_applied(&relay).await;
+            (now >= 5).then_some(now)
+        },
+    )
+    .await;
     assert_eq!(applied, 5);
 
     for round in 1..=2 {
