@@ -236,15 +236,7 @@ async fn run_chaos(
                 // them; then an operator redrives them, behind newer ones.
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
                 loop {
-                    let redriven = relay
-                        .client()
-                        .redrive_quarantined(mall_proto::sync::v1::RedriveQuarantinedRequest {
-                            all: true,
-                            ..Default::default()
-                        })
-                        .await
-                        .expect("RedriveQuarantined answers")
-                        .into_inner();
+                    let redriven = redrive_all(relay).await;
                     if redriven.redriven_count > 0 {
                         println!(
                             "        redrove {} refused changes ({} malformed records stay)",
@@ -362,6 +354,19 @@ async fn verify(
     assert_eq!(relay.dead_letters().await, 0, "ListDeadLetters is empty");
 }
 
+/// RedriveQuarantined of everything, as an operator fixing the catalog would.
+async fn redrive_all(relay: &RelayProcess) -> mall_proto::sync::v1::RedriveQuarantinedResponse {
+    relay
+        .client()
+        .redrive_quarantined(mall_proto::sync::v1::RedriveQuarantinedRequest {
+            all: true,
+            ..Default::default()
+        })
+        .await
+        .expect("RedriveQuarantined answers")
+        .into_inner()
+}
+
 /// The end of a chaos run: the relay was killed often enough; once the catalog caught up,
 /// [`verify`] holds and SIGTERM still stops the relay cleanly. Returns the kills and the
 /// change records and streams the watcher saw.
@@ -381,15 +386,7 @@ async fn drain_and_verify(
     // As an operator would after fixing the catalog: changes a refusal window quarantined
     // after the mid-run redrive (a consumer records its refusals once its call returns, which
     // may be after that redrive ran) go back too; malformed records stay.
-    let redriven = relay
-        .client()
-        .redrive_quarantined(mall_proto::sync::v1::RedriveQuarantinedRequest {
-            all: true,
-            ..Default::default()
-        })
-        .await
-        .expect("RedriveQuarantined answers")
-        .into_inner();
+    let redriven = redrive_all(&relay).await;
     println!(
         "        after the chaos, redrove {} refused changes quarantined late",
         redriven.redriven_count
