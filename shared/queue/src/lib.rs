@@ -6,8 +6,8 @@
 //!
 //! - **groups**: within a FIFO group messages are delivered in the order sent; while a
 //!   message of a group is in flight no later message of that group is delivered; other
-//!   groups keep flowing. The embedded queue hands out at most one message per group at a
-//!   time; SQS may hand out several consecutive messages of one group in one receive. A
+//!   groups keep flowing. Both may hand out several consecutive messages of one group in one
+//!   receive (the embedded queue up to [`limits::MAX_GROUP_RUN`], from the group's head). A
 //!   consumer must process a received batch in order per group and may rely on nothing more.
 //! - **visibility**: a received message is hidden for the visibility timeout, then delivered
 //!   again unless deleted; [`Queue::change_visibility`] extends it or releases it at once.
@@ -75,6 +75,9 @@ pub mod limits {
     pub const SQS_MAX_WAIT: Duration = Duration::from_secs(20);
     /// Longest visibility timeout (SQS: 12 hours).
     pub const MAX_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(12 * 3600);
+    /// Most consecutive messages of one FIFO group one embedded receive hands out (SQS
+    /// returns at most 10 messages per call, of one group or several).
+    pub const MAX_GROUP_RUN: usize = 10;
     /// Most messages one [`crate::Queue::receive`] returns, whatever `max` asks.
     pub const MAX_RECEIVE: usize = 1000;
     /// Largest page of [`crate::Queue::list_dead_letters`].

@@ -73,12 +73,79 @@ async fn a_send_that_commits_late_still_comes_first_in_its_group() {
 }
 
 embedded!(
+    a_group_comes_as_a_run_and_waits_while_any_of_it_is_in_flight,
     counts_by_group_show_where_the_backlog_is,
     queues_sharing_a_database_stay_apart,
     a_stale_receipt_can_neither_delete_nor_extend_a_redelivered_message,
     dead_letters_page_in_order,
     the_queue_migration_runs_beside_a_services_own,
 );
+
+/// A group with a backlog gives its head and the messages behind it in one receive (up to
+/// `MAX_GROUP_RUN`), so a consumer does not pay a round trip per message; the group then
+/// waits while any message of that run is in flight, also after its head alone was released.
+async fn a_group_comes_as_a_run_and_waits_while_any_of_it_is_in_flight(target: Target) {
+    use mall_queue::limits::MAX_GROUP_RUN;
+    let harness = Harness::new(target).await;
+    let (queue, _) = harness.queue(|_| {}).await;
+    let a: Vec<String> = (1..=MAX_GROUP_RUN + 2).map(|i| format!("A{i}")).collect();
+    let mut messages: Vec<OutgoingMessage> = a
+        .iter()
+        .map(|body| OutgoingMessage::new(body.clone()).with_group("A"))
+        .collect();
+    messages.extend(["B1", "B2"].map(|body| OutgoingMessage::new(body).with_group("B")));
+    queue.send(messages).await.expect("send works");
+
+    let first = queue
+        .receive(100, Duration::from_secs(5))
+        .await
+        .expect("receive works");
+    let groups = common::bodies_by_group(&first);
+    assert_eq!(
+        groups["A"],
+        a[..MAX_GROUP_RUN],
+        "a run of A, from its head, in order"
+    );
+    assert_eq!(groups["B"], ["B1", "B2"], "all of B behind its head");
+
+    // The head released, the rest of its run still held: A gives nothing.
+    let head = first.iter().find(|m| m.body == "A1").expect("A1 received");
+    queue
+        .change_visibility(&head.receipt, Duration::ZERO)
+        .await
+        .expect("released");
+    let blocked = queue
+        .receive(100, Duration::from_millis(300))
+        .await
+        .expect("receive works");
+    assert!(
+        blocked.is_empty(),
+        "A was delivered while its run was in flight: {blocked:?}"
+    );
+
+    // The rest of the run done: A1 comes again, with what is behind it.
+    let rest: Vec<_> = first
+        .iter()
+        .filter(|m| m.body != "A1")
+        .map(|m| m.receipt.clone())
+        .collect();
+    queue.delete(&rest).await.expect("deleted");
+    let second = queue
+        .receive(2, Duration::from_secs(5))
+        .await
+        .expect("receive works");
+    let bodies: Vec<&str> = second.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(
+        bodies,
+        [a[0].as_str(), a[MAX_GROUP_RUN].as_str()],
+        "at most `max` in all"
+    );
+    assert_eq!(second[0].receive_count, 2);
+    let receipts: Vec<_> = second.iter().map(|m| m.receipt.clone()).collect();
+    queue.delete(&receipts).await.expect("deleted");
+    let last = receive_n(&queue, 1, true, Duration::from_secs(5)).await;
+    assert_eq!(last[0].body, a[MAX_GROUP_RUN + 1]);
+}
 
 async fn counts_by_group_show_where_the_backlog_is(target: Target) {
     let harness = Harness::new(target).await;

@@ -5,17 +5,20 @@
 //! - Every message is a row of `mall_queue_messages` (see [`schema`] for the columns); its
 //!   `(xid, id)` is the order of sending (the sending transaction's id on PostgreSQL, 0 on
 //!   SQLite, then the autoincrement id). A FIFO group's *head* is its live row lowest in that
-//!   order; only heads are delivered, so a group has at most one message in flight and
-//!   the next one waits until the head is deleted or dead-lettered. Visibility is a timestamp:
-//!   a row with `visible_at` in the future is in flight.
-//! - A receive reads the head of every group (a loose index scan, one probe per group), then
-//!   stamps
-//!   the oldest visible heads with a new visibility and receipt token in one
-//!   `UPDATE ... RETURNING` that checks again that each is live and visible, so two consumers
-//!   never take the same row. A head stays the head until deleted or dead-lettered (later
-//!   sends and redrives only append), so a stale read can skip a group but never deliver out
-//!   of order. On PostgreSQL the pick runs `FOR UPDATE SKIP LOCKED`: concurrent consumers
-//!   pass each other instead of waiting. Standard queues pick the oldest visible rows.
+//!   order. A group is delivered as a *run*: its head and up to
+//!   [`limits::MAX_GROUP_RUN`]` - 1` messages behind it, in order, in one receive (as SQS
+//!   returns several messages of a group in one call); while any of them is in flight the
+//!   group gives nothing more. Visibility is a timestamp: a row with `visible_at` in the
+//!   future is in flight.
+//! - A receive reads the head of every group (a loose index scan, one probe per group), then,
+//!   in one transaction, takes the oldest heads that are still live and visible (on
+//!   PostgreSQL `FOR UPDATE SKIP LOCKED`: concurrent consumers pass each other instead of
+//!   waiting), reads the first messages of those groups, and stamps each group's run with a
+//!   new visibility and receipt token. A head stays the head until deleted or dead-lettered
+//!   (later sends and redrives only append), so a stale read can skip a group but never
+//!   deliver out of order; a run needs its head, which the transaction holds. Standard queues
+//!   pick the oldest visible rows. (Until 2026-12-03 a group gave one message per receive,
+//!   so a consumer moved one message per round trip of a lane with a backlog.)
 //! - Sends are one transaction each. On PostgreSQL they commit in parallel (until 2026-12-02
 //!   they took a queue-wide advisory lock, which made each wait for the last one's commit):
 //!   a receive takes a head only when its transaction id is below the oldest still running
@@ -39,7 +42,7 @@ mod schema;
 mod sql;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -56,7 +59,7 @@ pub use schema::{MIGRATION_NAME, migrations};
 use self::sql::Sql;
 use crate::{
     DeadLetterMessage, DeadLetterSelection, GroupCounts, OutgoingMessage, QueueCounts, QueueError,
-    QueueSettings, Receipt, ReceivedMessage, message,
+    QueueSettings, Receipt, ReceivedMessage, limits, message,
 };
 
 /// Most rows in one multi-row INSERT: far below both engines' bound-parameter limits.
@@ -88,6 +91,41 @@ struct Shared {
     write_turn: Mutex<()>,
     /// Wakes receivers of this process waiting in a long poll when messages may be ready.
     wake: Notify,
+}
+
+/// Up to `max` message ids from `runs` (each a group's messages in order, oldest group
+/// first), breadth first: every group's head before any group's second message, and so on,
+/// so a receive spreads over as many groups as it can (they are applied in parallel) and
+/// goes deep only where fewer groups have messages. What is taken of each run is a prefix;
+/// the result lists each group's part in order, group after group.
+fn fill(runs: &[Vec<i64>], max: usize) -> Vec<i64> {
+    let mut taken = vec![0; runs.len()];
+    let mut total = 0;
+    let deepest = runs.iter().map(Vec::len).max().unwrap_or(0);
+    'fill: for depth in 0..deepest {
+        for (run, taken) in runs.iter().zip(taken.iter_mut()) {
+            if depth < run.len() {
+                if total == max {
+                    break 'fill;
+                }
+                *taken += 1;
+                total += 1;
+            }
+        }
+    }
+    runs.iter()
+        .zip(taken)
+        .flat_map(|(run, taken)| run[..taken].iter().copied())
+        .collect()
+}
+
+/// One of the first live messages of a group, as a receive reads them to find its run.
+struct RunRow {
+    xid: i64,
+    id: i64,
+    visible_at: i64,
+    /// Below this, every sending transaction has ended.
+    xmin: i64,
 }
 
 /// One row to insert.
@@ -371,8 +409,6 @@ impl EmbeddedQueue {
 
         let token = format!("{:016x}", fastrand::u64(..));
         let visible_at = now.saturating_add(millis(self.shared.visibility_timeout));
-        let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        let mut sql = self.sql();
         if self.shared.fifo {
             // Two steps, because planners turn "the heads, joined back" into a loop over
             // every row: first the head of every group, then the oldest visible of them.
@@ -380,23 +416,29 @@ impl EmbeddedQueue {
             if candidates.is_empty() {
                 return Ok(Vec::new());
             }
-            self.pick_sql(&mut sql, visible_at, &token);
-            sql.push("SELECT id FROM mall_queue_messages WHERE id IN ")
-                .bind_list(candidates);
+            return self
+                .receive_runs(candidates, now, max, visible_at, &token)
+                .await;
+        }
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let mut sql = self.sql();
+        if self.shared.backend == DbBackend::Postgres {
+            // Placeholders are numbered: the values are bound where the text ends.
+            sql.push("WITH picked AS (");
         } else {
-            self.pick_sql(&mut sql, visible_at, &token);
-            sql.push("SELECT id FROM mall_queue_messages WHERE queue = ")
-                .bind(name.clone());
+            sql.push("UPDATE mall_queue_messages SET visible_at = ")
+                .bind(visible_at)
+                .push(", receive_count = receive_count + 1, receipt = ")
+                .bind(token.clone())
+                .push(" WHERE id IN (");
         }
         // The conditions are checked again at the pick: a row another consumer took or
         // deleted meanwhile no longer qualifies.
-        sql.push(" AND dead = 0 AND visible_at <= ")
+        sql.push("SELECT id FROM mall_queue_messages WHERE queue = ")
+            .bind(name.clone())
+            .push(" AND dead = 0 AND visible_at <= ")
             .bind(now)
-            .push(if self.shared.fifo {
-                " ORDER BY id LIMIT "
-            } else {
-                " ORDER BY visible_at, id LIMIT "
-            })
+            .push(" ORDER BY visible_at, id LIMIT ")
             .bind(limit);
         if self.shared.backend == DbBackend::Postgres {
             sql.push(" FOR UPDATE SKIP LOCKED) UPDATE mall_queue_messages u SET visible_at = ")
@@ -425,6 +467,155 @@ impl EmbeddedQueue {
             .map_err(|e| self.unavailable(e))?;
         // RETURNING promises no order; the pick was oldest first.
         messages.sort_by_key(|(id, _)| *id);
+        Ok(messages.into_iter().map(|(_, m)| m).collect())
+    }
+
+    /// A FIFO receive once the candidate heads are known: in one transaction, take the
+    /// oldest of those heads that are still live and visible (on PostgreSQL locking them,
+    /// `SKIP LOCKED`, so a concurrent consumer passes them by), read the first
+    /// [`limits::MAX_GROUP_RUN`] live messages of each such group, and stamp each group's
+    /// run (its head and the messages behind it that no running transaction can still
+    /// precede) with the new visibility and receipt, at most `max` messages in all.
+    ///
+    /// A group with any of those first messages in flight gives nothing: an earlier run
+    /// whose head was released or ran out while the rest of it is still being worked on
+    /// keeps the whole group waiting, so two consumers never hold parts of one group. (A run
+    /// starts at its group's head and is at most `MAX_GROUP_RUN` long, so an in-flight
+    /// message is always among the first `MAX_GROUP_RUN` live ones.) Everything else that
+    /// can touch a run's rows needs its head, which this transaction holds.
+    async fn receive_runs(
+        &self,
+        candidates: Vec<i64>,
+        now: i64,
+        max: usize,
+        visible_at: i64,
+        token: &str,
+    ) -> Result<Vec<ReceivedMessage>, QueueError> {
+        let postgres = self.shared.backend == DbBackend::Postgres;
+        let txn = self.begin_ordered().await?;
+        let mut sql = self.sql();
+        sql.push("SELECT id, group_id FROM mall_queue_messages WHERE id IN ")
+            .bind_list(candidates)
+            .push(" AND dead = 0 AND visible_at <= ")
+            .bind(now)
+            .push(" ORDER BY id LIMIT ")
+            .bind(i64::try_from(max).unwrap_or(i64::MAX));
+        if postgres {
+            sql.push(" FOR UPDATE SKIP LOCKED");
+        }
+        let heads = txn
+            .query_all_raw(sql.build())
+            .await
+            .map_err(|e| self.unavailable(e))?
+            .iter()
+            .map(|row| {
+                Ok((
+                    row.try_get::<i64>("", "id")?,
+                    row.try_get::<String>("", "group_id")?,
+                ))
+            })
+            .collect::<Result<Vec<_>, DbErr>>()
+            .map_err(|e| self.unavailable(e))?;
+        if heads.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut groups: BTreeMap<String, Vec<RunRow>> = BTreeMap::new();
+        // SQLite allows 500 terms in a compound SELECT.
+        for chunk in heads.chunks(CHUNK) {
+            let mut sql = self.sql();
+            for (i, (_, group)) in chunk.iter().enumerate() {
+                if i > 0 {
+                    sql.push(" UNION ALL ");
+                }
+                // Transactions below the oldest running one have all ended: a message they
+                // sent can no longer be preceded by one that commits later.
+                sql.push(if postgres {
+                    "SELECT * FROM (SELECT group_id, id, xid, visible_at, \
+                     pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin"
+                } else {
+                    "SELECT * FROM (SELECT group_id, id, xid, visible_at, 1 AS xmin"
+                })
+                .push(" FROM mall_queue_messages WHERE queue = ")
+                .bind(self.shared.name.clone())
+                .push(" AND dead = 0 AND group_id = ")
+                .bind(group.clone())
+                .push(" ORDER BY group_id, xid, id LIMIT ")
+                .bind(i64::try_from(limits::MAX_GROUP_RUN).unwrap_or(i64::MAX))
+                .push(&format!(") AS r{i}"));
+            }
+            for row in txn
+                .query_all_raw(sql.build())
+                .await
+                .map_err(|e| self.unavailable(e))?
+            {
+                let read = || -> Result<(String, RunRow), DbErr> {
+                    Ok((
+                        row.try_get("", "group_id")?,
+                        RunRow {
+                            xid: row.try_get("", "xid")?,
+                            id: row.try_get("", "id")?,
+                            visible_at: row.try_get("", "visible_at")?,
+                            // SQLite has one writer: every row there was committed in order.
+                            xmin: if postgres {
+                                row.try_get("", "xmin")?
+                            } else {
+                                i64::MAX
+                            },
+                        },
+                    ))
+                };
+                let (group, run_row) = read().map_err(|e| self.unavailable(e))?;
+                groups.entry(group).or_default().push(run_row);
+            }
+        }
+        let mut runs: Vec<Vec<i64>> = Vec::with_capacity(heads.len());
+        for (head, group) in &heads {
+            let Some(rows) = groups.get_mut(group) else {
+                continue;
+            };
+            rows.sort_unstable_by_key(|r| (r.xid, r.id));
+            if rows.first().map(|r| r.id) != Some(*head) || rows.iter().any(|r| r.visible_at > now)
+            {
+                continue;
+            }
+            runs.push(
+                rows.iter()
+                    .take_while(|r| r.xid < r.xmin)
+                    .map(|r| r.id)
+                    .collect(),
+            );
+        }
+        let picked = fill(&runs, max);
+        if picked.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = self.sql();
+        // `dead = 0`: a consumer elsewhere may have dead-lettered a message behind a head
+        // meanwhile; its group moves on without it, as after any dead letter.
+        sql.push("UPDATE mall_queue_messages SET visible_at = ")
+            .bind(visible_at)
+            .push(", receive_count = receive_count + 1, receipt = ")
+            .bind(token.to_owned())
+            .push(" WHERE id IN ")
+            .bind_list(picked.clone())
+            .push(
+                " AND dead = 0 RETURNING id, message_id, group_id, body, attributes, sent_at, \
+                 receive_count",
+            );
+        let rows = txn
+            .query_all_raw(sql.build())
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        txn.commit().await.map_err(|e| self.unavailable(e))?;
+        let order: HashMap<i64, usize> =
+            picked.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let mut messages = rows
+            .iter()
+            .map(|row| self.received(row, token))
+            .collect::<Result<Vec<_>, DbErr>>()
+            .map_err(|e| self.unavailable(e))?;
+        // RETURNING promises no order: each group's run in its order, oldest groups first.
+        messages.sort_by_key(|(id, _)| order.get(id).copied().unwrap_or(usize::MAX));
         Ok(messages.into_iter().map(|(_, m)| m).collect())
     }
 
@@ -509,21 +700,6 @@ impl EmbeddedQueue {
         heads.sort_unstable();
         heads.truncate(max.saturating_mul(3).max(16));
         Ok(heads)
-    }
-
-    /// Starts the statement that stamps the picked rows with a new visibility and receipt;
-    /// the caller appends the `SELECT id ...` that picks them, then the end.
-    fn pick_sql(&self, sql: &mut Sql, visible_at: i64, token: &str) {
-        if self.shared.backend == DbBackend::Postgres {
-            // Placeholders are numbered: the values are bound where the text ends.
-            sql.push("WITH picked AS (");
-        } else {
-            sql.push("UPDATE mall_queue_messages SET visible_at = ")
-                .bind(visible_at)
-                .push(", receive_count = receive_count + 1, receipt = ")
-                .bind(token.to_owned())
-                .push(" WHERE id IN (");
-        }
     }
 
     fn received(&self, row: &QueryResult, token: &str) -> Result<(i64, ReceivedMessage), DbErr> {
@@ -910,5 +1086,23 @@ mod tests {
         assert_eq!(parse_receipt(&Receipt("42.".into())), None);
         assert_eq!(parse_receipt(&Receipt("x.abc".into())), None);
         assert_eq!(parse_receipt(&Receipt("AQEB...".into())), None);
+    }
+
+    #[test]
+    fn a_receive_takes_every_groups_head_before_going_deeper() {
+        let runs = vec![vec![1, 2, 3], vec![10], vec![20, 21]];
+        assert_eq!(fill(&runs, 2), [1, 10], "heads first");
+        assert_eq!(
+            fill(&runs, 4),
+            [1, 2, 10, 20],
+            "then second messages, oldest group first"
+        );
+        assert_eq!(
+            fill(&runs, 100),
+            [1, 2, 3, 10, 20, 21],
+            "each run whole, in order"
+        );
+        assert!(fill(&runs, 0).is_empty());
+        assert!(fill(&[], 10).is_empty());
     }
 }
