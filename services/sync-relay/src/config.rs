@@ -160,7 +160,11 @@ pub struct ApplySettings {
     /// parallel. Default 4.
     pub consumers: usize,
     /// Messages one consumer receives at once (SQS returns at most 10 per call and makes
-    /// several calls for more). Default 10.
+    /// several calls for more). The embedded queue hands out a lane with a backlog as a run
+    /// of up to 10 messages, so one receive carries several changes of a busy lane into one
+    /// BulkUpdateProducts call; with SQS, several of a lane's messages can come in one call
+    /// too. Default 40: measured on the relay benchmark's stack (c), 10,000 changes/s
+    /// offered, p99 event→commit fell from seconds (10) to under 400 ms (40).
     pub receive_batch: usize,
     /// Long-polling wait of a receive. Default 1s.
     #[serde(with = "humantime_serde")]
@@ -181,7 +185,7 @@ impl Default for ApplySettings {
             catalog_tls: None,
             catalog_timeout: Duration::from_secs(10),
             consumers: 4,
-            receive_batch: 10,
+            receive_batch: 40,
             receive_wait: Duration::from_secs(1),
             retry_backoff_initial: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(5),
