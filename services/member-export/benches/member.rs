@@ -440,7 +440,7 @@ async fn unlimited(members: usize, dialects: &[&str]) -> anyhow::Result<String> 
         // then runs of up to 10 behind them, and a group in flight gives nothing. With
         // batches of 1,000, one worker receiving 320 messages (~5 per lane, ~5,000 members,
         // five requests at once) beat two overlapping rounds of 32 (~500 members each):
-        // 25,600–27,400 against 15,700 members/s on 2026-12-04, same machine and run. One
+        // 25,600–27,400 against 15,700 members/s on 2026-12-04, same machine and binary. One
         // member per request does best with rounds that overlap: four workers of 16.
         (busy.delivery.workers, busy.delivery.receive_batch) = if dialect == "groobee" {
             (1, 320)
