@@ -9,8 +9,9 @@
 #                               caller flooding). SQLite; nothing to start.
 #   scripts/bench.sh relay      sync-relay end to end: 10,000 and 100,000 changes from publish to
 #                               visible in the catalog, (a) embedded queue + SQLite and (b) Kinesis
-#                               (kinesalite) + SQS (LocalStack) + PostgreSQL, next to the catalog's
-#                               raw BulkUpdateProducts rate; then a paced run at 5,000 changes/s.
+#                               (kinesalite) + SQS (LocalStack) + PostgreSQL and (c) embedded queue
+#                               + PostgreSQL, next to the catalog's raw BulkUpdateProducts rate;
+#                               then paced runs at 5,000 changes/s (and 10,000 on (a) and (c)).
 #                               Starts PostgreSQL, LocalStack and kinesalite when they are not
 #                               running, and stops at exit what it started. Extra arguments go to
 #                               the benchmark (e.g. 'embedded', 'quick'; see benches/relay.rs).
