@@ -101,8 +101,10 @@ pub struct CatalogSettings {
     /// 0 reads every product from the database. A write through this replica is visible at
     /// once; through another replica within `watch_poll_interval`. Default 20,000.
     pub read_cache_entries: usize,
-    /// How many times a write is retried after a serialization failure or deadlock before
-    /// the call fails with UNAVAILABLE. Default 10.
+    /// How many attempts a write gets after conflicts (overlapping writers, a deadlock, a busy
+    /// SQLite file) before the call fails with UNAVAILABLE. On PostgreSQL a retry holds the
+    /// catalog's write lock exclusively and cannot conflict again, so 2 would do; the rest
+    /// covers a lost connection. Default 10.
     pub write_retries: u32,
     /// How long a pending product (partial changes whose product was never created, usually
     /// a producer's typo in a code) is kept before maintenance deletes it with a log line.

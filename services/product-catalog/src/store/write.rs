@@ -87,7 +87,7 @@ impl Store {
             let attempt = match &self.sqlite_writer {
                 None => {
                     let pool = self.db.get_postgres_connection_pool();
-                    self.attempt_bulk_write_pg(pool, request_id, &writes, rules)
+                    self.attempt_bulk_write_pg(pool, request_id, &writes, rules, retries > 0)
                         .await
                 }
                 Some(writer) => {

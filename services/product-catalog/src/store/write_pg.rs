@@ -17,6 +17,16 @@
 //! a product last written by a transaction with a *higher* id (it took its id before that
 //! one and waited for it) gives up and runs again with a new, higher id. Overlapping writers
 //! of one product are rare (the relay's lanes partition products), so this retry is too.
+//!
+//! A retry must not lose the same race again: under steady overlap (several writers of the
+//! same products, each waiting at its first rows while a younger one overtakes it) a retry
+//! with a fresh id can conflict again and again until the budget runs out. So every first
+//! attempt holds the catalog's write lock ([`WRITE_LOCK`], a transaction-level advisory
+//! lock) *shared*, and a retry holds it *exclusively*: it starts once the writers in flight
+//! have finished and none starts beside it, so it waits for no row lock, nobody overtakes
+//! it, and it cannot conflict. The lock is taken before the first row lock, while the
+//! transaction has no id yet. Writers that do not overlap never wait for each other; one
+//! conflict costs a short pause of all writers, across replicas.
 
 use mall_proto::catalog::v1::BulkUpdateProductsResponse;
 use prost::Message as _;
@@ -40,6 +50,13 @@ const LOCK: &str = "SELECT code, product_type, create_time, version, brand_versi
     category_path_version, status_version, names_version, descriptions_version, \
     prices_version, attributes_version, write_xid, pg_current_xact_id()::text::bigint AS me \
     FROM products WHERE code = ANY($1) ORDER BY code FOR UPDATE";
+
+/// The catalog's write lock, taken before `LOCK`: shared by a first attempt, exclusive by a
+/// retry (see the module docs). The two-key form keeps it apart from single-key advisory
+/// locks; the keys spell "mall" and 1.
+const WRITE_LOCK: (i32, i32) = (0x6d61_6c6c, 1);
+const WRITE_LOCK_SHARED: &str = "SELECT pg_advisory_xact_lock_shared($1, $2)";
+const WRITE_LOCK_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock($1, $2)";
 
 /// Whole rows (already locked by `LOCK`).
 const ROWS: &str = "SELECT code, product_type, brand, category_path, status, names, \
@@ -112,6 +129,7 @@ impl Store {
         request_id: Option<&str>,
         writes: &[Write],
         rules: Rules,
+        retry: bool,
     ) -> Result<Attempt, AttemptError> {
         if let Some(id) = request_id
             && let Some(first) = remembered(pool, id).await?
@@ -120,6 +138,16 @@ impl Store {
         }
         let now = super::now();
         let mut txn = pool.begin().await.map_err(db)?;
+        sqlx::query(if retry {
+            WRITE_LOCK_EXCLUSIVE
+        } else {
+            WRITE_LOCK_SHARED
+        })
+        .bind(WRITE_LOCK.0)
+        .bind(WRITE_LOCK.1)
+        .execute(&mut *txn)
+        .await
+        .map_err(db)?;
         let Some(stored) = read_for_write(&mut txn, writes).await? else {
             return Ok(Attempt::Conflict(
                 "a product was last written by a transaction that began after this one",
