@@ -4,8 +4,6 @@
 //!
 //! Encoded as MessagePack: `[source, tag, [[time_nanos, record], …]]`.
 
-use rmpv::Value;
-
 use crate::forward::Event;
 
 /// Where a batch came from.
@@ -29,25 +27,32 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// The bytes the buffer stores.
+    /// The bytes the buffer stores: written straight from the events (building a value
+    /// tree first would copy every record once more).
     pub fn encode(&self) -> Vec<u8> {
-        let events = self
-            .events
-            .iter()
-            .map(|e| {
-                Value::Array(vec![
-                    Value::from(e.time_nanos),
-                    Value::Map(e.record.clone()),
-                ])
-            })
-            .collect();
-        let value = Value::Array(vec![
-            Value::from(self.source as u8),
-            Value::from(self.tag.as_str()),
-            Value::Array(events),
-        ]);
-        let mut out = Vec::new();
-        rmpv::encode::write_value(&mut out, &value).expect("writing to a Vec cannot fail");
+        let mut out = Vec::with_capacity(
+            64 + self.tag.len()
+                + self
+                    .events
+                    .iter()
+                    .map(|e| 16 + e.record.len() * 24)
+                    .sum::<usize>(),
+        );
+        let len = |n: usize| u32::try_from(n).expect("a batch is far below 2^32 items");
+        let fine = "writing to a Vec cannot fail";
+        rmp::encode::write_array_len(&mut out, 3).expect(fine);
+        rmp::encode::write_uint(&mut out, self.source as u64).expect(fine);
+        rmp::encode::write_str(&mut out, &self.tag).expect(fine);
+        rmp::encode::write_array_len(&mut out, len(self.events.len())).expect(fine);
+        for event in &self.events {
+            rmp::encode::write_array_len(&mut out, 2).expect(fine);
+            rmp::encode::write_sint(&mut out, event.time_nanos).expect(fine);
+            rmp::encode::write_map_len(&mut out, len(event.record.len())).expect(fine);
+            for (key, value) in &event.record {
+                rmpv::encode::write_value(&mut out, key).expect(fine);
+                rmpv::encode::write_value(&mut out, value).expect(fine);
+            }
+        }
         out
     }
 
@@ -56,40 +61,37 @@ impl Batch {
     /// # Errors
     /// When the bytes are not such a batch (a bug, or a buffer from another version).
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let value = rmpv::decode::read_value(&mut &bytes[..]).map_err(|e| e.to_string())?;
+        // Read part by part (no value tree of the whole batch, then taken apart again).
         let bad = || "not a buffered batch".to_owned();
-        let Value::Array(mut parts) = value else {
-            return Err(bad());
-        };
-        if parts.len() != 3 {
+        let mut rd = bytes;
+        if rmp::decode::read_array_len(&mut rd).map_err(|_| bad())? != 3 {
             return Err(bad());
         }
-        let Value::Array(events) = parts.pop().ok_or_else(bad)? else {
-            return Err(bad());
-        };
-        let tag = parts
-            .pop()
-            .and_then(|t| t.as_str().map(str::to_owned))
-            .ok_or_else(bad)?;
-        let source = match parts.pop().and_then(|s| s.as_u64()) {
-            Some(1) => Source::Forward,
-            Some(2) => Source::Otlp,
+        let source = match rmp::decode::read_int::<u8, _>(&mut rd).map_err(|_| bad())? {
+            1 => Source::Forward,
+            2 => Source::Otlp,
             _ => return Err(bad()),
         };
-        let events = events
-            .into_iter()
-            .map(|event| match event {
-                Value::Array(mut pair) if pair.len() == 2 => {
-                    let record = match pair.pop() {
-                        Some(Value::Map(record)) => record,
-                        _ => return Err(bad()),
-                    };
-                    let time_nanos = pair.pop().and_then(|t| t.as_i64()).ok_or_else(bad)?;
-                    Ok(Event { time_nanos, record })
-                }
-                _ => Err(bad()),
-            })
-            .collect::<Result<_, _>>()?;
+        let (tag, rest) = rmp::decode::read_str_from_slice(rd).map_err(|_| bad())?;
+        let tag = tag.to_owned();
+        rd = rest;
+        let count = rmp::decode::read_array_len(&mut rd).map_err(|_| bad())?;
+        // Each event takes at least 3 bytes: a corrupt count cannot reserve more than that.
+        let mut events = Vec::with_capacity((count as usize).min(rd.len() / 3));
+        for _ in 0..count {
+            if rmp::decode::read_array_len(&mut rd).map_err(|_| bad())? != 2 {
+                return Err(bad());
+            }
+            let time_nanos = rmp::decode::read_int::<i64, _>(&mut rd).map_err(|_| bad())?;
+            let pairs = rmp::decode::read_map_len(&mut rd).map_err(|_| bad())?;
+            let mut record = Vec::with_capacity((pairs as usize).min(rd.len() / 2));
+            for _ in 0..pairs {
+                let key = rmpv::decode::read_value(&mut rd).map_err(|e| e.to_string())?;
+                let value = rmpv::decode::read_value(&mut rd).map_err(|e| e.to_string())?;
+                record.push((key, value));
+            }
+            events.push(Event { time_nanos, record });
+        }
         Ok(Self {
             source,
             tag,
@@ -101,6 +103,7 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rmpv::Value;
 
     #[test]
     fn a_batch_comes_back_as_it_went_in() {
@@ -121,7 +124,28 @@ mod tests {
                 },
             ],
         };
-        assert_eq!(Batch::decode(&batch.encode()), Ok(batch));
+        assert_eq!(Batch::decode(&batch.encode()), Ok(batch.clone()));
         assert!(Batch::decode(b"\x93\x01").is_err());
+        // What the buffer held before 2026-12-04 (one value tree, minimal lengths) still
+        // decodes: a buffer written by the previous version survives the upgrade.
+        let tree = Value::Array(vec![
+            Value::from(1),
+            Value::from("hybris.wrapper"),
+            Value::Array(
+                batch
+                    .events
+                    .iter()
+                    .map(|e| {
+                        Value::Array(vec![
+                            Value::from(e.time_nanos),
+                            Value::Map(e.record.clone()),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ]);
+        let mut old = Vec::new();
+        rmpv::encode::write_value(&mut old, &tree).expect("encodes");
+        assert_eq!(Batch::decode(&old), Ok(batch));
     }
 }

@@ -187,7 +187,11 @@ impl Event {
 /// A str or bin value as text.
 pub fn text(value: &Value) -> Option<std::borrow::Cow<'_, str>> {
     match value {
-        Value::String(s) => Some(String::from_utf8_lossy(s.as_bytes())),
+        // Checked as UTF-8 when decoded already: only invalid text is checked again.
+        Value::String(s) => Some(match s.as_str() {
+            Some(text) => std::borrow::Cow::Borrowed(text),
+            None => String::from_utf8_lossy(s.as_bytes()),
+        }),
         Value::Binary(b) => Some(String::from_utf8_lossy(b)),
         _ => None,
     }

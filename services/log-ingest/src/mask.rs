@@ -105,6 +105,10 @@ impl Masker {
     /// Masks `text` in place, adding the matches of each pattern to `counts` (one slot per
     /// pattern, in configured order).
     pub fn text(&self, text: &mut String, counts: &mut [u64]) {
+        // Most records have no stack trace and some no logger or thread.
+        if text.is_empty() {
+            return;
+        }
         for (pattern, count) in self.patterns.iter().zip(counts.iter_mut()) {
             if !pattern.requires.is_empty()
                 && !pattern.requires.iter().any(|r| text.contains(r.as_str()))

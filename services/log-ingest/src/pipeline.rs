@@ -434,6 +434,8 @@ impl Pipeline {
         }
         let parser = Parser::new(self.format_of(&batch.tag), self.zone);
         let mut out = Vec::new();
+        // A batch arrives at once: one clock read for all its lines.
+        let now = Instant::now();
         // One key reused for every event's lookup (no allocation unless a stream is new).
         let mut key = (batch.tag.clone(), String::new());
         for event in &batch.events {
@@ -451,7 +453,7 @@ impl Pipeline {
                         tag: batch.tag.clone(),
                         host: key.1.clone(),
                         lines: 0,
-                        last_line: Instant::now(),
+                        last_line: now,
                         pending_from: None,
                         pending_event_time: 0,
                         batches: std::collections::BTreeMap::new(),
@@ -461,9 +463,9 @@ impl Pipeline {
             }
             let state = streams.get_mut(&key).expect("inserted above");
             let line = line_of(event, &self.settings.line_field);
+            let first = state.lines;
             for text in line.split('\n') {
                 let text = text.strip_suffix('\r').unwrap_or(text);
-                state.batches.entry(at).or_insert((state.lines, 0)).1 += 1;
                 if let Some(skip) = skips.get_mut(&key).filter(|n| **n > 0) {
                     // Pushed before the restart, as part of a record that began earlier.
                     *skip -= 1;
@@ -491,7 +493,9 @@ impl Pipeline {
                 }
                 state.lines += 1;
             }
-            state.last_line = Instant::now();
+            // This batch's lines of the stream: where they start, how many.
+            state.batches.entry(at).or_insert((first, 0)).1 += state.lines - first;
+            state.last_line = now;
             state.resumed |= new;
         }
     }
