@@ -116,13 +116,20 @@ impl App {
                 .clone()
                 .watch_failure_rate(settings.alerts.clone(), server.shutdown_token()),
         );
+        let (worker_count, receive_batch) = delivery.shape(max_batch, settings.enqueue.lanes);
+        tracing::info!(
+            workers = worker_count,
+            receive_batch,
+            max_batch,
+            "delivery workers"
+        );
         let workers = Workers {
             store: store.clone(),
             queue: queue.clone(),
             cipher: cipher.clone(),
             outbound,
             max_batch,
-            receive_batch: delivery.receive_batch,
+            receive_batch,
             receive_wait: delivery.receive_wait,
             visibility_timeout: settings.queue.visibility_timeout,
             retry_initial: delivery.retry_initial,
@@ -149,7 +156,7 @@ impl App {
             }
             .run(server.shutdown_token()),
         );
-        let count = delivery.workers;
+        let count = worker_count;
         let shutdown = server.shutdown_token();
         server.spawn("delivery workers", async move {
             workers.run(count, shutdown).await;

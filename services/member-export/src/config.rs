@@ -76,10 +76,11 @@ impl Default for JobSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct DeliverySettings {
     /// Workers in this replica; each receives a batch of messages and sends it. 0 stops
-    /// delivering (enqueueing goes on).
-    pub workers: usize,
-    /// Queue messages per receive (1–1000).
-    pub receive_batch: usize,
+    /// delivering (enqueueing goes on). Default: by the partner's batch size, see
+    /// [`DeliverySettings::shape`].
+    pub workers: Option<usize>,
+    /// Queue messages per receive (1–1000). Default: see [`DeliverySettings::shape`].
+    pub receive_batch: Option<usize>,
     /// How long a receive waits for messages.
     #[serde(with = "humantime_serde")]
     pub receive_wait: Duration,
@@ -116,8 +117,8 @@ pub struct DeliverySettings {
 impl Default for DeliverySettings {
     fn default() -> Self {
         Self {
-            workers: 2,
-            receive_batch: 10,
+            workers: None,
+            receive_batch: None,
             receive_wait: Duration::from_secs(1),
             rate_limit_per_second: 400,
             rate_limit_recovery: Duration::from_secs(30),
@@ -128,6 +129,33 @@ impl Default for DeliverySettings {
             configuration_pause: Duration::from_secs(60),
             claim_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+impl DeliverySettings {
+    /// The workers and the messages each receives, as configured or else what delivered
+    /// fastest for the partner's batch size (`scripts/bench.sh member`, BENCHMARKS.md):
+    /// - batches (`max_batch` > 1, groobee's 1,000): **one worker receiving 5 × `lanes`**
+    ///   (320 for 64 lanes). A receive takes every lane's head before any lane's second
+    ///   message, so a deep one holds ~5 messages a lane, ~5,000 members: five full
+    ///   requests at once. Two workers of 32 (~500 members a round) delivered 1.6–1.75×
+    ///   slower.
+    /// - one member per request (webhook's default): **four workers of `lanes` / 4** (4 × 16
+    ///   for 64 lanes), so rounds overlap: one waits for the partner while another is in the
+    ///   database.
+    ///
+    /// `receive_batch` is kept within 1–1000.
+    pub fn shape(&self, max_batch: usize, lanes: u32) -> (usize, usize) {
+        let lanes = usize::try_from(lanes).unwrap_or(usize::MAX).max(1);
+        let (workers, receive_batch) = if max_batch > 1 {
+            (1, lanes.saturating_mul(5))
+        } else {
+            (4, (lanes / 4).max(1))
+        };
+        (
+            self.workers.unwrap_or(workers),
+            self.receive_batch.unwrap_or(receive_batch).clamp(1, 1000),
+        )
     }
 }
 
@@ -300,5 +328,35 @@ mod tests {
         );
         let error = load(&[("MEMBER_EXPORT__PARTNER__API_KY", "typo")]).expect_err("unknown key");
         assert!(error.to_string().contains("api_ky"), "{error}");
+    }
+
+    #[test]
+    fn delivery_workers_default_by_batch_size_and_configured_values_win() {
+        let defaults = DeliverySettings::default();
+        assert_eq!(
+            defaults.shape(1_000, 64),
+            (1, 320),
+            "batches: one deep receive"
+        );
+        assert_eq!(
+            defaults.shape(1, 64),
+            (4, 16),
+            "one per request: overlapping rounds"
+        );
+        assert_eq!(
+            defaults.shape(1_000, 400),
+            (1, 1000),
+            "capped at 1,000 a receive"
+        );
+        assert_eq!(defaults.shape(1, 2), (4, 1));
+        let settings = load(&[
+            ("MEMBER_EXPORT__DELIVERY__WORKERS", "0"),
+            ("MEMBER_EXPORT__DELIVERY__RECEIVE_BATCH", "10"),
+        ])
+        .expect("valid settings");
+        assert_eq!(settings.delivery.shape(1_000, 64), (0, 10));
+        let settings =
+            load(&[("MEMBER_EXPORT__DELIVERY__RECEIVE_BATCH", "5000")]).expect("valid settings");
+        assert_eq!(settings.delivery.shape(1, 64), (4, 1000));
     }
 }

@@ -417,7 +417,7 @@ async fn a_profile_whose_key_is_gone_is_recorded_not_sent() {
                 "k1",
                 "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
             );
-            settings.delivery.workers = 0;
+            settings.delivery.workers = Some(0);
         })
         .await;
         enqueue(&mut first, vec![change("M-1", 1, true, true)]).await;
@@ -511,7 +511,7 @@ async fn a_withdrawal_recorded_while_a_round_is_being_sent_wins_for_members_not_
     };
     let database = TestDatabase::new(Engine::Sqlite).await;
     let mut running = start_on(database.url(), Dialect::Webhook, slow, |settings| {
-        settings.delivery.workers = 1;
+        settings.delivery.workers = Some(1);
         settings.delivery.max_concurrency = 1;
         settings.partner.request_timeout = Duration::from_secs(5);
         settings.delivery.claim_timeout = Duration::from_secs(10);
@@ -593,7 +593,7 @@ async fn after_a_key_rotation_profiles_move_to_the_new_key_and_the_old_one_can_g
         let mut before = start_on(url, Dialect::Groobee, Behaviour::default(), |settings| {
             settings.encryption.current = "k1".into();
             settings.encryption.keys = [("k1".to_owned(), SecretString::from(OLD))].into();
-            settings.delivery.workers = 0;
+            settings.delivery.workers = Some(0);
         })
         .await;
         let changes = (0..3)
@@ -624,7 +624,7 @@ async fn after_a_key_rotation_profiles_move_to_the_new_key_and_the_old_one_can_g
             ]
             .into();
             settings.encryption.reencrypt_interval = Duration::from_millis(100);
-            settings.delivery.workers = 0;
+            settings.delivery.workers = Some(0);
         })
         .await;
         wait_until(

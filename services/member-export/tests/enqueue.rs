@@ -39,7 +39,7 @@ async fn start(engine: Engine) -> Running {
     settings.database.url = database.url().to_owned().into();
     settings.enqueue.lanes = 4;
     // No delivery workers: the test reads the queue itself.
-    settings.delivery.workers = 0;
+    settings.delivery.workers = Some(0);
     let app = App::build(settings.clone()).await.expect("app builds");
     let grpc = app.grpc_addr();
     let shutdown = CancellationToken::new();

@@ -508,7 +508,7 @@ async fn a_job_whose_replica_dies_resumes_from_its_checkpoint_on_another() {
         settings.server.admin_addr = "127.0.0.1:0".parse().expect("addr");
         settings.database.url = database.url().to_owned().into();
         // Only the job sends: what the partner saw is the job's doing.
-        settings.delivery.workers = 0;
+        settings.delivery.workers = Some(0);
         settings.delivery.rate_limit_per_second = 20;
         settings.delivery.claim_timeout = Duration::from_secs(2);
         settings.jobs.page_size = 50;
