@@ -72,6 +72,46 @@ async fn a_send_that_commits_late_still_comes_first_in_its_group() {
     assert_eq!(bodies, ["first", "second"], "the group in send order");
 }
 
+/// PostgreSQL: a transaction of another database on the same server (the catalog's, beside
+/// the relay's queue) cannot write this queue, so it holds nothing back: a group's messages
+/// sent while it runs, and the runs behind them, are delivered before it ends. One of this
+/// database still holds them back (the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_databases_running_transaction_holds_no_group_back() {
+    use sea_orm_migration::sea_orm::{Database, TransactionTrait as _};
+    let harness = Harness::new(Target::Postgres).await;
+    let (queue, _) = harness.queue(|_| {}).await;
+    let elsewhere = mall_test_support::TestDatabase::postgres().await;
+    let other = Database::connect(elsewhere.url())
+        .await
+        .expect("connects to the other database");
+    let running = other.begin().await.expect("begin");
+    // An id of its own, as a writing transaction has (it begins before every send below).
+    running
+        .execute_unprepared("SELECT pg_current_xact_id()")
+        .await
+        .expect("takes a transaction id");
+    let messages: Vec<OutgoingMessage> = (0..3)
+        .map(|i| OutgoingMessage::new(format!("m{i}")).with_group("g"))
+        .collect();
+    queue.send(messages).await.expect("sent");
+    queue
+        .send(vec![OutgoingMessage::new("h").with_group("h")])
+        .await
+        .expect("sent");
+    let got = queue
+        .receive(10, Duration::from_secs(3))
+        .await
+        .expect("receive works");
+    let bodies: Vec<&str> = got.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(
+        bodies,
+        ["m0", "m1", "m2", "h"],
+        "both groups, g as one run, while the other database's transaction runs"
+    );
+    running.rollback().await.expect("rolls back");
+}
+
 embedded!(
     a_group_comes_as_a_run_and_waits_while_any_of_it_is_in_flight,
     counts_by_group_show_where_the_backlog_is,

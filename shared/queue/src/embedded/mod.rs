@@ -22,9 +22,10 @@
 //! - Sends are one transaction each. On PostgreSQL they commit in parallel (until 2026-12-02
 //!   they took a queue-wide advisory lock, which made each wait for the last one's commit):
 //!   a receive takes a head only when its transaction id is below the oldest still running
-//!   (`pg_snapshot_xmin`), so a send that commits late, with a lower id, can never be
-//!   overtaken. The price: a long-running transaction anywhere on the server holds deliveries
-//!   back until it ends. SQLite has a single writer anyway, and writes start `BEGIN IMMEDIATE`.
+//!   in this database ([`HORIZON`]), so a send that commits late, with a lower id, can never
+//!   be overtaken. The price: a long-running writing transaction in this database holds
+//!   deliveries back until it ends. (Until 2026-12-04 any on the server did, e.g. a long
+//!   write in the catalog's database beside the relay's.) SQLite has a single writer anyway, and writes start `BEGIN IMMEDIATE`.
 //!   Within a process, writers of one queue take turns on an async mutex instead of spinning
 //!   on SQLite's busy handler.
 //! - Before each receive, rows received `max_receives` times whose visibility ran out are
@@ -50,7 +51,7 @@ use std::{
 use anyhow::Context as _;
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, QueryResult,
-    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
 };
 use tokio::sync::{Mutex, MutexGuard, Notify};
 
@@ -61,6 +62,18 @@ use crate::{
     DeadLetterMessage, DeadLetterSelection, GroupCounts, OutgoingMessage, QueueCounts, QueueError,
     QueueSettings, Receipt, ReceivedMessage, limits, message,
 };
+
+/// On PostgreSQL, the transaction id below which every transaction *of this database* has
+/// ended: the oldest id still running here, or the snapshot's `xmax` when none is. A head
+/// (or a run's message) is taken only below it (see the module docs). It is
+/// `pg_snapshot_xmin` without the transactions of other databases on the same server, which
+/// cannot write this table: with the catalog's database beside the relay's, its long bulk
+/// writes held every lane back. A running id counts unless `pg_stat_activity` (read after
+/// the snapshot, so an id whose transaction ended meanwhile counts) shows it in another
+/// database. Any role sees `datid` and `backend_xid` of every session (PostgreSQL 15,
+/// checked with a role without `pg_read_all_stats`); if a server hid them, every id would
+/// count, as before: later deliveries, never reordered ones.
+const HORIZON: &str = "(SELECT coalesce(min(x::text::bigint),      pg_snapshot_xmax(pg_current_snapshot())::text::bigint)      FROM pg_snapshot_xip(pg_current_snapshot()) AS x      WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a        WHERE a.backend_xid IS NOT NULL          AND a.backend_xid::text::bigint = x::text::bigint % 4294967296          AND a.datid IS DISTINCT FROM            (SELECT oid FROM pg_database WHERE datname = current_database())))";
 
 /// Most rows in one multi-row INSERT: far below both engines' bound-parameter limits.
 const INSERT_ROWS: usize = 200;
@@ -124,8 +137,6 @@ struct RunRow {
     xid: i64,
     id: i64,
     visible_at: i64,
-    /// Below this, every sending transaction has ended.
-    xmin: i64,
 }
 
 /// One row to insert.
@@ -519,6 +530,22 @@ impl EmbeddedQueue {
         if heads.is_empty() {
             return Ok(Vec::new());
         }
+        // Read before the runs: whatever ended below it, their statements see.
+        let horizon = if postgres {
+            txn.query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                format!("SELECT {HORIZON} AS horizon"),
+            ))
+            .await
+            .map_err(|e| self.unavailable(e))?
+            .map(|row| row.try_get::<i64>("", "horizon"))
+            .transpose()
+            .map_err(|e| self.unavailable(e))?
+            .unwrap_or(i64::MIN)
+        } else {
+            // SQLite has one writer: every row there was committed in order.
+            i64::MAX
+        };
         let mut groups: BTreeMap<String, Vec<RunRow>> = BTreeMap::new();
         // SQLite allows 500 terms in a compound SELECT.
         for chunk in heads.chunks(CHUNK) {
@@ -527,21 +554,14 @@ impl EmbeddedQueue {
                 if i > 0 {
                     sql.push(" UNION ALL ");
                 }
-                // Transactions below the oldest running one have all ended: a message they
-                // sent can no longer be preceded by one that commits later.
-                sql.push(if postgres {
-                    "SELECT * FROM (SELECT group_id, id, xid, visible_at, \
-                     pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin"
-                } else {
-                    "SELECT * FROM (SELECT group_id, id, xid, visible_at, 1 AS xmin"
-                })
-                .push(" FROM mall_queue_messages WHERE queue = ")
-                .bind(self.shared.name.clone())
-                .push(" AND dead = 0 AND group_id = ")
-                .bind(group.clone())
-                .push(" ORDER BY group_id, xid, id LIMIT ")
-                .bind(i64::try_from(limits::MAX_GROUP_RUN).unwrap_or(i64::MAX))
-                .push(&format!(") AS r{i}"));
+                sql.push("SELECT * FROM (SELECT group_id, id, xid, visible_at")
+                    .push(" FROM mall_queue_messages WHERE queue = ")
+                    .bind(self.shared.name.clone())
+                    .push(" AND dead = 0 AND group_id = ")
+                    .bind(group.clone())
+                    .push(" ORDER BY group_id, xid, id LIMIT ")
+                    .bind(i64::try_from(limits::MAX_GROUP_RUN).unwrap_or(i64::MAX))
+                    .push(&format!(") AS r{i}"));
             }
             for row in txn
                 .query_all_raw(sql.build())
@@ -555,12 +575,6 @@ impl EmbeddedQueue {
                             xid: row.try_get("", "xid")?,
                             id: row.try_get("", "id")?,
                             visible_at: row.try_get("", "visible_at")?,
-                            // SQLite has one writer: every row there was committed in order.
-                            xmin: if postgres {
-                                row.try_get("", "xmin")?
-                            } else {
-                                i64::MAX
-                            },
                         },
                     ))
                 };
@@ -580,7 +594,9 @@ impl EmbeddedQueue {
             }
             runs.push(
                 rows.iter()
-                    .take_while(|r| r.xid < r.xmin)
+                    // Transactions below the horizon have all ended: a message they sent
+                    // can no longer be preceded by one that commits later.
+                    .take_while(|r| r.xid < horizon)
                     .map(|r| r.id)
                     .collect(),
             );
@@ -676,9 +692,9 @@ impl EmbeddedQueue {
                 .push(
                     " AND dead = 0 AND group_id > h.group_id ORDER BY group_id, xid, id \
                      LIMIT 1) n) \
-                     SELECT id, visible_at FROM heads \
-                     WHERE xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
-                );
+                     SELECT id, visible_at FROM heads WHERE xid < ",
+                )
+                .push(HORIZON);
             }
         };
         let rows = self
