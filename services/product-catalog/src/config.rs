@@ -103,8 +103,9 @@ pub struct CatalogSettings {
     pub read_cache_entries: usize,
     /// How many attempts a write gets after conflicts (overlapping writers, a deadlock, a busy
     /// SQLite file) before the call fails with UNAVAILABLE. On PostgreSQL a retry holds the
-    /// catalog's write lock exclusively and cannot conflict again, so 2 would do; the rest
-    /// covers a lost connection. Default 10.
+    /// catalog's write lock exclusively, so it cannot lose the race that made it retry
+    /// again; it can still wait too long for that lock (2 s, behind a stuck writer) or lose
+    /// its connection, which the remaining attempts cover. Default 10.
     pub write_retries: u32,
     /// How long a pending product (partial changes whose product was never created, usually
     /// a producer's typo in a code) is kept before maintenance deletes it with a log line.

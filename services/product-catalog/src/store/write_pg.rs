@@ -23,10 +23,18 @@
 //! with a fresh id can conflict again and again until the budget runs out. So every first
 //! attempt holds the catalog's write lock ([`WRITE_LOCK`], a transaction-level advisory
 //! lock) *shared*, and a retry holds it *exclusively*: it starts once the writers in flight
-//! have finished and none starts beside it, so it waits for no row lock, nobody overtakes
-//! it, and it cannot conflict. The lock is taken before the first row lock, while the
-//! transaction has no id yet. Writers that do not overlap never wait for each other; one
-//! conflict costs a short pause of all writers, across replicas.
+//! have finished and none starts beside it, so no writer's row lock stands in its way,
+//! nobody overtakes it, and it cannot lose that race. (Maintenance's expiry of pending rows
+//! locks rows without the write lock; it never writes `write_xid`, so it only delays.) The
+//! lock is taken before the first row lock, while the transaction has no id yet. Writers
+//! that do not overlap never wait for each other; one conflict costs a pause of all writers,
+//! across replicas, until the writes in flight end: a retry waits for the lock at most
+//! [`EXCLUSIVE_WAIT`] (a writer stuck longer, say on a vanished replica's session, would
+//! otherwise stall every write), and then counts as one more conflict. During a rolling
+//! upgrade from a version without the lock, its replicas' writes do not take it.
+//!
+//! A retry that finds its request id committed meanwhile (a client's retry through another
+//! replica) answers with that first response, as a first attempt would.
 
 use mall_proto::catalog::v1::BulkUpdateProductsResponse;
 use prost::Message as _;
@@ -57,6 +65,11 @@ const LOCK: &str = "SELECT code, product_type, create_time, version, brand_versi
 const WRITE_LOCK: (i32, i32) = (0x6d61_6c6c, 1);
 const WRITE_LOCK_SHARED: &str = "SELECT pg_advisory_xact_lock_shared($1, $2)";
 const WRITE_LOCK_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock($1, $2)";
+/// Longest wait of a retry for the exclusive write lock (`lock_timeout` for that statement
+/// only; every writer queues behind it meanwhile).
+const EXCLUSIVE_WAIT: &str = "2s";
+/// PostgreSQL's `lock_not_available`: a lock wait ran past `lock_timeout`.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 /// Whole rows (already locked by `LOCK`).
 const ROWS: &str = "SELECT code, product_type, brand, category_path, status, names, \
@@ -138,16 +151,20 @@ impl Store {
         }
         let now = super::now();
         let mut txn = pool.begin().await.map_err(db)?;
-        sqlx::query(if retry {
-            WRITE_LOCK_EXCLUSIVE
+        if retry {
+            if !lock_exclusively(&mut txn).await? {
+                return Ok(Attempt::Conflict(
+                    "writes in flight held the write lock past the retry's wait",
+                ));
+            }
         } else {
-            WRITE_LOCK_SHARED
-        })
-        .bind(WRITE_LOCK.0)
-        .bind(WRITE_LOCK.1)
-        .execute(&mut *txn)
-        .await
-        .map_err(db)?;
+            sqlx::query(WRITE_LOCK_SHARED)
+                .bind(WRITE_LOCK.0)
+                .bind(WRITE_LOCK.1)
+                .execute(&mut *txn)
+                .await
+                .map_err(db)?;
+        }
         let Some(stored) = read_for_write(&mut txn, writes).await? else {
             return Ok(Attempt::Conflict(
                 "a product was last written by a transaction that began after this one",
@@ -171,12 +188,16 @@ impl Store {
                 "a stored product changed while it was locked",
             ));
         }
-        if request_id.is_some() && !new_request {
+        if let Some(id) = request_id
+            && !new_request
+        {
             // A concurrent attempt of the same request committed first (this insert waited
-            // for it): roll back; the next attempt finds its response.
-            return Ok(Attempt::Conflict(
-                "the same request id committed concurrently",
-            ));
+            // for it): roll back and answer with its response.
+            txn.rollback().await.map_err(db)?;
+            return Ok(match remembered(pool, id).await? {
+                Some(first) => Attempt::Done(WriteOutcome::Replayed(first)),
+                None => Attempt::Conflict("the same request id committed concurrently"),
+            });
         }
         txn.commit().await.map_err(db)?;
         // Read-your-writes here, and no database reads for what was just written; other
@@ -191,6 +212,40 @@ impl Store {
             .put_written(visible.into_iter().map(|row| row.stored.product), xid);
         Ok(self.applied(plan))
     }
+}
+
+/// Takes the write lock exclusively, waiting at most [`EXCLUSIVE_WAIT`]; `false` when that
+/// ran out (the transaction is then aborted: drop it).
+async fn lock_exclusively(txn: &mut sqlx::PgConnection) -> Result<bool, AttemptError> {
+    let previous: String = sqlx::query_scalar("SELECT current_setting('lock_timeout')")
+        .fetch_one(&mut *txn)
+        .await
+        .map_err(db)?;
+    let set = "SELECT set_config('lock_timeout', $1, true)";
+    sqlx::query(set)
+        .bind(EXCLUSIVE_WAIT)
+        .execute(&mut *txn)
+        .await
+        .map_err(db)?;
+    match sqlx::query(WRITE_LOCK_EXCLUSIVE)
+        .bind(WRITE_LOCK.0)
+        .bind(WRITE_LOCK.1)
+        .execute(&mut *txn)
+        .await
+    {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+            return Ok(false);
+        }
+        other => {
+            other.map_err(db)?;
+        }
+    }
+    sqlx::query(set)
+        .bind(previous)
+        .execute(&mut *txn)
+        .await
+        .map_err(db)?;
+    Ok(true)
 }
 
 /// The first response to `request_id`, if it was seen before.
