@@ -70,10 +70,17 @@ use crate::{
 /// cannot write this table: with the catalog's database beside the relay's, its long bulk
 /// writes held every lane back. A running id counts unless `pg_stat_activity` (read after
 /// the snapshot, so an id whose transaction ended meanwhile counts) shows it in another
-/// database. Any role sees `datid` and `backend_xid` of every session (PostgreSQL 15,
-/// checked with a role without `pg_read_all_stats`); if a server hid them, every id would
-/// count, as before: later deliveries, never reordered ones.
-const HORIZON: &str = "(SELECT coalesce(min(x::text::bigint),      pg_snapshot_xmax(pg_current_snapshot())::text::bigint)      FROM pg_snapshot_xip(pg_current_snapshot()) AS x      WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a        WHERE a.backend_xid IS NOT NULL          AND a.backend_xid::text::bigint = x::text::bigint % 4294967296          AND a.datid IS DISTINCT FROM            (SELECT oid FROM pg_database WHERE datname = current_database())))";
+/// database (`datid <>`: a session of no database, or one whose database is hidden, counts).
+/// Any role sees `datid` and `backend_xid` of every session (PostgreSQL 15, checked with a
+/// role without `pg_read_all_stats`); if a server hid them, every id would count, as
+/// before: later deliveries, never reordered ones.
+const HORIZON: &str = "(SELECT coalesce(min(x::text::bigint), \
+     pg_snapshot_xmax(pg_current_snapshot())::text::bigint) \
+     FROM pg_snapshot_xip(pg_current_snapshot()) AS x \
+     WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a \
+     WHERE a.backend_xid IS NOT NULL \
+     AND a.backend_xid::text::bigint = x::text::bigint % 4294967296 \
+     AND a.datid <> (SELECT oid FROM pg_database WHERE datname = current_database())))";
 
 /// Most rows in one multi-row INSERT: far below both engines' bound-parameter limits.
 const INSERT_ROWS: usize = 200;
@@ -675,8 +682,9 @@ impl EmbeddedQueue {
                 // Sends commit in parallel, so a group's committed head may still be preceded
                 // by a send that has not committed. A head is taken only when its
                 // transaction id is below every running transaction's: anything that commits
-                // later has a higher id and so comes after it. (A long-running transaction
-                // elsewhere on the server holds heads back: deliveries wait, never reorder.)
+                // later has a higher id and so comes after it. (A long-running writing
+                // transaction of this database holds heads back: deliveries wait, never
+                // reorder; see `HORIZON`.)
                 sql.push(
                     "WITH RECURSIVE heads AS ((SELECT group_id, xid, id, visible_at \
                      FROM mall_queue_messages WHERE queue = ",
