@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use mall_test_support::{Engine, probe};
 
 use crate::both_engines;
-use crate::helpers::{TestCatalog, bulk_of, shoe};
+use crate::helpers::{TestCatalog, bulk_of, random_half, shoe};
 
 async fn concurrent_overlapping_bulk_updates_end_at_each_products_highest_version(engine: Engine) {
     let catalog = TestCatalog::spawn(engine).await;
@@ -21,18 +21,11 @@ async fn concurrent_overlapping_bulk_updates_end_at_each_products_highest_versio
             for request in 0..REQUESTS {
                 // Each writer touches a random half of the products, in random order, with
                 // versions that interleave with the other writers'.
-                let mut codes: Vec<usize> = (0..PRODUCTS).collect();
-                rng.shuffle(&mut codes);
-                codes.truncate(PRODUCTS / 2);
                 let version = request * WRITERS + writer + 1;
-                let products = codes
-                    .iter()
-                    .map(|p| {
-                        let code = format!("S-{p:03}");
-                        highest.insert(code.clone(), version);
-                        shoe(&code, version)
-                    })
-                    .collect();
+                let products = random_half(&mut rng, PRODUCTS, version);
+                for product in &products {
+                    highest.insert(product.code.clone(), version);
+                }
                 catalog_client
                     .clone()
                     .bulk_update_products(bulk_of("shoes", products))
@@ -147,14 +140,8 @@ async fn on_postgres_one_retry_always_resolves_a_write_conflict() {
         writers.push(tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(writer + 7);
             for request in 0..REQUESTS {
-                let mut codes: Vec<usize> = (0..PRODUCTS).collect();
-                rng.shuffle(&mut codes);
-                codes.truncate(PRODUCTS / 2);
                 let version = request * WRITERS + writer + 1;
-                let products = codes
-                    .iter()
-                    .map(|p| shoe(&format!("S-{p:03}"), version))
-                    .collect();
+                let products = random_half(&mut rng, PRODUCTS, version);
                 client
                     .clone()
                     .bulk_update_products(bulk_of("shoes", products))

@@ -187,6 +187,18 @@ fn strings(values: &[&str]) -> Value {
 }
 
 /// A full replacement of each product.
+/// What the concurrency tests' overlapping writers send: shoes at `version` for a random
+/// half of the codes `S-000`… below `products`, in random order.
+pub fn random_half(rng: &mut fastrand::Rng, products: usize, version: u64) -> Vec<Product> {
+    let mut codes: Vec<usize> = (0..products).collect();
+    rng.shuffle(&mut codes);
+    codes.truncate(products / 2);
+    codes
+        .iter()
+        .map(|p| shoe(&format!("S-{p:03}"), version))
+        .collect()
+}
+
 pub fn bulk_of(product_type: &str, products: Vec<Product>) -> BulkUpdateProductsRequest {
     BulkUpdateProductsRequest {
         request_id: String::new(),

@@ -9,7 +9,7 @@ use mall_test_support::Engine;
 use tonic::{Code, Streaming};
 
 use crate::both_engines;
-use crate::helpers::{TestCatalog, bag, bulk_of, shoe, violations};
+use crate::helpers::{TestCatalog, bag, bulk_of, random_half, shoe, violations};
 
 async fn watch(
     catalog: &TestCatalog,
@@ -374,14 +374,8 @@ async fn parallel_writers_and_watchers_miss_nothing_and_keep_each_products_order
             let mut rng = fastrand::Rng::with_seed(writer + 100);
             let mut applied = 0usize;
             for request in 0..REQUESTS {
-                let mut codes: Vec<usize> = (0..PRODUCTS).collect();
-                rng.shuffle(&mut codes);
-                codes.truncate(PRODUCTS / 2);
                 let version = request * WRITERS + writer + 1;
-                let products = codes
-                    .iter()
-                    .map(|p| shoe(&format!("S-{p:03}"), version))
-                    .collect();
+                let products = random_half(&mut rng, PRODUCTS, version);
                 let response = client
                     .clone()
                     .bulk_update_products(bulk_of("shoes", products))
