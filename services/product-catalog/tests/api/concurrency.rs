@@ -165,3 +165,42 @@ async fn on_postgres_one_retry_always_resolves_a_write_conflict() {
         "the writers never conflicted; the test proves nothing"
     );
 }
+
+/// A retry waits for the exclusive write lock at most 2 s (every writer queues behind it
+/// meanwhile) and then counts one more conflict: a writer stuck in flight with the lock held
+/// shared stalls writes that long, not for the database's `lock_timeout` (10 s), and the
+/// caller hears of persisting conflicts, not of an unavailable database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_retry_stops_waiting_for_a_stuck_writer_and_counts_a_conflict() {
+    use sea_orm::{ConnectOptions, ConnectionTrait as _, Database};
+    let catalog = TestCatalog::spawn_with(Engine::Postgres, |settings| {
+        settings.catalog.write_retries = 2;
+    })
+    .await;
+    catalog.bulk(bulk_of("shoes", vec![shoe("S-1", 1)])).await;
+    let mut options = ConnectOptions::new(catalog.database.url().to_owned());
+    options.max_connections(1).sqlx_logging(false);
+    let other = Database::connect(options).await.expect("connects");
+    // Every attempt conflicts: the row says a transaction with a far higher id wrote it.
+    other
+        .execute_unprepared("UPDATE products SET write_xid = 9000000000000000000")
+        .await
+        .expect("marks the row");
+    // A writer stuck in flight: the write lock (keys "mall", 1) held shared.
+    other
+        .execute_unprepared("BEGIN; SELECT pg_advisory_xact_lock_shared(1835101292, 1)")
+        .await
+        .expect("holds the write lock shared");
+    let status = catalog
+        .client
+        .clone()
+        .bulk_update_products(bulk_of("shoes", vec![shoe("S-1", 2)]))
+        .await
+        .expect_err("the conflict persists");
+    other.execute_unprepared("ROLLBACK").await.expect("ends");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("conflicting writes"),
+        "a conflict, not a lock timeout: {status:?}"
+    );
+}
