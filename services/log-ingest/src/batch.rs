@@ -76,15 +76,16 @@ impl Batch {
         let tag = tag.to_owned();
         rd = rest;
         let count = rmp::decode::read_array_len(&mut rd).map_err(|_| bad())?;
-        // Each event takes at least 3 bytes: a corrupt count cannot reserve more than that.
-        let mut events = Vec::with_capacity((count as usize).min(rd.len() / 3));
+        // Reserved up to what the bytes can hold and a batch usually has (a corrupt count
+        // cannot reserve much; more grows as read).
+        let mut events = Vec::with_capacity((count as usize).min(rd.len() / 3).min(4096));
         for _ in 0..count {
             if rmp::decode::read_array_len(&mut rd).map_err(|_| bad())? != 2 {
                 return Err(bad());
             }
             let time_nanos = rmp::decode::read_int::<i64, _>(&mut rd).map_err(|_| bad())?;
             let pairs = rmp::decode::read_map_len(&mut rd).map_err(|_| bad())?;
-            let mut record = Vec::with_capacity((pairs as usize).min(rd.len() / 2));
+            let mut record = Vec::with_capacity((pairs as usize).min(rd.len() / 2).min(64));
             for _ in 0..pairs {
                 let key = rmpv::decode::read_value(&mut rd).map_err(|e| e.to_string())?;
                 let value = rmpv::decode::read_value(&mut rd).map_err(|e| e.to_string())?;

@@ -156,10 +156,9 @@ impl App {
             }
             .run(server.shutdown_token()),
         );
-        let count = worker_count;
         let shutdown = server.shutdown_token();
         server.spawn("delivery workers", async move {
-            workers.run(count, shutdown).await;
+            workers.run(worker_count, shutdown).await;
             Ok(())
         });
         server.spawn(

@@ -25,7 +25,8 @@
 //!   in this database ([`HORIZON`]), so a send that commits late, with a lower id, can never
 //!   be overtaken. The price: a long-running writing transaction in this database holds
 //!   deliveries back until it ends. (Until 2026-12-04 any on the server did, e.g. a long
-//!   write in the catalog's database beside the relay's.) SQLite has a single writer anyway, and writes start `BEGIN IMMEDIATE`.
+//!   write in the catalog's database beside the relay's.) SQLite has a single writer anyway,
+//!   and writes start `BEGIN IMMEDIATE`.
 //!   Within a process, writers of one queue take turns on an async mutex instead of spinning
 //!   on SQLite's busy handler.
 //! - Before each receive, rows received `max_receives` times whose visibility ran out are
