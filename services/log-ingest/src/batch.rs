@@ -2,9 +2,17 @@
 //! events as they arrived (before parsing, so multi-line grouping runs once, after the
 //! buffer, and a restart re-reads whole lines).
 //!
-//! Encoded as MessagePack: `[source, tag, [[time_nanos, record], …]]`.
+//! Encoded as MessagePack: `[source, tag, [[time_nanos, record], …]]`, each record the map
+//! exactly as the sender encoded it. The events are kept in that encoded form from the
+//! input to the pipeline ([`Events`]): a forward message's records are copied, not decoded
+//! and encoded again, and the pipeline looks up only the fields it needs (the line, the
+//! host) where they lie, instead of building every key and value of every record twice.
 
-use crate::forward::Event;
+use std::borrow::Cow;
+
+use rmpv::Value;
+
+use crate::forward::{self, Event};
 
 /// Where a batch came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,79 +31,253 @@ pub struct Batch {
     /// The forward tag, or the OTLP `service.name`.
     pub tag: String,
     /// Its events, in order.
-    pub events: Vec<Event>,
+    pub events: Events,
+}
+
+const FINE: &str = "writing to a Vec cannot fail";
+
+/// Events in their buffered form: MessagePack `[time_nanos, record]` pairs back to back,
+/// every record a map. Built only by its own methods, so every pair is well formed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Events {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+impl Events {
+    /// Empty, with room for about `bytes` of events.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(bytes),
+            count: 0,
+        }
+    }
+
+    /// Appends an event whose record is `record`, one whole MessagePack map (the caller
+    /// checked it: [`forward::frame_len`] found its end and its marker is a map's).
+    pub(crate) fn push_raw(&mut self, time_nanos: i64, record: &[u8]) {
+        debug_assert!(is_map(record));
+        rmp::encode::write_array_len(&mut self.bytes, 2).expect(FINE);
+        rmp::encode::write_sint(&mut self.bytes, time_nanos).expect(FINE);
+        self.bytes.extend_from_slice(record);
+        self.count += 1;
+    }
+
+    /// Appends a decoded event (OTLP's records, tests).
+    pub fn push(&mut self, event: &Event) {
+        let len = u32::try_from(event.record.len()).expect("a record is far below 2^32 pairs");
+        rmp::encode::write_array_len(&mut self.bytes, 2).expect(FINE);
+        rmp::encode::write_sint(&mut self.bytes, event.time_nanos).expect(FINE);
+        rmp::encode::write_map_len(&mut self.bytes, len).expect(FINE);
+        for (key, value) in &event.record {
+            rmpv::encode::write_value(&mut self.bytes, key).expect(FINE);
+            rmpv::encode::write_value(&mut self.bytes, value).expect(FINE);
+        }
+        self.count += 1;
+    }
+
+    /// How many events.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Their encoded size in bytes.
+    pub fn encoded_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The events in order.
+    pub fn iter(&self) -> Iter<'_> {
+        Iter {
+            rest: &self.bytes,
+            left: self.count,
+        }
+    }
+
+    /// Checks `count` encoded pairs at the start of `bytes` and keeps them; the bytes after
+    /// them are returned.
+    fn read(bytes: &[u8], count: u32) -> Result<(Self, &[u8]), &'static str> {
+        let mut rest = bytes;
+        for _ in 0..count {
+            let (_, _, after) = pair(rest)?;
+            rest = after;
+        }
+        let used = bytes.len() - rest.len();
+        Ok((
+            Self {
+                bytes: bytes[..used].to_vec(),
+                count: count as usize,
+            },
+            rest,
+        ))
+    }
+}
+
+impl<'a> IntoIterator for &'a Events {
+    type Item = EventRef<'a>;
+    type IntoIter = Iter<'a>;
+    fn into_iter(self) -> Iter<'a> {
+        self.iter()
+    }
+}
+
+/// The events of an [`Events`], in order.
+#[derive(Debug, Clone)]
+pub struct Iter<'a> {
+    rest: &'a [u8],
+    left: usize,
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = EventRef<'a>;
+    fn next(&mut self) -> Option<EventRef<'a>> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let (time_nanos, record, rest) = pair(self.rest).expect("checked when built");
+        self.rest = rest;
+        Some(EventRef { time_nanos, record })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for Iter<'_> {}
+
+/// One event of an [`Events`]: its time and its record, still encoded.
+#[derive(Debug, Clone, Copy)]
+pub struct EventRef<'a> {
+    /// Nanoseconds since the Unix epoch.
+    pub time_nanos: i64,
+    record: &'a [u8],
+}
+
+impl<'a> EventRef<'a> {
+    /// The value of `key` as text (str, or bin read as UTF-8 with bad bytes replaced);
+    /// `None` when the record has no such key or its value is neither.
+    pub fn text(&self, key: &str) -> Option<Cow<'a, str>> {
+        let mut rest = self.record;
+        let pairs = rmp::decode::read_map_len(&mut rest).ok()?;
+        for _ in 0..pairs {
+            let (k, after) = split_value(rest)?;
+            let (v, after) = split_value(after)?;
+            rest = after;
+            // Keys are str (as rmpv's `as_str` matched them before).
+            if k.first()
+                .is_some_and(|m| matches!(m, 0xa0..=0xbf | 0xd9..=0xdb))
+                && bytes_of(k) == Some(key.as_bytes())
+            {
+                return bytes_of(v).map(|b| match std::str::from_utf8(b) {
+                    Ok(text) => Cow::Borrowed(text),
+                    // A str that is not UTF-8 and a bin are read with bad bytes replaced.
+                    Err(_) => String::from_utf8_lossy(b),
+                });
+            }
+        }
+        None
+    }
+
+    /// The whole event, decoded (OTLP's records; a record without the line field).
+    pub fn to_event(&self) -> Event {
+        let record = match rmpv::decode::read_value(&mut &self.record[..]) {
+            Ok(Value::Map(pairs)) => pairs,
+            _ => unreachable!("a buffered record is a map, checked when read"),
+        };
+        Event {
+            time_nanos: self.time_nanos,
+            record,
+        }
+    }
+}
+
+/// Whether `value` starts with a map's marker.
+pub(crate) fn is_map(value: &[u8]) -> bool {
+    matches!(value.first(), Some(0x80..=0x8f | 0xde | 0xdf))
+}
+
+/// The first whole MessagePack value of `bytes`, and what follows it.
+pub(crate) fn split_value(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    match forward::frame_len(bytes, bytes.len()) {
+        Ok(Some(len)) if len > 0 => Some(bytes.split_at(len)),
+        _ => None,
+    }
+}
+
+/// The payload of a str or bin value (the whole value in `value`).
+fn bytes_of(value: &[u8]) -> Option<&[u8]> {
+    let (&marker, rest) = value.split_first()?;
+    let header = match marker {
+        0xa0..=0xbf => 0,
+        0xd9 | 0xc4 => 1,
+        0xda | 0xc5 => 2,
+        0xdb | 0xc6 => 4,
+        _ => return None,
+    };
+    rest.get(header..)
+}
+
+/// `[time_nanos, record]` at the start of `bytes`: its parts and what follows it.
+fn pair(bytes: &[u8]) -> Result<(i64, &[u8], &[u8]), &'static str> {
+    let bad = "not a buffered event";
+    let mut rest = bytes;
+    if rmp::decode::read_array_len(&mut rest).map_err(|_| bad)? != 2 {
+        return Err(bad);
+    }
+    let time_nanos = rmp::decode::read_int::<i64, _>(&mut rest).map_err(|_| bad)?;
+    let (record, rest) = split_value(rest).ok_or(bad)?;
+    if !is_map(record) {
+        return Err(bad);
+    }
+    Ok((time_nanos, record, rest))
 }
 
 impl Batch {
-    /// The bytes the buffer stores: written straight from the events (building a value
-    /// tree first would copy every record once more).
+    /// The bytes the buffer stores.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            64 + self.tag.len()
-                + self
-                    .events
-                    .iter()
-                    .map(|e| 16 + e.record.len() * 24)
-                    .sum::<usize>(),
-        );
-        let len = |n: usize| u32::try_from(n).expect("a batch is far below 2^32 items");
-        let fine = "writing to a Vec cannot fail";
-        rmp::encode::write_array_len(&mut out, 3).expect(fine);
-        rmp::encode::write_uint(&mut out, self.source as u64).expect(fine);
-        rmp::encode::write_str(&mut out, &self.tag).expect(fine);
-        rmp::encode::write_array_len(&mut out, len(self.events.len())).expect(fine);
-        for event in &self.events {
-            rmp::encode::write_array_len(&mut out, 2).expect(fine);
-            rmp::encode::write_sint(&mut out, event.time_nanos).expect(fine);
-            rmp::encode::write_map_len(&mut out, len(event.record.len())).expect(fine);
-            for (key, value) in &event.record {
-                rmpv::encode::write_value(&mut out, key).expect(fine);
-                rmpv::encode::write_value(&mut out, value).expect(fine);
-            }
-        }
+        let mut out = Vec::with_capacity(16 + self.tag.len() + self.events.bytes.len());
+        let count = u32::try_from(self.events.count).expect("a batch is far below 2^32 events");
+        rmp::encode::write_array_len(&mut out, 3).expect(FINE);
+        rmp::encode::write_uint(&mut out, self.source as u64).expect(FINE);
+        rmp::encode::write_str(&mut out, &self.tag).expect(FINE);
+        rmp::encode::write_array_len(&mut out, count).expect(FINE);
+        out.extend_from_slice(&self.events.bytes);
         out
     }
 
-    /// A batch from the bytes [`Batch::encode`] wrote.
+    /// A batch from the bytes [`Batch::encode`] wrote (every event checked, no record
+    /// decoded).
     ///
     /// # Errors
     /// When the bytes are not such a batch (a bug, or a buffer from another version).
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        // Read part by part (no value tree of the whole batch, then taken apart again).
-        let bad = || "not a buffered batch".to_owned();
+        let bad = |why: &str| format!("not a buffered batch: {why}");
         let mut rd = bytes;
-        if rmp::decode::read_array_len(&mut rd).map_err(|_| bad())? != 3 {
-            return Err(bad());
+        if rmp::decode::read_array_len(&mut rd).map_err(|_| bad("no header"))? != 3 {
+            return Err(bad("no header"));
         }
-        let source = match rmp::decode::read_int::<u8, _>(&mut rd).map_err(|_| bad())? {
+        let source = match rmp::decode::read_int::<u8, _>(&mut rd).map_err(|_| bad("source"))? {
             1 => Source::Forward,
             2 => Source::Otlp,
-            _ => return Err(bad()),
+            _ => return Err(bad("source")),
         };
-        let (tag, rest) = rmp::decode::read_str_from_slice(rd).map_err(|_| bad())?;
-        let tag = tag.to_owned();
+        let (tag, rest) = rmp::decode::read_str_from_slice(rd).map_err(|_| bad("tag"))?;
         rd = rest;
-        let count = rmp::decode::read_array_len(&mut rd).map_err(|_| bad())?;
-        // Reserved up to what the bytes can hold and a batch usually has (a corrupt count
-        // cannot reserve much; more grows as read).
-        let mut events = Vec::with_capacity((count as usize).min(rd.len() / 3).min(4096));
-        for _ in 0..count {
-            if rmp::decode::read_array_len(&mut rd).map_err(|_| bad())? != 2 {
-                return Err(bad());
-            }
-            let time_nanos = rmp::decode::read_int::<i64, _>(&mut rd).map_err(|_| bad())?;
-            let pairs = rmp::decode::read_map_len(&mut rd).map_err(|_| bad())?;
-            let mut record = Vec::with_capacity((pairs as usize).min(rd.len() / 2).min(64));
-            for _ in 0..pairs {
-                let key = rmpv::decode::read_value(&mut rd).map_err(|e| e.to_string())?;
-                let value = rmpv::decode::read_value(&mut rd).map_err(|e| e.to_string())?;
-                record.push((key, value));
-            }
-            events.push(Event { time_nanos, record });
+        let count = rmp::decode::read_array_len(&mut rd).map_err(|_| bad("events"))?;
+        let (events, rest) = Events::read(rd, count).map_err(bad)?;
+        if !rest.is_empty() {
+            return Err(bad("bytes after the events"));
         }
         Ok(Self {
             source,
-            tag,
+            tag: tag.to_owned(),
             events,
         })
     }
@@ -104,38 +286,61 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rmpv::Value;
+
+    fn events(list: &[Event]) -> Events {
+        let mut events = Events::default();
+        for event in list {
+            events.push(event);
+        }
+        events
+    }
 
     #[test]
     fn a_batch_comes_back_as_it_went_in() {
+        let list = vec![
+            Event {
+                time_nanos: 1_730_103_120_040_000_000,
+                record: vec![
+                    (Value::from("log"), Value::from("INFO  [main] [X] hello")),
+                    (Value::from("raw"), Value::Binary(vec![0xff, 0x00])),
+                    (Value::from(7), Value::from("a key that is not a str")),
+                    (Value::from("n"), Value::from(7)),
+                ],
+            },
+            Event {
+                time_nanos: -1,
+                record: vec![],
+            },
+        ];
         let batch = Batch {
             source: Source::Forward,
             tag: "hybris.wrapper".to_owned(),
-            events: vec![
-                Event {
-                    time_nanos: 1_730_103_120_040_000_000,
-                    record: vec![
-                        (Value::from("log"), Value::from("INFO  [main] [X] hello")),
-                        (Value::from("raw"), Value::Binary(vec![0xff, 0x00])),
-                    ],
-                },
-                Event {
-                    time_nanos: -1,
-                    record: vec![],
-                },
-            ],
+            events: events(&list),
         };
-        assert_eq!(Batch::decode(&batch.encode()), Ok(batch.clone()));
+        let back = Batch::decode(&batch.encode()).expect("decodes");
+        assert_eq!(back, batch);
+        let decoded: Vec<Event> = back.events.iter().map(|e| e.to_event()).collect();
+        assert_eq!(decoded, list);
+        let first = back.events.iter().next().expect("two events");
+        assert_eq!(first.text("log").as_deref(), Some("INFO  [main] [X] hello"));
+        assert_eq!(first.text("raw").as_deref(), Some("\u{fffd}\0"));
+        assert_eq!(first.text("n"), None, "not text");
+        assert_eq!(first.text("7"), None, "an integer key is not the text 7");
+        assert_eq!(first.text("absent"), None);
         assert!(Batch::decode(b"\x93\x01").is_err());
+        // An event cut short, or a record that is not a map, is refused.
+        let bytes = batch.encode();
+        assert!(Batch::decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut not_a_map = bytes[..bytes.len() - 1].to_vec();
+        not_a_map.push(0x90);
+        assert!(Batch::decode(&not_a_map).is_err());
         // What the buffer held before 2026-12-04 (one value tree, minimal lengths) still
         // decodes: a buffer written by the previous version survives the upgrade.
         let tree = Value::Array(vec![
             Value::from(1),
             Value::from("hybris.wrapper"),
             Value::Array(
-                batch
-                    .events
-                    .iter()
+                list.iter()
                     .map(|e| {
                         Value::Array(vec![
                             Value::from(e.time_nanos),
@@ -148,5 +353,16 @@ mod tests {
         let mut old = Vec::new();
         rmpv::encode::write_value(&mut old, &tree).expect("encodes");
         assert_eq!(Batch::decode(&old), Ok(batch));
+    }
+
+    #[test]
+    fn a_str_that_is_not_utf8_reads_with_bad_bytes_replaced() {
+        // {"log": str of [0x61, 0xff]} as some clients send it.
+        let record = [0x81, 0xa3, b'l', b'o', b'g', 0xa2, b'a', 0xff];
+        let mut events = Events::default();
+        events.push_raw(5, &record);
+        let event = events.iter().next().expect("one");
+        assert_eq!(event.time_nanos, 5);
+        assert_eq!(event.text("log").as_deref(), Some("a\u{fffd}"));
     }
 }

@@ -17,11 +17,15 @@
 //! option the sender wants `{"ack": chunk}` back ([`ack`]), the chunk echoed byte for byte.
 //!
 //! The scanner is ours (no MessagePack crate answers "is a whole value here yet?" without
-//! decoding it); values are decoded with `rmpv`, gzip with `flate2`.
+//! decoding it), and it also cuts a message into its parts: records are not decoded here,
+//! only checked to be whole maps and copied as they came ([`crate::batch::Events`]); the
+//! small parts (times, options) are decoded with `rmpv`, gzip with `flate2`.
 
 use std::io::Read as _;
 
 use rmpv::Value;
+
+use crate::batch::{Events, is_map, split_value};
 
 /// Why a frame is refused (the connection is closed, with this in a log line).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,19 +54,20 @@ pub const MAX_DEPTH: usize = 32;
 /// # Errors
 /// [`Garbage::NotMessagePack`] or [`Garbage::TooLarge`].
 pub fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, Garbage> {
-    // Items still to read at each open level (innermost last).
-    let mut open: Vec<u64> = Vec::with_capacity(8);
+    // Items still to read at each open level (innermost last); on the stack, since this
+    // also runs once per record and per looked-up field.
+    let mut open = [0_u64; MAX_DEPTH];
+    let mut depth = 0_usize;
     let mut pos = 0_usize;
     let mut pending: u64 = 1;
     loop {
         if pending == 0 {
-            match open.pop() {
-                Some(outer) => {
-                    pending = outer;
-                    continue;
-                }
-                None => return Ok(Some(pos)),
+            if depth == 0 {
+                return Ok(Some(pos));
             }
+            depth -= 1;
+            pending = open[depth];
+            continue;
         }
         let Some(&byte) = buf.get(pos) else {
             return Ok(None);
@@ -145,10 +150,11 @@ pub fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, Garbage> {
             return Ok(None);
         }
         if items > 0 {
-            if open.len() >= MAX_DEPTH {
+            if depth >= MAX_DEPTH {
                 return Err(Garbage::NotMessagePack("nested too deeply"));
             }
-            open.push(pending);
+            open[depth] = pending;
+            depth += 1;
             pending = items;
         }
     }
@@ -159,13 +165,14 @@ pub fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, Garbage> {
 pub struct Message {
     /// Its tag (Fluent Bit's `Tag`: the source, such as `hybris.wrapper`).
     pub tag: String,
-    /// Its events, in order.
-    pub events: Vec<Event>,
+    /// Its events, in order, each record as the sender encoded it (not decoded).
+    pub events: Events,
     /// The `chunk` option as it was encoded (a MessagePack value), to echo in the ack.
     pub chunk: Option<Vec<u8>>,
 }
 
-/// One event: a time and a record.
+/// One event, decoded: a time and a record (OTLP's records before they are buffered; a
+/// buffered event on the paths that need every field).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     /// Nanoseconds since the Unix epoch.
@@ -209,54 +216,81 @@ pub enum Frame {
 /// Decodes the frame `bytes` (exactly one value, as [`frame_len`] found it); compressed
 /// entries may inflate to at most `max_inflated` bytes.
 ///
+/// The records are checked to be whole maps and copied as they are: nothing of a record
+/// is decoded here (the pipeline reads the fields it needs after the buffer).
+///
 /// # Errors
 /// [`Garbage`] when it is not a forward protocol message.
 pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
-    let value = read(bytes)?;
-    let Value::Array(mut parts) = value else {
-        return match value {
-            Value::Nil => Ok(Frame::Heartbeat),
-            _ => Err(Garbage::NotForward("a message is an array")),
-        };
-    };
-    if parts.len() < 2 || parts.len() > 4 {
+    let undecodable = Garbage::NotMessagePack("a value does not decode");
+    let (frame, _) = split_value(bytes).ok_or(undecodable.clone())?;
+    let mut rest = frame;
+    match frame[0] {
+        0xc0 => return Ok(Frame::Heartbeat),
+        0x90..=0x9f | 0xdc | 0xdd => {}
+        _ => return Err(Garbage::NotForward("a message is an array")),
+    }
+    let count = rmp::decode::read_array_len(&mut rest).map_err(|_| undecodable.clone())?;
+    if !(2..=4).contains(&count) {
         return Err(Garbage::NotForward("a message has 2 to 4 elements"));
     }
-    let tag = match &parts[0] {
-        Value::String(s) => s
-            .as_str()
-            .ok_or(Garbage::NotForward("the tag is not UTF-8"))?
+    // The frame is whole (checked above), so each of its elements is.
+    let mut parts: [&[u8]; 4] = [&[]; 4];
+    for part in parts.iter_mut().take(count as usize) {
+        let (value, after) = split_value(rest).ok_or(undecodable.clone())?;
+        *part = value;
+        rest = after;
+    }
+    let tag = match str_payload(parts[0]) {
+        Some(tag) => std::str::from_utf8(tag)
+            .map_err(|_| Garbage::NotForward("the tag is not UTF-8"))?
             .to_owned(),
-        _ => return Err(Garbage::NotForward("the tag is not a string")),
+        None => return Err(Garbage::NotForward("the tag is not a string")),
     };
     // Message mode's third element is the record; the forward modes' is the options (a
     // map too), so the second tells them apart: entries (an array of arrays, empty, bin
     // or str), or a time (which may itself be `[time, metadata]`).
-    let is_time = match &parts[1] {
-        Value::Integer(_) | Value::F32(_) | Value::F64(_) | Value::Ext(..) => true,
-        Value::Array(a) => a.first().is_some_and(|t| !t.is_array()),
+    let is_time = match parts[1][0] {
+        0x00..=0x7f | 0xe0..=0xff | 0xcc..=0xd3 | 0xca | 0xcb | 0xc7..=0xc9 | 0xd4..=0xd8 => true,
+        0x90..=0x9f | 0xdc | 0xdd => {
+            let mut array = parts[1];
+            rmp::decode::read_array_len(&mut array).is_ok_and(|n| n > 0)
+                && !matches!(array.first(), Some(0x90..=0x9f | 0xdc | 0xdd))
+        }
         _ => false,
     };
-    let message_mode = parts.len() >= 3 && parts[2].is_map() && is_time;
-    let (events, options) = if message_mode {
-        // [tag, time, record, options?]
-        let options = (parts.len() == 4).then(|| parts.pop()).flatten();
-        let record = parts.pop().expect("three parts");
-        let time = parts.pop().expect("two parts");
-        (vec![event(time, record)?], options)
+    let message_mode = count >= 3 && is_map(parts[2]) && is_time;
+    if !message_mode && count > 3 {
+        return Err(Garbage::NotForward("forward modes have 2 or 3 elements"));
+    }
+    // [tag, time, record, options?] or [tag, entries, options?]
+    let options_at = if message_mode { 3 } else { 2 };
+    let options = (count as usize > options_at)
+        .then(|| read(parts[options_at]))
+        .transpose()?;
+    let events = if message_mode {
+        let mut events = Events::with_capacity(parts[2].len() + 16);
+        events.push_raw(time_nanos_of(parts[1])?, parts[2]);
+        events
     } else {
-        if parts.len() > 3 {
-            return Err(Garbage::NotForward("forward modes have 2 or 3 elements"));
+        let entries = parts[1];
+        match entries[0] {
+            0x90..=0x9f | 0xdc | 0xdd => {
+                let mut rest = entries;
+                let n = rmp::decode::read_array_len(&mut rest).map_err(|_| undecodable.clone())?;
+                let mut events = Events::with_capacity(entries.len());
+                for _ in 0..n {
+                    let (entry, after) = split_value(rest).ok_or(undecodable.clone())?;
+                    push_entry(&mut events, entry)?;
+                    rest = after;
+                }
+                events
+            }
+            _ => match str_payload(entries).or_else(|| bin_payload(entries)) {
+                Some(packed_entries) => packed(packed_entries, options.as_ref(), max_inflated)?,
+                None => return Err(Garbage::NotForward("entries are an array, bin or str")),
+            },
         }
-        let options = (parts.len() == 3).then(|| parts.pop()).flatten();
-        let entries = parts.pop().expect("two parts");
-        let events = match entries {
-            Value::Array(entries) => entries.into_iter().map(entry).collect::<Result<_, _>>()?,
-            Value::Binary(bytes) => packed(&bytes, options.as_ref(), max_inflated)?,
-            Value::String(s) => packed(s.as_bytes(), options.as_ref(), max_inflated)?,
-            _ => return Err(Garbage::NotForward("entries are an array, bin or str")),
-        };
-        (events, options)
     };
     let chunk = match options {
         None | Some(Value::Nil) => None,
@@ -272,6 +306,43 @@ pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
         Some(_) => return Err(Garbage::NotForward("options are a map")),
     };
     Ok(Frame::Message(Message { tag, events, chunk }))
+}
+
+/// The payload of a str value at the start of `value`.
+fn str_payload(value: &[u8]) -> Option<&[u8]> {
+    payload(value, |marker| match marker {
+        0xa0..=0xbf => Some((1, usize::from(marker & 0x1f))),
+        0xd9 => Some((2, 1)),
+        0xda => Some((3, 2)),
+        0xdb => Some((5, 4)),
+        _ => None,
+    })
+}
+
+/// The payload of a bin value at the start of `value`.
+fn bin_payload(value: &[u8]) -> Option<&[u8]> {
+    payload(value, |marker| match marker {
+        0xc4 => Some((2, 1)),
+        0xc5 => Some((3, 2)),
+        0xc6 => Some((5, 4)),
+        _ => None,
+    })
+}
+
+/// The payload after a header that `header` describes by its marker: (header bytes, and
+/// either a fixed length for a fix type or the length's size in bytes).
+fn payload(value: &[u8], header: impl Fn(u8) -> Option<(usize, usize)>) -> Option<&[u8]> {
+    let marker = *value.first()?;
+    let (skip, size) = header(marker)?;
+    let len = if skip == 1 {
+        size
+    } else {
+        value
+            .get(1..skip)?
+            .iter()
+            .fold(0_usize, |acc, b| acc << 8 | usize::from(*b))
+    };
+    value.get(skip..skip.checked_add(len)?)
 }
 
 /// `{"ack": chunk}`, the answer to a message that carried `chunk` (`raw`, as it was
@@ -291,11 +362,7 @@ fn read(bytes: &[u8]) -> Result<Value, Garbage> {
 }
 
 /// The events of a PackedForward entry stream, inflated first when the options say gzip.
-fn packed(
-    bytes: &[u8],
-    options: Option<&Value>,
-    max_inflated: usize,
-) -> Result<Vec<Event>, Garbage> {
+fn packed(bytes: &[u8], options: Option<&Value>, max_inflated: usize) -> Result<Events, Garbage> {
     let compressed = options
         .and_then(Value::as_map)
         .and_then(|o| o.iter().find(|(k, _)| k.as_str() == Some("compressed")))
@@ -323,37 +390,52 @@ fn packed(
             ));
         }
     };
-    let mut events = Vec::new();
+    let mut events = Events::with_capacity(stream.len());
     while !stream.is_empty() {
         let len =
             frame_len(stream, stream.len())?.ok_or(Garbage::NotForward("an entry is cut short"))?;
-        events.push(entry(read(&stream[..len])?)?);
+        push_entry(&mut events, &stream[..len])?;
         stream = &stream[len..];
     }
     Ok(events)
 }
 
-/// `[time, record]`.
-fn entry(value: Value) -> Result<Event, Garbage> {
-    let Value::Array(mut pair) = value else {
-        return Err(Garbage::NotForward("an entry is [time, record]"));
-    };
-    if pair.len() != 2 {
-        return Err(Garbage::NotForward("an entry is [time, record]"));
+/// `[time, record]` (one whole value) onto `events`.
+fn push_entry(events: &mut Events, entry: &[u8]) -> Result<(), Garbage> {
+    let not_an_entry = Garbage::NotForward("an entry is [time, record]");
+    let mut rest = entry;
+    match entry.first() {
+        Some(0x90..=0x9f | 0xdc | 0xdd) => {}
+        _ => return Err(not_an_entry),
     }
-    let record = pair.pop().expect("two");
-    let time = pair.pop().expect("two");
-    event(time, record)
+    if rmp::decode::read_array_len(&mut rest).map_err(|_| not_an_entry.clone())? != 2 {
+        return Err(not_an_entry);
+    }
+    let (time, rest) = split_value(rest).ok_or(not_an_entry.clone())?;
+    let (record, _) = split_value(rest).ok_or(not_an_entry)?;
+    if !is_map(record) {
+        return Err(Garbage::NotForward("a record is a map"));
+    }
+    events.push_raw(time_nanos_of(time)?, record);
+    Ok(())
 }
 
-fn event(time: Value, record: Value) -> Result<Event, Garbage> {
-    let Value::Map(record) = record else {
-        return Err(Garbage::NotForward("a record is a map"));
-    };
-    Ok(Event {
-        time_nanos: time_nanos(&time)?,
-        record,
-    })
+/// The time at the start of `time` (one whole value) in nanoseconds.
+fn time_nanos_of(time: &[u8]) -> Result<i64, Garbage> {
+    // EventTime as fixext8, what Fluent Bit sends, read in place.
+    if let [0xd7, 0x00, data @ ..] = time
+        && let Ok(data) = <&[u8; 8]>::try_from(data)
+    {
+        return Ok(event_time(data));
+    }
+    time_nanos(&read(time)?)
+}
+
+/// EventTime's data: seconds and nanoseconds, big-endian u32 each.
+fn event_time(data: &[u8; 8]) -> i64 {
+    let seconds = i64::from(u32::from_be_bytes([data[0], data[1], data[2], data[3]]));
+    let nanos = i64::from(u32::from_be_bytes([data[4], data[5], data[6], data[7]]));
+    seconds * 1_000_000_000 + nanos.min(999_999_999)
 }
 
 /// An integer, a float, EventTime, or `[any of those, {metadata}]`.
@@ -367,9 +449,7 @@ fn time_nanos(time: &Value) -> Result<i64, Garbage> {
         Value::F64(f) if f.is_finite() && f.abs() < 1e10 => Ok((f * 1e9) as i64),
         Value::F32(f) if f.is_finite() && f.abs() < 1e10 => Ok((f64::from(*f) * 1e9) as i64),
         Value::Ext(0, data) if data.len() == 8 => {
-            let seconds = i64::from(u32::from_be_bytes([data[0], data[1], data[2], data[3]]));
-            let nanos = i64::from(u32::from_be_bytes([data[4], data[5], data[6], data[7]]));
-            Ok(seconds * BILLION + nanos.min(BILLION - 1))
+            Ok(event_time(data.as_slice().try_into().expect("8 bytes")))
         }
         Value::Array(pair) if pair.len() == 2 && pair[1].is_map() && !pair[0].is_array() => {
             time_nanos(&pair[0])
@@ -441,10 +521,11 @@ mod tests {
         ]));
         let message = message(&frame);
         assert_eq!(message.tag, "hybris.wrapper");
-        assert_eq!(message.events[0].time_nanos, 1_730_103_120 * 1_000_000_000);
+        let first = message.events.iter().next().expect("one event");
+        assert_eq!(first.time_nanos, 1_730_103_120 * 1_000_000_000);
         assert_eq!(lines(&message), ["a line"]);
         assert_eq!(message.chunk.as_deref(), Some(&encode(&chunk)[..]));
-        assert_eq!(message.events[0].text("host").as_deref(), Some("hybris-1"));
+        assert_eq!(first.text("host").as_deref(), Some("hybris-1"));
     }
 
     #[test]

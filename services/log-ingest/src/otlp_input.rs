@@ -30,7 +30,7 @@ use tonic::{Request, Response, Status};
 use mall_grpc::ServiceError;
 
 use crate::{
-    batch::{Batch, Source},
+    batch::{Batch, Events, Source},
     buffer::{Buffer, BufferError},
     forward::Event,
     metrics::LogMetrics,
@@ -156,7 +156,8 @@ impl Rejected {
 /// An export's records as batches per `service.name` (in order of first appearance, split
 /// at about [`MAX_BATCH_BYTES`]), and what was rejected.
 fn batches(request: ExportLogsServiceRequest, received_nanos: i64) -> (Vec<Batch>, Rejected) {
-    let mut batches: Vec<Batch> = Vec::new();
+    // Per service: its events, decoded (split into batches at the end).
+    let mut services: Vec<(String, Vec<Event>)> = Vec::new();
     let mut rejected = Rejected::default();
     for (r, resource_logs) in request.resource_logs.into_iter().enumerate() {
         let resource = resource_logs.resource.unwrap_or_default().attributes;
@@ -164,15 +165,11 @@ fn batches(request: ExportLogsServiceRequest, received_nanos: i64) -> (Vec<Batch
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| UNKNOWN_SERVICE.to_owned());
         let host = attribute(&resource, "host.name").unwrap_or_default();
-        let at = match batches.iter().position(|b| b.tag == service) {
+        let at = match services.iter().position(|(tag, _)| *tag == service) {
             Some(at) => at,
             None => {
-                batches.push(Batch {
-                    source: Source::Otlp,
-                    tag: service,
-                    events: Vec::new(),
-                });
-                batches.len() - 1
+                services.push((service, Vec::new()));
+                services.len() - 1
             }
         };
         for (s, scope_logs) in resource_logs.scope_logs.into_iter().enumerate() {
@@ -180,14 +177,20 @@ fn batches(request: ExportLogsServiceRequest, received_nanos: i64) -> (Vec<Batch
             for (l, log) in scope_logs.log_records.into_iter().enumerate() {
                 let path = format!("resource_logs[{r}].scope_logs[{s}].log_records[{l}]");
                 match event(log, &scope, &host, received_nanos) {
-                    Ok(event) => batches[at].events.push(event),
+                    Ok(event) => services[at].1.push(event),
                     Err(why) => rejected.add(format!("{path}: {why}")),
                 }
             }
         }
     }
-    batches.retain(|b| !b.events.is_empty());
-    (batches.into_iter().flat_map(split).collect(), rejected)
+    services.retain(|(_, events)| !events.is_empty());
+    (
+        services
+            .into_iter()
+            .flat_map(|(tag, events)| split(tag, events))
+            .collect(),
+        rejected,
+    )
 }
 
 /// A buffered batch holds about this many bytes of an export at most: an export of up to
@@ -195,31 +198,25 @@ fn batches(request: ExportLogsServiceRequest, received_nanos: i64) -> (Vec<Batch
 /// so the buffer never refuses an export as too large.
 const MAX_BATCH_BYTES: usize = 4 << 20;
 
-/// `batch` in consecutive pieces of about [`MAX_BATCH_BYTES`] at most (one event each at
-/// least).
-fn split(batch: Batch) -> Vec<Batch> {
+/// A service's events in consecutive batches of about [`MAX_BATCH_BYTES`] at most (one
+/// event each at least).
+fn split(tag: String, events: Vec<Event>) -> Vec<Batch> {
+    let piece = |events: Events| Batch {
+        source: Source::Otlp,
+        tag: tag.clone(),
+        events,
+    };
     let mut pieces = Vec::new();
-    let mut events = Vec::new();
-    let mut bytes = 0;
-    for event in batch.events {
-        let size = event_bytes(&event);
-        if !events.is_empty() && bytes + size > MAX_BATCH_BYTES {
-            pieces.push(Batch {
-                source: batch.source,
-                tag: batch.tag.clone(),
-                events: std::mem::take(&mut events),
-            });
-            bytes = 0;
+    let mut current = Events::default();
+    for event in &events {
+        let size = event_bytes(event);
+        if !current.is_empty() && current.encoded_len() + size > MAX_BATCH_BYTES {
+            pieces.push(piece(std::mem::take(&mut current)));
         }
-        bytes += size;
-        events.push(event);
+        current.push(event);
     }
-    if !events.is_empty() {
-        pieces.push(Batch {
-            source: batch.source,
-            tag: batch.tag,
-            events,
-        });
+    if !current.is_empty() {
+        pieces.push(piece(current));
     }
     pieces
 }
@@ -509,7 +506,7 @@ mod tests {
         assert_eq!(batches[0].tag, "storefront");
         // Through the buffer's encoding and back, as the pipeline reads it.
         let batch = Batch::decode(&batches[0].encode()).expect("decodes");
-        let otlp = record(&batch.events[0]);
+        let otlp = record(&batch.events.iter().next().expect("one").to_event());
         assert_eq!(otlp.body, "cart 8812 failed");
         assert_eq!(otlp.host, "web-1");
         let r = otlp.record;
@@ -554,7 +551,7 @@ mod tests {
         // The storefront batch lost its only record and is not stored at all.
         assert_eq!(batches.len(), 1);
         assert_eq!(batches[0].tag, UNKNOWN_SERVICE);
-        let r = record(&batches[0].events[0]).record;
+        let r = record(&batches[0].events.iter().next().expect("one").to_event()).record;
         assert_eq!(
             r.time_micros,
             Some(0),
@@ -588,7 +585,7 @@ mod tests {
         let bodies: Vec<String> = batches
             .iter()
             .flat_map(|b| b.events.iter())
-            .map(|e| record(e).body[..2].to_owned())
+            .map(|e| record(&e.to_event()).body[..2].to_owned())
             .collect();
         let want: Vec<String> = (0..10).map(|i| format!("{i} ")).collect();
         assert_eq!(bodies, want);

@@ -22,11 +22,10 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    batch::{Batch, Source},
+    batch::{Batch, EventRef, Source},
     buffer::{Buffer, Position, Reader},
     derive::{Deriver, Observation},
-    forward::{self, Event},
-    labels,
+    forward, labels,
     loki::{self, LokiClient, Pushed},
     mask::Masker,
     metrics::LogMetrics,
@@ -462,7 +461,7 @@ impl Pipeline {
                 );
             }
             let state = streams.get_mut(&key).expect("inserted above");
-            let line = line_of(event, &self.settings.line_field);
+            let line = line_of(&event, &self.settings.line_field);
             let first = state.lines;
             for text in line.split('\n') {
                 let text = text.strip_suffix('\r').unwrap_or(text);
@@ -509,7 +508,7 @@ impl Pipeline {
             .configured_format(&batch.tag)
             .map(|format| Parser::new(format, self.zone));
         for event in &batch.events {
-            let otlp = otlp_input::record(event);
+            let otlp = otlp_input::record(&event.to_event());
             let records = match &parser {
                 None => {
                     let mut record = otlp.record;
@@ -888,11 +887,12 @@ fn read_note(note: &[u8]) -> HashMap<(String, String), usize> {
 
 /// The line of an event: its line field, or (without one) the whole record as JSON so
 /// nothing is lost.
-fn line_of<'a>(event: &'a Event, field: &str) -> std::borrow::Cow<'a, str> {
+fn line_of<'a>(event: &EventRef<'a>, field: &str) -> std::borrow::Cow<'a, str> {
     if let Some(line) = event.text(field) {
         return line;
     }
     let object: serde_json::Map<String, serde_json::Value> = event
+        .to_event()
         .record
         .iter()
         .filter_map(|(k, v)| {

@@ -75,7 +75,7 @@ fn buffered(listener: &Listener) -> Vec<(String, String, i64)> {
     let mut out = Vec::new();
     while let Some((bytes, _)) = reader.try_next().expect("reads") {
         let batch = Batch::decode(&bytes).expect("a batch");
-        for event in batch.events {
+        for event in batch.events.iter() {
             out.push((
                 batch.tag.clone(),
                 event.text("log").expect("a log").into_owned(),
