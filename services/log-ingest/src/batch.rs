@@ -41,7 +41,8 @@ const FINE: &str = "writing to a Vec cannot fail";
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Events {
     bytes: Vec<u8>,
-    count: usize,
+    /// Per event: its time and where its record lies in `bytes` (found once, when built).
+    index: Vec<(i64, std::ops::Range<usize>)>,
 }
 
 impl Events {
@@ -49,7 +50,7 @@ impl Events {
     pub fn with_capacity(bytes: usize) -> Self {
         Self {
             bytes: Vec::with_capacity(bytes),
-            count: 0,
+            index: Vec::new(),
         }
     }
 
@@ -59,8 +60,9 @@ impl Events {
         debug_assert!(is_map(record));
         rmp::encode::write_array_len(&mut self.bytes, 2).expect(FINE);
         rmp::encode::write_sint(&mut self.bytes, time_nanos).expect(FINE);
+        let start = self.bytes.len();
         self.bytes.extend_from_slice(record);
-        self.count += 1;
+        self.index.push((time_nanos, start..self.bytes.len()));
     }
 
     /// Appends a decoded event (OTLP's records, tests).
@@ -68,22 +70,23 @@ impl Events {
         let len = u32::try_from(event.record.len()).expect("a record is far below 2^32 pairs");
         rmp::encode::write_array_len(&mut self.bytes, 2).expect(FINE);
         rmp::encode::write_sint(&mut self.bytes, event.time_nanos).expect(FINE);
+        let start = self.bytes.len();
         rmp::encode::write_map_len(&mut self.bytes, len).expect(FINE);
         for (key, value) in &event.record {
             rmpv::encode::write_value(&mut self.bytes, key).expect(FINE);
             rmpv::encode::write_value(&mut self.bytes, value).expect(FINE);
         }
-        self.count += 1;
+        self.index.push((event.time_nanos, start..self.bytes.len()));
     }
 
     /// How many events.
     pub fn len(&self) -> usize {
-        self.count
+        self.index.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.index.is_empty()
     }
 
     /// Their encoded size in bytes.
@@ -94,8 +97,8 @@ impl Events {
     /// The events in order.
     pub fn iter(&self) -> Iter<'_> {
         Iter {
-            rest: &self.bytes,
-            left: self.count,
+            bytes: &self.bytes,
+            index: self.index.iter(),
         }
     }
 
@@ -103,15 +106,19 @@ impl Events {
     /// them are returned.
     fn read(bytes: &[u8], count: u32) -> Result<(Self, &[u8]), &'static str> {
         let mut rest = bytes;
+        let mut index = Vec::with_capacity((count as usize).min(bytes.len() / 3));
         for _ in 0..count {
-            let (_, _, after) = pair(rest)?;
+            let (time_nanos, record, after) = pair(rest)?;
+            // The record ends where what follows the pair begins.
+            let end = bytes.len() - after.len();
+            index.push((time_nanos, end - record.len()..end));
             rest = after;
         }
         let used = bytes.len() - rest.len();
         Ok((
             Self {
                 bytes: bytes[..used].to_vec(),
-                count: count as usize,
+                index,
             },
             rest,
         ))
@@ -129,24 +136,22 @@ impl<'a> IntoIterator for &'a Events {
 /// The events of an [`Events`], in order.
 #[derive(Debug, Clone)]
 pub struct Iter<'a> {
-    rest: &'a [u8],
-    left: usize,
+    bytes: &'a [u8],
+    index: std::slice::Iter<'a, (i64, std::ops::Range<usize>)>,
 }
 
 impl<'a> Iterator for Iter<'a> {
     type Item = EventRef<'a>;
     fn next(&mut self) -> Option<EventRef<'a>> {
-        if self.left == 0 {
-            return None;
-        }
-        self.left -= 1;
-        let (time_nanos, record, rest) = pair(self.rest).expect("checked when built");
-        self.rest = rest;
-        Some(EventRef { time_nanos, record })
+        let (time_nanos, at) = self.index.next()?;
+        Some(EventRef {
+            time_nanos: *time_nanos,
+            record: &self.bytes[at.clone()],
+        })
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        (self.left, Some(self.left))
+        self.index.size_hint()
     }
 }
 
@@ -243,7 +248,7 @@ impl Batch {
     /// The bytes the buffer stores.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.tag.len() + self.events.bytes.len());
-        let count = u32::try_from(self.events.count).expect("a batch is far below 2^32 events");
+        let count = u32::try_from(self.events.len()).expect("a batch is far below 2^32 events");
         rmp::encode::write_array_len(&mut out, 3).expect(FINE);
         rmp::encode::write_uint(&mut out, self.source as u64).expect(FINE);
         rmp::encode::write_str(&mut out, &self.tag).expect(FINE);

@@ -222,48 +222,66 @@ pub enum Frame {
 /// # Errors
 /// [`Garbage`] when it is not a forward protocol message.
 pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
-    let undecodable = Garbage::NotMessagePack("a value does not decode");
-    let (frame, _) = split_value(bytes).ok_or(undecodable.clone())?;
-    let mut rest = frame;
-    match frame[0] {
-        0xc0 => return Ok(Frame::Heartbeat),
-        0x90..=0x9f | 0xdc | 0xdd => {}
-        _ => return Err(Garbage::NotForward("a message is an array")),
+    let undecodable = || Garbage::NotMessagePack("a value does not decode");
+    let mut rest = bytes;
+    match bytes.first() {
+        Some(0xc0) => return Ok(Frame::Heartbeat),
+        Some(0x90..=0x9f | 0xdc | 0xdd) => {}
+        Some(_) => return Err(Garbage::NotForward("a message is an array")),
+        None => return Err(undecodable()),
     }
-    let count = rmp::decode::read_array_len(&mut rest).map_err(|_| undecodable.clone())?;
+    let count = rmp::decode::read_array_len(&mut rest).map_err(|_| undecodable())?;
     if !(2..=4).contains(&count) {
         return Err(Garbage::NotForward("a message has 2 to 4 elements"));
     }
-    // The frame is whole (checked above), so each of its elements is.
-    let mut parts: [&[u8]; 4] = [&[]; 4];
-    for part in parts.iter_mut().take(count as usize) {
-        let (value, after) = split_value(rest).ok_or(undecodable.clone())?;
-        *part = value;
-        rest = after;
-    }
-    let tag = match str_payload(parts[0]) {
+    let (tag, after) = split_value(rest).ok_or_else(undecodable)?;
+    rest = after;
+    let tag = match str_payload(tag) {
         Some(tag) => std::str::from_utf8(tag)
             .map_err(|_| Garbage::NotForward("the tag is not UTF-8"))?
             .to_owned(),
         None => return Err(Garbage::NotForward("the tag is not a string")),
     };
-    // Message mode's third element is the record; the forward modes' is the options (a
-    // map too), so the second tells them apart: entries (an array of arrays, empty, bin
-    // or str), or a time (which may itself be `[time, metadata]`).
-    let is_time = match parts[1][0] {
-        0x00..=0x7f | 0xe0..=0xff | 0xcc..=0xd3 | 0xca | 0xcb | 0xc7..=0xc9 | 0xd4..=0xd8 => true,
-        0x90..=0x9f | 0xdc | 0xdd => {
-            let mut array = parts[1];
-            rmp::decode::read_array_len(&mut array).is_ok_and(|n| n > 0)
-                && !matches!(array.first(), Some(0x90..=0x9f | 0xdc | 0xdd))
+    // Forward mode: `[tag, [[time, record], …], options?]`. Its entries are read where they
+    // lie, each byte scanned once (the frame scanner has checked the frame is whole).
+    if let Some(entries) = forward_entries(rest) {
+        if count > 3 {
+            return Err(Garbage::NotForward("forward modes have 2 or 3 elements"));
         }
-        _ => false,
-    };
+        let mut rest = entries.rest;
+        let mut events = Events::with_capacity(rest.len());
+        for _ in 0..entries.count {
+            rest = push_entry(&mut events, rest).ok_or_else(undecodable)??;
+        }
+        let options = match count {
+            3 => Some(read(split_value(rest).ok_or_else(undecodable)?.0)?),
+            _ => None,
+        };
+        return Ok(Frame::Message(Message {
+            tag,
+            events,
+            chunk: chunk(options)?,
+        }));
+    }
+    // The other modes' parts, whole.
+    let mut parts: [&[u8]; 4] = [&[]; 4];
+    for part in parts.iter_mut().take(count as usize).skip(1) {
+        let (value, after) = split_value(rest).ok_or_else(undecodable)?;
+        *part = value;
+        rest = after;
+    }
+    // Message mode's third element is the record; PackedForward's is the options (a map
+    // too), so the second tells them apart: a time (which may itself be `[time,
+    // metadata]`), or entries as bin or str.
+    let is_time = matches!(
+        parts[1][0],
+        0x00..=0x7f | 0xe0..=0xff | 0xcc..=0xd3 | 0xca | 0xcb | 0xc7..=0xc9 | 0xd4..=0xd8 | 0x90..=0x9f | 0xdc | 0xdd
+    );
     let message_mode = count >= 3 && is_map(parts[2]) && is_time;
     if !message_mode && count > 3 {
         return Err(Garbage::NotForward("forward modes have 2 or 3 elements"));
     }
-    // [tag, time, record, options?] or [tag, entries, options?]
+    // [tag, time, record, options?] or [tag, packed entries, options?]
     let options_at = if message_mode { 3 } else { 2 };
     let options = (count as usize > options_at)
         .then(|| read(parts[options_at]))
@@ -273,27 +291,39 @@ pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
         events.push_raw(time_nanos_of(parts[1])?, parts[2]);
         events
     } else {
-        let entries = parts[1];
-        match entries[0] {
-            0x90..=0x9f | 0xdc | 0xdd => {
-                let mut rest = entries;
-                let n = rmp::decode::read_array_len(&mut rest).map_err(|_| undecodable.clone())?;
-                let mut events = Events::with_capacity(entries.len());
-                for _ in 0..n {
-                    let (entry, after) = split_value(rest).ok_or(undecodable.clone())?;
-                    push_entry(&mut events, entry)?;
-                    rest = after;
-                }
-                events
-            }
-            _ => match str_payload(entries).or_else(|| bin_payload(entries)) {
-                Some(packed_entries) => packed(packed_entries, options.as_ref(), max_inflated)?,
-                None => return Err(Garbage::NotForward("entries are an array, bin or str")),
-            },
+        match str_payload(parts[1]).or_else(|| bin_payload(parts[1])) {
+            Some(packed_entries) => packed(packed_entries, options.as_ref(), max_inflated)?,
+            None => return Err(Garbage::NotForward("entries are an array, bin or str")),
         }
     };
-    let chunk = match options {
-        None | Some(Value::Nil) => None,
+    Ok(Frame::Message(Message {
+        tag,
+        events,
+        chunk: chunk(options)?,
+    }))
+}
+
+/// Forward mode's entries at the start of `bytes`: an array that is empty or whose first
+/// element is an array (a time written as `[time, metadata]` starts with a time).
+struct ForwardEntries<'a> {
+    count: u32,
+    rest: &'a [u8],
+}
+
+fn forward_entries(bytes: &[u8]) -> Option<ForwardEntries<'_>> {
+    if !matches!(bytes.first(), Some(0x90..=0x9f | 0xdc | 0xdd)) {
+        return None;
+    }
+    let mut rest = bytes;
+    let count = rmp::decode::read_array_len(&mut rest).ok()?;
+    (count == 0 || matches!(rest.first(), Some(0x90..=0x9f | 0xdc | 0xdd)))
+        .then_some(ForwardEntries { count, rest })
+}
+
+/// The `chunk` option, as it was encoded, from the options (a map, if any).
+fn chunk(options: Option<Value>) -> Result<Option<Vec<u8>>, Garbage> {
+    match options {
+        None | Some(Value::Nil) => Ok(None),
         Some(Value::Map(options)) => options
             .into_iter()
             .find(|(k, _)| k.as_str() == Some("chunk"))
@@ -302,10 +332,9 @@ pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
                 rmpv::encode::write_value(&mut raw, &chunk).map(|()| raw)
             })
             .transpose()
-            .map_err(|_| Garbage::NotForward("the chunk option does not encode"))?,
-        Some(_) => return Err(Garbage::NotForward("options are a map")),
-    };
-    Ok(Frame::Message(Message { tag, events, chunk }))
+            .map_err(|_| Garbage::NotForward("the chunk option does not encode")),
+        Some(_) => Err(Garbage::NotForward("options are a map")),
+    }
 }
 
 /// The payload of a str value at the start of `value`.
@@ -392,43 +421,59 @@ fn packed(bytes: &[u8], options: Option<&Value>, max_inflated: usize) -> Result<
     };
     let mut events = Events::with_capacity(stream.len());
     while !stream.is_empty() {
-        let len =
-            frame_len(stream, stream.len())?.ok_or(Garbage::NotForward("an entry is cut short"))?;
-        push_entry(&mut events, &stream[..len])?;
-        stream = &stream[len..];
+        stream = match push_entry(&mut events, stream) {
+            Some(entry) => entry?,
+            None => {
+                // Not MessagePack, or a length past the end, says more than "cut short".
+                frame_len(stream, stream.len())?;
+                return Err(Garbage::NotForward("an entry is cut short"));
+            }
+        };
     }
     Ok(events)
 }
 
-/// `[time, record]` (one whole value) onto `events`.
-fn push_entry(events: &mut Events, entry: &[u8]) -> Result<(), Garbage> {
-    let not_an_entry = Garbage::NotForward("an entry is [time, record]");
-    let mut rest = entry;
-    match entry.first() {
-        Some(0x90..=0x9f | 0xdc | 0xdd) => {}
-        _ => return Err(not_an_entry),
+/// The entry `[time, record]` at the start of `bytes` onto `events`; what follows it.
+/// `None` when it is cut short; an error when it is not an entry.
+fn push_entry<'a>(events: &mut Events, bytes: &'a [u8]) -> Option<Result<&'a [u8], Garbage>> {
+    let not_an_entry = || Garbage::NotForward("an entry is [time, record]");
+    let mut rest = bytes;
+    match bytes.first()? {
+        0x90..=0x9f | 0xdc | 0xdd => {}
+        _ => return Some(Err(not_an_entry())),
     }
-    if rmp::decode::read_array_len(&mut rest).map_err(|_| not_an_entry.clone())? != 2 {
-        return Err(not_an_entry);
+    match rmp::decode::read_array_len(&mut rest) {
+        Ok(2) => {}
+        Ok(_) => return Some(Err(not_an_entry())),
+        Err(_) => return None,
     }
-    let (time, rest) = split_value(rest).ok_or(not_an_entry.clone())?;
-    let (record, _) = split_value(rest).ok_or(not_an_entry)?;
+    let (time, rest) = split_value(rest)?;
+    let (record, rest) = split_value(rest)?;
     if !is_map(record) {
-        return Err(Garbage::NotForward("a record is a map"));
+        return Some(Err(Garbage::NotForward("a record is a map")));
     }
-    events.push_raw(time_nanos_of(time)?, record);
-    Ok(())
+    Some(time_nanos_of(time).map(|nanos| {
+        events.push_raw(nanos, record);
+        rest
+    }))
 }
 
 /// The time at the start of `time` (one whole value) in nanoseconds.
 fn time_nanos_of(time: &[u8]) -> Result<i64, Garbage> {
-    // EventTime as fixext8, what Fluent Bit sends, read in place.
-    if let [0xd7, 0x00, data @ ..] = time
-        && let Ok(data) = <&[u8; 8]>::try_from(data)
-    {
-        return Ok(event_time(data));
+    // EventTime as fixext8, what Fluent Bit sends, read in place; so is `[EventTime,
+    // metadata]`, Fluent Bit 5's default.
+    match time {
+        [0xd7, 0x00, data @ ..] if data.len() == 8 => {
+            Ok(event_time(data.try_into().expect("8 bytes")))
+        }
+        [0x92, pair @ ..] if !matches!(pair.first(), Some(0x90..=0x9f | 0xdc | 0xdd)) => {
+            match split_value(pair) {
+                Some((inner, metadata)) if is_map(metadata) => time_nanos_of(inner),
+                _ => time_nanos(&read(time)?),
+            }
+        }
+        _ => time_nanos(&read(time)?),
     }
-    time_nanos(&read(time)?)
 }
 
 /// EventTime's data: seconds and nanoseconds, big-endian u32 each.
@@ -682,6 +727,30 @@ mod tests {
                     Value::Map(vec![(s("compressed"), s("zstd"))]),
                 ]),
                 "unknown compression",
+            ),
+            (
+                Value::Array(vec![
+                    s("t"),
+                    Value::Array(vec![Value::Array(vec![
+                        Value::Array(vec![event_time(), s("metadata not a map")]),
+                        record("x"),
+                    ])]),
+                ]),
+                "[time, metadata] without a map",
+            ),
+            (
+                Value::Array(vec![
+                    s("t"),
+                    Value::Array(vec![Value::Array(vec![Value::from("noon"), record("x")])]),
+                ]),
+                "a time that is text",
+            ),
+            (
+                Value::Array(vec![
+                    s("t"),
+                    Value::Array(vec![Value::Array(vec![]), Value::from(1)]),
+                ]),
+                "forward entries that are not all entries",
             ),
             (
                 Value::Array(vec![
