@@ -11,8 +11,9 @@
 //! 3. **log-ingest**: the release binary as a child process (its memory its own), buffer on
 //!    disk (every ack after `fdatasync`), `hybris-wrapper` parsing with multi-line grouping,
 //!    masking, metrics derived from the records, pushes to the Loki-compatible receiver (in this process, counting, keeping
-//!    nothing); `pipeline.flush_after = 250ms` and `batch_wait = 200ms` (the defaults, 2 s
-//!    and 1 s, would add their wait for the last record of each stream to the clock). Lines/s from the first send until the receiver holds every line (each
+//!    nothing); `pipeline.flush_after = 250ms` (the default, 2 s, would add its wait for
+//!    the last record of each stream to the clock), everything else on defaults. Lines/s
+//!    from the first send until the receiver holds every line (each
 //!    entry's newlines + 1), the peak RSS (`VmHWM`) of the log-ingest process, and the
 //!    ratio to the baseline.
 //!
@@ -361,7 +362,7 @@ impl LogIngest {
                  [forward]\nlisten_addr = \"{forward}\"\n\
                  [buffer]\ndir = \"{}\"\n\
                  [loki]\nurl = \"{loki}\"\n\
-                 [pipeline]\nenvironment = \"bench\"\nflush_after = \"250ms\"\nbatch_wait = \"200ms\"\n\
+                 [pipeline]\nenvironment = \"bench\"\nflush_after = \"250ms\"\n\
                  [pipeline.parsers]\n\"hybris.*\" = \"hybris-wrapper\"\n",
                 free_port()?,
                 admin,

@@ -63,7 +63,8 @@ pub struct PipelineSettings {
     /// Most (service, host) pairs that get streams of their own; records of others get
     /// `other` (see [`crate::labels`]).
     pub max_streams: usize,
-    /// A record waits at most this long for its push.
+    /// A record waits at most this long for its push (it goes at once when the input
+    /// pauses: a stream's record completed by `flush_after`).
     #[serde(with = "humantime_serde")]
     pub batch_wait: Duration,
 }
@@ -238,6 +239,8 @@ impl Pipeline {
         let mut ready: Vec<Ready> = Vec::new();
         let mut ready_bytes = 0_usize;
         let mut oldest: Option<Instant> = None;
+        // Whether a record was completed by quiet since the last push.
+        let mut paused = false;
         let mut cursor = start;
         let mut in_flight = InFlight::new();
         let mut previous: Option<tokio::sync::oneshot::Receiver<bool>> = None;
@@ -287,6 +290,7 @@ impl Pipeline {
                             let fallback = state.pending_event_time;
                             if let Some(record) = state.grouper.flush() {
                                 ready.push(Ready { record, source: state.source, tag: state.tag.clone(), host: state.host.clone(), fallback_nanos: fallback });
+                                paused = true;
                             }
                             state.pending_from = None;
                         }
@@ -310,8 +314,12 @@ impl Pipeline {
             self.metrics
                 .waiting
                 .set(i64::try_from(ready.len()).unwrap_or(i64::MAX));
+            // Full, waited long enough, or nothing more to wait for: the input paused (a
+            // record was completed by its stream's quiet, judged only once everything
+            // durable is read), so the last records go at once.
             let due = oldest.is_some_and(|t| t.elapsed() >= self.settings.batch_wait)
-                || ready_bytes >= self.settings.batch_bytes;
+                || ready_bytes >= self.settings.batch_bytes
+                || paused;
             if ready.is_empty() || !due {
                 continue;
             }
@@ -321,7 +329,7 @@ impl Pipeline {
                 .filter_map(|s| s.pending_from.map(|(_, at)| at))
                 .fold(cursor, std::cmp::min);
             let records = std::mem::take(&mut ready);
-            (oldest, ready_bytes) = (None, 0);
+            (oldest, ready_bytes, paused) = (None, 0, false);
             let note = note(&mut streams, acknowledge);
             // Pushes prepare at once and send one after another (a stream's entries reach
             // Loki in order, acknowledgements are written in order); they run while the

@@ -475,3 +475,23 @@ async fn a_services_own_json_line_reaches_loki_with_its_trace_id_in_structured_m
     );
     running.shutdown.cancel();
 }
+
+#[tokio::test]
+async fn when_the_input_pauses_the_last_records_go_at_once_not_after_batch_wait() {
+    let running = start_with(|settings| {
+        settings.pipeline.batch_wait = Duration::from_secs(120);
+    })
+    .await;
+    let lines: Vec<&str> = CORPUS.lines().take(40).collect();
+    let expected = model(&lines).len();
+    send(running.forward, &lines, 10).await;
+    // `flush_after` (300 ms) completes the last record; nothing else is buffered and no
+    // push is sending, so waiting for `batch_wait` (2 minutes) would only add latency.
+    mall_test_support::wait_until(
+        "Loki has every record, long before batch_wait",
+        Duration::from_secs(20),
+        || async { (running.loki.received().len() >= expected).then_some(()) },
+    )
+    .await;
+    running.shutdown.cancel();
+}
