@@ -6,7 +6,8 @@
 //! A record with a trace id leaves it as the exemplar of the series (or histogram bucket)
 //! it incremented, so a spike on a Grafana panel links to a trace that caused it.
 
-use std::collections::{HashMap, HashSet};
+// foldhash, not SipHash: these maps are looked up for every record, and each is capped.
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 
 use mall_telemetry::metrics::{
     ExemplarCounter, ExemplarCounterVec, ExemplarHistogram, ExemplarHistogramVec, HistogramOpts,

@@ -14,10 +14,9 @@
 //! The admitted pairs live in memory: after a restart they are admitted again in the order
 //! they arrive.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-};
+// foldhash, not SipHash: looked up for every record; the admitted set is capped.
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
+use std::sync::Arc;
 
 use crate::record::Level;
 

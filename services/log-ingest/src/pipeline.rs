@@ -12,8 +12,10 @@
 //! naming the host (`host`): each has its own multi-line state, flushed after it has been
 //! quiet for `flush_after`.
 
+// foldhash, not SipHash: streams are looked up for every event; their keys are the
+// senders' tags and hosts, and foldhash is seeded per process.
+use foldhash::{HashMap, HashMapExt as _};
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
