@@ -637,7 +637,7 @@ impl Pusher {
     /// A record as a Loki entry with its stream's labels.
     fn item(&self, ready: Ready, streams: &mut labels::Guard) -> Item {
         let observation = Observation::of(&ready.record);
-        let record = ready.record;
+        let mut record = ready.record;
         let labels = streams.labels(&ready.tag, record.level, &ready.host);
         if !labels.folded.is_empty() {
             self.metrics.streams_folded.inc();
@@ -655,14 +655,14 @@ impl Pusher {
             .collect();
         let labels = labels.selector;
         for (name, value) in [
-            ("trace_id", &record.trace_id),
-            ("logger", &record.logger),
-            ("thread", &record.thread),
+            ("trace_id", &mut record.trace_id),
+            ("logger", &mut record.logger),
+            ("thread", &mut record.thread),
         ] {
             if !value.is_empty() {
                 metadata.push(loki::LabelPair {
                     name: name.to_owned(),
-                    value: value.clone(),
+                    value: std::mem::take(value),
                 });
             }
         }
