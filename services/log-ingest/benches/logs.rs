@@ -6,8 +6,9 @@
 //!    Bit per legacy server), each cut at a record's first line, and pre-encoded as Forward
 //!    mode messages of 1,000 entries with a `chunk` option, as Fluent Bit sends them.
 //! 2. **Baseline**: a listener in this process that only frames and decodes each message
-//!    (the service's own decoder, `log_ingest::forward`) and answers its ack at once: the
-//!    limit of receiving the work, with nothing stored, parsed or shipped.
+//!    (the service's own decoder, `log_ingest::forward`, which checks each entry and copies
+//!    its record without decoding it) and answers its ack at once: the limit of receiving
+//!    the work, with nothing stored, parsed or shipped.
 //! 3. **log-ingest**: the release binary as a child process (its memory its own), buffer on
 //!    disk (every ack after `fdatasync`), `hybris-wrapper` parsing with multi-line grouping,
 //!    masking, metrics derived from the records, pushes to the Loki-compatible receiver (in this process, counting, keeping
@@ -114,11 +115,21 @@ async fn run(lines: usize) -> anyhow::Result<String> {
         bytes as f64 / 1e6
     )?;
 
-    // Baseline: receive and decode only.
+    // Baseline: receive and decode only; three times (it is short, so noisy), the median.
     let baseline = decode_only().await?;
-    let started = Instant::now();
-    send_all(baseline, &frames).await?;
-    let base_secs = started.elapsed().as_secs_f64();
+    let mut base_runs = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        send_all(baseline, &frames).await?;
+        base_runs.push(started.elapsed().as_secs_f64());
+    }
+    let base_note = base_runs
+        .iter()
+        .map(|s| format!("{s:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    base_runs.sort_by(f64::total_cmp);
+    let base_secs = base_runs[1];
     let base_rate = all.len() as f64 / base_secs;
 
     // log-ingest end to end.
@@ -158,16 +169,18 @@ async fn run(lines: usize) -> anyhow::Result<String> {
     writeln!(
         report,
         "| run | lines/s | time | note |\n|---|---|---|---|\n\
-         | baseline: receive + decode only (acks at once) | {base_rate:.0} | {base_secs:.2} s | the same messages and connections |\n\
+         | baseline: receive + decode only (acks at once) | {base_rate:.0} | {base_secs:.2} s | the same messages, on as many connections; median of 3 runs ({base_note} s) |\n\
          | log-ingest end to end (forward → buffer → parse, group, mask, derive metrics → Loki) | {rate:.0} | {secs:.2} s | all acknowledged after {acked:.2} s |\n"
     )?;
     writeln!(
         report,
         "- End to end ÷ baseline: **{:.2}×** (target ≥ 0.5×); lines/s: **{rate:.0}** (target ≥ \
-         350,000). The baseline frames and decodes each message and answers at once; end to \
-         end adds, per message, an append synced to disk, the SHA-256 that recognises a chunk \
-         sent again, and a re-read and decode, and per line the parsing, grouping, masking, \
-         derived metrics, protobuf and snappy encoding and an HTTP push.\n\
+         350,000). The baseline frames each message, runs the service's own decoder on it \
+         (which checks every entry and copies its record, decoding no record: what the \
+         service's input does) and answers at once; end to end adds, per message, an append \
+         synced to disk, the SHA-256 that recognises a chunk sent again, and a re-read, and \
+         per line the look-up of its fields, the parsing, grouping, masking, derived metrics, \
+         protobuf and snappy encoding and an HTTP push.\n\
          - Peak RSS of the log-ingest process: **{:.1} MB** (target ≤ 100 MB).\n\
          - Loki received {records} records holding {lines_in_loki} lines (the generator wrote \
          {entries} records, {} lines).\n\
