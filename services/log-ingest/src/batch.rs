@@ -361,6 +361,27 @@ mod tests {
     }
 
     #[test]
+    fn text_finds_the_first_str_key_of_any_length_only() {
+        let long = "a_key_longer_than_thirty_one_bytes_is_a_str8";
+        let event = Event {
+            time_nanos: 1,
+            record: vec![
+                (
+                    Value::Binary(b"log".to_vec()),
+                    Value::from("a bin key is not a str key"),
+                ),
+                (Value::from("log"), Value::from("first")),
+                (Value::from("log"), Value::from("second")),
+                (Value::from(long), Value::from("str8")),
+            ],
+        };
+        let events = events(&[event]);
+        let event = events.iter().next().expect("one");
+        assert_eq!(event.text("log").as_deref(), Some("first"));
+        assert_eq!(event.text(long).as_deref(), Some("str8"));
+    }
+
+    #[test]
     fn a_str_that_is_not_utf8_reads_with_bad_bytes_replaced() {
         // {"log": str of [0x61, 0xff]} as some clients send it.
         let record = [0x81, 0xa3, b'l', b'o', b'g', 0xa2, b'a', 0xff];

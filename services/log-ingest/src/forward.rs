@@ -243,18 +243,19 @@ pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
         None => return Err(Garbage::NotForward("the tag is not a string")),
     };
     // Forward mode: `[tag, [[time, record], …], options?]`. Its entries are read where they
-    // lie, each byte scanned once (the frame scanner has checked the frame is whole).
+    // lie, not first cut out as one part and then again one by one.
     if let Some(entries) = forward_entries(rest) {
         if count > 3 {
             return Err(Garbage::NotForward("forward modes have 2 or 3 elements"));
         }
         let mut rest = entries.rest;
-        let mut events = Events::with_capacity(rest.len());
+        // A time may grow from 1 to 9 bytes as a buffered integer.
+        let mut events = Events::with_capacity(rest.len() + 8 * entries.count as usize);
         for _ in 0..entries.count {
             rest = push_entry(&mut events, rest).ok_or_else(undecodable)??;
         }
         let options = match count {
-            3 => Some(read(split_value(rest).ok_or_else(undecodable)?.0)?),
+            3 => Some(split_value(rest).ok_or_else(undecodable)?.0),
             _ => None,
         };
         return Ok(Frame::Message(Message {
@@ -283,16 +284,17 @@ pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
     }
     // [tag, time, record, options?] or [tag, packed entries, options?]
     let options_at = if message_mode { 3 } else { 2 };
-    let options = (count as usize > options_at)
-        .then(|| read(parts[options_at]))
-        .transpose()?;
+    let options = (count as usize > options_at).then(|| parts[options_at]);
     let events = if message_mode {
         let mut events = Events::with_capacity(parts[2].len() + 16);
         events.push_raw(time_nanos_of(parts[1])?, parts[2]);
         events
     } else {
         match str_payload(parts[1]).or_else(|| bin_payload(parts[1])) {
-            Some(packed_entries) => packed(packed_entries, options.as_ref(), max_inflated)?,
+            Some(packed_entries) => {
+                let options = options.map(read).transpose()?;
+                packed(packed_entries, options.as_ref(), max_inflated)?
+            }
             None => return Err(Garbage::NotForward("entries are an array, bin or str")),
         }
     };
@@ -320,21 +322,27 @@ fn forward_entries(bytes: &[u8]) -> Option<ForwardEntries<'_>> {
         .then_some(ForwardEntries { count, rest })
 }
 
-/// The `chunk` option, as it was encoded, from the options (a map, if any).
-fn chunk(options: Option<Value>) -> Result<Option<Vec<u8>>, Garbage> {
-    match options {
-        None | Some(Value::Nil) => Ok(None),
-        Some(Value::Map(options)) => options
-            .into_iter()
-            .find(|(k, _)| k.as_str() == Some("chunk"))
-            .map(|(_, chunk)| {
-                let mut raw = Vec::new();
-                rmpv::encode::write_value(&mut raw, &chunk).map(|()| raw)
-            })
-            .transpose()
-            .map_err(|_| Garbage::NotForward("the chunk option does not encode")),
-        Some(_) => Err(Garbage::NotForward("options are a map")),
+/// The `chunk` option exactly as the sender encoded it (the ack echoes it byte for byte),
+/// from the options (a map or nil, if any).
+fn chunk(options: Option<&[u8]>) -> Result<Option<Vec<u8>>, Garbage> {
+    let undecodable = || Garbage::NotMessagePack("a value does not decode");
+    let Some(options) = options.filter(|o| o.first() != Some(&0xc0)) else {
+        return Ok(None);
+    };
+    if !is_map(options) {
+        return Err(Garbage::NotForward("options are a map"));
     }
+    let mut rest = options;
+    let pairs = rmp::decode::read_map_len(&mut rest).map_err(|_| undecodable())?;
+    for _ in 0..pairs {
+        let (key, after) = split_value(rest).ok_or_else(undecodable)?;
+        let (value, after) = split_value(after).ok_or_else(undecodable)?;
+        rest = after;
+        if str_payload(key) == Some(b"chunk") {
+            return Ok(Some(value.to_vec()));
+        }
+    }
+    Ok(None)
 }
 
 /// The payload of a str value at the start of `value`.
@@ -419,7 +427,8 @@ fn packed(bytes: &[u8], options: Option<&Value>, max_inflated: usize) -> Result<
             ));
         }
     };
-    let mut events = Events::with_capacity(stream.len());
+    // A time may grow from 1 to 9 bytes as a buffered integer; entries take 20 at least.
+    let mut events = Events::with_capacity(stream.len() + stream.len() / 20 * 8);
     while !stream.is_empty() {
         stream = match push_entry(&mut events, stream) {
             Some(entry) => entry?,
@@ -748,7 +757,10 @@ mod tests {
             (
                 Value::Array(vec![
                     s("t"),
-                    Value::Array(vec![Value::Array(vec![]), Value::from(1)]),
+                    Value::Array(vec![
+                        Value::Array(vec![event_time(), record("x")]),
+                        Value::from(1),
+                    ]),
                 ]),
                 "forward entries that are not all entries",
             ),
@@ -765,7 +777,82 @@ mod tests {
         }
     }
 
+    /// A time as a sender may write it, and what it means in nanoseconds.
+    fn time_strategy() -> impl Strategy<Value = (Value, i64)> {
+        (0_u32..2_000_000_000, 0_u32..1_000_000_000, 0_u8..4).prop_map(|(secs, nanos, form)| {
+            let mut data = secs.to_be_bytes().to_vec();
+            data.extend_from_slice(&nanos.to_be_bytes());
+            let event_time = Value::Ext(0, data);
+            let exact = i64::from(secs) * 1_000_000_000 + i64::from(nanos);
+            match form {
+                0 => (Value::from(secs), i64::from(secs) * 1_000_000_000),
+                1 => (event_time, exact),
+                2 => (
+                    Value::Array(vec![event_time, Value::Map(vec![(s("k"), s("v"))])]),
+                    exact,
+                ),
+                _ => (
+                    Value::Array(vec![Value::from(secs), Value::Map(vec![])]),
+                    i64::from(secs) * 1_000_000_000,
+                ),
+            }
+        })
+    }
+
+    fn record_strategy() -> impl Strategy<Value = Vec<(Value, Value)>> {
+        let value = prop_oneof![
+            ".{0,40}".prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            proptest::collection::vec(any::<u8>(), 0..20).prop_map(Value::Binary),
+            Just(Value::Nil),
+            Just(Value::Map(vec![(
+                s("nested"),
+                Value::Array(vec![Value::from(1)])
+            )])),
+        ];
+        proptest::collection::vec(("[a-z]{1,6}".prop_map(Value::from), value), 0..6)
+    }
+
     proptest! {
+        /// Every mode decodes to the events a full MessagePack decoding of the same frame
+        /// gives (times in nanoseconds, records pair for pair), with the chunk as sent.
+        #[test]
+        fn every_mode_decodes_to_what_the_sender_encoded(
+            events in proptest::collection::vec((time_strategy(), record_strategy()), 1..6),
+            mode in 0_u8..4,
+            chunk_id in "[0-9a-f]{32}",
+        ) {
+            let options = Value::Map(vec![(s("size"), Value::from(events.len())), (s("chunk"), s(&chunk_id))]);
+            let entry = |(time, record): &((Value, i64), Vec<(Value, Value)>)| {
+                Value::Array(vec![time.0.clone(), Value::Map(record.clone())])
+            };
+            let packed: Vec<u8> = events.iter().flat_map(|e| encode(&entry(e))).collect();
+            let (frame, expected) = match mode {
+                // Message mode carries one event.
+                0 => (
+                    Value::Array(vec![s("t"), events[0].0.0.clone(), Value::Map(events[0].1.clone()), options]),
+                    &events[..1],
+                ),
+                1 => (Value::Array(vec![s("t"), Value::Array(events.iter().map(entry).collect()), options]), &events[..]),
+                2 => (Value::Array(vec![s("t"), Value::Binary(packed), options]), &events[..]),
+                _ => {
+                    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    encoder.write_all(&packed).expect("compresses");
+                    let gz = encoder.finish().expect("finishes");
+                    let options = Value::Map(vec![(s("compressed"), s("gzip")), (s("chunk"), s(&chunk_id))]);
+                    (Value::Array(vec![s("t"), Value::Binary(gz), options]), &events[..])
+                }
+            };
+            let message = message(&encode(&frame));
+            let decoded: Vec<Event> = message.events.iter().map(|e| e.to_event()).collect();
+            let wanted: Vec<Event> = expected
+                .iter()
+                .map(|((_, nanos), record)| Event { time_nanos: *nanos, record: record.clone() })
+                .collect();
+            prop_assert_eq!(decoded, wanted);
+            prop_assert_eq!(message.chunk, Some(encode(&s(&chunk_id))));
+        }
+
         /// Mutated and cut frames never panic or loop: each is a value, incomplete, or
         /// refused.
         #[test]
@@ -773,6 +860,7 @@ mod tests {
             flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
             cut in any::<prop::sample::Index>(),
             gzip in any::<bool>(),
+            mode in 0_u8..3,
         ) {
             let packed = entries(&["first line", "second line", "third"]);
             let (stream, options) = if gzip {
@@ -782,7 +870,18 @@ mod tests {
             } else {
                 (packed, Value::Map(vec![(s("chunk"), s("c"))]))
             };
-            let mut frame = encode(&Value::Array(vec![s("tag"), Value::Binary(stream), options]));
+            let mut frame = match mode {
+                0 => encode(&Value::Array(vec![s("tag"), Value::Binary(stream), options])),
+                1 => encode(&Value::Array(vec![
+                    s("tag"),
+                    Value::Array(vec![
+                        Value::Array(vec![event_time(), record("first line")]),
+                        Value::Array(vec![Value::Array(vec![event_time(), Value::Map(vec![])]), record("second")]),
+                    ]),
+                    options,
+                ])),
+                _ => encode(&Value::Array(vec![s("tag"), event_time(), record("one line"), options])),
+            };
             for (at, byte) in flips {
                 let i = at.index(frame.len());
                 frame[i] = byte;

@@ -65,8 +65,8 @@ pub struct PipelineSettings {
     /// Most (service, host) pairs that get streams of their own; records of others get
     /// `other` (see [`crate::labels`]).
     pub max_streams: usize,
-    /// A record waits at most this long for its push (it goes at once when the input
-    /// pauses: a stream's record completed by `flush_after`).
+    /// A record waits at most this long for its push (it goes at once when the whole
+    /// input pauses: `flush_after` completed the last record in progress of every stream).
     #[serde(with = "humantime_serde")]
     pub batch_wait: Duration,
 }
@@ -241,7 +241,8 @@ impl Pipeline {
         let mut ready: Vec<Ready> = Vec::new();
         let mut ready_bytes = 0_usize;
         let mut oldest: Option<Instant> = None;
-        // Whether a record was completed by quiet since the last push.
+        // Whether quiet completed a record since the last push and left no stream with a
+        // record in progress.
         let mut paused = false;
         let mut cursor = start;
         let mut in_flight = InFlight::new();
@@ -297,6 +298,9 @@ impl Pipeline {
                             state.pending_from = None;
                         }
                     }
+                    // The whole input paused (not one sparse stream among busy ones): the
+                    // records it completed go at once.
+                    paused &= streams.values().all(|s| !s.grouper.is_pending());
                     streams.retain(|_, s| s.grouper.is_pending() || now.duration_since(s.last_line) < Duration::from_secs(600));
                 }
             }
@@ -316,9 +320,9 @@ impl Pipeline {
             self.metrics
                 .waiting
                 .set(i64::try_from(ready.len()).unwrap_or(i64::MAX));
-            // Full, waited long enough, or nothing more to wait for: the input paused (a
-            // record was completed by its stream's quiet, judged only once everything
-            // durable is read), so the last records go at once.
+            // Full, waited long enough, or nothing more to wait for: the whole input paused
+            // (quiet completed a record and no stream has one in progress; judged only
+            // once everything durable is read), so the last records go at once.
             let due = oldest.is_some_and(|t| t.elapsed() >= self.settings.batch_wait)
                 || ready_bytes >= self.settings.batch_bytes
                 || paused;
