@@ -587,8 +587,9 @@ fn relay_settings(stack: Stack, options: &Options) -> anyhow::Result<sync_relay:
     settings.relay.max_message_bytes =
         options.get("relay.max_message_bytes", settings.relay.max_message_bytes)?;
     settings.apply.consumers = options.get("apply.consumers", settings.apply.consumers)?;
-    settings.apply.receive_batch =
-        options.get("apply.receive_batch", settings.apply.receive_batch)?;
+    if options.overrides.contains_key("apply.receive_batch") {
+        settings.apply.receive_batch = Some(options.get("apply.receive_batch", 0)?);
+    }
     settings.queue.embedded.poll_interval = Duration::from_millis(options.get(
         "queue.poll_ms",
         settings.queue.embedded.poll_interval.as_millis() as u64,

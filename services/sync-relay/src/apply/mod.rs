@@ -159,7 +159,10 @@ impl Applier {
     pub async fn run_once(&self, shutdown: &CancellationToken) -> anyhow::Result<usize> {
         let messages = self
             .queue
-            .receive(self.settings.receive_batch, self.settings.receive_wait)
+            .receive(
+                self.settings.receive_batch(self.queue.backend()),
+                self.settings.receive_wait,
+            )
             .await?;
         let received = messages.len();
         if self.control.is_paused() {
