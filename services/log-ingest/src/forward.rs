@@ -181,16 +181,6 @@ pub struct Event {
     pub record: Vec<(Value, Value)>,
 }
 
-impl Event {
-    /// The value of `key` as text (str, or bin read as UTF-8 with bad bytes replaced).
-    pub fn text(&self, key: &str) -> Option<std::borrow::Cow<'_, str>> {
-        self.record
-            .iter()
-            .find(|(k, _)| k.as_str() == Some(key))
-            .and_then(|(_, v)| text(v))
-    }
-}
-
 /// A str or bin value as text.
 pub fn text(value: &Value) -> Option<std::borrow::Cow<'_, str>> {
     match value {
