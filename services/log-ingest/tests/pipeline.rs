@@ -495,3 +495,65 @@ async fn when_the_input_pauses_the_last_records_go_at_once_not_after_batch_wait(
     .await;
     running.shutdown.cancel();
 }
+
+#[tokio::test]
+async fn one_quiet_stream_among_busy_ones_does_not_push_early() {
+    let running = start_with(|settings| {
+        settings.pipeline.batch_wait = Duration::from_secs(120);
+        // Room for a slow acknowledgement on a loaded machine: B's gaps stay far below it.
+        settings.pipeline.flush_after = Duration::from_secs(1);
+    })
+    .await;
+    // Stream A (`hybris.wrapper`, host hybris-1) sends its records and goes quiet.
+    let lines: Vec<&str> = CORPUS.lines().take(20).collect();
+    send(running.forward, &lines, 10).await;
+    // Stream B (another tag) keeps a record in progress: a header every 100 ms for 2.5 s,
+    // so A's quiet (after 1 s) is not a pause of the input and nothing is pushed before
+    // `batch_wait`.
+    let header = CORPUS.lines().next().expect("a first line");
+    let mut busy = tokio::net::TcpStream::connect(running.forward)
+        .await
+        .expect("connects");
+    for n in 0..25 {
+        let id = format!("{n:032x}");
+        // Each line differs: a chunk with the same records would be taken for one sent again.
+        let line = format!("{header} #{n}");
+        let entry = Value::Array(vec![
+            Value::from(1_730_103_120_u32),
+            Value::Map(vec![
+                (Value::from("log"), Value::from(line.as_str())),
+                (Value::from("host"), Value::from("hybris-1")),
+            ]),
+        ]);
+        let mut frame = Vec::new();
+        rmpv::encode::write_value(
+            &mut frame,
+            &Value::Array(vec![
+                Value::from("hybris.busy"),
+                Value::Array(vec![entry]),
+                Value::Map(vec![(Value::from("chunk"), Value::from(id.as_str()))]),
+            ]),
+        )
+        .expect("encodes");
+        busy.write_all(&frame).await.expect("writes");
+        let mut ack = vec![0; 128];
+        tokio::time::timeout(Duration::from_secs(10), busy.read(&mut ack))
+            .await
+            .expect("an ack in time")
+            .expect("reads");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        running.loki.received().is_empty(),
+        "pushed while stream B still had a record in progress"
+    );
+    // Now B pauses too: the whole input is quiet, and everything goes at once.
+    let expected = model(&lines).len() + 25;
+    mall_test_support::wait_until(
+        "Loki has both streams' records, long before batch_wait",
+        Duration::from_secs(20),
+        || async { (running.loki.received().len() >= expected).then_some(()) },
+    )
+    .await;
+    running.shutdown.cancel();
+}
