@@ -2,7 +2,7 @@
 //! against the stored products. The store runs the plan in one transaction; nothing here
 //! touches the database, so every rule is unit-tested.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use mall_grpc::{ServiceError, Violations};
 use mall_product::{
@@ -399,19 +399,29 @@ pub fn plan(
     plan
 }
 
-/// Whether the plan needs the stored values of `stored` (read with its versions and type
-/// only), not only its versions: unless the first write of its code in `writes` is a full
-/// replacement of its type newer than every stored field (so it applies and overwrites
-/// everything), some stored value can survive into a row or a change-log entry.
-pub fn needs_values(writes: &[Write], code: &str, stored: &Product) -> bool {
-    writes
+/// The codes among `stored` (read with their versions and type only) whose stored values the
+/// plan needs, not only their versions, in code order: every one unless the first write of
+/// its code in `writes` is a full replacement of its type newer than every stored field (so
+/// it applies and overwrites everything); otherwise some stored value can survive into a row
+/// or a change-log entry.
+pub fn needing_values<'a>(writes: &[Write], stored: &'a BTreeMap<String, Stored>) -> Vec<&'a str> {
+    // The first write of each code, found in one pass (a search of the request per stored
+    // product compared half a million codes in a request of 1,000).
+    let mut first: HashMap<&str, &Write> = HashMap::with_capacity(writes.len());
+    for write in writes {
+        first.entry(write.product.code.as_str()).or_insert(write);
+    }
+    stored
         .iter()
-        .find(|w| w.product.code == code)
-        .is_none_or(|first| {
-            !(first.mask.is_full()
-                && first.product.version > stored.version
-                && first.product.product_type == stored.product_type)
+        .filter(|(code, s)| {
+            first.get(code.as_str()).is_none_or(|first| {
+                !(first.mask.is_full()
+                    && first.product.version > s.product.version
+                    && first.product.product_type == s.product.product_type)
+            })
         })
+        .map(|(code, _)| code.as_str())
+        .collect()
 }
 
 #[cfg(test)]
@@ -664,6 +674,18 @@ mod tests {
             );
             assert!(plan.rows.contains_key("B"));
         }
+    }
+
+    /// Whether [`needing_values`] names `stored`.
+    fn needs_values(writes: &[Write], code: &str, stored: &Product) -> bool {
+        let stored = BTreeMap::from([(
+            code.to_owned(),
+            Stored {
+                product: stored.clone(),
+                versions: FieldVersions::all(stored.version),
+            },
+        )]);
+        needing_values(writes, &stored) == [code]
     }
 
     #[test]

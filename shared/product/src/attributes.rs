@@ -14,6 +14,42 @@ pub fn to_json(attributes: &Struct) -> Map<String, Json> {
         .collect()
 }
 
+/// The JSON text of [`to_json`]`(attributes)` (`{}` for none), written straight from the
+/// `Struct`: the write path stores every product's attributes this way, and building a
+/// `serde_json::Value` first cost an allocation per key and value.
+pub fn to_json_text(attributes: Option<&Struct>) -> String {
+    let empty = Struct::default();
+    serde_json::to_string(&Fields(attributes.unwrap_or(&empty)))
+        .expect("strings, numbers, booleans, lists and maps always serialize")
+}
+
+/// A `Struct` as a JSON object, serialized in place.
+struct Fields<'a>(&'a Struct);
+
+/// A `Value` as JSON, serialized in place; as [`value_to_json`] (a non-finite number, which
+/// validation refuses, is `null`, as serde_json writes one).
+struct AsJson<'a>(&'a Value);
+
+impl serde::Serialize for Fields<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.fields.iter().map(|(k, v)| (k, AsJson(v))))
+    }
+}
+
+impl serde::Serialize for AsJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.0.kind {
+            None | Some(Kind::NullValue(_)) => serializer.serialize_unit(),
+            Some(Kind::NumberValue(n)) if n.is_finite() => serializer.serialize_f64(*n),
+            Some(Kind::NumberValue(_)) => serializer.serialize_unit(),
+            Some(Kind::StringValue(s)) => serializer.serialize_str(s),
+            Some(Kind::BoolValue(b)) => serializer.serialize_bool(*b),
+            Some(Kind::StructValue(s)) => Fields(s).serialize(serializer),
+            Some(Kind::ListValue(l)) => serializer.collect_seq(l.values.iter().map(AsJson)),
+        }
+    }
+}
+
 /// The `Struct` equal to a JSON object.
 pub fn from_json(object: &Map<String, Json>) -> Struct {
     Struct {
@@ -65,5 +101,29 @@ mod tests {
         assert_eq!(back["left_handed"], serde_json::json!(false));
         assert_eq!(back["weight_g"].as_f64(), Some(320.0));
         assert_eq!(back["nested"], serde_json::json!({"a": null}));
+    }
+
+    #[test]
+    fn the_text_is_the_json_of_the_object_byte_for_byte() {
+        let json: Map<String, Json> = serde_json::from_str(
+            r#"{"sizes":["S","M"],"loft_degrees":10.5,"weight_g":320,"left_handed":false,
+               "nested":{"b":[1,{"c":"q\"uote"}],"a":null},"ko":"울","tiny":1e-7}"#,
+        )
+        .expect("valid json");
+        let mut attributes = from_json(&json);
+        attributes.fields.insert(
+            "nan".into(),
+            Value {
+                kind: Some(Kind::NumberValue(f64::NAN)),
+            },
+        );
+        attributes
+            .fields
+            .insert("unset".into(), Value { kind: None });
+        assert_eq!(
+            to_json_text(Some(&attributes)),
+            Json::Object(to_json(&attributes)).to_string()
+        );
+        assert_eq!(to_json_text(None), "{}");
     }
 }

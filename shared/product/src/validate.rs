@@ -214,13 +214,14 @@ fn check_texts(
     }
     let mut seen = BTreeMap::new();
     for (tag, text) in texts {
-        let path = format!("{field}[{tag:?}]");
+        // Formatted only for a violation: this runs for every text of every write.
+        let path = || format!("{field}[{tag:?}]");
         match language::canonicalize(tag) {
-            Err(problem) => violations.add(&path, problem),
+            Err(problem) => violations.add(path(), problem),
             Ok(canonical) => {
                 if let Some(other) = seen.insert(canonical.clone(), tag) {
                     violations.add(
-                        &path,
+                        path(),
                         format!("is the same language as {other:?} ({canonical})"),
                     );
                 }
@@ -229,7 +230,7 @@ fn check_texts(
         let chars = text.chars().count();
         if chars < rule.min_chars || chars > rule.max_chars {
             violations.add(
-                path,
+                path(),
                 format!(
                     "must be {} to {} characters",
                     rule.min_chars, rule.max_chars

@@ -214,14 +214,7 @@ fn to_model(stored: &Stored) -> products::Model {
         names: json(&product.names),
         descriptions: json(&product.descriptions),
         prices: json(&product.prices),
-        attributes: serde_json::Value::Object(
-            product
-                .attributes
-                .as_ref()
-                .map(mall_product::attributes::to_json)
-                .unwrap_or_default(),
-        )
-        .to_string(),
+        attributes: mall_product::attributes::to_json_text(product.attributes.as_ref()),
         version: to_i64(product.version),
         create_time: product.create_time.map(micros).unwrap_or_default(),
         update_time: product.update_time.map(micros).unwrap_or_default(),

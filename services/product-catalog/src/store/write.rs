@@ -4,7 +4,7 @@
 //!
 //! 1. find the first response of a request id seen before, and stop;
 //! 2. read (and lock) the stored field versions of every code, and the whole rows of those
-//!    whose stored values can survive the request ([`crate::bulk::needs_values`]);
+//!    whose stored values can survive the request ([`crate::bulk::needing_values`]);
 //! 3. plan in memory ([`decide`], [`crate::bulk::plan`]): outcomes, refusals, final rows,
 //!    change-log entries;
 //! 4. insert the new products, update the existing ones, append the change log, remember the
@@ -16,6 +16,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use mall_grpc::ServiceError;
 use mall_grpc::Violations;
 use mall_proto::catalog::v1::{BulkUpdateProductsResponse, ProductUpdateResult};
+use prost::Message as _;
 use sea_orm::DbErr;
 
 use mall_db::is_retryable;
@@ -156,14 +157,16 @@ impl From<DbErr> for AttemptError {
     }
 }
 
-/// Plans `writes` against `stored` and builds the response; with
-/// [`OnRefusal::RejectRequest`], a refused write fails the whole request.
+/// Plans `writes` against `stored` and, for a request with a request id (`remember`), encodes
+/// the response to remember with it; with [`OnRefusal::RejectRequest`], a refused write fails
+/// the whole request.
 pub(super) fn decide(
     writes: &[Write],
     stored: BTreeMap<String, Stored>,
     now: prost_types::Timestamp,
     rules: Rules,
-) -> Result<(Plan, BulkUpdateProductsResponse), AttemptError> {
+    remember: bool,
+) -> Result<(Plan, Option<Vec<u8>>), AttemptError> {
     let plan = plan(writes, stored, now, rules.max_version_jump);
     if rules.on_refusal == OnRefusal::RejectRequest && !plan.refused.is_empty() {
         let mut violations = Violations::default();
@@ -177,16 +180,19 @@ pub(super) fn decide(
             violations.into_vec(),
         )));
     }
-    let response = BulkUpdateProductsResponse {
-        results: plan
-            .results
-            .iter()
-            .map(|r| ProductUpdateResult {
-                code: r.code.clone(),
-                outcome: r.outcome as i32,
-                stored_version: r.stored_version,
-            })
-            .collect(),
-    };
+    let response = remember.then(|| {
+        BulkUpdateProductsResponse {
+            results: plan
+                .results
+                .iter()
+                .map(|r| ProductUpdateResult {
+                    code: r.code.clone(),
+                    outcome: r.outcome as i32,
+                    stored_version: r.stored_version,
+                })
+                .collect(),
+        }
+        .encode_to_vec()
+    });
     Ok((plan, response))
 }

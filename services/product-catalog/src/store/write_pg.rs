@@ -3,7 +3,7 @@
 //!
 //! 1. `LOCK`: lock the stored rows of the request's codes in code order and read their field
 //!    versions (and the transaction ids that last wrote them);
-//! 2. `ROWS`: only when a stored value can survive the request ([`needs_values`]), read
+//! 2. `ROWS`: only when a stored value can survive the request ([`needing_values`]), read
 //!    those rows whole;
 //! 3. plan in memory ([`crate::bulk::plan`]);
 //! 4. `WRITE`: one statement inserts the new products, updates the existing ones, appends
@@ -50,7 +50,7 @@ use super::{
     micros, stored_from_model, timestamp, to_i64, to_model, versions_of,
     write::{Attempt, AttemptError, Rules, WriteOutcome, decide},
 };
-use crate::bulk::{Plan, Stored, Write, needs_values};
+use crate::bulk::{Plan, Stored, Write, needing_values};
 use mall_proto::catalog::v1::Product;
 
 /// Locks the request's stored products in code order; reads what the plan needs of each.
@@ -170,13 +170,13 @@ impl Store {
                 "a product was last written by a transaction that began after this one",
             ));
         };
-        let (plan, response) = decide(writes, stored, now, rules)?;
+        let (plan, response) = decide(writes, stored, now, rules, request_id.is_some())?;
         let Written {
             created,
             updated,
             new_request,
             xid,
-        } = write(&mut txn, &plan, request_id, &response, now).await?;
+        } = write(&mut txn, &plan, request_id, response, now).await?;
         let existing = plan.rows.values().filter(|r| r.existed).count();
         if created != plan.rows.len() - existing {
             return Ok(Attempt::Conflict(
@@ -306,11 +306,7 @@ async fn read_for_write(
         };
         stored.insert(code, Stored { product, versions });
     }
-    let whole: Vec<&str> = stored
-        .iter()
-        .filter(|(code, s)| needs_values(writes, code, &s.product))
-        .map(|(code, _)| code.as_str())
-        .collect();
+    let whole = needing_values(writes, &stored);
     if !whole.is_empty() {
         let rows = sqlx::query(ROWS)
             .bind(&whole)
@@ -368,7 +364,7 @@ async fn write(
     txn: &mut sqlx::PgConnection,
     plan: &Plan,
     request_id: Option<&str>,
-    response: &BulkUpdateProductsResponse,
+    response: Option<Vec<u8>>,
     now: prost_types::Timestamp,
 ) -> Result<Written, AttemptError> {
     let n = plan.rows.len();
@@ -464,7 +460,7 @@ async fn write(
         .bind(written_fields)
         .bind(change_version)
         .bind(request_id)
-        .bind(request_id.map(|_| response.encode_to_vec()))
+        .bind(response)
         .bind(micros(now))
         .fetch_one(&mut *txn)
         .await

@@ -32,7 +32,7 @@ use super::{
     micros, stored_from_model, timestamp, to_i64, to_model, versions_of,
     write::{Attempt, AttemptError, Rules, WriteOutcome, decide},
 };
-use crate::bulk::{Plan, Stored, Write, needs_values};
+use crate::bulk::{Plan, Stored, Write, needing_values};
 
 /// The write connection's page cache, in KiB (SQLite's default is 2 MiB).
 const WRITER_CACHE_KIB: i64 = 64 * 1024;
@@ -310,7 +310,7 @@ fn write(
         }
     }
     let stored = read(&txn, writes)?;
-    let (plan, response) = decide(writes, stored, now, rules)?;
+    let (plan, response) = decide(writes, stored, now, rules, request_id.is_some())?;
     {
         let mut insert = txn.prepare_cached(INSERT)?;
         let mut update = txn.prepare_cached(UPDATE)?;
@@ -364,12 +364,9 @@ fn write(
                 to_i64(change.change_version),
             ])?;
         }
-        if let Some(id) = request_id {
-            txn.prepare_cached(REMEMBER)?.execute(params![
-                id,
-                response.encode_to_vec(),
-                micros(now)
-            ])?;
+        if let (Some(id), Some(response)) = (request_id, response) {
+            txn.prepare_cached(REMEMBER)?
+                .execute(params![id, response, micros(now)])?;
         }
     }
     if abandoned.load(Ordering::SeqCst) {
@@ -381,7 +378,7 @@ fn write(
 }
 
 /// The stored state the plan needs: every code's field versions, type and creation time;
-/// whole rows only where a stored value can survive the request ([`needs_values`]).
+/// whole rows only where a stored value can survive the request ([`needing_values`]).
 fn read(
     txn: &rusqlite::Transaction<'_>,
     writes: &[Write],
@@ -409,10 +406,9 @@ fn read(
         };
         stored.insert(code, Stored { product, versions });
     }
-    let whole: Vec<String> = stored
-        .iter()
-        .filter(|(code, s)| needs_values(writes, code, &s.product))
-        .map(|(code, _)| code.clone())
+    let whole: Vec<String> = needing_values(writes, &stored)
+        .into_iter()
+        .map(str::to_owned)
         .collect();
     if !whole.is_empty() {
         let mut read_whole = txn.prepare_cached(WHOLE)?;
