@@ -29,7 +29,11 @@ use mall_proto::catalog::v1::{
     BulkUpdateProductsRequest, GetProductRequest, Product, ProductUpdate,
     product_catalog_service_client::ProductCatalogServiceClient,
 };
-use mall_test_support::{TestDatabase, bench, probe, wait_until};
+use mall_test_support::{
+    TestDatabase,
+    bench::{self, CpuSample},
+    probe, wait_until,
+};
 use product_catalog::{App, Settings};
 use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, Statement, Value as SqlValue};
 use tokio_util::sync::CancellationToken;
@@ -116,6 +120,13 @@ async fn run() -> anyhow::Result<()> {
         .connect(database.url())
         .await?;
 
+    // The benchmark's database, whose PostgreSQL backends' CPU is counted per path.
+    let databases: Vec<String> = database
+        .url()
+        .rsplit_once('/')
+        .map(|(_, name)| name.to_owned())
+        .into_iter()
+        .collect();
     let channel = probe::channel(addr);
     let catalog = ProductCatalogServiceClient::new(channel.clone())
         .max_decoding_message_size(64 << 20)
@@ -133,20 +144,32 @@ async fn run() -> anyhow::Result<()> {
                 (0..PRODUCTS).map(|i| bench::product(i, version)).collect();
             // Rotate which goes first, so none always meets a warmer machine.
             let mut round_figures = [0.0; 3];
+            let mut costs = [Cost::default(); 3];
             for turn in 0..3 {
                 let which = (turn + round as usize) % 3;
+                let before = (Instant::now(), CpuSample::now(&databases));
                 round_figures[which] = match which {
                     0 => bulk_update(&catalog, &products, in_flight).await?,
                     1 => copy_baseline(&copy_pool, &products, in_flight).await?,
                     _ => hand_written(&baseline, &products, in_flight).await?,
                 };
+                costs[which] = Cost::of(before, PRODUCTS, &databases);
             }
             let [bulk, copy, sql] = round_figures;
             eprintln!(
-                "  {in_flight} in flight, round {round}: BulkUpdateProducts {bulk:.0} rows/s, \
-                 COPY baseline {copy:.0} rows/s, hand-written upsert {sql:.0} rows/s"
+                "  {in_flight} in flight, round {round}: BulkUpdateProducts {bulk:.0} rows/s \
+                 ({}), COPY baseline {copy:.0} rows/s ({}), hand-written upsert {sql:.0} rows/s \
+                 ({})",
+                costs[0].describe(),
+                costs[1].describe(),
+                costs[2].describe()
             );
-            rounds.push(Figures { bulk, copy, sql });
+            rounds.push(Figures {
+                bulk,
+                copy,
+                sql,
+                costs,
+            });
         }
         bulk_rounds.push((in_flight, rounds));
     }
@@ -335,10 +358,7 @@ async fn prepared_statements(path: &str, products: &[Product]) -> anyhow::Result
                 let mut log = txn.prepare_cached(log)?;
                 for p in chunk {
                     let version = p.version as i64;
-                    let attributes = serde_json::Value::Object(mall_product::attributes::to_json(
-                        p.attributes.as_ref().expect("set"),
-                    ))
-                    .to_string();
+                    let attributes = mall_product::attributes::to_json_text(p.attributes.as_ref());
                     upsert.execute(rusqlite::params![
                         p.code,
                         p.product_type,
@@ -377,12 +397,45 @@ async fn prepared_statements(path: &str, products: &[Product]) -> anyhow::Result
     .await?
 }
 
-/// One round's rows/s: BulkUpdateProducts, the COPY baseline, the hand-written statement.
+/// One round's rows/s: BulkUpdateProducts, the COPY baseline, the hand-written statement;
+/// and what each cost in CPU, in that order.
 #[derive(Debug, Clone, Copy)]
 struct Figures {
     bulk: f64,
     copy: f64,
     sql: f64,
+    costs: [Cost; 3],
+}
+
+/// CPU milliseconds per 1,000 rows written: this process (load generator, gRPC on both ends
+/// and the catalog; or the baseline's client) and the PostgreSQL backends of the benchmark's
+/// database. What limits a path when it runs requests in parallel on 2 cores is their sum.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cost {
+    process: f64,
+    postgres: f64,
+}
+
+impl Cost {
+    /// The cost of writing `rows` since `before`.
+    fn of(before: (Instant, CpuSample), rows: usize, databases: &[String]) -> Self {
+        let (start, sample) = before;
+        let wall = start.elapsed();
+        let used = sample.since(&CpuSample::now(databases), wall);
+        // Cores × seconds = CPU seconds; per 1,000 rows in milliseconds.
+        let per_1000 = |cores: f64| cores * wall.as_secs_f64() * 1e6 / rows as f64;
+        Self {
+            process: per_1000(used.bench),
+            postgres: per_1000(used.postgres),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "CPU per 1,000 rows: process {:.0} ms, PostgreSQL {:.0} ms",
+            self.process, self.postgres
+        )
+    }
 }
 
 /// Streams every product through ImportProducts, [`BATCH`] per message; rows/s.
@@ -477,10 +530,7 @@ async fn copy_chunk(pool: &sea_orm::sqlx::PgPool, chunk: &[Product]) -> anyhow::
         text(&mut data, &serde_json::to_string(&p.prices)?);
         text(
             &mut data,
-            &serde_json::Value::Object(mall_product::attributes::to_json(
-                p.attributes.as_ref().expect("set"),
-            ))
-            .to_string(),
+            &mall_product::attributes::to_json_text(p.attributes.as_ref()),
         );
         int8(&mut data, version);
         int8(&mut data, now);
@@ -680,11 +730,7 @@ async fn upsert(db: &DatabaseConnection, chunk: &[Product]) -> anyhow::Result<()
                 serde_json::to_string(&p.names)?.into(),
                 serde_json::to_string(&p.descriptions)?.into(),
                 serde_json::to_string(&p.prices)?.into(),
-                serde_json::Value::Object(mall_product::attributes::to_json(
-                    p.attributes.as_ref().expect("set"),
-                ))
-                .to_string()
-                .into(),
+                mall_product::attributes::to_json_text(p.attributes.as_ref()).into(),
                 (p.version as i64).into(),
                 now.into(),
                 now.into(),
@@ -817,6 +863,7 @@ fn write_report(
         section,
         "| requests in flight | phase | BulkUpdateProducts rows/s | COPY baseline rows/s | ratio (target ≥ 0.6 at 1, ≥ 0.8 at 4) | hand-written VALUES rows/s | ratio |\n|---|---|---|---|---|---|---|"
     )?;
+    let mut costs = Vec::new();
     for (index, (in_flight, rounds)) in bulk_rounds.iter().enumerate() {
         let mut phases = Vec::new();
         let updates = if index == 0 {
@@ -825,15 +872,22 @@ fn write_report(
         } else {
             &rounds[..]
         };
-        let column = |f: fn(&Figures) -> f64| median(&updates.iter().map(f).collect::<Vec<_>>());
+        let column =
+            |f: &dyn Fn(&Figures) -> f64| median(&updates.iter().map(f).collect::<Vec<_>>());
+        let cost = |i: usize| Cost {
+            process: column(&|r| r.costs[i].process),
+            postgres: column(&|r| r.costs[i].postgres),
+        };
         phases.push((
             "update (median)",
             Figures {
-                bulk: column(|r| r.bulk),
-                copy: column(|r| r.copy),
-                sql: column(|r| r.sql),
+                bulk: column(&|r| r.bulk),
+                copy: column(&|r| r.copy),
+                sql: column(&|r| r.sql),
+                costs: [cost(0), cost(1), cost(2)],
             },
         ));
+        costs.push((*in_flight, phases.clone()));
         for (name, f) in phases {
             writeln!(
                 section,
@@ -843,6 +897,35 @@ fn write_report(
                 f.bulk / f.copy,
                 f.sql,
                 f.bulk / f.sql
+            )?;
+        }
+    }
+    writeln!(
+        section,
+        "\nCPU milliseconds per 1,000 rows, this process (load generator, gRPC client and \
+         server, catalog; or the baseline's client) + the PostgreSQL backends of the \
+         benchmark's database, same rounds as above. With requests in parallel on 2 cores a \
+         path's rate is bounded by its sum; one request at a time, also by the round trips \
+         that leave a core idle.\n\n\
+         | requests in flight | phase | BulkUpdateProducts | COPY baseline | hand-written VALUES \
+         |\n|---|---|---|---|---|"
+    )?;
+    for (in_flight, phases) in &costs {
+        for (name, f) in phases {
+            let cell = |c: &Cost| {
+                format!(
+                    "{:.0} + {:.0} = {:.0}",
+                    c.process,
+                    c.postgres,
+                    c.process + c.postgres
+                )
+            };
+            writeln!(
+                section,
+                "| {in_flight} | {name} | {} | {} | {} |",
+                cell(&f.costs[0]),
+                cell(&f.costs[1]),
+                cell(&f.costs[2])
             )?;
         }
     }

@@ -1,8 +1,9 @@
 //! What the workspace's benchmarks share: the product they write, and the parts of a
-//! BENCHMARKS.md section that say where and when it was measured.
+//! BENCHMARKS.md section that say where and when it was measured and who used the CPU.
 
 use mall_proto::catalog::v1::{Product, ProductStatus};
 use prost_types::{ListValue, Struct, Value, value::Kind};
+use std::time::Duration;
 
 /// Product `i` at `version`: an apparel item as the mall sends them (two languages, two
 /// currencies, a few attributes), about 700 bytes encoded. Its code is [`code`]`(i)`.
@@ -157,4 +158,144 @@ pub fn rss_kib(pid: u32, field: &str) -> u64 {
                 .and_then(|kib| kib.parse().ok())
         })
         .unwrap_or_default()
+}
+
+/// Who used the CPU during a run, in cores (CPU seconds per second of the run).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuUse {
+    /// This process: the load generator and the services it runs in process.
+    pub bench: f64,
+    /// PostgreSQL backends serving this benchmark's databases.
+    pub postgres: f64,
+    /// LocalStack (SQS).
+    pub localstack: f64,
+    /// kinesalite (Kinesis).
+    pub kinesalite: f64,
+    /// Everything else on the machine (other users' builds and tests, the kernel's threads).
+    pub other: f64,
+}
+
+impl CpuUse {
+    /// Every category together.
+    pub fn total(&self) -> f64 {
+        self.bench + self.postgres + self.localstack + self.kinesalite + self.other
+    }
+
+    /// One line: each category's cores, and the machine's.
+    pub fn describe(&self) -> String {
+        format!(
+            "bench process {:.2}, PostgreSQL {:.2}, LocalStack {:.2}, kinesalite {:.2}, other {:.2} \
+             (of {} cores)",
+            self.bench,
+            self.postgres,
+            self.localstack,
+            self.kinesalite,
+            self.other,
+            std::thread::available_parallelism().map_or(0, usize::from)
+        )
+    }
+}
+
+/// CPU ticks of every process at one instant, by [`CpuUse`] category, plus the machine's
+/// total from `/proc/stat`. A process that ends between two samples loses its ticks: the
+/// categories are a lower bound, `other` is what the machine total says is left.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSample {
+    bench: u64,
+    postgres: u64,
+    localstack: u64,
+    kinesalite: u64,
+    busy: u64,
+}
+
+impl CpuSample {
+    /// Now; PostgreSQL counts only the backends whose command line names one of
+    /// `databases` (the benchmark's own).
+    pub fn now(databases: &[String]) -> Self {
+        let mut sample = Self {
+            bench: 0,
+            postgres: 0,
+            localstack: 0,
+            kinesalite: 0,
+            busy: machine_busy_ticks(),
+        };
+        let me = std::process::id().to_string();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return sample;
+        };
+        for entry in entries.flatten() {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            if !pid.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Some(ticks) = process_ticks(&pid) else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default();
+            if pid == me {
+                sample.bench += ticks;
+            } else if cmdline.starts_with("postgres:") {
+                if databases.iter().any(|d| cmdline.contains(d.as_str())) {
+                    sample.postgres += ticks;
+                }
+            } else if cmdline.contains("localstack") {
+                sample.localstack += ticks;
+            } else if cmdline.contains("kinesalite") {
+                sample.kinesalite += ticks;
+            }
+        }
+        sample
+    }
+
+    /// Cores used over `wall` since `self`.
+    /// Cores used between `self` and `now`, `wall` apart.
+    pub fn since(&self, now: &Self, wall: Duration) -> CpuUse {
+        // Linux reports these in USER_HZ, 100 ticks per second.
+        let cores =
+            |a: u64, b: u64| b.saturating_sub(a) as f64 / 100.0 / wall.as_secs_f64().max(1e-9);
+        let mut use_ = CpuUse {
+            bench: cores(self.bench, now.bench),
+            postgres: cores(self.postgres, now.postgres),
+            localstack: cores(self.localstack, now.localstack),
+            kinesalite: cores(self.kinesalite, now.kinesalite),
+            other: 0.0,
+        };
+        use_.other = (cores(self.busy, now.busy) - use_.total()).max(0.0);
+        use_
+    }
+}
+
+/// User plus system ticks of process `pid`, from `/proc/<pid>/stat`.
+fn process_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces): utime is the 12th.
+    let rest = stat.rsplit_once(')')?.1;
+    Some(
+        rest.split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|f| f.parse::<u64>().ok())
+            .sum(),
+    )
+}
+
+/// Busy ticks of the whole machine (all CPUs), from `/proc/stat`.
+fn machine_busy_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| {
+            let ticks: Vec<u64> = stat
+                .lines()
+                .next()?
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|f| f.parse().ok())
+                .collect();
+            let total: u64 = ticks.iter().take(8).sum();
+            let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+            Some(total - idle)
+        })
+        .unwrap_or(0)
 }
