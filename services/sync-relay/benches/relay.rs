@@ -179,6 +179,7 @@ impl Options {
             "relay.max_message_bytes",
             "apply.consumers",
             "apply.receive_batch",
+            "apply.receive_lanes",
             "queue.poll_ms",
             "kinesis.shards",
             "kinesis.max_records",
@@ -593,6 +594,9 @@ fn relay_settings(stack: Stack, options: &Options) -> anyhow::Result<sync_relay:
     settings.apply.consumers = options.get("apply.consumers", settings.apply.consumers)?;
     if options.overrides.contains_key("apply.receive_batch") {
         settings.apply.receive_batch = Some(options.get("apply.receive_batch", 0)?);
+    }
+    if options.overrides.contains_key("apply.receive_lanes") {
+        settings.apply.receive_lanes = Some(options.get("apply.receive_lanes", 0)?);
     }
     settings.queue.embedded.poll_interval = Duration::from_millis(options.get(
         "queue.poll_ms",

@@ -120,11 +120,14 @@ impl App {
             settings.apply.catalog_tls.as_ref(),
             settings.apply.catalog_timeout,
         )?;
+        // Resolved here, where the lanes are known: the consumers share them.
+        let mut apply = settings.apply.clone();
+        apply.receive_lanes = Some(apply.receive_lanes(relay.lanes));
         let applier = Applier::new(
             queue.clone(),
             catalog,
             store.clone(),
-            settings.apply.clone(),
+            apply,
             settings.queue.visibility_timeout,
             metrics,
             control.clone(),

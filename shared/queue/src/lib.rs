@@ -177,15 +177,36 @@ impl Queue {
     ///
     /// # Errors
     /// [`QueueError::Unavailable`] or [`QueueError::Throttled`] when the engine fails.
-    #[tracing::instrument(skip_all, fields(queue = %self.name(), max = max, received = tracing::field::Empty), err)]
     pub async fn receive(
         &self,
         max: usize,
         wait: Duration,
     ) -> Result<Vec<ReceivedMessage>, QueueError> {
+        self.receive_from_groups(max, usize::MAX, wait).await
+    }
+
+    /// As [`Queue::receive`], taking messages of at most `max_groups` (at least 1) message
+    /// groups, so that consumers receiving side by side take different groups and work in
+    /// parallel: a FIFO group's messages are held by one consumer at a time, and a receive
+    /// that took every group would leave the others nothing until it finished.
+    ///
+    /// The embedded FIFO queue takes the groups whose heads are oldest. SQS chooses for
+    /// itself (it returns as many messages of one group as it can, so that other consumers
+    /// get other groups) and ignores `max_groups`, as does a standard queue.
+    ///
+    /// # Errors
+    /// As [`Queue::receive`].
+    #[tracing::instrument(skip_all, fields(queue = %self.name(), max = max, max_groups = max_groups, received = tracing::field::Empty), err)]
+    pub async fn receive_from_groups(
+        &self,
+        max: usize,
+        max_groups: usize,
+        wait: Duration,
+    ) -> Result<Vec<ReceivedMessage>, QueueError> {
         let max = max.clamp(1, limits::MAX_RECEIVE);
+        let max_groups = max_groups.max(1);
         let messages = match &self.inner {
-            Inner::Embedded(q) => q.receive(max, wait).await,
+            Inner::Embedded(q) => q.receive(max, max_groups, wait).await,
             Inner::Sqs(q) => q.receive(max, wait).await,
         }?;
         tracing::Span::current().record("received", messages.len());

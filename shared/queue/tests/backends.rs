@@ -114,6 +114,7 @@ async fn another_databases_running_transaction_holds_no_group_back() {
 
 embedded!(
     a_group_comes_as_a_run_and_waits_while_any_of_it_is_in_flight,
+    receives_side_by_side_take_different_groups_when_told_how_many,
     counts_by_group_show_where_the_backlog_is,
     queues_sharing_a_database_stay_apart,
     a_stale_receipt_can_neither_delete_nor_extend_a_redelivered_message,
@@ -185,6 +186,60 @@ async fn a_group_comes_as_a_run_and_waits_while_any_of_it_is_in_flight(target: T
     queue.delete(&receipts).await.expect("deleted");
     let last = receive_n(&queue, 1, true, Duration::from_secs(5)).await;
     assert_eq!(last[0].body, a[MAX_GROUP_RUN + 1]);
+}
+
+/// `receive_from_groups` takes the runs of at most that many groups, the oldest heads first,
+/// so consumers receiving one after another (or side by side) get different groups instead
+/// of the first one holding them all; the same backlog in one plain receive spreads over
+/// every group.
+async fn receives_side_by_side_take_different_groups_when_told_how_many(target: Target) {
+    let harness = Harness::new(target).await;
+    let (queue, _) = harness.queue(|_| {}).await;
+    let groups = ["G1", "G2", "G3", "G4", "G5"];
+    // Oldest heads first: G1's head is the oldest, G5's the newest.
+    for round in 1..=3 {
+        let messages = groups
+            .iter()
+            .map(|g| OutgoingMessage::new(format!("{g}-{round}")).with_group(*g))
+            .collect();
+        queue.send(messages).await.expect("send works");
+    }
+    let mut seen = Vec::new();
+    for expected in [&groups[..2], &groups[2..4], &groups[4..]] {
+        let received = queue
+            .receive_from_groups(100, 2, Duration::from_secs(5))
+            .await
+            .expect("receive works");
+        let by_group = common::bodies_by_group(&received);
+        let got: Vec<&str> = by_group.keys().map(String::as_str).collect();
+        assert_eq!(got, expected, "the oldest heads' groups not yet held");
+        for (group, bodies) in &by_group {
+            assert_eq!(
+                bodies,
+                &[1, 2, 3].map(|round| format!("{group}-{round}")),
+                "each group's whole run, in order"
+            );
+        }
+        seen.extend(received);
+    }
+    let nothing = queue
+        .receive_from_groups(100, 2, Duration::from_millis(300))
+        .await
+        .expect("receive works");
+    assert!(nothing.is_empty(), "every group is held: {nothing:?}");
+
+    // Given back, one plain receive takes every group again.
+    for message in &seen {
+        queue
+            .change_visibility(&message.receipt, Duration::ZERO)
+            .await
+            .expect("released");
+    }
+    let all = queue
+        .receive(100, Duration::from_secs(5))
+        .await
+        .expect("receive works");
+    assert_eq!(common::bodies_by_group(&all).len(), groups.len());
 }
 
 async fn counts_by_group_show_where_the_backlog_is(target: Target) {

@@ -159,8 +159,9 @@ impl Applier {
     pub async fn run_once(&self, shutdown: &CancellationToken) -> anyhow::Result<usize> {
         let messages = self
             .queue
-            .receive(
+            .receive_from_groups(
                 self.settings.receive_batch(self.queue.backend()),
+                self.settings.receive_lanes.unwrap_or(usize::MAX),
                 self.settings.receive_wait,
             )
             .await?;

@@ -379,6 +379,7 @@ impl EmbeddedQueue {
     pub(crate) async fn receive(
         &self,
         max: usize,
+        max_groups: usize,
         wait: Duration,
     ) -> Result<Vec<ReceivedMessage>, QueueError> {
         let deadline = tokio::time::Instant::now() + wait;
@@ -387,7 +388,7 @@ impl EmbeddedQueue {
             let notified = self.shared.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let messages = self.try_receive(max).await?;
+            let messages = self.try_receive(max, max_groups).await?;
             let now = tokio::time::Instant::now();
             if !messages.is_empty() || now >= deadline {
                 return Ok(messages);
@@ -400,7 +401,11 @@ impl EmbeddedQueue {
         }
     }
 
-    async fn try_receive(&self, max: usize) -> Result<Vec<ReceivedMessage>, QueueError> {
+    async fn try_receive(
+        &self,
+        max: usize,
+        max_groups: usize,
+    ) -> Result<Vec<ReceivedMessage>, QueueError> {
         let now = now_ms();
         let name = &self.shared.name;
         let _turn = self.write_turn().await;
@@ -436,7 +441,7 @@ impl EmbeddedQueue {
                 return Ok(Vec::new());
             }
             return self
-                .receive_runs(candidates, now, max, visible_at, &token)
+                .receive_runs(candidates, now, (max, max_groups), visible_at, &token)
                 .await;
         }
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
@@ -490,11 +495,12 @@ impl EmbeddedQueue {
     }
 
     /// A FIFO receive once the candidate heads are known: in one transaction, take the
-    /// oldest of those heads that are still live and visible (on PostgreSQL locking them,
-    /// `SKIP LOCKED`, so a concurrent consumer passes them by), read the first
-    /// [`limits::MAX_GROUP_RUN`] live messages of each such group, and stamp each group's
-    /// run (its head and the messages behind it that no running transaction can still
-    /// precede) with the new visibility and receipt, at most `max` messages in all.
+    /// oldest of those heads that are still live and visible, at most `max_groups` of them
+    /// (on PostgreSQL locking them, `SKIP LOCKED`, so a concurrent consumer passes them by
+    /// and takes the next groups), read the first [`limits::MAX_GROUP_RUN`] live messages of
+    /// each such group, and stamp each group's run (its head and the messages behind it that
+    /// no running transaction can still precede) with the new visibility and receipt, at most
+    /// `max` messages in all.
     ///
     /// A group with any of those first messages in flight gives nothing: an earlier run
     /// whose head was released or ran out while the rest of it is still being worked on
@@ -506,7 +512,7 @@ impl EmbeddedQueue {
         &self,
         candidates: Vec<i64>,
         now: i64,
-        max: usize,
+        (max, max_groups): (usize, usize),
         visible_at: i64,
         token: &str,
     ) -> Result<Vec<ReceivedMessage>, QueueError> {
@@ -518,7 +524,7 @@ impl EmbeddedQueue {
             .push(" AND dead = 0 AND visible_at <= ")
             .bind(now)
             .push(" ORDER BY id LIMIT ")
-            .bind(i64::try_from(max).unwrap_or(i64::MAX));
+            .bind(i64::try_from(max.min(max_groups)).unwrap_or(i64::MAX));
         if postgres {
             sql.push(" FOR UPDATE SKIP LOCKED");
         }
