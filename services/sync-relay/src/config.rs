@@ -161,8 +161,9 @@ pub struct ApplySettings {
     pub consumers: usize,
     /// Messages one consumer receives at once (1–1000). The embedded queue hands out a
     /// lane with a backlog as a run of up to 10 messages, so one receive carries several
-    /// changes of a busy lane into one BulkUpdateProducts call; SQS returns at most 10 per
-    /// call and makes several calls in a row for more. Default by queue backend
+    /// changes of a busy lane into one BulkUpdateProducts call, from at most `receive_lanes`
+    /// lanes (so at most `receive_lanes` × 10 messages); SQS returns at most 10 per call and
+    /// makes several calls in a row for more. Default by queue backend
     /// ([`ApplySettings::receive_batch`]): 200 on the embedded queue, 40 on SQS.
     pub receive_batch: Option<usize>,
     /// Lanes (message groups) one consumer takes per receive, so that the replica's

@@ -196,7 +196,7 @@ impl Queue {
     ///
     /// # Errors
     /// As [`Queue::receive`].
-    #[tracing::instrument(skip_all, fields(queue = %self.name(), max = max, max_groups = max_groups, received = tracing::field::Empty), err)]
+    #[tracing::instrument(name = "receive", skip_all, fields(queue = %self.name(), max = max, max_groups = tracing::field::Empty, received = tracing::field::Empty), err)]
     pub async fn receive_from_groups(
         &self,
         max: usize,
@@ -205,6 +205,9 @@ impl Queue {
     ) -> Result<Vec<ReceivedMessage>, QueueError> {
         let max = max.clamp(1, limits::MAX_RECEIVE);
         let max_groups = max_groups.max(1);
+        if max_groups < max {
+            tracing::Span::current().record("max_groups", max_groups);
+        }
         let messages = match &self.inner {
             Inner::Embedded(q) => q.receive(max, max_groups, wait).await,
             Inner::Sqs(q) => q.receive(max, wait).await,

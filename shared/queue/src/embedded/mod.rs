@@ -519,11 +519,25 @@ impl EmbeddedQueue {
         let postgres = self.shared.backend == DbBackend::Postgres;
         let txn = self.begin_ordered().await?;
         let mut sql = self.sql();
-        sql.push("SELECT id, group_id FROM mall_queue_messages WHERE id IN ")
+        sql.push("SELECT id, group_id FROM mall_queue_messages h WHERE id IN ")
             .bind_list(candidates)
             .push(" AND dead = 0 AND visible_at <= ")
-            .bind(now)
-            .push(" ORDER BY id LIMIT ")
+            .bind(now);
+        if max_groups < max {
+            // Only groups that can give a run count toward the bound: a head whose run is
+            // still partly in flight (released alone, say) is always among the oldest, and
+            // would otherwise take a place in every receive, up to all of them. The check
+            // below stays, for what changes between this statement and the locks.
+            sql.push(" AND NOT EXISTS (SELECT 1 FROM mall_queue_messages r WHERE r.visible_at > ")
+                .bind(now)
+                .push(
+                    " AND r.id IN (SELECT id FROM mall_queue_messages WHERE queue = h.queue \
+                 AND dead = 0 AND group_id = h.group_id ORDER BY group_id, xid, id LIMIT ",
+                )
+                .bind(i64::try_from(limits::MAX_GROUP_RUN).unwrap_or(i64::MAX))
+                .push("))");
+        }
+        sql.push(" ORDER BY id LIMIT ")
             .bind(i64::try_from(max.min(max_groups)).unwrap_or(i64::MAX));
         if postgres {
             sql.push(" FOR UPDATE SKIP LOCKED");
