@@ -156,8 +156,9 @@ pub struct ApplySettings {
     /// Deadline of one BulkUpdateProducts call. Default 10s.
     #[serde(with = "humantime_serde")]
     pub catalog_timeout: Duration,
-    /// Queue consumers in this replica; each receives a batch and applies its lanes in
-    /// parallel. Default 4.
+    /// Queue consumers in this replica, working side by side; each receives a batch (on the
+    /// embedded queue from `receive_lanes` lanes) and applies its lanes together in one
+    /// catalog call per product type. Default 4.
     pub consumers: usize,
     /// Messages one consumer receives at once (1–1000). The embedded queue hands out a
     /// lane with a backlog as a run of up to 10 messages, so one receive carries several

@@ -1,6 +1,8 @@
 //! Stage 2: receive lane messages, merge them, apply them to the catalog, delete them.
 //!
-//! A consumer receives a batch and splits it by lane; within a lane, messages are handled in
+//! A consumer receives a batch from its share of the lanes (`apply.receive_lanes` on the
+//! embedded queue, so the replica's consumers call the catalog side by side) and splits it by
+//! lane; within a lane, messages are handled in
 //! the order received, and a lane whose apply fails gives all of its messages of this batch
 //! back, so no later change of a product overtakes an earlier one. A message is deleted only
 //! after the catalog committed its changes.
