@@ -234,9 +234,18 @@ async fn prefill(
     assert_eq!(stored, i64::try_from(messages).expect("small"), "prefilled");
 }
 
-/// The cost of one receive of up to 10, and of the delete of what it got, from a queue that
-/// holds `backlog` messages over 1,024 groups: means over [`BACKLOG_RECEIVES`] calls.
-async fn receive_with_backlog(backend: &Backend, backlog: usize) -> (Duration, Duration) {
+/// Mean costs from a queue holding `backlog` messages over 1,024 groups (each over
+/// [`BACKLOG_RECEIVES`] calls).
+struct BacklogCosts {
+    /// A receive of up to 10, and the delete of what it got.
+    receive: Duration,
+    delete: Duration,
+    /// A receive of up to 10 from at most 4 groups (sync-relay's consumers ask that way)
+    /// while the runs of [`HELD_RECEIVES`] earlier receives are still in flight.
+    bounded: Duration,
+}
+
+async fn receive_with_backlog(backend: &Backend, backlog: usize) -> BacklogCosts {
     let name = format!(
         "backlog{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -263,11 +272,35 @@ async fn receive_with_backlog(backend: &Backend, backlog: usize) -> (Duration, D
         queue.delete(&receipts).await.expect("delete works");
         deleting += start.elapsed();
     }
-    (receiving / BACKLOG_RECEIVES, deleting / BACKLOG_RECEIVES)
+    // Messages in flight are what a bounded receive checks each candidate group against.
+    for _ in 0..HELD_RECEIVES {
+        queue
+            .receive(10, Duration::ZERO)
+            .await
+            .expect("receive works");
+    }
+    let mut bounded = Duration::ZERO;
+    for _ in 0..BACKLOG_RECEIVES {
+        let start = Instant::now();
+        let batch = queue
+            .receive_from_groups(10, 4, Duration::ZERO)
+            .await
+            .expect("receive works");
+        bounded += start.elapsed();
+        assert!(!batch.is_empty(), "groups are left to receive from");
+    }
+    BacklogCosts {
+        receive: receiving / BACKLOG_RECEIVES,
+        delete: deleting / BACKLOG_RECEIVES,
+        bounded: bounded / BACKLOG_RECEIVES,
+    }
 }
 
 /// Receives measured per backlog size (they take 500 messages of the smaller backlog).
 const BACKLOG_RECEIVES: u32 = 50;
+
+/// Receives whose messages stay in flight before the bounded receives are measured.
+const HELD_RECEIVES: u32 = 20;
 
 /// Bodies of `records` records of [`RECORD_BYTES`], packed base64 into `budget` bytes.
 fn packed_bodies(records: usize, budget: usize) -> (Vec<String>, usize) {
@@ -342,20 +375,22 @@ async fn main() {
     let embedded: Vec<Target> = targets.into_iter().filter(|t| *t != Target::Sqs).collect();
     if !embedded.is_empty() {
         println!(
-            "\n| backend | backlog (1,024 groups) | receive of 10, mean | delete of 10, mean | receive vs 1,000 queued |\n|---|---|---|---|---|"
+            "\n| backend | backlog (1,024 groups) | receive of 10, mean | delete of 10, mean | receive vs 1,000 queued | receive of 10 from 4 groups, {HELD_RECEIVES} receives in flight, mean | that vs 1,000 queued |\n|---|---|---|---|---|---|---|"
         );
     }
     for target in embedded {
         let backend = Backend::new(target).await;
         let small = receive_with_backlog(&backend, 1_000).await;
         let large = receive_with_backlog(&backend, 1_000_000).await;
-        for (backlog, (receive, delete)) in [(1_000, small), (1_000_000, large)] {
+        for (backlog, costs) in [(1_000, &small), (1_000_000, &large)] {
             println!(
-                "| {} | {backlog} | {:.2} ms | {:.2} ms | {:.2}× |",
+                "| {} | {backlog} | {:.2} ms | {:.2} ms | {:.2}× | {:.2} ms | {:.2}× |",
                 target.label(),
-                receive.as_secs_f64() * 1e3,
-                delete.as_secs_f64() * 1e3,
-                receive.as_secs_f64() / small.0.as_secs_f64()
+                costs.receive.as_secs_f64() * 1e3,
+                costs.delete.as_secs_f64() * 1e3,
+                costs.receive.as_secs_f64() / small.receive.as_secs_f64(),
+                costs.bounded.as_secs_f64() * 1e3,
+                costs.bounded.as_secs_f64() / small.bounded.as_secs_f64(),
             );
         }
     }

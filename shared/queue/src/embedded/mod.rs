@@ -528,14 +528,18 @@ impl EmbeddedQueue {
             // still partly in flight (released alone, say) is always among the oldest, and
             // would otherwise take a place in every receive, up to all of them. The check
             // below stays, for what changes between this statement and the locks.
-            sql.push(" AND NOT EXISTS (SELECT 1 FROM mall_queue_messages r WHERE r.visible_at > ")
-                .bind(now)
-                .push(
-                    " AND r.id IN (SELECT id FROM mall_queue_messages WHERE queue = h.queue \
-                 AND dead = 0 AND group_id = h.group_id ORDER BY group_id, xid, id LIMIT ",
-                )
-                .bind(i64::try_from(limits::MAX_GROUP_RUN).unwrap_or(i64::MAX))
-                .push("))");
+            // The run is read first (one probe of the group-order index, at most
+            // MAX_GROUP_RUN rows) and filtered after: with the filter outside, planners
+            // scanned every in-flight row of the queue per head (10-25 ms a receive).
+            sql.push(
+                " AND NOT EXISTS (SELECT 1 FROM (SELECT visible_at FROM mall_queue_messages \
+                 WHERE queue = h.queue AND dead = 0 AND group_id = h.group_id \
+                 ORDER BY group_id, xid, id LIMIT ",
+            )
+            .bind(i64::try_from(limits::MAX_GROUP_RUN).unwrap_or(i64::MAX))
+            .push(") AS r WHERE r.visible_at > ")
+            .bind(now)
+            .push(")");
         }
         sql.push(" ORDER BY id LIMIT ")
             .bind(i64::try_from(max.min(max_groups)).unwrap_or(i64::MAX));
