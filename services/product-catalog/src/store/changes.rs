@@ -231,7 +231,8 @@ impl Store {
         limit: u64,
     ) -> Result<ChangeBatch, ServiceError> {
         use product_changes::Column as C;
-        let mut query = product_changes::Entity::find().filter(between(after, through));
+        let mut query =
+            product_changes::Entity::find().filter(between(self.backend, after, through));
         if let Some(product_type) = product_type {
             query = query.filter(C::ProductType.eq(product_type));
         }
@@ -413,7 +414,7 @@ impl Store {
         let rows: Vec<(i64, i64, String)> = product_changes::Entity::find()
             .select_only()
             .columns([C::Xid, C::Seq, C::Code])
-            .filter(between(after, through))
+            .filter(between(self.backend, after, through))
             .order_by_asc(C::Xid)
             .order_by_asc(C::Seq)
             .limit(FOLLOW_BATCH)
@@ -458,7 +459,7 @@ impl Store {
             let oldest: Vec<(i64, i64, i64)> = product_changes::Entity::find()
                 .select_only()
                 .columns([C::Xid, C::Seq, C::CommitTime])
-                .filter(between(log.pruned_through, log.head))
+                .filter(between(self.backend, log.pruned_through, log.head))
                 .order_by_asc(C::Xid)
                 .order_by_asc(C::Seq)
                 .limit(batch)
@@ -482,7 +483,7 @@ impl Store {
                 .await
                 .map_err(|e| db_error(e, "prune change log"))?;
             let removed = product_changes::Entity::delete_many()
-                .filter(between(LogPosition::default(), through))
+                .filter(between(self.backend, LogPosition::default(), through))
                 .exec(&write.txn)
                 .await
                 .map_err(|e| db_error(e, "prune change log"))?
@@ -539,10 +540,30 @@ impl Store {
     }
 }
 
-/// Entries after `after` up to and including `through`, in `(xid, seq)` order. (The row
-/// comparison lets PostgreSQL scan the `(xid, seq)` index as one range.)
-fn between(after: LogPosition, through: LogPosition) -> SimpleExpr {
+/// Entries after `after` up to and including `through`, in `(xid, seq)` order.
+///
+/// On PostgreSQL the row comparison scans the `(xid, seq)` index as one range. SQLite turns a
+/// row comparison into a range on its first column only, and `xid` is 0 in every row there,
+/// so it read the whole log on every call (15 ms a watch poll with 230,000 entries): there the
+/// bounds become bounds on `seq`, exactly the same entries given `xid` = 0.
+fn between(backend: Backend, after: LogPosition, through: LogPosition) -> SimpleExpr {
+    use std::cmp::Ordering;
+
     use product_changes::Column as C;
+    if backend == Backend::Sqlite {
+        // `(0, seq) > (xid, s)`: every entry when xid < 0, none when xid > 0; `seq` ≥ 1.
+        let lower = match after.xid.cmp(&0) {
+            Ordering::Less => i64::MIN,
+            Ordering::Equal => after.seq,
+            Ordering::Greater => i64::MAX,
+        };
+        let upper = match through.xid.cmp(&0) {
+            Ordering::Less => i64::MIN,
+            Ordering::Equal => through.seq,
+            Ordering::Greater => i64::MAX,
+        };
+        return C::Seq.gt(lower).and(C::Seq.lte(upper));
+    }
     let entry = || Expr::tuple([Expr::col(C::Xid), Expr::col(C::Seq)]);
     entry()
         .gt(position(after))
@@ -552,4 +573,50 @@ fn between(after: LogPosition, through: LogPosition) -> SimpleExpr {
 /// `position` as a row value, to compare with `(xid, seq)`.
 fn position(position: LogPosition) -> SimpleExpr {
     Expr::tuple([Expr::val(position.xid), Expr::val(position.seq)])
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{EntityTrait as _, QueryFilter as _, QueryTrait as _};
+
+    use super::*;
+
+    fn sqlite_where(after: (i64, i64), through: (i64, i64)) -> String {
+        let at = |(xid, seq)| LogPosition { xid, seq };
+        product_changes::Entity::find()
+            .filter(between(Backend::Sqlite, at(after), at(through)))
+            .build(sea_orm::DbBackend::Sqlite)
+            .to_string()
+            .split_once(" WHERE ")
+            .expect("a WHERE clause")
+            .1
+            .to_owned()
+    }
+
+    #[test]
+    fn on_sqlite_the_bounds_are_on_seq_and_mean_the_same_entries_as_the_row_comparison() {
+        // Every entry there is (0, seq), seq ≥ 1.
+        assert_eq!(
+            sqlite_where((0, 7), (0, 20)),
+            r#""product_changes"."seq" > 7 AND "product_changes"."seq" <= 20"#
+        );
+        // Positions of another xid (a forged cursor): all entries after (-1, _), none
+        // after (1, _); all up to (1, _), none up to (-1, _).
+        assert_eq!(
+            sqlite_where((-1, 7), (1, 0)),
+            format!(
+                r#""product_changes"."seq" > {} AND "product_changes"."seq" <= {}"#,
+                i64::MIN,
+                i64::MAX
+            )
+        );
+        assert_eq!(
+            sqlite_where((1, 0), (-1, 0)),
+            format!(
+                r#""product_changes"."seq" > {} AND "product_changes"."seq" <= {}"#,
+                i64::MAX,
+                i64::MIN
+            )
+        );
+    }
 }
