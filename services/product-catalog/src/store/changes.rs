@@ -544,8 +544,10 @@ impl Store {
 ///
 /// On PostgreSQL the row comparison scans the `(xid, seq)` index as one range. SQLite turns a
 /// row comparison into a range on its first column only, and `xid` is 0 in every row there,
-/// so it read the whole log on every call (15 ms a watch poll with 230,000 entries): there the
-/// bounds become bounds on `seq`, exactly the same entries given `xid` = 0.
+/// so it read the whole log on every call (15 ms a watch read with 230,000 entries): there it
+/// is `xid = 0` and bounds on `seq`, exactly the same entries given `xid` = 0. (`xid = 0`
+/// stays: with `seq` alone SQLite ranges over the rowid and sorts the whole range for the
+/// `ORDER BY xid, seq`; with it, the `(xid, seq)` index gives range and order.)
 fn between(backend: Backend, after: LogPosition, through: LogPosition) -> SimpleExpr {
     use std::cmp::Ordering;
 
@@ -562,7 +564,7 @@ fn between(backend: Backend, after: LogPosition, through: LogPosition) -> Simple
             Ordering::Equal => through.seq,
             Ordering::Greater => i64::MAX,
         };
-        return C::Seq.gt(lower).and(C::Seq.lte(upper));
+        return C::Xid.eq(0).and(C::Seq.gt(lower)).and(C::Seq.lte(upper));
     }
     let entry = || Expr::tuple([Expr::col(C::Xid), Expr::col(C::Seq)]);
     entry()
@@ -598,14 +600,14 @@ mod tests {
         // Every entry there is (0, seq), seq ≥ 1.
         assert_eq!(
             sqlite_where((0, 7), (0, 20)),
-            r#""product_changes"."seq" > 7 AND "product_changes"."seq" <= 20"#
+            r#""product_changes"."xid" = 0 AND "product_changes"."seq" > 7 AND "product_changes"."seq" <= 20"#
         );
         // Positions of another xid (a forged cursor): all entries after (-1, _), none
         // after (1, _); all up to (1, _), none up to (-1, _).
         assert_eq!(
             sqlite_where((-1, 7), (1, 0)),
             format!(
-                r#""product_changes"."seq" > {} AND "product_changes"."seq" <= {}"#,
+                r#""product_changes"."xid" = 0 AND "product_changes"."seq" > {} AND "product_changes"."seq" <= {}"#,
                 i64::MIN,
                 i64::MAX
             )
@@ -613,7 +615,7 @@ mod tests {
         assert_eq!(
             sqlite_where((1, 0), (-1, 0)),
             format!(
-                r#""product_changes"."seq" > {} AND "product_changes"."seq" <= {}"#,
+                r#""product_changes"."xid" = 0 AND "product_changes"."seq" > {} AND "product_changes"."seq" <= {}"#,
                 i64::MAX,
                 i64::MIN
             )

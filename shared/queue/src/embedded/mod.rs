@@ -529,8 +529,8 @@ impl EmbeddedQueue {
             // would otherwise take a place in every receive, up to all of them. The check
             // below stays, for what changes between this statement and the locks.
             // The run is read first (one probe of the group-order index, at most
-            // MAX_GROUP_RUN rows) and filtered after: with the filter outside, planners
-            // scanned every in-flight row of the queue per head (10-25 ms a receive).
+            // MAX_GROUP_RUN rows) and filtered after: with the filter outside, PostgreSQL
+            // scanned the queue per candidate head (10-28 ms a receive).
             sql.push(
                 " AND NOT EXISTS (SELECT 1 FROM (SELECT visible_at FROM mall_queue_messages \
                  WHERE queue = h.queue AND dead = 0 AND group_id = h.group_id \
