@@ -9,14 +9,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // mimalloc asks for transparent huge pages (2 MiB) for its arenas, so each thread's
-    // first small allocations fault in whole huge pages: measured in the benchmark, half
-    // the process's resident memory at idle and tens of MB under load, for no throughput.
-    // Off for this process only (the kernel's `madvise` setting stays as it is).
-    #[cfg(target_os = "linux")]
-    if let Err(error) = nix::sys::prctl::set_thp_disable(true) {
-        eprintln!("cannot turn transparent huge pages off ({error}); memory use will be higher");
-    }
+    // Half the idle resident memory and tens of MB under load were whole huge pages faulted
+    // in by mimalloc's arenas (see `mall_grpc::process`).
+    mall_grpc::process::disable_transparent_huge_pages();
     // rustls needs its crypto provider chosen before any TLS (ours, AWS's, the partner's).
     mall_grpc::tls::install_crypto_provider();
     let settings = Settings::load()?;

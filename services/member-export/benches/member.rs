@@ -59,6 +59,8 @@ const FAILOVER_RATE: u32 = 20;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    // As the service's binary does (see `mall_grpc::process`).
+    mall_grpc::process::disable_transparent_huge_pages();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")

@@ -9,6 +9,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // First thing (see `mall_grpc::process`): what the runtime allocated already stays as it is.
+    mall_grpc::process::disable_transparent_huge_pages();
     // rustls needs its crypto provider chosen before any TLS (ours, AWS's, the partner's).
     mall_grpc::tls::install_crypto_provider();
     let settings = Settings::load()?;

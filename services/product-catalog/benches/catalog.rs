@@ -67,6 +67,8 @@ const UNDER_WRITE_CONCURRENCY: usize = 32;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    // As the service's binary does (see `mall_grpc::process`).
+    mall_grpc::process::disable_transparent_huge_pages();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

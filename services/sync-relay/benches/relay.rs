@@ -100,6 +100,8 @@ const PUT_BATCH: usize = 500;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    // As the service's binary does (see `mall_grpc::process`).
+    mall_grpc::process::disable_transparent_huge_pages();
     let options = Options::parse(std::env::args().skip(1))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -28,6 +28,7 @@
 //! - [`client`]: channels to other services (TLS when configured) and trace-context
 //!   propagation for outgoing calls.
 //! - [`shutdown`]: the SIGTERM/SIGINT future, [`shutdown_signal`].
+//! - [`process`]: process-wide settings a binary makes first (transparent huge pages off).
 
 pub mod admin;
 pub mod authz;
@@ -36,6 +37,7 @@ pub mod error;
 pub mod listen;
 pub mod methods;
 pub mod observe;
+pub mod process;
 pub mod server;
 pub mod settings;
 pub mod shutdown;
