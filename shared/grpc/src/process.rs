@@ -3,7 +3,7 @@
 /// Turns transparent huge pages off for this process (inherited by the processes it starts).
 ///
 /// Every service allocates through mimalloc, which asks the kernel for transparent huge pages
-/// (2 MiB) for its arenas (`madvise`); hosts set to `madvise` (Debian's and Ubuntu's default)
+/// (2 MiB) for its arenas (`madvise`); hosts set to `madvise` (as the benchmarks' hosts are)
 /// or `always` give them. The first touch of such a page then zeroes all 2 MiB, and touching
 /// a whole page that mimalloc gave back to the system zeroes it again. With bursts of large
 /// requests (a bulk write of 1,000 products, a relay batch) that zeroing was 11 % of the
