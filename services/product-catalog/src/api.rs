@@ -193,7 +193,7 @@ impl ProductCatalogService for CatalogApi {
             .store
             .bulk_write(
                 request.request_id.as_deref(),
-                request.writes.into(),
+                request.writes,
                 OnRefusal::RejectRequest,
             )
             .await?;

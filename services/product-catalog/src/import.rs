@@ -191,14 +191,13 @@ impl Importer {
         if writes.is_empty() {
             return Ok(response);
         }
-        let writes: Arc<[Write]> = writes.into();
         let WriteOutcome::Applied {
             results,
             refused,
             retries,
         } = self
             .store
-            .bulk_write(None, writes.clone(), OnRefusal::SkipItems)
+            .bulk_write(None, writes, OnRefusal::SkipItems)
             .await?
         else {
             unreachable!("a write without a request id is never a replay");
@@ -217,7 +216,7 @@ impl Importer {
             record_invalid(
                 &mut response,
                 indexes[refusal.index],
-                writes[refusal.index].product.code.clone(),
+                results[refusal.index].code.clone(),
                 format!("{}: {}", refusal.field, refusal.reason),
             );
         }

@@ -144,15 +144,57 @@ impl UpdateMask {
         versions: &mut FieldVersions,
         update: &Product,
     ) -> UpdateMask {
+        let written = self.newer(versions, update.version);
+        for bit in written.fields() {
+            copy_field(bit, base, update);
+        }
+        base.version = versions.max();
+        written
+    }
+
+    /// [`UpdateMask::apply_newer`] without copying: the written fields' values are swapped
+    /// between `base` and `update`, so `update` is left holding what `base` had.
+    /// [`UpdateMask::swap_fields`] with the returned mask puts both back. For a caller that
+    /// owns its updates and needs them again only when the write is undone: no value is
+    /// allocated, copied or dropped.
+    pub fn apply_newer_swapping(
+        self,
+        base: &mut Product,
+        versions: &mut FieldVersions,
+        update: &mut Product,
+    ) -> UpdateMask {
+        let written = self.newer(versions, update.version);
+        written.swap_fields(base, update);
+        base.version = versions.max();
+        written
+    }
+
+    /// Swaps the values of the mask's fields between `a` and `b`.
+    pub fn swap_fields(self, a: &mut Product, b: &mut Product) {
+        for bit in self.fields() {
+            match bit {
+                BRAND => std::mem::swap(&mut a.brand, &mut b.brand),
+                CATEGORY_PATH => std::mem::swap(&mut a.category_path, &mut b.category_path),
+                STATUS => std::mem::swap(&mut a.status, &mut b.status),
+                NAMES => std::mem::swap(&mut a.names, &mut b.names),
+                DESCRIPTIONS => std::mem::swap(&mut a.descriptions, &mut b.descriptions),
+                PRICES => std::mem::swap(&mut a.prices, &mut b.prices),
+                ATTRIBUTES => std::mem::swap(&mut a.attributes, &mut b.attributes),
+                other => unreachable!("bit {other} is not a writable field"),
+            }
+        }
+    }
+
+    /// The fields of the mask whose version in `versions` is older than `version`, now
+    /// recorded at `version`.
+    fn newer(self, versions: &mut FieldVersions, version: u64) -> Self {
         let mut written = 0;
         for bit in self.fields() {
-            if versions.0[bit] < update.version {
-                copy_field(bit, base, update);
-                versions.0[bit] = update.version;
+            if versions.0[bit] < version {
+                versions.0[bit] = version;
                 written |= 1 << bit;
             }
         }
-        base.version = versions.max();
         Self { bits: written }
     }
 
@@ -164,15 +206,15 @@ impl UpdateMask {
 
 /// Copies field `PATHS[bit]` of `from` onto `to`.
 fn copy_field(bit: usize, to: &mut Product, from: &Product) {
-    match PATHS[bit] {
-        "brand" => to.brand.clone_from(&from.brand),
-        "category_path" => to.category_path.clone_from(&from.category_path),
-        "status" => to.status = from.status,
-        "names" => to.names.clone_from(&from.names),
-        "descriptions" => to.descriptions.clone_from(&from.descriptions),
-        "prices" => to.prices.clone_from(&from.prices),
-        "attributes" => to.attributes.clone_from(&from.attributes),
-        other => unreachable!("{other} is not a writable field"),
+    match bit {
+        BRAND => to.brand.clone_from(&from.brand),
+        CATEGORY_PATH => to.category_path.clone_from(&from.category_path),
+        STATUS => to.status = from.status,
+        NAMES => to.names.clone_from(&from.names),
+        DESCRIPTIONS => to.descriptions.clone_from(&from.descriptions),
+        PRICES => to.prices.clone_from(&from.prices),
+        ATTRIBUTES => to.attributes.clone_from(&from.attributes),
+        other => unreachable!("bit {other} is not a writable field"),
     }
 }
 
@@ -209,8 +251,14 @@ impl FieldVersions {
     }
 }
 
-/// Index of `status` in [`PATHS`].
+// Indexes into [`PATHS`]; a test checks each against its name.
+const BRAND: usize = 0;
+const CATEGORY_PATH: usize = 1;
 const STATUS: usize = 2;
+const NAMES: usize = 3;
+const DESCRIPTIONS: usize = 4;
+const PRICES: usize = 5;
+const ATTRIBUTES: usize = 6;
 
 #[cfg(test)]
 mod tests {
@@ -305,10 +353,69 @@ mod tests {
     }
 
     #[test]
+    fn swapping_writes_what_copying_writes_and_swapping_back_undoes_it() {
+        let stored = Product {
+            code: "P1".into(),
+            brand: "B7".into(),
+            prices: [("KRW".to_owned(), 7)].into(),
+            version: 7,
+            ..Product::default()
+        };
+        let mut versions = FieldVersions::all(3);
+        versions.0[BRAND] = 7;
+        let update = Product {
+            code: "P1".into(),
+            brand: "B5".into(),
+            names: [("en".to_owned(), "five".to_owned())].into(),
+            prices: [("KRW".to_owned(), 5)].into(),
+            status: 1,
+            version: 5,
+            ..Product::default()
+        };
+        let m = mask(&["brand", "names", "prices", "status"]).expect("valid");
+        let (mut copied, mut copied_versions) = (stored.clone(), versions);
+        let by_copy = m.apply_newer(&mut copied, &mut copied_versions, &update);
+
+        let (mut swapped, mut swapped_versions) = (stored.clone(), versions);
+        let mut moved = update.clone();
+        let by_swap = m.apply_newer_swapping(&mut swapped, &mut swapped_versions, &mut moved);
+        assert_eq!(
+            (by_swap, &swapped, swapped_versions),
+            (by_copy, &copied, copied_versions)
+        );
+        assert_eq!(
+            moved.brand, "B5",
+            "a field not written stays with the update"
+        );
+        assert!(
+            moved.names.is_empty(),
+            "the update holds what the product had"
+        );
+
+        by_swap.swap_fields(&mut swapped, &mut moved);
+        assert_eq!(
+            moved, update,
+            "swapping back gives the update its values again"
+        );
+    }
+
+    #[test]
     fn bits_round_trip_and_status_index_is_right() {
         let m = mask(&["status", "prices"]).expect("valid");
         assert_eq!(UpdateMask::from_bits(m.bits()), m);
-        assert_eq!(PATHS[STATUS], "status");
+        assert_eq!(
+            [
+                BRAND,
+                CATEGORY_PATH,
+                STATUS,
+                NAMES,
+                DESCRIPTIONS,
+                PRICES,
+                ATTRIBUTES
+            ]
+            .map(|bit| PATHS[bit]),
+            PATHS
+        );
         let mut versions = FieldVersions::default();
         assert_eq!(versions.status(), 0);
         versions.0[STATUS] = 4;

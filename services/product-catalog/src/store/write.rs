@@ -6,12 +6,14 @@
 //! 2. read (and lock) the stored field versions of every code, and the whole rows of those
 //!    whose stored values can survive the request ([`crate::bulk::needing_values`]);
 //! 3. plan in memory ([`decide`], [`crate::bulk::plan`]): outcomes, refusals, final rows,
-//!    change-log entries;
+//!    change-log entries (the values of a code written once are moved into its row; an
+//!    attempt that does not commit gives them back, [`crate::bulk::Plan::give_back`], so the
+//!    next attempt starts from the request as it came);
 //! 4. insert the new products, update the existing ones, append the change log, remember the
 //!    request id with its response; commit;
 //! 5. update this replica's read cache ([`Store::applied`] reports the outcome).
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::collections::BTreeMap;
 
 use mall_grpc::ServiceError;
 use mall_grpc::Violations;
@@ -75,7 +77,7 @@ impl Store {
     pub async fn bulk_write(
         &self,
         request_id: Option<&str>,
-        writes: Arc<[Write]>,
+        mut writes: Vec<Write>,
         on_refusal: OnRefusal,
     ) -> Result<WriteOutcome, ServiceError> {
         let rules = Rules {
@@ -88,11 +90,11 @@ impl Store {
             let attempt = match &self.sqlite_writer {
                 None => {
                     let pool = self.db.get_postgres_connection_pool();
-                    self.attempt_bulk_write_pg(pool, request_id, &writes, rules, retries > 0)
+                    self.attempt_bulk_write_pg(pool, request_id, &mut writes, rules, retries > 0)
                         .await
                 }
                 Some(writer) => {
-                    self.attempt_bulk_write_sqlite(writer, request_id, &writes, rules)
+                    self.attempt_bulk_write_sqlite(writer, request_id, &mut writes, rules)
                         .await
                 }
             };
@@ -161,7 +163,7 @@ impl From<DbErr> for AttemptError {
 /// the response to remember with it; with [`OnRefusal::RejectRequest`], a refused write fails
 /// the whole request.
 pub(super) fn decide(
-    writes: &[Write],
+    writes: &mut [Write],
     stored: BTreeMap<String, Stored>,
     now: prost_types::Timestamp,
     rules: Rules,

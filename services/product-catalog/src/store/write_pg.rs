@@ -140,7 +140,7 @@ impl Store {
         &self,
         pool: &PgPool,
         request_id: Option<&str>,
-        writes: &[Write],
+        writes: &mut [Write],
         rules: Rules,
         retry: bool,
     ) -> Result<Attempt, AttemptError> {
@@ -171,35 +171,18 @@ impl Store {
             ));
         };
         let (plan, response) = decide(writes, stored, now, rules, request_id.is_some())?;
-        let Written {
-            created,
-            updated,
-            new_request,
-            xid,
-        } = write(&mut txn, &plan, request_id, response, now).await?;
-        let existing = plan.rows.values().filter(|r| r.existed).count();
-        if created != plan.rows.len() - existing {
-            return Ok(Attempt::Conflict(
-                "a concurrent request created one of the products",
-            ));
-        }
-        if updated != existing {
-            return Ok(Attempt::Conflict(
-                "a stored product changed while it was locked",
-            ));
-        }
-        if let Some(id) = request_id
-            && !new_request
-        {
-            // A concurrent attempt of the same request committed first (this insert waited
-            // for it): roll back and answer with its response.
-            txn.rollback().await.map_err(db)?;
-            return Ok(match remembered(pool, id).await? {
-                Some(first) => Attempt::Done(WriteOutcome::Replayed(first)),
-                None => Attempt::Conflict("the same request id committed concurrently"),
-            });
-        }
-        txn.commit().await.map_err(db)?;
+        let xid = match commit(pool, txn, &plan, request_id, response, now).await {
+            Ok(Ok(xid)) => xid,
+            // Not committed: a next attempt starts from the writes as they came.
+            Ok(Err(attempt)) => {
+                plan.give_back(writes);
+                return Ok(attempt);
+            }
+            Err(error) => {
+                plan.give_back(writes);
+                return Err(error);
+            }
+        };
         // Read-your-writes here, and no database reads for what was just written; other
         // replicas learn it from the change log. Pending rows are invisible: forgotten.
         let mut plan = plan;
@@ -212,6 +195,48 @@ impl Store {
             .put_written(visible.into_iter().map(|row| row.stored.product), xid);
         Ok(self.applied(plan))
     }
+}
+
+/// Writes `plan` and commits: the commit's transaction id (the read cache's order), or what
+/// the attempt ends in without committing.
+async fn commit(
+    pool: &PgPool,
+    mut txn: sqlx::Transaction<'static, sqlx::Postgres>,
+    plan: &Plan,
+    request_id: Option<&str>,
+    response: Option<Vec<u8>>,
+    now: prost_types::Timestamp,
+) -> Result<Result<i64, Attempt>, AttemptError> {
+    let Written {
+        created,
+        updated,
+        new_request,
+        xid,
+    } = write(&mut txn, plan, request_id, response, now).await?;
+    let existing = plan.rows.values().filter(|r| r.existed).count();
+    if created != plan.rows.len() - existing {
+        return Ok(Err(Attempt::Conflict(
+            "a concurrent request created one of the products",
+        )));
+    }
+    if updated != existing {
+        return Ok(Err(Attempt::Conflict(
+            "a stored product changed while it was locked",
+        )));
+    }
+    if let Some(id) = request_id
+        && !new_request
+    {
+        // A concurrent attempt of the same request committed first (this insert waited for
+        // it): roll back and answer with its response.
+        txn.rollback().await.map_err(db)?;
+        return Ok(Err(match remembered(pool, id).await? {
+            Some(first) => Attempt::Done(WriteOutcome::Replayed(first)),
+            None => Attempt::Conflict("the same request id committed concurrently"),
+        }));
+    }
+    txn.commit().await.map_err(db)?;
+    Ok(Ok(xid))
 }
 
 /// Takes the write lock exclusively, waiting at most [`EXCLUSIVE_WAIT`]; `false` when that

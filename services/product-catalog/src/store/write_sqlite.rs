@@ -131,7 +131,7 @@ impl Store {
         &self,
         writer: &Arc<SqliteWriter>,
         request_id: Option<&str>,
-        writes: &Arc<[Write]>,
+        writes: &mut Vec<Write>,
         rules: Rules,
     ) -> Result<Attempt, AttemptError> {
         let _guard = match &self.write_lock {
@@ -140,7 +140,8 @@ impl Store {
         };
         let writer = writer.clone();
         let request_id = request_id.map(str::to_owned);
-        let writes = writes.clone();
+        // Lent to the blocking thread, which hands them back (see `write`).
+        let mut lent = std::mem::take(writes);
         let now = super::now();
         let abandoned = Arc::new(AtomicBool::new(false));
         let _abandon_on_drop = SetOnDrop(abandoned.clone());
@@ -154,7 +155,10 @@ impl Store {
                 open
             });
             if open.is_none() {
-                *open = Some(Open::new(&writer.path).map_err(internal)?);
+                match Open::new(&writer.path) {
+                    Ok(opened) => *open = Some(opened),
+                    Err(error) => return (lent, Err(internal(error))),
+                }
             }
             let Open {
                 connection,
@@ -163,7 +167,7 @@ impl Store {
             let result = write(
                 connection,
                 request_id.as_deref(),
-                &writes,
+                &mut lent,
                 rules,
                 now,
                 &abandoned,
@@ -171,15 +175,19 @@ impl Store {
             if let Ok(Done::Committed(_)) = &result {
                 let _ = checkpoint.try_send(());
             }
-            match result {
+            let result = match result {
                 Err(Failure::Sqlite(error)) if is_busy(&error) => Ok(Done::Busy),
                 Err(Failure::Sqlite(error)) => Err(internal(anyhow::Error::new(error))),
                 Err(Failure::Attempt(error)) => Err(error),
                 Ok(done) => Ok(done),
-            }
+            };
+            (lent, result)
         })
         .await
-        .map_err(|e| internal(anyhow::anyhow!("the SQLite write task failed: {e}")))??;
+        .map_err(|e| internal(anyhow::anyhow!("the SQLite write task failed: {e}")))?;
+        let (lent, done) = done;
+        *writes = lent;
+        let done = done?;
         match done {
             Done::Replayed(response) => Ok(Attempt::Done(WriteOutcome::Replayed(response))),
             Done::Busy => Ok(Attempt::Conflict(
@@ -286,7 +294,7 @@ fn is_busy(error: &rusqlite::Error) -> bool {
 fn write(
     connection: &mut Connection,
     request_id: Option<&str>,
-    writes: &[Write],
+    writes: &mut [Write],
     rules: Rules,
     now: prost_types::Timestamp,
     abandoned: &AtomicBool,
@@ -311,6 +319,31 @@ fn write(
     }
     let stored = read(&txn, writes)?;
     let (plan, response) = decide(writes, stored, now, rules, request_id.is_some())?;
+    let stored = store(&txn, &plan, request_id, response, now);
+    // Not committed: a next attempt starts from the writes as they came.
+    if let Err(error) = stored {
+        plan.give_back(writes);
+        return Err(error);
+    }
+    if abandoned.load(Ordering::SeqCst) {
+        // Dropping the transaction rolls it back.
+        return Ok(Done::Abandoned);
+    }
+    if let Err(error) = txn.commit() {
+        plan.give_back(writes);
+        return Err(error.into());
+    }
+    Ok(Done::Committed(plan))
+}
+
+/// Writes the rows, the change log and the remembered response of `plan`.
+fn store(
+    txn: &rusqlite::Transaction<'_>,
+    plan: &Plan,
+    request_id: Option<&str>,
+    response: Option<Vec<u8>>,
+    now: prost_types::Timestamp,
+) -> Result<(), Failure> {
     {
         let mut insert = txn.prepare_cached(INSERT)?;
         let mut update = txn.prepare_cached(UPDATE)?;
@@ -369,12 +402,7 @@ fn write(
                 .execute(params![id, response, micros(now)])?;
         }
     }
-    if abandoned.load(Ordering::SeqCst) {
-        // Dropping the transaction rolls it back.
-        return Ok(Done::Abandoned);
-    }
-    txn.commit()?;
-    Ok(Done::Committed(plan))
+    Ok(())
 }
 
 /// The stored state the plan needs: every code's field versions, type and creation time;

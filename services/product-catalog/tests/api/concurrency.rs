@@ -42,6 +42,11 @@ async fn concurrent_overlapping_bulk_updates_end_at_each_products_highest_versio
             *entry = (*entry).max(version);
         }
     }
+    assert_each_whole_at(&catalog, &expected).await;
+}
+
+/// Every product in `expected` is stored whole, with the values of its version (`shoe`).
+async fn assert_each_whole_at(catalog: &TestCatalog, expected: &BTreeMap<String, u64>) {
     let codes: Vec<String> = expected.keys().cloned().collect();
     let found = catalog
         .client
@@ -124,6 +129,7 @@ both_engines!(
 /// `write_pg`); the retry holds the catalog's write lock exclusively, so it cannot lose that
 /// race a second time. With a budget of one retry, heavily overlapping writers still all
 /// succeed, and the retries did happen (the test exercises the race, not a lucky schedule).
+/// Every product ends whole at its highest version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_one_retry_always_resolves_a_write_conflict() {
     let catalog = TestCatalog::spawn_with(Engine::Postgres, |settings| {
@@ -139,20 +145,30 @@ async fn on_postgres_one_retry_always_resolves_a_write_conflict() {
         let client = catalog.client.clone();
         writers.push(tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(writer + 7);
+            let mut highest = BTreeMap::new();
             for request in 0..REQUESTS {
                 let version = request * WRITERS + writer + 1;
                 let products = random_half(&mut rng, PRODUCTS, version);
+                for product in &products {
+                    highest.insert(product.code.clone(), version);
+                }
                 client
                     .clone()
                     .bulk_update_products(bulk_of("shoes", products))
                     .await
                     .expect("one retry resolves any conflict");
             }
+            highest
         }));
     }
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
     for writer in writers {
-        writer.await.expect("writer finished");
+        for (code, version) in writer.await.expect("writer finished") {
+            let entry = expected.entry(code).or_default();
+            *entry = (*entry).max(version);
+        }
     }
+    assert_each_whole_at(&catalog, &expected).await;
     let (status, body) = probe::http_get(catalog.admin, "/metrics").await;
     assert_eq!(status, 200);
     let retries: u64 = body
@@ -164,6 +180,46 @@ async fn on_postgres_one_retry_always_resolves_a_write_conflict() {
         retries > 0,
         "the writers never conflicted; the test proves nothing"
     );
+}
+
+/// Writers racing to create the same new products: the losers' inserts conflict after their
+/// plans were made, and their retries must write the values their requests came with (a plan
+/// moves a write's values into its row and gives them back when it does not commit). Each
+/// round's highest version is a random writer's, so a retry that lost its values would leave
+/// empty fields behind in some round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_retried_creation_writes_the_values_it_came_with() {
+    let catalog = TestCatalog::spawn(Engine::Postgres).await;
+    const ROUNDS: usize = 12;
+    const PRODUCTS: usize = 50;
+    const WRITERS: u64 = 4;
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut expected = BTreeMap::new();
+    for round in 0..ROUNDS {
+        let codes: Vec<String> = (0..PRODUCTS).map(|i| format!("R{round}-{i}")).collect();
+        let mut versions: Vec<u64> = (1..=WRITERS).collect();
+        rng.shuffle(&mut versions);
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(versions.len()));
+        let mut writers = Vec::new();
+        for version in versions {
+            let client = catalog.client.clone();
+            let products: Vec<_> = codes.iter().map(|code| shoe(code, version)).collect();
+            let start = start.clone();
+            writers.push(tokio::spawn(async move {
+                start.wait().await;
+                client
+                    .clone()
+                    .bulk_update_products(bulk_of("shoes", products))
+                    .await
+                    .expect("a retry resolves the race");
+            }));
+        }
+        for writer in writers {
+            writer.await.expect("writer finished");
+        }
+        expected.extend(codes.into_iter().map(|code| (code, WRITERS)));
+    }
+    assert_each_whole_at(&catalog, &expected).await;
 }
 
 /// A retry waits for the exclusive write lock at most 2 s (every writer queues behind it
