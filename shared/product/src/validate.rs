@@ -108,7 +108,8 @@ pub fn validate_product(
                 min_chars: 1,
                 max_chars: MAX_NAME_CHARS,
             },
-            &format!("{field}.names"),
+            field,
+            "names",
             violations,
         );
     }
@@ -119,7 +120,8 @@ pub fn validate_product(
                 min_chars: 0,
                 max_chars: MAX_DESCRIPTION_CHARS,
             },
-            &format!("{field}.descriptions"),
+            field,
+            "descriptions",
             violations,
         );
     }
@@ -137,10 +139,11 @@ pub fn validate_product(
             );
         }
         for (key, value) in &attributes.fields {
-            let path = format!("{field}.attributes[{key:?}]");
+            // Formatted only for a violation: this runs for every attribute of every write.
+            let path = || format!("{field}.attributes[{key:?}]");
             match spec.attributes.get(key) {
                 None => violations.add(
-                    path,
+                    path(),
                     format!(
                         "is not an attribute of product type {:?}; allowed: {}",
                         product.product_type,
@@ -153,7 +156,7 @@ pub fn validate_product(
                 ),
                 Some(expected) => {
                     if !matches_type(value.kind.as_ref(), *expected) {
-                        violations.add(path, format!("must be a {}", expected.name()));
+                        violations.add(path(), format!("must be a {}", expected.name()));
                     }
                 }
             }
@@ -200,22 +203,24 @@ struct TextRule {
     max_chars: usize,
 }
 
+/// Checks the texts of `{field}.{name}`.
 fn check_texts(
     texts: &BTreeMap<String, String>,
     rule: TextRule,
     field: &str,
+    name: &str,
     violations: &mut Violations,
 ) {
     if texts.len() > MAX_LANGUAGES {
         violations.add(
-            field,
+            format!("{field}.{name}"),
             format!("has {} languages; at most {MAX_LANGUAGES}", texts.len()),
         );
     }
     let mut seen = BTreeMap::new();
     for (tag, text) in texts {
         // Formatted only for a violation: this runs for every text of every write.
-        let path = || format!("{field}[{tag:?}]");
+        let path = || format!("{field}.{name}[{tag:?}]");
         match language::canonicalize(tag) {
             Err(problem) => violations.add(path(), problem),
             Ok(canonical) => {
