@@ -38,12 +38,14 @@ const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 /// Calls open at once on one HTTP/2 connection (the shared and per-caller limits still apply).
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
-/// Largest HTTP/2 frame a client may send (HTTP/2's default is 16 KiB): a bulk request of
-/// 1,000 of the benchmark's products (roughly 0.7 MB) arrives in 3 frames instead of about
-/// 45, each of which was handled on its own (the catalog's process CPU per written row at 4
-/// requests in flight fell by about a tenth). The flow-control windows, which bound what a
-/// connection buffers, stay hyper's; one frame delays the connection's other requests for as
-/// long as 256 KiB takes to send.
+/// Largest HTTP/2 frame a client may send (HTTP/2's default is 16 KiB): from a client that
+/// honours it (h2-based ones such as tonic do), a bulk request of 1,000 of the benchmark's
+/// products (roughly 0.7 MB) arrives in 3 frames instead of about 45, each of which was
+/// handled on its own (the catalog's process CPU per written row at 4 requests in flight fell
+/// by about a tenth). The flow-control windows stay hyper's (1 MiB per connection and per
+/// stream): a connection may hold up to 1 MiB of request data not yet read plus one frame
+/// being received, so `server.max_connections` bounds that memory at about 1.25 MiB each.
+/// One frame delays the connection's other requests for as long as 256 KiB takes to send.
 const MAX_FRAME_BYTES: u32 = 256 * 1024;
 
 /// Connections open at once on the admin gRPC listener, a pool apart from the main one's.

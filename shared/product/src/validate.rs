@@ -253,15 +253,16 @@ fn check_prices(prices: &BTreeMap<String, i64>, field: &str, violations: &mut Vi
         );
     }
     for (code, amount) in prices {
-        let path = format!("{field}.prices[{code:?}]");
+        // Formatted only for a violation: this runs for every price of every write.
+        let path = || format!("{field}.prices[{code:?}]");
         if currency::minor_units(code).is_none() {
             violations.add(
-                &path,
+                path(),
                 format!("{code:?} is not an ISO 4217 currency code (upper case, like KRW)"),
             );
         }
         if *amount < 0 {
-            violations.add(path, "must not be negative");
+            violations.add(path(), "must not be negative");
         }
     }
 }
