@@ -313,26 +313,36 @@ mod tests {
         assert_eq!(base.version, 2);
     }
 
-    #[test]
-    fn apply_newer_writes_only_fields_older_than_the_change() {
-        let mut base = Product {
+    /// A product at version 7 with a brand and a price.
+    fn stored_at_7() -> Product {
+        Product {
             code: "P1".into(),
             brand: "B7".into(),
             prices: [("KRW".to_owned(), 7)].into(),
             version: 7,
             ..Product::default()
-        };
-        let mut versions = FieldVersions::all(3);
-        versions.0[0] = 7; // brand
-        versions.0[5] = 7; // prices
-        let late = Product {
+        }
+    }
+
+    /// A late change (version 5) of brand, names and prices.
+    fn late_5() -> Product {
+        Product {
             code: "P1".into(),
             brand: "B5".into(),
             names: [("en".to_owned(), "five".to_owned())].into(),
             prices: [("KRW".to_owned(), 5)].into(),
             version: 5,
             ..Product::default()
-        };
+        }
+    }
+
+    #[test]
+    fn apply_newer_writes_only_fields_older_than_the_change() {
+        let mut base = stored_at_7();
+        let mut versions = FieldVersions::all(3);
+        versions.0[BRAND] = 7;
+        versions.0[PRICES] = 7;
+        let late = late_5();
         let written = mask(&["brand", "names", "prices"])
             .expect("valid")
             .apply_newer(&mut base, &mut versions, &late);
@@ -354,23 +364,12 @@ mod tests {
 
     #[test]
     fn swapping_writes_what_copying_writes_and_swapping_back_undoes_it() {
-        let stored = Product {
-            code: "P1".into(),
-            brand: "B7".into(),
-            prices: [("KRW".to_owned(), 7)].into(),
-            version: 7,
-            ..Product::default()
-        };
+        let stored = stored_at_7();
         let mut versions = FieldVersions::all(3);
         versions.0[BRAND] = 7;
         let update = Product {
-            code: "P1".into(),
-            brand: "B5".into(),
-            names: [("en".to_owned(), "five".to_owned())].into(),
-            prices: [("KRW".to_owned(), 5)].into(),
             status: 1,
-            version: 5,
-            ..Product::default()
+            ..late_5()
         };
         let m = mask(&["brand", "names", "prices", "status"]).expect("valid");
         let (mut copied, mut copied_versions) = (stored.clone(), versions);

@@ -319,9 +319,8 @@ fn write(
     }
     let stored = read(&txn, writes)?;
     let (plan, response) = decide(writes, stored, now, rules, request_id.is_some())?;
-    let stored = store(&txn, &plan, request_id, response, now);
     // Not committed: a next attempt starts from the writes as they came.
-    if let Err(error) = stored {
+    if let Err(error) = store(&txn, &plan, request_id, response, now) {
         plan.give_back(writes);
         return Err(error);
     }
