@@ -623,4 +623,60 @@ mod tests {
             .await
             .expect("the defaults bind");
     }
+
+    /// The server announces [`MAX_FRAME_BYTES`] in its HTTP/2 SETTINGS, so clients may send
+    /// frames that large (read off the wire: h2's client API does not expose the peer's value).
+    #[tokio::test]
+    async fn the_server_lets_clients_send_frames_of_max_frame_bytes() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        const SETTINGS: u8 = 0x4;
+        const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
+
+        let server = GrpcServer::bind("test", &ServerSettings::default())
+            .await
+            .expect("the defaults bind");
+        let addr = server.grpc_addr();
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(server.run_until(stop.clone().cancelled_owned()));
+
+        let mut stream = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        .expect("connects in time")
+        .expect("connects");
+        // The client preface and an empty SETTINGS frame.
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .expect("preface sent");
+        let announced = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            // The server's first frame is its SETTINGS.
+            let mut header = [0u8; 9];
+            stream
+                .read_exact(&mut header)
+                .await
+                .expect("a frame header");
+            assert_eq!(header[3], SETTINGS, "the first frame is SETTINGS");
+            let length = usize::from(header[1]) << 8 | usize::from(header[2]);
+            let mut payload = vec![0; length];
+            stream.read_exact(&mut payload).await.expect("the settings");
+            payload.chunks_exact(6).find_map(|setting| {
+                (u16::from_be_bytes([setting[0], setting[1]]) == SETTINGS_MAX_FRAME_SIZE)
+                    .then(|| u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]))
+            })
+        })
+        .await
+        .expect("the server answers in time");
+        assert_eq!(announced, Some(MAX_FRAME_BYTES));
+
+        // Closed first, or the shutdown waits out its grace period for this connection.
+        drop(stream);
+        stop.cancel();
+        running
+            .await
+            .expect("the server task ends")
+            .expect("the server stops cleanly");
+    }
 }
