@@ -1,7 +1,7 @@
 //! Every rule of `mall.catalog.v1.Product` on input, collected as field violations so a caller
 //! learns all problems of a request at once.
 
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap};
 
 use mall_grpc::Violations;
 use mall_proto::catalog::v1::{Product, ProductStatus};
@@ -170,11 +170,14 @@ pub fn normalize(product: &mut Product) {
     for map in [&mut product.names, &mut product.descriptions] {
         if map
             .keys()
-            .any(|k| language::canonicalize(k).is_ok_and(|c| c != *k))
+            .any(|k| matches!(language::canonicalize(k), Ok(Cow::Owned(_))))
         {
             *map = std::mem::take(map)
                 .into_iter()
-                .map(|(k, v)| (language::canonicalize(&k).unwrap_or(k), v))
+                .map(|(k, v)| match language::canonicalize(&k) {
+                    Ok(Cow::Owned(canonical)) => (canonical, v),
+                    _ => (k, v),
+                })
                 .collect();
         }
     }
