@@ -31,7 +31,7 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, RandomState},
+    hash::BuildHasher,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -39,6 +39,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use foldhash::fast::RandomState;
 use mall_proto::catalog::v1::Product;
 
 /// Stripes of the per-product invalidation record: writers and readers of different products
@@ -59,6 +60,9 @@ pub struct ProductCache {
 struct Inner {
     products: quick_cache::sync::Cache<String, Entry>,
     stripes: Vec<Mutex<Stripe>>,
+    /// Picks a code's stripe. foldhash (seeded per process) rather than SipHash: every write
+    /// hashes each of its codes here and in the stripe's map; codes come from the catalog's
+    /// own callers, and colliding ones would need the seed.
     hasher: RandomState,
     /// Bumped by every invalidation.
     generation: AtomicU64,
@@ -79,9 +83,11 @@ struct Stripe {
     /// Product code → generation, time and commit order of its last invalidation or write:
     /// reads from before the generation are not cached, and writes ordered before it are not
     /// put.
-    invalidated: HashMap<String, Mark>,
+    invalidated: HashMap<String, Mark, RandomState>,
     /// Generation of the last [`ProductCache::clear`]: tickets before it cache nothing.
     cleared: u64,
+    /// Size of `invalidated` after its last sweep, and when that was.
+    swept: (usize, Option<Instant>),
 }
 
 /// The last invalidation or write of a product.
@@ -109,7 +115,7 @@ impl ProductCache {
             inner: Some(Arc::new(Inner {
                 products: quick_cache::sync::Cache::new(capacity),
                 stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
-                hasher: RandomState::new(),
+                hasher: RandomState::default(),
                 generation: AtomicU64::new(0),
             })),
         }
@@ -195,22 +201,8 @@ impl ProductCache {
             let Ok(mut stripe) = inner.stripe(&product.code).lock() else {
                 continue;
             };
-            stripe.forget_expired(now);
-            let mark = stripe
-                .invalidated
-                .entry(product.code.clone())
-                .or_insert(Mark {
-                    generation,
-                    at: now,
-                    order,
-                });
-            let later_seen = mark.order > order;
-            *mark = Mark {
-                generation: mark.generation.max(generation),
-                at: now,
-                order: mark.order.max(order),
-            };
-            if later_seen {
+            let before = stripe.mark(&product.code, generation, now, order);
+            if before > order {
                 // A later transaction's write or change of this product was seen first: what
                 // is cached (if anything) is at least as new.
                 continue;
@@ -273,19 +265,7 @@ impl Inner {
             {
                 continue;
             }
-            stripe.forget_expired(now);
-            // Keep the newest: a slower invalidation that took its generation earlier (the
-            // change-log follower's, say) must not lower what a later one recorded.
-            let mark = stripe.invalidated.entry(code.to_owned()).or_insert(Mark {
-                generation,
-                at: now,
-                order,
-            });
-            *mark = Mark {
-                generation: mark.generation.max(generation),
-                at: now,
-                order: mark.order.max(order),
-            };
+            stripe.mark(code, generation, now, order);
             self.products.remove(code);
         }
     }
@@ -298,14 +278,47 @@ impl Inner {
 }
 
 impl Stripe {
+    /// Records an invalidation or write of `code` at `generation`, `now`, by a change of
+    /// commit order `order`; the commit order recorded before (0 for none). Keeps the newest:
+    /// a slower invalidation that took its generation earlier (the change-log follower's, say)
+    /// must not lower what a later one recorded.
+    fn mark(&mut self, code: &str, generation: u64, now: Instant, order: i64) -> i64 {
+        self.forget_expired(now);
+        // Look up before inserting: most writes mark codes marked before, and `entry` would
+        // allocate the key every time.
+        if let Some(mark) = self.invalidated.get_mut(code) {
+            let before = mark.order;
+            *mark = Mark {
+                generation: mark.generation.max(generation),
+                at: now,
+                order: before.max(order),
+            };
+            return before;
+        }
+        let mark = Mark {
+            generation,
+            at: now,
+            order,
+        };
+        self.invalidated.insert(code.to_owned(), mark);
+        0
+    }
+
     /// Drops invalidations older than [`RACE_WINDOW`]; a ticket that old caches nothing.
-    /// Amortized: only when the record has grown since the last sweep.
+    /// Amortized: a sweep runs when the record has doubled since the last one, or once per
+    /// [`RACE_WINDOW`] while it holds more than 1,024 codes (so a record that stays large,
+    /// marking the same codes again and again, is not swept on every call).
     fn forget_expired(&mut self, now: Instant) {
-        if self.invalidated.len() < 1_024 || !self.invalidated.len().is_multiple_of(256) {
+        let len = self.invalidated.len();
+        let (swept_len, swept_at) = self.swept;
+        let doubled = len >= (2 * swept_len).max(1_024);
+        let due = len >= 1_024 && swept_at.is_some_and(|at| now.duration_since(at) >= RACE_WINDOW);
+        if !(doubled || due) {
             return;
         }
         self.invalidated
             .retain(|_, mark| now.duration_since(mark.at) < RACE_WINDOW);
+        self.swept = (self.invalidated.len(), Some(now));
     }
 }
 
@@ -319,6 +332,33 @@ mod tests {
             version,
             ..Product::default()
         }
+    }
+
+    #[test]
+    fn a_large_record_is_swept_once_per_window_not_on_every_mark() {
+        let mut stripe = Stripe::default();
+        let start = Instant::now();
+        for i in 0..1_500 {
+            stripe.mark(&format!("P{i}"), 1, start, 0);
+        }
+        // Swept once on reaching 1,024 (nothing had expired).
+        assert_eq!(stripe.swept, (1_024, Some(start)));
+        // Marking the same codes again within the window sweeps nothing more.
+        let later = start + RACE_WINDOW / 2;
+        for i in 0..1_500 {
+            assert_eq!(stripe.mark(&format!("P{i}"), 2, later, 7), 0);
+        }
+        assert_eq!(stripe.swept, (1_024, Some(start)));
+        assert_eq!(
+            stripe.mark("P0", 3, later, 5),
+            7,
+            "the order recorded before"
+        );
+        // A window after the last sweep, the next mark sweeps what expired meanwhile.
+        let expired = later + RACE_WINDOW;
+        stripe.mark("P1", 4, expired, 0);
+        assert_eq!(stripe.invalidated.len(), 1);
+        assert_eq!(stripe.swept.1, Some(expired));
     }
 
     #[test]
