@@ -18,9 +18,26 @@ pub fn to_json(attributes: &Struct) -> Map<String, Json> {
 /// `Struct`: the write path stores every product's attributes this way, and building a
 /// `serde_json::Value` first cost an allocation per key and value.
 pub fn to_json_text(attributes: Option<&Struct>) -> String {
-    let empty = Struct::default();
-    serde_json::to_string(&Fields(attributes.unwrap_or(&empty)))
+    serde_json::to_string(&as_json(attributes))
         .expect("strings, numbers, booleans, lists and maps always serialize")
+}
+
+/// `attributes` as the JSON object [`to_json_text`] writes (`{}` for none), to serialize
+/// wherever the caller writes (PostgreSQL's write path: straight into the statement).
+pub fn as_json(attributes: Option<&Struct>) -> impl serde::Serialize + '_ {
+    Object(attributes)
+}
+
+/// The attributes' object, or `{}`.
+struct Object<'a>(Option<&'a Struct>);
+
+impl serde::Serialize for Object<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(attributes) => Fields(attributes).serialize(serializer),
+            None => serializer.collect_map(std::iter::empty::<(&str, &str)>()),
+        }
+    }
 }
 
 /// A `Struct` as a JSON object, serialized in place.

@@ -36,18 +36,29 @@
 //! A retry that finds its request id committed meanwhile (a client's retry through another
 //! replica) answers with that first response, as a first attempt would.
 
+use mall_product::{
+    attributes,
+    mask::{ATTRIBUTES, BRAND, CATEGORY_PATH, DESCRIPTIONS, NAMES, PRICES, STATUS},
+};
 use mall_proto::catalog::v1::BulkUpdateProductsResponse;
 use prost::Message as _;
 use sea_orm::{
     DbErr, RuntimeErr,
-    sqlx::{self, PgPool, Row as _, postgres::PgRow},
+    sqlx::{
+        self, Arguments as _, PgPool, Row as _,
+        encode::IsNull,
+        error::BoxDynError,
+        postgres::{
+            PgArgumentBuffer, PgArguments, PgBindIterExt as _, PgHasArrayType, PgRow, PgTypeInfo,
+        },
+    },
 };
 use std::{collections::BTreeMap, sync::Arc};
 
 use super::{
     Store,
     entity::products,
-    micros, stored_from_model, timestamp, to_i64, to_model, versions_of,
+    micros, stored_from_model, timestamp, to_i64, versions_of,
     write::{Attempt, AttemptError, Rules, WriteOutcome, decide},
 };
 use crate::bulk::{Plan, Stored, Write, needing_values};
@@ -392,101 +403,9 @@ async fn write(
     response: Option<Vec<u8>>,
     now: prost_types::Timestamp,
 ) -> Result<Written, AttemptError> {
-    let n = plan.rows.len();
-    let mut code = Vec::with_capacity(n);
-    let mut product_type = Vec::with_capacity(n);
-    let mut brand = Vec::with_capacity(n);
-    let mut category_path = Vec::with_capacity(n);
-    let mut status = Vec::with_capacity(n);
-    let mut names = Vec::with_capacity(n);
-    let mut descriptions = Vec::with_capacity(n);
-    let mut prices = Vec::with_capacity(n);
-    let mut attributes = Vec::with_capacity(n);
-    let mut version = Vec::with_capacity(n);
-    let mut create_time = Vec::with_capacity(n);
-    let mut update_time = Vec::with_capacity(n);
-    let mut field_versions: [Vec<i64>; 7] = Default::default();
-    let mut existed = Vec::with_capacity(n);
-    for row in plan.rows.values() {
-        let m = to_model(&row.stored);
-        code.push(m.code);
-        product_type.push(m.product_type);
-        brand.push(m.brand);
-        category_path.push(m.category_path);
-        status.push(m.status);
-        names.push(m.names);
-        descriptions.push(m.descriptions);
-        prices.push(m.prices);
-        attributes.push(m.attributes);
-        version.push(m.version);
-        create_time.push(m.create_time);
-        update_time.push(m.update_time);
-        for (column, v) in field_versions.iter_mut().zip([
-            m.brand_version,
-            m.category_path_version,
-            m.status_version,
-            m.names_version,
-            m.descriptions_version,
-            m.prices_version,
-            m.attributes_version,
-        ]) {
-            column.push(v);
-        }
-        existed.push(row.existed);
-    }
-    let c = plan.changes.len();
-    let mut change_code = Vec::with_capacity(c);
-    let mut change_type = Vec::with_capacity(c);
-    let mut change_version_after = Vec::with_capacity(c);
-    let mut previous_version = Vec::with_capacity(c);
-    let mut commit_time = Vec::with_capacity(c);
-    let mut product = Vec::with_capacity(c);
-    let mut written_fields = Vec::with_capacity(c);
-    let mut change_version = Vec::with_capacity(c);
-    for change in &plan.changes {
-        let p = plan.product_after(change);
-        change_code.push(p.code.as_str());
-        change_type.push(p.product_type.as_str());
-        change_version_after.push(to_i64(p.version));
-        previous_version.push(to_i64(change.previous_version));
-        commit_time.push(p.update_time.map(micros).unwrap_or_default());
-        product.push(p.encode_to_vec());
-        written_fields.push(i16::from(change.written.bits()));
-        change_version.push(to_i64(change.change_version));
-    }
-    let [v0, v1, v2, v3, v4, v5, v6] = field_versions;
-    let row = sqlx::query(WRITE)
-        .bind(code)
-        .bind(product_type)
-        .bind(brand)
-        .bind(category_path)
-        .bind(status)
-        .bind(names)
-        .bind(descriptions)
-        .bind(prices)
-        .bind(attributes)
-        .bind(version)
-        .bind(create_time)
-        .bind(update_time)
-        .bind(v0)
-        .bind(v1)
-        .bind(v2)
-        .bind(v3)
-        .bind(v4)
-        .bind(v5)
-        .bind(v6)
-        .bind(existed)
-        .bind(change_code)
-        .bind(change_type)
-        .bind(change_version_after)
-        .bind(previous_version)
-        .bind(commit_time)
-        .bind(product)
-        .bind(written_fields)
-        .bind(change_version)
-        .bind(request_id)
-        .bind(response)
-        .bind(micros(now))
+    let arguments =
+        arguments(plan, request_id, response, now).map_err(|e| db(sqlx::Error::Encode(e)))?;
+    let row = sqlx::query_with(WRITE, arguments)
         .fetch_one(&mut *txn)
         .await
         .map_err(db)?;
@@ -500,6 +419,147 @@ async fn write(
         new_request: count(2)? == 1,
         xid: row.try_get(3).map_err(db)?,
     })
+}
+
+/// `WRITE`'s parameters for `plan`. Each array is encoded straight from the plan into the
+/// statement's buffer ([`PgBindIterExt::bind_iter`], [`Json`], [`Encoded`]), reserved up
+/// front: building the columns as vectors of owned strings first copied every value twice,
+/// and a buffer grown as it filled (to a megabyte or more) copied it again.
+fn arguments(
+    plan: &Plan,
+    request_id: Option<&str>,
+    response: Option<Vec<u8>>,
+    now: prost_types::Timestamp,
+) -> Result<PgArguments, BoxDynError> {
+    let rows = || plan.rows.values().map(|row| &row.stored);
+    let products = || rows().map(|row| &row.product);
+    let version = |field: usize| rows().map(move |row| to_i64(row.versions.0[field]));
+    let changes = || plan.changes.iter().map(|c| (c, plan.product_after(c)));
+    let encoded: Vec<usize> = changes().map(|(_, p)| p.encoded_len()).collect();
+    // A row's JSON columns take about what its protobuf encoding does (the change log holds
+    // the same product again); the rest is a few hundred bytes of versions, times and codes.
+    let estimate = 2 * encoded.iter().sum::<usize>() + 256 * (plan.rows.len() + encoded.len());
+    let mut arguments = PgArguments::default();
+    arguments.reserve(31, estimate);
+    let a = &mut arguments;
+    a.add(products().map(|p| p.code.as_str()).bind_iter())?;
+    a.add(products().map(|p| p.product_type.as_str()).bind_iter())?;
+    a.add(products().map(|p| p.brand.as_str()).bind_iter())?;
+    a.add(products().map(|p| Json(&p.category_path)).bind_iter())?;
+    a.add(
+        products()
+            .map(|p| i16::try_from(p.status).unwrap_or_default())
+            .bind_iter(),
+    )?;
+    a.add(products().map(|p| Json(&p.names)).bind_iter())?;
+    a.add(products().map(|p| Json(&p.descriptions)).bind_iter())?;
+    a.add(products().map(|p| Json(&p.prices)).bind_iter())?;
+    a.add(
+        products()
+            .map(|p| Json(attributes::as_json(p.attributes.as_ref())))
+            .bind_iter(),
+    )?;
+    a.add(products().map(|p| to_i64(p.version)).bind_iter())?;
+    a.add(
+        products()
+            .map(|p| p.create_time.map(micros).unwrap_or_default())
+            .bind_iter(),
+    )?;
+    a.add(
+        products()
+            .map(|p| p.update_time.map(micros).unwrap_or_default())
+            .bind_iter(),
+    )?;
+    for field in [
+        BRAND,
+        CATEGORY_PATH,
+        STATUS,
+        NAMES,
+        DESCRIPTIONS,
+        PRICES,
+        ATTRIBUTES,
+    ] {
+        a.add(version(field).bind_iter())?;
+    }
+    a.add(plan.rows.values().map(|row| row.existed).bind_iter())?;
+    a.add(changes().map(|(_, p)| p.code.as_str()).bind_iter())?;
+    a.add(changes().map(|(_, p)| p.product_type.as_str()).bind_iter())?;
+    a.add(changes().map(|(_, p)| to_i64(p.version)).bind_iter())?;
+    a.add(
+        changes()
+            .map(|(c, _)| to_i64(c.previous_version))
+            .bind_iter(),
+    )?;
+    a.add(
+        changes()
+            .map(|(_, p)| p.update_time.map(micros).unwrap_or_default())
+            .bind_iter(),
+    )?;
+    a.add(
+        changes()
+            .zip(&encoded)
+            .map(|((_, p), &len)| Encoded(p, len))
+            .bind_iter(),
+    )?;
+    a.add(
+        changes()
+            .map(|(c, _)| i16::from(c.written.bits()))
+            .bind_iter(),
+    )?;
+    a.add(changes().map(|(c, _)| to_i64(c.change_version)).bind_iter())?;
+    a.add(request_id)?;
+    a.add(response)?;
+    a.add(micros(now))?;
+    Ok(arguments)
+}
+
+/// A value written as the JSON text the catalog stores (a `text` parameter), serialized
+/// straight into the statement's buffer.
+struct Json<T>(T);
+
+impl<T: serde::Serialize> sqlx::Type<sqlx::Postgres> for Json<T> {
+    fn type_info() -> PgTypeInfo {
+        <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+}
+
+impl<T: serde::Serialize> PgHasArrayType for Json<T> {
+    fn array_type_info() -> PgTypeInfo {
+        <&str as PgHasArrayType>::array_type_info()
+    }
+}
+
+impl<T: serde::Serialize> sqlx::Encode<'_, sqlx::Postgres> for Json<T> {
+    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        serde_json::to_writer(&mut **buf, &self.0)?;
+        Ok(IsNull::No)
+    }
+}
+
+/// A product protobuf-encoded (a `bytea` parameter) straight into the statement's buffer,
+/// with its encoded length.
+struct Encoded<'a>(&'a Product, usize);
+
+impl sqlx::Type<sqlx::Postgres> for Encoded<'_> {
+    fn type_info() -> PgTypeInfo {
+        <&[u8] as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+}
+
+impl PgHasArrayType for Encoded<'_> {
+    fn array_type_info() -> PgTypeInfo {
+        <&[u8] as PgHasArrayType>::array_type_info()
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for Encoded<'_> {
+    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        let buf: &mut Vec<u8> = buf;
+        buf.reserve(self.1);
+        // `encode` would compute the length again, only to check the capacity reserved here.
+        self.0.encode_raw(buf);
+        Ok(IsNull::No)
+    }
 }
 
 /// A driver error as the store's other paths see it (so retry and UNAVAILABLE
