@@ -53,7 +53,14 @@ use sea_orm::{
         },
     },
 };
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    cell::Cell,
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use super::{
     Store,
@@ -61,7 +68,7 @@ use super::{
     micros, stored_from_model, timestamp, to_i64, versions_of,
     write::{Attempt, AttemptError, Rules, WriteOutcome, decide},
 };
-use crate::bulk::{Plan, Stored, Write, needing_values};
+use crate::bulk::{Change, Plan, Stored, Write, needing_values};
 use mall_proto::catalog::v1::Product;
 
 /// Locks the request's stored products in code order; reads what the plan needs of each.
@@ -423,8 +430,8 @@ async fn write(
 
 /// `WRITE`'s parameters for `plan`. Each array is encoded straight from the plan into the
 /// statement's buffer ([`PgBindIterExt::bind_iter`], [`Json`], [`Encoded`]), reserved up
-/// front: building the columns as vectors of owned strings first copied every value twice,
-/// and a buffer grown as it filled (to a megabyte or more) copied it again.
+/// front ([`BYTES_PER_ITEM`]): building the columns as vectors of owned strings first copied
+/// every value twice.
 fn arguments(
     plan: &Plan,
     request_id: Option<&str>,
@@ -434,29 +441,43 @@ fn arguments(
     let rows = || plan.rows.values().map(|row| &row.stored);
     let products = || rows().map(|row| &row.product);
     let version = |field: usize| rows().map(move |row| to_i64(row.versions.0[field]));
-    let changes = || plan.changes.iter().map(|c| (c, plan.product_after(c)));
-    let encoded: Vec<usize> = changes().map(|(_, p)| p.encoded_len()).collect();
-    // A row's JSON columns take about what its protobuf encoding does (the change log holds
-    // the same product again); the rest is a few hundred bytes of versions, times and codes.
-    let estimate = 2 * encoded.iter().sum::<usize>() + 256 * (plan.rows.len() + encoded.len());
+    // Looked up once: each change-log column reads them.
+    let change_list: Vec<(&Change, &Product)> = plan
+        .changes
+        .iter()
+        .map(|c| (c, plan.product_after(c)))
+        .collect();
+    let changes = || change_list.iter().copied();
+    // Rows plus change-log entries; the buffer is reserved from the size of the last
+    // statement's (its JSON and protobuf values), plus what the other columns take.
+    let items = plan.rows.len() + change_list.len();
+    let written = Cell::new(0);
     let mut arguments = PgArguments::default();
-    arguments.reserve(31, estimate);
+    arguments.reserve(31, items * (BYTES_PER_ITEM.load(Ordering::Relaxed) + 128));
     let a = &mut arguments;
     a.add(products().map(|p| p.code.as_str()).bind_iter())?;
     a.add(products().map(|p| p.product_type.as_str()).bind_iter())?;
     a.add(products().map(|p| p.brand.as_str()).bind_iter())?;
-    a.add(products().map(|p| Json(&p.category_path)).bind_iter())?;
+    a.add(
+        products()
+            .map(|p| Json(&p.category_path, &written))
+            .bind_iter(),
+    )?;
     a.add(
         products()
             .map(|p| i16::try_from(p.status).unwrap_or_default())
             .bind_iter(),
     )?;
-    a.add(products().map(|p| Json(&p.names)).bind_iter())?;
-    a.add(products().map(|p| Json(&p.descriptions)).bind_iter())?;
-    a.add(products().map(|p| Json(&p.prices)).bind_iter())?;
+    a.add(products().map(|p| Json(&p.names, &written)).bind_iter())?;
     a.add(
         products()
-            .map(|p| Json(attributes::as_json(p.attributes.as_ref())))
+            .map(|p| Json(&p.descriptions, &written))
+            .bind_iter(),
+    )?;
+    a.add(products().map(|p| Json(&p.prices, &written)).bind_iter())?;
+    a.add(
+        products()
+            .map(|p| Json(attributes::as_json(p.attributes.as_ref()), &written))
             .bind_iter(),
     )?;
     a.add(products().map(|p| to_i64(p.version)).bind_iter())?;
@@ -495,12 +516,7 @@ fn arguments(
             .map(|(_, p)| p.update_time.map(micros).unwrap_or_default())
             .bind_iter(),
     )?;
-    a.add(
-        changes()
-            .zip(&encoded)
-            .map(|((_, p), &len)| Encoded(p, len))
-            .bind_iter(),
-    )?;
+    a.add(changes().map(|(_, p)| Encoded(p, &written)).bind_iter())?;
     a.add(
         changes()
             .map(|(c, _)| i16::from(c.written.bits()))
@@ -510,35 +526,43 @@ fn arguments(
     a.add(request_id)?;
     a.add(response)?;
     a.add(micros(now))?;
+    BYTES_PER_ITEM.store(written.get() / items.max(1), Ordering::Relaxed);
     Ok(arguments)
 }
 
-/// A value written as the JSON text the catalog stores (a `text` parameter), serialized
-/// straight into the statement's buffer.
-struct Json<T>(T);
+/// Bytes per item (row or change-log entry) that the JSON and protobuf values of this
+/// process's last `WRITE` took, from which the next one's buffer is reserved: grown by
+/// doubling as it filled (to a megabyte or more), the buffer was copied at every step.
+static BYTES_PER_ITEM: AtomicUsize = AtomicUsize::new(1_024);
 
-impl<T: serde::Serialize> sqlx::Type<sqlx::Postgres> for Json<T> {
+/// A value written as the JSON text the catalog stores (a `text` parameter), serialized
+/// straight into the statement's buffer; adds the bytes it took to the counter.
+struct Json<'c, T>(T, &'c Cell<usize>);
+
+impl<T: serde::Serialize> sqlx::Type<sqlx::Postgres> for Json<'_, T> {
     fn type_info() -> PgTypeInfo {
         <&str as sqlx::Type<sqlx::Postgres>>::type_info()
     }
 }
 
-impl<T: serde::Serialize> PgHasArrayType for Json<T> {
+impl<T: serde::Serialize> PgHasArrayType for Json<'_, T> {
     fn array_type_info() -> PgTypeInfo {
         <&str as PgHasArrayType>::array_type_info()
     }
 }
 
-impl<T: serde::Serialize> sqlx::Encode<'_, sqlx::Postgres> for Json<T> {
+impl<T: serde::Serialize> sqlx::Encode<'_, sqlx::Postgres> for Json<'_, T> {
     fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        let start = buf.len();
         serde_json::to_writer(&mut **buf, &self.0)?;
+        self.1.set(self.1.get() + buf.len() - start);
         Ok(IsNull::No)
     }
 }
 
-/// A product protobuf-encoded (a `bytea` parameter) straight into the statement's buffer,
-/// with its encoded length.
-struct Encoded<'a>(&'a Product, usize);
+/// A product protobuf-encoded (a `bytea` parameter) straight into the statement's buffer;
+/// adds the bytes it took to the counter.
+struct Encoded<'a>(&'a Product, &'a Cell<usize>);
 
 impl sqlx::Type<sqlx::Postgres> for Encoded<'_> {
     fn type_info() -> PgTypeInfo {
@@ -555,9 +579,11 @@ impl PgHasArrayType for Encoded<'_> {
 impl sqlx::Encode<'_, sqlx::Postgres> for Encoded<'_> {
     fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
         let buf: &mut Vec<u8> = buf;
-        buf.reserve(self.1);
-        // `encode` would compute the length again, only to check the capacity reserved here.
+        let start = buf.len();
+        // Not `encode`, which computes the message's length first (a second walk of every
+        // map) only to check the buffer's capacity: a `Vec` grows as needed.
         self.0.encode_raw(buf);
+        self.1.set(self.1.get() + buf.len() - start);
         Ok(IsNull::No)
     }
 }
