@@ -202,7 +202,7 @@ impl ProductCache {
                 continue;
             };
             let before = stripe.mark(&product.code, generation, now, order);
-            if before > order {
+            if before.is_some_and(|before| before > order) {
                 // A later transaction's write or change of this product was seen first: what
                 // is cached (if anything) is at least as new.
                 continue;
@@ -228,6 +228,7 @@ impl ProductCache {
         for stripe in &mut stripes {
             stripe.cleared = generation;
             stripe.invalidated.clear();
+            stripe.swept = (0, None);
         }
         inner.products.clear();
     }
@@ -279,10 +280,10 @@ impl Inner {
 
 impl Stripe {
     /// Records an invalidation or write of `code` at `generation`, `now`, by a change of
-    /// commit order `order`; the commit order recorded before (0 for none). Keeps the newest:
+    /// commit order `order`; the commit order recorded before, if any. Keeps the newest:
     /// a slower invalidation that took its generation earlier (the change-log follower's, say)
     /// must not lower what a later one recorded.
-    fn mark(&mut self, code: &str, generation: u64, now: Instant, order: i64) -> i64 {
+    fn mark(&mut self, code: &str, generation: u64, now: Instant, order: i64) -> Option<i64> {
         self.forget_expired(now);
         // Look up before inserting: most writes mark codes marked before, and `entry` would
         // allocate the key every time.
@@ -293,7 +294,7 @@ impl Stripe {
                 at: now,
                 order: before.max(order),
             };
-            return before;
+            return Some(before);
         }
         let mark = Mark {
             generation,
@@ -301,7 +302,7 @@ impl Stripe {
             order,
         };
         self.invalidated.insert(code.to_owned(), mark);
-        0
+        None
     }
 
     /// Drops invalidations older than [`RACE_WINDOW`]; a ticket that old caches nothing.
@@ -346,14 +347,15 @@ mod tests {
         // Marking the same codes again within the window sweeps nothing more.
         let later = start + RACE_WINDOW / 2;
         for i in 0..1_500 {
-            assert_eq!(stripe.mark(&format!("P{i}"), 2, later, 7), 0);
+            assert_eq!(stripe.mark(&format!("P{i}"), 2, later, 7), Some(0));
         }
         assert_eq!(stripe.swept, (1_024, Some(start)));
         assert_eq!(
             stripe.mark("P0", 3, later, 5),
-            7,
+            Some(7),
             "the order recorded before"
         );
+        assert_eq!(stripe.mark("new", 3, later, 5), None);
         // A window after the last sweep, the next mark sweeps what expired meanwhile.
         let expired = later + RACE_WINDOW;
         stripe.mark("P1", 4, expired, 0);

@@ -449,11 +449,11 @@ fn arguments(
         .collect();
     let changes = || change_list.iter().copied();
     // Rows plus change-log entries; the buffer is reserved from the size of the last
-    // statement's (its JSON and protobuf values), plus what the other columns take.
+    // statement's JSON and protobuf values, plus about what the other columns take.
     let items = plan.rows.len() + change_list.len();
     let written = Cell::new(0);
     let mut arguments = PgArguments::default();
-    arguments.reserve(31, items * (BYTES_PER_ITEM.load(Ordering::Relaxed) + 128));
+    arguments.reserve(31, items * (BYTES_PER_ITEM.load(Ordering::Relaxed) + 256));
     let a = &mut arguments;
     a.add(products().map(|p| p.code.as_str()).bind_iter())?;
     a.add(products().map(|p| p.product_type.as_str()).bind_iter())?;
@@ -526,7 +526,10 @@ fn arguments(
     a.add(request_id)?;
     a.add(response)?;
     a.add(micros(now))?;
-    BYTES_PER_ITEM.store(written.get() / items.max(1), Ordering::Relaxed);
+    // An empty statement leaves the hint alone.
+    if let Some(per_item) = written.get().checked_div(items) {
+        BYTES_PER_ITEM.store(per_item.min(MAX_BYTES_PER_ITEM), Ordering::Relaxed);
+    }
     Ok(arguments)
 }
 
@@ -534,6 +537,12 @@ fn arguments(
 /// process's last `WRITE` took, from which the next one's buffer is reserved: grown by
 /// doubling as it filled (to a megabyte or more), the buffer was copied at every step.
 static BYTES_PER_ITEM: AtomicUsize = AtomicUsize::new(1_024);
+
+/// The most [`BYTES_PER_ITEM`] assumes: one request of a few very large products (32
+/// descriptions of 20,000 characters pass validation) must not make the next request of
+/// 1,000 reserve gigabytes; beyond this a buffer grows as it fills. A request of 1,000
+/// products (2,000 items: rows and change-log entries) reserves at most about 8.7 MB.
+const MAX_BYTES_PER_ITEM: usize = 4 << 10;
 
 /// A value written as the JSON text the catalog stores (a `text` parameter), serialized
 /// straight into the statement's buffer; adds the bytes it took to the counter.
@@ -580,8 +589,9 @@ impl sqlx::Encode<'_, sqlx::Postgres> for Encoded<'_> {
     fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
         let buf: &mut Vec<u8> = buf;
         let start = buf.len();
-        // Not `encode`, which computes the message's length first (a second walk of every
-        // map) only to check the buffer's capacity: a `Vec` grows as needed.
+        // Not `encode`, which first computes the whole message's length (a walk of all of
+        // it) only to check the buffer's capacity: a `Vec` grows as needed. `encode_raw` is
+        // what `encode` and `encode_to_vec` call after that check.
         self.0.encode_raw(buf);
         self.1.set(self.1.get() + buf.len() - start);
         Ok(IsNull::No)
@@ -592,4 +602,86 @@ impl sqlx::Encode<'_, sqlx::Postgres> for Encoded<'_> {
 /// classification stay in one place).
 fn db(error: sqlx::Error) -> AttemptError {
     AttemptError::Db(DbErr::Exec(RuntimeErr::SqlxError(Arc::new(error))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bulk::Stored;
+    use mall_product::mask::FieldVersions;
+    use prost_types::{Struct, Value, value::Kind};
+
+    /// What the statement's `text` or `bytea` parameter holds for `value`.
+    fn encoded(value: impl sqlx::Encode<'static, sqlx::Postgres>) -> Vec<u8> {
+        let mut buf = PgArgumentBuffer::default();
+        assert!(matches!(value.encode_by_ref(&mut buf), Ok(IsNull::No)));
+        buf.to_vec()
+    }
+
+    #[test]
+    fn values_are_encoded_as_the_stored_text_and_bytes_of_every_backend() {
+        let attributes = Struct {
+            fields: [
+                ("size".to_owned(), Kind::StringValue("270 \"mm\"\n".into())),
+                ("count".to_owned(), Kind::NumberValue(3.5)),
+                ("sale".to_owned(), Kind::BoolValue(true)),
+            ]
+            .into_iter()
+            .map(|(k, kind)| (k, Value { kind: Some(kind) }))
+            .collect(),
+        };
+        let product = Product {
+            code: "SHOE-1".into(),
+            product_type: "shoes".into(),
+            brand: "Brand \u{1F45F}".into(),
+            category_path: vec!["신발".into(), "운동화".into()],
+            status: 1,
+            names: [("ko".to_owned(), "운동화 \"1\"".to_owned())].into(),
+            descriptions: [("en".to_owned(), "tab\there".to_owned())].into(),
+            prices: [("KRW".to_owned(), 129_000)].into(),
+            attributes: Some(attributes),
+            version: 7,
+            ..Product::default()
+        };
+        // What SQLite stores (and PostgreSQL stored before this encoding).
+        let model = super::super::to_model(&Stored {
+            product: product.clone(),
+            versions: FieldVersions::all(7),
+        });
+        let counted = Cell::new(0);
+        let json = |value| String::from_utf8(value).expect("JSON is UTF-8");
+        assert_eq!(
+            json(encoded(Json(&product.category_path, &counted))),
+            model.category_path
+        );
+        assert_eq!(json(encoded(Json(&product.names, &counted))), model.names);
+        assert_eq!(
+            json(encoded(Json(&product.descriptions, &counted))),
+            model.descriptions
+        );
+        assert_eq!(json(encoded(Json(&product.prices, &counted))), model.prices);
+        let attributes = attributes::as_json(product.attributes.as_ref());
+        assert_eq!(json(encoded(Json(attributes, &counted))), model.attributes);
+        assert_eq!(
+            json(encoded(Json(attributes::as_json(None), &counted))),
+            "{}"
+        );
+        assert_eq!(
+            encoded(Encoded(&product, &counted)),
+            product.encode_to_vec()
+        );
+        let expected = [
+            &model.category_path,
+            &model.names,
+            &model.descriptions,
+            &model.prices,
+            &model.attributes,
+        ]
+        .iter()
+        .map(|text| text.len())
+        .sum::<usize>()
+            + 2
+            + product.encoded_len();
+        assert_eq!(counted.get(), expected, "every byte written is counted");
+    }
 }
