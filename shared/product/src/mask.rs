@@ -251,21 +251,14 @@ impl FieldVersions {
     }
 }
 
-// Indexes into [`PATHS`] and [`FieldVersions`]; a test checks each against its name.
-/// Index of `brand`.
-pub const BRAND: usize = 0;
-/// Index of `category_path`.
-pub const CATEGORY_PATH: usize = 1;
-/// Index of `status`.
-pub const STATUS: usize = 2;
-/// Index of `names`.
-pub const NAMES: usize = 3;
-/// Index of `descriptions`.
-pub const DESCRIPTIONS: usize = 4;
-/// Index of `prices`.
-pub const PRICES: usize = 5;
-/// Index of `attributes`.
-pub const ATTRIBUTES: usize = 6;
+// Indexes into [`PATHS`]; a test checks each against its name.
+const BRAND: usize = 0;
+const CATEGORY_PATH: usize = 1;
+const STATUS: usize = 2;
+const NAMES: usize = 3;
+const DESCRIPTIONS: usize = 4;
+const PRICES: usize = 5;
+const ATTRIBUTES: usize = 6;
 
 #[cfg(test)]
 mod tests {

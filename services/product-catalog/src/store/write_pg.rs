@@ -36,10 +36,7 @@
 //! A retry that finds its request id committed meanwhile (a client's retry through another
 //! replica) answers with that first response, as a first attempt would.
 
-use mall_product::{
-    attributes,
-    mask::{ATTRIBUTES, BRAND, CATEGORY_PATH, DESCRIPTIONS, NAMES, PRICES, STATUS},
-};
+use mall_product::{attributes, mask::PATHS};
 use mall_proto::catalog::v1::BulkUpdateProductsResponse;
 use prost::Message as _;
 use sea_orm::{
@@ -491,15 +488,8 @@ fn arguments(
             .map(|p| p.update_time.map(micros).unwrap_or_default())
             .bind_iter(),
     )?;
-    for field in [
-        BRAND,
-        CATEGORY_PATH,
-        STATUS,
-        NAMES,
-        DESCRIPTIONS,
-        PRICES,
-        ATTRIBUTES,
-    ] {
+    // The field versions, in the mask's order (`PATHS`).
+    for field in 0..PATHS.len() {
         a.add(version(field).bind_iter())?;
     }
     a.add(plan.rows.values().map(|row| row.existed).bind_iter())?;
