@@ -516,11 +516,16 @@ fn arguments(
     a.add(request_id)?;
     a.add(response)?;
     a.add(micros(now))?;
-    // An empty statement leaves the hint alone.
-    if let Some(per_item) = written.get().checked_div(items) {
-        BYTES_PER_ITEM.store(per_item.min(MAX_BYTES_PER_ITEM), Ordering::Relaxed);
+    if let Some(hint) = bytes_per_item(written.get(), items) {
+        BYTES_PER_ITEM.store(hint, Ordering::Relaxed);
     }
     Ok(arguments)
+}
+
+/// The [`BYTES_PER_ITEM`] hint a statement of `items` items whose values took `written` bytes
+/// leaves, at most [`MAX_BYTES_PER_ITEM`]; none for an empty statement (the hint stays).
+fn bytes_per_item(written: usize, items: usize) -> Option<usize> {
+    Some(written.checked_div(items)?.min(MAX_BYTES_PER_ITEM))
 }
 
 /// Bytes per item (row or change-log entry) that the JSON and protobuf values of this
@@ -606,6 +611,14 @@ mod tests {
         let mut buf = PgArgumentBuffer::default();
         assert!(matches!(value.encode_by_ref(&mut buf), Ok(IsNull::No)));
         buf.to_vec()
+    }
+
+    #[test]
+    fn the_buffer_hint_is_the_mean_size_capped_and_an_empty_statement_leaves_it() {
+        assert_eq!(bytes_per_item(1_400_000, 2_000), Some(700));
+        // One product with 32 descriptions of 20,000 characters: about 2.6 MB.
+        assert_eq!(bytes_per_item(2_600_000, 2), Some(MAX_BYTES_PER_ITEM));
+        assert_eq!(bytes_per_item(0, 0), None);
     }
 
     #[test]
