@@ -316,11 +316,10 @@ pub fn plan(
             }
         }
     }
-    for index in 0..writes.len() {
+    for (index, write) in writes.iter_mut().enumerate() {
         let slot = slots
-            .get_mut(writes[index].product.code.as_str())
+            .get_mut(write.product.code.as_str())
             .expect("every written code has a slot (above)");
-        let write = &writes[index];
         let code = &write.product.code;
         let change_version = write.product.version;
         if slot.stored.as_ref().is_some_and(|current| {
@@ -384,7 +383,6 @@ pub fn plan(
         let before = slot.last_change.is_some().then(|| next.product.clone());
         let code = code.clone();
         let written = if slot.writes == 1 {
-            let write = &mut writes[index];
             let written = write.mask.apply_newer_swapping(
                 &mut next.product,
                 &mut next.versions,
@@ -446,8 +444,8 @@ pub fn plan(
         });
         slot.stored = Some(next);
     }
-    // A touched slot always holds its product: only a refused write leaves one empty, and
-    // a write is refused only for a product it found stored.
+    // A touched slot always holds its product: every write that is not refused puts its
+    // product back (above), and a refused one leaves the stored product where it found it.
     let mut rows: Vec<Option<(String, Row)>> = slots
         .into_iter()
         .filter(|(_, slot)| slot.touched)
