@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, HashMap};
 
 use foldhash::fast::RandomState;
-
 use mall_grpc::{ServiceError, Violations};
 use mall_product::{
     FieldVersions, ProductTypes, UpdateMask, limits::MAX_ITEMS_PER_REQUEST, validate,
