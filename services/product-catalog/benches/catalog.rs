@@ -669,12 +669,11 @@ async fn write_load(
     let elapsed = start.elapsed();
     anyhow::ensure!(!latencies.is_empty(), "the write load sent no request");
     latencies.sort_unstable();
-    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     Ok(Written {
         rate: written as f64 / elapsed.as_secs_f64(),
         per_request: written as f64 / latencies.len() as f64,
-        p50: at(0.50),
-        p99: at(0.99),
+        p50: quantile(&latencies, 0.50),
+        p99: quantile(&latencies, 0.99),
     })
 }
 
@@ -923,12 +922,16 @@ where
     }
     let elapsed = start.elapsed().max(READ_WINDOW);
     latencies.sort_unstable();
-    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     Reads {
         rate: latencies.len() as f64 / elapsed.as_secs_f64(),
-        p50: at(0.50),
-        p99: at(0.99),
+        p50: quantile(&latencies, 0.50),
+        p99: quantile(&latencies, 0.99),
     }
+}
+
+/// The `q` quantile of `sorted` (not empty), nearest rank.
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
 }
 
 /// The median; of an even count, the mean of the middle two (the update rounds at one in
