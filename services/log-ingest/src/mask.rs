@@ -5,9 +5,12 @@
 //!
 //! The patterns are regular expressions (the `regex` crate: linear time, no catastrophic
 //! backtracking on hostile lines); each may name literals one of which every match
-//! contains (`@` or `%40` for e-mail addresses), checked first, so most texts cost a
-//! substring search per pattern.
+//! contains (`@` or `%40` for e-mail addresses, `01` or `+82` for mobile numbers). The
+//! literals of every pattern are searched for together, in one pass over a text (an
+//! Aho-Corasick automaton), and only the patterns whose literals it found run: most texts
+//! cost that one pass.
 
+use aho_corasick::AhoCorasick;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
@@ -51,7 +54,8 @@ pub fn default_patterns() -> Vec<PatternSettings> {
             // or Hangul too; not inside a longer number (`digit_bounded`).
             regex: r"(?:\+82[ .\-]?|0)1[016789][ .\-]?[0-9]{3,4}[ .\-]?[0-9]{4}".to_owned(),
             replacement: "<phone>".to_owned(),
-            requires: Vec::new(),
+            // Every match starts with `+82` or `0` and a `1`.
+            requires: vec!["01".to_owned(), "+82".to_owned()],
             digit_bounded: true,
         },
     ]
@@ -61,6 +65,29 @@ pub fn default_patterns() -> Vec<PatternSettings> {
 #[derive(Debug, Clone)]
 pub struct Masker {
     patterns: Vec<Pattern>,
+    /// Every pattern's `requires` literals in one automaton (none when no pattern has
+    /// any), and each literal with the pattern it belongs to.
+    literals: Option<(AhoCorasick, Vec<(String, usize)>)>,
+    /// Bits of the patterns with literals.
+    with_literals: u64,
+    /// The bytes some literal starts with.
+    starts: [bool; 256],
+    /// Bit `i` set: pattern `i` has no literals (it runs on every text).
+    without_literals: u64,
+}
+
+/// Patterns past this many are run on every text (their candidates are a bit set).
+const PREFILTERED: usize = 64;
+
+/// Texts shorter than this are searched for literals byte by byte.
+const SHORT: usize = 64;
+
+/// The bits of the patterns owning a literal `rest` starts with.
+fn starting_at(rest: &[u8], literals: &[(String, usize)]) -> u64 {
+    literals
+        .iter()
+        .filter(|(literal, _)| rest.starts_with(literal.as_bytes()))
+        .fold(0, |bits, (_, owner)| bits | 1 << owner)
 }
 
 #[derive(Debug, Clone)]
@@ -88,8 +115,79 @@ impl Masker {
                     digit_bounded: p.digit_bounded,
                 })
             })
-            .collect::<Result<_, String>>()?;
-        Ok(Self { patterns })
+            .collect::<Result<Vec<Pattern>, String>>()?;
+        let (mut literals, mut without_literals, mut with_literals) = (Vec::new(), 0, 0);
+        for (i, pattern) in patterns.iter().enumerate().take(PREFILTERED) {
+            if pattern.requires.is_empty() {
+                without_literals |= 1 << i;
+            } else {
+                with_literals |= 1 << i;
+            }
+            for literal in &pattern.requires {
+                literals.push((literal.clone(), i));
+            }
+        }
+        let mut starts = [false; 256];
+        for (literal, _) in &literals {
+            // An empty literal is in every text: every byte (and the end) starts it.
+            match literal.as_bytes().first() {
+                Some(&b) => starts[usize::from(b)] = true,
+                None => starts = [true; 256],
+            }
+        }
+        let literals = if literals.is_empty() {
+            None
+        } else {
+            // Leftmost-first finds take the automaton's SIMD prefilter (overlapping finds
+            // would walk every byte); `candidates` restarts one byte after each find.
+            let automaton = AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostFirst)
+                .build(literals.iter().map(|(l, _)| l))
+                .map_err(|e| format!("masking patterns' `requires` literals: {e}"))?;
+            Some((automaton, literals))
+        };
+        Ok(Self {
+            patterns,
+            literals,
+            without_literals,
+            with_literals,
+            starts,
+        })
+    }
+
+    /// Bit `i` set: pattern `i` may match `text` (one of its literals is in it, or it has
+    /// none). Patterns past [`PREFILTERED`] always may.
+    fn candidates(&self, text: &str) -> u64 {
+        let Some((automaton, literals)) = &self.literals else {
+            return u64::MAX;
+        };
+        let mut found = self.without_literals;
+        let bytes = text.as_bytes();
+        if bytes.len() < SHORT {
+            // Loggers, threads and most messages: a look-up per byte is cheaper than
+            // starting the automaton's search.
+            for (i, &b) in bytes.iter().enumerate() {
+                if self.starts[usize::from(b)] {
+                    found |= starting_at(&bytes[i..], literals);
+                }
+            }
+            if literals.iter().any(|(l, _)| l.is_empty()) {
+                found |= starting_at(&[], literals);
+            }
+            return found;
+        }
+        let mut at = 0;
+        // Every place a literal starts is visited: after a find, the search goes on one
+        // byte later (not after its end), so a literal inside or across another (`%40`
+        // and `01` in `%4010`) is not missed, and every literal starting at a find (`0`
+        // and `01`) is checked there.
+        while found & self.with_literals != self.with_literals
+            && let Some(hit) = automaton.find(aho_corasick::Input::new(text).span(at..text.len()))
+        {
+            found |= starting_at(&bytes[hit.start()..], literals);
+            at = hit.start() + 1;
+        }
+        found
     }
 
     /// How many patterns there are (the length of [`Self::record`]'s counts).
@@ -109,10 +207,10 @@ impl Masker {
         if text.is_empty() {
             return;
         }
-        for (pattern, count) in self.patterns.iter().zip(counts.iter_mut()) {
-            if !pattern.requires.is_empty()
-                && !pattern.requires.iter().any(|r| text.contains(r.as_str()))
-            {
+        let mut candidates = self.candidates(text);
+        for (i, (pattern, count)) in self.patterns.iter().zip(counts.iter_mut()).enumerate() {
+            let candidate = i >= PREFILTERED || candidates & (1 << i) != 0;
+            if !candidate {
                 continue;
             }
             let mut masked = String::new();
@@ -135,6 +233,8 @@ impl Masker {
             if kept > 0 {
                 masked.push_str(&text[kept..]);
                 *text = masked;
+                // A replacement may hold a later pattern's literal: judge the new text.
+                candidates = self.candidates(text);
             }
         }
     }
@@ -259,6 +359,75 @@ mod tests {
         assert_eq!(record.fields["phone"], "<phone>");
         assert_eq!(record.fields["<email>"], "bounced");
         assert_eq!(counts, vec![3, 1]);
+    }
+
+    #[test]
+    fn the_prefilter_finds_literals_inside_and_across_each_other() {
+        let masker = Masker::new(&default_patterns()).expect("defaults compile");
+        // `%40` and `01` share the `0`.
+        assert_eq!(masker.candidates("%4010-1234-5678"), 0b11);
+        assert_eq!(masker.candidates("a@b.kr +8210"), 0b11);
+        assert_eq!(masker.candidates("cart 8812 recalculated"), 0);
+        assert_eq!(masker.candidates("at 10:01"), 0b10);
+    }
+
+    proptest::proptest! {
+        /// The one-pass prefilter says what searching for each literal on its own says,
+        /// with literals that are prefixes of, inside and across each other.
+        #[test]
+        fn the_prefilter_agrees_with_a_search_per_literal(text in "[@%40182+a]{0,24}|[@%40182+a]{60,90}") {
+            let mut patterns = default_patterns();
+            for (name, requires) in [("zero", vec!["0"]), ("tail", vec!["40", "1+"])] {
+                patterns.push(PatternSettings {
+                    name: name.to_owned(),
+                    regex: "x".to_owned(),
+                    replacement: String::new(),
+                    requires: requires.into_iter().map(str::to_owned).collect(),
+                    digit_bounded: false,
+                });
+            }
+            let masker = Masker::new(&patterns).expect("compiles");
+            let naive = patterns.iter().enumerate().fold(0_u64, |bits, (i, p)| {
+                if p.requires.iter().any(|r| text.contains(r.as_str())) {
+                    bits | 1 << i
+                } else {
+                    bits
+                }
+            });
+            proptest::prop_assert_eq!(masker.candidates(&text), naive);
+        }
+    }
+
+    #[test]
+    fn patterns_without_literals_and_past_the_prefilter_always_run_and_replacements_are_judged_again()
+     {
+        let pattern =
+            |name: &str, regex: &str, replacement: &str, requires: &[&str]| PatternSettings {
+                name: name.to_owned(),
+                regex: regex.to_owned(),
+                replacement: replacement.to_owned(),
+                requires: requires.iter().map(|r| (*r).to_owned()).collect(),
+                digit_bounded: false,
+            };
+        // The first pattern's replacement holds the second's literal, which the text did
+        // not: the second still runs on what the first made.
+        let mut patterns = vec![
+            pattern("secret", "s3cr3t", "[token]", &["s3cr3t"]),
+            pattern("token", r"\[token\]", "<redacted>", &["[token]"]),
+        ];
+        // Past the 64 the prefilter covers, with a literal the text lacks: still run.
+        for i in 0..PREFILTERED {
+            patterns.push(pattern(&format!("p{i}"), "never-matches-zzz", "", &["zzz"]));
+        }
+        patterns.push(pattern("last", "kept", "gone", &["absent"]));
+        patterns.push(pattern("bare", "plain", "PLAIN", &[]));
+        let masker = Masker::new(&patterns).expect("compiles");
+        let mut text = "s3cr3t kept plain".to_owned();
+        let mut counts = vec![0; masker.len()];
+        masker.text(&mut text, &mut counts);
+        assert_eq!(text, "<redacted> gone PLAIN");
+        assert_eq!((counts[0], counts[1]), (1, 1));
+        assert_eq!(counts[counts.len() - 2..], [1, 1]);
     }
 
     #[test]

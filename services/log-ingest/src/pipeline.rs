@@ -203,8 +203,9 @@ struct StreamState {
     grouper: Grouper,
     parser: Parser,
     source: Source,
-    tag: String,
-    host: String,
+    // Shared with every record of the stream on its way to Loki (a clone per record).
+    tag: Arc<str>,
+    host: Arc<str>,
     lines: usize,
     last_line: Instant,
     /// Where the batch holding the first line of the record in progress starts.
@@ -224,8 +225,8 @@ struct StreamState {
 struct Ready {
     record: Record,
     source: Source,
-    tag: String,
-    host: String,
+    tag: Arc<str>,
+    host: Arc<str>,
     fallback_nanos: i64,
 }
 
@@ -449,11 +450,18 @@ impl Pipeline {
         let mut out = Vec::new();
         // A batch arrives at once: one clock read for all its lines.
         let now = Instant::now();
-        // One key reused for every event's lookup (no allocation unless a stream is new).
+        // One key reused for every run's lookup (no allocation unless a stream is new).
         let mut key = (batch.tag.clone(), String::new());
-        for event in &batch.events {
+        let host_field = self.settings.host_field.as_str();
+        let host_is = |event: &EventRef<'_>, host: &str| {
+            event.text(host_field).as_deref().unwrap_or_default() == host
+        };
+        let mut events = batch.events.iter().peekable();
+        // A run of events of one host (a forward message is usually one host's): one
+        // look-up of its stream.
+        while let Some(event) = events.next() {
             key.1.clear();
-            if let Some(host) = event.text(&self.settings.host_field) {
+            if let Some(host) = event.text(host_field) {
                 key.1.push_str(&host);
             }
             if !streams.contains_key(&key) {
@@ -463,8 +471,8 @@ impl Pipeline {
                         grouper: Grouper::default(),
                         parser: parser.clone(),
                         source,
-                        tag: batch.tag.clone(),
-                        host: key.1.clone(),
+                        tag: Arc::from(batch.tag.as_str()),
+                        host: Arc::from(key.1.as_str()),
                         lines: 0,
                         last_line: now,
                         pending_from: None,
@@ -475,36 +483,40 @@ impl Pipeline {
                 );
             }
             let state = streams.get_mut(&key).expect("inserted above");
-            let line = line_of(&event, &self.settings.line_field);
             let first = state.lines;
-            for text in line.split('\n') {
-                let text = text.strip_suffix('\r').unwrap_or(text);
-                if let Some(skip) = skips.get_mut(&key).filter(|n| **n > 0) {
-                    // Pushed before the restart, as part of a record that began earlier.
-                    *skip -= 1;
+            let mut next = Some(event);
+            while let Some(event) = next {
+                let line = line_of(&event, &self.settings.line_field);
+                for text in line.split('\n') {
+                    let text = text.strip_suffix('\r').unwrap_or(text);
+                    if let Some(skip) = skips.get_mut(&key).filter(|n| **n > 0) {
+                        // Pushed before the restart, as part of a record that began earlier.
+                        *skip -= 1;
+                        state.lines += 1;
+                        continue;
+                    }
+                    let before = state.grouper.pending_first_line();
+                    let fallback = state.pending_event_time;
+                    state
+                        .grouper
+                        .push(&state.parser, self.caps, text, state.lines, &mut out);
+                    for record in out.drain(..) {
+                        ready.push(Ready {
+                            record,
+                            source,
+                            tag: state.tag.clone(),
+                            host: state.host.clone(),
+                            fallback_nanos: fallback,
+                        });
+                    }
+                    let now_pending = state.grouper.pending_first_line();
+                    if now_pending != before {
+                        state.pending_from = now_pending.map(|line| (line, at));
+                        state.pending_event_time = event.time_nanos;
+                    }
                     state.lines += 1;
-                    continue;
                 }
-                let before = state.grouper.pending_first_line();
-                let fallback = state.pending_event_time;
-                state
-                    .grouper
-                    .push(&state.parser, self.caps, text, state.lines, &mut out);
-                for record in out.drain(..) {
-                    ready.push(Ready {
-                        record,
-                        source,
-                        tag: state.tag.clone(),
-                        host: state.host.clone(),
-                        fallback_nanos: fallback,
-                    });
-                }
-                let now_pending = state.grouper.pending_first_line();
-                if now_pending != before {
-                    state.pending_from = now_pending.map(|line| (line, at));
-                    state.pending_event_time = event.time_nanos;
-                }
-                state.lines += 1;
+                next = events.next_if(|e| host_is(e, &key.1));
             }
             // This batch's lines of the stream: where they start, how many.
             state.batches.entry(at).or_insert((first, 0)).1 += state.lines - first;
@@ -521,6 +533,7 @@ impl Pipeline {
         let parser = self
             .configured_format(&batch.tag)
             .map(|format| Parser::new(format, self.zone));
+        let tag: Arc<str> = Arc::from(batch.tag.as_str());
         for event in &batch.events {
             let otlp = otlp_input::record(&event.to_event());
             let records = match &parser {
@@ -546,8 +559,8 @@ impl Pipeline {
                 ready.push(Ready {
                     record,
                     source: Source::Otlp,
-                    tag: batch.tag.clone(),
-                    host: otlp.host.clone(),
+                    tag: Arc::clone(&tag),
+                    host: Arc::from(otlp.host.as_str()),
                     fallback_nanos: event.time_nanos,
                 });
             }
@@ -845,7 +858,7 @@ struct Item {
     labels: std::sync::Arc<str>,
     source: Source,
     /// The forward tag or OTLP service (for the derived metrics).
-    service: String,
+    service: Arc<str>,
     /// What it adds to the derived metrics once Loki accepted it.
     observation: Observation,
     entry: loki::Entry,
@@ -881,7 +894,7 @@ fn note(streams: &mut HashMap<(String, String), StreamState>, position: Position
             _ => count,
         };
         if skip > 0 {
-            skips.push((state.tag.clone(), state.host.clone(), skip));
+            skips.push((state.tag.to_string(), state.host.to_string(), skip));
         }
     }
     serde_json::to_vec(&skips).unwrap_or_default()
