@@ -46,6 +46,10 @@ impl App {
                 parsing.formats.names().join(", ")
             );
         }
+        anyhow::ensure!(
+            settings.pipeline.max_open_streams >= 1,
+            "pipeline.max_open_streams must be at least 1"
+        );
         let limits = Limits {
             max_bytes: settings.buffer.max_bytes,
             segment_bytes: settings.buffer.segment_bytes,

@@ -62,6 +62,9 @@ pub struct LogMetrics {
     /// `streams_folded_total`: records whose service or host label became `other` (the
     /// stream limit was reached; the values are in structured metadata).
     pub streams_folded: IntCounter,
+    /// `streams_evicted_total`: streams whose multi-line state was dropped to stay within
+    /// `pipeline.max_open_streams` (each one's record in progress was completed).
+    pub streams_evicted: IntCounter,
     /// `tails_open`: TailLogs streams open now.
     pub tails: IntGauge,
     /// `tail_records_dropped_total`: records skipped for TailLogs clients reading too slowly
@@ -138,6 +141,10 @@ impl LogMetrics {
                 "streams_folded_total",
                 "Records whose service or host label became other (stream limit reached)",
             )?,
+            streams_evicted: IntCounter::new(
+                "streams_evicted_total",
+                "Streams whose multi-line state was dropped at pipeline.max_open_streams",
+            )?,
             tails: IntGauge::new("tails_open", "TailLogs streams open now")?,
             tail_dropped: IntCounter::new(
                 "tail_records_dropped_total",
@@ -160,6 +167,7 @@ impl LogMetrics {
         registry.register(Box::new(metrics.otlp.clone()))?;
         registry.register(Box::new(metrics.streams.clone()))?;
         registry.register(Box::new(metrics.streams_folded.clone()))?;
+        registry.register(Box::new(metrics.streams_evicted.clone()))?;
         registry.register(Box::new(metrics.tails.clone()))?;
         registry.register(Box::new(metrics.tail_dropped.clone()))?;
         for source in SOURCES {

@@ -65,6 +65,10 @@ pub struct PipelineSettings {
     /// Most (service, host) pairs that get streams of their own; records of others get
     /// `other` (see [`crate::labels`]).
     pub max_streams: usize,
+    /// Most streams (tag and host) whose multi-line state is kept: a record in progress,
+    /// or ten minutes after their last line. A new stream past it completes and forgets
+    /// the quietest eighth (their records in progress go to Loki as they are).
+    pub max_open_streams: usize,
     /// A record waits at most this long for its push (it goes at once when the whole
     /// input pauses: `flush_after` completed the last record in progress of every stream).
     #[serde(with = "humantime_serde")]
@@ -82,6 +86,7 @@ impl Default for PipelineSettings {
             environment: "local".to_owned(),
             batch_bytes: 1024 * 1024,
             max_streams: 1_000,
+            max_open_streams: 10_000,
             batch_wait: Duration::from_secs(1),
         }
     }
@@ -465,6 +470,9 @@ impl Pipeline {
                 key.1.push_str(&host);
             }
             if !streams.contains_key(&key) {
+                if streams.len() >= self.settings.max_open_streams {
+                    self.evict(streams, ready);
+                }
                 streams.insert(
                     key.clone(),
                     StreamState {
@@ -523,6 +531,37 @@ impl Pipeline {
             state.last_line = now;
             state.resumed |= new;
         }
+    }
+
+    /// Completes and forgets the quietest eighth of the streams (at least one), to make
+    /// room for a new one: their records in progress go to `ready` as they are. (A
+    /// stream's lines in the batch at the next acknowledgement are then not in its note:
+    /// after a crash there, they may reach Loki twice.)
+    fn evict(&self, streams: &mut HashMap<(String, String), StreamState>, ready: &mut Vec<Ready>) {
+        let mut quiet: Vec<(Instant, (String, String))> = streams
+            .iter()
+            .map(|(key, state)| (state.last_line, key.clone()))
+            .collect();
+        let count = (quiet.len() / 8).max(1).min(quiet.len());
+        if count == 0 {
+            return;
+        }
+        quiet.select_nth_unstable_by_key(count - 1, |(last_line, _)| *last_line);
+        for (_, key) in quiet.into_iter().take(count) {
+            let Some(mut state) = streams.remove(&key) else {
+                continue;
+            };
+            if let Some(record) = state.grouper.flush() {
+                ready.push(Ready {
+                    record,
+                    source: state.source,
+                    tag: state.tag,
+                    host: state.host,
+                    fallback_nanos: state.pending_event_time,
+                });
+            }
+        }
+        self.metrics.streams_evicted.inc_by(count as u64);
     }
 
     /// An OTLP batch's records: each is whole already (no grouping across records), so

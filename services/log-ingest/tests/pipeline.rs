@@ -442,6 +442,72 @@ async fn hosts_past_the_stream_limit_fold_into_other_with_their_name_kept() {
     );
 }
 
+/// Past `pipeline.max_open_streams`, a new stream completes the quietest one's record in
+/// progress (whole as far as it came) and forgets it: memory bounded, nothing lost.
+#[tokio::test]
+async fn a_new_stream_past_the_open_stream_limit_completes_the_quietest_ones_record() {
+    let running = start_with(|s| {
+        s.pipeline.max_open_streams = 2;
+        // Only the eviction can complete a record within the test's wait.
+        s.pipeline.flush_after = Duration::from_secs(120);
+        s.pipeline.restart_grace = Duration::from_secs(120);
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(running.forward)
+        .await
+        .expect("connects");
+    let prefix = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ";
+    let header = format!("{prefix}ERROR [t1] [CartService] cart 1 failed");
+    let trace = format!("{prefix}java.lang.IllegalStateException: broken");
+    let frame_line = format!("{prefix}\tat a.B.c(B.java:1)");
+    let sends: [(&str, Vec<&str>); 3] = [
+        ("web-1", vec![&header, &trace]),
+        ("web-2", vec![&frame_line]),
+        ("web-3", vec![&frame_line]),
+    ];
+    for (n, (host, lines)) in sends.into_iter().enumerate() {
+        let entries = lines
+            .into_iter()
+            .map(|line| {
+                Value::Array(vec![
+                    Value::from(1_730_103_120_u32),
+                    Value::Map(vec![
+                        (Value::from("log"), Value::from(line)),
+                        (Value::from("host"), Value::from(host)),
+                    ]),
+                ])
+            })
+            .collect();
+        let mut frame = Vec::new();
+        rmpv::encode::write_value(
+            &mut frame,
+            &Value::Array(vec![
+                Value::from("hybris.wrapper"),
+                Value::Array(entries),
+                Value::Map(vec![(Value::from("chunk"), Value::from(format!("c{n}")))]),
+            ]),
+        )
+        .expect("encodes");
+        stream.write_all(&frame).await.expect("writes");
+        let mut ack = vec![0; 64];
+        let _ = stream.read(&mut ack).await.expect("an ack");
+        // Apart in time, so web-1 is the quietest when web-3 arrives.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_for(&running.loki, 1).await;
+    let received = running.loki.received();
+    assert_eq!(received.len(), 1, "only web-1's record is complete");
+    assert_eq!(
+        received[0].entry.line,
+        "cart 1 failed\njava.lang.IllegalStateException: broken"
+    );
+    let metrics = probe_metrics(running.admin).await;
+    assert!(
+        metrics.contains("mall_log_ingest_streams_evicted_total 1\n"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn a_services_own_json_line_reaches_loki_with_its_trace_id_in_structured_metadata() {
     // Lines parsed per line: JSON when they start with `{`, as the platform's own services'
