@@ -165,6 +165,7 @@ async fn run(lines: usize) -> anyhow::Result<String> {
     let (records, lines_in_loki) = loki.accepted();
     child.stop().await;
     let rate = all.len() as f64 / secs;
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
 
     writeln!(
         report,
@@ -186,12 +187,17 @@ async fn run(lines: usize) -> anyhow::Result<String> {
          {entries} records, {} lines).\n\
          - The derived metrics counted {derived} records (`mall_log_ingest_log_records_total`).\n\
          - CPU time during the run: log-ingest {service_cpu:.1} s ({:.2} cores), the \
-         benchmark's client and Loki receiver {bench_cpu:.1} s ({:.2} cores), of 2 cores.",
+         benchmark's client and Loki receiver {bench_cpu:.1} s ({:.2} cores), of {cores} cores.\n\
+         - What 0.5× would take: every line in Loki within {half:.2} s, that is {budget:.2} \
+         CPU-seconds on {cores} cores for everything; the client and the Loki receiver alone \
+         (the benchmark's side, decoding every push) used {bench_cpu:.1} s of them in this run.",
         rate / base_rate,
         peak_kib as f64 / 1024.0,
         all.len(),
         service_cpu / secs,
         bench_cpu / secs,
+        half = base_secs * 2.0,
+        budget = base_secs * 2.0 * cores as f64,
     )?;
     Ok(report)
 }
