@@ -187,9 +187,10 @@ async fn run(lines: usize) -> anyhow::Result<String> {
          {entries} records, {} lines).\n\
          - The derived metrics counted {derived} records (`mall_log_ingest_log_records_total`).\n\
          - CPU time during the run: log-ingest {service_cpu:.1} s ({:.2} cores), the \
-         benchmark's client and Loki receiver {bench_cpu:.1} s ({:.2} cores), of {cores} cores.\n\
+         benchmark's client and Loki receiver {bench_cpu:.1} s ({:.2} cores), of {cores} cores \
+         available.\n\
          - What 0.5× would take: every line in Loki within {half:.2} s, that is {budget:.2} \
-         CPU-seconds on {cores} cores for everything; the client and the Loki receiver alone \
+         CPU-seconds on the {cores} cores available for everything; the client and the Loki receiver alone \
          (the benchmark's side, decoding every push) used {bench_cpu:.1} s of them in this run.",
         rate / base_rate,
         peak_kib as f64 / 1024.0,

@@ -72,6 +72,8 @@ pub struct Masker {
     with_literals: u64,
     /// The bytes some literal starts with.
     starts: [bool; 256],
+    /// Whether some literal is empty (in every text, even an empty one).
+    empty_literal: bool,
     /// Bit `i` set: pattern `i` has no literals (it runs on every text).
     without_literals: u64,
 }
@@ -135,6 +137,7 @@ impl Masker {
                 None => starts = [true; 256],
             }
         }
+        let empty_literal = literals.iter().any(|(literal, _)| literal.is_empty());
         let literals = if literals.is_empty() {
             None
         } else {
@@ -152,6 +155,7 @@ impl Masker {
             without_literals,
             with_literals,
             starts,
+            empty_literal,
         })
     }
 
@@ -171,7 +175,7 @@ impl Masker {
                     found |= starting_at(&bytes[i..], literals);
                 }
             }
-            if literals.iter().any(|(l, _)| l.is_empty()) {
+            if self.empty_literal {
                 found |= starting_at(&[], literals);
             }
             return found;
@@ -209,7 +213,13 @@ impl Masker {
         }
         let mut candidates = self.candidates(text);
         for (i, (pattern, count)) in self.patterns.iter().zip(counts.iter_mut()).enumerate() {
-            let candidate = i >= PREFILTERED || candidates & (1 << i) != 0;
+            // Past the bit set, a pattern's own literals are searched for one by one.
+            let candidate = if i < PREFILTERED {
+                candidates & (1 << i) != 0
+            } else {
+                pattern.requires.is_empty()
+                    || pattern.requires.iter().any(|r| text.contains(r.as_str()))
+            };
             if !candidate {
                 continue;
             }
@@ -377,7 +387,7 @@ mod tests {
         #[test]
         fn the_prefilter_agrees_with_a_search_per_literal(text in "[@%40182+a]{0,24}|[@%40182+a]{60,90}") {
             let mut patterns = default_patterns();
-            for (name, requires) in [("zero", vec!["0"]), ("tail", vec!["40", "1+"])] {
+            for (name, requires) in [("zero", vec!["0"]), ("tail", vec!["40", "1+"]), ("empty", vec!["", "a"])] {
                 patterns.push(PatternSettings {
                     name: name.to_owned(),
                     regex: "x".to_owned(),
@@ -399,7 +409,7 @@ mod tests {
     }
 
     #[test]
-    fn patterns_without_literals_and_past_the_prefilter_always_run_and_replacements_are_judged_again()
+    fn patterns_without_literals_always_run_those_past_the_prefilter_check_their_own_and_replacements_are_judged_again()
      {
         let pattern =
             |name: &str, regex: &str, replacement: &str, requires: &[&str]| PatternSettings {
@@ -415,19 +425,20 @@ mod tests {
             pattern("secret", "s3cr3t", "[token]", &["s3cr3t"]),
             pattern("token", r"\[token\]", "<redacted>", &["[token]"]),
         ];
-        // Past the 64 the prefilter covers, with a literal the text lacks: still run.
+        // Past the 64 the prefilter covers: each checks its own literals.
         for i in 0..PREFILTERED {
             patterns.push(pattern(&format!("p{i}"), "never-matches-zzz", "", &["zzz"]));
         }
-        patterns.push(pattern("last", "kept", "gone", &["absent"]));
+        patterns.push(pattern("absent", "kept", "gone", &["absent"]));
+        patterns.push(pattern("present", "kept", "held", &["ep"]));
         patterns.push(pattern("bare", "plain", "PLAIN", &[]));
         let masker = Masker::new(&patterns).expect("compiles");
         let mut text = "s3cr3t kept plain".to_owned();
         let mut counts = vec![0; masker.len()];
         masker.text(&mut text, &mut counts);
-        assert_eq!(text, "<redacted> gone PLAIN");
+        assert_eq!(text, "<redacted> held PLAIN");
         assert_eq!((counts[0], counts[1]), (1, 1));
-        assert_eq!(counts[counts.len() - 2..], [1, 1]);
+        assert_eq!(counts[counts.len() - 3..], [0, 1, 1]);
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub struct LogMetrics {
     /// `streams_evicted_total`: streams whose multi-line state was dropped to stay within
     /// `pipeline.max_open_streams` (each one's record in progress was completed).
     pub streams_evicted: IntCounter,
+    /// `open_streams`: streams (tag and host) whose multi-line state is kept now (at most
+    /// `pipeline.max_open_streams`).
+    pub open_streams: IntGauge,
     /// `tails_open`: TailLogs streams open now.
     pub tails: IntGauge,
     /// `tail_records_dropped_total`: records skipped for TailLogs clients reading too slowly
@@ -145,6 +148,10 @@ impl LogMetrics {
                 "streams_evicted_total",
                 "Streams whose multi-line state was dropped at pipeline.max_open_streams",
             )?,
+            open_streams: IntGauge::new(
+                "open_streams",
+                "Streams (tag and host) whose multi-line state is kept now",
+            )?,
             tails: IntGauge::new("tails_open", "TailLogs streams open now")?,
             tail_dropped: IntCounter::new(
                 "tail_records_dropped_total",
@@ -168,6 +175,7 @@ impl LogMetrics {
         registry.register(Box::new(metrics.streams.clone()))?;
         registry.register(Box::new(metrics.streams_folded.clone()))?;
         registry.register(Box::new(metrics.streams_evicted.clone()))?;
+        registry.register(Box::new(metrics.open_streams.clone()))?;
         registry.register(Box::new(metrics.tails.clone()))?;
         registry.register(Box::new(metrics.tail_dropped.clone()))?;
         for source in SOURCES {

@@ -225,6 +225,47 @@ struct StreamState {
     pending_event_time: i64,
 }
 
+impl StreamState {
+    /// Its record in progress, completed: the stream is being forgotten.
+    fn into_ready(mut self) -> Option<Ready> {
+        let record = self.grouper.flush()?;
+        Some(Ready {
+            record,
+            source: self.source,
+            tag: self.tag,
+            host: self.host,
+            fallback_nanos: self.pending_event_time,
+        })
+    }
+}
+
+/// Stream (tag and host) of the pipeline's state.
+type StreamKey = (String, String);
+
+/// The streams with multi-line state, and what is left of those evicted.
+#[derive(Debug, Default)]
+struct Streams {
+    open: HashMap<StreamKey, StreamState>,
+    /// Per stream forgotten (evicted, or idle for ten minutes), its lines in each batch
+    /// not yet acknowledged: all in records completed when it was forgotten, so the note
+    /// counts them as pushed. Dropped as the acknowledgements pass them.
+    evicted: HashMap<StreamKey, std::collections::BTreeMap<Position, usize>>,
+}
+
+impl Streams {
+    /// Removes a stream's state, remembering its lines in batches not yet acknowledged.
+    fn forget(&mut self, key: &StreamKey) -> Option<StreamState> {
+        let state = self.open.remove(key)?;
+        if !state.batches.is_empty() {
+            let remembered = self.evicted.entry(key.clone()).or_default();
+            for (&at, &(_, lines)) in &state.batches {
+                *remembered.entry(at).or_default() += lines;
+            }
+        }
+        Some(state)
+    }
+}
+
 /// A record ready for Loki, with its stream.
 #[derive(Debug)]
 struct Ready {
@@ -243,7 +284,7 @@ impl Pipeline {
         let mut skips = read_note(self.buffer.note());
         // What was durable at start is read again; lines after it are new.
         let (replayed, started) = (self.buffer.end(), Instant::now());
-        let mut streams: HashMap<(String, String), StreamState> = HashMap::new();
+        let mut streams = Streams::default();
         let mut ready: Vec<Ready> = Vec::new();
         let mut ready_bytes = 0_usize;
         let mut oldest: Option<Instant> = None;
@@ -268,6 +309,7 @@ impl Pipeline {
                             Ok(batch) => {
                                 let new = cursor >= replayed;
                                 self.feed(batch, cursor, new, &mut streams, &mut ready, &mut skips);
+                                self.metrics.open_streams.set(i64::try_from(streams.open.len()).unwrap_or(i64::MAX));
                             }
                             Err(why) => tracing::error!(%why, "a buffered batch does not decode; skipped"),
                         }
@@ -293,7 +335,7 @@ impl Pipeline {
                 // in the buffer (behind a slow push) are not quiet.
                 _ = tick.tick(), if reader.at_end() => {
                     let now = Instant::now();
-                    for state in streams.values_mut() {
+                    for state in streams.open.values_mut() {
                         let waited = state.resumed || now.duration_since(started) >= self.settings.restart_grace;
                         if waited && state.grouper.is_pending() && now.duration_since(state.last_line) >= self.settings.flush_after {
                             let fallback = state.pending_event_time;
@@ -306,8 +348,12 @@ impl Pipeline {
                     }
                     // The whole input paused (not one sparse stream among busy ones): the
                     // records it completed go at once.
-                    paused &= streams.values().all(|s| !s.grouper.is_pending());
-                    streams.retain(|_, s| s.grouper.is_pending() || now.duration_since(s.last_line) < Duration::from_secs(600));
+                    paused &= streams.open.values().all(|s| !s.grouper.is_pending());
+                    let idle: Vec<StreamKey> = streams.open.iter().filter(|(_, s)| !s.grouper.is_pending() && now.duration_since(s.last_line) >= Duration::from_secs(600)).map(|(key, _)| key.clone()).collect();
+                    for key in idle {
+                        streams.forget(&key);
+                    }
+                    self.metrics.open_streams.set(i64::try_from(streams.open.len()).unwrap_or(i64::MAX));
                 }
             }
             while in_flight
@@ -337,6 +383,7 @@ impl Pipeline {
             }
             // Everything read is in `ready` or in a record in progress.
             let acknowledge = streams
+                .open
                 .values()
                 .filter_map(|s| s.pending_from.map(|(_, at)| at))
                 .fold(cursor, std::cmp::min);
@@ -387,7 +434,7 @@ impl Pipeline {
     /// batches already pushed. Whatever is not pushed stays in the buffer.
     async fn drain(
         &self,
-        streams: HashMap<(String, String), StreamState>,
+        streams: Streams,
         mut ready: Vec<Ready>,
         cursor: Position,
         mut in_flight: InFlight,
@@ -399,17 +446,12 @@ impl Pipeline {
         while !in_flight.is_empty() {
             finished &= finish(&mut in_flight).await;
         }
-        for (_, mut state) in streams {
-            if let Some(record) = state.grouper.flush() {
-                ready.push(Ready {
-                    record,
-                    source: state.source,
-                    tag: state.tag,
-                    host: state.host,
-                    fallback_nanos: state.pending_event_time,
-                });
-            }
-        }
+        ready.extend(
+            streams
+                .open
+                .into_values()
+                .filter_map(StreamState::into_ready),
+        );
         if !ready.is_empty() && finished {
             let stop = CancellationToken::new();
             let timer = stop.clone();
@@ -438,7 +480,7 @@ impl Pipeline {
         batch: Batch,
         at: Position,
         new: bool,
-        streams: &mut HashMap<(String, String), StreamState>,
+        streams: &mut Streams,
         ready: &mut Vec<Ready>,
         skips: &mut HashMap<(String, String), usize>,
     ) {
@@ -469,11 +511,11 @@ impl Pipeline {
             if let Some(host) = event.text(host_field) {
                 key.1.push_str(&host);
             }
-            if !streams.contains_key(&key) {
-                if streams.len() >= self.settings.max_open_streams {
+            if !streams.open.contains_key(&key) {
+                if streams.open.len() >= self.settings.max_open_streams {
                     self.evict(streams, ready);
                 }
-                streams.insert(
+                streams.open.insert(
                     key.clone(),
                     StreamState {
                         grouper: Grouper::default(),
@@ -490,7 +532,7 @@ impl Pipeline {
                     },
                 );
             }
-            let state = streams.get_mut(&key).expect("inserted above");
+            let state = streams.open.get_mut(&key).expect("inserted above");
             let first = state.lines;
             let mut next = Some(event);
             while let Some(event) = next {
@@ -533,33 +575,31 @@ impl Pipeline {
         }
     }
 
-    /// Completes and forgets the quietest eighth of the streams (at least one), to make
-    /// room for a new one: their records in progress go to `ready` as they are. (A
-    /// stream's lines in the batch at the next acknowledgement are then not in its note:
-    /// after a crash there, they may reach Loki twice.)
-    fn evict(&self, streams: &mut HashMap<(String, String), StreamState>, ready: &mut Vec<Ready>) {
-        let mut quiet: Vec<(Instant, (String, String))> = streams
+    /// Makes room for a new stream: completes and forgets an eighth of the streams (at
+    /// least one) — first those with nothing to keep (no record in progress, no line since
+    /// the last acknowledgement), then the quietest. Their records in progress go to
+    /// `ready` as they are; their lines in batches not yet acknowledged are remembered in
+    /// `streams.evicted`, so the acknowledgement's note still skips them after a restart.
+    fn evict(&self, streams: &mut Streams, ready: &mut Vec<Ready>) {
+        let mut order: Vec<(bool, Instant, &StreamKey)> = streams
+            .open
             .iter()
-            .map(|(key, state)| (state.last_line, key.clone()))
+            .map(|(key, state)| {
+                let keeps = state.grouper.is_pending() || !state.batches.is_empty();
+                (keeps, state.last_line, key)
+            })
             .collect();
-        let count = (quiet.len() / 8).max(1).min(quiet.len());
+        let count = (order.len() / 8).max(1).min(order.len());
         if count == 0 {
             return;
         }
-        quiet.select_nth_unstable_by_key(count - 1, |(last_line, _)| *last_line);
-        for (_, key) in quiet.into_iter().take(count) {
-            let Some(mut state) = streams.remove(&key) else {
-                continue;
-            };
-            if let Some(record) = state.grouper.flush() {
-                ready.push(Ready {
-                    record,
-                    source: state.source,
-                    tag: state.tag,
-                    host: state.host,
-                    fallback_nanos: state.pending_event_time,
-                });
-            }
+        order.select_nth_unstable_by_key(count - 1, |(keeps, last_line, _)| (*keeps, *last_line));
+        let chosen: Vec<StreamKey> = order[..count]
+            .iter()
+            .map(|(_, _, key)| (*key).clone())
+            .collect();
+        for key in chosen {
+            ready.extend(streams.forget(&key).and_then(StreamState::into_ready));
         }
         self.metrics.streams_evicted.inc_by(count as u64);
     }
@@ -921,9 +961,18 @@ impl Item {
 /// What to leave with an acknowledgement at `position`: per stream, how many of its lines
 /// in the batch there belong to records already pushed (so a restart does not push their
 /// tails as records of their own). Forgets what is before `position`.
-fn note(streams: &mut HashMap<(String, String), StreamState>, position: Position) -> Vec<u8> {
-    let mut skips = Vec::new();
-    for state in streams.values_mut() {
+fn note(streams: &mut Streams, position: Position) -> Vec<u8> {
+    // Per stream, summed: an evicted stream's lines in the batch came before those of the
+    // stream of the same name opened again after it.
+    let mut skips: std::collections::BTreeMap<StreamKey, usize> = std::collections::BTreeMap::new();
+    for (key, lines) in &mut streams.evicted {
+        *lines = lines.split_off(&position);
+        if let Some(&count) = lines.get(&position) {
+            *skips.entry(key.clone()).or_default() += count;
+        }
+    }
+    streams.evicted.retain(|_, lines| !lines.is_empty());
+    for state in streams.open.values_mut() {
         state.batches = state.batches.split_off(&position);
         let Some(&(first, count)) = state.batches.get(&position) else {
             continue;
@@ -933,9 +982,16 @@ fn note(streams: &mut HashMap<(String, String), StreamState>, position: Position
             _ => count,
         };
         if skip > 0 {
-            skips.push((state.tag.to_string(), state.host.to_string(), skip));
+            *skips
+                .entry((state.tag.to_string(), state.host.to_string()))
+                .or_default() += skip;
         }
     }
+    let skips: Vec<(String, String, usize)> = skips
+        .into_iter()
+        .filter(|(_, skip)| *skip > 0)
+        .map(|((tag, host), skip)| (tag, host, skip))
+        .collect();
     serde_json::to_vec(&skips).unwrap_or_default()
 }
 
@@ -971,4 +1027,61 @@ fn line_of<'a>(event: &EventRef<'a>, field: &str) -> std::borrow::Cow<'a, str> {
         })
         .collect();
     serde_json::Value::Object(object).to_string().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::Format;
+
+    fn at(offset: u64) -> Position {
+        Position { segment: 0, offset }
+    }
+
+    fn state(
+        lines: usize,
+        pending_from: Option<(usize, Position)>,
+        batches: &[(Position, (usize, usize))],
+    ) -> StreamState {
+        StreamState {
+            grouper: Grouper::default(),
+            parser: Parser::new(Format::Line, chrono_tz::UTC),
+            source: Source::Forward,
+            tag: Arc::from("hybris.wrapper"),
+            host: Arc::from("web-1"),
+            lines,
+            last_line: Instant::now(),
+            pending_from,
+            resumed: true,
+            batches: batches.iter().copied().collect(),
+            pending_event_time: 0,
+        }
+    }
+
+    /// A stream evicted and opened again: the note skips the evicted one's lines in the
+    /// batch (all pushed with its completed record) and then the new one's pushed lines.
+    #[test]
+    fn a_note_counts_an_evicted_streams_lines_before_those_of_the_stream_opened_again() {
+        let key = ("hybris.wrapper".to_owned(), "web-1".to_owned());
+        let mut streams = Streams::default();
+        streams
+            .evicted
+            .insert(key.clone(), [(at(0), 3), (at(10), 2), (at(20), 4)].into());
+        // Opened again in the batch at 10: five lines there, the record in progress from
+        // its second.
+        streams.open.insert(
+            key.clone(),
+            state(5, Some((1, at(10))), &[(at(10), (0, 5))]),
+        );
+        let skips = read_note(&note(&mut streams, at(10)));
+        assert_eq!(skips.get(&key), Some(&(2 + 1)));
+        assert_eq!(
+            streams.evicted[&key].keys().copied().collect::<Vec<_>>(),
+            [at(10), at(20)]
+        );
+        // Past every batch it had: forgotten.
+        let skips = read_note(&note(&mut streams, at(30)));
+        assert!(skips.is_empty(), "{skips:?}");
+        assert!(streams.evicted.is_empty());
+    }
 }

@@ -506,6 +506,10 @@ async fn a_new_stream_past_the_open_stream_limit_completes_the_quietest_ones_rec
         metrics.contains("mall_log_ingest_streams_evicted_total 1\n"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("mall_log_ingest_open_streams 2\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
