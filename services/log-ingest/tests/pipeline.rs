@@ -466,28 +466,7 @@ async fn a_new_stream_past_the_open_stream_limit_completes_the_quietest_ones_rec
         ("web-3", vec![&frame_line]),
     ];
     for (n, (host, lines)) in sends.into_iter().enumerate() {
-        let entries = lines
-            .into_iter()
-            .map(|line| {
-                Value::Array(vec![
-                    Value::from(1_730_103_120_u32),
-                    Value::Map(vec![
-                        (Value::from("log"), Value::from(line)),
-                        (Value::from("host"), Value::from(host)),
-                    ]),
-                ])
-            })
-            .collect();
-        let mut frame = Vec::new();
-        rmpv::encode::write_value(
-            &mut frame,
-            &Value::Array(vec![
-                Value::from("hybris.wrapper"),
-                Value::Array(entries),
-                Value::Map(vec![(Value::from("chunk"), Value::from(format!("c{n}")))]),
-            ]),
-        )
-        .expect("encodes");
+        let frame = corpus::frame_of(host, &format!("c{n}"), &lines);
         stream.write_all(&frame).await.expect("writes");
         let mut ack = vec![0; 64];
         let _ = stream.read(&mut ack).await.expect("an ack");

@@ -124,6 +124,11 @@ pub fn mask(text: &str) -> String {
 
 /// A Forward-mode message of `lines` (tag `hybris.wrapper`, host `hybris-1`) with `chunk`.
 pub fn frame<S: AsRef<str>>(chunk: &str, lines: &[S]) -> Vec<u8> {
+    frame_of("hybris-1", chunk, lines)
+}
+
+/// A Forward-mode message of `lines` from `host` (tag `hybris.wrapper`) with `chunk`.
+pub fn frame_of<S: AsRef<str>>(host: &str, chunk: &str, lines: &[S]) -> Vec<u8> {
     let entries = lines
         .iter()
         .map(|line| {
@@ -131,7 +136,7 @@ pub fn frame<S: AsRef<str>>(chunk: &str, lines: &[S]) -> Vec<u8> {
                 Value::from(1_730_103_120_u32),
                 Value::Map(vec![
                     (Value::from("log"), Value::from(line.as_ref())),
-                    (Value::from("host"), Value::from("hybris-1")),
+                    (Value::from("host"), Value::from(host)),
                 ]),
             ])
         })
