@@ -210,10 +210,47 @@ pub(crate) fn is_map(value: &[u8]) -> bool {
 
 /// The first whole MessagePack value of `bytes`, and what follows it.
 pub(crate) fn split_value(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    match forward::frame_len(bytes, bytes.len()) {
-        Ok(Some(len)) if len > 0 => Some(bytes.split_at(len)),
-        _ => None,
-    }
+    // Keys, lines, hosts and times are scalars, whose header says their length; arrays
+    // and maps are walked.
+    let len = match scalar_len(bytes) {
+        Some(len) => len,
+        None => match forward::frame_len(bytes, bytes.len()) {
+            Ok(Some(len)) => len,
+            _ => return None,
+        },
+    };
+    (len > 0 && len <= bytes.len()).then(|| bytes.split_at(len))
+}
+
+/// The length of the scalar at the start of `bytes` (nil, bool, number, str, bin, ext),
+/// read from its header alone; `None` for an array or a map, a header cut short, or a
+/// byte that starts no value (for [`forward::frame_len`] to walk or refuse).
+fn scalar_len(bytes: &[u8]) -> Option<usize> {
+    let (&marker, rest) = bytes.split_first()?;
+    let length = |n: usize| {
+        rest.get(..n)
+            .map(|b| b.iter().fold(0_usize, |acc, x| acc << 8 | usize::from(*x)))
+    };
+    Some(match marker {
+        0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => 1,
+        0xa0..=0xbf => 1 + usize::from(marker & 0x1f),
+        0xc4 | 0xd9 => 2 + length(1)?,
+        0xc5 | 0xda => 3 + length(2)?,
+        0xc6 | 0xdb => 5 + length(4)?,
+        0xc7 => 3 + length(1)?,
+        0xc8 => 4 + length(2)?,
+        0xc9 => 6 + length(4)?,
+        0xcc | 0xd0 => 2,
+        0xcd | 0xd1 => 3,
+        0xca | 0xce | 0xd2 => 5,
+        0xcb | 0xcf | 0xd3 => 9,
+        0xd4 => 3,
+        0xd5 => 4,
+        0xd6 => 6,
+        0xd7 => 10,
+        0xd8 => 18,
+        _ => return None,
+    })
 }
 
 /// The payload of a str or bin value (the whole value in `value`).
@@ -358,6 +395,56 @@ mod tests {
         let mut old = Vec::new();
         rmpv::encode::write_value(&mut old, &tree).expect("encodes");
         assert_eq!(Batch::decode(&old), Ok(batch));
+    }
+
+    mod scalars {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn scalar() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                any::<f32>().prop_map(Value::from),
+                any::<bool>().prop_map(Value::from),
+                Just(Value::Nil),
+                ".{0,300}".prop_map(Value::from),
+                proptest::collection::vec(any::<u8>(), 0..300).prop_map(Value::Binary),
+                // fixext 1, 2, 4, 8, 16, and ext 8 / 16 of other sizes.
+                (
+                    any::<i8>(),
+                    prop_oneof![
+                        Just(1_usize),
+                        Just(2),
+                        Just(4),
+                        Just(8),
+                        Just(16),
+                        0_usize..300
+                    ]
+                )
+                    .prop_map(|(t, n)| Value::Ext(t, vec![7; n])),
+            ]
+        }
+
+        proptest! {
+            /// A scalar's length from its header is what walking it finds, whole or cut.
+            #[test]
+            fn a_scalars_length_from_its_header_is_what_walking_it_finds(
+                value in scalar(),
+                cut in 0_usize..400,
+            ) {
+                let mut bytes = Vec::new();
+                rmpv::encode::write_value(&mut bytes, &value).expect("encodes");
+                let walked = forward::frame_len(&bytes, bytes.len()).expect("a value");
+                prop_assert_eq!(scalar_len(&bytes), walked);
+                let cut = &bytes[..cut.min(bytes.len())];
+                let split = split_value(cut).map(|(v, _)| v.len());
+                let want = forward::frame_len(cut, cut.len()).ok().flatten().filter(|n| *n > 0);
+                prop_assert_eq!(split, want);
+            }
+        }
     }
 
     #[test]
