@@ -64,7 +64,9 @@ pub fn default_patterns() -> Vec<PatternSettings> {
 /// Compiled patterns.
 #[derive(Debug, Clone)]
 pub struct Masker {
-    patterns: Vec<Pattern>,
+    /// Shared by every clone (a push's masker is one): a cloned `Regex` would start with
+    /// empty search caches and rebuild its lazy DFA's states on every push.
+    patterns: std::sync::Arc<[Pattern]>,
     /// Every pattern's `requires` literals in one automaton (none when no pattern has
     /// any), and each literal with the pattern it belongs to.
     literals: Option<(AhoCorasick, Vec<(String, usize)>)>,
@@ -150,7 +152,7 @@ impl Masker {
             Some((automaton, literals))
         };
         Ok(Self {
-            patterns,
+            patterns: patterns.into(),
             literals,
             without_literals,
             with_literals,
