@@ -387,7 +387,10 @@ impl Pipeline {
                 .values()
                 .filter_map(|s| s.pending_from.map(|(_, at)| at))
                 .fold(cursor, std::cmp::min);
-            let records = std::mem::take(&mut ready);
+            // The next push's records come in about as many: room for them at once rather
+            // than by doubling (a record is a few hundred bytes to move on each growth).
+            let room = ready.len();
+            let records = std::mem::replace(&mut ready, Vec::with_capacity(room));
             (oldest, ready_bytes, paused) = (None, 0, false);
             let note = note(&mut streams, acknowledge);
             // Pushes prepare at once and send one after another (a stream's entries reach
@@ -809,22 +812,26 @@ impl Pusher {
     async fn send_all(&self, items: Vec<Item>, stop: &CancellationToken) -> bool {
         // Pieces of at most `batch_bytes`; a piece Loki refuses (400) or finds too large
         // (413) is halved until the record at fault is alone, and only that one is dropped.
-        let mut pieces: Vec<Vec<Item>> = Vec::new();
-        let mut piece = Vec::new();
-        let mut bytes = 0;
-        for item in items {
+        // Where each piece after the first starts; the pieces are split off from the end
+        // (the items are moved once, not pushed one by one), so the last is on top.
+        let mut starts = Vec::new();
+        let (mut from, mut bytes) = (0, 0);
+        for (i, item) in items.iter().enumerate() {
             let size = item.size();
-            if !piece.is_empty() && bytes + size > self.batch_bytes {
-                pieces.push(std::mem::take(&mut piece));
-                bytes = 0;
+            if i > from && bytes + size > self.batch_bytes {
+                starts.push(i);
+                (from, bytes) = (i, 0);
             }
             bytes += size;
-            piece.push(item);
         }
-        if !piece.is_empty() {
-            pieces.push(piece);
+        let mut items = items;
+        let mut pieces: Vec<Vec<Item>> = Vec::with_capacity(starts.len() + 1);
+        for &start in starts.iter().rev() {
+            pieces.push(items.split_off(start));
         }
-        pieces.reverse();
+        if !items.is_empty() {
+            pieces.push(items);
+        }
         while let Some(mut piece) = pieces.pop() {
             match self.send(&mut piece, stop).await {
                 None => return false,

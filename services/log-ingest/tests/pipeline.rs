@@ -69,29 +69,7 @@ async fn the_corpus_arrives_in_loki_record_by_record_with_traces_whole_and_addre
     send(running.forward, &lines, 37).await;
     wait_for(&running.loki, want.len()).await;
     let received = running.loki.received();
-    let got: Vec<(String, String)> = received
-        .iter()
-        .map(|r| {
-            let level = r
-                .labels
-                .iter()
-                .find(|(k, _)| k == "level")
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default();
-            (level, r.entry.line.clone())
-        })
-        .collect();
-    // Streams of one push may come in any order; within a level they keep their order.
-    for level in ["INFO", "WARN", "DEBUG", "ERROR"] {
-        let of = |v: &[(String, String)]| -> Vec<String> {
-            v.iter()
-                .filter(|(l, _)| l == level)
-                .map(|(_, line)| line.clone())
-                .collect()
-        };
-        assert_eq!(of(&got), of(&want), "{level} records");
-    }
-    assert_eq!(got.len(), want.len());
+    assert_in_order(&received, &want);
     for r in &received {
         let labels: std::collections::BTreeMap<_, _> = r.labels.iter().cloned().collect();
         assert_eq!(labels["service"], "hybris.wrapper");
@@ -383,6 +361,50 @@ async fn probe_metrics(admin: std::net::SocketAddr) -> String {
     let (status, body) = mall_test_support::probe::http_get(admin, "/metrics").await;
     assert_eq!(status, 200);
     body
+}
+
+/// Every record of `want` (level, line) received, in order within each level (streams of
+/// one push may come in any order).
+fn assert_in_order(received: &[log_ingest::loki_receiver::Received], want: &[(String, String)]) {
+    let got: Vec<(String, String)> = received
+        .iter()
+        .map(|r| {
+            let level = r
+                .labels
+                .iter()
+                .find(|(k, _)| k == "level")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            (level, r.entry.line.clone())
+        })
+        .collect();
+    for level in ["INFO", "WARN", "DEBUG", "ERROR"] {
+        let of = |v: &[(String, String)]| -> Vec<String> {
+            v.iter()
+                .filter(|(l, _)| l == level)
+                .map(|(_, line)| line.clone())
+                .collect()
+        };
+        assert_eq!(of(&got), of(want), "{level} records");
+    }
+    assert_eq!(got.len(), want.len());
+}
+
+/// Records past `pipeline.batch_bytes` go in several pushes, in order.
+#[tokio::test]
+async fn records_past_the_push_size_go_in_pieces_in_order() {
+    let running = start_with(|s| s.pipeline.batch_bytes = 4096).await;
+    let lines: Vec<&str> = CORPUS.lines().collect();
+    let want = model(&lines);
+    send(running.forward, &lines, 37).await;
+    wait_for(&running.loki, want.len()).await;
+    assert_in_order(&running.loki.received(), &want);
+    let bytes: usize = want.iter().map(|(_, line)| line.len()).sum();
+    let (pushes, _, _) = running.loki.counts();
+    assert!(
+        pushes as usize >= bytes / 4096,
+        "{pushes} pushes for {bytes} bytes"
+    );
 }
 
 /// Past `pipeline.max_streams` (service, host) pairs, a record's host label is `other` and
