@@ -813,7 +813,8 @@ impl Pusher {
         // Pieces of at most `batch_bytes`; a piece Loki refuses (400) or finds too large
         // (413) is halved until the record at fault is alone, and only that one is dropped.
         // Where each piece after the first starts; the pieces are split off from the end
-        // (the items are moved once, not pushed one by one), so the last is on top.
+        // (the items are moved once, not pushed one by one), so the first ends up on top
+        // of the stack and goes first.
         let mut starts = Vec::new();
         let (mut from, mut bytes) = (0, 0);
         for (i, item) in items.iter().enumerate() {
