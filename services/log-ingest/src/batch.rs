@@ -224,7 +224,8 @@ pub(crate) fn split_value(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
 
 /// The length of the scalar at the start of `bytes` (nil, bool, number, str, bin, ext),
 /// read from its header alone; `None` for an array or a map, a header cut short, or a
-/// byte that starts no value (for [`forward::frame_len`] to walk or refuse).
+/// byte that starts no value (for [`forward::frame_len`] to walk or refuse). The lengths
+/// are `frame_len`'s for the same markers; a property test below holds the two equal.
 fn scalar_len(bytes: &[u8]) -> Option<usize> {
     let (&marker, rest) = bytes.split_first()?;
     let length = |n: usize| {

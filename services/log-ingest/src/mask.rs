@@ -162,7 +162,8 @@ impl Masker {
     }
 
     /// Bit `i` set: pattern `i` may match `text` (one of its literals is in it, or it has
-    /// none). Patterns past [`PREFILTERED`] always may.
+    /// none). Patterns past [`PREFILTERED`] have no bit: [`Self::text`] searches for their
+    /// literals itself.
     fn candidates(&self, text: &str) -> u64 {
         let Some((automaton, literals)) = &self.literals else {
             return u64::MAX;

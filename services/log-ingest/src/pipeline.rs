@@ -252,7 +252,48 @@ struct Streams {
     evicted: HashMap<StreamKey, std::collections::BTreeMap<Position, usize>>,
 }
 
+/// A stream without a record in progress is forgotten after this long without a line.
+const IDLE_STREAM: Duration = Duration::from_secs(600);
+
 impl Streams {
+    /// Forgets the streams without a record in progress and without a line for
+    /// [`IDLE_STREAM`].
+    fn forget_idle(&mut self, now: Instant) {
+        let idle: Vec<StreamKey> = self
+            .open
+            .iter()
+            .filter(|(_, s)| {
+                !s.grouper.is_pending() && now.duration_since(s.last_line) >= IDLE_STREAM
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in idle {
+            self.forget(&key);
+        }
+    }
+
+    /// The `count` streams to evict: those with nothing to keep (no record in progress,
+    /// no line since the last acknowledgement) first, then the quietest.
+    fn to_evict(&self, count: usize) -> Vec<StreamKey> {
+        let mut order: Vec<(bool, Instant, &StreamKey)> = self
+            .open
+            .iter()
+            .map(|(key, state)| {
+                let keeps = state.grouper.is_pending() || !state.batches.is_empty();
+                (keeps, state.last_line, key)
+            })
+            .collect();
+        let count = count.min(order.len());
+        if count == 0 {
+            return Vec::new();
+        }
+        order.select_nth_unstable_by_key(count - 1, |(keeps, last_line, _)| (*keeps, *last_line));
+        order[..count]
+            .iter()
+            .map(|(_, _, key)| (*key).clone())
+            .collect()
+    }
+
     /// Removes a stream's state, remembering its lines in batches not yet acknowledged.
     fn forget(&mut self, key: &StreamKey) -> Option<StreamState> {
         let state = self.open.remove(key)?;
@@ -349,10 +390,7 @@ impl Pipeline {
                     // The whole input paused (not one sparse stream among busy ones): the
                     // records it completed go at once.
                     paused &= streams.open.values().all(|s| !s.grouper.is_pending());
-                    let idle: Vec<StreamKey> = streams.open.iter().filter(|(_, s)| !s.grouper.is_pending() && now.duration_since(s.last_line) >= Duration::from_secs(600)).map(|(key, _)| key.clone()).collect();
-                    for key in idle {
-                        streams.forget(&key);
-                    }
+                    streams.forget_idle(now);
                     self.metrics.open_streams.set(i64::try_from(streams.open.len()).unwrap_or(i64::MAX));
                 }
             }
@@ -579,32 +617,15 @@ impl Pipeline {
     }
 
     /// Makes room for a new stream: completes and forgets an eighth of the streams (at
-    /// least one) — first those with nothing to keep (no record in progress, no line since
-    /// the last acknowledgement), then the quietest. Their records in progress go to
+    /// least one), chosen by [`Streams::to_evict`]. Their records in progress go to
     /// `ready` as they are; their lines in batches not yet acknowledged are remembered in
     /// `streams.evicted`, so the acknowledgement's note still skips them after a restart.
     fn evict(&self, streams: &mut Streams, ready: &mut Vec<Ready>) {
-        let mut order: Vec<(bool, Instant, &StreamKey)> = streams
-            .open
-            .iter()
-            .map(|(key, state)| {
-                let keeps = state.grouper.is_pending() || !state.batches.is_empty();
-                (keeps, state.last_line, key)
-            })
-            .collect();
-        let count = (order.len() / 8).max(1).min(order.len());
-        if count == 0 {
-            return;
-        }
-        order.select_nth_unstable_by_key(count - 1, |(keeps, last_line, _)| (*keeps, *last_line));
-        let chosen: Vec<StreamKey> = order[..count]
-            .iter()
-            .map(|(_, _, key)| (*key).clone())
-            .collect();
+        let chosen = streams.to_evict((streams.open.len() / 8).max(1));
+        self.metrics.streams_evicted.inc_by(chosen.len() as u64);
         for key in chosen {
             ready.extend(streams.forget(&key).and_then(StreamState::into_ready));
         }
-        self.metrics.streams_evicted.inc_by(count as u64);
     }
 
     /// An OTLP batch's records: each is whole already (no grouping across records), so
@@ -1064,6 +1085,30 @@ mod tests {
             batches: batches.iter().copied().collect(),
             pending_event_time: 0,
         }
+    }
+
+    /// Eviction takes a stream with nothing to keep before an older one with a record in
+    /// progress or lines not yet acknowledged.
+    #[test]
+    fn eviction_takes_streams_with_nothing_to_keep_first_then_the_quietest() {
+        let key = |host: &str| ("hybris.wrapper".to_owned(), host.to_owned());
+        let earlier = Instant::now();
+        let later = earlier + Duration::from_secs(1);
+        let mut streams = Streams::default();
+        let mut unacknowledged = state(1, None, &[(at(10), (0, 1))]);
+        unacknowledged.last_line = earlier;
+        let mut idle = state(1, None, &[]);
+        idle.last_line = later;
+        let mut quieter = state(1, None, &[(at(20), (0, 1))]);
+        quieter.last_line = earlier - Duration::from_secs(1);
+        streams.open.insert(key("web-1"), unacknowledged);
+        streams.open.insert(key("web-2"), idle);
+        streams.open.insert(key("web-3"), quieter);
+        assert_eq!(streams.to_evict(1), [key("web-2")]);
+        let mut two = streams.to_evict(2);
+        two.sort();
+        assert_eq!(two, [key("web-2"), key("web-3")]);
+        assert_eq!(streams.to_evict(9).len(), 3);
     }
 
     /// A stream evicted and opened again: the note skips the evicted one's lines in the

@@ -124,3 +124,12 @@ async fn an_unknown_setting_fails_start_up_naming_the_key() {
         "the error names the key: {stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_limit_of_no_open_streams_fails_start_up_naming_the_setting() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut settings = corpus::local_settings(dir.path());
+    settings.pipeline.max_open_streams = 0;
+    let error = App::build(settings).await.expect_err("refused").to_string();
+    assert!(error.contains("pipeline.max_open_streams"), "{error}");
+}
