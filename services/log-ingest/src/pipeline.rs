@@ -294,6 +294,16 @@ impl Streams {
             .collect()
     }
 
+    /// How far an acknowledgement may go when everything before `cursor` was read: to
+    /// `cursor`, or to the start of the batch holding the first line of the earliest
+    /// record still in progress (everything read is in a record ready or in progress).
+    fn acknowledgeable(&self, cursor: Position) -> Position {
+        self.open
+            .values()
+            .filter_map(|s| s.pending_from.map(|(_, at)| at))
+            .fold(cursor, std::cmp::min)
+    }
+
     /// Removes a stream's state, remembering its lines in batches not yet acknowledged.
     fn forget(&mut self, key: &StreamKey) -> Option<StreamState> {
         let state = self.open.remove(key)?;
@@ -419,12 +429,7 @@ impl Pipeline {
             if ready.is_empty() || !due {
                 continue;
             }
-            // Everything read is in `ready` or in a record in progress.
-            let acknowledge = streams
-                .open
-                .values()
-                .filter_map(|s| s.pending_from.map(|(_, at)| at))
-                .fold(cursor, std::cmp::min);
+            let acknowledge = streams.acknowledgeable(cursor);
             // The next push's records come in about as many: room for them at once rather
             // than by doubling (a record is a few hundred bytes to move on each growth).
             let room = ready.len();
@@ -470,13 +475,17 @@ impl Pipeline {
         }
     }
 
-    /// On shutdown: completes every record in progress and pushes what is ready, for a
-    /// few seconds at most, so a restart does not rebuild records from the middle of
-    /// batches already pushed. Whatever is not pushed stays in the buffer.
+    /// On shutdown: pushes the records completed, for a few seconds at most, and
+    /// acknowledges them as a push in the loop does. Records still in progress are not
+    /// completed: their lines stay in the buffer (the acknowledgement stops at the batch
+    /// holding the first of them, its note skipping the lines already pushed), so after a
+    /// restart they are rebuilt from their first line and the rest of a stack trace, sent
+    /// after the restart, joins them instead of starting a record of its own. Whatever
+    /// is not pushed stays in the buffer too.
     async fn drain(
         &self,
-        streams: Streams,
-        mut ready: Vec<Ready>,
+        mut streams: Streams,
+        ready: Vec<Ready>,
         cursor: Position,
         mut in_flight: InFlight,
         acker: Acker,
@@ -487,13 +496,9 @@ impl Pipeline {
         while !in_flight.is_empty() {
             finished &= finish(&mut in_flight).await;
         }
-        ready.extend(
-            streams
-                .open
-                .into_values()
-                .filter_map(StreamState::into_ready),
-        );
         if !ready.is_empty() && finished {
+            let acknowledge = streams.acknowledgeable(cursor);
+            let note = note(&mut streams, acknowledge);
             let stop = CancellationToken::new();
             let timer = stop.clone();
             tokio::spawn(async move {
@@ -508,7 +513,7 @@ impl Pipeline {
                 after: None,
                 done,
                 acks: acker.sender.clone(),
-                acknowledge: (cursor, Vec::new()),
+                acknowledge: (acknowledge, note),
             };
             self.pusher().push(ready, stop, turn).await;
         }

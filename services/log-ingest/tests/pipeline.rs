@@ -547,6 +547,74 @@ async fn a_services_own_json_line_reaches_loki_with_its_trace_id_in_structured_m
     running.shutdown.cancel();
 }
 
+/// A rolling update restarts the replica while a stack trace is arriving: its first lines
+/// before the SIGTERM, the rest after the restart. The trace reaches Loki whole, once, and
+/// every record pushed before the restart is not pushed again.
+#[tokio::test]
+async fn a_stack_trace_cut_by_a_graceful_restart_arrives_whole() {
+    mall_test_support::init_logging();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+        .await
+        .expect("starts");
+    let start = || async {
+        let app = log_ingest::App::build(corpus::corpus_settings(dir.path(), loki.url()))
+            .await
+            .expect("builds");
+        let (forward, admin) = (app.forward_addr(), app.admin_addr());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let running = tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
+        (forward, admin, shutdown, running)
+    };
+    let lines: Vec<&str> = CORPUS.lines().collect();
+    // The first trace of at least 6 lines, and a few records after it.
+    let header = (0..lines.len())
+        .find(|&i| {
+            lines[i..i + 7]
+                .iter()
+                .skip(1)
+                .all(|l| !corpus::is_header(l.splitn(5, " | ").nth(4).unwrap_or_default()))
+        })
+        .expect("a long trace in the fixture");
+    // The trace and the three records after it.
+    let end = (header + 1..lines.len())
+        .filter(|&i| corpus::is_header(lines[i].splitn(5, " | ").nth(4).unwrap_or_default()))
+        .nth(3)
+        .expect("records after the trace");
+    let (before, after) = lines[..end].split_at(header + 3);
+    let want = model(&lines[..end]);
+
+    let (forward, admin, shutdown, running) = start().await;
+    send(forward, before, 10).await;
+    // Every record before the trace is complete (the trace's header completes the one
+    // before it); once Loki took them, only the trace's beginning is in progress.
+    let pushed = want.len() - 4;
+    mall_test_support::wait_until(
+        "the records before the trace pushed",
+        Duration::from_secs(30),
+        || async {
+            probe_metrics(admin)
+                .await
+                .lines()
+                .find_map(|l| l.strip_prefix("mall_log_ingest_loki_records_pushed_total "))
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|&n| n >= pushed as f64)
+        },
+    )
+    .await;
+    shutdown.cancel();
+    running.await.expect("joins").expect("shuts down cleanly");
+
+    let (forward, _, shutdown, running) = start().await;
+    send(forward, after, 10).await;
+    wait_for(&loki, want.len()).await;
+    // Time for anything pushed twice or split to arrive too.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_in_order(&loki.received(), &want);
+    shutdown.cancel();
+    running.await.expect("joins").expect("shuts down cleanly");
+}
+
 #[tokio::test]
 async fn when_the_input_pauses_the_last_records_go_at_once_not_after_batch_wait() {
     let running = start_with(|settings| {

@@ -33,19 +33,12 @@ pub struct Running {
     _dir: tempfile::TempDir,
 }
 
-/// Starts log-ingest in this process with [`local_settings`], a Loki receiver, short
-/// retries and waits, environment `test`, `hybris.*` parsed as `hybris-wrapper`, then
-/// `change`.
-pub async fn start_with(change: impl FnOnce(&mut log_ingest::Settings)) -> Running {
+/// [`local_settings`] pushing to `loki_url`, with short retries and waits, environment
+/// `test`, `hybris.*` parsed as `hybris-wrapper`.
+pub fn corpus_settings(dir: &std::path::Path, loki_url: String) -> log_ingest::Settings {
     use std::time::Duration;
-    mall_test_support::init_logging();
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let loki =
-        log_ingest::loki_receiver::LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
-            .await
-            .expect("starts");
-    let mut settings = local_settings(dir.path());
-    settings.loki.url = loki.url();
+    let mut settings = local_settings(dir);
+    settings.loki.url = loki_url;
     settings.loki.retry_initial = Duration::from_millis(50);
     settings.loki.retry_max = Duration::from_millis(500);
     settings
@@ -55,6 +48,19 @@ pub async fn start_with(change: impl FnOnce(&mut log_ingest::Settings)) -> Runni
     settings.pipeline.flush_after = Duration::from_millis(300);
     settings.pipeline.batch_wait = Duration::from_millis(100);
     settings.pipeline.environment = "test".to_owned();
+    settings
+}
+
+/// Starts log-ingest in this process with [`corpus_settings`] and a Loki receiver of its
+/// own, then `change`.
+pub async fn start_with(change: impl FnOnce(&mut log_ingest::Settings)) -> Running {
+    mall_test_support::init_logging();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let loki =
+        log_ingest::loki_receiver::LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+            .await
+            .expect("starts");
+    let mut settings = corpus_settings(dir.path(), loki.url());
     change(&mut settings);
     let app = log_ingest::App::build(settings).await.expect("builds");
     let (forward, grpc, admin) = (app.forward_addr(), app.grpc_addr(), app.admin_addr());
