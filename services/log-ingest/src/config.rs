@@ -196,3 +196,34 @@ impl Default for LokiSettings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The parsers `deploy/k8s` names per forward tag load as meant: environment variables
+    /// keep the tag's dots (and its case) in the map's key.
+    #[test]
+    fn the_deployments_parsers_per_tag_load_from_its_environment() {
+        let manifest = include_str!("../../../deploy/k8s/base/log-ingest.yaml");
+        let mut env = Vec::new();
+        let mut lines = manifest.lines().map(str::trim);
+        while let Some(line) = lines.next() {
+            if let Some(name) = line.strip_prefix("- name: LOG_INGEST__PIPELINE__PARSERS__") {
+                let value = lines
+                    .next()
+                    .and_then(|l| l.strip_prefix("value: "))
+                    .expect("a value on the next line");
+                env.push((
+                    format!("LOG_INGEST__PIPELINE__PARSERS__{name}"),
+                    value.to_owned(),
+                ));
+            }
+        }
+        let settings: crate::Settings =
+            mall_config::load_from("LOG_INGEST", mall_config::Sources { file: None, env })
+                .expect("loads");
+        let parsers = &settings.pipeline.parsers;
+        assert_eq!(parsers.len(), 2, "{parsers:?}");
+        assert_eq!(parsers["hybris.wrapper"], "hybris-wrapper");
+        assert_eq!(parsers["hybris.access"], "access-log");
+    }
+}

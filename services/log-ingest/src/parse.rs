@@ -16,7 +16,7 @@
 //! - `line`: every line a record of its own, unparsed.
 //!
 //! An empty name chooses per line: JSON when the line starts with `{`, else the wrapper's
-//! line, else a log4j header, else a continuation.
+//! line, else a log4j header, else an access log line, else a continuation.
 //!
 //! Hand-written rather than regular expressions: these formats are fixed, and this is the
 //! hot path (every line of every legacy server).
@@ -214,10 +214,16 @@ impl Parser {
 
     fn wrapper<'a>(&self, line: &'a str, index: usize) -> Line<'a> {
         let Some(prefix) = wrapper_prefix(line) else {
-            return if matches!(self.format, Format::Auto) {
-                self.log4j(line, None, index)
-            } else {
-                continuation(line)
+            if !matches!(self.format, Format::Auto) {
+                return continuation(line);
+            }
+            return match self.log4j(line, None, index) {
+                // `"GET /path HTTP/1.1" 200`: the access log's expression runs only on
+                // lines holding `" ` (few stack lines do).
+                Line::Continue { .. } if line.contains("\" ") => {
+                    formats::access_log(line, index).map_or_else(|| continuation(line), Line::Start)
+                }
+                parsed => parsed,
             };
         };
         if prefix.source == "wrapper" {
@@ -714,6 +720,24 @@ mod tests {
         let broken = start(json.line("{not json", 4));
         assert!(broken.parse_error);
         assert_eq!(broken.message, "{not json");
+    }
+
+    #[test]
+    fn chosen_per_line_access_log_lines_are_records_with_their_fields() {
+        let parser = Parser::new(Format::Auto, SEOUL);
+        let line = r#"10.0.0.1 - - [28/Oct/2024:17:12:00 +0900] "GET /cart HTTP/1.1" 500 12 45"#;
+        let record = start(parser.line(line, 3));
+        assert_eq!(record.level, Some(Level::Error));
+        assert_eq!(record.fields["status"], "500");
+        assert_eq!(record.fields["method"], "GET");
+        assert_eq!(record.time_micros, Some(1_730_103_120_000_000));
+        // Every line of an access log is a record of its own, never a continuation.
+        assert!(matches!(parser.line(line, 4), Line::Start(_)));
+        // A stack line quoting something is still a continuation.
+        assert!(matches!(
+            parser.line("\tat x.Y.z(\"Y.java\" 12)", 5),
+            Line::Continue { .. }
+        ));
     }
 
     #[test]
