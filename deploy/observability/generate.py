@@ -377,6 +377,7 @@ def logs():
                         [
                             (f"sum by (reason) (rate({p}_records_dropped_total[$__rate_interval]))", "dropped {{reason}}"),
                             (f"sum by (source) (rate({p}_parse_errors_total[$__rate_interval]))", "parse errors {{source}}"),
+                            (f"sum(rate({p}_fields_omitted_total[$__rate_interval]))", "fields left out of structured metadata"),
                         ],
                         "ops",
                     ),

@@ -117,6 +117,29 @@ impl Guard {
     }
 }
 
+/// `name` as a label name (`[a-zA-Z_][a-zA-Z0-9_]*`): every other character an
+/// underscore, and one before a leading digit (empty: `_`).
+pub fn label_name(name: String) -> String {
+    let valid = |(i, c): (usize, char)| {
+        c.is_ascii_alphabetic() || c == '_' || (i > 0 && c.is_ascii_digit())
+    };
+    if !name.is_empty() && name.chars().enumerate().all(valid) {
+        return name;
+    }
+    let mut out = String::with_capacity(name.len() + 1);
+    if name.chars().next().is_none_or(|c| c.is_ascii_digit()) {
+        out.push('_');
+    }
+    out.extend(name.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            c
+        } else {
+            '_'
+        }
+    }));
+    out
+}
+
 /// `{name="value", …}` with Loki's escaping, empty values left out.
 pub fn selector(pairs: &[(&str, &str)]) -> String {
     let mut out = String::from("{");
@@ -146,6 +169,21 @@ pub fn selector(pairs: &[(&str, &str)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn field_names_become_label_names() {
+        for (name, want) in [
+            ("status", "status"),
+            ("http.request.method", "http_request_method"),
+            ("@timestamp", "_timestamp"),
+            ("2xx", "_2xx"),
+            ("", "_"),
+            ("a_1", "a_1"),
+            ("ключ", "____"),
+        ] {
+            assert_eq!(label_name(name.to_owned()), want, "{name}");
+        }
+    }
 
     #[test]
     fn selectors_escape_and_leave_out_empty_values() {

@@ -3,7 +3,8 @@
 //! refuses with Loki's status codes, can be told to fail, and keeps what it accepted.
 //!
 //! Refused with 400, as Loki's defaults do: labels that do not parse, more than 15 labels
-//! in a stream, a line over 256 KB, an entry without a timestamp. Like Loki, the valid
+//! in a stream, a line over 256 KB, an entry without a timestamp, an entry with more than
+//! 128 structured metadata pairs or more than 64 KB of them. Like Loki, the valid
 //! entries of a push are kept even when others are refused, and an entry identical to one
 //! already kept (same stream, time and line) is dropped silently (counted here, so tests
 //! see redeliveries). Fault injection: refuse every push with 429 (and `Retry-After: 1`) or
@@ -32,6 +33,10 @@ use crate::{
 
 /// Loki's default `max_line_size`.
 pub const MAX_LINE_BYTES: usize = 256 * 1024;
+/// Loki's default `max_structured_metadata_entries_count`.
+pub const MAX_METADATA_ENTRIES: usize = 128;
+/// Loki's default `max_structured_metadata_size` (names' and values' bytes per entry).
+pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 /// Loki's default `max_label_names_per_series`.
 pub const MAX_LABELS: usize = 15;
 
@@ -203,6 +208,21 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
                 ));
                 continue;
             }
+            let metadata_bytes: usize = entry
+                .structured_metadata
+                .iter()
+                .map(|p| p.name.len() + p.value.len())
+                .sum();
+            if entry.structured_metadata.len() > MAX_METADATA_ENTRIES
+                || metadata_bytes > MAX_METADATA_BYTES
+            {
+                problems.push(format!(
+                    "stream {}: structured metadata too large ({} pairs, {metadata_bytes} bytes)",
+                    stream.labels,
+                    entry.structured_metadata.len()
+                ));
+                continue;
+            }
             if !inner.keep {
                 inner.count(&entry);
                 continue;
@@ -295,5 +315,55 @@ mod tests {
         ] {
             assert_eq!(parse_labels(bad), None, "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn entries_with_too_much_structured_metadata_are_refused_as_loki_does() {
+        let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+            .await
+            .expect("starts");
+        let push = |pairs: usize, value_bytes: usize| {
+            let entry = Entry {
+                timestamp: Some(prost_types::Timestamp {
+                    seconds: 1_730_103_120,
+                    nanos: 0,
+                }),
+                line: format!("{pairs} pairs"),
+                structured_metadata: (0..pairs)
+                    .map(|i| loki::LabelPair {
+                        name: format!("f{i}"),
+                        value: "v".repeat(value_bytes),
+                    })
+                    .collect(),
+            };
+            loki::encode(&loki::PushRequest {
+                streams: vec![loki::Stream {
+                    labels: r#"{service="x"}"#.to_owned(),
+                    entries: vec![entry],
+                    hash: 0,
+                }],
+            })
+        };
+        let client = reqwest::Client::new();
+        let url = format!("{}/loki/api/v1/push", loki.url());
+        for (pairs, value_bytes, status) in [
+            (MAX_METADATA_ENTRIES, 1, 204),
+            (MAX_METADATA_ENTRIES + 1, 1, 400),
+            (2, MAX_METADATA_BYTES / 2 - 2, 204),
+            (2, MAX_METADATA_BYTES / 2, 400),
+        ] {
+            let response = client
+                .post(&url)
+                .body(push(pairs, value_bytes))
+                .send()
+                .await
+                .expect("answers");
+            assert_eq!(
+                response.status().as_u16(),
+                status,
+                "{pairs} × {value_bytes}"
+            );
+        }
+        assert_eq!(loki.received().len(), 2);
     }
 }

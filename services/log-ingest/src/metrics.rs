@@ -65,6 +65,9 @@ pub struct LogMetrics {
     /// `streams_evicted_total`: streams whose multi-line state was dropped to stay within
     /// `pipeline.max_open_streams` (each one's record in progress was completed).
     pub streams_evicted: IntCounter,
+    /// `fields_omitted_total`: record fields left out of Loki's structured metadata (past
+    /// 64 fields or 16 KiB of them in one record, or a name taken already).
+    pub fields_omitted: IntCounter,
     /// `open_streams`: streams (tag and host) whose multi-line state is kept now (at most
     /// `pipeline.max_open_streams`).
     pub open_streams: IntGauge,
@@ -148,6 +151,10 @@ impl LogMetrics {
                 "streams_evicted_total",
                 "Streams whose multi-line state was dropped at pipeline.max_open_streams",
             )?,
+            fields_omitted: IntCounter::new(
+                "fields_omitted_total",
+                "Record fields left out of Loki's structured metadata (too many or too large)",
+            )?,
             open_streams: IntGauge::new(
                 "open_streams",
                 "Streams (tag and host) whose multi-line state is kept now",
@@ -175,6 +182,7 @@ impl LogMetrics {
         registry.register(Box::new(metrics.streams.clone()))?;
         registry.register(Box::new(metrics.streams_folded.clone()))?;
         registry.register(Box::new(metrics.streams_evicted.clone()))?;
+        registry.register(Box::new(metrics.fields_omitted.clone()))?;
         registry.register(Box::new(metrics.open_streams.clone()))?;
         registry.register(Box::new(metrics.tails.clone()))?;
         registry.register(Box::new(metrics.tail_dropped.clone()))?;

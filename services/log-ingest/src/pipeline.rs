@@ -791,6 +791,12 @@ impl Pusher {
                 });
             }
         }
+        if !record.fields.is_empty() {
+            let omitted = add_fields(&mut metadata, std::mem::take(&mut record.fields));
+            if omitted > 0 {
+                self.metrics.fields_omitted.inc_by(omitted as u64);
+            }
+        }
         let mut line = record.message;
         if !record.stack_trace.is_empty() {
             line.push('\n');
@@ -951,6 +957,42 @@ impl Pusher {
     }
 }
 
+/// Fields in one entry's structured metadata at most, and their names' and values' bytes
+/// at most: well inside Loki's defaults (128 entries, 64 KB per entry, over which it
+/// refuses the whole entry), so a record with many or large fields still goes, without
+/// those that do not fit.
+const MAX_FIELDS: usize = 64;
+const MAX_FIELD_BYTES: usize = 16 * 1024;
+
+/// Adds a record's `fields` (JSON keys, OTLP attributes, logfmt pairs, captures, an access
+/// log's parts) to its structured metadata, their names made label names (`http.method`
+/// → `http_method`, as Loki names OTLP attributes) so LogQL can filter on them. Empty
+/// values, names taken already and what passes [`MAX_FIELDS`] or [`MAX_FIELD_BYTES`] are
+/// left out; how many of the fields that is.
+fn add_fields(
+    metadata: &mut Vec<loki::LabelPair>,
+    fields: std::collections::BTreeMap<String, String>,
+) -> usize {
+    let (mut added, mut bytes, mut omitted) = (0, 0, 0);
+    for (name, value) in fields {
+        if value.is_empty() {
+            continue;
+        }
+        let name = labels::label_name(name);
+        if added >= MAX_FIELDS
+            || bytes + name.len() + value.len() > MAX_FIELD_BYTES
+            || metadata.iter().any(|p| p.name == name)
+        {
+            omitted += 1;
+            continue;
+        }
+        bytes += name.len() + value.len();
+        added += 1;
+        metadata.push(loki::LabelPair { name, value });
+    }
+    omitted
+}
+
 /// Waits for the oldest push in flight; whether it went through.
 async fn finish(in_flight: &mut InFlight) -> bool {
     let Some(push) = in_flight.pop_front() else {
@@ -1094,6 +1136,40 @@ mod tests {
 
     /// Eviction takes a stream with nothing to keep before an older one with a record in
     /// progress or lines not yet acknowledged.
+    #[test]
+    fn fields_join_the_structured_metadata_within_its_bounds() {
+        let pair = |name: &str, value: &str| loki::LabelPair {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        };
+        let mut metadata = vec![pair("logger", "a.B")];
+        let fields = [
+            ("http.method", "GET"),
+            ("logger", "taken already"),
+            ("empty", ""),
+            ("big", &"x".repeat(MAX_FIELD_BYTES)),
+            ("status", "500"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(add_fields(&mut metadata, fields), 2);
+        assert_eq!(
+            metadata,
+            [
+                pair("logger", "a.B"),
+                pair("http_method", "GET"),
+                pair("status", "500")
+            ]
+        );
+        let many = (0..MAX_FIELDS + 5)
+            .map(|i| (format!("f{i:03}"), "v".to_owned()))
+            .collect();
+        let mut metadata = Vec::new();
+        assert_eq!(add_fields(&mut metadata, many), 5);
+        assert_eq!(metadata.len(), MAX_FIELDS);
+    }
+
     #[test]
     fn eviction_takes_streams_with_nothing_to_keep_first_then_the_quietest() {
         let key = |host: &str| ("hybris.wrapper".to_owned(), host.to_owned());

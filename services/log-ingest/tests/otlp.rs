@@ -82,6 +82,7 @@ async fn records_from_opentelemetry_otlps_exporter_reach_loki_whole_and_masked()
     record.set_body(AnyValue::from("checkout failed for kim@example.com"));
     record.add_attribute("thread.name", "hybrisHTTP12");
     record.add_attribute("cart", 8812_i64);
+    record.add_attribute("customer.email", "kim@example.com");
     record.set_trace_context(trace, span, None);
     logger.emit(record);
 
@@ -128,7 +129,9 @@ async fn records_from_opentelemetry_otlps_exporter_reach_loki_whole_and_masked()
         [
             ("trace_id", "4bf92f3577b34da6a3ce929d0e0e4736"),
             ("logger", "StockService"),
-            ("thread", "hybrisHTTP3")
+            ("thread", "hybrisHTTP3"),
+            // OTLP attributes and the span id, as fields.
+            ("span_id", "00f067aa0ba902b7")
         ]
     );
     // Its own time (17:12:00,040 in Asia/Seoul is 08:12:00.040 UTC), not the OTLP
@@ -153,7 +156,11 @@ async fn records_from_opentelemetry_otlps_exporter_reach_loki_whole_and_masked()
         [
             ("trace_id", "4bf92f3577b34da6a3ce929d0e0e4736"),
             ("logger", "com.mall.cart.CartService"),
-            ("thread", "hybrisHTTP12")
+            ("thread", "hybrisHTTP12"),
+            // Attributes as fields, masked like the line, named as label names.
+            ("cart", "8812"),
+            ("customer_email", "<email>"),
+            ("span_id", "00f067aa0ba902b7")
         ]
     );
     let time = store.entry.timestamp.expect("a time");
@@ -163,7 +170,7 @@ async fn records_from_opentelemetry_otlps_exporter_reach_loki_whole_and_masked()
     for line in [
         "mall_log_ingest_otlp_records_total{outcome=\"stored\"} 2",
         "mall_log_ingest_records_received_total{source=\"otlp\"} 2",
-        "mall_log_ingest_masked_total{pattern=\"email\"} 1",
+        "mall_log_ingest_masked_total{pattern=\"email\"} 2",
         // The derived count links to the record's trace (an OpenMetrics exemplar).
         "mall_log_ingest_log_records_total{level=\"ERROR\",service=\"storefront\"} 1 # {trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\"} 1.0",
     ] {

@@ -539,6 +539,10 @@ async fn a_services_own_json_line_reaches_loki_with_its_trace_id_in_structured_m
         Some(&"4bf92f3577b34da6a3ce929d0e0e4736"),
         "Grafana's Loki → Tempo link reads the trace id from here: {metadata:?}"
     );
+    // The event's own fields go along, for LogQL's `| reason="HTTP 503"`.
+    assert_eq!(metadata.get("reason"), Some(&"HTTP 503"), "{metadata:?}");
+    assert_eq!(metadata.get("failures"), Some(&"1"));
+    assert_eq!(metadata.get("span_id"), Some(&"00f067aa0ba902b7"));
     assert!(
         record.entry.line.contains("the partner failed"),
         "{}",
