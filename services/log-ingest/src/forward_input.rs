@@ -65,7 +65,8 @@ pub struct ForwardSettings {
     /// here: the shared key authenticates a shipper. Without it the listener is plaintext,
     /// which it refuses on an address other than loopback unless `server.insecure = true`.
     pub tls: Option<ServerTls>,
-    /// Longest time a TLS handshake may take. Default 10s.
+    /// Longest time a TLS handshake may take, the shared-key handshake too (HELO to PONG),
+    /// and the peer's taking of one acknowledgement written to it. Default 10s.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
 }
@@ -227,6 +228,8 @@ enum Closed {
     Idle(Duration),
     #[error("the shared key handshake failed: {0}")]
     Handshake(&'static str),
+    #[error("{0} took longer than {1:?}")]
+    Slow(&'static str, Duration),
     #[error("TLS: {0}")]
     Tls(String),
     #[error("the buffer is full; the message was not acknowledged")]
@@ -248,7 +251,14 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), Closed> {
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     if let Some(key) = &settings.shared_key {
-        handshake(&mut stream, &mut buf, settings, key.expose_secret()).await?;
+        // Bounded as a whole: a peer that connects and says nothing must not hold one of
+        // `max_connections` for `idle_timeout` before it is even known.
+        tokio::time::timeout(
+            settings.handshake_timeout,
+            handshake(&mut stream, &mut buf, settings, key.expose_secret()),
+        )
+        .await
+        .map_err(|_| Closed::Slow("the shared key handshake", settings.handshake_timeout))??;
     }
     let max_inflated = settings.max_message_bytes.saturating_mul(4);
     loop {
@@ -281,9 +291,18 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             metrics.chunks.with_label_values(&[outcome]).inc();
         }
         if let Some(chunk) = message.chunk {
-            stream.write_all(&forward::ack(&chunk)).await?;
-            // A TLS stream holds written records until flushed; a TCP stream sends at once.
-            stream.flush().await?;
+            // A peer that stops reading (its receive window closed) would hold this write,
+            // outside `idle_timeout`, for ever. Its chunk is stored; closing makes it resend,
+            // and the resend is recognised (acknowledged, not stored twice).
+            let ack = async {
+                stream.write_all(&forward::ack(&chunk)).await?;
+                // A TLS stream holds written records until flushed; a TCP stream sends at
+                // once.
+                stream.flush().await
+            };
+            tokio::time::timeout(settings.handshake_timeout, ack)
+                .await
+                .map_err(|_| Closed::Slow("writing an ack", settings.handshake_timeout))??;
         }
     }
 }

@@ -33,16 +33,25 @@ struct Listener {
 }
 
 async fn listener(shared_key: Option<&str>, limits: Limits) -> Listener {
+    listener_with(shared_key, limits, |_| {}).await
+}
+
+async fn listener_with(
+    shared_key: Option<&str>,
+    limits: Limits,
+    change: impl FnOnce(&mut ForwardSettings),
+) -> Listener {
     mall_test_support::init_logging();
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (buffer, start) = Buffer::open(dir.path(), limits).expect("opens");
-    let settings = ForwardSettings {
+    let mut settings = ForwardSettings {
         listen_addr: "127.0.0.1:0".parse().expect("an address"),
         shared_key: shared_key.map(SecretString::from),
         idle_timeout: Duration::from_secs(10),
         max_message_bytes: 1 << 20,
         ..ForwardSettings::default()
     };
+    change(&mut settings);
     let input = ForwardInput::bind(
         settings,
         false,
@@ -176,6 +185,30 @@ async fn the_shared_key_handshake_admits_the_right_key_only() {
         "the PONG says why: {stderr}"
     );
     assert_eq!(buffered(&listener).len(), 50);
+}
+
+/// A peer that connects to a listener with a shared key and never sends its PING holds a
+/// connection slot for `handshake_timeout`, not `idle_timeout`.
+#[tokio::test]
+async fn a_peer_silent_after_helo_is_closed_after_the_handshake_timeout() {
+    let listener = listener_with(Some("a-key"), LIMITS, |s| {
+        s.idle_timeout = Duration::from_secs(120);
+        s.handshake_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(listener.addr)
+        .await
+        .expect("connects");
+    let mut helo = vec![0; 256];
+    let n = stream.read(&mut helo).await.expect("reads the HELO");
+    let helo = rmpv::decode::read_value(&mut &helo[..n]).expect("msgpack");
+    assert_eq!(helo[0].as_str(), Some("HELO"));
+    let mut rest = [0; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut rest))
+        .await
+        .expect("closed long before idle_timeout");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    listener.shutdown.cancel();
 }
 
 fn encode(value: &Value) -> Vec<u8> {
