@@ -275,6 +275,23 @@ impl Buffer {
         lock(&self.shared.books).used()
     }
 
+    /// Where the newest batches of about `bytes` start, not before `from`: the start of
+    /// the oldest segment from which the segments to the end hold at most `bytes` (the
+    /// last segment at least), without reading any of them.
+    pub fn newest_from(&self, from: Position, bytes: u64) -> Position {
+        let books = lock(&self.shared.books);
+        let mut held = 0_u64;
+        let mut first = None;
+        for (&segment, &size) in books.sizes.iter().rev() {
+            held = held.saturating_add(size);
+            if first.is_some() && held > bytes {
+                break;
+            }
+            first = Some(segment);
+        }
+        first.map_or(from, |segment| from.max(Position { segment, offset: 0 }))
+    }
+
     /// A reader from `from` (what [`Buffer::open`] returned, or a later position).
     pub fn reader(&self, from: Position) -> Reader {
         Reader {
@@ -693,6 +710,39 @@ mod tests {
                 .enumerate()
                 .all(|(i, (b, _))| *b == batch(i + 50))
         );
+    }
+
+    #[tokio::test]
+    async fn the_newest_batches_start_at_a_segment_within_the_bytes_asked() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (buffer, start) = Buffer::open(dir.path(), LIMITS).expect("opens");
+        for i in 0..100 {
+            buffer.append(batch(i)).await.expect("appends");
+        }
+        let end = buffer.end();
+        assert!(end.segment >= start.segment + 5, "several segments");
+        let sizes = lock(&buffer.shared.books).sizes.clone();
+        // The last segment alone, however few bytes are asked.
+        let last = Position {
+            segment: end.segment,
+            offset: 0,
+        };
+        assert_eq!(buffer.newest_from(start, 0), last);
+        // The last three whole segments.
+        let three: u64 = sizes.values().rev().take(3).sum();
+        let from = buffer.newest_from(start, three);
+        assert_eq!(from.segment, end.segment - 2);
+        assert_eq!(
+            buffer.newest_from(start, three - 1).segment,
+            end.segment - 1
+        );
+        // Never before `from`, and everything when everything fits.
+        assert_eq!(buffer.newest_from(start, u64::MAX), start);
+        let later = read_all(&buffer, start).await[10].1;
+        assert_eq!(buffer.newest_from(later, u64::MAX), later);
+        // What is read from there is the newest batches, in order, to the end.
+        let newest = read_all(&buffer, from).await;
+        assert_eq!(newest.last().expect("some").0, batch(99));
     }
 
     #[test]

@@ -9,9 +9,12 @@
 //! By content (SHA-256 of the batch as stored), not by chunk id: Fluent Bit does not keep a
 //! chunk's id across retries. A batch identical to a recent one in every line, time and
 //! field but sent on purpose is dropped too; Loki would drop its entries anyway (it keeps
-//! one of entries identical in stream, time and line). The memory is seeded at start from the batches still in the
-//! buffer, where a batch whose acknowledgement was lost almost always still is (the
-//! pipeline acknowledges the buffer only after a push, long after the sender's ack).
+//! one of entries identical in stream, time and line). The memory is seeded at start from the newest
+//! batches still in the buffer (its last [`SEED_BYTES`]), where a batch whose
+//! acknowledgement was lost almost always is: it was among the last stored before the
+//! crash, and the pipeline acknowledges the buffer only after a push, long after the
+//! sender's ack. Only the newest: a buffer filled during a long Loki outage (gigabytes)
+//! would otherwise be read whole before the service answers its start-up probe.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -25,6 +28,10 @@ use crate::buffer::{Buffer, BufferError, Position};
 
 /// How many batches are remembered.
 pub const REMEMBERED: usize = 4_096;
+
+/// How much of the buffer's newest data is read at start to seed the memory: a few seconds
+/// of reading on a slow volume (128 MiB/s), and hundreds of Fluent Bit's chunks.
+pub const SEED_BYTES: u64 = 256 << 20;
 
 /// What became of a batch handed to [`Recent::store`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,13 +68,14 @@ pub fn digest(bytes: &[u8]) -> [u8; 32] {
 }
 
 impl Recent {
-    /// Remembers the batches in `buffer` from `start` to its end (the last of them).
+    /// Remembers the newest batches in `buffer` after `start`: those in its last
+    /// [`SEED_BYTES`] (whole segments; the last of them at most [`REMEMBERED`]).
     ///
     /// # Errors
     /// When the buffer cannot be read.
     pub fn seed(buffer: &Buffer, start: Position) -> std::io::Result<Self> {
         let recent = Self::default();
-        let mut reader = buffer.reader(start);
+        let mut reader = buffer.reader(buffer.newest_from(start, SEED_BYTES));
         while let Some((bytes, _)) = reader.try_next()? {
             recent.settle(digest(&bytes), true);
         }
