@@ -101,8 +101,13 @@ fn join(record: &mut Record, text: &str, stack: bool) {
     to.push_str(text);
 }
 
-/// Cuts a record's message and stack trace to the byte cap (at a character boundary),
-/// counting what was cut.
+/// Cuts a record's message and stack trace to the byte cap (at a character boundary, and
+/// before a word the cap falls in), counting what was cut.
+///
+/// Masking runs later, on what is kept: cut inside an address or a phone number
+/// (`kim@example.c`, `010-1234-5`), what is left would no longer match its pattern and
+/// would leave unmasked. So a word of the characters addresses and numbers are made of,
+/// cut by the cap, is dropped whole when it is short enough to be one ([`WORD_BACKOFF`]).
 pub fn cap_first(record: &mut Record, caps: Caps) {
     for text in [&mut record.message, &mut record.stack_trace] {
         if text.len() > caps.bytes {
@@ -110,9 +115,30 @@ pub fn cap_first(record: &mut Record, caps: Caps) {
             while !text.is_char_boundary(cut) {
                 cut -= 1;
             }
+            cut = before_word(text, cut);
             record.truncated_bytes += text.len() - cut;
             text.truncate(cut);
         }
+    }
+}
+
+/// Bytes a cut moves back at most to drop the word it falls in: longer than any e-mail
+/// address (254) or phone number.
+const WORD_BACKOFF: usize = 320;
+
+/// `cut`, or where the word `cut` falls in starts when it starts within [`WORD_BACKOFF`]
+/// bytes (a word: letters, digits and `.`, `_`, `%`, `+`, `-`, `@`).
+fn before_word(text: &str, cut: usize) -> usize {
+    let word = |b: u8| b.is_ascii_alphanumeric() || b"._%+-@".contains(&b);
+    let bytes = text.as_bytes();
+    if cut >= bytes.len() || !(word(bytes[cut]) && cut > 0 && word(bytes[cut - 1])) {
+        return cut;
+    }
+    let floor = cut.saturating_sub(WORD_BACKOFF);
+    match bytes[floor..cut].iter().rposition(|&b| !word(b)) {
+        Some(at) => floor + at + 1,
+        None if floor == 0 => 0,
+        None => cut,
     }
 }
 
@@ -229,12 +255,39 @@ mod tests {
         assert_eq!(records.iter().map(|r| r.line_count).sum::<usize>(), 11);
         assert!(records.iter().all(|r| r.text_len() <= 30));
         // One line longer than the cap is cut, and says so.
-        let long = format!("{P}ERROR [main] [X] {}", "y".repeat(100));
+        let long = format!("{P}ERROR [main] [X] {}", "y ".repeat(50));
         let records = group_all(&parser(), small, [long.as_str()]);
         assert_eq!(
             (records[0].text_len(), records[0].truncated_bytes),
             (30, 70)
         );
+    }
+
+    #[test]
+    fn a_cut_never_leaves_part_of_an_address_or_a_number() {
+        let caps = Caps {
+            lines: 10,
+            bytes: 28,
+        };
+        // The cap falls inside the address: it is dropped whole, the space before it kept.
+        let line = format!("{P}WARN  [main] [X] order 8812 for kim.lee@example.com failed");
+        let records = group_all(&parser(), caps, [line.as_str()]);
+        assert_eq!(records[0].message, "order 8812 for ");
+        assert_eq!(
+            records[0].truncated_bytes,
+            "kim.lee@example.com failed".len()
+        );
+        // A cut between words, or at a character that is not a word's, stays where it is.
+        assert_eq!(before_word("ab cd", 2), 2);
+        assert_eq!(before_word("ab cd", 3), 3);
+        assert_eq!(before_word("ab(cd", 4), 3);
+        // A phone number cut in its middle goes whole.
+        assert_eq!(before_word("call 010-1234-5678 now", 12), 5);
+        // A word from the text's start, shorter than the back-off: nothing of it kept.
+        assert_eq!(before_word("kim@example.com", 6), 0);
+        // A run longer than any address or number: cut where the cap is.
+        let run = "y".repeat(WORD_BACKOFF + 10);
+        assert_eq!(before_word(&run, WORD_BACKOFF + 5), WORD_BACKOFF + 5);
     }
 
     /// What a generated line is, as the test knows it (not as the parser decides).
