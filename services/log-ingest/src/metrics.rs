@@ -39,7 +39,8 @@ pub struct LogMetrics {
     pub pushed: IntCounter,
     /// `loki_last_push_timestamp_seconds`: when Loki last accepted a push (0: never).
     pub last_push: IntGauge,
-    /// `records_waiting`: records parsed and waiting for a push.
+    /// `records_waiting`: records parsed and not yet answered by Loki (waiting for a push,
+    /// or in one being sent or retried).
     pub waiting: IntGauge,
     /// `masked_total{pattern}`: matches masked, per configured pattern.
     pub masked: IntCounterVec,
@@ -118,7 +119,10 @@ impl LogMetrics {
                 "loki_last_push_timestamp_seconds",
                 "When Loki last accepted a push",
             )?,
-            waiting: IntGauge::new("records_waiting", "Records parsed and waiting for a push")?,
+            waiting: IntGauge::new(
+                "records_waiting",
+                "Records parsed and not yet answered by Loki",
+            )?,
             masked: counter_vec("masked_total", "Matches masked, by pattern", &["pattern"])?,
             buffer_bytes: IntGauge::new(
                 "buffer_bytes",

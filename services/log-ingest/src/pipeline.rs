@@ -16,7 +16,7 @@
 // senders' tags and hosts, and foldhash is seeded per process.
 use foldhash::{HashMap, HashMapExt as _};
 use std::{
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::AtomicUsize},
     time::{Duration, Instant},
 };
 
@@ -223,17 +223,23 @@ struct StreamState {
     batches: std::collections::BTreeMap<Position, (usize, usize)>,
     /// The time of the event of each pending record's first line, for records without one.
     pending_event_time: i64,
+    /// Where the pending record's first line is in the batch (chunk) it came in: the
+    /// record's `first_line` as the contract has it (`lines` counts the stream's lines
+    /// since the replica started, for the grouping's own book-keeping).
+    pending_chunk_line: usize,
 }
 
 impl StreamState {
-    /// Its record in progress, completed: the stream is being forgotten.
-    fn into_ready(mut self) -> Option<Ready> {
-        let record = self.grouper.flush()?;
+    /// Its record in progress, completed (the stream went quiet, or is being forgotten).
+    fn complete(&mut self) -> Option<Ready> {
+        let mut record = self.grouper.flush()?;
+        record.first_line = self.pending_chunk_line;
+        self.pending_from = None;
         Some(Ready {
             record,
             source: self.source,
-            tag: self.tag,
-            host: self.host,
+            tag: self.tag.clone(),
+            host: self.host.clone(),
             fallback_nanos: self.pending_event_time,
         })
     }
@@ -344,6 +350,8 @@ impl Pipeline {
         let mut paused = false;
         let mut cursor = start;
         let mut in_flight = InFlight::new();
+        // Records in the pushes in flight (for `records_waiting`).
+        let pushing = Arc::new(AtomicUsize::new(0));
         let mut previous: Option<tokio::sync::oneshot::Receiver<bool>> = None;
         let mut previous_prepared: Option<tokio::sync::oneshot::Receiver<()>> = None;
         let acker = Acker::spawn(self.buffer.clone(), self.metrics.clone());
@@ -351,7 +359,7 @@ impl Pipeline {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
-                    self.drain(streams, ready, cursor, in_flight, acker).await;
+                    self.drain(streams, ready, cursor, (in_flight, &pushing), acker).await;
                     return;
                 }
                 next = reader.next() => match next {
@@ -388,13 +396,11 @@ impl Pipeline {
                     let now = Instant::now();
                     for state in streams.open.values_mut() {
                         let waited = state.resumed || now.duration_since(started) >= self.settings.restart_grace;
-                        if waited && state.grouper.is_pending() && now.duration_since(state.last_line) >= self.settings.flush_after {
-                            let fallback = state.pending_event_time;
-                            if let Some(record) = state.grouper.flush() {
-                                ready.push(Ready { record, source: state.source, tag: state.tag.clone(), host: state.host.clone(), fallback_nanos: fallback });
-                                paused = true;
-                            }
-                            state.pending_from = None;
+                        if waited && now.duration_since(state.last_line) >= self.settings.flush_after
+                            && let Some(completed) = state.complete()
+                        {
+                            ready.push(completed);
+                            paused = true;
                         }
                     }
                     // The whole input paused (not one sparse stream among busy ones): the
@@ -417,9 +423,12 @@ impl Pipeline {
                 oldest.get_or_insert_with(Instant::now);
                 ready_bytes = ready.iter().map(|r| r.record.text_len() + 64).sum();
             }
+            // Waiting: here, and in the pushes in flight (which take theirs off as they end,
+            // so a push held up by a Loki outage is counted while this loop waits for it).
+            let waiting = ready.len() + pushing.load(std::sync::atomic::Ordering::Relaxed);
             self.metrics
                 .waiting
-                .set(i64::try_from(ready.len()).unwrap_or(i64::MAX));
+                .set(i64::try_from(waiting).unwrap_or(i64::MAX));
             // Full, waited long enough, or nothing more to wait for: the whole input paused
             // (quiet completed a record and no stream has one in progress; judged only
             // once everything durable is read), so the last records go at once.
@@ -455,7 +464,8 @@ impl Pipeline {
                 acks: acker.sender.clone(),
                 acknowledge: (acknowledge, note),
             };
-            in_flight.push_back(tokio::spawn(self.pusher().push(
+            pushing.fetch_add(records.len(), std::sync::atomic::Ordering::Relaxed);
+            in_flight.push_back(tokio::spawn(self.pusher(&pushing).push(
                 records,
                 shutdown.clone(),
                 turn,
@@ -463,8 +473,9 @@ impl Pipeline {
         }
     }
 
-    fn pusher(&self) -> Pusher {
+    fn pusher(&self, pushing: &Arc<AtomicUsize>) -> Pusher {
         Pusher {
+            pushing: pushing.clone(),
             loki: self.loki.clone(),
             metrics: self.metrics.clone(),
             batch_bytes: self.settings.batch_bytes,
@@ -487,7 +498,7 @@ impl Pipeline {
         mut streams: Streams,
         ready: Vec<Ready>,
         cursor: Position,
-        mut in_flight: InFlight,
+        (mut in_flight, pushing): (InFlight, &Arc<AtomicUsize>),
         acker: Acker,
     ) {
         // The pushes in flight stop with the shutdown too; what they did not finish stays in
@@ -515,7 +526,8 @@ impl Pipeline {
                 acks: acker.sender.clone(),
                 acknowledge: (acknowledge, note),
             };
-            self.pusher().push(ready, stop, turn).await;
+            pushing.fetch_add(ready.len(), std::sync::atomic::Ordering::Relaxed);
+            self.pusher(pushing).push(ready, stop, turn).await;
         }
         acker.close().await;
     }
@@ -550,6 +562,8 @@ impl Pipeline {
             event.text(host_field).as_deref().unwrap_or_default() == host
         };
         let mut events = batch.events.iter().peekable();
+        // Lines of the batch (of every stream in it) before the current one.
+        let mut chunk_line = 0_usize;
         // A run of events of one host (a forward message is usually one host's): one
         // look-up of its stream.
         while let Some(event) = events.next() {
@@ -573,6 +587,7 @@ impl Pipeline {
                         last_line: now,
                         pending_from: None,
                         pending_event_time: 0,
+                        pending_chunk_line: 0,
                         batches: std::collections::BTreeMap::new(),
                         resumed: false,
                     },
@@ -585,6 +600,8 @@ impl Pipeline {
                 let line = line_of(&event, &self.settings.line_field);
                 for text in line.split('\n') {
                     let text = text.strip_suffix('\r').unwrap_or(text);
+                    let in_chunk = chunk_line;
+                    chunk_line += 1;
                     if let Some(skip) = skips.get_mut(&key).filter(|n| **n > 0) {
                         // Pushed before the restart, as part of a record that began earlier.
                         *skip -= 1;
@@ -596,7 +613,9 @@ impl Pipeline {
                     state
                         .grouper
                         .push(&state.parser, self.caps, text, state.lines, &mut out);
-                    for record in out.drain(..) {
+                    for mut record in out.drain(..) {
+                        // Only the record in progress before this line can complete here.
+                        record.first_line = state.pending_chunk_line;
                         ready.push(Ready {
                             record,
                             source,
@@ -609,6 +628,7 @@ impl Pipeline {
                     if now_pending != before {
                         state.pending_from = now_pending.map(|line| (line, at));
                         state.pending_event_time = event.time_nanos;
+                        state.pending_chunk_line = in_chunk;
                     }
                     state.lines += 1;
                 }
@@ -629,7 +649,7 @@ impl Pipeline {
         let chosen = streams.to_evict((streams.open.len() / 8).max(1));
         self.metrics.streams_evicted.inc_by(chosen.len() as u64);
         for key in chosen {
-            ready.extend(streams.forget(&key).and_then(StreamState::into_ready));
+            ready.extend(streams.forget(&key).and_then(|mut s| s.complete()));
         }
     }
 
@@ -722,6 +742,8 @@ fn merge(record: &mut Record, otlp: &Record) {
 /// and sends on a task of its own while the pipeline reads and groups the next records.
 #[derive(Debug, Clone)]
 struct Pusher {
+    /// Records in pushes not yet ended, this one's included until it ends.
+    pushing: Arc<AtomicUsize>,
     loki: LokiClient,
     metrics: LogMetrics,
     batch_bytes: usize,
@@ -822,6 +844,11 @@ impl Pusher {
     /// `batch_bytes` (retrying each until Loki answers for good), counts, and hands its
     /// position to the acker; `false` when `stop` came first (or a push before it stopped).
     async fn push(self, records: Vec<Ready>, stop: CancellationToken, turn: Turn) -> bool {
+        let _waiting = Waiting {
+            pushing: self.pushing.clone(),
+            gauge: self.metrics.waiting.clone(),
+            count: records.len(),
+        };
         if let Some(before) = turn.prepared_after {
             // Err: the push before it panicked; its records were never offered.
             let _ = before.await;
@@ -993,6 +1020,23 @@ fn add_fields(
     omitted
 }
 
+/// A push's records, counted (by the pipeline, when it spawned the push) as waiting until the
+/// push ends, however it ends.
+struct Waiting {
+    pushing: Arc<AtomicUsize>,
+    gauge: mall_telemetry::metrics::IntGauge,
+    count: usize,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.pushing
+            .fetch_sub(self.count, std::sync::atomic::Ordering::Relaxed);
+        self.gauge
+            .sub(i64::try_from(self.count).unwrap_or(i64::MAX));
+    }
+}
+
 /// Waits for the oldest push in flight; whether it went through.
 async fn finish(in_flight: &mut InFlight) -> bool {
     let Some(push) = in_flight.pop_front() else {
@@ -1131,6 +1175,7 @@ mod tests {
             resumed: true,
             batches: batches.iter().copied().collect(),
             pending_event_time: 0,
+            pending_chunk_line: 0,
         }
     }
 

@@ -123,11 +123,22 @@ async fn a_loki_outage_is_waited_out_and_counted() {
     let running = start().await;
     running.loki.fail(
         axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        Duration::from_secs(2),
+        Duration::from_secs(5),
     );
     let lines: Vec<&str> = CORPUS.lines().take(200).collect();
     let want = model(&lines);
     send(running.forward, &lines, 50).await;
+    // While Loki is down, every record is parsed and waits in a push being retried: the
+    // operator's GetPipelineStats says so.
+    mall_test_support::wait_until(
+        "every record counted as waiting during the outage",
+        Duration::from_secs(4),
+        || async {
+            let waiting = stats(running.grpc).await.buffered_records;
+            (waiting == i64::try_from(want.len()).expect("fits")).then_some(())
+        },
+    )
+    .await;
     wait_for(&running.loki, want.len()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -138,6 +149,7 @@ async fn a_loki_outage_is_waited_out_and_counted() {
     assert_eq!(running.loki.counts().2, 0, "nothing pushed twice");
     let stats = stats(running.grpc).await;
     assert!(stats.loki_failed_pushes > 0, "{stats:?}");
+    assert_eq!(stats.buffered_records, 0, "nothing waits once Loki took it");
     assert_eq!(
         stats.loki_pushed_records,
         i64::try_from(want.len()).expect("fits")
@@ -274,10 +286,14 @@ async fn tails_get_matching_records_and_a_stalled_tail_never_slows_ingestion() {
 
     let lines: Vec<&str> = CORPUS.lines().collect();
     let want = model(&lines);
-    let want_errors: Vec<String> = want
+    // Each record's first line: its index in the chunk of 37 lines it came in.
+    let starts = (0..lines.len())
+        .filter(|&i| corpus::is_header(lines[i].splitn(5, " | ").nth(4).unwrap_or_default()));
+    let want_errors: Vec<(i32, String)> = want
         .iter()
-        .filter(|(level, line)| level == "ERROR" && line.contains("Exception"))
-        .map(|(_, line)| line.clone())
+        .zip(starts)
+        .filter(|((level, line), _)| level == "ERROR" && line.contains("Exception"))
+        .map(|((_, line), start)| (i32::try_from(start % 37).expect("small"), line.clone()))
         .collect();
     assert!(want_errors.len() > 10, "the corpus has traces");
     let reader = tokio::spawn(async move {
@@ -290,7 +306,7 @@ async fn tails_get_matching_records_and_a_stalled_tail_never_slows_ingestion() {
                     (r.service.as_str(), r.level.as_str()),
                     ("hybris.wrapper", "ERROR")
                 );
-                got.push(format!("{}\n{}", r.message, r.stack_trace));
+                got.push((r.first_line, format!("{}\n{}", r.message, r.stack_trace)));
             }
         }
         assert_eq!(got, want_errors);
