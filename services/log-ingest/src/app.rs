@@ -66,6 +66,17 @@ impl App {
              4 × forward.max_message_bytes + 1 MiB = {largest}",
             limits.segment_bytes
         );
+        // A message takes up to `max_message_bytes` of the budget while it arrives.
+        let forward = &settings.forward;
+        anyhow::ensure!(
+            (forward.max_message_bytes..=crate::forward_input::MAX_BUDGET)
+                .contains(&forward.max_bytes_in_flight),
+            "forward.max_bytes_in_flight ({}) must be at least forward.max_message_bytes ({}) \
+             and at most {}",
+            forward.max_bytes_in_flight,
+            forward.max_message_bytes,
+            crate::forward_input::MAX_BUDGET
+        );
         let (buffer, start) = Buffer::open(&settings.buffer.dir, limits).with_context(|| {
             format!(
                 "cannot open the buffer in {}",

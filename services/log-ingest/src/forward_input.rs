@@ -5,8 +5,16 @@
 //!   from us with a fresh nonce; PING with the client's SHA-512 digest; PONG with ours);
 //!   a wrong key gets a PONG saying so and the connection is closed.
 //! - Bounded: connections (`max_connections`; one more is closed at once), one message's
-//!   bytes (`max_message_bytes`; a compressed one's inflated bytes too), and a quiet
-//!   connection (`idle_timeout`).
+//!   bytes (`max_message_bytes`; a compressed one's inflated bytes too), a quiet
+//!   connection (`idle_timeout`), and the bytes of messages being received and stored on
+//!   all connections together (`max_bytes_in_flight`, below).
+//! - Memory: a connection holds at most one message at a time (as received while it
+//!   arrives and is decoded, then as it is stored; the copies made in decoding are freed
+//!   before the store's wait). A message takes `max_message_bytes` of `max_bytes_in_flight`
+//!   from its first byte until it is whole, then its own size until it is stored and
+//!   acknowledged; a connection whose next message would pass the budget stops reading
+//!   (TCP holds the sender) until others are stored. A compressed message counts its
+//!   compressed bytes: stored, it may take up to 4 times as much.
 //! - Garbage (not MessagePack, not the protocol) closes its connection with one WARN line
 //!   naming the peer and why; it never stops the listener.
 //! - A full buffer: the message is not acknowledged and the connection is closed, so the
@@ -27,7 +35,7 @@ use sha2::{Digest as _, Sha512};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::TcpListener,
-    sync::Semaphore,
+    sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +60,9 @@ pub struct ForwardSettings {
     pub self_hostname: String,
     /// Connections at once. Default 1,024.
     pub max_connections: usize,
+    /// Bytes of messages being received or stored at once, all connections together
+    /// (memory; see the module's docs). At least `max_message_bytes`. Default 64 MiB.
+    pub max_bytes_in_flight: usize,
     /// Largest message, bytes (and largest a compressed message may inflate to, times 4;
     /// `buffer.segment_bytes` must hold that). Default 8 MiB (Fluent Bit's chunks are about
     /// 2 MB).
@@ -78,6 +89,7 @@ impl Default for ForwardSettings {
             shared_key: None,
             self_hostname: "log-ingest".to_owned(),
             max_connections: 1_024,
+            max_bytes_in_flight: 64 * 1024 * 1024,
             max_message_bytes: 8 * 1024 * 1024,
             idle_timeout: Duration::from_secs(300),
             tls: None,
@@ -148,6 +160,7 @@ impl ForwardInput {
     /// after the message it is handling.
     pub async fn run(self, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.settings.max_connections));
+        let budget = Arc::new(Semaphore::new(self.settings.max_bytes_in_flight));
         let mut connections = tokio::task::JoinSet::new();
         loop {
             let accepted = tokio::select! {
@@ -176,6 +189,7 @@ impl ForwardInput {
                 self.metrics.clone(),
                 shutdown.clone(),
             );
+            let budget = budget.clone();
             connections.spawn(async move {
                 let _slot = slot;
                 if let Err(error) = stream.set_nodelay(true) {
@@ -184,7 +198,15 @@ impl ForwardInput {
                 metrics.connections.inc();
                 let closed = match tls {
                     None => {
-                        connection(stream, &settings, &buffer, &recent, &metrics, &shutdown).await
+                        let shared = Shared {
+                            settings: &settings,
+                            budget: &budget,
+                            buffer: &buffer,
+                            recent: &recent,
+                            metrics: &metrics,
+                            shutdown: &shutdown,
+                        };
+                        connection(stream, &shared).await
                     }
                     Some(tls) => {
                         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
@@ -195,8 +217,15 @@ impl ForwardInput {
                         .await
                         {
                             Ok(Ok(stream)) => {
-                                connection(stream, &settings, &buffer, &recent, &metrics, &shutdown)
-                                    .await
+                                let shared = Shared {
+                                    settings: &settings,
+                                    budget: &budget,
+                                    buffer: &buffer,
+                                    recent: &recent,
+                                    metrics: &metrics,
+                                    shutdown: &shutdown,
+                                };
+                                connection(stream, &shared).await
                             }
                             Ok(Err(error)) => Err(Closed::Tls(error.to_string())),
                             Err(_) => Err(Closed::Tls(format!(
@@ -234,21 +263,38 @@ enum Closed {
     Tls(String),
     #[error("the buffer is full; the message was not acknowledged")]
     Full,
+    #[error("shutting down")]
+    ShuttingDown,
     #[error("the buffer failed: {0}")]
     Buffer(BufferError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
+/// What every connection shares.
+struct Shared<'a> {
+    settings: &'a ForwardSettings,
+    /// `max_bytes_in_flight`, in bytes.
+    budget: &'a Arc<Semaphore>,
+    buffer: &'a Buffer,
+    recent: &'a Recent,
+    metrics: &'a LogMetrics,
+    shutdown: &'a CancellationToken,
+}
+
 /// Serves one connection until the peer closes it (`Ok`) or we do (why).
 async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
-    settings: &ForwardSettings,
-    buffer: &Buffer,
-    recent: &Recent,
-    metrics: &LogMetrics,
-    shutdown: &CancellationToken,
+    shared: &Shared<'_>,
 ) -> Result<(), Closed> {
+    let Shared {
+        settings,
+        budget,
+        buffer,
+        recent,
+        metrics,
+        shutdown,
+    } = *shared;
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     if let Some(key) = &settings.shared_key {
         // Bounded as a whole: a peer that connects and says nothing must not hold one of
@@ -262,20 +308,26 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let max_inflated = settings.max_message_bytes.saturating_mul(4);
     loop {
-        let Some(frame) = next_frame(&mut stream, &mut buf, settings, shutdown).await? else {
+        // Held until the message is stored and acknowledged (dropped at the loop's end).
+        let Some((frame, _in_flight)) =
+            next_frame(&mut stream, &mut buf, settings, shutdown, Some(budget)).await?
+        else {
             return Ok(());
         };
         let message = match forward::decode(&frame, max_inflated)? {
             Frame::Heartbeat => continue,
             Frame::Message(message) => message,
         };
+        // Only the stored form is kept through the store's wait.
+        drop(frame);
         if !message.events.is_empty() {
-            let batch = Batch {
+            let bytes = Batch {
                 source: Source::Forward,
                 tag: message.tag,
                 events: message.events,
-            };
-            let outcome = match recent.store(buffer, batch.encode()).await {
+            }
+            .encode();
+            let outcome = match recent.store(buffer, bytes).await {
                 // Stored already (sent again after a lost ack): acknowledged, not stored twice.
                 Ok(Stored::SentAgain) => "sent_again",
                 Ok(Stored::New) => "stored",
@@ -307,20 +359,50 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// The next whole frame, reading as needed; `None` when the peer closed between frames
-/// or we are shutting down. The whole frame must arrive within `idle_timeout` of the wait
-/// starting (not each read: a byte every few minutes does not keep a slot).
+/// The next whole frame, reading as needed, with its share of `budget` (when given);
+/// `None` when the peer closed between frames or we are shutting down. The whole frame
+/// must arrive within `idle_timeout` of the wait starting (not each read: a byte every few
+/// minutes does not keep a slot), waiting for the budget aside.
 async fn next_frame<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     settings: &ForwardSettings,
     shutdown: &CancellationToken,
-) -> Result<Option<Vec<u8>>, Closed> {
-    let deadline = tokio::time::Instant::now() + settings.idle_timeout;
+    budget: Option<&Arc<Semaphore>>,
+) -> Result<Option<(Vec<u8>, Option<OwnedSemaphorePermit>)>, Closed> {
+    let mut deadline = tokio::time::Instant::now() + settings.idle_timeout;
+    let mut held: Option<OwnedSemaphorePermit> = None;
     loop {
         if let Some(len) = forward::frame_len(buf, settings.max_message_bytes)? {
+            // Whole: from now on it holds its own size (a small one read at once takes it
+            // here).
+            match (&mut held, budget) {
+                (Some(permit), _) => drop(permit.split(permit.num_permits().saturating_sub(len))),
+                (None, Some(budget)) => {
+                    held = Some(
+                        take(budget, len, shutdown)
+                            .await
+                            .ok_or(Closed::ShuttingDown)?,
+                    );
+                }
+                (None, None) => {}
+            }
             let rest = buf.split_off(len);
-            return Ok(Some(std::mem::replace(buf, rest)));
+            return Ok(Some((std::mem::replace(buf, rest), held)));
+        }
+        // A message has begun and is not whole: it may take up to `max_message_bytes`
+        // before it is; that is taken before reading more of it. Nothing is taken while a
+        // connection is quiet between messages.
+        if !buf.is_empty()
+            && held.is_none()
+            && let Some(budget) = budget
+        {
+            held = Some(
+                take(budget, settings.max_message_bytes, shutdown)
+                    .await
+                    .ok_or(Closed::ShuttingDown)?,
+            );
+            deadline = tokio::time::Instant::now() + settings.idle_timeout;
         }
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
@@ -341,6 +423,24 @@ async fn next_frame<S: AsyncRead + Unpin>(
         }
     }
 }
+
+/// `bytes` of `budget` (all of it at most), once available; `None` when shutting down first.
+async fn take(
+    budget: &Arc<Semaphore>,
+    bytes: usize,
+    shutdown: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    let bytes = u32::try_from(bytes.min(MAX_BUDGET)).unwrap_or(u32::MAX);
+    tokio::select! {
+        () = shutdown.cancelled() => None,
+        // The semaphore is never closed.
+        permit = budget.clone().acquire_many_owned(bytes) => permit.ok(),
+    }
+}
+
+/// The most one message takes of the budget at once (`acquire_many` counts in `u32`);
+/// `max_bytes_in_flight` is validated to be at least `max_message_bytes` and at most this.
+pub const MAX_BUDGET: usize = u32::MAX as usize;
 
 /// The shared-key handshake: HELO, the client's PING, our PONG.
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
@@ -368,7 +468,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         max_message_bytes: MAX_PING_BYTES,
         ..settings.clone()
     };
-    let Some(frame) = next_frame(stream, buf, &small, &never).await? else {
+    let Some((frame, _)) = next_frame(stream, buf, &small, &never, None).await? else {
         return Err(Closed::Handshake("closed before PING"));
     };
     let ping = rmpv::decode::read_value(&mut &frame[..])

@@ -211,6 +211,48 @@ async fn a_peer_silent_after_helo_is_closed_after_the_handshake_timeout() {
     listener.shutdown.cancel();
 }
 
+/// A message that has begun arriving holds `max_message_bytes` of `max_bytes_in_flight`
+/// until it is whole: with room for one, a second connection's message waits (unread,
+/// unacknowledged) until the first is stored, then goes through.
+#[tokio::test]
+async fn messages_past_the_bytes_in_flight_wait_for_room() {
+    let listener = listener_with(None, LIMITS, |s| {
+        s.max_bytes_in_flight = s.max_message_bytes;
+    })
+    .await;
+    let connect = || tokio::net::TcpStream::connect(listener.addr);
+    // A quiet connection takes nothing.
+    let _quiet = connect().await.expect("connects");
+    let first = fluent_bit_frame(&format!("{:032x}", 1), &["one", "two", "three"]);
+    let second = fluent_bit_frame(&format!("{:032x}", 2), &["four"]);
+    let mut a = connect().await.expect("connects");
+    let (head, tail) = first.split_at(first.len() / 2);
+    a.write_all(head).await.expect("writes");
+    // Time for the listener to read the first half and take the budget.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut b = connect().await.expect("connects");
+    b.write_all(&second).await.expect("writes");
+    let mut answer = [0; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), b.read(&mut answer))
+            .await
+            .is_err(),
+        "the second message waits while the first holds the budget"
+    );
+    assert!(buffered(&listener).is_empty());
+    a.write_all(tail).await.expect("writes");
+    assert_eq!(
+        read_ack(&mut a).await["ack"].as_str(),
+        Some(&*format!("{:032x}", 1))
+    );
+    assert_eq!(
+        read_ack(&mut b).await["ack"].as_str(),
+        Some(&*format!("{:032x}", 2))
+    );
+    assert_eq!(buffered(&listener).len(), 4);
+    listener.shutdown.cancel();
+}
+
 fn encode(value: &Value) -> Vec<u8> {
     let mut out = Vec::new();
     rmpv::encode::write_value(&mut out, value).expect("encodes");

@@ -133,3 +133,12 @@ async fn a_limit_of_no_open_streams_fails_start_up_naming_the_setting() {
     let error = App::build(settings).await.expect_err("refused").to_string();
     assert!(error.contains("pipeline.max_open_streams"), "{error}");
 }
+
+#[tokio::test]
+async fn a_budget_smaller_than_one_message_fails_start_up_naming_the_setting() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut settings = corpus::local_settings(dir.path());
+    settings.forward.max_bytes_in_flight = settings.forward.max_message_bytes - 1;
+    let error = App::build(settings).await.expect_err("refused").to_string();
+    assert!(error.contains("forward.max_bytes_in_flight"), "{error}");
+}
