@@ -77,6 +77,10 @@ impl App {
             forward.max_message_bytes,
             crate::forward_input::MAX_BUDGET
         );
+        anyhow::ensure!(
+            !forward.message_timeout.is_zero(),
+            "forward.message_timeout must be more than zero"
+        );
         let (buffer, start) = Buffer::open(&settings.buffer.dir, limits).with_context(|| {
             format!(
                 "cannot open the buffer in {}",

@@ -200,7 +200,7 @@ impl Default for LokiSettings {
 #[cfg(test)]
 mod tests {
     /// The parsers `deploy/k8s` names per forward tag load as meant: environment variables
-    /// keep the tag's dots (and its case) in the map's key.
+    /// keep the tag's dots in the map's key (names are lowercased: tags must be lowercase).
     #[test]
     fn the_deployments_parsers_per_tag_load_from_its_environment() {
         let manifest = include_str!("../../../deploy/k8s/base/log-ingest.yaml");

@@ -8,13 +8,17 @@
 //!   bytes (`max_message_bytes`; a compressed one's inflated bytes too), a quiet
 //!   connection (`idle_timeout`), and the bytes of messages being received and stored on
 //!   all connections together (`max_bytes_in_flight`, below).
-//! - Memory: a connection holds at most one message at a time (as received while it
-//!   arrives and is decoded, then as it is stored; the copies made in decoding are freed
-//!   before the store's wait). A message takes `max_message_bytes` of `max_bytes_in_flight`
-//!   from its first byte until it is whole, then its own size until it is stored and
-//!   acknowledged; a connection whose next message would pass the budget stops reading
-//!   (TCP holds the sender) until others are stored. A compressed message counts its
-//!   compressed bytes: stored, it may take up to 4 times as much.
+//! - Memory: a message takes `max_message_bytes` of `max_bytes_in_flight` from its first
+//!   byte until it is whole (within `message_timeout`), then its own size until it is
+//!   stored and acknowledged; a connection whose next message would pass the budget stops
+//!   reading (TCP holds the sender) until others are stored. So at most
+//!   `max_bytes_in_flight / max_message_bytes` messages arrive at once. What the budget
+//!   counts is the bytes received: a message's frame may be allocated up to twice its
+//!   size while it arrives, a read may take the start of the sender's next message with
+//!   it, decoding (on as many threads as there are cores) briefly holds a copy (and a
+//!   compressed message's inflated bytes, up to 4× `max_message_bytes`), and a
+//!   compressed message is stored at up to 4× its counted size. The frame and its decoded
+//!   copy are freed before the store's wait.
 //! - Garbage (not MessagePack, not the protocol) closes its connection with one WARN line
 //!   naming the peer and why; it never stops the listener.
 //! - A full buffer: the message is not acknowledged and the connection is closed, so the
@@ -71,6 +75,11 @@ pub struct ForwardSettings {
     /// one is closed. Default 5 minutes.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// A message that has begun arriving (and holds its share of `max_bytes_in_flight`)
+    /// must be whole this long after it took that share, or its connection is closed.
+    /// Default 30s (Fluent Bit sends a 2 MB chunk in milliseconds on the same network).
+    #[serde(with = "humantime_serde")]
+    pub message_timeout: Duration,
     /// TLS on this listener (`[forward.tls]`: `cert_file`, `key_file`, `client_ca_file`,
     /// reloaded when they change, as the gRPC server's). Client certificates are optional
     /// here: the shared key authenticates a shipper. Without it the listener is plaintext,
@@ -92,6 +101,7 @@ impl Default for ForwardSettings {
             max_bytes_in_flight: 64 * 1024 * 1024,
             max_message_bytes: 8 * 1024 * 1024,
             idle_timeout: Duration::from_secs(300),
+            message_timeout: Duration::from_secs(30),
             tls: None,
             handshake_timeout: Duration::from_secs(10),
         }
@@ -236,8 +246,10 @@ impl ForwardInput {
                     }
                 };
                 metrics.connections.dec();
-                if let Err(why) = closed {
-                    tracing::warn!(%peer, %why, "forward: connection closed");
+                match closed {
+                    // Shutting down while it waited for room: nothing to warn about.
+                    Ok(()) | Err(Closed::ShuttingDown) => {}
+                    Err(why) => tracing::warn!(%peer, %why, "forward: connection closed"),
                 }
             });
         }
@@ -371,6 +383,7 @@ async fn next_frame<S: AsyncRead + Unpin>(
     budget: Option<&Arc<Semaphore>>,
 ) -> Result<Option<(Vec<u8>, Option<OwnedSemaphorePermit>)>, Closed> {
     let mut deadline = tokio::time::Instant::now() + settings.idle_timeout;
+    let mut allowed = settings.idle_timeout;
     let mut held: Option<OwnedSemaphorePermit> = None;
     loop {
         if let Some(len) = forward::frame_len(buf, settings.max_message_bytes)? {
@@ -402,7 +415,10 @@ async fn next_frame<S: AsyncRead + Unpin>(
                     .await
                     .ok_or(Closed::ShuttingDown)?,
             );
-            deadline = tokio::time::Instant::now() + settings.idle_timeout;
+            // Holding a share of the budget, the rest must come soon: a sender that stalls
+            // mid-message (a server gone while flushing) keeps it from others only this long.
+            allowed = settings.message_timeout.min(settings.idle_timeout);
+            deadline = tokio::time::Instant::now() + allowed;
         }
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
@@ -412,7 +428,7 @@ async fn next_frame<S: AsyncRead + Unpin>(
             read = tokio::time::timeout_at(deadline, stream.read_buf(buf)) => read,
         };
         let Ok(read) = read else {
-            return Err(Closed::Idle(settings.idle_timeout));
+            return Err(Closed::Idle(allowed));
         };
         if read? == 0 {
             return if buf.is_empty() {

@@ -106,8 +106,8 @@ fn join(record: &mut Record, text: &str, stack: bool) {
 ///
 /// Masking runs later, on what is kept: cut inside an address or a phone number
 /// (`kim@example.c`, `010-1234-5`), what is left would no longer match its pattern and
-/// would leave unmasked. So a word of the characters addresses and numbers are made of,
-/// cut by the cap, is dropped whole when it is short enough to be one ([`WORD_BACKOFF`]).
+/// would leave unmasked. So a word the cap falls in is dropped whole when it is short
+/// enough to be an address or a number ([`before_word`]).
 pub fn cap_first(record: &mut Record, caps: Caps) {
     for text in [&mut record.message, &mut record.stack_trace] {
         if text.len() > caps.bytes {
@@ -126,19 +126,35 @@ pub fn cap_first(record: &mut Record, caps: Caps) {
 /// address (254) or phone number.
 const WORD_BACKOFF: usize = 320;
 
-/// `cut`, or where the word `cut` falls in starts when it starts within [`WORD_BACKOFF`]
-/// bytes (a word: letters, digits and `.`, `_`, `%`, `+`, `-`, `@`).
+/// `cut` (a character boundary), or where the word it falls in starts, when that is within
+/// [`WORD_BACKOFF`] bytes. A word is what the default patterns match: ASCII letters and
+/// digits, `._%+-@`, any non-ASCII character (addresses in every script), and a space,
+/// `.` or `-` between two digits (`010 1234 5678`). A cut is inside a word when the text
+/// goes on with one of its characters there.
 fn before_word(text: &str, cut: usize) -> usize {
-    let word = |b: u8| b.is_ascii_alphanumeric() || b"._%+-@".contains(&b);
     let bytes = text.as_bytes();
-    if cut >= bytes.len() || !(word(bytes[cut]) && cut > 0 && word(bytes[cut - 1])) {
+    let word = |b: u8| b >= 0x80 || b.is_ascii_alphanumeric() || b"._%+-@".contains(&b);
+    let separator = |b: u8| matches!(b, b' ' | b'.' | b'-');
+    let digit = |at: usize| bytes.get(at).is_some_and(u8::is_ascii_digit);
+    // Byte `at` belongs to the word around it.
+    let joins = |at: usize| {
+        word(bytes[at]) || (separator(bytes[at]) && at > 0 && digit(at - 1) && digit(at + 1))
+    };
+    if cut == 0 || cut >= bytes.len() || !joins(cut) || !joins(cut - 1) {
         return cut;
     }
     let floor = cut.saturating_sub(WORD_BACKOFF);
-    match bytes[floor..cut].iter().rposition(|&b| !word(b)) {
-        Some(at) => floor + at + 1,
-        None if floor == 0 => 0,
-        None => cut,
+    let mut start = cut;
+    while start > floor && joins(start - 1) {
+        start -= 1;
+    }
+    if start > floor || start == 0 {
+        // Where the word starts: at a character boundary (a non-ASCII character is walked
+        // over whole, every byte of it joins).
+        start
+    } else {
+        // A run longer than any address or number.
+        cut
     }
 }
 
@@ -281,8 +297,21 @@ mod tests {
         assert_eq!(before_word("ab cd", 2), 2);
         assert_eq!(before_word("ab cd", 3), 3);
         assert_eq!(before_word("ab(cd", 4), 3);
-        // A phone number cut in its middle goes whole.
-        assert_eq!(before_word("call 010-1234-5678 now", 12), 5);
+        assert_eq!(before_word("ab(cd", 2), 2);
+        // A phone number cut anywhere goes whole, its separators included.
+        let call = "call 010-1234-5678 now";
+        for cut in 6..18 {
+            assert_eq!(before_word(call, cut), 5, "cut at {cut}");
+        }
+        let spaced = "call 010 1234 5678 now";
+        for cut in 6..18 {
+            assert_eq!(before_word(spaced, cut), 5, "cut at {cut}");
+        }
+        assert_eq!(before_word(spaced, 18), 18, "after the number");
+        // An address in another script, cut inside a character's neighbour.
+        let korean = "주문 홍길동@회사.kr 실패";
+        let cut = korean.find("사").expect("there");
+        assert_eq!(before_word(korean, cut), korean.find("홍").expect("there"));
         // A word from the text's start, shorter than the back-off: nothing of it kept.
         assert_eq!(before_word("kim@example.com", 6), 0);
         // A run longer than any address or number: cut where the cap is.

@@ -846,7 +846,6 @@ impl Pusher {
     async fn push(self, records: Vec<Ready>, stop: CancellationToken, turn: Turn) -> bool {
         let _waiting = Waiting {
             pushing: self.pushing.clone(),
-            gauge: self.metrics.waiting.clone(),
             count: records.len(),
         };
         if let Some(before) = turn.prepared_after {
@@ -1021,10 +1020,11 @@ fn add_fields(
 }
 
 /// A push's records, counted (by the pipeline, when it spawned the push) as waiting until the
-/// push ends, however it ends.
+/// push ends, however it ends. Only the pipeline's loop sets the gauge from the count (no
+/// second writer races it); it comes round at least every 100 ms while idle, and as soon
+/// as the push it waits for ends.
 struct Waiting {
     pushing: Arc<AtomicUsize>,
-    gauge: mall_telemetry::metrics::IntGauge,
     count: usize,
 }
 
@@ -1032,8 +1032,6 @@ impl Drop for Waiting {
     fn drop(&mut self) {
         self.pushing
             .fetch_sub(self.count, std::sync::atomic::Ordering::Relaxed);
-        self.gauge
-            .sub(i64::try_from(self.count).unwrap_or(i64::MAX));
     }
 }
 

@@ -253,6 +253,48 @@ async fn messages_past_the_bytes_in_flight_wait_for_room() {
     listener.shutdown.cancel();
 }
 
+/// A sender that stalls in the middle of a message (a server gone while flushing) holds its
+/// share of the budget for `message_timeout`, not `idle_timeout`: then its connection is
+/// closed and the others go on.
+#[tokio::test]
+async fn a_sender_stalled_mid_message_is_closed_after_the_message_timeout() {
+    let listener = listener_with(None, LIMITS, |s| {
+        s.max_bytes_in_flight = s.max_message_bytes;
+        s.idle_timeout = Duration::from_secs(120);
+        s.message_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let frame = fluent_bit_frame(&format!("{:032x}", 1), &["one", "two"]);
+    let mut stalled = tokio::net::TcpStream::connect(listener.addr)
+        .await
+        .expect("connects");
+    stalled
+        .write_all(&frame[..frame.len() / 2])
+        .await
+        .expect("writes");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut other = tokio::net::TcpStream::connect(listener.addr)
+        .await
+        .expect("connects");
+    let id = format!("{:032x}", 2);
+    other
+        .write_all(&fluent_bit_frame(&id, &["three"]))
+        .await
+        .expect("writes");
+    // `read_ack` waits 5 s at most: far less than `idle_timeout`.
+    assert_eq!(
+        read_ack(&mut other).await["ack"].as_str(),
+        Some(id.as_str())
+    );
+    let mut rest = [0; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut rest))
+        .await
+        .expect("the stalled connection is closed");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    assert_eq!(buffered(&listener).len(), 1);
+    listener.shutdown.cancel();
+}
+
 fn encode(value: &Value) -> Vec<u8> {
     let mut out = Vec::new();
     rmpv::encode::write_value(&mut out, value).expect("encodes");
