@@ -337,8 +337,9 @@ impl Pipeline {
     /// Runs from `start` until `shutdown`.
     pub async fn run(self, start: Position, shutdown: CancellationToken) {
         let mut reader: Reader = self.buffer.reader(start);
-        // Lines of the first batch that belong to records pushed before a restart.
-        let mut skips = read_note(self.buffer.note());
+        // Lines of the batches read again that belong to records pushed before a restart,
+        // per stream, and where they end.
+        let (mut skips, skips_until) = read_note(self.buffer.note());
         // What was durable at start is read again; lines after it are new.
         let (replayed, started) = (self.buffer.end(), Instant::now());
         let mut streams = Streams::default();
@@ -372,8 +373,10 @@ impl Pipeline {
                             }
                             Err(why) => tracing::error!(%why, "a buffered batch does not decode; skipped"),
                         }
-                        // The note's skips are for the first batch read only.
-                        skips.clear();
+                        // The note's skips are for the batches read before it was written.
+                        if skips_until.is_none_or(|until| after >= until) {
+                            skips.clear();
+                        }
                         cursor = after;
                     }
                     Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
@@ -382,6 +385,9 @@ impl Pipeline {
                         let from = reader.skip_segment();
                         tracing::error!(%error, segment = from.segment, offset = from.offset, "the buffer is corrupt; the rest of this segment is skipped");
                         cursor = Position { segment: from.segment + 1, offset: 0 };
+                        if skips_until.is_none_or(|until| cursor >= until) {
+                            skips.clear();
+                        }
                     }
                     Err(error) => {
                         tracing::error!(%error, "cannot read the buffer; retrying");
@@ -444,7 +450,7 @@ impl Pipeline {
             let room = ready.len();
             let records = std::mem::replace(&mut ready, Vec::with_capacity(room));
             (oldest, ready_bytes, paused) = (None, 0, false);
-            let note = note(&mut streams, acknowledge);
+            let note = note(&mut streams, acknowledge, cursor);
             // Pushes prepare at once and send one after another (a stream's entries reach
             // Loki in order, acknowledgements are written in order); they run while the
             // next records are read and grouped.
@@ -509,7 +515,7 @@ impl Pipeline {
         }
         if !ready.is_empty() && finished {
             let acknowledge = streams.acknowledgeable(cursor);
-            let note = note(&mut streams, acknowledge);
+            let note = note(&mut streams, acknowledge, cursor);
             let stop = CancellationToken::new();
             let timer = stop.clone();
             tokio::spawn(async move {
@@ -1076,29 +1082,33 @@ impl Item {
     }
 }
 
-/// What to leave with an acknowledgement at `position`: per stream, how many of its lines
-/// in the batch there belong to records already pushed (so a restart does not push their
-/// tails as records of their own). Forgets what is before `position`.
-fn note(streams: &mut Streams, position: Position) -> Vec<u8> {
-    // Per stream, summed: an evicted stream's lines in the batch came before those of the
-    // stream of the same name opened again after it.
+/// What to leave with an acknowledgement at `position`, made when everything before
+/// `until` has been read: per stream, how many of its lines from `position` on belong to
+/// records already completed (pushed with or before the push this acknowledgement follows),
+/// so a restart reading again from `position` neither pushes those records again nor
+/// their tails as records of their own. Every line read before `until` is in such a record
+/// or in its stream's record in progress, which comes after them in the stream's order.
+/// Forgets what is before `position`.
+fn note(streams: &mut Streams, position: Position, until: Position) -> Vec<u8> {
+    // Per stream, summed: an evicted stream's lines came before those of the stream of the
+    // same name opened again after it.
     let mut skips: std::collections::BTreeMap<StreamKey, usize> = std::collections::BTreeMap::new();
     for (key, lines) in &mut streams.evicted {
         *lines = lines.split_off(&position);
-        if let Some(&count) = lines.get(&position) {
-            *skips.entry(key.clone()).or_default() += count;
+        let all: usize = lines.values().sum();
+        if all > 0 {
+            *skips.entry(key.clone()).or_default() += all;
         }
     }
     streams.evicted.retain(|_, lines| !lines.is_empty());
     for state in streams.open.values_mut() {
         state.batches = state.batches.split_off(&position);
-        let Some(&(first, count)) = state.batches.get(&position) else {
+        let Some(&(first, _)) = state.batches.values().next() else {
             continue;
         };
-        let skip = match state.pending_from {
-            Some((line, at)) if at == position => line - first,
-            _ => count,
-        };
+        // From its first line at or after `position` to the first of its record in
+        // progress (or to the last it read).
+        let skip = state.pending_from.map_or(state.lines, |(line, _)| line) - first;
         if skip > 0 {
             *skips
                 .entry((state.tag.to_string(), state.host.to_string()))
@@ -1110,19 +1120,44 @@ fn note(streams: &mut Streams, position: Position) -> Vec<u8> {
         .filter(|(_, skip)| *skip > 0)
         .map(|((tag, host), skip)| (tag, host, skip))
         .collect();
-    serde_json::to_vec(&skips).unwrap_or_default()
+    serde_json::to_vec(&Note {
+        until: (until.segment, until.offset),
+        skips,
+    })
+    .unwrap_or_default()
 }
 
-/// The skips a note holds (none when it is empty or unreadable).
-fn read_note(note: &[u8]) -> HashMap<(String, String), usize> {
-    serde_json::from_slice::<Vec<(String, String, usize)>>(note)
-        .map(|skips| {
-            skips
-                .into_iter()
-                .map(|(tag, host, skip)| ((tag, host), skip))
-                .collect()
-        })
-        .unwrap_or_default()
+/// An acknowledgement's note, as written.
+#[derive(Debug, Serialize, Deserialize)]
+struct Note {
+    /// Where reading had got to (segment, offset): the skips apply before it.
+    until: (u64, u64),
+    /// Per stream (tag, host): lines to skip.
+    skips: Vec<(String, String, usize)>,
+}
+
+/// The skips a note holds, and before where they apply (none when it is empty or
+/// unreadable). A note written before `until` was kept (a bare list) applies to the first
+/// batch only, as it was meant.
+fn read_note(note: &[u8]) -> (HashMap<(String, String), usize>, Option<Position>) {
+    let (skips, until) = match serde_json::from_slice::<Note>(note) {
+        Ok(note) => (
+            note.skips,
+            Some(Position {
+                segment: note.until.0,
+                offset: note.until.1,
+            }),
+        ),
+        Err(_) => (
+            serde_json::from_slice::<Vec<(String, String, usize)>>(note).unwrap_or_default(),
+            None,
+        ),
+    };
+    let skips = skips
+        .into_iter()
+        .map(|(tag, host, skip)| ((tag, host), skip))
+        .collect();
+    (skips, until)
 }
 
 /// The line of an event: its line field, or (without one) the whole record as JSON so
@@ -1235,30 +1270,51 @@ mod tests {
         assert_eq!(streams.to_evict(9).len(), 3);
     }
 
-    /// A stream evicted and opened again: the note skips the evicted one's lines in the
-    /// batch (all pushed with its completed record) and then the new one's pushed lines.
+    /// A stream evicted and opened again: the note skips the evicted one's lines, then the
+    /// lines of the one opened again before its record in progress, in every batch from the
+    /// acknowledged one on.
     #[test]
     fn a_note_counts_an_evicted_streams_lines_before_those_of_the_stream_opened_again() {
         let key = ("hybris.wrapper".to_owned(), "web-1".to_owned());
         let mut streams = Streams::default();
         streams
             .evicted
-            .insert(key.clone(), [(at(0), 3), (at(10), 2), (at(20), 4)].into());
-        // Opened again in the batch at 10: five lines there, the record in progress from
-        // its second.
+            .insert(key.clone(), [(at(0), 3), (at(10), 2)].into());
+        // Opened again in the batch at 10: five lines there and four at 20, the record in
+        // progress from its second line.
         streams.open.insert(
             key.clone(),
-            state(5, Some((1, at(10))), &[(at(10), (0, 5))]),
+            state(9, Some((1, at(10))), &[(at(10), (0, 5)), (at(20), (5, 4))]),
         );
-        let skips = read_note(&note(&mut streams, at(10)));
+        let (skips, until) = read_note(&note(&mut streams, at(10), at(30)));
         assert_eq!(skips.get(&key), Some(&(2 + 1)));
+        assert_eq!(until, Some(at(30)));
         assert_eq!(
             streams.evicted[&key].keys().copied().collect::<Vec<_>>(),
-            [at(10), at(20)]
+            [at(10)]
         );
-        // Past every batch it had: forgotten.
-        let skips = read_note(&note(&mut streams, at(30)));
-        assert!(skips.is_empty(), "{skips:?}");
+        // Its record in progress began in the batch at 20, at its eighth line: the seven
+        // before it are in records pushed, in both batches.
+        streams.open.get_mut(&key).expect("open").pending_from = Some((7, at(20)));
+        let (skips, _) = read_note(&note(&mut streams, at(10), at(30)));
+        assert_eq!(skips.get(&key), Some(&(2 + 7)));
+        // Past every batch the evicted one had: forgotten; no record in progress: every
+        // line from the acknowledged batch on.
+        streams.open.get_mut(&key).expect("open").pending_from = None;
+        let (skips, _) = read_note(&note(&mut streams, at(20), at(30)));
+        assert_eq!(skips.get(&key), Some(&4));
         assert!(streams.evicted.is_empty());
+    }
+
+    /// A note as written before it said where its skips end applies to the first batch.
+    #[test]
+    fn a_note_without_its_end_is_read_as_before() {
+        let (skips, until) = read_note(br#"[["hybris.wrapper","web-1",3]]"#);
+        assert_eq!(
+            skips.get(&("hybris.wrapper".to_owned(), "web-1".to_owned())),
+            Some(&3)
+        );
+        assert_eq!(until, None);
+        assert_eq!(read_note(b"").0.len(), 0);
     }
 }

@@ -20,12 +20,17 @@ async fn start() -> Running {
 
 /// Sends `lines` in Forward mode chunks of `per_chunk` entries, each acknowledged.
 async fn send(addr: std::net::SocketAddr, lines: &[&str], per_chunk: usize) {
+    send_as(addr, "hybris-1", lines, per_chunk).await;
+}
+
+/// [`send`] from `host`.
+async fn send_as(addr: std::net::SocketAddr, host: &str, lines: &[&str], per_chunk: usize) {
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connects");
     for (n, chunk) in lines.chunks(per_chunk).enumerate() {
         let id = format!("{n:032x}");
-        let frame = corpus::frame(&id, chunk);
+        let frame = corpus::frame_of(host, &id, chunk);
         stream.write_all(&frame).await.expect("writes");
         let mut ack = vec![0; 128];
         let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut ack))
@@ -652,6 +657,91 @@ async fn a_stack_trace_cut_by_a_graceful_restart_arrives_whole() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_in_order(&loki.received(), &want);
     assert_eq!(loki.counts().2, 0, "nothing pushed twice");
+    shutdown.cancel();
+    running.await.expect("joins").expect("shuts down cleanly");
+}
+
+/// Two hosts; a rolling update while one's stack trace is arriving and the other's records
+/// go on after it began. After the restart (which reads the buffer again from the batch
+/// where the trace began) the trace is whole, and none of the other host's records pushed
+/// before the restart is pushed again: the acknowledgement's note skips them in every batch
+/// read again, not only the first.
+#[tokio::test]
+async fn after_a_graceful_restart_no_record_is_pushed_twice() {
+    mall_test_support::init_logging();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+        .await
+        .expect("starts");
+    let (path, url) = (dir.path().to_owned(), loki.url());
+    let settings = |flush_after: Duration| {
+        let mut settings = corpus::corpus_settings(&path, url.clone());
+        settings.pipeline.flush_after = flush_after;
+        settings.pipeline.restart_grace = Duration::from_secs(1);
+        settings
+    };
+    let lines: Vec<&str> = CORPUS.lines().collect();
+    let text = |i: usize| lines[i].splitn(5, " | ").nth(4).unwrap_or_default();
+    // Host 1: a trace of at least 6 lines from line 100 on, and the header after it.
+    let header = (100..lines.len())
+        .find(|&i| {
+            corpus::is_header(text(i)) && (i + 1..i + 7).all(|j| !corpus::is_header(text(j)))
+        })
+        .expect("a long trace in the fixture");
+    let next = (header + 1..lines.len())
+        .find(|&i| corpus::is_header(text(i)))
+        .expect("a record after it");
+    let one = &lines[header..=next];
+    // Host 2: the first 60 lines, whole records.
+    let end = (60..lines.len())
+        .find(|&i| corpus::is_header(text(i)))
+        .expect("a header");
+    let two = &lines[..end];
+    let mut want: Vec<(String, String)> = model(one);
+    want.extend(model(two));
+    want.sort();
+
+    let (forward, admin, shutdown, running) = start_app(settings(Duration::from_secs(600))).await;
+    send_as(forward, "hybris-1", &one[..3], 10).await;
+    send_as(forward, "hybris-2", two, 10).await;
+    // Host 2's records but its last are complete (pushed once they are).
+    let pushed = model(two).len() - 1;
+    mall_test_support::wait_until(
+        "host 2's records pushed",
+        Duration::from_secs(30),
+        || async {
+            probe_metrics(admin)
+                .await
+                .lines()
+                .find_map(|l| l.strip_prefix("mall_log_ingest_loki_records_pushed_total "))
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|&n| n >= pushed as f64)
+        },
+    )
+    .await;
+    shutdown.cancel();
+    running.await.expect("joins").expect("shuts down cleanly");
+
+    let (forward, _, shutdown, running) = start_app(settings(Duration::from_millis(300))).await;
+    send_as(forward, "hybris-1", &one[3..], 10).await;
+    wait_for(&loki, want.len()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(loki.counts().2, 0, "nothing pushed twice");
+    let mut got: Vec<(String, String)> = loki
+        .received()
+        .into_iter()
+        .map(|r| {
+            let level = r
+                .labels
+                .iter()
+                .find(|(k, _)| k == "level")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            (level, r.entry.line)
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, want);
     shutdown.cancel();
     running.await.expect("joins").expect("shuts down cleanly");
 }
