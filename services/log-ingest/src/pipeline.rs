@@ -337,9 +337,8 @@ impl Pipeline {
     /// Runs from `start` until `shutdown`.
     pub async fn run(self, start: Position, shutdown: CancellationToken) {
         let mut reader: Reader = self.buffer.reader(start);
-        // Lines of the batches read again that belong to records pushed before a restart,
-        // per stream, and where they end.
-        let (mut skips, skips_until) = read_note(self.buffer.note());
+        // What is read again that was pushed before a restart.
+        let mut replay = Replay::read(self.buffer.note(), self.buffer.end());
         // What was durable at start is read again; lines after it are new.
         let (replayed, started) = (self.buffer.end(), Instant::now());
         let mut streams = Streams::default();
@@ -356,27 +355,38 @@ impl Pipeline {
         let mut previous: Option<tokio::sync::oneshot::Receiver<bool>> = None;
         let mut previous_prepared: Option<tokio::sync::oneshot::Receiver<()>> = None;
         let acker = Acker::spawn(self.buffer.clone(), self.metrics.clone());
+        // Stops the pushes: a few seconds after a shutdown, not at once (a push under way
+        // is let finish, so its records are acknowledged rather than pushed again).
+        let push_stop = CancellationToken::new();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
-                    self.drain(streams, ready, cursor, (in_flight, &pushing), acker).await;
+                    let stop = push_stop.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(DRAIN).await;
+                        stop.cancel();
+                    });
+                    self.drain((streams, &replay), ready, cursor, (in_flight, &pushing, &push_stop), acker).await;
                     return;
                 }
                 next = reader.next() => match next {
                     Ok((bytes, after)) => {
                         match Batch::decode(&bytes) {
+                            // An OTLP batch's records are whole when read, so all of one read
+                            // before the note was made were pushed: not again.
+                            Ok(batch) if batch.source == Source::Otlp && replay.pushed_before(cursor) => {}
                             Ok(batch) => {
                                 let new = cursor >= replayed;
-                                self.feed(batch, cursor, new, &mut streams, &mut ready, &mut skips);
+                                self.feed(batch, cursor, new, &mut streams, &mut ready, &mut replay.skips);
                                 self.metrics.open_streams.set(i64::try_from(streams.open.len()).unwrap_or(i64::MAX));
                             }
-                            Err(why) => tracing::error!(%why, "a buffered batch does not decode; skipped"),
+                            Err(why) => {
+                                tracing::error!(%why, "a buffered batch does not decode; skipped");
+                                replay.give_up();
+                            }
                         }
-                        // The note's skips are for the batches read before it was written.
-                        if skips_until.is_none_or(|until| after >= until) {
-                            skips.clear();
-                        }
+                        replay.reached(after);
                         cursor = after;
                     }
                     Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
@@ -385,9 +395,7 @@ impl Pipeline {
                         let from = reader.skip_segment();
                         tracing::error!(%error, segment = from.segment, offset = from.offset, "the buffer is corrupt; the rest of this segment is skipped");
                         cursor = Position { segment: from.segment + 1, offset: 0 };
-                        if skips_until.is_none_or(|until| cursor >= until) {
-                            skips.clear();
-                        }
+                        replay.give_up();
                     }
                     Err(error) => {
                         tracing::error!(%error, "cannot read the buffer; retrying");
@@ -450,7 +458,7 @@ impl Pipeline {
             let room = ready.len();
             let records = std::mem::replace(&mut ready, Vec::with_capacity(room));
             (oldest, ready_bytes, paused) = (None, 0, false);
-            let note = note(&mut streams, acknowledge, cursor);
+            let note = note(&mut streams, acknowledge, cursor, &replay);
             // Pushes prepare at once and send one after another (a stream's entries reach
             // Loki in order, acknowledgements are written in order); they run while the
             // next records are read and grouped.
@@ -473,7 +481,7 @@ impl Pipeline {
             pushing.fetch_add(records.len(), std::sync::atomic::Ordering::Relaxed);
             in_flight.push_back(tokio::spawn(self.pusher(&pushing).push(
                 records,
-                shutdown.clone(),
+                push_stop.clone(),
                 turn,
             )));
         }
@@ -492,8 +500,8 @@ impl Pipeline {
         }
     }
 
-    /// On shutdown: pushes the records completed, for a few seconds at most, and
-    /// acknowledges them as a push in the loop does. Records still in progress are not
+    /// On shutdown: lets the pushes under way finish and pushes the records completed,
+    /// until `push_stop` (a few seconds), and acknowledges them as a push in the loop does. Records still in progress are not
     /// completed: their lines stay in the buffer (the acknowledgement stops at the batch
     /// holding the first of them, its note skipping the lines already pushed), so after a
     /// restart they are rebuilt from their first line and the rest of a stack trace, sent
@@ -501,27 +509,21 @@ impl Pipeline {
     /// is not pushed stays in the buffer too.
     async fn drain(
         &self,
-        mut streams: Streams,
+        (mut streams, replay): (Streams, &Replay),
         ready: Vec<Ready>,
         cursor: Position,
-        (mut in_flight, pushing): (InFlight, &Arc<AtomicUsize>),
+        (mut in_flight, pushing, push_stop): (InFlight, &Arc<AtomicUsize>, &CancellationToken),
         acker: Acker,
     ) {
-        // The pushes in flight stop with the shutdown too; what they did not finish stays in
-        // the buffer and is pushed below or after the restart.
+        // What the pushes under way do not finish by `push_stop` stays in the buffer and is
+        // pushed after the restart.
         let mut finished = true;
         while !in_flight.is_empty() {
             finished &= finish(&mut in_flight).await;
         }
         if !ready.is_empty() && finished {
             let acknowledge = streams.acknowledgeable(cursor);
-            let note = note(&mut streams, acknowledge, cursor);
-            let stop = CancellationToken::new();
-            let timer = stop.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(DRAIN).await;
-                timer.cancel();
-            });
+            let note = note(&mut streams, acknowledge, cursor, replay);
             let (done, _) = tokio::sync::oneshot::channel();
             let (prepared, _) = tokio::sync::oneshot::channel();
             let turn = Turn {
@@ -533,7 +535,9 @@ impl Pipeline {
                 acknowledge: (acknowledge, note),
             };
             pushing.fetch_add(ready.len(), std::sync::atomic::Ordering::Relaxed);
-            self.pusher(pushing).push(ready, stop, turn).await;
+            self.pusher(pushing)
+                .push(ready, push_stop.clone(), turn)
+                .await;
         }
         acker.close().await;
     }
@@ -1089,7 +1093,7 @@ impl Item {
 /// their tails as records of their own. Every line read before `until` is in such a record
 /// or in its stream's record in progress, which comes after them in the stream's order.
 /// Forgets what is before `position`.
-fn note(streams: &mut Streams, position: Position, until: Position) -> Vec<u8> {
+fn note(streams: &mut Streams, position: Position, until: Position, replay: &Replay) -> Vec<u8> {
     // Per stream, summed: an evicted stream's lines came before those of the stream of the
     // same name opened again after it.
     let mut skips: std::collections::BTreeMap<StreamKey, usize> = std::collections::BTreeMap::new();
@@ -1115,6 +1119,13 @@ fn note(streams: &mut Streams, position: Position, until: Position) -> Vec<u8> {
                 .or_default() += skip;
         }
     }
+    // Made while a replay's skips are not used up: a stream's lines still to skip come
+    // after those read (every one of which it skipped), and the batches the earlier note
+    // covered (OTLP ones included) were pushed before the restart.
+    for ((tag, host), left) in &replay.skips {
+        *skips.entry((tag.clone(), host.clone())).or_default() += left;
+    }
+    let until = replay.until.map_or(until, |before| until.max(before));
     let skips: Vec<(String, String, usize)> = skips
         .into_iter()
         .filter(|(_, skip)| *skip > 0)
@@ -1125,6 +1136,49 @@ fn note(streams: &mut Streams, position: Position, until: Position) -> Vec<u8> {
         skips,
     })
     .unwrap_or_default()
+}
+
+/// What a restart reads again that was pushed before it, from the acknowledgement's note.
+#[derive(Debug, Default)]
+struct Replay {
+    /// Per stream, how many of its next lines to skip.
+    skips: HashMap<(String, String), usize>,
+    /// Before where the note's batches end (`None`: a note from before it said so, whose
+    /// skips are for the first batch only).
+    until: Option<Position>,
+}
+
+impl Replay {
+    /// From a note, for a buffer ending at `end` (a note past the end, where the buffer
+    /// lost data, skips nothing: pushing twice is better than skipping lines never pushed).
+    fn read(note: &[u8], end: Position) -> Self {
+        let (skips, until) = read_note(note);
+        let mut replay = Self { skips, until };
+        if until.is_some_and(|until| until > end) {
+            replay.give_up();
+        }
+        replay
+    }
+
+    /// Whether a batch starting at `at` was read before the note was made (so an OTLP
+    /// batch's records, whole when read, were pushed).
+    fn pushed_before(&self, at: Position) -> bool {
+        self.until.is_some_and(|until| at < until)
+    }
+
+    /// Reading has reached `at`: the skips end there (or after the first batch).
+    fn reached(&mut self, at: Position) {
+        if self.until.is_none_or(|until| at >= until) {
+            self.skips.clear();
+        }
+    }
+
+    /// A batch the note counted cannot be read: the skips stop (left over, they would fall
+    /// on later lines never pushed).
+    fn give_up(&mut self) {
+        self.skips.clear();
+        self.until = None;
+    }
 }
 
 /// An acknowledgement's note, as written.
@@ -1286,7 +1340,7 @@ mod tests {
             key.clone(),
             state(9, Some((1, at(10))), &[(at(10), (0, 5)), (at(20), (5, 4))]),
         );
-        let (skips, until) = read_note(&note(&mut streams, at(10), at(30)));
+        let (skips, until) = read_note(&note(&mut streams, at(10), at(30), &Replay::default()));
         assert_eq!(skips.get(&key), Some(&(2 + 1)));
         assert_eq!(until, Some(at(30)));
         assert_eq!(
@@ -1296,14 +1350,38 @@ mod tests {
         // Its record in progress began in the batch at 20, at its eighth line: the seven
         // before it are in records pushed, in both batches.
         streams.open.get_mut(&key).expect("open").pending_from = Some((7, at(20)));
-        let (skips, _) = read_note(&note(&mut streams, at(10), at(30)));
+        let (skips, _) = read_note(&note(&mut streams, at(10), at(30), &Replay::default()));
         assert_eq!(skips.get(&key), Some(&(2 + 7)));
         // Past every batch the evicted one had: forgotten; no record in progress: every
         // line from the acknowledged batch on.
         streams.open.get_mut(&key).expect("open").pending_from = None;
-        let (skips, _) = read_note(&note(&mut streams, at(20), at(30)));
+        let (skips, _) = read_note(&note(&mut streams, at(20), at(30), &Replay::default()));
         assert_eq!(skips.get(&key), Some(&4));
         assert!(streams.evicted.is_empty());
+    }
+
+    /// A note made while a replay still has lines to skip carries them on, to where the
+    /// earlier note's batches end; a note past the buffer's end skips nothing.
+    #[test]
+    fn a_note_made_during_a_replay_keeps_what_is_left_to_skip() {
+        let key = ("hybris.wrapper".to_owned(), "web-1".to_owned());
+        let mut streams = Streams::default();
+        // Four of its lines read again (all skipped: no record in progress), six to go.
+        streams.open.insert(
+            key.clone(),
+            state(4, None, &[(at(10), (0, 2)), (at(20), (2, 2))]),
+        );
+        let replay = Replay {
+            skips: [(key.clone(), 6)].into_iter().collect(),
+            until: Some(at(50)),
+        };
+        let written = note(&mut streams, at(10), at(30), &replay);
+        let (skips, until) = read_note(&written);
+        assert_eq!(skips.get(&key), Some(&(4 + 6)));
+        assert_eq!(until, Some(at(50)));
+        assert!(Replay::read(&written, at(50)).skips.len() == 1);
+        let lost = Replay::read(&written, at(40));
+        assert!(lost.skips.is_empty() && lost.until.is_none());
     }
 
     /// A note as written before it said where its skips end applies to the first batch.

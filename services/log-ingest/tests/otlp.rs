@@ -223,6 +223,72 @@ async fn client(grpc: std::net::SocketAddr) -> LogsServiceClient<tonic::transpor
         .expect("connects")
 }
 
+/// A graceful restart while a forward stream has a record in progress reads the buffer
+/// again from the batch where that record began; OTLP records stored after it were pushed
+/// before the restart and are not pushed again.
+#[tokio::test]
+async fn otlp_records_are_not_pushed_again_after_a_graceful_restart() {
+    mall_test_support::init_logging();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+        .await
+        .expect("starts");
+    let settings = |flush_after: Duration| {
+        let mut settings = corpus::corpus_settings(dir.path(), loki.url());
+        settings.pipeline.flush_after = flush_after;
+        settings.pipeline.restart_grace = Duration::from_secs(1);
+        settings
+    };
+    let p = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ";
+    let trace = [
+        format!("{p}ERROR [main] [Cart] failed"),
+        format!("{p}java.lang.IllegalStateException: no cart"),
+        format!("{p}\tat a.B.c(B.java:1)"),
+        format!("{p}\tat a.B.d(B.java:2)"),
+        format!("{p}INFO  [main] [Cart] next"),
+    ];
+    let trace: Vec<&str> = trace.iter().map(String::as_str).collect();
+
+    let first = corpus::start_app(settings(Duration::from_secs(600))).await;
+    // The trace begins (in progress: quiet never completes it here) …
+    corpus::send_as(first.forward, "hybris-1", &trace[..2], 10).await;
+    // … then OTLP records are stored and pushed.
+    let records = (0..3)
+        .map(|i| log(&format!("otlp {i}"), 1_730_103_120_000_000_000 + i))
+        .collect();
+    client(first.grpc)
+        .await
+        .export(export("storefront", records))
+        .await
+        .expect("stored");
+    corpus::wait_pushed(first.admin, 3).await;
+    first.shutdown.cancel();
+    first
+        .running
+        .await
+        .expect("joins")
+        .expect("shuts down cleanly");
+
+    let second = corpus::start_app(settings(Duration::from_millis(300))).await;
+    corpus::send_as(second.forward, "hybris-1", &trace[2..], 10).await;
+    // The three OTLP records, the whole trace, and the record after it.
+    wait_for(&loki, 5).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(loki.counts().2, 0, "nothing pushed twice");
+    let lines: Vec<String> = loki.received().into_iter().map(|r| r.entry.line).collect();
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert!(
+        lines.contains(&"failed\njava.lang.IllegalStateException: no cart\n\tat a.B.c(B.java:1)\n\tat a.B.d(B.java:2)".to_owned()),
+        "{lines:?}"
+    );
+    second.shutdown.cancel();
+    second
+        .running
+        .await
+        .expect("joins")
+        .expect("shuts down cleanly");
+}
+
 #[tokio::test]
 async fn malformed_records_are_rejected_in_partial_success_and_the_rest_stored() {
     let app = start_with(|_| {}).await;

@@ -20,29 +20,7 @@ async fn start() -> Running {
 
 /// Sends `lines` in Forward mode chunks of `per_chunk` entries, each acknowledged.
 async fn send(addr: std::net::SocketAddr, lines: &[&str], per_chunk: usize) {
-    send_as(addr, "hybris-1", lines, per_chunk).await;
-}
-
-/// [`send`] from `host`.
-async fn send_as(addr: std::net::SocketAddr, host: &str, lines: &[&str], per_chunk: usize) {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connects");
-    for (n, chunk) in lines.chunks(per_chunk).enumerate() {
-        let id = format!("{n:032x}");
-        let frame = corpus::frame_of(host, &id, chunk);
-        stream.write_all(&frame).await.expect("writes");
-        let mut ack = vec![0; 128];
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut ack))
-            .await
-            .expect("an ack in time")
-            .expect("reads");
-        let ack = rmpv::decode::read_value(&mut &ack[..n]).expect("msgpack");
-        assert_eq!(
-            ack,
-            Value::Map(vec![(Value::from("ack"), Value::from(id.as_str()))])
-        );
-    }
+    corpus::send_as(addr, "hybris-1", lines, per_chunk).await;
 }
 
 async fn stats(grpc: std::net::SocketAddr) -> mall_proto::logs::v1::GetPipelineStatsResponse {
@@ -576,23 +554,6 @@ async fn a_services_own_json_line_reaches_loki_with_its_trace_id_in_structured_m
     running.shutdown.cancel();
 }
 
-/// Starts log-ingest with `settings`: its forward and admin addresses, the token that stops
-/// it, and its task (which ends once it has shut down).
-async fn start_app(
-    settings: log_ingest::Settings,
-) -> (
-    std::net::SocketAddr,
-    std::net::SocketAddr,
-    tokio_util::sync::CancellationToken,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-) {
-    let app = log_ingest::App::build(settings).await.expect("builds");
-    let (forward, admin) = (app.forward_addr(), app.admin_addr());
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
-    (forward, admin, shutdown, running)
-}
-
 /// A rolling update restarts the replica while a stack trace is arriving: its first lines
 /// before the SIGTERM, the rest after the restart. The trace reaches Loki whole, once, and
 /// no record pushed before the restart is pushed again.
@@ -607,7 +568,7 @@ async fn a_stack_trace_cut_by_a_graceful_restart_arrives_whole() {
     let start = |flush_after: Duration| {
         let mut settings = corpus::corpus_settings(&path, url.clone());
         settings.pipeline.flush_after = flush_after;
-        start_app(settings)
+        corpus::start_app(settings)
     };
     let lines: Vec<&str> = CORPUS.lines().collect();
     // The first trace of at least 6 lines, and a few records after it.
@@ -629,28 +590,26 @@ async fn a_stack_trace_cut_by_a_graceful_restart_arrives_whole() {
 
     // Before the restart, quiet never completes the trace's beginning, however slowly
     // this machine gets to the SIGTERM.
-    let (forward, admin, shutdown, running) = start(Duration::from_secs(600)).await;
+    let corpus::Started {
+        forward,
+        admin,
+        shutdown,
+        running,
+        ..
+    } = start(Duration::from_secs(600)).await;
     send(forward, before, 10).await;
     // Every record before the trace is complete (the trace's header completes the one
     // before it); once Loki took them, only the trace's beginning is in progress.
-    let pushed = want.len() - 4;
-    mall_test_support::wait_until(
-        "the records before the trace pushed",
-        Duration::from_secs(30),
-        || async {
-            probe_metrics(admin)
-                .await
-                .lines()
-                .find_map(|l| l.strip_prefix("mall_log_ingest_loki_records_pushed_total "))
-                .and_then(|v| v.parse::<f64>().ok())
-                .filter(|&n| n >= pushed as f64)
-        },
-    )
-    .await;
+    corpus::wait_pushed(admin, want.len() - 4).await;
     shutdown.cancel();
     running.await.expect("joins").expect("shuts down cleanly");
 
-    let (forward, _, shutdown, running) = start(Duration::from_millis(300)).await;
+    let corpus::Started {
+        forward,
+        shutdown,
+        running,
+        ..
+    } = start(Duration::from_millis(300)).await;
     send(forward, after, 10).await;
     wait_for(&loki, want.len()).await;
     // Time for anything pushed twice or split to arrive too.
@@ -701,29 +660,27 @@ async fn after_a_graceful_restart_no_record_is_pushed_twice() {
     want.extend(model(two));
     want.sort();
 
-    let (forward, admin, shutdown, running) = start_app(settings(Duration::from_secs(600))).await;
-    send_as(forward, "hybris-1", &one[..3], 10).await;
-    send_as(forward, "hybris-2", two, 10).await;
+    let corpus::Started {
+        forward,
+        admin,
+        shutdown,
+        running,
+        ..
+    } = corpus::start_app(settings(Duration::from_secs(600))).await;
+    corpus::send_as(forward, "hybris-1", &one[..3], 10).await;
+    corpus::send_as(forward, "hybris-2", two, 10).await;
     // Host 2's records but its last are complete (pushed once they are).
-    let pushed = model(two).len() - 1;
-    mall_test_support::wait_until(
-        "host 2's records pushed",
-        Duration::from_secs(30),
-        || async {
-            probe_metrics(admin)
-                .await
-                .lines()
-                .find_map(|l| l.strip_prefix("mall_log_ingest_loki_records_pushed_total "))
-                .and_then(|v| v.parse::<f64>().ok())
-                .filter(|&n| n >= pushed as f64)
-        },
-    )
-    .await;
+    corpus::wait_pushed(admin, model(two).len() - 1).await;
     shutdown.cancel();
     running.await.expect("joins").expect("shuts down cleanly");
 
-    let (forward, _, shutdown, running) = start_app(settings(Duration::from_millis(300))).await;
-    send_as(forward, "hybris-1", &one[3..], 10).await;
+    let corpus::Started {
+        forward,
+        shutdown,
+        running,
+        ..
+    } = corpus::start_app(settings(Duration::from_millis(300))).await;
+    corpus::send_as(forward, "hybris-1", &one[3..], 10).await;
     wait_for(&loki, want.len()).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(loki.counts().2, 0, "nothing pushed twice");
@@ -744,6 +701,38 @@ async fn after_a_graceful_restart_no_record_is_pushed_twice() {
     assert_eq!(got, want);
     shutdown.cancel();
     running.await.expect("joins").expect("shuts down cleanly");
+}
+
+/// A SIGTERM while a push is being retried (Loki briefly refusing) lets it finish, for a
+/// few seconds, instead of cutting it off: its records reach Loki before the process ends.
+#[tokio::test]
+async fn a_push_under_way_at_shutdown_is_let_finish() {
+    mall_test_support::init_logging();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+        .await
+        .expect("starts");
+    let mut settings = corpus::corpus_settings(dir.path(), loki.url());
+    // Everything in one push, when the input pauses.
+    settings.pipeline.batch_wait = Duration::from_secs(30);
+    let app = corpus::start_app(settings).await;
+    loki.fail(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_millis(1500),
+    );
+    let lines: Vec<&str> = CORPUS.lines().take(40).collect();
+    let want = model(&lines);
+    send(app.forward, &lines, 10).await;
+    mall_test_support::wait_until("a push failing", Duration::from_secs(10), || async {
+        (stats(app.grpc).await.loki_failed_pushes > 0).then_some(())
+    })
+    .await;
+    app.shutdown.cancel();
+    app.running
+        .await
+        .expect("joins")
+        .expect("shuts down cleanly");
+    assert_eq!(loki.received().len(), want.len(), "pushed before the end");
 }
 
 #[tokio::test]

@@ -159,3 +159,76 @@ pub fn frame_of<S: AsRef<str>>(host: &str, chunk: &str, lines: &[S]) -> Vec<u8> 
     .expect("encodes");
     out
 }
+
+/// An in-process log-ingest started by [`start_app`].
+pub struct Started {
+    /// The forward listener.
+    pub forward: std::net::SocketAddr,
+    /// The gRPC port (OTLP, the contract).
+    pub grpc: std::net::SocketAddr,
+    /// The admin port (`/metrics`).
+    pub admin: std::net::SocketAddr,
+    /// Cancelled: it shuts down.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    /// Ends once it has shut down.
+    pub running: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Starts log-ingest in this process with `settings` (a restart: the same settings' buffer
+/// directory again).
+pub async fn start_app(settings: log_ingest::Settings) -> Started {
+    let app = log_ingest::App::build(settings).await.expect("builds");
+    let (forward, grpc, admin) = (app.forward_addr(), app.grpc_addr(), app.admin_addr());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(app.run_until(shutdown.clone().cancelled_owned()));
+    Started {
+        forward,
+        grpc,
+        admin,
+        shutdown,
+        running,
+    }
+}
+
+/// Sends `lines` from `host` in Forward mode chunks of `per_chunk` entries, each
+/// acknowledged, on one connection.
+pub async fn send_as(addr: std::net::SocketAddr, host: &str, lines: &[&str], per_chunk: usize) {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    for (n, chunk) in lines.chunks(per_chunk).enumerate() {
+        let id = format!("{n:032x}");
+        let frame = frame_of(host, &id, chunk);
+        stream.write_all(&frame).await.expect("writes");
+        let mut ack = vec![0; 128];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut ack))
+            .await
+            .expect("an ack in time")
+            .expect("reads");
+        let ack = rmpv::decode::read_value(&mut &ack[..n]).expect("msgpack");
+        assert_eq!(
+            ack,
+            Value::Map(vec![(Value::from("ack"), Value::from(id.as_str()))])
+        );
+    }
+}
+
+/// Waits until Loki has accepted `records` (`loki_records_pushed_total` on `/metrics`).
+pub async fn wait_pushed(admin: std::net::SocketAddr, records: usize) {
+    mall_test_support::wait_until(
+        "the records pushed",
+        std::time::Duration::from_secs(30),
+        || async {
+            mall_test_support::probe::http_get(admin, "/metrics")
+                .await
+                .1
+                .lines()
+                .find_map(|l| l.strip_prefix("mall_log_ingest_loki_records_pushed_total "))
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|&n| n >= records as f64)
+        },
+    )
+    .await;
+}
