@@ -126,13 +126,7 @@ async fn run(lines: usize) -> anyhow::Result<String> {
         send_all(baseline, &frames).await?;
         base_runs.push(started.elapsed().as_secs_f64());
     }
-    let base_note = base_runs
-        .iter()
-        .map(|s| format!("{s:.2}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    base_runs.sort_by(f64::total_cmp);
-    let base_secs = base_runs[1];
+    let (base_secs, base_note) = median(base_runs);
     let base_rate = all.len() as f64 / base_secs;
 
     // For reference (not the target's baseline): receive, decode and store durably before
@@ -145,13 +139,7 @@ async fn run(lines: usize) -> anyhow::Result<String> {
         send_all(durable, &frames).await?;
         durable_runs.push(started.elapsed().as_secs_f64());
     }
-    let durable_note = durable_runs
-        .iter()
-        .map(|s| format!("{s:.2}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    durable_runs.sort_by(f64::total_cmp);
-    let durable_secs = durable_runs[1];
+    let (durable_secs, durable_note) = median(durable_runs);
     let durable_rate = all.len() as f64 / durable_secs;
 
     // log-ingest end to end.
@@ -225,6 +213,17 @@ async fn run(lines: usize) -> anyhow::Result<String> {
         budget = base_secs * 2.0 * cores as f64,
     )?;
     Ok(report)
+}
+
+/// The median of `runs` (seconds), and all of them as text.
+fn median(mut runs: Vec<f64>) -> (f64, String) {
+    let all = runs
+        .iter()
+        .map(|s| format!("{s:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    runs.sort_by(f64::total_cmp);
+    (runs[runs.len() / 2], all)
 }
 
 /// The corpus of `lines` lines, generated once.
@@ -352,46 +351,13 @@ async fn send_all(addr: SocketAddr, frames: &[Vec<Vec<u8>>]) -> anyhow::Result<(
 
 /// The baseline's listener: frames and decodes each message, acks at once.
 async fn decode_only() -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
-                let mut read = vec![0; 256 * 1024];
-                loop {
-                    let Ok(n) = stream.read(&mut read).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&read[..n]);
-                    while let Ok(Some(len)) = forward::frame_len(&buf, 64 << 20) {
-                        let frame: Vec<u8> = buf.drain(..len).collect();
-                        if let Ok(Frame::Message(message)) = forward::decode(&frame, 256 << 20) {
-                            std::hint::black_box(&message.events);
-                            if let Some(chunk) = message.chunk
-                                && stream.write_all(&forward::ack(&chunk)).await.is_err()
-                            {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    Ok(addr)
+    reference_listener(None).await
 }
 
 /// The reference listener: frames and decodes each message, appends its batch to a buffer
 /// in `dir` (the service's own, synced before it answers) and acks once it is durable.
 async fn decode_and_store(dir: &Path) -> anyhow::Result<SocketAddr> {
-    use log_ingest::{
-        batch::{Batch, Source},
-        buffer::{Buffer, Limits},
-    };
+    use log_ingest::buffer::{Buffer, Limits};
     let (buffer, _) = Buffer::open(
         dir,
         Limits {
@@ -399,6 +365,15 @@ async fn decode_and_store(dir: &Path) -> anyhow::Result<SocketAddr> {
             segment_bytes: 64 << 20,
         },
     )?;
+    reference_listener(Some(buffer)).await
+}
+
+/// A listener that frames and decodes each message, stores its batch in `buffer` when
+/// given, and acks.
+async fn reference_listener(
+    buffer: Option<log_ingest::buffer::Buffer>,
+) -> anyhow::Result<SocketAddr> {
+    use log_ingest::batch::{Batch, Source};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -420,13 +395,16 @@ async fn decode_and_store(dir: &Path) -> anyhow::Result<SocketAddr> {
                         let Ok(Frame::Message(message)) = forward::decode(&frame, 256 << 20) else {
                             continue;
                         };
-                        let batch = Batch {
-                            source: Source::Forward,
-                            tag: message.tag,
-                            events: message.events,
-                        };
-                        if buffer.append(batch.encode()).await.is_err() {
-                            return;
+                        std::hint::black_box(&message.events);
+                        if let Some(buffer) = &buffer {
+                            let batch = Batch {
+                                source: Source::Forward,
+                                tag: message.tag,
+                                events: message.events,
+                            };
+                            if buffer.append(batch.encode()).await.is_err() {
+                                return;
+                            }
                         }
                         if let Some(chunk) = message.chunk
                             && stream.write_all(&forward::ack(&chunk)).await.is_err()

@@ -206,18 +206,16 @@ impl ForwardInput {
                     tracing::debug!(%error, "forward: failed to set TCP_NODELAY");
                 }
                 metrics.connections.inc();
+                let shared = Shared {
+                    settings: &settings,
+                    budget: &budget,
+                    buffer: &buffer,
+                    recent: &recent,
+                    metrics: &metrics,
+                    shutdown: &shutdown,
+                };
                 let closed = match tls {
-                    None => {
-                        let shared = Shared {
-                            settings: &settings,
-                            budget: &budget,
-                            buffer: &buffer,
-                            recent: &recent,
-                            metrics: &metrics,
-                            shutdown: &shutdown,
-                        };
-                        connection(stream, &shared).await
-                    }
+                    None => connection(stream, &shared).await,
                     Some(tls) => {
                         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                         match tokio::time::timeout(
@@ -226,17 +224,7 @@ impl ForwardInput {
                         )
                         .await
                         {
-                            Ok(Ok(stream)) => {
-                                let shared = Shared {
-                                    settings: &settings,
-                                    budget: &budget,
-                                    buffer: &buffer,
-                                    recent: &recent,
-                                    metrics: &metrics,
-                                    shutdown: &shutdown,
-                                };
-                                connection(stream, &shared).await
-                            }
+                            Ok(Ok(stream)) => connection(stream, &shared).await,
                             Ok(Err(error)) => Err(Closed::Tls(error.to_string())),
                             Err(_) => Err(Closed::Tls(format!(
                                 "no TLS handshake within {:?}",

@@ -228,17 +228,8 @@ async fn client(grpc: std::net::SocketAddr) -> LogsServiceClient<tonic::transpor
 /// before the restart and are not pushed again.
 #[tokio::test]
 async fn otlp_records_are_not_pushed_again_after_a_graceful_restart() {
-    mall_test_support::init_logging();
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
-        .await
-        .expect("starts");
-    let settings = |flush_after: Duration| {
-        let mut settings = corpus::corpus_settings(dir.path(), loki.url());
-        settings.pipeline.flush_after = flush_after;
-        settings.pipeline.restart_grace = Duration::from_secs(1);
-        settings
-    };
+    let (dir, loki) = corpus::dir_and_loki().await;
+    let settings = |flush_after| corpus::restart_settings(dir.path(), loki.url(), flush_after);
     let p = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ";
     let trace = [
         format!("{p}ERROR [main] [Cart] failed"),

@@ -369,18 +369,7 @@ async fn probe_metrics(admin: std::net::SocketAddr) -> String {
 /// Every record of `want` (level, line) received, in order within each level (streams of
 /// one push may come in any order).
 fn assert_in_order(received: &[log_ingest::loki_receiver::Received], want: &[(String, String)]) {
-    let got: Vec<(String, String)> = received
-        .iter()
-        .map(|r| {
-            let level = r
-                .labels
-                .iter()
-                .find(|(k, _)| k == "level")
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default();
-            (level, r.entry.line.clone())
-        })
-        .collect();
+    let got = levels_and_lines(received);
     for level in ["INFO", "WARN", "DEBUG", "ERROR"] {
         let of = |v: &[(String, String)]| -> Vec<String> {
             v.iter()
@@ -391,6 +380,22 @@ fn assert_in_order(received: &[log_ingest::loki_receiver::Received], want: &[(St
         assert_eq!(of(&got), of(want), "{level} records");
     }
     assert_eq!(got.len(), want.len());
+}
+
+/// (level, line) of each entry received, as [`model`] has them.
+fn levels_and_lines(received: &[log_ingest::loki_receiver::Received]) -> Vec<(String, String)> {
+    received
+        .iter()
+        .map(|r| {
+            let level = r
+                .labels
+                .iter()
+                .find(|(k, _)| k == "level")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            (level, r.entry.line.clone())
+        })
+        .collect()
 }
 
 /// Records past `pipeline.batch_bytes` go in several pushes, in order.
@@ -559,16 +564,13 @@ async fn a_services_own_json_line_reaches_loki_with_its_trace_id_in_structured_m
 /// no record pushed before the restart is pushed again.
 #[tokio::test]
 async fn a_stack_trace_cut_by_a_graceful_restart_arrives_whole() {
-    mall_test_support::init_logging();
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
-        .await
-        .expect("starts");
-    let (path, url) = (dir.path().to_owned(), loki.url());
-    let start = |flush_after: Duration| {
-        let mut settings = corpus::corpus_settings(&path, url.clone());
-        settings.pipeline.flush_after = flush_after;
-        corpus::start_app(settings)
+    let (dir, loki) = corpus::dir_and_loki().await;
+    let start = |flush_after| {
+        corpus::start_app(corpus::restart_settings(
+            dir.path(),
+            loki.url(),
+            flush_after,
+        ))
     };
     let lines: Vec<&str> = CORPUS.lines().collect();
     // The first trace of at least 6 lines, and a few records after it.
@@ -590,34 +592,21 @@ async fn a_stack_trace_cut_by_a_graceful_restart_arrives_whole() {
 
     // Before the restart, quiet never completes the trace's beginning, however slowly
     // this machine gets to the SIGTERM.
-    let corpus::Started {
-        forward,
-        admin,
-        shutdown,
-        running,
-        ..
-    } = start(Duration::from_secs(600)).await;
-    send(forward, before, 10).await;
+    let first = start(Duration::from_secs(600)).await;
+    send(first.forward, before, 10).await;
     // Every record before the trace is complete (the trace's header completes the one
     // before it); once Loki took them, only the trace's beginning is in progress.
-    corpus::wait_pushed(admin, want.len() - 4).await;
-    shutdown.cancel();
-    running.await.expect("joins").expect("shuts down cleanly");
+    corpus::wait_pushed(first.admin, want.len() - 4).await;
+    first.stop().await;
 
-    let corpus::Started {
-        forward,
-        shutdown,
-        running,
-        ..
-    } = start(Duration::from_millis(300)).await;
-    send(forward, after, 10).await;
+    let second = start(Duration::from_millis(300)).await;
+    send(second.forward, after, 10).await;
     wait_for(&loki, want.len()).await;
     // Time for anything pushed twice or split to arrive too.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_in_order(&loki.received(), &want);
     assert_eq!(loki.counts().2, 0, "nothing pushed twice");
-    shutdown.cancel();
-    running.await.expect("joins").expect("shuts down cleanly");
+    second.stop().await;
 }
 
 /// Two hosts; a rolling update while one's stack trace is arriving and the other's records
@@ -627,18 +616,8 @@ async fn a_stack_trace_cut_by_a_graceful_restart_arrives_whole() {
 /// read again, not only the first.
 #[tokio::test]
 async fn after_a_graceful_restart_no_record_is_pushed_twice() {
-    mall_test_support::init_logging();
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
-        .await
-        .expect("starts");
-    let (path, url) = (dir.path().to_owned(), loki.url());
-    let settings = |flush_after: Duration| {
-        let mut settings = corpus::corpus_settings(&path, url.clone());
-        settings.pipeline.flush_after = flush_after;
-        settings.pipeline.restart_grace = Duration::from_secs(1);
-        settings
-    };
+    let (dir, loki) = corpus::dir_and_loki().await;
+    let settings = |flush_after| corpus::restart_settings(dir.path(), loki.url(), flush_after);
     let lines: Vec<&str> = CORPUS.lines().collect();
     let text = |i: usize| lines[i].splitn(5, " | ").nth(4).unwrap_or_default();
     // Host 1: a trace of at least 6 lines from line 100 on, and the header after it.
@@ -660,58 +639,29 @@ async fn after_a_graceful_restart_no_record_is_pushed_twice() {
     want.extend(model(two));
     want.sort();
 
-    let corpus::Started {
-        forward,
-        admin,
-        shutdown,
-        running,
-        ..
-    } = corpus::start_app(settings(Duration::from_secs(600))).await;
-    corpus::send_as(forward, "hybris-1", &one[..3], 10).await;
-    corpus::send_as(forward, "hybris-2", two, 10).await;
+    let first = corpus::start_app(settings(Duration::from_secs(600))).await;
+    corpus::send_as(first.forward, "hybris-1", &one[..3], 10).await;
+    corpus::send_as(first.forward, "hybris-2", two, 10).await;
     // Host 2's records but its last are complete (pushed once they are).
-    corpus::wait_pushed(admin, model(two).len() - 1).await;
-    shutdown.cancel();
-    running.await.expect("joins").expect("shuts down cleanly");
+    corpus::wait_pushed(first.admin, model(two).len() - 1).await;
+    first.stop().await;
 
-    let corpus::Started {
-        forward,
-        shutdown,
-        running,
-        ..
-    } = corpus::start_app(settings(Duration::from_millis(300))).await;
-    corpus::send_as(forward, "hybris-1", &one[3..], 10).await;
+    let second = corpus::start_app(settings(Duration::from_millis(300))).await;
+    corpus::send_as(second.forward, "hybris-1", &one[3..], 10).await;
     wait_for(&loki, want.len()).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(loki.counts().2, 0, "nothing pushed twice");
-    let mut got: Vec<(String, String)> = loki
-        .received()
-        .into_iter()
-        .map(|r| {
-            let level = r
-                .labels
-                .iter()
-                .find(|(k, _)| k == "level")
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default();
-            (level, r.entry.line)
-        })
-        .collect();
+    let mut got = levels_and_lines(&loki.received());
     got.sort();
     assert_eq!(got, want);
-    shutdown.cancel();
-    running.await.expect("joins").expect("shuts down cleanly");
+    second.stop().await;
 }
 
 /// A SIGTERM while a push is being retried (Loki briefly refusing) lets it finish, for a
 /// few seconds, instead of cutting it off: its records reach Loki before the process ends.
 #[tokio::test]
 async fn a_push_under_way_at_shutdown_is_let_finish() {
-    mall_test_support::init_logging();
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
-        .await
-        .expect("starts");
+    let (dir, loki) = corpus::dir_and_loki().await;
     let mut settings = corpus::corpus_settings(dir.path(), loki.url());
     // Everything in one push, when the input pauses.
     settings.pipeline.batch_wait = Duration::from_secs(30);
@@ -727,11 +677,7 @@ async fn a_push_under_way_at_shutdown_is_let_finish() {
         (stats(app.grpc).await.loki_failed_pushes > 0).then_some(())
     })
     .await;
-    app.shutdown.cancel();
-    app.running
-        .await
-        .expect("joins")
-        .expect("shuts down cleanly");
+    app.stop().await;
     assert_eq!(loki.received().len(), want.len(), "pushed before the end");
 }
 

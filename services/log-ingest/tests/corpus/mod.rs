@@ -51,15 +51,36 @@ pub fn corpus_settings(dir: &std::path::Path, loki_url: String) -> log_ingest::S
     settings
 }
 
-/// Starts log-ingest in this process with [`corpus_settings`] and a Loki receiver of its
-/// own, then `change`.
-pub async fn start_with(change: impl FnOnce(&mut log_ingest::Settings)) -> Running {
+/// [`corpus_settings`] for a test that restarts log-ingest on the buffer in `dir`: quiet
+/// completes a record after `flush_after`, and a record rebuilt after the restart waits
+/// for its stream a second at most (`restart_grace`).
+pub fn restart_settings(
+    dir: &std::path::Path,
+    loki_url: String,
+    flush_after: std::time::Duration,
+) -> log_ingest::Settings {
+    let mut settings = corpus_settings(dir, loki_url);
+    settings.pipeline.flush_after = flush_after;
+    settings.pipeline.restart_grace = std::time::Duration::from_secs(1);
+    settings
+}
+
+/// A directory for a buffer and a Loki receiver (logging set up): what a test restarting
+/// log-ingest on the same buffer keeps across the restart.
+pub async fn dir_and_loki() -> (tempfile::TempDir, log_ingest::loki_receiver::LokiReceiver) {
     mall_test_support::init_logging();
     let dir = tempfile::tempdir().expect("a temporary directory");
     let loki =
         log_ingest::loki_receiver::LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
             .await
             .expect("starts");
+    (dir, loki)
+}
+
+/// Starts log-ingest in this process with [`corpus_settings`] and a Loki receiver of its
+/// own, then `change`.
+pub async fn start_with(change: impl FnOnce(&mut log_ingest::Settings)) -> Running {
+    let (dir, loki) = dir_and_loki().await;
     let mut settings = corpus_settings(dir.path(), loki.url());
     change(&mut settings);
     let app = log_ingest::App::build(settings).await.expect("builds");
@@ -172,6 +193,17 @@ pub struct Started {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Ends once it has shut down.
     pub running: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Started {
+    /// Shuts it down as SIGTERM does, and waits until it has.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.running
+            .await
+            .expect("joins")
+            .expect("shuts down cleanly");
+    }
 }
 
 /// Starts log-ingest in this process with `settings` (a restart: the same settings' buffer
