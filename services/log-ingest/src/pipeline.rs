@@ -501,12 +501,13 @@ impl Pipeline {
     }
 
     /// On shutdown: lets the pushes under way finish and pushes the records completed,
-    /// until `push_stop` (a few seconds), and acknowledges them as a push in the loop does. Records still in progress are not
-    /// completed: their lines stay in the buffer (the acknowledgement stops at the batch
-    /// holding the first of them, its note skipping the lines already pushed), so after a
-    /// restart they are rebuilt from their first line and the rest of a stack trace, sent
-    /// after the restart, joins them instead of starting a record of its own. Whatever
-    /// is not pushed stays in the buffer too.
+    /// until `push_stop` (a few seconds), and acknowledges them as a push in the loop
+    /// does. Records still in progress are not completed: their lines stay in the buffer
+    /// (the acknowledgement stops at the batch holding the first of them, its note
+    /// skipping the lines already pushed), so after a restart they are rebuilt from their
+    /// first line and the rest of a stack trace, sent after the restart, joins them
+    /// instead of starting a record of its own. Whatever is not pushed stays in the buffer
+    /// too.
     async fn drain(
         &self,
         (mut streams, replay): (Streams, &Replay),
