@@ -66,6 +66,15 @@ impl App {
              4 × forward.max_message_bytes + 1 MiB = {largest}",
             limits.segment_bytes
         );
+        // An OTLP export is stored in pieces, but one record as large as a call can be must
+        // fit a segment, or the whole export would be refused.
+        let largest_call = (settings.server.max_message_bytes as u64) + (1 << 20);
+        anyhow::ensure!(
+            limits.segment_bytes >= largest_call,
+            "buffer.segment_bytes ({}) must hold the largest OTLP record a call can carry: \
+             server.max_message_bytes + 1 MiB = {largest_call}",
+            limits.segment_bytes
+        );
         // A message takes up to `max_message_bytes` of the budget while it arrives.
         let forward = &settings.forward;
         anyhow::ensure!(

@@ -206,7 +206,8 @@ impl Observation {
         let request = record
             .fields
             .get("status")
-            .filter(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit()))
+            // An HTTP status (100–599): the label's values stay bounded.
+            .filter(|s| matches!(s.as_bytes(), [b'1'..=b'5', b'0'..=b'9', b'0'..=b'9']))
             .filter(|_| record.fields.contains_key("method"))
             .map(|status| {
                 let duration = record
@@ -315,6 +316,15 @@ mod tests {
         }
         deriver.observe(&Observation::of(&access), "tomcat");
         deriver.observe(&Observation::of(&access), "third-service");
+        // Only an HTTP status (100–599) is one: the label stays bounded.
+        for status in ["999", "099", "+20", "2000"] {
+            let mut odd = access.clone();
+            odd.fields.insert("status".to_owned(), status.to_owned());
+            assert!(
+                Observation::of(&odd).request.is_none(),
+                "{status} is not a status"
+            );
+        }
 
         let text = registry.encode();
         let v = |name, labels: &[(&str, &str)]| sample(&text, name, labels).map(|s| s.0);

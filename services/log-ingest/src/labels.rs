@@ -23,6 +23,10 @@ use crate::record::Level;
 /// Stands for every value past the guard's limit.
 pub const OTHER: &str = "other";
 
+/// Loki's default `max_label_value_length`: a longer `service` or `host` is folded into
+/// `other` like a pair past the limit (Loki would refuse every record of it).
+pub const MAX_VALUE_BYTES: usize = 2048;
+
 /// A record's labels and what the guard moved out of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Labels {
@@ -65,7 +69,8 @@ impl Guard {
         key.0.push_str(service);
         key.1.clear();
         key.1.push_str(host);
-        if !self.admitted.contains_key(&key) && self.admitted.len() < self.max_streams {
+        let fits = service.len() <= MAX_VALUE_BYTES && host.len() <= MAX_VALUE_BYTES;
+        if fits && !self.admitted.contains_key(&key) && self.admitted.len() < self.max_streams {
             self.services.insert(key.0.clone());
             self.admitted.insert(key.clone(), Default::default());
         }
@@ -183,6 +188,34 @@ mod tests {
         ] {
             assert_eq!(label_name(name.to_owned()), want, "{name}");
         }
+    }
+
+    #[test]
+    fn values_longer_than_loki_takes_fold_into_other_with_their_value_kept() {
+        let mut guard = Guard::new(10, "test");
+        let long = "h".repeat(MAX_VALUE_BYTES + 1);
+        let labels = guard.labels("hybris", Some(Level::Info), &long);
+        assert!(
+            labels.selector.contains(r#"host="other""#),
+            "{}",
+            labels.selector
+        );
+        assert_eq!(
+            labels.folded,
+            [("service", "hybris".to_owned()), ("host", long)]
+        );
+        assert_eq!(guard.admitted(), 0, "takes no slot");
+        let longest = "h".repeat(MAX_VALUE_BYTES);
+        let labels = guard.labels("hybris", Some(Level::Info), &longest);
+        assert!(labels.folded.is_empty());
+        // A service too long for a label goes as `other`, its hosts too.
+        let labels = guard.labels(&"s".repeat(MAX_VALUE_BYTES + 1), None, "web-1");
+        assert!(
+            labels.selector.contains(r#"service="other""#),
+            "{}",
+            labels.selector
+        );
+        assert_eq!(labels.folded.len(), 2);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! refuses with Loki's status codes, can be told to fail, and keeps what it accepted.
 //!
 //! Refused with 400, as Loki's defaults do: labels that do not parse, more than 15 labels
-//! in a stream, a line over 256 KB, an entry without a timestamp, an entry with more than
+//! in a stream, a label value over 2,048 bytes, a line over 256 KB, an entry without a
+//! timestamp, an entry with more than
 //! 128 structured metadata pairs or more than 64 KB of them. Like Loki, the valid
 //! entries of a push are kept even when others are refused, and an entry identical to one
 //! already kept (same stream, time and line) is dropped silently (counted here, so tests
@@ -184,6 +185,16 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
             problems.push(format!("error parsing labels {:?}", stream.labels));
             continue;
         };
+        if let Some((name, _)) = labels
+            .iter()
+            .find(|(_, value)| value.len() > crate::labels::MAX_VALUE_BYTES)
+        {
+            problems.push(format!(
+                "stream has a label value longer than {} bytes ({name})",
+                crate::labels::MAX_VALUE_BYTES
+            ));
+            continue;
+        }
         if labels.len() > MAX_LABELS {
             problems.push(format!(
                 "stream {} has {} labels, more than {MAX_LABELS}",

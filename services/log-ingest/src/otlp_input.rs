@@ -409,7 +409,9 @@ pub fn record(event: &Event) -> Otlp {
                     };
                     if k == "thread.name" {
                         out.record.thread = v.into_owned();
-                    } else {
+                    } else if k != "span_id" || !out.record.fields.contains_key("span_id") {
+                        // The record's own span id, read before or after, wins over an
+                        // attribute of that name.
                         out.record.fields.insert(k.into_owned(), v.into_owned());
                     }
                 }
@@ -479,6 +481,8 @@ mod tests {
             body: string("cart 8812 failed"),
             attributes: vec![
                 kv("thread.name", string("hybrisHTTP12")),
+                // Not the record's span id, which wins.
+                kv("span_id", string("an attribute")),
                 kv(
                     "order",
                     Some(AnyValue {

@@ -85,9 +85,22 @@ struct Tail {
     max_bytes: usize,
 }
 
-/// What a waiting record counts against a tail's byte budget.
-fn weight(message: &str, stack_trace: &str) -> usize {
-    message.len() + stack_trace.len() + 256
+/// What a waiting record counts against a tail's byte budget: its texts and fields (OTLP
+/// attributes can be large), and a little for the rest.
+fn weight(record: &ParsedRecord) -> usize {
+    let fields: usize = record.fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+    [
+        &record.message,
+        &record.stack_trace,
+        &record.logger,
+        &record.thread,
+        &record.trace_id,
+    ]
+    .iter()
+    .map(|text| text.len())
+    .sum::<usize>()
+        + fields
+        + 256
 }
 
 /// What a tail wants.
@@ -216,17 +229,18 @@ impl Tap {
             if !tail.filter.matches(record, service) {
                 continue;
             }
-            // No room (by count or bytes): dropped for this tail, without copying it.
-            let size = weight(&record.message, &record.stack_trace);
-            if tail.sender.capacity() == 0
-                || tail.queued.load(Ordering::Relaxed) + size > tail.max_bytes
-            {
+            // No room (by count, then by bytes): dropped for this tail.
+            let copy = (tail.sender.capacity() > 0).then(|| parsed(record.clone(), service));
+            let size = copy.as_ref().map_or(0, weight);
+            let Some(copy) =
+                copy.filter(|_| tail.queued.load(Ordering::Relaxed) + size <= tail.max_bytes)
+            else {
                 tail.dropped.fetch_add(1, Ordering::Relaxed);
                 self.dropped += 1;
                 continue;
-            }
+            };
             tail.queued.fetch_add(size, Ordering::Relaxed);
-            match tail.sender.try_send(parsed(record.clone(), service)) {
+            match tail.sender.try_send(copy) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tail.queued.fetch_sub(size, Ordering::Relaxed);
@@ -299,10 +313,7 @@ impl Reading {
             size += record.encoded_len();
             records.push(record);
         }
-        let taken: usize = records
-            .iter()
-            .map(|r| weight(&r.message, &r.stack_trace))
-            .sum();
+        let taken: usize = records.iter().map(weight).sum();
         self.guard.tail.queued.fetch_sub(taken, Ordering::Relaxed);
         let dropped = self.guard.tail.dropped.swap(0, Ordering::Relaxed);
         let response = TailLogsResponse {
@@ -404,6 +415,17 @@ mod tests {
         drop(tap);
         let message = tail.next().await.expect("a message").expect("ok");
         assert_eq!((message.records.len(), message.dropped_count), (1, 0));
+        // Fields count too (OTLP attributes can be the bulk of a record).
+        let mut wide = record(Some(Level::Error), "small");
+        wide.fields
+            .insert("attribute".to_owned(), "y".repeat(300 * 1024));
+        let mut tap = tails.tap().expect("a tail is open");
+        for _ in 0..5 {
+            tap.offer(&wide, "shop");
+        }
+        drop(tap);
+        let message = tail.next().await.expect("a message").expect("ok");
+        assert_eq!((message.records.len(), message.dropped_count), (3, 2));
     }
 
     #[tokio::test]

@@ -324,6 +324,8 @@ async fn a_full_buffer_answers_unavailable_with_retry_info_and_loses_nothing_sto
     use tonic_types::StatusExt as _;
     let app = start_with(|s| {
         s.forward.max_message_bytes = 64 * 1024;
+        // A segment holds the largest record a call can carry.
+        s.server.max_message_bytes = 1 << 20;
         s.buffer.segment_bytes = 2 << 20;
         s.buffer.max_bytes = 2 << 20;
     })

@@ -142,3 +142,16 @@ async fn a_budget_smaller_than_one_message_fails_start_up_naming_the_setting() {
     let error = App::build(settings).await.expect_err("refused").to_string();
     assert!(error.contains("forward.max_bytes_in_flight"), "{error}");
 }
+
+#[tokio::test]
+async fn a_segment_smaller_than_one_call_fails_start_up_naming_the_settings() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut settings = corpus::local_settings(dir.path());
+    settings.forward.max_message_bytes = 64 * 1024;
+    settings.buffer.segment_bytes = settings.server.max_message_bytes as u64;
+    let error = App::build(settings).await.expect_err("refused").to_string();
+    assert!(
+        error.contains("buffer.segment_bytes") && error.contains("server.max_message_bytes"),
+        "{error}"
+    );
+}
