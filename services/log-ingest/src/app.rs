@@ -86,6 +86,16 @@ impl App {
             forward.max_message_bytes,
             crate::forward_input::MAX_BUDGET
         );
+        // An export takes its encoded size of the budget, at most `server.max_message_bytes`.
+        anyhow::ensure!(
+            (settings.server.max_message_bytes..=crate::forward_input::MAX_BUDGET)
+                .contains(&settings.otlp.max_bytes_in_flight),
+            "otlp.max_bytes_in_flight ({}) must be at least server.max_message_bytes ({}) \
+             and at most {}",
+            settings.otlp.max_bytes_in_flight,
+            settings.server.max_message_bytes,
+            crate::forward_input::MAX_BUDGET
+        );
         anyhow::ensure!(
             !forward.message_timeout.is_zero(),
             "forward.message_timeout must be more than zero"
@@ -119,6 +129,9 @@ impl App {
             buffer: buffer.clone(),
             recent: recent.clone(),
             metrics: metrics.clone(),
+            budget: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                settings.otlp.max_bytes_in_flight,
+            )),
         };
         let forward = ForwardInput::bind(
             settings.forward.clone(),

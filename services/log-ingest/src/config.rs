@@ -35,6 +35,8 @@ pub struct Settings {
     pub masking: MaskingSettings,
     /// The Fluent forward protocol's listener.
     pub forward: ForwardSettings,
+    /// The OTLP logs input.
+    pub otlp: OtlpSettings,
     /// The durable buffer between the inputs and Loki.
     pub buffer: BufferSettings,
     /// Where records go.
@@ -55,11 +57,30 @@ impl Default for Settings {
             parsing: ParsingSettings::default(),
             masking: MaskingSettings::default(),
             forward: ForwardSettings::default(),
+            otlp: OtlpSettings::default(),
             buffer: BufferSettings::default(),
             loki: LokiSettings::default(),
             pipeline: PipelineSettings::default(),
             tail: TailSettings::default(),
             derived: DerivedSettings::default(),
+        }
+    }
+}
+
+/// The OTLP logs input.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtlpSettings {
+    /// Bytes of exports (as encoded) being converted and stored at once, all callers
+    /// together; an export that would pass it is answered UNAVAILABLE with RetryInfo at
+    /// once (the exporter retries), as with a full buffer. Default 64 MiB.
+    pub max_bytes_in_flight: usize,
+}
+
+impl Default for OtlpSettings {
+    fn default() -> Self {
+        Self {
+            max_bytes_in_flight: 64 * 1024 * 1024,
         }
     }
 }

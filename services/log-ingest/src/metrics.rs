@@ -14,11 +14,12 @@ const PUSHES: [&str; 4] = ["accepted", "failed", "refused", "too_large"];
 /// What became of each forward message.
 pub const CHUNKS: [&str; 4] = ["stored", "sent_again", "refused_full", "refused_error"];
 /// What became of each OTLP log record.
-pub const OTLP_OUTCOMES: [&str; 5] = [
+pub const OTLP_OUTCOMES: [&str; 6] = [
     "stored",
     "sent_again",
     "rejected",
     "refused_full",
+    "refused_busy",
     "refused_error",
 ];
 
@@ -55,8 +56,9 @@ pub struct LogMetrics {
     /// `forward_connections`: forward connections open now.
     pub connections: IntGauge,
     /// `otlp_records_total{outcome}`: OTLP log records by `stored`, `sent_again` (an
-    /// export already stored), `rejected` (malformed: `partial_success`), `refused_full`
-    /// and `refused_error` (the exporter retries those).
+    /// export already stored), `rejected` (malformed: `partial_success`), `refused_full`,
+    /// `refused_busy` (past `otlp.max_bytes_in_flight`) and `refused_error` (the exporter
+    /// retries those).
     pub otlp: IntCounterVec,
     /// `streams`: (service, host) pairs with Loki streams of their own.
     pub streams: IntGauge,

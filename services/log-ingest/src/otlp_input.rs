@@ -14,7 +14,10 @@
 //! nothing is acknowledged (the exporter retries; batches stored before the buffer filled
 //! are recognised when they come again, see [`crate::recent`]).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
+
+use prost::Message as _;
+use tokio::sync::Semaphore;
 
 use opentelemetry_proto::tonic::{
     collector::logs::v1::{
@@ -55,6 +58,10 @@ const SCOPE: &str = "scope";
 const HOST: &str = "host";
 const ATTRIBUTES: &str = "attributes";
 
+/// The most of the budget one export takes (`try_acquire_many` counts in `u32`); an export
+/// larger than the budget takes all of it.
+const MAX_PERMITS: usize = u32::MAX as usize;
+
 /// The `LogsService` handler.
 #[derive(Debug, Clone)]
 pub struct OtlpInput {
@@ -64,6 +71,8 @@ pub struct OtlpInput {
     pub recent: Recent,
     /// Counters.
     pub metrics: LogMetrics,
+    /// `otlp.max_bytes_in_flight`, in bytes of exports as encoded.
+    pub budget: Arc<Semaphore>,
 }
 
 #[tonic::async_trait]
@@ -73,13 +82,42 @@ impl LogsService for OtlpInput {
         request: Request<ExportLogsServiceRequest>,
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {
         let received = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
-        let (batches, rejected) = batches(request.into_inner(), received);
         let count = |outcome: &str, n: usize| {
             self.metrics
                 .otlp
                 .with_label_values(&[outcome])
                 .inc_by(n as u64);
         };
+        let request = request.into_inner();
+        // Held until the export is stored: exports being converted and stored at once stay
+        // within the budget; past it, the caller retries (nothing of it was taken).
+        let size = request.encoded_len().min(MAX_PERMITS);
+        let Ok(_in_flight) = self
+            .budget
+            .clone()
+            .try_acquire_many_owned(u32::try_from(size).unwrap_or(u32::MAX))
+        else {
+            let records = request
+                .resource_logs
+                .iter()
+                .flat_map(|r| &r.scope_logs)
+                .map(|s| s.log_records.len())
+                .sum();
+            count("refused_busy", records);
+            return Err(ServiceError::RetryLater {
+                reason: "BUSY",
+                message: "log-ingest is storing as many exports as otlp.max_bytes_in_flight \
+                          allows; nothing of this export was acknowledged"
+                    .to_owned(),
+                retry_after: RETRY_AFTER,
+            }
+            .into());
+        };
+        // Converting a large export is CPU work: off the runtime's workers, so the other
+        // inputs and the pipeline go on meanwhile.
+        let (batches, rejected) = tokio::task::spawn_blocking(move || batches(request, received))
+            .await
+            .map_err(|error| Status::internal(format!("converting the export failed: {error}")))?;
         count("rejected", rejected.count);
         for batch in batches {
             let records = batch.events.len();

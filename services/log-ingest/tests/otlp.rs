@@ -386,3 +386,59 @@ async fn a_full_buffer_answers_unavailable_with_retry_info_and_loses_nothing_sto
     lines.sort_by_key(|l| l.split(' ').next().and_then(|n| n.parse::<u64>().ok()));
     assert_eq!(lines, stored, "every stored record once, none other");
 }
+
+/// Exports being converted and stored at once stay within `otlp.max_bytes_in_flight`: one
+/// that would pass it is answered UNAVAILABLE with RetryInfo at once, nothing taken, and
+/// goes through when sent again with room.
+#[tokio::test]
+async fn an_export_past_the_bytes_in_flight_is_refused_for_a_retry() {
+    use log_ingest::otlp_input::OtlpInput;
+    use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsService as _;
+    use tonic_types::StatusExt as _;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (buffer, start) = log_ingest::buffer::Buffer::open(
+        dir.path(),
+        log_ingest::buffer::Limits {
+            max_bytes: 64 << 20,
+            segment_bytes: 8 << 20,
+        },
+    )
+    .expect("opens");
+    let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(1 << 20));
+    let input = OtlpInput {
+        buffer: buffer.clone(),
+        recent: log_ingest::recent::Recent::default(),
+        metrics: log_ingest::metrics::LogMetrics::unregistered(&[]),
+        budget: budget.clone(),
+    };
+    let request = || {
+        tonic::Request::new(export(
+            "storefront",
+            vec![log("one", 1_000), log("two", 2_000)],
+        ))
+    };
+    // Other exports hold all but a few bytes of it.
+    let held = budget
+        .clone()
+        .try_acquire_many_owned((1 << 20) - 8)
+        .expect("free");
+    let status = input.export(request()).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let details = status.get_error_details();
+    assert_eq!(
+        details.retry_info().and_then(|r| r.retry_delay),
+        Some(Duration::from_secs(5))
+    );
+    assert_eq!(
+        details.error_info().map(|e| e.reason.as_str()),
+        Some("BUSY")
+    );
+    assert!(
+        buffer.reader(start).try_next().expect("reads").is_none(),
+        "nothing stored"
+    );
+    drop(held);
+    input.export(request()).await.expect("stored");
+    assert!(buffer.reader(start).try_next().expect("reads").is_some());
+    assert_eq!(budget.available_permits(), 1 << 20, "given back");
+}

@@ -155,3 +155,12 @@ async fn a_segment_smaller_than_one_call_fails_start_up_naming_the_settings() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn an_otlp_budget_smaller_than_one_call_fails_start_up_naming_the_setting() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut settings = corpus::local_settings(dir.path());
+    settings.otlp.max_bytes_in_flight = settings.server.max_message_bytes - 1;
+    let error = App::build(settings).await.expect_err("refused").to_string();
+    assert!(error.contains("otlp.max_bytes_in_flight"), "{error}");
+}
