@@ -321,7 +321,6 @@ async fn malformed_records_are_rejected_in_partial_success_and_the_rest_stored()
 
 #[tokio::test]
 async fn a_full_buffer_answers_unavailable_with_retry_info_and_loses_nothing_stored() {
-    use tonic_types::StatusExt as _;
     let app = start_with(|s| {
         s.forward.max_message_bytes = 64 * 1024;
         // A segment holds the largest record a call can carry.
@@ -354,16 +353,7 @@ async fn a_full_buffer_answers_unavailable_with_retry_info_and_loses_nothing_sto
     }
     let (i, status) = refused.expect("the buffer filled up");
     assert!(!stored.is_empty(), "some stored before it filled");
-    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    let details = status.get_error_details();
-    assert_eq!(
-        details.retry_info().and_then(|r| r.retry_delay),
-        Some(Duration::from_secs(5))
-    );
-    assert_eq!(
-        details.error_info().map(|e| e.reason.as_str()),
-        Some("BUFFER_FULL")
-    );
+    assert_retry_later(&status, "BUFFER_FULL");
 
     // Loki back: the buffer drains, the refused export is taken when sent again.
     app.loki
@@ -394,7 +384,6 @@ async fn a_full_buffer_answers_unavailable_with_retry_info_and_loses_nothing_sto
 async fn an_export_past_the_bytes_in_flight_is_refused_for_a_retry() {
     use log_ingest::otlp_input::OtlpInput;
     use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsService as _;
-    use tonic_types::StatusExt as _;
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (buffer, start) = log_ingest::buffer::Buffer::open(
         dir.path(),
@@ -423,16 +412,7 @@ async fn an_export_past_the_bytes_in_flight_is_refused_for_a_retry() {
         .try_acquire_many_owned((1 << 20) - 8)
         .expect("free");
     let status = input.export(request()).await.expect_err("refused");
-    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    let details = status.get_error_details();
-    assert_eq!(
-        details.retry_info().and_then(|r| r.retry_delay),
-        Some(Duration::from_secs(5))
-    );
-    assert_eq!(
-        details.error_info().map(|e| e.reason.as_str()),
-        Some("BUSY")
-    );
+    assert_retry_later(&status, "BUSY");
     assert!(
         buffer.reader(start).try_next().expect("reads").is_none(),
         "nothing stored"
@@ -441,4 +421,19 @@ async fn an_export_past_the_bytes_in_flight_is_refused_for_a_retry() {
     input.export(request()).await.expect("stored");
     assert!(buffer.reader(start).try_next().expect("reads").is_some());
     assert_eq!(budget.available_permits(), 1 << 20, "given back");
+}
+
+/// `status` asks the exporter to retry in 5 s, for `reason`.
+fn assert_retry_later(status: &tonic::Status, reason: &str) {
+    use tonic_types::StatusExt as _;
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let details = status.get_error_details();
+    assert_eq!(
+        details.retry_info().and_then(|r| r.retry_delay),
+        Some(Duration::from_secs(5))
+    );
+    assert_eq!(
+        details.error_info().map(|e| e.reason.as_str()),
+        Some(reason)
+    );
 }
