@@ -75,27 +75,23 @@ impl App {
              server.max_message_bytes + 1 MiB = {largest_call}",
             limits.segment_bytes
         );
-        // A message takes up to `max_message_bytes` of the budget while it arrives.
+        // A message takes up to `max_message_bytes` of the budget while it arrives; an
+        // export its encoded size, at most `server.max_message_bytes`.
         let forward = &settings.forward;
-        anyhow::ensure!(
-            (forward.max_message_bytes..=crate::forward_input::MAX_BUDGET)
-                .contains(&forward.max_bytes_in_flight),
-            "forward.max_bytes_in_flight ({}) must be at least forward.max_message_bytes ({}) \
-             and at most {}",
-            forward.max_bytes_in_flight,
-            forward.max_message_bytes,
-            crate::forward_input::MAX_BUDGET
-        );
-        // An export takes its encoded size of the budget, at most `server.max_message_bytes`.
-        anyhow::ensure!(
-            (settings.server.max_message_bytes..=crate::forward_input::MAX_BUDGET)
-                .contains(&settings.otlp.max_bytes_in_flight),
-            "otlp.max_bytes_in_flight ({}) must be at least server.max_message_bytes ({}) \
-             and at most {}",
-            settings.otlp.max_bytes_in_flight,
-            settings.server.max_message_bytes,
-            crate::forward_input::MAX_BUDGET
-        );
+        ensure_budget(
+            ("forward.max_bytes_in_flight", forward.max_bytes_in_flight),
+            ("forward.max_message_bytes", forward.max_message_bytes),
+        )?;
+        ensure_budget(
+            (
+                "otlp.max_bytes_in_flight",
+                settings.otlp.max_bytes_in_flight,
+            ),
+            (
+                "server.max_message_bytes",
+                settings.server.max_message_bytes,
+            ),
+        )?;
         anyhow::ensure!(
             !forward.message_timeout.is_zero(),
             "forward.message_timeout must be more than zero"
@@ -229,4 +225,18 @@ impl App {
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         self.server.run_until(shutdown).await
     }
+}
+
+/// A byte budget (`name`, `value`) that holds the largest thing it weighs (`least`) and
+/// that a semaphore can count out at once.
+fn ensure_budget(
+    (name, value): (&str, usize),
+    (least_name, least): (&str, usize),
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (least..=crate::forward_input::MAX_BUDGET).contains(&value),
+        "{name} ({value}) must be at least {least_name} ({least}) and at most {}",
+        crate::forward_input::MAX_BUDGET
+    );
+    Ok(())
 }

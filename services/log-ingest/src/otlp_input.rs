@@ -58,10 +58,6 @@ const SCOPE: &str = "scope";
 const HOST: &str = "host";
 const ATTRIBUTES: &str = "attributes";
 
-/// The most of the budget one export takes (`try_acquire_many` counts in `u32`); an export
-/// larger than the budget takes all of it.
-const MAX_PERMITS: usize = u32::MAX as usize;
-
 /// The `LogsService` handler.
 #[derive(Debug, Clone)]
 pub struct OtlpInput {
@@ -91,7 +87,9 @@ impl LogsService for OtlpInput {
         let request = request.into_inner();
         // Held until the export is stored: exports being converted and stored at once stay
         // within the budget; past it, the caller retries (nothing of it was taken).
-        let size = request.encoded_len().min(MAX_PERMITS);
+        // At most `server.max_message_bytes`, which start-up holds within the budget (and
+        // within what `try_acquire_many` counts).
+        let size = request.encoded_len().min(crate::forward_input::MAX_BUDGET);
         let Ok(_in_flight) = self
             .budget
             .clone()

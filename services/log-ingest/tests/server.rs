@@ -125,42 +125,42 @@ async fn an_unknown_setting_fails_start_up_naming_the_key() {
     );
 }
 
+/// Settings that cannot work are refused at start-up, naming the keys at fault.
 #[tokio::test]
-async fn a_limit_of_no_open_streams_fails_start_up_naming_the_setting() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut settings = corpus::local_settings(dir.path());
-    settings.pipeline.max_open_streams = 0;
-    let error = App::build(settings).await.expect_err("refused").to_string();
-    assert!(error.contains("pipeline.max_open_streams"), "{error}");
-}
-
-#[tokio::test]
-async fn a_budget_smaller_than_one_message_fails_start_up_naming_the_setting() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut settings = corpus::local_settings(dir.path());
-    settings.forward.max_bytes_in_flight = settings.forward.max_message_bytes - 1;
-    let error = App::build(settings).await.expect_err("refused").to_string();
-    assert!(error.contains("forward.max_bytes_in_flight"), "{error}");
-}
-
-#[tokio::test]
-async fn a_segment_smaller_than_one_call_fails_start_up_naming_the_settings() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut settings = corpus::local_settings(dir.path());
-    settings.forward.max_message_bytes = 64 * 1024;
-    settings.buffer.segment_bytes = settings.server.max_message_bytes as u64;
-    let error = App::build(settings).await.expect_err("refused").to_string();
-    assert!(
-        error.contains("buffer.segment_bytes") && error.contains("server.max_message_bytes"),
-        "{error}"
-    );
-}
-
-#[tokio::test]
-async fn an_otlp_budget_smaller_than_one_call_fails_start_up_naming_the_setting() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut settings = corpus::local_settings(dir.path());
-    settings.otlp.max_bytes_in_flight = settings.server.max_message_bytes - 1;
-    let error = App::build(settings).await.expect_err("refused").to_string();
-    assert!(error.contains("otlp.max_bytes_in_flight"), "{error}");
+async fn impossible_limits_fail_start_up_naming_the_settings() {
+    type Change = fn(&mut log_ingest::Settings);
+    let cases: [(&str, Change, &[&str]); 4] = [
+        (
+            "no open streams",
+            |s| s.pipeline.max_open_streams = 0,
+            &["pipeline.max_open_streams"],
+        ),
+        (
+            "a forward budget smaller than one message",
+            |s| s.forward.max_bytes_in_flight = s.forward.max_message_bytes - 1,
+            &["forward.max_bytes_in_flight"],
+        ),
+        (
+            "a segment smaller than one call",
+            |s| {
+                s.forward.max_message_bytes = 64 * 1024;
+                s.buffer.segment_bytes = s.server.max_message_bytes as u64;
+            },
+            &["buffer.segment_bytes", "server.max_message_bytes"],
+        ),
+        (
+            "an OTLP budget smaller than one call",
+            |s| s.otlp.max_bytes_in_flight = s.server.max_message_bytes - 1,
+            &["otlp.max_bytes_in_flight"],
+        ),
+    ];
+    for (case, change, keys) in cases {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut settings = corpus::local_settings(dir.path());
+        change(&mut settings);
+        let error = App::build(settings).await.expect_err(case).to_string();
+        for key in keys {
+            assert!(error.contains(key), "{case}: {error}");
+        }
+    }
 }
