@@ -116,7 +116,6 @@ impl LogsService for OtlpInput {
         let (batches, rejected) = tokio::task::spawn_blocking(move || batches(request, received))
             .await
             .map_err(|error| Status::internal(format!("converting the export failed: {error}")))?;
-        count("rejected", rejected.count);
         for batch in batches {
             let records = batch.events.len();
             let error = match self.recent.store(&self.buffer, batch.encode()).await {
@@ -158,6 +157,9 @@ impl LogsService for OtlpInput {
             }
             .into());
         }
+        // Counted once the export is answered: one refused above comes again with the same
+        // malformed records, which would otherwise be counted on every retry.
+        count("rejected", rejected.count);
         Ok(Response::new(ExportLogsServiceResponse {
             partial_success: (rejected.count > 0).then(|| ExportLogsPartialSuccess {
                 rejected_log_records: i64::try_from(rejected.count).unwrap_or(i64::MAX),

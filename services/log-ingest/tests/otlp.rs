@@ -355,16 +355,39 @@ async fn a_full_buffer_answers_unavailable_with_retry_info_and_loses_nothing_sto
     assert!(!stored.is_empty(), "some stored before it filled");
     assert_retry_later(&status, "BUFFER_FULL");
 
+    // Refused again, now with a malformed record beside it: its rejection is counted once,
+    // when the export is taken, however often it was refused before.
+    let line = format!("{i} {body}");
+    let with_bad = || {
+        let bad = LogRecord {
+            span_id: vec![7; 3],
+            ..log("bad", 1)
+        };
+        export("storefront", vec![log(&line, 1_000 + i), bad])
+    };
+    for _ in 0..3 {
+        let status = client.export(with_bad()).await.expect_err("still full");
+        assert_retry_later(&status, "BUFFER_FULL");
+    }
+
     // Loki back: the buffer drains, the refused export is taken when sent again.
     app.loki
         .fail(axum::http::StatusCode::SERVICE_UNAVAILABLE, Duration::ZERO);
-    let line = format!("{i} {body}");
-    mall_test_support::wait_until("the export is taken", Duration::from_secs(30), || {
-        let mut client = client.clone();
-        let request = export("storefront", vec![log(&line, 1_000 + i)]);
-        async move { client.export(request).await.ok() }
-    })
-    .await;
+    let answer =
+        mall_test_support::wait_until("the export is taken", Duration::from_secs(30), || {
+            let mut client = client.clone();
+            let request = with_bad();
+            async move { client.export(request).await.ok() }
+        })
+        .await
+        .into_inner();
+    assert_eq!(
+        answer.partial_success.map(|p| p.rejected_log_records),
+        Some(1)
+    );
+    let metrics = reqwest_text(format!("http://{}/metrics", app.admin)).await;
+    let rejected = "mall_log_ingest_otlp_records_total{outcome=\"rejected\"} 1\n";
+    assert!(metrics.contains(rejected), "{rejected} in\n{metrics}");
     stored.push(line);
     wait_for(&app.loki, stored.len()).await;
     let mut lines: Vec<String> = app
