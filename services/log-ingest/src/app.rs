@@ -159,6 +159,19 @@ impl App {
                 &settings.pipeline.environment,
             ))),
         };
+        // A buffer that cannot write refuses every append from then on, and only a restart
+        // (reopening rescans its last segment) recovers: stop the process rather than serve
+        // on, green, refusing every sender.
+        let (watched, stop) = (pipeline.buffer.clone(), shutdown.clone());
+        server.spawn("buffer watch", async move {
+            tokio::select! {
+                () = watched.failed() => {
+                    stop.cancel();
+                    anyhow::bail!("the buffer cannot write to its disk; shutting down so the process restarts and reopens it")
+                }
+                () = stop.cancelled() => Ok(()),
+            }
+        });
         let until = shutdown.clone();
         server.spawn("forward input", async move {
             forward.run(until).await;

@@ -89,6 +89,8 @@ struct Shared {
     books: Mutex<Books>,
     /// The note left with the acknowledgement found at open.
     note: Vec<u8>,
+    /// Set once a write or sync failed (see [`Writer::broken`]).
+    failed: watch::Sender<bool>,
 }
 
 #[derive(Debug)]
@@ -185,6 +187,7 @@ impl Buffer {
                 acknowledged: start,
             }),
             note,
+            failed: watch::channel(false).0,
         });
         let (appends, receiver) = mpsc::channel(QUEUE);
         let writer = Writer {
@@ -197,6 +200,15 @@ impl Buffer {
             .name("log-buffer-writer".to_owned())
             .spawn(move || writer.run(receiver))?;
         Ok((Self { appends, shared }, start))
+    }
+
+    /// Completes once a write or sync has failed: from then on every append is refused
+    /// until the process restarts (and reopening rescans the last segment), so whoever
+    /// runs the buffer stops the process rather than serve on, refusing everything.
+    pub async fn failed(&self) {
+        let mut failed = self.shared.failed.subscribe();
+        // The sender lives as long as `self`: waiting cannot end otherwise.
+        let _ = failed.wait_for(|failed| *failed).await;
     }
 
     /// Appends one batch; returns where it starts once it is on disk.
@@ -410,6 +422,7 @@ impl Writer {
             }
             Err(e) => {
                 self.broken = true;
+                self.shared.failed.send_replace(true);
                 tracing::error!(error = %e, "the log buffer cannot write to its disk; every append is refused until a restart");
                 for (done, _) in written {
                     let _ = done.send(Err(io::Error::new(e.kind(), e.to_string()).into()));
@@ -473,15 +486,22 @@ impl Reader {
     }
 
     /// Gives up on the rest of the current segment (its data is corrupt): reading goes on
-    /// at the next one. Returns the position skipped from.
-    pub fn skip_segment(&mut self) -> Position {
+    /// at the next one, or, when the writer is still appending to this one, at where it has
+    /// written to now (what it appends after that is read; the next segment would never
+    /// come). Returns the positions skipped from and to.
+    pub fn skip_segment(&mut self) -> (Position, Position) {
         let from = self.position;
-        self.position = Position {
-            segment: from.segment + 1,
-            offset: 0,
+        let end = *self.end.borrow();
+        self.position = if from.segment < end.segment {
+            Position {
+                segment: from.segment + 1,
+                offset: 0,
+            }
+        } else {
+            end.max(from)
         };
         self.file = None;
-        from
+        (from, self.position)
     }
 }
 
@@ -710,6 +730,65 @@ mod tests {
                 .enumerate()
                 .all(|(i, (b, _))| *b == batch(i + 50))
         );
+    }
+
+    /// A frame of the segment still being written fails its checksum: reading goes on at
+    /// what the writer had written then, and what it appends afterwards is read (the next
+    /// segment, where reading used to go on, would not begin until this one filled).
+    #[tokio::test]
+    async fn a_corrupt_frame_in_the_segment_being_written_skips_only_what_was_written() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            segment_bytes: 64 * 1024,
+        };
+        let (buffer, start) = Buffer::open(dir.path(), limits).expect("opens");
+        let first = buffer.append(b"first".to_vec()).await.expect("appends");
+        let second = buffer.append(b"second".to_vec()).await.expect("appends");
+        assert_eq!(first.segment, second.segment);
+        // The disk corrupts the second batch's bytes.
+        let path = segment_path(dir.path(), second.segment);
+        let mut bytes = fs::read(&path).expect("reads");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&path, bytes).expect("writes");
+
+        let mut reader = buffer.reader(start);
+        assert_eq!(reader.try_next().expect("reads").expect("one").0, b"first");
+        let error = reader.try_next().expect_err("corrupt");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        let (from, to) = reader.skip_segment();
+        assert_eq!(from, second);
+        assert_eq!(to, buffer.end());
+        buffer.append(b"third".to_vec()).await.expect("appends");
+        assert_eq!(reader.try_next().expect("reads").expect("one").0, b"third");
+    }
+
+    /// A write that fails breaks the buffer (every append refused until a restart) and
+    /// says so, for the process to stop.
+    #[tokio::test]
+    async fn a_failed_write_is_reported_and_every_later_append_refused() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (buffer, _) = Buffer::open(dir.path(), LIMITS).expect("opens");
+        // The next segment cannot be created: a directory stands where it goes.
+        fs::create_dir(segment_path(dir.path(), buffer.end().segment + 1)).expect("mkdir");
+        let mut failed = std::pin::pin!(buffer.failed());
+        assert!(futures::poll!(failed.as_mut()).is_pending());
+        let mut refused = None;
+        for i in 0..100 {
+            if let Err(error) = buffer.append(batch(i)).await {
+                refused = Some(error);
+                break;
+            }
+        }
+        assert!(matches!(refused, Some(BufferError::Io(_))), "{refused:?}");
+        tokio::time::timeout(std::time::Duration::from_secs(5), failed)
+            .await
+            .expect("reported");
+        assert!(matches!(
+            buffer.append(b"small".to_vec()).await,
+            Err(BufferError::Io(_))
+        ));
     }
 
     #[tokio::test]

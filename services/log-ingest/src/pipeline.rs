@@ -392,9 +392,9 @@ impl Pipeline {
                     Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
                         // Synced data the disk corrupted: retrying would stall every input
                         // behind it. Its batches are lost; say so loudly.
-                        let from = reader.skip_segment();
-                        tracing::error!(%error, segment = from.segment, offset = from.offset, "the buffer is corrupt; the rest of this segment is skipped");
-                        cursor = Position { segment: from.segment + 1, offset: 0 };
+                        let (from, to) = reader.skip_segment();
+                        tracing::error!(%error, segment = from.segment, offset = from.offset, to_segment = to.segment, to_offset = to.offset, "the buffer is corrupt; what was written of this segment after this point is skipped");
+                        cursor = to;
                         replay.give_up();
                     }
                     Err(error) => {

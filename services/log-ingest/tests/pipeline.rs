@@ -762,3 +762,48 @@ async fn one_quiet_stream_among_busy_ones_does_not_push_early() {
     .await;
     running.shutdown.cancel();
 }
+
+/// A buffer whose disk fails refuses every append until the process restarts: the process
+/// stops by itself (Kubernetes restarts it, and reopening rescans the buffer) instead of
+/// serving on with green probes and refusing every sender.
+#[tokio::test]
+async fn a_buffer_that_cannot_write_stops_the_process() {
+    let (dir, loki) = corpus::dir_and_loki().await;
+    let mut settings = corpus::corpus_settings(dir.path(), loki.url());
+    settings.forward.max_message_bytes = 64 * 1024;
+    settings.server.max_message_bytes = 1 << 20;
+    settings.buffer.segment_bytes = 2 << 20;
+    let app = corpus::start_app(settings).await;
+    // The buffer's second segment (the first is number 1) cannot be created: a directory
+    // stands where it goes, so the write that fills the first one fails.
+    std::fs::create_dir(dir.path().join(format!("{:020}.seg", 2))).expect("mkdir");
+    let mut stream = tokio::net::TcpStream::connect(app.forward)
+        .await
+        .expect("connects");
+    let mut acknowledged = 0;
+    for n in 0..100 {
+        // Each chunk its own text: one repeating another's is taken as sent again.
+        let line = format!(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [X] {n} {}",
+            "x".repeat(1_000)
+        );
+        let frame = corpus::frame_of("host-1", &format!("{n:032x}"), &vec![line.as_str(); 40]);
+        if stream.write_all(&frame).await.is_err() {
+            break;
+        }
+        let mut ack = vec![0; 128];
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut ack)).await {
+            Ok(Ok(read)) if read > 0 => acknowledged += 1,
+            _ => break,
+        }
+    }
+    assert!(
+        (1..60).contains(&acknowledged),
+        "the first segment's worth acknowledged, then none: {acknowledged}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), app.running)
+        .await
+        .expect("stopped by itself")
+        .expect("joins")
+        .expect("stops without a server error");
+}
