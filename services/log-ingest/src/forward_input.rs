@@ -484,35 +484,49 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         Value::Binary(b) => Some(b.clone()),
         _ => None,
     };
-    let parts = match &ping {
-        Value::Array(parts) if parts.len() == 6 && parts[0].as_str() == Some("PING") => parts,
-        _ => return Err(Closed::Handshake("not a PING")),
+    let fields = match &ping {
+        Value::Array(parts) if parts.len() == 6 && parts[0].as_str() == Some("PING") => {
+            match (raw(&parts[1]), raw(&parts[2]), raw(&parts[3])) {
+                (Some(hostname), Some(salt), Some(digest)) => Ok((hostname, salt, digest)),
+                _ => Err("a PING field is not a string"),
+            }
+        }
+        _ => Err("not a PING"),
     };
-    let (Some(hostname), Some(salt), Some(digest)) =
-        (raw(&parts[1]), raw(&parts[2]), raw(&parts[3]))
-    else {
-        return Err(Closed::Handshake("a PING field is not a string"));
+    let refused = match fields {
+        Ok((hostname, salt, digest)) => {
+            let expected = sha512_hex(&[&salt, &hostname, &nonce, key.as_bytes()]);
+            if constant_time_eq(expected.as_bytes(), &digest) {
+                let pong = Value::Array(vec![
+                    Value::from("PONG"),
+                    Value::Boolean(true),
+                    Value::from(""),
+                    Value::from(settings.self_hostname.as_str()),
+                    Value::from(sha512_hex(&[
+                        &salt,
+                        settings.self_hostname.as_bytes(),
+                        &nonce,
+                        key.as_bytes(),
+                    ])),
+                ]);
+                write_value(stream, &pong).await?;
+                return Ok(());
+            }
+            "shared key mismatch"
+        }
+        Err(why) => why,
     };
-    let expected = sha512_hex(&[&salt, &hostname, &nonce, key.as_bytes()]);
-    let ok = constant_time_eq(expected.as_bytes(), &digest);
+    // A refusal says why and nothing else, as fluentd's does: a digest of the key over a
+    // salt the peer chose would let anyone who can connect guess the key offline.
     let pong = Value::Array(vec![
         Value::from("PONG"),
-        Value::Boolean(ok),
-        Value::from(if ok { "" } else { "shared key mismatch" }),
-        Value::from(settings.self_hostname.as_str()),
-        Value::from(sha512_hex(&[
-            &salt,
-            settings.self_hostname.as_bytes(),
-            &nonce,
-            key.as_bytes(),
-        ])),
+        Value::Boolean(false),
+        Value::from(refused),
+        Value::from(""),
+        Value::from(""),
     ]);
     write_value(stream, &pong).await?;
-    if ok {
-        Ok(())
-    } else {
-        Err(Closed::Handshake("shared key mismatch"))
-    }
+    Err(Closed::Handshake(refused))
 }
 
 async fn write_value<S: AsyncWrite + Unpin>(stream: &mut S, value: &Value) -> std::io::Result<()> {

@@ -428,6 +428,48 @@ async fn a_full_buffer_is_not_acknowledged_and_the_connection_closes() {
     assert_eq!(buffered(&listener).len(), acked);
 }
 
+/// A PING refused (a wrong digest, or not a PING at all) gets a PONG that says why and
+/// carries no digest of the key (one over a salt the peer chose would let anyone who can
+/// connect guess the key offline), as fluentd answers; then the connection is closed.
+#[tokio::test]
+async fn a_refused_ping_gets_a_pong_that_reveals_nothing_of_the_key() {
+    let listener = listener(Some("secure-communication-is-awesome"), LIMITS).await;
+    let wrong_digest = Value::Array(
+        ["PING", "fluent-bit-host", "salt", &"0".repeat(128), "", ""]
+            .map(Value::from)
+            .to_vec(),
+    );
+    let cut_short = Value::Array(vec![Value::from("PING"), Value::from("fluent-bit-host")]);
+    for (ping, why) in [
+        (wrong_digest, "shared key mismatch"),
+        (cut_short, "not a PING"),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(listener.addr)
+            .await
+            .expect("connects");
+        let mut buf = vec![0; 512];
+        let n = stream.read(&mut buf).await.expect("reads HELO");
+        assert!(n > 0, "a HELO");
+        stream.write_all(&encode(&ping)).await.expect("writes PING");
+        let n = stream.read(&mut buf).await.expect("reads PONG");
+        let pong = rmpv::decode::read_value(&mut &buf[..n]).expect("msgpack");
+        assert_eq!(
+            pong,
+            Value::Array(
+                [
+                    Value::from("PONG"),
+                    Value::Boolean(false),
+                    Value::from(why),
+                    Value::from(""),
+                    Value::from(""),
+                ]
+                .to_vec()
+            )
+        );
+        assert_eq!(stream.read(&mut buf).await.expect("reads"), 0, "closed");
+    }
+}
+
 /// Fluent Bit's PING: its salt is 16 random bytes in a msgpack str (not UTF-8), and the
 /// digest is SHA-512 over the raw bytes (computed here independently of the server).
 #[tokio::test]
