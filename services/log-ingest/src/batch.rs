@@ -94,6 +94,13 @@ impl Events {
         self.bytes.len()
     }
 
+    /// The memory they take: their encoded bytes and their index. An entry can grow as it
+    /// is buffered (a time of one byte becomes nine, and each event has its index entry),
+    /// so a small message of many tiny entries weighs many times its size.
+    pub fn weight(&self) -> usize {
+        self.bytes.len() + self.index.len() * std::mem::size_of::<(i64, std::ops::Range<usize>)>()
+    }
+
     /// The events in order.
     pub fn iter(&self) -> Iter<'_> {
         Iter {

@@ -204,7 +204,10 @@ pub enum Frame {
 }
 
 /// Decodes the frame `bytes` (exactly one value, as [`frame_len`] found it); compressed
-/// entries may inflate to at most `max_inflated` bytes.
+/// entries may inflate to at most `max_inflated` bytes, and the message's events with its
+/// tag may weigh that much at most ([`Events::weight`]: a few kilobytes of gzip can inflate
+/// to millions of empty entries, each taking memory and buffer space far beyond its size),
+/// so what is decoded always fits the buffer's segment (at least `max_inflated` + 1 MiB).
 ///
 /// The records are checked to be whole maps and copied as they are: nothing of a record
 /// is decoded here (the pipeline reads the fields it needs after the buffer).
@@ -240,9 +243,11 @@ pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
         }
         let mut rest = entries.rest;
         // A time may grow from 1 to 9 bytes as a buffered integer.
-        let mut events = Events::with_capacity(rest.len() + 8 * entries.count as usize);
+        let mut events =
+            Events::with_capacity((rest.len() + 8 * entries.count as usize).min(max_inflated));
         for _ in 0..entries.count {
             rest = push_entry(&mut events, rest).ok_or_else(undecodable)??;
+            within(&events, &tag, max_inflated)?;
         }
         let options = match count {
             3 => Some(split_value(rest).ok_or_else(undecodable)?.0),
@@ -283,7 +288,7 @@ pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
         match str_payload(parts[1]).or_else(|| bin_payload(parts[1])) {
             Some(packed_entries) => {
                 let options = options.map(read).transpose()?;
-                packed(packed_entries, options.as_ref(), max_inflated)?
+                packed(packed_entries, options.as_ref(), max_inflated, &tag)?
             }
             None => return Err(Garbage::NotForward("entries are an array, bin or str")),
         }
@@ -388,8 +393,22 @@ fn read(bytes: &[u8]) -> Result<Value, Garbage> {
         .map_err(|_| Garbage::NotMessagePack("a value does not decode"))
 }
 
-/// The events of a PackedForward entry stream, inflated first when the options say gzip.
-fn packed(bytes: &[u8], options: Option<&Value>, max_inflated: usize) -> Result<Events, Garbage> {
+/// Refuses a message whose events (with its `tag`) weigh more than `max`.
+fn within(events: &Events, tag: &str, max: usize) -> Result<(), Garbage> {
+    if events.weight().saturating_add(tag.len()) > max {
+        return Err(Garbage::TooLarge(max));
+    }
+    Ok(())
+}
+
+/// The events of a PackedForward entry stream of the message tagged `tag`, inflated first
+/// when the options say gzip.
+fn packed(
+    bytes: &[u8],
+    options: Option<&Value>,
+    max_inflated: usize,
+    tag: &str,
+) -> Result<Events, Garbage> {
     let compressed = options
         .and_then(Value::as_map)
         .and_then(|o| o.iter().find(|(k, _)| k.as_str() == Some("compressed")))
@@ -418,10 +437,14 @@ fn packed(bytes: &[u8], options: Option<&Value>, max_inflated: usize) -> Result<
         }
     };
     // A time may grow from 1 to 9 bytes as a buffered integer; entries take 20 at least.
-    let mut events = Events::with_capacity(stream.len() + stream.len() / 20 * 8);
+    let mut events =
+        Events::with_capacity((stream.len() + stream.len() / 20 * 8).min(max_inflated));
     while !stream.is_empty() {
         stream = match push_entry(&mut events, stream) {
-            Some(entry) => entry?,
+            Some(entry) => {
+                within(&events, tag, max_inflated)?;
+                entry?
+            }
             None => {
                 // Not MessagePack, or a length past the end, says more than "cut short".
                 frame_len(stream, stream.len())?;
@@ -650,6 +673,45 @@ mod tests {
         assert_eq!(lines(&message), ["a", "b", "c"]);
         // Inflating past the limit is refused, not buffered.
         assert_eq!(decode(&frame, 10), Err(Garbage::TooLarge(10)));
+    }
+
+    /// A few kilobytes of gzip inflating to a million empty entries (`[5, {}]`, 3 bytes
+    /// each, 33 once buffered with its index) stay within the inflation limit, but what they
+    /// would take buffered does not: refused, not buffered (a message that can never be
+    /// stored would be sent again for ever; a larger one took hundreds of MB to decode).
+    /// So are uncompressed entries that weigh past it; real entries stay well within.
+    #[test]
+    fn tiny_entries_that_would_weigh_past_the_limit_are_refused() {
+        let max = 1 << 20;
+        let tiny = [0x92, 0x05, 0x80].repeat((4 * max) / 3 - 1);
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(&tiny).expect("compresses");
+        let gz = encoder.finish().expect("finishes");
+        let frame = encode(&Value::Array(vec![
+            s("t"),
+            Value::Binary(gz),
+            Value::Map(vec![(s("compressed"), s("gzip")), (s("chunk"), s("c1"))]),
+        ]));
+        assert!(frame.len() < 64 * 1024, "{} bytes", frame.len());
+        // (Not assert_eq: a failure would print a million entries.)
+        let refused = |frame: &[u8]| matches!(decode(frame, 4 * max), Err(Garbage::TooLarge(limit)) if limit == 4 * max);
+        assert!(refused(&frame), "gzip of tiny entries refused");
+
+        let mut forward = vec![0x92, 0xa1, b't', 0xdd];
+        let count = u32::try_from(max / 3 - 10).expect("small");
+        forward.extend(count.to_be_bytes());
+        forward.extend([0x92, 0x05, 0x80].repeat(count as usize));
+        assert_eq!(frame_len(&forward, max), Ok(Some(forward.len())));
+        assert!(refused(&forward), "tiny entries refused");
+
+        // A megabyte of realistic entries (EventTime, a short line) is taken.
+        let line = entries(&["GET /cart 200"; 20_000]);
+        let frame = encode(&Value::Array(vec![s("t"), Value::Binary(line)]));
+        assert!(frame.len() < max);
+        assert!(
+            matches!(decode(&frame, 4 * max), Ok(Frame::Message(m)) if m.events.len() == 20_000),
+            "realistic entries taken"
+        );
     }
 
     #[test]
