@@ -1,9 +1,10 @@
 //! The Fluent forward protocol (v1), as Fluent Bit's `forward` output and the fluent-logger
 //! libraries send it: decoding of one message, and the answers we write.
 //!
-//! A connection carries a sequence of MessagePack values. [`frame_len`] finds where the
-//! next one ends without decoding it (so a slow sender costs one scan per read, not one
-//! decode, and a declared length can never make us allocate more than what arrived); then
+//! A connection carries a sequence of MessagePack values. [`Scan`] finds where the next
+//! one ends without decoding it, going on where it stopped as more arrives (so a slow
+//! sender costs one look at each byte, not one decode per read, and a declared length can
+//! never make us allocate more than what arrived); then
 //! [`decode`] reads it as one of the protocol's modes:
 //! - Message: `[tag, time, record]` or `[tag, time, record, options]`;
 //! - Forward: `[tag, [[time, record], …], options?]`;
@@ -54,110 +55,138 @@ pub const MAX_DEPTH: usize = 32;
 /// # Errors
 /// [`Garbage::NotMessagePack`] or [`Garbage::TooLarge`].
 pub fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, Garbage> {
-    // Items still to read at each open level (innermost last); on the stack, since this
-    // also runs once per record and per looked-up field.
-    let mut open = [0_u64; MAX_DEPTH];
-    let mut depth = 0_usize;
-    let mut pos = 0_usize;
-    let mut pending: u64 = 1;
-    loop {
-        if pending == 0 {
-            if depth == 0 {
-                return Ok(Some(pos));
-            }
-            depth -= 1;
-            pending = open[depth];
-            continue;
-        }
-        let Some(&byte) = buf.get(pos) else {
-            return Ok(None);
-        };
-        pending -= 1;
-        let need = |n: usize| -> Option<u64> {
-            buf.get(pos + 1..pos + 1 + n)
-                .map(|b| b.iter().fold(0_u64, |acc, x| acc << 8 | u64::from(*x)))
-        };
-        // (bytes of header, bytes of payload, items it contains)
-        let (header, payload, items): (usize, u64, u64) = match byte {
-            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (1, 0, 0),
-            0x80..=0x8f => (1, 0, u64::from(byte & 0x0f) * 2),
-            0x90..=0x9f => (1, 0, u64::from(byte & 0x0f)),
-            0xa0..=0xbf => (1, u64::from(byte & 0x1f), 0),
-            0xc1 => return Err(Garbage::NotMessagePack("byte 0xc1 is never used")),
-            0xc4 | 0xd9 => match need(1) {
-                Some(n) => (2, n, 0),
-                None => return Ok(None),
-            },
-            0xc5 | 0xda => match need(2) {
-                Some(n) => (3, n, 0),
-                None => return Ok(None),
-            },
-            0xc6 | 0xdb => match need(4) {
-                Some(n) => (5, n, 0),
-                None => return Ok(None),
-            },
-            // ext 8/16/32: length, then a type byte.
-            0xc7 => match need(1) {
-                Some(n) => (3, n, 0),
-                None => return Ok(None),
-            },
-            0xc8 => match need(2) {
-                Some(n) => (4, n, 0),
-                None => return Ok(None),
-            },
-            0xc9 => match need(4) {
-                Some(n) => (6, n, 0),
-                None => return Ok(None),
-            },
-            0xca => (1, 4, 0),
-            0xcb => (1, 8, 0),
-            0xcc | 0xd0 => (1, 1, 0),
-            0xcd | 0xd1 => (1, 2, 0),
-            0xce | 0xd2 => (1, 4, 0),
-            0xcf | 0xd3 => (1, 8, 0),
-            // fixext 1/2/4/8/16: a type byte, then the data.
-            0xd4 => (2, 1, 0),
-            0xd5 => (2, 2, 0),
-            0xd6 => (2, 4, 0),
-            0xd7 => (2, 8, 0),
-            0xd8 => (2, 16, 0),
-            0xdc => match need(2) {
-                Some(n) => (3, 0, n),
-                None => return Ok(None),
-            },
-            0xdd => match need(4) {
-                Some(n) => (5, 0, n),
-                None => return Ok(None),
-            },
-            0xde => match need(2) {
-                Some(n) => (3, 0, n * 2),
-                None => return Ok(None),
-            },
-            0xdf => match need(4) {
-                Some(n) => (5, 0, n * 2),
-                None => return Ok(None),
-            },
-        };
-        let end = (pos as u64)
-            .saturating_add(header as u64)
-            .saturating_add(payload);
-        // Every item takes at least a byte: a declared count past the limit is refused now.
-        if end.saturating_add(items) > max as u64 {
-            return Err(Garbage::TooLarge(max));
-        }
-        pos = usize::try_from(end).map_err(|_| Garbage::TooLarge(max))?;
-        if pos > buf.len() {
-            return Ok(None);
-        }
-        if items > 0 {
-            if depth >= MAX_DEPTH {
-                return Err(Garbage::NotMessagePack("nested too deeply"));
-            }
-            open[depth] = pending;
-            depth += 1;
-            pending = items;
+    Scan::default().resume(buf, max)
+}
+
+/// A scan for the end of one MessagePack value that goes on where it stopped when more of
+/// it arrives: each byte is looked at once however slowly the value comes (a scan from the
+/// start after every read would cost a sender trickling a message of millions of tiny
+/// items quadratic time, holding a worker).
+#[derive(Debug, Clone)]
+pub struct Scan {
+    /// Items still to read at each open level (innermost last); on the stack, since a scan
+    /// also runs once per record and per looked-up field.
+    open: [u64; MAX_DEPTH],
+    depth: usize,
+    /// Where the next item starts (past the end of what arrived while a string's bytes are
+    /// still to come).
+    pos: usize,
+    /// Items still to read at the current level.
+    pending: u64,
+}
+
+impl Default for Scan {
+    fn default() -> Self {
+        Self {
+            open: [0; MAX_DEPTH],
+            depth: 0,
+            pos: 0,
+            pending: 1,
         }
     }
+}
+
+impl Scan {
+    /// [`frame_len`] of `buf`, which holds what an earlier call on this scan saw and
+    /// perhaps more after it (the same bytes at the start: they are not looked at again).
+    ///
+    /// # Errors
+    /// As [`frame_len`]; after an error the scan means nothing.
+    pub fn resume(&mut self, buf: &[u8], max: usize) -> Result<Option<usize>, Garbage> {
+        loop {
+            if self.pos > buf.len() {
+                // A string's or extension's bytes are still arriving.
+                return Ok(None);
+            }
+            if self.pending == 0 {
+                if self.depth == 0 {
+                    return Ok(Some(self.pos));
+                }
+                self.depth -= 1;
+                self.pending = self.open[self.depth];
+                continue;
+            }
+            let pos = self.pos;
+            let Some(&byte) = buf.get(pos) else {
+                return Ok(None);
+            };
+            let need = |n: usize| -> Option<u64> {
+                buf.get(pos + 1..pos + 1 + n)
+                    .map(|b| b.iter().fold(0_u64, |acc, x| acc << 8 | u64::from(*x)))
+            };
+            // (bytes of header, bytes of payload, items it contains); `None`: the header
+            // is not all here yet (nothing is taken: the item is read again whole).
+            let Some((header, payload, items)) = item(byte, need)? else {
+                return Ok(None);
+            };
+            self.pending -= 1;
+            let end = (pos as u64)
+                .saturating_add(header as u64)
+                .saturating_add(payload);
+            // Every item takes at least a byte: a declared count past the limit is refused
+            // now.
+            if end.saturating_add(items) > max as u64 {
+                return Err(Garbage::TooLarge(max));
+            }
+            self.pos = usize::try_from(end).map_err(|_| Garbage::TooLarge(max))?;
+            if items > 0 {
+                if self.depth >= MAX_DEPTH {
+                    return Err(Garbage::NotMessagePack("nested too deeply"));
+                }
+                self.open[self.depth] = self.pending;
+                self.depth += 1;
+                self.pending = items;
+            }
+        }
+    }
+}
+
+/// The item whose marker is `byte`: (bytes of header, bytes of payload, items it
+/// contains), or `None` while the bytes of its length (`need(n)`: the `n` after the
+/// marker) have not all arrived.
+fn item(
+    byte: u8,
+    need: impl Fn(usize) -> Option<u64>,
+) -> Result<Option<(usize, u64, u64)>, Garbage> {
+    let with = |n: usize, header: usize, shape: fn(u64) -> (u64, u64)| {
+        need(n).map(|len| {
+            let (payload, items) = shape(len);
+            (header, payload, items)
+        })
+    };
+    let bytes = |len: u64| (len, 0);
+    let array = |len: u64| (0, len);
+    let map = |len: u64| (0, len * 2);
+    Ok(match byte {
+        0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => Some((1, 0, 0)),
+        0x80..=0x8f => Some((1, 0, u64::from(byte & 0x0f) * 2)),
+        0x90..=0x9f => Some((1, 0, u64::from(byte & 0x0f))),
+        0xa0..=0xbf => Some((1, u64::from(byte & 0x1f), 0)),
+        0xc1 => return Err(Garbage::NotMessagePack("byte 0xc1 is never used")),
+        0xc4 | 0xd9 => with(1, 2, bytes),
+        0xc5 | 0xda => with(2, 3, bytes),
+        0xc6 | 0xdb => with(4, 5, bytes),
+        // ext 8/16/32: length, then a type byte.
+        0xc7 => with(1, 3, bytes),
+        0xc8 => with(2, 4, bytes),
+        0xc9 => with(4, 6, bytes),
+        0xca => Some((1, 4, 0)),
+        0xcb => Some((1, 8, 0)),
+        0xcc | 0xd0 => Some((1, 1, 0)),
+        0xcd | 0xd1 => Some((1, 2, 0)),
+        0xce | 0xd2 => Some((1, 4, 0)),
+        0xcf | 0xd3 => Some((1, 8, 0)),
+        // fixext 1/2/4/8/16: a type byte, then the data.
+        0xd4 => Some((2, 1, 0)),
+        0xd5 => Some((2, 2, 0)),
+        0xd6 => Some((2, 4, 0)),
+        0xd7 => Some((2, 8, 0)),
+        0xd8 => Some((2, 16, 0)),
+        0xdc => with(2, 3, array),
+        0xdd => with(4, 5, array),
+        0xde => with(2, 3, map),
+        0xdf => with(4, 5, map),
+    })
 }
 
 /// One decoded forward message.
@@ -712,6 +741,30 @@ mod tests {
             matches!(decode(&frame, 4 * max), Ok(Frame::Message(m)) if m.events.len() == 20_000),
             "realistic entries taken"
         );
+    }
+
+    /// A scan resumed after each byte finds the same end as one over the whole value, and
+    /// does not look again at what it has passed (here overwritten with a byte that is never
+    /// MessagePack: a scan from the start would refuse it).
+    #[test]
+    fn a_resumed_scan_goes_on_where_it_stopped() {
+        let frame = encode(&Value::Array(vec![
+            s("t"),
+            Value::Array(vec![Value::Array(vec![event_time(), record("x")]); 20]),
+            Value::Map(vec![(s("chunk"), Value::Binary(vec![7; 300]))]),
+        ]));
+        let mut scan = Scan::default();
+        let mut seen = Vec::new();
+        for (i, &byte) in frame.iter().enumerate() {
+            seen.push(byte);
+            let found = scan.resume(&seen, MAX).expect("never looks back");
+            let want = (i + 1 == frame.len()).then_some(frame.len());
+            assert_eq!(found, want, "after byte {i}");
+            // What it has passed, it never reads again.
+            let passed = scan.pos.min(seen.len());
+            seen[..passed].fill(0xc1);
+        }
+        assert!(seen.iter().all(|&b| b == 0xc1), "passed every byte");
     }
 
     #[test]

@@ -373,8 +373,10 @@ async fn next_frame<S: AsyncRead + Unpin>(
     let mut deadline = tokio::time::Instant::now() + settings.idle_timeout;
     let mut allowed = settings.idle_timeout;
     let mut held: Option<OwnedSemaphorePermit> = None;
+    // Goes on where it stopped after each read: a message trickling in is scanned once.
+    let mut scan = forward::Scan::default();
     loop {
-        if let Some(len) = forward::frame_len(buf, settings.max_message_bytes)? {
+        if let Some(len) = scan.resume(buf, settings.max_message_bytes)? {
             // Whole: from now on it holds its own size (a small one read at once takes it
             // here).
             match (&mut held, budget) {
