@@ -122,7 +122,8 @@ pub struct ParsingSettings {
     /// IANA time zone of timestamps written without an offset (the legacy servers' local
     /// time). Default `Asia/Seoul`: read as UTC they would be 9 hours in the future.
     pub time_zone: String,
-    /// Most lines kept in one record; lines after it are counted, not kept. Default 5,000.
+    /// Most lines in one record: one that reaches it is complete, and the next line starts
+    /// a record of its own (nothing is left out). Default 5,000.
     pub max_record_lines: usize,
     /// Most bytes of text kept in one record (message and stack trace). Default 192 KiB,
     /// under Loki's default 256 KB line limit with room for the record's other parts.

@@ -163,9 +163,10 @@ pub fn logfmt(line: &str, index: usize, time: impl Fn(&str) -> Option<i64>) -> O
             "level" | "lvl" | "severity" if Level::parse(&value).is_some() => {
                 record.level = Level::parse(&value);
             }
-            "msg" | "message" => record.message = value,
-            "logger" | "target" | "caller" => record.logger = value,
-            "thread" => record.thread = value,
+            // The first of two names for the same part wins; the other stays a field.
+            "msg" | "message" if record.message.is_empty() => record.message = value,
+            "logger" | "target" | "caller" if record.logger.is_empty() => record.logger = value,
+            "thread" if record.thread.is_empty() => record.thread = value,
             "trace_id" | "traceId" | "traceID" if record::trace_id(&value).is_some() => {
                 record.trace_id = record::trace_id(&value).unwrap_or_default();
             }
@@ -177,15 +178,19 @@ pub fn logfmt(line: &str, index: usize, time: impl Fn(&str) -> Option<i64>) -> O
     Some(record)
 }
 
-/// The `key=value` pairs of a logfmt line; a key without `=` is a flag (`true`).
+/// The `key=value` pairs of a logfmt line; a key without `=` is a flag (`true`). None at
+/// all when no word has an `=`: free text (`starting server on port 8080`) is not a line of
+/// flags.
 fn logfmt_pairs(line: &str) -> Vec<(&str, String)> {
     let mut pairs = Vec::new();
+    let mut valued = false;
     let mut rest = line.trim_start();
     while !rest.is_empty() {
         let key_end = rest.find(['=', ' ']).unwrap_or(rest.len());
         let key = &rest[..key_end];
         rest = &rest[key_end..];
         let value = if let Some(after) = rest.strip_prefix('=') {
+            valued = true;
             if let Some(quoted) = after.strip_prefix('"') {
                 let mut value = String::new();
                 let mut chars = quoted.char_indices();
@@ -222,6 +227,9 @@ fn logfmt_pairs(line: &str) -> Vec<(&str, String)> {
             return Vec::new();
         }
         rest = rest.trim_start();
+    }
+    if !valued {
+        pairs.clear();
     }
     pairs
 }
@@ -297,6 +305,14 @@ mod tests {
         );
         assert!(logfmt("", 0, seconds).is_none());
         assert!(logfmt(r#"a "quoted" word"#, 0, seconds).is_none());
+        // Words without a single `=` are free text, not a line of flags.
+        assert!(logfmt("starting server on port 8080", 0, seconds).is_none());
+        // A second name for the message stays a field.
+        let r = logfmt("msg=first message=second", 0, seconds).expect("logfmt");
+        assert_eq!(
+            (r.message.as_str(), r.fields["message"].as_str()),
+            ("first", "second")
+        );
     }
 
     #[test]

@@ -266,6 +266,14 @@ impl Masker {
         for (mut key, mut value) in fields {
             self.text(&mut key, counts);
             self.text(&mut value, counts);
+            // Keys that mask to the same text (two addresses as keys) are kept apart.
+            if record.fields.contains_key(&key) {
+                let base = key.clone();
+                key = (2..)
+                    .map(|n| format!("{base}_{n}"))
+                    .find(|k| !record.fields.contains_key(k))
+                    .expect("a free key");
+            }
             record.fields.insert(key, value);
         }
     }
@@ -310,6 +318,25 @@ mod tests {
         );
         // A Java object's identity is not an address.
         assert_eq!(masked("Validator@5bf508a0]: missing").1, vec![0, 0]);
+    }
+
+    /// Field keys that mask to the same text are both kept.
+    #[test]
+    fn keys_masked_alike_are_kept_apart() {
+        let masker = Masker::new(&default_patterns()).expect("defaults compile");
+        let mut record = Record::default();
+        record.fields.insert("kim@a.com".to_owned(), "1".to_owned());
+        record.fields.insert("lee@b.com".to_owned(), "2".to_owned());
+        let mut counts = vec![0; masker.len()];
+        masker.record(&mut record, &mut counts);
+        assert_eq!(
+            record.fields.into_iter().collect::<Vec<_>>(),
+            [
+                ("<email>".to_owned(), "1".to_owned()),
+                ("<email>_2".to_owned(), "2".to_owned())
+            ]
+        );
+        assert_eq!(counts, [2, 0]);
     }
 
     #[test]

@@ -261,16 +261,33 @@ impl Parser {
                 .and_then(|t| self.timestamp(t, b'/'))
                 .map(|(t, _)| t)
         });
-        Line::Start(Record {
+        let (mdc, message) = mdc(header.message);
+        let mut record = Record {
             time_micros: time,
             level: Some(header.level),
             logger: header.logger.to_owned(),
             thread: header.thread.to_owned(),
-            message: header.message.to_owned(),
+            message: message.to_owned(),
             first_line: index,
             line_count: 1,
             ..Record::default()
-        })
+        };
+        for (key, value) in mdc {
+            match record::trace_id(value) {
+                Some(id) if is_trace_key(key) && record.trace_id.is_empty() => {
+                    record.trace_id = id;
+                }
+                _ => {
+                    record.fields.insert(key.to_owned(), value.to_owned());
+                }
+            }
+        }
+        if record.trace_id.is_empty()
+            && let Some(id) = trace_token(message)
+        {
+            record.trace_id = id;
+        }
+        Line::Start(record)
     }
 
     /// A JSON object as a record; `None` when the line is not a JSON object.
@@ -293,25 +310,25 @@ impl Parser {
                 value => fields.push((key, value)),
             }
         }
-        for (key, value) in fields {
-            let time = match (key.as_str(), &value) {
-                ("timestamp" | "time" | "ts" | "@timestamp", serde_json::Value::String(s)) => {
-                    chrono::DateTime::parse_from_rfc3339(s)
-                        .ok()
-                        .map(|t| t.timestamp_micros())
-                        .or_else(|| self.timestamp(s, b'-').map(|(t, _)| t))
-                }
+        // The record's time: the first of these names, in this order (not the object's
+        // key order), whose value reads as a time; the others stay fields.
+        for name in TIME_KEYS {
+            let Some(at) = fields.iter().position(|(key, _)| key == name) else {
+                continue;
+            };
+            let time = match &fields[at].1 {
+                serde_json::Value::String(s) => self.any_time(s),
                 // Epoch seconds (zap), milliseconds (pino), micro- or nanoseconds.
-                ("timestamp" | "time" | "ts" | "@timestamp", serde_json::Value::Number(n)) => {
-                    n.as_f64().and_then(epoch_micros)
-                }
+                serde_json::Value::Number(n) => n.as_f64().and_then(epoch_micros),
                 _ => None,
             };
             if let Some(time) = time {
-                // The first time that reads wins; one that does not stays a field.
-                record.time_micros.get_or_insert(time);
-                continue;
+                record.time_micros = Some(time);
+                fields.remove(at);
+                break;
             }
+        }
+        for (key, value) in fields {
             let text = match value {
                 serde_json::Value::String(s) => s,
                 serde_json::Value::Null => continue,
@@ -322,11 +339,20 @@ impl Parser {
                 "level" | "severity" | "lvl" if Level::parse(&text).is_some() => {
                     record.level = Level::parse(&text);
                 }
-                "message" | "msg" => record.message = text,
-                "target" | "logger" | "logger_name" => record.logger = text,
-                "threadName" | "thread" | "thread_name" => record.thread = text,
-                "stack_trace" | "stacktrace" | "exception" => record.stack_trace = text,
-                "trace_id" | "traceId" | "traceid" if record::trace_id(&text).is_some() => {
+                // The first of two names for the same part wins; the other stays a field.
+                "message" | "msg" if record.message.is_empty() => record.message = text,
+                "target" | "logger" | "logger_name" if record.logger.is_empty() => {
+                    record.logger = text;
+                }
+                "threadName" | "thread" | "thread_name" if record.thread.is_empty() => {
+                    record.thread = text;
+                }
+                "stack_trace" | "stacktrace" | "exception" if record.stack_trace.is_empty() => {
+                    record.stack_trace = text;
+                }
+                "trace_id" | "traceId" | "traceid"
+                    if record.trace_id.is_empty() && record::trace_id(&text).is_some() =>
+                {
                     record.trace_id = record::trace_id(&text).unwrap_or_default();
                 }
                 _ => {
@@ -359,7 +385,7 @@ impl Parser {
     }
 
     /// `yyyy<sep>MM<sep>dd[ T]HH:mm:ss`, then optionally a fraction (`.` or `,`, up to 9
-    /// digits, kept to the microsecond) and an offset (`Z`, `±hh:mm`, `±hhmm`): microseconds
+    /// digits, kept to the microsecond) and an offset (`Z`, `±hh:mm`, `±hhmm`, `±hh`): microseconds
     /// since the epoch, and the bytes read. Without an offset the time is read in this
     /// parser's zone. A leap second (`:60`) is read as `:59`.
     fn timestamp(&self, text: &str, separator: u8) -> Option<(i64, usize)> {
@@ -405,10 +431,17 @@ impl Parser {
                 let hours = number(used + 1..used + 3);
                 let colon = usize::from(b.get(used + 3) == Some(&b':'));
                 let minutes = number(used + 3 + colon..used + 5 + colon);
+                // `±hh` alone (log4j2's `X` pattern) when no minutes follow.
+                let hours_only = colon == 0 && !b.get(used + 3).is_some_and(u8::is_ascii_digit);
                 match (hours, minutes) {
                     (Some(h), Some(m)) if h < 24 && m < 60 => {
                         used += 5 + colon;
                         let seconds = i64::from(h * 3_600 + m * 60);
+                        Some(if *sign == b'-' { -seconds } else { seconds })
+                    }
+                    (Some(h), _) if h < 24 && hours_only => {
+                        used += 3;
+                        let seconds = i64::from(h * 3_600);
                         Some(if *sign == b'-' { -seconds } else { seconds })
                     }
                     _ => None,
@@ -436,11 +469,15 @@ impl Parser {
     }
 }
 
+/// A JSON record's time, by the names structured loggers give it, in the order tried.
+const TIME_KEYS: [&str; 4] = ["timestamp", "@timestamp", "time", "ts"];
+
 /// An epoch time in microseconds from a number in seconds, milliseconds, microseconds or
 /// nanoseconds, told apart by size (any of them is above the next unit's range for dates
-/// after 1973 and before 5138); `None` for zero, negative or not finite.
+/// after 1973 and before 5138); `None` for a number below 10^8 (before 1973 in seconds: a
+/// duration or a count under a time's name, not a time), negative or not finite.
 fn epoch_micros(number: f64) -> Option<i64> {
-    if !number.is_finite() || number <= 0.0 {
+    if !number.is_finite() || number < 1e8 {
         return None;
     }
     Some(if number > 1e17 {
@@ -504,8 +541,12 @@ struct Log4jHeader<'a> {
     message: &'a str,
 }
 
-/// `LEVEL [thread] [Logger] message` (the level padded with spaces; the logger optional).
+/// `LEVEL [thread] [Logger] message` (the level padded with spaces on either side, as
+/// `%-5p` and `%5p` write it; the logger optional).
 fn log4j_header(text: &str) -> Option<Log4jHeader<'_>> {
+    // `%5p` right-aligns: ` INFO`, ` WARN`.
+    let padded = text.len() - text.trim_start_matches(' ').len();
+    let text = text.get(padded.min(4)..)?;
     let word_end = text.find(|c: char| !c.is_ascii_alphabetic())?;
     let level = Level::parse_strict(&text[..word_end])?;
     let after = text[word_end..].trim_start_matches(' ');
@@ -513,9 +554,7 @@ fn log4j_header(text: &str) -> Option<Log4jHeader<'_>> {
         return None; // no space after the level
     }
     let after = after.strip_prefix('[')?;
-    let thread_end = after
-        .find("] ")
-        .or_else(|| after.strip_suffix(']').map(str::len))?;
+    let thread_end = thread_end(after)?;
     let thread = &after[..thread_end];
     let after = after.get(thread_end + 2..).unwrap_or_default();
     let (logger, message) = match after.strip_prefix('[').and_then(|l| {
@@ -534,6 +573,116 @@ fn log4j_header(text: &str) -> Option<Log4jHeader<'_>> {
         logger,
         message,
     })
+}
+
+/// Where the thread name at the start of `after` (just past its `[`) ends: at the `]` that
+/// closes it (brackets inside it balanced, as in WebLogic's `[ACTIVE] ExecuteThread: '1'`)
+/// followed by a space or the end; else at the first `] `.
+fn thread_end(after: &str) -> Option<usize> {
+    let mut depth = 1_usize;
+    for (i, byte) in after.bytes().enumerate() {
+        match byte {
+            b'[' => depth += 1,
+            b']' => {
+                depth -= 1;
+                if depth == 0 {
+                    let next = after.as_bytes().get(i + 1);
+                    if next.is_none_or(|b| *b == b' ') {
+                        return Some(i);
+                    }
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    after
+        .find("] ")
+        .or_else(|| after.strip_suffix(']').map(str::len))
+}
+
+/// A log4j MDC map at the start of a message, as log4j2's `%X` writes it (`{key=value,
+/// key=value} text`, `{}` when empty): its pairs and the message after it. A message not
+/// starting with one comes back whole (`{pk}` or JSON text is not a map of `key=value`).
+fn mdc(message: &str) -> (Vec<(&str, &str)>, &str) {
+    let whole = (Vec::new(), message);
+    let Some(inner) = message.strip_prefix('{') else {
+        return whole;
+    };
+    let Some(end) = inner.find('}') else {
+        return whole;
+    };
+    let rest = &inner[end + 1..];
+    let rest = rest.strip_prefix(' ').unwrap_or(rest);
+    let body = &inner[..end];
+    if body.is_empty() {
+        return (Vec::new(), rest);
+    }
+    let mut pairs = Vec::new();
+    for pair in body.split(", ") {
+        let Some((key, value)) = pair.split_once('=') else {
+            return whole;
+        };
+        if key.is_empty()
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return whole;
+        }
+        pairs.push((key, value));
+    }
+    (pairs, rest)
+}
+
+/// Whether an MDC key names the trace id (as OpenTelemetry's, Sleuth's, Datadog's and
+/// our own instrumentation put it there).
+fn is_trace_key(key: &str) -> bool {
+    matches!(
+        key,
+        "trace_id"
+            | "traceId"
+            | "traceid"
+            | "trace-id"
+            | "TraceId"
+            | "X-B3-TraceId"
+            | "dd.trace_id"
+    )
+}
+
+/// A trace id written into the text as `trace_id=…` or `traceId=…` (or with `:`), 32 hex
+/// digits standing alone.
+fn trace_token(text: &str) -> Option<String> {
+    for (at, _) in text.match_indices("race") {
+        let Some(key_start) = at.checked_sub(1) else {
+            continue;
+        };
+        let after = &text[at + 4..];
+        let value = ["_id=", "Id=", "_id: ", "Id: ", "_id:", "Id:"]
+            .iter()
+            .find_map(|sep| after.strip_prefix(sep));
+        let Some(value) = value else {
+            continue;
+        };
+        if !matches!(text.as_bytes()[key_start], b't' | b'T')
+            || key_start
+                .checked_sub(1)
+                .is_some_and(|b| text.as_bytes()[b].is_ascii_alphanumeric())
+        {
+            continue;
+        }
+        let Some(id) = value.get(..32) else {
+            continue;
+        };
+        let standalone = !value
+            .as_bytes()
+            .get(32)
+            .is_some_and(u8::is_ascii_alphanumeric);
+        if standalone && let Some(id) = record::trace_id(id) {
+            return Some(id);
+        }
+    }
+    None
 }
 
 /// A line that joins the record before it; stack trace or not.
@@ -583,6 +732,8 @@ fn is_exception_line(text: &str) -> bool {
     (rest.is_empty() && throwable)
         || (rest.starts_with(": ")
             && (throwable || simple.starts_with(|c: char| c.is_ascii_uppercase())))
+        // SAXParseException's own toString: `org.xml.sax.SAXParseException; lineNumber: 1; …`
+        || (rest.starts_with("; ") && throwable)
 }
 
 #[cfg(test)]
@@ -756,6 +907,9 @@ mod tests {
         assert_eq!(epoch_micros(1_730_103_120_123_456.0), Some(micros));
         assert_eq!(epoch_micros(1_730_103_120_123_456_789.0), Some(micros));
         assert_eq!(epoch_micros(0.0), None);
+        // A duration or a count under a time's name is no time.
+        assert_eq!(epoch_micros(250.0), None);
+        assert_eq!(epoch_micros(99_999_999.0), None);
         assert_eq!(epoch_micros(f64::NAN), None);
     }
 
@@ -785,6 +939,9 @@ mod tests {
             ("2024-10-28T17:12:00.040+09:00 INFO  [main] x", SEOUL_MICROS),
             ("2024-10-28T08:12:00.040Z INFO  [main] x", SEOUL_MICROS),
             ("2024-10-28T09:12:00.040+0100 INFO  [main] x", SEOUL_MICROS),
+            // log4j2's `X`: hours only.
+            ("2024-10-28T17:12:00,040+09 INFO  [main] x", SEOUL_MICROS),
+            ("2024-10-27T23:12:00.040-09 INFO  [main] x", SEOUL_MICROS),
             (
                 "2024-10-28 17:11:60,040 INFO  [main] x",
                 SEOUL_MICROS - 1_000_000,
@@ -833,9 +990,141 @@ mod tests {
         assert!(is_stack(
             "org.apache.solr.client.solrj.SolrServerException: IOException occurred"
         ));
+        // SAXParseException writes its own form.
+        assert!(is_stack(
+            "org.xml.sax.SAXParseException; lineNumber: 1; columnNumber: 1; Content is not allowed in prolog."
+        ));
         assert!(!is_stack("Note: something"));
         assert!(!is_stack("cart 8812 recalculated in 12 ms"));
         assert!(!is_stack("at the end of the day"));
         assert!(!is_stack("www.example.com is down"));
+    }
+
+    /// log4j's `%5p` right-aligns the level (` INFO`, ` WARN`): such lines start records
+    /// too, with and without the wrapper, or every INFO and WARN would join the record
+    /// before it.
+    #[test]
+    fn right_aligned_levels_start_records() {
+        let wrapper = Parser::new(Format::Wrapper, SEOUL);
+        let record = start(wrapper.line(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 |  INFO [hybrisHTTP1] [X] ok",
+            0,
+        ));
+        assert_eq!(
+            (
+                record.level,
+                record.thread.as_str(),
+                record.message.as_str()
+            ),
+            (Some(Level::Info), "hybrisHTTP1", "ok")
+        );
+        let log4j = Parser::new(Format::Log4j, SEOUL);
+        let record = start(log4j.line(" WARN [main] [X] slow", 0));
+        assert_eq!(
+            (record.level, record.logger.as_str()),
+            (Some(Level::Warn), "X")
+        );
+        let record = start(log4j.line("2024-10-28 17:12:00,040  WARN [main] [X] slow", 0));
+        assert_eq!(record.time_micros, Some(SEOUL_MICROS));
+        // Indented text is not a header for that.
+        assert!(matches!(
+            log4j.line("      INFO [x] quoted in a message", 0),
+            Line::Continue { .. }
+        ));
+    }
+
+    /// A thread name holding brackets (WebLogic's `[ACTIVE] ExecuteThread: …`) ends at the
+    /// bracket that closes it.
+    #[test]
+    fn thread_names_with_brackets_are_read_whole() {
+        let parser = Parser::new(Format::Log4j, SEOUL);
+        let record = start(parser.line(
+            "ERROR [[ACTIVE] ExecuteThread: '1' for queue: 'x'] [DefaultCartService] cart failed",
+            0,
+        ));
+        assert_eq!(record.thread, "[ACTIVE] ExecuteThread: '1' for queue: 'x'");
+        assert_eq!(record.logger, "DefaultCartService");
+        assert_eq!(record.message, "cart failed");
+        // An unbalanced bracket: the first `] ` ends it, as before.
+        let record = start(parser.line("ERROR [pool-[1] [X] m", 0));
+        assert_eq!(
+            (record.thread.as_str(), record.logger.as_str()),
+            ("pool-[1", "X")
+        );
+    }
+
+    /// The trace id from log4j's MDC (`%X`: `{key=value, …}` before the text) or written
+    /// into the text as `traceId=…`; the MDC's other entries become fields, and the map
+    /// leaves the message.
+    #[test]
+    fn trace_ids_and_fields_from_the_mdc() {
+        let parser = Parser::new(Format::Wrapper, SEOUL);
+        let record = start(parser.line(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ERROR [hybrisHTTP12] [DefaultCartService] {traceId=4BF92F3577B34DA6A3CE929D0E0E4736, spanId=00f067aa0ba902b7, tenant=master} cart 8812 failed",
+            0,
+        ));
+        assert_eq!(record.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(record.message, "cart 8812 failed");
+        assert_eq!(
+            record
+                .fields
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect::<Vec<_>>(),
+            [("spanId", "00f067aa0ba902b7"), ("tenant", "master")]
+        );
+        let log4j = Parser::new(Format::Log4j, SEOUL);
+        // An empty MDC is left out.
+        assert_eq!(
+            start(log4j.line("INFO [main] [X] {} started", 0)).message,
+            "started"
+        );
+        // In the text.
+        for text in [
+            "payment declined trace_id=4bf92f3577b34da6a3ce929d0e0e4736 code=51",
+            "payment declined [traceId: 4bf92f3577b34da6a3ce929d0e0e4736]",
+        ] {
+            let record = start(log4j.line(&format!("WARN [main] [X] {text}"), 0));
+            assert_eq!(
+                record.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736",
+                "{text}"
+            );
+            assert_eq!(record.message, text);
+        }
+        // Not a map of key=value, or not a trace id: the message stays whole.
+        for text in [
+            "slow query: SELECT {pk} FROM {Product}",
+            "{\"a\":1} posted",
+            "entrace_id=4bf92f3577b34da6a3ce929d0e0e4736",
+            "trace_id=4bf92f3577b34da6a3ce929d0e0e4736ff",
+        ] {
+            let record = start(log4j.line(&format!("INFO [main] [X] {text}"), 0));
+            assert_eq!(
+                (record.message.as_str(), record.trace_id.as_str()),
+                (text, "")
+            );
+            assert!(record.fields.is_empty(), "{text}");
+        }
+    }
+
+    /// A JSON record's time is its `timestamp` before its `time` (whatever the key order),
+    /// a small number under a time's name is no time, and a second name for the message,
+    /// logger or thread stays a field instead of replacing the first.
+    #[test]
+    fn json_time_names_in_order_and_second_names_kept() {
+        let parser = Parser::new(Format::Json, SEOUL);
+        let record = start(parser.line(
+            r#"{"timestamp":"2026-12-03T08:00:12.345678Z","level":"INFO","message":"done","msg":"retry","target":"x","time":250}"#,
+            0,
+        ));
+        assert_eq!(record.time_micros, Some(1_796_284_812_345_678));
+        assert_eq!(record.message, "done");
+        assert_eq!(record.fields["msg"], "retry");
+        assert_eq!(record.fields["time"], "250");
+        let record = start(parser.line(r#"{"time":250,"msg":"x"}"#, 0));
+        assert_eq!(record.time_micros, None);
+        // The wrapper's separators in a string time.
+        let record = start(parser.line(r#"{"time":"2024/10/28 17:12:00.040","msg":"x"}"#, 0));
+        assert_eq!(record.time_micros, Some(SEOUL_MICROS));
     }
 }

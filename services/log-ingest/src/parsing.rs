@@ -60,7 +60,7 @@ impl Parsing {
     ///
     /// # Errors
     /// INVALID_ARGUMENT naming each problem: an unknown parser, too many lines, a line too
-    /// long.
+    /// long or holding a line break.
     pub fn test(&self, parser: &str, lines: &[String]) -> Result<Vec<Record>, ServiceError> {
         let mut violations = Violations::default();
         let format = self.formats.named(parser);
@@ -80,6 +80,14 @@ impl Parsing {
             );
         }
         for (i, line) in lines.iter().enumerate().take(MAX_LINES) {
+            // Ingestion splits a record's line field at line breaks: one here would be
+            // parsed as one line, unlike ingestion.
+            if line.contains('\n') {
+                violations.add(
+                    format!("lines[{i}]"),
+                    "holds a line break; give each line as an entry of its own".to_owned(),
+                );
+            }
             if line.len() > MAX_LINE_BYTES {
                 violations.add(
                     format!("lines[{i}]"),
@@ -92,8 +100,11 @@ impl Parsing {
         }
         violations.into_result()?;
         let parser = Parser::new(format.unwrap_or(Format::Auto), self.zone);
-        let mut records =
-            multiline::group_all(&parser, self.caps, lines.iter().map(String::as_str));
+        // A line's `\r` before its end is cut, as ingestion cuts it.
+        let lines = lines
+            .iter()
+            .map(|line| line.strip_suffix('\r').unwrap_or(line));
+        let mut records = multiline::group_all(&parser, self.caps, lines);
         let mut counts = vec![0; self.masker.len()];
         for record in &mut records {
             self.masker.record(record, &mut counts);

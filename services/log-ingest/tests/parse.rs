@@ -136,6 +136,8 @@ async fn bad_requests_name_every_problem() {
     let (mut client, _shutdown, _dir) = client().await;
     let mut lines = vec!["x".to_owned(); 1_001];
     lines[3] = "y".repeat(64 * 1024 + 1);
+    // Ingestion splits at line breaks; TestParse takes lines already split.
+    lines[5] = "ERROR [main] [X] failed\n\tat x.Y.z(Y.java:1)".to_owned();
     let status = client
         .test_parse(TestParseRequest {
             parser: "nginx".to_owned(),
@@ -152,7 +154,7 @@ async fn bad_requests_name_every_problem() {
         .iter()
         .map(|v| v.field.clone())
         .collect();
-    assert_eq!(fields, ["parser", "lines", "lines[3]"]);
+    assert_eq!(fields, ["parser", "lines", "lines[3]", "lines[5]"]);
     // An empty request is no error: no lines, no records.
     let records = client
         .test_parse(TestParseRequest::default())
