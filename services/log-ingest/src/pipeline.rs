@@ -452,6 +452,27 @@ impl Pipeline {
             if ready.is_empty() || !due {
                 continue;
             }
+            // A push slot first. A shutdown while waiting for one goes to the drain with
+            // these records still ready (waiting on: a Loki outage would hold the pushes in
+            // flight, and the shutdown, until the drain timeout).
+            let mut stopping = false;
+            while in_flight.len() >= PUSHES_IN_FLIGHT {
+                let joined = tokio::select! {
+                    () = shutdown.cancelled() => {
+                        stopping = true;
+                        break;
+                    }
+                    joined = in_flight.front_mut().expect("pushes in flight") => joined,
+                };
+                in_flight.pop_front();
+                if !went_through(joined) {
+                    acker.close().await;
+                    return;
+                }
+            }
+            if stopping {
+                continue;
+            }
             let acknowledge = streams.acknowledgeable(cursor);
             // The next push's records come in about as many: room for them at once rather
             // than by doubling (a record is a few hundred bytes to move on each growth).
@@ -462,12 +483,6 @@ impl Pipeline {
             // Pushes prepare at once and send one after another (a stream's entries reach
             // Loki in order, acknowledgements are written in order); they run while the
             // next records are read and grouped.
-            while in_flight.len() >= PUSHES_IN_FLIGHT {
-                if !finish(&mut in_flight).await {
-                    acker.close().await;
-                    return;
-                }
-            }
             let (done, next) = tokio::sync::oneshot::channel();
             let (prepared, next_prepared) = tokio::sync::oneshot::channel();
             let turn = Turn {
@@ -1051,7 +1066,12 @@ async fn finish(in_flight: &mut InFlight) -> bool {
     let Some(push) = in_flight.pop_front() else {
         return true;
     };
-    match push.await {
+    went_through(push.await)
+}
+
+/// Whether a push that ended went through (a panic did not).
+fn went_through(joined: Result<bool, tokio::task::JoinError>) -> bool {
+    match joined {
         Ok(through) => through,
         Err(error) => {
             tracing::error!(%error, "a push to Loki panicked; its records stay in the buffer");

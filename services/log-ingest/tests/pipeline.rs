@@ -681,6 +681,38 @@ async fn a_push_under_way_at_shutdown_is_let_finish() {
     assert_eq!(loki.received().len(), want.len(), "pushed before the end");
 }
 
+/// A shutdown while both pushes are held up by a Loki outage and more records wait for a
+/// push slot: the drain starts at once (the pushes get their few seconds), not after the
+/// drain timeout.
+#[tokio::test]
+async fn a_shutdown_waiting_for_a_push_slot_during_an_outage_is_prompt() {
+    let (dir, loki) = corpus::dir_and_loki().await;
+    let mut settings = corpus::corpus_settings(dir.path(), loki.url());
+    settings.server.drain_timeout = Duration::from_secs(60);
+    let app = corpus::start_app(settings).await;
+    loki.fail(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(600),
+    );
+    let lines: Vec<&str> = CORPUS.lines().take(60).collect();
+    // Three pushes due, 400 ms apart (batch_wait is 100 ms): two in flight, one waiting.
+    for part in lines.chunks(20) {
+        send(app.forward, part, 10).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    mall_test_support::wait_until("pushes failing", Duration::from_secs(10), || async {
+        (stats(app.grpc).await.loki_failed_pushes >= 2).then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    app.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "stopped after {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn when_the_input_pauses_the_last_records_go_at_once_not_after_batch_wait() {
     let running = start_with(|settings| {
