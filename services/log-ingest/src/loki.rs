@@ -174,8 +174,7 @@ impl LokiClient {
                         .headers()
                         .get("retry-after")
                         .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
+                        .and_then(|v| retry_after(v, std::time::SystemTime::now()));
                     let transient = status == reqwest::StatusCode::TOO_MANY_REQUESTS
                         || status.is_server_error();
                     if !transient {
@@ -205,6 +204,17 @@ impl LokiClient {
     }
 }
 
+/// A `Retry-After` value (RFC 9110): seconds, or an HTTP-date (how long until it, zero
+/// when it has passed), as a gateway in front of Loki may send it.
+fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,5 +240,20 @@ mod tests {
         };
         assert_eq!(decode(&encode(&request)), Ok(request));
         assert!(decode(b"not snappy").is_err());
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_an_http_date() {
+        let now = httpdate::parse_http_date("Tue, 21 Oct 2025 07:28:00 GMT").expect("a date");
+        assert_eq!(retry_after(" 3 ", now), Some(Duration::from_secs(3)));
+        assert_eq!(
+            retry_after("Tue, 21 Oct 2025 07:28:05 GMT", now),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            retry_after("Tue, 21 Oct 2025 07:27:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon", now), None);
     }
 }
