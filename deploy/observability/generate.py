@@ -378,6 +378,7 @@ def logs():
                             (f"sum by (reason) (rate({p}_records_dropped_total[$__rate_interval]))", "dropped {{reason}}"),
                             (f"sum by (source) (rate({p}_parse_errors_total[$__rate_interval]))", "parse errors {{source}}"),
                             (f"sum(rate({p}_fields_omitted_total[$__rate_interval]))", "fields left out of structured metadata"),
+                            (f"sum(rate({p}_loki_metadata_refused_total[$__rate_interval]))", "records without metadata (Loki refuses it)"),
                         ],
                         "ops",
                     ),

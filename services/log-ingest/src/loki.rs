@@ -204,6 +204,43 @@ impl LokiClient {
     }
 }
 
+/// Loki's reason for refusing an entry (its `discarded_samples_total` reason names), read
+/// from its 400 answer's message; `loki_refused` for one not known here.
+pub fn refusal_reason(message: &str) -> &'static str {
+    const KNOWN: [(&str, &str); 12] = [
+        ("timestamp too old", "greater_than_max_sample_age"),
+        ("timestamp too new", "too_far_in_future"),
+        ("Max entry size", "line_too_long"),
+        (
+            "this feature is disallowed",
+            "disallowed_structured_metadata",
+        ),
+        (
+            "structured metadata too large",
+            "structured_metadata_too_large",
+        ),
+        (
+            "too many structured metadata",
+            "structured_metadata_too_many",
+        ),
+        ("too far behind", "too_far_behind"),
+        ("out of order", "out_of_order"),
+        ("Error parsing labels", "invalid_labels"),
+        ("label pair is required", "invalid_labels"),
+        ("label names; limit", "invalid_labels"),
+        ("label value too long", "invalid_labels"),
+    ];
+    let first = message.lines().next().unwrap_or_default();
+    KNOWN.iter().find(|(says, _)| first.contains(says)).map_or(
+        if first.contains("label name too long") || first.contains("duplicate label name") {
+            "invalid_labels"
+        } else {
+            "loki_refused"
+        },
+        |(_, reason)| reason,
+    )
+}
+
 /// A `Retry-After` value (RFC 9110): seconds, or an HTTP-date (how long until it, zero
 /// when it has passed), as a gateway in front of Loki may send it.
 fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
@@ -255,5 +292,34 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn refusals_are_named_by_lokis_reasons() {
+        for (message, reason) in [
+            (
+                "entry for stream '{a=\"b\"}' has timestamp too old: 2024-10-01T00:00:00Z, oldest acceptable timestamp is: 2024-10-21T00:00:00Z",
+                "greater_than_max_sample_age",
+            ),
+            (
+                "entry for stream '{a=\"b\"}' has timestamp too new: 2099-01-01T00:00:00Z",
+                "too_far_in_future",
+            ),
+            (
+                "Max entry size '262144' bytes exceeded for stream '{a=\"b\"}' while adding an entry with length '307200' bytes",
+                "line_too_long",
+            ),
+            (
+                "stream '{a=\"b\"}' includes structured metadata, but this feature is disallowed. Please see `limits_config.allow_structured_metadata`",
+                "disallowed_structured_metadata",
+            ),
+            (
+                "stream '{a=\"b\"}' has label name too long: 'x'",
+                "invalid_labels",
+            ),
+            ("something else entirely", "loki_refused"),
+        ] {
+            assert_eq!(refusal_reason(message), reason, "{message}");
+        }
     }
 }

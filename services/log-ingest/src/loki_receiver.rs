@@ -5,7 +5,9 @@
 //! Refused with 400, as Loki's defaults do: labels that do not parse, more than 15 labels
 //! in a stream, a label value over 2,048 bytes, a line over 256 KB, an entry without a
 //! timestamp, an entry with more than
-//! 128 structured metadata pairs or more than 64 KB of them. Like Loki, the valid
+//! 128 structured metadata pairs or more than 64 KB of them, or any structured metadata
+//! when told to disallow it (as Loki 2.9 does by default, or 3.x with
+//! `allow_structured_metadata: false`); with Loki's own messages. Like Loki, the valid
 //! entries of a push are kept even when others are refused, and an entry identical to one
 //! already kept (same stream, time and line) is dropped silently (counted here, so tests
 //! see redeliveries). Fault injection: refuse every push with 429 (and `Retry-After: 1`) or
@@ -62,6 +64,8 @@ struct Inner {
     failing: Option<(StatusCode, Instant)>,
     /// Whether entries are kept (and duplicates found); else only counted.
     keep: bool,
+    /// Whether an entry with structured metadata is refused.
+    disallow_metadata: bool,
     entries: u64,
     lines: u64,
 }
@@ -142,6 +146,12 @@ impl LokiReceiver {
         (inner.entries, inner.lines)
     }
 
+    /// Refuses (or takes again) entries carrying structured metadata, as Loki does with
+    /// `allow_structured_metadata: false`.
+    pub fn disallow_structured_metadata(&self, disallow: bool) {
+        lock(&self.inner).disallow_metadata = disallow;
+    }
+
     /// Answers every push with `status` for `period` (429 comes with `Retry-After: 1`).
     pub fn fail(&self, status: StatusCode, period: Duration) {
         lock(&self.inner).failing = Some((status, Instant::now() + period));
@@ -182,22 +192,25 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
     let mut problems = Vec::new();
     for stream in request.streams {
         let Some(labels) = parse_labels(&stream.labels) else {
-            problems.push(format!("error parsing labels {:?}", stream.labels));
+            problems.push(format!(
+                "Error parsing labels '{}' with error: parse error",
+                stream.labels
+            ));
             continue;
         };
-        if let Some((name, _)) = labels
+        if let Some((_, value)) = labels
             .iter()
             .find(|(_, value)| value.len() > crate::labels::MAX_VALUE_BYTES)
         {
             problems.push(format!(
-                "stream has a label value longer than {} bytes ({name})",
-                crate::labels::MAX_VALUE_BYTES
+                "stream '{}' has label value too long: '{value}'",
+                stream.labels
             ));
             continue;
         }
         if labels.len() > MAX_LABELS {
             problems.push(format!(
-                "stream {} has {} labels, more than {MAX_LABELS}",
+                "entry for stream '{}' has {} label names; limit {MAX_LABELS}",
                 stream.labels,
                 labels.len()
             ));
@@ -213,9 +226,16 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
             };
             if entry.line.len() > MAX_LINE_BYTES {
                 problems.push(format!(
-                    "stream {}: line too long ({} bytes)",
+                    "Max entry size '{MAX_LINE_BYTES}' bytes exceeded for stream '{}' while adding an entry with length '{}' bytes",
                     stream.labels,
                     entry.line.len()
+                ));
+                continue;
+            }
+            if inner.disallow_metadata && !entry.structured_metadata.is_empty() {
+                problems.push(format!(
+                    "stream '{}' includes structured metadata, but this feature is disallowed. Please see `limits_config.allow_structured_metadata` or contact your Loki administrator to enable it.",
+                    stream.labels
                 ));
                 continue;
             }
@@ -224,11 +244,16 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
                 .iter()
                 .map(|p| p.name.len() + p.value.len())
                 .sum();
-            if entry.structured_metadata.len() > MAX_METADATA_ENTRIES
-                || metadata_bytes > MAX_METADATA_BYTES
-            {
+            if metadata_bytes > MAX_METADATA_BYTES {
                 problems.push(format!(
-                    "stream {}: structured metadata too large ({} pairs, {metadata_bytes} bytes)",
+                    "stream '{}' has structured metadata too large: '{metadata_bytes}' bytes, limit: '{MAX_METADATA_BYTES}' bytes. Please see `limits_config.max_structured_metadata_size` or contact your Loki administrator to increase it.",
+                    stream.labels
+                ));
+                continue;
+            }
+            if entry.structured_metadata.len() > MAX_METADATA_ENTRIES {
+                problems.push(format!(
+                    "stream '{}' has too many structured metadata labels: '{}', limit: '{MAX_METADATA_ENTRIES}'. Please see `limits_config.max_structured_metadata_entries_count` or contact your Loki administrator to increase it.",
                     stream.labels,
                     entry.structured_metadata.len()
                 ));

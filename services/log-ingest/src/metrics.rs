@@ -7,8 +7,21 @@ use mall_telemetry::metrics::{IntCounter, IntCounterVec, IntGauge, Opts, Registr
 
 /// Sources of records.
 pub const SOURCES: [&str; 2] = ["forward", "otlp"];
-/// Why records were dropped.
-pub const DROP_REASONS: [&str; 2] = ["loki_refused", "too_large"];
+/// Why records were dropped: Loki's refusals (400) by Loki's own reason names (as its
+/// `loki_discarded_samples_total` counts them; `loki_refused` for a reason not known here),
+/// and `too_large` for one record too large to push (413).
+pub const DROP_REASONS: [&str; 10] = [
+    "loki_refused",
+    "too_large",
+    "greater_than_max_sample_age",
+    "too_far_in_future",
+    "line_too_long",
+    "invalid_labels",
+    "structured_metadata_too_large",
+    "structured_metadata_too_many",
+    "too_far_behind",
+    "out_of_order",
+];
 /// What became of each push attempt.
 const PUSHES: [&str; 4] = ["accepted", "failed", "refused", "too_large"];
 /// What became of each forward message.
@@ -71,6 +84,10 @@ pub struct LogMetrics {
     /// `fields_omitted_total`: record fields left out of Loki's structured metadata (past
     /// 64 fields or 16 KiB of them in one record, or a name taken already).
     pub fields_omitted: IntCounter,
+    /// `loki_metadata_refused_total`: records pushed without their structured metadata
+    /// because Loki refuses it (`allow_structured_metadata` off): their lines went, their
+    /// trace id, logger, thread and fields did not.
+    pub metadata_refused: IntCounter,
     /// `open_streams`: streams (tag and host) whose multi-line state is kept now (at most
     /// `pipeline.max_open_streams`).
     pub open_streams: IntGauge,
@@ -161,6 +178,10 @@ impl LogMetrics {
                 "fields_omitted_total",
                 "Record fields left out of Loki's structured metadata (too many or too large)",
             )?,
+            metadata_refused: IntCounter::new(
+                "loki_metadata_refused_total",
+                "Records pushed without their structured metadata because Loki refuses it",
+            )?,
             open_streams: IntGauge::new(
                 "open_streams",
                 "Streams (tag and host) whose multi-line state is kept now",
@@ -175,6 +196,7 @@ impl LogMetrics {
         registry.register(Box::new(metrics.received.clone()))?;
         registry.register(Box::new(metrics.parse_errors.clone()))?;
         registry.register(Box::new(metrics.dropped.clone()))?;
+        registry.register(Box::new(metrics.metadata_refused.clone()))?;
         registry.register(Box::new(metrics.pushes.clone()))?;
         registry.register(Box::new(metrics.pushed.clone()))?;
         registry.register(Box::new(metrics.last_push.clone()))?;

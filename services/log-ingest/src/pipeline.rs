@@ -917,6 +917,10 @@ impl Pusher {
         if !items.is_empty() {
             pieces.push(items);
         }
+        // Records Loki refused for good: how many, and the first one's stream and reason (one
+        // log line per push, not one per record: after a long outage every record of a push
+        // may be too old).
+        let mut refused: Option<(usize, Arc<str>, String)> = None;
         while let Some(mut piece) = pieces.pop() {
             match self.send(&mut piece, stop).await {
                 None => return false,
@@ -928,23 +932,50 @@ impl Pusher {
                         derived.observe(&item.observation, &item.service);
                     }
                 }
+                // Loki takes no structured metadata (its configuration, not the records'
+                // fault): the records go without it rather than not at all.
+                Some(Pushed::Refused(reason))
+                    if loki::refusal_reason(&reason) == "disallowed_structured_metadata"
+                        && piece
+                            .iter()
+                            .any(|i| !i.entry.structured_metadata.is_empty()) =>
+                {
+                    let mut stripped = 0;
+                    for item in &mut piece {
+                        if !item.entry.structured_metadata.is_empty() {
+                            item.entry.structured_metadata.clear();
+                            stripped += 1;
+                        }
+                    }
+                    self.metrics.metadata_refused.inc_by(stripped);
+                    if !METADATA_REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::error!(
+                            "Loki refuses structured metadata (limits_config.allow_structured_metadata is off, or its schema is older than v13): records are pushed without their trace id, logger, thread and fields until it is allowed (counted in loki_metadata_refused_total)"
+                        );
+                    }
+                    pieces.push(piece);
+                }
                 Some(Pushed::Refused(_) | Pushed::TooLarge) if piece.len() > 1 => {
                     let second = piece.split_off(piece.len() / 2);
                     pieces.push(second);
                     pieces.push(piece);
                 }
                 Some(Pushed::Refused(reason)) => {
-                    // One line per refused record, with Loki's reason and the record's
-                    // stream, never its text (Loki's reason quotes labels, not lines).
-                    tracing::warn!(
-                        labels = %piece[0].labels,
-                        reason = %reason.lines().next().unwrap_or_default(),
-                        "Loki refused a record for good; it is dropped"
-                    );
                     self.metrics
                         .dropped
-                        .with_label_values(&[source_label(piece[0].source), "loki_refused"])
+                        .with_label_values(&[
+                            source_label(piece[0].source),
+                            loki::refusal_reason(&reason),
+                        ])
                         .inc();
+                    let first = refused.get_or_insert_with(|| {
+                        (
+                            0,
+                            piece[0].labels.clone(),
+                            reason.lines().next().unwrap_or_default().to_owned(),
+                        )
+                    });
+                    first.0 += 1;
                 }
                 Some(Pushed::TooLarge) => {
                     tracing::warn!(
@@ -958,6 +989,16 @@ impl Pusher {
                         .inc();
                 }
             }
+        }
+        if let Some((count, labels, reason)) = refused {
+            // Loki's reason and the first record's stream, never a record's text (Loki's
+            // reason quotes labels, not lines).
+            tracing::warn!(
+                records = count,
+                first_labels = %labels,
+                first_reason = %reason,
+                "Loki refused records of this push for good; they are dropped (counted by reason in records_dropped_total)"
+            );
         }
         true
     }
@@ -1060,6 +1101,10 @@ impl Drop for Waiting {
             .fetch_sub(self.count, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// Whether Loki's refusal of structured metadata was logged already (once per process: it
+/// is a standing configuration, counted in `loki_metadata_refused_total` from then on).
+static METADATA_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Waits for the oldest push in flight; whether it went through.
 async fn finish(in_flight: &mut InFlight) -> bool {

@@ -222,12 +222,50 @@ async fn a_record_loki_refuses_is_dropped_alone_and_counted() {
     assert_eq!(forward.dropped_records, 1, "{stats:?}");
     // The derived metrics count what Loki accepted, not the refused record.
     let metrics = probe_metrics(running.admin).await;
+    // Counted by Loki's reason.
+    let reason =
+        "mall_log_ingest_records_dropped_total{reason=\"line_too_long\",source=\"forward\"} 1\n";
+    assert!(metrics.contains(reason), "{reason} in {metrics}");
     let shipped: f64 = metrics
         .lines()
         .filter(|l| l.starts_with("mall_log_ingest_log_records_total{"))
         .filter_map(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
         .sum();
     assert_eq!(shipped, records as f64, "{metrics}");
+}
+
+/// A Loki that takes no structured metadata (Loki 2.9's default, or 3.x with
+/// `allow_structured_metadata: false`) refuses every entry carrying some: that is its
+/// configuration, not the records' fault, so they go without it (counted), none dropped.
+#[tokio::test]
+async fn records_go_without_metadata_to_a_loki_that_refuses_it() {
+    let running = start_with(|_| {}).await;
+    running.loki.disallow_structured_metadata(true);
+    let lines: Vec<&str> = CORPUS.lines().take(100).collect();
+    let want = model(&lines);
+    send(running.forward, &lines, 25).await;
+    wait_for(&running.loki, want.len()).await;
+    let received = running.loki.received();
+    assert_eq!(received.len(), want.len(), "every record once");
+    assert!(
+        received
+            .iter()
+            .all(|r| r.entry.structured_metadata.is_empty()),
+        "none with metadata"
+    );
+    let stats = stats(running.grpc).await;
+    assert!(
+        stats.sources.iter().all(|s| s.dropped_records == 0),
+        "{stats:?}"
+    );
+    let metrics = probe_metrics(running.admin).await;
+    let stripped = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mall_log_ingest_loki_metadata_refused_total "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("the counter");
+    // Every wrapper record has a logger and thread in metadata.
+    assert_eq!(stripped, want.len() as f64, "{metrics}");
 }
 
 /// TailLogs while the corpus is ingested: a tail reading as records come gets exactly the
