@@ -379,6 +379,7 @@ def logs():
                             (f"sum by (source) (rate({p}_parse_errors_total[$__rate_interval]))", "parse errors {{source}}"),
                             (f"sum(rate({p}_fields_omitted_total[$__rate_interval]))", "fields left out of structured metadata"),
                             (f"sum(rate({p}_loki_metadata_refused_total[$__rate_interval]))", "records without metadata (Loki refuses it)"),
+                            (f"sum(rate({p}_records_completed_early_total[$__rate_interval]))", "records completed early (pipeline.max_pending_bytes)"),
                         ],
                         "ops",
                     ),

@@ -93,6 +93,13 @@ impl App {
             ),
         )?;
         anyhow::ensure!(
+            settings.pipeline.max_pending_bytes >= settings.parsing.max_record_bytes,
+            "pipeline.max_pending_bytes ({}) must be at least parsing.max_record_bytes ({}): \
+             one record in progress must fit",
+            settings.pipeline.max_pending_bytes,
+            settings.parsing.max_record_bytes
+        );
+        anyhow::ensure!(
             !forward.message_timeout.is_zero(),
             "forward.message_timeout must be more than zero"
         );

@@ -88,6 +88,9 @@ pub struct LogMetrics {
     /// because Loki refuses it (`allow_structured_metadata` off): their lines went, their
     /// trace id, logger, thread and fields did not.
     pub metadata_refused: IntCounter,
+    /// `records_completed_early_total`: records in progress completed before their end to
+    /// keep the records in progress of all streams within `pipeline.max_pending_bytes`.
+    pub completed_early: IntCounter,
     /// `open_streams`: streams (tag and host) whose multi-line state is kept now (at most
     /// `pipeline.max_open_streams`).
     pub open_streams: IntGauge,
@@ -182,6 +185,10 @@ impl LogMetrics {
                 "loki_metadata_refused_total",
                 "Records pushed without their structured metadata because Loki refuses it",
             )?,
+            completed_early: IntCounter::new(
+                "records_completed_early_total",
+                "Records in progress completed early to stay within pipeline.max_pending_bytes",
+            )?,
             open_streams: IntGauge::new(
                 "open_streams",
                 "Streams (tag and host) whose multi-line state is kept now",
@@ -197,6 +204,7 @@ impl LogMetrics {
         registry.register(Box::new(metrics.parse_errors.clone()))?;
         registry.register(Box::new(metrics.dropped.clone()))?;
         registry.register(Box::new(metrics.metadata_refused.clone()))?;
+        registry.register(Box::new(metrics.completed_early.clone()))?;
         registry.register(Box::new(metrics.pushes.clone()))?;
         registry.register(Box::new(metrics.pushed.clone()))?;
         registry.register(Box::new(metrics.last_push.clone()))?;

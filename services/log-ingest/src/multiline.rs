@@ -75,6 +75,11 @@ impl Grouper {
         self.pending.is_some()
     }
 
+    /// Bytes of text of the record in progress (0 without one).
+    pub fn pending_len(&self) -> usize {
+        self.pending.as_ref().map_or(0, Record::text_len)
+    }
+
     /// The first line of the record in progress, if any.
     pub fn pending_first_line(&self) -> Option<usize> {
         self.pending.as_ref().map(|r| r.first_line)

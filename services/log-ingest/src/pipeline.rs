@@ -69,6 +69,12 @@ pub struct PipelineSettings {
     /// or ten minutes after their last line. A new stream past it completes and forgets
     /// the quietest eighth (their records in progress go to Loki as they are).
     pub max_open_streams: usize,
+    /// Text of the records in progress of all streams together, at most about this many
+    /// bytes (checked after every quarter of it read, and every 4 MiB): past it, the
+    /// largest are completed early, to three quarters of it (counted in
+    /// `records_completed_early_total`; the rest of such a trace is a record of its own).
+    /// At least `parsing.max_record_bytes`.
+    pub max_pending_bytes: usize,
     /// A record waits at most this long for its push (it goes at once when the whole
     /// input pauses: `flush_after` completed the last record in progress of every stream).
     #[serde(with = "humantime_serde")]
@@ -87,6 +93,7 @@ impl Default for PipelineSettings {
             batch_bytes: 1024 * 1024,
             max_streams: 1_000,
             max_open_streams: 10_000,
+            max_pending_bytes: 64 * 1024 * 1024,
             batch_wait: Duration::from_secs(1),
         }
     }
@@ -256,6 +263,8 @@ struct Streams {
     /// not yet acknowledged: all in records completed when it was forgotten, so the note
     /// counts them as pushed. Dropped as the acknowledgements pass them.
     evicted: HashMap<StreamKey, std::collections::BTreeMap<Position, usize>>,
+    /// Bytes of lines grouped since the records in progress were last weighed.
+    fed: usize,
 }
 
 /// A stream without a record in progress is forgotten after this long without a line.
@@ -634,6 +643,7 @@ impl Pipeline {
                         state.lines += 1;
                         continue;
                     }
+                    streams.fed += text.len();
                     let before = state.grouper.pending_first_line();
                     let fallback = state.pending_event_time;
                     state
@@ -665,6 +675,41 @@ impl Pipeline {
             state.last_line = now;
             state.resumed |= new;
         }
+        let max = self.settings.max_pending_bytes;
+        if streams.fed >= (max / 4).min(4 << 20) {
+            streams.fed = 0;
+            self.hold_pending_within(streams, ready);
+        }
+    }
+
+    /// Completes the largest records in progress while their text passes
+    /// `max_pending_bytes`, down to three quarters of it: many hosts each in the middle of a
+    /// large trace would otherwise hold up to `max_open_streams` × `max_record_bytes`.
+    fn hold_pending_within(&self, streams: &mut Streams, ready: &mut Vec<Ready>) {
+        let max = self.settings.max_pending_bytes;
+        let mut held: usize = streams.open.values().map(|s| s.grouper.pending_len()).sum();
+        if held <= max {
+            return;
+        }
+        let mut largest: Vec<(usize, StreamKey)> = streams
+            .open
+            .iter()
+            .filter(|(_, s)| s.grouper.is_pending())
+            .map(|(key, s)| (s.grouper.pending_len(), key.clone()))
+            .collect();
+        largest.sort_unstable_by_key(|(len, _)| std::cmp::Reverse(*len));
+        let mut completed = 0_u64;
+        for (len, key) in largest {
+            if held <= max / 4 * 3 {
+                break;
+            }
+            if let Some(state) = streams.open.get_mut(&key) {
+                ready.extend(state.complete());
+                held -= len;
+                completed += 1;
+            }
+        }
+        self.metrics.completed_early.inc_by(completed);
     }
 
     /// Makes room for a new stream: completes and forgets an eighth of the streams (at

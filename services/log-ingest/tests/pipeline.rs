@@ -268,6 +268,53 @@ async fn records_go_without_metadata_to_a_loki_that_refuses_it() {
     assert_eq!(stripped, want.len() as f64, "{metrics}");
 }
 
+/// Many hosts each in the middle of a large trace: past `pipeline.max_pending_bytes` the
+/// largest records in progress are completed early (counted), so the memory they hold
+/// stays bounded; every line still reaches Loki.
+#[tokio::test]
+async fn records_in_progress_of_all_hosts_together_stay_within_their_bound() {
+    let running = start_with(|settings| {
+        settings.parsing.max_record_bytes = 32 * 1024;
+        settings.pipeline.max_pending_bytes = 64 * 1024;
+        // Long enough that no record completes by quiet while the hosts send.
+        settings.pipeline.flush_after = Duration::from_secs(3);
+    })
+    .await;
+    let header = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ERROR [main] [X] failed";
+    let frame = format!(
+        "\tat de.hybris.platform.Foo.bar(Foo.java:{})",
+        "1".repeat(60)
+    );
+    let hosts = 20;
+    let lines: Vec<&str> = std::iter::once(header)
+        .chain(std::iter::repeat_n(frame.as_str(), 100))
+        .collect();
+    // ~8 KB per host in progress, ~160 KB in all: past the 64 KiB bound.
+    for host in 0..hosts {
+        corpus::send_as(running.forward, &format!("host-{host}"), &lines, 101).await;
+    }
+    mall_test_support::wait_until(
+        "records completed early",
+        Duration::from_secs(20),
+        || async {
+            probe_metrics(running.admin)
+                .await
+                .lines()
+                .find_map(|l| l.strip_prefix("mall_log_ingest_records_completed_early_total "))
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|n| *n > 0.0)
+        },
+    )
+    .await;
+    // Quiet completes the rest; every line arrives, in some record.
+    let sent = (hosts * lines.len()) as u64;
+    mall_test_support::wait_until("every line in Loki", Duration::from_secs(60), || async {
+        (running.loki.accepted().1 >= sent).then_some(())
+    })
+    .await;
+    assert_eq!(running.loki.accepted().1, sent);
+}
+
 /// TailLogs while the corpus is ingested: a tail reading as records come gets exactly the
 /// matching records, masked, in order; a tail whose client reads nothing (a 1 KiB HTTP/2
 /// window) does not hold ingestion back, and what it missed is counted to the record; a

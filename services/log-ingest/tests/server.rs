@@ -129,7 +129,7 @@ async fn an_unknown_setting_fails_start_up_naming_the_key() {
 #[tokio::test]
 async fn impossible_limits_fail_start_up_naming_the_settings() {
     type Change = fn(&mut log_ingest::Settings);
-    let cases: [(&str, Change, &[&str]); 4] = [
+    let cases: [(&str, Change, &[&str]); 5] = [
         (
             "no open streams",
             |s| s.pipeline.max_open_streams = 0,
@@ -147,6 +147,11 @@ async fn impossible_limits_fail_start_up_naming_the_settings() {
                 s.buffer.segment_bytes = s.server.max_message_bytes as u64;
             },
             &["buffer.segment_bytes", "server.max_message_bytes"],
+        ),
+        (
+            "records in progress held to less than one record",
+            |s| s.pipeline.max_pending_bytes = s.parsing.max_record_bytes - 1,
+            &["pipeline.max_pending_bytes", "parsing.max_record_bytes"],
         ),
         (
             "an OTLP budget smaller than one call",
