@@ -161,6 +161,7 @@ impl App {
                 crate::derive::Deriver::register(server.registry(), settings.derived.clone())
                     .context("cannot register the derived metrics")?,
             )),
+            metadata_refused: crate::pipeline::MetadataRefused::default(),
             streams: std::sync::Arc::new(std::sync::Mutex::new(crate::labels::Guard::new(
                 settings.pipeline.max_streams,
                 &settings.pipeline.environment,

@@ -89,7 +89,8 @@ pub fn decode(body: &[u8]) -> Result<PushRequest, String> {
 pub enum Pushed {
     /// Loki took it.
     Accepted,
-    /// Loki refused it for good (400): its reason, without the records' text.
+    /// Loki refused it for good (400): its reason (the first line of its answer, uncut up to
+    /// 64 KiB: Loki names the stream's labels before the reason), without the records' text.
     Refused(String),
     /// Too large for Loki or a proxy before it (413): send it in smaller pieces.
     TooLarge,
@@ -166,7 +167,12 @@ impl LokiClient {
                 }
                 Ok(response) if response.status() == reqwest::StatusCode::BAD_REQUEST => {
                     let reason = response.text().await.unwrap_or_default();
-                    return Some(Pushed::Refused(reason.chars().take(200).collect()));
+                    let first = reason.lines().next().unwrap_or_default();
+                    let mut end = first.len().min(64 * 1024);
+                    while !first.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    return Some(Pushed::Refused(first[..end].to_owned()));
                 }
                 Ok(response) => {
                     let status = response.status();
@@ -319,6 +325,9 @@ mod tests {
             ),
             ("something else entirely", "loki_refused"),
         ] {
+            // Past 200 characters of labels before the phrase, too.
+            let long = message.replacen("{a=", &format!("{{h=\"{}\", a=", "x".repeat(300)), 1);
+            assert_eq!(refusal_reason(&long), reason, "{long}");
             assert_eq!(refusal_reason(message), reason, "{message}");
         }
     }

@@ -470,7 +470,7 @@ impl Parser {
 }
 
 /// A JSON record's time, by the names structured loggers give it, in the order tried.
-const TIME_KEYS: [&str; 4] = ["timestamp", "@timestamp", "time", "ts"];
+const TIME_KEYS: [&str; 4] = ["@timestamp", "timestamp", "time", "ts"];
 
 /// An epoch time in microseconds from a number in seconds, milliseconds, microseconds or
 /// nanoseconds, told apart by size (any of them is above the next unit's range for dates
@@ -602,8 +602,10 @@ fn thread_end(after: &str) -> Option<usize> {
 }
 
 /// A log4j MDC map at the start of a message, as log4j2's `%X` writes it (`{key=value,
-/// key=value} text`, `{}` when empty): its pairs and the message after it. A message not
-/// starting with one comes back whole (`{pk}` or JSON text is not a map of `key=value`).
+/// key=value} text`) holding a trace id: its pairs and the message after it. A message not
+/// starting with one comes back whole: `{pk}` or JSON text is not a map of `key=value`, and
+/// a map without a trace key may be the text itself (Java's `Map.toString()` has the same
+/// shape: `{orderCode=8812}`).
 fn mdc(message: &str) -> (Vec<(&str, &str)>, &str) {
     let whole = (Vec::new(), message);
     let Some(inner) = message.strip_prefix('{') else {
@@ -615,9 +617,6 @@ fn mdc(message: &str) -> (Vec<(&str, &str)>, &str) {
     let rest = &inner[end + 1..];
     let rest = rest.strip_prefix(' ').unwrap_or(rest);
     let body = &inner[..end];
-    if body.is_empty() {
-        return (Vec::new(), rest);
-    }
     let mut pairs = Vec::new();
     for pair in body.split(", ") {
         let Some((key, value)) = pair.split_once('=') else {
@@ -631,6 +630,9 @@ fn mdc(message: &str) -> (Vec<(&str, &str)>, &str) {
             return whole;
         }
         pairs.push((key, value));
+    }
+    if !pairs.iter().any(|(key, _)| is_trace_key(key)) {
+        return whole;
     }
     (pairs, rest)
 }
@@ -1074,11 +1076,12 @@ mod tests {
             [("spanId", "00f067aa0ba902b7"), ("tenant", "master")]
         );
         let log4j = Parser::new(Format::Log4j, SEOUL);
-        // An empty MDC is left out.
-        assert_eq!(
-            start(log4j.line("INFO [main] [X] {} started", 0)).message,
-            "started"
-        );
+        // A map without a trace id may be the text itself (Java's Map.toString()).
+        for text in ["{orderCode=8812}", "{} started"] {
+            let record = start(log4j.line(&format!("INFO [main] [X] {text}"), 0));
+            assert_eq!(record.message, text);
+            assert!(record.fields.is_empty(), "{text}");
+        }
         // In the text.
         for text in [
             "payment declined trace_id=4bf92f3577b34da6a3ce929d0e0e4736 code=51",
@@ -1121,6 +1124,12 @@ mod tests {
         assert_eq!(record.message, "done");
         assert_eq!(record.fields["msg"], "retry");
         assert_eq!(record.fields["time"], "250");
+        // ECS and logstash's `@timestamp` before a `timestamp` argument of the event.
+        let record = start(parser.line(
+            r#"{"@timestamp":"2024-10-28T08:12:00Z","timestamp":"2020-01-01T00:00:00Z","msg":"x"}"#,
+            0,
+        ));
+        assert_eq!(record.time_micros, Some(1_730_103_120_000_000));
         let record = start(parser.line(r#"{"time":250,"msg":"x"}"#, 0));
         assert_eq!(record.time_micros, None);
         // The wrapper's separators in a string time.

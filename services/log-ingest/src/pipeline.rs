@@ -207,6 +207,30 @@ pub struct Pipeline {
     pub streams: Arc<Mutex<labels::Guard>>,
     /// Metrics derived from the records (one push at a time takes it).
     pub derived: Arc<Mutex<Deriver>>,
+    /// When Loki last refused structured metadata (see [`MetadataRefused`]).
+    pub metadata_refused: MetadataRefused,
+}
+
+/// Whether Loki refuses structured metadata (`allow_structured_metadata` off): from its
+/// refusal on, pushes go without metadata for [`METADATA_REPROBE`], then one goes with it
+/// again to see whether Loki now allows it (so a misconfigured Loki costs one refused
+/// push per period, not one per push).
+#[derive(Debug, Clone, Default)]
+pub struct MetadataRefused(Arc<Mutex<Option<Instant>>>);
+
+/// How long pushes go without metadata after Loki refused it, before trying with it again.
+const METADATA_REPROBE: Duration = Duration::from_secs(600);
+
+impl MetadataRefused {
+    /// Whether pushes go without metadata now.
+    fn now(&self) -> bool {
+        crate::lock(&self.0).is_some_and(|at| at.elapsed() < METADATA_REPROBE)
+    }
+
+    /// Loki refused metadata just now.
+    fn refused(&self) {
+        *crate::lock(&self.0) = Some(Instant::now());
+    }
 }
 
 /// One stream's state.
@@ -521,6 +545,7 @@ impl Pipeline {
             tails: self.tails.clone(),
             streams: self.streams.clone(),
             derived: self.derived.clone(),
+            metadata_refused: self.metadata_refused.clone(),
         }
     }
 
@@ -822,6 +847,7 @@ struct Pusher {
     tails: Tails,
     streams: Arc<Mutex<labels::Guard>>,
     derived: Arc<Mutex<Deriver>>,
+    metadata_refused: MetadataRefused,
 }
 
 impl Pusher {
@@ -967,6 +993,9 @@ impl Pusher {
         // may be too old).
         let mut refused: Option<(usize, Arc<str>, String)> = None;
         while let Some(mut piece) = pieces.pop() {
+            if self.metadata_refused.now() {
+                self.strip_metadata(&mut piece);
+            }
             match self.send(&mut piece, stop).await {
                 None => return false,
                 Some(Pushed::Accepted) => {
@@ -985,19 +1014,12 @@ impl Pusher {
                             .iter()
                             .any(|i| !i.entry.structured_metadata.is_empty()) =>
                 {
-                    let mut stripped = 0;
-                    for item in &mut piece {
-                        if !item.entry.structured_metadata.is_empty() {
-                            item.entry.structured_metadata.clear();
-                            stripped += 1;
-                        }
-                    }
-                    self.metrics.metadata_refused.inc_by(stripped);
-                    if !METADATA_REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                        tracing::error!(
-                            "Loki refuses structured metadata (limits_config.allow_structured_metadata is off, or its schema is older than v13): records are pushed without their trace id, logger, thread and fields until it is allowed (counted in loki_metadata_refused_total)"
-                        );
-                    }
+                    // Once per re-probe period: a standing configuration, not an event.
+                    tracing::error!(
+                        "Loki refuses structured metadata (limits_config.allow_structured_metadata is off, or its schema is older than v13): records are pushed without their trace id, logger, thread and fields until it is allowed (counted in loki_metadata_refused_total; tried again every 10 minutes)"
+                    );
+                    self.metadata_refused.refused();
+                    self.strip_metadata(&mut piece);
                     pieces.push(piece);
                 }
                 Some(Pushed::Refused(_) | Pushed::TooLarge) if piece.len() > 1 => {
@@ -1014,11 +1036,13 @@ impl Pusher {
                         ])
                         .inc();
                     let first = refused.get_or_insert_with(|| {
-                        (
-                            0,
-                            piece[0].labels.clone(),
-                            reason.lines().next().unwrap_or_default().to_owned(),
-                        )
+                        // Loki's message names the labels (logged beside it) before the
+                        // reason: its end says why.
+                        let start = reason.len().saturating_sub(300);
+                        let start = (start..reason.len())
+                            .find(|i| reason.is_char_boundary(*i))
+                            .unwrap_or(reason.len());
+                        (0, piece[0].labels.clone(), reason[start..].to_owned())
                     });
                     first.0 += 1;
                 }
@@ -1046,6 +1070,19 @@ impl Pusher {
             );
         }
         true
+    }
+
+    /// Takes the structured metadata off `piece`'s entries (Loki refuses it), counting
+    /// the records that had some.
+    fn strip_metadata(&self, piece: &mut [Item]) {
+        let mut stripped = 0;
+        for item in piece {
+            if !item.entry.structured_metadata.is_empty() {
+                item.entry.structured_metadata.clear();
+                stripped += 1;
+            }
+        }
+        self.metrics.metadata_refused.inc_by(stripped);
     }
 
     /// One push of `items`, grouped into streams. Their entries are moved into the request
@@ -1146,10 +1183,6 @@ impl Drop for Waiting {
             .fetch_sub(self.count, std::sync::atomic::Ordering::Relaxed);
     }
 }
-
-/// Whether Loki's refusal of structured metadata was logged already (once per process: it
-/// is a standing configuration, counted in `loki_metadata_refused_total` from then on).
-static METADATA_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Waits for the oldest push in flight; whether it went through.
 async fn finish(in_flight: &mut InFlight) -> bool {

@@ -243,7 +243,13 @@ async fn records_go_without_metadata_to_a_loki_that_refuses_it() {
     running.loki.disallow_structured_metadata(true);
     let lines: Vec<&str> = CORPUS.lines().take(100).collect();
     let want = model(&lines);
-    send(running.forward, &lines, 25).await;
+    // A long host name: Loki names the stream's labels before its reason, past the first
+    // 200 characters of its answer.
+    let host = format!(
+        "ip-10-120-33-201.{}.compute.internal",
+        "ap-northeast-2".repeat(6)
+    );
+    corpus::send_as(running.forward, &host, &lines, 25).await;
     wait_for(&running.loki, want.len()).await;
     let received = running.loki.received();
     assert_eq!(received.len(), want.len(), "every record once");
@@ -266,6 +272,9 @@ async fn records_go_without_metadata_to_a_loki_that_refuses_it() {
         .expect("the counter");
     // Every wrapper record has a logger and thread in metadata.
     assert_eq!(stripped, want.len() as f64, "{metrics}");
+    // One push was refused; the rest went without metadata at once (for ten minutes,
+    // then one tries with it again).
+    assert_eq!(running.loki.counts().1, 1, "pushes refused");
 }
 
 /// Many hosts each in the middle of a large trace: past `pipeline.max_pending_bytes` the
@@ -274,10 +283,11 @@ async fn records_go_without_metadata_to_a_loki_that_refuses_it() {
 #[tokio::test]
 async fn records_in_progress_of_all_hosts_together_stay_within_their_bound() {
     let running = start_with(|settings| {
-        settings.parsing.max_record_bytes = 32 * 1024;
-        settings.pipeline.max_pending_bytes = 64 * 1024;
-        // Long enough that no record completes by quiet while the hosts send.
-        settings.pipeline.flush_after = Duration::from_secs(3);
+        settings.parsing.max_record_bytes = 8 * 1024;
+        settings.pipeline.max_pending_bytes = 16 * 1024;
+        // Long enough that no record completes by quiet while the hosts send (four
+        // hosts' records in progress pass the bound).
+        settings.pipeline.flush_after = Duration::from_secs(5);
     })
     .await;
     let header = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ERROR [main] [X] failed";
@@ -287,11 +297,17 @@ async fn records_in_progress_of_all_hosts_together_stay_within_their_bound() {
     );
     let hosts = 20;
     let lines: Vec<&str> = std::iter::once(header)
-        .chain(std::iter::repeat_n(frame.as_str(), 100))
+        .chain(std::iter::repeat_n(frame.as_str(), 50))
         .collect();
-    // ~8 KB per host in progress, ~160 KB in all: past the 64 KiB bound.
+    // ~5 KB per host in progress, ~100 KB in all: past the 16 KiB bound.
     for host in 0..hosts {
-        corpus::send_as(running.forward, &format!("host-{host}"), &lines, 101).await;
+        corpus::send_as(
+            running.forward,
+            &format!("host-{host}"),
+            &lines,
+            lines.len(),
+        )
+        .await;
     }
     mall_test_support::wait_until(
         "records completed early",
