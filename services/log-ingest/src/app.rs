@@ -29,6 +29,9 @@ use crate::{
 pub struct App {
     server: GrpcServer,
     forward_addr: SocketAddr,
+    /// Cancelled by a task that cannot go on (the buffer cannot write, the pipeline
+    /// stopped): the process drains and ends with an error, for Kubernetes to restart it.
+    fatal: tokio_util::sync::CancellationToken,
 }
 
 impl App {
@@ -170,11 +173,12 @@ impl App {
         // A buffer that cannot write refuses every append from then on, and only a restart
         // (reopening rescans its last segment) recovers: stop the process rather than serve
         // on, green, refusing every sender.
-        let (watched, stop) = (pipeline.buffer.clone(), shutdown.clone());
+        let fatal = tokio_util::sync::CancellationToken::new();
+        let (watched, stop, failing) = (pipeline.buffer.clone(), shutdown.clone(), fatal.clone());
         server.spawn("buffer watch", async move {
             tokio::select! {
                 () = watched.failed() => {
-                    stop.cancel();
+                    failing.cancel();
                     anyhow::bail!("the buffer cannot write to its disk; shutting down so the process restarts and reopens it")
                 }
                 () = stop.cancelled() => Ok(()),
@@ -185,6 +189,7 @@ impl App {
             forward.run(until).await;
             Ok(())
         });
+        let failing = fatal.clone();
         server.spawn("pipeline to Loki", async move {
             pipeline.run(start, shutdown.clone()).await;
             if shutdown.is_cancelled() {
@@ -193,7 +198,7 @@ impl App {
             // Only a bug (a panicking push) stops it otherwise. Inputs would go on
             // acknowledging into a buffer nobody reads: stop the process instead, so it
             // restarts and resumes from the buffer.
-            shutdown.cancel();
+            failing.cancel();
             anyhow::bail!("the pipeline to Loki stopped; shutting down so the process restarts from its buffer")
         });
         server.add_service(
@@ -215,6 +220,7 @@ impl App {
         Ok(Self {
             server,
             forward_addr,
+            fatal,
         })
     }
 
@@ -239,12 +245,27 @@ impl App {
         self.server.admin_addr()
     }
 
-    /// Serves until `shutdown` completes, then drains.
+    /// Serves until `shutdown` completes, or a task cannot go on, then drains.
     ///
     /// # Errors
-    /// When a server fails.
+    /// When a server fails, or a task stopped the process (the buffer cannot write, the
+    /// pipeline stopped: its ERROR line says which), so that it exits with a failure.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        self.server.run_until(shutdown).await
+        let fatal = self.fatal.clone();
+        let stopped = self.fatal.clone();
+        self.server
+            .run_until(async move {
+                tokio::select! {
+                    () = shutdown => {}
+                    () = stopped.cancelled() => {}
+                }
+            })
+            .await?;
+        anyhow::ensure!(
+            !fatal.is_cancelled(),
+            "log-ingest stopped itself after draining (the ERROR line before this says why); a restart resumes from its buffer"
+        );
+        Ok(())
     }
 }
 

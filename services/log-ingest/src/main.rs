@@ -18,6 +18,8 @@ async fn main() -> anyhow::Result<()> {
     let telemetry = mall_telemetry::init(log_ingest::SERVICE, &settings.telemetry)?;
     // Before the listeners exist: a SIGTERM as soon as they answer is a clean shutdown.
     let shutdown = mall_grpc::shutdown_signal();
-    App::build(settings).await?.run_until(shutdown).await?;
-    telemetry.shutdown()
+    let ran = App::build(settings).await?.run_until(shutdown).await;
+    // Spans and logs flushed either way; a stop of its own ends the process with an error.
+    telemetry.shutdown()?;
+    ran
 }

@@ -934,9 +934,11 @@ async fn a_buffer_that_cannot_write_stops_the_process() {
         (1..60).contains(&acknowledged),
         "the first segment's worth acknowledged, then none: {acknowledged}"
     );
-    tokio::time::timeout(Duration::from_secs(10), app.running)
+    let ended = tokio::time::timeout(Duration::from_secs(10), app.running)
         .await
         .expect("stopped by itself")
-        .expect("joins")
-        .expect("stops without a server error");
+        .expect("joins");
+    // After its drain, with an error: the process exits with a failure.
+    let error = ended.expect_err("a failure").to_string();
+    assert!(error.contains("stopped itself"), "{error}");
 }
