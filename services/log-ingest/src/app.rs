@@ -210,15 +210,12 @@ impl App {
             })
             .max_decoding_message_size(settings.server.max_message_bytes),
         );
-        // As many exports decoded at once as the budget holds of the largest.
-        let slots = settings.otlp.max_bytes_in_flight / settings.server.max_message_bytes;
         server
-            .add_service(crate::otlp_input::Decoding::new(
+            .add_service(
                 LogsServiceServer::new(otlp)
                     .max_decoding_message_size(settings.server.max_message_bytes)
                     .accept_compressed(CompressionEncoding::Gzip),
-                slots,
-            ))
+            )
             .add_descriptor_set(opentelemetry_proto::DESCRIPTORS);
         Ok(Self {
             server,

@@ -169,64 +169,6 @@ impl LogsService for OtlpInput {
     }
 }
 
-/// The OTLP service with at most `slots` exports between the start of their call and their
-/// answer: the wait is before tonic reads and decodes the body (which it does whole, before
-/// the handler can weigh it against `otlp.max_bytes_in_flight`), so exports being decoded
-/// at once are bounded too. A call waiting here is held back by HTTP/2 flow control (at
-/// most a window of its bytes arrive), within the server's `request_timeout`.
-///
-/// A `tower` service of our own rather than `tower::limit::ConcurrencyLimit`: the server
-/// needs the inner service's name (`NamedService`) to route and report it.
-#[derive(Debug, Clone)]
-pub struct Decoding<S> {
-    inner: S,
-    slots: Arc<Semaphore>,
-}
-
-impl<S> Decoding<S> {
-    /// `inner` with at most `slots` calls in it at once (at least one).
-    pub fn new(inner: S, slots: usize) -> Self {
-        Self {
-            inner,
-            slots: Arc::new(Semaphore::new(slots.max(1))),
-        }
-    }
-}
-
-impl<S: tonic::server::NamedService> tonic::server::NamedService for Decoding<S> {
-    const NAME: &'static str = S::NAME;
-}
-
-impl<S, B> tower::Service<http::Request<B>> for Decoding<S>
-where
-    S: tower::Service<http::Request<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // The clone made ready above goes with this call (tower's rule); a fresh clone stays.
-        let fresh = self.inner.clone();
-        let mut ready = std::mem::replace(&mut self.inner, fresh);
-        let slots = self.slots.clone();
-        Box::pin(async move {
-            // The semaphore is never closed.
-            let _slot = slots.acquire_owned().await;
-            ready.call(request).await
-        })
-    }
-}
-
 /// Records an export rejected, and why (the first reason, with how many others).
 #[derive(Debug, Default)]
 struct Rejected {
@@ -704,33 +646,5 @@ mod tests {
         };
         let event = event(log, "", "", 1_000_000).expect("valid");
         assert_eq!(event.time_nanos, 1_000_000);
-    }
-
-    /// At most `slots` calls are inside the wrapped service at once; the others wait and
-    /// then go through.
-    #[tokio::test]
-    async fn exports_past_the_slots_wait_their_turn() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use tower::ServiceExt as _;
-        let (inside, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (i, m) = (inside.clone(), most.clone());
-        let inner = tower::service_fn(move |_: http::Request<()>| {
-            let (inside, most) = (i.clone(), m.clone());
-            async move {
-                let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
-                most.fetch_max(now, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                inside.fetch_sub(1, Ordering::SeqCst);
-                Ok::<_, std::convert::Infallible>(http::Response::new(()))
-            }
-        });
-        let service = Decoding::new(inner, 2);
-        let calls: Vec<_> = (0..6)
-            .map(|_| tokio::spawn(service.clone().oneshot(http::Request::new(()))))
-            .collect();
-        for call in calls {
-            call.await.expect("joins").expect("answered");
-        }
-        assert_eq!(most.load(Ordering::SeqCst), 2);
     }
 }
