@@ -602,10 +602,10 @@ fn thread_end(after: &str) -> Option<usize> {
 }
 
 /// A log4j MDC map at the start of a message, as log4j2's `%X` writes it (`{key=value,
-/// key=value} text`) holding a trace id: its pairs and the message after it. A message not
-/// starting with one comes back whole: `{pk}` or JSON text is not a map of `key=value`, and
-/// a map without a trace key may be the text itself (Java's `Map.toString()` has the same
-/// shape: `{orderCode=8812}`).
+/// key=value} text`) holding a trace id: its pairs and the message after it (an empty one,
+/// `{}`, is left out too). A message not starting with one comes back whole: `{pk}` or JSON
+/// text is not a map of `key=value`, and a map without a trace key may be the text itself
+/// (Java's `Map.toString()` has the same shape: `{orderCode=8812}`).
 fn mdc(message: &str) -> (Vec<(&str, &str)>, &str) {
     let whole = (Vec::new(), message);
     let Some(inner) = message.strip_prefix('{') else {
@@ -617,6 +617,10 @@ fn mdc(message: &str) -> (Vec<(&str, &str)>, &str) {
     let rest = &inner[end + 1..];
     let rest = rest.strip_prefix(' ').unwrap_or(rest);
     let body = &inner[..end];
+    if body.is_empty() {
+        // `%X` with nothing in the MDC: no trace id, nothing for the text.
+        return (Vec::new(), rest);
+    }
     let mut pairs = Vec::new();
     for pair in body.split(", ") {
         let Some((key, value)) = pair.split_once('=') else {
@@ -1076,12 +1080,13 @@ mod tests {
             [("spanId", "00f067aa0ba902b7"), ("tenant", "master")]
         );
         let log4j = Parser::new(Format::Log4j, SEOUL);
+        // An empty MDC (`%X` writes `{}`) is left out.
+        let record = start(log4j.line("INFO [main] [X] {} started", 0));
+        assert_eq!(record.message, "started");
         // A map without a trace id may be the text itself (Java's Map.toString()).
-        for text in ["{orderCode=8812}", "{} started"] {
-            let record = start(log4j.line(&format!("INFO [main] [X] {text}"), 0));
-            assert_eq!(record.message, text);
-            assert!(record.fields.is_empty(), "{text}");
-        }
+        let record = start(log4j.line("INFO [main] [X] {orderCode=8812}", 0));
+        assert_eq!(record.message, "{orderCode=8812}");
+        assert!(record.fields.is_empty());
         // In the text.
         for text in [
             "payment declined trace_id=4bf92f3577b34da6a3ce929d0e0e4736 code=51",
