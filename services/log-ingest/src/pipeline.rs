@@ -892,9 +892,12 @@ impl Pusher {
         let mut metadata: Vec<loki::LabelPair> = labels
             .folded
             .into_iter()
-            .map(|(name, value)| loki::LabelPair {
-                name: name.to_owned(),
-                value,
+            .map(|(name, mut value)| {
+                cap_value(&mut value);
+                loki::LabelPair {
+                    name: name.to_owned(),
+                    value,
+                }
             })
             .collect();
         let labels = labels.selector;
@@ -904,9 +907,11 @@ impl Pusher {
             ("thread", &mut record.thread),
         ] {
             if !value.is_empty() {
+                let mut value = std::mem::take(value);
+                cap_value(&mut value);
                 metadata.push(loki::LabelPair {
                     name: name.to_owned(),
-                    value: std::mem::take(value),
+                    value,
                 });
             }
         }
@@ -1138,6 +1143,23 @@ impl Pusher {
 /// those that do not fit.
 const MAX_FIELDS: usize = 64;
 const MAX_FIELD_BYTES: usize = 16 * 1024;
+
+/// The longest logger, thread or folded label value kept in structured metadata (Loki's
+/// label value limit): with the fields' 16 KiB, an entry's metadata stays far inside the
+/// 64 KB over which Loki refuses the whole entry, so a record is never dropped for a
+/// runaway thread name.
+const MAX_METADATA_VALUE_BYTES: usize = 2048;
+
+/// Cuts `value` to [`MAX_METADATA_VALUE_BYTES`], at a character boundary.
+fn cap_value(value: &mut String) {
+    if value.len() > MAX_METADATA_VALUE_BYTES {
+        let mut end = MAX_METADATA_VALUE_BYTES;
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        value.truncate(end);
+    }
+}
 
 /// Adds a record's `fields` (JSON keys, OTLP attributes, logfmt pairs, captures, an access
 /// log's parts) to its structured metadata, their names made label names (`http.method`

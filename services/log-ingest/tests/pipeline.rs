@@ -234,6 +234,29 @@ async fn a_record_loki_refuses_is_dropped_alone_and_counted() {
     assert_eq!(shipped, records as f64, "{metrics}");
 }
 
+/// A runaway thread name (a malformed line) would make the entry's structured metadata
+/// larger than Loki takes (64 KB), and Loki would refuse the whole record: the logger and
+/// thread are cut to 2,048 bytes in metadata, and the record goes.
+#[tokio::test]
+async fn a_record_with_a_huge_thread_name_is_not_refused() {
+    let running = start_with(|_| {}).await;
+    let thread = "t".repeat(70_000);
+    let line = format!(
+        "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ERROR [{thread}] [X] cart failed"
+    );
+    send(running.forward, &[line.as_str()], 1).await;
+    wait_for(&running.loki, 1).await;
+    let received = running.loki.received();
+    assert_eq!(received[0].entry.line, "cart failed");
+    let kept = received[0]
+        .entry
+        .structured_metadata
+        .iter()
+        .find(|p| p.name == "thread")
+        .map(|p| p.value.len());
+    assert_eq!(kept, Some(2048));
+}
+
 /// A Loki that takes no structured metadata (Loki 2.9's default, or 3.x with
 /// `allow_structured_metadata: false`) refuses every entry carrying some: that is its
 /// configuration, not the records' fault, so they go without it (counted), none dropped.
