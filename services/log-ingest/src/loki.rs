@@ -168,10 +168,7 @@ impl LokiClient {
                 Ok(response) if response.status() == reqwest::StatusCode::BAD_REQUEST => {
                     let reason = response.text().await.unwrap_or_default();
                     let first = reason.lines().next().unwrap_or_default();
-                    let mut end = first.len().min(64 * 1024);
-                    while !first.is_char_boundary(end) {
-                        end -= 1;
-                    }
+                    let end = first.floor_char_boundary(64 * 1024);
                     return Some(Pushed::Refused(first[..end].to_owned()));
                 }
                 Ok(response) => {
@@ -213,7 +210,7 @@ impl LokiClient {
 /// Loki's reason for refusing an entry (its `discarded_samples_total` reason names), read
 /// from its 400 answer's message; `loki_refused` for one not known here.
 pub fn refusal_reason(message: &str) -> &'static str {
-    const KNOWN: [(&str, &str); 12] = [
+    const KNOWN: [(&str, &str); 14] = [
         ("timestamp too old", "greater_than_max_sample_age"),
         ("timestamp too new", "too_far_in_future"),
         ("Max entry size", "line_too_long"),
@@ -235,16 +232,14 @@ pub fn refusal_reason(message: &str) -> &'static str {
         ("label pair is required", "invalid_labels"),
         ("label names; limit", "invalid_labels"),
         ("label value too long", "invalid_labels"),
+        ("label name too long", "invalid_labels"),
+        ("duplicate label name", "invalid_labels"),
     ];
     let first = message.lines().next().unwrap_or_default();
-    KNOWN.iter().find(|(says, _)| first.contains(says)).map_or(
-        if first.contains("label name too long") || first.contains("duplicate label name") {
-            "invalid_labels"
-        } else {
-            "loki_refused"
-        },
-        |(_, reason)| reason,
-    )
+    KNOWN
+        .iter()
+        .find(|(says, _)| first.contains(says))
+        .map_or("loki_refused", |(_, reason)| reason)
 }
 
 /// A `Retry-After` value (RFC 9110): seconds, or an HTTP-date (how long until it, zero

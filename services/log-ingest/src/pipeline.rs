@@ -1043,10 +1043,7 @@ impl Pusher {
                     let first = refused.get_or_insert_with(|| {
                         // Loki's message names the labels (logged beside it) before the
                         // reason: its end says why.
-                        let start = reason.len().saturating_sub(300);
-                        let start = (start..reason.len())
-                            .find(|i| reason.is_char_boundary(*i))
-                            .unwrap_or(reason.len());
+                        let start = reason.ceil_char_boundary(reason.len().saturating_sub(300));
                         (0, piece[0].labels.clone(), reason[start..].to_owned())
                     });
                     first.0 += 1;
@@ -1152,13 +1149,8 @@ const MAX_METADATA_VALUE_BYTES: usize = 2048;
 
 /// Cuts `value` to [`MAX_METADATA_VALUE_BYTES`], at a character boundary.
 fn cap_value(value: &mut String) {
-    if value.len() > MAX_METADATA_VALUE_BYTES {
-        let mut end = MAX_METADATA_VALUE_BYTES;
-        while !value.is_char_boundary(end) {
-            end -= 1;
-        }
-        value.truncate(end);
-    }
+    let end = value.floor_char_boundary(MAX_METADATA_VALUE_BYTES);
+    value.truncate(end);
 }
 
 /// Adds a record's `fields` (JSON keys, OTLP attributes, logfmt pairs, captures, an access
