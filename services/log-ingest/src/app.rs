@@ -210,12 +210,15 @@ impl App {
             })
             .max_decoding_message_size(settings.server.max_message_bytes),
         );
+        // Bytes of exports counted as they arrive, from the budget the handler uses.
+        let budget = otlp.budget.clone();
         server
-            .add_service(
+            .add_service(crate::otlp_input::Receiving::new(
                 LogsServiceServer::new(otlp)
                     .max_decoding_message_size(settings.server.max_message_bytes)
                     .accept_compressed(CompressionEncoding::Gzip),
-            )
+                budget,
+            ))
             .add_descriptor_set(opentelemetry_proto::DESCRIPTORS);
         Ok(Self {
             server,

@@ -102,14 +102,7 @@ impl LogsService for OtlpInput {
                 .map(|s| s.log_records.len())
                 .sum();
             count("refused_busy", records);
-            return Err(ServiceError::RetryLater {
-                reason: "BUSY",
-                message: "log-ingest is storing as many exports as otlp.max_bytes_in_flight \
-                          allows; nothing of this export was acknowledged"
-                    .to_owned(),
-                retry_after: RETRY_AFTER,
-            }
-            .into());
+            return Err(busy());
         };
         // Converting a large export is CPU work: off the runtime's workers, so the other
         // inputs and the pipeline go on meanwhile.
@@ -167,6 +160,117 @@ impl LogsService for OtlpInput {
             }),
         }))
     }
+}
+
+/// The OTLP service with the bytes of each export counted against `otlp.max_bytes_in_flight`
+/// as they arrive, before tonic has the export whole (it reads and decodes it before the
+/// handler can weigh it). A frame that would pass the budget fails its call at once with
+/// UNAVAILABLE and RetryInfo, as the handler's own refusal does; nothing of it is taken.
+/// Nothing waits: a call held back here would hold its unread bytes in the connection's
+/// shared HTTP/2 window and stall the other calls on that connection (why an earlier
+/// version, which queued calls, was reverted). A refused call's stream is reset, and HTTP/2
+/// gives its window back.
+///
+/// The count is released when tonic has decoded the export and the handler takes the
+/// export's encoded size instead (from the same budget). Bytes are counted as sent: a gzip
+/// export's inflated form (at most `server.max_message_bytes`) is made and decoded in one
+/// step, on as many threads as the runtime has.
+///
+/// A `tower` service of our own rather than a `tower` layer: the server routes by the inner
+/// service's name (`NamedService`), which a layer's service does not carry.
+#[derive(Debug, Clone)]
+pub struct Receiving<S> {
+    inner: S,
+    budget: Arc<Semaphore>,
+}
+
+impl<S> Receiving<S> {
+    /// `inner` with its request bodies counted against `budget`.
+    pub fn new(inner: S, budget: Arc<Semaphore>) -> Self {
+        Self { inner, budget }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Receiving<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for Receiving<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let (parts, body) = request.into_parts();
+        let body = tonic::body::Body::new(Counted {
+            body,
+            budget: self.budget.clone(),
+            held: None,
+        });
+        self.inner.call(http::Request::from_parts(parts, body))
+    }
+}
+
+/// A request body whose bytes hold permits of the budget until it is dropped.
+struct Counted {
+    body: tonic::body::Body,
+    budget: Arc<Semaphore>,
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(std::pin::Pin::new(&mut this.body).poll_frame(cx));
+        if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
+            // An HTTP/2 frame is at most 16 MiB, within what `try_acquire_many` counts.
+            let size = u32::try_from(data.len()).unwrap_or(u32::MAX);
+            match this.budget.clone().try_acquire_many_owned(size) {
+                Ok(permit) => match &mut this.held {
+                    Some(held) => held.merge(permit),
+                    None => this.held = Some(permit),
+                },
+                Err(_) => return std::task::Poll::Ready(Some(Err(busy()))),
+            }
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The answer to an export that would pass `otlp.max_bytes_in_flight`.
+fn busy() -> Status {
+    ServiceError::RetryLater {
+        reason: "BUSY",
+        message: "log-ingest is receiving and storing as many exports as \
+                  otlp.max_bytes_in_flight allows; nothing of this export was acknowledged"
+            .to_owned(),
+        retry_after: RETRY_AFTER,
+    }
+    .into()
 }
 
 /// Records an export rejected, and why (the first reason, with how many others).

@@ -460,3 +460,121 @@ fn assert_retry_later(status: &tonic::Status, reason: &str) {
         Some(reason)
     );
 }
+
+/// A request body sent as the test hands it frames, held open in between.
+struct Held(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl http_body::Body for Held {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|data| data.map(|data| Ok(http_body::Frame::data(data))))
+    }
+}
+
+/// Starts an export whose message header announces 2,000,000 bytes, of which 1.5 MiB are
+/// sent; the rest never comes (the call ends when the returned sender is dropped).
+async fn hold(
+    channel: &tonic::transport::Channel,
+    grpc: std::net::SocketAddr,
+) -> (
+    tokio::sync::mpsc::Sender<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<http::Response<tonic::body::Body>, tonic::transport::Error>>,
+) {
+    use tower::ServiceExt as _;
+    let (send, frames) = tokio::sync::mpsc::channel(2);
+    let mut head = vec![0_u8];
+    head.extend_from_slice(&2_000_000_u32.to_be_bytes());
+    send.send(bytes::Bytes::from(head)).await.expect("open");
+    send.send(bytes::Bytes::from(vec![0_u8; 3 << 19]))
+        .await
+        .expect("open");
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{grpc}/opentelemetry.proto.collector.logs.v1.LogsService/Export"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(Held(frames)))
+        .expect("a request");
+    let held = tokio::spawn(channel.clone().oneshot(request));
+    // Room for its bytes to arrive before anything else is sent.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (send, held)
+}
+
+/// The bytes of an export still arriving count against `otlp.max_bytes_in_flight` before
+/// tonic has it whole: while 1.5 MiB of one export have arrived and its sender holds the
+/// rest back, an export of 800 KiB is answered UNAVAILABLE with RetryInfo at once, nothing
+/// of it taken; once the held call ends, its bytes are given back and the export goes
+/// through. Every record stored reaches Loki once.
+#[tokio::test]
+async fn bytes_of_exports_still_arriving_count_against_the_budget() {
+    let app = start_with(|s| {
+        s.server.max_message_bytes = 2 << 20;
+        s.otlp.max_bytes_in_flight = 2 << 20;
+        s.forward.max_message_bytes = 64 * 1024;
+        s.buffer.segment_bytes = 4 << 20;
+    })
+    .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.grpc))
+        .expect("an address")
+        .connect()
+        .await
+        .expect("connects");
+    let mut client = client(app.grpc).await;
+    let body = "y".repeat(100 * 1024);
+    let records = |n: u64| -> Vec<LogRecord> {
+        (0..8)
+            .map(|i| log(&format!("{n} {i} {body}"), 1_000 + n * 8 + i))
+            .collect()
+    };
+    let (mut send, mut held) = hold(&channel, app.grpc).await;
+    let mut stored = 0_u64;
+    let refused = loop {
+        assert!(
+            stored < 20,
+            "no export was refused while 1.5 MiB of another arrived"
+        );
+        let answer = client.export(export("storefront", records(stored))).await;
+        stored += u64::from(answer.is_ok());
+        if held.is_finished() {
+            // Its bytes and the export's arrived together and the held call was the one
+            // refused: hold again.
+            (send, held) = hold(&channel, app.grpc).await;
+            continue;
+        }
+        if let Err(status) = answer {
+            break status;
+        }
+    };
+    assert_retry_later(&refused, "BUSY");
+    // The held call ends short of its message: an error for it, and its bytes given back.
+    drop(send);
+    let answer = held.await.expect("joins").expect("answered");
+    assert_ne!(
+        answer.headers().get("grpc-status").map(|s| s.as_bytes()),
+        Some(&b"0"[..]),
+        "a call whose message never ended is not answered OK"
+    );
+    client
+        .export(export("storefront", records(stored)))
+        .await
+        .expect("stored once the held bytes are given back");
+    stored += 1;
+    let expected = usize::try_from(stored * 8).expect("small");
+    wait_for(&app.loki, expected).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        app.loki.received().len(),
+        expected,
+        "every stored record once"
+    );
+}
