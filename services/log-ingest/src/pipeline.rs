@@ -265,6 +265,7 @@ impl StreamState {
     fn complete(&mut self) -> Option<Ready> {
         let mut record = self.grouper.flush()?;
         record.first_line = self.pending_chunk_line;
+        let tie = self.pending_tie();
         self.pending_from = None;
         Some(Ready {
             record,
@@ -272,8 +273,33 @@ impl StreamState {
             tag: self.tag.clone(),
             host: self.host.clone(),
             fallback_nanos: self.pending_event_time,
+            tie,
         })
     }
+
+    /// The tie-breaker of the record in progress, from where its first line is.
+    fn pending_tie(&self) -> u32 {
+        tie_breaker(
+            self.pending_from.map_or(Position::default(), |(_, at)| at),
+            self.pending_chunk_line,
+        )
+    }
+}
+
+/// Nanoseconds (0–999) added below an entry's microsecond: Loki keeps one entry of a
+/// stream per timestamp and line, so two identical lines in the same millisecond (a
+/// wrapper line twice) or second (an access log's precision) would otherwise be one.
+/// Made from where the record's first line is in the buffer (its batch and the line's
+/// place in it), so a record rebuilt after a restart has the same one, and Loki collapses
+/// it with the copy pushed before. Records of one batch differ (their places differ by
+/// less than 1,000 within a chunk); identical lines of two batches in the same second
+/// collide once in 1,000.
+fn tie_breaker(at: Position, line: usize) -> u32 {
+    // A fixed mix (not a seeded hasher): it must be the same in every process.
+    let mixed = (at.segment.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ at.offset)
+        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let line = u64::try_from(line).unwrap_or(u64::MAX);
+    u32::try_from(((mixed >> 32).wrapping_add(line)) % 1_000).unwrap_or(0)
 }
 
 /// Stream (tag and host) of the pipeline's state.
@@ -364,6 +390,8 @@ struct Ready {
     tag: Arc<str>,
     host: Arc<str>,
     fallback_nanos: i64,
+    /// Nanoseconds below the entry's microsecond ([`tie_breaker`]).
+    tie: u32,
 }
 
 impl Pipeline {
@@ -608,7 +636,7 @@ impl Pipeline {
             .with_label_values(&[source_label(source)])
             .inc_by(batch.events.len() as u64);
         if source == Source::Otlp {
-            self.feed_otlp(batch, ready);
+            self.feed_otlp(batch, at, ready);
             return;
         }
         let parser = Parser::new(self.format_of(&batch.tag), self.zone);
@@ -671,6 +699,7 @@ impl Pipeline {
                     streams.fed += text.len();
                     let before = state.grouper.pending_first_line();
                     let fallback = state.pending_event_time;
+                    let tie = state.pending_tie();
                     state
                         .grouper
                         .push(&state.parser, self.caps, text, state.lines, &mut out);
@@ -683,6 +712,7 @@ impl Pipeline {
                             tag: state.tag.clone(),
                             host: state.host.clone(),
                             fallback_nanos: fallback,
+                            tie,
                         });
                     }
                     let now_pending = state.grouper.pending_first_line();
@@ -753,11 +783,13 @@ impl Pipeline {
     /// it is ready at once. A service with a parser configured has its bodies parsed (a
     /// log4j line, a stack trace); the record's OTLP severity, trace id, logger, thread
     /// and attributes fill in what the body does not say.
-    fn feed_otlp(&self, batch: Batch, ready: &mut Vec<Ready>) {
+    fn feed_otlp(&self, batch: Batch, at: Position, ready: &mut Vec<Ready>) {
         let parser = self
             .configured_format(&batch.tag)
             .map(|format| Parser::new(format, self.zone));
         let tag: Arc<str> = Arc::from(batch.tag.as_str());
+        // Records of the batch before the current one (for the tie-breaker).
+        let mut n = 0_usize;
         for event in &batch.events {
             let otlp = otlp_input::record(&event.to_event());
             let records = match &parser {
@@ -786,7 +818,9 @@ impl Pipeline {
                     tag: Arc::clone(&tag),
                     host: Arc::from(otlp.host.as_str()),
                     fallback_nanos: event.time_nanos,
+                    tie: tie_breaker(at, n),
                 });
+                n += 1;
             }
         }
     }
@@ -889,6 +923,9 @@ impl Pusher {
         let nanos = record
             .time_micros
             .map_or(ready.fallback_nanos, |m| m.saturating_mul(1_000));
+        let nanos = nanos
+            .saturating_sub(nanos.rem_euclid(1_000))
+            .saturating_add(i64::from(ready.tie));
         let mut metadata: Vec<loki::LabelPair> = labels
             .folded
             .into_iter()

@@ -98,7 +98,10 @@ async fn the_corpus_arrives_in_loki_record_by_record_with_traces_whole_and_addre
         .map(|r| r.entry.timestamp.expect("a time"))
         .min_by_key(|t| (t.seconds, t.nanos))
         .expect("some");
-    assert_eq!((first.seconds, first.nanos), (1_730_103_120, 41_000_000));
+    assert_eq!(
+        (first.seconds, first.nanos / 1_000),
+        (1_730_103_120, 41_000)
+    );
 }
 
 #[tokio::test]
@@ -255,6 +258,39 @@ async fn a_record_with_a_huge_thread_name_is_not_refused() {
         .find(|p| p.name == "thread")
         .map(|p| p.value.len());
     assert_eq!(kept, Some(2048));
+}
+
+/// Loki keeps one entry of a stream per timestamp and line: the same line written twice in
+/// the same millisecond (the wrapper's precision) must still arrive twice, so the entries'
+/// timestamps differ below the microsecond.
+#[tokio::test]
+async fn identical_lines_in_the_same_millisecond_are_all_kept() {
+    let running = start().await;
+    let line =
+        "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [hybrisHTTP1] [Poller] poll";
+    send(running.forward, &[line, line, line], 3).await;
+    send(running.forward, &[line, line], 2).await;
+    wait_for(&running.loki, 5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = running.loki.received();
+    let (_, _, identical) = running.loki.counts();
+    assert_eq!(
+        (received.len(), identical),
+        (5, 0),
+        "every line kept, none identical"
+    );
+    let mut times: Vec<_> = received
+        .iter()
+        .map(|r| r.entry.timestamp.expect("a time"))
+        .map(|t| (t.seconds, t.nanos))
+        .collect();
+    assert!(
+        times.iter().all(|(_, n)| n / 1_000_000 == 40),
+        "within the line's millisecond: {times:?}"
+    );
+    times.sort_unstable();
+    times.dedup();
+    assert_eq!(times.len(), 5, "{times:?}");
 }
 
 /// A Loki that takes no structured metadata (Loki 2.9's default, or 3.x with
