@@ -113,18 +113,26 @@ fn join(record: &mut Record, text: &str, stack: bool) {
 /// (`kim@example.c`, `010-1234-5`), what is left would no longer match its pattern and
 /// would leave unmasked. So a word the cap falls in is dropped whole when it is short
 /// enough to be an address or a number ([`before_word`]).
+///
+/// The cap holds for both together, as Loki's line has them (the message, a line break,
+/// the stack trace): a JSON line can carry each of them near the cap.
 pub fn cap_first(record: &mut Record, caps: Caps) {
-    for text in [&mut record.message, &mut record.stack_trace] {
-        if text.len() > caps.bytes {
-            let mut cut = caps.bytes;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            cut = before_word(text, cut);
-            record.truncated_bytes += text.len() - cut;
-            text.truncate(cut);
-        }
+    record.truncated_bytes += cut(&mut record.message, caps.bytes);
+    if !record.stack_trace.is_empty() {
+        let room = caps.bytes.saturating_sub(record.message.len() + 1);
+        record.truncated_bytes += cut(&mut record.stack_trace, room);
     }
+}
+
+/// Cuts `text` to at most `bytes` (before the word the cut falls in); what was cut.
+fn cut(text: &mut String, bytes: usize) -> usize {
+    if text.len() <= bytes {
+        return 0;
+    }
+    let at = before_word(text, text.floor_char_boundary(bytes));
+    let cut = text.len() - at;
+    text.truncate(at);
+    cut
 }
 
 /// Bytes a cut moves back at most to drop the word it falls in: longer than any e-mail
@@ -282,6 +290,38 @@ mod tests {
             (records[0].text_len(), records[0].truncated_bytes),
             (30, 70)
         );
+    }
+
+    /// A record whose message and stack trace each come near the cap in one line (a JSON
+    /// line) is held to the cap as a whole, as Loki's line has it.
+    #[test]
+    fn a_first_lines_message_and_stack_trace_share_the_cap() {
+        let caps = Caps {
+            lines: 10,
+            bytes: 192,
+        };
+        let mut record = Record {
+            message: "m ".repeat(50),
+            stack_trace: "s ".repeat(90),
+            ..Record::default()
+        };
+        cap_first(&mut record, caps);
+        assert_eq!(
+            record.message.len(),
+            100,
+            "the message within the cap is kept"
+        );
+        assert!(record.text_len() <= 192, "{}", record.text_len());
+        assert_eq!(record.truncated_bytes, 280 - 100 - record.stack_trace.len());
+        // A message at the cap leaves no room for the stack trace.
+        let mut record = Record {
+            message: "m ".repeat(150),
+            stack_trace: "s ".repeat(5),
+            ..Record::default()
+        };
+        cap_first(&mut record, caps);
+        assert_eq!((record.message.len(), record.stack_trace.len()), (192, 0));
+        assert_eq!(record.truncated_bytes, 118);
     }
 
     #[test]
