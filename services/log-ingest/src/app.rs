@@ -1,6 +1,7 @@
 //! Wiring: connect dependencies, bind listeners, register services.
 
 use std::{future::Future, net::SocketAddr};
+use tokio_util::sync::CancellationToken;
 
 use anyhow::Context as _;
 
@@ -190,16 +191,9 @@ impl App {
             Ok(())
         });
         let failing = fatal.clone();
-        server.spawn("pipeline to Loki", async move {
-            pipeline.run(start, shutdown.clone()).await;
-            if shutdown.is_cancelled() {
-                return Ok(());
-            }
-            // Only a bug (a panicking push) stops it otherwise. Inputs would go on
-            // acknowledging into a buffer nobody reads: stop the process instead, so it
-            // restarts and resumes from the buffer.
-            failing.cancel();
-            anyhow::bail!("the pipeline to Loki stopped; shutting down so the process restarts from its buffer")
+        server.spawn("pipeline to Loki", {
+            let until = shutdown.clone();
+            supervised(pipeline.run(start, until), shutdown, failing)
         });
         server.add_service(
             LogIngestServiceServer::new(LogsApi {
@@ -274,6 +268,32 @@ impl App {
 
 /// A byte budget (`name`, `value`) that holds the largest thing it weighs (`least`) and
 /// that a semaphore can count out at once.
+/// Runs `work` (the pipeline) in a task of its own and waits for it. It ends before
+/// `shutdown` only on a bug: a panic in its loop or in a push. Inputs would go on
+/// acknowledging into a buffer nobody reads, so the process is stopped instead (through
+/// `failing`, the app's own drain), and it restarts and resumes from the buffer.
+async fn supervised(
+    work: impl Future<Output = ()> + Send + 'static,
+    shutdown: CancellationToken,
+    failing: CancellationToken,
+) -> anyhow::Result<()> {
+    // A task of its own: a panic then ends it with an error here instead of unwinding
+    // through the server's task tracker, where nobody would see it.
+    let ended = tokio::spawn(work).await;
+    if ended.is_ok() && shutdown.is_cancelled() {
+        return Ok(());
+    }
+    failing.cancel();
+    let how = if ended.is_err() {
+        "panicked"
+    } else {
+        "stopped"
+    };
+    anyhow::bail!(
+        "the pipeline to Loki {how}; shutting down so the process restarts from its buffer"
+    )
+}
+
 fn ensure_budget(
     (name, value): (&str, usize),
     (least_name, least): (&str, usize),
@@ -284,4 +304,32 @@ fn ensure_budget(
         crate::forward_input::MAX_BUDGET
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic in the pipeline stops the process through its drain, with a failure;
+    /// the pipeline ending at shutdown is no failure.
+    #[tokio::test]
+    async fn a_panicking_pipeline_stops_the_process() {
+        let (shutdown, failing) = (CancellationToken::new(), CancellationToken::new());
+        let ended = supervised(
+            async { panic!("a bug in the pipeline") },
+            shutdown.clone(),
+            failing.clone(),
+        )
+        .await;
+        let error = ended.expect_err("a failure");
+        assert!(error.to_string().contains("panicked"), "{error}");
+        assert!(failing.is_cancelled(), "the app's drain starts");
+
+        let (shutdown, failing) = (CancellationToken::new(), CancellationToken::new());
+        shutdown.cancel();
+        supervised(async {}, shutdown, failing.clone())
+            .await
+            .expect("a shutdown");
+        assert!(!failing.is_cancelled());
+    }
 }
