@@ -89,9 +89,17 @@ struct Shared {
     books: Mutex<Books>,
     /// The note left with the acknowledgement found at open.
     note: Vec<u8>,
-    /// Set once a write or sync failed (see [`Writer::broken`]).
+    /// Set once a write or sync failed (see [`Writer::broken`]), or acknowledgements
+    /// could not be recorded [`ACK_FAILURES`] times in a row.
     failed: watch::Sender<bool>,
+    /// Acknowledgements that could not be recorded since the last that could.
+    ack_failures: std::sync::atomic::AtomicU32,
 }
+
+/// Acknowledgements failing in a row after which the buffer counts as failed: nothing
+/// acknowledged, nothing is freed, the buffer fills and every sender is refused while the
+/// process looks healthy; a restart (which reopens the directory) is better.
+const ACK_FAILURES: u32 = 3;
 
 #[derive(Debug)]
 struct Books {
@@ -188,6 +196,7 @@ impl Buffer {
             }),
             note,
             failed: watch::channel(false).0,
+            ack_failures: std::sync::atomic::AtomicU32::new(0),
         });
         let (appends, receiver) = mpsc::channel(QUEUE);
         let writer = Writer {
@@ -204,7 +213,9 @@ impl Buffer {
 
     /// Completes once a write or sync has failed: from then on every append is refused
     /// until the process restarts (and reopening rescans the last segment), so whoever
-    /// runs the buffer stops the process rather than serve on, refusing everything.
+    /// runs the buffer stops the process rather than serve on, refusing everything. Also
+    /// once acknowledgements could not be recorded [`ACK_FAILURES`] times in a row (then
+    /// nothing is freed and the buffer would fill).
     pub async fn failed(&self) {
         let mut failed = self.shared.failed.subscribe();
         // The sender lives as long as `self`: waiting cannot end otherwise.
@@ -252,7 +263,20 @@ impl Buffer {
             return Ok(());
         }
         // Outside the lock: the writer takes it after every sync.
-        write_checkpoint(&self.shared.dir, position, note)?;
+        if let Err(error) = write_checkpoint(&self.shared.dir, position, note) {
+            let failures = self
+                .shared
+                .ack_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if failures >= ACK_FAILURES {
+                self.shared.failed.send_replace(true);
+            }
+            return Err(error);
+        }
+        self.shared
+            .ack_failures
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         let old: Vec<u64> = {
             let mut books = lock(&self.shared.books);
             books.acknowledged = position;
@@ -267,7 +291,11 @@ impl Buffer {
             old
         };
         for number in old {
-            fs::remove_file(segment_path(&self.shared.dir, number))?;
+            // Acknowledged already: a segment left behind is only disk space (the next
+            // start deletes it), not a reason to report the acknowledgement failed.
+            if let Err(error) = fs::remove_file(segment_path(&self.shared.dir, number)) {
+                tracing::warn!(%error, segment = number, "cannot delete an acknowledged segment; it stays on disk until a restart");
+            }
         }
         Ok(())
     }
@@ -789,6 +817,26 @@ mod tests {
             buffer.append(b"small".to_vec()).await,
             Err(BufferError::Io(_))
         ));
+    }
+
+    /// Acknowledgements that cannot be recorded (the disk refuses the checkpoint) report the
+    /// buffer failed after a few in a row, so the process restarts instead of filling up.
+    #[tokio::test]
+    async fn acknowledgements_that_cannot_be_recorded_are_reported() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (buffer, _) = Buffer::open(dir.path(), LIMITS).expect("opens");
+        let at = buffer.append(batch(1)).await.expect("appends");
+        // The checkpoint's temporary file cannot be created: a directory stands there.
+        fs::create_dir(dir.path().join(format!("{CHECKPOINT}.tmp"))).expect("mkdir");
+        let mut failed = std::pin::pin!(buffer.failed());
+        for _ in 1..ACK_FAILURES {
+            assert!(buffer.acknowledge(at).is_err());
+            assert!(futures::poll!(failed.as_mut()).is_pending(), "not yet");
+        }
+        assert!(buffer.acknowledge(at).is_err());
+        tokio::time::timeout(std::time::Duration::from_secs(5), failed)
+            .await
+            .expect("reported");
     }
 
     #[tokio::test]
