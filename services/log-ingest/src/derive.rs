@@ -177,6 +177,10 @@ impl Deriver {
 
     /// `service`, or `other` past the limit.
     fn service<'a>(&mut self, service: &'a str) -> &'a str {
+        // A runaway name (an OTLP `service.name` of megabytes) would weigh on every scrape.
+        if service.len() > crate::labels::MAX_VALUE_BYTES {
+            return OTHER;
+        }
         if self.services.contains(service) {
             return service;
         }
@@ -280,6 +284,27 @@ mod tests {
                 let value = sample.rsplit(' ').next().and_then(|v| v.parse().ok());
                 (value.unwrap_or(f64::NAN), exemplar.to_owned())
             })
+    }
+
+    /// A service name longer than a label value may be is counted as `other`.
+    #[test]
+    fn a_runaway_service_name_is_counted_as_other() {
+        let registry = Registry::new();
+        let mut deriver =
+            Deriver::register(&registry, DerivedSettings::default()).expect("registers");
+        let record = Record {
+            level: Some(Level::Info),
+            ..Record::default()
+        };
+        let long = "s".repeat(crate::labels::MAX_VALUE_BYTES + 1);
+        deriver.observe(&Observation::of(&record), &long);
+        let text = registry.encode();
+        let other = [("service", "other"), ("level", "INFO")];
+        assert_eq!(
+            sample(&text, "log_records_total", &other).map(|s| s.0),
+            Some(1.0)
+        );
+        assert!(!text.contains(&long));
     }
 
     #[test]

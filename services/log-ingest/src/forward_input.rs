@@ -321,6 +321,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         // Only the stored form is kept through the store's wait.
         drop(frame);
         if !message.events.is_empty() {
+            let entries = message.events.len() as u64;
             let bytes = Batch {
                 source: Source::Forward,
                 tag: message.tag,
@@ -330,7 +331,13 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             let outcome = match recent.store(buffer, bytes).await {
                 // Stored already (sent again after a lost ack): acknowledged, not stored twice.
                 Ok(Stored::SentAgain) => "sent_again",
-                Ok(Stored::New) => "stored",
+                Ok(Stored::New) => {
+                    metrics
+                        .received
+                        .with_label_values(&["forward"])
+                        .inc_by(entries);
+                    "stored"
+                }
                 Err(e) => {
                     let (outcome, closed) = match e {
                         BufferError::Full(_) => ("refused_full", Closed::Full),

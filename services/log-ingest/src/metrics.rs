@@ -39,7 +39,9 @@ pub const OTLP_OUTCOMES: [&str; 6] = [
 /// The service's counters and gauges; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct LogMetrics {
-    /// `records_received_total{source}`: events read from the buffer (lines before grouping).
+    /// `records_received_total{source}`: events stored in the buffer by the inputs (forward
+    /// entries before grouping, OTLP records); one sent again after a lost answer is not
+    /// counted again.
     pub received: IntCounterVec,
     /// `parse_errors_total{source}`: records shipped with their raw text as the parser could
     /// not read them.
@@ -63,6 +65,10 @@ pub struct LogMetrics {
     /// `buffer_max_bytes`: the buffer's bound (`buffer.max_bytes`); inputs stop acknowledging
     /// when `buffer_bytes` reaches it (the "buffer filling" alert divides by it).
     pub buffer_max_bytes: IntGauge,
+    /// `buffer_corrupt_total`: stretches of the buffer skipped because a disk fault
+    /// corrupted them (a frame that fails its checksum, a batch that does not decode):
+    /// acknowledged records lost, which cannot be counted in records.
+    pub buffer_corrupt: IntCounter,
     /// `forward_messages_total{outcome}`: forward messages with events, by `stored`,
     /// `sent_again` (already stored: acknowledged again), `refused_full` and `refused_error`.
     pub chunks: IntCounterVec,
@@ -118,7 +124,7 @@ impl LogMetrics {
         let metrics = Self {
             received: counter_vec(
                 "records_received_total",
-                "Events read from the buffer, by source",
+                "Events received and stored in the buffer (forward entries before grouping), by source",
                 &["source"],
             )?,
             parse_errors: counter_vec(
@@ -153,6 +159,10 @@ impl LogMetrics {
             buffer_max_bytes: IntGauge::new(
                 "buffer_max_bytes",
                 "The durable buffer's bound; inputs stop acknowledging at it",
+            )?,
+            buffer_corrupt: IntCounter::new(
+                "buffer_corrupt_total",
+                "Stretches of the durable buffer skipped because a disk fault corrupted them",
             )?,
             chunks: counter_vec(
                 "forward_messages_total",
@@ -211,6 +221,7 @@ impl LogMetrics {
         registry.register(Box::new(metrics.waiting.clone()))?;
         registry.register(Box::new(metrics.masked.clone()))?;
         registry.register(Box::new(metrics.buffer_bytes.clone()))?;
+        registry.register(Box::new(metrics.buffer_corrupt.clone()))?;
         registry.register(Box::new(metrics.buffer_max_bytes.clone()))?;
         registry.register(Box::new(metrics.chunks.clone()))?;
         registry.register(Box::new(metrics.connections.clone()))?;

@@ -114,6 +114,10 @@ impl LogsService for OtlpInput {
             let error = match self.recent.store(&self.buffer, batch.encode()).await {
                 Ok(Stored::New) => {
                     count("stored", records);
+                    self.metrics
+                        .received
+                        .with_label_values(&["otlp"])
+                        .inc_by(records as u64);
                     continue;
                 }
                 Ok(Stored::SentAgain) => {

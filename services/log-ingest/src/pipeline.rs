@@ -444,6 +444,7 @@ impl Pipeline {
                             }
                             Err(why) => {
                                 tracing::error!(%why, "a buffered batch does not decode; skipped");
+                                self.metrics.buffer_corrupt.inc();
                                 replay.give_up();
                             }
                         }
@@ -455,6 +456,7 @@ impl Pipeline {
                         // behind it. Its batches are lost; say so loudly.
                         let (from, to) = reader.skip_segment();
                         tracing::error!(%error, segment = from.segment, offset = from.offset, to_segment = to.segment, to_offset = to.offset, "the buffer is corrupt; what was written of this segment after this point is skipped");
+                        self.metrics.buffer_corrupt.inc();
                         cursor = to;
                         replay.give_up();
                     }
@@ -631,10 +633,6 @@ impl Pipeline {
         skips: &mut HashMap<(String, String), usize>,
     ) {
         let source = batch.source;
-        self.metrics
-            .received
-            .with_label_values(&[source_label(source)])
-            .inc_by(batch.events.len() as u64);
         if source == Source::Otlp {
             self.feed_otlp(batch, at, ready);
             return;

@@ -31,6 +31,10 @@ pub const MAX_CONTAINS_CHARS: usize = 1_024;
 /// A response holds records up to about this many bytes (under the 4 MiB a default gRPC
 /// client accepts, with room for one record at its cap).
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// A record larger than this (as sent, fields included) is dropped for tails, counted: a
+/// response of [`MAX_RESPONSE_BYTES`] and one such record stays under the 4 MiB a default
+/// gRPC client accepts (message and stack trace are capped, OTLP attributes are not).
+const MAX_RECORD_BYTES: usize = 2 * 1024 * 1024;
 
 /// Limits of TailLogs.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -232,9 +236,10 @@ impl Tap {
             // No room (by count, then by bytes): dropped for this tail.
             let copy = (tail.sender.capacity() > 0).then(|| parsed(record.clone(), service));
             let size = copy.as_ref().map_or(0, weight);
-            let Some(copy) =
-                copy.filter(|_| tail.queued.load(Ordering::Relaxed) + size <= tail.max_bytes)
-            else {
+            let Some(copy) = copy.filter(|copy| {
+                tail.queued.load(Ordering::Relaxed) + size <= tail.max_bytes
+                    && copy.encoded_len() <= MAX_RECORD_BYTES
+            }) else {
                 tail.dropped.fetch_add(1, Ordering::Relaxed);
                 self.dropped += 1;
                 continue;
@@ -394,6 +399,33 @@ mod tests {
             "the dropped one is not sent late"
         );
         assert_eq!(second.dropped_count, 0);
+    }
+
+    /// A record too large for a message a default client accepts is dropped for the tail,
+    /// counted, and the tail goes on.
+    #[tokio::test]
+    async fn a_record_too_large_for_one_message_is_dropped_counted() {
+        let settings = TailSettings {
+            max_tails: 1,
+            buffer_records: 10,
+            buffer_bytes: 16 << 20,
+        };
+        let tails = Tails::new(
+            settings,
+            LogMetrics::unregistered(&[]),
+            CancellationToken::new(),
+        );
+        let mut tail = tails.open(request("", "", "")).expect("opens");
+        let mut huge = record(Some(Level::Error), "small");
+        huge.fields
+            .insert("attribute".to_owned(), "x".repeat(3 << 20));
+        let mut tap = tails.tap().expect("a tail is open");
+        tap.offer(&huge, "shop");
+        tap.offer(&record(Some(Level::Error), "next"), "shop");
+        drop(tap);
+        let message = tail.next().await.expect("a message").expect("ok");
+        let messages: Vec<&str> = message.records.iter().map(|r| r.message.as_str()).collect();
+        assert_eq!((messages, message.dropped_count), (vec!["next"], 1));
     }
 
     #[tokio::test]
