@@ -380,8 +380,35 @@ def logs():
                             (f"sum(rate({p}_fields_omitted_total[$__rate_interval]))", "fields left out of structured metadata"),
                             (f"sum(rate({p}_loki_metadata_refused_total[$__rate_interval]))", "records without metadata (Loki refuses it)"),
                             (f"sum(rate({p}_records_completed_early_total[$__rate_interval]))", "records completed early (pipeline.max_pending_bytes)"),
+                            (f"sum(rate({p}_buffer_corrupt_total[$__rate_interval]))", "buffer stretches skipped (disk corrupted them)"),
                         ],
                         "ops",
+                    ),
+                ],
+            ),
+            (
+                # Derived from the records themselves; exemplars link a spike to a trace.
+                "From the records (exemplars link to traces)",
+                [
+                    ts(
+                        "Records shipped by level",
+                        [(f"sum by (level) (rate({p}_log_records_total[$__rate_interval]))", "{{level}}")],
+                        "ops",
+                        exemplars=True,
+                    ),
+                    ts(
+                        "Exceptions by class (top 10)",
+                        [(f"topk(10, sum by (exception) (rate({p}_log_exceptions_total[$__rate_interval])))", "{{exception}}")],
+                        "ops",
+                        exemplars=True,
+                    ),
+                    ts(
+                        "Access logs: requests by status, p95 time taken",
+                        [
+                            (f"sum by (status) (rate({p}_http_requests_total[$__rate_interval]))", "{{status}}"),
+                            (f"histogram_quantile(0.95, sum by (le) (rate({p}_http_request_duration_seconds_bucket[$__rate_interval])))", "p95 seconds"),
+                        ],
+                        exemplars=True,
                     ),
                 ],
             ),

@@ -87,21 +87,21 @@ impl Deriver {
     ) -> mall_telemetry::metrics::Result<Self> {
         let records = ExemplarCounterVec::new(
             Opts::new("log_records_total", "Records shipped, by service and level"),
-            &["service", "level"],
+            &["service_name", "level"],
         )?;
         let exceptions = ExemplarCounterVec::new(
             Opts::new(
                 "log_exceptions_total",
                 "Records with a stack trace, by service and exception class",
             ),
-            &["service", "exception"],
+            &["service_name", "exception"],
         )?;
         let requests = ExemplarCounterVec::new(
             Opts::new(
                 "http_requests_total",
                 "Requests in access logs, by service and status",
             ),
-            &["service", "status"],
+            &["service_name", "status"],
         )?;
         let durations = ExemplarHistogramVec::new(
             HistogramOpts::new(
@@ -109,7 +109,7 @@ impl Deriver {
                 "Time taken per request in access logs, by service",
             )
             .buckets(settings.duration_buckets.clone()),
-            &["service"],
+            &["service_name"],
         )?;
         registry.register(Box::new(records.clone()))?;
         registry.register(Box::new(exceptions.clone()))?;
@@ -299,7 +299,7 @@ mod tests {
         let long = "s".repeat(crate::labels::MAX_VALUE_BYTES + 1);
         deriver.observe(&Observation::of(&record), &long);
         let text = registry.encode();
-        let other = [("service", "other"), ("level", "INFO")];
+        let other = [("service_name", "other"), ("level", "INFO")];
         assert_eq!(
             sample(&text, "log_records_total", &other).map(|s| s.0),
             Some(1.0)
@@ -356,7 +356,7 @@ mod tests {
         assert_eq!(
             v(
                 "log_records_total",
-                &[("service", "hybris"), ("level", "ERROR")]
+                &[("service_name", "hybris"), ("level", "ERROR")]
             ),
             Some(3.0)
         );
@@ -364,7 +364,7 @@ mod tests {
             &text,
             "log_exceptions_total",
             &[
-                ("service", "hybris"),
+                ("service_name", "hybris"),
                 ("exception", "java.lang.IllegalStateException"),
             ],
         )
@@ -374,42 +374,42 @@ mod tests {
         assert_eq!(
             v(
                 "log_exceptions_total",
-                &[("service", "hybris"), ("exception", "other")]
+                &[("service_name", "hybris"), ("exception", "other")]
             ),
             Some(1.0)
         );
         assert_eq!(
             v(
                 "http_requests_total",
-                &[("service", "tomcat"), ("status", "200")]
+                &[("service_name", "tomcat"), ("status", "200")]
             ),
             Some(1.0)
         );
         assert_eq!(
             v(
                 "http_requests_total",
-                &[("service", "other"), ("status", "200")]
+                &[("service_name", "other"), ("status", "200")]
             ),
             Some(1.0)
         );
         assert_eq!(
             v(
                 "http_request_duration_seconds_count",
-                &[("service", "tomcat")]
+                &[("service_name", "tomcat")]
             ),
             Some(1.0)
         );
         assert_eq!(
             v(
                 "http_request_duration_seconds_sum",
-                &[("service", "tomcat")]
+                &[("service_name", "tomcat")]
             ),
             Some(0.25),
             "250 ms"
         );
         // Untraced records leave no exemplar.
         let (_, none) =
-            sample(&text, "http_requests_total", &[("service", "tomcat")]).expect("a series");
+            sample(&text, "http_requests_total", &[("service_name", "tomcat")]).expect("a series");
         assert_eq!(none, "");
     }
 }

@@ -176,7 +176,7 @@ async fn records_from_opentelemetry_otlps_exporter_reach_loki_whole_and_masked()
         "mall_log_ingest_records_received_total{source=\"otlp\"} 2",
         "mall_log_ingest_masked_total{pattern=\"email\"} 2",
         // The derived count links to the record's trace (an OpenMetrics exemplar).
-        "mall_log_ingest_log_records_total{level=\"ERROR\",service=\"storefront\"} 1 # {trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\"} 1.0",
+        "mall_log_ingest_log_records_total{level=\"ERROR\",service_name=\"storefront\"} 1 # {trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\"} 1.0",
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }

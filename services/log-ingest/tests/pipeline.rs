@@ -75,7 +75,7 @@ async fn the_corpus_arrives_in_loki_record_by_record_with_traces_whole_and_addre
             sample(
                 &metrics,
                 "mall_log_ingest_log_records_total",
-                &[("service", "hybris.wrapper"), ("level", level)]
+                &[("service_name", "hybris.wrapper"), ("level", level)]
             ),
             records as f64,
             "{level}"
