@@ -54,6 +54,7 @@ impl App {
             settings.pipeline.max_open_streams >= 1,
             "pipeline.max_open_streams must be at least 1"
         );
+        ensure_workable(&settings)?;
         let limits = Limits {
             max_bytes: settings.buffer.max_bytes,
             segment_bytes: settings.buffer.segment_bytes,
@@ -268,6 +269,49 @@ impl App {
 
 /// A byte budget (`name`, `value`) that holds the largest thing it weighs (`least`) and
 /// that a semaphore can count out at once.
+/// Refuses settings that would leave the service running but refusing everything, or
+/// quietly breaking grouping (a zero where a count or a time is needed), and warns where a
+/// setting passes Loki's own default limits.
+fn ensure_workable(settings: &Settings) -> anyhow::Result<()> {
+    let (forward, pipeline) = (&settings.forward, &settings.pipeline);
+    for (name, count) in [
+        ("forward.max_connections", forward.max_connections),
+        ("forward.max_message_bytes", forward.max_message_bytes),
+        ("pipeline.max_streams", pipeline.max_streams),
+        ("pipeline.batch_bytes", pipeline.batch_bytes),
+    ] {
+        anyhow::ensure!(count >= 1, "{name} must be at least 1");
+    }
+    for (name, time) in [
+        ("forward.idle_timeout", forward.idle_timeout),
+        ("forward.handshake_timeout", forward.handshake_timeout),
+        ("pipeline.flush_after", pipeline.flush_after),
+    ] {
+        anyhow::ensure!(!time.is_zero(), "{name} must be more than zero");
+    }
+    // Loki's default ingestion burst is 6 MB: a larger push would get 429 for ever.
+    anyhow::ensure!(
+        pipeline.batch_bytes <= MAX_BATCH_BYTES,
+        "pipeline.batch_bytes ({}) must be at most {MAX_BATCH_BYTES}: Loki's default \
+         ingestion burst is 6 MB, and a push past it is refused (429) however often it is sent",
+        pipeline.batch_bytes
+    );
+    if settings.parsing.max_record_bytes > LOKI_MAX_LINE_BYTES {
+        tracing::warn!(
+            max_record_bytes = settings.parsing.max_record_bytes,
+            "parsing.max_record_bytes is above Loki's default max_line_size (256 KB): \
+             unless Loki's limit was raised, records past it are refused and dropped"
+        );
+    }
+    Ok(())
+}
+
+/// The largest push `pipeline.batch_bytes` may ask for.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// Loki's default `max_line_size`.
+const LOKI_MAX_LINE_BYTES: usize = 256_000;
+
 /// Runs `work` (the pipeline) in a task of its own and waits for it. It ends before
 /// `shutdown` only on a bug: a panic in its loop or in a push. Inputs would go on
 /// acknowledging into a buffer nobody reads, so the process is stopped instead (through

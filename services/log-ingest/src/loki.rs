@@ -120,6 +120,28 @@ impl LokiClient {
         retry: (Duration, Duration),
         ca_file: Option<&std::path::Path>,
     ) -> anyhow::Result<Self> {
+        // Refused at start-up: otherwise every push fails as if Loki were down, retried
+        // for ever while the buffer fills and the process looks healthy.
+        let parsed = reqwest::Url::parse(base_url)
+            .with_context(|| format!("loki.url ({base_url:?}) is not a URL"))?;
+        anyhow::ensure!(
+            matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some(),
+            "loki.url ({base_url:?}) must be an http:// or https:// URL with a host"
+        );
+        if let Some(tenant) = &tenant {
+            anyhow::ensure!(
+                !tenant.is_empty() && reqwest::header::HeaderValue::from_str(tenant).is_ok(),
+                "loki.tenant must be a non-empty header value (visible ASCII)"
+            );
+        }
+        anyhow::ensure!(
+            !timeout.is_zero(),
+            "loki.request_timeout must be more than zero"
+        );
+        anyhow::ensure!(
+            !retry.0.is_zero() && retry.0 <= retry.1,
+            "loki.retry_initial must be more than zero and at most loki.retry_max"
+        );
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout);

@@ -129,7 +129,42 @@ async fn an_unknown_setting_fails_start_up_naming_the_key() {
 #[tokio::test]
 async fn impossible_limits_fail_start_up_naming_the_settings() {
     type Change = fn(&mut log_ingest::Settings);
-    let cases: [(&str, Change, &[&str]); 5] = [
+    let cases: [(&str, Change, &[&str]); 12] = [
+        (
+            "a Loki URL without a scheme",
+            |s| s.loki.url = "loki-gateway.observability:3100".to_owned(),
+            &["loki.url"],
+        ),
+        (
+            "no wait between Loki retries",
+            |s| s.loki.retry_initial = Duration::ZERO,
+            &["loki.retry_initial"],
+        ),
+        (
+            "a first Loki retry longer than the longest",
+            |s| s.loki.retry_initial = s.loki.retry_max + Duration::from_secs(1),
+            &["loki.retry_initial", "loki.retry_max"],
+        ),
+        (
+            "no Loki request time",
+            |s| s.loki.request_timeout = Duration::ZERO,
+            &["loki.request_timeout"],
+        ),
+        (
+            "no forward connections",
+            |s| s.forward.max_connections = 0,
+            &["forward.max_connections"],
+        ),
+        (
+            "no quiet time",
+            |s| s.pipeline.flush_after = Duration::ZERO,
+            &["pipeline.flush_after"],
+        ),
+        (
+            "a push past Loki's burst",
+            |s| s.pipeline.batch_bytes = 8 << 20,
+            &["pipeline.batch_bytes"],
+        ),
         (
             "no open streams",
             |s| s.pipeline.max_open_streams = 0,
