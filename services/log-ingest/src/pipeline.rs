@@ -684,7 +684,7 @@ impl Pipeline {
             let mut next = Some(event);
             while let Some(event) = next {
                 let line = line_of(&event, &self.settings.line_field);
-                for text in line.split('\n') {
+                for text in without_terminator(&line).split('\n') {
                     let text = text.strip_suffix('\r').unwrap_or(text);
                     let in_chunk = chunk_line;
                     chunk_line += 1;
@@ -794,12 +794,13 @@ impl Pipeline {
                 None => {
                     let mut record = otlp.record;
                     record.message = otlp.body;
+                    let kept = without_terminator(&record.message).len();
+                    record.message.truncate(kept);
                     multiline::cap_first(&mut record, self.caps);
                     vec![record]
                 }
                 Some(parser) => {
-                    let lines = otlp
-                        .body
+                    let lines = without_terminator(&otlp.body)
                         .split('\n')
                         .map(|l| l.strip_suffix('\r').unwrap_or(l));
                     let mut records = multiline::group_all(parser, self.caps, lines);
@@ -1409,6 +1410,14 @@ fn read_note(note: &[u8]) -> (HashMap<(String, String), usize>, Option<Position>
 
 /// The line of an event: its line field, or (without one) the whole record as JSON so
 /// nothing is lost.
+/// `text` without one final line terminator (`\n` or `\r\n`): Docker's json-file logs and
+/// log4j's `%n` end every line with one, which would otherwise be an empty line of its own
+/// (a record of its own, or a blank line added to the message).
+fn without_terminator(text: &str) -> &str {
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    text.strip_suffix('\r').unwrap_or(text)
+}
+
 fn line_of<'a>(event: &EventRef<'a>, field: &str) -> std::borrow::Cow<'a, str> {
     if let Some(line) = event.text(field) {
         return line;

@@ -293,6 +293,25 @@ async fn identical_lines_in_the_same_millisecond_are_all_kept() {
     assert_eq!(times.len(), 5, "{times:?}");
 }
 
+/// A line that ends with its terminator (Docker's json-file logs keep it; log4j's `%n`) is
+/// the line without it, not the line and an empty one.
+#[tokio::test]
+async fn a_line_ending_with_its_terminator_is_one_line() {
+    let running = start().await;
+    let one = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [X] one\n";
+    let two = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.041 | INFO  [main] [X] two\r\n";
+    send(running.forward, &[one, two], 2).await;
+    wait_for(&running.loki, 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines: Vec<String> = running
+        .loki
+        .received()
+        .iter()
+        .map(|r| r.entry.line.clone())
+        .collect();
+    assert_eq!(lines, ["one", "two"]);
+}
+
 /// A Loki that takes no structured metadata (Loki 2.9's default, or 3.x with
 /// `allow_structured_metadata: false`) refuses every entry carrying some: that is its
 /// configuration, not the records' fault, so they go without it (counted), none dropped.
