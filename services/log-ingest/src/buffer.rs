@@ -94,6 +94,9 @@ struct Shared {
     failed: watch::Sender<bool>,
     /// Acknowledgements that could not be recorded since the last that could.
     ack_failures: std::sync::atomic::AtomicU32,
+    /// When an append was last refused because the buffer was full, and where the buffer
+    /// ended then (see [`Buffer::last_refused`]).
+    refused: Mutex<Option<(std::time::Instant, Position)>>,
 }
 
 /// Acknowledgements failing in a row after which the buffer counts as failed: nothing
@@ -197,6 +200,7 @@ impl Buffer {
             note,
             failed: watch::channel(false).0,
             ack_failures: std::sync::atomic::AtomicU32::new(0),
+            refused: Mutex::new(None),
         });
         let (appends, receiver) = mpsc::channel(QUEUE);
         let writer = Writer {
@@ -298,6 +302,13 @@ impl Buffer {
             }
         }
         Ok(())
+    }
+
+    /// When an append was last refused because the buffer was full, and where the buffer
+    /// ended then: a sender whose lines came before that position may have had its next
+    /// chunk refused, and sends it again after its own backoff.
+    pub fn last_refused(&self) -> Option<(std::time::Instant, Position)> {
+        *lock(&self.shared.refused)
     }
 
     /// Where durable data ends now.
@@ -413,6 +424,11 @@ impl Writer {
         for append in group {
             let framed = append.bytes.len() as u64 + HEADER;
             if used + framed > limits.max_bytes {
+                let end = Position {
+                    offset: self.position.offset + out.bytes,
+                    ..self.position
+                };
+                *lock(&self.shared.refused) = Some((std::time::Instant::now(), end));
                 let _ = append.done.send(Err(BufferError::Full(used)));
                 continue;
             }

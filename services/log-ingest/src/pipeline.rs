@@ -258,6 +258,11 @@ struct StreamState {
     /// record's `first_line` as the contract has it (`lines` counts the stream's lines
     /// since the replica started, for the grouping's own book-keeping).
     pending_chunk_line: usize,
+    /// Where the batch of its latest line starts.
+    last_at: Position,
+    /// Since when its record in progress has been held back because the buffer refused an
+    /// append after its latest line (see the quiet check in [`Pipeline::run`]).
+    held_since: Option<Instant>,
 }
 
 impl StreamState {
@@ -471,9 +476,24 @@ impl Pipeline {
                 // in the buffer (behind a slow push) are not quiet.
                 _ = tick.tick(), if reader.at_end() => {
                     let now = Instant::now();
+                    let grace = self.settings.restart_grace;
+                    // The buffer refused an append lately (it was full): a stream whose
+                    // latest line came before that may have had its next chunk refused, which
+                    // its sender resends after its own backoff. Its record in progress waits
+                    // for it as after a restart: until a line comes, at most `restart_grace`
+                    // (then the acknowledgement it holds back moves on).
+                    let refused_end = self
+                        .buffer
+                        .last_refused()
+                        .filter(|(when, _)| now.duration_since(*when) < grace)
+                        .map(|(_, end)| end);
                     for state in streams.open.values_mut() {
-                        let waited = state.resumed || now.duration_since(started) >= self.settings.restart_grace;
-                        if waited && now.duration_since(state.last_line) >= self.settings.flush_after
+                        let waited = state.resumed || now.duration_since(started) >= grace;
+                        let refused = refused_end.is_some_and(|end| state.last_at < end)
+                            && state.grouper.is_pending();
+                        let held = refused
+                            && now.duration_since(*state.held_since.get_or_insert(now)) < grace;
+                        if waited && !held && now.duration_since(state.last_line) >= self.settings.flush_after
                             && let Some(completed) = state.complete()
                         {
                             ready.push(completed);
@@ -676,6 +696,8 @@ impl Pipeline {
                         pending_chunk_line: 0,
                         batches: std::collections::BTreeMap::new(),
                         resumed: false,
+                        last_at: at,
+                        held_since: None,
                     },
                 );
             }
@@ -726,6 +748,8 @@ impl Pipeline {
             // This batch's lines of the stream: where they start, how many.
             state.batches.entry(at).or_insert((first, 0)).1 += state.lines - first;
             state.last_line = now;
+            state.last_at = at;
+            state.held_since = None;
             state.resumed |= new;
         }
         let max = self.settings.max_pending_bytes;
@@ -959,7 +983,10 @@ impl Pusher {
         }
         let mut line = record.message;
         if !record.stack_trace.is_empty() {
-            line.push('\n');
+            // A record that is only a stack trace (its header went in another) starts with it.
+            if !line.is_empty() {
+                line.push('\n');
+            }
             line.push_str(&record.stack_trace);
         }
         Item {
@@ -1465,6 +1492,8 @@ mod tests {
             batches: batches.iter().copied().collect(),
             pending_event_time: 0,
             pending_chunk_line: 0,
+            last_at: Position::default(),
+            held_since: None,
         }
     }
 

@@ -312,6 +312,125 @@ async fn a_line_ending_with_its_terminator_is_one_line() {
     assert_eq!(lines, ["one", "two"]);
 }
 
+/// Sends one chunk of `lines` from `host` on a new connection: whether it was acknowledged
+/// (a full buffer closes the connection without an ack).
+async fn try_send(addr: std::net::SocketAddr, host: &str, id: &str, lines: &[&str]) -> bool {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    stream
+        .write_all(&corpus::frame_of(host, id, lines))
+        .await
+        .expect("writes");
+    let mut ack = vec![0; 128];
+    match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut ack)).await {
+        Ok(Ok(n)) if n > 0 => true,
+        Ok(_) => false,
+        Err(_) => panic!("neither an ack nor a close in 10 s"),
+    }
+}
+
+/// The buffer is full (Loki has been down) and refuses the chunk holding the rest of a
+/// stack trace; its sender resends it only once there is room again. Meanwhile the stream
+/// is quiet, but its record in progress waits for the rest (as after a restart) instead of
+/// going as it is: the trace arrives whole.
+#[tokio::test]
+async fn a_stack_trace_whose_rest_a_full_buffer_refused_arrives_whole() {
+    let running = start_with(|s| {
+        s.forward.max_message_bytes = 64 * 1024;
+        s.server.max_message_bytes = 256 * 1024;
+        s.buffer.segment_bytes = 1536 * 1024;
+        s.buffer.max_bytes = 6 << 20;
+        s.pipeline.restart_grace = Duration::from_secs(30);
+    })
+    .await;
+    running.loki.fail(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(600),
+    );
+    // Each different: a chunk with the content of one stored is taken as sent again.
+    let filler = |n: usize, size: usize| {
+        format!(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [Filler] {n} {}",
+            "x".repeat(size)
+        )
+    };
+    let mut fillers = 0;
+    let mut fill = async |size: usize| {
+        let line = filler(fillers, size);
+        let id = format!("{fillers:032x}");
+        let stored = try_send(running.forward, "web-2", &id, &[&line]).await;
+        fillers += usize::from(stored);
+        stored
+    };
+    // Another host's lines first, so that the acknowledgement can free segments before
+    // the trace once Loki is back.
+    for _ in 0..70 {
+        assert!(fill(50_000).await);
+    }
+    let first = [
+        "INFO   | jvm 1    | main    | 2024/10/28 17:12:01.000 | ERROR [hybrisHTTP1] [Cart] cart 1 failed",
+        "java.lang.IllegalStateException: none left",
+        "\tat a.B.c(B.java:1)",
+    ];
+    assert!(try_send(running.forward, "web-1", "a1", &first).await);
+    // Then to the brim: large lines, then small ones.
+    for size in [50_000, 1_000, 0] {
+        for _ in 0..200 {
+            if !fill(size).await {
+                break;
+            }
+        }
+    }
+    let rest = ["\tat a.B.d(B.java:2)", "\tat a.B.e(B.java:3)"];
+    assert!(
+        !try_send(running.forward, "web-1", "a2", &rest).await,
+        "refused: full"
+    );
+    // Quiet (flush_after, 300 ms) passes many times over while the rest waits.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    running
+        .loki
+        .fail(axum::http::StatusCode::OK, Duration::ZERO);
+    // The sender resends after its backoff (Fluent Bit's is a second or more), until
+    // there is room.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    mall_test_support::wait_until(
+        "the rest is acknowledged",
+        Duration::from_secs(20),
+        || async {
+            try_send(running.forward, "web-1", "a2", &rest)
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+    let web_1 = || -> Vec<String> {
+        running
+            .loki
+            .received()
+            .iter()
+            .filter(|r| r.labels.iter().any(|(k, v)| k == "host" && v == "web-1"))
+            .map(|r| r.entry.line.clone())
+            .collect()
+    };
+    // (web-2's last record waits out `restart_grace`: its next chunks were refused too, and
+    // this sender does not resend them.)
+    mall_test_support::wait_until("the rest is in Loki", Duration::from_secs(20), || async {
+        web_1()
+            .iter()
+            .any(|l| l.ends_with("(B.java:3)"))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        web_1(),
+        [
+            "cart 1 failed\njava.lang.IllegalStateException: none left\n\tat a.B.c(B.java:1)\n\tat a.B.d(B.java:2)\n\tat a.B.e(B.java:3)"
+        ]
+    );
+}
+
 /// A Loki that takes no structured metadata (Loki 2.9's default, or 3.x with
 /// `allow_structured_metadata: false`) refuses every entry carrying some: that is its
 /// configuration, not the records' fault, so they go without it (counted), none dropped.
