@@ -213,6 +213,7 @@ impl App {
                     .max_decoding_message_size(settings.server.max_message_bytes)
                     .accept_compressed(CompressionEncoding::Gzip),
                 budget,
+                settings.server.max_message_bytes,
             ))
             .add_descriptor_set(opentelemetry_proto::DESCRIPTORS);
         Ok(Self {
@@ -267,8 +268,6 @@ impl App {
     }
 }
 
-/// A byte budget (`name`, `value`) that holds the largest thing it weighs (`least`) and
-/// that a semaphore can count out at once.
 /// Refuses settings that would leave the service running but refusing everything, or
 /// quietly breaking grouping (a zero where a count or a time is needed), and warns where a
 /// setting passes Loki's own default limits.
@@ -338,6 +337,8 @@ async fn supervised(
     )
 }
 
+/// A byte budget (`name`, `value`) that holds the largest thing it weighs (`least`) and
+/// that a semaphore can count out at once.
 fn ensure_budget(
     (name, value): (&str, usize),
     (least_name, least): (&str, usize),

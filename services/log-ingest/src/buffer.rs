@@ -113,11 +113,16 @@ struct Books {
 impl Books {
     /// Bytes from the acknowledged position to the end.
     fn used(&self) -> u64 {
+        self.from(self.acknowledged)
+    }
+
+    /// Bytes from `position` to the end.
+    fn from(&self, position: Position) -> u64 {
         self.sizes
-            .range(self.acknowledged.segment..)
+            .range(position.segment..)
             .map(|(_, size)| size)
             .sum::<u64>()
-            .saturating_sub(self.acknowledged.offset)
+            .saturating_sub(position.offset)
     }
 }
 
@@ -324,6 +329,17 @@ impl Buffer {
     /// Unacknowledged bytes on disk.
     pub fn used_bytes(&self) -> u64 {
         lock(&self.shared.books).used()
+    }
+
+    /// Bytes on disk from `position` (not before the acknowledged one) to the end.
+    pub fn bytes_from(&self, position: Position) -> u64 {
+        let books = lock(&self.shared.books);
+        books.from(position.max(books.acknowledged))
+    }
+
+    /// The bound on unacknowledged bytes (`buffer.max_bytes`).
+    pub fn max_bytes(&self) -> u64 {
+        self.shared.limits.max_bytes
     }
 
     /// Where the newest batches of about `bytes` start, not before `from`: the start of

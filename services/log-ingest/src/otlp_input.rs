@@ -84,17 +84,27 @@ impl LogsService for OtlpInput {
                 .with_label_values(&[outcome])
                 .inc_by(n as u64);
         };
+        // What its body took while it arrived (see `Receiving`), if it came that way.
+        let from_body = request
+            .extensions()
+            .get::<BodyPermits>()
+            .and_then(BodyPermits::take);
         let request = request.into_inner();
         // Held until the export is stored: exports being converted and stored at once stay
         // within the budget; past it, the caller retries (nothing of it was taken).
         // At most `server.max_message_bytes`, which start-up holds within the budget (and
         // within what `try_acquire_many` counts).
         let size = request.encoded_len().min(crate::forward_input::MAX_BUDGET);
-        let Ok(_in_flight) = self
-            .budget
-            .clone()
-            .try_acquire_many_owned(u32::try_from(size).unwrap_or(u32::MAX))
-        else {
+        let had = from_body.as_ref().map_or(0, |p| p.num_permits());
+        let more = match size.saturating_sub(had) {
+            0 => Ok(None),
+            more => self
+                .budget
+                .clone()
+                .try_acquire_many_owned(u32::try_from(more).unwrap_or(u32::MAX))
+                .map(Some),
+        };
+        let Ok(more) = more else {
             let records = request
                 .resource_logs
                 .iter()
@@ -104,6 +114,7 @@ impl LogsService for OtlpInput {
             count("refused_busy", records);
             return Err(busy());
         };
+        let _in_flight = (from_body, more);
         // Converting a large export is CPU work: off the runtime's workers, so the other
         // inputs and the pipeline go on meanwhile.
         let (batches, rejected) = tokio::task::spawn_blocking(move || batches(request, received))
@@ -175,10 +186,13 @@ impl LogsService for OtlpInput {
 /// version, which queued calls, was reverted). A refused call's stream is reset, and HTTP/2
 /// gives its window back.
 ///
-/// The count is released when tonic has decoded the export and the handler takes the
-/// export's encoded size instead (from the same budget). Bytes are counted as sent: a gzip
-/// export's inflated form (at most `server.max_message_bytes`) is made and decoded in one
-/// step, on as many threads as the runtime has.
+/// What an export's body took is handed to its handler ([`BodyPermits`], in the request's
+/// extensions), which tops it up to the export's encoded size: an export wholly received is
+/// never refused for room that other calls took between its last frame and its handler. A
+/// call counts at most `max_message_bytes` (a larger one fails in tonic anyway), so one
+/// export at the limit always fits the budget. Bytes are counted as sent: a gzip export's
+/// inflated form (at most `server.max_message_bytes`) is made and decoded in one step, on as
+/// many threads as the runtime has.
 ///
 /// A `tower` service of our own rather than a `tower` layer: the server routes by the inner
 /// service's name (`NamedService`), which a layer's service does not carry.
@@ -186,12 +200,18 @@ impl LogsService for OtlpInput {
 pub struct Receiving<S> {
     inner: S,
     budget: Arc<Semaphore>,
+    max_message_bytes: usize,
 }
 
 impl<S> Receiving<S> {
-    /// `inner` with its request bodies counted against `budget`.
-    pub fn new(inner: S, budget: Arc<Semaphore>) -> Self {
-        Self { inner, budget }
+    /// `inner` with its request bodies counted against `budget`, at most
+    /// `max_message_bytes` each.
+    pub fn new(inner: S, budget: Arc<Semaphore>, max_message_bytes: usize) -> Self {
+        Self {
+            inner,
+            budget,
+            max_message_bytes,
+        }
     }
 }
 
@@ -215,21 +235,40 @@ where
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        let handoff = BodyPermits::default();
+        parts.extensions.insert(handoff.clone());
         let body = tonic::body::Body::new(Counted {
             body,
             budget: self.budget.clone(),
+            left: self.max_message_bytes,
             held: None,
+            handoff,
         });
         self.inner.call(http::Request::from_parts(parts, body))
     }
 }
 
-/// A request body whose bytes hold permits of the budget until it is dropped.
+/// The budget a request's body took, handed over to its handler when tonic drops the body
+/// (after decoding the export, before calling the handler).
+#[derive(Debug, Clone, Default)]
+pub struct BodyPermits(Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+
+impl BodyPermits {
+    fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        crate::lock(&self.0).take()
+    }
+}
+
+/// A request body whose bytes hold permits of the budget; they go to the handler (through
+/// [`BodyPermits`]) when it is dropped, or back to the budget with the request.
 struct Counted {
     body: tonic::body::Body,
     budget: Arc<Semaphore>,
+    /// Bytes it may still count (`max_message_bytes` less what it counted).
+    left: usize,
     held: Option<tokio::sync::OwnedSemaphorePermit>,
+    handoff: BodyPermits,
 }
 
 impl http_body::Body for Counted {
@@ -243,9 +282,15 @@ impl http_body::Body for Counted {
         let this = &mut *self;
         let frame = std::task::ready!(std::pin::Pin::new(&mut this.body).poll_frame(cx));
         if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
-            // An HTTP/2 frame is at most 16 MiB, within what `try_acquire_many` counts.
-            let size = u32::try_from(data.len()).unwrap_or(u32::MAX);
-            match this.budget.clone().try_acquire_many_owned(size) {
+            let size = data.len().min(this.left);
+            this.left -= size;
+            // At most `max_message_bytes`, which start-up holds within what
+            // `try_acquire_many` counts.
+            match this
+                .budget
+                .clone()
+                .try_acquire_many_owned(u32::try_from(size).unwrap_or(u32::MAX))
+            {
                 Ok(permit) => match &mut this.held {
                     Some(held) => held.merge(permit),
                     None => this.held = Some(permit),
@@ -262,6 +307,14 @@ impl http_body::Body for Counted {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            *crate::lock(&self.handoff.0) = Some(held);
+        }
     }
 }
 

@@ -296,9 +296,9 @@ impl StreamState {
 /// wrapper line twice) or second (an access log's precision) would otherwise be one.
 /// Made from where the record's first line is in the buffer (its batch and the line's
 /// place in it), so a record rebuilt after a restart has the same one, and Loki collapses
-/// it with the copy pushed before. Records of one batch differ (their places differ by
-/// less than 1,000 within a chunk); identical lines of two batches in the same second
-/// collide once in 1,000.
+/// it with the copy pushed before. Records fewer than 1,000 lines apart in one batch
+/// differ; others in the same second collide once in 1,000. Within a microsecond it does
+/// not follow the records' order: Loki must accept unordered writes (its default).
 fn tie_breaker(at: Position, line: usize) -> u32 {
     // A fixed mix (not a seeded hasher): it must be the same in every process.
     let mixed = (at.segment.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ at.offset)
@@ -489,8 +489,13 @@ impl Pipeline {
                         .map(|(_, end)| end);
                     for state in streams.open.values_mut() {
                         let waited = state.resumed || now.duration_since(started) >= grace;
+                        // A record held back keeps the acknowledgement at its first batch:
+                        // held only when that leaves at least half the buffer to free, or
+                        // the buffer could stay full (refusing the resend it waits for).
                         let refused = refused_end.is_some_and(|end| state.last_at < end)
-                            && state.grouper.is_pending();
+                            && state.pending_from.is_some_and(|(_, from)| {
+                                self.buffer.bytes_from(from) <= self.buffer.max_bytes() / 2
+                            });
                         let held = refused
                             && now.duration_since(*state.held_since.get_or_insert(now)) < grace;
                         if waited && !held && now.duration_since(state.last_line) >= self.settings.flush_after
@@ -1435,8 +1440,6 @@ fn read_note(note: &[u8]) -> (HashMap<(String, String), usize>, Option<Position>
     (skips, until)
 }
 
-/// The line of an event: its line field, or (without one) the whole record as JSON so
-/// nothing is lost.
 /// `text` without one final line terminator (`\n` or `\r\n`): Docker's json-file logs and
 /// log4j's `%n` end every line with one, which would otherwise be an empty line of its own
 /// (a record of its own, or a blank line added to the message).
@@ -1445,6 +1448,8 @@ fn without_terminator(text: &str) -> &str {
     text.strip_suffix('\r').unwrap_or(text)
 }
 
+/// The line of an event: its line field, or (without one) the whole record as JSON so
+/// nothing is lost.
 fn line_of<'a>(event: &EventRef<'a>, field: &str) -> std::borrow::Cow<'a, str> {
     if let Some(line) = event.text(field) {
         return line;

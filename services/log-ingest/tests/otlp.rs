@@ -582,3 +582,35 @@ async fn bytes_of_exports_still_arriving_count_against_the_budget() {
         "every stored record once"
     );
 }
+
+/// An export as large as a call may be goes through when `otlp.max_bytes_in_flight` is
+/// exactly `server.max_message_bytes` (the least start-up allows): its body's bytes, with
+/// the gRPC message prefix, are not counted past the limit, and what they took is handed to
+/// its handler rather than taken again.
+#[tokio::test]
+async fn an_export_at_the_size_limit_fits_the_least_budget() {
+    use prost::Message as _;
+    let limit = 2 << 20;
+    let app = start_with(|s| {
+        s.server.max_message_bytes = limit;
+        s.otlp.max_bytes_in_flight = limit;
+        s.forward.max_message_bytes = 64 * 1024;
+        s.buffer.segment_bytes = 4 << 20;
+    })
+    .await;
+    // A body that makes the export 2 bytes under the limit.
+    let mut body_len = limit - 100;
+    let request = loop {
+        let request = export("storefront", vec![log(&"z".repeat(body_len), 1_000)]);
+        let len = request.encoded_len();
+        if len == limit - 2 {
+            break request;
+        }
+        body_len = body_len + (limit - 2) - len;
+    };
+    client(app.grpc)
+        .await
+        .export(request)
+        .await
+        .expect("stored: it fits the budget");
+}

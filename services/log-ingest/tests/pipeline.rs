@@ -355,6 +355,11 @@ async fn a_stack_trace_whose_rest_a_full_buffer_refused_arrives_whole() {
             "x".repeat(size)
         )
     };
+    // A host whose record in progress began before most of the buffer: holding it would
+    // keep the acknowledgement there and the buffer full, so it is not held.
+    let early =
+        "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.500 | WARN  [main] [Early] early";
+    assert!(try_send(running.forward, "web-3", "e1", &[early]).await);
     let mut fillers = 0;
     let mut fill = async |size: usize| {
         let line = filler(fillers, size);
@@ -423,6 +428,16 @@ async fn a_stack_trace_whose_rest_a_full_buffer_refused_arrives_whole() {
             .then_some(())
     })
     .await;
+    let host_has =
+        |host: &str, line: &str| {
+            running.loki.received().iter().any(|r| {
+                r.entry.line == line && r.labels.iter().any(|(k, v)| k == "host" && v == host)
+            })
+        };
+    assert!(
+        host_has("web-3", "early"),
+        "the early record was not held back"
+    );
     assert_eq!(
         web_1(),
         [
