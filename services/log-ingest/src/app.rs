@@ -132,7 +132,7 @@ impl App {
         metrics
             .buffer_max_bytes
             .set(i64::try_from(settings.buffer.max_bytes).unwrap_or(i64::MAX));
-        let recent = Recent::seed(&buffer, start).context("cannot read the buffer")?;
+        let recent = Recent::seed(&buffer, start);
         let otlp = OtlpInput {
             buffer: buffer.clone(),
             recent: recent.clone(),

@@ -54,6 +54,13 @@ impl Events {
         }
     }
 
+    /// Whether every event's time is a whole second (a sender that writes no finer time).
+    pub fn whole_seconds(&self) -> bool {
+        self.index
+            .iter()
+            .all(|(nanos, _)| nanos.rem_euclid(1_000_000_000) == 0)
+    }
+
     /// Appends an event whose record is `record`, one whole MessagePack map (the caller
     /// checked it: [`forward::frame_len`] found its end and its marker is a map's).
     pub(crate) fn push_raw(&mut self, time_nanos: i64, record: &[u8]) {
@@ -292,13 +299,25 @@ fn pair(bytes: &[u8]) -> Result<(i64, &[u8], &[u8]), &'static str> {
 impl Batch {
     /// The bytes the buffer stores.
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with(None)
+    }
+
+    /// [`Batch::encode`], with the sender's chunk id (its ack's MessagePack value) as a
+    /// fourth part after the events when given: what is stored then differs between two
+    /// batches of the same lines sent under two ids (see [`crate::recent`]). Read back, it is
+    /// passed over.
+    pub fn encode_with(&self, chunk: Option<&[u8]>) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.tag.len() + self.events.bytes.len());
         let count = u32::try_from(self.events.len()).expect("a batch is far below 2^32 events");
-        rmp::encode::write_array_len(&mut out, 3).expect(FINE);
+        let parts = if chunk.is_some() { 4 } else { 3 };
+        rmp::encode::write_array_len(&mut out, parts).expect(FINE);
         rmp::encode::write_uint(&mut out, self.source as u64).expect(FINE);
         rmp::encode::write_str(&mut out, &self.tag).expect(FINE);
         rmp::encode::write_array_len(&mut out, count).expect(FINE);
         out.extend_from_slice(&self.events.bytes);
+        if let Some(chunk) = chunk {
+            rmp::encode::write_bin(&mut out, chunk).expect(FINE);
+        }
         out
     }
 
@@ -310,7 +329,10 @@ impl Batch {
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let bad = |why: &str| format!("not a buffered batch: {why}");
         let mut rd = bytes;
-        if rmp::decode::read_array_len(&mut rd).map_err(|_| bad("no header"))? != 3 {
+        // Three parts; a later version may add parts after the events (read past here), so
+        // a rollback can still read what it wrote.
+        let parts = rmp::decode::read_array_len(&mut rd).map_err(|_| bad("no header"))?;
+        if parts < 3 {
             return Err(bad("no header"));
         }
         let source = match rmp::decode::read_int::<u8, _>(&mut rd).map_err(|_| bad("source"))? {
@@ -321,7 +343,10 @@ impl Batch {
         let (tag, rest) = rmp::decode::read_str_from_slice(rd).map_err(|_| bad("tag"))?;
         rd = rest;
         let count = rmp::decode::read_array_len(&mut rd).map_err(|_| bad("events"))?;
-        let (events, rest) = Events::read(rd, count).map_err(bad)?;
+        let (events, mut rest) = Events::read(rd, count).map_err(bad)?;
+        for _ in 3..parts {
+            rmpv::decode::read_value(&mut rest).map_err(|_| bad("a part after the events"))?;
+        }
         if !rest.is_empty() {
             return Err(bad("bytes after the events"));
         }
@@ -336,6 +361,35 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch with a part after the events (the chunk id) reads as the same batch;
+    /// whole-second times are told apart from finer ones.
+    #[test]
+    fn parts_after_the_events_are_passed_over_and_whole_seconds_told() {
+        let mut batch = Batch {
+            source: Source::Forward,
+            tag: "hybris.wrapper".to_owned(),
+            events: Events::default(),
+        };
+        batch.events.push(&Event {
+            time_nanos: 2_000_000_000,
+            record: vec![(Value::from("log"), Value::from("one"))],
+        });
+        assert!(batch.events.whole_seconds());
+        let bytes = batch.encode_with(Some(b"\xa2id"));
+        assert_eq!(bytes[0], 0x94, "a fixarray of four");
+        assert_eq!(Batch::decode(&bytes).expect("reads"), batch);
+        assert_ne!(
+            bytes,
+            batch.encode_with(Some(b"\xa3id2")),
+            "the id is in what is stored"
+        );
+        batch.events.push(&Event {
+            time_nanos: 2_000_000_001,
+            record: vec![(Value::from("log"), Value::from("two"))],
+        });
+        assert!(!batch.events.whole_seconds());
+    }
 
     fn events(list: &[Event]) -> Events {
         let mut events = Events::default();

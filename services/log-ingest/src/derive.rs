@@ -111,6 +111,16 @@ impl Deriver {
             .buckets(settings.duration_buckets.clone()),
             &["service_name"],
         )?;
+        // Present from the start, as every other metric is (dashboards and rules find the
+        // names before the first record): the `other` series, at zero.
+        for level in [
+            "TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL", "unknown",
+        ] {
+            records.with_label_values(&[OTHER, level]);
+        }
+        exceptions.with_label_values(&[OTHER, OTHER]);
+        requests.with_label_values(&[OTHER, OTHER]);
+        durations.with_label_values(&[OTHER]);
         registry.register(Box::new(records.clone()))?;
         registry.register(Box::new(exceptions.clone()))?;
         registry.register(Box::new(requests.clone()))?;

@@ -322,12 +322,18 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         drop(frame);
         if !message.events.is_empty() {
             let entries = message.events.len() as u64;
+            // Whole-second times cannot tell a line sent twice in a second on purpose from
+            // a resend: the chunk id goes with such a batch (see `crate::recent`).
+            let chunk = message
+                .chunk
+                .as_deref()
+                .filter(|_| message.events.whole_seconds());
             let bytes = Batch {
                 source: Source::Forward,
                 tag: message.tag,
                 events: message.events,
             }
-            .encode();
+            .encode_with(chunk);
             let outcome = match recent.store(buffer, bytes).await {
                 // Stored already (sent again after a lost ack): acknowledged, not stored twice.
                 Ok(Stored::SentAgain) => "sent_again",

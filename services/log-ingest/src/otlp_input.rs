@@ -44,6 +44,9 @@ use crate::{
 /// `service.name` of a resource without one, as the OpenTelemetry specification says.
 pub const UNKNOWN_SERVICE: &str = "unknown_service";
 
+/// How long an export wholly received waits for room in `otlp.max_bytes_in_flight`.
+const TOP_UP_WAIT: Duration = Duration::from_secs(1);
+
 /// How long an exporter is asked to wait before sending again when the buffer is full.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -96,15 +99,22 @@ impl LogsService for OtlpInput {
         // within what `try_acquire_many` counts).
         let size = request.encoded_len().min(crate::forward_input::MAX_BUDGET);
         let had = from_body.as_ref().map_or(0, |p| p.num_permits());
-        let more = match size.saturating_sub(had) {
-            0 => Ok(None),
-            more => self
-                .budget
-                .clone()
-                .try_acquire_many_owned(u32::try_from(more).unwrap_or(u32::MAX))
-                .map(Some),
+        let in_flight = if had >= size {
+            Some(from_body)
+        } else {
+            // More than its body took (a gzip export inflates): its bytes are all read, so
+            // waiting stalls no connection. Holding nothing while it waits (what the body
+            // took goes back first), in turn with other waiters: a large export is not
+            // refused for ever by smaller ones taking the room it waits for.
+            drop(from_body);
+            let wanted = u32::try_from(size).unwrap_or(u32::MAX);
+            tokio::time::timeout(TOP_UP_WAIT, self.budget.clone().acquire_many_owned(wanted))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(Some)
         };
-        let Ok(more) = more else {
+        let Some(_in_flight) = in_flight else {
             let records = request
                 .resource_logs
                 .iter()
@@ -114,7 +124,6 @@ impl LogsService for OtlpInput {
             count("refused_busy", records);
             return Err(busy());
         };
-        let _in_flight = (from_body, more);
         // Converting a large export is CPU work: off the runtime's workers, so the other
         // inputs and the pipeline go on meanwhile.
         let (batches, rejected) = tokio::task::spawn_blocking(move || batches(request, received))
@@ -187,12 +196,13 @@ impl LogsService for OtlpInput {
 /// gives its window back.
 ///
 /// What an export's body took is handed to its handler ([`BodyPermits`], in the request's
-/// extensions), which tops it up to the export's encoded size: an export wholly received is
-/// never refused for room that other calls took between its last frame and its handler. A
-/// call counts at most `max_message_bytes` (a larger one fails in tonic anyway), so one
+/// extensions): an export wholly received is not refused for room that other calls took
+/// between its last frame and its handler. One that needs more (a gzip export inflates)
+/// waits for it in turn, up to [`TOP_UP_WAIT`]. A call counts at most `max_message_bytes`
+/// (tonic decodes one message of a unary call; bytes after it are not counted), so one
 /// export at the limit always fits the budget. Bytes are counted as sent: a gzip export's
-/// inflated form (at most `server.max_message_bytes`) is made and decoded in one step, on as
-/// many threads as the runtime has.
+/// inflated form (at most `server.max_message_bytes`) is uncounted from its decoding to its
+/// handler (README, `otlp.max_bytes_in_flight`).
 ///
 /// A `tower` service of our own rather than a `tower` layer: the server routes by the inner
 /// service's name (`NamedService`), which a layer's service does not carry.

@@ -7,9 +7,13 @@
 //! same one is being stored waits for that store's outcome.
 //!
 //! By content (SHA-256 of the batch as stored), not by chunk id: Fluent Bit does not keep a
-//! chunk's id across retries. A batch identical to a recent one in every line, time and
-//! field but sent on purpose is dropped too; Loki would drop its entries anyway (it keeps
-//! one of entries identical in stream, time and line). The memory is seeded at start from the newest
+//! chunk's id across retries; its times (its tail stamps each line in nanoseconds) make a
+//! batch sent on purpose differ from an earlier one. A sender writing whole seconds
+//! (fluentd 0.12, Fluent Bit's `time_as_integer`, the npm `fluent-logger` by default) can
+//! send the same line twice in a second on purpose: such a forward batch carries the
+//! sender's chunk id in what is stored ([`crate::batch::Batch::encode_with`]), so a resend
+//! is recognised when the sender keeps the id (fluentd and fluent-logger do), and a batch
+//! sent on purpose, under a new id, is stored. The memory is seeded at start from the newest
 //! batches still in the buffer (its last [`SEED_BYTES`]), where a batch whose
 //! acknowledgement was lost almost always is: it was among the last stored before the
 //! crash, and the pipeline acknowledges the buffer only after a push, long after the
@@ -27,7 +31,9 @@ use tokio::sync::watch;
 use crate::buffer::{Buffer, BufferError, Position};
 
 /// How many batches are remembered.
-pub const REMEMBERED: usize = 4_096;
+/// About 100 bytes each (3 MiB); at 350 chunks a second, a minute and a half of them: a
+/// sender's retries after a cut connection come within it.
+pub const REMEMBERED: usize = 32_768;
 
 /// How much of the buffer's newest data is read at start to seed the memory: a few seconds
 /// of reading on a slow volume (128 MiB/s), and hundreds of Fluent Bit's chunks.
@@ -71,15 +77,22 @@ impl Recent {
     /// Remembers the newest batches in `buffer` after `start`: those in its last
     /// [`SEED_BYTES`] (whole segments; the last of them at most [`REMEMBERED`]).
     ///
-    /// # Errors
-    /// When the buffer cannot be read.
-    pub fn seed(buffer: &Buffer, start: Position) -> std::io::Result<Self> {
+    /// Best effort: a part it cannot read (corrupt) ends the seeding with a WARN line; the
+    /// pipeline skips that part when it gets there (and says so).
+    pub fn seed(buffer: &Buffer, start: Position) -> Self {
         let recent = Self::default();
         let mut reader = buffer.reader(buffer.newest_from(start, SEED_BYTES));
-        while let Some((bytes, _)) = reader.try_next()? {
-            recent.settle(digest(&bytes), true);
+        loop {
+            match reader.try_next() {
+                Ok(Some((bytes, _))) => recent.settle(digest(&bytes), true),
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the newest batches to recognise chunks sent again; those before the fault are remembered");
+                    break;
+                }
+            }
         }
-        Ok(recent)
+        recent
     }
 
     /// Stores `bytes` in `buffer` unless the same batch is stored already; answers only
@@ -143,10 +156,17 @@ impl Recent {
             inner.states.remove(&digest);
             return;
         }
-        inner.states.insert(digest, State::Stored);
+        // Remembered once (the buffer can hold a batch twice: seeding reads both copies).
+        if matches!(
+            inner.states.insert(digest, State::Stored),
+            Some(State::Stored)
+        ) {
+            return;
+        }
         inner.order.push_back(digest);
         if inner.order.len() > REMEMBERED
             && let Some(old) = inner.order.pop_front()
+            && matches!(inner.states.get(&old), Some(State::Stored))
         {
             inner.states.remove(&old);
         }
@@ -210,6 +230,46 @@ mod tests {
             recent.store(&buffer, b"a".to_vec()).await.ok(),
             Some(Stored::New),
             "pushed out by newer ones"
+        );
+    }
+
+    /// Seeding reads what it can: a batch the buffer holds twice is remembered once, and a
+    /// corrupt frame ends it without failing the start.
+    #[tokio::test]
+    async fn seeding_is_best_effort_and_remembers_a_batch_once() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        // A segment per batch: the corrupt one is not the last (which opening checks).
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            segment_bytes: 64,
+        };
+        let (buffer, start) = Buffer::open(dir.path(), limits).expect("opens");
+        for batch in [b'a', b'a', b'b'] {
+            buffer.append(vec![batch; 40]).await.expect("appends");
+        }
+        let recent = Recent::seed(&buffer, start);
+        assert_eq!(
+            crate::lock(&recent.inner).order.len(),
+            2,
+            "a and b, once each"
+        );
+        drop((buffer, recent));
+        let mut segments: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("lists")
+            .map(|e| e.expect("an entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+            .collect();
+        segments.sort();
+        let first = &segments[0];
+        let mut bytes = std::fs::read(first).expect("reads");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(first, bytes).expect("writes");
+        let (buffer, start) = Buffer::open(dir.path(), limits).expect("opens");
+        let recent = Recent::seed(&buffer, start);
+        assert!(
+            crate::lock(&recent.inner).order.is_empty(),
+            "stopped at the fault"
         );
     }
 

@@ -184,13 +184,55 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
         (loki.accepted().0 >= want.len() as u64).then_some(())
     })
     .await;
+    // Until pushes stop: a copy pushed late (a record rebuilt after a kill) counts too.
+    let mut pushes = loki.counts().0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = loki.counts().0;
+        if now == pushes {
+            break;
+        }
+        pushes = now;
+    }
     let received = loki.received();
+    let level_of: BTreeMap<&str, &str> = want
+        .iter()
+        .map(|(level, line)| (line.as_str(), level.as_str()))
+        .collect();
     let mut copies: BTreeMap<&str, usize> = BTreeMap::new();
     for r in &received {
         *copies.entry(r.entry.line.as_str()).or_default() += 1;
         let labels: BTreeMap<_, _> = r.labels.iter().cloned().collect();
         assert_eq!(labels["environment"], "chaos");
+        assert_eq!(labels["service"], "hybris.wrapper");
+        assert_eq!(labels["host"], "hybris-1");
+        if let Some(level) = level_of.get(r.entry.line.as_str()) {
+            assert_eq!(labels["level"], *level, "{}", r.entry.line);
+        }
         assert!(!r.entry.line.contains("@example.com"), "masked");
+    }
+    // Each stream (one per level here) in the corpus's order: pushes again after a kill
+    // are dropped as identical, so what is kept is the first copy of each, in order.
+    for level in ["DEBUG", "INFO", "WARN", "ERROR"] {
+        let sent: Vec<&str> = want
+            .iter()
+            .filter(|(l, _)| l == level)
+            .map(|(_, line)| line.as_str())
+            .collect();
+        let kept: Vec<&str> = received
+            .iter()
+            .filter(|r| r.labels.iter().any(|(k, v)| k == "level" && v == level))
+            .map(|r| r.entry.line.as_str())
+            .collect();
+        // (Compared whole only on failure: 100,000 lines would flood the output.)
+        let first_difference = sent.iter().zip(&kept).position(|(a, b)| a != b);
+        assert!(
+            sent == kept,
+            "{level} records are not in the corpus's order: {} sent, {} kept, first difference \
+             at {first_difference:?}",
+            sent.len(),
+            kept.len()
+        );
     }
     let wanted: BTreeSet<&str> = want.iter().map(|r| r.1.as_str()).collect();
     assert_eq!(wanted.len(), want.len(), "the model's records are unique");

@@ -446,6 +446,36 @@ async fn a_stack_trace_whose_rest_a_full_buffer_refused_arrives_whole() {
     );
 }
 
+/// A sender writing whole-second times (as `frame_of` does) may send the same line twice
+/// in a second on purpose, under two chunk ids: both reach Loki. The same chunk sent again
+/// under its id (its ack lost) is recognised and stored once.
+#[tokio::test]
+async fn the_same_lines_under_two_chunk_ids_are_both_kept_and_a_resend_once() {
+    let running = start().await;
+    let line = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [Poller] poll";
+    for id in [1, 2, 2] {
+        let id = format!("{id:032x}");
+        assert!(try_send(running.forward, "web-1", &id, &[line]).await);
+    }
+    wait_for(&running.loki, 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        running.loki.received().len(),
+        2,
+        "both kept, the resend once"
+    );
+    assert_eq!(running.loki.counts().2, 0, "none identical");
+    let metrics = probe_metrics(running.admin).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "mall_log_ingest_forward_messages_total",
+            &[("outcome", "sent_again")]
+        ),
+        1.0
+    );
+}
+
 /// A Loki that takes no structured metadata (Loki 2.9's default, or 3.x with
 /// `allow_structured_metadata: false`) refuses every entry carrying some: that is its
 /// configuration, not the records' fault, so they go without it (counted), none dropped.
