@@ -119,7 +119,7 @@ impl Deriver {
             records.with_label_values(&[OTHER, level]);
         }
         exceptions.with_label_values(&[OTHER, OTHER]);
-        requests.with_label_values(&[OTHER, OTHER]);
+        requests.with_label_values(&[OTHER, "200"]);
         durations.with_label_values(&[OTHER]);
         registry.register(Box::new(records.clone()))?;
         registry.register(Box::new(exceptions.clone()))?;

@@ -334,7 +334,14 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 events: message.events,
             }
             .encode_with(chunk);
-            let outcome = match recent.store(buffer, bytes).await {
+            // Without a `chunk` the sender wants no ack and never resends: nothing to
+            // recognise (the same record twice in a second is two records).
+            let stored = if message.chunk.is_some() {
+                recent.store(buffer, bytes).await
+            } else {
+                buffer.append(bytes).await.map(|_| Stored::New)
+            };
+            let outcome = match stored {
                 // Stored already (sent again after a lost ack): acknowledged, not stored twice.
                 Ok(Stored::SentAgain) => "sent_again",
                 Ok(Stored::New) => {

@@ -6,14 +6,16 @@
 //! and answer a batch stored already without storing it again; a batch arriving while the
 //! same one is being stored waits for that store's outcome.
 //!
-//! By content (SHA-256 of the batch as stored), not by chunk id: Fluent Bit does not keep a
-//! chunk's id across retries; its times (its tail stamps each line in nanoseconds) make a
-//! batch sent on purpose differ from an earlier one. A sender writing whole seconds
-//! (fluentd 0.12, Fluent Bit's `time_as_integer`, the npm `fluent-logger` by default) can
-//! send the same line twice in a second on purpose: such a forward batch carries the
-//! sender's chunk id in what is stored ([`crate::batch::Batch::encode_with`]), so a resend
-//! is recognised when the sender keeps the id (fluentd and fluent-logger do), and a batch
-//! sent on purpose, under a new id, is stored. The memory is seeded at start from the newest
+//! By content (SHA-256 of the batch as stored), not by chunk id alone: senders differ in
+//! how they make ids (Fluent Bit's is a digest of the chunk's data, the same on a retry;
+//! others' are random). Times finer than a second (Fluent Bit's tail stamps each line in
+//! nanoseconds) make a batch sent on purpose differ from an earlier one. A sender writing
+//! whole seconds can send the same line twice in a second on purpose: such a forward batch
+//! carries the sender's chunk id in what is stored ([`crate::batch::Batch::encode_with`]),
+//! so it is recognised only when sent again under the same id, and a batch sent on purpose
+//! under a new id is stored. (Fluent Bit with `time_as_integer` gives identical chunks the
+//! same id: the second is taken for a resend. A sender without acks sends no `chunk` and
+//! never resends: its batches are not matched at all.) The memory is seeded at start from the newest
 //! batches still in the buffer (its last [`SEED_BYTES`]), where a batch whose
 //! acknowledgement was lost almost always is: it was among the last stored before the
 //! crash, and the pipeline acknowledges the buffer only after a push, long after the
@@ -77,8 +79,8 @@ impl Recent {
     /// Remembers the newest batches in `buffer` after `start`: those in its last
     /// [`SEED_BYTES`] (whole segments; the last of them at most [`REMEMBERED`]).
     ///
-    /// Best effort: a part it cannot read (corrupt) ends the seeding with a WARN line; the
-    /// pipeline skips that part when it gets there (and says so).
+    /// Best effort: a corrupt stretch is passed over (the pipeline skips it too, and says
+    /// so), any other read error ends the seeding; a WARN line either way.
     pub fn seed(buffer: &Buffer, start: Position) -> Self {
         let recent = Self::default();
         let mut reader = buffer.reader(buffer.newest_from(start, SEED_BYTES));
@@ -86,6 +88,11 @@ impl Recent {
             match reader.try_next() {
                 Ok(Some((bytes, _))) => recent.settle(digest(&bytes), true),
                 Ok(None) => break,
+                // Corrupt: the rest of that segment is passed over, as the pipeline does.
+                Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                    tracing::warn!(%error, "a corrupt stretch of the buffer is passed over while recognising chunks sent again");
+                    reader.skip_segment();
+                }
                 Err(error) => {
                     tracing::warn!(%error, "cannot read the newest batches to recognise chunks sent again; those before the fault are remembered");
                     break;
@@ -234,7 +241,7 @@ mod tests {
     }
 
     /// Seeding reads what it can: a batch the buffer holds twice is remembered once, and a
-    /// corrupt frame ends it without failing the start.
+    /// corrupt stretch is passed over without failing the start.
     #[tokio::test]
     async fn seeding_is_best_effort_and_remembers_a_batch_once() {
         let dir = tempfile::tempdir().expect("a temporary directory");
@@ -267,9 +274,10 @@ mod tests {
         std::fs::write(first, bytes).expect("writes");
         let (buffer, start) = Buffer::open(dir.path(), limits).expect("opens");
         let recent = Recent::seed(&buffer, start);
-        assert!(
-            crate::lock(&recent.inner).order.is_empty(),
-            "stopped at the fault"
+        assert_eq!(
+            crate::lock(&recent.inner).order.len(),
+            2,
+            "the corrupt first segment passed over, a and b after it remembered"
         );
     }
 

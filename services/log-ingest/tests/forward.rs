@@ -544,8 +544,9 @@ async fn a_handshake_with_a_binary_salt_as_fluent_bit_sends_it() {
     );
 }
 
-/// A chunk sent again after its ack was lost (with a new chunk id, as Fluent Bit does) is
-/// acknowledged again but stored once.
+/// A chunk sent again after its ack was lost is acknowledged again but stored once, even
+/// under another chunk id (what is recognised is its content: its times are finer than a
+/// second, as Fluent Bit's are).
 #[tokio::test]
 async fn a_chunk_sent_again_is_acknowledged_and_stored_once() {
     let listener = listener(None, LIMITS).await;

@@ -476,6 +476,34 @@ async fn the_same_lines_under_two_chunk_ids_are_both_kept_and_a_resend_once() {
     );
 }
 
+/// A sender without acks (no `chunk` option) never sends a chunk again: the same record
+/// twice in a second is two records, both kept.
+#[tokio::test]
+async fn the_same_record_twice_without_acks_is_two_records() {
+    let running = start().await;
+    let line = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [Poller] poll";
+    let entry = Value::Array(vec![
+        Value::from(1_730_103_120_u32),
+        Value::Map(vec![
+            (Value::from("log"), Value::from(line)),
+            (Value::from("host"), Value::from("web-1")),
+        ]),
+    ]);
+    let message = Value::Array(vec![
+        Value::from("hybris.wrapper"),
+        Value::Array(vec![entry]),
+    ]);
+    let mut frame = Vec::new();
+    rmpv::encode::write_value(&mut frame, &message).expect("encodes");
+    let mut stream = tokio::net::TcpStream::connect(running.forward)
+        .await
+        .expect("connects");
+    for _ in 0..2 {
+        stream.write_all(&frame).await.expect("writes");
+    }
+    wait_for(&running.loki, 2).await;
+}
+
 /// A Loki that takes no structured metadata (Loki 2.9's default, or 3.x with
 /// `allow_structured_metadata: false`) refuses every entry carrying some: that is its
 /// configuration, not the records' fault, so they go without it (counted), none dropped.
