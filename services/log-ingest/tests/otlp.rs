@@ -405,8 +405,8 @@ async fn a_full_buffer_answers_unavailable_with_retry_info_and_loses_nothing_sto
 }
 
 /// Exports being converted and stored at once stay within `otlp.max_bytes_in_flight`: one
-/// that would pass it is answered UNAVAILABLE with RetryInfo at once, nothing taken, and
-/// goes through when sent again with room.
+/// that would pass it waits for room (up to a second, holding nothing), then is answered
+/// UNAVAILABLE with RetryInfo, nothing taken, and goes through when sent again with room.
 #[tokio::test]
 async fn an_export_past_the_bytes_in_flight_is_refused_for_a_retry() {
     use log_ingest::otlp_input::OtlpInput;
