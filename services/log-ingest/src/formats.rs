@@ -20,6 +20,13 @@ pub struct RegexParserSettings {
     pub name: String,
     /// The expression (Rust `regex` syntax: linear time on any input).
     pub regex: String,
+    /// How the `time` capture is written, in chrono's `strftime` syntax (`%d-%b-%Y
+    /// %H:%M:%S%.3f` for Tomcat's `catalina.out`), read in the source's zone unless it has
+    /// `%z`. Empty: the forms any parser reads (ISO-8601 and RFC 3339, the wrapper's, an
+    /// access log's, epoch seconds or milliseconds). A time that does not read stays a
+    /// field and marks the record a parse error.
+    #[serde(default)]
+    pub time_format: String,
 }
 
 /// A compiled [`RegexParserSettings`].
@@ -28,6 +35,8 @@ pub struct RegexParser {
     /// Its name.
     pub name: String,
     regex: Regex,
+    /// [`RegexParserSettings::time_format`] (empty: any known form).
+    pub time_format: String,
 }
 
 impl RegexParser {
@@ -40,14 +49,25 @@ impl RegexParser {
         if regex.capture_names().flatten().next().is_none() {
             return Err("the expression has no named capture (such as (?P<message>.*))".into());
         }
+        if chrono::format::StrftimeItems::new(&settings.time_format)
+            .any(|item| matches!(item, chrono::format::Item::Error))
+        {
+            return Err(format!(
+                "time_format {:?} is not a chrono strftime format",
+                settings.time_format
+            ));
+        }
         Ok(Arc::new(Self {
             name: settings.name.clone(),
             regex,
+            time_format: settings.time_format.clone(),
         }))
     }
 
     /// The record `line` starts, or `None` when it does not match. `time` reads a time
-    /// capture.
+    /// capture. A capture of the record's own that does not read (a time, a level, a trace
+    /// id) stays a field, and a time that does not read marks the record a parse error. A
+    /// record without a message capture has the line as its message.
     pub fn start(
         &self,
         line: &str,
@@ -64,17 +84,32 @@ impl RegexParser {
             let Some(value) = captures.name(name).map(|m| m.as_str()) else {
                 continue;
             };
+            let mut unread = false;
             match name {
-                "time" => record.time_micros = time(value),
-                "level" => record.level = Level::parse(value.trim()),
+                "time" if !value.trim().is_empty() => {
+                    record.time_micros = time(value);
+                    unread = record.time_micros.is_none();
+                    record.parse_error |= unread;
+                }
+                "level" => {
+                    record.level = Level::parse(value.trim());
+                    unread = record.level.is_none() && !value.trim().is_empty();
+                }
                 "message" => value.clone_into(&mut record.message),
                 "logger" => value.clone_into(&mut record.logger),
                 "thread" => value.clone_into(&mut record.thread),
-                "trace_id" => record.trace_id = record::trace_id(value).unwrap_or_default(),
-                other => {
-                    record.fields.insert(other.to_owned(), value.to_owned());
+                "trace_id" => {
+                    record.trace_id = record::trace_id(value).unwrap_or_default();
+                    unread = record.trace_id.is_empty() && !value.trim().is_empty();
                 }
+                _ => unread = true,
             }
+            if unread {
+                record.fields.insert(name.to_owned(), value.to_owned());
+            }
+        }
+        if record.message.is_empty() {
+            line.clone_into(&mut record.message);
         }
         Some(record)
     }
@@ -82,10 +117,12 @@ impl RegexParser {
 
 /// Tomcat's `AccessLogValve` (and Apache's) common and combined formats, optionally with
 /// the time taken (`%D` or `%T`) after them:
-/// `%h %l %u %t "%r" %s %b ["%{Referer}i" "%{User-Agent}i"] [%D]`.
+/// `%h %l %u %t "%r" %s %b ["%{Referer}i" "%{User-Agent}i"] [%D]`. The valve writes `-`
+/// for a request line it could not read (a 400) and for a status it never sent, and
+/// escapes `"` and `\` inside quoted parts with a backslash.
 static ACCESS_LOG: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
-        r#"^(?P<client>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] "(?P<method>[A-Z]+) (?P<path>[^ "]*)(?: (?P<protocol>[^"]*))?" (?P<status>\d{3}) (?P<bytes>\d+|-)(?: "(?P<referer>[^"]*)" "(?P<user_agent>[^"]*)")?(?: (?P<duration>\d+(?:\.\d+)?))?\s*$"#,
+        r#"^(?P<client>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] "(?:-|(?P<method>[A-Z]+) (?P<path>(?:[^ "\\]|\\.)*)(?: (?P<protocol>(?:[^"\\]|\\.)*))?)" (?P<status>\d{3}|-) (?P<bytes>\d+|-)(?: "(?P<referer>(?:[^"\\]|\\.)*)" "(?P<user_agent>(?:[^"\\]|\\.)*)")?(?: (?P<duration>\d+(?:\.\d+)?))?\s*$"#,
     )
     .expect("a valid expression")
 });
@@ -107,8 +144,10 @@ pub fn access_log(line: &str, index: usize) -> Option<Record> {
         .name("time")
         .and_then(|t| chrono::DateTime::parse_from_str(t.as_str(), "%d/%b/%Y:%H:%M:%S %z").ok())
         .map(|t| t.timestamp_micros());
+    // No status (`-`): the valve never answered; logged as an ERROR like a 5xx.
     let status = captures.name("status").map_or("", |m| m.as_str());
     record.level = Some(match status.as_bytes().first() {
+        Some(b'-') => Level::Error,
         Some(b'5') => Level::Error,
         Some(b'4') => Level::Warn,
         _ => Level::Info,
@@ -129,7 +168,7 @@ pub fn access_log(line: &str, index: usize) -> Option<Record> {
             .map(|m| m.as_str())
             .filter(|v| !v.is_empty())
         {
-            record.fields.insert(name.to_owned(), value.to_owned());
+            record.fields.insert(name.to_owned(), unescape(value));
         }
     }
     Some(record)
@@ -175,6 +214,11 @@ pub fn logfmt(line: &str, index: usize, time: impl Fn(&str) -> Option<i64>) -> O
             }
         }
     }
+    // Pairs without a message (`Cart recalculated total=12.00`, or metrics-like lines): the
+    // line itself, so the entry says what was written, in its order.
+    if record.message.is_empty() {
+        line.clone_into(&mut record.message);
+    }
     Some(record)
 }
 
@@ -192,26 +236,23 @@ fn logfmt_pairs(line: &str) -> Vec<(&str, String)> {
         let value = if let Some(after) = rest.strip_prefix('=') {
             valued = true;
             if let Some(quoted) = after.strip_prefix('"') {
-                let mut value = String::new();
+                // The value ends at the first `"` not escaped (or with the line).
                 let mut chars = quoted.char_indices();
-                let mut end = quoted.len();
+                let (mut content, mut next) = (quoted.len(), quoted.len());
                 while let Some((i, c)) = chars.next() {
                     match c {
-                        '\\' => match chars.next() {
-                            Some((_, 'n')) => value.push('\n'),
-                            Some((_, 't')) => value.push('\t'),
-                            Some((_, other)) => value.push(other),
-                            None => {}
-                        },
+                        '\\' => {
+                            chars.next();
+                        }
                         '"' => {
-                            end = i + 1;
+                            (content, next) = (i, i + 1);
                             break;
                         }
-                        c => value.push(c),
+                        _ => {}
                     }
                 }
-                rest = &quoted[end..];
-                value
+                rest = &quoted[next..];
+                unescape(&quoted[..content])
             } else {
                 let end = after.find(' ').unwrap_or(after.len());
                 rest = &after[end..];
@@ -220,7 +261,9 @@ fn logfmt_pairs(line: &str) -> Vec<(&str, String)> {
         } else {
             "true".to_owned()
         };
-        if !key.is_empty() && key.bytes().all(|b| b.is_ascii_graphic() && b != b'"') {
+        // A key is any run of bytes past the space but `=` and `"` (as go-logfmt reads
+        // them: `사용자=kim` is a pair).
+        if !key.is_empty() && key.bytes().all(|b| b > b' ' && b != b'"' && b != 0x7f) {
             pairs.push((key, value));
         } else if !key.is_empty() {
             // Not logfmt (free text): no pairs at all.
@@ -232,6 +275,63 @@ fn logfmt_pairs(line: &str) -> Vec<(&str, String)> {
         pairs.clear();
     }
     pairs
+}
+
+/// `text` with the backslash escapes logfmt writers and Tomcat's access log valve use
+/// undone: `\"`, `\\`, `\n`, `\r`, `\t`, `\b`, `\f`, `\/` and `\uXXXX` (a surrogate pair
+/// as one character; a lone surrogate as U+FFFD). An unknown escape keeps its character;
+/// a text without a backslash is copied as it is.
+///
+/// Written here: a dozen lines, and no crate undoes exactly this set outside a JSON
+/// string's quotes.
+pub fn unescape(text: &str) -> String {
+    if !text.contains('\\') {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    let hex4 = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| -> Option<u32> {
+        let digits: String = chars.clone().take(4).collect();
+        let value = (digits.len() == 4)
+            .then(|| u32::from_str_radix(&digits, 16).ok())
+            .flatten()?;
+        chars.nth(3);
+        Some(value)
+    };
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('t') => out.push('\t'),
+            Some('b') => out.push('\u{8}'),
+            Some('f') => out.push('\u{c}'),
+            Some('u') => match hex4(&mut chars) {
+                Some(high @ 0xD800..=0xDBFF) => {
+                    let mut after = chars.clone();
+                    let low = (after.next() == Some('\\') && after.next() == Some('u'))
+                        .then(|| hex4(&mut after))
+                        .flatten()
+                        .filter(|low| (0xDC00..=0xDFFF).contains(low));
+                    if let Some(low) = low {
+                        chars = after;
+                        let code = 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00);
+                        out.push(char::from_u32(code).unwrap_or('\u{fffd}'));
+                    } else {
+                        out.push('\u{fffd}');
+                    }
+                }
+                Some(code) => out.push(char::from_u32(code).unwrap_or('\u{fffd}')),
+                None => out.push('u'),
+            },
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -277,6 +377,107 @@ mod tests {
         assert!(access_log("INFO [main] [X] not an access line", 0).is_none());
     }
 
+    #[test]
+    fn access_lines_tomcat_writes_for_bad_requests_and_escaped_headers() {
+        // A request Tomcat could not read: `"-"` as the request line, the status it sent.
+        let r = access_log(
+            r#"1.2.3.4 - - [28/Oct/2024:17:12:00 +0900] "-" 400 -"#,
+            0,
+        )
+        .expect("a bad request's line");
+        assert_eq!(r.fields["status"], "400");
+        assert_eq!(r.level, Some(Level::Warn));
+        assert!(!r.fields.contains_key("method"));
+        // No status at all (`-`): the valve never answered.
+        let r = access_log(
+            r#"1.2.3.4 - - [28/Oct/2024:17:12:00 +0900] "GET /a HTTP/1.1" - -"#,
+            0,
+        )
+        .expect("no status");
+        assert_eq!(r.level, Some(Level::Error));
+        // `"` and `\` escaped inside a quoted header; the fields hold them unescaped.
+        let r = access_log(
+            r#"1.2.3.4 - - [28/Oct/2024:17:12:00 +0900] "GET /a HTTP/1.1" 200 12 "-" "Mozilla \"x\" \\ y" 5"#,
+            0,
+        )
+        .expect("escaped quotes");
+        assert_eq!(r.fields["user_agent"], r#"Mozilla "x" \ y"#);
+        assert_eq!(r.fields["duration"], "5");
+    }
+
+    #[test]
+    fn escapes_undone_as_logfmt_writers_and_tomcat_write_them() {
+        assert_eq!(unescape("plain"), "plain");
+        assert_eq!(
+            unescape(r#"a\"b\\c\nd\re\tf\/g"#),
+            "a\"b\\c\nd\re\tf/g"
+        );
+        assert_eq!(unescape(r"\u001b[0m \u00e9"), "\u{1b}[0m \u{e9}");
+        assert_eq!(unescape(r"\ud83d\ude00"), "\u{1f600}");
+        assert_eq!(unescape(r"\ud83d x"), "\u{fffd} x");
+        assert_eq!(unescape(r"\uzz x\"), "uzz x");
+    }
+
+    #[test]
+    fn logfmt_keys_beyond_ascii_and_lines_without_a_message() {
+        let r = logfmt(r#"사용자=kim msg="a\rb\u0041""#, 0, seconds).expect("logfmt");
+        assert_eq!(r.fields["사용자"], "kim");
+        assert_eq!(r.message, "a\rbA");
+        // Pairs without a message: the line itself is the message, in its order.
+        let line = "Cart recalculated total=12.00";
+        let r = logfmt(line, 0, seconds).expect("logfmt");
+        assert_eq!(r.message, line);
+        assert_eq!(r.fields["total"], "12.00");
+    }
+
+    #[test]
+    fn a_configured_time_format_and_captures_that_do_not_read() {
+        let parser = RegexParser::new(&RegexParserSettings {
+            name: "catalina".to_owned(),
+            regex: r"^(?P<time>\S+ \S+) (?P<level>\S+) \[(?P<thread>[^\]]+)\] (?P<logger>\S+) (?P<message>.*)$"
+                .to_owned(),
+            time_format: "%d-%b-%Y %H:%M:%S%.3f".to_owned(),
+        })
+        .expect("compiles");
+        assert_eq!(parser.time_format, "%d-%b-%Y %H:%M:%S%.3f");
+        // What the parser's `time` reads is the caller's (tested in parse.rs); a time it
+        // cannot read stays a field and marks the record.
+        let r = parser
+            .start(
+                "28-Oct-2024 17:12:00.040 SEVERE [main] org.apache.catalina.startup.Catalina.start x",
+                0,
+                |_| None,
+            )
+            .expect("matches");
+        assert!(r.parse_error);
+        assert_eq!(r.fields["time"], "28-Oct-2024 17:12:00.040");
+        assert_eq!(r.level, Some(Level::Error));
+        assert_eq!(r.logger, "org.apache.catalina.startup.Catalina.start");
+        // A level or trace id that does not read stays a field; a record without a
+        // message capture has the line as its message.
+        let parser = RegexParser::new(&RegexParserSettings {
+            name: "odd".to_owned(),
+            regex: r"^(?P<level>\w+) (?P<trace_id>\S+)".to_owned(),
+            time_format: String::new(),
+        })
+        .expect("compiles");
+        let r = parser.start("NOTALEVEL zz", 0, |_| None).expect("matches");
+        assert_eq!(
+            (r.level, r.fields["level"].as_str(), r.fields["trace_id"].as_str()),
+            (None, "NOTALEVEL", "zz")
+        );
+        assert_eq!(r.message, "NOTALEVEL zz");
+        assert!(!r.parse_error, "only a time that does not read is an error");
+        assert!(
+            RegexParser::new(&RegexParserSettings {
+                name: "bad".to_owned(),
+                regex: "(?P<time>.*)".to_owned(),
+                time_format: "%Y-%Q".to_owned(),
+            })
+            .is_err()
+        );
+    }
+
     fn seconds(t: &str) -> Option<i64> {
         t.parse::<i64>().ok().map(|s| s * 1_000_000)
     }
@@ -320,6 +521,7 @@ mod tests {
         let parser = RegexParser::new(&RegexParserSettings {
             name: "pipe".to_owned(),
             regex: r"^(?P<time>\d+) \| (?P<level>\w+) \| (?P<thread>[^|]+) \| (?P<message>.*?)(?: order=(?P<order>\d+))?$".to_owned(),
+            time_format: String::new(),
         })
         .expect("compiles");
         let r = parser
@@ -338,14 +540,16 @@ mod tests {
         assert!(
             RegexParser::new(&RegexParserSettings {
                 name: "x".to_owned(),
-                regex: "no captures".to_owned()
+                regex: "no captures".to_owned(),
+                time_format: String::new(),
             })
             .is_err()
         );
         assert!(
             RegexParser::new(&RegexParserSettings {
                 name: "x".to_owned(),
-                regex: "(?P<unclosed".to_owned()
+                regex: "(?P<unclosed".to_owned(),
+                time_format: String::new(),
             })
             .is_err()
         );

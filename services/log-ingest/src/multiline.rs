@@ -46,15 +46,22 @@ impl Grouper {
                 cap_first(&mut record, caps);
                 out.extend(self.pending.replace(record));
             }
-            Line::Continue { text, stack } => match &mut self.pending {
-                Some(record) if fits(record, caps, text) => join(record, text, stack),
+            Line::Continue {
+                text,
+                stack,
+                unparsed,
+            } => match &mut self.pending {
+                Some(record) if fits(record, caps, text) => {
+                    join(record, text, stack);
+                    record.parse_error |= unparsed;
+                }
                 _ => {
                     // Nothing to join (a stream that began mid-trace, a trace that went
                     // quiet longer than the flush delay), or the record is full: a record
                     // without a header.
                     out.extend(self.pending.take());
                     let mut record = Record::raw(text, index);
-                    record.parse_error = false;
+                    record.parse_error = unparsed;
                     if stack {
                         record.stack_trace = std::mem::take(&mut record.message);
                     }

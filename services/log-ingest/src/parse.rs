@@ -151,6 +151,10 @@ pub enum Line<'a> {
         text: &'a str,
         /// Whether it is stack trace.
         stack: bool,
+        /// Whether the parser expected a record's start here and could not read one (a
+        /// configured expression that does not match a line that is not stack trace):
+        /// the record it joins counts as a parse error.
+        unparsed: bool,
     },
 }
 
@@ -185,12 +189,33 @@ impl Parser {
                 formats::logfmt(line, index, |t| self.any_time(t))
                     .unwrap_or_else(|| Record::raw(line, index)),
             ),
-            Format::Regex(parser) => match parser.start(line, index, |t| self.any_time(t)) {
-                Some(record) => Line::Start(record),
-                None => continuation(line),
-            },
+            Format::Regex(parser) => {
+                let time = |t: &str| {
+                    if parser.time_format.is_empty() {
+                        self.any_time(t)
+                    } else {
+                        self.formatted_time(t, &parser.time_format)
+                    }
+                };
+                match parser.start(line, index, time) {
+                    Some(record) => Line::Start(record),
+                    // A line the expression does not match joins the record before it
+                    // (stack trace, or a message's next line); one that is not stack
+                    // trace is counted as not parsed, so an expression that matches too
+                    // little shows in `parse_errors` rather than merging lines unseen.
+                    None => match continuation(line) {
+                        Line::Continue { text, stack, .. } => Line::Continue {
+                            text,
+                            stack,
+                            unparsed: !stack,
+                        },
+                        start => start,
+                    },
+                }
+            }
             Format::Json => Line::Start(
                 self.json(line, index)
+                    .map(|record| with_message(record, line))
                     .unwrap_or_else(|| Record::raw(line, index)),
             ),
             // A line that merely starts with `{` (a request body printed after a header)
@@ -205,7 +230,7 @@ impl Parser {
                         || record.time_micros.is_some()
                         || !record.message.is_empty() =>
                 {
-                    Line::Start(record)
+                    Line::Start(with_message(record, line))
                 }
                 _ => self.wrapper(line, index),
             },
@@ -329,6 +354,14 @@ impl Parser {
             }
         }
         for (key, value) in fields {
+            // pino's and bunyan's numeric levels (10 trace … 60 fatal).
+            if let ("level", serde_json::Value::Number(n)) = (key.as_str(), &value)
+                && record.level.is_none()
+                && let Some(level) = n.as_u64().and_then(numeric_level)
+            {
+                record.level = Some(level);
+                continue;
+            }
             let text = match value {
                 serde_json::Value::String(s) => s,
                 serde_json::Value::Null => continue,
@@ -367,13 +400,40 @@ impl Parser {
     /// wrapper's (`-` or `/` separators, an offset or this parser's zone), RFC 3339, an
     /// access log's `28/Oct/2024:17:12:00 +0900`, or epoch seconds (milliseconds above
     /// 10^11) with an optional fraction.
+    ///
+    /// The whole text must be the time: `2024-10-28 08:12:00.040 +0000` (Java's `Z` after a
+    /// space; Go's `time.String()` adds ` UTC`) reads its offset, and anything else after a
+    /// time makes it unreadable rather than read in the wrong zone.
     fn any_time(&self, text: &str) -> Option<i64> {
         let text = text.trim();
-        if let Some((micros, _)) = self
-            .timestamp(text, b'-')
-            .or_else(|| self.timestamp(text, b'/'))
-        {
-            return Some(micros);
+        for separator in [b'-', b'/'] {
+            let Some((micros, used)) = self.timestamp(text, separator) else {
+                continue;
+            };
+            let rest = text[used..].trim_start();
+            if rest.is_empty() {
+                return Some(micros);
+            }
+            let mut words = rest.split_ascii_whitespace();
+            let offset = words.next().unwrap_or_default();
+            let abbreviation_only = words
+                .next()
+                .is_none_or(|a| a.len() <= 5 && a.bytes().all(|b| b.is_ascii_alphabetic()));
+            if !abbreviation_only || words.next().is_some() {
+                return None;
+            }
+            let offset = if offset.eq_ignore_ascii_case("UTC") || offset.eq_ignore_ascii_case("GMT")
+            {
+                "Z"
+            } else {
+                offset
+            };
+            let joined = format!("{}{offset}", &text[..used]);
+            return match self.timestamp(&joined, separator) {
+                // It read the offset, and nothing but it (the time had none of its own).
+                Some((micros, read)) if read == joined.len() && read > used => Some(micros),
+                _ => None,
+            };
         }
         if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
             return Some(t.timestamp_micros());
@@ -451,21 +511,40 @@ impl Parser {
         };
         let seconds = match offset_seconds {
             Some(offset) => naive.and_utc().timestamp() - offset,
-            None => match self.zone.from_local_datetime(&naive).earliest() {
-                Some(t) => t.timestamp(),
-                // A time in a daylight-saving gap did not happen: read it with the offset
-                // in force just before the gap. (Gaps are an hour or less everywhere but in
-                // historic corner cases, which fall back to UTC.)
-                None => {
-                    let hour = chrono::TimeDelta::hours(1);
-                    match self.zone.from_local_datetime(&(naive - hour)).earliest() {
-                        Some(before) => (before + hour).timestamp(),
-                        None => naive.and_utc().timestamp(),
-                    }
-                }
-            },
+            None => self.local_seconds(naive),
         };
         Some((seconds * 1_000_000 + micros, used))
+    }
+
+    /// `naive`, a time in this parser's zone, in seconds since the epoch. A time in a
+    /// daylight-saving gap did not happen: it is read with the offset in force just before
+    /// the gap (gaps are an hour or less everywhere but in historic corner cases, which
+    /// fall back to UTC); a repeated hour is read as its first occurrence.
+    fn local_seconds(&self, naive: NaiveDateTime) -> i64 {
+        match self.zone.from_local_datetime(&naive).earliest() {
+            Some(t) => t.timestamp(),
+            None => {
+                let hour = chrono::TimeDelta::hours(1);
+                match self.zone.from_local_datetime(&(naive - hour)).earliest() {
+                    Some(before) => (before + hour).timestamp(),
+                    None => naive.and_utc().timestamp(),
+                }
+            }
+        }
+    }
+
+    /// `text` read with a configured chrono `format` (whole, after trimming): with an
+    /// offset when the format has one, else in this parser's zone; microseconds since the
+    /// epoch.
+    fn formatted_time(&self, text: &str, format: &str) -> Option<i64> {
+        let text = text.trim();
+        if let Ok(t) = chrono::DateTime::parse_from_str(text, format) {
+            return Some(t.timestamp_micros());
+        }
+        let naive = NaiveDateTime::parse_from_str(text, format).ok()?;
+        let micros = self.local_seconds(naive) * 1_000_000
+            + i64::from(naive.and_utc().timestamp_subsec_micros());
+        (micros < MAX_MICROS).then_some(micros)
     }
 }
 
@@ -480,15 +559,43 @@ fn epoch_micros(number: f64) -> Option<i64> {
     if !number.is_finite() || number < 1e8 {
         return None;
     }
-    Some(if number > 1e17 {
-        (number / 1e3) as i64
+    let micros = if number > 1e17 {
+        number / 1e3
     } else if number > 1e14 {
-        number as i64
+        number
     } else if number > 1e11 {
-        (number * 1e3) as i64
+        number * 1e3
     } else {
-        (number * 1e6) as i64
+        number * 1e6
+    };
+    // Past the year 9999 (what a protobuf Timestamp holds) it is no time anyone wrote.
+    (micros < MAX_MICROS as f64).then(|| micros.round() as i64)
+}
+
+/// 10000-01-01T00:00:00Z in microseconds: no time read is at or after it.
+const MAX_MICROS: i64 = 253_402_300_800_000_000;
+
+/// pino's and bunyan's numeric levels: 10 trace, 20 debug, 30 info, 40 warn, 50 error,
+/// 60 fatal (a number between two is the lower one's).
+fn numeric_level(number: u64) -> Option<Level> {
+    Some(match number {
+        10..20 => Level::Trace,
+        20..30 => Level::Debug,
+        30..40 => Level::Info,
+        40..50 => Level::Warn,
+        50..60 => Level::Error,
+        60..=100 => Level::Fatal,
+        _ => return None,
     })
+}
+
+/// `record` with `line` as its message when it has none (a JSON object without a message
+/// field): the Loki line then says what was written.
+fn with_message(mut record: Record, line: &str) -> Record {
+    if record.message.is_empty() {
+        line.clone_into(&mut record.message);
+    }
+    record
 }
 
 /// The source time zone named `name` (IANA, such as `Asia/Seoul`).
@@ -696,6 +803,7 @@ fn continuation(text: &str) -> Line<'_> {
     Line::Continue {
         text,
         stack: is_stack(text),
+        unparsed: false,
     }
 }
 
@@ -805,13 +913,13 @@ mod tests {
         ] {
             assert_eq!(
                 parser.line(&format!("{prefix}{text}"), 1),
-                Line::Continue { text, stack },
+                Line::Continue { text, stack, unparsed: false },
                 "{text:?}"
             );
             // Without the prefix (Fluent Bit's default java multiline input) as well.
             assert_eq!(
                 parser.line(text, 1),
-                Line::Continue { text, stack },
+                Line::Continue { text, stack, unparsed: false },
                 "{text:?}"
             );
         }
@@ -911,12 +1019,114 @@ mod tests {
         assert_eq!(epoch_micros(1_730_103_120.123_456), Some(micros));
         assert_eq!(epoch_micros(1_730_103_120_123.0), Some(micros - 456));
         assert_eq!(epoch_micros(1_730_103_120_123_456.0), Some(micros));
-        assert_eq!(epoch_micros(1_730_103_120_123_456_789.0), Some(micros));
+        // Rounded to the nearest microsecond (a float of seconds is rarely exact).
+        assert_eq!(epoch_micros(1_730_103_120_123_456_789.0), Some(micros + 1));
+        assert_eq!(epoch_micros(1_730_103_120_123_456_189.0), Some(micros));
         assert_eq!(epoch_micros(0.0), None);
         // A duration or a count under a time's name is no time.
         assert_eq!(epoch_micros(250.0), None);
         assert_eq!(epoch_micros(99_999_999.0), None);
         assert_eq!(epoch_micros(f64::NAN), None);
+    }
+
+    #[test]
+    fn a_time_is_read_whole_or_not_at_all() {
+        let parser = Parser::new(Format::Json, SEOUL);
+        let utc = 1_730_103_120_040_000;
+        for (time, expected) in [
+            // An offset after a space (Java's `yyyy-MM-dd HH:mm:ss.SSS Z`), Go's
+            // `time.String()` with its zone's abbreviation, a bare `UTC`.
+            ("2024-10-28 08:12:00.040 +0000", Some(utc)),
+            ("2024-10-28 08:12:00.040 +0000 UTC", Some(utc)),
+            ("2024-10-28 17:12:00.040 +09:00 KST", Some(utc)),
+            ("2024-10-28 08:12:00.040 UTC", Some(utc)),
+            ("2024-10-28 17:12:00.040", Some(utc)),
+            // Anything else after the time: not read in the wrong zone, kept as a field.
+            ("2024-10-28 17:12:00.040 tomorrow", None),
+            ("2024-10-28 08:12:00.040Z +0100", None),
+            ("2024-10-28 08:12:00.040 +0000 UTC extra", None),
+        ] {
+            let record = start(parser.line(&format!(r#"{{"time":"{time}","msg":"x"}}"#), 0));
+            assert_eq!(record.time_micros, expected, "{time}");
+            assert_eq!(record.fields.contains_key("time"), expected.is_none(), "{time}");
+        }
+        // Numbers past the year 9999 are no time; fractions round to the microsecond.
+        let record = start(parser.line(r#"{"ts":1e300,"msg":"x"}"#, 0));
+        assert_eq!(record.time_micros, None);
+        assert_eq!(epoch_micros(1e21), None);
+        assert_eq!(epoch_micros(253_402_300_799.0), Some(253_402_300_799_000));
+        assert_eq!(epoch_micros(1_730_103_120.000_000_6), Some(1_730_103_120_000_001));
+    }
+
+    #[test]
+    fn a_configured_expression_with_a_time_format_and_lines_it_does_not_match() {
+        let formats = Formats::new(&[RegexParserSettings {
+            name: "catalina".to_owned(),
+            regex: r"^(?P<time>\d\d-\w{3}-\d{4} [\d:.]+) (?P<level>[A-Z]+) \[(?P<thread>[^\]]+)\] (?P<logger>\S+) (?P<message>.*)$"
+                .to_owned(),
+            time_format: "%d-%b-%Y %H:%M:%S%.3f".to_owned(),
+        }])
+        .expect("valid");
+        let parser = Parser::new(formats.named("catalina").expect("configured"), SEOUL);
+        let record = start(parser.line(
+            "28-Oct-2024 17:12:00.040 SEVERE [main] org.apache.catalina.core.StandardService.startInternal failed",
+            0,
+        ));
+        assert_eq!(record.time_micros, Some(SEOUL_MICROS));
+        assert_eq!(record.level, Some(Level::Error));
+        assert!(!record.parse_error);
+        // A stack line joins quietly; another line the expression does not match joins
+        // too, but counts as not parsed.
+        assert_eq!(
+            parser.line("\tat org.apache.Foo.bar(Foo.java:1)", 1),
+            Line::Continue {
+                text: "\tat org.apache.Foo.bar(Foo.java:1)",
+                stack: true,
+                unparsed: false
+            }
+        );
+        assert_eq!(
+            parser.line("28/10/2024 something else", 2),
+            Line::Continue {
+                text: "28/10/2024 something else",
+                stack: false,
+                unparsed: true
+            }
+        );
+        let mut grouper = crate::multiline::Grouper::default();
+        let caps = crate::multiline::Caps {
+            lines: 100,
+            bytes: 10_000,
+        };
+        let mut out = Vec::new();
+        for (i, line) in [
+            "28-Oct-2024 17:12:00.040 INFO [main] a.B started",
+            "28/10/2024 something else",
+        ]
+        .iter()
+        .enumerate()
+        {
+            grouper.push(&parser, caps, line, i, &mut out);
+        }
+        let record = grouper.flush().expect("pending");
+        assert!(record.parse_error, "a line the expression did not match");
+        assert_eq!(record.message, "started\n28/10/2024 something else");
+    }
+
+    #[test]
+    fn json_numeric_levels_and_objects_without_a_message() {
+        let parser = Parser::new(Format::Json, SEOUL);
+        for (level, expected) in [(10, Level::Trace), (30, Level::Info), (50, Level::Error), (60, Level::Fatal)] {
+            let record = start(parser.line(&format!(r#"{{"level":{level},"msg":"x"}}"#), 0));
+            assert_eq!(record.level, Some(expected));
+            assert!(!record.fields.contains_key("level"));
+        }
+        let line = r#"{"level":"info","order":1}"#;
+        let record = start(parser.line(line, 0));
+        assert_eq!(record.message, line, "the line itself, not an empty entry");
+        assert_eq!(record.fields["order"], "1");
+        let record = start(Parser::new(Format::Auto, SEOUL).line(line, 0));
+        assert_eq!(record.message, line);
     }
 
     #[test]

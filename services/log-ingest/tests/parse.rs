@@ -30,6 +30,7 @@ async fn client() -> (
             name: "pipe-java".to_owned(),
             regex: r"^(?P<time>\S+) (?P<level>[A-Z]+) +\[(?P<thread>[^\]]+)\] (?P<logger>\S+) - (?P<message>.*)$"
                 .to_owned(),
+            time_format: String::new(),
         });
     let app = App::build(settings).await.expect("app builds");
     let grpc = app.grpc_addr();
