@@ -5,10 +5,10 @@
 //!
 //! The patterns are regular expressions (the `regex` crate: linear time, no catastrophic
 //! backtracking on hostile lines); each may name literals one of which every match
-//! contains (`@` or `%40` for e-mail addresses, `01` or `+82` for mobile numbers). The
-//! literals of every pattern are searched for together, in one pass over a text (an
-//! Aho-Corasick automaton), and only the patterns whose literals it found run: most texts
-//! cost that one pass.
+//! contains (`@` or `%40`, among others, for e-mail addresses, `01` or `+82` for mobile
+//! numbers). The literals of every pattern are searched for together, in one pass over a
+//! text (an Aho-Corasick automaton), and only the patterns whose literals it found run:
+//! most texts cost that one pass.
 
 use aho_corasick::AhoCorasick;
 use regex::Regex;
@@ -41,21 +41,36 @@ pub fn default_patterns() -> Vec<PatternSettings> {
     vec![
         PatternSettings {
             name: "email".to_owned(),
-            // Also URL-encoded (`%40`, in query strings) and with non-ASCII letters.
-            regex: r"[\p{L}\p{N}._%+\-]+(?:@|%40)[\p{L}\p{N}\-]+(?:\.[\p{L}\p{N}\-]+)*\.\p{L}{2,}"
+            // Also URL-encoded (`%40`, in query strings; `%2540`, encoded twice in a redirect's
+            // encoded query), with the full-width `＠` (U+FF20) Korean input methods type, and
+            // with non-ASCII letters. The local part may hold RFC 5322's other atext characters
+            // (`o'brien`), though not first, so the quotes or braces around an address are kept
+            // (`'<email>'`), and never `= & / ?` (a whole query string would go with it) nor `|`
+            // (the separator of pipe-delimited fields); or it is quoted (`"kim.lee"@`).
+            regex: r#"(?:"[\p{L}\p{N}._%+\-'!#$*^`{}~ ]+"|[\p{L}\p{N}._%+\-][\p{L}\p{N}._%+\-'!#$*^`{}~]*)(?:@|\x{FF20}|%40|%2540)[\p{L}\p{N}\-]+(?:\.[\p{L}\p{N}\-]+)*\.\p{L}{2,}"#
                 .to_owned(),
             replacement: "<email>".to_owned(),
-            requires: vec!["@".to_owned(), "%40".to_owned()],
+            requires: ["@", "\u{ff20}", "%40", "%2540"].map(str::to_owned).into(),
             digit_bounded: false,
         },
         PatternSettings {
             name: "kr_mobile".to_owned(),
-            // 010-1234-5678, 010 1234 5678, 01012345678, +82 10-1234-5678, next to letters
-            // or Hangul too; not inside a longer number (`digit_bounded`).
-            regex: r"(?:\+82[ .\-]?|0)1[016789][ .\-]?[0-9]{3,4}[ .\-]?[0-9]{4}".to_owned(),
+            // 010-1234-5678, 010 1234 5678, 01012345678, (010) 1234-5678, +82 10-1234-5678,
+            // +82 010-1234-5678 and +82 (0)10-1234-5678 (the 0 kept), `+` URL-encoded
+            // (`%2B82`, in query strings) or left out (821012345678, as SMS gateways log
+            // them), next to letters or Hangul too; not inside a longer number
+            // (`digit_bounded`). A bare `82` takes at most a space or hyphen before the `1x`:
+            // not a `.` (`82.1012345678` is a number), nor a 0 (`8201012345678` is an EAN-13
+            // code).
+            regex: r"(?:(?:(?:\+|%2[Bb])82[ .\-]?(?:0|\(0\) ?)?|82[ \-]?|0)1[016789]|\(01[016789]\))[ .\-]?[0-9]{3,4}[ .\-]?[0-9]{4}"
+                .to_owned(),
             replacement: "<phone>".to_owned(),
-            // Every match starts with `+82` or `0` and a `1`.
-            requires: vec!["01".to_owned(), "+82".to_owned()],
+            // Every match holds `01` (the 0 kept, in parentheses too), `+82` or `%2B82`, or a
+            // bare `82` with its `1`; not `82` alone, which many more lines' numbers hold (each
+            // such line would run the regular expression).
+            requires: ["01", "+82", "%2B82", "%2b82", "821", "82 1", "82-1"]
+                .map(str::to_owned)
+                .into(),
             digit_bounded: true,
         },
     ]
@@ -320,6 +335,44 @@ mod tests {
         assert_eq!(masked("Validator@5bf508a0]: missing").1, vec![0, 0]);
     }
 
+    #[test]
+    fn addresses_encoded_twice_full_width_or_with_rfc_5322_characters_are_masked() {
+        for (text, want, count) in [
+            // Encoded twice, in a redirect's encoded query: the encoded path before it goes
+            // with it (`%` and letters are address characters), nothing of it is left.
+            (
+                "GET /login?redirect=%2Flogin%3Femail%3Dkim%2540example.com 302",
+                "GET /login?redirect=<email> 302",
+                1,
+            ),
+            ("kim%2540example.com", "<email>", 1),
+            ("회원 kim\u{ff20}naver.com 가입", "회원 <email> 가입", 1),
+            ("from o'brien@example.com", "from <email>", 1),
+            ("to a!b#c$d*e^f`g{h}j~k@example.com", "to <email>", 1),
+            // Not as an address's first character: the quotes and braces around it stay.
+            (
+                "'kim@example.com', {lee@example.com}, `park@example.com`",
+                "'<email>', {<email>}, `<email>`",
+                3,
+            ),
+            (r#"rcpt "kim.lee"@example.com ok"#, "rcpt <email> ok", 1),
+            (r#"rcpt "kim lee"@example.com ok"#, "rcpt <email> ok", 1),
+            (
+                r#"{"email":"kim@example.com","id":7}"#,
+                r#"{"email":"<email>","id":7}"#,
+                1,
+            ),
+            // `= & / ?` end an address: the path and the query's other parameters stay.
+            (
+                "GET /u/kim@example.com?a=1&email=lee@example.com&next=/x 200",
+                "GET /u/<email>?a=1&email=<email>&next=/x 200",
+                2,
+            ),
+        ] {
+            assert_eq!(masked(text), (want.to_owned(), vec![count, 0]), "{text}");
+        }
+    }
+
     /// Field keys that mask to the same text are both kept.
     #[test]
     fn keys_masked_alike_are_kept_apart() {
@@ -345,8 +398,30 @@ mod tests {
             "010-1234-5678",
             "010 1234 5678",
             "01012345678",
+            "010.1234.5678",
             "011-123-4567",
+            "016-123-4567",
+            "017-1234-5678",
+            "018 123 4567",
+            "019.1234.5678",
             "+82 10-1234-5678",
+            "+82-10-1234-5678",
+            "+821012345678",
+            // The 0 kept after the country code.
+            "+8201012345678",
+            "+82-010-1234-5678",
+            "+82 (0)10-1234-5678",
+            // `+` URL-encoded (query strings) or left out (SMS gateways).
+            "%2B821012345678",
+            "%2b82-10-1234-5678",
+            "%2B8201012345678",
+            "821012345678",
+            "82-10-1234-5678",
+            "82 10 1234 5678",
+            // The area code in parentheses.
+            "(010)1234-5678",
+            "(010) 1234-5678",
+            "(011)123-4567",
         ] {
             assert_eq!(
                 masked(&format!("call {phone} now")),
@@ -359,8 +434,38 @@ mod tests {
             "cart 8812 recalculated in 12 ms",
             "10.1.2.3",
             "2024/10/28 17:12:00.040",
+            "at 20241028123456",
+            // A bare `82` in longer numbers, EAN-13 codes (`8201…` too) and decimals.
+            "order 1821012345678",
+            "order 8210123456789",
+            "t=1821012345678",
+            "ean 8801012345678",
+            "ean 8201012345678",
+            "id 821012345",
+            "took 82.1012345678 s",
+            "cart 82 recalculated in 1012 ms",
+            "+821012345678901",
         ] {
             assert_eq!(masked(not), (not.to_owned(), vec![0, 0]), "{not}");
+        }
+    }
+
+    /// Where gateways and access logs write numbers: the quotes and parameters around them
+    /// are kept.
+    #[test]
+    fn numbers_in_json_and_query_strings_are_masked() {
+        for (text, want) in [
+            (
+                r#"{"to":"821012345678","text":"인증번호"}"#,
+                r#"{"to":"<phone>","text":"인증번호"}"#,
+            ),
+            (
+                "GET /sms/send?phone=%2B821012345678&lang=ko 200",
+                "GET /sms/send?phone=<phone>&lang=ko 200",
+            ),
+            ("고객821012345678님", "고객<phone>님"),
+        ] {
+            assert_eq!(masked(text), (want.to_owned(), vec![0, 1]), "{text}");
         }
     }
 
@@ -409,6 +514,14 @@ mod tests {
         assert_eq!(masker.candidates("a@b.kr +8210"), 0b11);
         assert_eq!(masker.candidates("cart 8812 recalculated"), 0);
         assert_eq!(masker.candidates("at 10:01"), 0b10);
+        // The other at-signs; a bare `82` only with a `1` after it.
+        assert_eq!(masker.candidates("kim\u{ff20}naver.com"), 0b01);
+        assert_eq!(masker.candidates("kim%2540example.com"), 0b01);
+        assert_eq!(masker.candidates("to 821712345678"), 0b10);
+        assert_eq!(masker.candidates("to 82-10-1234-5678"), 0b10);
+        assert_eq!(masker.candidates("to 82 10 1234 5678"), 0b10);
+        assert_eq!(masker.candidates("?phone=%2b82(0)10"), 0b10);
+        assert_eq!(masker.candidates("cart 82 in 1.82 ms"), 0);
     }
 
     proptest::proptest! {
