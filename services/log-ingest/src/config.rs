@@ -190,7 +190,9 @@ impl Default for BufferSettings {
 pub struct LokiSettings {
     /// Its base URL. Default `http://127.0.0.1:3100`.
     pub url: String,
-    /// `X-Scope-OrgID` for a multi-tenant Loki; none: no header.
+    /// `X-Scope-OrgID` for a multi-tenant Loki; none: no header. Checked at start-up
+    /// against Loki's rules for tenant IDs (1 to 150 of `A-Z a-z 0-9 ! - _ . * ' ( )`, not
+    /// `.` or `..`): Loki would answer 400 to every push of another.
     pub tenant: Option<String>,
     /// Longest one push may take, connecting included. Default 10 s.
     #[serde(with = "humantime_serde")]

@@ -123,25 +123,35 @@ impl Guard {
 }
 
 /// `name` as a label name (`[a-zA-Z_][a-zA-Z0-9_]*`): every other character an
-/// underscore, and one before a leading digit (empty: `_`).
+/// underscore, and one before a leading digit (empty: `_`); a name of underscores only
+/// (`_`, `주문번호`, `@`, empty) gets `key` before them (`key_`, `key____`).
 pub fn label_name(name: String) -> String {
     let valid = |(i, c): (usize, char)| {
         c.is_ascii_alphabetic() || c == '_' || (i > 0 && c.is_ascii_digit())
     };
-    if !name.is_empty() && name.chars().enumerate().all(valid) {
-        return name;
-    }
-    let mut out = String::with_capacity(name.len() + 1);
-    if name.chars().next().is_none_or(|c| c.is_ascii_digit()) {
-        out.push('_');
-    }
-    out.extend(name.chars().map(|c| {
-        if c.is_ascii_alphanumeric() || c == '_' {
-            c
-        } else {
-            '_'
+    let mut out = if !name.is_empty() && name.chars().enumerate().all(valid) {
+        name
+    } else {
+        let mut out = String::with_capacity(name.len() + 1);
+        if name.chars().next().is_none_or(|c| c.is_ascii_digit()) {
+            out.push('_');
         }
-    }));
+        out.extend(name.chars().map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        }));
+        out
+    };
+    // Loki 3.7+ names structured metadata with Prometheus' otlptranslator, which refuses a
+    // name of underscores only: the whole push fails with 500, retried for ever, and the
+    // output stalls. `key` before them is what Loki 3.4–3.6 did itself, so queries written
+    // then still find them; the same name always gives the same result.
+    if out.bytes().all(|b| b == b'_') {
+        out.insert_str(0, "key");
+    }
     out
 }
 
@@ -162,6 +172,10 @@ pub fn selector(pairs: &[(&str, &str)]) -> String {
                 '"' => out.push_str("\\\""),
                 '\\' => out.push_str("\\\\"),
                 '\n' => out.push_str("\\n"),
+                // A value decoded lossily from invalid UTF-8 (a host or tag) holds U+FFFD,
+                // which Loki's label parser takes for a bad byte ("invalid UTF-8 rune") and
+                // refuses the stream for; escaped, it reads back as the same character.
+                '\u{FFFD}' => out.push_str("\\ufffd"),
                 c => out.push(c),
             }
         }
@@ -182,9 +196,19 @@ mod tests {
             ("http.request.method", "http_request_method"),
             ("@timestamp", "_timestamp"),
             ("2xx", "_2xx"),
-            ("", "_"),
+            ("", "key_"),
             ("a_1", "a_1"),
-            ("ключ", "____"),
+            ("ключ", "key____"),
+            // Underscores only: Loki 3.7+ would fail the whole push (500).
+            ("_", "key_"),
+            ("__", "key__"),
+            ("주문번호", "key____"),
+            ("=", "key_"),
+            ("@", "key_"),
+            ("-", "key_"),
+            // Not only underscores: left as they were.
+            ("_id", "_id"),
+            ("@a", "_a"),
         ] {
             assert_eq!(label_name(name.to_owned()), want, "{name}");
         }
@@ -228,6 +252,24 @@ mod tests {
         assert_eq!(
             crate::loki_receiver::parse_labels(&selector(&[("service", "a\"b\\c")])),
             Some(vec![("service".to_owned(), "a\"b\\c".to_owned())])
+        );
+    }
+
+    #[test]
+    fn a_replacement_character_is_escaped_in_selectors() {
+        // What `String::from_utf8_lossy` makes of a host name in Latin-1.
+        let host = String::from_utf8_lossy(b"caf\xe9-1").into_owned();
+        let text = selector(&[("host", &host)]);
+        assert_eq!(text, r#"{host="caf\ufffd-1"}"#);
+        assert!(!text.contains('\u{FFFD}'), "Loki refuses it raw");
+        assert_eq!(
+            crate::loki_receiver::parse_labels(&text),
+            Some(vec![("host".to_owned(), host)])
+        );
+        // Our receiver refuses it raw, as Loki does.
+        assert_eq!(
+            crate::loki_receiver::parse_labels("{host=\"caf\u{FFFD}-1\"}"),
+            None
         );
     }
 

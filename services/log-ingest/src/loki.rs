@@ -7,10 +7,14 @@
 //!
 //! Failures, classified: 429, 5xx and connection errors or timeouts are the environment's
 //! (retried with jittered backoff, `Retry-After` honoured, until they pass: the buffer
-//! holds the records meanwhile); 400 is the records' fault (Loki refuses them for good; the
-//! caller narrows it down to the records at fault); 413 says the push is too large (the
-//! caller splits it); anything else (401, 403, 404) is the operator's (retried with the
-//! same backoff and logged at ERROR: fixing the configuration must not lose what waited).
+//! holds the records meanwhile); 400 is the records' fault when Loki names a reason of its
+//! own (Loki refuses them for good; the caller narrows it down to the records at fault),
+//! but a lone record refused with a 400 that names none (a tenant Loki refuses, labels its
+//! operator enforces, a proxy's page) is the operator's; 413 says the push is too large
+//! (the caller splits it); anything else (401, 403, 404, and a 2xx other than 200 and 204:
+//! Loki's 260 says its operator blocked ingestion and the push was discarded) is the
+//! operator's (retried with the same backoff and logged at ERROR: fixing the configuration
+//! must not lose what waited).
 
 use std::time::Duration;
 
@@ -89,8 +93,9 @@ pub fn decode(body: &[u8]) -> Result<PushRequest, String> {
 pub enum Pushed {
     /// Loki took it.
     Accepted,
-    /// Loki refused it for good (400): its reason (the first line of its answer, uncut up to
-    /// 64 KiB: Loki names the stream's labels before the reason), without the records' text.
+    /// Loki refused it for good (400): its answer (up to 64 KiB: Loki names the stream's
+    /// labels before the reason, and joins several errors on one line), without the
+    /// records' text. For a lone record, only with a reason [`refusal_reason`] knows.
     Refused(String),
     /// Too large for Loki or a proxy before it (413): send it in smaller pieces.
     TooLarge,
@@ -129,9 +134,13 @@ impl LokiClient {
             "loki.url ({base_url:?}) must be an http:// or https:// URL with a host"
         );
         if let Some(tenant) = &tenant {
+            // Loki answers 400 to every push of a tenant it refuses: found here, not as a
+            // stalled output.
             anyhow::ensure!(
-                !tenant.is_empty() && reqwest::header::HeaderValue::from_str(tenant).is_ok(),
-                "loki.tenant must be a non-empty header value (visible ASCII)"
+                valid_tenant(tenant),
+                "loki.tenant ({tenant:?}) must be 1 to {MAX_TENANT_CHARS} characters of \
+                 A-Z a-z 0-9 ! - _ . * ' ( ), and not . or .. (Loki's rules for tenant IDs; \
+                 | and : separate tenants)"
             );
         }
         anyhow::ensure!(
@@ -159,11 +168,12 @@ impl LokiClient {
         })
     }
 
-    /// Pushes `body` (from [`encode`]) until Loki accepts or refuses it for good; waits out
-    /// everything else. `None` when `stop` fired first.
+    /// Pushes `body` (from [`encode`], of one record when `lone`) until Loki accepts or
+    /// refuses it for good; waits out everything else. `None` when `stop` fired first.
     pub async fn push(
         &self,
         body: Vec<u8>,
+        lone: bool,
         stop: &tokio_util::sync::CancellationToken,
         mut on_failure: impl FnMut(&str),
     ) -> Option<Pushed> {
@@ -183,15 +193,31 @@ impl LokiClient {
                 () = stop.cancelled() => return None,
             };
             let (wait, why) = match sent {
-                Ok(response) if response.status().is_success() => return Some(Pushed::Accepted),
+                // Only these: Loki answers 260 (`block_ingestion_status_code`) to a push it
+                // discarded because its operator blocked ingestion.
+                Ok(response) if matches!(response.status().as_u16(), 200 | 204) => {
+                    return Some(Pushed::Accepted);
+                }
                 Ok(response) if response.status() == reqwest::StatusCode::PAYLOAD_TOO_LARGE => {
                     return Some(Pushed::TooLarge);
                 }
                 Ok(response) if response.status() == reqwest::StatusCode::BAD_REQUEST => {
-                    let reason = response.text().await.unwrap_or_default();
+                    let mut reason = response.text().await.unwrap_or_default();
+                    reason.truncate(reason.floor_char_boundary(64 * 1024));
+                    if !lone || refusal_reason(&reason) != UNKNOWN_REFUSAL {
+                        return Some(Pushed::Refused(reason));
+                    }
+                    // Narrowed down to one record and still no reason Loki gives for a
+                    // record: the tenant, labels its operator enforces, a proxy; dropping
+                    // would lose every record one by one. Loki's answer quotes labels,
+                    // never lines.
                     let first = reason.lines().next().unwrap_or_default();
-                    let end = first.floor_char_boundary(64 * 1024);
-                    return Some(Pushed::Refused(first[..end].to_owned()));
+                    let answer = &first[..first.floor_char_boundary(300)];
+                    tracing::error!(
+                        answer,
+                        "Loki refuses a push (400) for no reason of the records' (its tenant, labels it enforces, a proxy?); retrying until it is fixed"
+                    );
+                    (None, "status 400".to_owned())
                 }
                 Ok(response) => {
                     let status = response.status();
@@ -202,7 +228,9 @@ impl LokiClient {
                         .and_then(|v| retry_after(v, std::time::SystemTime::now()));
                     let transient = status == reqwest::StatusCode::TOO_MANY_REQUESTS
                         || status.is_server_error();
-                    if !transient {
+                    if status.is_success() {
+                        tracing::error!(%status, "Loki did not store a push (its operator blocked ingestion: block_ingestion_until?); retrying until it takes it");
+                    } else if !transient {
                         tracing::error!(%status, "Loki refuses our pushes (authentication or URL?); retrying until it is fixed");
                     }
                     (after, format!("status {}", status.as_u16()))
@@ -229,13 +257,36 @@ impl LokiClient {
     }
 }
 
+/// Loki's rule for tenant IDs (dskit's `tenant.ValidTenantID`), and the separators it
+/// reads in them (`|` between tenants, `:` before a subtenant), which the characters
+/// leave out already.
+fn valid_tenant(tenant: &str) -> bool {
+    !tenant.is_empty()
+        && tenant.len() <= MAX_TENANT_CHARS
+        && tenant != "."
+        && tenant != ".."
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!-_.*'()".contains(&b))
+}
+
+/// dskit's `MaxTenantIDLength`.
+const MAX_TENANT_CHARS: usize = 150;
+
+/// [`refusal_reason`] of an answer naming no reason known here.
+pub const UNKNOWN_REFUSAL: &str = "loki_refused";
+
 /// Loki's reason for refusing an entry (its `discarded_samples_total` reason names), read
-/// from its 400 answer's message; `loki_refused` for one not known here.
+/// from its 400 answer's message, anywhere in it and in any case (Loki 3.6+ writes its
+/// messages lower-case; it joins several errors on one line, or on several);
+/// [`UNKNOWN_REFUSAL`] for one not known here.
 pub fn refusal_reason(message: &str) -> &'static str {
-    const KNOWN: [(&str, &str); 14] = [
+    // Lower-case, as the message is compared.
+    const KNOWN: [(&str, &str); 15] = [
         ("timestamp too old", "greater_than_max_sample_age"),
         ("timestamp too new", "too_far_in_future"),
-        ("Max entry size", "line_too_long"),
+        ("greater than creation grace", "too_far_in_future"),
+        ("max entry size", "line_too_long"),
         (
             "this feature is disallowed",
             "disallowed_structured_metadata",
@@ -250,18 +301,18 @@ pub fn refusal_reason(message: &str) -> &'static str {
         ),
         ("too far behind", "too_far_behind"),
         ("out of order", "out_of_order"),
-        ("Error parsing labels", "invalid_labels"),
+        ("error parsing labels", "invalid_labels"),
         ("label pair is required", "invalid_labels"),
         ("label names; limit", "invalid_labels"),
         ("label value too long", "invalid_labels"),
         ("label name too long", "invalid_labels"),
         ("duplicate label name", "invalid_labels"),
     ];
-    let first = message.lines().next().unwrap_or_default();
+    let message = message.to_ascii_lowercase();
     KNOWN
         .iter()
-        .find(|(says, _)| first.contains(says))
-        .map_or("loki_refused", |(_, reason)| reason)
+        .find(|(says, _)| message.contains(says))
+        .map_or(UNKNOWN_REFUSAL, |(_, reason)| reason)
 }
 
 /// A `Retry-After` value (RFC 9110): seconds, or an HTTP-date (how long until it, zero
@@ -340,12 +391,181 @@ mod tests {
                 "stream '{a=\"b\"}' has label name too long: 'x'",
                 "invalid_labels",
             ),
+            // Loki 3.6+ writes its messages lower-case.
+            (
+                "max entry size '262144' bytes exceeded for stream '{a=\"b\"}' while adding an entry with length '307200' bytes",
+                "line_too_long",
+            ),
+            (
+                "error parsing labels '{a=\"b\"}' with error: 1:5: parse error: invalid UTF-8 rune",
+                "invalid_labels",
+            ),
+            // Several errors on one line (Loki's grouped errors), or on several.
+            (
+                "2 errors like: stream '{a=\"b\"}' has an unknown problem; entry for stream '{a=\"b\"}' has timestamp too new: 2099-01-01T00:00:00Z",
+                "too_far_in_future",
+            ),
+            (
+                "stream '{a=\"b\"}' has an unknown problem\nentry for stream '{a=\"b\"}' has timestamp too old: 2024-10-01T00:00:00Z",
+                "greater_than_max_sample_age",
+            ),
             ("something else entirely", "loki_refused"),
+            // Not the records' fault: retried, never dropped (see `LokiClient::push`).
+            (
+                "tenant ID 'shop|x' contains unsupported character '|'",
+                UNKNOWN_REFUSAL,
+            ),
+            (
+                "missing required labels [team] for service shop",
+                UNKNOWN_REFUSAL,
+            ),
+            (
+                "<html><body><h1>400 Bad Request</h1></body></html>",
+                UNKNOWN_REFUSAL,
+            ),
         ] {
             // Past 200 characters of labels before the phrase, too.
             let long = message.replacen("{a=", &format!("{{h=\"{}\", a=", "x".repeat(300)), 1);
             assert_eq!(refusal_reason(&long), reason, "{long}");
             assert_eq!(refusal_reason(message), reason, "{message}");
         }
+    }
+
+    fn client(url: &str, tenant: Option<&str>) -> anyhow::Result<LokiClient> {
+        LokiClient::new(
+            url,
+            tenant.map(str::to_owned),
+            Duration::from_secs(5),
+            (Duration::from_millis(10), Duration::from_millis(50)),
+            None,
+        )
+    }
+
+    #[test]
+    fn tenants_loki_refuses_fail_start_up_naming_the_key() {
+        let longest = "t".repeat(150);
+        let too_long = "t".repeat(151);
+        for good in ["shop", "Mall-prod_1", "a.b", "!*'()", longest.as_str()] {
+            assert!(client("http://loki:3100", Some(good)).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "shop|ops",
+            "shop:team",
+            "shop prod",
+            "shop/prod",
+            "주문",
+            too_long.as_str(),
+        ] {
+            let error = client("http://loki:3100", Some(bad))
+                .expect_err(bad)
+                .to_string();
+            assert!(error.contains("loki.tenant"), "{bad}: {error}");
+        }
+    }
+
+    /// A push of `lines` entries of one stream.
+    fn body(lines: usize) -> Vec<u8> {
+        encode(&PushRequest {
+            streams: vec![Stream {
+                labels: r#"{service="shop"}"#.to_owned(),
+                entries: (0..lines)
+                    .map(|i| Entry {
+                        timestamp: Some(prost_types::Timestamp {
+                            seconds: 1_730_103_120,
+                            nanos: i32::try_from(i).expect("few"),
+                        }),
+                        line: format!("line {i}"),
+                        structured_metadata: Vec::new(),
+                    })
+                    .collect(),
+                hash: 0,
+            }],
+        })
+    }
+
+    async fn receiver() -> crate::loki_receiver::LokiReceiver {
+        crate::loki_receiver::LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+            .await
+            .expect("starts")
+    }
+
+    #[tokio::test]
+    async fn a_lone_record_refused_for_no_reason_of_its_own_is_retried_not_refused() {
+        let loki = receiver().await;
+        let client = client(&loki.url(), None).expect("a client");
+        let stop = tokio_util::sync::CancellationToken::new();
+        loki.fail_saying(
+            axum::http::StatusCode::BAD_REQUEST,
+            "tenant ID 'shop|x' contains unsupported character '|'",
+            Duration::from_millis(300),
+        );
+        let mut failures = Vec::new();
+        let pushed = client
+            .push(body(1), true, &stop, |why| failures.push(why.to_owned()))
+            .await;
+        assert_eq!(pushed, Some(Pushed::Accepted));
+        assert!(!failures.is_empty(), "retried");
+        assert!(
+            failures.iter().all(|why| why == "status 400"),
+            "{failures:?}"
+        );
+        assert_eq!(loki.received().len(), 1, "nothing dropped");
+        // A push of several is refused, for the caller to narrow down.
+        loki.fail_saying(
+            axum::http::StatusCode::BAD_REQUEST,
+            "tenant ID 'shop|x' contains unsupported character '|'",
+            Duration::from_secs(60),
+        );
+        let pushed = client.push(body(2), false, &stop, |_| {}).await;
+        assert!(matches!(pushed, Some(Pushed::Refused(_))), "{pushed:?}");
+    }
+
+    #[tokio::test]
+    async fn a_lone_record_refused_for_a_reason_of_its_own_is_refused() {
+        let loki = receiver().await;
+        let client = client(&loki.url(), None).expect("a client");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let long = encode(&PushRequest {
+            streams: vec![Stream {
+                labels: r#"{service="shop"}"#.to_owned(),
+                entries: vec![Entry {
+                    timestamp: Some(prost_types::Timestamp {
+                        seconds: 1_730_103_120,
+                        nanos: 0,
+                    }),
+                    line: "x".repeat(crate::loki_receiver::MAX_LINE_BYTES + 1),
+                    structured_metadata: Vec::new(),
+                }],
+                hash: 0,
+            }],
+        });
+        let Some(Pushed::Refused(reason)) = client.push(long, true, &stop, |_| {}).await else {
+            panic!("refused");
+        };
+        assert_eq!(refusal_reason(&reason), "line_too_long", "{reason}");
+    }
+
+    #[tokio::test]
+    async fn a_success_other_than_200_or_204_is_not_taken_for_one() {
+        let loki = receiver().await;
+        let client = client(&loki.url(), None).expect("a client");
+        let stop = tokio_util::sync::CancellationToken::new();
+        // Loki's `block_ingestion_status_code` default: the push was discarded.
+        let blocked = axum::http::StatusCode::from_u16(260).expect("a status");
+        loki.fail(blocked, Duration::from_millis(300));
+        let mut failures = Vec::new();
+        let pushed = client
+            .push(body(1), true, &stop, |why| failures.push(why.to_owned()))
+            .await;
+        assert_eq!(pushed, Some(Pushed::Accepted));
+        assert!(!failures.is_empty(), "retried");
+        assert!(
+            failures.iter().all(|why| why == "status 260"),
+            "{failures:?}"
+        );
+        assert_eq!(loki.received().len(), 1, "stored once Loki took it");
     }
 }

@@ -2,16 +2,21 @@
 //! installable here): it decodes snappy protobuf pushes as Loki does, refuses what Loki
 //! refuses with Loki's status codes, can be told to fail, and keeps what it accepted.
 //!
-//! Refused with 400, as Loki's defaults do: labels that do not parse, more than 15 labels
+//! Refused with 400, as Loki's defaults do: labels that do not parse (a raw U+FFFD in
+//! them too: Loki's parser takes it for invalid UTF-8), more than 15 labels
 //! in a stream, a label value over 2,048 bytes, a line over 256 KB, an entry without a
 //! timestamp, an entry with more than
 //! 128 structured metadata pairs or more than 64 KB of them, or any structured metadata
 //! when told to disallow it (as Loki 2.9 does by default, or 3.x with
-//! `allow_structured_metadata: false`); with Loki's own messages. Like Loki, the valid
+//! `allow_structured_metadata: false`); with Loki 3.6+'s own messages (lower-case; several
+//! joined on one line as `N errors like: …; …`). Like Loki, the valid
 //! entries of a push are kept even when others are refused, and an entry identical to one
 //! already kept (same stream, time and line) is dropped silently (counted here, so tests
-//! see redeliveries). Fault injection: refuse every push with 429 (and `Retry-After: 1`) or
-//! a 5xx for a while, or be down (the listener closed).
+//! see redeliveries). A structured metadata name of underscores only fails the whole push
+//! with 500, nothing kept, as Loki 3.7+ does (its OTLP label namer refuses it). Fault
+//! injection: answer every push with a status (429 with `Retry-After: 1`, a 5xx, Loki's
+//! 260 for blocked ingestion, a 400 whose text is the records' fault or not) for a while,
+//! or be down (the listener closed).
 
 use std::{
     net::SocketAddr,
@@ -61,7 +66,7 @@ struct Inner {
     duplicates: u64,
     pushes: u64,
     refused: u64,
-    failing: Option<(StatusCode, Instant)>,
+    failing: Option<(StatusCode, String, Instant)>,
     /// Whether entries are kept (and duplicates found); else only counted.
     keep: bool,
     /// Whether an entry with structured metadata is refused.
@@ -154,7 +159,14 @@ impl LokiReceiver {
 
     /// Answers every push with `status` for `period` (429 comes with `Retry-After: 1`).
     pub fn fail(&self, status: StatusCode, period: Duration) {
-        lock(&self.inner).failing = Some((status, Instant::now() + period));
+        self.fail_saying(status, "injected failure", period);
+    }
+
+    /// Answers every push with `status` and `body` for `period`: a 400 that names no
+    /// record's fault (`tenant ID 'a|b' contains unsupported character '|'`, a proxy's
+    /// page), say.
+    pub fn fail_saying(&self, status: StatusCode, body: &str, period: Duration) {
+        lock(&self.inner).failing = Some((status, body.to_owned(), Instant::now() + period));
     }
 
     /// Stops listening (a Loki that is down).
@@ -166,9 +178,10 @@ impl LokiReceiver {
 async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Bytes) -> Response {
     let mut inner = lock(&inner);
     inner.pushes += 1;
-    if let Some((status, until)) = inner.failing {
-        if Instant::now() < until {
-            let mut response = (status, "injected failure").into_response();
+    if let Some((status, says, until)) = &inner.failing {
+        if Instant::now() < *until {
+            let status = *status;
+            let mut response = (status, says.clone()).into_response();
             if status == StatusCode::TOO_MANY_REQUESTS {
                 response
                     .headers_mut()
@@ -185,6 +198,22 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
             return (StatusCode::BAD_REQUEST, why).into_response();
         }
     };
+    // Loki 3.7+ turns structured metadata names into label names with Prometheus'
+    // otlptranslator, whose error for a name of underscores only reaches the client as a
+    // plain error: 500 for the whole push.
+    if let Some(name) = request.streams.iter().find_map(|s| {
+        s.entries
+            .iter()
+            .flat_map(|e| &e.structured_metadata)
+            .find(|p| !p.name.is_empty() && p.name.bytes().all(|b| b == b'_'))
+            .map(|p| p.name.clone())
+    }) {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("normalization for label name {name:?} resulted in invalid name {name:?}"),
+        )
+            .into_response();
+    }
     let tenant = headers
         .get("x-scope-orgid")
         .and_then(|v| v.to_str().ok())
@@ -192,8 +221,13 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
     let mut problems = Vec::new();
     for stream in request.streams {
         let Some(labels) = parse_labels(&stream.labels) else {
+            let why = if stream.labels.contains('\u{FFFD}') {
+                "parse error: invalid UTF-8 rune"
+            } else {
+                "parse error"
+            };
             problems.push(format!(
-                "Error parsing labels '{}' with error: parse error",
+                "error parsing labels '{}' with error: {why}",
                 stream.labels
             ));
             continue;
@@ -226,7 +260,7 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
             };
             if entry.line.len() > MAX_LINE_BYTES {
                 problems.push(format!(
-                    "Max entry size '{MAX_LINE_BYTES}' bytes exceeded for stream '{}' while adding an entry with length '{}' bytes",
+                    "max entry size '{MAX_LINE_BYTES}' bytes exceeded for stream '{}' while adding an entry with length '{}' bytes",
                     stream.labels,
                     entry.line.len()
                 ));
@@ -281,17 +315,29 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
             });
         }
     }
-    if problems.is_empty() {
-        StatusCode::NO_CONTENT.into_response()
-    } else {
-        inner.refused += 1;
-        (StatusCode::BAD_REQUEST, problems.join("\n")).into_response()
+    match problems.len() {
+        0 => StatusCode::NO_CONTENT.into_response(),
+        1 => {
+            inner.refused += 1;
+            (StatusCode::BAD_REQUEST, problems.remove(0)).into_response()
+        }
+        // As Loki groups them: on one line.
+        n => {
+            inner.refused += 1;
+            let body = format!("{n} errors like: {}", problems.join("; "));
+            (StatusCode::BAD_REQUEST, body).into_response()
+        }
     }
 }
 
-/// `{name="value", …}` with Prometheus' label name rules and escapes; `None` when it does
-/// not parse (or is empty, which Loki refuses too).
+/// `{name="value", …}` with Prometheus' label name rules and escapes (`\uXXXX` too, as
+/// Go's `strconv.Unquote` reads it); `None` when it does not parse (or is empty, which
+/// Loki refuses too), or holds a raw U+FFFD (Loki's lexer cannot tell it from a byte that
+/// is not UTF-8, and refuses it).
 pub fn parse_labels(text: &str) -> Option<Vec<(String, String)>> {
+    if text.contains('\u{FFFD}') {
+        return None;
+    }
     let inner = text.trim().strip_prefix('{')?.strip_suffix('}')?;
     let mut labels = Vec::new();
     let mut rest = inner.trim_start();
@@ -311,6 +357,12 @@ pub fn parse_labels(text: &str) -> Option<Vec<(String, String)>> {
             match c {
                 '\\' => match chars.next()?.1 {
                     'n' => value.push('\n'),
+                    'u' => {
+                        let hex: String = (0..4)
+                            .map(|_| chars.next().map(|(_, c)| c).filter(char::is_ascii_hexdigit))
+                            .collect::<Option<_>>()?;
+                        value.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+                    }
                     other => value.push(other),
                 },
                 '"' => break i,
@@ -351,6 +403,67 @@ mod tests {
         ] {
             assert_eq!(parse_labels(bad), None, "{bad}");
         }
+        assert_eq!(
+            parse_labels(r#"{host="a\ufffdb"}"#),
+            Some(vec![("host".to_owned(), "a\u{FFFD}b".to_owned())])
+        );
+        for bad in [
+            "{host=\"a\u{FFFD}b\"}",
+            r#"{host="a\uffzz"}"#,
+            r#"{host="a\ud800"}"#,
+        ] {
+            assert_eq!(parse_labels(bad), None, "{bad}");
+        }
+    }
+
+    /// A push of one entry with one structured metadata pair named `name`.
+    fn with_metadata(name: &str) -> Vec<u8> {
+        loki::encode(&loki::PushRequest {
+            streams: vec![loki::Stream {
+                labels: r#"{service="x"}"#.to_owned(),
+                entries: vec![Entry {
+                    timestamp: Some(prost_types::Timestamp {
+                        seconds: 1_730_103_120,
+                        nanos: 0,
+                    }),
+                    line: format!("with {name}"),
+                    structured_metadata: vec![loki::LabelPair {
+                        name: name.to_owned(),
+                        value: "1".to_owned(),
+                    }],
+                }],
+                hash: 0,
+            }],
+        })
+    }
+
+    #[tokio::test]
+    async fn a_metadata_name_of_underscores_only_fails_the_push_as_loki_3_7_does() {
+        let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+            .await
+            .expect("starts");
+        let client = reqwest::Client::new();
+        let url = format!("{}/loki/api/v1/push", loki.url());
+        for (name, status) in [
+            ("_", 500),
+            ("____", 500),
+            // What `label_name` makes of the keys that gave those.
+            (crate::labels::label_name("_".to_owned()).as_str(), 204),
+            (
+                crate::labels::label_name("주문번호".to_owned()).as_str(),
+                204,
+            ),
+            ("_id", 204),
+        ] {
+            let response = client
+                .post(&url)
+                .body(with_metadata(name))
+                .send()
+                .await
+                .expect("answers");
+            assert_eq!(response.status().as_u16(), status, "{name}");
+        }
+        assert_eq!(loki.received().len(), 3, "nothing of a failed push kept");
     }
 
     #[tokio::test]

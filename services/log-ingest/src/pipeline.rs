@@ -1039,7 +1039,10 @@ impl Pusher {
     /// Pushes `items` in pieces; see [`Pusher::push`].
     async fn send_all(&self, items: Vec<Item>, stop: &CancellationToken) -> bool {
         // Pieces of at most `batch_bytes`; a piece Loki refuses (400) or finds too large
-        // (413) is halved until the record at fault is alone, and only that one is dropped.
+        // (413) is halved until the record at fault is alone, and only that one is dropped:
+        // for a 400, only when Loki's answer names a reason of the record's own (else the
+        // client retries the lone record: a tenant or configuration Loki refuses must not
+        // drop every record one by one).
         // Where each piece after the first starts; the pieces are split off from the end
         // (the items are moved once, not pushed one by one), so the first ends up on top
         // of the stack and goes first.
@@ -1100,6 +1103,8 @@ impl Pusher {
                     pieces.push(second);
                     pieces.push(piece);
                 }
+                // A reason Loki gives for this record (the client retries a lone record
+                // refused for any other), so the drop is counted under Loki's own name.
                 Some(Pushed::Refused(reason)) => {
                     self.metrics
                         .dropped
@@ -1187,7 +1192,7 @@ impl Pusher {
         let pushes = &self.metrics.pushes;
         let outcome = self
             .loki
-            .push(body, stop, |_| {
+            .push(body, items.len() == 1, stop, |_| {
                 pushes.with_label_values(&["failed"]).inc();
             })
             .await;

@@ -129,7 +129,12 @@ async fn an_unknown_setting_fails_start_up_naming_the_key() {
 #[tokio::test]
 async fn impossible_limits_fail_start_up_naming_the_settings() {
     type Change = fn(&mut log_ingest::Settings);
-    let cases: [(&str, Change, &[&str]); 12] = [
+    let cases: [(&str, Change, &[&str]); 13] = [
+        (
+            "a tenant Loki refuses",
+            |s| s.loki.tenant = Some("shop|ops".to_owned()),
+            &["loki.tenant"],
+        ),
         (
             "a Loki URL without a scheme",
             |s| s.loki.url = "loki-gateway.observability:3100".to_owned(),
