@@ -226,12 +226,23 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
             .collect();
         // (Compared whole only on failure: 100,000 lines would flood the output.)
         let first_difference = sent.iter().zip(&kept).position(|(a, b)| a != b);
+        // Around the difference, each line cut to 120 bytes: enough to tell a swap from a
+        // line missing or a copy too many.
+        let around = |lines: &[&str]| -> Vec<String> {
+            let at = first_difference.unwrap_or(lines.len().min(sent.len()));
+            lines[at.saturating_sub(2)..(at + 3).min(lines.len())]
+                .iter()
+                .map(|l| l.chars().take(120).collect())
+                .collect()
+        };
         assert!(
             sent == kept,
             "{level} records are not in the corpus's order: {} sent, {} kept, first difference \
-             at {first_difference:?}",
+             at {first_difference:?}\nsent: {:#?}\nkept: {:#?}",
             sent.len(),
-            kept.len()
+            kept.len(),
+            around(&sent),
+            around(&kept)
         );
     }
     let wanted: BTreeSet<&str> = want.iter().map(|r| r.1.as_str()).collect();
