@@ -380,11 +380,8 @@ mod tests {
     #[test]
     fn access_lines_tomcat_writes_for_bad_requests_and_escaped_headers() {
         // A request Tomcat could not read: `"-"` as the request line, the status it sent.
-        let r = access_log(
-            r#"1.2.3.4 - - [28/Oct/2024:17:12:00 +0900] "-" 400 -"#,
-            0,
-        )
-        .expect("a bad request's line");
+        let r = access_log(r#"1.2.3.4 - - [28/Oct/2024:17:12:00 +0900] "-" 400 -"#, 0)
+            .expect("a bad request's line");
         assert_eq!(r.fields["status"], "400");
         assert_eq!(r.level, Some(Level::Warn));
         assert!(!r.fields.contains_key("method"));
@@ -408,10 +405,7 @@ mod tests {
     #[test]
     fn escapes_undone_as_logfmt_writers_and_tomcat_write_them() {
         assert_eq!(unescape("plain"), "plain");
-        assert_eq!(
-            unescape(r#"a\"b\\c\nd\re\tf\/g"#),
-            "a\"b\\c\nd\re\tf/g"
-        );
+        assert_eq!(unescape(r#"a\"b\\c\nd\re\tf\/g"#), "a\"b\\c\nd\re\tf/g");
         assert_eq!(unescape(r"\u001b[0m \u00e9"), "\u{1b}[0m \u{e9}");
         assert_eq!(unescape(r"\ud83d\ude00"), "\u{1f600}");
         assert_eq!(unescape(r"\ud83d x"), "\u{fffd} x");
@@ -463,7 +457,11 @@ mod tests {
         .expect("compiles");
         let r = parser.start("NOTALEVEL zz", 0, |_| None).expect("matches");
         assert_eq!(
-            (r.level, r.fields["level"].as_str(), r.fields["trace_id"].as_str()),
+            (
+                r.level,
+                r.fields["level"].as_str(),
+                r.fields["trace_id"].as_str()
+            ),
             (None, "NOTALEVEL", "zz")
         );
         assert_eq!(r.message, "NOTALEVEL zz");

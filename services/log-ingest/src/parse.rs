@@ -913,13 +913,21 @@ mod tests {
         ] {
             assert_eq!(
                 parser.line(&format!("{prefix}{text}"), 1),
-                Line::Continue { text, stack, unparsed: false },
+                Line::Continue {
+                    text,
+                    stack,
+                    unparsed: false
+                },
                 "{text:?}"
             );
             // Without the prefix (Fluent Bit's default java multiline input) as well.
             assert_eq!(
                 parser.line(text, 1),
-                Line::Continue { text, stack, unparsed: false },
+                Line::Continue {
+                    text,
+                    stack,
+                    unparsed: false
+                },
                 "{text:?}"
             );
         }
@@ -1048,14 +1056,21 @@ mod tests {
         ] {
             let record = start(parser.line(&format!(r#"{{"time":"{time}","msg":"x"}}"#), 0));
             assert_eq!(record.time_micros, expected, "{time}");
-            assert_eq!(record.fields.contains_key("time"), expected.is_none(), "{time}");
+            assert_eq!(
+                record.fields.contains_key("time"),
+                expected.is_none(),
+                "{time}"
+            );
         }
         // Numbers past the year 9999 are no time; fractions round to the microsecond.
         let record = start(parser.line(r#"{"ts":1e300,"msg":"x"}"#, 0));
         assert_eq!(record.time_micros, None);
         assert_eq!(epoch_micros(1e21), None);
         assert_eq!(epoch_micros(253_402_300_799.0), Some(253_402_300_799_000));
-        assert_eq!(epoch_micros(1_730_103_120.000_000_6), Some(1_730_103_120_000_001));
+        assert_eq!(
+            epoch_micros(1_730_103_120.000_000_6),
+            Some(1_730_103_120_000_001)
+        );
     }
 
     #[test]
@@ -1116,7 +1131,12 @@ mod tests {
     #[test]
     fn json_numeric_levels_and_objects_without_a_message() {
         let parser = Parser::new(Format::Json, SEOUL);
-        for (level, expected) in [(10, Level::Trace), (30, Level::Info), (50, Level::Error), (60, Level::Fatal)] {
+        for (level, expected) in [
+            (10, Level::Trace),
+            (30, Level::Info),
+            (50, Level::Error),
+            (60, Level::Fatal),
+        ] {
             let record = start(parser.line(&format!(r#"{{"level":{level},"msg":"x"}}"#), 0));
             assert_eq!(record.level, Some(expected));
             assert!(!record.fields.contains_key("level"));
