@@ -559,9 +559,17 @@ impl Refusal {
                 method.trim_start_matches('/').to_owned(),
             )]),
         );
+        if matches!(self, Self::CallerLimit) {
+            // Load, not a fault: OTLP exporters (the Collector's, opentelemetry-rust's) drop
+            // a RESOURCE_EXHAUSTED that has no RetryInfo, as the OTLP specification says.
+            details.set_retry_info(Some(CALLER_LIMIT_RETRY));
+        }
         Status::with_error_details(code, message, details)
     }
 }
+
+/// How long a caller over `server.per_caller_concurrency` is told to wait (RetryInfo).
+const CALLER_LIMIT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {

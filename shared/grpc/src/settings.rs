@@ -39,7 +39,8 @@ pub struct ServerSettings {
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// Calls in flight at once from one caller identity (TLS on); beyond it the caller gets
-    /// RESOURCE_EXHAUSTED (`CALLER_CONCURRENCY_LIMIT`), so one flooding caller cannot take
+    /// RESOURCE_EXHAUSTED (`CALLER_CONCURRENCY_LIMIT`, RetryInfo 1 s: load, to be retried),
+    /// so one flooding caller cannot take
     /// the whole `concurrency_limit` from the others. Default 256.
     pub per_caller_concurrency: usize,
     /// Address of the admin HTTP server (`/metrics`, `/healthz`, `/readyz`). Each service has

@@ -718,6 +718,13 @@ async fn a_callers_open_streams_count_against_its_limit_until_they_end() {
     // Two streams open: a third call of any kind is over the limit.
     let status = get(&mut reader).await.expect_err("over the limit");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // With RetryInfo: load, to be retried (OTLP exporters drop it without).
+    let details = tonic_types::StatusExt::get_error_details(&status);
+    assert_eq!(
+        details.retry_info().and_then(|r| r.retry_delay),
+        Some(Duration::from_secs(1)),
+        "{status:?}"
+    );
     // Another caller is not affected.
     get(&mut client(&catalog.url, &pki.client_tls(Some(&pki.admin))).await)
         .await
