@@ -211,7 +211,9 @@ impl App {
             .add_service(crate::otlp_input::Receiving::new(
                 LogsServiceServer::new(otlp)
                     .max_decoding_message_size(settings.server.max_message_bytes)
-                    .accept_compressed(CompressionEncoding::Gzip),
+                    .accept_compressed(CompressionEncoding::Gzip)
+                    .accept_compressed(CompressionEncoding::Zstd)
+                    .accept_compressed(CompressionEncoding::Deflate),
                 budget,
                 settings.server.max_message_bytes,
             ))

@@ -60,6 +60,28 @@ const SPAN_ID: &str = "span_id";
 const SCOPE: &str = "scope";
 const HOST: &str = "host";
 const ATTRIBUTES: &str = "attributes";
+const EVENT_NAME: &str = "event_name";
+const RESOURCE: &str = "resource";
+
+/// Resource attributes kept as a record's fields (besides `service.name` and `host.name`,
+/// its stream): what tells a service's replicas and deployments apart where `host.name` is
+/// not set (Kubernetes SDKs set the pod's name instead). The others (`telemetry.sdk.*`,
+/// `process.*`, `os.*`) say nothing a log reader needs and would cost every record.
+const RESOURCE_FIELDS: [&str; 9] = [
+    "service.instance.id",
+    "service.namespace",
+    "service.version",
+    "deployment.environment.name",
+    "deployment.environment",
+    "k8s.namespace.name",
+    "k8s.pod.name",
+    "k8s.container.name",
+    "container.id",
+];
+
+/// The attribute OpenTelemetry's semantic conventions give an exception's stack trace
+/// (the Java and Python appenders send the message as the body and the trace here).
+const EXCEPTION_STACKTRACE: &str = "exception.stacktrace";
 
 /// The `LogsService` handler.
 #[derive(Debug, Clone)]
@@ -374,6 +396,13 @@ fn batches(request: ExportLogsServiceRequest, received_nanos: i64) -> (Vec<Batch
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| UNKNOWN_SERVICE.to_owned());
         let host = attribute(&resource, "host.name").unwrap_or_default();
+        let kept: Vec<(Value, Value)> = RESOURCE_FIELDS
+            .iter()
+            .filter_map(|key| {
+                let value = attribute(&resource, key).filter(|v| !v.is_empty())?;
+                Some((Value::from(*key), Value::from(value)))
+            })
+            .collect();
         let at = match services.iter().position(|(tag, _)| *tag == service) {
             Some(at) => at,
             None => {
@@ -385,7 +414,14 @@ fn batches(request: ExportLogsServiceRequest, received_nanos: i64) -> (Vec<Batch
             let scope = scope_logs.scope.map(|s| s.name).unwrap_or_default();
             for (l, log) in scope_logs.log_records.into_iter().enumerate() {
                 let path = format!("resource_logs[{r}].scope_logs[{s}].log_records[{l}]");
-                match event(log, &scope, &host, received_nanos) {
+                match event(log, &scope, &host, &kept, received_nanos) {
+                    // An event that large is no log line (Loki takes 256 KB): JSON of a
+                    // binary or control characters. Refused alone, so the export's other
+                    // records are stored and the sender does not retry it for ever.
+                    Ok(event) if event_bytes(&event) > MAX_BATCH_BYTES => rejected.add(format!(
+                        "{path}: takes {} bytes buffered, more than {MAX_BATCH_BYTES}",
+                        event_bytes(&event)
+                    )),
                     Ok(event) => services[at].1.push(event),
                     Err(why) => rejected.add(format!("{path}: {why}")),
                 }
@@ -456,7 +492,13 @@ fn event_bytes(event: &Event) -> usize {
 }
 
 /// One record as a buffered event; the reason when it is malformed.
-fn event(log: LogRecord, scope: &str, host: &str, received_nanos: i64) -> Result<Event, String> {
+fn event(
+    log: LogRecord,
+    scope: &str,
+    host: &str,
+    resource: &[(Value, Value)],
+    received_nanos: i64,
+) -> Result<Event, String> {
     if !matches!(log.trace_id.len(), 0 | 16) {
         return Err(format!(
             "trace_id has {} bytes; it must have 16 or none",
@@ -484,12 +526,19 @@ fn event(log: LogRecord, scope: &str, host: &str, received_nanos: i64) -> Result
         put(SEVERITY_NUMBER, Value::from(log.severity_number));
     }
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    // An all-zero span id is W3C's "none".
+    let span_id = if log.span_id.iter().all(|b| *b == 0) {
+        String::new()
+    } else {
+        hex(&log.span_id)
+    };
     for (key, value) in [
         (SEVERITY_TEXT, log.severity_text),
         (TRACE_ID, hex(&log.trace_id)),
-        (SPAN_ID, hex(&log.span_id)),
+        (SPAN_ID, span_id),
         (SCOPE, scope.to_owned()),
         (HOST, host.to_owned()),
+        (EVENT_NAME, log.event_name),
     ] {
         if !value.is_empty() {
             put(key, Value::from(value));
@@ -508,6 +557,9 @@ fn event(log: LogRecord, scope: &str, host: &str, received_nanos: i64) -> Result
             .collect();
         put(ATTRIBUTES, Value::Map(attributes));
     }
+    if !resource.is_empty() {
+        put(RESOURCE, Value::Map(resource.to_vec()));
+    }
     Ok(Event {
         time_nanos,
         record: fields,
@@ -523,10 +575,14 @@ fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
         .map(text)
 }
 
-/// A value as text: strings as they are, everything else as JSON.
+/// A value as text: strings as they are (bytes that are UTF-8 too, so masking sees them),
+/// everything else as JSON.
 fn text(value: &AnyValue) -> String {
     match &value.value {
         Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::BytesValue(b)) if std::str::from_utf8(b).is_ok() => {
+            String::from_utf8_lossy(b).into_owned()
+        }
         None => String::new(),
         Some(_) => json(value).to_string(),
     }
@@ -540,10 +596,14 @@ fn json(value: &AnyValue) -> serde_json::Value {
         Some(any_value::Value::BoolValue(b)) => J::from(*b),
         Some(any_value::Value::IntValue(i)) => J::from(*i),
         Some(any_value::Value::DoubleValue(d)) => J::from(*d),
-        Some(any_value::Value::BytesValue(b)) => {
-            use base64::Engine as _;
-            J::from(base64::engine::general_purpose::STANDARD.encode(b))
-        }
+        // Text when it is UTF-8 (masking reads it), else base64.
+        Some(any_value::Value::BytesValue(b)) => match std::str::from_utf8(b) {
+            Ok(text) => J::from(text),
+            Err(_) => {
+                use base64::Engine as _;
+                J::from(base64::engine::general_purpose::STANDARD.encode(b))
+            }
+        },
         Some(any_value::Value::ArrayValue(a)) => J::Array(a.values.iter().map(json).collect()),
         Some(any_value::Value::KvlistValue(kv)) => J::Object(
             kv.values
@@ -607,6 +667,19 @@ pub fn record(event: &Event) -> Otlp {
                 out.record.fields.insert("span_id".to_owned(), text());
             }
             Some(SCOPE) => out.record.logger = text(),
+            Some(EVENT_NAME) => {
+                out.record.fields.insert("event_name".to_owned(), text());
+            }
+            Some(RESOURCE) => {
+                let Value::Map(attributes) = value else {
+                    continue;
+                };
+                for (k, v) in attributes {
+                    if let (Some(k), Some(v)) = (crate::forward::text(k), crate::forward::text(v)) {
+                        out.record.fields.insert(k.into_owned(), v.into_owned());
+                    }
+                }
+            }
             Some(ATTRIBUTES) => {
                 let Value::Map(attributes) = value else {
                     continue;
@@ -618,6 +691,10 @@ pub fn record(event: &Event) -> Otlp {
                     };
                     if k == "thread.name" {
                         out.record.thread = v.into_owned();
+                    } else if k == EXCEPTION_STACKTRACE && !v.is_empty() {
+                        // The whole trace, where the contract keeps it (capped with the
+                        // message, searched by TailLogs, counted by exception class).
+                        out.record.stack_trace = v.into_owned();
                     } else if k != "span_id" || !out.record.fields.contains_key("span_id") {
                         // The record's own span id, read before or after, wins over an
                         // attribute of that name.
@@ -629,6 +706,13 @@ pub fn record(event: &Event) -> Otlp {
         }
     }
     out.record.level = level(severity.0, severity.1.as_deref());
+    // An event without a body (`event_name` set, the data in attributes): its name is the
+    // line, not an empty one.
+    if out.body.is_empty()
+        && let Some(name) = out.record.fields.get("event_name")
+    {
+        out.body.clone_from(name);
+    }
     out
 }
 
@@ -733,6 +817,94 @@ mod tests {
     }
 
     #[test]
+    fn stack_traces_events_pods_and_text_in_bytes_are_kept_where_they_are_read() {
+        let bytes = |b: &[u8]| {
+            Some(AnyValue {
+                value: Some(any_value::Value::BytesValue(b.to_vec())),
+            })
+        };
+        let trace = "java.lang.IllegalStateException: broken\n\tat a.B.c(B.java:1)";
+        let logs = vec![
+            // What the OpenTelemetry Java and Python appenders send for an exception.
+            LogRecord {
+                body: string("cart failed"),
+                attributes: vec![
+                    kv("exception.type", string("java.lang.IllegalStateException")),
+                    kv("exception.stacktrace", string(trace)),
+                    kv("raw", bytes(b"to kim@example.com")),
+                    kv("binary", bytes(&[0xff, 0x00])),
+                ],
+                span_id: vec![0; 8],
+                ..LogRecord::default()
+            },
+            // An event: a name, no body.
+            LogRecord {
+                event_name: "page_view".to_owned(),
+                ..LogRecord::default()
+            },
+            // Too large to be a log line (JSON of control characters grows sixfold).
+            LogRecord {
+                body: Some(AnyValue {
+                    value: Some(any_value::Value::ArrayValue(
+                        opentelemetry_proto::tonic::common::v1::ArrayValue {
+                            values: vec![string(&"\u{1}".repeat(1 << 20)).expect("a value")],
+                        },
+                    )),
+                }),
+                ..LogRecord::default()
+            },
+        ];
+        let mut resource_logs = export(logs, Some("storefront"));
+        if let Some(resource) = &mut resource_logs.resource {
+            resource
+                .attributes
+                .push(kv("k8s.pod.name", string("storefront-7d9f-x2")));
+            resource
+                .attributes
+                .push(kv("telemetry.sdk.name", string("opentelemetry")));
+        }
+        let (batches, rejected) = batches(
+            ExportLogsServiceRequest {
+                resource_logs: vec![resource_logs],
+            },
+            5,
+        );
+        assert_eq!(rejected.count, 1);
+        assert!(
+            rejected
+                .message()
+                .starts_with("resource_logs[0].scope_logs[0].log_records[2]: takes "),
+            "{}",
+            rejected.message()
+        );
+        let batch = Batch::decode(&batches[0].encode()).expect("decodes");
+        let mut events = batch.events.iter();
+        let first = record(&events.next().expect("the exception").to_event());
+        assert_eq!(first.body, "cart failed");
+        assert_eq!(first.record.stack_trace, trace);
+        assert!(!first.record.fields.contains_key("exception.stacktrace"));
+        assert_eq!(
+            first.record.fields["exception.type"],
+            "java.lang.IllegalStateException"
+        );
+        assert_eq!(
+            first.record.fields["raw"], "to kim@example.com",
+            "masked later as text"
+        );
+        assert_eq!(first.record.fields["binary"], r#""/wA=""#);
+        assert!(
+            !first.record.fields.contains_key("span_id"),
+            "all zeros: none"
+        );
+        assert_eq!(first.record.fields["k8s.pod.name"], "storefront-7d9f-x2");
+        assert!(!first.record.fields.contains_key("telemetry.sdk.name"));
+        let event = record(&events.next().expect("the event").to_event());
+        assert_eq!(event.body, "page_view");
+        assert_eq!(event.record.fields["event_name"], "page_view");
+        assert!(events.next().is_none());
+    }
+
+    #[test]
     fn malformed_ids_are_rejected_one_by_one_and_the_rest_kept() {
         let good = LogRecord {
             body: string("fine"),
@@ -815,7 +987,7 @@ mod tests {
             body: string("x"),
             ..LogRecord::default()
         };
-        let event = event(log, "", "", 1_000_000).expect("valid");
+        let event = event(log, "", "", &[], 1_000_000).expect("valid");
         assert_eq!(event.time_nanos, 1_000_000);
     }
 }

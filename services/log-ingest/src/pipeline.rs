@@ -836,6 +836,15 @@ impl Pipeline {
                     for record in &mut records {
                         merge(record, &otlp.record);
                     }
+                    // A trace sent as `exception.stacktrace` belongs to the record the body
+                    // ends with, unless the body wrote a trace itself.
+                    if !otlp.record.stack_trace.is_empty()
+                        && records.iter().all(|r| r.stack_trace.is_empty())
+                        && let Some(last) = records.last_mut()
+                    {
+                        last.stack_trace.clone_from(&otlp.record.stack_trace);
+                        multiline::cap_first(last, self.caps);
+                    }
                     records
                 }
             };

@@ -51,11 +51,11 @@ async fn records_from_opentelemetry_otlps_exporter_reach_loki_whole_and_masked()
     })
     .await;
     let endpoint = format!("http://{}", app.grpc);
-    let provider = |service: &str| {
+    let provider = |service: &str, compression| {
         let exporter = opentelemetry_otlp::LogExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint.clone())
-            .with_compression(opentelemetry_otlp::Compression::Gzip)
+            .with_compression(compression)
             .with_timeout(Duration::from_secs(10))
             .build()
             .expect("an exporter");
@@ -69,7 +69,11 @@ async fn records_from_opentelemetry_otlps_exporter_reach_loki_whole_and_masked()
             .with_batch_exporter(exporter)
             .build()
     };
-    let (storefront, hybris) = (provider("storefront"), provider("hybris-otlp"));
+    // The two encodings exporters use most (the Collector's default, and zstd).
+    let (storefront, hybris) = (
+        provider("storefront", opentelemetry_otlp::Compression::Gzip),
+        provider("hybris-otlp", opentelemetry_otlp::Compression::Zstd),
+    );
     let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_730_103_120_040_123);
     let trace = opentelemetry::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("hex");
     let span = opentelemetry::SpanId::from_hex("00f067aa0ba902b7").expect("hex");
