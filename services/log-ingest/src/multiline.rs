@@ -41,6 +41,13 @@ impl Grouper {
         index: usize,
         out: &mut Vec<Record>,
     ) {
+        let plain;
+        let line = if line.contains('\x1b') {
+            plain = without_escapes(line);
+            plain.as_str()
+        } else {
+            line
+        };
         match parser.line(line, index) {
             Line::Start(mut record) => {
                 cap_first(&mut record, caps);
@@ -51,7 +58,14 @@ impl Grouper {
                 stack,
                 unparsed,
             } => match &mut self.pending {
-                Some(record) if fits(record, caps, text) => {
+                // Inside one printed trace only frames, `Caused by:`, `Suppressed:` and
+                // `... N more` follow a frame: an exception line there is another trace
+                // (`printStackTrace()` without a header), a record of its own, so each
+                // exception is counted by its class.
+                Some(record)
+                    if fits(record, caps, text)
+                        && !(stack && ends_a_trace(record) && starts_a_trace(text)) =>
+                {
                     join(record, text, stack);
                     record.parse_error |= unparsed;
                 }
@@ -93,16 +107,90 @@ impl Grouper {
     }
 }
 
+/// `line` without terminal escape sequences: Hybris colours its console (`ESC[0;32mINFO`),
+/// and a colour code before the level hides the header, which would join every line of a
+/// coloured log into one record. CSI sequences (`ESC [` parameters, intermediates, a final
+/// byte), OSC strings (`ESC ]` to BEL or `ESC \`) and other escapes (`ESC ( B`) go;
+/// everything else, tabs included, stays.
+///
+/// Written here: `strip-ansi-escapes` also drops tabs and carriage returns (it keeps only
+/// printable characters and line feeds), and a frame's leading tab is what makes it one.
+pub fn without_escapes(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest.find('\x1b') {
+        out.push_str(&rest[..at]);
+        let after = &rest.as_bytes()[at + 1..];
+        let skip = match after.first() {
+            Some(b'[') => {
+                // Parameters and intermediates, then one final byte.
+                let body = after[1..]
+                    .iter()
+                    .take_while(|b| (0x20..=0x3f).contains(*b))
+                    .count();
+                let final_byte = usize::from(
+                    after
+                        .get(1 + body)
+                        .is_some_and(|b| (0x40..=0x7e).contains(b)),
+                );
+                1 + body + final_byte
+            }
+            Some(b']') => {
+                let end = after[1..]
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, b)| match b {
+                        0x07 => Some(i + 1),
+                        0x1b if after.get(i + 2) == Some(&b'\\') => Some(i + 2),
+                        _ => None,
+                    })
+                    .unwrap_or(after.len() - 1);
+                1 + end
+            }
+            // Others: intermediates, then one final byte (`ESC ( B`, `ESC 7`).
+            _ => {
+                let body = after
+                    .iter()
+                    .take_while(|b| (0x20..=0x2f).contains(*b))
+                    .count();
+                body + usize::from(after.get(body).is_some_and(|b| (0x30..=0x7e).contains(b)))
+            }
+        };
+        // Never inside a character: every byte skipped is ASCII.
+        rest = &rest[at + 1 + skip..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether `record`'s stack trace ends with a frame or `... N more`.
+fn ends_a_trace(record: &Record) -> bool {
+    let last = record
+        .stack_trace
+        .rsplit('\n')
+        .next()
+        .unwrap_or_default()
+        .trim_start();
+    last.starts_with("at ") || last.starts_with("... ")
+}
+
+/// Whether `text` is the first line of a printed trace: an exception line (not `Caused
+/// by:` or `Suppressed:`, which continue one).
+fn starts_a_trace(text: &str) -> bool {
+    crate::parse::is_exception_line(text.trim_start())
+}
+
 /// Whether one more line of `text` keeps `record` within the caps.
 fn fits(record: &Record, caps: Caps, text: &str) -> bool {
     record.line_count < caps.lines && record.text_len() + text.len() < caps.bytes
 }
 
-/// Appends a continuation line to `record`: to the stack trace when it is stack trace,
-/// else to the message (as the contract says).
+/// Appends a continuation line to `record`: to the stack trace when it is stack trace or
+/// follows stack trace (a `Detail:` line of a database error, a thread dump's `- locked`
+/// lines: read in the order written), else to the message (as the contract says).
 fn join(record: &mut Record, text: &str, stack: bool) {
     record.line_count += 1;
-    let to = if stack {
+    let to = if stack || !record.stack_trace.is_empty() {
         &mut record.stack_trace
     } else {
         &mut record.message
@@ -241,6 +329,80 @@ mod tests {
     }
 
     #[test]
+    fn colour_codes_do_not_hide_headers_and_tabs_stay() {
+        assert_eq!(without_escapes("plain\tline"), "plain\tline");
+        assert_eq!(
+            without_escapes("\x1b[m\x1b[0;32mINFO\x1b[0m x \x1b]0;title\x07y \x1b(Bz\x1b"),
+            "INFO x y z"
+        );
+        assert_eq!(without_escapes("주문 \x1b[1;31m실패\x1b[m"), "주문 실패");
+        let lines = [
+            format!(
+                "{P}\x1b[m\x1b[0;31mERROR [hybrisHTTP12] [DefaultCartService] cart failed\x1b[m"
+            ),
+            format!("{P}\tat a.B.c(B.java:1)"),
+            format!("\x1b[;0;33m{P}\x1b[m\x1b[0;32mINFO  [main] [X] next\x1b[m"),
+        ];
+        let records = group_all(&parser(), CAPS, lines.iter().map(String::as_str));
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].level, Some(crate::record::Level::Error));
+        assert_eq!(records[0].message, "cart failed");
+        assert_eq!(records[0].stack_trace, "\tat a.B.c(B.java:1)");
+        assert_eq!(records[1].message, "next");
+    }
+
+    #[test]
+    fn uncaught_exceptions_and_a_second_trace_are_records_of_their_own() {
+        let lines = [
+            format!("{P}INFO  [main] [X] started"),
+            format!(
+                "{P}Exception in thread \"hybrisHTTP5\" java.lang.OutOfMemoryError: Java heap space"
+            ),
+            format!("{P}\tat a.B.c(B.java:1)"),
+            // `printStackTrace()` of another exception, no header: another trace.
+            "java.lang.NullPointerException".to_owned(),
+            "\tat a.B.d(B.java:2)".to_owned(),
+            // A database error's detail after the frames: read in the order written.
+            "  Detail: Key (id)=(1) already exists.".to_owned(),
+        ];
+        let records = group_all(&parser(), CAPS, lines.iter().map(String::as_str));
+        let got: Vec<_> = records
+            .iter()
+            .map(|r| {
+                (
+                    r.level,
+                    r.thread.as_str(),
+                    r.message.as_str(),
+                    r.stack_trace.as_str(),
+                )
+            })
+            .collect();
+        use crate::record::Level;
+        assert_eq!(
+            got,
+            [
+                (Some(Level::Info), "main", "started", ""),
+                (
+                    Some(Level::Error),
+                    "hybrisHTTP5",
+                    "",
+                    "Exception in thread \"hybrisHTTP5\" java.lang.OutOfMemoryError: Java heap space\n\tat a.B.c(B.java:1)"
+                ),
+                (
+                    None,
+                    "",
+                    "",
+                    "java.lang.NullPointerException\n\tat a.B.d(B.java:2)\n  Detail: Key (id)=(1) already exists."
+                ),
+            ]
+        );
+        assert!(records[1].time_micros.is_some(), "the wrapper's time");
+        // A `Caused by:` after frames continues the trace.
+        let lines = ["\tat a.B.c(B.java:1)", "Caused by: java.io.IOException: x"];
+        assert_eq!(group_all(&parser(), CAPS, lines).len(), 1);
+    }
+
+    #[test]
     fn text_that_is_not_trace_joins_the_message() {
         let lines = [
             format!("{P}INFO  [main] [X] first"),
@@ -375,6 +537,8 @@ mod tests {
     #[derive(Debug, Clone, Copy, PartialEq)]
     enum Kind {
         Header,
+        /// An exception line: the first line of a printed trace.
+        Exception,
         Stack,
         Text,
     }
@@ -386,7 +550,7 @@ mod tests {
         prop_oneof![
             4 => (0_u32..5).prop_map(|n| (format!("{P}INFO  [t{n}] [L] message {n}"), Kind::Header, format!("message {n}"))),
             1 => Just((format!("{P}ERROR [main] [DefaultCartService] failed"), Kind::Header, "failed".to_owned())),
-            2 => Just(("java.lang.IllegalStateException: broken".to_owned(), Kind::Stack, "java.lang.IllegalStateException: broken".to_owned())),
+            2 => Just(("java.lang.IllegalStateException: broken".to_owned(), Kind::Exception, "java.lang.IllegalStateException: broken".to_owned())),
             3 => (0_u32..50).prop_map(|n| (format!("{P}\tat a.B.c(B.java:{n})"), Kind::Stack, format!("\tat a.B.c(B.java:{n})"))),
             2 => (0_u32..50).prop_map(|n| (format!("\tat a.B.d(B.java:{n})"), Kind::Stack, format!("\tat a.B.d(B.java:{n})"))),
             1 => Just((format!("{P}Caused by: java.io.IOException: x"), Kind::Stack, "Caused by: java.io.IOException: x".to_owned())),
@@ -407,19 +571,31 @@ mod tests {
             let records = group_all(&parser(), CAPS, lines.iter().map(|l| l.0.as_str()));
             let mut expected: Vec<Record> = Vec::new();
             for (index, (_, kind, text)) in lines.iter().enumerate() {
-                if *kind == Kind::Header || expected.is_empty() {
+                // An exception line after a frame or `... N more` is another trace.
+                let after_frame = expected.last().is_some_and(|r| {
+                    let last = r.stack_trace.rsplit('\n').next().unwrap_or_default().trim_start();
+                    last.starts_with("at ") || last.starts_with("... ")
+                });
+                if *kind == Kind::Header
+                    || expected.is_empty()
+                    || (*kind == Kind::Exception && after_frame)
+                {
                     let mut record = Record { first_line: index, line_count: 1, ..Record::default() };
                     match kind {
-                        Kind::Header => record.message.clone_from(text),
-                        Kind::Stack => record.stack_trace.clone_from(text),
-                        Kind::Text => record.message.clone_from(text),
+                        Kind::Header | Kind::Text => record.message.clone_from(text),
+                        Kind::Stack | Kind::Exception => record.stack_trace.clone_from(text),
                     }
                     expected.push(record);
                     continue;
                 }
                 let record = expected.last_mut().expect("one");
                 record.line_count += 1;
-                let to = if *kind == Kind::Stack { &mut record.stack_trace } else { &mut record.message };
+                // Stack trace, and whatever follows it, to the stack trace.
+                let to = if *kind != Kind::Text || !record.stack_trace.is_empty() {
+                    &mut record.stack_trace
+                } else {
+                    &mut record.message
+                };
                 if !to.is_empty() {
                     to.push('\n');
                 }

@@ -279,7 +279,18 @@ impl Parser {
             None => (None, text),
         };
         let Some(header) = log4j_header(after_time) else {
-            return continuation(text);
+            return match uncaught(text) {
+                Some(mut record) => {
+                    record.time_micros = own_time.or_else(|| {
+                        wrapper_time
+                            .and_then(|t| self.timestamp(t, b'/'))
+                            .map(|(t, _)| t)
+                    });
+                    record.first_line = index;
+                    Line::Start(record)
+                }
+                None => continuation(text),
+            };
         };
         let time = own_time.or_else(|| {
             wrapper_time
@@ -546,6 +557,22 @@ impl Parser {
             + i64::from(naive.and_utc().timestamp_subsec_micros());
         (micros < MAX_MICROS).then_some(micros)
     }
+}
+
+/// The JVM's report of an exception nothing caught (`Exception in thread "main"
+/// java.lang.OutOfMemoryError: Java heap space`, on stderr, no log4j header): a record of
+/// its own at ERROR, its line the start of the stack trace, the thread named; `None` for
+/// any other text.
+fn uncaught(text: &str) -> Option<Record> {
+    let rest = text.strip_prefix("Exception in thread \"")?;
+    let (thread, _) = rest.split_once("\" ")?;
+    Some(Record {
+        level: Some(Level::Error),
+        thread: thread.to_owned(),
+        stack_trace: text.to_owned(),
+        line_count: 1,
+        ..Record::default()
+    })
 }
 
 /// A JSON record's time, by the names structured loggers give it, in the order tried.
@@ -827,7 +854,7 @@ pub fn is_stack(text: &str) -> bool {
 /// `qualified.ClassName` alone or followed by `: message`, where the class is a Java
 /// name with at least one package and its simple name says Exception, Error or Throwable
 /// (or a message follows).
-fn is_exception_line(text: &str) -> bool {
+pub fn is_exception_line(text: &str) -> bool {
     let name_end = text
         .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '$'))
         .unwrap_or(text.len());
