@@ -279,6 +279,10 @@ impl Parser {
             None => (None, text),
         };
         let Some(header) = log4j_header(after_time) else {
+            if let Some(mut record) = self.juli(text) {
+                record.first_line = index;
+                return Line::Start(record);
+            }
             return match uncaught(text) {
                 Some(mut record) => {
                     record.time_micros = own_time.or_else(|| {
@@ -308,6 +312,11 @@ impl Parser {
             line_count: 1,
             ..Record::default()
         };
+        if !header.cronjob.is_empty() {
+            record
+                .fields
+                .insert("cronjob".to_owned(), header.cronjob.to_owned());
+        }
         for (key, value) in mdc {
             match record::trace_id(value) {
                 Some(id) if is_trace_key(key) && record.trace_id.is_empty() => {
@@ -324,6 +333,46 @@ impl Parser {
             record.trace_id = id;
         }
         Line::Start(record)
+    }
+
+    /// Tomcat's own line (JULI's `OneLineFormatter`, Tomcat's console default, which
+    /// Hybris's Tomcat writes between log4j lines): `28-Oct-2024 17:12:00.040 SEVERE
+    /// [thread] org.apache.catalina.core.StandardWrapperValve.invoke text`, its time in this
+    /// parser's zone, the source (class and method) as the logger; `None` for any other
+    /// text.
+    fn juli(&self, text: &str) -> Option<Record> {
+        let b = text.as_bytes();
+        if b.len() < 26 || b[2] != b'-' || b[6] != b'-' || b[11] != b' ' || b[24] != b' ' {
+            return None;
+        }
+        let naive = NaiveDateTime::parse_from_str(&text[..24], "%d-%b-%Y %H:%M:%S%.3f").ok()?;
+        let rest = &text[25..];
+        let (word, rest) = rest.split_once(' ')?;
+        let level = match word {
+            "SEVERE" | "WARNING" | "INFO" | "CONFIG" | "FINE" | "FINER" | "FINEST" => {
+                Level::parse(word)?
+            }
+            _ => return None,
+        };
+        let after = rest.strip_prefix('[')?;
+        let end = thread_end(after)?;
+        let (logger, message) = after
+            .get(end + 2..)
+            .unwrap_or_default()
+            .split_once(' ')
+            .unwrap_or((after.get(end + 2..).unwrap_or_default(), ""));
+        Some(Record {
+            time_micros: Some(
+                self.local_seconds(naive) * 1_000_000
+                    + i64::from(naive.and_utc().timestamp_subsec_micros()),
+            ),
+            level: Some(level),
+            thread: after[..end].to_owned(),
+            logger: logger.to_owned(),
+            message: message.to_owned(),
+            line_count: 1,
+            ..Record::default()
+        })
     }
 
     /// A JSON object as a record; `None` when the line is not a JSON object.
@@ -671,6 +720,8 @@ fn wrapper_prefix(line: &str) -> Option<WrapperPrefix<'_>> {
 struct Log4jHeader<'a> {
     level: Level,
     thread: &'a str,
+    /// Hybris's `(%X{CronJob})` before the logger: the cron job the line was written by.
+    cronjob: &'a str,
     logger: &'a str,
     message: &'a str,
 }
@@ -691,6 +742,14 @@ fn log4j_header(text: &str) -> Option<Log4jHeader<'_>> {
     let thread_end = thread_end(after)?;
     let thread = &after[..thread_end];
     let after = after.get(thread_end + 2..).unwrap_or_default();
+    // Hybris's pattern writes its cron job context in parentheses before the logger:
+    // `[thread] (update-backofficeIndex-CronJob) [SolrIndexerJob] text`.
+    let (cronjob, after) = match after.strip_prefix('(').and_then(|c| c.split_once(") [")) {
+        Some((cronjob, rest)) if !cronjob.contains(['(', ')']) => {
+            (cronjob, &after[after.len() - rest.len() - 1..])
+        }
+        _ => ("", after),
+    };
     let (logger, message) = match after.strip_prefix('[').and_then(|l| {
         let end = l.find(']')?;
         Some((
@@ -704,6 +763,7 @@ fn log4j_header(text: &str) -> Option<Log4jHeader<'_>> {
     Some(Log4jHeader {
         level,
         thread,
+        cronjob,
         logger,
         message,
     })
@@ -970,6 +1030,55 @@ mod tests {
         assert_eq!(record.logger, "wrapper");
         assert_eq!(record.level, Some(Level::Info));
         assert_eq!(record.message, "--> Wrapper Started as Daemon");
+    }
+
+    #[test]
+    fn tomcats_own_lines_start_records_between_log4j_ones() {
+        let parser = Parser::new(Format::Wrapper, SEOUL);
+        let record = start(parser.line(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:01.000 | 28-Oct-2024 17:12:00.040 SEVERE [hybrisHTTP5] org.apache.catalina.core.StandardWrapperValve.invoke Servlet.service() for servlet [DispatcherServlet] threw exception",
+            0,
+        ));
+        assert_eq!(record.time_micros, Some(SEOUL_MICROS), "Tomcat's own time");
+        assert_eq!(record.level, Some(Level::Error));
+        assert_eq!(record.thread, "hybrisHTTP5");
+        assert_eq!(
+            record.logger,
+            "org.apache.catalina.core.StandardWrapperValve.invoke"
+        );
+        assert_eq!(
+            record.message,
+            "Servlet.service() for servlet [DispatcherServlet] threw exception"
+        );
+        let bare = Parser::new(Format::Auto, SEOUL);
+        let record = start(bare.line(
+            "28-Oct-2024 17:12:00.040 CONFIG [main] org.apache.catalina.startup.Catalina.load x",
+            0,
+        ));
+        assert_eq!(record.level, Some(Level::Debug));
+        // Not a JULI level: text.
+        assert!(matches!(
+            bare.line("28-Oct-2024 17:12:00.040 HELLO [main] a.B x", 0),
+            Line::Continue { .. }
+        ));
+    }
+
+    #[test]
+    fn a_cron_jobs_context_before_the_logger_is_a_field() {
+        let parser = Parser::new(Format::Wrapper, SEOUL);
+        let record = start(parser.line(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [update-backofficeIndex-CronJob::de.hybris.platform.servicelayer.internal.jalo.ServicelayerJob] (update-backofficeIndex-CronJob) [SolrIndexerJob] Started indexer cronjob.",
+            0,
+        ));
+        assert_eq!(record.logger, "SolrIndexerJob");
+        assert_eq!(record.message, "Started indexer cronjob.");
+        assert_eq!(record.fields["cronjob"], "update-backofficeIndex-CronJob");
+        // Parentheses that are the message's own stay in it.
+        let record = start(parser.line(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] (not closed [X] y",
+            0,
+        ));
+        assert_eq!(record.message, "(not closed [X] y");
     }
 
     #[test]

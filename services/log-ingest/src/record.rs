@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 pub enum Level {
     /// TRACE (also FINEST/FINER).
     Trace,
-    /// DEBUG (also FINE).
+    /// DEBUG (also FINE, CONFIG).
     Debug,
-    /// INFO (also NOTICE, and the Tanuki wrapper's STATUS and ADVICE).
+    /// INFO (also INFORMATION, NOTICE, and the Tanuki wrapper's STATUS and ADVICE).
     Info,
     /// WARN (also WARNING).
     Warn,
@@ -33,7 +33,7 @@ impl Level {
     /// The level a word names, in any case, with the usual aliases of Java, syslog and
     /// tracing; `None` for anything else.
     pub fn parse(word: &str) -> Option<Self> {
-        let mut upper = [0_u8; 9];
+        let mut upper = [0_u8; 11];
         let bytes = word.as_bytes();
         if bytes.is_empty() || bytes.len() > upper.len() {
             return None;
@@ -43,8 +43,9 @@ impl Level {
         }
         Some(match &upper[..bytes.len()] {
             b"TRACE" | b"FINEST" | b"FINER" => Self::Trace,
-            b"DEBUG" | b"FINE" => Self::Debug,
-            b"INFO" | b"NOTICE" | b"STATUS" | b"ADVICE" => Self::Info,
+            // JULI's CONFIG sits between INFO and FINE.
+            b"DEBUG" | b"FINE" | b"CONFIG" => Self::Debug,
+            b"INFO" | b"INFORMATION" | b"NOTICE" | b"STATUS" | b"ADVICE" => Self::Info,
             b"WARN" | b"WARNING" => Self::Warn,
             b"ERROR" | b"SEVERE" | b"CRITICAL" | b"ERR" => Self::Error,
             b"FATAL" | b"ALERT" | b"EMERGENCY" | b"PANIC" => Self::Fatal,
