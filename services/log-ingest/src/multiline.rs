@@ -71,12 +71,24 @@ impl Grouper {
                 }
                 _ => {
                     // Nothing to join (a stream that began mid-trace, a trace that went
-                    // quiet longer than the flush delay), or the record is full: a record
-                    // without a header.
-                    out.extend(self.pending.take());
+                    // quiet longer than the flush delay, another trace), or the record is
+                    // full: a record without a header. The rest of a full record keeps what
+                    // its header said (level, logger, thread, trace id, time), so a query
+                    // for the ERROR finds this part of its trace too.
+                    let previous = self.pending.take();
                     let mut record = Record::raw(text, index);
                     record.parse_error = unparsed;
-                    if stack {
+                    let mut to_stack = stack;
+                    if let Some(full) = previous.as_ref().filter(|r| !fits(r, caps, text)) {
+                        record.level = full.level;
+                        record.time_micros = full.time_micros;
+                        record.logger.clone_from(&full.logger);
+                        record.thread.clone_from(&full.thread);
+                        record.trace_id.clone_from(&full.trace_id);
+                        to_stack |= !full.stack_trace.is_empty();
+                    }
+                    out.extend(previous);
+                    if to_stack {
                         record.stack_trace = std::mem::take(&mut record.message);
                     }
                     cap_first(&mut record, caps);
@@ -400,6 +412,46 @@ mod tests {
         // A `Caused by:` after frames continues the trace.
         let lines = ["\tat a.B.c(B.java:1)", "Caused by: java.io.IOException: x"];
         assert_eq!(group_all(&parser(), CAPS, lines).len(), 1);
+    }
+
+    #[test]
+    fn the_rest_of_a_full_record_keeps_what_its_header_said() {
+        let caps = Caps {
+            lines: 3,
+            bytes: 10_000,
+        };
+        let lines = [
+            format!(
+                "{P}ERROR [hybrisHTTP12] [DefaultCartService] {{traceId=4bf92f3577b34da6a3ce929d0e0e4736}} cart failed"
+            ),
+            format!("{P}java.lang.IllegalStateException: broken"),
+            format!("{P}\tat a.B.c(B.java:1)"),
+            format!("{P}\tat a.B.d(B.java:2)"),
+            "after the trace".to_owned(),
+        ];
+        let records = group_all(&parser(), caps, lines.iter().map(String::as_str));
+        assert_eq!(records.len(), 2);
+        let (head, rest) = (&records[0], &records[1]);
+        assert_eq!(rest.level, Some(crate::record::Level::Error));
+        assert_eq!(
+            (
+                rest.logger.as_str(),
+                rest.thread.as_str(),
+                rest.trace_id.as_str()
+            ),
+            (
+                "DefaultCartService",
+                "hybrisHTTP12",
+                "4bf92f3577b34da6a3ce929d0e0e4736"
+            )
+        );
+        assert_eq!(rest.time_micros, head.time_micros);
+        assert_eq!(rest.message, "");
+        assert_eq!(rest.stack_trace, "\tat a.B.d(B.java:2)\nafter the trace");
+        assert!(!rest.parse_error);
+        // A stream that begins mid-trace has nothing to inherit.
+        let records = group_all(&parser(), caps, ["\tat a.B.c(B.java:1)"]);
+        assert_eq!(records[0].level, None);
     }
 
     #[test]

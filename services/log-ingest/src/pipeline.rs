@@ -989,6 +989,13 @@ impl Pusher {
                 });
             }
         }
+        // A cut is visible where the record is read, as TestParse and TailLogs show it.
+        if record.truncated_bytes > 0 {
+            metadata.push(loki::LabelPair {
+                name: "truncated_bytes".to_owned(),
+                value: record.truncated_bytes.to_string(),
+            });
+        }
         if !record.fields.is_empty() {
             let omitted = add_fields(&mut metadata, std::mem::take(&mut record.fields));
             if omitted > 0 {

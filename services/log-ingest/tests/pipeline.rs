@@ -260,6 +260,27 @@ async fn a_record_with_a_huge_thread_name_is_not_refused() {
     assert_eq!(kept, Some(2048));
 }
 
+/// A line longer than `parsing.max_record_bytes` is cut; how much was cut is in the entry's
+/// structured metadata, where the record is read.
+#[tokio::test]
+async fn a_cut_record_says_so_in_loki() {
+    let running = start_with(|settings| settings.parsing.max_record_bytes = 1024).await;
+    let line = format!(
+        "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ERROR [main] [X] {}",
+        "y ".repeat(1_000)
+    );
+    send(running.forward, &[line.as_str()], 1).await;
+    wait_for(&running.loki, 1).await;
+    let received = running.loki.received();
+    let cut = received[0]
+        .entry
+        .structured_metadata
+        .iter()
+        .find(|p| p.name == "truncated_bytes")
+        .and_then(|p| p.value.parse::<usize>().ok());
+    assert_eq!(cut, Some(2_000 - received[0].entry.line.len()));
+}
+
 /// Loki keeps one entry of a stream per timestamp and line: the same line written twice in
 /// the same millisecond (the wrapper's precision) must still arrive twice, so the entries'
 /// timestamps differ below the microsecond.
