@@ -63,7 +63,11 @@ pub struct PipelineSettings {
     /// A push holds at most this many bytes of lines (well under Loki's 6 MB burst).
     pub batch_bytes: usize,
     /// Most (service, host) pairs that get streams of their own; records of others get
-    /// `other` (see [`crate::labels`]).
+    /// `other` (see [`crate::labels`]). Default 300: each pair makes a stream per level
+    /// (seven with `unknown`), and each replica admits its own, so two replicas stay under
+    /// Loki's default `max_global_streams_per_user` of 5,000 for the tenant ((300 + a few
+    /// services + 1) × 7 × 2 ≈ 4,300); past that Loki refuses new streams (429) and the
+    /// output waits.
     pub max_streams: usize,
     /// Most streams (tag and host) whose multi-line state is kept: a record in progress,
     /// or ten minutes after their last line. A new stream past it completes and forgets
@@ -91,7 +95,7 @@ impl Default for PipelineSettings {
             restart_grace: Duration::from_secs(60),
             environment: "local".to_owned(),
             batch_bytes: 1024 * 1024,
-            max_streams: 1_000,
+            max_streams: 300,
             max_open_streams: 10_000,
             max_pending_bytes: 64 * 1024 * 1024,
             batch_wait: Duration::from_secs(1),
