@@ -2,14 +2,15 @@
 //! installable here): it decodes snappy protobuf pushes as Loki does, refuses what Loki
 //! refuses with Loki's status codes, can be told to fail, and keeps what it accepted.
 //!
-//! Refused with 400, as Loki's defaults do: labels that do not parse (a raw U+FFFD in
-//! them too: Loki's parser takes it for invalid UTF-8), more than 15 labels
-//! in a stream, a label value over 2,048 bytes, a line over 256 KB, an entry without a
-//! timestamp, an entry with more than
-//! 128 structured metadata pairs or more than 64 KB of them, or any structured metadata
-//! when told to disallow it (as Loki 2.9 does by default, or 3.x with
-//! `allow_structured_metadata: false`); with Loki 3.6+'s own messages (lower-case; several
-//! joined on one line as `N errors like: …; …`). Like Loki, the valid
+//! Refused with 400, as Loki's defaults do: entries older than 7 days or more than 10
+//! minutes ahead (unless told to take any time, as the tests of 2024's corpora do), labels
+//! that do not parse (a raw U+FFFD in them too: Loki's parser takes it for invalid UTF-8),
+//! more than 15 labels in a stream, a label value over 2,048 bytes, a line over 256 KB, an
+//! entry without a timestamp, an entry with more than 128 structured metadata pairs or more
+//! than 64 KB of them, or any structured metadata when told to disallow it (as Loki 2.9
+//! does by default, or 3.x with `allow_structured_metadata: false`); with Loki 3.6+'s own
+//! messages (lower-case; several joined on one line as `N errors like: …; …`). Like Loki,
+//! the valid
 //! entries of a push are kept even when others are refused, and an entry identical to one
 //! already kept (same stream, time and line) is dropped silently (counted here, so tests
 //! see redeliveries). A structured metadata name of underscores only fails the whole push
@@ -38,6 +39,12 @@ use crate::{
     lock,
     loki::{self, Entry},
 };
+
+/// Loki's default `reject_old_samples_max_age`: older entries are refused (400).
+pub const MAX_SAMPLE_AGE: Duration = Duration::from_secs(7 * 24 * 3_600);
+
+/// Loki's default `creation_grace_period`: entries further ahead are refused (400).
+pub const CREATION_GRACE: Duration = Duration::from_secs(10 * 60);
 
 /// Loki's default `max_line_size`.
 pub const MAX_LINE_BYTES: usize = 256 * 1024;
@@ -71,6 +78,9 @@ struct Inner {
     keep: bool,
     /// Whether an entry with structured metadata is refused.
     disallow_metadata: bool,
+    /// Whether an entry's time is taken whatever it is (Loki with `reject_old_samples:
+    /// false` and a long `creation_grace_period`); else as Loki's defaults take it.
+    any_time: bool,
     entries: u64,
     lines: u64,
 }
@@ -127,6 +137,13 @@ impl LokiReceiver {
                 .await;
         });
         Ok(Self { addr, inner, stop })
+    }
+
+    /// Takes entries of any time, as a Loki configured with `reject_old_samples: false`
+    /// would (the test corpora are dated 2024). By default, as Loki's defaults do, an entry
+    /// older than [`MAX_SAMPLE_AGE`] or more than [`CREATION_GRACE`] ahead is refused.
+    pub fn accept_any_time(&self) {
+        lock(&self.inner).any_time = true;
     }
 
     /// Its base URL, `http://127.0.0.1:<port>`.
@@ -258,6 +275,30 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
                 ));
                 continue;
             };
+            if !inner.any_time {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                let shown = chrono::DateTime::from_timestamp(time.seconds, 0)
+                    .map_or_else(|| time.seconds.to_string(), |t| t.to_rfc3339());
+                if time.seconds < now - MAX_SAMPLE_AGE.as_secs() as i64 {
+                    let oldest =
+                        chrono::DateTime::from_timestamp(now - MAX_SAMPLE_AGE.as_secs() as i64, 0)
+                            .map_or_else(String::new, |t| t.to_rfc3339());
+                    problems.push(format!(
+                        "entry for stream '{}' has timestamp too old: {shown}, oldest acceptable timestamp is: {oldest}",
+                        stream.labels
+                    ));
+                    continue;
+                }
+                if time.seconds > now + CREATION_GRACE.as_secs() as i64 {
+                    problems.push(format!(
+                        "entry for stream '{}' has timestamp too new: {shown}",
+                        stream.labels
+                    ));
+                    continue;
+                }
+            }
             if entry.line.len() > MAX_LINE_BYTES {
                 problems.push(format!(
                     "max entry size '{MAX_LINE_BYTES}' bytes exceeded for stream '{}' while adding an entry with length '{}' bytes",
@@ -442,6 +483,7 @@ mod tests {
         let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
             .await
             .expect("starts");
+        loki.accept_any_time();
         let client = reqwest::Client::new();
         let url = format!("{}/loki/api/v1/push", loki.url());
         for (name, status) in [
@@ -467,10 +509,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn entries_too_old_or_too_far_ahead_are_refused_as_lokis_defaults_do() {
+        let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+            .await
+            .expect("starts");
+        let now = chrono::Utc::now().timestamp();
+        let push = |seconds: i64| {
+            loki::encode(&loki::PushRequest {
+                streams: vec![loki::Stream {
+                    labels: r#"{service="x"}"#.to_owned(),
+                    entries: vec![Entry {
+                        timestamp: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+                        line: seconds.to_string(),
+                        structured_metadata: Vec::new(),
+                    }],
+                    hash: 0,
+                }],
+            })
+        };
+        let client = reqwest::Client::new();
+        let url = format!("{}/loki/api/v1/push", loki.url());
+        for (seconds, status, reason) in [
+            (now, 204, ""),
+            (now - 6 * 24 * 3_600, 204, ""),
+            (now - 8 * 24 * 3_600, 400, "greater_than_max_sample_age"),
+            // A legacy time read as UTC lands nine hours ahead.
+            (now + 9 * 3_600, 400, "too_far_in_future"),
+            (now + 5 * 60, 204, ""),
+        ] {
+            let response = client
+                .post(&url)
+                .body(push(seconds))
+                .send()
+                .await
+                .expect("answers");
+            assert_eq!(response.status().as_u16(), status, "{seconds}");
+            let body = response.text().await.expect("a body");
+            if status == 400 {
+                assert_eq!(crate::loki::refusal_reason(&body), reason, "{body}");
+            }
+        }
+        // Configured as `reject_old_samples: false`, it takes the old one.
+        loki.accept_any_time();
+        let response = client
+            .post(&url)
+            .body(push(now - 8 * 24 * 3_600))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(response.status().as_u16(), 204);
+    }
+
+    #[tokio::test]
     async fn entries_with_too_much_structured_metadata_are_refused_as_loki_does() {
         let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
             .await
             .expect("starts");
+        loki.accept_any_time();
         let push = |pairs: usize, value_bytes: usize| {
             let entry = Entry {
                 timestamp: Some(prost_types::Timestamp {
