@@ -49,11 +49,10 @@ impl RegexParser {
         if regex.capture_names().flatten().next().is_none() {
             return Err("the expression has no named capture (such as (?P<message>.*))".into());
         }
-        if chrono::format::StrftimeItems::new(&settings.time_format)
-            .any(|item| matches!(item, chrono::format::Item::Error))
-        {
+        if !settings.time_format.is_empty() && !reads_back(&settings.time_format) {
             return Err(format!(
-                "time_format {:?} is not a chrono strftime format",
+                "time_format {:?} does not read back a time it writes (chrono strftime, such as \
+                 %d-%b-%Y %H:%M:%S%.3f; a date alone, or Java's yyyy-MM-dd, is no format)",
                 settings.time_format
             ));
         }
@@ -113,6 +112,33 @@ impl RegexParser {
         }
         Some(record)
     }
+}
+
+/// Whether `format` (chrono strftime) reads back, to the minute, a time it writes: a
+/// format with no time in it (`yyyy-MM-dd HH:mm`, Java's, is all literals to chrono), a
+/// date alone, or a bad directive would read no time from any line.
+fn reads_back(format: &str) -> bool {
+    use std::fmt::Write as _;
+    let Some(offset) = chrono::FixedOffset::east_opt(9 * 3_600) else {
+        return false;
+    };
+    let Some(sample) = chrono::NaiveDate::from_ymd_opt(2024, 10, 28)
+        .and_then(|d| d.and_hms_milli_opt(17, 12, 34, 40))
+        .and_then(|t| t.and_local_timezone(offset).single())
+    else {
+        return false;
+    };
+    let mut written = String::new();
+    if write!(written, "{}", sample.format(format)).is_err() {
+        return false;
+    }
+    let minute = |t: chrono::NaiveDateTime| t.format("%Y-%m-%d %H:%M").to_string();
+    let want = minute(sample.naive_local());
+    if let Ok(t) = chrono::DateTime::parse_from_str(&written, format) {
+        return minute(t.with_timezone(&offset).naive_local()) == want;
+    }
+    chrono::NaiveDateTime::parse_from_str(&written, format)
+        .is_ok_and(|t| minute(t) == want || format.contains("%s"))
 }
 
 /// Tomcat's `AccessLogValve` (and Apache's) common and combined formats, optionally with
@@ -277,60 +303,78 @@ fn logfmt_pairs(line: &str) -> Vec<(&str, String)> {
     pairs
 }
 
-/// `text` with the backslash escapes logfmt writers and Tomcat's access log valve use
-/// undone: `\"`, `\\`, `\n`, `\r`, `\t`, `\b`, `\f`, `\/` and `\uXXXX` (a surrogate pair
-/// as one character; a lone surrogate as U+FFFD). An unknown escape keeps its character;
-/// a text without a backslash is copied as it is.
+/// `text` with the backslash escapes logfmt writers and access log valves use undone:
+/// `\"`, `\\`, `\n`, `\r`, `\t`, `\b`, `\f`, `\/`, `\uXXXX` (a surrogate pair as one
+/// character; a lone surrogate as U+FFFD) and Apache's `\xhh` bytes (a run of them read as
+/// UTF-8, lossily). An unknown escape keeps its backslash; a text without a backslash is
+/// copied as it is.
 ///
-/// Written here: a dozen lines, and no crate undoes exactly this set outside a JSON
+/// Written here: a few dozen lines, and no crate undoes exactly this set outside a JSON
 /// string's quotes.
 pub fn unescape(text: &str) -> String {
     if !text.contains('\\') {
         return text.to_owned();
     }
+    /// The value of the `n` hex digits at the start of `rest`, if they are.
+    fn hex(rest: &str, n: usize) -> Option<u32> {
+        let digits = rest.get(..n)?;
+        digits
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit())
+            .then(|| u32::from_str_radix(digits, 16).ok())
+            .flatten()
+    }
     let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    let hex4 = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| -> Option<u32> {
-        let digits: String = chars.clone().take(4).collect();
-        let value = (digits.len() == 4)
-            .then(|| u32::from_str_radix(&digits, 16).ok())
-            .flatten()?;
-        chars.nth(3);
-        Some(value)
-    };
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('n') => out.push('\n'),
-            Some('r') => out.push('\r'),
-            Some('t') => out.push('\t'),
-            Some('b') => out.push('\u{8}'),
-            Some('f') => out.push('\u{c}'),
-            Some('u') => match hex4(&mut chars) {
+    // `\xhh` bytes not yet read as text (a character may take several).
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('\\') {
+        let before = &rest[..at];
+        let after = &rest[at + 1..];
+        // A character, or (`None`) a byte of `\xhh`.
+        let (decoded, used): (Option<char>, usize) = match after.chars().next() {
+            Some('x') => match hex(&after[1..], 2) {
+                Some(_) => (None, 3),
+                None => (Some('\\'), 0),
+            },
+            Some('n') => (Some('\n'), 1),
+            Some('r') => (Some('\r'), 1),
+            Some('t') => (Some('\t'), 1),
+            Some('b') => (Some('\u{8}'), 1),
+            Some('f') => (Some('\u{c}'), 1),
+            Some(c @ ('"' | '\\' | '/')) => (Some(c), 1),
+            Some('u') => match hex(&after[1..], 4) {
                 Some(high @ 0xD800..=0xDBFF) => {
-                    let mut after = chars.clone();
-                    let low = (after.next() == Some('\\') && after.next() == Some('u'))
-                        .then(|| hex4(&mut after))
-                        .flatten()
+                    let low = after[5..]
+                        .strip_prefix("\\u")
+                        .and_then(|l| hex(l, 4))
                         .filter(|low| (0xDC00..=0xDFFF).contains(low));
-                    if let Some(low) = low {
-                        chars = after;
-                        let code = 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00);
-                        out.push(char::from_u32(code).unwrap_or('\u{fffd}'));
-                    } else {
-                        out.push('\u{fffd}');
+                    match low {
+                        Some(low) => {
+                            let code = 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00);
+                            (Some(char::from_u32(code).unwrap_or('\u{fffd}')), 11)
+                        }
+                        None => (Some('\u{fffd}'), 5),
                     }
                 }
-                Some(code) => out.push(char::from_u32(code).unwrap_or('\u{fffd}')),
-                None => out.push('u'),
+                Some(code) => (Some(char::from_u32(code).unwrap_or('\u{fffd}')), 5),
+                None => (Some('\\'), 0),
             },
-            Some(other) => out.push(other),
-            None => {}
+            // Unknown (or the text's end): the backslash stays, what follows is text.
+            _ => (Some('\\'), 0),
+        };
+        if !before.is_empty() || decoded.is_some() {
+            out.push_str(&String::from_utf8_lossy(&std::mem::take(&mut bytes)));
         }
+        out.push_str(before);
+        match decoded {
+            Some(c) => out.push(c),
+            None => bytes.extend(hex(&after[1..], 2).and_then(|b| u8::try_from(b).ok())),
+        }
+        rest = &after[used..];
     }
+    out.push_str(&String::from_utf8_lossy(&bytes));
+    out.push_str(rest);
     out
 }
 
@@ -409,7 +453,11 @@ mod tests {
         assert_eq!(unescape(r"\u001b[0m \u00e9"), "\u{1b}[0m \u{e9}");
         assert_eq!(unescape(r"\ud83d\ude00"), "\u{1f600}");
         assert_eq!(unescape(r"\ud83d x"), "\u{fffd} x");
-        assert_eq!(unescape(r"\uzz x\"), "uzz x");
+        // Unknown or broken escapes keep their backslash.
+        assert_eq!(unescape(r"\uzz x\"), r"\uzz x\");
+        assert_eq!(unescape(r"\u+123 \q"), r"\u+123 \q");
+        // Apache's bytes: a run of them is UTF-8.
+        assert_eq!(unescape(r"caf\xc3\xa9 \xff!"), "café \u{fffd}!");
     }
 
     #[test]
@@ -466,14 +514,25 @@ mod tests {
         );
         assert_eq!(r.message, "NOTALEVEL zz");
         assert!(!r.parse_error, "only a time that does not read is an error");
-        assert!(
-            RegexParser::new(&RegexParserSettings {
-                name: "bad".to_owned(),
-                regex: "(?P<time>.*)".to_owned(),
-                time_format: "%Y-%Q".to_owned(),
-            })
-            .is_err()
-        );
+        for bad in ["%Y-%Q", "yyyy-MM-dd HH:mm:ss.SSS", "%Y-%m-%d"] {
+            assert!(
+                RegexParser::new(&RegexParserSettings {
+                    name: "bad".to_owned(),
+                    regex: "(?P<time>.*)".to_owned(),
+                    time_format: bad.to_owned(),
+                })
+                .is_err(),
+                "{bad}"
+            );
+        }
+        for good in [
+            "%d-%b-%Y %H:%M:%S%.3f",
+            "%Y-%m-%dT%H:%M:%S%z",
+            "%s",
+            "%b %e %H:%M:%S %Y",
+        ] {
+            assert!(reads_back(good), "{good}");
+        }
     }
 
     fn seconds(t: &str) -> Option<i64> {

@@ -147,8 +147,9 @@ pub fn label_name(name: String) -> String {
     };
     // Loki 3.7+ names structured metadata with Prometheus' otlptranslator, which refuses a
     // name of underscores only: the whole push fails with 500, retried for ever, and the
-    // output stalls. `key` before them is what Loki 3.4–3.6 did itself, so queries written
-    // then still find them; the same name always gives the same result.
+    // output stalls. `key` before them (as Prometheus' normaliser puts it before a name
+    // starting with one underscore) makes a valid name; the same name always gives the
+    // same result.
     if out.bytes().all(|b| b == b'_') {
         out.insert_str(0, "key");
     }

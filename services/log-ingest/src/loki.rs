@@ -168,12 +168,14 @@ impl LokiClient {
         })
     }
 
-    /// Pushes `body` (from [`encode`], of one record when `lone`) until Loki accepts or
-    /// refuses it for good; waits out everything else. `None` when `stop` fired first.
+    /// Pushes `body` (from [`encode`]) until Loki accepts or refuses it for good; waits out
+    /// everything else. `None` when `stop` fired first. With `retry_unexplained` (one
+    /// record, Loki's own fault decided), a 400 naming no reason of the record's own is
+    /// waited out too.
     pub async fn push(
         &self,
         body: Vec<u8>,
-        lone: bool,
+        retry_unexplained: bool,
         stop: &tokio_util::sync::CancellationToken,
         mut on_failure: impl FnMut(&str),
     ) -> Option<Pushed> {
@@ -204,7 +206,7 @@ impl LokiClient {
                 Ok(response) if response.status() == reqwest::StatusCode::BAD_REQUEST => {
                     let mut reason = response.text().await.unwrap_or_default();
                     reason.truncate(reason.floor_char_boundary(64 * 1024));
-                    if !lone || refusal_reason(&reason) != UNKNOWN_REFUSAL {
+                    if !retry_unexplained || refusal_reason(&reason) != UNKNOWN_REFUSAL {
                         return Some(Pushed::Refused(reason));
                     }
                     // Narrowed down to one record and still no reason Loki gives for a

@@ -78,6 +78,9 @@ struct Inner {
     keep: bool,
     /// Whether an entry with structured metadata is refused.
     disallow_metadata: bool,
+    /// Entries whose line holds the first text are refused with the second (the valid
+    /// others kept, as Loki keeps them).
+    poison: Option<(String, String)>,
     /// Whether an entry's time is taken whatever it is (Loki with `reject_old_samples:
     /// false` and a long `creation_grace_period`); else as Loki's defaults take it.
     any_time: bool,
@@ -144,6 +147,12 @@ impl LokiReceiver {
     /// older than [`MAX_SAMPLE_AGE`] or more than [`CREATION_GRACE`] ahead is refused.
     pub fn accept_any_time(&self) {
         lock(&self.inner).any_time = true;
+    }
+
+    /// Refuses every entry whose line contains `needle`, saying `says` (a 400 whose reason
+    /// is the record's own but named in words not known to the pusher), keeping the others.
+    pub fn refuse_lines_containing(&self, needle: &str, says: &str) {
+        lock(&self.inner).poison = Some((needle.to_owned(), says.to_owned()));
     }
 
     /// Its base URL, `http://127.0.0.1:<port>`.
@@ -298,6 +307,12 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
                     ));
                     continue;
                 }
+            }
+            if let Some((needle, says)) = &inner.poison
+                && entry.line.contains(needle.as_str())
+            {
+                problems.push(says.clone());
+                continue;
             }
             if entry.line.len() > MAX_LINE_BYTES {
                 problems.push(format!(

@@ -81,7 +81,9 @@ impl Grouper {
                     let mut to_stack = stack;
                     if let Some(full) = previous.as_ref().filter(|r| !fits(r, caps, text)) {
                         record.level = full.level;
-                        record.time_micros = full.time_micros;
+                        // A microsecond after it, so the rest sorts after the head in its
+                        // stream (below the microsecond is the tie-breaker, in no order).
+                        record.time_micros = full.time_micros.map(|t| t + 1);
                         record.logger.clone_from(&full.logger);
                         record.thread.clone_from(&full.thread);
                         record.trace_id.clone_from(&full.trace_id);
@@ -445,7 +447,7 @@ mod tests {
                 "4bf92f3577b34da6a3ce929d0e0e4736"
             )
         );
-        assert_eq!(rest.time_micros, head.time_micros);
+        assert_eq!(rest.time_micros, head.time_micros.map(|t| t + 1));
         assert_eq!(rest.message, "");
         assert_eq!(rest.stack_trace, "\tat a.B.d(B.java:2)\nafter the trace");
         assert!(!rest.parse_error);

@@ -467,12 +467,19 @@ impl Parser {
     fn any_time(&self, text: &str) -> Option<i64> {
         let text = text.trim();
         for separator in [b'-', b'/'] {
-            let Some((micros, used)) = self.timestamp(text, separator) else {
+            let Some((micros, used, own_offset)) = self.timestamp_parts(text, separator) else {
                 continue;
             };
             let rest = text[used..].trim_start();
             if rest.is_empty() {
                 return Some(micros);
+            }
+            if own_offset {
+                // The offset said it; what follows may name the zone: Java's
+                // `ZonedDateTime` (`…+09:00[Asia/Seoul]`) or an abbreviation (`… KST`).
+                let zone = (rest.starts_with('[') && rest.ends_with(']') && !rest.contains(' '))
+                    || (rest.len() <= 5 && rest.bytes().all(|b| b.is_ascii_alphabetic()));
+                return zone.then_some(micros);
             }
             let mut words = rest.split_ascii_whitespace();
             let offset = words.next().unwrap_or_default();
@@ -509,6 +516,12 @@ impl Parser {
     /// since the epoch, and the bytes read. Without an offset the time is read in this
     /// parser's zone. A leap second (`:60`) is read as `:59`.
     fn timestamp(&self, text: &str, separator: u8) -> Option<(i64, usize)> {
+        self.timestamp_parts(text, separator)
+            .map(|(micros, used, _)| (micros, used))
+    }
+
+    /// [`Parser::timestamp`], and whether the text gave its own offset.
+    fn timestamp_parts(&self, text: &str, separator: u8) -> Option<(i64, usize, bool)> {
         let b = text.as_bytes();
         if b.len() < 19
             || b[4] != separator
@@ -573,7 +586,7 @@ impl Parser {
             Some(offset) => naive.and_utc().timestamp() - offset,
             None => self.local_seconds(naive),
         };
-        Some((seconds * 1_000_000 + micros, used))
+        Some((seconds * 1_000_000 + micros, used, offset_seconds.is_some()))
     }
 
     /// `naive`, a time in this parser's zone, in seconds since the epoch. A time in a
@@ -602,8 +615,13 @@ impl Parser {
             return Some(t.timestamp_micros());
         }
         let naive = NaiveDateTime::parse_from_str(text, format).ok()?;
-        let micros = self.local_seconds(naive) * 1_000_000
-            + i64::from(naive.and_utc().timestamp_subsec_micros());
+        // Epoch seconds (`%s`) are UTC whatever the zone.
+        let seconds = if format.contains("%s") {
+            naive.and_utc().timestamp()
+        } else {
+            self.local_seconds(naive)
+        };
+        let micros = seconds * 1_000_000 + i64::from(naive.and_utc().timestamp_subsec_micros());
         (micros < MAX_MICROS).then_some(micros)
     }
 }
@@ -1184,6 +1202,9 @@ mod tests {
             ("2024-10-28 08:12:00.040 +0000 UTC", Some(utc)),
             ("2024-10-28 17:12:00.040 +09:00 KST", Some(utc)),
             ("2024-10-28 08:12:00.040 UTC", Some(utc)),
+            // Java's `ZonedDateTime`, and an offset followed by its zone's abbreviation.
+            ("2024-10-28T17:12:00.040+09:00[Asia/Seoul]", Some(utc)),
+            ("2024-10-28T17:12:00.040+09:00 KST", Some(utc)),
             ("2024-10-28 17:12:00.040", Some(utc)),
             // Anything else after the time: not read in the wrong zone, kept as a field.
             ("2024-10-28 17:12:00.040 tomorrow", None),

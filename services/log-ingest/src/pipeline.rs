@@ -1060,9 +1060,9 @@ impl Pusher {
     async fn send_all(&self, items: Vec<Item>, stop: &CancellationToken) -> bool {
         // Pieces of at most `batch_bytes`; a piece Loki refuses (400) or finds too large
         // (413) is halved until the record at fault is alone, and only that one is dropped:
-        // for a 400, only when Loki's answer names a reason of the record's own (else the
-        // client retries the lone record: a tenant or configuration Loki refuses must not
-        // drop every record one by one).
+        // for a 400, when Loki's answer names a reason of the record's own, or Loki took
+        // other pieces of this push (else the lone record is retried: a tenant or
+        // configuration Loki refuses must not drop every record one by one).
         // Where each piece after the first starts; the pieces are split off from the end
         // (the items are moved once, not pushed one by one), so the first ends up on top
         // of the stack and goes first.
@@ -1088,13 +1088,52 @@ impl Pusher {
         // log line per push, not one per record: after a long outage every record of a push
         // may be too old).
         let mut refused: Option<(usize, Arc<str>, String)> = None;
-        while let Some(mut piece) = pieces.pop() {
+        // A lone record Loki refuses with a 400 naming no reason known here: its own fault
+        // if Loki takes other pieces of this push (its tenant and configuration are fine),
+        // else Loki's (a tenant it refuses, labels it enforces, a proxy's page). So such a
+        // record waits (`deferred`) while the rest goes; at the end it is dropped when Loki
+        // took something, and otherwise retried until Loki takes it (`waiting_out`). Past
+        // `MAX_UNEXPLAINED` of them with nothing taken, it is Loki's: no more probing (a
+        // refused tenant would otherwise cost two requests per record).
+        const MAX_UNEXPLAINED: usize = 8;
+        let (mut accepted_any, mut waiting_out) = (false, false);
+        let mut deferred: Vec<Vec<Item>> = Vec::new();
+        loop {
+            let Some(mut piece) = pieces.pop() else {
+                if deferred.is_empty() {
+                    break;
+                }
+                if accepted_any {
+                    for piece in deferred.drain(..) {
+                        let reason = "400 naming no reason, beside records Loki took";
+                        self.dropped_refused(&piece, loki::UNKNOWN_REFUSAL, reason, &mut refused);
+                    }
+                    break;
+                }
+                waiting_out = true;
+                pieces.extend(deferred.drain(..).rev());
+                continue;
+            };
             if self.metadata_refused.now() {
                 self.strip_metadata(&mut piece);
             }
-            match self.send(&mut piece, stop).await {
+            match self.send(&mut piece, waiting_out, stop).await {
                 None => return false,
+                Some(Pushed::Refused(reason))
+                    if piece.len() == 1
+                        && !accepted_any
+                        && !waiting_out
+                        && loki::refusal_reason(&reason) == loki::UNKNOWN_REFUSAL =>
+                {
+                    deferred.push(piece);
+                    if deferred.len() >= MAX_UNEXPLAINED {
+                        // Loki's, not the records': wait it out, in order.
+                        waiting_out = true;
+                        pieces.extend(deferred.drain(..).rev());
+                    }
+                }
                 Some(Pushed::Accepted) => {
+                    accepted_any = true;
                     self.metrics.pushed.inc_by(piece.len() as u64);
                     self.metrics.last_push.set(chrono::Utc::now().timestamp());
                     let mut derived = crate::lock(&self.derived);
@@ -1123,23 +1162,11 @@ impl Pusher {
                     pieces.push(second);
                     pieces.push(piece);
                 }
-                // A reason Loki gives for this record (the client retries a lone record
-                // refused for any other), so the drop is counted under Loki's own name.
+                // A reason Loki gives for this record, or none beside records it took: the
+                // drop is counted under Loki's own name (`loki_refused` for none known).
                 Some(Pushed::Refused(reason)) => {
-                    self.metrics
-                        .dropped
-                        .with_label_values(&[
-                            source_label(piece[0].source),
-                            loki::refusal_reason(&reason),
-                        ])
-                        .inc();
-                    let first = refused.get_or_insert_with(|| {
-                        // Loki's message names the labels (logged beside it) before the
-                        // reason: its end says why.
-                        let start = reason.ceil_char_boundary(reason.len().saturating_sub(300));
-                        (0, piece[0].labels.clone(), reason[start..].to_owned())
-                    });
-                    first.0 += 1;
+                    let why = loki::refusal_reason(&reason);
+                    self.dropped_refused(&piece, why, &reason, &mut refused);
                 }
                 Some(Pushed::TooLarge) => {
                     tracing::warn!(
@@ -1167,6 +1194,28 @@ impl Pusher {
         true
     }
 
+    /// Counts a lone record Loki refused for good (`why`, from Loki's answer `reason`), and
+    /// keeps the first one's stream and reason for the push's log line.
+    fn dropped_refused(
+        &self,
+        piece: &[Item],
+        why: &str,
+        reason: &str,
+        refused: &mut Option<(usize, Arc<str>, String)>,
+    ) {
+        self.metrics
+            .dropped
+            .with_label_values(&[source_label(piece[0].source), why])
+            .inc();
+        let first = refused.get_or_insert_with(|| {
+            // Loki's message names the labels (logged beside it) before the reason: its
+            // end says why.
+            let start = reason.ceil_char_boundary(reason.len().saturating_sub(300));
+            (0, piece[0].labels.clone(), reason[start..].to_owned())
+        });
+        first.0 += 1;
+    }
+
     /// Takes the structured metadata off `piece`'s entries (Loki refuses it), counting
     /// the records that had some.
     fn strip_metadata(&self, piece: &mut [Item]) {
@@ -1181,8 +1230,14 @@ impl Pusher {
     }
 
     /// One push of `items`, grouped into streams. Their entries are moved into the request
-    /// to encode it and moved back after (a piece may be sent again, halved).
-    async fn send(&self, items: &mut [Item], stop: &CancellationToken) -> Option<Pushed> {
+    /// to encode it and moved back after (a piece may be sent again, halved). A lone
+    /// record refused with a 400 naming no reason is retried when `retry_unexplained`.
+    async fn send(
+        &self,
+        items: &mut [Item],
+        retry_unexplained: bool,
+        stop: &CancellationToken,
+    ) -> Option<Pushed> {
         let mut at: HashMap<&str, usize> = HashMap::new();
         let mut streams: Vec<(loki::Stream, Vec<usize>)> = Vec::new();
         for (i, item) in items.iter_mut().enumerate() {
@@ -1212,7 +1267,7 @@ impl Pusher {
         let pushes = &self.metrics.pushes;
         let outcome = self
             .loki
-            .push(body, items.len() == 1, stop, |_| {
+            .push(body, items.len() == 1 && retry_unexplained, stop, |_| {
                 pushes.with_label_values(&["failed"]).inc();
             })
             .await;

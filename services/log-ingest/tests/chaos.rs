@@ -231,7 +231,7 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
         // Around the difference, each line cut to 120 bytes: enough to tell a swap from a
         // line missing or a copy too many.
         let around = |lines: &[&str]| -> Vec<String> {
-            let at = first_difference.unwrap_or(lines.len().min(sent.len()));
+            let at = first_difference.unwrap_or(sent.len().min(kept.len()));
             lines[at.saturating_sub(2)..(at + 3).min(lines.len())]
                 .iter()
                 .map(|l| l.chars().take(120).collect())
