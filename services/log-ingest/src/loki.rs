@@ -169,9 +169,9 @@ impl LokiClient {
     }
 
     /// Pushes `body` (from [`encode`]) until Loki accepts or refuses it for good; waits out
-    /// everything else. `None` when `stop` fired first. With `retry_unexplained` (one
-    /// record, Loki's own fault decided), a 400 naming no reason of the record's own is
-    /// waited out too.
+    /// everything else. `None` when `stop` fired first. With `retry_unexplained` (an empty
+    /// push probing whether Loki takes anything), a 400 naming no reason of a record's own
+    /// is waited out too.
     pub async fn push(
         &self,
         body: Vec<u8>,

@@ -1060,9 +1060,9 @@ impl Pusher {
     async fn send_all(&self, items: Vec<Item>, stop: &CancellationToken) -> bool {
         // Pieces of at most `batch_bytes`; a piece Loki refuses (400) or finds too large
         // (413) is halved until the record at fault is alone, and only that one is dropped:
-        // for a 400, when Loki's answer names a reason of the record's own, or Loki took
-        // other pieces of this push (else the lone record is retried: a tenant or
-        // configuration Loki refuses must not drop every record one by one).
+        // for a 400, when Loki's answer names a reason of the record's own, or names none
+        // while Loki takes an empty push (else the lone record waits: a tenant or proxy Loki
+        // refuses must not drop every record one by one).
         // Where each piece after the first starts; the pieces are split off from the end
         // (the items are moved once, not pushed one by one), so the first ends up on top
         // of the stack and goes first.
@@ -1088,52 +1088,32 @@ impl Pusher {
         // log line per push, not one per record: after a long outage every record of a push
         // may be too old).
         let mut refused: Option<(usize, Arc<str>, String)> = None;
-        // A lone record Loki refuses with a 400 naming no reason known here: its own fault
-        // if Loki takes other pieces of this push (its tenant and configuration are fine),
-        // else Loki's (a tenant it refuses, labels it enforces, a proxy's page). So such a
-        // record waits (`deferred`) while the rest goes; at the end it is dropped when Loki
-        // took something, and otherwise retried until Loki takes it (`waiting_out`). Past
-        // `MAX_UNEXPLAINED` of them with nothing taken, it is Loki's: no more probing (a
-        // refused tenant would otherwise cost two requests per record).
-        const MAX_UNEXPLAINED: usize = 8;
-        let (mut accepted_any, mut waiting_out) = (false, false);
-        let mut deferred: Vec<Vec<Item>> = Vec::new();
-        loop {
-            let Some(mut piece) = pieces.pop() else {
-                if deferred.is_empty() {
-                    break;
-                }
-                if accepted_any {
-                    for piece in deferred.drain(..) {
-                        let reason = "400 naming no reason, beside records Loki took";
-                        self.dropped_refused(&piece, loki::UNKNOWN_REFUSAL, reason, &mut refused);
-                    }
-                    break;
-                }
-                waiting_out = true;
-                pieces.extend(deferred.drain(..).rev());
-                continue;
-            };
+        // A lone record Loki refuses with a 400 naming no reason known here is its own fault
+        // if Loki takes an empty push (its tenant, authentication and any proxy before it
+        // are fine), else Loki's (a tenant it refuses, a proxy's page): so an empty push is
+        // sent, waited out until Loki takes it, and the record is sent once more; refused
+        // again for no reason known, it is dropped (`loki_refused`).
+        let mut proven = false;
+        while let Some(mut piece) = pieces.pop() {
+            // Whether Loki has just taken an empty push and this is the record sent again.
+            let again = std::mem::take(&mut proven);
             if self.metadata_refused.now() {
                 self.strip_metadata(&mut piece);
             }
-            match self.send(&mut piece, waiting_out, stop).await {
+            match self.send(&mut piece, stop).await {
                 None => return false,
                 Some(Pushed::Refused(reason))
                     if piece.len() == 1
-                        && !accepted_any
-                        && !waiting_out
+                        && !again
                         && loki::refusal_reason(&reason) == loki::UNKNOWN_REFUSAL =>
                 {
-                    deferred.push(piece);
-                    if deferred.len() >= MAX_UNEXPLAINED {
-                        // Loki's, not the records': wait it out, in order.
-                        waiting_out = true;
-                        pieces.extend(deferred.drain(..).rev());
+                    if !self.probe(stop).await {
+                        return false;
                     }
+                    proven = true;
+                    pieces.push(piece);
                 }
                 Some(Pushed::Accepted) => {
-                    accepted_any = true;
                     self.metrics.pushed.inc_by(piece.len() as u64);
                     self.metrics.last_push.set(chrono::Utc::now().timestamp());
                     let mut derived = crate::lock(&self.derived);
@@ -1229,15 +1209,23 @@ impl Pusher {
         self.metrics.metadata_refused.inc_by(stripped);
     }
 
+    /// Sends Loki an empty push until it takes one (a 400 naming no reason is waited out
+    /// too): its tenant, authentication and any proxy before it are fine then. `false` when
+    /// `stop` fired first.
+    async fn probe(&self, stop: &CancellationToken) -> bool {
+        let body = loki::encode(&loki::PushRequest::default());
+        let pushes = &self.metrics.pushes;
+        self.loki
+            .push(body, true, stop, |_| {
+                pushes.with_label_values(&["failed"]).inc();
+            })
+            .await
+            .is_some()
+    }
+
     /// One push of `items`, grouped into streams. Their entries are moved into the request
-    /// to encode it and moved back after (a piece may be sent again, halved). A lone
-    /// record refused with a 400 naming no reason is retried when `retry_unexplained`.
-    async fn send(
-        &self,
-        items: &mut [Item],
-        retry_unexplained: bool,
-        stop: &CancellationToken,
-    ) -> Option<Pushed> {
+    /// to encode it and moved back after (a piece may be sent again, halved).
+    async fn send(&self, items: &mut [Item], stop: &CancellationToken) -> Option<Pushed> {
         let mut at: HashMap<&str, usize> = HashMap::new();
         let mut streams: Vec<(loki::Stream, Vec<usize>)> = Vec::new();
         for (i, item) in items.iter_mut().enumerate() {
@@ -1267,7 +1255,7 @@ impl Pusher {
         let pushes = &self.metrics.pushes;
         let outcome = self
             .loki
-            .push(body, items.len() == 1 && retry_unexplained, stop, |_| {
+            .push(body, false, stop, |_| {
                 pushes.with_label_values(&["failed"]).inc();
             })
             .await;
