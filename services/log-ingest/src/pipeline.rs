@@ -1142,11 +1142,23 @@ impl Pusher {
                     pieces.push(second);
                     pieces.push(piece);
                 }
-                // A reason Loki gives for this record, or none beside records it took: the
-                // drop is counted under Loki's own name (`loki_refused` for none known).
+                // A reason Loki gives for this record, or none while it takes an empty push:
+                // the drop is counted under Loki's own name (`loki_refused` for none known).
                 Some(Pushed::Refused(reason)) => {
-                    let why = loki::refusal_reason(&reason);
-                    self.dropped_refused(&piece, why, &reason, &mut refused);
+                    self.metrics
+                        .dropped
+                        .with_label_values(&[
+                            source_label(piece[0].source),
+                            loki::refusal_reason(&reason),
+                        ])
+                        .inc();
+                    let first = refused.get_or_insert_with(|| {
+                        // Loki's message names the labels (logged beside it) before the
+                        // reason: its end says why.
+                        let start = reason.ceil_char_boundary(reason.len().saturating_sub(300));
+                        (0, piece[0].labels.clone(), reason[start..].to_owned())
+                    });
+                    first.0 += 1;
                 }
                 Some(Pushed::TooLarge) => {
                     tracing::warn!(
@@ -1172,28 +1184,6 @@ impl Pusher {
             );
         }
         true
-    }
-
-    /// Counts a lone record Loki refused for good (`why`, from Loki's answer `reason`), and
-    /// keeps the first one's stream and reason for the push's log line.
-    fn dropped_refused(
-        &self,
-        piece: &[Item],
-        why: &str,
-        reason: &str,
-        refused: &mut Option<(usize, Arc<str>, String)>,
-    ) {
-        self.metrics
-            .dropped
-            .with_label_values(&[source_label(piece[0].source), why])
-            .inc();
-        let first = refused.get_or_insert_with(|| {
-            // Loki's message names the labels (logged beside it) before the reason: its
-            // end says why.
-            let start = reason.ceil_char_boundary(reason.len().saturating_sub(300));
-            (0, piece[0].labels.clone(), reason[start..].to_owned())
-        });
-        first.0 += 1;
     }
 
     /// Takes the structured metadata off `piece`'s entries (Loki refuses it), counting
