@@ -7,8 +7,8 @@
 //! backtracking on hostile lines); each may name literals one of which every match
 //! contains (`@` or `%40`, among others, for e-mail addresses, `01` or `+82` for mobile
 //! numbers). The literals of every pattern are searched for together, in one pass over a
-//! text (an Aho-Corasick automaton), and only the patterns whose literals it found run:
-//! most texts cost that one pass.
+//! text (an Aho-Corasick automaton, and `memchr` for one-byte literals), and only the
+//! patterns whose literals it found run: most texts cost that one pass.
 
 use aho_corasick::AhoCorasick;
 use regex::Regex;
@@ -82,32 +82,25 @@ pub struct Masker {
     /// Shared by every clone (a push's masker is one): a cloned `Regex` would start with
     /// empty search caches and rebuild its lazy DFA's states on every push.
     patterns: std::sync::Arc<[Pattern]>,
-    /// Every pattern's `requires` literals in one automaton (none when no pattern has
-    /// any), and each literal with the pattern it belongs to.
-    literals: Option<(AhoCorasick, Vec<(String, usize)>)>,
+    /// Every pattern's `requires` literals of two bytes or more, in one automaton (none
+    /// when there are none).
+    literals: Option<AhoCorasick>,
+    /// For each byte, the literals of two bytes or more that start with it: the rest of the
+    /// literal and the bit of its pattern.
+    by_first: std::sync::Arc<[Tails]>,
+    /// The one-byte literals (`@`), each with the bit of its pattern.
+    bytes: Box<[(u8, u64)]>,
     /// Bits of the patterns with literals.
     with_literals: u64,
-    /// The bytes some literal starts with.
-    starts: [bool; 256],
-    /// Whether some literal is empty (in every text, even an empty one).
-    empty_literal: bool,
-    /// Bit `i` set: pattern `i` has no literals (it runs on every text).
-    without_literals: u64,
+    /// Bit `i` set: pattern `i` runs on every text (it has no literals, or an empty one).
+    always: u64,
 }
+
+/// Literals after their first byte, each with the bit of its pattern.
+type Tails = Box<[(Box<[u8]>, u64)]>;
 
 /// Patterns past this many are run on every text (their candidates are a bit set).
 const PREFILTERED: usize = 64;
-
-/// Texts shorter than this are searched for literals byte by byte.
-const SHORT: usize = 64;
-
-/// The bits of the patterns owning a literal `rest` starts with.
-fn starting_at(rest: &[u8], literals: &[(String, usize)]) -> u64 {
-    literals
-        .iter()
-        .filter(|(literal, _)| rest.starts_with(literal.as_bytes()))
-        .fold(0, |bits, (_, owner)| bits | 1 << owner)
-}
 
 #[derive(Debug, Clone)]
 struct Pattern {
@@ -135,26 +128,30 @@ impl Masker {
                 })
             })
             .collect::<Result<Vec<Pattern>, String>>()?;
-        let (mut literals, mut without_literals, mut with_literals) = (Vec::new(), 0, 0);
+        let (mut literals, mut always, mut with_literals) = (Vec::new(), 0, 0);
+        let (mut by_first, mut bytes) = (vec![Vec::new(); 256], Vec::new());
         for (i, pattern) in patterns.iter().enumerate().take(PREFILTERED) {
+            let bit = 1 << i;
             if pattern.requires.is_empty() {
-                without_literals |= 1 << i;
+                always |= bit;
             } else {
-                with_literals |= 1 << i;
+                with_literals |= bit;
             }
+            // One-byte literals are searched for apart (by `memchr`): in the automaton they
+            // would make its prefilter stop at every byte any literal starts with (`0`,
+            // `8` in numbers); without them it looks for the first two bytes of each.
             for literal in &pattern.requires {
-                literals.push((literal.clone(), i));
+                match literal.as_bytes() {
+                    // An empty literal is in every text.
+                    [] => always |= bit,
+                    &[byte] => bytes.push((byte, bit)),
+                    [first, rest @ ..] => {
+                        by_first[usize::from(*first)].push((rest.into(), bit));
+                        literals.push(literal);
+                    }
+                }
             }
         }
-        let mut starts = [false; 256];
-        for (literal, _) in &literals {
-            // An empty literal is in every text: every byte (and the end) starts it.
-            match literal.as_bytes().first() {
-                Some(&b) => starts[usize::from(b)] = true,
-                None => starts = [true; 256],
-            }
-        }
-        let empty_literal = literals.iter().any(|(literal, _)| literal.is_empty());
         let literals = if literals.is_empty() {
             None
         } else {
@@ -162,17 +159,17 @@ impl Masker {
             // would walk every byte); `candidates` restarts one byte after each find.
             let automaton = AhoCorasick::builder()
                 .match_kind(aho_corasick::MatchKind::LeftmostFirst)
-                .build(literals.iter().map(|(l, _)| l))
+                .build(literals)
                 .map_err(|e| format!("masking patterns' `requires` literals: {e}"))?;
-            Some((automaton, literals))
+            Some(automaton)
         };
         Ok(Self {
             patterns: patterns.into(),
             literals,
-            without_literals,
+            by_first: by_first.into_iter().map(Vec::into_boxed_slice).collect(),
+            bytes: bytes.into(),
             with_literals,
-            starts,
-            empty_literal,
+            always,
         })
     }
 
@@ -180,34 +177,30 @@ impl Masker {
     /// none). Patterns past [`PREFILTERED`] have no bit: [`Self::text`] searches for their
     /// literals itself.
     fn candidates(&self, text: &str) -> u64 {
-        let Some((automaton, literals)) = &self.literals else {
-            return u64::MAX;
-        };
-        let mut found = self.without_literals;
         let bytes = text.as_bytes();
-        if bytes.len() < SHORT {
-            // Loggers, threads and most messages: a look-up per byte is cheaper than
-            // starting the automaton's search.
-            for (i, &b) in bytes.iter().enumerate() {
-                if self.starts[usize::from(b)] {
-                    found |= starting_at(&bytes[i..], literals);
-                }
+        let mut found = self.always;
+        for &(byte, bit) in &self.bytes {
+            if found & bit == 0 && memchr::memchr(byte, bytes).is_some() {
+                found |= bit;
             }
-            if self.empty_literal {
-                found |= starting_at(&[], literals);
-            }
-            return found;
         }
+        let Some(automaton) = &self.literals else {
+            return found;
+        };
         let mut at = 0;
         // Every place a literal starts is visited: after a find, the search goes on one
         // byte later (not after its end), so a literal inside or across another (`%40`
-        // and `01` in `%4010`) is not missed, and every literal starting at a find (`0`
-        // and `01`) is checked there.
+        // and `01` in `%4010`) is not missed, and every literal starting at a find is
+        // checked there (leftmost-first reports one of `82 1` and `82 10`).
         while found & self.with_literals != self.with_literals
             && let Some(hit) = automaton.find(aho_corasick::Input::new(text).span(at..text.len()))
         {
-            found |= starting_at(&bytes[hit.start()..], literals);
-            at = hit.start() + 1;
+            let start = hit.start();
+            found |= self.by_first[usize::from(bytes[start])]
+                .iter()
+                .filter(|(rest, _)| bytes[start + 1..].starts_with(rest))
+                .fold(0, |bits, (_, bit)| bits | bit);
+            at = start + 1;
         }
         found
     }
@@ -525,12 +518,18 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The one-pass prefilter says what searching for each literal on its own says,
-        /// with literals that are prefixes of, inside and across each other.
+        /// The prefilter says what searching for each literal on its own says, with
+        /// literals of one byte and more that are prefixes of, inside and across each other.
         #[test]
-        fn the_prefilter_agrees_with_a_search_per_literal(text in "[@%40182+a]{0,24}|[@%40182+a]{60,90}") {
+        fn the_prefilter_agrees_with_a_search_per_literal(text in "[@%40182+a]{0,90}") {
             let mut patterns = default_patterns();
-            for (name, requires) in [("zero", vec!["0"]), ("tail", vec!["40", "1+"]), ("empty", vec!["", "a"])] {
+            for (name, requires) in [
+                ("zero", vec!["0"]),
+                ("tail", vec!["40", "1+"]),
+                ("empty", vec!["", "a"]),
+                ("prefixes", vec!["18", "182"]),
+                ("bytes", vec!["+", "a@", "@a"]),
+            ] {
                 patterns.push(PatternSettings {
                     name: name.to_owned(),
                     regex: "x".to_owned(),
