@@ -34,6 +34,12 @@ const VERSIONS: u64 = 5;
 const KEY: &str = "chaos-api-key";
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const ALERT_CAP: usize = 10;
+/// A bound on the whole run, so that a delivery that never comes fails the test rather than
+/// hanging it; not a speed target (benches/member.rs measures speed). It took 80 s on an
+/// idle 2-core Xeon and 200–240 s on a 2-core EPYC host about twice as slow at everything
+/// (4 minutes was once too short there); nextest's own limit for the chaos tests
+/// (.config/nextest.toml) is 10 minutes.
+const CONVERGED_WITHIN: Duration = Duration::from_secs(480);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -174,8 +180,8 @@ async fn enqueue(
             Ok(Ok(_)) => return,
             _ => {
                 assert!(
-                    started.elapsed() < Duration::from_secs(90),
-                    "EnqueueMemberChanges kept failing"
+                    started.elapsed() < Duration::from_secs(180),
+                    "EnqueueMemberChanges kept failing for 3 minutes"
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -305,8 +311,9 @@ async fn two_replicas_killed_three_times_under_partner_faults_lose_nothing_and_l
     let wanted = (0..MEMBERS).filter(|&i| kind(i) != Kind::NoConsent).count() * 9 / 10;
     while consented_at_2(&simulator.members()) < wanted {
         assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "phase 1 too slow"
+            started.elapsed() < CONVERGED_WITHIN / 2,
+            "phase 1 not delivered after {:?}",
+            CONVERGED_WITHIN / 2
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -325,8 +332,8 @@ async fn two_replicas_killed_three_times_under_partner_faults_lose_nothing_and_l
 
     while !converged(&simulator.members()) {
         assert!(
-            started.elapsed() < Duration::from_secs(240),
-            "not converged after 4 minutes"
+            started.elapsed() < CONVERGED_WITHIN,
+            "not converged after {CONVERGED_WITHIN:?}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
