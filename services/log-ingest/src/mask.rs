@@ -7,8 +7,8 @@
 //! backtracking on hostile lines); each may name literals one of which every match
 //! contains (`@` or `%40`, among others, for e-mail addresses, `01` or `+82` for mobile
 //! numbers). The literals of every pattern are searched for together, in one pass over a
-//! text (an Aho-Corasick automaton, and `memchr` for one-byte literals), and only the
-//! patterns whose literals it found run: most texts cost that one pass.
+//! text (an Aho-Corasick automaton), plus one `memchr` pass per one-byte literal (`@`), and
+//! only the patterns whose literals were found run: most texts cost those passes.
 
 use aho_corasick::AhoCorasick;
 use regex::Regex;
@@ -88,8 +88,9 @@ pub struct Masker {
     /// For each byte, the literals of two bytes or more that start with it: the rest of the
     /// literal and the bit of its pattern.
     by_first: std::sync::Arc<[Tails]>,
-    /// The one-byte literals (`@`), each with the bit of its pattern.
-    bytes: Box<[(u8, u64)]>,
+    /// The bytes that are literals on their own (`@`), each with the bits of the patterns
+    /// listing it.
+    single_bytes: std::sync::Arc<[(u8, u64)]>,
     /// Bits of the patterns with literals.
     with_literals: u64,
     /// Bit `i` set: pattern `i` runs on every text (it has no literals, or an empty one).
@@ -129,7 +130,7 @@ impl Masker {
             })
             .collect::<Result<Vec<Pattern>, String>>()?;
         let (mut literals, mut always, mut with_literals) = (Vec::new(), 0, 0);
-        let (mut by_first, mut bytes) = (vec![Vec::new(); 256], Vec::new());
+        let (mut by_first, mut single_bytes) = (vec![Vec::new(); 256], Vec::<(u8, u64)>::new());
         for (i, pattern) in patterns.iter().enumerate().take(PREFILTERED) {
             let bit = 1 << i;
             if pattern.requires.is_empty() {
@@ -144,7 +145,10 @@ impl Masker {
                 match literal.as_bytes() {
                     // An empty literal is in every text.
                     [] => always |= bit,
-                    &[byte] => bytes.push((byte, bit)),
+                    &[byte] => match single_bytes.iter_mut().find(|(b, _)| *b == byte) {
+                        Some((_, bits)) => *bits |= bit,
+                        None => single_bytes.push((byte, bit)),
+                    },
                     [first, rest @ ..] => {
                         by_first[usize::from(*first)].push((rest.into(), bit));
                         literals.push(literal);
@@ -167,7 +171,7 @@ impl Masker {
             patterns: patterns.into(),
             literals,
             by_first: by_first.into_iter().map(Vec::into_boxed_slice).collect(),
-            bytes: bytes.into(),
+            single_bytes: single_bytes.into(),
             with_literals,
             always,
         })
@@ -179,9 +183,9 @@ impl Masker {
     fn candidates(&self, text: &str) -> u64 {
         let bytes = text.as_bytes();
         let mut found = self.always;
-        for &(byte, bit) in &self.bytes {
-            if found & bit == 0 && memchr::memchr(byte, bytes).is_some() {
-                found |= bit;
+        for &(byte, bits) in self.single_bytes.iter() {
+            if found & bits != bits && memchr::memchr(byte, bytes).is_some() {
+                found |= bits;
             }
         }
         let Some(automaton) = &self.literals else {
@@ -191,7 +195,8 @@ impl Masker {
         // Every place a literal starts is visited: after a find, the search goes on one
         // byte later (not after its end), so a literal inside or across another (`%40`
         // and `01` in `%4010`) is not missed, and every literal starting at a find is
-        // checked there (leftmost-first reports one of `82 1` and `82 10`).
+        // checked there (leftmost-first reports only one of those starting at one place,
+        // `821` of one pattern and `82` of another).
         while found & self.with_literals != self.with_literals
             && let Some(hit) = automaton.find(aho_corasick::Input::new(text).span(at..text.len()))
         {
@@ -521,14 +526,18 @@ mod tests {
         /// The prefilter says what searching for each literal on its own says, with
         /// literals of one byte and more that are prefixes of, inside and across each other.
         #[test]
-        fn the_prefilter_agrees_with_a_search_per_literal(text in "[@%40182+a]{0,90}") {
+        fn the_prefilter_agrees_with_a_search_per_literal(text in "[@%40182+a5\\-\u{ff20}]{0,90}") {
             let mut patterns = default_patterns();
             for (name, requires) in [
                 ("zero", vec!["0"]),
                 ("tail", vec!["40", "1+"]),
                 ("empty", vec!["", "a"]),
                 ("prefixes", vec!["18", "182"]),
-                ("bytes", vec!["+", "a@", "@a"]),
+                ("bytes", vec!["+", "a@", "@a", "@"]),
+                // Prefixes of another pattern's literals, listed after it and before it.
+                ("shorter", vec!["82"]),
+                ("longer", vec!["184"]),
+                ("none", vec![]),
             ] {
                 patterns.push(PatternSettings {
                     name: name.to_owned(),
@@ -538,15 +547,23 @@ mod tests {
                     digit_bounded: false,
                 });
             }
-            let masker = Masker::new(&patterns).expect("compiles");
-            let naive = patterns.iter().enumerate().fold(0_u64, |bits, (i, p)| {
-                if p.requires.iter().any(|r| text.contains(r.as_str())) {
+            let naive = |patterns: &[PatternSettings]| patterns.iter().enumerate().fold(0_u64, |bits, (i, p)| {
+                if p.requires.is_empty() || p.requires.iter().any(|r| text.contains(r.as_str())) {
                     bits | 1 << i
                 } else {
                     bits
                 }
             });
-            proptest::prop_assert_eq!(masker.candidates(&text), naive);
+            let masker = Masker::new(&patterns).expect("compiles");
+            proptest::prop_assert_eq!(masker.candidates(&text), naive(&patterns));
+            // Only literals of one byte or none (no automaton).
+            let patterns: Vec<_> = patterns
+                .into_iter()
+                .filter(|p| p.requires.iter().all(|r| r.len() <= 1))
+                .collect();
+            proptest::prop_assert_eq!(patterns.len(), 3);
+            let masker = Masker::new(&patterns).expect("compiles");
+            proptest::prop_assert_eq!(masker.candidates(&text), naive(&patterns));
         }
     }
 
