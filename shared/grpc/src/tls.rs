@@ -6,7 +6,8 @@
 //! `reload_interval` and swaps a new rustls configuration in when their contents changed; a
 //! handshake takes whichever configuration is current, so rotation needs no restart and
 //! connections already open keep going. A file that fails to load (a half-written rotation)
-//! keeps the previous configuration and is tried again at the next interval.
+//! keeps the previous configuration and is tried again at the next interval; at the first
+//! load (a start, a new client), files that fail and are changing are read again shortly.
 //!
 //! A caller's identity is its certificate's first `spiffe://` URI SAN
 //! (`spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`), or failing that its first
@@ -121,8 +122,7 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         build: impl Fn(&[Vec<u8>]) -> anyhow::Result<T> + Send + Sync + 'static,
     ) -> anyhow::Result<Self> {
         install_crypto_provider();
-        let contents = read_all(&files)?;
-        let first = build(&contents).with_context(|| format!("failed to load the {what}"))?;
+        let (contents, first) = first_load(what, &files, &build)?;
         let current = Arc::new(ArcSwap::from_pointee(first));
         tokio::spawn(watch(
             what,
@@ -140,6 +140,44 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         self.current.load_full()
     }
 }
+
+/// Reads `files` and builds a configuration from them. Files that do not build are read
+/// again after [`SETTLE`], while they keep changing (at most [`SETTLE_TRIES`] times): a
+/// rotation replaces them one by one, and a read between two replacements sees a new key
+/// beside an old certificate. Files that do not build and stay as they are fail at once.
+fn first_load<T>(
+    what: &'static str,
+    files: &[PathBuf],
+    build: &impl Fn(&[Vec<u8>]) -> anyhow::Result<T>,
+) -> anyhow::Result<(Vec<Vec<u8>>, T)> {
+    let mut contents = read_all(files)?;
+    let mut tries = 1;
+    loop {
+        let error = match build(&contents) {
+            Ok(config) => return Ok((contents, config)),
+            Err(error) => error.context(format!("failed to load the {what}")),
+        };
+        if tries == SETTLE_TRIES {
+            return Err(error);
+        }
+        // A blocking pause, on this rare path only (a start or a new channel during a
+        // rotation): loading is synchronous for its callers, which build clients in
+        // constructors.
+        std::thread::sleep(SETTLE);
+        let again = read_all(files)?;
+        if again == contents {
+            return Err(error);
+        }
+        contents = again;
+        tries += 1;
+    }
+}
+
+/// How long a rotation may take to replace every file.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// How many times files that keep changing are read before their error stands.
+const SETTLE_TRIES: u32 = 5;
 
 fn read_all(files: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
     files
@@ -436,5 +474,43 @@ mod tests {
         // No name at all: no identity (the caller is unauthenticated).
         assert_eq!(identity_of(&certificate(Vec::new())), None);
         assert_eq!(identity_of(b"not a certificate"), None);
+    }
+
+    /// Two files that build only when they match, as a certificate and its key.
+    fn matching(files: &[Vec<u8>]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            files[0] == files[1],
+            "the key does not match the certificate"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_first_load_during_a_rotation_waits_for_the_files_to_settle() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let files = vec![dir.path().join("tls.key"), dir.path().join("tls.crt")];
+        // Read between the two replacements: a new key, an old certificate.
+        std::fs::write(&files[0], "new").expect("written");
+        std::fs::write(&files[1], "old").expect("written");
+        let rotation = {
+            let cert = files[1].clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(SETTLE / 2);
+                std::fs::write(cert, "new").expect("written");
+            })
+        };
+        let (contents, ()) = first_load("certificate", &files, &matching).expect("settles");
+        rotation.join().expect("rotated");
+        assert_eq!(contents, [b"new".to_vec(), b"new".to_vec()]);
+
+        // Files that do not build and do not change fail after one look, naming what.
+        std::fs::write(&files[1], "other").expect("written");
+        let started = std::time::Instant::now();
+        let error = first_load("certificate", &files, &matching).expect_err("mismatched");
+        assert!(started.elapsed() < SETTLE * 2, "{:?}", started.elapsed());
+        assert!(
+            format!("{error:#}").contains("failed to load the certificate"),
+            "{error:#}"
+        );
     }
 }
