@@ -144,7 +144,8 @@ impl<T: Send + Sync + 'static> Reloading<T> {
 /// Reads `files` and builds a configuration from them. Files that do not build are read
 /// again after [`SETTLE`], while they keep changing (at most [`SETTLE_TRIES`] times): a
 /// rotation replaces them one by one, and a read between two replacements sees a new key
-/// beside an old certificate. Files that do not build and stay as they are fail at once.
+/// beside an old certificate. Files that do not build and stay as they are fail after one
+/// more look, [`SETTLE`] later.
 fn first_load<T>(
     what: &'static str,
     files: &[PathBuf],
@@ -476,15 +477,8 @@ mod tests {
         assert_eq!(identity_of(b"not a certificate"), None);
     }
 
-    /// Two files that build only when they match, as a certificate and its key.
-    fn matching(files: &[Vec<u8>]) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            files[0] == files[1],
-            "the key does not match the certificate"
-        );
-        Ok(())
-    }
-
+    /// Two files that build only when they match, as a certificate and its key; the first
+    /// build also replaces the second file, as a rotation's next rename would.
     #[test]
     fn a_first_load_during_a_rotation_waits_for_the_files_to_settle() {
         let dir = tempfile::tempdir().expect("a directory");
@@ -492,25 +486,42 @@ mod tests {
         // Read between the two replacements: a new key, an old certificate.
         std::fs::write(&files[0], "new").expect("written");
         std::fs::write(&files[1], "old").expect("written");
-        let rotation = {
-            let cert = files[1].clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(SETTLE / 2);
-                std::fs::write(cert, "new").expect("written");
-            })
+        let builds = std::cell::Cell::new(0);
+        let rotating = |contents: &[Vec<u8>]| {
+            builds.set(builds.get() + 1);
+            if builds.get() == 1 {
+                std::fs::write(&files[1], "new").expect("written");
+            }
+            anyhow::ensure!(contents[0] == contents[1], "the key does not match");
+            Ok(())
         };
-        let (contents, ()) = first_load("certificate", &files, &matching).expect("settles");
-        rotation.join().expect("rotated");
+        let (contents, ()) = first_load("certificate", &files, &rotating).expect("settles");
         assert_eq!(contents, [b"new".to_vec(), b"new".to_vec()]);
+        assert_eq!(builds.get(), 2);
 
-        // Files that do not build and do not change fail after one look, naming what.
+        // Files that do not build and do not change fail after one more look, naming what.
         std::fs::write(&files[1], "other").expect("written");
-        let started = std::time::Instant::now();
-        let error = first_load("certificate", &files, &matching).expect_err("mismatched");
-        assert!(started.elapsed() < SETTLE * 2, "{:?}", started.elapsed());
+        builds.set(0);
+        let stuck = |contents: &[Vec<u8>]| {
+            builds.set(builds.get() + 1);
+            anyhow::ensure!(contents[0] == contents[1], "the key does not match");
+            Ok(())
+        };
+        let error = first_load("certificate", &files, &stuck).expect_err("mismatched");
+        assert_eq!(builds.get(), 1);
         assert!(
             format!("{error:#}").contains("failed to load the certificate"),
             "{error:#}"
         );
+
+        // Files that keep changing and never build: five reads, then the error.
+        builds.set(0);
+        let churning = |_: &[Vec<u8>]| -> anyhow::Result<()> {
+            builds.set(builds.get() + 1);
+            std::fs::write(&files[1], builds.get().to_string()).expect("written");
+            anyhow::bail!("never builds")
+        };
+        first_load("certificate", &files, &churning).expect_err("never builds");
+        assert_eq!(builds.get(), SETTLE_TRIES);
     }
 }
