@@ -1,8 +1,6 @@
 //! Multi-line grouping: a record starts at a line its parser recognises as a start; every
 //! line after it that is not a start joins it (stack trace lines to `stack_trace`, others
-//! to `message`), so a Java stack trace stays whole in one record. A line the parser calls
-//! an aside (the service wrapper's own) is a record of its own that, inside a stack trace,
-//! leaves the trace's record in progress.
+//! to `message`), so a Java stack trace stays whole in one record.
 //!
 //! One [`Grouper`] per stream (a source and host, or file): its state outlives chunks and
 //! connections, so a trace split across them is still one record. The record in progress
@@ -51,18 +49,7 @@ impl Grouper {
             line
         };
         match parser.line(line, index) {
-            // The wrapper's own line inside a trace (it pings the JVM while the JVM writes
-            // one): a record of its own, out before the trace, which goes on.
-            Line::Aside(mut record)
-                if self
-                    .pending
-                    .as_ref()
-                    .is_some_and(|pending| !pending.stack_trace.is_empty()) =>
-            {
-                cap_first(&mut record, caps);
-                out.push(record);
-            }
-            Line::Start(mut record) | Line::Aside(mut record) => {
+            Line::Start(mut record) => {
                 cap_first(&mut record, caps);
                 out.extend(self.pending.replace(record));
             }
@@ -355,51 +342,6 @@ mod tests {
         assert_eq!((records[1].first_line, records[1].line_count), (6, 1));
     }
 
-    /// The wrapper pings the JVM while the JVM writes a trace; its line came between frames.
-    #[test]
-    fn the_wrappers_own_line_inside_a_trace_leaves_the_trace_whole() {
-        let lines = [
-            format!("{P}ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed"),
-            format!("{P}java.lang.IllegalStateException: broken"),
-            format!("{P}\tat a.B.c(B.java:1)"),
-            "STATUS | wrapper  | 2024/10/28 17:12:31 | Pinging the JVM took 12 seconds to respond."
-                .to_owned(),
-            format!("{P}\tat a.B.d(B.java:2)"),
-            format!("{P}Caused by: java.io.IOException: x"),
-            format!("{P}\t... 3 more"),
-            format!("{P}INFO  [main] [L] next"),
-            // Outside a trace the wrapper's line starts a record, as any header does.
-            "STATUS | wrapper  | 2024/10/28 17:12:32 | JVM exited unexpectedly.".to_owned(),
-            format!("{P}INFO  [main] [L] after"),
-        ];
-        let records = group_all(&parser(), CAPS, lines.iter().map(String::as_str));
-        let got: Vec<(usize, usize, &str, &str)> = records
-            .iter()
-            .map(|r| {
-                let (message, trace) = (r.message.as_str(), r.stack_trace.as_str());
-                (r.first_line, r.line_count, message, trace)
-            })
-            .collect();
-        assert_eq!(
-            got,
-            [
-                // Out first: the trace's record is still in progress.
-                (3, 1, "Pinging the JVM took 12 seconds to respond.", ""),
-                (
-                    0,
-                    6,
-                    "cart 8812 failed",
-                    "java.lang.IllegalStateException: broken\n\tat a.B.c(B.java:1)\n\tat a.B.d(B.java:2)\n\
-                     Caused by: java.io.IOException: x\n\t... 3 more"
-                ),
-                (7, 1, "next", ""),
-                (8, 1, "JVM exited unexpectedly.", ""),
-                (9, 1, "after", ""),
-            ]
-        );
-        assert_eq!(records[0].logger, "wrapper");
-    }
-
     #[test]
     fn colour_codes_do_not_hide_headers_and_tabs_stay() {
         assert_eq!(without_escapes("plain\tline"), "plain\tline");
@@ -653,8 +595,6 @@ mod tests {
         Exception,
         Stack,
         Text,
-        /// The wrapper's own line.
-        Aside,
     }
 
     /// Lines of the legacy format with what each is: headers, trace lines with and
@@ -671,53 +611,38 @@ mod tests {
             1 => (1_u32..40).prop_map(|n| (format!("\t... {n} more"), Kind::Stack, format!("\t... {n} more"))),
             1 => Just((format!("{P}Status [200] OK from the gateway"), Kind::Text, "Status [200] OK from the gateway".to_owned())),
             1 => Just(("plain continuation".to_owned(), Kind::Text, "plain continuation".to_owned())),
-            1 => (1_u32..30).prop_map(|n| (
-                format!("STATUS | wrapper  | 2024/10/28 17:12:01 | Pinging the JVM took {n} seconds to respond."),
-                Kind::Aside,
-                format!("Pinging the JVM took {n} seconds to respond."),
-            )),
         ]
     }
 
     proptest! {
         /// Records start exactly at the header lines (and at the first line), cover every
         /// line once and in order, and keep each continuation line's text in the stack
-        /// trace or the message as the test's own model says; the wrapper's own lines are
-        /// records of their own that leave a trace in progress whole.
+        /// trace or the message as the test's own model says.
         #[test]
         fn records_are_what_a_model_of_the_format_says(
             lines in proptest::collection::vec(line(), 0..200),
         ) {
             let records = group_all(&parser(), CAPS, lines.iter().map(|l| l.0.as_str()));
             let mut expected: Vec<Record> = Vec::new();
-            // The record in progress.
-            let mut current: Option<usize> = None;
             for (index, (_, kind, text)) in lines.iter().enumerate() {
-                let last_frame = current.map(|c| {
-                    expected[c].stack_trace.rsplit('\n').next().unwrap_or_default().trim_start().to_owned()
-                });
-                let in_trace = current.is_some_and(|c| !expected[c].stack_trace.is_empty());
                 // An exception line after a frame or `... N more` is another trace.
-                let after_frame = last_frame.is_some_and(|last| last.starts_with("at ") || last.starts_with("... "));
-                let mut record = Record { first_line: index, line_count: 1, ..Record::default() };
-                if *kind == Kind::Aside && in_trace {
-                    record.message.clone_from(text);
-                    expected.push(record);
-                    continue;
-                }
-                if matches!(kind, Kind::Header | Kind::Aside)
-                    || current.is_none()
+                let after_frame = expected.last().is_some_and(|r| {
+                    let last = r.stack_trace.rsplit('\n').next().unwrap_or_default().trim_start();
+                    last.starts_with("at ") || last.starts_with("... ")
+                });
+                if *kind == Kind::Header
+                    || expected.is_empty()
                     || (*kind == Kind::Exception && after_frame)
                 {
+                    let mut record = Record { first_line: index, line_count: 1, ..Record::default() };
                     match kind {
-                        Kind::Header | Kind::Text | Kind::Aside => record.message.clone_from(text),
+                        Kind::Header | Kind::Text => record.message.clone_from(text),
                         Kind::Stack | Kind::Exception => record.stack_trace.clone_from(text),
                     }
                     expected.push(record);
-                    current = Some(expected.len() - 1);
                     continue;
                 }
-                let record = &mut expected[current.expect("one")];
+                let record = expected.last_mut().expect("one");
                 record.line_count += 1;
                 // Stack trace, and whatever follows it, to the stack trace.
                 let to = if *kind != Kind::Text || !record.stack_trace.is_empty() {
@@ -730,10 +655,6 @@ mod tests {
                 }
                 to.push_str(text);
             }
-            // An aside inside a trace comes out before the trace's record.
-            expected.sort_by_key(|r| r.first_line);
-            let mut records = records;
-            records.sort_by_key(|r| r.first_line);
             let got: Vec<(usize, usize, &str, &str)> = records
                 .iter()
                 .map(|r| (r.first_line, r.line_count, r.message.as_str(), r.stack_trace.as_str()))
