@@ -163,7 +163,8 @@ fn first_load<T>(
         }
         // A blocking pause, on this rare path only (a start or a new channel during a
         // rotation): loading is synchronous for its callers, which build clients in
-        // constructors.
+        // constructors. A fixed pause, not mall-retry's backoff: this waits for a writer to
+        // finish, and stops as soon as the files stop changing.
         std::thread::sleep(SETTLE);
         let again = read_all(files)?;
         if again == contents {
