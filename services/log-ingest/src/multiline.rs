@@ -1,11 +1,18 @@
 //! Multi-line grouping: a record starts at a line its parser recognises as a start; every
 //! line after it that is not a start joins it (stack trace lines to `stack_trace`, others
-//! to `message`), so a Java stack trace stays whole in one record.
+//! to `message`), so a Java stack trace stays whole in one record. A line the parser calls
+//! an aside (the service wrapper's own, which it writes between the JVM's lines, inside a
+//! stack trace too) does not end the record in progress: it is a record of its own, held
+//! behind that record and completed with it, so records still come out in the order of
+//! their first lines. A line right after an aside that is not stack trace ends the record
+//! in progress and joins the aside (the JVM stopped: the new JVM's first output).
 //!
 //! One [`Grouper`] per stream (a source and host, or file): its state outlives chunks and
 //! connections, so a trace split across them is still one record. The record in progress
-//! is complete when the next start arrives, or when its stream has been quiet for a while
-//! (the caller calls [`Grouper::flush`]). A record is capped in lines and bytes: one that
+//! is complete when the next start arrives (or a line after an aside that is not stack
+//! trace), or when its stream has been quiet for a while (the caller calls
+//! [`Grouper::flush`]). A record is capped in lines and bytes (with the asides held behind
+//! it, so a stream holds at most a record's caps): one that
 //! reaches a cap is complete, and the line that did not fit starts the next record (without
 //! a header), so a runaway trace or a stream of lines no parser recognises cannot exhaust
 //! memory, exceed what Loki takes for one line, or lose a line. Only a single line longer
@@ -25,21 +32,45 @@ pub struct Caps {
     pub bytes: usize,
 }
 
-/// The record in progress of one stream.
-#[derive(Debug, Default)]
-pub struct Grouper {
-    pending: Option<Record>,
+/// The record in progress of one stream, and the asides held behind it.
+///
+/// Each record carries an origin `O` from the line that began it (the pipeline's: where
+/// that line is in the buffer, for the record's place in Loki and for the
+/// acknowledgement); a completed record comes out with its own.
+#[derive(Debug)]
+pub struct Grouper<O = ()> {
+    pending: Option<(Record, O)>,
+    /// The wrapper's own lines that came after the pending record's first line, as records
+    /// of their own (in line order). They come out right after it, when it is
+    /// complete, so records leave in the order of their first lines and everything from
+    /// the pending record's first line on is held (the acknowledgement's book-keeping
+    /// relies on it).
+    asides: Vec<(Record, O)>,
+    /// Whether the latest line was an aside.
+    after_aside: bool,
 }
 
-impl Grouper {
-    /// Feeds one line at `index`: a record it completes goes to `out`.
+impl<O> Default for Grouper<O> {
+    fn default() -> Self {
+        Self {
+            pending: None,
+            asides: Vec::new(),
+            after_aside: false,
+        }
+    }
+}
+
+impl<O> Grouper<O> {
+    /// Feeds one line at `index`, which came from `origin`: records it completes go to
+    /// `out`, each with the origin of its first line.
     pub fn push(
         &mut self,
         parser: &Parser,
         caps: Caps,
         line: &str,
         index: usize,
-        out: &mut Vec<Record>,
+        origin: O,
+        out: &mut Vec<(Record, O)>,
     ) {
         let plain;
         let line = if line.contains('\x1b') {
@@ -48,61 +79,117 @@ impl Grouper {
         } else {
             line
         };
+        let after_aside = std::mem::take(&mut self.after_aside);
+        // What is held behind the record in progress counts against its caps.
+        let held = (self.asides.len(), self.asides_len());
         match parser.line(line, index) {
+            // The wrapper's own line (it pings the JVM while the JVM writes a trace): held
+            // behind the record in progress, which goes on.
+            Line::Aside(mut record) => {
+                cap_first(&mut record, caps);
+                if self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|(pending, _)| fits(pending, caps, &record.message, held))
+                {
+                    self.asides.push((record, origin));
+                    self.after_aside = true;
+                } else {
+                    // Nothing in progress, or it is at its caps: a start like any other.
+                    self.complete(out);
+                    self.pending = Some((record, origin));
+                }
+            }
             Line::Start(mut record) => {
                 cap_first(&mut record, caps);
-                out.extend(self.pending.replace(record));
+                self.complete(out);
+                self.pending = Some((record, origin));
             }
             Line::Continue {
                 text,
                 stack,
                 unparsed,
-            } => match &mut self.pending {
-                // Inside one printed trace only frames, `Caused by:`, `Suppressed:` and
-                // `... N more` follow a frame: an exception line there is another trace
-                // (`printStackTrace()` without a header), a record of its own, so each
-                // exception is counted by its class.
-                Some(record)
-                    if fits(record, caps, text)
-                        && !(stack && ends_a_trace(record) && starts_a_trace(text)) =>
-                {
-                    join(record, text, stack);
-                    record.parse_error |= unparsed;
+            } => {
+                let mut held = held;
+                if after_aside && !stack {
+                    // Text right after the wrapper's line: the record in progress ended
+                    // there (the JVM stopped and the wrapper said so, or started another).
+                    // It is complete, and the text joins the wrapper's line, as it joins
+                    // any record it follows.
+                    let last = self.asides.pop();
+                    self.complete(out);
+                    self.pending = last;
+                    held = (0, 0);
                 }
-                _ => {
-                    // Nothing to join (a stream that began mid-trace, a trace that went
-                    // quiet longer than the flush delay, another trace), or the record is
-                    // full: a record without a header. The rest of a full record keeps what
-                    // its header said (level, logger, thread, trace id, time), so a query
-                    // for the ERROR finds this part of its trace too.
-                    let previous = self.pending.take();
-                    let mut record = Record::raw(text, index);
-                    record.parse_error = unparsed;
-                    let mut to_stack = stack;
-                    if let Some(full) = previous.as_ref().filter(|r| !fits(r, caps, text)) {
-                        record.level = full.level;
-                        // A microsecond after it, so the rest sorts after the head in its
-                        // stream (below the microsecond is the tie-breaker, in no order).
-                        record.time_micros = full.time_micros.map(|t| t + 1);
-                        record.logger.clone_from(&full.logger);
-                        record.thread.clone_from(&full.thread);
-                        record.trace_id.clone_from(&full.trace_id);
-                        to_stack |= !full.stack_trace.is_empty();
+                match &mut self.pending {
+                    // Inside one printed trace only frames, `Caused by:`, `Suppressed:` and `... N
+                    // more` follow a frame: an exception line there is another trace
+                    // (`printStackTrace()` without a header), a record of its own, so each
+                    // exception is counted by its class.
+                    Some((record, _))
+                        if fits(record, caps, text, held)
+                            && !(stack && ends_a_trace(record) && starts_a_trace(text)) =>
+                    {
+                        join(record, text, stack);
+                        record.parse_error |= unparsed;
                     }
-                    out.extend(previous);
-                    if to_stack {
-                        record.stack_trace = std::mem::take(&mut record.message);
+                    _ => {
+                        // Nothing to join (a stream that began mid-trace, a trace that went quiet
+                        // longer than the flush delay, another trace), or the record is full: a
+                        // record without a header. The rest of a full record keeps what its header
+                        // said (level, logger, thread, trace id, time), so a query for the ERROR
+                        // finds this part of its trace too.
+                        let mut record = Record::raw(text, index);
+                        record.parse_error = unparsed;
+                        let mut to_stack = stack;
+                        if let Some((full, _)) = self
+                            .pending
+                            .as_ref()
+                            .filter(|(r, _)| !fits(r, caps, text, held))
+                        {
+                            record.level = full.level;
+                            // A microsecond after it, so the rest sorts after the head in its
+                            // stream (below the microsecond is the tie-breaker, in no order).
+                            record.time_micros = full.time_micros.map(|t| t + 1);
+                            record.logger.clone_from(&full.logger);
+                            record.thread.clone_from(&full.thread);
+                            record.trace_id.clone_from(&full.trace_id);
+                            to_stack |= !full.stack_trace.is_empty();
+                        }
+                        self.complete(out);
+                        if to_stack {
+                            record.stack_trace = std::mem::take(&mut record.message);
+                        }
+                        cap_first(&mut record, caps);
+                        self.pending = Some((record, origin));
                     }
-                    cap_first(&mut record, caps);
-                    self.pending = Some(record);
                 }
-            },
+            }
         }
     }
 
-    /// The record in progress, now complete (the stream went quiet, or its input ended).
-    pub fn flush(&mut self) -> Option<Record> {
-        self.pending.take()
+    /// Bytes of text of the asides held.
+    fn asides_len(&self) -> usize {
+        self.asides.iter().map(|(r, _)| r.text_len()).sum()
+    }
+
+    /// Completes the record in progress: it goes to `out`, then the asides held behind it.
+    fn complete(&mut self, out: &mut Vec<(Record, O)>) {
+        out.extend(self.pending.take());
+        out.append(&mut self.asides);
+    }
+
+    /// Completes the record in progress (the stream went quiet, or its input ended): it
+    /// goes to `out`, then the asides held behind it.
+    pub fn flush(&mut self, out: &mut Vec<(Record, O)>) {
+        self.after_aside = false;
+        self.complete(out);
+    }
+
+    /// Whether the latest line was held behind the record in progress (an aside): the
+    /// record itself got no line (for judging its quiet).
+    pub fn latest_held(&self) -> bool {
+        self.after_aside
     }
 
     /// Whether a record is in progress.
@@ -110,14 +197,18 @@ impl Grouper {
         self.pending.is_some()
     }
 
-    /// Bytes of text of the record in progress (0 without one).
+    /// Bytes of text held: the record in progress and the asides behind it (0 without
+    /// one).
     pub fn pending_len(&self) -> usize {
-        self.pending.as_ref().map_or(0, Record::text_len)
+        self.pending.as_ref().map_or(0, |(r, _)| r.text_len()) + self.asides_len()
     }
 
-    /// The first line of the record in progress, if any.
-    pub fn pending_first_line(&self) -> Option<usize> {
-        self.pending.as_ref().map(|r| r.first_line)
+    /// The first line of the record in progress and its origin, if any: every line from
+    /// there on is held.
+    pub fn pending(&self) -> Option<(usize, &O)> {
+        self.pending
+            .as_ref()
+            .map(|(r, origin)| (r.first_line, origin))
     }
 }
 
@@ -194,9 +285,10 @@ fn starts_a_trace(text: &str) -> bool {
     crate::parse::is_exception_line(text.trim_start())
 }
 
-/// Whether one more line of `text` keeps `record` within the caps.
-fn fits(record: &Record, caps: Caps, text: &str) -> bool {
-    record.line_count < caps.lines && record.text_len() + text.len() < caps.bytes
+/// Whether one more line of `text` keeps `record`, with the asides held behind it (`held`:
+/// lines, bytes), within the caps: one stream never holds more than a record's caps.
+fn fits(record: &Record, caps: Caps, text: &str, (lines, bytes): (usize, usize)) -> bool {
+    record.line_count + lines < caps.lines && record.text_len() + bytes + text.len() < caps.bytes
 }
 
 /// Appends a continuation line to `record`: to the stack trace when it is stack trace or
@@ -289,10 +381,10 @@ pub fn group_all<'a>(
     let mut grouper = Grouper::default();
     let mut out = Vec::new();
     for (index, line) in lines.into_iter().enumerate() {
-        grouper.push(parser, caps, line, index, &mut out);
+        grouper.push(parser, caps, line, index, (), &mut out);
     }
-    out.extend(grouper.flush());
-    out
+    grouper.flush(&mut out);
+    out.into_iter().map(|(record, ())| record).collect()
 }
 
 #[cfg(test)]
@@ -312,6 +404,8 @@ mod tests {
     }
 
     const P: &str = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ";
+    /// The prefix of the wrapper's own lines.
+    const W: &str = "STATUS | wrapper  | 2024/10/28 17:12:31 | ";
 
     #[test]
     fn a_header_and_its_wrapper_prefixed_trace_are_one_record() {
@@ -340,6 +434,168 @@ mod tests {
         );
         assert_eq!((first.first_line, first.line_count), (0, 6));
         assert_eq!((records[1].first_line, records[1].line_count), (6, 1));
+    }
+
+    /// The wrapper pings the JVM while the JVM writes a trace; its line came between frames.
+    #[test]
+    fn the_wrappers_own_line_inside_a_trace_leaves_the_trace_whole() {
+        let lines = [
+            format!("{P}ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed"),
+            format!("{P}java.lang.IllegalStateException: broken"),
+            format!("{P}\tat a.B.c(B.java:1)"),
+            format!("{W}Pinging the JVM took 12 seconds to respond."),
+            format!("{P}\tat a.B.d(B.java:2)"),
+            format!("{P}Caused by: java.io.IOException: x"),
+            format!("{P}\t... 3 more"),
+            format!("{P}INFO  [main] [L] next"),
+            // Outside a trace the wrapper's line starts a record, as any header does.
+            format!("{W}JVM exited unexpectedly."),
+            format!("{P}INFO  [main] [L] after"),
+        ];
+        assert_eq!(
+            summary(&group_all(
+                &parser(),
+                CAPS,
+                lines.iter().map(String::as_str)
+            )),
+            [
+                (
+                    0,
+                    6,
+                    "cart 8812 failed",
+                    "java.lang.IllegalStateException: broken\n\tat a.B.c(B.java:1)\n\tat a.B.d(B.java:2)\n\
+                     Caused by: java.io.IOException: x\n\t... 3 more"
+                ),
+                // Held behind the trace's record, out after it: in line order.
+                (3, 1, "Pinging the JVM took 12 seconds to respond.", ""),
+                (7, 1, "next", ""),
+                (8, 1, "JVM exited unexpectedly.", ""),
+                (9, 1, "after", ""),
+            ]
+        );
+        // The same lines in a grouper fed one at a time: nothing comes out before the
+        // trace's record, and the aside's record keeps its own origin.
+        let mut grouper = Grouper::default();
+        let mut out = Vec::new();
+        for (index, line) in lines.iter().enumerate().take(8) {
+            grouper.push(&parser(), CAPS, line, index, index * 10, &mut out);
+            if index < 7 {
+                assert!(out.is_empty(), "held at line {index}");
+                assert_eq!(
+                    grouper.pending().map(|(first, o)| (first, *o)),
+                    Some((0, 0))
+                );
+            }
+        }
+        let got: Vec<(usize, usize, &str)> = out
+            .iter()
+            .map(|(r, origin)| (r.first_line, *origin, r.logger.as_str()))
+            .collect();
+        assert_eq!(got, [(0, 0, "DefaultCartService"), (3, 30, "wrapper")]);
+    }
+
+    /// The JVM dies in the middle of a trace and the wrapper starts another: the new JVM's
+    /// first lines (no log4j header) join the wrapper's last line, not the dead JVM's trace.
+    #[test]
+    fn text_after_the_wrappers_line_ends_the_trace() {
+        let lines = [
+            format!("{P}ERROR [main] [X] failed"),
+            "java.lang.OutOfMemoryError: Java heap space".to_owned(),
+            "\tat a.B.c(B.java:1)".to_owned(),
+            format!("{W}JVM exited unexpectedly."),
+            format!("{W}Launching a JVM..."),
+            "INFO   | jvm 2    | main    | 2024/10/28 17:12:40.000 | WrapperManager: Initializing..."
+                .to_owned(),
+            "\tat a.B.d(B.java:2)".to_owned(),
+        ];
+        assert_eq!(
+            summary(&group_all(
+                &parser(),
+                CAPS,
+                lines.iter().map(String::as_str)
+            )),
+            [
+                (
+                    0,
+                    3,
+                    "failed",
+                    "java.lang.OutOfMemoryError: Java heap space\n\tat a.B.c(B.java:1)"
+                ),
+                (3, 1, "JVM exited unexpectedly.", ""),
+                // A record of the wrapper's, as before the trace: what follows joins it.
+                (
+                    4,
+                    3,
+                    "Launching a JVM...\nWrapperManager: Initializing...",
+                    "\tat a.B.d(B.java:2)"
+                ),
+            ]
+        );
+    }
+
+    /// What is held behind a record counts against its caps: past them, the next aside
+    /// completes it as any start does, and a stream never holds more than one record's caps.
+    #[test]
+    fn asides_held_behind_a_record_count_against_its_caps() {
+        let trace = [
+            format!("{P}ERROR [main] [X] failed"),
+            "java.lang.IllegalStateException: broken".to_owned(),
+        ];
+        let ping = |n: usize| format!("{W}Pinging the JVM took {n} seconds to respond.");
+        // Lines: the trace's two and three asides make five.
+        let caps = Caps {
+            lines: 5,
+            bytes: 10_000,
+        };
+        let mut lines = trace.to_vec();
+        lines.extend((1..=5).map(ping));
+        let mut grouper = Grouper::default();
+        let mut out = Vec::new();
+        let mut completed = Vec::new();
+        for (index, line) in lines.iter().enumerate() {
+            grouper.push(&parser(), caps, line, index, index, &mut out);
+            completed.push(out.iter().map(|(_, first)| *first).collect::<Vec<_>>());
+        }
+        // Held up to the third aside; the fourth completes the trace and its three asides,
+        // and the fifth is held behind the fourth.
+        assert_eq!(
+            completed,
+            [
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+                vec![0, 2, 3, 4],
+                vec![0, 2, 3, 4]
+            ]
+        );
+        // Bytes: the trace's text and one aside fit, a second does not.
+        let one = format!("{W}{}", "x".repeat(40));
+        let caps = Caps {
+            lines: 1_000,
+            bytes: "failed".len() + "java.lang.IllegalStateException: broken".len() + 40 + 30,
+        };
+        let mut grouper = Grouper::default();
+        let mut out = Vec::new();
+        for (index, line) in trace.iter().chain([&one, &one, &one]).enumerate() {
+            grouper.push(&parser(), caps, line, index, index, &mut out);
+            assert!(grouper.pending_len() < caps.bytes, "at line {index}");
+        }
+        let firsts: Vec<usize> = out.iter().map(|(_, first)| *first).collect();
+        assert_eq!(firsts, [0, 2], "the second aside completed the trace");
+        assert_eq!(grouper.pending().map(|(first, _)| first), Some(3));
+    }
+
+    /// (first line, lines, message, stack trace) of each record.
+    fn summary(records: &[Record]) -> Vec<(usize, usize, &str, &str)> {
+        records
+            .iter()
+            .map(|r| {
+                let (message, trace) = (r.message.as_str(), r.stack_trace.as_str());
+                (r.first_line, r.line_count, message, trace)
+            })
+            .collect()
     }
 
     #[test]
@@ -595,6 +851,8 @@ mod tests {
         Exception,
         Stack,
         Text,
+        /// The wrapper's own line.
+        Aside,
     }
 
     /// Lines of the legacy format with what each is: headers, trace lines with and
@@ -611,38 +869,60 @@ mod tests {
             1 => (1_u32..40).prop_map(|n| (format!("\t... {n} more"), Kind::Stack, format!("\t... {n} more"))),
             1 => Just((format!("{P}Status [200] OK from the gateway"), Kind::Text, "Status [200] OK from the gateway".to_owned())),
             1 => Just(("plain continuation".to_owned(), Kind::Text, "plain continuation".to_owned())),
+            1 => (1_u32..30).prop_map(|n| (
+                format!("{W}Pinging the JVM took {n} seconds to respond."),
+                Kind::Aside,
+                format!("Pinging the JVM took {n} seconds to respond."),
+            )),
+            1 => Just((format!("{W}Launching a JVM..."), Kind::Aside, "Launching a JVM...".to_owned())),
         ]
     }
 
     proptest! {
-        /// Records start exactly at the header lines (and at the first line), cover every
-        /// line once and in order, and keep each continuation line's text in the stack
-        /// trace or the message as the test's own model says.
+        /// Records start exactly at the header lines, the wrapper's own lines and the first
+        /// line (or at a second trace), cover every line once, come out in the order of
+        /// their first lines, and keep each continuation line's text in the stack trace or
+        /// the message as the test's own model says; the wrapper's own lines leave the
+        /// record in progress going on (a trace whole), and text right after one joins it.
         #[test]
         fn records_are_what_a_model_of_the_format_says(
             lines in proptest::collection::vec(line(), 0..200),
         ) {
             let records = group_all(&parser(), CAPS, lines.iter().map(|l| l.0.as_str()));
+            // In the order of their first lines; `current` is the one lines join.
             let mut expected: Vec<Record> = Vec::new();
+            let mut current: Option<usize> = None;
+            let mut after_aside = false;
             for (index, (_, kind, text)) in lines.iter().enumerate() {
                 // An exception line after a frame or `... N more` is another trace.
-                let after_frame = expected.last().is_some_and(|r| {
-                    let last = r.stack_trace.rsplit('\n').next().unwrap_or_default().trim_start();
+                let after_frame = current.is_some_and(|c| {
+                    let last = expected[c].stack_trace.rsplit('\n').next().unwrap_or_default().trim_start();
                     last.starts_with("at ") || last.starts_with("... ")
                 });
-                if *kind == Kind::Header
-                    || expected.is_empty()
+                let mut record = Record { first_line: index, line_count: 1, ..Record::default() };
+                if *kind == Kind::Aside && current.is_some() {
+                    record.message.clone_from(text);
+                    expected.push(record);
+                    after_aside = true;
+                    continue;
+                }
+                if std::mem::take(&mut after_aside) && *kind == Kind::Text {
+                    // The trace ended at the aside before: the text joins the aside.
+                    current = Some(expected.len() - 1);
+                }
+                if matches!(kind, Kind::Header | Kind::Aside)
+                    || current.is_none()
                     || (*kind == Kind::Exception && after_frame)
                 {
-                    let mut record = Record { first_line: index, line_count: 1, ..Record::default() };
                     match kind {
-                        Kind::Header | Kind::Text => record.message.clone_from(text),
+                        Kind::Header | Kind::Text | Kind::Aside => record.message.clone_from(text),
                         Kind::Stack | Kind::Exception => record.stack_trace.clone_from(text),
                     }
                     expected.push(record);
+                    current = Some(expected.len() - 1);
                     continue;
                 }
-                let record = expected.last_mut().expect("one");
+                let record = &mut expected[current.expect("one")];
                 record.line_count += 1;
                 // Stack trace, and whatever follows it, to the stack trace.
                 let to = if *kind != Kind::Text || !record.stack_trace.is_empty() {

@@ -6,7 +6,8 @@
 //!   `INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ERROR [thread] [Logger] text`.
 //!   A record starts where the part after the wrapper's prefix is a log4j header (the stack
 //!   lines carry the wrapper's prefix and time too, so the prefix alone says nothing), or
-//!   at the wrapper's own lines (`STATUS | wrapper | …`).
+//!   at the wrapper's own lines (`STATUS | wrapper | …`), which do not end a stack trace
+//!   they interrupt (asides: [`crate::multiline`]).
 //! - `log4j`: the bare log4j line, `LEVEL [thread] [Logger] text`, optionally after an
 //!   ISO-8601 time (`2024-10-28 17:12:00,040`).
 //! - `json`: one JSON object per line, as our own services (tracing's JSON format) and most
@@ -143,6 +144,10 @@ impl Formats {
 pub enum Line<'a> {
     /// It starts a record.
     Start(Record),
+    /// A record of its own that does not end a stack trace in progress: the Tanuki
+    /// wrapper's own lines (`Pinging the JVM took 12 seconds to respond`), which it writes
+    /// between the JVM's, inside a trace too. Anywhere else, a start.
+    Aside(Record),
     /// It joins the record before it: its text (after a wrapper's prefix), and whether it
     /// is stack trace (an exception line, a frame, `Caused by:`, `Suppressed:`, `... N
     /// more`).
@@ -252,8 +257,8 @@ impl Parser {
             };
         };
         if prefix.source == "wrapper" {
-            // The wrapper's own lines (start, stop, restarts): records of their own.
-            return Line::Start(Record {
+            // The wrapper's own lines (start, stop, restarts, pings): records of their own.
+            return Line::Aside(Record {
                 time_micros: self.timestamp(prefix.time, b'/').map(|(t, _)| t),
                 level: Level::parse(prefix.level),
                 logger: "wrapper".to_owned(),
@@ -963,7 +968,7 @@ mod tests {
 
     fn start(line: Line<'_>) -> Record {
         match line {
-            Line::Start(record) => record,
+            Line::Start(record) | Line::Aside(record) => record,
             other => panic!("not a record start: {other:?}"),
         }
     }
@@ -1278,9 +1283,10 @@ mod tests {
         .iter()
         .enumerate()
         {
-            grouper.push(&parser, caps, line, i, &mut out);
+            grouper.push(&parser, caps, line, i, (), &mut out);
         }
-        let record = grouper.flush().expect("pending");
+        grouper.flush(&mut out);
+        let (record, ()) = out.pop().expect("pending");
         assert!(record.parse_error, "a line the expression did not match");
         assert_eq!(record.message, "started\n28/10/2024 something else");
     }

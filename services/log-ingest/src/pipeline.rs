@@ -237,31 +237,48 @@ impl MetadataRefused {
     }
 }
 
+/// Where a line came from: what a record takes from its first line.
+#[derive(Debug, Clone, Copy, Default)]
+struct Origin {
+    /// Where the batch (chunk) holding the line starts.
+    at: Position,
+    /// The line's place in that batch: a record's `first_line` as the contract has it.
+    chunk_line: usize,
+    /// The time of the event the line came in, for records without one.
+    event_time: i64,
+}
+
+impl Origin {
+    /// Nanoseconds below the entry's microsecond for a record beginning here.
+    fn tie(&self) -> u32 {
+        tie_breaker(self.at, self.chunk_line)
+    }
+}
+
 /// One stream's state.
 #[derive(Debug)]
 struct StreamState {
-    grouper: Grouper,
+    /// Its record in progress (and the asides held behind it), each record with the
+    /// [`Origin`] of its first line.
+    grouper: Grouper<Origin>,
     parser: Parser,
     source: Source,
     // Shared with every record of the stream on its way to Loki (a clone per record).
     tag: Arc<str>,
     host: Arc<str>,
+    /// Lines since the replica started (read again or new), for the grouping's own
+    /// book-keeping.
     lines: usize,
     last_line: Instant,
-    /// Where the batch holding the first line of the record in progress starts.
-    pending_from: Option<(usize, Position)>,
+    /// When its record in progress last got a line (not one held behind it): its quiet is
+    /// judged from here, so the wrapper pinging a stalled JVM does not hold it.
+    last_joined: Instant,
     /// Whether a line arrived since this replica started (not only lines read again from
     /// the buffer).
     resumed: bool,
     /// Per batch not yet acknowledged (by where it starts): this stream's first line in it
     /// and how many it has there, for the note left with an acknowledgement.
     batches: std::collections::BTreeMap<Position, (usize, usize)>,
-    /// The time of the event of each pending record's first line, for records without one.
-    pending_event_time: i64,
-    /// Where the pending record's first line is in the batch (chunk) it came in: the
-    /// record's `first_line` as the contract has it (`lines` counts the stream's lines
-    /// since the replica started, for the grouping's own book-keeping).
-    pending_chunk_line: usize,
     /// Where the batch of its latest line starts.
     last_at: Position,
     /// Since when its record in progress has been held back because the buffer refused an
@@ -270,28 +287,35 @@ struct StreamState {
 }
 
 impl StreamState {
-    /// Its record in progress, completed (the stream went quiet, or is being forgotten).
-    fn complete(&mut self) -> Option<Ready> {
-        let mut record = self.grouper.flush()?;
-        record.first_line = self.pending_chunk_line;
-        let tie = self.pending_tie();
-        self.pending_from = None;
-        Some(Ready {
+    /// Its record in progress (and the asides held behind it), completed into `ready`:
+    /// the stream went quiet, or is being forgotten. Whether there was one.
+    fn complete(&mut self, ready: &mut Vec<Ready>) -> bool {
+        let mut out = Vec::new();
+        self.grouper.flush(&mut out);
+        let any = !out.is_empty();
+        ready.extend(out.into_iter().map(|completed| self.ready(completed)));
+        any
+    }
+
+    /// A record of this stream completed, ready for Loki.
+    fn ready(&self, (mut record, origin): (Record, Origin)) -> Ready {
+        record.first_line = origin.chunk_line;
+        Ready {
             record,
             source: self.source,
             tag: self.tag.clone(),
             host: self.host.clone(),
-            fallback_nanos: self.pending_event_time,
-            tie,
-        })
+            fallback_nanos: origin.event_time,
+            tie: origin.tie(),
+        }
     }
 
-    /// The tie-breaker of the record in progress, from where its first line is.
-    fn pending_tie(&self) -> u32 {
-        tie_breaker(
-            self.pending_from.map_or(Position::default(), |(_, at)| at),
-            self.pending_chunk_line,
-        )
+    /// The first line of the record in progress (of the stream's `lines`) and where the
+    /// batch holding it starts: every line from there on is held (not yet pushed).
+    fn pending_from(&self) -> Option<(usize, Position)> {
+        self.grouper
+            .pending()
+            .map(|(line, origin)| (line, origin.at))
     }
 }
 
@@ -374,7 +398,7 @@ impl Streams {
     fn acknowledgeable(&self, cursor: Position) -> Position {
         self.open
             .values()
-            .filter_map(|s| s.pending_from.map(|(_, at)| at))
+            .filter_map(|s| s.pending_from().map(|(_, at)| at))
             .fold(cursor, std::cmp::min)
     }
 
@@ -497,15 +521,14 @@ impl Pipeline {
                         // held only when that leaves at least half the buffer to free, or
                         // the buffer could stay full (refusing the resend it waits for).
                         let refused = refused_end.is_some_and(|end| state.last_at < end)
-                            && state.pending_from.is_some_and(|(_, from)| {
+                            && state.pending_from().is_some_and(|(_, from)| {
                                 self.buffer.bytes_from(from) <= self.buffer.max_bytes() / 2
                             });
                         let held = refused
                             && now.duration_since(*state.held_since.get_or_insert(now)) < grace;
-                        if waited && !held && now.duration_since(state.last_line) >= self.settings.flush_after
-                            && let Some(completed) = state.complete()
+                        if waited && !held && now.duration_since(state.last_joined) >= self.settings.flush_after
+                            && state.complete(&mut ready)
                         {
-                            ready.push(completed);
                             paused = true;
                         }
                     }
@@ -700,9 +723,7 @@ impl Pipeline {
                         host: Arc::from(key.1.as_str()),
                         lines: 0,
                         last_line: now,
-                        pending_from: None,
-                        pending_event_time: 0,
-                        pending_chunk_line: 0,
+                        last_joined: now,
                         batches: std::collections::BTreeMap::new(),
                         resumed: false,
                         last_at: at,
@@ -712,6 +733,8 @@ impl Pipeline {
             }
             let state = streams.open.get_mut(&key).expect("inserted above");
             let first = state.lines;
+            // Whether a line of the run was not held behind the record in progress.
+            let mut joined = false;
             let mut next = Some(event);
             while let Some(event) = next {
                 let line = line_of(&event, &self.settings.line_field);
@@ -726,33 +749,27 @@ impl Pipeline {
                         continue;
                     }
                     streams.fed += text.len();
-                    let before = state.grouper.pending_first_line();
-                    let fallback = state.pending_event_time;
-                    let tie = state.pending_tie();
-                    state
-                        .grouper
-                        .push(&state.parser, self.caps, text, state.lines, &mut out);
-                    for mut record in out.drain(..) {
-                        // Only the record in progress before this line can complete here.
-                        record.first_line = state.pending_chunk_line;
-                        ready.push(Ready {
-                            record,
-                            source,
-                            tag: state.tag.clone(),
-                            host: state.host.clone(),
-                            fallback_nanos: fallback,
-                            tie,
-                        });
-                    }
-                    let now_pending = state.grouper.pending_first_line();
-                    if now_pending != before {
-                        state.pending_from = now_pending.map(|line| (line, at));
-                        state.pending_event_time = event.time_nanos;
-                        state.pending_chunk_line = in_chunk;
-                    }
+                    let origin = Origin {
+                        at,
+                        chunk_line: in_chunk,
+                        event_time: event.time_nanos,
+                    };
+                    state.grouper.push(
+                        &state.parser,
+                        self.caps,
+                        text,
+                        state.lines,
+                        origin,
+                        &mut out,
+                    );
+                    ready.extend(out.drain(..).map(|completed| state.ready(completed)));
+                    joined |= !state.grouper.latest_held();
                     state.lines += 1;
                 }
                 next = events.next_if(|e| host_is(e, &key.1));
+            }
+            if joined {
+                state.last_joined = now;
             }
             // This batch's lines of the stream: where they start, how many.
             state.batches.entry(at).or_insert((first, 0)).1 += state.lines - first;
@@ -790,7 +807,7 @@ impl Pipeline {
                 break;
             }
             if let Some(state) = streams.open.get_mut(&key) {
-                ready.extend(state.complete());
+                state.complete(ready);
                 held -= len;
                 completed += 1;
             }
@@ -806,7 +823,9 @@ impl Pipeline {
         let chosen = streams.to_evict((streams.open.len() / 8).max(1));
         self.metrics.streams_evicted.inc_by(chosen.len() as u64);
         for key in chosen {
-            ready.extend(streams.forget(&key).and_then(|mut s| s.complete()));
+            if let Some(mut state) = streams.forget(&key) {
+                state.complete(ready);
+            }
         }
     }
 
@@ -1375,7 +1394,8 @@ impl Item {
 /// records already completed (pushed with or before the push this acknowledgement follows),
 /// so a restart reading again from `position` neither pushes those records again nor
 /// their tails as records of their own. Every line read before `until` is in such a record
-/// or in its stream's record in progress, which comes after them in the stream's order.
+/// or in its stream's record in progress (or an aside held behind it: see
+/// [`multiline`]), which come after them in the stream's order.
 /// Forgets what is before `position`.
 fn note(streams: &mut Streams, position: Position, until: Position, replay: &Replay) -> Vec<u8> {
     // Per stream, summed: an evicted stream's lines came before those of the stream of the
@@ -1396,7 +1416,7 @@ fn note(streams: &mut Streams, position: Position, until: Position, replay: &Rep
         };
         // From its first line at or after `position` to the first of its record in
         // progress (or to the last it read).
-        let skip = state.pending_from.map_or(state.lines, |(line, _)| line) - first;
+        let skip = state.pending_from().map_or(state.lines, |(line, _)| line) - first;
         if skip > 0 {
             *skips
                 .entry((state.tag.to_string(), state.host.to_string()))
@@ -1542,7 +1562,7 @@ mod tests {
         pending_from: Option<(usize, Position)>,
         batches: &[(Position, (usize, usize))],
     ) -> StreamState {
-        StreamState {
+        let mut state = StreamState {
             grouper: Grouper::default(),
             parser: Parser::new(Format::Line, chrono_tz::UTC),
             source: Source::Forward,
@@ -1550,18 +1570,39 @@ mod tests {
             host: Arc::from("web-1"),
             lines,
             last_line: Instant::now(),
-            pending_from,
+            last_joined: Instant::now(),
             resumed: true,
             batches: batches.iter().copied().collect(),
-            pending_event_time: 0,
-            pending_chunk_line: 0,
             last_at: Position::default(),
             held_since: None,
+        };
+        state.pending_from_line(pending_from);
+        state
+    }
+
+    impl StreamState {
+        /// Makes its record in progress one that began at `from` (a line of the stream,
+        /// in the batch at a position), or none.
+        fn pending_from_line(&mut self, from: Option<(usize, Position)>) {
+            self.grouper.flush(&mut Vec::new());
+            if let Some((line, at)) = from {
+                let caps = Caps {
+                    lines: 10,
+                    bytes: 100,
+                };
+                let origin = Origin {
+                    at,
+                    ..Origin::default()
+                };
+                let mut out = Vec::new();
+                self.grouper
+                    .push(&self.parser, caps, "a line", line, origin, &mut out);
+                assert!(out.is_empty());
+            }
+            assert_eq!(self.pending_from(), from);
         }
     }
 
-    /// Eviction takes a stream with nothing to keep before an older one with a record in
-    /// progress or lines not yet acknowledged.
     #[test]
     fn fields_join_the_structured_metadata_within_its_bounds() {
         let pair = |name: &str, value: &str| loki::LabelPair {
@@ -1596,6 +1637,8 @@ mod tests {
         assert_eq!(metadata.len(), MAX_FIELDS);
     }
 
+    /// Eviction takes a stream with nothing to keep before an older one with a record in
+    /// progress or lines not yet acknowledged.
     #[test]
     fn eviction_takes_streams_with_nothing_to_keep_first_then_the_quietest() {
         let key = |host: &str| ("hybris.wrapper".to_owned(), host.to_owned());
@@ -1643,12 +1686,20 @@ mod tests {
         );
         // Its record in progress began in the batch at 20, at its eighth line: the seven
         // before it are in records pushed, in both batches.
-        streams.open.get_mut(&key).expect("open").pending_from = Some((7, at(20)));
+        streams
+            .open
+            .get_mut(&key)
+            .expect("open")
+            .pending_from_line(Some((7, at(20))));
         let (skips, _) = read_note(&note(&mut streams, at(10), at(30), &Replay::default()));
         assert_eq!(skips.get(&key), Some(&(2 + 7)));
         // Past every batch the evicted one had: forgotten; no record in progress: every
         // line from the acknowledged batch on.
-        streams.open.get_mut(&key).expect("open").pending_from = None;
+        streams
+            .open
+            .get_mut(&key)
+            .expect("open")
+            .pending_from_line(None);
         let (skips, _) = read_note(&note(&mut streams, at(20), at(30), &Replay::default()));
         assert_eq!(skips.get(&key), Some(&4));
         assert!(streams.evicted.is_empty());

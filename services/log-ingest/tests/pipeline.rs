@@ -1075,6 +1075,158 @@ async fn a_stack_trace_cut_by_a_graceful_restart_arrives_whole() {
     second.stop().await;
 }
 
+/// The wrapper's own lines inside a stack trace (it pings a slow JVM while the JVM writes
+/// one), twice the same in one second: the trace arrives whole and each wrapper line as an
+/// entry of its own, also across a graceful restart while they are held behind the trace
+/// (host 1), or after the JVM died and the new JVM's first line joined the wrapper's line
+/// (host 2). Records rebuilt from the buffer take the same places, so nothing is pushed
+/// twice.
+#[tokio::test]
+async fn the_wrappers_own_lines_inside_a_trace_leave_it_whole_across_a_restart() {
+    const P: &str = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ";
+    const W: &str = "STATUS | wrapper  | 2024/10/28 17:12:31 | ";
+    let (dir, loki) = corpus::dir_and_loki().await;
+    let settings = |flush_after| corpus::restart_settings(dir.path(), loki.url(), flush_after);
+    let ping = format!("{W}Pinging the JVM took 12 seconds to respond.");
+    let trace = [
+        format!("{P}INFO  [main] [L] before"),
+        format!("{P}ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed"),
+        format!("{P}java.lang.IllegalStateException: broken"),
+        format!("{P}\tat a.B.c(B.java:1)"),
+        ping.clone(),
+        format!("{P}\tat a.B.d(B.java:2)"),
+        ping,
+        format!("{P}\t... 3 more"),
+    ];
+    let mut one: Vec<String> = trace.to_vec();
+    one.push(format!("{P}INFO  [main] [L] after"));
+    let mut two: Vec<String> = trace.to_vec();
+    two.extend([
+        "ERROR  | wrapper  | 2024/10/28 17:12:39 | JVM exited unexpectedly.".to_owned(),
+        "INFO   | jvm 2    | main    | 2024/10/28 17:12:40.000 | WrapperManager: Initializing..."
+            .to_owned(),
+        "INFO   | jvm 2    | main    | 2024/10/28 17:12:41.000 | INFO  [main] [L] after".to_owned(),
+    ]);
+    let one: Vec<&str> = one.iter().map(String::as_str).collect();
+    let two: Vec<&str> = two.iter().map(String::as_str).collect();
+
+    // Host 1: one chunk, both wrapper lines in the same batch, held behind the trace at
+    // shutdown. Host 2: the trace, its wrapper lines and the JVM's death complete, the
+    // wrapper's last line with the new JVM's first in progress at shutdown.
+    let first = corpus::start_app(settings(Duration::from_secs(600))).await;
+    corpus::send_as(first.forward, "hybris-1", &one[..7], 7).await;
+    corpus::send_as(first.forward, "hybris-2", &two[..10], 10).await;
+    // `before` of each, and host 2's trace and its two wrapper lines.
+    corpus::wait_pushed(first.admin, 2 + 3).await;
+    first.stop().await;
+    assert_eq!(loki.received().len(), 5, "nothing else before the restart");
+
+    let second = corpus::start_app(settings(Duration::from_millis(300))).await;
+    corpus::send_as(second.forward, "hybris-1", &one[7..], 2).await;
+    corpus::send_as(second.forward, "hybris-2", &two[10..], 2).await;
+    wait_for(&loki, 5 + 6).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(loki.counts().2, 0, "nothing pushed twice");
+    let received = loki.received();
+    for host in ["hybris-1", "hybris-2"] {
+        let pings: Vec<_> = received
+            .iter()
+            .filter(|r| r.labels.contains(&("host".to_owned(), host.to_owned())))
+            .filter(|r| r.entry.line.starts_with("Pinging"))
+            .map(|r| r.entry.timestamp.expect("a time"))
+            .collect();
+        assert_eq!(
+            pings.len(),
+            2,
+            "{host}: both, the same line in the same second"
+        );
+        // Both kept by Loki: the same second, told apart below the microsecond.
+        assert_eq!(pings[0].seconds, pings[1].seconds);
+        assert_ne!(pings[0], pings[1]);
+    }
+    let mut got = levels_and_lines(&received);
+    got.sort();
+    let trace = "cart 8812 failed\njava.lang.IllegalStateException: broken\n\tat a.B.c(B.java:1)\n\
+                 \tat a.B.d(B.java:2)\n\t... 3 more";
+    let ping = "Pinging the JVM took 12 seconds to respond.";
+    let mut want = [
+        ("INFO", "before"),
+        ("ERROR", trace),
+        ("INFO", ping),
+        ("INFO", ping),
+        ("INFO", "after"),
+        ("INFO", "before"),
+        ("ERROR", trace),
+        ("INFO", ping),
+        ("INFO", ping),
+        (
+            "ERROR",
+            "JVM exited unexpectedly.\nWrapperManager: Initializing...",
+        ),
+        ("INFO", "after"),
+    ]
+    .map(|(level, line)| (level.to_owned(), line.to_owned()));
+    want.sort();
+    assert_eq!(got, want);
+    second.stop().await;
+}
+
+/// The wrapper pinging a JVM stalled in the middle of a trace, more often than
+/// `flush_after`: the trace is complete after `flush_after` without a line of its own, not
+/// held for as long as the pings go on (they are held behind it).
+#[tokio::test]
+async fn wrapper_lines_behind_a_trace_do_not_keep_it_from_going_quiet() {
+    const P: &str = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ";
+    let flush_after = Duration::from_millis(600);
+    let running = start_with(|s| s.pipeline.flush_after = flush_after).await;
+    let trace = [
+        format!("{P}ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed"),
+        format!("{P}java.lang.IllegalStateException: broken"),
+        format!("{P}\tat a.B.c(B.java:1)"),
+    ];
+    let trace: Vec<&str> = trace.iter().map(String::as_str).collect();
+    send(running.forward, &trace, 3).await;
+    let has_trace = || {
+        running
+            .loki
+            .received()
+            .iter()
+            .any(|r| r.entry.line.starts_with("cart 8812 failed"))
+    };
+    let started = std::time::Instant::now();
+    let mut pings = 0;
+    while !has_trace() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the trace is still held after {pings} pings"
+        );
+        pings += 1;
+        let ping = format!(
+            "STATUS | wrapper  | 2024/10/28 17:12:31 | Pinging the JVM took {pings} seconds to respond."
+        );
+        send(running.forward, &[&ping], 1).await;
+        tokio::time::sleep(flush_after / 3).await;
+    }
+    // The trace is whole; the pings are records of their own.
+    let (errors, others): (Vec<_>, Vec<_>) = levels_and_lines(&running.loki.received())
+        .into_iter()
+        .partition(|(level, _)| level == "ERROR");
+    assert_eq!(
+        errors,
+        [(
+            "ERROR".to_owned(),
+            "cart 8812 failed\njava.lang.IllegalStateException: broken\n\tat a.B.c(B.java:1)"
+                .to_owned()
+        )]
+    );
+    assert!(
+        others
+            .iter()
+            .all(|(level, line)| level == "INFO" && line.starts_with("Pinging")),
+        "{others:?}"
+    );
+}
+
 /// Two hosts; a rolling update while one's stack trace is arriving and the other's records
 /// go on after it began. After the restart (which reads the buffer again from the batch
 /// where the trace began) the trace is whole, and none of the other host's records pushed
