@@ -10,13 +10,13 @@
 //! One [`Grouper`] per stream (a source and host, or file): its state outlives chunks and
 //! connections, so a trace split across them is still one record. The record in progress
 //! is complete when the next start arrives (or a line after an aside that is not stack
-//! trace), or when its stream has been quiet for a while (the caller calls
-//! [`Grouper::flush`]). A record is capped in lines and bytes (with the asides held behind
-//! it, so a stream holds at most a record's caps): one that
-//! reaches a cap is complete, and the line that did not fit starts the next record (without
-//! a header), so a runaway trace or a stream of lines no parser recognises cannot exhaust
-//! memory, exceed what Loki takes for one line, or lose a line. Only a single line longer
-//! than the byte cap is cut (the cut is counted in `truncated_bytes`).
+//! trace), or when it has had no line of its own for a while (the caller calls
+//! [`Grouper::flush_quiet`]). A record is capped in lines and bytes, with the asides held
+//! behind it, so a stream holds at most a record's caps: one that reaches a cap is
+//! complete, and the line that did not fit starts the next record (without a header), so a
+//! runaway trace or a stream of lines no parser recognises cannot exhaust memory, exceed
+//! what Loki takes for one line, or lose a line. Only a single line longer than the byte
+//! cap is cut (the cut is counted in `truncated_bytes`).
 
 use crate::{
     parse::{Line, Parser},
@@ -46,7 +46,9 @@ pub struct Grouper<O = ()> {
     /// the pending record's first line on is held (the acknowledgement's book-keeping
     /// relies on it).
     asides: Vec<(Record, O)>,
-    /// Whether the latest line was an aside.
+    /// Bytes of text of the asides.
+    asides_bytes: usize,
+    /// Whether the latest line was an aside held.
     after_aside: bool,
 }
 
@@ -55,6 +57,7 @@ impl<O> Default for Grouper<O> {
         Self {
             pending: None,
             asides: Vec::new(),
+            asides_bytes: 0,
             after_aside: false,
         }
     }
@@ -81,7 +84,7 @@ impl<O> Grouper<O> {
         };
         let after_aside = std::mem::take(&mut self.after_aside);
         // What is held behind the record in progress counts against its caps.
-        let held = (self.asides.len(), self.asides_len());
+        let held = (self.asides.len(), self.asides_bytes);
         match parser.line(line, index) {
             // The wrapper's own line (it pings the JVM while the JVM writes a trace): held
             // behind the record in progress, which goes on.
@@ -92,6 +95,7 @@ impl<O> Grouper<O> {
                     .as_ref()
                     .is_some_and(|(pending, _)| fits(pending, caps, &record.message, held))
                 {
+                    self.asides_bytes += record.text_len();
                     self.asides.push((record, origin));
                     self.after_aside = true;
                 } else {
@@ -116,7 +120,7 @@ impl<O> Grouper<O> {
                     // there (the JVM stopped and the wrapper said so, or started another).
                     // It is complete, and the text joins the wrapper's line, as it joins
                     // any record it follows.
-                    let last = self.asides.pop();
+                    let last = self.pop_aside();
                     self.complete(out);
                     self.pending = last;
                     held = (0, 0);
@@ -168,22 +172,39 @@ impl<O> Grouper<O> {
         }
     }
 
-    /// Bytes of text of the asides held.
-    fn asides_len(&self) -> usize {
-        self.asides.iter().map(|(r, _)| r.text_len()).sum()
+    /// The latest aside held, no longer held.
+    fn pop_aside(&mut self) -> Option<(Record, O)> {
+        let last = self.asides.pop();
+        self.asides_bytes -= last.as_ref().map_or(0, |(r, _)| r.text_len());
+        last
     }
 
     /// Completes the record in progress: it goes to `out`, then the asides held behind it.
     fn complete(&mut self, out: &mut Vec<(Record, O)>) {
         out.extend(self.pending.take());
         out.append(&mut self.asides);
+        self.asides_bytes = 0;
     }
 
-    /// Completes the record in progress (the stream went quiet, or its input ended): it
-    /// goes to `out`, then the asides held behind it.
+    /// Completes the record in progress (its input ended, or it must go: memory, a
+    /// stream forgotten): it goes to `out`, then the asides held behind it.
     pub fn flush(&mut self, out: &mut Vec<(Record, O)>) {
         self.after_aside = false;
         self.complete(out);
+    }
+
+    /// Completes the record in progress because it went quiet, as [`Grouper::flush`] does,
+    /// but for an aside that was the stream's latest line: that becomes the record in
+    /// progress, so text right after it still joins it (the new JVM's first output after
+    /// `Launching a JVM...`), and its own quiet is judged from it.
+    pub fn flush_quiet(&mut self, out: &mut Vec<(Record, O)>) {
+        let last = if self.after_aside {
+            self.pop_aside()
+        } else {
+            None
+        };
+        self.flush(out);
+        self.pending = last;
     }
 
     /// Whether the latest line was held behind the record in progress (an aside): the
@@ -200,7 +221,7 @@ impl<O> Grouper<O> {
     /// Bytes of text held: the record in progress and the asides behind it (0 without
     /// one).
     pub fn pending_len(&self) -> usize {
-        self.pending.as_ref().map_or(0, |(r, _)| r.text_len()) + self.asides_len()
+        self.pending.as_ref().map_or(0, |(r, _)| r.text_len()) + self.asides_bytes
     }
 
     /// The first line of the record in progress and its origin, if any: every line from
@@ -448,7 +469,7 @@ mod tests {
             format!("{P}Caused by: java.io.IOException: x"),
             format!("{P}\t... 3 more"),
             format!("{P}INFO  [main] [L] next"),
-            // Outside a trace the wrapper's line starts a record, as any header does.
+            // After a record without a trace too: held behind it, out after it.
             format!("{W}JVM exited unexpectedly."),
             format!("{P}INFO  [main] [L] after"),
         ];
@@ -492,6 +513,51 @@ mod tests {
             .map(|(r, origin)| (r.first_line, *origin, r.logger.as_str()))
             .collect();
         assert_eq!(got, [(0, 0, "DefaultCartService"), (3, 30, "wrapper")]);
+    }
+
+    /// A record that goes quiet is complete with what is held behind it, but for a wrapper
+    /// line that came last: it stays in progress, and text right after it joins it.
+    #[test]
+    fn a_quiet_record_keeps_a_wrapper_line_that_came_last_in_progress() {
+        let lines = [
+            format!("{P}ERROR [main] [X] failed"),
+            "java.lang.OutOfMemoryError: Java heap space".to_owned(),
+            format!("{W}JVM exited unexpectedly."),
+            format!("{W}Launching a JVM..."),
+        ];
+        let mut grouper = Grouper::default();
+        let mut out = Vec::new();
+        for (index, line) in lines.iter().enumerate() {
+            grouper.push(&parser(), CAPS, line, index, index, &mut out);
+        }
+        grouper.flush_quiet(&mut out);
+        let firsts: Vec<usize> = out.iter().map(|(_, origin)| *origin).collect();
+        assert_eq!(firsts, [0, 2]);
+        assert_eq!(
+            grouper.pending().map(|(first, o)| (first, *o)),
+            Some((3, 3))
+        );
+        assert!(!grouper.latest_held());
+        let text = "INFO   | jvm 2    | main    | 2024/10/28 17:12:40.000 | WrapperManager: Initializing...";
+        grouper.push(&parser(), CAPS, text, 4, 4, &mut out);
+        assert_eq!(out.len(), 2, "joined");
+        // Its quiet: complete, nothing held back.
+        grouper.flush_quiet(&mut out);
+        let (last, _) = out.last().expect("completed");
+        assert_eq!(
+            last.message,
+            "Launching a JVM...\nWrapperManager: Initializing..."
+        );
+        assert!(!grouper.is_pending());
+        // A record whose last line was its own: everything goes.
+        let mut grouper = Grouper::default();
+        let mut out = Vec::new();
+        for (index, line) in lines[..3].iter().chain([&lines[1]]).enumerate() {
+            grouper.push(&parser(), CAPS, line, index, index, &mut out);
+        }
+        grouper.flush_quiet(&mut out);
+        assert_eq!(out.len(), 2);
+        assert!(!grouper.is_pending());
     }
 
     /// The JVM dies in the middle of a trace and the wrapper starts another: the new JVM's

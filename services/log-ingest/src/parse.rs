@@ -6,8 +6,8 @@
 //!   `INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ERROR [thread] [Logger] text`.
 //!   A record starts where the part after the wrapper's prefix is a log4j header (the stack
 //!   lines carry the wrapper's prefix and time too, so the prefix alone says nothing), or
-//!   at the wrapper's own lines (`STATUS | wrapper | …`), which do not end a stack trace
-//!   they interrupt (asides: [`crate::multiline`]).
+//!   at the wrapper's own lines (`STATUS | wrapper | …`), which do not end the record
+//!   they interrupt, a stack trace say (asides: [`crate::multiline`]).
 //! - `log4j`: the bare log4j line, `LEVEL [thread] [Logger] text`, optionally after an
 //!   ISO-8601 time (`2024-10-28 17:12:00,040`).
 //! - `json`: one JSON object per line, as our own services (tracing's JSON format) and most
@@ -144,9 +144,10 @@ impl Formats {
 pub enum Line<'a> {
     /// It starts a record.
     Start(Record),
-    /// A record of its own that does not end a stack trace in progress: the Tanuki
-    /// wrapper's own lines (`Pinging the JVM took 12 seconds to respond`), which it writes
-    /// between the JVM's, inside a trace too. Anywhere else, a start.
+    /// A record of its own that does not end the record in progress (a stack trace say):
+    /// the Tanuki wrapper's own lines (`Pinging the JVM took 12 seconds to respond`), which
+    /// it writes between the JVM's, inside a trace too. With nothing in progress, or a
+    /// record at its caps, a start.
     Aside(Record),
     /// It joins the record before it: its text (after a wrapper's prefix), and whether it
     /// is stack trace (an exception line, a frame, `Caused by:`, `Suppressed:`, `... N

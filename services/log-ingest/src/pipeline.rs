@@ -9,8 +9,9 @@
 //! stream, time and line to one it has).
 //!
 //! A stream is a forward tag (or OTLP service) plus the value of a configured record field
-//! naming the host (`host`): each has its own multi-line state, flushed after it has been
-//! quiet for `flush_after`.
+//! naming the host (`host`): each has its own multi-line state, its record in progress
+//! complete after `flush_after` without a line of its own (the wrapper's lines held behind
+//! it do not count).
 
 // foldhash, not SipHash: streams are looked up for every event; their keys are the
 // senders' tags and hosts, and foldhash is seeded per process.
@@ -50,11 +51,12 @@ pub struct PipelineSettings {
     /// Parser per forward tag or OTLP service (`hybris.wrapper = "hybris-wrapper"`; a key
     /// ending in `*` matches a prefix); unlisted sources are parsed per line.
     pub parsers: std::collections::BTreeMap<String, String>,
-    /// A stream's record in progress is complete after this long without a line.
+    /// A stream's record in progress is complete after this long without a line of its
+    /// own (the wrapper's lines held behind it do not count).
     #[serde(with = "humantime_serde")]
     pub flush_after: Duration,
-    /// After a restart, a record in progress rebuilt from the buffer waits for its stream's
-    /// input to resume (its sender retries what was not acknowledged) rather than
+    /// After a restart, a record in progress rebuilt from the buffer waits for a line of
+    /// its own from its stream (its sender retries what was not acknowledged) rather than
     /// `flush_after`, but at most this long: a trace cut by the restart stays whole.
     #[serde(with = "humantime_serde")]
     pub restart_grace: Duration,
@@ -273,25 +275,38 @@ struct StreamState {
     /// When its record in progress last got a line (not one held behind it): its quiet is
     /// judged from here, so the wrapper pinging a stalled JVM does not hold it.
     last_joined: Instant,
-    /// Whether a line arrived since this replica started (not only lines read again from
-    /// the buffer).
+    /// Whether a line of its own (not held behind its record in progress) arrived since
+    /// this replica started (not only lines read again from the buffer).
     resumed: bool,
     /// Per batch not yet acknowledged (by where it starts): this stream's first line in it
     /// and how many it has there, for the note left with an acknowledgement.
     batches: std::collections::BTreeMap<Position, (usize, usize)>,
-    /// Where the batch of its latest line starts.
+    /// Where the batch of its latest line of its own (not held behind its record in
+    /// progress) starts.
     last_at: Position,
     /// Since when its record in progress has been held back because the buffer refused an
-    /// append after its latest line (see the quiet check in [`Pipeline::run`]).
+    /// append after its latest line of its own (see the quiet check in [`Pipeline::run`]).
     held_since: Option<Instant>,
 }
 
 impl StreamState {
     /// Its record in progress (and the asides held behind it), completed into `ready`:
-    /// the stream went quiet, or is being forgotten. Whether there was one.
-    fn complete(&mut self, ready: &mut Vec<Ready>) -> bool {
+    /// the stream is being forgotten, or its records held too much.
+    fn complete(&mut self, ready: &mut Vec<Ready>) {
         let mut out = Vec::new();
         self.grouper.flush(&mut out);
+        ready.extend(out.into_iter().map(|completed| self.ready(completed)));
+    }
+
+    /// Its record in progress, quiet, completed into `ready` ([`Grouper::flush_quiet`]: a
+    /// wrapper's line that came last becomes the record in progress, quiet from its own
+    /// arrival). Whether any was.
+    fn complete_quiet(&mut self, ready: &mut Vec<Ready>) -> bool {
+        let mut out = Vec::new();
+        self.grouper.flush_quiet(&mut out);
+        if self.grouper.is_pending() {
+            self.last_joined = self.last_line;
+        }
         let any = !out.is_empty();
         ready.extend(out.into_iter().map(|completed| self.ready(completed)));
         any
@@ -527,7 +542,7 @@ impl Pipeline {
                         let held = refused
                             && now.duration_since(*state.held_since.get_or_insert(now)) < grace;
                         if waited && !held && now.duration_since(state.last_joined) >= self.settings.flush_after
-                            && state.complete(&mut ready)
+                            && state.complete_quiet(&mut ready)
                         {
                             paused = true;
                         }
@@ -768,15 +783,17 @@ impl Pipeline {
                 }
                 next = events.next_if(|e| host_is(e, &key.1));
             }
-            if joined {
-                state.last_joined = now;
-            }
             // This batch's lines of the stream: where they start, how many.
             state.batches.entry(at).or_insert((first, 0)).1 += state.lines - first;
             state.last_line = now;
-            state.last_at = at;
-            state.held_since = None;
-            state.resumed |= new;
+            if joined {
+                // Its record in progress got a line of its own (the waits for one end):
+                // lines held behind it (the wrapper pinging a stalled JVM) leave it quiet.
+                state.last_joined = now;
+                state.last_at = at;
+                state.held_since = None;
+                state.resumed |= new;
+            }
         }
         let max = self.settings.max_pending_bytes;
         if streams.fed >= (max / 4).min(4 << 20) {

@@ -1078,15 +1078,22 @@ async fn a_stack_trace_cut_by_a_graceful_restart_arrives_whole() {
 /// The wrapper's own lines inside a stack trace (it pings a slow JVM while the JVM writes
 /// one), twice the same in one second: the trace arrives whole and each wrapper line as an
 /// entry of its own, also across a graceful restart while they are held behind the trace
-/// (host 1), or after the JVM died and the new JVM's first line joined the wrapper's line
-/// (host 2). Records rebuilt from the buffer take the same places, so nothing is pushed
-/// twice.
+/// (host 1, whose next wrapper line after the restart does not end the wait for the
+/// trace's rest), or after the JVM died and the new JVM's first line joined the wrapper's
+/// line (host 2). Records rebuilt from the buffer take the same places, so nothing is
+/// pushed twice.
 #[tokio::test]
 async fn the_wrappers_own_lines_inside_a_trace_leave_it_whole_across_a_restart() {
     const P: &str = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ";
     const W: &str = "STATUS | wrapper  | 2024/10/28 17:12:31 | ";
     let (dir, loki) = corpus::dir_and_loki().await;
-    let settings = |flush_after| corpus::restart_settings(dir.path(), loki.url(), flush_after);
+    let settings = |flush_after| {
+        let mut settings = corpus::restart_settings(dir.path(), loki.url(), flush_after);
+        // The records rebuilt after the restart wait for their hosts' next chunks however
+        // slowly this machine gets to send them.
+        settings.pipeline.restart_grace = Duration::from_secs(30);
+        settings
+    };
     let ping = format!("{W}Pinging the JVM took 12 seconds to respond.");
     let trace = [
         format!("{P}INFO  [main] [L] before"),
@@ -1111,8 +1118,8 @@ async fn the_wrappers_own_lines_inside_a_trace_leave_it_whole_across_a_restart()
     let two: Vec<&str> = two.iter().map(String::as_str).collect();
 
     // Host 1: one chunk, both wrapper lines in the same batch, held behind the trace at
-    // shutdown. Host 2: the trace, its wrapper lines and the JVM's death complete, the
-    // wrapper's last line with the new JVM's first in progress at shutdown.
+    // shutdown. Host 2: the trace and its wrapper lines complete (the new JVM's first line
+    // ended it), the wrapper's `JVM exited` with that line in progress at shutdown.
     let first = corpus::start_app(settings(Duration::from_secs(600))).await;
     corpus::send_as(first.forward, "hybris-1", &one[..7], 7).await;
     corpus::send_as(first.forward, "hybris-2", &two[..10], 10).await;
@@ -1122,9 +1129,14 @@ async fn the_wrappers_own_lines_inside_a_trace_leave_it_whole_across_a_restart()
     assert_eq!(loki.received().len(), 5, "nothing else before the restart");
 
     let second = corpus::start_app(settings(Duration::from_millis(300))).await;
+    // Host 1 resumes with a wrapper line alone: held behind the rebuilt trace, it is not
+    // the trace's sender resuming, so the trace waits on past `flush_after` for its rest.
+    let late = format!("{W}Pinging the JVM took 13 seconds to respond.");
+    corpus::send_as(second.forward, "hybris-1", &[&late], 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     corpus::send_as(second.forward, "hybris-1", &one[7..], 2).await;
     corpus::send_as(second.forward, "hybris-2", &two[10..], 2).await;
-    wait_for(&loki, 5 + 6).await;
+    wait_for(&loki, 5 + 7).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(loki.counts().2, 0, "nothing pushed twice");
     let received = loki.received();
@@ -1132,7 +1144,7 @@ async fn the_wrappers_own_lines_inside_a_trace_leave_it_whole_across_a_restart()
         let pings: Vec<_> = received
             .iter()
             .filter(|r| r.labels.contains(&("host".to_owned(), host.to_owned())))
-            .filter(|r| r.entry.line.starts_with("Pinging"))
+            .filter(|r| r.entry.line.starts_with("Pinging the JVM took 12"))
             .map(|r| r.entry.timestamp.expect("a time"))
             .collect();
         assert_eq!(
@@ -1154,6 +1166,7 @@ async fn the_wrappers_own_lines_inside_a_trace_leave_it_whole_across_a_restart()
         ("ERROR", trace),
         ("INFO", ping),
         ("INFO", ping),
+        ("INFO", "Pinging the JVM took 13 seconds to respond."),
         ("INFO", "after"),
         ("INFO", "before"),
         ("ERROR", trace),
@@ -1172,20 +1185,28 @@ async fn the_wrappers_own_lines_inside_a_trace_leave_it_whole_across_a_restart()
 }
 
 /// The wrapper pinging a JVM stalled in the middle of a trace, more often than
-/// `flush_after`: the trace is complete after `flush_after` without a line of its own, not
-/// held for as long as the pings go on (they are held behind it).
+/// `flush_after`: the pings are held behind the trace (a frame after one joins it), and the
+/// trace is complete after `flush_after` without a line of its own, not held for as long
+/// as the pings go on.
 #[tokio::test]
 async fn wrapper_lines_behind_a_trace_do_not_keep_it_from_going_quiet() {
     const P: &str = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ";
-    let flush_after = Duration::from_millis(600);
+    let flush_after = Duration::from_millis(1_500);
     let running = start_with(|s| s.pipeline.flush_after = flush_after).await;
+    let ping = |n: usize| {
+        format!(
+            "STATUS | wrapper  | 2024/10/28 17:12:31 | Pinging the JVM took {n} seconds to respond."
+        )
+    };
     let trace = [
         format!("{P}ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed"),
         format!("{P}java.lang.IllegalStateException: broken"),
         format!("{P}\tat a.B.c(B.java:1)"),
+        ping(0),
+        format!("{P}\tat a.B.d(B.java:2)"),
     ];
     let trace: Vec<&str> = trace.iter().map(String::as_str).collect();
-    send(running.forward, &trace, 3).await;
+    send(running.forward, &trace, 1).await;
     let has_trace = || {
         running
             .loki
@@ -1201,11 +1222,8 @@ async fn wrapper_lines_behind_a_trace_do_not_keep_it_from_going_quiet() {
             "the trace is still held after {pings} pings"
         );
         pings += 1;
-        let ping = format!(
-            "STATUS | wrapper  | 2024/10/28 17:12:31 | Pinging the JVM took {pings} seconds to respond."
-        );
-        send(running.forward, &[&ping], 1).await;
-        tokio::time::sleep(flush_after / 3).await;
+        send(running.forward, &[&ping(pings)], 1).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The trace is whole; the pings are records of their own.
     let (errors, others): (Vec<_>, Vec<_>) = levels_and_lines(&running.loki.received())
@@ -1215,7 +1233,8 @@ async fn wrapper_lines_behind_a_trace_do_not_keep_it_from_going_quiet() {
         errors,
         [(
             "ERROR".to_owned(),
-            "cart 8812 failed\njava.lang.IllegalStateException: broken\n\tat a.B.c(B.java:1)"
+            "cart 8812 failed\njava.lang.IllegalStateException: broken\n\tat a.B.c(B.java:1)\n\
+             \tat a.B.d(B.java:2)"
                 .to_owned()
         )]
     );
