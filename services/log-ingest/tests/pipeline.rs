@@ -104,6 +104,127 @@ async fn the_corpus_arrives_in_loki_record_by_record_with_traces_whole_and_addre
     );
 }
 
+/// However the same lines are cut into chunks, and into events (an event may hold several
+/// lines joined by line breaks), the records in Loki are those grouping makes of the lines
+/// in one piece (what TestParse returns): random cuts of the corpus, with the wrapper's own
+/// lines dropped in at random places (the trace one falls in kept whole), one host each.
+#[tokio::test]
+async fn records_are_the_same_however_the_lines_are_cut_into_chunks_and_events() {
+    use proptest::strategy::{Strategy as _, ValueTree as _};
+    const P: &str = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ";
+    // Quiet never completes a record here, however slowly this machine sends: each host's
+    // lines end with a header, whose record stays in progress and is not compared.
+    let running = start_with(|s| s.pipeline.flush_after = Duration::from_secs(600)).await;
+    let defaults = log_ingest::Settings::default().parsing;
+    let caps = log_ingest::multiline::Caps {
+        lines: defaults.max_record_lines,
+        bytes: defaults.max_record_bytes,
+    };
+    let parser =
+        log_ingest::parse::Parser::new(log_ingest::parse::Format::Wrapper, chrono_tz::Asia::Seoul);
+    let corpus: Vec<&str> = CORPUS.lines().take(400).collect();
+    let wrapper = [
+        "STATUS | wrapper  | 2024/10/28 17:12:31 | Pinging the JVM took 12 seconds to respond.",
+        "STATUS | wrapper  | 2024/10/28 17:12:45 | Pinging the JVM took 21 seconds to respond.",
+    ];
+    // (wrapper lines to drop in: before which corpus line, which; events per chunk;
+    // lines per event), the last two used in turn.
+    let plan = (
+        proptest::collection::vec((0..corpus.len(), 0..wrapper.len()), 0..16),
+        proptest::collection::vec(1_usize..25, 1..30),
+        proptest::collection::vec(1_usize..6, 1..30),
+    );
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let mut hosts = Vec::new();
+    for case in 0..8 {
+        let (mut drops, per_chunk, per_event) =
+            plan.new_tree(&mut runner).expect("a plan").current();
+        drops.sort_unstable();
+        let mut lines: Vec<String> = corpus.iter().map(|l| (*l).to_owned()).collect();
+        for (before, which) in drops.into_iter().rev() {
+            lines.insert(before, wrapper[which].to_owned());
+        }
+        lines.push(format!("{P}INFO  [main] [L] the end"));
+        let mut records =
+            log_ingest::multiline::group_all(&parser, caps, lines.iter().map(String::as_str));
+        records.pop();
+        let mut want: Vec<(String, String)> = records
+            .into_iter()
+            .map(|r| {
+                let level = r.level.map_or("unknown", |l| l.as_str()).to_owned();
+                let mut line = r.message;
+                if !r.stack_trace.is_empty() {
+                    if !line.is_empty() {
+                        line.push('\n');
+                    }
+                    line.push_str(&r.stack_trace);
+                }
+                (level, corpus::mask(&line))
+            })
+            .collect();
+        want.sort();
+        // Events of 1–5 lines, chunks of 1–24 events.
+        let mut events: Vec<String> = Vec::new();
+        let mut rest = &lines[..];
+        for n in per_event.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (event, after) = rest.split_at((*n).min(rest.len()));
+            events.push(event.join("\n"));
+            rest = after;
+        }
+        let mut chunks: Vec<Vec<String>> = Vec::new();
+        let mut rest = &events[..];
+        for n in per_chunk.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (chunk, after) = rest.split_at((*n).min(rest.len()));
+            chunks.push(chunk.to_vec());
+            rest = after;
+        }
+        hosts.push((format!("cut-{case}"), chunks, want));
+    }
+    for (host, chunks, _) in &hosts {
+        let mut stream = tokio::net::TcpStream::connect(running.forward)
+            .await
+            .expect("connects");
+        for (n, chunk) in chunks.iter().enumerate() {
+            let id = format!("{n:032x}");
+            stream
+                .write_all(&corpus::frame_of(host, &id, chunk))
+                .await
+                .expect("writes");
+            let mut ack = vec![0; 128];
+            let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut ack))
+                .await
+                .expect("an ack in time")
+                .expect("reads");
+            let ack = rmpv::decode::read_value(&mut &ack[..read]).expect("msgpack");
+            assert_eq!(
+                ack,
+                Value::Map(vec![(Value::from("ack"), Value::from(id.as_str()))])
+            );
+        }
+    }
+    let all: usize = hosts.iter().map(|(_, _, want)| want.len()).sum();
+    wait_for(&running.loki, all).await;
+    // Time for anything more (a record cut in two) to arrive too.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let received = running.loki.received();
+    for (host, chunks, want) in &hosts {
+        let mine: Vec<_> = received
+            .iter()
+            .filter(|r| r.labels.contains(&("host".to_owned(), host.clone())))
+            .cloned()
+            .collect();
+        let mut got = levels_and_lines(&mine);
+        got.sort();
+        assert_eq!(&got, want, "{host}, cut into {} chunks", chunks.len());
+    }
+}
+
 #[tokio::test]
 async fn a_loki_outage_is_waited_out_and_counted() {
     // The records go in one push when the input pauses (not one per chunk), so both pushes
