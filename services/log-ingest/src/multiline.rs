@@ -5,7 +5,8 @@
 //! stack trace too) does not end the record in progress: it is a record of its own, held
 //! behind that record and completed with it, so records still come out in the order of
 //! their first lines. A line right after an aside that is not stack trace ends the record
-//! in progress and joins the aside (the JVM stopped: the new JVM's first output).
+//! in progress and joins the aside (the JVM stopped: the new JVM's first output); stack
+//! trace never joins a record of the wrapper's.
 //!
 //! One [`Grouper`] per stream (a source and host, or file): its state outlives chunks and
 //! connections, so a trace split across them is still one record. The record in progress
@@ -13,10 +14,11 @@
 //! trace), or when it has had no line of its own for a while (the caller calls
 //! [`Grouper::flush_quiet`]). A record is capped in lines and bytes, with the asides held
 //! behind it, so a stream holds at most a record's caps: one that reaches a cap is
-//! complete, and the line that did not fit starts the next record (without a header), so a
-//! runaway trace or a stream of lines no parser recognises cannot exhaust memory, exceed
-//! what Loki takes for one line, or lose a line. Only a single line longer than the byte
-//! cap is cut (the cut is counted in `truncated_bytes`).
+//! complete, and the line that did not fit starts the next record (without a header, but
+//! for the wrapper's own line, which has one), so a runaway trace or a stream of lines no
+//! parser recognises cannot exhaust memory, exceed what Loki takes for one line, or lose a
+//! line. Only a single line longer than the byte cap is cut (the cut is counted in
+//! `truncated_bytes`).
 
 use crate::{
     parse::{Line, Parser},
@@ -40,6 +42,9 @@ pub struct Caps {
 #[derive(Debug)]
 pub struct Grouper<O = ()> {
     pending: Option<(Record, O)>,
+    /// Whether the record in progress began with the wrapper's own line: stack trace never
+    /// joins it (the wrapper writes none).
+    pending_aside: bool,
     /// The wrapper's own lines that came after the pending record's first line, as records
     /// of their own (in line order). They come out right after it, when it is
     /// complete, so records leave in the order of their first lines and everything from
@@ -56,6 +61,7 @@ impl<O> Default for Grouper<O> {
     fn default() -> Self {
         Self {
             pending: None,
+            pending_aside: false,
             asides: Vec::new(),
             asides_bytes: 0,
             after_aside: false,
@@ -101,13 +107,13 @@ impl<O> Grouper<O> {
                 } else {
                     // Nothing in progress, or it is at its caps: a start like any other.
                     self.complete(out);
-                    self.pending = Some((record, origin));
+                    self.begin((record, origin), true);
                 }
             }
             Line::Start(mut record) => {
                 cap_first(&mut record, caps);
                 self.complete(out);
-                self.pending = Some((record, origin));
+                self.begin((record, origin), false);
             }
             Line::Continue {
                 text,
@@ -122,8 +128,15 @@ impl<O> Grouper<O> {
                     // any record it follows.
                     let last = self.pop_aside();
                     self.complete(out);
-                    self.pending = last;
+                    if let Some(last) = last {
+                        self.begin(last, true);
+                    }
                     held = (0, 0);
+                } else if stack && self.pending_aside {
+                    // The JVM's stack trace after a record of the wrapper's (the rest of a
+                    // trace that went quiet while the JVM stalled, the wrapper pinging it):
+                    // never the wrapper's; a record without a header, as after any quiet.
+                    self.complete(out);
                 }
                 match &mut self.pending {
                     // Inside one printed trace only frames, `Caused by:`, `Suppressed:` and `... N
@@ -165,7 +178,7 @@ impl<O> Grouper<O> {
                             record.stack_trace = std::mem::take(&mut record.message);
                         }
                         cap_first(&mut record, caps);
-                        self.pending = Some((record, origin));
+                        self.begin((record, origin), false);
                     }
                 }
             }
@@ -179,8 +192,16 @@ impl<O> Grouper<O> {
         last
     }
 
+    /// Makes `record` the record in progress (nothing is); `aside`: it is the wrapper's.
+    fn begin(&mut self, record: (Record, O), aside: bool) {
+        debug_assert!(self.pending.is_none() && self.asides.is_empty());
+        self.pending = Some(record);
+        self.pending_aside = aside;
+    }
+
     /// Completes the record in progress: it goes to `out`, then the asides held behind it.
     fn complete(&mut self, out: &mut Vec<(Record, O)>) {
+        self.pending_aside = false;
         out.extend(self.pending.take());
         out.append(&mut self.asides);
         self.asides_bytes = 0;
@@ -204,7 +225,9 @@ impl<O> Grouper<O> {
             None
         };
         self.flush(out);
-        self.pending = last;
+        if let Some(last) = last {
+            self.begin(last, true);
+        }
     }
 
     /// Whether the latest line was held behind the record in progress (an aside): the
@@ -588,12 +611,58 @@ mod tests {
                     "java.lang.OutOfMemoryError: Java heap space\n\tat a.B.c(B.java:1)"
                 ),
                 (3, 1, "JVM exited unexpectedly.", ""),
-                // A record of the wrapper's, as before the trace: what follows joins it.
+                // A record of the wrapper's, as before the trace: text joins it, stack
+                // trace never does (the wrapper writes none).
                 (
                     4,
-                    3,
+                    2,
                     "Launching a JVM...\nWrapperManager: Initializing...",
-                    "\tat a.B.d(B.java:2)"
+                    ""
+                ),
+                (6, 1, "", "\tat a.B.d(B.java:2)"),
+            ]
+        );
+    }
+
+    /// The JVM stalls in the middle of a trace (a GC pause) longer than the quiet, and the
+    /// wrapper's ping comes before the rest: the rest is a record of its own, as after any
+    /// quiet, not part of the ping's record.
+    #[test]
+    fn the_rest_of_a_quiet_trace_after_a_ping_is_not_the_wrappers() {
+        let lines = [
+            format!("{P}ERROR [main] [X] failed"),
+            "java.lang.IllegalStateException: broken".to_owned(),
+            "\tat a.B.c(B.java:1)".to_owned(),
+            format!("{W}Pinging the JVM took 12 seconds to respond."),
+            "\tat a.B.d(B.java:2)".to_owned(),
+            "Caused by: java.io.IOException: x".to_owned(),
+        ];
+        let mut grouper = Grouper::default();
+        let mut out = Vec::new();
+        for (index, line) in lines.iter().enumerate() {
+            if index == 3 {
+                // The stall: the trace goes quiet before the ping.
+                grouper.flush_quiet(&mut out);
+            }
+            grouper.push(&parser(), CAPS, line, index, (), &mut out);
+        }
+        grouper.flush(&mut out);
+        let records: Vec<Record> = out.into_iter().map(|(r, ())| r).collect();
+        assert_eq!(
+            summary(&records),
+            [
+                (
+                    0,
+                    3,
+                    "failed",
+                    "java.lang.IllegalStateException: broken\n\tat a.B.c(B.java:1)"
+                ),
+                (3, 1, "Pinging the JVM took 12 seconds to respond.", ""),
+                (
+                    4,
+                    2,
+                    "",
+                    "\tat a.B.d(B.java:2)\nCaused by: java.io.IOException: x"
                 ),
             ]
         );
@@ -958,6 +1027,8 @@ mod tests {
             // In the order of their first lines; `current` is the one lines join.
             let mut expected: Vec<Record> = Vec::new();
             let mut current: Option<usize> = None;
+            // Whether `current` is the wrapper's.
+            let mut current_aside = false;
             let mut after_aside = false;
             for (index, (_, kind, text)) in lines.iter().enumerate() {
                 // An exception line after a frame or `... N more` is another trace.
@@ -975,11 +1046,16 @@ mod tests {
                 if std::mem::take(&mut after_aside) && *kind == Kind::Text {
                     // The trace ended at the aside before: the text joins the aside.
                     current = Some(expected.len() - 1);
+                    current_aside = true;
                 }
+                // Stack trace never joins a record of the wrapper's.
+                let after_wrapper = current_aside && matches!(kind, Kind::Stack | Kind::Exception);
                 if matches!(kind, Kind::Header | Kind::Aside)
                     || current.is_none()
                     || (*kind == Kind::Exception && after_frame)
+                    || after_wrapper
                 {
+                    current_aside = *kind == Kind::Aside;
                     match kind {
                         Kind::Header | Kind::Text | Kind::Aside => record.message.clone_from(text),
                         Kind::Stack | Kind::Exception => record.stack_trace.clone_from(text),

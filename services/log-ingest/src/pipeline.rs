@@ -304,8 +304,11 @@ impl StreamState {
     fn complete_quiet(&mut self, ready: &mut Vec<Ready>) -> bool {
         let mut out = Vec::new();
         self.grouper.flush_quiet(&mut out);
-        if self.grouper.is_pending() {
+        if let Some((_, origin)) = self.grouper.pending() {
+            // A record of its own now: its line is its own.
             self.last_joined = self.last_line;
+            self.last_at = origin.at;
+            self.held_since = None;
         }
         let any = !out.is_empty();
         ready.extend(out.into_iter().map(|completed| self.ready(completed)));
@@ -521,10 +524,11 @@ impl Pipeline {
                     let now = Instant::now();
                     let grace = self.settings.restart_grace;
                     // The buffer refused an append lately (it was full): a stream whose
-                    // latest line came before that may have had its next chunk refused, which
-                    // its sender resends after its own backoff. Its record in progress waits
-                    // for it as after a restart: until a line comes, at most `restart_grace`
-                    // (then the acknowledgement it holds back moves on).
+                    // latest line of its own came before that may have had its next chunk
+                    // refused, which its sender resends after its own backoff. Its record in
+                    // progress waits for it as after a restart: until a line of its own
+                    // comes, at most `restart_grace` (then the acknowledgement it holds back
+                    // moves on).
                     let refused_end = self
                         .buffer
                         .last_refused()
