@@ -11,8 +11,8 @@
 //! One [`Grouper`] per stream (a source and host, or file): its state outlives chunks and
 //! connections, so a trace split across them is still one record. The record in progress
 //! is complete when the next start arrives (or a line after an aside that is not stack
-//! trace), or when it has had no line of its own for a while (the caller calls
-//! [`Grouper::flush_quiet`]). A record is capped in lines and bytes, with the asides held
+//! trace, or stack trace after a record of the wrapper's), or when it has had no line of
+//! its own for a while (the caller calls [`Grouper::flush_quiet`]). A record is capped in lines and bytes, with the asides held
 //! behind it, so a stream holds at most a record's caps: one that reaches a cap is
 //! complete, and the line that did not fit starts the next record (without a header, but
 //! for the wrapper's own line, which has one), so a runaway trace or a stream of lines no
@@ -45,6 +45,10 @@ pub struct Grouper<O = ()> {
     /// Whether the record in progress began with the wrapper's own line: stack trace never
     /// joins it (the wrapper writes none).
     pending_aside: bool,
+    /// What the header of the last trace completed without a start after it said (the
+    /// stream went quiet, memory, the caps): the rest of that trace, arriving next without
+    /// a header, keeps it. Gone once another record of the JVM's begins.
+    cut: Option<Head>,
     /// The wrapper's own lines that came after the pending record's first line, as records
     /// of their own (in line order). They come out right after it, when it is
     /// complete, so records leave in the order of their first lines and everything from
@@ -62,6 +66,7 @@ impl<O> Default for Grouper<O> {
         Self {
             pending: None,
             pending_aside: false,
+            cut: None,
             asides: Vec::new(),
             asides_bytes: 0,
             after_aside: false,
@@ -131,6 +136,8 @@ impl<O> Grouper<O> {
                     if let Some(last) = last {
                         self.begin(last, true);
                     }
+                    // That record is over, not cut.
+                    self.cut = None;
                     held = (0, 0);
                 } else if stack && self.pending_aside {
                     // The JVM's stack trace after a record of the wrapper's (the rest of a
@@ -153,25 +160,28 @@ impl<O> Grouper<O> {
                     _ => {
                         // Nothing to join (a stream that began mid-trace, a trace that went quiet
                         // longer than the flush delay, another trace), or the record is full: a
-                        // record without a header. The rest of a full record keeps what its header
-                        // said (level, logger, thread, trace id, time), so a query for the ERROR
+                        // record without a header. The rest of a full record, or of a trace cut
+                        // from its head (the quiet, memory, the wrapper's line at the caps: a
+                        // stack line that is not another trace), keeps what its header said
+                        // (level, logger, thread, trace id, time), so a query for the ERROR
                         // finds this part of its trace too.
                         let mut record = Record::raw(text, index);
                         record.parse_error = unparsed;
                         let mut to_stack = stack;
-                        if let Some((full, _)) = self
+                        let head = match self
                             .pending
                             .as_ref()
                             .filter(|(r, _)| !fits(r, caps, text, held))
                         {
-                            record.level = full.level;
-                            // A microsecond after it, so the rest sorts after the head in its
-                            // stream (below the microsecond is the tie-breaker, in no order).
-                            record.time_micros = full.time_micros.map(|t| t + 1);
-                            record.logger.clone_from(&full.logger);
-                            record.thread.clone_from(&full.thread);
-                            record.trace_id.clone_from(&full.trace_id);
-                            to_stack |= !full.stack_trace.is_empty();
+                            Some((full, _)) => {
+                                to_stack |= !full.stack_trace.is_empty();
+                                Some(Head::of(full))
+                            }
+                            None if stack && !starts_a_trace(text) => self.cut.take(),
+                            None => None,
+                        };
+                        if let Some(head) = head {
+                            head.give(&mut record);
                         }
                         self.complete(out);
                         if to_stack {
@@ -197,10 +207,21 @@ impl<O> Grouper<O> {
         debug_assert!(self.pending.is_none() && self.asides.is_empty());
         self.pending = Some(record);
         self.pending_aside = aside;
+        if !aside {
+            self.cut = None;
+        }
     }
 
     /// Completes the record in progress: it goes to `out`, then the asides held behind it.
+    /// A trace of the JVM's leaves its head in `cut` (what begins next clears it, unless
+    /// it is the wrapper's).
     fn complete(&mut self, out: &mut Vec<(Record, O)>) {
+        if let Some((record, _)) = self.pending.as_ref()
+            && !self.pending_aside
+            && !record.stack_trace.is_empty()
+        {
+            self.cut = Some(Head::of(record));
+        }
         self.pending_aside = false;
         out.extend(self.pending.take());
         out.append(&mut self.asides);
@@ -253,6 +274,39 @@ impl<O> Grouper<O> {
         self.pending
             .as_ref()
             .map(|(r, origin)| (r.first_line, origin))
+    }
+}
+
+/// What a record's header said: what the rest of its trace, cut from it, keeps.
+#[derive(Debug, Clone)]
+struct Head {
+    level: Option<crate::record::Level>,
+    time_micros: Option<i64>,
+    logger: String,
+    thread: String,
+    trace_id: String,
+}
+
+impl Head {
+    fn of(record: &Record) -> Self {
+        Self {
+            level: record.level,
+            time_micros: record.time_micros,
+            logger: record.logger.clone(),
+            thread: record.thread.clone(),
+            trace_id: record.trace_id.clone(),
+        }
+    }
+
+    /// Gives `rest` what the header said; its time a microsecond after the head's, so the
+    /// rest sorts after the head in its stream (below the microsecond is the tie-breaker,
+    /// in no order).
+    fn give(self, rest: &mut Record) {
+        rest.level = self.level;
+        rest.time_micros = self.time_micros.map(|t| t + 1);
+        rest.logger = self.logger;
+        rest.thread = self.thread;
+        rest.trace_id = self.trace_id;
     }
 }
 
@@ -665,6 +719,57 @@ mod tests {
                     "\tat a.B.d(B.java:2)\nCaused by: java.io.IOException: x"
                 ),
             ]
+        );
+        // The rest keeps what the trace's header said: a query for the ERROR finds it.
+        let (head, rest) = (&records[0], &records[2]);
+        assert_eq!(rest.level, Some(crate::record::Level::Error));
+        assert_eq!((rest.logger.as_str(), rest.thread.as_str()), ("X", "main"));
+        assert_eq!(rest.time_micros, head.time_micros.map(|t| t + 1));
+        assert_eq!(records[1].level, Some(crate::record::Level::Info));
+    }
+
+    /// The rest of a trace cut by the quiet keeps its header's fields; a new trace after
+    /// the quiet, or lines after another record began, do not.
+    #[test]
+    fn only_the_rest_of_a_cut_trace_keeps_its_header() {
+        let head = [
+            format!("{P}ERROR [main] [X] failed"),
+            "java.lang.IllegalStateException: broken".to_owned(),
+            "\tat a.B.c(B.java:1)".to_owned(),
+        ];
+        let after_quiet = |lines: &[&str]| {
+            let mut grouper = Grouper::default();
+            let mut out = Vec::new();
+            for (index, line) in head.iter().enumerate() {
+                grouper.push(&parser(), CAPS, line, index, (), &mut out);
+            }
+            grouper.flush_quiet(&mut out);
+            for (index, line) in lines.iter().enumerate() {
+                grouper.push(&parser(), CAPS, line, head.len() + index, (), &mut out);
+            }
+            grouper.flush(&mut out);
+            out.into_iter()
+                .skip(1)
+                .map(|(r, ())| (r.level, r.stack_trace))
+                .collect::<Vec<_>>()
+        };
+        use crate::record::Level;
+        let frame = "\tat a.B.d(B.java:2)";
+        assert_eq!(
+            after_quiet(&[frame]),
+            [(Some(Level::Error), frame.to_owned())]
+        );
+        // Another trace (an exception line), then its frame: no header of the first's.
+        assert_eq!(
+            after_quiet(&["java.lang.NullPointerException", frame]),
+            [(None, format!("java.lang.NullPointerException\n{frame}"))]
+        );
+        // A record began (a header) between: the frame joins it, nothing is inherited
+        // after it either.
+        let next = format!("{P}INFO  [main] [L] next");
+        assert_eq!(
+            after_quiet(&[&next, frame]),
+            [(Some(Level::Info), frame.to_owned())]
         );
     }
 
