@@ -192,26 +192,7 @@ async fn records_are_the_same_however_the_lines_are_cut_into_chunks_and_events()
         hosts.push((format!("cut-{case}"), chunks, want));
     }
     for (host, chunks, _) in &hosts {
-        let mut stream = tokio::net::TcpStream::connect(running.forward)
-            .await
-            .expect("connects");
-        for (n, chunk) in chunks.iter().enumerate() {
-            let id = format!("{n:032x}");
-            stream
-                .write_all(&corpus::frame_of(host, &id, chunk))
-                .await
-                .expect("writes");
-            let mut ack = vec![0; 128];
-            let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut ack))
-                .await
-                .expect("an ack in time")
-                .expect("reads");
-            let ack = rmpv::decode::read_value(&mut &ack[..read]).expect("msgpack");
-            assert_eq!(
-                ack,
-                Value::Map(vec![(Value::from("ack"), Value::from(id.as_str()))])
-            );
-        }
+        corpus::send_chunks(running.forward, host, chunks).await;
     }
     let all: usize = hosts.iter().map(|(_, _, want)| want.len()).sum();
     wait_for(&running.loki, all).await;

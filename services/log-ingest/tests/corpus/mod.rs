@@ -227,12 +227,26 @@ pub async fn start_app(settings: log_ingest::Settings) -> Started {
 /// Sends `lines` from `host` in Forward mode chunks of `per_chunk` entries, each
 /// acknowledged, on one connection.
 pub async fn send_as(addr: std::net::SocketAddr, host: &str, lines: &[&str], per_chunk: usize) {
+    send_chunks(addr, host, lines.chunks(per_chunk)).await;
+}
+
+/// Sends `chunks` of events (each event's `log` one line, or several joined by line
+/// breaks) from `host` in Forward mode, each acknowledged, on one connection.
+pub async fn send_chunks<C, S>(
+    addr: std::net::SocketAddr,
+    host: &str,
+    chunks: impl IntoIterator<Item = C>,
+) where
+    C: AsRef<[S]>,
+    S: AsRef<str>,
+{
     use std::time::Duration;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connects");
-    for (n, chunk) in lines.chunks(per_chunk).enumerate() {
+    for (n, chunk) in chunks.into_iter().enumerate() {
+        let chunk = chunk.as_ref();
         let id = format!("{n:032x}");
         let frame = frame_of(host, &id, chunk);
         stream.write_all(&frame).await.expect("writes");
