@@ -9,16 +9,18 @@
 //! trace never joins a record of the wrapper's.
 //!
 //! One [`Grouper`] per stream (a source and host, or file): its state outlives chunks and
-//! connections, so a trace split across them is still one record. The record in progress
-//! is complete when the next start arrives (or a line after an aside that is not stack
-//! trace, or stack trace after a record of the wrapper's), or when it has had no line of
-//! its own for a while (the caller calls [`Grouper::flush_quiet`]). A record is capped in lines and bytes, with the asides held
-//! behind it, so a stream holds at most a record's caps: one that reaches a cap is
-//! complete, and the line that did not fit starts the next record (without a header, but
-//! for the wrapper's own line, which has one), so a runaway trace or a stream of lines no
-//! parser recognises cannot exhaust memory, exceed what Loki takes for one line, or lose a
-//! line. Only a single line longer than the byte cap is cut (the cut is counted in
-//! `truncated_bytes`).
+//! connections, so a trace split across them is still one record. The record in progress is
+//! complete when the next start arrives (or a line after an aside that is not stack trace,
+//! or stack trace after a record of the wrapper's), or when it has had no line of its own
+//! for a while (the caller calls [`Grouper::flush_quiet`]). A record is capped in lines and
+//! bytes, with the asides held behind it, so a stream holds at most a record's caps: one
+//! that reaches a cap is complete, and the line that did not fit starts the next record
+//! (without a header, but for the wrapper's own line, which has one), so a runaway trace or
+//! a stream of lines no parser recognises cannot exhaust memory, exceed what Loki takes for
+//! one line, or lose a line. Only a single line longer than the byte cap is cut (the cut is
+//! counted in `truncated_bytes`). The rest of a trace cut from its head (by a cap, the
+//! quiet, memory) keeps what the head's header said: level, logger, thread, trace id, and
+//! its time a microsecond later.
 
 use crate::{
     parse::{Line, Parser},
@@ -47,7 +49,8 @@ pub struct Grouper<O = ()> {
     pending_aside: bool,
     /// What the header of the last trace completed without a start after it said (the
     /// stream went quiet, memory, the caps): the rest of that trace, arriving next without
-    /// a header, keeps it. Gone once another record of the JVM's begins.
+    /// a header, keeps it. Gone once the JVM writes anything else (a record begins, a line
+    /// that is not stack trace), or when the caller forgets it ([`Grouper::forget_cut`]).
     cut: Option<Head>,
     /// The wrapper's own lines that came after the pending record's first line, as records
     /// of their own (in line order). They come out right after it, when it is
@@ -126,6 +129,10 @@ impl<O> Grouper<O> {
                 unparsed,
             } => {
                 let mut held = held;
+                if !stack {
+                    // The JVM writes something else: a trace cut before is over.
+                    self.cut = None;
+                }
                 if after_aside && !stack {
                     // Text right after the wrapper's line: the record in progress ended
                     // there (the JVM stopped and the wrapper said so, or started another).
@@ -249,6 +256,12 @@ impl<O> Grouper<O> {
         if let Some(last) = last {
             self.begin(last, true);
         }
+    }
+
+    /// Forgets the head of a trace cut before (see `cut`): its rest, if it comes now, is too
+    /// late to be placed a microsecond after it (the caller's clock decides).
+    pub fn forget_cut(&mut self) {
+        self.cut = None;
     }
 
     /// Whether the latest line was held behind the record in progress (an aside): the
@@ -378,9 +391,10 @@ fn ends_a_trace(record: &Record) -> bool {
 }
 
 /// Whether `text` is the first line of a printed trace: an exception line (not `Caused
-/// by:` or `Suppressed:`, which continue one).
+/// by:` or `Suppressed:`, which continue one), or the JVM's `Exception in thread "…"`.
 fn starts_a_trace(text: &str) -> bool {
-    crate::parse::is_exception_line(text.trim_start())
+    let text = text.trim_start();
+    crate::parse::is_exception_line(text) || text.starts_with("Exception in thread \"")
 }
 
 /// Whether one more line of `text` keeps `record`, with the asides held behind it (`held`:
@@ -729,47 +743,78 @@ mod tests {
     }
 
     /// The rest of a trace cut by the quiet keeps its header's fields; a new trace after
-    /// the quiet, or lines after another record began, do not.
+    /// the quiet, or lines after the JVM wrote something else, do not.
     #[test]
     fn only_the_rest_of_a_cut_trace_keeps_its_header() {
+        const QUIET: &str = "(quiet)";
         let head = [
             format!("{P}ERROR [main] [X] failed"),
             "java.lang.IllegalStateException: broken".to_owned(),
             "\tat a.B.c(B.java:1)".to_owned(),
         ];
-        let after_quiet = |lines: &[&str]| {
+        // The records after the head's: (level, message, stack trace).
+        let after = |lines: &[&str]| {
             let mut grouper = Grouper::default();
             let mut out = Vec::new();
-            for (index, line) in head.iter().enumerate() {
-                grouper.push(&parser(), CAPS, line, index, (), &mut out);
-            }
-            grouper.flush_quiet(&mut out);
-            for (index, line) in lines.iter().enumerate() {
-                grouper.push(&parser(), CAPS, line, head.len() + index, (), &mut out);
+            let all = head.iter().map(String::as_str).chain(lines.iter().copied());
+            for (index, line) in all.enumerate() {
+                if line == QUIET {
+                    grouper.flush_quiet(&mut out);
+                } else {
+                    grouper.push(&parser(), CAPS, line, index, (), &mut out);
+                }
             }
             grouper.flush(&mut out);
             out.into_iter()
                 .skip(1)
-                .map(|(r, ())| (r.level, r.stack_trace))
+                .map(|(r, ())| (r.level, r.message, r.stack_trace))
                 .collect::<Vec<_>>()
         };
         use crate::record::Level;
         let frame = "\tat a.B.d(B.java:2)";
-        assert_eq!(
-            after_quiet(&[frame]),
-            [(Some(Level::Error), frame.to_owned())]
-        );
-        // Another trace (an exception line), then its frame: no header of the first's.
-        assert_eq!(
-            after_quiet(&["java.lang.NullPointerException", frame]),
-            [(None, format!("java.lang.NullPointerException\n{frame}"))]
-        );
-        // A record began (a header) between: the frame joins it, nothing is inherited
-        // after it either.
+        let rest = |level| (level, String::new(), frame.to_owned());
+        assert_eq!(after(&[QUIET, frame]), [rest(Some(Level::Error))]);
+        // Another trace (an exception line, the JVM's uncaught one), then its frame.
+        for exception in [
+            "java.lang.NullPointerException",
+            "Exception in thread \"t1\" x.Y",
+        ] {
+            let trace = format!("{exception}\n{frame}");
+            assert_eq!(
+                after(&[QUIET, exception, frame]),
+                [(None, String::new(), trace)]
+            );
+        }
+        // A record began between, and went quiet too.
         let next = format!("{P}INFO  [main] [L] next");
         assert_eq!(
-            after_quiet(&[&next, frame]),
-            [(Some(Level::Info), frame.to_owned())]
+            after(&[QUIET, &next, QUIET, frame]),
+            [
+                (Some(Level::Info), "next".to_owned(), String::new()),
+                rest(None)
+            ]
+        );
+        // The JVM died in its trace and another started after a quiet: its first output
+        // joins the wrapper's line, and a trace after that is not the dead JVM's.
+        let exited = format!("{W}JVM exited unexpectedly.");
+        let launching = format!("{W}Launching a JVM...");
+        let started = "INFO   | jvm 2    | main    | 2024/10/28 17:12:40.000 | WrapperManager: Initializing...";
+        let caused = "Caused by: java.lang.ClassNotFoundException: X";
+        assert_eq!(
+            after(&[&exited, &launching, QUIET, started, caused]),
+            [
+                (
+                    Some(Level::Info),
+                    "JVM exited unexpectedly.".to_owned(),
+                    String::new()
+                ),
+                (
+                    Some(Level::Info),
+                    "Launching a JVM...\nWrapperManager: Initializing...".to_owned(),
+                    String::new()
+                ),
+                (None, String::new(), caused.to_owned()),
+            ]
         );
     }
 

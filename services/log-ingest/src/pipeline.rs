@@ -371,6 +371,13 @@ struct Streams {
 /// A stream without a record in progress is forgotten after this long without a line.
 const IDLE_STREAM: Duration = Duration::from_secs(600);
 
+/// How long after its head's last line the rest of a trace cut by the quiet may come and
+/// still keep the head's header and time (a microsecond after it): past the Tanuki
+/// wrapper's default ping timeout (30 s), after which it restarts a stalled JVM, and far
+/// within what Loki takes out of order in a stream (about an hour). Later, the rest is a
+/// record without a header at its own time.
+const CUT_KEPT: Duration = Duration::from_secs(60);
+
 impl Streams {
     /// Forgets the streams without a record in progress and without a line for
     /// [`IDLE_STREAM`].
@@ -549,6 +556,9 @@ impl Pipeline {
                             && state.complete_quiet(&mut ready)
                         {
                             paused = true;
+                        }
+                        if now.duration_since(state.last_joined) >= CUT_KEPT {
+                            state.grouper.forget_cut();
                         }
                     }
                     // The whole input paused (not one sparse stream among busy ones): the
