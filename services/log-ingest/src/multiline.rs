@@ -20,7 +20,8 @@
 //! one line, or lose a line. Only a single line longer than the byte cap is cut (the cut is
 //! counted in `truncated_bytes`). The rest of a trace cut from its head (by a cap, the
 //! quiet, memory) keeps what the head's header said: level, logger, thread, trace id, and
-//! its time a microsecond later.
+//! its time a microsecond later (after the quiet or memory, when it begins with stack
+//! trace that is not another exception, and comes before the caller forgets the head).
 
 use crate::{
     parse::{Line, Parser},
@@ -52,6 +53,8 @@ pub struct Grouper<O = ()> {
     /// a header, keeps it. Gone once the JVM writes anything else (a record begins, a line
     /// that is not stack trace), or when the caller forgets it ([`Grouper::forget_cut`]).
     cut: Option<Head>,
+    /// Heads kept in `cut` so far: which one is there, for the caller's clock.
+    cuts: u64,
     /// The wrapper's own lines that came after the pending record's first line, as records
     /// of their own (in line order). They come out right after it, when it is
     /// complete, so records leave in the order of their first lines and everything from
@@ -70,6 +73,7 @@ impl<O> Default for Grouper<O> {
             pending: None,
             pending_aside: false,
             cut: None,
+            cuts: 0,
             asides: Vec::new(),
             asides_bytes: 0,
             after_aside: false,
@@ -228,6 +232,7 @@ impl<O> Grouper<O> {
             && !record.stack_trace.is_empty()
         {
             self.cut = Some(Head::of(record));
+            self.cuts += 1;
         }
         self.pending_aside = false;
         out.extend(self.pending.take());
@@ -256,6 +261,12 @@ impl<O> Grouper<O> {
         if let Some(last) = last {
             self.begin(last, true);
         }
+    }
+
+    /// Which head of a cut trace is kept (a number that changes with every new one), if
+    /// any: the caller times it, to [`Grouper::forget_cut`] it.
+    pub fn cut(&self) -> Option<u64> {
+        self.cut.as_ref().map(|_| self.cuts)
     }
 
     /// Forgets the head of a trace cut before (see `cut`): its rest, if it comes now, is too

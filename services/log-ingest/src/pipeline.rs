@@ -275,6 +275,8 @@ struct StreamState {
     /// When its record in progress last got a line (not one held behind it): its quiet is
     /// judged from here, so the wrapper pinging a stalled JVM does not hold it.
     last_joined: Instant,
+    /// The head of a cut trace its grouper keeps (see [`Grouper::cut`]) and since when.
+    cut_seen: Option<(u64, Instant)>,
     /// Whether a line of its own (not held behind its record in progress) arrived since
     /// this replica started (not only lines read again from the buffer).
     resumed: bool,
@@ -313,6 +315,23 @@ impl StreamState {
         let any = !out.is_empty();
         ready.extend(out.into_iter().map(|completed| self.ready(completed)));
         any
+    }
+
+    /// Times the head of a cut trace its grouper keeps, from when it was first seen, and
+    /// forgets it after [`CUT_KEPT`] (the wrapper's lines do not move this clock).
+    fn age_cut(&mut self, now: Instant) {
+        self.cut_seen = match (self.grouper.cut(), self.cut_seen) {
+            (None, _) => None,
+            (Some(cut), Some((seen, since))) if seen == cut => {
+                if now.duration_since(since) >= CUT_KEPT {
+                    self.grouper.forget_cut();
+                    None
+                } else {
+                    Some((seen, since))
+                }
+            }
+            (Some(cut), _) => Some((cut, now)),
+        };
     }
 
     /// A record of this stream completed, ready for Loki.
@@ -371,8 +390,8 @@ struct Streams {
 /// A stream without a record in progress is forgotten after this long without a line.
 const IDLE_STREAM: Duration = Duration::from_secs(600);
 
-/// How long after its head's last line the rest of a trace cut by the quiet may come and
-/// still keep the head's header and time (a microsecond after it): past the Tanuki
+/// How long after its head was cut (by the quiet, memory, the caps) the rest of a trace may
+/// come and still keep the head's header and time (a microsecond after it): past the Tanuki
 /// wrapper's default ping timeout (30 s), after which it restarts a stalled JVM, and far
 /// within what Loki takes out of order in a stream (about an hour). Later, the rest is a
 /// record without a header at its own time.
@@ -557,9 +576,7 @@ impl Pipeline {
                         {
                             paused = true;
                         }
-                        if now.duration_since(state.last_joined) >= CUT_KEPT {
-                            state.grouper.forget_cut();
-                        }
+                        state.age_cut(now);
                     }
                     // The whole input paused (not one sparse stream among busy ones): the
                     // records it completed go at once.
@@ -753,6 +770,7 @@ impl Pipeline {
                         lines: 0,
                         last_line: now,
                         last_joined: now,
+                        cut_seen: None,
                         batches: std::collections::BTreeMap::new(),
                         resumed: false,
                         last_at: at,
@@ -761,6 +779,9 @@ impl Pipeline {
                 );
             }
             let state = streams.open.get_mut(&key).expect("inserted above");
+            // A head kept too long (a backlog read long after it was cut) is forgotten
+            // before its rest could take it.
+            state.age_cut(now);
             let first = state.lines;
             // Whether a line of the run was not held behind the record in progress.
             let mut joined = false;
@@ -797,6 +818,7 @@ impl Pipeline {
                 }
                 next = events.next_if(|e| host_is(e, &key.1));
             }
+            state.age_cut(now);
             // This batch's lines of the stream: where they start, how many.
             state.batches.entry(at).or_insert((first, 0)).1 += state.lines - first;
             state.last_line = now;
@@ -1602,6 +1624,7 @@ mod tests {
             lines,
             last_line: Instant::now(),
             last_joined: Instant::now(),
+            cut_seen: None,
             resumed: true,
             batches: batches.iter().copied().collect(),
             last_at: Position::default(),
@@ -1666,6 +1689,55 @@ mod tests {
         let mut metadata = Vec::new();
         assert_eq!(add_fields(&mut metadata, many), 5);
         assert_eq!(metadata.len(), MAX_FIELDS);
+    }
+
+    /// The head of a cut trace is kept for [`CUT_KEPT`] from when it was first seen,
+    /// whatever comes meanwhile that leaves it (the wrapper's lines); a new cut has its own
+    /// clock.
+    #[test]
+    fn a_cut_traces_head_is_forgotten_a_while_after_the_cut() {
+        let mut s = state(0, None, &[]);
+        s.parser = Parser::new(Format::Wrapper, chrono_tz::Asia::Seoul);
+        let caps = Caps {
+            lines: 100,
+            bytes: 10_000,
+        };
+        let push = |s: &mut StreamState, line: &str| {
+            let mut out = Vec::new();
+            s.grouper
+                .push(&s.parser, caps, line, 0, Origin::default(), &mut out);
+        };
+        let cut = |s: &mut StreamState| {
+            push(
+                s,
+                "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ERROR [main] [X] failed",
+            );
+            push(s, "\tat a.B.c(B.java:1)");
+            assert!(s.complete_quiet(&mut Vec::new()));
+        };
+        let t0 = Instant::now();
+        cut(&mut s);
+        s.age_cut(t0);
+        let first = s.grouper.cut().expect("a head kept");
+        // A wrapper line starts a record meanwhile: the head stays, on the same clock.
+        push(
+            &mut s,
+            "STATUS | wrapper  | 2024/10/28 17:12:31 | Pinging the JVM took 12 seconds to respond.",
+        );
+        s.age_cut(t0 + CUT_KEPT - Duration::from_secs(1));
+        assert_eq!(s.grouper.cut(), Some(first));
+        s.age_cut(t0 + CUT_KEPT);
+        assert_eq!(s.grouper.cut(), None);
+        // Another cut, later: its own clock.
+        cut(&mut s);
+        let second = s.grouper.cut().expect("a head kept");
+        assert_ne!(second, first);
+        let t1 = t0 + CUT_KEPT + Duration::from_secs(5);
+        s.age_cut(t1);
+        s.age_cut(t1 + CUT_KEPT - Duration::from_secs(1));
+        assert_eq!(s.grouper.cut(), Some(second));
+        s.age_cut(t1 + CUT_KEPT);
+        assert_eq!(s.grouper.cut(), None);
     }
 
     /// Eviction takes a stream with nothing to keep before an older one with a record in
