@@ -153,7 +153,8 @@ impl<O> Grouper<O> {
                 } else if stack && self.pending_aside {
                     // The JVM's stack trace after a record of the wrapper's (the rest of a
                     // trace that went quiet while the JVM stalled, the wrapper pinging it):
-                    // never the wrapper's; a record without a header, as after any quiet.
+                    // never the wrapper's; a record of its own, which keeps the cut trace's
+                    // head (below) as after any quiet.
                     self.complete(out);
                 }
                 match &mut self.pending {
