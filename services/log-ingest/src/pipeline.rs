@@ -1116,9 +1116,12 @@ impl Pusher {
         }
         let items = self.prepare(records);
         let _ = turn.prepared.send(());
+        // Encoded (protobuf, snappy) before the turn: while the push before waits for
+        // Loki's answer, not after it.
+        let pieces = self.pieces(items);
         let ours = match turn.after {
-            Some(before) => before.await.unwrap_or(false) && self.send_all(items, &stop).await,
-            None => self.send_all(items, &stop).await,
+            Some(before) => before.await.unwrap_or(false) && self.send_all(pieces, &stop).await,
+            None => self.send_all(pieces, &stop).await,
         };
         if ours {
             // The acker ends only after every push did: a failed send cannot happen here.
@@ -1128,16 +1131,11 @@ impl Pusher {
         ours
     }
 
-    /// Pushes `items` in pieces; see [`Pusher::push`].
-    async fn send_all(&self, items: Vec<Item>, stop: &CancellationToken) -> bool {
-        // Pieces of at most `batch_bytes`; a piece Loki refuses (400) or finds too large
-        // (413) is halved until the record at fault is alone, and only that one is dropped:
-        // for a 400, when Loki's answer names a reason of the record's own, or names none
-        // while Loki takes an empty push (else the lone record waits: a tenant or proxy Loki
-        // refuses must not drop every record one by one).
-        // Where each piece after the first starts; the pieces are split off from the end
-        // (the items are moved once, not pushed one by one), so the first ends up on top
-        // of the stack and goes first.
+    /// `items` cut into pieces of at most `batch_bytes`, each encoded as a push, the piece
+    /// to send first last (the pieces are split off from the end, so the items are moved
+    /// once, not pushed one by one; [`Pusher::send_all`] pops them).
+    fn pieces(&self, items: Vec<Item>) -> Vec<Piece> {
+        // Where each piece after the first starts.
         let mut starts = Vec::new();
         let (mut from, mut bytes) = (0, 0);
         for (i, item) in items.iter().enumerate() {
@@ -1149,13 +1147,24 @@ impl Pusher {
             bytes += size;
         }
         let mut items = items;
-        let mut pieces: Vec<Vec<Item>> = Vec::with_capacity(starts.len() + 1);
+        let mut pieces: Vec<Piece> = Vec::with_capacity(starts.len() + 1);
         for &start in starts.iter().rev() {
-            pieces.push(items.split_off(start));
+            pieces.push(Piece::encoded(items.split_off(start)));
         }
         if !items.is_empty() {
-            pieces.push(items);
+            pieces.push(Piece::encoded(items));
         }
+        pieces
+    }
+
+    /// Pushes `pieces` (from the last); see [`Pusher::push`].
+    async fn send_all(&self, mut pieces: Vec<Piece>, stop: &CancellationToken) -> bool {
+        // A piece Loki refuses (400) or finds too large (413) is halved until the record
+        // at fault is alone, and only that one is dropped: for a 400, when Loki's answer
+        // names a reason of the record's own, or names none while Loki takes an empty push
+        // (else the lone record waits: a tenant or proxy Loki refuses must not drop every
+        // record one by one).
+        //
         // Records Loki refused for good: how many, and the first one's stream and reason (one
         // log line per push, not one per record: after a long outage every record of a push
         // may be too old).
@@ -1166,13 +1175,21 @@ impl Pusher {
         // sent, waited out until Loki takes it, and the record is sent once more; refused
         // again for no reason known, it is dropped (`loki_refused`).
         let mut proven = false;
-        while let Some(mut piece) = pieces.pop() {
+        while let Some(Piece {
+            items: mut piece,
+            body,
+        }) = pieces.pop()
+        {
             // Whether Loki has just taken an empty push and this is the record sent again.
             let again = std::mem::take(&mut proven);
-            if self.metadata_refused.now() {
+            // Encoded as it is, unless its metadata must go first.
+            let body = if self.metadata_refused.now() {
                 self.strip_metadata(&mut piece);
-            }
-            match self.send(&mut piece, stop).await {
+                None
+            } else {
+                body
+            };
+            match self.send(&mut piece, body, stop).await {
                 None => return false,
                 Some(Pushed::Refused(reason))
                     if piece.len() == 1
@@ -1183,7 +1200,7 @@ impl Pusher {
                         return false;
                     }
                     proven = true;
-                    pieces.push(piece);
+                    pieces.push(Piece::unencoded(piece));
                 }
                 Some(Pushed::Accepted) => {
                     self.metrics.pushed.inc_by(piece.len() as u64);
@@ -1207,12 +1224,12 @@ impl Pusher {
                     );
                     self.metadata_refused.refused();
                     self.strip_metadata(&mut piece);
-                    pieces.push(piece);
+                    pieces.push(Piece::unencoded(piece));
                 }
                 Some(Pushed::Refused(_) | Pushed::TooLarge) if piece.len() > 1 => {
                     let second = piece.split_off(piece.len() / 2);
-                    pieces.push(second);
-                    pieces.push(piece);
+                    pieces.push(Piece::unencoded(second));
+                    pieces.push(Piece::unencoded(piece));
                 }
                 // A reason Loki gives for this record, or none while it takes an empty push:
                 // the drop is counted under Loki's own name (`loki_refused` for none known).
@@ -1285,35 +1302,14 @@ impl Pusher {
             .is_some()
     }
 
-    /// One push of `items`, grouped into streams. Their entries are moved into the request
-    /// to encode it and moved back after (a piece may be sent again, halved).
-    async fn send(&self, items: &mut [Item], stop: &CancellationToken) -> Option<Pushed> {
-        let mut at: HashMap<&str, usize> = HashMap::new();
-        let mut streams: Vec<(loki::Stream, Vec<usize>)> = Vec::new();
-        for (i, item) in items.iter_mut().enumerate() {
-            let s = *at.entry(&item.labels).or_insert_with(|| {
-                streams.push((
-                    loki::Stream {
-                        labels: item.labels.to_string(),
-                        entries: Vec::new(),
-                        hash: 0,
-                    },
-                    Vec::new(),
-                ));
-                streams.len() - 1
-            });
-            streams[s].0.entries.push(std::mem::take(&mut item.entry));
-            streams[s].1.push(i);
-        }
-        drop(at);
-        let (streams, owners): (Vec<loki::Stream>, Vec<Vec<usize>>) = streams.into_iter().unzip();
-        let mut request = loki::PushRequest { streams };
-        let body = loki::encode(&request);
-        for (stream, owners) in request.streams.iter_mut().zip(owners) {
-            for (entry, i) in stream.entries.drain(..).zip(owners) {
-                items[i].entry = entry;
-            }
-        }
+    /// One push of `items`, as `body` when it was encoded already (else encoded here).
+    async fn send(
+        &self,
+        items: &mut [Item],
+        body: Option<Vec<u8>>,
+        stop: &CancellationToken,
+    ) -> Option<Pushed> {
+        let body = body.unwrap_or_else(|| encode(items));
         let pushes = &self.metrics.pushes;
         let outcome = self
             .loki
@@ -1329,6 +1325,59 @@ impl Pusher {
         };
         pushes.with_label_values(&[label]).inc();
         outcome
+    }
+}
+
+/// `items` as one push's body, grouped into streams. Their entries are moved into the
+/// request to encode it and moved back after (a piece may be sent again, halved).
+fn encode(items: &mut [Item]) -> Vec<u8> {
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    let mut streams: Vec<(loki::Stream, Vec<usize>)> = Vec::new();
+    for (i, item) in items.iter_mut().enumerate() {
+        let s = *at.entry(&item.labels).or_insert_with(|| {
+            streams.push((
+                loki::Stream {
+                    labels: item.labels.to_string(),
+                    entries: Vec::new(),
+                    hash: 0,
+                },
+                Vec::new(),
+            ));
+            streams.len() - 1
+        });
+        streams[s].0.entries.push(std::mem::take(&mut item.entry));
+        streams[s].1.push(i);
+    }
+    drop(at);
+    let (streams, owners): (Vec<loki::Stream>, Vec<Vec<usize>>) = streams.into_iter().unzip();
+    let mut request = loki::PushRequest { streams };
+    let body = loki::encode(&request);
+    for (stream, owners) in request.streams.iter_mut().zip(owners) {
+        for (entry, i) in stream.entries.drain(..).zip(owners) {
+            items[i].entry = entry;
+        }
+    }
+    body
+}
+
+/// Some of a push's items, and their body when encoded already.
+#[derive(Debug)]
+struct Piece {
+    items: Vec<Item>,
+    body: Option<Vec<u8>>,
+}
+
+impl Piece {
+    fn encoded(mut items: Vec<Item>) -> Self {
+        let body = encode(&mut items);
+        Self {
+            items,
+            body: Some(body),
+        }
+    }
+
+    fn unencoded(items: Vec<Item>) -> Self {
+        Self { items, body: None }
     }
 }
 
