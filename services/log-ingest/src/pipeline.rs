@@ -115,7 +115,8 @@ fn source_label(source: Source) -> &'static str {
 /// A push running: its task, and the position (with its note) to acknowledge after it.
 type InFlight = std::collections::VecDeque<tokio::task::JoinHandle<bool>>;
 
-/// Pushes at most in flight: one sending while the next masks, labels and encodes.
+/// Pushes at most in flight: one sending while the next masks, labels and encodes. Each
+/// holds its records and their encoded body (snappy: about the records' bytes at most).
 const PUSHES_IN_FLIGHT: usize = 2;
 
 /// Acknowledgements waiting to be written at most (the acker coalesces them).
@@ -1134,7 +1135,11 @@ impl Pusher {
     /// `items` cut into pieces of at most `batch_bytes`, each encoded as a push, the piece
     /// to send first last (the pieces are split off from the end, so the items are moved
     /// once, not pushed one by one; [`Pusher::send_all`] pops them).
-    fn pieces(&self, items: Vec<Item>) -> Vec<Piece> {
+    fn pieces(&self, mut items: Vec<Item>) -> Vec<Piece> {
+        // While Loki refuses structured metadata, encoded without it.
+        if self.metadata_refused.now() {
+            self.strip_metadata(&mut items);
+        }
         // Where each piece after the first starts.
         let mut starts = Vec::new();
         let (mut from, mut bytes) = (0, 0);
@@ -1146,7 +1151,6 @@ impl Pusher {
             }
             bytes += size;
         }
-        let mut items = items;
         let mut pieces: Vec<Piece> = Vec::with_capacity(starts.len() + 1);
         for &start in starts.iter().rev() {
             pieces.push(Piece::encoded(items.split_off(start)));
@@ -1182,9 +1186,9 @@ impl Pusher {
         {
             // Whether Loki has just taken an empty push and this is the record sent again.
             let again = std::mem::take(&mut proven);
-            // Encoded as it is, unless its metadata must go first.
-            let body = if self.metadata_refused.now() {
-                self.strip_metadata(&mut piece);
+            // Loki came to refuse structured metadata after this piece was encoded: encoded
+            // again without it.
+            let body = if self.metadata_refused.now() && self.strip_metadata(&mut piece) > 0 {
                 None
             } else {
                 body
@@ -1276,8 +1280,8 @@ impl Pusher {
     }
 
     /// Takes the structured metadata off `piece`'s entries (Loki refuses it), counting
-    /// the records that had some.
-    fn strip_metadata(&self, piece: &mut [Item]) {
+    /// the records that had some; how many that is.
+    fn strip_metadata(&self, piece: &mut [Item]) -> u64 {
         let mut stripped = 0;
         for item in piece {
             if !item.entry.structured_metadata.is_empty() {
@@ -1286,6 +1290,7 @@ impl Pusher {
             }
         }
         self.metrics.metadata_refused.inc_by(stripped);
+        stripped
     }
 
     /// Sends Loki an empty push until it takes one (a 400 naming no reason is waited out
