@@ -16,6 +16,9 @@
 //! nanoseconds, big-endian u32 each, as fixext8 or ext8), or `[time, {metadata}]` (Fluent
 //! Bit's event format with metadata). A `nil` value is a TCP heartbeat. With a `chunk`
 //! option the sender wants `{"ack": chunk}` back ([`ack`]), the chunk echoed byte for byte.
+//! Fluent Bit's group markers (EventTime `0xFFFFFFFF` or `0xFFFFFFFE` seconds) are not
+//! records and are skipped; a message whose `fluent_signal` option names metrics or traces
+//! is [`Frame::NotLogs`].
 //!
 //! The scanner is ours (no MessagePack crate answers "is a whole value here yet?" without
 //! decoding it), and it also cuts a message into its parts: records are not decoded here,
@@ -230,6 +233,19 @@ pub enum Frame {
     Heartbeat,
     /// A message of events.
     Message(Message),
+    /// A message of metrics, traces or another signal that is not logs (Fluent Bit's
+    /// `fluent_signal` option, when a `forward` output matches a metrics or traces input):
+    /// nothing here reads it. Its `chunk` is acknowledged all the same, or the sender would
+    /// retry it for ever (with `Retry_Limit no_limits`), its stuck chunks counting against
+    /// the output's storage limit, which then drops the oldest chunks: logs among them.
+    NotLogs {
+        /// The message's tag.
+        tag: String,
+        /// The `fluent_signal` value (1 metrics, 2 traces, and so on).
+        signal: i64,
+        /// The `chunk` option as encoded, if any.
+        chunk: Option<Vec<u8>>,
+    },
 }
 
 /// Decodes the frame `bytes` (exactly one value, as [`frame_len`] found it); compressed
@@ -264,6 +280,7 @@ pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
             .to_owned(),
         None => return Err(Garbage::NotForward("the tag is not a string")),
     };
+    let after_tag = rest;
     // Forward mode: `[tag, [[time, record], …], options?]`. Its entries are read where they
     // lie, not first cut out as one part and then again one by one.
     if let Some(entries) = forward_entries(rest) {
@@ -275,13 +292,34 @@ pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
         let mut events =
             Events::with_capacity((rest.len() + 8 * entries.count as usize).min(max_inflated));
         for _ in 0..entries.count {
-            rest = push_entry(&mut events, rest).ok_or_else(undecodable)??;
+            match push_entry(&mut events, rest) {
+                Some(Ok(after)) => rest = after,
+                // Metrics or traces in Forward mode (Fluent Bit's `fluentd_compat`) are not
+                // entries of records; their options, after them, say so.
+                failed => {
+                    let error = match failed {
+                        Some(Err(error)) => error,
+                        _ => undecodable(),
+                    };
+                    return match other_signal(&tag, count, after_tag)? {
+                        Some(frame) => Ok(frame),
+                        None => Err(error),
+                    };
+                }
+            }
             within(&events, &tag, max_inflated)?;
         }
         let options = match count {
             3 => Some(split_value(rest).ok_or_else(undecodable)?.0),
             _ => None,
         };
+        if let Some(signal) = signal(options)?.filter(|s| *s != LOGS) {
+            return Ok(Frame::NotLogs {
+                tag,
+                signal,
+                chunk: chunk(options)?,
+            });
+        }
         return Ok(Frame::Message(Message {
             tag,
             events,
@@ -309,9 +347,20 @@ pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
     // [tag, time, record, options?] or [tag, packed entries, options?]
     let options_at = if message_mode { 3 } else { 2 };
     let options = (count as usize > options_at).then(|| parts[options_at]);
+    // Metrics and traces come as PackedForward of their own encoding, not entries.
+    if let Some(signal) = signal(options)?.filter(|s| *s != LOGS) {
+        return Ok(Frame::NotLogs {
+            tag,
+            signal,
+            chunk: chunk(options)?,
+        });
+    }
     let events = if message_mode {
         let mut events = Events::with_capacity(parts[2].len() + 16);
-        events.push_raw(time_nanos_of(parts[1])?, parts[2]);
+        let nanos = time_nanos_of(parts[1])?;
+        if !is_group_marker(parts[1]) {
+            events.push_raw(nanos, parts[2]);
+        }
         events
     } else {
         match str_payload(parts[1]).or_else(|| bin_payload(parts[1])) {
@@ -367,6 +416,74 @@ fn chunk(options: Option<&[u8]>) -> Result<Option<Vec<u8>>, Garbage> {
         }
     }
     Ok(None)
+}
+
+/// Fluent Bit's `fluent_signal` for logs.
+const LOGS: i64 = 0;
+
+/// The `fluent_signal` option (Fluent Bit's: 0 logs, 1 metrics, 2 traces, 3 profiles, 4
+/// blobs), from the options (a map or nil, if any); `None` without it.
+fn signal(options: Option<&[u8]>) -> Result<Option<i64>, Garbage> {
+    let undecodable = || Garbage::NotMessagePack("a value does not decode");
+    let Some(options) = options.filter(|o| is_map(o)) else {
+        return Ok(None);
+    };
+    let mut rest = options;
+    let pairs = rmp::decode::read_map_len(&mut rest).map_err(|_| undecodable())?;
+    for _ in 0..pairs {
+        let (key, after) = split_value(rest).ok_or_else(undecodable)?;
+        let (value, after) = split_value(after).ok_or_else(undecodable)?;
+        rest = after;
+        if str_payload(key) == Some(b"fluent_signal") {
+            return match read(value)? {
+                // Past i64: no signal Fluent Bit knows, and not logs.
+                Value::Integer(i) => Ok(Some(i.as_i64().unwrap_or(i64::MAX))),
+                _ => Err(Garbage::NotForward("fluent_signal is an integer")),
+            };
+        }
+    }
+    Ok(None)
+}
+
+/// A Forward mode message (`count` parts, `after_tag` what follows its tag) whose options
+/// name a signal other than logs, as [`Frame::NotLogs`]; `None` for one that does not.
+fn other_signal(tag: &str, count: u32, after_tag: &[u8]) -> Result<Option<Frame>, Garbage> {
+    if count != 3 {
+        return Ok(None);
+    }
+    let Some((_, after)) = split_value(after_tag) else {
+        return Ok(None);
+    };
+    let Some((options, _)) = split_value(after) else {
+        return Ok(None);
+    };
+    Ok(match signal(Some(options))?.filter(|s| *s != LOGS) {
+        Some(signal) => Some(Frame::NotLogs {
+            tag: tag.to_owned(),
+            signal,
+            chunk: chunk(Some(options))?,
+        }),
+        None => None,
+    })
+}
+
+/// Whether an entry's time (one whole value, as sent) marks the start or end of a group
+/// rather than a record: Fluent Bit's group markers (a group of OTLP records' resource and
+/// scope; forwarded as they are since Fluent Bit 5.0.5) are EventTime with seconds
+/// `0xFFFFFFFF` (start) or `0xFFFFFFFE` (end) and no nanoseconds, alone or as `[EventTime,
+/// metadata]`, their record the group's attributes, not a log line. Only those two
+/// EventTime values, as Fluent Bit's own decoder reads them: integers and floats of those
+/// seconds are times (in 2106).
+fn is_group_marker(time: &[u8]) -> bool {
+    let time = time.strip_prefix(&[0x92]).unwrap_or(time);
+    let data = match time {
+        [0xd7, 0x00, data @ ..] | [0xc7, 8, 0x00, data @ ..] => data,
+        _ => return false,
+    };
+    matches!(
+        data.get(..8),
+        Some([0xff, 0xff, 0xff, 0xff | 0xfe, 0, 0, 0, 0])
+    )
 }
 
 /// The payload of a str value at the start of `value`.
@@ -504,7 +621,9 @@ fn push_entry<'a>(events: &mut Events, bytes: &'a [u8]) -> Option<Result<&'a [u8
         return Some(Err(Garbage::NotForward("a record is a map")));
     }
     Some(time_nanos_of(time).map(|nanos| {
-        events.push_raw(nanos, record);
+        if !is_group_marker(time) {
+            events.push_raw(nanos, record);
+        }
         rest
     }))
 }
@@ -594,7 +713,7 @@ mod tests {
         assert_eq!(frame_len(frame, MAX), Ok(Some(frame.len())));
         match decode(frame, MAX).expect("decodes") {
             Frame::Message(message) => message,
-            Frame::Heartbeat => panic!("not a heartbeat"),
+            other => panic!("not a message of logs: {other:?}"),
         }
     }
 
@@ -604,6 +723,137 @@ mod tests {
             .iter()
             .map(|e| e.text("log").expect("a log").into_owned())
             .collect()
+    }
+
+    /// EventTime with `seconds` and `nanos`.
+    fn event_time_of(seconds: u32, nanos: u32) -> Value {
+        let mut data = seconds.to_be_bytes().to_vec();
+        data.extend_from_slice(&nanos.to_be_bytes());
+        Value::Ext(0, data)
+    }
+
+    /// EventTime with `seconds` and no nanoseconds, as `[EventTime, {}]`.
+    fn marked(seconds: u32) -> Value {
+        Value::Array(vec![event_time_of(seconds, 0), Value::Map(vec![])])
+    }
+
+    /// Fluent Bit 5.0.5+ forwards chunks as they are, OTLP group markers included: they
+    /// are not records, in any mode; times next to them (`0xFFFFFFFD`, the same seconds
+    /// with nanoseconds, or as an integer) are times, as Fluent Bit reads them.
+    #[test]
+    fn fluent_bits_group_markers_are_not_records() {
+        let group = Value::Map(vec![(s("resource"), Value::Map(vec![]))]);
+        let entries = vec![
+            Value::Array(vec![marked(0xFFFF_FFFF), group.clone()]),
+            Value::Array(vec![
+                Value::Array(vec![event_time(), Value::Map(vec![])]),
+                record("in the group"),
+            ]),
+            Value::Array(vec![event_time_of(0xFFFF_FFFE, 0), Value::Map(vec![])]),
+            Value::Array(vec![marked(0xFFFF_FFFD), record("2106")]),
+            Value::Array(vec![event_time_of(0xFFFF_FFFF, 1), record("2106 and 1 ns")]),
+            Value::Array(vec![
+                Value::from(0xFFFF_FFFF_u32),
+                record("2106 as an integer"),
+            ]),
+        ];
+        let kept = [
+            "in the group",
+            "2106",
+            "2106 and 1 ns",
+            "2106 as an integer",
+        ];
+        let forward = encode(&Value::Array(vec![
+            s("otel"),
+            Value::Array(entries.clone()),
+        ]));
+        assert_eq!(lines(&message(&forward)), kept);
+        let stream: Vec<u8> = entries.iter().flat_map(encode).collect();
+        let packed = encode(&Value::Array(vec![s("otel"), Value::Binary(stream)]));
+        assert_eq!(lines(&message(&packed)), kept);
+        let lone = encode(&Value::Array(vec![
+            s("otel"),
+            marked(0xFFFF_FFFF),
+            group,
+            Value::Map(vec![(s("chunk"), s("c1"))]),
+        ]));
+        let lone = message(&lone);
+        assert!(lone.events.is_empty());
+        assert_eq!(lone.chunk.as_deref(), Some(&encode(&s("c1"))[..]));
+    }
+
+    /// Metrics and traces (`fluent_signal` 1 and 2, their own encoding in the bin) are told
+    /// apart with their chunk, to be acknowledged; logs (`fluent_signal` 0) are decoded.
+    #[test]
+    fn messages_of_other_signals_are_told_apart_with_their_chunk() {
+        let cmetrics = encode(&Value::Map(vec![(s("meta"), Value::Map(vec![]))]));
+        for signal in [1, 2] {
+            let frame = encode(&Value::Array(vec![
+                s("metrics"),
+                Value::Binary(cmetrics.clone()),
+                Value::Map(vec![
+                    (s("chunk"), s("m1")),
+                    (s("fluent_signal"), Value::from(signal)),
+                ]),
+            ]));
+            assert_eq!(
+                decode(&frame, MAX),
+                Ok(Frame::NotLogs {
+                    tag: "metrics".to_owned(),
+                    signal,
+                    chunk: Some(encode(&s("m1"))),
+                })
+            );
+        }
+        let entries: Vec<u8> = encode(&Value::Array(vec![event_time(), record("a line")]));
+        let logs = encode(&Value::Array(vec![
+            s("hybris.wrapper"),
+            Value::Binary(entries),
+            Value::Map(vec![
+                (s("chunk"), s("l1")),
+                (s("size"), Value::from(1)),
+                (s("fluent_signal"), Value::from(0)),
+            ]),
+        ]));
+        assert_eq!(lines(&message(&logs)), ["a line"]);
+        // Forward mode (Fluent Bit's `fluentd_compat`): metrics are not entries of records,
+        // and the options after them say what they are; so are entries that would decode.
+        let time = Value::from(1_730_103_120_u32);
+        let compat = |record: Value| {
+            encode(&Value::Array(vec![
+                s("metrics"),
+                Value::Array(vec![Value::Array(vec![time.clone(), record])]),
+                Value::Map(vec![
+                    (s("chunk"), s("m2")),
+                    (s("fluent_signal"), Value::from(1)),
+                ]),
+            ]))
+        };
+        for record in [Value::Array(vec![Value::Map(vec![])]), record("a map")] {
+            assert_eq!(
+                decode(&compat(record), MAX),
+                Ok(Frame::NotLogs {
+                    tag: "metrics".to_owned(),
+                    signal: 1,
+                    chunk: Some(encode(&s("m2"))),
+                })
+            );
+        }
+        // A signal that is not a number is refused, even before entries that decode.
+        let entries: Vec<u8> = encode(&Value::Array(vec![event_time(), record("a line")]));
+        let odd = encode(&Value::Array(vec![
+            s("metrics"),
+            Value::Binary(entries),
+            Value::Map(vec![(s("fluent_signal"), s("metrics"))]),
+        ]));
+        assert!(decode(&odd, MAX).is_err());
+        assert!(
+            decode(
+                &encode(&Value::Array(vec![s("x"), Value::Binary(cmetrics)])),
+                MAX
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The forward protocol's TCP listener: messages in, batches into the durable buffer, and
-//! `{"ack": chunk}` back only once a message's batch is on disk.
+//! `{"ack": chunk}` back only once a message's batch is on disk (a message with nothing
+//! to store, metrics or traces sent here by mistake, at once).
 //!
 //! - With `shared_key` set, every connection starts with the protocol's handshake (HELO
 //!   from us with a fresh nonce; PING with the client's SHA-512 digest; PONG with ours);
@@ -307,6 +308,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|_| Closed::Slow("the shared key handshake", settings.handshake_timeout))??;
     }
     let max_inflated = settings.max_message_bytes.saturating_mul(4);
+    let mut told_not_logs = false;
     loop {
         // Held until the message is stored and acknowledged (dropped at the loop's end).
         let Some((frame, _in_flight)) =
@@ -317,6 +319,23 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         let message = match forward::decode(&frame, max_inflated)? {
             Frame::Heartbeat => continue,
             Frame::Message(message) => message,
+            Frame::NotLogs { tag, signal, chunk } => {
+                // Once per connection: Fluent Bit sends such a chunk every flush.
+                if !told_not_logs {
+                    told_not_logs = true;
+                    tracing::warn!(
+                        tag = %tag.escape_debug(),
+                        signal,
+                        "a forward sender sends metrics or traces (fluent_signal), which log-ingest does not take: acknowledged and dropped (counted in forward_messages_total with outcome not_logs); match only log inputs in its forward output"
+                    );
+                }
+                metrics.chunks.with_label_values(&["not_logs"]).inc();
+                forward::Message {
+                    tag,
+                    events: Default::default(),
+                    chunk,
+                }
+            }
         };
         // Only the stored form is kept through the store's wait.
         drop(frame);

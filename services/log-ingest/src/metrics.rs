@@ -25,7 +25,13 @@ pub const DROP_REASONS: [&str; 10] = [
 /// What became of each push attempt.
 const PUSHES: [&str; 4] = ["accepted", "failed", "refused", "too_large"];
 /// What became of each forward message.
-pub const CHUNKS: [&str; 4] = ["stored", "sent_again", "refused_full", "refused_error"];
+pub const CHUNKS: [&str; 5] = [
+    "stored",
+    "sent_again",
+    "refused_full",
+    "refused_error",
+    "not_logs",
+];
 /// What became of each OTLP log record.
 pub const OTLP_OUTCOMES: [&str; 6] = [
     "stored",
@@ -70,7 +76,8 @@ pub struct LogMetrics {
     /// acknowledged records lost, which cannot be counted in records.
     pub buffer_corrupt: IntCounter,
     /// `forward_messages_total{outcome}`: forward messages with events, by `stored`,
-    /// `sent_again` (already stored: acknowledged again), `refused_full` and `refused_error`.
+    /// `sent_again` (already stored: acknowledged again), `refused_full`, `refused_error`
+    /// and `not_logs` (metrics or traces: acknowledged, dropped).
     pub chunks: IntCounterVec,
     /// `forward_connections`: forward connections open now.
     pub connections: IntGauge,
@@ -166,7 +173,7 @@ impl LogMetrics {
             )?,
             chunks: counter_vec(
                 "forward_messages_total",
-                "Forward messages with events, by outcome",
+                "Forward messages with events (or of another signal than logs), by outcome",
                 &["outcome"],
             )?,
             connections: IntGauge::new("forward_connections", "Forward connections open now")?,

@@ -301,8 +301,8 @@ fn encode(value: &Value) -> Vec<u8> {
     out
 }
 
-/// Forward mode as Fluent Bit sends it: `[[EventTime, {}], record]` entries and a
-/// 32-hex-digit chunk.
+/// Forward mode as Fluent Bit sends it: `[[EventTime, {}], record]` entries and a chunk
+/// id (32 hex digits up to Fluent Bit 5.0.8, 24 base64 characters since).
 fn fluent_bit_frame(chunk: &str, lines: &[&str]) -> Vec<u8> {
     let mut time = 1_730_103_120_u32.to_be_bytes().to_vec();
     time.extend_from_slice(&5_u32.to_be_bytes());
@@ -565,6 +565,43 @@ async fn a_chunk_sent_again_is_acknowledged_and_stored_once() {
     }
     let lines: Vec<String> = buffered(&listener).into_iter().map(|e| e.1).collect();
     assert_eq!(lines, ["one", "two"]);
+}
+
+/// A Fluent Bit whose `forward` output also matches a metrics input sends their chunks
+/// here (`fluent_signal` 1, cmetrics' own encoding in the bin): each is acknowledged (or
+/// Fluent Bit would retry it for ever) and nothing is stored; the connection goes on.
+#[tokio::test]
+async fn metrics_sent_by_mistake_are_acknowledged_not_stored() {
+    let listener = listener(None, LIMITS).await;
+    let mut stream = tokio::net::TcpStream::connect(listener.addr)
+        .await
+        .expect("connects");
+    let cmetrics = encode(&Value::Map(vec![(Value::from("meta"), Value::Map(vec![]))]));
+    stream
+        .write_all(&encode(&Value::Array(vec![
+            Value::from("node.metrics"),
+            Value::Binary(cmetrics),
+            Value::Map(vec![
+                (Value::from("chunk"), Value::from("m1")),
+                (Value::from("fluent_signal"), Value::from(1)),
+            ]),
+        ])))
+        .await
+        .expect("writes");
+    assert_eq!(
+        read_ack(&mut stream).await,
+        Value::Map(vec![(Value::from("ack"), Value::from("m1"))])
+    );
+    stream
+        .write_all(&fluent_bit_frame("l1", &["a line"]))
+        .await
+        .expect("writes");
+    assert_eq!(
+        read_ack(&mut stream).await,
+        Value::Map(vec![(Value::from("ack"), Value::from("l1"))])
+    );
+    let lines: Vec<String> = buffered(&listener).into_iter().map(|e| e.1).collect();
+    assert_eq!(lines, ["a line"]);
 }
 
 #[tokio::test]
