@@ -398,6 +398,28 @@ fn forward_entries(bytes: &[u8]) -> Option<ForwardEntries<'_>> {
 /// The `chunk` option exactly as the sender encoded it (the ack echoes it byte for byte),
 /// from the options (a map or nil, if any).
 fn chunk(options: Option<&[u8]>) -> Result<Option<Vec<u8>>, Garbage> {
+    Ok(option(options, b"chunk")?.map(<[u8]>::to_vec))
+}
+
+/// Fluent Bit's `fluent_signal` for logs.
+const LOGS: i64 = 0;
+
+/// The `fluent_signal` option (Fluent Bit's: 0 logs, 1 metrics, 2 traces, 3 profiles, 4
+/// blobs), from the options (a map or nil, if any); `None` without it.
+fn signal(options: Option<&[u8]>) -> Result<Option<i64>, Garbage> {
+    let Some(value) = option(options, b"fluent_signal")? else {
+        return Ok(None);
+    };
+    match read(value)? {
+        // Past i64: no signal Fluent Bit knows, and not logs.
+        Value::Integer(i) => Ok(Some(i.as_i64().unwrap_or(i64::MAX))),
+        _ => Err(Garbage::NotForward("fluent_signal is an integer")),
+    }
+}
+
+/// The value of the option `name` (a str key), whole as encoded, from the options (a map
+/// or nil, if any).
+fn option<'a>(options: Option<&'a [u8]>, name: &[u8]) -> Result<Option<&'a [u8]>, Garbage> {
     let undecodable = || Garbage::NotMessagePack("a value does not decode");
     let Some(options) = options.filter(|o| o.first() != Some(&0xc0)) else {
         return Ok(None);
@@ -411,35 +433,8 @@ fn chunk(options: Option<&[u8]>) -> Result<Option<Vec<u8>>, Garbage> {
         let (key, after) = split_value(rest).ok_or_else(undecodable)?;
         let (value, after) = split_value(after).ok_or_else(undecodable)?;
         rest = after;
-        if str_payload(key) == Some(b"chunk") {
-            return Ok(Some(value.to_vec()));
-        }
-    }
-    Ok(None)
-}
-
-/// Fluent Bit's `fluent_signal` for logs.
-const LOGS: i64 = 0;
-
-/// The `fluent_signal` option (Fluent Bit's: 0 logs, 1 metrics, 2 traces, 3 profiles, 4
-/// blobs), from the options (a map or nil, if any); `None` without it.
-fn signal(options: Option<&[u8]>) -> Result<Option<i64>, Garbage> {
-    let undecodable = || Garbage::NotMessagePack("a value does not decode");
-    let Some(options) = options.filter(|o| is_map(o)) else {
-        return Ok(None);
-    };
-    let mut rest = options;
-    let pairs = rmp::decode::read_map_len(&mut rest).map_err(|_| undecodable())?;
-    for _ in 0..pairs {
-        let (key, after) = split_value(rest).ok_or_else(undecodable)?;
-        let (value, after) = split_value(after).ok_or_else(undecodable)?;
-        rest = after;
-        if str_payload(key) == Some(b"fluent_signal") {
-            return match read(value)? {
-                // Past i64: no signal Fluent Bit knows, and not logs.
-                Value::Integer(i) => Ok(Some(i.as_i64().unwrap_or(i64::MAX))),
-                _ => Err(Garbage::NotForward("fluent_signal is an integer")),
-            };
+        if str_payload(key) == Some(name) {
+            return Ok(Some(value));
         }
     }
     Ok(None)

@@ -322,6 +322,15 @@ fn fluent_bit_frame(chunk: &str, lines: &[&str]) -> Vec<u8> {
     ]))
 }
 
+/// Sends `frame` and expects the ack of `chunk`.
+async fn send_acked(stream: &mut tokio::net::TcpStream, frame: &[u8], chunk: &str) {
+    stream.write_all(frame).await.expect("writes");
+    assert_eq!(
+        read_ack(stream).await,
+        Value::Map(vec![(Value::from("ack"), Value::from(chunk))])
+    );
+}
+
 async fn read_ack(stream: &mut tokio::net::TcpStream) -> Value {
     let mut buf = vec![0; 256];
     let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
@@ -534,14 +543,12 @@ async fn a_handshake_with_a_binary_salt_as_fluent_bit_sends_it() {
         Some(hex(&[&salt, server.as_bytes(), &nonce, key.as_bytes()]).as_str()),
         "the server proves it knows the key"
     );
-    stream
-        .write_all(&fluent_bit_frame("c1", &["after the handshake"]))
-        .await
-        .expect("writes");
-    assert_eq!(
-        read_ack(&mut stream).await,
-        Value::Map(vec![(Value::from("ack"), Value::from("c1"))])
-    );
+    send_acked(
+        &mut stream,
+        &fluent_bit_frame("c1", &["after the handshake"]),
+        "c1",
+    )
+    .await;
 }
 
 /// A chunk sent again after its ack was lost is acknowledged again but stored once, even
@@ -577,29 +584,16 @@ async fn metrics_sent_by_mistake_are_acknowledged_not_stored() {
         .await
         .expect("connects");
     let cmetrics = encode(&Value::Map(vec![(Value::from("meta"), Value::Map(vec![]))]));
-    stream
-        .write_all(&encode(&Value::Array(vec![
-            Value::from("node.metrics"),
-            Value::Binary(cmetrics),
-            Value::Map(vec![
-                (Value::from("chunk"), Value::from("m1")),
-                (Value::from("fluent_signal"), Value::from(1)),
-            ]),
-        ])))
-        .await
-        .expect("writes");
-    assert_eq!(
-        read_ack(&mut stream).await,
-        Value::Map(vec![(Value::from("ack"), Value::from("m1"))])
-    );
-    stream
-        .write_all(&fluent_bit_frame("l1", &["a line"]))
-        .await
-        .expect("writes");
-    assert_eq!(
-        read_ack(&mut stream).await,
-        Value::Map(vec![(Value::from("ack"), Value::from("l1"))])
-    );
+    let metrics = encode(&Value::Array(vec![
+        Value::from("node.metrics"),
+        Value::Binary(cmetrics),
+        Value::Map(vec![
+            (Value::from("chunk"), Value::from("m1")),
+            (Value::from("fluent_signal"), Value::from(1)),
+        ]),
+    ]));
+    send_acked(&mut stream, &metrics, "m1").await;
+    send_acked(&mut stream, &fluent_bit_frame("l1", &["a line"]), "l1").await;
     let lines: Vec<String> = buffered(&listener).into_iter().map(|e| e.1).collect();
     assert_eq!(lines, ["a line"]);
 }
