@@ -404,8 +404,8 @@ fn chunk(options: Option<&[u8]>) -> Result<Option<Vec<u8>>, Garbage> {
 /// Fluent Bit's `fluent_signal` for logs.
 const LOGS: i64 = 0;
 
-/// The `fluent_signal` option (Fluent Bit's: 0 logs, 1 metrics, 2 traces, 3 profiles, 4
-/// blobs), from the options (a map or nil, if any); `None` without it.
+/// The `fluent_signal` option (Fluent Bit's: 0 logs, 1 metrics, 2 traces, 3 blobs, 4
+/// profiles), from the options (a map or nil, if any); `None` without it.
 fn signal(options: Option<&[u8]>) -> Result<Option<i64>, Garbage> {
     let Some(value) = option(options, b"fluent_signal")? else {
         return Ok(None);
@@ -467,8 +467,8 @@ fn other_signal(tag: &str, count: u32, after_tag: &[u8]) -> Result<Option<Frame>
 /// scope; forwarded as they are since Fluent Bit 5.0.5) are EventTime with seconds
 /// `0xFFFFFFFF` (start) or `0xFFFFFFFE` (end) and no nanoseconds, alone or as `[EventTime,
 /// metadata]`, their record the group's attributes, not a log line. Only those two
-/// EventTime values, as Fluent Bit's own decoder reads them: integers and floats of those
-/// seconds are times (in 2106).
+/// EventTime values are markers (as in Fluent Bit's own decoder); any other time is read as
+/// a time, integers and floats of those seconds too (in 2106).
 fn is_group_marker(time: &[u8]) -> bool {
     let time = time.strip_prefix(&[0x92]).unwrap_or(time);
     let data = match time {
@@ -733,8 +733,8 @@ mod tests {
     }
 
     /// Fluent Bit 5.0.5+ forwards chunks as they are, OTLP group markers included: they
-    /// are not records, in any mode; times next to them (`0xFFFFFFFD`, the same seconds
-    /// with nanoseconds, or as an integer) are times, as Fluent Bit reads them.
+    /// are not records, in any mode, as fixext8 or ext8; times next to them (`0xFFFFFFFD`,
+    /// the same seconds with nanoseconds, or as an integer) are read as times.
     #[test]
     fn fluent_bits_group_markers_are_not_records() {
         let group = Value::Map(vec![(s("resource"), Value::Map(vec![]))]);
@@ -763,7 +763,12 @@ mod tests {
             Value::Array(entries.clone()),
         ]));
         assert_eq!(lines(&message(&forward)), kept);
-        let stream: Vec<u8> = entries.iter().flat_map(encode).collect();
+        let mut stream: Vec<u8> = entries.iter().flat_map(encode).collect();
+        // A marker `[[EventTime as ext8, {}], record]` by hand (rmpv writes fixext8).
+        stream.extend([
+            0x92, 0x92, 0xc7, 8, 0, 0xff, 0xff, 0xff, 0xfe, 0, 0, 0, 0, 0x80,
+        ]);
+        stream.extend(encode(&record("an ext8 marker's group")));
         let packed = encode(&Value::Array(vec![s("otel"), Value::Binary(stream)]));
         assert_eq!(lines(&message(&packed)), kept);
         let lone = encode(&Value::Array(vec![

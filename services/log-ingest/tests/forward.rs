@@ -27,6 +27,7 @@ const CLIENT: &str = concat!(
 struct Listener {
     addr: std::net::SocketAddr,
     buffer: Buffer,
+    metrics: LogMetrics,
     start: Position,
     shutdown: CancellationToken,
     _dir: tempfile::TempDir,
@@ -52,12 +53,13 @@ async fn listener_with(
         ..ForwardSettings::default()
     };
     change(&mut settings);
+    let metrics = LogMetrics::unregistered(&[]);
     let input = ForwardInput::bind(
         settings,
         false,
         buffer.clone(),
         Recent::default(),
-        LogMetrics::unregistered(&[]),
+        metrics.clone(),
     )
     .await
     .expect("binds");
@@ -67,6 +69,7 @@ async fn listener_with(
     Listener {
         addr,
         buffer,
+        metrics,
         start,
         shutdown,
         _dir: dir,
@@ -594,6 +597,8 @@ async fn metrics_sent_by_mistake_are_acknowledged_not_stored() {
     ]));
     send_acked(&mut stream, &metrics, "m1").await;
     send_acked(&mut stream, &fluent_bit_frame("l1", &["a line"]), "l1").await;
+    let counted = |outcome: &str| listener.metrics.chunks.with_label_values(&[outcome]).get();
+    assert_eq!((counted("not_logs"), counted("stored")), (1, 1));
     let lines: Vec<String> = buffered(&listener).into_iter().map(|e| e.1).collect();
     assert_eq!(lines, ["a line"]);
 }
@@ -623,12 +628,13 @@ async fn over_tls_a_chunk_is_acknowledged_and_plaintext_is_not_served() {
         handshake_timeout: Duration::from_secs(1),
         ..ForwardSettings::default()
     };
+    let metrics = LogMetrics::unregistered(&[]);
     let input = ForwardInput::bind(
         settings,
         false,
         buffer.clone(),
         Recent::default(),
-        LogMetrics::unregistered(&[]),
+        metrics.clone(),
     )
     .await
     .expect("binds");
@@ -638,6 +644,7 @@ async fn over_tls_a_chunk_is_acknowledged_and_plaintext_is_not_served() {
     let listener = Listener {
         addr,
         buffer,
+        metrics,
         start,
         shutdown,
         _dir: dir,
