@@ -132,6 +132,7 @@ impl App {
         metrics
             .buffer_max_bytes
             .set(i64::try_from(settings.buffer.max_bytes).unwrap_or(i64::MAX));
+        buffer.report_used_bytes(metrics.buffer_bytes.clone());
         let recent = Recent::seed(&buffer, start);
         let otlp = OtlpInput {
             buffer: buffer.clone(),

@@ -29,6 +29,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use mall_telemetry::metrics::IntGauge;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::lock;
@@ -97,6 +98,18 @@ struct Shared {
     /// When an append was last refused because the buffer was full, and where the buffer
     /// ended then (see [`Buffer::last_refused`]).
     refused: Mutex<Option<(std::time::Instant, Position)>>,
+    /// Where [`Buffer::used_bytes`] is reported each time it changes (see
+    /// [`Buffer::report_used_bytes`]).
+    used_gauge: std::sync::OnceLock<IntGauge>,
+}
+
+impl Shared {
+    /// Reports `books`' unacknowledged bytes, if a gauge was given.
+    fn report(&self, books: &Books) {
+        if let Some(gauge) = self.used_gauge.get() {
+            gauge.set(i64::try_from(books.used()).unwrap_or(i64::MAX));
+        }
+    }
 }
 
 /// Acknowledgements failing in a row after which the buffer counts as failed: nothing
@@ -206,6 +219,7 @@ impl Buffer {
             failed: watch::channel(false).0,
             ack_failures: std::sync::atomic::AtomicU32::new(0),
             refused: Mutex::new(None),
+            used_gauge: std::sync::OnceLock::new(),
         });
         let (appends, receiver) = mpsc::channel(QUEUE);
         let writer = Writer {
@@ -297,6 +311,7 @@ impl Buffer {
             for number in &old {
                 books.sizes.remove(number);
             }
+            self.shared.report(&books);
             old
         };
         for number in old {
@@ -324,6 +339,17 @@ impl Buffer {
     /// The note left with the acknowledgement this buffer was opened at (empty if none).
     pub fn note(&self) -> &[u8] {
         &self.shared.note
+    }
+
+    /// Keeps `gauge` at [`Buffer::used_bytes`] from now on: set after every synced append
+    /// and every acknowledgement, so it rises while Loki is down (nothing is acknowledged
+    /// then) and is right from the start (what a restart found on disk). Once: a second
+    /// gauge is ignored.
+    pub fn report_used_bytes(&self, gauge: IntGauge) {
+        let books = lock(&self.shared.books);
+        if self.shared.used_gauge.set(gauge).is_ok() {
+            self.shared.report(&books);
+        }
     }
 
     /// Unacknowledged bytes on disk.
@@ -513,9 +539,13 @@ impl Writer {
         // `broken`), and reopening cuts whatever of it reached the file.
         result?;
         self.position.offset += written;
-        lock(&self.shared.books)
-            .sizes
-            .insert(self.position.segment, self.position.offset);
+        {
+            let mut books = lock(&self.shared.books);
+            books
+                .sizes
+                .insert(self.position.segment, self.position.offset);
+            self.shared.report(&books);
+        }
         self.shared.end.send_replace(self.position);
         Ok(())
     }

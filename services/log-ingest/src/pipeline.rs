@@ -147,7 +147,7 @@ struct Acker {
 }
 
 impl Acker {
-    fn spawn(buffer: Buffer, metrics: LogMetrics) -> Self {
+    fn spawn(buffer: Buffer) -> Self {
         let (sender, mut receiver) = tokio::sync::mpsc::channel(ACKS_WAITING);
         let task = tokio::spawn(async move {
             while let Some(mut latest) = receiver.recv().await {
@@ -156,21 +156,16 @@ impl Acker {
                 }
                 let (position, note): (Position, Vec<u8>) = latest;
                 let buffer = buffer.clone();
-                let written = tokio::task::spawn_blocking(move || {
-                    buffer.acknowledge_with(position, &note)?;
-                    Ok::<_, std::io::Error>(buffer.used_bytes())
-                })
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r);
-                match written {
-                    Ok(used) => metrics
-                        .buffer_bytes
-                        .set(i64::try_from(used).unwrap_or(i64::MAX)),
-                    Err(error) => tracing::error!(
+                let written =
+                    tokio::task::spawn_blocking(move || buffer.acknowledge_with(position, &note))
+                        .await
+                        .map_err(std::io::Error::other)
+                        .and_then(|r| r);
+                if let Err(error) = written {
+                    tracing::error!(
                         %error,
                         "cannot record the buffer's position; records after it may be pushed again after a restart"
-                    ),
+                    );
                 }
             }
         });
@@ -493,7 +488,7 @@ impl Pipeline {
         let pushing = Arc::new(AtomicUsize::new(0));
         let mut previous: Option<tokio::sync::oneshot::Receiver<bool>> = None;
         let mut previous_prepared: Option<tokio::sync::oneshot::Receiver<()>> = None;
-        let acker = Acker::spawn(self.buffer.clone(), self.metrics.clone());
+        let acker = Acker::spawn(self.buffer.clone());
         // Stops the pushes: a few seconds after a shutdown, not at once (a push under way
         // is let finish, so its records are acknowledged rather than pushed again).
         let push_stop = CancellationToken::new();

@@ -233,15 +233,22 @@ async fn a_loki_outage_is_waited_out_and_counted() {
     let want = model(&lines);
     send(running.forward, &lines, 50).await;
     // While Loki is down, every record is parsed and waits in a push being retried: the
-    // operator's GetPipelineStats says so (not only while they wait for a push to start).
+    // operator's GetPipelineStats says so (not only while they wait for a push to start),
+    // and the buffer's gauge shows what it holds (nothing is acknowledged meanwhile: the
+    // buffer-filling alert reads it).
     mall_test_support::wait_until(
-        "every record counted as waiting in a failing push",
+        "every record counted as waiting in a failing push, the buffer's bytes shown",
         Duration::from_secs(4),
         || async {
             let stats = stats(running.grpc).await;
+            let buffered = unlabelled(
+                &probe_metrics(running.admin).await,
+                "mall_log_ingest_buffer_bytes",
+            );
             (stats.loki_failed_pushes > 0
-                && stats.buffered_records == i64::try_from(want.len()).expect("fits"))
-            .then_some(())
+                && stats.buffered_records == i64::try_from(want.len()).expect("fits")
+                && buffered > 0.0)
+                .then_some(())
         },
     )
     .await;
@@ -293,6 +300,15 @@ async fn a_loki_outage_is_waited_out_and_counted() {
         0.0
     );
     assert!(value("mall_log_ingest_masked_total{pattern=\"email\"}") > 0.0);
+    // Everything pushed is acknowledged: the buffer's gauge falls back to nothing.
+    mall_test_support::wait_until("the buffer emptied", Duration::from_secs(10), || async {
+        (unlabelled(
+            &probe_metrics(running.admin).await,
+            "mall_log_ingest_buffer_bytes",
+        ) == 0.0)
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -940,6 +956,14 @@ fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The value of the series `name`, without labels, in a /metrics text.
+fn unlabelled(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} on /metrics:\n{metrics}"))
 }
 
 async fn probe_metrics(admin: std::net::SocketAddr) -> String {
