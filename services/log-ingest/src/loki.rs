@@ -555,6 +555,98 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_429_is_retried_no_sooner_than_its_retry_after_and_the_tenant_goes_along() {
+        let loki = receiver().await;
+        // Backoff of 10 to 50 ms: only `Retry-After: 1` can make the wait a second, and a
+        // ceiling of 5 s lets it.
+        let client = LokiClient::new(
+            &loki.url(),
+            Some("shop".to_owned()),
+            Duration::from_secs(5),
+            (Duration::from_millis(10), Duration::from_secs(5)),
+            None,
+        )
+        .expect("a client");
+        let stop = tokio_util::sync::CancellationToken::new();
+        loki.fail(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            Duration::from_millis(300),
+        );
+        let started = std::time::Instant::now();
+        let mut failures = Vec::new();
+        let pushed = client
+            .push(body(1), true, &stop, |why| failures.push(why.to_owned()))
+            .await;
+        assert_eq!(pushed, Some(Pushed::Accepted), "429 is not a refusal");
+        assert_eq!(
+            failures,
+            ["status 429"],
+            "one wait of a second covers the burst"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(950),
+            "{:?}",
+            started.elapsed()
+        );
+        let received = loki.received();
+        assert_eq!(received.len(), 1, "stored once");
+        assert_eq!(received[0].tenant.as_deref(), Some("shop"), "X-Scope-OrgID");
+    }
+
+    #[tokio::test]
+    async fn a_loki_that_is_down_is_retried_until_it_is_up() {
+        // An address nobody listens on, until the receiver starts there.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let client = client(&format!("http://{addr}"), None).expect("a client");
+        let stop = tokio_util::sync::CancellationToken::new();
+        // Dated now: the receiver is up at once, before it could be told to take old entries.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970");
+        let fresh = encode(&PushRequest {
+            streams: vec![Stream {
+                labels: r#"{service="shop"}"#.to_owned(),
+                entries: vec![Entry {
+                    timestamp: Some(prost_types::Timestamp {
+                        seconds: i64::try_from(now.as_secs()).expect("fits"),
+                        nanos: 0,
+                    }),
+                    line: "line".to_owned(),
+                    structured_metadata: Vec::new(),
+                }],
+                hash: 0,
+            }],
+        });
+        let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let pushing = {
+            let failures = failures.clone();
+            tokio::spawn(async move {
+                client
+                    .push(fresh, true, &stop, |why| {
+                        crate::lock(&failures).push(why.to_owned());
+                    })
+                    .await
+            })
+        };
+        mall_test_support::wait_until("a failed try", Duration::from_secs(5), || async {
+            (!crate::lock(&failures).is_empty()).then_some(())
+        })
+        .await;
+        let loki = crate::loki_receiver::LokiReceiver::start(addr)
+            .await
+            .expect("starts where Loki was down");
+        let pushed = pushing.await.expect("joins");
+        assert_eq!(pushed, Some(Pushed::Accepted));
+        assert!(
+            crate::lock(&failures).iter().all(|why| why == "connection"),
+            "{failures:?}"
+        );
+        assert_eq!(loki.received().len(), 1, "stored once it was up");
+    }
+
+    #[tokio::test]
     async fn a_success_other_than_200_or_204_is_not_taken_for_one() {
         let loki = receiver().await;
         let client = client(&loki.url(), None).expect("a client");
