@@ -221,6 +221,76 @@ async fn records_are_the_same_however_the_lines_are_cut_into_chunks_and_events()
 }
 
 #[tokio::test]
+async fn a_500_line_trace_in_50_chunks_over_two_connections_is_one_record() {
+    const P: &str = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ";
+    // Quiet never cuts it, however slowly this machine sends; the header after it ends it.
+    let running = start_with(|s| s.pipeline.flush_after = Duration::from_secs(600)).await;
+    let mut lines = vec![
+        format!(
+            "{P}ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed for customer7@example.com"
+        ),
+        format!("{P}java.lang.IllegalStateException: cart 8812 is locked"),
+    ];
+    for n in 0..496 {
+        if n == 300 {
+            lines.push(format!(
+                "{P}Caused by: java.sql.SQLException: lock wait timeout"
+            ));
+        }
+        lines.push(format!(
+            "{P}\tat de.hybris.platform.Frame{n}.call(Frame{n}.java:{n})"
+        ));
+    }
+    lines.push(format!("{P}\t... 42 more"));
+    assert_eq!(lines.len(), 500);
+    let want = model(&lines);
+    assert_eq!(want.len(), 1);
+    lines.push(format!("{P}INFO  [main] [L] the end"));
+    // Two connections of the same server (one tag, one host), taking turns chunk by chunk.
+    let mut connections = [
+        tokio::net::TcpStream::connect(running.forward)
+            .await
+            .expect("connects"),
+        tokio::net::TcpStream::connect(running.forward)
+            .await
+            .expect("connects"),
+    ];
+    for (n, chunk) in lines.chunks(10).enumerate() {
+        let id = format!("{n:032x}");
+        let stream = &mut connections[n % 2];
+        stream
+            .write_all(&corpus::frame(&id, chunk))
+            .await
+            .expect("writes");
+        let mut ack = vec![0; 128];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut ack))
+            .await
+            .expect("an ack in time")
+            .expect("reads");
+        let ack = rmpv::decode::read_value(&mut &ack[..read]).expect("msgpack");
+        assert_eq!(
+            ack,
+            Value::Map(vec![(Value::from("ack"), Value::from(id.as_str()))])
+        );
+    }
+    assert_eq!(
+        lines.chunks(10).len(),
+        51,
+        "the trace in 50 chunks, the next header in one"
+    );
+    wait_for(&running.loki, 1).await;
+    // Time for anything more (the trace's rest as a record of its own) to arrive too.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let received = running.loki.received();
+    assert_eq!(
+        levels_and_lines(&received),
+        want,
+        "one record, every line in order"
+    );
+    assert_eq!(received[0].entry.line.lines().count(), 500);
+}
+
+#[tokio::test]
 async fn a_loki_outage_is_waited_out_and_counted() {
     // The records go in one push when the input pauses (not one per chunk), so both pushes
     // in flight hold them all however slowly the chunks arrive.
