@@ -141,6 +141,7 @@ impl App {
             budget: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 settings.otlp.max_bytes_in_flight,
             )),
+            budget_bytes: settings.otlp.max_bytes_in_flight,
         };
         let forward = ForwardInput::bind(
             settings.forward.clone(),

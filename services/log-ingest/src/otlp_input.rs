@@ -92,8 +92,10 @@ pub struct OtlpInput {
     pub recent: Recent,
     /// Counters.
     pub metrics: LogMetrics,
-    /// `otlp.max_bytes_in_flight`, in bytes of exports as encoded.
+    /// `otlp.max_bytes_in_flight`: bytes of exports as they arrive, then their [`weight`].
     pub budget: Arc<Semaphore>,
+    /// The budget's size: the most one export takes of it.
+    pub budget_bytes: usize,
 }
 
 #[tonic::async_trait]
@@ -116,10 +118,12 @@ impl LogsService for OtlpInput {
             .and_then(BodyPermits::take);
         let request = request.into_inner();
         // Held until the export is stored: exports being converted and stored at once stay
-        // within the budget; past it, the caller retries (nothing of it was taken).
-        // At most `server.max_message_bytes`, which start-up holds within the budget (and
-        // within what `try_acquire_many` counts).
-        let size = request.encoded_len().min(crate::forward_input::MAX_BUDGET);
+        // within the budget; past it, the caller retries (nothing of it was taken). At most
+        // the whole budget (within what `acquire_many` counts): an export weighing more
+        // goes through alone rather than never.
+        let size = weight(&request)
+            .min(self.budget_bytes)
+            .min(crate::forward_input::MAX_BUDGET);
         let had = from_body.as_ref().map_or(0, |p| p.num_permits());
         let in_flight = if had >= size {
             Some(from_body)
@@ -219,8 +223,9 @@ impl LogsService for OtlpInput {
 ///
 /// What an export's body took is handed to its handler ([`BodyPermits`], in the request's
 /// extensions): an export wholly received is not refused for room that other calls took
-/// between its last frame and its handler. One that needs more (a gzip export inflates)
-/// waits for it in turn, up to [`TOP_UP_WAIT`]. A call counts at most `max_message_bytes`
+/// between its last frame and its handler. One that weighs more ([`weight`]: decoded, a
+/// gzip export inflates, and many small records take more than their bytes) waits for it
+/// in turn, up to [`TOP_UP_WAIT`]. A call counts at most `max_message_bytes`
 /// (tonic decodes one message of a unary call; bytes after it are not counted), so one
 /// export at the limit always fits the budget. Bytes are counted as sent: a gzip export's
 /// inflated form (at most `server.max_message_bytes`) is uncounted from its decoding to its
@@ -436,6 +441,45 @@ fn batches(request: ExportLogsServiceRequest, received_nanos: i64) -> (Vec<Batch
             .collect(),
         rejected,
     )
+}
+
+/// About what an export takes in memory from its handler's start until it is stored: its
+/// decoded form (prost's structs, every string and bytes field an allocation of its own)
+/// and what conversion builds from it (an [`Event`] per record, an rmpv pair per key and
+/// value, then the encoded batches). Its encoded bytes count twice (the strings decoded, then
+/// converted), and each record and attribute its structures: many small records take several
+/// times their encoded size, which the encoded size alone would let past the budget. An
+/// estimate (allocators round up; nested values count by their bytes only), not a measure.
+pub fn weight(request: &ExportLogsServiceRequest) -> usize {
+    use std::mem::size_of;
+    /// An allocation's bookkeeping and rounding, about.
+    const ALLOCATION: usize = 32;
+    /// A record's structs: its prost form, its event, and the event's up to ten pairs of
+    /// the buffer's keys (`body`, `severity_number`, …) with their values.
+    const PER_RECORD: usize =
+        size_of::<LogRecord>() + size_of::<Event>() + 10 * (2 * size_of::<Value>() + ALLOCATION);
+    /// An attribute's: its prost form and its key and value as decoded, then converted.
+    const PER_ATTRIBUTE: usize = size_of::<KeyValue>() + 2 * size_of::<Value>() + 4 * ALLOCATION;
+    let (mut records, mut attributes) = (0_usize, 0_usize);
+    for resource_logs in &request.resource_logs {
+        attributes += resource_logs
+            .resource
+            .as_ref()
+            .map_or(0, |r| r.attributes.len());
+        for scope_logs in &resource_logs.scope_logs {
+            records += scope_logs.log_records.len();
+            attributes += scope_logs
+                .log_records
+                .iter()
+                .map(|l| l.attributes.len())
+                .sum::<usize>();
+        }
+    }
+    request
+        .encoded_len()
+        .saturating_mul(2)
+        .saturating_add(records.saturating_mul(PER_RECORD))
+        .saturating_add(attributes.saturating_mul(PER_ATTRIBUTE))
 }
 
 /// A buffered batch holds about this many bytes of an export at most: an export of up to
