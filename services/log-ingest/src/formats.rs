@@ -146,9 +146,12 @@ fn reads_back(format: &str) -> bool {
 /// `%h %l %u %t "%r" %s %b ["%{Referer}i" "%{User-Agent}i"] [%D]`. The valve writes `-`
 /// for a request line it could not read (a 400) and for a status it never sent, and
 /// escapes `"` and `\` inside quoted parts with a backslash.
+/// What an access log line's remote user becomes (`-`, none, stays).
+pub const USER: &str = "<user>";
+
 static ACCESS_LOG: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
-        r#"^(?P<client>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] "(?:-|(?P<method>[A-Z]+) (?P<path>(?:[^ "\\]|\\.)*)(?: (?P<protocol>(?:[^"\\]|\\.)*))?)" (?P<status>\d{3}|-) (?P<bytes>\d+|-)(?: "(?P<referer>(?:[^"\\]|\\.)*)" "(?P<user_agent>(?:[^"\\]|\\.)*)")?(?: (?P<duration>\d+(?:\.\d+)?))?\s*$"#,
+        r#"^(?P<client>\S+) \S+ (?P<user>\S+) \[(?P<time>[^\]]+)\] "(?:-|(?P<method>[A-Z]+) (?P<path>(?:[^ "\\]|\\.)*)(?: (?P<protocol>(?:[^"\\]|\\.)*))?)" (?P<status>\d{3}|-) (?P<bytes>\d+|-)(?: "(?P<referer>(?:[^"\\]|\\.)*)" "(?P<user_agent>(?:[^"\\]|\\.)*)")?(?: (?P<duration>\d+(?:\.\d+)?))?\s*$"#,
     )
     .expect("a valid expression")
 });
@@ -156,14 +159,21 @@ static ACCESS_LOG: LazyLock<Regex> = LazyLock::new(|| {
 /// An access log line as a record: the line is its message (as written, masked later
 /// like any other); client, method, path, protocol, status, bytes, referer, user agent and
 /// the time taken (`duration`, in the valve's unit) are fields; the level says how the
-/// request went (5xx ERROR, 4xx WARN, else INFO). The remote user (`%u`) is not kept as a
-/// field: it names a person. `None` when the line is not an access log line.
+/// request went (5xx ERROR, 4xx WARN, else INFO). The remote user (`%u`, an HTTP login)
+/// names a person: it is no field, and [`USER`] in the message. `None` when the line is not
+/// an access log line.
 pub fn access_log(line: &str, index: usize) -> Option<Record> {
     let captures = ACCESS_LOG.captures(line)?;
+    let message = match captures.name("user") {
+        Some(user) if user.as_str() != "-" => {
+            format!("{}{USER}{}", &line[..user.start()], &line[user.end()..])
+        }
+        _ => line.to_owned(),
+    };
     let mut record = Record {
         first_line: index,
         line_count: 1,
-        message: line.to_owned(),
+        message,
         ..Record::default()
     };
     record.time_micros = captures
@@ -413,6 +423,11 @@ mod tests {
         assert!(
             !common.fields.values().any(|v| v == "kim"),
             "the user is no field"
+        );
+        assert_eq!(
+            common.message,
+            r#"10.0.3.7 - <user> [28/Oct/2024:17:12:00 +0900] "POST /checkout HTTP/1.1" 503 -"#,
+            "nor in the line"
         );
         assert_eq!(
             access_log(r#"1.2.3.4 - - [x] "GET / HTTP/1.1" 404 0"#, 0).map(|r| r.level),
