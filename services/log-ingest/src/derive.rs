@@ -209,7 +209,9 @@ impl Deriver {
 pub struct Observation {
     level: Option<Level>,
     exception: Option<String>,
-    /// An access log's status and time taken (in the valve's unit).
+    /// An HTTP request's status and time taken (in `derived.duration_unit`): of any record
+    /// with a `method` field and a three-digit `status` (access logs; JSON, logfmt or regex
+    /// records carrying both).
     request: Option<(String, Option<f64>)>,
     trace_id: String,
 }
