@@ -92,7 +92,8 @@ pub struct OtlpInput {
     pub recent: Recent,
     /// Counters.
     pub metrics: LogMetrics,
-    /// `otlp.max_bytes_in_flight`: bytes of exports as they arrive, then their [`weight`].
+    /// `otlp.max_bytes_in_flight`: bytes of exports as they arrive, then at least their
+    /// encoded size, and their [`weight`] where it has room.
     pub budget: Arc<Semaphore>,
     /// The budget's size: the most one export takes of it.
     pub budget_bytes: usize,
@@ -118,12 +119,10 @@ impl LogsService for OtlpInput {
             .and_then(BodyPermits::take);
         let request = request.into_inner();
         // Held until the export is stored: exports being converted and stored at once stay
-        // within the budget; past it, the caller retries (nothing of it was taken). At most
-        // the whole budget (within what `acquire_many` counts): an export weighing more
-        // goes through alone rather than never.
-        let size = weight(&request)
-            .min(self.budget_bytes)
-            .min(crate::forward_input::MAX_BUDGET);
+        // within the budget; past it, the caller retries (nothing of it was taken).
+        // At least its encoded size, at most `server.max_message_bytes`, which start-up holds
+        // within the budget (and within what `try_acquire_many` counts).
+        let size = request.encoded_len().min(crate::forward_input::MAX_BUDGET);
         let had = from_body.as_ref().map_or(0, |p| p.num_permits());
         let in_flight = if had >= size {
             Some(from_body)
@@ -140,7 +139,7 @@ impl LogsService for OtlpInput {
                 .and_then(Result::ok)
                 .map(Some)
         };
-        let Some(_in_flight) = in_flight else {
+        let Some(in_flight) = in_flight else {
             let records = request
                 .resource_logs
                 .iter()
@@ -150,6 +149,22 @@ impl LogsService for OtlpInput {
             count("refused_busy", records);
             return Err(busy());
         };
+        // And what it weighs in memory beyond that ([`weight`]: several times its bytes for
+        // many small records), if the budget has room for it now: taken, it keeps new calls
+        // out (refused at their first frame) until this one is stored. Never waited for: an
+        // export wholly received and counted as sent is not refused for it, nor made to wait
+        // in turn behind others (one heavy export would hold up every other call).
+        let held = in_flight.as_ref().map_or(0, |p| p.num_permits());
+        let extra = weight(&request)
+            .min(self.budget_bytes)
+            .min(crate::forward_input::MAX_BUDGET)
+            .saturating_sub(held);
+        let more = self
+            .budget
+            .clone()
+            .try_acquire_many_owned(u32::try_from(extra).unwrap_or(u32::MAX))
+            .ok();
+        let _held_until_stored = (in_flight, more);
         // Converting a large export is CPU work: off the runtime's workers, so the other
         // inputs and the pipeline go on meanwhile.
         let (batches, rejected) = tokio::task::spawn_blocking(move || batches(request, received))
@@ -223,9 +238,9 @@ impl LogsService for OtlpInput {
 ///
 /// What an export's body took is handed to its handler ([`BodyPermits`], in the request's
 /// extensions): an export wholly received is not refused for room that other calls took
-/// between its last frame and its handler. One that weighs more ([`weight`]: decoded, a
-/// gzip export inflates, and many small records take more than their bytes) waits for it
-/// in turn, up to [`TOP_UP_WAIT`]. A call counts at most `max_message_bytes`
+/// between its last frame and its handler. One that needs more (a gzip export inflates)
+/// waits for it in turn, up to [`TOP_UP_WAIT`]; what it weighs in memory beyond that
+/// ([`weight`]) it takes only where the budget has room at once. A call counts at most `max_message_bytes`
 /// (tonic decodes one message of a unary call; bytes after it are not counted), so one
 /// export at the limit always fits the budget. Bytes are counted as sent: a gzip export's
 /// inflated form (at most `server.max_message_bytes`) is uncounted from its decoding to its

@@ -453,25 +453,21 @@ async fn an_export_past_the_bytes_in_flight_is_refused_for_a_retry() {
     input.export(request()).await.expect("stored");
     assert!(buffer.reader(start).try_next().expect("reads").is_some());
     assert_eq!(budget.available_permits(), 1 << 20, "given back");
-    // Many small records weigh more than they are encoded: past the whole budget here
-    // (though under a tenth of it encoded), such an export takes all of it, alone.
+    // Many small records weigh more than they are encoded: past the whole budget here,
+    // though under a tenth of it encoded. That weight is taken only where there is room:
+    // with part of the budget held elsewhere, the export is stored all the same.
     let small: Vec<_> = (0..4_000).map(|n| log(&n.to_string(), n)).collect();
     let small = export("storefront", small);
     assert!(prost::Message::encoded_len(&small) < 100_000);
     assert!(log_ingest::otlp_input::weight(&small) > 1 << 20);
     let held = budget.clone().try_acquire_many_owned(1).expect("free");
-    let status = input
-        .export(tonic::Request::new(small.clone()))
-        .await
-        .expect_err("refused while anything else is in flight");
-    assert_retry_later(&status, "BUSY");
-    drop(held);
     let stored = input
         .export(tonic::Request::new(small))
         .await
-        .expect("stored alone")
+        .expect("stored: its weight is not waited for")
         .into_inner();
     assert!(stored.partial_success.is_none(), "{stored:?}");
+    drop(held);
     assert_eq!(budget.available_permits(), 1 << 20, "given back");
 }
 
