@@ -141,14 +141,14 @@ fn reads_back(format: &str) -> bool {
         .is_ok_and(|t| minute(t) == want || format.contains("%s"))
 }
 
+/// What an access log line's remote user becomes (`-`, none, stays).
+pub const USER: &str = "<user>";
+
 /// Tomcat's `AccessLogValve` (and Apache's) common and combined formats, optionally with
 /// the time taken (`%D` or `%T`) after them:
 /// `%h %l %u %t "%r" %s %b ["%{Referer}i" "%{User-Agent}i"] [%D]`. The valve writes `-`
 /// for a request line it could not read (a 400) and for a status it never sent, and
 /// escapes `"` and `\` inside quoted parts with a backslash.
-/// What an access log line's remote user becomes (`-`, none, stays).
-pub const USER: &str = "<user>";
-
 static ACCESS_LOG: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
         r#"^(?P<client>\S+) \S+ (?P<user>\S+) \[(?P<time>[^\]]+)\] "(?:-|(?P<method>[A-Z]+) (?P<path>(?:[^ "\\]|\\.)*)(?: (?P<protocol>(?:[^"\\]|\\.)*))?)" (?P<status>\d{3}|-) (?P<bytes>\d+|-)(?: "(?P<referer>(?:[^"\\]|\\.)*)" "(?P<user_agent>(?:[^"\\]|\\.)*)")?(?: (?P<duration>\d+(?:\.\d+)?))?\s*$"#,
@@ -156,8 +156,8 @@ static ACCESS_LOG: LazyLock<Regex> = LazyLock::new(|| {
     .expect("a valid expression")
 });
 
-/// An access log line as a record: the line is its message (as written, masked later
-/// like any other); client, method, path, protocol, status, bytes, referer, user agent and
+/// An access log line as a record: the line is its message (as written but for the remote
+/// user, masked later like any other); client, method, path, protocol, status, bytes, referer, user agent and
 /// the time taken (`duration`, in the valve's unit) are fields; the level says how the
 /// request went (5xx ERROR, 4xx WARN, else INFO). The remote user (`%u`, an HTTP login)
 /// names a person: it is no field, and [`USER`] in the message. `None` when the line is not
