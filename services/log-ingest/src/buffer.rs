@@ -822,6 +822,45 @@ mod tests {
         );
     }
 
+    /// The gauge given to it follows the unacknowledged bytes: what a reopen found at once,
+    /// then every append and acknowledgement (not only the latter: nothing is acknowledged
+    /// while Loki is down, when the buffer fills).
+    #[tokio::test]
+    async fn the_used_bytes_gauge_follows_appends_acknowledgements_and_a_reopen() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (buffer, _) = Buffer::open(dir.path(), LIMITS).expect("opens");
+        let gauge = IntGauge::default();
+        buffer.report_used_bytes(gauge.clone());
+        assert_eq!(gauge.get(), 0);
+        let mut positions = Vec::new();
+        for i in 0..20 {
+            positions.push(buffer.append(batch(i)).await.expect("appends"));
+            assert_eq!(
+                gauge.get(),
+                i64::try_from(buffer.used_bytes()).expect("fits")
+            );
+        }
+        assert!(gauge.get() > 0);
+        drop(buffer);
+        let (buffer, _) = Buffer::open(dir.path(), LIMITS).expect("reopens");
+        let after = IntGauge::default();
+        buffer.report_used_bytes(after.clone());
+        assert_eq!(after.get(), gauge.get(), "what the reopen found, at once");
+        buffer.acknowledge(positions[10]).expect("acknowledges");
+        assert!(after.get() < gauge.get());
+        assert_eq!(
+            after.get(),
+            i64::try_from(buffer.used_bytes()).expect("fits")
+        );
+        let end = buffer.append(batch(20)).await.expect("appends");
+        let end = read_all(&buffer, end)
+            .await
+            .last()
+            .map_or(end, |(_, after)| *after);
+        buffer.acknowledge(end).expect("acknowledges");
+        assert_eq!(after.get(), 0, "everything acknowledged");
+    }
+
     /// A frame of the segment still being written fails its checksum: reading goes on at
     /// what the writer had written then, and what it appends afterwards is read (the next
     /// segment, where reading used to go on, would not begin until this one filled).
