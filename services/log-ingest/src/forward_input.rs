@@ -190,6 +190,10 @@ impl ForwardInput {
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, limit = self.settings.max_connections, "forward: too many connections; closed");
+                self.metrics
+                    .connections_closed
+                    .with_label_values(&["too_many"])
+                    .inc();
                 continue;
             };
             let tls = self.tls.clone();
@@ -238,7 +242,13 @@ impl ForwardInput {
                 match closed {
                     // Shutting down while it waited for room: nothing to warn about.
                     Ok(()) | Err(Closed::ShuttingDown) => {}
-                    Err(why) => tracing::warn!(%peer, %why, "forward: connection closed"),
+                    Err(why) => {
+                        tracing::warn!(%peer, %why, "forward: connection closed");
+                        metrics
+                            .connections_closed
+                            .with_label_values(&[why.reason()])
+                            .inc();
+                    }
                 }
             });
         }
@@ -270,6 +280,23 @@ enum Closed {
     Buffer(BufferError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+impl Closed {
+    /// Its `reason` label in `forward_connections_closed_total` (one of
+    /// [`crate::metrics::CLOSES`]).
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Tls(_) => "tls",
+            Self::Handshake(_) => "handshake",
+            Self::Slow(..) => "slow",
+            Self::Idle(_) => "idle",
+            Self::Garbage(_) => "garbage",
+            Self::Full => "full",
+            Self::Buffer(_) => "buffer",
+            Self::Io(_) | Self::ShuttingDown => "io",
+        }
+    }
 }
 
 /// What every connection shares.

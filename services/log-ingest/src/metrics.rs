@@ -32,6 +32,19 @@ pub const CHUNKS: [&str; 5] = [
     "refused_error",
     "not_logs",
 ];
+/// Why log-ingest closed a forward connection (`forward_input::Closed::reason`), and
+/// `too_many` for one past `forward.max_connections`.
+pub const CLOSES: [&str; 9] = [
+    "too_many",
+    "tls",
+    "handshake",
+    "slow",
+    "idle",
+    "garbage",
+    "full",
+    "buffer",
+    "io",
+];
 /// What became of each OTLP log record.
 pub const OTLP_OUTCOMES: [&str; 6] = [
     "stored",
@@ -81,6 +94,10 @@ pub struct LogMetrics {
     pub chunks: IntCounterVec,
     /// `forward_connections`: forward connections open now.
     pub connections: IntGauge,
+    /// `forward_connections_closed_total{reason}`: forward connections log-ingest closed,
+    /// by [`CLOSES`] (a sender that closes its own is not counted): a shared key or TLS
+    /// setting that no sender matches shows here, as nothing else does.
+    pub connections_closed: IntCounterVec,
     /// `otlp_records_total{outcome}`: OTLP log records by `stored`, `sent_again` (an
     /// export already stored), `rejected` (malformed: `partial_success`), `refused_full`,
     /// `refused_busy` (past `otlp.max_bytes_in_flight`) and `refused_error` (the exporter
@@ -177,6 +194,11 @@ impl LogMetrics {
                 &["outcome"],
             )?,
             connections: IntGauge::new("forward_connections", "Forward connections open now")?,
+            connections_closed: counter_vec(
+                "forward_connections_closed_total",
+                "Forward connections log-ingest closed, by reason",
+                &["reason"],
+            )?,
             otlp: counter_vec(
                 "otlp_records_total",
                 "OTLP log records, by outcome",
@@ -232,6 +254,7 @@ impl LogMetrics {
         registry.register(Box::new(metrics.buffer_max_bytes.clone()))?;
         registry.register(Box::new(metrics.chunks.clone()))?;
         registry.register(Box::new(metrics.connections.clone()))?;
+        registry.register(Box::new(metrics.connections_closed.clone()))?;
         registry.register(Box::new(metrics.otlp.clone()))?;
         registry.register(Box::new(metrics.streams.clone()))?;
         registry.register(Box::new(metrics.streams_folded.clone()))?;
@@ -255,6 +278,9 @@ impl LogMetrics {
         }
         for outcome in OTLP_OUTCOMES {
             metrics.otlp.with_label_values(&[outcome]);
+        }
+        for reason in CLOSES {
+            metrics.connections_closed.with_label_values(&[reason]);
         }
         for pattern in patterns {
             metrics.masked.with_label_values(&[pattern]);

@@ -188,6 +188,29 @@ async fn the_shared_key_handshake_admits_the_right_key_only() {
         "the PONG says why: {stderr}"
     );
     assert_eq!(buffered(&listener).len(), 50);
+    // Counted for the operator (a key no sender matches shows nowhere else); the sender
+    // with the right key closed its own connection, which is not counted.
+    closed_for(&listener, "handshake", 1).await;
+    assert_eq!(closed(&listener, "garbage"), 0);
+}
+
+/// Connections the listener closed for `reason`.
+fn closed(listener: &Listener, reason: &str) -> u64 {
+    listener
+        .metrics
+        .connections_closed
+        .with_label_values(&[reason])
+        .get()
+}
+
+/// Waits until exactly `count` connections were closed for `reason` (the count follows the
+/// close the peer saw).
+async fn closed_for(listener: &Listener, reason: &str, count: u64) {
+    mall_test_support::wait_until("the close counted", Duration::from_secs(5), || async {
+        (closed(listener, reason) >= count).then_some(())
+    })
+    .await;
+    assert_eq!(closed(listener, reason), count, "{reason}");
 }
 
 /// A peer that connects to a listener with a shared key and never sends its PING holds a
@@ -370,6 +393,7 @@ async fn a_fluent_bit_chunk_is_acked_byte_for_byte_and_garbage_closes_only_its_c
         matches!(closed, Ok(Ok(0))),
         "garbage closes its connection: {closed:?}"
     );
+    closed_for(&listener, "garbage", 1).await;
     // A TCP heartbeat (nil), then a message without a chunk (no answer), then one with.
     good.write_all(&[0xc0]).await.expect("writes");
     good.write_all(&encode(&Value::Array(vec![
@@ -704,6 +728,7 @@ async fn over_tls_a_chunk_is_acknowledged_and_plaintext_is_not_served() {
     assert!(matches!(closed, Ok(Ok(_))), "closed: {closed:?}");
     assert!(!String::from_utf8_lossy(&rest).contains("ack"));
     assert_eq!(buffered(&listener).len(), 1);
+    closed_for(&listener, "tls", 1).await;
     listener.shutdown.cancel();
 }
 
