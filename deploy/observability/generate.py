@@ -175,7 +175,7 @@ def grpc_rows(service, prefix):
                 ts(
                     "Refused connections and failed TLS handshakes",
                     [
-                        (f"sum by (reason) (rate({prefix}_grpc_connections_refused_total[$__rate_interval]))", "refused {{reason}}"),
+                        (f"sum(rate({prefix}_grpc_connections_refused_total[$__rate_interval]))", "refused (max_connections)"),
                         (f"sum by (reason) (rate({prefix}_grpc_tls_handshake_failures_total[$__rate_interval]))", "tls {{reason}}"),
                     ],
                     "ops",
@@ -349,13 +349,18 @@ def logs():
             (
                 "Buffer and Loki",
                 [
-                    ts("Durable buffer", [(f"sum({p}_buffer_bytes)", "bytes")], "bytes"),
+                    ts(
+                        "Durable buffer, share of its bound per replica (MallLogBufferFilling past 80%)",
+                        [(f"max by (instance) ({p}_buffer_bytes / {p}_buffer_max_bytes)", "{{instance}}")],
+                        "percentunit",
+                    ),
                     ts("Records waiting for Loki", [(f"sum({p}_records_waiting)", "waiting")]),
                     ts(
                         "Loki pushes by outcome, seconds since the last accepted",
                         [
                             (f"sum by (outcome) (rate({p}_loki_pushes_total[$__rate_interval]))", "{{outcome}}"),
-                            (f"time() - max({p}_loki_last_push_timestamp_seconds)", "seconds since last push"),
+                            # None before the first accepted push (its timestamp is 0 until then).
+                            (f"time() - max({p}_loki_last_push_timestamp_seconds > 0)", "seconds since last push"),
                         ],
                     ),
                 ],
