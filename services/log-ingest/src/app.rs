@@ -188,6 +188,14 @@ impl App {
                 () = stop.cancelled() => Ok(()),
             }
         });
+        // A disk that stalls a write holds every input's answer with no way to time it out:
+        // not ready then, so load balancers send new connections to the other replicas
+        // (and senders whose acknowledgements stall reconnect there).
+        let stalled = pipeline.buffer.clone();
+        server.set_readiness(move || {
+            let ready = buffer_ready(stalled.write_stalled_for());
+            async move { ready }
+        });
         let until = shutdown.clone();
         server.spawn("forward input", async move {
             forward.run(until).await;
@@ -309,6 +317,22 @@ fn ensure_workable(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long a write (and its sync) of the buffer may take before the replica says it is not
+/// ready: a healthy volume syncs in milliseconds; Fluent Bit and OTLP exporters time out
+/// their own waits for an answer within tens of seconds.
+const STALLED_WRITE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Readiness, from how long the buffer's write under way has taken ([`STALLED_WRITE`]).
+fn buffer_ready(writing_for: Option<std::time::Duration>) -> anyhow::Result<()> {
+    match writing_for {
+        Some(taken) if taken >= STALLED_WRITE => Err(anyhow::anyhow!(
+            "the buffer's disk has not finished a write for {}s",
+            taken.as_secs()
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The largest push `pipeline.batch_bytes` may ask for.
 const MAX_BATCH_BYTES: usize = 4 << 20;
 
@@ -358,6 +382,22 @@ fn ensure_budget(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_stalled_for_30_seconds_makes_the_replica_not_ready() {
+        use std::time::Duration;
+        assert!(buffer_ready(None).is_ok(), "nothing being written");
+        assert!(
+            buffer_ready(Some(Duration::from_millis(20))).is_ok(),
+            "a sync under way"
+        );
+        assert!(buffer_ready(Some(Duration::from_secs(29))).is_ok());
+        let error = buffer_ready(Some(Duration::from_secs(31))).expect_err("stalled");
+        assert_eq!(
+            error.to_string(),
+            "the buffer's disk has not finished a write for 31s"
+        );
+    }
 
     /// A panic in the pipeline stops the process through its drain, with a failure;
     /// the pipeline ending at shutdown is no failure.

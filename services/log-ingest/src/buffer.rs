@@ -101,6 +101,9 @@ struct Shared {
     /// Where [`Buffer::used_bytes`] is reported each time it changes (see
     /// [`Buffer::report_used_bytes`]).
     used_gauge: std::sync::OnceLock<IntGauge>,
+    /// When the writer began the write (and sync) under way, if one is (see
+    /// [`Buffer::write_stalled_for`]).
+    writing_since: Mutex<Option<std::time::Instant>>,
 }
 
 impl Shared {
@@ -220,6 +223,7 @@ impl Buffer {
             ack_failures: std::sync::atomic::AtomicU32::new(0),
             refused: Mutex::new(None),
             used_gauge: std::sync::OnceLock::new(),
+            writing_since: Mutex::new(None),
         });
         let (appends, receiver) = mpsc::channel(QUEUE);
         let writer = Writer {
@@ -352,6 +356,13 @@ impl Buffer {
         }
     }
 
+    /// How long the write (and sync) under way has taken so far; `None` when the writer
+    /// waits for appends. A disk that stalls holds every input's answer for as long, with no
+    /// way to time out a local write: this is how a readiness probe sees it.
+    pub fn write_stalled_for(&self) -> Option<std::time::Duration> {
+        lock(&self.shared.writing_since).map(|since| since.elapsed())
+    }
+
     /// Unacknowledged bytes on disk.
     pub fn used_bytes(&self) -> u64 {
         lock(&self.shared.books).used()
@@ -449,6 +460,12 @@ impl Writer {
     /// Writes and syncs what fits, then answers everyone: refused ones at once, written
     /// ones after the sync.
     fn write(&mut self, group: Vec<Append>) {
+        *lock(&self.shared.writing_since) = Some(std::time::Instant::now());
+        self.write_group(group);
+        *lock(&self.shared.writing_since) = None;
+    }
+
+    fn write_group(&mut self, group: Vec<Append>) {
         if self.broken {
             for append in group {
                 let refused =
@@ -859,6 +876,33 @@ mod tests {
             .map_or(end, |(_, after)| *after);
         buffer.acknowledge(end).expect("acknowledges");
         assert_eq!(after.get(), 0, "everything acknowledged");
+    }
+
+    /// A write that does not finish shows, for as long as it takes; none once it is done.
+    /// (Two workers: the append runs while this thread holds the books.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_under_way_says_how_long_it_has_taken() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (buffer, _) = Buffer::open(dir.path(), LIMITS).expect("opens");
+        assert_eq!(buffer.write_stalled_for(), None, "nothing written");
+        buffer.append(batch(1)).await.expect("appends");
+        assert_eq!(buffer.write_stalled_for(), None, "done");
+        // The writer records a synced write in the books: holding them holds it, as a
+        // stalled disk would.
+        let books = lock(&buffer.shared.books);
+        let appending = tokio::spawn({
+            let buffer = buffer.clone();
+            async move { buffer.append(batch(2)).await }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let stalled = buffer.write_stalled_for().expect("a write under way");
+        assert!(
+            stalled >= std::time::Duration::from_millis(250),
+            "{stalled:?}"
+        );
+        drop(books);
+        appending.await.expect("joins").expect("appends");
+        assert_eq!(buffer.write_stalled_for(), None, "done");
     }
 
     /// A frame of the segment still being written fails its checksum: reading goes on at
