@@ -230,6 +230,11 @@ impl ForwardInput {
                         .await
                         {
                             Ok(Ok(stream)) => connection(stream, &shared).await,
+                            // Closed before the handshake ended: a TCP health check, a
+                            // scanner, a sender giving up; not a certificate refused.
+                            Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                                Err(Closed::ByPeer("during the TLS handshake"))
+                            }
                             Ok(Err(error)) => Err(Closed::Tls(error.to_string())),
                             Err(_) => Err(Closed::Tls(format!(
                                 "no TLS handshake within {:?}",
@@ -278,14 +283,17 @@ enum Closed {
     ShuttingDown,
     #[error("the buffer failed: {0}")]
     Buffer(BufferError),
+    #[error("the peer closed {0}")]
+    ByPeer(&'static str),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
 impl Closed {
     /// Its `reason` label in `forward_connections_closed_total` (one of
-    /// [`crate::metrics::CLOSES`]).
+    /// [`crate::metrics::CLOSES`]); a shutdown's close is not counted.
     fn reason(&self) -> &'static str {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
         match self {
             Self::Tls(_) => "tls",
             Self::Handshake(_) => "handshake",
@@ -294,6 +302,15 @@ impl Closed {
             Self::Garbage(_) => "garbage",
             Self::Full => "full",
             Self::Buffer(_) => "buffer",
+            Self::ByPeer(_) => "peer_closed",
+            Self::Io(error)
+                if matches!(
+                    error.kind(),
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+                ) =>
+            {
+                "peer_closed"
+            }
             Self::Io(_) | Self::ShuttingDown => "io",
         }
     }
@@ -490,7 +507,7 @@ async fn next_frame<S: AsyncRead + Unpin>(
             return if buf.is_empty() {
                 Ok(None)
             } else {
-                Err(Garbage::NotForward("the peer closed in the middle of a message").into())
+                Err(Closed::ByPeer("in the middle of a message"))
             };
         }
     }
@@ -524,7 +541,8 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     // From the operating system's CSPRNG (a predictable nonce would let a recorded PING be
     // replayed).
     let mut nonce = [0_u8; 16];
-    getrandom::fill(&mut nonce).map_err(|_| Closed::Handshake("no random bytes for a nonce"))?;
+    getrandom::fill(&mut nonce)
+        .map_err(|_| Closed::Io(std::io::Error::other("no random bytes for a nonce")))?;
     let helo = Value::Array(vec![
         Value::from("HELO"),
         Value::Map(vec![
@@ -540,8 +558,18 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         max_message_bytes: MAX_PING_BYTES,
         ..settings.clone()
     };
-    let Some((frame, _)) = next_frame(stream, buf, &small, &never, None).await? else {
-        return Err(Closed::Handshake("closed before PING"));
+    // Not a PING's frame (a sender without the shared key sends its first message, up to
+    // megabytes): the handshake failed, not the protocol.
+    let next = next_frame(stream, buf, &small, &never, None)
+        .await
+        .map_err(|closed| match closed {
+            Closed::Garbage(_) => {
+                Closed::Handshake("the first message is no PING (a sender without the shared key?)")
+            }
+            other => other,
+        })?;
+    let Some((frame, _)) = next else {
+        return Err(Closed::ByPeer("before its PING"));
     };
     let ping = rmpv::decode::read_value(&mut &frame[..])
         .map_err(|_| Closed::Handshake("PING is not MessagePack"))?;

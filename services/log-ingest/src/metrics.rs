@@ -32,9 +32,11 @@ pub const CHUNKS: [&str; 5] = [
     "refused_error",
     "not_logs",
 ];
-/// Why log-ingest closed a forward connection (`forward_input::Closed::reason`), and
-/// `too_many` for one past `forward.max_connections`.
-pub const CLOSES: [&str; 9] = [
+/// Why a forward connection ended other than between messages (`forward_input::Closed::
+/// reason`), and `too_many` for one past `forward.max_connections`. `peer_closed`: the peer
+/// closed or reset it mid-message or mid-handshake (health checks, scanners, senders giving
+/// up), apart from `tls` and `handshake`, which a wrong CA or shared key gives.
+pub const CLOSES: [&str; 10] = [
     "too_many",
     "tls",
     "handshake",
@@ -44,6 +46,7 @@ pub const CLOSES: [&str; 9] = [
     "full",
     "buffer",
     "io",
+    "peer_closed",
 ];
 /// What became of each OTLP log record.
 pub const OTLP_OUTCOMES: [&str; 6] = [
@@ -94,9 +97,9 @@ pub struct LogMetrics {
     pub chunks: IntCounterVec,
     /// `forward_connections`: forward connections open now.
     pub connections: IntGauge,
-    /// `forward_connections_closed_total{reason}`: forward connections log-ingest closed,
-    /// by [`CLOSES`] (a sender that closes its own is not counted): a shared key or TLS
-    /// setting that no sender matches shows here, as nothing else does.
+    /// `forward_connections_closed_total{reason}`: forward connections that ended other than
+    /// by the sender closing between messages, by [`CLOSES`]: a shared key or TLS setting
+    /// that no sender matches shows here (`handshake`, `tls`), as nothing else does.
     pub connections_closed: IntCounterVec,
     /// `otlp_records_total{outcome}`: OTLP log records by `stored`, `sent_again` (an
     /// export already stored), `rejected` (malformed: `partial_success`), `refused_full`,
@@ -196,7 +199,7 @@ impl LogMetrics {
             connections: IntGauge::new("forward_connections", "Forward connections open now")?,
             connections_closed: counter_vec(
                 "forward_connections_closed_total",
-                "Forward connections log-ingest closed, by reason",
+                "Forward connections that ended other than between messages, by reason",
                 &["reason"],
             )?,
             otlp: counter_vec(

@@ -191,11 +191,32 @@ async fn the_shared_key_handshake_admits_the_right_key_only() {
     // Counted for the operator (a key no sender matches shows nowhere else); the sender
     // with the right key closed its own connection, which is not counted.
     closed_for(&listener, "handshake", 1).await;
-    assert_eq!(closed(&listener, "garbage"), 0);
+    assert_eq!(closes(&listener, "garbage"), 0);
+    // A sender without the key sends its first message as if it were a PING: a handshake
+    // failure too, not garbage. A peer that closes before its PING (a TCP health check)
+    // is neither.
+    let mut keyless = tokio::net::TcpStream::connect(listener.addr)
+        .await
+        .expect("connects");
+    keyless
+        .write_all(&fluent_bit_frame("k1", &["x".repeat(8 * 1024).as_str()]))
+        .await
+        .expect("writes");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), keyless.read_to_end(&mut rest)).await;
+    closed_for(&listener, "handshake", 2).await;
+    drop(
+        tokio::net::TcpStream::connect(listener.addr)
+            .await
+            .expect("connects"),
+    );
+    closed_for(&listener, "peer_closed", 1).await;
+    assert_eq!(closes(&listener, "handshake"), 2);
+    assert_eq!(closes(&listener, "garbage"), 0);
 }
 
 /// Connections the listener closed for `reason`.
-fn closed(listener: &Listener, reason: &str) -> u64 {
+fn closes(listener: &Listener, reason: &str) -> u64 {
     listener
         .metrics
         .connections_closed
@@ -207,10 +228,10 @@ fn closed(listener: &Listener, reason: &str) -> u64 {
 /// close the peer saw).
 async fn closed_for(listener: &Listener, reason: &str, count: u64) {
     mall_test_support::wait_until("the close counted", Duration::from_secs(5), || async {
-        (closed(listener, reason) >= count).then_some(())
+        (closes(listener, reason) >= count).then_some(())
     })
     .await;
-    assert_eq!(closed(listener, reason), count, "{reason}");
+    assert_eq!(closes(listener, reason), count, "{reason}");
 }
 
 /// A peer that connects to a listener with a shared key and never sends its PING holds a
@@ -729,6 +750,14 @@ async fn over_tls_a_chunk_is_acknowledged_and_plaintext_is_not_served() {
     assert!(!String::from_utf8_lossy(&rest).contains("ack"));
     assert_eq!(buffered(&listener).len(), 1);
     closed_for(&listener, "tls", 1).await;
+    // A TCP health check opens and closes: no certificate refused.
+    drop(
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connects"),
+    );
+    closed_for(&listener, "peer_closed", 1).await;
+    assert_eq!(closes(&listener, "tls"), 1);
     listener.shutdown.cancel();
 }
 
