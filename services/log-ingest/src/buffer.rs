@@ -460,9 +460,21 @@ impl Writer {
     /// Writes and syncs what fits, then answers everyone: refused ones at once, written
     /// ones after the sync.
     fn write(&mut self, group: Vec<Append>) {
+        /// Ends the write's time however it ends. A panic also marks the buffer failed: the
+        /// writer thread is gone, every append would fail, and the process must restart
+        /// (rather than report a stalled disk for ever).
+        struct Writing(Arc<Shared>);
+        impl Drop for Writing {
+            fn drop(&mut self) {
+                *lock(&self.0.writing_since) = None;
+                if std::thread::panicking() {
+                    self.0.failed.send_replace(true);
+                }
+            }
+        }
         *lock(&self.shared.writing_since) = Some(std::time::Instant::now());
+        let _writing = Writing(self.shared.clone());
         self.write_group(group);
-        *lock(&self.shared.writing_since) = None;
     }
 
     fn write_group(&mut self, group: Vec<Append>) {
@@ -886,7 +898,7 @@ mod tests {
         let (buffer, _) = Buffer::open(dir.path(), LIMITS).expect("opens");
         assert_eq!(buffer.write_stalled_for(), None, "nothing written");
         buffer.append(batch(1)).await.expect("appends");
-        assert_eq!(buffer.write_stalled_for(), None, "done");
+        write_ends(&buffer);
         // The writer records a synced write in the books: holding them holds it, as a
         // stalled disk would.
         let books = lock(&buffer.shared.books);
@@ -902,7 +914,20 @@ mod tests {
         );
         drop(books);
         appending.await.expect("joins").expect("appends");
-        assert_eq!(buffer.write_stalled_for(), None, "done");
+        write_ends(&buffer);
+    }
+
+    /// Waits (5 s at most) until the writer has ended its write: it answers the appenders
+    /// just before.
+    fn write_ends(buffer: &Buffer) {
+        let since = std::time::Instant::now();
+        while buffer.write_stalled_for().is_some() {
+            assert!(
+                since.elapsed() < std::time::Duration::from_secs(5),
+                "the write ended"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// A frame of the segment still being written fails its checksum: reading goes on at
