@@ -406,13 +406,16 @@ impl GrpcServer {
         let admin = axum::serve(admin_listener, admin_router)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
+        // Health changes one at a time: a probe that passes just as the drain begins must not
+        // mark the server SERVING after the drain marked it NOT_SERVING.
+        let health_gate = Arc::new(tokio::sync::Mutex::new(()));
         tasks.spawn(watch_readiness(
             readiness,
             settings.readiness_interval,
             health.clone(),
             service_names.clone(),
             ready.clone(),
-            shutdown.clone(),
+            (shutdown.clone(), health_gate.clone()),
         ));
         tracing::info!(service = name, %grpc_addr, %admin_addr, "serving");
 
@@ -431,12 +434,15 @@ impl GrpcServer {
         }
 
         tracing::info!(drain_timeout = ?settings.drain_timeout, "draining");
-        set_health(&health, &service_names, false).await;
-        // /readyz too, from the first moment of the drain: readiness probes go to /readyz
-        // (kubelet's gRPC probes present no client certificate), and the pod must leave the
-        // Service's endpoints while it finishes its calls.
-        ready.set(false);
-        shutdown.cancel();
+        {
+            let _gate = health_gate.lock().await;
+            set_health(&health, &service_names, false).await;
+            // /readyz too, from the first moment of the drain: readiness probes go to /readyz
+            // (kubelet's gRPC probes present no client certificate), and the pod must leave
+            // the Service's endpoints while it finishes its calls.
+            ready.set(false);
+            shutdown.cancel();
+        }
         tasks.close();
         let drained = tokio::time::timeout(settings.drain_timeout, async {
             let (grpc, admin, ()) = tokio::join!(grpc, admin, tasks.wait());
@@ -553,7 +559,7 @@ async fn watch_readiness(
     health: HealthReporter,
     services: Vec<String>,
     ready: Ready,
-    shutdown: CancellationToken,
+    (shutdown, gate): (CancellationToken, Arc<tokio::sync::Mutex<()>>),
 ) {
     let mut last: Option<bool> = None;
     loop {
@@ -569,11 +575,13 @@ async fn watch_readiness(
                     tracing::warn!(error = ?error, "a dependency is unreachable; health is NOT_SERVING");
                 }
             }
-            set_health(&health, &services, serving).await;
-            // A probe that finished after the drain began must not mark the pod ready again.
+            // A probe that finished after the drain began must not mark the pod ready again:
+            // the drain cancels under the same gate, after setting NOT_SERVING.
+            let _gate = gate.lock().await;
             if shutdown.is_cancelled() {
                 return;
             }
+            set_health(&health, &services, serving).await;
             ready.set(serving);
             last = Some(serving);
         }
