@@ -360,7 +360,7 @@ def logs():
                         [
                             (f"sum by (outcome) (rate({p}_loki_pushes_total[$__rate_interval]))", "{{outcome}}"),
                             # None before the first accepted push (its timestamp is 0 until then).
-                            (f"time() - max({p}_loki_last_push_timestamp_seconds > 0)", "seconds since last push"),
+                            (f"time() - max by (instance) ({p}_loki_last_push_timestamp_seconds > 0)", "seconds since last push, {{instance}}"),
                         ],
                     ),
                 ],
@@ -489,7 +489,11 @@ def overview():
             (
                 "Are logs getting through?",
                 [
-                    ts("log-ingest buffer", [(f"sum({l}_buffer_bytes)", "bytes")], "bytes"),
+                    ts(
+                        "log-ingest buffer, share of its bound per replica",
+                        [(f"max by (instance) ({l}_buffer_bytes / {l}_buffer_max_bytes)", "{{instance}}")],
+                        "percentunit",
+                    ),
                     ts(
                         "Loki push failures",
                         [(f'sum by (outcome) (rate({l}_loki_pushes_total{{outcome!="accepted"}}[$__rate_interval]))', "{{outcome}}")],
