@@ -257,21 +257,7 @@ async fn a_500_line_trace_in_50_chunks_over_two_connections_is_one_record() {
     ];
     for (n, chunk) in lines.chunks(10).enumerate() {
         let id = format!("{n:032x}");
-        let stream = &mut connections[n % 2];
-        stream
-            .write_all(&corpus::frame(&id, chunk))
-            .await
-            .expect("writes");
-        let mut ack = vec![0; 128];
-        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut ack))
-            .await
-            .expect("an ack in time")
-            .expect("reads");
-        let ack = rmpv::decode::read_value(&mut &ack[..read]).expect("msgpack");
-        assert_eq!(
-            ack,
-            Value::Map(vec![(Value::from("ack"), Value::from(id.as_str()))])
-        );
+        corpus::send_acked(&mut connections[n % 2], &corpus::frame(&id, chunk), &id).await;
     }
     assert_eq!(
         lines.chunks(10).len(),

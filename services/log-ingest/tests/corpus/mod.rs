@@ -240,27 +240,30 @@ pub async fn send_chunks<C, S>(
     C: AsRef<[S]>,
     S: AsRef<str>,
 {
-    use std::time::Duration;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connects");
     for (n, chunk) in chunks.into_iter().enumerate() {
-        let chunk = chunk.as_ref();
         let id = format!("{n:032x}");
-        let frame = frame_of(host, &id, chunk);
-        stream.write_all(&frame).await.expect("writes");
-        let mut ack = vec![0; 128];
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut ack))
-            .await
-            .expect("an ack in time")
-            .expect("reads");
-        let ack = rmpv::decode::read_value(&mut &ack[..n]).expect("msgpack");
-        assert_eq!(
-            ack,
-            Value::Map(vec![(Value::from("ack"), Value::from(id.as_str()))])
-        );
+        send_acked(&mut stream, &frame_of(host, &id, chunk.as_ref()), &id).await;
     }
+}
+
+/// Writes `frame` on `stream` and waits for its ack of `chunk`.
+pub async fn send_acked(stream: &mut tokio::net::TcpStream, frame: &[u8], chunk: &str) {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    stream.write_all(frame).await.expect("writes");
+    let mut ack = vec![0; 128];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut ack))
+        .await
+        .expect("an ack in time")
+        .expect("reads");
+    let ack = rmpv::decode::read_value(&mut &ack[..n]).expect("msgpack");
+    assert_eq!(
+        ack,
+        Value::Map(vec![(Value::from("ack"), Value::from(chunk))])
+    );
 }
 
 /// Waits until Loki has accepted `records` (`loki_records_pushed_total` on `/metrics`).
