@@ -378,6 +378,11 @@ def logs():
                         "ops",
                     ),
                     ts(
+                        "Forward connections closed, by reason (tls, handshake: a CA or shared key no sender matches)",
+                        [(f"sum by (reason) (rate({p}_forward_connections_closed_total[$__rate_interval]))", "{{reason}}")],
+                        "ops",
+                    ),
+                    ts(
                         "Dropped and unparsed",
                         [
                             (f"sum by (reason) (rate({p}_records_dropped_total[$__rate_interval]))", "dropped {{reason}}"),
