@@ -157,11 +157,11 @@ static ACCESS_LOG: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 /// An access log line as a record: the line is its message (as written but for the remote
-/// user, masked later like any other); client, method, path, protocol, status, bytes, referer, user agent and
-/// the time taken (`duration`, in the valve's unit) are fields; the level says how the
-/// request went (5xx ERROR, 4xx WARN, else INFO). The remote user (`%u`, an HTTP login)
-/// names a person: it is no field, and [`USER`] in the message. `None` when the line is not
-/// an access log line.
+/// user, masked later like any other); client, method, path, protocol, status, bytes,
+/// referer, user agent and the time taken (`duration`, in the valve's unit) are fields; the
+/// level says how the request went (5xx ERROR, 4xx WARN, else INFO). The remote user (`%u`,
+/// an HTTP login) names a person: it is no field, and [`USER`] in the message. `None` when
+/// the line is not an access log line.
 pub fn access_log(line: &str, index: usize) -> Option<Record> {
     let captures = ACCESS_LOG.captures(line)?;
     let message = match captures.name("user") {

@@ -240,11 +240,11 @@ impl LogsService for OtlpInput {
 /// extensions): an export wholly received is not refused for room that other calls took
 /// between its last frame and its handler. One that needs more (a gzip export inflates)
 /// waits for it in turn, up to [`TOP_UP_WAIT`]; what it weighs in memory beyond that
-/// ([`weight`]) it takes only where the budget has room at once. A call counts at most `max_message_bytes`
-/// (tonic decodes one message of a unary call; bytes after it are not counted), so one
-/// export at the limit always fits the budget. Bytes are counted as sent: a gzip export's
-/// inflated form (at most `server.max_message_bytes`) is uncounted from its decoding to its
-/// handler (README, `otlp.max_bytes_in_flight`).
+/// ([`weight`]) it takes only where the budget has room at once. A call counts at most
+/// `max_message_bytes` (tonic decodes one message of a unary call; bytes after it are not
+/// counted), so one export at the limit always fits the budget. Bytes are counted as sent:
+/// a gzip export's inflated form (at most `server.max_message_bytes`) is uncounted from its
+/// decoding to its handler (README, `otlp.max_bytes_in_flight`).
 ///
 /// A `tower` service of our own rather than a `tower` layer: the server routes by the inner
 /// service's name (`NamedService`), which a layer's service does not carry.
