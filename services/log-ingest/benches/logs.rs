@@ -403,6 +403,7 @@ async fn reference_listener(
                                 source: Source::Forward,
                                 tag: message.tag,
                                 events: message.events,
+                                received_ms: log_ingest::batch::now_ms(),
                             };
                             if buffer.append(batch.encode()).await.is_err() {
                                 return;

@@ -2,8 +2,10 @@
 //! events as they arrived (before parsing, so multi-line grouping runs once, after the
 //! buffer, and a restart re-reads whole lines).
 //!
-//! Encoded as MessagePack: `[source, tag, [[time_nanos, record], …]]`, each record the map
-//! exactly as the sender encoded it. The events are kept in that encoded form from the
+//! Encoded as MessagePack: `[source, tag, [[time_nanos, record], …], chunk, received]`,
+//! each record the map exactly as the sender encoded it; `chunk` is the sender's chunk id
+//! or nil (see [`Batch::encode_with`]), `received` when the input received the batch (Unix
+//! milliseconds, always a 9-byte uint64, so [`identity`] can leave it out). The events are kept in that encoded form from the
 //! input to the pipeline ([`Events`]): a forward message's records are copied, not decoded
 //! and encoded again, and the pipeline looks up only the fields it needs (the line, the
 //! host) where they lie, instead of building every key and value of every record twice.
@@ -32,7 +34,34 @@ pub struct Batch {
     pub tag: String,
     /// Its events, in order.
     pub events: Events,
+    /// When the input received it, in milliseconds since the Unix epoch (0: not known, a
+    /// batch stored by a version before 2026-12-06): where the delivery time of its records
+    /// is measured from (`delivery_freshness_seconds`), a restart's downtime included.
+    pub received_ms: i64,
 }
+
+/// Now, in milliseconds since the Unix epoch: a batch's [`Batch::received_ms`].
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The part of a stored batch that says what it holds: all but its received time, so a
+/// batch sent again (after a lost acknowledgement) has the same identity as the first
+/// copy, received earlier (see [`crate::recent`]). A batch stored before the received time
+/// was kept (three or four parts) is its own identity.
+pub fn identity(stored: &[u8]) -> &[u8] {
+    match stored.len().checked_sub(RECEIVED_BYTES) {
+        Some(end) if stored[0] == FIVE_PARTS && stored[end] == UINT64 => &stored[..end],
+        _ => stored,
+    }
+}
+
+/// A fixarray of five: the header of a batch with its received time.
+const FIVE_PARTS: u8 = 0x95;
+/// MessagePack's uint64 marker.
+const UINT64: u8 = 0xcf;
+/// The received time's bytes: a uint64's marker and its eight bytes.
+const RECEIVED_BYTES: usize = 9;
 
 const FINE: &str = "writing to a Vec cannot fail";
 
@@ -302,22 +331,24 @@ impl Batch {
         self.encode_with(None)
     }
 
-    /// [`Batch::encode`], with the sender's chunk id (its ack's MessagePack value) as a
-    /// fourth part after the events when given: what is stored then differs between two
+    /// [`Batch::encode`], with the sender's chunk id (its ack's MessagePack value) as the
+    /// fourth part when given (nil otherwise): what is stored then differs between two
     /// batches of the same lines sent under two ids (see [`crate::recent`]). Read back, it is
-    /// passed over.
+    /// passed over. The fifth part, the received time, always takes nine bytes (a uint64),
+    /// for [`identity`] to leave it out.
     pub fn encode_with(&self, chunk: Option<&[u8]>) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16 + self.tag.len() + self.events.bytes.len());
+        let mut out = Vec::with_capacity(32 + self.tag.len() + self.events.bytes.len());
         let count = u32::try_from(self.events.len()).expect("a batch is far below 2^32 events");
-        let parts = if chunk.is_some() { 4 } else { 3 };
-        rmp::encode::write_array_len(&mut out, parts).expect(FINE);
+        rmp::encode::write_array_len(&mut out, 5).expect(FINE);
         rmp::encode::write_uint(&mut out, self.source as u64).expect(FINE);
         rmp::encode::write_str(&mut out, &self.tag).expect(FINE);
         rmp::encode::write_array_len(&mut out, count).expect(FINE);
         out.extend_from_slice(&self.events.bytes);
-        if let Some(chunk) = chunk {
-            rmp::encode::write_bin(&mut out, chunk).expect(FINE);
+        match chunk {
+            Some(chunk) => rmp::encode::write_bin(&mut out, chunk).expect(FINE),
+            None => rmp::encode::write_nil(&mut out).expect(FINE),
         }
+        rmp::encode::write_u64(&mut out, u64::try_from(self.received_ms).unwrap_or(0)).expect(FINE);
         out
     }
 
@@ -329,8 +360,10 @@ impl Batch {
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let bad = |why: &str| format!("not a buffered batch: {why}");
         let mut rd = bytes;
-        // Three parts; a later version may add parts after the events (read past here), so
-        // a rollback can still read what it wrote.
+        // Three parts at least (a version before 2026-12-06 wrote three, or four with a
+        // chunk id); a later version may add parts after the received time (read past
+        // here), so a rollback can still read what it wrote, as long as the fifth part
+        // stays an unsigned integer (anything else is refused here as not a batch).
         let parts = rmp::decode::read_array_len(&mut rd).map_err(|_| bad("no header"))?;
         if parts < 3 {
             return Err(bad("no header"));
@@ -344,8 +377,16 @@ impl Batch {
         rd = rest;
         let count = rmp::decode::read_array_len(&mut rd).map_err(|_| bad("events"))?;
         let (events, mut rest) = Events::read(rd, count).map_err(bad)?;
-        for _ in 3..parts {
-            rmpv::decode::read_value(&mut rest).map_err(|_| bad("a part after the events"))?;
+        let mut received_ms = 0;
+        for part in 3..parts {
+            let value =
+                rmpv::decode::read_value(&mut rest).map_err(|_| bad("a part after the events"))?;
+            if part == 4 {
+                received_ms = value
+                    .as_u64()
+                    .and_then(|ms| i64::try_from(ms).ok())
+                    .ok_or_else(|| bad("the received time"))?;
+            }
         }
         if !rest.is_empty() {
             return Err(bad("bytes after the events"));
@@ -354,6 +395,7 @@ impl Batch {
             source,
             tag: tag.to_owned(),
             events,
+            received_ms,
         })
     }
 }
@@ -370,6 +412,7 @@ mod tests {
             source: Source::Forward,
             tag: "hybris.wrapper".to_owned(),
             events: Events::default(),
+            received_ms: 1_764_979_200_000,
         };
         batch.events.push(&Event {
             time_nanos: 2_000_000_000,
@@ -377,7 +420,7 @@ mod tests {
         });
         assert!(batch.events.whole_seconds());
         let bytes = batch.encode_with(Some(b"\xa2id"));
-        assert_eq!(bytes[0], 0x94, "a fixarray of four");
+        assert_eq!(bytes[0], 0x95, "a fixarray of five");
         assert_eq!(Batch::decode(&bytes).expect("reads"), batch);
         assert_ne!(
             bytes,
@@ -416,10 +459,11 @@ mod tests {
                 record: vec![],
             },
         ];
-        let batch = Batch {
+        let mut batch = Batch {
             source: Source::Forward,
             tag: "hybris.wrapper".to_owned(),
             events: events(&list),
+            received_ms: 1_764_979_200_123,
         };
         let back = Batch::decode(&batch.encode()).expect("decodes");
         assert_eq!(back, batch);
@@ -432,10 +476,16 @@ mod tests {
         assert_eq!(first.text("7"), None, "an integer key is not the text 7");
         assert_eq!(first.text("absent"), None);
         assert!(Batch::decode(b"\x93\x01").is_err());
-        // An event cut short, or a record that is not a map, is refused.
+        // A received time cut short is refused.
         let bytes = batch.encode();
         assert!(Batch::decode(&bytes[..bytes.len() - 1]).is_err());
-        let mut not_a_map = bytes[..bytes.len() - 1].to_vec();
+        // An event cut short, or a record that is not a map, is refused (in the three-part
+        // form the events end the batch).
+        let mut three = bytes[..bytes.len() - 10].to_vec();
+        three[0] = 0x93;
+        assert!(Batch::decode(&three).is_ok());
+        assert!(Batch::decode(&three[..three.len() - 1]).is_err());
+        let mut not_a_map = three[..three.len() - 1].to_vec();
         not_a_map.push(0x90);
         assert!(Batch::decode(&not_a_map).is_err());
         // What the buffer held before 2026-12-04 (one value tree, minimal lengths) still
@@ -456,7 +506,65 @@ mod tests {
         ]);
         let mut old = Vec::new();
         rmpv::encode::write_value(&mut old, &tree).expect("encodes");
-        assert_eq!(Batch::decode(&old), Ok(batch));
+        batch.received_ms = 0;
+        assert_eq!(Batch::decode(&old), Ok(batch), "received when, not known");
+    }
+
+    /// A batch's identity leaves its received time out (a resend, received later, is the
+    /// same batch) and nothing else: not the chunk id, not an event. A batch stored before
+    /// the received time was kept is its own identity. Rollback: the previous version's
+    /// reading (three parts, what follows passed over) reads a batch written now.
+    #[test]
+    fn the_identity_is_all_but_the_received_time() {
+        let mut batch = Batch {
+            source: Source::Forward,
+            tag: "hybris.wrapper".to_owned(),
+            events: events(&[Event {
+                time_nanos: 1_000,
+                record: vec![(Value::from("log"), Value::from("one"))],
+            }]),
+            received_ms: 1_764_979_200_000,
+        };
+        let first = batch.encode_with(Some(b"\xa2id"));
+        batch.received_ms += 61_000;
+        let again = batch.encode_with(Some(b"\xa2id"));
+        assert_ne!(first, again);
+        assert_eq!(identity(&first), identity(&again));
+        assert_eq!(identity(&first).len(), first.len() - 9);
+        assert_ne!(
+            identity(&again),
+            identity(&batch.encode_with(Some(b"\xa3id2")))
+        );
+        assert_ne!(identity(&again), identity(&batch.encode()), "no id");
+        let back = Batch::decode(&again).expect("decodes");
+        assert_eq!(back.received_ms, 1_764_979_261_000);
+        let mut other = batch.clone();
+        other.events = events(&[Event {
+            time_nanos: 1_000,
+            record: vec![(Value::from("log"), Value::from("two"))],
+        }]);
+        assert_ne!(identity(&other.encode()), identity(&batch.encode()));
+        // Three parts (the previous version's, no chunk id): all of it.
+        let mut three = batch.encode();
+        three.truncate(three.len() - 10);
+        three[0] = 0x93;
+        assert_eq!(identity(&three), &three[..]);
+        assert_eq!(Batch::decode(&three).expect("decodes").received_ms, 0);
+        // A received time that is not a number is not a batch written here.
+        let mut bad = batch.encode();
+        let at = bad.len() - 9;
+        bad.truncate(at);
+        bad.push(0xc0);
+        assert!(Batch::decode(&bad).is_err());
+        // Read as the previous version did: three parts, then every part passed over.
+        let mut rest = &again[..];
+        assert_eq!(rmp::decode::read_array_len(&mut rest).expect("header"), 5);
+        let mut tree = again.as_slice();
+        let Value::Array(parts) = rmpv::decode::read_value(&mut tree).expect("one value") else {
+            panic!("an array")
+        };
+        assert!(tree.is_empty());
+        assert_eq!(parts[3], Value::Binary(b"\xa2id".to_vec()));
     }
 
     mod scalars {

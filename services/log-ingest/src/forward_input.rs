@@ -395,6 +395,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 source: Source::Forward,
                 tag: message.tag,
                 events: message.events,
+                received_ms: crate::batch::now_ms(),
             }
             .encode_with(chunk);
             // Without a `chunk` the sender wants no ack and never resends: nothing to

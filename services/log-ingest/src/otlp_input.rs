@@ -452,7 +452,7 @@ fn batches(request: ExportLogsServiceRequest, received_nanos: i64) -> (Vec<Batch
     (
         services
             .into_iter()
-            .flat_map(|(tag, events)| split(tag, events))
+            .flat_map(|(tag, events)| split(tag, events, received_nanos.div_euclid(1_000_000)))
             .collect(),
         rejected,
     )
@@ -504,11 +504,13 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 
 /// A service's events in consecutive batches of about [`MAX_BATCH_BYTES`] at most (one
 /// event each at least).
-fn split(tag: String, events: Vec<Event>) -> Vec<Batch> {
+/// `received_ms`: when the export arrived (each batch's [`Batch::received_ms`]).
+fn split(tag: String, events: Vec<Event>, received_ms: i64) -> Vec<Batch> {
     let piece = |events: Events| Batch {
         source: Source::Otlp,
         tag: tag.clone(),
         events,
+        received_ms,
     };
     let mut pieces = Vec::new();
     let mut current = Events::default();

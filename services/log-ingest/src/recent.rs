@@ -6,21 +6,20 @@
 //! and answer a batch stored already without storing it again; a batch arriving while the
 //! same one is being stored waits for that store's outcome.
 //!
-//! By content (SHA-256 of the batch as stored), not by chunk id alone: senders differ in
-//! how they make ids (Fluent Bit's is a digest of the chunk's data, the same on a retry;
-//! others' are random). Times finer than a second (Fluent Bit's tail stamps each line in
-//! nanoseconds) make a batch sent on purpose differ from an earlier one. A sender writing
-//! whole seconds can send the same line twice in a second on purpose: such a forward batch
-//! carries the sender's chunk id in what is stored ([`crate::batch::Batch::encode_with`]),
-//! so it is recognised only when sent again under the same id, and a batch sent on purpose
-//! under a new id is stored. (Fluent Bit with `time_as_integer` gives identical chunks the
-//! same id: the second is taken for a resend. A sender without acks sends no `chunk` and
-//! never resends: its batches are not matched at all.) The memory is seeded at start from the newest
-//! batches still in the buffer (its last [`SEED_BYTES`]), where a batch whose
-//! acknowledgement was lost almost always is: it was among the last stored before the
-//! crash, and the pipeline acknowledges the buffer only after a push, long after the
-//! sender's ack. Only the newest: a buffer filled during a long Loki outage (gigabytes)
-//! would otherwise be read whole before the service answers its start-up probe.
+//! By content (SHA-256 of the batch as stored, but for when it was received), not by chunk id
+//! alone: senders differ in how they make ids (Fluent Bit's is a digest of the chunk's data, the
+//! same on a retry; others' are random). Times finer than a second (Fluent Bit's tail stamps each
+//! line in nanoseconds) make a batch sent on purpose differ from an earlier one. A sender writing
+//! whole seconds can send the same line twice in a second on purpose: such a forward batch carries
+//! the sender's chunk id in what is stored ([`crate::batch::Batch::encode_with`]), so it is
+//! recognised only when sent again under the same id, and a batch sent on purpose under a new id is
+//! stored. (Fluent Bit with `time_as_integer` gives identical chunks the same id: the second is
+//! taken for a resend. A sender without acks sends no `chunk` and never resends: its batches are
+//! not matched at all.) The memory is seeded at start from the newest batches still in the buffer
+//! (its last [`SEED_BYTES`]), where a batch whose acknowledgement was lost almost always is: it was
+//! among the last stored before the crash, and the pipeline acknowledges the buffer only after a
+//! push, long after the sender's ack. Only the newest: a buffer filled during a long Loki outage
+//! (gigabytes) would otherwise be read whole before the service answers its start-up probe.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -70,9 +69,10 @@ enum State {
     Pending(watch::Receiver<bool>),
 }
 
-/// A batch's digest.
+/// A stored batch's digest: of its [`crate::batch::identity`], all but when it was received
+/// (a resend comes later than the first copy).
 pub fn digest(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
+    Sha256::digest(crate::batch::identity(bytes)).into()
 }
 
 impl Recent {
@@ -279,6 +279,48 @@ mod tests {
             2,
             "the corrupt first segment passed over, a and b after it remembered"
         );
+    }
+
+    /// A chunk sent again comes later than its first copy: it is recognised though its
+    /// received time differs, while live and after a restart (seeded from the buffer).
+    #[tokio::test]
+    async fn a_batch_sent_again_later_is_recognised_by_all_but_its_received_time() {
+        use crate::batch::{Batch, Events, Source};
+        let (buffer, _dir) = buffer(64 << 20);
+        let mut batch = Batch {
+            source: Source::Forward,
+            tag: "hybris.wrapper".to_owned(),
+            events: Events::default(),
+            received_ms: 1_764_979_200_000,
+        };
+        batch.events.push(&crate::forward::Event {
+            time_nanos: 1_764_979_199_000_000_123,
+            record: vec![(rmpv::Value::from("log"), rmpv::Value::from("a line"))],
+        });
+        let recent = Recent::default();
+        let stored = |batch: &Batch| {
+            let bytes = batch.encode_with(Some(b"\xa2id"));
+            let (recent, buffer) = (recent.clone(), buffer.clone());
+            async move { recent.store(&buffer, bytes).await.ok() }
+        };
+        assert_eq!(stored(&batch).await, Some(Stored::New));
+        batch.received_ms += 30_000;
+        assert_eq!(stored(&batch).await, Some(Stored::SentAgain));
+        let seeded = Recent::seed(&buffer, Position::default());
+        batch.received_ms += 30_000;
+        let again = batch.encode_with(Some(b"\xa2id"));
+        assert_eq!(
+            seeded.store(&buffer, again).await.ok(),
+            Some(Stored::SentAgain),
+            "after a restart"
+        );
+        let mut other = batch.clone();
+        other.events = Events::default();
+        other.events.push(&crate::forward::Event {
+            time_nanos: 1_764_979_199_000_000_124,
+            record: vec![(rmpv::Value::from("log"), rmpv::Value::from("a line"))],
+        });
+        assert_eq!(stored(&other).await, Some(Stored::New), "another batch");
     }
 
     #[tokio::test]
