@@ -356,6 +356,14 @@ def logs():
                     ),
                     ts("Records waiting for Loki", [(f"sum({p}_records_waiting)", "waiting")]),
                     ts(
+                        "Received to in Loki, p50 and p99 (SLO: 99% within 60 s)",
+                        [
+                            (f"histogram_quantile(0.5, sum by (le) (rate({p}_delivery_freshness_seconds_bucket[$__rate_interval])))", "p50"),
+                            (f"histogram_quantile(0.99, sum by (le) (rate({p}_delivery_freshness_seconds_bucket[$__rate_interval])))", "p99"),
+                        ],
+                        "s",
+                    ),
+                    ts(
                         "Loki pushes by outcome, seconds since the last accepted",
                         [
                             (f"sum by (outcome) (rate({p}_loki_pushes_total[$__rate_interval]))", "{{outcome}}"),
@@ -611,6 +619,18 @@ SLOS = [
         ),
         total="sum(rate(mall_member_export_delivery_freshness_seconds_count[{w}]))",
         test_series={"histogram": ("mall_member_export_delivery_freshness_seconds", "", "300.0")},
+    ),
+    Slo(
+        name="log_delivery_freshness",
+        service="log-ingest",
+        objective=0.99,
+        description="99% of log records are in Loki within 60 s of log-ingest receiving them",
+        bad=(
+            "(sum(rate(mall_log_ingest_delivery_freshness_seconds_count[{w}]))"
+            ' - sum(rate(mall_log_ingest_delivery_freshness_seconds_bucket{le=~"60(\\\\.0)?"}[{w}])))'
+        ),
+        total="sum(rate(mall_log_ingest_delivery_freshness_seconds_count[{w}]))",
+        test_series={"histogram": ("mall_log_ingest_delivery_freshness_seconds", "", "60.0")},
     ),
     Slo(
         name="member_enqueue_availability",

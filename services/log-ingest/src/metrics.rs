@@ -3,7 +3,9 @@
 //! sets, each registered at start so a series exists before its first event; no record text
 //! is ever a label.
 
-use mall_telemetry::metrics::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use mall_telemetry::metrics::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 /// Sources of records.
 pub const SOURCES: [&str; 2] = ["forward", "otlp"];
@@ -24,6 +26,12 @@ pub const DROP_REASONS: [&str; 11] = [
     // Loki refuses structured metadata, for a push whose records carry none to strip (they
     // go without it otherwise): what else Loki said is the records' fault.
     "disallowed_structured_metadata",
+];
+/// `delivery_freshness_seconds`' buckets: a record is usually in Loki within a few seconds (a push
+/// waits `pipeline.batch_wait`, a record its quiet time); minutes mean an outage or a
+/// backlog, hours a long one (a full buffer drained).
+pub const DELIVERY_BUCKETS: [f64; 13] = [
+    0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 21600.0,
 ];
 /// What became of each push attempt.
 const PUSHES: [&str; 4] = ["accepted", "failed", "refused", "too_large"];
@@ -80,6 +88,13 @@ pub struct LogMetrics {
     pub pushed: IntCounter,
     /// `loki_last_push_timestamp_seconds`: when Loki last accepted a push (0: never).
     pub last_push: IntGauge,
+    /// `delivery_freshness_seconds`: per record Loki accepted, the time from the input receiving it
+    /// (its first line's forward message or OTLP export, before it was stored and
+    /// acknowledged) to Loki accepting it: the wait for the rest of a stack trace, for
+    /// quiet and for a push, the push and its retries, and a restart's downtime for
+    /// records read again after it. By the service's wall clock, not the record's own
+    /// time (the legacy servers' clocks and zones are theirs). See [`DELIVERY_BUCKETS`].
+    pub delivery: Histogram,
     /// `records_waiting`: records parsed and not yet answered by Loki (waiting for a push,
     /// or in one being sent or retried).
     pub waiting: IntGauge,
@@ -177,6 +192,13 @@ impl LogMetrics {
                 "loki_last_push_timestamp_seconds",
                 "When Loki last accepted a push",
             )?,
+            delivery: Histogram::with_opts(
+                HistogramOpts::new(
+                    "delivery_freshness_seconds",
+                    "Per record Loki accepted, seconds from the input receiving it to Loki accepting it",
+                )
+                .buckets(DELIVERY_BUCKETS.to_vec()),
+            )?,
             waiting: IntGauge::new(
                 "records_waiting",
                 "Records parsed and not yet answered by Loki",
@@ -253,6 +275,7 @@ impl LogMetrics {
         registry.register(Box::new(metrics.pushes.clone()))?;
         registry.register(Box::new(metrics.pushed.clone()))?;
         registry.register(Box::new(metrics.last_push.clone()))?;
+        registry.register(Box::new(metrics.delivery.clone()))?;
         registry.register(Box::new(metrics.waiting.clone()))?;
         registry.register(Box::new(metrics.masked.clone()))?;
         registry.register(Box::new(metrics.buffer_bytes.clone()))?;
@@ -297,6 +320,16 @@ impl LogMetrics {
     /// Metrics in a registry of their own (tests, benchmarks).
     pub fn unregistered(patterns: &[String]) -> Self {
         Self::register(&Registry::new(), patterns).expect("a fresh registry takes them")
+    }
+
+    /// Observes the delivery of a record received at `received_ms` and accepted by Loki at
+    /// `now_ms` (Unix milliseconds); nothing when its receipt is not known (0: stored by a
+    /// version that did not keep it). A wall clock stepped back counts as no time.
+    pub fn observe_delivery(&self, now_ms: i64, received_ms: i64) {
+        if received_ms > 0 {
+            self.delivery
+                .observe(now_ms.saturating_sub(received_ms).max(0) as f64 / 1_000.0);
+        }
     }
 
     /// Adds masking counts (one per pattern, in configured order).

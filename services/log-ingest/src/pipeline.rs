@@ -244,6 +244,9 @@ struct Origin {
     chunk_line: usize,
     /// The time of the event the line came in, for records without one.
     event_time: i64,
+    /// When its batch was received ([`Batch::received_ms`]): a record's delivery time is
+    /// measured from its first line's.
+    received_ms: i64,
 }
 
 impl Origin {
@@ -340,6 +343,7 @@ impl StreamState {
             host: self.host.clone(),
             fallback_nanos: origin.event_time,
             tie: origin.tie(),
+            received_ms: origin.received_ms,
         }
     }
 
@@ -465,6 +469,8 @@ struct Ready {
     fallback_nanos: i64,
     /// Nanoseconds below the entry's microsecond ([`tie_breaker`]).
     tie: u32,
+    /// When its (first line's) batch was received ([`Batch::received_ms`]; 0: not known).
+    received_ms: i64,
 }
 
 impl Pipeline {
@@ -799,6 +805,7 @@ impl Pipeline {
                         at,
                         chunk_line: in_chunk,
                         event_time: event.time_nanos,
+                        received_ms: batch.received_ms,
                     };
                     state.grouper.push(
                         &state.parser,
@@ -928,6 +935,7 @@ impl Pipeline {
                     host: Arc::from(otlp.host.as_str()),
                     fallback_nanos: event.time_nanos,
                     tie: tie_breaker(at, n),
+                    received_ms: batch.received_ms,
                 });
                 n += 1;
             }
@@ -1086,6 +1094,7 @@ impl Pusher {
             labels,
             source: ready.source,
             service: ready.tag,
+            received_ms: ready.received_ms,
             observation,
             entry: loki::Entry {
                 timestamp: Some(prost_types::Timestamp {
@@ -1202,11 +1211,17 @@ impl Pusher {
                     pieces.push(Piece::unencoded(piece));
                 }
                 Some(Pushed::Accepted) => {
+                    let now_ms = crate::batch::now_ms();
                     self.metrics.pushed.inc_by(piece.len() as u64);
-                    self.metrics.last_push.set(chrono::Utc::now().timestamp());
-                    let mut derived = crate::lock(&self.derived);
+                    self.metrics.last_push.set(now_ms.div_euclid(1_000));
+                    {
+                        let mut derived = crate::lock(&self.derived);
+                        for item in &piece {
+                            derived.observe(&item.observation, &item.service);
+                        }
+                    }
                     for item in &piece {
-                        derived.observe(&item.observation, &item.service);
+                        self.metrics.observe_delivery(now_ms, item.received_ms);
                     }
                 }
                 // Loki takes no structured metadata (its configuration, not the records'
@@ -1473,6 +1488,8 @@ struct Item {
     service: Arc<str>,
     /// What it adds to the derived metrics once Loki accepted it.
     observation: Observation,
+    /// When its (first line's) batch was received (0: not known).
+    received_ms: i64,
     entry: loki::Entry,
 }
 

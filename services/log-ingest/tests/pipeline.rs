@@ -92,6 +92,21 @@ async fn the_corpus_arrives_in_loki_record_by_record_with_traces_whole_and_addre
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(exceptions, traces as f64);
+    // Each record's delivery, by the service's clock from its receipt (the corpus' own
+    // times are from 2024): every one, each within seconds.
+    assert_eq!(
+        unlabelled(&metrics, "mall_log_ingest_delivery_freshness_seconds_count"),
+        want.len() as f64
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "mall_log_ingest_delivery_freshness_seconds_bucket",
+            &[("le", "30.0")]
+        ),
+        want.len() as f64,
+        "{metrics}"
+    );
     // The first record's time: 2024/10/28 17:12:00.041 in Seoul.
     let first = received
         .iter()
@@ -356,6 +371,23 @@ async fn a_loki_outage_is_waited_out_and_counted() {
         0.0
     );
     assert!(value("mall_log_ingest_masked_total{pattern=\"email\"}") > 0.0);
+    // Each record's delivery counts the outage (5 s): none was in Loki within 2 s of its
+    // receipt.
+    assert!(body.contains("mall_log_ingest_delivery_freshness_seconds_bucket{le=\"2.0\"} "));
+    assert_eq!(
+        value("mall_log_ingest_delivery_freshness_seconds_count"),
+        want.len() as f64
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "mall_log_ingest_delivery_freshness_seconds_bucket",
+            &[("le", "2.0")]
+        ),
+        0.0,
+        "{body}"
+    );
+    assert!(value("mall_log_ingest_delivery_freshness_seconds_sum") >= 4.0 * want.len() as f64);
     // Everything pushed is acknowledged: the buffer's gauge falls back to nothing.
     mall_test_support::wait_until("the buffer emptied", Duration::from_secs(10), || async {
         (unlabelled(
