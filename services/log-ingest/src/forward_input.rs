@@ -248,10 +248,18 @@ impl ForwardInput {
                     // Shutting down while it waited for room: nothing to warn about.
                     Ok(()) | Err(Closed::ShuttingDown) => {}
                     Err(why) => {
-                        tracing::warn!(%peer, %why, "forward: connection closed");
+                        let reason = why.reason();
+                        // A peer hanging up (a sender restarting or giving up, a network
+                        // blip) is theirs, not ours to warn about; its sender resends what
+                        // was not acknowledged.
+                        if reason == "peer_closed" {
+                            tracing::info!(%peer, %why, "forward: connection closed");
+                        } else {
+                            tracing::warn!(%peer, %why, "forward: connection closed");
+                        }
                         metrics
                             .connections_closed
-                            .with_label_values(&[why.reason()])
+                            .with_label_values(&[reason])
                             .inc();
                     }
                 }
