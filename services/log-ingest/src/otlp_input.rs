@@ -122,7 +122,8 @@ impl LogsService for OtlpInput {
         // within the budget; past it, the caller retries (nothing of it was taken).
         // At least its encoded size, at most `server.max_message_bytes`, which start-up holds
         // within the budget (and within what `try_acquire_many` counts).
-        let size = request.encoded_len().min(crate::forward_input::MAX_BUDGET);
+        let encoded = request.encoded_len();
+        let size = encoded.min(crate::forward_input::MAX_BUDGET);
         let had = from_body.as_ref().map_or(0, |p| p.num_permits());
         let in_flight = if had >= size {
             Some(from_body)
@@ -155,7 +156,7 @@ impl LogsService for OtlpInput {
         // export wholly received and counted as sent is not refused for it, nor made to wait
         // in turn behind others (one heavy export would hold up every other call).
         let held = in_flight.as_ref().map_or(0, |p| p.num_permits());
-        let extra = weight(&request)
+        let extra = weight(&request, encoded)
             .min(self.budget_bytes)
             .min(crate::forward_input::MAX_BUDGET)
             .saturating_sub(held);
@@ -465,7 +466,8 @@ fn batches(request: ExportLogsServiceRequest, received_nanos: i64) -> (Vec<Batch
 /// converted), and each record and attribute its structures: many small records take several
 /// times their encoded size, which the encoded size alone would let past the budget. An
 /// estimate (allocators round up; nested values count by their bytes only), not a measure.
-pub fn weight(request: &ExportLogsServiceRequest) -> usize {
+/// `encoded` is its encoded size (`encoded_len`, which walks it: the caller has it).
+pub fn weight(request: &ExportLogsServiceRequest, encoded: usize) -> usize {
     use std::mem::size_of;
     /// An allocation's bookkeeping and rounding, about.
     const ALLOCATION: usize = 32;
@@ -490,8 +492,7 @@ pub fn weight(request: &ExportLogsServiceRequest) -> usize {
                 .sum::<usize>();
         }
     }
-    request
-        .encoded_len()
+    encoded
         .saturating_mul(2)
         .saturating_add(records.saturating_mul(PER_RECORD))
         .saturating_add(attributes.saturating_mul(PER_ATTRIBUTE))

@@ -459,7 +459,7 @@ async fn an_export_past_the_bytes_in_flight_is_refused_for_a_retry() {
     let small: Vec<_> = (0..4_000).map(|n| log(&n.to_string(), n)).collect();
     let small = export("storefront", small);
     assert!(prost::Message::encoded_len(&small) < 100_000);
-    assert!(log_ingest::otlp_input::weight(&small) > 1 << 20);
+    assert!(log_ingest::otlp_input::weight(&small, prost::Message::encoded_len(&small)) > 1 << 20);
     let held = budget.clone().try_acquire_many_owned(1).expect("free");
     let stored = input
         .export(tonic::Request::new(small))
