@@ -45,19 +45,34 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// The part of a stored batch that says what it holds: all but its received time, so a
-/// batch sent again (after a lost acknowledgement) has the same identity as the first
-/// copy, received earlier (see [`crate::recent`]). A batch stored before the received time
-/// was kept (three or four parts) is its own identity.
-pub fn identity(stored: &[u8]) -> &[u8] {
-    match stored.len().checked_sub(RECEIVED_BYTES) {
-        Some(end) if stored[0] == FIVE_PARTS && stored[end] == UINT64 => &stored[..end],
-        _ => stored,
+/// What says what a stored batch holds, in three pieces to be read one after another: all
+/// but its received time, so a batch sent again (after a lost acknowledgement) has the same
+/// identity as the first copy, received earlier (see [`crate::recent`]). A batch stored
+/// before the received time was kept (`[source, tag, events]`, or with the chunk id after
+/// them) reads as the same batch stored now (a header of five parts, nil for no chunk id):
+/// a chunk whose first copy the previous version stored is recognised across the upgrade.
+/// Anything else (not a batch) is its own identity.
+pub fn identity(stored: &[u8]) -> [&[u8]; 3] {
+    const HEADER: &[u8] = &[FIVE_PARTS];
+    const NO_CHUNK: &[u8] = &[NIL];
+    match stored.first() {
+        Some(&FIVE_PARTS) => match stored.len().checked_sub(RECEIVED_BYTES) {
+            Some(end) if stored[end] == UINT64 => [HEADER, &stored[1..end], &[]],
+            _ => [stored, &[], &[]],
+        },
+        Some(&FOUR_PARTS) => [HEADER, &stored[1..], &[]],
+        Some(&THREE_PARTS) => [HEADER, &stored[1..], NO_CHUNK],
+        _ => [stored, &[], &[]],
     }
 }
 
-/// A fixarray of five: the header of a batch with its received time.
+/// Fixarrays of five, four and three: the headers of a batch with its received time, and
+/// of one stored before it was kept, with and without a chunk id.
 const FIVE_PARTS: u8 = 0x95;
+const FOUR_PARTS: u8 = 0x94;
+const THREE_PARTS: u8 = 0x93;
+/// MessagePack's nil.
+const NIL: u8 = 0xc0;
 /// MessagePack's uint64 marker.
 const UINT64: u8 = 0xcf;
 /// The received time's bytes: a uint64's marker and its eight bytes.
@@ -525,17 +540,15 @@ mod tests {
             }]),
             received_ms: 1_764_979_200_000,
         };
+        let joined = |stored: &[u8]| identity(stored).concat();
         let first = batch.encode_with(Some(b"\xa2id"));
         batch.received_ms += 61_000;
         let again = batch.encode_with(Some(b"\xa2id"));
         assert_ne!(first, again);
-        assert_eq!(identity(&first), identity(&again));
-        assert_eq!(identity(&first).len(), first.len() - 9);
-        assert_ne!(
-            identity(&again),
-            identity(&batch.encode_with(Some(b"\xa3id2")))
-        );
-        assert_ne!(identity(&again), identity(&batch.encode()), "no id");
+        assert_eq!(joined(&first), joined(&again));
+        assert_eq!(joined(&first), first[..first.len() - 9]);
+        assert_ne!(joined(&again), joined(&batch.encode_with(Some(b"\xa3id2"))));
+        assert_ne!(joined(&again), joined(&batch.encode()), "no id");
         let back = Batch::decode(&again).expect("decodes");
         assert_eq!(back.received_ms, 1_764_979_261_000);
         let mut other = batch.clone();
@@ -543,13 +556,22 @@ mod tests {
             time_nanos: 1_000,
             record: vec![(Value::from("log"), Value::from("two"))],
         }]);
-        assert_ne!(identity(&other.encode()), identity(&batch.encode()));
-        // Three parts (the previous version's, no chunk id): all of it.
+        assert_ne!(joined(&other.encode()), joined(&batch.encode()));
+        // What the previous version stored, three parts (no chunk id) or four: the same
+        // batch stored now.
         let mut three = batch.encode();
         three.truncate(three.len() - 10);
         three[0] = 0x93;
-        assert_eq!(identity(&three), &three[..]);
+        assert_eq!(joined(&three), joined(&batch.encode()));
         assert_eq!(Batch::decode(&three).expect("decodes").received_ms, 0);
+        let mut four = batch.encode_with(Some(b"\xa2id"));
+        four.truncate(four.len() - 9);
+        four[0] = 0x94;
+        assert_eq!(joined(&four), joined(&again));
+        assert_ne!(joined(&four), joined(&three));
+        // Not a batch: itself.
+        assert_eq!(joined(b"\x95a"), b"\x95a");
+        assert_eq!(joined(b""), b"");
         // A received time that is not a number is not a batch written here.
         let mut bad = batch.encode();
         let at = bad.len() - 9;
