@@ -522,13 +522,19 @@ mod tests {
         let mut old = Vec::new();
         rmpv::encode::write_value(&mut old, &tree).expect("encodes");
         batch.received_ms = 0;
+        assert_eq!(
+            identity(&old).concat(),
+            identity(&batch.encode()).concat(),
+            "a chunk that version stored is recognised when sent again now"
+        );
         assert_eq!(Batch::decode(&old), Ok(batch), "received when, not known");
     }
 
     /// A batch's identity leaves its received time out (a resend, received later, is the
     /// same batch) and nothing else: not the chunk id, not an event. A batch stored before
-    /// the received time was kept is its own identity. Rollback: the previous version's
-    /// reading (three parts, what follows passed over) reads a batch written now.
+    /// the received time was kept (three parts, or four with a chunk id) reads as the same
+    /// batch stored now, nil for no chunk id. Rollback: the previous version's reading
+    /// (three parts, what follows passed over) reads a batch written now.
     #[test]
     fn the_identity_is_all_but_the_received_time() {
         let mut batch = Batch {

@@ -6,8 +6,9 @@
 //! and answer a batch stored already without storing it again; a batch arriving while the
 //! same one is being stored waits for that store's outcome.
 //!
-//! By content (SHA-256 of the batch as stored, but for when it was received), not by chunk id
-//! alone: senders differ in how they make ids (Fluent Bit's is a digest of the chunk's data, the
+//! By content (SHA-256 of the batch as stored, but for when it was received; one stored by a
+//! version that did not keep that time reads as if stored now), not by chunk id alone:
+//! senders differ in how they make ids (Fluent Bit's is a digest of the chunk's data, the
 //! same on a retry; others' are random). Times finer than a second (Fluent Bit's tail stamps each
 //! line in nanoseconds) make a batch sent on purpose differ from an earlier one. A sender writing
 //! whole seconds can send the same line twice in a second on purpose: such a forward batch carries
