@@ -568,6 +568,24 @@ class Slo:
         return f"slo:{self.name}:error_ratio_rate{window}"
 
 
+def freshness_slo(name: str, service: str, description: str, histogram: str, within_seconds: int) -> Slo:
+    """99% of events within `within_seconds` (a bucket of `histogram`): bad events are those
+    past that bucket (the count minus it). The bucket's `le` is matched written either way
+    ("60" or "60.0")."""
+    return Slo(
+        name=name,
+        service=service,
+        objective=0.99,
+        description=description,
+        bad=(
+            f"(sum(rate({histogram}_count[{{w}}]))"
+            f' - sum(rate({histogram}_bucket{{le=~"{within_seconds}(\\\\.0)?"}}[{{w}}])))'
+        ),
+        total=f"sum(rate({histogram}_count[{{w}}]))",
+        test_series={"histogram": (histogram, "", f"{within_seconds}.0")},
+    )
+
+
 CATALOG_READS = "/mall.catalog.v1.ProductCatalogService/(GetProduct|BatchGetProducts|ListProducts)"
 
 SLOS = [
@@ -596,41 +614,26 @@ SLOS = [
             "histogram": ('mall_product_catalog_grpc_request_duration_seconds', '{method="/mall.catalog.v1.ProductCatalogService/GetProduct",code="OK"}', "0.1"),
         },
     ),
-    Slo(
+    freshness_slo(
         name="relay_freshness",
         service="sync-relay",
-        objective=0.99,
         description="99% of product changes are applied to the catalog within 60 s of their event time",
-        bad=(
-            "(sum(rate(mall_sync_relay_change_latency_seconds_count[{w}]))"
-            ' - sum(rate(mall_sync_relay_change_latency_seconds_bucket{le=~"60(\\\\.0)?"}[{w}])))'
-        ),
-        total="sum(rate(mall_sync_relay_change_latency_seconds_count[{w}]))",
-        test_series={"histogram": ("mall_sync_relay_change_latency_seconds", "", "60.0")},
+        histogram="mall_sync_relay_change_latency_seconds",
+        within_seconds=60,
     ),
-    Slo(
+    freshness_slo(
         name="member_delivery_freshness",
         service="member-export",
-        objective=0.99,
         description="99% of member changes are accepted by the partner within 5 minutes of being recorded",
-        bad=(
-            "(sum(rate(mall_member_export_delivery_freshness_seconds_count[{w}]))"
-            ' - sum(rate(mall_member_export_delivery_freshness_seconds_bucket{le=~"300(\\\\.0)?"}[{w}])))'
-        ),
-        total="sum(rate(mall_member_export_delivery_freshness_seconds_count[{w}]))",
-        test_series={"histogram": ("mall_member_export_delivery_freshness_seconds", "", "300.0")},
+        histogram="mall_member_export_delivery_freshness_seconds",
+        within_seconds=300,
     ),
-    Slo(
+    freshness_slo(
         name="log_delivery_freshness",
         service="log-ingest",
-        objective=0.99,
         description="99% of log records are in Loki within 60 s of log-ingest receiving them",
-        bad=(
-            "(sum(rate(mall_log_ingest_delivery_freshness_seconds_count[{w}]))"
-            ' - sum(rate(mall_log_ingest_delivery_freshness_seconds_bucket{le=~"60(\\\\.0)?"}[{w}])))'
-        ),
-        total="sum(rate(mall_log_ingest_delivery_freshness_seconds_count[{w}]))",
-        test_series={"histogram": ("mall_log_ingest_delivery_freshness_seconds", "", "60.0")},
+        histogram="mall_log_ingest_delivery_freshness_seconds",
+        within_seconds=60,
     ),
     Slo(
         name="member_enqueue_availability",
