@@ -5,10 +5,11 @@
 //! Encoded as MessagePack: `[source, tag, [[time_nanos, record], …], chunk, received]`,
 //! each record the map exactly as the sender encoded it; `chunk` is the sender's chunk id
 //! or nil (see [`Batch::encode_with`]), `received` when the input received the batch (Unix
-//! milliseconds, always a 9-byte uint64, so [`identity`] can leave it out). The events are kept in that encoded form from the
-//! input to the pipeline ([`Events`]): a forward message's records are copied, not decoded
-//! and encoded again, and the pipeline looks up only the fields it needs (the line, the
-//! host) where they lie, instead of building every key and value of every record twice.
+//! milliseconds, always a 9-byte uint64, so [`identity`] can leave it out). The events are
+//! kept in that encoded form from the input to the pipeline ([`Events`]): a forward
+//! message's records are copied, not decoded and encoded again, and the pipeline looks up
+//! only the fields it needs (the line, the host) where they lie, instead of building every
+//! key and value of every record twice.
 
 use std::borrow::Cow;
 

@@ -27,9 +27,9 @@ pub const DROP_REASONS: [&str; 11] = [
     // go without it otherwise): what else Loki said is the records' fault.
     "disallowed_structured_metadata",
 ];
-/// `delivery_freshness_seconds`' buckets: a record is usually in Loki within a few seconds (a push
-/// waits `pipeline.batch_wait`, a record its quiet time); minutes mean an outage or a
-/// backlog, hours a long one (a full buffer drained).
+/// `delivery_freshness_seconds`' buckets: a record is usually in Loki within a few seconds
+/// (a push waits `pipeline.batch_wait`, a record its quiet time); minutes mean an outage or
+/// a backlog, hours a long one (a full buffer drained).
 pub const DELIVERY_BUCKETS: [f64; 13] = [
     0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 21600.0,
 ];
@@ -88,12 +88,12 @@ pub struct LogMetrics {
     pub pushed: IntCounter,
     /// `loki_last_push_timestamp_seconds`: when Loki last accepted a push (0: never).
     pub last_push: IntGauge,
-    /// `delivery_freshness_seconds`: per record Loki accepted, the time from the input receiving it
-    /// (its first line's forward message or OTLP export, before it was stored and
-    /// acknowledged) to Loki accepting it: the wait for the rest of a stack trace, for
-    /// quiet and for a push, the push and its retries, and a restart's downtime for
-    /// records read again after it. By the service's wall clock, not the record's own
-    /// time (the legacy servers' clocks and zones are theirs). See [`DELIVERY_BUCKETS`].
+    /// `delivery_freshness_seconds`: per record Loki accepted, the time from the input
+    /// receiving it (its first line's forward message or OTLP export, before it was stored
+    /// and acknowledged) to Loki accepting it: the wait for the rest of a stack trace, for
+    /// quiet and for a push, the push and its retries, and a restart's downtime for records
+    /// read again after it. By the service's wall clock, not the record's own time (the
+    /// legacy servers' clocks and zones are theirs). See [`DELIVERY_BUCKETS`].
     pub delivery: Histogram,
     /// `records_waiting`: records parsed and not yet answered by Loki (waiting for a push,
     /// or in one being sent or retried).

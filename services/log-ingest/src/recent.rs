@@ -6,21 +6,23 @@
 //! and answer a batch stored already without storing it again; a batch arriving while the
 //! same one is being stored waits for that store's outcome.
 //!
-//! By content (SHA-256 of the batch as stored, but for when it was received; one stored by a
-//! version that did not keep that time reads as if stored now), not by chunk id alone:
+//! By content (SHA-256 of the batch as stored, but for when it was received; one stored by
+//! a version that did not keep that time reads as if stored now), not by chunk id alone:
 //! senders differ in how they make ids (Fluent Bit's is a digest of the chunk's data, the
-//! same on a retry; others' are random). Times finer than a second (Fluent Bit's tail stamps each
-//! line in nanoseconds) make a batch sent on purpose differ from an earlier one. A sender writing
-//! whole seconds can send the same line twice in a second on purpose: such a forward batch carries
-//! the sender's chunk id in what is stored ([`crate::batch::Batch::encode_with`]), so it is
-//! recognised only when sent again under the same id, and a batch sent on purpose under a new id is
-//! stored. (Fluent Bit with `time_as_integer` gives identical chunks the same id: the second is
-//! taken for a resend. A sender without acks sends no `chunk` and never resends: its batches are
-//! not matched at all.) The memory is seeded at start from the newest batches still in the buffer
-//! (its last [`SEED_BYTES`]), where a batch whose acknowledgement was lost almost always is: it was
-//! among the last stored before the crash, and the pipeline acknowledges the buffer only after a
-//! push, long after the sender's ack. Only the newest: a buffer filled during a long Loki outage
-//! (gigabytes) would otherwise be read whole before the service answers its start-up probe.
+//! same on a retry; others' are random). Times finer than a second (Fluent Bit's tail
+//! stamps each line in nanoseconds) make a batch sent on purpose differ from an earlier
+//! one. A sender writing whole seconds can send the same line twice in a second on purpose:
+//! such a forward batch carries the sender's chunk id in what is stored
+//! ([`crate::batch::Batch::encode_with`]), so it is recognised only when sent again under
+//! the same id, and a batch sent on purpose under a new id is stored. (Fluent Bit with
+//! `time_as_integer` gives identical chunks the same id: the second is taken for a resend.
+//! A sender without acks sends no `chunk` and never resends: its batches are not matched at
+//! all.) The memory is seeded at start from the newest batches still in the buffer (its
+//! last [`SEED_BYTES`]), where a batch whose acknowledgement was lost almost always is: it
+//! was among the last stored before the crash, and the pipeline acknowledges the buffer
+//! only after a push, long after the sender's ack. Only the newest: a buffer filled during
+//! a long Loki outage (gigabytes) would otherwise be read whole before the service answers
+//! its start-up probe.
 
 use std::{
     collections::{HashMap, VecDeque},
