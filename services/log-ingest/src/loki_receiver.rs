@@ -84,6 +84,9 @@ struct Inner {
     /// Whether an entry's time is taken whatever it is (Loki with `reject_old_samples:
     /// false` and a long `creation_grace_period`); else as Loki's defaults take it.
     any_time: bool,
+    /// A push whose body (as sent: compressed) is larger is answered 413, as a proxy in
+    /// front of Loki with a body limit answers.
+    max_body: Option<usize>,
     entries: u64,
     lines: u64,
 }
@@ -195,6 +198,12 @@ impl LokiReceiver {
         lock(&self.inner).failing = Some((status, body.to_owned(), Instant::now() + period));
     }
 
+    /// Answers 413 to every push whose body, as sent (compressed), is over `bytes`, as a
+    /// proxy in front of Loki with a body limit (nginx's `client_max_body_size`) does.
+    pub fn refuse_bodies_over(&self, bytes: usize) {
+        lock(&self.inner).max_body = Some(bytes);
+    }
+
     /// Stops listening (a Loki that is down).
     pub fn stop(&self) {
         self.stop.cancel();
@@ -216,6 +225,9 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
             return response;
         }
         inner.failing = None;
+    }
+    if inner.max_body.is_some_and(|max| body.len() > max) {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
     }
     let request = match loki::decode(&body) {
         Ok(request) => request,

@@ -485,6 +485,8 @@ mod tests {
         let mut record = Record {
             message: "user a@b.com".to_owned(),
             stack_trace: "java.lang.IllegalStateException: no user c@d.org".to_owned(),
+            logger: "a.B kim@x.com".to_owned(),
+            thread: "010-1234-5678".to_owned(),
             fields: [
                 ("phone".to_owned(), "010-9999-8888".to_owned()),
                 ("e@mail.com".to_owned(), "bounced".to_owned()),
@@ -500,8 +502,10 @@ mod tests {
             "java.lang.IllegalStateException: no user <email>"
         );
         assert_eq!(record.fields["phone"], "<phone>");
+        assert_eq!(record.logger, "a.B <email>");
+        assert_eq!(record.thread, "<phone>");
         assert_eq!(record.fields["<email>"], "bounced");
-        assert_eq!(counts, vec![3, 1]);
+        assert_eq!(counts, vec![4, 2]);
     }
 
     #[test]

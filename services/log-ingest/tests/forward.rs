@@ -251,10 +251,12 @@ async fn a_peer_silent_after_helo_is_closed_after_the_handshake_timeout() {
     let helo = rmpv::decode::read_value(&mut &helo[..n]).expect("msgpack");
     assert_eq!(helo[0].as_str(), Some("HELO"));
     let mut rest = [0; 16];
-    let closed = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut rest))
+    // Well under the default handshake_timeout (10 s): the configured one applies.
+    let closed = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut rest))
         .await
-        .expect("closed long before idle_timeout");
+        .expect("closed after handshake_timeout, long before idle_timeout");
     assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    closed_for(&listener, "slow", 1).await;
     listener.shutdown.cancel();
 }
 
@@ -441,7 +443,8 @@ async fn a_full_buffer_is_not_acknowledged_and_the_connection_closes() {
         max_bytes: 600,
         segment_bytes: 600,
     };
-    let listener = listener(None, limits).await;
+    // An idle timeout far past the test's waits: only the refusal can close the connection.
+    let listener = listener_with(None, limits, |s| s.idle_timeout = Duration::from_secs(120)).await;
     let mut stream = tokio::net::TcpStream::connect(listener.addr)
         .await
         .expect("connects");
@@ -458,8 +461,12 @@ async fn a_full_buffer_is_not_acknowledged_and_the_connection_closes() {
             break;
         }
         let mut buf = vec![0; 64];
-        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => {
+        // Refused means closed, not left hanging: the sender learns it at once and retries.
+        match tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf))
+            .await
+            .expect("each message is acknowledged or its connection closed at once")
+        {
+            Ok(n) if n > 0 => {
                 let ack = rmpv::decode::read_value(&mut &buf[..n]).expect("msgpack");
                 assert_eq!(
                     ack,
@@ -474,13 +481,7 @@ async fn a_full_buffer_is_not_acknowledged_and_the_connection_closes() {
         (1..10).contains(&acked),
         "some acknowledged, then refused: {acked}"
     );
-    // Refused means closed, not left hanging: the sender learns it at once and retries.
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
-    assert!(
-        closed.is_ok(),
-        "the connection is closed, not left open: {closed:?}"
-    );
+    closed_for(&listener, "full", 1).await;
     // What was acknowledged is exactly what the buffer holds.
     assert_eq!(buffered(&listener).len(), acked);
 }

@@ -457,6 +457,63 @@ async fn a_record_loki_refuses_is_dropped_alone_and_counted() {
     assert_eq!(shipped, records as f64, "{metrics}");
 }
 
+/// A push answered 413 (a proxy's body limit in front of Loki) is split until it fits;
+/// a record too large alone is dropped, counted `too_large`, and the others all arrive.
+#[tokio::test]
+async fn a_push_too_large_is_split_and_a_record_too_large_alone_dropped() {
+    let running = start().await;
+    // Compressed bodies over 6 KB are refused: the 120 corpus lines in one push are over
+    // it, each of their records alone is not, and 40 KB of digits that do not repeat (so
+    // snappy cannot shrink them below it) are.
+    running.loki.refuse_bodies_over(6 * 1024);
+    let lines: Vec<String> = CORPUS.lines().take(120).map(str::to_owned).collect();
+    let at = (60..lines.len())
+        .find(|i| lines[*i].contains("| INFO  ["))
+        .expect("a header");
+    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+    let noise: String = (0..40 * 1024)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(b'0' + (state % 10) as u8)
+        })
+        .collect();
+    let mut with_huge = lines.clone();
+    with_huge.insert(
+        at,
+        format!(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:01.000 | INFO  [main] [Big] {noise}"
+        ),
+    );
+    let sent: Vec<&str> = with_huge.iter().map(String::as_str).collect();
+    send(running.forward, &sent, 200).await;
+    let want = model(&lines.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_for(&running.loki, want.len()).await;
+    let metrics = || async {
+        let metrics = probe_metrics(running.admin).await;
+        let dropped = sample(
+            &metrics,
+            "mall_log_ingest_records_dropped_total",
+            &[("reason", "too_large"), ("source", "forward")],
+        );
+        (dropped >= 1.0).then_some(dropped)
+    };
+    let dropped =
+        mall_test_support::wait_until("the record dropped", Duration::from_secs(20), metrics).await;
+    assert_eq!(dropped, 1.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_in_order(&running.loki.received(), &want);
+    assert_eq!(running.loki.received().len(), want.len(), "each once");
+    let stats = stats(running.grpc).await;
+    let forward = stats
+        .sources
+        .iter()
+        .find(|s| s.source == "forward")
+        .expect("forward");
+    assert_eq!(forward.dropped_records, 1, "{stats:?}");
+}
+
 /// A runaway thread name (a malformed line) would make the entry's structured metadata
 /// larger than Loki takes (64 KB), and Loki would refuse the whole record: the logger and
 /// thread are cut to 2,048 bytes in metadata, and the record goes.
@@ -1211,6 +1268,51 @@ async fn a_new_stream_past_the_open_stream_limit_completes_the_quietest_ones_rec
     );
     assert!(
         metrics.contains("mall_log_ingest_open_streams 2\n"),
+        "{metrics}"
+    );
+}
+
+/// A line its source's parser cannot read is shipped as it came and counted in
+/// `parse_errors` (GetPipelineStats and `/metrics`); a line it reads is not counted.
+#[tokio::test]
+async fn a_line_its_parser_cannot_read_is_shipped_raw_and_counted() {
+    let running = start_with(|settings| {
+        settings
+            .pipeline
+            .parsers
+            .insert("hybris.*".to_owned(), "access-log".to_owned());
+    })
+    .await;
+    let access =
+        r#"10.0.3.7 - - [28/Oct/2024:17:12:00 +0900] "GET /shop/en/cart HTTP/1.1" 200 5120"#;
+    let garbage = "tomcat said something that is not an access log";
+    send(running.forward, &[access, garbage], 2).await;
+    wait_for(&running.loki, 2).await;
+    let lines: Vec<String> = running
+        .loki
+        .received()
+        .into_iter()
+        .map(|r| r.entry.line)
+        .collect();
+    assert!(
+        lines.iter().any(|l| l == garbage),
+        "shipped as it came: {lines:?}"
+    );
+    let stats = stats(running.grpc).await;
+    let forward = stats
+        .sources
+        .iter()
+        .find(|s| s.source == "forward")
+        .expect("forward");
+    assert_eq!(forward.parse_errors, 1, "{stats:?}");
+    let metrics = probe_metrics(running.admin).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "mall_log_ingest_parse_errors_total",
+            &[("source", "forward")]
+        ),
+        1.0,
         "{metrics}"
     );
 }
