@@ -587,9 +587,15 @@ fn packed(
                 entry?
             }
             None => {
-                // Not MessagePack, or a length past the end, says more than "cut short".
-                frame_len(stream, stream.len())?;
-                return Err(Garbage::NotForward("an entry is cut short"));
+                // Not MessagePack says more than "cut short". A length past the end is cut
+                // short too (the scan's "more than N bytes" would name a limit the message
+                // is not over).
+                if let Err(error @ Garbage::NotMessagePack(_)) = frame_len(stream, stream.len()) {
+                    return Err(error);
+                }
+                return Err(Garbage::NotForward(
+                    "an entry is cut short or declares more than the entries hold",
+                ));
             }
         };
     }
@@ -1128,7 +1134,14 @@ mod tests {
                 "not gzip",
             ),
         ] {
-            assert!(decode(&encode(&value), MAX).is_err(), "{why}");
+            // Each refused as what it is: not a forward message, or entries that do not
+            // inflate (never, say, as not MessagePack or too large).
+            let error = decode(&encode(&value), MAX).expect_err(why);
+            if why == "not gzip" {
+                assert!(matches!(error, Garbage::Compression(_)), "{why}: {error}");
+            } else {
+                assert!(matches!(error, Garbage::NotForward(_)), "{why}: {error}");
+            }
         }
     }
 
