@@ -391,7 +391,11 @@ mod tests {
             buffer_ready(Some(Duration::from_millis(20))).is_ok(),
             "a sync under way"
         );
-        assert!(buffer_ready(Some(Duration::from_secs(29))).is_ok());
+        assert!(buffer_ready(Some(Duration::from_millis(29_999))).is_ok());
+        assert!(
+            buffer_ready(Some(Duration::from_secs(30))).is_err(),
+            "30 s is stalled"
+        );
         let error = buffer_ready(Some(Duration::from_secs(31))).expect_err("stalled");
         assert_eq!(
             error.to_string(),

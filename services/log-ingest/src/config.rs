@@ -250,4 +250,54 @@ mod tests {
         assert_eq!(parsers["hybris.wrapper"], "hybris-wrapper");
         assert_eq!(parsers["hybris.access"], "access-log");
     }
+
+    /// With TLS on, by default: the log shippers export, any authenticated caller reads
+    /// the statistics and tries the parser, and only the admins tail live logs.
+    #[test]
+    fn by_default_only_the_admins_tail_logs() {
+        use mall_grpc::{
+            authz::{Decision, Policy, identities},
+            listen::{Listener, Peer},
+            methods::Methods,
+        };
+        const SERVICE: &str = "mall.logs.v1.LogIngestService";
+        const OTLP: &str = "opentelemetry.proto.collector.logs.v1.LogsService";
+        let methods = Methods::from_paths([
+            "/mall.logs.v1.LogIngestService/TailLogs",
+            "/mall.logs.v1.LogIngestService/TestParse",
+            "/mall.logs.v1.LogIngestService/GetPipelineStats",
+            "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+        ]);
+        let settings = crate::Settings::default();
+        let policy = Policy::compile(
+            &settings.server.authz,
+            &[SERVICE.to_owned(), OTLP.to_owned()],
+            &methods,
+        )
+        .expect("the defaults compile");
+        let decide = |path: &str, who: &str| {
+            let peer = Peer {
+                remote_addr: ([127, 0, 0, 1], 1).into(),
+                listener: Listener::Main,
+                tls: true,
+                identity: Some(who.into()),
+            };
+            policy.decide(path, Some(&peer))
+        };
+        let team = "spiffe://mall.internal/ns/storefront/sa/storefront";
+        let tail = format!("/{SERVICE}/TailLogs");
+        assert_eq!(decide(&tail, team), Decision::Denied);
+        assert_eq!(decide(&tail, identities::LOG_SHIPPER), Decision::Denied);
+        assert_eq!(decide(&tail, identities::ADMIN), Decision::Allow);
+        assert!(policy.admin_only(&tail));
+        for method in ["GetPipelineStats", "TestParse"] {
+            assert_eq!(
+                decide(&format!("/{SERVICE}/{method}"), team),
+                Decision::Allow
+            );
+        }
+        let export = format!("/{OTLP}/Export");
+        assert_eq!(decide(&export, identities::LOG_SHIPPER), Decision::Allow);
+        assert_eq!(decide(&export, team), Decision::Denied);
+    }
 }

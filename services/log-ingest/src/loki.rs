@@ -596,6 +596,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_retry_after_past_retry_max_waits_retry_max() {
+        let loki = receiver().await;
+        // `Retry-After: 1` from the receiver; a ceiling of 100 ms.
+        let client = LokiClient::new(
+            &loki.url(),
+            None,
+            Duration::from_secs(5),
+            (Duration::from_millis(10), Duration::from_millis(100)),
+            None,
+        )
+        .expect("a client");
+        let stop = tokio_util::sync::CancellationToken::new();
+        loki.fail(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            Duration::from_millis(200),
+        );
+        let started = std::time::Instant::now();
+        let mut failures = 0;
+        let pushed = client.push(body(1), true, &stop, |_| failures += 1).await;
+        assert_eq!(pushed, Some(Pushed::Accepted));
+        assert!(
+            failures >= 2,
+            "retried every 100 ms, not once a second: {failures}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
     async fn a_loki_that_is_down_is_retried_until_it_is_up() {
         // An address nobody listens on, until the receiver starts there.
         let addr = std::net::TcpListener::bind("127.0.0.1:0")

@@ -1249,5 +1249,41 @@ mod tests {
                 .collect();
             prop_assert_eq!(got, want);
         }
+
+        /// Under small caps and with quiet times between lines (a stream's record in
+        /// progress completed as [`Grouper::flush_quiet`] does), every line is in exactly
+        /// one record, records come out in the order of their first lines, and none holds
+        /// more lines or bytes than the caps.
+        #[test]
+        fn records_stay_within_small_caps_and_quiet_times_and_lose_no_line(
+            lines in proptest::collection::vec(proptest::option::weighted(0.9, line()), 0..150),
+            cap_lines in 1_usize..10,
+            cap_bytes in 40_usize..400,
+        ) {
+            let caps = Caps { lines: cap_lines, bytes: cap_bytes };
+            let parser = parser();
+            let mut grouper = Grouper::default();
+            let mut out = Vec::new();
+            let mut index = 0;
+            for line in &lines {
+                match line {
+                    Some((text, ..)) => {
+                        grouper.push(&parser, caps, text, index, (), &mut out);
+                        index += 1;
+                    }
+                    None => grouper.flush_quiet(&mut out),
+                }
+            }
+            grouper.flush(&mut out);
+            let records: Vec<Record> = out.into_iter().map(|(r, ())| r).collect();
+            prop_assert_eq!(records.iter().map(|r| r.line_count).sum::<usize>(), index);
+            for pair in records.windows(2) {
+                prop_assert!(pair[0].first_line < pair[1].first_line, "{:?}", pair);
+            }
+            for record in &records {
+                prop_assert!(record.line_count >= 1 && record.line_count <= cap_lines, "{:?}", record);
+                prop_assert!(record.text_len() <= cap_bytes, "{:?}", record);
+            }
+        }
     }
 }

@@ -398,6 +398,35 @@ const IDLE_STREAM: Duration = Duration::from_secs(600);
 const CUT_KEPT: Duration = Duration::from_secs(60);
 
 impl Streams {
+    /// When the records in progress hold more than `max` bytes of text together, completes
+    /// the largest (into `ready`) until they hold at most three quarters of it; returns how
+    /// many it completed.
+    fn complete_largest_past(&mut self, max: usize, ready: &mut Vec<Ready>) -> u64 {
+        let mut held: usize = self.open.values().map(|s| s.grouper.pending_len()).sum();
+        if held <= max {
+            return 0;
+        }
+        let mut largest: Vec<(usize, StreamKey)> = self
+            .open
+            .iter()
+            .filter(|(_, s)| s.grouper.is_pending())
+            .map(|(key, s)| (s.grouper.pending_len(), key.clone()))
+            .collect();
+        largest.sort_unstable_by_key(|(len, _)| std::cmp::Reverse(*len));
+        let mut completed = 0_u64;
+        for (len, key) in largest {
+            if held <= max / 4 * 3 {
+                break;
+            }
+            if let Some(state) = self.open.get_mut(&key) {
+                state.complete(ready);
+                held -= len;
+                completed += 1;
+            }
+        }
+        completed
+    }
+
     /// Forgets the streams without a record in progress and without a line for
     /// [`IDLE_STREAM`].
     fn forget_idle(&mut self, now: Instant) {
@@ -845,29 +874,7 @@ impl Pipeline {
     /// `max_pending_bytes`, down to three quarters of it: many hosts each in the middle of a
     /// large trace would otherwise hold up to `max_open_streams` × `max_record_bytes`.
     fn hold_pending_within(&self, streams: &mut Streams, ready: &mut Vec<Ready>) {
-        let max = self.settings.max_pending_bytes;
-        let mut held: usize = streams.open.values().map(|s| s.grouper.pending_len()).sum();
-        if held <= max {
-            return;
-        }
-        let mut largest: Vec<(usize, StreamKey)> = streams
-            .open
-            .iter()
-            .filter(|(_, s)| s.grouper.is_pending())
-            .map(|(key, s)| (s.grouper.pending_len(), key.clone()))
-            .collect();
-        largest.sort_unstable_by_key(|(len, _)| std::cmp::Reverse(*len));
-        let mut completed = 0_u64;
-        for (len, key) in largest {
-            if held <= max / 4 * 3 {
-                break;
-            }
-            if let Some(state) = streams.open.get_mut(&key) {
-                state.complete(ready);
-                held -= len;
-                completed += 1;
-            }
-        }
+        let completed = streams.complete_largest_past(self.settings.max_pending_bytes, ready);
         self.metrics.completed_early.inc_by(completed);
     }
 
@@ -1828,6 +1835,81 @@ mod tests {
         two.sort();
         assert_eq!(two, [key("web-2"), key("web-3")]);
         assert_eq!(streams.to_evict(9).len(), 3);
+    }
+
+    /// Past `max_pending_bytes` the largest records in progress are completed, largest
+    /// first, until three quarters of it are held; the others keep theirs.
+    #[test]
+    fn records_in_progress_past_their_bound_complete_largest_first_to_three_quarters() {
+        let key = |host: &str| ("hybris.wrapper".to_owned(), host.to_owned());
+        let pending = |host: &str, len: usize| {
+            let mut s = state(1, None, &[]);
+            s.host = Arc::from(host);
+            let caps = Caps {
+                lines: 10,
+                bytes: 10_000,
+            };
+            let mut out = Vec::new();
+            s.grouper.push(
+                &s.parser,
+                caps,
+                &"x".repeat(len),
+                0,
+                Origin::default(),
+                &mut out,
+            );
+            assert!(out.is_empty());
+            assert_eq!(s.grouper.pending_len(), len);
+            s
+        };
+        let streams = || {
+            let mut streams = Streams::default();
+            for (host, len) in [("a", 100), ("b", 400), ("c", 300), ("d", 50)] {
+                streams.open.insert(key(host), pending(host, len));
+            }
+            streams.open.insert(key("idle"), state(1, None, &[]));
+            streams
+        };
+        let held = |streams: &Streams| -> Vec<(String, usize)> {
+            let mut held: Vec<_> = streams
+                .open
+                .iter()
+                .map(|(k, s)| (k.1.clone(), s.grouper.pending_len()))
+                .collect();
+            held.sort();
+            held
+        };
+        let hosts =
+            |ready: &[Ready]| -> Vec<String> { ready.iter().map(|r| r.host.to_string()).collect() };
+
+        // 850 held, within 850: nothing.
+        let mut within = streams();
+        let mut ready = Vec::new();
+        assert_eq!(within.complete_largest_past(850, &mut ready), 0);
+        assert!(ready.is_empty());
+
+        // Past 600: the largest (400) brings it to 450, three quarters of 600.
+        let mut past = streams();
+        assert_eq!(past.complete_largest_past(600, &mut ready), 1);
+        assert_eq!(hosts(&ready), ["b"]);
+        assert_eq!(ready[0].record.text_len(), 400, "completed whole");
+        let want = |v: &[(&str, usize)]| -> Vec<(String, usize)> {
+            v.iter().map(|(h, l)| ((*h).to_owned(), *l)).collect()
+        };
+        assert_eq!(
+            held(&past),
+            want(&[("a", 100), ("b", 0), ("c", 300), ("d", 50), ("idle", 0)])
+        );
+
+        // Past 500: 400 leaves 450, within 500 but not within 375; then 300, leaving 150.
+        let mut far = streams();
+        ready.clear();
+        assert_eq!(far.complete_largest_past(500, &mut ready), 2);
+        assert_eq!(hosts(&ready), ["b", "c"]);
+        assert_eq!(
+            held(&far),
+            want(&[("a", 100), ("b", 0), ("c", 0), ("d", 50), ("idle", 0)])
+        );
     }
 
     /// A stream evicted and opened again: the note skips the evicted one's lines, then the

@@ -234,6 +234,50 @@ async fn closed_for(listener: &Listener, reason: &str, count: u64) {
     assert_eq!(closes(listener, reason), count, "{reason}");
 }
 
+/// Past `max_connections` one more connection is closed at once (counted `too_many`); the
+/// connections open go on, and a slot given back takes a new one.
+#[tokio::test]
+async fn a_connection_past_max_connections_is_closed_at_once() {
+    let listener = listener_with(None, LIMITS, |s| {
+        s.max_connections = 2;
+        s.idle_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let connect = || tokio::net::TcpStream::connect(listener.addr);
+    let mut first = connect().await.expect("connects");
+    send_acked(&mut first, &fluent_bit_frame("a1", &["a1"]), "a1").await;
+    let mut second = connect().await.expect("connects");
+    send_acked(&mut second, &fluent_bit_frame("b1", &["b1"]), "b1").await;
+    let mut third = connect().await.expect("the kernel accepts it");
+    let mut rest = [0; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(3), third.read(&mut rest))
+        .await
+        .expect("closed at once, not after idle_timeout");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    closed_for(&listener, "too_many", 1).await;
+    send_acked(&mut first, &fluent_bit_frame("a2", &["a2"]), "a2").await;
+    send_acked(&mut second, &fluent_bit_frame("b2", &["b2"]), "b2").await;
+    drop(first);
+    // The slot comes back once the listener sees the close.
+    let mut fourth =
+        mall_test_support::wait_until("a slot given back", Duration::from_secs(5), || async {
+            let mut stream = connect().await.ok()?;
+            let frame = fluent_bit_frame("d1", &["d1"]);
+            stream.write_all(&frame).await.ok()?;
+            let mut buf = vec![0; 64];
+            let n = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            (n > 0).then_some(stream)
+        })
+        .await;
+    send_acked(&mut fourth, &fluent_bit_frame("d2", &["d2"]), "d2").await;
+    let lines: Vec<String> = buffered(&listener).into_iter().map(|e| e.1).collect();
+    assert_eq!(lines, ["a1", "b1", "a2", "b2", "d1", "d2"]);
+    listener.shutdown.cancel();
+}
+
 /// A peer that connects to a listener with a shared key and never sends its PING holds a
 /// connection slot for `handshake_timeout`, not `idle_timeout`.
 #[tokio::test]

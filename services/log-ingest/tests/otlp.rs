@@ -443,14 +443,24 @@ async fn an_export_past_the_bytes_in_flight_is_refused_for_a_retry() {
         .clone()
         .try_acquire_many_owned((1 << 20) - 8)
         .expect("free");
+    let started = std::time::Instant::now();
     let status = input.export(request()).await.expect_err("refused");
     assert_retry_later(&status, "BUSY");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "refused after waiting a second for room, not at once: {:?}",
+        started.elapsed()
+    );
     assert!(
         buffer.reader(start).try_next().expect("reads").is_none(),
         "nothing stored"
     );
-    drop(held);
-    input.export(request()).await.expect("stored");
+    // Room made while it waits: it goes through.
+    let (stored, ()) = tokio::join!(input.export(request()), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(held);
+    });
+    stored.expect("stored once room was made within the second");
     assert!(buffer.reader(start).try_next().expect("reads").is_some());
     assert_eq!(budget.available_permits(), 1 << 20, "given back");
     // Many small records weigh more than they are encoded: past the whole budget here,

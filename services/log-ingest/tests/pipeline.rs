@@ -1667,8 +1667,15 @@ async fn a_shutdown_waiting_for_a_push_slot_during_an_outage_is_prompt() {
         send(app.forward, part, 10).await;
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
+    // The pushes failing and every record of the first two parts parsed and waiting, in
+    // the two pushes in flight or ready for a slot (the part's last record goes on its
+    // own once the input pauses: three pushes are due by then, and the loop waiting for a
+    // slot reads no more).
+    let two_parts = model(&lines[..40]).len();
     mall_test_support::wait_until("pushes failing", Duration::from_secs(10), || async {
-        (stats(app.grpc).await.loki_failed_pushes >= 2).then_some(())
+        let stats = stats(app.grpc).await;
+        let waiting = usize::try_from(stats.buffered_records).unwrap_or_default();
+        (stats.loki_failed_pushes >= 2 && waiting >= two_parts).then_some(())
     })
     .await;
     let started = std::time::Instant::now();

@@ -87,7 +87,7 @@ async fn sigterm_ends_the_process_with_exit_code_zero_within_the_drain_timeout()
     );
 
     service.terminate().await;
-    let status = service.wait_for_exit(Duration::from_secs(10)).await;
+    let status = service.wait_for_exit(Duration::from_secs(5)).await;
     assert_eq!(
         status.code(),
         Some(0),
