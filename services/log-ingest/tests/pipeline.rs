@@ -295,7 +295,10 @@ async fn a_500_line_trace_in_50_chunks_over_two_connections_is_one_record() {
 async fn a_loki_outage_is_waited_out_and_counted() {
     // The records go in one push when the input pauses (not one per chunk), so both pushes
     // in flight hold them all however slowly the chunks arrive.
+    let began = std::time::SystemTime::now();
     let running = start_with(|s| s.pipeline.batch_wait = Duration::from_secs(30)).await;
+    let unpushed = stats(running.grpc).await;
+    assert_eq!(unpushed.last_push_time, None, "no push yet");
     running.loki.fail(
         axum::http::StatusCode::SERVICE_UNAVAILABLE,
         Duration::from_secs(5),
@@ -334,6 +337,27 @@ async fn a_loki_outage_is_waited_out_and_counted() {
     let stats = stats(running.grpc).await;
     assert!(stats.loki_failed_pushes > 0, "{stats:?}");
     assert_eq!(stats.buffered_records, 0, "nothing waits once Loki took it");
+    // The replica's start, and the push that went through after the outage, both within
+    // the test (whole seconds: the last push's time is kept in seconds).
+    let seconds = |t: std::time::SystemTime| {
+        i64::try_from(
+            t.duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs(),
+        )
+        .expect("fits")
+    };
+    let (began, now) = (seconds(began), seconds(std::time::SystemTime::now()));
+    let started = stats.stats_start_time.expect("the start").seconds;
+    let pushed = stats.last_push_time.expect("a push went through").seconds;
+    assert!(
+        began <= started && started <= pushed && pushed <= now,
+        "{began} {started} {pushed} {now}"
+    );
+    assert_eq!(
+        unpushed.stats_start_time, stats.stats_start_time,
+        "the start stays"
+    );
     assert_eq!(
         stats.loki_pushed_records,
         i64::try_from(want.len()).expect("fits")
