@@ -608,22 +608,17 @@ mod tests {
         )
         .expect("a client");
         let stop = tokio_util::sync::CancellationToken::new();
+        // Waiting the header's second would fail once; 100 ms apart, several times.
         loki.fail(
             axum::http::StatusCode::TOO_MANY_REQUESTS,
-            Duration::from_millis(200),
+            Duration::from_millis(500),
         );
-        let started = std::time::Instant::now();
         let mut failures = 0;
         let pushed = client.push(body(1), true, &stop, |_| failures += 1).await;
         assert_eq!(pushed, Some(Pushed::Accepted));
         assert!(
-            failures >= 2,
+            failures >= 3,
             "retried every 100 ms, not once a second: {failures}"
-        );
-        assert!(
-            started.elapsed() < Duration::from_millis(900),
-            "{:?}",
-            started.elapsed()
         );
     }
 

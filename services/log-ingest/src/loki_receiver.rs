@@ -17,7 +17,8 @@
 //! with 500, nothing kept, as Loki 3.7+ does (its OTLP label namer refuses it). Fault
 //! injection: answer every push with a status (429 with `Retry-After: 1`, a 5xx, Loki's
 //! 260 for blocked ingestion, a 400 whose text is the records' fault or not) for a while,
-//! or be down (the listener closed).
+//! answer 413 to pushes whose body is over a size (a proxy's body limit), or be down (the
+//! listener closed).
 
 use std::{
     net::SocketAddr,

@@ -1281,7 +1281,11 @@ mod tests {
                 prop_assert!(pair[0].first_line < pair[1].first_line, "{:?}", pair);
             }
             for record in &records {
-                prop_assert!(record.line_count >= 1 && record.line_count <= cap_lines, "{:?}", record);
+                prop_assert!(
+                    record.line_count >= 1 && record.line_count <= cap_lines,
+                    "{:?}",
+                    record
+                );
                 prop_assert!(record.text_len() <= cap_bytes, "{:?}", record);
             }
         }

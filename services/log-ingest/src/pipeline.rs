@@ -398,9 +398,9 @@ const IDLE_STREAM: Duration = Duration::from_secs(600);
 const CUT_KEPT: Duration = Duration::from_secs(60);
 
 impl Streams {
-    /// When the records in progress hold more than `max` bytes of text together, completes
-    /// the largest (into `ready`) until they hold at most three quarters of it; returns how
-    /// many it completed.
+    /// When the records in progress hold more than `max` bytes of text together (the
+    /// wrapper's lines held behind them counted), completes the largest (into `ready`)
+    /// until they hold at most three quarters of it; returns how many it completed.
     fn complete_largest_past(&mut self, max: usize, ready: &mut Vec<Ready>) -> u64 {
         let mut held: usize = self.open.values().map(|s| s.grouper.pending_len()).sum();
         if held <= max {

@@ -481,19 +481,41 @@ async fn a_record_loki_refuses_is_dropped_alone_and_counted() {
     assert_eq!(shipped, records as f64, "{metrics}");
 }
 
-/// A push answered 413 (a proxy's body limit in front of Loki) is split until it fits;
-/// a record too large alone is dropped, counted `too_large`, and the others all arrive.
+/// A push answered 413 (a proxy's body limit in front of Loki) is split until it fits,
+/// nothing dropped; a record too large alone is dropped, counted `too_large`, and the
+/// others all arrive.
 #[tokio::test]
 async fn a_push_too_large_is_split_and_a_record_too_large_alone_dropped() {
     let running = start().await;
-    // Compressed bodies over 6 KB are refused: the 120 corpus lines in one push are over
-    // it, each of their records alone is not, and 40 KB of digits that do not repeat (so
-    // snappy cannot shrink them below it) are.
-    running.loki.refuse_bodies_over(6 * 1024);
-    let lines: Vec<String> = CORPUS.lines().take(120).map(str::to_owned).collect();
-    let at = (60..lines.len())
-        .find(|i| lines[*i].contains("| INFO  ["))
-        .expect("a header");
+    // Compressed bodies over 4 KB are refused: 200 corpus lines in one push are over it
+    // (about 6 KB), half of them are not, nor is any of their records alone.
+    running.loki.refuse_bodies_over(4 * 1024);
+    let lines: Vec<&str> = CORPUS.lines().take(200).collect();
+    let first = model(&lines);
+    corpus::send_as(running.forward, "hybris-1", &lines, 200).await;
+    wait_for(&running.loki, first.len()).await;
+    let metrics = probe_metrics(running.admin).await;
+    assert!(
+        sample(
+            &metrics,
+            "mall_log_ingest_loki_pushes_total",
+            &[("outcome", "too_large")]
+        ) >= 1.0,
+        "a push was too large: {metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "mall_log_ingest_records_dropped_total",
+            &[("reason", "too_large")]
+        ),
+        0.0,
+        "split, nothing dropped"
+    );
+    assert_in_order(&of_host(&running.loki.received(), "hybris-1"), &first);
+
+    // From another server, 40 KB of digits that do not repeat (snappy cannot shrink them
+    // under the limit) in one record among others.
     let mut state = 0x9E37_79B9_7F4A_7C15_u64;
     let noise: String = (0..40 * 1024)
         .map(|_| {
@@ -503,6 +525,10 @@ async fn a_push_too_large_is_split_and_a_record_too_large_alone_dropped() {
             char::from(b'0' + (state % 10) as u8)
         })
         .collect();
+    let lines: Vec<String> = CORPUS.lines().take(120).map(str::to_owned).collect();
+    let at = (60..lines.len())
+        .find(|i| lines[*i].contains("| INFO  ["))
+        .expect("a header");
     let mut with_huge = lines.clone();
     with_huge.insert(
         at,
@@ -511,24 +537,25 @@ async fn a_push_too_large_is_split_and_a_record_too_large_alone_dropped() {
         ),
     );
     let sent: Vec<&str> = with_huge.iter().map(String::as_str).collect();
-    send(running.forward, &sent, 200).await;
-    let want = model(&lines.iter().map(String::as_str).collect::<Vec<_>>());
-    wait_for(&running.loki, want.len()).await;
-    let metrics = || async {
-        let metrics = probe_metrics(running.admin).await;
-        let dropped = sample(
-            &metrics,
-            "mall_log_ingest_records_dropped_total",
-            &[("reason", "too_large"), ("source", "forward")],
-        );
-        (dropped >= 1.0).then_some(dropped)
-    };
+    corpus::send_as(running.forward, "hybris-2", &sent, 200).await;
+    let second = model(&lines.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_for(&running.loki, first.len() + second.len()).await;
     let dropped =
-        mall_test_support::wait_until("the record dropped", Duration::from_secs(20), metrics).await;
+        mall_test_support::wait_until("the record dropped", Duration::from_secs(20), || async {
+            let metrics = probe_metrics(running.admin).await;
+            let dropped = sample(
+                &metrics,
+                "mall_log_ingest_records_dropped_total",
+                &[("reason", "too_large"), ("source", "forward")],
+            );
+            (dropped >= 1.0).then_some(dropped)
+        })
+        .await;
     assert_eq!(dropped, 1.0);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_in_order(&running.loki.received(), &want);
-    assert_eq!(running.loki.received().len(), want.len(), "each once");
+    let received = running.loki.received();
+    assert_in_order(&of_host(&received, "hybris-2"), &second);
+    assert_eq!(received.len(), first.len() + second.len(), "each once");
     let stats = stats(running.grpc).await;
     let forward = stats
         .sources
@@ -536,6 +563,18 @@ async fn a_push_too_large_is_split_and_a_record_too_large_alone_dropped() {
         .find(|s| s.source == "forward")
         .expect("forward");
     assert_eq!(forward.dropped_records, 1, "{stats:?}");
+}
+
+/// The entries of `received` whose stream's `host` is `host`.
+fn of_host(
+    received: &[log_ingest::loki_receiver::Received],
+    host: &str,
+) -> Vec<log_ingest::loki_receiver::Received> {
+    received
+        .iter()
+        .filter(|r| r.labels.iter().any(|(k, v)| k == "host" && v == host))
+        .cloned()
+        .collect()
 }
 
 /// A runaway thread name (a malformed line) would make the entry's structured metadata
@@ -1687,14 +1726,15 @@ async fn a_shutdown_waiting_for_a_push_slot_during_an_outage_is_prompt() {
     );
     let lines: Vec<&str> = CORPUS.lines().take(60).collect();
     // Three pushes due, 400 ms apart (batch_wait is 100 ms): two in flight, one waiting.
+    // Each part one chunk, so each part's records are read together.
     for part in lines.chunks(20) {
-        send(app.forward, part, 10).await;
+        send(app.forward, part, 20).await;
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
-    // The pushes failing and every record of the first two parts parsed and waiting, in
-    // the two pushes in flight or ready for a slot (the part's last record goes on its
-    // own once the input pauses: three pushes are due by then, and the loop waiting for a
-    // slot reads no more).
+    // The pushes failing and as many records waiting as the model counts in the first two
+    // parts: the pause after the first cuts the trace across the two into two records (one
+    // more), and the second part's last record is still in progress (one fewer). By then
+    // the second part's records wait for a slot, and the loop waiting reads no more.
     let two_parts = model(&lines[..40]).len();
     mall_test_support::wait_until("pushes failing", Duration::from_secs(10), || async {
         let stats = stats(app.grpc).await;
