@@ -6,8 +6,10 @@
 #   sync-relay       gRPC 127.0.0.1:50052  admin http://127.0.0.1:9092/metrics
 #   member-export    gRPC 127.0.0.1:50053  admin http://127.0.0.1:9093/metrics
 #   log-ingest       gRPC 127.0.0.1:50054  admin http://127.0.0.1:9094/metrics  forward 127.0.0.1:24224
-#                    (no Loki locally: accepted logs wait in .data/log-ingest/buffer, retried)
 #   partner-simulator      http://127.0.0.1:8089 (member-export's marketing platform, locally)
+#   loki-receiver          http://127.0.0.1:3100 (log-ingest's Loki, locally: checks pushes as
+#                          Loki does, entries of any time taken, and counts them; the records
+#                          are seen with TailLogs)
 #
 # `scripts/dev.sh --tls` runs the same with mutual TLS on every gRPC and forward listener and
 # on the relay's calls to the catalog, with certificates from `scripts/certs.sh` (made in
@@ -57,6 +59,10 @@ trap stop INT TERM EXIT
 
 # member-export delivers to this stand-in for the marketing platform (its default partner).
 "$ROOT/target/debug/partner-simulator" > >(sed -u "s/^/[partner-simulator] /") 2>&1 &
+pids+=("$!")
+# log-ingest pushes to this stand-in for Loki (its default loki.url). Entries of any time are
+# taken, so samples of the legacy format (dated 2024) go through; Loki's defaults refuse them.
+"$ROOT/target/debug/loki-receiver" --accept-any-time > >(sed -u "s/^/[loki-receiver] /") 2>&1 &
 pids+=("$!")
 for service in "${services[@]}"; do
   # Each line is prefixed with its service, so four logs stay readable in one terminal.

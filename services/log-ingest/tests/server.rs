@@ -96,6 +96,71 @@ async fn sigterm_ends_the_process_with_exit_code_zero_within_the_drain_timeout()
     );
 }
 
+/// `loki-receiver`, the local Loki `scripts/dev.sh` starts: it says where it listens, takes
+/// a push as Loki does and counts it in its report.
+#[tokio::test]
+async fn the_local_loki_receiver_takes_a_push_and_reports_it() {
+    use log_ingest::loki::{Entry, LokiClient, PushRequest, Pushed, Stream, encode};
+    use tokio::io::AsyncBufReadExt as _;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_loki-receiver"))
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut next_line = async || {
+        tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("a line in time")
+            .expect("reads")
+            .expect("a line")
+    };
+    let first = next_line().await;
+    let url = first
+        .strip_prefix("Loki receiver on ")
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("says where it listens: {first}"))
+        .to_owned();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970");
+    let body = encode(&PushRequest {
+        streams: vec![Stream {
+            labels: r#"{service="shop", level="INFO"}"#.to_owned(),
+            entries: vec![Entry {
+                timestamp: Some(prost_types::Timestamp {
+                    seconds: i64::try_from(now.as_secs()).expect("fits"),
+                    nanos: 0,
+                }),
+                line: "cart 8812 recalculated\n\tat a.B.c(B.java:1)".to_owned(),
+                structured_metadata: Vec::new(),
+            }],
+            hash: 0,
+        }],
+    });
+    let client = LokiClient::new(
+        &url,
+        None,
+        Duration::from_secs(5),
+        (Duration::from_millis(50), Duration::from_millis(500)),
+        None,
+    )
+    .expect("a client");
+    let stop = tokio_util::sync::CancellationToken::new();
+    assert_eq!(
+        client.push(body, true, &stop, |_| {}).await,
+        Some(Pushed::Accepted)
+    );
+    loop {
+        let report = next_line().await;
+        if report == "pushes 1 (refused 0); entries 1, lines 2" {
+            break;
+        }
+        assert!(report.starts_with("pushes 0 "), "{report}");
+    }
+}
+
 #[tokio::test]
 async fn an_invalid_setting_fails_start_up_naming_the_key() {
     let (status, stderr) = process::run_to_exit(
