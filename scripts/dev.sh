@@ -65,7 +65,7 @@ pids+=("$!")
 "$ROOT/target/debug/loki-receiver" --accept-any-time > >(sed -u "s/^/[loki-receiver] /") 2>&1 &
 pids+=("$!")
 for service in "${services[@]}"; do
-  # Each line is prefixed with its service, so four logs stay readable in one terminal.
+  # Each line is prefixed with its process, so the logs stay readable in one terminal.
   "$ROOT/target/debug/$service" > >(sed -u "s/^/[$service] /") 2>&1 &
   pids+=("$!")
 done

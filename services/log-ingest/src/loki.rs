@@ -608,10 +608,11 @@ mod tests {
         )
         .expect("a client");
         let stop = tokio_util::sync::CancellationToken::new();
-        // Waiting the header's second would fail once; 100 ms apart, several times.
+        // Waiting the header's second would fail twice at most; 100 ms apart, about ten
+        // times.
         loki.fail(
             axum::http::StatusCode::TOO_MANY_REQUESTS,
-            Duration::from_millis(500),
+            Duration::from_secs(1),
         );
         let mut failures = 0;
         let pushed = client.push(body(1), true, &stop, |_| failures += 1).await;

@@ -487,8 +487,8 @@ async fn a_record_loki_refuses_is_dropped_alone_and_counted() {
 #[tokio::test]
 async fn a_push_too_large_is_split_and_a_record_too_large_alone_dropped() {
     let running = start().await;
-    // Compressed bodies over 4 KB are refused: 200 corpus lines in one push are over it
-    // (about 6 KB), half of them are not, nor is any of their records alone.
+    // Compressed bodies over 4 KB are refused: 200 corpus lines in one push are over it;
+    // none of their records alone is.
     running.loki.refuse_bodies_over(4 * 1024);
     let lines: Vec<&str> = CORPUS.lines().take(200).collect();
     let first = model(&lines);
@@ -556,6 +556,7 @@ async fn a_push_too_large_is_split_and_a_record_too_large_alone_dropped() {
     let received = running.loki.received();
     assert_in_order(&of_host(&received, "hybris-2"), &second);
     assert_eq!(received.len(), first.len() + second.len(), "each once");
+    assert_eq!(running.loki.counts().2, 0, "nothing pushed again");
     let stats = stats(running.grpc).await;
     let forward = stats
         .sources

@@ -148,10 +148,13 @@ async fn the_local_loki_receiver_takes_a_push_and_reports_it() {
     )
     .expect("a client");
     let stop = tokio_util::sync::CancellationToken::new();
-    assert_eq!(
-        client.push(body, true, &stop, |_| {}).await,
-        Some(Pushed::Accepted)
-    );
+    let pushed = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.push(body, true, &stop, |_| {}),
+    )
+    .await
+    .expect("answered in time");
+    assert_eq!(pushed, Some(Pushed::Accepted));
     loop {
         let report = next_line().await;
         if report == "pushes 1 (refused 0); entries 1, lines 2" {

@@ -1,13 +1,15 @@
 //! `loki-receiver`: the Loki-compatible receiver ([`log_ingest::loki_receiver`]) as a
 //! process, for local runs (`scripts/dev.sh`, where no Loki is installed) and manual
 //! experiments. It checks each push as Loki does, counts what it accepted and keeps none of
-//! it (what log-ingest ships is seen with TailLogs); logs its counts every few seconds;
-//! stops on Ctrl-C.
+//! it (what log-ingest ships is seen with TailLogs); logs its counts every few seconds when
+//! they changed; stops on Ctrl-C or SIGTERM.
 
 use std::{net::SocketAddr, time::Duration};
 
+use anyhow::Context as _;
 use clap::Parser;
 use log_ingest::loki_receiver::LokiReceiver;
+use tokio::signal::unix::{SignalKind, signal};
 
 /// A Loki push endpoint for local runs: `POST /loki/api/v1/push` (protobuf, snappy).
 #[derive(Debug, Parser)]
@@ -26,7 +28,18 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let receiver = LokiReceiver::start_counting(args.listen).await?;
+    // Listened for from the start: a signal while a report prints is not missed.
+    let mut terminate = signal(SignalKind::terminate())?;
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
+    let receiver = LokiReceiver::start_counting(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (a Loki or another loki-receiver there? see --listen)",
+                args.listen
+            )
+        })?;
     if args.accept_any_time {
         receiver.accept_any_time();
     }
@@ -35,13 +48,19 @@ async fn main() -> anyhow::Result<()> {
         receiver.url()
     );
     let mut report = tokio::time::interval(Duration::from_secs(5));
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported = None;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut interrupt => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
             _ = report.tick() => {
-                let (pushes, refused, _) = receiver.counts();
-                let (entries, lines) = receiver.accepted();
-                println!("pushes {pushes} (refused {refused}); entries {entries}, lines {lines}");
+                let now = (receiver.counts(), receiver.accepted());
+                if reported != Some(now) {
+                    let ((pushes, refused, _), (entries, lines)) = now;
+                    println!("pushes {pushes} (refused {refused}); entries {entries}, lines {lines}");
+                    reported = Some(now);
+                }
             }
         }
     }
