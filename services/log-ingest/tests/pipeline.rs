@@ -36,6 +36,18 @@ async fn stats(grpc: std::net::SocketAddr) -> mall_proto::logs::v1::GetPipelineS
         .into_inner()
 }
 
+/// The statistics of the input `name` (`forward`, `otlp`) in `stats`.
+fn source<'a>(
+    stats: &'a mall_proto::logs::v1::GetPipelineStatsResponse,
+    name: &str,
+) -> &'a mall_proto::logs::v1::SourceStats {
+    stats
+        .sources
+        .iter()
+        .find(|s| s.source == name)
+        .unwrap_or_else(|| panic!("{name} in {stats:?}"))
+}
+
 async fn wait_for(loki: &LokiReceiver, count: usize) {
     mall_test_support::wait_until("Loki has every record", Duration::from_secs(30), || async {
         (loki.received().len() >= count).then_some(())
@@ -362,11 +374,7 @@ async fn a_loki_outage_is_waited_out_and_counted() {
         stats.loki_pushed_records,
         i64::try_from(want.len()).expect("fits")
     );
-    let forward = stats
-        .sources
-        .iter()
-        .find(|s| s.source == "forward")
-        .expect("forward");
+    let forward = source(&stats, "forward");
     assert_eq!(forward.received_records, 200);
     assert_eq!(forward.dropped_records, 0);
     // The same counters on /metrics, for Prometheus.
@@ -461,11 +469,7 @@ async fn a_record_loki_refuses_is_dropped_alone_and_counted() {
         "every other record arrived; the huge one did not"
     );
     let stats = stats(running.grpc).await;
-    let forward = stats
-        .sources
-        .iter()
-        .find(|s| s.source == "forward")
-        .expect("forward");
+    let forward = source(&stats, "forward");
     assert_eq!(forward.dropped_records, 1, "{stats:?}");
     // The derived metrics count what Loki accepted, not the refused record.
     let metrics = probe_metrics(running.admin).await;
@@ -558,11 +562,7 @@ async fn a_push_too_large_is_split_and_a_record_too_large_alone_dropped() {
     assert_eq!(received.len(), first.len() + second.len(), "each once");
     assert_eq!(running.loki.counts().2, 0, "nothing pushed again");
     let stats = stats(running.grpc).await;
-    let forward = stats
-        .sources
-        .iter()
-        .find(|s| s.source == "forward")
-        .expect("forward");
+    let forward = source(&stats, "forward");
     assert_eq!(forward.dropped_records, 1, "{stats:?}");
 }
 
@@ -1363,11 +1363,7 @@ async fn a_line_its_parser_cannot_read_is_shipped_raw_and_counted() {
         "shipped as it came: {lines:?}"
     );
     let stats = stats(running.grpc).await;
-    let forward = stats
-        .sources
-        .iter()
-        .find(|s| s.source == "forward")
-        .expect("forward");
+    let forward = source(&stats, "forward");
     assert_eq!(forward.parse_errors, 1, "{stats:?}");
     let metrics = probe_metrics(running.admin).await;
     assert_eq!(
