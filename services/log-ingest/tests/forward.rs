@@ -278,6 +278,40 @@ async fn a_connection_past_max_connections_is_closed_at_once() {
     listener.shutdown.cancel();
 }
 
+/// A peer that stops reading (its receive window closed) holds the write of its ack for at
+/// most `handshake_timeout`, not for ever: its chunk is stored (a resend is recognised) and
+/// the connection closed, counted `slow`.
+#[tokio::test]
+async fn a_peer_that_stops_reading_its_acks_is_closed_after_the_handshake_timeout() {
+    let limits = Limits {
+        max_bytes: 128 << 20,
+        segment_bytes: 64 << 20,
+    };
+    let listener = listener_with(None, limits, |s| {
+        s.idle_timeout = Duration::from_secs(120);
+        s.handshake_timeout = Duration::from_millis(500);
+        s.max_message_bytes = 20 << 20;
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("a small receive buffer");
+    let mut stream = socket.connect(listener.addr).await.expect("connects");
+    // An ack echoes its chunk id: one of 16 MiB cannot all be written to a peer that reads
+    // nothing (Linux grows a socket's send buffer up to `tcp_wmem`'s maximum, 4 MiB by
+    // default; the peer's receive buffer is 4 KiB).
+    let chunk = "c".repeat(16 << 20);
+    stream
+        .write_all(&fluent_bit_frame(&chunk, &["a line"]))
+        .await
+        .expect("writes");
+    closed_for(&listener, "slow", 1).await;
+    let lines: Vec<String> = buffered(&listener).into_iter().map(|e| e.1).collect();
+    assert_eq!(lines, ["a line"], "stored before the ack");
+    listener.shutdown.cancel();
+}
+
 /// A peer that connects to a listener with a shared key and never sends its PING holds a
 /// connection slot for `handshake_timeout`, not `idle_timeout`.
 #[tokio::test]
