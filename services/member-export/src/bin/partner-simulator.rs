@@ -1,11 +1,13 @@
 //! `partner-simulator`: the partner simulator ([`member_export::simulator`]) as a process, for
 //! local runs (`scripts/dev.sh`) and manual experiments. Logs what it answered every few
-//! seconds; stops on Ctrl-C.
+//! seconds when that changed; stops on Ctrl-C or SIGTERM (what `scripts/dev.sh` and a
+//! container runtime send; as a container's first process it would otherwise ignore it).
 
 use std::{net::SocketAddr, num::NonZeroU32, time::Duration};
 
 use clap::Parser;
 use member_export::simulator::{Behaviour, Simulator};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// A marketing partner for local runs: `POST /groobee` (bulk upsert, `x-api-key`) and
 /// `POST /webhook` (Standard Webhooks).
@@ -41,6 +43,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Listened for from the start: a signal while a report prints is not missed.
+    let mut terminate = signal(SignalKind::terminate())?;
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
     let behaviour = Behaviour {
         rate_limit: NonZeroU32::new(args.rate_limit),
         rate_limit_as_429: !args.rate_limit_as_process_code,
@@ -56,11 +62,20 @@ async fn main() -> anyhow::Result<()> {
         simulator.addr()
     );
     let mut report = tokio::time::interval(Duration::from_secs(5));
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported = None;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut interrupt => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
             _ = report.tick() => {
                 let counts = simulator.counts();
+                let members = simulator.members().len();
+                let now = (counts, members);
+                if reported == Some(now) {
+                    continue;
+                }
+                reported = Some(now);
                 println!(
                     "requests {} accepted {} rate-limited {} errors {} hung {} refused {}; members {}",
                     counts.requests,
@@ -69,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
                     counts.errors,
                     counts.hung,
                     counts.refused_configuration,
-                    simulator.members().len()
+                    members
                 );
             }
         }
