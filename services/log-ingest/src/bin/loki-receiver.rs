@@ -9,7 +9,6 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::Context as _;
 use clap::Parser;
 use log_ingest::loki_receiver::LokiReceiver;
-use tokio::signal::unix::{SignalKind, signal};
 
 /// A Loki push endpoint for local runs: `POST /loki/api/v1/push` (protobuf, snappy).
 #[derive(Debug, Parser)]
@@ -29,9 +28,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // Listened for from the start: a signal while a report prints is not missed.
-    let mut terminate = signal(SignalKind::terminate())?;
-    let interrupt = tokio::signal::ctrl_c();
-    tokio::pin!(interrupt);
+    let stop = mall_grpc::shutdown_signal();
+    tokio::pin!(stop);
     let receiver = LokiReceiver::start_counting(args.listen)
         .await
         .with_context(|| {
@@ -52,8 +50,7 @@ async fn main() -> anyhow::Result<()> {
     let mut reported = None;
     loop {
         tokio::select! {
-            _ = &mut interrupt => return Ok(()),
-            _ = terminate.recv() => return Ok(()),
+            () = &mut stop => return Ok(()),
             _ = report.tick() => {
                 let now = (receiver.counts(), receiver.accepted());
                 if reported != Some(now) {

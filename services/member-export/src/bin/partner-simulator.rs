@@ -7,7 +7,6 @@ use std::{net::SocketAddr, num::NonZeroU32, time::Duration};
 
 use clap::Parser;
 use member_export::simulator::{Behaviour, Simulator};
-use tokio::signal::unix::{SignalKind, signal};
 
 /// A marketing partner for local runs: `POST /groobee` (bulk upsert, `x-api-key`) and
 /// `POST /webhook` (Standard Webhooks).
@@ -44,9 +43,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // Listened for from the start: a signal while a report prints is not missed.
-    let mut terminate = signal(SignalKind::terminate())?;
-    let interrupt = tokio::signal::ctrl_c();
-    tokio::pin!(interrupt);
+    let stop = mall_grpc::shutdown_signal();
+    tokio::pin!(stop);
     let behaviour = Behaviour {
         rate_limit: NonZeroU32::new(args.rate_limit),
         rate_limit_as_429: !args.rate_limit_as_process_code,
@@ -66,8 +64,7 @@ async fn main() -> anyhow::Result<()> {
     let mut reported = None;
     loop {
         tokio::select! {
-            _ = &mut interrupt => return Ok(()),
-            _ = terminate.recv() => return Ok(()),
+            () = &mut stop => return Ok(()),
             _ = report.tick() => {
                 let counts = simulator.counts();
                 let members = simulator.members().len();
