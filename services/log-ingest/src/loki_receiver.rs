@@ -14,7 +14,8 @@
 //! entries of a push are kept even when others are refused, and an entry identical to one
 //! already kept (same stream, time and line) is dropped silently (counted here, so tests
 //! see redeliveries). A structured metadata name of underscores only fails the whole push
-//! with 500, nothing kept, as Loki 3.7+ does (its OTLP label namer refuses it). Fault
+//! with 500, nothing kept, as Loki 3.7+ does (its OTLP label namer refuses it). Bodies up
+//! to Loki's 100 MiB are read (`distributor.max_recv_msg_size`), not axum's 2 MB. Fault
 //! injection: answer every push with a status (429 with `Retry-After: 1`, a 5xx, Loki's
 //! 260 for blocked ingestion, a 400 whose text is the records' fault or not) for a while,
 //! answer 413 to pushes whose body is over a size (a proxy's body limit), or be down (the
@@ -53,6 +54,9 @@ pub const MAX_LINE_BYTES: usize = 256 * 1024;
 pub const MAX_METADATA_ENTRIES: usize = 128;
 /// Loki's default `max_structured_metadata_size` (names' and values' bytes per entry).
 pub const MAX_METADATA_BYTES: usize = 64 * 1024;
+/// Loki's default `distributor.max_recv_msg_size` (100 MiB): the largest push body it
+/// reads.
+pub const MAX_BODY_BYTES: usize = 100 << 20;
 /// Loki's default `max_label_names_per_series`.
 pub const MAX_LABELS: usize = 15;
 
@@ -136,6 +140,9 @@ impl LokiReceiver {
         let stop = CancellationToken::new();
         let app = Router::new()
             .route("/loki/api/v1/push", post(push))
+            // Loki's own bound on a push body, not axum's default of 2 MB (which a push of
+            // `pipeline.batch_bytes` that snappy barely shrinks would pass).
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
             .with_state(inner.clone());
         let until = stop.clone();
         tokio::spawn(async move {
@@ -637,5 +644,57 @@ mod tests {
             );
         }
         assert_eq!(loki.received().len(), 2);
+    }
+
+    /// A push of about 4 MB (the most `pipeline.batch_bytes` allows) of text snappy cannot
+    /// shrink is taken, as Loki takes bodies up to 100 MiB (axum alone stops at 2 MB).
+    #[tokio::test]
+    async fn a_push_past_two_megabytes_is_taken_as_loki_takes_it() {
+        let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+            .await
+            .expect("starts");
+        loki.accept_any_time();
+        // Letters from a linear congruential generator: no repeats for snappy to find.
+        let mut state = 0x2545_f491_u64;
+        let mut letters = |n: usize| -> String {
+            (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    char::from(b'a' + u8::try_from((state >> 33) % 26).expect("below 26"))
+                })
+                .collect()
+        };
+        let entries: Vec<Entry> = (0..16)
+            .map(|i| Entry {
+                timestamp: Some(prost_types::Timestamp {
+                    seconds: 1_730_103_120 + i,
+                    nanos: 0,
+                }),
+                line: letters(250_000),
+                structured_metadata: Vec::new(),
+            })
+            .collect();
+        let body = loki::encode(&loki::PushRequest {
+            streams: vec![loki::Stream {
+                labels: r#"{service="x"}"#.to_owned(),
+                entries,
+                hash: 0,
+            }],
+        });
+        assert!(
+            body.len() > 3_000_000,
+            "{} bytes: it compressed",
+            body.len()
+        );
+        let response = reqwest::Client::new()
+            .post(format!("{}/loki/api/v1/push", loki.url()))
+            .body(body)
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(response.status().as_u16(), 204);
+        assert_eq!(loki.received().len(), 16);
     }
 }
