@@ -27,6 +27,10 @@
 #                               ../shared/bench/gen_hybris_log.py (or MALL_HYBRIS_LOG_GENERATOR).
 #                               Extra arguments go to the benchmark ('quick', 'lines=N'). Then
 #                               the chaos test (tests/chaos.rs) with 1,000,000 lines.
+#   scripts/bench.sh logs workloads
+#                               the same corpus in other shapes (1 and 16 connections, 100 and
+#                               10,000 entries per message, packed and gzip modes, OTLP exports),
+#                               each next to its own decode-only baseline; no chaos run.
 #
 # Release build (a few minutes the first time). Run it on a quiet machine: every figure is
 # reported next to a baseline measured in the same run, but a busy machine still adds noise.
@@ -81,11 +85,12 @@ case "$target" in
     shift
     say "benchmark: log-ingest (release build)"
     cargo bench -p log-ingest --bench logs -- "$@"
+    case " $* " in *" workloads "*) exit 0 ;; esac
     say "chaos at 1,000,000 lines: three SIGKILLs and a 20 s Loki outage (release build)"
     MALL_CHAOS_LINES=1000000 cargo test --release -p log-ingest --test chaos -- --nocapture 2>&1 \
       | grep -E "lines, .* records|test result"
     ;;
   *)
-    die "usage: scripts/bench.sh catalog|tls|relay|member|logs"
+    die "usage: scripts/bench.sh catalog|tls|relay|member|logs [workloads]"
     ;;
 esac

@@ -22,12 +22,17 @@
 //!    ratio to the baseline.
 //!
 //! Four connections, one per host, each sending its next message when the previous one is
-//! acknowledged (Fluent Bit with `Require_ack_response true`).
+//! acknowledged (Fluent Bit with `Require_ack_response true`). `workloads` sends the same
+//! corpus in other shapes (one connection, sixteen, 100 and 10,000 entries per message,
+//! PackedForward, CompressedPackedForward) and as OTLP exports, each next to its own
+//! baseline; `hosts=`, `per_chunk=` and `mode=` run one forward shape alone.
 //!
 //! ```sh
 //! scripts/bench.sh logs                                   # 2,000,000 lines; writes BENCHMARKS.md
 //! cargo bench -p log-ingest --bench logs -- quick         # 200,000 lines, prints only
 //! cargo bench -p log-ingest --bench logs -- lines=1000000 # another size, prints only
+//! scripts/bench.sh logs workloads                         # other shapes; writes BENCHMARKS.md
+//! cargo bench -p log-ingest --bench logs -- hosts=1 mode=compressed  # one shape, prints only
 //! ```
 //!
 //! `MALL_BENCH_WRAPPER` runs log-ingest under a profiler (`heaptrack`, `perf record -g`); the
@@ -40,6 +45,7 @@ use std::{
     fmt::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -49,12 +55,69 @@ use log_ingest::{
     loki_receiver::LokiReceiver,
 };
 use mall_test_support::bench;
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use rmpv::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-const HOSTS: usize = 4;
-const PER_CHUNK: usize = 1_000;
 const TAG: &str = "hybris.wrapper";
+/// Log records per OTLP export: the OpenTelemetry SDKs' batch processor's default.
+const OTLP_PER_EXPORT: usize = 512;
+
+/// How the corpus is sent: connections (one per host), entries per message, and the mode.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Workload {
+    hosts: usize,
+    per_chunk: usize,
+    mode: Mode,
+}
+
+/// The forward protocol's modes that carry many entries in one message.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `[tag, [entry, …], options]`: what Fluent Bit's `forward` output sends by default.
+    Forward,
+    /// `[tag, bin(entry entry …), options]`.
+    Packed,
+    /// PackedForward gzipped, `compressed: "gzip"`: Fluent Bit with `Compress gzip`.
+    Compressed,
+}
+
+impl Mode {
+    fn parse(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "forward" => Self::Forward,
+            "packed" => Self::Packed,
+            "compressed" => Self::Compressed,
+            other => anyhow::bail!("mode={other}: forward, packed or compressed"),
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Forward => "Forward",
+            Self::Packed => "PackedForward",
+            Self::Compressed => "CompressedPackedForward (gzip)",
+        }
+    }
+}
+
+impl Workload {
+    /// The benchmark's workload: four hosts, 1,000 entries per message, Forward mode.
+    const DEFAULT: Self = Self {
+        hosts: 4,
+        per_chunk: 1_000,
+        mode: Mode::Forward,
+    };
+
+    fn describe(self) -> String {
+        format!(
+            "{} hosts, {} entries per message, {}",
+            self.hosts,
+            self.per_chunk,
+            self.mode.name()
+        )
+    }
+}
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -65,84 +128,158 @@ fn main() -> anyhow::Result<()> {
         .filter(|a| a != "--bench")
         .collect();
     let quick = args.iter().any(|a| a == "quick");
-    let lines = args
-        .iter()
-        .find_map(|a| a.strip_prefix("lines="))
+    let workloads = args.iter().any(|a| a == "workloads");
+    let arg = |name: &str| args.iter().find_map(|a| a.strip_prefix(name));
+    let lines = arg("lines=")
         .map(str::parse)
         .transpose()
         .context("lines=<count>")?;
-    let full = lines.is_none() && !quick;
+    let mut workload = Workload::DEFAULT;
+    if let Some(hosts) = arg("hosts=") {
+        workload.hosts = hosts.parse().context("hosts=<count>")?;
+    }
+    if let Some(per_chunk) = arg("per_chunk=") {
+        workload.per_chunk = per_chunk.parse().context("per_chunk=<count>")?;
+    }
+    if let Some(mode) = arg("mode=") {
+        workload.mode = Mode::parse(mode)?;
+    }
+    anyhow::ensure!(
+        workload.hosts > 0 && workload.per_chunk > 0,
+        "hosts and per_chunk must be at least 1"
+    );
+    let custom = workload != Workload::DEFAULT;
+    anyhow::ensure!(
+        !(workloads && custom),
+        "workloads runs its own shapes: hosts=, per_chunk= and mode= are for one run"
+    );
+    let full = lines.is_none() && !quick && !custom;
     let lines = lines.unwrap_or(if quick { 200_000 } else { 2_000_000 });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(run(lines))?;
+    let (name, report) = if workloads {
+        (
+            "log-ingest-workloads",
+            runtime.block_on(run_workloads(lines))?,
+        )
+    } else {
+        ("log-ingest", runtime.block_on(run(lines, workload))?)
+    };
     println!("{report}");
     if full {
+        let (title, command) = if workloads {
+            (
+                "### log-ingest: other workloads",
+                "`scripts/bench.sh logs workloads` (`cargo bench -p log-ingest --bench logs -- \
+                 workloads`)",
+            )
+        } else {
+            (
+                "## log-ingest",
+                "`scripts/bench.sh logs` (`cargo bench -p log-ingest --bench logs`)",
+            )
+        };
         let section = format!(
-            "## log-ingest\n\n{}\nLoad average before: {}. Command: `scripts/bench.sh logs` \
-             (`cargo bench -p log-ingest --bench logs`; see its module docs). The client and \
+            "{title}\n\n{}\nLoad average before: {}. Command: {command}; see the \
+             benchmark's module docs. The client and \
              the Loki-compatible receiver run in the benchmark's process, log-ingest as its \
              release binary in a child process: all share the machine's two cores.\n\n{report}",
             bench::machine(),
             bench::load_average(),
         );
-        bench::replace_section("log-ingest", &section)?;
+        bench::replace_section(name, &section)?;
     } else {
         eprintln!("(a partial or quick run: BENCHMARKS.md left as it is)");
     }
     Ok(())
 }
 
-async fn run(lines: usize) -> anyhow::Result<String> {
-    let corpus = corpus(lines)?;
-    let text = std::fs::read_to_string(&corpus)?;
-    let all: Vec<&str> = text.lines().collect();
-    let stats: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(stats_path(&corpus))?)?;
-    let entries = stats["entries"].as_u64().context("entries in the stats")?;
-    let parts = split(&all);
-    let frames: Vec<Vec<Vec<u8>>> = parts
-        .iter()
-        .enumerate()
-        .map(|(h, part)| messages(h, part))
-        .collect();
-    let bytes: usize = frames.iter().flatten().map(Vec::len).sum();
-    let mut report = String::new();
-    writeln!(
-        report,
-        "Corpus: {} lines ({} records, {:.1} MB as forward messages), `--prefix-stack \
-         --trace-pct 2 --seed 42`; {HOSTS} hosts, {PER_CHUNK} entries per message, acks on.\n",
-        all.len(),
-        entries,
-        bytes as f64 / 1e6
-    )?;
+/// The corpus of `lines` lines: its lines and its record count.
+struct Corpus {
+    text: String,
+    entries: u64,
+}
 
-    // Baseline: receive and decode only; three times (it is short, so noisy), the median.
+impl Corpus {
+    fn load(lines: usize) -> anyhow::Result<Self> {
+        let path = corpus(lines)?;
+        let text = std::fs::read_to_string(&path)?;
+        let stats: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(stats_path(&path))?)?;
+        let entries = stats["entries"].as_u64().context("entries in the stats")?;
+        Ok(Self { text, entries })
+    }
+
+    fn lines(&self) -> Vec<&str> {
+        self.text.lines().collect()
+    }
+}
+
+/// The corpus as `workload` sends it: per host, its messages.
+fn frames(all: &[&str], workload: Workload) -> Arc<Vec<Vec<Vec<u8>>>> {
+    Arc::new(
+        split(all, workload.hosts)
+            .iter()
+            .enumerate()
+            .map(|(h, part)| messages(h, part, workload))
+            .collect(),
+    )
+}
+
+/// The decode-only baseline: three runs (each is short, so noisy), the median (seconds) and
+/// all of them as text.
+async fn baseline(frames: &Arc<Vec<Vec<Vec<u8>>>>) -> anyhow::Result<(f64, String)> {
     let baseline = decode_only().await?;
-    let mut base_runs = Vec::new();
+    let mut runs = Vec::new();
     for _ in 0..3 {
         let started = Instant::now();
-        send_all(baseline, &frames).await?;
-        base_runs.push(started.elapsed().as_secs_f64());
+        send_all(baseline, frames).await?;
+        runs.push(started.elapsed().as_secs_f64());
     }
-    let (base_secs, base_note) = median(base_runs);
-    let base_rate = all.len() as f64 / base_secs;
+    Ok(median(runs))
+}
 
-    // For reference (not the target's baseline): receive, decode and store durably before
-    // the ack, as the service's input must; three runs, the median, a fresh buffer each.
-    let mut durable_runs = Vec::new();
+/// For reference (not the target's baseline): receive, decode and store durably before the
+/// ack, as the service's input must; three runs (a fresh buffer each), the median (seconds)
+/// and all of them as text.
+async fn durable(frames: &Arc<Vec<Vec<Vec<u8>>>>) -> anyhow::Result<(f64, String)> {
+    let mut runs = Vec::new();
     for _ in 0..3 {
         let dir = tempfile::tempdir()?;
         let durable = decode_and_store(dir.path()).await?;
         let started = Instant::now();
-        send_all(durable, &frames).await?;
-        durable_runs.push(started.elapsed().as_secs_f64());
+        send_all(durable, frames).await?;
+        runs.push(started.elapsed().as_secs_f64());
     }
-    let (durable_secs, durable_note) = median(durable_runs);
-    let durable_rate = all.len() as f64 / durable_secs;
+    Ok(median(runs))
+}
 
-    // log-ingest end to end.
+/// One end-to-end run of log-ingest.
+struct EndToEnd {
+    /// Seconds from the first send until Loki holds every line.
+    secs: f64,
+    /// Seconds until the last ack.
+    acked: f64,
+    peak_kib: u64,
+    service_cpu: f64,
+    bench_cpu: f64,
+    /// Records counted by the derived metrics.
+    derived: f64,
+    records: u64,
+    lines_in_loki: u64,
+}
+
+/// What a run sends to log-ingest: forward messages (shared), or OTLP exports (sent by
+/// value, so copied by the caller before the clock starts).
+enum Input {
+    Forward(Arc<Vec<Vec<Vec<u8>>>>),
+    Otlp(Vec<Vec<ExportLogsServiceRequest>>),
+}
+
+/// Sends `input` to a fresh log-ingest (its own buffer) and waits until the Loki receiver
+/// holds all `want` lines.
+async fn end_to_end(input: Input, want: u64) -> anyhow::Result<EndToEnd> {
     let loki = LokiReceiver::start_counting("127.0.0.1:0".parse()?).await?;
     // The corpus is dated 2024: as a Loki with `reject_old_samples: false`.
     loki.accept_any_time();
@@ -150,9 +287,11 @@ async fn run(lines: usize) -> anyhow::Result<String> {
     let child = LogIngest::start(dir.path(), &loki.url()).await?;
     let bench_cpu_before = cpu_seconds("self");
     let started = Instant::now();
-    send_all(child.forward, &frames).await?;
+    match input {
+        Input::Forward(frames) => send_all(child.forward, &frames).await?,
+        Input::Otlp(exports) => send_exports(child.grpc, exports).await?,
+    }
     let acked = started.elapsed().as_secs_f64();
-    let want = all.len() as u64;
     loop {
         let (_, lines) = loki.accepted();
         if lines >= want {
@@ -176,6 +315,52 @@ async fn run(lines: usize) -> anyhow::Result<String> {
         .sum();
     let (records, lines_in_loki) = loki.accepted();
     child.stop().await;
+    loki.stop();
+    Ok(EndToEnd {
+        secs,
+        acked,
+        peak_kib,
+        service_cpu,
+        bench_cpu,
+        derived,
+        records,
+        lines_in_loki,
+    })
+}
+
+async fn run(lines: usize, workload: Workload) -> anyhow::Result<String> {
+    let corpus = Corpus::load(lines)?;
+    let all = corpus.lines();
+    let entries = corpus.entries;
+    let frames = frames(&all, workload);
+    let bytes: usize = frames.iter().flatten().map(Vec::len).sum();
+    let mut report = String::new();
+    writeln!(
+        report,
+        "Corpus: {} lines ({} records, {:.1} MB as forward messages), `--prefix-stack \
+         --trace-pct 2 --seed 42`; {}, acks on.\n",
+        all.len(),
+        entries,
+        bytes as f64 / 1e6,
+        workload.describe(),
+    )?;
+
+    let (base_secs, base_note) = baseline(&frames).await?;
+    let base_rate = all.len() as f64 / base_secs;
+
+    let (durable_secs, durable_note) = durable(&frames).await?;
+    let durable_rate = all.len() as f64 / durable_secs;
+
+    let EndToEnd {
+        secs,
+        acked,
+        peak_kib,
+        service_cpu,
+        bench_cpu,
+        derived,
+        records,
+        lines_in_loki,
+    } = end_to_end(Input::Forward(frames.clone()), all.len() as u64).await?;
     let rate = all.len() as f64 / secs;
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let durable_ratio = rate / durable_rate;
@@ -207,7 +392,7 @@ async fn run(lines: usize) -> anyhow::Result<String> {
          CPU-seconds on the {cores} cores available for everything; the client and the Loki receiver alone \
          (the benchmark's side, decoding every push) used {bench_cpu:.1} s of them in this run.",
         rate / base_rate,
-        peak_kib as f64 / 1024.0,
+        megabytes(peak_kib),
         all.len(),
         service_cpu / secs,
         bench_cpu / secs,
@@ -215,6 +400,249 @@ async fn run(lines: usize) -> anyhow::Result<String> {
         budget = base_secs * 2.0 * cores as f64,
     )?;
     Ok(report)
+}
+
+/// The same corpus in other shapes, each next to its own decode-only baseline: one
+/// connection, many, small and large messages, the packed and compressed modes, and OTLP.
+async fn run_workloads(lines: usize) -> anyhow::Result<String> {
+    let corpus = Corpus::load(lines)?;
+    let all = corpus.lines();
+    let d = Workload::DEFAULT;
+    let workloads = [
+        d,
+        Workload { hosts: 1, ..d },
+        Workload { hosts: 16, ..d },
+        Workload {
+            per_chunk: 100,
+            ..d
+        },
+        Workload {
+            per_chunk: 10_000,
+            ..d
+        },
+        Workload {
+            mode: Mode::Packed,
+            ..d
+        },
+        Workload {
+            mode: Mode::Compressed,
+            ..d
+        },
+    ];
+    let mut report = format!(
+        "The corpus of the section above ({} lines, {} records) sent in other shapes. Each \
+         row, in the same run: the decode-only baseline (median of 3 runs; all three in \
+         seconds), the same with each message stored durably before its ack (median of 3: \
+         what a sender waiting for each ack gets through when nothing else runs), and one \
+         end-to-end run of a fresh log-ingest, with the CPU it used. Acks on throughout.\n\n\
+         | hosts (connections) | per message | mode | baseline lines/s (runs) | durable store lines/s | log-ingest lines/s | ÷ baseline | all acked after | log-ingest CPU | peak RSS |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+        all.len(),
+        corpus.entries,
+    );
+    let want = all.len() as u64;
+    let check = |name: &str, run: &EndToEnd| {
+        anyhow::ensure!(
+            run.records == corpus.entries && run.lines_in_loki == want,
+            "{name}: Loki received {} records ({} lines) of {} ({want})",
+            run.records,
+            run.lines_in_loki,
+            corpus.entries
+        );
+        Ok(())
+    };
+    for workload in workloads {
+        let frames = frames(&all, workload);
+        let (base_secs, base_runs) = baseline(&frames).await?;
+        let base_rate = all.len() as f64 / base_secs;
+        let (durable_secs, _) = durable(&frames).await?;
+        let durable_rate = all.len() as f64 / durable_secs;
+        let run = end_to_end(Input::Forward(frames.clone()), want).await?;
+        check(&workload.describe(), &run)?;
+        let rate = all.len() as f64 / run.secs;
+        writeln!(
+            report,
+            "| {} | {} entries | {} | {base_rate:.0} ({base_runs} s) | {durable_rate:.0} | \
+             {rate:.0} | {:.2}× | {:.2} s | {:.1} s ({:.2} cores) | {:.1} MB |",
+            workload.hosts,
+            workload.per_chunk,
+            workload.mode.name(),
+            rate / base_rate,
+            run.acked,
+            run.service_cpu,
+            run.service_cpu / run.secs,
+            megabytes(run.peak_kib),
+        )?;
+        eprintln!("{}: {rate:.0} lines/s", workload.describe());
+    }
+
+    // OTLP: the same records as log records' bodies, in exports of 512 (an SDK's batch
+    // processor's default), four exporters (one per host), each sending its next export
+    // when the previous one is answered.
+    let exports = exports(&all, Workload::DEFAULT.hosts, OTLP_PER_EXPORT);
+    let count: usize = exports.iter().map(Vec::len).sum();
+    let (base_secs, base_runs) = otlp_baseline(&exports).await?;
+    let base_rate = all.len() as f64 / base_secs;
+    let run = end_to_end(Input::Otlp(exports.to_vec()), want).await?;
+    check("OTLP", &run)?;
+    let rate = all.len() as f64 / run.secs;
+    writeln!(
+        report,
+        "| {} | {OTLP_PER_EXPORT} records (≈ {:.0} lines) | OTLP Export over gRPC | \
+         {base_rate:.0} ({base_runs} s) | – | {rate:.0} | {:.2}× | {:.2} s | {:.1} s ({:.2} \
+         cores) | {:.1} MB |",
+        Workload::DEFAULT.hosts,
+        all.len() as f64 / count as f64,
+        rate / base_rate,
+        run.acked,
+        run.service_cpu,
+        run.service_cpu / run.secs,
+        megabytes(run.peak_kib),
+    )?;
+    eprintln!("OTLP: {rate:.0} lines/s");
+    writeln!(
+        report,
+        "\nThe OTLP row's baseline is the benchmark's tonic client sending to a tonic server \
+         that only decodes each request and answers, in one process: its figure includes the \
+         client's encoding, so it is a lower bound of decoding alone."
+    )?;
+    Ok(report)
+}
+
+/// The corpus as OTLP exports, per host: requests of `per_request` log records (a record's
+/// lines, its header and any trace, as the body; `service.name` `hybris.otlp`, which the
+/// benchmark's configuration parses as the wrapper format, and the host as `host.name`).
+fn exports(all: &[&str], hosts: usize, per_request: usize) -> Vec<Vec<ExportLogsServiceRequest>> {
+    use opentelemetry_proto::tonic::{
+        common::v1::{AnyValue, KeyValue, any_value},
+        logs::v1::{LogRecord, ResourceLogs, ScopeLogs},
+        resource::v1::Resource,
+    };
+    let text = |s: &str| AnyValue {
+        value: Some(any_value::Value::StringValue(s.to_owned())),
+    };
+    split(all, hosts)
+        .iter()
+        .enumerate()
+        .map(|(host, lines)| {
+            let resource = Resource {
+                attributes: vec![
+                    KeyValue {
+                        key: "service.name".into(),
+                        value: Some(text("hybris.otlp")),
+                        ..KeyValue::default()
+                    },
+                    KeyValue {
+                        key: "host.name".into(),
+                        value: Some(text(&format!("hybris-{host}"))),
+                        ..KeyValue::default()
+                    },
+                ],
+                ..Resource::default()
+            };
+            // An appender sends a record whole: a header line and the lines of its trace.
+            let mut records: Vec<String> = Vec::new();
+            for line in lines {
+                match records.last_mut() {
+                    Some(record) if !is_header(line) => {
+                        record.push('\n');
+                        record.push_str(line);
+                    }
+                    _ => records.push((*line).to_owned()),
+                }
+            }
+            records
+                .chunks(per_request)
+                .map(|chunk| ExportLogsServiceRequest {
+                    resource_logs: vec![ResourceLogs {
+                        resource: Some(resource.clone()),
+                        scope_logs: vec![ScopeLogs {
+                            log_records: chunk
+                                .iter()
+                                .map(|record| LogRecord {
+                                    time_unix_nano: 1_730_103_120_000_000_000,
+                                    observed_time_unix_nano: 1_730_103_120_000_000_000,
+                                    body: Some(text(record)),
+                                    ..LogRecord::default()
+                                })
+                                .collect(),
+                            ..ScopeLogs::default()
+                        }],
+                        ..ResourceLogs::default()
+                    }],
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Sends each host's exports on a connection of its own, each after the previous answer.
+async fn send_exports(
+    addr: SocketAddr,
+    exports: Vec<Vec<ExportLogsServiceRequest>>,
+) -> anyhow::Result<()> {
+    use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
+    let mut tasks = tokio::task::JoinSet::new();
+    for host in exports {
+        tasks.spawn(async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .timeout(Duration::from_secs(60))
+                .connect()
+                .await?;
+            let mut client = LogsServiceClient::new(channel).max_encoding_message_size(64 << 20);
+            for request in host {
+                let answer = client.export(request).await?.into_inner();
+                let rejected = answer.partial_success.map_or(0, |p| p.rejected_log_records);
+                anyhow::ensure!(rejected == 0, "{rejected} records rejected");
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// The OTLP baseline: a tonic server that decodes each export and answers at once; three
+/// runs, the median (seconds) and all of them as text.
+async fn otlp_baseline(exports: &[Vec<ExportLogsServiceRequest>]) -> anyhow::Result<(f64, String)> {
+    use opentelemetry_proto::tonic::collector::logs::v1::{
+        ExportLogsServiceResponse,
+        logs_service_server::{LogsService, LogsServiceServer},
+    };
+    struct DecodeOnly;
+    #[tonic::async_trait]
+    impl LogsService for DecodeOnly {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportLogsServiceRequest>,
+        ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+            std::hint::black_box(request.into_inner());
+            Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(LogsServiceServer::new(DecodeOnly).max_decoding_message_size(64 << 20))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let copy = exports.to_vec();
+        let started = Instant::now();
+        send_exports(addr, copy).await?;
+        runs.push(started.elapsed().as_secs_f64());
+    }
+    server.abort();
+    Ok(median(runs))
+}
+
+/// Kibibytes (as `/proc` counts them) in megabytes (10^6 bytes, as the target says).
+fn megabytes(kib: u64) -> f64 {
+    kib as f64 * 1024.0 / 1e6
 }
 
 /// The median of `runs` (seconds), and all of them as text.
@@ -271,12 +699,12 @@ fn is_header(line: &str) -> bool {
     })
 }
 
-/// The corpus in `HOSTS` contiguous parts, each starting at a record's first line.
-fn split<'a>(all: &[&'a str]) -> Vec<Vec<&'a str>> {
+/// The corpus in `hosts` contiguous parts, each starting at a record's first line.
+fn split<'a>(all: &[&'a str], hosts: usize) -> Vec<Vec<&'a str>> {
     let mut parts = Vec::new();
     let mut from = 0;
-    for h in 1..=HOSTS {
-        let mut to = (all.len() * h / HOSTS).max(from);
+    for h in 1..=hosts {
+        let mut to = (all.len() * h / hosts).max(from);
         while to < all.len() && !is_header(all[to]) {
             to += 1;
         }
@@ -286,15 +714,16 @@ fn split<'a>(all: &[&'a str]) -> Vec<Vec<&'a str>> {
     parts
 }
 
-/// Forward mode messages of one host's lines, as Fluent Bit 5 sends them
-/// (`[[EventTime, {}], record]` entries and a 32-hex-digit `chunk`).
-fn messages(host: usize, lines: &[&str]) -> Vec<Vec<u8>> {
+/// One host's lines as messages of `workload.per_chunk` entries in its mode
+/// (`[[EventTime, {}], record]` entries and a `chunk` option of 32 hex digits; the packed
+/// modes add `size`, the entries' count, and gzip's `compressed`).
+fn messages(host: usize, lines: &[&str], workload: Workload) -> Vec<Vec<u8>> {
     let host_name = format!("hybris-{host}");
     lines
-        .chunks(PER_CHUNK)
+        .chunks(workload.per_chunk)
         .enumerate()
         .map(|(n, chunk)| {
-            let entries = chunk
+            let entries: Vec<Value> = chunk
                 .iter()
                 .map(|line| {
                     let mut time = Vec::with_capacity(8);
@@ -309,17 +738,36 @@ fn messages(host: usize, lines: &[&str]) -> Vec<Vec<u8>> {
                     ])
                 })
                 .collect();
+            let count = entries.len();
+            let mut options = vec![(
+                Value::from("chunk"),
+                Value::from(format!("{host:08x}{n:024x}")),
+            )];
+            let entries = match workload.mode {
+                Mode::Forward => Value::Array(entries),
+                Mode::Packed | Mode::Compressed => {
+                    let mut packed = Vec::new();
+                    for entry in &entries {
+                        rmpv::encode::write_value(&mut packed, entry).expect("encoding into a Vec");
+                    }
+                    options.push((Value::from("size"), Value::from(count)));
+                    if workload.mode == Mode::Compressed {
+                        use std::io::Write as _;
+                        let mut gz = flate2::write::GzEncoder::new(
+                            Vec::new(),
+                            flate2::Compression::default(),
+                        );
+                        gz.write_all(&packed).expect("compressing into a Vec");
+                        packed = gz.finish().expect("compressing into a Vec");
+                        options.push((Value::from("compressed"), Value::from("gzip")));
+                    }
+                    Value::Binary(packed)
+                }
+            };
             let mut out = Vec::new();
             rmpv::encode::write_value(
                 &mut out,
-                &Value::Array(vec![
-                    Value::from(TAG),
-                    Value::Array(entries),
-                    Value::Map(vec![(
-                        Value::from("chunk"),
-                        Value::from(format!("{host:08x}{n:024x}")),
-                    )]),
-                ]),
+                &Value::Array(vec![Value::from(TAG), entries, Value::Map(options)]),
             )
             .expect("encoding into a Vec");
             out
@@ -328,15 +776,18 @@ fn messages(host: usize, lines: &[&str]) -> Vec<Vec<u8>> {
 }
 
 /// Sends each host's messages on its own connection, each after the previous one's ack.
-async fn send_all(addr: SocketAddr, frames: &[Vec<Vec<u8>>]) -> anyhow::Result<()> {
+/// The messages are shared, not copied (a copy would be timed with the sending).
+async fn send_all(addr: SocketAddr, frames: &Arc<Vec<Vec<Vec<u8>>>>) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
-    for host in frames.iter().cloned() {
+    for h in 0..frames.len() {
+        let frames = frames.clone();
         tasks.spawn(async move {
+            let host = &frames[h];
             let mut stream = tokio::net::TcpStream::connect(addr).await?;
             stream.set_nodelay(true)?;
             let mut ack = vec![0; 256];
             for frame in host {
-                stream.write_all(&frame).await?;
+                stream.write_all(frame).await?;
                 let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut ack))
                     .await
                     .context("no ack within 60 s")??;
@@ -384,6 +835,8 @@ async fn reference_listener(
             tokio::spawn(async move {
                 let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
                 let mut read = vec![0; 256 * 1024];
+                // Goes on where it stopped after each read, as the service's input does.
+                let mut scan = forward::Scan::default();
                 loop {
                     let Ok(n) = stream.read(&mut read).await else {
                         return;
@@ -392,7 +845,8 @@ async fn reference_listener(
                         return;
                     }
                     buf.extend_from_slice(&read[..n]);
-                    while let Ok(Some(len)) = forward::frame_len(&buf, 64 << 20) {
+                    while let Ok(Some(len)) = scan.resume(&buf, 64 << 20) {
+                        scan = forward::Scan::default();
                         let frame: Vec<u8> = buf.drain(..len).collect();
                         let Ok(Frame::Message(message)) = forward::decode(&frame, 256 << 20) else {
                             continue;
@@ -427,12 +881,14 @@ struct LogIngest {
     child: tokio::process::Child,
     pid: u32,
     forward: SocketAddr,
+    grpc: SocketAddr,
     admin: SocketAddr,
 }
 
 impl LogIngest {
     async fn start(dir: &Path, loki: &str) -> anyhow::Result<Self> {
         let forward = free_port()?;
+        let grpc = free_port()?;
         let admin = free_port()?;
         let config = dir.join("log-ingest.toml");
         std::fs::write(
@@ -445,7 +901,7 @@ impl LogIngest {
                  [loki]\nurl = \"{loki}\"\n\
                  [pipeline]\nenvironment = \"bench\"\nflush_after = \"250ms\"\n\
                  [pipeline.parsers]\n\"hybris.*\" = \"hybris-wrapper\"\n",
-                free_port()?,
+                grpc,
                 admin,
                 dir.join("buffer").display(),
             ),
@@ -482,6 +938,7 @@ impl LogIngest {
             child,
             pid,
             forward,
+            grpc,
             admin,
         })
     }
