@@ -576,9 +576,7 @@ impl Runner {
             let Some(sent) = in_flight.next().await else {
                 return Ok(true);
             };
-            let sent = sent.map_err(|e| {
-                ServiceError::Internal(anyhow::anyhow!("a page task failed: {e}"))
-            })??;
+            let sent = sent.map_err(page_task_failed)??;
             if !sent.finished {
                 return Ok(false);
             }
@@ -791,4 +789,41 @@ impl Runner {
 
 fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// What a page task that did not return means for its job. A panic is a bug: the job
+/// fails. A cancellation is the runtime shutting down (nothing here aborts a page task it
+/// still awaits), so the process is going away: the job is left running, for a replica to
+/// resume from its checkpoint, not failed.
+fn page_task_failed(error: tokio::task::JoinError) -> ServiceError {
+    if error.is_cancelled() {
+        ServiceError::Unavailable("a page task was cancelled: shutting down".into())
+    } else {
+        ServiceError::Internal(anyhow::anyhow!("a page task failed: {error}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first replica's pages cancelled by its runtime shutting down must not fail the
+    /// job that another replica resumes; a panic in one is a bug and does.
+    #[tokio::test]
+    async fn a_cancelled_page_task_leaves_the_job_to_resume_and_a_panic_fails_it() {
+        let pending = tokio::spawn(std::future::pending::<()>());
+        pending.abort();
+        let cancelled = pending.await.expect_err("aborted");
+        assert!(matches!(
+            page_task_failed(cancelled),
+            ServiceError::Unavailable(_)
+        ));
+        let panicked = tokio::spawn(async { panic!("a bug") })
+            .await
+            .expect_err("panicked");
+        assert!(matches!(
+            page_task_failed(panicked),
+            ServiceError::Internal(_)
+        ));
+    }
 }
