@@ -405,7 +405,8 @@ impl Runner {
                 }
                 Err(error) => {
                     failures += 1;
-                    tracing::warn!(%error, "failover jobs: a database call failed; trying again");
+                    // A database call failed, or (at shutdown) a page task was cancelled.
+                    tracing::warn!(%error, "failover jobs: a call failed; trying again");
                     mall_retry::Backoff::after(self.poll, Duration::from_secs(30), failures)
                 }
             };
@@ -526,7 +527,9 @@ impl Runner {
         if !in_flight.is_empty() {
             // The job stops (cancelled, taken over, shutdown, an error): pages still being
             // sent end their request and release their members' claims, rather than be
-            // aborted and leave those members claimed until the claims expire.
+            // aborted and leave those members claimed until the claims expire. Being drained,
+            // never dropped while awaited, a page task is cancelled only by the runtime
+            // shutting down (see `page_task_failed`).
             stop.cancel();
             while in_flight.next().await.is_some() {}
         }
@@ -807,8 +810,9 @@ fn page_task_failed(error: tokio::task::JoinError) -> ServiceError {
 mod tests {
     use super::*;
 
-    /// The first replica's pages cancelled by its runtime shutting down must not fail the
-    /// job that another replica resumes; a panic in one is a bug and does.
+    /// A page task cancelled (by its runtime shutting down) is the environment's,
+    /// `Unavailable`, which `execute` does not finish the job on; a panic in one is a bug,
+    /// `Internal`, which fails the job. (The panic's message in the output is this test's.)
     #[tokio::test]
     async fn a_cancelled_page_task_leaves_the_job_to_resume_and_a_panic_fails_it() {
         let pending = tokio::spawn(std::future::pending::<()>());
