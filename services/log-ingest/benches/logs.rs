@@ -859,7 +859,7 @@ async fn reference_listener(
                                 events: message.events,
                                 received_ms: log_ingest::batch::now_ms(),
                             };
-                            if buffer.append(batch.encode()).await.is_err() {
+                            if buffer.append(batch.into_stored(None)).await.is_err() {
                                 return;
                             }
                         }

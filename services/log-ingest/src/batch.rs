@@ -83,20 +83,84 @@ const FINE: &str = "writing to a Vec cannot fail";
 
 /// Events in their buffered form: MessagePack `[time_nanos, record]` pairs back to back,
 /// every record a map. Built only by its own methods, so every pair is well formed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// The pairs are `bytes[start..]`. What comes before `start` is room for a batch's header:
+/// an input builds its events after room for it ([`Events::for_batch`]) and a stored batch
+/// read back keeps the bytes read ([`Batch::decode_owned`]), so a message's records are
+/// copied once, out of its frame, and neither again to be stored nor when read back. With
+/// messages of megabytes (Fluent Bit's chunks), each copy was megabytes more of memory per
+/// message in flight.
+#[derive(Debug, Clone, Default)]
 pub struct Events {
     bytes: Vec<u8>,
-    /// Per event: its time and where its record lies in `bytes` (found once, when built).
-    index: Vec<(i64, std::ops::Range<usize>)>,
+    /// Where the pairs begin in `bytes`.
+    start: usize,
+    /// Per event: its time and where its record lies in `bytes[start..]` (found once, when
+    /// built).
+    index: Index,
+}
+
+/// Per event of an [`Events`]: its time and where its record lies.
+type Entry = (i64, std::ops::Range<usize>);
+type Index = Vec<Entry>;
+
+/// The same events, wherever they lie in their bytes.
+impl PartialEq for Events {
+    fn eq(&self, other: &Self) -> bool {
+        self.pairs() == other.pairs() && self.index == other.index
+    }
+}
+
+impl Eq for Events {}
+
+/// Bytes a batch's header takes besides its tag, at most: a fixarray, the source, a str's
+/// and an array's headers (five bytes each at most).
+const HEADER_ROOM: usize = 1 + 1 + 5 + 5;
+/// Bytes kept after the events for what follows them when stored: a chunk id of up to 64
+/// bytes (Fluent Bit's are 32 hex characters, or 24 base64 ones since 5.0.8) and the
+/// received time. A longer id costs a copy, nothing else.
+const TRAILER_ROOM: usize = 2 + 64 + RECEIVED_BYTES;
+
+/// The bytes of the header [`Batch::into_stored`] writes for a batch of `count` events
+/// tagged with `tag_len` bytes (MessagePack's shortest headers, as `rmp` writes them).
+fn header_len(tag_len: usize, count: usize) -> usize {
+    let str_header = match tag_len {
+        0..32 => 1,
+        32..256 => 2,
+        256..65_536 => 3,
+        _ => 5,
+    };
+    let array_header = match count {
+        0..16 => 1,
+        16..65_536 => 3,
+        _ => 5,
+    };
+    1 + 1 + str_header + tag_len + array_header
 }
 
 impl Events {
-    /// Empty, with room for about `bytes` of events.
-    pub fn with_capacity(bytes: usize) -> Self {
+    /// Empty, with room for about `bytes` of events, and for the header and the trailer of
+    /// the batch tagged `tag` they will be stored in: [`Batch::into_stored`] writes them
+    /// around the events instead of copying them. `count`, when known, is how many events
+    /// there will be: the header then fills its room exactly and the events stay where they
+    /// are (otherwise they move down by the few bytes the header did not take).
+    pub fn for_batch(tag: &str, bytes: usize, count: Option<usize>) -> Self {
+        let start = match count {
+            Some(count) => header_len(tag.len(), count),
+            None => HEADER_ROOM + tag.len(),
+        };
+        let mut buffer = Vec::with_capacity(start + bytes + TRAILER_ROOM);
+        buffer.resize(start, 0);
         Self {
-            bytes: Vec::with_capacity(bytes),
+            bytes: buffer,
+            start,
             index: Vec::new(),
         }
+    }
+
+    /// The pairs, encoded back to back.
+    fn pairs(&self) -> &[u8] {
+        &self.bytes[self.start..]
     }
 
     /// Whether every event's time is a whole second (a sender that writes no finer time).
@@ -112,9 +176,10 @@ impl Events {
         debug_assert!(is_map(record));
         rmp::encode::write_array_len(&mut self.bytes, 2).expect(FINE);
         rmp::encode::write_sint(&mut self.bytes, time_nanos).expect(FINE);
-        let start = self.bytes.len();
+        let at = self.bytes.len() - self.start;
         self.bytes.extend_from_slice(record);
-        self.index.push((time_nanos, start..self.bytes.len()));
+        self.index
+            .push((time_nanos, at..self.bytes.len() - self.start));
     }
 
     /// Appends a decoded event (OTLP's records, tests).
@@ -122,13 +187,14 @@ impl Events {
         let len = u32::try_from(event.record.len()).expect("a record is far below 2^32 pairs");
         rmp::encode::write_array_len(&mut self.bytes, 2).expect(FINE);
         rmp::encode::write_sint(&mut self.bytes, event.time_nanos).expect(FINE);
-        let start = self.bytes.len();
+        let at = self.bytes.len() - self.start;
         rmp::encode::write_map_len(&mut self.bytes, len).expect(FINE);
         for (key, value) in &event.record {
             rmpv::encode::write_value(&mut self.bytes, key).expect(FINE);
             rmpv::encode::write_value(&mut self.bytes, value).expect(FINE);
         }
-        self.index.push((event.time_nanos, start..self.bytes.len()));
+        self.index
+            .push((event.time_nanos, at..self.bytes.len() - self.start));
     }
 
     /// How many events.
@@ -143,27 +209,27 @@ impl Events {
 
     /// Their encoded size in bytes.
     pub fn encoded_len(&self) -> usize {
-        self.bytes.len()
+        self.bytes.len() - self.start
     }
 
     /// The memory they take: their encoded bytes and their index. An entry can grow as it
     /// is buffered (a time of one byte becomes nine, and each event has its index entry),
     /// so a small message of many tiny entries weighs many times its size.
     pub fn weight(&self) -> usize {
-        self.bytes.len() + self.index.len() * std::mem::size_of::<(i64, std::ops::Range<usize>)>()
+        self.encoded_len() + self.index.len() * std::mem::size_of::<Entry>()
     }
 
     /// The events in order.
     pub fn iter(&self) -> Iter<'_> {
         Iter {
-            bytes: &self.bytes,
+            bytes: self.pairs(),
             index: self.index.iter(),
         }
     }
 
-    /// Checks `count` encoded pairs at the start of `bytes` and keeps them; the bytes after
-    /// them are returned.
-    fn read(bytes: &[u8], count: u32) -> Result<(Self, &[u8]), &'static str> {
+    /// Checks `count` encoded pairs at the start of `bytes`: their index, and the bytes
+    /// after them.
+    fn read(bytes: &[u8], count: u32) -> Result<(Index, &[u8]), &'static str> {
         let mut rest = bytes;
         let mut index = Vec::with_capacity((count as usize).min(bytes.len() / 3));
         for _ in 0..count {
@@ -173,14 +239,7 @@ impl Events {
             index.push((time_nanos, end - record.len()..end));
             rest = after;
         }
-        let used = bytes.len() - rest.len();
-        Ok((
-            Self {
-                bytes: bytes[..used].to_vec(),
-                index,
-            },
-            rest,
-        ))
+        Ok((index, rest))
     }
 }
 
@@ -196,7 +255,7 @@ impl<'a> IntoIterator for &'a Events {
 #[derive(Debug, Clone)]
 pub struct Iter<'a> {
     bytes: &'a [u8],
-    index: std::slice::Iter<'a, (i64, std::ops::Range<usize>)>,
+    index: std::slice::Iter<'a, Entry>,
 }
 
 impl<'a> Iterator for Iter<'a> {
@@ -353,19 +412,46 @@ impl Batch {
     /// passed over. The fifth part, the received time, always takes nine bytes (a uint64),
     /// for [`identity`] to leave it out.
     pub fn encode_with(&self, chunk: Option<&[u8]>) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32 + self.tag.len() + self.events.bytes.len());
-        let count = u32::try_from(self.events.len()).expect("a batch is far below 2^32 events");
-        rmp::encode::write_array_len(&mut out, 5).expect(FINE);
-        rmp::encode::write_uint(&mut out, self.source as u64).expect(FINE);
-        rmp::encode::write_str(&mut out, &self.tag).expect(FINE);
-        rmp::encode::write_array_len(&mut out, count).expect(FINE);
-        out.extend_from_slice(&self.events.bytes);
-        match chunk {
-            Some(chunk) => rmp::encode::write_bin(&mut out, chunk).expect(FINE),
-            None => rmp::encode::write_nil(&mut out).expect(FINE),
-        }
-        rmp::encode::write_u64(&mut out, u64::try_from(self.received_ms).unwrap_or(0)).expect(FINE);
+        let mut out = Vec::with_capacity(
+            HEADER_ROOM + self.tag.len() + self.events.encoded_len() + TRAILER_ROOM,
+        );
+        self.write_header(&mut out);
+        out.extend_from_slice(self.events.pairs());
+        write_trailer(&mut out, chunk, self.received_ms);
         out
+    }
+
+    /// The bytes [`Batch::encode_with`] writes, written around the events where they lie
+    /// when there is room for the header before them (events built by
+    /// [`Events::for_batch`], or read back by [`Batch::decode_owned`]; copied otherwise): no
+    /// allocation of the events' size, and no copy of them unless the header is shorter
+    /// than its room.
+    pub fn into_stored(self, chunk: Option<&[u8]>) -> Vec<u8> {
+        let mut header = Vec::with_capacity(HEADER_ROOM + self.tag.len());
+        self.write_header(&mut header);
+        debug_assert_eq!(header.len(), header_len(self.tag.len(), self.events.len()));
+        let Some(gap) = self.events.start.checked_sub(header.len()) else {
+            return self.encode_with(chunk);
+        };
+        let received_ms = self.received_ms;
+        let mut bytes = self.events.bytes;
+        bytes[gap..gap + header.len()].copy_from_slice(&header);
+        // Room the header did not take (the count was not known when the room was made):
+        // the events move down by those few bytes, in place.
+        if gap > 0 {
+            bytes.drain(..gap);
+        }
+        write_trailer(&mut bytes, chunk, received_ms);
+        bytes
+    }
+
+    /// `[5 parts, source, tag, count of events`: what comes before the events.
+    fn write_header(&self, out: &mut Vec<u8>) {
+        let count = u32::try_from(self.events.len()).expect("a batch is far below 2^32 events");
+        rmp::encode::write_array_len(out, 5).expect(FINE);
+        rmp::encode::write_uint(out, self.source as u64).expect(FINE);
+        rmp::encode::write_str(out, &self.tag).expect(FINE);
+        rmp::encode::write_array_len(out, count).expect(FINE);
     }
 
     /// A batch from the bytes [`Batch::encode`] wrote (every event checked, no record
@@ -374,8 +460,17 @@ impl Batch {
     /// # Errors
     /// When the bytes are not such a batch (a bug, or a buffer from another version).
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        Self::decode_owned(bytes.to_vec())
+    }
+
+    /// [`Batch::decode`], keeping `bytes` (a batch read from the buffer) for its events
+    /// rather than copying them.
+    ///
+    /// # Errors
+    /// As [`Batch::decode`].
+    pub fn decode_owned(mut bytes: Vec<u8>) -> Result<Self, String> {
         let bad = |why: &str| format!("not a buffered batch: {why}");
-        let mut rd = bytes;
+        let mut rd = &bytes[..];
         // Three parts at least (a version before 2026-12-06 wrote three, or four with a
         // chunk id); a later version may add parts after the received time (read past
         // here), so a rollback can still read what it wrote, as long as the fifth part
@@ -390,9 +485,12 @@ impl Batch {
             _ => return Err(bad("source")),
         };
         let (tag, rest) = rmp::decode::read_str_from_slice(rd).map_err(|_| bad("tag"))?;
+        let tag = tag.to_owned();
         rd = rest;
         let count = rmp::decode::read_array_len(&mut rd).map_err(|_| bad("events"))?;
-        let (events, mut rest) = Events::read(rd, count).map_err(bad)?;
+        let start = bytes.len() - rd.len();
+        let (index, mut rest) = Events::read(rd, count).map_err(bad)?;
+        let end = bytes.len() - rest.len();
         let mut received_ms = 0;
         for part in 3..parts {
             let value =
@@ -407,13 +505,30 @@ impl Batch {
         if !rest.is_empty() {
             return Err(bad("bytes after the events"));
         }
+        bytes.truncate(end);
         Ok(Self {
             source,
-            tag: tag.to_owned(),
-            events,
+            tag,
+            events: Events {
+                bytes,
+                start,
+                index,
+            },
             received_ms,
         })
     }
+}
+
+/// What follows the events: the chunk id (or nil) and the received time, always a
+/// uint64's nine bytes (see [`identity`]).
+fn write_trailer(out: &mut Vec<u8>, chunk: Option<&[u8]>, received_ms: i64) {
+    // Exactly: growing by doubling would double a batch of megabytes for a few bytes.
+    out.reserve_exact(5 + chunk.map_or(1, <[u8]>::len) + RECEIVED_BYTES);
+    match chunk {
+        Some(chunk) => rmp::encode::write_bin(out, chunk).expect(FINE),
+        None => rmp::encode::write_nil(out).expect(FINE),
+    }
+    rmp::encode::write_u64(out, u64::try_from(received_ms).unwrap_or(0)).expect(FINE);
 }
 
 #[cfg(test)]
@@ -448,6 +563,75 @@ mod tests {
             record: vec![(Value::from("log"), Value::from("two"))],
         });
         assert!(!batch.events.whole_seconds());
+    }
+
+    /// Stored in place or copied, a batch is the same bytes, and reads back as the same
+    /// batch; built with room for its header (the count known or not), or read back, it is
+    /// stored where its events lie.
+    #[test]
+    fn a_batch_built_with_room_is_stored_in_place_as_the_same_bytes() {
+        let build = |mut events: Events, count: u32| {
+            for i in 0..count {
+                let record = [0x81, 0xa3, b'l', b'o', b'g', 0xa1, b'a' + (i % 26) as u8];
+                events.push_raw(i64::from(i) * 7, &record);
+            }
+            events
+        };
+        let batch = |tag: &str, events: Events| Batch {
+            source: Source::Forward,
+            tag: tag.to_owned(),
+            events,
+            received_ms: 1_764_979_200_000,
+        };
+        // fixstr, str8, str16 and str32 tags; fixarray, array16 and array32 counts.
+        let tags = [
+            "t",
+            &"x".repeat(200),
+            &"long.tag".repeat(40),
+            &"y".repeat(70_000),
+        ];
+        for tag in tags {
+            for count in [0, 1, 15, 16, 70_000] {
+                let plain = build(Events::default(), count);
+                for chunk in [None, Some(&b"\xa2id"[..]), Some(&[0xa0 + 31; 100][..])] {
+                    let copied = batch(tag, plain.clone()).encode_with(chunk);
+                    for known in [Some(count as usize), None] {
+                        // Room for every event (13 bytes at most each): built without
+                        // growing, so its bytes stay where they were allocated.
+                        let bytes = 13 * count as usize;
+                        let room = build(Events::for_batch(tag, bytes, known), count);
+                        assert_eq!(room, plain, "equal whatever their room");
+                        let allocation = room.bytes.as_ptr();
+                        let stored = batch(tag, room).into_stored(chunk);
+                        assert_eq!(stored, copied, "{count} events, count known: {known:?}");
+                        // Not copied to bytes of its own (a chunk id past the trailer's room
+                        // may move it once).
+                        if chunk.is_none_or(|c| c.len() <= 64) {
+                            assert_eq!(stored.as_ptr(), allocation, "stored where built");
+                        }
+                    }
+                    assert_eq!(
+                        batch(tag, plain.clone()).into_stored(chunk),
+                        copied,
+                        "no room"
+                    );
+                    let read = copied.clone();
+                    let allocation = read.as_ptr();
+                    let back = Batch::decode_owned(read).expect("decodes");
+                    assert_eq!(back.events.bytes.as_ptr(), allocation, "kept, not copied");
+                    assert_eq!(back, batch(tag, plain.clone()));
+                    assert_eq!(back.events.len(), count as usize);
+                    assert_eq!(back.into_stored(chunk), copied, "read back, stored again");
+                }
+            }
+        }
+        // Built for one tag, stored under another: a longer one is copied, a shorter one
+        // moves the events down; the bytes are right either way.
+        for (built, stored) in [("short", "a.longer.tag"), ("a.longer.tag", "short")] {
+            let events = build(Events::for_batch(built, 16, Some(3)), 3);
+            let expected = batch(stored, events.clone()).encode_with(None);
+            assert_eq!(batch(stored, events).into_stored(None), expected);
+        }
     }
 
     fn events(list: &[Event]) -> Events {

@@ -289,8 +289,14 @@ pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
         }
         let mut rest = entries.rest;
         // A time may grow from 1 to 9 bytes as a buffered integer.
-        let mut events =
-            Events::with_capacity((rest.len() + 8 * entries.count as usize).min(max_inflated));
+        // A count the sender declared is believed only as far as its bytes could hold
+        // (an entry takes 3 at least).
+        let believed = (entries.count as usize).min(rest.len() / 3);
+        let mut events = Events::for_batch(
+            &tag,
+            (rest.len() + 8 * believed).min(max_inflated),
+            Some(believed),
+        );
         for _ in 0..entries.count {
             match push_entry(&mut events, rest) {
                 Some(Ok(after)) => rest = after,
@@ -356,7 +362,7 @@ pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
         });
     }
     let events = if message_mode {
-        let mut events = Events::with_capacity(parts[2].len() + 16);
+        let mut events = Events::for_batch(&tag, parts[2].len() + 16, Some(1));
         let nanos = time_nanos_of(parts[1])?;
         if !is_group_marker(parts[1]) {
             events.push_raw(nanos, parts[2]);
@@ -578,8 +584,11 @@ fn packed(
         }
     };
     // A time may grow from 1 to 9 bytes as a buffered integer; entries take 20 at least.
-    let mut events =
-        Events::with_capacity((stream.len() + stream.len() / 20 * 8).min(max_inflated));
+    let mut events = Events::for_batch(
+        tag,
+        (stream.len() + stream.len() / 20 * 8).min(max_inflated),
+        None,
+    );
     while !stream.is_empty() {
         stream = match push_entry(&mut events, stream) {
             Some(entry) => {

@@ -14,12 +14,15 @@
 //!   stored and acknowledged; a connection whose next message would pass the budget stops
 //!   reading (TCP holds the sender) until others are stored. So at most
 //!   `max_bytes_in_flight / max_message_bytes` messages arrive at once. What the budget
-//!   counts is the bytes received: a message's frame may be allocated up to twice its
-//!   size while it arrives, a read may take the start of the sender's next message with
-//!   it, decoding (on as many threads as there are cores) briefly holds a copy (and a
-//!   compressed message's inflated bytes, up to 4× `max_message_bytes`), and a
-//!   compressed message is stored at up to 4× its counted size. The frame and its decoded
-//!   copy are freed before the store's wait.
+//!   counts is the bytes received: while a message arrives, its frame may be allocated
+//!   up to twice its size, or as large as the connection's previous message and an eighth
+//!   (room made at once; within `max_message_bytes`, and given back when a smaller message
+//!   is whole); a read may take the start of the sender's next message with it; decoding
+//!   (on as many threads as there are cores) briefly holds the frame and its decoded copy
+//!   together (and a compressed message's inflated bytes, up to 4× `max_message_bytes`);
+//!   and a compressed message is stored at up to 4× its counted size. The decoded copy is
+//!   what is stored (written around, not copied again); the frame is freed before the
+//!   store's wait.
 //! - Garbage (not MessagePack, not the protocol) closes its connection with one WARN line
 //!   naming the peer and why; it never stops the listener.
 //! - A full buffer: the message is not acknowledged and the connection is closed, so the
@@ -361,10 +364,19 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let max_inflated = settings.max_message_bytes.saturating_mul(4);
     let mut told_not_logs = false;
+    // The size of this connection's last message: room for the next is made at once.
+    let mut last_len = 0;
     loop {
         // Held until the message is stored and acknowledged (dropped at the loop's end).
-        let Some((frame, _in_flight)) =
-            next_frame(&mut stream, &mut buf, settings, shutdown, Some(budget)).await?
+        let Some((frame, _in_flight)) = next_frame(
+            &mut stream,
+            &mut buf,
+            &mut last_len,
+            settings,
+            shutdown,
+            Some(budget),
+        )
+        .await?
         else {
             return Ok(());
         };
@@ -405,7 +417,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 events: message.events,
                 received_ms: crate::batch::now_ms(),
             }
-            .encode_with(chunk);
+            .into_stored(chunk);
             // Without a `chunk` the sender wants no ack and never resends: nothing to
             // recognise (the same record twice in a second is two records).
             let stored = if message.chunk.is_some() {
@@ -454,10 +466,12 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
 /// The next whole frame, reading as needed, with its share of `budget` (when given);
 /// `None` when the peer closed between frames or we are shutting down. The whole frame
 /// must arrive within `idle_timeout` of the wait starting (not each read: a byte every few
-/// minutes does not keep a slot), waiting for the budget aside.
+/// minutes does not keep a slot), waiting for the budget aside. `last_len`: the size of
+/// the connection's previous frame (set to this one's).
 async fn next_frame<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut Vec<u8>,
+    last_len: &mut usize,
     settings: &ForwardSettings,
     shutdown: &CancellationToken,
     budget: Option<&Arc<Semaphore>>,
@@ -482,8 +496,18 @@ async fn next_frame<S: AsyncRead + Unpin>(
                 }
                 (None, None) => {}
             }
+            // Not a heartbeat (one byte), which says nothing of the next message's size.
+            if len > 1 {
+                *last_len = len;
+            }
             let rest = buf.split_off(len);
-            return Ok(Some((std::mem::replace(buf, rest), held)));
+            let mut frame = std::mem::replace(buf, rest);
+            // Room made for a message larger than this one (after the connection's
+            // previous) is given back: the budget holds only its size from here on.
+            if frame.capacity() > len + len / 4 + 64 * 1024 {
+                frame.shrink_to_fit();
+            }
+            return Ok(Some((frame, held)));
         }
         // A message has begun and is not whole: it may take up to `max_message_bytes`
         // before it is; that is taken before reading more of it. Nothing is taken while a
@@ -501,6 +525,17 @@ async fn next_frame<S: AsyncRead + Unpin>(
             // mid-message (a server gone while flushing) keeps it from others only this long.
             allowed = settings.message_timeout.min(settings.idle_timeout);
             deadline = tokio::time::Instant::now() + allowed;
+            // Room for all of it at once if it is about as large as the connection's
+            // previous one (a sender's chunks are alike; an eighth more for a larger one;
+            // within the share just taken), rather than growing by doubling: that allocated
+            // and copied a message of megabytes about twice over, and left blocks of every
+            // size behind.
+            let expected = *last_len + *last_len / 8;
+            buf.reserve(
+                expected
+                    .min(settings.max_message_bytes)
+                    .saturating_sub(buf.len()),
+            );
         }
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
@@ -569,7 +604,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // Not a PING's frame (a sender without the shared key sends its first message, up to
     // megabytes): the handshake failed, not the protocol.
-    let next = next_frame(stream, buf, &small, &never, None)
+    let next = next_frame(stream, buf, &mut 0, &small, &never, None)
         .await
         .map_err(|closed| match closed {
             Closed::Garbage(_) => {
@@ -659,4 +694,69 @@ fn sha512_hex(parts: &[&[u8]]) -> String {
 /// Compares without stopping at the first difference (the digest is a credential).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A MessagePack bin of `len` bytes: a frame as far as `next_frame` is concerned.
+    fn bin(len: usize) -> Vec<u8> {
+        let mut out = vec![0xc6];
+        out.extend_from_slice(&u32::try_from(len).expect("small").to_be_bytes());
+        out.resize(5 + len, 7);
+        out
+    }
+
+    /// A message about as large as the connection's previous one gets its room at once,
+    /// not by doubling; the room a smaller one does not use is given back when it is whole.
+    #[tokio::test]
+    async fn room_for_a_message_is_made_from_the_previous_one_and_given_back() {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let (big, small) = (bin(1 << 20), bin(1_000));
+        let writer = tokio::spawn(async move {
+            client.write_all(&big).await.expect("written");
+            client.write_all(&big).await.expect("written");
+            // Not whole at its first read.
+            client.write_all(&small[..500]).await.expect("written");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(&small[500..]).await.expect("written");
+            client
+        });
+        let settings = ForwardSettings::default();
+        let budget = Arc::new(Semaphore::new(settings.max_bytes_in_flight));
+        let shutdown = CancellationToken::new();
+        let (mut buf, mut last_len) = (Vec::with_capacity(64 * 1024), 0);
+        let mut frames = Vec::new();
+        for _ in 0..3 {
+            let (frame, permit) = next_frame(
+                &mut server,
+                &mut buf,
+                &mut last_len,
+                &settings,
+                &shutdown,
+                Some(&budget),
+            )
+            .await
+            .expect("a frame")
+            .expect("not closed");
+            let held = permit.expect("a share of the budget").num_permits();
+            assert_eq!(held, frame.len(), "the budget holds the message's size");
+            frames.push(frame);
+        }
+        let len = (1 << 20) + 5;
+        assert_eq!(frames[0].len(), len);
+        assert_eq!(
+            frames[1].capacity(),
+            len + len / 8,
+            "the previous message's size and an eighth, at once"
+        );
+        assert_eq!(frames[2].len(), 1_005);
+        assert!(
+            frames[2].capacity() <= 1_005 + 1_005 / 4 + 64 * 1024,
+            "room not used given back: {}",
+            frames[2].capacity()
+        );
+        drop(writer.await.expect("the writer"));
+    }
 }

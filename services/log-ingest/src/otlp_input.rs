@@ -173,7 +173,11 @@ impl LogsService for OtlpInput {
             .map_err(|error| Status::internal(format!("converting the export failed: {error}")))?;
         for batch in batches {
             let records = batch.events.len();
-            let error = match self.recent.store(&self.buffer, batch.encode()).await {
+            let error = match self
+                .recent
+                .store(&self.buffer, batch.into_stored(None))
+                .await
+            {
                 Ok(Stored::New) => {
                     count("stored", records);
                     self.metrics
@@ -514,11 +518,15 @@ fn split(tag: String, events: Vec<Event>, received_ms: i64) -> Vec<Batch> {
         received_ms,
     };
     let mut pieces = Vec::new();
-    let mut current = Events::default();
+    // Built with room for the batch's header: stored without another copy.
+    let mut current = Events::for_batch(&tag, 0, None);
     for event in &events {
         let size = event_bytes(event);
         if !current.is_empty() && current.encoded_len() + size > MAX_BATCH_BYTES {
-            pieces.push(piece(std::mem::take(&mut current)));
+            pieces.push(piece(std::mem::replace(
+                &mut current,
+                Events::for_batch(&tag, 0, None),
+            )));
         }
         current.push(event);
     }

@@ -541,7 +541,7 @@ impl Pipeline {
                 }
                 next = reader.next() => match next {
                     Ok((bytes, after)) => {
-                        match Batch::decode(&bytes) {
+                        match Batch::decode_owned(bytes) {
                             // An OTLP batch's records are whole when read, so all of one read
                             // before the note was made were pushed: not again.
                             Ok(batch) if batch.source == Source::Otlp && replay.pushed_before(cursor) => {}
