@@ -16,13 +16,15 @@
 //!   `max_bytes_in_flight / max_message_bytes` messages arrive at once. What the budget
 //!   counts is the bytes received: while a message arrives, its frame may be allocated
 //!   up to twice its size, or as large as the connection's previous message and an eighth
-//!   (room made at once; within `max_message_bytes`, and given back when a smaller message
-//!   is whole); a read may take the start of the sender's next message with it; decoding
-//!   (on as many threads as there are cores) briefly holds the frame and its decoded copy
-//!   together (and a compressed message's inflated bytes, up to 4× `max_message_bytes`);
-//!   and a compressed message is stored at up to 4× its counted size. The decoded copy is
-//!   what is stored (written around, not copied again); the frame is freed before the
-//!   store's wait.
+//!   (room made at once, within `max_message_bytes`; a message using less than half of it
+//!   gives it back when whole); a read may take the start of the sender's next message with
+//!   it; decoding (on as many threads as there are cores) briefly holds the frame and its
+//!   decoded copy together (and a compressed message's inflated bytes, up to 4×
+//!   `max_message_bytes`); and a compressed message is stored at up to 4×
+//!   `max_message_bytes`, whatever its counted size. The decoded copy is what is stored
+//!   (written around, not copied again; in the decoder's allocation, a little more than its
+//!   size, up to 1.4 times it in the packed modes); the frame is freed before the store's
+//!   wait.
 //! - Garbage (not MessagePack, not the protocol) closes its connection with one WARN line
 //!   naming the peer and why; it never stops the listener.
 //! - A full buffer: the message is not acknowledged and the connection is closed, so the
@@ -503,7 +505,9 @@ async fn next_frame<S: AsyncRead + Unpin>(
             let rest = buf.split_off(len);
             let mut frame = std::mem::replace(buf, rest);
             // Room made for a message larger than this one (after the connection's
-            // previous) is given back: the budget holds only its size from here on.
+            // previous) is given back, so the frame is about the size the budget holds
+            // from here on (mimalloc moves a block shrunk to less than half its size; a
+            // larger one keeps its block until the frame is freed, after decoding).
             if frame.capacity() > len + len / 4 + 64 * 1024 {
                 frame.shrink_to_fit();
             }
