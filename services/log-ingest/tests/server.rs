@@ -10,6 +10,7 @@ mod corpus;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_log-ingest");
 const CONTRACT: &str = "mall.logs.v1.LogIngestService";
+const CORPUS: &str = include_str!("fixtures/hybris-wrapper.log");
 
 #[tokio::test]
 async fn serves_health_reflection_and_metrics() {
@@ -94,6 +95,107 @@ async fn sigterm_ends_the_process_with_exit_code_zero_within_the_drain_timeout()
         Some(0),
         "exit status after SIGTERM: {status}"
     );
+}
+
+/// SIGTERM while a push hangs on Loki (the connection taken, the request read, no answer):
+/// the process gives the push its few seconds, exits with code zero well within the drain
+/// timeout, and acknowledges nothing of its buffer it did not push, so the next start on
+/// the same buffer pushes every record.
+#[tokio::test]
+async fn sigterm_with_a_push_hanging_on_loki_exits_cleanly_and_loses_nothing() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let buffer = dir.path().display().to_string();
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let hanging_url = format!("http://{}", hanging.local_addr().expect("an address"));
+    let (asked, mut was_asked) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = hanging.accept().await {
+            let asked = asked.clone();
+            tokio::spawn(async move {
+                let mut sink = vec![0; 64 * 1024];
+                while let Ok(n) = socket.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                    asked.send_replace(true);
+                }
+            });
+        }
+    });
+    // A free port for the forward listener (the `serving` line names only the others).
+    let forward = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let forward_addr = forward.to_string();
+    let mut service = process::ServiceProcess::start(
+        BINARY,
+        "LOG_INGEST",
+        &[
+            ("LOG_INGEST__SERVER__DRAIN_TIMEOUT", "30s"),
+            ("LOG_INGEST__FORWARD__LISTEN_ADDR", &forward_addr),
+            ("LOG_INGEST__BUFFER__DIR", &buffer),
+            ("LOG_INGEST__LOKI__URL", &hanging_url),
+            ("LOG_INGEST__PIPELINE__BATCH_WAIT", "100ms"),
+            ("LOG_INGEST__PIPELINE__FLUSH_AFTER", "300ms"),
+        ],
+    );
+    service.wait_until_serving(Duration::from_secs(30)).await;
+    service.drain_output("log-ingest");
+    let lines: Vec<&str> = CORPUS.lines().take(200).collect();
+    corpus::send_as(forward, "hybris-1", &lines, 50).await;
+    tokio::time::timeout(Duration::from_secs(10), was_asked.wait_for(|asked| *asked))
+        .await
+        .expect("a push reached Loki in time")
+        .expect("the Loki task runs");
+
+    let asked_to_stop = std::time::Instant::now();
+    service.terminate().await;
+    let status = service.wait_for_exit(Duration::from_secs(25)).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status}"
+    );
+    // The push gets a few seconds (not the 30 s drain timeout), then the process ends.
+    assert!(
+        asked_to_stop.elapsed() < Duration::from_secs(15),
+        "exited {:?} after SIGTERM",
+        asked_to_stop.elapsed()
+    );
+
+    // Started again on the same buffer, with a Loki that answers: every record arrives.
+    let loki =
+        log_ingest::loki_receiver::LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+            .await
+            .expect("starts");
+    loki.accept_any_time();
+    let settings = corpus::restart_settings(dir.path(), loki.url(), Duration::from_millis(300));
+    let app = corpus::start_app(settings).await;
+    let mut want = corpus::model(&lines);
+    wait_until("every record in Loki", Duration::from_secs(30), || async {
+        (loki.accepted().0 >= want.len() as u64).then_some(())
+    })
+    .await;
+    let mut got: Vec<(String, String)> = loki
+        .received()
+        .into_iter()
+        .map(|r| {
+            let level = r
+                .labels
+                .iter()
+                .find(|(name, _)| name == "level")
+                .map(|(_, value)| value.clone())
+                .unwrap_or_default();
+            (level, r.entry.line)
+        })
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "every record once, whole, as sent");
+    app.stop().await;
 }
 
 /// `loki-receiver`, the local Loki `scripts/dev.sh` starts: it says where it listens, takes
