@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use corpus::{Running, model, start_with};
+use corpus::{Running, levels_and_lines, model, start_with};
 use log_ingest::loki_receiver::LokiReceiver;
 use rmpv::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -1195,22 +1195,6 @@ fn assert_in_order(received: &[log_ingest::loki_receiver::Received], want: &[(St
         assert_eq!(of(&got), of(want), "{level} records");
     }
     assert_eq!(got.len(), want.len());
-}
-
-/// (level, line) of each entry received, as [`model`] has them.
-fn levels_and_lines(received: &[log_ingest::loki_receiver::Received]) -> Vec<(String, String)> {
-    received
-        .iter()
-        .map(|r| {
-            let level = r
-                .labels
-                .iter()
-                .find(|(k, _)| k == "level")
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default();
-            (level, r.entry.line.clone())
-        })
-        .collect()
 }
 
 /// Records past `pipeline.batch_bytes` go in several pushes, in order.

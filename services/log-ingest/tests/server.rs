@@ -184,19 +184,7 @@ async fn sigterm_with_a_push_hanging_on_loki_exits_cleanly_and_loses_nothing() {
     app.stop().await;
     // Loki drops an entry identical to one it has: none may have been pushed twice.
     assert_eq!(loki.counts().2, 0, "entries pushed twice");
-    let mut got: Vec<(String, String)> = loki
-        .received()
-        .into_iter()
-        .map(|r| {
-            let level = r
-                .labels
-                .iter()
-                .find(|(name, _)| name == "level")
-                .map(|(_, value)| value.clone())
-                .unwrap_or_default();
-            (level, r.entry.line)
-        })
-        .collect();
+    let mut got = corpus::levels_and_lines(&loki.received());
     got.sort();
     want.sort();
     assert_eq!(got, want, "every record once, whole, as sent");

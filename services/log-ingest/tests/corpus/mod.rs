@@ -130,6 +130,22 @@ pub fn model<S: AsRef<str>>(lines: &[S]) -> Vec<(String, String)> {
     records
 }
 
+/// (level, line) of each entry received, as [`model`] has them.
+pub fn levels_and_lines(received: &[log_ingest::loki_receiver::Received]) -> Vec<(String, String)> {
+    received
+        .iter()
+        .map(|r| {
+            let level = r
+                .labels
+                .iter()
+                .find(|(k, _)| k == "level")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            (level, r.entry.line.clone())
+        })
+        .collect()
+}
+
 /// `text` with the corpus's addresses (`customerN@example.com`) as the default masking
 /// leaves them.
 pub fn mask(text: &str) -> String {
