@@ -152,6 +152,13 @@ impl App {
         )
         .await?;
         let forward_addr = forward.local_addr()?;
+        // Before the `serving` line, which names only the gRPC and admin listeners: with port 0
+        // configured, this is how a test or an operator learns the port.
+        tracing::info!(
+            %forward_addr,
+            tls = settings.forward.tls.is_some(),
+            "forward: listening"
+        );
         let shutdown = server.shutdown_token();
         let tails = Tails::new(settings.tail.clone(), metrics.clone(), shutdown.clone());
         let pipeline = Pipeline {

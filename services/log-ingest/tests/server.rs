@@ -126,23 +126,23 @@ async fn sigterm_with_a_push_hanging_on_loki_exits_cleanly_and_loses_nothing() {
             });
         }
     });
-    // A free port for the forward listener (the `serving` line names only the others).
-    let forward_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port");
-    let forward_addr = forward_port.to_string();
     let mut service = process::ServiceProcess::start(
         BINARY,
         "LOG_INGEST",
         &[
             ("LOG_INGEST__SERVER__DRAIN_TIMEOUT", "30s"),
-            ("LOG_INGEST__FORWARD__LISTEN_ADDR", &forward_addr),
+            ("LOG_INGEST__FORWARD__LISTEN_ADDR", "127.0.0.1:0"),
             ("LOG_INGEST__BUFFER__DIR", &buffer),
             ("LOG_INGEST__LOKI__URL", &hanging_url),
             ("LOG_INGEST__PIPELINE__BATCH_WAIT", "100ms"),
             ("LOG_INGEST__PIPELINE__FLUSH_AFTER", "300ms"),
         ],
     );
+    // The forward port the process bound, from the line it logs before `serving`.
+    let listening = service
+        .wait_for_message("forward: listening", Duration::from_secs(30))
+        .await;
+    let forward_port = process::address(&listening, "forward_addr");
     service.wait_until_serving(Duration::from_secs(30)).await;
     service.drain_output("log-ingest");
     let lines: Vec<&str> = CORPUS.lines().take(200).collect();

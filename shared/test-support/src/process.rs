@@ -73,6 +73,23 @@ impl ServiceProcess {
     /// # Panics
     /// When the process exits or stays silent for `timeout`.
     pub async fn wait_until_serving(&mut self, timeout: Duration) -> Listening {
+        let event = self.wait_for_message("serving", timeout).await;
+        Listening {
+            grpc_addr: address(&event, "grpc_addr"),
+            admin_addr: address(&event, "admin_addr"),
+        }
+    }
+
+    /// Reads JSON log lines until one whose message is `message` and returns it, skipping the
+    /// lines before it: for what a service logs while it starts, before the `serving` line.
+    ///
+    /// # Panics
+    /// When the process exits first or no such line comes within `timeout`.
+    pub async fn wait_for_message(
+        &mut self,
+        message: &str,
+        timeout: Duration,
+    ) -> serde_json::Value {
         let lines = self
             .lines
             .as_mut()
@@ -82,24 +99,15 @@ impl ServiceProcess {
                 let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
                     continue;
                 };
-                if event["message"] == "serving" {
-                    let addr = |key: &str| {
-                        event[key]
-                            .as_str()
-                            .and_then(|s| s.parse().ok())
-                            .unwrap_or_else(|| panic!("serving line lacks {key}: {line}"))
-                    };
-                    return Listening {
-                        grpc_addr: addr("grpc_addr"),
-                        admin_addr: addr("admin_addr"),
-                    };
+                if event["message"] == message {
+                    return event;
                 }
             }
-            panic!("the process ended before it was serving");
+            panic!("the process ended before it logged {message:?}");
         };
         tokio::time::timeout(timeout, read)
             .await
-            .unwrap_or_else(|_| panic!("the process was not serving within {timeout:?}"))
+            .unwrap_or_else(|_| panic!("the process did not log {message:?} within {timeout:?}"))
     }
 
     /// Sends SIGTERM, as Kubernetes does.
@@ -231,4 +239,15 @@ pub async fn run_to_exit(
         output.status,
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// The socket address in `event`'s field `key`.
+///
+/// # Panics
+/// When the field is missing or is not a socket address.
+pub fn address(event: &serde_json::Value, key: &str) -> SocketAddr {
+    event[key]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("log line lacks the address {key}: {event}"))
 }
