@@ -58,11 +58,12 @@ pub fn default_patterns() -> Vec<PatternSettings> {
             // 010-1234-5678, 010 1234 5678, 01012345678, (010) 1234-5678, +82 10-1234-5678,
             // +82 010-1234-5678 and +82 (0)10-1234-5678 (the 0 kept), `+` URL-encoded
             // (`%2B82`, in query strings) or left out (821012345678, as SMS gateways log
-            // them), next to letters or Hangul too; not inside a longer number
+            // them), spaces URL-encoded in a query string (`010+1234+5678`,
+            // `010%201234%205678`), next to letters or Hangul too; not inside a longer number
             // (`digit_bounded`). A bare `82` takes at most a space or hyphen before the `1x`:
             // not a `.` (`82.1012345678` is a number), nor a 0 (`8201012345678` is an EAN-13
             // code).
-            regex: r"(?:(?:(?:\+|%2[Bb])82[ .\-]?(?:0|\(0\) ?)?|82[ \-]?|0)1[016789]|\(01[016789]\))[ .\-]?[0-9]{3,4}[ .\-]?[0-9]{4}"
+            regex: r"(?:(?:(?:\+|%2[Bb])82(?:[ .+\-]|%20)?(?:0|\(0\) ?)?|82[ \-]?|0)1[016789]|\(01[016789]\))(?:[ .+\-]|%20)?[0-9]{3,4}(?:[ .+\-]|%20)?[0-9]{4}"
                 .to_owned(),
             replacement: "<phone>".to_owned(),
             // Every match holds `01` (the 0 kept, in parentheses too), `+82` or `%2B82`, or a
@@ -443,6 +444,10 @@ mod tests {
             "took 82.1012345678 s",
             "cart 82 recalculated in 1012 ms",
             "+821012345678901",
+            // Sums and query strings of other numbers.
+            "q=1+2+3&n=0100",
+            "total=10+1234+5678",
+            "page=%20010%2012",
         ] {
             assert_eq!(masked(not), (not.to_owned(), vec![0, 0]), "{not}");
         }
@@ -462,6 +467,23 @@ mod tests {
                 "GET /sms/send?phone=<phone>&lang=ko 200",
             ),
             ("고객821012345678님", "고객<phone>님"),
+            // A space in a query string is `+` or `%20`.
+            (
+                "GET /ko/search?text=010+1234+5678&page=1 200",
+                "GET /ko/search?text=<phone>&page=1 200",
+            ),
+            (
+                "GET /ko/orders/guest?phone=010%201234%205678 200",
+                "GET /ko/orders/guest?phone=<phone> 200",
+            ),
+            (
+                "GET /sms?to=%2B82%2010%201234%205678 200",
+                "GET /sms?to=<phone> 200",
+            ),
+            (
+                "GET /sms?to=%2B82+10+1234+5678 200",
+                "GET /sms?to=<phone> 200",
+            ),
         ] {
             assert_eq!(masked(text), (want.to_owned(), vec![0, 1]), "{text}");
         }
