@@ -11,12 +11,19 @@
 //! so nothing is lost and a query can still find them. Streams are then at most
 //! (`max_streams` + admitted services + 1) × levels.
 //!
+//! A pair without a record for [`QUIET`] gives up its place to the next new pair, as Loki
+//! stops counting a stream that went quiet: pods replaced by a rollout (a `host` each) or a
+//! server taken out of service do not hold places until log-ingest restarts.
+//!
 //! The admitted pairs live in memory: after a restart they are admitted again in the order
 //! they arrive.
 
 // foldhash, not SipHash: looked up for every record; the admitted set is capped.
-use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
-use std::sync::Arc;
+use foldhash::{HashMap, HashMapExt as _};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use crate::record::Level;
 
@@ -36,13 +43,35 @@ pub struct Labels {
     pub folded: Vec<(&'static str, String)>,
 }
 
-/// The streams admitted so far, with their selectors per level (built once).
+/// How long a (service, host) pair without a record keeps its place while new pairs wait:
+/// twice Loki's default `chunk_idle_period` (30 minutes), after which Loki has flushed the
+/// pair's streams and no longer counts them against `max_streams_per_user`.
+pub const QUIET: Duration = Duration::from_secs(60 * 60);
+
+/// How often at most a pair past the limit looks for quiet pairs to forget (each look walks
+/// every admitted pair).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// An admitted pair: its selectors per level (built once), and when it last had a record.
+#[derive(Debug)]
+struct Admitted {
+    selectors: [Option<Arc<str>>; 7],
+    seen: Instant,
+}
+
+/// The streams admitted so far.
 #[derive(Debug)]
 pub struct Guard {
     max_streams: usize,
     environment: String,
-    admitted: HashMap<(String, String), [Option<Arc<str>>; 7]>,
-    services: HashSet<String>,
+    admitted: HashMap<(String, String), Admitted>,
+    /// Admitted pairs per service.
+    services: HashMap<String, usize>,
+    /// The time records are stamped with ([`Guard::set_now`]): one clock read per push,
+    /// not per record.
+    now: Instant,
+    /// When quiet pairs were last looked for.
+    swept: Option<Instant>,
     /// Reused for lookups, so a record of an admitted pair allocates nothing.
     key: (String, String),
 }
@@ -55,9 +84,38 @@ impl Guard {
             max_streams,
             environment: environment.to_owned(),
             admitted: HashMap::new(),
-            services: HashSet::new(),
+            services: HashMap::new(),
+            now: Instant::now(),
+            swept: None,
             key: (String::new(), String::new()),
         }
+    }
+
+    /// The time of the records labelled from now on (never earlier than the last).
+    pub fn set_now(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+    }
+
+    /// Forgets the pairs quiet for [`QUIET`], at most once every [`SWEEP_EVERY`].
+    fn forget_quiet(&mut self) {
+        if self
+            .swept
+            .is_some_and(|at| self.now.saturating_duration_since(at) < SWEEP_EVERY)
+        {
+            return;
+        }
+        self.swept = Some(self.now);
+        let (now, services) = (self.now, &mut self.services);
+        self.admitted.retain(|(service, _), pair| {
+            let keep = now.saturating_duration_since(pair.seen) < QUIET;
+            if !keep && let Some(pairs) = services.get_mut(service) {
+                *pairs -= 1;
+                if *pairs == 0 {
+                    services.remove(service);
+                }
+            }
+            keep
+        });
     }
 
     /// Labels of a record of `service` on `host` at `level`.
@@ -70,12 +128,24 @@ impl Guard {
         key.1.clear();
         key.1.push_str(host);
         let fits = service.len() <= MAX_VALUE_BYTES && host.len() <= MAX_VALUE_BYTES;
-        if fits && !self.admitted.contains_key(&key) && self.admitted.len() < self.max_streams {
-            self.services.insert(key.0.clone());
-            self.admitted.insert(key.clone(), Default::default());
+        if fits && !self.admitted.contains_key(&key) {
+            if self.admitted.len() >= self.max_streams {
+                self.forget_quiet();
+            }
+            if self.admitted.len() < self.max_streams {
+                *self.services.entry(key.0.clone()).or_default() += 1;
+                self.admitted.insert(
+                    key.clone(),
+                    Admitted {
+                        selectors: Default::default(),
+                        seen: self.now,
+                    },
+                );
+            }
         }
-        let labels = if let Some(slots) = self.admitted.get_mut(&key) {
-            let selector = slots[slot]
+        let labels = if let Some(pair) = self.admitted.get_mut(&key) {
+            pair.seen = self.now;
+            let selector = pair.selectors[slot]
                 .get_or_insert_with(|| {
                     selector(&[
                         ("service", service),
@@ -92,7 +162,7 @@ impl Guard {
             }
         } else {
             let mut folded = Vec::new();
-            let service_label = if self.services.contains(service) {
+            let service_label = if self.services.contains_key(service) {
                 service
             } else {
                 folded.push(("service", service.to_owned()));
@@ -311,13 +381,76 @@ mod tests {
         assert_eq!(guard.admitted(), 2);
     }
 
+    /// A pair quiet for an hour gives its place to a new one (a pod replaced by a rollout);
+    /// one with records keeps it, and a service whose last pair went is folded again.
+    #[test]
+    fn a_pair_quiet_for_an_hour_gives_its_place_to_a_new_one() {
+        let start = Instant::now();
+        let mut guard = Guard::new(2, "prod");
+        guard.set_now(start);
+        guard.labels("shop", Some(Level::Info), "shop-old");
+        guard.labels("cart", Some(Level::Info), "cart-1");
+        // Both admitted: the rollout's new pod is folded.
+        let folded = guard.labels("shop", Some(Level::Info), "shop-new");
+        assert_eq!(folded.folded, [("host", "shop-new".to_owned())]);
+        // cart-1 goes on logging; shop-old stops.
+        guard.set_now(start + Duration::from_secs(40 * 60));
+        guard.labels("cart", Some(Level::Info), "cart-1");
+        // Not quiet for an hour yet.
+        guard.set_now(start + QUIET - Duration::from_secs(1));
+        assert_eq!(
+            guard.labels("shop", Some(Level::Info), "shop-new").folded,
+            [("host", "shop-new".to_owned())]
+        );
+        // An hour without a record (and a minute since the last look): shop-old's place is
+        // the new pod's; cart-1, seen 40 minutes in, keeps its.
+        guard.set_now(start + QUIET + SWEEP_EVERY);
+        let admitted = guard.labels("shop", Some(Level::Info), "shop-new");
+        assert!(admitted.folded.is_empty());
+        assert_eq!(
+            &*admitted.selector,
+            r#"{service="shop", level="INFO", host="shop-new", environment="prod"}"#
+        );
+        assert!(
+            guard
+                .labels("cart", Some(Level::Warn), "cart-1")
+                .folded
+                .is_empty()
+        );
+        assert_eq!(guard.admitted(), 2);
+        // shop-old is now past the limit, under its service.
+        assert_eq!(
+            guard.labels("shop", Some(Level::Info), "shop-old").folded,
+            [("host", "shop-old".to_owned())]
+        );
+        // Both go quiet and their places are taken: cart has no pair left, so a cart record
+        // past the limit is service `other`.
+        guard.set_now(start + QUIET * 3);
+        guard.labels("search", Some(Level::Info), "search-1");
+        guard.labels("search", Some(Level::Info), "search-2");
+        assert_eq!(guard.admitted(), 2);
+        let cart = guard.labels("cart", Some(Level::Info), "cart-2");
+        assert_eq!(
+            &*cart.selector,
+            r#"{service="other", level="INFO", host="other", environment="prod"}"#
+        );
+        // A clock read earlier than the last does not move the guard back.
+        guard.set_now(start);
+        assert!(
+            guard
+                .labels("search", Some(Level::Info), "search-1")
+                .folded
+                .is_empty()
+        );
+    }
+
     proptest::proptest! {
         /// However many pairs arrive, the distinct selectors stay within the bound.
         #[test]
         fn streams_stay_bounded(pairs in proptest::collection::vec((0_u8..20, 0_u8..50), 0..500)) {
             let max = 10;
             let mut guard = Guard::new(max, "e");
-            let mut selectors = HashSet::new();
+            let mut selectors = std::collections::HashSet::new();
             for (service, host) in pairs {
                 let labels = guard.labels(&format!("s{service}"), None, &format!("h{host}"));
                 selectors.insert(labels.selector);

@@ -1016,6 +1016,7 @@ impl Pusher {
         let mut items: Vec<Item> = Vec::with_capacity(records.len());
         let mut tap = self.tails.tap();
         let mut streams = crate::lock(&self.streams);
+        streams.set_now(Instant::now());
         for mut ready in records {
             self.masker.record(&mut ready.record, &mut counts);
             if let Some(tap) = &mut tap {
