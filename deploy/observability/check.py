@@ -130,9 +130,21 @@ for path in (
     ROOT / "deploy/k8s/logging/fluent-bit.conf.yaml",
 ):
     config = load(path)
+    name = path.relative_to(ROOT)
     outputs = config.get("pipeline", {}).get("outputs", [])
-    if not any(o.get("name") == "forward" for o in outputs):
-        problem(f"{path.relative_to(ROOT)}: no forward output to log-ingest")
+    forwards = [o for o in outputs if o.get("name") == "forward"]
+    if not forwards:
+        problem(f"{name}: no forward output to log-ingest")
+    for output in forwards:
+        # At least once: a chunk is done only when log-ingest acknowledges it, and is never
+        # given up on.
+        if output.get("require_ack_response") is not True or output.get("retry_limit") != "no_limits":
+            problem(f"{name}: the forward output needs require_ack_response: true and retry_limit: no_limits")
+    # Fluent Bit's default retry cap (2000 s) leaves chunks refused while log-ingest's buffer
+    # was full arriving long after the rest, too far behind their streams for Loki.
+    cap = config.get("service", {}).get("scheduler.cap")
+    if not isinstance(cap, int) or cap > 300:
+        problem(f"{name}: service needs scheduler.cap of at most 300 s (Fluent Bit's default is 2000)")
 
 if problems:
     print("deploy/observability:\n  " + "\n  ".join(problems), file=sys.stderr)
