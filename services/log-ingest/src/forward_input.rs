@@ -461,6 +461,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             tokio::time::timeout(settings.handshake_timeout, ack)
                 .await
                 .map_err(|_| Closed::Slow("writing an ack", settings.handshake_timeout))??;
+            metrics.acks.inc();
         }
     }
 }

@@ -113,6 +113,10 @@ pub struct LogMetrics {
     /// `sent_again` (already stored: acknowledged again), `refused_full`, `refused_error`
     /// and `not_logs` (metrics or traces: acknowledged, dropped).
     pub chunks: IntCounterVec,
+    /// `forward_acks_total`: acknowledgements written to forward senders (each after its
+    /// chunk was stored, or found stored already). A stored chunk whose ack could not be
+    /// written (the connection gone) is not counted; its sender sends it again.
+    pub acks: IntCounter,
     /// `forward_connections`: forward connections open now.
     pub connections: IntGauge,
     /// `forward_connections_closed_total{reason}`: forward connections that ended other than
@@ -221,6 +225,10 @@ impl LogMetrics {
                 "Forward messages with events (or of another signal than logs), by outcome",
                 &["outcome"],
             )?,
+            acks: IntCounter::new(
+                "forward_acks_total",
+                "Acknowledgements written to forward senders, each after its chunk was stored",
+            )?,
             connections: IntGauge::new("forward_connections", "Forward connections open now")?,
             connections_closed: counter_vec(
                 "forward_connections_closed_total",
@@ -282,6 +290,7 @@ impl LogMetrics {
         registry.register(Box::new(metrics.buffer_corrupt.clone()))?;
         registry.register(Box::new(metrics.buffer_max_bytes.clone()))?;
         registry.register(Box::new(metrics.chunks.clone()))?;
+        registry.register(Box::new(metrics.acks.clone()))?;
         registry.register(Box::new(metrics.connections.clone()))?;
         registry.register(Box::new(metrics.connections_closed.clone()))?;
         registry.register(Box::new(metrics.otlp.clone()))?;

@@ -398,6 +398,7 @@ async fn a_loki_outage_is_waited_out_and_counted() {
         value("mall_log_ingest_forward_messages_total{outcome=\"stored\"}"),
         4.0
     );
+    assert_eq!(value("mall_log_ingest_forward_acks_total"), 4.0);
     assert_eq!(
         value("mall_log_ingest_records_dropped_total{reason=\"loki_refused\",source=\"forward\"}"),
         0.0
@@ -909,6 +910,11 @@ async fn the_same_lines_under_two_chunk_ids_are_both_kept_and_a_resend_once() {
             &[("outcome", "sent_again")]
         ),
         1.0
+    );
+    // The resend is acknowledged too.
+    assert_eq!(
+        unlabelled(&metrics, "mall_log_ingest_forward_acks_total"),
+        3.0
     );
 }
 
