@@ -62,6 +62,7 @@ impl LogIngestService for LogsApi {
                 nanos: 0,
             }),
             stats_start_time: Some(timestamp(self.started.timestamp_micros())),
+            buffer_bytes: m.buffer_bytes.get(),
         }))
     }
 

@@ -333,7 +333,8 @@ async fn a_loki_outage_is_waited_out_and_counted() {
             );
             (stats.loki_failed_pushes > 0
                 && stats.buffered_records == i64::try_from(want.len()).expect("fits")
-                && buffered > 0.0)
+                && buffered > 0.0
+                && stats.buffer_bytes as f64 == buffered)
                 .then_some(())
         },
     )
