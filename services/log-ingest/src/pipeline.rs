@@ -1480,8 +1480,15 @@ async fn finish(in_flight: &mut InFlight) -> bool {
 fn went_through(joined: Result<bool, tokio::task::JoinError>) -> bool {
     match joined {
         Ok(through) => through,
+        // Not the error itself: tokio's says what the panic said, which may quote a record
+        // (the panic hook logged where it happened).
         Err(error) => {
-            tracing::error!(%error, "a push to Loki panicked; its records stay in the buffer");
+            let how = if error.is_panic() {
+                "panicked"
+            } else {
+                "was cancelled"
+            };
+            tracing::error!("a push to Loki {how}; its records stay in the buffer");
             false
         }
     }

@@ -140,8 +140,34 @@ pub fn init(service_name: &'static str, settings: &TelemetrySettings) -> anyhow:
             .try_init(),
     }
     .context("a tracing subscriber is already installed")?;
+    std::panic::set_hook(Box::new(log_panic));
 
     Ok(Telemetry { provider })
+}
+
+/// A panic as one ERROR event (a JSON line in deployment, like every other line), naming
+/// where it happened, and what it said only when that is a literal of ours: a message
+/// formatted at run time can quote the data at hand (slicing a string quotes the string;
+/// an `unwrap` the error), and logs must carry no member's e-mail address or phone number.
+/// The backtrace (with `RUST_BACKTRACE=1`) gives the rest.
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let location = info
+        .location()
+        .map_or_else(String::new, |l| format!("{}:{}", l.file(), l.line()));
+    // `panic!("literal")` carries a `&'static str`; a formatted message, a `String`.
+    let message = info
+        .payload()
+        .downcast_ref::<&'static str>()
+        .copied()
+        .unwrap_or("(formatted at run time: not logged, it may quote the data at hand)");
+    let thread = std::thread::current();
+    let thread = thread.name().unwrap_or("unnamed");
+    let backtrace = std::backtrace::Backtrace::capture();
+    if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+        tracing::error!(%location, thread, panic = message, %backtrace, "panicked");
+    } else {
+        tracing::error!(%location, thread, panic = message, "panicked");
+    }
 }
 
 /// The JSON line format: tracing-subscriber's flattened JSON plus `trace_id` and `span_id`.
@@ -275,5 +301,50 @@ mod tests {
         assert_eq!(parsed[1]["trace_id"], trace_id.as_str());
         assert_eq!(parsed[1]["span_id"], span_id.as_str());
         assert_ne!(trace_id, "00000000000000000000000000000000");
+    }
+
+    /// A panic is one JSON line with its location; a message formatted at run time (which
+    /// may quote a member's address) is left out, a literal kept.
+    #[test]
+    fn a_panic_is_logged_where_it_happened_without_the_data_it_quoted() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .event_format(super::json_format())
+                .with_writer(move || writer.clone()),
+        );
+        // The hook runs on the panicking thread, under its default subscriber.
+        std::panic::set_hook(Box::new(super::log_panic));
+        tracing::subscriber::with_default(subscriber, || {
+            let text = String::from("주문 kim.minji@example.com");
+            let cut = std::hint::black_box(4);
+            assert!(std::panic::catch_unwind(|| text[..cut].len()).is_err());
+            assert!(std::panic::catch_unwind(|| panic!("the books are inconsistent")).is_err());
+        });
+        drop(std::panic::take_hook());
+
+        let text = String::from_utf8(lines.0.lock().expect("not poisoned").clone()).expect("utf-8");
+        assert!(!text.contains("kim.minji"), "{text}");
+        let parsed: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is one JSON object"))
+            .collect();
+        assert_eq!(parsed.len(), 2, "{text}");
+        for event in &parsed {
+            assert_eq!(event["level"], "ERROR");
+            assert_eq!(event["message"], "panicked");
+            assert!(
+                event["location"]
+                    .as_str()
+                    .is_some_and(|l| l.contains("telemetry/src/lib.rs:")),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            parsed[0]["panic"],
+            "(formatted at run time: not logged, it may quote the data at hand)"
+        );
+        assert_eq!(parsed[1]["panic"], "the books are inconsistent");
     }
 }
