@@ -31,7 +31,8 @@ pub struct PatternSettings {
     #[serde(default)]
     pub requires: Vec<String>,
     /// A match with a digit right before or after it is part of a longer number and left
-    /// alone (what `\b` cannot say for numbers next to letters: `고객01012345678님`).
+    /// alone (what `\b` cannot say for numbers next to letters: `고객01012345678님`); the
+    /// last digit of a URL escape before it (`%20`, `%22`) does not count.
     #[serde(default)]
     pub digit_bounded: bool,
 }
@@ -60,21 +61,32 @@ pub fn default_patterns() -> Vec<PatternSettings> {
             // (`%2B82`, in query strings) or left out (821012345678, as SMS gateways log
             // them), spaces URL-encoded in a query string (`010+1234+5678`,
             // `010%201234%205678`), next to letters or Hangul too; not inside a longer number
-            // (`digit_bounded`). A bare `82` takes at most a space or hyphen before the `1x`:
+            // (`digit_bounded`). A bare `82` takes at most a space (or `+`, `%20`) or hyphen before the `1x`:
             // not a `.` (`82.1012345678` is a number), nor a 0 (`8201012345678` is an EAN-13
             // code).
-            regex: r"(?:(?:(?:\+|%2[Bb])82(?:[ .+\-]|%20)?(?:0|\(0\) ?)?|82[ \-]?|0)1[016789]|\(01[016789]\))(?:[ .+\-]|%20)?[0-9]{3,4}(?:[ .+\-]|%20)?[0-9]{4}"
+            regex: r"(?:(?:(?:\+|%2[Bb])82(?:[ .+\-]|%20)?(?:0|\(0\) ?)?|82(?:[ +\-]|%20)?|0)1[016789]|\(01[016789]\))(?:[ .+\-]|%20)?[0-9]{3,4}(?:[ .+\-]|%20)?[0-9]{4}"
                 .to_owned(),
             replacement: "<phone>".to_owned(),
             // Every match holds `01` (the 0 kept, in parentheses too), `+82` or `%2B82`, or a
             // bare `82` with its `1`; not `82` alone, which many more lines' numbers hold (each
             // such line would run the regular expression).
-            requires: ["01", "+82", "%2B82", "%2b82", "821", "82 1", "82-1"]
+            requires: ["01", "+82", "%2B82", "%2b82", "821", "82 1", "82-1", "82+1", "82%201"]
                 .map(str::to_owned)
                 .into(),
             digit_bounded: true,
         },
     ]
+}
+
+/// Whether `before` ends in a digit that is part of a number: not the second hex digit of
+/// a URL escape (`%20` a space, `%22` a quote, `%28` a parenthesis), which a number in a
+/// query string follows as it would follow the character itself.
+fn digit_before(before: &[u8]) -> bool {
+    match before {
+        [.., b'%', high, low] if high.is_ascii_hexdigit() && low.is_ascii_digit() => false,
+        [.., last] => last.is_ascii_digit(),
+        [] => false,
+    }
 }
 
 /// Compiled patterns.
@@ -245,9 +257,7 @@ impl Masker {
             for found in pattern.regex.find_iter(text) {
                 let bytes = text.as_bytes();
                 if pattern.digit_bounded
-                    && (bytes[..found.start()]
-                        .last()
-                        .is_some_and(u8::is_ascii_digit)
+                    && (digit_before(&bytes[..found.start()])
                         || bytes.get(found.end()).is_some_and(u8::is_ascii_digit))
                 {
                     continue;
@@ -444,10 +454,16 @@ mod tests {
             "took 82.1012345678 s",
             "cart 82 recalculated in 1012 ms",
             "+821012345678901",
-            // Sums and query strings of other numbers.
+            // Sums and query strings of other numbers; a number running on past a phone's
+            // length, after a separator a query string encoded.
             "q=1+2+3&n=0100",
             "total=10+1234+5678",
             "page=%20010%2012",
+            "n=010+1234+56789",
+            "n=010%201234%2056789",
+            // A digit before, not an escape's.
+            "n=%G2010-1234-5678",
+            "n=7010-1234-5678",
         ] {
             assert_eq!(masked(not), (not.to_owned(), vec![0, 0]), "{not}");
         }
@@ -483,6 +499,20 @@ mod tests {
             (
                 "GET /sms?to=%2B82+10+1234+5678 200",
                 "GET /sms?to=<phone> 200",
+            ),
+            ("GET /sms?to=82+10+1234+5678 200", "GET /sms?to=<phone> 200"),
+            (
+                "GET /sms?to=82%2010%201234%205678 200",
+                "GET /sms?to=<phone> 200",
+            ),
+            // After an escape ending in a digit: a name and an encoded space, JSON's quotes.
+            (
+                "GET /search?q=%ED%99%8D%EA%B8%B8%EB%8F%99%20010%201234%205678 200",
+                "GET /search?q=%ED%99%8D%EA%B8%B8%EB%8F%99%20<phone> 200",
+            ),
+            (
+                "GET /orders?filter=%7B%22phone%22%3A%22010-1234-5678%22%7D 200",
+                "GET /orders?filter=%7B%22phone%22%3A%22<phone>%22%7D 200",
             ),
         ] {
             assert_eq!(masked(text), (want.to_owned(), vec![0, 1]), "{text}");
