@@ -113,9 +113,10 @@ pub struct LogMetrics {
     /// `sent_again` (already stored: acknowledged again), `refused_full`, `refused_error`
     /// and `not_logs` (metrics or traces: acknowledged, dropped).
     pub chunks: IntCounterVec,
-    /// `forward_acks_total`: acknowledgements written to forward senders (each after its
-    /// chunk was stored, or found stored already). A stored chunk whose ack could not be
-    /// written (the connection gone) is not counted; its sender sends it again.
+    /// `forward_acks_total`: acknowledgements written to forward senders: a chunk's once its
+    /// records are stored (or were already); a chunk without entries, or of metrics or
+    /// traces (dropped), at once. A stored chunk whose ack could not be written (the
+    /// connection gone) is not counted; its sender sends it again.
     pub acks: IntCounter,
     /// `forward_connections`: forward connections open now.
     pub connections: IntGauge,
@@ -227,7 +228,7 @@ impl LogMetrics {
             )?,
             acks: IntCounter::new(
                 "forward_acks_total",
-                "Acknowledgements written to forward senders, each after its chunk was stored",
+                "Acknowledgements written to forward senders (a chunk's once its records are stored)",
             )?,
             connections: IntGauge::new("forward_connections", "Forward connections open now")?,
             connections_closed: counter_vec(

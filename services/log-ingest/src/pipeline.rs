@@ -159,7 +159,15 @@ impl Acker {
                 let written =
                     tokio::task::spawn_blocking(move || buffer.acknowledge_with(position, &note))
                         .await
-                        .map_err(std::io::Error::other)
+                        // Not tokio's error: it repeats what a panic said (the hook logged
+                        // where it happened).
+                        .map_err(|e| {
+                            std::io::Error::other(if e.is_panic() {
+                                "the write panicked"
+                            } else {
+                                "the write was cancelled"
+                            })
+                        })
                         .and_then(|r| r);
                 if let Err(error) = written {
                     tracing::error!(

@@ -146,10 +146,13 @@ pub fn init(service_name: &'static str, settings: &TelemetrySettings) -> anyhow:
 }
 
 /// A panic as one ERROR event (a JSON line in deployment, like every other line), naming
-/// where it happened, and what it said only when that is a literal of ours: a message
-/// formatted at run time can quote the data at hand (slicing a string quotes the string;
-/// an `unwrap` the error), and logs must carry no member's e-mail address or phone number.
-/// The backtrace (with `RUST_BACKTRACE=1`) gives the rest.
+/// where it happened, and what it said only when std hands it over as a `&'static str`:
+/// `panic!` with a bare literal, `assert!` without a message, `unwrap` on `None`. Any other
+/// message was formatted at run time and can quote the data at hand (slicing a string
+/// quotes the string; `Result::unwrap` the error), and logs must carry no member's e-mail
+/// address or phone number; that includes `expect`'s messages, which std formats too (the
+/// location names the call). The backtrace (with `RUST_BACKTRACE=1`) gives the rest. When
+/// `telemetry.log_filter` leaves this crate's errors out, a line goes to stderr instead.
 fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
     let location = info
         .location()
@@ -163,7 +166,9 @@ fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
     let thread = std::thread::current();
     let thread = thread.name().unwrap_or("unnamed");
     let backtrace = std::backtrace::Backtrace::capture();
-    if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+    if !tracing::enabled!(tracing::Level::ERROR) {
+        eprintln!("thread '{thread}' panicked at {location}: {message}\n{backtrace}");
+    } else if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
         tracing::error!(%location, thread, panic = message, %backtrace, "panicked");
     } else {
         tracing::error!(%location, thread, panic = message, "panicked");
@@ -314,15 +319,23 @@ mod tests {
                 .event_format(super::json_format())
                 .with_writer(move || writer.clone()),
         );
-        // The hook runs on the panicking thread, under its default subscriber.
+        // The hook runs on the panicking thread, under its default subscriber. Put back
+        // when the test ends, however it ends, so a failure here is reported as usual.
+        struct Restore;
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                drop(std::panic::take_hook());
+            }
+        }
         std::panic::set_hook(Box::new(super::log_panic));
+        let restore = Restore;
         tracing::subscriber::with_default(subscriber, || {
             let text = String::from("주문 kim.minji@example.com");
             let cut = std::hint::black_box(4);
             assert!(std::panic::catch_unwind(|| text[..cut].len()).is_err());
             assert!(std::panic::catch_unwind(|| panic!("the books are inconsistent")).is_err());
         });
-        drop(std::panic::take_hook());
+        drop(restore);
 
         let text = String::from_utf8(lines.0.lock().expect("not poisoned").clone()).expect("utf-8");
         assert!(!text.contains("kim.minji"), "{text}");
