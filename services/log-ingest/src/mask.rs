@@ -79,11 +79,14 @@ pub fn default_patterns() -> Vec<PatternSettings> {
 }
 
 /// Whether `before` ends in a digit that is part of a number: not the second hex digit of
-/// a URL escape (`%20` a space, `%22` a quote, `%28` a parenthesis), which a number in a
-/// query string follows as it would follow the character itself.
+/// a URL escape (`%20` a space, `%22` a quote, `%28` a parenthesis; encoded twice, `%2520`),
+/// which a number in a query string follows as it would follow the character itself.
 fn digit_before(before: &[u8]) -> bool {
     match before {
         [.., b'%', high, low] if high.is_ascii_hexdigit() && low.is_ascii_digit() => false,
+        [.., b'%', b'2', b'5', high, low] if high.is_ascii_hexdigit() && low.is_ascii_digit() => {
+            false
+        }
         [.., last] => last.is_ascii_digit(),
         [] => false,
     }
@@ -514,6 +517,12 @@ mod tests {
                 "GET /orders?filter=%7B%22phone%22%3A%22010-1234-5678%22%7D 200",
                 "GET /orders?filter=%7B%22phone%22%3A%22<phone>%22%7D 200",
             ),
+            // Encoded twice (a redirect's encoded query), and right at the start.
+            (
+                "GET /login?next=%2Forders%3Fq%3D%2522010-1234-5678%2522 302",
+                "GET /login?next=%2Forders%3Fq%3D%2522<phone>%2522 302",
+            ),
+            ("%20010-1234-5678", "%20<phone>"),
         ] {
             assert_eq!(masked(text), (want.to_owned(), vec![0, 1]), "{text}");
         }

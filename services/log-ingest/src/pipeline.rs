@@ -183,8 +183,14 @@ impl Acker {
     /// Writes what was handed over and stops.
     async fn close(self) {
         drop(self.sender);
+        // Not tokio's error: it repeats what a panic said.
         if let Err(error) = self.task.await {
-            tracing::error!(%error, "the acknowledging task failed");
+            let how = if error.is_panic() {
+                "panicked"
+            } else {
+                "was cancelled"
+            };
+            tracing::error!("the acknowledging task {how}");
         }
     }
 }
