@@ -68,19 +68,23 @@ async fn serves_health_reflection_and_metrics() {
         .expect("server stops cleanly");
 }
 
+/// The binary on `buffer`, with a 30 s drain timeout, the forward listener on a port of its
+/// choosing (logged in `forward: listening`) and `extra` settings.
+fn start_binary(buffer: &str, extra: &[(&str, &str)]) -> process::ServiceProcess {
+    let mut env = vec![
+        ("LOG_INGEST__SERVER__DRAIN_TIMEOUT", "30s"),
+        ("LOG_INGEST__FORWARD__LISTEN_ADDR", "127.0.0.1:0"),
+        ("LOG_INGEST__BUFFER__DIR", buffer),
+    ];
+    env.extend_from_slice(extra);
+    process::ServiceProcess::start(BINARY, "LOG_INGEST", &env)
+}
+
 #[tokio::test]
 async fn sigterm_ends_the_process_with_exit_code_zero_within_the_drain_timeout() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let buffer = dir.path().display().to_string();
-    let mut service = process::ServiceProcess::start(
-        BINARY,
-        "LOG_INGEST",
-        &[
-            ("LOG_INGEST__SERVER__DRAIN_TIMEOUT", "30s"),
-            ("LOG_INGEST__FORWARD__LISTEN_ADDR", "127.0.0.1:0"),
-            ("LOG_INGEST__BUFFER__DIR", &buffer),
-        ],
-    );
+    let mut service = start_binary(&buffer, &[]);
     let listening = service.wait_until_serving(Duration::from_secs(30)).await;
     assert_eq!(
         probe::http_get(listening.admin_addr, "/healthz").await.0,
@@ -126,13 +130,9 @@ async fn sigterm_with_a_push_hanging_on_loki_exits_cleanly_and_loses_nothing() {
             });
         }
     });
-    let mut service = process::ServiceProcess::start(
-        BINARY,
-        "LOG_INGEST",
+    let mut service = start_binary(
+        &buffer,
         &[
-            ("LOG_INGEST__SERVER__DRAIN_TIMEOUT", "30s"),
-            ("LOG_INGEST__FORWARD__LISTEN_ADDR", "127.0.0.1:0"),
-            ("LOG_INGEST__BUFFER__DIR", &buffer),
             ("LOG_INGEST__LOKI__URL", &hanging_url),
             ("LOG_INGEST__PIPELINE__BATCH_WAIT", "100ms"),
             ("LOG_INGEST__PIPELINE__FLUSH_AFTER", "300ms"),
