@@ -61,9 +61,9 @@ pub fn default_patterns() -> Vec<PatternSettings> {
             // (`%2B82`, in query strings) or left out (821012345678, as SMS gateways log
             // them), spaces URL-encoded in a query string (`010+1234+5678`,
             // `010%201234%205678`), next to letters or Hangul too; not inside a longer number
-            // (`digit_bounded`). A bare `82` takes at most a space (or `+`, `%20`) or hyphen before the `1x`:
-            // not a `.` (`82.1012345678` is a number), nor a 0 (`8201012345678` is an EAN-13
-            // code).
+            // (`digit_bounded`). A bare `82` takes at most a space (or `+`, `%20`) or hyphen
+            // before the `1x`: not a `.` (`82.1012345678` is a number), nor a 0
+            // (`8201012345678` is an EAN-13 code).
             regex: r"(?:(?:(?:\+|%2[Bb])82(?:[ .+\-]|%20)?(?:0|\(0\) ?)?|82(?:[ +\-]|%20)?|0)1[016789]|\(01[016789]\))(?:[ .+\-]|%20)?[0-9]{3,4}(?:[ .+\-]|%20)?[0-9]{4}"
                 .to_owned(),
             replacement: "<phone>".to_owned(),

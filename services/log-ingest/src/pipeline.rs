@@ -159,15 +159,7 @@ impl Acker {
                 let written =
                     tokio::task::spawn_blocking(move || buffer.acknowledge_with(position, &note))
                         .await
-                        // Not tokio's error: it repeats what a panic said (the hook logged
-                        // where it happened).
-                        .map_err(|e| {
-                            std::io::Error::other(if e.is_panic() {
-                                "the write panicked"
-                            } else {
-                                "the write was cancelled"
-                            })
-                        })
+                        .map_err(|e| std::io::Error::other(format!("the write {}", ended(&e))))
                         .and_then(|r| r);
                 if let Err(error) = written {
                     tracing::error!(
@@ -183,14 +175,8 @@ impl Acker {
     /// Writes what was handed over and stops.
     async fn close(self) {
         drop(self.sender);
-        // Not tokio's error: it repeats what a panic said.
         if let Err(error) = self.task.await {
-            let how = if error.is_panic() {
-                "panicked"
-            } else {
-                "was cancelled"
-            };
-            tracing::error!("the acknowledging task {how}");
+            tracing::error!("the acknowledging task {}", ended(&error));
         }
     }
 }
@@ -1490,19 +1476,25 @@ async fn finish(in_flight: &mut InFlight) -> bool {
     went_through(push.await)
 }
 
+/// How a task that failed ended, for a log line: not tokio's error itself, which repeats
+/// what a panic said, and that may quote a record (the panic hook logged where it happened).
+fn ended(error: &tokio::task::JoinError) -> &'static str {
+    if error.is_panic() {
+        "panicked"
+    } else {
+        "was cancelled"
+    }
+}
+
 /// Whether a push that ended went through (a panic did not).
 fn went_through(joined: Result<bool, tokio::task::JoinError>) -> bool {
     match joined {
         Ok(through) => through,
-        // Not the error itself: tokio's says what the panic said, which may quote a record
-        // (the panic hook logged where it happened).
         Err(error) => {
-            let how = if error.is_panic() {
-                "panicked"
-            } else {
-                "was cancelled"
-            };
-            tracing::error!("a push to Loki {how}; its records stay in the buffer");
+            tracing::error!(
+                "a push to Loki {}; its records stay in the buffer",
+                ended(&error)
+            );
             false
         }
     }

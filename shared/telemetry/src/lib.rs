@@ -166,16 +166,14 @@ fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
     let thread = std::thread::current();
     let thread = thread.name().unwrap_or("unnamed");
     let backtrace = std::backtrace::Backtrace::capture();
-    let captured = backtrace.status() == std::backtrace::BacktraceStatus::Captured;
-    match (tracing::enabled!(tracing::Level::ERROR), captured) {
-        (false, false) => eprintln!("thread '{thread}' panicked at {location}: {message}"),
-        (false, true) => {
-            eprintln!("thread '{thread}' panicked at {location}: {message}\n{backtrace}");
-        }
-        (true, false) => tracing::error!(%location, thread, panic = message, "panicked"),
-        (true, true) => {
-            tracing::error!(%location, thread, panic = message, %backtrace, "panicked");
-        }
+    // Only when captured: otherwise it reads "disabled backtrace".
+    let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+        .then(|| backtrace.to_string());
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!(%location, thread, panic = message, backtrace, "panicked");
+    } else {
+        let backtrace = backtrace.map(|b| format!("\n{b}")).unwrap_or_default();
+        eprintln!("thread '{thread}' panicked at {location}: {message}{backtrace}");
     }
 }
 
