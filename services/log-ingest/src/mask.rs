@@ -32,7 +32,9 @@ pub struct PatternSettings {
     pub requires: Vec<String>,
     /// A match with a digit right before or after it is part of a longer number and left
     /// alone (what `\b` cannot say for numbers next to letters: `고객01012345678님`); the
-    /// last digit of a URL escape before it (`%20`, `%22`) does not count.
+    /// last digit of a URL escape before it (`%20`, `%22`) does not count. A match that
+    /// stops before a separator (space, `.`, `+`, `-`, `%20`) and a digit gives way to a
+    /// match starting inside it that runs on past it (the phone in `.019 010-1234-5678`).
     #[serde(default)]
     pub digit_bounded: bool,
 }
@@ -90,6 +92,40 @@ fn digit_before(before: &[u8]) -> bool {
         [.., last] => last.is_ascii_digit(),
         [] => false,
     }
+}
+
+/// Where the character at `at` ends (one past the text's end at its end).
+fn after_first_char(text: &str, at: usize) -> usize {
+    at + text[at..].chars().next().map_or(1, char::len_utf8)
+}
+
+/// Whether `found`, a match of a `digit_bounded` pattern, is a number of its own: no digit
+/// right before or after it, and no match starting inside it that runs on where it stops
+/// in the middle of a number (`019 010-1234` in `12:00:01.019 010-1234-5678` stops before
+/// `-5678`; `010-1234-5678` starting inside it does not), which is taken instead.
+fn stands_alone(pattern: &Pattern, text: &str, found: &regex::Match<'_>) -> bool {
+    let bounded = |m: &regex::Match<'_>| {
+        let bytes = text.as_bytes();
+        !digit_before(&bytes[..m.start()]) && !bytes.get(m.end()).is_some_and(u8::is_ascii_digit)
+    };
+    if !bounded(found) {
+        return false;
+    }
+    // Only where the text goes on with a separator and a digit: a second search then.
+    let rest = &text.as_bytes()[found.end()..];
+    let runs_on = match rest {
+        [b'%', b'2', b'0', digit, ..] | [b' ' | b'.' | b'+' | b'-', digit, ..] => {
+            digit.is_ascii_digit()
+        }
+        _ => false,
+    };
+    !runs_on
+        || !pattern
+            .regex
+            .find_at(text, after_first_char(text, found.start()))
+            .is_some_and(|later| {
+                later.start() < found.end() && later.end() > found.end() && bounded(&later)
+            })
 }
 
 /// Compiled patterns.
@@ -256,19 +292,28 @@ impl Masker {
                 continue;
             }
             let mut masked = String::new();
-            let mut kept = 0;
-            for found in pattern.regex.find_iter(text) {
-                let bytes = text.as_bytes();
-                if pattern.digit_bounded
-                    && (digit_before(&bytes[..found.start()])
-                        || bytes.get(found.end()).is_some_and(u8::is_ascii_digit))
-                {
+            let (mut kept, mut from) = (0, 0);
+            while from <= text.len()
+                && let Some(found) = pattern.regex.find_at(text, from)
+            {
+                if pattern.digit_bounded && !stands_alone(pattern, text, &found) {
+                    // Part of a longer number; a match may still start inside it (the phone
+                    // after `2010 ` in `02-555-2010 010-1234-5678`, which the refused match
+                    // `010 010-1234` ran into): search again from its next character, not
+                    // from its end.
+                    from = after_first_char(text, found.start());
                     continue;
                 }
                 masked.push_str(&text[kept..found.start()]);
                 masked.push_str(&pattern.replacement);
                 kept = found.end();
                 *count += 1;
+                // After an empty match (a configured pattern may allow one), a character on.
+                from = if found.is_empty() {
+                    after_first_char(text, found.end())
+                } else {
+                    found.end()
+                };
             }
             if kept > 0 {
                 masked.push_str(&text[kept..]);
@@ -538,6 +583,48 @@ mod tests {
         ] {
             assert_eq!(masked(text).0, want, "{text}");
         }
+    }
+
+    /// A number ending in `010`, `011` or `016` to `019` just before a phone: the match the
+    /// regular expression finds first starts inside that number (`010 010-1234` in `2010
+    /// 010-1234-5678`) and is refused; the phone after it is still found.
+    #[test]
+    fn a_phone_right_after_a_number_ending_like_a_mobile_prefix_is_masked() {
+        for (text, want) in [
+            ("tel 02-555-2010 010-1234-5678", "tel 02-555-2010 <phone>"),
+            ("since 2018 01012345678", "since 2018 <phone>"),
+            ("order 20241028010 01012345678", "order 20241028010 <phone>"),
+            ("12:00:01.019 010-1234-5678", "12:00:01.019 <phone>"),
+            ("n=2017+010+1234+5678", "n=2017+<phone>"),
+            ("ref 7011-016-123-4567 ok", "ref 7011-<phone> ok"),
+        ] {
+            assert_eq!(masked(text), (want.to_owned(), vec![0, 1]), "{text}");
+        }
+        // Two phones after such numbers, and a longer number still left alone.
+        assert_eq!(
+            masked("2010 010-1234-5678 2019 019-123-4567 order 0101012345678"),
+            (
+                "2010 <phone> 2019 <phone> order 0101012345678".to_owned(),
+                vec![0, 2]
+            )
+        );
+    }
+
+    /// A configured pattern that can match nothing still ends.
+    #[test]
+    fn a_pattern_that_can_match_the_empty_text_ends() {
+        let masker = Masker::new(&[PatternSettings {
+            name: "digits".to_owned(),
+            regex: "[0-9]*".to_owned(),
+            replacement: "#".to_owned(),
+            requires: Vec::new(),
+            digit_bounded: true,
+        }])
+        .expect("compiles");
+        let (mut text, mut counts) = ("a1 é22".to_owned(), vec![0]);
+        masker.text(&mut text, &mut counts);
+        assert!(counts[0] >= 2, "{text} {counts:?}");
+        assert!(!text.contains(char::is_numeric), "{text}");
     }
 
     #[test]
