@@ -156,7 +156,11 @@ impl Deriver {
             .inc(&seen.trace_id);
         if let Some(class) = seen.exception.as_deref() {
             let key = (service.to_owned(), class.to_owned());
-            let class = if self.classes.contains(&key) {
+            // A runaway "class" (a first line of 100 KB of letters) would weigh on every
+            // scrape, as a runaway service name would.
+            let class = if class.len() > crate::labels::MAX_VALUE_BYTES {
+                OTHER
+            } else if self.classes.contains(&key) {
                 class
             } else if self.classes.len() < self.settings.max_exception_classes {
                 self.classes.insert(key);
@@ -317,6 +321,40 @@ mod tests {
             Some(1.0)
         );
         assert!(!text.contains(&long));
+    }
+
+    /// An exception class longer than a label value may be is counted as `other`, and
+    /// takes none of the classes' places.
+    #[test]
+    fn a_runaway_exception_class_is_counted_as_other() {
+        let registry = Registry::new();
+        let mut deriver = Deriver::register(
+            &registry,
+            DerivedSettings {
+                max_exception_classes: 1,
+                ..DerivedSettings::default()
+            },
+        )
+        .expect("registers");
+        let long = format!("a.{}", "B".repeat(crate::labels::MAX_VALUE_BYTES));
+        for first_line in [format!("{long}: x"), "java.lang.Boom: y".to_owned()] {
+            let record = Record {
+                level: Some(Level::Error),
+                stack_trace: format!("{first_line}\n\tat a.B.c(B.java:1)"),
+                ..Record::default()
+            };
+            deriver.observe(&Observation::of(&record), "hybris");
+        }
+        let text = registry.encode();
+        assert!(!text.contains(&long));
+        for class in ["other", "java.lang.Boom"] {
+            let labels = [("service_name", "hybris"), ("exception", class)];
+            assert_eq!(
+                sample(&text, "log_exceptions_total", &labels).map(|s| s.0),
+                Some(1.0),
+                "{class}: {text}"
+            );
+        }
     }
 
     #[test]
