@@ -92,6 +92,8 @@ struct Inner {
     /// A push whose body (as sent: compressed) is larger is answered 413, as a proxy in
     /// front of Loki with a body limit answers.
     max_body: Option<usize>,
+    /// How long each push waits before it is answered (a slow Loki).
+    delay: Duration,
     entries: u64,
     lines: u64,
 }
@@ -212,6 +214,11 @@ impl LokiReceiver {
         lock(&self.inner).max_body = Some(bytes);
     }
 
+    /// Answers each push `delay` after it arrived (a slow Loki; zero: at once).
+    pub fn answer_after(&self, delay: Duration) {
+        lock(&self.inner).delay = delay;
+    }
+
     /// Stops listening (a Loki that is down).
     pub fn stop(&self) {
         self.stop.cancel();
@@ -219,6 +226,10 @@ impl LokiReceiver {
 }
 
 async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Bytes) -> Response {
+    let delay = lock(&inner).delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let mut inner = lock(&inner);
     inner.pushes += 1;
     if let Some((status, says, until)) = &inner.failing {

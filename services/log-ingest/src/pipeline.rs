@@ -52,7 +52,9 @@ pub struct PipelineSettings {
     /// ending in `*` matches a prefix); unlisted sources are parsed per line.
     pub parsers: std::collections::BTreeMap<String, String>,
     /// A stream's record in progress is complete after this long without a line of its
-    /// own (the wrapper's lines held behind it do not count).
+    /// own (the wrapper's lines held behind it do not count), by when lines arrived:
+    /// while the buffer holds more to read (a backlog), once a line of another stream read
+    /// arrived this long after its latest; once everything is read, by the clock.
     #[serde(with = "humantime_serde")]
     pub flush_after: Duration,
     /// After a restart, a record in progress rebuilt from the buffer waits for a line of
@@ -274,6 +276,10 @@ struct StreamState {
     /// When its record in progress last got a line (not one held behind it): its quiet is
     /// judged from here, so the wrapper pinging a stalled JVM does not hold it.
     last_joined: Instant,
+    /// When the batches of those two lines were received ([`Batch::received_ms`]; 0: not
+    /// known): quiet in a backlog is judged from here.
+    last_line_ms: i64,
+    last_joined_ms: i64,
     /// The head of a cut trace its grouper keeps (see [`Grouper::cut`]) and since when.
     cut_seen: Option<(u64, Instant)>,
     /// Whether a line of its own (not held behind its record in progress) arrived since
@@ -308,6 +314,7 @@ impl StreamState {
         if let Some((_, origin)) = self.grouper.pending() {
             // A record of its own now: its line is its own.
             self.last_joined = self.last_line;
+            self.last_joined_ms = self.last_line_ms;
             self.last_at = origin.at;
             self.held_since = None;
         }
@@ -385,13 +392,16 @@ struct Streams {
     evicted: HashMap<StreamKey, std::collections::BTreeMap<Position, usize>>,
     /// Bytes of lines grouped since the records in progress were last weighed.
     fed: usize,
+    /// The latest [`Batch::received_ms`] read: how far the input's clock has got in what
+    /// was read, for quiet in a backlog.
+    read_ms: i64,
 }
 
 /// A stream without a record in progress is forgotten after this long without a line.
 const IDLE_STREAM: Duration = Duration::from_secs(600);
 
 /// How long after its head was cut (by the quiet, memory, the caps) the rest of a trace may
-/// come and still keep the head's header and time (a microsecond after it): past the Tanuki
+/// come and still keep the head's header and time (just after it): past the Tanuki
 /// wrapper's default ping timeout (30 s), after which it restarts a stalled JVM, and far
 /// within what Loki takes out of order in a stream (about an hour). Later, the rest is a
 /// record without a header at its own time.
@@ -546,6 +556,7 @@ impl Pipeline {
                             // before the note was made were pushed: not again.
                             Ok(batch) if batch.source == Source::Otlp && replay.pushed_before(cursor) => {}
                             Ok(batch) => {
+                                streams.read_ms = streams.read_ms.max(batch.received_ms);
                                 let new = cursor >= replayed;
                                 self.feed(batch, cursor, new, &mut streams, &mut ready, &mut replay.skips);
                                 self.metrics.open_streams.set(i64::try_from(streams.open.len()).unwrap_or(i64::MAX));
@@ -575,10 +586,26 @@ impl Pipeline {
                         continue;
                     }
                 },
-                // Quiet is judged only once everything durable has been read: lines waiting
-                // in the buffer (behind a slow push) are not quiet.
-                _ = tick.tick(), if reader.at_end() => {
+                _ = tick.tick() => {
                     let now = Instant::now();
+                    // Quiet is judged by when lines arrived. Once everything durable is read,
+                    // by the clock. Before (a backlog, behind slow pushes or a Loki outage),
+                    // by the arrival of the lines read since: a stream whose latest line came
+                    // `flush_after` before one of another stream read has no more (its next
+                    // would be in the buffer before that one), and its record in progress
+                    // would otherwise hold the acknowledgement, and the buffer's bytes, until
+                    // the whole backlog is read (refusing the inputs all along when full).
+                    let at_end = reader.at_end();
+                    let (read_ms, flush_after) = (streams.read_ms, self.settings.flush_after);
+                    let quiet = |state: &StreamState| {
+                        if at_end {
+                            now.duration_since(state.last_joined) >= flush_after
+                        } else {
+                            state.last_joined_ms > 0
+                                && u128::try_from(read_ms - state.last_joined_ms)
+                                    .is_ok_and(|ms| ms >= flush_after.as_millis())
+                        }
+                    };
                     let grace = self.settings.restart_grace;
                     // The buffer refused an append lately (it was full): a stream whose
                     // latest line of its own came before that may have had its next chunk
@@ -602,10 +629,9 @@ impl Pipeline {
                             });
                         let held = refused
                             && now.duration_since(*state.held_since.get_or_insert(now)) < grace;
-                        if waited && !held && now.duration_since(state.last_joined) >= self.settings.flush_after
-                            && state.complete_quiet(&mut ready)
-                        {
-                            paused = true;
+                        if waited && !held && quiet(state) && state.complete_quiet(&mut ready) {
+                            // Pushed at once when nothing else comes: not in a backlog.
+                            paused |= at_end;
                         }
                         state.age_cut(now);
                     }
@@ -801,6 +827,8 @@ impl Pipeline {
                         lines: 0,
                         last_line: now,
                         last_joined: now,
+                        last_line_ms: batch.received_ms,
+                        last_joined_ms: batch.received_ms,
                         cut_seen: None,
                         batches: std::collections::BTreeMap::new(),
                         resumed: false,
@@ -854,10 +882,12 @@ impl Pipeline {
             // This batch's lines of the stream: where they start, how many.
             state.batches.entry(at).or_insert((first, 0)).1 += state.lines - first;
             state.last_line = now;
+            state.last_line_ms = batch.received_ms;
             if joined {
                 // Its record in progress got a line of its own (the waits for one end):
                 // lines held behind it (the wrapper pinging a stalled JVM) leave it quiet.
                 state.last_joined = now;
+                state.last_joined_ms = batch.received_ms;
                 state.last_at = at;
                 state.held_since = None;
                 state.resumed |= new;
@@ -1711,6 +1741,8 @@ mod tests {
             lines,
             last_line: Instant::now(),
             last_joined: Instant::now(),
+            last_line_ms: 0,
+            last_joined_ms: 0,
             cut_seen: None,
             resumed: true,
             batches: batches.iter().copied().collect(),

@@ -884,6 +884,63 @@ async fn a_stack_trace_whose_rest_a_full_buffer_refused_arrives_whole() {
     );
 }
 
+/// Loki was down and a backlog waits in the buffer; pushes are slow as it is read. A stream
+/// whose latest line came long (`flush_after`) before lines of another stream read since
+/// has no more to come: its record goes out with the backlog, not after all of it (which
+/// would hold the acknowledgement at its line, and the buffer's bytes with it, until the
+/// whole backlog is read).
+#[tokio::test]
+async fn a_quiet_streams_record_goes_during_a_backlog_not_after_it() {
+    let running = start_with(|s| {
+        s.pipeline.flush_after = Duration::from_secs(2);
+        s.pipeline.batch_bytes = 8 * 1024;
+    })
+    .await;
+    running.loki.fail(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(600),
+    );
+    let quiet =
+        "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.500 | WARN  [main] [Quiet] alone";
+    assert!(try_send(running.forward, "web-q", "q1", &[quiet]).await);
+    // Another host's lines for twice `flush_after`. The pipeline stops reading once its
+    // pushes in flight wait for Loki (well within `flush_after`), so they stay in the buffer.
+    let began = std::time::Instant::now();
+    let mut chunks = 0;
+    while began.elapsed() < Duration::from_secs(4) {
+        let lines: Vec<String> = (0..50)
+            .map(|i| {
+                format!(
+                    "INFO   | jvm 1    | main    | 2024/10/28 17:12:01.000 | INFO  [main] [Busy] line {chunks} {i}"
+                )
+            })
+            .collect();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        assert!(try_send(running.forward, "web-b", &format!("{chunks:032x}"), &lines).await);
+        chunks += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let busy = chunks * 50;
+    running.loki.answer_after(Duration::from_millis(20));
+    running
+        .loki
+        .fail(axum::http::StatusCode::OK, Duration::ZERO);
+    wait_for(&running.loki, busy + 1).await;
+    let received = running.loki.received();
+    assert_eq!(received.len(), busy + 1, "each record once");
+    let at = received
+        .iter()
+        .position(|r| r.entry.line == "alone")
+        .expect("the quiet record");
+    // It goes once the lines read were sent two seconds after it: about half of the
+    // busy lines come after it (none would, were it judged only at the backlog's end).
+    assert!(
+        received.len() - at > busy / 5,
+        "the quiet record came {at}th of {}",
+        received.len()
+    );
+}
+
 /// A sender writing whole-second times (as `frame_of` does) may send the same line twice
 /// in a second on purpose, under two chunk ids: both reach Loki. The same chunk sent again
 /// under its id (its ack lost) is recognised and stored once.
