@@ -20,8 +20,9 @@
 //! one line, or lose a line. Only a single line longer than the byte cap is cut (the cut is
 //! counted in `truncated_bytes`). The rest of a trace cut from its head (by a cap, the
 //! quiet, memory) keeps what the head's header said: level, logger, thread, trace id, and
-//! its time a microsecond later (after the quiet or memory, when it begins with stack
-//! trace that is not another exception, and comes before the caller forgets the head).
+//! its time a millisecond later (a microsecond when the head's time has microseconds) (after
+//! the quiet or memory, when it begins with stack trace that is not another exception, and
+//! comes before the caller forgets the head).
 
 use crate::{
     parse::{Line, Parser},
@@ -271,7 +272,7 @@ impl<O> Grouper<O> {
     }
 
     /// Forgets the head of a trace cut before (see `cut`): its rest, if it comes now, is too
-    /// late to be placed a microsecond after it (the caller's clock decides).
+    /// late to be placed just after it (the caller's clock decides).
     pub fn forget_cut(&mut self) {
         self.cut = None;
     }
@@ -323,12 +324,15 @@ impl Head {
         }
     }
 
-    /// Gives `rest` what the header said; its time a microsecond after the head's, so the
-    /// rest sorts after the head in its stream (below the microsecond is the tie-breaker,
-    /// in no order).
+    /// Gives `rest` what the header said; its time a millisecond after the head's (a
+    /// microsecond when the head's time has microseconds), so the rest sorts after the head
+    /// in its stream: below that is the pipeline's tie-breaker, which may be up to a
+    /// millisecond when the head's time has no microseconds.
     fn give(self, rest: &mut Record) {
         rest.level = self.level;
-        rest.time_micros = self.time_micros.map(|t| t + 1);
+        rest.time_micros = self
+            .time_micros
+            .map(|t| t + if t.rem_euclid(1_000) == 0 { 1_000 } else { 1 });
         rest.logger = self.logger;
         rest.thread = self.thread;
         rest.trace_id = self.trace_id;
@@ -750,7 +754,7 @@ mod tests {
         let (head, rest) = (&records[0], &records[2]);
         assert_eq!(rest.level, Some(crate::record::Level::Error));
         assert_eq!((rest.logger.as_str(), rest.thread.as_str()), ("X", "main"));
-        assert_eq!(rest.time_micros, head.time_micros.map(|t| t + 1));
+        assert_eq!(rest.time_micros, head.time_micros.map(|t| t + 1_000));
         assert_eq!(records[1].level, Some(crate::record::Level::Info));
     }
 
@@ -1000,7 +1004,7 @@ mod tests {
                 "4bf92f3577b34da6a3ce929d0e0e4736"
             )
         );
-        assert_eq!(rest.time_micros, head.time_micros.map(|t| t + 1));
+        assert_eq!(rest.time_micros, head.time_micros.map(|t| t + 1_000));
         assert_eq!(rest.message, "");
         assert_eq!(rest.stack_trace, "\tat a.B.d(B.java:2)\nafter the trace");
         assert!(!rest.parse_error);

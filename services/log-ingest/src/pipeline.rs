@@ -252,7 +252,7 @@ struct Origin {
 }
 
 impl Origin {
-    /// Nanoseconds below the entry's microsecond for a record beginning here.
+    /// The tie-breaker of a record beginning here ([`tie_breaker`]).
     fn tie(&self) -> u32 {
         tie_breaker(self.at, self.chunk_line)
     }
@@ -363,20 +363,40 @@ impl StreamState {
     }
 }
 
-/// Nanoseconds (0–999) added below an entry's microsecond: Loki keeps one entry of a
-/// stream per timestamp and line, so two identical lines in the same millisecond (a
-/// wrapper line twice) or second (an access log's precision) would otherwise be one.
-/// Made from where the record's first line is in the buffer (its batch and the line's
-/// place in it), so a record rebuilt after a restart has the same one, and Loki collapses
-/// it with the copy pushed before. Records fewer than 1,000 lines apart in one batch
-/// differ; others in the same second collide once in 1,000. Within a microsecond it does
-/// not follow the records' order: Loki must accept unordered writes (its default).
+/// The tie-breaker (0–999,999) of a record whose first line is `line` of the batch at
+/// `at`: Loki keeps one entry of a stream per timestamp and line, so two identical lines in
+/// the same millisecond (a wrapper line twice) or second (an access log's precision) would
+/// otherwise be one. [`entry_nanos`] puts it below the entry's millisecond, or its
+/// microsecond when the time has one.
+///
+/// Made from where the record's first line is in the buffer, so a record rebuilt after a
+/// restart has the same one and Loki collapses it with the copy pushed before. Within a
+/// segment, batches' offsets grow and a line's place in its batch is less than the batch's
+/// bytes: records later in the buffer get larger values, wrapping around every 10^6 bytes
+/// (and at a segment's start). So records of one second or millisecond keep their order in
+/// Loki, but where a wrap falls between them, and identical ones collide only 10^6 bytes
+/// apart (once in 10^6 across segments); below a microsecond, once in 1,000.
 fn tie_breaker(at: Position, line: usize) -> u32 {
-    // A fixed mix (not a seeded hasher): it must be the same in every process.
-    let mixed = (at.segment.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ at.offset)
-        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    // Segments start at unrelated points (a fixed mix, not a seeded hasher: it must be the
+    // same in every process).
+    let start = at.segment.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16;
     let line = u64::try_from(line).unwrap_or(u64::MAX);
-    u32::try_from(((mixed >> 32).wrapping_add(line)) % 1_000).unwrap_or(0)
+    u32::try_from(start.wrapping_add(at.offset).wrapping_add(line) % 1_000_000).unwrap_or(0)
+}
+
+/// An entry's time in nanoseconds: `nanos` (the record's) with the tie-breaker `tie` below
+/// its millisecond when it has none below (a log4j or wrapper line's milliseconds, an
+/// access log's seconds: a microsecond-precise time whose microseconds are 000 moves less
+/// than a millisecond), else below its microsecond.
+fn entry_nanos(nanos: i64, tie: u32) -> i64 {
+    let unit = if nanos.rem_euclid(1_000_000) == 0 {
+        1_000_000
+    } else {
+        1_000
+    };
+    nanos
+        .saturating_sub(nanos.rem_euclid(unit))
+        .saturating_add(i64::from(tie) % unit)
 }
 
 /// Stream (tag and host) of the pipeline's state.
@@ -506,7 +526,7 @@ struct Ready {
     tag: Arc<str>,
     host: Arc<str>,
     fallback_nanos: i64,
-    /// Nanoseconds below the entry's microsecond ([`tie_breaker`]).
+    /// Its tie-breaker ([`tie_breaker`], [`entry_nanos`]).
     tie: u32,
     /// When its (first line's) batch was received ([`Batch::received_ms`]; 0: not known).
     received_ms: i64,
@@ -1078,9 +1098,7 @@ impl Pusher {
         let nanos = record
             .time_micros
             .map_or(ready.fallback_nanos, |m| m.saturating_mul(1_000));
-        let nanos = nanos
-            .saturating_sub(nanos.rem_euclid(1_000))
-            .saturating_add(i64::from(ready.tie));
+        let nanos = entry_nanos(nanos, ready.tie);
         let mut metadata: Vec<loki::LabelPair> = labels
             .folded
             .into_iter()
@@ -1774,6 +1792,44 @@ mod tests {
             }
             assert_eq!(self.pending_from(), from);
         }
+    }
+
+    /// Records in buffer order get growing tie-breakers within a segment, so lines of one
+    /// second or millisecond keep their order in Loki; the same place gives the same one.
+    #[test]
+    fn tie_breakers_follow_the_buffer_and_go_below_the_millisecond_or_microsecond() {
+        // Batches of 300 bytes, up to 3 records each (a line's place is below its bytes).
+        let ties: Vec<u32> = (0..100_u64)
+            .flat_map(|batch| (0..3).map(move |line| tie_breaker(at(batch * 300), line)))
+            .collect();
+        assert!(ties.windows(2).all(|w| w[0] < w[1]), "{ties:?}");
+        assert_eq!(tie_breaker(at(600), 2), tie_breaker(at(600), 2));
+        let other = Position {
+            segment: 7,
+            offset: 600,
+        };
+        assert_eq!(tie_breaker(other, 2), tie_breaker(other, 2));
+        assert!(tie_breaker(other, 0) < 1_000_000);
+
+        let second = 1_730_103_120 * 1_000_000_000_i64;
+        // Whole seconds (an access log) and milliseconds: below the millisecond.
+        assert_eq!(entry_nanos(second, 123_456), second + 123_456);
+        assert_eq!(
+            entry_nanos(second + 40_000_000, 999_999),
+            second + 40_999_999
+        );
+        // Microseconds: below the microsecond; nanoseconds replaced.
+        assert_eq!(
+            entry_nanos(second + 40_123_000, 123_456),
+            second + 40_123_456
+        );
+        assert_eq!(
+            entry_nanos(second + 40_123_789, 123_456),
+            second + 40_123_456
+        );
+        // Before 1970 too (times are checked elsewhere; this only must not move past the
+        // millisecond).
+        assert_eq!(entry_nanos(-1_000_000, 5), -1_000_000 + 5);
     }
 
     #[test]

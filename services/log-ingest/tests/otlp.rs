@@ -142,9 +142,9 @@ async fn records_from_opentelemetry_otlps_exporter_reach_loki_whole_and_masked()
     // record's (which is 123 µs later).
     let time = hybris.entry.timestamp.expect("a time");
     assert_eq!(
-        (time.seconds, time.nanos / 1_000),
-        (1_730_103_120, 40_000),
-        "below the µs: a tie-breaker"
+        (time.seconds, time.nanos / 1_000_000),
+        (1_730_103_120, 40),
+        "below the ms: a tie-breaker"
     );
 
     let store = &received[1];

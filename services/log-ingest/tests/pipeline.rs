@@ -125,9 +125,10 @@ async fn the_corpus_arrives_in_loki_record_by_record_with_traces_whole_and_addre
         .map(|r| r.entry.timestamp.expect("a time"))
         .min_by_key(|t| (t.seconds, t.nanos))
         .expect("some");
+    // (Below its millisecond, the tie-breaker.)
     assert_eq!(
-        (first.seconds, first.nanos / 1_000),
-        (1_730_103_120, 41_000)
+        (first.seconds, first.nanos / 1_000_000),
+        (1_730_103_120, 41)
     );
 }
 
@@ -238,7 +239,8 @@ async fn records_are_the_same_however_the_lines_are_cut_into_chunks_and_events()
                     .find(|(k, _)| k == "level")
                     .map(|(_, v)| v.clone());
                 let time = r.entry.timestamp.expect("a time");
-                let micros = time.seconds * 1_000_000 + i64::from(time.nanos / 1_000);
+                // The lines' times are milliseconds; below, the tie-breaker.
+                let micros = time.seconds * 1_000_000 + i64::from(time.nanos / 1_000_000) * 1_000;
                 (level.unwrap_or_default(), r.entry.line.clone(), micros)
             })
             .collect();
@@ -700,7 +702,7 @@ async fn a_cut_record_says_so_in_loki() {
 
 /// Loki keeps one entry of a stream per timestamp and line: the same line written twice in
 /// the same millisecond (the wrapper's precision) must still arrive twice, so the entries'
-/// timestamps differ below the microsecond.
+/// timestamps differ below the millisecond.
 #[tokio::test]
 async fn identical_lines_in_the_same_millisecond_are_all_kept() {
     let running = start().await;
@@ -729,6 +731,57 @@ async fn identical_lines_in_the_same_millisecond_are_all_kept() {
     times.sort_unstable();
     times.dedup();
     assert_eq!(times.len(), 5, "{times:?}");
+}
+
+/// An access log's times are whole seconds: its lines of one second, identical ones among
+/// them, reach Loki each once, and sorted by time (as Grafana shows them) in the file's
+/// order, across chunks too.
+#[tokio::test]
+async fn an_access_logs_lines_of_one_second_keep_their_order_identical_ones_too() {
+    let running = start_with(|settings| {
+        settings
+            .pipeline
+            .parsers
+            .insert("hybris.*".to_owned(), "access-log".to_owned());
+    })
+    .await;
+    let paths = ["/a", "/health", "/b", "/health", "/c", "/health", "/d"];
+    let lines: Vec<String> = paths
+        .iter()
+        .map(|path| {
+            format!(r#"10.0.3.7 - - [28/Oct/2024:17:12:00 +0900] "GET {path} HTTP/1.1" 200 2"#)
+        })
+        .collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    send(running.forward, &lines, 3).await;
+    wait_for(&running.loki, paths.len()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut received: Vec<((i64, i32), String)> = running
+        .loki
+        .received()
+        .into_iter()
+        .map(|r| {
+            let time = r.entry.timestamp.expect("a time");
+            ((time.seconds, time.nanos), r.entry.line)
+        })
+        .collect();
+    assert_eq!(running.loki.counts().2, 0, "none identical to Loki");
+    received.sort();
+    let in_time_order: Vec<&str> = received
+        .iter()
+        .map(|(_, line)| {
+            let path = paths
+                .iter()
+                .find(|p| line.contains(&format!("GET {p} ")))
+                .unwrap_or_else(|| panic!("a path in {line}"));
+            *path
+        })
+        .collect();
+    assert_eq!(in_time_order, paths, "{received:?}");
+    assert!(
+        received.iter().all(|((s, _), _)| *s == 1_730_103_120),
+        "within the line's second: {received:?}"
+    );
 }
 
 /// A line that ends with its terminator (Docker's json-file logs keep it; log4j's `%n`) is
@@ -1590,7 +1643,7 @@ async fn the_wrappers_own_lines_inside_a_trace_leave_it_whole_across_a_restart()
             2,
             "{host}: both, the same line in the same second"
         );
-        // Both kept by Loki: the same second, told apart below the microsecond.
+        // Both kept by Loki: the same second, told apart below the millisecond.
         assert_eq!(pings[0].seconds, pings[1].seconds);
         assert_ne!(pings[0], pings[1]);
     }
