@@ -73,6 +73,17 @@ pub struct Limits {
     pub segment_bytes: u64,
 }
 
+/// The latest append the buffer refused for want of room.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal {
+    /// When, by the monotonic clock.
+    pub when: std::time::Instant,
+    /// When, in milliseconds since the Unix epoch (the clock of [`crate::batch::Batch::received_ms`]).
+    pub ms: i64,
+    /// Where durable data ended then.
+    pub end: Position,
+}
+
 /// The writing side; clones share one writer thread.
 #[derive(Debug, Clone)]
 pub struct Buffer {
@@ -97,7 +108,7 @@ struct Shared {
     ack_failures: std::sync::atomic::AtomicU32,
     /// When an append was last refused because the buffer was full, and where the buffer
     /// ended then (see [`Buffer::last_refused`]).
-    refused: Mutex<Option<(std::time::Instant, Position)>>,
+    refused: Mutex<Option<Refusal>>,
     /// Where [`Buffer::used_bytes`] is reported each time it changes (see
     /// [`Buffer::report_used_bytes`]).
     used_gauge: std::sync::OnceLock<IntGauge>,
@@ -331,7 +342,7 @@ impl Buffer {
     /// When an append was last refused because the buffer was full, and where the buffer
     /// ended then: a sender whose lines came before that position may have had its next
     /// chunk refused, and sends it again after its own backoff.
-    pub fn last_refused(&self) -> Option<(std::time::Instant, Position)> {
+    pub fn last_refused(&self) -> Option<Refusal> {
         *lock(&self.shared.refused)
     }
 
@@ -499,7 +510,11 @@ impl Writer {
                     offset: self.position.offset + out.bytes,
                     ..self.position
                 };
-                *lock(&self.shared.refused) = Some((std::time::Instant::now(), end));
+                *lock(&self.shared.refused) = Some(Refusal {
+                    when: std::time::Instant::now(),
+                    ms: crate::batch::now_ms(),
+                    end,
+                });
                 let _ = append.done.send(Err(BufferError::Full(used)));
                 continue;
             }

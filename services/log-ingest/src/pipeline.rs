@@ -539,7 +539,7 @@ impl Pipeline {
         // What is read again that was pushed before a restart.
         let mut replay = Replay::read(self.buffer.note(), self.buffer.end());
         // What was durable at start is read again; lines after it are new.
-        let (replayed, started) = (self.buffer.end(), Instant::now());
+        let (replayed, started) = (self.buffer.end(), (Instant::now(), crate::batch::now_ms()));
         let mut streams = Streams::default();
         let mut ready: Vec<Ready> = Vec::new();
         let mut ready_bytes = 0_usize;
@@ -558,6 +558,9 @@ impl Pipeline {
         // is let finish, so its records are acknowledged rather than pushed again).
         let push_stop = CancellationToken::new();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        // Not a burst of ticks after the loop waited long for a push slot (a Loki outage):
+        // each walks every open stream.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
@@ -607,58 +610,15 @@ impl Pipeline {
                     }
                 },
                 _ = tick.tick() => {
-                    let now = Instant::now();
-                    // Quiet is judged by when lines arrived. Once everything durable is read,
-                    // by the clock. Before (a backlog, behind slow pushes or a Loki outage),
-                    // by the arrival of the lines read since: a stream whose latest line came
-                    // `flush_after` before one of another stream read has no more (its next
-                    // would be in the buffer before that one), and its record in progress
-                    // would otherwise hold the acknowledgement, and the buffer's bytes, until
-                    // the whole backlog is read (refusing the inputs all along when full).
                     let at_end = reader.at_end();
-                    let (read_ms, flush_after) = (streams.read_ms, self.settings.flush_after);
-                    let quiet = |state: &StreamState| {
-                        if at_end {
-                            now.duration_since(state.last_joined) >= flush_after
-                        } else {
-                            state.last_joined_ms > 0
-                                && u128::try_from(read_ms - state.last_joined_ms)
-                                    .is_ok_and(|ms| ms >= flush_after.as_millis())
-                        }
-                    };
-                    let grace = self.settings.restart_grace;
-                    // The buffer refused an append lately (it was full): a stream whose
-                    // latest line of its own came before that may have had its next chunk
-                    // refused, which its sender resends after its own backoff. Its record in
-                    // progress waits for it as after a restart: until a line of its own
-                    // comes, at most `restart_grace` (then the acknowledgement it holds back
-                    // moves on).
-                    let refused_end = self
-                        .buffer
-                        .last_refused()
-                        .filter(|(when, _)| now.duration_since(*when) < grace)
-                        .map(|(_, end)| end);
-                    for state in streams.open.values_mut() {
-                        let waited = state.resumed || now.duration_since(started) >= grace;
-                        // A record held back keeps the acknowledgement at its first batch:
-                        // held only when that leaves at least half the buffer to free, or
-                        // the buffer could stay full (refusing the resend it waits for).
-                        let refused = refused_end.is_some_and(|end| state.last_at < end)
-                            && state.pending_from().is_some_and(|(_, from)| {
-                                self.buffer.bytes_from(from) <= self.buffer.max_bytes() / 2
-                            });
-                        let held = refused
-                            && now.duration_since(*state.held_since.get_or_insert(now)) < grace;
-                        if waited && !held && quiet(state) && state.complete_quiet(&mut ready) {
-                            // Pushed at once when nothing else comes: not in a backlog.
-                            paused |= at_end;
-                        }
-                        state.age_cut(now);
+                    if self.complete_quiet(&mut streams, &mut ready, at_end, started) {
+                        // Pushed at once when nothing else comes: not in a backlog.
+                        paused |= at_end;
                     }
                     // The whole input paused (not one sparse stream among busy ones): the
                     // records it completed go at once.
                     paused &= streams.open.values().all(|s| !s.grouper.is_pending());
-                    streams.forget_idle(now);
+                    streams.forget_idle(Instant::now());
                     self.metrics.open_streams.set(i64::try_from(streams.open.len()).unwrap_or(i64::MAX));
                 }
             }
@@ -738,6 +698,75 @@ impl Pipeline {
                 turn,
             )));
         }
+    }
+
+    /// Completes the records in progress of the streams gone quiet (`flush_after` without
+    /// a line of their own) into `ready`; whether any was. Quiet is judged by when lines
+    /// arrived: once everything durable is read (`at_end`), by the clock; before (a
+    /// backlog, behind slow pushes or after a Loki outage), by the arrival of the lines
+    /// read since ([`Batch::received_ms`]): a stream whose latest line came `flush_after`
+    /// before lines read since has no more, as its next would be in the buffer before
+    /// them. Its record would otherwise hold the acknowledgement, and the buffer's bytes,
+    /// until the whole backlog is read (refusing the inputs all along when it is full).
+    ///
+    /// Two waits come first, each at most `restart_grace`, judged the same way (by the
+    /// clock at the end; in a backlog, until lines read arrived that long after):
+    /// - after a restart (`started`: when, by both clocks), a record rebuilt from the
+    ///   buffer waits for a line of its own (its sender resends what was not
+    ///   acknowledged);
+    /// - after the buffer refused an append (it was full) later than a stream's latest line
+    ///   of its own, that stream's next chunk may have been refused, which its sender
+    ///   resends after its backoff: its record waits for it, from the refusal (at the end,
+    ///   from when it was first held), and only while it holds back at most half the
+    ///   buffer (it keeps the acknowledgement at its first batch: holding more could keep
+    ///   the buffer full, refusing the very resend it waits for).
+    fn complete_quiet(
+        &self,
+        streams: &mut Streams,
+        ready: &mut Vec<Ready>,
+        at_end: bool,
+        started: (Instant, i64),
+    ) -> bool {
+        let now = Instant::now();
+        let (grace, flush_after) = (self.settings.restart_grace, self.settings.flush_after);
+        let read_ms = streams.read_ms;
+        // Whether lines read arrived `wait` after `ms` (0: not known, never).
+        let read_past = |ms: i64, wait: Duration| {
+            ms > 0
+                && read_ms.saturating_sub(ms) >= i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)
+        };
+        let refusal = self.buffer.last_refused();
+        let mut any = false;
+        for state in streams.open.values_mut() {
+            let waited = state.resumed
+                || if at_end {
+                    now.duration_since(started.0) >= grace
+                } else {
+                    read_past(started.1, grace)
+                };
+            let refused = refusal.is_some_and(|r| {
+                state.last_at < r.end
+                    && if at_end {
+                        now.duration_since(r.when) < grace
+                    } else {
+                        !read_past(r.ms, grace)
+                    }
+            }) && state.pending_from().is_some_and(|(_, from)| {
+                self.buffer.bytes_from(from) <= self.buffer.max_bytes() / 2
+            });
+            let held = refused
+                && (!at_end || now.duration_since(*state.held_since.get_or_insert(now)) < grace);
+            let quiet = if at_end {
+                now.duration_since(state.last_joined) >= flush_after
+            } else {
+                read_past(state.last_joined_ms, flush_after)
+            };
+            if waited && !held && quiet {
+                any |= state.complete_quiet(ready);
+            }
+            state.age_cut(now);
+        }
+        any
     }
 
     fn pusher(&self, pushing: &Arc<AtomicUsize>) -> Pusher {

@@ -994,6 +994,106 @@ async fn a_quiet_streams_record_goes_during_a_backlog_not_after_it() {
     );
 }
 
+/// As above, but the backlog is read long (past `restart_grace`) after the last refusal,
+/// and the rest is stored behind another host's lines that arrived past `flush_after`
+/// after the trace's head: while the reader has not read lines that arrived
+/// `restart_grace` after the refusal, the record still waits for its rest.
+#[tokio::test]
+async fn a_stack_trace_whose_rest_a_full_buffer_refused_arrives_whole_after_a_long_catch_up() {
+    let running = start_with(|s| {
+        s.forward.max_message_bytes = 64 * 1024;
+        s.server.max_message_bytes = 256 * 1024;
+        s.buffer.segment_bytes = 1536 * 1024;
+        s.buffer.max_bytes = 3 << 20;
+        s.pipeline.restart_grace = Duration::from_secs(1);
+        s.pipeline.batch_bytes = 16 * 1024;
+    })
+    .await;
+    running.loki.fail(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(600),
+    );
+    let filler = |n: usize, size: usize| {
+        format!(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [Filler] {n} {}",
+            "x".repeat(size)
+        )
+    };
+    let mut fillers = 0;
+    let mut fill = async |size: usize| {
+        let line = filler(fillers, size);
+        let id = format!("{fillers:032x}");
+        let stored = try_send(running.forward, "web-2", &id, &[&line]).await;
+        fillers += usize::from(stored);
+        stored
+    };
+    // Most of the buffer before the trace's head, so that holding it holds back less than
+    // half of the buffer.
+    for _ in 0..105 {
+        assert!(fill(20_000).await);
+    }
+    let first = [
+        "INFO   | jvm 1    | main    | 2024/10/28 17:12:01.000 | ERROR [hybrisHTTP1] [Cart] cart 1 failed",
+        "java.lang.IllegalStateException: none left",
+        "\tat a.B.c(B.java:1)",
+    ];
+    assert!(try_send(running.forward, "web-1", "a1", &first).await);
+    // The other host's lines after it arrive well past `flush_after` (300 ms) later.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for size in [20_000, 1_000, 0] {
+        for _ in 0..200 {
+            if !fill(size).await {
+                break;
+            }
+        }
+    }
+    let rest = ["\tat a.B.d(B.java:2)", "\tat a.B.e(B.java:3)"];
+    assert!(
+        !try_send(running.forward, "web-1", "a2", &rest).await,
+        "refused: full"
+    );
+    // Loki comes back long after, and slow: the catch-up reads the lines after the head
+    // more than `restart_grace` after the last refusal (the rest is stored early in it,
+    // once the first pushes free room).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    running.loki.answer_after(Duration::from_millis(20));
+    running
+        .loki
+        .fail(axum::http::StatusCode::OK, Duration::ZERO);
+    mall_test_support::wait_until(
+        "the rest is acknowledged",
+        Duration::from_secs(20),
+        || async {
+            try_send(running.forward, "web-1", "a2", &rest)
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+    let web_1 = || -> Vec<String> {
+        running
+            .loki
+            .received()
+            .iter()
+            .filter(|r| r.labels.iter().any(|(k, v)| k == "host" && v == "web-1"))
+            .map(|r| r.entry.line.clone())
+            .collect()
+    };
+    mall_test_support::wait_until("the rest is in Loki", Duration::from_secs(30), || async {
+        web_1()
+            .iter()
+            .any(|l| l.ends_with("(B.java:3)"))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        web_1(),
+        [
+            "cart 1 failed\njava.lang.IllegalStateException: none left\n\tat a.B.c(B.java:1)\n\tat a.B.d(B.java:2)\n\tat a.B.e(B.java:3)"
+        ]
+    );
+}
+
 /// A sender writing whole-second times (as `frame_of` does) may send the same line twice
 /// in a second on purpose, under two chunk ids: both reach Loki. The same chunk sent again
 /// under its id (its ack lost) is recognised and stored once.
@@ -1563,6 +1663,76 @@ async fn a_stack_trace_cut_by_a_graceful_restart_arrives_whole() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_in_order(&loki.received(), &want);
     assert_eq!(loki.counts().2, 0, "nothing pushed twice");
+    second.stop().await;
+}
+
+/// A restart in front of a backlog (Loki was down): the reader replays it slowly, and the
+/// rest of a trace its sender resends at once after the restart is stored behind another
+/// host's new lines. The record rebuilt from the buffer waits for its rest until lines read
+/// arrived `restart_grace` after the restart, however long the replay takes by the clock.
+#[tokio::test]
+async fn a_stack_trace_cut_by_a_restart_in_front_of_a_backlog_arrives_whole() {
+    let (dir, loki) = corpus::dir_and_loki().await;
+    let settings = || {
+        let mut settings =
+            corpus::restart_settings(dir.path(), loki.url(), Duration::from_millis(300));
+        settings.pipeline.batch_bytes = 16 * 1024;
+        settings
+    };
+    loki.fail(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(600),
+    );
+    let first = corpus::start_app(settings()).await;
+    let head = [
+        "INFO   | jvm 1    | main    | 2024/10/28 17:12:01.000 | ERROR [hybrisHTTP1] [Cart] cart 1 failed",
+        "java.lang.IllegalStateException: none left",
+        "\tat a.B.c(B.java:1)",
+    ];
+    assert!(try_send(first.forward, "web-1", "a1", &head).await);
+    // A backlog behind it: about 1 MB of another host's lines.
+    for n in 0..50 {
+        let line = format!(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [Filler] {n} {}",
+            "x".repeat(20_000)
+        );
+        assert!(try_send(first.forward, "web-2", &format!("{n:032x}"), &[&line]).await);
+    }
+    first.stop().await;
+
+    // Loki back, but slow: the replay takes seconds, past `restart_grace` (1 s).
+    loki.answer_after(Duration::from_millis(30));
+    loki.fail(axum::http::StatusCode::OK, Duration::ZERO);
+    let second = corpus::start_app(settings()).await;
+    // Right after the restart: a third host's lines, then the trace's rest (resent).
+    for n in 0..5 {
+        let line = format!(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:02.000 | INFO  [main] [Other] {n}"
+        );
+        assert!(try_send(second.forward, "web-3", &format!("b{n:031x}"), &[&line]).await);
+    }
+    let rest = ["\tat a.B.d(B.java:2)", "\tat a.B.e(B.java:3)"];
+    assert!(try_send(second.forward, "web-1", "a2", &rest).await);
+    let web_1 = || -> Vec<String> {
+        loki.received()
+            .iter()
+            .filter(|r| r.labels.iter().any(|(k, v)| k == "host" && v == "web-1"))
+            .map(|r| r.entry.line.clone())
+            .collect()
+    };
+    mall_test_support::wait_until("the rest is in Loki", Duration::from_secs(30), || async {
+        web_1()
+            .iter()
+            .any(|l| l.ends_with("(B.java:3)"))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        web_1(),
+        [
+            "cart 1 failed\njava.lang.IllegalStateException: none left\n\tat a.B.c(B.java:1)\n\tat a.B.d(B.java:2)\n\tat a.B.e(B.java:3)"
+        ]
+    );
     second.stop().await;
 }
 
