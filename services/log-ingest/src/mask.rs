@@ -292,11 +292,15 @@ impl Masker {
                 continue;
             }
             let mut masked = String::new();
-            let (mut kept, mut from) = (0, 0);
+            // Where the text is kept from (the end of the last match replaced, if any).
+            let (mut kept, mut replaced, mut from) = (0, false, 0);
             while from <= text.len()
                 && let Some(found) = pattern.regex.find_at(text, from)
             {
-                if pattern.digit_bounded && !stands_alone(pattern, text, &found) {
+                // An empty match right after a replaced one is no match of its own (as
+                // `find_iter` has it: `[0-9]*` on `12a` is one match before `a`, not two).
+                let after_last = replaced && found.is_empty() && found.start() == kept;
+                if after_last || pattern.digit_bounded && !stands_alone(pattern, text, &found) {
                     // Part of a longer number; a match may still start inside it (the phone
                     // after `2010 ` in `02-555-2010 010-1234-5678`, which the refused match
                     // `010 010-1234` ran into): search again from its next character, not
@@ -306,7 +310,7 @@ impl Masker {
                 }
                 masked.push_str(&text[kept..found.start()]);
                 masked.push_str(&pattern.replacement);
-                kept = found.end();
+                (kept, replaced) = (found.end(), true);
                 *count += 1;
                 // After an empty match (a configured pattern may allow one), a character on.
                 from = if found.is_empty() {
@@ -315,7 +319,7 @@ impl Masker {
                     found.end()
                 };
             }
-            if kept > 0 {
+            if replaced {
                 masked.push_str(&text[kept..]);
                 *text = masked;
                 // A replacement may hold a later pattern's literal: judge the new text.
@@ -613,18 +617,35 @@ mod tests {
     /// A configured pattern that can match nothing still ends.
     #[test]
     fn a_pattern_that_can_match_the_empty_text_ends() {
+        let masker = Masker::new(&[masker_settings()]).expect("compiles");
+        let (mut text, mut counts) = ("a1 é22".to_owned(), vec![0]);
+        masker.text(&mut text, &mut counts);
+        assert!(counts[0] >= 2, "{text} {counts:?}");
+        assert!(!text.contains(char::is_numeric), "{text}");
+        // As `replace_all` has it: one match before `a`, none right after a match; an
+        // empty match at the start is replaced too.
         let masker = Masker::new(&[PatternSettings {
+            digit_bounded: false,
+            ..masker_settings()
+        }])
+        .expect("compiles");
+        let regex = regex::Regex::new("[0-9]*").expect("compiles");
+        for (text, want) in [("12a", "#a#"), ("a", "#a#"), ("1a22", "#a#")] {
+            let (mut masked, mut counts) = (text.to_owned(), vec![0]);
+            masker.text(&mut masked, &mut counts);
+            assert_eq!(masked, regex.replace_all(text, "#"), "{text}");
+            assert_eq!(masked, want, "{text}");
+        }
+    }
+
+    fn masker_settings() -> PatternSettings {
+        PatternSettings {
             name: "digits".to_owned(),
             regex: "[0-9]*".to_owned(),
             replacement: "#".to_owned(),
             requires: Vec::new(),
             digit_bounded: true,
-        }])
-        .expect("compiles");
-        let (mut text, mut counts) = ("a1 é22".to_owned(), vec![0]);
-        masker.text(&mut text, &mut counts);
-        assert!(counts[0] >= 2, "{text} {counts:?}");
-        assert!(!text.contains(char::is_numeric), "{text}");
+        }
     }
 
     #[test]
