@@ -155,18 +155,20 @@ impl Deriver {
             .get_or_insert_with(|| self.records.with_label_values(&[service, level]))
             .inc(&seen.trace_id);
         if let Some(class) = seen.exception.as_deref() {
-            let key = (service.to_owned(), class.to_owned());
             // A runaway "class" (a first line of 100 KB of letters) would weigh on every
             // scrape, as a runaway service name would.
             let class = if class.len() > crate::labels::MAX_VALUE_BYTES {
                 OTHER
-            } else if self.classes.contains(&key) {
-                class
-            } else if self.classes.len() < self.settings.max_exception_classes {
-                self.classes.insert(key);
-                class
             } else {
-                OTHER
+                let key = (service.to_owned(), class.to_owned());
+                if self.classes.contains(&key) {
+                    class
+                } else if self.classes.len() < self.settings.max_exception_classes {
+                    self.classes.insert(key);
+                    class
+                } else {
+                    OTHER
+                }
             };
             self.exceptions
                 .with_label_values(&[service, class])
