@@ -151,8 +151,9 @@ async fn records_are_the_same_however_the_lines_are_cut_into_chunks_and_events()
     let parser =
         log_ingest::parse::Parser::new(log_ingest::parse::Format::Wrapper, chrono_tz::Asia::Seoul);
     let corpus: Vec<&str> = CORPUS.lines().take(400).collect();
-    // Each its own text: identical lines in one second collide in Loki once in 1,000
-    // (the tie-breaker), which the restart test covers; here they would hide a loss.
+    // Each its own text: identical lines in one second may collide in Loki (the
+    // tie-breaker, across segments), which the restart test covers; here they would hide
+    // a loss.
     let wrapper = |n: usize| {
         format!(
             "STATUS | wrapper  | 2024/10/28 17:12:31 | Pinging the JVM took {n} seconds to respond."
