@@ -41,9 +41,16 @@ pub struct Batch {
     pub received_ms: i64,
 }
 
-/// Now, in milliseconds since the Unix epoch: a batch's [`Batch::received_ms`].
+/// Now, in milliseconds since the Unix epoch: a batch's [`Batch::received_ms`]. Never
+/// less than what it returned before in this process: the pipeline judges quiet in a
+/// backlog by these times, and a wall clock stepped back would make every later line look
+/// old (completing records in progress, splitting traces).
 pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    static LATEST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    let now = chrono::Utc::now().timestamp_millis();
+    LATEST
+        .fetch_max(now, std::sync::atomic::Ordering::Relaxed)
+        .max(now)
 }
 
 /// What says what a stored batch holds, in three pieces to be read one after another: all

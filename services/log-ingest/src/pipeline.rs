@@ -710,16 +710,17 @@ impl Pipeline {
     /// until the whole backlog is read (refusing the inputs all along when it is full).
     ///
     /// Two waits come first, each at most `restart_grace`, judged the same way (by the
-    /// clock at the end; in a backlog, until lines read arrived that long after):
+    /// clock at the end; in a backlog, until lines read arrived that long after), and
+    /// each only while the record holds back at most half the buffer (it keeps the
+    /// acknowledgement at its first batch: holding more could keep the buffer full,
+    /// refusing the very lines it waits for):
     /// - after a restart (`started`: when, by both clocks), a record rebuilt from the
     ///   buffer waits for a line of its own (its sender resends what was not
     ///   acknowledged);
     /// - after the buffer refused an append (it was full) later than a stream's latest line
     ///   of its own, that stream's next chunk may have been refused, which its sender
     ///   resends after its backoff: its record waits for it, from the refusal (at the end,
-    ///   from when it was first held), and only while it holds back at most half the
-    ///   buffer (it keeps the acknowledgement at its first batch: holding more could keep
-    ///   the buffer full, refusing the very resend it waits for).
+    ///   from when it was first held).
     fn complete_quiet(
         &self,
         streams: &mut Streams,
@@ -730,30 +731,35 @@ impl Pipeline {
         let now = Instant::now();
         let (grace, flush_after) = (self.settings.restart_grace, self.settings.flush_after);
         let read_ms = streams.read_ms;
-        // Whether lines read arrived `wait` after `ms` (0: not known, never).
+        // Whether lines read arrived `wait` after `ms` (0: a batch stored by a version
+        // before received times, older than any line read with one).
         let read_past = |ms: i64, wait: Duration| {
-            ms > 0
-                && read_ms.saturating_sub(ms) >= i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)
+            read_ms > 0
+                && (ms == 0
+                    || read_ms.saturating_sub(ms)
+                        >= i64::try_from(wait.as_millis()).unwrap_or(i64::MAX))
         };
         let refusal = self.buffer.last_refused();
         let mut any = false;
         for state in streams.open.values_mut() {
+            let within_half = state.pending_from().is_some_and(|(_, from)| {
+                self.buffer.bytes_from(from) <= self.buffer.max_bytes() / 2
+            });
             let waited = state.resumed
                 || if at_end {
                     now.duration_since(started.0) >= grace
                 } else {
-                    read_past(started.1, grace)
+                    !within_half || read_past(started.1, grace)
                 };
-            let refused = refusal.is_some_and(|r| {
-                state.last_at < r.end
-                    && if at_end {
-                        now.duration_since(r.when) < grace
-                    } else {
-                        !read_past(r.ms, grace)
-                    }
-            }) && state.pending_from().is_some_and(|(_, from)| {
-                self.buffer.bytes_from(from) <= self.buffer.max_bytes() / 2
-            });
+            let refused = within_half
+                && refusal.is_some_and(|r| {
+                    state.last_at < r.end
+                        && if at_end {
+                            now.duration_since(r.when) < grace
+                        } else {
+                            !read_past(r.ms, grace)
+                        }
+                });
             let held = refused
                 && (!at_end || now.duration_since(*state.held_since.get_or_insert(now)) < grace);
             let quiet = if at_end {

@@ -1678,6 +1678,8 @@ async fn a_stack_trace_cut_by_a_restart_in_front_of_a_backlog_arrives_whole() {
         let mut settings =
             corpus::restart_settings(dir.path(), loki.url(), Duration::from_millis(300));
         settings.pipeline.batch_bytes = 16 * 1024;
+        // Ample for the sends right after the restart on a loaded machine.
+        settings.pipeline.restart_grace = Duration::from_secs(2);
         settings
     };
     loki.fail(
@@ -1691,8 +1693,8 @@ async fn a_stack_trace_cut_by_a_restart_in_front_of_a_backlog_arrives_whole() {
         "\tat a.B.c(B.java:1)",
     ];
     assert!(try_send(first.forward, "web-1", "a1", &head).await);
-    // A backlog behind it: about 1 MB of another host's lines.
-    for n in 0..50 {
+    // A backlog behind it: about 2 MB of another host's lines.
+    for n in 0..100 {
         let line = format!(
             "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [Filler] {n} {}",
             "x".repeat(20_000)
@@ -1701,8 +1703,9 @@ async fn a_stack_trace_cut_by_a_restart_in_front_of_a_backlog_arrives_whole() {
     }
     first.stop().await;
 
-    // Loki back, but slow: the replay takes seconds, past `restart_grace` (1 s).
-    loki.answer_after(Duration::from_millis(30));
+    // Loki back, but slow: the replay (about 100 pushes) takes about 6 s, past
+    // `restart_grace`.
+    loki.answer_after(Duration::from_millis(60));
     loki.fail(axum::http::StatusCode::OK, Duration::ZERO);
     let second = corpus::start_app(settings()).await;
     // Right after the restart: a third host's lines, then the trace's rest (resent).
