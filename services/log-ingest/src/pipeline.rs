@@ -710,10 +710,10 @@ impl Pipeline {
     /// until the whole backlog is read (refusing the inputs all along when it is full).
     ///
     /// Two waits come first, each at most `restart_grace`, judged the same way (by the
-    /// clock at the end; in a backlog, until lines read arrived that long after), and
-    /// each only while the record holds back at most half the buffer (it keeps the
-    /// acknowledgement at its first batch: holding more could keep the buffer full,
-    /// refusing the very lines it waits for):
+    /// clock at the end; in a backlog, until lines read arrived that long after). The
+    /// refusal's wait, and the restart's in a backlog, last only while the record holds
+    /// back at most half the buffer (it keeps the acknowledgement at its first batch:
+    /// holding more could keep the buffer full, refusing the very lines it waits for):
     /// - after a restart (`started`: when, by both clocks), a record rebuilt from the
     ///   buffer waits for a line of its own (its sender resends what was not
     ///   acknowledged);
@@ -741,34 +741,39 @@ impl Pipeline {
         };
         let refusal = self.buffer.last_refused();
         let mut any = false;
-        for state in streams.open.values_mut() {
-            let within_half = state.pending_from().is_some_and(|(_, from)| {
+        // Measured only where it decides (it sums the buffer's segments).
+        let within_half = |state: &StreamState| {
+            state.pending_from().is_some_and(|(_, from)| {
                 self.buffer.bytes_from(from) <= self.buffer.max_bytes() / 2
-            });
-            let waited = state.resumed
-                || if at_end {
-                    now.duration_since(started.0) >= grace
-                } else {
-                    !within_half || read_past(started.1, grace)
-                };
-            let refused = within_half
-                && refusal.is_some_and(|r| {
+            })
+        };
+        for state in streams.open.values_mut() {
+            let quiet = if at_end {
+                now.duration_since(state.last_joined) >= flush_after
+            } else {
+                read_past(state.last_joined_ms, flush_after)
+            };
+            if quiet {
+                let waited = state.resumed
+                    || if at_end {
+                        now.duration_since(started.0) >= grace
+                    } else {
+                        read_past(started.1, grace) || !within_half(state)
+                    };
+                let refused = refusal.is_some_and(|r| {
                     state.last_at < r.end
                         && if at_end {
                             now.duration_since(r.when) < grace
                         } else {
                             !read_past(r.ms, grace)
                         }
-                });
-            let held = refused
-                && (!at_end || now.duration_since(*state.held_since.get_or_insert(now)) < grace);
-            let quiet = if at_end {
-                now.duration_since(state.last_joined) >= flush_after
-            } else {
-                read_past(state.last_joined_ms, flush_after)
-            };
-            if waited && !held && quiet {
-                any |= state.complete_quiet(ready);
+                }) && within_half(state);
+                let held = refused
+                    && (!at_end
+                        || now.duration_since(*state.held_since.get_or_insert(now)) < grace);
+                if waited && !held {
+                    any |= state.complete_quiet(ready);
+                }
             }
             state.age_cut(now);
         }
@@ -1302,7 +1307,9 @@ impl Pusher {
                     pieces.push(Piece::unencoded(piece));
                 }
                 Some(Pushed::Accepted) => {
-                    let now_ms = crate::batch::now_ms();
+                    // The wall clock as it is (not `now_ms`, held back after the clock
+                    // stepped back): the alerts read the last push's time.
+                    let now_ms = chrono::Utc::now().timestamp_millis();
                     self.metrics.pushed.inc_by(piece.len() as u64);
                     self.metrics.last_push.set(now_ms.div_euclid(1_000));
                     {
