@@ -18,6 +18,17 @@ async fn start() -> Running {
     start_with(|_| {}).await
 }
 
+/// log-ingest with the legacy tags (`hybris.*`) parsed as Tomcat access logs.
+async fn start_parsing_access_logs() -> Running {
+    start_with(|settings| {
+        settings
+            .pipeline
+            .parsers
+            .insert("hybris.*".to_owned(), "access-log".to_owned());
+    })
+    .await
+}
+
 /// Sends `lines` in Forward mode chunks of `per_chunk` entries, each acknowledged.
 async fn send(addr: std::net::SocketAddr, lines: &[&str], per_chunk: usize) {
     corpus::send_as(addr, "hybris-1", lines, per_chunk).await;
@@ -739,13 +750,7 @@ async fn identical_lines_in_the_same_millisecond_are_all_kept() {
 /// order, across chunks too.
 #[tokio::test]
 async fn an_access_logs_lines_of_one_second_keep_their_order_identical_ones_too() {
-    let running = start_with(|settings| {
-        settings
-            .pipeline
-            .parsers
-            .insert("hybris.*".to_owned(), "access-log".to_owned());
-    })
-    .await;
+    let running = start_parsing_access_logs().await;
     let paths = ["/a", "/health", "/b", "/health", "/c", "/health", "/d"];
     let lines: Vec<String> = paths
         .iter()
@@ -822,6 +827,90 @@ async fn try_send(addr: std::net::SocketAddr, host: &str, id: &str, lines: &[&st
     }
 }
 
+/// The beginning of a stack trace (its header, exception line and first frame), its rest
+/// sent apart, and the one record they make.
+const TRACE_HEAD: [&str; 3] = [
+    "INFO   | jvm 1    | main    | 2024/10/28 17:12:01.000 | ERROR [hybrisHTTP1] [Cart] cart 1 failed",
+    "java.lang.IllegalStateException: none left",
+    "\tat a.B.c(B.java:1)",
+];
+const TRACE_REST: [&str; 2] = ["\tat a.B.d(B.java:2)", "\tat a.B.e(B.java:3)"];
+const TRACE_WHOLE: &str = "cart 1 failed\njava.lang.IllegalStateException: none left\n\tat a.B.c(B.java:1)\n\tat a.B.d(B.java:2)\n\tat a.B.e(B.java:3)";
+
+/// Lines of another host (`web-2`), each different (a chunk with the content of one
+/// stored is taken as sent again), each in a chunk of its own.
+struct Filler {
+    forward: std::net::SocketAddr,
+    stored: usize,
+}
+
+impl Filler {
+    fn new(forward: std::net::SocketAddr) -> Self {
+        Self { forward, stored: 0 }
+    }
+
+    /// Sends a line of `size` bytes of filler; whether it was stored.
+    async fn send(&mut self, size: usize) -> bool {
+        let line = format!(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [Filler] {} {}",
+            self.stored,
+            "x".repeat(size)
+        );
+        let id = format!("{:032x}", self.stored);
+        let stored = try_send(self.forward, "web-2", &id, &[&line]).await;
+        self.stored += usize::from(stored);
+        stored
+    }
+
+    /// Fills the buffer to the brim: lines of each size in turn until one is refused.
+    async fn fill_to_the_brim(&mut self, sizes: &[usize]) {
+        for &size in sizes {
+            for _ in 0..200 {
+                if !self.send(size).await {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The lines of `host`'s entries in Loki, in arrival order.
+fn lines_of(loki: &LokiReceiver, host: &str) -> Vec<String> {
+    loki.received()
+        .iter()
+        .filter(|r| r.labels.iter().any(|(k, v)| k == "host" && v == host))
+        .map(|r| r.entry.line.clone())
+        .collect()
+}
+
+/// Waits until the end of the trace ([`TRACE_REST`]) from `web-1` is in Loki, then checks
+/// that the trace is one record.
+async fn assert_the_trace_arrives_whole(loki: &LokiReceiver) {
+    mall_test_support::wait_until("the rest is in Loki", Duration::from_secs(30), || async {
+        lines_of(loki, "web-1")
+            .iter()
+            .any(|l| l.ends_with("(B.java:3)"))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(lines_of(loki, "web-1"), [TRACE_WHOLE]);
+}
+
+/// Sends [`TRACE_REST`] from `web-1` until it is stored (a sender resending after its
+/// backoff until there is room).
+async fn resend_the_rest_until_stored(forward: std::net::SocketAddr) {
+    mall_test_support::wait_until(
+        "the rest is acknowledged",
+        Duration::from_secs(20),
+        || async {
+            try_send(forward, "web-1", "a2", &TRACE_REST)
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// The buffer is full (Loki has been down) and refuses the chunk holding the rest of a
 /// stack trace; its sender resends it only once there is room again. Meanwhile the stream
 /// is quiet, but its record in progress waits for the rest (as after a restart) instead of
@@ -840,48 +929,22 @@ async fn a_stack_trace_whose_rest_a_full_buffer_refused_arrives_whole() {
         axum::http::StatusCode::SERVICE_UNAVAILABLE,
         Duration::from_secs(600),
     );
-    // Each different: a chunk with the content of one stored is taken as sent again.
-    let filler = |n: usize, size: usize| {
-        format!(
-            "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [Filler] {n} {}",
-            "x".repeat(size)
-        )
-    };
     // A host whose record in progress began before most of the buffer: holding it would
     // keep the acknowledgement there and the buffer full, so it is not held.
     let early =
         "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.500 | WARN  [main] [Early] early";
     assert!(try_send(running.forward, "web-3", "e1", &[early]).await);
-    let mut fillers = 0;
-    let mut fill = async |size: usize| {
-        let line = filler(fillers, size);
-        let id = format!("{fillers:032x}");
-        let stored = try_send(running.forward, "web-2", &id, &[&line]).await;
-        fillers += usize::from(stored);
-        stored
-    };
+    let mut filler = Filler::new(running.forward);
     // Another host's lines first, so that the acknowledgement can free segments before
     // the trace once Loki is back.
     for _ in 0..70 {
-        assert!(fill(50_000).await);
+        assert!(filler.send(50_000).await);
     }
-    let first = [
-        "INFO   | jvm 1    | main    | 2024/10/28 17:12:01.000 | ERROR [hybrisHTTP1] [Cart] cart 1 failed",
-        "java.lang.IllegalStateException: none left",
-        "\tat a.B.c(B.java:1)",
-    ];
-    assert!(try_send(running.forward, "web-1", "a1", &first).await);
+    assert!(try_send(running.forward, "web-1", "a1", &TRACE_HEAD).await);
     // Then to the brim: large lines, then small ones.
-    for size in [50_000, 1_000, 0] {
-        for _ in 0..200 {
-            if !fill(size).await {
-                break;
-            }
-        }
-    }
-    let rest = ["\tat a.B.d(B.java:2)", "\tat a.B.e(B.java:3)"];
+    filler.fill_to_the_brim(&[50_000, 1_000, 0]).await;
     assert!(
-        !try_send(running.forward, "web-1", "a2", &rest).await,
+        !try_send(running.forward, "web-1", "a2", &TRACE_REST).await,
         "refused: full"
     );
     // Quiet (flush_after, 300 ms) passes many times over while the rest waits.
@@ -892,34 +955,10 @@ async fn a_stack_trace_whose_rest_a_full_buffer_refused_arrives_whole() {
     // The sender resends after its backoff (Fluent Bit's is a second or more), until
     // there is room.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    mall_test_support::wait_until(
-        "the rest is acknowledged",
-        Duration::from_secs(20),
-        || async {
-            try_send(running.forward, "web-1", "a2", &rest)
-                .await
-                .then_some(())
-        },
-    )
-    .await;
-    let web_1 = || -> Vec<String> {
-        running
-            .loki
-            .received()
-            .iter()
-            .filter(|r| r.labels.iter().any(|(k, v)| k == "host" && v == "web-1"))
-            .map(|r| r.entry.line.clone())
-            .collect()
-    };
+    resend_the_rest_until_stored(running.forward).await;
     // (web-2's last record waits out `restart_grace`: its next chunks were refused too, and
     // this sender does not resend them.)
-    mall_test_support::wait_until("the rest is in Loki", Duration::from_secs(20), || async {
-        web_1()
-            .iter()
-            .any(|l| l.ends_with("(B.java:3)"))
-            .then_some(())
-    })
-    .await;
+    assert_the_trace_arrives_whole(&running.loki).await;
     let host_has =
         |host: &str, line: &str| {
             running.loki.received().iter().any(|r| {
@@ -929,12 +968,6 @@ async fn a_stack_trace_whose_rest_a_full_buffer_refused_arrives_whole() {
     assert!(
         host_has("web-3", "early"),
         "the early record was not held back"
-    );
-    assert_eq!(
-        web_1(),
-        [
-            "cart 1 failed\njava.lang.IllegalStateException: none left\n\tat a.B.c(B.java:1)\n\tat a.B.d(B.java:2)\n\tat a.B.e(B.java:3)"
-        ]
     );
 }
 
@@ -1014,43 +1047,18 @@ async fn a_stack_trace_whose_rest_a_full_buffer_refused_arrives_whole_after_a_lo
         axum::http::StatusCode::SERVICE_UNAVAILABLE,
         Duration::from_secs(600),
     );
-    let filler = |n: usize, size: usize| {
-        format!(
-            "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [Filler] {n} {}",
-            "x".repeat(size)
-        )
-    };
-    let mut fillers = 0;
-    let mut fill = async |size: usize| {
-        let line = filler(fillers, size);
-        let id = format!("{fillers:032x}");
-        let stored = try_send(running.forward, "web-2", &id, &[&line]).await;
-        fillers += usize::from(stored);
-        stored
-    };
+    let mut filler = Filler::new(running.forward);
     // Most of the buffer before the trace's head, so that holding it holds back less than
     // half of the buffer.
     for _ in 0..105 {
-        assert!(fill(20_000).await);
+        assert!(filler.send(20_000).await);
     }
-    let first = [
-        "INFO   | jvm 1    | main    | 2024/10/28 17:12:01.000 | ERROR [hybrisHTTP1] [Cart] cart 1 failed",
-        "java.lang.IllegalStateException: none left",
-        "\tat a.B.c(B.java:1)",
-    ];
-    assert!(try_send(running.forward, "web-1", "a1", &first).await);
+    assert!(try_send(running.forward, "web-1", "a1", &TRACE_HEAD).await);
     // The other host's lines after it arrive well past `flush_after` (300 ms) later.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    for size in [20_000, 1_000, 0] {
-        for _ in 0..200 {
-            if !fill(size).await {
-                break;
-            }
-        }
-    }
-    let rest = ["\tat a.B.d(B.java:2)", "\tat a.B.e(B.java:3)"];
+    filler.fill_to_the_brim(&[20_000, 1_000, 0]).await;
     assert!(
-        !try_send(running.forward, "web-1", "a2", &rest).await,
+        !try_send(running.forward, "web-1", "a2", &TRACE_REST).await,
         "refused: full"
     );
     // Loki comes back long after, and slow: the catch-up reads the lines after the head
@@ -1061,38 +1069,8 @@ async fn a_stack_trace_whose_rest_a_full_buffer_refused_arrives_whole_after_a_lo
     running
         .loki
         .fail(axum::http::StatusCode::OK, Duration::ZERO);
-    mall_test_support::wait_until(
-        "the rest is acknowledged",
-        Duration::from_secs(20),
-        || async {
-            try_send(running.forward, "web-1", "a2", &rest)
-                .await
-                .then_some(())
-        },
-    )
-    .await;
-    let web_1 = || -> Vec<String> {
-        running
-            .loki
-            .received()
-            .iter()
-            .filter(|r| r.labels.iter().any(|(k, v)| k == "host" && v == "web-1"))
-            .map(|r| r.entry.line.clone())
-            .collect()
-    };
-    mall_test_support::wait_until("the rest is in Loki", Duration::from_secs(30), || async {
-        web_1()
-            .iter()
-            .any(|l| l.ends_with("(B.java:3)"))
-            .then_some(())
-    })
-    .await;
-    assert_eq!(
-        web_1(),
-        [
-            "cart 1 failed\njava.lang.IllegalStateException: none left\n\tat a.B.c(B.java:1)\n\tat a.B.d(B.java:2)\n\tat a.B.e(B.java:3)"
-        ]
-    );
+    resend_the_rest_until_stored(running.forward).await;
+    assert_the_trace_arrives_whole(&running.loki).await;
 }
 
 /// A sender writing whole-second times (as `frame_of` does) may send the same line twice
@@ -1542,13 +1520,7 @@ async fn a_new_stream_past_the_open_stream_limit_completes_the_quietest_ones_rec
 /// `parse_errors` (GetPipelineStats and `/metrics`); a line it reads is not counted.
 #[tokio::test]
 async fn a_line_its_parser_cannot_read_is_shipped_raw_and_counted() {
-    let running = start_with(|settings| {
-        settings
-            .pipeline
-            .parsers
-            .insert("hybris.*".to_owned(), "access-log".to_owned());
-    })
-    .await;
+    let running = start_parsing_access_logs().await;
     let access =
         r#"10.0.3.7 - - [28/Oct/2024:17:12:00 +0900] "GET /shop/en/cart HTTP/1.1" 200 5120"#;
     let garbage = "tomcat said something that is not an access log";
@@ -1687,19 +1659,11 @@ async fn a_stack_trace_cut_by_a_restart_in_front_of_a_backlog_arrives_whole() {
         Duration::from_secs(600),
     );
     let first = corpus::start_app(settings()).await;
-    let head = [
-        "INFO   | jvm 1    | main    | 2024/10/28 17:12:01.000 | ERROR [hybrisHTTP1] [Cart] cart 1 failed",
-        "java.lang.IllegalStateException: none left",
-        "\tat a.B.c(B.java:1)",
-    ];
-    assert!(try_send(first.forward, "web-1", "a1", &head).await);
+    assert!(try_send(first.forward, "web-1", "a1", &TRACE_HEAD).await);
     // A backlog behind it: about 2 MB of another host's lines.
-    for n in 0..100 {
-        let line = format!(
-            "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [Filler] {n} {}",
-            "x".repeat(20_000)
-        );
-        assert!(try_send(first.forward, "web-2", &format!("{n:032x}"), &[&line]).await);
+    let mut filler = Filler::new(first.forward);
+    for _ in 0..100 {
+        assert!(filler.send(20_000).await);
     }
     first.stop().await;
 
@@ -1715,28 +1679,8 @@ async fn a_stack_trace_cut_by_a_restart_in_front_of_a_backlog_arrives_whole() {
         );
         assert!(try_send(second.forward, "web-3", &format!("b{n:031x}"), &[&line]).await);
     }
-    let rest = ["\tat a.B.d(B.java:2)", "\tat a.B.e(B.java:3)"];
-    assert!(try_send(second.forward, "web-1", "a2", &rest).await);
-    let web_1 = || -> Vec<String> {
-        loki.received()
-            .iter()
-            .filter(|r| r.labels.iter().any(|(k, v)| k == "host" && v == "web-1"))
-            .map(|r| r.entry.line.clone())
-            .collect()
-    };
-    mall_test_support::wait_until("the rest is in Loki", Duration::from_secs(30), || async {
-        web_1()
-            .iter()
-            .any(|l| l.ends_with("(B.java:3)"))
-            .then_some(())
-    })
-    .await;
-    assert_eq!(
-        web_1(),
-        [
-            "cart 1 failed\njava.lang.IllegalStateException: none left\n\tat a.B.c(B.java:1)\n\tat a.B.d(B.java:2)\n\tat a.B.e(B.java:3)"
-        ]
-    );
+    assert!(try_send(second.forward, "web-1", "a2", &TRACE_REST).await);
+    assert_the_trace_arrives_whole(&loki).await;
     second.stop().await;
 }
 
