@@ -2,7 +2,8 @@
 # The one command that runs every quality gate and every test, as CI does:
 #   cargo fmt --check · buf lint and buf breaking (scripts/contracts.sh) · the Kubernetes manifests
 #   (scripts/manifests.sh) · dashboards, rules, alert tests and compose (scripts/observability.sh)
-#   · cargo nextest (with tests/e2e: the four services as processes, traces and Prometheus) · a Python gRPC
+#   · cargo nextest (with tests/e2e: the four services as processes, traces and Prometheus) · the
+#   image recipe's build context loads the workspace (scripts/image-context.sh) · a Python gRPC
 #   client against every service (interop) · cargo clippy -D warnings
 # It installs what the tests need when it is missing (buf, cargo-nextest, PostgreSQL, the
 # manifest validators, Prometheus, docker-compose, grafanalib) and fails
@@ -64,6 +65,9 @@ export MALL_TEST_NODE_MODULES
 # The tests build first: clippy then reuses the dependency metadata and adds about a minute.
 say "cargo nextest run"
 cargo nextest run --workspace --profile "${NEXTEST_PROFILE:-default}" "$@"
+
+say "image: deploy/Dockerfile's build context resolves as the workspace (cargo tree --locked, offline)"
+"$ROOT/scripts/image-context.sh"
 
 say "interop: a Python gRPC client lists and health-checks every service through reflection"
 "$ROOT/scripts/interop.sh"
