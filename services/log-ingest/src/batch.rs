@@ -318,7 +318,52 @@ impl<'a> EventRef<'a> {
         None
     }
 
-    /// The whole event, decoded (OTLP's records; a record without the line field).
+    /// The record as a JSON object (for a record without a line field, so nothing of it is
+    /// lost): its keys that are text, each with its value as text (str and bin as they
+    /// are, anything else in MessagePack's text form), a later key over an earlier one.
+    ///
+    /// At most about `max_bytes` of it (the record is cut there anyway): pairs are read
+    /// where they lie, a text value is cut at what is left, and any other value is decoded
+    /// alone, only while it fits what is left.
+    /// Decoded whole, a record of millions of one-byte values (a few kilobytes of gzip in
+    /// a forward message) would take gigabytes.
+    pub fn to_json(&self, max_bytes: usize) -> String {
+        let mut object = serde_json::Map::new();
+        let mut size = 2_usize;
+        let mut rest = self.record;
+        let pairs = rmp::decode::read_map_len(&mut rest).unwrap_or(0);
+        for _ in 0..pairs {
+            let Some((k, v, after)) = split_value(rest)
+                .and_then(|(k, after)| Some((k, split_value(after)?)))
+                .map(|(k, (v, after))| (k, v, after))
+            else {
+                break;
+            };
+            rest = after;
+            let Some(key) = bytes_of(k).map(String::from_utf8_lossy) else {
+                continue;
+            };
+            let room = max_bytes.saturating_sub(size);
+            let value = match bytes_of(v) {
+                // Cut at what is left (a character cut in two reads as U+FFFD).
+                Some(text) => String::from_utf8_lossy(&text[..text.len().min(room)]).into_owned(),
+                None if v.len() <= room => match rmpv::decode::read_value(&mut &v[..]) {
+                    Ok(value) => value.to_string(),
+                    Err(_) => break,
+                },
+                // Past the cut: the rest is not shown.
+                None => break,
+            };
+            size = size.saturating_add(key.len() + value.len() + 6);
+            object.insert(key.into_owned(), serde_json::Value::String(value));
+            if size >= max_bytes {
+                break;
+            }
+        }
+        serde_json::Value::Object(object).to_string()
+    }
+
+    /// The whole event, decoded (OTLP's records, which conversion built).
     pub fn to_event(&self) -> Event {
         let record = match rmpv::decode::read_value(&mut &self.record[..]) {
             Ok(Value::Map(pairs)) => pairs,
@@ -859,6 +904,57 @@ mod tests {
         let event = events.iter().next().expect("one");
         assert_eq!(event.text("log").as_deref(), Some("first"));
         assert_eq!(event.text(long).as_deref(), Some("str8"));
+    }
+
+    #[test]
+    fn a_record_without_a_line_shows_as_json_up_to_its_cap() {
+        let event = Event {
+            time_nanos: 1,
+            record: vec![
+                (Value::from("host"), Value::from("web-1")),
+                (
+                    Value::Binary(b"file".to_vec()),
+                    Value::Binary(b"a.log".to_vec()),
+                ),
+                (
+                    Value::from(7),
+                    Value::from("a key that is not text is left out"),
+                ),
+                (
+                    Value::from("nested"),
+                    Value::Array(vec![Value::from(1), Value::Nil, Value::from("x")]),
+                ),
+                (Value::from("host"), Value::from("web-2")),
+            ],
+        };
+        let events = events(&[event]);
+        let event = events.iter().next().expect("one");
+        // What the pipeline showed before it read pairs one by one: every text key, a
+        // later one over an earlier one, values as text.
+        let whole = event.to_event();
+        let expected: serde_json::Map<String, serde_json::Value> = whole
+            .record
+            .iter()
+            .filter_map(|(k, v)| {
+                let value = forward::text(v).map_or_else(|| v.to_string(), |t| t.into_owned());
+                Some((
+                    forward::text(k)?.into_owned(),
+                    serde_json::Value::from(value),
+                ))
+            })
+            .collect();
+        let json = event.to_json(1 << 20);
+        assert_eq!(json, serde_json::Value::Object(expected).to_string());
+        assert_eq!(
+            json,
+            r#"{"file":"a.log","host":"web-2","nested":"[1, nil, \"x\"]"}"#
+        );
+        // Cut: pairs are shown until the object reaches the cap, a text value cut there.
+        assert_eq!(event.to_json(10), r#"{"host":"web-1"}"#);
+        assert_eq!(event.to_json(5), r#"{"host":"web"}"#);
+        // A value to decode that does not fit what is left ends it (`nested`, 5 bytes sent,
+        // with 3 left).
+        assert_eq!(event.to_json(35), r#"{"file":"a.log","host":"web-1"}"#);
     }
 
     #[test]

@@ -326,11 +326,7 @@ pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
                 chunk: chunk(options)?,
             });
         }
-        return Ok(Frame::Message(Message {
-            tag,
-            events,
-            chunk: chunk(options)?,
-        }));
+        return message(tag, events, options, max_inflated);
     }
     // The other modes' parts, whole.
     let mut parts: [&[u8]; 4] = [&[]; 4];
@@ -370,18 +366,11 @@ pub fn decode(bytes: &[u8], max_inflated: usize) -> Result<Frame, Garbage> {
         events
     } else {
         match str_payload(parts[1]).or_else(|| bin_payload(parts[1])) {
-            Some(packed_entries) => {
-                let options = options.map(read).transpose()?;
-                packed(packed_entries, options.as_ref(), max_inflated, &tag)?
-            }
+            Some(packed_entries) => packed(packed_entries, options, max_inflated, &tag)?,
             None => return Err(Garbage::NotForward("entries are an array, bin or str")),
         }
     };
-    Ok(Frame::Message(Message {
-        tag,
-        events,
-        chunk: chunk(options)?,
-    }))
+    message(tag, events, options, max_inflated)
 }
 
 /// Forward mode's entries at the start of `bytes`: an array that is empty or whose first
@@ -407,6 +396,28 @@ fn chunk(options: Option<&[u8]>) -> Result<Option<Vec<u8>>, Garbage> {
     Ok(option(options, b"chunk")?.map(<[u8]>::to_vec))
 }
 
+/// A message of `events` tagged `tag`, with the `chunk` of its options; refused when they
+/// weigh more than `max` together (the chunk id may be stored with the batch, which must
+/// fit a segment).
+fn message(
+    tag: String,
+    events: Events,
+    options: Option<&[u8]>,
+    max: usize,
+) -> Result<Frame, Garbage> {
+    let chunk = chunk(options)?;
+    let chunk_len = chunk.as_ref().map_or(0, Vec::len);
+    if events
+        .weight()
+        .saturating_add(tag.len())
+        .saturating_add(chunk_len)
+        > max
+    {
+        return Err(Garbage::TooLarge(max));
+    }
+    Ok(Frame::Message(Message { tag, events, chunk }))
+}
+
 /// Fluent Bit's `fluent_signal` for logs.
 const LOGS: i64 = 0;
 
@@ -416,6 +427,11 @@ fn signal(options: Option<&[u8]>) -> Result<Option<i64>, Garbage> {
     let Some(value) = option(options, b"fluent_signal")? else {
         return Ok(None);
     };
+    // An integer takes 9 bytes at most: anything longer is refused undecoded (decoded, a
+    // few megabytes of nils would take tens of times that).
+    if value.len() > 9 {
+        return Err(Garbage::NotForward("fluent_signal is an integer"));
+    }
     match read(value)? {
         // Past i64: no signal Fluent Bit knows, and not logs.
         Value::Integer(i) => Ok(Some(i.as_i64().unwrap_or(i64::MAX))),
@@ -549,22 +565,21 @@ fn within(events: &Events, tag: &str, max: usize) -> Result<(), Garbage> {
 }
 
 /// The events of a PackedForward entry stream of the message tagged `tag`, inflated first
-/// when the options say gzip.
+/// when the options (a map or nil, if any; read where they lie, never decoded whole) say
+/// gzip.
 fn packed(
     bytes: &[u8],
-    options: Option<&Value>,
+    options: Option<&[u8]>,
     max_inflated: usize,
     tag: &str,
 ) -> Result<Events, Garbage> {
-    let compressed = options
-        .and_then(Value::as_map)
-        .and_then(|o| o.iter().find(|(k, _)| k.as_str() == Some("compressed")))
-        .map(|(_, v)| v.as_str().unwrap_or_default());
+    // A value that is not a str reads as "", refused below.
+    let compressed = option(options, b"compressed")?.map(|v| str_payload(v).unwrap_or_default());
     let inflated;
     let mut stream = match compressed {
         // fluent-logger says "text" for entries that are not compressed.
-        None | Some("text") => bytes,
-        Some("gzip") => {
+        None | Some(b"text") => bytes,
+        Some(b"gzip") => {
             // Several gzip members may follow each other (Fluent Bit appends them).
             let mut out = Vec::new();
             flate2::read::MultiGzDecoder::new(bytes)
@@ -638,21 +653,36 @@ fn push_entry<'a>(events: &mut Events, bytes: &'a [u8]) -> Option<Result<&'a [u8
     }))
 }
 
+/// A scalar time takes this many bytes at most (EventTime as ext8).
+const MAX_TIME_BYTES: usize = 11;
+
 /// The time at the start of `time` (one whole value) in nanoseconds.
+///
+/// Only a scalar of [`MAX_TIME_BYTES`] at most is decoded, and of `[time, metadata]` only
+/// the time: anything else is refused undecoded. Decoded, a few kilobytes of gzip holding
+/// an array of millions of nils would take gigabytes.
 fn time_nanos_of(time: &[u8]) -> Result<i64, Garbage> {
-    // EventTime as fixext8, what Fluent Bit sends, read in place; so is `[EventTime,
-    // metadata]`, Fluent Bit 5's default.
+    let not_a_time = || Garbage::NotForward("a time is an integer, EventTime or [time, metadata]");
     match time {
+        // EventTime as fixext8, what Fluent Bit sends, read in place.
         [0xd7, 0x00, data @ ..] if data.len() == 8 => {
             Ok(event_time(data.try_into().expect("8 bytes")))
         }
-        [0x92, pair @ ..] if !matches!(pair.first(), Some(0x90..=0x9f | 0xdc | 0xdd)) => {
-            match split_value(pair) {
-                Some((inner, metadata)) if is_map(metadata) => time_nanos_of(inner),
-                _ => time_nanos(&read(time)?),
+        // `[time, metadata]`, Fluent Bit 5's default: the metadata is not read.
+        [0x90..=0x9f | 0xdc | 0xdd, ..] => {
+            let mut pair = time;
+            match rmp::decode::read_array_len(&mut pair) {
+                Ok(2) if !matches!(pair.first(), Some(0x90..=0x9f | 0xdc | 0xdd)) => {
+                    match split_value(pair) {
+                        Some((inner, metadata)) if is_map(metadata) => time_nanos_of(inner),
+                        _ => Err(not_a_time()),
+                    }
+                }
+                _ => Err(not_a_time()),
             }
         }
-        _ => time_nanos(&read(time)?),
+        _ if time.len() <= MAX_TIME_BYTES => time_nanos(&read(time)?),
+        _ => Err(not_a_time()),
     }
 }
 
@@ -663,7 +693,7 @@ fn event_time(data: &[u8; 8]) -> i64 {
     seconds * 1_000_000_000 + nanos.min(999_999_999)
 }
 
-/// An integer, a float, EventTime, or `[any of those, {metadata}]`.
+/// An integer, a float or EventTime (`[time, metadata]` is taken apart before).
 fn time_nanos(time: &Value) -> Result<i64, Garbage> {
     const BILLION: i64 = 1_000_000_000;
     match time {
@@ -675,9 +705,6 @@ fn time_nanos(time: &Value) -> Result<i64, Garbage> {
         Value::F32(f) if f.is_finite() && f.abs() < 1e10 => Ok((f64::from(*f) * 1e9) as i64),
         Value::Ext(0, data) if data.len() == 8 => {
             Ok(event_time(data.as_slice().try_into().expect("8 bytes")))
-        }
-        Value::Array(pair) if pair.len() == 2 && pair[1].is_map() && !pair[0].is_array() => {
-            time_nanos(&pair[0])
         }
         _ => Err(Garbage::NotForward(
             "a time is an integer, EventTime or [time, metadata]",
@@ -998,6 +1025,14 @@ mod tests {
         assert_eq!(frame_len(&forward, max), Ok(Some(forward.len())));
         assert!(refused(&forward), "tiny entries refused");
 
+        // A chunk id counts too: it may be stored with the batch.
+        let frame = encode(&Value::Array(vec![
+            s("t"),
+            Value::Binary(entries(&["a line"])),
+            Value::Map(vec![(s("chunk"), s(&"c".repeat(4 * max)))]),
+        ]));
+        assert!(refused(&frame), "a chunk id past the limit refused");
+
         // A megabyte of realistic entries (EventTime, a short line) is taken.
         let line = entries(&["GET /cart 200"; 20_000]);
         let frame = encode(&Value::Array(vec![s("t"), Value::Binary(line)]));
@@ -1141,6 +1176,27 @@ mod tests {
                     Value::Map(vec![(s("compressed"), s("gzip"))]),
                 ]),
                 "not gzip",
+            ),
+            (
+                Value::Array(vec![
+                    s("t"),
+                    Value::Array(vec![Value::Array(vec![
+                        Value::Array(vec![Value::Nil; 12]),
+                        record("x"),
+                    ])]),
+                ]),
+                "a time that is an array",
+            ),
+            (
+                Value::Array(vec![
+                    s("t"),
+                    Value::Binary(vec![]),
+                    Value::Map(vec![(
+                        s("fluent_signal"),
+                        Value::Array(vec![Value::Nil; 9]),
+                    )]),
+                ]),
+                "a signal that is an array",
             ),
         ] {
             // Each refused as what it is: not a forward message, or entries that do not

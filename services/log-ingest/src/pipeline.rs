@@ -28,7 +28,7 @@ use crate::{
     batch::{Batch, EventRef, Source},
     buffer::{Buffer, Position, Reader},
     derive::{Deriver, Observation},
-    forward, labels,
+    labels,
     loki::{self, LokiClient, Pushed},
     mask::Masker,
     metrics::LogMetrics,
@@ -906,7 +906,7 @@ impl Pipeline {
             let mut joined = false;
             let mut next = Some(event);
             while let Some(event) = next {
-                let line = line_of(&event, &self.settings.line_field);
+                let line = line_of(&event, &self.settings.line_field, self.caps.bytes);
                 for text in without_terminator(&line).split('\n') {
                     let text = text.strip_suffix('\r').unwrap_or(text);
                     let in_chunk = chunk_line;
@@ -1756,26 +1756,12 @@ fn without_terminator(text: &str) -> &str {
     text.strip_suffix('\r').unwrap_or(text)
 }
 
-/// The line of an event: its line field, or (without one) the whole record as JSON so
-/// nothing is lost.
-fn line_of<'a>(event: &EventRef<'a>, field: &str) -> std::borrow::Cow<'a, str> {
-    if let Some(line) = event.text(field) {
-        return line;
-    }
-    let object: serde_json::Map<String, serde_json::Value> = event
-        .to_event()
-        .record
-        .iter()
-        .filter_map(|(k, v)| {
-            let key = forward::text(k)?.into_owned();
-            let value = match forward::text(v) {
-                Some(text) => serde_json::Value::String(text.into_owned()),
-                None => serde_json::Value::String(v.to_string()),
-            };
-            Some((key, value))
-        })
-        .collect();
-    serde_json::Value::Object(object).to_string().into()
+/// The line of an event: its line field, or (without one) the record as JSON so nothing
+/// is lost, up to `max_bytes` (`parsing.max_record_bytes`, where it would be cut anyway).
+fn line_of<'a>(event: &EventRef<'a>, field: &str, max_bytes: usize) -> std::borrow::Cow<'a, str> {
+    event
+        .text(field)
+        .unwrap_or_else(|| event.to_json(max_bytes).into())
 }
 
 #[cfg(test)]
