@@ -30,8 +30,10 @@
 //! - A full buffer: the message is not acknowledged and the connection is closed, so the
 //!   sender retries it. (Fluent Bit may retry chunks out of order; grouping then sees the
 //!   lines of a trace out of order and may split it, which loses nothing.) A message
-//!   without `chunk` cannot be retried by its sender: with a full buffer it is refused too,
-//!   and the sender learns it only from the closed connection.
+//!   without `chunk` cannot be retried by its sender: it waits for room instead, its
+//!   connection unread meanwhile (TCP holds the sender), until it is stored or log-ingest
+//!   shuts down (then the connection closes without it, as any message a sender without
+//!   acks has sent may be lost to a closed connection).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -425,7 +427,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             let stored = if message.chunk.is_some() {
                 recent.store(buffer, bytes).await
             } else {
-                buffer.append(bytes).await.map(|_| Stored::New)
+                append_when_room(buffer, bytes, shutdown).await
             };
             let outcome = match stored {
                 // Stored already (sent again after a lost ack): acknowledged, not stored twice.
@@ -462,6 +464,31 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 .await
                 .map_err(|_| Closed::Slow("writing an ack", settings.handshake_timeout))??;
             metrics.acks.inc();
+        }
+    }
+}
+
+/// Appends a message without `chunk` (which its sender never resends) to `buffer`, waiting
+/// while the buffer is full, until `shutdown` (then `Full`).
+async fn append_when_room(
+    buffer: &Buffer,
+    bytes: Vec<u8>,
+    shutdown: &CancellationToken,
+) -> Result<Stored, BufferError> {
+    // Room comes as the pipeline acknowledges what Loki took: checked again at most a
+    // second apart.
+    let mut backoff = mall_retry::Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+    loop {
+        // A copy, kept for the next try: `append` takes the bytes, and a full buffer does
+        // not give them back.
+        match buffer.append(bytes.clone()).await {
+            Err(BufferError::Full(used)) => {
+                tokio::select! {
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                    () = shutdown.cancelled() => return Err(BufferError::Full(used)),
+                }
+            }
+            stored => return stored.map(|_| Stored::New),
         }
     }
 }

@@ -564,6 +564,81 @@ async fn a_full_buffer_is_not_acknowledged_and_the_connection_closes() {
     assert_eq!(buffered(&listener).len(), acked);
 }
 
+/// A message without `chunk` comes from a sender that wants no ack and never resends:
+/// with the buffer full it waits for room, its connection open and unread, and is stored
+/// once there is room; none is lost and they stay in order.
+#[tokio::test]
+async fn a_message_without_chunk_waits_for_room_in_a_full_buffer() {
+    let limits = Limits {
+        max_bytes: 600,
+        segment_bytes: 600,
+    };
+    let listener = listener_with(None, limits, |s| s.idle_timeout = Duration::from_secs(120)).await;
+    let mut stream = tokio::net::TcpStream::connect(listener.addr)
+        .await
+        .expect("connects");
+    let line = "x".repeat(100);
+    let sent: Vec<String> = (0..10).map(|i| format!("{i} {line}")).collect();
+    for line in &sent {
+        // Forward mode without options: `[tag, [[time, {"log": line}]]]`.
+        let frame = encode(&Value::Array(vec![
+            Value::from("hybris.wrapper"),
+            Value::Array(vec![Value::Array(vec![
+                Value::from(1_730_103_120),
+                Value::Map(vec![(Value::from("log"), Value::from(line.as_str()))]),
+            ])]),
+        ]));
+        stream.write_all(&frame).await.expect("writes");
+    }
+    // The buffer fills: some are stored, the rest wait.
+    let mut reader = listener.buffer.reader(listener.start);
+    let mut stored = Vec::new();
+    let mut read = |stored: &mut Vec<String>| -> Option<Position> {
+        let mut last = None;
+        while let Some((bytes, after)) = reader.try_next().expect("reads") {
+            let batch = Batch::decode(&bytes).expect("a batch");
+            stored.extend(
+                batch
+                    .events
+                    .iter()
+                    .map(|e| e.text("log").expect("a log").into_owned()),
+            );
+            last = Some(after);
+        }
+        last
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut after = read(&mut stored);
+    assert!(
+        (1..10).contains(&stored.len()),
+        "some stored, then the buffer is full: {}",
+        stored.len()
+    );
+    // Room, as the pipeline makes it when Loki takes what was read: the rest go in.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stored.len() < sent.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still waiting: {} of {} stored",
+            stored.len(),
+            sent.len()
+        );
+        if let Some(at) = after {
+            listener.buffer.acknowledge(at).expect("acknowledges");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = read(&mut stored).or(after);
+    }
+    assert_eq!(stored, sent, "every message once, in order");
+    assert_eq!(closes(&listener, "full"), 0, "the connection stayed open");
+    assert!(
+        stream
+            .try_read(&mut [0; 8])
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "nothing answered, the connection still open"
+    );
+}
+
 /// A PING refused (a wrong digest, or not a PING at all) gets a PONG that says why and
 /// carries no digest of the key (one over a salt the peer chose would let anyone who can
 /// connect guess the key offline), as fluentd answers; then the connection is closed.
