@@ -84,6 +84,8 @@ struct Tail {
     filter: Filter,
     sender: mpsc::Sender<ParsedRecord>,
     dropped: AtomicU64,
+    /// Woken on a drop, so a drop is reported even when no record follows it.
+    dropped_since: tokio::sync::Notify,
     /// Bytes of the records waiting (see [`weight`]).
     queued: AtomicUsize,
     max_bytes: usize,
@@ -151,7 +153,9 @@ impl Tails {
         let min_level = if request.min_level.is_empty() {
             None
         } else {
-            let level = Level::parse(&request.min_level);
+            // The contract's six names, in any case; not the aliases records are read with
+            // (`SEVERE`, `STATUS`, …), which would make a typo mean a level silently.
+            let level = Level::parse_strict(&request.min_level.to_ascii_uppercase());
             if level.is_none() {
                 violations.add(
                     "min_level",
@@ -176,6 +180,7 @@ impl Tails {
             },
             sender,
             dropped: AtomicU64::new(0),
+            dropped_since: tokio::sync::Notify::new(),
             queued: AtomicUsize::new(0),
             max_bytes: self.shared.settings.buffer_bytes,
         });
@@ -241,6 +246,7 @@ impl Tap {
                     && copy.encoded_len() <= MAX_RECORD_BYTES
             }) else {
                 tail.dropped.fetch_add(1, Ordering::Relaxed);
+                tail.dropped_since.notify_one();
                 self.dropped += 1;
                 continue;
             };
@@ -250,6 +256,7 @@ impl Tap {
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tail.queued.fetch_sub(size, Ordering::Relaxed);
                     tail.dropped.fetch_add(1, Ordering::Relaxed);
+                    tail.dropped_since.notify_one();
                     self.dropped += 1;
                 }
                 // Its client went away; its guard is removing it.
@@ -293,39 +300,49 @@ struct Reading {
 }
 
 impl Reading {
-    /// The next response: the records waiting now (at least one, up to about 1 MiB) and
-    /// the drops since the previous one; UNAVAILABLE once when the server shuts down.
+    /// The next response: the records waiting now (up to about 1 MiB) and the drops since
+    /// the previous one, once there is either (drops alone, with no record, when nothing
+    /// else comes); UNAVAILABLE once when the server shuts down.
     async fn next(mut self) -> Option<(Result<TailLogsResponse, Status>, Self)> {
         if self.ended {
             return None;
         }
-        let first = tokio::select! {
-            record = self.receiver.recv() => record?,
-            () = self.shutdown.cancelled() => {
-                self.ended = true;
-                let status = ServiceError::Unavailable(
-                    "log-ingest is shutting down; open the tail again on another replica".to_owned(),
-                );
-                return Some((Err(status.into()), self));
-            }
-        };
-        let mut size = first.encoded_len();
-        let mut records = vec![first];
-        while size < MAX_RESPONSE_BYTES {
-            let Ok(record) = self.receiver.try_recv() else {
-                break;
+        loop {
+            let tail = &self.guard.tail;
+            let first = tokio::select! {
+                record = self.receiver.recv() => Some(record?),
+                // A wake-up whose drop an earlier response reported already finds nothing
+                // below and waits again.
+                () = tail.dropped_since.notified() => None,
+                () = self.shutdown.cancelled() => {
+                    self.ended = true;
+                    let status = ServiceError::Unavailable(
+                        "log-ingest is shutting down; open the tail again on another replica".to_owned(),
+                    );
+                    return Some((Err(status.into()), self));
+                }
             };
-            size += record.encoded_len();
-            records.push(record);
+            let mut size = first.as_ref().map_or(0, |r| r.encoded_len());
+            let mut records: Vec<ParsedRecord> = first.into_iter().collect();
+            while size < MAX_RESPONSE_BYTES {
+                let Ok(record) = self.receiver.try_recv() else {
+                    break;
+                };
+                size += record.encoded_len();
+                records.push(record);
+            }
+            let taken: usize = records.iter().map(weight).sum();
+            tail.queued.fetch_sub(taken, Ordering::Relaxed);
+            let dropped = tail.dropped.swap(0, Ordering::Relaxed);
+            if records.is_empty() && dropped == 0 {
+                continue;
+            }
+            let response = TailLogsResponse {
+                records,
+                dropped_count: i64::try_from(dropped).unwrap_or(i64::MAX),
+            };
+            return Some((Ok(response), self));
         }
-        let taken: usize = records.iter().map(weight).sum();
-        self.guard.tail.queued.fetch_sub(taken, Ordering::Relaxed);
-        let dropped = self.guard.tail.dropped.swap(0, Ordering::Relaxed);
-        let response = TailLogsResponse {
-            records,
-            dropped_count: i64::try_from(dropped).unwrap_or(i64::MAX),
-        };
-        Some((Ok(response), self))
     }
 }
 
@@ -426,6 +443,41 @@ mod tests {
         let message = tail.next().await.expect("a message").expect("ok");
         let messages: Vec<&str> = message.records.iter().map(|r| r.message.as_str()).collect();
         assert_eq!((messages, message.dropped_count), (vec!["next"], 1));
+    }
+
+    /// A drop is reported when it happens, in a message of its own when no record follows
+    /// it (a tail filtered on a rare record may see none for hours).
+    #[tokio::test]
+    async fn a_drop_is_reported_even_when_no_record_follows() {
+        let settings = TailSettings {
+            max_tails: 1,
+            buffer_records: 10,
+            buffer_bytes: 16 << 20,
+        };
+        let tails = Tails::new(
+            settings,
+            LogMetrics::unregistered(&[]),
+            CancellationToken::new(),
+        );
+        let mut tail = tails.open(request("", "", "")).expect("opens");
+        let mut huge = record(Some(Level::Error), "small");
+        huge.fields
+            .insert("attribute".to_owned(), "x".repeat(3 << 20));
+        let mut tap = tails.tap().expect("a tail is open");
+        tap.offer(&huge, "shop");
+        drop(tap);
+        let message = tokio::time::timeout(std::time::Duration::from_secs(5), tail.next())
+            .await
+            .expect("reported without waiting for another record")
+            .expect("a message")
+            .expect("ok");
+        assert_eq!((message.records.len(), message.dropped_count), (0, 1));
+        // Reported once: the next message waits for something new.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(200), tail.next())
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]
