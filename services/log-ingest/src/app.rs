@@ -7,8 +7,6 @@ use anyhow::Context as _;
 
 use mall_grpc::GrpcServer;
 use mall_proto::logs::v1::log_ingest_service_server::LogIngestServiceServer;
-use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsServiceServer;
-use tonic::codec::CompressionEncoding;
 
 use crate::{
     SERVICE,
@@ -81,7 +79,7 @@ impl App {
             limits.segment_bytes
         );
         // A message takes up to `max_message_bytes` of the budget while it arrives; an
-        // export its encoded size, at most `server.max_message_bytes`.
+        // export its bytes and room for its batches, at most the whole budget.
         let forward = &settings.forward;
         ensure_budget(
             ("forward.max_bytes_in_flight", forward.max_bytes_in_flight),
@@ -226,11 +224,7 @@ impl App {
         let budget = otlp.budget.clone();
         server
             .add_service(crate::otlp_input::Receiving::new(
-                LogsServiceServer::new(otlp)
-                    .max_decoding_message_size(settings.server.max_message_bytes)
-                    .accept_compressed(CompressionEncoding::Gzip)
-                    .accept_compressed(CompressionEncoding::Zstd)
-                    .accept_compressed(CompressionEncoding::Deflate),
+                crate::otlp_wire::LogsServer::new(otlp, settings.server.max_message_bytes),
                 budget,
                 settings.server.max_message_bytes,
             ))

@@ -346,6 +346,12 @@ impl Buffer {
         *lock(&self.shared.refused)
     }
 
+    /// The largest batch [`Buffer::append`] takes: a segment less its frame's header.
+    pub fn largest_batch(&self) -> usize {
+        usize::try_from(self.shared.limits.segment_bytes.saturating_sub(HEADER))
+            .unwrap_or(usize::MAX)
+    }
+
     /// Where durable data ends now.
     pub fn end(&self) -> Position {
         *self.shared.end.borrow()

@@ -17,7 +17,8 @@
 //! - [`batch`]: what an input puts in the buffer; [`recent`]: batches sent again are not
 //!   stored twice.
 //! - [`forward_input`]: the forward protocol's listener (acks after the buffer synced).
-//! - [`otlp_input`]: OTLP logs over gRPC (answered after the buffer synced).
+//! - [`otlp_input`]: OTLP logs over gRPC (answered after the buffer synced); [`otlp_wire`]:
+//!   its server, which weighs an export from its bytes before decoding it.
 //! - [`pipeline`]: from the buffer to Loki (grouping, masking, batching, acknowledging).
 //! - [`labels`]: Loki labels from a fixed set, and the guard on how many streams they make.
 //! - [`tail`]: TailLogs, records as they are ingested, never slowing ingestion.
@@ -40,6 +41,7 @@ pub mod mask;
 pub mod metrics;
 pub mod multiline;
 pub mod otlp_input;
+pub mod otlp_wire;
 pub mod parse;
 pub mod parsing;
 pub mod pipeline;

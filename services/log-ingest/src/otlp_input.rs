@@ -20,10 +20,7 @@ use prost::Message as _;
 use tokio::sync::Semaphore;
 
 use opentelemetry_proto::tonic::{
-    collector::logs::v1::{
-        ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
-        logs_service_server::LogsService,
-    },
+    collector::logs::v1::{ExportLogsPartialSuccess, ExportLogsServiceResponse},
     common::v1::{AnyValue, KeyValue, any_value},
     logs::v1::LogRecord,
 };
@@ -37,6 +34,7 @@ use crate::{
     buffer::{Buffer, BufferError},
     forward::Event,
     metrics::LogMetrics,
+    otlp_wire::{Export, fields},
     recent::{Recent, Stored},
     record::{self, Level, Record},
 };
@@ -83,7 +81,7 @@ const RESOURCE_FIELDS: [&str; 9] = [
 /// (the Java and Python appenders send the message as the body and the trace here).
 const EXCEPTION_STACKTRACE: &str = "exception.stacktrace";
 
-/// The `LogsService` handler.
+/// The `LogsService/Export` handler (served by [`crate::otlp_wire::LogsServer`]).
 #[derive(Debug, Clone)]
 pub struct OtlpInput {
     /// Where exports go.
@@ -92,18 +90,23 @@ pub struct OtlpInput {
     pub recent: Recent,
     /// Counters.
     pub metrics: LogMetrics,
-    /// `otlp.max_bytes_in_flight`: bytes of exports as they arrive, then at least their
-    /// encoded size, and their [`weight`] where it has room.
+    /// `otlp.max_bytes_in_flight`: bytes of exports as they arrive, then what they take
+    /// being converted and stored ([`in_memory`]) until they are stored.
     pub budget: Arc<Semaphore>,
     /// The budget's size: the most one export takes of it.
     pub budget_bytes: usize,
 }
 
-#[tonic::async_trait]
-impl LogsService for OtlpInput {
-    async fn export(
+impl OtlpInput {
+    /// Stores an export ([`Export`]: its framing checked, not yet decoded) and answers it
+    /// once stored.
+    ///
+    /// # Errors
+    /// UNAVAILABLE with RetryInfo when the budget or the buffer has no room (nothing
+    /// acknowledged; the exporter retries).
+    pub async fn export(
         &self,
-        request: Request<ExportLogsServiceRequest>,
+        request: Request<Export>,
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {
         let received = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
         let count = |outcome: &str, n: usize| {
@@ -117,62 +120,46 @@ impl LogsService for OtlpInput {
             .extensions()
             .get::<BodyPermits>()
             .and_then(BodyPermits::take);
-        let request = request.into_inner();
+        let export = request.into_inner();
+        let max_batch = batch_limit(self.buffer.largest_batch());
         // Held until the export is stored: exports being converted and stored at once stay
-        // within the budget; past it, the caller retries (nothing of it was taken).
-        // At least its encoded size, at most `server.max_message_bytes`, which start-up holds
-        // within the budget (and within what `try_acquire_many` counts).
-        let encoded = request.encoded_len();
-        let size = encoded.min(crate::forward_input::MAX_BUDGET);
+        // within the budget; past it, the caller retries (nothing of it was taken). At most
+        // the whole budget (one export then goes alone).
+        let need = in_memory(export.encoded_len(), max_batch)
+            .min(self.budget_bytes)
+            .min(crate::forward_input::MAX_BUDGET);
         let had = from_body.as_ref().map_or(0, |p| p.num_permits());
-        let in_flight = if had >= size {
+        let held = if had >= need {
             Some(from_body)
         } else {
-            // More than its body took (a gzip export inflates): its bytes are all read, so
-            // waiting stalls no connection. Holding nothing while it waits (what the body
-            // took goes back first), in turn with other waiters: a large export is not
-            // refused for ever by smaller ones taking the room it waits for.
+            // More than its body took: its bytes are all read, so waiting stalls no
+            // connection. Holding nothing while it waits (what the body took goes back
+            // first), in turn with other waiters: a large export is not refused for ever by
+            // smaller ones taking the room it waits for.
             drop(from_body);
-            let wanted = u32::try_from(size).unwrap_or(u32::MAX);
+            let wanted = u32::try_from(need).unwrap_or(u32::MAX);
             tokio::time::timeout(TOP_UP_WAIT, self.budget.clone().acquire_many_owned(wanted))
                 .await
                 .ok()
                 .and_then(Result::ok)
                 .map(Some)
         };
-        let Some(in_flight) = in_flight else {
-            let records = request
-                .resource_logs
-                .iter()
-                .flat_map(|r| &r.scope_logs)
-                .map(|s| s.log_records.len())
-                .sum();
-            count("refused_busy", records);
+        let Some(_held_until_stored) = held else {
+            count("refused_busy", export.records());
             return Err(busy());
         };
-        // And what it weighs in memory beyond that ([`weight`]: several times its bytes for
-        // many small records), if the budget has room for it now: taken, it keeps new calls
-        // out (refused at their first frame) until this one is stored. Never waited for: an
-        // export wholly received and counted as sent is not refused for it, nor made to wait
-        // in turn behind others (one heavy export would hold up every other call).
-        let held = in_flight.as_ref().map_or(0, |p| p.num_permits());
-        let extra = weight(&request, encoded)
-            .min(self.budget_bytes)
-            .min(crate::forward_input::MAX_BUDGET)
-            .saturating_sub(held);
-        let more = self
-            .budget
-            .clone()
-            .try_acquire_many_owned(u32::try_from(extra).unwrap_or(u32::MAX))
-            .ok();
-        let _held_until_stored = (in_flight, more);
-        // Converting a large export is CPU work: off the runtime's workers, so the other
-        // inputs and the pipeline go on meanwhile.
-        let (batches, rejected) = tokio::task::spawn_blocking(move || batches(request, received))
-            .await
-            // Not the error itself: what a panic said may quote the export's records.
-            .map_err(|_| Status::internal("converting the export failed"))?;
-        for batch in batches {
+        // Decoding and converting a large export is CPU work: off the runtime's workers, so
+        // the other inputs and the pipeline go on meanwhile. One record at a time, each
+        // batch handed over to be stored as it fills; the converter waits while one is
+        // being stored (at most one more waits in the channel).
+        let (batches, mut filled) = tokio::sync::mpsc::channel(1);
+        let converting = tokio::task::spawn_blocking(move || {
+            convert(&export, received, max_batch, &mut |batch| {
+                batches.blocking_send(batch).is_ok()
+            })
+        });
+        let mut refused = None;
+        while let Some(batch) = filled.recv().await {
             let records = batch.events.len();
             let error = match self
                 .recent
@@ -193,7 +180,7 @@ impl LogsService for OtlpInput {
                 }
                 Err(error) => error,
             };
-            return Err(match error {
+            refused = Some(match error {
                 BufferError::Full(_) => {
                     count("refused_full", records);
                     ServiceError::RetryLater {
@@ -218,8 +205,18 @@ impl LogsService for OtlpInput {
                         "log-ingest cannot write its buffer; retry later".to_owned(),
                     )
                 }
-            }
-            .into());
+            });
+            break;
+        }
+        // The converter stops at its next batch once the channel is closed; its memory is
+        // held from the budget until then.
+        drop(filled);
+        let rejected = converting
+            .await
+            // Not the error itself: what a panic said may quote the export's records.
+            .map_err(|_| Status::internal("converting the export failed"))?;
+        if let Some(refused) = refused {
+            return Err(refused.into());
         }
         // Counted once the export is answered: one refused above comes again with the same
         // malformed records, which would otherwise be counted on every retry.
@@ -234,7 +231,7 @@ impl LogsService for OtlpInput {
 }
 
 /// The OTLP service with the bytes of each export counted against `otlp.max_bytes_in_flight`
-/// as they arrive, before tonic has the export whole (it reads and decodes it before the
+/// as they arrive, before tonic has the export whole (it reads the message whole before the
 /// handler can weigh it). A frame that would pass the budget fails its call at once with
 /// UNAVAILABLE and RetryInfo, as the handler's own refusal does; nothing of it is taken.
 /// Nothing waits: a call held back here would hold its unread bytes in the connection's
@@ -244,13 +241,12 @@ impl LogsService for OtlpInput {
 ///
 /// What an export's body took is handed to its handler ([`BodyPermits`], in the request's
 /// extensions): an export wholly received is not refused for room that other calls took
-/// between its last frame and its handler. One that needs more (a gzip export inflates)
-/// waits for it in turn, up to [`TOP_UP_WAIT`]; what it weighs in memory beyond that
-/// ([`weight`]) it takes only where the budget has room at once. A call counts at most
-/// `max_message_bytes` (tonic decodes one message of a unary call; bytes after it are not
-/// counted), so one export at the limit always fits the budget. Bytes are counted as sent:
-/// a gzip export's inflated form (at most `server.max_message_bytes`) is uncounted from its
-/// decoding to its handler (README, `otlp.max_bytes_in_flight`).
+/// between its last frame and its handler; the rest of what it takes ([`in_memory`]) it
+/// waits for in turn, up to [`TOP_UP_WAIT`]. A call counts at most `max_message_bytes`
+/// (tonic reads one message of a unary call; bytes after it are not counted). Bytes are
+/// counted as sent: a gzip export's inflated form (at most `server.max_message_bytes`) is
+/// uncounted from its decompression until its handler has its room (README,
+/// `otlp.max_bytes_in_flight`).
 ///
 /// A `tower` service of our own rather than a `tower` layer: the server routes by the inner
 /// service's name (`NamedService`), which a layer's service does not carry.
@@ -390,7 +386,7 @@ fn busy() -> Status {
 
 /// Records an export rejected, and why (the first reason, with how many others).
 #[derive(Debug, Default)]
-struct Rejected {
+pub struct Rejected {
     count: usize,
     first: Option<String>,
 }
@@ -401,7 +397,13 @@ impl Rejected {
         self.first.get_or_insert(why);
     }
 
-    fn message(&self) -> String {
+    /// How many records were rejected.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Why: the first reason, with how many others.
+    pub fn message(&self) -> String {
         let first = self.first.clone().unwrap_or_default();
         match self.count {
             0 | 1 => first,
@@ -410,99 +412,218 @@ impl Rejected {
     }
 }
 
-/// An export's records as batches per `service.name` (in order of first appearance, split
-/// at about [`MAX_BATCH_BYTES`]), and what was rejected.
-fn batches(request: ExportLogsServiceRequest, received_nanos: i64) -> (Vec<Batch>, Rejected) {
-    // Per service: its events, decoded (split into batches at the end).
-    let mut services: Vec<(String, Vec<Event>)> = Vec::new();
+/// What an export of `encoded` bytes takes in memory while it is converted and stored
+/// (what `otlp.max_bytes_in_flight` counts): its bytes, and up to three batches of
+/// `max_batch` (one being filled, one waiting to be stored, one being stored). Records are
+/// decoded one at a time, each bounded by [`MAX_VALUES_PER_RECORD`].
+pub fn in_memory(encoded: usize, max_batch: usize) -> usize {
+    encoded.saturating_add(max_batch.saturating_mul(3))
+}
+
+/// Most values one record may hold: its attributes and the values nested in its body and
+/// attributes. Decoded, each takes a hundred bytes and more, sent, a few: a record past it
+/// is rejected alone (`partial_success`) rather than decoded.
+pub const MAX_VALUES_PER_RECORD: usize = 10_000;
+
+/// Most bytes of a value copied into each of a resource's or a scope's records (its
+/// `service.name`, `host.name` and kept fields, its scope's name), as sent: Loki's default
+/// `max_label_value_length`. One longer has its records rejected (`partial_success`); a few
+/// bytes of it in the export would otherwise become megabytes buffered.
+pub const MAX_COPIED_BYTES: usize = 2_048;
+
+/// Decodes and converts `export`'s records one at a time into batches of `max_batch` bytes
+/// at most, handing each to `emit` as it fills (a service's records in order; a new batch
+/// where the service changes), until `emit` says stop (`false`). What was rejected, and why.
+///
+/// `export`'s framing is checked already ([`Export::scan`]); a record that does not decode
+/// all the same (a string that is not UTF-8) is rejected alone.
+pub fn convert(
+    export: &Export,
+    received_nanos: i64,
+    max_batch: usize,
+    emit: &mut dyn FnMut(Batch) -> bool,
+) -> Rejected {
     let mut rejected = Rejected::default();
-    for (r, resource_logs) in request.resource_logs.into_iter().enumerate() {
-        let resource = resource_logs.resource.unwrap_or_default().attributes;
-        let service = attribute(&resource, "service.name")
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| UNKNOWN_SERVICE.to_owned());
-        let host = attribute(&resource, "host.name").unwrap_or_default();
-        let kept: Vec<(Value, Value)> = RESOURCE_FIELDS
-            .iter()
-            .filter_map(|key| {
-                let value = attribute(&resource, key).filter(|v| !v.is_empty())?;
-                Some((Value::from(*key), Value::from(value)))
-            })
-            .collect();
-        let at = match services.iter().position(|(tag, _)| *tag == service) {
-            Some(at) => at,
-            None => {
-                services.push((service, Vec::new()));
-                services.len() - 1
-            }
-        };
-        for (s, scope_logs) in resource_logs.scope_logs.into_iter().enumerate() {
-            let scope = scope_logs.scope.map(|s| s.name).unwrap_or_default();
-            for (l, log) in scope_logs.log_records.into_iter().enumerate() {
+    let mut batcher = Batcher {
+        current: None,
+        max_batch,
+        // By the forward input's clock, which never goes back (the pipeline judges quiet
+        // in a backlog by it).
+        received_ms: crate::batch::now_ms(),
+        emit,
+    };
+    for (r, resource_logs) in fields(export.bytes(), 1).flatten().enumerate() {
+        let resource = ResourceFields::read(resource_logs);
+        for (s, scope_logs) in fields(resource_logs, 2).flatten().enumerate() {
+            let scope = scope_name(scope_logs);
+            for (l, bytes) in fields(scope_logs, 2).flatten().enumerate() {
                 let path = format!("resource_logs[{r}].scope_logs[{s}].log_records[{l}]");
-                match event(log, &scope, &host, &kept, received_nanos) {
+                let (resource, scope) = match (&resource, &scope) {
+                    (Ok(resource), Ok(scope)) => (resource, scope),
+                    (Err(why), _) | (_, Err(why)) => {
+                        rejected.add(format!("{path}: {why}"));
+                        continue;
+                    }
+                };
+                let values = crate::otlp_wire::values_in_record(bytes).unwrap_or(usize::MAX);
+                if values > MAX_VALUES_PER_RECORD {
+                    rejected.add(format!(
+                        "{path}: holds {values} attributes and values, more than \
+                         {MAX_VALUES_PER_RECORD}"
+                    ));
+                    continue;
+                }
+                let log = match LogRecord::decode(bytes) {
+                    Ok(log) => log,
+                    Err(error) => {
+                        rejected.add(format!("{path}: does not decode: {error}"));
+                        continue;
+                    }
+                };
+                match event(log, scope, &resource.host, &resource.kept, received_nanos) {
                     // An event that large is no log line (Loki takes 256 KB): JSON of a
                     // binary or control characters. Refused alone, so the export's other
                     // records are stored and the sender does not retry it for ever.
-                    Ok(event) if event_bytes(&event) > MAX_BATCH_BYTES => rejected.add(format!(
-                        "{path}: takes {} bytes buffered, more than {MAX_BATCH_BYTES}",
+                    Ok(event) if event_bytes(&event) > max_batch => rejected.add(format!(
+                        "{path}: takes {} bytes buffered, more than {max_batch}",
                         event_bytes(&event)
                     )),
-                    Ok(event) => services[at].1.push(event),
+                    Ok(event) => {
+                        if !batcher.push(&resource.service, &event) {
+                            return rejected;
+                        }
+                    }
                     Err(why) => rejected.add(format!("{path}: {why}")),
                 }
             }
         }
     }
-    services.retain(|(_, events)| !events.is_empty());
-    (
-        services
-            .into_iter()
-            // By the forward input's clock, which never goes back (the pipeline judges
-            // quiet in a backlog by it).
-            .flat_map(|(tag, events)| split(tag, events, crate::batch::now_ms()))
-            .collect(),
-        rejected,
-    )
+    batcher.flush();
+    rejected
 }
 
-/// About what an export takes in memory from its handler's start until it is stored: its
-/// decoded form (prost's structs, every string and bytes field an allocation of its own)
-/// and what conversion builds from it (an [`Event`] per record, an rmpv pair per key and
-/// value, then the encoded batches). Its encoded bytes count twice (the strings decoded, then
-/// converted), and each record and attribute its structures: many small records take several
-/// times their encoded size, which the encoded size alone would let past the budget. An
-/// estimate (allocators round up; nested values count by their bytes only), not a measure.
-/// `encoded` is its encoded size (`encoded_len`, which walks it: the caller has it).
-pub fn weight(request: &ExportLogsServiceRequest, encoded: usize) -> usize {
-    use std::mem::size_of;
-    /// An allocation's bookkeeping and rounding, about.
-    const ALLOCATION: usize = 32;
-    /// A record's structs: its prost form, its event, and the event's up to ten pairs of
-    /// the buffer's keys (`body`, `severity_number`, …) with their values.
-    const PER_RECORD: usize =
-        size_of::<LogRecord>() + size_of::<Event>() + 10 * (2 * size_of::<Value>() + ALLOCATION);
-    /// An attribute's: its prost form and its key and value as decoded, then converted.
-    const PER_ATTRIBUTE: usize = size_of::<KeyValue>() + 2 * size_of::<Value>() + 4 * ALLOCATION;
-    let (mut records, mut attributes) = (0_usize, 0_usize);
-    for resource_logs in &request.resource_logs {
-        attributes += resource_logs
-            .resource
-            .as_ref()
-            .map_or(0, |r| r.attributes.len());
-        for scope_logs in &resource_logs.scope_logs {
-            records += scope_logs.log_records.len();
-            attributes += scope_logs
-                .log_records
+/// What a resource gives each of its records: its service (the batch's tag), host and
+/// kept fields.
+struct ResourceFields {
+    service: String,
+    host: String,
+    kept: Vec<(Value, Value)>,
+}
+
+impl ResourceFields {
+    /// Those of `resource_logs`' resource (`ResourceLogs { resource = 1 (Resource {
+    /// attributes = 1 }) }`, merged when repeated): only the attributes it needs are
+    /// decoded, the first of each key, as decoding the whole resource would find them.
+    /// Why its records are rejected when one of them is too long to copy into each, or
+    /// does not decode.
+    fn read(resource_logs: &[u8]) -> Result<Self, String> {
+        let mut found: Vec<(&'static str, String)> = Vec::new();
+        let pairs = fields(resource_logs, 1)
+            .flatten()
+            .flat_map(|resource| fields(resource, 1).flatten());
+        for pair in pairs {
+            let key = fields(pair, 1).flatten().last().unwrap_or_default();
+            let Some(&wanted) = ["service.name", "host.name"]
                 .iter()
-                .map(|l| l.attributes.len())
-                .sum::<usize>();
+                .chain(&RESOURCE_FIELDS)
+                .find(|k| k.as_bytes() == key)
+            else {
+                continue;
+            };
+            if found.iter().any(|(k, _)| *k == wanted) {
+                continue;
+            }
+            if pair.len() > MAX_COPIED_BYTES + key.len() + 16 {
+                return Err(format!(
+                    "the resource's {wanted} takes {} bytes, more than the {MAX_COPIED_BYTES} \
+                     copied into each of its records",
+                    pair.len()
+                ));
+            }
+            let pair = KeyValue::decode(pair)
+                .map_err(|error| format!("the resource's {wanted} does not decode: {error}"))?;
+            found.push((wanted, pair.value.as_ref().map(text).unwrap_or_default()));
+        }
+        let take = |key: &str| {
+            found
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.clone())
+        };
+        Ok(Self {
+            service: take("service.name")
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| UNKNOWN_SERVICE.to_owned()),
+            host: take("host.name").unwrap_or_default(),
+            kept: RESOURCE_FIELDS
+                .iter()
+                .filter_map(|key| {
+                    let value = take(key).filter(|v| !v.is_empty())?;
+                    Some((Value::from(*key), Value::from(value)))
+                })
+                .collect(),
+        })
+    }
+}
+
+/// The scope's name of `scope_logs` (`ScopeLogs { scope = 1 (InstrumentationScope { name =
+/// 1 }) }`, the last one when repeated, as decoding merges them); why its records are
+/// rejected when it is too long to copy into each or not UTF-8.
+fn scope_name(scope_logs: &[u8]) -> Result<String, String> {
+    let name = fields(scope_logs, 1)
+        .flatten()
+        .filter_map(|scope| fields(scope, 1).flatten().last())
+        .last()
+        .unwrap_or_default();
+    if name.len() > MAX_COPIED_BYTES {
+        return Err(format!(
+            "its scope's name takes {} bytes, more than the {MAX_COPIED_BYTES} copied into each \
+             of its records",
+            name.len()
+        ));
+    }
+    String::from_utf8(name.to_vec()).map_err(|_| "its scope's name is not UTF-8".to_owned())
+}
+
+/// Events into batches of about `max_batch` bytes at most (one event each at least), each
+/// handed to `emit` when full or when the service changes.
+struct Batcher<'e> {
+    current: Option<(String, Events)>,
+    max_batch: usize,
+    received_ms: i64,
+    emit: &'e mut dyn FnMut(Batch) -> bool,
+}
+
+impl Batcher<'_> {
+    /// Adds `event` of `service`; `false` when `emit` said stop.
+    fn push(&mut self, service: &str, event: &Event) -> bool {
+        let size = event_bytes(event);
+        let full = self.current.as_ref().is_some_and(|(tag, events)| {
+            tag != service || events.encoded_len() + size > self.max_batch
+        });
+        if full && !self.flush() {
+            return false;
+        }
+        let (_, events) = self.current.get_or_insert_with(|| {
+            // Built with room for the batch's header: stored without another copy.
+            (service.to_owned(), Events::for_batch(service, 0, None))
+        });
+        events.push(event);
+        true
+    }
+
+    /// Hands the batch being filled to `emit`; what `emit` said.
+    fn flush(&mut self) -> bool {
+        match self.current.take() {
+            Some((tag, events)) if !events.is_empty() => (self.emit)(Batch {
+                source: Source::Otlp,
+                tag,
+                events,
+                received_ms: self.received_ms,
+            }),
+            _ => true,
         }
     }
-    encoded
-        .saturating_mul(2)
-        .saturating_add(records.saturating_mul(PER_RECORD))
-        .saturating_add(attributes.saturating_mul(PER_ATTRIBUTE))
 }
 
 /// A buffered batch holds about this many bytes of an export at most: an export of up to
@@ -510,33 +631,12 @@ pub fn weight(request: &ExportLogsServiceRequest, encoded: usize) -> usize {
 /// so the buffer never refuses an export as too large.
 const MAX_BATCH_BYTES: usize = 4 << 20;
 
-/// A service's events in consecutive batches of about [`MAX_BATCH_BYTES`] at most (one
-/// event each at least).
-/// `received_ms`: when the export arrived (each batch's [`Batch::received_ms`]).
-fn split(tag: String, events: Vec<Event>, received_ms: i64) -> Vec<Batch> {
-    let piece = |events: Events| Batch {
-        source: Source::Otlp,
-        tag: tag.clone(),
-        events,
-        received_ms,
-    };
-    let mut pieces = Vec::new();
-    // Built with room for the batch's header: stored without another copy.
-    let mut current = Events::for_batch(&tag, 0, None);
-    for event in &events {
-        let size = event_bytes(event);
-        if !current.is_empty() && current.encoded_len() + size > MAX_BATCH_BYTES {
-            pieces.push(piece(std::mem::replace(
-                &mut current,
-                Events::for_batch(&tag, 0, None),
-            )));
-        }
-        current.push(event);
-    }
-    if !current.is_empty() {
-        pieces.push(piece(current));
-    }
-    pieces
+/// What a batch of an export may hold where the buffer takes batches of `largest` bytes at
+/// most: [`MAX_BATCH_BYTES`], or less where segments are small (start-up lets them be as
+/// small as `server.max_message_bytes` + 1 MiB), with room for the batch's header and for
+/// [`event_bytes`] being an estimate.
+fn batch_limit(largest: usize) -> usize {
+    MAX_BATCH_BYTES.min(largest.saturating_sub(64 << 10))
 }
 
 /// About the bytes an event takes buffered: its texts and a little for each value.
@@ -637,15 +737,6 @@ fn event(
         time_nanos,
         record: fields,
     })
-}
-
-/// The text of a string attribute of `attributes`.
-fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
-    attributes
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-        .map(text)
 }
 
 /// A value as text: strings as they are (bytes that are UTF-8 too, so masking sees them),
@@ -792,12 +883,27 @@ pub fn record(event: &Event) -> Otlp {
 #[cfg(test)]
 mod tests {
     use opentelemetry_proto::tonic::{
+        collector::logs::v1::ExportLogsServiceRequest,
         common::v1::{InstrumentationScope, KeyValueList},
         logs::v1::{ResourceLogs, ScopeLogs},
         resource::v1::Resource,
     };
 
     use super::*;
+
+    /// `request`'s batches, all of them, and what was rejected.
+    fn batches(
+        request: ExportLogsServiceRequest,
+        received_nanos: i64,
+        max_batch: usize,
+    ) -> (Vec<Batch>, Rejected) {
+        let mut batches = Vec::new();
+        let rejected = convert(&Export::of(&request), received_nanos, max_batch, &mut |b| {
+            batches.push(b);
+            true
+        });
+        (batches, rejected)
+    }
 
     fn string(s: &str) -> Option<AnyValue> {
         Some(AnyValue {
@@ -870,7 +976,7 @@ mod tests {
         let request = ExportLogsServiceRequest {
             resource_logs: vec![export(vec![log], Some("storefront"))],
         };
-        let (batches, rejected) = batches(request, 5);
+        let (batches, rejected) = batches(request, 5, MAX_BATCH_BYTES);
         assert_eq!(rejected.count, 0);
         assert_eq!(batches.len(), 1);
         assert_eq!(batches[0].tag, "storefront");
@@ -941,6 +1047,7 @@ mod tests {
                 resource_logs: vec![resource_logs],
             },
             5,
+            MAX_BATCH_BYTES,
         );
         assert_eq!(rejected.count, 1);
         assert!(
@@ -999,7 +1106,7 @@ mod tests {
                 export(vec![bad_span], Some("storefront")),
             ],
         };
-        let (batches, rejected) = batches(request, 5);
+        let (batches, rejected) = batches(request, 5, MAX_BATCH_BYTES);
         assert_eq!(rejected.count, 2);
         assert_eq!(
             rejected.message(),
@@ -1034,7 +1141,7 @@ mod tests {
         let request = ExportLogsServiceRequest {
             resource_logs: vec![export(records, Some("storefront"))],
         };
-        let (batches, _) = batches(request, 5);
+        let (batches, _) = batches(request, 5, MAX_BATCH_BYTES);
         assert_eq!(
             batches.len(),
             4,

@@ -1,7 +1,7 @@
-//! What decoding a forward message takes in memory, measured by the allocator: a few
-//! kilobytes of gzip or megabytes of one-byte values (nils) where a time, an option or a
-//! record without a line field is expected must not become gigabytes of decoded values
-//! (each nil 1 byte sent, tens of bytes decoded).
+//! What decoding a forward message or an OTLP export takes in memory, measured by the
+//! allocator: a few kilobytes of gzip or megabytes of one- and two-byte values (nils where
+//! a time, an option or a record without a line field is expected; empty log records) must
+//! not become gigabytes of decoded values (each tens to hundreds of bytes decoded).
 //!
 //! One test in this binary, so the allocator's peak is this test's alone (`peak_alloc`
 //! counts the whole process).
@@ -80,6 +80,7 @@ const EVENT_TIME: [u8; 10] = [0xd7, 0x00, 0x67, 0x1f, 0x47, 0x00, 0, 0, 0, 0];
 #[test]
 fn small_inputs_of_tiny_values_never_decode_to_gigabytes() {
     forward_messages();
+    otlp_exports();
 }
 
 fn forward_messages() {
@@ -183,4 +184,81 @@ fn forward_messages() {
         object.len()
     );
     assert_eq!(object.get("0"), Some(&serde_json::Value::from("nil")));
+}
+
+fn otlp_exports() {
+    use log_ingest::{otlp_input, otlp_wire::Export};
+    use opentelemetry_proto::tonic::{
+        collector::logs::v1::ExportLogsServiceRequest,
+        common::v1::{AnyValue, KeyValue, any_value},
+        logs::v1::{LogRecord, ResourceLogs, ScopeLogs},
+        resource::v1::Resource,
+    };
+    const RECORDS: usize = 1_000_000;
+    const MAX_BATCH: usize = 4 << 20;
+    let text = |s: &str| {
+        Some(AnyValue {
+            value: Some(any_value::Value::StringValue(s.to_owned())),
+        })
+    };
+    let export = |host: &str, records: Vec<LogRecord>| {
+        Export::of(&ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                resource: Some(Resource {
+                    attributes: vec![KeyValue {
+                        key: "host.name".to_owned(),
+                        value: text(host),
+                        ..KeyValue::default()
+                    }],
+                    ..Resource::default()
+                }),
+                scope_logs: vec![ScopeLogs {
+                    log_records: records,
+                    ..ScopeLogs::default()
+                }],
+                ..ResourceLogs::default()
+            }],
+        })
+    };
+    // 1,000,000 records of one byte of body, 5 bytes each sent: decoded at once, their
+    // structs alone would take 1,000,000 × size_of::<LogRecord>() (about 180 bytes), their
+    // events more. Converted one at a time, a batch at a time (the batches handed on and
+    // dropped here, as the handler stores them), they take a few batches.
+    let tiny = LogRecord {
+        body: text("x"),
+        ..LogRecord::default()
+    };
+    let many = export("web-1", vec![tiny.clone(); RECORDS]);
+    assert!(
+        many.encoded_len() < 8 * RECORDS,
+        "{} bytes",
+        many.encoded_len()
+    );
+    let mut stored = 0;
+    let (rejected, peak) = peak_of(|| {
+        otlp_input::convert(&many, 1, MAX_BATCH, &mut |batch| {
+            stored += batch.events.len();
+            true
+        })
+    });
+    assert_eq!((stored, rejected.count()), (RECORDS, 0));
+    assert!(peak < 32 << 20, "1,000,000 tiny records took {peak} bytes");
+
+    // A host of 3.9 MiB would be copied into each of 300 records: 1.2 GB. Its records are
+    // rejected instead, each with why.
+    let wide = export(&"h".repeat(3_900_000), vec![tiny; 300]);
+    let mut stored = 0;
+    let (rejected, peak) = peak_of(|| {
+        otlp_input::convert(&wide, 1, MAX_BATCH, &mut |batch| {
+            stored += batch.events.len();
+            true
+        })
+    });
+    assert_eq!((stored, rejected.count()), (0, 300));
+    assert!(
+        rejected.message().contains("host.name takes"),
+        "{}",
+        rejected.message()
+    );
+    assert!(peak < 1 << 20, "a wide host took {peak} bytes");
 }

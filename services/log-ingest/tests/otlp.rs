@@ -408,13 +408,13 @@ async fn a_full_buffer_answers_unavailable_with_retry_info_and_loses_nothing_sto
     assert_eq!(lines, stored, "every stored record once, none other");
 }
 
-/// Exports being converted and stored at once stay within `otlp.max_bytes_in_flight`: one
-/// that would pass it waits for room (up to a second, holding nothing), then is answered
+/// Exports being converted and stored at once stay within `otlp.max_bytes_in_flight` (an
+/// export takes its bytes and room for a few batches, at most the whole budget): one that
+/// would pass it waits for room (up to a second, holding nothing), then is answered
 /// UNAVAILABLE with RetryInfo, nothing taken, and goes through when sent again with room.
 #[tokio::test]
 async fn an_export_past_the_bytes_in_flight_is_refused_for_a_retry() {
-    use log_ingest::otlp_input::OtlpInput;
-    use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsService as _;
+    use log_ingest::{otlp_input::OtlpInput, otlp_wire::Export};
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (buffer, start) = log_ingest::buffer::Buffer::open(
         dir.path(),
@@ -433,10 +433,10 @@ async fn an_export_past_the_bytes_in_flight_is_refused_for_a_retry() {
         budget_bytes: 1 << 20,
     };
     let request = || {
-        tonic::Request::new(export(
+        tonic::Request::new(Export::of(&export(
             "storefront",
             vec![log("one", 1_000), log("two", 2_000)],
-        ))
+        )))
     };
     // Other exports hold all but a few bytes of it.
     let held = budget
@@ -463,22 +463,71 @@ async fn an_export_past_the_bytes_in_flight_is_refused_for_a_retry() {
     stored.expect("stored once room was made within the second");
     assert!(buffer.reader(start).try_next().expect("reads").is_some());
     assert_eq!(budget.available_permits(), 1 << 20, "given back");
-    // Many small records weigh more than they are encoded: past the whole budget here,
-    // though under a tenth of it encoded. That weight is taken only where there is room:
-    // with part of the budget held elsewhere, the export is stored all the same.
-    let small: Vec<_> = (0..4_000).map(|n| log(&n.to_string(), n)).collect();
-    let small = export("storefront", small);
-    assert!(prost::Message::encoded_len(&small) < 100_000);
-    assert!(log_ingest::otlp_input::weight(&small, prost::Message::encoded_len(&small)) > 1 << 20);
-    let held = budget.clone().try_acquire_many_owned(1).expect("free");
-    let stored = input
-        .export(tonic::Request::new(small))
+}
+
+/// Batches are cut to fit the buffer's segments, however small they are configured: an
+/// export that converts to more than a segment (here the resource's fields, copied into
+/// each of its records) is stored in several batches, not refused as too large.
+#[tokio::test]
+async fn an_export_larger_than_a_segment_once_converted_is_stored_in_pieces() {
+    use log_ingest::{otlp_input::OtlpInput, otlp_wire::Export};
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let segment_bytes = 2 << 20;
+    let (buffer, start) = log_ingest::buffer::Buffer::open(
+        dir.path(),
+        log_ingest::buffer::Limits {
+            max_bytes: 64 << 20,
+            segment_bytes,
+        },
+    )
+    .expect("opens");
+    let input = OtlpInput {
+        buffer: buffer.clone(),
+        recent: log_ingest::recent::Recent::default(),
+        metrics: log_ingest::metrics::LogMetrics::unregistered(&[]),
+        budget: std::sync::Arc::new(tokio::sync::Semaphore::new(64 << 20)),
+        budget_bytes: 64 << 20,
+    };
+    let mut request = export(
+        "storefront",
+        (0..8_000_u64).map(|n| log(&n.to_string(), n + 1)).collect(),
+    );
+    let resource = request.resource_logs[0]
+        .resource
+        .as_mut()
+        .expect("a resource");
+    for key in ["k8s.pod.name", "service.instance.id"] {
+        resource.attributes.push(KeyValue {
+            key: key.to_owned(),
+            value: string(&"p".repeat(300)),
+            ..KeyValue::default()
+        });
+    }
+    assert!(
+        prost::Message::encoded_len(&request) < 1 << 20,
+        "a small export"
+    );
+    let answer = input
+        .export(tonic::Request::new(Export::of(&request)))
         .await
-        .expect("stored: its weight is not waited for")
+        .expect("stored")
         .into_inner();
-    assert!(stored.partial_success.is_none(), "{stored:?}");
-    drop(held);
-    assert_eq!(budget.available_permits(), 1 << 20, "given back");
+    assert!(answer.partial_success.is_none(), "{answer:?}");
+    let mut reader = buffer.reader(start);
+    let (mut batches, mut records) = (0, 0);
+    while let Some((bytes, _)) = reader.try_next().expect("reads") {
+        assert!(bytes.len() as u64 <= segment_bytes, "{} bytes", bytes.len());
+        batches += 1;
+        records += log_ingest::batch::Batch::decode(&bytes)
+            .expect("a batch")
+            .events
+            .len();
+    }
+    assert_eq!(records, 8_000);
+    assert!(
+        batches >= 3,
+        "{batches} batches of about 2 MiB for about 5 MB"
+    );
 }
 
 /// `status` asks the exporter to retry in 5 s, for `reason`.
@@ -636,7 +685,7 @@ async fn bytes_of_exports_still_arriving_count_against_the_budget() {
 /// An export as large as a call may be goes through when `otlp.max_bytes_in_flight` is
 /// exactly `server.max_message_bytes` (the least start-up allows): its body's bytes, with
 /// the gRPC message prefix, are not counted past the limit, and what they took is handed to
-/// its handler rather than taken again.
+/// its handler, which needs no more than the whole budget.
 #[tokio::test]
 async fn an_export_at_the_size_limit_fits_the_least_budget() {
     use prost::Message as _;
