@@ -77,6 +77,19 @@ const RESOURCE_FIELDS: [&str; 9] = [
     "container.id",
 ];
 
+/// Whether conversion copies the resource attribute `key` into each record: `Some(true)`
+/// with the key (a kept field), `Some(false)` without it (`host.name`, under our own key),
+/// `None` when not (what [`crate::otlp_wire`] counts).
+pub(crate) fn copied_resource_key(key: &[u8]) -> Option<bool> {
+    if key == b"host.name" {
+        return Some(false);
+    }
+    RESOURCE_FIELDS
+        .iter()
+        .any(|kept| kept.as_bytes() == key)
+        .then_some(true)
+}
+
 /// The attribute OpenTelemetry's semantic conventions give an exception's stack trace
 /// (the Java and Python appenders send the message as the body and the trace here).
 const EXCEPTION_STACKTRACE: &str = "exception.stacktrace";
@@ -125,7 +138,7 @@ impl OtlpInput {
         // Held until the export is stored: exports being converted and stored at once stay
         // within the budget; past it, the caller retries (nothing of it was taken). At most
         // the whole budget (one export then goes alone).
-        let need = in_memory(export.encoded_len(), max_batch)
+        let need = in_memory(&export, max_batch)
             .min(self.budget_bytes)
             .min(crate::forward_input::MAX_BUDGET);
         let had = from_body.as_ref().map_or(0, |p| p.num_permits());
@@ -144,19 +157,31 @@ impl OtlpInput {
                 .and_then(Result::ok)
                 .map(Some)
         };
-        let Some(_held_until_stored) = held else {
+        let Some(held) = held else {
             count("refused_busy", export.records());
             return Err(busy());
         };
+        // Until the export is stored and the converter has stopped, whichever comes last
+        // (a caller gone away drops this call, not the converter at once).
+        let held = Arc::new(held);
         // Decoding and converting a large export is CPU work: off the runtime's workers, so
         // the other inputs and the pipeline go on meanwhile. One record at a time, each
         // batch handed over to be stored as it fills; the converter waits while one is
         // being stored (at most one more waits in the channel).
         let (batches, mut filled) = tokio::sync::mpsc::channel(1);
-        let converting = tokio::task::spawn_blocking(move || {
-            convert(&export, received, max_batch, &mut |batch| {
-                batches.blocking_send(batch).is_ok()
-            })
+        let converting = tokio::task::spawn_blocking({
+            let held = held.clone();
+            move || {
+                let _held = held;
+                let stop = batches.clone();
+                convert(
+                    &export,
+                    received,
+                    max_batch,
+                    &mut |batch| batches.blocking_send(batch).is_ok(),
+                    &|| stop.is_closed(),
+                )
+            }
         });
         let mut refused = None;
         while let Some(batch) = filled.recv().await {
@@ -412,13 +437,30 @@ impl Rejected {
     }
 }
 
-/// What an export of `encoded` bytes takes in memory while it is converted and stored
-/// (what `otlp.max_bytes_in_flight` counts): its bytes, and up to three batches of
-/// `max_batch` (one being filled, one waiting to be stored, one being stored). Records are
-/// decoded one at a time, each bounded by [`MAX_VALUES_PER_RECORD`].
-pub fn in_memory(encoded: usize, max_batch: usize) -> usize {
-    encoded.saturating_add(max_batch.saturating_mul(3))
+/// What `export` takes in memory while it is converted and stored (what
+/// `otlp.max_bytes_in_flight` counts): its bytes, and what conversion makes of them, at
+/// most three batches of `max_batch` at a time (the batches being filled, one waiting to be
+/// stored, one being stored): about twice its bytes (text as decoded, then buffered), what
+/// is copied into each record, and a little for each record's event. Records are decoded
+/// one at a time, each at most `max_batch` as sent and [`MAX_VALUES_PER_RECORD`] values.
+pub fn in_memory(export: &Export, max_batch: usize) -> usize {
+    /// A record's event beyond its text: its index entry, keys and time.
+    const PER_EVENT: usize = 128;
+    let converted = export
+        .encoded_len()
+        .saturating_mul(2)
+        .saturating_add(export.copied())
+        .saturating_add(export.records().saturating_mul(PER_EVENT));
+    export
+        .encoded_len()
+        .saturating_add(converted.min(max_batch.saturating_mul(3)))
 }
+
+/// Most bytes one export's records may take buffered, their events together: four times
+/// the largest export gRPC takes at the default `server.max_message_bytes`, as the forward
+/// input allows a message. Past it (a small export whose resource's fields, copied into each
+/// of millions of records, would fill the buffer), records are rejected (`partial_success`).
+pub const MAX_EXPORT_BUFFERED: usize = 64 << 20;
 
 /// Most values one record may hold: its attributes and the values nested in its body and
 /// attributes. Decoded, each takes a hundred bytes and more, sent, a few: a record past it
@@ -431,9 +473,11 @@ pub const MAX_VALUES_PER_RECORD: usize = 10_000;
 /// bytes of it in the export would otherwise become megabytes buffered.
 pub const MAX_COPIED_BYTES: usize = 2_048;
 
-/// Decodes and converts `export`'s records one at a time into batches of `max_batch` bytes
-/// at most, handing each to `emit` as it fills (a service's records in order; a new batch
-/// where the service changes), until `emit` says stop (`false`). What was rejected, and why.
+/// Decodes and converts `export`'s records one at a time into batches per service of
+/// `max_batch` bytes at most (events and their index; the batches being filled together
+/// too), handing each to `emit` as it fills, the rest at the end in order of their
+/// services' first records. Until `emit` says stop (`false`) or `stop` says so (checked
+/// between records: the caller went away). What was rejected, and why.
 ///
 /// `export`'s framing is checked already ([`Export::scan`]); a record that does not decode
 /// all the same (a string that is not UTF-8) is rejected alone.
@@ -442,10 +486,13 @@ pub fn convert(
     received_nanos: i64,
     max_batch: usize,
     emit: &mut dyn FnMut(Batch) -> bool,
+    stop: &dyn Fn() -> bool,
 ) -> Rejected {
     let mut rejected = Rejected::default();
+    let mut buffered = 0_usize;
     let mut batcher = Batcher {
-        current: None,
+        open: Vec::new(),
+        open_bytes: 0,
         max_batch,
         // By the forward input's clock, which never goes back (the pipeline judges quiet
         // in a backlog by it).
@@ -458,6 +505,9 @@ pub fn convert(
             let scope = scope_name(scope_logs);
             for (l, bytes) in fields(scope_logs, 2).flatten().enumerate() {
                 let path = format!("resource_logs[{r}].scope_logs[{s}].log_records[{l}]");
+                if stop() {
+                    return rejected;
+                }
                 let (resource, scope) = match (&resource, &scope) {
                     (Ok(resource), Ok(scope)) => (resource, scope),
                     (Err(why), _) | (_, Err(why)) => {
@@ -465,6 +515,14 @@ pub fn convert(
                         continue;
                     }
                 };
+                // Larger sent than a batch may hold: it would be refused once converted.
+                if bytes.len() > max_batch {
+                    rejected.add(format!(
+                        "{path}: takes {} bytes, more than {max_batch} buffered",
+                        bytes.len()
+                    ));
+                    continue;
+                }
                 let values = crate::otlp_wire::values_in_record(bytes).unwrap_or(usize::MAX);
                 if values > MAX_VALUES_PER_RECORD {
                     rejected.add(format!(
@@ -488,7 +546,15 @@ pub fn convert(
                         "{path}: takes {} bytes buffered, more than {max_batch}",
                         event_bytes(&event)
                     )),
+                    Ok(event) if buffered + event_bytes(&event) > MAX_EXPORT_BUFFERED => {
+                        rejected.add(format!(
+                            "{path}: the export's records take more than \
+                             {MAX_EXPORT_BUFFERED} bytes buffered (its resource's and scope's \
+                             fields are copied into each)"
+                        ));
+                    }
                     Ok(event) => {
+                        buffered += event_bytes(&event);
                         if !batcher.push(&resource.service, &event) {
                             return rejected;
                         }
@@ -498,7 +564,7 @@ pub fn convert(
             }
         }
     }
-    batcher.flush();
+    batcher.finish();
     rejected
 }
 
@@ -533,16 +599,23 @@ impl ResourceFields {
             if found.iter().any(|(k, _)| *k == wanted) {
                 continue;
             }
-            if pair.len() > MAX_COPIED_BYTES + key.len() + 16 {
-                return Err(format!(
-                    "the resource's {wanted} takes {} bytes, more than the {MAX_COPIED_BYTES} \
-                     copied into each of its records",
-                    pair.len()
-                ));
+            let too_long = |len: usize| {
+                format!(
+                    "the resource's {wanted} takes {len} bytes, more than the \
+                     {MAX_COPIED_BYTES} copied into each of its records"
+                )
+            };
+            // Far past it as sent: not decoded at all.
+            if pair.len() > 4 * MAX_COPIED_BYTES {
+                return Err(too_long(pair.len()));
             }
             let pair = KeyValue::decode(pair)
                 .map_err(|error| format!("the resource's {wanted} does not decode: {error}"))?;
-            found.push((wanted, pair.value.as_ref().map(text).unwrap_or_default()));
+            let value = pair.value.as_ref().map(text).unwrap_or_default();
+            if value.len() > MAX_COPIED_BYTES {
+                return Err(too_long(value.len()));
+            }
+            found.push((wanted, value));
         }
         let take = |key: &str| {
             found
@@ -585,10 +658,21 @@ fn scope_name(scope_logs: &[u8]) -> Result<String, String> {
     String::from_utf8(name.to_vec()).map_err(|_| "its scope's name is not UTF-8".to_owned())
 }
 
-/// Events into batches of about `max_batch` bytes at most (one event each at least), each
-/// handed to `emit` when full or when the service changes.
+/// Batches being filled at once in a conversion, for that many services (an export's
+/// records interleaving more services make smaller batches).
+const OPEN_BATCHES: usize = 16;
+
+/// Events into batches per service, each handed to `emit` when it would pass `max_batch`
+/// bytes (events and index, [`Events::weight`]; one event each at least), and the largest
+/// one when those being filled together would, or when a service more than
+/// [`OPEN_BATCHES`] comes: memory holds about one batch being filled, however the
+/// services' records interleave.
 struct Batcher<'e> {
-    current: Option<(String, Events)>,
+    /// Per service, in order of its first record since its last batch: its batch being
+    /// filled (never empty).
+    open: Vec<(String, Events)>,
+    /// Their weights together.
+    open_bytes: usize,
     max_batch: usize,
     received_ms: i64,
     emit: &'e mut dyn FnMut(Batch) -> bool,
@@ -597,31 +681,63 @@ struct Batcher<'e> {
 impl Batcher<'_> {
     /// Adds `event` of `service`; `false` when `emit` said stop.
     fn push(&mut self, service: &str, event: &Event) -> bool {
-        let size = event_bytes(event);
-        let full = self.current.as_ref().is_some_and(|(tag, events)| {
-            tag != service || events.encoded_len() + size > self.max_batch
-        });
-        if full && !self.flush() {
-            return false;
+        let size = event_bytes(event) + std::mem::size_of::<(i64, std::ops::Range<usize>)>();
+        let mut at = self.open.iter().position(|(tag, _)| tag == service);
+        if let Some(i) = at
+            && self.open[i].1.weight() + size > self.max_batch
+        {
+            if !self.take(i) {
+                return false;
+            }
+            at = None;
         }
-        let (_, events) = self.current.get_or_insert_with(|| {
-            // Built with room for the batch's header: stored without another copy.
-            (service.to_owned(), Events::for_batch(service, 0, None))
-        });
+        while !self.open.is_empty()
+            && (self.open_bytes + size > self.max_batch
+                || (at.is_none() && self.open.len() >= OPEN_BATCHES))
+        {
+            let largest = (0..self.open.len())
+                .max_by_key(|i| self.open[*i].1.weight())
+                .unwrap_or_default();
+            if !self.take(largest) {
+                return false;
+            }
+            at = self.open.iter().position(|(tag, _)| tag == service);
+        }
+        let at = match at {
+            Some(at) => at,
+            None => {
+                // Built with room for the batch's header: stored without another copy.
+                let events = Events::for_batch(service, 0, None);
+                self.open_bytes += events.weight();
+                self.open.push((service.to_owned(), events));
+                self.open.len() - 1
+            }
+        };
+        let events = &mut self.open[at].1;
+        let before = events.weight();
         events.push(event);
+        self.open_bytes += events.weight() - before;
         true
     }
 
-    /// Hands the batch being filled to `emit`; what `emit` said.
-    fn flush(&mut self) -> bool {
-        match self.current.take() {
-            Some((tag, events)) if !events.is_empty() => (self.emit)(Batch {
-                source: Source::Otlp,
-                tag,
-                events,
-                received_ms: self.received_ms,
-            }),
-            _ => true,
+    /// Hands `self.open[at]`'s batch to `emit`; what `emit` said.
+    fn take(&mut self, at: usize) -> bool {
+        let (tag, events) = self.open.remove(at);
+        self.open_bytes -= events.weight();
+        (self.emit)(Batch {
+            source: Source::Otlp,
+            tag,
+            events,
+            received_ms: self.received_ms,
+        })
+    }
+
+    /// Hands every batch being filled to `emit`, in order of their services' first records.
+    fn finish(&mut self) {
+        while !self.open.is_empty() {
+            if !self.take(0) {
+                return;
+            }
         }
     }
 }
@@ -898,10 +1014,17 @@ mod tests {
         max_batch: usize,
     ) -> (Vec<Batch>, Rejected) {
         let mut batches = Vec::new();
-        let rejected = convert(&Export::of(&request), received_nanos, max_batch, &mut |b| {
+        let mut emit = |b| {
             batches.push(b);
             true
-        });
+        };
+        let rejected = convert(
+            &Export::of(&request),
+            received_nanos,
+            max_batch,
+            &mut emit,
+            &|| false,
+        );
         (batches, rejected)
     }
 
@@ -942,6 +1065,183 @@ mod tests {
             }],
             ..ResourceLogs::default()
         }
+    }
+
+    fn bodies(batches: &[Batch]) -> Vec<(String, String)> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                b.events
+                    .iter()
+                    .map(|e| (b.tag.clone(), record(&e.to_event()).body))
+            })
+            .collect()
+    }
+
+    fn logs(bodies: &[&str]) -> Vec<LogRecord> {
+        bodies
+            .iter()
+            .map(|body| LogRecord {
+                time_unix_nano: 1_730_103_120_040_000_000,
+                body: string(body),
+                ..LogRecord::default()
+            })
+            .collect()
+    }
+
+    /// Each record is refused alone, with why, past the caps that keep its decoding and
+    /// its copies small: more than 10,000 values, a resource's copied field or a scope's
+    /// name of more than 2,048 bytes, or bytes that do not decode (a body that is not
+    /// UTF-8); the export's other records are stored.
+    #[test]
+    fn records_past_the_caps_are_rejected_alone() {
+        let many = LogRecord {
+            body: string("many"),
+            attributes: (0..=MAX_VALUES_PER_RECORD / 2)
+                .map(|i| kv(&i.to_string(), string("v")))
+                .collect(),
+            ..LogRecord::default()
+        };
+        let mut first = export(logs(&["kept 1", "Xnot utf-8"]), Some("shop"));
+        first.scope_logs[0].log_records.push(many);
+        let mut wide_host = export(logs(&["wide host"]), Some("shop"));
+        wide_host.resource.as_mut().expect("a resource").attributes[1] =
+            kv("host.name", string(&"h".repeat(MAX_COPIED_BYTES + 1)));
+        let mut wide_scope = export(logs(&["wide scope"]), Some("shop"));
+        wide_scope.scope_logs[0].scope = Some(InstrumentationScope {
+            name: "s".repeat(MAX_COPIED_BYTES + 1),
+            ..InstrumentationScope::default()
+        });
+        let last = export(logs(&["kept 2"]), Some("shop"));
+        let request = ExportLogsServiceRequest {
+            resource_logs: vec![first, wide_host, wide_scope, last],
+        };
+        // The body "Xnot utf-8" made invalid UTF-8 where it lies.
+        let mut bytes = request.encode_to_vec();
+        let at = bytes
+            .windows(10)
+            .position(|w| w == b"Xnot utf-8")
+            .expect("the body");
+        bytes[at] = 0xff;
+        let scanned = Export::scan(bytes.into()).expect("its framing is right");
+        let mut batches = Vec::new();
+        let rejected = convert(
+            &scanned,
+            5,
+            MAX_BATCH_BYTES,
+            &mut |b| {
+                batches.push(b);
+                true
+            },
+            &|| false,
+        );
+        let kept: Vec<String> = bodies(&batches).into_iter().map(|(_, b)| b).collect();
+        assert_eq!(kept, ["kept 1", "kept 2"]);
+        assert_eq!(rejected.count(), 4, "{}", rejected.message());
+        let message = rejected.message();
+        assert!(
+            message.starts_with("resource_logs[0].scope_logs[0].log_records[1]: does not decode"),
+            "{message}"
+        );
+        // The others' reasons, one by one.
+        let many = ExportLogsServiceRequest {
+            resource_logs: vec![export(
+                vec![LogRecord {
+                    attributes: (0..=MAX_VALUES_PER_RECORD / 2)
+                        .map(|i| kv(&i.to_string(), string("v")))
+                        .collect(),
+                    ..LogRecord::default()
+                }],
+                Some("shop"),
+            )],
+        };
+        assert!(
+            batches_of(many)
+                .1
+                .message()
+                .contains("holds 10002 attributes and values, more than 10000")
+        );
+        let host = ExportLogsServiceRequest {
+            resource_logs: vec![{
+                let mut r = export(logs(&["x"]), Some("shop"));
+                r.resource.as_mut().expect("a resource").attributes[1] =
+                    kv("host.name", string(&"h".repeat(MAX_COPIED_BYTES + 1)));
+                r
+            }],
+        };
+        assert!(
+            batches_of(host)
+                .1
+                .message()
+                .contains("the resource's host.name takes")
+        );
+        let scope = ExportLogsServiceRequest {
+            resource_logs: vec![{
+                let mut r = export(logs(&["x"]), Some("shop"));
+                r.scope_logs[0].scope = Some(InstrumentationScope {
+                    name: "s".repeat(MAX_COPIED_BYTES + 1),
+                    ..InstrumentationScope::default()
+                });
+                r
+            }],
+        };
+        assert!(
+            batches_of(scope)
+                .1
+                .message()
+                .contains("its scope's name takes")
+        );
+    }
+
+    fn batches_of(request: ExportLogsServiceRequest) -> (Vec<Batch>, Rejected) {
+        batches(request, 5, MAX_BATCH_BYTES)
+    }
+
+    /// A service's records share batches however the export interleaves its resources, and
+    /// batches come in order of their services' first records.
+    #[test]
+    fn interleaved_services_share_their_batches() {
+        let request = ExportLogsServiceRequest {
+            resource_logs: vec![
+                export(logs(&["a1"]), Some("a")),
+                export(logs(&["b1"]), Some("b")),
+                export(logs(&["a2"]), Some("a")),
+            ],
+        };
+        let (batches, _) = batches_of(request);
+        assert_eq!(
+            bodies(&batches),
+            [("a", "a1"), ("a", "a2"), ("b", "b1")].map(|(t, b)| (t.to_owned(), b.to_owned()))
+        );
+        assert_eq!(batches.len(), 2);
+    }
+
+    /// An export's records take at most MAX_EXPORT_BUFFERED buffered: past it (fields
+    /// copied into millions of tiny records would fill the buffer), the rest are rejected.
+    #[test]
+    fn an_export_past_what_it_may_buffer_has_the_rest_rejected() {
+        let mut resource = export(logs(&["x"; 4_000]), Some("shop"));
+        let attributes = &mut resource.resource.as_mut().expect("a resource").attributes;
+        for key in RESOURCE_FIELDS {
+            attributes.push(kv(key, string(&"k".repeat(MAX_COPIED_BYTES - 64))));
+        }
+        let request = ExportLogsServiceRequest {
+            resource_logs: vec![resource],
+        };
+        assert!(request.encoded_len() < 100_000);
+        let (batches, rejected) = batches_of(request);
+        let kept: usize = batches.iter().map(|b| b.events.len()).sum();
+        let buffered: usize = batches.iter().map(|b| b.events.encoded_len()).sum();
+        assert!(kept > 3_000 && kept < 4_000, "{kept}");
+        assert_eq!(kept + rejected.count(), 4_000);
+        assert!(buffered <= MAX_EXPORT_BUFFERED + (1 << 20), "{buffered}");
+        assert!(
+            rejected
+                .message()
+                .contains("the export's records take more than"),
+            "{}",
+            rejected.message()
+        );
     }
 
     #[test]

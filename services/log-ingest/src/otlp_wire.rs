@@ -40,6 +40,7 @@ const MAX_NESTING: usize = 64;
 pub struct Export {
     bytes: Bytes,
     records: usize,
+    copied: usize,
 }
 
 impl Export {
@@ -56,6 +57,7 @@ impl Export {
         Ok(Self {
             bytes,
             records: totals.records,
+            copied: totals.copied,
         })
     }
 
@@ -67,6 +69,12 @@ impl Export {
     /// How many log records it holds.
     pub fn records(&self) -> usize {
         self.records
+    }
+
+    /// The bytes conversion copies into its records, summed over them: each resource's
+    /// `host.name` and kept fields and each scope's name, as sent, once per record.
+    pub fn copied(&self) -> usize {
+        self.copied
     }
 
     /// Its encoded size.
@@ -87,6 +95,8 @@ struct Totals {
     /// Key-value pairs and values (attributes, and the values nested in bodies and
     /// attributes), each a struct of its own decoded.
     values: usize,
+    /// See [`Export::copied`].
+    copied: usize,
 }
 
 /// How many values a log record's bytes hold: its attributes and the values in its body
@@ -121,27 +131,50 @@ pub fn fields(bytes: &[u8], number: u64) -> impl Iterator<Item = Result<&[u8], &
 
 /// `ResourceLogs { resource = 1 (Resource { attributes = 1 }), scope_logs = 2 }`.
 fn scan_resource_logs(bytes: &[u8], totals: &mut Totals) -> Result<(), &'static str> {
+    // What is copied into each of its records: the first of each copied key (as
+    // conversion looks them up), its key too where conversion keeps it.
+    let mut seen: Vec<&[u8]> = Vec::new();
+    let mut per_record = 0_usize;
     for resource in fields(bytes, 1) {
         for pair in fields(resource?, 1) {
-            scan_pair(pair?, totals, 0)?;
+            let pair = pair?;
+            scan_pair(pair, totals, 0)?;
+            let key = fields(pair, 1).last().transpose()?.unwrap_or_default();
+            let Some(with_key) = crate::otlp_input::copied_resource_key(key) else {
+                continue;
+            };
+            if !seen.contains(&key) {
+                seen.push(key);
+                let value = fields(pair, 2).last().transpose()?.map_or(0, <[u8]>::len);
+                per_record += value + if with_key { key.len() } else { 0 };
+            }
         }
     }
     for scope_logs in fields(bytes, 2) {
-        scan_scope_logs(scope_logs?, totals)?;
+        let (records, scope_name) = scan_scope_logs(scope_logs?, totals)?;
+        totals.copied = totals
+            .copied
+            .saturating_add(records.saturating_mul(per_record + scope_name));
     }
     Ok(())
 }
 
-/// `ScopeLogs { scope = 1 (InstrumentationScope { name = 1 }), log_records = 2 }`.
-fn scan_scope_logs(bytes: &[u8], totals: &mut Totals) -> Result<(), &'static str> {
+/// `ScopeLogs { scope = 1 (InstrumentationScope { name = 1 }), log_records = 2 }`: its
+/// records, and its scope's name's length.
+fn scan_scope_logs(bytes: &[u8], totals: &mut Totals) -> Result<(usize, usize), &'static str> {
+    let mut name = 0;
     for scope in fields(bytes, 1) {
-        fields(scope?, 1).try_for_each(|name| name.map(drop))?;
+        if let Some(last) = fields(scope?, 1).last() {
+            name = last?.len();
+        }
     }
+    let mut records = 0;
     for record in fields(bytes, 2) {
-        totals.records += 1;
+        records += 1;
         scan_record(record?, totals)?;
     }
-    Ok(())
+    totals.records += records;
+    Ok((records, name))
 }
 
 /// `LogRecord { body = 5, attributes = 6 }` (its other fields are scalars and bytes).

@@ -234,25 +234,46 @@ fn otlp_exports() {
         "{} bytes",
         many.encoded_len()
     );
+    // The handler holds at most two batches besides the one being filled (one waiting in
+    // its channel, one being stored): so does this.
+    let mut held = std::collections::VecDeque::new();
     let mut stored = 0;
+    let received = 1_730_103_120_040_000_000;
     let (rejected, peak) = peak_of(|| {
-        otlp_input::convert(&many, 1, MAX_BATCH, &mut |batch| {
-            stored += batch.events.len();
-            true
-        })
+        otlp_input::convert(
+            &many,
+            received,
+            MAX_BATCH,
+            &mut |batch| {
+                stored += batch.events.len();
+                held.push_back(batch);
+                if held.len() > 2 {
+                    held.pop_front();
+                }
+                true
+            },
+            &|| false,
+        )
     });
     assert_eq!((stored, rejected.count()), (RECORDS, 0));
     assert!(peak < 32 << 20, "1,000,000 tiny records took {peak} bytes");
+    drop(held);
 
     // A host of 3.9 MiB would be copied into each of 300 records: 1.2 GB. Its records are
     // rejected instead, each with why.
     let wide = export(&"h".repeat(3_900_000), vec![tiny; 300]);
     let mut stored = 0;
     let (rejected, peak) = peak_of(|| {
-        otlp_input::convert(&wide, 1, MAX_BATCH, &mut |batch| {
-            stored += batch.events.len();
-            true
-        })
+        otlp_input::convert(
+            &wide,
+            received,
+            MAX_BATCH,
+            &mut |batch| {
+                stored += batch.events.len();
+                true
+            },
+            &|| false,
+        )
     });
     assert_eq!((stored, rejected.count()), (0, 300));
     assert!(

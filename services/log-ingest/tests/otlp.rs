@@ -530,6 +530,75 @@ async fn an_export_larger_than_a_segment_once_converted_is_stored_in_pieces() {
     );
 }
 
+/// A buffer that fills in the middle of an export: the export is answered UNAVAILABLE
+/// (`BUFFER_FULL`) with what was stored kept and the budget given back; sent again once
+/// there is room, its stored batches are recognised and the rest stored: every record once,
+/// in order.
+#[tokio::test]
+async fn an_export_the_buffer_fills_in_the_middle_of_goes_in_whole_when_sent_again() {
+    use log_ingest::{otlp_input::OtlpInput, otlp_wire::Export};
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (buffer, start) = log_ingest::buffer::Buffer::open(
+        dir.path(),
+        log_ingest::buffer::Limits {
+            max_bytes: 8 << 20,
+            segment_bytes: 4 << 20,
+        },
+    )
+    .expect("opens");
+    let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(64 << 20));
+    let input = OtlpInput {
+        buffer: buffer.clone(),
+        recent: log_ingest::recent::Recent::default(),
+        metrics: log_ingest::metrics::LogMetrics::unregistered(&[]),
+        budget: budget.clone(),
+        budget_bytes: 64 << 20,
+    };
+    // 12 records of 900 KB: batches of four (under a 4 MiB segment), three in all; the
+    // buffer holds two.
+    let body = "z".repeat(900_000);
+    let request = Export::of(&export(
+        "storefront",
+        (0..12_u64)
+            .map(|n| log(&format!("{n:02} {body}"), 1_000 + n))
+            .collect(),
+    ));
+    let status = input
+        .export(tonic::Request::new(request.clone()))
+        .await
+        .expect_err("the buffer fills");
+    assert_retry_later(&status, "BUFFER_FULL");
+    assert_eq!(budget.available_permits(), 64 << 20, "given back");
+    let mut reader = buffer.reader(start);
+    let mut stored = Vec::new();
+    let mut read = |stored: &mut Vec<String>| {
+        let mut after = None;
+        while let Some((bytes, at)) = reader.try_next().expect("reads") {
+            let batch = log_ingest::batch::Batch::decode(&bytes).expect("a batch");
+            for event in batch.events.iter() {
+                let otlp = log_ingest::otlp_input::record(&event.to_event());
+                stored.push(otlp.body[..2].to_owned());
+            }
+            after = Some(at);
+        }
+        after
+    };
+    let after = read(&mut stored).expect("some stored");
+    assert_eq!(stored.len(), 8, "two batches of four");
+    // Room, as the pipeline makes it once Loki has them.
+    buffer.acknowledge(after).expect("acknowledges");
+    let answer = input
+        .export(tonic::Request::new(request))
+        .await
+        .expect("stored")
+        .into_inner();
+    assert!(answer.partial_success.is_none(), "{answer:?}");
+    read(&mut stored);
+    let want: Vec<String> = (0..12).map(|n| format!("{n:02}")).collect();
+    assert_eq!(stored, want, "every record once, in order");
+    assert_eq!(budget.available_permits(), 64 << 20, "given back");
+}
+
 /// `status` asks the exporter to retry in 5 s, for `reason`.
 fn assert_retry_later(status: &tonic::Status, reason: &str) {
     use tonic_types::StatusExt as _;
