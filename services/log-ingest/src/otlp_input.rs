@@ -439,28 +439,38 @@ impl Rejected {
 
 /// What `export` takes in memory while it is converted and stored (what
 /// `otlp.max_bytes_in_flight` counts): its bytes, and what conversion makes of them, at
-/// most three batches of `max_batch` at a time (the batches being filled, one waiting to be
-/// stored, one being stored): about twice its bytes (text as decoded, then buffered), what
-/// is copied into each record, and a little for each record's event. Records are decoded
-/// one at a time, each at most `max_batch` as sent and [`MAX_VALUES_PER_RECORD`] values.
+/// most four batches of `max_batch` at a time (the batches being filled, one waiting to be
+/// stored, one being stored, and the record being converted, decoded then as an event).
+/// What conversion makes: up to eight times the export's bytes (its text decoded, then as
+/// JSON where it is not a string, control characters six bytes each, then buffered),
+/// three times what is copied into each record (a key-value list copied as JSON), and a
+/// little for each record's event. Records are decoded one at a time, each at most
+/// `max_batch` as sent and [`MAX_VALUES_PER_RECORD`] values. An estimate: batches being
+/// filled grow by doubling, and their spare room is not counted.
 pub fn in_memory(export: &Export, max_batch: usize) -> usize {
     /// A record's event beyond its text: its index entry, keys and time.
     const PER_EVENT: usize = 128;
     let converted = export
         .encoded_len()
-        .saturating_mul(2)
-        .saturating_add(export.copied())
+        .saturating_mul(8)
+        .saturating_add(export.copied().saturating_mul(3))
         .saturating_add(export.records().saturating_mul(PER_EVENT));
     export
         .encoded_len()
-        .saturating_add(converted.min(max_batch.saturating_mul(3)))
+        .saturating_add(converted.min(max_batch.saturating_mul(4)))
 }
 
 /// Most bytes one export's records may take buffered, their events together: four times
 /// the largest export gRPC takes at the default `server.max_message_bytes`, as the forward
-/// input allows a message. Past it (a small export whose resource's fields, copied into each
+/// input allows a message, or eight times the export's own bytes where that is more
+/// ([`buffered_at_most`]). Past it (a small export whose resource's fields, copied into each
 /// of millions of records, would fill the buffer), records are rejected (`partial_success`).
 pub const MAX_EXPORT_BUFFERED: usize = 64 << 20;
+
+/// What `export`'s records may take buffered (see [`MAX_EXPORT_BUFFERED`]).
+pub fn buffered_at_most(export: &Export) -> usize {
+    MAX_EXPORT_BUFFERED.max(export.encoded_len().saturating_mul(8))
+}
 
 /// Most values one record may hold: its attributes and the values nested in its body and
 /// attributes. Decoded, each takes a hundred bytes and more, sent, a few: a record past it
@@ -490,6 +500,7 @@ pub fn convert(
 ) -> Rejected {
     let mut rejected = Rejected::default();
     let mut buffered = 0_usize;
+    let most = buffered_at_most(export);
     let mut batcher = Batcher {
         open: Vec::new(),
         open_bytes: 0,
@@ -546,11 +557,10 @@ pub fn convert(
                         "{path}: takes {} bytes buffered, more than {max_batch}",
                         event_bytes(&event)
                     )),
-                    Ok(event) if buffered + event_bytes(&event) > MAX_EXPORT_BUFFERED => {
+                    Ok(event) if buffered + event_bytes(&event) > most => {
                         rejected.add(format!(
-                            "{path}: the export's records take more than \
-                             {MAX_EXPORT_BUFFERED} bytes buffered (its resource's and scope's \
-                             fields are copied into each)"
+                            "{path}: the export's records take more than {most} bytes \
+                             buffered (its resource's and scope's fields are copied into each)"
                         ));
                     }
                     Ok(event) => {
@@ -1216,8 +1226,9 @@ mod tests {
         assert_eq!(batches.len(), 2);
     }
 
-    /// An export's records take at most MAX_EXPORT_BUFFERED buffered: past it (fields
-    /// copied into millions of tiny records would fill the buffer), the rest are rejected.
+    /// An export's records take at most MAX_EXPORT_BUFFERED buffered (a small export's
+    /// bound): past it (fields copied into millions of tiny records would fill the buffer),
+    /// the rest are rejected.
     #[test]
     fn an_export_past_what_it_may_buffer_has_the_rest_rejected() {
         let mut resource = export(logs(&["x"; 4_000]), Some("shop"));
