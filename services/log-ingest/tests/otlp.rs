@@ -408,30 +408,54 @@ async fn a_full_buffer_answers_unavailable_with_retry_info_and_loses_nothing_sto
     assert_eq!(lines, stored, "every stored record once, none other");
 }
 
+/// The OTLP input on its own, as the tests that call its handler directly use it.
+struct Alone {
+    input: log_ingest::otlp_input::OtlpInput,
+    buffer: log_ingest::buffer::Buffer,
+    start: log_ingest::buffer::Position,
+    budget: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// The OTLP input with a buffer in `dir` of `max_bytes` in segments of `segment_bytes`, and
+/// a budget of `budget` bytes.
+fn alone(dir: &std::path::Path, max_bytes: u64, segment_bytes: u64, budget: usize) -> Alone {
+    let (buffer, start) = log_ingest::buffer::Buffer::open(
+        dir,
+        log_ingest::buffer::Limits {
+            max_bytes,
+            segment_bytes,
+        },
+    )
+    .expect("opens");
+    let budget_semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(budget));
+    Alone {
+        input: log_ingest::otlp_input::OtlpInput {
+            buffer: buffer.clone(),
+            recent: log_ingest::recent::Recent::default(),
+            metrics: log_ingest::metrics::LogMetrics::unregistered(&[]),
+            budget: budget_semaphore.clone(),
+            budget_bytes: budget,
+        },
+        buffer,
+        start,
+        budget: budget_semaphore,
+    }
+}
+
 /// Exports being converted and stored at once stay within `otlp.max_bytes_in_flight` (an
 /// export takes its bytes and room for a few batches, at most the whole budget): one that
 /// would pass it waits for room (up to a second, holding nothing), then is answered
 /// UNAVAILABLE with RetryInfo, nothing taken, and goes through when sent again with room.
 #[tokio::test]
 async fn an_export_past_the_bytes_in_flight_is_refused_for_a_retry() {
-    use log_ingest::{otlp_input::OtlpInput, otlp_wire::Export};
+    use log_ingest::otlp_wire::Export;
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let (buffer, start) = log_ingest::buffer::Buffer::open(
-        dir.path(),
-        log_ingest::buffer::Limits {
-            max_bytes: 64 << 20,
-            segment_bytes: 8 << 20,
-        },
-    )
-    .expect("opens");
-    let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(1 << 20));
-    let input = OtlpInput {
-        buffer: buffer.clone(),
-        recent: log_ingest::recent::Recent::default(),
-        metrics: log_ingest::metrics::LogMetrics::unregistered(&[]),
-        budget: budget.clone(),
-        budget_bytes: 1 << 20,
-    };
+    let Alone {
+        input,
+        buffer,
+        start,
+        budget,
+    } = alone(dir.path(), 64 << 20, 8 << 20, 1 << 20);
     let request = || {
         tonic::Request::new(Export::of(&export(
             "storefront",
@@ -470,24 +494,15 @@ async fn an_export_past_the_bytes_in_flight_is_refused_for_a_retry() {
 /// each of its records) is stored in several batches, not refused as too large.
 #[tokio::test]
 async fn an_export_larger_than_a_segment_once_converted_is_stored_in_pieces() {
-    use log_ingest::{otlp_input::OtlpInput, otlp_wire::Export};
+    use log_ingest::otlp_wire::Export;
     let dir = tempfile::tempdir().expect("a temporary directory");
     let segment_bytes = 2 << 20;
-    let (buffer, start) = log_ingest::buffer::Buffer::open(
-        dir.path(),
-        log_ingest::buffer::Limits {
-            max_bytes: 64 << 20,
-            segment_bytes,
-        },
-    )
-    .expect("opens");
-    let input = OtlpInput {
-        buffer: buffer.clone(),
-        recent: log_ingest::recent::Recent::default(),
-        metrics: log_ingest::metrics::LogMetrics::unregistered(&[]),
-        budget: std::sync::Arc::new(tokio::sync::Semaphore::new(64 << 20)),
-        budget_bytes: 64 << 20,
-    };
+    let Alone {
+        input,
+        buffer,
+        start,
+        ..
+    } = alone(dir.path(), 64 << 20, segment_bytes, 64 << 20);
     let mut request = export(
         "storefront",
         (0..8_000_u64).map(|n| log(&n.to_string(), n + 1)).collect(),
@@ -536,24 +551,14 @@ async fn an_export_larger_than_a_segment_once_converted_is_stored_in_pieces() {
 /// in order.
 #[tokio::test]
 async fn an_export_the_buffer_fills_in_the_middle_of_goes_in_whole_when_sent_again() {
-    use log_ingest::{otlp_input::OtlpInput, otlp_wire::Export};
+    use log_ingest::otlp_wire::Export;
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let (buffer, start) = log_ingest::buffer::Buffer::open(
-        dir.path(),
-        log_ingest::buffer::Limits {
-            max_bytes: 8 << 20,
-            segment_bytes: 4 << 20,
-        },
-    )
-    .expect("opens");
-    let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(64 << 20));
-    let input = OtlpInput {
-        buffer: buffer.clone(),
-        recent: log_ingest::recent::Recent::default(),
-        metrics: log_ingest::metrics::LogMetrics::unregistered(&[]),
-        budget: budget.clone(),
-        budget_bytes: 64 << 20,
-    };
+    let Alone {
+        input,
+        buffer,
+        start,
+        budget,
+    } = alone(dir.path(), 8 << 20, 4 << 20, 64 << 20);
     // 12 records of 900 KB: batches of four (under a 4 MiB segment), three in all; the
     // buffer holds two.
     let body = "z".repeat(900_000);
