@@ -418,24 +418,30 @@ mod tests {
         assert_eq!(second.dropped_count, 0);
     }
 
+    /// A tail whose queue takes large records (16 MiB), and a record too large for one
+    /// message all the same (3 MiB of fields).
+    fn a_tail_and_a_record_too_large_for_it() -> (Tails, TailStream, Record) {
+        let tails = Tails::new(
+            TailSettings {
+                max_tails: 1,
+                buffer_records: 10,
+                buffer_bytes: 16 << 20,
+            },
+            LogMetrics::unregistered(&[]),
+            CancellationToken::new(),
+        );
+        let tail = tails.open(request("", "", "")).expect("opens");
+        let mut huge = record(Some(Level::Error), "small");
+        huge.fields
+            .insert("attribute".to_owned(), "x".repeat(3 << 20));
+        (tails, tail, huge)
+    }
+
     /// A record too large for a message a default client accepts is dropped for the tail,
     /// counted, and the tail goes on.
     #[tokio::test]
     async fn a_record_too_large_for_one_message_is_dropped_counted() {
-        let settings = TailSettings {
-            max_tails: 1,
-            buffer_records: 10,
-            buffer_bytes: 16 << 20,
-        };
-        let tails = Tails::new(
-            settings,
-            LogMetrics::unregistered(&[]),
-            CancellationToken::new(),
-        );
-        let mut tail = tails.open(request("", "", "")).expect("opens");
-        let mut huge = record(Some(Level::Error), "small");
-        huge.fields
-            .insert("attribute".to_owned(), "x".repeat(3 << 20));
+        let (tails, mut tail, huge) = a_tail_and_a_record_too_large_for_it();
         let mut tap = tails.tap().expect("a tail is open");
         tap.offer(&huge, "shop");
         tap.offer(&record(Some(Level::Error), "next"), "shop");
@@ -449,20 +455,7 @@ mod tests {
     /// it (a tail filtered on a rare record may see none for hours).
     #[tokio::test]
     async fn a_drop_is_reported_even_when_no_record_follows() {
-        let settings = TailSettings {
-            max_tails: 1,
-            buffer_records: 10,
-            buffer_bytes: 16 << 20,
-        };
-        let tails = Tails::new(
-            settings,
-            LogMetrics::unregistered(&[]),
-            CancellationToken::new(),
-        );
-        let mut tail = tails.open(request("", "", "")).expect("opens");
-        let mut huge = record(Some(Level::Error), "small");
-        huge.fields
-            .insert("attribute".to_owned(), "x".repeat(3 << 20));
+        let (tails, mut tail, huge) = a_tail_and_a_record_too_large_for_it();
         let mut tap = tails.tap().expect("a tail is open");
         tap.offer(&huge, "shop");
         drop(tap);
