@@ -6,7 +6,6 @@ use tokio_util::sync::CancellationToken;
 use anyhow::Context as _;
 
 use mall_grpc::GrpcServer;
-use mall_proto::logs::v1::log_ingest_service_server::LogIngestServiceServer;
 
 use crate::{
     SERVICE,
@@ -211,15 +210,15 @@ impl App {
             let until = shutdown.clone();
             supervised(pipeline.run(start, until), shutdown, failing)
         });
-        server.add_service(
-            LogIngestServiceServer::new(LogsApi {
+        server.add_service(crate::api_wire::ContractServer::new(
+            LogsApi {
                 parsing,
                 metrics: metrics.clone(),
                 started: chrono::Utc::now(),
                 tails,
-            })
-            .max_decoding_message_size(settings.server.max_message_bytes),
-        );
+            },
+            settings.server.max_message_bytes,
+        ));
         // Bytes of exports counted as they arrive, from the budget the handler uses.
         let budget = otlp.budget.clone();
         server

@@ -26,6 +26,7 @@
 //!   receiver for tests, benchmarks and local runs.
 
 pub mod api;
+pub mod api_wire;
 pub mod app;
 pub mod batch;
 pub mod buffer;
@@ -48,6 +49,7 @@ pub mod pipeline;
 pub mod recent;
 pub mod record;
 pub mod tail;
+pub mod wire;
 
 pub use app::App;
 pub use config::Settings;

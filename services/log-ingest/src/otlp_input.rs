@@ -34,9 +34,10 @@ use crate::{
     buffer::{Buffer, BufferError},
     forward::Event,
     metrics::LogMetrics,
-    otlp_wire::{Export, fields},
+    otlp_wire::Export,
     recent::{Recent, Stored},
     record::{self, Level, Record},
+    wire::fields,
 };
 
 /// `service.name` of a resource without one, as the OpenTelemetry specification says.

@@ -25,7 +25,10 @@ use tonic::{
     codec::{CompressionEncoding, DecodeBuf, EnabledCompressionEncodings},
 };
 
-use crate::otlp_input::OtlpInput;
+use crate::{
+    otlp_input::OtlpInput,
+    wire::{Fields, fields},
+};
 
 /// The method's path; the service's name is what reflection and routing know it by.
 const EXPORT: &str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
@@ -110,25 +113,6 @@ pub fn values_in_record(bytes: &[u8]) -> Result<usize, &'static str> {
     Ok(totals.values)
 }
 
-/// The length-delimited fields numbered `number` of a message's bytes, in order (merged
-/// and repeated fields alike).
-pub fn fields(bytes: &[u8], number: u64) -> impl Iterator<Item = Result<&[u8], &'static str>> {
-    let mut all = Fields(bytes);
-    std::iter::from_fn(move || {
-        loop {
-            match all.next() {
-                Ok(Some((n, Some(value)))) if n == number => return Some(Ok(value)),
-                Ok(Some(_)) => {}
-                Ok(None) => return None,
-                Err(why) => {
-                    all = Fields(&[]);
-                    return Some(Err(why));
-                }
-            }
-        }
-    })
-}
-
 /// `ResourceLogs { resource = 1 (Resource { attributes = 1 }), scope_logs = 2 }`.
 fn scan_resource_logs(bytes: &[u8], totals: &mut Totals) -> Result<(), &'static str> {
     // What is copied into each of its records: the first of each copied key (as
@@ -180,7 +164,7 @@ fn scan_scope_logs(bytes: &[u8], totals: &mut Totals) -> Result<(usize, usize), 
 /// `LogRecord { body = 5, attributes = 6 }` (its other fields are scalars and bytes).
 fn scan_record(bytes: &[u8], totals: &mut Totals) -> Result<(), &'static str> {
     let mut fields = Fields(bytes);
-    while let Some((number, value)) = fields.next()? {
+    while let Some((number, value)) = fields.next_field()? {
         match (number, value) {
             (5, Some(body)) => scan_value(body, totals, 0)?,
             (6, Some(pair)) => scan_pair(pair, totals, 0)?,
@@ -194,7 +178,7 @@ fn scan_record(bytes: &[u8], totals: &mut Totals) -> Result<(), &'static str> {
 fn scan_pair(bytes: &[u8], totals: &mut Totals, depth: usize) -> Result<(), &'static str> {
     totals.values = totals.values.saturating_add(1);
     let mut fields = Fields(bytes);
-    while let Some((number, value)) = fields.next()? {
+    while let Some((number, value)) = fields.next_field()? {
         if let (2, Some(value)) = (number, value) {
             scan_value(value, totals, depth + 1)?;
         }
@@ -210,12 +194,12 @@ fn scan_value(bytes: &[u8], totals: &mut Totals, depth: usize) -> Result<(), &'s
     }
     totals.values = totals.values.saturating_add(1);
     let mut fields = Fields(bytes);
-    while let Some((number, value)) = fields.next()? {
+    while let Some((number, value)) = fields.next_field()? {
         let (5 | 6, Some(list)) = (number, value) else {
             continue;
         };
         let mut items = Fields(list);
-        while let Some((item_number, item)) = items.next()? {
+        while let Some((item_number, item)) = items.next_field()? {
             match (number, item_number, item) {
                 (5, 1, Some(value)) => scan_value(value, totals, depth + 1)?,
                 (6, 1, Some(pair)) => scan_pair(pair, totals, depth + 1)?,
@@ -224,60 +208,6 @@ fn scan_value(bytes: &[u8], totals: &mut Totals, depth: usize) -> Result<(), &'s
         }
     }
     Ok(())
-}
-
-/// The fields of a protobuf message's bytes, in order.
-struct Fields<'a>(&'a [u8]);
-
-/// A field's number and, for a length-delimited one, its bytes (`None` for a scalar,
-/// skipped).
-type Field<'a> = (u64, Option<&'a [u8]>);
-
-impl<'a> Fields<'a> {
-    fn next(&mut self) -> Result<Option<Field<'a>>, &'static str> {
-        if self.0.is_empty() {
-            return Ok(None);
-        }
-        let key = self.varint()?;
-        let number = key >> 3;
-        if number == 0 {
-            return Err("a field numbered 0");
-        }
-        let value = match key & 7 {
-            0 => {
-                self.varint()?;
-                None
-            }
-            1 => {
-                self.take(8)?;
-                None
-            }
-            2 => {
-                let len = usize::try_from(self.varint()?).map_err(|_| "a length past the end")?;
-                Some(self.take(len)?)
-            }
-            5 => {
-                self.take(4)?;
-                None
-            }
-            // Groups (3, 4) are deprecated and in no OTLP message; 6 and 7 are not wire types.
-            _ => return Err("a group or an unknown wire type"),
-        };
-        Ok(Some((number, value)))
-    }
-
-    fn varint(&mut self) -> Result<u64, &'static str> {
-        prost::encoding::decode_varint(&mut self.0).map_err(|_| "a malformed varint")
-    }
-
-    fn take(&mut self, len: usize) -> Result<&'a [u8], &'static str> {
-        if len > self.0.len() {
-            return Err("a length past the end");
-        }
-        let (taken, rest) = self.0.split_at(len);
-        self.0 = rest;
-        Ok(taken)
-    }
 }
 
 /// The OTLP logs service: `Export` through its own codec (`ExportCodec`), every other path
@@ -467,28 +397,6 @@ mod tests {
         // two values (4).
         assert_eq!(values_in_record(&records[0].encode_to_vec()), Ok(7));
         assert_eq!(values_in_record(&records[1].encode_to_vec()), Ok(0));
-    }
-
-    #[test]
-    fn fields_are_found_in_order_merged_ones_too() {
-        // Two `resource_logs`, then a field of another number and a varint.
-        let mut bytes = Vec::new();
-        for (number, value) in [(1_u32, &b"ab"[..]), (2, b"x"), (1, b"")] {
-            prost::encoding::encode_key(
-                number,
-                prost::encoding::WireType::LengthDelimited,
-                &mut bytes,
-            );
-            prost::encoding::encode_varint(value.len() as u64, &mut bytes);
-            bytes.extend_from_slice(value);
-        }
-        prost::encoding::encode_key(1, prost::encoding::WireType::Varint, &mut bytes);
-        prost::encoding::encode_varint(7, &mut bytes);
-        let found: Vec<_> = fields(&bytes, 1).collect();
-        assert_eq!(found, [Ok(&b"ab"[..]), Ok(&b""[..])]);
-        // A length past the end ends the walk with why, once.
-        let found: Vec<_> = fields(&[0x0a, 0x05, 0x01], 1).collect();
-        assert_eq!(found, [Err("a length past the end")]);
     }
 
     #[test]

@@ -16,6 +16,11 @@ pub const MAX_LINES: usize = 1_000;
 /// Longest line in a TestParse request, bytes.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
+/// Why a request of `lines` lines, more than [`MAX_LINES`], is refused.
+pub fn too_many_lines(lines: usize) -> String {
+    format!("at most {MAX_LINES} lines per request, not {lines}")
+}
+
 /// The configured parsing: source zone, caps, masking.
 #[derive(Debug, Clone)]
 pub struct Parsing {
@@ -74,10 +79,7 @@ impl Parsing {
             );
         }
         if lines.len() > MAX_LINES {
-            violations.add(
-                "lines",
-                format!("at most {MAX_LINES} lines per request, not {}", lines.len()),
-            );
+            violations.add("lines", too_many_lines(lines.len()));
         }
         for (i, line) in lines.iter().enumerate().take(MAX_LINES) {
             // Ingestion splits a record's line field at line breaks: one here would be

@@ -1,6 +1,7 @@
-//! What decoding a forward message or an OTLP export takes in memory, measured by the
+//! What decoding a forward message, an OTLP export or a TestParse request takes in memory, measured by the
 //! allocator: a few kilobytes of gzip or megabytes of one- and two-byte values (nils where
-//! a time, an option or a record without a line field is expected; empty log records) must
+//! a time, an option or a record without a line field is expected; empty log records or
+//! lines) must
 //! not become gigabytes of decoded values (each tens to hundreds of bytes decoded).
 //!
 //! One test in this binary, so the allocator's peak is this test's alone (`peak_alloc`
@@ -81,6 +82,7 @@ const EVENT_TIME: [u8; 10] = [0xd7, 0x00, 0x67, 0x1f, 0x47, 0x00, 0, 0, 0, 0];
 fn small_inputs_of_tiny_values_never_decode_to_gigabytes() {
     forward_messages();
     otlp_exports();
+    test_parse_requests();
 }
 
 fn forward_messages() {
@@ -282,4 +284,39 @@ fn otlp_exports() {
         rejected.message()
     );
     assert!(peak < 1 << 20, "a wide host took {peak} bytes");
+}
+
+fn test_parse_requests() {
+    use log_ingest::{api_wire::decode_test_parse, parsing::MAX_LINES};
+    use mall_proto::logs::v1::TestParseRequest;
+    use prost::Message as _;
+    // 4,000,000 empty lines, 8 MB sent: decoded, 4,000,000 `String`s of 24 bytes, 96 MB
+    // and more while their Vec grows. Counted first, refused undecoded.
+    let many = TestParseRequest {
+        parser: String::new(),
+        lines: vec![String::new(); 4_000_000],
+    }
+    .encode_to_vec();
+    let (decoded, peak) = peak_of(|| decode_test_parse(&many));
+    let status = decoded.expect_err("more lines than the contract's limit");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("lines: at most 1000 lines per request, not 4000000"),
+        "{}",
+        status.message()
+    );
+    assert!(peak < 1 << 20, "4,000,000 empty lines took {peak} bytes");
+
+    // At the limit the request decodes, as prost decodes it.
+    let request = TestParseRequest {
+        parser: "log4j".to_owned(),
+        lines: (0..MAX_LINES).map(|i| format!("line {i}")).collect(),
+    };
+    let decoded = decode_test_parse(&request.encode_to_vec()).expect("within the limit");
+    assert_eq!(decoded, request);
+    // Bytes that are no request: INVALID_ARGUMENT, not prost's INTERNAL.
+    let broken = decode_test_parse(&[0x12, 0x05, b'a']).expect_err("a length past the end");
+    assert_eq!(broken.code(), tonic::Code::InvalidArgument);
 }

@@ -135,7 +135,7 @@ fn mask_emails(line: &str) -> String {
 #[tokio::test]
 async fn bad_requests_name_every_problem() {
     let (mut client, _shutdown, _dir) = client().await;
-    let mut lines = vec!["x".to_owned(); 1_001];
+    let mut lines = vec!["x".to_owned(); 1_000];
     lines[3] = "y".repeat(64 * 1024 + 1);
     // Ingestion splits at line breaks; TestParse takes lines already split.
     lines[5] = "ERROR [main] [X] failed\n\tat x.Y.z(Y.java:1)".to_owned();
@@ -155,7 +155,29 @@ async fn bad_requests_name_every_problem() {
         .iter()
         .map(|v| v.field.clone())
         .collect();
-    assert_eq!(fields, ["parser", "lines", "lines[3]", "lines[5]"]);
+    assert_eq!(fields, ["parser", "lines[3]", "lines[5]"]);
+    // Over 1,000 lines, the request is refused before it is decoded (its lines counted in
+    // its bytes): that alone is named.
+    let status = client
+        .test_parse(TestParseRequest {
+            parser: "nginx".to_owned(),
+            lines: vec![String::new(); 1_001],
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let violations = status
+        .get_error_details()
+        .bad_request()
+        .expect("field violations")
+        .field_violations
+        .clone();
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert_eq!(violations[0].field, "lines");
+    assert_eq!(
+        violations[0].description,
+        "at most 1000 lines per request, not 1001"
+    );
     // An empty request is no error: no lines, no records.
     let records = client
         .test_parse(TestParseRequest::default())
