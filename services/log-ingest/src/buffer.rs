@@ -29,6 +29,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use bytes::Bytes;
 use mall_telemetry::metrics::IntGauge;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -155,7 +156,7 @@ impl Books {
 
 #[derive(Debug)]
 struct Append {
-    bytes: Vec<u8>,
+    bytes: Bytes,
     done: oneshot::Sender<Result<Position, BufferError>>,
 }
 
@@ -260,11 +261,13 @@ impl Buffer {
         let _ = failed.wait_for(|failed| *failed).await;
     }
 
-    /// Appends one batch; returns where it starts once it is on disk.
+    /// Appends one batch; returns where it starts once it is on disk. (`Bytes`, so that a
+    /// caller that tries again after [`BufferError::Full`] keeps its batch without a copy.)
     ///
     /// # Errors
     /// [`BufferError::Full`] (nothing written), [`BufferError::TooLarge`], or I/O.
-    pub async fn append(&self, bytes: Vec<u8>) -> Result<Position, BufferError> {
+    pub async fn append(&self, bytes: impl Into<Bytes>) -> Result<Position, BufferError> {
+        let bytes = bytes.into();
         if bytes.len() as u64 + HEADER > self.shared.limits.segment_bytes
             || u32::try_from(bytes.len()).is_err()
         {
@@ -428,7 +431,7 @@ impl Buffer {
 /// CRC-32) and bytes, and the bytes of them all.
 #[derive(Default)]
 struct Pending {
-    records: Vec<([u8; HEADER as usize], Vec<u8>)>,
+    records: Vec<([u8; HEADER as usize], Bytes)>,
     bytes: u64,
 }
 

@@ -478,9 +478,10 @@ async fn append_when_room(
     // Room comes as the pipeline acknowledges what Loki took: checked again at most a
     // second apart.
     let mut backoff = mall_retry::Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+    // Shared, not copied, with each try: `append` takes the bytes, and a full buffer does
+    // not give them back.
+    let bytes = bytes::Bytes::from(bytes);
     loop {
-        // A copy, kept for the next try: `append` takes the bytes, and a full buffer does
-        // not give them back.
         match buffer.append(bytes.clone()).await {
             Err(BufferError::Full(used)) => {
                 tokio::select! {
