@@ -697,10 +697,12 @@ fn event_time(data: &[u8; 8]) -> i64 {
 fn time_nanos(time: &Value) -> Result<i64, Garbage> {
     const BILLION: i64 = 1_000_000_000;
     match time {
-        Value::Integer(i) => i
-            .as_i64()
-            .and_then(|s| s.checked_mul(BILLION))
-            .ok_or(Garbage::NotForward("a time out of range")),
+        // Seconds, as Fluentd and Fluent Bit take them. One out of range (milliseconds, as
+        // some clients can be set to send) is the record's fault, not the message's: it
+        // saturates, so a record without a time of its own goes to Loki with a time Loki
+        // refuses (dropped, counted by reason) instead of every record of the message
+        // being refused, and resent for ever.
+        Value::Integer(i) => Ok(i.as_i64().map_or(i64::MAX, |s| s.saturating_mul(BILLION))),
         Value::F64(f) if f.is_finite() && f.abs() < 1e10 => Ok((f * 1e9) as i64),
         Value::F32(f) if f.is_finite() && f.abs() < 1e10 => Ok((f64::from(*f) * 1e9) as i64),
         Value::Ext(0, data) if data.len() == 8 => {
@@ -914,6 +916,27 @@ mod tests {
         assert_eq!(lines(&message), ["a line"]);
         assert_eq!(message.chunk.as_deref(), Some(&encode(&chunk)[..]));
         assert_eq!(first.text("host").as_deref(), Some("hybris-1"));
+    }
+
+    #[test]
+    fn an_integer_time_out_of_range_saturates_instead_of_refusing_the_message() {
+        // Milliseconds, and an unsigned integer past i64: the records are kept (their own
+        // times, where the line has one, are used; Loki refuses the rest, counted).
+        for (time, nanos) in [
+            (Value::from(1_730_103_120_040_u64), i64::MAX),
+            (Value::from(u64::MAX), i64::MAX),
+            (Value::from(-1_730_103_120_040_i64), i64::MIN),
+        ] {
+            let frame = encode(&Value::Array(vec![
+                s("hybris.wrapper"),
+                time,
+                record("a line"),
+            ]));
+            let message = message(&frame);
+            let first = message.events.iter().next().expect("one event");
+            assert_eq!(first.time_nanos, nanos);
+            assert_eq!(lines(&message), ["a line"]);
+        }
     }
 
     #[test]
