@@ -255,6 +255,15 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
             return (StatusCode::BAD_REQUEST, why).into_response();
         }
     };
+    // As Loki since 3.4 (a stream without entries is skipped, and answered 204).
+    if request.streams.is_empty() {
+        inner.refused += 1;
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "error at least one valid stream is required for ingestion",
+        )
+            .into_response();
+    }
     // Loki 3.7+ turns structured metadata names into label names with Prometheus'
     // otlptranslator, whose error for a name of underscores only reaches the client as a
     // plain error: 500 for the whole push.

@@ -1401,11 +1401,18 @@ impl Pusher {
         stripped
     }
 
-    /// Sends Loki an empty push until it takes one (a 400 naming no reason is waited out
-    /// too): its tenant, authentication and any proxy before it are fine then. `false` when
-    /// `stop` fired first.
+    /// Sends Loki a push of one stream without entries until it takes one (a 400 naming no
+    /// reason is waited out too): its tenant, authentication and any proxy before it are
+    /// fine then. `false` when `stop` fired first. Loki skips a stream without entries
+    /// before validating it, storing nothing (a push of no streams at all it refuses, 422,
+    /// since 3.4).
     async fn probe(&self, stop: &CancellationToken) -> bool {
-        let body = loki::encode(&loki::PushRequest::default());
+        let body = loki::encode(&loki::PushRequest {
+            streams: vec![loki::Stream {
+                labels: r#"{service="log-ingest"}"#.to_owned(),
+                ..loki::Stream::default()
+            }],
+        });
         let pushes = &self.metrics.pushes;
         self.loki
             .push(body, true, stop, |_| {
