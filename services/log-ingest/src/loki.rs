@@ -204,8 +204,10 @@ impl LokiClient {
                     return Some(Pushed::TooLarge);
                 }
                 Ok(response) if response.status() == reqwest::StatusCode::BAD_REQUEST => {
-                    let mut reason = response.text().await.unwrap_or_default();
-                    reason.truncate(reason.floor_char_boundary(64 * 1024));
+                    let reason = tokio::select! {
+                        reason = first_bytes(response, MAX_REASON_BYTES) => reason,
+                        () = stop.cancelled() => return None,
+                    };
                     if !retry_unexplained || refusal_reason(&reason) != UNKNOWN_REFUSAL {
                         return Some(Pushed::Refused(reason));
                     }
@@ -277,6 +279,28 @@ const MAX_TENANT_CHARS: usize = 150;
 
 /// [`refusal_reason`] of an answer naming no reason known here.
 pub const UNKNOWN_REFUSAL: &str = "loki_refused";
+
+/// Most bytes of a refusal's answer read: Loki's answers name a record's problem in a line
+/// or two (64 KiB holds hundreds of them); a proxy's error page may be far longer.
+const MAX_REASON_BYTES: usize = 64 * 1024;
+
+/// The first `max` bytes of `response`'s body as text (what is not UTF-8 replaced), the
+/// rest not read.
+async fn first_bytes(mut response: reqwest::Response, max: usize) -> String {
+    let mut bytes = Vec::new();
+    while bytes.len() < max {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                bytes.extend_from_slice(&chunk[..chunk.len().min(max - bytes.len())])
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    // A character the cut split became U+FFFD at the end: the cut is at a character.
+    text.truncate(text.floor_char_boundary(max));
+    text
+}
 
 /// Loki's reason for refusing an entry (its `discarded_samples_total` reason names), read
 /// from its 400 answer's message, anywhere in it and in any case (Loki 3.6+ writes its
@@ -593,6 +617,88 @@ mod tests {
         let received = loki.received();
         assert_eq!(received.len(), 1, "stored once");
         assert_eq!(received[0].tenant.as_deref(), Some("shop"), "X-Scope-OrgID");
+    }
+
+    /// A 400 whose answer is a proxy's endless page: 64 KiB of it is read, and a shutdown
+    /// does not wait for the rest.
+    #[tokio::test]
+    async fn a_refusals_answer_is_read_up_to_64_kib_and_a_shutdown_does_not_wait_for_it() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let addr = listener.local_addr().expect("bound");
+        // Each connection: the request read, a 400 of 100 MB announced, 1 MiB of it sent,
+        // then nothing more (the connection held open).
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut request = [0; 4096];
+                    let _ = socket.read(&mut request).await;
+                    let head = "HTTP/1.1 400 Bad Request\r\ncontent-length: 100000000\r\n\r\n";
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    let _ = socket.write_all(&vec![b'x'; 1 << 20]).await;
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                });
+            }
+        });
+        let client = LokiClient::new(
+            &format!("http://{addr}"),
+            None,
+            Duration::from_secs(30),
+            (Duration::from_millis(10), Duration::from_millis(50)),
+            None,
+        )
+        .expect("a client");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let pushed = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.push(body(1), false, &stop, |_| {}),
+        )
+        .await
+        .expect("64 KiB read, the rest not waited for");
+        let Some(Pushed::Refused(reason)) = pushed else {
+            panic!("refused: {pushed:?}")
+        };
+        assert_eq!(reason.len(), MAX_REASON_BYTES);
+        // Less than 64 KiB sent, the rest held back: a stop ends the wait.
+        let (sender, mut held) = tokio::sync::mpsc::channel::<()>(1);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let addr = listener.local_addr().expect("bound");
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("a connection");
+            let mut request = [0; 4096];
+            let _ = socket.read(&mut request).await;
+            let head = "HTTP/1.1 400 Bad Request\r\ncontent-length: 100000\r\n\r\nslow";
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = sender.send(()).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        let client = LokiClient::new(
+            &format!("http://{addr}"),
+            None,
+            Duration::from_secs(30),
+            (Duration::from_millis(10), Duration::from_millis(50)),
+            None,
+        )
+        .expect("a client");
+        let pushing = tokio::spawn({
+            let stop = stop.clone();
+            async move { client.push(body(1), false, &stop, |_| {}).await }
+        });
+        held.recv().await.expect("the answer began");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.cancel();
+        let pushed = tokio::time::timeout(Duration::from_secs(2), pushing)
+            .await
+            .expect("a stop ends the read")
+            .expect("no panic");
+        assert_eq!(pushed, None);
     }
 
     #[tokio::test]
