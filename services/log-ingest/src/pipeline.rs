@@ -1880,11 +1880,13 @@ mod tests {
             ("empty", ""),
             ("big", &"x".repeat(MAX_FIELD_BYTES)),
             ("status", "500"),
+            // A name Loki 3.7+ would store as `http_method` too, overwriting one value.
+            ("http:.method", "POST"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-        assert_eq!(add_fields(&mut metadata, fields), 2);
+        assert_eq!(add_fields(&mut metadata, fields), 3);
         assert_eq!(
             metadata,
             [
