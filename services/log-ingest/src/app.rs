@@ -336,8 +336,8 @@ fn buffer_ready(writing_for: Option<std::time::Duration>) -> anyhow::Result<()> 
 /// The largest push `pipeline.batch_bytes` may ask for.
 const MAX_BATCH_BYTES: usize = 4 << 20;
 
-/// Loki's default `max_line_size`.
-const LOKI_MAX_LINE_BYTES: usize = 256_000;
+/// Loki's default `max_line_size`, `256KB`, which Loki reads as 262,144 bytes.
+const LOKI_MAX_LINE_BYTES: usize = crate::loki_receiver::MAX_LINE_BYTES;
 
 /// Runs `work` (the pipeline) in a task of its own and waits for it. It ends before
 /// `shutdown` only on a bug: a panic in its loop or in a push. Inputs would go on
