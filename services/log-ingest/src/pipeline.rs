@@ -49,7 +49,8 @@ pub struct PipelineSettings {
     /// label.
     pub host_field: String,
     /// Parser per forward tag or OTLP service (`hybris.wrapper = "hybris-wrapper"`; a key
-    /// ending in `*` matches a prefix); unlisted sources are parsed per line.
+    /// ending in `*` matches a prefix, the longest one where several do); unlisted sources
+    /// are parsed per line.
     pub parsers: std::collections::BTreeMap<String, String>,
     /// A stream's record in progress is complete after this long without a line of its
     /// own (the wrapper's lines held behind it do not count), by when lines arrived:
@@ -1045,15 +1046,26 @@ impl Pipeline {
 
     /// The parser configured for a forward tag or OTLP service, if any.
     fn configured_format(&self, tag: &str) -> Option<Format> {
-        let name = self.settings.parsers.get(tag).or_else(|| {
-            self.settings
-                .parsers
-                .iter()
-                .find(|(k, _)| k.strip_suffix('*').is_some_and(|p| tag.starts_with(p)))
-                .map(|(_, v)| v)
-        });
-        name.and_then(|n| self.formats.named(n))
+        parser_named_for(&self.settings.parsers, tag).and_then(|n| self.formats.named(n))
     }
+}
+
+/// The parser name `parsers` gives `tag`: its own entry, else the `*` pattern of the longest
+/// prefix it starts with (`hybris.access*` before `hybris.*` before `*`), whatever the
+/// patterns' order.
+fn parser_named_for<'a>(
+    parsers: &'a std::collections::BTreeMap<String, String>,
+    tag: &str,
+) -> Option<&'a str> {
+    let name = parsers.get(tag).or_else(|| {
+        parsers
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_suffix('*')?, v)))
+            .filter(|(prefix, _)| tag.starts_with(prefix))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map(|(_, v)| v)
+    });
+    name.map(String::as_str)
 }
 
 /// Fills in what a record parsed from an OTLP body does not say from the OTLP record
@@ -1831,6 +1843,30 @@ mod tests {
 
     /// Records in buffer order get growing tie-breakers within a segment, so lines of one
     /// second or millisecond keep their order in Loki; the same place gives the same one.
+    #[test]
+    fn a_tag_takes_its_own_parser_else_the_longest_matching_pattern() {
+        let parsers: std::collections::BTreeMap<String, String> = [
+            ("*", "json"),
+            ("hybris.*", "hybris-wrapper"),
+            ("hybris.access*", "access-log"),
+            ("hybris.accesslog", "log4j"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        for (tag, parser) in [
+            ("hybris.wrapper", Some("hybris-wrapper")),
+            ("hybris.access.1", Some("access-log")),
+            ("hybris.accesslog", Some("log4j")),
+            ("shop", Some("json")),
+        ] {
+            assert_eq!(parser_named_for(&parsers, tag), parser, "{tag}");
+        }
+        let without_catch_all: std::collections::BTreeMap<String, String> =
+            [("hybris.*".to_owned(), "hybris-wrapper".to_owned())].into();
+        assert_eq!(parser_named_for(&without_catch_all, "shop"), None);
+    }
+
     #[test]
     fn tie_breakers_follow_the_buffer_and_go_below_the_millisecond_or_microsecond() {
         // Batches of 300 bytes, up to 3 records each (a line's place is below its bytes).
