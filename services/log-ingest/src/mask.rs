@@ -35,6 +35,8 @@ pub struct PatternSettings {
     /// last digit of a URL escape before it (`%20`, `%22`) does not count. A match that
     /// stops before a separator (space, `.`, `+`, `-`, `%20`) and a digit gives way to a
     /// match starting inside it that runs on past it (the phone in `.019 010-1234-5678`).
+    /// Nor is a match of digits alone masked inside a hex id (16 hex digits or more going
+    /// on on both sides of it, as in a session id `3F0107435786BCAA`).
     #[serde(default)]
     pub digit_bounded: bool,
 }
@@ -99,6 +101,27 @@ fn after_first_char(text: &str, at: usize) -> usize {
     at + text[at..].chars().next().map_or(1, char::len_utf8)
 }
 
+/// Whether `start..end`, all digits, lies inside a run of at least [`HEX_ID`] hex digits
+/// that goes on on both sides of it (a session, span or trace id: `3F0107435786BCAA`),
+/// which a number written beside letters (`tel_01012345678`, `고객01012345678님`) does not.
+fn inside_hex_id(bytes: &[u8], start: usize, end: usize) -> bool {
+    if !bytes[start..end].iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    let hex = |b: &&u8| b.is_ascii_hexdigit();
+    let before = bytes[..start]
+        .iter()
+        .rev()
+        .take(HEX_ID)
+        .take_while(hex)
+        .count();
+    let after = bytes[end..].iter().take(HEX_ID).take_while(hex).count();
+    before > 0 && after > 0 && before + (end - start) + after >= HEX_ID
+}
+
+/// The shortest hex id [`inside_hex_id`] knows: a span id's 16 digits.
+const HEX_ID: usize = 16;
+
 /// Whether `found`, a match of a `digit_bounded` pattern, is a number of its own: no digit
 /// right before or after it, and no match starting inside it that runs on where it stops
 /// in the middle of a number (`019 010-1234` in `12:00:01.019 010-1234-5678` stops before
@@ -106,7 +129,9 @@ fn after_first_char(text: &str, at: usize) -> usize {
 fn stands_alone(pattern: &Pattern, text: &str, found: &regex::Match<'_>) -> bool {
     let bounded = |m: &regex::Match<'_>| {
         let bytes = text.as_bytes();
-        !digit_before(&bytes[..m.start()]) && !bytes.get(m.end()).is_some_and(u8::is_ascii_digit)
+        !digit_before(&bytes[..m.start()])
+            && !bytes.get(m.end()).is_some_and(u8::is_ascii_digit)
+            && !inside_hex_id(bytes, m.start(), m.end())
     };
     if !bounded(found) {
         return false;
@@ -584,6 +609,16 @@ mod tests {
             ("010-1234-5678로 발송", "<phone>로 발송"),
             ("tel_01012345678", "tel_<phone>"),
             ("010-1234-5678,010-2222-3333", "<phone>,<phone>"),
+            // Hex ids that happen to hold a mobile number's digits stay as they are.
+            ("session 3F0107435786BCAA", "session 3F0107435786BCAA"),
+            ("span_id=3f01012345678bca", "span_id=3f01012345678bca"),
+            (
+                "trace 4bf92f3577b34da6a01012345678e4736",
+                "trace 4bf92f3577b34da6a01012345678e4736",
+            ),
+            // Beside hex letters, but no id of 16: masked.
+            ("ab01012345678cd", "ab<phone>cd"),
+            ("id=ABCDEF", "id=ABCDEF"),
         ] {
             assert_eq!(masked(text).0, want, "{text}");
         }
