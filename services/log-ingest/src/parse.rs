@@ -435,7 +435,9 @@ impl Parser {
                 other => other.to_string(),
             };
             match key.as_str() {
-                "level" | "severity" | "lvl" if Level::parse(&text).is_some() => {
+                "level" | "severity" | "lvl"
+                    if record.level.is_none() && Level::parse(&text).is_some() =>
+                {
                     record.level = Level::parse(&text);
                 }
                 // The first of two names for the same part wins; the other stays a field.
@@ -446,7 +448,11 @@ impl Parser {
                 "threadName" | "thread" | "thread_name" if record.thread.is_empty() => {
                     record.thread = text;
                 }
-                "stack_trace" | "stacktrace" | "exception" if record.stack_trace.is_empty() => {
+                // Our own services' panics write `backtrace`; ECS (`ecs-logging-java`)
+                // writes `error.stack_trace`.
+                "stack_trace" | "stacktrace" | "exception" | "backtrace" | "error.stack_trace"
+                    if record.stack_trace.is_empty() =>
+                {
                     record.stack_trace = text;
                 }
                 "trace_id" | "traceId" | "traceid"
@@ -1534,5 +1540,30 @@ mod tests {
         // The wrapper's separators in a string time.
         let record = start(parser.line(r#"{"time":"2024/10/28 17:12:00.040","msg":"x"}"#, 0));
         assert_eq!(record.time_micros, Some(SEOUL_MICROS));
+    }
+
+    /// A record's level is its first name's that reads as a level (`level`, then `lvl`,
+    /// then `severity`); the others stay fields. A stack trace under the names our own
+    /// panics and ECS write is the record's stack trace.
+    #[test]
+    fn json_second_level_names_kept_and_stack_traces_under_other_names() {
+        let parser = Parser::new(Format::Json, SEOUL);
+        let record = start(parser.line(
+            r#"{"level":"INFO","severity":"critical","lvl":"debug","msg":"x"}"#,
+            0,
+        ));
+        assert_eq!(record.level, Some(Level::Info));
+        assert_eq!(record.fields["severity"], "critical");
+        assert_eq!(record.fields["lvl"], "debug");
+        let record = start(parser.line(r#"{"severity":"ERROR","msg":"x"}"#, 0));
+        assert_eq!(record.level, Some(Level::Error));
+        for name in ["backtrace", "error.stack_trace"] {
+            let line = format!(
+                r#"{{"level":"ERROR","msg":"panicked","{name}":"   0: x::y\n   1: main"}}"#
+            );
+            let record = start(parser.line(&line, 0));
+            assert_eq!(record.stack_trace, "   0: x::y\n   1: main", "{name}");
+            assert!(!record.fields.contains_key(name));
+        }
     }
 }
