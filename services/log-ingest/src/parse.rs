@@ -205,18 +205,16 @@ impl Parser {
                 };
                 match parser.start(line, index, time) {
                     Some(record) => Line::Start(record),
-                    // A line the expression does not match joins the record before it
-                    // (stack trace, or a message's next line); one that is not stack
-                    // trace is counted as not parsed, so an expression that matches too
-                    // little shows in `parse_errors` rather than merging lines unseen.
-                    None => match continuation(line) {
-                        Line::Continue { text, stack, .. } => Line::Continue {
-                            text,
-                            stack,
-                            unparsed: !stack,
-                        },
-                        start => start,
+                    // The JVM's report of an uncaught exception starts a record at ERROR,
+                    // whatever the layout (the contract's grouping).
+                    None if line.starts_with("Exception in thread \"") => match uncaught(line) {
+                        Some(mut record) => {
+                            record.first_line = index;
+                            Line::Start(record)
+                        }
+                        None => unmatched(line),
                     },
+                    None => unmatched(line),
                 }
             }
             Format::Json => Line::Start(
@@ -895,9 +893,11 @@ fn trace_token(text: &str) -> Option<String> {
             continue;
         };
         if !matches!(text.as_bytes()[key_start], b't' | b'T')
-            || key_start
-                .checked_sub(1)
-                .is_some_and(|b| text.as_bytes()[b].is_ascii_alphanumeric())
+            // Part of a longer key (`entrace_id`, `parent_trace_id`, `span.trace_id`).
+            || key_start.checked_sub(1).is_some_and(|b| {
+                let b = text.as_bytes()[b];
+                b.is_ascii_alphanumeric() || b == b'_' || b == b'.'
+            })
         {
             continue;
         }
@@ -916,6 +916,21 @@ fn trace_token(text: &str) -> Option<String> {
 }
 
 /// A line that joins the record before it; stack trace or not.
+/// A line a configured expression does not match: it joins the record before it (stack
+/// trace, or a message's next line); one that is not stack trace is counted as not parsed,
+/// so an expression that matches too little shows in `parse_errors` rather than merging
+/// lines unseen.
+fn unmatched(line: &str) -> Line<'_> {
+    match continuation(line) {
+        Line::Continue { text, stack, .. } => Line::Continue {
+            text,
+            stack,
+            unparsed: !stack,
+        },
+        start => start,
+    }
+}
+
 fn continuation(text: &str) -> Line<'_> {
     Line::Continue {
         text,
@@ -954,6 +969,11 @@ pub fn is_exception_line(text: &str) -> bool {
         return false;
     };
     if dot == 0 || name.ends_with('.') || !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return false;
+    }
+    // A thread dump's `java.lang.Thread.State: RUNNABLE` names no exception: the dump goes on
+    // in the record it is part of, not counted as an exception in each of its threads.
+    if name == "java.lang.Thread.State" {
         return false;
     }
     let simple = &name[dot + 1..];
@@ -1296,6 +1316,16 @@ mod tests {
         let (record, ()) = out.pop().expect("pending");
         assert!(record.parse_error, "a line the expression did not match");
         assert_eq!(record.message, "started\n28/10/2024 something else");
+        // The JVM's report of an uncaught exception starts a record at ERROR, as in every
+        // other layout; its frames join it.
+        let record = start(parser.line(
+            "Exception in thread \"main\" java.lang.OutOfMemoryError: Java heap space",
+            3,
+        ));
+        assert_eq!(record.level, Some(Level::Error));
+        assert_eq!(record.thread, "main");
+        assert_eq!(record.first_line, 3);
+        assert!(!record.parse_error);
     }
 
     #[test]
@@ -1401,6 +1431,8 @@ mod tests {
             "org.xml.sax.SAXParseException; lineNumber: 1; columnNumber: 1; Content is not allowed in prolog."
         ));
         assert!(!is_stack("Note: something"));
+        assert!(!is_stack("   java.lang.Thread.State: RUNNABLE"));
+        assert!(is_stack("java.lang.IllegalStateException: RUNNABLE"));
         assert!(!is_stack("cart 8812 recalculated in 12 ms"));
         assert!(!is_stack("at the end of the day"));
         assert!(!is_stack("www.example.com is down"));
@@ -1504,6 +1536,7 @@ mod tests {
             "slow query: SELECT {pk} FROM {Product}",
             "{\"a\":1} posted",
             "entrace_id=4bf92f3577b34da6a3ce929d0e0e4736",
+            "parent_trace_id=4bf92f3577b34da6a3ce929d0e0e4736",
             "trace_id=4bf92f3577b34da6a3ce929d0e0e4736ff",
         ] {
             let record = start(log4j.line(&format!("INFO [main] [X] {text}"), 0));
