@@ -114,6 +114,12 @@ for uid, target in links:
             problem(f"grafana: datasource {uid} links to an unknown datasource")
     except (KeyError, IndexError, TypeError):
         problem(f"grafana: datasource {uid} lacks its link to the others")
+# The metrics whose samples carry trace ids as exemplars: the gRPC latency histograms
+# (mall-grpc) and what log-ingest derives from records.
+EXEMPLARS = re.compile(
+    r"_(grpc_request_duration_seconds_bucket|log_records_total|log_exceptions_total"
+    r"|http_requests_total|http_request_duration_seconds_bucket)\b"
+)
 for board_file in sorted((HERE / "grafana/dashboards").glob("*.json")):
     board = json.loads(board_file.read_text())
     if "mall-platform" not in board.get("tags", []) or not board.get("links"):
@@ -122,6 +128,10 @@ for board_file in sorted((HERE / "grafana/dashboards").glob("*.json")):
         for target in panel.get("targets", []):
             if target.get("datasource", {}).get("uid") not in datasources:
                 problem(f"{board_file.name} panel {panel['title']!r}: unknown datasource")
+            # A spike on a panel of a metric with exemplars links to its trace only when
+            # the query asks for them.
+            if EXEMPLARS.search(target.get("expr", "")) and target.get("exemplar") is not True:
+                problem(f"{board_file.name} panel {panel['title']!r}: does not ask for the exemplars its metric carries")
 
 # --- Fluent Bit and compose -----------------------------------------------------------------------
 for path in (
