@@ -9,8 +9,9 @@
 //! (retried with jittered backoff, `Retry-After` honoured, until they pass: the buffer
 //! holds the records meanwhile); 400 is the records' fault when Loki names a reason of its
 //! own (Loki refuses them for good; the caller narrows it down to the records at fault),
-//! but a lone record refused with a 400 that names none (a tenant Loki refuses, labels its
-//! operator enforces, a proxy's page) is the operator's; 413 says the push is too large
+//! but a lone record refused with a 400 that names none (a tenant Loki refuses, a proxy's
+//! page) is the operator's, and so is a 400 for labels its operator enforces (whatever the
+//! push); 413 says the push is too large
 //! (the caller splits it); anything else (401, 403, 404, and a 2xx other than 200 and 204:
 //! Loki's 260 says its operator blocked ingestion and the push was discarded) is the
 //! operator's (retried with the same backoff and logged at ERROR: fixing the configuration
@@ -169,9 +170,9 @@ impl LokiClient {
     }
 
     /// Pushes `body` (from [`encode`]) until Loki accepts or refuses it for good; waits out
-    /// everything else. `None` when `stop` fired first. With `retry_unexplained` (an empty
-    /// push probing whether Loki takes anything), a 400 naming no reason of a record's own
-    /// is waited out too.
+    /// everything else. `None` when `stop` fired first. With `retry_unexplained` (a probe:
+    /// a stream without entries, asking whether Loki takes anything), a 400 naming no reason
+    /// of a record's own is waited out too.
     pub async fn push(
         &self,
         body: Vec<u8>,
@@ -208,11 +209,16 @@ impl LokiClient {
                         reason = first_bytes(response, MAX_REASON_BYTES) => reason,
                         () = stop.cancelled() => return None,
                     };
-                    if !retry_unexplained || refusal_reason(&reason) != UNKNOWN_REFUSAL {
+                    // Labels Loki's operator enforces are no record's fault, and a stream
+                    // without entries (the probe) is never checked for them: such an answer
+                    // is waited out whatever the push.
+                    if !operators_refusal(&reason)
+                        && (!retry_unexplained || refusal_reason(&reason) != UNKNOWN_REFUSAL)
+                    {
                         return Some(Pushed::Refused(reason));
                     }
-                    // Narrowed down to one record and still no reason Loki gives for a
-                    // record: the tenant, labels its operator enforces, a proxy; dropping
+                    // Labels its operator enforces, or narrowed down to one record and
+                    // still no reason Loki gives for a record: the tenant, a proxy; dropping
                     // would lose every record one by one. Loki's answer quotes labels,
                     // never lines.
                     let first = reason.lines().next().unwrap_or_default();
@@ -276,6 +282,15 @@ fn valid_tenant(tenant: &str) -> bool {
 
 /// dskit's `MaxTenantIDLength`.
 const MAX_TENANT_CHARS: usize = 150;
+
+/// Whether a 400's answer refuses our labels for a rule of Loki's operator
+/// (`enforced_labels`: "missing required labels '…' for user '…' for stream '…'"): every
+/// stream of ours is refused alike, none for its records' fault.
+pub fn operators_refusal(message: &str) -> bool {
+    message
+        .to_ascii_lowercase()
+        .contains("missing required labels")
+}
 
 /// [`refusal_reason`] of an answer naming no reason known here.
 pub const UNKNOWN_REFUSAL: &str = "loki_refused";

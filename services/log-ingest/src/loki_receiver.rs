@@ -94,6 +94,8 @@ struct Inner {
     max_body: Option<usize>,
     /// How long each push waits before it is answered (a slow Loki).
     delay: Duration,
+    /// Labels every stream with entries must have (Loki's `enforced_labels`).
+    required: Vec<String>,
     entries: u64,
     lines: u64,
 }
@@ -166,6 +168,13 @@ impl LokiReceiver {
     /// is the record's own but named in words not known to the pusher), keeping the others.
     pub fn refuse_lines_containing(&self, needle: &str, says: &str) {
         lock(&self.inner).poison = Some((needle.to_owned(), says.to_owned()));
+    }
+
+    /// Refuses every stream with entries that lacks one of `names` (Loki's
+    /// `enforced_labels`, in its words); a stream without entries is skipped first, as Loki
+    /// skips it. Empty: nothing enforced.
+    pub fn enforce_labels(&self, names: &[&str]) {
+        lock(&self.inner).required = names.iter().map(|n| (*n).to_owned()).collect();
     }
 
     /// Its base URL, `http://127.0.0.1:<port>`.
@@ -298,6 +307,25 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
             ));
             continue;
         };
+        // Loki's distributor skips a stream without entries before it validates anything
+        // else (only the labels' syntax is checked, as the push is parsed).
+        if stream.entries.is_empty() {
+            continue;
+        }
+        let missing: Vec<&str> = inner
+            .required
+            .iter()
+            .filter(|name| !labels.iter().any(|(n, _)| n == *name))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "missing required labels '{}' for user 'fake' for stream '{}' (policy: '')",
+                missing.join(","),
+                stream.labels
+            ));
+            continue;
+        }
         if let Some((_, value)) = labels
             .iter()
             .find(|(_, value)| value.len() > crate::labels::MAX_VALUE_BYTES)

@@ -1277,7 +1277,7 @@ impl Pusher {
     async fn send_all(&self, mut pieces: Vec<Piece>, stop: &CancellationToken) -> bool {
         // A piece Loki refuses (400) or finds too large (413) is halved until the record
         // at fault is alone, and only that one is dropped: for a 400, when Loki's answer
-        // names a reason of the record's own, or names none while Loki takes an empty push
+        // names a reason of the record's own, or names none while Loki takes a probe
         // (else the lone record waits: a tenant or proxy Loki refuses must not drop every
         // record one by one).
         //
@@ -1286,8 +1286,8 @@ impl Pusher {
         // may be too old).
         let mut refused: Option<(usize, Arc<str>, String)> = None;
         // A lone record Loki refuses with a 400 naming no reason known here is its own fault
-        // if Loki takes an empty push (its tenant, authentication and any proxy before it
-        // are fine), else Loki's (a tenant it refuses, a proxy's page): so an empty push is
+        // if Loki takes a probe (its tenant, authentication and any proxy before it
+        // are fine), else Loki's (a tenant it refuses, a proxy's page): so a probe is
         // sent, waited out until Loki takes it, and the record is sent once more; refused
         // again for no reason known, it is dropped (`loki_refused`).
         let mut proven = false;
@@ -1296,7 +1296,7 @@ impl Pusher {
             body,
         }) = pieces.pop()
         {
-            // Whether Loki has just taken an empty push and this is the record sent again.
+            // Whether Loki has just taken a probe and this is the record sent again.
             let again = std::mem::take(&mut proven);
             // Loki came to refuse structured metadata after this piece was encoded: encoded
             // again without it.
@@ -1355,7 +1355,7 @@ impl Pusher {
                     pieces.push(Piece::unencoded(second));
                     pieces.push(Piece::unencoded(piece));
                 }
-                // A reason Loki gives for this record, or none while it takes an empty push:
+                // A reason Loki gives for this record, or none while it takes a probe:
                 // the drop is counted under Loki's own name (`loki_refused` for none known).
                 Some(Pushed::Refused(reason)) => {
                     self.metrics

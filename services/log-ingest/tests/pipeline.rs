@@ -617,9 +617,9 @@ async fn a_record_with_a_huge_thread_name_is_not_refused() {
     assert_eq!(kept, Some(2048));
 }
 
-/// A record Loki refuses with a 400 in words not known here, while it takes an empty push,
-/// is that record's fault: dropped (counted `loki_refused`), first or last in the push or
-/// alone, and the output goes on. When Loki takes nothing (its tenant, say), nothing is
+/// A record Loki refuses with a 400 in words not known here, while it takes a probe (a
+/// stream without entries), is that record's fault: dropped (counted `loki_refused`), first
+/// or last in the push or alone, and the output goes on. When Loki takes nothing (its tenant, say), nothing is
 /// dropped.
 #[tokio::test]
 async fn a_record_refused_for_no_known_reason_beside_accepted_ones_is_dropped() {
@@ -689,6 +689,49 @@ async fn a_record_refused_for_no_known_reason_beside_accepted_ones_is_dropped() 
     let want: Vec<String> = (1..20).map(|i| format!("ok {i}")).collect();
     assert_eq!(kept, want);
     assert_eq!(dropped().await, Some(3.0), "nothing more dropped");
+}
+
+/// Labels Loki's operator enforces (`enforced_labels`) refuse every stream of ours alike,
+/// though Loki still takes the probe (a stream without entries is never checked): the
+/// operator's fault, waited out. Nothing is dropped; once the rule is lifted, everything
+/// arrives in order.
+#[tokio::test]
+async fn labels_lokis_operator_enforces_are_waited_out_not_dropped() {
+    let running = start().await;
+    running.loki.enforce_labels(&["team"]);
+    let lines: Vec<String> = (0..6)
+        .map(|i| {
+            format!(
+                "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [X] ok {i}"
+            )
+        })
+        .collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    send(running.forward, &lines, 2).await;
+    // Refused, narrowed down to one record, probed, and refused again: several rounds.
+    mall_test_support::wait_until("pushes refused", Duration::from_secs(20), || async {
+        let (pushes, refused, _) = running.loki.counts();
+        (pushes >= 6 && refused >= 4).then_some(())
+    })
+    .await;
+    let dropped = probe_metrics(running.admin)
+        .await
+        .lines()
+        .filter(|l| l.starts_with("mall_log_ingest_records_dropped_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert_eq!(dropped, 0.0, "nothing dropped");
+    assert!(running.loki.received().is_empty());
+    running.loki.enforce_labels(&[]);
+    wait_for(&running.loki, lines.len()).await;
+    let kept: Vec<String> = running
+        .loki
+        .received()
+        .iter()
+        .map(|r| r.entry.line.clone())
+        .collect();
+    let want: Vec<String> = (0..6).map(|i| format!("ok {i}")).collect();
+    assert_eq!(kept, want);
 }
 
 /// A line longer than `parsing.max_record_bytes` is cut; how much was cut is in the entry's
