@@ -35,8 +35,8 @@ pub struct PatternSettings {
     /// last digit of a URL escape before it (`%20`, `%22`) does not count. A match that
     /// stops before a separator (space, `.`, `+`, `-`, `%20`) and a digit gives way to a
     /// match starting inside it that runs on past it (the phone in `.019 010-1234-5678`).
-    /// Nor is a match of digits alone masked inside a hex id (16 hex digits or more going
-    /// on on both sides of it, as in a session id `3F0107435786BCAA`).
+    /// Nor is a match of digits alone masked inside a hex id (a word of 16 hex digits or
+    /// more around it, as in a session id `3F0107435786BCAA`).
     #[serde(default)]
     pub digit_bounded: bool,
 }
@@ -101,26 +101,33 @@ fn after_first_char(text: &str, at: usize) -> usize {
     at + text[at..].chars().next().map_or(1, char::len_utf8)
 }
 
-/// Whether `start..end`, all digits, lies inside a run of at least [`HEX_ID`] hex digits
-/// that goes on on both sides of it (a session, span or trace id: `3F0107435786BCAA`),
-/// which a number written beside letters (`tel_01012345678`, `고객01012345678님`) does not.
+/// Whether `start..end`, all digits, is part of a hex id: the word around it (the ASCII
+/// letters and digits it is written in) is longer than it, at least [`HEX_ID`] long, and
+/// all hex digits (a session, span or trace id: `3F0107435786BCAA`, `01116450459DB735`). A
+/// number written beside other letters (`tel_01012345678`, `Called01012345678Added`,
+/// `고객01012345678님`) or in a shorter word (`ab01012345678cd`) is not.
 fn inside_hex_id(bytes: &[u8], start: usize, end: usize) -> bool {
     if !bytes[start..end].iter().all(u8::is_ascii_digit) {
         return false;
     }
-    let hex = |b: &&u8| b.is_ascii_hexdigit();
-    let before = bytes[..start]
-        .iter()
-        .rev()
-        .take(HEX_ID)
-        .take_while(hex)
-        .count();
-    let after = bytes[end..].iter().take(HEX_ID).take_while(hex).count();
-    before > 0 && after > 0 && before + (end - start) + after >= HEX_ID
+    let word = |b: &&u8| b.is_ascii_alphanumeric();
+    // Bounded: a word longer than this either side is long enough; its hex is judged on
+    // what was looked at.
+    let before = bytes[..start].iter().rev().take(HEX_SCAN).take_while(word);
+    let after = bytes[end..].iter().take(HEX_SCAN).take_while(word);
+    let (mut around, mut hex) = (0, true);
+    for b in before.chain(after) {
+        around += 1;
+        hex &= b.is_ascii_hexdigit();
+    }
+    hex && around > 0 && around + (end - start) >= HEX_ID
 }
 
 /// The shortest hex id [`inside_hex_id`] knows: a span id's 16 digits.
 const HEX_ID: usize = 16;
+
+/// How far [`inside_hex_id`] looks either side of a match.
+const HEX_SCAN: usize = 64;
 
 /// Whether `found`, a match of a `digit_bounded` pattern, is a number of its own: no digit
 /// right before or after it, and no match starting inside it that runs on where it stops
@@ -616,8 +623,13 @@ mod tests {
                 "trace 4bf92f3577b34da6a01012345678e4736",
                 "trace 4bf92f3577b34da6a01012345678e4736",
             ),
-            // Beside hex letters, but no id of 16: masked.
+            // At an id's start or end.
+            ("session 01116450459DB735", "session 01116450459DB735"),
+            ("session 1869FD0112714356", "session 1869FD0112714356"),
+            // Beside hex letters, but no id of 16, or beside other letters: masked.
             ("ab01012345678cd", "ab<phone>cd"),
+            ("Called01012345678Added", "Called<phone>Added"),
+            ("cafe01012345678", "cafe<phone>"),
             ("id=ABCDEF", "id=ABCDEF"),
         ] {
             assert_eq!(masked(text).0, want, "{text}");

@@ -267,9 +267,13 @@ struct StreamState {
     grouper: Grouper<Origin>,
     parser: Parser,
     source: Source,
-    // Shared with every record of the stream on its way to Loki (a clone per record).
+    /// Its tag and host as received: its key, and the note's.
     tag: Arc<str>,
     host: Arc<str>,
+    /// Its tag and host as they leave the service (labels, TailLogs, metric labels):
+    /// masked as a record's text is. Shared with every record of the stream on its way
+    /// to Loki (a clone per record).
+    shown: (Arc<str>, Arc<str>),
     /// Lines since the replica started (read again or new), for the grouping's own
     /// book-keeping.
     lines: usize,
@@ -347,8 +351,8 @@ impl StreamState {
         Ready {
             record,
             source: self.source,
-            tag: self.tag.clone(),
-            host: self.host.clone(),
+            tag: self.shown.0.clone(),
+            host: self.shown.1.clone(),
             fallback_nanos: origin.event_time,
             tie: origin.tie(),
             received_ms: origin.received_ms,
@@ -885,6 +889,7 @@ impl Pipeline {
                         source,
                         tag: Arc::from(batch.tag.as_str()),
                         host: Arc::from(key.1.as_str()),
+                        shown: (self.shown(&batch.tag), self.shown(&key.1)),
                         lines: 0,
                         last_line: now,
                         last_joined: now,
@@ -991,11 +996,17 @@ impl Pipeline {
         let parser = self
             .configured_format(&batch.tag)
             .map(|format| Parser::new(format, self.zone));
-        let tag: Arc<str> = Arc::from(batch.tag.as_str());
+        let tag = self.shown(&batch.tag);
+        // The host of the records before, as received and as shown: a batch's records
+        // are mostly of one host.
+        let mut host: (String, Arc<str>) = (String::new(), Arc::from(""));
         // Records of the batch before the current one (for the tie-breaker).
         let mut n = 0_usize;
         for event in &batch.events {
             let otlp = otlp_input::record(&event.to_event());
+            if otlp.host != host.0 {
+                host = (otlp.host.clone(), self.shown(&otlp.host));
+            }
             let records = match &parser {
                 None => {
                     let mut record = otlp.record;
@@ -1030,7 +1041,7 @@ impl Pipeline {
                     record,
                     source: Source::Otlp,
                     tag: Arc::clone(&tag),
-                    host: Arc::from(otlp.host.as_str()),
+                    host: Arc::clone(&host.1),
                     fallback_nanos: event.time_nanos,
                     tie: tie_breaker(at, n),
                     received_ms: batch.received_ms,
@@ -1038,6 +1049,16 @@ impl Pipeline {
                 n += 1;
             }
         }
+    }
+
+    /// `value`, a tag or host (labels, TailLogs' service, metric labels), masked as a
+    /// record's text is, its matches counted.
+    fn shown(&self, value: &str) -> Arc<str> {
+        let mut text = value.to_owned();
+        let mut counts = vec![0; self.masker.len()];
+        self.masker.text(&mut text, &mut counts);
+        self.metrics.add_masked(&counts);
+        Arc::from(text)
     }
 
     fn format_of(&self, tag: &str) -> Format {
@@ -1803,6 +1824,7 @@ mod tests {
             source: Source::Forward,
             tag: Arc::from("hybris.wrapper"),
             host: Arc::from("web-1"),
+            shown: (Arc::from("hybris.wrapper"), Arc::from("web-1")),
             lines,
             last_line: Instant::now(),
             last_joined: Instant::now(),
@@ -2020,6 +2042,7 @@ mod tests {
         let pending = |host: &str, len: usize| {
             let mut s = state(1, None, &[]);
             s.host = Arc::from(host);
+            s.shown.1 = Arc::from(host);
             let caps = Caps {
                 lines: 10,
                 bytes: 10_000,

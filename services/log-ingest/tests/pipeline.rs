@@ -594,6 +594,39 @@ fn of_host(
         .collect()
 }
 
+/// A host (or tag) leaves the service as a label: masked as a record's text is, whatever
+/// the sender put there, and counted.
+#[tokio::test]
+async fn a_host_holding_personal_data_is_masked_in_its_label() {
+    let running = start().await;
+    let line = "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [X] started";
+    corpus::send_as(
+        running.forward,
+        "kim.minsu@example.com_01012345678",
+        &[line],
+        1,
+    )
+    .await;
+    wait_for(&running.loki, 1).await;
+    let received = running.loki.received();
+    let host: Vec<&str> = received[0]
+        .labels
+        .iter()
+        .filter(|(k, _)| k == "host")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(host, ["<email>_<phone>"]);
+    let metrics = probe_metrics(running.admin).await;
+    for pattern in ["email", "kr_mobile"] {
+        assert!(
+            metrics.contains(&format!(
+                "mall_log_ingest_masked_total{{pattern=\"{pattern}\"}} 1"
+            )),
+            "{pattern} counted"
+        );
+    }
+}
+
 /// A runaway thread name (a malformed line) would make the entry's structured metadata
 /// larger than Loki takes (64 KB), and Loki would refuse the whole record: the logger and
 /// thread are cut to 2,048 bytes in metadata, and the record goes.
