@@ -173,11 +173,12 @@ impl Events {
         &self.bytes[self.start..]
     }
 
-    /// Whether every event's time is a whole second (a sender that writes no finer time).
+    /// Whether every event's time is a whole second (a sender that writes no finer time),
+    /// or out of range (saturated: it says no finer time either).
     pub fn whole_seconds(&self) -> bool {
-        self.index
-            .iter()
-            .all(|(nanos, _)| nanos.rem_euclid(1_000_000_000) == 0)
+        self.index.iter().all(|(nanos, _)| {
+            nanos.rem_euclid(1_000_000_000) == 0 || *nanos == i64::MAX || *nanos == i64::MIN
+        })
     }
 
     /// Appends an event whose record is `record`, one whole MessagePack map (the caller
@@ -603,6 +604,11 @@ mod tests {
         batch.events.push(&Event {
             time_nanos: 2_000_000_000,
             record: vec![(Value::from("log"), Value::from("one"))],
+        });
+        // A time out of range (saturated) says no finer time either.
+        batch.events.push(&Event {
+            time_nanos: i64::MAX,
+            record: vec![(Value::from("log"), Value::from("ms"))],
         });
         assert!(batch.events.whole_seconds());
         let bytes = batch.encode_with(Some(b"\xa2id"));

@@ -703,8 +703,9 @@ fn time_nanos(time: &Value) -> Result<i64, Garbage> {
         // refuses (dropped, counted by reason) instead of every record of the message
         // being refused, and resent for ever.
         Value::Integer(i) => Ok(i.as_i64().map_or(i64::MAX, |s| s.saturating_mul(BILLION))),
-        Value::F64(f) if f.is_finite() && f.abs() < 1e10 => Ok((f * 1e9) as i64),
-        Value::F32(f) if f.is_finite() && f.abs() < 1e10 => Ok((f64::from(*f) * 1e9) as i64),
+        // Likewise (`as` saturates; NaN is 0, a time Loki refuses).
+        Value::F64(f) => Ok((f * 1e9) as i64),
+        Value::F32(f) => Ok((f64::from(*f) * 1e9) as i64),
         Value::Ext(0, data) if data.len() == 8 => {
             Ok(event_time(data.as_slice().try_into().expect("8 bytes")))
         }
@@ -926,6 +927,8 @@ mod tests {
             (Value::from(1_730_103_120_040_u64), i64::MAX),
             (Value::from(u64::MAX), i64::MAX),
             (Value::from(-1_730_103_120_040_i64), i64::MIN),
+            (Value::F64(1.730_103_120_040e12), i64::MAX),
+            (Value::F64(f64::NEG_INFINITY), i64::MIN),
         ] {
             let frame = encode(&Value::Array(vec![
                 s("hybris.wrapper"),
