@@ -390,15 +390,18 @@ impl Parser {
             ..Record::default()
         };
         let mut fields = Vec::new();
+        let mut nested = Vec::new();
         for (key, value) in object {
             match value {
-                // tracing's JSON without `flatten_event`: the event's fields nested.
+                // tracing's JSON without `flatten_event`: the event's fields nested, after
+                // the top level's (an event's own `level = …` field is no level of its).
                 serde_json::Value::Object(inner) if key == "fields" => {
-                    fields.extend(inner);
+                    nested.extend(inner);
                 }
                 value => fields.push((key, value)),
             }
         }
+        fields.append(&mut nested);
         // The record's time: the first of these names, in this order (not the object's
         // key order), whose value reads as a time; the others stay fields.
         for name in TIME_KEYS {
@@ -915,7 +918,6 @@ fn trace_token(text: &str) -> Option<String> {
     None
 }
 
-/// A line that joins the record before it; stack trace or not.
 /// A line a configured expression does not match: it joins the record before it (stack
 /// trace, or a message's next line); one that is not stack trace is counted as not parsed,
 /// so an expression that matches too little shows in `parse_errors` rather than merging
@@ -931,6 +933,7 @@ fn unmatched(line: &str) -> Line<'_> {
     }
 }
 
+/// A line that joins the record before it; stack trace or not.
 fn continuation(text: &str) -> Line<'_> {
     Line::Continue {
         text,
@@ -1590,6 +1593,15 @@ mod tests {
         assert_eq!(record.fields["lvl"], "debug");
         let record = start(parser.line(r#"{"severity":"ERROR","msg":"x"}"#, 0));
         assert_eq!(record.level, Some(Level::Error));
+        // tracing's JSON without `flatten_event`: the event's own `level` field (nested,
+        // sorting before the top level's) is no level of the record.
+        let record = start(parser.line(
+            r#"{"fields":{"message":"x","level":"debug"},"level":"INFO","target":"a"}"#,
+            0,
+        ));
+        assert_eq!(record.level, Some(Level::Info));
+        assert_eq!(record.message, "x");
+        assert_eq!(record.fields["level"], "debug");
         for name in ["backtrace", "error.stack_trace"] {
             let line = format!(
                 r#"{{"level":"ERROR","msg":"panicked","{name}":"   0: x::y\n   1: main"}}"#
