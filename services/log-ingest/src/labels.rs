@@ -295,6 +295,23 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever the name, the result is one Loki 3.7+ stores as it is (its
+        /// otlptranslator leaves alone a name of ASCII letters, digits and single
+        /// underscores that starts with no digit and is not underscores only), and naming
+        /// it again changes nothing.
+        #[test]
+        fn a_label_name_is_one_loki_keeps_as_it_is(name in "[a-zA-Z0-9_.@:\\-é주 ]{0,12}") {
+            let named = label_name(name);
+            proptest::prop_assert!(!named.is_empty());
+            proptest::prop_assert!(!named.starts_with(|c: char| c.is_ascii_digit()), "{named}");
+            proptest::prop_assert!(named.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'), "{named}");
+            proptest::prop_assert!(!named.contains("__"), "{named}");
+            proptest::prop_assert!(!named.bytes().all(|b| b == b'_'), "{named}");
+            proptest::prop_assert_eq!(label_name(named.clone()), named);
+        }
+    }
+
     #[test]
     fn values_longer_than_loki_takes_fold_into_other_with_their_value_kept() {
         let mut guard = Guard::new(10, "test");
