@@ -114,11 +114,11 @@ for uid, target in links:
             problem(f"grafana: datasource {uid} links to an unknown datasource")
     except (KeyError, IndexError, TypeError):
         problem(f"grafana: datasource {uid} lacks its link to the others")
-# The metrics whose samples carry trace ids as exemplars: the gRPC latency histograms
-# (mall-grpc) and what log-ingest derives from records.
+# The metrics whose samples carry trace ids as exemplars: what log-ingest derives from
+# records (mall-grpc's latency histograms carry none).
 EXEMPLARS = re.compile(
-    r"_(grpc_request_duration_seconds_bucket|log_records_total|log_exceptions_total"
-    r"|http_requests_total|http_request_duration_seconds_bucket)\b"
+    r"_(log_records_total|log_exceptions_total|http_requests_total"
+    r"|http_request_duration_seconds_bucket)\b"
 )
 for board_file in sorted((HERE / "grafana/dashboards").glob("*.json")):
     board = json.loads(board_file.read_text())

@@ -175,7 +175,6 @@ def grpc_rows(service, prefix):
                         )
                     ],
                     "s",
-                    exemplars=True,
                 ),
             ],
         ),
