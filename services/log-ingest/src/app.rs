@@ -307,7 +307,9 @@ fn ensure_workable(settings: &Settings) -> anyhow::Result<()> {
          ingestion burst is 6 MB, and a push past it is refused (429) however often it is sent",
         pipeline.batch_bytes
     );
-    if settings.parsing.max_record_bytes > LOKI_MAX_LINE_BYTES {
+    // A record's line is its message, a line break and its stack trace: one byte more
+    // than the cap at most.
+    if settings.parsing.max_record_bytes + 1 > crate::loki::DEFAULT_MAX_LINE_BYTES {
         tracing::warn!(
             max_record_bytes = settings.parsing.max_record_bytes,
             "parsing.max_record_bytes is above Loki's default max_line_size (256 KB): \
@@ -335,9 +337,6 @@ fn buffer_ready(writing_for: Option<std::time::Duration>) -> anyhow::Result<()> 
 
 /// The largest push `pipeline.batch_bytes` may ask for.
 const MAX_BATCH_BYTES: usize = 4 << 20;
-
-/// Loki's default `max_line_size`, `256KB`, which Loki reads as 262,144 bytes.
-const LOKI_MAX_LINE_BYTES: usize = crate::loki_receiver::MAX_LINE_BYTES;
 
 /// Runs `work` (the pipeline) in a task of its own and waits for it. It ends before
 /// `shutdown` only on a bug: a panic in its loop or in a push. Inputs would go on

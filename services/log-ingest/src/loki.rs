@@ -292,6 +292,9 @@ pub fn operators_refusal(message: &str) -> bool {
         .contains("missing required labels")
 }
 
+/// Loki's default `max_line_size`, `256KB`, which Loki reads as 262,144 bytes.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 256 * 1024;
+
 /// [`refusal_reason`] of an answer naming no reason known here.
 pub const UNKNOWN_REFUSAL: &str = "loki_refused";
 

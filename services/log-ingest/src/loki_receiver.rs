@@ -49,7 +49,7 @@ pub const MAX_SAMPLE_AGE: Duration = Duration::from_secs(7 * 24 * 3_600);
 pub const CREATION_GRACE: Duration = Duration::from_secs(10 * 60);
 
 /// Loki's default `max_line_size`.
-pub const MAX_LINE_BYTES: usize = 256 * 1024;
+pub const MAX_LINE_BYTES: usize = crate::loki::DEFAULT_MAX_LINE_BYTES;
 /// Loki's default `max_structured_metadata_entries_count`.
 pub const MAX_METADATA_ENTRIES: usize = 128;
 /// Loki's default `max_structured_metadata_size` (names' and values' bytes per entry).
