@@ -1863,8 +1863,6 @@ mod tests {
         }
     }
 
-    /// Records in buffer order get growing tie-breakers within a segment, so lines of one
-    /// second or millisecond keep their order in Loki; the same place gives the same one.
     #[test]
     fn a_tag_takes_its_own_parser_else_the_longest_matching_pattern() {
         let parsers: std::collections::BTreeMap<String, String> = [
@@ -1889,6 +1887,8 @@ mod tests {
         assert_eq!(parser_named_for(&without_catch_all, "shop"), None);
     }
 
+    /// Records in buffer order get growing tie-breakers within a segment, so lines of one
+    /// second or millisecond keep their order in Loki; the same place gives the same one.
     #[test]
     fn tie_breakers_follow_the_buffer_and_go_below_the_millisecond_or_microsecond() {
         // Batches of 300 bytes, up to 3 records each (a line's place is below its bytes).
