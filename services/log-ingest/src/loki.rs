@@ -8,11 +8,11 @@
 //! Failures, classified: 429, 5xx and connection errors or timeouts are the environment's
 //! (retried with jittered backoff, `Retry-After` honoured, until they pass: the buffer
 //! holds the records meanwhile); 400 is the records' fault when Loki names a reason of its
-//! own (Loki refuses them for good; the caller narrows it down to the records at fault),
-//! but a lone record refused with a 400 that names none (a tenant Loki refuses, a proxy's
-//! page) is the operator's, and so is a 400 for labels its operator enforces (whatever the
-//! push); 413 says the push is too large
-//! (the caller splits it); anything else (401, 403, 404, and a 2xx other than 200 and 204:
+//! own (Loki refuses them for good; the caller narrows it down to the records at fault:
+//! labels Loki's operator enforces, `enforced_labels`, are one, as Loki discards each stream
+//! without them), but a lone record refused with a 400 that names none (a tenant Loki
+//! refuses, a proxy's page) is the operator's; 413 says the push is too large (the caller
+//! splits it); anything else (401, 403, 404, and a 2xx other than 200 and 204:
 //! Loki's 260 says its operator blocked ingestion and the push was discarded) is the
 //! operator's (retried with the same backoff and logged at ERROR: fixing the configuration
 //! must not lose what waited).
@@ -209,23 +209,17 @@ impl LokiClient {
                         reason = first_bytes(response, MAX_REASON_BYTES) => reason,
                         () = stop.cancelled() => return None,
                     };
-                    // Labels Loki's operator enforces are no record's fault, and a stream
-                    // without entries (the probe) is never checked for them: such an answer
-                    // is waited out whatever the push.
-                    if !operators_refusal(&reason)
-                        && (!retry_unexplained || refusal_reason(&reason) != UNKNOWN_REFUSAL)
-                    {
+                    if !retry_unexplained || refusal_reason(&reason) != UNKNOWN_REFUSAL {
                         return Some(Pushed::Refused(reason));
                     }
-                    // Labels its operator enforces, or narrowed down to one record and
-                    // still no reason Loki gives for a record: the tenant, a proxy; dropping
-                    // would lose every record one by one. Loki's answer quotes labels,
-                    // never lines.
+                    // Narrowed down to one record and still no reason Loki gives for a
+                    // record: the tenant, a proxy; dropping would lose every record one by
+                    // one. Loki's answer quotes labels, never lines.
                     let first = reason.lines().next().unwrap_or_default();
                     let answer = &first[..first.floor_char_boundary(300)];
                     tracing::error!(
                         answer,
-                        "Loki refuses a push (400) for no reason of the records' (its tenant, labels it enforces, a proxy?); retrying until it is fixed"
+                        "Loki refuses a push (400) for no reason of the records' (its tenant, a proxy?); retrying until it is fixed"
                     );
                     (None, "status 400".to_owned())
                 }
@@ -283,15 +277,6 @@ fn valid_tenant(tenant: &str) -> bool {
 /// dskit's `MaxTenantIDLength`.
 const MAX_TENANT_CHARS: usize = 150;
 
-/// Whether a 400's answer refuses our labels for a rule of Loki's operator
-/// (`enforced_labels`: "missing required labels '…' for user '…' for stream '…'"): every
-/// stream of ours is refused alike, none for its records' fault.
-pub fn operators_refusal(message: &str) -> bool {
-    message
-        .to_ascii_lowercase()
-        .contains("missing required labels")
-}
-
 /// Loki's default `max_line_size`, `256KB`, which Loki reads as 262,144 bytes.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 256 * 1024;
 
@@ -326,7 +311,7 @@ async fn first_bytes(mut response: reqwest::Response, max: usize) -> String {
 /// [`UNKNOWN_REFUSAL`] for one not known here.
 pub fn refusal_reason(message: &str) -> &'static str {
     // Lower-case, as the message is compared.
-    const KNOWN: [(&str, &str); 15] = [
+    const KNOWN: [(&str, &str); 16] = [
         ("timestamp too old", "greater_than_max_sample_age"),
         ("timestamp too new", "too_far_in_future"),
         ("greater than creation grace", "too_far_in_future"),
@@ -351,6 +336,9 @@ pub fn refusal_reason(message: &str) -> &'static str {
         ("label value too long", "invalid_labels"),
         ("label name too long", "invalid_labels"),
         ("duplicate label name", "invalid_labels"),
+        // `enforced_labels` (of the tenant or of a policy): Loki discards each stream
+        // without them, and takes the others.
+        ("missing required labels", "missing_enforced_labels"),
     ];
     let message = message.to_ascii_lowercase();
     KNOWN
@@ -453,14 +441,14 @@ mod tests {
                 "stream '{a=\"b\"}' has an unknown problem\nentry for stream '{a=\"b\"}' has timestamp too old: 2024-10-01T00:00:00Z",
                 "greater_than_max_sample_age",
             ),
+            (
+                "missing required labels 'team' for user 'fake' for stream '{a=\"b\"}' (policy: '')",
+                "missing_enforced_labels",
+            ),
             ("something else entirely", "loki_refused"),
             // Not the records' fault: retried, never dropped (see `LokiClient::push`).
             (
                 "tenant ID 'shop|x' contains unsupported character '|'",
-                UNKNOWN_REFUSAL,
-            ),
-            (
-                "missing required labels [team] for service shop",
                 UNKNOWN_REFUSAL,
             ),
             (

@@ -312,20 +312,6 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
         if stream.entries.is_empty() {
             continue;
         }
-        let missing: Vec<&str> = inner
-            .required
-            .iter()
-            .filter(|name| !labels.iter().any(|(n, _)| n == *name))
-            .map(String::as_str)
-            .collect();
-        if !missing.is_empty() {
-            problems.push(format!(
-                "missing required labels '{}' for user 'fake' for stream '{}' (policy: '')",
-                missing.join(","),
-                stream.labels
-            ));
-            continue;
-        }
         if let Some((_, value)) = labels
             .iter()
             .find(|(_, value)| value.len() > crate::labels::MAX_VALUE_BYTES)
@@ -341,6 +327,21 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
                 "entry for stream '{}' has {} label names; limit {MAX_LABELS}",
                 stream.labels,
                 labels.len()
+            ));
+            continue;
+        }
+        // After the labels are validated, as Loki checks them.
+        let missing: Vec<&str> = inner
+            .required
+            .iter()
+            .filter(|name| !labels.iter().any(|(n, _)| n == *name))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "missing required labels '{}' for user 'fake' for stream '{}' (policy: '')",
+                missing.join(","),
+                stream.labels
             ));
             continue;
         }

@@ -12,7 +12,7 @@ pub const SOURCES: [&str; 2] = ["forward", "otlp"];
 /// Why records were dropped: Loki's refusals (400) by Loki's own reason names (as its
 /// `loki_discarded_samples_total` counts them; `loki_refused` for a reason not known here, while Loki takes a probe),
 /// and `too_large` for one record too large to push (413).
-pub const DROP_REASONS: [&str; 11] = [
+pub const DROP_REASONS: [&str; 12] = [
     "loki_refused",
     "too_large",
     "greater_than_max_sample_age",
@@ -23,6 +23,8 @@ pub const DROP_REASONS: [&str; 11] = [
     "structured_metadata_too_many",
     "too_far_behind",
     "out_of_order",
+    // Labels Loki's operator enforces (`enforced_labels`), which the stream lacks.
+    "missing_enforced_labels",
     // Loki refuses structured metadata, for a push whose records carry none to strip (they
     // go without it otherwise): what else Loki said is the records' fault.
     "disallowed_structured_metadata",

@@ -724,47 +724,49 @@ async fn a_record_refused_for_no_known_reason_beside_accepted_ones_is_dropped() 
     assert_eq!(dropped().await, Some(3.0), "nothing more dropped");
 }
 
-/// Labels Loki's operator enforces (`enforced_labels`) refuse every stream of ours alike,
-/// though Loki still takes the probe (a stream without entries is never checked): the
-/// operator's fault, waited out. Nothing is dropped; once the rule is lifted, everything
-/// arrives in order.
+/// Labels Loki's operator enforces (`enforced_labels`): Loki discards each stream without
+/// them and takes the others, so a record of such a stream is dropped, counted under
+/// Loki's reason (`missing_enforced_labels`), and the others go. (The probe, a stream
+/// without entries, is never checked for them.)
 #[tokio::test]
-async fn labels_lokis_operator_enforces_are_waited_out_not_dropped() {
+async fn records_of_streams_without_labels_loki_enforces_are_dropped_and_counted() {
     let running = start().await;
-    running.loki.enforce_labels(&["team"]);
-    let lines: Vec<String> = (0..6)
-        .map(|i| {
-            format!(
-                "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [X] ok {i}"
-            )
-        })
-        .collect();
-    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-    send(running.forward, &lines, 2).await;
-    // Refused, narrowed down to one record, probed, and refused again: several rounds.
-    mall_test_support::wait_until("pushes refused", Duration::from_secs(20), || async {
-        let (pushes, refused, _) = running.loki.counts();
-        (pushes >= 6 && refused >= 4).then_some(())
+    running.loki.enforce_labels(&["host"]);
+    let header = |text: &str| {
+        format!("INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [X] {text}")
+    };
+    let hosted: Vec<String> = (0..4).map(|i| header(&format!("ok {i}"))).collect();
+    let hosted: Vec<&str> = hosted.iter().map(String::as_str).collect();
+    let bare: Vec<String> = (0..3).map(|i| header(&format!("no host {i}"))).collect();
+    let bare: Vec<&str> = bare.iter().map(String::as_str).collect();
+    // No host: the `host` label is left out.
+    corpus::send_as(running.forward, "", &bare, 3).await;
+    send(running.forward, &hosted, 2).await;
+    wait_for(&running.loki, hosted.len()).await;
+    let dropped = || async {
+        probe_metrics(running.admin)
+            .await
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    r#"mall_log_ingest_records_dropped_total{reason="missing_enforced_labels",source="forward"} "#,
+                )
+            })
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    mall_test_support::wait_until("three records dropped", Duration::from_secs(20), || async {
+        dropped().await.filter(|n| *n >= 3.0)
     })
     .await;
-    let dropped = probe_metrics(running.admin)
-        .await
-        .lines()
-        .filter(|l| l.starts_with("mall_log_ingest_records_dropped_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>();
-    assert_eq!(dropped, 0.0, "nothing dropped");
-    assert!(running.loki.received().is_empty());
-    running.loki.enforce_labels(&[]);
-    wait_for(&running.loki, lines.len()).await;
     let kept: Vec<String> = running
         .loki
         .received()
         .iter()
         .map(|r| r.entry.line.clone())
         .collect();
-    let want: Vec<String> = (0..6).map(|i| format!("ok {i}")).collect();
+    let want: Vec<String> = (0..4).map(|i| format!("ok {i}")).collect();
     assert_eq!(kept, want);
+    assert_eq!(dropped().await, Some(3.0));
 }
 
 /// A line longer than `parsing.max_record_bytes` is cut; how much was cut is in the entry's
