@@ -36,7 +36,7 @@ pub struct PatternSettings {
     /// stops before a separator (space, `.`, `+`, `-`, `%20`) and a digit gives way to a
     /// match starting inside it that runs on past it (the phone in `.019 010-1234-5678`).
     /// Nor is a match of digits alone masked inside a hex id (a word of 16 hex digits or
-    /// more around it, as in a session id `3F0107435786BCAA`).
+    /// more around it, as in a session id `3F0107435786BCAA`), nor a match inside a UUID.
     #[serde(default)]
     pub digit_bounded: bool,
 }
@@ -123,6 +123,27 @@ fn inside_hex_id(bytes: &[u8], start: usize, end: usize) -> bool {
     hex && around > 0 && around + (end - start) >= HEX_ID
 }
 
+/// Whether `start..end` lies inside a UUID (`123e4567-e89b-12d3-a456-a01012345678`), whose
+/// groups of 4 and 12 hex digits are words too short for [`inside_hex_id`].
+fn inside_uuid(bytes: &[u8], start: usize, end: usize) -> bool {
+    const LEN: usize = 36;
+    if end - start > LEN {
+        return false;
+    }
+    let is_uuid = |at: usize| {
+        let Some(candidate) = bytes.get(at..at + LEN) else {
+            return false;
+        };
+        let apart = |i: Option<&u8>| !i.is_some_and(u8::is_ascii_alphanumeric);
+        candidate.iter().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        }) && apart(at.checked_sub(1).and_then(|i| bytes.get(i)))
+            && apart(bytes.get(at + LEN))
+    };
+    (end.saturating_sub(LEN)..=start).any(is_uuid)
+}
+
 /// The shortest hex id [`inside_hex_id`] knows: a span id's 16 digits.
 const HEX_ID: usize = 16;
 
@@ -139,6 +160,7 @@ fn stands_alone(pattern: &Pattern, text: &str, found: &regex::Match<'_>) -> bool
         !digit_before(&bytes[..m.start()])
             && !bytes.get(m.end()).is_some_and(u8::is_ascii_digit)
             && !inside_hex_id(bytes, m.start(), m.end())
+            && !inside_uuid(bytes, m.start(), m.end())
     };
     if !bounded(found) {
         return false;
@@ -626,6 +648,15 @@ mod tests {
             // At an id's start or end.
             ("session 01116450459DB735", "session 01116450459DB735"),
             ("session 1869FD0112714356", "session 1869FD0112714356"),
+            // In a UUID's last group.
+            (
+                "request 123e4567-e89b-12d3-a456-a01012345678 done",
+                "request 123e4567-e89b-12d3-a456-a01012345678 done",
+            ),
+            (
+                "123e4567-e89b-12d3-a456-a01012345678",
+                "123e4567-e89b-12d3-a456-a01012345678",
+            ),
             // Beside hex letters, but no id of 16, or beside other letters: masked.
             ("ab01012345678cd", "ab<phone>cd"),
             ("Called01012345678Added", "Called<phone>Added"),
