@@ -461,8 +461,9 @@ impl Parser {
                 {
                     record.trace_id = record::trace_id(&text).unwrap_or_default();
                 }
+                // The first of a name wins: the top level's before a nested one's.
                 _ => {
-                    record.fields.insert(key, text);
+                    record.fields.entry(key).or_insert(text);
                 }
             }
         }
@@ -1602,6 +1603,12 @@ mod tests {
         assert_eq!(record.level, Some(Level::Info));
         assert_eq!(record.message, "x");
         assert_eq!(record.fields["level"], "debug");
+        // A nested field does not replace the top level's of the same name.
+        let record = start(parser.line(
+            r#"{"fields":{"message":"x","order":"2"},"level":"INFO","order":"1"}"#,
+            0,
+        ));
+        assert_eq!(record.fields["order"], "1");
         for name in ["backtrace", "error.stack_trace"] {
             let line = format!(
                 r#"{{"level":"ERROR","msg":"panicked","{name}":"   0: x::y\n   1: main"}}"#
