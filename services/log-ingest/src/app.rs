@@ -307,9 +307,7 @@ fn ensure_workable(settings: &Settings) -> anyhow::Result<()> {
          ingestion burst is 6 MB, and a push past it is refused (429) however often it is sent",
         pipeline.batch_bytes
     );
-    // A record's line is its message, a line break and its stack trace: one byte more
-    // than the cap at most.
-    if settings.parsing.max_record_bytes + 1 > crate::loki::DEFAULT_MAX_LINE_BYTES {
+    if settings.parsing.max_record_bytes > crate::loki::DEFAULT_MAX_LINE_BYTES {
         tracing::warn!(
             max_record_bytes = settings.parsing.max_record_bytes,
             "parsing.max_record_bytes is above Loki's default max_line_size (256 KB): \

@@ -929,6 +929,7 @@ mod tests {
             (Value::from(-1_730_103_120_040_i64), i64::MIN),
             (Value::F64(1.730_103_120_040e12), i64::MAX),
             (Value::F64(f64::NEG_INFINITY), i64::MIN),
+            (Value::F64(f64::NAN), 0),
         ] {
             let frame = encode(&Value::Array(vec![
                 s("hybris.wrapper"),
