@@ -1371,6 +1371,36 @@ impl Pusher {
                     self.strip_metadata(&mut piece);
                     pieces.push(Piece::unencoded(piece));
                 }
+                // Loki refuses a stream without a label its operator enforces as a whole,
+                // before its entries, for as long as the rule stands: split by stream
+                // rather than in halves, and a stream refused alone is dropped at once,
+                // not one record at a time (two requests a record, every push).
+                Some(Pushed::Refused(reason))
+                    if loki::refusal_reason(&reason) == "missing_enforced_labels" =>
+                {
+                    let mut streams = by_stream(piece);
+                    if streams.len() > 1 {
+                        // Popped in the order they came.
+                        while let Some(stream) = streams.pop() {
+                            pieces.push(Piece::unencoded(stream));
+                        }
+                    } else if let Some(piece) = streams.pop()
+                        && let Some(first_item) = piece.first()
+                    {
+                        self.metrics
+                            .dropped
+                            .with_label_values(&[
+                                source_label(first_item.source),
+                                "missing_enforced_labels",
+                            ])
+                            .inc_by(piece.len() as u64);
+                        let first = refused.get_or_insert_with(|| {
+                            let start = reason.ceil_char_boundary(reason.len().saturating_sub(300));
+                            (0, first_item.labels.clone(), reason[start..].to_owned())
+                        });
+                        first.0 += piece.len();
+                    }
+                }
                 Some(Pushed::Refused(_) | Pushed::TooLarge) if piece.len() > 1 => {
                     let second = piece.split_off(piece.len() / 2);
                     pieces.push(Piece::unencoded(second));
@@ -1551,6 +1581,21 @@ const MAX_METADATA_VALUE_BYTES: usize = 2048;
 fn cap_value(value: &mut String) {
     let end = value.floor_char_boundary(MAX_METADATA_VALUE_BYTES);
     value.truncate(end);
+}
+
+/// `items` by stream, each stream's in their order, the streams in the order they first
+/// came.
+fn by_stream(items: Vec<Item>) -> Vec<Vec<Item>> {
+    let mut streams: Vec<Vec<Item>> = Vec::new();
+    let mut at: HashMap<Arc<str>, usize> = HashMap::new();
+    for item in items {
+        let s = *at.entry(item.labels.clone()).or_insert_with(|| {
+            streams.push(Vec::new());
+            streams.len() - 1
+        });
+        streams[s].push(item);
+    }
+    streams
 }
 
 /// Adds a record's `fields` (JSON keys, OTLP attributes, logfmt pairs, captures, an access
@@ -1923,6 +1968,35 @@ mod tests {
         // Before 1970 too (times are checked elsewhere; this only must not move past the
         // millisecond).
         assert_eq!(entry_nanos(-1_000_000, 5), -1_000_000 + 5);
+    }
+
+    /// A push Loki refuses for a label it enforces is split by stream: each stream's records
+    /// in their order, the streams in the order they first came.
+    #[test]
+    fn items_split_by_stream_keep_their_order() {
+        let item = |labels: &str, line: &str| Item {
+            labels: Arc::from(labels),
+            source: Source::Forward,
+            service: Arc::from("shop"),
+            observation: Observation::default(),
+            received_ms: 0,
+            entry: loki::Entry {
+                line: line.to_owned(),
+                ..loki::Entry::default()
+            },
+        };
+        let items = vec![
+            item("{host=\"a\"}", "a1"),
+            item("{service=\"x\"}", "x1"),
+            item("{host=\"a\"}", "a2"),
+            item("{service=\"x\"}", "x2"),
+            item("{host=\"b\"}", "b1"),
+        ];
+        let lines: Vec<Vec<String>> = by_stream(items)
+            .iter()
+            .map(|s| s.iter().map(|i| i.entry.line.clone()).collect())
+            .collect();
+        assert_eq!(lines, [vec!["a1", "a2"], vec!["x1", "x2"], vec!["b1"]]);
     }
 
     #[test]
