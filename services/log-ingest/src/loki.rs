@@ -625,28 +625,30 @@ mod tests {
         assert_eq!(received[0].tenant.as_deref(), Some("shop"), "X-Scope-OrgID");
     }
 
-    /// A 400 whose answer is a proxy's endless page: 64 KiB of it is read, and a shutdown
-    /// does not wait for the rest.
-    #[tokio::test]
-    async fn a_refusals_answer_is_read_up_to_64_kib_and_a_shutdown_does_not_wait_for_it() {
+    /// A Loki that answers every push 400 with a body of `announced` bytes, sends `sent`
+    /// of them, then holds the connection; a client of it, and a receiver told when each
+    /// answer began.
+    async fn stalling_400(
+        announced: usize,
+        sent: usize,
+    ) -> (LokiClient, tokio::sync::mpsc::Receiver<()>) {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binds");
         let addr = listener.local_addr().expect("bound");
-        // Each connection: the request read, a 400 of 100 MB announced, 1 MiB of it sent,
-        // then nothing more (the connection held open).
+        let (began, answers) = tokio::sync::mpsc::channel::<()>(16);
         tokio::spawn(async move {
-            loop {
-                let Ok((mut socket, _)) = listener.accept().await else {
-                    return;
-                };
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let began = began.clone();
                 tokio::spawn(async move {
                     let mut request = [0; 4096];
                     let _ = socket.read(&mut request).await;
-                    let head = "HTTP/1.1 400 Bad Request\r\ncontent-length: 100000000\r\n\r\n";
+                    let head =
+                        format!("HTTP/1.1 400 Bad Request\r\ncontent-length: {announced}\r\n\r\n");
                     let _ = socket.write_all(head.as_bytes()).await;
-                    let _ = socket.write_all(&vec![b'x'; 1 << 20]).await;
+                    let _ = socket.write_all(&vec![b'x'; sent]).await;
+                    let _ = began.try_send(());
                     tokio::time::sleep(Duration::from_secs(60)).await;
                 });
             }
@@ -659,6 +661,15 @@ mod tests {
             None,
         )
         .expect("a client");
+        (client, answers)
+    }
+
+    /// A 400 whose answer is a proxy's endless page: 64 KiB of it is read, and a shutdown
+    /// does not wait for the rest.
+    #[tokio::test]
+    async fn a_refusals_answer_is_read_up_to_64_kib_and_a_shutdown_does_not_wait_for_it() {
+        // 100 MB announced, 1 MiB sent.
+        let (client, _) = stalling_400(100_000_000, 1 << 20).await;
         let stop = tokio_util::sync::CancellationToken::new();
         let pushed = tokio::time::timeout(
             Duration::from_secs(10),
@@ -671,33 +682,12 @@ mod tests {
         };
         assert_eq!(reason.len(), MAX_REASON_BYTES);
         // Less than 64 KiB sent, the rest held back: a stop ends the wait.
-        let (sender, mut held) = tokio::sync::mpsc::channel::<()>(1);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binds");
-        let addr = listener.local_addr().expect("bound");
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.expect("a connection");
-            let mut request = [0; 4096];
-            let _ = socket.read(&mut request).await;
-            let head = "HTTP/1.1 400 Bad Request\r\ncontent-length: 100000\r\n\r\nslow";
-            let _ = socket.write_all(head.as_bytes()).await;
-            let _ = sender.send(()).await;
-            tokio::time::sleep(Duration::from_secs(60)).await;
-        });
-        let client = LokiClient::new(
-            &format!("http://{addr}"),
-            None,
-            Duration::from_secs(30),
-            (Duration::from_millis(10), Duration::from_millis(50)),
-            None,
-        )
-        .expect("a client");
+        let (client, mut began) = stalling_400(100_000, 4).await;
         let pushing = tokio::spawn({
             let stop = stop.clone();
             async move { client.push(body(1), false, &stop, |_| {}).await }
         });
-        held.recv().await.expect("the answer began");
+        began.recv().await.expect("the answer began");
         tokio::time::sleep(Duration::from_millis(100)).await;
         stop.cancel();
         let pushed = tokio::time::timeout(Duration::from_secs(2), pushing)

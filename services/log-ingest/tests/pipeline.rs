@@ -678,27 +678,12 @@ async fn a_record_refused_for_no_known_reason_beside_accepted_ones_is_dropped() 
     let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
     send(running.forward, &lines, lines.len()).await;
     wait_for(&running.loki, 3).await;
-    let dropped = || async {
-        probe_metrics(running.admin)
-            .await
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(
-                    r#"mall_log_ingest_records_dropped_total{reason="loki_refused",source="forward"} "#,
-                )
-            })
-            .and_then(|v| v.parse::<f64>().ok())
-    };
+    let dropped = || dropped_forward(running.admin, "loki_refused");
     mall_test_support::wait_until("three records dropped", Duration::from_secs(20), || async {
         dropped().await.filter(|n| *n >= 3.0)
     })
     .await;
-    let kept: Vec<String> = running
-        .loki
-        .received()
-        .iter()
-        .map(|r| r.entry.line.clone())
-        .collect();
+    let kept: Vec<String> = lines_in(&running.loki);
     assert_eq!(kept, ["ok 1", "ok 2", "ok 3"]);
     assert_eq!(dropped().await, Some(3.0));
 
@@ -713,12 +698,7 @@ async fn a_record_refused_for_no_known_reason_beside_accepted_ones_is_dropped() 
     let more: Vec<&str> = more.iter().map(String::as_str).collect();
     send(running.forward, &more, more.len()).await;
     wait_for(&running.loki, 3 + more.len()).await;
-    let kept: Vec<String> = running
-        .loki
-        .received()
-        .iter()
-        .map(|r| r.entry.line.clone())
-        .collect();
+    let kept: Vec<String> = lines_in(&running.loki);
     let want: Vec<String> = (1..20).map(|i| format!("ok {i}")).collect();
     assert_eq!(kept, want);
     assert_eq!(dropped().await, Some(3.0), "nothing more dropped");
@@ -743,27 +723,12 @@ async fn records_of_streams_without_labels_loki_enforces_are_dropped_and_counted
     corpus::send_as(running.forward, "", &bare, 3).await;
     send(running.forward, &hosted, 2).await;
     wait_for(&running.loki, hosted.len()).await;
-    let dropped = || async {
-        probe_metrics(running.admin)
-            .await
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(
-                    r#"mall_log_ingest_records_dropped_total{reason="missing_enforced_labels",source="forward"} "#,
-                )
-            })
-            .and_then(|v| v.parse::<f64>().ok())
-    };
+    let dropped = || dropped_forward(running.admin, "missing_enforced_labels");
     mall_test_support::wait_until("three records dropped", Duration::from_secs(20), || async {
         dropped().await.filter(|n| *n >= 3.0)
     })
     .await;
-    let kept: Vec<String> = running
-        .loki
-        .received()
-        .iter()
-        .map(|r| r.entry.line.clone())
-        .collect();
+    let kept: Vec<String> = lines_in(&running.loki);
     let want: Vec<String> = (0..4).map(|i| format!("ok {i}")).collect();
     assert_eq!(kept, want);
     assert_eq!(dropped().await, Some(3.0));
@@ -878,12 +843,7 @@ async fn a_line_ending_with_its_terminator_is_one_line() {
     send(running.forward, &[one, two], 2).await;
     wait_for(&running.loki, 2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let lines: Vec<String> = running
-        .loki
-        .received()
-        .iter()
-        .map(|r| r.entry.line.clone())
-        .collect();
+    let lines: Vec<String> = lines_in(&running.loki);
     assert_eq!(lines, ["one", "two"]);
 }
 
@@ -1443,6 +1403,25 @@ fn unlabelled(metrics: &str, name: &str) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or_else(|| panic!("{name} on /metrics:\n{metrics}"))
+}
+
+/// Forward records dropped for `reason`, as `/metrics` says.
+async fn dropped_forward(admin: std::net::SocketAddr, reason: &str) -> Option<f64> {
+    let series =
+        format!("mall_log_ingest_records_dropped_total{{reason=\"{reason}\",source=\"forward\"}} ");
+    probe_metrics(admin)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|v| v.parse::<f64>().ok())
+}
+
+/// The lines Loki received, in order.
+fn lines_in(loki: &LokiReceiver) -> Vec<String> {
+    loki.received()
+        .iter()
+        .map(|r| r.entry.line.clone())
+        .collect()
 }
 
 async fn probe_metrics(admin: std::net::SocketAddr) -> String {
