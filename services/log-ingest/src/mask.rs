@@ -657,6 +657,15 @@ mod tests {
                 "123e4567-e89b-12d3-a456-a01012345678",
                 "123e4567-e89b-12d3-a456-a01012345678",
             ),
+            // Glued to a letter, or a group too long: no UUID.
+            (
+                "x123e4567-e89b-12d3-a456-a01012345678",
+                "x123e4567-e89b-12d3-a456-a<phone>",
+            ),
+            (
+                "123e4567-e89b-12d3-a456-ba01012345678",
+                "123e4567-e89b-12d3-a456-ba<phone>",
+            ),
             // Beside hex letters, but no id of 16, or beside other letters: masked.
             ("ab01012345678cd", "ab<phone>cd"),
             ("Called01012345678Added", "Called<phone>Added"),

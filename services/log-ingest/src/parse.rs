@@ -461,7 +461,7 @@ impl Parser {
                 {
                     record.trace_id = record::trace_id(&text).unwrap_or_default();
                 }
-                // The first of a name wins: the top level's before a nested one's.
+                // A nested field does not replace the top level's of the same name.
                 _ => {
                     record.fields.entry(key).or_insert(text);
                 }
