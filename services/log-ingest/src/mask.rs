@@ -30,11 +30,12 @@ pub struct PatternSettings {
     /// runs (a speed-up; empty: always run it).
     #[serde(default)]
     pub requires: Vec<String>,
-    /// A match with a digit right before or after it is part of a longer number and left
-    /// alone (what `\b` cannot say for numbers next to letters: `고객01012345678님`); the
-    /// last digit of a URL escape before it (`%20`, `%22`) does not count. A match that
-    /// stops before a separator (space, `.`, `+`, `-`, `%20`) and a digit gives way to a
-    /// match starting inside it that runs on past it (the phone in `.019 010-1234-5678`).
+    /// A match with a digit (ASCII or full-width) right before or after it is part of a
+    /// longer number and left alone (what `\b` cannot say for numbers next to letters:
+    /// `고객01012345678님`); the last digit of a URL escape before it (`%20`, `%22`) does not
+    /// count. A match that stops before a separator (space, `.`, `+`, `-`, ` - `, `%20`,
+    /// `－`) and a digit gives way to a match starting inside it that runs on past it (the
+    /// phone in `.019 010-1234-5678`).
     /// Nor is a match of digits alone masked inside a hex id (a word of 16 hex digits or
     /// more around it, as in a session id `3F0107435786BCAA`), nor a match inside a UUID.
     #[serde(default)]
@@ -61,22 +62,27 @@ pub fn default_patterns() -> Vec<PatternSettings> {
         PatternSettings {
             name: "kr_mobile".to_owned(),
             // 010-1234-5678, 010 1234 5678, 01012345678, (010) 1234-5678, +82 10-1234-5678,
-            // +82 010-1234-5678 and +82 (0)10-1234-5678 (the 0 kept), `+` URL-encoded
-            // (`%2B82`, in query strings) or left out (821012345678, as SMS gateways log
-            // them), spaces URL-encoded in a query string (`010+1234+5678`,
-            // `010%201234%205678`), next to letters or Hangul too; not inside a longer number
-            // (`digit_bounded`). A bare `82` takes at most a space (or `+`, `%20`) or hyphen
+            // +82 010-1234-5678, +82 (0)10-1234-5678 (the 0 kept) and (+82) 10-1234-5678,
+            // `+` URL-encoded (`%2B82`, in query strings) or left out (821012345678, as SMS
+            // gateways log them), spaces URL-encoded in a query string (`010+1234+5678`,
+            // `010%201234%205678`), hyphens with spaces around them (`010 - 1234 - 5678`),
+            // full-width digits and hyphens as Korean input methods type them
+            // (`０１０－１２３４－５６７８`), next to letters or Hangul too; not inside a
+            // longer number (`digit_bounded`). A bare `82` takes at most a space (or `+`, `%20`) or hyphen
             // before the `1x`: not a `.` (`82.1012345678` is a number), nor a 0
             // (`8201012345678` is an EAN-13 code).
-            regex: r"(?:(?:(?:\+|%2[Bb])82(?:[ .+\-]|%20)?(?:0|\(0\) ?)?|82(?:[ +\-]|%20)?|0)1[016789]|\(01[016789]\))(?:[ .+\-]|%20)?[0-9]{3,4}(?:[ .+\-]|%20)?[0-9]{4}"
+            regex: r"(?:(?:(?:\+|%2[Bb])82(?:[ .+\-]|%20)?(?:0|\(0\) ?)?|\((?:\+|%2[Bb])82\)(?:[ .\-]|%20)?(?:0|\(0\) ?)?|82(?:[ +\-]|%20)?|[0０])[1１][016-9０１６-９]|\(01[016789]\))(?:[ .+]|%20| ?[\-－] ?)?[0-9０-９]{3,4}(?:[ .+]|%20| ?[\-－] ?)?[0-9０-９]{4}"
                 .to_owned(),
             replacement: "<phone>".to_owned(),
             // Every match holds `01` (the 0 kept, in parentheses too), `+82` or `%2B82`, or a
             // bare `82` with its `1`; not `82` alone, which many more lines' numbers hold (each
             // such line would run the regular expression).
-            requires: ["01", "+82", "%2B82", "%2b82", "821", "82 1", "82-1", "82+1", "82%201"]
-                .map(str::to_owned)
-                .into(),
+            requires: [
+                "01", "+82", "%2B82", "%2b82", "821", "82 1", "82-1", "82+1", "82%201", "０１",
+                "０1", "0１",
+            ]
+            .map(str::to_owned)
+            .into(),
             digit_bounded: true,
         },
     ]
@@ -91,9 +97,39 @@ fn digit_before(before: &[u8]) -> bool {
         [.., b'%', b'2', b'5', high, low] if high.is_ascii_hexdigit() && low.is_ascii_digit() => {
             false
         }
+        [.., 0xEF, 0xBC, 0x90..=0x99] => true,
         [.., last] => last.is_ascii_digit(),
         [] => false,
     }
+}
+
+/// Whether `text` starts with a digit, ASCII or full-width (`０` to `９`).
+fn starts_with_digit(text: &[u8]) -> bool {
+    matches!(text, [b'0'..=b'9', ..] | [0xEF, 0xBC, 0x90..=0x99, ..])
+}
+
+/// Whether `rest` starts with a separator the phone pattern takes between groups (a space,
+/// `.`, `+`, `-`, ` - `, `%20`, the full-width `－`) and then a digit.
+fn separator_then_digit(rest: &[u8]) -> bool {
+    const FULL_WIDTH_HYPHEN: &[u8] = "－".as_bytes();
+    let after = if let Some(after) = rest.strip_prefix(b"%20") {
+        after
+    } else {
+        let spaced = rest.strip_prefix(b" ");
+        let before_hyphen = spaced.unwrap_or(rest);
+        match before_hyphen
+            .strip_prefix(b"-")
+            .or_else(|| before_hyphen.strip_prefix(FULL_WIDTH_HYPHEN))
+        {
+            Some(after) => after.strip_prefix(b" ").unwrap_or(after),
+            None => match (spaced, before_hyphen) {
+                (Some(after), _) => after,
+                (None, [b'.' | b'+', after @ ..]) => after,
+                (None, _) => return false,
+            },
+        }
+    };
+    starts_with_digit(after)
 }
 
 /// Where the character at `at` ends (one past the text's end at its end).
@@ -158,7 +194,7 @@ fn stands_alone(pattern: &Pattern, text: &str, found: &regex::Match<'_>) -> bool
     let bounded = |m: &regex::Match<'_>| {
         let bytes = text.as_bytes();
         !digit_before(&bytes[..m.start()])
-            && !bytes.get(m.end()).is_some_and(u8::is_ascii_digit)
+            && !starts_with_digit(&bytes[m.end()..])
             && !inside_hex_id(bytes, m.start(), m.end())
             && !inside_uuid(bytes, m.start(), m.end())
     };
@@ -166,14 +202,7 @@ fn stands_alone(pattern: &Pattern, text: &str, found: &regex::Match<'_>) -> bool
         return false;
     }
     // Only where the text goes on with a separator and a digit: a second search then.
-    let rest = &text.as_bytes()[found.end()..];
-    let runs_on = match rest {
-        [b'%', b'2', b'0', digit, ..] | [b' ' | b'.' | b'+' | b'-', digit, ..] => {
-            digit.is_ascii_digit()
-        }
-        _ => false,
-    };
-    !runs_on
+    !separator_then_digit(&text.as_bytes()[found.end()..])
         || !pattern
             .regex
             .find_at(text, after_first_char(text, found.start()))
@@ -537,6 +566,19 @@ mod tests {
             "(010)1234-5678",
             "(010) 1234-5678",
             "(011)123-4567",
+            // The country code in parentheses.
+            "(+82) 10-1234-5678",
+            "(+82)10-1234-5678",
+            "(+82) 010-1234-5678",
+            "(%2B82)1012345678",
+            // Hyphens with spaces around them.
+            "010 - 1234 - 5678",
+            "010- 1234 -5678",
+            // Full-width digits and hyphens (Korean input methods), or some of them.
+            "０１０－１２３４－５６７８",
+            "０１０１２３４５６７８",
+            "010－1234－5678",
+            "０１０-1234-5678",
         ] {
             assert_eq!(
                 masked(&format!("call {phone} now")),
@@ -570,6 +612,10 @@ mod tests {
             // A digit before, not an escape's.
             "n=%G2010-1234-5678",
             "n=7010-1234-5678",
+            // Full-width digits running on, or before.
+            "０１０１２３４５６７８９",
+            "７０１０１２３４５６７８",
+            "01012345678９",
         ] {
             assert_eq!(masked(not), (not.to_owned(), vec![0, 0]), "{not}");
         }
@@ -686,6 +732,8 @@ mod tests {
             ("since 2018 01012345678", "since 2018 <phone>"),
             ("order 20241028010 01012345678", "order 20241028010 <phone>"),
             ("12:00:01.019 010-1234-5678", "12:00:01.019 <phone>"),
+            ("12:00:01.019 010 - 1234 - 5678", "12:00:01.019 <phone>"),
+            ("12:00:01.019 010－1234－5678", "12:00:01.019 <phone>"),
             ("n=2017+010+1234+5678", "n=2017+<phone>"),
             ("ref 7011-016-123-4567 ok", "ref 7011-<phone> ok"),
         ] {
