@@ -251,11 +251,61 @@ pub fn logfmt(line: &str, index: usize, time: impl Fn(&str) -> Option<i64>) -> O
         }
     }
     // Pairs without a message (`Cart recalculated total=12.00`, or metrics-like lines): the
-    // line itself, so the entry says what was written, in its order.
+    // line itself, so the entry says what was written, in its order (its `\u` escapes
+    // written out for the masks).
     if record.message.is_empty() {
-        line.clone_into(&mut record.message);
+        record.message = unicode_escapes_written_out(line).into_owned();
     }
     Some(record)
+}
+
+/// `text` (JSON, or a logfmt line) with each `\uXXXX` escape of a printable character (a
+/// surrogate pair as one) written out: the same value, as the masks can read it
+/// (`kim\u0040example.com` holds an e-mail address). Escapes of control characters, quotes
+/// and backslashes, which the text needs escaped, stay, and so does every other escape.
+pub fn unicode_escapes_written_out(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("\\u") {
+        return text.into();
+    }
+    // The four hex digits at `at`, as a number.
+    let hex4 = |at: usize| {
+        text.get(at..at + 4)
+            .filter(|digits| digits.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|digits| u32::from_str_radix(digits, 16).ok())
+    };
+    let mut out = String::with_capacity(text.len());
+    let (mut rest, mut at) = (0, 0);
+    while let Some(found) = text[at..].find('\\') {
+        let slash = at + found;
+        let (decoded, len) = match text.as_bytes().get(slash + 1) {
+            Some(b'u') => match hex4(slash + 2) {
+                Some(high @ 0xD800..=0xDBFF) => match text
+                    .get(slash + 6..slash + 8)
+                    .filter(|&u| u == "\\u")
+                    .and_then(|_| hex4(slash + 8))
+                {
+                    Some(low @ 0xDC00..=0xDFFF) => (
+                        char::from_u32(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00)),
+                        12,
+                    ),
+                    _ => (None, 6),
+                },
+                Some(code) => (char::from_u32(code), 6),
+                None => (None, 2),
+            },
+            // Another escape (`\\` among them: what follows it is text).
+            Some(b) if b.is_ascii() => (None, 2),
+            _ => (None, 1),
+        };
+        if let Some(c) = decoded.filter(|&c| !c.is_control() && c != '"' && c != '\\') {
+            out.push_str(&text[rest..slash]);
+            out.push(c);
+            rest = slash + len;
+        }
+        at = (slash + len).min(text.len());
+    }
+    out.push_str(&text[rest..]);
+    out.into()
 }
 
 /// The `key=value` pairs of a logfmt line; a key without `=` is a flag (`true`). None at
@@ -473,6 +523,41 @@ mod tests {
         assert_eq!(unescape(r"\u+123 \q"), r"\u+123 \q");
         // Apache's bytes: a run of them is UTF-8.
         assert_eq!(unescape(r"caf\xc3\xa9 \xff!"), "café \u{fffd}!");
+    }
+
+    #[test]
+    fn unicode_escapes_written_out_keep_what_the_text_needs_escaped() {
+        for (json, expected) in [
+            (r#"{"a":"\u0040"}"#, r#"{"a":"@"}"#),
+            // A backslash escaped, then the text `u0040`: no escape of `@`.
+            (r#"{"a":"\\u0040"}"#, r#"{"a":"\\u0040"}"#),
+            // Quotes, backslashes and control characters stay escaped, other escapes too.
+            (
+                r#"{"a":"\u0022\u005c\u005C\u000a\n\u007f\/"}"#,
+                r#"{"a":"\u0022\u005c\u005C\u000a\n\u007f\/"}"#,
+            ),
+            // A lone surrogate stays as written; a pair is one character.
+            (r#"{"a":"\ud83d x \ude00"}"#, r#"{"a":"\ud83d x \ude00"}"#),
+            (r#"{"a":"\uD83D\uDE00\u0040\ud55c"}"#, r#"{"a":"😀@한"}"#),
+            // Cut short.
+            (r#"{"a":"\u004"}"#, r#"{"a":"\u004"}"#),
+        ] {
+            let out = unicode_escapes_written_out(json);
+            assert_eq!(out, expected, "{json}");
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(json) {
+                let out: serde_json::Value = serde_json::from_str(&out).expect("still JSON");
+                assert_eq!(out, value, "the same value: {json}");
+            }
+        }
+        assert!(matches!(
+            unicode_escapes_written_out(r#"{"a":"plain\n"}"#),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        // logfmt: the line a message-less record shows.
+        let line = r#"event=signup user="kim\u0040example.com""#;
+        let r = logfmt(line, 0, seconds).expect("logfmt");
+        assert_eq!(r.message, r#"event=signup user="kim@example.com""#);
+        assert_eq!(r.fields["user"], "kim@example.com");
     }
 
     #[test]

@@ -396,16 +396,16 @@ impl Parser {
                 // tracing's JSON without `flatten_event`: the event's fields nested, after
                 // the top level's (an event's own `level = …` field is no level of its).
                 serde_json::Value::Object(inner) if key == "fields" => {
-                    nested.extend(inner);
+                    nested.extend(inner.into_iter().map(|(key, value)| (key, value, true)));
                 }
-                value => fields.push((key, value)),
+                value => fields.push((key, value, false)),
             }
         }
         fields.append(&mut nested);
         // The record's time: the first of these names, in this order (not the object's
         // key order), whose value reads as a time; the others stay fields.
         for name in TIME_KEYS {
-            let Some(at) = fields.iter().position(|(key, _)| key == name) else {
+            let Some(at) = fields.iter().position(|(key, ..)| key == name) else {
                 continue;
             };
             let time = match &fields[at].1 {
@@ -420,7 +420,7 @@ impl Parser {
                 break;
             }
         }
-        for (key, value) in fields {
+        for (key, value, nested) in fields {
             // pino's and bunyan's numeric levels (10 trace … 60 fatal).
             if let ("level", serde_json::Value::Number(n)) = (key.as_str(), &value)
                 && record.level.is_none()
@@ -461,8 +461,14 @@ impl Parser {
                 {
                     record.trace_id = record::trace_id(&text).unwrap_or_default();
                 }
-                // A nested field does not replace the top level's of the same name.
+                // A nested field does not replace the top level's of the same name: it is
+                // kept under its path (`fields.order`).
                 _ => {
+                    let key = if nested && record.fields.contains_key(&key) {
+                        format!("fields.{key}")
+                    } else {
+                        key
+                    };
                     record.fields.entry(key).or_insert(text);
                 }
             }
@@ -698,10 +704,12 @@ fn numeric_level(number: u64) -> Option<Level> {
 }
 
 /// `record` with `line` as its message when it has none (a JSON object without a message
-/// field): the Loki line then says what was written.
+/// field): the Loki line then says what was written, with its `\u` escapes of printable
+/// characters written out, so that the masks see `kim@example.com` where the line had
+/// `kim\u0040example.com`.
 fn with_message(mut record: Record, line: &str) -> Record {
     if record.message.is_empty() {
-        line.clone_into(&mut record.message);
+        record.message = formats::unicode_escapes_written_out(line).into_owned();
     }
     record
 }
@@ -1351,6 +1359,14 @@ mod tests {
         assert_eq!(record.fields["order"], "1");
         let record = start(Parser::new(Format::Auto, SEOUL).line(line, 0));
         assert_eq!(record.message, line);
+        // What the masks read: the characters escaped, not their escapes.
+        let line =
+            r#"{"level":"info","user":"kim\u0040example.com","to":"a\/b \ud55c \ud83d\ude00"}"#;
+        let record = start(parser.line(line, 0));
+        assert_eq!(
+            record.message,
+            r#"{"level":"info","user":"kim@example.com","to":"a\/b 한 😀"}"#
+        );
     }
 
     #[test]
@@ -1609,6 +1625,7 @@ mod tests {
             0,
         ));
         assert_eq!(record.fields["order"], "1");
+        assert_eq!(record.fields["fields.order"], "2");
         for name in ["backtrace", "error.stack_trace"] {
             let line = format!(
                 r#"{{"level":"ERROR","msg":"panicked","{name}":"   0: x::y\n   1: main"}}"#
