@@ -288,11 +288,15 @@ fn ensure_workable(settings: &Settings) -> anyhow::Result<()> {
     for (name, count) in [
         ("forward.max_connections", forward.max_connections),
         ("forward.max_message_bytes", forward.max_message_bytes),
-        ("pipeline.max_streams", pipeline.max_streams),
         ("pipeline.batch_bytes", pipeline.batch_bytes),
     ] {
         anyhow::ensure!(count >= 1, "{name} must be at least 1");
     }
+    // A pair and the place its service holds for its `other` (see `labels`).
+    anyhow::ensure!(
+        pipeline.max_streams >= 2,
+        "pipeline.max_streams must be at least 2"
+    );
     for (name, time) in [
         ("forward.idle_timeout", forward.idle_timeout),
         ("forward.handshake_timeout", forward.handshake_timeout),

@@ -5,11 +5,13 @@
 //! senders, so their values are not ours to bound: a misconfigured Fluent Bit that puts a
 //! file path or a pod name in `host` would make a stream per value, and Loki slows down (or
 //! refuses, with `max_streams_per_user`) long before that is noticed. The guard admits the
-//! first `max_streams` (service, host) pairs it sees; a record of any other pair keeps its
-//! service when that service was admitted with some host, else becomes service `other`, and
-//! always gets host `other`; the real values go to structured metadata (`service`, `host`),
-//! so nothing is lost and a query can still find them. Streams are then at most
-//! (`max_streams` + admitted services + 1) × levels.
+//! first (service, host) pairs it sees; a record of any other pair keeps its service when
+//! that service was admitted with some host, else becomes service `other`, and always gets
+//! host `other`; the real values go to structured metadata (`service`, `host`), so nothing
+//! is lost and a query can still find them. Each admitted service holds a place for the
+//! pair (service, `other`) its later hosts share, so admitted pairs and those places stay
+//! within `max_streams`, and streams are at most (`max_streams` + 1) × levels, the 1 for
+//! (`other`, `other`), however many services there are.
 //!
 //! A pair without a record for [`QUIET`] gives up its place to the next new pair, as Loki
 //! stops counting a stream that went quiet: pods replaced by a rollout (a `host` each) or a
@@ -118,6 +120,13 @@ impl Guard {
         });
     }
 
+    /// Whether a new pair of `service` fits: it, the admitted pairs and a place for each
+    /// admitted service's (service, `other`), its own service's too, within `max_streams`.
+    fn room_for(&self, service: &str) -> bool {
+        let new_service = usize::from(!self.services.contains_key(service));
+        self.admitted.len() + self.services.len() + new_service < self.max_streams
+    }
+
     /// Labels of a record of `service` on `host` at `level`.
     pub fn labels(&mut self, service: &str, level: Option<Level>, host: &str) -> Labels {
         let level_name = level.map_or("unknown", Level::as_str);
@@ -129,10 +138,10 @@ impl Guard {
         key.1.push_str(host);
         let fits = service.len() <= MAX_VALUE_BYTES && host.len() <= MAX_VALUE_BYTES;
         if fits && !self.admitted.contains_key(&key) {
-            if self.admitted.len() >= self.max_streams {
+            if !self.room_for(service) {
                 self.forget_quiet();
             }
-            if self.admitted.len() < self.max_streams {
+            if self.room_for(service) {
                 *self.services.entry(key.0.clone()).or_default() += 1;
                 self.admitted.insert(
                     key.clone(),
@@ -373,7 +382,8 @@ mod tests {
 
     #[test]
     fn pairs_past_the_limit_fold_into_other_with_their_values_kept() {
-        let mut guard = Guard::new(2, "prod");
+        // Two pairs of one service and the place of its `other`.
+        let mut guard = Guard::new(3, "prod");
         let plain = guard.labels("shop", Some(Level::Info), "web-1");
         assert_eq!(
             &*plain.selector,
@@ -413,7 +423,8 @@ mod tests {
     #[test]
     fn a_pair_quiet_for_an_hour_gives_its_place_to_a_new_one() {
         let start = Instant::now();
-        let mut guard = Guard::new(2, "prod");
+        // Two pairs of two services, each with the place of its `other`.
+        let mut guard = Guard::new(4, "prod");
         guard.set_now(start);
         guard.labels("shop", Some(Level::Info), "shop-old");
         guard.labels("cart", Some(Level::Info), "cart-1");
@@ -482,7 +493,42 @@ mod tests {
                 let labels = guard.labels(&format!("s{service}"), None, &format!("h{host}"));
                 selectors.insert(labels.selector);
             }
-            proptest::prop_assert!(selectors.len() <= max + max + 1);
+            // Every pair with a stream of its own (each service's `other` too) within the
+            // limit, and (`other`, `other`).
+            proptest::prop_assert!(selectors.len() <= max + 1);
         }
+    }
+
+    /// The place each admitted service holds for its `other`: a new service is admitted
+    /// only with room for both, and a pair of an admitted service needs room for itself.
+    #[test]
+    fn each_admitted_service_holds_a_place_for_its_other() {
+        let mut guard = Guard::new(4, "prod");
+        for (service, host) in [("shop", "web-1"), ("cart", "cart-1")] {
+            assert!(guard.labels(service, None, host).folded.is_empty());
+        }
+        // Two pairs and two places: full, for a new pair of either service or a new one.
+        assert_eq!(
+            guard.labels("shop", None, "web-2").folded,
+            [("host", "web-2".to_owned())]
+        );
+        assert_eq!(
+            guard.labels("search", None, "s-1").folded,
+            [("service", "search".to_owned()), ("host", "s-1".to_owned())]
+        );
+        assert_eq!(guard.admitted(), 2);
+        // One place left: a second pair of a service admitted already fits, a new service
+        // (a pair and a place) does not.
+        let mut guard = Guard::new(3, "prod");
+        guard.labels("shop", None, "web-1");
+        assert_eq!(
+            guard.labels("cart", None, "cart-1").folded,
+            [
+                ("service", "cart".to_owned()),
+                ("host", "cart-1".to_owned())
+            ]
+        );
+        assert!(guard.labels("shop", None, "web-2").folded.is_empty());
+        assert_eq!(guard.admitted(), 2);
     }
 }

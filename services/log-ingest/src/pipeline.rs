@@ -67,12 +67,13 @@ pub struct PipelineSettings {
     pub environment: String,
     /// A push holds at most this many bytes of lines (well under Loki's 6 MB burst).
     pub batch_bytes: usize,
-    /// Most (service, host) pairs that get streams of their own; records of others get
-    /// `other` (see [`crate::labels`]). Default 300: each pair makes a stream per level
-    /// (seven with `unknown`), and each replica admits its own, so two replicas stay under
-    /// Loki's default `max_global_streams_per_user` of 5,000 for the tenant ((300 + a few
-    /// services + 1) × 7 × 2 ≈ 4,300); past that Loki refuses new streams (429) and the
-    /// output waits.
+    /// Most (service, host) pairs that get streams of their own, counting the place each
+    /// admitted service holds for (service, `other`); records of others get `other` (see
+    /// [`crate::labels`]). Default 300: each pair makes a stream per level (seven with
+    /// `unknown`), and each replica admits its own, so two replicas stay under Loki's
+    /// default `max_global_streams_per_user` of 5,000 for the tenant ((300 + 1) × 7 × 2 =
+    /// 4,214 at most, however many services); past that Loki refuses new streams (429) and
+    /// the output waits. At least 2.
     pub max_streams: usize,
     /// Most streams (tag and host) whose multi-line state is kept: a record in progress,
     /// or ten minutes after their last line. A new stream past it completes and forgets

@@ -1467,7 +1467,8 @@ async fn records_past_the_push_size_go_in_pieces_in_order() {
 /// its host moves to structured metadata: nothing lost, streams bounded.
 #[tokio::test]
 async fn hosts_past_the_stream_limit_fold_into_other_with_their_name_kept() {
-    let running = start_with(|s| s.pipeline.max_streams = 1).await;
+    // One pair, and the place of its service's `other`.
+    let running = start_with(|s| s.pipeline.max_streams = 2).await;
     let mut stream = tokio::net::TcpStream::connect(running.forward)
         .await
         .expect("connects");
