@@ -268,6 +268,10 @@ impl Buffer {
     /// [`BufferError::Full`] (nothing written), [`BufferError::TooLarge`], or I/O.
     pub async fn append(&self, bytes: impl Into<Bytes>) -> Result<Position, BufferError> {
         let bytes = bytes.into();
+        // A frame of length 0 reads as a torn write: never written.
+        if bytes.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "an empty batch").into());
+        }
         if bytes.len() as u64 + HEADER > self.shared.limits.segment_bytes
             || u32::try_from(bytes.len()).is_err()
         {
@@ -589,8 +593,16 @@ impl Writer {
         let written = out.bytes;
         *out = Pending::default();
         // On failure nothing of this group was acknowledged; the writer stops (see
-        // `broken`), and reopening cuts whatever of it reached the file.
-        result?;
+        // `broken`). What of it reached the file is cut now: after a failed sync its pages
+        // may still be in the page cache, where a restart in the same pod would read them
+        // as valid (and a second sync reports no error), though they may never reach the
+        // disk. Reopening cuts whatever is left of it still.
+        if let Err(e) = result {
+            if let Err(cut) = self.file.set_len(self.position.offset) {
+                tracing::error!(error = %cut, "the log buffer could not cut a failed write");
+            }
+            return Err(e);
+        }
         self.position.offset += written;
         {
             let mut books = lock(&self.shared.books);
@@ -759,24 +771,41 @@ fn segment_path(dir: &Path, number: u64) -> PathBuf {
 /// The length of the valid frames at the start of the segment file at `path` (0 when it
 /// does not exist).
 fn valid_length(path: &Path) -> io::Result<u64> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
+    let file = match File::open(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     };
-    let mut at = 0_usize;
-    while let Some(header) = bytes.get(at..at + HEADER as usize) {
-        let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let length = file.metadata()?.len();
+    // Read through a small buffer, each frame's checksum computed as it goes: a segment
+    // (up to `segment_bytes`, 64 MiB) is not read into memory whole at every start.
+    let mut file = io::BufReader::with_capacity(64 * 1024, file);
+    let mut piece = vec![0; 64 * 1024];
+    let mut at = 0_u64;
+    while at + HEADER <= length {
+        let mut header = [0; HEADER as usize];
+        file.read_exact(&mut header)?;
+        let frame = u64::from(u32::from_le_bytes([
+            header[0], header[1], header[2], header[3],
+        ]));
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let start = at + HEADER as usize;
-        match bytes.get(start..start + length) {
-            Some(payload) if length > 0 && crc32fast::hash(payload) == crc => {
-                at = start + length;
-            }
-            _ => break,
+        if frame == 0 || at + HEADER + frame > length {
+            break;
         }
+        let mut hasher = crc32fast::Hasher::new();
+        let mut left = frame;
+        while left > 0 {
+            let n = usize::try_from(left).unwrap_or(usize::MAX).min(piece.len());
+            file.read_exact(&mut piece[..n])?;
+            hasher.update(&piece[..n]);
+            left -= n as u64;
+        }
+        if hasher.finalize() != crc {
+            break;
+        }
+        at += HEADER + frame;
     }
-    Ok(at as u64)
+    Ok(at)
 }
 
 const CHECKPOINT: &str = "acknowledged";
@@ -1159,6 +1188,58 @@ mod tests {
             .await
             .expect("appends after the cut");
         assert_eq!(read_all(&buffer, again).await.len(), 11);
+    }
+
+    /// The last segment is checked at start frame by frame, through a small buffer: frames
+    /// larger than it are checked whole, and the first that fails its checksum (a torn page
+    /// that reached the disk as zeros), or runs past the file's end, ends what is valid.
+    #[test]
+    fn valid_length_checks_every_frame_through_a_small_buffer() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("segment");
+        let frame = |payload: &[u8], crc: u32| {
+            let mut out = u32::try_from(payload.len())
+                .expect("fits")
+                .to_le_bytes()
+                .to_vec();
+            out.extend(crc.to_le_bytes());
+            out.extend(payload);
+            out
+        };
+        let large: Vec<u8> = (0..200_000_u32).map(|i| (i % 251) as u8).collect();
+        let mut bytes = frame(b"first", crc32fast::hash(b"first"));
+        bytes.extend(frame(&large, crc32fast::hash(&large)));
+        let valid = bytes.len() as u64;
+        std::fs::write(&path, &bytes).expect("writes");
+        assert_eq!(valid_length(&path).expect("reads"), valid);
+        // A frame whose payload did not all reach the disk, then another.
+        let mut torn = large.clone();
+        torn[150_000..].fill(0);
+        bytes.extend(frame(&torn, crc32fast::hash(&large)));
+        bytes.extend(frame(b"after", crc32fast::hash(b"after")));
+        std::fs::write(&path, &bytes).expect("writes");
+        assert_eq!(valid_length(&path).expect("reads"), valid);
+        // A header alone, and a length running past the end.
+        for tail in [&0_u32.to_le_bytes()[..], &frame(b"cut", 0)[..9]] {
+            let mut bytes = bytes[..valid as usize].to_vec();
+            bytes.extend(tail);
+            std::fs::write(&path, &bytes).expect("writes");
+            assert_eq!(valid_length(&path).expect("reads"), valid);
+        }
+        assert_eq!(valid_length(&dir.path().join("none")).expect("reads"), 0);
+    }
+
+    /// An empty batch would be a frame of length 0, which reads as a torn write.
+    #[tokio::test]
+    async fn an_empty_batch_is_refused() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (buffer, start) = Buffer::open(dir.path(), LIMITS).expect("opens");
+        assert!(matches!(
+            buffer.append(Vec::new()).await,
+            Err(BufferError::Io(e)) if e.kind() == io::ErrorKind::InvalidInput
+        ));
+        buffer.append(batch(0)).await.expect("appends");
+        assert_eq!(read_all(&buffer, start).await.len(), 1);
     }
 
     #[tokio::test]
