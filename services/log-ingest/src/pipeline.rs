@@ -716,9 +716,8 @@ impl Pipeline {
     /// until the whole backlog is read (refusing the inputs all along when it is full).
     ///
     /// Two waits come first, each at most `restart_grace`, judged the same way (by the
-    /// clock at the end; in a backlog, until lines read arrived that long after). The
-    /// refusal's wait, and the restart's in a backlog, last only while the record holds
-    /// back at most half the buffer (it keeps the acknowledgement at its first batch:
+    /// clock at the end; in a backlog, until lines read arrived that long after). Both
+    /// last only while the record holds back at most half the buffer (it keeps the acknowledgement at its first batch:
     /// holding more could keep the buffer full, refusing the very lines it waits for):
     /// - after a restart (`started`: when, by both clocks), a record rebuilt from the
     ///   buffer waits for a line of its own (its sender resends what was not
@@ -764,8 +763,9 @@ impl Pipeline {
                     || if at_end {
                         now.duration_since(started.0) >= grace
                     } else {
-                        read_past(started.1, grace) || !within_half(state)
-                    };
+                        read_past(started.1, grace)
+                    }
+                    || !within_half(state);
                 let refused = refusal.is_some_and(|r| {
                     state.last_at < r.end
                         && if at_end {
