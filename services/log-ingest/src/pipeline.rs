@@ -543,7 +543,11 @@ impl Pipeline {
     pub async fn run(self, start: Position, shutdown: CancellationToken) {
         let mut reader: Reader = self.buffer.reader(start);
         // What is read again that was pushed before a restart.
-        let mut replay = Replay::read(self.buffer.note(), self.buffer.end());
+        let mut replay = Replay::read(
+            self.buffer.note(),
+            self.buffer.end(),
+            split_of(&self.settings),
+        );
         // What was durable at start is read again; lines after it are new.
         let (replayed, started) = (self.buffer.end(), (Instant::now(), crate::batch::now_ms()));
         let mut streams = Streams::default();
@@ -1754,6 +1758,7 @@ fn note(streams: &mut Streams, position: Position, until: Position, replay: &Rep
     serde_json::to_vec(&Note {
         until: (until.segment, until.offset),
         skips,
+        split: replay.split.clone(),
     })
     .unwrap_or_default()
 }
@@ -1766,14 +1771,20 @@ struct Replay {
     /// Before where the note's batches end (`None`: a note from before it said so, whose
     /// skips are for the first batch only).
     until: Option<Position>,
+    /// How lines are split now ([`split_of`]), for the notes made from here on.
+    split: String,
 }
 
 impl Replay {
     /// From a note, for a buffer ending at `end` (a note past the end, where the buffer
     /// lost data, skips nothing: pushing twice is better than skipping lines never pushed).
-    fn read(note: &[u8], end: Position) -> Self {
-        let (skips, until) = read_note(note);
-        let mut replay = Self { skips, until };
+    fn read(note: &[u8], end: Position, split: String) -> Self {
+        let (skips, until) = read_note(note, &split);
+        let mut replay = Self {
+            skips,
+            until,
+            split,
+        };
         if until.is_some_and(|until| until > end) {
             replay.give_up();
         }
@@ -1808,13 +1819,38 @@ struct Note {
     until: (u64, u64),
     /// Per stream (tag, host): lines to skip.
     skips: Vec<(String, String, usize)>,
+    /// How the lines were told apart and counted ([`split_of`]); empty in notes written
+    /// before it was kept.
+    #[serde(default)]
+    split: String,
 }
 
+/// How events are split into streams and lines, for a note: its counts hold only where
+/// the events are split the same way after a restart (the same `line_field` and
+/// `host_field`, and the same code: [`SPLIT_VERSION`]).
+fn split_of(settings: &PipelineSettings) -> String {
+    serde_json::to_string(&(SPLIT_VERSION, &settings.line_field, &settings.host_field))
+        .unwrap_or_default()
+}
+
+/// The version of how events are split into streams and lines: raise it when that changes,
+/// so that notes counted the old way are not applied to lines split the new way.
+const SPLIT_VERSION: u32 = 1;
+
 /// The skips a note holds, and before where they apply (none when it is empty or
-/// unreadable). A note written before `until` was kept (a bare list) applies to the first
-/// batch only, as it was meant.
-fn read_note(note: &[u8]) -> (HashMap<(String, String), usize>, Option<Position>) {
+/// unreadable, or when its lines were split otherwise than `split` says: then the records
+/// it counted are pushed again, rather than lines never pushed skipped). A note written
+/// before `until` was kept (a bare list) applies to the first batch only, as it was meant.
+fn read_note(note: &[u8], split: &str) -> (HashMap<(String, String), usize>, Option<Position>) {
     let (skips, until) = match serde_json::from_slice::<Note>(note) {
+        Ok(note) if !note.split.is_empty() && note.split != split => {
+            tracing::warn!(
+                "the buffer's note was made with other `pipeline.line_field` or `host_field` \
+                 settings (or another version): records pushed before the restart may be \
+                 pushed again"
+            );
+            (Vec::new(), None)
+        }
         Ok(note) => (
             note.skips,
             Some(Position {
@@ -2201,7 +2237,7 @@ mod tests {
             key.clone(),
             state(9, Some((1, at(10))), &[(at(10), (0, 5)), (at(20), (5, 4))]),
         );
-        let (skips, until) = read_note(&note(&mut streams, at(10), at(30), &Replay::default()));
+        let (skips, until) = read_note(&note(&mut streams, at(10), at(30), &Replay::default()), "");
         assert_eq!(skips.get(&key), Some(&(2 + 1)));
         assert_eq!(until, Some(at(30)));
         assert_eq!(
@@ -2215,7 +2251,7 @@ mod tests {
             .get_mut(&key)
             .expect("open")
             .pending_from_line(Some((7, at(20))));
-        let (skips, _) = read_note(&note(&mut streams, at(10), at(30), &Replay::default()));
+        let (skips, _) = read_note(&note(&mut streams, at(10), at(30), &Replay::default()), "");
         assert_eq!(skips.get(&key), Some(&(2 + 7)));
         // Past every batch the evicted one had: forgotten; no record in progress: every
         // line from the acknowledged batch on.
@@ -2224,7 +2260,7 @@ mod tests {
             .get_mut(&key)
             .expect("open")
             .pending_from_line(None);
-        let (skips, _) = read_note(&note(&mut streams, at(20), at(30), &Replay::default()));
+        let (skips, _) = read_note(&note(&mut streams, at(20), at(30), &Replay::default()), "");
         assert_eq!(skips.get(&key), Some(&4));
         assert!(streams.evicted.is_empty());
     }
@@ -2240,28 +2276,62 @@ mod tests {
             key.clone(),
             state(4, None, &[(at(10), (0, 2)), (at(20), (2, 2))]),
         );
+        let split = split_of(&PipelineSettings::default());
         let replay = Replay {
             skips: [(key.clone(), 6)].into_iter().collect(),
             until: Some(at(50)),
+            split: split.clone(),
         };
         let written = note(&mut streams, at(10), at(30), &replay);
-        let (skips, until) = read_note(&written);
+        let (skips, until) = read_note(&written, &split);
         assert_eq!(skips.get(&key), Some(&(4 + 6)));
         assert_eq!(until, Some(at(50)));
-        assert!(Replay::read(&written, at(50)).skips.len() == 1);
-        let lost = Replay::read(&written, at(40));
+        assert!(Replay::read(&written, at(50), split.clone()).skips.len() == 1);
+        let lost = Replay::read(&written, at(40), split);
         assert!(lost.skips.is_empty() && lost.until.is_none());
+    }
+
+    /// A note counted with other `line_field` or `host_field` settings skips nothing after
+    /// the restart (its counts are of other lines, or other streams); one from before notes
+    /// said how they split lines is read as before.
+    #[test]
+    fn a_note_of_lines_split_otherwise_skips_nothing() {
+        let key = ("hybris.wrapper".to_owned(), "web-1".to_owned());
+        let mut streams = Streams::default();
+        streams
+            .open
+            .insert(key.clone(), state(4, None, &[(at(10), (0, 4))]));
+        let settings = PipelineSettings::default();
+        let replay = Replay {
+            split: split_of(&settings),
+            ..Replay::default()
+        };
+        let written = note(&mut streams, at(10), at(30), &replay);
+        assert_eq!(
+            read_note(&written, &split_of(&settings)).0.get(&key),
+            Some(&4)
+        );
+        let other = PipelineSettings {
+            host_field: "hostname".to_owned(),
+            ..PipelineSettings::default()
+        };
+        assert_eq!(
+            read_note(&written, &split_of(&other)),
+            (HashMap::new(), None)
+        );
+        let older = br#"{"until":[0,30],"skips":[["hybris.wrapper","web-1",4]]}"#;
+        assert_eq!(read_note(older, &split_of(&other)).0.get(&key), Some(&4));
     }
 
     /// A note as written before it said where its skips end applies to the first batch.
     #[test]
     fn a_note_without_its_end_is_read_as_before() {
-        let (skips, until) = read_note(br#"[["hybris.wrapper","web-1",3]]"#);
+        let (skips, until) = read_note(br#"[["hybris.wrapper","web-1",3]]"#, "");
         assert_eq!(
             skips.get(&("hybris.wrapper".to_owned(), "web-1".to_owned())),
             Some(&3)
         );
         assert_eq!(until, None);
-        assert_eq!(read_note(b"").0.len(), 0);
+        assert_eq!(read_note(b"", "").0.len(), 0);
     }
 }
