@@ -78,6 +78,8 @@ struct Inner {
     duplicates: u64,
     pushes: u64,
     refused: u64,
+    /// Pushes answered with an injected failure.
+    failed: u64,
     failing: Option<(StatusCode, String, Instant)>,
     /// Whether entries are kept (and duplicates found); else only counted.
     keep: bool,
@@ -193,6 +195,11 @@ impl LokiReceiver {
         (inner.pushes, inner.refused, inner.duplicates)
     }
 
+    /// Pushes answered with a failure [`Self::fail`] or [`Self::fail_saying`] injected.
+    pub fn failed(&self) -> u64 {
+        lock(&self.inner).failed
+    }
+
     /// (entries accepted, lines in them: each entry's newlines + 1).
     pub fn accepted(&self) -> (u64, u64) {
         let inner = lock(&self.inner);
@@ -244,7 +251,9 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
     if let Some((status, says, until)) = &inner.failing {
         if Instant::now() < *until {
             let status = *status;
-            let mut response = (status, says.clone()).into_response();
+            let says = says.clone();
+            inner.failed += 1;
+            let mut response = (status, says).into_response();
             if status == StatusCode::TOO_MANY_REQUESTS {
                 response
                     .headers_mut()

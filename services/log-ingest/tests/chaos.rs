@@ -1,9 +1,10 @@
 //! Chaos: the legacy corpus (about 200,000 lines, or `MALL_CHAOS_LINES`: the fixture
 //! repeated, each header made unique; `scripts/bench.sh logs` runs it with 1,000,000) streamed over the forward protocol with acks, as Fluent Bit does (a chunk not
 //! acknowledged is sent again on a new connection), while the `log-ingest` binary is
-//! SIGKILLed three times and the Loki receiver refuses every push for 20 seconds. Then every
-//! record is in Loki exactly as a model of the corpus says (masked, stack traces whole),
-//! duplicates only from chunks sent again, and nothing else.
+//! SIGKILLed three times, each time with a chunk on its way that cuts a stack trace in two,
+//! and the Loki receiver refuses every push for 20 seconds. Then every record is in Loki
+//! exactly as a model of the corpus says (line masked, stack traces whole, labels, time,
+//! logger and thread), duplicates only from chunks sent again, and nothing else.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use corpus::{frame, is_header, model};
+use corpus::{Expected, expected, frame, is_header};
 use log_ingest::loki_receiver::LokiReceiver;
 use mall_test_support::process::ServiceProcess;
 use rmpv::Value;
@@ -59,9 +60,8 @@ fn corpus() -> Vec<String> {
     lines
 }
 
-/// Sends one chunk and waits for its ack on `stream`; an error means "send it again".
-async fn send(stream: &mut tokio::net::TcpStream, id: &str, bytes: &[u8]) -> Result<(), String> {
-    stream.write_all(bytes).await.map_err(|e| e.to_string())?;
+/// Waits for the ack of chunk `id` on `stream`; an error means "send it again".
+async fn read_ack(stream: &mut tokio::net::TcpStream, id: &str) -> Result<(), String> {
     let mut ack = vec![0; 128];
     let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut ack))
         .await
@@ -78,13 +78,32 @@ async fn send(stream: &mut tokio::net::TcpStream, id: &str, bytes: &[u8]) -> Res
     }
 }
 
+/// Where the sender stops for a kill, on the first try of a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pause {
+    /// All of the chunk but its last byte written: it cannot be stored, and is sent again.
+    MidChunk,
+    /// The whole chunk written, its ack not read yet: stored or not, its ack is lost.
+    BeforeAck,
+}
+
+/// Pauses of the sender: the chunk and how; it says which chunk it stopped at on
+/// `paused` and goes on when it hears from `go`.
+struct Pauses {
+    at: Vec<(usize, Pause)>,
+    paused: tokio::sync::mpsc::UnboundedSender<usize>,
+    go: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
 /// A Fluent Bit-like sender: every chunk until acknowledged, in order, reconnecting as
-/// needed. Counts acknowledged chunks and chunks sent more than once.
+/// needed, stopping where `pauses` says. Counts acknowledged chunks and chunks sent more
+/// than once.
 async fn sender(
     addr: SocketAddr,
     lines: Arc<Vec<String>>,
     acked: Arc<AtomicUsize>,
     resent: Arc<AtomicUsize>,
+    mut pauses: Pauses,
 ) {
     let mut stream: Option<tokio::net::TcpStream> = None;
     for (n, chunk) in lines.chunks(CHUNK).enumerate() {
@@ -102,9 +121,30 @@ async fn sender(
                 }
             }
             attempts += 1;
-            match send(stream.as_mut().expect("connected"), &id, &bytes).await {
-                Ok(()) => break,
-                Err(_) => {
+            let pause = pauses
+                .at
+                .iter()
+                .find(|(at, _)| *at == n && attempts == 1)
+                .map(|(_, pause)| *pause);
+            let connection = stream.as_mut().expect("connected");
+            let written = match pause {
+                Some(Pause::MidChunk) => &bytes[..bytes.len() - 1],
+                _ => &bytes[..],
+            };
+            let mut sent = connection
+                .write_all(written)
+                .await
+                .map_err(|e| e.to_string());
+            if let Some(pause) = pause {
+                pauses.paused.send(n).expect("the test waits");
+                pauses.go.recv().await.expect("the test goes on");
+                if pause == Pause::MidChunk {
+                    sent = Err("cut short".to_owned());
+                }
+            }
+            match sent {
+                Ok(()) if read_ack(connection, &id).await.is_ok() => break,
+                _ => {
                     stream = None;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -115,6 +155,19 @@ async fn sender(
         }
         acked.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The first chunk from `target` on that starts inside a stack trace (its first line is
+/// not a header): stopping there leaves the trace's first part stored, its rest not.
+fn inside_a_trace(lines: &[String], target: usize) -> usize {
+    (target..)
+        .find(|&n| {
+            lines.get(n * CHUNK).is_some_and(|line| {
+                let text = line.splitn(5, " | ").nth(4).expect("a wrapper prefix");
+                !is_header(text)
+            })
+        })
+        .expect("a chunk starting inside a trace")
 }
 
 fn start(addr: SocketAddr, dir: &str, loki: &str) -> ServiceProcess {
@@ -138,14 +191,15 @@ fn start(addr: SocketAddr, dir: &str, loki: &str) -> ServiceProcess {
 async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage() {
     mall_test_support::init_logging();
     let lines = Arc::new(corpus());
-    let want = model(&lines);
+    let want = expected(&lines);
     let chunks = lines.len().div_ceil(CHUNK);
     let dir = tempfile::tempdir().expect("a temporary directory");
     let buffer = dir.path().display().to_string();
     let loki = LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
         .await
         .expect("starts");
-    // The corpus is dated 2024: as a Loki with `reject_old_samples: false`.
+    // The corpus is dated 2024: as a Loki with `reject_old_samples: false` (its times are
+    // compared with the model's below).
     loki.accept_any_time();
     let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -154,16 +208,37 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
     service.wait_until_serving(Duration::from_secs(30)).await;
     service.drain_output("log-ingest");
 
+    // Each kill with a chunk on its way whose first line continues a stack trace of the
+    // chunk before: twice cut short (it must be sent again), once whole but unacknowledged.
+    let kills: Vec<(usize, Pause)> = [
+        (chunks / 4, Pause::MidChunk),
+        (chunks / 2, Pause::BeforeAck),
+        (3 * chunks / 4, Pause::MidChunk),
+    ]
+    .into_iter()
+    .map(|(target, pause)| (inside_a_trace(&lines, target), pause))
+    .collect();
+    let (paused, mut paused_at) = tokio::sync::mpsc::unbounded_channel();
+    let (go, go_on) = tokio::sync::mpsc::unbounded_channel();
+    let pauses = Pauses {
+        at: kills.clone(),
+        paused,
+        go: go_on,
+    };
     let (acked, resent) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let sending = tokio::spawn(sender(addr, lines.clone(), acked.clone(), resent.clone()));
-    for (kill, at) in [chunks / 4, chunks / 2, 3 * chunks / 4]
-        .into_iter()
-        .enumerate()
-    {
-        mall_test_support::wait_until("the sender gets there", scaled(120), || async {
-            (acked.load(Ordering::Relaxed) >= at).then_some(())
-        })
-        .await;
+    let sending = tokio::spawn(sender(
+        addr,
+        lines.clone(),
+        acked.clone(),
+        resent.clone(),
+        pauses,
+    ));
+    for (kill, (at, _)) in kills.iter().enumerate() {
+        let stopped = tokio::time::timeout(scaled(120), paused_at.recv())
+            .await
+            .expect("the sender gets there")
+            .expect("the sender runs");
+        assert_eq!(stopped, *at);
         if kill == 1 {
             // Loki refuses everything for 20 s, across the second kill.
             loki.fail(
@@ -175,6 +250,7 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
         service = start(addr, &buffer, &loki.url());
         service.wait_until_serving(Duration::from_secs(30)).await;
         service.drain_output("log-ingest");
+        go.send(()).expect("the sender waits");
     }
     tokio::time::timeout(scaled(180), sending)
         .await
@@ -187,39 +263,80 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
     })
     .await;
     // Until pushes stop: a copy pushed late (a record rebuilt after a kill) counts too.
-    let mut pushes = loki.counts().0;
+    let (mut pushes, deadline) = (loki.counts().0, tokio::time::Instant::now() + scaled(120));
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let now = loki.counts().0;
         if now == pushes {
             break;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pushes did not stop: {now} so far"
+        );
         pushes = now;
     }
     let received = loki.received();
-    let level_of: BTreeMap<&str, &str> = want
-        .iter()
-        .map(|(level, line)| (line.as_str(), level.as_str()))
-        .collect();
+    let by_line: BTreeMap<&str, &Expected> = want.iter().map(|r| (r.line.as_str(), r)).collect();
     let mut copies: BTreeMap<&str, usize> = BTreeMap::new();
     for r in &received {
         *copies.entry(r.entry.line.as_str()).or_default() += 1;
-        let labels: BTreeMap<_, _> = r.labels.iter().cloned().collect();
-        assert_eq!(labels["environment"], "chaos");
-        assert_eq!(labels["service"], "hybris.wrapper");
-        assert_eq!(labels["host"], "hybris-1");
-        if let Some(level) = level_of.get(r.entry.line.as_str()) {
-            assert_eq!(labels["level"], *level, "{}", r.entry.line);
-        }
         assert!(!r.entry.line.contains("@example.com"), "masked");
+        // Records the model does not have are reported whole below.
+        let Some(record) = by_line.get(r.entry.line.as_str()) else {
+            continue;
+        };
+        let labels: BTreeMap<&str, &str> = r
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            labels,
+            BTreeMap::from([
+                ("environment", "chaos"),
+                ("host", "hybris-1"),
+                ("level", record.level.as_str()),
+                ("service", "hybris.wrapper"),
+            ]),
+            "{}",
+            r.entry.line
+        );
+        // To the millisecond: below it, log-ingest sets a tie-breaker (two identical lines
+        // in one millisecond stay two entries in Loki).
+        let time = r.entry.timestamp.expect("a time");
+        assert_eq!(
+            (time.seconds, time.nanos / 1_000_000),
+            (
+                record.time_ms.div_euclid(1000),
+                (record.time_ms.rem_euclid(1000)) as i32
+            ),
+            "the header's time, read in Seoul: {}",
+            r.entry.line
+        );
+        let metadata: Vec<(&str, &str)> = r
+            .entry
+            .structured_metadata
+            .iter()
+            .map(|p| (p.name.as_str(), p.value.as_str()))
+            .collect();
+        assert_eq!(
+            metadata,
+            [
+                ("logger", record.logger.as_str()),
+                ("thread", record.thread.as_str())
+            ],
+            "{}",
+            r.entry.line
+        );
     }
     // Each stream (one per level here) in the corpus's order: pushes again after a kill
     // are dropped as identical, so what is kept is the first copy of each, in order.
     for level in ["DEBUG", "INFO", "WARN", "ERROR"] {
         let sent: Vec<&str> = want
             .iter()
-            .filter(|(l, _)| l == level)
-            .map(|(_, line)| line.as_str())
+            .filter(|r| r.level == level)
+            .map(|r| r.line.as_str())
             .collect();
         let kept: Vec<&str> = received
             .iter()
@@ -247,7 +364,7 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
             around(&kept)
         );
     }
-    let wanted: BTreeSet<&str> = want.iter().map(|r| r.1.as_str()).collect();
+    let wanted: BTreeSet<&str> = want.iter().map(|r| r.line.as_str()).collect();
     assert_eq!(wanted.len(), want.len(), "the model's records are unique");
     let missing: Vec<&&str> = wanted
         .iter()
@@ -279,6 +396,10 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
         lines.len(),
         want.len(),
     );
+    // The chaos happened: the chunks cut short were sent again (the one whose ack was lost
+    // too, unless its ack came before the kill), and Loki's outage was felt.
+    assert!(resent >= 2, "{resent} chunks sent again");
+    assert!(loki.failed() > 0, "no push met the outage");
     // Pushed again: at most what was read again after each kill (from the last
     // acknowledged position) and the chunks sent again; a few chunks' worth per kill.
     assert!(

@@ -106,28 +106,59 @@ pub fn is_header(text: &str) -> bool {
         .any(|h| text.starts_with(h))
 }
 
-/// What Loki must hold for `lines`: (level, line) per record, the line being the header's
-/// message then each joined line, addresses masked.
-pub fn model<S: AsRef<str>>(lines: &[S]) -> Vec<(String, String)> {
-    let mut records: Vec<(String, String)> = Vec::new();
+/// A record as Loki must hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    /// The `level` label.
+    pub level: String,
+    /// The header's message then each joined line, addresses masked.
+    pub line: String,
+    /// The header's wrapper time, read in Asia/Seoul (UTC+9, no daylight saving since
+    /// 1988), in milliseconds since the epoch.
+    pub time_ms: i64,
+    /// The log4j logger (`[DefaultCartService]`).
+    pub logger: String,
+    /// The log4j thread (`[hybrisHTTP12]`), not the wrapper's column.
+    pub thread: String,
+}
+
+/// What Loki must hold for `lines`, record by record.
+pub fn expected<S: AsRef<str>>(lines: &[S]) -> Vec<Expected> {
+    let mut records: Vec<Expected> = Vec::new();
     for line in lines {
-        let text = line
-            .as_ref()
-            .splitn(5, " | ")
-            .nth(4)
-            .expect("a wrapper prefix");
+        let columns: Vec<&str> = line.as_ref().splitn(5, " | ").collect();
+        let text = *columns.get(4).expect("a wrapper prefix");
         if is_header(text) {
             // `LEVEL [thread] [Logger] message`
-            let after_thread = &text[text.find("] [").expect("a logger") + 3..];
-            let message = &after_thread[after_thread.find("] ").expect("a message") + 2..];
-            records.push((text[..5].trim().to_owned(), mask(message)));
+            let thread_end = text.find("] [").expect("a logger");
+            let after_thread = &text[thread_end + 3..];
+            let logger_end = after_thread.find("] ").expect("a message");
+            let time =
+                chrono::NaiveDateTime::parse_from_str(columns[3].trim(), "%Y/%m/%d %H:%M:%S%.3f")
+                    .expect("the wrapper's time");
+            records.push(Expected {
+                level: text[..5].trim().to_owned(),
+                line: mask(&after_thread[logger_end + 2..]),
+                time_ms: time.and_utc().timestamp_millis() - 9 * 3_600_000,
+                logger: after_thread[..logger_end].to_owned(),
+                thread: text[text.find('[').expect("a thread") + 1..thread_end].to_owned(),
+            });
         } else {
             let last = records.last_mut().expect("a header first");
-            last.1.push('\n');
-            last.1.push_str(&mask(text));
+            last.line.push('\n');
+            last.line.push_str(&mask(text));
         }
     }
     records
+}
+
+/// What Loki must hold for `lines`: (level, line) per record, the line being the header's
+/// message then each joined line, addresses masked.
+pub fn model<S: AsRef<str>>(lines: &[S]) -> Vec<(String, String)> {
+    expected(lines)
+        .into_iter()
+        .map(|record| (record.level, record.line))
+        .collect()
 }
 
 /// (level, line) of each entry received, as [`model`] has them.
