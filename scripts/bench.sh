@@ -87,8 +87,11 @@ case "$target" in
     cargo bench -p log-ingest --bench logs -- "$@"
     case " $* " in *" workloads "*) exit 0 ;; esac
     say "chaos at 1,000,000 lines: three SIGKILLs and a 20 s Loki outage (release build)"
-    MALL_CHAOS_LINES=1000000 cargo test --release -p log-ingest --test chaos -- --nocapture 2>&1 \
-      | grep -E "lines, .* records|test result"
+    chaos_log="$ROOT/target/chaos-1000000.log"
+    MALL_CHAOS_LINES=1000000 cargo test --release -p log-ingest --test chaos -- --nocapture \
+      >"$chaos_log" 2>&1 || { tail -n 40 "$chaos_log"; die "the chaos run failed; all of its output: $chaos_log"; }
+    grep -E "lines, .* records|test result" "$chaos_log"
+    echo "(all of its output: $chaos_log)"
     ;;
   *)
     die "usage: scripts/bench.sh catalog|tls|relay|member|logs [workloads]"

@@ -207,6 +207,13 @@ impl Corpus {
         let text = std::fs::read_to_string(&path)?;
         let stats: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(stats_path(&path))?)?;
+        // A corpus left by other arguments or another generator is not this benchmark's.
+        anyhow::ensure!(
+            stats["seed"] == 42 && stats["prefix_stack"] == true,
+            "{} was not generated with `--prefix-stack --seed 42`; delete it and its \
+             .stats.json to generate it again",
+            path.display()
+        );
         let entries = stats["entries"].as_u64().context("entries in the stats")?;
         Ok(Self { text, entries })
     }
@@ -361,6 +368,14 @@ async fn run(lines: usize, workload: Workload) -> anyhow::Result<String> {
         records,
         lines_in_loki,
     } = end_to_end(Input::Forward(frames.clone()), all.len() as u64).await?;
+    // Every record once (a copy too many would have stopped the clock early), every line,
+    // and every record counted by the derived metrics.
+    anyhow::ensure!(
+        records == entries && lines_in_loki == all.len() as u64 && derived == entries as f64,
+        "Loki received {records} records ({lines_in_loki} lines) of {entries} ({} lines); \
+         the derived metrics counted {derived}",
+        all.len()
+    );
     let rate = all.len() as f64 / secs;
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let durable_ratio = rate / durable_rate;
@@ -661,7 +676,10 @@ fn corpus(lines: usize) -> anyhow::Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let dir = root.join("target/bench-data");
     std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("hybris-wrapper-{lines}.log"));
+    // Named by the generator's arguments: a corpus of other arguments is not reused.
+    let path = dir.join(format!(
+        "hybris-wrapper-{lines}-prefix-stack-trace-pct-2-seed-42.log"
+    ));
     if path.exists() && stats_path(&path).exists() {
         return Ok(path);
     }
