@@ -34,8 +34,8 @@ pub struct PatternSettings {
     /// longer number and left alone (what `\b` cannot say for numbers next to letters:
     /// `고객01012345678님`); the last digit of a URL escape before it (`%20`, `%22`) does not
     /// count. A match that stops before a separator (space, `.`, `+`, `-`, ` - `, `%20`,
-    /// `－`) and a digit gives way to a match starting inside it that runs on past it (the
-    /// phone in `.019 010-1234-5678`).
+    /// the full-width `－` and space) and a digit gives way to a match starting inside it
+    /// that runs on past it (the phone in `.019 010-1234-5678`).
     /// Nor is a match of digits alone masked inside a hex id (a word of 16 hex digits or
     /// more around it, as in a session id `3F0107435786BCAA`), nor a match inside a UUID.
     #[serde(default)]
@@ -66,20 +66,22 @@ pub fn default_patterns() -> Vec<PatternSettings> {
             // `+` URL-encoded (`%2B82`, in query strings) or left out (821012345678, as SMS
             // gateways log them), spaces URL-encoded in a query string (`010+1234+5678`,
             // `010%201234%205678`), hyphens with spaces around them (`010 - 1234 - 5678`),
-            // full-width digits and hyphens as Korean input methods type them
-            // (`０１０－１２３４－５６７８`), next to letters or Hangul too; not inside a
-            // longer number (`digit_bounded`). A bare `82` takes at most a space (or `+`, `%20`) or hyphen
+            // full-width digits, hyphens, spaces, parentheses and `＋` as Korean input
+            // methods type them (`０１０－１２３４－５６７８`, `＋８２ １０…`), next to letters
+            // or Hangul too; not inside a longer number (`digit_bounded`). A bare `82` (ASCII,
+            // its `1` too) takes at most a space (or `+`, `%20`) or hyphen
             // before the `1x`: not a `.` (`82.1012345678` is a number), nor a 0
             // (`8201012345678` is an EAN-13 code).
-            regex: r"(?:(?:(?:\+|%2[Bb])82(?:[ .+\-]|%20)?(?:0|\(0\) ?)?|\((?:\+|%2[Bb])82\)(?:[ .\-]|%20)?(?:0|\(0\) ?)?|82(?:[ +\-]|%20)?|[0０])[1１][016-9０１６-９]|\(01[016789]\))(?:[ .+]|%20| ?[\-－] ?)?[0-9０-９]{3,4}(?:[ .+]|%20| ?[\-－] ?)?[0-9０-９]{4}"
+            regex: r"(?:(?:(?:(?:\+|＋|%2[Bb])82|[+＋]８２)|[(（](?:(?:\+|＋|%2[Bb])82|[+＋]８２)[)）])(?:[ .+　]|%20| ?[\-－] ?)?(?:[0０]|\([0０]\) ?)?[1１][016-9０１６-９]|82(?:[ +\-]|%20)?1[016789]|[0０][1１][016-9０１６-９]|[(（][0０][1１][016-9０１６-９][)）])(?:[ .+　]|%20| ?[\-－] ?)?[0-9０-９]{3,4}(?:[ .+　]|%20| ?[\-－] ?)?[0-9０-９]{4}"
                 .to_owned(),
             replacement: "<phone>".to_owned(),
-            // Every match holds `01` (the 0 kept, in parentheses too), `+82` or `%2B82`, or a
-            // bare `82` with its `1`; not `82` alone, which many more lines' numbers hold (each
-            // such line would run the regular expression).
+            // Every match holds `01` (the 0 kept, in parentheses too; full-width or not), `+82`
+            // (`＋`, `８２` full-width too) or `%2B82`, or a bare `82` with its `1` (ASCII
+            // only); not `82` alone, which many more lines' numbers hold (each such line would
+            // run the regular expression).
             requires: [
-                "01", "+82", "%2B82", "%2b82", "821", "82 1", "82-1", "82+1", "82%201", "０１",
-                "０1", "0１",
+                "01", "０１", "０1", "0１", "+82", "＋82", "+８２", "＋８２", "%2B82", "%2b82",
+                "821", "82 1", "82-1", "82+1", "82%201",
             ]
             .map(str::to_owned)
             .into(),
@@ -109,10 +111,14 @@ fn starts_with_digit(text: &[u8]) -> bool {
 }
 
 /// Whether `rest` starts with a separator the phone pattern takes between groups (a space,
-/// `.`, `+`, `-`, ` - `, `%20`, the full-width `－`) and then a digit.
+/// `.`, `+`, `-`, ` - `, `%20`, the full-width `－` and space) and then a digit.
 fn separator_then_digit(rest: &[u8]) -> bool {
     const FULL_WIDTH_HYPHEN: &[u8] = "－".as_bytes();
-    let after = if let Some(after) = rest.strip_prefix(b"%20") {
+    const FULL_WIDTH_SPACE: &[u8] = "\u{3000}".as_bytes();
+    let after = if let Some(after) = rest
+        .strip_prefix(b"%20")
+        .or_else(|| rest.strip_prefix(FULL_WIDTH_SPACE))
+    {
         after
     } else {
         let spaced = rest.strip_prefix(b" ");
@@ -579,6 +585,15 @@ mod tests {
             "０１０１２３４５６７８",
             "010－1234－5678",
             "０１０-1234-5678",
+            "０１０\u{3000}１２３４\u{3000}５６７８",
+            "（０１０）１２３４－５６７８",
+            // The country code with those separators, or full-width.
+            "+82 - 10 - 1234 - 5678",
+            "+82－１０－１２３４－５６７８",
+            "(+82)－10－1234－5678",
+            "＋８２ １０－１２３４－５６７８",
+            "＋82-10-1234-5678",
+            "（＋８２）１０１２３４５６７８",
         ] {
             assert_eq!(
                 masked(&format!("call {phone} now")),
@@ -734,6 +749,10 @@ mod tests {
             ("12:00:01.019 010-1234-5678", "12:00:01.019 <phone>"),
             ("12:00:01.019 010 - 1234 - 5678", "12:00:01.019 <phone>"),
             ("12:00:01.019 010－1234－5678", "12:00:01.019 <phone>"),
+            (
+                "12:00:01.019 010\u{3000}1234\u{3000}5678",
+                "12:00:01.019 <phone>",
+            ),
             ("n=2017+010+1234+5678", "n=2017+<phone>"),
             ("ref 7011-016-123-4567 ok", "ref 7011-<phone> ok"),
         ] {
