@@ -254,17 +254,18 @@ pub fn logfmt(line: &str, index: usize, time: impl Fn(&str) -> Option<i64>) -> O
     // line itself, so the entry says what was written, in its order (its `\u` escapes
     // written out for the masks).
     if record.message.is_empty() {
-        record.message = unicode_escapes_written_out(line).into_owned();
+        record.message = printable_escapes_written_out(line).into_owned();
     }
     Some(record)
 }
 
 /// `text` (JSON, or a logfmt line) with each `\uXXXX` escape of a printable character (a
-/// surrogate pair as one) written out: the same value, as the masks can read it
-/// (`kim\u0040example.com` holds an e-mail address). Escapes of control characters, quotes
-/// and backslashes, which the text needs escaped, stay, and so does every other escape.
-pub fn unicode_escapes_written_out(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.contains("\\u") {
+/// surrogate pair as one), and each `\xHH` of a printable ASCII one (logfmt's; JSON has
+/// none), written out: the same value, as the masks can read it (`kim\u0040example.com`
+/// holds an e-mail address). Escapes of control characters, quotes and backslashes, which
+/// the text needs escaped, stay, and so does every other escape.
+pub fn printable_escapes_written_out(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("\\u") && !text.contains("\\x") {
         return text.into();
     }
     // The four hex digits at `at`, as a number.
@@ -292,6 +293,14 @@ pub fn unicode_escapes_written_out(text: &str) -> std::borrow::Cow<'_, str> {
                 },
                 Some(code) => (char::from_u32(code), 6),
                 None => (None, 2),
+            },
+            Some(b'x') => match text
+                .get(slash + 2..slash + 4)
+                .filter(|digits| digits.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|digits| u8::from_str_radix(digits, 16).ok())
+            {
+                Some(byte) if byte.is_ascii() => (Some(char::from(byte)), 4),
+                _ => (None, 2),
             },
             // Another escape (`\\` among them: what follows it is text).
             Some(b) if b.is_ascii() => (None, 2),
@@ -526,7 +535,7 @@ mod tests {
     }
 
     #[test]
-    fn unicode_escapes_written_out_keep_what_the_text_needs_escaped() {
+    fn printable_escapes_written_out_keep_what_the_text_needs_escaped() {
         for (json, expected) in [
             (r#"{"a":"\u0040"}"#, r#"{"a":"@"}"#),
             // A backslash escaped, then the text `u0040`: no escape of `@`.
@@ -542,7 +551,7 @@ mod tests {
             // Cut short.
             (r#"{"a":"\u004"}"#, r#"{"a":"\u004"}"#),
         ] {
-            let out = unicode_escapes_written_out(json);
+            let out = printable_escapes_written_out(json);
             assert_eq!(out, expected, "{json}");
             if let Ok(value) = serde_json::from_str::<serde_json::Value>(json) {
                 let out: serde_json::Value = serde_json::from_str(&out).expect("still JSON");
@@ -550,13 +559,17 @@ mod tests {
             }
         }
         assert!(matches!(
-            unicode_escapes_written_out(r#"{"a":"plain\n"}"#),
+            printable_escapes_written_out(r#"{"a":"plain\n"}"#),
             std::borrow::Cow::Borrowed(_)
         ));
-        // logfmt: the line a message-less record shows.
-        let line = r#"event=signup user="kim\u0040example.com""#;
+        // logfmt: the line a message-less record shows, `\x` escapes too (of printable
+        // ASCII: a byte of UTF-8 stays escaped).
+        let line = r#"event=signup user="kim\u0040example.com" to="lee\x40example.com\xc3\x22""#;
         let r = logfmt(line, 0, seconds).expect("logfmt");
-        assert_eq!(r.message, r#"event=signup user="kim@example.com""#);
+        assert_eq!(
+            r.message,
+            r#"event=signup user="kim@example.com" to="lee@example.com\xc3\x22""#
+        );
         assert_eq!(r.fields["user"], "kim@example.com");
     }
 
