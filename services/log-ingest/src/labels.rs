@@ -9,7 +9,8 @@
 //! that service was admitted with some host, else becomes service `other`, and always gets
 //! host `other`; the real values go to structured metadata (`service`, `host`), so nothing
 //! is lost and a query can still find them. Each admitted service holds a place for the
-//! pair (service, `other`) its later hosts share, so admitted pairs and those places stay
+//! pair (service, `other`) its later hosts share (while it has pairs, or that one had a
+//! record within [`QUIET`]), so admitted pairs and those places stay
 //! within `max_streams`, and streams are at most (`max_streams` + 1) × levels, the 1 for
 //! (`other`, `other`), however many services there are.
 //!
@@ -61,14 +62,22 @@ struct Admitted {
     seen: Instant,
 }
 
+/// An admitted service: it holds a place for its (service, `other`) while it has pairs, and
+/// while that pair had a record within [`QUIET`] (Loki still counts its streams).
+#[derive(Debug, Default)]
+struct Service {
+    pairs: usize,
+    other_seen: Option<Instant>,
+}
+
 /// The streams admitted so far.
 #[derive(Debug)]
 pub struct Guard {
     max_streams: usize,
     environment: String,
     admitted: HashMap<(String, String), Admitted>,
-    /// Admitted pairs per service.
-    services: HashMap<String, usize>,
+    /// Per admitted service, its pairs and when its (service, `other`) last had a record.
+    services: HashMap<String, Service>,
     /// The time records are stamped with ([`Guard::set_now`]): one clock read per push,
     /// not per record.
     now: Instant,
@@ -108,16 +117,15 @@ impl Guard {
         }
         self.swept = Some(self.now);
         let (now, services) = (self.now, &mut self.services);
+        let recent = |at: Instant| now.saturating_duration_since(at) < QUIET;
         self.admitted.retain(|(service, _), pair| {
-            let keep = now.saturating_duration_since(pair.seen) < QUIET;
-            if !keep && let Some(pairs) = services.get_mut(service) {
-                *pairs -= 1;
-                if *pairs == 0 {
-                    services.remove(service);
-                }
+            let keep = recent(pair.seen);
+            if !keep && let Some(service) = services.get_mut(service) {
+                service.pairs -= 1;
             }
             keep
         });
+        services.retain(|_, service| service.pairs > 0 || service.other_seen.is_some_and(recent));
     }
 
     /// Whether a new pair of `service` fits: it, the admitted pairs and a place for each
@@ -142,7 +150,7 @@ impl Guard {
                 self.forget_quiet();
             }
             if self.room_for(service) {
-                *self.services.entry(key.0.clone()).or_default() += 1;
+                self.services.entry(key.0.clone()).or_default().pairs += 1;
                 self.admitted.insert(
                     key.clone(),
                     Admitted {
@@ -171,7 +179,8 @@ impl Guard {
             }
         } else {
             let mut folded = Vec::new();
-            let service_label = if self.services.contains_key(service) {
+            let service_label = if let Some(admitted) = self.services.get_mut(service) {
+                admitted.other_seen = Some(self.now);
                 service
             } else {
                 folded.push(("service", service.to_owned()));
@@ -302,6 +311,39 @@ mod tests {
         ] {
             assert_eq!(label_name(name.to_owned()), want, "{name}");
         }
+    }
+
+    /// A service whose last pair went quiet keeps its place while its `other` has records
+    /// (Loki still counts those streams, and its other hosts keep its name); an hour after
+    /// that went quiet too, the place is free.
+    #[test]
+    fn a_service_keeps_its_place_while_its_other_has_records() {
+        let start = Instant::now();
+        let host = |name: &str| [("host", name.to_owned())];
+        let mut guard = Guard::new(3, "prod");
+        guard.set_now(start);
+        guard.labels("shop", None, "web-1");
+        guard.labels("shop", None, "web-2");
+        // Full (two pairs and shop's place): web-3 goes to (shop, other) and goes on
+        // logging; web-1 and web-2 stop.
+        guard.set_now(start + QUIET / 2);
+        assert_eq!(guard.labels("shop", None, "web-3").folded, host("web-3"));
+        // An hour after they stopped, a new service's pair looks for quiet ones: web-1 and
+        // web-2 go, shop's place stays (web-3 keeps its `other` busy).
+        let swept = start + QUIET + SWEEP_EVERY;
+        guard.set_now(swept);
+        assert!(guard.labels("cart", None, "cart-1").folded.is_empty());
+        assert_eq!(guard.admitted(), 1);
+        // So a second cart pair finds no room (cart-1, cart's place and shop's), and web-3
+        // keeps its service's name.
+        assert_eq!(guard.labels("cart", None, "cart-2").folded, host("cart-2"));
+        assert_eq!(guard.labels("shop", None, "web-3").folded, host("web-3"));
+        // An hour after shop's last record (cart-1 going on), shop's place is cart-2's.
+        guard.set_now(swept + QUIET - Duration::from_secs(1));
+        guard.labels("cart", None, "cart-1");
+        guard.set_now(swept + QUIET + SWEEP_EVERY);
+        assert!(guard.labels("cart", None, "cart-2").folded.is_empty());
+        assert_eq!(guard.admitted(), 2);
     }
 
     proptest::proptest! {
