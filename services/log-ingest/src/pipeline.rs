@@ -721,8 +721,12 @@ impl Pipeline {
     ///
     /// Two waits come first, each at most `restart_grace`, judged the same way (by the
     /// clock at the end; in a backlog, until lines read arrived that long after). Both
-    /// last only while the record holds back at most half the buffer (it keeps the acknowledgement at its first batch:
-    /// holding more could keep the buffer full, refusing the very lines it waits for):
+    /// last only while the record holds back at most half the buffer (it keeps the
+    /// acknowledgement at its first batch: holding more could keep the buffer full, refusing
+    /// the very lines it waits for); at the end, the restart's goes on past half the buffer
+    /// until the buffer has refused an append since the restart (there, what comes after
+    /// the record grows only as fast as senders send, and the wait is for a sender that
+    /// resends within seconds):
     /// - after a restart (`started`: when, by both clocks), a record rebuilt from the
     ///   buffer waits for a line of its own (its sender resends what was not
     ///   acknowledged);
@@ -766,10 +770,10 @@ impl Pipeline {
                 let waited = state.resumed
                     || if at_end {
                         now.duration_since(started.0) >= grace
+                            || (refusal.is_some_and(|r| r.when >= started.0) && !within_half(state))
                     } else {
-                        read_past(started.1, grace)
-                    }
-                    || !within_half(state);
+                        read_past(started.1, grace) || !within_half(state)
+                    };
                 let refused = refusal.is_some_and(|r| {
                     state.last_at < r.end
                         && if at_end {
