@@ -1851,7 +1851,7 @@ fn read_note(note: &[u8], split: &str) -> (HashMap<(String, String), usize>, Opt
             tracing::warn!(
                 "the buffer's note was made with other `pipeline.line_field` or `host_field` \
                  settings (or another version): records pushed before the restart may be \
-                 pushed again"
+                 pushed again, and the tail of one cut there go as a record of its own"
             );
             (Vec::new(), None)
         }
