@@ -314,13 +314,22 @@ async fn end_to_end(input: Input, want: u64) -> anyhow::Result<EndToEnd> {
     let peak_kib = bench::rss_kib(child.pid, "VmHWM");
     let service_cpu = cpu_seconds(&child.pid.to_string());
     let bench_cpu = cpu_seconds("self") - bench_cpu_before;
-    let (_, metrics) = mall_test_support::probe::http_get(child.admin, "/metrics").await;
-    let derived: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("mall_log_ingest_log_records_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
     let (records, lines_in_loki) = loki.accepted();
+    // The derived metrics count a push's records once Loki's answer is back, which may be
+    // after the receiver counted them: a few moments to catch up (the clock is stopped).
+    let mut derived = 0.0;
+    for _ in 0..200 {
+        let (_, metrics) = mall_test_support::probe::http_get(child.admin, "/metrics").await;
+        derived = metrics
+            .lines()
+            .filter(|l| l.starts_with("mall_log_ingest_log_records_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if derived >= records as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     child.stop().await;
     loki.stop();
     Ok(EndToEnd {
