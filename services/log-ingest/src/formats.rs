@@ -260,14 +260,16 @@ pub fn logfmt(line: &str, index: usize, time: impl Fn(&str) -> Option<i64>) -> O
 }
 
 /// `text` (JSON, or a logfmt line) with each `\uXXXX` escape of a printable character (a
-/// surrogate pair as one), and each `\xHH` of a printable ASCII one (logfmt's; JSON has
-/// none), written out: the same value, as the masks can read it (`kim\u0040example.com`
-/// holds an e-mail address). Escapes of control characters, quotes and backslashes, which
-/// the text needs escaped, stay, and so does every other escape.
+/// surrogate pair as one), and each run of `\xHH` escapes that makes printable UTF-8
+/// (logfmt's; JSON has none), written out: the same value, as the masks can read it
+/// (`kim\u0040example.com` holds an e-mail address). Escapes of control characters, quotes
+/// and backslashes, which the text needs escaped, stay, and so does every other escape.
 pub fn printable_escapes_written_out(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.contains("\\u") && !text.contains("\\x") {
         return text.into();
     }
+    // What may be written out: not a control character, nor what the text needs escaped.
+    let printable = |c: char| !c.is_control() && c != '"' && c != '\\';
     // The four hex digits at `at`, as a number.
     let hex4 = |at: usize| {
         text.get(at..at + 4)
@@ -294,19 +296,34 @@ pub fn printable_escapes_written_out(text: &str) -> std::borrow::Cow<'_, str> {
                 Some(code) => (char::from_u32(code), 6),
                 None => (None, 2),
             },
-            Some(b'x') => match text
-                .get(slash + 2..slash + 4)
-                .filter(|digits| digits.bytes().all(|b| b.is_ascii_hexdigit()))
-                .and_then(|digits| u8::from_str_radix(digits, 16).ok())
-            {
-                Some(byte) if byte.is_ascii() => (Some(char::from(byte)), 4),
-                _ => (None, 2),
-            },
+            // A run of `\xHH` is bytes, UTF-8 as `unescape` reads them: written out whole
+            // when they make printable characters, else left whole.
+            Some(b'x') => {
+                let (mut bytes, mut end) = (Vec::new(), slash);
+                while let Some(byte) = text
+                    .get(end..end + 4)
+                    .and_then(|escape| escape.strip_prefix("\\x"))
+                    .filter(|digits| digits.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .and_then(|digits| u8::from_str_radix(digits, 16).ok())
+                {
+                    bytes.push(byte);
+                    end += 4;
+                }
+                match std::str::from_utf8(&bytes) {
+                    Ok(written) if !bytes.is_empty() && written.chars().all(printable) => {
+                        out.push_str(&text[rest..slash]);
+                        out.push_str(written);
+                        rest = end;
+                    }
+                    _ => {}
+                }
+                (None, (end - slash).max(2))
+            }
             // Another escape (`\\` among them: what follows it is text).
             Some(b) if b.is_ascii() => (None, 2),
             _ => (None, 1),
         };
-        if let Some(c) = decoded.filter(|&c| !c.is_control() && c != '"' && c != '\\') {
+        if let Some(c) = decoded.filter(|&c| printable(c)) {
             out.push_str(&text[rest..slash]);
             out.push(c);
             rest = slash + len;
@@ -351,7 +368,9 @@ fn logfmt_pairs(line: &str) -> Vec<(&str, String)> {
             } else {
                 let end = after.find(' ').unwrap_or(after.len());
                 rest = &after[end..];
-                after[..end].to_owned()
+                // Taken as written, but for escapes of printable characters, which the
+                // masks would not see through (`user=lee\x40example.com`).
+                printable_escapes_written_out(&after[..end]).into_owned()
             }
         } else {
             "true".to_owned()
@@ -562,15 +581,19 @@ mod tests {
             printable_escapes_written_out(r#"{"a":"plain\n"}"#),
             std::borrow::Cow::Borrowed(_)
         ));
-        // logfmt: the line a message-less record shows, `\x` escapes too (of printable
-        // ASCII: a byte of UTF-8 stays escaped).
-        let line = r#"event=signup user="kim\u0040example.com" to="lee\x40example.com\xc3\x22""#;
+        // logfmt: the line a message-less record shows, `\x` escapes too: a run of them
+        // is UTF-8, written out when it makes printable characters, else left whole.
+        let line = r#"event=signup user="kim\u0040example.com" to="jos\xc3\xa9\x40\xed\x9a\x8c\xec\x82\xac.kr" bad="\xc3\x22 \xff\x41""#;
         let r = logfmt(line, 0, seconds).expect("logfmt");
         assert_eq!(
             r.message,
-            r#"event=signup user="kim@example.com" to="lee@example.com\xc3\x22""#
+            r#"event=signup user="kim@example.com" to="josé@회사.kr" bad="\xc3\x22 \xff\x41""#
         );
         assert_eq!(r.fields["user"], "kim@example.com");
+        // Unquoted values too.
+        let r = logfmt(r"event=signup user=lee\x40example.com", 0, seconds).expect("logfmt");
+        assert_eq!(r.fields["user"], "lee@example.com");
+        assert_eq!(r.message, "event=signup user=lee@example.com");
     }
 
     #[test]
