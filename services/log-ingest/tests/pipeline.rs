@@ -1738,32 +1738,48 @@ async fn a_stack_trace_cut_by_a_restart_in_front_of_a_backlog_arrives_whole() {
     second.stop().await;
 }
 
-/// After a restart, a record rebuilt from the buffer whose sender stays quiet waits for its
-/// rest only while it holds back at most half the buffer, also once the reader has caught
-/// up: another host's lines, more than the buffer holds, keep being stored, rather than
-/// refused until `restart_grace` ends.
+/// Settings of the tests below: a 3 MiB buffer (two segments of 1.5 MiB), and a record
+/// rebuilt after a restart waiting far longer than the tests for its sender.
+fn small_buffer_settings(
+    dir: &std::path::Path,
+    loki: &LokiReceiver,
+    flush_after: Duration,
+) -> log_ingest::Settings {
+    let mut settings = corpus::restart_settings(dir, loki.url(), flush_after);
+    settings.forward.max_message_bytes = 64 * 1024;
+    settings.server.max_message_bytes = 256 * 1024;
+    settings.buffer.segment_bytes = 1536 * 1024;
+    settings.buffer.max_bytes = 3 << 20;
+    settings.pipeline.batch_bytes = 16 * 1024;
+    settings.pipeline.restart_grace = Duration::from_secs(600);
+    settings
+}
+
+/// After a restart, caught up, a record rebuilt from the buffer whose sender stays quiet
+/// waits for its rest only until the buffer refuses an append while the record holds back
+/// more than half of it: another host's lines, more than the buffer holds, are stored
+/// (after a brief refusal), rather than refused until `restart_grace` ends.
 #[tokio::test]
 async fn a_rebuilt_record_whose_sender_stays_quiet_does_not_keep_the_buffer_full() {
     let (dir, loki) = corpus::dir_and_loki().await;
-    let settings = |flush_after| {
-        let mut settings = corpus::restart_settings(dir.path(), loki.url(), flush_after);
-        settings.forward.max_message_bytes = 64 * 1024;
-        settings.server.max_message_bytes = 256 * 1024;
-        settings.buffer.segment_bytes = 1536 * 1024;
-        settings.buffer.max_bytes = 3 << 20;
-        settings.pipeline.batch_bytes = 16 * 1024;
-        // Far longer than the test: only holding back half the buffer ends the wait.
-        settings.pipeline.restart_grace = Duration::from_secs(600);
-        settings
-    };
-    let first = corpus::start_app(settings(Duration::from_secs(600))).await;
+    let first = corpus::start_app(small_buffer_settings(
+        dir.path(),
+        &loki,
+        Duration::from_secs(600),
+    ))
+    .await;
     assert!(try_send(first.forward, "web-1", "a1", &TRACE_HEAD).await);
     first.stop().await;
 
-    let second = corpus::start_app(settings(Duration::from_millis(300))).await;
+    let second = corpus::start_app(small_buffer_settings(
+        dir.path(),
+        &loki,
+        Duration::from_millis(300),
+    ))
+    .await;
     let mut filler = Filler::new(second.forward);
     // About 4 MB: past the buffer's 3 MiB unless what Loki took is let go. A line refused
-    // while the pushes catch up is sent again, as its sender would.
+    // is sent again, as its sender would.
     for n in 0..200 {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while !filler.send(20_000).await {
@@ -1774,13 +1790,48 @@ async fn a_rebuilt_record_whose_sender_stays_quiet_does_not_keep_the_buffer_full
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    // The trace's beginning went as it was, once it held back half the buffer.
+    // The trace's beginning went as it was, once the buffer refused.
     let head = TRACE_WHOLE.lines().take(3).collect::<Vec<_>>().join("\n");
     mall_test_support::wait_until("the head is in Loki", Duration::from_secs(30), || async {
         (!lines_of(&loki, "web-1").is_empty()).then_some(())
     })
     .await;
     assert_eq!(lines_of(&loki, "web-1"), [head]);
+    second.stop().await;
+}
+
+/// After a restart, caught up, more than half the buffer arriving behind a rebuilt record
+/// does not end its wait while the buffer takes it all: its sender's resend, after that,
+/// completes the trace whole.
+#[tokio::test]
+async fn a_rebuilt_record_waits_past_half_the_buffer_while_nothing_is_refused() {
+    let (dir, loki) = corpus::dir_and_loki().await;
+    let first = corpus::start_app(small_buffer_settings(
+        dir.path(),
+        &loki,
+        Duration::from_secs(600),
+    ))
+    .await;
+    assert!(try_send(first.forward, "web-1", "a1", &TRACE_HEAD).await);
+    first.stop().await;
+
+    let second = corpus::start_app(small_buffer_settings(
+        dir.path(),
+        &loki,
+        Duration::from_millis(300),
+    ))
+    .await;
+    let mut filler = Filler::new(second.forward);
+    // About 2 MB: past half of the 3 MiB (the acknowledgement stays at the trace's head),
+    // short of all of it.
+    for n in 0..100 {
+        assert!(filler.send(20_000).await, "filler line {n} refused");
+    }
+    // Past half for a while (ticks of the pipeline come every 100 ms).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(lines_of(&loki, "web-1").is_empty(), "the head still waits");
+    assert!(try_send(second.forward, "web-1", "a2", &TRACE_REST).await);
+    assert_the_trace_arrives_whole(&loki).await;
     second.stop().await;
 }
 
