@@ -217,7 +217,12 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
         (3 * chunks / 4, Pause::MidChunk),
     ]
     .into_iter()
-    .map(|(target, pause)| (inside_a_trace(&lines, target), pause))
+    // Each after the one before (a small corpus could find the same chunk twice).
+    .scan(0, |next, (target, pause)| {
+        let at = inside_a_trace(&lines, target.max(*next));
+        *next = at + 1;
+        Some((at, pause))
+    })
     .collect();
     let (paused, mut paused_at) = tokio::sync::mpsc::unbounded_channel();
     let (go, go_on) = tokio::sync::mpsc::unbounded_channel();
