@@ -64,7 +64,8 @@ export MALL_TEST_NODE_MODULES
 
 # The tests build first: clippy then reuses the dependency metadata and adds about a minute.
 say "cargo nextest run"
-cargo nextest run --workspace --profile "${NEXTEST_PROFILE:-default}" "$@"
+# `--run-ignored all`: a test marked #[ignore] runs too, rather than pass as skipped.
+cargo nextest run --workspace --profile "${NEXTEST_PROFILE:-default}" --run-ignored all "$@"
 
 say "image: deploy/Dockerfile's build context resolves as the workspace (cargo tree --locked, offline)"
 "$ROOT/scripts/image-context.sh"
