@@ -620,7 +620,12 @@ impl Pipeline {
                     }
                 },
                 _ = tick.tick() => {
-                    let at_end = reader.at_end();
+                    // Caught up also when the lines read arrived within `flush_after`: a
+                    // batch stored and not read yet (the reader a moment behind) is no
+                    // backlog, judged by when lines arrived.
+                    let at_end = reader.at_end()
+                        || crate::batch::now_ms().saturating_sub(streams.read_ms)
+                            < i64::try_from(self.settings.flush_after.as_millis()).unwrap_or(i64::MAX);
                     if self.complete_quiet(&mut streams, &mut ready, at_end, started) {
                         // Pushed at once when nothing else comes: not in a backlog.
                         paused |= at_end;
