@@ -270,6 +270,19 @@ pub fn printable_escapes_written_out(text: &str) -> std::borrow::Cow<'_, str> {
     }
     // What may be written out: not a control character, nor what the text needs escaped.
     let printable = |c: char| !c.is_control() && c != '"' && c != '\\';
+    // Whether the text before `at` ends in an escape cut short (`\x4`, `\u00`), which a hex
+    // digit written out at `at` would complete.
+    let cut_before = |at: usize| {
+        let before = &text.as_bytes()[..at];
+        let hex = before
+            .iter()
+            .rev()
+            .take(4)
+            .take_while(|b| b.is_ascii_hexdigit())
+            .count();
+        let head = &before[..before.len() - hex];
+        (head.ends_with(b"\\x") && hex < 2) || (head.ends_with(b"\\u") && hex < 4)
+    };
     // The four hex digits at `at`, as a number.
     let hex4 = |at: usize| {
         text.get(at..at + 4)
@@ -296,8 +309,8 @@ pub fn printable_escapes_written_out(text: &str) -> std::borrow::Cow<'_, str> {
                 Some(code) => (char::from_u32(code), 6),
                 None => (None, 2),
             },
-            // A run of `\xHH` is bytes, UTF-8 as `unescape` reads them: written out whole
-            // when they make printable characters, else left whole.
+            // A run of `\xHH` is bytes, UTF-8 as `unescape` reads them: its printable
+            // characters written out, the rest of it left escaped.
             Some(b'x') => {
                 let (mut bytes, mut end) = (Vec::new(), slash);
                 while let Some(byte) = text
@@ -309,21 +322,36 @@ pub fn printable_escapes_written_out(text: &str) -> std::borrow::Cow<'_, str> {
                     bytes.push(byte);
                     end += 4;
                 }
-                match std::str::from_utf8(&bytes) {
-                    Ok(written) if !bytes.is_empty() && written.chars().all(printable) => {
-                        out.push_str(&text[rest..slash]);
-                        out.push_str(written);
-                        rest = end;
+                out.push_str(&text[rest..slash]);
+                // Byte `i` of the run is written `text[slash + 4 * i..][..4]`.
+                let escaped = |from: usize, to: usize| &text[slash + 4 * from..slash + 4 * to];
+                let mut at_byte = 0;
+                for chunk in bytes.utf8_chunks() {
+                    for c in chunk.valid().chars() {
+                        let next = at_byte + c.len_utf8();
+                        if printable(c)
+                            && !(c.is_ascii_hexdigit() && at_byte == 0 && cut_before(slash))
+                        {
+                            out.push(c);
+                        } else {
+                            out.push_str(escaped(at_byte, next));
+                        }
+                        at_byte = next;
                     }
-                    _ => {}
+                    let next = at_byte + chunk.invalid().len();
+                    out.push_str(escaped(at_byte, next));
+                    at_byte = next;
                 }
+                rest = end;
                 (None, (end - slash).max(2))
             }
             // Another escape (`\\` among them: what follows it is text).
             Some(b) if b.is_ascii() => (None, 2),
             _ => (None, 1),
         };
-        if let Some(c) = decoded.filter(|&c| printable(c)) {
+        if let Some(c) =
+            decoded.filter(|&c| printable(c) && !(c.is_ascii_hexdigit() && cut_before(slash)))
+        {
             out.push_str(&text[rest..slash]);
             out.push(c);
             rest = slash + len;
@@ -368,9 +396,7 @@ fn logfmt_pairs(line: &str) -> Vec<(&str, String)> {
             } else {
                 let end = after.find(' ').unwrap_or(after.len());
                 rest = &after[end..];
-                // Taken as written, but for escapes of printable characters, which the
-                // masks would not see through (`user=lee\x40example.com`).
-                printable_escapes_written_out(&after[..end]).into_owned()
+                after[..end].to_owned()
             }
         } else {
             "true".to_owned()
@@ -582,18 +608,36 @@ mod tests {
             std::borrow::Cow::Borrowed(_)
         ));
         // logfmt: the line a message-less record shows, `\x` escapes too: a run of them
-        // is UTF-8, written out when it makes printable characters, else left whole.
+        // is UTF-8, its printable characters written out, the rest left escaped.
         let line = r#"event=signup user="kim\u0040example.com" to="jos\xc3\xa9\x40\xed\x9a\x8c\xec\x82\xac.kr" bad="\xc3\x22 \xff\x41""#;
         let r = logfmt(line, 0, seconds).expect("logfmt");
         assert_eq!(
             r.message,
-            r#"event=signup user="kim@example.com" to="josé@회사.kr" bad="\xc3\x22 \xff\x41""#
+            r#"event=signup user="kim@example.com" to="josé@회사.kr" bad="\xc3\x22 \xffA""#
         );
         assert_eq!(r.fields["user"], "kim@example.com");
-        // Unquoted values too.
-        let r = logfmt(r"event=signup user=lee\x40example.com", 0, seconds).expect("logfmt");
-        assert_eq!(r.fields["user"], "lee@example.com");
-        assert_eq!(r.message, "event=signup user=lee@example.com");
+        // An unquoted value is as written (go-logfmt reads it so); the line is written out.
+        let r = logfmt(
+            r"event=signup path=D:\b\x64 user=lee\x40example.com",
+            0,
+            seconds,
+        )
+        .expect("logfmt");
+        assert_eq!(r.fields["path"], r"D:\b\x64");
+        assert_eq!(r.message, r"event=signup path=D:\bd user=lee@example.com");
+        // A run whose bytes are not all printable UTF-8: its printable characters written
+        // out, the rest left escaped.
+        let line = r#"to="kim@\xed\x9a\x8c\xec\x82\xac.\xed\x95\x9c\x0a\xff""#;
+        assert_eq!(
+            printable_escapes_written_out(line),
+            r#"to="kim@회사.한\x0a\xff""#
+        );
+        // A hex digit right after a cut escape is left escaped: written out, it would
+        // complete that escape.
+        for text in [r"\x4\x41", r"\u00\x41", r"\u004\u0041"] {
+            assert_eq!(printable_escapes_written_out(text), text);
+        }
+        assert_eq!(printable_escapes_written_out(r"\x4 \x41"), r"\x4 A");
     }
 
     #[test]
