@@ -64,8 +64,10 @@ export MALL_TEST_NODE_MODULES
 
 # The tests build first: clippy then reuses the dependency metadata and adds about a minute.
 say "cargo nextest run"
-# `--run-ignored all`: a test marked #[ignore] runs too, rather than pass as skipped.
-cargo nextest run --workspace --profile "${NEXTEST_PROFILE:-default}" --run-ignored all "$@"
+# `--run-ignored all`: a test marked #[ignore] runs too, rather than pass as skipped
+# (NEXTEST_RUN_IGNORED=only runs those alone).
+cargo nextest run --workspace --profile "${NEXTEST_PROFILE:-default}" \
+  --run-ignored "${NEXTEST_RUN_IGNORED:-all}" "$@"
 
 say "image: deploy/Dockerfile's build context resolves as the workspace (cargo tree --locked, offline)"
 "$ROOT/scripts/image-context.sh"
