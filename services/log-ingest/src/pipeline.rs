@@ -620,13 +620,16 @@ impl Pipeline {
                     }
                 },
                 _ = tick.tick() => {
-                    // Caught up also when the lines read arrived within `flush_after`: a
-                    // batch stored and not read yet (the reader a moment behind) is no
-                    // backlog, judged by when lines arrived.
-                    let at_end = reader.at_end()
-                        || crate::batch::now_ms().saturating_sub(streams.read_ms)
-                            < i64::try_from(self.settings.flush_after.as_millis()).unwrap_or(i64::MAX);
-                    if self.complete_quiet(&mut streams, &mut ready, at_end, started) {
+                    let at_end = reader.at_end();
+                    // For the waits after a restart or a refusal, caught up also when the
+                    // lines read arrived within `flush_after`: a batch stored and not read
+                    // yet (the reader a moment behind) is no backlog. (Not for quiet: a
+                    // line not read yet may continue a record.)
+                    let lag = crate::batch::now_ms().saturating_sub(streams.read_ms);
+                    let caught_up = at_end
+                        || (0..i64::try_from(self.settings.flush_after.as_millis()).unwrap_or(i64::MAX))
+                            .contains(&lag);
+                    if self.complete_quiet(&mut streams, &mut ready, (at_end, caught_up), started) {
                         // Pushed at once when nothing else comes: not in a backlog.
                         paused |= at_end;
                     }
@@ -725,7 +728,8 @@ impl Pipeline {
     /// until the whole backlog is read (refusing the inputs all along when it is full).
     ///
     /// Two waits come first, each at most `restart_grace`, judged the same way (by the
-    /// clock at the end; in a backlog, until lines read arrived that long after). Both
+    /// clock once `caught_up`: at the end, or reading lines that arrived within
+    /// `flush_after`; in a backlog, until lines read arrived that long after). Both
     /// last only while the record holds back at most half the buffer (it keeps the
     /// acknowledgement at its first batch: holding more could keep the buffer full, refusing
     /// the very lines it waits for); at the end, the restart's goes on past half the buffer
@@ -743,7 +747,7 @@ impl Pipeline {
         &self,
         streams: &mut Streams,
         ready: &mut Vec<Ready>,
-        at_end: bool,
+        (at_end, caught_up): (bool, bool),
         started: (Instant, i64),
     ) -> bool {
         let now = Instant::now();
@@ -773,7 +777,7 @@ impl Pipeline {
             };
             if quiet {
                 let waited = state.resumed
-                    || if at_end {
+                    || if caught_up {
                         now.duration_since(started.0) >= grace
                             || (refusal.is_some_and(|r| r.when >= started.0) && !within_half(state))
                     } else {
@@ -781,14 +785,14 @@ impl Pipeline {
                     };
                 let refused = refusal.is_some_and(|r| {
                     state.last_at < r.end
-                        && if at_end {
+                        && if caught_up {
                             now.duration_since(r.when) < grace
                         } else {
                             !read_past(r.ms, grace)
                         }
                 }) && within_half(state);
                 let held = refused
-                    && (!at_end
+                    && (!caught_up
                         || now.duration_since(*state.held_since.get_or_insert(now)) < grace);
                 if waited && !held {
                     any |= state.complete_quiet(ready);
