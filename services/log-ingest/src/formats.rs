@@ -263,13 +263,16 @@ pub fn logfmt(line: &str, index: usize, time: impl Fn(&str) -> Option<i64>) -> O
 /// surrogate pair as one), and each run of `\xHH` escapes that makes printable UTF-8
 /// (logfmt's; JSON has none), written out: the same value, as the masks can read it
 /// (`kim\u0040example.com` holds an e-mail address). Escapes of control characters, quotes
-/// and backslashes, which the text needs escaped, stay, and so does every other escape.
+/// and backslashes, which the text needs escaped, of spaces and `=` (which would make
+/// logfmt pairs), and of a hex digit right after an escape cut short, stay, and so does
+/// every other escape.
 pub fn printable_escapes_written_out(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.contains("\\u") && !text.contains("\\x") {
         return text.into();
     }
-    // What may be written out: not a control character, nor what the text needs escaped.
-    let printable = |c: char| !c.is_control() && c != '"' && c != '\\';
+    // What may be written out: not a control character, nor what the text needs escaped,
+    // nor a space or `=` (in a logfmt line they would make pairs of their own).
+    let printable = |c: char| !c.is_control() && !matches!(c, '"' | '\\' | ' ' | '=');
     // Whether the text before `at` ends in an escape cut short (`\x4`, `\u00`), which a hex
     // digit written out at `at` would complete.
     let cut_before = |at: usize| {
@@ -638,6 +641,11 @@ mod tests {
             assert_eq!(printable_escapes_written_out(text), text);
         }
         assert_eq!(printable_escapes_written_out(r"\x4 \x41"), r"\x4 A");
+        // A space or `=` stays escaped: written out, it would make a logfmt pair.
+        assert_eq!(
+            printable_escapes_written_out(r"user=kim\x20admin\u003dtrue"),
+            r"user=kim\x20admin\u003dtrue"
+        );
     }
 
     #[test]
