@@ -1755,28 +1755,26 @@ fn small_buffer_settings(
     settings
 }
 
+/// A log-ingest with [`small_buffer_settings`], restarted after the beginning of a stack
+/// trace from `web-1` ([`TRACE_HEAD`]) was stored (left in progress by the first run):
+/// its buffer's directory, its Loki, and the second run.
+async fn restarted_with_a_trace_head() -> (tempfile::TempDir, LokiReceiver, corpus::Started) {
+    let (dir, loki) = corpus::dir_and_loki().await;
+    let settings = |flush_after| small_buffer_settings(dir.path(), &loki, flush_after);
+    let first = corpus::start_app(settings(Duration::from_secs(600))).await;
+    assert!(try_send(first.forward, "web-1", "a1", &TRACE_HEAD).await);
+    first.stop().await;
+    let second = corpus::start_app(settings(Duration::from_millis(300))).await;
+    (dir, loki, second)
+}
+
 /// After a restart, caught up, a record rebuilt from the buffer whose sender stays quiet
 /// waits for its rest only until the buffer refuses an append while the record holds back
 /// more than half of it: another host's lines, more than the buffer holds, are stored
 /// (after a brief refusal), rather than refused until `restart_grace` ends.
 #[tokio::test]
 async fn a_rebuilt_record_whose_sender_stays_quiet_does_not_keep_the_buffer_full() {
-    let (dir, loki) = corpus::dir_and_loki().await;
-    let first = corpus::start_app(small_buffer_settings(
-        dir.path(),
-        &loki,
-        Duration::from_secs(600),
-    ))
-    .await;
-    assert!(try_send(first.forward, "web-1", "a1", &TRACE_HEAD).await);
-    first.stop().await;
-
-    let second = corpus::start_app(small_buffer_settings(
-        dir.path(),
-        &loki,
-        Duration::from_millis(300),
-    ))
-    .await;
+    let (_dir, loki, second) = restarted_with_a_trace_head().await;
     let mut filler = Filler::new(second.forward);
     // About 4 MB: past the buffer's 3 MiB unless what Loki took is let go. A line refused
     // is sent again, as its sender would.
@@ -1805,22 +1803,7 @@ async fn a_rebuilt_record_whose_sender_stays_quiet_does_not_keep_the_buffer_full
 /// completes the trace whole.
 #[tokio::test]
 async fn a_rebuilt_record_waits_past_half_the_buffer_while_nothing_is_refused() {
-    let (dir, loki) = corpus::dir_and_loki().await;
-    let first = corpus::start_app(small_buffer_settings(
-        dir.path(),
-        &loki,
-        Duration::from_secs(600),
-    ))
-    .await;
-    assert!(try_send(first.forward, "web-1", "a1", &TRACE_HEAD).await);
-    first.stop().await;
-
-    let second = corpus::start_app(small_buffer_settings(
-        dir.path(),
-        &loki,
-        Duration::from_millis(300),
-    ))
-    .await;
+    let (_dir, loki, second) = restarted_with_a_trace_head().await;
     let mut filler = Filler::new(second.forward);
     // About 2 MB: past half of the 3 MiB (the acknowledgement stays at the trace's head),
     // short of all of it.
