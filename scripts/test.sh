@@ -10,6 +10,7 @@
 # with a clear message for anything it cannot provide. Tests are never skipped.
 #
 # Usage: scripts/test.sh [extra nextest arguments, such as a test name filter]
+# (tests marked #[ignore] run too; NEXTEST_RUN_IGNORED=only runs those alone)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
