@@ -254,25 +254,28 @@ pub fn logfmt(line: &str, index: usize, time: impl Fn(&str) -> Option<i64>) -> O
     // line itself, so the entry says what was written, in its order (its `\u` escapes
     // written out for the masks).
     if record.message.is_empty() {
-        record.message = printable_escapes_written_out(line).into_owned();
+        record.message = printable_escapes_written_out(line, true).into_owned();
     }
     Some(record)
 }
 
-/// `text` (JSON, or a logfmt line) with each `\uXXXX` escape of a printable character (a
-/// surrogate pair as one), and each run of `\xHH` escapes that makes printable UTF-8
-/// (logfmt's; JSON has none), written out: the same value, as the masks can read it
+/// `text` (JSON, or a logfmt line when `logfmt`) with each `\uXXXX` escape of a printable
+/// character (a surrogate pair as one), and each run of `\xHH` escapes that makes printable
+/// UTF-8 (logfmt's; JSON has none), written out: the same value, as the masks can read it
 /// (`kim\u0040example.com` holds an e-mail address). Escapes of control characters, quotes
-/// and backslashes, which the text needs escaped, of spaces and `=` (which would make
-/// logfmt pairs), and of a hex digit right after an escape cut short, stay, and so does
-/// every other escape.
-pub fn printable_escapes_written_out(text: &str) -> std::borrow::Cow<'_, str> {
+/// and backslashes, which the text needs escaped, of a hex digit right after an escape cut
+/// short, and in a logfmt line of spaces and `=` (which would make pairs of their own),
+/// stay, and so does every other escape.
+pub fn printable_escapes_written_out(text: &str, logfmt: bool) -> std::borrow::Cow<'_, str> {
     if !text.contains("\\u") && !text.contains("\\x") {
         return text.into();
     }
     // What may be written out: not a control character, nor what the text needs escaped,
-    // nor a space or `=` (in a logfmt line they would make pairs of their own).
-    let printable = |c: char| !c.is_control() && !matches!(c, '"' | '\\' | ' ' | '=');
+    // nor in a logfmt line a space or `=` (they would make pairs of their own).
+    let printable = |c: char| {
+        let needs_escape = matches!(c, '"' | '\\') || (logfmt && matches!(c, ' ' | '='));
+        !c.is_control() && !needs_escape
+    };
     // Whether the text before `at` ends in an escape cut short (`\x4`, `\u00`), which a hex
     // digit written out at `at` would complete.
     let cut_before = |at: usize| {
@@ -599,7 +602,7 @@ mod tests {
             // Cut short.
             (r#"{"a":"\u004"}"#, r#"{"a":"\u004"}"#),
         ] {
-            let out = printable_escapes_written_out(json);
+            let out = printable_escapes_written_out(json, false);
             assert_eq!(out, expected, "{json}");
             if let Ok(value) = serde_json::from_str::<serde_json::Value>(json) {
                 let out: serde_json::Value = serde_json::from_str(&out).expect("still JSON");
@@ -607,7 +610,7 @@ mod tests {
             }
         }
         assert!(matches!(
-            printable_escapes_written_out(r#"{"a":"plain\n"}"#),
+            printable_escapes_written_out(r#"{"a":"plain\n"}"#, false),
             std::borrow::Cow::Borrowed(_)
         ));
         // logfmt: the line a message-less record shows, `\x` escapes too: a run of them
@@ -632,19 +635,24 @@ mod tests {
         // out, the rest left escaped.
         let line = r#"to="kim@\xed\x9a\x8c\xec\x82\xac.\xed\x95\x9c\x0a\xff""#;
         assert_eq!(
-            printable_escapes_written_out(line),
+            printable_escapes_written_out(line, true),
             r#"to="kim@회사.한\x0a\xff""#
         );
         // A hex digit right after a cut escape is left escaped: written out, it would
         // complete that escape.
         for text in [r"\x4\x41", r"\u00\x41", r"\u004\u0041"] {
-            assert_eq!(printable_escapes_written_out(text), text);
+            assert_eq!(printable_escapes_written_out(text, true), text);
         }
-        assert_eq!(printable_escapes_written_out(r"\x4 \x41"), r"\x4 A");
-        // A space or `=` stays escaped: written out, it would make a logfmt pair.
+        assert_eq!(printable_escapes_written_out(r"\x4 \x41", true), r"\x4 A");
+        // In a logfmt line a space or `=` stays escaped (written out, it would make a
+        // pair); in JSON it is written out (a phone's separator).
         assert_eq!(
-            printable_escapes_written_out(r"user=kim\x20admin\u003dtrue"),
+            printable_escapes_written_out(r"user=kim\x20admin\u003dtrue", true),
             r"user=kim\x20admin\u003dtrue"
+        );
+        assert_eq!(
+            printable_escapes_written_out(r#"{"to":"010\u00201234\u00205678"}"#, false),
+            r#"{"to":"010 1234 5678"}"#
         );
     }
 

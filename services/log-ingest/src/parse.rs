@@ -709,7 +709,7 @@ fn numeric_level(number: u64) -> Option<Level> {
 /// `kim\u0040example.com`.
 fn with_message(mut record: Record, line: &str) -> Record {
     if record.message.is_empty() {
-        record.message = formats::printable_escapes_written_out(line).into_owned();
+        record.message = formats::printable_escapes_written_out(line, false).into_owned();
     }
     record
 }
