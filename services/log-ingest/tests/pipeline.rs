@@ -1764,7 +1764,9 @@ async fn restarted_with_a_trace_head() -> (tempfile::TempDir, LokiReceiver, corp
     let first = corpus::start_app(settings(Duration::from_secs(600))).await;
     assert!(try_send(first.forward, "web-1", "a1", &TRACE_HEAD).await);
     first.stop().await;
-    let second = corpus::start_app(settings(Duration::from_millis(300))).await;
+    // A quiet of 3 s: lines stored and not read yet arrived far less long ago (caught up),
+    // however loaded the machine.
+    let second = corpus::start_app(settings(Duration::from_secs(3))).await;
     (dir, loki, second)
 }
 
@@ -1810,8 +1812,8 @@ async fn a_rebuilt_record_waits_past_half_the_buffer_while_nothing_is_refused() 
     for n in 0..100 {
         assert!(filler.send(20_000).await, "filler line {n} refused");
     }
-    // Past half for a while (ticks of the pipeline come every 100 ms).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Quiet (`flush_after`) past half, caught up: the record keeps waiting.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
     assert!(lines_of(&loki, "web-1").is_empty(), "the head still waits");
     assert!(try_send(second.forward, "web-1", "a2", &TRACE_REST).await);
     assert_the_trace_arrives_whole(&loki).await;
