@@ -10,9 +10,9 @@
 //! host `other`; the real values go to structured metadata (`service`, `host`), so nothing
 //! is lost and a query can still find them. Each admitted service holds a place for the
 //! pair (service, `other`) its later hosts share (while it has pairs, or that one had a
-//! record within [`QUIET`]), so admitted pairs and those places stay
-//! within `max_streams`, and streams are at most (`max_streams` + 1) × levels, the 1 for
-//! (`other`, `other`), however many services there are.
+//! record within [`QUIET`]), so admitted pairs and those places stay within `max_streams`,
+//! and streams are at most (`max_streams` + 1) × levels, the 1 for (`other`, `other`),
+//! however many services there are.
 //!
 //! A pair without a record for [`QUIET`] gives up its place to the next new pair, as Loki
 //! stops counting a stream that went quiet: pods replaced by a rollout (a `host` each) or a

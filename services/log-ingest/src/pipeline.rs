@@ -732,7 +732,7 @@ impl Pipeline {
     /// `flush_after`; in a backlog, until lines read arrived that long after). Both
     /// last only while the record holds back at most half the buffer (it keeps the
     /// acknowledgement at its first batch: holding more could keep the buffer full, refusing
-    /// the very lines it waits for); at the end, the restart's goes on past half the buffer
+    /// the very lines it waits for); caught up, the restart's goes on past half the buffer
     /// until the buffer has refused an append since the restart (there, what comes after
     /// the record grows only as fast as senders send, and the wait is for a sender that
     /// resends within seconds):
