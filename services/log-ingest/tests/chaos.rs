@@ -44,14 +44,20 @@ fn scaled(seconds: u64) -> Duration {
 }
 
 /// The corpus: the fixture `copies()` times, each header line ending in ` #<copy>.<line>`
-/// so every record is unique.
+/// so every record is unique, and one header in seven with a customer's mobile number
+/// (the fixture has addresses only), in the two ways the legacy servers write them.
 fn corpus() -> Vec<String> {
     let mut lines = Vec::new();
     for copy in 0..copies() {
         for (i, line) in FIXTURE.lines().enumerate() {
             let text = line.splitn(5, " | ").nth(4).expect("a wrapper prefix");
             if is_header(text) {
-                lines.push(format!("{line} #{copy}.{i}"));
+                let phone = match i % 14 {
+                    0 => format!(" tel 010-{:04}-{:04}", copy % 10_000, i % 10_000),
+                    7 => format!(" tel +82-10-{:04}-{:04}", i % 10_000, copy % 10_000),
+                    _ => String::new(),
+                };
+                lines.push(format!("{line}{phone} #{copy}.{i}"));
             } else {
                 lines.push(line.to_owned());
             }

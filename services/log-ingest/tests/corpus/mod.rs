@@ -177,11 +177,23 @@ pub fn levels_and_lines(received: &[log_ingest::loki_receiver::Received]) -> Vec
         .collect()
 }
 
-/// `text` with the corpus's addresses (`customerN@example.com`) as the default masking
+/// `text` with the corpus's addresses (`customerN@example.com`) and mobile numbers
+/// (`010-1234-5678`, `+82-10-1234-5678`, each a word of its own) as the default masking
 /// leaves them.
 pub fn mask(text: &str) -> String {
+    let phone = |word: &str| {
+        let digits = word
+            .strip_prefix("+82-10-")
+            .or_else(|| word.strip_prefix("010-"));
+        digits.is_some_and(|d| {
+            d.len() == 9
+                && d.char_indices()
+                    .all(|(i, c)| if i == 4 { c == '-' } else { c.is_ascii_digit() })
+        })
+    };
     text.split(' ')
         .map(|word| match word.find("@example.com") {
+            None if phone(word) => "<phone>".to_owned(),
             Some(at) => {
                 let start = word[..at]
                     .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '.'))
