@@ -39,6 +39,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use mall_grpc::tls::{Reloading, ServerTls};
+use mall_telemetry::metrics::IntGauge;
 use rmpv::Value;
 use rustls::ServerConfig;
 use secrecy::{ExposeSecret as _, SecretString};
@@ -178,7 +179,10 @@ impl ForwardInput {
     /// after the message it is handling.
     pub async fn run(self, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.settings.max_connections));
-        let budget = Arc::new(Semaphore::new(self.settings.max_bytes_in_flight));
+        let budget = Budget::new(
+            self.settings.max_bytes_in_flight,
+            self.metrics.bytes_in_flight.clone(),
+        );
         let mut connections = tokio::task::JoinSet::new();
         loop {
             let accepted = tokio::select! {
@@ -335,7 +339,7 @@ impl Closed {
 struct Shared<'a> {
     settings: &'a ForwardSettings,
     /// `max_bytes_in_flight`, in bytes.
-    budget: &'a Arc<Semaphore>,
+    budget: &'a Arc<Budget>,
     buffer: &'a Buffer,
     recent: &'a Recent,
     metrics: &'a LogMetrics,
@@ -505,11 +509,11 @@ async fn next_frame<S: AsyncRead + Unpin>(
     last_len: &mut usize,
     settings: &ForwardSettings,
     shutdown: &CancellationToken,
-    budget: Option<&Arc<Semaphore>>,
-) -> Result<Option<(Vec<u8>, Option<OwnedSemaphorePermit>)>, Closed> {
+    budget: Option<&Arc<Budget>>,
+) -> Result<Option<(Vec<u8>, Option<Share>)>, Closed> {
     let mut deadline = tokio::time::Instant::now() + settings.idle_timeout;
     let mut allowed = settings.idle_timeout;
-    let mut held: Option<OwnedSemaphorePermit> = None;
+    let mut held: Option<Share> = None;
     // Goes on where it stopped after each read: a message trickling in is scanned once.
     let mut scan = forward::Scan::default();
     loop {
@@ -517,10 +521,11 @@ async fn next_frame<S: AsyncRead + Unpin>(
             // Whole: from now on it holds its own size (a small one read at once takes it
             // here).
             match (&mut held, budget) {
-                (Some(permit), _) => drop(permit.split(permit.num_permits().saturating_sub(len))),
+                (Some(share), _) => share.keep(len),
                 (None, Some(budget)) => {
                     held = Some(
-                        take(budget, len, shutdown)
+                        budget
+                            .take(len, shutdown)
                             .await
                             .ok_or(Closed::ShuttingDown)?,
                     );
@@ -550,7 +555,8 @@ async fn next_frame<S: AsyncRead + Unpin>(
             && let Some(budget) = budget
         {
             held = Some(
-                take(budget, settings.max_message_bytes, shutdown)
+                budget
+                    .take(settings.max_message_bytes, shutdown)
                     .await
                     .ok_or(Closed::ShuttingDown)?,
             );
@@ -590,17 +596,55 @@ async fn next_frame<S: AsyncRead + Unpin>(
     }
 }
 
-/// `bytes` of `budget` (all of it at most), once available; `None` when shutting down first.
-async fn take(
-    budget: &Arc<Semaphore>,
-    bytes: usize,
-    shutdown: &CancellationToken,
-) -> Option<OwnedSemaphorePermit> {
-    let bytes = u32::try_from(bytes.min(MAX_BUDGET)).unwrap_or(u32::MAX);
-    tokio::select! {
-        () = shutdown.cancelled() => None,
-        // The semaphore is never closed.
-        permit = budget.clone().acquire_many_owned(bytes) => permit.ok(),
+/// `max_bytes_in_flight`: bytes of messages being received or stored, all connections
+/// together, counted in the `forward_bytes_in_flight` gauge as they are taken and given back.
+struct Budget {
+    bytes: Arc<Semaphore>,
+    taken: IntGauge,
+}
+
+impl Budget {
+    fn new(max: usize, taken: IntGauge) -> Arc<Self> {
+        Arc::new(Self {
+            bytes: Arc::new(Semaphore::new(max)),
+            taken,
+        })
+    }
+
+    /// `bytes` of it (all of it at most), once available; `None` when shutting down first.
+    async fn take(self: &Arc<Self>, bytes: usize, shutdown: &CancellationToken) -> Option<Share> {
+        let bytes = u32::try_from(bytes.min(MAX_BUDGET)).unwrap_or(u32::MAX);
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => None,
+            // The semaphore is never closed.
+            permit = self.bytes.clone().acquire_many_owned(bytes) => permit.ok(),
+        }?;
+        self.taken.add(i64::from(bytes));
+        Some(Share {
+            permit,
+            budget: self.clone(),
+        })
+    }
+}
+
+/// A share of the [`Budget`], given back when dropped.
+struct Share {
+    permit: OwnedSemaphorePermit,
+    budget: Arc<Budget>,
+}
+
+impl Share {
+    /// Gives back all but `bytes` of it.
+    fn keep(&mut self, bytes: usize) {
+        let back = self.permit.num_permits().saturating_sub(bytes);
+        drop(self.permit.split(back));
+        self.budget.taken.sub(back as i64);
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.budget.taken.sub(self.permit.num_permits() as i64);
     }
 }
 
@@ -757,7 +801,8 @@ mod tests {
             client
         });
         let settings = ForwardSettings::default();
-        let budget = Arc::new(Semaphore::new(settings.max_bytes_in_flight));
+        let taken = IntGauge::new("taken", "bytes taken").expect("a gauge");
+        let budget = Budget::new(settings.max_bytes_in_flight, taken.clone());
         let shutdown = CancellationToken::new();
         let (mut buf, mut last_len) = (Vec::with_capacity(64 * 1024), 0);
         let mut frames = Vec::new();
@@ -773,8 +818,15 @@ mod tests {
             .await
             .expect("a frame")
             .expect("not closed");
-            let held = permit.expect("a share of the budget").num_permits();
-            assert_eq!(held, frame.len(), "the budget holds the message's size");
+            let held = permit.expect("a share of the budget");
+            assert_eq!(
+                held.permit.num_permits(),
+                frame.len(),
+                "the budget holds the message's size"
+            );
+            assert_eq!(taken.get(), frame.len() as i64, "and the gauge counts it");
+            drop(held);
+            assert_eq!(taken.get(), 0, "given back");
             frames.push(frame);
         }
         let len = (1 << 20) + 5;

@@ -122,6 +122,10 @@ pub struct LogMetrics {
     pub acks: IntCounter,
     /// `forward_connections`: forward connections open now.
     pub connections: IntGauge,
+    /// `forward_bytes_in_flight`: bytes of `forward.max_bytes_in_flight` taken now (a message
+    /// arriving takes `forward.max_message_bytes`, then its own size until it is stored and
+    /// acknowledged). At the bound, senders wait unread: the forward input's memory.
+    pub bytes_in_flight: IntGauge,
     /// `forward_connections_closed_total{reason}`: forward connections that ended other than
     /// by the sender closing between messages, by [`CLOSES`]: a shared key or TLS setting
     /// that no sender matches shows here (`handshake`, `tls`), as nothing else does.
@@ -233,6 +237,10 @@ impl LogMetrics {
                 "Acknowledgements written to forward senders (a chunk's once its records are stored)",
             )?,
             connections: IntGauge::new("forward_connections", "Forward connections open now")?,
+            bytes_in_flight: IntGauge::new(
+                "forward_bytes_in_flight",
+                "Bytes of forward.max_bytes_in_flight taken now by messages arriving or being stored",
+            )?,
             connections_closed: counter_vec(
                 "forward_connections_closed_total",
                 "Forward connections that ended other than between messages, by reason",
@@ -295,6 +303,7 @@ impl LogMetrics {
         registry.register(Box::new(metrics.chunks.clone()))?;
         registry.register(Box::new(metrics.acks.clone()))?;
         registry.register(Box::new(metrics.connections.clone()))?;
+        registry.register(Box::new(metrics.bytes_in_flight.clone()))?;
         registry.register(Box::new(metrics.connections_closed.clone()))?;
         registry.register(Box::new(metrics.otlp.clone()))?;
         registry.register(Box::new(metrics.streams.clone()))?;

@@ -355,8 +355,12 @@ async fn messages_past_the_bytes_in_flight_wait_for_room() {
     let mut a = connect().await.expect("connects");
     let (head, tail) = first.split_at(first.len() / 2);
     a.write_all(head).await.expect("writes");
-    // Time for the listener to read the first half and take the budget.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The listener has read the first half and taken the budget.
+    let max = i64::try_from(1_usize << 20).expect("small");
+    mall_test_support::wait_until("the budget taken", Duration::from_secs(5), || async {
+        (listener.metrics.bytes_in_flight.get() == max).then_some(())
+    })
+    .await;
     let mut b = connect().await.expect("connects");
     b.write_all(&second).await.expect("writes");
     let mut answer = [0; 64];
@@ -377,6 +381,11 @@ async fn messages_past_the_bytes_in_flight_wait_for_room() {
         Some(&*format!("{:032x}", 2))
     );
     assert_eq!(buffered(&listener).len(), 4);
+    // Each given back once acknowledged (the connections read their next message).
+    mall_test_support::wait_until("the budget given back", Duration::from_secs(5), || async {
+        (listener.metrics.bytes_in_flight.get() == 0).then_some(())
+    })
+    .await;
     listener.shutdown.cancel();
 }
 
