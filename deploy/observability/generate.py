@@ -444,6 +444,11 @@ def logs():
                 "Streams and tails",
                 [
                     ts("Forward connections", [(f"sum({p}_forward_connections)", "connections")]),
+                    ts(
+                        "Forward memory budget taken (forward.max_bytes_in_flight: senders wait at it)",
+                        [(f"max by (instance) ({p}_forward_in_flight_bytes)", "{{instance}}")],
+                        "bytes",
+                    ),
                     ts("Loki streams", [(f"sum({p}_streams)", "streams"), (f"sum(rate({p}_streams_folded_total[$__rate_interval]))", "folded/s"), (f"sum({p}_open_streams)", "multi-line states"), (f"sum(rate({p}_streams_evicted_total[$__rate_interval]))", "multi-line states evicted/s")]),
                     ts("Tails", [(f"sum({p}_tails_open)", "open"), (f"sum(rate({p}_tail_records_dropped_total[$__rate_interval]))", "dropped/s")]),
                 ],

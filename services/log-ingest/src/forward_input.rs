@@ -181,7 +181,7 @@ impl ForwardInput {
         let slots = Arc::new(Semaphore::new(self.settings.max_connections));
         let budget = Budget::new(
             self.settings.max_bytes_in_flight,
-            self.metrics.bytes_in_flight.clone(),
+            self.metrics.in_flight_bytes.clone(),
         );
         let mut connections = tokio::task::JoinSet::new();
         loop {
@@ -597,7 +597,7 @@ async fn next_frame<S: AsyncRead + Unpin>(
 }
 
 /// `max_bytes_in_flight`: bytes of messages being received or stored, all connections
-/// together, counted in the `forward_bytes_in_flight` gauge as they are taken and given back.
+/// together, counted in the `forward_in_flight_bytes` gauge as they are taken and given back.
 struct Budget {
     bytes: Arc<Semaphore>,
     taken: IntGauge,
@@ -637,14 +637,18 @@ impl Share {
     /// Gives back all but `bytes` of it.
     fn keep(&mut self, bytes: usize) {
         let back = self.permit.num_permits().saturating_sub(bytes);
+        // Counted first: the gauge never shows more than is taken.
+        self.budget
+            .taken
+            .sub(i64::from(u32::try_from(back).unwrap_or(u32::MAX)));
         drop(self.permit.split(back));
-        self.budget.taken.sub(back as i64);
     }
 }
 
 impl Drop for Share {
     fn drop(&mut self) {
-        self.budget.taken.sub(self.permit.num_permits() as i64);
+        let bytes = u32::try_from(self.permit.num_permits()).unwrap_or(u32::MAX);
+        self.budget.taken.sub(i64::from(bytes));
     }
 }
 

@@ -122,10 +122,11 @@ pub struct LogMetrics {
     pub acks: IntCounter,
     /// `forward_connections`: forward connections open now.
     pub connections: IntGauge,
-    /// `forward_bytes_in_flight`: bytes of `forward.max_bytes_in_flight` taken now (a message
-    /// arriving takes `forward.max_message_bytes`, then its own size until it is stored and
-    /// acknowledged). At the bound, senders wait unread: the forward input's memory.
-    pub bytes_in_flight: IntGauge,
+    /// `forward_in_flight_bytes`: bytes of `forward.max_bytes_in_flight` taken now by
+    /// messages: one not whole at a read takes `forward.max_message_bytes`, then (or at once,
+    /// read whole) its own size until it is stored and acknowledged. At the bound,
+    /// connections stop reading (their senders wait): the forward input's memory.
+    pub in_flight_bytes: IntGauge,
     /// `forward_connections_closed_total{reason}`: forward connections that ended other than
     /// by the sender closing between messages, by [`CLOSES`]: a shared key or TLS setting
     /// that no sender matches shows here (`handshake`, `tls`), as nothing else does.
@@ -237,8 +238,8 @@ impl LogMetrics {
                 "Acknowledgements written to forward senders (a chunk's once its records are stored)",
             )?,
             connections: IntGauge::new("forward_connections", "Forward connections open now")?,
-            bytes_in_flight: IntGauge::new(
-                "forward_bytes_in_flight",
+            in_flight_bytes: IntGauge::new(
+                "forward_in_flight_bytes",
                 "Bytes of forward.max_bytes_in_flight taken now by messages arriving or being stored",
             )?,
             connections_closed: counter_vec(
@@ -303,7 +304,7 @@ impl LogMetrics {
         registry.register(Box::new(metrics.chunks.clone()))?;
         registry.register(Box::new(metrics.acks.clone()))?;
         registry.register(Box::new(metrics.connections.clone()))?;
-        registry.register(Box::new(metrics.bytes_in_flight.clone()))?;
+        registry.register(Box::new(metrics.in_flight_bytes.clone()))?;
         registry.register(Box::new(metrics.connections_closed.clone()))?;
         registry.register(Box::new(metrics.otlp.clone()))?;
         registry.register(Box::new(metrics.streams.clone()))?;

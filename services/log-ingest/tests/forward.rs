@@ -49,7 +49,7 @@ async fn listener_with(
         listen_addr: "127.0.0.1:0".parse().expect("an address"),
         shared_key: shared_key.map(SecretString::from),
         idle_timeout: Duration::from_secs(10),
-        max_message_bytes: 1 << 20,
+        max_message_bytes: MAX_MESSAGE_BYTES as usize,
         ..ForwardSettings::default()
     };
     change(&mut settings);
@@ -75,6 +75,9 @@ async fn listener_with(
         _dir: dir,
     }
 }
+
+/// `forward.max_message_bytes` in these tests.
+const MAX_MESSAGE_BYTES: u32 = 1 << 20;
 
 const LIMITS: Limits = Limits {
     max_bytes: 64 << 20,
@@ -355,10 +358,11 @@ async fn messages_past_the_bytes_in_flight_wait_for_room() {
     let mut a = connect().await.expect("connects");
     let (head, tail) = first.split_at(first.len() / 2);
     a.write_all(head).await.expect("writes");
-    // The listener has read the first half and taken the budget.
-    let max = i64::try_from(1_usize << 20).expect("small");
+    // The listener has read the first half and taken the budget (the quiet connection
+    // took nothing).
+    let max = i64::from(MAX_MESSAGE_BYTES);
     mall_test_support::wait_until("the budget taken", Duration::from_secs(5), || async {
-        (listener.metrics.bytes_in_flight.get() == max).then_some(())
+        (listener.metrics.in_flight_bytes.get() == max).then_some(())
     })
     .await;
     let mut b = connect().await.expect("connects");
@@ -369,6 +373,11 @@ async fn messages_past_the_bytes_in_flight_wait_for_room() {
             .await
             .is_err(),
         "the second message waits while the first holds the budget"
+    );
+    assert_eq!(
+        listener.metrics.in_flight_bytes.get(),
+        max,
+        "the second message, read whole, waits for its share"
     );
     assert!(buffered(&listener).is_empty());
     a.write_all(tail).await.expect("writes");
@@ -383,7 +392,7 @@ async fn messages_past_the_bytes_in_flight_wait_for_room() {
     assert_eq!(buffered(&listener).len(), 4);
     // Each given back once acknowledged (the connections read their next message).
     mall_test_support::wait_until("the budget given back", Duration::from_secs(5), || async {
-        (listener.metrics.bytes_in_flight.get() == 0).then_some(())
+        (listener.metrics.in_flight_bytes.get() == 0).then_some(())
     })
     .await;
     listener.shutdown.cancel();

@@ -1,5 +1,6 @@
 //! The legacy corpus as the tests understand it, independently of the service's parsers:
-//! the generator's header lines, the records they start, the masking of its addresses, and
+//! the generator's header lines, the records they start, the masking of its addresses (and
+//! of mobile numbers, which the chaos test adds), and
 //! forward frames as Fluent Bit sends them.
 
 #![allow(dead_code)] // each test binary uses part of it
@@ -111,7 +112,7 @@ pub fn is_header(text: &str) -> bool {
 pub struct Expected {
     /// The `level` label.
     pub level: String,
-    /// The header's message then each joined line, addresses masked.
+    /// The header's message then each joined line, addresses and mobile numbers masked.
     pub line: String,
     /// The header's wrapper time, read in Asia/Seoul (UTC+9, no daylight saving since
     /// 1988), in milliseconds since the epoch.
@@ -153,7 +154,7 @@ pub fn expected<S: AsRef<str>>(lines: &[S]) -> Vec<Expected> {
 }
 
 /// What Loki must hold for `lines`: (level, line) per record, the line being the header's
-/// message then each joined line, addresses masked.
+/// message then each joined line, addresses and mobile numbers masked.
 pub fn model<S: AsRef<str>>(lines: &[S]) -> Vec<(String, String)> {
     expected(lines)
         .into_iter()
