@@ -248,7 +248,8 @@ impl OtlpInput {
         // malformed records, which would otherwise be counted on every retry.
         count("rejected", rejected.count);
         Ok(Response::new(ExportLogsServiceResponse {
-            partial_success: (rejected.count > 0).then(|| ExportLogsPartialSuccess {
+            // With no record rejected, the message warns (OTLP's way of saying so).
+            partial_success: rejected.any().then(|| ExportLogsPartialSuccess {
                 rejected_log_records: i64::try_from(rejected.count).unwrap_or(i64::MAX),
                 error_message: rejected.message(),
             }),
@@ -410,11 +411,15 @@ fn busy() -> Status {
     .into()
 }
 
-/// Records an export rejected, and why (the first reason, with how many others).
+/// Records an export rejected, and why (the first reason, with how many others); and
+/// records kept with a malformed part left out (warnings, which OTLP's `partial_success`
+/// carries with no record rejected).
 #[derive(Debug, Default)]
 pub struct Rejected {
     count: usize,
     first: Option<String>,
+    warnings: usize,
+    first_warning: Option<String>,
 }
 
 impl Rejected {
@@ -423,17 +428,39 @@ impl Rejected {
         self.first.get_or_insert(why);
     }
 
+    fn warn(&mut self, why: String) {
+        self.warnings += 1;
+        self.first_warning.get_or_insert(why);
+    }
+
     /// How many records were rejected.
     pub fn count(&self) -> usize {
         self.count
     }
 
-    /// Why: the first reason, with how many others.
+    /// Whether there is anything to say: records rejected, or kept with a warning.
+    pub fn any(&self) -> bool {
+        self.count + self.warnings > 0
+    }
+
+    /// Why: the first reason, with how many others; then the first warning, with how many
+    /// others.
     pub fn message(&self) -> String {
-        let first = self.first.clone().unwrap_or_default();
-        match self.count {
-            0 | 1 => first,
-            n => format!("{first} (and {} more)", n - 1),
+        let said = |first: &Option<String>, n: usize| {
+            let first = first.clone().unwrap_or_default();
+            match n {
+                0 | 1 => first,
+                n => format!("{first} (and {} more)", n - 1),
+            }
+        };
+        match (self.count, self.warnings) {
+            (_, 0) => said(&self.first, self.count),
+            (0, _) => said(&self.first_warning, self.warnings),
+            _ => format!(
+                "{}; {}",
+                said(&self.first, self.count),
+                said(&self.first_warning, self.warnings)
+            ),
         }
     }
 }
@@ -543,34 +570,47 @@ pub fn convert(
                     ));
                     continue;
                 }
-                let log = match LogRecord::decode(bytes) {
+                let mut log = match LogRecord::decode(bytes) {
                     Ok(log) => log,
                     Err(error) => {
                         rejected.add(format!("{path}: does not decode: {error}"));
                         continue;
                     }
                 };
+                // OTLP: an id of another length is invalid, the record "not associated
+                // with a trace" (its line is kept, as its sender would not resend it).
+                for (name, id, len) in [
+                    ("trace_id", &mut log.trace_id, 16),
+                    ("span_id", &mut log.span_id, 8),
+                ] {
+                    if !matches!(id.len(), 0) && id.len() != len {
+                        rejected.warn(format!(
+                            "{path}: {name} has {} bytes, not {len}: kept without it",
+                            id.len()
+                        ));
+                        id.clear();
+                    }
+                }
                 match event(log, scope, &resource.host, &resource.kept, received_nanos) {
                     // An event that large is no log line (Loki takes 256 KB): JSON of a
                     // binary or control characters. Refused alone, so the export's other
                     // records are stored and the sender does not retry it for ever.
-                    Ok(event) if event_bytes(&event) > max_batch => rejected.add(format!(
+                    event if event_bytes(&event) > max_batch => rejected.add(format!(
                         "{path}: takes {} bytes buffered, more than {max_batch}",
                         event_bytes(&event)
                     )),
-                    Ok(event) if buffered + event_bytes(&event) > most => {
+                    event if buffered + event_bytes(&event) > most => {
                         rejected.add(format!(
                             "{path}: the export's records take more than {most} bytes \
                              buffered (its resource's and scope's fields are copied into each)"
                         ));
                     }
-                    Ok(event) => {
+                    event => {
                         buffered += event_bytes(&event);
                         if !batcher.push(&resource.service, &event) {
                             return rejected;
                         }
                     }
-                    Err(why) => rejected.add(format!("{path}: {why}")),
                 }
             }
         }
@@ -791,26 +831,15 @@ fn event_bytes(event: &Event) -> usize {
         + 16
 }
 
-/// One record as a buffered event; the reason when it is malformed.
+/// One record as a buffered event.
 fn event(
     log: LogRecord,
     scope: &str,
     host: &str,
     resource: &[(Value, Value)],
     received_nanos: i64,
-) -> Result<Event, String> {
-    if !matches!(log.trace_id.len(), 0 | 16) {
-        return Err(format!(
-            "trace_id has {} bytes; it must have 16 or none",
-            log.trace_id.len()
-        ));
-    }
-    if !matches!(log.span_id.len(), 0 | 8) {
-        return Err(format!(
-            "span_id has {} bytes; it must have 8 or none",
-            log.span_id.len()
-        ));
-    }
+) -> Event {
+    // (Ids of another length than OTLP's were left out by the caller.)
     // The time it happened, else when it was observed, else when it arrived here.
     let time_nanos = [log.time_unix_nano, log.observed_time_unix_nano]
         .into_iter()
@@ -860,10 +889,10 @@ fn event(
     if !resource.is_empty() {
         put(RESOURCE, Value::Map(resource.to_vec()));
     }
-    Ok(Event {
+    Event {
         time_nanos,
         record: fields,
-    })
+    }
 }
 
 /// A value as text: strings as they are (bytes that are UTF-8 too, so masking sees them),
@@ -1397,7 +1426,7 @@ mod tests {
     }
 
     #[test]
-    fn malformed_ids_are_rejected_one_by_one_and_the_rest_kept() {
+    fn records_with_malformed_ids_are_kept_without_them_with_a_warning() {
         let good = LogRecord {
             body: string("fine"),
             severity_text: "warning".to_owned(),
@@ -1419,15 +1448,26 @@ mod tests {
             ],
         };
         let (batches, rejected) = batches(request, 5, MAX_BATCH_BYTES);
-        assert_eq!(rejected.count, 2);
+        assert_eq!(rejected.count, 0, "{}", rejected.message());
+        assert!(rejected.any(), "warned");
         assert_eq!(
             rejected.message(),
-            "resource_logs[0].scope_logs[0].log_records[0]: trace_id has 15 bytes; \
-             it must have 16 or none (and 1 more)"
+            "resource_logs[0].scope_logs[0].log_records[0]: trace_id has 15 bytes, not 16: \
+             kept without it (and 1 more)"
         );
-        // The storefront batch lost its only record and is not stored at all.
-        assert_eq!(batches.len(), 1);
+        assert_eq!(batches.len(), 2);
         assert_eq!(batches[0].tag, UNKNOWN_SERVICE);
+        assert_eq!(batches[1].tag, "storefront");
+        let kept: Vec<_> = batches
+            .iter()
+            .flat_map(|b| b.events.iter().map(|e| record(&e.to_event())))
+            .collect();
+        assert_eq!(kept.len(), 3, "every record kept");
+        for parsed in &kept {
+            assert_eq!(parsed.body, "fine");
+            assert_eq!(parsed.record.trace_id, "", "no trace");
+            assert_eq!(parsed.record.fields.get("span_id"), None);
+        }
         let r = record(&batches[0].events.iter().next().expect("one").to_event()).record;
         assert_eq!(
             r.time_micros,
@@ -1479,7 +1519,7 @@ mod tests {
             body: string("x"),
             ..LogRecord::default()
         };
-        let event = event(log, "", "", &[], 1_000_000).expect("valid");
+        let event = event(log, "", "", &[], 1_000_000);
         assert_eq!(event.time_nanos, 1_000_000);
     }
 }

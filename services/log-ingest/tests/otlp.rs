@@ -225,6 +225,20 @@ fn log(body: &str, nanos: u64) -> LogRecord {
     }
 }
 
+/// A record OTLP's receiver cannot take: more attributes than log-ingest decodes in one
+/// (`otlp_input::MAX_VALUES_PER_RECORD`).
+fn malformed(body: &str, nanos: u64) -> LogRecord {
+    LogRecord {
+        attributes: (0..=log_ingest::otlp_input::MAX_VALUES_PER_RECORD)
+            .map(|i| KeyValue {
+                key: format!("a{i}"),
+                ..KeyValue::default()
+            })
+            .collect(),
+        ..log(body, nanos)
+    }
+}
+
 async fn client(grpc: std::net::SocketAddr) -> LogsServiceClient<tonic::transport::Channel> {
     LogsServiceClient::connect(format!("http://{grpc}"))
         .await
@@ -292,12 +306,17 @@ async fn otlp_records_are_not_pushed_again_after_a_graceful_restart() {
 async fn malformed_records_are_rejected_in_partial_success_and_the_rest_stored() {
     let app = start_with(|_| {}).await;
     let mut client = client(app.grpc).await;
-    let bad = LogRecord {
+    // An id of another length than OTLP's is invalid: "not associated with a trace", its
+    // record kept without it, with a warning.
+    let odd_span = LogRecord {
         span_id: vec![7; 3],
-        ..log("bad", 1)
+        ..log("odd span", 3)
     };
     let answer = client
-        .export(export("storefront", vec![log("good", 2), bad]))
+        .export(export(
+            "storefront",
+            vec![log("good", 2), malformed("bad", 1), odd_span],
+        ))
         .await
         .expect("answered")
         .into_inner();
@@ -305,17 +324,21 @@ async fn malformed_records_are_rejected_in_partial_success_and_the_rest_stored()
     assert_eq!(partial.rejected_log_records, 1);
     assert_eq!(
         partial.error_message,
-        "resource_logs[0].scope_logs[0].log_records[1]: span_id has 3 bytes; it must have 8 or none"
+        "resource_logs[0].scope_logs[0].log_records[1]: holds 10002 attributes and values, \
+         more than 10000; resource_logs[0].scope_logs[0].log_records[2]: span_id has 3 \
+         bytes, not 8: kept without it"
     );
-    wait_for(&app.loki, 1).await;
+    wait_for(&app.loki, 2).await;
     let received = app.loki.received();
     assert_eq!(
         received
             .iter()
             .map(|r| r.entry.line.as_str())
             .collect::<Vec<_>>(),
-        ["good"]
+        ["good", "odd span"]
     );
+    let kept = metadata(&received[1].entry);
+    assert!(kept.is_empty(), "no span id: {kept:?}");
     assert_eq!(label(&received[0].labels, "level"), Some("unknown"));
 
     // A whole export that is fine has no partial success at all.
@@ -367,11 +390,10 @@ async fn a_full_buffer_answers_unavailable_with_retry_info_and_loses_nothing_sto
     // when the export is taken, however often it was refused before.
     let line = format!("{i} {body}");
     let with_bad = || {
-        let bad = LogRecord {
-            span_id: vec![7; 3],
-            ..log("bad", 1)
-        };
-        export("storefront", vec![log(&line, 1_000 + i), bad])
+        export(
+            "storefront",
+            vec![log(&line, 1_000 + i), malformed("bad", 1)],
+        )
     };
     for _ in 0..3 {
         let status = client.export(with_bad()).await.expect_err("still full");
