@@ -5,6 +5,9 @@ use mall_proto::logs::v1::{
     GetPipelineStatsRequest, GetPipelineStatsResponse, ParsedRecord, TailLogsRequest,
     TestParseRequest, TestParseResponse, log_ingest_service_server::LogIngestService,
 };
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use mall_proto::logs::v1::SourceStats;
@@ -16,11 +19,18 @@ use crate::{
     tail::{TailStream, Tails},
 };
 
+/// TestParse calls parsing at once, each up to 16 MiB of lines and a few times that in
+/// records and answer; one more is answered UNAVAILABLE with RetryInfo (it is a tool for
+/// people, and callers the mesh lets in must not take the memory and cores ingestion needs).
+pub const TEST_PARSES_AT_ONCE: usize = 2;
+
 /// The service's handlers.
 #[derive(Debug, Clone)]
 pub struct LogsApi {
     /// TestParse.
     pub parsing: Parsing,
+    /// TestParse calls parsing now, at most [`TEST_PARSES_AT_ONCE`].
+    pub parsing_now: Arc<Semaphore>,
     /// The pipeline's counters.
     pub metrics: LogMetrics,
     /// When this replica started (the counters' start).
@@ -70,17 +80,30 @@ impl LogIngestService for LogsApi {
         &self,
         request: Request<TestParseRequest>,
     ) -> Result<Response<TestParseResponse>, Status> {
+        let Ok(slot) = self.parsing_now.clone().try_acquire_owned() else {
+            return Err(mall_grpc::ServiceError::RetryLater {
+                reason: "BUSY",
+                message: format!(
+                    "log-ingest is running {TEST_PARSES_AT_ONCE} TestParse calls, as many as \
+                     it runs at once"
+                ),
+                retry_after: std::time::Duration::from_secs(1),
+            }
+            .into());
+        };
         let request = request.into_inner();
         // Up to 16 MiB of parsing and masking: off the async workers.
         let parsing = self.parsing.clone();
-        let records =
-            tokio::task::spawn_blocking(move || parsing.test(&request.parser, &request.lines))
-                .await
-                .map_err(|_| {
-                    // Not the panic's message: it may quote the request's lines, which can
-                    // hold personal data.
-                    mall_grpc::ServiceError::Internal(anyhow::anyhow!("TestParse panicked"))
-                })??;
+        let records = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            parsing.test(&request.parser, &request.lines)
+        })
+        .await
+        .map_err(|_| {
+            // Not the panic's message: it may quote the request's lines, which can
+            // hold personal data.
+            mall_grpc::ServiceError::Internal(anyhow::anyhow!("TestParse panicked"))
+        })??;
         Ok(Response::new(TestParseResponse {
             records: records.into_iter().map(|r| parsed(r, "")).collect(),
         }))
@@ -130,5 +153,74 @@ pub fn parsed(record: Record, service: &str) -> ParsedRecord {
         first_line: i32::try_from(record.first_line).unwrap_or(i32::MAX),
         line_count: i32::try_from(record.line_count).unwrap_or(i32::MAX),
         service: service.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::StatusExt as _;
+
+    use super::*;
+    use crate::{
+        config::{MaskingSettings, ParsingSettings},
+        tail::TailSettings,
+    };
+
+    fn api() -> LogsApi {
+        let metrics = LogMetrics::unregistered(&[]);
+        LogsApi {
+            parsing: Parsing::new(&ParsingSettings::default(), &MaskingSettings::default())
+                .expect("the default parsing"),
+            parsing_now: Arc::new(Semaphore::new(TEST_PARSES_AT_ONCE)),
+            metrics: metrics.clone(),
+            started: chrono::Utc::now(),
+            tails: Tails::new(
+                TailSettings::default(),
+                metrics,
+                tokio_util::sync::CancellationToken::new(),
+            ),
+        }
+    }
+
+    fn request() -> Request<TestParseRequest> {
+        Request::new(TestParseRequest {
+            parser: String::new(),
+            lines: vec!["2024-10-28 17:12:00,040 INFO [main] [Boot] up".to_owned()],
+        })
+    }
+
+    /// As many TestParse calls as run at once take every slot: one more is answered
+    /// UNAVAILABLE with RetryInfo at once, and goes through once a slot is free.
+    #[tokio::test]
+    async fn a_test_parse_past_those_running_at_once_is_told_to_retry() {
+        let api = api();
+        let running = api
+            .parsing_now
+            .clone()
+            .try_acquire_many_owned(u32::try_from(TEST_PARSES_AT_ONCE).expect("small"))
+            .expect("free");
+        let status = api.test_parse(request()).await.expect_err("busy");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        let details = status.get_error_details();
+        assert_eq!(
+            details.retry_info().and_then(|r| r.retry_delay),
+            Some(std::time::Duration::from_secs(1))
+        );
+        assert_eq!(
+            details.error_info().map(|e| e.reason.as_str()),
+            Some("BUSY")
+        );
+        drop(running);
+        let records = api
+            .test_parse(request())
+            .await
+            .expect("parsed")
+            .into_inner();
+        assert_eq!(records.records.len(), 1);
+        assert_eq!(
+            api.parsing_now.available_permits(),
+            TEST_PARSES_AT_ONCE,
+            "its slot given back"
+        );
     }
 }

@@ -213,6 +213,9 @@ impl App {
         server.add_service(crate::api_wire::ContractServer::new(
             LogsApi {
                 parsing,
+                parsing_now: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                    crate::api::TEST_PARSES_AT_ONCE,
+                )),
                 metrics: metrics.clone(),
                 started: chrono::Utc::now(),
                 tails,
