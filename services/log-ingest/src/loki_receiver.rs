@@ -166,6 +166,12 @@ impl LokiReceiver {
         lock(&self.inner).any_time = true;
     }
 
+    /// Refuses entries by their times again, as Loki's defaults do (undoes
+    /// [`Self::accept_any_time`]).
+    pub fn refuse_times_as_loki_does(&self) {
+        lock(&self.inner).any_time = false;
+    }
+
     /// Refuses every entry whose line contains `needle`, saying `says` (a 400 whose reason
     /// is the record's own but named in words not known to the pusher), keeping the others.
     pub fn refuse_lines_containing(&self, needle: &str, says: &str) {

@@ -1318,7 +1318,9 @@ impl Pusher {
         // at fault is alone, and only that one is dropped: for a 400, when Loki's answer
         // names a reason of the record's own, or names none while Loki takes a probe
         // (else the lone record waits: a tenant or proxy Loki refuses must not drop every
-        // record one by one).
+        // record one by one). But where a 400 names the times its rule refused entries by
+        // ([`loki::TimeBounds`]), the entries past them are dropped at once and the rest
+        // sent again.
         //
         // Records Loki refused for good: how many, and the first one's stream and reason (one
         // log line per push, not one per record: after a long outage every record of a push
@@ -1419,28 +1421,52 @@ impl Pusher {
                         first.0 += piece.len();
                     }
                 }
-                Some(Pushed::Refused(_) | Pushed::TooLarge) if piece.len() > 1 => {
-                    let second = piece.split_off(piece.len() / 2);
-                    pieces.push(Piece::unencoded(second));
-                    pieces.push(Piece::unencoded(piece));
+                Some(pushed @ (Pushed::Refused(_) | Pushed::TooLarge)) if piece.len() > 1 => {
+                    // Entries refused for their times, by the bounds Loki's answer gives,
+                    // dropped at once; those in a bound's second sent again apart from the
+                    // rest (taken, as far as the bounds say); in halves where that would
+                    // not split the piece.
+                    let bounds = match &pushed {
+                        Pushed::Refused(reason) => loki::TimeBounds::read(reason),
+                        Pushed::TooLarge | Pushed::Accepted => loki::TimeBounds::default(),
+                    };
+                    let (past, rest): (Vec<Item>, Vec<Item>) = piece
+                        .into_iter()
+                        .partition(|item| bounds.refused(item.entry.timestamp.as_ref()).is_some());
+                    if let Pushed::Refused(reason) = &pushed {
+                        for item in &past {
+                            let why = bounds
+                                .refused(item.entry.timestamp.as_ref())
+                                .unwrap_or(loki::UNKNOWN_REFUSAL);
+                            self.dropped(&mut refused, item, why, reason);
+                        }
+                    }
+                    let (unsure, rest): (Vec<Item>, Vec<Item>) = rest
+                        .into_iter()
+                        .partition(|item| bounds.unsure(item.entry.timestamp.as_ref()));
+                    if !past.is_empty() || (!unsure.is_empty() && !rest.is_empty()) {
+                        // The rest first (popped last to first).
+                        for piece in [unsure, rest] {
+                            if !piece.is_empty() {
+                                pieces.push(Piece::unencoded(piece));
+                            }
+                        }
+                    } else {
+                        let mut all = if unsure.is_empty() { rest } else { unsure };
+                        let second = all.split_off(all.len() / 2);
+                        pieces.push(Piece::unencoded(second));
+                        pieces.push(Piece::unencoded(all));
+                    }
                 }
                 // A reason Loki gives for this record, or none while it takes a probe:
                 // the drop is counted under Loki's own name (`loki_refused` for none known).
                 Some(Pushed::Refused(reason)) => {
-                    self.metrics
-                        .dropped
-                        .with_label_values(&[
-                            source_label(piece[0].source),
-                            loki::refusal_reason(&reason),
-                        ])
-                        .inc();
-                    let first = refused.get_or_insert_with(|| {
-                        // Loki's message names the labels (logged beside it) before the
-                        // reason: its end says why.
-                        let start = reason.ceil_char_boundary(reason.len().saturating_sub(300));
-                        (0, piece[0].labels.clone(), reason[start..].to_owned())
-                    });
-                    first.0 += 1;
+                    self.dropped(
+                        &mut refused,
+                        &piece[0],
+                        loki::refusal_reason(&reason),
+                        &reason,
+                    );
                 }
                 Some(Pushed::TooLarge) => {
                     tracing::warn!(
@@ -1466,6 +1492,29 @@ impl Pusher {
             );
         }
         true
+    }
+
+    /// Counts `item` dropped: Loki refused it for good, for `why` (one of its reasons), as
+    /// `reason` (its answer) says; the first one dropped in a push is `refused`'s (logged
+    /// once the push is done).
+    fn dropped(
+        &self,
+        refused: &mut Option<(usize, Arc<str>, String)>,
+        item: &Item,
+        why: &'static str,
+        reason: &str,
+    ) {
+        self.metrics
+            .dropped
+            .with_label_values(&[source_label(item.source), why])
+            .inc();
+        let first = refused.get_or_insert_with(|| {
+            // Loki's message names the labels (logged beside it) before the reason: its
+            // end says why.
+            let start = reason.ceil_char_boundary(reason.len().saturating_sub(300));
+            (0, item.labels.clone(), reason[start..].to_owned())
+        });
+        first.0 += 1;
     }
 
     /// Takes the structured metadata off `piece`'s entries (Loki refuses it), counting

@@ -501,6 +501,84 @@ async fn a_record_loki_refuses_is_dropped_alone_and_counted() {
     assert_eq!(shipped, records as f64, "{metrics}");
 }
 
+/// Hosts whose clocks (or zones) are wrong write times Loki refuses, too far ahead or too
+/// old, in the same pushes as a good host's. Loki stores the good entries and answers 400
+/// naming the bounds of its rule: every entry past them is dropped at once, counted by
+/// Loki's reason, not by halving the push until each is alone (twice as many requests as
+/// entries, holding every stream's records behind them).
+#[tokio::test]
+async fn entries_loki_refuses_for_their_times_are_dropped_at_once_by_the_bounds_it_names() {
+    let running = start_with(|s| {
+        // Every host's chunk in one push.
+        s.pipeline.batch_wait = Duration::from_secs(1);
+    })
+    .await;
+    running.loki.refuse_times_as_loki_does();
+    // The legacy servers' local time (Asia/Seoul, UTC+9), as the wrapper writes it.
+    let seoul = |shift: chrono::Duration| {
+        (chrono::Utc::now() + chrono::Duration::hours(9) + shift)
+            .format("%Y/%m/%d %H:%M:%S%.3f")
+            .to_string()
+    };
+    const EACH: usize = 100;
+    let hosts = [
+        ("web-good", chrono::Duration::zero()),
+        ("web-ahead", chrono::Duration::days(2)),
+        ("web-behind", chrono::Duration::days(-8)),
+    ];
+    for (host, shift) in hosts {
+        // A line a second (most in a second of their own).
+        let lines: Vec<String> = (0..EACH)
+            .map(|i| {
+                let second = chrono::Duration::seconds(i64::try_from(i).expect("small"));
+                format!(
+                    "INFO   | jvm 1    | main    | {} | INFO  [main] [Clock] {host} {i}",
+                    seoul(shift + second)
+                )
+            })
+            .collect();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        corpus::send_as(running.forward, host, &lines, EACH).await;
+    }
+    mall_test_support::wait_until(
+        "every entry dealt with",
+        Duration::from_secs(20),
+        || async {
+            let metrics = probe_metrics(running.admin).await;
+            let dropped = sample(&metrics, "mall_log_ingest_records_dropped_total", &[]);
+            (running.loki.received().len() == EACH && dropped == (2 * EACH) as f64).then_some(())
+        },
+    )
+    .await;
+    let mut got: Vec<String> = running
+        .loki
+        .received()
+        .into_iter()
+        .map(|r| r.entry.line)
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = (0..EACH).map(|i| format!("web-good {i}")).collect();
+    want.sort();
+    assert_eq!(got, want, "the good host's entries, each once");
+    let metrics = probe_metrics(running.admin).await;
+    for reason in ["too_far_in_future", "greater_than_max_sample_age"] {
+        assert_eq!(
+            sample(
+                &metrics,
+                "mall_log_ingest_records_dropped_total",
+                &[("reason", reason)]
+            ),
+            EACH as f64,
+            "{reason}"
+        );
+    }
+    let (_, refused, _) = running.loki.counts();
+    assert!(
+        refused <= 6,
+        "{refused} pushes refused (halving would take hundreds)"
+    );
+}
+
 /// A push answered 413 (a proxy's body limit in front of Loki) is split until it fits,
 /// nothing dropped; a record too large alone is dropped, counted `too_large`, and the
 /// others all arrive.
