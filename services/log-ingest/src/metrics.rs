@@ -125,7 +125,8 @@ pub struct LogMetrics {
     /// `forward_in_flight_bytes`: bytes of `forward.max_bytes_in_flight` taken now by
     /// messages: one not whole at a read takes `forward.max_message_bytes`, then (or at once,
     /// read whole) its own size until it is stored and acknowledged. At the bound,
-    /// connections stop reading (their senders wait): the forward input's memory.
+    /// connections stop reading (their senders wait): the forward input's memory, but for
+    /// a message read whole at once, which waits for its share uncounted.
     pub in_flight_bytes: IntGauge,
     /// `forward_connections_closed_total{reason}`: forward connections that ended other than
     /// by the sender closing between messages, by [`CLOSES`]: a shared key or TLS setting
