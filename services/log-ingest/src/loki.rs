@@ -12,7 +12,7 @@
 //! labels Loki's operator enforces, `enforced_labels`, are one, as Loki discards each stream
 //! without them), but a lone record refused with a 400 that names none (a tenant Loki
 //! refuses, a proxy's page) is the operator's; 413 says the push is too large (the caller
-//! splits it); anything else (401, 403, 404, and a 2xx other than 200 and 204:
+//! splits it; for one record, a proxy's limit: the caller waits and sends it again); anything else (401, 403, 404, and a 2xx other than 200 and 204:
 //! Loki's 260 says its operator blocked ingestion and the push was discarded) is the
 //! operator's (retried with the same backoff and logged at ERROR: fixing the configuration
 //! must not lose what waited).
@@ -259,6 +259,16 @@ impl LokiClient {
             }
         }
     }
+
+    /// Waits out the backoff after `failures` failed attempts (at `loki.retry_initial`,
+    /// doubling to `loki.retry_max`, jittered); false when `stop` fired first.
+    pub async fn wait(&self, failures: u32, stop: &tokio_util::sync::CancellationToken) -> bool {
+        let wait = mall_retry::Backoff::after(self.retry_initial, self.retry_max, failures);
+        tokio::select! {
+            () = stop.cancelled() => false,
+            () = tokio::time::sleep(wait) => true,
+        }
+    }
 }
 
 /// Loki's rule for tenant IDs (dskit's `tenant.ValidTenantID`), and the separators it
@@ -305,67 +315,115 @@ async fn first_bytes(mut response: reqwest::Response, max: usize) -> String {
     text
 }
 
-/// What a 400 refusing entries for their times says of every entry of its push, from the
-/// times its message names (Loki writes them to the second, in RFC 3339; it checks every
-/// entry of a push, stores those it takes, and answers 400 naming those it refused): an
-/// entry older than the oldest acceptable time it gives, or a second or more newer than an
-/// entry it found too new, was refused by the same rule (Loki's bound lies within that
-/// second). So a push refused for the times of many entries (a host whose clock or zone is
-/// wrong, a backlog older than Loki keeps) drops them at once rather than by halving the
-/// push until each is alone (twice as many requests as entries).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// What a 400 refusing entries for their times says of other entries of the same stream in
+/// the refused push. Loki's distributor checks every entry of a push before its ingesters
+/// see any, stores those it takes, and answers 400 naming entries it refused, each in its
+/// own sentence: `entry for stream '<selector>' has timestamp too new: <time>`, or `… too
+/// old: <time>, oldest acceptable timestamp is: <bound>` (times to the second, RFC 3339;
+/// how many it names depends on its version). Its rules are the same for every entry, by
+/// time alone: an entry of that stream older than the bound it gives, or a second or more
+/// newer than an entry it found too new, was refused too (the bound lies within that
+/// second). Only these sentences are read (not an ingester's "too far behind", whose bound is
+/// the stream's own and moves), and only for the stream each names (a sender's host name
+/// cannot make them apply to another stream). So a host whose clock or zone is wrong, or a
+/// backlog older than Loki keeps, costs fewer requests than halving the push until each
+/// entry is alone (about two per entry).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TimeBounds {
-    /// Entries before this (Unix seconds) were too old.
-    too_old_before: Option<i64>,
-    /// Entries from this on (Unix seconds) were too new.
-    too_new_from: Option<i64>,
+    /// Per stream selector named: entries before the first (Unix seconds) were too old,
+    /// entries from the second on too new.
+    streams: Vec<(String, Option<i64>, Option<i64>)>,
 }
 
 impl TimeBounds {
     /// The bounds `message` (a 400's answer) gives; none where it names no time.
     pub fn read(message: &str) -> Self {
-        // The times after each `needle` (searched in any case), the earliest.
-        let earliest = |needle: &str| {
-            let lower = message.to_ascii_lowercase();
-            lower
-                .match_indices(needle)
-                .filter_map(|(at, _)| {
-                    let rest = &message[at + needle.len()..];
-                    let end = rest
-                        .find(|c: char| {
-                            !(c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '+' | '.'))
-                        })
-                        .unwrap_or(rest.len());
-                    chrono::DateTime::parse_from_rfc3339(&rest[..end].to_ascii_uppercase()).ok()
-                })
-                .map(|time| time.timestamp())
-                .min()
+        const ENTRY: &str = "entry for stream '";
+        const TOO: &str = "' has timestamp too ";
+        const OLDEST: &str = ", oldest acceptable timestamp is: ";
+        // Loki 3.6+ writes its messages lower-case (not the selectors it quotes).
+        let lower = message.to_ascii_lowercase();
+        // The RFC 3339 time at the start of `at`, and where it ends.
+        let time = |at: usize| {
+            let rest = &message[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '+' | '.')))
+                .unwrap_or(rest.len());
+            chrono::DateTime::parse_from_rfc3339(&rest[..end].to_ascii_uppercase())
+                .ok()
+                .map(|t| (t.timestamp(), at + end))
         };
-        Self {
-            too_old_before: earliest("oldest acceptable timestamp is: "),
-            too_new_from: earliest("timestamp too new: ").map(|t| t.saturating_add(1)),
+        let mut bounds = Self::default();
+        for (at, _) in lower.match_indices(ENTRY) {
+            let from = at + ENTRY.len();
+            let Some(len) = lower[from..].find(TOO) else {
+                continue;
+            };
+            let selector = &message[from..from + len];
+            let after = from + len + TOO.len();
+            let (old, new) = if lower[after..].starts_with("new: ") {
+                let Some((new, _)) = time(after + "new: ".len()) else {
+                    continue;
+                };
+                (None, Some(new.saturating_add(1)))
+            } else if lower[after..].starts_with("old: ") {
+                let Some((_, end)) = time(after + "old: ".len()) else {
+                    continue;
+                };
+                if !lower[end..].starts_with(OLDEST) {
+                    continue;
+                }
+                let Some((bound, _)) = time(end + OLDEST.len()) else {
+                    continue;
+                };
+                (Some(bound), None)
+            } else {
+                continue;
+            };
+            let earliest = |a: Option<i64>, b: Option<i64>| match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            match bounds.streams.iter_mut().find(|(s, _, _)| s == selector) {
+                Some((_, o, n)) => (*o, *n) = (earliest(*o, old), earliest(*n, new)),
+                None => bounds.streams.push((selector.to_owned(), old, new)),
+            }
         }
+        bounds
     }
 
-    /// Why an entry of the refused push written at `time` was refused, if these bounds say.
-    pub fn refused(&self, time: Option<&prost_types::Timestamp>) -> Option<&'static str> {
+    fn of(&self, selector: &str) -> Option<(Option<i64>, Option<i64>)> {
+        self.streams
+            .iter()
+            .find(|(s, _, _)| s == selector)
+            .map(|(_, old, new)| (*old, *new))
+    }
+
+    /// Why an entry of the refused push in stream `selector` written at `time` was refused,
+    /// if these bounds say.
+    pub fn refused(
+        &self,
+        selector: &str,
+        time: Option<&prost_types::Timestamp>,
+    ) -> Option<&'static str> {
         let seconds = time?.seconds;
-        if self.too_old_before.is_some_and(|before| seconds < before) {
+        let (old, new) = self.of(selector)?;
+        if old.is_some_and(|before| seconds < before) {
             Some("greater_than_max_sample_age")
-        } else if self.too_new_from.is_some_and(|from| seconds >= from) {
+        } else if new.is_some_and(|from| seconds >= from) {
             Some("too_far_in_future")
         } else {
             None
         }
     }
 
-    /// Whether an entry written at `time` lies in the second that holds one of Loki's
-    /// bounds: refused or taken, these bounds cannot say.
-    pub fn unsure(&self, time: Option<&prost_types::Timestamp>) -> bool {
-        time.is_some_and(|time| {
-            self.too_old_before == Some(time.seconds)
-                || self.too_new_from == Some(time.seconds.saturating_add(1))
-        })
+    /// Whether an entry of stream `selector` written at `time` lies in the second that holds
+    /// one of Loki's bounds: refused or taken, these bounds cannot say.
+    pub fn unsure(&self, selector: &str, time: Option<&prost_types::Timestamp>) -> bool {
+        time.zip(self.of(selector))
+            .is_some_and(|(time, (old, new))| {
+                old == Some(time.seconds) || new == Some(time.seconds.saturating_add(1))
+            })
     }
 }
 
@@ -465,65 +523,83 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_naming_times_bounds_every_entry_of_its_push() {
+    fn a_refusal_naming_times_bounds_the_entries_of_the_streams_it_names() {
         let at = |seconds| prost_types::Timestamp {
             seconds,
             nanos: 999_999_999,
         };
-        let old = "2024-10-21T00:00:00Z";
-        let old_s = chrono::DateTime::parse_from_rfc3339(old)
-            .expect("a time")
-            .timestamp();
-        let new = "2099-01-01T00:00:00Z";
-        let new_s = chrono::DateTime::parse_from_rfc3339(new)
-            .expect("a time")
-            .timestamp();
+        let seconds = |t: &str| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .expect("a time")
+                .timestamp()
+        };
+        let (old, new) = ("2024-10-21T00:00:00Z", "2099-01-01T00:00:00Z");
+        let (old_s, new_s) = (seconds(old), seconds(new));
+        let (b, c, d) = (r#"{a="b"}"#, r#"{a="c"}"#, r#"{a="d"}"#);
         let bounds = TimeBounds::read(&format!(
-            "2 errors like: entry for stream '{{a=\"b\"}}' has timestamp too old: \
+            "3 errors like: entry for stream '{b}' has timestamp too old: \
              2024-10-01T00:00:00Z, oldest acceptable timestamp is: {old}\n\
-             entry for stream '{{a=\"c\"}}' has timestamp too new: 2099-01-02T00:00:00Z; \
-             entry for stream '{{a=\"c\"}}' has timestamp too new: {new}"
+             entry for stream '{c}' has timestamp too new: 2099-01-02T00:00:00Z; \
+             entry for stream '{c}' has timestamp too new: {new}"
         ));
         assert_eq!(
-            bounds.refused(Some(&at(old_s - 1))),
+            bounds.refused(b, Some(&at(old_s - 1))),
             Some("greater_than_max_sample_age")
         );
         // Within Loki's bound's second: not known to be refused.
-        assert_eq!(bounds.refused(Some(&at(old_s))), None);
-        assert!(bounds.unsure(Some(&at(old_s))));
-        assert_eq!(bounds.refused(Some(&at(new_s))), None);
-        assert!(bounds.unsure(Some(&at(new_s))));
-        // Between them: taken, as far as these bounds say.
-        assert_eq!(bounds.refused(Some(&at(old_s + 1))), None);
-        assert!(!bounds.unsure(Some(&at(old_s + 1))));
-        assert!(!bounds.unsure(Some(&at(new_s - 1))));
-        assert!(!bounds.unsure(None));
+        assert_eq!(bounds.refused(b, Some(&at(old_s))), None);
+        assert!(bounds.unsure(b, Some(&at(old_s))));
+        assert_eq!(bounds.refused(c, Some(&at(new_s))), None);
+        assert!(bounds.unsure(c, Some(&at(new_s))));
         assert_eq!(
-            bounds.refused(Some(&at(new_s + 1))),
+            bounds.refused(c, Some(&at(new_s + 1))),
             Some("too_far_in_future")
         );
-        assert_eq!(bounds.refused(None), None);
+        // Past the bound: taken, as far as these bounds say.
+        assert_eq!(bounds.refused(b, Some(&at(old_s + 1))), None);
+        assert!(!bounds.unsure(b, Some(&at(old_s + 1))));
+        assert!(!bounds.unsure(c, Some(&at(new_s - 1))));
+        // Only for the stream named, and never without a time.
+        assert_eq!(bounds.refused(b, Some(&at(new_s + 1))), None);
+        assert_eq!(bounds.refused(c, Some(&at(old_s - 1))), None);
+        assert_eq!(bounds.refused(d, Some(&at(old_s - 1))), None);
+        assert!(!bounds.unsure(d, Some(&at(old_s))));
+        assert_eq!(bounds.refused(b, None), None);
         // Lower-case, as Loki 3.6+ writes, with an offset.
-        let lower = TimeBounds::read(
-            "entry for stream '{a=\"b\"}' has timestamp too new: 2099-01-01t09:00:00+09:00",
-        );
-        assert_eq!(lower.refused(Some(&at(new_s))), None);
+        let lower = TimeBounds::read(&format!(
+            "entry for stream '{b}' has timestamp too new: 2099-01-01t09:00:00+09:00"
+        ));
+        assert_eq!(lower.refused(b, Some(&at(new_s))), None);
         assert_eq!(
-            lower.refused(Some(&at(new_s + 1))),
+            lower.refused(b, Some(&at(new_s + 1))),
             Some("too_far_in_future")
         );
-        // Naming no time (or one not read): nothing known.
+        // An ingester's "too far behind" (a bound of the stream's own, which moves), a host
+        // name spelling a sentence, or no time read: nothing known.
+        let spelt = r#"{host="x' has timestamp too new: 1970-01-01T00:00:00Z"}"#;
         for message in [
-            "entry for stream '{a=\"b\"}' has timestamp too new: soon",
-            "max entry size '262144' bytes exceeded for stream '{a=\"b\"}'",
-            "",
+            format!(
+                "entry too far behind, entry timestamp is: 2024-10-01T00:00:00Z, oldest \
+                 acceptable timestamp is: {old}"
+            ),
+            format!("entry for stream '{b}' has timestamp too new: soon"),
+            format!("entry for stream '{b}' has timestamp too old: {old}"),
+            format!("max entry size '262144' bytes exceeded for stream '{spelt}'"),
+            String::new(),
         ] {
+            let bounds = TimeBounds::read(&message);
+            assert_eq!(bounds.refused(b, Some(&at(0))), None, "{message}");
             assert_eq!(
-                TimeBounds::read(message),
-                TimeBounds::default(),
+                bounds.refused(b, Some(&at(i64::MAX / 2))),
+                None,
                 "{message}"
             );
         }
+        // A selector spelling a sentence is not the stream it names.
+        let bounds = TimeBounds::read(&format!(
+            "entry for stream '{spelt}' has timestamp too new: {new}"
+        ));
+        assert_eq!(bounds.refused(spelt, Some(&at(new_s + 1))), None);
     }
 
     #[test]

@@ -10,11 +10,10 @@ use mall_telemetry::metrics::{
 /// Sources of records.
 pub const SOURCES: [&str; 2] = ["forward", "otlp"];
 /// Why records were dropped: Loki's refusals (400) by Loki's own reason names (as its
-/// `loki_discarded_samples_total` counts them; `loki_refused` for a reason not known here, while Loki takes a probe),
-/// and `too_large` for one record too large to push (413).
-pub const DROP_REASONS: [&str; 12] = [
+/// `loki_discarded_samples_total` counts them; `loki_refused` for a reason not known here, while Loki takes a probe).
+/// A record is never dropped for a 413 (a proxy's limit, waited out).
+pub const DROP_REASONS: [&str; 11] = [
     "loki_refused",
-    "too_large",
     "greater_than_max_sample_age",
     "too_far_in_future",
     "line_too_long",

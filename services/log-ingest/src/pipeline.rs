@@ -1315,12 +1315,13 @@ impl Pusher {
     /// Pushes `pieces` (from the last); see [`Pusher::push`].
     async fn send_all(&self, mut pieces: Vec<Piece>, stop: &CancellationToken) -> bool {
         // A piece Loki refuses (400) or finds too large (413) is halved until the record
-        // at fault is alone, and only that one is dropped: for a 400, when Loki's answer
+        // at fault is alone, and only that one is dropped (a lone record found too large
+        // waits, below): for a 400, when Loki's answer
         // names a reason of the record's own, or names none while Loki takes a probe
         // (else the lone record waits: a tenant or proxy Loki refuses must not drop every
-        // record one by one). But where a 400 names the times its rule refused entries by
-        // ([`loki::TimeBounds`]), the entries past them are dropped at once and the rest
-        // sent again.
+        // record one by one). But where a 400 names the times its rule refused entries of a
+        // stream by ([`loki::TimeBounds`]), the stream's entries past them are dropped at
+        // once and the rest sent again.
         //
         // Records Loki refused for good: how many, and the first one's stream and reason (one
         // log line per push, not one per record: after a long outage every record of a push
@@ -1332,6 +1333,8 @@ impl Pusher {
         // sent, waited out until Loki takes it, and the record is sent once more; refused
         // again for no reason known, it is dropped (`loki_refused`).
         let mut proven = false;
+        // Pushes of one record refused as too large so far (see below).
+        let mut too_large = 0_u32;
         while let Some(Piece {
             items: mut piece,
             body,
@@ -1423,39 +1426,44 @@ impl Pusher {
                 }
                 Some(pushed @ (Pushed::Refused(_) | Pushed::TooLarge)) if piece.len() > 1 => {
                     // Entries refused for their times, by the bounds Loki's answer gives,
-                    // dropped at once; those in a bound's second sent again apart from the
-                    // rest (taken, as far as the bounds say); in halves where that would
-                    // not split the piece.
+                    // dropped at once, those in a bound's second sent again apart from the
+                    // rest (taken, as far as the bounds say); where none was, in halves (a
+                    // Loki naming only its last refusal would otherwise cost a round per
+                    // second of entries).
                     let bounds = match &pushed {
                         Pushed::Refused(reason) => loki::TimeBounds::read(reason),
                         Pushed::TooLarge | Pushed::Accepted => loki::TimeBounds::default(),
                     };
-                    let (past, rest): (Vec<Item>, Vec<Item>) = piece
-                        .into_iter()
-                        .partition(|item| bounds.refused(item.entry.timestamp.as_ref()).is_some());
+                    let (past, rest): (Vec<Item>, Vec<Item>) =
+                        piece.into_iter().partition(|item| {
+                            bounds
+                                .refused(&item.labels, item.entry.timestamp.as_ref())
+                                .is_some()
+                        });
                     if let Pushed::Refused(reason) = &pushed {
                         for item in &past {
                             let why = bounds
-                                .refused(item.entry.timestamp.as_ref())
+                                .refused(&item.labels, item.entry.timestamp.as_ref())
                                 .unwrap_or(loki::UNKNOWN_REFUSAL);
                             self.dropped(&mut refused, item, why, reason);
                         }
                     }
-                    let (unsure, rest): (Vec<Item>, Vec<Item>) = rest
-                        .into_iter()
-                        .partition(|item| bounds.unsure(item.entry.timestamp.as_ref()));
-                    if !past.is_empty() || (!unsure.is_empty() && !rest.is_empty()) {
+                    if past.is_empty() {
+                        let mut first = rest;
+                        let second = first.split_off(first.len() / 2);
+                        pieces.push(Piece::unencoded(second));
+                        pieces.push(Piece::unencoded(first));
+                    } else {
+                        let (unsure, rest): (Vec<Item>, Vec<Item>) =
+                            rest.into_iter().partition(|item| {
+                                bounds.unsure(&item.labels, item.entry.timestamp.as_ref())
+                            });
                         // The rest first (popped last to first).
                         for piece in [unsure, rest] {
                             if !piece.is_empty() {
                                 pieces.push(Piece::unencoded(piece));
                             }
                         }
-                    } else {
-                        let mut all = if unsure.is_empty() { rest } else { unsure };
-                        let second = all.split_off(all.len() / 2);
-                        pieces.push(Piece::unencoded(second));
-                        pieces.push(Piece::unencoded(all));
                     }
                 }
                 // A reason Loki gives for this record, or none while it takes a probe:
@@ -1468,16 +1476,22 @@ impl Pusher {
                         &reason,
                     );
                 }
+                // One record is never too large for Loki (its own limit is 100 MB; a record
+                // is at most `parsing.max_record_bytes` and capped metadata): a proxy before
+                // it has a smaller body limit. The environment's, not the record's: waited
+                // out (an ERROR line each time, as for a refused probe) and sent again.
                 Some(Pushed::TooLarge) => {
-                    tracing::warn!(
+                    too_large = too_large.saturating_add(1);
+                    tracing::error!(
                         labels = %piece[0].labels,
                         bytes = piece[0].size(),
-                        "one record is too large for Loki; it is dropped"
+                        failures = too_large,
+                        "a push of one record was refused as too large (413): a proxy before Loki has a body limit below one record (Loki's own is 100 MB); retrying until it is raised"
                     );
-                    self.metrics
-                        .dropped
-                        .with_label_values(&[source_label(piece[0].source), "too_large"])
-                        .inc();
+                    if !self.loki.wait(too_large, stop).await {
+                        return false;
+                    }
+                    pieces.push(Piece::unencoded(piece));
                 }
             }
         }
