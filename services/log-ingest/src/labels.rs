@@ -249,6 +249,56 @@ pub fn label_name(name: String) -> String {
     out
 }
 
+/// `{name="value", …}` with Prometheus' label name rules and escapes (`\uXXXX` too, as
+/// Go's `strconv.Unquote` reads it); `None` when it does not parse (or is empty, which
+/// Loki refuses too), or holds a raw U+FFFD (Loki's lexer cannot tell it from a byte that
+/// is not UTF-8, and refuses it).
+pub fn parse_selector(text: &str) -> Option<Vec<(String, String)>> {
+    if text.contains('\u{FFFD}') {
+        return None;
+    }
+    let inner = text.trim().strip_prefix('{')?.strip_suffix('}')?;
+    let mut labels = Vec::new();
+    let mut rest = inner.trim_start();
+    while !rest.is_empty() {
+        let eq = rest.find('=')?;
+        let name = rest[..eq].trim();
+        let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return None;
+        }
+        let after = rest[eq + 1..].trim_start().strip_prefix('"')?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '\\' => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    'u' => {
+                        let hex: String = (0..4)
+                            .map(|_| chars.next().map(|(_, c)| c).filter(char::is_ascii_hexdigit))
+                            .collect::<Option<_>>()?;
+                        value.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+                    }
+                    other => value.push(other),
+                },
+                '"' => break i,
+                other => value.push(other),
+            }
+        };
+        labels.push((name.to_owned(), value));
+        rest = after[end + 1..].trim_start();
+        if let Some(next) = rest.strip_prefix(',') {
+            rest = next.trim_start();
+        } else if !rest.is_empty() {
+            return None;
+        }
+    }
+    (!labels.is_empty()).then_some(labels)
+}
+
 /// `{name="value", …}` with Loki's escaping, empty values left out.
 pub fn selector(pairs: &[(&str, &str)]) -> String {
     let mut out = String::from("{");

@@ -330,10 +330,13 @@ async fn first_bytes(mut response: reqwest::Response, max: usize) -> String {
 /// entry is alone (about two per entry).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TimeBounds {
-    /// Per stream selector named: entries before the first (Unix seconds) were too old,
-    /// entries from the second on too new.
-    streams: Vec<(String, Option<i64>, Option<i64>)>,
+    /// Per stream named (its labels, sorted): entries before the first (Unix seconds) were
+    /// too old, entries from the second on too new.
+    streams: Vec<(Labels, Option<i64>, Option<i64>)>,
 }
+
+/// A stream's labels, as (name, value) pairs.
+type Labels = Vec<(String, String)>;
 
 impl TimeBounds {
     /// The bounds `message` (a 400's answer) gives; none where it names no time.
@@ -384,18 +387,37 @@ impl TimeBounds {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            match bounds.streams.iter_mut().find(|(s, _, _)| s == selector) {
+            // Loki quotes the labels as it read them: sorted, Go's quoting, and with
+            // `service_name` it adds (compared as sets, below).
+            let Some(mut labels) = crate::labels::parse_selector(selector) else {
+                continue;
+            };
+            labels.sort();
+            match bounds.streams.iter_mut().find(|(s, _, _)| *s == labels) {
                 Some((_, o, n)) => (*o, *n) = (earliest(*o, old), earliest(*n, new)),
-                None => bounds.streams.push((selector.to_owned(), old, new)),
+                None => bounds.streams.push((labels, old, new)),
             }
         }
         bounds
     }
 
+    /// The bounds of the stream whose selector (as sent) is `selector`: Loki's labels are
+    /// its labels, and `service_name` where it sent none (Loki adds it).
     fn of(&self, selector: &str) -> Option<(Option<i64>, Option<i64>)> {
+        if self.streams.is_empty() {
+            return None;
+        }
+        let mut ours = crate::labels::parse_selector(selector)?;
+        ours.sort();
+        let sent_service_name = ours.iter().any(|(name, _)| name == SERVICE_NAME);
         self.streams
             .iter()
-            .find(|(s, _, _)| s == selector)
+            .find(|(theirs, _, _)| {
+                theirs
+                    .iter()
+                    .filter(|(name, _)| sent_service_name || name != SERVICE_NAME)
+                    .eq(ours.iter())
+            })
             .map(|(_, old, new)| (*old, *new))
     }
 
@@ -426,6 +448,10 @@ impl TimeBounds {
             })
     }
 }
+
+/// The label Loki adds to a stream that has none of that name (from `service`, or
+/// `unknown_service`), and quotes in its answers.
+const SERVICE_NAME: &str = "service_name";
 
 /// Loki's reason for refusing an entry (its `discarded_samples_total` reason names), read
 /// from its 400 answer's message, anywhere in it and in any case (Loki 3.6+ writes its
@@ -595,6 +621,17 @@ mod tests {
                 "{message}"
             );
         }
+        // Loki quotes the labels sorted, with the `service_name` it adds.
+        let normal = TimeBounds::read(&format!(
+            r#"entry for stream '{{environment="test", host="web-1", service="shop", service_name="shop"}}' has timestamp too new: {new}"#
+        ));
+        let ours = r#"{service="shop", host="web-1", environment="test"}"#;
+        assert_eq!(
+            normal.refused(ours, Some(&at(new_s + 1))),
+            Some("too_far_in_future")
+        );
+        let other_host = r#"{service="shop", host="web-2", environment="test"}"#;
+        assert_eq!(normal.refused(other_host, Some(&at(new_s + 1))), None);
         // A selector spelling a sentence is not the stream it names.
         let bounds = TimeBounds::read(&format!(
             "entry for stream '{spelt}' has timestamp too new: {new}"

@@ -380,14 +380,14 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
                             .map_or_else(String::new, |t| t.to_rfc3339());
                     problems.push(format!(
                         "entry for stream '{}' has timestamp too old: {shown}, oldest acceptable timestamp is: {oldest}",
-                        stream.labels
+                        as_loki_quotes(&labels)
                     ));
                     continue;
                 }
                 if time.seconds > now + CREATION_GRACE.as_secs() as i64 {
                     problems.push(format!(
                         "entry for stream '{}' has timestamp too new: {shown}",
-                        stream.labels
+                        as_loki_quotes(&labels)
                     ));
                     continue;
                 }
@@ -470,55 +470,28 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
     }
 }
 
-/// `{name="value", …}` with Prometheus' label name rules and escapes (`\uXXXX` too, as
-/// Go's `strconv.Unquote` reads it); `None` when it does not parse (or is empty, which
-/// Loki refuses too), or holds a raw U+FFFD (Loki's lexer cannot tell it from a byte that
-/// is not UTF-8, and refuses it).
-pub fn parse_labels(text: &str) -> Option<Vec<(String, String)>> {
-    if text.contains('\u{FFFD}') {
-        return None;
+/// `labels` as Loki quotes them in its answers (`labels.String()` of what it read): sorted,
+/// with the `service_name` it adds (from `service`, else `unknown_service`).
+fn as_loki_quotes(labels: &[(String, String)]) -> String {
+    let mut labels = labels.to_vec();
+    if !labels.iter().any(|(name, _)| name == "service_name") {
+        let service = labels
+            .iter()
+            .find(|(name, _)| name == "service")
+            .map_or("unknown_service", |(_, value)| value.as_str())
+            .to_owned();
+        labels.push(("service_name".to_owned(), service));
     }
-    let inner = text.trim().strip_prefix('{')?.strip_suffix('}')?;
-    let mut labels = Vec::new();
-    let mut rest = inner.trim_start();
-    while !rest.is_empty() {
-        let eq = rest.find('=')?;
-        let name = rest[..eq].trim();
-        let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
-            return None;
-        }
-        let after = rest[eq + 1..].trim_start().strip_prefix('"')?;
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let end = loop {
-            let (i, c) = chars.next()?;
-            match c {
-                '\\' => match chars.next()?.1 {
-                    'n' => value.push('\n'),
-                    'u' => {
-                        let hex: String = (0..4)
-                            .map(|_| chars.next().map(|(_, c)| c).filter(char::is_ascii_hexdigit))
-                            .collect::<Option<_>>()?;
-                        value.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
-                    }
-                    other => value.push(other),
-                },
-                '"' => break i,
-                other => value.push(other),
-            }
-        };
-        labels.push((name.to_owned(), value));
-        rest = after[end + 1..].trim_start();
-        if let Some(next) = rest.strip_prefix(',') {
-            rest = next.trim_start();
-        } else if !rest.is_empty() {
-            return None;
-        }
-    }
-    (!labels.is_empty()).then_some(labels)
+    labels.sort();
+    let pairs: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    crate::labels::selector(&pairs)
 }
+
+/// Loki's reading of a stream selector (see [`crate::labels::parse_selector`]).
+pub use crate::labels::parse_selector as parse_labels;
 
 #[cfg(test)]
 mod tests {
