@@ -1363,6 +1363,7 @@ impl Pusher {
                     pieces.push(Piece::unencoded(piece));
                 }
                 Some(Pushed::Accepted) => {
+                    too_large = 0;
                     // The wall clock as it is (not `now_ms`, held back after the clock
                     // stepped back): the alerts read the last push's time.
                     let now_ms = chrono::Utc::now().timestamp_millis();
@@ -1458,8 +1459,10 @@ impl Pusher {
                             rest.into_iter().partition(|item| {
                                 bounds.unsure(&item.labels, item.entry.timestamp.as_ref())
                             });
-                        // The rest first (popped last to first).
-                        for piece in [unsure, rest] {
+                        // Those in a bound's second first (popped last to first): a too-old
+                        // bound's are the stream's oldest, which Loki might otherwise find
+                        // too far behind the rest.
+                        for piece in [rest, unsure] {
                             if !piece.is_empty() {
                                 pieces.push(Piece::unencoded(piece));
                             }
@@ -1482,11 +1485,14 @@ impl Pusher {
                 // out (an ERROR line each time, as for a refused probe) and sent again.
                 Some(Pushed::TooLarge) => {
                     too_large = too_large.saturating_add(1);
+                    // A failed push too: the output is stalled until it is raised
+                    // (`MallLokiUnreachable` pages on failed pushes).
+                    self.metrics.pushes.with_label_values(&["failed"]).inc();
                     tracing::error!(
                         labels = %piece[0].labels,
                         bytes = piece[0].size(),
                         failures = too_large,
-                        "a push of one record was refused as too large (413): a proxy before Loki has a body limit below one record (Loki's own is 100 MB); retrying until it is raised"
+                        "a push of one record was refused as too large (413): a proxy before Loki has a body limit below one record, or Loki's own (100 MB by default) was lowered; retrying until it is raised"
                     );
                     if !self.loki.wait(too_large, stop).await {
                         return false;
