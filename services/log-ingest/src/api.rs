@@ -7,7 +7,7 @@ use mall_proto::logs::v1::{
 };
 use std::sync::Arc;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
 use mall_proto::logs::v1::SourceStats;
@@ -19,17 +19,14 @@ use crate::{
     tail::{TailStream, Tails},
 };
 
-/// TestParse calls parsing at once, each up to 16 MiB of lines and a few times that in
-/// records and answer; one more is answered UNAVAILABLE with RetryInfo (it is a tool for
-/// people, and callers the mesh lets in must not take the memory and cores ingestion needs).
-pub const TEST_PARSES_AT_ONCE: usize = 2;
-
 /// The service's handlers.
 #[derive(Debug, Clone)]
 pub struct LogsApi {
     /// TestParse.
     pub parsing: Parsing,
-    /// TestParse calls parsing now, at most [`TEST_PARSES_AT_ONCE`].
+    /// TestParse calls parsing now, at most `parsing.test_parses_at_once` (it is a tool for
+    /// people, and callers the mesh lets in must not take the memory and cores ingestion
+    /// needs).
     pub parsing_now: Arc<Semaphore>,
     /// The pipeline's counters.
     pub metrics: LogMetrics,
@@ -80,33 +77,8 @@ impl LogIngestService for LogsApi {
         &self,
         request: Request<TestParseRequest>,
     ) -> Result<Response<TestParseResponse>, Status> {
-        let Ok(slot) = self.parsing_now.clone().try_acquire_owned() else {
-            return Err(mall_grpc::ServiceError::RetryLater {
-                reason: "BUSY",
-                message: format!(
-                    "log-ingest is running {TEST_PARSES_AT_ONCE} TestParse calls, as many as \
-                     it runs at once"
-                ),
-                retry_after: std::time::Duration::from_secs(1),
-            }
-            .into());
-        };
-        let request = request.into_inner();
-        // Up to 16 MiB of parsing and masking: off the async workers.
-        let parsing = self.parsing.clone();
-        let records = tokio::task::spawn_blocking(move || {
-            let _slot = slot;
-            parsing.test(&request.parser, &request.lines)
-        })
-        .await
-        .map_err(|_| {
-            // Not the panic's message: it may quote the request's lines, which can
-            // hold personal data.
-            mall_grpc::ServiceError::Internal(anyhow::anyhow!("TestParse panicked"))
-        })??;
-        Ok(Response::new(TestParseResponse {
-            records: records.into_iter().map(|r| parsed(r, "")).collect(),
-        }))
+        let slot = self.test_parse_slot()?;
+        self.test_parse_in(slot, request).await
     }
 
     type TailLogsStream = TailStream;
@@ -116,6 +88,55 @@ impl LogIngestService for LogsApi {
         request: Request<TailLogsRequest>,
     ) -> Result<Response<Self::TailLogsStream>, Status> {
         Ok(Response::new(self.tails.open(request.into_inner())?))
+    }
+}
+
+impl LogsApi {
+    /// A slot to run TestParse in, taken before its request is read (the server's route,
+    /// [`crate::api_wire`], takes it before decoding: a call told to wait holds nothing);
+    /// UNAVAILABLE with RetryInfo when as many as it takes run already.
+    ///
+    /// # Errors
+    /// As said.
+    pub fn test_parse_slot(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.parsing_now.clone().try_acquire_owned().map_err(|_| {
+            mall_grpc::ServiceError::RetryLater {
+                reason: "BUSY",
+                message: "log-ingest is running as many TestParse calls as it runs at once \
+                          (parsing.test_parses_at_once)"
+                    .to_owned(),
+                retry_after: std::time::Duration::from_secs(1),
+            }
+            .into()
+        })
+    }
+
+    /// TestParse in `slot` (from [`Self::test_parse_slot`], held until it is done).
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT for a bad request (see the contract).
+    pub async fn test_parse_in(
+        &self,
+        slot: OwnedSemaphorePermit,
+        request: Request<TestParseRequest>,
+    ) -> Result<Response<TestParseResponse>, Status> {
+        let request = request.into_inner();
+        // Up to 16 MiB of parsing and masking: off the async workers.
+        let parsing = self.parsing.clone();
+        let (records, slot) = tokio::task::spawn_blocking(move || {
+            (parsing.test(&request.parser, &request.lines), slot)
+        })
+        .await
+        .map_err(|_| {
+            // Not the panic's message: it may quote the request's lines, which can
+            // hold personal data.
+            mall_grpc::ServiceError::Internal(anyhow::anyhow!("TestParse panicked"))
+        })?;
+        let response = TestParseResponse {
+            records: records?.into_iter().map(|r| parsed(r, "")).collect(),
+        };
+        drop(slot);
+        Ok(Response::new(response))
     }
 }
 
@@ -166,12 +187,15 @@ mod tests {
         tail::TailSettings,
     };
 
+    /// `parsing.test_parses_at_once` here.
+    const AT_ONCE: usize = 2;
+
     fn api() -> LogsApi {
         let metrics = LogMetrics::unregistered(&[]);
         LogsApi {
             parsing: Parsing::new(&ParsingSettings::default(), &MaskingSettings::default())
                 .expect("the default parsing"),
-            parsing_now: Arc::new(Semaphore::new(TEST_PARSES_AT_ONCE)),
+            parsing_now: Arc::new(Semaphore::new(AT_ONCE)),
             metrics: metrics.clone(),
             started: chrono::Utc::now(),
             tails: Tails::new(
@@ -189,6 +213,57 @@ mod tests {
         })
     }
 
+    /// The server's route answers BUSY before it reads the request: a call told to wait
+    /// holds none of its bytes (its body here never ends).
+    #[tokio::test]
+    async fn the_servers_route_answers_busy_before_reading_the_request() {
+        use std::{
+            pin::Pin,
+            task::{Context, Poll},
+        };
+        use tower::Service as _;
+
+        struct Endless;
+        impl http_body::Body for Endless {
+            type Data = bytes::Bytes;
+            type Error = std::convert::Infallible;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+                Poll::Pending
+            }
+        }
+
+        let api = api();
+        let _running = api
+            .parsing_now
+            .clone()
+            .try_acquire_many_owned(u32::try_from(AT_ONCE).expect("small"))
+            .expect("free");
+        let mut server = crate::api_wire::ContractServer::new(api, 1 << 20);
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("http://log-ingest/mall.logs.v1.LogIngestService/TestParse")
+            .header("content-type", "application/grpc")
+            .body(tonic::body::Body::new(Endless))
+            .expect("a request");
+        let response =
+            tokio::time::timeout(std::time::Duration::from_secs(5), server.call(request))
+                .await
+                .expect("answered without reading the body")
+                .expect("infallible");
+        let status = tonic::Status::from_header_map(response.headers()).expect("a status");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(
+            status
+                .get_error_details()
+                .error_info()
+                .map(|e| e.reason.as_str()),
+            Some("BUSY")
+        );
+    }
+
     /// As many TestParse calls as run at once take every slot: one more is answered
     /// UNAVAILABLE with RetryInfo at once, and goes through once a slot is free.
     #[tokio::test]
@@ -197,7 +272,7 @@ mod tests {
         let running = api
             .parsing_now
             .clone()
-            .try_acquire_many_owned(u32::try_from(TEST_PARSES_AT_ONCE).expect("small"))
+            .try_acquire_many_owned(u32::try_from(AT_ONCE).expect("small"))
             .expect("free");
         let status = api.test_parse(request()).await.expect_err("busy");
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
@@ -219,7 +294,7 @@ mod tests {
         assert_eq!(records.records.len(), 1);
         assert_eq!(
             api.parsing_now.available_permits(),
-            TEST_PARSES_AT_ONCE,
+            AT_ONCE,
             "its slot given back"
         );
     }

@@ -26,6 +26,8 @@ use tonic::{
     server::{NamedService, UnaryService},
 };
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use crate::{api::LogsApi, parsing, wire};
 
 const TEST_PARSE: &str = "/mall.logs.v1.LogIngestService/TestParse";
@@ -76,25 +78,35 @@ impl tower::Service<http::Request<Body>> for ContractServer {
         if request.uri().path() != TEST_PARSE {
             return self.generated.call(request);
         }
+        // A slot first: a call told to wait (BUSY) is answered before its body is read.
+        let slot = match self.api.test_parse_slot() {
+            Ok(slot) => slot,
+            Err(busy) => return Box::pin(async move { Ok(busy.into_http()) }),
+        };
         let (api, limit) = (self.api.clone(), self.max_decoding_message_size);
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(TestParseCodec)
                 .apply_max_message_size_config(Some(limit), None);
-            Ok(grpc.unary(TestParseMethod(api), request).await)
+            Ok(grpc.unary(TestParseMethod(api, Some(slot)), request).await)
         })
     }
 }
 
-/// The handler, as tonic's unary call wants it.
-struct TestParseMethod(Arc<LogsApi>);
+/// The handler, as tonic's unary call wants it, with its slot.
+struct TestParseMethod(Arc<LogsApi>, Option<OwnedSemaphorePermit>);
 
 impl UnaryService<TestParseRequest> for TestParseMethod {
     type Response = TestParseResponse;
     type Future = BoxFuture<tonic::Response<TestParseResponse>, Status>;
 
     fn call(&mut self, request: tonic::Request<TestParseRequest>) -> Self::Future {
-        let api = self.0.clone();
-        Box::pin(async move { api.test_parse(request).await })
+        let (api, slot) = (self.0.clone(), self.1.take());
+        Box::pin(async move {
+            match slot {
+                Some(slot) => api.test_parse_in(slot, request).await,
+                None => api.test_parse(request).await,
+            }
+        })
     }
 }
 

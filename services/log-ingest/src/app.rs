@@ -214,7 +214,7 @@ impl App {
             LogsApi {
                 parsing,
                 parsing_now: std::sync::Arc::new(tokio::sync::Semaphore::new(
-                    crate::api::TEST_PARSES_AT_ONCE,
+                    settings.parsing.test_parses_at_once,
                 )),
                 metrics: metrics.clone(),
                 started: chrono::Utc::now(),
@@ -292,6 +292,10 @@ fn ensure_workable(settings: &Settings) -> anyhow::Result<()> {
         ("forward.max_connections", forward.max_connections),
         ("forward.max_message_bytes", forward.max_message_bytes),
         ("pipeline.batch_bytes", pipeline.batch_bytes),
+        (
+            "parsing.test_parses_at_once",
+            settings.parsing.test_parses_at_once,
+        ),
     ] {
         anyhow::ensure!(count >= 1, "{name} must be at least 1");
     }

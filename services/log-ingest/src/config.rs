@@ -131,6 +131,10 @@ pub struct ParsingSettings {
     /// Parsers of regular expressions with named captures, by name (besides the built-in
     /// ones); none by default.
     pub parsers: Vec<RegexParserSettings>,
+    /// TestParse calls parsing at once, each up to 16 MiB of lines and a few times that in
+    /// records and answer; one more is answered UNAVAILABLE with RetryInfo before its
+    /// request is read. Default 2 (the cores ingestion needs). At least 1.
+    pub test_parses_at_once: usize,
 }
 
 impl Default for ParsingSettings {
@@ -140,6 +144,7 @@ impl Default for ParsingSettings {
             max_record_lines: 5_000,
             max_record_bytes: 192 * 1024,
             parsers: Vec::new(),
+            test_parses_at_once: 2,
         }
     }
 }
