@@ -94,13 +94,14 @@ impl LogIngestService for LogsApi {
 impl LogsApi {
     /// A slot to run TestParse in, taken before its request is read (the server's route,
     /// [`crate::api_wire`], takes it before decoding: a call told to wait holds nothing);
-    /// UNAVAILABLE with RetryInfo when as many as it takes run already.
+    /// RESOURCE_EXHAUSTED with RetryInfo when as many as it takes run already (the callers'
+    /// load, not the server's fault: no server-error alert counts it).
     ///
     /// # Errors
     /// As said.
     pub fn test_parse_slot(&self) -> Result<OwnedSemaphorePermit, Status> {
         self.parsing_now.clone().try_acquire_owned().map_err(|_| {
-            mall_grpc::ServiceError::RetryLater {
+            mall_grpc::ServiceError::Throttled {
                 reason: "BUSY",
                 message: "log-ingest is running as many TestParse calls as it runs at once \
                           (parsing.test_parses_at_once)"
@@ -254,7 +255,7 @@ mod tests {
                 .expect("answered without reading the body")
                 .expect("infallible");
         let status = tonic::Status::from_header_map(response.headers()).expect("a status");
-        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         assert_eq!(
             status
                 .get_error_details()
@@ -275,7 +276,7 @@ mod tests {
             .try_acquire_many_owned(u32::try_from(AT_ONCE).expect("small"))
             .expect("free");
         let status = api.test_parse(request()).await.expect_err("busy");
-        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         let details = status.get_error_details();
         assert_eq!(
             details.retry_info().and_then(|r| r.retry_delay),

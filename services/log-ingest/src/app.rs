@@ -299,6 +299,11 @@ fn ensure_workable(settings: &Settings) -> anyhow::Result<()> {
     ] {
         anyhow::ensure!(count >= 1, "{name} must be at least 1");
     }
+    // Each holds its memory and a blocking thread.
+    anyhow::ensure!(
+        settings.parsing.test_parses_at_once <= 1_024,
+        "parsing.test_parses_at_once must be at most 1024"
+    );
     // A pair and the place its service holds for its `other` (see `labels`).
     anyhow::ensure!(
         pipeline.max_streams >= 2,

@@ -132,8 +132,9 @@ pub struct ParsingSettings {
     /// ones); none by default.
     pub parsers: Vec<RegexParserSettings>,
     /// TestParse calls parsing at once, each up to 16 MiB of lines and a few times that in
-    /// records and answer; one more is answered UNAVAILABLE with RetryInfo before its
-    /// request is read. Default 2 (the cores ingestion needs). At least 1.
+    /// records and answer; one more is answered RESOURCE_EXHAUSTED with RetryInfo before
+    /// its request is read. Default 2 (the cores ingestion needs). At least 1, at most
+    /// 1,024.
     pub test_parses_at_once: usize,
 }
 

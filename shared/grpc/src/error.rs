@@ -70,6 +70,18 @@ pub enum ServiceError {
         /// How long to wait before trying again.
         retry_after: std::time::Duration,
     },
+    /// The caller asks for more at once than this server gives any caller (a limit on
+    /// concurrent calls, a rate): RESOURCE_EXHAUSTED with a `RetryInfo` saying how long to
+    /// wait. The caller's load, not the server's fault (no server-error alert counts it).
+    #[error("{message}")]
+    Throttled {
+        /// Machine-readable reason, UPPER_SNAKE_CASE.
+        reason: &'static str,
+        /// What is wrong, for a person.
+        message: String,
+        /// How long to wait before trying again.
+        retry_after: std::time::Duration,
+    },
     /// The caller's deadline passed before the work finished; nothing was committed.
     #[error("deadline exceeded")]
     DeadlineExceeded,
@@ -94,7 +106,7 @@ impl ServiceError {
             Self::NotFound { .. } => Code::NotFound,
             Self::FailedPrecondition { .. } => Code::FailedPrecondition,
             Self::OutOfRange(_) => Code::OutOfRange,
-            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::ResourceExhausted(_) | Self::Throttled { .. } => Code::ResourceExhausted,
             Self::Unavailable(_) | Self::RetryLater { .. } => Code::Unavailable,
             Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::Internal(_) => Code::Internal,
@@ -105,7 +117,9 @@ impl ServiceError {
         match self {
             Self::InvalidArgument(_) => "INVALID_ARGUMENT",
             Self::NotFound { .. } => "NOT_FOUND",
-            Self::FailedPrecondition { reason, .. } | Self::RetryLater { reason, .. } => reason,
+            Self::FailedPrecondition { reason, .. }
+            | Self::RetryLater { reason, .. }
+            | Self::Throttled { reason, .. } => reason,
             Self::OutOfRange(_) => "OUT_OF_RANGE",
             Self::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
             Self::Unavailable(_) => "UNAVAILABLE",
@@ -157,7 +171,8 @@ impl From<ServiceError> for Status {
                 metadata.insert("name".to_owned(), name.clone());
                 error.to_string()
             }
-            ServiceError::RetryLater { retry_after, .. } => {
+            ServiceError::RetryLater { retry_after, .. }
+            | ServiceError::Throttled { retry_after, .. } => {
                 details.set_retry_info(Some(*retry_after));
                 error.to_string()
             }
@@ -302,6 +317,20 @@ mod tests {
             details.error_info().expect("error info").reason,
             "BUFFER_FULL"
         );
+    }
+
+    #[test]
+    fn throttled_is_resource_exhausted_with_how_long_to_wait() {
+        let status = Status::from(ServiceError::Throttled {
+            reason: "BUSY",
+            message: "busy".to_owned(),
+            retry_after: std::time::Duration::from_secs(1),
+        });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let details = status.get_error_details();
+        let retry = details.retry_info().expect("retry info");
+        assert_eq!(retry.retry_delay, Some(std::time::Duration::from_secs(1)));
+        assert_eq!(details.error_info().expect("error info").reason, "BUSY");
     }
 
     #[test]
