@@ -440,13 +440,28 @@ impl TimeBounds {
     }
 
     /// Whether an entry of stream `selector` written at `time` lies in the second that holds
-    /// one of Loki's bounds: refused or taken, these bounds cannot say.
-    pub fn unsure(&self, selector: &str, time: Option<&prost_types::Timestamp>) -> bool {
-        time.zip(self.of(selector))
-            .is_some_and(|(time, (old, new))| {
-                old == Some(time.seconds) || new == Some(time.seconds.saturating_add(1))
-            })
+    /// one of Loki's bounds (refused or taken, these bounds cannot say), and which: the
+    /// too-old bound's second holds the stream's oldest entries left, the too-new one's its
+    /// newest.
+    pub fn unsure(&self, selector: &str, time: Option<&prost_types::Timestamp>) -> Option<Unsure> {
+        let (time, (old, new)) = time.zip(self.of(selector))?;
+        if old == Some(time.seconds) {
+            Some(Unsure::Oldest)
+        } else if new == Some(time.seconds.saturating_add(1)) {
+            Some(Unsure::Newest)
+        } else {
+            None
+        }
     }
+}
+
+/// Which of Loki's bounds an entry's second holds ([`TimeBounds::unsure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsure {
+    /// The too-old bound: the stream's oldest entries left.
+    Oldest,
+    /// The too-new bound: the stream's newest entries left.
+    Newest,
 }
 
 /// The label Loki adds to a stream that has none of that name (from `service`, or
@@ -574,22 +589,22 @@ mod tests {
         );
         // Within Loki's bound's second: not known to be refused.
         assert_eq!(bounds.refused(b, Some(&at(old_s))), None);
-        assert!(bounds.unsure(b, Some(&at(old_s))));
+        assert_eq!(bounds.unsure(b, Some(&at(old_s))), Some(Unsure::Oldest));
         assert_eq!(bounds.refused(c, Some(&at(new_s))), None);
-        assert!(bounds.unsure(c, Some(&at(new_s))));
+        assert_eq!(bounds.unsure(c, Some(&at(new_s))), Some(Unsure::Newest));
         assert_eq!(
             bounds.refused(c, Some(&at(new_s + 1))),
             Some("too_far_in_future")
         );
         // Past the bound: taken, as far as these bounds say.
         assert_eq!(bounds.refused(b, Some(&at(old_s + 1))), None);
-        assert!(!bounds.unsure(b, Some(&at(old_s + 1))));
-        assert!(!bounds.unsure(c, Some(&at(new_s - 1))));
+        assert_eq!(None, bounds.unsure(b, Some(&at(old_s + 1))));
+        assert_eq!(None, bounds.unsure(c, Some(&at(new_s - 1))));
         // Only for the stream named, and never without a time.
         assert_eq!(bounds.refused(b, Some(&at(new_s + 1))), None);
         assert_eq!(bounds.refused(c, Some(&at(old_s - 1))), None);
         assert_eq!(bounds.refused(d, Some(&at(old_s - 1))), None);
-        assert!(!bounds.unsure(d, Some(&at(old_s))));
+        assert_eq!(None, bounds.unsure(d, Some(&at(old_s))));
         assert_eq!(bounds.refused(b, None), None);
         // Lower-case, as Loki 3.6+ writes, with an offset.
         let lower = TimeBounds::read(&format!(

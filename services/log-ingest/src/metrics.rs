@@ -83,7 +83,8 @@ pub struct LogMetrics {
     /// `records_dropped_total{source,reason}`: records Loki refused for good.
     pub dropped: IntCounterVec,
     /// `loki_pushes_total{outcome}`: push attempts by `accepted`, `failed` (retried),
-    /// `refused` (400) and `too_large` (413).
+    /// `refused` (400) and `too_large` (413: a piece is halved; one record is retried, a
+    /// proxy's limit).
     pub pushes: IntCounterVec,
     /// `loki_records_pushed_total`: records Loki accepted.
     pub pushed: IntCounter,

@@ -1455,14 +1455,20 @@ impl Pusher {
                         pieces.push(Piece::unencoded(second));
                         pieces.push(Piece::unencoded(first));
                     } else {
-                        let (unsure, rest): (Vec<Item>, Vec<Item>) =
-                            rest.into_iter().partition(|item| {
-                                bounds.unsure(&item.labels, item.entry.timestamp.as_ref())
-                            });
-                        // Those in a bound's second first (popped last to first): a too-old
-                        // bound's are the stream's oldest, which Loki might otherwise find
-                        // too far behind the rest.
-                        for piece in [rest, unsure] {
+                        // In time order, as a stream's entries go: a too-old bound's second
+                        // (the stream's oldest left), the rest, a too-new bound's second
+                        // (its newest).
+                        let (mut oldest, mut middle, mut newest) =
+                            (Vec::new(), Vec::new(), Vec::new());
+                        for item in rest {
+                            match bounds.unsure(&item.labels, item.entry.timestamp.as_ref()) {
+                                Some(loki::Unsure::Oldest) => oldest.push(item),
+                                Some(loki::Unsure::Newest) => newest.push(item),
+                                None => middle.push(item),
+                            }
+                        }
+                        // Popped last to first.
+                        for piece in [newest, middle, oldest] {
                             if !piece.is_empty() {
                                 pieces.push(Piece::unencoded(piece));
                             }
@@ -1485,9 +1491,8 @@ impl Pusher {
                 // out (an ERROR line each time, as for a refused probe) and sent again.
                 Some(Pushed::TooLarge) => {
                     too_large = too_large.saturating_add(1);
-                    // A failed push too: the output is stalled until it is raised
-                    // (`MallLokiUnreachable` pages on failed pushes).
-                    self.metrics.pushes.with_label_values(&["failed"]).inc();
+                    // (Counted as a `too_large` push, which `MallLokiUnreachable` counts as
+                    // it counts failed ones: the output waits until the limit is raised.)
                     tracing::error!(
                         labels = %piece[0].labels,
                         bytes = piece[0].size(),
