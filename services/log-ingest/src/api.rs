@@ -102,7 +102,7 @@ impl LogsApi {
     pub fn test_parse_slot(&self) -> Result<OwnedSemaphorePermit, Status> {
         self.parsing_now.clone().try_acquire_owned().map_err(|_| {
             mall_grpc::ServiceError::Throttled {
-                reason: "BUSY",
+                reason: "TEST_PARSES_AT_ONCE",
                 message: "log-ingest is running as many TestParse calls as it runs at once \
                           (parsing.test_parses_at_once)"
                     .to_owned(),
@@ -214,7 +214,7 @@ mod tests {
         })
     }
 
-    /// The server's route answers BUSY before it reads the request: a call told to wait
+    /// The server's route answers a call past the limit before it reads the request: a call told to wait
     /// holds none of its bytes (its body here never ends).
     #[tokio::test]
     async fn the_servers_route_answers_busy_before_reading_the_request() {
@@ -261,12 +261,12 @@ mod tests {
                 .get_error_details()
                 .error_info()
                 .map(|e| e.reason.as_str()),
-            Some("BUSY")
+            Some("TEST_PARSES_AT_ONCE")
         );
     }
 
     /// As many TestParse calls as run at once take every slot: one more is answered
-    /// UNAVAILABLE with RetryInfo at once, and goes through once a slot is free.
+    /// RESOURCE_EXHAUSTED with RetryInfo at once, and goes through once a slot is free.
     #[tokio::test]
     async fn a_test_parse_past_those_running_at_once_is_told_to_retry() {
         let api = api();
@@ -284,7 +284,7 @@ mod tests {
         );
         assert_eq!(
             details.error_info().map(|e| e.reason.as_str()),
-            Some("BUSY")
+            Some("TEST_PARSES_AT_ONCE")
         );
         drop(running);
         let records = api

@@ -78,7 +78,7 @@ impl tower::Service<http::Request<Body>> for ContractServer {
         if request.uri().path() != TEST_PARSE {
             return self.generated.call(request);
         }
-        // A slot first: a call told to wait (BUSY) is answered before its body is read.
+        // A slot first: a call past the limit is answered before its body is read.
         let slot = match self.api.test_parse_slot() {
             Ok(slot) => slot,
             Err(busy) => return Box::pin(async move { Ok(busy.into_http()) }),

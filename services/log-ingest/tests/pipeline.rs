@@ -642,8 +642,9 @@ async fn a_push_too_large_is_split_and_a_record_too_large_alone_waits_for_the_pr
     let before = too_large(&probe_metrics(running.admin).await);
     corpus::send_as(running.forward, "hybris-2", &sent, 200).await;
     let second = model(&sent);
-    // The huge record alone is refused again and again (waiting between), not dropped:
-    // past the halving (a few 413s), more of them.
+    // The huge record alone is refused again and again (waiting between), not dropped.
+    // Halving its piece (at most 128 records: seven halvings) takes at most seven 413s;
+    // twelve mean it was refused alone five times and more.
     mall_test_support::wait_until(
         "the huge record refused alone again and again",
         Duration::from_secs(20),
