@@ -12,10 +12,11 @@
 //! labels Loki's operator enforces, `enforced_labels`, are one, as Loki discards each stream
 //! without them), but a lone record refused with a 400 that names none (a tenant Loki
 //! refuses, a proxy's page) is the operator's; 413 says the push is too large (the caller
-//! splits it; for one record, a proxy's limit: the caller waits and sends it again); anything else (401, 403, 404, and a 2xx other than 200 and 204:
-//! Loki's 260 says its operator blocked ingestion and the push was discarded) is the
-//! operator's (retried with the same backoff and logged at ERROR: fixing the configuration
-//! must not lose what waited).
+//! splits it; for one record, a proxy's limit: the caller waits and sends it again);
+//! anything else (401, 403, 404, and a 2xx other than 200 and 204: Loki's 260 says its
+//! operator blocked ingestion and the push was discarded) is the operator's (retried with
+//! the same backoff and logged at ERROR: fixing the configuration must not lose what
+//! waited).
 
 use std::time::Duration;
 
