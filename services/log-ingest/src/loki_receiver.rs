@@ -71,6 +71,9 @@ pub struct Received {
     pub tenant: Option<String>,
 }
 
+/// A stream's last entry taken: its time (seconds, nanoseconds) and line.
+type Last = ((i64, i32), String);
+
 #[derive(Debug, Default)]
 struct Inner {
     received: Vec<Received>,
@@ -98,6 +101,9 @@ struct Inner {
     delay: Duration,
     /// Labels every stream with entries must have (Loki's `enforced_labels`).
     required: Vec<String>,
+    /// Per stream (as sent), its last entry's time and line, when entries older than it
+    /// are refused (Loki with `unordered_writes: false`); `None`: taken in any order.
+    ordered: Option<std::collections::HashMap<String, Last>>,
     entries: u64,
     lines: u64,
 }
@@ -183,6 +189,13 @@ impl LokiReceiver {
     /// skips it. Empty: nothing enforced.
     pub fn enforce_labels(&self, names: &[&str]) {
         lock(&self.inner).required = names.iter().map(|n| (*n).to_owned()).collect();
+    }
+
+    /// Refuses an entry older than the last one taken in its stream (400, `entry out of
+    /// order`), as a Loki configured with `unordered_writes: false` does; one of the same
+    /// time and line as that last one is skipped as a duplicate.
+    pub fn refuse_out_of_order(&self) {
+        lock(&self.inner).ordered = Some(std::collections::HashMap::new());
     }
 
     /// Its base URL, `http://127.0.0.1:<port>`.
@@ -432,6 +445,27 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
                     entry.structured_metadata.len()
                 ));
                 continue;
+            }
+            if let Some(ordered) = &mut inner.ordered {
+                let at = (time.seconds, time.nanos);
+                match ordered.get(&stream.labels) {
+                    Some((last, line)) if *last == at && *line == entry.line => {
+                        inner.duplicates += 1;
+                        continue;
+                    }
+                    Some((last, _)) if at < *last => {
+                        let shown = chrono::DateTime::from_timestamp(time.seconds, 0)
+                            .map_or_else(|| time.seconds.to_string(), |t| t.to_rfc3339());
+                        problems.push(format!(
+                            "entry with timestamp {shown} ignored, reason: 'entry out of order' for stream: {}",
+                            stream.labels
+                        ));
+                        continue;
+                    }
+                    _ => {
+                        ordered.insert(stream.labels.clone(), (at, entry.line.clone()));
+                    }
+                }
             }
             if !inner.keep {
                 inner.count(&entry);

@@ -1603,8 +1603,15 @@ impl Pusher {
     }
 }
 
-/// `items` as one push's body, grouped into streams. Their entries are moved into the
-/// request to encode it and moved back after (a piece may be sent again, halved).
+/// `items` as one push's body, grouped into streams, each stream's entries in time order
+/// (stable: entries of one time keep theirs). Their entries are moved into the request to
+/// encode it and moved back after (a piece may be sent again, halved).
+///
+/// A stream's records come in the order they were read, which is not always their times'
+/// order: the hosts folded into one `other` stream, a sender whose clock stepped back. Loki
+/// takes them either way by default (`unordered_writes`), but one configured for ordered
+/// writes refuses (400, `entry out of order`, dropped) each entry older than one before it
+/// in the stream, the push before included; sorted, a push never refuses its own.
 fn encode(items: &mut [Item]) -> Vec<u8> {
     let mut at: HashMap<&str, usize> = HashMap::new();
     let mut streams: Vec<(loki::Stream, Vec<usize>)> = Vec::new();
@@ -1624,6 +1631,16 @@ fn encode(items: &mut [Item]) -> Vec<u8> {
         streams[s].1.push(i);
     }
     drop(at);
+    for (stream, owners) in &mut streams {
+        let time = |entry: &loki::Entry| entry.timestamp.as_ref().map(|t| (t.seconds, t.nanos));
+        // One pass where they are in order already, as nearly always.
+        if !stream.entries.is_sorted_by_key(time) {
+            let mut pairs: Vec<(loki::Entry, usize)> =
+                stream.entries.drain(..).zip(owners.drain(..)).collect();
+            pairs.sort_by_key(|(entry, _)| time(entry));
+            (stream.entries, *owners) = pairs.into_iter().unzip();
+        }
+    }
     let (streams, owners): (Vec<loki::Stream>, Vec<Vec<usize>>) = streams.into_iter().unzip();
     let mut request = loki::PushRequest { streams };
     let body = loki::encode(&request);
@@ -2094,11 +2111,9 @@ mod tests {
         assert_eq!(entry_nanos(-1_000_000, 5), -1_000_000 + 5);
     }
 
-    /// A push Loki refuses for a label it enforces is split by stream: each stream's records
-    /// in their order, the streams in the order they first came.
-    #[test]
-    fn items_split_by_stream_keep_their_order() {
-        let item = |labels: &str, line: &str| Item {
+    /// An item of stream `labels` with `line`, at `seconds` past 1970.
+    fn item_at(labels: &str, line: &str, seconds: i64) -> Item {
+        Item {
             labels: Arc::from(labels),
             source: Source::Forward,
             service: Arc::from("shop"),
@@ -2106,9 +2121,17 @@ mod tests {
             received_ms: 0,
             entry: loki::Entry {
                 line: line.to_owned(),
+                timestamp: Some(prost_types::Timestamp { seconds, nanos: 0 }),
                 ..loki::Entry::default()
             },
-        };
+        }
+    }
+
+    /// A push Loki refuses for a label it enforces is split by stream: each stream's records
+    /// in their order, the streams in the order they first came.
+    #[test]
+    fn items_split_by_stream_keep_their_order() {
+        let item = |labels: &str, line: &str| item_at(labels, line, 0);
         let items = vec![
             item("{host=\"a\"}", "a1"),
             item("{service=\"x\"}", "x1"),
@@ -2121,6 +2144,60 @@ mod tests {
             .map(|s| s.iter().map(|i| i.entry.line.clone()).collect())
             .collect();
         assert_eq!(lines, [vec!["a1", "a2"], vec!["x1", "x2"], vec!["b1"]]);
+    }
+
+    /// A push's streams each go in time order (a Loki with ordered writes refuses an entry
+    /// older than one before it), entries of one time in the order they came; the items
+    /// keep their own entries, in their order, for a push sent again.
+    #[test]
+    fn a_push_sends_each_streams_entries_in_time_order() {
+        let (a, b) = ("{host=\"a\"}", "{host=\"other\"}");
+        let sent = [
+            (b, "b at 30", 30),
+            (a, "a at 10", 10),
+            (b, "b at 10", 10),
+            (a, "a at 20", 20),
+            (b, "b at 20, first", 20),
+            (b, "b at 20, second", 20),
+            (b, "b at 5", 5),
+        ];
+        let mut items: Vec<Item> = sent
+            .iter()
+            .map(|(labels, line, seconds)| item_at(labels, line, *seconds))
+            .collect();
+        let request = loki::decode(&encode(&mut items)).expect("decodes");
+        let pushed: Vec<(&str, Vec<&str>)> = request
+            .streams
+            .iter()
+            .map(|s| {
+                let lines = s.entries.iter().map(|e| e.line.as_str()).collect();
+                (s.labels.as_str(), lines)
+            })
+            .collect();
+        assert_eq!(
+            pushed,
+            [
+                (
+                    b,
+                    vec![
+                        "b at 5",
+                        "b at 10",
+                        "b at 20, first",
+                        "b at 20, second",
+                        "b at 30"
+                    ]
+                ),
+                (a, vec!["a at 10", "a at 20"]),
+            ]
+        );
+        let kept: Vec<(&str, &str, i64)> = items
+            .iter()
+            .map(|i| {
+                let seconds = i.entry.timestamp.as_ref().map_or(-1, |t| t.seconds);
+                (&*i.labels, i.entry.line.as_str(), seconds)
+            })
+            .collect();
+        assert_eq!(kept, sent, "each item keeps its own entry, in its place");
     }
 
     #[test]

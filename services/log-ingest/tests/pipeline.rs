@@ -579,6 +579,39 @@ async fn entries_loki_refuses_for_their_times_are_dropped_at_once_by_the_bounds_
     );
 }
 
+/// A host whose clock stepped back writes lines older than those before them. A Loki
+/// configured for ordered writes (`unordered_writes: false`) refuses an entry older than
+/// one before it in its stream; sent in time order within the push, none is refused.
+#[tokio::test]
+async fn a_clock_stepped_back_within_a_push_loses_nothing_to_a_loki_with_ordered_writes() {
+    let running = start_with(|s| {
+        // The whole chunk in one push.
+        s.pipeline.batch_wait = Duration::from_secs(1);
+    })
+    .await;
+    running.loki.refuse_out_of_order();
+    let line = |second: u32| {
+        format!(
+            "INFO   | jvm 1    | main    | 2024/10/28 17:12:{second:02}.000 | INFO  [main] [Clock] at {second}"
+        )
+    };
+    // Twenty seconds, then the clock set back ten.
+    let lines: Vec<String> = (20..40).chain(10..20).map(line).collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    send(running.forward, &lines, lines.len()).await;
+    wait_for(&running.loki, lines.len()).await;
+    let got: Vec<String> = running
+        .loki
+        .received()
+        .into_iter()
+        .map(|r| r.entry.line)
+        .collect();
+    let want: Vec<String> = (10..40).map(|s| format!("at {s}")).collect();
+    assert_eq!(got, want, "every entry, in time order");
+    let (_, refused, _) = running.loki.counts();
+    assert_eq!(refused, 0, "no push refused");
+}
+
 /// A push answered 413 (a proxy's body limit in front of Loki) is split until it fits,
 /// nothing dropped; a record too large alone is the proxy's fault, not the record's: it
 /// waits (with the pushes after it) until the limit is raised, then arrives, nothing
