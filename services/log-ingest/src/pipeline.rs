@@ -1435,17 +1435,16 @@ impl Pusher {
                         Pushed::Refused(reason) => loki::TimeBounds::read(reason),
                         Pushed::TooLarge | Pushed::Accepted => loki::TimeBounds::default(),
                     };
-                    let (past, rest): (Vec<Item>, Vec<Item>) =
-                        piece.into_iter().partition(|item| {
-                            bounds
-                                .refused(&item.labels, item.entry.timestamp.as_ref())
-                                .is_some()
-                        });
+                    // (Each with the reason its bound gives.)
+                    let (mut past, mut rest) = (Vec::new(), Vec::new());
+                    for item in piece {
+                        match bounds.refused(&item.labels, item.entry.timestamp.as_ref()) {
+                            Some(why) => past.push((item, why)),
+                            None => rest.push(item),
+                        }
+                    }
                     if let Pushed::Refused(reason) = &pushed {
-                        for item in &past {
-                            let why = bounds
-                                .refused(&item.labels, item.entry.timestamp.as_ref())
-                                .unwrap_or(loki::UNKNOWN_REFUSAL);
+                        for (item, why) in &past {
                             self.dropped(&mut refused, item, why, reason);
                         }
                     }
