@@ -82,13 +82,33 @@ struct Shared {
 #[derive(Debug)]
 struct Tail {
     filter: Filter,
-    sender: mpsc::Sender<ParsedRecord>,
+    sender: mpsc::Sender<Offered>,
     dropped: AtomicU64,
     /// Woken on a drop, so a drop is reported even when no record follows it.
     dropped_since: tokio::sync::Notify,
     /// Bytes of the records waiting (see [`weight`]).
     queued: AtomicUsize,
     max_bytes: usize,
+}
+
+/// A record offered to tails: converted once for every tail it goes to (the pipeline's cost
+/// does not grow with the tails it matches), taken out for a response on each tail's own
+/// task; with its [`weight`] and encoded size.
+#[derive(Debug, Clone)]
+struct Offered {
+    record: Arc<ParsedRecord>,
+    weight: usize,
+    encoded: usize,
+}
+
+impl Offered {
+    fn new(record: ParsedRecord) -> Self {
+        Self {
+            weight: weight(&record),
+            encoded: record.encoded_len(),
+            record: Arc::new(record),
+        }
+    }
 }
 
 /// What a waiting record counts against a tail's byte budget: its texts and fields (OTLP
@@ -234,35 +254,45 @@ pub struct Tap {
 impl Tap {
     /// Offers a record (masked already) of `service` to every tail it matches; never waits.
     pub fn offer(&mut self, record: &Record, service: &str) {
+        // Converted when a first tail has room for it.
+        let mut offered: Option<Offered> = None;
         for tail in &self.open {
             if !tail.filter.matches(record, service) {
                 continue;
             }
             // No room (by count, then by bytes): dropped for this tail.
-            let copy = (tail.sender.capacity() > 0).then(|| parsed(record.clone(), service));
-            let size = copy.as_ref().map_or(0, weight);
-            let Some(copy) = copy.filter(|copy| {
-                tail.queued.load(Ordering::Relaxed) + size <= tail.max_bytes
-                    && copy.encoded_len() <= MAX_RECORD_BYTES
-            }) else {
-                tail.dropped.fetch_add(1, Ordering::Relaxed);
-                tail.dropped_since.notify_one();
-                self.dropped += 1;
+            if tail.sender.capacity() == 0 {
+                tail.drop_one(&mut self.dropped);
                 continue;
-            };
-            tail.queued.fetch_add(size, Ordering::Relaxed);
-            match tail.sender.try_send(copy) {
+            }
+            let copy = offered.get_or_insert_with(|| Offered::new(parsed(record.clone(), service)));
+            if tail.queued.load(Ordering::Relaxed) + copy.weight > tail.max_bytes
+                || copy.encoded > MAX_RECORD_BYTES
+            {
+                tail.drop_one(&mut self.dropped);
+                continue;
+            }
+            tail.queued.fetch_add(copy.weight, Ordering::Relaxed);
+            match tail.sender.try_send(copy.clone()) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    tail.queued.fetch_sub(size, Ordering::Relaxed);
-                    tail.dropped.fetch_add(1, Ordering::Relaxed);
-                    tail.dropped_since.notify_one();
-                    self.dropped += 1;
+                Err(mpsc::error::TrySendError::Full(copy)) => {
+                    tail.queued.fetch_sub(copy.weight, Ordering::Relaxed);
+                    tail.drop_one(&mut self.dropped);
                 }
                 // Its client went away; its guard is removing it.
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
+    }
+}
+
+impl Tail {
+    /// Counts a record dropped for this tail (reported to its client) and in `batch`'s drops
+    /// (the metric's, once the batch is done).
+    fn drop_one(&self, batch: &mut u64) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.dropped_since.notify_one();
+        *batch += 1;
     }
 }
 
@@ -293,7 +323,7 @@ impl Drop for Guard {
 
 /// One tail's stream state.
 struct Reading {
-    receiver: mpsc::Receiver<ParsedRecord>,
+    receiver: mpsc::Receiver<Offered>,
     guard: Guard,
     shutdown: CancellationToken,
     ended: bool,
@@ -322,17 +352,22 @@ impl Reading {
                     return Some((Err(status.into()), self));
                 }
             };
-            let mut size = first.as_ref().map_or(0, |r| r.encoded_len());
-            let mut records: Vec<ParsedRecord> = first.into_iter().collect();
+            let mut size = first.as_ref().map_or(0, |r| r.encoded);
+            let mut offered: Vec<Offered> = first.into_iter().collect();
             while size < MAX_RESPONSE_BYTES {
                 let Ok(record) = self.receiver.try_recv() else {
                     break;
                 };
-                size += record.encoded_len();
-                records.push(record);
+                size += record.encoded;
+                offered.push(record);
             }
-            let taken: usize = records.iter().map(weight).sum();
+            let taken: usize = offered.iter().map(|r| r.weight).sum();
             tail.queued.fetch_sub(taken, Ordering::Relaxed);
+            // The last tail to take a record takes it without a copy.
+            let records: Vec<ParsedRecord> = offered
+                .into_iter()
+                .map(|r| Arc::unwrap_or_clone(r.record))
+                .collect();
             let dropped = tail.dropped.swap(0, Ordering::Relaxed);
             if records.is_empty() && dropped == 0 {
                 continue;
