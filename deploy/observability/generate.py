@@ -392,6 +392,7 @@ def logs():
                         [
                             (f"sum by (outcome) (rate({p}_forward_messages_total[$__rate_interval]))", "forward {{outcome}}"),
                             (f"sum by (outcome) (rate({p}_otlp_records_total[$__rate_interval]))", "otlp {{outcome}}"),
+                            (f"sum(rate({p}_otlp_ids_removed_total[$__rate_interval]))", "otlp ids removed (records kept)"),
                         ],
                         "ops",
                     ),

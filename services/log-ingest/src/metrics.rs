@@ -137,6 +137,9 @@ pub struct LogMetrics {
     /// `refused_busy` (past `otlp.max_bytes_in_flight`) and `refused_error` (the exporter
     /// retries those).
     pub otlp: IntCounterVec,
+    /// `otlp_ids_removed_total`: trace and span ids of OTLP records removed for their length
+    /// (not 16 or 8 bytes); their records are kept, without them.
+    pub otlp_ids_removed: IntCounter,
     /// `streams`: (service, host) pairs with Loki streams of their own.
     pub streams: IntGauge,
     /// `streams_folded_total`: records whose service or host label became `other` (the
@@ -253,6 +256,10 @@ impl LogMetrics {
                 "OTLP log records, by outcome",
                 &["outcome"],
             )?,
+            otlp_ids_removed: IntCounter::new(
+                "otlp_ids_removed_total",
+                "Trace and span ids of OTLP records removed for their length (the records kept)",
+            )?,
             streams: IntGauge::new(
                 "streams",
                 "(service, host) pairs with Loki streams of their own",
@@ -308,6 +315,7 @@ impl LogMetrics {
         registry.register(Box::new(metrics.in_flight_bytes.clone()))?;
         registry.register(Box::new(metrics.connections_closed.clone()))?;
         registry.register(Box::new(metrics.otlp.clone()))?;
+        registry.register(Box::new(metrics.otlp_ids_removed.clone()))?;
         registry.register(Box::new(metrics.streams.clone()))?;
         registry.register(Box::new(metrics.streams_folded.clone()))?;
         registry.register(Box::new(metrics.streams_evicted.clone()))?;

@@ -247,6 +247,9 @@ impl OtlpInput {
         // Counted once the export is answered: one refused above comes again with the same
         // malformed records, which would otherwise be counted on every retry.
         count("rejected", rejected.count);
+        self.metrics
+            .otlp_ids_removed
+            .inc_by(rejected.warnings as u64);
         Ok(Response::new(ExportLogsServiceResponse {
             // With no record rejected, the message warns (OTLP's way of saying so).
             partial_success: rejected.any().then(|| ExportLogsPartialSuccess {
@@ -428,6 +431,7 @@ impl Rejected {
         self.first.get_or_insert(why);
     }
 
+    /// Keeps a record with `why` said (its only cause: an id removed for its length).
     fn warn(&mut self, why: String) {
         self.warnings += 1;
         self.first_warning.get_or_insert(why);
@@ -578,7 +582,8 @@ pub fn convert(
                     }
                 };
                 // OTLP: an id of another length is invalid, the record "not associated
-                // with a trace" (its line is kept, as its sender would not resend it).
+                // with a trace" (its line is kept, as its sender would not resend it;
+                // counted in `otlp_ids_removed_total` once the export is answered).
                 for (name, id, len) in [
                     ("trace_id", &mut log.trace_id, 16),
                     ("span_id", &mut log.span_id, 8),

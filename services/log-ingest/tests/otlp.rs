@@ -386,13 +386,19 @@ async fn a_full_buffer_answers_unavailable_with_retry_info_and_loses_nothing_sto
     assert!(!stored.is_empty(), "some stored before it filled");
     assert_retry_later(&status, "BUFFER_FULL");
 
-    // Refused again, now with a malformed record beside it: its rejection is counted once,
-    // when the export is taken, however often it was refused before.
+    // Refused again, now with a malformed record beside it, and one whose trace id has 15
+    // bytes (kept without it): the rejection and the id are counted once, when the export
+    // is taken, however often it was refused before.
     let line = format!("{i} {body}");
+    let odd_id = format!("{} with a trace id of 15 bytes", 100 + i);
     let with_bad = || {
+        let odd = LogRecord {
+            trace_id: vec![7; 15],
+            ..log(&odd_id, 2_000)
+        };
         export(
             "storefront",
-            vec![log(&line, 1_000 + i), malformed("bad", 1)],
+            vec![log(&line, 1_000 + i), malformed("bad", 1), odd],
         )
     };
     for _ in 0..3 {
@@ -418,7 +424,10 @@ async fn a_full_buffer_answers_unavailable_with_retry_info_and_loses_nothing_sto
     let metrics = reqwest_text(format!("http://{}/metrics", app.admin)).await;
     let rejected = "mall_log_ingest_otlp_records_total{outcome=\"rejected\"} 1\n";
     assert!(metrics.contains(rejected), "{rejected} in\n{metrics}");
+    let removed = "mall_log_ingest_otlp_ids_removed_total 1\n";
+    assert!(metrics.contains(removed), "{removed} in\n{metrics}");
     stored.push(line);
+    stored.push(odd_id);
     wait_for(&app.loki, stored.len()).await;
     let mut lines: Vec<String> = app
         .loki
