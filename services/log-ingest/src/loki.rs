@@ -196,6 +196,10 @@ impl LokiClient {
                 sent = request.send() => sent,
                 () = stop.cancelled() => return None,
             };
+            // Loki's answer to a push it did not take (its first line, cut at 300 bytes), for
+            // the retry's WARN line: a 429 names the limit (ingestion rate, a stream's rate,
+            // the tenant's streams), and Loki's answers quote labels, never lines.
+            let mut answer = String::new();
             let (wait, why) = match sent {
                 // Only these: Loki answers 260 (`block_ingestion_status_code`) to a push it
                 // discarded because its operator blocked ingestion.
@@ -233,10 +237,16 @@ impl LokiClient {
                         .and_then(|v| retry_after(v, std::time::SystemTime::now()));
                     let transient = status == reqwest::StatusCode::TOO_MANY_REQUESTS
                         || status.is_server_error();
+                    let said = tokio::select! {
+                        said = first_bytes(response, MAX_ANSWER_BYTES) => said,
+                        () = stop.cancelled() => return None,
+                    };
+                    let first = said.lines().next().unwrap_or_default();
+                    answer = first[..first.floor_char_boundary(300)].to_owned();
                     if status.is_success() {
-                        tracing::error!(%status, "Loki did not store a push (its operator blocked ingestion: block_ingestion_until?); retrying until it takes it");
+                        tracing::error!(%status, answer, "Loki did not store a push (its operator blocked ingestion: block_ingestion_until?); retrying until it takes it");
                     } else if !transient {
-                        tracing::error!(%status, "Loki refuses our pushes (authentication or URL?); retrying until it is fixed");
+                        tracing::error!(%status, answer, "Loki refuses our pushes (authentication or URL?); retrying until it is fixed");
                     }
                     (after, format!("status {}", status.as_u16()))
                 }
@@ -253,7 +263,13 @@ impl LokiClient {
             on_failure(&why);
             let backoff = mall_retry::Backoff::after(self.retry_initial, self.retry_max, failures);
             let wait = wait.map_or(backoff, |after| after.min(self.retry_max).max(backoff));
-            tracing::warn!(why, failures, ?wait, "a push to Loki failed; retrying");
+            tracing::warn!(
+                why,
+                answer,
+                failures,
+                ?wait,
+                "a push to Loki failed; retrying"
+            );
             tokio::select! {
                 () = stop.cancelled() => return None,
                 () = tokio::time::sleep(wait) => {}
@@ -297,6 +313,9 @@ pub const UNKNOWN_REFUSAL: &str = "loki_refused";
 /// Most bytes of a refusal's answer read: Loki's answers name a record's problem in a line
 /// or two (64 KiB holds hundreds of them); a proxy's error page may be far longer.
 const MAX_REASON_BYTES: usize = 64 * 1024;
+
+/// Most bytes read of an answer to a push that is retried (its first line is logged).
+const MAX_ANSWER_BYTES: usize = 4 * 1024;
 
 /// The first `max` bytes of `response`'s body as text (what is not UTF-8 replaced), the
 /// rest not read.
@@ -878,6 +897,61 @@ mod tests {
         let received = loki.received();
         assert_eq!(received.len(), 1, "stored once");
         assert_eq!(received[0].tenant.as_deref(), Some("shop"), "X-Scope-OrgID");
+    }
+
+    /// A log writer whose lines a test reads.
+    #[derive(Clone, Default)]
+    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            crate::lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The retry's WARN line quotes Loki's answer, so on-call can tell which of Loki's limits
+    /// a 429 is (the tenant's streams, its ingestion rate, a stream's rate).
+    #[tokio::test]
+    async fn a_retried_push_logs_lokis_answer() {
+        let loki = receiver().await;
+        let client = client(&loki.url(), None).expect("a client");
+        let says = "Maximum active stream limit exceeded when trying to create stream \
+                    {service=\"shop\"}, reduce the number of active streams, user: 'fake'\n\
+                    a second line";
+        loki.fail_saying(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            says,
+            Duration::from_millis(500),
+        );
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let pushed = {
+            let _default = tracing::subscriber::set_default(subscriber);
+            let stop = tokio_util::sync::CancellationToken::new();
+            client.push(body(1), true, &stop, |_| {}).await
+        };
+        assert_eq!(pushed, Some(Pushed::Accepted));
+        let logged = String::from_utf8(crate::lock(&lines.0).clone()).expect("utf-8");
+        let warn = logged
+            .lines()
+            .find(|l| l.contains("a push to Loki failed"))
+            .unwrap_or_else(|| panic!("a WARN line in {logged}"));
+        assert!(
+            warn.contains("Maximum active stream limit exceeded") && warn.contains("status 429"),
+            "{warn}"
+        );
+        assert!(
+            !warn.contains("a second line"),
+            "the first line only: {warn}"
+        );
     }
 
     /// A Loki that answers every push 400 with a body of `announced` bytes, sends `sent`
