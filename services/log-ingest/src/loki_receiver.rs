@@ -19,7 +19,9 @@
 //! injection: answer every push with a status (429 with `Retry-After: 1`, a 5xx, Loki's
 //! 260 for blocked ingestion, a 400 whose text is the records' fault or not) for a while,
 //! answer 413 to pushes whose body is over a size (a proxy's body limit), or be down (the
-//! listener closed).
+//! listener closed). Told to, it refuses an entry older than its stream's last one, as a Loki
+//! with `unordered_writes: false` does (not quite: Loki takes one into a new chunk after a
+//! cut), which tells a test whether a push went in time order.
 
 use std::{
     net::SocketAddr,
@@ -373,6 +375,9 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
             ));
             continue;
         }
+        // Entries refused as out of order (ordered writes), as Loki's ingester names them.
+        let mut out_of_order = Vec::new();
+        let entries = stream.entries.len();
         for entry in stream.entries {
             let Some(time) = entry.timestamp else {
                 problems.push(format!(
@@ -454,11 +459,13 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
                         continue;
                     }
                     Some((last, _)) if at < *last => {
-                        let shown = chrono::DateTime::from_timestamp(time.seconds, 0)
-                            .map_or_else(|| time.seconds.to_string(), |t| t.to_rfc3339());
-                        problems.push(format!(
-                            "entry with timestamp {shown} ignored, reason: 'entry out of order' for stream: {}",
-                            stream.labels
+                        // Go's `time.Time.String()`.
+                        let shown = chrono::DateTime::from_timestamp(time.seconds, 0).map_or_else(
+                            || time.seconds.to_string(),
+                            |t| t.format("%Y-%m-%d %H:%M:%S +0000 UTC").to_string(),
+                        );
+                        out_of_order.push(format!(
+                            "entry with timestamp {shown} ignored, reason: 'entry out of order',"
                         ));
                         continue;
                     }
@@ -487,6 +494,14 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
                 entry,
                 tenant: tenant.clone(),
             });
+        }
+        if !out_of_order.is_empty() {
+            problems.push(format!(
+                "{}\nuser 'fake', total ignored: {} out of {entries} for stream: {}",
+                out_of_order.join("\n"),
+                out_of_order.len(),
+                stream.labels
+            ));
         }
     }
     match problems.len() {

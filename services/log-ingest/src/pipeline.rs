@@ -6,7 +6,8 @@
 //! start of the batch where a record still in progress began, whichever is earlier. After
 //! a crash the pipeline re-reads from there: records in progress are rebuilt whole; records
 //! pushed already may be pushed again, which Loki ignores (it drops an entry identical in
-//! stream, time and line to one it has).
+//! stream, time and line to one it has, when it takes unordered writes, its default; with
+//! ordered writes it refuses one older than the stream's last as out of order).
 //!
 //! A stream is a forward tag (or OTLP service) plus the value of a configured record field
 //! naming the host (`host`): each has its own multi-line state, its record in progress
@@ -1291,6 +1292,9 @@ impl Pusher {
         if self.metadata_refused.now() {
             self.strip_metadata(&mut items);
         }
+        // In time order (stable), so each stream's entries are in order across the pieces
+        // and the halves of a refused one, not only within each push ([`encode`]).
+        items.sort_by_key(|item| entry_time(&item.entry));
         // Where each piece after the first starts.
         let mut starts = Vec::new();
         let (mut from, mut bytes) = (0, 0);
@@ -1607,10 +1611,11 @@ impl Pusher {
 /// encode it and moved back after (a piece may be sent again, halved).
 ///
 /// A stream's records come in the order they were read, which is not always their times'
-/// order: the hosts folded into one `other` stream, a sender whose clock stepped back. Loki
-/// takes them either way by default (`unordered_writes`), but one configured for ordered
-/// writes refuses (400, `entry out of order`, dropped) each entry older than one before it
-/// in the stream, the push before included; sorted, a push never refuses its own.
+/// order: the hosts folded into one `other` stream, a sender whose clock stepped back, two
+/// records of one millisecond across a wrap of the tie-breaker. Loki keeps a stream's
+/// entries in time order, and takes them out of order only with `unordered_writes` (its
+/// default, which log-ingest needs: entries sent again after a refusal or a restart, and
+/// hosts of `other` a push apart, reach it out of order); within a push they go in order.
 fn encode(items: &mut [Item]) -> Vec<u8> {
     let mut at: HashMap<&str, usize> = HashMap::new();
     let mut streams: Vec<(loki::Stream, Vec<usize>)> = Vec::new();
@@ -1631,12 +1636,12 @@ fn encode(items: &mut [Item]) -> Vec<u8> {
     }
     drop(at);
     for (stream, owners) in &mut streams {
-        let time = |entry: &loki::Entry| entry.timestamp.as_ref().map(|t| (t.seconds, t.nanos));
-        // One pass where they are in order already, as nearly always.
-        if !stream.entries.is_sorted_by_key(time) {
+        // One pass where they are in order already, as they are once [`Pusher::pieces`]
+        // sorted them.
+        if !stream.entries.is_sorted_by_key(entry_time) {
             let mut pairs: Vec<(loki::Entry, usize)> =
                 stream.entries.drain(..).zip(owners.drain(..)).collect();
-            pairs.sort_by_key(|(entry, _)| time(entry));
+            pairs.sort_by_key(|(entry, _)| entry_time(entry));
             (stream.entries, *owners) = pairs.into_iter().unzip();
         }
     }
@@ -1649,6 +1654,11 @@ fn encode(items: &mut [Item]) -> Vec<u8> {
         }
     }
     body
+}
+
+/// An entry's time, to sort by.
+fn entry_time(entry: &loki::Entry) -> Option<(i64, i32)> {
+    entry.timestamp.as_ref().map(|t| (t.seconds, t.nanos))
 }
 
 /// Some of a push's items, and their body when encoded already.

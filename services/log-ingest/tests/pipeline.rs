@@ -579,17 +579,35 @@ async fn entries_loki_refuses_for_their_times_are_dropped_at_once_by_the_bounds_
     );
 }
 
-/// A host whose clock stepped back writes lines older than those before them. A Loki
-/// configured for ordered writes (`unordered_writes: false`) refuses an entry older than
-/// one before it in its stream; sent in time order within the push, none is refused.
+/// A host whose clock stepped back writes lines older than those before them. Loki keeps a
+/// stream's entries in time order; one configured for ordered writes (`unordered_writes:
+/// false`, the test receiver's mode here) refuses an entry older than one before it in its
+/// stream. Sent in time order within a push, none is refused.
 #[tokio::test]
-async fn a_clock_stepped_back_within_a_push_loses_nothing_to_a_loki_with_ordered_writes() {
+async fn a_clock_stepped_back_within_a_push_goes_in_time_order() {
+    clock_stepped_back(None).await;
+}
+
+/// As above, through a proxy whose body limit splits the push (413): the halves go in time
+/// order too.
+#[tokio::test]
+async fn a_clock_stepped_back_within_a_push_split_by_a_proxy_goes_in_time_order() {
+    clock_stepped_back(Some(400)).await;
+}
+
+/// Thirty lines, the last ten ten seconds before the first, sent in one chunk to a Loki
+/// refusing entries out of order (and bodies over `limit` bytes, as sent): every entry
+/// arrives in time order, no push refused.
+async fn clock_stepped_back(limit: Option<usize>) {
     let running = start_with(|s| {
-        // The whole chunk in one push.
-        s.pipeline.batch_wait = Duration::from_secs(1);
+        // The whole chunk in one push (the last record completes after `flush_after`).
+        s.pipeline.batch_wait = Duration::from_secs(5);
     })
     .await;
     running.loki.refuse_out_of_order();
+    if let Some(bytes) = limit {
+        running.loki.refuse_bodies_over(bytes);
+    }
     let line = |second: u32| {
         format!(
             "INFO   | jvm 1    | main    | 2024/10/28 17:12:{second:02}.000 | INFO  [main] [Clock] at {second}"
@@ -608,8 +626,17 @@ async fn a_clock_stepped_back_within_a_push_loses_nothing_to_a_loki_with_ordered
         .collect();
     let want: Vec<String> = (10..40).map(|s| format!("at {s}")).collect();
     assert_eq!(got, want, "every entry, in time order");
-    let (_, refused, _) = running.loki.counts();
+    let (pushes, refused, _) = running.loki.counts();
     assert_eq!(refused, 0, "no push refused");
+    if limit.is_some() {
+        let metrics = probe_metrics(running.admin).await;
+        let too_large = sample(
+            &metrics,
+            "mall_log_ingest_loki_pushes_total",
+            &[("outcome", "too_large")],
+        );
+        assert!(too_large >= 1.0, "the proxy split it ({pushes} pushes)");
+    }
 }
 
 /// A push answered 413 (a proxy's body limit in front of Loki) is split until it fits,
@@ -658,11 +685,11 @@ async fn a_push_too_large_is_split_and_a_record_too_large_alone_waits_for_the_pr
         .find(|i| lines[*i].contains("| INFO  ["))
         .expect("a header");
     let mut with_huge = lines.clone();
+    // At the time of the header it comes before (pushes go in time order).
+    let prefix: Vec<&str> = lines[at].splitn(5, " | ").take(4).collect();
     with_huge.insert(
         at,
-        format!(
-            "INFO   | jvm 1    | main    | 2024/10/28 17:12:01.000 | INFO  [main] [Big] {noise}"
-        ),
+        format!("{} | INFO  [main] [Big] {noise}", prefix.join(" | ")),
     );
     let sent: Vec<&str> = with_huge.iter().map(String::as_str).collect();
     let too_large = |metrics: &str| {
