@@ -198,7 +198,8 @@ impl LokiClient {
             };
             // Loki's answer to a push it did not take (its first line, cut at 300 bytes), for
             // the retry's WARN line: a 429 names the limit (ingestion rate, a stream's rate,
-            // the tenant's streams), and Loki's answers quote labels, never lines.
+            // the tenant's streams), and Loki's answers quote labels, never lines. Empty for
+            // a timeout or a connection that failed.
             let mut answer = String::new();
             let (wait, why) = match sent {
                 // Only these: Loki answers 260 (`block_ingestion_status_code`) to a push it
@@ -221,7 +222,7 @@ impl LokiClient {
                     // record: the tenant, a proxy; dropping would lose every record one by
                     // one. Loki's answer quotes labels, never lines.
                     let first = reason.lines().next().unwrap_or_default();
-                    let answer = &first[..first.floor_char_boundary(300)];
+                    answer = first[..first.floor_char_boundary(300)].to_owned();
                     tracing::error!(
                         answer,
                         "Loki refuses a push (400) for no reason of the records' (its tenant, a proxy?); retrying until it is fixed"
@@ -263,13 +264,17 @@ impl LokiClient {
             on_failure(&why);
             let backoff = mall_retry::Backoff::after(self.retry_initial, self.retry_max, failures);
             let wait = wait.map_or(backoff, |after| after.min(self.retry_max).max(backoff));
-            tracing::warn!(
-                why,
-                answer,
-                failures,
-                ?wait,
-                "a push to Loki failed; retrying"
-            );
+            if answer.is_empty() {
+                tracing::warn!(why, failures, ?wait, "a push to Loki failed; retrying");
+            } else {
+                tracing::warn!(
+                    why,
+                    answer,
+                    failures,
+                    ?wait,
+                    "a push to Loki failed; retrying"
+                );
+            }
             tokio::select! {
                 () = stop.cancelled() => return None,
                 () = tokio::time::sleep(wait) => {}
