@@ -583,13 +583,14 @@ pub fn convert(
                 };
                 // OTLP: an id of another length is invalid, the record "not associated
                 // with a trace" (its line is kept, as its sender would not resend it;
-                // counted in `otlp_ids_removed_total` once the export is answered).
+                // warned of and counted in `otlp_ids_removed_total` once the record is kept).
+                let mut removed = Vec::new();
                 for (name, id, len) in [
                     ("trace_id", &mut log.trace_id, 16),
                     ("span_id", &mut log.span_id, 8),
                 ] {
                     if !matches!(id.len(), 0) && id.len() != len {
-                        rejected.warn(format!(
+                        removed.push(format!(
                             "{path}: {name} has {} bytes, not {len}: kept without it",
                             id.len()
                         ));
@@ -614,6 +615,9 @@ pub fn convert(
                         buffered += event_bytes(&event);
                         if !batcher.push(&resource.service, &event) {
                             return rejected;
+                        }
+                        for why in removed {
+                            rejected.warn(why);
                         }
                     }
                 }
@@ -1483,6 +1487,25 @@ mod tests {
             r.level,
             Some(Level::Warn),
             "the text when there is no number"
+        );
+
+        // A record with a malformed id that is rejected all the same (too large to buffer)
+        // is rejected, not also warned of as kept.
+        let too_large = LogRecord {
+            body: string(&"x".repeat(4_096)),
+            trace_id: vec![1; 15],
+            ..LogRecord::default()
+        };
+        let request = ExportLogsServiceRequest {
+            resource_logs: vec![export(vec![too_large], None)],
+        };
+        let (stored, rejected) = self::batches(request, 5, 1_024);
+        assert!(stored.is_empty());
+        assert_eq!(
+            (rejected.count, rejected.warnings),
+            (1, 0),
+            "{}",
+            rejected.message()
         );
     }
 
