@@ -585,23 +585,34 @@ async fn entries_loki_refuses_for_their_times_are_dropped_at_once_by_the_bounds_
 /// stream. Sent in time order within a push, none is refused.
 #[tokio::test]
 async fn a_clock_stepped_back_within_a_push_goes_in_time_order() {
-    clock_stepped_back(None).await;
+    clock_stepped_back(None, None).await;
 }
 
 /// As above, through a proxy whose body limit splits the push (413): the halves go in time
 /// order too.
 #[tokio::test]
 async fn a_clock_stepped_back_within_a_push_split_by_a_proxy_goes_in_time_order() {
-    clock_stepped_back(Some(400)).await;
+    clock_stepped_back(Some(400), None).await;
 }
 
-/// Thirty lines, the last ten ten seconds before the first, sent in one chunk to a Loki
-/// refusing entries out of order (and bodies over `limit` bytes, as sent): every entry
-/// arrives in time order, no push refused.
-async fn clock_stepped_back(limit: Option<usize>) {
+/// As above, with the batch cut into pieces of a few records (`pipeline.batch_bytes`): the
+/// pieces go in time order too.
+#[tokio::test]
+async fn a_clock_stepped_back_within_a_batch_cut_in_pieces_goes_in_time_order() {
+    clock_stepped_back(None, Some(600)).await;
+}
+
+/// Thirty-five lines, the ten after the first twenty ten seconds before them (a clock set
+/// back, then going on past them), sent in one chunk to a Loki
+/// refusing entries out of order (and bodies over `limit` bytes, as sent; with batches cut
+/// in pieces of `piece` bytes): every entry arrives in time order, no push refused.
+async fn clock_stepped_back(limit: Option<usize>, piece: Option<usize>) {
     let running = start_with(|s| {
-        // The whole chunk in one push (the last record completes after `flush_after`).
+        // The whole chunk in one batch (the last record completes after `flush_after`).
         s.pipeline.batch_wait = Duration::from_secs(5);
+        if let Some(bytes) = piece {
+            s.pipeline.batch_bytes = bytes;
+        }
     })
     .await;
     running.loki.refuse_out_of_order();
@@ -613,8 +624,9 @@ async fn clock_stepped_back(limit: Option<usize>) {
             "INFO   | jvm 1    | main    | 2024/10/28 17:12:{second:02}.000 | INFO  [main] [Clock] at {second}"
         )
     };
-    // Twenty seconds, then the clock set back ten.
-    let lines: Vec<String> = (20..40).chain(10..20).map(line).collect();
+    // Twenty seconds, then the clock set back ten, then on past where it was (so the last
+    // record, pushed alone when batches are small, is the newest).
+    let lines: Vec<String> = (20..40).chain(10..20).chain(40..45).map(line).collect();
     let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
     send(running.forward, &lines, lines.len()).await;
     wait_for(&running.loki, lines.len()).await;
@@ -624,10 +636,13 @@ async fn clock_stepped_back(limit: Option<usize>) {
         .into_iter()
         .map(|r| r.entry.line)
         .collect();
-    let want: Vec<String> = (10..40).map(|s| format!("at {s}")).collect();
+    let want: Vec<String> = (10..45).map(|s| format!("at {s}")).collect();
     assert_eq!(got, want, "every entry, in time order");
     let (pushes, refused, _) = running.loki.counts();
     assert_eq!(refused, 0, "no push refused");
+    if piece.is_some() {
+        assert!(pushes >= 3, "cut in pieces: {pushes} pushes");
+    }
     if limit.is_some() {
         let metrics = probe_metrics(running.admin).await;
         let too_large = sample(
