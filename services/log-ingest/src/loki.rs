@@ -221,7 +221,7 @@ impl LokiClient {
                     // Narrowed down to one record and still no reason Loki gives for a
                     // record: the tenant, a proxy; dropping would lose every record one by
                     // one. Loki's answer quotes labels, never lines.
-                    let first = reason.lines().next().unwrap_or_default();
+                    let first = first_line(&reason);
                     answer = first[..first.floor_char_boundary(300)].to_owned();
                     tracing::error!(
                         answer,
@@ -242,7 +242,7 @@ impl LokiClient {
                         said = first_bytes(response, MAX_ANSWER_BYTES) => said,
                         () = stop.cancelled() => return None,
                     };
-                    let first = said.lines().next().unwrap_or_default();
+                    let first = first_line(&said);
                     answer = first[..first.floor_char_boundary(300)].to_owned();
                     if status.is_success() {
                         tracing::error!(%status, answer, "Loki did not store a push (its operator blocked ingestion: block_ingestion_until?); retrying until it takes it");
@@ -318,6 +318,15 @@ pub const UNKNOWN_REFUSAL: &str = "loki_refused";
 /// Most bytes of a refusal's answer read: Loki's answers name a record's problem in a line
 /// or two (64 KiB holds hundreds of them); a proxy's error page may be far longer.
 const MAX_REASON_BYTES: usize = 64 * 1024;
+
+/// The first line of `answer` with text in it (a proxy's page may begin with blank ones).
+fn first_line(answer: &str) -> &str {
+    answer
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .unwrap_or_default()
+}
 
 /// Most bytes read of an answer to a push that is retried (its first line is logged).
 const MAX_ANSWER_BYTES: usize = 4 * 1024;

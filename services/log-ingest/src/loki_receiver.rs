@@ -459,11 +459,14 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
                         continue;
                     }
                     Some((last, _)) if at < *last => {
-                        // Go's `time.Time.String()`.
-                        let shown = chrono::DateTime::from_timestamp(time.seconds, 0).map_or_else(
-                            || time.seconds.to_string(),
-                            |t| t.format("%Y-%m-%d %H:%M:%S +0000 UTC").to_string(),
-                        );
+                        // As Go's `time.Time.String()` writes it (the fraction to 3, 6 or 9
+                        // digits, where Go trims every trailing zero).
+                        let nanos = u32::try_from(time.nanos).unwrap_or(0);
+                        let shown = chrono::DateTime::from_timestamp(time.seconds, nanos)
+                            .map_or_else(
+                                || time.seconds.to_string(),
+                                |t| t.format("%Y-%m-%d %H:%M:%S%.f +0000 UTC").to_string(),
+                            );
                         out_of_order.push(format!(
                             "entry with timestamp {shown} ignored, reason: 'entry out of order',"
                         ));
@@ -497,8 +500,9 @@ async fn push(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
         }
         if !out_of_order.is_empty() {
             problems.push(format!(
-                "{}\nuser 'fake', total ignored: {} out of {entries} for stream: {}",
+                "{}\nuser '{}', total ignored: {} out of {entries} for stream: {}",
                 out_of_order.join("\n"),
+                tenant.as_deref().unwrap_or("fake"),
                 out_of_order.len(),
                 stream.labels
             ));

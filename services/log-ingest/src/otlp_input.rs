@@ -1489,15 +1489,23 @@ mod tests {
             "the text when there is no number"
         );
 
-        // A record with a malformed id that is rejected all the same (too large to buffer)
-        // is rejected, not also warned of as kept.
-        let too_large = LogRecord {
-            body: string(&"x".repeat(4_096)),
+        // A record with a malformed id that is rejected all the same (small as sent, too
+        // large to buffer once its resource's fields are copied into it) is rejected, not
+        // also warned of as kept.
+        let small = LogRecord {
+            body: string("small"),
             trace_id: vec![1; 15],
             ..LogRecord::default()
         };
+        let mut resource_logs = export(vec![small], Some("storefront"));
+        resource_logs
+            .resource
+            .as_mut()
+            .expect("a resource")
+            .attributes
+            .push(kv("service.version", string(&"y".repeat(1_500))));
         let request = ExportLogsServiceRequest {
-            resource_logs: vec![export(vec![too_large], None)],
+            resource_logs: vec![resource_logs],
         };
         let (stored, rejected) = self::batches(request, 5, 1_024);
         assert!(stored.is_empty());
