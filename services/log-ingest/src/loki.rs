@@ -583,6 +583,13 @@ mod tests {
     }
 
     #[test]
+    fn an_answers_first_line_is_its_first_with_text() {
+        assert_eq!(first_line("\n\r\n  <html>\n<body>"), "<html>");
+        assert_eq!(first_line("too many\nsecond"), "too many");
+        assert_eq!(first_line(" \n\t\n"), "");
+    }
+
+    #[test]
     fn retry_after_in_seconds_or_as_an_http_date() {
         let now = httpdate::parse_http_date("Tue, 21 Oct 2025 07:28:00 GMT").expect("a date");
         assert_eq!(retry_after(" 3 ", now), Some(Duration::from_secs(3)));

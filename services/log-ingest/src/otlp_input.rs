@@ -1509,6 +1509,13 @@ mod tests {
         };
         let (stored, rejected) = self::batches(request, 5, 1_024);
         assert!(stored.is_empty());
+        assert!(
+            rejected
+                .message()
+                .contains("bytes buffered, more than 1024"),
+            "rejected once converted, after its ids were read: {}",
+            rejected.message()
+        );
         assert_eq!(
             (rejected.count, rejected.warnings),
             (1, 0),

@@ -608,7 +608,8 @@ async fn a_clock_stepped_back_within_a_batch_cut_in_pieces_goes_in_time_order() 
 /// in pieces of `piece` bytes): every entry arrives in time order, no push refused.
 async fn clock_stepped_back(limit: Option<usize>, piece: Option<usize>) {
     let running = start_with(|s| {
-        // The whole chunk in one batch (the last record completes after `flush_after`).
+        // The whole chunk in one batch (the last record completes after `flush_after`; with
+        // pieces, pushed at once without it).
         s.pipeline.batch_wait = Duration::from_secs(5);
         if let Some(bytes) = piece {
             s.pipeline.batch_bytes = bytes;
