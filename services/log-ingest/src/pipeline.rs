@@ -1636,8 +1636,9 @@ fn encode(items: &mut [Item]) -> Vec<u8> {
     }
     drop(at);
     for (stream, owners) in &mut streams {
-        // One pass where they are in order already, as they are once [`Pusher::pieces`]
-        // sorted them.
+        // One pass where they are in order already, as each stream is once
+        // [`in_time_order`] has run ([`Pusher::pieces`]); a safeguard for bodies made
+        // otherwise.
         if !stream.entries.is_sorted_by_key(entry_time) {
             let mut pairs: Vec<(loki::Entry, usize)> =
                 stream.entries.drain(..).zip(owners.drain(..)).collect();
@@ -2179,8 +2180,8 @@ mod tests {
     }
 
     /// A push's streams each go in time order (a Loki with ordered writes refuses an entry
-    /// older than one before it), entries of one time in the order they came; the items
-    /// keep their own entries, in their order, for a push sent again.
+    /// older than one before it); the items keep their own entries, in their order, for a
+    /// push sent again.
     #[test]
     fn a_push_sends_each_streams_entries_in_time_order() {
         let (a, b) = ("{host=\"a\"}", "{host=\"other\"}");
@@ -2232,9 +2233,10 @@ mod tests {
         assert_eq!(kept, sent, "each item keeps its own entry, in its place");
     }
 
-    /// A batch is put in time order before it is cut in pieces: items of one time keep
-    /// the order they came in, whatever their stream (200 of them, past the lengths a sort
-    /// handles by insertion, which would keep ties in order whatever its keys).
+    /// A batch with a stream out of order is put in time order as a whole before it is cut
+    /// in pieces, items of one time in the order they came, whatever their stream (200 of
+    /// them, past the lengths a sort handles by insertion, which would keep ties in order
+    /// whatever its keys); one whose streams are each in order is left as it came.
     #[test]
     fn a_batch_goes_in_time_order_ties_as_they_came() {
         let streams = ["{host=\"a\"}", "{host=\"b\"}"];

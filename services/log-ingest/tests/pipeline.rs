@@ -701,7 +701,7 @@ async fn a_push_too_large_is_split_and_a_record_too_large_alone_waits_for_the_pr
         .find(|i| lines[*i].contains("| INFO  ["))
         .expect("a header");
     let mut with_huge = lines.clone();
-    // At the time of the header it comes before (pushes go in time order).
+    // At the time of the header it comes before (each stream's entries go in time order).
     let prefix: Vec<&str> = lines[at].splitn(5, " | ").take(4).collect();
     with_huge.insert(
         at,
