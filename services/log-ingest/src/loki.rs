@@ -920,20 +920,6 @@ mod tests {
         assert_eq!(received[0].tenant.as_deref(), Some("shop"), "X-Scope-OrgID");
     }
 
-    /// A log writer whose lines a test reads.
-    #[derive(Clone, Default)]
-    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            crate::lock(&self.0).extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// The retry's WARN line quotes Loki's answer, so on-call can tell which of Loki's limits
     /// a 429 is (the tenant's streams, its ingestion rate, a stream's rate).
     #[tokio::test]
@@ -948,7 +934,7 @@ mod tests {
             says,
             Duration::from_millis(500),
         );
-        let lines = Lines::default();
+        let lines = mall_test_support::capture::Captured::default();
         let writer = lines.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
@@ -960,7 +946,7 @@ mod tests {
             client.push(body(1), true, &stop, |_| {}).await
         };
         assert_eq!(pushed, Some(Pushed::Accepted));
-        let logged = String::from_utf8(crate::lock(&lines.0).clone()).expect("utf-8");
+        let logged = lines.text();
         let warn = logged
             .lines()
             .find(|l| l.contains("a push to Loki failed"))
