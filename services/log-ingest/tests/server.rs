@@ -1,4 +1,5 @@
-//! The server every pod runs: health, reflection, metrics, configuration errors, SIGTERM.
+//! The server every pod runs: health, reflection, metrics, configuration errors, SIGTERM,
+//! a disk that refuses a write.
 
 use std::time::Duration;
 
@@ -183,6 +184,149 @@ async fn sigterm_with_a_push_hanging_on_loki_exits_cleanly_and_loses_nothing() {
     // Stopped first: a copy pushed later would be compared too.
     app.stop().await;
     // Loki drops an entry identical to one it has: none may have been pushed twice.
+    assert_eq!(loki.counts().2, 0, "entries pushed twice");
+    let mut got = corpus::levels_and_lines(&loki.received());
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "every record once, whole, as sent");
+}
+
+/// A disk that refuses a write halfway through it (here a file-size limit: `ulimit -f`,
+/// with SIGXFSZ ignored, so a write past it is cut short and the next fails with EFBIG):
+/// the chunk in that write is not acknowledged, what reached the segment of it is cut, so
+/// the segment ends with the last acknowledged chunk's frame, and the process exits (it
+/// would refuse every append from then on). Started again without the limit, it takes the
+/// unacknowledged chunk sent again: every record reaches Loki once.
+#[tokio::test]
+async fn a_write_the_disk_refuses_is_not_acknowledged_and_is_cut_from_the_buffer() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    mall_test_support::init_logging();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let buffer = dir.path().display().to_string();
+    // Nothing is pushed before the restart (port 1: nobody listens there): the buffer keeps
+    // every segment, and no entry can reach Loki twice.
+    let nowhere = "http://127.0.0.1:1";
+    // 64 blocks of 512 bytes (POSIX shells, bash as `sh` too): 32 KiB, where the fixture
+    // stored takes about 160 KB, a chunk about 9 KB. (On Linux a write past the limit is
+    // cut short, then the next fails; elsewhere it may fail whole, leaving nothing to cut.)
+    let mut service = process::ServiceProcess::start_in_shell(
+        "trap '' XFSZ; ulimit -f 64; exec \"$0\"",
+        BINARY,
+        "LOG_INGEST",
+        &[
+            ("LOG_INGEST__SERVER__DRAIN_TIMEOUT", "10s"),
+            ("LOG_INGEST__FORWARD__LISTEN_ADDR", "127.0.0.1:0"),
+            ("LOG_INGEST__BUFFER__DIR", &buffer),
+            ("LOG_INGEST__LOKI__URL", nowhere),
+        ],
+    );
+    let listening = service
+        .wait_for_message("forward: listening", Duration::from_secs(30))
+        .await;
+    let forward = process::address(&listening, "forward_addr");
+    service.wait_until_serving(Duration::from_secs(30)).await;
+
+    let lines: Vec<&str> = CORPUS.lines().collect();
+    let chunks: Vec<&[&str]> = lines.chunks(50).collect();
+    let mut stream = tokio::net::TcpStream::connect(forward)
+        .await
+        .expect("connects");
+    let mut acked = 0;
+    for (n, chunk) in chunks.iter().enumerate() {
+        let id = format!("{n:032x}");
+        stream
+            .write_all(&corpus::frame(&id, chunk))
+            .await
+            .expect("writes");
+        let mut answer = vec![0; 128];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+            .await
+            .expect("an answer or a closed connection in time");
+        match read {
+            Ok(n) if n > 0 => {
+                let ack = rmpv::decode::read_value(&mut &answer[..n]).expect("msgpack");
+                assert_eq!(
+                    ack,
+                    rmpv::Value::Map(vec![("ack".into(), id.as_str().into())])
+                );
+                acked += 1;
+            }
+            // Closed (or reset): not acknowledged.
+            _ => break,
+        }
+    }
+    assert!(
+        (1..chunks.len()).contains(&acked),
+        "the limit is met after some chunks and before the last: {acked} of {} acknowledged",
+        chunks.len()
+    );
+    service
+        .wait_for_message(
+            "the log buffer cannot write to its disk; every append is refused until a restart",
+            Duration::from_secs(10),
+        )
+        .await;
+    let status = service.wait_for_exit(Duration::from_secs(30)).await;
+    assert!(!status.success(), "exits with an error: {status}");
+
+    // The segment holds the acknowledged chunks' frames (`[length u32][crc32 u32][bytes]`),
+    // whole, and nothing after them: the failed write's part was cut.
+    let segment = std::fs::read_dir(dir.path())
+        .expect("lists the buffer")
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|e| e == "seg"))
+        .max()
+        .expect("a segment");
+    let bytes = std::fs::read(&segment).expect("reads the segment");
+    let (mut at, mut frames) = (0, 0);
+    while at < bytes.len() {
+        let header = |from: usize| -> u32 {
+            bytes
+                .get(at + from..at + from + 4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_le_bytes)
+                .unwrap_or_else(|| panic!("a frame's header at {at} of {}", bytes.len()))
+        };
+        let (length, crc) = (header(0) as usize, header(4));
+        let batch = bytes
+            .get(at + 8..at + 8 + length)
+            .unwrap_or_else(|| panic!("a frame of {length} bytes at {at} of {}", bytes.len()));
+        assert_eq!(crc32fast::hash(batch), crc, "the frame at {at} is intact");
+        at += 8 + length;
+        frames += 1;
+    }
+    assert_eq!(
+        (at, frames),
+        (bytes.len(), acked),
+        "whole frames, one per acknowledged chunk, and nothing after them ({} bytes)",
+        bytes.len()
+    );
+
+    // Started again without the limit, on the same buffer, with a Loki that answers: the
+    // sender sends the chunk it has no ack for, and the rest.
+    let loki =
+        log_ingest::loki_receiver::LokiReceiver::start("127.0.0.1:0".parse().expect("an address"))
+            .await
+            .expect("starts");
+    loki.accept_any_time();
+    let mut settings = corpus::restart_settings(dir.path(), loki.url(), Duration::from_millis(300));
+    // The record the failed chunk continues, rebuilt from the buffer, waits for its stream
+    // to resume: long enough for a slow start and the chunk's store.
+    settings.pipeline.restart_grace = Duration::from_secs(10);
+    let app = corpus::start_app(settings).await;
+    let mut stream = tokio::net::TcpStream::connect(app.forward)
+        .await
+        .expect("connects");
+    for (n, chunk) in chunks.iter().enumerate().skip(acked) {
+        let id = format!("{n:032x}");
+        corpus::send_acked(&mut stream, &corpus::frame(&id, chunk), &id).await;
+    }
+    let mut want = corpus::model(&lines);
+    wait_until("every record in Loki", Duration::from_secs(30), || async {
+        (loki.accepted().0 >= want.len() as u64).then_some(())
+    })
+    .await;
+    app.stop().await;
     assert_eq!(loki.counts().2, 0, "entries pushed twice");
     let mut got = corpus::levels_and_lines(&loki.received());
     got.sort();

@@ -43,7 +43,27 @@ impl ServiceProcess {
     /// # Panics
     /// When the binary cannot be started.
     pub fn start(binary: &str, prefix: &str, env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(binary);
+        Self::start_command(Command::new(binary), binary, prefix, env)
+    }
+
+    /// As [`ServiceProcess::start`], with the binary started by `sh -c script binary`:
+    /// `script` sets up the process (a resource limit, a signal ignored) and ends with
+    /// `exec "$0"`, so the binary replaces the shell and is what is signalled and waited on.
+    ///
+    /// # Panics
+    /// When the shell cannot be started.
+    pub fn start_in_shell(script: &str, binary: &str, prefix: &str, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new("sh");
+        command.args(["-c", script, binary]);
+        Self::start_command(command, binary, prefix, env)
+    }
+
+    fn start_command(
+        mut command: Command,
+        binary: &str,
+        prefix: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -57,9 +77,14 @@ impl ServiceProcess {
         for (key, value) in env {
             command.env(key, value);
         }
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|error| panic!("failed to start {binary}: {error}"));
+        let mut child = command.spawn().unwrap_or_else(|error| {
+            let program = command
+                .as_std()
+                .get_program()
+                .to_string_lossy()
+                .into_owned();
+            panic!("failed to start {program} (for {binary}): {error}")
+        });
         let stdout = child.stdout.take().expect("stdout is piped");
         Self {
             child,
