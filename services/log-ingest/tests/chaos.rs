@@ -1,10 +1,13 @@
 //! Chaos: the legacy corpus (about 200,000 lines, or `MALL_CHAOS_LINES`: the fixture
-//! repeated, each header made unique; `scripts/bench.sh logs` runs it with 1,000,000) streamed over the forward protocol with acks, as Fluent Bit does (a chunk not
-//! acknowledged is sent again on a new connection), while the `log-ingest` binary is
-//! SIGKILLed three times, each time with a chunk on its way that cuts a stack trace in two,
-//! and the Loki receiver refuses every push for 20 seconds. Then every record is in Loki
-//! exactly as a model of the corpus says (line masked, stack traces whole, labels, time,
-//! logger and thread), duplicates only from chunks sent again, and nothing else.
+//! repeated, each header made unique; `scripts/bench.sh logs` runs it with 1,000,000),
+//! half of it from each of two hosts at once, streamed over the forward protocol with acks,
+//! as Fluent Bit does (a chunk not acknowledged is sent again on a new connection; the first
+//! host's chunks take turns on two connections, so its stack traces continue across them),
+//! while the `log-ingest` binary is SIGKILLed three times, each time with a chunk of the
+//! first host on its way that cuts a stack trace in two (the second host's chunks are
+//! wherever they are), and the Loki receiver refuses every push for 20 seconds. Then every
+//! record is in Loki exactly as a model of the corpus says (line masked, stack traces whole,
+//! labels, time, logger and thread), duplicates only from chunks sent again, and nothing else.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use corpus::{Expected, expected, frame, is_header};
+use corpus::{Expected, expected, frame_of, is_header};
 use log_ingest::loki_receiver::LokiReceiver;
 use mall_test_support::process::ServiceProcess;
 use rmpv::Value;
@@ -26,11 +29,15 @@ mod corpus;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_log-ingest");
 const FIXTURE: &str = include_str!("fixtures/hybris-wrapper.log");
-/// Copies of the fixture (903 lines each) in the test command.
+/// Copies of the fixture (903 lines each) in the test command, all hosts together.
 const COPIES: usize = 222;
 const CHUNK: usize = 1_000;
+/// The hosts sending at once, each its share of the copies; the first is the one whose
+/// chunks the kills are timed by.
+const HOSTS: [&str; 2] = ["hybris-1", "hybris-2"];
 
-/// How many copies of the fixture: `COPIES`, or enough for `MALL_CHAOS_LINES`.
+/// How many copies of the fixture, all hosts together: `COPIES`, or enough for
+/// `MALL_CHAOS_LINES`.
 fn copies() -> usize {
     std::env::var("MALL_CHAOS_LINES")
         .ok()
@@ -43,15 +50,15 @@ fn scaled(seconds: u64) -> Duration {
     Duration::from_secs(seconds * (copies() as u64).div_ceil(COPIES as u64))
 }
 
-/// The corpus: the fixture `copies()` times, each copy a second after the one before (the
-/// fixture spans 0.55 s, in time order: so is the corpus, as a server's log is), each header
-/// line ending in ` #<copy>.<line>` so every record is unique, and one header in seven with
-/// a customer's mobile number (the fixture has addresses only), in the two ways the legacy
-/// servers write them.
-fn corpus() -> Vec<String> {
+/// The corpus of host number `host`: the fixture `copies() / HOSTS.len()` times, each copy a
+/// second after the one before (the fixture spans 0.55 s, in time order: so is the corpus,
+/// as a server's log is), each header line ending in ` #<host>.<copy>.<line>` so every
+/// record is unique, and one header in seven with a customer's mobile number (the fixture
+/// has addresses only), in the two ways the legacy servers write them.
+fn corpus(host: usize) -> Vec<String> {
     const TIME: &str = "%Y/%m/%d %H:%M:%S%.3f";
     let mut lines = Vec::new();
-    for copy in 0..copies() {
+    for copy in 0..copies().div_ceil(HOSTS.len()) {
         let later = chrono::Duration::seconds(i64::try_from(copy).expect("small"));
         for (i, line) in FIXTURE.lines().enumerate() {
             let fields: Vec<&str> = line.splitn(5, " | ").collect();
@@ -69,7 +76,7 @@ fn corpus() -> Vec<String> {
                     7 => format!(" tel +82-10-{:04}-{:04}", i % 10_000, copy % 10_000),
                     _ => String::new(),
                 };
-                lines.push(format!("{line}{phone} #{copy}.{i}"));
+                lines.push(format!("{line}{phone} #{host}.{copy}.{i}"));
             } else {
                 lines.push(line);
             }
@@ -113,25 +120,27 @@ struct Pauses {
     go: tokio::sync::mpsc::UnboundedReceiver<()>,
 }
 
-/// A Fluent Bit-like sender: every chunk until acknowledged, in order, reconnecting as
-/// needed, stopping where `pauses` says. Counts acknowledged chunks and chunks sent more
-/// than once.
+/// A Fluent Bit-like sender of `host`'s `lines`: every chunk until acknowledged, in order,
+/// on `connections` connections in turn (chunk `n` on connection `n % connections`),
+/// reconnecting as needed, stopping where `pauses` says. Counts chunks sent more than once.
 async fn sender(
     addr: SocketAddr,
+    host: &'static str,
     lines: Arc<Vec<String>>,
-    acked: Arc<AtomicUsize>,
+    connections: usize,
     resent: Arc<AtomicUsize>,
     mut pauses: Pauses,
 ) {
-    let mut stream: Option<tokio::net::TcpStream> = None;
+    let mut streams: Vec<Option<tokio::net::TcpStream>> = (0..connections).map(|_| None).collect();
     for (n, chunk) in lines.chunks(CHUNK).enumerate() {
         let id = format!("{n:032x}");
-        let bytes = frame(&id, chunk);
+        let bytes = frame_of(host, &id, chunk);
+        let stream = &mut streams[n % connections];
         let mut attempts = 0;
         loop {
             if stream.is_none() {
                 match tokio::net::TcpStream::connect(addr).await {
-                    Ok(s) => stream = Some(s),
+                    Ok(s) => *stream = Some(s),
                     Err(_) => {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
@@ -163,7 +172,7 @@ async fn sender(
             match sent {
                 Ok(()) if read_ack(connection, &id).await.is_ok() => break,
                 _ => {
-                    stream = None;
+                    *stream = None;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
@@ -171,7 +180,6 @@ async fn sender(
         if attempts > 1 {
             resent.fetch_add(1, Ordering::Relaxed);
         }
-        acked.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -209,8 +217,14 @@ fn start(addr: SocketAddr, dir: &str, loki: &str) -> ServiceProcess {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage() {
     mall_test_support::init_logging();
-    let lines = Arc::new(corpus());
-    let want = expected(&lines);
+    let corpora: Vec<Arc<Vec<String>>> = (0..HOSTS.len()).map(|h| Arc::new(corpus(h))).collect();
+    // What Loki must hold, each record with its host.
+    let want: Vec<(&str, Expected)> = HOSTS
+        .iter()
+        .zip(&corpora)
+        .flat_map(|(host, lines)| expected(lines).into_iter().map(move |r| (*host, r)))
+        .collect();
+    let lines = corpora[0].clone();
     let chunks = lines.len().div_ceil(CHUNK);
     let dir = tempfile::tempdir().expect("a temporary directory");
     let buffer = dir.path().display().to_string();
@@ -244,19 +258,34 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
     .collect();
     let (paused, mut paused_at) = tokio::sync::mpsc::unbounded_channel();
     let (go, go_on) = tokio::sync::mpsc::unbounded_channel();
-    let pauses = Pauses {
+    let mut pauses = Some(Pauses {
         at: kills.clone(),
         paused,
         go: go_on,
-    };
-    let (acked, resent) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let sending = tokio::spawn(sender(
-        addr,
-        lines.clone(),
-        acked.clone(),
-        resent.clone(),
-        pauses,
-    ));
+    });
+    let resent = Arc::new(AtomicUsize::new(0));
+    // The first host paused for each kill, on two connections; the others on one each,
+    // never paused.
+    let senders: Vec<_> = HOSTS
+        .iter()
+        .zip(&corpora)
+        .map(|(host, lines)| {
+            let pauses = pauses.take().unwrap_or_else(|| Pauses {
+                at: Vec::new(),
+                paused: tokio::sync::mpsc::unbounded_channel().0,
+                go: tokio::sync::mpsc::unbounded_channel().1,
+            });
+            let connections = if pauses.at.is_empty() { 1 } else { 2 };
+            tokio::spawn(sender(
+                addr,
+                host,
+                lines.clone(),
+                connections,
+                resent.clone(),
+                pauses,
+            ))
+        })
+        .collect();
     for (kill, (at, _)) in kills.iter().enumerate() {
         let stopped = tokio::time::timeout(scaled(120), paused_at.recv())
             .await
@@ -276,10 +305,12 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
         service.drain_output("log-ingest");
         go.send(()).expect("the sender waits");
     }
-    tokio::time::timeout(scaled(180), sending)
-        .await
-        .expect("the sender finishes")
-        .expect("joins");
+    for sending in senders {
+        tokio::time::timeout(scaled(180), sending)
+            .await
+            .expect("the sender finishes")
+            .expect("joins");
+    }
 
     // Entries Loki kept (identical ones dropped, as Loki does); compared whole below.
     mall_test_support::wait_until("Loki has every record", scaled(120), || async {
@@ -301,13 +332,16 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
         pushes = now;
     }
     let received = loki.received();
-    let by_line: BTreeMap<&str, &Expected> = want.iter().map(|r| (r.line.as_str(), r)).collect();
+    let by_line: BTreeMap<&str, (&str, &Expected)> = want
+        .iter()
+        .map(|(host, r)| (r.line.as_str(), (*host, r)))
+        .collect();
     let mut copies: BTreeMap<&str, usize> = BTreeMap::new();
     for r in &received {
         *copies.entry(r.entry.line.as_str()).or_default() += 1;
         assert!(!r.entry.line.contains("@example.com"), "masked");
         // Records the model does not have are reported whole below.
-        let Some(record) = by_line.get(r.entry.line.as_str()) else {
+        let Some(&(host, record)) = by_line.get(r.entry.line.as_str()) else {
             continue;
         };
         let labels: BTreeMap<&str, &str> = r
@@ -319,7 +353,7 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
             labels,
             BTreeMap::from([
                 ("environment", "chaos"),
-                ("host", "hybris-1"),
+                ("host", host),
                 ("level", record.level.as_str()),
                 ("service", "hybris.wrapper"),
             ]),
@@ -354,20 +388,26 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
             r.entry.line
         );
     }
-    // Each stream (one per level here) in the corpus's time order, as Loki shows it: pushes
-    // again after a kill are dropped as identical, so what is kept is the first copy of
-    // each, each push's entries in time order. Within one millisecond records are in the
-    // order of their tie-breakers (the buffer's, but where it wraps), not always the
+    // Each stream (one per host and level here) in the corpus's time order, as Loki shows
+    // it: pushes again after a kill are dropped as identical, so what is kept is the first
+    // copy of each, each push's entries in time order. Within one millisecond records are
+    // in the order of their tie-breakers (the buffer's, but where it wraps), not always the
     // corpus's: compared as sets there.
-    for level in ["DEBUG", "INFO", "WARN", "ERROR"] {
+    let streams = HOSTS
+        .iter()
+        .flat_map(|host| ["DEBUG", "INFO", "WARN", "ERROR"].map(|level| (*host, level)));
+    for (host, level) in streams {
         let mut sent: Vec<(i64, &str)> = want
             .iter()
-            .filter(|r| r.level == level)
-            .map(|r| (r.time_ms, r.line.as_str()))
+            .filter(|(h, r)| *h == host && r.level == level)
+            .map(|(_, r)| (r.time_ms, r.line.as_str()))
             .collect();
+        let label = |r: &&log_ingest::loki_receiver::Received, key: &str, value: &str| {
+            r.labels.iter().any(|(k, v)| k == key && v == value)
+        };
         let mut kept: Vec<(i64, &str)> = received
             .iter()
-            .filter(|r| r.labels.iter().any(|(k, v)| k == "level" && v == level))
+            .filter(|r| label(r, "host", host) && label(r, "level", level))
             .map(|r| {
                 let time = r.entry.timestamp.expect("a time");
                 let ms = time.seconds * 1_000 + i64::from(time.nanos / 1_000_000);
@@ -388,7 +428,7 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
         };
         if let Some(at) = first_behind {
             panic!(
-                "{level} records are not in time order: at {at}\n{:#?}",
+                "{host} {level} records are not in time order: at {at}\n{:#?}",
                 around(&kept, at)
             );
         }
@@ -399,7 +439,7 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
         let first_difference = sent.iter().zip(&kept).position(|(a, b)| a != b);
         assert!(
             sent == kept,
-            "{level} records differ from the corpus's: {} sent, {} kept, first difference at \
+            "{host} {level} records differ from the corpus's: {} sent, {} kept, first difference at \
              {first_difference:?}\nsent: {:#?}\nkept: {:#?}",
             sent.len(),
             kept.len(),
@@ -413,7 +453,7 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
             )
         );
     }
-    let wanted: BTreeSet<&str> = want.iter().map(|r| r.line.as_str()).collect();
+    let wanted: BTreeSet<&str> = want.iter().map(|(_, r)| r.line.as_str()).collect();
     assert_eq!(wanted.len(), want.len(), "the model's records are unique");
     let missing: Vec<&&str> = wanted
         .iter()
@@ -438,11 +478,13 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
     // (chunks sent again, records rebuilt after a kill) is counted there.
     assert!(copies.values().all(|c| *c == 1));
     let (pushes, refused, duplicates) = loki.counts();
+    let sent_lines = corpora.iter().map(|lines| lines.len()).sum::<usize>();
     let resent = resent.load(Ordering::Relaxed);
     eprintln!(
-        "{} lines, {} records; {pushes} pushes ({refused} refused), {duplicates} entries \
-         pushed again and dropped as identical, {resent} chunks sent again",
-        lines.len(),
+        "{} lines, {} hosts, {} records; {pushes} pushes ({refused} refused), \
+         {duplicates} entries pushed again and dropped as identical, {resent} chunks sent again",
+        sent_lines,
+        HOSTS.len(),
         want.len(),
     );
     // The chaos happened: the chunks cut short were sent again (the one whose ack was lost
@@ -450,9 +492,10 @@ async fn nothing_acknowledged_is_lost_through_three_sigkills_and_a_loki_outage()
     assert!(resent >= 2, "{resent} chunks sent again");
     assert!(loki.failed() > 0, "no push met the outage");
     // Pushed again: at most what was read again after each kill (from the last
-    // acknowledged position) and the chunks sent again; a few chunks' worth per kill.
+    // acknowledged position, shared by the hosts) and the chunks sent again; a few chunks'
+    // worth of records per kill.
     assert!(
-        duplicates <= (3 * 4 * CHUNK) as u64,
+        duplicates <= (3 * 4 * CHUNK * want.len() / sent_lines) as u64,
         "{duplicates} entries arrived more than once"
     );
 }
