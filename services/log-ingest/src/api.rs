@@ -56,6 +56,12 @@ impl LogIngestService for LogsApi {
                         .map(|reason| m.dropped.with_label_values(&[source, reason]).get())
                         .sum(),
                 ),
+                // Only OTLP refuses single records (`partial_success`).
+                rejected_records: if *source == "otlp" {
+                    count(m.otlp.with_label_values(&["rejected"]).get())
+                } else {
+                    0
+                },
             })
             .collect();
         let last = m.last_push.get();

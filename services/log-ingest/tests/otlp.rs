@@ -348,6 +348,20 @@ async fn malformed_records_are_rejected_in_partial_success_and_the_rest_stored()
         .expect("answered")
         .into_inner();
     assert_eq!(answer.partial_success, None);
+    // GetPipelineStats counts the record refused, apart from those stored (and from
+    // Loki's drops).
+    let stats = corpus::stats(app.grpc).await;
+    let otlp = corpus::source(&stats, "otlp");
+    assert_eq!(
+        (
+            otlp.received_records,
+            otlp.rejected_records,
+            otlp.dropped_records
+        ),
+        (3, 1, 0),
+        "{stats:?}"
+    );
+    assert_eq!(corpus::source(&stats, "forward").rejected_records, 0);
 }
 
 #[tokio::test]

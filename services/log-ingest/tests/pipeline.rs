@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use corpus::{Running, levels_and_lines, model, start_with};
+use corpus::{Running, levels_and_lines, model, source, start_with, stats};
 use log_ingest::loki_receiver::LokiReceiver;
 use rmpv::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -32,31 +32,6 @@ async fn start_parsing_access_logs() -> Running {
 /// Sends `lines` in Forward mode chunks of `per_chunk` entries, each acknowledged.
 async fn send(addr: std::net::SocketAddr, lines: &[&str], per_chunk: usize) {
     corpus::send_as(addr, "hybris-1", lines, per_chunk).await;
-}
-
-async fn stats(grpc: std::net::SocketAddr) -> mall_proto::logs::v1::GetPipelineStatsResponse {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
-        .expect("a uri")
-        .connect()
-        .await
-        .expect("connects");
-    mall_proto::logs::v1::log_ingest_service_client::LogIngestServiceClient::new(channel)
-        .get_pipeline_stats(mall_proto::logs::v1::GetPipelineStatsRequest {})
-        .await
-        .expect("stats")
-        .into_inner()
-}
-
-/// The statistics of the input `name` (`forward`, `otlp`) in `stats`.
-fn source<'a>(
-    stats: &'a mall_proto::logs::v1::GetPipelineStatsResponse,
-    name: &str,
-) -> &'a mall_proto::logs::v1::SourceStats {
-    stats
-        .sources
-        .iter()
-        .find(|s| s.source == name)
-        .unwrap_or_else(|| panic!("{name} in {stats:?}"))
 }
 
 async fn wait_for(loki: &LokiReceiver, count: usize) {

@@ -343,3 +343,29 @@ pub async fn wait_pushed(admin: std::net::SocketAddr, records: usize) {
     )
     .await;
 }
+
+/// GetPipelineStats of the log-ingest serving gRPC on `grpc`.
+pub async fn stats(grpc: std::net::SocketAddr) -> mall_proto::logs::v1::GetPipelineStatsResponse {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .expect("a uri")
+        .connect()
+        .await
+        .expect("connects");
+    mall_proto::logs::v1::log_ingest_service_client::LogIngestServiceClient::new(channel)
+        .get_pipeline_stats(mall_proto::logs::v1::GetPipelineStatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner()
+}
+
+/// The statistics of the input `name` (`forward`, `otlp`) in `stats`.
+pub fn source<'a>(
+    stats: &'a mall_proto::logs::v1::GetPipelineStatsResponse,
+    name: &str,
+) -> &'a mall_proto::logs::v1::SourceStats {
+    stats
+        .sources
+        .iter()
+        .find(|s| s.source == name)
+        .unwrap_or_else(|| panic!("{name} in {stats:?}"))
+}
