@@ -133,7 +133,7 @@ pub struct LogMetrics {
     /// that no sender matches shows here (`handshake`, `tls`), as nothing else does.
     pub connections_closed: IntCounterVec,
     /// `otlp_records_total{outcome}`: OTLP log records by `stored`, `sent_again` (an
-    /// export already stored), `rejected` (malformed: `partial_success`), `refused_full`,
+    /// export already stored), `rejected` (refused alone: `partial_success`), `refused_full`,
     /// `refused_busy` (past `otlp.max_bytes_in_flight`) and `refused_error` (the exporter
     /// retries those).
     pub otlp: IntCounterVec,

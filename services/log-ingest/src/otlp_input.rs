@@ -8,8 +8,10 @@
 //! JSON), trace and span ids, its scope's name (the logger, as OpenTelemetry's Java
 //! appenders set it) and the resource's `host.name`.
 //!
-//! Failures: a record with a malformed trace or span id (not 16 or 8 bytes) is the
-//! record's fault: it is rejected and counted in `partial_success`, the rest stored. A full
+//! Failures: a record that does not decode, is too large or holds too many values is the
+//! record's fault: it is rejected and counted in `partial_success`, the rest stored (one
+//! with a malformed trace or span id, not 16 or 8 bytes, is kept without it, with a
+//! warning there; see [`convert`] for every reason). A full
 //! buffer is the environment's: the whole export gets UNAVAILABLE with RetryInfo and
 //! nothing is acknowledged (the exporter retries; batches stored before the buffer filled
 //! are recognised when they come again, see [`crate::recent`]).

@@ -1,7 +1,7 @@
 //! The legacy corpus as the tests understand it, independently of the service's parsers:
 //! the generator's header lines, the records they start, the masking of its addresses (and
-//! of mobile numbers, which the chaos test adds), and
-//! forward frames as Fluent Bit sends them.
+//! of mobile numbers, which the chaos test adds), and forward frames as Fluent Bit sends
+//! them; log-ingest started in the test's process, and its GetPipelineStats.
 
 #![allow(dead_code)] // each test binary uses part of it
 
