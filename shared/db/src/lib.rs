@@ -187,6 +187,17 @@ pub async fn connect<M: MigratorTrait>(
         .min_connections(settings.min_connections)
         .connect_timeout(settings.connect_timeout)
         .acquire_timeout(settings.acquire_timeout)
+        // No idle timeout and no maximum lifetime: with either, sqlx (0.9.0, the latest)
+        // runs a reaper whose loop bound is its count of idle connections, which a race
+        // between returning and taking a connection can wrap below zero; the reaper then
+        // spins on a runtime thread for ever without yielding (launchbadge/sqlx#3645, fixed
+        // by #4289, not released). Seen here: a test's process at 100% CPU in
+        // `spawn_maintenance_tasks`, hung at its runtime's shutdown. Without the reaper,
+        // connections stay open until the pool closes; one the server dropped is found by
+        // the ping before each acquire (sqlx's `test_before_acquire`, on by default) and
+        // replaced.
+        .idle_timeout(None)
+        .max_lifetime(None)
         // Statements are traced by our own spans; sqlx's per-statement logs are noise.
         .sqlx_logging(false);
 
