@@ -48,12 +48,12 @@ pub fn default_patterns() -> Vec<PatternSettings> {
         PatternSettings {
             name: "email".to_owned(),
             // Also URL-encoded (`%40`, in query strings; `%2540`, encoded twice in a redirect's
-            // encoded query), with the full-width `＠` (U+FF20) Korean input methods type, and
-            // with non-ASCII letters. The local part may hold RFC 5322's other atext characters
+            // encoded query), with the full-width `＠` (U+FF20) and `．` (U+FF0E) Korean input
+            // methods type, and with non-ASCII letters. The local part may hold RFC 5322's other atext characters
             // (`o'brien`), though not first, so the quotes or braces around an address are kept
             // (`'<email>'`), and never `= & / ?` (a whole query string would go with it) nor `|`
             // (the separator of pipe-delimited fields); or it is quoted (`"kim.lee"@`).
-            regex: r#"(?:"[\p{L}\p{N}._%+\-'!#$*^`{}~ ]+"|[\p{L}\p{N}._%+\-][\p{L}\p{N}._%+\-'!#$*^`{}~]*)(?:@|\x{FF20}|%40|%2540)[\p{L}\p{N}\-]+(?:\.[\p{L}\p{N}\-]+)*\.\p{L}{2,}"#
+            regex: r#"(?:"[\p{L}\p{N}._%+\-'!#$*^`{}~ ]+"|[\p{L}\p{N}._%+\-][\p{L}\p{N}._%+\-'!#$*^`{}~]*)(?:@|\x{FF20}|%40|%2540)[\p{L}\p{N}\-]+(?:[.\x{FF0E}][\p{L}\p{N}\-]+)*[.\x{FF0E}]\p{L}{2,}"#
                 .to_owned(),
             replacement: "<email>".to_owned(),
             requires: ["@", "\u{ff20}", "%40", "%2540"].map(str::to_owned).into(),
@@ -68,11 +68,14 @@ pub fn default_patterns() -> Vec<PatternSettings> {
             // `010%201234%205678`), hyphens with spaces around them (`010 - 1234 - 5678`),
             // full-width digits, hyphens, spaces, parentheses and `＋` as Korean input
             // methods type them (`０１０－１２３４－５６７８`, `＋８２ １０…`), next to letters
-            // or Hangul too; not inside a longer number (`digit_bounded`). A bare `82` (ASCII,
+            // or Hangul too; between the groups also a no-break space or a tab (text pasted
+            // from a web page or a spreadsheet), a dot and a space (`010. 1234. 5678`), and
+            // the dashes a word processor or a Korean keyboard puts for a hyphen (`‐ – −`, and
+            // the vowel `ㅡ`); not inside a longer number (`digit_bounded`). A bare `82` (ASCII,
             // its `1` too) takes at most a space (or `+`, `%20`) or hyphen
             // before the `1x`: not a `.` (`82.1012345678` is a number), nor a 0
             // (`8201012345678` is an EAN-13 code).
-            regex: r"(?:(?:(?:(?:\+|＋|%2[Bb])82|[+＋]８２)|[(（](?:(?:\+|＋|%2[Bb])82|[+＋]８２)[)）])(?:[ .+　]|%20| ?[\-－] ?)?(?:[0０]|[(（][0０][)）][ 　]?)?[1１][016-9０１６-９]|82(?:[ +\-]|%20)?1[016789]|[0０][1１][016-9０１６-９]|[(（][0０][1１][016-9０１６-９][)）])(?:[ .+　]|%20| ?[\-－] ?)?[0-9０-９]{3,4}(?:[ .+　]|%20| ?[\-－] ?)?[0-9０-９]{4}"
+            regex: r"(?:(?:(?:(?:\+|＋|%2[Bb])82|[+＋]８２)|[(（](?:(?:\+|＋|%2[Bb])82|[+＋]８２)[)）])(?:[ .+　\x{A0}\t]|%20|\. | ?[\-－‐–−ㅡ] ?)?(?:[0０]|[(（][0０][)）][ 　]?)?[1１][016-9０１６-９]|82(?:[ +\-]|%20)?1[016789]|[0０][1１][016-9０１６-９]|[(（][0０][1１][016-9０１６-９][)）])(?:[ .+　\x{A0}\t]|%20|\. | ?[\-－‐–−ㅡ] ?)?[0-9０-９]{3,4}(?:[ .+　\x{A0}\t]|%20|\. | ?[\-－‐–−ㅡ] ?)?[0-9０-９]{4}"
                 .to_owned(),
             replacement: "<phone>".to_owned(),
             // Every match holds `01` (the 0 kept, in parentheses too; full-width or not), `+82`
@@ -111,21 +114,25 @@ fn starts_with_digit(text: &[u8]) -> bool {
 }
 
 /// Whether `rest` starts with a separator the phone pattern takes between groups (a space,
-/// `.`, `+`, `-`, ` - `, `%20`, the full-width `－` and space) and then a digit.
+/// `.`, `. `, `+`, `%20`, a no-break space, a tab, the full-width space, or a hyphen with or
+/// without a space on either side: `-`, the full-width `－`, `‐ – −` and `ㅡ`) and then a
+/// digit.
 fn separator_then_digit(rest: &[u8]) -> bool {
-    const FULL_WIDTH_HYPHEN: &[u8] = "－".as_bytes();
-    const FULL_WIDTH_SPACE: &[u8] = "\u{3000}".as_bytes();
-    let after = if let Some(after) = rest
-        .strip_prefix(b"%20")
-        .or_else(|| rest.strip_prefix(FULL_WIDTH_SPACE))
+    /// Separators alone between groups (as the default `kr_mobile` pattern takes them).
+    const SEPARATORS: [&str; 5] = ["%20", "\u{3000}", "\u{a0}", "\t", ". "];
+    /// Hyphens, a space on either side or both.
+    const HYPHENS: [&str; 6] = ["-", "－", "‐", "–", "−", "ㅡ"];
+    let after = if let Some(after) = SEPARATORS
+        .iter()
+        .find_map(|s| rest.strip_prefix(s.as_bytes()))
     {
         after
     } else {
         let spaced = rest.strip_prefix(b" ");
         let before_hyphen = spaced.unwrap_or(rest);
-        match before_hyphen
-            .strip_prefix(b"-")
-            .or_else(|| before_hyphen.strip_prefix(FULL_WIDTH_HYPHEN))
+        match HYPHENS
+            .iter()
+            .find_map(|h| before_hyphen.strip_prefix(h.as_bytes()))
         {
             Some(after) => after.strip_prefix(b" ").unwrap_or(after),
             None => match (spaced, before_hyphen) {
@@ -497,6 +504,22 @@ mod tests {
             ),
             ("kim%2540example.com", "<email>", 1),
             ("회원 kim\u{ff20}naver.com 가입", "회원 <email> 가입", 1),
+            // The full-width dot too (`．`, U+FF0E), and full-width letters.
+            (
+                "회원 kim\u{ff20}naver\u{ff0e}com 가입",
+                "회원 <email> 가입",
+                1,
+            ),
+            (
+                "회원 kim@naver\u{ff0e}co\u{ff0e}kr 가입",
+                "회원 <email> 가입",
+                1,
+            ),
+            (
+                "회원 ｋｉｍ＠ｎａｖｅｒ．ｃｏｍ 가입",
+                "회원 <email> 가입",
+                1,
+            ),
             ("from o'brien@example.com", "from <email>", 1),
             ("to a!b#c$d*e^f`g{h}j~k@example.com", "to <email>", 1),
             // Not as an address's first character: the quotes and braces around it stay.
@@ -596,6 +619,17 @@ mod tests {
             "（＋８２）１０１２３４５６７８",
             "＋８２（０）１０－１２３４－５６７８",
             "+82 （０） １０－１２３４－５６７８",
+            // A no-break space or a tab (pasted from a web page, a spreadsheet), a dot and a
+            // space, a word processor's dashes, the vowel ㅡ typed for a hyphen.
+            "010\u{a0}1234\u{a0}5678",
+            "+82\u{a0}10\u{a0}1234\u{a0}5678",
+            "010\t1234\t5678",
+            "010. 1234. 5678",
+            "010‐1234‐5678",
+            "010–1234–5678",
+            "010 – 1234 – 5678",
+            "010−1234−5678",
+            "010ㅡ1234ㅡ5678",
         ] {
             assert_eq!(
                 masked(&format!("call {phone} now")),
@@ -633,6 +667,9 @@ mod tests {
             "０１０１２３４５６７８９",
             "７０１０１２３４５６７８",
             "01012345678９",
+            // Running on past a phone's length, with the other separators.
+            "n=010–1234–56789",
+            "n=010\u{a0}1234\u{a0}56789",
         ] {
             assert_eq!(masked(not), (not.to_owned(), vec![0, 0]), "{not}");
         }
