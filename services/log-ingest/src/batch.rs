@@ -346,8 +346,13 @@ impl<'a> EventRef<'a> {
             };
             let room = max_bytes.saturating_sub(size);
             let value = match bytes_of(v) {
-                // Cut at what is left (a character cut in two reads as U+FFFD).
-                Some(text) => String::from_utf8_lossy(&text[..text.len().min(room)]).into_owned(),
+                // Cut at what is left, before the word the cut falls in: an address or a
+                // number cut in two would no longer be masked (`multiline::cut`).
+                Some(text) => {
+                    let mut value = String::from_utf8_lossy(text).into_owned();
+                    crate::multiline::cut(&mut value, room);
+                    value
+                }
                 None if v.len() <= room => match rmpv::decode::read_value(&mut &v[..]) {
                     Ok(value) => value.to_string(),
                     Err(_) => break,
@@ -955,12 +960,38 @@ mod tests {
             json,
             r#"{"file":"a.log","host":"web-2","nested":"[1, nil, \"x\"]"}"#
         );
-        // Cut: pairs are shown until the object reaches the cap, a text value cut there.
+        // Cut: pairs are shown until the object reaches the cap, a text value cut there,
+        // before the word the cut falls in.
         assert_eq!(event.to_json(10), r#"{"host":"web-1"}"#);
-        assert_eq!(event.to_json(5), r#"{"host":"web"}"#);
+        assert_eq!(event.to_json(5), r#"{"host":""}"#);
         // A value to decode that does not fit what is left ends it (`nested`, 5 bytes sent,
         // with 3 left).
         assert_eq!(event.to_json(35), r#"{"file":"a.log","host":"web-1"}"#);
+    }
+
+    /// A value cut inside an address or a number would no longer be masked: the cut goes
+    /// before it.
+    #[test]
+    fn a_json_value_is_cut_before_an_address_the_cap_falls_in() {
+        let events = events(&[Event {
+            time_nanos: 1,
+            record: vec![(
+                Value::from("msg"),
+                Value::from("mail to kim.lee@example.com or 010-1234-5678"),
+            )],
+        }]);
+        let event = events.iter().next().expect("one");
+        // The value has the cap less the braces' 2 bytes: 26 ends inside the address.
+        assert_eq!(event.to_json(28), r#"{"msg":"mail to "}"#);
+        // 40: inside the number.
+        assert_eq!(
+            event.to_json(42),
+            r#"{"msg":"mail to kim.lee@example.com or "}"#
+        );
+        assert_eq!(
+            event.to_json(46),
+            r#"{"msg":"mail to kim.lee@example.com or 010-1234-5678"}"#
+        );
     }
 
     #[test]

@@ -454,7 +454,7 @@ pub fn cap_first(record: &mut Record, caps: Caps) {
 }
 
 /// Cuts `text` to at most `bytes` (before the word the cut falls in); what was cut.
-fn cut(text: &mut String, bytes: usize) -> usize {
+pub(crate) fn cut(text: &mut String, bytes: usize) -> usize {
     if text.len() <= bytes {
         return 0;
     }
