@@ -32,7 +32,8 @@ pub struct DatabaseSettings {
     pub url: SecretString,
     /// Most connections in the pool. Default 10 (SQLite serializes writers anyway).
     pub max_connections: u32,
-    /// Connections kept open when idle. Default 1.
+    /// Connections opened at start. Default 1. (Every connection opened stays open until the
+    /// pool closes: see [`connect`]'s options.)
     pub min_connections: u32,
     /// Longest wait for a new connection to open. Default 10s.
     #[serde(with = "humantime_serde")]
@@ -169,6 +170,10 @@ fn anonymous_placeholders(sql: &str, values: Vec<sea_orm::Value>) -> (String, Ve
 /// # Errors
 /// When the URL is neither SQLite nor PostgreSQL, the database cannot be reached within the
 /// timeouts, or a migration fails.
+/// The pool's idle timeout: long enough that sqlx's reaper never runs after start (see
+/// [`connect`]).
+const IDLE_FOR_EVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
 pub async fn connect<M: MigratorTrait>(
     settings: &DatabaseSettings,
 ) -> anyhow::Result<DatabaseConnection> {
@@ -187,16 +192,19 @@ pub async fn connect<M: MigratorTrait>(
         .min_connections(settings.min_connections)
         .connect_timeout(settings.connect_timeout)
         .acquire_timeout(settings.acquire_timeout)
-        // No idle timeout and no maximum lifetime: with either, sqlx (0.9.0, the latest)
-        // runs a reaper whose loop bound is its count of idle connections, which a race
-        // between returning and taking a connection can wrap below zero; the reaper then
-        // spins on a runtime thread for ever without yielding (launchbadge/sqlx#3645, fixed
-        // by #4289, not released). Seen here: a test's process at 100% CPU in
-        // `spawn_maintenance_tasks`, hung at its runtime's shutdown. Without the reaper,
-        // connections stay open until the pool closes; one the server dropped is found by
-        // the ping before each acquire (sqlx's `test_before_acquire`, on by default) and
-        // replaced.
-        .idle_timeout(None)
+        // sqlx's pool reaper (0.9.0, the latest) loops over its count of idle connections,
+        // which a race between returning and taking a connection can wrap below zero; the
+        // reaper then spins on a runtime thread for ever without yielding
+        // (launchbadge/sqlx#3645, fixed by #4289, not released). Seen here: a test's process
+        // at 100% CPU in `spawn_maintenance_tasks`, hung at its runtime's shutdown. The
+        // reaper runs once as the pool starts, then every `idle_timeout`: a year, so it
+        // does not run again. (Not none: without a period sqlx opens
+        // `min_connections` in a task of its own at once, racing the caller's first
+        // connection, and two connections opening a new SQLite file at once get "database
+        // is locked".) So connections stay open until the pool closes; one the server
+        // dropped is found by the ping before each acquire (sqlx's `test_before_acquire`,
+        // on by default) and replaced.
+        .idle_timeout(IDLE_FOR_EVER)
         .max_lifetime(None)
         // Statements are traced by our own spans; sqlx's per-statement logs are noise.
         .sqlx_logging(false);
