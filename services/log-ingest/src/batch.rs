@@ -349,8 +349,16 @@ impl<'a> EventRef<'a> {
                 // Cut at what is left, before the word the cut falls in: an address or a
                 // number cut in two would no longer be masked (`multiline::cut`).
                 Some(text) => {
-                    let mut value = String::from_utf8_lossy(text).into_owned();
-                    crate::multiline::cut(&mut value, room);
+                    // Only what the cut can look at (a character past `room` at most), not
+                    // a value of megabytes.
+                    let seen = &text[..text.len().min(room.saturating_add(8))];
+                    let mut value = String::from_utf8_lossy(seen).into_owned();
+                    if crate::multiline::cut(&mut value, room) > 0 {
+                        // Cut: nothing after it is shown (a later pair would make the cut
+                        // value look whole).
+                        object.insert(key.into_owned(), serde_json::Value::String(value));
+                        break;
+                    }
                     value
                 }
                 None if v.len() <= room => match rmpv::decode::read_value(&mut &v[..]) {
@@ -975,13 +983,18 @@ mod tests {
     fn a_json_value_is_cut_before_an_address_the_cap_falls_in() {
         let events = events(&[Event {
             time_nanos: 1,
-            record: vec![(
-                Value::from("msg"),
-                Value::from("mail to kim.lee@example.com or 010-1234-5678"),
-            )],
+            record: vec![
+                (
+                    Value::from("msg"),
+                    Value::from("mail to kim.lee@example.com or 010-1234-5678"),
+                ),
+                (Value::from("a"), Value::from("kim@x.io")),
+            ],
         }]);
         let event = events.iter().next().expect("one");
-        // The value has the cap less the braces' 2 bytes: 26 ends inside the address.
+        // The value has the cap less the braces' 2 bytes: 26 ends inside the address. What
+        // follows a cut value is not shown, though it would fit (it would make the value
+        // look whole).
         assert_eq!(event.to_json(28), r#"{"msg":"mail to "}"#);
         // 40: inside the number.
         assert_eq!(

@@ -33,9 +33,9 @@ pub struct PatternSettings {
     /// A match with a digit (ASCII or full-width) right before or after it is part of a
     /// longer number and left alone (what `\b` cannot say for numbers next to letters:
     /// `고객01012345678님`); the last digit of a URL escape before it (`%20`, `%22`) does not
-    /// count. A match that stops before a separator (space, `.`, `+`, `-`, ` - `, `%20`,
-    /// the full-width `－` and space) and a digit gives way to a match starting inside it
-    /// that runs on past it (the phone in `.019 010-1234-5678`).
+    /// count. A match that stops before a separator (those of the default `kr_mobile`
+    /// pattern: see `separator_then_digit`) and a digit gives way to a match starting
+    /// inside it that runs on past it (the phone in `.019 010-1234-5678`).
     /// Nor is a match of digits alone masked inside a hex id (a word of 16 hex digits or
     /// more around it, as in a session id `3F0107435786BCAA`), nor a match inside a UUID.
     #[serde(default)]
@@ -69,13 +69,14 @@ pub fn default_patterns() -> Vec<PatternSettings> {
             // full-width digits, hyphens, spaces, parentheses and `＋` as Korean input
             // methods type them (`０１０－１２３４－５６７８`, `＋８２ １０…`), next to letters
             // or Hangul too; between the groups also a no-break space or a tab (text pasted
-            // from a web page or a spreadsheet), a dot and a space (`010. 1234. 5678`), and
+            // from a web page or a spreadsheet; a tab also as JSON writes it, `\t`, in a line
+            // shipped as it came), a dot and a space (`010. 1234. 5678`), and
             // the dashes a word processor or a Korean keyboard puts for a hyphen (`‐ – −`, and
             // the vowel `ㅡ`); not inside a longer number (`digit_bounded`). A bare `82` (ASCII,
             // its `1` too) takes at most a space (or `+`, `%20`) or hyphen
             // before the `1x`: not a `.` (`82.1012345678` is a number), nor a 0
             // (`8201012345678` is an EAN-13 code).
-            regex: r"(?:(?:(?:(?:\+|＋|%2[Bb])82|[+＋]８２)|[(（](?:(?:\+|＋|%2[Bb])82|[+＋]８２)[)）])(?:[ .+　\x{A0}\t]|%20|\. | ?[\-－‐–−ㅡ] ?)?(?:[0０]|[(（][0０][)）][ 　]?)?[1１][016-9０１６-９]|82(?:[ +\-]|%20)?1[016789]|[0０][1１][016-9０１６-９]|[(（][0０][1１][016-9０１６-９][)）])(?:[ .+　\x{A0}\t]|%20|\. | ?[\-－‐–−ㅡ] ?)?[0-9０-９]{3,4}(?:[ .+　\x{A0}\t]|%20|\. | ?[\-－‐–−ㅡ] ?)?[0-9０-９]{4}"
+            regex: r"(?:(?:(?:(?:\+|＋|%2[Bb])82|[+＋]８２)|[(（](?:(?:\+|＋|%2[Bb])82|[+＋]８２)[)）])(?:[ .+　\x{A0}\t]|%20|\\t|\. | ?[\-－‐–−ㅡ] ?)?(?:[0０]|[(（][0０][)）][ 　]?)?[1１][016-9０１６-９]|82(?:[ +\-]|%20)?1[016789]|[0０][1１][016-9０１６-９]|[(（][0０][1１][016-9０１６-９][)）])(?:[ .+　\x{A0}\t]|%20|\\t|\. | ?[\-－‐–−ㅡ] ?)?[0-9０-９]{3,4}(?:[ .+　\x{A0}\t]|%20|\\t|\. | ?[\-－‐–−ㅡ] ?)?[0-9０-９]{4}"
                 .to_owned(),
             replacement: "<phone>".to_owned(),
             // Every match holds `01` (the 0 kept, in parentheses too; full-width or not), `+82`
@@ -114,12 +115,12 @@ fn starts_with_digit(text: &[u8]) -> bool {
 }
 
 /// Whether `rest` starts with a separator the phone pattern takes between groups (a space,
-/// `.`, `. `, `+`, `%20`, a no-break space, a tab, the full-width space, or a hyphen with or
+/// `.`, `. `, `+`, `%20`, a no-break space, a tab (or JSON's `\t`), the full-width space, or a hyphen with or
 /// without a space on either side: `-`, the full-width `－`, `‐ – −` and `ㅡ`) and then a
 /// digit.
 fn separator_then_digit(rest: &[u8]) -> bool {
     /// Separators alone between groups (as the default `kr_mobile` pattern takes them).
-    const SEPARATORS: [&str; 5] = ["%20", "\u{3000}", "\u{a0}", "\t", ". "];
+    const SEPARATORS: [&str; 6] = ["%20", "\u{3000}", "\u{a0}", "\t", "\\t", ". "];
     /// Hyphens, a space on either side or both.
     const HYPHENS: [&str; 6] = ["-", "－", "‐", "–", "−", "ㅡ"];
     let after = if let Some(after) = SEPARATORS
@@ -624,6 +625,8 @@ mod tests {
             "010\u{a0}1234\u{a0}5678",
             "+82\u{a0}10\u{a0}1234\u{a0}5678",
             "010\t1234\t5678",
+            // A tab as JSON writes it (a JSON line without a message is shipped as it came).
+            r"010\t1234\t5678",
             "010. 1234. 5678",
             "010‐1234‐5678",
             "010–1234–5678",

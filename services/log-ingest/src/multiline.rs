@@ -470,17 +470,40 @@ const WORD_BACKOFF: usize = 320;
 
 /// `cut` (a character boundary), or where the word it falls in starts, when that is within
 /// [`WORD_BACKOFF`] bytes. A word is what the default patterns match: ASCII letters and
-/// digits, `._%+-@`, any non-ASCII character (addresses in every script), and a space,
-/// `.` or `-` between two digits (`010 1234 5678`). A cut is inside a word when the text
-/// goes on with one of its characters there.
+/// digits, `._%+-@`, a backslash (JSON's `\t` between a number's groups), any non-ASCII
+/// character (addresses in every script; `－ – ㅡ` and the no-break space), and a space or
+/// a tab with a digit on either side, a few separators away at most (`010 1234 5678`,
+/// `010 - 1234`, `010. 1234`, `010 – 1234`). A cut is inside a word when the text goes on
+/// with one of its characters there.
 fn before_word(text: &str, cut: usize) -> usize {
     let bytes = text.as_bytes();
-    let word = |b: u8| b >= 0x80 || b.is_ascii_alphanumeric() || b"._%+-@".contains(&b);
-    let separator = |b: u8| matches!(b, b' ' | b'.' | b'-');
-    let digit = |at: usize| bytes.get(at).is_some_and(u8::is_ascii_digit);
+    let word = |b: u8| b >= 0x80 || b.is_ascii_alphanumeric() || b"._%+-@\\".contains(&b);
+    // A digit within a few bytes of `at` going `back` or forward, over separators and
+    // non-ASCII characters (a dash) only.
+    let digit_near = |from: usize, back: bool| {
+        let mut at = from;
+        for _ in 0..6 {
+            let next = if back {
+                at.checked_sub(1)
+            } else {
+                at.checked_add(1)
+            };
+            let Some(next) = next else {
+                return false;
+            };
+            at = next;
+            match bytes.get(at) {
+                Some(b'0'..=b'9') => return true,
+                Some(b' ' | b'\t' | b'.' | b'-' | 0x80..) => {}
+                _ => return false,
+            }
+        }
+        false
+    };
     // Byte `at` belongs to the word around it.
     let joins = |at: usize| {
-        word(bytes[at]) || (separator(bytes[at]) && at > 0 && digit(at - 1) && digit(at + 1))
+        word(bytes[at])
+            || (matches!(bytes[at], b' ' | b'\t') && digit_near(at, true) && digit_near(at, false))
     };
     if cut == 0 || cut >= bytes.len() || !joins(cut) || !joins(cut - 1) {
         return cut;
@@ -1133,6 +1156,19 @@ mod tests {
             assert_eq!(before_word(spaced, cut), 5, "cut at {cut}");
         }
         assert_eq!(before_word(spaced, 18), 18, "after the number");
+        // The other separators the phone pattern takes, with spaces around them too, and a
+        // tab written as JSON writes it: a cut in the last group goes back to the start.
+        for call in [
+            "call 010\t1234\t5678 now",
+            "call 010. 1234. 5678 now",
+            "call 010 - 1234 - 5678 now",
+            "call 010 – 1234 – 5678 now",
+            "call 010\u{a0}1234\u{a0}5678 now",
+            "call 010\\t1234\\t5678 now",
+        ] {
+            let last = call.rfind("56").expect("the last group") + 1;
+            assert_eq!(before_word(call, last), 5, "{call:?}");
+        }
         // An address in another script, cut inside a character's neighbour.
         let korean = "주문 홍길동@회사.kr 실패";
         let cut = korean.find("사").expect("there");
