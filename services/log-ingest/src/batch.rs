@@ -349,9 +349,10 @@ impl<'a> EventRef<'a> {
                 // Cut at what is left, before the word the cut falls in: an address or a
                 // number cut in two would no longer be masked (`multiline::cut`).
                 Some(text) => {
-                    // Only what the cut can look at (a character past `room` at most), not
-                    // a value of megabytes.
-                    let seen = &text[..text.len().min(room.saturating_add(8))];
+                    // Only what the cut can look at, not a value of megabytes.
+                    let seen = &text[..text
+                        .len()
+                        .min(room.saturating_add(crate::multiline::CUT_LOOKAHEAD))];
                     let mut value = String::from_utf8_lossy(seen).into_owned();
                     if crate::multiline::cut(&mut value, room) > 0 {
                         // Cut: nothing after it is shown (a later pair would make the cut

@@ -468,13 +468,23 @@ pub(crate) fn cut(text: &mut String, bytes: usize) -> usize {
 /// address (254) or phone number.
 const WORD_BACKOFF: usize = 320;
 
+/// Bytes before a cut within which a space or a tab can join a number's groups: a phone
+/// number's length and more. (Farther back, in a table of numbers, a space ends the word,
+/// so the cut stops there instead of running past `WORD_BACKOFF` and staying where it was,
+/// inside the number.)
+const NUMBER_SPAN: usize = 40;
+
+/// Bytes past a cut that [`cut`] reads: a digit a few separators on (six bytes) and a
+/// character. A caller cutting a prefix of a longer text must keep this many more.
+pub(crate) const CUT_LOOKAHEAD: usize = 8;
+
 /// `cut` (a character boundary), or where the word it falls in starts, when that is within
 /// [`WORD_BACKOFF`] bytes. A word is what the default patterns match: ASCII letters and
 /// digits, `._%+-@`, a backslash (JSON's `\t` between a number's groups), any non-ASCII
 /// character (addresses in every script; `－ – ㅡ` and the no-break space), and a space or
 /// a tab with a digit on either side, a few separators away at most (`010 1234 5678`,
-/// `010 - 1234`, `010. 1234`, `010 – 1234`). A cut is inside a word when the text goes on
-/// with one of its characters there.
+/// `010 - 1234`, `010. 1234`, `010 – 1234`), within [`NUMBER_SPAN`] bytes of the cut. A
+/// cut is inside a word when the text goes on with one of its characters there.
 fn before_word(text: &str, cut: usize) -> usize {
     let bytes = text.as_bytes();
     let word = |b: u8| b >= 0x80 || b.is_ascii_alphanumeric() || b"._%+-@\\".contains(&b);
@@ -503,7 +513,10 @@ fn before_word(text: &str, cut: usize) -> usize {
     // Byte `at` belongs to the word around it.
     let joins = |at: usize| {
         word(bytes[at])
-            || (matches!(bytes[at], b' ' | b'\t') && digit_near(at, true) && digit_near(at, false))
+            || (matches!(bytes[at], b' ' | b'\t')
+                && cut.saturating_sub(at) <= NUMBER_SPAN
+                && digit_near(at, true)
+                && digit_near(at, false))
     };
     if cut == 0 || cut >= bytes.len() || !joins(cut) || !joins(cut - 1) {
         return cut;
@@ -1168,6 +1181,19 @@ mod tests {
         ] {
             let last = call.rfind("56").expect("the last group") + 1;
             assert_eq!(before_word(call, last), 5, "{call:?}");
+        }
+        // After a table of numbers longer than the back-off: the number at the cut goes
+        // whole, with a little of the table at most (the whole table would be past the
+        // back-off, and the cut would stay inside the number).
+        for gap in ["\t", " ", "  "] {
+            let table = vec!["123"; 100].join(gap);
+            let text = format!("{table}{gap}010-1234-5678 end");
+            let start = text.find("010").expect("the number");
+            let kept = before_word(&text, start + 11);
+            assert!(
+                kept <= start && start - kept <= NUMBER_SPAN,
+                "{gap:?}: {kept} {start}"
+            );
         }
         // An address in another script, cut inside a character's neighbour.
         let korean = "주문 홍길동@회사.kr 실패";

@@ -165,15 +165,15 @@ fn anonymous_placeholders(sql: &str, values: Vec<sea_orm::Value>) -> (String, Ve
     (text, ordered)
 }
 
+/// The pool's idle timeout: long enough that sqlx's reaper never runs after start (see
+/// [`connect`]).
+const IDLE_FOR_EVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Opens a pool for `settings.url` and applies migrator `M`.
 ///
 /// # Errors
 /// When the URL is neither SQLite nor PostgreSQL, the database cannot be reached within the
 /// timeouts, or a migration fails.
-/// The pool's idle timeout: long enough that sqlx's reaper never runs after start (see
-/// [`connect`]).
-const IDLE_FOR_EVER: Duration = Duration::from_secs(365 * 24 * 3600);
-
 pub async fn connect<M: MigratorTrait>(
     settings: &DatabaseSettings,
 ) -> anyhow::Result<DatabaseConnection> {
