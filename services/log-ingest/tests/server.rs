@@ -176,14 +176,23 @@ async fn sigterm_with_a_push_hanging_on_loki_exits_cleanly_and_loses_nothing() {
     loki.accept_any_time();
     let settings = corpus::restart_settings(dir.path(), loki.url(), Duration::from_millis(300));
     let app = corpus::start_app(settings).await;
-    let mut want = corpus::model(&lines);
+    every_record_once(&loki, app, &lines).await;
+}
+
+/// Waits until `loki` has every record of `lines`, stops `app` (first: a copy pushed later
+/// would be compared too), and checks that each arrived once, whole, as sent (Loki drops
+/// an entry identical to one it has: none may have been pushed twice).
+async fn every_record_once(
+    loki: &log_ingest::loki_receiver::LokiReceiver,
+    app: corpus::Started,
+    lines: &[&str],
+) {
+    let mut want = corpus::model(lines);
     wait_until("every record in Loki", Duration::from_secs(30), || async {
         (loki.accepted().0 >= want.len() as u64).then_some(())
     })
     .await;
-    // Stopped first: a copy pushed later would be compared too.
     app.stop().await;
-    // Loki drops an entry identical to one it has: none may have been pushed twice.
     assert_eq!(loki.counts().2, 0, "entries pushed twice");
     let mut got = corpus::levels_and_lines(&loki.received());
     got.sort();
@@ -321,17 +330,7 @@ async fn a_write_the_disk_refuses_is_not_acknowledged_and_is_cut_from_the_buffer
         let id = format!("{n:032x}");
         corpus::send_acked(&mut stream, &corpus::frame(&id, chunk), &id).await;
     }
-    let mut want = corpus::model(&lines);
-    wait_until("every record in Loki", Duration::from_secs(30), || async {
-        (loki.accepted().0 >= want.len() as u64).then_some(())
-    })
-    .await;
-    app.stop().await;
-    assert_eq!(loki.counts().2, 0, "entries pushed twice");
-    let mut got = corpus::levels_and_lines(&loki.received());
-    got.sort();
-    want.sort();
-    assert_eq!(got, want, "every record once, whole, as sent");
+    every_record_once(&loki, app, &lines).await;
 }
 
 /// `loki-receiver`, the local Loki `scripts/dev.sh` starts: it says where it listens, takes
