@@ -479,17 +479,25 @@ const NUMBER_SPAN: usize = 40;
 pub(crate) const CUT_LOOKAHEAD: usize = 8;
 
 /// `cut` (a character boundary), or where the word it falls in starts, when that is within
-/// [`WORD_BACKOFF`] bytes. A word is what the default patterns match: ASCII letters and
-/// digits, `._%+-@`, a backslash (JSON's `\t` between a number's groups), any non-ASCII
-/// character (addresses in every script; `－ – ㅡ` and the no-break space), and a space or
-/// a tab with a digit on either side, a few separators away at most (`010 1234 5678`,
-/// `010 - 1234`, `010. 1234`, `010 – 1234`), within [`NUMBER_SPAN`] bytes of the cut. A
-/// cut is inside a word when the text goes on with one of its characters there.
+/// [`WORD_BACKOFF`] bytes, or else [`WORD_BACKOFF`] bytes back (a run longer than any
+/// address or number: what the cut fell in starts after there). A word is what the
+/// default patterns match: ASCII letters and digits, `._%+-@`, a backslash (JSON's `\t`
+/// between a number's groups), any non-ASCII character (addresses in every script;
+/// full-width digits, `－ – ㅡ` and the no-break space), and a space or a tab with a digit
+/// (ASCII or full-width) on either side, a few separators away at most (`010 1234 5678`,
+/// `010 - 1234`, `010. 1234`, `010 – 1234`, `０１０ １２３４`), within [`NUMBER_SPAN`] bytes
+/// of the cut. A cut is inside a word when the text goes on with one of its characters
+/// there.
 fn before_word(text: &str, cut: usize) -> usize {
     let bytes = text.as_bytes();
     let word = |b: u8| b >= 0x80 || b.is_ascii_alphanumeric() || b"._%+-@\\".contains(&b);
-    // A digit within a few bytes of `at` going `back` or forward, over separators and
-    // non-ASCII characters (a dash) only.
+    // A digit (ASCII, or full-width: EF BC 90..99) within a few bytes of `at` going `back`
+    // or forward, over separators and non-ASCII characters (a dash) only.
+    let full_width_digit = |first: usize| {
+        bytes
+            .get(first..first + 3)
+            .is_some_and(|b| b[0] == 0xEF && b[1] == 0xBC && (0x90..=0x99).contains(&b[2]))
+    };
     let digit_near = |from: usize, back: bool| {
         let mut at = from;
         for _ in 0..6 {
@@ -502,6 +510,15 @@ fn before_word(text: &str, cut: usize) -> usize {
                 return false;
             };
             at = next;
+            // The digit's last byte going back, its first going forward.
+            let full_width = if back {
+                at.checked_sub(2).is_some_and(full_width_digit)
+            } else {
+                full_width_digit(at)
+            };
+            if full_width {
+                return true;
+            }
             match bytes.get(at) {
                 Some(b'0'..=b'9') => return true,
                 Some(b' ' | b'\t' | b'.' | b'-' | 0x80..) => {}
@@ -531,8 +548,10 @@ fn before_word(text: &str, cut: usize) -> usize {
         // over whole, every byte of it joins).
         start
     } else {
-        // A run longer than any address or number.
-        cut
+        // A run longer than any address or number (a table of numbers joined by dots or
+        // JSON's `\t`, a long encoded path): whatever the cut fell in starts after here.
+        // (Staying at the cut would keep part of it.)
+        text.floor_char_boundary(floor)
     }
 }
 
@@ -1201,9 +1220,18 @@ mod tests {
         assert_eq!(before_word(korean, cut), korean.find("홍").expect("there"));
         // A word from the text's start, shorter than the back-off: nothing of it kept.
         assert_eq!(before_word("kim@example.com", 6), 0);
-        // A run longer than any address or number: cut where the cap is.
+        // A run longer than any address or number: cut the back-off before the cap, before
+        // any address or number the cap fell in (a table of numbers joined by JSON's `\t`,
+        // then a number).
         let run = "y".repeat(WORD_BACKOFF + 10);
-        assert_eq!(before_word(&run, WORD_BACKOFF + 5), WORD_BACKOFF + 5);
+        assert_eq!(before_word(&run, WORD_BACKOFF + 5), 5);
+        let table = format!("{}010\\t1234\\t5678 end", "123\\t".repeat(120));
+        let cut = table.rfind("56").expect("the last group") + 1;
+        assert_eq!(before_word(&table, cut), cut - WORD_BACKOFF);
+        // Full-width digits with ASCII spaces between their groups.
+        let wide = "call ０１０ １２３４ ５６７８ now";
+        let cut = wide.find("６").expect("the last group");
+        assert_eq!(before_word(wide, cut), 5);
     }
 
     /// What a generated line is, as the test knows it (not as the parser decides).
