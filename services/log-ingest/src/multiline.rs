@@ -468,15 +468,16 @@ pub(crate) fn cut(text: &mut String, bytes: usize) -> usize {
 /// address (254) or phone number.
 const WORD_BACKOFF: usize = 320;
 
-/// Bytes before a cut within which a space or a tab can join a number's groups: a phone
-/// number's length and more. (Farther back, in a table of numbers, a space ends the word,
-/// so the cut stops there instead of running past `WORD_BACKOFF` and staying where it was,
-/// inside the number.)
+/// Bytes before a cut within which a space or a tab can join a number's groups: past a
+/// phone number's first group, written in ASCII or full-width. (Farther back, in a table of
+/// numbers, a space ends the word, so the cut keeps the table rather than dropping
+/// [`WORD_BACKOFF`] bytes of it.)
 const NUMBER_SPAN: usize = 40;
 
-/// Bytes past a cut that [`cut`] reads: a digit a few separators on (six bytes) and a
-/// character. A caller cutting a prefix of a longer text must keep this many more.
-pub(crate) const CUT_LOOKAHEAD: usize = 8;
+/// Bytes past a cut that [`cut`] reads, and a margin: a digit up to six bytes on, a
+/// full-width digit's three bytes from there. A caller cutting a prefix of a longer text
+/// must keep this many more.
+pub(crate) const CUT_LOOKAHEAD: usize = 12;
 
 /// `cut` (a character boundary), or where the word it falls in starts, when that is within
 /// [`WORD_BACKOFF`] bytes, or else [`WORD_BACKOFF`] bytes back (a run longer than any
