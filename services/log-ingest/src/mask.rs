@@ -49,10 +49,11 @@ pub fn default_patterns() -> Vec<PatternSettings> {
             name: "email".to_owned(),
             // Also URL-encoded (`%40`, in query strings; `%2540`, encoded twice in a redirect's
             // encoded query), with the full-width `＠` (U+FF20) and `．` (U+FF0E) Korean input
-            // methods type, and with non-ASCII letters. The local part may hold RFC 5322's other atext characters
-            // (`o'brien`), though not first, so the quotes or braces around an address are kept
-            // (`'<email>'`), and never `= & / ?` (a whole query string would go with it) nor `|`
-            // (the separator of pipe-delimited fields); or it is quoted (`"kim.lee"@`).
+            // methods type, and with non-ASCII letters. The local part may hold RFC 5322's
+            // other atext characters (`o'brien`), though not first, so the quotes or braces
+            // around an address are kept (`'<email>'`), and never `= & / ?` (a whole query
+            // string would go with it) nor `|` (the separator of pipe-delimited fields); or it
+            // is quoted (`"kim.lee"@`).
             regex: r#"(?:"[\p{L}\p{N}._%+\-'!#$*^`{}~ ]+"|[\p{L}\p{N}._%+\-][\p{L}\p{N}._%+\-'!#$*^`{}~]*)(?:@|\x{FF20}|%40|%2540)[\p{L}\p{N}\-]+(?:[.\x{FF0E}][\p{L}\p{N}\-]+)*[.\x{FF0E}]\p{L}{2,}"#
                 .to_owned(),
             replacement: "<email>".to_owned(),
@@ -115,9 +116,9 @@ fn starts_with_digit(text: &[u8]) -> bool {
 }
 
 /// Whether `rest` starts with a separator the phone pattern takes between groups (a space,
-/// `.`, `. `, `+`, `%20`, a no-break space, a tab (or JSON's `\t`), the full-width space, or a hyphen with or
-/// without a space on either side: `-`, the full-width `－`, `‐ – −` and `ㅡ`) and then a
-/// digit.
+/// `.`, `. `, `+`, `%20`, a no-break space, a tab or JSON's `\t`, the full-width space, or
+/// a hyphen with or without a space on either side: `-`, the full-width `－`, `‐ – −` and
+/// `ㅡ`) and then a digit.
 fn separator_then_digit(rest: &[u8]) -> bool {
     /// Separators alone between groups (as the default `kr_mobile` pattern takes them).
     const SEPARATORS: [&str; 6] = ["%20", "\u{3000}", "\u{a0}", "\t", "\\t", ". "];
