@@ -428,9 +428,17 @@ impl Masker {
 
     /// Masks every text of `record`: message, stack trace, logger, thread, and the keys and
     /// values of its fields.
-    pub fn record(&self, record: &mut Record, counts: &mut [u64]) {
+    ///
+    /// A replacement longer than what it replaced (`<email>` for `a@b.co`, or a longer
+    /// configured one) can take a record's text past the cap it was cut to (`cap` bytes),
+    /// and past Loki's line limit, which would refuse the record for good: message and
+    /// stack trace are cut again, together, to Loki's default limit, or to `cap` when that
+    /// is higher (the operator raised both). What is cut then, in `truncated_bytes`, is
+    /// counted in masked text. Cutting masked text shows nothing masked.
+    pub fn record(&self, record: &mut Record, counts: &mut [u64], cap: usize) {
         self.text(&mut record.message, counts);
         self.text(&mut record.stack_trace, counts);
+        crate::multiline::cap_text(record, cap.max(crate::loki::DEFAULT_MAX_LINE_BYTES));
         self.text(&mut record.logger, counts);
         self.text(&mut record.thread, counts);
         if record.fields.is_empty() {
@@ -548,6 +556,54 @@ mod tests {
         }
     }
 
+    /// A replacement longer than what it replaced does not take a record past Loki's line
+    /// limit: its text is cut again (counted); past the record's cap but within Loki's limit,
+    /// nothing is cut.
+    #[test]
+    fn masking_keeps_a_record_within_lokis_line_limit() {
+        let masker = Masker::new(&default_patterns()).expect("defaults compile");
+        let limit = crate::loki::DEFAULT_MAX_LINE_BYTES;
+        // The line Loki gets: message, a line break, stack trace.
+        let line = |r: &Record| {
+            r.message.len()
+                + usize::from(!r.message.is_empty() && !r.stack_trace.is_empty())
+                + r.stack_trace.len()
+        };
+        // 7 bytes each, 8 masked.
+        let record = |addresses: usize| Record {
+            message: "failed".to_owned(),
+            stack_trace: format!(
+                "java.lang.IllegalStateException: {}",
+                "a@b.co ".repeat(addresses)
+            ),
+            ..Record::default()
+        };
+        let cap = 196_608;
+        let mut cut = record(36_000);
+        let before = line(&cut);
+        assert!(before < limit && before + 36_000 > limit);
+        let mut counts = vec![0; masker.len()];
+        masker.record(&mut cut, &mut counts, cap);
+        assert!(line(&cut) <= limit, "{} > {limit}", line(&cut));
+        assert!(line(&cut) > limit - 8, "cut where the limit falls");
+        assert_eq!(cut.truncated_bytes, before + 36_000 - line(&cut));
+        assert!(!cut.stack_trace.contains('@'));
+        assert_eq!(counts, [36_000, 0]);
+        // Past the cap, within Loki's limit: whole.
+        let mut whole = record(25_000);
+        let before = line(&whole);
+        assert!(before < cap && before + 25_000 > cap);
+        masker.record(&mut whole, &mut counts, cap);
+        assert_eq!(whole.truncated_bytes, 0);
+        assert_eq!(line(&whole), before + 25_000);
+        // A cap above Loki's limit (raised with it) is the limit.
+        let mut raised = record(36_000);
+        let before = line(&raised);
+        masker.record(&mut raised, &mut counts, 2 * limit);
+        assert_eq!(raised.truncated_bytes, 0);
+        assert_eq!(line(&raised), before + 36_000);
+    }
+
     /// Field keys that mask to the same text are both kept.
     #[test]
     fn keys_masked_alike_are_kept_apart() {
@@ -556,7 +612,7 @@ mod tests {
         record.fields.insert("kim@a.com".to_owned(), "1".to_owned());
         record.fields.insert("lee@b.com".to_owned(), "2".to_owned());
         let mut counts = vec![0; masker.len()];
-        masker.record(&mut record, &mut counts);
+        masker.record(&mut record, &mut counts, usize::MAX);
         assert_eq!(
             record.fields.into_iter().collect::<Vec<_>>(),
             [
@@ -861,7 +917,7 @@ mod tests {
             ..Record::default()
         };
         let mut counts = vec![0; 2];
-        masker.record(&mut record, &mut counts);
+        masker.record(&mut record, &mut counts, usize::MAX);
         assert_eq!(record.message, "user <email>");
         assert_eq!(
             record.stack_trace,

@@ -446,9 +446,15 @@ fn join(record: &mut Record, text: &str, stack: bool) {
 /// The cap holds for both together, as Loki's line has them (the message, a line break,
 /// the stack trace): a JSON line can carry each of them near the cap.
 pub fn cap_first(record: &mut Record, caps: Caps) {
-    record.truncated_bytes += cut(&mut record.message, caps.bytes);
+    cap_text(record, caps.bytes);
+}
+
+/// Cuts a record's message and stack trace to `bytes` together, as [`cap_first`] does
+/// (a no-op when they fit).
+pub(crate) fn cap_text(record: &mut Record, bytes: usize) {
+    record.truncated_bytes += cut(&mut record.message, bytes);
     if !record.stack_trace.is_empty() {
-        let room = caps.bytes.saturating_sub(record.message.len() + 1);
+        let room = bytes.saturating_sub(record.message.len() + 1);
         record.truncated_bytes += cut(&mut record.stack_trace, room);
     }
 }

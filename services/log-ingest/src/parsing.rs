@@ -109,7 +109,7 @@ impl Parsing {
         let mut records = multiline::group_all(&parser, self.caps, lines);
         let mut counts = vec![0; self.masker.len()];
         for record in &mut records {
-            self.masker.record(record, &mut counts);
+            self.masker.record(record, &mut counts, self.caps.bytes);
         }
         Ok(records)
     }

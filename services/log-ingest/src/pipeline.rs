@@ -811,6 +811,7 @@ impl Pipeline {
             metrics: self.metrics.clone(),
             batch_bytes: self.settings.batch_bytes,
             masker: self.masker.clone(),
+            max_record_bytes: self.caps.bytes,
             tails: self.tails.clone(),
             streams: self.streams.clone(),
             derived: self.derived.clone(),
@@ -1144,6 +1145,8 @@ struct Pusher {
     metrics: LogMetrics,
     batch_bytes: usize,
     masker: Masker,
+    /// The record cap's bytes ([`Masker::record`]'s `cap`).
+    max_record_bytes: usize,
     tails: Tails,
     streams: Arc<Mutex<labels::Guard>>,
     derived: Arc<Mutex<Deriver>>,
@@ -1160,7 +1163,8 @@ impl Pusher {
         let mut streams = crate::lock(&self.streams);
         streams.set_now(Instant::now());
         for mut ready in records {
-            self.masker.record(&mut ready.record, &mut counts);
+            self.masker
+                .record(&mut ready.record, &mut counts, self.max_record_bytes);
             if let Some(tap) = &mut tap {
                 tap.offer(&ready.record, &ready.tag);
             }
