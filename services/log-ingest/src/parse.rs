@@ -322,7 +322,10 @@ impl Parser {
                 .insert("cronjob".to_owned(), header.cronjob.to_owned());
         }
         for (key, value) in mdc {
-            match record::trace_id(value) {
+            // Datadog's `dd.trace_id` is a decimal number unless written as 32 hex digits:
+            // 16 decimal digits are no 64-bit hex id.
+            let id = record::trace_id(value).filter(|_| key != "dd.trace_id" || value.len() == 32);
+            match id {
                 Some(id) if is_trace_key(key) && record.trace_id.is_empty() => {
                     record.trace_id = id;
                 }
@@ -429,6 +432,8 @@ impl Parser {
                 record.level = Some(level);
                 continue;
             }
+            // A number is no hex trace id (`1234567890123456`, Datadog's decimal one).
+            let string = value.is_string();
             let text = match value {
                 serde_json::Value::String(s) => s,
                 serde_json::Value::Null => continue,
@@ -457,7 +462,9 @@ impl Parser {
                     record.stack_trace = text;
                 }
                 "trace_id" | "traceId" | "traceid"
-                    if record.trace_id.is_empty() && record::trace_id(&text).is_some() =>
+                    if string
+                        && record.trace_id.is_empty()
+                        && record::trace_id(&text).is_some() =>
                 {
                     record.trace_id = record::trace_id(&text).unwrap_or_default();
                 }
@@ -890,8 +897,8 @@ fn is_trace_key(key: &str) -> bool {
     )
 }
 
-/// A trace id written into the text as `trace_id=…` or `traceId=…` (or with `:`), 32 hex
-/// digits standing alone.
+/// A trace id written into the text as `trace_id=…` or `traceId=…` (or with `:`), 32 or 16
+/// hex digits standing alone ([`record::trace_id`]).
 fn trace_token(text: &str) -> Option<String> {
     for (at, _) in text.match_indices("race") {
         let Some(key_start) = at.checked_sub(1) else {
@@ -913,14 +920,13 @@ fn trace_token(text: &str) -> Option<String> {
         {
             continue;
         }
-        let Some(id) = value.get(..32) else {
-            continue;
-        };
-        let standalone = !value
-            .as_bytes()
-            .get(32)
-            .is_some_and(u8::is_ascii_alphanumeric);
-        if standalone && let Some(id) = record::trace_id(id) {
+        // The word after the key: a trace id when it is one whole.
+        let word = value
+            .bytes()
+            .take(33)
+            .take_while(u8::is_ascii_alphanumeric)
+            .count();
+        if let Some(id) = record::trace_id(&value[..word]) {
             return Some(id);
         }
     }
@@ -1551,6 +1557,25 @@ mod tests {
             );
             assert_eq!(record.message, text);
         }
+        // A 64-bit id (B3, Sleuth's default), in the MDC or the text: left-padded, as
+        // OpenTelemetry's B3 propagators make it.
+        for line in [
+            "INFO [main] [X] {X-B3-TraceId=4bf92f3577b34da6, X-B3-SpanId=a3ce929d0e0e4736} paid",
+            "INFO [main] [X] paid traceId=4bf92f3577b34da6",
+        ] {
+            let record = start(log4j.line(line, 0));
+            assert_eq!(
+                record.trace_id, "00000000000000004bf92f3577b34da6",
+                "{line}"
+            );
+        }
+        // Datadog's decimal id is no hex id, though its digits are hex digits.
+        let record = start(log4j.line(
+            "INFO [main] [X] {dd.trace_id=1234567890123456, dd.span_id=42} paid",
+            0,
+        ));
+        assert_eq!(record.trace_id, "");
+        assert_eq!(record.fields["dd.trace_id"], "1234567890123456");
         // Not a map of key=value, or not a trace id: the message stays whole.
         for text in [
             "slow query: SELECT {pk} FROM {Product}",
@@ -1558,6 +1583,7 @@ mod tests {
             "entrace_id=4bf92f3577b34da6a3ce929d0e0e4736",
             "parent_trace_id=4bf92f3577b34da6a3ce929d0e0e4736",
             "trace_id=4bf92f3577b34da6a3ce929d0e0e4736ff",
+            "trace_id=4bf92f3577b34da6a",
         ] {
             let record = start(log4j.line(&format!("INFO [main] [X] {text}"), 0));
             assert_eq!(

@@ -129,11 +129,17 @@ impl Record {
     }
 }
 
-/// Whether `id` is a W3C trace id we keep: 32 hex digits, not all zero. Returned in lower
-/// case.
+/// Whether `id` is a trace id we keep: a W3C one (32 hex digits), or a 64-bit B3 one (16,
+/// as Spring Cloud Sleuth writes by default), not all zero. Returned as 32 lower-case hex
+/// digits: a 64-bit id left-padded with zeros, as OpenTelemetry's B3 propagators and Zipkin
+/// ingestion make it, so it names the same trace in Tempo.
 pub fn trace_id(id: &str) -> Option<String> {
-    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id.bytes().any(|b| b != b'0'))
-        .then(|| id.to_ascii_lowercase())
+    let hex = id.bytes().all(|b| b.is_ascii_hexdigit()) && id.bytes().any(|b| b != b'0');
+    match id.len() {
+        32 if hex => Some(id.to_ascii_lowercase()),
+        16 if hex => Some(format!("0000000000000000{}", id.to_ascii_lowercase())),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -159,7 +165,19 @@ mod tests {
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
         assert_eq!(trace_id("00000000000000000000000000000000"), None);
-        assert_eq!(trace_id("4bf92f3577b34da6"), None);
         assert_eq!(trace_id("4bf92f3577b34da6a3ce929d0e0e473g"), None);
+        // 64-bit (B3, Sleuth): left-padded.
+        assert_eq!(
+            trace_id("4BF92F3577B34DA6").as_deref(),
+            Some("00000000000000004bf92f3577b34da6")
+        );
+        assert_eq!(trace_id("0000000000000000"), None);
+        for other in [
+            "4bf92f3577b34da",
+            "4bf92f3577b34da6a",
+            "4bf92f3577b34da6a3ce929d0e0e47",
+        ] {
+            assert_eq!(trace_id(other), None, "{other}");
+        }
     }
 }
