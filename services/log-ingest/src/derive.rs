@@ -86,7 +86,10 @@ impl Deriver {
         settings: DerivedSettings,
     ) -> mall_telemetry::metrics::Result<Self> {
         let records = ExemplarCounterVec::new(
-            Opts::new("log_records_total", "Records shipped, by service and level"),
+            Opts::new(
+                "log_records_total",
+                "Records shipped, by service and level; the rest of one cut from its head (caps, quiet, memory) not again",
+            ),
             &["service_name", "level"],
         )?;
         let exceptions = ExemplarCounterVec::new(
@@ -141,19 +144,23 @@ impl Deriver {
     /// Counts one record of `service` that Loki accepted.
     pub fn observe(&mut self, seen: &Observation, service: &str) {
         let service = self.service(service);
-        let level = seen.level.map_or("unknown", |l| l.as_str());
-        let slot = seen.level.map_or(6, |l| l as usize);
-        if !self.record_counters.contains_key(service) {
-            self.record_counters
-                .insert(service.to_owned(), Default::default());
+        // The rest of a record cut from its head is no record of its own (its exception,
+        // when it begins with one, is counted: the head had none).
+        if !seen.continued {
+            let level = seen.level.map_or("unknown", |l| l.as_str());
+            let slot = seen.level.map_or(6, |l| l as usize);
+            if !self.record_counters.contains_key(service) {
+                self.record_counters
+                    .insert(service.to_owned(), Default::default());
+            }
+            let counters = self
+                .record_counters
+                .get_mut(service)
+                .expect("inserted above");
+            counters[slot]
+                .get_or_insert_with(|| self.records.with_label_values(&[service, level]))
+                .inc(&seen.trace_id);
         }
-        let counters = self
-            .record_counters
-            .get_mut(service)
-            .expect("inserted above");
-        counters[slot]
-            .get_or_insert_with(|| self.records.with_label_values(&[service, level]))
-            .inc(&seen.trace_id);
         if let Some(class) = seen.exception.as_deref() {
             // A runaway "class" (a first line of 100 KB of letters) would weigh on every
             // scrape, as a runaway service name would.
@@ -220,6 +227,8 @@ pub struct Observation {
     /// records carrying both).
     request: Option<(String, Option<f64>)>,
     trace_id: String,
+    /// [`Record::continued`].
+    continued: bool,
 }
 
 impl Observation {
@@ -244,6 +253,7 @@ impl Observation {
             exception: exception_class(&record.stack_trace).map(str::to_owned),
             request,
             trace_id: record.trace_id.clone(),
+            continued: record.continued,
         }
     }
 }
@@ -302,6 +312,44 @@ mod tests {
                 let value = sample.rsplit(' ').next().and_then(|v| v.parse().ok());
                 (value.unwrap_or(f64::NAN), exemplar.to_owned())
             })
+    }
+
+    /// The rest of a record cut from its head (a cap, the quiet) is not counted as a record
+    /// again; an exception it begins with is (its head, cut at a cap before its stack trace
+    /// began, had none).
+    #[test]
+    fn the_rest_of_a_cut_record_counts_its_exception_not_itself() {
+        let registry = Registry::new();
+        let mut deriver =
+            Deriver::register(&registry, DerivedSettings::default()).expect("registers");
+        let head = Record {
+            level: Some(Level::Error),
+            message: "cart 8812 failed".to_owned(),
+            ..Record::default()
+        };
+        let rest = Record {
+            level: Some(Level::Error),
+            stack_trace: "java.lang.IllegalStateException: broken\n\tat a.B.c(B.java:1)".to_owned(),
+            continued: true,
+            ..Record::default()
+        };
+        for record in [&head, &rest] {
+            deriver.observe(&Observation::of(record), "hybris");
+        }
+        let text = registry.encode();
+        let records = [("service_name", "hybris"), ("level", "ERROR")];
+        assert_eq!(
+            sample(&text, "log_records_total", &records).map(|s| s.0),
+            Some(1.0)
+        );
+        let exceptions = [
+            ("service_name", "hybris"),
+            ("exception", "java.lang.IllegalStateException"),
+        ];
+        assert_eq!(
+            sample(&text, "log_exceptions_total", &exceptions).map(|s| s.0),
+            Some(1.0)
+        );
     }
 
     /// A service name longer than a label value may be is counted as `other`.

@@ -181,10 +181,12 @@ impl<O> Grouper<O> {
                         let mut record = Record::raw(text, index);
                         record.parse_error = unparsed;
                         let mut to_stack = stack;
+                        // Another trace after a finished one is never a rest.
+                        let another = |r: &Record| stack && ends_a_trace(r) && starts_a_trace(text);
                         let head = match self
                             .pending
                             .as_ref()
-                            .filter(|(r, _)| !fits(r, caps, text, held))
+                            .filter(|(r, _)| !fits(r, caps, text, held) && !another(r))
                         {
                             Some((full, _)) => {
                                 to_stack |= !full.stack_trace.is_empty();
@@ -311,6 +313,9 @@ struct Head {
     logger: String,
     thread: String,
     trace_id: String,
+    /// Whether the head had a header (a level or a time): lines without one joined up to
+    /// a cap are no record's rest.
+    header: bool,
 }
 
 impl Head {
@@ -321,6 +326,7 @@ impl Head {
             logger: record.logger.clone(),
             thread: record.thread.clone(),
             trace_id: record.trace_id.clone(),
+            header: record.level.is_some() || record.time_micros.is_some(),
         }
     }
 
@@ -336,6 +342,7 @@ impl Head {
         rest.logger = self.logger;
         rest.thread = self.thread;
         rest.trace_id = self.trace_id;
+        rest.continued = self.header;
     }
 }
 
@@ -817,6 +824,8 @@ mod tests {
         assert_eq!(rest.level, Some(crate::record::Level::Error));
         assert_eq!((rest.logger.as_str(), rest.thread.as_str()), ("X", "main"));
         assert_eq!(rest.time_micros, head.time_micros.map(|t| t + 1_000));
+        // ... and is marked as a rest, which the derived metrics do not count as a record.
+        assert!(rest.continued && !head.continued && !records[1].continued);
         assert_eq!(records[1].level, Some(crate::record::Level::Info));
     }
 
@@ -1070,9 +1079,26 @@ mod tests {
         assert_eq!(rest.message, "");
         assert_eq!(rest.stack_trace, "\tat a.B.d(B.java:2)\nafter the trace");
         assert!(!rest.parse_error);
+        assert!(rest.continued && !head.continued);
         // A stream that begins mid-trace has nothing to inherit.
         let records = group_all(&parser(), caps, ["\tat a.B.c(B.java:1)"]);
         assert_eq!(records[0].level, None);
+        // Another trace right at the cap is no rest: no header, as below the cap.
+        let mut other = lines[..3].to_vec();
+        other.push(format!("{P}java.lang.NullPointerException"));
+        let records = group_all(&parser(), caps, other.iter().map(String::as_str));
+        assert_eq!(records.len(), 2);
+        assert_eq!(
+            (records[1].level, records[1].continued),
+            (None, false),
+            "{records:?}"
+        );
+        assert_eq!(records[1].stack_trace, "java.lang.NullPointerException");
+        // Lines without a header, past the cap, are no record's rest: each piece counts.
+        let unparsed = ["one", "two", "three", "four"];
+        let records = group_all(&parser(), caps, unparsed);
+        assert_eq!(records.len(), 2);
+        assert!(records.iter().all(|r| !r.continued && r.level.is_none()));
     }
 
     #[test]

@@ -109,6 +109,9 @@ pub struct Record {
     pub truncated_bytes: usize,
     /// Whether the parser could not make sense of it (shipped with the raw text as message).
     pub parse_error: bool,
+    /// Whether it is the rest of a record cut from its head (by a cap, the quiet, memory)
+    /// and keeps the head's header: `log_records_total` counts the head alone.
+    pub continued: bool,
 }
 
 impl Record {
