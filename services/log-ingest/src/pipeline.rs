@@ -287,8 +287,9 @@ struct StreamState {
     /// known): quiet in a backlog is judged from here.
     last_line_ms: i64,
     last_joined_ms: i64,
-    /// The head of a cut trace its grouper keeps (see [`Grouper::cut`]) and since when.
-    cut_seen: Option<(u64, Instant)>,
+    /// The head of a cut trace its grouper keeps (see [`Grouper::cut`]) and since when, by
+    /// the clock and by when the lines read then arrived.
+    cut_seen: Option<(u64, Instant, i64)>,
     /// Whether a line of its own (not held behind its record in progress) arrived since
     /// this replica started (not only lines read again from the buffer).
     resumed: bool,
@@ -331,19 +332,25 @@ impl StreamState {
     }
 
     /// Times the head of a cut trace its grouper keeps, from when it was first seen, and
-    /// forgets it after [`CUT_KEPT`] (the wrapper's lines do not move this clock).
-    fn age_cut(&mut self, now: Instant) {
+    /// forgets it after [`CUT_KEPT`] (the wrapper's lines do not move this clock), by the
+    /// clock or by when the lines read arrived (`read_ms`, a [`Batch::received_ms`]; 0: not
+    /// known), as quiet is judged: in a backlog, lines that arrived a minute apart are read
+    /// moments apart, and the rest of a trace placed just after a head so much older could
+    /// fall behind what Loki takes of its stream.
+    fn age_cut(&mut self, now: Instant, read_ms: i64) {
+        let kept_ms = i64::try_from(CUT_KEPT.as_millis()).unwrap_or(i64::MAX);
         self.cut_seen = match (self.grouper.cut(), self.cut_seen) {
             (None, _) => None,
-            (Some(cut), Some((seen, since))) if seen == cut => {
-                if now.duration_since(since) >= CUT_KEPT {
+            (Some(cut), Some((seen, since, since_ms))) if seen == cut => {
+                let read_past = since_ms > 0 && read_ms.saturating_sub(since_ms) >= kept_ms;
+                if now.duration_since(since) >= CUT_KEPT || read_past {
                     self.grouper.forget_cut();
                     None
                 } else {
-                    Some((seen, since))
+                    Some((seen, since, since_ms))
                 }
             }
-            (Some(cut), _) => Some((cut, now)),
+            (Some(cut), _) => Some((cut, now, read_ms)),
         };
     }
 
@@ -799,7 +806,16 @@ impl Pipeline {
                     any |= state.complete_quiet(ready);
                 }
             }
-            state.age_cut(now);
+            // Caught up, arrival times are the clock's (the latest line read may be long
+            // past: an idle input, a refusal's hold).
+            state.age_cut(
+                now,
+                if at_end {
+                    crate::batch::now_ms()
+                } else {
+                    read_ms
+                },
+            );
         }
         any
     }
@@ -926,7 +942,7 @@ impl Pipeline {
             let state = streams.open.get_mut(&key).expect("inserted above");
             // A head kept too long (a backlog read long after it was cut) is forgotten
             // before its rest could take it.
-            state.age_cut(now);
+            state.age_cut(now, batch.received_ms);
             let first = state.lines;
             // Whether a line of the run was not held behind the record in progress.
             let mut joined = false;
@@ -964,7 +980,7 @@ impl Pipeline {
                 }
                 next = events.next_if(|e| host_is(e, &key.1));
             }
-            state.age_cut(now);
+            state.age_cut(now, batch.received_ms);
             // This batch's lines of the stream: where they start, how many.
             state.batches.entry(at).or_insert((first, 0)).1 += state.lines - first;
             state.last_line = now;
@@ -2309,7 +2325,7 @@ mod tests {
 
     /// The head of a cut trace is kept for [`CUT_KEPT`] from when it was first seen,
     /// whatever comes meanwhile that leaves it (the wrapper's lines); a new cut has its own
-    /// clock.
+    /// clock. By the clock, or by when the lines read arrived (a backlog read in moments).
     #[test]
     fn a_cut_traces_head_is_forgotten_a_while_after_the_cut() {
         let mut s = state(0, None, &[]);
@@ -2333,26 +2349,39 @@ mod tests {
         };
         let t0 = Instant::now();
         cut(&mut s);
-        s.age_cut(t0);
+        s.age_cut(t0, 0);
         let first = s.grouper.cut().expect("a head kept");
         // A wrapper line starts a record meanwhile: the head stays, on the same clock.
         push(
             &mut s,
             "STATUS | wrapper  | 2024/10/28 17:12:31 | Pinging the JVM took 12 seconds to respond.",
         );
-        s.age_cut(t0 + CUT_KEPT - Duration::from_secs(1));
+        s.age_cut(t0 + CUT_KEPT - Duration::from_secs(1), 0);
         assert_eq!(s.grouper.cut(), Some(first));
-        s.age_cut(t0 + CUT_KEPT);
+        s.age_cut(t0 + CUT_KEPT, 0);
         assert_eq!(s.grouper.cut(), None);
         // Another cut, later: its own clock.
         cut(&mut s);
         let second = s.grouper.cut().expect("a head kept");
         assert_ne!(second, first);
         let t1 = t0 + CUT_KEPT + Duration::from_secs(5);
-        s.age_cut(t1);
-        s.age_cut(t1 + CUT_KEPT - Duration::from_secs(1));
+        s.age_cut(t1, 0);
+        s.age_cut(t1 + CUT_KEPT - Duration::from_secs(1), 0);
         assert_eq!(s.grouper.cut(), Some(second));
-        s.age_cut(t1 + CUT_KEPT);
+        s.age_cut(t1 + CUT_KEPT, 0);
+        assert_eq!(s.grouper.cut(), None);
+        // In a backlog: lines that arrived a minute after the cut, read a second after it.
+        let arrived = 1_730_103_120_000_i64;
+        cut(&mut s);
+        let third = s.grouper.cut().expect("a head kept");
+        let t2 = t1 + CUT_KEPT + Duration::from_secs(5);
+        s.age_cut(t2, arrived);
+        s.age_cut(t2 + Duration::from_secs(1), arrived + 59_999);
+        assert_eq!(s.grouper.cut(), Some(third));
+        // Arrival times not known (0) judge nothing.
+        s.age_cut(t2 + Duration::from_secs(1), 0);
+        assert_eq!(s.grouper.cut(), Some(third));
+        s.age_cut(t2 + Duration::from_secs(1), arrived + 60_000);
         assert_eq!(s.grouper.cut(), None);
     }
 
