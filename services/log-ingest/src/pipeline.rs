@@ -910,12 +910,28 @@ impl Pipeline {
         // look-up of its stream.
         while let Some(event) = events.next() {
             key.1.clear();
-            if let Some(host) = event.text(host_field) {
-                key.1.push_str(&host);
+            let host = event.text(host_field);
+            if let Some(host) = &host {
+                key.1.push_str(host);
             }
             if !streams.open.contains_key(&key) {
                 if streams.open.len() >= self.settings.max_open_streams {
                     self.evict(streams, ready);
+                }
+                let shown = (self.shown(&batch.tag), self.shown(&key.1));
+                if host.as_deref().is_none_or(str::is_empty) {
+                    // A sender configured without the field (Fluent Bit's `hostname_key`):
+                    // nothing fails, but every host of the tag shares one stream, where one
+                    // host's trace can take another's lines. Once per stream opened (again
+                    // after it was idle for `IDLE_STREAM` or evicted, and after a restart).
+                    tracing::warn!(
+                        tag = %shown.0,
+                        host_field,
+                        "events of this tag carry no host (or an empty one) in their host field: all their hosts share one stream \
+                         (one host's stack trace can take another's lines) and no host label; \
+                         set the sender's host field (Fluent Bit's forward output: \
+                         `hostname_key host`) or `pipeline.host_field`"
+                    );
                 }
                 streams.open.insert(
                     key.clone(),
@@ -925,7 +941,7 @@ impl Pipeline {
                         source,
                         tag: Arc::from(batch.tag.as_str()),
                         host: Arc::from(key.1.as_str()),
-                        shown: (self.shown(&batch.tag), self.shown(&key.1)),
+                        shown,
                         lines: 0,
                         last_line: now,
                         last_joined: now,

@@ -773,6 +773,61 @@ async fn a_host_holding_personal_data_is_masked_in_its_label() {
     }
 }
 
+/// Events without the host field (a sender configured without it): the records go, with
+/// no host label, and a WARN line, once for the tag's stream, names the tag and the field,
+/// since every host of the tag then shares one stream. Events with the field say nothing.
+#[tokio::test]
+async fn events_without_the_host_field_are_shipped_and_logged_once() {
+    let logged = mall_test_support::capture::Captured::default();
+    let writer = logged.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // Every task of this (single-threaded) test runtime logs to it.
+    let _default = tracing::subscriber::set_default(subscriber);
+    let running = start().await;
+    let lines = [
+        "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [X] one",
+        "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.041 | INFO  [main] [X] two",
+    ];
+    let mut stream = tokio::net::TcpStream::connect(running.forward)
+        .await
+        .expect("connects");
+    for (n, line) in lines.iter().enumerate() {
+        let chunk = format!("{n:032x}");
+        let frame = corpus::frame_from(None, &chunk, &[line]);
+        corpus::send_acked(&mut stream, &frame, &chunk).await;
+    }
+    send(running.forward, &lines[..1], 1).await;
+    wait_for(&running.loki, 3).await;
+    let received = running.loki.received();
+    let hosts: Vec<Option<&str>> = received
+        .iter()
+        .map(|r| {
+            r.labels
+                .iter()
+                .find(|(k, _)| k == "host")
+                .map(|(_, v)| v.as_str())
+        })
+        .collect();
+    assert_eq!(hosts.iter().filter(|h| h.is_none()).count(), 2, "{hosts:?}");
+    assert_eq!(hosts.iter().filter(|h| **h == Some("hybris-1")).count(), 1);
+    let text = logged.text();
+    let warns: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("carry no host"))
+        .collect();
+    assert_eq!(warns.len(), 1, "{text}");
+    assert!(
+        warns[0].contains("WARN")
+            && warns[0].contains("tag=hybris.wrapper")
+            && warns[0].contains("host_field=\"host\""),
+        "{}",
+        warns[0]
+    );
+}
+
 /// A runaway thread name (a malformed line) would make the entry's structured metadata
 /// larger than Loki takes (64 KB), and Loki would refuse the whole record: the logger and
 /// thread are cut to 2,048 bytes in metadata, and the record goes.

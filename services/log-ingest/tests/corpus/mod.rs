@@ -218,16 +218,19 @@ pub fn frame<S: AsRef<str>>(chunk: &str, lines: &[S]) -> Vec<u8> {
 
 /// A Forward-mode message of `lines` from `host` (tag `hybris.wrapper`) with `chunk`.
 pub fn frame_of<S: AsRef<str>>(host: &str, chunk: &str, lines: &[S]) -> Vec<u8> {
+    frame_from(Some(host), chunk, lines)
+}
+
+/// [`frame_of`], its events with a `host` field only when `host` is given.
+pub fn frame_from<S: AsRef<str>>(host: Option<&str>, chunk: &str, lines: &[S]) -> Vec<u8> {
     let entries = lines
         .iter()
         .map(|line| {
-            Value::Array(vec![
-                Value::from(1_730_103_120_u32),
-                Value::Map(vec![
-                    (Value::from("log"), Value::from(line.as_ref())),
-                    (Value::from("host"), Value::from(host)),
-                ]),
-            ])
+            let mut record = vec![(Value::from("log"), Value::from(line.as_ref()))];
+            if let Some(host) = host {
+                record.push((Value::from("host"), Value::from(host)));
+            }
+            Value::Array(vec![Value::from(1_730_103_120_u32), Value::Map(record)])
         })
         .collect();
     let mut out = Vec::new();
