@@ -243,6 +243,17 @@ impl Parser {
 
     fn wrapper<'a>(&self, line: &'a str, index: usize) -> Line<'a> {
         let Some(prefix) = wrapper_prefix(line) else {
+            if unread_wrapper_columns(line) {
+                // The wrapper's columns without its level or time (its console's default
+                // format `PM`, or a `wrapper.logfile.format` without `L` or `T`): no header is
+                // read behind them, so every line would join the record in progress unseen.
+                // Counted as not parsed, so the setting shows in `parse_errors_total`.
+                return Line::Continue {
+                    text: line,
+                    stack: false,
+                    unparsed: true,
+                };
+            }
             if !matches!(self.format, Format::Auto) {
                 return continuation(line);
             }
@@ -762,6 +773,26 @@ fn wrapper_prefix(line: &str) -> Option<WrapperPrefix<'_>> {
     None
 }
 
+/// Whether `line` begins with the wrapper's columns in a format [`wrapper_prefix`] does not
+/// read: without the level or the time (`jvm 1    | text`, its console's default `PM`;
+/// `INFO   | jvm 1    | text`; `jvm 1    | 2024/10/28 17:12:00 | text`).
+fn unread_wrapper_columns(line: &str) -> bool {
+    let source = |column: &str| {
+        let column = column.trim();
+        column == "wrapper"
+            || column
+                .strip_prefix("jvm ")
+                .is_some_and(|n| n.trim().parse::<u32>().is_ok())
+    };
+    let mut columns = line.splitn(3, '|');
+    let (Some(first), Some(second)) = (columns.next(), columns.next()) else {
+        return false;
+    };
+    // The source first, or after the level.
+    source(first)
+        || (Level::parse(first.trim()).is_some() && source(second) && columns.next().is_some())
+}
+
 /// A log4j header's parts.
 #[derive(Debug)]
 struct Log4jHeader<'a> {
@@ -1086,6 +1117,63 @@ mod tests {
                 "{text:?}"
             );
         }
+    }
+
+    /// The wrapper's columns without its level or time (its console's default format `PM`):
+    /// no header is read behind them, and the line is counted as not parsed rather than
+    /// joining the record in progress unseen; in `auto` too. Text holding bars is what it
+    /// was.
+    #[test]
+    fn wrapper_columns_without_a_level_or_time_are_not_parsed_and_say_so() {
+        for format in [Format::Wrapper, Format::Auto] {
+            let parser = Parser::new(format, SEOUL);
+            for line in [
+                "jvm 1    | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                "wrapper  | Launching a JVM...",
+                "jvm 1    | 2024/10/28 17:12:00 | INFO  [main] [X] started",
+                "INFO   | jvm 1    | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                "INFO   | jvm 12   | main    | \tat a.B.c(B.java:1)",
+                "STATUS | wrapper  | Launching a JVM...",
+            ] {
+                assert_eq!(
+                    parser.line(line, 1),
+                    Line::Continue {
+                        text: line,
+                        stack: false,
+                        unparsed: true
+                    },
+                    "{line:?}"
+                );
+            }
+            for line in [
+                "a message | with | bars",
+                "INFO | jvm x | not the wrapper's",
+                "\tat a.B.c(B.java:1)",
+            ] {
+                assert!(
+                    matches!(
+                        parser.line(line, 1),
+                        Line::Continue {
+                            unparsed: false,
+                            ..
+                        }
+                    ),
+                    "{line:?}"
+                );
+            }
+        }
+        let records = crate::multiline::group_all(
+            &Parser::new(Format::Wrapper, SEOUL),
+            crate::multiline::Caps {
+                lines: 100,
+                bytes: 10_000,
+            },
+            [
+                "jvm 1    | INFO  [main] [X] one",
+                "jvm 1    | INFO  [main] [X] two",
+            ],
+        );
+        assert!(records.iter().all(|r| r.parse_error), "{records:?}");
     }
 
     #[test]
