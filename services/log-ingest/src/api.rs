@@ -181,6 +181,7 @@ pub fn parsed(record: Record, service: &str) -> ParsedRecord {
         first_line: i32::try_from(record.first_line).unwrap_or(i32::MAX),
         line_count: i32::try_from(record.line_count).unwrap_or(i32::MAX),
         service: service.to_owned(),
+        parse_error: record.parse_error,
     }
 }
 

@@ -2,8 +2,11 @@
 //! before it (see [`crate::multiline`]).
 //!
 //! Built in, by name:
-//! - `hybris-wrapper`: the Tanuki service wrapper's console line around a log4j line,
-//!   `INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ERROR [thread] [Logger] text`.
+//! - `hybris-wrapper`: the Tanuki service wrapper's log file line around a log4j line,
+//!   `INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ERROR [thread] [Logger] text`
+//!   (its level, source, optional thread and time columns: the log file's default `LPTM`,
+//!   `LPZM`, with `D`). Its columns without the level or a time (the console's default
+//!   `PM`) are not read: such a line is a continuation counted as not parsed.
 //!   A record starts where the part after the wrapper's prefix is a log4j header (the stack
 //!   lines carry the wrapper's prefix and time too, so the prefix alone says nothing), or
 //!   at the wrapper's own lines (`STATUS | wrapper | …`), which do not end the record
@@ -17,7 +20,8 @@
 //! - `line`: every line a record of its own, unparsed.
 //!
 //! An empty name chooses per line: JSON when the line starts with `{`, else the wrapper's
-//! line, else a log4j header, else an access log line, else a continuation.
+//! line, else a log4j header, else an access log line, else a continuation (not parsed
+//! when it has the wrapper's columns in a format not read).
 //!
 //! Hand-written rather than regular expressions: these formats are fixed, and this is the
 //! hot path (every line of every legacy server).
@@ -158,8 +162,9 @@ pub enum Line<'a> {
         /// Whether it is stack trace.
         stack: bool,
         /// Whether the parser expected a record's start here and could not read one (a
-        /// configured expression that does not match a line that is not stack trace):
-        /// the record it joins counts as a parse error.
+        /// configured expression that does not match a line that is not stack trace, the
+        /// wrapper's columns in a format not read): the record it joins counts as a parse
+        /// error.
         unparsed: bool,
     },
 }
@@ -245,9 +250,10 @@ impl Parser {
         let Some(prefix) = wrapper_prefix(line) else {
             if unread_wrapper_columns(line) {
                 // The wrapper's columns without its level or time (its console's default
-                // format `PM`, or a `wrapper.logfile.format` without `L` or `T`): no header is
-                // read behind them, so every line would join the record in progress unseen.
-                // Counted as not parsed, so the setting shows in `parse_errors_total`.
+                // format `PM`, or a `wrapper.logfile.format` without `L`, or without both `T`
+                // and `Z`): no header is read behind them, so every line would join the
+                // record in progress unseen. Counted as not parsed, so the setting shows in
+                // `parse_errors_total` (and TestParse's `parse_error`).
                 return Line::Continue {
                     text: line,
                     stack: false,

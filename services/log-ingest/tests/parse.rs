@@ -268,4 +268,25 @@ async fn access_logs_logfmt_and_a_configured_expression_with_its_traces_whole() 
     );
     assert_eq!(java[0].time.expect("a time").seconds, 1_730_103_120);
     assert_eq!(java[1].level, "INFO");
+    assert!(java.iter().all(|r| !r.parse_error));
+    // A line the expression does not match (not stack trace) joins the record before it,
+    // which says it was not parsed, as parse_errors_total counts it.
+    let unmatched = parse(
+        "pipe-java",
+        &[
+            "2024-10-28T17:12:00.040+09:00 ERROR [http-12] com.mall.Cart - cart 8812 failed",
+            "28/10/2024 17:12:01 a line of another layout",
+        ],
+    )
+    .await;
+    assert_eq!(unmatched.len(), 1);
+    assert!(unmatched[0].parse_error);
+    // So does the wrapper's console format, whose columns are not read.
+    let console = parse(
+        "hybris-wrapper",
+        &["jvm 1    | INFO  [main] [X] started", "jvm 1    | more"],
+    )
+    .await;
+    assert_eq!(console.len(), 1);
+    assert!(console[0].parse_error);
 }
