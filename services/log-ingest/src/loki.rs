@@ -934,16 +934,10 @@ mod tests {
             says,
             Duration::from_millis(500),
         );
-        let lines = mall_test_support::capture::Captured::default();
-        let writer = lines.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        let pushed = {
-            let _default = tracing::subscriber::set_default(subscriber);
+        let (lines, pushed) = {
+            let (lines, _default) = mall_test_support::capture::Captured::set_default();
             let stop = tokio_util::sync::CancellationToken::new();
-            client.push(body(1), true, &stop, |_| {}).await
+            (lines, client.push(body(1), true, &stop, |_| {}).await)
         };
         assert_eq!(pushed, Some(Pushed::Accepted));
         let logged = lines.text();

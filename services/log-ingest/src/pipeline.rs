@@ -927,10 +927,11 @@ impl Pipeline {
                     tracing::warn!(
                         tag = %shown.0,
                         host_field,
-                        "events of this tag carry no host (or an empty one) in their host field: all their hosts share one stream \
-                         (one host's stack trace can take another's lines) and no host label; \
-                         set the sender's host field (Fluent Bit's forward output: \
-                         `hostname_key host`) or `pipeline.host_field`"
+                        "events of this tag carry no host (or an empty one) in their host \
+                         field: all their hosts share one stream (one host's stack trace can \
+                         take another's lines) and no host label; set the sender's host field \
+                         (Fluent Bit's forward output: `hostname_key host`) or \
+                         `pipeline.host_field`"
                     );
                 }
                 streams.open.insert(

@@ -778,14 +778,8 @@ async fn a_host_holding_personal_data_is_masked_in_its_label() {
 /// since every host of the tag then shares one stream. Events with the field say nothing.
 #[tokio::test]
 async fn events_without_the_host_field_are_shipped_and_logged_once() {
-    let logged = mall_test_support::capture::Captured::default();
-    let writer = logged.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
     // Every task of this (single-threaded) test runtime logs to it.
-    let _default = tracing::subscriber::set_default(subscriber);
+    let (logged, _default) = mall_test_support::capture::Captured::set_default();
     let running = start().await;
     let lines = [
         "INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | INFO  [main] [X] one",

@@ -26,6 +26,19 @@ impl Captured {
         captured
     }
 
+    /// Captures what this thread logs at INFO and above, as plain text lines, until the
+    /// guard is dropped: with a current-thread runtime (`#[tokio::test]`), every task's.
+    /// For a test that reads one log line without installing a global subscriber.
+    pub fn set_default() -> (Self, tracing::subscriber::DefaultGuard) {
+        let captured = Self::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        (captured, tracing::subscriber::set_default(subscriber))
+    }
+
     /// What was written, as text.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
