@@ -5,8 +5,8 @@
 //! stack trace too) does not end the record in progress: it is a record of its own, held
 //! behind that record and completed with it, so records still come out in the order of
 //! their first lines. A line right after an aside that is not stack trace ends the record
-//! in progress and joins the aside (the JVM stopped: the new JVM's first output); stack
-//! trace never joins a record of the wrapper's.
+//! in progress and joins the aside (the JVM stopped: the new JVM's first output), but for
+//! the wrapper's debug lines; stack trace never joins a record of the wrapper's.
 //!
 //! One [`Grouper`] per stream (a source and host, or file): its state outlives chunks and
 //! connections, so a trace split across them is still one record. The record in progress is
@@ -15,7 +15,7 @@
 //! for a while (the caller calls [`Grouper::flush_quiet`]). A record is capped in lines and
 //! bytes, with the asides held behind it, so a stream holds at most a record's caps: one
 //! that reaches a cap is complete, and the line that did not fit starts the next record
-//! (without a header, but for the wrapper's own line, which has one), so a runaway trace or
+//! (without a header, but for the wrapper's own line, which has its own), so a runaway trace or
 //! a stream of lines no parser recognises cannot exhaust memory, exceed what Loki takes for
 //! one line, or lose a line. Only a single line longer than the byte cap is cut (the cut is
 //! counted in `truncated_bytes`). The rest of a trace cut from its head (by a cap, the
@@ -66,6 +66,10 @@ pub struct Grouper<O = ()> {
     asides_bytes: usize,
     /// Whether the latest line was an aside held.
     after_aside: bool,
+    /// Which of `asides` is the latest that says the JVM's next text is new (the JVM
+    /// stopped, another started), when only asides came after it (the wrapper's debug
+    /// lines, which do not say so, may have).
+    interrupting: Option<usize>,
 }
 
 impl<O> Default for Grouper<O> {
@@ -78,6 +82,7 @@ impl<O> Default for Grouper<O> {
             asides: Vec::new(),
             asides_bytes: 0,
             after_aside: false,
+            interrupting: None,
         }
     }
 }
@@ -101,13 +106,17 @@ impl<O> Grouper<O> {
         } else {
             line
         };
-        let after_aside = std::mem::take(&mut self.after_aside);
+        self.after_aside = false;
+        let interrupting = self.interrupting.take();
         // What is held behind the record in progress counts against its caps.
         let held = (self.asides.len(), self.asides_bytes);
         match parser.line(line, index) {
             // The wrapper's own line (it pings the JVM while the JVM writes a trace): held
             // behind the record in progress, which goes on.
-            Line::Aside(mut record) => {
+            Line::Aside {
+                mut record,
+                interrupts,
+            } => {
                 cap_first(&mut record, caps);
                 if self
                     .pending
@@ -117,10 +126,20 @@ impl<O> Grouper<O> {
                     self.asides_bytes += record.text_len();
                     self.asides.push((record, origin));
                     self.after_aside = true;
-                } else {
+                    self.interrupting = if interrupts {
+                        Some(self.asides.len() - 1)
+                    } else {
+                        interrupting
+                    };
+                } else if interrupts {
                     // Nothing in progress, or it is at its caps: a start like any other.
                     self.complete(out);
                     self.begin((record, origin), true);
+                } else {
+                    // A debug line: complete at once, so no text of the JVM's joins it (a
+                    // trace cut before keeps its head for its rest).
+                    self.complete(out);
+                    out.push((record, origin));
                 }
             }
             Line::Start(mut record) => {
@@ -138,19 +157,16 @@ impl<O> Grouper<O> {
                     // The JVM writes something else: a trace cut before is over.
                     self.cut = None;
                 }
-                if after_aside && !stack {
-                    // Text right after the wrapper's line: the record in progress ended
-                    // there (the JVM stopped and the wrapper said so, or started another).
-                    // It is complete, and the text joins the wrapper's line, as it joins
-                    // any record it follows.
-                    let last = self.pop_aside();
-                    self.complete(out);
-                    if let Some(last) = last {
-                        self.begin(last, true);
-                    }
+                if let Some(at) = interrupting.filter(|_| !stack) {
+                    // Text right after the wrapper's line (and its debug lines after it): the
+                    // record in progress ended there (the JVM stopped and the wrapper said
+                    // so, or started another). It is complete, with the asides before that
+                    // line, and the text joins the wrapper's line, as it joins any record it
+                    // follows; the debug lines after it are held behind it.
+                    self.resume_at(at, out);
                     // That record is over, not cut.
                     self.cut = None;
-                    held = (0, 0);
+                    held = (self.asides.len(), self.asides_bytes);
                 } else if stack && self.pending_aside {
                     // The JVM's stack trace after a record of the wrapper's (the rest of a
                     // trace that went quiet while the JVM stalled, the wrapper pinging it):
@@ -210,11 +226,19 @@ impl<O> Grouper<O> {
         }
     }
 
-    /// The latest aside held, no longer held.
-    fn pop_aside(&mut self) -> Option<(Record, O)> {
-        let last = self.asides.pop();
-        self.asides_bytes -= last.as_ref().map_or(0, |(r, _)| r.text_len());
-        last
+    /// Completes the record in progress with the asides held before `asides[at]`, which
+    /// becomes the record in progress, with the asides after it held behind it.
+    fn resume_at(&mut self, at: usize, out: &mut Vec<(Record, O)>) {
+        let mut after = self.asides.split_off(at).into_iter();
+        let Some(first) = after.next() else {
+            return;
+        };
+        self.complete(out);
+        self.begin(first, true);
+        for aside in after {
+            self.asides_bytes += aside.0.text_len();
+            self.asides.push(aside);
+        }
     }
 
     /// Makes `record` the record in progress (nothing is); `aside`: it is the wrapper's.
@@ -248,22 +272,22 @@ impl<O> Grouper<O> {
     /// stream forgotten): it goes to `out`, then the asides held behind it.
     pub fn flush(&mut self, out: &mut Vec<(Record, O)>) {
         self.after_aside = false;
+        self.interrupting = None;
         self.complete(out);
     }
 
     /// Completes the record in progress because it went quiet, as [`Grouper::flush`] does,
-    /// but for an aside that was the stream's latest line: that becomes the record in
-    /// progress, so text right after it still joins it (the new JVM's first output after
-    /// `Launching a JVM...`), and its own quiet is judged from it.
+    /// but for a wrapper's line after which the stream had only asides (its debug lines):
+    /// that becomes the record in progress, with those held behind it, so text right after
+    /// them still joins it (the new JVM's first output after `Launching a JVM...`), and its
+    /// own quiet is judged from it.
     pub fn flush_quiet(&mut self, out: &mut Vec<(Record, O)>) {
-        let last = if self.after_aside {
-            self.pop_aside()
-        } else {
-            None
-        };
-        self.flush(out);
-        if let Some(last) = last {
-            self.begin(last, true);
+        match self.interrupting.take() {
+            Some(at) => {
+                self.after_aside = false;
+                self.resume_at(at, out);
+            }
+            None => self.flush(out),
         }
     }
 
@@ -777,6 +801,159 @@ mod tests {
         );
     }
 
+    /// The wrapper's debug lines (`wrapper.debug`: `DEBUG`, and `wrapperp`, its protocol's)
+    /// come between any two of the JVM's lines: the JVM's text after one still joins the
+    /// record in progress, which its debug lines do not end.
+    #[test]
+    fn text_after_the_wrappers_debug_line_goes_on() {
+        let lines = [
+            format!("{P}INFO  [main] [X] SQL:"),
+            "DEBUG  | wrapperp | 2024/10/28 17:12:31 | send a packet PING : ping".to_owned(),
+            format!("{P}select * from cart"),
+            "DEBUG  | wrapper  | 2024/10/28 17:12:31 | read a packet PING : ping".to_owned(),
+            format!("{P}where id = 1"),
+        ];
+        assert_eq!(
+            summary(&group_all(
+                &parser(),
+                CAPS,
+                lines.iter().map(String::as_str)
+            )),
+            [
+                (0, 3, "SQL:\nselect * from cart\nwhere id = 1", ""),
+                (1, 1, "send a packet PING : ping", ""),
+                (3, 1, "read a packet PING : ping", ""),
+            ]
+        );
+    }
+
+    /// The JVM dies and the wrapper starts another with `wrapper.debug` on: its debug line
+    /// after `Launching a JVM...` leaves the new JVM's first output joining that line, not
+    /// the dead JVM's trace; after a quiet too.
+    #[test]
+    fn text_after_the_wrappers_line_and_its_debug_lines_ends_the_trace() {
+        let lines = [
+            format!("{P}ERROR [main] [X] failed"),
+            "java.lang.OutOfMemoryError: Java heap space".to_owned(),
+            format!("{W}JVM exited unexpectedly."),
+            format!("{W}Launching a JVM..."),
+            "DEBUG  | wrapper  | 2024/10/28 17:12:31 | JVM started (PID=4242)".to_owned(),
+            "INFO   | jvm 2    | main    | 2024/10/28 17:12:40.000 | WrapperManager: Initializing..."
+                .to_owned(),
+        ];
+        let want = [
+            (
+                0,
+                2,
+                "failed",
+                "java.lang.OutOfMemoryError: Java heap space",
+            ),
+            (2, 1, "JVM exited unexpectedly.", ""),
+            (
+                3,
+                2,
+                "Launching a JVM...\nWrapperManager: Initializing...",
+                "",
+            ),
+            (4, 1, "JVM started (PID=4242)", ""),
+        ];
+        assert_eq!(
+            summary(&group_all(
+                &parser(),
+                CAPS,
+                lines.iter().map(String::as_str)
+            )),
+            want
+        );
+        let mut grouper = Grouper::default();
+        let mut out = Vec::new();
+        for (index, line) in lines.iter().enumerate() {
+            if index == 5 {
+                grouper.flush_quiet(&mut out);
+                assert_eq!(
+                    out.len(),
+                    2,
+                    "the trace and the first line of the wrapper's"
+                );
+            }
+            grouper.push(&parser(), CAPS, line, index, (), &mut out);
+        }
+        grouper.flush(&mut out);
+        let records: Vec<Record> = out.into_iter().map(|(r, ())| r).collect();
+        assert_eq!(summary(&records), want);
+    }
+
+    /// A debug line of the wrapper's with nothing in progress is complete at once: the
+    /// JVM's text after it is not the wrapper's, and the rest of a trace cut before it
+    /// keeps the trace's head.
+    #[test]
+    fn a_debug_line_of_the_wrappers_takes_no_text() {
+        use crate::record::Level;
+
+        let mut grouper = Grouper::default();
+        let mut out = Vec::new();
+        let lines = [
+            format!("{P}ERROR [main] [X] failed"),
+            "java.lang.IllegalStateException: broken".to_owned(),
+            "DEBUG  | wrapperp | 2024/10/28 17:12:31 | send a packet PING : ping".to_owned(),
+            "\tat a.B.c(B.java:1)".to_owned(),
+            "DEBUG  | wrapperp | 2024/10/28 17:12:36 | send a packet PING : ping".to_owned(),
+            format!("{P}some text"),
+        ];
+        for (index, line) in lines.iter().enumerate() {
+            if index == 2 {
+                // The trace went quiet before the wrapper's debug line.
+                grouper.flush_quiet(&mut out);
+            }
+            if index == 4 {
+                grouper.flush_quiet(&mut out);
+            }
+            grouper.push(&parser(), CAPS, line, index, (), &mut out);
+        }
+        grouper.flush(&mut out);
+        let got: Vec<(usize, Option<Level>, &str, &str, &str)> = out
+            .iter()
+            .map(|(r, ())| {
+                (
+                    r.first_line,
+                    r.level,
+                    r.logger.as_str(),
+                    r.message.as_str(),
+                    r.stack_trace.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    0,
+                    Some(Level::Error),
+                    "X",
+                    "failed",
+                    "java.lang.IllegalStateException: broken"
+                ),
+                (
+                    2,
+                    Some(Level::Debug),
+                    "wrapper",
+                    "send a packet PING : ping",
+                    ""
+                ),
+                // The rest of the cut trace, with its head's level and logger.
+                (3, Some(Level::Error), "X", "", "\tat a.B.c(B.java:1)"),
+                (
+                    4,
+                    Some(Level::Debug),
+                    "wrapper",
+                    "send a packet PING : ping",
+                    ""
+                ),
+                (5, None, "", "some text", ""),
+            ]
+        );
+    }
+
     /// The JVM stalls in the middle of a trace (a GC pause) longer than the quiet, and the
     /// wrapper's ping comes before the rest: the rest is a record of its own, as after any
     /// quiet, not part of the ping's record.
@@ -1277,6 +1454,9 @@ mod tests {
         Text,
         /// The wrapper's own line.
         Aside,
+        /// The wrapper's debug line (`wrapper.debug`), which does not end the record before
+        /// it for the text after it.
+        Debug,
     }
 
     /// Lines of the legacy format with what each is: headers, trace lines with and
@@ -1299,6 +1479,11 @@ mod tests {
                 format!("Pinging the JVM took {n} seconds to respond."),
             )),
             1 => Just((format!("{W}Launching a JVM..."), Kind::Aside, "Launching a JVM...".to_owned())),
+            1 => Just((
+                "DEBUG  | wrapperp | 2024/10/28 17:12:31 | send a packet PING : ping".to_owned(),
+                Kind::Debug,
+                "send a packet PING : ping".to_owned(),
+            )),
         ]
     }
 
@@ -1318,7 +1503,8 @@ mod tests {
             let mut current: Option<usize> = None;
             // Whether `current` is the wrapper's.
             let mut current_aside = false;
-            let mut after_aside = false;
+            // The latest of the wrapper's lines with only its debug lines after it.
+            let mut interrupting: Option<usize> = None;
             for (index, (_, kind, text)) in lines.iter().enumerate() {
                 // An exception line after a frame or `... N more` is another trace.
                 let after_frame = current.is_some_and(|c| {
@@ -1326,15 +1512,21 @@ mod tests {
                     last.starts_with("at ") || last.starts_with("... ")
                 });
                 let mut record = Record { first_line: index, line_count: 1, ..Record::default() };
+                if *kind == Kind::Debug {
+                    // A record of its own, held or complete; nothing joins it.
+                    record.message.clone_from(text);
+                    expected.push(record);
+                    continue;
+                }
                 if *kind == Kind::Aside && current.is_some() {
                     record.message.clone_from(text);
                     expected.push(record);
-                    after_aside = true;
+                    interrupting = Some(expected.len() - 1);
                     continue;
                 }
-                if std::mem::take(&mut after_aside) && *kind == Kind::Text {
+                if let Some(aside) = interrupting.take().filter(|_| *kind == Kind::Text) {
                     // The trace ended at the aside before: the text joins the aside.
-                    current = Some(expected.len() - 1);
+                    current = Some(aside);
                     current_aside = true;
                 }
                 // Stack trace never joins a record of the wrapper's.
@@ -1346,7 +1538,9 @@ mod tests {
                 {
                     current_aside = *kind == Kind::Aside;
                     match kind {
-                        Kind::Header | Kind::Text | Kind::Aside => record.message.clone_from(text),
+                        Kind::Header | Kind::Text | Kind::Aside | Kind::Debug => {
+                            record.message.clone_from(text);
+                        }
                         Kind::Stack | Kind::Exception => record.stack_trace.clone_from(text),
                     }
                     expected.push(record);

@@ -4,12 +4,14 @@
 //! Built in, by name:
 //! - `hybris-wrapper`: the Tanuki service wrapper's log file line around a log4j line,
 //!   `INFO   | jvm 1    | main    | 2024/10/28 17:12:00.040 | ERROR [thread] [Logger] text`
-//!   (its level, source, optional thread and time columns: the log file's default `LPTM`,
-//!   `LPZM`, with `D`). Its columns without the level or a time (the console's default
-//!   `PM`) are not read: such a line is a continuation counted as not parsed.
+//!   (its format `LPDZM`; any of its formats with the source column `P` is read, such as
+//!   its log file's default `LPTM` or its console's `PM`, `jvm 1    | text`: see
+//!   [`wrapper_prefix`]; a format with the time column but not the source, such as `LTM`,
+//!   the level alone, `LM`, or the process id columns `W`, `J` before the text are not,
+//!   and counted as not parsed).
 //!   A record starts where the part after the wrapper's prefix is a log4j header (the stack
 //!   lines carry the wrapper's prefix and time too, so the prefix alone says nothing), or
-//!   at the wrapper's own lines (`STATUS | wrapper | …`), which do not end the record
+//!   at the wrapper's own lines (`STATUS | wrapper  | …`), which do not end the record
 //!   they interrupt, a stack trace say (asides: [`crate::multiline`]).
 //! - `log4j`: the bare log4j line, `LEVEL [thread] [Logger] text`, optionally after an
 //!   ISO-8601 time (`2024-10-28 17:12:00,040`).
@@ -21,7 +23,7 @@
 //!
 //! An empty name chooses per line: JSON when the line starts with `{`, else the wrapper's
 //! line, else a log4j header, else an access log line, else a continuation (not parsed
-//! when it has the wrapper's columns in a format not read).
+//! when it has the wrapper's time column but not its source, or its process id column).
 //!
 //! Hand-written rather than regular expressions: these formats are fixed, and this is the
 //! hot path (every line of every legacy server).
@@ -152,7 +154,14 @@ pub enum Line<'a> {
     /// the Tanuki wrapper's own lines (`Pinging the JVM took 12 seconds to respond`), which
     /// it writes between the JVM's, inside a trace too. With nothing in progress, or a
     /// record at its caps, a start.
-    Aside(Record),
+    Aside {
+        record: Record,
+        /// Whether the JVM's text right after it is new (the JVM stopped and the wrapper
+        /// said so, or started another): the record in progress ends there. Not after its
+        /// debug lines (`DEBUG`, and `wrapperp`, its protocol's), which come between any
+        /// two of the JVM's lines, a message's too.
+        interrupts: bool,
+    },
     /// It joins the record before it: its text (after a wrapper's prefix), and whether it
     /// is stack trace (an exception line, a frame, `Caused by:`, `Suppressed:`, `... N
     /// more`).
@@ -247,44 +256,64 @@ impl Parser {
     }
 
     fn wrapper<'a>(&self, line: &'a str, index: usize) -> Line<'a> {
-        let Some(prefix) = wrapper_prefix(line) else {
-            if unread_wrapper_columns(line) {
-                // The wrapper's columns without its level or time (its console's default
-                // format `PM`, or a `wrapper.logfile.format` without `L`, or without both `T`
-                // and `Z`): no header is read behind them, so every line would join the
-                // record in progress unseen. Counted as not parsed, so the setting shows in
-                // `parse_errors_total` (and TestParse's `parse_error`).
-                return Line::Continue {
+        match wrapper_prefix(line) {
+            // The wrapper's own lines (start, stop, restarts, pings; `wrapperp` its
+            // protocol's debug lines): records of their own.
+            Some(prefix) if prefix.source.starts_with("wrapper") => Line::Aside {
+                interrupts: prefix.source != "wrapperp" && prefix.level != Some("DEBUG"),
+                record: Record {
+                    time_micros: prefix
+                        .time
+                        .and_then(|t| self.timestamp(t, b'/'))
+                        .map(|(t, _)| t),
+                    level: prefix.level.and_then(Level::parse),
+                    logger: "wrapper".to_owned(),
+                    message: prefix.rest.to_owned(),
+                    first_line: index,
+                    line_count: 1,
+                    ..Record::default()
+                },
+            },
+            // The process id columns (`W`, `J`, of a width not known) are not read: nothing
+            // behind them would be, so the line says so rather than join the record in
+            // progress unseen.
+            Some(prefix)
+                if !prefix.source.is_empty() && starts_with_a_number_column(prefix.rest) =>
+            {
+                Line::Continue {
+                    text: prefix.rest,
+                    stack: false,
+                    unparsed: true,
+                }
+            }
+            Some(prefix) if !prefix.source.is_empty() => {
+                self.log4j(prefix.rest, prefix.time, index)
+            }
+            // The wrapper's time column without its source (`LTM`, `TM`): whose line it is
+            // cannot be told, and nothing is read behind it, so every line would join the
+            // record in progress unseen. Counted as not parsed, so the setting shows in
+            // `parse_errors_total` (and TestParse's `parse_error`).
+            // So is the level column alone (`LM`) where the parser is the wrapper's.
+            Some(prefix)
+                if prefix.time.is_some()
+                    || (prefix.level.is_some() && matches!(self.format, Format::Wrapper)) =>
+            {
+                Line::Continue {
                     text: line,
                     stack: false,
                     unparsed: true,
-                };
+                }
             }
-            if !matches!(self.format, Format::Auto) {
-                return continuation(line);
-            }
-            return match self.log4j(line, None, index) {
+            _ if !matches!(self.format, Format::Auto) => continuation(line),
+            _ => match self.log4j(line, None, index) {
                 // `"GET /path HTTP/1.1" 200`: the access log's expression runs only on
                 // lines holding `" ` (few stack lines do).
                 Line::Continue { .. } if line.contains("\" ") => {
                     formats::access_log(line, index).map_or_else(|| continuation(line), Line::Start)
                 }
                 parsed => parsed,
-            };
-        };
-        if prefix.source == "wrapper" {
-            // The wrapper's own lines (start, stop, restarts, pings): records of their own.
-            return Line::Aside(Record {
-                time_micros: self.timestamp(prefix.time, b'/').map(|(t, _)| t),
-                level: Level::parse(prefix.level),
-                logger: "wrapper".to_owned(),
-                message: prefix.rest.to_owned(),
-                first_line: index,
-                line_count: 1,
-                ..Record::default()
-            });
+            },
         }
-        self.log4j(prefix.rest, Some(prefix.time), index)
     }
 
     /// `text` is the log4j part of a line (all of it without a wrapper); `wrapper_time` the
@@ -749,54 +778,139 @@ pub fn zone(name: &str) -> Result<Tz, String> {
 /// The Tanuki wrapper's columns before the logged text.
 #[derive(Debug)]
 struct WrapperPrefix<'a> {
-    level: &'a str,
+    /// The level column (`L`), when the format writes one.
+    level: Option<&'a str>,
+    /// The source column (`P`): `wrapper`, `wrapperp`, `wrapperm` or `jvm 1`; empty when
+    /// the format writes none (a format not read).
     source: &'a str,
-    time: &'a str,
+    /// The time column (`T` or `Z`), when the format writes one.
+    time: Option<&'a str>,
     rest: &'a str,
 }
 
-/// `LEVEL | source | [thread |] yyyy/MM/dd HH:mm:ss.SSS | rest`: the level column names a
-/// level, the time column is the first that looks like a time (wrapper formats with and
-/// without the thread column), and `rest` loses the one space after its bar.
+/// The wrapper's columns at the start of `line`, as its logger writes them
+/// (`wrapper.logfile.format` and `wrapper.console.format`): one column per letter of the
+/// format, in the format's order, each of a fixed width (`INFO  `, `jvm 1   `, `main   `,
+/// `2024/10/28 17:12:00.040`, `     123`), ` | ` after each, then the text: the log file's
+/// default `LPTM`, `LPDZM` as the mall's servers write it, the console's default `PM`,
+/// `PTM`, `LPM`, and the columns `Q`, `U`, `R` and `G` too (not the process ids `W` and
+/// `J`). Each kind of column is read once (the three `%8d` columns `U`, `R`, `G` up to
+/// three times), so text that looks like a column the line already had (`INFO   | …`
+/// written by the JVM after the wrapper's level) stays text.
+/// `None` without a level, source or time column; a prefix without a source (`LTM`, `TM`)
+/// is a format not read.
 fn wrapper_prefix(line: &str) -> Option<WrapperPrefix<'_>> {
-    let (level, rest) = line.split_once('|')?;
-    let level = level.trim();
-    Level::parse(level)?;
-    let (source, mut rest) = rest.split_once('|')?;
-    for _ in 0..2 {
-        let (column, after) = rest.split_once('|')?;
-        let column = column.trim();
-        if column.len() >= 19 && column.as_bytes()[4] == b'/' && column.is_char_boundary(19) {
-            return Some(WrapperPrefix {
-                level,
-                source: source.trim(),
-                time: column,
-                rest: after.strip_prefix(' ').unwrap_or(after),
-            });
+    // Hand-written rather than a regular expression: a few short columns, on every line of
+    // every legacy server (the hot path); the text after them is never scanned.
+    let mut prefix = WrapperPrefix {
+        level: None,
+        source: "",
+        time: None,
+        rest: line,
+    };
+    let (mut thread, mut queued, mut counters) = (false, false, 0);
+    loop {
+        let rest = prefix.rest;
+        // The widest column is the time with milliseconds, 23 bytes.
+        let window = &rest.as_bytes()[..rest.len().min(25)];
+        let Some(bar) = window.iter().position(|&b| b == b'|') else {
+            break;
+        };
+        if bar == 0 || window[bar - 1] != b' ' {
+            break;
         }
-        rest = after;
+        let next = match rest.as_bytes().get(bar + 1) {
+            Some(b' ') => &rest[bar + 2..],
+            None => "",
+            Some(_) => break,
+        };
+        let column = &rest[..bar - 1];
+        match column.len() {
+            6 if prefix.level.is_none()
+                && matches!(
+                    column.trim_end(),
+                    "DEBUG" | "INFO" | "STATUS" | "WARN" | "ERROR" | "FATAL" | "ADVICE" | "NOTICE"
+                ) =>
+            {
+                prefix.level = Some(column.trim_end());
+            }
+            7 if !thread
+                && matches!(
+                    column.trim_end(),
+                    "signal" | "main" | "srvmain" | "timer" | "javaio" | "startup" | "unknown"
+                ) =>
+            {
+                thread = true;
+            }
+            19 | 23 if prefix.time.is_none() && is_wrapper_time(column) => {
+                prefix.time = Some(column);
+            }
+            1 if !queued && (column == "Q" || column == " ") => queued = true,
+            // Uptime, quiet time and lag: `%8d`, or `--------` and blanks.
+            8 if counters < 3 && is_wrapper_counter(column) => counters += 1,
+            _ if prefix.source.is_empty() && is_wrapper_source(column) => {
+                prefix.source = column.trim_end();
+            }
+            _ => break,
+        }
+        prefix.rest = next;
     }
-    None
+    (!prefix.source.is_empty() || prefix.level.is_some() || prefix.time.is_some()).then_some(prefix)
 }
 
-/// Whether `line` begins with the wrapper's columns in a format [`wrapper_prefix`] does not
-/// read: without the level or the time (`jvm 1    | text`, its console's default `PM`;
-/// `INFO   | jvm 1    | text`; `jvm 1    | 2024/10/28 17:12:00 | text`).
-fn unread_wrapper_columns(line: &str) -> bool {
-    let source = |column: &str| {
-        let column = column.trim();
-        column == "wrapper"
-            || column
-                .strip_prefix("jvm ")
-                .is_some_and(|n| n.trim().parse::<u32>().is_ok())
-    };
-    let mut columns = line.splitn(3, '|');
-    let (Some(first), Some(second)) = (columns.next(), columns.next()) else {
+/// `wrapper `, `wrapperp`, `wrapperm` (the wrapper's own lines), or `jvm ` and the JVM's
+/// number, left-aligned in 4.
+fn is_wrapper_source(column: &str) -> bool {
+    match column.strip_prefix("jvm ") {
+        Some(number) => {
+            let digits = number.trim_end_matches(' ');
+            !digits.is_empty()
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && (number.len() == 4 || (digits.len() == number.len() && digits.len() > 4))
+        }
+        None => matches!(column, "wrapper " | "wrapperp" | "wrapperm"),
+    }
+}
+
+/// `%8d` (right-aligned; the quiet time negative when the clock went back), `--------`
+/// (uptime past a year) or blanks (no quiet time yet).
+fn is_wrapper_counter(column: &str) -> bool {
+    let number = column.trim_start_matches(' ');
+    let digits = number.strip_prefix('-').unwrap_or(number);
+    column == "--------"
+        || number.is_empty()
+        || (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether `text` starts with a column of digits, up to 10 wide, and ` | `: a process id
+/// column (`W`, `J`), which [`wrapper_prefix`] does not read.
+fn starts_with_a_number_column(text: &str) -> bool {
+    let b = text.as_bytes();
+    let Some(bar) = b.iter().take(12).position(|&c| c == b'|') else {
         return false;
     };
-    // The source first, or after the level.
-    source(first)
-        || (Level::parse(first.trim()).is_some() && source(second) && columns.next().is_some())
+    bar >= 2
+        && b[bar - 1] == b' '
+        && b.get(bar + 1).is_none_or(|&c| c == b' ')
+        && b[..bar - 1].iter().any(u8::is_ascii_digit)
+        && b[..bar - 1]
+            .iter()
+            .all(|c| c.is_ascii_digit() || *c == b' ')
+}
+
+/// `yyyy/MM/dd HH:mm:ss`, with `.SSS` or without.
+fn is_wrapper_time(column: &str) -> bool {
+    let b = column.as_bytes();
+    b.len() >= 19
+        && b[4] == b'/'
+        && b[7] == b'/'
+        && b[10] == b' '
+        && b[13] == b':'
+        && b[16] == b':'
+        && (b.len() == 19 || b[19] == b'.')
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| matches!(i, 4 | 7 | 10 | 13 | 16 | 19) || c.is_ascii_digit())
 }
 
 /// A log4j header's parts.
@@ -1050,7 +1164,7 @@ mod tests {
 
     fn start(line: Line<'_>) -> Record {
         match line {
-            Line::Start(record) | Line::Aside(record) => record,
+            Line::Start(record) | Line::Aside { record, .. } => record,
             other => panic!("not a record start: {other:?}"),
         }
     }
@@ -1125,21 +1239,174 @@ mod tests {
         }
     }
 
-    /// The wrapper's columns without its level or time (its console's default format `PM`):
-    /// no header is read behind them, and the line is counted as not parsed rather than
-    /// joining the record in progress unseen; in `auto` too. Text holding bars is what it
-    /// was.
+    /// The wrapper's other formats: its console's default `PM`, `PTM`, `LPM`, the thread
+    /// column without a time, the columns `Q`, `U`, `R`, `G` around the time; in `auto` too.
     #[test]
-    fn wrapper_columns_without_a_level_or_time_are_not_parsed_and_say_so() {
+    fn the_wrappers_other_formats_are_read() {
         for format in [Format::Wrapper, Format::Auto] {
             let parser = Parser::new(format, SEOUL);
+            for (line, time) in [
+                (
+                    "jvm 1    | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                    None,
+                ),
+                (
+                    "INFO   | jvm 1    | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                    None,
+                ),
+                (
+                    "jvm 12345 | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                    None,
+                ),
+                (
+                    "jvm 1    | 2024/10/28 17:12:00 | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                    Some(SEOUL_MICROS - 40_000),
+                ),
+                (
+                    "INFO   | jvm 1    | main    | Q | 2024/10/28 17:12:00.040 |      123 |          |       17 | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                    Some(SEOUL_MICROS),
+                ),
+                (
+                    "2024/10/28 17:12:00.040 | -------- | jvm 1    | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                    Some(SEOUL_MICROS),
+                ),
+                // The quiet time is negative when the clock went back.
+                (
+                    "INFO   | jvm 1    |      -12 | 2024/10/28 17:12:00.040 | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                    Some(SEOUL_MICROS),
+                ),
+            ] {
+                let record = start(parser.line(line, 1));
+                assert_eq!(
+                    (
+                        record.level,
+                        record.thread.as_str(),
+                        record.logger.as_str(),
+                        record.message.as_str(),
+                        record.time_micros,
+                        record.parse_error
+                    ),
+                    (
+                        Some(Level::Error),
+                        "hybrisHTTP12",
+                        "DefaultCartService",
+                        "cart 8812 failed",
+                        time,
+                        false
+                    ),
+                    "{line:?}"
+                );
+            }
             for line in [
-                "jvm 1    | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
-                "wrapper  | Launching a JVM...",
-                "jvm 1    | 2024/10/28 17:12:00 | INFO  [main] [X] started",
-                "INFO   | jvm 1    | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                "jvm 1    | \tat a.B.c(B.java:1)",
                 "INFO   | jvm 12   | main    | \tat a.B.c(B.java:1)",
-                "STATUS | wrapper  | Launching a JVM...",
+            ] {
+                assert_eq!(
+                    parser.line(line, 1),
+                    Line::Continue {
+                        text: "\tat a.B.c(B.java:1)",
+                        stack: true,
+                        unparsed: false
+                    },
+                    "{line:?}"
+                );
+            }
+            // The wrapper's own lines, its protocol's (`wrapperp`) too: records of their own;
+            // the JVM's text after them is new, but for its debug lines.
+            for (line, level, message, new_text) in [
+                (
+                    "wrapper  | Launching a JVM...",
+                    None,
+                    "Launching a JVM...",
+                    true,
+                ),
+                (
+                    "STATUS | wrapper  | Launching a JVM...",
+                    Some(Level::Info),
+                    "Launching a JVM...",
+                    true,
+                ),
+                (
+                    "DEBUG  | wrapperp | 2024/10/28 17:12:00 | send a packet PING : ping",
+                    Some(Level::Debug),
+                    "send a packet PING : ping",
+                    false,
+                ),
+                (
+                    "DEBUG  | wrapper  | 2024/10/28 17:12:00 | read a packet PING : ping",
+                    Some(Level::Debug),
+                    "read a packet PING : ping",
+                    false,
+                ),
+            ] {
+                let Line::Aside { record, interrupts } = parser.line(line, 1) else {
+                    panic!("not the wrapper's: {line:?}");
+                };
+                assert_eq!(
+                    (
+                        record.logger.as_str(),
+                        record.level,
+                        record.message.as_str(),
+                        interrupts
+                    ),
+                    ("wrapper", level, message, new_text),
+                    "{line:?}"
+                );
+            }
+            // Text that merely has bars, or columns of another width, is no wrapper line; a
+            // column the JVM wrote after the wrapper's is text (each column is read once).
+            for (line, text) in [
+                ("a message | with | bars", "a message | with | bars"),
+                (
+                    "INFO | jvm x | not the wrapper's",
+                    "INFO | jvm x | not the wrapper's",
+                ),
+                ("INFO | jvm 1 | main | text", "INFO | jvm 1 | main | text"),
+                (
+                    "INFO   | jvm 1    | 2024/10/28 17:12:00 | INFO   | jvm 1    | text",
+                    "INFO   | jvm 1    | text",
+                ),
+            ] {
+                assert_eq!(
+                    parser.line(line, 1),
+                    Line::Continue {
+                        text,
+                        stack: false,
+                        unparsed: false
+                    },
+                    "{line:?}"
+                );
+            }
+        }
+        // The wrapper's time without its source (`LTM`, `TM`): not read, and says so; a
+        // process id column before the text (`W`, `J`) too; and the level alone (`LM`) where
+        // the parser is the wrapper's (in `auto`, text).
+        for format in [Format::Wrapper, Format::Auto] {
+            let wrappers = matches!(format, Format::Wrapper);
+            let parser = Parser::new(format, SEOUL);
+            assert_eq!(
+                parser.line(
+                    "INFO   | jvm 1    | 12345 | 2024/10/28 17:12:00 | ERROR [t] [X] boom",
+                    1
+                ),
+                Line::Continue {
+                    text: "12345 | 2024/10/28 17:12:00 | ERROR [t] [X] boom",
+                    stack: false,
+                    unparsed: true
+                }
+            );
+            let level_alone = "INFO   | ERROR [hybrisHTTP12] [DefaultCartService] failed";
+            assert_eq!(
+                parser.line(level_alone, 1),
+                Line::Continue {
+                    text: level_alone,
+                    stack: false,
+                    unparsed: wrappers
+                }
+            );
+            for line in [
+                "INFO   | 2024/10/28 17:12:00 | ERROR [hybrisHTTP12] [DefaultCartService] failed",
+                "2024/10/28 17:12:00.040 | \tat a.B.c(B.java:1)",
             ] {
                 assert_eq!(
                     parser.line(line, 1),
@@ -1151,23 +1418,8 @@ mod tests {
                     "{line:?}"
                 );
             }
-            for line in [
-                "a message | with | bars",
-                "INFO | jvm x | not the wrapper's",
-                "\tat a.B.c(B.java:1)",
-            ] {
-                assert!(
-                    matches!(
-                        parser.line(line, 1),
-                        Line::Continue {
-                            unparsed: false,
-                            ..
-                        }
-                    ),
-                    "{line:?}"
-                );
-            }
         }
+        // A trace written through the console's format is one record, no parse error.
         let records = crate::multiline::group_all(
             &Parser::new(Format::Wrapper, SEOUL),
             crate::multiline::Caps {
@@ -1175,11 +1427,33 @@ mod tests {
                 bytes: 10_000,
             },
             [
-                "jvm 1    | INFO  [main] [X] one",
+                "jvm 1    | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                "jvm 1    | java.lang.IllegalStateException: no cart",
+                "jvm 1    | \tat a.B.c(B.java:1)",
+                "wrapper  | Pinging the JVM...",
+                "jvm 1    | \tat a.B.d(B.java:2)",
                 "jvm 1    | INFO  [main] [X] two",
             ],
         );
-        assert!(records.iter().all(|r| r.parse_error), "{records:?}");
+        let got: Vec<_> = records
+            .iter()
+            .map(|r| {
+                (
+                    r.logger.as_str(),
+                    r.stack_trace.lines().count(),
+                    r.parse_error,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("DefaultCartService", 3, false),
+                ("wrapper", 0, false),
+                ("X", 0, false)
+            ],
+            "{records:?}"
+        );
     }
 
     #[test]

@@ -281,12 +281,27 @@ async fn access_logs_logfmt_and_a_configured_expression_with_its_traces_whole() 
     .await;
     assert_eq!(unmatched.len(), 1);
     assert!(unmatched[0].parse_error);
-    // So does the wrapper's console format, whose columns are not read.
+    // So does a wrapper format without the source column, which is not read; its console's
+    // default format is.
+    let timed = parse(
+        "hybris-wrapper",
+        &[
+            "INFO   | 2024/10/28 17:12:00 | INFO  [main] [X] started",
+            "INFO   | 2024/10/28 17:12:00 | more",
+        ],
+    )
+    .await;
+    assert_eq!(timed.len(), 1);
+    assert!(timed[0].parse_error);
     let console = parse(
         "hybris-wrapper",
         &["jvm 1    | INFO  [main] [X] started", "jvm 1    | more"],
     )
     .await;
     assert_eq!(console.len(), 1);
-    assert!(console[0].parse_error);
+    assert!(!console[0].parse_error);
+    assert_eq!(
+        (console[0].logger.as_str(), console[0].message.as_str()),
+        ("X", "started\nmore")
+    );
 }
