@@ -4,9 +4,11 @@
 //! an aside (the service wrapper's own, which it writes between the JVM's lines, inside a
 //! stack trace too) does not end the record in progress: it is a record of its own, held
 //! behind that record and completed with it, so records still come out in the order of
-//! their first lines. A line right after an aside that is not stack trace ends the record
-//! in progress and joins the aside (the JVM stopped: the new JVM's first output), but for
-//! the wrapper's debug lines; stack trace never joins a record of the wrapper's.
+//! their first lines. A line that is not stack trace after an aside (the wrapper's debug
+//! lines between not counting) ends the record in progress and joins the aside (the JVM
+//! stopped: the new JVM's first output); after debug lines alone it joins the record in
+//! progress, and a debug line with nothing in progress is complete at once, taking no
+//! text. Stack trace never joins a record of the wrapper's.
 //!
 //! One [`Grouper`] per stream (a source and host, or file): its state outlives chunks and
 //! connections, so a trace split across them is still one record. The record in progress is
@@ -15,7 +17,8 @@
 //! for a while (the caller calls [`Grouper::flush_quiet`]). A record is capped in lines and
 //! bytes, with the asides held behind it, so a stream holds at most a record's caps: one
 //! that reaches a cap is complete, and the line that did not fit starts the next record
-//! (without a header, but for the wrapper's own line, which has its own), so a runaway trace or
+//! (without a header, but for the wrapper's own line, which has its own; a debug line of
+//! the wrapper's is complete at once), so a runaway trace or
 //! a stream of lines no parser recognises cannot exhaust memory, exceed what Loki takes for
 //! one line, or lose a line. Only a single line longer than the byte cap is cut (the cut is
 //! counted in `truncated_bytes`). The rest of a trace cut from its head (by a cap, the
@@ -279,8 +282,8 @@ impl<O> Grouper<O> {
     /// Completes the record in progress because it went quiet, as [`Grouper::flush`] does,
     /// but for a wrapper's line after which the stream had only asides (its debug lines):
     /// that becomes the record in progress, with those held behind it, so text right after
-    /// them still joins it (the new JVM's first output after `Launching a JVM...`), and its
-    /// own quiet is judged from it.
+    /// them still joins it (the new JVM's first output after `Launching a JVM...`); the
+    /// caller judges its quiet from the stream's latest line.
     pub fn flush_quiet(&mut self, out: &mut Vec<(Record, O)>) {
         match self.interrupting.take() {
             Some(at) => {
@@ -1489,15 +1492,31 @@ mod tests {
 
     proptest! {
         /// Records start exactly at the header lines, the wrapper's own lines and the first
-        /// line (or at a second trace), cover every line once, come out in the order of
-        /// their first lines, and keep each continuation line's text in the stack trace or
-        /// the message as the test's own model says; the wrapper's own lines leave the
-        /// record in progress going on (a trace whole), and text right after one joins it.
+        /// line (or at a second trace, or after a quiet time), cover every line once, come
+        /// out in the order of their first lines, and keep each continuation line's text in
+        /// the stack trace or the message as the test's own model says; the wrapper's own
+        /// lines leave the record in progress going on (a trace whole), and text right after
+        /// one (its debug lines between not counting) joins it, after a quiet time too; text
+        /// after its debug lines alone joins the record in progress.
         #[test]
         fn records_are_what_a_model_of_the_format_says(
-            lines in proptest::collection::vec(line(), 0..200),
+            lines in proptest::collection::vec(proptest::option::weighted(0.95, line()), 0..200),
         ) {
-            let records = group_all(&parser(), CAPS, lines.iter().map(|l| l.0.as_str()));
+            // `None`: the stream went quiet there ([`Grouper::flush_quiet`]).
+            let mut grouper = Grouper::default();
+            let mut out = Vec::new();
+            let mut index = 0;
+            for line in &lines {
+                match line {
+                    Some((text, ..)) => {
+                        grouper.push(&parser(), CAPS, text, index, (), &mut out);
+                        index += 1;
+                    }
+                    None => grouper.flush_quiet(&mut out),
+                }
+            }
+            grouper.flush(&mut out);
+            let records: Vec<Record> = out.into_iter().map(|(r, ())| r).collect();
             // In the order of their first lines; `current` is the one lines join.
             let mut expected: Vec<Record> = Vec::new();
             let mut current: Option<usize> = None;
@@ -1505,13 +1524,23 @@ mod tests {
             let mut current_aside = false;
             // The latest of the wrapper's lines with only its debug lines after it.
             let mut interrupting: Option<usize> = None;
-            for (index, (_, kind, text)) in lines.iter().enumerate() {
+            let mut index = 0;
+            for line in &lines {
+                let Some((_, kind, text)) = line else {
+                    // Quiet: the record in progress is complete, but for the wrapper's line
+                    // with only its debug lines after it, which text still joins.
+                    current = interrupting.take();
+                    current_aside = current.is_some();
+                    continue;
+                };
+                let first_line = index;
+                index += 1;
                 // An exception line after a frame or `... N more` is another trace.
                 let after_frame = current.is_some_and(|c| {
                     let last = expected[c].stack_trace.rsplit('\n').next().unwrap_or_default().trim_start();
                     last.starts_with("at ") || last.starts_with("... ")
                 });
-                let mut record = Record { first_line: index, line_count: 1, ..Record::default() };
+                let mut record = Record { first_line, line_count: 1, ..Record::default() };
                 if *kind == Kind::Debug {
                     // A record of its own, held or complete; nothing joins it.
                     record.message.clone_from(text);

@@ -153,7 +153,7 @@ pub enum Line<'a> {
     /// A record of its own that does not end the record in progress (a stack trace say):
     /// the Tanuki wrapper's own lines (`Pinging the JVM took 12 seconds to respond`), which
     /// it writes between the JVM's, inside a trace too. With nothing in progress, or a
-    /// record at its caps, a start.
+    /// record at its caps, a start (a debug line: a record complete at once).
     Aside {
         record: Record,
         /// Whether the JVM's text right after it is new (the JVM stopped and the wrapper
