@@ -5,10 +5,10 @@
 //! stack trace too) does not end the record in progress: it is a record of its own, held
 //! behind that record and completed with it, so records still come out in the order of
 //! their first lines. A line that is not stack trace after an aside (the wrapper's debug
-//! lines between not counting) ends the record in progress and joins the aside (the JVM
-//! stopped: the new JVM's first output); after debug lines alone it joins the record in
-//! progress, and a debug line with nothing in progress is complete at once, taking no
-//! text. Stack trace never joins a record of the wrapper's.
+//! lines and slow pings between not counting) ends the record in progress and joins the
+//! aside (the JVM stopped: the new JVM's first output); after debug lines and pings alone it
+//! joins the record in progress, and such a line with nothing in progress is complete at
+//! once, taking no text. Stack trace never joins a record of the wrapper's.
 //!
 //! One [`Grouper`] per stream (a source and host, or file): its state outlives chunks and
 //! connections, so a trace split across them is still one record. The record in progress is
@@ -161,7 +161,7 @@ impl<O> Grouper<O> {
                     self.cut = None;
                 }
                 if let Some(at) = interrupting.filter(|_| !stack) {
-                    // Text right after the wrapper's line (and its debug lines after it): the
+                    // Text right after the wrapper's line (and its debug lines or pings): the
                     // record in progress ended there (the JVM stopped and the wrapper said
                     // so, or started another). It is complete, with the asides before that
                     // line, and the text joins the wrapper's line, as it joins any record it
@@ -280,7 +280,7 @@ impl<O> Grouper<O> {
     }
 
     /// Completes the record in progress because it went quiet, as [`Grouper::flush`] does,
-    /// but for a wrapper's line after which the stream had only asides (its debug lines):
+    /// but for a wrapper's line after which the stream had only asides (debug lines, pings):
     /// that becomes the record in progress, with those held behind it, so text right after
     /// them still joins it (the new JVM's first output after `Launching a JVM...`); the
     /// caller judges its quiet from the stream's latest line.
@@ -805,8 +805,8 @@ mod tests {
     }
 
     /// The wrapper's debug lines (`wrapper.debug`: `DEBUG`, and `wrapperp`, its protocol's)
-    /// come between any two of the JVM's lines: the JVM's text after one still joins the
-    /// record in progress, which its debug lines do not end.
+    /// and its reports of a slow ping come between any two of the JVM's lines: the JVM's
+    /// text after one still joins the record in progress, which they do not end.
     #[test]
     fn text_after_the_wrappers_debug_line_goes_on() {
         let lines = [
@@ -815,6 +815,8 @@ mod tests {
             format!("{P}select * from cart"),
             "DEBUG  | wrapper  | 2024/10/28 17:12:31 | read a packet PING : ping".to_owned(),
             format!("{P}where id = 1"),
+            format!("{W}Pinging the JVM took 12 seconds to respond."),
+            format!("{P}and total > 0"),
         ];
         assert_eq!(
             summary(&group_all(
@@ -823,9 +825,15 @@ mod tests {
                 lines.iter().map(String::as_str)
             )),
             [
-                (0, 3, "SQL:\nselect * from cart\nwhere id = 1", ""),
+                (
+                    0,
+                    4,
+                    "SQL:\nselect * from cart\nwhere id = 1\nand total > 0",
+                    ""
+                ),
                 (1, 1, "send a packet PING : ping", ""),
                 (3, 1, "read a packet PING : ping", ""),
+                (5, 1, "Pinging the JVM took 12 seconds to respond.", ""),
             ]
         );
     }
@@ -1093,7 +1101,7 @@ mod tests {
             format!("{P}ERROR [main] [X] failed"),
             "java.lang.IllegalStateException: broken".to_owned(),
         ];
-        let ping = |n: usize| format!("{W}Pinging the JVM took {n} seconds to respond.");
+        let ping = |n: usize| format!("{W}Waiting {n} seconds before launching another JVM.");
         // Lines: the trace's two and three asides make five.
         let caps = Caps {
             lines: 5,
@@ -1457,9 +1465,9 @@ mod tests {
         Text,
         /// The wrapper's own line.
         Aside,
-        /// The wrapper's debug line (`wrapper.debug`), which does not end the record before
-        /// it for the text after it.
-        Debug,
+        /// The wrapper's line that says nothing of the JVM's life (a debug line, a slow
+        /// ping), which does not end the record before it for the text after it.
+        Passing,
     }
 
     /// Lines of the legacy format with what each is: headers, trace lines with and
@@ -1478,13 +1486,13 @@ mod tests {
             1 => Just(("plain continuation".to_owned(), Kind::Text, "plain continuation".to_owned())),
             1 => (1_u32..30).prop_map(|n| (
                 format!("{W}Pinging the JVM took {n} seconds to respond."),
-                Kind::Aside,
+                Kind::Passing,
                 format!("Pinging the JVM took {n} seconds to respond."),
             )),
             1 => Just((format!("{W}Launching a JVM..."), Kind::Aside, "Launching a JVM...".to_owned())),
             1 => Just((
                 "DEBUG  | wrapperp | 2024/10/28 17:12:31 | send a packet PING : ping".to_owned(),
-                Kind::Debug,
+                Kind::Passing,
                 "send a packet PING : ping".to_owned(),
             )),
         ]
@@ -1496,8 +1504,8 @@ mod tests {
         /// out in the order of their first lines, and keep each continuation line's text in
         /// the stack trace or the message as the test's own model says; the wrapper's own
         /// lines leave the record in progress going on (a trace whole), and text right after
-        /// one (its debug lines between not counting) joins it, after a quiet time too; text
-        /// after its debug lines alone joins the record in progress.
+        /// one (its debug lines and pings between not counting) joins it, after a quiet time
+        /// too; text after its debug lines and pings alone joins the record in progress.
         #[test]
         fn records_are_what_a_model_of_the_format_says(
             lines in proptest::collection::vec(proptest::option::weighted(0.95, line()), 0..200),
@@ -1522,13 +1530,13 @@ mod tests {
             let mut current: Option<usize> = None;
             // Whether `current` is the wrapper's.
             let mut current_aside = false;
-            // The latest of the wrapper's lines with only its debug lines after it.
+            // The latest of the wrapper's lines with only its debug lines and pings after it.
             let mut interrupting: Option<usize> = None;
             let mut index = 0;
             for line in &lines {
                 let Some((_, kind, text)) = line else {
                     // Quiet: the record in progress is complete, but for the wrapper's line
-                    // with only its debug lines after it, which text still joins.
+                    // with only its debug lines and pings after it, which text still joins.
                     current = interrupting.take();
                     current_aside = current.is_some();
                     continue;
@@ -1541,7 +1549,7 @@ mod tests {
                     last.starts_with("at ") || last.starts_with("... ")
                 });
                 let mut record = Record { first_line, line_count: 1, ..Record::default() };
-                if *kind == Kind::Debug {
+                if *kind == Kind::Passing {
                     // A record of its own, held or complete; nothing joins it.
                     record.message.clone_from(text);
                     expected.push(record);
@@ -1567,7 +1575,7 @@ mod tests {
                 {
                     current_aside = *kind == Kind::Aside;
                     match kind {
-                        Kind::Header | Kind::Text | Kind::Aside | Kind::Debug => {
+                        Kind::Header | Kind::Text | Kind::Aside | Kind::Passing => {
                             record.message.clone_from(text);
                         }
                         Kind::Stack | Kind::Exception => record.stack_trace.clone_from(text),

@@ -158,8 +158,9 @@ pub enum Line<'a> {
         record: Record,
         /// Whether the JVM's text right after it is new (the JVM stopped and the wrapper
         /// said so, or started another): the record in progress ends there. Not after its
-        /// debug lines (`DEBUG`, and `wrapperp`, its protocol's), which come between any
-        /// two of the JVM's lines, a message's too.
+        /// debug lines (`DEBUG`, and `wrapperp`, its protocol's) or its report of a slow
+        /// ping (`Pinging the JVM took 12 seconds to respond.`), which come between any two
+        /// of the JVM's lines, a message's too.
         interrupts: bool,
     },
     /// It joins the record before it: its text (after a wrapper's prefix), and whether it
@@ -260,7 +261,10 @@ impl Parser {
             // The wrapper's own lines (start, stop, restarts, pings; `wrapperp` its
             // protocol's debug lines): records of their own.
             Some(prefix) if prefix.source.starts_with("wrapper") => Line::Aside {
-                interrupts: prefix.source != "wrapperp" && prefix.level != Some("DEBUG"),
+                interrupts: prefix.source != "wrapperp"
+                    && prefix.level != Some("DEBUG")
+                    // Its report of a slow ping: the JVM is alive, and goes on writing.
+                    && !prefix.rest.starts_with("Pinging the JVM took "),
                 record: Record {
                     time_micros: prefix
                         .time
@@ -1312,7 +1316,7 @@ mod tests {
                 );
             }
             // The wrapper's own lines, its protocol's (`wrapperp`) too: records of their own;
-            // the JVM's text after them is new, but for its debug lines.
+            // the JVM's text after them is new, but for its debug lines and slow pings.
             for (line, level, message, new_text) in [
                 (
                     "wrapper  | Launching a JVM...",
@@ -1336,6 +1340,12 @@ mod tests {
                     "DEBUG  | wrapper  | 2024/10/28 17:12:00 | read a packet PING : ping",
                     Some(Level::Debug),
                     "read a packet PING : ping",
+                    false,
+                ),
+                (
+                    "STATUS | wrapper  | 2024/10/28 17:12:00 | Pinging the JVM took 12 seconds to respond.",
+                    Some(Level::Info),
+                    "Pinging the JVM took 12 seconds to respond.",
                     false,
                 ),
             ] {

@@ -314,7 +314,7 @@ impl StreamState {
     }
 
     /// Its record in progress, quiet, completed into `ready` ([`Grouper::flush_quiet`]: a
-    /// wrapper's line that came last, but for its debug lines, becomes the record in
+    /// wrapper's line that came last, but for its debug lines and pings, becomes the record in
     /// progress, quiet from the stream's latest line). Whether any was.
     fn complete_quiet(&mut self, ready: &mut Vec<Ready>) -> bool {
         let mut out = Vec::new();
