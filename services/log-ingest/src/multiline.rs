@@ -4,11 +4,12 @@
 //! an aside (the service wrapper's own, which it writes between the JVM's lines, inside a
 //! stack trace too) does not end the record in progress: it is a record of its own, held
 //! behind that record and completed with it, so records still come out in the order of
-//! their first lines. A line that is not stack trace after an aside (the wrapper's debug
-//! lines and slow pings between not counting) ends the record in progress and joins the
-//! aside (the JVM stopped: the new JVM's first output); after debug lines and pings alone it
-//! joins the record in progress, and such a line with nothing in progress is complete at
-//! once, taking no text. Stack trace never joins a record of the wrapper's.
+//! their first lines. A line that is not stack trace after an aside ends the record in
+//! progress and joins the aside (the JVM stopped: the new JVM's first output), but for the
+//! wrapper's lines that pass (its debug lines, slow pings and CPU-starvation reports, which
+//! come between any two of the JVM's lines): they do not count between the two, after them
+//! alone the line joins the record in progress, and one with nothing in progress is
+//! complete at once, taking no text. Stack trace never joins a record of the wrapper's.
 //!
 //! One [`Grouper`] per stream (a source and host, or file): its state outlives chunks and
 //! connections, so a trace split across them is still one record. The record in progress is
@@ -17,8 +18,8 @@
 //! for a while (the caller calls [`Grouper::flush_quiet`]). A record is capped in lines and
 //! bytes, with the asides held behind it, so a stream holds at most a record's caps: one
 //! that reaches a cap is complete, and the line that did not fit starts the next record
-//! (without a header, but for the wrapper's own line, which has its own; a debug line of
-//! the wrapper's is complete at once), so a runaway trace or
+//! (without a header, but for the wrapper's own line, which has its own; a line of the
+//! wrapper's that passes is complete at once), so a runaway trace or
 //! a stream of lines no parser recognises cannot exhaust memory, exceed what Loki takes for
 //! one line, or lose a line. Only a single line longer than the byte cap is cut (the cut is
 //! counted in `truncated_bytes`). The rest of a trace cut from its head (by a cap, the
@@ -70,8 +71,8 @@ pub struct Grouper<O = ()> {
     /// Whether the latest line was an aside held.
     after_aside: bool,
     /// Which of `asides` is the latest that says the JVM's next text is new (the JVM
-    /// stopped, another started), when only asides came after it (the wrapper's debug
-    /// lines, which do not say so, may have).
+    /// stopped, another started), when only asides came after it (the wrapper's lines that
+    /// pass, which do not say so, may have).
     interrupting: Option<usize>,
 }
 
@@ -139,8 +140,8 @@ impl<O> Grouper<O> {
                     self.complete(out);
                     self.begin((record, origin), true);
                 } else {
-                    // A debug line: complete at once, so no text of the JVM's joins it (a
-                    // trace cut before keeps its head for its rest).
+                    // A line that passes (see `Line::Aside`): complete at once, so no text of
+                    // the JVM's joins it (a trace cut before keeps its head for its rest).
                     self.complete(out);
                     out.push((record, origin));
                 }
@@ -161,20 +162,20 @@ impl<O> Grouper<O> {
                     self.cut = None;
                 }
                 if let Some(at) = interrupting.filter(|_| !stack) {
-                    // Text right after the wrapper's line (and its debug lines or pings): the
+                    // Text right after the wrapper's line (and lines that pass): the
                     // record in progress ended there (the JVM stopped and the wrapper said
                     // so, or started another). It is complete, with the asides before that
                     // line, and the text joins the wrapper's line, as it joins any record it
-                    // follows; the debug lines after it are held behind it.
+                    // follows; the lines that pass after it are held behind it.
                     self.resume_at(at, out);
                     // That record is over, not cut.
                     self.cut = None;
                     held = (self.asides.len(), self.asides_bytes);
                 } else if stack && self.pending_aside {
                     // The JVM's stack trace after a record of the wrapper's (the rest of a
-                    // trace that went quiet while the JVM stalled, the wrapper pinging it):
-                    // never the wrapper's; a record of its own, which keeps the cut trace's
-                    // head (below) as after any quiet.
+                    // trace that went quiet while the JVM stalled, the wrapper saying it
+                    // appears hung): never the wrapper's; a record of its own, which keeps the
+                    // cut trace's head (below) as after any quiet.
                     self.complete(out);
                 }
                 match &mut self.pending {
@@ -280,7 +281,7 @@ impl<O> Grouper<O> {
     }
 
     /// Completes the record in progress because it went quiet, as [`Grouper::flush`] does,
-    /// but for a wrapper's line after which the stream had only asides (debug lines, pings):
+    /// but for a wrapper's line after which the stream had only asides that pass:
     /// that becomes the record in progress, with those held behind it, so text right after
     /// them still joins it (the new JVM's first output after `Launching a JVM...`); the
     /// caller judges its quiet from the stream's latest line.
@@ -808,7 +809,7 @@ mod tests {
     /// and its reports of a slow ping come between any two of the JVM's lines: the JVM's
     /// text after one still joins the record in progress, which they do not end.
     #[test]
-    fn text_after_the_wrappers_debug_line_goes_on() {
+    fn text_after_the_wrappers_debug_lines_and_pings_goes_on() {
         let lines = [
             format!("{P}INFO  [main] [X] SQL:"),
             "DEBUG  | wrapperp | 2024/10/28 17:12:31 | send a packet PING : ping".to_owned(),
@@ -966,55 +967,63 @@ mod tests {
     }
 
     /// The JVM stalls in the middle of a trace (a GC pause) longer than the quiet, and the
-    /// wrapper's ping comes before the rest: the rest is a record of its own, as after any
-    /// quiet, not part of the ping's record.
+    /// wrapper's ping comes before the rest (complete at once), or its report that the JVM
+    /// appears hung (a record in progress, which stack trace does not join): the rest is a
+    /// record of its own, as after any quiet, not part of the wrapper's record.
     #[test]
-    fn the_rest_of_a_quiet_trace_after_a_ping_is_not_the_wrappers() {
-        let lines = [
-            format!("{P}ERROR [main] [X] failed"),
-            "java.lang.IllegalStateException: broken".to_owned(),
-            "\tat a.B.c(B.java:1)".to_owned(),
-            format!("{W}Pinging the JVM took 12 seconds to respond."),
-            "\tat a.B.d(B.java:2)".to_owned(),
-            "Caused by: java.io.IOException: x".to_owned(),
-        ];
-        let mut grouper = Grouper::default();
-        let mut out = Vec::new();
-        for (index, line) in lines.iter().enumerate() {
-            if index == 3 {
-                // The stall: the trace goes quiet before the ping.
-                grouper.flush_quiet(&mut out);
+    fn the_rest_of_a_quiet_trace_after_the_wrappers_line_is_not_the_wrappers() {
+        for said in [
+            "Pinging the JVM took 12 seconds to respond.",
+            "JVM appears hung: Timed out waiting for signal from JVM.",
+        ] {
+            let lines = [
+                format!("{P}ERROR [main] [X] failed"),
+                "java.lang.IllegalStateException: broken".to_owned(),
+                "\tat a.B.c(B.java:1)".to_owned(),
+                format!("{W}{said}"),
+                "\tat a.B.d(B.java:2)".to_owned(),
+                "Caused by: java.io.IOException: x".to_owned(),
+            ];
+            let mut grouper = Grouper::default();
+            let mut out = Vec::new();
+            for (index, line) in lines.iter().enumerate() {
+                if index == 3 {
+                    // The stall: the trace goes quiet before the wrapper's line.
+                    grouper.flush_quiet(&mut out);
+                }
+                grouper.push(&parser(), CAPS, line, index, (), &mut out);
             }
-            grouper.push(&parser(), CAPS, line, index, (), &mut out);
+            grouper.flush(&mut out);
+            let records: Vec<Record> = out.into_iter().map(|(r, ())| r).collect();
+            assert_eq!(
+                summary(&records),
+                [
+                    (
+                        0,
+                        3,
+                        "failed",
+                        "java.lang.IllegalStateException: broken\n\tat a.B.c(B.java:1)"
+                    ),
+                    (3, 1, said, ""),
+                    (
+                        4,
+                        2,
+                        "",
+                        "\tat a.B.d(B.java:2)\nCaused by: java.io.IOException: x"
+                    ),
+                ],
+                "{said}"
+            );
+            // The rest keeps what the trace's header said: a query for the ERROR finds it.
+            let (head, rest) = (&records[0], &records[2]);
+            assert_eq!(rest.level, Some(crate::record::Level::Error));
+            assert_eq!((rest.logger.as_str(), rest.thread.as_str()), ("X", "main"));
+            assert_eq!(rest.time_micros, head.time_micros.map(|t| t + 1_000));
+            // ... and is marked as a rest, which the derived metrics do not count as a
+            // record.
+            assert!(rest.continued && !head.continued && !records[1].continued);
+            assert_eq!(records[1].level, Some(crate::record::Level::Info));
         }
-        grouper.flush(&mut out);
-        let records: Vec<Record> = out.into_iter().map(|(r, ())| r).collect();
-        assert_eq!(
-            summary(&records),
-            [
-                (
-                    0,
-                    3,
-                    "failed",
-                    "java.lang.IllegalStateException: broken\n\tat a.B.c(B.java:1)"
-                ),
-                (3, 1, "Pinging the JVM took 12 seconds to respond.", ""),
-                (
-                    4,
-                    2,
-                    "",
-                    "\tat a.B.d(B.java:2)\nCaused by: java.io.IOException: x"
-                ),
-            ]
-        );
-        // The rest keeps what the trace's header said: a query for the ERROR finds it.
-        let (head, rest) = (&records[0], &records[2]);
-        assert_eq!(rest.level, Some(crate::record::Level::Error));
-        assert_eq!((rest.logger.as_str(), rest.thread.as_str()), ("X", "main"));
-        assert_eq!(rest.time_micros, head.time_micros.map(|t| t + 1_000));
-        // ... and is marked as a rest, which the derived metrics do not count as a record.
-        assert!(rest.continued && !head.continued && !records[1].continued);
-        assert_eq!(records[1].level, Some(crate::record::Level::Info));
     }
 
     /// The rest of a trace cut by the quiet keeps its header's fields; a new trace after
@@ -1101,14 +1110,16 @@ mod tests {
             format!("{P}ERROR [main] [X] failed"),
             "java.lang.IllegalStateException: broken".to_owned(),
         ];
-        let ping = |n: usize| format!("{W}Waiting {n} seconds before launching another JVM.");
+        let aside = |n: usize| {
+            format!("{W}on_exit trigger matched.  Restarting the JVM.  (Exit code: {n})")
+        };
         // Lines: the trace's two and three asides make five.
         let caps = Caps {
             lines: 5,
             bytes: 10_000,
         };
         let mut lines = trace.to_vec();
-        lines.extend((1..=5).map(ping));
+        lines.extend((1..=5).map(aside));
         let mut grouper = Grouper::default();
         let mut out = Vec::new();
         let mut completed = Vec::new();
@@ -1490,6 +1501,7 @@ mod tests {
                 format!("Pinging the JVM took {n} seconds to respond."),
             )),
             1 => Just((format!("{W}Launching a JVM..."), Kind::Aside, "Launching a JVM...".to_owned())),
+            1 => Just((format!("{W}JVM exited unexpectedly."), Kind::Aside, "JVM exited unexpectedly.".to_owned())),
             1 => Just((
                 "DEBUG  | wrapperp | 2024/10/28 17:12:31 | send a packet PING : ping".to_owned(),
                 Kind::Passing,
@@ -1504,8 +1516,8 @@ mod tests {
         /// out in the order of their first lines, and keep each continuation line's text in
         /// the stack trace or the message as the test's own model says; the wrapper's own
         /// lines leave the record in progress going on (a trace whole), and text right after
-        /// one (its debug lines and pings between not counting) joins it, after a quiet time
-        /// too; text after its debug lines and pings alone joins the record in progress.
+        /// one (its lines that pass between not counting) joins it, after a quiet time too;
+        /// text after lines that pass alone joins the record in progress.
         #[test]
         fn records_are_what_a_model_of_the_format_says(
             lines in proptest::collection::vec(proptest::option::weighted(0.95, line()), 0..200),
@@ -1530,13 +1542,13 @@ mod tests {
             let mut current: Option<usize> = None;
             // Whether `current` is the wrapper's.
             let mut current_aside = false;
-            // The latest of the wrapper's lines with only its debug lines and pings after it.
+            // The latest of the wrapper's lines with only lines that pass after it.
             let mut interrupting: Option<usize> = None;
             let mut index = 0;
             for line in &lines {
                 let Some((_, kind, text)) = line else {
                     // Quiet: the record in progress is complete, but for the wrapper's line
-                    // with only its debug lines and pings after it, which text still joins.
+                    // with only lines that pass after it, which text still joins.
                     current = interrupting.take();
                     current_aside = current.is_some();
                     continue;

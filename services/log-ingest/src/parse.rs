@@ -153,14 +153,15 @@ pub enum Line<'a> {
     /// A record of its own that does not end the record in progress (a stack trace say):
     /// the Tanuki wrapper's own lines (`Pinging the JVM took 12 seconds to respond`), which
     /// it writes between the JVM's, inside a trace too. With nothing in progress, or a
-    /// record at its caps, a start (a debug line: a record complete at once).
+    /// record at its caps, a start (a line that does not interrupt: a record complete at
+    /// once).
     Aside {
         record: Record,
         /// Whether the JVM's text right after it is new (the JVM stopped and the wrapper
         /// said so, or started another): the record in progress ends there. Not after its
-        /// debug lines (`DEBUG`, and `wrapperp`, its protocol's) or its report of a slow
-        /// ping (`Pinging the JVM took 12 seconds to respond.`), which come between any two
-        /// of the JVM's lines, a message's too.
+        /// debug lines (`DEBUG`, and `wrapperp`, its protocol's) or its reports of a slow
+        /// ping (`Pinging the JVM took 12 seconds to respond.`) or of its process starved of
+        /// CPU, which come between any two of the JVM's lines, a message's too.
         interrupts: bool,
     },
     /// It joins the record before it: its text (after a wrapper's prefix), and whether it
@@ -263,8 +264,12 @@ impl Parser {
             Some(prefix) if prefix.source.starts_with("wrapper") => Line::Aside {
                 interrupts: prefix.source != "wrapperp"
                     && prefix.level != Some("DEBUG")
-                    // Its report of a slow ping: the JVM is alive, and goes on writing.
-                    && !prefix.rest.starts_with("Pinging the JVM took "),
+                    // Its reports of a slow ping or of its own process starved of CPU: the
+                    // JVM is alive, and goes on writing.
+                    && !prefix.rest.starts_with("Pinging the JVM took ")
+                    && !prefix
+                        .rest
+                        .starts_with("Wrapper Process has not received any CPU time for "),
                 record: Record {
                     time_micros: prefix
                         .time
@@ -1316,7 +1321,7 @@ mod tests {
                 );
             }
             // The wrapper's own lines, its protocol's (`wrapperp`) too: records of their own;
-            // the JVM's text after them is new, but for its debug lines and slow pings.
+            // the JVM's text after them is new, but for the lines that pass.
             for (line, level, message, new_text) in [
                 (
                     "wrapper  | Launching a JVM...",
@@ -1347,6 +1352,18 @@ mod tests {
                     Some(Level::Info),
                     "Pinging the JVM took 12 seconds to respond.",
                     false,
+                ),
+                (
+                    "INFO   | wrapper  | 2024/10/28 17:12:00 | Wrapper Process has not received any CPU time for 31 seconds.  Extending timeouts.",
+                    Some(Level::Info),
+                    "Wrapper Process has not received any CPU time for 31 seconds.  Extending timeouts.",
+                    false,
+                ),
+                (
+                    "ERROR  | wrapper  | 2024/10/28 17:12:00 | JVM appears hung: Timed out waiting for signal from JVM.",
+                    Some(Level::Error),
+                    "JVM appears hung: Timed out waiting for signal from JVM.",
+                    true,
                 ),
             ] {
                 let Line::Aside { record, interrupts } = parser.line(line, 1) else {

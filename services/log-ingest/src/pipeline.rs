@@ -314,7 +314,7 @@ impl StreamState {
     }
 
     /// Its record in progress, quiet, completed into `ready` ([`Grouper::flush_quiet`]: a
-    /// wrapper's line that came last, but for its debug lines and pings, becomes the record in
+    /// wrapper's line that came last, but for lines that pass, becomes the record in
     /// progress, quiet from the stream's latest line). Whether any was.
     fn complete_quiet(&mut self, ready: &mut Vec<Ready>) -> bool {
         let mut out = Vec::new();
@@ -2371,7 +2371,7 @@ mod tests {
         // A wrapper line starts a record meanwhile: the head stays, on the same clock.
         push(
             &mut s,
-            "STATUS | wrapper  | 2024/10/28 17:12:31 | Pinging the JVM took 12 seconds to respond.",
+            "STATUS | wrapper  | 2024/10/28 17:12:31 | JVM appears hung: Timed out waiting for signal from JVM.",
         );
         s.age_cut(t0 + CUT_KEPT - Duration::from_secs(1), 0);
         assert_eq!(s.grouper.cut(), Some(first));

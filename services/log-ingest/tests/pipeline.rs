@@ -121,7 +121,8 @@ async fn the_corpus_arrives_in_loki_record_by_record_with_traces_whole_and_addre
 /// However the same lines are cut into chunks, and into events (an event may hold several
 /// lines joined by line breaks), the records in Loki are those grouping makes of the lines
 /// in one piece (what TestParse returns): random cuts of the corpus, with the wrapper's own
-/// lines dropped in at random places (the trace one falls in kept whole), one host each.
+/// lines dropped in at random places (the trace one falls in kept whole; lines that pass, and
+/// restarts followed by the new JVM's first output where a record starts), one host each.
 #[tokio::test]
 async fn records_are_the_same_however_the_lines_are_cut_into_chunks_and_events() {
     use proptest::strategy::{Strategy as _, ValueTree as _};
@@ -137,13 +138,20 @@ async fn records_are_the_same_however_the_lines_are_cut_into_chunks_and_events()
     let parser =
         log_ingest::parse::Parser::new(log_ingest::parse::Format::Wrapper, chrono_tz::Asia::Seoul);
     let corpus: Vec<&str> = CORPUS.lines().take(400).collect();
-    // Each its own text: identical lines in one second may collide in Loki (the
-    // tie-breaker, across segments), which the restart test covers; here they would hide
-    // a loss.
+    // Lines that pass (a slow ping) and lines that end the record in progress for the text
+    // after them (a restart), in turn. Each its own text: identical lines in one second may
+    // collide in Loki (the tie-breaker, across segments), which the restart test covers;
+    // here they would hide a loss.
     let wrapper = |n: usize| {
-        format!(
-            "STATUS | wrapper  | 2024/10/28 17:12:31 | Pinging the JVM took {n} seconds to respond."
-        )
+        if n.is_multiple_of(2) {
+            format!(
+                "STATUS | wrapper  | 2024/10/28 17:12:31 | Pinging the JVM took {n} seconds to respond."
+            )
+        } else {
+            format!(
+                "STATUS | wrapper  | 2024/10/28 17:12:31 | on_exit trigger matched.  Restarting the JVM.  (Exit code: {n})"
+            )
+        }
     };
     // (wrapper lines to drop in, before which corpus line; events per chunk; lines per
     // event), the last two used in turn.
@@ -159,8 +167,23 @@ async fn records_are_the_same_however_the_lines_are_cut_into_chunks_and_events()
             plan.new_tree(&mut runner).expect("a plan").current();
         drops.sort_unstable();
         let mut lines: Vec<String> = corpus.iter().map(|l| (*l).to_owned()).collect();
+        let header = |line: &str| {
+            line.splitn(5, " | ").nth(4).is_some_and(|t| {
+                ["INFO ", "WARN ", "ERROR", "DEBUG"]
+                    .iter()
+                    .any(|l| t.starts_with(l))
+            })
+        };
         for (n, before) in drops.into_iter().enumerate().rev() {
-            lines.insert(before, wrapper(n + 1));
+            let n = n + 1;
+            let mut dropped = vec![wrapper(n)];
+            if !n.is_multiple_of(2) && header(corpus[before]) {
+                // The new JVM's first output, which joins the wrapper's line.
+                dropped.push(format!(
+                    "INFO   | jvm 2    | main    | 2024/10/28 17:12:31.000 | WrapperManager: Initializing... {n}"
+                ));
+            }
+            lines.splice(before..before, dropped);
         }
         lines.push(format!("{P}INFO  [main] [L] the end"));
         let mut records =
