@@ -7,9 +7,10 @@
 //! their first lines. A line that is not stack trace after an aside ends the record in
 //! progress and joins the aside (the JVM stopped: the new JVM's first output), but for the
 //! wrapper's lines that pass (its debug lines, slow pings and CPU-starvation reports, which
-//! come between any two of the JVM's lines): they do not count between the two, after them
-//! alone the line joins the record in progress, and one with nothing in progress is
-//! complete at once, taking no text. Stack trace never joins a record of the wrapper's.
+//! come between any two of the JVM's lines): between an aside and that line they do not
+//! count; after them alone the line joins the record in progress; and one of them with
+//! nothing in progress is complete at once, taking no text. Stack trace never joins a
+//! record of the wrapper's.
 //!
 //! One [`Grouper`] per stream (a source and host, or file): its state outlives chunks and
 //! connections, so a trace split across them is still one record. The record in progress is
@@ -972,15 +973,24 @@ mod tests {
     /// record of its own, as after any quiet, not part of the wrapper's record.
     #[test]
     fn the_rest_of_a_quiet_trace_after_the_wrappers_line_is_not_the_wrappers() {
-        for said in [
-            "Pinging the JVM took 12 seconds to respond.",
-            "JVM appears hung: Timed out waiting for signal from JVM.",
+        for (said, level) in [
+            (
+                format!("{W}Pinging the JVM took 12 seconds to respond."),
+                crate::record::Level::Info,
+            ),
+            // Written at ERROR.
+            (
+                "ERROR  | wrapper  | 2024/10/28 17:12:31 | JVM appears hung: Timed out waiting \
+                 for signal from JVM."
+                    .to_owned(),
+                crate::record::Level::Error,
+            ),
         ] {
             let lines = [
                 format!("{P}ERROR [main] [X] failed"),
                 "java.lang.IllegalStateException: broken".to_owned(),
                 "\tat a.B.c(B.java:1)".to_owned(),
-                format!("{W}{said}"),
+                said.clone(),
                 "\tat a.B.d(B.java:2)".to_owned(),
                 "Caused by: java.io.IOException: x".to_owned(),
             ];
@@ -1004,7 +1014,7 @@ mod tests {
                         "failed",
                         "java.lang.IllegalStateException: broken\n\tat a.B.c(B.java:1)"
                     ),
-                    (3, 1, said, ""),
+                    (3, 1, said.splitn(4, " | ").nth(3).unwrap_or_default(), ""),
                     (
                         4,
                         2,
@@ -1022,7 +1032,7 @@ mod tests {
             // ... and is marked as a rest, which the derived metrics do not count as a
             // record.
             assert!(rest.continued && !head.continued && !records[1].continued);
-            assert_eq!(records[1].level, Some(crate::record::Level::Info));
+            assert_eq!(records[1].level, Some(level));
         }
     }
 

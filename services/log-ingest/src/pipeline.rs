@@ -2371,7 +2371,7 @@ mod tests {
         // A wrapper line starts a record meanwhile: the head stays, on the same clock.
         push(
             &mut s,
-            "STATUS | wrapper  | 2024/10/28 17:12:31 | JVM appears hung: Timed out waiting for signal from JVM.",
+            "ERROR  | wrapper  | 2024/10/28 17:12:31 | JVM appears hung: Timed out waiting for signal from JVM.",
         );
         s.age_cut(t0 + CUT_KEPT - Duration::from_secs(1), 0);
         assert_eq!(s.grouper.cut(), Some(first));

@@ -121,8 +121,8 @@ async fn the_corpus_arrives_in_loki_record_by_record_with_traces_whole_and_addre
 /// However the same lines are cut into chunks, and into events (an event may hold several
 /// lines joined by line breaks), the records in Loki are those grouping makes of the lines
 /// in one piece (what TestParse returns): random cuts of the corpus, with the wrapper's own
-/// lines dropped in at random places (the trace one falls in kept whole; lines that pass, and
-/// restarts followed by the new JVM's first output where a record starts), one host each.
+/// lines dropped in at random places (the trace one falls in kept whole: lines that pass, and
+/// restarts, followed where a record starts by the new JVM's first output), one host each.
 #[tokio::test]
 async fn records_are_the_same_however_the_lines_are_cut_into_chunks_and_events() {
     use proptest::strategy::{Strategy as _, ValueTree as _};
