@@ -123,14 +123,31 @@ impl<O> Grouper<O> {
                 interrupts,
             } => {
                 cap_first(&mut record, caps);
-                if self
-                    .pending
-                    .as_ref()
-                    .is_some_and(|(pending, _)| fits(pending, caps, &record.message, held))
+                let (mut held, mut interrupting, mut resumed) = (held, interrupting, false);
+                let fits_behind = |grouper: &Self, held| {
+                    grouper
+                        .pending
+                        .as_ref()
+                        .is_some_and(|(pending, _)| fits(pending, caps, &record.message, held))
+                };
+                if !interrupts
+                    && !fits_behind(self, held)
+                    && let Some(at) = interrupting.take()
                 {
+                    // A line that passes, past the caps of the record in progress, after a
+                    // wrapper's line that says the JVM's next text is new (`Launching a
+                    // JVM...`): that record is complete, and the wrapper's line becomes the
+                    // record in progress, so the new JVM's first text still joins it. A
+                    // record of its own now, as after a quiet flush: its quiet starts here
+                    // (so this line is not counted as held).
+                    self.resume_at(at, out);
+                    held = (self.asides.len(), self.asides_bytes);
+                    resumed = true;
+                }
+                if fits_behind(self, held) {
                     self.asides_bytes += record.text_len();
                     self.asides.push((record, origin));
-                    self.after_aside = true;
+                    self.after_aside = !resumed;
                     self.interrupting = if interrupts {
                         Some(self.asides.len() - 1)
                     } else {
@@ -309,7 +326,8 @@ impl<O> Grouper<O> {
     }
 
     /// Whether the latest line was held behind the record in progress (an aside): the
-    /// record itself got no line (for judging its quiet).
+    /// record itself got no line (for judging its quiet). Not when that line made a line
+    /// held before it the record in progress (at the caps): that record is new.
     pub fn latest_held(&self) -> bool {
         self.after_aside
     }
@@ -1166,6 +1184,65 @@ mod tests {
         let firsts: Vec<usize> = out.iter().map(|(_, first)| *first).collect();
         assert_eq!(firsts, [0, 2], "the second aside completed the trace");
         assert_eq!(grouper.pending().map(|(first, _)| first), Some(3));
+    }
+
+    /// At the caps of the record in progress, a line that passes after `Launching a
+    /// JVM...` completes that record, not the launch line: the new JVM's first text still
+    /// joins the launch line, the line that passes held behind it.
+    #[test]
+    fn a_line_that_passes_at_the_caps_leaves_the_launch_line_in_progress() {
+        let lines = [
+            format!("{P}ERROR [main] [X] failed"),
+            "java.lang.OutOfMemoryError: Java heap space".to_owned(),
+            format!("{W}Launching a JVM..."),
+            "DEBUG  | wrapper  | 2024/10/28 17:12:31 | JVM started (PID=4242)".to_owned(),
+            "INFO   | jvm 2    | main    | 2024/10/28 17:12:40.000 | WrapperManager: Initializing..."
+                .to_owned(),
+        ];
+        // The trace's two lines and the launch line held behind them make three.
+        let caps = Caps {
+            lines: 3,
+            bytes: 10_000,
+        };
+        let mut grouper = Grouper::default();
+        let mut out = Vec::new();
+        let mut completed = Vec::new();
+        for (index, line) in lines.iter().enumerate() {
+            grouper.push(&parser(), caps, line, index, (), &mut out);
+            completed.push(out.len());
+        }
+        assert_eq!(
+            completed,
+            [0, 0, 0, 1, 1],
+            "the debug line completed the trace"
+        );
+        grouper.flush(&mut out);
+        let records: Vec<Record> = out.into_iter().map(|(r, ())| r).collect();
+        assert_eq!(
+            summary(&records),
+            [
+                (
+                    0,
+                    2,
+                    "failed",
+                    "java.lang.OutOfMemoryError: Java heap space"
+                ),
+                (
+                    2,
+                    2,
+                    "Launching a JVM...\nWrapperManager: Initializing...",
+                    ""
+                ),
+                (3, 1, "JVM started (PID=4242)", ""),
+            ]
+        );
+        // The launch line's quiet starts at the debug line, as after a quiet flush.
+        let mut grouper = Grouper::default();
+        for (index, line) in lines[..4].iter().enumerate() {
+            grouper.push(&parser(), caps, line, index, (), &mut Vec::new());
+        }
+        assert_eq!(grouper.pending().map(|(first, ())| first), Some(2));
+        assert!(!grouper.latest_held());
     }
 
     /// (first line, lines, message, stack trace) of each record.
