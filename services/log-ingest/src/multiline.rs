@@ -20,7 +20,9 @@
 //! bytes, with the asides held behind it, so a stream holds at most a record's caps: one
 //! that reaches a cap is complete, and the line that did not fit starts the next record
 //! (without a header, but for the wrapper's own line, which has its own; a line of the
-//! wrapper's that passes is complete at once), so a runaway trace or
+//! wrapper's that passes is complete at once, unless a wrapper's line that interrupts was
+//! held before it: that one becomes the record in progress, and the line that passes is
+//! held behind it), so a runaway trace or
 //! a stream of lines no parser recognises cannot exhaust memory, exceed what Loki takes for
 //! one line, or lose a line. Only a single line longer than the byte cap is cut (the cut is
 //! counted in `truncated_bytes`). The rest of a trace cut from its head (by a cap, the
@@ -139,7 +141,8 @@ impl<O> Grouper<O> {
                     // JVM...`): that record is complete, and the wrapper's line becomes the
                     // record in progress, so the new JVM's first text still joins it. A
                     // record of its own now, as after a quiet flush: its quiet starts here
-                    // (so this line is not counted as held).
+                    // (`latest_held` is false, so the pipeline takes this line for the
+                    // record's own).
                     self.resume_at(at, out);
                     held = (self.asides.len(), self.asides_bytes);
                     resumed = true;
@@ -158,8 +161,9 @@ impl<O> Grouper<O> {
                     self.complete(out);
                     self.begin((record, origin), true);
                 } else {
-                    // A line that passes (see `Line::Aside`): complete at once, so no text of
-                    // the JVM's joins it (a trace cut before keeps its head for its rest).
+                    // A line that passes (see `Line::Aside`) with nothing to be held behind:
+                    // complete at once, so no text of the JVM's joins it (a trace cut before
+                    // keeps its head for its rest).
                     self.complete(out);
                     out.push((record, origin));
                 }

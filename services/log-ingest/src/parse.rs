@@ -154,7 +154,8 @@ pub enum Line<'a> {
     /// the Tanuki wrapper's own lines (`Pinging the JVM took 12 seconds to respond`), which
     /// it writes between the JVM's, inside a trace too. With nothing in progress, or a
     /// record at its caps, a start (a line that does not interrupt: a record complete at
-    /// once).
+    /// once, or held behind a wrapper's line that interrupts held before it, which then
+    /// becomes the record in progress).
     Aside {
         record: Record,
         /// Whether the JVM's text right after it is new (the JVM stopped and the wrapper
