@@ -223,13 +223,13 @@ impl<O> Grouper<O> {
                         let mut record = Record::raw(text, index);
                         record.parse_error = unparsed;
                         let mut to_stack = stack;
-                        // Another trace after a finished one is never a rest.
+                        // Another trace after a finished one is never a rest; nor is the
+                        // JVM's text past the caps of a record of the wrapper's (its own).
                         let another = |r: &Record| stack && ends_a_trace(r) && starts_a_trace(text);
-                        let head = match self
-                            .pending
-                            .as_ref()
-                            .filter(|(r, _)| !fits(r, caps, text, held) && !another(r))
-                        {
+                        let full = self.pending.as_ref().filter(|(r, _)| {
+                            !self.pending_aside && !fits(r, caps, text, held) && !another(r)
+                        });
+                        let head = match full {
                             Some((full, _)) => {
                                 to_stack |= !full.stack_trace.is_empty();
                                 Some(Head::of(full))
@@ -1389,6 +1389,25 @@ mod tests {
         let records = group_all(&parser(), caps, unparsed);
         assert_eq!(records.len(), 2);
         assert!(records.iter().all(|r| !r.continued && r.level.is_none()));
+        // The JVM's text past the caps of a record of the wrapper's is not the wrapper's.
+        let caps = Caps {
+            lines: 2,
+            bytes: 10_000,
+        };
+        let restart = [
+            format!("{W}Launching a JVM..."),
+            "DEBUG  | wrapper  | 2024/10/28 17:12:31 | JVM started (PID=4242)".to_owned(),
+            "INFO   | jvm 2    | main    | 2024/10/28 17:12:40.000 | WrapperManager: Initializing..."
+                .to_owned(),
+        ];
+        let records = group_all(&parser(), caps, restart.iter().map(String::as_str));
+        assert_eq!(records.len(), 3, "{records:?}");
+        let text = &records[2];
+        assert_eq!(text.message, "WrapperManager: Initializing...");
+        assert_eq!(
+            (text.level, text.logger.as_str(), text.continued),
+            (None, "", false)
+        );
     }
 
     #[test]
