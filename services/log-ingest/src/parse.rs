@@ -7,8 +7,8 @@
 //!   (its format `LPDZM`; any of its formats with the source column `P` is read, such as
 //!   its log file's default `LPTM` or its console's `PM`, `jvm 1    | text`: see
 //!   [`wrapper_prefix`]; a format with the time column but not the source, such as `LTM`,
-//!   the level alone, `LM`, or the process id columns `W`, `J` before the text are not,
-//!   and counted as not parsed).
+//!   the level alone, `LM`, or a number column after the source not written as the
+//!   wrapper writes its process ids are not, and counted as not parsed).
 //!   A record starts where the part after the wrapper's prefix is a log4j header (the stack
 //!   lines carry the wrapper's prefix and time too, so the prefix alone says nothing), or
 //!   at the wrapper's own lines (`STATUS | wrapper  | …`), which do not end the record
@@ -23,7 +23,8 @@
 //!
 //! An empty name chooses per line: JSON when the line starts with `{`, else the wrapper's
 //! line, else a log4j header, else an access log line, else a continuation (not parsed
-//! when it has the wrapper's time column but not its source, or its process id column).
+//! when it has the wrapper's time column but not its source, or a number column after
+//! its source that is not written as the wrapper writes its process ids).
 //!
 //! Hand-written rather than regular expressions: these formats are fixed, and this is the
 //! hot path (every line of every legacy server).
@@ -284,9 +285,10 @@ impl Parser {
                     ..Record::default()
                 },
             },
-            // The process id columns (`W`, `J`, of a width not known) are not read: nothing
-            // behind them would be, so the line says so rather than join the record in
-            // progress unseen.
+            // A number column of a width the wrapper does not write (a process id column
+            // is at least 7 wide) after the source: not read (it may be the JVM's text, or a
+            // format not known), and nothing behind it would be, so the line says so rather
+            // than join the record in progress unseen.
             Some(prefix)
                 if !prefix.source.is_empty() && starts_with_a_number_column(prefix.rest) =>
             {
@@ -803,10 +805,12 @@ struct WrapperPrefix<'a> {
 /// format, in the format's order, each of a fixed width (`INFO  `, `jvm 1   `, `main   `,
 /// `2024/10/28 17:12:00.040`, `     123`), ` | ` after each, then the text: the log file's
 /// default `LPTM`, `LPDZM` as the mall's servers write it, the console's default `PM`,
-/// `PTM`, `LPM`, and the columns `Q`, `U`, `R` and `G` too (not the process ids `W` and
-/// `J`). Each kind of column is read once (the three `%8d` columns `U`, `R`, `G` up to
-/// three times), so text that looks like a column the line already had (`INFO   | …`
-/// written by the JVM after the wrapper's level) stays text.
+/// `PTM`, `LPM`, and the columns `Q`, `U`, `R`, `G`, and the process ids `W` and `J` too
+/// (`%7d`, wider for a longer id, or `-------`; before the source any number: other
+/// number columns after the source are not read, see [`starts_with_a_number_column`]).
+/// Each kind of column is read once (the three `%8d` columns `U`, `R`, `G` up to three
+/// times, the process ids up to two), so text that looks like a column the line already
+/// had (`INFO   | …` written by the JVM after the wrapper's level) stays text.
 /// `None` without a level, source or time column; a prefix without a source (`LTM`, `TM`)
 /// is a format not read.
 fn wrapper_prefix(line: &str) -> Option<WrapperPrefix<'_>> {
@@ -818,7 +822,7 @@ fn wrapper_prefix(line: &str) -> Option<WrapperPrefix<'_>> {
         time: None,
         rest: line,
     };
-    let (mut thread, mut queued, mut counters) = (false, false, 0);
+    let (mut thread, mut queued, mut counters, mut pids) = (false, false, 0, 0);
     loop {
         let rest = prefix.rest;
         // The widest column is the time with milliseconds, 23 bytes.
@@ -858,6 +862,9 @@ fn wrapper_prefix(line: &str) -> Option<WrapperPrefix<'_>> {
             1 if !queued && (column == "Q" || column == " ") => queued = true,
             // Uptime, quiet time and lag: `%8d`, or `--------` and blanks.
             8 if counters < 3 && is_wrapper_counter(column) => counters += 1,
+            // The process ids (`W`, `J`): `%*d` at least 7 wide, `-------` for the JVM's
+            // while none runs; before the source (no text of the JVM's there), any number.
+            1..=10 if pids < 2 && is_process_id(column, prefix.source.is_empty()) => pids += 1,
             _ if prefix.source.is_empty() && is_wrapper_source(column) => {
                 prefix.source = column.trim_end();
             }
@@ -892,8 +899,9 @@ fn is_wrapper_counter(column: &str) -> bool {
         || (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Whether `text` starts with a column of digits, up to 10 wide, and ` | `: a process id
-/// column (`W`, `J`), which [`wrapper_prefix`] does not read.
+/// Whether `text` starts with a column of digits, up to 10 wide, and ` | `: after the
+/// source, one [`wrapper_prefix`] did not read as a process id (not right-aligned at
+/// least 7 wide: a format not known).
 fn starts_with_a_number_column(text: &str) -> bool {
     let b = text.as_bytes();
     let Some(bar) = b.iter().take(12).position(|&c| c == b'|') else {
@@ -906,6 +914,23 @@ fn starts_with_a_number_column(text: &str) -> bool {
         && b[..bar - 1]
             .iter()
             .all(|c| c.is_ascii_digit() || *c == b' ')
+}
+
+/// A process id column as the wrapper writes it (`wrapperLogFormatPrint` in its wrapper.c):
+/// `%*d`, 7 wide unless the id is longer, or `-------` (the JVM's, while none runs). `any`:
+/// any number, padded on either side or not.
+fn is_process_id(column: &str, any: bool) -> bool {
+    if column == "-------" {
+        return true;
+    }
+    let digits = if any {
+        column.trim_matches(' ')
+    } else if column.len() >= 7 {
+        column.trim_start_matches(' ')
+    } else {
+        return false;
+    };
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// `yyyy/MM/dd HH:mm:ss`, with `.SSS` or without.
@@ -1250,7 +1275,8 @@ mod tests {
     }
 
     /// The wrapper's other formats: its console's default `PM`, `PTM`, `LPM`, the thread
-    /// column without a time, the columns `Q`, `U`, `R`, `G` around the time; in `auto` too.
+    /// column without a time, the columns `Q`, `U`, `R`, `G` around the time, the process
+    /// ids `W`, `J`; in `auto` too.
     #[test]
     fn the_wrappers_other_formats_are_read() {
         for format in [Format::Wrapper, Format::Auto] {
@@ -1284,6 +1310,24 @@ mod tests {
                 (
                     "INFO   | jvm 1    |      -12 | 2024/10/28 17:12:00.040 | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
                     Some(SEOUL_MICROS),
+                ),
+                // The process ids (`%7d`; longer for a longer id): `WLPZM`, `LWJPM`, `LPJZM`;
+                // before the source, any number is one.
+                (
+                    "  12345 | INFO   | jvm 1    | 2024/10/28 17:12:00.040 | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                    Some(SEOUL_MICROS),
+                ),
+                (
+                    "INFO   |    4242 | 1234567 | jvm 1    | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                    None,
+                ),
+                (
+                    "INFO   | jvm 1    |   12345 | 2024/10/28 17:12:00.040 | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                    Some(SEOUL_MICROS),
+                ),
+                (
+                    "12 | INFO   | jvm 1    | ERROR [hybrisHTTP12] [DefaultCartService] cart 8812 failed",
+                    None,
                 ),
             ] {
                 let record = start(parser.line(line, 1));
@@ -1332,6 +1376,19 @@ mod tests {
                 ),
                 (
                     "STATUS | wrapper  | Launching a JVM...",
+                    Some(Level::Info),
+                    "Launching a JVM...",
+                    true,
+                ),
+                // The JVM's process id while none runs.
+                (
+                    "------- | STATUS | wrapper  | Launching a JVM...",
+                    Some(Level::Info),
+                    "Launching a JVM...",
+                    true,
+                ),
+                (
+                    "STATUS | wrapper  | ------- | 2024/10/28 17:12:00 | Launching a JVM...",
                     Some(Level::Info),
                     "Launching a JVM...",
                     true,
@@ -1407,8 +1464,9 @@ mod tests {
             }
         }
         // The wrapper's time without its source (`LTM`, `TM`): not read, and says so; a
-        // process id column before the text (`W`, `J`) too; and the level alone (`LM`) where
-        // the parser is the wrapper's (in `auto`, text).
+        // number column after the source not written as a process id (right-aligned, at
+        // least 7 wide) too; and the level alone (`LM`) where the parser is the wrapper's
+        // (in `auto`, text).
         for format in [Format::Wrapper, Format::Auto] {
             let wrappers = matches!(format, Format::Wrapper);
             let parser = Parser::new(format, SEOUL);
@@ -1419,6 +1477,15 @@ mod tests {
                 ),
                 Line::Continue {
                     text: "12345 | 2024/10/28 17:12:00 | ERROR [t] [X] boom",
+                    stack: false,
+                    unparsed: true
+                }
+            );
+            // Left-aligned, it is no process id of the wrapper's either.
+            assert_eq!(
+                parser.line("INFO   | jvm 1    | 12345   | boom", 1),
+                Line::Continue {
+                    text: "12345   | boom",
                     stack: false,
                     unparsed: true
                 }
